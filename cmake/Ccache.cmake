@@ -1,0 +1,11 @@
+# SPDX-License-Identifier: Apache-2.0
+# Use ccache for C++ and CUDA when it is installed and the user has not chosen a launcher.
+find_program(FASTLAYERS_CCACHE ccache)
+if(FASTLAYERS_CCACHE)
+  if(NOT CMAKE_CXX_COMPILER_LAUNCHER AND NOT DEFINED ENV{CMAKE_CXX_COMPILER_LAUNCHER})
+    set(CMAKE_CXX_COMPILER_LAUNCHER "${FASTLAYERS_CCACHE}")
+  endif()
+  if(NOT CMAKE_CUDA_COMPILER_LAUNCHER AND NOT DEFINED ENV{CMAKE_CUDA_COMPILER_LAUNCHER})
+    set(CMAKE_CUDA_COMPILER_LAUNCHER "${FASTLAYERS_CCACHE}")
+  endif()
+endif()

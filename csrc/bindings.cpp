@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: Apache-2.0
+// The one Python module. Thin: turns Python ints into launcher parameters, releases the GIL, and turns
+// a launcher Status into a Python exception. Tensors arrive as data pointers; python/fastlayers/ops
+// validates them and allocates every output and workspace.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+#include "common/status.h"
+#include "rmsnorm/rmsnorm.h"
+
+namespace py = pybind11;
+using namespace fastlayers;
+
+namespace {
+
+enum Device : int { kCpu = 0, kCuda = 1 };
+
+void raise_if_error(const Status& s) {
+  switch (s.code) {
+    case StatusCode::kSuccess:
+      return;
+    case StatusCode::kInvalidArgument:
+      throw py::value_error(s.message);
+    case StatusCode::kUnsupported:
+      throw std::logic_error(std::string("fastlayers: unsupported: ") + s.message);
+    default:
+      throw std::runtime_error(std::string("fastlayers: CUDA error: ") + s.message);
+  }
+}
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+#ifdef FASTLAYERS_WITH_CUDA
+constexpr bool kHasCuda = true;
+#else
+constexpr bool kHasCuda = false;
+#endif
+
+template <typename Params>
+void run(int device, const Params& p, std::uintptr_t stream, Status (*cpu)(const Params&),
+         Status (*cuda)(const Params&, void*)) {
+  Status s;
+  {
+    py::gil_scoped_release release;
+    if (device == kCpu) {
+      s = cpu(p);
+    } else if (device == kCuda && kHasCuda) {
+      s = cuda(p, ptr<void>(stream));
+    } else {
+      s = Status::invalid("fastlayers._C: this build has no kernels for that device");
+    }
+  }
+  raise_if_error(s);
+}
+
+#ifndef FASTLAYERS_WITH_CUDA
+Status no_cuda_fwd(const rmsnorm::FwdParams&, void*) { return Status::invalid("no CUDA"); }
+Status no_cuda_bwd(const rmsnorm::BwdParams&, void*) { return Status::invalid("no CUDA"); }
+#endif
+
+void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t residual,
+                  int64_t residual_row_stride, std::uintptr_t weight, std::uintptr_t y,
+                  std::uintptr_t residual_out, std::uintptr_t y_scale, int64_t rows, int64_t cols,
+                  int x_dtype, int weight_dtype, int y_dtype, float eps, float weight_offset,
+                  std::uintptr_t stream) {
+  rmsnorm::FwdParams p;
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.residual = ptr<const void>(residual);
+  p.residual_row_stride = residual_row_stride;
+  p.weight = ptr<const void>(weight);
+  p.y = ptr<void>(y);
+  p.residual_out = ptr<void>(residual_out);
+  p.y_scale = ptr<float>(y_scale);
+  p.rows = rows;
+  p.cols = cols;
+  p.x_dtype = static_cast<DType>(x_dtype);
+  p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.y_dtype = static_cast<DType>(y_dtype);
+  p.eps = eps;
+  p.weight_offset = weight_offset;
+#ifdef FASTLAYERS_WITH_CUDA
+  run(device, p, stream, rmsnorm::forward_cpu, rmsnorm::forward_cuda);
+#else
+  run(device, p, stream, rmsnorm::forward_cpu, no_cuda_fwd);
+#endif
+}
+
+void rms_norm_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row_stride,
+                  std::uintptr_t weight, std::uintptr_t d_residual_out, std::uintptr_t dx,
+                  std::uintptr_t dw, std::uintptr_t dw_partial, int64_t num_partials, int64_t rows,
+                  int64_t cols, int x_dtype, int weight_dtype, float eps, float weight_offset,
+                  std::uintptr_t stream) {
+  rmsnorm::BwdParams p;
+  p.dy = ptr<const void>(dy);
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.weight = ptr<const void>(weight);
+  p.d_residual_out = ptr<const void>(d_residual_out);
+  p.dx = ptr<void>(dx);
+  p.dw = ptr<void>(dw);
+  p.dw_partial = ptr<float>(dw_partial);
+  p.num_partials = num_partials;
+  p.rows = rows;
+  p.cols = cols;
+  p.x_dtype = static_cast<DType>(x_dtype);
+  p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.eps = eps;
+  p.weight_offset = weight_offset;
+#ifdef FASTLAYERS_WITH_CUDA
+  run(device, p, stream, rmsnorm::backward_cpu, rmsnorm::backward_cuda);
+#else
+  run(device, p, stream, rmsnorm::backward_cpu, no_cuda_bwd);
+#endif
+}
+
+void set_cpu_isa(const std::string& name) {
+  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+    if (name == cpu::isa_name(isa)) {
+      if (!cpu::set_active_isa(isa)) {
+        throw py::value_error("set_cpu_isa: this CPU does not support '" + name + "'");
+      }
+      return;
+    }
+  }
+  throw py::value_error("set_cpu_isa: isa must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlayers compiled kernels (private: use fastlayers.* instead)";
+  m.def("version", [] { return std::string(FASTLAYERS_VERSION); });
+  m.def("has_cuda", [] { return kHasCuda; });
+  m.def("cuda_archs", [] { return std::string(FASTLAYERS_CUDA_ARCHS); },
+        "Comma-separated CUDA architectures the kernels were compiled for ('' without CUDA)");
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  m.def("detected_cpu_isa", [] { return std::string(cpu::isa_name(cpu::detected_isa())); });
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
+  m.def("rms_norm_fwd", &rms_norm_fwd);
+  m.def("rms_norm_bwd", &rms_norm_bwd);
+}

@@ -1,0 +1,19 @@
+// SPDX-License-Identifier: Apache-2.0
+// Run-time choice of the CPU kernel variant. Wheels are built without -march=native; each kernel TU is
+// compiled once per ISA (cmake/CpuIsa.cmake) and the best one the CPU supports runs.
+#pragma once
+
+namespace fastlayers::cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* isa_name(Isa isa);
+// The best ISA this CPU and OS support.
+Isa detected_isa();
+// The ISA kernels use now: detected_isa(), or a lower one chosen with set_active_isa() or the
+// FASTLAYERS_CPU_ISA environment variable (scalar | avx2 | avx512).
+Isa active_isa();
+// Returns false (and changes nothing) when the CPU does not support `isa`.
+bool set_active_isa(Isa isa);
+
+}  // namespace fastlayers::cpu

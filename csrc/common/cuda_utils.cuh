@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: Apache-2.0
+// Small device helpers shared by the CUDA kernels: fp32 conversion of the storage types, aligned
+// vectors for 16-byte loads, warp/block reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/status.h"
+
+namespace fastlayers::cuda {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// The value a float takes after a round trip through T (what an unfused model would see).
+template <typename T>
+__device__ __forceinline__ float round_f(float v) {
+  return to_f(from_f<T>(v));
+}
+
+// |v| is clamped to 448 first: torch's cast would make NaN on overflow, so the reference clamps too.
+__device__ __forceinline__ uint8_t to_fp8e4m3(float v) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Loads/stores N consecutive elements starting at element index i * N, converting to/from fp32.
+template <int N, typename T>
+__device__ __forceinline__ void load_f(const T* p, int64_t i, float (&out)[N]) {
+  const Vec<T, N> t = reinterpret_cast<const Vec<T, N>*>(p)[i];
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_f(t.v[j]);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_f(T* p, int64_t i, const float (&in)[N]) {
+  Vec<T, N> t;
+#pragma unroll
+  for (int j = 0; j < N; ++j) t.v[j] = from_f<T>(in[j]);
+  reinterpret_cast<Vec<T, N>*>(p)[i] = t;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum of K values, returned to every thread. blockDim.x must be a multiple of 32;
+// `smem` holds 32 * K floats. Safe to call repeatedly (it syncs before reusing smem).
+template <int K>
+__device__ __forceinline__ void block_sum(float (&v)[K], float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  __syncthreads();
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[k * 32 + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < warps ? smem[k * 32 + lane] : 0.0f);
+}
+
+// Block-wide max of non-negative values, returned to every thread.
+__device__ __forceinline__ float block_max_nonneg(float v, float* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  return warp_max(lane < warps ? smem[lane] : 0.0f);
+}
+
+inline bool is_aligned(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+inline Status last_launch_status() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(err)};
+  return Status::ok();
+}
+
+}  // namespace fastlayers::cuda

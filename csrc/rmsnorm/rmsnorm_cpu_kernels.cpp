@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU RMSNorm kernels, compiled once per ISA (cmake/CpuIsa.cmake) into fastlayers::cpu::<isa>.
+// One row at a time per thread: a row of up to ~10k fp32 stays in L1/L2 between the passes, so the
+// second (and, for FP8, third) pass over it costs no DRAM traffic; rows are split across OpenMP threads.
+//
+// NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/simd_cpu.h"
+#include "rmsnorm/rmsnorm.h"
+
+namespace fastlayers::cpu::FL_CPU_ISA::rmsnorm {
+
+using fastlayers::rmsnorm::BwdParams;
+using fastlayers::rmsnorm::FwdParams;
+
+namespace {
+
+// Below this many elements the OpenMP fork/join (a few microseconds) costs more than it saves.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+inline float rstd_of(float sum_squares, int64_t cols, float eps) {
+  return 1.0f / __builtin_sqrtf(sum_squares / static_cast<float>(cols) + eps);
+}
+
+// Sum of x^2 with four independent accumulators (one FMA chain would be latency bound).
+template <typename T>
+float sum_squares(const T* x, int64_t n) {
+  V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    const V v0 = vload(x + i), v1 = vload(x + i + kW), v2 = vload(x + i + 2 * kW),
+            v3 = vload(x + i + 3 * kW);
+    a0 = vfma(v0, v0, a0);
+    a1 = vfma(v1, v1, a1);
+    a2 = vfma(v2, v2, a2);
+    a3 = vfma(v3, v3, a3);
+  }
+  for (; i + kW <= n; i += kW) {
+    const V v = vload(x + i);
+    a0 = vfma(v, v, a0);
+  }
+  float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+  for (; i < n; ++i) {
+    const float f = to_float(x[i]);
+    s += f * f;
+  }
+  return s;
+}
+
+// out = round(x + res); returns the sum of squares of the rounded sum (what the unfused model sees).
+template <typename T>
+float add_store_sum_squares(const T* x, const T* res, T* out, int64_t n) {
+  V a0 = vzero(), a1 = vzero();
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    const V s0 = vround(vadd(vload(x + i), vload(res + i)), out);
+    const V s1 = vround(vadd(vload(x + i + kW), vload(res + i + kW)), out);
+    vstore(out + i, s0);
+    vstore(out + i + kW, s1);
+    a0 = vfma(s0, s0, a0);
+    a1 = vfma(s1, s1, a1);
+  }
+  float ss = vsum(vadd(a0, a1));
+  for (; i < n; ++i) {
+    const float s = round_to(to_float(x[i]) + to_float(res[i]), out);
+    store_as(out + i, s);
+    ss += s * s;
+  }
+  return ss;
+}
+
+// Llama / HF order: normalise in fp32, round to the storage dtype, then multiply by the weight.
+template <typename T, typename W>
+void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n) {
+  const V vr = vset1(r);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vstore(y + i, vmul(vround(vmul(vload(s + i), vr), y), vload(w + i)));
+  for (; i < n; ++i) store_as(y + i, round_to(to_float(s[i]) * r, y) * to_float(w[i]));
+}
+
+// Gemma order: (s * r) * (offset + w) entirely in fp32, one rounding at the end.
+template <typename T, typename W>
+void normalize_offset(const T* s, const W* w, float r, float offset, T* y, int64_t n) {
+  const V vr = vset1(r), voff = vset1(offset);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    vstore(y + i, vmul(vmul(vload(s + i), vr), vadd(voff, vload(w + i))));
+  }
+  for (; i < n; ++i) store_as(y + i, (to_float(s[i]) * r) * (offset + to_float(w[i])));
+}
+
+template <typename T, typename W>
+float amax_normalized(const T* s, const W* w, float r, int64_t n) {
+  const V vr = vset1(r);
+  V m = vzero();
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) m = vmax(m, vabs(vmul(vmul(vload(s + i), vr), vload(w + i))));
+  float amax = vmaxval(m);
+  for (; i < n; ++i) {
+    const float a = __builtin_fabsf((to_float(s[i]) * r) * to_float(w[i]));
+    amax = a > amax ? a : amax;
+  }
+  return amax;
+}
+
+template <typename T, typename W>
+void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, int64_t n) {
+  const V vr = vset1(r);
+  float tmp[kW];
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    vstore(tmp, vmul(vmul(vload(s + i), vr), vload(w + i)));
+    for (int j = 0; j < kW; ++j) {
+      const float q = tmp[j] / scale;  // a true division, as the reference divides
+      y[i + j] = to_fp8e4m3(q > kFp8E4M3Max ? kFp8E4M3Max : (q < -kFp8E4M3Max ? -kFp8E4M3Max : q));
+    }
+  }
+  for (; i < n; ++i) {
+    const float q = ((to_float(s[i]) * r) * to_float(w[i])) / scale;
+    y[i] = to_fp8e4m3(q > kFp8E4M3Max ? kFp8E4M3Max : (q < -kFp8E4M3Max ? -kFp8E4M3Max : q));
+  }
+}
+
+template <typename T, typename W>
+void forward_rows(const FwdParams& p) {
+  const int64_t n = p.cols;
+  const W* w = static_cast<const W*>(p.weight);
+  const bool fp8 = p.y_dtype == DType::kFloat8E4M3;
+#pragma omp parallel for schedule(static) if (p.rows > 1 && p.rows * n >= kParallelMinElements)
+  for (int64_t row = 0; row < p.rows; ++row) {
+    const T* s = static_cast<const T*>(p.x) + row * p.x_row_stride;
+    float ss;
+    if (p.residual != nullptr) {
+      T* res_out = static_cast<T*>(p.residual_out) + row * n;
+      ss = add_store_sum_squares(s, static_cast<const T*>(p.residual) + row * p.residual_row_stride,
+                                 res_out, n);
+      s = res_out;  // normalise the rounded sum, re-read from L1
+    } else {
+      ss = sum_squares(s, n);
+    }
+    const float r = rstd_of(ss, n, p.eps);
+    if (fp8) {
+      const float amax = amax_normalized(s, w, r, n);
+      const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
+      p.y_scale[row] = scale;
+      quantize_fp8(s, w, r, scale, static_cast<fp8e4m3_t*>(p.y) + row * n, n);
+    } else if (p.weight_offset == 0.0f) {
+      normalize_llama(s, w, r, static_cast<T*>(p.y) + row * n, n);
+    } else {
+      normalize_offset(s, w, r, p.weight_offset, static_cast<T*>(p.y) + row * n, n);
+    }
+  }
+}
+
+template <typename T, typename W>
+void backward_rows(const BwdParams& p) {
+  const int64_t n = p.cols, chunks = p.num_partials;
+  const W* w = static_cast<const W*>(p.weight);
+  const bool llama = p.weight_offset == 0.0f;
+  const V voff = vset1(p.weight_offset);
+  const bool parallel = p.rows * n >= kParallelMinElements;
+  // Fixed row chunks (not per-thread) so dw does not depend on the number of threads.
+#pragma omp parallel for schedule(static) if (parallel && chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* part = p.dw_partial + c * n;
+    for (int64_t j = 0; j < n; ++j) part[j] = 0.0f;
+    const int64_t row_begin = c * p.rows / chunks, row_end = (c + 1) * p.rows / chunks;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const T* s = static_cast<const T*>(p.x) + row * p.x_row_stride;
+      const T* dy = static_cast<const T*>(p.dy) + row * n;
+      T* dx = static_cast<T*>(p.dx) + row * n;
+      V ss0 = vzero(), dot0 = vzero();
+      int64_t i = 0;
+      for (; i + kW <= n; i += kW) {
+        const V vs = vload(s + i);
+        ss0 = vfma(vs, vs, ss0);
+        dot0 = vfma(vmul(vload(dy + i), vadd(voff, vload(w + i))), vs, dot0);
+      }
+      float ss = vsum(ss0), dot = vsum(dot0);
+      for (; i < n; ++i) {
+        const float sv = to_float(s[i]);
+        ss += sv * sv;
+        dot += to_float(dy[i]) * (p.weight_offset + to_float(w[i])) * sv;
+      }
+      const float r = rstd_of(ss, n, p.eps);
+      const float coef = r * r * r * dot / static_cast<float>(n);
+      const V vr = vset1(r), vneg_coef = vset1(-coef);
+      const T* dres = static_cast<const T*>(p.d_residual_out);
+      i = 0;
+      for (; i + kW <= n; i += kW) {
+        const V vs = vload(s + i), vdy = vload(dy + i);
+        V d = vadd(vmul(vr, vmul(vdy, vadd(voff, vload(w + i)))), vmul(vneg_coef, vs));
+        if (dres != nullptr) d = vadd(d, vload(dres + row * n + i));
+        vstore(dx + i, d);
+        const V nrm = llama ? vround(vmul(vs, vr), s) : vmul(vs, vr);
+        vstore(part + i, vfma(vdy, nrm, vload(part + i)));
+      }
+      for (; i < n; ++i) {
+        const float sv = to_float(s[i]), dyv = to_float(dy[i]);
+        float d = r * (dyv * (p.weight_offset + to_float(w[i]))) + (-coef) * sv;
+        if (dres != nullptr) d += to_float(dres[row * n + i]);
+        store_as(dx + i, d);
+        const float nrm = llama ? round_to(sv * r, s) : sv * r;
+        part[i] += dyv * nrm;
+      }
+    }
+  }
+  // dw = partials summed in chunk order.
+  W* dw = static_cast<W*>(p.dw);
+  constexpr int64_t kBlock = 64 * kW;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (parallel && blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = (b + 1) * kBlock < n ? (b + 1) * kBlock : n;
+    int64_t j = b * kBlock;
+    for (; j + kW <= end; j += kW) {
+      V acc = vzero();
+      for (int64_t c = 0; c < chunks; ++c) acc = vadd(acc, vload(p.dw_partial + c * n + j));
+      vstore(dw + j, acc);
+    }
+    for (; j < end; ++j) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) acc += p.dw_partial[c * n + j];
+      store_as(dw + j, acc);
+    }
+  }
+}
+
+template <template <typename, typename> class Op, typename P>
+Status dispatch(const P& p) {
+  const bool w32 = p.weight_dtype == DType::kFloat32;
+  switch (p.x_dtype) {
+    case DType::kFloat32:
+      Op<float, float>::run(p);
+      break;
+    case DType::kFloat16:
+      w32 ? Op<half_t, float>::run(p) : Op<half_t, half_t>::run(p);
+      break;
+    case DType::kBFloat16:
+      w32 ? Op<bf16_t, float>::run(p) : Op<bf16_t, bf16_t>::run(p);
+      break;
+    default:
+      return Status{StatusCode::kInvalidArgument, "rms_norm: x must be float32, float16 or bfloat16"};
+  }
+  return Status{StatusCode::kSuccess, ""};
+}
+
+template <typename T, typename W>
+struct Forward {
+  static void run(const FwdParams& p) { forward_rows<T, W>(p); }
+};
+template <typename T, typename W>
+struct Backward {
+  static void run(const BwdParams& p) { backward_rows<T, W>(p); }
+};
+
+}  // namespace
+
+Status forward(const FwdParams& p) { return dispatch<Forward>(p); }
+Status backward(const BwdParams& p) { return dispatch<Backward>(p); }
+
+}  // namespace fastlayers::cpu::FL_CPU_ISA::rmsnorm

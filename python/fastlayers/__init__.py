@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: Apache-2.0
+"""fastlayers: hand-written C++/CUDA kernels for transformer layers, as drop-in torch.nn modules.
+
+Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without the compiled part
+(``fastlayers._C``) every op runs it, and :func:`info` says so.
+"""
+
+from fastlayers import nn, reference
+from fastlayers._info import info
+from fastlayers.nn import RMSNorm
+from fastlayers.ops import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
+from fastlayers.version import __version__
+
+__all__ = [
+    "__version__",
+    "info",
+    "nn",
+    "reference",
+    "RMSNorm",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rms_norm_fp8",
+    "rms_norm_backward",
+]

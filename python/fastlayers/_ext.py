@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Loads the compiled module ``fastlayers._C``; importing fastlayers never fails without it.
+
+``FASTLAYERS_NO_EXTENSION=1`` skips loading it (every op then runs its PyTorch reference), which is how
+the tests check the pure-Python path on a machine where ``_C`` is built.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+C: ModuleType | None = None
+LOAD_ERROR: str | None = None
+
+if os.environ.get("FASTLAYERS_NO_EXTENSION", "") == "1":
+    LOAD_ERROR = "disabled by FASTLAYERS_NO_EXTENSION=1"
+else:
+    try:
+        from fastlayers import _C as C  # type: ignore[attr-defined,no-redef]
+    except ImportError as e:  # a source checkout without a build, or a broken build
+        LOAD_ERROR = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"fastlayers: the compiled kernels (_C) did not load ({LOAD_ERROR}); every op runs its "
+            "PyTorch reference. fastlayers.info() shows the state.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def has_cpu_kernels() -> bool:
+    return C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return C is not None and bool(C.has_cuda())
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One warning per key per process: for fallbacks that would otherwise repeat every call."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

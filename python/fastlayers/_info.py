@@ -1,0 +1,60 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``fastlayers.info()``: what this installation can run."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlayers import _ext
+from fastlayers.version import __version__
+
+# op -> the public function that runs it (one row per op in the report).
+OPS = ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward")
+
+
+def info() -> dict:
+    """A dict describing this installation.
+
+    Keys: ``version``, ``extension_loaded`` (bool), ``extension_error`` (why not, or None),
+    ``cpu_isa`` (the kernel variant in use: avx512 / avx2 / scalar, or None), ``cpu_isa_detected``,
+    ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``gpu`` (name of GPU 0, or None),
+    ``torch`` (version), and ``ops``: for each op, the backend each device runs
+    (``"kernel"`` or ``"reference"``).
+    """
+    C = _ext.C
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cuda_kernels = _ext.has_cuda_kernels()
+    cpu_kernels = _ext.has_cpu_kernels()
+    return {
+        "version": __version__,
+        "extension_loaded": C is not None,
+        "extension_error": _ext.LOAD_ERROR,
+        "cpu_isa": C.cpu_isa() if C is not None else None,
+        "cpu_isa_detected": C.detected_cpu_isa() if C is not None else None,
+        "cuda_compiled": cuda_kernels,
+        "cuda_archs": [a for a in C.cuda_archs().split(",") if a] if C is not None else [],
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "ops": {
+            op: {
+                "cpu": "kernel" if cpu_kernels else "reference",
+                "cuda": "kernel" if cuda_kernels else "reference",
+            }
+            for op in OPS
+        },
+    }
+
+
+def format_info(d: dict | None = None) -> str:
+    d = info() if d is None else d
+    lines = [
+        f"fastlayers {d['version']} (torch {d['torch']})",
+        f"  compiled kernels (_C): {'loaded' if d['extension_loaded'] else 'NOT loaded: ' + str(d['extension_error'])}",
+        f"  CPU ISA in use:        {d['cpu_isa'] or '-'} (detected: {d['cpu_isa_detected'] or '-'})",
+        f"  CUDA compiled:         {'yes, archs ' + ','.join(d['cuda_archs']) if d['cuda_compiled'] else 'no'}",
+        f"  GPU present:           {d['gpu'] or 'no'}",
+        "  ops (backend per device):",
+    ]
+    for op, backends in d["ops"].items():
+        lines.append(f"    {op:<22} cpu={backends['cpu']:<9} cuda={backends['cuda']}")
+    return "\n".join(lines)

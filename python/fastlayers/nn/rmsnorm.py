@@ -1,0 +1,96 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Drop-in RMSNorm for ``torch.nn.RMSNorm``, Hugging Face ``LlamaRMSNorm`` and ``GemmaRMSNorm``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the last dimension, with an optional fused residual add.
+
+    Parameters
+    ----------
+    hidden_size : int
+        Size of the last dimension (an int, or a one-element shape as ``torch.nn.RMSNorm`` takes).
+    eps : float
+        Added to ``mean(x**2)`` inside the square root (1e-6, as Llama configs use).
+    weight_offset : float
+        0: Llama form, ``weight * round(x * r)`` (normalise in fp32, cast to the input dtype, then
+        multiply by the weight; matches ``LlamaRMSNorm`` and ``torch.nn.RMSNorm``).
+        1.0: Gemma form, ``x * r * (1 + weight)`` computed in fp32 and cast once at the end (matches
+        ``GemmaRMSNorm``); the weight is then initialised to zeros.
+
+    ``forward(x)`` returns ``y``; ``forward(x, residual)`` returns ``(y, x + residual)``, the
+    Hugging Face decoder-layer order, in one pass. The parameter is ``weight`` (same state_dict key
+    as the modules it replaces). Output dtype is the input's; with a float32 weight and a 16-bit
+    input, ``LlamaRMSNorm`` would return float32 while this returns the input dtype (as vLLM and
+    Liger do).
+    """
+
+    def __init__(self, hidden_size, eps: float = 1e-6, weight_offset: float = 0.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, numbers.Integral):
+            shape = tuple(hidden_size)
+            if len(shape) != 1:
+                raise ValueError(
+                    f"hidden_size: fastlayers.nn.RMSNorm normalises the last dimension only; "
+                    f"got normalized_shape {shape}"
+                )
+            hidden_size = shape[0]
+        if hidden_size <= 0:
+            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        if eps is None or eps < 0:
+            raise ValueError(f"eps must be a float >= 0, got {eps}")
+        self.hidden_size = int(hidden_size)
+        self.eps = float(eps)
+        self.weight_offset = float(weight_offset)
+        init = 1.0 - self.weight_offset
+        self.weight = torch.nn.Parameter(
+            torch.full((self.hidden_size,), init, device=device, dtype=dtype)
+        )
+
+    # Hugging Face modules name it variance_epsilon; code that reads it keeps working.
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps, self.weight_offset)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.constant_(self.weight, 1.0 - self.weight_offset)
+
+    def extra_repr(self) -> str:
+        s = f"{self.hidden_size}, eps={self.eps}"
+        if self.weight_offset != 0.0:
+            s += f", weight_offset={self.weight_offset}"
+        return s
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, weight_offset: float | None = None) -> RMSNorm:
+        """A fastlayers RMSNorm with ``module``'s weight (shared, not copied) and eps.
+
+        Reads ``eps`` (torch) or ``variance_epsilon`` (Hugging Face). ``torch.nn.RMSNorm(eps=None)``
+        means ``torch.finfo(dtype).eps`` of the input; that is resolved here with the weight's
+        dtype. ``weight_offset`` defaults to 1.0 for classes named ``Gemma*RMSNorm``, else 0.
+        """
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise TypeError(f"module: expected an RMSNorm with a 1-D weight, got {type(module).__name__}")
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            eps = torch.finfo(weight.dtype).eps
+        if weight_offset is None:
+            name = type(module).__name__
+            weight_offset = 1.0 if name.startswith("Gemma") and name.endswith("RMSNorm") else 0.0
+        new = cls(weight.shape[0], eps=eps, weight_offset=weight_offset, device="meta")
+        new.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight)
+        return new

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What every op shares: the library handle, argument checks with clear errors, output allocation
+(poisoned on request, so tests catch unwritten elements), the CUDA stream, the [rows, cols] view."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from fastlayers._dtypes import FLOATING
+
+LIB = torch.library.Library("fastlayers", "DEF")
+
+_poison = os.environ.get("FASTLAYERS_POISON_OUTPUTS", "") == "1"
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Fill every output an op allocates with NaN (floats) or 0x7F/-1 (integers) before the kernel
+    writes it. For tests; ``FASTLAYERS_POISON_OUTPUTS=1`` sets it at import."""
+    global _poison
+    _poison = bool(enabled)
+
+
+def poison_outputs_enabled() -> bool:
+    return _poison
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and t.numel() > 0:
+        t.fill_(float("nan") if (t.is_floating_point()) else -1)
+    return t
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_activation(x: torch.Tensor, name: str) -> None:
+    check_tensor(x, name)
+    if x.dtype not in FLOATING:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the hidden size); got a 0-dim tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has hidden size 0 (shape {tuple(x.shape)})")
+
+
+def check_like(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """``t`` must match ``x`` (the first activation) in shape, dtype and device."""
+    check_tensor(t, name)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def check_eps(eps) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps >= 0.0 and eps < float("inf")):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, cols]`` with unit column stride; a view when one exists, else a copy."""
+    n = t.shape[-1]
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, n)
+    except RuntimeError:  # batch dims that cannot be merged into one row stride
+        return t.reshape(-1, n)
+
+
+def row_stride(t2d: torch.Tensor) -> int:
+    return t2d.stride(0) if t2d.shape[0] > 1 else t2d.shape[1]
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def device_code(device: torch.device) -> int:
+    return 0 if device.type == "cpu" else 1
+
+
+def device_guard(device: torch.device):
+    """Kernels launch on the current CUDA device: make it the tensors' device."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

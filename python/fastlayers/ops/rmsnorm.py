@@ -1,0 +1,367 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fused RMSNorm ops: ``rms_norm``, ``fused_add_rms_norm``, ``rms_norm_fp8`` and the backward.
+
+Semantics and rounding are those of :mod:`fastlayers.reference.rmsnorm` (the specification).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastlayers import _dtypes, _ext
+from fastlayers import reference as ref
+from fastlayers.ops._common import (
+    LIB,
+    check_activation,
+    check_eps,
+    check_like,
+    check_tensor,
+    device_code,
+    device_guard,
+    empty,
+    ptr,
+    row_stride,
+    rows_view,
+    stream_of,
+)
+
+LIB.define("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset) -> Tensor")
+LIB.define(
+    "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float weight_offset)"
+    " -> (Tensor, Tensor)"
+)
+LIB.define("rms_norm_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
+LIB.define(
+    "fused_add_rms_norm_fp8(Tensor x, Tensor residual, Tensor weight, float eps)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, float eps, float weight_offset,"
+    " Tensor? grad_residual) -> (Tensor, Tensor)"
+)
+
+# CPU dw partials: a fixed number of row chunks, so the result does not depend on the thread count.
+_CPU_DW_CHUNKS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (shared by the kernels and the fakes)
+# ----------------------------------------------------------------------------------------------
+def _check(x, weight, eps, residual=None) -> None:
+    check_activation(x, "x")
+    check_tensor(weight, "weight")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape ({x.shape[-1]},) to match x's hidden size, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype and weight.dtype != torch.float32:
+        raise TypeError(f"weight must have x's dtype ({x.dtype}) or float32, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    check_eps(eps)
+    if residual is not None:
+        check_like(residual, "residual", x)
+
+
+def _has_kernel(device: torch.device, op: str) -> bool:
+    if device.type == "cpu":
+        return _ext.has_cpu_kernels()
+    if device.type == "cuda":
+        if _ext.has_cuda_kernels():
+            return True
+        _ext.warn_once(
+            f"{op}-cuda",
+            f"fastlayers.{op}: this build has no CUDA kernels; running the PyTorch reference on "
+            f"{device}",
+        )
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_dw_partials_cap(index: int) -> int:
+    # Two CTAs per SM keep every SM busy while the partials stay small ([2 * SMs, hidden] fp32).
+    return 2 * torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_partials(device: torch.device, rows: int) -> int:
+    cap = _CPU_DW_CHUNKS
+    if device.type == "cuda":
+        cap = _cuda_dw_partials_cap(device.index if device.index is not None else 0)
+    return max(1, min(rows, cap))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+def _launch_forward(x, residual, weight, eps, weight_offset, y, residual_out, scale) -> None:
+    n = x.shape[-1]
+    x2 = rows_view(x)
+    r2 = rows_view(residual) if residual is not None else None
+    with device_guard(x.device):
+        _ext.C.rms_norm_fwd(
+            device_code(x.device),
+            ptr(x2), row_stride(x2),
+            ptr(r2), row_stride(r2) if r2 is not None else 0,
+            ptr(weight.contiguous()),
+            ptr(y), ptr(residual_out), ptr(scale),
+            x2.shape[0], n,
+            _dtypes.code(x.dtype), _dtypes.code(weight.dtype), _dtypes.code(y.dtype),
+            eps, weight_offset,
+            stream_of(x.device),
+        )  # fmt: skip
+
+
+def _rms_norm_kernel(x, weight, eps, weight_offset):
+    _check(x, weight, eps)
+    if not _has_kernel(x.device, "rms_norm"):
+        return ref.rms_norm(x, weight, eps, weight_offset)
+    y = empty(x.shape, x.dtype, x.device)
+    if x.numel() > 0:
+        _launch_forward(x, None, weight, eps, weight_offset, y, None, None)
+    return y
+
+
+def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
+    _check(x, weight, eps, residual)
+    if not _has_kernel(x.device, "fused_add_rms_norm"):
+        return ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+    y = empty(x.shape, x.dtype, x.device)
+    new_residual = empty(x.shape, x.dtype, x.device)
+    if x.numel() > 0:
+        _launch_forward(x, residual, weight, eps, weight_offset, y, new_residual, None)
+    return y, new_residual
+
+
+def _fp8_forward(x, residual, weight, eps):
+    _check(x, weight, eps, residual)
+    if not _has_kernel(x.device, "rms_norm_fp8"):
+        return ref.rms_norm_fp8(x, weight, eps, residual)
+    y = empty(x.shape, torch.float8_e4m3fn, x.device)
+    scale = empty(x.shape[:-1] + (1,), torch.float32, x.device)
+    new_residual = empty(x.shape, x.dtype, x.device) if residual is not None else None
+    if x.numel() > 0:
+        _launch_forward(x, residual, weight, eps, 0.0, y, new_residual, scale)
+    return (y, scale) if residual is None else (y, scale, new_residual)
+
+
+def _rms_norm_fp8_kernel(x, weight, eps):
+    return _fp8_forward(x, None, weight, eps)
+
+
+def _fused_add_rms_norm_fp8_kernel(x, residual, weight, eps):
+    return _fp8_forward(x, residual, weight, eps)
+
+
+def _rms_norm_backward_kernel(grad_y, x, weight, eps, weight_offset, grad_residual):
+    _check(x, weight, eps)
+    check_like(grad_y, "grad_y", x)
+    if grad_residual is not None:
+        check_like(grad_residual, "grad_residual", x)
+    if not _has_kernel(x.device, "rms_norm_backward"):
+        return ref.rms_norm_backward(grad_y, x, weight, eps, weight_offset, grad_residual)
+    n = x.shape[-1]
+    rows = x.numel() // n
+    dx = empty(x.shape, x.dtype, x.device)
+    dw = empty(weight.shape, weight.dtype, weight.device)
+    partials = _num_partials(x.device, rows)
+    workspace = torch.empty((partials, n), dtype=torch.float32, device=x.device)
+    x2 = rows_view(x)
+    dy2 = grad_y.contiguous().view(-1, n)
+    dr2 = grad_residual.contiguous().view(-1, n) if grad_residual is not None else None
+    with device_guard(x.device):
+        _ext.C.rms_norm_bwd(
+            device_code(x.device),
+            ptr(dy2), ptr(x2), row_stride(x2), ptr(weight.contiguous()), ptr(dr2),
+            ptr(dx), ptr(dw), ptr(workspace), partials,
+            rows, n,
+            _dtypes.code(x.dtype), _dtypes.code(weight.dtype),
+            eps, weight_offset,
+            stream_of(x.device),
+        )  # fmt: skip
+    return dx, dw
+
+
+_KERNELS = {
+    "rms_norm": _rms_norm_kernel,
+    "fused_add_rms_norm": _fused_add_rms_norm_kernel,
+    "rms_norm_fp8": _rms_norm_fp8_kernel,
+    "fused_add_rms_norm_fp8": _fused_add_rms_norm_fp8_kernel,
+    "rms_norm_backward": _rms_norm_backward_kernel,
+}
+_REFERENCES = {
+    "rms_norm": ref.rms_norm,
+    "fused_add_rms_norm": ref.fused_add_rms_norm,
+    "rms_norm_fp8": ref.rms_norm_fp8,
+    "fused_add_rms_norm_fp8": lambda x, residual, weight, eps: ref.rms_norm_fp8(x, weight, eps, residual),
+    "rms_norm_backward": ref.rms_norm_backward,
+}
+for _name, _fn in _KERNELS.items():
+    LIB.impl(_name, _fn, "CPU")
+    LIB.impl(_name, _fn, "CUDA")
+    # Every other device (mps, xpu, ...) runs the reference.
+    LIB.impl(_name, _REFERENCES[_name], "CompositeExplicitAutograd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fakes (shapes only) for torch.compile / meta tensors
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("fastlayers::rms_norm", lib=LIB)
+def _rms_norm_fake(x, weight, eps, weight_offset):
+    _check(x, weight, eps)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastlayers::fused_add_rms_norm", lib=LIB)
+def _fused_add_rms_norm_fake(x, residual, weight, eps, weight_offset):
+    _check(x, weight, eps, residual)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _fp8_fake(x, residual, weight, eps):
+    _check(x, weight, eps, residual)
+    y = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
+    scale = x.new_empty(x.shape[:-1] + (1,), dtype=torch.float32)
+    return (y, scale) if residual is None else (y, scale, x.new_empty(x.shape))
+
+
+@torch.library.register_fake("fastlayers::rms_norm_fp8", lib=LIB)
+def _rms_norm_fp8_fake(x, weight, eps):
+    return _fp8_fake(x, None, weight, eps)
+
+
+@torch.library.register_fake("fastlayers::fused_add_rms_norm_fp8", lib=LIB)
+def _fused_add_rms_norm_fp8_fake(x, residual, weight, eps):
+    return _fp8_fake(x, residual, weight, eps)
+
+
+@torch.library.register_fake("fastlayers::rms_norm_backward", lib=LIB)
+def _rms_norm_backward_fake(grad_y, x, weight, eps, weight_offset, grad_residual):
+    _check(x, weight, eps)
+    check_like(grad_y, "grad_y", x)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+def _setup_rms_norm(ctx, inputs, output):
+    x, weight, eps, weight_offset = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.weight_offset = eps, weight_offset
+
+
+def _backward_rms_norm(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    dx, dw = torch.ops.fastlayers.rms_norm_backward(grad_y, x, weight, ctx.eps, ctx.weight_offset, None)
+    return dx, dw if ctx.needs_input_grad[1] else None, None, None
+
+
+def _setup_fused_add(ctx, inputs, output):
+    _, _, weight, eps, weight_offset = inputs
+    ctx.save_for_backward(output[1], weight)  # the rounded sum is what was normalised
+    ctx.eps, ctx.weight_offset = eps, weight_offset
+
+
+def _backward_fused_add(ctx, grad_y, grad_residual):
+    s, weight = ctx.saved_tensors
+    ds, dw = torch.ops.fastlayers.rms_norm_backward(
+        grad_y, s, weight, ctx.eps, ctx.weight_offset, grad_residual
+    )
+    return ds, ds, dw if ctx.needs_input_grad[2] else None, None, None
+
+
+torch.library.register_autograd(
+    "fastlayers::rms_norm", _backward_rms_norm, setup_context=_setup_rms_norm, lib=LIB
+)
+torch.library.register_autograd(
+    "fastlayers::fused_add_rms_norm", _backward_fused_add, setup_context=_setup_fused_add, lib=LIB
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             weight_offset: float = 0.0) -> torch.Tensor:
+    """Root-mean-square normalisation over the last dimension.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[..., hidden]``, float32 / float16 / bfloat16, any strides.
+    weight : torch.Tensor
+        ``[hidden]``, x's dtype or float32, on x's device.
+    eps : float
+        Added to ``mean(x**2)`` inside the square root.
+    weight_offset : float
+        0 for the Llama form ``w * round(x * r)``; 1.0 for the Gemma form ``x * r * (1 + w)``
+        computed in fp32.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[..., hidden]`` in x's dtype, contiguous. Differentiable w.r.t. ``x`` and ``weight``.
+    """
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_eps(eps)
+    return torch.ops.fastlayers.rms_norm(x, weight, float(eps), float(weight_offset))
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float = 1e-6, weight_offset: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and RMSNorm in one pass (the Hugging Face decoder-layer order).
+
+    ``new_residual = x + residual`` rounded to x's dtype, ``y = rms_norm(new_residual, weight)``.
+    ``residual`` must match x in shape, dtype and device. Returns ``(y, new_residual)``, both
+    ``[..., hidden]`` and contiguous. Differentiable w.r.t. ``x``, ``residual`` and ``weight``.
+    """
+    check_tensor(x, "x")
+    check_tensor(residual, "residual")
+    check_tensor(weight, "weight")
+    check_eps(eps)
+    return torch.ops.fastlayers.fused_add_rms_norm(x, residual, weight, float(eps), float(weight_offset))
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                 residual: torch.Tensor | None = None):
+    """RMSNorm with FP8-E4M3 output and a dynamic per-token scale (inference only).
+
+    ``y32 = rms_norm(s) * weight`` in fp32 (``s = x`` or ``x + residual`` rounded to x's dtype),
+    ``scale = max|y32| / 448`` per row (1 for an all-zero row), ``y = fp8(y32 / scale)``.
+
+    Returns
+    -------
+    (y, scale) or (y, scale, new_residual)
+        ``y``: ``[..., hidden]`` ``torch.float8_e4m3fn``; ``scale``: ``[..., 1]`` float32, so that
+        ``y.float() * scale`` dequantises; ``new_residual`` when ``residual`` is given.
+    """
+    check_tensor(x, "x")
+    check_tensor(weight, "weight")
+    check_eps(eps)
+    if residual is None:
+        return torch.ops.fastlayers.rms_norm_fp8(x, weight, float(eps))
+    check_tensor(residual, "residual")
+    return torch.ops.fastlayers.fused_add_rms_norm_fp8(x, residual, weight, float(eps))
+
+
+def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      eps: float = 1e-6, weight_offset: float = 0.0,
+                      grad_residual: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)`` of :func:`rms_norm` (autograd calls this; exposed for fused callers).
+
+    fp32 accumulation; ``dweight`` is reduced over rows in a fixed order (deterministic).
+    ``grad_residual``, when given, is added to ``dx`` (the fused-add backward).
+    """
+    for t, name in ((grad_y, "grad_y"), (x, "x"), (weight, "weight")):
+        check_tensor(t, name)
+    check_eps(eps)
+    return torch.ops.fastlayers.rms_norm_backward(
+        grad_y, x, weight, float(eps), float(weight_offset), grad_residual
+    )

@@ -1,0 +1,15 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Pure-PyTorch implementations of every fastlayers op.
+
+They are the specification: the tests compare the kernels with them, the benchmarks use them as a
+baseline, and ops fall back to them where no kernel runs (no ``_C``, or a device without kernels).
+"""
+
+from fastlayers.reference.rmsnorm import (
+    fused_add_rms_norm,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_fp8,
+)
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"]

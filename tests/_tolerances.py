@@ -1,0 +1,25 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The oracle: kernel error at most ``factor`` x the error of the same-dtype PyTorch reference, both
+measured against a float64 computation, plus a small per-dtype atol (the FlashAttention rule)."""
+
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close_to_oracle(out, ref_same_dtype, oracle, *, factor=2.0, atol=None, name="out"):
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
+    out64, ref64, ora64 = out.double(), ref_same_dtype.double(), oracle.double()
+    assert torch.isfinite(out64).all(), f"{name}: non-finite values (an element left unwritten?)"
+    if atol is None:
+        atol = ATOL[out.dtype] if out.dtype in ATOL else 0.0
+    err = (out64 - ora64).abs().max().item() if out.numel() else 0.0
+    ref_err = (ref64 - ora64).abs().max().item() if out.numel() else 0.0
+    assert err <= factor * ref_err + atol, (
+        f"{name}: max error {err:.3e} vs float64 > {factor} x reference error {ref_err:.3e} + {atol:.1e}"
+    )
+
+
+def rand(*shape, dtype, device, scale=1.0):
+    """Fresh random data (never zeros), with an offset so rows do not have zero mean."""
+    return (torch.randn(*shape, dtype=torch.float32, device=device) * scale + 0.1).to(dtype)

@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Central device/arch skips (tests never branch on the device themselves), seeding, and poisoned
+outputs for every op call."""
+
+import pytest
+import torch
+
+import fastlayers
+from fastlayers import _ext
+from fastlayers.ops import set_poison_outputs
+
+HAS_CUDA = torch.cuda.is_available() and _ext.has_cuda_kernels()
+IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU and fastlayers built with CUDA")
+    skip_sm90 = pytest.mark.skip(reason="needs a compute capability 9.0 GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "sm90" in item.keywords and not IS_SM90:
+            item.add_marker(skip_sm90)
+
+
+def pytest_report_header(config):
+    return fastlayers._info.format_info()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    torch.manual_seed(0)
+    set_poison_outputs(True)
+    yield
+    set_poison_outputs(False)
+
+
+# Every kernel test runs on each device; the cuda case carries the marker that conftest skips.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _cpu_isas():
+    if _ext.C is None:
+        return ["reference"]
+    order = ["scalar", "avx2", "avx512"]
+    return order[: order.index(_ext.C.detected_cpu_isa()) + 1]
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request):
+    """Runs the test once per CPU kernel variant this machine can execute."""
+    if _ext.C is None:
+        yield request.param
+        return
+    before = _ext.C.cpu_isa()
+    _ext.C.set_cpu_isa(request.param)
+    yield request.param
+    _ext.C.set_cpu_isa(before)

@@ -1,0 +1,186 @@
+# SPDX-License-Identifier: Apache-2.0
+"""RMSNorm kernels (CPU, and CUDA where present) against the reference and a float64 oracle."""
+
+import pytest
+import torch
+from _tolerances import assert_close_to_oracle, rand
+
+import fastlayers
+from fastlayers import reference as ref
+
+HIDDEN_SIZES = [8, 111, 768, 769, 4096, 5120, 5125, 8192, 16384, 20000]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BATCH_SHAPES = [(1,), (7,), (2, 3)]  # 1-D/2-D/3-D inputs (x is [*batch, hidden])
+OFFSETS = [0.0, 1.0]  # Llama and Gemma forms
+
+
+def _inputs(batch, hidden, dtype, device, weight_dtype=None):
+    x = rand(*batch, hidden, dtype=dtype, device=device, scale=2.0)
+    w = rand(hidden, dtype=weight_dtype or dtype, device=device)
+    return x, w
+
+
+def _oracle(fn, *tensors, **kw):
+    return fn(*[t.double() if isinstance(t, torch.Tensor) else t for t in tensors], **kw)
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_offset", OFFSETS)
+def test_rms_norm(device, hidden, dtype, weight_offset):
+    x, w = _inputs((7,), hidden, dtype, device)
+    y = fastlayers.rms_norm(x, w, 1e-6, weight_offset)
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    assert_close_to_oracle(
+        y, ref.rms_norm(x, w, 1e-6, weight_offset), _oracle(ref.rms_norm, x, w, 1e-6, weight_offset)
+    )
+
+
+@pytest.mark.parametrize("batch", [(1,), (2, 3), (2, 1, 3)])
+@pytest.mark.parametrize("hidden", [769, 4096])
+def test_rms_norm_batch_shapes(device, batch, hidden):
+    x, w = _inputs(batch, hidden, torch.bfloat16, device)
+    y = fastlayers.rms_norm(x, w)
+    assert y.shape == x.shape
+    assert_close_to_oracle(y, ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w))
+
+
+def test_rms_norm_1d_input(device):
+    x, w = _inputs((), 4096, torch.float16, device)
+    assert x.dim() == 1
+    assert_close_to_oracle(fastlayers.rms_norm(x, w), ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [111, 4096])
+def test_float32_weight_with_16bit_input(device, dtype, hidden):
+    x, w = _inputs((5,), hidden, dtype, device, weight_dtype=torch.float32)
+    for offset in OFFSETS:
+        y = fastlayers.rms_norm(x, w, 1e-5, offset)
+        assert y.dtype == dtype
+        assert_close_to_oracle(y, ref.rms_norm(x, w, 1e-5, offset), _oracle(ref.rms_norm, x, w, 1e-5, offset))
+
+
+def _strided_cases(hidden, dtype, device):
+    """Views whose rows are not packed: row-strided slices, batch dims that cannot merge, and a
+    non-unit last stride."""
+    base = rand(6, hidden + 24, dtype=dtype, device=device)
+    yield "row-strided", base[:, 8 : 8 + hidden]
+    b3 = rand(3, 4, hidden, dtype=dtype, device=device)
+    yield "transposed batch", b3.transpose(0, 1)
+    t = rand(hidden, 5, dtype=dtype, device=device)
+    yield "column-strided", t.t()
+
+
+@pytest.mark.parametrize("hidden", [769, 4096, 5120])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs(device, hidden, dtype):
+    w = rand(hidden, dtype=dtype, device=device)
+    for name, x in _strided_cases(hidden, dtype, device):
+        assert not x.is_contiguous(), name
+        y = fastlayers.rms_norm(x, w)
+        assert_close_to_oracle(y, ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w), name=name)
+        r = rand(*x.shape, dtype=dtype, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)
+        y2, s2 = fastlayers.fused_add_rms_norm(x, r, w)
+        y_ref, s_ref = ref.fused_add_rms_norm(x, r, w)
+        assert torch.equal(s2, s_ref), name
+        assert_close_to_oracle(y2, y_ref, _oracle(ref.rms_norm, s_ref, w), name=name)
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_offset", OFFSETS)
+def test_fused_add_rms_norm(device, hidden, dtype, weight_offset):
+    x, w = _inputs((2, 3), hidden, dtype, device)
+    residual = rand(2, 3, hidden, dtype=dtype, device=device)
+    y, new_residual = fastlayers.fused_add_rms_norm(x, residual, w, 1e-6, weight_offset)
+    y_ref, s_ref = ref.fused_add_rms_norm(x, residual, w, 1e-6, weight_offset)
+    # x + residual rounded once to the storage dtype: bit-exact, as in the unfused model.
+    assert torch.equal(new_residual, s_ref)
+    assert_close_to_oracle(y, y_ref, _oracle(ref.rms_norm, s_ref, w, 1e-6, weight_offset))
+
+
+def _check_fp8(q, scale, q_ref, scale_ref, oracle):
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.shape == q.shape[:-1] + (1,)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert not torch.isnan(q.float()).any(), "NaN in fp8 output (unwritten element?)"
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    assert (q.float().abs() <= 448).all()
+    # Dequantised values: FP8 rounding dominates; same rule as the other outputs, no extra atol.
+    assert_close_to_oracle(q.float() * scale, q_ref.float() * scale_ref, oracle, atol=0.0, name="fp8")
+    # Identical fp32 inputs give identical codes; only a last-ulp difference in r may flip one.
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_fp8(device, hidden, dtype):
+    x, w = _inputs((5,), hidden, dtype, device)
+    q, scale = fastlayers.rms_norm_fp8(x, w)
+    q_ref, scale_ref = ref.rms_norm_fp8(x, w)
+    _check_fp8(q, scale, q_ref, scale_ref, _oracle(ref.rms_norm, x, w))
+
+
+@pytest.mark.parametrize("hidden", [111, 4096, 5125])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_fp8(device, hidden, dtype):
+    x, w = _inputs((2, 3), hidden, dtype, device)
+    residual = rand(2, 3, hidden, dtype=dtype, device=device)
+    q, scale, s = fastlayers.rms_norm_fp8(x, w, residual=residual)
+    q_ref, scale_ref, s_ref = ref.rms_norm_fp8(x, w, residual=residual)
+    assert torch.equal(s, s_ref)
+    _check_fp8(q, scale, q_ref, scale_ref, _oracle(ref.rms_norm, s_ref, w))
+
+
+def test_fp8_zero_row_gets_unit_scale(device):
+    x, w = _inputs((3,), 769, torch.bfloat16, device)
+    x[1] = 0
+    q, scale = fastlayers.rms_norm_fp8(x, w)
+    assert scale[1].item() == 1.0
+    assert (q[1].float() == 0).all()
+    assert scale[0].item() != 1.0
+
+
+def test_fp8_outliers_saturate_to_448(device):
+    x, w = _inputs((2,), 4096, torch.float32, device)
+    x[0, 17] = 1e4  # one outlier takes the whole row's scale
+    q, scale = fastlayers.rms_norm_fp8(x, w)
+    assert q[0, 17].float().abs().item() == 448.0
+    q_ref, scale_ref = ref.rms_norm_fp8(x, w)
+    _check_fp8(q, scale, q_ref, scale_ref, _oracle(ref.rms_norm, x, w))
+
+
+@pytest.mark.parametrize("hidden", [111, 4096])
+def test_cpu_isa_variants_agree(cpu_isa, hidden):
+    """Every CPU kernel variant this machine can run (scalar, AVX2, AVX-512) meets the oracle."""
+    for dtype in DTYPES:
+        x, w = _inputs((9,), hidden, dtype, "cpu")
+        r = rand(9, hidden, dtype=dtype, device="cpu")
+        for offset in OFFSETS:
+            assert_close_to_oracle(fastlayers.rms_norm(x, w, 1e-6, offset), ref.rms_norm(x, w, 1e-6, offset),
+                                   _oracle(ref.rms_norm, x, w, 1e-6, offset))
+        y, s = fastlayers.fused_add_rms_norm(x, r, w)
+        assert torch.equal(s, ref.fused_add_rms_norm(x, r, w)[1])
+        q, scale = fastlayers.rms_norm_fp8(x, w)
+        _check_fp8(q, scale, *ref.rms_norm_fp8(x, w), _oracle(ref.rms_norm, x, w))
+
+
+@pytest.mark.parametrize("shape", [(0, 769), (2, 0, 64)])
+def test_empty_batch_is_a_noop(device, shape):
+    x, w = _inputs(shape[:-1], shape[-1], torch.bfloat16, device)
+    assert fastlayers.rms_norm(x, w).shape == shape
+    y, s = fastlayers.fused_add_rms_norm(x, x.clone(), w)
+    assert y.shape == shape and s.shape == shape
+    q, scale = fastlayers.rms_norm_fp8(x, w)
+    assert q.shape == shape and scale.shape == shape[:-1] + (1,)
+
+
+def test_large_values_do_not_overflow_in_16bit(device):
+    # sum(x^2) of fp16 values near 6e4 overflows fp16 but not the fp32 accumulator.
+    x = (torch.randn(4, 4096, device=device) * 2e4).clamp(-6e4, 6e4).to(torch.float16)
+    assert torch.isfinite(x).all() and (x.float().pow(2).sum(-1) > 65504).all()
+    w = rand(4096, dtype=torch.float16, device=device)
+    y = fastlayers.rms_norm(x, w)
+    assert torch.isfinite(y.float()).all()
+    assert_close_to_oracle(y, ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w))
