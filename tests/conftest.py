@@ -2,6 +2,8 @@
 """Central device/arch skips (tests never branch on the device themselves), seeding, and poisoned
 outputs for every op call."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,12 @@ from fastlayers.ops import set_poison_outputs
 
 HAS_CUDA = torch.cuda.is_available() and _ext.has_cuda_kernels()
 IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+def pytest_configure(config):
+    # CI sets this: a broken build must not pass by silently testing the reference against itself.
+    if os.environ.get("FASTLAYERS_REQUIRE_EXTENSION") == "1" and _ext.C is None:
+        raise pytest.UsageError(f"fastlayers._C did not load: {_ext.LOAD_ERROR}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -184,3 +184,28 @@ def test_large_values_do_not_overflow_in_16bit(device):
     y = fastlayers.rms_norm(x, w)
     assert torch.isfinite(y.float()).all()
     assert_close_to_oracle(y, ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w))
+
+
+def _fp8_probe_values():
+    """Every e4m3 value, the midpoints between neighbours and one fp32 ulp either side of them,
+    tiny values and random ones, all within +-448 (the row maximum must be 448 for scale 1)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = codes[torch.isfinite(codes)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    ulp = lambda t, d: torch.nextafter(t, torch.full_like(t, d))  # noqa: E731
+    vals = torch.cat([grid, mids, ulp(mids, 1e9), ulp(mids, -1e9), torch.tensor([-448.0, 1e-12, -0.0, 2.0**-10, 2.0**-9 * 1.5]),
+                      (torch.randn(4000) * torch.logspace(-4, 2.5, 4000)).clamp(-448, 448)])
+    return vals
+
+
+def test_fp8_conversion_matches_torch(cpu_isa):
+    """With x = 1, eps = 0 and a 448 in the weight, r = 1 and scale = 1, so y = fp8(clamp(w)):
+    every rounding case of the kernels' fp32 -> e4m3 conversion is compared with torch's."""
+    vals = _fp8_probe_values()
+    w = torch.cat([torch.tensor([448.0]), vals]).float()
+    x = torch.ones(1, w.numel())
+    q, scale = fastlayers.rms_norm_fp8(x, w, eps=0.0)
+    assert scale.item() == 1.0
+    expected = w.clamp(-448, 448).to(torch.float8_e4m3fn)
+    mismatch = (q.view(torch.uint8) != expected.view(torch.uint8)).nonzero().flatten()
+    assert mismatch.numel() == 0, f"{mismatch.numel()} codes differ, e.g. w={w[mismatch[:5]].tolist()}"

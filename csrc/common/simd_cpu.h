@@ -61,6 +61,22 @@ static inline V vround(V a, const bf16_t*) {
 static inline V vround(V a, const half_t*) {
   return {_mm512_cvtph_ps(_mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))};
 }
+static inline V vdiv(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
+// Clamp to +-448 (NaN stays NaN) and round to e4m3 codes, as to_fp8e4m3 in dtype.h does.
+static inline void vstore(fp8e4m3_t* p, V a) {
+  const __m512 c = _mm512_max_ps(_mm512_set1_ps(-kFp8E4M3Max), _mm512_min_ps(_mm512_set1_ps(kFp8E4M3Max), a.v));
+  const __m512i u = _mm512_castps_si512(c);
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80));
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(mag, 20), _mm512_set1_epi32(1));
+  __m512i normal = _mm512_srli_epi32(_mm512_add_epi32(mag, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFFF))), 20);
+  normal = _mm512_min_epi32(_mm512_sub_epi32(normal, _mm512_set1_epi32(120 << 3)), _mm512_set1_epi32(0x7E));
+  const __m512 absf = _mm512_castsi512_ps(mag);
+  const __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(absf, _mm512_set1_ps(512.0f)));
+  __m512i code = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(absf, _mm512_set1_ps(0.015625f), _CMP_LT_OQ), normal, sub);
+  code = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), code, _mm512_set1_epi32(0x7F));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign)));
+}
 
 #elif defined(__AVX2__)
 
@@ -123,6 +139,30 @@ static inline V vround(V a, const bf16_t*) {
 static inline V vround(V a, const half_t*) {
   return {_mm256_cvtph_ps(_mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))};
 }
+static inline V vdiv(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
+// Clamp to +-448 (NaN stays NaN) and round to e4m3 codes, as to_fp8e4m3 in dtype.h does:
+// normal range by rounding the fp32 bits at bit 20, subnormals (< 2^-6) as round(|v| * 2^9).
+static inline void vstore(fp8e4m3_t* p, V a) {
+  const __m256 c = _mm256_max_ps(_mm256_set1_ps(-kFp8E4M3Max), _mm256_min_ps(_mm256_set1_ps(kFp8E4M3Max), a.v));
+  const __m256i u = _mm256_castps_si256(c);
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
+  __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(mag, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFFF))), 20);
+  normal = _mm256_min_epi32(_mm256_sub_epi32(normal, _mm256_set1_epi32(120 << 3)), _mm256_set1_epi32(0x7E));
+  const __m256 absf = _mm256_castsi256_ps(mag);
+  const __m256i sub = _mm256_cvtps_epi32(_mm256_mul_ps(absf, _mm256_set1_ps(512.0f)));
+  const __m256i is_sub = _mm256_castps_si256(_mm256_cmp_ps(absf, _mm256_set1_ps(0.015625f), _CMP_LT_OQ));
+  __m256i code = _mm256_blendv_epi8(normal, sub, is_sub);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(c, c, _CMP_UNORD_Q));
+  code = _mm256_or_si256(_mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), nan), sign);
+  const __m256i b16 = _mm256_packus_epi32(code, code);
+  const __m256i b8 = _mm256_packus_epi16(b16, b16);  // lane i: its four codes in bytes 0..3
+  const uint64_t lo = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(b8)));
+  const uint64_t hi = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_extracti128_si256(b8, 1)));
+  const uint64_t packed = lo | (hi << 32);
+  __builtin_memcpy(p, &packed, sizeof(packed));
+}
 
 #else  // scalar: one lane; the compiler may still vectorise the surrounding loops with SSE2
 
@@ -150,6 +190,11 @@ static inline void vstore(T* p, V a) {
 template <typename T>
 static inline V vround(V a, const T* tag) {
   return {round_to(a.v, tag)};
+}
+static inline V vdiv(V a, V b) { return {a.v / b.v}; }
+static inline void vstore(fp8e4m3_t* p, V a) {
+  const float q = a.v > kFp8E4M3Max ? kFp8E4M3Max : (a.v < -kFp8E4M3Max ? -kFp8E4M3Max : a.v);
+  *p = to_fp8e4m3(q);
 }
 
 #endif

@@ -73,6 +73,12 @@ template <typename T, typename W>
 void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n) {
   const V vr = vset1(r);
   int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {  // two independent chains: the roundings are long
+    const V a = vmul(vround(vmul(vload(s + i), vr), y), vload(w + i));
+    const V b = vmul(vround(vmul(vload(s + i + kW), vr), y), vload(w + i + kW));
+    vstore(y + i, a);
+    vstore(y + i + kW, b);
+  }
   for (; i + kW <= n; i += kW) vstore(y + i, vmul(vround(vmul(vload(s + i), vr), y), vload(w + i)));
   for (; i < n; ++i) store_as(y + i, round_to(to_float(s[i]) * r, y) * to_float(w[i]));
 }
@@ -104,26 +110,36 @@ float amax_normalized(const T* s, const W* w, float r, int64_t n) {
 
 template <typename T, typename W>
 void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, int64_t n) {
-  const V vr = vset1(r);
-  float tmp[kW];
+  const V vr = vset1(r), vscale = vset1(scale);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    vstore(tmp, vmul(vmul(vload(s + i), vr), vload(w + i)));
-    for (int j = 0; j < kW; ++j) {
-      const float q = tmp[j] / scale;  // a true division, as the reference divides
-      y[i + j] = to_fp8e4m3(q > kFp8E4M3Max ? kFp8E4M3Max : (q < -kFp8E4M3Max ? -kFp8E4M3Max : q));
-    }
-  }
+  // A true division, as the reference divides (a multiply by 1/scale would round differently).
+  for (; i + kW <= n; i += kW) vstore(y + i, vdiv(vmul(vmul(vload(s + i), vr), vload(w + i)), vscale));
   for (; i < n; ++i) {
     const float q = ((to_float(s[i]) * r) * to_float(w[i])) / scale;
     y[i] = to_fp8e4m3(q > kFp8E4M3Max ? kFp8E4M3Max : (q < -kFp8E4M3Max ? -kFp8E4M3Max : q));
   }
 }
 
+// The weight as fp32: converted once per call instead of once per row.
+struct Fp32Weight {
+  const float* data;
+  float* owned;
+  template <typename W>
+  Fp32Weight(const W* w, int64_t n) : data(nullptr), owned(new float[n]) {
+    for (int64_t i = 0; i < n; ++i) owned[i] = to_float(w[i]);
+    data = owned;
+  }
+  explicit Fp32Weight(const float* w, int64_t) : data(w), owned(nullptr) {}
+  ~Fp32Weight() { delete[] owned; }
+  Fp32Weight(const Fp32Weight&) = delete;
+  Fp32Weight& operator=(const Fp32Weight&) = delete;
+};
+
 template <typename T, typename W>
 void forward_rows(const FwdParams& p) {
   const int64_t n = p.cols;
-  const W* w = static_cast<const W*>(p.weight);
+  const Fp32Weight weight(static_cast<const W*>(p.weight), n);
+  const float* w = weight.data;
   const bool fp8 = p.y_dtype == DType::kFloat8E4M3;
 #pragma omp parallel for schedule(static) if (p.rows > 1 && p.rows * n >= kParallelMinElements)
   for (int64_t row = 0; row < p.rows; ++row) {
@@ -154,7 +170,8 @@ void forward_rows(const FwdParams& p) {
 template <typename T, typename W>
 void backward_rows(const BwdParams& p) {
   const int64_t n = p.cols, chunks = p.num_partials;
-  const W* w = static_cast<const W*>(p.weight);
+  const Fp32Weight weight(static_cast<const W*>(p.weight), n);
+  const float* w = weight.data;
   const bool llama = p.weight_offset == 0.0f;
   const V voff = vset1(p.weight_offset);
   const bool parallel = p.rows * n >= kParallelMinElements;

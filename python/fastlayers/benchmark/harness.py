@@ -1,0 +1,159 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Timing harness shared by every benchmark.
+
+* Median (and p20/p80) of many timed calls after a warm-up.
+* Inputs rotate over enough copies to exceed the last-level cache, so every call reads cold data.
+* CPU: ``time.perf_counter_ns`` around each call. GPU: CUDA events around each call, with L2 flushed
+  (a write over a buffer larger than L2) before it.
+* ``copy_bandwidth`` measures the limit for memory-bound kernels on the same device in the same run:
+  ``dst.copy_(src)``, bytes read plus bytes written.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    reps: int
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+        return int(text.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return 64 << 20
+
+
+def copies_to_exceed_cache(bytes_per_set: int, device: torch.device) -> int:
+    """How many input sets to rotate through so that consecutive calls never hit in cache."""
+    return max(1, -(-2 * last_level_cache_bytes(device) // max(bytes_per_set, 1)))
+
+
+def _quantiles(samples: list[float]) -> Timing:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 10 else [samples[0]] * 9
+    return Timing(statistics.median(samples), q[1], q[7], len(samples))
+
+
+def time_fn(fn: Callable, inputs: Sequence[tuple], device: torch.device, *,
+            warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> Timing:
+    """Times ``fn(*inputs[i % len(inputs)])``. ``reps`` calls at least, more until ``min_time_s``."""
+    is_cuda = device.type == "cuda"
+    for i in range(max(warmup, len(inputs))):  # every input set once: lazy setup stays untimed
+        fn(*inputs[i % len(inputs)])
+    flush = None
+    if is_cuda:
+        torch.cuda.synchronize(device)
+        flush = torch.empty(2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device)
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    i = 0
+    while i < reps or (time.perf_counter() - start_all < min_time_s and i < 100 * reps):
+        args = inputs[i % len(inputs)]
+        if is_cuda:
+            flush.zero_()
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter_ns()
+            fn(*args)
+            samples.append((time.perf_counter_ns() - t0) * 1e-9)
+        i += 1
+    return _quantiles(samples)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, reps: int = 20) -> float:
+    """Bytes/s of ``dst.copy_(src)`` for a ``nbytes`` source (counts the read and the write)."""
+    n = max(nbytes // 4, 1)
+    sets = copies_to_exceed_cache(2 * n * 4, device)
+    pairs = [(torch.empty(n, dtype=torch.float32, device=device),
+              torch.rand(n, dtype=torch.float32, device=device)) for _ in range(sets)]
+    t = time_fn(lambda dst, src: dst.copy_(src), pairs, device, reps=reps)
+    return 2 * n * 4 / t.median_s
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    backend: str
+    time_us: float
+    baseline: str
+    baseline_us: float
+    gbps: float
+    copy_fraction: float
+    max_err: float
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_us / self.time_us
+
+    def cells(self) -> list[str]:
+        return [self.op, self.shape, self.dtype, self.backend, f"{self.time_us:.1f}", self.baseline,
+                f"{self.baseline_us:.1f}", f"{self.speedup:.2f}x", f"{self.gbps:.1f}",
+                f"{self.copy_fraction:.2f}", f"{self.max_err:.2e}"]
+
+
+HEADER = ["op", "shape", "dtype", "backend", "time (us)", "baseline", "baseline (us)", "speed-up",
+          "GB/s", "of copy BW", "max err vs ref"]
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    cells = [HEADER] + [r.cells() for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(HEADER))) for c in cells)
+
+
+def write_csv(rows: Sequence[Row], path, meta: dict) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(meta) + ["op", "shape", "dtype", "backend", "time_us", "baseline",
+                                 "baseline_us", "speedup", "gbps", "copy_fraction", "max_err"])
+        for r in rows:
+            w.writerow(list(meta.values()) + [r.op, r.shape, r.dtype, r.backend, f"{r.time_us:.3f}",
+                                              r.baseline, f"{r.baseline_us:.3f}", f"{r.speedup:.3f}",
+                                              f"{r.gbps:.2f}", f"{r.copy_fraction:.3f}", f"{r.max_err:.3e}"])

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""RMSNorm benchmark: fastlayers against torch.nn.RMSNorm, the Hugging Face eager formula and
+torch.compile of it, as GB/s and as a fraction of the copy bandwidth measured in the same run."""
+
+from __future__ import annotations
+
+import torch
+
+import fastlayers
+from fastlayers import _ext
+from fastlayers import reference as ref
+from fastlayers.benchmark.harness import Row, copies_to_exceed_cache, copy_bandwidth, time_fn
+
+QUICK_SHAPES = [(4096, 4096)]
+FULL_SHAPES = {
+    "cpu": [(1, 4096), (64, 4096), (4096, 4096), (2048, 8192), (1024, 5120), (512, 20000)],
+    "cuda": [(64, 4096), (4096, 4096), (16384, 4096), (4096, 8192), (8192, 16384), (4096, 5125)],
+}
+QUICK_DTYPES = [torch.float32, torch.bfloat16]
+FULL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def hf_rms_norm(x, weight, eps=1e-6):
+    """The Hugging Face LlamaRMSNorm forward, as models run it without fused kernels."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def hf_add_rms_norm(x, residual, weight, eps=1e-6):
+    s = residual + x
+    return hf_rms_norm(s, weight, eps), s
+
+
+def eager_rms_norm_fp8(x, weight, eps=1e-6):
+    """Norm then dynamic per-token FP8 quantisation, unfused (what a model does without the kernel)."""
+    return ref.rms_norm_fp8(x, weight, eps)
+
+
+def _backend_name(device: torch.device) -> str:
+    if device.type == "cpu" and _ext.has_cpu_kernels():
+        return f"fastlayers/{_ext.C.cpu_isa()}"
+    if device.type == "cuda" and _ext.has_cuda_kernels():
+        return "fastlayers/cuda"
+    return "fastlayers/reference"
+
+
+def _max_err(out, expected) -> float:
+    return (out.float() - expected.float()).abs().max().item() if out.numel() else 0.0
+
+
+def _cases(shape, dtype, device, with_compile: bool):
+    """(op, ours, baselines {name: fn}, bytes moved, error check) for one shape and dtype.
+    Every function takes one rotated input set (a, b, w): two [m, n] activations and a weight."""
+    m, n = shape
+    b = torch.tensor([], dtype=dtype).element_size()
+    fwd_base = {"torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(x, (n,), w, 1e-6),
+                "HF eager": lambda x, r, w: hf_rms_norm(x, w)}
+    if with_compile:
+        fwd_base["torch.compile(HF)"] = torch.compile(lambda x, r, w: hf_rms_norm(x, w), dynamic=False)
+    yield ("rms_norm", lambda x, r, w: fastlayers.rms_norm(x, w), fwd_base, 2 * m * n * b,
+           lambda x, r, w, out: _max_err(out, ref.rms_norm(x, w)))
+
+    add_base = {"add + torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(x + r, (n,), w, 1e-6),
+                "HF eager": lambda x, r, w: hf_add_rms_norm(x, r, w)}
+    yield ("fused_add_rms_norm", lambda x, r, w: fastlayers.fused_add_rms_norm(x, r, w), add_base,
+           4 * m * n * b, lambda x, r, w, out: _max_err(out[0], ref.fused_add_rms_norm(x, r, w)[0]))
+
+    fp8_base = {"eager norm + quant": lambda x, r, w: eager_rms_norm_fp8(x, w)}
+    yield ("rms_norm_fp8", lambda x, r, w: fastlayers.rms_norm_fp8(x, w), fp8_base,
+           m * n * (b + 1) + 4 * m,
+           lambda x, r, w, out: _max_err(out[0].float() * out[1], _dequant(ref.rms_norm_fp8(x, w))))
+
+    graphs = {}
+
+    def torch_backward(x, dy, w):  # autograd's backward of F.rms_norm; graphs built in warm-up
+        key = x.data_ptr()
+        if key not in graphs:
+            xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
+            graphs[key] = (torch.nn.functional.rms_norm(xl, (n,), wl, 1e-6), xl, wl)
+        y, xl, wl = graphs[key]
+        return torch.autograd.grad(y, (xl, wl), dy, retain_graph=True)
+
+    yield ("rms_norm_backward", lambda x, dy, w: fastlayers.rms_norm_backward(dy, x, w),
+           {"torch.nn.RMSNorm autograd": torch_backward}, 3 * m * n * b,
+           lambda x, dy, w, out: _max_err(out[0], ref.rms_norm_backward(dy, x, w)[0]))
+
+
+def _dequant(q_scale):
+    return q_scale[0].float() * q_scale[1]
+
+
+def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES[device.type]
+    dtypes = QUICK_DTYPES if quick else FULL_DTYPES
+    rows: list[Row] = []
+    copy_cache: dict[int, float] = {}
+    backend = _backend_name(device)
+    for shape in shapes:
+        m, n = shape
+        for dtype in dtypes:
+            b = torch.tensor([], dtype=dtype).element_size()
+            with_compile = not quick or (dtype == dtypes[0] and shape == shapes[0])
+            per_set = 3 * m * n * b
+            sets = copies_to_exceed_cache(per_set, device)
+            gen = torch.Generator(device=device).manual_seed(0)
+            inputs = [
+                tuple(torch.randn(*s, generator=gen, device=device).to(dtype) for s in ((m, n), (m, n), (n,)))
+                for _ in range(sets)
+            ]
+            for op, ours, baselines, nbytes, err in _cases(shape, dtype, device, with_compile):
+                if nbytes not in copy_cache:
+                    copy_cache[nbytes] = copy_bandwidth(nbytes // 2, device)
+                t_ours = time_fn(ours, inputs, device, reps=reps)
+                max_err = err(*inputs[0], ours(*inputs[0]))
+                gbps = nbytes / t_ours.median_s / 1e9
+                for name, fn in baselines.items():
+                    t_base = time_fn(fn, inputs, device, reps=reps)
+                    rows.append(Row(op, f"{m}x{n}", str(dtype).replace("torch.", ""), backend,
+                                    t_ours.median_s * 1e6, name, t_base.median_s * 1e6, gbps,
+                                    gbps * 1e9 / copy_cache[nbytes], max_err))
+    return rows

@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""fastlayers.info(), the CLI, and the package without its compiled part."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import fastlayers
+from fastlayers import _ext
+
+
+def _run(args, **env):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **env), check=False)
+
+
+def test_info_reports_build_and_backends():
+    d = fastlayers.info()
+    assert d["version"] == fastlayers.__version__
+    assert d["extension_loaded"] is (_ext.C is not None)
+    assert d["cuda_compiled"] == _ext.has_cuda_kernels()
+    assert d["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    if _ext.C is not None:
+        assert d["cpu_isa"] in ("scalar", "avx2", "avx512")
+    for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
+        assert d["ops"][op]["cpu"] == ("kernel" if _ext.C is not None else "reference")
+
+
+def test_cli_info_json():
+    out = _run(["-m", "fastlayers", "info", "--json"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["version"] == fastlayers.__version__
+
+
+_NO_EXT = """
+import warnings, torch, fastlayers
+from fastlayers import reference as ref
+d = fastlayers.info()
+assert d["extension_loaded"] is False and "FASTLAYERS_NO_EXTENSION" in d["extension_error"], d
+assert all(b == {"cpu": "reference", "cuda": "reference"} for b in d["ops"].values()), d["ops"]
+x = torch.randn(3, 77, requires_grad=True); w = torch.randn(77)
+y = fastlayers.rms_norm(x, w)
+assert torch.equal(y, ref.rms_norm(x, w))
+y.sum().backward()
+assert x.grad is not None and torch.isfinite(x.grad).all()
+q, s = fastlayers.rms_norm_fp8(x.detach(), w)
+assert q.dtype == torch.float8_e4m3fn
+print("reference-ok")
+"""
+
+
+def test_package_works_without_compiled_part():
+    out = _run(["-c", _NO_EXT], FASTLAYERS_NO_EXTENSION="1")
+    assert out.returncode == 0, out.stderr
+    assert "reference-ok" in out.stdout
+
+
+def test_cli_bench_quick_runs_and_prints_the_table(tmp_path):
+    out = _run(["-m", "fastlayers", "bench", "--quick", "--reps", "2", "--out", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    for col in ("op", "shape", "dtype", "backend", "time (us)", "baseline", "speed-up", "max err vs ref"):
+        assert col in out.stdout
+    for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
+        assert f"\n{op} " in out.stdout
+    reports = list(tmp_path.glob("*.md"))
+    assert len(reports) == 1 and "commit" in reports[0].read_text()
