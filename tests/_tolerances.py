@@ -16,7 +16,8 @@ def assert_close_to_oracle(out, ref_same_dtype, oracle, *, factor=2.0, atol=None
     err = (out64 - ora64).abs().max().item() if out.numel() else 0.0
     ref_err = (ref64 - ora64).abs().max().item() if out.numel() else 0.0
     assert err <= factor * ref_err + atol, (
-        f"{name}: max error {err:.3e} vs float64 > {factor} x reference error {ref_err:.3e} + {atol:.1e}"
+        f"{name}: max error {err:.3e} vs float64 > {factor} x reference error {ref_err:.3e}"
+        f" + {atol:.1e}"
     )
 
 

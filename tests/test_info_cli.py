@@ -13,8 +13,14 @@ from fastlayers import _ext
 
 
 def _run(args, **env):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **env), check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **env),
+        check=False,
+    )
 
 
 def test_info_reports_build_and_backends():
@@ -61,7 +67,16 @@ def test_package_works_without_compiled_part():
 def test_cli_bench_quick_runs_and_prints_the_table(tmp_path):
     out = _run(["-m", "fastlayers", "bench", "--quick", "--reps", "2", "--out", str(tmp_path)])
     assert out.returncode == 0, out.stderr[-2000:]
-    for col in ("op", "shape", "dtype", "backend", "time (us)", "baseline", "speed-up", "max err vs ref"):
+    for col in (
+        "op",
+        "shape",
+        "dtype",
+        "backend",
+        "time (us)",
+        "baseline",
+        "speed-up",
+        "max err vs ref",
+    ):
         assert col in out.stdout
     for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
         assert f"\n{op} " in out.stdout

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from _tolerances import assert_close_to_oracle, rand
 
 import fastlayers
+from _tolerances import assert_close_to_oracle, rand
 from fastlayers import reference as ref
 
 
@@ -94,7 +94,7 @@ def test_residual_forward_matches_hf_decoder_order(device):
     h = rand(4, 1024, dtype=torch.bfloat16, device=device)
     residual = rand(4, 1024, dtype=torch.bfloat16, device=device)
     y, new_residual = norm(h, residual)
-    # HF decoder layer: hidden_states = residual + hidden_states; hidden_states = norm(hidden_states)
+    # HF decoder layer: hidden_states = residual + hidden_states, then norm(hidden_states)
     s = residual + h
     assert torch.equal(new_residual, s)
     with torch.no_grad():

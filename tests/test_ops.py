@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from _tolerances import rand
 
 import fastlayers
+from _tolerances import rand
 from fastlayers import reference as ref
 
 
@@ -23,7 +23,10 @@ def _opcheck_cases(device):
     yield ops.rms_norm.default, (x, w, 1e-6, 0.0)
     yield ops.rms_norm.default, (xf.requires_grad_(), wf.requires_grad_(), 1e-5, 1.0)
     yield ops.fused_add_rms_norm.default, (x, r, w, 1e-6, 0.0)
-    yield ops.fused_add_rms_norm.default, (xf.detach().requires_grad_(), rf.requires_grad_(), wf, 1e-6, 1.0)
+    yield (
+        ops.fused_add_rms_norm.default,
+        (xf.detach().requires_grad_(), rf.requires_grad_(), wf, 1e-6, 1.0),
+    )
     yield ops.rms_norm_fp8.default, (x, w, 1e-6)
     yield ops.fused_add_rms_norm_fp8.default, (x, r, w, 1e-6)
     yield ops.rms_norm_backward.default, (r, x, w, 1e-6, 0.0, None)
@@ -67,8 +70,11 @@ def test_torch_compile_fullgraph(device, backend):
 def test_torch_compile_fp8(device):
     torch._dynamo.reset()
     x, w, r = _rms_args(device, hidden=4096)
-    fn = torch.compile(lambda a, b, c: fastlayers.rms_norm_fp8(a, b, residual=c), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda a, b, c: fastlayers.rms_norm_fp8(a, b, residual=c),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     q, scale, s = fn(x, w, r)
     q_ref, scale_ref, s_ref = ref.rms_norm_fp8(x, w, residual=r)
     assert torch.equal(s, s_ref)
@@ -80,31 +86,105 @@ def test_torch_compile_fp8(device):
 # ---------------------------------------------------------------------------------------------
 def _bad_calls(device):
     x, w, r = _rms_args(device, torch.float32, 64)
-    yield "wrong x dtype", lambda: fastlayers.rms_norm(x.double(), w), TypeError, "x must be float32"
+    yield (
+        "wrong x dtype",
+        lambda: fastlayers.rms_norm(x.double(), w),
+        TypeError,
+        "x must be float32",
+    )
     yield "integer x", lambda: fastlayers.rms_norm(x.int(), w), TypeError, "x must be float32"
-    yield "0-dim x", lambda: fastlayers.rms_norm(x[0, 0, 0], w), ValueError, "at least one dimension"
-    yield "x not a tensor", lambda: fastlayers.rms_norm(x.tolist(), w), TypeError, "x must be a torch.Tensor"
-    yield "hidden mismatch", lambda: fastlayers.rms_norm(x, w[:63]), ValueError, "weight must have shape (64,)"
-    yield "2-D weight", lambda: fastlayers.rms_norm(x, w[None]), ValueError, "weight must have shape"
-    yield "weight dtype", lambda: fastlayers.rms_norm(x.half(), w.bfloat16()), TypeError, "weight must have x's dtype"
-    yield "weight on meta", lambda: fastlayers.rms_norm(x, w.to("meta")), ValueError, "weight is on meta"
-    yield "negative eps", lambda: fastlayers.rms_norm(x, w, -1.0), ValueError, "eps must be finite and >= 0"
-    yield "eps not a number", lambda: fastlayers.rms_norm(x, w, "1e-6"), TypeError, "eps must be a float"
-    yield "residual shape", lambda: fastlayers.fused_add_rms_norm(x, r[:, :1], w), ValueError, "residual must have x's shape"
-    yield "residual dtype", lambda: fastlayers.fused_add_rms_norm(x, r.half(), w), TypeError, "residual must have x's dtype"
-    yield "fp8 residual", lambda: fastlayers.rms_norm_fp8(x, w, residual=r.bfloat16()), TypeError, "residual must have x's dtype"
-    yield "grad_y shape", lambda: fastlayers.rms_norm_backward(r[:1], x, w), ValueError, "grad_y must have x's shape"
-    yield "hidden size 0", lambda: fastlayers.rms_norm(x[..., :0], w[:0]), ValueError, "hidden size 0"
+    yield (
+        "0-dim x",
+        lambda: fastlayers.rms_norm(x[0, 0, 0], w),
+        ValueError,
+        "at least one dimension",
+    )
+    yield (
+        "x not a tensor",
+        lambda: fastlayers.rms_norm(x.tolist(), w),
+        TypeError,
+        "x must be a torch.Tensor",
+    )
+    yield (
+        "hidden mismatch",
+        lambda: fastlayers.rms_norm(x, w[:63]),
+        ValueError,
+        "weight must have shape (64,)",
+    )
+    yield (
+        "2-D weight",
+        lambda: fastlayers.rms_norm(x, w[None]),
+        ValueError,
+        "weight must have shape",
+    )
+    yield (
+        "weight dtype",
+        lambda: fastlayers.rms_norm(x.half(), w.bfloat16()),
+        TypeError,
+        "weight must have x's dtype",
+    )
+    yield (
+        "weight on meta",
+        lambda: fastlayers.rms_norm(x, w.to("meta")),
+        ValueError,
+        "weight is on meta",
+    )
+    yield (
+        "negative eps",
+        lambda: fastlayers.rms_norm(x, w, -1.0),
+        ValueError,
+        "eps must be finite and >= 0",
+    )
+    yield (
+        "eps not a number",
+        lambda: fastlayers.rms_norm(x, w, "1e-6"),
+        TypeError,
+        "eps must be a float",
+    )
+    yield (
+        "residual shape",
+        lambda: fastlayers.fused_add_rms_norm(x, r[:, :1], w),
+        ValueError,
+        "residual must have x's shape",
+    )
+    yield (
+        "residual dtype",
+        lambda: fastlayers.fused_add_rms_norm(x, r.half(), w),
+        TypeError,
+        "residual must have x's dtype",
+    )
+    yield (
+        "fp8 residual",
+        lambda: fastlayers.rms_norm_fp8(x, w, residual=r.bfloat16()),
+        TypeError,
+        "residual must have x's dtype",
+    )
+    yield (
+        "grad_y shape",
+        lambda: fastlayers.rms_norm_backward(r[:1], x, w),
+        ValueError,
+        "grad_y must have x's shape",
+    )
+    yield (
+        "hidden size 0",
+        lambda: fastlayers.rms_norm(x[..., :0], w[:0]),
+        ValueError,
+        "hidden size 0",
+    )
 
 
 def test_bad_input_raises_clear_errors(device):
     for name, call, exc, message in _bad_calls(device):
-        with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        try:
             call()
+        except exc as e:
+            assert message in str(e), f"{name}: {type(e).__name__}: {e}"
+        else:
+            pytest.fail(f"{name}: no {exc.__name__} raised")
 
 
 def test_reference_runs_on_devices_without_kernels():
-    """Meta tensors go through the fake; other devices get the reference (CompositeExplicitAutograd)."""
+    """Meta tensors go through the fake; other devices get the reference."""
     x = torch.empty(2, 3, 8, device="meta")
     w = torch.empty(8, device="meta")
     assert fastlayers.rms_norm(x, w).shape == (2, 3, 8)

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from _tolerances import assert_close_to_oracle, rand
 
 import fastlayers
+from _tolerances import assert_close_to_oracle, rand
 from fastlayers import reference as ref
 
 HIDDEN_SIZES = [8, 111, 768, 769, 4096, 5120, 5125, 8192, 16384, 20000]
@@ -48,7 +48,9 @@ def test_rms_norm_batch_shapes(device, batch, hidden):
 def test_rms_norm_1d_input(device):
     x, w = _inputs((), 4096, torch.float16, device)
     assert x.dim() == 1
-    assert_close_to_oracle(fastlayers.rms_norm(x, w), ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w))
+    assert_close_to_oracle(
+        fastlayers.rms_norm(x, w), ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -58,7 +60,9 @@ def test_float32_weight_with_16bit_input(device, dtype, hidden):
     for offset in OFFSETS:
         y = fastlayers.rms_norm(x, w, 1e-5, offset)
         assert y.dtype == dtype
-        assert_close_to_oracle(y, ref.rms_norm(x, w, 1e-5, offset), _oracle(ref.rms_norm, x, w, 1e-5, offset))
+        assert_close_to_oracle(
+            y, ref.rms_norm(x, w, 1e-5, offset), _oracle(ref.rms_norm, x, w, 1e-5, offset)
+        )
 
 
 def _strided_cases(hidden, dtype, device):
@@ -80,7 +84,12 @@ def test_strided_inputs(device, hidden, dtype):
         assert not x.is_contiguous(), name
         y = fastlayers.rms_norm(x, w)
         assert_close_to_oracle(y, ref.rms_norm(x, w), _oracle(ref.rms_norm, x, w), name=name)
-        r = rand(*x.shape, dtype=dtype, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)
+        r = (
+            rand(*x.shape, dtype=dtype, device=device)
+            .transpose(-1, -2)
+            .contiguous()
+            .transpose(-1, -2)
+        )
         y2, s2 = fastlayers.fused_add_rms_norm(x, r, w)
         y_ref, s_ref = ref.fused_add_rms_norm(x, r, w)
         assert torch.equal(s2, s_ref), name
@@ -108,7 +117,9 @@ def _check_fp8(q, scale, q_ref, scale_ref, oracle):
     torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
     assert (q.float().abs() <= 448).all()
     # Dequantised values: FP8 rounding dominates; same rule as the other outputs, no extra atol.
-    assert_close_to_oracle(q.float() * scale, q_ref.float() * scale_ref, oracle, atol=0.0, name="fp8")
+    assert_close_to_oracle(
+        q.float() * scale, q_ref.float() * scale_ref, oracle, atol=0.0, name="fp8"
+    )
     # Identical fp32 inputs give identical codes; only a last-ulp difference in r may flip one.
     assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item() < 0.01
 
@@ -158,8 +169,11 @@ def test_cpu_isa_variants_agree(cpu_isa, hidden):
         x, w = _inputs((9,), hidden, dtype, "cpu")
         r = rand(9, hidden, dtype=dtype, device="cpu")
         for offset in OFFSETS:
-            assert_close_to_oracle(fastlayers.rms_norm(x, w, 1e-6, offset), ref.rms_norm(x, w, 1e-6, offset),
-                                   _oracle(ref.rms_norm, x, w, 1e-6, offset))
+            assert_close_to_oracle(
+                fastlayers.rms_norm(x, w, 1e-6, offset),
+                ref.rms_norm(x, w, 1e-6, offset),
+                _oracle(ref.rms_norm, x, w, 1e-6, offset),
+            )
         y, s = fastlayers.fused_add_rms_norm(x, r, w)
         assert torch.equal(s, ref.fused_add_rms_norm(x, r, w)[1])
         q, scale = fastlayers.rms_norm_fp8(x, w)
@@ -193,8 +207,16 @@ def _fp8_probe_values():
     grid = codes[torch.isfinite(codes)].unique()
     mids = (grid[1:] + grid[:-1]) / 2
     ulp = lambda t, d: torch.nextafter(t, torch.full_like(t, d))  # noqa: E731
-    vals = torch.cat([grid, mids, ulp(mids, 1e9), ulp(mids, -1e9), torch.tensor([-448.0, 1e-12, -0.0, 2.0**-10, 2.0**-9 * 1.5]),
-                      (torch.randn(4000) * torch.logspace(-4, 2.5, 4000)).clamp(-448, 448)])
+    vals = torch.cat(
+        [
+            grid,
+            mids,
+            ulp(mids, 1e9),
+            ulp(mids, -1e9),
+            torch.tensor([-448.0, 1e-12, -0.0, 2.0**-10, 2.0**-9 * 1.5]),
+            (torch.randn(4000) * torch.logspace(-4, 2.5, 4000)).clamp(-448, 448),
+        ]
+    )
     return vals
 
 
@@ -208,4 +230,6 @@ def test_fp8_conversion_matches_torch(cpu_isa):
     assert scale.item() == 1.0
     expected = w.clamp(-448, 448).to(torch.float8_e4m3fn)
     mismatch = (q.view(torch.uint8) != expected.view(torch.uint8)).nonzero().flatten()
-    assert mismatch.numel() == 0, f"{mismatch.numel()} codes differ, e.g. w={w[mismatch[:5]].tolist()}"
+    assert mismatch.numel() == 0, (
+        f"{mismatch.numel()} codes differ, e.g. w={w[mismatch[:5]].tolist()}"
+    )

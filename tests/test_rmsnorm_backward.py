@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from _tolerances import assert_close_to_oracle, rand
 
 import fastlayers
+from _tolerances import assert_close_to_oracle, rand
 from fastlayers import reference as ref
 
 HIDDEN_SIZES = [8, 111, 768, 769, 4096, 5120, 5125, 8192, 16384, 20000]
@@ -130,7 +130,8 @@ def test_cpu_dweight_independent_of_thread_count():
     outs = []
     for threads in ("1", "2", "3"):
         env = dict(os.environ, OMP_NUM_THREADS=threads)
-        run = subprocess.run([sys.executable, "-c", _DW_SCRIPT], env=env, capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", _DW_SCRIPT], env=env, capture_output=True, text=True, check=True
+        )
         outs.append(run.stdout.strip().splitlines()[-1])
     assert len(outs[0]) == 64 and outs[0] == outs[1] == outs[2]

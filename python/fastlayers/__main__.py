@@ -29,8 +29,11 @@ def _cmd_bench(args) -> int:
         print("bench: --device cuda but no GPU is visible", file=sys.stderr)
         return 2
     print(format_info())
-    print(f"\nbenchmarking on {harness.describe_device(device)}"
-          f"{' (quick)' if args.quick else ''} ...", flush=True)
+    print(
+        f"\nbenchmarking on {harness.describe_device(device)}"
+        f"{' (quick)' if args.quick else ''} ...",
+        flush=True,
+    )
     meta, rows = report.run(device, quick=args.quick, reps=args.reps, families=args.family)
     print()
     print(harness.format_table(rows))
@@ -48,16 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true")
     p_info.set_defaults(fn=_cmd_info)
     p_bench = sub.add_parser("bench", help="run every family's benchmark and print one table")
-    p_bench.add_argument("--quick", action="store_true", help="one shape, two dtypes (< 1 min on CPU)")
+    p_bench.add_argument(
+        "--quick", action="store_true", help="one shape, two dtypes (< 1 min on CPU)"
+    )
     p_bench.add_argument("--device", choices=["cpu", "cuda"], help="default: the GPU when present")
     p_bench.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     p_bench.add_argument("--family", action="append", help="only this family (repeatable)")
     p_bench.add_argument("--out", help="also write <device>.md and .csv into this folder")
-    p_bench.add_argument("--no-thp", action="store_true",
-                         help="do not turn on torch's huge-page CPU allocator (see README)")
+    p_bench.add_argument(
+        "--no-thp",
+        action="store_true",
+        help="do not turn on torch's huge-page CPU allocator (see README)",
+    )
     p_bench.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
-    if args.command == "bench" and not args.no_thp and os.environ.get("THP_MEM_ALLOC_ENABLE") is None:
+    if (
+        args.command == "bench"
+        and not args.no_thp
+        and os.environ.get("THP_MEM_ALLOC_ENABLE") is None
+    ):
         # NOTE(thp): torch reads THP_MEM_ALLOC_ENABLE when it is imported, so it has to be set for a
         # fresh process. Without it every fresh multi-MB CPU output is mmap'ed and page-faulted in
         # 4 KiB pages, which at 4096x4096 costs several times the kernel itself, for fastlayers and

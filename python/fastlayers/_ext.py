@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Loads the compiled module ``fastlayers._C``; importing fastlayers never fails without it.
 
-``FASTLAYERS_NO_EXTENSION=1`` skips loading it (every op then runs its PyTorch reference), which is how
-the tests check the pure-Python path on a machine where ``_C`` is built.
+``FASTLAYERS_NO_EXTENSION=1`` skips loading it (every op then runs its PyTorch reference): the
+tests use it to check the pure-Python path on a machine where ``_C`` is built.
 """
 
 from __future__ import annotations

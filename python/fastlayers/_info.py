@@ -47,11 +47,14 @@ def info() -> dict:
 
 def format_info(d: dict | None = None) -> str:
     d = info() if d is None else d
+    loaded = "loaded" if d["extension_loaded"] else f"NOT loaded: {d['extension_error']}"
+    cuda = "yes, archs " + ",".join(d["cuda_archs"]) if d["cuda_compiled"] else "no"
+    isa = f"{d['cpu_isa'] or '-'} (detected: {d['cpu_isa_detected'] or '-'})"
     lines = [
         f"fastlayers {d['version']} (torch {d['torch']})",
-        f"  compiled kernels (_C): {'loaded' if d['extension_loaded'] else 'NOT loaded: ' + str(d['extension_error'])}",
-        f"  CPU ISA in use:        {d['cpu_isa'] or '-'} (detected: {d['cpu_isa_detected'] or '-'})",
-        f"  CUDA compiled:         {'yes, archs ' + ','.join(d['cuda_archs']) if d['cuda_compiled'] else 'no'}",
+        f"  compiled kernels (_C): {loaded}",
+        f"  CPU ISA in use:        {isa}",
+        f"  CUDA compiled:         {cuda}",
         f"  GPU present:           {d['gpu'] or 'no'}",
         "  ops (backend per device):",
     ]

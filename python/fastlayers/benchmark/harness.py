@@ -50,16 +50,25 @@ def _quantiles(samples: list[float]) -> Timing:
     return Timing(statistics.median(samples), q[1], q[7], len(samples))
 
 
-def time_fn(fn: Callable, inputs: Sequence[tuple], device: torch.device, *,
-            warmup: int = 3, reps: int = 20, min_time_s: float = 0.0) -> Timing:
-    """Times ``fn(*inputs[i % len(inputs)])``. ``reps`` calls at least, more until ``min_time_s``."""
+def time_fn(
+    fn: Callable,
+    inputs: Sequence[tuple],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    reps: int = 20,
+    min_time_s: float = 0.0,
+) -> Timing:
+    """Times ``fn(*inputs[i % len(inputs)])``: ``reps`` calls, more until ``min_time_s``."""
     is_cuda = device.type == "cuda"
     for i in range(max(warmup, len(inputs))):  # every input set once: lazy setup stays untimed
         fn(*inputs[i % len(inputs)])
     flush = None
     if is_cuda:
         torch.cuda.synchronize(device)
-        flush = torch.empty(2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device)
+        flush = torch.empty(
+            2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device
+        )
     samples: list[float] = []
     start_all = time.perf_counter()
     i = 0
@@ -86,8 +95,13 @@ def copy_bandwidth(nbytes: int, device: torch.device, reps: int = 20) -> float:
     """Bytes/s of ``dst.copy_(src)`` for a ``nbytes`` source (counts the read and the write)."""
     n = max(nbytes // 4, 1)
     sets = copies_to_exceed_cache(2 * n * 4, device)
-    pairs = [(torch.empty(n, dtype=torch.float32, device=device),
-              torch.rand(n, dtype=torch.float32, device=device)) for _ in range(sets)]
+    pairs = [
+        (
+            torch.empty(n, dtype=torch.float32, device=device),
+            torch.rand(n, dtype=torch.float32, device=device),
+        )
+        for _ in range(sets)
+    ]
     t = time_fn(lambda dst, src: dst.copy_(src), pairs, device, reps=reps)
     return 2 * n * 4 / t.median_s
 
@@ -127,13 +141,34 @@ class Row:
         return self.baseline_us / self.time_us
 
     def cells(self) -> list[str]:
-        return [self.op, self.shape, self.dtype, self.backend, f"{self.time_us:.1f}", self.baseline,
-                f"{self.baseline_us:.1f}", f"{self.speedup:.2f}x", f"{self.gbps:.1f}",
-                f"{self.copy_fraction:.2f}", f"{self.max_err:.2e}"]
+        return [
+            self.op,
+            self.shape,
+            self.dtype,
+            self.backend,
+            f"{self.time_us:.1f}",
+            self.baseline,
+            f"{self.baseline_us:.1f}",
+            f"{self.speedup:.2f}x",
+            f"{self.gbps:.1f}",
+            f"{self.copy_fraction:.2f}",
+            f"{self.max_err:.2e}",
+        ]
 
 
-HEADER = ["op", "shape", "dtype", "backend", "time (us)", "baseline", "baseline (us)", "speed-up",
-          "GB/s", "of copy BW", "max err vs ref"]
+HEADER = [
+    "op",
+    "shape",
+    "dtype",
+    "backend",
+    "time (us)",
+    "baseline",
+    "baseline (us)",
+    "speed-up",
+    "GB/s",
+    "of copy BW",
+    "max err vs ref",
+]
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
@@ -151,9 +186,36 @@ def write_csv(rows: Sequence[Row], path, meta: dict) -> None:
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(list(meta) + ["op", "shape", "dtype", "backend", "time_us", "baseline",
-                                 "baseline_us", "speedup", "gbps", "copy_fraction", "max_err"])
+        w.writerow(
+            list(meta)
+            + [
+                "op",
+                "shape",
+                "dtype",
+                "backend",
+                "time_us",
+                "baseline",
+                "baseline_us",
+                "speedup",
+                "gbps",
+                "copy_fraction",
+                "max_err",
+            ]
+        )
         for r in rows:
-            w.writerow(list(meta.values()) + [r.op, r.shape, r.dtype, r.backend, f"{r.time_us:.3f}",
-                                              r.baseline, f"{r.baseline_us:.3f}", f"{r.speedup:.3f}",
-                                              f"{r.gbps:.2f}", f"{r.copy_fraction:.3f}", f"{r.max_err:.3e}"])
+            w.writerow(
+                list(meta.values())
+                + [
+                    r.op,
+                    r.shape,
+                    r.dtype,
+                    r.backend,
+                    f"{r.time_us:.3f}",
+                    r.baseline,
+                    f"{r.baseline_us:.3f}",
+                    f"{r.speedup:.3f}",
+                    f"{r.gbps:.2f}",
+                    f"{r.copy_fraction:.3f}",
+                    f"{r.max_err:.3e}",
+                ]
+            )

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Runs the family benchmarks and writes the report (markdown + CSV) with device, commit and versions."""
+"""Runs the family benchmarks; writes the report (markdown + CSV) with device, commit, versions."""
 
 from __future__ import annotations
 
@@ -23,12 +23,22 @@ def git_commit() -> str:
     checkout the command runs in."""
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         try:
-            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True, cwd=where, timeout=10)
+            out = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=where,
+                timeout=10,
+            )
             if out.returncode != 0:
                 continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, cwd=where, timeout=10)
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=where,
+                timeout=10,
+            )
             return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
         except (OSError, subprocess.SubprocessError):
             continue
@@ -63,9 +73,14 @@ def write(out_dir: Path, meta: dict, rows, quick: bool) -> Path:
     md = out_dir / f"{stem}.md"
     lines = [f"# Benchmark: {meta['device']}", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
-    lines += ["", "Times are medians of per-call timings on inputs rotated past the last-level cache; "
-              "'of copy BW' is the op's bytes/s over `dst.copy_(src)` measured in the same run.", "",
-              harness.format_table(rows, markdown=True), ""]
+    lines += [
+        "",
+        "Times are medians of per-call timings on inputs rotated past the last-level cache; "
+        "'of copy BW' is the op's bytes/s over `dst.copy_(src)` measured in the same run.",
+        "",
+        harness.format_table(rows, markdown=True),
+        "",
+    ]
     md.write_text("\n".join(lines))
     harness.write_csv(rows, out_dir / f"{stem}.csv", meta)
     return md

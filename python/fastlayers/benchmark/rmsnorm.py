@@ -34,7 +34,7 @@ def hf_add_rms_norm(x, residual, weight, eps=1e-6):
 
 
 def eager_rms_norm_fp8(x, weight, eps=1e-6):
-    """Norm then dynamic per-token FP8 quantisation, unfused (what a model does without the kernel)."""
+    """Norm, then dynamic per-token FP8 quantisation, unfused (a model without the kernel)."""
     return ref.rms_norm_fp8(x, weight, eps)
 
 
@@ -55,22 +55,44 @@ def _cases(shape, dtype, device, with_compile: bool):
     Every function takes one rotated input set (a, b, w): two [m, n] activations and a weight."""
     m, n = shape
     b = torch.tensor([], dtype=dtype).element_size()
-    fwd_base = {"torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(x, (n,), w, 1e-6),
-                "HF eager": lambda x, r, w: hf_rms_norm(x, w)}
+    fwd_base = {
+        "torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(x, (n,), w, 1e-6),
+        "HF eager": lambda x, r, w: hf_rms_norm(x, w),
+    }
     if with_compile:
-        fwd_base["torch.compile(HF)"] = torch.compile(lambda x, r, w: hf_rms_norm(x, w), dynamic=False)
-    yield ("rms_norm", lambda x, r, w: fastlayers.rms_norm(x, w), fwd_base, 2 * m * n * b,
-           lambda x, r, w, out: _max_err(out, ref.rms_norm(x, w)))
+        fwd_base["torch.compile(HF)"] = torch.compile(
+            lambda x, r, w: hf_rms_norm(x, w), dynamic=False
+        )
+    yield (
+        "rms_norm",
+        lambda x, r, w: fastlayers.rms_norm(x, w),
+        fwd_base,
+        2 * m * n * b,
+        lambda x, r, w, out: _max_err(out, ref.rms_norm(x, w)),
+    )
 
-    add_base = {"add + torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(x + r, (n,), w, 1e-6),
-                "HF eager": lambda x, r, w: hf_add_rms_norm(x, r, w)}
-    yield ("fused_add_rms_norm", lambda x, r, w: fastlayers.fused_add_rms_norm(x, r, w), add_base,
-           4 * m * n * b, lambda x, r, w, out: _max_err(out[0], ref.fused_add_rms_norm(x, r, w)[0]))
+    add_base = {
+        "add + torch.nn.RMSNorm": lambda x, r, w: torch.nn.functional.rms_norm(
+            x + r, (n,), w, 1e-6
+        ),
+        "HF eager": lambda x, r, w: hf_add_rms_norm(x, r, w),
+    }
+    yield (
+        "fused_add_rms_norm",
+        lambda x, r, w: fastlayers.fused_add_rms_norm(x, r, w),
+        add_base,
+        4 * m * n * b,
+        lambda x, r, w, out: _max_err(out[0], ref.fused_add_rms_norm(x, r, w)[0]),
+    )
 
     fp8_base = {"eager norm + quant": lambda x, r, w: eager_rms_norm_fp8(x, w)}
-    yield ("rms_norm_fp8", lambda x, r, w: fastlayers.rms_norm_fp8(x, w), fp8_base,
-           m * n * (b + 1) + 4 * m,
-           lambda x, r, w, out: _max_err(out[0].float() * out[1], _dequant(ref.rms_norm_fp8(x, w))))
+    yield (
+        "rms_norm_fp8",
+        lambda x, r, w: fastlayers.rms_norm_fp8(x, w),
+        fp8_base,
+        m * n * (b + 1) + 4 * m,
+        lambda x, r, w, out: _max_err(out[0].float() * out[1], _dequant(ref.rms_norm_fp8(x, w))),
+    )
 
     graphs = {}
 
@@ -82,9 +104,13 @@ def _cases(shape, dtype, device, with_compile: bool):
         y, xl, wl = graphs[key]
         return torch.autograd.grad(y, (xl, wl), dy, retain_graph=True)
 
-    yield ("rms_norm_backward", lambda x, dy, w: fastlayers.rms_norm_backward(dy, x, w),
-           {"torch.nn.RMSNorm autograd": torch_backward}, 3 * m * n * b,
-           lambda x, dy, w, out: _max_err(out[0], ref.rms_norm_backward(dy, x, w)[0]))
+    yield (
+        "rms_norm_backward",
+        lambda x, dy, w: fastlayers.rms_norm_backward(dy, x, w),
+        {"torch.nn.RMSNorm autograd": torch_backward},
+        3 * m * n * b,
+        lambda x, dy, w, out: _max_err(out[0], ref.rms_norm_backward(dy, x, w)[0]),
+    )
 
 
 def _dequant(q_scale):
@@ -106,7 +132,10 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             sets = copies_to_exceed_cache(per_set, device)
             gen = torch.Generator(device=device).manual_seed(0)
             inputs = [
-                tuple(torch.randn(*s, generator=gen, device=device).to(dtype) for s in ((m, n), (m, n), (n,)))
+                tuple(
+                    torch.randn(*s, generator=gen, device=device).to(dtype)
+                    for s in ((m, n), (m, n), (n,))
+                )
                 for _ in range(sets)
             ]
             for op, ours, baselines, nbytes, err in _cases(shape, dtype, device, with_compile):
@@ -117,7 +146,18 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 gbps = nbytes / t_ours.median_s / 1e9
                 for name, fn in baselines.items():
                     t_base = time_fn(fn, inputs, device, reps=reps)
-                    rows.append(Row(op, f"{m}x{n}", str(dtype).replace("torch.", ""), backend,
-                                    t_ours.median_s * 1e6, name, t_base.median_s * 1e6, gbps,
-                                    gbps * 1e9 / copy_cache[nbytes], max_err))
+                    rows.append(
+                        Row(
+                            op,
+                            f"{m}x{n}",
+                            str(dtype).replace("torch.", ""),
+                            backend,
+                            t_ours.median_s * 1e6,
+                            name,
+                            t_base.median_s * 1e6,
+                            gbps,
+                            gbps * 1e9 / copy_cache[nbytes],
+                            max_err,
+                        )
+                    )
     return rows

@@ -32,8 +32,9 @@ class RMSNorm(torch.nn.Module):
     Liger do).
     """
 
-    def __init__(self, hidden_size, eps: float = 1e-6, weight_offset: float = 0.0,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self, hidden_size, eps: float = 1e-6, weight_offset: float = 0.0, device=None, dtype=None
+    ) -> None:
         super().__init__()
         if not isinstance(hidden_size, numbers.Integral):
             shape = tuple(hidden_size)
@@ -84,7 +85,9 @@ class RMSNorm(torch.nn.Module):
         """
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-            raise TypeError(f"module: expected an RMSNorm with a 1-D weight, got {type(module).__name__}")
+            raise TypeError(
+                f"module: expected an RMSNorm with a 1-D weight, got {type(module).__name__}"
+            )
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         if eps is None:
             eps = torch.finfo(weight.dtype).eps
@@ -92,5 +95,7 @@ class RMSNorm(torch.nn.Module):
             name = type(module).__name__
             weight_offset = 1.0 if name.startswith("Gemma") and name.endswith("RMSNorm") else 0.0
         new = cls(weight.shape[0], eps=eps, weight_offset=weight_offset, device="meta")
-        new.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight)
+        new.weight = (
+            weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight)
+        )
         return new

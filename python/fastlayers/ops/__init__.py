@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Op schemas (``torch.ops.fastlayers.*``) and the public functions that call them.
 
-Pattern for every op (see ``rmsnorm.py``): a schema with ``LIB.define``; CPU and CUDA kernels that call
-``_C`` (the reference when ``_C`` or its CUDA part is missing); the reference for every other device;
-a fake (meta) implementation; autograd where the op trains. Argument checks live in one function per
-op, called by the kernels and the fake alike, so eager and ``torch.compile`` raise the same errors.
+Pattern for every op (see ``rmsnorm.py``): a schema with ``LIB.define``; CPU and CUDA kernels that
+call ``_C`` (the reference when ``_C`` or its CUDA part is missing); the reference for every other
+device; a fake (meta) implementation; autograd where the op trains. Argument checks live in one
+function per op, called by the kernels and the fake alike, so eager and ``torch.compile`` raise the
+same errors.
 """
 
 from fastlayers.ops._common import poison_outputs_enabled, set_poison_outputs

@@ -44,7 +44,9 @@ def check_activation(x: torch.Tensor, name: str) -> None:
     if x.dtype not in FLOATING:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension (the hidden size); got a 0-dim tensor")
+        raise ValueError(
+            f"{name} must have at least one dimension (the hidden size); got a 0-dim tensor"
+        )
     if x.shape[-1] == 0:
         raise ValueError(f"{name} has hidden size 0 (shape {tuple(x.shape)})")
 
@@ -96,6 +98,10 @@ def device_code(device: torch.device) -> int:
 
 def device_guard(device: torch.device):
     """Kernels launch on the current CUDA device: make it the tensors' device."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index != torch.cuda.current_device()
+    ):
         return torch.cuda.device(device)
     return contextlib.nullcontext()

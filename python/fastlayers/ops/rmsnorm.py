@@ -80,7 +80,7 @@ def _has_kernel(device: torch.device, op: str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_dw_partials_cap(index: int) -> int:
     # Two CTAs per SM keep every SM busy while the partials stay small ([2 * SMs, hidden] fp32).
     return 2 * torch.cuda.get_device_properties(index).multi_processor_count
@@ -195,7 +195,9 @@ _REFERENCES = {
     "rms_norm": ref.rms_norm,
     "fused_add_rms_norm": ref.fused_add_rms_norm,
     "rms_norm_fp8": ref.rms_norm_fp8,
-    "fused_add_rms_norm_fp8": lambda x, residual, weight, eps: ref.rms_norm_fp8(x, weight, eps, residual),
+    "fused_add_rms_norm_fp8": lambda x, residual, weight, eps: ref.rms_norm_fp8(
+        x, weight, eps, residual
+    ),
     "rms_norm_backward": ref.rms_norm_backward,
 }
 for _name, _fn in _KERNELS.items():
@@ -217,8 +219,10 @@ def _rms_norm_fake(x, weight, eps, weight_offset):
 @torch.library.register_fake("fastlayers::fused_add_rms_norm", lib=LIB)
 def _fused_add_rms_norm_fake(x, residual, weight, eps, weight_offset):
     _check(x, weight, eps, residual)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
 
 
 def _fp8_fake(x, residual, weight, eps):
@@ -256,7 +260,9 @@ def _setup_rms_norm(ctx, inputs, output):
 
 def _backward_rms_norm(ctx, grad_y):
     x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.fastlayers.rms_norm_backward(grad_y, x, weight, ctx.eps, ctx.weight_offset, None)
+    dx, dw = torch.ops.fastlayers.rms_norm_backward(
+        grad_y, x, weight, ctx.eps, ctx.weight_offset, None
+    )
     return dx, dw if ctx.needs_input_grad[1] else None, None, None
 
 
@@ -285,8 +291,9 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-             weight_offset: float = 0.0) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, weight_offset: float = 0.0
+) -> torch.Tensor:
     """Root-mean-square normalisation over the last dimension.
 
     Parameters
@@ -312,9 +319,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return torch.ops.fastlayers.rms_norm(x, weight, float(eps), float(weight_offset))
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float = 1e-6, weight_offset: float = 0.0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add and RMSNorm in one pass (the Hugging Face decoder-layer order).
 
     ``new_residual = x + residual`` rounded to x's dtype, ``y = rms_norm(new_residual, weight)``.
@@ -325,11 +336,14 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     check_tensor(residual, "residual")
     check_tensor(weight, "weight")
     check_eps(eps)
-    return torch.ops.fastlayers.fused_add_rms_norm(x, residual, weight, float(eps), float(weight_offset))
+    return torch.ops.fastlayers.fused_add_rms_norm(
+        x, residual, weight, float(eps), float(weight_offset)
+    )
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                 residual: torch.Tensor | None = None):
+def rms_norm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+):
     """RMSNorm with FP8-E4M3 output and a dynamic per-token scale (inference only).
 
     ``y32 = rms_norm(s) * weight`` in fp32 (``s = x`` or ``x + residual`` rounded to x's dtype),
@@ -350,10 +364,14 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return torch.ops.fastlayers.fused_add_rms_norm_fp8(x, residual, weight, float(eps))
 
 
-def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      eps: float = 1e-6, weight_offset: float = 0.0,
-                      grad_residual: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    grad_residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` of :func:`rms_norm` (autograd calls this; exposed for fused callers).
 
     fp32 accumulation; ``dweight`` is reduced over rows in a fixed order (deterministic).

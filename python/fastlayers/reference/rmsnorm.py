@@ -27,8 +27,9 @@ def _rstd(s: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _normalize(s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float,
-               out_dtype: torch.dtype) -> torch.Tensor:
+def _normalize(
+    s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, out_dtype: torch.dtype
+) -> torch.Tensor:
     sf = _acc(s)
     n = sf * _rstd(sf, eps)
     if weight_offset == 0.0:
@@ -36,22 +37,28 @@ def _normalize(s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset:
     return (n * (weight_offset + _acc(weight))).to(out_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-             weight_offset: float = 0.0) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, weight_offset: float = 0.0
+) -> torch.Tensor:
     """``y = rms_norm(x) * (weight_offset + weight)``; see the module docstring for rounding."""
     return _normalize(x, weight, eps, weight_offset, x.dtype)
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float = 1e-6, weight_offset: float = 0.0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``new_residual = x + residual`` (rounded to x's dtype); ``y = rms_norm(new_residual)``."""
     s = x + residual
     return _normalize(s, weight, eps, weight_offset, x.dtype), s
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                 residual: torch.Tensor | None = None):
+def rms_norm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+):
     """FP8-E4M3 output with a dynamic per-row fp32 scale of shape ``x.shape[:-1] + (1,)``.
 
     Returns ``(y_fp8, scale)``, or ``(y_fp8, scale, new_residual)`` when ``residual`` is given.
@@ -66,10 +73,14 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return (q, scale) if residual is None else (q, scale, s)
 
 
-def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      eps: float = 1e-6, weight_offset: float = 0.0,
-                      grad_residual: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    grad_residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`rms_norm` w.r.t. ``x`` and ``weight``, in fp32, cast to their dtypes.
 
     The rounding in the forward is treated as the identity (as autograd does for ``.to``), except
