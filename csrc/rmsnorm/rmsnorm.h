@@ -37,6 +37,8 @@ struct FwdParams {
   float weight_offset = 0.0f;
 };
 
+// NOTE(rstd): the backward recomputes r instead of reading a saved one: it reads s in the same pass
+// anyway, so this costs no memory traffic and the forward needs no extra output.
 // dx = r * g - s * r^3 * mean(g * s) (+ d_residual_out), with g = dy * w_eff in fp32;
 // dw = sum over rows of dy * n, n = round(s * r) (Llama) or s * r (Gemma), accumulated in fp32 in
 // `num_partials` fixed row chunks and then reduced in a fixed order: deterministic.
