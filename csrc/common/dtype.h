@@ -87,7 +87,8 @@ static inline half_t to_half(float f) {
   return {static_cast<uint16_t>(sign | h)};
 }
 
-// |f| <= 448 and finite (callers clamp first, as torch's cast would make NaN on overflow).
+// Saturating (satfinite) round-to-nearest-even: anything past +-448, infinities included, becomes
+// +-448, which is what clamp(-448, 448) followed by torch's cast gives; NaN stays NaN.
 static inline fp8e4m3_t to_fp8e4m3(float f) {
   const uint32_t u = float_bits(f);
   const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);

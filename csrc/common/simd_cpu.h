@@ -192,10 +192,7 @@ static inline V vround(V a, const T* tag) {
   return {round_to(a.v, tag)};
 }
 static inline V vdiv(V a, V b) { return {a.v / b.v}; }
-static inline void vstore(fp8e4m3_t* p, V a) {
-  const float q = a.v > kFp8E4M3Max ? kFp8E4M3Max : (a.v < -kFp8E4M3Max ? -kFp8E4M3Max : a.v);
-  *p = to_fp8e4m3(q);
-}
+static inline void vstore(fp8e4m3_t* p, V a) { *p = to_fp8e4m3(a.v); }
 
 #endif
 

@@ -114,10 +114,7 @@ void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, in
   int64_t i = 0;
   // A true division, as the reference divides (a multiply by 1/scale would round differently).
   for (; i + kW <= n; i += kW) vstore(y + i, vdiv(vmul(vmul(vload(s + i), vr), vload(w + i)), vscale));
-  for (; i < n; ++i) {
-    const float q = ((to_float(s[i]) * r) * to_float(w[i])) / scale;
-    y[i] = to_fp8e4m3(q > kFp8E4M3Max ? kFp8E4M3Max : (q < -kFp8E4M3Max ? -kFp8E4M3Max : q));
-  }
+  for (; i < n; ++i) y[i] = to_fp8e4m3(((to_float(s[i]) * r) * to_float(w[i])) / scale);
 }
 
 // The weight as fp32: converted once per call instead of once per row.

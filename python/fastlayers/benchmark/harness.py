@@ -11,15 +11,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
+@dataclasses.dataclass
 class Timing:
     median_s: float
     p20_s: float
@@ -123,7 +123,7 @@ def describe_device(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
     op: str
     shape: str
@@ -182,40 +182,12 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
 
 
 def write_csv(rows: Sequence[Row], path, meta: dict) -> None:
+    """One line per row: the run's metadata, then every Row field and the speed-up, unrounded."""
     import csv
 
+    names = [f.name for f in dataclasses.fields(Row)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            list(meta)
-            + [
-                "op",
-                "shape",
-                "dtype",
-                "backend",
-                "time_us",
-                "baseline",
-                "baseline_us",
-                "speedup",
-                "gbps",
-                "copy_fraction",
-                "max_err",
-            ]
-        )
+        w.writerow([*meta, *names, "speedup"])
         for r in rows:
-            w.writerow(
-                list(meta.values())
-                + [
-                    r.op,
-                    r.shape,
-                    r.dtype,
-                    r.backend,
-                    f"{r.time_us:.3f}",
-                    r.baseline,
-                    f"{r.baseline_us:.3f}",
-                    f"{r.speedup:.3f}",
-                    f"{r.gbps:.2f}",
-                    f"{r.copy_fraction:.3f}",
-                    f"{r.max_err:.3e}",
-                ]
-            )
+            w.writerow([*meta.values(), *dataclasses.astuple(r), r.speedup])

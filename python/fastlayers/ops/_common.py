@@ -17,7 +17,7 @@ _poison = os.environ.get("FASTLAYERS_POISON_OUTPUTS", "") == "1"
 
 
 def set_poison_outputs(enabled: bool) -> None:
-    """Fill every output an op allocates with NaN (floats) or 0x7F/-1 (integers) before the kernel
+    """Fill every output an op allocates with NaN (floats) or -1 (integers) before the kernel
     writes it. For tests; ``FASTLAYERS_POISON_OUTPUTS=1`` sets it at import."""
     global _poison
     _poison = bool(enabled)
