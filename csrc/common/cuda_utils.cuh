@@ -39,7 +39,8 @@ __device__ __forceinline__ float round_f(float v) {
   return to_f(from_f<T>(v));
 }
 
-// |v| is clamped to 448 first: torch's cast would make NaN on overflow, so the reference clamps too.
+// Saturating like the reference's clamp(-448, 448) + cast, and NaN stays NaN. (An fminf/fmaxf clamp
+// first would turn NaN into -448: fmaxf returns the non-NaN operand.)
 __device__ __forceinline__ uint8_t to_fp8e4m3(float v) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }

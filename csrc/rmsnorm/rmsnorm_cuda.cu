@@ -38,8 +38,7 @@ __device__ __forceinline__ void write_output(const FwdParams& p, int64_t row, in
     cuda::Vec<uint8_t, kVec> q;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const float v = ((s[j] * r) * w[j]) / scale;
-      q.v[j] = cuda::to_fp8e4m3(fminf(fmaxf(v, -kFp8Max), kFp8Max));
+      q.v[j] = cuda::to_fp8e4m3(((s[j] * r) * w[j]) / scale);
     }
     reinterpret_cast<cuda::Vec<uint8_t, kVec>*>(static_cast<uint8_t*>(p.y) + row * p.cols)[iv] = q;
     return;
