@@ -10,6 +10,8 @@
 # build put on PYTHONPATH when pip cannot build (for example an older pybind11 there).
 #
 # usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
+#   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
+#   kernels when the device's CPU has AVX-512).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -21,7 +23,7 @@ log="$OUT/setup.txt"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   python3 -m pip show scikit-build-core pybind11 cmake ninja 2>/dev/null | grep -E '^(Name|Version)'
   nvcc --version | tail -2
-  git rev-parse HEAD 2>/dev/null || cat COMMIT 2>/dev/null
+  echo "commit $(cat COMMIT 2>/dev/null || git rev-parse HEAD 2>/dev/null)"
 } >"$log" 2>&1
 cat "$log"
 arch=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
@@ -46,6 +48,12 @@ kargs=()
 timeout 300 python3 -m pytest tests -m cuda -q -p no:cacheprovider "${kargs[@]}" >"$OUT/pytest_cuda.txt" 2>&1
 echo "pytest rc=$?"; tail -25 "$OUT/pytest_cuda.txt"
 
+if [ "${CPU_TESTS:-1}" = 1 ]; then
+  timeout 200 python3 -m pytest tests -m "not cuda" -q -p no:cacheprovider >"$OUT/pytest_cpu.txt" 2>&1
+  echo "cpu pytest rc=$?"; tail -3 "$OUT/pytest_cpu.txt"
+fi
+
+if [ "${SANITIZE:-1}" = 1 ]; then
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
 sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py -m cuda -q -x -p no:cacheprovider
      -k "4096 or 769 or 5125")
@@ -58,6 +66,11 @@ sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py -m c
   echo "racecheck rc=${PIPESTATUS[0]}"
 } >"$OUT/sanitizer.txt" 2>&1
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.txt"
+fi
 
-timeout 200 python3 -m fastlayers bench --device cuda --out "$OUT" >"$OUT/bench.txt" 2>&1
+timeout 100 python3 -m pytest bench/bench_dispatch_overhead.py -q -p no:cacheprovider \
+  --benchmark-columns=median,iqr,ops --benchmark-sort=name >"$OUT/overhead.txt" 2>&1
+echo "overhead rc=$?"; grep -E "test_call_overhead" "$OUT/overhead.txt" | cut -c1-110
+
+timeout 250 python3 -m fastlayers bench --device cuda --reps ${REPS:-30} --out "$OUT" >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?"; tail -40 "$OUT/bench.txt"

@@ -4,7 +4,9 @@
 * Median (and p20/p80) of many timed calls after a warm-up.
 * Inputs rotate over enough copies to exceed the last-level cache, so every call reads cold data.
 * CPU: ``time.perf_counter_ns`` around each call. GPU: CUDA events around each call, with L2 flushed
-  (a write over a buffer larger than L2) before it.
+  (a write over a buffer larger than L2) before it, and a GPU-side spin queued before the start
+  event so that the host has enqueued the whole call before the GPU reaches it: the time is the
+  device's alone, not host overhead (``bench/bench_dispatch_overhead.py`` measures that).
 * ``copy_bandwidth`` measures the limit for memory-bound kernels on the same device in the same run:
   ``dst.copy_(src)``, bytes read plus bytes written.
 """
@@ -64,7 +66,11 @@ def time_fn(
     for i in range(max(warmup, len(inputs))):  # every input set once: lazy setup stays untimed
         fn(*inputs[i % len(inputs)])
     flush = None
+    spin_cycles = 0
     if is_cuda:
+        # ~0.5 ms of spin: longer than any op's host overhead, so the events bracket device work.
+        khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 2_000_000)
+        spin_cycles = int(khz * 1e3 * 5e-4)
         torch.cuda.synchronize(device)
         flush = torch.empty(
             2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device
@@ -76,6 +82,7 @@ def time_fn(
         args = inputs[i % len(inputs)]
         if is_cuda:
             flush.zero_()
+            _spin(spin_cycles)
             begin = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -89,6 +96,12 @@ def time_fn(
             samples.append((time.perf_counter_ns() - t0) * 1e-9)
         i += 1
     return _quantiles(samples)
+
+
+def _spin(cycles: int) -> None:
+    sleep = getattr(torch.cuda, "_sleep", None)  # private but long-standing; skip if it goes away
+    if sleep is not None and cycles > 0:
+        sleep(cycles)
 
 
 def copy_bandwidth(nbytes: int, device: torch.device, reps: int = 20) -> float:
