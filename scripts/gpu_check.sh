@@ -16,6 +16,7 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 KEXPR=${1:-}
+[ -f COMMIT ] && export FASTLAYERS_COMMIT=$(head -c 12 COMMIT)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 log="$OUT/setup.txt"
 {

@@ -19,8 +19,11 @@ FAMILIES = {"rmsnorm": rmsnorm}
 
 
 def git_commit() -> str:
-    """The commit of the code that ran: the package's own checkout (editable install), else the
-    checkout the command runs in."""
+    """The commit of the code that ran: ``FASTLAYERS_COMMIT`` when set (a copied tree whose git
+    metadata is stale, as on the lent GPU machine), else the package's own checkout (editable
+    install), else the checkout the command runs in."""
+    if os.environ.get("FASTLAYERS_COMMIT"):
+        return os.environ["FASTLAYERS_COMMIT"]
     for where in (Path(__file__).resolve().parent, Path.cwd()):
         try:
             out = subprocess.run(
