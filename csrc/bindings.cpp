@@ -12,6 +12,7 @@
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
 #include "common/status.h"
+#include "fff/fff.h"
 #include "rmsnorm/rmsnorm.h"
 
 namespace py = pybind11;
@@ -62,9 +63,14 @@ void run(int device, const Params& p, std::uintptr_t stream, Status (*cpu)(const
   raise_if_error(s);
 }
 
-#ifndef FASTLAYERS_WITH_CUDA
-Status no_cuda_fwd(const rmsnorm::FwdParams&, void*) { return Status::invalid("no CUDA"); }
-Status no_cuda_bwd(const rmsnorm::BwdParams&, void*) { return Status::invalid("no CUDA"); }
+#ifdef FASTLAYERS_WITH_CUDA
+#define FL_CUDA_OR_NONE(fn) fn
+#else
+template <typename Params>
+Status no_cuda(const Params&, void*) {
+  return Status::invalid("no CUDA");
+}
+#define FL_CUDA_OR_NONE(fn) no_cuda
 #endif
 
 void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t residual,
@@ -88,11 +94,7 @@ void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   p.y_dtype = static_cast<DType>(y_dtype);
   p.eps = eps;
   p.weight_offset = weight_offset;
-#ifdef FASTLAYERS_WITH_CUDA
-  run(device, p, stream, rmsnorm::forward_cpu, rmsnorm::forward_cuda);
-#else
-  run(device, p, stream, rmsnorm::forward_cpu, no_cuda_fwd);
-#endif
+  run(device, p, stream, rmsnorm::forward_cpu, FL_CUDA_OR_NONE(rmsnorm::forward_cuda));
 }
 
 void rms_norm_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row_stride,
@@ -116,11 +118,86 @@ void rms_norm_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row
   p.weight_dtype = static_cast<DType>(weight_dtype);
   p.eps = eps;
   p.weight_offset = weight_offset;
-#ifdef FASTLAYERS_WITH_CUDA
-  run(device, p, stream, rmsnorm::backward_cpu, rmsnorm::backward_cuda);
-#else
-  run(device, p, stream, rmsnorm::backward_cpu, no_cuda_bwd);
-#endif
+  run(device, p, stream, rmsnorm::backward_cpu, FL_CUDA_OR_NONE(rmsnorm::backward_cuda));
+}
+
+void fff_ultra_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t w_in,
+                   std::uintptr_t b_in, std::uintptr_t w_out, std::uintptr_t y, std::uintptr_t path,
+                   std::uintptr_t preact, int64_t tokens, int64_t in_features, int64_t out_features,
+                   int64_t levels, int dtype, int activation, std::uintptr_t stream) {
+  fff::UltraFwdParams p;
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.w_in = ptr<const void>(w_in);
+  p.b_in = ptr<const void>(b_in);
+  p.w_out = ptr<const void>(w_out);
+  p.y = ptr<void>(y);
+  p.path = ptr<int32_t>(path);
+  p.preact = ptr<float>(preact);
+  p.tokens = tokens;
+  p.in_features = in_features;
+  p.out_features = out_features;
+  p.levels = levels;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<fff::Activation>(activation);
+  run(device, p, stream, fff::ultra_forward_cpu, FL_CUDA_OR_NONE(fff::ultra_forward_cuda));
+}
+
+void fff_ultra_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row_stride,
+                   std::uintptr_t w_in, std::uintptr_t w_out, std::uintptr_t path,
+                   std::uintptr_t preact, std::uintptr_t order, std::uintptr_t offsets,
+                   std::uintptr_t dx, std::uintptr_t dw_in, std::uintptr_t db_in,
+                   std::uintptr_t dw_out, std::uintptr_t coef, int64_t tokens, int64_t in_features,
+                   int64_t out_features, int64_t levels, int dtype, int activation,
+                   std::uintptr_t stream) {
+  fff::UltraBwdParams p;
+  p.dy = ptr<const void>(dy);
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.w_in = ptr<const void>(w_in);
+  p.w_out = ptr<const void>(w_out);
+  p.path = ptr<const int32_t>(path);
+  p.preact = ptr<const float>(preact);
+  p.order = ptr<const int32_t>(order);
+  p.offsets = ptr<const int64_t>(offsets);
+  p.dx = ptr<void>(dx);
+  p.dw_in = ptr<void>(dw_in);
+  p.db_in = ptr<void>(db_in);
+  p.dw_out = ptr<void>(dw_out);
+  p.coef = ptr<float>(coef);
+  p.tokens = tokens;
+  p.in_features = in_features;
+  p.out_features = out_features;
+  p.levels = levels;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<fff::Activation>(activation);
+  run(device, p, stream, fff::ultra_backward_cpu, FL_CUDA_OR_NONE(fff::ultra_backward_cuda));
+}
+
+void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t node_w,
+                  std::uintptr_t node_b, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2,
+                  std::uintptr_t b2, std::uintptr_t y, std::uintptr_t leaf, int64_t tokens,
+                  int64_t in_features, int64_t out_features, int64_t width, int64_t depth,
+                  int dtype, int activation, std::uintptr_t stream) {
+  fff::HardFwdParams p;
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.node_w = ptr<const void>(node_w);
+  p.node_b = ptr<const void>(node_b);
+  p.w1 = ptr<const void>(w1);
+  p.b1 = ptr<const void>(b1);
+  p.w2 = ptr<const void>(w2);
+  p.b2 = ptr<const void>(b2);
+  p.y = ptr<void>(y);
+  p.leaf = ptr<int32_t>(leaf);
+  p.tokens = tokens;
+  p.in_features = in_features;
+  p.out_features = out_features;
+  p.width = width;
+  p.depth = depth;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<fff::Activation>(activation);
+  run(device, p, stream, fff::hard_forward_cpu, FL_CUDA_OR_NONE(fff::hard_forward_cuda));
 }
 
 void set_cpu_isa(const std::string& name) {
@@ -148,4 +225,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
   m.def("rms_norm_fwd", &rms_norm_fwd);
   m.def("rms_norm_bwd", &rms_norm_bwd);
+  m.def("fff_ultra_fwd", &fff_ultra_fwd);
+  m.def("fff_ultra_bwd", &fff_ultra_bwd);
+  m.def("fff_hard_fwd", &fff_hard_fwd);
 }

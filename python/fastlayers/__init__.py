@@ -7,8 +7,15 @@ Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without th
 
 from fastlayers import nn, reference
 from fastlayers._info import info
-from fastlayers.nn import RMSNorm
-from fastlayers.ops import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
+from fastlayers.nn import FastFeedForward, RMSNorm, UltraFastFeedForward
+from fastlayers.ops import (
+    fff_hard,
+    fused_add_rms_norm,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_fp8,
+    ultrafast_ff,
+)
 from fastlayers.version import __version__
 
 __all__ = [
@@ -21,4 +28,8 @@ __all__ = [
     "fused_add_rms_norm",
     "rms_norm_fp8",
     "rms_norm_backward",
+    "FastFeedForward",
+    "UltraFastFeedForward",
+    "ultrafast_ff",
+    "fff_hard",
 ]

@@ -9,7 +9,15 @@ from fastlayers import _ext
 from fastlayers.version import __version__
 
 # op -> the public function that runs it (one row per op in the report).
-OPS = ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward")
+OPS = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rms_norm_fp8",
+    "rms_norm_backward",
+    "ultrafast_ff",
+    "ultrafast_ff_backward",
+    "fff_hard",
+)
 
 
 def info() -> dict:

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Drop-in ``torch.nn`` modules backed by fastlayers kernels."""
 
+from fastlayers.nn.fff import FastFeedForward, UltraFastFeedForward
 from fastlayers.nn.rmsnorm import RMSNorm
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "FastFeedForward", "UltraFastFeedForward"]

@@ -9,6 +9,7 @@ same errors.
 """
 
 from fastlayers.ops._common import poison_outputs_enabled, set_poison_outputs
+from fastlayers.ops.fff import fff_hard, ultrafast_ff
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "fused_add_rms_norm",
     "rms_norm_fp8",
     "rms_norm_backward",
+    "ultrafast_ff",
+    "fff_hard",
     "set_poison_outputs",
     "poison_outputs_enabled",
 ]

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from fastlayers import _ext
 from fastlayers._dtypes import FLOATING
 
 LIB = torch.library.Library("fastlayers", "DEF")
@@ -105,3 +106,18 @@ def device_guard(device: torch.device):
     ):
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def has_kernel(device: torch.device, op: str) -> bool:
+    """Whether _C has a kernel for this device; warns once for CUDA tensors on a CPU-only build."""
+    if device.type == "cpu":
+        return _ext.has_cpu_kernels()
+    if device.type == "cuda":
+        if _ext.has_cuda_kernels():
+            return True
+        _ext.warn_once(
+            f"{op}-cuda",
+            f"fastlayers.{op}: this build has no CUDA kernels; running the PyTorch reference on "
+            f"{device}",
+        )
+    return False

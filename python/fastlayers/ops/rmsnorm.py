@@ -21,6 +21,7 @@ from fastlayers.ops._common import (
     device_code,
     device_guard,
     empty,
+    has_kernel,
     ptr,
     row_stride,
     rows_view,
@@ -66,20 +67,6 @@ def _check(x, weight, eps, residual=None) -> None:
         check_like(residual, "residual", x)
 
 
-def _has_kernel(device: torch.device, op: str) -> bool:
-    if device.type == "cpu":
-        return _ext.has_cpu_kernels()
-    if device.type == "cuda":
-        if _ext.has_cuda_kernels():
-            return True
-        _ext.warn_once(
-            f"{op}-cuda",
-            f"fastlayers.{op}: this build has no CUDA kernels; running the PyTorch reference on "
-            f"{device}",
-        )
-    return False
-
-
 @functools.cache
 def _cuda_dw_partials_cap(index: int) -> int:
     # Two CTAs per SM keep every SM busy while the partials stay small ([2 * SMs, hidden] fp32).
@@ -116,7 +103,7 @@ def _launch_forward(x, residual, weight, eps, weight_offset, y, residual_out, sc
 
 def _rms_norm_kernel(x, weight, eps, weight_offset):
     _check(x, weight, eps)
-    if not _has_kernel(x.device, "rms_norm"):
+    if not has_kernel(x.device, "rms_norm"):
         return ref.rms_norm(x, weight, eps, weight_offset)
     y = empty(x.shape, x.dtype, x.device)
     if x.numel() > 0:
@@ -126,7 +113,7 @@ def _rms_norm_kernel(x, weight, eps, weight_offset):
 
 def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
     _check(x, weight, eps, residual)
-    if not _has_kernel(x.device, "fused_add_rms_norm"):
+    if not has_kernel(x.device, "fused_add_rms_norm"):
         return ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
     y = empty(x.shape, x.dtype, x.device)
     new_residual = empty(x.shape, x.dtype, x.device)
@@ -137,7 +124,7 @@ def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
 
 def _fp8_forward(x, residual, weight, eps):
     _check(x, weight, eps, residual)
-    if not _has_kernel(x.device, "rms_norm_fp8"):
+    if not has_kernel(x.device, "rms_norm_fp8"):
         return ref.rms_norm_fp8(x, weight, eps, residual)
     y = empty(x.shape, torch.float8_e4m3fn, x.device)
     scale = empty(x.shape[:-1] + (1,), torch.float32, x.device)
@@ -160,7 +147,7 @@ def _rms_norm_backward_kernel(grad_y, x, weight, eps, weight_offset, grad_residu
     check_like(grad_y, "grad_y", x)
     if grad_residual is not None:
         check_like(grad_residual, "grad_residual", x)
-    if not _has_kernel(x.device, "rms_norm_backward"):
+    if not has_kernel(x.device, "rms_norm_backward"):
         return ref.rms_norm_backward(grad_y, x, weight, eps, weight_offset, grad_residual)
     n = x.shape[-1]
     rows = x.numel() // n

@@ -5,6 +5,12 @@ They are the specification: the tests compare the kernels with them, the benchma
 baseline, and ops fall back to them where no kernel runs (no ``_C``, or a device without kernels).
 """
 
+from fastlayers.reference.fff import (
+    fff_hard,
+    fff_soft,
+    ultrafast_ff,
+    ultrafast_ff_backward,
+)
 from fastlayers.reference.rmsnorm import (
     fused_add_rms_norm,
     rms_norm,
@@ -12,4 +18,13 @@ from fastlayers.reference.rmsnorm import (
     rms_norm_fp8,
 )
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"]
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rms_norm_fp8",
+    "rms_norm_backward",
+    "ultrafast_ff",
+    "ultrafast_ff_backward",
+    "fff_hard",
+    "fff_soft",
+]

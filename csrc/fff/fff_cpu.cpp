@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "common/cpu_isa.h"
+#include "fff/fff.h"
+
+namespace fastlayers::cpu {
+#define FL_DECLARE_FFF(isa)                                        \
+  namespace isa::fff {                                             \
+  Status ultra_forward(const fastlayers::fff::UltraFwdParams& p);  \
+  Status ultra_backward(const fastlayers::fff::UltraBwdParams& p); \
+  Status hard_forward(const fastlayers::fff::HardFwdParams& p);    \
+  }
+FL_DECLARE_FFF(scalar)
+FL_DECLARE_FFF(avx2)
+FL_DECLARE_FFF(avx512)
+#undef FL_DECLARE_FFF
+}  // namespace fastlayers::cpu
+
+namespace fastlayers::fff {
+namespace {
+
+bool is_float(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+bool act_ok(Activation a) {
+  return a == Activation::kGelu || a == Activation::kGeluTanh || a == Activation::kRelu ||
+         a == Activation::kSilu;
+}
+
+}  // namespace
+
+Status validate(const UltraFwdParams& p) {
+  if (!is_float(p.dtype)) return Status::invalid("ultrafast_ff: dtype must be float32, float16 or bfloat16");
+  if (!act_ok(p.act)) return Status::invalid("ultrafast_ff: unknown activation");
+  if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0) {
+    return Status::invalid("ultrafast_ff: need tokens >= 0 and positive feature sizes");
+  }
+  if (p.levels < 1 || p.levels > 31) return Status::invalid("ultrafast_ff: need 1 <= depth + 1 <= 31");
+  if (p.tokens > 0 && (p.x == nullptr || p.w_in == nullptr || p.w_out == nullptr || p.y == nullptr ||
+                       p.path == nullptr || p.preact == nullptr)) {
+    return Status::invalid("ultrafast_ff: null x, w_in, w_out, y, path or preact");
+  }
+  if (p.tokens > 1 && p.x_row_stride < p.in_features) return Status::invalid("ultrafast_ff: x rows overlap");
+  return Status::ok();
+}
+
+Status validate(const UltraBwdParams& p) {
+  if (!is_float(p.dtype)) {
+    return Status::invalid("ultrafast_ff_backward: dtype must be float32, float16 or bfloat16");
+  }
+  if (!act_ok(p.act)) return Status::invalid("ultrafast_ff_backward: unknown activation");
+  if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0 || p.levels < 1 || p.levels > 31) {
+    return Status::invalid("ultrafast_ff_backward: bad sizes");
+  }
+  if (p.w_in == nullptr || p.w_out == nullptr || p.dw_in == nullptr || p.dw_out == nullptr ||
+      p.offsets == nullptr) {
+    return Status::invalid("ultrafast_ff_backward: null weights, weight gradients or offsets");
+  }
+  if (p.tokens > 0 && (p.dy == nullptr || p.x == nullptr || p.path == nullptr || p.preact == nullptr ||
+                       p.order == nullptr || p.dx == nullptr || p.coef == nullptr)) {
+    return Status::invalid("ultrafast_ff_backward: null dy, x, path, preact, order, dx or coef");
+  }
+  if (p.tokens > 1 && p.x_row_stride < p.in_features) {
+    return Status::invalid("ultrafast_ff_backward: x rows overlap");
+  }
+  return Status::ok();
+}
+
+Status validate(const HardFwdParams& p) {
+  if (!is_float(p.dtype)) return Status::invalid("fff_hard: dtype must be float32, float16 or bfloat16");
+  if (!act_ok(p.act)) return Status::invalid("fff_hard: unknown activation");
+  if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0 || p.width <= 0) {
+    return Status::invalid("fff_hard: need tokens >= 0 and positive feature sizes and leaf width");
+  }
+  if (p.depth < 0 || p.depth > 30) return Status::invalid("fff_hard: need 0 <= depth <= 30");
+  if (p.tokens > 0 && (p.x == nullptr || p.w1 == nullptr || p.b1 == nullptr || p.w2 == nullptr ||
+                       p.b2 == nullptr || p.y == nullptr || p.leaf == nullptr)) {
+    return Status::invalid("fff_hard: null x, leaf weights, y or leaf");
+  }
+  if (p.tokens > 0 && p.depth > 0 && (p.node_w == nullptr || p.node_b == nullptr)) {
+    return Status::invalid("fff_hard: null node weights");
+  }
+  if (p.tokens > 1 && p.x_row_stride < p.in_features) return Status::invalid("fff_hard: x rows overlap");
+  return Status::ok();
+}
+
+#define FL_FFF_DISPATCH(fn)                 \
+  switch (cpu::active_isa()) {              \
+    case cpu::Isa::kAvx512:                 \
+      return cpu::avx512::fff::fn(p);       \
+    case cpu::Isa::kAvx2:                   \
+      return cpu::avx2::fff::fn(p);         \
+    default:                                \
+      return cpu::scalar::fff::fn(p);       \
+  }
+
+Status ultra_forward_cpu(const UltraFwdParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.tokens == 0) return Status::ok();
+  FL_FFF_DISPATCH(ultra_forward)
+}
+
+Status ultra_backward_cpu(const UltraBwdParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  FL_FFF_DISPATCH(ultra_backward)  // tokens == 0 still zeroes the weight gradients
+}
+
+Status hard_forward_cpu(const HardFwdParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.tokens == 0) return Status::ok();
+  FL_FFF_DISPATCH(hard_forward)
+}
+
+#undef FL_FFF_DISPATCH
+
+}  // namespace fastlayers::fff

@@ -1,0 +1,241 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU FFF kernels, compiled once per ISA (cmake/CpuIsa.cmake) into fastlayers::cpu::<isa>::fff.
+// OpenMP over tokens; no atomics (each token owns its output row, each node its gradient rows).
+// The descent interleaves kGroup tokens per level: each level's dot product depends on the last
+// level's decision, so one token alone leaves the core waiting on a dependent row load; several
+// independent tokens keep loads in flight. The next level's w_in row is prefetched as soon as the
+// decision is known.
+//
+// NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/simd_cpu.h"
+#include "fff/activation.h"
+#include "fff/fff.h"
+
+namespace fastlayers::cpu::FL_CPU_ISA::fff {
+
+using fastlayers::fff::act_grad;
+using fastlayers::fff::act_value;
+using fastlayers::fff::HardFwdParams;
+using fastlayers::fff::UltraBwdParams;
+using fastlayers::fff::UltraFwdParams;
+
+namespace {
+
+constexpr int kGroup = 4;
+constexpr int kMaxLevels = 31;
+// Below this many multiply-adds the OpenMP fork/join (a few microseconds) costs more than it saves.
+constexpr int64_t kParallelMinWork = 1 << 16;
+
+template <typename A, typename B>
+float dot(const A* a, const B* b, int64_t n) {
+  V s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    s0 = vfma(vload(a + i), vload(b + i), s0);
+    s1 = vfma(vload(a + i + kW), vload(b + i + kW), s1);
+    s2 = vfma(vload(a + i + 2 * kW), vload(b + i + 2 * kW), s2);
+    s3 = vfma(vload(a + i + 3 * kW), vload(b + i + 3 * kW), s3);
+  }
+  for (; i + kW <= n; i += kW) s0 = vfma(vload(a + i), vload(b + i), s0);
+  float s = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+  for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
+  return s;
+}
+
+// acc[0..n) += s * row[0..n)
+template <typename T>
+void axpy(float s, const T* row, float* acc, int64_t n) {
+  const V vs = vset1(s);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vstore(acc + i, vfma(vs, vload(row + i), vload(acc + i)));
+  for (; i < n; ++i) acc[i] += s * to_float(row[i]);
+}
+
+// out[j] = sum over l < levels of coef[l] * rows[l][j], summed in level order, rounded once.
+template <typename T>
+void combine_rows(const float* coef, const T* const* rows, int64_t levels, T* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    V acc = vzero();
+    for (int64_t l = 0; l < levels; ++l) acc = vfma(vset1(coef[l]), vload(rows[l] + j), acc);
+    vstore(out + j, acc);
+  }
+  for (; j < n; ++j) {
+    float acc = 0.0f;
+    for (int64_t l = 0; l < levels; ++l) acc += coef[l] * to_float(rows[l][j]);
+    store_as(out + j, acc);
+  }
+}
+
+template <typename T>
+void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+template <typename T>
+void ultra_forward_typed(const UltraFwdParams& p) {
+  const int64_t L = p.levels, in = p.in_features, out = p.out_features;
+  const T* x = static_cast<const T*>(p.x);
+  const T* w_in = static_cast<const T*>(p.w_in);
+  const T* w_out = static_cast<const T*>(p.w_out);
+  const T* b_in = static_cast<const T*>(p.b_in);
+  const int64_t groups = (p.tokens + kGroup - 1) / kGroup;
+  const bool parallel = p.tokens * L * (in + out) >= kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel && groups > 1)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t t0 = g * kGroup;
+    const int n = static_cast<int>(p.tokens - t0 < kGroup ? p.tokens - t0 : kGroup);
+    int64_t node[kGroup] = {};
+    for (int64_t l = 0; l < L; ++l) {
+      for (int k = 0; k < n; ++k) {
+        const int64_t t = t0 + k;
+        float a = dot(x + t * p.x_row_stride, w_in + node[k] * in, in);
+        if (b_in != nullptr) a += to_float(b_in[node[k]]);
+        p.path[t * L + l] = static_cast<int32_t>(node[k]);
+        p.preact[t * L + l] = a;
+        node[k] = 2 * node[k] + 1 + (a > 0.0f ? 1 : 0);
+        if (l + 1 < L) prefetch_row(w_in + node[k] * in, in);
+      }
+    }
+    for (int k = 0; k < n; ++k) {
+      const int64_t t = t0 + k;
+      float coef[kMaxLevels];
+      const T* rows[kMaxLevels];
+      for (int64_t l = 0; l < L; ++l) {
+        coef[l] = act_value(p.act, p.preact[t * L + l]);
+        rows[l] = w_out + static_cast<int64_t>(p.path[t * L + l]) * out;
+      }
+      combine_rows(coef, rows, L, static_cast<T*>(p.y) + t * out, out);
+    }
+  }
+}
+
+template <typename T>
+void ultra_backward_typed(const UltraBwdParams& p) {
+  const int64_t L = p.levels, in = p.in_features, out = p.out_features;
+  const int64_t nodes = (int64_t{1} << L) - 1;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* w_in = static_cast<const T*>(p.w_in);
+  const T* w_out = static_cast<const T*>(p.w_out);
+  const bool parallel = p.tokens * L * (in + out) >= kParallelMinWork;
+
+  // 1. Per token: coef_l = act'(a_l) * (dy . w_out[n_l]); dx = sum_l coef_l * w_in[n_l].
+#pragma omp parallel for schedule(static) if (parallel && p.tokens > 1)
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    const T* rows[kMaxLevels];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t nd = p.path[t * L + l];
+      const float c = dot(dy + t * out, w_out + nd * out, out);
+      p.coef[t * L + l] = act_grad(p.act, p.preact[t * L + l]) * c;
+      rows[l] = w_in + nd * in;
+    }
+    combine_rows(p.coef + t * L, rows, L, static_cast<T*>(p.dx) + t * in, in);
+  }
+
+  // 2. Per node, over the pairs that visited it in token order (fixed order: deterministic).
+  const int64_t width = in > out ? in : out;
+#pragma omp parallel if (parallel)
+  {
+    float* acc = new float[width];
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t nd = 0; nd < nodes; ++nd) {
+      const int64_t begin = p.offsets[nd], end = p.offsets[nd + 1];
+      for (int64_t j = 0; j < in; ++j) acc[j] = 0.0f;
+      float db = 0.0f;
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t pair = p.order[q];
+        axpy(p.coef[pair], x + (pair / L) * p.x_row_stride, acc, in);
+        db += p.coef[pair];
+      }
+      T* dwi = static_cast<T*>(p.dw_in) + nd * in;
+      for (int64_t j = 0; j < in; ++j) store_as(dwi + j, acc[j]);
+      if (p.db_in != nullptr) store_as(static_cast<T*>(p.db_in) + nd, db);
+      for (int64_t j = 0; j < out; ++j) acc[j] = 0.0f;
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t pair = p.order[q];
+        axpy(act_value(p.act, p.preact[pair]), dy + (pair / L) * out, acc, out);
+      }
+      T* dwo = static_cast<T*>(p.dw_out) + nd * out;
+      for (int64_t j = 0; j < out; ++j) store_as(dwo + j, acc[j]);
+    }
+    delete[] acc;
+  }
+}
+
+template <typename T>
+void hard_forward_typed(const HardFwdParams& p) {
+  const int64_t in = p.in_features, out = p.out_features, width = p.width;
+  const int64_t first_leaf = (int64_t{1} << p.depth) - 1;
+  const T* x = static_cast<const T*>(p.x);
+  const T* node_w = static_cast<const T*>(p.node_w);
+  const T* node_b = static_cast<const T*>(p.node_b);
+  const T* w1 = static_cast<const T*>(p.w1);
+  const T* b1 = static_cast<const T*>(p.b1);
+  const T* w2 = static_cast<const T*>(p.w2);
+  const T* b2 = static_cast<const T*>(p.b2);
+  const int64_t groups = (p.tokens + kGroup - 1) / kGroup;
+  const bool parallel = p.tokens * (p.depth * in + width * (in + out)) >= kParallelMinWork;
+#pragma omp parallel if (parallel && groups > 1)
+  {
+    float* h = new float[width + out];
+    float* yacc = h + width;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t t0 = g * kGroup;
+      const int n = static_cast<int>(p.tokens - t0 < kGroup ? p.tokens - t0 : kGroup);
+      int64_t node[kGroup] = {};
+      for (int64_t d = 0; d < p.depth; ++d) {
+        for (int k = 0; k < n; ++k) {
+          const float logit =
+              dot(x + (t0 + k) * p.x_row_stride, node_w + node[k] * in, in) + to_float(node_b[node[k]]);
+          node[k] = 2 * node[k] + 1 + (logit > 0.0f ? 1 : 0);
+          if (d + 1 < p.depth) prefetch_row(node_w + node[k] * in, in);
+        }
+      }
+      for (int k = 0; k < n; ++k) {
+        const int64_t t = t0 + k, leaf = node[k] - first_leaf;
+        p.leaf[t] = static_cast<int32_t>(leaf);
+        const T* xt = x + t * p.x_row_stride;
+        const T* w1j = w1 + leaf * in * width;
+        for (int64_t c = 0; c < width; ++c) h[c] = to_float(b1[leaf * width + c]);
+        for (int64_t i = 0; i < in; ++i) axpy(to_float(xt[i]), w1j + i * width, h, width);
+        for (int64_t c = 0; c < width; ++c) h[c] = act_value(p.act, h[c]);
+        for (int64_t o = 0; o < out; ++o) yacc[o] = to_float(b2[leaf * out + o]);
+        const T* w2j = w2 + leaf * width * out;
+        for (int64_t c = 0; c < width; ++c) axpy(h[c], w2j + c * out, yacc, out);
+        T* yt = static_cast<T*>(p.y) + t * out;
+        for (int64_t o = 0; o < out; ++o) store_as(yt + o, yacc[o]);
+      }
+    }
+    delete[] h;
+  }
+}
+
+#define FL_FFF_BY_DTYPE(fn, p)                                                               \
+  switch ((p).dtype) {                                                                      \
+    case DType::kFloat32:                                                                   \
+      fn<float>(p);                                                                         \
+      break;                                                                                \
+    case DType::kFloat16:                                                                   \
+      fn<half_t>(p);                                                                        \
+      break;                                                                                \
+    case DType::kBFloat16:                                                                  \
+      fn<bf16_t>(p);                                                                        \
+      break;                                                                                \
+    default:                                                                                \
+      return Status{StatusCode::kInvalidArgument, "fff: dtype must be float32, float16 or bfloat16"}; \
+  }                                                                                         \
+  return Status{StatusCode::kSuccess, ""};
+
+}  // namespace
+
+Status ultra_forward(const UltraFwdParams& p) { FL_FFF_BY_DTYPE(ultra_forward_typed, p) }
+Status ultra_backward(const UltraBwdParams& p) { FL_FFF_BY_DTYPE(ultra_backward_typed, p) }
+Status hard_forward(const HardFwdParams& p) { FL_FFF_BY_DTYPE(hard_forward_typed, p) }
+
+#undef FL_FFF_BY_DTYPE
+
+}  // namespace fastlayers::cpu::FL_CPU_ISA::fff

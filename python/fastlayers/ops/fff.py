@@ -1,0 +1,367 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fast feedforward (FFF) ops: ``ultrafast_ff`` (+ backward) and ``fff_hard``.
+
+Semantics, tie rule and layouts are those of :mod:`fastlayers.reference.fff` (the specification).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlayers import _dtypes, _ext
+from fastlayers import reference as ref
+from fastlayers.ops._common import (
+    LIB,
+    check_activation,
+    check_tensor,
+    device_code,
+    device_guard,
+    empty,
+    has_kernel,
+    ptr,
+    row_stride,
+    rows_view,
+    stream_of,
+)
+from fastlayers.reference.fff import ACTIVATIONS, tree_depth
+
+LIB.define(
+    "ultrafast_ff(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, str activation)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "ultrafast_ff_backward(Tensor grad_y, Tensor x, Tensor w_in, Tensor w_out, Tensor path,"
+    " Tensor preact, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "fff_hard(Tensor x, Tensor node_w, Tensor node_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
+    " str activation) -> (Tensor, Tensor)"
+)
+
+
+# The CUDA kernel keeps a token's leaf hidden units in shared memory (csrc/fff/fff_cuda.cu).
+_CUDA_MAX_LEAF_WIDTH = 3072
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (shared by the kernels and the fakes)
+# ----------------------------------------------------------------------------------------------
+def _check_activation_name(activation) -> None:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def _check_param(t, name: str, shape: tuple, x: torch.Tensor) -> None:
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_ultrafast(x, w_in, b_in, w_out, activation) -> int:
+    """Returns the number of levels (depth + 1)."""
+    check_activation(x, "x")
+    check_tensor(w_in, "w_in")
+    check_tensor(w_out, "w_out")
+    if w_in.dim() != 2 or w_in.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"w_in must have shape (nodes, {x.shape[-1]}) to match x, got {tuple(w_in.shape)}"
+        )
+    depth = tree_depth(w_in.shape[0], "w_in")
+    if depth + 1 > 31:
+        raise ValueError(f"depth must be at most 30, got {depth}")
+    _check_param(w_in, "w_in", w_in.shape, x)
+    if w_out.dim() != 2:
+        raise ValueError(f"w_out must have shape (nodes, out_features), got {tuple(w_out.shape)}")
+    _check_param(w_out, "w_out", (w_in.shape[0], w_out.shape[1]), x)
+    if w_out.shape[1] == 0:
+        raise ValueError("w_out has out_features 0")
+    if b_in is not None:
+        _check_param(b_in, "b_in", (w_in.shape[0],), x)
+    _check_activation_name(activation)
+    return depth + 1
+
+
+def _check_hard(x, node_w, node_b, w1, b1, w2, b2, activation) -> int:
+    """Returns the depth."""
+    check_activation(x, "x")
+    for t, name in ((node_w, "node_w"), (node_b, "node_b"), (w1, "w1"), (b1, "b1"), (w2, "w2")):
+        check_tensor(t, name)
+    check_tensor(b2, "b2")
+    if w1.dim() != 3 or w1.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"w1 must have shape (leaves, {x.shape[-1]}, leaf_width), got {tuple(w1.shape)}"
+        )
+    leaves, d_in, width = w1.shape
+    if leaves < 1 or leaves & (leaves - 1):
+        raise ValueError(f"w1 must have 2^depth leaves (1, 2, 4, ...), got {leaves}")
+    if width == 0:
+        raise ValueError("w1 has leaf_width 0")
+    depth = leaves.bit_length() - 1
+    if w2.dim() != 3 or w2.shape[0] != leaves or w2.shape[1] != width or w2.shape[2] == 0:
+        raise ValueError(
+            f"w2 must have shape ({leaves}, {width}, out_features), got {tuple(w2.shape)}"
+        )
+    _check_param(w1, "w1", w1.shape, x)
+    _check_param(w2, "w2", w2.shape, x)
+    _check_param(b1, "b1", (leaves, width), x)
+    _check_param(b2, "b2", (leaves, w2.shape[2]), x)
+    _check_param(node_w, "node_w", (leaves - 1, d_in), x)
+    _check_param(node_b, "node_b", (leaves - 1,), x)
+    _check_activation_name(activation)
+    return depth
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+def _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation):
+    levels = _check_ultrafast(x, w_in, b_in, w_out, activation)
+    if not has_kernel(x.device, "ultrafast_ff"):
+        return ref.ultrafast_ff(x, w_in, w_out, b_in, activation)
+    lead, d_out = x.shape[:-1], w_out.shape[1]
+    y = empty((*lead, d_out), x.dtype, x.device)
+    path = empty((*lead, levels), torch.int32, x.device)
+    preact = empty((*lead, levels), torch.float32, x.device)
+    x2 = rows_view(x)
+    if x2.shape[0] > 0:
+        w_in_c, w_out_c = w_in.contiguous(), w_out.contiguous()
+        b_c = b_in.contiguous() if b_in is not None else None
+        with device_guard(x.device):
+            _ext.C.fff_ultra_fwd(
+                device_code(x.device),
+                ptr(x2), row_stride(x2), ptr(w_in_c), ptr(b_c), ptr(w_out_c),
+                ptr(y), ptr(path), ptr(preact),
+                x2.shape[0], x.shape[-1], d_out, levels,
+                _dtypes.code(x.dtype), ACTIVATIONS[activation],
+                stream_of(x.device),
+            )  # fmt: skip
+    return y, path, preact
+
+
+def _node_order(path: torch.Tensor, nodes: int):
+    """(pair ids sorted by node, token order kept) and CSR offsets: the fixed summation order."""
+    flat = path.reshape(-1).long()
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    offsets = torch.zeros(nodes + 1, dtype=torch.int64, device=path.device)
+    offsets[1:] = torch.cumsum(torch.bincount(flat, minlength=nodes), 0)
+    return order, offsets
+
+
+def _check_backward(grad_y, x, w_in, w_out, path, preact, activation) -> int:
+    levels = _check_ultrafast(x, w_in, None, w_out, activation)
+    lead = x.shape[:-1]
+    check_tensor(grad_y, "grad_y")
+    if tuple(grad_y.shape) != (*lead, w_out.shape[1]) or grad_y.dtype != x.dtype:
+        raise ValueError(
+            f"grad_y must be {x.dtype} of shape {(*lead, w_out.shape[1])}, got "
+            f"{grad_y.dtype} {tuple(grad_y.shape)}"
+        )
+    for t, name, dtype in ((path, "path", torch.int32), (preact, "preact", torch.float32)):
+        check_tensor(t, name)
+        if tuple(t.shape) != (*lead, levels) or t.dtype != dtype or t.device != x.device:
+            raise ValueError(
+                f"{name} must be {dtype} of shape {(*lead, levels)} on {x.device} (the forward's),"
+                f" got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+    return levels
+
+
+def _ultrafast_ff_backward_kernel(grad_y, x, w_in, w_out, path, preact, activation):
+    levels = _check_backward(grad_y, x, w_in, w_out, path, preact, activation)
+    if not has_kernel(x.device, "ultrafast_ff_backward"):
+        return ref.ultrafast_ff_backward(grad_y, x, w_in, w_out, path, preact, activation)
+    nodes, d_in, d_out = w_in.shape[0], x.shape[-1], w_out.shape[1]
+    x2 = rows_view(x)
+    tokens = x2.shape[0]
+    dx = empty(x.shape, x.dtype, x.device)
+    dw_in = empty(w_in.shape, w_in.dtype, x.device)
+    db_in = empty((nodes,), w_in.dtype, x.device)
+    dw_out = empty(w_out.shape, w_out.dtype, x.device)
+    coef = torch.empty((tokens, levels), dtype=torch.float32, device=x.device)
+    order, offsets = _node_order(path, nodes)
+    dy2 = grad_y.contiguous().view(-1, d_out) if grad_y.numel() else grad_y.reshape(-1, d_out)
+    path_c, pre_c = path.contiguous(), preact.contiguous()
+    w_in_c, w_out_c = w_in.contiguous(), w_out.contiguous()
+    with device_guard(x.device):
+        _ext.C.fff_ultra_bwd(
+            device_code(x.device),
+            ptr(dy2), ptr(x2), row_stride(x2), ptr(w_in_c), ptr(w_out_c),
+            ptr(path_c), ptr(pre_c), ptr(order), ptr(offsets),
+            ptr(dx), ptr(dw_in), ptr(db_in), ptr(dw_out), ptr(coef),
+            tokens, d_in, d_out, levels,
+            _dtypes.code(x.dtype), ACTIVATIONS[activation],
+            stream_of(x.device),
+        )  # fmt: skip
+    return dx, dw_in, db_in, dw_out
+
+
+def _fff_hard_kernel(x, node_w, node_b, w1, b1, w2, b2, activation):
+    depth = _check_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+    if not has_kernel(x.device, "fff_hard"):
+        return ref.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+    if x.device.type == "cuda" and w1.shape[2] > _CUDA_MAX_LEAF_WIDTH:
+        _ext.warn_once(
+            "fff_hard-width",
+            f"fastlayers.fff_hard: the CUDA kernel takes leaf_width <= {_CUDA_MAX_LEAF_WIDTH}; "
+            f"running the PyTorch reference for leaf_width {w1.shape[2]}",
+        )
+        return ref.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+    lead, d_out = x.shape[:-1], w2.shape[2]
+    y = empty((*lead, d_out), x.dtype, x.device)
+    leaf = empty(lead, torch.int32, x.device)
+    x2 = rows_view(x)
+    if x2.shape[0] > 0:
+        c = [t.contiguous() for t in (node_w, node_b, w1, b1, w2, b2)]
+        with device_guard(x.device):
+            _ext.C.fff_hard_fwd(
+                device_code(x.device),
+                ptr(x2), row_stride(x2), *(ptr(t) for t in c),
+                ptr(y), ptr(leaf),
+                x2.shape[0], x.shape[-1], d_out, w1.shape[2], depth,
+                _dtypes.code(x.dtype), ACTIVATIONS[activation],
+                stream_of(x.device),
+            )  # fmt: skip
+    return y, leaf
+
+
+def _ultrafast_ff_reference(x, w_in, b_in, w_out, activation):
+    _check_ultrafast(x, w_in, b_in, w_out, activation)
+    return ref.ultrafast_ff(x, w_in, w_out, b_in, activation)
+
+
+def _ultrafast_ff_backward_reference(grad_y, x, w_in, w_out, path, preact, activation):
+    _check_backward(grad_y, x, w_in, w_out, path, preact, activation)
+    return ref.ultrafast_ff_backward(grad_y, x, w_in, w_out, path, preact, activation)
+
+
+def _fff_hard_reference(x, node_w, node_b, w1, b1, w2, b2, activation):
+    _check_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+    return ref.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+
+
+for _name, _kernel, _reference in (
+    ("ultrafast_ff", _ultrafast_ff_kernel, _ultrafast_ff_reference),
+    ("ultrafast_ff_backward", _ultrafast_ff_backward_kernel, _ultrafast_ff_backward_reference),
+    ("fff_hard", _fff_hard_kernel, _fff_hard_reference),
+):
+    LIB.impl(_name, _kernel, "CPU")
+    LIB.impl(_name, _kernel, "CUDA")
+    LIB.impl(_name, _reference, "CompositeExplicitAutograd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fakes
+# ----------------------------------------------------------------------------------------------
+@torch.library.register_fake("fastlayers::ultrafast_ff", lib=LIB)
+def _ultrafast_ff_fake(x, w_in, b_in, w_out, activation):
+    levels = _check_ultrafast(x, w_in, b_in, w_out, activation)
+    lead = x.shape[:-1]
+    return (
+        x.new_empty((*lead, w_out.shape[1])),
+        x.new_empty((*lead, levels), dtype=torch.int32),
+        x.new_empty((*lead, levels), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("fastlayers::ultrafast_ff_backward", lib=LIB)
+def _ultrafast_ff_backward_fake(grad_y, x, w_in, w_out, path, preact, activation):
+    _check_backward(grad_y, x, w_in, w_out, path, preact, activation)
+    return (
+        x.new_empty(x.shape),
+        w_in.new_empty(w_in.shape),
+        w_in.new_empty((w_in.shape[0],)),
+        w_out.new_empty(w_out.shape),
+    )
+
+
+@torch.library.register_fake("fastlayers::fff_hard", lib=LIB)
+def _fff_hard_fake(x, node_w, node_b, w1, b1, w2, b2, activation):
+    _check_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, w2.shape[2])), x.new_empty(lead, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: the hard path is not differentiable; gradients flow to x and the visited rows.
+# ----------------------------------------------------------------------------------------------
+def _setup_ultrafast(ctx, inputs, output):
+    x, w_in, b_in, w_out, activation = inputs
+    _, path, preact = output
+    ctx.save_for_backward(x, w_in, w_out, path, preact)
+    ctx.activation = activation
+    ctx.has_bias = b_in is not None
+
+
+def _backward_ultrafast(ctx, grad_y, grad_path, grad_preact):
+    x, w_in, w_out, path, preact = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None
+    dx, dw_in, db_in, dw_out = torch.ops.fastlayers.ultrafast_ff_backward(
+        grad_y.contiguous(), x, w_in, w_out, path, preact, ctx.activation
+    )
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dw_in if need[1] else None,
+        db_in if ctx.has_bias and need[2] else None,
+        dw_out if need[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fastlayers::ultrafast_ff", _backward_ultrafast, setup_context=_setup_ultrafast, lib=LIB
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+def ultrafast_ff(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None = None,
+    activation: str = "gelu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UltraFastBERT tree feedforward (see :mod:`fastlayers.reference.fff`).
+
+    Parameters
+    ----------
+    x : ``[..., in]`` float32 / float16 / bfloat16, any strides.
+    w_in : ``[2^(depth+1) - 1, in]``, x's dtype.
+    w_out : ``[nodes, out]``. b_in : ``[nodes]`` or None.
+    activation : ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+
+    Returns
+    -------
+    ``(y [..., out], path [..., depth+1] int32, preact [..., depth+1] float32)``. ``y`` is
+    differentiable w.r.t. ``x``, ``w_in``, ``b_in`` and ``w_out`` along the hard path; ``path`` and
+    ``preact`` are not differentiable.
+    """
+    check_tensor(x, "x")
+    return torch.ops.fastlayers.ultrafast_ff(x, w_in, b_in, w_out, activation)
+
+
+def fff_hard(
+    x: torch.Tensor,
+    node_w: torch.Tensor,
+    node_b: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: str = "gelu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classic FFF inference: hard descent to one leaf per token. Returns ``(y, leaf int32)``.
+
+    ``node_w [2^depth - 1, in]``, ``node_b [2^depth - 1]``, ``w1 [2^depth, in, width]``,
+    ``b1 [2^depth, width]``, ``w2 [2^depth, width, out]``, ``b2 [2^depth, out]``, all x's dtype.
+    Not differentiable (training uses :func:`fastlayers.reference.fff_soft`).
+    """
+    check_tensor(x, "x")
+    return torch.ops.fastlayers.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)
