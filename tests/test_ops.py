@@ -200,3 +200,26 @@ def test_poisoned_outputs_are_nan():
     assert torch.isnan(t.float()).all()
     q = _common.empty((3,), torch.float8_e4m3fn, torch.device("cpu"))
     assert torch.isnan(q.float()).all()
+
+
+def test_direct_call_only_where_the_dispatcher_would_do_nothing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastlayers.ops._common import direct_call_ok
+
+    x, w = torch.randn(4, 8), torch.nn.Parameter(torch.randn(8))
+    assert not direct_call_ok(x, w)  # w requires grad and grad mode is on
+    with torch.no_grad():
+        assert direct_call_ok(x, w, None)
+        with FakeTensorMode():
+            assert not direct_call_ok(torch.empty(4, 8), torch.empty(8))
+
+        class Sub(torch.Tensor):
+            pass
+
+        assert not direct_call_ok(x.as_subclass(Sub), w)
+        assert not torch.vmap(lambda r: torch.tensor(direct_call_ok(r)))(x).any()
+    # Both routes compute the same thing.
+    with torch.no_grad():
+        direct = fastlayers.rms_norm(x, w)
+    torch.testing.assert_close(direct, torch.ops.fastlayers.rms_norm(x, w, 1e-6, 0.0).detach())

@@ -121,3 +121,36 @@ def has_kernel(device: torch.device, op: str) -> bool:
             f"{device}",
         )
     return False
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_C_API = torch._C
+_has_mode_apis = all(
+    hasattr(_C_API, n)
+    for n in (
+        "_len_torch_dispatch_stack",
+        "_is_torch_function_mode_enabled",
+        "_are_functorch_transforms_active",
+    )
+)
+
+
+def direct_call_ok(*tensors) -> bool:
+    """True when the dispatcher would do nothing but call our CPU/CUDA implementation: eager (not
+    compiling or tracing), no autograd needed, plain tensors, no dispatch/function modes, no
+    functorch transforms. The public functions then call the implementation directly and skip the
+    dispatcher's Python overhead (tens of microseconds per call); the result is the same either way.
+    """
+    if not _has_mode_apis or torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return False
+    return not (
+        _C_API._len_torch_dispatch_stack()
+        or _C_API._is_torch_function_mode_enabled()
+        or _C_API._are_functorch_transforms_active()
+    )

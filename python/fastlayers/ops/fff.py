@@ -16,6 +16,7 @@ from fastlayers.ops._common import (
     check_tensor,
     device_code,
     device_guard,
+    direct_call_ok,
     empty,
     has_kernel,
     ptr,
@@ -344,6 +345,8 @@ def ultrafast_ff(
     ``preact`` are not differentiable.
     """
     check_tensor(x, "x")
+    if direct_call_ok(x, w_in, b_in, w_out):
+        return _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation)
     return torch.ops.fastlayers.ultrafast_ff(x, w_in, b_in, w_out, activation)
 
 
@@ -364,4 +367,6 @@ def fff_hard(
     Not differentiable (training uses :func:`fastlayers.reference.fff_soft`).
     """
     check_tensor(x, "x")
+    if direct_call_ok(x, node_w, node_b, w1, b1, w2, b2):
+        return _fff_hard_kernel(x, node_w, node_b, w1, b1, w2, b2, activation)
     return torch.ops.fastlayers.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)

@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     check_tensor,
     device_code,
     device_guard,
+    direct_call_ok,
     empty,
     has_kernel,
     ptr,
@@ -303,6 +304,8 @@ def rms_norm(
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     check_eps(eps)
+    if direct_call_ok(x, weight):
+        return _rms_norm_kernel(x, weight, float(eps), float(weight_offset))
     return torch.ops.fastlayers.rms_norm(x, weight, float(eps), float(weight_offset))
 
 
@@ -323,6 +326,8 @@ def fused_add_rms_norm(
     check_tensor(residual, "residual")
     check_tensor(weight, "weight")
     check_eps(eps)
+    if direct_call_ok(x, residual, weight):
+        return _fused_add_rms_norm_kernel(x, residual, weight, float(eps), float(weight_offset))
     return torch.ops.fastlayers.fused_add_rms_norm(
         x, residual, weight, float(eps), float(weight_offset)
     )
@@ -345,9 +350,12 @@ def rms_norm_fp8(
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     check_eps(eps)
+    if residual is not None:
+        check_tensor(residual, "residual")
+    if direct_call_ok(x, weight, residual):  # FP8 output is inference only: no autograd to skip
+        return _fp8_forward(x, residual, weight, float(eps))
     if residual is None:
         return torch.ops.fastlayers.rms_norm_fp8(x, weight, float(eps))
-    check_tensor(residual, "residual")
     return torch.ops.fastlayers.fused_add_rms_norm_fp8(x, residual, weight, float(eps))
 
 
