@@ -17,5 +17,5 @@ from fastlayers.__main__ import main
 if __name__ == "__main__":
     args = sys.argv[1:]
     if "--out" not in args:
-        args += ["--out", str(Path(__file__).resolve().parent / "results")]
+        args += ["--out", str(Path(__file__).resolve().parent / "results" / "fff")]
     sys.exit(main(["bench", "--family", "fff", *args]))
