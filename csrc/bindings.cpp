@@ -176,7 +176,8 @@ void fff_ultra_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_ro
 
 void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t node_w,
                   std::uintptr_t node_b, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2,
-                  std::uintptr_t b2, std::uintptr_t y, std::uintptr_t leaf, int64_t tokens,
+                  std::uintptr_t b2, std::uintptr_t y, std::uintptr_t leaf, bool descent_only,
+                  int64_t tokens,
                   int64_t in_features, int64_t out_features, int64_t width, int64_t depth,
                   int dtype, int activation, std::uintptr_t stream) {
   fff::HardFwdParams p;
@@ -190,6 +191,7 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   p.b2 = ptr<const void>(b2);
   p.y = ptr<void>(y);
   p.leaf = ptr<int32_t>(leaf);
+  p.descent_only = descent_only;
   p.tokens = tokens;
   p.in_features = in_features;
   p.out_features = out_features;

@@ -188,7 +188,7 @@ def _hard_oracle(x, params, activation="gelu"):
 @pytest.mark.parametrize(
     "depth,d_in,width,d_out,tokens",
     [(0, 16, 4, 8, 10), (1, 33, 1, 17, 50), (3, 64, 8, 48, 100), (5, 111, 64, 77, 130),
-     (9, 40, 3, 24, 200)],
+     (9, 40, 3, 24, 200), (2, 40, 24, 33, 300)],  # the last one takes the per-leaf GEMM path
 )  # fmt: skip
 def test_fff_hard_forward(device, dtype, depth, d_in, width, d_out, tokens):
     params = _hard_params(depth, d_in, width, d_out, dtype, device)
@@ -286,3 +286,21 @@ def test_every_cpu_isa(cpu_isa):
     y_ref, leaf_ref = ref.fff_hard(x, *params)
     assert torch.equal(leaf, leaf_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fff_hard_grouped_and_per_token_paths_agree(device, dtype, monkeypatch):
+    """Large batches with wide leaves run one GEMM pair per leaf: same function as per token."""
+    from fastlayers.ops import fff as fff_ops
+
+    params = _hard_params(3, 48, 20, 36, dtype, device)
+    x = rand(400, 48, dtype=dtype, device=device)
+    assert fff_ops._use_grouped(400, 8, 20)
+    y_grouped, leaf_grouped = fff_hard(x, *params)
+    monkeypatch.setattr(fff_ops, "_GROUPED_MIN_TOKENS_PER_LEAF", 10**9)
+    y_tok, leaf_tok = fff_hard(x, *params)
+    assert torch.equal(leaf_grouped, leaf_tok)
+    y64 = _hard_oracle(x, params)[0]
+    y_ref = ref.fff_hard(x, *params)[0]
+    assert_close_to_oracle(y_grouped, y_ref, y64, name="grouped")
+    assert_close_to_oracle(y_tok, y_ref, y64, name="per-token")

@@ -72,8 +72,9 @@ struct HardFwdParams {
   const void* b1 = nullptr;      // [2^depth, width]
   const void* w2 = nullptr;      // [2^depth, width, out]
   const void* b2 = nullptr;      // [2^depth, out]
-  void* y = nullptr;             // [tokens, out] contiguous
+  void* y = nullptr;             // [tokens, out] contiguous; unused with descent_only
   int32_t* leaf = nullptr;       // [tokens]
+  bool descent_only = false;     // only route (write leaf): the caller runs per-leaf GEMMs
   int64_t tokens = 0, in_features = 0, out_features = 0, width = 0, depth = 0;
   DType dtype = DType::kFloat32;
   Activation act = Activation::kGelu;

@@ -73,9 +73,10 @@ Status validate(const HardFwdParams& p) {
     return Status::invalid("fff_hard: need tokens >= 0 and positive feature sizes and leaf width");
   }
   if (p.depth < 0 || p.depth > 30) return Status::invalid("fff_hard: need 0 <= depth <= 30");
-  if (p.tokens > 0 && (p.x == nullptr || p.w1 == nullptr || p.b1 == nullptr || p.w2 == nullptr ||
-                       p.b2 == nullptr || p.y == nullptr || p.leaf == nullptr)) {
-    return Status::invalid("fff_hard: null x, leaf weights, y or leaf");
+  if (p.tokens > 0 && (p.x == nullptr || p.leaf == nullptr)) return Status::invalid("fff_hard: null x or leaf");
+  if (p.tokens > 0 && !p.descent_only &&
+      (p.w1 == nullptr || p.b1 == nullptr || p.w2 == nullptr || p.b2 == nullptr || p.y == nullptr)) {
+    return Status::invalid("fff_hard: null leaf weights or y");
   }
   if (p.tokens > 0 && p.depth > 0 && (p.node_w == nullptr || p.node_b == nullptr)) {
     return Status::invalid("fff_hard: null node weights");

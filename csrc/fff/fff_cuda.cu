@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(32 * kWarps) hard_forward_kernel(const HardFwd
   }
   const int64_t leaf = node - ((int64_t{1} << p.depth) - 1);
   if (lane == 0) p.leaf[t] = static_cast<int32_t>(leaf);
+  if (p.descent_only) return;
   const T* w1 = static_cast<const T*>(p.w1) + leaf * p.in_features * p.width;
   const T* b1 = static_cast<const T*>(p.b1) + leaf * p.width;
   for (int64_t k = lane; k < p.width; k += 32) {
@@ -175,7 +176,8 @@ Status ultra_backward_typed(const UltraBwdParams& p, cudaStream_t stream) {
 
 template <typename T>
 Status hard_forward_typed(const HardFwdParams& p, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(kWarps) * static_cast<size_t>(p.width) * sizeof(float);
+  const size_t smem =
+      p.descent_only ? 0 : static_cast<size_t>(kWarps) * static_cast<size_t>(p.width) * sizeof(float);
   hard_forward_kernel<T><<<token_blocks(p.tokens), 32 * kWarps, smem, stream>>>(p);
   return cuda::last_launch_status();
 }
@@ -225,7 +227,7 @@ Status ultra_backward_cuda(const UltraBwdParams& p, void* stream) {
 
 Status hard_forward_cuda(const HardFwdParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
-  if (p.width > kMaxCudaLeafWidth) {
+  if (!p.descent_only && p.width > kMaxCudaLeafWidth) {
     return Status::unsupported("fff_hard: CUDA kernel takes leaf_width <= 3072");
   }
   if (p.tokens == 0) return Status::ok();
