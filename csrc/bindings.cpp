@@ -13,6 +13,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "fff/fff.h"
+#include "peer/peer.h"
 #include "rmsnorm/rmsnorm.h"
 
 namespace py = pybind11;
@@ -202,6 +203,74 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   run(device, p, stream, fff::hard_forward_cpu, FL_CUDA_OR_NONE(fff::hard_forward_cuda));
 }
 
+// PEER experts: CPU only for now (the Python layer runs the reference on other devices).
+void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
+                      std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
+                      std::uintptr_t preact, int64_t tokens, int64_t dim, int64_t pairs,
+                      int64_t num_experts, int dtype, int activation) {
+  if (device != kCpu) throw py::value_error("peer_experts_fwd: CPU only in this build");
+  peer::ExpertsFwdParams p;
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.indices = ptr<const int64_t>(indices);
+  p.gates = ptr<const void>(gates);
+  p.down = ptr<const void>(down);
+  p.up = ptr<const void>(up);
+  p.y = ptr<void>(y);
+  p.preact = ptr<float>(preact);
+  p.tokens = tokens;
+  p.dim = dim;
+  p.pairs = pairs;
+  p.num_experts = num_experts;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<fff::Activation>(activation);
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = peer::experts_forward_cpu(p);
+  }
+  raise_if_error(s);
+}
+
+void peer_experts_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row_stride,
+                      std::uintptr_t indices, std::uintptr_t gates, std::uintptr_t down,
+                      std::uintptr_t up, std::uintptr_t preact, std::uintptr_t order,
+                      std::uintptr_t seg_offsets, int64_t unique, std::uintptr_t dx,
+                      std::uintptr_t dgates, std::uintptr_t ddown_rows, std::uintptr_t dup_rows,
+                      std::uintptr_t coef, int64_t tokens, int64_t dim, int64_t pairs,
+                      int64_t num_experts, int dtype, int activation) {
+  if (device != kCpu) throw py::value_error("peer_experts_bwd: CPU only in this build");
+  peer::ExpertsBwdParams p;
+  p.dy = ptr<const void>(dy);
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.indices = ptr<const int64_t>(indices);
+  p.gates = ptr<const void>(gates);
+  p.down = ptr<const void>(down);
+  p.up = ptr<const void>(up);
+  p.preact = ptr<const float>(preact);
+  p.order = ptr<const int32_t>(order);
+  p.seg_offsets = ptr<const int64_t>(seg_offsets);
+  p.unique = unique;
+  p.dx = ptr<void>(dx);
+  p.dgates = ptr<void>(dgates);
+  p.ddown_rows = ptr<void>(ddown_rows);
+  p.dup_rows = ptr<void>(dup_rows);
+  p.coef = ptr<float>(coef);
+  p.tokens = tokens;
+  p.dim = dim;
+  p.pairs = pairs;
+  p.num_experts = num_experts;
+  p.dtype = static_cast<DType>(dtype);
+  p.act = static_cast<fff::Activation>(activation);
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = peer::experts_backward_cpu(p);
+  }
+  raise_if_error(s);
+}
+
 void set_cpu_isa(const std::string& name) {
   for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
     if (name == cpu::isa_name(isa)) {
@@ -230,4 +299,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("fff_ultra_fwd", &fff_ultra_fwd);
   m.def("fff_ultra_bwd", &fff_ultra_bwd);
   m.def("fff_hard_fwd", &fff_hard_fwd);
+  m.def("peer_experts_fwd", &peer_experts_fwd);
+  m.def("peer_experts_bwd", &peer_experts_bwd);
 }

@@ -7,10 +7,11 @@ Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without th
 
 from fastlayers import nn, reference
 from fastlayers._info import info
-from fastlayers.nn import FastFeedForward, RMSNorm, UltraFastFeedForward
+from fastlayers.nn import PEER, FastFeedForward, RMSNorm, UltraFastFeedForward
 from fastlayers.ops import (
     fff_hard,
     fused_add_rms_norm,
+    peer_experts,
     rms_norm,
     rms_norm_backward,
     rms_norm_fp8,
@@ -32,4 +33,6 @@ __all__ = [
     "UltraFastFeedForward",
     "ultrafast_ff",
     "fff_hard",
+    "PEER",
+    "peer_experts",
 ]

@@ -17,6 +17,8 @@ OPS = (
     "ultrafast_ff",
     "ultrafast_ff_backward",
     "fff_hard",
+    "peer_experts",
+    "peer_experts_backward",
 )
 
 

@@ -2,6 +2,7 @@
 """Drop-in ``torch.nn`` modules backed by fastlayers kernels."""
 
 from fastlayers.nn.fff import FastFeedForward, UltraFastFeedForward
+from fastlayers.nn.peer import PEER
 from fastlayers.nn.rmsnorm import RMSNorm
 
-__all__ = ["RMSNorm", "FastFeedForward", "UltraFastFeedForward"]
+__all__ = ["RMSNorm", "FastFeedForward", "UltraFastFeedForward", "PEER"]

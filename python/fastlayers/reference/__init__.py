@@ -11,6 +11,7 @@ from fastlayers.reference.fff import (
     ultrafast_ff,
     ultrafast_ff_backward,
 )
+from fastlayers.reference.peer import peer_experts, peer_experts_backward, peer_retrieve
 from fastlayers.reference.rmsnorm import (
     fused_add_rms_norm,
     rms_norm,
@@ -27,4 +28,7 @@ __all__ = [
     "ultrafast_ff_backward",
     "fff_hard",
     "fff_soft",
+    "peer_retrieve",
+    "peer_experts",
+    "peer_experts_backward",
 ]

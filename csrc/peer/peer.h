@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0
+// PEER expert launchers: single-neuron experts gathered by index, gated, summed. Semantics:
+// python/fastlayers/reference/peer.py. Per token t and pair p (heads x top-k flattened), e = idx[t, p]:
+//   s = down[e] . x_t        y_t = sum_p gate[t, p] * act(s) * up[e]
+// Backward, c = dy_t . up[e]:  dgate = act(s) c;  coef = act'(s) gate c;  dx_t = sum_p coef down[e];
+//   per selected expert (a segment of the expert-sorted pair list, in token order: deterministic):
+//   ddown[e] = sum coef x_t,  dup[e] = sum act(s) gate dy_t, written as compact rows [unique, dim].
+// Nothing of size [tokens, pairs, dim] is materialised.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/status.h"
+#include "fff/fff.h"
+
+namespace fastlayers::peer {
+
+using fff::Activation;
+
+struct ExpertsFwdParams {
+  const void* x = nullptr;          // [tokens, dim], row stride x_row_stride
+  int64_t x_row_stride = 0;
+  const int64_t* indices = nullptr; // [tokens, pairs], each in [0, num_experts)
+  const void* gates = nullptr;      // [tokens, pairs], dtype
+  const void* down = nullptr;       // [num_experts, dim] contiguous
+  const void* up = nullptr;         // [num_experts, dim] contiguous
+  void* y = nullptr;                // [tokens, dim] contiguous
+  float* preact = nullptr;          // [tokens, pairs]
+  int64_t tokens = 0, dim = 0, pairs = 0, num_experts = 0;
+  DType dtype = DType::kFloat32;    // x, gates, tables, y
+  Activation act = Activation::kGelu;
+};
+
+struct ExpertsBwdParams {
+  const void* dy = nullptr;         // [tokens, dim] contiguous
+  const void* x = nullptr;          // [tokens, dim], row stride x_row_stride
+  int64_t x_row_stride = 0;
+  const int64_t* indices = nullptr; // [tokens, pairs]
+  const void* gates = nullptr;      // [tokens, pairs]
+  const void* down = nullptr;       // [num_experts, dim]
+  const void* up = nullptr;         // [num_experts, dim]
+  const float* preact = nullptr;    // [tokens, pairs] from the forward
+  const int32_t* order = nullptr;   // [tokens * pairs] pair ids sorted by expert, token order kept
+  const int64_t* seg_offsets = nullptr; // [unique + 1]: segment u is order[seg_offsets[u], ...[u+1])
+  int64_t unique = 0;               // number of distinct selected experts
+  void* dx = nullptr;               // [tokens, dim]
+  void* dgates = nullptr;           // [tokens, pairs]
+  void* ddown_rows = nullptr;       // [unique, dim]: gradient rows of the selected experts, in
+  void* dup_rows = nullptr;         // [unique, dim]  segment order
+  float* coef = nullptr;            // workspace [tokens, pairs]
+  int64_t tokens = 0, dim = 0, pairs = 0, num_experts = 0;
+  DType dtype = DType::kFloat32;
+  Activation act = Activation::kGelu;
+};
+
+Status validate(const ExpertsFwdParams& p);
+Status validate(const ExpertsBwdParams& p);
+Status experts_forward_cpu(const ExpertsFwdParams& p);
+Status experts_backward_cpu(const ExpertsBwdParams& p);
+
+}  // namespace fastlayers::peer

@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "common/cpu_isa.h"
+#include "peer/peer.h"
+
+namespace fastlayers::cpu {
+#define FL_DECLARE_PEER(isa)                                                  \
+  namespace isa::peer {                                                       \
+  Status experts_forward(const fastlayers::peer::ExpertsFwdParams& p);        \
+  Status experts_backward(const fastlayers::peer::ExpertsBwdParams& p);       \
+  }
+FL_DECLARE_PEER(scalar)
+FL_DECLARE_PEER(avx2)
+FL_DECLARE_PEER(avx512)
+#undef FL_DECLARE_PEER
+}  // namespace fastlayers::cpu
+
+namespace fastlayers::peer {
+namespace {
+
+bool is_float(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+bool act_ok(Activation a) {
+  return a == Activation::kGelu || a == Activation::kGeluTanh || a == Activation::kRelu ||
+         a == Activation::kSilu;
+}
+
+}  // namespace
+
+Status validate(const ExpertsFwdParams& p) {
+  if (!is_float(p.dtype)) return Status::invalid("peer_experts: dtype must be float32, float16 or bfloat16");
+  if (!act_ok(p.act)) return Status::invalid("peer_experts: unknown activation");
+  if (p.tokens < 0 || p.dim <= 0 || p.pairs <= 0 || p.num_experts <= 0) {
+    return Status::invalid("peer_experts: need tokens >= 0 and positive dim, pairs, num_experts");
+  }
+  if (p.tokens > 0 && (p.x == nullptr || p.indices == nullptr || p.gates == nullptr ||
+                       p.down == nullptr || p.up == nullptr || p.y == nullptr || p.preact == nullptr)) {
+    return Status::invalid("peer_experts: null pointer argument");
+  }
+  if (p.tokens > 1 && p.x_row_stride < p.dim) return Status::invalid("peer_experts: x rows overlap");
+  return Status::ok();
+}
+
+Status validate(const ExpertsBwdParams& p) {
+  if (!is_float(p.dtype)) {
+    return Status::invalid("peer_experts_backward: dtype must be float32, float16 or bfloat16");
+  }
+  if (!act_ok(p.act)) return Status::invalid("peer_experts_backward: unknown activation");
+  if (p.tokens < 0 || p.dim <= 0 || p.pairs <= 0 || p.num_experts <= 0 || p.unique < 0 ||
+      p.unique > p.tokens * p.pairs) {
+    return Status::invalid("peer_experts_backward: bad sizes");
+  }
+  if (p.seg_offsets == nullptr) return Status::invalid("peer_experts_backward: null seg_offsets");
+  if (p.tokens > 0 &&
+      (p.dy == nullptr || p.x == nullptr || p.indices == nullptr || p.gates == nullptr ||
+       p.down == nullptr || p.up == nullptr || p.preact == nullptr || p.order == nullptr ||
+       p.dx == nullptr || p.dgates == nullptr || p.coef == nullptr)) {
+    return Status::invalid("peer_experts_backward: null pointer argument");
+  }
+  if (p.unique > 0 && (p.ddown_rows == nullptr || p.dup_rows == nullptr)) {
+    return Status::invalid("peer_experts_backward: null gradient rows");
+  }
+  if (p.tokens > 1 && p.x_row_stride < p.dim) return Status::invalid("peer_experts_backward: x rows overlap");
+  return Status::ok();
+}
+
+#define FL_PEER_DISPATCH(fn)            \
+  switch (cpu::active_isa()) {          \
+    case cpu::Isa::kAvx512:             \
+      return cpu::avx512::peer::fn(p);  \
+    case cpu::Isa::kAvx2:               \
+      return cpu::avx2::peer::fn(p);    \
+    default:                            \
+      return cpu::scalar::peer::fn(p);  \
+  }
+
+Status experts_forward_cpu(const ExpertsFwdParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.tokens == 0) return Status::ok();
+  FL_PEER_DISPATCH(experts_forward)
+}
+
+Status experts_backward_cpu(const ExpertsBwdParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.tokens == 0) return Status::ok();
+  FL_PEER_DISPATCH(experts_backward)
+}
+
+#undef FL_PEER_DISPATCH
+
+}  // namespace fastlayers::peer

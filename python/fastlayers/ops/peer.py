@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""PEER expert ops: ``peer_experts`` (gather, gate, reduce) and its backward.
+
+Semantics: :mod:`fastlayers.reference.peer`. The backward returns the table gradients as compact
+rows of the selected experts (``expert_ids``, ``[unique, dim]`` rows); autograd expands them into a
+dense gradient, or a sparse COO one with ``sparse_grad=True`` (for ``torch.optim.SparseAdam`` on
+million-row tables).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlayers import _dtypes, _ext
+from fastlayers import reference as ref
+from fastlayers.ops._common import (
+    LIB,
+    check_activation,
+    check_tensor,
+    device_code,
+    direct_call_ok,
+    empty,
+    has_kernel,
+    ptr,
+    row_stride,
+    rows_view,
+)
+from fastlayers.reference.fff import ACTIVATIONS
+from fastlayers.reference.peer import peer_experts_backward as _ref_backward
+
+LIB.define(
+    "peer_experts(Tensor x, Tensor indices, Tensor gates, Tensor expert_down, Tensor expert_up,"
+    " str activation, bool sparse_grad) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "peer_experts_backward(Tensor grad_y, Tensor x, Tensor indices, Tensor gates,"
+    " Tensor expert_down, Tensor expert_up, Tensor preact, str activation)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _check(x, indices, gates, expert_down, expert_up, activation, check_range=True) -> None:
+    check_activation(x, "x")
+    for t, name in ((indices, "indices"), (gates, "gates"), (expert_down, "expert_down")):
+        check_tensor(t, name)
+    check_tensor(expert_up, "expert_up")
+    dim = x.shape[-1]
+    for t, name in ((expert_down, "expert_down"), (expert_up, "expert_up")):
+        if t.dim() != 2 or t.shape[1] != dim or t.shape[0] == 0:
+            raise ValueError(f"{name} must have shape (num_experts, {dim}), got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if expert_up.shape != expert_down.shape:
+        raise ValueError("expert_down and expert_up must have the same shape")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if indices.dim() < 1 or tuple(indices.shape[:-1]) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"indices must have shape {(*x.shape[:-1], 'pairs')}, got {tuple(indices.shape)}"
+        )
+    if indices.shape[-1] == 0:
+        raise ValueError("indices has 0 pairs per token")
+    if gates.shape != indices.shape or gates.dtype != x.dtype or gates.device != x.device:
+        raise ValueError(
+            f"gates must be {x.dtype} of indices' shape {tuple(indices.shape)} on {x.device}, "
+            f"got {gates.dtype} {tuple(gates.shape)} on {gates.device}"
+        )
+    if indices.device != x.device:
+        raise ValueError(f"indices is on {indices.device} but x is on {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if check_range and indices.numel() and indices.device.type != "meta":
+        n = expert_down.shape[0]
+        if bool(((indices < 0) | (indices >= n)).any()):
+            raise ValueError(f"indices must lie in [0, {n}) (num_experts)")
+
+
+def _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
+    _check(x, indices, gates, expert_down, expert_up, activation)
+    if x.device.type != "cpu" or not has_kernel(x.device, "peer_experts"):
+        if x.device.type == "cuda":
+            _ext.warn_once("peer_experts-cuda", "fastlayers.peer_experts: no CUDA kernel yet; "
+                           "running the PyTorch reference")  # fmt: skip
+        return ref.peer_experts(x, indices, gates, expert_down, expert_up, activation)
+    dim = x.shape[-1]
+    pairs = indices.shape[-1]
+    y = empty(x.shape, x.dtype, x.device)
+    preact = empty((*x.shape[:-1], pairs), torch.float32, x.device)
+    x2 = rows_view(x)
+    if x2.shape[0] > 0:
+        idx = indices.reshape(-1, pairs).contiguous()
+        g = gates.reshape(-1, pairs).contiguous()
+        down, up = expert_down.contiguous(), expert_up.contiguous()
+        _ext.C.peer_experts_fwd(
+            device_code(x.device),
+            ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up),
+            ptr(y), ptr(preact),
+            x2.shape[0], dim, pairs, expert_down.shape[0],
+            _dtypes.code(x.dtype), ACTIVATIONS[activation],
+        )  # fmt: skip
+    return y, preact
+
+
+def _segments(indices: torch.Tensor):
+    """Pairs sorted by expert (token order kept), the distinct experts and their segment offsets."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ids, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    offsets = torch.zeros(ids.numel() + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return order.to(torch.int32), ids, offsets
+
+
+def _compact(d_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return d_table.index_select(0, ids)
+
+
+def _peer_experts_backward_impl(grad_y, x, indices, gates, expert_down, expert_up, preact, act):
+    _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
+    order, ids, offsets = _segments(indices)
+    if x.device.type != "cpu" or not has_kernel(x.device, "peer_experts_backward"):
+        dx, dg, dd, du = _ref_backward(
+            grad_y, x, indices, gates, expert_down, expert_up, preact, act
+        )
+        return dx, dg, ids, _compact(dd, ids), _compact(du, ids)
+    dim, pairs = x.shape[-1], indices.shape[-1]
+    x2 = rows_view(x)
+    tokens = x2.shape[0]
+    dx = empty(x.shape, x.dtype, x.device)
+    dgates = empty(gates.shape, gates.dtype, x.device)
+    ddown = empty((ids.numel(), dim), expert_down.dtype, x.device)
+    dup = empty((ids.numel(), dim), expert_up.dtype, x.device)
+    coef = torch.empty((tokens, pairs), dtype=torch.float32, device=x.device)
+    if tokens > 0:
+        dy2 = grad_y.reshape(-1, dim).contiguous()
+        idx = indices.reshape(-1, pairs).contiguous()
+        g = gates.reshape(-1, pairs).contiguous()
+        pre = preact.reshape(-1, pairs).contiguous()
+        down, up = expert_down.contiguous(), expert_up.contiguous()
+        _ext.C.peer_experts_bwd(
+            device_code(x.device),
+            ptr(dy2), ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up), ptr(pre),
+            ptr(order), ptr(offsets), ids.numel(),
+            ptr(dx), ptr(dgates), ptr(ddown), ptr(dup), ptr(coef),
+            tokens, dim, pairs, expert_down.shape[0],
+            _dtypes.code(x.dtype), ACTIVATIONS[act],
+        )  # fmt: skip
+    return dx, dgates, ids, ddown, dup
+
+
+def _peer_experts_reference(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
+    _check(x, indices, gates, expert_down, expert_up, activation)
+    return ref.peer_experts(x, indices, gates, expert_down, expert_up, activation)
+
+
+LIB.impl("peer_experts", _peer_experts_kernel, "CPU")
+LIB.impl("peer_experts", _peer_experts_kernel, "CUDA")
+LIB.impl("peer_experts", _peer_experts_reference, "CompositeExplicitAutograd")
+LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CPU")
+LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CUDA")
+LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::peer_experts", lib=LIB)
+def _peer_experts_fake(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
+    _check(x, indices, gates, expert_down, expert_up, activation, check_range=False)
+    return x.new_empty(x.shape), x.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastlayers::peer_experts_backward", lib=LIB)
+def _peer_experts_backward_fake(grad_y, x, indices, gates, expert_down, expert_up, preact, act):
+    _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
+    unique = torch.library.get_ctx().new_dynamic_size()
+    dim = x.shape[-1]
+    return (
+        x.new_empty(x.shape),
+        gates.new_empty(gates.shape),
+        indices.new_empty((unique,)),
+        expert_down.new_empty((unique, dim)),
+        expert_up.new_empty((unique, dim)),
+    )
+
+
+def _setup(ctx, inputs, output):
+    x, indices, gates, expert_down, expert_up, activation, sparse_grad = inputs
+    ctx.save_for_backward(x, indices, gates, expert_down, expert_up, output[1])
+    ctx.activation, ctx.sparse_grad = activation, sparse_grad
+
+
+def _backward(ctx, grad_y, grad_preact):
+    x, indices, gates, expert_down, expert_up, preact = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None, None, None, None
+    dx, dgates, ids, ddown, dup = torch.ops.fastlayers.peer_experts_backward(
+        grad_y.contiguous(), x, indices, gates, expert_down, expert_up, preact, ctx.activation
+    )
+    shape = expert_down.shape
+
+    def table_grad(rows):
+        if ctx.sparse_grad:
+            return torch.sparse_coo_tensor(
+                ids.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False
+            )
+        return rows.new_zeros(shape).index_copy_(0, ids, rows)
+
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        None,
+        dgates if need[2] else None,
+        table_grad(ddown) if need[3] else None,
+        table_grad(dup) if need[4] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fastlayers::peer_experts", _backward, setup_context=_setup, lib=LIB
+)
+
+
+def peer_experts(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    expert_down: torch.Tensor,
+    expert_up: torch.Tensor,
+    activation: str = "gelu",
+    sparse_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEER experts: ``y = sum_p gates_p * act(expert_down[indices_p] . x) * expert_up[indices_p]``.
+
+    ``x [..., dim]``; ``indices [..., pairs]`` int64 in ``[0, num_experts)``;
+    ``gates [..., pairs]`` (x's dtype); tables ``[num_experts, dim]``.
+    Returns ``(y [..., dim], preact [..., pairs] fp32)``.
+    Differentiable w.r.t. x, gates and both tables; ``sparse_grad=True`` makes the table gradients
+    sparse COO tensors over the selected rows.
+    """
+    check_tensor(x, "x")
+    if direct_call_ok(x, gates, expert_down, expert_up):
+        return _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, False)
+    return torch.ops.fastlayers.peer_experts(
+        x, indices, gates, expert_down, expert_up, activation, bool(sparse_grad)
+    )

@@ -1,0 +1,208 @@
+# SPDX-License-Identifier: Apache-2.0
+"""PEER: the fused expert kernel (forward, backward, sparse gradients) against the float64
+reference, product-key retrieval against brute force, and the module against peer-pytorch."""
+
+import math
+
+import pytest
+import torch
+
+import fastlayers
+from _tolerances import assert_close_to_oracle, rand
+from fastlayers import reference as ref
+from fastlayers.ops import peer_experts
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _tables(n, dim, dtype, device):
+    return (
+        rand(n, dim, dtype=dtype, device=device, scale=dim**-0.5),
+        rand(n, dim, dtype=dtype, device=device, scale=0.5),
+    )
+
+
+def _pairs(tokens, pairs, n, dtype, device, duplicates=True):
+    idx = torch.randint(0, n, (tokens, pairs), device=device)
+    if duplicates and pairs > 2:
+        idx[:, 1] = idx[:, 0]  # the same expert twice in a token
+        idx[1::2, 2] = idx[0::2, 2][: idx[1::2].shape[0]]  # shared across tokens
+    gates = torch.rand(tokens, pairs, device=device).to(dtype)
+    return idx, gates
+
+
+def _d(*ts):
+    return [t.double() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,dim,pairs,n",
+    [(1, 8, 1, 16), (37, 45, 12, 100), (64, 128, 128, 4096), (9, 33, 512, 256)],
+)
+def test_experts_forward(device, dtype, tokens, dim, pairs, n):
+    down, up = _tables(n, dim, dtype, device)
+    idx, gates = _pairs(tokens, pairs, n, dtype, device)
+    x = rand(tokens, dim, dtype=dtype, device=device)
+    y, pre = peer_experts(x, idx, gates, down, up)
+    y_ref = ref.peer_experts(x, idx, gates, down, up)[0]
+    y64, pre64 = ref.peer_experts(*_d(x), idx, *_d(gates, down, up))
+    assert_close_to_oracle(y, y_ref, y64, name="y")
+    torch.testing.assert_close(pre.double(), pre64, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_experts_activations_batch_shapes_and_strides(device, activation):
+    down, up = _tables(64, 40, torch.float32, device)
+    base = rand(2, 5, 80, dtype=torch.float32, device=device)
+    x = base[..., ::2]  # column stride 2, batch dims
+    idx, gates = _pairs(10, 6, 64, torch.float32, device)
+    idx, gates = idx.reshape(2, 5, 6), gates.reshape(2, 5, 6)
+    y, pre = peer_experts(x, idx, gates, down, up, activation)
+    y64 = ref.peer_experts(*_d(x), idx, *_d(gates, down, up), activation)[0]
+    assert y.shape == (2, 5, 40) and pre.shape == (2, 5, 6)
+    assert_close_to_oracle(y, ref.peer_experts(x, idx, gates, down, up, activation)[0], y64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_backward_matches_autograd(device, dtype):
+    tokens, dim, pairs, n = 50, 36, 16, 64
+    down, up = _tables(n, dim, dtype, device)
+    idx, gates = _pairs(tokens, pairs, n, dtype, device)
+    x = rand(tokens, dim, dtype=dtype, device=device)
+    dy = rand(tokens, dim, dtype=dtype, device=device)
+    leaves = [t.detach().requires_grad_() for t in (x, gates, down, up)]
+    y, _ = peer_experts(leaves[0], idx, *leaves[1:])
+    grads = torch.autograd.grad(y, leaves, dy)
+    l64 = [t.detach().double().requires_grad_() for t in (x, gates, down, up)]
+    g64 = torch.autograd.grad(ref.peer_experts(l64[0], idx, *l64[1:])[0], l64, dy.double())
+    l32 = [t.detach().float().requires_grad_() for t in (x, gates, down, up)]
+    g32 = torch.autograd.grad(ref.peer_experts(l32[0], idx, *l32[1:])[0], l32, dy.float())
+    for g, r, o, name in zip(grads, g32, g64, ["dx", "dgates", "ddown", "dup"], strict=True):
+        assert g.dtype == dtype and g.layout == torch.strided
+        assert_close_to_oracle(g, r.to(dtype), o, factor=3.0, name=name)
+
+
+def test_experts_sparse_grad_and_determinism(device):
+    down, up = _tables(400, 24, torch.float32, device)
+    idx, gates = _pairs(30, 8, 400, torch.float32, device)
+    x = rand(30, 24, dtype=torch.float32, device=device)
+    dy = rand(30, 24, dtype=torch.float32, device=device)
+    d1, u1 = down.clone().requires_grad_(), up.clone().requires_grad_()
+    y = torch.ops.fastlayers.peer_experts(x, idx, gates, d1, u1, "gelu", True)[0]
+    sd, su = torch.autograd.grad(y, (d1, u1), dy)
+    assert sd.layout == torch.sparse_coo and sd._nnz() == torch.unique(idx).numel()
+    d2, u2 = down.clone().requires_grad_(), up.clone().requires_grad_()
+    dd, du = torch.autograd.grad(peer_experts(x, idx, gates, d2, u2)[0], (d2, u2), dy)
+    torch.testing.assert_close(sd.to_dense(), dd, rtol=0, atol=0)
+    torch.testing.assert_close(su.to_dense(), du, rtol=0, atol=0)
+    again = torch.autograd.grad(peer_experts(x, idx, gates, d2, u2)[0], (d2, u2), dy)
+    assert torch.equal(again[0], dd) and torch.equal(again[1], du)
+
+
+def test_experts_bad_input():
+    down, up = _tables(10, 8, torch.float32, "cpu")
+    x = torch.randn(3, 8)
+    idx = torch.randint(0, 10, (3, 4))
+    g = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="indices must lie"):
+        peer_experts(x, idx + 10, g, down, up)
+    with pytest.raises(TypeError, match="int64"):
+        peer_experts(x, idx.int(), g, down, up)
+    with pytest.raises(ValueError, match="gates"):
+        peer_experts(x, idx, g[:, :2], down, up)
+    with pytest.raises(ValueError, match="expert_down"):
+        peer_experts(x, idx, g, down[:, :4], up)
+    with pytest.raises(TypeError, match="expert_up"):
+        peer_experts(x, idx, g, down, up.double())
+    with pytest.raises(ValueError, match="activation"):
+        peer_experts(x, idx, g, down, up, "tanh")
+
+
+def test_experts_opcheck(device):
+    down, up = _tables(32, 12, torch.float32, device)
+    idx, gates = _pairs(5, 4, 32, torch.float32, device)
+    x = rand(5, 12, dtype=torch.float32, device=device).requires_grad_()
+    torch.library.opcheck(
+        torch.ops.fastlayers.peer_experts, (x, idx, gates, down, up, "gelu", False)
+    )
+
+
+@pytest.mark.parametrize("n,topk", [(16, 1), (64, 4), (1024, 16), (4096, 64)])
+def test_product_key_retrieval_equals_brute_force(n, topk):
+    heads, dim_key = 3, 10
+    k = math.isqrt(n)
+    queries = torch.randn(20, heads, dim_key, dtype=torch.float64)
+    keys = torch.randn(heads, 2, k, dim_key // 2, dtype=torch.float64)
+    indices, gates = ref.peer_retrieve(queries, keys, topk, "softmax")
+    # Brute force: every expert e = i * k + j scores s1[i] + s2[j].
+    q = queries.reshape(20, heads, 2, dim_key // 2)
+    s1 = torch.einsum("thd,hkd->thk", q[:, :, 0], keys[:, 0])
+    s2 = torch.einsum("thd,hkd->thk", q[:, :, 1], keys[:, 1])
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
+    best, best_idx = full.topk(topk, dim=-1)
+    torch.testing.assert_close(full.gather(-1, indices), best)
+    assert torch.equal(indices.sort(-1).values, best_idx.sort(-1).values)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(20, heads, dtype=torch.float64))
+
+
+def test_peer_module_trains_and_reports_usage():
+    torch.manual_seed(0)
+    m = fastlayers.PEER(32, 256, heads=4, topk=8, dim_key=16)
+    x = torch.randn(6, 32)
+    y = m(x)
+    assert y.shape == (6, 32)
+    y.square().mean().backward()
+    for p in (m.query.weight, m.keys, m.expert_down, m.expert_up):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert 1 <= m.expert_usage(x) <= 6 * 4 * 8
+
+
+def test_peer_sparse_grad_with_sparse_adam():
+    torch.manual_seed(0)
+    m = fastlayers.PEER(16, 1024, heads=2, topk=4, dim_key=8, sparse_grad=True, query_norm="none")
+    opt_sparse = torch.optim.SparseAdam([m.expert_down, m.expert_up], lr=1e-2)
+    before = m.expert_down.detach().clone()
+    m(torch.randn(5, 16)).sum().backward()
+    assert m.expert_down.grad.layout == torch.sparse_coo
+    opt_sparse.step()
+    changed = (m.expert_down != before).any(-1)
+    assert 0 < changed.sum() <= 5 * 2 * 4
+
+
+def test_peer_separate_experts_per_head():
+    m = fastlayers.PEER(16, 64, heads=3, topk=2, dim_key=8, separate_experts_per_head=True)
+    assert m.expert_down.shape == (3 * 64, 16)
+    idx, _ = m.retrieve(torch.randn(4, 16))
+    heads_of = idx.reshape(4, 3, 2) // 64
+    assert torch.equal(heads_of, torch.arange(3).view(1, 3, 1).expand(4, 3, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_experts": 10}, {"dim_key": 7}, {"score": "sigmoid"}, {"query_norm": "layernorm"},
+     {"topk": 0}, {"activation": "tanh"}],
+)  # fmt: skip
+def test_peer_bad_arguments(kwargs):
+    args = {"dim": 16, "num_experts": 64, **kwargs}
+    with pytest.raises(ValueError):
+        fastlayers.PEER(**args)
+
+
+@pytest.mark.parametrize("non_competing", [True, False])
+def test_from_peer_pytorch_is_exact(non_competing):
+    peer_pkg = pytest.importorskip("PEER_pytorch")
+    torch.manual_seed(0)
+    theirs = peer_pkg.PEER(
+        dim=32, heads=4, num_experts=256, num_experts_per_head=8,
+        non_competing_scores=non_competing,
+    )  # fmt: skip
+    torch.nn.init.normal_(theirs.weight_down_embed.weight, std=0.2)
+    ours = fastlayers.PEER.from_peer_pytorch(theirs)
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # Gradients agree too (to the queries, keys and both tables).
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    torch.testing.assert_close(ours.expert_up.grad, theirs.weight_up_embed.weight.grad)
+    torch.testing.assert_close(ours.keys.grad, theirs.keys.grad.permute(0, 2, 1, 3))
