@@ -117,6 +117,11 @@ static inline float to_float(fp8e4m3_t v) {
 }
 
 // Round-trip through a storage type: the value a kernel gets after storing f as T and reading it back.
+// The activation dtypes the kernels take.
+static inline bool is_float_activation(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
 static inline float round_to(float f, const float*) { return f; }
 static inline float round_to(float f, const bf16_t*) { return to_float(to_bf16(f)); }
 static inline float round_to(float f, const half_t*) { return to_float(to_half(f)); }

@@ -28,6 +28,11 @@ namespace fastlayers::fff {
 
 enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
 
+static inline bool valid_activation(Activation a) {
+  return a == Activation::kGelu || a == Activation::kGeluTanh || a == Activation::kRelu ||
+         a == Activation::kSilu;
+}
+
 struct UltraFwdParams {
   const void* x = nullptr;       // [tokens, in], row stride x_row_stride, unit column stride
   int64_t x_row_stride = 0;

@@ -16,22 +16,9 @@ FL_DECLARE_FFF(avx512)
 }  // namespace fastlayers::cpu
 
 namespace fastlayers::fff {
-namespace {
-
-bool is_float(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
-bool act_ok(Activation a) {
-  return a == Activation::kGelu || a == Activation::kGeluTanh || a == Activation::kRelu ||
-         a == Activation::kSilu;
-}
-
-}  // namespace
-
 Status validate(const UltraFwdParams& p) {
-  if (!is_float(p.dtype)) return Status::invalid("ultrafast_ff: dtype must be float32, float16 or bfloat16");
-  if (!act_ok(p.act)) return Status::invalid("ultrafast_ff: unknown activation");
+  if (!is_float_activation(p.dtype)) return Status::invalid("ultrafast_ff: dtype must be float32, float16 or bfloat16");
+  if (!valid_activation(p.act)) return Status::invalid("ultrafast_ff: unknown activation");
   if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0) {
     return Status::invalid("ultrafast_ff: need tokens >= 0 and positive feature sizes");
   }
@@ -45,10 +32,10 @@ Status validate(const UltraFwdParams& p) {
 }
 
 Status validate(const UltraBwdParams& p) {
-  if (!is_float(p.dtype)) {
+  if (!is_float_activation(p.dtype)) {
     return Status::invalid("ultrafast_ff_backward: dtype must be float32, float16 or bfloat16");
   }
-  if (!act_ok(p.act)) return Status::invalid("ultrafast_ff_backward: unknown activation");
+  if (!valid_activation(p.act)) return Status::invalid("ultrafast_ff_backward: unknown activation");
   if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0 || p.levels < 1 || p.levels > 31) {
     return Status::invalid("ultrafast_ff_backward: bad sizes");
   }
@@ -67,8 +54,8 @@ Status validate(const UltraBwdParams& p) {
 }
 
 Status validate(const HardFwdParams& p) {
-  if (!is_float(p.dtype)) return Status::invalid("fff_hard: dtype must be float32, float16 or bfloat16");
-  if (!act_ok(p.act)) return Status::invalid("fff_hard: unknown activation");
+  if (!is_float_activation(p.dtype)) return Status::invalid("fff_hard: dtype must be float32, float16 or bfloat16");
+  if (!valid_activation(p.act)) return Status::invalid("fff_hard: unknown activation");
   if (p.tokens < 0 || p.in_features <= 0 || p.out_features <= 0 || p.width <= 0) {
     return Status::invalid("fff_hard: need tokens >= 0 and positive feature sizes and leaf width");
   }

@@ -15,22 +15,9 @@ FL_DECLARE_PEER(avx512)
 }  // namespace fastlayers::cpu
 
 namespace fastlayers::peer {
-namespace {
-
-bool is_float(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
-bool act_ok(Activation a) {
-  return a == Activation::kGelu || a == Activation::kGeluTanh || a == Activation::kRelu ||
-         a == Activation::kSilu;
-}
-
-}  // namespace
-
 Status validate(const ExpertsFwdParams& p) {
-  if (!is_float(p.dtype)) return Status::invalid("peer_experts: dtype must be float32, float16 or bfloat16");
-  if (!act_ok(p.act)) return Status::invalid("peer_experts: unknown activation");
+  if (!is_float_activation(p.dtype)) return Status::invalid("peer_experts: dtype must be float32, float16 or bfloat16");
+  if (!valid_activation(p.act)) return Status::invalid("peer_experts: unknown activation");
   if (p.tokens < 0 || p.dim <= 0 || p.pairs <= 0 || p.num_experts <= 0) {
     return Status::invalid("peer_experts: need tokens >= 0 and positive dim, pairs, num_experts");
   }
@@ -43,10 +30,10 @@ Status validate(const ExpertsFwdParams& p) {
 }
 
 Status validate(const ExpertsBwdParams& p) {
-  if (!is_float(p.dtype)) {
+  if (!is_float_activation(p.dtype)) {
     return Status::invalid("peer_experts_backward: dtype must be float32, float16 or bfloat16");
   }
-  if (!act_ok(p.act)) return Status::invalid("peer_experts_backward: unknown activation");
+  if (!valid_activation(p.act)) return Status::invalid("peer_experts_backward: unknown activation");
   if (p.tokens < 0 || p.dim <= 0 || p.pairs <= 0 || p.num_experts <= 0 || p.unique < 0 ||
       p.unique > p.tokens * p.pairs) {
     return Status::invalid("peer_experts_backward: bad sizes");

@@ -5,6 +5,7 @@
 // pairs kPrefetchAhead ahead are prefetched while the current pair is computed.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "fff/activation.h"
 #include "peer/peer.h"
@@ -20,37 +21,6 @@ namespace {
 
 constexpr int64_t kPrefetchAhead = 2;
 constexpr int64_t kParallelMinWork = 1 << 16;
-
-template <typename A, typename B>
-float dot(const A* a, const B* b, int64_t n) {
-  V s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
-  int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    s0 = vfma(vload(a + i), vload(b + i), s0);
-    s1 = vfma(vload(a + i + kW), vload(b + i + kW), s1);
-    s2 = vfma(vload(a + i + 2 * kW), vload(b + i + 2 * kW), s2);
-    s3 = vfma(vload(a + i + 3 * kW), vload(b + i + 3 * kW), s3);
-  }
-  for (; i + kW <= n; i += kW) s0 = vfma(vload(a + i), vload(b + i), s0);
-  float s = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
-  for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
-  return s;
-}
-
-template <typename T>
-void axpy(float s, const T* row, float* acc, int64_t n) {
-  const V vs = vset1(s);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) vstore(acc + i, vfma(vs, vload(row + i), vload(acc + i)));
-  for (; i < n; ++i) acc[i] += s * to_float(row[i]);
-}
-
-template <typename T>
-void prefetch_row(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
-}
 
 // A sum of many scaled rows, accumulated in blocks of kBlock terms (sum of block sums): the rounding
 // error grows with kBlock + terms / kBlock instead of with the number of terms (512 pairs per token

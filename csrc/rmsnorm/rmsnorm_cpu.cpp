@@ -20,17 +20,13 @@ Status backward(const fastlayers::rmsnorm::BwdParams& p);
 namespace fastlayers::rmsnorm {
 namespace {
 
-bool is_float(DType t) {
-  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
-}
-
 bool weight_ok(DType x, DType w) { return w == x || w == DType::kFloat32; }
 
 }  // namespace
 
 Status validate(const FwdParams& p) {
   if (p.rows < 0 || p.cols <= 0) return Status::invalid("rms_norm: need rows >= 0 and cols > 0");
-  if (!is_float(p.x_dtype)) return Status::invalid("rms_norm: x must be float32, float16 or bfloat16");
+  if (!is_float_activation(p.x_dtype)) return Status::invalid("rms_norm: x must be float32, float16 or bfloat16");
   if (!weight_ok(p.x_dtype, p.weight_dtype)) {
     return Status::invalid("rms_norm: weight must have x's dtype or float32");
   }
@@ -55,7 +51,7 @@ Status validate(const FwdParams& p) {
 
 Status validate(const BwdParams& p) {
   if (p.rows < 0 || p.cols <= 0) return Status::invalid("rms_norm_backward: need rows >= 0 and cols > 0");
-  if (!is_float(p.x_dtype)) {
+  if (!is_float_activation(p.x_dtype)) {
     return Status::invalid("rms_norm_backward: x must be float32, float16 or bfloat16");
   }
   if (!weight_ok(p.x_dtype, p.weight_dtype)) {
