@@ -44,3 +44,20 @@ void prefetch_row(const T* row, int64_t n) {
 
 }  // namespace
 }  // namespace fastlayers::cpu::FL_CPU_ISA
+
+// Body of a launcher that runs fn<T>(p) for the three activation dtypes (float, half_t, bf16_t).
+#define FL_CPU_BY_FLOAT_DTYPE(fn, p, message)                                \
+  switch ((p).dtype) {                                                      \
+    case DType::kFloat32:                                                   \
+      fn<float>(p);                                                         \
+      break;                                                                \
+    case DType::kFloat16:                                                   \
+      fn<half_t>(p);                                                        \
+      break;                                                                \
+    case DType::kBFloat16:                                                  \
+      fn<bf16_t>(p);                                                        \
+      break;                                                                \
+    default:                                                                \
+      return Status{StatusCode::kInvalidArgument, message};                 \
+  }                                                                         \
+  return Status{StatusCode::kSuccess, ""};

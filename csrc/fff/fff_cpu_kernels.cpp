@@ -22,6 +22,7 @@ using fastlayers::fff::UltraFwdParams;
 
 namespace {
 
+constexpr const char* kDtypeError = "fff: dtype must be float32, float16 or bfloat16";
 constexpr int kGroup = 4;
 constexpr int kMaxLevels = 31;
 // Below this many multiply-adds the OpenMP fork/join (a few microseconds) costs more than it saves.
@@ -184,28 +185,11 @@ void hard_forward_typed(const HardFwdParams& p) {
   }
 }
 
-#define FL_FFF_BY_DTYPE(fn, p)                                                               \
-  switch ((p).dtype) {                                                                      \
-    case DType::kFloat32:                                                                   \
-      fn<float>(p);                                                                         \
-      break;                                                                                \
-    case DType::kFloat16:                                                                   \
-      fn<half_t>(p);                                                                        \
-      break;                                                                                \
-    case DType::kBFloat16:                                                                  \
-      fn<bf16_t>(p);                                                                        \
-      break;                                                                                \
-    default:                                                                                \
-      return Status{StatusCode::kInvalidArgument, "fff: dtype must be float32, float16 or bfloat16"}; \
-  }                                                                                         \
-  return Status{StatusCode::kSuccess, ""};
-
 }  // namespace
 
-Status ultra_forward(const UltraFwdParams& p) { FL_FFF_BY_DTYPE(ultra_forward_typed, p) }
-Status ultra_backward(const UltraBwdParams& p) { FL_FFF_BY_DTYPE(ultra_backward_typed, p) }
-Status hard_forward(const HardFwdParams& p) { FL_FFF_BY_DTYPE(hard_forward_typed, p) }
+Status ultra_forward(const UltraFwdParams& p) { FL_CPU_BY_FLOAT_DTYPE(ultra_forward_typed, p, kDtypeError) }
+Status ultra_backward(const UltraBwdParams& p) { FL_CPU_BY_FLOAT_DTYPE(ultra_backward_typed, p, kDtypeError) }
+Status hard_forward(const HardFwdParams& p) { FL_CPU_BY_FLOAT_DTYPE(hard_forward_typed, p, kDtypeError) }
 
-#undef FL_FFF_BY_DTYPE
 
 }  // namespace fastlayers::cpu::FL_CPU_ISA::fff

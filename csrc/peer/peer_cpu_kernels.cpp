@@ -19,6 +19,7 @@ using fastlayers::peer::ExpertsFwdParams;
 
 namespace {
 
+constexpr const char* kDtypeError = "peer: dtype must be float32, float16 or bfloat16";
 constexpr int64_t kPrefetchAhead = 2;
 constexpr int64_t kParallelMinWork = 1 << 16;
 
@@ -156,27 +157,10 @@ void backward_typed(const ExpertsBwdParams& p) {
   }
 }
 
-#define FL_PEER_BY_DTYPE(fn, p)                                                                 \
-  switch ((p).dtype) {                                                                         \
-    case DType::kFloat32:                                                                      \
-      fn<float>(p);                                                                            \
-      break;                                                                                   \
-    case DType::kFloat16:                                                                      \
-      fn<half_t>(p);                                                                           \
-      break;                                                                                   \
-    case DType::kBFloat16:                                                                     \
-      fn<bf16_t>(p);                                                                           \
-      break;                                                                                   \
-    default:                                                                                   \
-      return Status{StatusCode::kInvalidArgument, "peer: dtype must be float32, float16 or bfloat16"}; \
-  }                                                                                            \
-  return Status{StatusCode::kSuccess, ""};
-
 }  // namespace
 
-Status experts_forward(const ExpertsFwdParams& p) { FL_PEER_BY_DTYPE(forward_typed, p) }
-Status experts_backward(const ExpertsBwdParams& p) { FL_PEER_BY_DTYPE(backward_typed, p) }
+Status experts_forward(const ExpertsFwdParams& p) { FL_CPU_BY_FLOAT_DTYPE(forward_typed, p, kDtypeError) }
+Status experts_backward(const ExpertsBwdParams& p) { FL_CPU_BY_FLOAT_DTYPE(backward_typed, p, kDtypeError) }
 
-#undef FL_PEER_BY_DTYPE
 
 }  // namespace fastlayers::cpu::FL_CPU_ISA::peer
