@@ -100,6 +100,33 @@ def test_experts_sparse_grad_and_determinism(device):
     assert torch.equal(again[0], dd) and torch.equal(again[1], du)
 
 
+def test_experts_backward_dense_table_zero_tokens_and_opcheck(device):
+    """Dense mode writes every table row (unselected ones 0) including when there are no tokens;
+    the backward op passes opcheck in both modes."""
+    down, up = _tables(300, 20, torch.float32, device)
+    idx, gates = _pairs(7, 4, 300, torch.float32, device)
+    x = rand(7, 20, dtype=torch.float32, device=device)
+    dy = rand(7, 20, dtype=torch.float32, device=device)
+    pre = peer_experts(x, idx, gates, down, up)[1]
+    args = (dy, x, idx, gates, down, up, pre, "gelu")
+    _, _, ids, dd, du = torch.ops.fastlayers.peer_experts_backward(*args, True)
+    _, _, ids2, rd, ru = torch.ops.fastlayers.peer_experts_backward(*args, False)
+    assert torch.equal(ids, ids2) and dd.shape == (300, 20) and rd.shape == (ids.numel(), 20)
+    others = torch.ones(300, dtype=torch.bool, device=device)
+    others[ids] = False
+    assert int(others.sum()) == 300 - ids.numel() > 200
+    assert torch.equal(dd[others], torch.zeros_like(dd[others]))
+    assert torch.equal(du[others], torch.zeros_like(du[others]))
+    assert torch.equal(dd[ids], rd) and torch.equal(du[ids], ru)
+    empty = [t[:0] for t in (dy, x, idx, gates)]
+    out = torch.ops.fastlayers.peer_experts_backward(
+        *empty[:2], empty[2], empty[3], down, up, pre[:0], "gelu", True
+    )
+    assert out[0].shape == (0, 20) and torch.equal(out[3], torch.zeros_like(down))
+    for dense in (True, False):
+        torch.library.opcheck(torch.ops.fastlayers.peer_experts_backward, (*args, dense))
+
+
 def test_experts_bad_input():
     down, up = _tables(10, 8, torch.float32, "cpu")
     x = torch.randn(3, 8)

@@ -7,6 +7,10 @@
 
 #include "common/simd_cpu.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace fastlayers::cpu::FL_CPU_ISA {
 namespace {
 
@@ -40,6 +44,31 @@ void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+// Non-temporal (streaming) writes for outputs far larger than the cache that nothing reads soon, such
+// as a million-row gradient table: they skip the read-for-ownership of every written line, which
+// otherwise doubles the memory traffic. 16-byte-aligned interior by SSE2 stream stores, the ends
+// by ordinary stores; call stream_fence() before other threads may read the data.
+void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: zeros
+  int64_t i = 0;
+#if defined(__SSE2__)
+  const int64_t head = (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
+  for (; i < head && i < n; ++i) dst[i] = src ? src[i] : 0;
+  const __m128i zero = _mm_setzero_si128();
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v =
+        src ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)) : zero;
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), v);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src ? src[i] : 0;
+}
+
+void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace

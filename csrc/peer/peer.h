@@ -4,7 +4,9 @@
 //   s = down[e] . x_t        y_t = sum_p gate[t, p] * act(s) * up[e]
 // Backward, c = dy_t . up[e]:  dgate = act(s) c;  coef = act'(s) gate c;  dx_t = sum_p coef down[e];
 //   per selected expert (a segment of the expert-sorted pair list, in token order: deterministic):
-//   ddown[e] = sum coef x_t,  dup[e] = sum act(s) gate dy_t, written as compact rows [unique, dim].
+//   ddown[e] = sum coef x_t,  dup[e] = sum act(s) gate dy_t, written as compact rows [unique, dim],
+//   or (dense) straight into full [num_experts, dim] tables whose other rows are zeroed in the same
+//   pass: every table row is written exactly once, in ascending order per thread.
 // Nothing of size [tokens, pairs, dim] is materialised.
 #pragma once
 
@@ -44,10 +46,12 @@ struct ExpertsBwdParams {
   const int32_t* order = nullptr;   // [tokens * pairs] pair ids sorted by expert, token order kept
   const int64_t* seg_offsets = nullptr; // [unique + 1]: segment u is order[seg_offsets[u], ...[u+1])
   int64_t unique = 0;               // number of distinct selected experts
+  const int64_t* ids = nullptr;     // [unique] the selected experts, ascending (needed when dense)
+  bool dense = false;               // gradient tables [num_experts, dim] instead of compact rows
   void* dx = nullptr;               // [tokens, dim]
   void* dgates = nullptr;           // [tokens, pairs]
   void* ddown_rows = nullptr;       // [unique, dim]: gradient rows of the selected experts, in
-  void* dup_rows = nullptr;         // [unique, dim]  segment order
+  void* dup_rows = nullptr;         // [unique, dim]  segment order ([num_experts, dim] when dense)
   float* coef = nullptr;            // workspace [tokens, pairs]
   int64_t tokens = 0, dim = 0, pairs = 0, num_experts = 0;
   DType dtype = DType::kFloat32;

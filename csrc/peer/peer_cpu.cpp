@@ -45,8 +45,11 @@ Status validate(const ExpertsBwdParams& p) {
        p.dx == nullptr || p.dgates == nullptr || p.coef == nullptr)) {
     return Status::invalid("peer_experts_backward: null pointer argument");
   }
-  if (p.unique > 0 && (p.ddown_rows == nullptr || p.dup_rows == nullptr)) {
+  if ((p.unique > 0 || p.dense) && (p.ddown_rows == nullptr || p.dup_rows == nullptr)) {
     return Status::invalid("peer_experts_backward: null gradient rows");
+  }
+  if (p.dense && p.unique > 0 && p.ids == nullptr) {
+    return Status::invalid("peer_experts_backward: dense gradients need the selected expert ids");
   }
   if (p.tokens > 1 && p.x_row_stride < p.dim) return Status::invalid("peer_experts_backward: x rows overlap");
   return Status::ok();

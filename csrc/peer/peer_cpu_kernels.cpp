@@ -68,6 +68,13 @@ struct BlockedRowSum {
     for (; i + kW <= n; i += kW) vstore(out + i, vload(total + i));
     for (; i < n; ++i) store_as(out + i, total[i]);
   }
+  // The same, through the L1-resident staging row, with streaming stores into out.
+  template <typename T>
+  void store_streaming(T* out, T* staging) {
+    store(staging);
+    stream_bytes(reinterpret_cast<char*>(out), reinterpret_cast<const char*>(staging),
+                 n * static_cast<int64_t>(sizeof(T)));
+  }
 };
 
 template <typename T>
@@ -137,23 +144,40 @@ void backward_typed(const ExpertsBwdParams& p) {
       acc.store(static_cast<T*>(p.dx) + t * dim);
     }
     // (implicit barrier: phase 2 reads every token's coef)
-    // 2. Per selected expert, its pairs in token order.
-#pragma omp for schedule(dynamic, 64)
-    for (int64_t u = 0; u < p.unique; ++u) {
+    // 2. Per selected expert, its pairs in token order: compact row u, or (dense) table row ids[u]
+    //    after zeroing the unselected rows since the previous selected one; u == unique zeroes the
+    //    tail. Every table row is written once, so a fresh (unfaulted) table needs no memset first.
+    T* ddown = static_cast<T*>(p.ddown_rows);
+    T* dup = static_cast<T*>(p.dup_rows);
+    T* staging = new T[dim];
+    const int64_t segments = p.unique + (p.dense ? 1 : 0);
+#pragma omp for schedule(dynamic, 64) nowait
+    for (int64_t u = 0; u < segments; ++u) {
+      int64_t row = u;
+      if (p.dense) {
+        const int64_t gap_begin = u == 0 ? 0 : p.ids[u - 1] + 1;
+        row = u == p.unique ? p.num_experts : p.ids[u];
+        const int64_t gap_bytes = (row - gap_begin) * dim * static_cast<int64_t>(sizeof(T));
+        stream_bytes(reinterpret_cast<char*>(ddown + gap_begin * dim), nullptr, gap_bytes);
+        stream_bytes(reinterpret_cast<char*>(dup + gap_begin * dim), nullptr, gap_bytes);
+        if (u == p.unique) continue;
+      }
       const int64_t begin = p.seg_offsets[u], end = p.seg_offsets[u + 1];
       acc.reset();
       for (int64_t k = begin; k < end; ++k) {
         const int64_t pair = p.order[k];
         acc.add(p.coef[pair], x + (pair / P) * p.x_row_stride);
       }
-      acc.store(static_cast<T*>(p.ddown_rows) + u * dim);
+      acc.store_streaming(ddown + row * dim, staging);
       acc.reset();
       for (int64_t k = begin; k < end; ++k) {
         const int64_t pair = p.order[k];
         acc.add(act_value(p.act, p.preact[pair]) * to_float(gates[pair]), dy + (pair / P) * dim);
       }
-      acc.store(static_cast<T*>(p.dup_rows) + u * dim);
+      acc.store_streaming(dup + row * dim, staging);
     }
+    stream_fence();  // the streaming stores, before the region's closing barrier
+    delete[] staging;
   }
 }
 

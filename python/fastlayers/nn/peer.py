@@ -9,6 +9,7 @@ import math
 import torch
 
 from fastlayers import ops
+from fastlayers.ops._common import advise_hugepages
 from fastlayers.reference import peer as ref
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
@@ -80,8 +81,9 @@ class PEER(torch.nn.Module):
         )
         self.keys = torch.nn.Parameter(torch.empty(heads, 2, n_keys, dim_key // 2, **kw))
         rows = num_experts * (heads if separate_experts_per_head else 1)
-        self.expert_down = torch.nn.Parameter(torch.empty(rows, dim, **kw))
-        self.expert_up = torch.nn.Parameter(torch.empty(rows, dim, **kw))
+        # Huge pages before the first touch: the tables are read by random row.
+        self.expert_down = torch.nn.Parameter(advise_hugepages(torch.empty(rows, dim, **kw)))
+        self.expert_up = torch.nn.Parameter(advise_hugepages(torch.empty(rows, dim, **kw)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -1,10 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """PEER expert ops: ``peer_experts`` (gather, gate, reduce) and its backward.
 
-Semantics: :mod:`fastlayers.reference.peer`. The backward returns the table gradients as compact
-rows of the selected experts (``expert_ids``, ``[unique, dim]`` rows); autograd expands them into a
-dense gradient, or a sparse COO one with ``sparse_grad=True`` (for ``torch.optim.SparseAdam`` on
-million-row tables).
+Semantics: :mod:`fastlayers.reference.peer`. The backward returns the selected experts
+(``expert_ids``, ascending) and the table gradients either as full ``[num_experts, dim]`` tables
+(``dense=True``: the kernel writes every row once, zeros included, so no separate memset pass) or
+as compact ``[unique, dim]`` rows that autograd wraps in a sparse COO gradient
+(``sparse_grad=True``, for ``torch.optim.SparseAdam`` on million-row tables).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ LIB.define(
 )
 LIB.define(
     "peer_experts_backward(Tensor grad_y, Tensor x, Tensor indices, Tensor gates,"
-    " Tensor expert_down, Tensor expert_up, Tensor preact, str activation)"
+    " Tensor expert_down, Tensor expert_up, Tensor preact, str activation, bool dense)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -113,25 +114,29 @@ def _segments(indices: torch.Tensor):
     return order.to(torch.int32), ids, offsets
 
 
-def _compact(d_table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return d_table.index_select(0, ids)
-
-
-def _peer_experts_backward_impl(grad_y, x, indices, gates, expert_down, expert_up, preact, act):
+def _peer_experts_backward_impl(
+    grad_y, x, indices, gates, expert_down, expert_up, preact, act, dense
+):
     _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
     order, ids, offsets = _segments(indices)
     if x.device.type != "cpu" or not has_kernel(x.device, "peer_experts_backward"):
         dx, dg, dd, du = _ref_backward(
             grad_y, x, indices, gates, expert_down, expert_up, preact, act
         )
-        return dx, dg, ids, _compact(dd, ids), _compact(du, ids)
+        if not dense:
+            dd, du = dd.index_select(0, ids), du.index_select(0, ids)
+        return dx, dg, ids, dd, du
     dim, pairs = x.shape[-1], indices.shape[-1]
     x2 = rows_view(x)
     tokens = x2.shape[0]
     dx = empty(x.shape, x.dtype, x.device)
     dgates = empty(gates.shape, gates.dtype, x.device)
-    ddown = empty((ids.numel(), dim), expert_down.dtype, x.device)
-    dup = empty((ids.numel(), dim), expert_up.dtype, x.device)
+    rows = expert_down.shape[0] if dense else ids.numel()
+    if tokens == 0 and dense:
+        ddown, dup = expert_down.new_zeros(expert_down.shape), expert_up.new_zeros(expert_up.shape)
+    else:
+        ddown = empty((rows, dim), expert_down.dtype, x.device)
+        dup = empty((rows, dim), expert_up.dtype, x.device)
     coef = torch.empty((tokens, pairs), dtype=torch.float32, device=x.device)
     if tokens > 0:
         dy2 = grad_y.reshape(-1, dim).contiguous()
@@ -142,7 +147,7 @@ def _peer_experts_backward_impl(grad_y, x, indices, gates, expert_down, expert_u
         _ext.C.peer_experts_bwd(
             device_code(x.device),
             ptr(dy2), ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up), ptr(pre),
-            ptr(order), ptr(offsets), ids.numel(),
+            ptr(order), ptr(offsets), ids.numel(), ptr(ids), bool(dense),
             ptr(dx), ptr(dgates), ptr(ddown), ptr(dup), ptr(coef),
             tokens, dim, pairs, expert_down.shape[0],
             _dtypes.code(x.dtype), ACTIVATIONS[act],
@@ -170,16 +175,18 @@ def _peer_experts_fake(x, indices, gates, expert_down, expert_up, activation, sp
 
 
 @torch.library.register_fake("fastlayers::peer_experts_backward", lib=LIB)
-def _peer_experts_backward_fake(grad_y, x, indices, gates, expert_down, expert_up, preact, act):
+def _peer_experts_backward_fake(
+    grad_y, x, indices, gates, expert_down, expert_up, preact, act, dense
+):
     _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
     unique = torch.library.get_ctx().new_dynamic_size()
-    dim = x.shape[-1]
+    rows = (expert_down.shape[0] if dense else unique, x.shape[-1])
     return (
         x.new_empty(x.shape),
         gates.new_empty(gates.shape),
         indices.new_empty((unique,)),
-        expert_down.new_empty((unique, dim)),
-        expert_up.new_empty((unique, dim)),
+        expert_down.new_empty(rows),
+        expert_up.new_empty(rows),
     )
 
 
@@ -194,16 +201,24 @@ def _backward(ctx, grad_y, grad_preact):
     if grad_y is None:
         return None, None, None, None, None, None, None
     dx, dgates, ids, ddown, dup = torch.ops.fastlayers.peer_experts_backward(
-        grad_y.contiguous(), x, indices, gates, expert_down, expert_up, preact, ctx.activation
+        grad_y.contiguous(),
+        x,
+        indices,
+        gates,
+        expert_down,
+        expert_up,
+        preact,
+        ctx.activation,
+        not ctx.sparse_grad,
     )
     shape = expert_down.shape
 
     def table_grad(rows):
-        if ctx.sparse_grad:
-            return torch.sparse_coo_tensor(
-                ids.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False
-            )
-        return rows.new_zeros(shape).index_copy_(0, ids, rows)
+        if not ctx.sparse_grad:
+            return rows
+        return torch.sparse_coo_tensor(
+            ids.unsqueeze(0), rows, shape, is_coalesced=True, check_invariants=False
+        )
 
     need = ctx.needs_input_grad
     return (
