@@ -206,6 +206,31 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   run(device, p, stream, fff::hard_forward_cpu, FL_CUDA_OR_NONE(fff::hard_forward_cuda));
 }
 
+void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_t indices,
+                   std::uintptr_t gates, int64_t tokens, int64_t heads, int64_t dim_key,
+                   int64_t num_keys, int64_t keys_padded, int64_t topk, bool relu_gates, int dtype) {
+  if (device != kCpu) throw py::value_error("peer_retrieve: CPU only in this build");
+  peer::RetrieveParams p;
+  p.queries = ptr<const void>(queries);
+  p.keys_t = ptr<const float>(keys_t);
+  p.indices = ptr<int64_t>(indices);
+  p.gates = ptr<void>(gates);
+  p.tokens = tokens;
+  p.heads = heads;
+  p.dim_key = dim_key;
+  p.num_keys = num_keys;
+  p.keys_padded = keys_padded;
+  p.topk = topk;
+  p.relu_gates = relu_gates;
+  p.dtype = static_cast<DType>(dtype);
+  Status s;
+  {
+    py::gil_scoped_release release;
+    s = peer::retrieve_cpu(p);
+  }
+  raise_if_error(s);
+}
+
 // PEER experts: CPU only for now (the Python layer runs the reference on other devices).
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
                       std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
@@ -324,6 +349,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("fff_ultra_fwd", &fff_ultra_fwd);
   m.def("fff_ultra_bwd", &fff_ultra_bwd);
   m.def("fff_hard_fwd", &fff_hard_fwd);
+  m.def("peer_retrieve", &peer_retrieve);
+  m.def("peer_retrieve_key_tile", [] { return peer::kRetrieveKeyTile; });
   m.def("peer_experts_fwd", &peer_experts_fwd);
   m.def("peer_experts_bwd", &peer_experts_bwd);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));

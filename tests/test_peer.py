@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlayers
-from _tolerances import assert_close_to_oracle, rand
+from _tolerances import ATOL, assert_close_to_oracle, rand
 from fastlayers import reference as ref
 from fastlayers.ops import peer_experts
 
@@ -233,3 +233,181 @@ def test_from_peer_pytorch_is_exact(non_competing):
     theirs(x).square().sum().backward()
     torch.testing.assert_close(ours.expert_up.grad, theirs.weight_up_embed.weight.grad)
     torch.testing.assert_close(ours.keys.grad, theirs.keys.grad.permute(0, 2, 1, 3))
+
+
+# ---- peer_retrieve: the fused product-key retrieval ----------------------------------------------
+
+
+def _half_scores64(queries, keys):
+    """float64 sub-key scores ``[..., heads, 2, K]`` of the exact (dtype-rounded) inputs."""
+    half = keys.shape[-1]
+    q = queries.double().reshape(*queries.shape[:-1], 2, half)
+    return torch.einsum("...hpd,hpkd->...hpk", q, keys.double())
+
+
+def _expert_scores64(queries, keys, indices):
+    s = _half_scores64(queries, keys)
+    k = keys.shape[2]
+    return s[..., 0, :].gather(-1, indices // k) + s[..., 1, :].gather(-1, indices % k)
+
+
+def _check_selection(queries, keys, indices, topk, atol):
+    """The selection is a valid top-k: distinct in-range experts whose exact scores equal the exact
+    best topk scores up to atol (so any order of near-tied experts passes, a wrong one fails)."""
+    k = keys.shape[2]
+    assert indices.dtype == torch.int64 and indices.shape[-1] == topk
+    assert int(indices.min()) >= 0 and int(indices.max()) < k * k
+    assert torch.equal(indices.sort(-1).values.diff(dim=-1).clamp(max=1), torch.ones_like(
+        indices[..., 1:]))  # fmt: skip
+    s = _half_scores64(queries, keys)
+    full = (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)
+    best = full.topk(topk, dim=-1).values
+    got = _expert_scores64(queries, keys, indices).sort(-1, descending=True).values
+    torch.testing.assert_close(got, best, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["softmax", "relu"])
+@pytest.mark.parametrize(
+    "lead,heads,dim_key,n_keys,topk",
+    [
+        ((1,), 1, 2, 4, 1),
+        ((37,), 3, 18, 23, 7),  # odd K (padded key tile), partial token block
+        ((2, 33), 8, 64, 32, 16),
+        ((5,), 2, 8, 4, 16),  # topk = K^2: every expert
+        ((20,), 2, 16, 64, 64),  # topk 64
+        ((9,), 2, 32, 512, 16),  # K >> topk: the vector-filtered selection
+        ((3,), 1, 6, 1024, 5),
+    ],
+)
+def test_retrieve_matches_reference(device, dtype, score, lead, heads, dim_key, n_keys, topk):
+    queries = rand(*lead, heads, dim_key, dtype=dtype, device=device)
+    keys = rand(heads, 2, n_keys, dim_key // 2, dtype=dtype, device=device)
+    indices, gates = fastlayers.peer_retrieve(queries, keys, topk, score)
+    assert indices.shape == gates.shape == (*lead, heads, topk) and gates.dtype == dtype
+    scale = dim_key * 4.0  # |score| bound of these inputs: fp32 sums err ~1e-7 of it
+    _check_selection(queries, keys, indices, topk, atol=scale * 1e-6)
+    # Gates: softmax / relu of the exact scores of the selected experts, in selection order.
+    s64 = _expert_scores64(queries, keys, indices)
+    g64 = torch.softmax(s64, -1) if score == "softmax" else torch.relu(s64)
+    r_idx, r_gates = ref.peer_retrieve(queries, keys, topk, score)
+    r64 = _expert_scores64(queries, keys, r_idx)
+    r64 = torch.softmax(r64, -1) if score == "softmax" else torch.relu(r64)
+    torch.testing.assert_close(r_gates.double(), r64, rtol=ATOL[dtype], atol=1e-5 + ATOL[dtype])
+    assert_close_to_oracle(gates, g64.to(dtype), g64, name="gates")
+    # Where the k-th and (k+1)-th best scores are well apart, the reference selects the same set.
+    s = _half_scores64(queries, keys)
+    full = (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)
+    if topk < full.shape[-1]:
+        top = full.topk(topk + 1, dim=-1).values
+        clear = (top[..., -2] - top[..., -1]) > scale * 1e-5
+        assert clear.float().mean() > 0.5
+        assert torch.equal(indices.sort(-1).values[clear], r_idx.sort(-1).values[clear])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("score", ["softmax", "relu"])
+def test_retrieve_backward_matches_autograd(device, dtype, score):
+    heads, dim_key, n_keys, topk = 3, 20, 12, 8
+    queries = rand(17, heads, dim_key, dtype=dtype, device=device)
+    keys = rand(heads, 2, n_keys, dim_key // 2, dtype=dtype, device=device, scale=0.3)
+    w = rand(17, heads, topk, dtype=dtype, device=device)
+    leaves = [queries.clone().requires_grad_(), keys.clone().requires_grad_()]
+    indices, gates = fastlayers.peer_retrieve(*leaves, topk, score)
+    grads = torch.autograd.grad(gates, leaves, w)
+    # Oracle: float64 autograd through the reference with the same selection.
+    r_idx = ref.peer_retrieve(queries.double(), keys.double(), topk, score)[0]
+    assert torch.equal(r_idx, indices), "selection differs from the float64 reference"
+    l64 = [t.detach().double().requires_grad_() for t in (queries, keys)]
+    g64 = torch.autograd.grad(ref.peer_retrieve(*l64, topk, score)[1], l64, w.double())
+    l32 = [t.detach().float().requires_grad_() for t in (queries, keys)]
+    g32 = torch.autograd.grad(ref.peer_retrieve(*l32, topk, score)[1], l32, w.float())
+    for g, r, o, name in zip(grads, g32, g64, ["dqueries", "dkeys"], strict=True):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, r.to(dtype), o, factor=3.0, name=name)
+
+
+@pytest.mark.parametrize("n_keys", [64, 512])  # candidates fit the filter buffer / overflow it
+def test_retrieve_exact_ties_take_the_lower_candidate(device, n_keys):
+    """All sub-keys equal: every score ties, so the top-k of each half is its first kh keys and the
+    merge takes candidates in (row, column) order: expert j of row 0 for the first kh."""
+    queries = rand(6, 2, 8, dtype=torch.float32, device=device)
+    keys = rand(1, 1, 1, 4, dtype=torch.float32, device=device).expand(2, 2, n_keys, 4).contiguous()
+    indices, gates = fastlayers.peer_retrieve(queries, keys, 16)
+    expected = torch.arange(16, device=device).expand(6, 2, 16)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(gates, torch.full_like(gates, 1 / 16))
+
+
+@pytest.mark.parametrize("n_keys", [9, 512])
+def test_retrieve_strided_queries_and_nan(device, n_keys):
+    heads, dim_key, topk = 2, 12, 5
+    base = rand(11, heads, 3 * dim_key, dtype=torch.float32, device=device)
+    queries = base[..., dim_key : 2 * dim_key]  # non-contiguous
+    keys = rand(heads, 2, n_keys, dim_key // 2, dtype=torch.float32, device=device)
+    indices, gates = fastlayers.peer_retrieve(queries, keys, topk)
+    i2, g2 = fastlayers.peer_retrieve(queries.contiguous(), keys, topk)
+    assert torch.equal(indices, i2) and torch.equal(gates, g2)
+    queries = queries.clone()
+    queries[3] = float("nan")  # garbage in: indices stay valid, gates NaN, nothing crashes
+    indices, gates = fastlayers.peer_retrieve(queries, keys, topk)
+    assert int(indices.min()) >= 0 and int(indices.max()) < n_keys * n_keys
+    assert torch.isnan(gates[3]).all() and torch.isfinite(gates[torch.arange(11) != 3]).all()
+
+
+def test_retrieve_bad_input_and_opcheck(device):
+    q = rand(4, 2, 8, dtype=torch.float32, device=device)
+    keys = rand(2, 2, 5, 4, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="queries must have shape"):
+        fastlayers.peer_retrieve(q[..., :6], keys, 3)
+    with pytest.raises(ValueError, match="keys must have shape"):
+        fastlayers.peer_retrieve(q, keys[:, :1], 3)
+    with pytest.raises(TypeError, match="keys must have queries' dtype"):
+        fastlayers.peer_retrieve(q, keys.double(), 3)
+    with pytest.raises(ValueError, match="topk"):
+        fastlayers.peer_retrieve(q, keys, 26)
+    with pytest.raises(ValueError, match="topk"):
+        fastlayers.peer_retrieve(q, keys, 0)
+    with pytest.raises(ValueError, match="score"):
+        fastlayers.peer_retrieve(q, keys, 3, "sigmoid")
+    with pytest.raises(TypeError, match="queries"):
+        fastlayers.peer_retrieve(q.int(), keys, 3)
+    empty = fastlayers.peer_retrieve(q[:0], keys, 3)
+    assert empty[0].shape == (0, 2, 3)
+    op = torch.ops.fastlayers.peer_retrieve
+    torch.library.opcheck(op, (q, keys, 3, "softmax"))
+    # (opcheck's aot_dispatch test cannot sum an int64 first output into a float loss; the
+    # gradients themselves are checked against float64 autograd above.)
+    torch.library.opcheck(
+        op,
+        (q.requires_grad_(), keys.requires_grad_(), 3, "relu"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_every_cpu_isa(cpu_isa):
+    """Retrieval (filtered and unfiltered selection), the expert forward and backward on each CPU
+    kernel variant this machine runs, against the float64 reference."""
+    for n_keys, topk in ((23, 7), (512, 16)):
+        queries = rand(13, 3, 20, dtype=torch.float32, device="cpu")
+        keys = rand(3, 2, n_keys, 10, dtype=torch.float32, device="cpu")
+        indices, gates = fastlayers.peer_retrieve(queries, keys, topk)
+        _check_selection(queries, keys, indices, topk, atol=1e-4)
+        g64 = torch.softmax(_expert_scores64(queries, keys, indices), -1)
+        torch.testing.assert_close(gates.double(), g64, rtol=1e-5, atol=1e-6)
+    down, up = _tables(300, 45, torch.float32, "cpu")
+    idx, gates = _pairs(21, 12, 300, torch.float32, "cpu")
+    x = rand(21, 45, dtype=torch.float32, device="cpu")
+    dy = rand(21, 45, dtype=torch.float32, device="cpu")
+    y, pre = peer_experts(x, idx, gates, down, up)
+    y64 = ref.peer_experts(*_d(x), idx, *_d(gates, down, up))[0]
+    assert_close_to_oracle(y, ref.peer_experts(x, idx, gates, down, up)[0], y64)
+    for dense in (True, False):
+        got = torch.ops.fastlayers.peer_experts_backward(
+            dy, x, idx, gates, down, up, pre, "gelu", dense
+        )
+        dx, dg, dd, du = ref.peer_experts_backward(dy, x, idx, gates, down, up, pre)
+        if not dense:
+            dd, du = dd[got[2]], du[got[2]]
+        for g, e in zip((got[0], got[1], got[3], got[4]), (dx, dg, dd, du), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

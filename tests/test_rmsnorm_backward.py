@@ -99,6 +99,24 @@ def test_backward_strided_input(device):
     assert_close_to_oracle(w.grad, dw_ref, dw64, name="dw")
 
 
+def test_strided_weight_forward_and_backward(device):
+    """A non-contiguous weight (a view of every other element) is read correctly: the contiguous
+    copy the kernels see must outlive the launch."""
+    x = rand(6, 1000, dtype=torch.float32, device=device)
+    w_base = rand(2000, dtype=torch.float32, device=device)
+    for _ in range(3):  # repeated: a freed copy would be overwritten by later allocations
+        w = w_base[::2].detach().requires_grad_()
+        xg = x.clone().requires_grad_()
+        y = fastlayers.rms_norm(xg, w)
+        assert_close_to_oracle(y, ref.rms_norm(x, w.detach()), ref.rms_norm(x.double(), w.double()))
+        dy = rand(6, 1000, dtype=torch.float32, device=device)
+        y.backward(dy)
+        dx_ref, dw_ref = ref.rms_norm_backward(dy, x, w.detach())
+        dx64, dw64 = _float64_grads(ref.rms_norm, x, w, dy)
+        assert_close_to_oracle(xg.grad, dx_ref, dx64, name="dx")
+        assert_close_to_oracle(w.grad, dw_ref, dw64, name="dw")
+
+
 def test_backward_empty_batch(device):
     x = rand(0, 256, dtype=torch.float32, device=device).requires_grad_()
     w = rand(256, dtype=torch.float32, device=device).requires_grad_()

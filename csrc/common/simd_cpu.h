@@ -31,6 +31,7 @@ static inline V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
 static inline V vabs(V a) { return {_mm512_abs_ps(a.v)}; }
 static inline float vsum(V a) { return _mm512_reduce_add_ps(a.v); }
 static inline float vmaxval(V a) { return _mm512_reduce_max_ps(a.v); }
+static inline int vgt_mask(V a, V b) { return static_cast<int>(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)); }
 
 static inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 static inline V vload(const bf16_t* p) {
@@ -99,6 +100,8 @@ static inline float vsum(V a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// Bit i set where a[i] > b[i] (false for NaN).
+static inline int vgt_mask(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)); }
 static inline float vmaxval(V a) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -179,6 +182,7 @@ static inline V vmax(V a, V b) { return {a.v > b.v ? a.v : b.v}; }
 static inline V vabs(V a) { return {__builtin_fabsf(a.v)}; }
 static inline float vsum(V a) { return a.v; }
 static inline float vmaxval(V a) { return a.v; }
+static inline int vgt_mask(V a, V b) { return a.v > b.v ? 1 : 0; }
 template <typename T>
 static inline V vload(const T* p) {
   return {to_float(*p)};

@@ -58,6 +58,27 @@ struct ExpertsBwdParams {
   Activation act = Activation::kGelu;
 };
 
+// Product-key retrieval, per token t and head h (semantics: reference.peer.peer_retrieve): the query
+// halves q1, q2 [dim_key/2] are scored against their sub-keys, the top-kh (kh = min(topk, K)) of
+// each half are merged into the top-k of the kh x kh sums (expert i * K + j), and the gates are a
+// softmax over the k scores (or ReLU of each). One pass per (token block, head): the sub-key scores
+// live in a [block, 2, K] tile, never in a [tokens, heads, K] table. Ties: lower candidate first.
+struct RetrieveParams {
+  const void* queries = nullptr;   // [tokens, heads, dim_key] contiguous, dtype
+  const float* keys_t = nullptr;   // [heads, 2, keys_padded / 32, dim_key/2, 32] fp32: sub-keys in
+                                   // transposed panels of 32; keys >= num_keys ignored
+  int64_t* indices = nullptr;      // [tokens, heads, topk]: i * num_keys + j
+  void* gates = nullptr;           // [tokens, heads, topk], dtype
+  int64_t tokens = 0, heads = 0, dim_key = 0, num_keys = 0, keys_padded = 0, topk = 0;
+  bool relu_gates = false;         // ReLU of each score instead of the softmax over them
+  DType dtype = DType::kFloat32;
+};
+
+// keys_padded must be a multiple of this (the kernels score kRetrieveKeyTile keys at a time).
+constexpr int64_t kRetrieveKeyTile = 32;
+
+Status validate(const RetrieveParams& p);
+Status retrieve_cpu(const RetrieveParams& p);
 Status validate(const ExpertsFwdParams& p);
 Status validate(const ExpertsBwdParams& p);
 Status experts_forward_cpu(const ExpertsFwdParams& p);

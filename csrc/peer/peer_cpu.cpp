@@ -7,6 +7,7 @@ namespace fastlayers::cpu {
   namespace isa::peer {                                                       \
   Status experts_forward(const fastlayers::peer::ExpertsFwdParams& p);        \
   Status experts_backward(const fastlayers::peer::ExpertsBwdParams& p);       \
+  Status retrieve(const fastlayers::peer::RetrieveParams& p);                 \
   }
 FL_DECLARE_PEER(scalar)
 FL_DECLARE_PEER(avx2)
@@ -15,6 +16,23 @@ FL_DECLARE_PEER(avx512)
 }  // namespace fastlayers::cpu
 
 namespace fastlayers::peer {
+Status validate(const RetrieveParams& p) {
+  if (!is_float_activation(p.dtype)) return Status::invalid("peer_retrieve: dtype must be float32, float16 or bfloat16");
+  if (p.tokens < 0 || p.heads <= 0 || p.dim_key <= 0 || p.dim_key % 2 || p.num_keys <= 0) {
+    return Status::invalid("peer_retrieve: need tokens >= 0, heads > 0, num_keys > 0 and an even dim_key > 0");
+  }
+  if (p.topk <= 0 || p.topk > p.num_keys * p.num_keys) {
+    return Status::invalid("peer_retrieve: need 0 < topk <= num_keys^2");
+  }
+  if (p.keys_padded < p.num_keys || p.keys_padded % kRetrieveKeyTile) {
+    return Status::invalid("peer_retrieve: keys_padded must be >= num_keys and a multiple of 32");
+  }
+  if (p.tokens > 0 && (p.queries == nullptr || p.keys_t == nullptr || p.indices == nullptr || p.gates == nullptr)) {
+    return Status::invalid("peer_retrieve: null pointer argument");
+  }
+  return Status::ok();
+}
+
 Status validate(const ExpertsFwdParams& p) {
   if (!is_float_activation(p.dtype)) return Status::invalid("peer_experts: dtype must be float32, float16 or bfloat16");
   if (!valid_activation(p.act)) return Status::invalid("peer_experts: unknown activation");
@@ -64,6 +82,12 @@ Status validate(const ExpertsBwdParams& p) {
     default:                            \
       return cpu::scalar::peer::fn(p);  \
   }
+
+Status retrieve_cpu(const RetrieveParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.tokens == 0) return Status::ok();
+  FL_PEER_DISPATCH(retrieve)
+}
 
 Status experts_forward_cpu(const ExpertsFwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;

@@ -12,6 +12,7 @@ from fastlayers.ops import (
     fff_hard,
     fused_add_rms_norm,
     peer_experts,
+    peer_retrieve,
     rms_norm,
     rms_norm_backward,
     rms_norm_fp8,
@@ -34,5 +35,6 @@ __all__ = [
     "ultrafast_ff",
     "fff_hard",
     "PEER",
+    "peer_retrieve",
     "peer_experts",
 ]

@@ -17,6 +17,7 @@ OPS = (
     "ultrafast_ff",
     "ultrafast_ff_backward",
     "fff_hard",
+    "peer_retrieve",
     "peer_experts",
     "peer_experts_backward",
 )

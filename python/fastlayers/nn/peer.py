@@ -10,7 +10,6 @@ import torch
 
 from fastlayers import ops
 from fastlayers.ops._common import advise_hugepages
-from fastlayers.reference import peer as ref
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
 
@@ -102,7 +101,7 @@ class PEER(torch.nn.Module):
         if self.query_norm is not None:
             q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
         q = q.reshape(*lead, self.heads, self.dim_key)
-        indices, gates = ref.peer_retrieve(q, self.keys, self.topk, self.score)
+        indices, gates = ops.peer_retrieve(q, self.keys, self.topk, self.score)
         if self.separate_experts_per_head:
             offsets = torch.arange(self.heads, device=x.device) * self.num_experts
             indices = indices + offsets.unsqueeze(-1)

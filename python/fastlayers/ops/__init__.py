@@ -10,7 +10,7 @@ same errors.
 
 from fastlayers.ops._common import poison_outputs_enabled, set_poison_outputs
 from fastlayers.ops.fff import fff_hard, ultrafast_ff
-from fastlayers.ops.peer import peer_experts
+from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "rms_norm_backward",
     "ultrafast_ff",
     "fff_hard",
+    "peer_retrieve",
     "peer_experts",
     "set_poison_outputs",
     "poison_outputs_enabled",

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""PEER expert ops: ``peer_experts`` (gather, gate, reduce) and its backward.
+"""PEER ops: ``peer_retrieve`` (product-key top-k and gates) and ``peer_experts`` (gather, gate,
+reduce), each with its backward.
 
 Semantics: :mod:`fastlayers.reference.peer`. The backward returns the selected experts
 (``expert_ids``, ascending) and the table gradients either as full ``[num_experts, dim]`` tables
@@ -27,7 +28,10 @@ from fastlayers.ops._common import (
     rows_view,
 )
 from fastlayers.reference.fff import ACTIVATIONS
+from fastlayers.reference.peer import SCORES
 from fastlayers.reference.peer import peer_experts_backward as _ref_backward
+
+LIB.define("peer_retrieve(Tensor queries, Tensor keys, int topk, str score) -> (Tensor, Tensor)")
 
 LIB.define(
     "peer_experts(Tensor x, Tensor indices, Tensor gates, Tensor expert_down, Tensor expert_up,"
@@ -38,6 +42,113 @@ LIB.define(
     " Tensor expert_down, Tensor expert_up, Tensor preact, str activation, bool dense)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def _check_retrieve(queries, keys, topk, score) -> None:
+    check_activation(queries, "queries")
+    check_tensor(keys, "keys")
+    if keys.dim() != 4 or keys.shape[1] != 2 or 0 in keys.shape:
+        raise ValueError(
+            f"keys must have shape (heads, 2, num_keys, dim_key // 2), got {tuple(keys.shape)}"
+        )
+    heads, _, n_keys, half = keys.shape
+    if queries.dim() < 2 or tuple(queries.shape[-2:]) != (heads, 2 * half):
+        raise ValueError(
+            f"queries must have shape (..., heads={heads}, dim_key={2 * half}) to match keys, "
+            f"got {tuple(queries.shape)}"
+        )
+    if keys.dtype != queries.dtype:
+        raise TypeError(f"keys must have queries' dtype {queries.dtype}, got {keys.dtype}")
+    if keys.device != queries.device:
+        raise ValueError(f"keys is on {keys.device} but queries is on {queries.device}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or not 0 < topk <= n_keys * n_keys:
+        raise ValueError(
+            f"topk must be an int in [1, num_keys^2 = {n_keys * n_keys}], got {topk!r}"
+        )
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def _peer_retrieve_kernel(queries, keys, topk, score):
+    _check_retrieve(queries, keys, topk, score)
+    if queries.device.type != "cpu" or not has_kernel(queries.device, "peer_retrieve"):
+        if queries.device.type == "cuda":
+            _ext.warn_once("peer_retrieve-cuda", "fastlayers.peer_retrieve: no CUDA kernel yet; "
+                           "running the PyTorch reference")  # fmt: skip
+        return ref.peer_retrieve(queries, keys, topk, score)
+    heads, _, n_keys, half = keys.shape
+    tile = _ext.C.peer_retrieve_key_tile()
+    padded = -(-n_keys // tile) * tile
+    # Sub-keys as fp32 panels [heads, 2, padded / tile, half, tile]: the kernel's lanes run over
+    # keys and each panel is one contiguous read.
+    keys_t = (
+        torch.nn.functional.pad(keys.float(), (0, 0, 0, padded - n_keys))
+        .reshape(heads, 2, padded // tile, tile, half)
+        .transpose(-1, -2)
+        .contiguous()
+    )
+    q = queries.contiguous()
+    indices = empty((*queries.shape[:-1], topk), torch.int64, queries.device)
+    gates = empty((*queries.shape[:-1], topk), queries.dtype, queries.device)
+    tokens = q.numel() // (heads * 2 * half)
+    if tokens > 0:
+        _ext.C.peer_retrieve(
+            device_code(q.device), ptr(q), ptr(keys_t), ptr(indices), ptr(gates),
+            tokens, heads, 2 * half, n_keys, padded, topk, score == "relu", _dtypes.code(q.dtype),
+        )  # fmt: skip
+    return indices, gates
+
+
+def _peer_retrieve_reference(queries, keys, topk, score):
+    _check_retrieve(queries, keys, topk, score)
+    return ref.peer_retrieve(queries, keys, topk, score)
+
+
+LIB.impl("peer_retrieve", _peer_retrieve_kernel, "CPU")
+LIB.impl("peer_retrieve", _peer_retrieve_kernel, "CUDA")
+LIB.impl("peer_retrieve", _peer_retrieve_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::peer_retrieve", lib=LIB)
+def _peer_retrieve_fake(queries, keys, topk, score):
+    _check_retrieve(queries, keys, topk, score)
+    shape = (*queries.shape[:-1], topk)
+    return queries.new_empty(shape, dtype=torch.int64), queries.new_empty(shape)
+
+
+def _retrieve_setup(ctx, inputs, output):
+    queries, keys, topk, score = inputs
+    ctx.save_for_backward(queries, keys, *output)
+    ctx.score = score
+
+
+def _retrieve_backward(ctx, grad_indices, grad_gates):
+    queries, keys, indices, gates = ctx.saved_tensors
+    if grad_gates is None:
+        return None, None, None, None
+    dq, dkeys = ref.peer_retrieve_backward(grad_gates, queries, keys, indices, gates, ctx.score)
+    need = ctx.needs_input_grad
+    return dq if need[0] else None, dkeys if need[1] else None, None, None
+
+
+torch.library.register_autograd(
+    "fastlayers::peer_retrieve", _retrieve_backward, setup_context=_retrieve_setup, lib=LIB
+)
+
+
+def peer_retrieve(
+    queries: torch.Tensor, keys: torch.Tensor, topk: int, score: str = "softmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product-key retrieval: ``(indices [..., heads, topk] int64, gates [..., heads, topk])`` for
+    ``queries [..., heads, dim_key]`` and sub-keys ``keys [heads, 2, K, dim_key // 2]`` (expert
+    ``i * K + j``). Per (token, head), one fused pass on CPU: sub-key scores for a block of
+    tokens, the top-k of each half, the merge of the k x k sums and the gates; nothing of size
+    ``[tokens, heads, K]`` is stored. Differentiable w.r.t. queries and keys through the gates.
+    Semantics: :func:`fastlayers.reference.peer_retrieve`."""
+    check_tensor(queries, "queries")
+    if direct_call_ok(queries, keys):
+        return _peer_retrieve_kernel(queries, keys, topk, score)
+    return torch.ops.fastlayers.peer_retrieve(queries, keys, topk, score)
 
 
 def _check(x, indices, gates, expert_down, expert_up, activation, check_range=True) -> None:

@@ -88,12 +88,13 @@ def _launch_forward(x, residual, weight, eps, weight_offset, y, residual_out, sc
     n = x.shape[-1]
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else None
+    w = weight.contiguous()  # held here: a temporary inside the call would be freed before it runs
     with device_guard(x.device):
         _ext.C.rms_norm_fwd(
             device_code(x.device),
             ptr(x2), row_stride(x2),
             ptr(r2), row_stride(r2) if r2 is not None else 0,
-            ptr(weight.contiguous()),
+            ptr(w),
             ptr(y), ptr(residual_out), ptr(scale),
             x2.shape[0], n,
             _dtypes.code(x.dtype), _dtypes.code(weight.dtype), _dtypes.code(y.dtype),
@@ -159,10 +160,11 @@ def _rms_norm_backward_kernel(grad_y, x, weight, eps, weight_offset, grad_residu
     x2 = rows_view(x)
     dy2 = grad_y.contiguous().view(-1, n)
     dr2 = grad_residual.contiguous().view(-1, n) if grad_residual is not None else None
+    w = weight.contiguous()  # held here: a temporary inside the call would be freed before it runs
     with device_guard(x.device):
         _ext.C.rms_norm_bwd(
             device_code(x.device),
-            ptr(dy2), ptr(x2), row_stride(x2), ptr(weight.contiguous()), ptr(dr2),
+            ptr(dy2), ptr(x2), row_stride(x2), ptr(w), ptr(dr2),
             ptr(dx), ptr(dw), ptr(workspace), partials,
             rows, n,
             _dtypes.code(x.dtype), _dtypes.code(weight.dtype),

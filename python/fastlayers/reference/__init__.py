@@ -11,7 +11,12 @@ from fastlayers.reference.fff import (
     ultrafast_ff,
     ultrafast_ff_backward,
 )
-from fastlayers.reference.peer import peer_experts, peer_experts_backward, peer_retrieve
+from fastlayers.reference.peer import (
+    peer_experts,
+    peer_experts_backward,
+    peer_retrieve,
+    peer_retrieve_backward,
+)
 from fastlayers.reference.rmsnorm import (
     fused_add_rms_norm,
     rms_norm,
@@ -31,4 +36,5 @@ __all__ = [
     "peer_retrieve",
     "peer_experts",
     "peer_experts_backward",
+    "peer_retrieve_backward",
 ]

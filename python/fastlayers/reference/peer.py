@@ -5,8 +5,9 @@ Retrieval, per token and head: the query ``q [dim_key]`` is split into halves ``
 is scored against its sub-key set ``keys[h, 0] / keys[h, 1]`` (``[K, dim_key/2]``, ``K = sqrt(N)``);
 the top-k of each half give k x k candidates with score ``s1_i + s2_j`` and expert index
 ``i * K + j``; the top-k of those are the selected experts. (Top-k per half suffices: the best k
-sums use only the best k of each half.) Gates: ``softmax`` over the k selected scores, or ``relu``
-of each.
+sums use only the best k of each half.) Scores are computed in fp32 (fp64 stays fp64) whatever
+the input dtype; ties go to the lower candidate. Gates: ``softmax`` over the k selected scores, or
+``relu`` of each, rounded to the queries' dtype.
 
 Experts: expert ``e`` is a single neuron with an input row ``u_e = expert_down[e]`` and an output
 row ``v_e = expert_up[e]``; a token's output is ``y = sum_h sum_i g_hi * act(u_e . x) * v_e``.
@@ -32,7 +33,7 @@ def peer_retrieve(
     heads, _, n_keys, half = keys.shape
     q = queries.reshape(*queries.shape[:-1], 2, half)
     # [..., h, 2, K]: each half against its own sub-keys
-    sim = torch.einsum("...hpd,hpkd->...hpk", q, keys)
+    sim = torch.einsum("...hpd,hpkd->...hpk", _acc(q), _acc(keys))
     k_half = min(topk, n_keys)
     s, idx = sim.topk(k_half, dim=-1)  # [..., h, 2, k]
     cand = (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)  # [..., h, k*k]
@@ -40,7 +41,39 @@ def peer_retrieve(
     top_s, pos = cand.topk(topk, dim=-1)
     indices = cand_idx.gather(-1, pos)
     gates = torch.softmax(top_s, dim=-1) if score == "softmax" else torch.relu(top_s)
-    return indices, gates
+    return indices, gates.to(queries.dtype)
+
+
+def peer_retrieve_backward(
+    grad_gates: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    score: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d_queries, d_keys)`` of :func:`peer_retrieve`. With ``ds`` the gradient of the selected
+    scores (softmax: ``g (dg - sum g dg)``; relu: ``dg [g > 0]``) and expert ``e = i * K + j``, each
+    selected pair adds ``ds`` to the half scores ``s1[i]`` and ``s2[j]``; the ``[..., heads, 2, K]``
+    score gradient then flows through the two dot products (two batched GEMMs)."""
+    heads, _, n_keys, half = keys.shape
+    g, dg = _acc(gates), _acc(grad_gates)
+    if score == "softmax":
+        ds = g * (dg - (g * dg).sum(-1, keepdim=True))
+    else:
+        ds = dg * (g > 0)
+    zeros = ds.new_zeros(*indices.shape[:-1], n_keys)
+    dsim = torch.stack(
+        [
+            zeros.scatter_add(-1, torch.div(indices, n_keys, rounding_mode="floor"), ds),
+            zeros.scatter_add(-1, torch.remainder(indices, n_keys), ds),
+        ],
+        dim=-2,
+    )  # [..., heads, 2, K]
+    q = _acc(queries).reshape(*queries.shape[:-1], 2, half)
+    dq = torch.einsum("...hpk,hpkd->...hpd", dsim, _acc(keys)).reshape(queries.shape)
+    dkeys = torch.einsum("...hpk,...hpd->hpkd", dsim, q)
+    return dq.to(queries.dtype), dkeys.to(keys.dtype)
 
 
 def peer_experts(
