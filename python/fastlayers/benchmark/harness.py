@@ -148,6 +148,9 @@ class Row:
     gbps: float
     copy_fraction: float
     max_err: float
+    # Peak memory above the steady state during one call, MiB (NaN: not measured).
+    peak_mib: float = float("nan")
+    baseline_peak_mib: float = float("nan")
 
     @property
     def speedup(self) -> float:
@@ -168,6 +171,9 @@ class Row:
             f"{self.max_err:.2e}",
         ]
 
+    def memory_cells(self) -> list[str]:
+        return [f"{self.peak_mib:.0f}", f"{self.baseline_peak_mib:.0f}"]
+
 
 HEADER = [
     "op",
@@ -184,14 +190,49 @@ HEADER = [
 ]
 
 
+MEMORY_HEADER = ["peak extra MiB", "baseline peak extra MiB"]
+
+
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    cells = [HEADER] + [r.cells() for r in rows]
+    """The table; the two memory columns only when some row measured memory."""
+    memory = any(r.peak_mib == r.peak_mib for r in rows)
+    header = HEADER + (MEMORY_HEADER if memory else [])
+    cells = [header] + [r.cells() + (r.memory_cells() if memory else []) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in HEADER) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
         return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(HEADER))) for c in cells)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(header))) for c in cells)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mib(fn: Callable, args: tuple, device: torch.device) -> float:
+    """Peak memory above the level before one ``fn(*args)`` call, MiB. CUDA: the caching allocator's
+    peak. CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over
+    its resident set before the call; NaN where that is not available."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(*args)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        before = _rss_kib("VmRSS")
+        fn(*args)
+        return (_rss_kib("VmHWM") - before) / 1024
+    except OSError:
+        return float("nan")
 
 
 def write_csv(rows: Sequence[Row], path, meta: dict) -> None:

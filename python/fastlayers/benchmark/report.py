@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 import fastlayers
-from fastlayers.benchmark import fff, harness, rmsnorm
+from fastlayers.benchmark import fff, harness, peer, rmsnorm
 
 # Every family that has a benchmark; `python -m fastlayers bench` runs them all.
-FAMILIES = {"rmsnorm": rmsnorm, "fff": fff}
+FAMILIES = {"rmsnorm": rmsnorm, "fff": fff, "peer": peer}
 
 
 def git_commit() -> str:
