@@ -37,6 +37,24 @@ def has_cuda_kernels() -> bool:
     return C is not None and bool(C.has_cuda())
 
 
+# The ops whose CUDA launchers exist (csrc/*/..._cuda.cu); the others run the reference on CUDA.
+CUDA_OPS = frozenset(
+    {
+        "rms_norm",
+        "fused_add_rms_norm",
+        "rms_norm_fp8",
+        "rms_norm_backward",
+        "ultrafast_ff",
+        "ultrafast_ff_backward",
+        "fff_hard",
+    }
+)
+
+
+def has_cuda_kernel(op: str) -> bool:
+    return has_cuda_kernels() and op in CUDA_OPS
+
+
 _warned: set[str] = set()
 
 

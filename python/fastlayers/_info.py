@@ -49,7 +49,7 @@ def info() -> dict:
         "ops": {
             op: {
                 "cpu": "kernel" if cpu_kernels else "reference",
-                "cuda": "kernel" if cuda_kernels else "reference",
+                "cuda": "kernel" if cuda_kernels and op in _ext.CUDA_OPS else "reference",
             }
             for op in OPS
         },
