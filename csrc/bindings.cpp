@@ -231,12 +231,10 @@ void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, st
   raise_if_error(s);
 }
 
-// PEER experts: CPU only for now (the Python layer runs the reference on other devices).
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
                       std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
                       std::uintptr_t preact, int64_t tokens, int64_t dim, int64_t pairs,
-                      int64_t num_experts, int dtype, int activation) {
-  if (device != kCpu) throw py::value_error("peer_experts_fwd: CPU only in this build");
+                      int64_t num_experts, int dtype, int activation, std::uintptr_t stream) {
   peer::ExpertsFwdParams p;
   p.x = ptr<const void>(x);
   p.x_row_stride = x_row_stride;
@@ -252,12 +250,7 @@ void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::u
   p.num_experts = num_experts;
   p.dtype = static_cast<DType>(dtype);
   p.act = static_cast<fff::Activation>(activation);
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = peer::experts_forward_cpu(p);
-  }
-  raise_if_error(s);
+  run(device, p, stream, peer::experts_forward_cpu, FL_CUDA_OR_NONE(peer::experts_forward_cuda));
 }
 
 void peer_experts_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row_stride,
@@ -267,8 +260,7 @@ void peer_experts_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x
                       std::uintptr_t dx,
                       std::uintptr_t dgates, std::uintptr_t ddown_rows, std::uintptr_t dup_rows,
                       std::uintptr_t coef, int64_t tokens, int64_t dim, int64_t pairs,
-                      int64_t num_experts, int dtype, int activation) {
-  if (device != kCpu) throw py::value_error("peer_experts_bwd: CPU only in this build");
+                      int64_t num_experts, int dtype, int activation, std::uintptr_t stream) {
   peer::ExpertsBwdParams p;
   p.dy = ptr<const void>(dy);
   p.x = ptr<const void>(x);
@@ -294,12 +286,16 @@ void peer_experts_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x
   p.num_experts = num_experts;
   p.dtype = static_cast<DType>(dtype);
   p.act = static_cast<fff::Activation>(activation);
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = peer::experts_backward_cpu(p);
-  }
-  raise_if_error(s);
+  run(device, p, stream, peer::experts_backward_cpu, FL_CUDA_OR_NONE(peer::experts_backward_cuda));
+}
+
+bool peer_experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs) {
+#ifdef FASTLAYERS_WITH_CUDA
+  return peer::experts_cuda_supported(tokens, dim, pairs);
+#else
+  (void)tokens, (void)dim, (void)pairs;
+  return false;
+#endif
 }
 
 // Asks the kernel to back [addr, addr + nbytes) with transparent huge pages before anything touches
@@ -353,5 +349,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_retrieve_key_tile", [] { return peer::kRetrieveKeyTile; });
   m.def("peer_experts_fwd", &peer_experts_fwd);
   m.def("peer_experts_bwd", &peer_experts_bwd);
+  m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

@@ -84,4 +84,10 @@ Status validate(const ExpertsBwdParams& p);
 Status experts_forward_cpu(const ExpertsFwdParams& p);
 Status experts_backward_cpu(const ExpertsBwdParams& p);
 
+// CUDA (peer_cuda.cu): one CTA per token keeps the token's row and its pairs in shared memory.
+constexpr int64_t kExpertsCudaSmemBytes = 48 * 1024;
+bool experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs);
+Status experts_forward_cuda(const ExpertsFwdParams& p, void* stream);
+Status experts_backward_cuda(const ExpertsBwdParams& p, void* stream);
+
 }  // namespace fastlayers::peer

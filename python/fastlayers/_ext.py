@@ -47,6 +47,8 @@ CUDA_OPS = frozenset(
         "ultrafast_ff",
         "ultrafast_ff_backward",
         "fff_hard",
+        "peer_experts",
+        "peer_experts_backward",
     }
 )
 

@@ -20,12 +20,14 @@ from fastlayers.ops._common import (
     check_activation,
     check_tensor,
     device_code,
+    device_guard,
     direct_call_ok,
     empty,
     has_kernel,
     ptr,
     row_stride,
     rows_view,
+    stream_of,
 )
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
@@ -189,12 +191,26 @@ def _check(x, indices, gates, expert_down, expert_up, activation, check_range=Tr
             raise ValueError(f"indices must lie in [0, {n}) (num_experts)")
 
 
+def _use_kernel(x: torch.Tensor, pairs: int, op: str) -> bool:
+    """CPU always (with _C); CUDA when this build has the kernels and the token's row and pairs fit
+    the kernel's shared memory (else the reference, warned once)."""
+    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, op):
+        return False
+    if x.device.type == "cuda":
+        tokens = x.numel() // x.shape[-1]
+        if not _ext.C.peer_experts_cuda_supported(tokens, x.shape[-1], pairs):
+            _ext.warn_once(
+                f"{op}-cuda-size",
+                f"fastlayers.{op}: dim {x.shape[-1]} with {pairs} pairs per token exceeds the CUDA "
+                "kernel's shared memory; running the PyTorch reference",
+            )
+            return False
+    return True
+
+
 def _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
     _check(x, indices, gates, expert_down, expert_up, activation)
-    if x.device.type != "cpu" or not has_kernel(x.device, "peer_experts"):
-        if x.device.type == "cuda":
-            _ext.warn_once("peer_experts-cuda", "fastlayers.peer_experts: no CUDA kernel yet; "
-                           "running the PyTorch reference")  # fmt: skip
+    if not _use_kernel(x, indices.shape[-1], "peer_experts"):
         return ref.peer_experts(x, indices, gates, expert_down, expert_up, activation)
     dim = x.shape[-1]
     pairs = indices.shape[-1]
@@ -205,13 +221,14 @@ def _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, 
         idx = indices.reshape(-1, pairs).contiguous()
         g = gates.reshape(-1, pairs).contiguous()
         down, up = expert_down.contiguous(), expert_up.contiguous()
-        _ext.C.peer_experts_fwd(
-            device_code(x.device),
-            ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up),
-            ptr(y), ptr(preact),
-            x2.shape[0], dim, pairs, expert_down.shape[0],
-            _dtypes.code(x.dtype), ACTIVATIONS[activation],
-        )  # fmt: skip
+        with device_guard(x.device):
+            _ext.C.peer_experts_fwd(
+                device_code(x.device),
+                ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up),
+                ptr(y), ptr(preact),
+                x2.shape[0], dim, pairs, expert_down.shape[0],
+                _dtypes.code(x.dtype), ACTIVATIONS[activation], stream_of(x.device),
+            )  # fmt: skip
     return y, preact
 
 
@@ -230,7 +247,7 @@ def _peer_experts_backward_impl(
 ):
     _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
     order, ids, offsets = _segments(indices)
-    if x.device.type != "cpu" or not has_kernel(x.device, "peer_experts_backward"):
+    if not _use_kernel(x, indices.shape[-1], "peer_experts_backward"):
         dx, dg, dd, du = _ref_backward(
             grad_y, x, indices, gates, expert_down, expert_up, preact, act
         )
@@ -255,14 +272,15 @@ def _peer_experts_backward_impl(
         g = gates.reshape(-1, pairs).contiguous()
         pre = preact.reshape(-1, pairs).contiguous()
         down, up = expert_down.contiguous(), expert_up.contiguous()
-        _ext.C.peer_experts_bwd(
-            device_code(x.device),
-            ptr(dy2), ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up), ptr(pre),
-            ptr(order), ptr(offsets), ids.numel(), ptr(ids), bool(dense),
-            ptr(dx), ptr(dgates), ptr(ddown), ptr(dup), ptr(coef),
-            tokens, dim, pairs, expert_down.shape[0],
-            _dtypes.code(x.dtype), ACTIVATIONS[act],
-        )  # fmt: skip
+        with device_guard(x.device):
+            _ext.C.peer_experts_bwd(
+                device_code(x.device),
+                ptr(dy2), ptr(x2), row_stride(x2), ptr(idx), ptr(g), ptr(down), ptr(up), ptr(pre),
+                ptr(order), ptr(offsets), ids.numel(), ptr(ids), bool(dense),
+                ptr(dx), ptr(dgates), ptr(ddown), ptr(dup), ptr(coef),
+                tokens, dim, pairs, expert_down.shape[0],
+                _dtypes.code(x.dtype), ACTIVATIONS[act], stream_of(x.device),
+            )  # fmt: skip
     return dx, dgates, ids, ddown, dup
 
 
