@@ -50,7 +50,7 @@ void prefetch_row(const T* row, int64_t n) {
 // as a million-row gradient table: they skip the read-for-ownership of every written line, which
 // otherwise doubles the memory traffic. 16-byte-aligned interior by SSE2 stream stores, the ends
 // by ordinary stores; call stream_fence() before other threads may read the data.
-void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: zeros
+[[maybe_unused]] void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: zeros
   int64_t i = 0;
 #if defined(__SSE2__)
   const int64_t head = (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
@@ -65,7 +65,7 @@ void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: z
   for (; i < n; ++i) dst[i] = src ? src[i] : 0;
 }
 
-void stream_fence() {
+[[maybe_unused]] void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
