@@ -11,6 +11,12 @@ from fastlayers.reference.fff import (
     ultrafast_ff,
     ultrafast_ff_backward,
 )
+from fastlayers.reference.int4_fp8 import (
+    dequantize_int4,
+    int4_fp8_gemm,
+    quantize_fp8_per_token,
+    quantize_int4,
+)
 from fastlayers.reference.peer import (
     peer_experts,
     peer_experts_backward,
@@ -37,4 +43,8 @@ __all__ = [
     "peer_experts",
     "peer_experts_backward",
     "peer_retrieve_backward",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers._dtypes import FP8_E4M3_MAX
+from fastlayers.reference.fp8 import quantize_fp8_per_token
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,7 @@ def rms_norm_fp8(
     s = x if residual is None else x + residual
     sf = _acc(s)
     y = (sf * _rstd(sf, eps)) * _acc(weight)
-    amax = y.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-    q = (y / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    q, scale = quantize_fp8_per_token(y)
     return (q, scale) if residual is None else (q, scale, s)
 
 

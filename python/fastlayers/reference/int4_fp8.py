@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""INT4 x FP8 reference (FireQ): the formats every backend matches, and the GEMM they define.
+
+Weights ``W [N, K]`` -> INT4, symmetric, groups of ``g`` along K (default 128):
+
+* group max ``a[n, j] = max_{k in group j} |W[n, k]|`` (floored at 1e-12);
+* channel scale ``c[n]`` (fp32). ``per_channel``: ``max_j(a[n, j] / 7) / 56``, so every group
+  scale is at most 56 and every look-up-table entry ``q * s8`` (|q| <= 8) at most 448, the FP8
+  maximum. ``per_tensor_pow2``: ``1 / t`` for FireQ's power-of-two search over
+  ``t = 2^0 .. 2^14`` (the least FP8 underflow with no group scale above 56). ``none``: 1 (shows
+  the underflow the others prevent);
+* group scale ``s8[n, j] = fp8(a[n, j] / 7 / c[n])``, at least ``2^-9`` (the smallest FP8 value);
+* ``q[n, k] = clamp(round(W[n, k] / (c[n] * s8[n, j])), -8, 7)``, packed two per byte, the even k in
+  the low nibble (two's complement: the byte image of CUTLASS ``int4b_t`` arrays).
+
+Activations -> FP8-E4M3 per token (row): ``xs[m] = max_k |x[m, k]| / 448`` (1 for an all-zero row),
+``xq = fp8(clamp(x / xs))``; the same as :func:`fastlayers.reference.rms_norm_fp8`'s output, so
+norm -> GEMM can pass FP8.
+
+GEMM, fp32 accumulation:
+``Y[m, n] = out_dtype(xs[m] * c[n] * sum_k xq[m, k] * fp8(q[n, k] * s8[n, k // g]) + bias[n])``.
+``round_lut=False`` drops the FP8 rounding of ``q * s8`` (FireQ's pseudo-quantised evaluation), to
+measure what that rounding costs.
+
+FP8 casts here clamp to +-448 first: torch's cast does not saturate (it gives NaN), CUTLASS's does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlayers._dtypes import FP8_E4M3_MAX
+from fastlayers.reference.fp8 import FP8, quantize_fp8_per_token, to_fp8
+
+__all__ = [
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
+    "pack_int4",
+    "unpack_int4",
+    "pow2_tensor_scale",
+]
+CHANNEL_SCALES = ("per_channel", "per_tensor_pow2", "none")
+GROUP_SCALE_MIN = 2.0**-9  # smallest positive E4M3 value
+LUT_SCALE_MAX = FP8_E4M3_MAX / 8  # 56: |q| <= 8, so q * s8 stays within FP8 range
+FORMAT_VERSION = 1
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` integers in [-8, 7] (K even) -> ``uint8 [N, K / 2]``, even k in the low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even number of columns, got {q.shape[-1]}")
+    n = q.to(torch.int16) & 0xF
+    return (n[..., 0::2] | (n[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K / 2]`` -> ``int8 [N, K]`` in [-8, 7] (inverse of :func:`pack_int4`)."""
+    b = packed.to(torch.int16)
+    nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
+    return (nibbles - 16 * (nibbles >= 8)).to(torch.int8)
+
+
+def _group_max(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, ceil(K / g)]`` max |w| per group (a partial last group counts its own columns)."""
+    n, k = w.shape
+    groups = -(-k // group_size)
+    padded = torch.nn.functional.pad(w.abs(), (0, groups * group_size - k))
+    return padded.reshape(n, groups, group_size).amax(-1).clamp_min(1e-12)
+
+
+def pow2_tensor_scale(group_max: torch.Tensor) -> float:
+    """FireQ's per-tensor power of two ``t`` (``apply_pseudo_quantize``): among ``t = 2^0 .. 2^14``,
+    up to the first that would push a scaled group max past the FP8-safe bound, the one with the
+    least underflow slack ``sum max(0, w_min - t * a) / w_min`` (``w_min = 7 * 2^-9``, the smallest
+    group max whose scale ``max / 7`` is representable); ties go to the smaller ``t``. The bound
+    is ``7 * 56 = 392`` (every LUT entry <= 448) where FireQ checks 448."""
+    w_min = 7 * GROUP_SCALE_MIN
+    best_t, best_slack = 1.0, math.inf
+    for i in range(15):
+        t = 2.0**i
+        a = group_max * t
+        if bool((a > 7 * LUT_SCALE_MAX).any()):
+            break
+        slack = float(((w_min - a).clamp_min(0) / w_min).sum())
+        if slack < best_slack:
+            best_t, best_slack = t, slack
+    return best_t
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 128, channel_scale: str = "per_channel"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qweight, group_scale, channel_scale)`` for ``weight [N, K]`` (K even): ``uint8 [N, K/2]``,
+    ``float8_e4m3fn [N, ceil(K/g)]`` and fp32 ``[N]``; the formulas are in the module docstring."""
+    if weight.dim() != 2 or weight.shape[1] % 2 or 0 in weight.shape:
+        raise ValueError(f"weight must be [N, K] with an even K > 0, got {tuple(weight.shape)}")
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even int, got {group_size!r}")
+    if channel_scale not in CHANNEL_SCALES:
+        raise ValueError(f"channel_scale must be one of {CHANNEL_SCALES}, got {channel_scale!r}")
+    w = weight.float()
+    n, k = w.shape
+    a = _group_max(w, group_size)
+    raw = a / 7
+    if channel_scale == "per_channel":
+        c = raw.amax(-1) / LUT_SCALE_MAX
+    elif channel_scale == "per_tensor_pow2":
+        c = torch.full((n,), 1.0 / pow2_tensor_scale(a), device=w.device)
+    else:
+        c = torch.ones(n, device=w.device)
+    s8 = to_fp8(raw / c[:, None]).float().clamp_min(GROUP_SCALE_MIN)
+    step = (c[:, None] * s8).repeat_interleave(group_size, dim=1)[:, :k]
+    q = torch.round(w / step).clamp(-8, 7)
+    return pack_int4(q), s8.to(FP8), c
+
+
+def _lut_weight(qweight, group_scale, group_size: int, round_lut: bool) -> torch.Tensor:
+    """``fp8(q * s8)`` as fp32 ``[N, K]``: the values the kernels' look-up tables hold."""
+    q = unpack_int4(qweight).float()
+    lut = q * group_scale.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    return to_fp8(lut).float() if round_lut else lut
+
+
+def dequantize_int4(
+    qweight: torch.Tensor,
+    group_scale: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_size: int = 128,
+    round_lut: bool = True,
+) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` the GEMM multiplies by: ``c[n] * fp8(q * s8)`` (or ``c * q * s8``
+    without the look-up-table rounding)."""
+    lut = _lut_weight(qweight, group_scale, group_size, round_lut)
+    return channel_scale.float()[:, None] * lut
+
+
+def int4_fp8_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    qweight: torch.Tensor,
+    group_scale: torch.Tensor,
+    channel_scale: torch.Tensor,
+    group_size: int = 128,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    round_lut: bool = True,
+) -> torch.Tensor:
+    """``Y [..., N] = out_dtype(xs * c * (xq @ fp8(q * s8).T) + bias)`` with fp32 accumulation."""
+    acc = xq.float() @ _lut_weight(qweight, group_scale, group_size, round_lut).t()
+    y = acc * xs.float() * channel_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
