@@ -209,7 +209,6 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
 void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_t indices,
                    std::uintptr_t gates, int64_t tokens, int64_t heads, int64_t dim_key,
                    int64_t num_keys, int64_t keys_padded, int64_t topk, bool relu_gates, int dtype) {
-  if (device != kCpu) throw py::value_error("peer_retrieve: CPU only in this build");
   peer::RetrieveParams p;
   p.queries = ptr<const void>(queries);
   p.keys_t = ptr<const float>(keys_t);
@@ -223,12 +222,10 @@ void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, st
   p.topk = topk;
   p.relu_gates = relu_gates;
   p.dtype = static_cast<DType>(dtype);
-  Status s;
-  {
-    py::gil_scoped_release release;
-    s = peer::retrieve_cpu(p);
-  }
-  raise_if_error(s);
+  const auto no_cuda_kernel = [](const peer::RetrieveParams&, void*) {
+    return Status::invalid("peer_retrieve: no CUDA kernel (the Python layer runs the reference)");
+  };
+  run(device, p, 0, peer::retrieve_cpu, +no_cuda_kernel);
 }
 
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,

@@ -162,11 +162,7 @@ def test_product_key_retrieval_equals_brute_force(n, topk):
     queries = torch.randn(20, heads, dim_key, dtype=torch.float64)
     keys = torch.randn(heads, 2, k, dim_key // 2, dtype=torch.float64)
     indices, gates = ref.peer_retrieve(queries, keys, topk, "softmax")
-    # Brute force: every expert e = i * k + j scores s1[i] + s2[j].
-    q = queries.reshape(20, heads, 2, dim_key // 2)
-    s1 = torch.einsum("thd,hkd->thk", q[:, :, 0], keys[:, 0])
-    s2 = torch.einsum("thd,hkd->thk", q[:, :, 1], keys[:, 1])
-    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
+    full = _all_expert_scores64(queries, keys)  # every expert e = i * k + j: s1[i] + s2[j]
     best, best_idx = full.topk(topk, dim=-1)
     torch.testing.assert_close(full.gather(-1, indices), best)
     assert torch.equal(indices.sort(-1).values, best_idx.sort(-1).values)
@@ -245,6 +241,12 @@ def _half_scores64(queries, keys):
     return torch.einsum("...hpd,hpkd->...hpk", q, keys.double())
 
 
+def _all_expert_scores64(queries, keys):
+    """float64 scores ``[..., heads, K * K]`` of every expert ``i * K + j``: brute force."""
+    s = _half_scores64(queries, keys)
+    return (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)
+
+
 def _expert_scores64(queries, keys, indices):
     s = _half_scores64(queries, keys)
     k = keys.shape[2]
@@ -259,9 +261,7 @@ def _check_selection(queries, keys, indices, topk, atol):
     assert int(indices.min()) >= 0 and int(indices.max()) < k * k
     assert torch.equal(indices.sort(-1).values.diff(dim=-1).clamp(max=1), torch.ones_like(
         indices[..., 1:]))  # fmt: skip
-    s = _half_scores64(queries, keys)
-    full = (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)
-    best = full.topk(topk, dim=-1).values
+    best = _all_expert_scores64(queries, keys).topk(topk, dim=-1).values
     got = _expert_scores64(queries, keys, indices).sort(-1, descending=True).values
     torch.testing.assert_close(got, best, rtol=0, atol=atol)
 
@@ -296,8 +296,7 @@ def test_retrieve_matches_reference(device, dtype, score, lead, heads, dim_key, 
     torch.testing.assert_close(r_gates.double(), r64, rtol=ATOL[dtype], atol=1e-5 + ATOL[dtype])
     assert_close_to_oracle(gates, g64.to(dtype), g64, name="gates")
     # Where the k-th and (k+1)-th best scores are well apart, the reference selects the same set.
-    s = _half_scores64(queries, keys)
-    full = (s[..., 0, :, None] + s[..., 1, None, :]).flatten(-2)
+    full = _all_expert_scores64(queries, keys)
     if topk < full.shape[-1]:
         top = full.topk(topk + 1, dim=-1).values
         clear = (top[..., -2] - top[..., -1]) > scale * 1e-5

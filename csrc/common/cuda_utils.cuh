@@ -72,6 +72,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// a . b over n elements by one warp: lane-strided (coalesced) loads, fp32, the sum in every lane.
+template <typename A, typename B>
+__device__ __forceinline__ float warp_dot(const A* a, const B* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x & 31; i < n; i += 32) s += to_f(a[i]) * to_f(b[i]);
+  return warp_sum(s);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

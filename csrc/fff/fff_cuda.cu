@@ -13,17 +13,11 @@ namespace {
 
 using cuda::from_f;
 using cuda::to_f;
+using cuda::warp_dot;
 using cuda::warp_sum;
 
 constexpr int kWarps = 4;  // tokens per CTA
 constexpr int kMaxLevels = 31;
-
-template <typename A, typename B>
-__device__ __forceinline__ float warp_dot(const A* a, const B* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = threadIdx.x & 31; i < n; i += 32) s += to_f(a[i]) * to_f(b[i]);
-  return warp_sum(s);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarps) ultra_forward_kernel(const UltraFwdParams p) {

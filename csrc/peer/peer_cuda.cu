@@ -17,7 +17,7 @@ namespace {
 
 using cuda::from_f;
 using cuda::to_f;
-using cuda::warp_sum;
+using cuda::warp_dot;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -65,10 +65,7 @@ __global__ void __launch_bounds__(kThreads) experts_forward_kernel(const Experts
   __syncthreads();
   for (int64_t q = warp; q < P; q += kWarps) {
     const int64_t e = p.indices[t * P + q];
-    const T* u = down + e * p.dim;
-    float acc = 0.0f;
-    for (int64_t i = lane; i < p.dim; i += 32) acc += s.row[i] * to_f(u[i]);
-    acc = warp_sum(acc);
+    const float acc = warp_dot(s.row, down + e * p.dim, p.dim);
     if (lane == 0) {
       p.preact[t * P + q] = acc;
       s.coef[q] = to_f(gates[q]) * fff::act_value(p.act, acc);
@@ -92,10 +89,7 @@ __global__ void __launch_bounds__(kThreads) experts_backward_token_kernel(const 
   __syncthreads();
   for (int64_t q = warp; q < P; q += kWarps) {
     const int64_t e = p.indices[t * P + q];
-    const T* v = up + e * p.dim;
-    float c = 0.0f;
-    for (int64_t i = lane; i < p.dim; i += 32) c += s.row[i] * to_f(v[i]);
-    c = warp_sum(c);
+    const float c = warp_dot(s.row, up + e * p.dim, p.dim);
     if (lane == 0) {
       const float pre = p.preact[t * P + q];
       static_cast<T*>(p.dgates)[t * P + q] = from_f<T>(fff::act_value(p.act, pre) * c);
