@@ -16,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/status.h"
 #include "fff/fff.h"
+#include "int4_fp8/int4_fp8.h"
 #include "peer/peer.h"
 #include "rmsnorm/rmsnorm.h"
 
@@ -206,6 +207,12 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   run(device, p, stream, fff::hard_forward_cpu, FL_CUDA_OR_NONE(fff::hard_forward_cuda));
 }
 
+// Ops with CPU kernels only so far (the Python layer runs the reference on CUDA).
+template <typename Params>
+Status no_cuda_kernel(const Params&, void*) {
+  return Status::invalid("no CUDA kernel for this op (the Python layer runs the reference)");
+}
+
 void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_t indices,
                    std::uintptr_t gates, int64_t tokens, int64_t heads, int64_t dim_key,
                    int64_t num_keys, int64_t keys_padded, int64_t topk, bool relu_gates, int dtype) {
@@ -222,10 +229,42 @@ void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, st
   p.topk = topk;
   p.relu_gates = relu_gates;
   p.dtype = static_cast<DType>(dtype);
-  const auto no_cuda_kernel = [](const peer::RetrieveParams&, void*) {
-    return Status::invalid("peer_retrieve: no CUDA kernel (the Python layer runs the reference)");
-  };
-  run(device, p, 0, peer::retrieve_cpu, +no_cuda_kernel);
+  run(device, p, 0, peer::retrieve_cpu, no_cuda_kernel<peer::RetrieveParams>);
+}
+
+void int4_fp8_gemm(int device, std::uintptr_t xq, int64_t x_row_stride, std::uintptr_t xs,
+                   std::uintptr_t qweight, std::uintptr_t group_scale, std::uintptr_t channel_scale,
+                   std::uintptr_t bias, int bias_dtype, std::uintptr_t y, int out_dtype, int64_t m,
+                   int64_t n, int64_t k, int64_t group_size) {
+  int4_fp8::GemmParams p;
+  p.xq = ptr<const fp8e4m3_t>(xq);
+  p.x_row_stride = x_row_stride;
+  p.xs = ptr<const float>(xs);
+  p.qweight = ptr<const uint8_t>(qweight);
+  p.group_scale = ptr<const fp8e4m3_t>(group_scale);
+  p.channel_scale = ptr<const float>(channel_scale);
+  p.bias = ptr<const void>(bias);
+  p.bias_dtype = static_cast<DType>(bias_dtype);
+  p.y = ptr<void>(y);
+  p.out_dtype = static_cast<DType>(out_dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  run(device, p, 0, int4_fp8::gemm_cpu, no_cuda_kernel<int4_fp8::GemmParams>);
+}
+
+void quantize_fp8_per_token(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t xq,
+                            std::uintptr_t xs, int64_t rows, int64_t cols, int dtype) {
+  int4_fp8::QuantizeParams p;
+  p.x = ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.xq = ptr<fp8e4m3_t>(xq);
+  p.xs = ptr<float>(xs);
+  p.rows = rows;
+  p.cols = cols;
+  p.dtype = static_cast<DType>(dtype);
+  run(device, p, 0, int4_fp8::quantize_cpu, no_cuda_kernel<int4_fp8::QuantizeParams>);
 }
 
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
@@ -347,5 +386,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_experts_fwd", &peer_experts_fwd);
   m.def("peer_experts_bwd", &peer_experts_bwd);
   m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
+  m.def("int4_fp8_gemm", &int4_fp8_gemm);
+  m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

@@ -1,0 +1,48 @@
+// SPDX-License-Identifier: Apache-2.0
+// INT4 x FP8 GEMM (FireQ) launchers. Semantics: python/fastlayers/reference/int4_fp8.py.
+//   Y[m, n] = out(xs[m] * c[n] * sum_k xq[m, k] * fp8(q[n, k] * s8[n, k / g]) + bias[n])
+// with fp32 accumulation. q is INT4 packed two per byte (even k in the low nibble, two's complement),
+// s8 the FP8 group scales, c the fp32 channel scales, xq FP8-E4M3 activations with fp32 per-row
+// scales xs. The look-up table fp8(q * s8) (16 values per group) is what the kernels multiply by;
+// they never materialise a dequantised weight.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace fastlayers::int4_fp8 {
+
+struct GemmParams {
+  const fp8e4m3_t* xq = nullptr;       // [m, k], row stride x_row_stride
+  int64_t x_row_stride = 0;
+  const float* xs = nullptr;           // [m] per-row activation scales
+  const uint8_t* qweight = nullptr;    // [n, k / 2] contiguous
+  const fp8e4m3_t* group_scale = nullptr;  // [n, ceil(k / group_size)] contiguous
+  const float* channel_scale = nullptr;    // [n]
+  const void* bias = nullptr;          // [n] in bias_dtype, or null
+  DType bias_dtype = DType::kFloat32;
+  void* y = nullptr;                   // [m, n] contiguous, out_dtype
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0, group_size = 128;
+};
+
+// Dynamic per-row FP8 quantisation: xs[r] = max|x[r, :]| / 448 (1 when the row is all zeros or has
+// a NaN), xq[r, :] = fp8(clamp(x[r, :] / xs[r])), computed in fp32.
+struct QuantizeParams {
+  const void* x = nullptr;             // [rows, cols], row stride x_row_stride, dtype
+  int64_t x_row_stride = 0;
+  fp8e4m3_t* xq = nullptr;             // [rows, cols] contiguous
+  float* xs = nullptr;                 // [rows]
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kFloat32;
+};
+
+Status validate(const GemmParams& p);
+Status validate(const QuantizeParams& p);
+
+Status gemm_cpu(const GemmParams& p);
+Status quantize_cpu(const QuantizeParams& p);
+
+}  // namespace fastlayers::int4_fp8

@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU INT4 x FP8 GEMM, compiled once per ISA into fastlayers::cpu::<isa>::int4_fp8.
+//
+// Never a dequantised weight in memory: per output channel and K group, the 16 look-up-table values
+// fp8(q * s8) are built in registers, and each weight byte's two nibbles index them (AVX-512: one
+// vpermps over 16 entries; AVX2: two 8-entry vpermps and a blend on the nibble's top bit).
+//
+// Activations are staged once per chunk of kRowsPerStage rows: FP8 -> fp32 (a 256-entry table) and,
+// inside each group, every 32 k (16 weight bytes) stored as [16 even k | 16 odd k], so the low
+// nibbles of 16 bytes meet 16 consecutive floats and the high nibbles the next 16. A group's last
+// group_size % 32 k stay in natural order and take a scalar tail.
+//
+// Work: OpenMP over output channels (static, so each thread streams a contiguous slice of the
+// weight), micro-tiles of kRowTile rows x one channel: every table look-up feeds kRowTile FMAs. For
+// decode (m = 1) the kernel reads 1/8 of the bytes of an fp32 weight.
+//
+// NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include <omp.h>
+
+#include "common/rows_cpu.h"
+#include "common/simd_cpu.h"
+#include "int4_fp8/int4_fp8.h"
+
+namespace fastlayers::cpu::FL_CPU_ISA::int4_fp8 {
+
+using fastlayers::int4_fp8::GemmParams;
+using fastlayers::int4_fp8::QuantizeParams;
+
+namespace {
+
+constexpr int64_t kRowsPerStage = 32;   // activation rows staged at a time (32 x K fp32 stays in L2/L3)
+constexpr int kRowTile = 4;             // rows per micro-tile
+constexpr int64_t kParallelMinWork = 1 << 18;  // m * n * k below this runs on one thread
+
+// Everything the kernels look up, built once: the value of each FP8 code, and for each group-scale
+// code s8 its 16-entry table fp8(q * s8), saturating, index = nibble code (0..7 -> q = 0..7,
+// 8..15 -> q = -8..-1): as fp32 values and, since an fp8 value has 3 mantissa bits and so is exactly
+// the top 16 bits of its fp32 pattern, as the low and high bytes of those 16 bits (vpshufb tables).
+// A group's table is then one or two loads from L1 instead of 16 roundings.
+struct Tables {
+  float fp8[256];
+  float lut[256][16];
+  uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
+  Tables() {
+    for (int c = 0; c < 256; ++c) {
+      fp8[c] = to_float(fp8e4m3_t{static_cast<uint8_t>(c)});
+      for (int i = 0; i < 16; ++i) {
+        lut[c][i] = to_float(to_fp8e4m3(static_cast<float>(i < 8 ? i : i - 16) * fp8[c]));
+        const uint32_t top = float_bits(lut[c][i]) >> 16;
+        lut_bytes[c][i] = static_cast<uint8_t>(top & 0xFF);
+        lut_bytes[c][16 + i] = static_cast<uint8_t>(top >> 8);
+      }
+    }
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: 64 k (32 weight bytes) per chunk, in the order the byte look-ups produce them: staged vector
+// v (8 floats) holds the low (v < 4) or high (v >= 4) nibbles of bytes 4 (v % 4) .. +3 and 16 + the
+// same (the two 128-bit lanes).
+constexpr int64_t kChunk = 64;
+int chunk_k(int i) {
+  const int v = i / 8, e = i % 8;
+  const int byte = (e < 4 ? 0 : 16) + 4 * (v % 4) + e % 4;
+  return 2 * byte + (v >= 4 ? 1 : 0);
+}
+#else
+// 32 k (16 weight bytes) per chunk: [16 even k | 16 odd k].
+constexpr int64_t kChunk = 32;
+int chunk_k(int i) { return i < 16 ? 2 * i : 2 * (i - 16) + 1; }
+#endif
+
+// Row r of the activations -> fp32 in the staged layout: in each group, whole chunks in chunk_k
+// order, the last group_size % kChunk k in natural order.
+void stage_row(const GemmParams& p, int64_t row, float* out) {
+  const float* f8 = tables().fp8;
+  const uint8_t* x = &p.xq[row * p.x_row_stride].bits;
+  int order[kChunk];
+  for (int i = 0; i < kChunk; ++i) order[i] = chunk_k(i);
+  for (int64_t k0 = 0; k0 < p.k; k0 += p.group_size) {
+    const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
+    const int64_t full = len / kChunk * kChunk;
+    for (int64_t c = 0; c < full; c += kChunk) {
+      for (int i = 0; i < kChunk; ++i) out[k0 + c + i] = f8[x[k0 + c + order[i]]];
+    }
+    for (int64_t i = full; i < len; ++i) out[k0 + i] = f8[x[k0 + i]];
+  }
+}
+
+float finish(const GemmParams& p, float acc, int64_t row, int64_t col) {
+  float y = acc * p.xs[row] * p.channel_scale[col];
+  if (p.bias != nullptr) {
+    switch (p.bias_dtype) {
+      case DType::kFloat16:
+        y += to_float(static_cast<const half_t*>(p.bias)[col]);
+        break;
+      case DType::kBFloat16:
+        y += to_float(static_cast<const bf16_t*>(p.bias)[col]);
+        break;
+      default:
+        y += static_cast<const float*>(p.bias)[col];
+    }
+  }
+  return y;
+}
+
+void store_out(const GemmParams& p, int64_t row, int64_t col, float v) {
+  const int64_t i = row * p.n + col;
+  switch (p.out_dtype) {
+    case DType::kFloat16:
+      store_as(static_cast<half_t*>(p.y) + i, v);
+      break;
+    case DType::kBFloat16:
+      store_as(static_cast<bf16_t*>(p.y) + i, v);
+      break;
+    default:
+      store_as(static_cast<float*>(p.y) + i, v);
+  }
+}
+
+// Scalar tail of one group: natural-order activations, bytes of the weight row.
+template <int R>
+void group_tail(const uint8_t* w, int64_t bytes, const float* lut, const float* const* xr, float* acc) {
+  for (int64_t b = 0; b < bytes; ++b) {
+    const float lo = lut[w[b] & 0xF], hi = lut[w[b] >> 4];
+    for (int r = 0; r < R; ++r) acc[r] += xr[r][2 * b] * lo + xr[r][2 * b + 1] * hi;
+  }
+}
+
+#if defined(__AVX512F__)
+
+// R rows x one channel over all of K: the 16 bytes of a chunk widen to 16 lanes; vpermps takes the
+// low 4 bits of each lane as the index, so the low nibbles index directly and the high ones after a
+// shift.
+template <int R>
+void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+  const Tables& tab = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const uint8_t* wrow = p.qweight + col * (p.k / 2);
+  const fp8e4m3_t* srow = p.group_scale + col * groups;
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  float tail[R] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t k0 = j * p.group_size;
+    const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
+    const int64_t full = len / kChunk * kChunk;
+    const float* lut_j = tab.lut[srow[j].bits];
+    const __m512 lut = _mm512_loadu_ps(lut_j);
+    for (int64_t c = 0; c < full; c += kChunk) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + (k0 + c) / 2)));
+      const __m512 wlo = _mm512_permutexvar_ps(v, lut);
+      const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+      for (int r = 0; r < R; ++r) {
+        const float* x = xs_base + r * p.k + k0 + c;
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x), wlo, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), whi, acc[r][1]);
+      }
+    }
+    if (full < len) {
+      const float* xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = xs_base + r * p.k + k0 + full;
+      group_tail<R>(wrow + (k0 + full) / 2, (len - full) / 2, lut_j, xr, tail);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
+    out[r * p.n] = first ? s : out[r * p.n] + s;
+  }
+}
+
+#elif defined(__AVX2__)
+
+// R rows x one channel over all of K. Per 32 weight bytes: the nibbles index the byte tables
+// (vpshufb), two unpacks per nibble set rebuild the 16-bit values and two more place them in the top
+// halves of fp32 lanes: 64 weights in 8 vectors for 28 instructions, 8 of them FMAs per row.
+template <int R>
+void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+  constexpr int A = R == 1 ? 4 : 2;  // accumulators per row: enough independent FMA chains
+  const Tables& tab = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const uint8_t* wrow = p.qweight + col * (p.k / 2);
+  const fp8e4m3_t* srow = p.group_scale + col * groups;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  float tail[R] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t k0 = j * p.group_size;
+    const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
+    const int64_t full = len / kChunk * kChunk;
+    const uint8_t* tb = tab.lut_bytes[srow[j].bits];
+    const __m256i t_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
+    const __m256i t_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16)));
+    for (int64_t c = 0; c < full; c += kChunk) {
+      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + (k0 + c) / 2));
+      const __m256i nib[2] = {_mm256_and_si256(wb, nibble), _mm256_and_si256(_mm256_srli_epi16(wb, 4), nibble)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i lo = _mm256_shuffle_epi8(t_lo, nib[h]), hi = _mm256_shuffle_epi8(t_hi, nib[h]);
+        const __m256i w16[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+        for (int q = 0; q < 4; ++q) {
+          const __m256i bits = (q % 2 == 0) ? _mm256_unpacklo_epi16(zero, w16[q / 2]) : _mm256_unpackhi_epi16(zero, w16[q / 2]);
+          const __m256 w = _mm256_castsi256_ps(bits);
+          const int v = 4 * h + q;  // staged vector index (see chunk_k)
+          for (int r = 0; r < R; ++r) {
+            __m256& a = acc[r][v % A];
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(xs_base + r * p.k + k0 + c + 8 * v), w, a);
+          }
+        }
+      }
+    }
+    if (full < len) {
+      const float* xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = xs_base + r * p.k + k0 + full;
+      group_tail<R>(wrow + (k0 + full) / 2, (len - full) / 2, tab.lut[srow[j].bits], xr, tail);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
+    const float sum = vsum(V{s}) + tail[r];
+    out[r * p.n] = first ? sum : out[r * p.n] + sum;
+  }
+}
+
+#else  // scalar
+
+template <int R>
+void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const uint8_t* wrow = p.qweight + col * (p.k / 2);
+  const fp8e4m3_t* srow = p.group_scale + col * groups;
+  const Tables& tab = tables();
+  float acc[R] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t k0 = j * p.group_size;
+    const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
+    const int64_t full = len / kChunk * kChunk;
+    const float* lut = tab.lut[srow[j].bits];
+    for (int64_t c = 0; c < full; c += kChunk) {
+      const uint8_t* wb = wrow + (k0 + c) / 2;
+      for (int r = 0; r < R; ++r) {
+        const float* x = xs_base + r * p.k + k0 + c;
+        float s = 0.0f;
+        for (int b = 0; b < kChunk / 2; ++b) s += x[b] * lut[wb[b] & 0xF] + x[kChunk / 2 + b] * lut[wb[b] >> 4];
+        acc[r] += s;
+      }
+    }
+    if (full < len) {
+      const float* xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = xs_base + r * p.k + k0 + full;
+      group_tail<R>(wrow + (k0 + full) / 2, (len - full) / 2, lut, xr, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * p.n] = first ? acc[r] : out[r * p.n] + acc[r];
+}
+
+#endif
+
+// Rows [0, rows) of the staged block x channels [c0, c1), over all of K, into out[row * n + col].
+// Channel-major: a channel's weight row (k / 2 bytes) stays in L1 while every row tile reads it, and
+// the weight streams from memory once per staged block, in order.
+void block(const GemmParams& p, int64_t groups, int64_t c0, int64_t c1, int64_t rows, const float* staged,
+           float* out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = 0; r < rows; r += kRowTile) {
+      const float* x = staged + r * p.k;
+      float* o = out + r * p.n + c;
+      switch (rows - r < kRowTile ? rows - r : kRowTile) {
+        case 4:
+          tile<4>(p, c, 0, groups, x, o, true);
+          break;
+        case 3:
+          tile<3>(p, c, 0, groups, x, o, true);
+          break;
+        case 2:
+          tile<2>(p, c, 0, groups, x, o, true);
+          break;
+        default:
+          tile<1>(p, c, 0, groups, x, o, true);
+      }
+    }
+  }
+}
+
+template <typename T>
+void quantize_rows(const QuantizeParams& p) {
+  const int64_t n = p.cols;
+  const bool parallel = p.rows * n >= kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t row = 0; row < p.rows; ++row) {
+    const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
+    V m = vzero(), nan = vzero();
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      const V v = vload(x + i);
+      m = vmax(m, vabs(v));
+      nan = vfma(v, vzero(), nan);  // NaN once any element is NaN or infinite
+    }
+    float amax = vmaxval(m);
+    bool has_nan = vsum(nan) != 0.0f;  // NaN != 0
+    for (; i < n; ++i) {
+      const float a = __builtin_fabsf(to_float(x[i]));
+      amax = a > amax ? a : amax;
+      has_nan = has_nan || a != a;
+    }
+    if (has_nan) {  // tell an infinity (scale inf) from a NaN (scale 1), as the reference does
+      has_nan = false;
+      for (int64_t j = 0; j < n; ++j) has_nan = has_nan || to_float(x[j]) != to_float(x[j]);
+      if (!has_nan) amax = __builtin_inff();
+    }
+    const float scale = (!has_nan && amax > 0.0f) ? amax / kFp8E4M3Max : 1.0f;
+    p.xs[row] = scale;
+    fp8e4m3_t* y = p.xq + row * n;
+    const V vs = vset1(scale);
+    i = 0;
+    for (; i + kW <= n; i += kW) vstore(y + i, vdiv(vload(x + i), vs));
+    for (; i < n; ++i) y[i] = to_fp8e4m3(to_float(x[i]) / scale);
+  }
+}
+
+}  // namespace
+
+Status gemm(const GemmParams& p) {
+  const int64_t stage_rows = p.m < kRowsPerStage ? p.m : kRowsPerStage;
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  float* staged = new float[stage_rows * p.k];
+  float* sums = new float[stage_rows * p.n];
+  const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
+#pragma omp parallel if (parallel)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t c0 = p.n * t / threads, c1 = p.n * (t + 1) / threads;  // this thread's channels
+    for (int64_t m0 = 0; m0 < p.m; m0 += kRowsPerStage) {
+      const int64_t rows = p.m - m0 < kRowsPerStage ? p.m - m0 : kRowsPerStage;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) stage_row(p, m0 + r, staged + r * p.k);
+      // (implicit barrier: every row is staged before any channel reads it)
+      block(p, groups, c0, c1, rows, staged, sums);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = c0; c < c1; ++c) store_out(p, m0 + r, c, finish(p, sums[r * p.n + c], m0 + r, c));
+      }
+#pragma omp barrier
+      // (nobody restages while another thread still reads)
+    }
+  }
+  delete[] sums;
+  delete[] staged;
+  return Status::ok();
+}
+
+Status quantize(const QuantizeParams& p) {
+  FL_CPU_BY_FLOAT_DTYPE(quantize_rows, p, "quantize_fp8_per_token: dtype must be float32, float16 or bfloat16")
+}
+
+}  // namespace fastlayers::cpu::FL_CPU_ISA::int4_fp8
