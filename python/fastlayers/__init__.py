@@ -7,12 +7,17 @@ Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without th
 
 from fastlayers import nn, reference
 from fastlayers._info import info
-from fastlayers.nn import PEER, FastFeedForward, RMSNorm, UltraFastFeedForward
+from fastlayers.nn import PEER, FastFeedForward, Int4Fp8Linear, RMSNorm, UltraFastFeedForward
 from fastlayers.ops import (
+    QuantizedWeight,
+    dequantize_int4,
     fff_hard,
     fused_add_rms_norm,
+    int4_fp8_gemm,
     peer_experts,
     peer_retrieve,
+    quantize_fp8_per_token,
+    quantize_int4,
     rms_norm,
     rms_norm_backward,
     rms_norm_fp8,
@@ -37,4 +42,10 @@ __all__ = [
     "PEER",
     "peer_retrieve",
     "peer_experts",
+    "Int4Fp8Linear",
+    "QuantizedWeight",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
 ]

@@ -20,6 +20,8 @@ OPS = (
     "peer_retrieve",
     "peer_experts",
     "peer_experts_backward",
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
 )
 
 

@@ -10,6 +10,13 @@ same errors.
 
 from fastlayers.ops._common import poison_outputs_enabled, set_poison_outputs
 from fastlayers.ops.fff import fff_hard, ultrafast_ff
+from fastlayers.ops.int4_fp8 import (
+    QuantizedWeight,
+    dequantize_int4,
+    int4_fp8_gemm,
+    quantize_fp8_per_token,
+    quantize_int4,
+)
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
 
@@ -22,6 +29,11 @@ __all__ = [
     "fff_hard",
     "peer_retrieve",
     "peer_experts",
+    "QuantizedWeight",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
     "set_poison_outputs",
     "poison_outputs_enabled",
 ]

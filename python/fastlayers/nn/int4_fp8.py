@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``Int4Fp8Linear``: an ``nn.Linear`` replacement with FireQ INT4 weights and FP8 activations."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastlayers.ops.int4_fp8 import (
+    FP8,
+    OUT_DTYPES,
+    QuantizedWeight,
+    int4_fp8_gemm,
+    quantize_fp8_per_token,
+    quantize_int4,
+)
+from fastlayers.reference.int4_fp8 import FORMAT_VERSION
+
+
+class Int4Fp8Linear(torch.nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` in the FireQ INT4 format and ``x`` quantised to FP8-E4M3
+    per token on the fly (inference only).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        As ``nn.Linear``; ``in_features`` must be even (two INT4 values per byte).
+    bias : bool
+        Whether the layer has a bias (stored in ``out_dtype``, or the source layer's dtype with
+        :meth:`from_linear`).
+    group_size : int
+        INT4 values sharing one FP8 group scale along ``in_features`` (default 128, even; a last
+        partial group is allowed).
+    out_dtype : torch.dtype
+        bfloat16 (default), float16 or float32.
+
+    ``forward(x)`` takes ``[..., in_features]`` float32/float16/bfloat16, or the pair
+    ``(y_fp8, scale)`` that :func:`fastlayers.rms_norm_fp8` returns (so norm -> GEMM moves FP8),
+    and returns ``[..., out_features]`` in ``out_dtype``.
+
+    State dict (all tensors, so ``safetensors`` saves it as is): ``qweight`` uint8
+    ``[out, in / 2]``, ``group_scale`` float8_e4m3fn ``[out, ceil(in / group_size)]``,
+    ``channel_scale`` float32 ``[out]``, optional ``bias``, and ``quant_format`` int32
+    ``[format version, group size]``. A fresh layer holds zeros: fill it with :meth:`from_linear`
+    or ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 128,
+        out_dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
+        super().__init__()
+        for value, name in ((in_features, "in_features"), (out_features, "out_features")):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_features % 2:
+            raise ValueError(
+                f"in_features must be even (two INT4 values per byte), got {in_features}"
+            )
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if group_size % 2:
+            raise ValueError(f"group_size must be even, got {group_size}")
+        if out_dtype not in OUT_DTYPES:
+            raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.group_size, self.out_dtype = group_size, out_dtype
+        groups = -(-self.in_features // group_size)
+        self.register_buffer(
+            "qweight",
+            torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "group_scale", torch.ones(self.out_features, groups, device=device).to(FP8)
+        )
+        self.register_buffer("channel_scale", torch.ones(self.out_features, device=device))
+        self.register_buffer(
+            "bias", torch.zeros(self.out_features, dtype=out_dtype, device=device) if bias else None
+        )
+        self.register_buffer(
+            "quant_format",
+            torch.tensor([FORMAT_VERSION, group_size], dtype=torch.int32, device=device),
+        )
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: torch.nn.Linear,
+        group_size: int = 128,
+        channel_scale: str = "per_channel",
+        out_dtype: torch.dtype | None = None,
+    ) -> Int4Fp8Linear:
+        """Quantizes an ``nn.Linear`` (FireQ formats; ``channel_scale`` as in
+        :func:`fastlayers.quantize_int4`). ``out_dtype`` defaults to the layer's dtype, so the
+        replacement returns what the original returned (bfloat16 for other dtypes)."""
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(
+                f"linear must be an nn.Linear (a 2-D weight), got {type(linear).__name__}"
+            )
+        if out_dtype is None:
+            out_dtype = weight.dtype if weight.dtype in OUT_DTYPES else torch.bfloat16
+        bias = getattr(linear, "bias", None)
+        layer = cls(
+            weight.shape[1], weight.shape[0], bias is not None, group_size, out_dtype, weight.device
+        )
+        q = quantize_int4(weight, group_size, channel_scale)
+        layer.qweight.copy_(q.qweight)
+        layer.group_scale.copy_(q.group_scale)
+        layer.channel_scale.copy_(q.channel_scale)
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.group_scale, self.channel_scale, self.group_size)
+
+    def dequantize(self, round_lut: bool = True) -> torch.Tensor:
+        """The float32 weight ``[out_features, in_features]`` this layer computes with."""
+        return self.quantized_weight.dequantize(round_lut)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fmt = state_dict.get(prefix + "quant_format")
+        if fmt is not None:
+            version, group_size = (int(v) for v in fmt.tolist())
+            if version != FORMAT_VERSION:
+                raise ValueError(
+                    f"{prefix}quant_format: format version {version}, this fastlayers reads "
+                    f"{FORMAT_VERSION}"
+                )
+            if group_size != self.group_size:
+                raise ValueError(
+                    f"{prefix}quant_format: the checkpoint has group_size {group_size}, this layer "
+                    f"{self.group_size}"
+                )
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None and bias.dtype != self.bias.dtype:
+            self.bias = torch.empty_like(self.bias, dtype=bias.dtype)  # keep the stored dtype
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(
+                    "forward takes a tensor or the (y_fp8, scale) pair of rms_norm_fp8; "
+                    f"got a sequence of {len(x)}"
+                )
+            xq, xs = x
+        else:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"x must have {self.in_features} features in its last dimension, got shape "
+                    f"{tuple(x.shape)}"
+                )
+            xq, xs = quantize_fp8_per_token(x)
+        return int4_fp8_gemm(xq, xs, self.quantized_weight, self.bias, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, "
+            f"out_dtype={self.out_dtype}"
+        )

@@ -1,0 +1,309 @@
+# SPDX-License-Identifier: Apache-2.0
+"""INT4 x FP8 ops (FireQ): ``quantize_fp8_per_token`` and ``int4_fp8_gemm``, plus the weight
+format's public helpers (:class:`QuantizedWeight`, :func:`quantize_int4`, :func:`dequantize_int4`).
+
+Formats and semantics are those of :mod:`fastlayers.reference.int4_fp8` (the specification).
+Inference only: neither op has a backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastlayers import _dtypes, _ext
+from fastlayers.ops._common import (
+    LIB,
+    check_activation,
+    check_tensor,
+    device_code,
+    direct_call_ok,
+    empty,
+    has_kernel,
+    ptr,
+    row_stride,
+    rows_view,
+)
+from fastlayers.reference import int4_fp8 as ref
+
+FP8 = torch.float8_e4m3fn
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+LIB.define("quantize_fp8_per_token(Tensor x) -> (Tensor, Tensor)")
+LIB.define(
+    "int4_fp8_gemm(Tensor xq, Tensor xs, Tensor qweight, Tensor group_scale, Tensor channel_scale,"
+    " Tensor? bias, int group_size, ScalarType out_dtype) -> Tensor"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (shared by the kernels and the fakes)
+# ----------------------------------------------------------------------------------------------
+def _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype) -> None:
+    for t, name in (
+        (xq, "xq"),
+        (xs, "xs"),
+        (qweight, "qweight"),
+        (group_scale, "group_scale"),
+        (channel_scale, "channel_scale"),
+    ):
+        check_tensor(t, name)
+    if xq.dtype != FP8:
+        raise TypeError(
+            f"xq must be torch.float8_e4m3fn (see quantize_fp8_per_token), got {xq.dtype}"
+        )
+    if xq.dim() == 0:
+        raise ValueError("xq must have at least one dimension (the in-features)")
+    if xs.dtype != torch.float32:
+        raise TypeError(f"xs must be float32, got {xs.dtype}")
+    rows_shape = tuple(xq.shape[:-1])
+    if tuple(xs.shape) not in (rows_shape, rows_shape + (1,)):
+        raise ValueError(
+            f"xs must have shape {rows_shape + (1,)} (one scale per row of xq), "
+            f"got {tuple(xs.shape)}"
+        )
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError(
+            f"qweight must be uint8 [out_features, in_features / 2], got {qweight.dtype} "
+            f"{tuple(qweight.shape)}"
+        )
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if xq.shape[-1] != k:
+        raise ValueError(
+            f"xq has {xq.shape[-1]} in-features but qweight {tuple(qweight.shape)} holds {k}"
+        )
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if group_size % 2:
+        raise ValueError(f"group_size must be even, got {group_size}")
+    groups = -(-k // group_size)
+    if group_scale.dtype != FP8 or tuple(group_scale.shape) != (n, groups):
+        raise ValueError(
+            f"group_scale must be float8_e4m3fn of shape ({n}, {groups}) for {k} in-features in "
+            f"groups of {group_size}, got {group_scale.dtype} {tuple(group_scale.shape)}"
+        )
+    if channel_scale.dtype != torch.float32 or tuple(channel_scale.shape) != (n,):
+        raise ValueError(
+            f"channel_scale must be float32 of shape ({n},), got {channel_scale.dtype} "
+            f"{tuple(channel_scale.shape)}"
+        )
+    if bias is not None:
+        check_tensor(bias, "bias")
+        if bias.dtype not in _dtypes.FLOATING or tuple(bias.shape) != (n,):
+            raise ValueError(
+                f"bias must be float32/float16/bfloat16 of shape ({n},), got {bias.dtype} "
+                f"{tuple(bias.shape)}"
+            )
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    for t, name in (
+        (xs, "xs"),
+        (qweight, "qweight"),
+        (group_scale, "group_scale"),
+        (channel_scale, "channel_scale"),
+        (bias, "bias"),
+    ):
+        if t is not None and t.device != xq.device:
+            raise ValueError(f"{name} is on {t.device} but xq is on {xq.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+def _reference_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
+    xs = xs.reshape(*xq.shape[:-1], 1)
+    return ref.int4_fp8_gemm(
+        xq, xs, qweight, group_scale, channel_scale, group_size, bias, out_dtype
+    )
+
+
+def _fallback(device: torch.device, op: str) -> bool:
+    """True when ``op`` has no kernel for this device (CUDA: none yet; warned once)."""
+    if device.type == "cuda":
+        _ext.warn_once(
+            f"{op}-cuda", f"fastlayers.{op}: no CUDA kernel yet; running the PyTorch reference"
+        )
+        return True
+    return not has_kernel(device, op)
+
+
+def _gemm_kernel(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
+    _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
+    if _fallback(xq.device, "int4_fp8_gemm"):
+        return _reference_gemm(
+            xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype
+        )
+    n, k = qweight.shape[0], xq.shape[-1]
+    y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
+    x2 = rows_view(xq)
+    m = x2.shape[0]
+    if m == 0:
+        return y
+    # Held in variables: temporaries inside the call would be freed before the kernel runs.
+    xs1 = xs.reshape(m).contiguous()
+    qw, gs, cs = qweight.contiguous(), group_scale.contiguous(), channel_scale.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    _ext.C.int4_fp8_gemm(
+        device_code(xq.device),
+        ptr(x2), row_stride(x2), ptr(xs1),
+        ptr(qw), ptr(gs), ptr(cs),
+        ptr(b), _dtypes.code(b.dtype) if b is not None else 0,
+        ptr(y), _dtypes.code(out_dtype),
+        m, n, k, group_size,
+    )  # fmt: skip
+    return y
+
+
+def _quantize_kernel(x):
+    check_activation(x, "x")
+    if _fallback(x.device, "quantize_fp8_per_token"):
+        return ref.quantize_fp8_per_token(x)
+    xq = empty(x.shape, FP8, x.device)
+    xs = empty((*x.shape[:-1], 1), torch.float32, x.device)
+    x2 = rows_view(x)
+    if x2.shape[0] > 0:
+        _ext.C.quantize_fp8_per_token(
+            device_code(x.device), ptr(x2), row_stride(x2), ptr(xq), ptr(xs),
+            x2.shape[0], x2.shape[1], _dtypes.code(x.dtype),
+        )  # fmt: skip
+    return xq, xs
+
+
+def _quantize_reference(x):
+    check_activation(x, "x")
+    return ref.quantize_fp8_per_token(x)
+
+
+def _gemm_reference(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
+    _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
+    return _reference_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
+
+
+for _name, _kernel, _reference in (
+    ("quantize_fp8_per_token", _quantize_kernel, _quantize_reference),
+    ("int4_fp8_gemm", _gemm_kernel, _gemm_reference),
+):
+    LIB.impl(_name, _kernel, "CPU")
+    LIB.impl(_name, _kernel, "CUDA")
+    LIB.impl(_name, _reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::quantize_fp8_per_token", lib=LIB)
+def _quantize_fake(x):
+    check_activation(x, "x")
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastlayers::int4_fp8_gemm", lib=LIB)
+def _gemm_fake(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
+    _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
+    return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """An INT4 weight in the FireQ format (what ``Int4Fp8Linear`` stores).
+
+    ``qweight``: uint8 ``[out_features, in_features / 2]``, two INT4 values per byte (even k in the
+    low nibble, two's complement); ``group_scale``: float8_e4m3fn
+    ``[out_features, ceil(in_features / group_size)]``; ``channel_scale``: float32
+    ``[out_features]``. The weight the GEMM multiplies by is
+    ``channel_scale[n] * fp8(q[n, k] * group_scale[n, k // group_size])``.
+    """
+
+    qweight: torch.Tensor
+    group_scale: torch.Tensor
+    channel_scale: torch.Tensor
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.qweight.shape[1]
+
+    def dequantize(self, round_lut: bool = True) -> torch.Tensor:
+        """The float32 weight ``[out_features, in_features]`` the GEMM computes with."""
+        return dequantize_int4(self, round_lut)
+
+    def to(self, device) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.qweight.to(device),
+            self.group_scale.to(device),
+            self.channel_scale.to(device),
+            self.group_size,
+        )
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int = 128, channel_scale: str = "per_channel"
+) -> QuantizedWeight:
+    """Quantizes ``weight [out_features, in_features]`` (in_features even) to the FireQ INT4 format.
+
+    ``channel_scale``: ``"per_channel"`` (default; keeps every look-up-table entry within FP8
+    range and the group scales clear of FP8 underflow), ``"per_tensor_pow2"`` (FireQ's power-of-two
+    search) or ``"none"`` (shows the underflow the others prevent). Formulas:
+    :mod:`fastlayers.reference.int4_fp8`.
+    """
+    check_tensor(weight, "weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    with torch.no_grad():
+        qweight, group_scale, c = ref.quantize_int4(weight.detach(), group_size, channel_scale)
+    return QuantizedWeight(qweight, group_scale, c, group_size)
+
+
+def dequantize_int4(weight: QuantizedWeight, round_lut: bool = True) -> torch.Tensor:
+    """The float32 weight ``[out_features, in_features]`` of a :class:`QuantizedWeight`:
+    ``channel_scale * fp8(q * group_scale)`` (``round_lut=False``: without the FP8 rounding)."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    return ref.dequantize_int4(
+        weight.qweight, weight.group_scale, weight.channel_scale, weight.group_size, round_lut
+    )
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8-E4M3 quantisation of ``x [..., K]`` (float32/float16/bfloat16).
+
+    Returns ``(xq, xs)``: ``xq`` float8_e4m3fn ``[..., K]`` and ``xs`` float32 ``[..., 1]`` with
+    ``xs = max|x| / 448`` per row (1 for an all-zero row or a row with a NaN) and
+    ``xq = fp8(clamp(x / xs, -448, 448))``, so ``xq.float() * xs`` dequantises. The same format
+    :func:`fastlayers.rms_norm_fp8` produces.
+    """
+    check_tensor(x, "x")
+    if direct_call_ok(x):
+        return _quantize_kernel(x)
+    return torch.ops.fastlayers.quantize_fp8_per_token(x)
+
+
+def int4_fp8_gemm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``y [..., N] = out_dtype(xs * c * (xq @ fp8(q * s8).T) + bias)``, fp32 accumulation.
+
+    ``xq``, ``xs``: FP8 activations and their per-row scales (:func:`quantize_fp8_per_token` or
+    :func:`fastlayers.rms_norm_fp8`); ``weight``: a :class:`QuantizedWeight`; ``bias``: ``[N]``
+    or None; ``out_dtype``: bfloat16 (default), float16 or float32. The raw op is
+    ``torch.ops.fastlayers.int4_fp8_gemm(xq, xs, qweight, group_scale, channel_scale, bias,
+    group_size, out_dtype)``.
+    """
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    args = (
+        xq, xs, weight.qweight, weight.group_scale, weight.channel_scale, bias,
+        weight.group_size, out_dtype,
+    )  # fmt: skip
+    if direct_call_ok(xq, xs, bias):
+        return _gemm_kernel(*args)
+    return torch.ops.fastlayers.int4_fp8_gemm(*args)
