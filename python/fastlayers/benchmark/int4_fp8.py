@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+"""INT4 x FP8 benchmark: ``Int4Fp8Linear`` (FP8 per-token quantisation of a bf16 input + the INT4 x
+FP8 GEMM, bf16 out) on Llama-class layer shapes against ``F.linear`` in float32 and bfloat16 with
+the same weights and, on CUDA, ``torch._scaled_mm`` FP8 x FP8 (per-row / per-column scales).
+Inference, no grad.
+
+Every timed call reads its weights cold: the layers rotate over enough copies to exceed the last
+level cache (an 8 MiB INT4 weight would otherwise be served from a 32 MiB L3 while the 64 MiB
+float32 one comes from memory). GB/s counts the bytes a call must move: INT4 weight, FP8 scales,
+channel scales, input and output; the fraction is against ``dst.copy_(src)`` in the same run.
+The error column is the max abs difference to a float64 evaluation of the quantised contract
+(not to the float layer: that difference is the quantisation error, reported by the tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+import fastlayers
+from fastlayers import _ext
+from fastlayers.benchmark.harness import Row, copies_to_exceed_cache, copy_bandwidth, time_fn
+from fastlayers.reference import int4_fp8 as ref
+
+LAYERS = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out_features, in_features)
+QUICK = {"layers": [(4096, 4096)], "tokens": [1, 16]}
+FULL_TOKENS = {"cpu": [1, 16, 128], "cuda": [1, 16, 128, 1024, 4096]}
+
+
+def _backend(device: torch.device) -> str:
+    if device.type == "cpu" and _ext.has_cpu_kernels():
+        return f"fastlayers/{_ext.C.cpu_isa()}"
+    return "fastlayers/reference"  # no CUDA kernel yet
+
+
+def _oracle_error(layer, x) -> float:
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    qw = layer.quantized_weight
+    lut = ref.dequantize_int4(qw.qweight, qw.group_scale, torch.ones_like(qw.channel_scale),
+                              qw.group_size)  # fmt: skip
+    y64 = (xq.double() @ lut.double().t()) * xs.double() * qw.channel_scale.double()
+    return (layer(x).double() - y64).abs().max().item()
+
+
+def _call(layer, x):
+    return layer(x)
+
+
+def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
+    rows: list[Row] = []
+    layers = QUICK["layers"] if quick else LAYERS
+    tokens_list = QUICK["tokens"] if quick else FULL_TOKENS[device.type]
+    backend = _backend(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n, k in layers:
+        w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device)
+        lin = torch.nn.Linear(k, n, bias=False, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        int4_bytes = n * k // 2 + n * (-(-k // 128)) + 4 * n
+        copies = copies_to_exceed_cache(int4_bytes, device)
+        layer = fastlayers.Int4Fp8Linear.from_linear(lin, out_dtype=torch.bfloat16)
+        ours = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
+        w32 = [w] + [w.clone() for _ in range(copies_to_exceed_cache(4 * n * k, device) - 1)]
+        w16 = [w.bfloat16() for _ in range(copies_to_exceed_cache(2 * n * k, device))]
+        for tokens in tokens_list:
+            x = torch.randn(tokens, k, generator=gen).to(device)
+            xb = x.bfloat16()
+            nbytes = int4_bytes + tokens * (2 * k + 2 * n)
+            copy_bw = copy_bandwidth(max(nbytes // 2, 1 << 16), device)
+            with torch.no_grad():
+                t_ours = time_fn(_call, [(layer, xb) for layer in ours], device, reps=reps)
+                err = _oracle_error(ours[0], xb)
+                gbps = nbytes / t_ours.median_s / 1e9
+                linear = torch.nn.functional.linear
+                baselines = {
+                    "F.linear fp32": (linear, [(x, t) for t in w32]),
+                    "F.linear bf16": (linear, [(xb, t) for t in w16]),
+                }
+                if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
+                    xq, xs = fastlayers.quantize_fp8_per_token(xb)
+                    ones = torch.ones(1, n, device=device)
+                    baselines["torch._scaled_mm fp8 x fp8"] = (
+                        functools.partial(torch._scaled_mm, out_dtype=torch.bfloat16),
+                        [(xq, ref.to_fp8(t).t(), xs, ones) for t in w16],
+                    )
+                for name, (fn, inputs) in baselines.items():
+                    slow = tokens >= 128 and device.type == "cpu"
+                    t_base = time_fn(fn, inputs, device, reps=3 if slow else max(3, reps // 2))
+                    rows.append(
+                        Row(
+                            "Int4Fp8Linear (g128, bf16 in/out)",
+                            f"{tokens}x{k}->{n}",
+                            "bfloat16",
+                            backend,
+                            t_ours.median_s * 1e6,
+                            name,
+                            t_base.median_s * 1e6,
+                            gbps,
+                            gbps * 1e9 / copy_bw,
+                            err,
+                        )
+                    )
+    return rows
