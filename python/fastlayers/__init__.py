@@ -23,6 +23,7 @@ from fastlayers.ops import (
     rms_norm_fp8,
     ultrafast_ff,
 )
+from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
 from fastlayers.version import __version__
 
 __all__ = [
@@ -48,4 +49,7 @@ __all__ = [
     "dequantize_int4",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "quantize_",
+    "QuantizeConfig",
+    "QuantizeReport",
 ]

@@ -106,14 +106,28 @@ class Int4Fp8Linear(torch.nn.Module):
             )
         if out_dtype is None:
             out_dtype = weight.dtype if weight.dtype in OUT_DTYPES else torch.bfloat16
-        bias = getattr(linear, "bias", None)
-        layer = cls(
-            weight.shape[1], weight.shape[0], bias is not None, group_size, out_dtype, weight.device
-        )
         q = quantize_int4(weight, group_size, channel_scale)
-        layer.qweight.copy_(q.qweight)
-        layer.group_scale.copy_(q.group_scale)
-        layer.channel_scale.copy_(q.channel_scale)
+        return cls.from_quantized(q, getattr(linear, "bias", None), out_dtype)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        weight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> Int4Fp8Linear:
+        """A layer holding an already quantised weight (e.g. from :func:`fastlayers.quantize_`'s
+        GPTQ path or :func:`fastlayers.quantize_int4`)."""
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+        layer = cls(
+            weight.in_features, weight.out_features, bias is not None, weight.group_size,
+            out_dtype, weight.qweight.device,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.qweight.copy_(weight.qweight)
+            layer.group_scale.copy_(weight.group_scale)
+            layer.channel_scale.copy_(weight.channel_scale)
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer
