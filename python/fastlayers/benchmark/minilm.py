@@ -62,6 +62,54 @@ CALIBRATION = [
     "Vaccines train the immune system to recognise a specific virus.",
     "The river carried sediment all the way to the delta and the sea.",
     "He repaired the bicycle chain with a small tool he kept in his bag.",
+    "The bakery on the corner sells warm croissants every morning.",
+    "Scientists discovered a new species of frog in the rainforest canopy.",
+    "The train to the coast was crowded with families heading for the beach.",
+    "Her novel tells the story of three sisters growing up after the war.",
+    "The city council voted to build a new park beside the old factory.",
+    "Strong winds knocked down power lines across the eastern suburbs.",
+    "The goalkeeper saved a penalty in the last minute of the match.",
+    "Astronomers observed a distant galaxy forming new stars at a rapid rate.",
+    "A good night's sleep improves memory, mood and concentration.",
+    "The company announced record profits and a plan to hire more workers.",
+    "We hiked to the top of the hill to watch the sun rise over the valley.",
+    "The painter mixed blue and yellow to create a bright shade of green.",
+    "Farmers worried that the long drought would ruin this year's harvest.",
+    "The students built a small robot that can sort recycling by material.",
+    "Traffic slowed to a crawl as the snow began to fall heavily.",
+    "The ancient city was rediscovered by archaeologists in the desert sand.",
+    "He apologised for arriving late and explained that his bus had broken down.",
+    "The hospital opened a new ward for children with rare diseases.",
+    "Our neighbours adopted a playful puppy from the local animal shelter.",
+    "The festival attracts musicians and dancers from all over the world.",
+    "A thick fog rolled in from the sea and covered the harbour.",
+    "The government introduced a tax on plastic bags to reduce waste.",
+    "She learned to speak French fluently after living in Paris for a year.",
+    "The spacecraft sent back detailed images of the planet's icy moons.",
+    "Fresh vegetables from the market make the soup taste much better.",
+    "The police closed the road after a truck overturned near the tunnel.",
+    "Reading to young children helps them develop language skills early.",
+    "The orchestra's conductor raised his baton and the hall fell silent.",
+    "Electric cars are becoming cheaper as battery technology improves.",
+    "The garden was full of roses, tulips and buzzing bees in early summer.",
+    "The price of coffee has risen sharply because of poor weather in Brazil.",
+    "Two climbers reached the summit despite freezing temperatures and high winds.",
+    "The manager praised the team for finishing the project ahead of schedule.",
+    "A small earthquake shook the town but caused no serious damage.",
+    "The documentary explores how coral reefs recover after bleaching events.",
+    "They celebrated their anniversary with dinner at a quiet seaside restaurant.",
+    "The new law requires all restaurants to display calorie information.",
+    "Wolves were reintroduced to the national park to restore the ecosystem.",
+    "The child carefully placed the last piece into the jigsaw puzzle.",
+    "Heavy rainfall caused the river to burst its banks for the first time in decades.",
+    "The professor explained the theory with simple examples from everyday life.",
+    "Shoppers queued outside the store hours before the sale began.",
+    "The island can only be reached by ferry during the summer months.",
+    "A volunteer group cleaned up the beach and collected bags of litter.",
+    "The athlete broke the world record in the hundred metres sprint.",
+    "Old letters found in the attic revealed a forgotten family secret.",
+    "The airline cancelled dozens of flights because of a staff shortage.",
+    "Bees play a vital role in pollinating the crops we eat.",
 ]
 
 
@@ -167,3 +215,49 @@ def encode(tokenizer, sentences) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([b.ids for b in batch])
     mask = torch.tensor([b.attention_mask for b in batch])
     return ids, mask
+
+
+# The configurations the accuracy table compares (QuantizeConfig fields).
+ACCURACY_CASES = {
+    "RTN, no channel scale, no smoothing": dict(
+        method="rtn", channel_scale="none", smooth=False, clip_search=False
+    ),
+    "RTN, per-channel scale, no smoothing": dict(method="rtn", smooth=False, clip_search=False),
+    "RTN, per-channel scale, smoothing": dict(method="rtn", clip_search=False),
+    "RTN + clip search, smoothing": dict(method="rtn"),
+    "GPTQ + clip search, no smoothing": dict(method="gptq", smooth=False),
+    "GPTQ + clip search, smoothing (default with calibration)": dict(method="gptq"),
+}
+
+
+def accuracy(cases=None, group_size: int = 128) -> list[dict]:
+    """Quantizes the model with each configuration (``quantize_``, calibrated on CALIBRATION) and
+    returns, per case, the cosine similarity of the SENTENCES embeddings to the float32 model's
+    (mean and min) and the mean per-layer relative output error."""
+    import copy
+
+    from fastlayers.quantize import QuantizeConfig, quantize_
+
+    model, tokenizer = load()
+    ids, mask = encode(tokenizer, SENTENCES)
+    calibration = [encode(tokenizer, [s]) for s in CALIBRATION]  # one sentence each: no padding
+    with torch.no_grad():
+        want = model(ids, mask)
+    rows = []
+    for name, fields in (cases or ACCURACY_CASES).items():
+        quantized = copy.deepcopy(model)
+        config = QuantizeConfig(group_size=group_size, progress=False, **fields)
+        report = quantize_(quantized, config, calibration=calibration)
+        with torch.no_grad():
+            cos = (quantized(ids, mask) * want).sum(-1)
+        errors = [r.output_error for r in report.layers if r.output_error is not None]
+        rows.append(
+            {
+                "case": name,
+                "cos_mean": cos.mean().item(),
+                "cos_min": cos.min().item(),
+                "layer_output_error": sum(errors) / len(errors),
+                "layers": len(report.layers),
+            }
+        )
+    return rows
