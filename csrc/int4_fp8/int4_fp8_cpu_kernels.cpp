@@ -30,6 +30,7 @@ namespace {
 
 constexpr int64_t kRowsPerStage = 32;   // activation rows staged at a time (32 x K fp32 stays in L2/L3)
 constexpr int kRowTile = 4;             // rows per micro-tile
+constexpr int64_t kPrefetchBytes = 1024;  // weight prefetch distance
 constexpr int64_t kParallelMinWork = 1 << 18;  // m * n * k below this runs on one thread
 
 // Everything the kernels look up, built once: the value of each FP8 code, and for each group-scale
@@ -200,6 +201,9 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
     const __m256i t_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
     const __m256i t_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16)));
     for (int64_t c = 0; c < full; c += kChunk) {
+      // The weight streams from memory once: ask for it kPrefetchBytes ahead (past the row's end
+      // is the next channel's row, which this thread reads next).
+      __builtin_prefetch(wrow + (k0 + c) / 2 + kPrefetchBytes);
       const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + (k0 + c) / 2));
       const __m256i nib[2] = {_mm256_and_si256(wb, nibble), _mm256_and_si256(_mm256_srli_epi16(wb, 4), nibble)};
       for (int h = 0; h < 2; ++h) {
