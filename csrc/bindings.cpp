@@ -207,7 +207,7 @@ void fff_hard_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   run(device, p, stream, fff::hard_forward_cpu, FL_CUDA_OR_NONE(fff::hard_forward_cuda));
 }
 
-// Ops with CPU kernels only so far (the Python layer runs the reference on CUDA).
+// Ops with CPU kernels only (the Python layer runs the reference on CUDA).
 template <typename Params>
 Status no_cuda_kernel(const Params&, void*) {
   return Status::invalid("no CUDA kernel for this op (the Python layer runs the reference)");
@@ -235,7 +235,7 @@ void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, st
 void int4_fp8_gemm(int device, std::uintptr_t xq, int64_t x_row_stride, std::uintptr_t xs,
                    std::uintptr_t qweight, std::uintptr_t group_scale, std::uintptr_t channel_scale,
                    std::uintptr_t bias, int bias_dtype, std::uintptr_t y, int out_dtype, int64_t m,
-                   int64_t n, int64_t k, int64_t group_size) {
+                   int64_t n, int64_t k, int64_t group_size, std::uintptr_t stream) {
   int4_fp8::GemmParams p;
   p.xq = ptr<const fp8e4m3_t>(xq);
   p.x_row_stride = x_row_stride;
@@ -251,11 +251,12 @@ void int4_fp8_gemm(int device, std::uintptr_t xq, int64_t x_row_stride, std::uin
   p.n = n;
   p.k = k;
   p.group_size = group_size;
-  run(device, p, 0, int4_fp8::gemm_cpu, no_cuda_kernel<int4_fp8::GemmParams>);
+  run(device, p, stream, int4_fp8::gemm_cpu, FL_CUDA_OR_NONE(int4_fp8::gemm_cuda));
 }
 
 void quantize_fp8_per_token(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t xq,
-                            std::uintptr_t xs, int64_t rows, int64_t cols, int dtype) {
+                            std::uintptr_t xs, int64_t rows, int64_t cols, int dtype,
+                            std::uintptr_t stream) {
   int4_fp8::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.x_row_stride = x_row_stride;
@@ -264,7 +265,23 @@ void quantize_fp8_per_token(int device, std::uintptr_t x, int64_t x_row_stride, 
   p.rows = rows;
   p.cols = cols;
   p.dtype = static_cast<DType>(dtype);
-  run(device, p, 0, int4_fp8::quantize_cpu, no_cuda_kernel<int4_fp8::QuantizeParams>);
+  run(device, p, stream, int4_fp8::quantize_cpu, FL_CUDA_OR_NONE(int4_fp8::quantize_cuda));
+}
+
+// CUDA only: the CPU GEMM never needs a dequantised weight.
+void int4_fp8_dequantize(std::uintptr_t qweight, std::uintptr_t group_scale, std::uintptr_t out,
+                         int64_t n, int64_t k, int64_t group_size, std::uintptr_t stream) {
+  int4_fp8::DequantParams p;
+  p.qweight = ptr<const uint8_t>(qweight);
+  p.group_scale = ptr<const fp8e4m3_t>(group_scale);
+  p.out = ptr<fp8e4m3_t>(out);
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  const auto no_cpu = [](const int4_fp8::DequantParams&) {
+    return Status::invalid("int4_fp8_dequantize: CUDA only");
+  };
+  run(kCuda, p, stream, +no_cpu, FL_CUDA_OR_NONE(int4_fp8::dequantize_cuda));
 }
 
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
@@ -388,5 +405,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
+  m.def("int4_fp8_dequantize", &int4_fp8_dequantize);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

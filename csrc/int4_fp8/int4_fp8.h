@@ -39,10 +39,23 @@ struct QuantizeParams {
   DType dtype = DType::kFloat32;
 };
 
+// fp8(q * s8) as FP8 codes [n, k] (no channel scale): the weight for "dequantize + matmul".
+struct DequantParams {
+  const uint8_t* qweight = nullptr;        // [n, k / 2] contiguous
+  const fp8e4m3_t* group_scale = nullptr;  // [n, ceil(k / group_size)] contiguous
+  fp8e4m3_t* out = nullptr;                // [n, k] contiguous
+  int64_t n = 0, k = 0, group_size = 128;
+};
+
 Status validate(const GemmParams& p);
 Status validate(const QuantizeParams& p);
 
 Status gemm_cpu(const GemmParams& p);
 Status quantize_cpu(const QuantizeParams& p);
+// CUDA (sm80+): the GEMM for any m (efficient for decode, up to ~16 rows), dequantisation,
+// quantisation. Asynchronous on `stream`.
+Status gemm_cuda(const GemmParams& p, void* stream);
+Status dequantize_cuda(const DequantParams& p, void* stream);
+Status quantize_cuda(const QuantizeParams& p, void* stream);
 
 }  // namespace fastlayers::int4_fp8

@@ -49,6 +49,8 @@ CUDA_OPS = frozenset(
         "fff_hard",
         "peer_experts",
         "peer_experts_backward",
+        "quantize_fp8_per_token",
+        "int4_fp8_gemm",
     }
 )
 

@@ -32,7 +32,9 @@ FULL_TOKENS = {"cpu": [1, 16, 128], "cuda": [1, 16, 128, 1024, 4096]}
 def _backend(device: torch.device) -> str:
     if device.type == "cpu" and _ext.has_cpu_kernels():
         return f"fastlayers/{_ext.C.cpu_isa()}"
-    return "fastlayers/reference"  # no CUDA kernel yet
+    if device.type == "cuda" and _ext.has_cuda_kernels():
+        return "fastlayers/cuda (GEMV / dequantize + fp32 matmul)"
+    return "fastlayers/reference"
 
 
 def _oracle_error(layer, x) -> float:

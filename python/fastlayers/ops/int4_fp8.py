@@ -3,7 +3,9 @@
 format's public helpers (:class:`QuantizedWeight`, :func:`quantize_int4`, :func:`dequantize_int4`).
 
 Formats and semantics are those of :mod:`fastlayers.reference.int4_fp8` (the specification).
-Inference only: neither op has a backward.
+Inference only: neither op has a backward. CPU: fused kernels. CUDA (sm80+; compiled, not yet run
+on a GPU): a GEMV kernel up to 16 rows, beyond that an FP8 dequantisation kernel and one fp32
+GEMM; the Hopper CUTLASS look-up-table GEMM is planned.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from fastlayers.ops._common import (
     check_activation,
     check_tensor,
     device_code,
+    device_guard,
     direct_call_ok,
     empty,
     has_kernel,
     ptr,
     row_stride,
     rows_view,
+    stream_of,
 )
 from fastlayers.reference import int4_fp8 as ref
 
@@ -118,55 +122,67 @@ def _reference_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_siz
     )
 
 
-def _fallback(device: torch.device, op: str) -> bool:
-    """True when ``op`` has no kernel for this device (CUDA: none yet; warned once)."""
-    if device.type == "cuda":
-        _ext.warn_once(
-            f"{op}-cuda", f"fastlayers.{op}: no CUDA kernel yet; running the PyTorch reference"
-        )
-        return True
-    return not has_kernel(device, op)
+# CUDA: the GEMV kernel up to this many rows; beyond, dequantise to FP8 and multiply in fp32.
+_CUDA_GEMV_MAX_ROWS = 16
 
 
 def _gemm_kernel(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
     _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
-    if _fallback(xq.device, "int4_fp8_gemm"):
+    if not has_kernel(xq.device, "int4_fp8_gemm"):
         return _reference_gemm(
             xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype
         )
     n, k = qweight.shape[0], xq.shape[-1]
-    y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
     x2 = rows_view(xq)
     m = x2.shape[0]
-    if m == 0:
-        return y
     # Held in variables: temporaries inside the call would be freed before the kernel runs.
     xs1 = xs.reshape(m).contiguous()
     qw, gs, cs = qweight.contiguous(), group_scale.contiguous(), channel_scale.contiguous()
     b = bias.contiguous() if bias is not None else None
-    _ext.C.int4_fp8_gemm(
-        device_code(xq.device),
-        ptr(x2), row_stride(x2), ptr(xs1),
-        ptr(qw), ptr(gs), ptr(cs),
-        ptr(b), _dtypes.code(b.dtype) if b is not None else 0,
-        ptr(y), _dtypes.code(out_dtype),
-        m, n, k, group_size,
-    )  # fmt: skip
+    if xq.device.type == "cuda" and m > _CUDA_GEMV_MAX_ROWS:
+        return _dequantize_matmul(x2, xs1, qw, gs, cs, b, group_size, out_dtype, xq.shape)
+    y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
+    if m == 0:
+        return y
+    with device_guard(xq.device):
+        _ext.C.int4_fp8_gemm(
+            device_code(xq.device),
+            ptr(x2), row_stride(x2), ptr(xs1),
+            ptr(qw), ptr(gs), ptr(cs),
+            ptr(b), _dtypes.code(b.dtype) if b is not None else 0,
+            ptr(y), _dtypes.code(out_dtype),
+            m, n, k, group_size, stream_of(xq.device),
+        )  # fmt: skip
     return y
+
+
+def _dequantize_matmul(x2, xs1, qw, gs, cs, b, group_size, out_dtype, shape):
+    """CUDA, many rows: the table values fp8(q * s8) as an FP8 weight (a kernel), one fp32 GEMM
+    (products of FP8 values are exact in fp32), then the scales. No host synchronisation."""
+    n, k = qw.shape[0], x2.shape[1]
+    w8 = torch.empty((n, k), dtype=FP8, device=x2.device)
+    with device_guard(x2.device):
+        _ext.C.int4_fp8_dequantize(ptr(qw), ptr(gs), ptr(w8), n, k, group_size,
+                                   stream_of(x2.device))  # fmt: skip
+    y = (x2.float() @ w8.float().t()) * xs1[:, None] * cs
+    if b is not None:
+        y = y + b.float()
+    return y.to(out_dtype).reshape(*shape[:-1], n)
 
 
 def _quantize_kernel(x):
     check_activation(x, "x")
-    if _fallback(x.device, "quantize_fp8_per_token"):
+    if not has_kernel(x.device, "quantize_fp8_per_token"):
         return ref.quantize_fp8_per_token(x)
     xq = empty(x.shape, FP8, x.device)
     xs = empty((*x.shape[:-1], 1), torch.float32, x.device)
     x2 = rows_view(x)
     if x2.shape[0] > 0:
-        _ext.C.quantize_fp8_per_token(
-            device_code(x.device), ptr(x2), row_stride(x2), ptr(xq), ptr(xs),
-            x2.shape[0], x2.shape[1], _dtypes.code(x.dtype),
-        )  # fmt: skip
+        with device_guard(x.device):
+            _ext.C.quantize_fp8_per_token(
+                device_code(x.device), ptr(x2), row_stride(x2), ptr(xq), ptr(xs),
+                x2.shape[0], x2.shape[1], _dtypes.code(x.dtype), stream_of(x.device),
+            )  # fmt: skip
     return xq, xs
 
 
