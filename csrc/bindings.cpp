@@ -19,6 +19,7 @@
 #include "int4_fp8/int4_fp8.h"
 #include "peer/peer.h"
 #include "rmsnorm/rmsnorm.h"
+#include "skip/skip.h"
 
 namespace py = pybind11;
 using namespace fastlayers;
@@ -284,6 +285,36 @@ void int4_fp8_dequantize(std::uintptr_t qweight, std::uintptr_t group_scale, std
   run(kCuda, p, stream, +no_cpu, FL_CUDA_OR_NONE(int4_fp8::dequantize_cuda));
 }
 
+void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                      std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k, std::uintptr_t q_pos,
+                      std::uintptr_t k_pos, std::uintptr_t out, std::uintptr_t lse, std::uintptr_t k_t,
+                      int64_t nq, int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
+                      int64_t dv, int64_t window_left, int64_t window_right, double scale, int dtype) {
+  skip::VarlenParams p;
+  p.q = ptr<const void>(q);
+  p.k = ptr<const void>(k);
+  p.v = ptr<const void>(v);
+  p.cu_seqlens_q = ptr<const int32_t>(cu_seqlens_q);
+  p.cu_seqlens_k = ptr<const int32_t>(cu_seqlens_k);
+  p.q_pos = ptr<const int64_t>(q_pos);
+  p.k_pos = ptr<const int64_t>(k_pos);
+  p.out = ptr<void>(out);
+  p.lse = ptr<float>(lse);
+  p.k_t = ptr<float>(k_t);
+  p.nq = nq;
+  p.nk = nk;
+  p.batch = batch;
+  p.hq = hq;
+  p.hkv = hkv;
+  p.d = d;
+  p.dv = dv;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.scale = static_cast<float>(scale);
+  p.dtype = static_cast<DType>(dtype);
+  run(device, p, 0, skip::varlen_attention_cpu, no_cuda_kernel<skip::VarlenParams>);
+}
+
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
                       std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
                       std::uintptr_t preact, int64_t tokens, int64_t dim, int64_t pairs,
@@ -406,5 +437,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);
+  m.def("varlen_attention", &varlen_attention);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

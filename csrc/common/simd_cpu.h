@@ -63,6 +63,24 @@ static inline V vround(V a, const half_t*) {
   return {_mm512_cvtph_ps(_mm512_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))};
 }
 static inline V vdiv(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
+// e^a, about 2 ulp over the fp32 range; below -87.3 (and -inf) gives 0, NaN stays NaN.
+static inline V vexp(V a) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(a.v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-87.3365478515625f), _CMP_LT_OQ), y, _mm512_setzero_ps());
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), y, a.v)};
+}
 // Clamp to +-448 (NaN stays NaN) and round to e4m3 codes, as to_fp8e4m3 in dtype.h does.
 static inline void vstore(fp8e4m3_t* p, V a) {
   const __m512 c = _mm512_max_ps(_mm512_set1_ps(-kFp8E4M3Max), _mm512_min_ps(_mm512_set1_ps(kFp8E4M3Max), a.v));
@@ -143,6 +161,24 @@ static inline V vround(V a, const half_t*) {
   return {_mm256_cvtph_ps(_mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT))};
 }
 static inline V vdiv(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
+// e^a, about 2 ulp over the fp32 range; below -87.3 (and -inf) gives 0, NaN stays NaN.
+static inline V vexp(V a) {
+  const __m256 x = _mm256_max_ps(_mm256_min_ps(a.v, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(a.v, _mm256_set1_ps(-87.3365478515625f), _CMP_LT_OQ));
+  return {_mm256_blendv_ps(y, a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
+}
 // Clamp to +-448 (NaN stays NaN) and round to e4m3 codes, as to_fp8e4m3 in dtype.h does:
 // normal range by rounding the fp32 bits at bit 20, subnormals (< 2^-6) as round(|v| * 2^9).
 static inline void vstore(fp8e4m3_t* p, V a) {
@@ -196,6 +232,7 @@ static inline V vround(V a, const T* tag) {
   return {round_to(a.v, tag)};
 }
 static inline V vdiv(V a, V b) { return {a.v / b.v}; }
+static inline V vexp(V a) { return {__builtin_expf(a.v)}; }
 static inline void vstore(fp8e4m3_t* p, V a) { *p = to_fp8e4m3(a.v); }
 
 #endif

@@ -13,6 +13,7 @@ from fastlayers.ops import (
     dequantize_int4,
     fff_hard,
     fused_add_rms_norm,
+    gather_rows,
     int4_fp8_gemm,
     peer_experts,
     peer_retrieve,
@@ -21,7 +22,11 @@ from fastlayers.ops import (
     rms_norm,
     rms_norm_backward,
     rms_norm_fp8,
+    route_threshold,
+    route_topk,
+    scatter_add_gated,
     ultrafast_ff,
+    varlen_attention,
 )
 from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
 from fastlayers.version import __version__
@@ -49,6 +54,11 @@ __all__ = [
     "dequantize_int4",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "route_topk",
+    "route_threshold",
+    "varlen_attention",
+    "gather_rows",
+    "scatter_add_gated",
     "quantize_",
     "QuantizeConfig",
     "QuantizeReport",

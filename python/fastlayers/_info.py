@@ -22,6 +22,7 @@ OPS = (
     "peer_experts_backward",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "varlen_attention",
 )
 
 

@@ -19,6 +19,13 @@ from fastlayers.ops.int4_fp8 import (
 )
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
+from fastlayers.ops.skip import (
+    gather_rows,
+    route_threshold,
+    route_topk,
+    scatter_add_gated,
+    varlen_attention,
+)
 
 __all__ = [
     "rms_norm",
@@ -34,6 +41,11 @@ __all__ = [
     "dequantize_int4",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "route_topk",
+    "route_threshold",
+    "varlen_attention",
+    "gather_rows",
+    "scatter_add_gated",
     "set_poison_outputs",
     "poison_outputs_enabled",
 ]

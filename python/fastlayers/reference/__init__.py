@@ -29,6 +29,13 @@ from fastlayers.reference.rmsnorm import (
     rms_norm_backward,
     rms_norm_fp8,
 )
+from fastlayers.reference.skip import (
+    gather_rows,
+    route_threshold,
+    route_topk,
+    scatter_add_gated,
+    varlen_attention,
+)
 
 __all__ = [
     "rms_norm",
@@ -47,4 +54,9 @@ __all__ = [
     "dequantize_int4",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "route_topk",
+    "route_threshold",
+    "varlen_attention",
+    "gather_rows",
+    "scatter_add_gated",
 ]

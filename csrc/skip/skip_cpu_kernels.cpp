@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU position-causal variable-length attention, compiled once per ISA into
+// fastlayers::cpu::<isa>::skip. Flash-style: a tile of kRows (query, head) rows that share a key/value
+// head, key tiles of kKeys, online softmax, fp32 everywhere.
+//   - Keys are transposed once per call into fp32 [hkv, d, nk], so S = Q K^T runs with lanes over
+//     keys: per head dimension t, one key vector and kRows broadcast query elements give kRows FMAs
+//     (no horizontal sums).
+//   - O += P V with lanes over the value dimension: one value vector, kRows broadcast
+//     probabilities, kRows FMAs.
+//   - Each row's visible keys are one range (positions increase within a sequence): key tiles
+//     outside the union of a tile's ranges are never read; inside, the rest is masked.
+// OpenMP over (key/value head, row tile) tasks, dynamic: tiles late in a causal sequence see more
+// keys.
+//
+// NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/rows_cpu.h"
+#include "common/simd_cpu.h"
+#include "skip/skip.h"
+
+namespace fastlayers::cpu::FL_CPU_ISA::skip {
+
+using fastlayers::skip::VarlenParams;
+
+namespace {
+
+constexpr int kRows = 8;        // (query, head) rows per tile
+constexpr int64_t kKeys = 64;   // keys per tile (a multiple of every kW)
+constexpr float kNegInf = -__builtin_inff();
+
+int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {  // first i with a[i] >= v
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a[mid] < v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+int64_t upper_bound(const int64_t* a, int64_t n, int64_t v) {  // first i with a[i] > v
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a[mid] <= v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+struct Row {
+  int64_t query = 0, head = 0, lo = 0, hi = 0;  // visible keys [lo, hi), absolute indices
+};
+
+// Per-thread scratch: Q [kRows][d] (scaled), S [kRows][kKeys] (scores, then probabilities),
+// O [kRows][dv], m and l [kRows].
+struct Scratch {
+  float* base;
+  float *q, *s, *o, *m, *l;
+  Scratch(int64_t d, int64_t dv)
+      : base(new float[kRows * (d + kKeys + dv + 2)]),
+        q(base), s(q + kRows * d), o(s + kRows * kKeys), m(o + kRows * dv), l(m + kRows) {}
+  ~Scratch() { delete[] base; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+template <typename T>
+void transpose_keys(const VarlenParams& p) {
+  const T* k = static_cast<const T*>(p.k);
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (p.nk + kBlock - 1) / kBlock;
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < p.hkv * blocks; ++task) {
+    const int64_t g = task / blocks, j0 = (task % blocks) * kBlock;
+    const int64_t j1 = j0 + kBlock < p.nk ? j0 + kBlock : p.nk;
+    for (int64_t t = 0; t < p.d; ++t) {
+      float* dst = p.k_t + (g * p.d + t) * p.nk;
+      for (int64_t j = j0; j < j1; ++j) dst[j] = to_float(k[(j * p.hkv + g) * p.d + t]);
+    }
+  }
+}
+
+template <typename T>
+void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w) {
+  const int64_t d = p.d, dv = p.dv;
+  const T* q = static_cast<const T*>(p.q);
+  const T* v = static_cast<const T*>(p.v);
+  int64_t klo = rows[0].lo, khi = rows[0].hi;
+  for (int r = 0; r < kRows; ++r) {
+    w.m[r] = kNegInf;
+    w.l[r] = 0.0f;
+    for (int64_t c = 0; c < dv; ++c) w.o[r * dv + c] = 0.0f;
+    if (r < nrows) {
+      const T* src = q + (rows[r].query * p.hq + rows[r].head) * d;
+      for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = to_float(src[t]) * p.scale;
+      klo = rows[r].lo < klo ? rows[r].lo : klo;
+      khi = rows[r].hi > khi ? rows[r].hi : khi;
+    } else {
+      for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = 0.0f;
+    }
+  }
+  for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
+    const int64_t nkeys = khi - j0 < kKeys ? khi - j0 : kKeys;
+    // S = Q K^T, lanes over keys.
+    int64_t jj = 0;
+    for (; jj + kW <= nkeys; jj += kW) {
+      V acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = vzero();
+      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
+      for (int64_t t = 0; t < d; ++t) {
+        const V kv = vload(kt + t * p.nk);
+        for (int r = 0; r < kRows; ++r) acc[r] = vfma(vset1(w.q[r * d + t]), kv, acc[r]);
+      }
+      for (int r = 0; r < kRows; ++r) vstore(w.s + r * kKeys + jj, acc[r]);
+    }
+    for (; jj < nkeys; ++jj) {
+      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
+      for (int r = 0; r < kRows; ++r) {
+        float s = 0.0f;
+        for (int64_t t = 0; t < d; ++t) s += w.q[r * d + t] * kt[t * p.nk];
+        w.s[r * kKeys + jj] = s;
+      }
+    }
+    // Mask, online softmax: S becomes P.
+    for (int r = 0; r < kRows; ++r) {
+      float* s = w.s + r * kKeys;
+      int64_t lo = 0, hi = 0;
+      if (r < nrows) {
+        lo = rows[r].lo - j0 < 0 ? 0 : rows[r].lo - j0;
+        hi = rows[r].hi - j0 > nkeys ? nkeys : rows[r].hi - j0;
+      }
+      if (lo >= hi) {
+        for (int64_t i = 0; i < nkeys; ++i) s[i] = 0.0f;
+        continue;
+      }
+      float mx = kNegInf;
+      for (int64_t i = lo; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
+      const float m_new = mx > w.m[r] ? mx : w.m[r];
+      const float alpha = w.m[r] == kNegInf ? 0.0f : __builtin_expf(w.m[r] - m_new);
+      for (int64_t i = 0; i < lo; ++i) s[i] = 0.0f;
+      for (int64_t i = hi; i < nkeys; ++i) s[i] = 0.0f;
+      const V vm = vset1(m_new);
+      V sum = vzero();
+      int64_t i = lo;
+      for (; i + kW <= hi; i += kW) {
+        const V e = vexp(vadd(vload(s + i), vmul(vm, vset1(-1.0f))));
+        vstore(s + i, e);
+        sum = vadd(sum, e);
+      }
+      float total = vsum(sum);
+      for (; i < hi; ++i) {
+        s[i] = __builtin_expf(s[i] - m_new);
+        total += s[i];
+      }
+      w.l[r] = w.l[r] * alpha + total;
+      w.m[r] = m_new;
+      if (alpha != 1.0f) {
+        for (int64_t c = 0; c < dv; ++c) w.o[r * dv + c] *= alpha;
+      }
+    }
+    // O += P V, lanes over the value dimension.
+    int64_t c = 0;
+    for (; c + kW <= dv; c += kW) {
+      V o[kRows];
+      for (int r = 0; r < kRows; ++r) o[r] = vload(w.o + r * dv + c);
+      for (int64_t i = 0; i < nkeys; ++i) {
+        const V vv = vload(v + ((j0 + i) * p.hkv + g) * dv + c);
+        for (int r = 0; r < kRows; ++r) o[r] = vfma(vset1(w.s[r * kKeys + i]), vv, o[r]);
+      }
+      for (int r = 0; r < kRows; ++r) vstore(w.o + r * dv + c, o[r]);
+    }
+    for (; c < dv; ++c) {
+      for (int64_t i = 0; i < nkeys; ++i) {
+        const float vv = to_float(v[((j0 + i) * p.hkv + g) * dv + c]);
+        for (int r = 0; r < kRows; ++r) w.o[r * dv + c] += w.s[r * kKeys + i] * vv;
+      }
+    }
+  }
+  T* out = static_cast<T*>(p.out);
+  for (int r = 0; r < nrows; ++r) {
+    T* dst = out + (rows[r].query * p.hq + rows[r].head) * dv;
+    const float l = w.l[r];
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int64_t c = 0; c < dv; ++c) store_as(dst + c, w.o[r * dv + c] * inv);
+    p.lse[rows[r].query * p.hq + rows[r].head] = l > 0.0f ? w.m[r] + __builtin_logf(l) : kNegInf;
+  }
+}
+
+template <typename T>
+void attention(const VarlenParams& p) {
+  const int64_t group = p.hq / p.hkv;
+  // Row tiles per sequence: its (query, head-in-group) rows, query-major, kRows at a time.
+  int64_t* first_tile = new int64_t[p.batch + 1];
+  first_tile[0] = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t rows = (p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]) * group;
+    first_tile[b + 1] = first_tile[b] + (rows + kRows - 1) / kRows;
+  }
+  const int64_t tiles = first_tile[p.batch];
+  const int64_t tail = p.cu_seqlens_q[p.batch];  // rows past the last sequence: zeros, -inf
+#pragma omp parallel
+  {
+    if (p.nk > 0) transpose_keys<T>(p);  // (implicit barrier at its end)
+    Scratch w(p.d, p.dv);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t task = 0; task < p.hkv * tiles; ++task) {
+      const int64_t g = task / tiles, tile_id = task % tiles;
+      int64_t b = 0;
+      {
+        int64_t lo = 0, hi = p.batch - 1;  // the sequence whose tiles contain tile_id
+        while (lo < hi) {
+          const int64_t mid = (lo + hi + 1) / 2;
+          if (first_tile[mid] <= tile_id) lo = mid; else hi = mid - 1;
+        }
+        b = lo;
+      }
+      const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+      const int64_t nk_b = p.cu_seqlens_k[b + 1] - k0;
+      const int64_t row_end = (p.cu_seqlens_q[b + 1] - q0) * group;
+      const int64_t r0 = (tile_id - first_tile[b]) * kRows;
+      Row rows[kRows];
+      int nrows = 0;
+      for (int64_t ri = r0; ri < row_end && nrows < kRows; ++ri, ++nrows) {
+        Row& row = rows[nrows];
+        row.query = q0 + ri / group;
+        row.head = g * group + ri % group;
+        const int64_t pos = p.q_pos[row.query];
+        const int64_t* kp = p.k_pos + k0;
+        row.lo = k0 + (p.window_left >= 0 ? lower_bound(kp, nk_b, pos - p.window_left) : 0);
+        row.hi = k0 + (p.window_right >= 0 ? upper_bound(kp, nk_b, pos + p.window_right) : nk_b);
+        if (row.hi < row.lo) row.hi = row.lo;
+      }
+      tile<T>(p, g, rows, nrows, w);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = tail * p.hq; i < p.nq * p.hq; ++i) {
+      T* dst = static_cast<T*>(p.out) + i * p.dv;
+      for (int64_t c = 0; c < p.dv; ++c) store_as(dst + c, 0.0f);
+      p.lse[i] = kNegInf;
+    }
+  }
+  delete[] first_tile;
+}
+
+}  // namespace
+
+Status varlen_attention(const VarlenParams& p) {
+  FL_CPU_BY_FLOAT_DTYPE(attention, p, "varlen_attention: dtype must be float32, float16 or bfloat16")
+}
+
+}  // namespace fastlayers::cpu::FL_CPU_ISA::skip

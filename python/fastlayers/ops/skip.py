@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sparse layer-skip attention ops: ``route_topk``, ``route_threshold``, ``varlen_attention``,
+``gather_rows``, ``scatter_add_gated``.
+
+Semantics are those of :mod:`fastlayers.reference.skip` (the specification). ``varlen_attention``
+has a CPU kernel (forward; the backward recomputes through the reference); the routing and the
+gather/scatter are short PyTorch sequences on every device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlayers import _dtypes, _ext
+from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
+from fastlayers.reference import skip as ref
+
+LIB.define(
+    "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+    " Tensor q_pos, Tensor k_pos, int window_left, int window_right, float scale)"
+    " -> (Tensor, Tensor)"
+)
+
+
+def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale) -> None:
+    for t, name in (
+        (q, "q"), (k, "k"), (v, "v"), (cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k"),
+        (q_pos, "q_pos"), (k_pos, "k_pos"),
+    ):  # fmt: skip
+        check_tensor(t, name)
+    if q.dtype not in _dtypes.FLOATING and q.dtype != torch.float64:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            "q, k, v must be packed [tokens, heads, head_dim]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must match in tokens and heads"
+        )
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) (GQA)"
+        )
+    for t, name in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be int32 [batch + 1], got {t.dtype} {tuple(t.shape)}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same batch, got {tuple(cu_q.shape)} "
+            f"and {tuple(cu_k.shape)}"
+        )
+    for t, name, n in ((q_pos, "q_pos", q.shape[0]), (k_pos, "k_pos", k.shape[0])):
+        if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be int32/int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+    for t, name in ((k, "k"), (v, "v"), (cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k"),
+                    (q_pos, "q_pos"), (k_pos, "k_pos")):  # fmt: skip
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if left < -1 or right < -1:
+        raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got ({left}, {right})")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk) -> None:
+    """Host-side checks the CPU kernel relies on (cu_seqlens in range, positions increasing
+    within each sequence)."""
+    for cu, pos, n, name in ((cu_q, q_pos, nq, "q"), (cu_k, k_pos, nk, "k")):
+        c = cu.long()
+        if int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()) or int(c[-1]) > n:
+            raise ValueError(
+                f"cu_seqlens_{name} must start at 0, not decrease and end at <= {n}, "
+                f"got {cu.tolist()}"
+            )
+        m = int(c[-1])
+        if m > 1:
+            starts = torch.zeros(m, dtype=torch.bool, device=pos.device)
+            inner = c[1:-1][c[1:-1] < m]
+            starts[inner] = True
+            bad = (pos[1:m] <= pos[: m - 1]) & ~starts[1:]
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{name}_pos must increase strictly within each sequence (original token "
+                    "positions of the routed tokens, in order)"
+                )
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+    return ref.varlen_attention(
+        q, k, v, cu_q, cu_k, q_pos, k_pos, causal=False, window=(left, right), scale=scale,
+        return_lse=True,
+    )  # fmt: skip
+
+
+def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+    if q.device.type != "cpu" or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
+        if q.device.type == "cuda":
+            _ext.warn_once("varlen_attention-cuda", "fastlayers.varlen_attention: no CUDA kernel "
+                           "yet; running the PyTorch reference")  # fmt: skip
+        return _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+    nq, hq, d = q.shape
+    nk, hkv, dv = v.shape
+    _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk)
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    cq, ck = cu_q.contiguous(), cu_k.contiguous()
+    qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
+    out = empty((nq, hq, dv), q.dtype, q.device)
+    lse = empty((nq, hq), torch.float32, q.device)
+    k_t = torch.empty((hkv, d, nk), dtype=torch.float32)  # keys transposed, fp32 (workspace)
+    if nq > 0:
+        _ext.C.varlen_attention(
+            device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
+            ptr(out), ptr(lse), ptr(k_t), nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left, right,
+            scale, _dtypes.code(q.dtype),
+        )  # fmt: skip
+    return out, lse
+
+
+LIB.impl("varlen_attention", _varlen_kernel, "CPU")
+LIB.impl("varlen_attention", _varlen_kernel, "CUDA")
+LIB.impl("varlen_attention", _varlen_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::varlen_attention", lib=LIB)
+def _varlen_fake(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+    return (
+        q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+        q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32),
+    )
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, q_pos, k_pos)
+    ctx.window, ctx.scale = (left, right), scale
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    """Recomputes through the reference under autograd (a kernel backward reusing the LSE is the
+    next step)."""
+    q, k, v, cu_q, cu_k, q_pos, k_pos = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(need)
+            for t, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)
+        ]
+        out, lse = ref.varlen_attention(
+            *leaves, cu_q, cu_k, q_pos, k_pos, causal=False, window=ctx.window,
+            scale=ctx.scale, return_lse=True,
+        )  # fmt: skip
+        outputs, grads = [out], [grad_out]
+        if grad_lse is not None:
+            finite = torch.isfinite(lse)
+            outputs.append(torch.where(finite, lse, 0.0))
+            grads.append(torch.where(finite, grad_lse, 0.0))
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+    dq, dk, dv = (next(got) if t.requires_grad else None for t in leaves)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastlayers::varlen_attention", _varlen_backward, setup_context=_varlen_setup, lib=LIB
+)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool = True,
+    window=None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Packed variable-length attention masked by **original token positions**.
+
+    ``q [Nq, Hq, d]``, ``k [Nk, Hkv, d]``, ``v [Nk, Hkv, dv]`` (GQA: ``Hq % Hkv == 0``), sequences
+    delimited by ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 ``[B + 1]``); ``q_pos`` / ``k_pos`` the
+    tokens' positions in their original sequences, strictly increasing within each sequence.
+    Query i sees key j of its sequence iff ``k_pos[j] <= q_pos[i]`` (``causal``) and, with
+    ``window=(left, right)`` (or an int for both), ``q_pos - left <= k_pos <= q_pos + right``.
+    A query with no visible key gets zeros (``lse = -inf``). ``scale`` defaults to ``d ** -0.5``.
+    Returns ``out [Nq, Hq, dv]`` in q's dtype, and ``lse [Nq, Hq]`` fp32 with ``return_lse``.
+    Differentiable w.r.t. q, k, v.
+    """
+    check_tensor(q, "q")
+    left, right = ref._window(window, bool(causal))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = torch.ops.fastlayers.varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, left, right, scale
+    )
+    return (out, lse) if return_lse else out
+
+
+def route_topk(scores: torch.Tensor, capacity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence top-k routing of ``scores [B, T]``: ``(indices int64 [B * k], cu_seqlens int32
+    [B + 1])`` with ``k = capacity`` (tokens) or ``ceil(capacity * T)`` (a float ratio); flat token
+    indices ``b * T + t``, ascending within each sequence; ties keep the earlier token. Static
+    shapes, no host synchronisation (CUDA-graph capturable)."""
+    check_tensor(scores, "scores")
+    return ref.route_topk(scores, capacity)
+
+
+def route_threshold(scores: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold routing: the tokens with ``score > tau``, packed in order into a static
+    ``[B * T]`` buffer (the tail past ``cu_seqlens[-1]`` is -1), with ``cu_seqlens`` int32
+    ``[B + 1]``. No host synchronisation."""
+    check_tensor(scores, "scores")
+    return ref.route_threshold(scores, float(tau))
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x [N, D]`` at ``indices [M]`` (a negative index gives a zero row)."""
+    check_tensor(x, "x")
+    check_tensor(indices, "indices")
+    return ref.gather_rows(x, indices)
+
+
+def scatter_add_gated(
+    residual: torch.Tensor,
+    indices: torch.Tensor,
+    out: torch.Tensor,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual`` with ``residual[indices] += gate[:, None] * out`` (returns a new tensor;
+    indices unique, negative ones skipped; each updated row computed in fp32 and rounded once).
+    Differentiable; the gate's gradient is ``<dy[indices], out>``."""
+    for t, name in ((residual, "residual"), (indices, "indices"), (out, "out")):
+        check_tensor(t, name)
+    return ref.scatter_add_gated(residual, indices, out, gate)

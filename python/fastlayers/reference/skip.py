@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sparse layer-skip attention reference: token routing, position-causal variable-length
+attention, and the gather / gated scatter around it (Mixture-of-Depths, MindSkip).
+
+Routing returns packed flat token indices (``b * T + t``), ascending within each sequence, and
+``cu_seqlens`` (int32 ``[B + 1]``) without a host synchronisation: ``route_topk`` keeps
+``k = ceil(capacity * T)`` tokens per sequence (static shapes); ``route_threshold`` keeps the tokens
+scoring above ``tau`` in a buffer of static size ``B * T`` whose tail (past ``cu_seqlens[-1]``) is
+``-1``.
+
+``varlen_attention``: sequences packed along the first dimension (``cu_seqlens_q``,
+``cu_seqlens_k``); query i of sequence b may see key j of the same sequence iff
+``k_pos[j] <= q_pos[i]`` (causal, by **original positions**, not by index: FlashAttention's
+bottom-right-aligned ``causal=True`` is wrong for gathered tokens) and, with a window
+``(left, right)``, ``q_pos[i] - left <= k_pos[j] <= q_pos[i] + right`` (-1: unbounded). Scores and
+softmax in fp32 (fp64 stays fp64); a row with no visible key gives zeros and ``lse = -inf``. GQA:
+query head h reads key/value head ``h // (Hq / Hkv)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _static_capacity(capacity, tokens: int) -> int:
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+        raise TypeError(f"capacity must be an int (tokens) or a float ratio, got {capacity!r}")
+    if isinstance(capacity, float):
+        if not 0.0 <= capacity <= 1.0:
+            raise ValueError(f"capacity ratio must be in [0, 1], got {capacity}")
+        return min(tokens, math.ceil(capacity * tokens - 1e-9))
+    if not 0 <= capacity <= tokens:
+        raise ValueError(f"capacity must be in [0, {tokens}] tokens, got {capacity}")
+    return capacity
+
+
+def route_topk(scores: torch.Tensor, capacity) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64 [B * k], cu_seqlens int32 [B + 1])``: the k best-scoring tokens of each
+    sequence of ``scores [B, T]`` (``capacity``: k, or a ratio with ``k = ceil(ratio * T)``), as
+    flat indices ``b * T + t`` ascending within each sequence. Ties keep the earlier token; NaN
+    scores rank below every number."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [batch, tokens], got shape {tuple(scores.shape)}")
+    b, t = scores.shape
+    k = _static_capacity(capacity, t)
+    s = scores.float().nan_to_num(nan=-math.inf)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    picked = order.sort(dim=1).values
+    flat = picked + torch.arange(b, device=scores.device)[:, None] * t
+    cu = torch.arange(b + 1, device=scores.device, dtype=torch.int32) * k
+    return flat.reshape(-1), cu
+
+
+def route_threshold(scores: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices int64 [B * T], cu_seqlens int32 [B + 1])``: the tokens with ``score > tau``,
+    packed in order (flat indices ``b * T + t``); entries past ``cu_seqlens[-1]`` are -1."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [batch, tokens], got shape {tuple(scores.shape)}")
+    b, t = scores.shape
+    keep = (scores.float() > tau).reshape(-1)
+    counts = keep.reshape(b, t).sum(1)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=scores.device)
+    cu[1:] = counts.cumsum(0)
+    # Stable compaction without a host sync: kept tokens first (in order), then the rest.
+    order = torch.sort((~keep).to(torch.int8), stable=True).indices
+    slot = torch.arange(b * t, device=scores.device)
+    indices = torch.where(slot < cu[-1], order, torch.full_like(order, -1))
+    return indices, cu
+
+
+def _window(window, causal: bool) -> tuple[int, int]:
+    if window is None:
+        left, right = -1, -1
+    elif isinstance(window, int) and not isinstance(window, bool):
+        left, right = window, window
+    elif isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = (int(w) for w in window)
+    else:
+        raise ValueError(f"window must be None, an int or (left, right), got {window!r}")
+    if left < -1 or right < -1:
+        raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {window!r}")
+    return left, 0 if causal else right
+
+
+def allowed_mask(q_pos, k_pos, causal: bool, window) -> torch.Tensor:
+    """``[nq, nk]`` bool: which keys each query of one sequence may see."""
+    left, right = _window(window, causal)
+    diff = q_pos[:, None].long() - k_pos[None, :].long()  # q_pos - k_pos
+    ok = torch.ones_like(diff, dtype=torch.bool)
+    if right >= 0:
+        ok &= diff >= -right
+    if left >= 0:
+        ok &= diff <= left
+    return ok
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool = True,
+    window=None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
+    """``out [Nq, Hq, dv]`` (and ``lse [Nq, Hq]`` fp32) of packed position-masked attention; see
+    the module docstring. Differentiable w.r.t. q, k and v."""
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if cq[0] != 0 or ck[0] != 0:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must start at 0")
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        qb = q[q0:q1].to(acc).transpose(0, 1)  # [hq, nq_b, d]
+        kb = k[k0:k1].to(acc).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+        vb = v[k0:k1].to(acc).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
+        s = (qb @ kb.transpose(-1, -2)) * scale  # [hq, nq_b, nk_b]
+        ok = allowed_mask(q_pos[q0:q1], k_pos[k0:k1], causal, window)
+        s = s.masked_fill(~ok, -math.inf)
+        lse_b = torch.logsumexp(s, dim=-1)  # -inf where nothing is visible
+        p = torch.exp(s - lse_b.nan_to_num(neginf=0.0)[..., None]).masked_fill(~ok, 0.0)
+        outs.append((p @ vb).transpose(0, 1))
+        lses.append(lse_b.transpose(0, 1))
+    tail = nq - cq[-1]  # rows past the last sequence (routing padding): zeros, lse -inf
+    outs.append(q.new_zeros((tail, hq, v.shape[-1]), dtype=acc))
+    lses.append(torch.full((tail, hq), -math.inf, dtype=acc, device=q.device))
+    out, lse = torch.cat(outs), torch.cat(lses)
+    out = out.to(q.dtype)
+    return (out, lse.float()) if return_lse else out
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``x [N, D]`` rows at ``indices [M]``; a negative index (routing padding) gives a zero row."""
+    valid = indices >= 0
+    rows = x[indices.clamp_min(0)]
+    return rows * valid[:, None].to(rows.dtype)
+
+
+def scatter_add_gated(
+    residual: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None
+) -> torch.Tensor:
+    """``residual`` with ``residual[indices] += gate[:, None] * out`` (a new tensor): each updated
+    row computed in fp32 and rounded once; indices are unique, negative ones are skipped."""
+    valid = indices >= 0
+    idx = indices[valid]
+    add = out[valid].float()
+    if gate is not None:
+        add = add * gate[valid].float()[:, None]
+    rows = (residual[idx].float() + add).to(residual.dtype)
+    return residual.index_put((idx,), rows)
