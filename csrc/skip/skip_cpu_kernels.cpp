@@ -132,7 +132,15 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
         continue;
       }
       float mx = kNegInf;
-      for (int64_t i = lo; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
+      {
+        int64_t i = lo;
+        if (i + kW <= hi) {
+          V vmx = vload(s + i);
+          for (i += kW; i + kW <= hi; i += kW) vmx = vmax(vmx, vload(s + i));
+          mx = vmaxval(vmx);
+        }
+        for (; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
+      }
       const float m_new = mx > w.m[r] ? mx : w.m[r];
       const float alpha = w.m[r] == kNegInf ? 0.0f : __builtin_expf(w.m[r] - m_new);
       for (int64_t i = 0; i < lo; ++i) s[i] = 0.0f;
@@ -153,7 +161,11 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
       w.l[r] = w.l[r] * alpha + total;
       w.m[r] = m_new;
       if (alpha != 1.0f) {
-        for (int64_t c = 0; c < dv; ++c) w.o[r * dv + c] *= alpha;
+        float* o = w.o + r * dv;
+        const V va = vset1(alpha);
+        int64_t c = 0;
+        for (; c + kW <= dv; c += kW) vstore(o + c, vmul(vload(o + c), va));
+        for (; c < dv; ++c) o[c] *= alpha;
       }
     }
     // O += P V, lanes over the value dimension.

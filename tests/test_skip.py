@@ -1,0 +1,198 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sparse layer-skip attention: routing, position-masked varlen attention (kernel vs a float64
+evaluation of the reference, and vs SDPA in the dense case), backward, gather / gated scatter."""
+
+import math
+
+import pytest
+import torch
+
+import fastlayers
+from _tolerances import assert_close_to_oracle, rand
+from fastlayers.reference import skip as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _routed(batch, tokens, capacity, hq, hkv, d, dtype, device, dv=None):
+    """Routed tokens of `batch` sequences: packed q/k/v, cu_seqlens and original positions."""
+    scores = torch.randn(batch, tokens, device=device)
+    idx, cu = fastlayers.route_topk(scores, capacity)
+    n = idx.shape[0]
+    pos = idx % tokens
+    q = rand(n, hq, d, dtype=dtype, device=device)
+    k = rand(n, hkv, d, dtype=dtype, device=device)
+    v = rand(n, hkv, dv or d, dtype=dtype, device=device)
+    return q, k, v, cu, pos
+
+
+def _check(q, k, v, cu_q, cu_k, q_pos, k_pos, **kw):
+    out, lse = fastlayers.varlen_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, return_lse=True, **kw)
+    same = ref.varlen_attention(q, k, v, cu_q, cu_k, q_pos, k_pos, return_lse=True, **kw)
+    o64, lse64 = ref.varlen_attention(
+        q.double(), k.double(), v.double(), cu_q, cu_k, q_pos, k_pos, return_lse=True, **kw
+    )
+    assert_close_to_oracle(out, same[0], o64, name="out")
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:2]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite].double(), rtol=1e-4, atol=1e-4)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("capacity", [0.0, 0.125, 0.5, 1.0, 3])
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (4, 2, 128), (6, 2, 40)])
+def test_varlen_matches_oracle(device, dtype, capacity, hq, hkv, d):
+    q, k, v, cu, pos = _routed(3, 37, capacity, hq, hkv, d, dtype, device)
+    _check(q, k, v, cu, cu, pos, pos)
+
+
+@pytest.mark.parametrize("window", [None, 4, (3, 5), (0, 0)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_windows_and_non_causal(device, window, causal):
+    q, k, v, cu, pos = _routed(2, 70, 0.5, 4, 2, 64, torch.float32, device, dv=48)
+    _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window, scale=0.3)
+
+
+def test_varlen_dense_case_is_causal_sdpa(device):
+    """q_pos = k_pos = arange: the usual causal attention."""
+    t, h, d = 45, 4, 64
+    q, k, v = (rand(t, h, d, dtype=torch.float32, device=device) for _ in range(3))
+    cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+    pos = torch.arange(t, device=device)
+    out = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_subset_queries_all_keys_empty_sequences_and_invisible_rows(device):
+    """Routed queries attending to every token of their sequence (kv_scope 'all'), an empty
+    sequence in the batch, and queries that see no key (zeros, lse -inf)."""
+    t = 30
+    q_idx = [torch.tensor([0, 4, 9, 20]), torch.tensor([], dtype=torch.long), torch.tensor([3, 29])]
+    q_pos = torch.cat(q_idx).to(device)
+    cu_q = torch.tensor([0, 4, 4, 6], dtype=torch.int32, device=device)
+    k_pos = torch.cat([torch.arange(5, t), torch.arange(t), torch.arange(t)]).to(device)
+    cu_k = torch.tensor([0, t - 5, 2 * t - 5, 3 * t - 5], dtype=torch.int32, device=device)
+    q = rand(6, 4, 64, dtype=torch.bfloat16, device=device)
+    k = rand(k_pos.shape[0], 2, 64, dtype=torch.bfloat16, device=device)
+    v = rand(k_pos.shape[0], 2, 64, dtype=torch.bfloat16, device=device)
+    out, lse = _check(q, k, v, cu_q, cu_k, q_pos, k_pos)
+    # sequence 0's keys start at position 5: queries at 0 and 4 see nothing
+    assert bool((out[:2] == 0).all()) and bool(torch.isneginf(lse[:2]).all())
+    assert bool(torch.isfinite(lse[2:]).all())
+
+
+def test_varlen_threshold_routing_padding(device):
+    """route_threshold's static buffer: rows past cu_seqlens[-1] are zeros with lse -inf."""
+    scores = torch.randn(3, 40, device=device)
+    idx, cu = fastlayers.route_threshold(scores, 0.5)
+    pos = torch.where(idx >= 0, idx % 40, 0)
+    n = idx.shape[0]
+    q, k, v = (rand(n, 2, 64, dtype=torch.float32, device=device) for _ in range(3))
+    # keys: the routed tokens only (the padded tail is not part of any sequence)
+    out, lse = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, return_lse=True)
+    used = int(cu[-1])
+    assert bool((out[used:] == 0).all()) and bool(torch.isneginf(lse[used:]).all())
+    _check(q[:used], k[:used], v[:used], cu, cu, pos[:used], pos[:used])
+
+
+def test_varlen_every_cpu_isa(cpu_isa):
+    for hq, hkv, d in ((4, 2, 64), (3, 3, 20)):
+        q, k, v, cu, pos = _routed(2, 50, 0.5, hq, hkv, d, torch.float32, "cpu")
+        _check(q, k, v, cu, cu, pos, pos, window=(6, 0))
+
+
+def test_varlen_backward(device):
+    q, k, v, cu, pos = _routed(2, 30, 0.5, 4, 2, 32, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fastlayers.varlen_attention(*leaves, cu, cu, pos, pos, window=7, return_lse=True)
+    dy = rand(*out.shape, dtype=out.dtype, device=device)
+    dl = rand(*lse.shape, dtype=lse.dtype, device=device)
+    finite = torch.isfinite(lse)
+    torch.autograd.backward([out, torch.where(finite, lse, 0.0)], [dy, dl])
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o64, l64 = ref.varlen_attention(*leaves64, cu, cu, pos, pos, window=7, return_lse=True)
+    torch.autograd.backward([o64, torch.where(finite, l64, 0.0)], [dy.double(), dl.double()])
+    for got, want in zip(leaves, leaves64, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_bad_input():
+    q, k, v, cu, pos = _routed(2, 20, 0.5, 4, 2, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="multiple"):
+        fastlayers.varlen_attention(q[:, :3], k, v, cu, cu, pos, pos)
+    with pytest.raises(TypeError, match="dtype"):
+        fastlayers.varlen_attention(q, k.half(), v, cu, cu, pos, pos)
+    with pytest.raises(ValueError, match="int32"):
+        fastlayers.varlen_attention(q, k, v, cu.long(), cu, pos, pos)
+    with pytest.raises(ValueError, match="increase strictly"):
+        fastlayers.varlen_attention(q, k, v, cu, cu, pos.flip(0), pos)
+    with pytest.raises(ValueError, match="window"):
+        fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, window=(-3, 0))
+
+
+def test_varlen_opcheck(device):
+    q, k, v, cu, pos = _routed(2, 20, 0.5, 4, 2, 16, torch.float32, device)
+    torch.library.opcheck(
+        torch.ops.fastlayers.varlen_attention, (q, k, v, cu, cu, pos, pos, -1, 0, 0.25)
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# routing, gather, scatter
+# ------------------------------------------------------------------------------------------------
+def test_route_topk_selects_the_best_in_order(device):
+    scores = torch.randn(4, 33, device=device)
+    scores[1, 5] = scores[1, 6]  # a tie: the earlier token wins when only one fits
+    scores[2, 7] = float("nan")
+    idx, cu = fastlayers.route_topk(scores, 0.25)
+    k = math.ceil(0.25 * 33)
+    assert idx.shape == (4 * k,) and cu.tolist() == [i * k for i in range(5)]
+    sel = idx.reshape(4, k)
+    assert bool((sel[:, 1:] > sel[:, :-1]).all())  # ascending within each sequence
+    for b in range(4):
+        t = sel[b] - b * 33
+        chosen = torch.zeros(33, dtype=torch.bool, device=device)
+        chosen[t] = True
+        s = scores[b].nan_to_num(nan=-math.inf)
+        assert s[chosen].min() >= s[~chosen].max()
+    assert fastlayers.route_topk(scores, 0)[0].numel() == 0
+    assert fastlayers.route_topk(scores, 5)[0].shape == (20,)
+    with pytest.raises(ValueError, match="capacity"):
+        fastlayers.route_topk(scores, 1.5)
+
+
+def test_route_threshold(device):
+    scores = torch.randn(3, 16, device=device)
+    idx, cu = fastlayers.route_threshold(scores, 0.2)
+    counts = (scores > 0.2).sum(1)
+    assert cu.tolist() == [0, *counts.cumsum(0).tolist()]
+    n = int(cu[-1])
+    want = (scores.reshape(-1) > 0.2).nonzero().reshape(-1)
+    assert torch.equal(idx[:n], want) and bool((idx[n:] == -1).all())
+
+
+def test_gather_and_scatter_add_gated(device):
+    x = rand(20, 12, dtype=torch.bfloat16, device=device)
+    idx = torch.tensor([3, 7, -1, 15], device=device)
+    rows = fastlayers.gather_rows(x, idx)
+    assert torch.equal(rows[[0, 1, 3]], x[[3, 7, 15]]) and bool((rows[2] == 0).all())
+    out = rand(4, 12, dtype=torch.bfloat16, device=device).requires_grad_()
+    gate = torch.rand(4, device=device).requires_grad_()
+    residual = x.clone().requires_grad_()
+    y = fastlayers.scatter_add_gated(residual, idx, out, gate)
+    want = x.float().clone()
+    for i, j in enumerate(idx.tolist()):
+        if j >= 0:
+            want[j] += gate[i].item() * out[i].float().detach()
+    torch.testing.assert_close(y.float(), want.to(torch.bfloat16).float())
+    dy = rand(20, 12, dtype=torch.bfloat16, device=device)
+    y.backward(dy)
+    dgate = (dy[[3, 7, 15]].float() * out.detach()[[0, 1, 3]].float()).sum(-1)
+    torch.testing.assert_close(gate.grad[[0, 1, 3]], dgate, rtol=2e-2, atol=2e-2)
+    assert gate.grad[2].item() == 0
+    torch.testing.assert_close(residual.grad, dy)
