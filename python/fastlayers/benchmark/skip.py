@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Layer-skip attention benchmark: one attention layer's core (softmax(QK^T)V) over the tokens a
+Mixture-of-Depths router keeps (capacity 12.5 / 25 / 50 / 100 %, selected tokens attend among the
+selected, causal by original positions) with ``fastlayers.varlen_attention``, against dense causal
+``scaled_dot_product_attention`` over all tokens. Forward, no grad.
+
+GFLOP/s (in the shape column) counts the allowed (query, key) pairs only: ``4 * d`` flops each
+(QK^T and PV). Routing is done once outside the timed region (it is part of the router, not of
+attention).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastlayers
+from fastlayers import _ext
+from fastlayers.benchmark.harness import Row, time_fn
+
+CAPACITIES = [0.125, 0.25, 0.5, 1.0]
+SHAPES = {"cpu": [(2, 2048, 16, 64)], "cuda": [(8, 4096, 32, 128)]}  # (batch, tokens, heads, d)
+QUICK = {"cpu": [(1, 1024, 8, 64)], "cuda": [(2, 2048, 32, 128)]}
+
+
+def _backend(device: torch.device) -> str:
+    if device.type == "cpu" and _ext.has_cpu_kernels():
+        return f"fastlayers/{_ext.C.cpu_isa()}"
+    return "fastlayers/reference"  # no CUDA kernel yet
+
+
+def _sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
+    rows: list[Row] = []
+    backend = _backend(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtypes = [torch.float32] if quick or device.type == "cpu" else [torch.bfloat16]
+    for dtype in dtypes:
+        for batch, tokens, heads, d in (QUICK if quick else SHAPES)[device.type]:
+
+            def rnd(*shape, dtype=dtype):
+                return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+            dense = (rnd(batch, heads, tokens, d), rnd(batch, heads, tokens, d),
+                     rnd(batch, heads, tokens, d))  # fmt: skip
+            with torch.no_grad():
+                t_dense = time_fn(_sdpa, [dense], device, reps=max(3, reps // 4))
+            for capacity in CAPACITIES:
+                scores = torch.randn(batch, tokens, generator=gen).to(device)
+                idx, cu = fastlayers.route_topk(scores, capacity)
+                n = idx.shape[0]
+                pos = idx % tokens
+                q, k, v = rnd(n, heads, d), rnd(n, heads, d), rnd(n, heads, d)
+                args = (q, k, v, cu, cu, pos, pos)
+                with torch.no_grad():
+                    t = time_fn(fastlayers.varlen_attention, [args], device, reps=reps)
+                    per_seq = n // batch
+                    pairs = batch * heads * per_seq * (per_seq + 1) / 2
+                    # error against the float64 reference on the first sequence's 64 queries
+                    out = fastlayers.varlen_attention(*args)
+                    m = min(per_seq, 64)
+                    sub = torch.tensor([0, m], dtype=torch.int32, device=device)
+                    want = fastlayers.reference.varlen_attention(
+                        q[:m].double(), k[:m].double(), v[:m].double(), sub, sub, pos[:m], pos[:m]
+                    )
+                    err = (out[:m].double() - want).abs().max().item() if m else 0.0
+                tflops = pairs * 4 * d / t.median_s / 1e12
+                rows.append(
+                    Row(
+                        f"varlen_attention, capacity {capacity:.3g}",
+                        f"{batch}x{tokens} h{heads} d{d} ({n} routed, {tflops * 1e3:.1f} GFLOP/s)",
+                        str(dtype).replace("torch.", ""),
+                        backend,
+                        t.median_s * 1e6,
+                        "dense causal SDPA, all tokens",
+                        t_dense.median_s * 1e6,
+                        float("nan"),  # compute-bound: GFLOP/s is in the shape column
+                        float("nan"),
+                        err,
+                    )
+                )
+    return rows
