@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // CPU position-causal variable-length attention, compiled once per ISA into
 // fastlayers::cpu::<isa>::skip. Flash-style: a tile of kRows (query, head) rows that share a key/value
-// head, key tiles of kKeys, online softmax, fp32 everywhere.
+// head, key tiles of kKeys, online softmax, fp32 everywhere. Register tiles of kRows x 2 vectors.
 //   - Keys are transposed once per call into fp32 [hkv, d, nk], so S = Q K^T runs with lanes over
 //     keys: per head dimension t, one key vector and kRows broadcast query elements give kRows FMAs
 //     (no horizontal sums).
@@ -23,7 +23,7 @@ using fastlayers::skip::VarlenParams;
 
 namespace {
 
-constexpr int kRows = 8;        // (query, head) rows per tile
+constexpr int kRows = 6;        // (query, head) rows per tile: 6 x 2 vectors of accumulators
 constexpr int64_t kKeys = 64;   // keys per tile (a multiple of every kW)
 constexpr float kNegInf = -__builtin_inff();
 
@@ -101,6 +101,23 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
     const int64_t nkeys = khi - j0 < kKeys ? khi - j0 : kKeys;
     // S = Q K^T, lanes over keys.
     int64_t jj = 0;
+    for (; jj + 2 * kW <= nkeys; jj += 2 * kW) {
+      V a0[kRows], a1[kRows];
+      for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = vzero();
+      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
+      for (int64_t t = 0; t < d; ++t) {
+        const V k0 = vload(kt + t * p.nk), k1 = vload(kt + t * p.nk + kW);
+        for (int r = 0; r < kRows; ++r) {
+          const V qb = vset1(w.q[r * d + t]);
+          a0[r] = vfma(qb, k0, a0[r]);
+          a1[r] = vfma(qb, k1, a1[r]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        vstore(w.s + r * kKeys + jj, a0[r]);
+        vstore(w.s + r * kKeys + jj + kW, a1[r]);
+      }
+    }
     for (; jj + kW <= nkeys; jj += kW) {
       V acc[kRows];
       for (int r = 0; r < kRows; ++r) acc[r] = vzero();
@@ -170,6 +187,26 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
     }
     // O += P V, lanes over the value dimension.
     int64_t c = 0;
+    for (; c + 2 * kW <= dv; c += 2 * kW) {
+      V o0[kRows], o1[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        o0[r] = vload(w.o + r * dv + c);
+        o1[r] = vload(w.o + r * dv + c + kW);
+      }
+      for (int64_t i = 0; i < nkeys; ++i) {
+        const T* vrow = v + ((j0 + i) * p.hkv + g) * dv + c;
+        const V v0 = vload(vrow), v1 = vload(vrow + kW);
+        for (int r = 0; r < kRows; ++r) {
+          const V pb = vset1(w.s[r * kKeys + i]);
+          o0[r] = vfma(pb, v0, o0[r]);
+          o1[r] = vfma(pb, v1, o1[r]);
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        vstore(w.o + r * dv + c, o0[r]);
+        vstore(w.o + r * dv + c + kW, o1[r]);
+      }
+    }
     for (; c + kW <= dv; c += kW) {
       V o[kRows];
       for (int r = 0; r < kRows; ++r) o[r] = vload(w.o + r * dv + c);

@@ -7,7 +7,14 @@ Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without th
 
 from fastlayers import nn, reference
 from fastlayers._info import info
-from fastlayers.nn import PEER, FastFeedForward, Int4Fp8Linear, RMSNorm, UltraFastFeedForward
+from fastlayers.nn import (
+    PEER,
+    FastFeedForward,
+    Int4Fp8Linear,
+    RMSNorm,
+    RoutedSelfAttention,
+    UltraFastFeedForward,
+)
 from fastlayers.ops import (
     QuantizedWeight,
     dequantize_int4,
@@ -54,6 +61,7 @@ __all__ = [
     "dequantize_int4",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "RoutedSelfAttention",
     "route_topk",
     "route_threshold",
     "varlen_attention",
