@@ -196,3 +196,64 @@ def test_gather_and_scatter_add_gated(device):
     torch.testing.assert_close(gate.grad[[0, 1, 3]], dgate, rtol=2e-2, atol=2e-2)
     assert gate.grad[2].item() == 0
     torch.testing.assert_close(residual.grad, dy)
+
+
+# ------------------------------------------------------------------------------------------------
+# RoutedSelfAttention
+# ------------------------------------------------------------------------------------------------
+def _dense_block(m, x, tokens):
+    """The block on the given tokens of one sequence, with plain SDPA (is_causal on the gathered
+    tokens in order is position-causal) and the model's own layers."""
+    h = m.norm(x[tokens]) if m.norm is not None else x[tokens]
+    pos = tokens
+    n = tokens.shape[0]
+    q = m.q_proj(h).view(n, m.num_heads, m.head_dim)
+    k = m.k_proj(h).view(n, m.num_kv_heads, m.head_dim)
+    v = m.v_proj(h).view(n, m.num_kv_heads, m.head_dim)
+    from fastlayers.nn.skip import _rope
+
+    q, k = _rope(q, pos, m.rope_theta), _rope(k, pos, m.rope_theta)
+    rep = m.num_heads // m.num_kv_heads
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+        v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True,
+    ).transpose(0, 1)  # fmt: skip
+    gate = torch.sigmoid(m.router(x[tokens]).squeeze(-1))
+    return x[tokens] + gate[:, None] * m.o_proj(o.reshape(n, -1))
+
+
+@pytest.mark.parametrize("capacity", [0.25, 1.0])
+def test_routed_self_attention_matches_dense_on_routed_tokens(device, capacity):
+    m = fastlayers.RoutedSelfAttention(64, 4, num_kv_heads=2, capacity=capacity, device=device)
+    x = rand(3, 20, 64, dtype=torch.float32, device=device)
+    y = m(x)
+    idx, cu = m.last_routing
+    for b in range(3):
+        tokens = idx[cu[b] : cu[b + 1]] - b * 20
+        skipped = torch.ones(20, dtype=torch.bool, device=device)
+        skipped[tokens] = False
+        assert torch.equal(y[b][skipped], x[b][skipped])  # unrouted tokens pass through
+        torch.testing.assert_close(
+            y[b][tokens], _dense_block(m, x[b], tokens), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_routed_self_attention_trains_the_router_and_sequences(device):
+    m = fastlayers.RoutedSelfAttention(32, 2, capacity=0.5, device=device)
+    x = rand(2, 16, 32, dtype=torch.float32, device=device).requires_grad_()
+    m(x).square().sum().backward()
+    assert m.router.weight.grad is not None and bool(m.router.weight.grad.abs().sum() > 0)
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    seq = fastlayers.RoutedSelfAttention(32, 2, capacity=1, granularity="sequence", device=device)
+    x = rand(3, 10, 32, dtype=torch.float32, device=device)
+    y = seq(x)
+    changed = [(y[b] != x[b]).any().item() for b in range(3)]
+    assert sum(changed) == 1  # one whole sequence routed, the others untouched
+    thr = fastlayers.RoutedSelfAttention(32, 2, threshold=0.0, device=device)
+    y = thr(x)
+    idx, cu = thr.last_routing
+    routed = torch.zeros(30, dtype=torch.bool, device=device)
+    routed[idx[: int(cu[-1])]] = True
+    assert torch.equal(y.reshape(30, 32)[~routed], x.reshape(30, 32)[~routed])
+    with pytest.raises(ValueError, match="multiple"):
+        fastlayers.RoutedSelfAttention(32, 3, num_kv_heads=2)
