@@ -36,6 +36,7 @@ from fastlayers.ops import (
     varlen_attention,
 )
 from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
+from fastlayers.skip_plan import LayerPlan, SkipPlan, apply_skip_plan, remove_skip_plan
 from fastlayers.version import __version__
 
 __all__ = [
@@ -67,6 +68,10 @@ __all__ = [
     "varlen_attention",
     "gather_rows",
     "scatter_add_gated",
+    "SkipPlan",
+    "LayerPlan",
+    "apply_skip_plan",
+    "remove_skip_plan",
     "quantize_",
     "QuantizeConfig",
     "QuantizeReport",

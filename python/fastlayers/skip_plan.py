@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Static layer-skip plans for Hugging Face Llama-style decoders (Unified Layer Skipping, AdaSkip,
+"you don't need all of attention", LayerSkip's early exit).
+
+A :class:`SkipPlan` says, per decoder layer, whether its attention and its feedforward run or are
+skipped; a skipped sublayer leaves the residual stream unchanged, or multiplies it by a rescale
+(AdaSkip's substitute for the sublayer's typical norm change). ``exit_layer`` ends the stack early
+(layers from there on do not run). :func:`apply_skip_plan` installs a plan on a model so that its
+``forward`` and ``generate()`` follow it. The KV cache stays consistent: a layer whose attention is
+skipped never writes to the cache, so it holds no keys or values at all, and every layer that runs
+sees the keys of every earlier token (the tokens' positions do not change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+
+MODES = ("full", "skip")
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    attn: str = "full"
+    ffn: str = "full"
+    attn_scale: float = 1.0  # residual multiplier when the attention is skipped
+    ffn_scale: float = 1.0  # residual multiplier when the feedforward is skipped
+
+    def __post_init__(self):
+        for name in ("attn", "ffn"):
+            if getattr(self, name) not in MODES:
+                raise ValueError(f"{name} must be one of {MODES}, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class SkipPlan:
+    layers: list[LayerPlan]
+    exit_layer: int | None = None  # layers >= exit_layer do not run
+
+    def __post_init__(self):
+        n = len(self.layers)
+        if self.exit_layer is not None and not 1 <= self.exit_layer <= n:
+            raise ValueError(f"exit_layer must be in [1, {n}], got {self.exit_layer}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def runs_attention(self, i: int) -> bool:
+        return (self.exit_layer is None or i < self.exit_layer) and self.layers[i].attn == "full"
+
+    def runs_ffn(self, i: int) -> bool:
+        return (self.exit_layer is None or i < self.exit_layer) and self.layers[i].ffn == "full"
+
+    def cost_fraction(self) -> float:
+        """Fraction of sublayers that run (attention and feedforward counted alike)."""
+        ran = sum(self.runs_attention(i) + self.runs_ffn(i) for i in range(self.num_layers))
+        return ran / (2 * self.num_layers)
+
+    @classmethod
+    def full(cls, num_layers: int) -> SkipPlan:
+        return cls([LayerPlan() for _ in range(num_layers)])
+
+    @classmethod
+    def uniform(
+        cls, num_layers: int, target_speedup: float, keep_first: int = 1, keep_last: int = 1
+    ) -> SkipPlan:
+        """Skips whole layers, evenly spread over the middle (Unified Layer Skipping), so that
+        ``num_layers / kept`` is at least ``target_speedup``; the first and last layers stay."""
+        if target_speedup < 1.0:
+            raise ValueError(f"target_speedup must be >= 1, got {target_speedup}")
+        keep = max(keep_first + keep_last, math.ceil(num_layers / target_speedup - 1e-9))
+        keep = min(keep, num_layers)
+        middle = list(range(keep_first, num_layers - keep_last))
+        n_skip = num_layers - keep
+        if n_skip > len(middle):
+            raise ValueError(
+                f"cannot reach {target_speedup}x keeping {keep_first} first and {keep_last} last "
+                f"of {num_layers} layers"
+            )
+        # evenly spaced picks among the middle layers
+        skip = {middle[int((i + 0.5) * len(middle) / n_skip)] for i in range(n_skip)}
+        return cls([LayerPlan("skip" if i in skip else "full", "skip" if i in skip else "full")
+                    for i in range(num_layers)])  # fmt: skip
+
+    @classmethod
+    def drop_attention(cls, num_layers: int, fraction: float) -> SkipPlan:
+        """Skips the attention of the last ``fraction`` of the layers (Tyukin et al.: later
+        attention layers matter least); feedforwards all run."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        n = round(fraction * num_layers)
+        if n >= num_layers:
+            raise ValueError("dropping every attention layer leaves no KV cache to measure length")
+        first_dropped = num_layers - n
+        return cls([LayerPlan("skip" if i >= first_dropped else "full") for i in range(num_layers)])
+
+    @classmethod
+    def from_similarity(
+        cls, model, calibration, num_attn_skip: int = 0, num_ffn_skip: int = 0, rescale=True
+    ) -> SkipPlan:
+        """AdaSkip-style: runs ``calibration`` (batches of input ids, or dicts of model kwargs)
+        through ``model`` and skips the sublayers whose output residual stream is most similar
+        (cosine) to their input; with ``rescale``, a skipped sublayer multiplies the residual by
+        its mean norm ratio ``|h_out| / |h_in|`` measured there. Layer 0's attention always runs."""
+        layers = _decoder_layers(model)
+        n = len(layers)
+        stats = {(i, s): [] for i in range(n) for s in ("attn", "ffn")}
+        hooks = []
+        for i, layer in enumerate(layers):
+            subs = (("attn", "input_layernorm"), ("ffn", "post_attention_layernorm"))
+            for sub, norm_name in subs:
+                norm = getattr(layer, norm_name)
+                module = layer.self_attn if sub == "attn" else layer.mlp
+
+                def pre(mod, args, kwargs, key=(i, sub)):
+                    h = args[0] if args else kwargs["hidden_states"]
+                    stats[key].append([h.detach().float()])
+
+                def post(mod, args, kwargs, out, key=(i, sub)):
+                    y = out[0] if isinstance(out, tuple) else out
+                    stats[key][-1].append(y.detach().float())
+
+                hooks.append(norm.register_forward_pre_hook(pre, with_kwargs=True))
+                hooks.append(module.register_forward_hook(post, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for batch in calibration:
+                    model(**batch) if isinstance(batch, dict) else model(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        score, ratio = {}, {}
+        for key, pairs in stats.items():
+            cos, r = [], []
+            for h_in, delta in pairs:
+                h_out = h_in + delta
+                cos.append(torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).mean())
+                r.append((h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)).mean())
+            score[key] = torch.stack(cos).mean().item() if cos else 0.0
+            ratio[key] = torch.stack(r).mean().item() if r else 1.0
+        attn = sorted((k for k in score if k[1] == "attn" and k[0] != 0), key=lambda k: -score[k])
+        ffn = sorted((k for k in score if k[1] == "ffn"), key=lambda k: -score[k])
+        skip = set(attn[:num_attn_skip]) | set(ffn[:num_ffn_skip])
+        plan = []
+        for i in range(n):
+            a, f = (i, "attn") in skip, (i, "ffn") in skip
+            plan.append(LayerPlan(
+                "skip" if a else "full", "skip" if f else "full",
+                ratio[(i, "attn")] if a and rescale else 1.0,
+                ratio[(i, "ffn")] if f and rescale else 1.0,
+            ))  # fmt: skip
+        return cls(plan)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SkipPlan:
+        d = json.loads(text)
+        return cls([LayerPlan(**layer) for layer in d["layers"]], d.get("exit_layer"))
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    for path in ("model.layers", "layers", "model.model.layers"):
+        m = model
+        for part in path.split("."):
+            m = getattr(m, part, None)
+            if m is None:
+                break
+        if isinstance(m, torch.nn.ModuleList) and len(m) and hasattr(m[0], "self_attn"):
+            return m
+    raise TypeError(
+        "apply_skip_plan: expected a Hugging Face Llama-style decoder (model.model.layers, each "
+        "with input_layernorm, self_attn, post_attention_layernorm, mlp)"
+    )
+
+
+def _planned_forward(layer, plan: LayerPlan, runs_attn: bool, runs_ffn: bool):
+    def forward(hidden_states, *args, **kwargs):
+        if runs_attn:
+            residual = hidden_states
+            h = layer.input_layernorm(hidden_states)
+            kw = dict(kwargs)
+            for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
+                kw.setdefault(name, value)
+            h, _ = layer.self_attn(hidden_states=h, **kw)
+            hidden_states = residual + h
+        elif plan.attn_scale != 1.0:
+            hidden_states = hidden_states * plan.attn_scale
+        if runs_ffn:
+            residual = hidden_states
+            hidden_states = residual + layer.mlp(layer.post_attention_layernorm(hidden_states))
+        elif plan.ffn_scale != 1.0:
+            hidden_states = hidden_states * plan.ffn_scale
+        return hidden_states
+
+    return forward
+
+
+def apply_skip_plan(model, plan: SkipPlan):
+    """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
+    ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
+    no KV cache. Layer 0's attention must run (Hugging Face caches measure the sequence length on
+    layer 0). :func:`remove_skip_plan` restores the model."""
+    if not isinstance(plan, SkipPlan):
+        raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
+    layers = _decoder_layers(model)
+    if len(layers) != plan.num_layers:
+        raise ValueError(f"the plan has {plan.num_layers} layers, the model {len(layers)}")
+    if not plan.runs_attention(0):
+        raise ValueError(
+            "layer 0's attention must run: Hugging Face caches take the sequence length from it"
+        )
+    remove_skip_plan(model)
+    for i, layer in enumerate(layers):
+        layer._fastlayers_forward = layer.forward
+        layer.forward = _planned_forward(
+            layer, plan.layers[i], plan.runs_attention(i), plan.runs_ffn(i)
+        )
+    model._fastlayers_skip_plan = plan
+    return model
+
+
+def remove_skip_plan(model):
+    """Undoes :func:`apply_skip_plan` (no-op when no plan is installed)."""
+    for layer in _decoder_layers(model):
+        if hasattr(layer, "_fastlayers_forward"):
+            layer.forward = layer._fastlayers_forward
+            del layer._fastlayers_forward
+    if hasattr(model, "_fastlayers_skip_plan"):
+        del model._fastlayers_skip_plan
+    return model

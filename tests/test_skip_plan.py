@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SkipPlan on a Hugging Face Llama (random weights from a config): forward equals a hand-written
+stack with the same sublayers skipped, generate() with the KV cache equals generate() without it
+(step scores), skipped attention layers hold no cache, the plan helpers."""
+
+import pytest
+import torch
+
+from fastlayers.skip_plan import LayerPlan, SkipPlan, apply_skip_plan, remove_skip_plan
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model(layers=5):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+PLAN = SkipPlan(
+    [
+        LayerPlan(),
+        LayerPlan("skip"),
+        LayerPlan("full", "skip", 1.0, 0.9),
+        LayerPlan("skip", "skip", 1.1, 1.0),
+        LayerPlan(),
+    ]
+)
+
+
+def _by_hand(model, ids, plan):
+    m = model.model
+    h = m.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    pe = m.rotary_emb(h, pos)
+    for i, layer in enumerate(m.layers):
+        if plan.runs_attention(i):
+            a, _ = layer.self_attn(
+                hidden_states=layer.input_layernorm(h), position_embeddings=pe,
+                attention_mask=None, position_ids=pos,
+            )  # fmt: skip
+            h = h + a
+        else:
+            h = h * plan.layers[i].attn_scale
+        if plan.runs_ffn(i):
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        else:
+            h = h * plan.layers[i].ffn_scale
+    return model.lm_head(m.norm(h))
+
+
+@pytest.mark.parametrize("exit_layer", [None, 3])
+def test_plan_forward_matches_hand_written_stack(exit_layer):
+    model = _model()
+    ids = torch.randint(1, 101, (2, 9))
+    plan = SkipPlan(PLAN.layers, exit_layer)
+    with torch.no_grad():
+        full = model(ids).logits
+        apply_skip_plan(model, plan)
+        got = model(ids).logits
+        want = _by_hand(model, ids, plan)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got - full).abs().max() > 1e-3  # the plan changed something
+        remove_skip_plan(model)
+        torch.testing.assert_close(model(ids).logits, full)
+
+
+def test_generate_with_cache_equals_without_and_skipped_layers_hold_no_cache():
+    model = apply_skip_plan(_model(), PLAN)
+    ids = torch.randint(1, 101, (2, 9))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        cached = model.generate(ids, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    layers = cached.past_key_values.layers
+    for i, layer in enumerate(layers):
+        if PLAN.runs_attention(i):
+            assert layer.keys.shape[-2] == 9 + 6 - 1
+        else:
+            assert layer.keys is None or layer.keys.numel() == 0
+
+
+def test_plan_helpers_and_errors():
+    u = SkipPlan.uniform(12, 1.5)
+    kept = sum(p.attn == "full" for p in u.layers)
+    assert kept == 8 and u.layers[0].attn == u.layers[-1].attn == "full"
+    assert abs(u.cost_fraction() - 8 / 12) < 1e-9
+    d = SkipPlan.drop_attention(8, 0.5)
+    assert [p.attn for p in d.layers] == ["full"] * 4 + ["skip"] * 4
+    assert all(p.ffn == "full" for p in d.layers)
+    assert SkipPlan.from_json(u.to_json()) == u
+    with pytest.raises(ValueError, match="layer 0"):
+        apply_skip_plan(_model(3), SkipPlan([LayerPlan("skip"), LayerPlan(), LayerPlan()]))
+    with pytest.raises(ValueError, match="layers"):
+        apply_skip_plan(_model(3), SkipPlan.full(4))
+    with pytest.raises(ValueError, match="attn"):
+        LayerPlan("routed")
+
+
+def test_from_similarity_picks_sublayers_and_rescales():
+    model = _model()
+    calib = [torch.randint(1, 101, (2, 12)) for _ in range(2)]
+    plan = SkipPlan.from_similarity(model, calib, num_attn_skip=2, num_ffn_skip=1)
+    assert sum(p.attn == "skip" for p in plan.layers) == 2
+    assert sum(p.ffn == "skip" for p in plan.layers) == 1
+    assert plan.layers[0].attn == "full"
+    skipped = [p.attn_scale for p in plan.layers if p.attn == "skip"]
+    assert all(s > 0 for s in skipped) and any(s != 1.0 for s in skipped)
+    with torch.no_grad():
+        apply_skip_plan(model, plan)
+        assert torch.isfinite(model(calib[0]).logits).all()
