@@ -7,6 +7,10 @@ selected, causal by original positions) with ``fastlayers.varlen_attention``, ag
 GFLOP/s (in the shape column) counts the allowed (query, key) pairs only: ``4 * d`` flops each
 (QK^T and PV). Routing is done once outside the timed region (it is part of the router, not of
 attention).
+
+Then whole-model decode of a small random-weight Hugging Face Llama (16 layers, width 512) with
+``generate()`` under ``SkipPlan.uniform`` at 1.25x / 1.5x / 2x targets, against the same model
+without a plan (needs ``transformers``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,56 @@ def _backend(device: torch.device) -> str:
 
 def _sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _llama_rows(device, quick) -> list[Row]:
+    """Whole-model decode speed of a small random-weight Llama under SkipPlan.uniform."""
+    try:
+        import transformers
+    except ImportError:
+        return []
+    from fastlayers.skip_plan import SkipPlan, apply_skip_plan, remove_skip_plan
+
+    torch.manual_seed(0)
+    layers = 8 if quick else 16
+    cfg = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).to(device).eval()
+    ids = torch.randint(1, 1000, (4, 64), device=device)
+    new = 16 if quick else 32
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+              do_sample=False)  # fmt: skip
+
+    def generate():
+        return model.generate(ids, **kw)
+
+    rows = []
+    with torch.no_grad():
+        t_full = time_fn(generate, [()], device, warmup=1, reps=3)
+        for target in (1.25, 1.5, 2.0):
+            plan = SkipPlan.uniform(layers, target)
+            apply_skip_plan(model, plan)
+            t = time_fn(generate, [()], device, warmup=1, reps=3)
+            remove_skip_plan(model)
+            tok_s = ids.shape[0] * new / t.median_s
+            rows.append(
+                Row(
+                    f"Llama generate, SkipPlan.uniform({target}x)",
+                    f"{layers} layers d512, batch 4, 64+{new} tokens ({tok_s:.0f} tok/s, "
+                    f"{plan.cost_fraction():.2f} of sublayers)",
+                    "float32",
+                    "SkipPlan on Hugging Face layers",
+                    t.median_s * 1e6,
+                    "the same model, no plan",
+                    t_full.median_s * 1e6,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                )
+            )
+    return rows
 
 
 def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
@@ -81,4 +135,4 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                         err,
                     )
                 )
-    return rows
+    return rows + _llama_rows(device, quick)
