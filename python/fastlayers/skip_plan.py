@@ -72,7 +72,7 @@ class SkipPlan:
         ``num_layers / kept`` is at least ``target_speedup``; the first and last layers stay."""
         if target_speedup < 1.0:
             raise ValueError(f"target_speedup must be >= 1, got {target_speedup}")
-        keep = max(keep_first + keep_last, math.ceil(num_layers / target_speedup - 1e-9))
+        keep = max(keep_first + keep_last, math.floor(num_layers / target_speedup + 1e-9))
         keep = min(keep, num_layers)
         middle = list(range(keep_first, num_layers - keep_last))
         n_skip = num_layers - keep
