@@ -116,3 +116,28 @@ def test_from_similarity_picks_sublayers_and_rescales():
     with torch.no_grad():
         apply_skip_plan(model, plan)
         assert torch.isfinite(model(calib[0]).logits).all()
+
+
+@pytest.mark.parametrize("exit_layer,num_draft", [(1, 3), (3, 1), (3, 4), (5, 4)])
+def test_self_speculative_generate_is_greedy_decoding(exit_layer, num_draft):
+    """Whatever the draft depth and length, the output is the full model's greedy decoding; with
+    the whole model as its own draft every token is accepted (the all-accepted path)."""
+    import fastlayers
+
+    model = _model()
+    ids = torch.randint(1, 101, (1, 7))
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=15,
+                              min_new_tokens=15, do_sample=False)  # fmt: skip
+    got, stats = fastlayers.self_speculative_generate(model, ids, exit_layer, 15, num_draft)
+    assert torch.equal(got, want)
+    assert stats["accepted"] <= stats["drafted"]
+    if exit_layer == 5:
+        assert stats["accepted"] == stats["drafted"]
+        assert stats["verify_steps"] == -(-14 // (num_draft + 1))  # k drafts + 1 per step
+    eos = int(want[0, 10])
+    got, _ = fastlayers.self_speculative_generate(model, ids, exit_layer, 15, num_draft, eos)
+    first = int((want[0, 7:] == eos).nonzero()[0]) + 7
+    assert torch.equal(got, want[:, : first + 1])
+    with pytest.raises(ValueError, match="batch size 1"):
+        fastlayers.self_speculative_generate(model, ids.repeat(2, 1), exit_layer, 5)

@@ -36,7 +36,13 @@ from fastlayers.ops import (
     varlen_attention,
 )
 from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
-from fastlayers.skip_plan import LayerPlan, SkipPlan, apply_skip_plan, remove_skip_plan
+from fastlayers.skip_plan import (
+    LayerPlan,
+    SkipPlan,
+    apply_skip_plan,
+    remove_skip_plan,
+    self_speculative_generate,
+)
 from fastlayers.version import __version__
 
 __all__ = [
@@ -72,6 +78,7 @@ __all__ = [
     "LayerPlan",
     "apply_skip_plan",
     "remove_skip_plan",
+    "self_speculative_generate",
     "quantize_",
     "QuantizeConfig",
     "QuantizeReport",

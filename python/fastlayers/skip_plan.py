@@ -234,3 +234,91 @@ def remove_skip_plan(model):
     if hasattr(model, "_fastlayers_skip_plan"):
         del model._fastlayers_skip_plan
     return model
+
+
+def _crop(cache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # a negative count removes that many tokens (old and new transformers)
+
+
+@torch.no_grad()
+def self_speculative_generate(
+    model, input_ids: torch.Tensor, exit_layer: int, max_new_tokens: int, num_draft: int = 4,
+    eos_token_id: int | None = None,
+):  # fmt: skip
+    """Greedy self-speculative decoding with early exit (LayerSkip): the first ``exit_layer``
+    layers (plus the final norm and LM head) draft ``num_draft`` tokens, the whole model verifies
+    them in one forward pass, and the longest agreeing prefix plus the model's own next token are
+    kept. The output is exactly the model's greedy decoding; the draft only changes the speed (it
+    helps on models trained for early exit, such as LayerSkip checkpoints).
+
+    Batch size 1. Returns ``(sequence [1, T + new], stats)`` with ``stats = {"drafted",
+    "accepted", "verify_steps"}``. Each model keeps its own KV cache (draft layers and full model),
+    cropped to the accepted tokens after every verification.
+    """
+    from transformers import DynamicCache
+
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T] (batch size 1), got {tuple(input_ids.shape)}")
+    layers = _decoder_layers(model)
+    if not 1 <= exit_layer <= len(layers):
+        raise ValueError(f"exit_layer must be in [1, {len(layers)}], got {exit_layer}")
+    if num_draft < 1 or max_new_tokens < 0:
+        raise ValueError("num_draft must be >= 1 and max_new_tokens >= 0")
+    if hasattr(model, "_fastlayers_skip_plan"):
+        raise ValueError("remove the installed skip plan first (remove_skip_plan)")
+    draft_plan = SkipPlan.full(len(layers))
+    draft_plan.exit_layer = exit_layer
+
+    def step(ids, cache, draft: bool):
+        if draft:
+            apply_skip_plan(model, draft_plan)
+        try:
+            return model(ids, past_key_values=cache, use_cache=True).logits
+        finally:
+            if draft:
+                remove_skip_plan(model)
+
+    full_cache, draft_cache = DynamicCache(), DynamicCache()
+    prefix = input_ids.shape[1]
+    pending = step(input_ids, full_cache, False)[:, -1:].argmax(-1)  # next token, in no cache yet
+    step(input_ids, draft_cache, True)
+    out = [pending]
+    stats = {"drafted": 0, "accepted": 0, "verify_steps": 0}
+    done = 1
+    while done < max_new_tokens and (eos_token_id is None or int(pending) != eos_token_id):
+        # draft: feed pending, then each draft token, through the early-exit layers
+        k = min(num_draft, max_new_tokens - done)
+        drafts, x = [], pending
+        for _ in range(k):
+            x = step(x, draft_cache, True)[:, -1:].argmax(-1)
+            drafts.append(x)
+        draft = torch.cat(drafts, 1)  # [1, k]
+        # verify: the full model on pending + drafts, one pass
+        logits = step(torch.cat([pending, draft], 1), full_cache, False)
+        verified = logits.argmax(-1)  # verified[:, i]: the model's token after position i
+        agree = (verified[:, :k] == draft)[0].int()
+        j = int(agree.cumprod(0).sum())  # leading drafts the model agrees with
+        new = torch.cat([draft[:, :j], verified[:, j : j + 1]], 1)
+        stats["drafted"] += k
+        stats["accepted"] += j
+        stats["verify_steps"] += 1
+        kept = prefix + 1 + j  # tokens in the caches after this round: ..., pending, d_1..d_j
+        _crop(full_cache, kept)
+        if draft_cache.get_seq_length() > kept:
+            _crop(draft_cache, kept)
+        elif draft_cache.get_seq_length() < kept:  # all k accepted: d_k is not in the draft cache
+            step(draft[:, k - 1 :], draft_cache, True)
+        prefix = kept
+        out.append(new)
+        done += new.shape[1]
+        pending = new[:, -1:]
+        if eos_token_id is not None and bool((new == eos_token_id).any()):
+            break
+    tokens = torch.cat(out, 1)[:, :max_new_tokens]
+    if eos_token_id is not None:
+        hits = (tokens[0] == eos_token_id).nonzero()
+        if hits.numel():
+            tokens = tokens[:, : int(hits[0]) + 1]
+    return torch.cat([input_ids, tokens], 1), stats
