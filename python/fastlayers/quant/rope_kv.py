@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: Apache-2.0
+"""FireQ's RoPE-aware KV quantization, the pure-PyTorch part (formulas:
+``../shared/research/int4_fp8.md`` section 1.4).
+
+Keys quantized to INT4 lose accuracy to per-channel outliers, which RoPE rotates between the two
+members of each rotation pair. Two scalings flatten them, both exact for the unquantized ``Q K^T``:
+
+* pre-RoPE ``n[h, c] = alpha / max_t ||(k_c, k_partner)||``, equal for both pair members so it
+  commutes with the rotation, folded into the rows of ``W_k`` (times n) and ``W_q`` (divided by n,
+  for each query head of the GQA group);
+* post-RoPE ``s[h, c] = beta / max_t |RoPE(k)_c|`` on the ``top_k`` channels with the largest
+  post-RoPE maxima and their partners (1 elsewhere): keys are multiplied by s before the INT4
+  quantization and queries divided by s, and the queries, in FP8, carry that range.
+
+Pairings: ``"half"`` (Hugging Face rotate_half: c with c + d/2) or ``"interleaved"`` (2i, 2i+1).
+INT4 KV format: per (token, kv head, group of ``group_size`` channels), an FP8-E4M3 scale
+``s8 = fp8(max|x| / 7)`` (at least 2^-9) and ``q = clamp(round(x / s8), -8, 7)``, packed two per
+byte (even channel in the low nibble). Queries: FP8-E4M3 per (token, head), scale max|q| / 448.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlayers.reference.fp8 import FP8, to_fp8
+from fastlayers.reference.int4_fp8 import GROUP_SCALE_MIN, pack_int4, unpack_int4
+
+PAIRINGS = ("half", "interleaved")
+
+
+def _partner(d: int, pairing: str, device=None) -> torch.Tensor:
+    c = torch.arange(d, device=device)
+    if pairing == "half":
+        return (c + d // 2) % d
+    if pairing == "interleaved":
+        return c ^ 1
+    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+
+
+def compute_pre_rope_scales(
+    k_pre: torch.Tensor, alpha: float = 8.0, pairing: str = "half", exclude=None
+) -> torch.Tensor:
+    """``n [H_kv, d]`` from pre-RoPE keys ``k_pre [T, H_kv, d]``: ``alpha / max_t`` of each
+    rotation pair's L2 norm, the same for both members; channels in ``exclude`` (a bool
+    ``[H_kv, d]``, e.g. those post-RoPE scaling picks) get 1."""
+    if k_pre.dim() != 3 or k_pre.shape[-1] % 2:
+        raise ValueError(
+            f"k_pre must be [tokens, kv_heads, even head_dim], got {tuple(k_pre.shape)}"
+        )
+    k = k_pre.float()
+    partner = _partner(k.shape[-1], pairing, k.device)
+    pair_norm = torch.sqrt(k**2 + k[..., partner] ** 2).amax(0)  # [H_kv, d], same for partners
+    n = alpha / pair_norm.clamp_min(1e-12)
+    if exclude is not None:
+        n = torch.where(exclude, torch.ones_like(n), n)
+    return n
+
+
+def compute_post_rope_scales(
+    k_rot: torch.Tensor, beta: float = 8.0, top_k: int = 8, pairing: str = "half"
+) -> torch.Tensor:
+    """``s [H_kv, d]`` from post-RoPE keys ``k_rot [T, H_kv, d]``: per kv head, the ``top_k``
+    channels by ``max_t |k|`` and their partners get ``beta / max_t |k|``; the others 1."""
+    if k_rot.dim() != 3:
+        raise ValueError(f"k_rot must be [tokens, kv_heads, head_dim], got {tuple(k_rot.shape)}")
+    m = k_rot.float().abs().amax(0)  # [H_kv, d]
+    d = m.shape[-1]
+    chosen = torch.zeros_like(m, dtype=torch.bool)
+    top = m.topk(min(top_k, d), dim=-1).indices
+    chosen.scatter_(1, top, True)
+    chosen |= chosen[:, _partner(d, pairing, m.device)]
+    return torch.where(chosen, beta / m.clamp_min(1e-12), torch.ones_like(m))
+
+
+def fold_pre_rope(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Tensor) -> None:
+    """In place: ``W_k`` rows (and bias) times ``n``, ``W_q`` rows (and bias) divided by ``n``
+    repeated over each kv head's query heads (``repeat_kv`` order). ``Q K^T`` is unchanged."""
+    h_kv, d = n.shape
+    h_q = q_proj.out_features // d
+    if k_proj.out_features != h_kv * d or h_q % h_kv:
+        raise ValueError(
+            f"n {tuple(n.shape)} does not fit k_proj ({k_proj.out_features}) / q_proj "
+            f"({q_proj.out_features})"
+        )
+    nk = n.reshape(-1).float()
+    nq = n.repeat_interleave(h_q // h_kv, dim=0).reshape(-1).float()
+    with torch.no_grad():
+        for lin, f in ((k_proj, nk), (q_proj, 1.0 / nq)):
+            lin.weight.copy_((lin.weight.float() * f[:, None]).to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_((lin.bias.float() * f).to(lin.bias.dtype))
+
+
+def quantize_kv_int4(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., d]`` -> ``(packed uint8 [..., d/2], scales float8_e4m3fn [..., d/g])``."""
+    d = x.shape[-1]
+    if d % 2 or d % group_size or group_size % 2:
+        raise ValueError(f"head_dim {d} must be a multiple of an even group_size {group_size}")
+    g = x.float().reshape(*x.shape[:-1], d // group_size, group_size)
+    s8 = to_fp8(g.abs().amax(-1) / 7).float().clamp_min(GROUP_SCALE_MIN)
+    q = torch.round(g / s8[..., None]).clamp(-8, 7).reshape(x.shape)
+    return pack_int4(q), s8.to(FP8)
+
+
+def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32):
+    """Inverse of :func:`quantize_kv_int4`: ``q * s8`` in ``dtype``."""
+    q = unpack_int4(packed).float()
+    groups = scales.shape[-1]
+    q = q.reshape(*q.shape[:-1], groups, -1) * scales.float()[..., None]
+    return q.reshape(*packed.shape[:-1], -1).to(dtype)
+
+
+def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
+    """Queries through FP8-E4M3 and back, one scale per (token, head) vector (the last dim)."""
+    qf = q.float()
+    amax = qf.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (to_fp8(qf / scale).float() * scale).to(q.dtype)

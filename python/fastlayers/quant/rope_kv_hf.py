@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: Apache-2.0
+"""FireQ RoPE-aware INT4 KV cache for Hugging Face Llama-style models (reference path).
+
+* :func:`calibrate_rope_aware_kv` collects pre-RoPE keys with forward hooks over calibration
+  batches, folds the pre-RoPE scales into ``q_proj`` / ``k_proj`` and returns the post-RoPE
+  scales per layer.
+* :func:`apply_rope_aware_kv` installs the post-RoPE scales and the attention function
+  ``"fastlayers_int4kv"``: queries divided by s, through FP8 per (token, head); keys times s and
+  values through INT4 per (token, kv head, group); softmax attention over the dequantized values.
+* :class:`Int4KVCache` stores keys and values as INT4 (uint8 ``[B, H_kv, T, d/2]``) with FP8
+  scales (``[B, H_kv, T, d/g]``); ``generate(past_key_values=Int4KVCache.for_model(model))``.
+  Crop (speculative rollback) and beam reordering work as for Hugging Face caches.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, Cache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from fastlayers.quant.rope_kv import (
+    compute_post_rope_scales,
+    compute_pre_rope_scales,
+    dequantize_kv_int4,
+    fold_pre_rope,
+    quantize_kv_int4,
+    quantize_q_fp8,
+)
+
+ATTENTION = "fastlayers_int4kv"
+
+
+def _attention_modules(model):
+    layers = model.model.layers if hasattr(model, "model") else model.layers
+    return [layer.self_attn for layer in layers]
+
+
+class _Int4Layer(CacheLayerMixin):
+    is_croppable = True
+
+    def __init__(self, post_scale: torch.Tensor | None, group_size: int):
+        super().__init__()
+        self.post_scale, self.group_size = post_scale, group_size
+        self.kq = self.ks = self.vq = self.vs = None
+        self.dtype = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k = key_states
+        if self.post_scale is not None:
+            k = k * self.post_scale.to(k.device)[None, :, None, :]
+        kq, ks = quantize_kv_int4(k, self.group_size)
+        vq, vs = quantize_kv_int4(value_states, self.group_size)
+        if self.kq is None:
+            self.kq, self.ks, self.vq, self.vs = kq, ks, vq, vs
+        else:
+            self.kq, self.ks = torch.cat([self.kq, kq], -2), torch.cat([self.ks, ks], -2)
+            self.vq, self.vs = torch.cat([self.vq, vq], -2), torch.cat([self.vs, vs], -2)
+        keys = dequantize_kv_int4(self.kq, self.ks, self.dtype)
+        values = dequantize_kv_int4(self.vq, self.vs, self.dtype)
+        keys._fl_int4 = values._fl_int4 = True  # already scaled and quantized (see _attention)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return 0 if self.kq is None else self.kq.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove")
+        n = -tokens_to_remove
+        if n and self.kq is not None:
+            keep = self.kq.shape[-2] - n
+            self.kq, self.ks = self.kq[..., :keep, :], self.ks[..., :keep, :]
+            self.vq, self.vs = self.vq[..., :keep, :], self.vs[..., :keep, :]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.kq is not None:
+            idx = beam_idx.to(self.kq.device)
+            self.kq, self.ks = self.kq.index_select(0, idx), self.ks.index_select(0, idx)
+            self.vq, self.vs = self.vq.index_select(0, idx), self.vs.index_select(0, idx)
+
+    def reset(self) -> None:
+        self.kq = self.ks = self.vq = self.vs = None
+
+    def offload(self):  # the quantized tensors stay where they are
+        pass
+
+    def prefetch(self):
+        pass
+
+    def nbytes(self) -> int:
+        if self.kq is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.kq, self.ks, self.vq, self.vs))
+
+
+class Int4KVCache(Cache):
+    """A Hugging Face cache holding keys and values as INT4 with FP8 scales per (token, kv head,
+    group of ``group_size`` channels); keys are multiplied by each layer's post-RoPE scale first.
+    Build it with :meth:`for_model` after :func:`apply_rope_aware_kv`."""
+
+    def __init__(self, post_scales, group_size: int = 128):
+        super().__init__(layers=[_Int4Layer(s, group_size) for s in post_scales])
+
+    @classmethod
+    def for_model(cls, model, group_size: int | None = None) -> Int4KVCache:
+        mods = _attention_modules(model)
+        if group_size is None:
+            group_size = getattr(mods[0], "_fl_group_size", mods[0].head_dim)
+        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size)
+
+    def nbytes(self) -> int:
+        """Bytes the quantized keys, values and scales occupy."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    k_post = getattr(module, "_fl_k_post", None)
+    if not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
+        if k_post is not None:
+            key = key * k_post.to(key.device)[None, :, None, :]
+        g = getattr(module, "_fl_group_size", key.shape[-1])
+        if getattr(module, "_fl_quantize_keys", True):
+            key = dequantize_kv_int4(*quantize_kv_int4(key, g), key.dtype)
+        if getattr(module, "_fl_quantize_values", True):
+            value = dequantize_kv_int4(*quantize_kv_int4(value, g), value.dtype)
+    if k_post is not None:
+        group = query.shape[1] // k_post.shape[0]
+        inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(query.device, query.dtype)
+        query = query * inv[None, :, None, :]
+    if getattr(module, "_fl_q_fp8", True):
+        query = quantize_q_fp8(query)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+
+
+AttentionInterface.register(ATTENTION, _attention)
+# The additive float mask eager attention expects (sdpa's would be boolean, or None when causal).
+AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+def apply_rope_aware_kv(
+    model, post_scales=None, group_size: int | None = None, q_fp8=True, quantize_keys=True,
+    quantize_values=True,
+):  # fmt: skip
+    """Makes ``model`` attend with INT4 keys/values (post-RoPE scaled by ``post_scales[layer]``
+    ``[H_kv, d]``, None for none) and FP8 queries. ``group_size`` defaults to the head dim.
+    ``q_fp8`` / ``quantize_keys`` / ``quantize_values`` switch each quantization off separately
+    (without an :class:`Int4KVCache`), to measure what each costs."""
+    mods = _attention_modules(model)
+    if post_scales is not None and len(post_scales) != len(mods):
+        raise ValueError(f"{len(post_scales)} post-RoPE scales for {len(mods)} layers")
+    for i, m in enumerate(mods):
+        m._fl_k_post = None if post_scales is None else post_scales[i]
+        m._fl_group_size = group_size or m.head_dim
+        m._fl_q_fp8 = q_fp8
+        m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
+    model._fl_previous_attention = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    return model
+
+
+def remove_rope_aware_kv(model):
+    for m in _attention_modules(model):
+        for name in ("_fl_k_post", "_fl_group_size", "_fl_q_fp8", "_fl_quantize_keys",
+                     "_fl_quantize_values"):  # fmt: skip
+            if hasattr(m, name):
+                delattr(m, name)
+    if hasattr(model, "_fl_previous_attention"):
+        model.set_attn_implementation(model._fl_previous_attention)
+        del model._fl_previous_attention
+    return model
+
+
+@torch.no_grad()
+def calibrate_rope_aware_kv(
+    model, calibration, alpha: float = 8.0, beta: float = 8.0, top_k: int = 8,
+    pre_rope: bool = True, post_rope: bool = True, pairing: str = "half",
+):  # fmt: skip
+    """Runs ``calibration`` (batches of input ids) through the float model, computes the scales of
+    every layer from its keys, folds the pre-RoPE scales into ``q_proj``/``k_proj`` (in place;
+    ``Q K^T`` unchanged) and returns the post-RoPE scales ``[H_kv, d]`` per layer (ones when
+    ``post_rope`` is False), ready for :func:`apply_rope_aware_kv`. Post-RoPE channels keep a
+    pre-RoPE scale of 1."""
+    mods = _attention_modules(model)
+    rotary = model.model.rotary_emb
+    keys = {i: [] for i in range(len(mods))}
+    hooks = []
+    for i, m in enumerate(mods):
+
+        def hook(mod, args, out, i=i):
+            keys[i].append(out.detach().float())
+
+        hooks.append(m.k_proj.register_forward_hook(hook))
+    try:
+        for batch in calibration:
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    scales = []
+    for i, m in enumerate(mods):
+        pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
+                         .flatten(0, 1) for k in keys[i]])  # fmt: skip
+        rot = []
+        for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
+            b, t, _ = k.shape
+            kk = k.view(b, t, -1, m.head_dim).transpose(1, 2)
+            pos = torch.arange(t, device=k.device)[None].expand(b, t)
+            cos, sin = rotary(kk, pos)
+            _, kr = apply_rotary_pos_emb(kk, kk, cos, sin)
+            rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
+        rot = torch.cat(rot)
+        s = compute_post_rope_scales(rot, beta, top_k, pairing) if post_rope else None
+        if pre_rope:
+            exclude = s != 1 if s is not None else None
+            n = compute_pre_rope_scales(pre, alpha, pairing, exclude)
+            fold_pre_rope(m.q_proj, m.k_proj, n)
+            if s is not None:  # the keys the post-RoPE scale sees are now n * k
+                s = torch.where(s != 1, s, torch.ones_like(s))  # (n = 1 on those channels)
+        scales.append(s)
+    return scales

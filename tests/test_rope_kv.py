@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: Apache-2.0
+"""FireQ RoPE-aware INT4 KV: the scalings keep Q K^T exact, the INT4 KV format, the Hugging Face
+integration (Int4KVCache in generate(), crop, reorder) and the key error the scalings remove."""
+
+import copy
+
+import pytest
+import torch
+
+from _tolerances import rand
+from fastlayers import quant
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_scales_commute_with_rope_and_keep_qk():
+    k = rand(50, 2, 16, dtype=torch.float32, device="cpu")
+    k[:, 0, 3] *= 20
+    for pairing in ("half", "interleaved"):
+        n = quant.compute_pre_rope_scales(k, 8.0, pairing)
+        partner = (torch.arange(16) + 8) % 16 if pairing == "half" else torch.arange(16) ^ 1
+        assert torch.equal(n, n[:, partner])  # equal within each rotation pair
+        s = quant.compute_post_rope_scales(k, 8.0, top_k=2, pairing=pairing)
+        chosen = s != 1
+        assert torch.equal(chosen, chosen[:, partner]) and int(chosen[0].sum()) in (2, 4)
+    q_proj, k_proj = torch.nn.Linear(32, 4 * 16), torch.nn.Linear(32, 2 * 16)
+    x = rand(7, 32, dtype=torch.float32, device="cpu")
+
+    def qk():  # query heads 0 and 1 (kv head 0's group) against kv head 0
+        return q_proj(x).view(7, 4, 16)[:, [0, 1]] @ k_proj(x).view(7, 2, 16)[:, 0].t()[None]
+
+    want = qk()
+    quant.fold_pre_rope(q_proj, k_proj, quant.compute_pre_rope_scales(k))
+    got = qk()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_int4_round_trip():
+    x = rand(2, 3, 9, 64, dtype=torch.bfloat16, device="cpu")
+    packed, scales = quant.quantize_kv_int4(x, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 9, 32)
+    assert scales.dtype == torch.float8_e4m3fn and scales.shape == (2, 3, 9, 2)
+    back = quant.dequantize_kv_int4(packed, scales)
+    step = x.float().reshape(2, 3, 9, 2, 32).abs().amax(-1, keepdim=True) / 7
+    err = (back - x.float()).reshape(2, 3, 9, 2, 32).abs()
+    assert bool((err <= 0.5 * step * 1.07 + 1e-6).all())  # half a step (+ the FP8 scale rounding)
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # outlier key channel pairs, as trained models have
+        for layer in model.model.layers:
+            w = layer.self_attn.k_proj.weight
+            for h in range(2):
+                for c in (3, 7):
+                    w[h * 32 + c] *= 15
+                    w[h * 32 + c + 16] *= 15
+    return model
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def test_scalings_keep_the_float_model_and_reduce_key_error():
+    model = _model()
+    ids = torch.randint(1, 256, (2, 64))
+    calib = [torch.randint(1, 256, (2, 64)) for _ in range(3)]
+    ref = model(ids).logits
+    scaled = copy.deepcopy(model)
+    post = quant.calibrate_rope_aware_kv(scaled, calib)
+    assert _rel(scaled(ids).logits, ref) < 1e-5  # pre-RoPE folding is exact in float
+    quant.apply_rope_aware_kv(scaled, post, q_fp8=False, quantize_keys=False,
+                              quantize_values=False)  # fmt: skip
+    assert _rel(scaled(ids).logits, ref) < 1e-5  # so is the post-RoPE scale pair
+    # keys in INT4 (values and queries exact): the scalings remove much of the error
+    plain = copy.deepcopy(model)
+    quant.apply_rope_aware_kv(plain, None, quantize_values=False, q_fp8=False)
+    quant.apply_rope_aware_kv(scaled, post, quantize_values=False, q_fp8=False)
+    e_plain, e_scaled = _rel(plain(ids).logits, ref), _rel(scaled(ids).logits, ref)
+    assert e_scaled < 0.8 * e_plain, (e_scaled, e_plain)
+
+
+@torch.no_grad()
+def test_int4_cache_in_generate_crop_and_reorder():
+    model = _model()
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 48))])
+    quant.apply_rope_aware_kv(model, post)
+    ids = torch.randint(1, 256, (1, 20))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    cache = quant.Int4KVCache.for_model(model)
+    with_cache = model.generate(ids, cache=cache, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.scores, without.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    layer = cache.layers[0]
+    t = 20 + 8 - 1
+    assert layer.kq.dtype == torch.uint8 and layer.kq.shape == (1, 2, t, 16)
+    dense = 2 * 3 * 2 * t * 32 * 4  # K and V, 3 layers, fp32
+    assert cache.nbytes() < dense / 6
+    cache.crop(-5)
+    assert cache.get_seq_length() == t - 5
+    before = layer.kq.clone()
+    cache.reorder_cache(torch.tensor([0]))
+    assert torch.equal(layer.kq, before)
+    quant.remove_rope_aware_kv(model)
+    assert model.config._attn_implementation != "fastlayers_int4kv"
