@@ -17,6 +17,7 @@
 #include "common/status.h"
 #include "fff/fff.h"
 #include "int4_fp8/int4_fp8.h"
+#include "kvint4/kvint4.h"
 #include "peer/peer.h"
 #include "rmsnorm/rmsnorm.h"
 #include "skip/skip.h"
@@ -315,6 +316,29 @@ void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintp
   run(device, p, 0, skip::varlen_attention_cpu, no_cuda_kernel<skip::VarlenParams>);
 }
 
+void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t k_scale,
+                    std::uintptr_t v, std::uintptr_t v_scale, std::uintptr_t out, std::uintptr_t lse,
+                    int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
+                    int64_t length, double scale) {
+  kvint4::DecodeParams p;
+  p.q = ptr<const float>(q);
+  p.k = ptr<const uint8_t>(k);
+  p.k_scale = ptr<const fp8e4m3_t>(k_scale);
+  p.v = ptr<const uint8_t>(v);
+  p.v_scale = ptr<const fp8e4m3_t>(v_scale);
+  p.out = ptr<float>(out);
+  p.lse = ptr<float>(lse);
+  p.batch = batch;
+  p.hq = hq;
+  p.hkv = hkv;
+  p.d = d;
+  p.group = group;
+  p.t_max = t_max;
+  p.length = length;
+  p.scale = static_cast<float>(scale);
+  run(device, p, 0, kvint4::decode_cpu, no_cuda_kernel<kvint4::DecodeParams>);
+}
+
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
                       std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
                       std::uintptr_t preact, int64_t tokens, int64_t dim, int64_t pairs,
@@ -438,5 +462,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);
   m.def("varlen_attention", &varlen_attention);
+  m.def("int4_kv_decode", &int4_kv_decode);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from _tolerances import rand
+from _tolerances import opcheck_with_fp8_inputs, rand
 from fastlayers import quant
 
 transformers = pytest.importorskip("transformers")
@@ -113,3 +113,60 @@ def test_int4_cache_in_generate_crop_and_reorder():
     assert torch.equal(layer.kq, before)
     quant.remove_rope_aware_kv(model)
     assert model.config._attn_implementation != "fastlayers_int4kv"
+
+
+DECODE_SHAPES = [(2, 8, 2, 128, 128, 300), (1, 4, 4, 64, 32, 17), (3, 6, 3, 40, 8, 50)]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,group,t", DECODE_SHAPES)
+def test_int4_kv_decode_matches_reference(device, b, hq, hkv, d, group, t):
+    from fastlayers.ops.kvint4 import _reference, int4_kv_decode
+
+    q = rand(b, hq, d, dtype=torch.bfloat16, device=device)
+    k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=device), group)
+    for length in (t, t - 3, 1):
+        out, lse = int4_kv_decode(q, k, ks, v, vs, length)
+        ref, ref_lse = _reference(q.double(), k, ks, v, vs, length, d**-0.5)
+        assert out.dtype == q.dtype
+        torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+    out, lse = int4_kv_decode(q, k, ks, v, vs, 0)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_int4_kv_decode_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
+    from fastlayers.ops.kvint4 import _reference, int4_kv_decode
+
+    q = rand(2, 4, 64, dtype=torch.float32, device="cpu")
+    k, ks = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 32)
+    v, vs = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 32)
+    out, lse = int4_kv_decode(q, k, ks, v, vs)
+    ref, ref_lse = _reference(q.double(), k, ks, v, vs, 40, 0.125)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        int4_kv_decode(q[:, :3], k, ks, v, vs)
+    with pytest.raises(ValueError, match="length"):
+        int4_kv_decode(q, k, ks, v, vs, 41)
+    with pytest.raises(ValueError, match="k_scale"):
+        int4_kv_decode(q, k, ks.float(), v, vs)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode, (q, k, ks, v, vs, 33, 0.125))
+
+
+@torch.no_grad()
+def test_generate_decode_steps_use_the_int4_kernel(monkeypatch):
+    from fastlayers.quant import rope_kv_hf
+
+    calls = []
+    real = rope_kv_hf.int4_kv_decode
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rope_kv_hf, "int4_kv_decode", counting)
+    model = quant.apply_rope_aware_kv(_model())
+    ids = torch.randint(1, 256, (1, 12))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                   cache=quant.Int4KVCache.for_model(model))  # fmt: skip
+    assert len(calls) == 3 * 3  # 3 decode steps x 3 layers (the prefill takes the general path)

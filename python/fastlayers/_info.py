@@ -23,6 +23,7 @@ OPS = (
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
     "varlen_attention",
+    "int4_kv_decode",
 )
 
 

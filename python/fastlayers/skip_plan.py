@@ -14,6 +14,7 @@ sees the keys of every earlier token (the tokens' positions do not change).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 
@@ -271,11 +272,15 @@ def self_speculative_generate(
     draft_plan = SkipPlan.full(len(layers))
     draft_plan.exit_layer = exit_layer
 
+    # transformers >= 5.x names the cache argument `cache` (`past_key_values` before)
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+
     def step(ids, cache, draft: bool):
         if draft:
             apply_skip_plan(model, draft_plan)
         try:
-            return model(ids, past_key_values=cache, use_cache=True).logits
+            return model(ids, use_cache=True, **{cache_kw: cache}).logits
         finally:
             if draft:
                 remove_skip_plan(model)

@@ -17,6 +17,7 @@ from fastlayers.ops.int4_fp8 import (
     quantize_fp8_per_token,
     quantize_int4,
 )
+from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
 from fastlayers.ops.skip import (
@@ -46,6 +47,7 @@ __all__ = [
     "varlen_attention",
     "gather_rows",
     "scatter_add_gated",
+    "int4_kv_decode",
     "set_poison_outputs",
     "poison_outputs_enabled",
 ]

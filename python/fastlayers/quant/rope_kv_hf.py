@@ -20,6 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
     compute_pre_rope_scales,
@@ -63,10 +64,20 @@ class _Int4Layer(CacheLayerMixin):
         else:
             self.kq, self.ks = torch.cat([self.kq, kq], -2), torch.cat([self.ks, ks], -2)
             self.vq, self.vs = torch.cat([self.vq, vq], -2), torch.cat([self.vs, vs], -2)
+        if key_states.shape[-2] == 1:  # decode: the attention reads the INT4 cache directly
+            keys = key_states.new_empty(0)
+            values = value_states.new_empty(0)
+            keys._fl_layer = values._fl_layer = self
+            return keys, values
         keys = dequantize_kv_int4(self.kq, self.ks, self.dtype)
         values = dequantize_kv_int4(self.vq, self.vs, self.dtype)
         keys._fl_int4 = values._fl_int4 = True  # already scaled and quantized (see _attention)
         return keys, values
+
+    def dequantized(self):
+        return dequantize_kv_int4(self.kq, self.ks, self.dtype), dequantize_kv_int4(
+            self.vq, self.vs, self.dtype
+        )
 
     def get_seq_length(self) -> int:
         return 0 if self.kq is None else self.kq.shape[-2]
@@ -129,6 +140,20 @@ class Int4KVCache(Cache):
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
+    layer = getattr(key, "_fl_layer", None)
+    if layer is not None:  # one new token against the Int4KVCache
+        if k_post is not None:
+            group = query.shape[1] // k_post.shape[0]
+            inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(query.device, query.dtype)
+            query = query * inv[None, :, None, :]
+        if getattr(module, "_fl_q_fp8", True):
+            query = quantize_q_fp8(query)
+        if attention_mask is None or not bool((attention_mask < 0).any()):
+            out, _ = int4_kv_decode(query[:, :, 0], layer.kq, layer.ks, layer.vq, layer.vs,
+                                    scale=scaling)  # fmt: skip
+            return out[:, None], None  # [B, 1, Hq, d]
+        key, value = layer.dequantized()  # padded batch: the general path with the mask
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
     if not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
         if k_post is not None:
             key = key * k_post.to(key.device)[None, :, None, :]

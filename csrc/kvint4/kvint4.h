@@ -1,0 +1,31 @@
+// SPDX-License-Identifier: Apache-2.0
+// Decode attention over an INT4 KV cache (FireQ format). Semantics:
+// python/fastlayers/quant/rope_kv.py (quantize_kv_int4) and the reference in ops/kvint4.py:
+//   k[t, c] = q4(c) * s8[t, c / g]  (same for v), nibbles two per byte (even channel low),
+//   out[h] = softmax_t(scale * q[h] . k[t]) v[t] over t < length, fp32 throughout.
+// One task per (batch, kv head) serves the group's query heads, so each cache byte is read once.
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace fastlayers::kvint4 {
+
+struct DecodeParams {
+  const float* q = nullptr;             // [batch, hq, d] contiguous
+  const uint8_t* k = nullptr;           // [batch, hkv, t_max, d / 2]
+  const fp8e4m3_t* k_scale = nullptr;   // [batch, hkv, t_max, d / group]
+  const uint8_t* v = nullptr;
+  const fp8e4m3_t* v_scale = nullptr;
+  float* out = nullptr;                 // [batch, hq, d]
+  float* lse = nullptr;                 // [batch, hq]
+  int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0;
+  float scale = 1.0f;
+};
+
+Status validate(const DecodeParams& p);
+Status decode_cpu(const DecodeParams& p);
+
+}  // namespace fastlayers::kvint4

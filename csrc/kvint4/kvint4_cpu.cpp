@@ -1,0 +1,43 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "common/cpu_isa.h"
+#include "kvint4/kvint4.h"
+
+namespace fastlayers::cpu {
+#define FL_DECLARE_KVINT4(isa)                                        \
+  namespace isa::kvint4 {                                             \
+  Status decode(const fastlayers::kvint4::DecodeParams& p);           \
+  }
+FL_DECLARE_KVINT4(scalar)
+FL_DECLARE_KVINT4(avx2)
+FL_DECLARE_KVINT4(avx512)
+#undef FL_DECLARE_KVINT4
+}  // namespace fastlayers::cpu
+
+namespace fastlayers::kvint4 {
+
+Status validate(const DecodeParams& p) {
+  if (p.batch < 0 || p.hq <= 0 || p.hkv <= 0 || p.hq % p.hkv || p.d <= 0 || p.d % 2 || p.group <= 0 ||
+      p.group % 2 || p.d % p.group || p.length < 0 || p.length > p.t_max) {
+    return Status::invalid("int4_kv_decode: bad sizes (need hq % hkv == 0, d a multiple of an even group)");
+  }
+  if (p.batch > 0 && (p.q == nullptr || p.out == nullptr || p.lse == nullptr ||
+                      (p.length > 0 && (p.k == nullptr || p.v == nullptr || p.k_scale == nullptr || p.v_scale == nullptr)))) {
+    return Status::invalid("int4_kv_decode: null pointer argument");
+  }
+  return Status::ok();
+}
+
+Status decode_cpu(const DecodeParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.batch == 0) return Status::ok();
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      return cpu::avx512::kvint4::decode(p);
+    case cpu::Isa::kAvx2:
+      return cpu::avx2::kvint4::decode(p);
+    default:
+      return cpu::scalar::kvint4::decode(p);
+  }
+}
+
+}  // namespace fastlayers::kvint4

@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0
+// CPU decode attention over an INT4 KV cache, compiled once per ISA into
+// fastlayers::cpu::<isa>::kvint4. One task per (batch, kv head): each cached token's key and value
+// rows are dequantized once into fp32 (AVX2: 8 bytes -> 16 values with integer unpacking, kept in a
+// per-16-channel [even | odd] order, and the queries are permuted the same way so dot products and
+// value sums need no interleaving), then serve every query head of the GQA group. Tokens in blocks
+// of kTokens with an online softmax; fp32 accumulation.
+//
+// NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/rows_cpu.h"
+#include "common/simd_cpu.h"
+#include "kvint4/kvint4.h"
+
+namespace fastlayers::cpu::FL_CPU_ISA::kvint4 {
+
+using fastlayers::kvint4::DecodeParams;
+
+namespace {
+
+constexpr int64_t kTokens = 32;
+constexpr float kNegInf = -__builtin_inff();
+
+// Channel order of a dequantized row: natural, or (chunked) [8 even | 8 odd] per 16 channels.
+int64_t position(int64_t c, bool chunked) {
+  if (!chunked) return c;
+  const int64_t base = c & ~int64_t{15}, i = c & 15;
+  return base + (i % 2 == 0 ? i / 2 : 8 + i / 2);
+}
+
+void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64_t group, bool chunked,
+                 float* out) {
+#if defined(__AVX2__)
+  if (chunked) {
+    const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m256 s = _mm256_set1_ps(to_float(scales[c / group]));
+      const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+      const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight);
+      const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight);
+      _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
+      _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), s));
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < d / 2; ++j) {
+    const float s = to_float(scales[(2 * j) / group]);
+    const int lo = bytes[j] & 15, hi = bytes[j] >> 4;
+    out[position(2 * j, chunked)] = static_cast<float>((lo ^ 8) - 8) * s;
+    out[position(2 * j + 1, chunked)] = static_cast<float>((hi ^ 8) - 8) * s;
+  }
+}
+
+struct Buffers {
+  float *base, *q, *acc, *k, *v, *s, *m, *l;
+  Buffers(int64_t group_heads, int64_t d)
+      : base(new float[group_heads * (2 * d + kTokens + 2) + 2 * d]),
+        q(base), acc(q + group_heads * d), k(acc + group_heads * d), v(k + d), s(v + d),
+        m(s + group_heads * kTokens), l(m + group_heads) {}
+  ~Buffers() { delete[] base; }
+  Buffers(const Buffers&) = delete;
+  Buffers& operator=(const Buffers&) = delete;
+};
+
+void task(const DecodeParams& p, int64_t b, int64_t h, bool chunked, Buffers& w) {
+  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* src = p.q + (b * p.hq + h * G + g) * d;
+    for (int64_t c = 0; c < d; ++c) {
+      w.q[g * d + position(c, chunked)] = src[c] * p.scale;
+      w.acc[g * d + c] = 0.0f;
+    }
+    w.m[g] = kNegInf;
+    w.l[g] = 0.0f;
+  }
+  const int64_t row = (b * p.hkv + h) * p.t_max;
+  for (int64_t t0 = 0; t0 < p.length; t0 += kTokens) {
+    const int64_t nt = p.length - t0 < kTokens ? p.length - t0 : kTokens;
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t r = row + t0 + i;
+      dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k);
+      for (int64_t g = 0; g < G; ++g) w.s[g * kTokens + i] = dot(w.q + g * d, w.k, d);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = w.s + g * kTokens;
+      float mx = kNegInf;
+      for (int64_t i = 0; i < nt; ++i) mx = s[i] > mx ? s[i] : mx;
+      const float m_new = mx > w.m[g] ? mx : w.m[g];
+      const float alpha = w.m[g] == kNegInf ? 0.0f : __builtin_expf(w.m[g] - m_new);
+      float total = 0.0f;
+      for (int64_t i = 0; i < nt; ++i) {
+        s[i] = __builtin_expf(s[i] - m_new);
+        total += s[i];
+      }
+      w.l[g] = w.l[g] * alpha + total;
+      w.m[g] = m_new;
+      if (alpha != 1.0f) {
+        for (int64_t c = 0; c < d; ++c) w.acc[g * d + c] *= alpha;
+      }
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t r = row + t0 + i;
+      dequant_row(p.v + r * (d / 2), p.v_scale + r * groups, d, p.group, chunked, w.v);
+      for (int64_t g = 0; g < G; ++g) axpy(w.s[g * kTokens + i], w.v, w.acc + g * d, d);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t head = b * p.hq + h * G + g;
+    const float inv = w.l[g] > 0.0f ? 1.0f / w.l[g] : 0.0f;
+    for (int64_t c = 0; c < d; ++c) p.out[head * d + c] = w.acc[g * d + position(c, chunked)] * inv;
+    p.lse[head] = w.l[g] > 0.0f ? w.m[g] + __builtin_logf(w.l[g]) : kNegInf;
+  }
+}
+
+}  // namespace
+
+Status decode(const DecodeParams& p) {
+#if defined(__AVX2__)
+  const bool chunked = p.d % 16 == 0 && p.group % 16 == 0;
+#else
+  const bool chunked = false;
+#endif
+  const int64_t tasks = p.batch * p.hkv;
+#pragma omp parallel if (tasks > 1 && tasks * p.length * p.d >= (1 << 16))
+  {
+    Buffers w(p.hq / p.hkv, p.d);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) task(p, t / p.hkv, t % p.hkv, chunked, w);
+  }
+  return Status::ok();
+}
+
+}  // namespace fastlayers::cpu::FL_CPU_ISA::kvint4

@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Decode attention over an INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`).
+
+``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None)`` with the cache as
+uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``: one query token per sequence
+against the first ``length`` cached tokens; GQA (``Hq % Hkv == 0``); fp32 softmax. Returns
+``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``. CPU kernel; elsewhere the reference
+(dequantize, then softmax attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlayers import _ext
+from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
+from fastlayers.quant.rope_kv import dequantize_kv_int4
+
+FP8 = torch.float8_e4m3fn
+
+LIB.define(
+    "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
+    " float scale) -> (Tensor, Tensor)"
+)
+
+
+def _check(q, k, k_scale, v, v_scale, length, scale) -> None:
+    for t, name in ((q, "q"), (k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
+        check_tensor(t, name)
+    if q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(
+            f"q must be a float [batch, q_heads, head_dim], got {q.dtype} {tuple(q.shape)}"
+        )
+    b, hq, d = q.shape
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != b or t.shape[3] * 2 != d:
+            raise ValueError(
+                f"{name} must be uint8 [{b}, kv_heads, tokens, {d // 2}], got {t.dtype} "
+                f"{tuple(t.shape)}"
+            )
+    if v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match")
+    hkv, t_max = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    for s, name in ((k_scale, "k_scale"), (v_scale, "v_scale")):
+        bad_shape = s.dim() != 4 or tuple(s.shape[:3]) != (b, hkv, t_max) or d % s.shape[3]
+        if s.dtype != FP8 or bad_shape:
+            raise ValueError(
+                f"{name} must be float8_e4m3fn [{b}, {hkv}, {t_max}, head_dim / group], got "
+                f"{s.dtype} {tuple(s.shape)}"
+            )
+    if (d // k_scale.shape[3]) % 2:
+        raise ValueError("the quantization group must be even")
+    if not 0 <= length <= t_max:
+        raise ValueError(f"length must be in [0, {t_max}], got {length}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _reference(q, k, k_scale, v, v_scale, length, scale):
+    _check(q, k, k_scale, v, v_scale, length, scale)
+    b, hq, d = q.shape
+    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
+    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
+    rep = hq // k.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    s = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
+    if length == 0:
+        return q.new_zeros(q.shape), torch.full((b, hq), -math.inf, device=q.device)
+    lse = torch.logsumexp(s, -1)
+    out = torch.einsum("bht,bhtd->bhd", torch.exp(s - lse[..., None]), values)
+    return out.to(q.dtype), lse
+
+
+def _kernel(q, k, k_scale, v, v_scale, length, scale):
+    _check(q, k, k_scale, v, v_scale, length, scale)
+    if q.device.type != "cpu" or not has_kernel(q.device, "int4_kv_decode"):
+        if q.device.type == "cuda":
+            _ext.warn_once("int4_kv_decode-cuda", "fastlayers.int4_kv_decode: no CUDA kernel yet; "
+                           "running the PyTorch reference")  # fmt: skip
+        return _reference(q, k, k_scale, v, v_scale, length, scale)
+    b, hq, d = q.shape
+    hkv, t_max = k.shape[1], k.shape[2]
+    q32 = q.float().contiguous()
+    kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
+    out = empty((b, hq, d), torch.float32, q.device)
+    lse = empty((b, hq), torch.float32, q.device)
+    _ext.C.int4_kv_decode(
+        device_code(q.device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out), ptr(lse),
+        b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
+    )  # fmt: skip
+    return out.to(q.dtype), lse
+
+
+LIB.impl("int4_kv_decode", _kernel, "CPU")
+LIB.impl("int4_kv_decode", _kernel, "CUDA")
+LIB.impl("int4_kv_decode", _reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
+def _fake(q, k, k_scale, v, v_scale, length, scale):
+    _check(q, k, k_scale, v, v_scale, length, scale)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
+    """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
+    ``head_dim ** -0.5``."""
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    length = k.shape[2] if length is None else int(length)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
