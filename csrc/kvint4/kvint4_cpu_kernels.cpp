@@ -54,13 +54,91 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
 struct Buffers {
   float *base, *q, *acc, *k, *v, *s, *m, *l;
   Buffers(int64_t group_heads, int64_t d)
-      : base(new float[group_heads * (2 * d + kTokens + 2) + 2 * d]),
-        q(base), acc(q + group_heads * d), k(acc + group_heads * d), v(k + d), s(v + d),
-        m(s + group_heads * kTokens), l(m + group_heads) {}
+      : base(new float[group_heads * (2 * d + kTokens + 2) + 2 * kTokens * d]),
+        q(base), acc(q + group_heads * d), k(acc + group_heads * d), v(k + kTokens * d),
+        s(v + kTokens * d), m(s + group_heads * kTokens), l(m + group_heads) {}
   ~Buffers() { delete[] base; }
   Buffers(const Buffers&) = delete;
   Buffers& operator=(const Buffers&) = delete;
 };
+
+constexpr int kHeads = 4;  // query heads per register tile
+
+// S[g][i] = q[g] . k[i] for heads [g0, g0 + H) and the block's tokens: each key vector load
+// serves H heads.
+template <int H>
+void scores(const float* q, const float* k, int64_t nt, int64_t d, float* s) {
+  for (int64_t i = 0; i < nt; ++i) {
+    const float* kr = k + i * d;
+    V a[H];
+    for (int h = 0; h < H; ++h) a[h] = vzero();
+    int64_t c = 0;
+    for (; c + kW <= d; c += kW) {
+      const V kv = vload(kr + c);
+      for (int h = 0; h < H; ++h) a[h] = vfma(vload(q + h * d + c), kv, a[h]);
+    }
+    for (int h = 0; h < H; ++h) {
+      float sum = vsum(a[h]);
+      for (int64_t cc = c; cc < d; ++cc) sum += q[h * d + cc] * kr[cc];
+      s[h * kTokens + i] = sum;
+    }
+  }
+}
+
+// acc[g] += sum_i p[g][i] v[i] for heads [g0, g0 + H): accumulators stay in registers over the
+// block's tokens, one value vector load per H FMAs.
+template <int H>
+void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
+  int64_t c = 0;
+  for (; c + kW <= d; c += kW) {
+    V a[H];
+    for (int h = 0; h < H; ++h) a[h] = vload(acc + h * d + c);
+    for (int64_t i = 0; i < nt; ++i) {
+      const V vv = vload(v + i * d + c);
+      for (int h = 0; h < H; ++h) a[h] = vfma(vset1(p[h * kTokens + i]), vv, a[h]);
+    }
+    for (int h = 0; h < H; ++h) vstore(acc + h * d + c, a[h]);
+  }
+  for (; c < d; ++c) {
+    for (int h = 0; h < H; ++h) {
+      float sum = acc[h * d + c];
+      for (int64_t i = 0; i < nt; ++i) sum += p[h * kTokens + i] * v[i * d + c];
+      acc[h * d + c] = sum;
+    }
+  }
+}
+
+template <int H>
+void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, float* s, float* m,
+           float* l, float* acc) {
+  scores<H>(q, k, nt, d, s);
+  for (int h = 0; h < H; ++h) {
+    float* sh = s + h * kTokens;
+    float mx = kNegInf;
+    for (int64_t i = 0; i < nt; ++i) mx = sh[i] > mx ? sh[i] : mx;
+    const float m_new = mx > m[h] ? mx : m[h];
+    const float alpha = m[h] == kNegInf ? 0.0f : __builtin_expf(m[h] - m_new);
+    const V vm = vset1(-m_new);
+    V sum = vzero();
+    int64_t i = 0;
+    for (; i + kW <= nt; i += kW) {
+      const V e = vexp(vadd(vload(sh + i), vm));
+      vstore(sh + i, e);
+      sum = vadd(sum, e);
+    }
+    float total = vsum(sum);
+    for (; i < nt; ++i) {
+      sh[i] = __builtin_expf(sh[i] - m_new);
+      total += sh[i];
+    }
+    l[h] = l[h] * alpha + total;
+    m[h] = m_new;
+    if (alpha != 1.0f) {
+      for (int64_t c = 0; c < d; ++c) acc[h * d + c] *= alpha;
+    }
+  }
+  values<H>(s, v, nt, d, acc);
+}
 
 void task(const DecodeParams& p, int64_t b, int64_t h, bool chunked, Buffers& w) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group;
@@ -78,31 +156,14 @@ void task(const DecodeParams& p, int64_t b, int64_t h, bool chunked, Buffers& w)
     const int64_t nt = p.length - t0 < kTokens ? p.length - t0 : kTokens;
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t r = row + t0 + i;
-      dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k);
-      for (int64_t g = 0; g < G; ++g) w.s[g * kTokens + i] = dot(w.q + g * d, w.k, d);
+      dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
+      dequant_row(p.v + r * (d / 2), p.v_scale + r * groups, d, p.group, chunked, w.v + i * d);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = w.s + g * kTokens;
-      float mx = kNegInf;
-      for (int64_t i = 0; i < nt; ++i) mx = s[i] > mx ? s[i] : mx;
-      const float m_new = mx > w.m[g] ? mx : w.m[g];
-      const float alpha = w.m[g] == kNegInf ? 0.0f : __builtin_expf(w.m[g] - m_new);
-      float total = 0.0f;
-      for (int64_t i = 0; i < nt; ++i) {
-        s[i] = __builtin_expf(s[i] - m_new);
-        total += s[i];
-      }
-      w.l[g] = w.l[g] * alpha + total;
-      w.m[g] = m_new;
-      if (alpha != 1.0f) {
-        for (int64_t c = 0; c < d; ++c) w.acc[g * d + c] *= alpha;
-      }
+    int64_t g = 0;
+    for (; g + kHeads <= G; g += kHeads) {
+      heads<kHeads>(w.q + g * d, w.k, w.v, nt, d, w.s + g * kTokens, w.m + g, w.l + g, w.acc + g * d);
     }
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t r = row + t0 + i;
-      dequant_row(p.v + r * (d / 2), p.v_scale + r * groups, d, p.group, chunked, w.v);
-      for (int64_t g = 0; g < G; ++g) axpy(w.s[g * kTokens + i], w.v, w.acc + g * d, d);
-    }
+    for (; g < G; ++g) heads<1>(w.q + g * d, w.k, w.v, nt, d, w.s + g * kTokens, w.m + g, w.l + g, w.acc + g * d);
   }
   for (int64_t g = 0; g < G; ++g) {
     const int64_t head = b * p.hq + h * G + g;

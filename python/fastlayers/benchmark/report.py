@@ -12,10 +12,17 @@ from pathlib import Path
 import torch
 
 import fastlayers
-from fastlayers.benchmark import fff, harness, int4_fp8, peer, rmsnorm, skip
+from fastlayers.benchmark import fff, harness, int4_fp8, kv_int4, peer, rmsnorm, skip
 
 # Every family that has a benchmark; `python -m fastlayers bench` runs them all.
-FAMILIES = {"rmsnorm": rmsnorm, "fff": fff, "peer": peer, "int4_fp8": int4_fp8, "skip": skip}
+FAMILIES = {
+    "rmsnorm": rmsnorm,
+    "fff": fff,
+    "peer": peer,
+    "int4_fp8": int4_fp8,
+    "skip": skip,
+    "kv_int4": kv_int4,
+}
 
 
 def git_commit() -> str:

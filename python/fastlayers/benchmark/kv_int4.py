@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: Apache-2.0
+"""INT4 KV decode benchmark: ``fastlayers.ops.int4_kv_decode`` (one new token per sequence over an
+INT4 KV cache with FP8 scales, GQA 32/8, head dim 128) against bf16 ``scaled_dot_product_attention``
+over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, values, scales); the
+fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlayers import _ext
+from fastlayers.benchmark.harness import Row, copy_bandwidth, time_fn
+from fastlayers.ops.kvint4 import int4_kv_decode
+from fastlayers.quant.rope_kv import quantize_kv_int4
+
+HQ, HKV, D, GROUP = 32, 8, 128, 128
+CASES = {"cpu": [(1, 1024), (1, 8192), (4, 4096)], "cuda": [(1, 4096), (16, 8192), (64, 32768)]}
+QUICK = {"cpu": [(1, 4096)], "cuda": [(8, 8192)]}
+
+
+def _backend(device: torch.device) -> str:
+    if device.type == "cpu" and _ext.has_cpu_kernels():
+        return f"fastlayers/{_ext.C.cpu_isa()}"
+    return "fastlayers/reference"  # no CUDA kernel yet
+
+
+def _sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
+    rows: list[Row] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for batch, context in (QUICK if quick else CASES)[device.type]:
+        kf = torch.randn(batch, HKV, context, D, generator=gen).to(device)
+        vf = torch.randn(batch, HKV, context, D, generator=gen).to(device)
+        q = torch.randn(batch, HQ, D, generator=gen).to(device, torch.bfloat16)
+        k, ks = quantize_kv_int4(kf, GROUP)
+        v, vs = quantize_kv_int4(vf, GROUP)
+        kb, vb = kf.bfloat16(), vf.bfloat16()
+        del kf, vf
+        nbytes = 2 * (k.numel() + ks.numel())
+        copy_bw = copy_bandwidth(max(nbytes // 2, 1 << 16), device)
+        with torch.no_grad():
+            t = time_fn(int4_kv_decode, [(q, k, ks, v, vs)], device, reps=reps)
+            t_ref = time_fn(_sdpa, [(q[:, :, None], kb, vb)], device, reps=max(3, reps // 2))
+            out, _ = int4_kv_decode(q, k, ks, v, vs)
+            from fastlayers.ops.kvint4 import _reference
+
+            want, _ = _reference(q.double(), k, ks, v, vs, context, D**-0.5)
+            err = (out.double() - want).abs().max().item()
+        gbps = nbytes / t.median_s / 1e9
+        rows.append(
+            Row(
+                "int4_kv_decode (GQA 32/8, d128, g128)",
+                f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
+                "bfloat16",
+                _backend(device),
+                t.median_s * 1e6,
+                "bf16 SDPA over a bf16 cache",
+                t_ref.median_s * 1e6,
+                gbps,
+                gbps * 1e9 / copy_bw,
+                err,
+            )
+        )
+    return rows
