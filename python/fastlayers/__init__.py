@@ -5,7 +5,7 @@ Every op has a pure-PyTorch reference in :mod:`fastlayers.reference`; without th
 (``fastlayers._C``) every op runs it, and :func:`info` says so.
 """
 
-from fastlayers import nn, reference
+from fastlayers import nn, quant, reference
 from fastlayers._info import info
 from fastlayers.nn import (
     PEER,
@@ -35,6 +35,7 @@ from fastlayers.ops import (
     ultrafast_ff,
     varlen_attention,
 )
+from fastlayers.patch import PatchReport, patch_model, unpatch_model
 from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
 from fastlayers.skip_plan import (
     LayerPlan,
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "info",
     "nn",
+    "quant",
     "reference",
     "RMSNorm",
     "rms_norm",
@@ -74,6 +76,9 @@ __all__ = [
     "varlen_attention",
     "gather_rows",
     "scatter_add_gated",
+    "patch_model",
+    "unpatch_model",
+    "PatchReport",
     "SkipPlan",
     "LayerPlan",
     "apply_skip_plan",

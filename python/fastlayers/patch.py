@@ -1,0 +1,158 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``patch_model``: swap a model's layers for fastlayers ones in one call, with a report.
+
+Works on Hugging Face Llama / Mistral / Qwen2 / Gemma-style models and plain ``torch.nn`` models;
+never imports ``transformers`` itself (modules are recognised by their class names and
+attributes).
+
+* ``rms_norm=True``: every ``*RMSNorm`` module (``LlamaRMSNorm``, ``MistralRMSNorm``,
+  ``Qwen2RMSNorm``, ``GemmaRMSNorm`` with its ``1 + w`` form, ``torch.nn.RMSNorm``) becomes
+  :class:`fastlayers.RMSNorm` sharing the same ``weight`` parameter (state dict unchanged).
+* ``linear="int4_fp8"``: :func:`fastlayers.quantize_` (FireQ INT4 x FP8; GPTQ when
+  ``calibration`` is given; the LM head stays in float).
+* ``kv_cache="int4_rope_aware"``: FireQ's RoPE-aware INT4 KV (needs ``calibration``); pass
+  ``cache=fastlayers.quant.Int4KVCache.for_model(model)`` to ``generate()``.
+* ``skip_plan``: a :class:`fastlayers.SkipPlan` installed with :func:`fastlayers.apply_skip_plan`.
+* ``mlp="fff" | "peer"`` would replace the feedforwards with new, untrained parameters (they need
+  training or distillation): not done by ``patch_model`` (reported as not applied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastlayers.nn.rmsnorm import RMSNorm
+
+
+@dataclasses.dataclass
+class PatchReport:
+    swapped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # path, old, new
+    left: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # what, why
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, old, new in self.swapped:
+            key = f"{old} -> {new}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        lines = [f"{n:5d} x {what}" for what, n in self.summary().items()]
+        lines += [f"  not applied: {what} ({why})" for what, why in self.left]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines) if lines else "nothing patched"
+
+
+def _set(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _rms_norm_like(module: torch.nn.Module):
+    """``(eps, weight_offset)`` for a module fastlayers.RMSNorm can replace, else None."""
+    if isinstance(module, RMSNorm):
+        return None
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    is_param = isinstance(weight, torch.nn.Parameter)
+    if not name.endswith("RMSNorm") or not is_param or weight.dim() != 1:
+        return None
+    if isinstance(module, torch.nn.RMSNorm):
+        if module.elementwise_affine is False or len(module.normalized_shape) != 1:
+            return None
+        eps = module.eps if module.eps is not None else torch.finfo(weight.dtype).eps
+        return float(eps), 0.0
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None:
+        return None
+    offset = 1.0 if name.startswith("Gemma") else 0.0  # Gemma: x * r * (1 + w), in fp32
+    return float(eps), offset
+
+
+def patch_model(
+    model: torch.nn.Module,
+    rms_norm: bool = True,
+    linear: str | None = None,
+    kv_cache: str | None = None,
+    mlp: str | None = None,
+    skip_plan=None,
+    calibration=None,
+) -> PatchReport:
+    """Swaps ``model``'s layers in place (see the module docstring) and returns what was done."""
+    report = PatchReport()
+    originals: dict[str, torch.nn.Module] = getattr(model, "_fastlayers_originals", {})
+    if linear not in (None, "int4_fp8"):
+        raise ValueError(f"linear must be None or 'int4_fp8', got {linear!r}")
+    if kv_cache not in (None, "int4_rope_aware"):
+        raise ValueError(f"kv_cache must be None or 'int4_rope_aware', got {kv_cache!r}")
+    if mlp not in (None, "fff", "peer"):
+        raise ValueError(f"mlp must be None, 'fff' or 'peer', got {mlp!r}")
+    if kv_cache is not None and calibration is None:
+        raise ValueError("kv_cache='int4_rope_aware' needs calibration batches (input ids)")
+    if kv_cache is not None:  # calibrate on the float model, before anything else changes it
+        from fastlayers import quant
+
+        post = quant.calibrate_rope_aware_kv(model, calibration)
+        quant.apply_rope_aware_kv(model, post)
+        report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
+                           for i in range(len(post))]  # fmt: skip
+        report.notes.append(
+            "generate() with the INT4 cache: cache=fastlayers.quant.Int4KVCache.for_model(model)"
+        )
+    if rms_norm:
+        for path, module in list(model.named_modules()):
+            spec = _rms_norm_like(module)
+            if spec is None:
+                continue
+            eps, offset = spec
+            new = RMSNorm(module.weight.shape[0], eps=eps, weight_offset=offset)
+            new.weight = module.weight  # the same Parameter: state dict and ties unchanged
+            originals[path] = module
+            _set(model, path, new)
+            report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))
+    if linear == "int4_fp8":
+        from fastlayers.quantize import QuantizeConfig, quantize_
+
+        q = quantize_(model, QuantizeConfig(progress=False), calibration=calibration)
+        report.swapped += [(r.name, "Linear", "fastlayers.Int4Fp8Linear") for r in q.layers]
+        if q.skipped:
+            report.left.append((", ".join(q.skipped), "kept in float (LM head / odd sizes)"))
+        report.notes.append("quantized linears are not restored by unpatch_model")
+    if mlp is not None:
+        report.left.append(
+            (
+                f"mlp={mlp!r}",
+                "new parameters that need training or distillation; swap them with "
+                "fastlayers.FastFeedForward / fastlayers.PEER by hand",
+            )  # fmt: skip
+        )
+    if skip_plan is not None:
+        from fastlayers.skip_plan import apply_skip_plan
+
+        apply_skip_plan(model, skip_plan)
+        report.swapped.append(("decoder layers", "all sublayers", f"SkipPlan "
+                               f"({skip_plan.cost_fraction():.2f} of sublayers run)"))  # fmt: skip
+    model._fastlayers_originals = originals
+    return report
+
+
+def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Restores the RMSNorm modules, the skip plan and the KV attention that :func:`patch_model`
+    replaced (quantized linears stay quantized)."""
+    for path, module in getattr(model, "_fastlayers_originals", {}).items():
+        _set(model, path, module)
+    model._fastlayers_originals = {}
+    from fastlayers.skip_plan import remove_skip_plan
+
+    try:
+        remove_skip_plan(model)
+    except TypeError:  # not a decoder model
+        pass
+    if hasattr(model, "_fl_previous_attention"):
+        from fastlayers import quant
+
+        quant.remove_rope_aware_kv(model)
+    return model

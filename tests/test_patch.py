@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""patch_model on small Hugging Face Llama and Gemma models built from configs (no download):
+logits against the unpatched model, generate() with the cache, state dict compatibility,
+torch.compile, unpatching, and the quantizing / KV / skip-plan options."""
+
+import copy
+
+import pytest
+import torch
+
+import fastlayers
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _gemma():
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+        pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma's norms start at zero (1 + w); make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return model
+
+
+CASES = [(_llama, torch.float32, 1e-4), (_llama, torch.bfloat16, 5e-2), (_gemma, None, 1e-4)]
+
+
+@pytest.mark.parametrize("make,dtype,tol", CASES)
+def test_rms_norm_patch_keeps_logits_cache_and_state_dict(make, dtype, tol):
+    model = make(dtype) if dtype else make()
+    ids = torch.randint(1, 128, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+        ref_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                    do_sample=False)  # fmt: skip
+    keys = set(model.state_dict())
+    report = fastlayers.patch_model(model)
+    n_norms = sum(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
+    assert n_norms == 2 * model.config.num_hidden_layers + 1
+    assert len(report.swapped) == n_norms and "fastlayers.RMSNorm" in str(report)
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        got = model(ids).logits
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                do_sample=False)  # fmt: skip
+    if dtype != torch.bfloat16:  # bf16 rounding may flip a near-tie
+        assert torch.equal(tokens, ref_tokens)
+    fresh = make(dtype) if dtype else make()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits.float(), got.float(), rtol=tol, atol=tol)
+    fastlayers.unpatch_model(model)
+    assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
+
+
+def test_patched_model_compiles():
+    model = _llama()
+    fastlayers.patch_model(model)
+    ids = torch.randint(1, 128, (1, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_kv_and_skip_options():
+    model = _llama()
+    ids = torch.randint(1, 128, (2, 16))
+    calib = [torch.randint(1, 128, (2, 16)) for _ in range(2)]
+    with torch.no_grad():
+        want = model(ids).logits
+    patched = copy.deepcopy(model)
+    report = fastlayers.patch_model(
+        patched, linear="int4_fp8", kv_cache="int4_rope_aware", mlp="fff",
+        skip_plan=fastlayers.SkipPlan.uniform(3, 1.5), calibration=calib,
+    )  # fmt: skip
+    text = str(report)
+    assert "Int4Fp8Linear" in text and "INT4 KV" in text and "SkipPlan" in text
+    assert any("mlp='fff'" in what for what, _ in report.left)
+    assert isinstance(patched.lm_head, torch.nn.Linear)  # kept in float
+    with torch.no_grad():
+        got = patched(ids).logits
+        cache = fastlayers.quant.Int4KVCache.for_model(patched)
+        tokens = patched.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]),
+                                  max_new_tokens=4, do_sample=False, cache=cache)  # fmt: skip
+    assert torch.isfinite(got).all() and tokens.shape == (1, 20)
+    assert ((got - want).norm() / want.norm()).item() < 1.0  # a degraded but sane model
+    with pytest.raises(ValueError, match="calibration"):
+        fastlayers.patch_model(copy.deepcopy(model), kv_cache="int4_rope_aware")
+    with pytest.raises(ValueError, match="linear"):
+        fastlayers.patch_model(copy.deepcopy(model), linear="int8")
