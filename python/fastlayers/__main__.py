@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Command line: ``python -m fastlayers info | bench [--quick]``."""
+"""Command line: ``python -m fastlayers info | bench [--quick] | demo [--quick]``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    import torch
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("demo: needs transformers (pip install '.[hf]')", file=sys.stderr)
+        return 2
+    from fastlayers import demo
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(demo.run(device, quick=args.quick))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m fastlayers", description=__doc__)
@@ -64,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         help="do not turn on torch's huge-page CPU allocator (see README)",
     )
     p_bench.set_defaults(fn=_cmd_bench)
+    p_demo = sub.add_parser("demo", help="patch a small Llama with every family and compare")
+    p_demo.add_argument("--quick", action="store_true", help="a smaller model, fewer tokens")
+    p_demo.add_argument("--device", choices=["cpu", "cuda"], help="default: the GPU when present")
+    p_demo.set_defaults(fn=_cmd_demo)
     args = parser.parse_args(argv)
     if (
         args.command == "bench"
