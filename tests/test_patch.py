@@ -105,3 +105,14 @@ def test_quantize_kv_and_skip_options():
         fastlayers.patch_model(copy.deepcopy(model), kv_cache="int4_rope_aware")
     with pytest.raises(ValueError, match="linear"):
         fastlayers.patch_model(copy.deepcopy(model), linear="int8")
+
+
+def test_demo_quick_runs_every_family():
+    from fastlayers import demo
+
+    text = demo.run(torch.device("cpu"), quick=True)
+    for row in ("RMSNorm", "INT4 x FP8 linears", "RoPE-aware INT4 KV cache",
+                "SkipPlan.uniform(1.5x)", "all of the above"):  # fmt: skip
+        assert row in text
+    rms = next(line for line in text.splitlines() if line.startswith("RMSNorm"))
+    assert float(rms.split()[2]) < 1e-3  # max |dlogit| of the exact swap
