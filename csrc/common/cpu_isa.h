@@ -17,3 +17,15 @@ Isa active_isa();
 bool set_active_isa(Isa isa);
 
 }  // namespace fastlayers::cpu
+
+// Returns fastlayers::cpu::<active ISA>::<family>::fn(p): the one run-time dispatch every family's
+// launcher uses (the kernels are compiled once per ISA, see cmake/CpuIsa.cmake).
+#define FL_CPU_DISPATCH(family, fn, p)                    \
+  switch (::fastlayers::cpu::active_isa()) {             \
+    case ::fastlayers::cpu::Isa::kAvx512:                \
+      return ::fastlayers::cpu::avx512::family::fn(p);   \
+    case ::fastlayers::cpu::Isa::kAvx2:                  \
+      return ::fastlayers::cpu::avx2::family::fn(p);     \
+    default:                                             \
+      return ::fastlayers::cpu::scalar::family::fn(p);   \
+  }

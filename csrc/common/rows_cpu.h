@@ -71,6 +71,53 @@ void prefetch_row(const T* row, int64_t n) {
 #endif
 }
 
+// One online-softmax step for one row of a score block (flash attention): s[lo, hi) becomes
+// exp(s - m_new) and the rest of s[0, n) zero; the running max m and sum l are updated, and the
+// row's running output must then be scaled by the returned factor exp(m_old - m_new) (0 while
+// nothing was seen). An empty range leaves m and l as they are and returns 1.
+[[maybe_unused]] float softmax_block(float* s, int64_t n, int64_t lo, int64_t hi, float& m, float& l) {
+  if (lo >= hi) {
+    for (int64_t i = 0; i < n; ++i) s[i] = 0.0f;
+    return 1.0f;
+  }
+  float mx = -__builtin_inff();
+  int64_t i = lo;
+  if (i + kW <= hi) {
+    V vmx = vload(s + i);
+    for (i += kW; i + kW <= hi; i += kW) vmx = vmax(vmx, vload(s + i));
+    mx = vmaxval(vmx);
+  }
+  for (; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
+  const float m_new = mx > m ? mx : m;
+  const float alpha = m == -__builtin_inff() ? 0.0f : __builtin_expf(m - m_new);
+  for (i = 0; i < lo; ++i) s[i] = 0.0f;
+  for (i = hi; i < n; ++i) s[i] = 0.0f;
+  const V neg_m = vset1(-m_new);
+  V sum = vzero();
+  for (i = lo; i + kW <= hi; i += kW) {
+    const V e = vexp(vadd(vload(s + i), neg_m));
+    vstore(s + i, e);
+    sum = vadd(sum, e);
+  }
+  float total = vsum(sum);
+  for (; i < hi; ++i) {
+    s[i] = __builtin_expf(s[i] - m_new);
+    total += s[i];
+  }
+  l = l * alpha + total;
+  m = m_new;
+  return alpha;
+}
+
+// row[0, n) *= a (skipped when a == 1).
+[[maybe_unused]] void scale_row(float* row, int64_t n, float a) {
+  if (a == 1.0f) return;
+  const V va = vset1(a);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) vstore(row + i, vmul(vload(row + i), va));
+  for (; i < n; ++i) row[i] *= a;
+}
+
 }  // namespace
 }  // namespace fastlayers::cpu::FL_CPU_ISA
 

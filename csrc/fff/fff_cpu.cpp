@@ -72,33 +72,21 @@ Status validate(const HardFwdParams& p) {
   return Status::ok();
 }
 
-#define FL_FFF_DISPATCH(fn)                 \
-  switch (cpu::active_isa()) {              \
-    case cpu::Isa::kAvx512:                 \
-      return cpu::avx512::fff::fn(p);       \
-    case cpu::Isa::kAvx2:                   \
-      return cpu::avx2::fff::fn(p);         \
-    default:                                \
-      return cpu::scalar::fff::fn(p);       \
-  }
-
 Status ultra_forward_cpu(const UltraFwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  FL_FFF_DISPATCH(ultra_forward)
+  FL_CPU_DISPATCH(fff, ultra_forward, p)
 }
 
 Status ultra_backward_cpu(const UltraBwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
-  FL_FFF_DISPATCH(ultra_backward)  // tokens == 0 still zeroes the weight gradients
+  FL_CPU_DISPATCH(fff, ultra_backward, p)  // tokens == 0 still zeroes the weight gradients
 }
 
 Status hard_forward_cpu(const HardFwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  FL_FFF_DISPATCH(hard_forward)
+  FL_CPU_DISPATCH(fff, hard_forward, p)
 }
-
-#undef FL_FFF_DISPATCH
 
 }  // namespace fastlayers::fff

@@ -47,28 +47,16 @@ Status validate(const QuantizeParams& p) {
   return Status::ok();
 }
 
-#define FL_INT4_FP8_DISPATCH(fn)            \
-  switch (cpu::active_isa()) {              \
-    case cpu::Isa::kAvx512:                 \
-      return cpu::avx512::int4_fp8::fn(p);  \
-    case cpu::Isa::kAvx2:                   \
-      return cpu::avx2::int4_fp8::fn(p);    \
-    default:                                \
-      return cpu::scalar::int4_fp8::fn(p);  \
-  }
-
 Status gemm_cpu(const GemmParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.m == 0) return Status::ok();
-  FL_INT4_FP8_DISPATCH(gemm)
+  FL_CPU_DISPATCH(int4_fp8, gemm, p)
 }
 
 Status quantize_cpu(const QuantizeParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.rows == 0) return Status::ok();
-  FL_INT4_FP8_DISPATCH(quantize)
+  FL_CPU_DISPATCH(int4_fp8, quantize, p)
 }
-
-#undef FL_INT4_FP8_DISPATCH
 
 }  // namespace fastlayers::int4_fp8

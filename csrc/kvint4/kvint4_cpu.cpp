@@ -30,14 +30,7 @@ Status validate(const DecodeParams& p) {
 Status decode_cpu(const DecodeParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.batch == 0) return Status::ok();
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::kvint4::decode(p);
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::kvint4::decode(p);
-    default:
-      return cpu::scalar::kvint4::decode(p);
-  }
+  FL_CPU_DISPATCH(kvint4, decode, p)
 }
 
 }  // namespace fastlayers::kvint4

@@ -112,31 +112,7 @@ template <int H>
 void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, float* s, float* m,
            float* l, float* acc) {
   scores<H>(q, k, nt, d, s);
-  for (int h = 0; h < H; ++h) {
-    float* sh = s + h * kTokens;
-    float mx = kNegInf;
-    for (int64_t i = 0; i < nt; ++i) mx = sh[i] > mx ? sh[i] : mx;
-    const float m_new = mx > m[h] ? mx : m[h];
-    const float alpha = m[h] == kNegInf ? 0.0f : __builtin_expf(m[h] - m_new);
-    const V vm = vset1(-m_new);
-    V sum = vzero();
-    int64_t i = 0;
-    for (; i + kW <= nt; i += kW) {
-      const V e = vexp(vadd(vload(sh + i), vm));
-      vstore(sh + i, e);
-      sum = vadd(sum, e);
-    }
-    float total = vsum(sum);
-    for (; i < nt; ++i) {
-      sh[i] = __builtin_expf(sh[i] - m_new);
-      total += sh[i];
-    }
-    l[h] = l[h] * alpha + total;
-    m[h] = m_new;
-    if (alpha != 1.0f) {
-      for (int64_t c = 0; c < d; ++c) acc[h * d + c] *= alpha;
-    }
-  }
+  for (int h = 0; h < H; ++h) scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, nt, m[h], l[h]));
   values<H>(s, v, nt, d, acc);
 }
 

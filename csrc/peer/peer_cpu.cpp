@@ -73,34 +73,22 @@ Status validate(const ExpertsBwdParams& p) {
   return Status::ok();
 }
 
-#define FL_PEER_DISPATCH(fn)            \
-  switch (cpu::active_isa()) {          \
-    case cpu::Isa::kAvx512:             \
-      return cpu::avx512::peer::fn(p);  \
-    case cpu::Isa::kAvx2:               \
-      return cpu::avx2::peer::fn(p);    \
-    default:                            \
-      return cpu::scalar::peer::fn(p);  \
-  }
-
 Status retrieve_cpu(const RetrieveParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  FL_PEER_DISPATCH(retrieve)
+  FL_CPU_DISPATCH(peer, retrieve, p)
 }
 
 Status experts_forward_cpu(const ExpertsFwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  FL_PEER_DISPATCH(experts_forward)
+  FL_CPU_DISPATCH(peer, experts_forward, p)
 }
 
 Status experts_backward_cpu(const ExpertsBwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  FL_PEER_DISPATCH(experts_backward)
+  FL_CPU_DISPATCH(peer, experts_backward, p)
 }
-
-#undef FL_PEER_DISPATCH
 
 }  // namespace fastlayers::peer

@@ -73,27 +73,13 @@ Status validate(const BwdParams& p) {
 Status forward_cpu(const FwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.rows == 0) return Status::ok();
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::rmsnorm::forward(p);
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::rmsnorm::forward(p);
-    default:
-      return cpu::scalar::rmsnorm::forward(p);
-  }
+  FL_CPU_DISPATCH(rmsnorm, forward, p)
 }
 
 Status backward_cpu(const BwdParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   // rows == 0 still writes dw (zeros): the kernels handle it with one empty chunk.
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::rmsnorm::backward(p);
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::rmsnorm::backward(p);
-    default:
-      return cpu::scalar::rmsnorm::backward(p);
-  }
+  FL_CPU_DISPATCH(rmsnorm, backward, p)
 }
 
 }  // namespace fastlayers::rmsnorm

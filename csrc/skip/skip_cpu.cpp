@@ -37,14 +37,7 @@ Status varlen_attention_cpu(const VarlenParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.nq == 0) return Status::ok();
   if (p.nk > 0 && p.k_t == nullptr) return Status::invalid("varlen_attention: null workspace");
-  switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return cpu::avx512::skip::varlen_attention(p);
-    case cpu::Isa::kAvx2:
-      return cpu::avx2::skip::varlen_attention(p);
-    default:
-      return cpu::scalar::skip::varlen_attention(p);
-  }
+  FL_CPU_DISPATCH(skip, varlen_attention, p)
 }
 
 }  // namespace fastlayers::skip

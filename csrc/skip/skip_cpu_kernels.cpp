@@ -138,52 +138,12 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
     }
     // Mask, online softmax: S becomes P.
     for (int r = 0; r < kRows; ++r) {
-      float* s = w.s + r * kKeys;
       int64_t lo = 0, hi = 0;
       if (r < nrows) {
         lo = rows[r].lo - j0 < 0 ? 0 : rows[r].lo - j0;
         hi = rows[r].hi - j0 > nkeys ? nkeys : rows[r].hi - j0;
       }
-      if (lo >= hi) {
-        for (int64_t i = 0; i < nkeys; ++i) s[i] = 0.0f;
-        continue;
-      }
-      float mx = kNegInf;
-      {
-        int64_t i = lo;
-        if (i + kW <= hi) {
-          V vmx = vload(s + i);
-          for (i += kW; i + kW <= hi; i += kW) vmx = vmax(vmx, vload(s + i));
-          mx = vmaxval(vmx);
-        }
-        for (; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
-      }
-      const float m_new = mx > w.m[r] ? mx : w.m[r];
-      const float alpha = w.m[r] == kNegInf ? 0.0f : __builtin_expf(w.m[r] - m_new);
-      for (int64_t i = 0; i < lo; ++i) s[i] = 0.0f;
-      for (int64_t i = hi; i < nkeys; ++i) s[i] = 0.0f;
-      const V vm = vset1(m_new);
-      V sum = vzero();
-      int64_t i = lo;
-      for (; i + kW <= hi; i += kW) {
-        const V e = vexp(vadd(vload(s + i), vmul(vm, vset1(-1.0f))));
-        vstore(s + i, e);
-        sum = vadd(sum, e);
-      }
-      float total = vsum(sum);
-      for (; i < hi; ++i) {
-        s[i] = __builtin_expf(s[i] - m_new);
-        total += s[i];
-      }
-      w.l[r] = w.l[r] * alpha + total;
-      w.m[r] = m_new;
-      if (alpha != 1.0f) {
-        float* o = w.o + r * dv;
-        const V va = vset1(alpha);
-        int64_t c = 0;
-        for (; c + kW <= dv; c += kW) vstore(o + c, vmul(vload(o + c), va));
-        for (; c < dv; ++c) o[c] *= alpha;
-      }
+      scale_row(w.o + r * dv, dv, softmax_block(w.s + r * kKeys, nkeys, lo, hi, w.m[r], w.l[r]));
     }
     // O += P V, lanes over the value dimension.
     int64_t c = 0;

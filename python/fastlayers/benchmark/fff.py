@@ -16,23 +16,14 @@ import functools
 import torch
 
 import fastlayers
-from fastlayers import _ext
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, copy_bandwidth, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, time_fn
 
 WIDTH, DEPTH = 768, 11
 QUICK_TOKENS = [1, 1024]
 FULL_TOKENS = {"cpu": [1, 16, 128, 1024], "cuda": [1, 128, 1024, 16384]}
 QUICK_DTYPES = [torch.float32]
 FULL_DTYPES = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float32, torch.bfloat16]}
-
-
-def _backend(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    if device.type == "cuda" and _ext.has_cuda_kernels():
-        return "fastlayers/cuda"
-    return "fastlayers/reference"
 
 
 def _reference(module, x):
@@ -49,7 +40,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows: list[Row] = []
     tokens_list = QUICK_TOKENS if quick else FULL_TOKENS[device.type]
     dtypes = QUICK_DTYPES if quick else FULL_DTYPES[device.type]
-    backend = _backend(device)
+    backend = backend_label(device, "ultrafast_ff")
     gen = torch.Generator(device="cpu").manual_seed(0)
     for dtype in dtypes:
         ufb = fastlayers.UltraFastFeedForward(WIDTH, WIDTH, DEPTH, device=device, dtype=dtype)

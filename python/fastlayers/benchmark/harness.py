@@ -20,6 +20,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastlayers import _ext
+
+
+def backend_label(device: torch.device, op: str) -> str:
+    """What ``op`` runs on ``device`` in this build: the CPU kernel variant, the CUDA kernels, or
+    the PyTorch reference (the label the benchmark tables show)."""
+    if device.type == "cpu" and _ext.has_cpu_kernels():
+        return f"fastlayers/{_ext.C.cpu_isa()}"
+    if device.type == "cuda" and _ext.has_cuda_kernel(op):
+        return "fastlayers/cuda"
+    return "fastlayers/reference"
+
 
 @dataclasses.dataclass
 class Timing:

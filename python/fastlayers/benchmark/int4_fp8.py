@@ -20,21 +20,18 @@ import functools
 import torch
 
 import fastlayers
-from fastlayers import _ext
-from fastlayers.benchmark.harness import Row, copies_to_exceed_cache, copy_bandwidth, time_fn
+from fastlayers.benchmark.harness import (
+    Row,
+    backend_label,
+    copies_to_exceed_cache,
+    copy_bandwidth,
+    time_fn,
+)
 from fastlayers.reference import int4_fp8 as ref
 
 LAYERS = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (out_features, in_features)
 QUICK = {"layers": [(4096, 4096)], "tokens": [1, 16]}
 FULL_TOKENS = {"cpu": [1, 16, 128], "cuda": [1, 16, 128, 1024, 4096]}
-
-
-def _backend(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    if device.type == "cuda" and _ext.has_cuda_kernels():
-        return "fastlayers/cuda (GEMV / dequantize + fp32 matmul)"
-    return "fastlayers/reference"
 
 
 def _oracle_error(layer, x) -> float:
@@ -54,7 +51,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows: list[Row] = []
     layers = QUICK["layers"] if quick else LAYERS
     tokens_list = QUICK["tokens"] if quick else FULL_TOKENS[device.type]
-    backend = _backend(device)
+    backend = backend_label(device, "int4_fp8_gemm")
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n, k in layers:
         w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device)

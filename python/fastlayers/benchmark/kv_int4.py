@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers import _ext
-from fastlayers.benchmark.harness import Row, copy_bandwidth, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, time_fn
 from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.quant.rope_kv import quantize_kv_int4
 
 HQ, HKV, D, GROUP = 32, 8, 128, 128
 CASES = {"cpu": [(1, 1024), (1, 8192), (4, 4096)], "cuda": [(1, 4096), (16, 8192), (64, 32768)]}
 QUICK = {"cpu": [(1, 4096)], "cuda": [(8, 8192)]}
-
-
-def _backend(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    return "fastlayers/reference"  # no CUDA kernel yet
 
 
 def _sdpa(q, k, v):
@@ -56,7 +49,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 "int4_kv_decode (GQA 32/8, d128, g128)",
                 f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
                 "bfloat16",
-                _backend(device),
+                backend_label(device, "int4_kv_decode"),
                 t.median_s * 1e6,
                 "bf16 SDPA over a bf16 cache",
                 t_ref.median_s * 1e6,

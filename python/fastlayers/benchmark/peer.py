@@ -16,9 +16,8 @@ import dataclasses
 import torch
 
 import fastlayers
-from fastlayers import _ext
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, copy_bandwidth, peak_extra_mib, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, peak_extra_mib, time_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +40,6 @@ FULL = {
     "cuda": Config(16384, 1024, 1024**2, 8, 16, 128),
 }
 QUICK = Config(256, 256, 64**2, 4, 8, 64)
-
-
-def _backend(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    return "fastlayers/reference (no kernel on this device yet)"
 
 
 def _reference_forward(m: fastlayers.PEER, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +106,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             device=device,
         )
     ours.eval()
-    backend = _backend(device)
+    backend = backend_label(device, "peer_retrieve")
     shape = cfg.label()
     gathered = cfg.tokens * cfg.heads * cfg.topk * 2 * cfg.dim * 4
     copy_bw = copy_bandwidth(min(gathered, 1 << 28), device)

@@ -7,9 +7,14 @@ from __future__ import annotations
 import torch
 
 import fastlayers
-from fastlayers import _ext
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, copies_to_exceed_cache, copy_bandwidth, time_fn
+from fastlayers.benchmark.harness import (
+    Row,
+    backend_label,
+    copies_to_exceed_cache,
+    copy_bandwidth,
+    time_fn,
+)
 
 QUICK_SHAPES = [(4096, 4096)]
 FULL_SHAPES = {
@@ -36,14 +41,6 @@ def hf_add_rms_norm(x, residual, weight, eps=1e-6):
 def eager_rms_norm_fp8(x, weight, eps=1e-6):
     """Norm, then dynamic per-token FP8 quantisation, unfused (a model without the kernel)."""
     return ref.rms_norm_fp8(x, weight, eps)
-
-
-def _backend_name(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    if device.type == "cuda" and _ext.has_cuda_kernels():
-        return "fastlayers/cuda"
-    return "fastlayers/reference"
 
 
 def _max_err(out, expected) -> float:
@@ -122,7 +119,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     dtypes = QUICK_DTYPES if quick else FULL_DTYPES
     rows: list[Row] = []
     copy_cache: dict[int, float] = {}
-    backend = _backend_name(device)
+    backend = backend_label(device, "rms_norm")
     for shape in shapes:
         m, n = shape
         for dtype in dtypes:

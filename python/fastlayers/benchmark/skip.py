@@ -18,18 +18,11 @@ from __future__ import annotations
 import torch
 
 import fastlayers
-from fastlayers import _ext
-from fastlayers.benchmark.harness import Row, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, time_fn
 
 CAPACITIES = [0.125, 0.25, 0.5, 1.0]
 SHAPES = {"cpu": [(2, 2048, 16, 64)], "cuda": [(8, 4096, 32, 128)]}  # (batch, tokens, heads, d)
 QUICK = {"cpu": [(1, 1024, 8, 64)], "cuda": [(2, 2048, 32, 128)]}
-
-
-def _backend(device: torch.device) -> str:
-    if device.type == "cpu" and _ext.has_cpu_kernels():
-        return f"fastlayers/{_ext.C.cpu_isa()}"
-    return "fastlayers/reference"  # no CUDA kernel yet
 
 
 def _sdpa(q, k, v):
@@ -88,7 +81,7 @@ def _llama_rows(device, quick) -> list[Row]:
 
 def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows: list[Row] = []
-    backend = _backend(device)
+    backend = backend_label(device, "varlen_attention")
     gen = torch.Generator(device="cpu").manual_seed(0)
     dtypes = [torch.float32] if quick or device.type == "cpu" else [torch.bfloat16]
     for dtype in dtypes:

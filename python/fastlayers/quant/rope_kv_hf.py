@@ -29,13 +29,13 @@ from fastlayers.quant.rope_kv import (
     quantize_kv_int4,
     quantize_q_fp8,
 )
+from fastlayers.skip_plan import _decoder_layers
 
 ATTENTION = "fastlayers_int4kv"
 
 
 def _attention_modules(model):
-    layers = model.model.layers if hasattr(model, "model") else model.layers
-    return [layer.self_attn for layer in layers]
+    return [layer.self_attn for layer in _decoder_layers(model)]
 
 
 class _Int4Layer(CacheLayerMixin):
@@ -140,21 +140,20 @@ class Int4KVCache(Cache):
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
+    if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
+        group = query.shape[1] // k_post.shape[0]
+        inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(query.device, query.dtype)
+        query = query * inv[None, :, None, :]
+    if getattr(module, "_fl_q_fp8", True):
+        query = quantize_q_fp8(query)
     layer = getattr(key, "_fl_layer", None)
     if layer is not None:  # one new token against the Int4KVCache
-        if k_post is not None:
-            group = query.shape[1] // k_post.shape[0]
-            inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(query.device, query.dtype)
-            query = query * inv[None, :, None, :]
-        if getattr(module, "_fl_q_fp8", True):
-            query = quantize_q_fp8(query)
         if attention_mask is None or not bool((attention_mask < 0).any()):
             out, _ = int4_kv_decode(query[:, :, 0], layer.kq, layer.ks, layer.vq, layer.vs,
                                     scale=scaling)  # fmt: skip
             return out[:, None], None  # [B, 1, Hq, d]
         key, value = layer.dequantized()  # padded batch: the general path with the mask
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
-    if not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
+    elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
         if k_post is not None:
             key = key * k_post.to(key.device)[None, :, None, :]
         g = getattr(module, "_fl_group_size", key.shape[-1])
@@ -162,12 +161,6 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             key = dequantize_kv_int4(*quantize_kv_int4(key, g), key.dtype)
         if getattr(module, "_fl_quantize_values", True):
             value = dequantize_kv_int4(*quantize_kv_int4(value, g), value.dtype)
-    if k_post is not None:
-        group = query.shape[1] // k_post.shape[0]
-        inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(query.device, query.dtype)
-        query = query * inv[None, :, None, :]
-    if getattr(module, "_fl_q_fp8", True):
-        query = quantize_q_fp8(query)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
