@@ -153,6 +153,27 @@ def test_fp8_zero_row_gets_unit_scale(device):
     assert scale[0].item() != 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_nan_and_inf_rows(device, dtype):
+    """A row with a NaN (all its values NaN) or an infinity (r = 0: zeros, NaN where the infinity
+    was) gets scale 1 and the reference's codes; the other rows are unaffected."""
+    x = rand(5, 64, dtype=dtype, device=device)
+    x[1, 5] = float("nan")
+    x[3, 7] = float("inf")
+    w = rand(64, dtype=dtype, device=device)
+    y, scale = fastlayers.rms_norm_fp8(x, w)
+    ry, rscale = ref.rms_norm_fp8(x, w)
+    bad, good = [1, 3], [0, 2, 4]
+    assert scale[1].item() == scale[3].item() == 1.0 == rscale[1].item() == rscale[3].item()
+    assert torch.equal(y[bad].view(torch.uint8), ry[bad].view(torch.uint8))
+    assert bool(torch.isnan(y[1].float()).all())  # NaN spreads through the row's rms
+    assert bool(torch.isnan(y[3, 7].float())) and bool((y[3, :7].float() == 0).all())  # inf: r = 0
+    # finite rows: the kernel's fp32 sum of squares may differ in the last bit (one FP8 step)
+    torch.testing.assert_close(scale[good], rscale[good], rtol=1e-5, atol=0)
+    torch.testing.assert_close((y[good].float() * scale[good]), (ry[good].float() * rscale[good]),
+                               rtol=0.07, atol=1e-3)  # fmt: skip
+
+
 def test_fp8_outliers_saturate_to_448(device):
     x, w = _inputs((2,), 4096, torch.float32, device)
     x[0, 17] = 1e4  # one outlier takes the whole row's scale
