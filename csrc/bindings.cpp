@@ -316,6 +316,43 @@ void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintp
   run(device, p, 0, skip::varlen_attention_cpu, no_cuda_kernel<skip::VarlenParams>);
 }
 
+void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+                          std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k,
+                          std::uintptr_t q_pos, std::uintptr_t k_pos, std::uintptr_t out,
+                          std::uintptr_t dout, std::uintptr_t lse, std::uintptr_t dlse,
+                          std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, int64_t nq,
+                          int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
+                          int64_t d_v, int64_t window_left, int64_t window_right, double scale,
+                          int dtype) {
+  skip::VarlenBwdParams p;
+  p.fwd.q = ptr<const void>(q);
+  p.fwd.k = ptr<const void>(k);
+  p.fwd.v = ptr<const void>(v);
+  p.fwd.cu_seqlens_q = ptr<const int32_t>(cu_seqlens_q);
+  p.fwd.cu_seqlens_k = ptr<const int32_t>(cu_seqlens_k);
+  p.fwd.q_pos = ptr<const int64_t>(q_pos);
+  p.fwd.k_pos = ptr<const int64_t>(k_pos);
+  p.fwd.nq = nq;
+  p.fwd.nk = nk;
+  p.fwd.batch = batch;
+  p.fwd.hq = hq;
+  p.fwd.hkv = hkv;
+  p.fwd.d = d;
+  p.fwd.dv = d_v;
+  p.fwd.window_left = window_left;
+  p.fwd.window_right = window_right;
+  p.fwd.scale = static_cast<float>(scale);
+  p.fwd.dtype = static_cast<DType>(dtype);
+  p.out = ptr<const void>(out);
+  p.dout = ptr<const void>(dout);
+  p.lse = ptr<const float>(lse);
+  p.dlse = ptr<const float>(dlse);
+  p.dq = ptr<void>(dq);
+  p.dk = ptr<void>(dk);
+  p.dv = ptr<void>(dv);
+  run(device, p, 0, skip::varlen_attention_backward_cpu, no_cuda_kernel<skip::VarlenBwdParams>);
+}
+
 void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t k_scale,
                     std::uintptr_t v, std::uintptr_t v_scale, std::uintptr_t out, std::uintptr_t lse,
                     int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
@@ -462,6 +499,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);
   m.def("varlen_attention", &varlen_attention);
+  m.def("varlen_attention_bwd", &varlen_attention_bwd);
   m.def("int4_kv_decode", &int4_kv_decode);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

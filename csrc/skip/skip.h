@@ -33,7 +33,23 @@ struct VarlenParams {
   DType dtype = DType::kFloat32;
 };
 
+// Backward, recomputing the probabilities from the saved lse (FlashAttention-2 style): per query
+// row D = dO . O, and for each visible key p = exp(s - lse), dV += p dO, ds = p (dO . v - D + dlse),
+// dQ += scale ds k, dK += scale ds q. One task per (sequence, kv head) owns its keys' dK / dV rows
+// and its query rows' dQ: deterministic, no atomics.
+struct VarlenBwdParams {
+  VarlenParams fwd;                   // q, k, v, cu_seqlens, positions, sizes, window, scale, dtype
+  const void* out = nullptr;          // [nq, hq, dv] the forward's output
+  const void* dout = nullptr;         // [nq, hq, dv]
+  const float* lse = nullptr;         // [nq, hq] the forward's
+  const float* dlse = nullptr;        // [nq, hq] or null
+  void* dq = nullptr;                 // [nq, hq, d]  rows outside every sequence: left as they are
+  void* dk = nullptr;                 // [nk, hkv, d]
+  void* dv = nullptr;                 // [nk, hkv, dv]
+};
+
 Status validate(const VarlenParams& p);
 Status varlen_attention_cpu(const VarlenParams& p);
+Status varlen_attention_backward_cpu(const VarlenBwdParams& p);
 
 }  // namespace fastlayers::skip

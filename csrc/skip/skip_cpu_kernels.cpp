@@ -19,6 +19,7 @@
 
 namespace fastlayers::cpu::FL_CPU_ISA::skip {
 
+using fastlayers::skip::VarlenBwdParams;
 using fastlayers::skip::VarlenParams;
 
 namespace {
@@ -249,10 +250,95 @@ void attention(const VarlenParams& p) {
   delete[] first_tile;
 }
 
+template <typename T>
+void backward(const VarlenBwdParams& bp) {
+  const VarlenParams& p = bp.fwd;
+  const int64_t group = p.hq / p.hkv, d = p.d, dv = p.dv;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(bp.out);
+  const T* dout = static_cast<const T*>(bp.dout);
+  T* dq = static_cast<T*>(bp.dq);
+  T* dk = static_cast<T*>(bp.dk);
+  T* dvv = static_cast<T*>(bp.dv);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < p.batch * p.hkv; ++task) {
+    const int64_t b = task / p.hkv, g = task % p.hkv;
+    const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int64_t k0 = p.cu_seqlens_k[b], nk_b = p.cu_seqlens_k[b + 1] - k0;
+    // fp32 copies of this (sequence, kv head)'s keys and values, and their gradients
+    float* buf = new float[2 * nk_b * (d + dv) + 3 * d + dv];
+    float *kb = buf, *vb = kb + nk_b * d, *dkb = vb + nk_b * dv, *dvb = dkb + nk_b * d;
+    float *qv = dvb + nk_b * dv, *dqv = qv + d, *dov = dqv + d, *tmp = dov + dv;
+    for (int64_t j = 0; j < nk_b; ++j) {
+      for (int64_t c = 0; c < d; ++c) {
+        kb[j * d + c] = to_float(k[((k0 + j) * p.hkv + g) * d + c]);
+        dkb[j * d + c] = 0.0f;
+      }
+      for (int64_t c = 0; c < dv; ++c) {
+        vb[j * dv + c] = to_float(v[((k0 + j) * p.hkv + g) * dv + c]);
+        dvb[j * dv + c] = 0.0f;
+      }
+    }
+    for (int64_t i = q0; i < q1; ++i) {
+      const int64_t pos = p.q_pos[i];
+      const int64_t* kp = p.k_pos + k0;
+      const int64_t lo = p.window_left >= 0 ? lower_bound(kp, nk_b, pos - p.window_left) : 0;
+      const int64_t hi = p.window_right >= 0 ? upper_bound(kp, nk_b, pos + p.window_right) : nk_b;
+      for (int64_t hh = 0; hh < group; ++hh) {
+        const int64_t row = i * p.hq + g * group + hh;
+        for (int64_t c = 0; c < d; ++c) {
+          qv[c] = to_float(q[row * d + c]);
+          dqv[c] = 0.0f;
+        }
+        for (int64_t c = 0; c < dv; ++c) {
+          dov[c] = to_float(dout[row * dv + c]);
+          tmp[c] = to_float(out[row * dv + c]);
+        }
+        const float lse = bp.lse[row];
+        if (lse != kNegInf && lo < hi) {
+          const float delta = dot(dov, tmp, dv) - (bp.dlse != nullptr ? bp.dlse[row] : 0.0f);
+          for (int64_t j = lo; j < hi; ++j) {
+            const float pr = __builtin_expf(dot(qv, kb + j * d, d) * p.scale - lse);
+            const float ds = pr * (dot(dov, vb + j * dv, dv) - delta) * p.scale;
+            axpy(pr, dov, dvb + j * dv, dv);
+            axpy(ds, kb + j * d, dqv, d);
+            axpy(ds, qv, dkb + j * d, d);
+          }
+        }
+        for (int64_t c = 0; c < d; ++c) store_as(dq + row * d + c, dqv[c]);
+      }
+    }
+    for (int64_t j = 0; j < nk_b; ++j) {
+      for (int64_t c = 0; c < d; ++c) store_as(dk + ((k0 + j) * p.hkv + g) * d + c, dkb[j * d + c]);
+      for (int64_t c = 0; c < dv; ++c) store_as(dvv + ((k0 + j) * p.hkv + g) * dv + c, dvb[j * dv + c]);
+    }
+    delete[] buf;
+  }
+}
+
 }  // namespace
 
 Status varlen_attention(const VarlenParams& p) {
   FL_CPU_BY_FLOAT_DTYPE(attention, p, "varlen_attention: dtype must be float32, float16 or bfloat16")
+}
+
+Status varlen_attention_backward(const VarlenBwdParams& p) {
+  switch (p.fwd.dtype) {
+    case DType::kFloat32:
+      backward<float>(p);
+      break;
+    case DType::kFloat16:
+      backward<half_t>(p);
+      break;
+    case DType::kBFloat16:
+      backward<bf16_t>(p);
+      break;
+    default:
+      return Status::invalid("varlen_attention_backward: dtype must be float32, float16 or bfloat16");
+  }
+  return Status::ok();
 }
 
 }  // namespace fastlayers::cpu::FL_CPU_ISA::skip

@@ -3,8 +3,9 @@
 ``gather_rows``, ``scatter_add_gated``.
 
 Semantics are those of :mod:`fastlayers.reference.skip` (the specification). ``varlen_attention``
-has a CPU kernel (forward; the backward recomputes through the reference); the routing and the
-gather/scatter are short PyTorch sequences on every device (no host synchronisation).
+has CPU kernels (forward, and a backward recomputing the probabilities from the saved lse); the
+routing and the gather/scatter are short PyTorch sequences on every device (no host
+synchronisation).
 """
 
 from __future__ import annotations
@@ -143,14 +144,47 @@ def _varlen_fake(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
 
 def _varlen_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale = inputs
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, q_pos, k_pos)
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, q_pos, k_pos, *output)
     ctx.window, ctx.scale = (left, right), scale
 
 
 def _varlen_backward(ctx, grad_out, grad_lse):
-    """Recomputes through the reference under autograd (a kernel backward reusing the LSE is the
-    next step)."""
-    q, k, v, cu_q, cu_k, q_pos, k_pos = ctx.saved_tensors
+    """CPU: the backward kernel (probabilities recomputed from the saved lse). Elsewhere:
+    recomputation through the reference under autograd."""
+    q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse = ctx.saved_tensors
+    if q.device.type == "cpu" and q.dtype != torch.float64 and has_kernel(q.device, "varlen"):
+        dq, dk, dv = _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse,
+                                             grad_out, grad_lse, ctx.window, ctx.scale)  # fmt: skip
+    else:
+        dq, dk, dv = _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos,
+                                                grad_out, grad_lse)  # fmt: skip
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None, None, None)  # fmt: skip
+
+
+def _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, grad_out, grad_lse,
+                            window, scale):  # fmt: skip
+    nq, hq, d = q.shape
+    nk, hkv, dv = v.shape
+    qc, kc, vc, oc = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    go = grad_out.to(q.dtype).contiguous()
+    lse_c = lse.contiguous()
+    glse = grad_lse.float().contiguous() if grad_lse is not None else None
+    qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
+    cq, ck = cu_q.contiguous(), cu_k.contiguous()
+    # rows outside every sequence (routing padding) get zero gradients
+    dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+    _ext.C.varlen_attention_bwd(
+        device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
+        ptr(oc), ptr(go), ptr(lse_c), ptr(glse), ptr(dq), ptr(dk), ptr(dvv),
+        nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, window[0], window[1], scale,
+        _dtypes.code(q.dtype),
+    )  # fmt: skip
+    return dq, dk, dvv
+
+
+def _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos, grad_out, grad_lse):
     with torch.enable_grad():
         leaves = [
             t.detach().requires_grad_(need)
@@ -167,8 +201,7 @@ def _varlen_backward(ctx, grad_out, grad_lse):
             grads.append(torch.where(finite, grad_lse, 0.0))
         wanted = [t for t in leaves if t.requires_grad]
         got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
-    dq, dk, dv = (next(got) if t.requires_grad else None for t in leaves)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return tuple(next(got) if t.requires_grad else None for t in leaves)
 
 
 torch.library.register_autograd(
