@@ -37,7 +37,26 @@ def _gemma():
     return model
 
 
-CASES = [(_llama, torch.float32, 1e-4), (_llama, torch.bfloat16, 5e-2), (_gemma, None, 1e-4)]
+def _small(arch):
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, f"{arch}Config")(
+            vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            pad_token_id=0,
+        )  # fmt: skip
+        return getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+
+    return make
+
+
+CASES = [
+    (_llama, torch.float32, 1e-4),
+    (_llama, torch.bfloat16, 5e-2),
+    (_gemma, None, 1e-4),
+    (_small("Mistral"), None, 1e-4),
+    (_small("Qwen2"), None, 1e-4),
+]
 
 
 @pytest.mark.parametrize("make,dtype,tol", CASES)
