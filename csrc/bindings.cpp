@@ -376,6 +376,23 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
   run(device, p, 0, kvint4::decode_cpu, no_cuda_kernel<kvint4::DecodeParams>);
 }
 
+void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::uintptr_t packed,
+                 std::uintptr_t scales, int64_t rows, int64_t d, int64_t group, int64_t tokens,
+                 int64_t heads, int dtype) {
+  kvint4::QuantizeParams p;
+  p.x = ptr<const void>(x);
+  p.post_scale = ptr<const float>(post_scale);
+  p.packed = ptr<uint8_t>(packed);
+  p.scales = ptr<fp8e4m3_t>(scales);
+  p.rows = rows;
+  p.d = d;
+  p.group = group;
+  p.tokens = tokens;
+  p.heads = heads;
+  p.dtype = static_cast<DType>(dtype);
+  run(device, p, 0, kvint4::quantize_cpu, no_cuda_kernel<kvint4::QuantizeParams>);
+}
+
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
                       std::uintptr_t gates, std::uintptr_t down, std::uintptr_t up, std::uintptr_t y,
                       std::uintptr_t preact, int64_t tokens, int64_t dim, int64_t pairs,
@@ -501,5 +518,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("varlen_attention", &varlen_attention);
   m.def("varlen_attention_bwd", &varlen_attention_bwd);
   m.def("int4_kv_decode", &int4_kv_decode);
+  m.def("kv_quantize", &kv_quantize);
   m.def("advise_hugepages", &advise_hugepages, py::arg("addr"), py::arg("nbytes"));
 }

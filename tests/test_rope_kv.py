@@ -170,3 +170,20 @@ def test_generate_decode_steps_use_the_int4_kernel(monkeypatch):
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                    cache=quant.Int4KVCache.for_model(model))  # fmt: skip
     assert len(calls) == 3 * 3  # 3 decode steps x 3 layers (the prefill takes the general path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kv_quantize_kernel_is_bit_exact(device, dtype):
+    from fastlayers.ops.kvint4 import _kv_quantize_reference, kv_quantize
+
+    x = rand(2, 3, 17, 64, dtype=dtype, device=device, scale=3.0)
+    x[0, 0, 0, :32] = 0  # an all-zero group: the smallest scale
+    post = torch.rand(3, 64, device=device) * 4 + 0.1
+    for p in (None, post):
+        got = kv_quantize(x, 32, p)
+        want = _kv_quantize_reference(x, p, 32)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.kv_quantize, (x, post, 32))
+    with pytest.raises(ValueError, match="group_size"):
+        kv_quantize(x, 24)

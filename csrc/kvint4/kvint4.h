@@ -25,7 +25,20 @@ struct DecodeParams {
   float scale = 1.0f;
 };
 
+// Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]) times the post-RoPE
+// scale of their head (optional), quantized to INT4 per group of `group` channels with an FP8
+// scale fp8(max|x| / 7) (at least 2^-9), packed two per byte (even channel in the low nibble).
+struct QuantizeParams {
+  const void* x = nullptr;              // [rows, d] contiguous
+  const float* post_scale = nullptr;    // [heads, d] or null
+  uint8_t* packed = nullptr;            // [rows, d / 2]
+  fp8e4m3_t* scales = nullptr;          // [rows, d / group]
+  int64_t rows = 0, d = 0, group = 0, tokens = 1, heads = 1;
+  DType dtype = DType::kFloat32;
+};
+
 Status validate(const DecodeParams& p);
 Status decode_cpu(const DecodeParams& p);
+Status quantize_cpu(const QuantizeParams& p);
 
 }  // namespace fastlayers::kvint4

@@ -6,6 +6,7 @@ namespace fastlayers::cpu {
 #define FL_DECLARE_KVINT4(isa)                                        \
   namespace isa::kvint4 {                                             \
   Status decode(const fastlayers::kvint4::DecodeParams& p);           \
+  Status quantize(const fastlayers::kvint4::QuantizeParams& p);       \
   }
 FL_DECLARE_KVINT4(scalar)
 FL_DECLARE_KVINT4(avx2)
@@ -31,6 +32,18 @@ Status decode_cpu(const DecodeParams& p) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.batch == 0) return Status::ok();
   FL_CPU_DISPATCH(kvint4, decode, p)
+}
+
+Status quantize_cpu(const QuantizeParams& p) {
+  if (!is_float_activation(p.dtype)) return Status::invalid("kv_quantize: dtype must be float32, float16 or bfloat16");
+  if (p.rows < 0 || p.d <= 0 || p.group <= 0 || p.group % 2 || p.d % p.group || p.tokens <= 0 || p.heads <= 0) {
+    return Status::invalid("kv_quantize: bad sizes (need d a multiple of an even group)");
+  }
+  if (p.rows > 0 && (p.x == nullptr || p.packed == nullptr || p.scales == nullptr)) {
+    return Status::invalid("kv_quantize: null pointer argument");
+  }
+  if (p.rows == 0) return Status::ok();
+  FL_CPU_DISPATCH(kvint4, quantize, p)
 }
 
 }  // namespace fastlayers::kvint4

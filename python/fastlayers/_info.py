@@ -24,6 +24,7 @@ OPS = (
     "int4_fp8_gemm",
     "varlen_attention",
     "int4_kv_decode",
+    "kv_quantize",
 )
 
 

@@ -14,12 +14,13 @@ import math
 
 import torch
 
-from fastlayers import _ext
+from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
-from fastlayers.quant.rope_kv import dequantize_kv_int4
+from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_kv_int4
 
 FP8 = torch.float8_e4m3fn
 
+LIB.define("kv_quantize(Tensor x, Tensor? post_scale, int group_size) -> (Tensor, Tensor)")
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
     " float scale) -> (Tensor, Tensor)"
@@ -114,3 +115,63 @@ def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=N
     length = k.shape[2] if length is None else int(length)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
+
+
+def _check_kv_quantize(x, post_scale, group_size) -> None:
+    check_tensor(x, "x")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
+        raise ValueError(
+            f"x must be float32/float16/bfloat16 [batch, kv_heads, tokens, head_dim], got "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
+    d = x.shape[-1]
+    if group_size <= 0 or group_size % 2 or d % group_size:
+        raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got {group_size}")
+    if post_scale is not None and (
+        post_scale.dtype != torch.float32 or tuple(post_scale.shape) != (x.shape[1], d)
+    ):
+        raise ValueError(
+            f"post_scale must be float32 [{x.shape[1]}, {d}], got {post_scale.dtype} "
+            f"{tuple(post_scale.shape)}"
+        )
+
+
+def _kv_quantize_reference(x, post_scale, group_size):
+    _check_kv_quantize(x, post_scale, group_size)
+    if post_scale is not None:
+        x = x.float() * post_scale[None, :, None, :]  # in fp32, not rounded to x's dtype
+    return quantize_kv_int4(x, group_size)
+
+
+def _kv_quantize_kernel(x, post_scale, group_size):
+    _check_kv_quantize(x, post_scale, group_size)
+    if x.device.type != "cpu" or not has_kernel(x.device, "kv_quantize"):
+        return _kv_quantize_reference(x, post_scale, group_size)
+    b, h, t, d = x.shape
+    xc = x.contiguous()
+    ps = post_scale.contiguous() if post_scale is not None else None
+    packed = empty((b, h, t, d // 2), torch.uint8, x.device)
+    scales = empty((b, h, t, d // group_size), FP8, x.device)
+    _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(ps), ptr(packed), ptr(scales),
+                       b * h * t, d, group_size, t, h, _dtypes.code(x.dtype))  # fmt: skip
+    return packed, scales
+
+
+LIB.impl("kv_quantize", _kv_quantize_kernel, "CPU")
+LIB.impl("kv_quantize", _kv_quantize_kernel, "CUDA")
+LIB.impl("kv_quantize", _kv_quantize_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::kv_quantize", lib=LIB)
+def _kv_quantize_fake(x, post_scale, group_size):
+    _check_kv_quantize(x, post_scale, group_size)
+    b, h, t, d = x.shape
+    return (x.new_empty((b, h, t, d // 2), dtype=torch.uint8),
+            x.new_empty((b, h, t, d // group_size), dtype=FP8))  # fmt: skip
+
+
+def kv_quantize(x, group_size: int, post_scale=None):
+    """The INT4 KV cache write: ``x [B, H_kv, T, d]`` times ``post_scale [H_kv, d]`` (fp32,
+    optional) quantized per (token, head, group) -> ``(packed uint8 [B, H_kv, T, d/2], scales
+    float8_e4m3fn [B, H_kv, T, d/g])``, exactly :func:`fastlayers.quant.quantize_kv_int4`."""
+    return torch.ops.fastlayers.kv_quantize(x, post_scale, int(group_size))

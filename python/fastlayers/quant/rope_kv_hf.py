@@ -20,7 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops.kvint4 import int4_kv_decode
+from fastlayers.ops.kvint4 import int4_kv_decode, kv_quantize
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
     compute_pre_rope_scales,
@@ -54,11 +54,9 @@ class _Int4Layer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = key_states
-        if self.post_scale is not None:
-            k = k * self.post_scale.to(k.device)[None, :, None, :]
-        kq, ks = quantize_kv_int4(k, self.group_size)
-        vq, vs = quantize_kv_int4(value_states, self.group_size)
+        post = None if self.post_scale is None else self.post_scale.to(key_states.device).float()
+        kq, ks = kv_quantize(key_states, self.group_size, post)
+        vq, vs = kv_quantize(value_states, self.group_size)
         if self.kq is None:
             self.kq, self.ks, self.vq, self.vs = kq, ks, vq, vs
         else:
