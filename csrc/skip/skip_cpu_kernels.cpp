@@ -250,6 +250,81 @@ void attention(const VarlenParams& p) {
   delete[] first_tile;
 }
 
+// Backward tiles: kRows (query, head) rows x kKeys keys, like the forward. Per task (sequence, kv
+// head) the keys and values are held in fp32 twice: row-major (for dQ += dS K and the dK / dV
+// updates) and transposed (lanes over keys for S = Q K^T and dP = dO V^T).
+struct BwdTask {
+  float *kb, *vb, *kt, *vt, *dkb, *dvb;
+  explicit BwdTask(int64_t nk, int64_t d, int64_t dv)
+      : kb(new float[nk * (3 * d + 3 * dv) + 1]), vb(kb + nk * d), kt(vb + nk * dv), vt(kt + nk * d),
+        dkb(vt + nk * dv), dvb(dkb + nk * d) {}
+  ~BwdTask() { delete[] kb; }
+  BwdTask(const BwdTask&) = delete;
+  BwdTask& operator=(const BwdTask&) = delete;
+};
+
+// out[r][jj] = sum_t a[r][t] * bt[t][j0 + jj] for kRows rows and n keys (bt transposed, row stride
+// ld): lanes over keys.
+void rows_times_transposed(const float* a, int64_t depth, const float* bt, int64_t ld, int64_t j0,
+                           int64_t n, float* out) {
+  int64_t jj = 0;
+  for (; jj + kW <= n; jj += kW) {
+    V acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = vzero();
+    for (int64_t t = 0; t < depth; ++t) {
+      const V b = vload(bt + t * ld + j0 + jj);
+      for (int r = 0; r < kRows; ++r) acc[r] = vfma(vset1(a[r * depth + t]), b, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) vstore(out + r * kKeys + jj, acc[r]);
+  }
+  for (; jj < n; ++jj) {
+    for (int r = 0; r < kRows; ++r) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < depth; ++t) sum += a[r * depth + t] * bt[t * ld + j0 + jj];
+      out[r * kKeys + jj] = sum;
+    }
+  }
+}
+
+// acc[r][c] += sum_jj w[r][jj] * rows[jj][c] for kRows rows (lanes over c).
+void weights_times_rows(const float* w, const float* rows, int64_t n, int64_t width, float* acc) {
+  int64_t c = 0;
+  for (; c + kW <= width; c += kW) {
+    V o[kRows];
+    for (int r = 0; r < kRows; ++r) o[r] = vload(acc + r * width + c);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const V v = vload(rows + jj * width + c);
+      for (int r = 0; r < kRows; ++r) o[r] = vfma(vset1(w[r * kKeys + jj]), v, o[r]);
+    }
+    for (int r = 0; r < kRows; ++r) vstore(acc + r * width + c, o[r]);
+  }
+  for (; c < width; ++c) {
+    for (int r = 0; r < kRows; ++r) {
+      float sum = acc[r * width + c];
+      for (int64_t jj = 0; jj < n; ++jj) sum += w[r * kKeys + jj] * rows[jj * width + c];
+      acc[r * width + c] = sum;
+    }
+  }
+}
+
+// grad[jj][c] += sum_r w[r][jj] * a[r][c] for n keys (lanes over c).
+void transposed_weights_times_rows(const float* w, const float* a, int64_t n, int64_t width, float* grad) {
+  for (int64_t jj = 0; jj < n; ++jj) {
+    float* g = grad + jj * width;
+    int64_t c = 0;
+    for (; c + kW <= width; c += kW) {
+      V acc = vload(g + c);
+      for (int r = 0; r < kRows; ++r) acc = vfma(vset1(w[r * kKeys + jj]), vload(a + r * width + c), acc);
+      vstore(g + c, acc);
+    }
+    for (; c < width; ++c) {
+      float sum = g[c];
+      for (int r = 0; r < kRows; ++r) sum += w[r * kKeys + jj] * a[r * width + c];
+      g[c] = sum;
+    }
+  }
+}
+
 template <typename T>
 void backward(const VarlenBwdParams& bp) {
   const VarlenParams& p = bp.fwd;
@@ -259,62 +334,95 @@ void backward(const VarlenBwdParams& bp) {
   const T* v = static_cast<const T*>(p.v);
   const T* out = static_cast<const T*>(bp.out);
   const T* dout = static_cast<const T*>(bp.dout);
-  T* dq = static_cast<T*>(bp.dq);
-  T* dk = static_cast<T*>(bp.dk);
-  T* dvv = static_cast<T*>(bp.dv);
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t task = 0; task < p.batch * p.hkv; ++task) {
-    const int64_t b = task / p.hkv, g = task % p.hkv;
-    const int64_t q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
-    const int64_t k0 = p.cu_seqlens_k[b], nk_b = p.cu_seqlens_k[b + 1] - k0;
-    // fp32 copies of this (sequence, kv head)'s keys and values, and their gradients
-    float* buf = new float[2 * nk_b * (d + dv) + 3 * d + dv];
-    float *kb = buf, *vb = kb + nk_b * d, *dkb = vb + nk_b * dv, *dvb = dkb + nk_b * d;
-    float *qv = dvb + nk_b * dv, *dqv = qv + d, *dov = dqv + d, *tmp = dov + dv;
-    for (int64_t j = 0; j < nk_b; ++j) {
-      for (int64_t c = 0; c < d; ++c) {
-        kb[j * d + c] = to_float(k[((k0 + j) * p.hkv + g) * d + c]);
-        dkb[j * d + c] = 0.0f;
-      }
-      for (int64_t c = 0; c < dv; ++c) {
-        vb[j * dv + c] = to_float(v[((k0 + j) * p.hkv + g) * dv + c]);
-        dvb[j * dv + c] = 0.0f;
-      }
-    }
-    for (int64_t i = q0; i < q1; ++i) {
-      const int64_t pos = p.q_pos[i];
-      const int64_t* kp = p.k_pos + k0;
-      const int64_t lo = p.window_left >= 0 ? lower_bound(kp, nk_b, pos - p.window_left) : 0;
-      const int64_t hi = p.window_right >= 0 ? upper_bound(kp, nk_b, pos + p.window_right) : nk_b;
-      for (int64_t hh = 0; hh < group; ++hh) {
-        const int64_t row = i * p.hq + g * group + hh;
+#pragma omp parallel
+  {
+    // per-thread row-tile scratch: Q, dO, dQ [kRows][d or dv]; S / P / dS [kRows][kKeys] twice
+    float* scratch = new float[kRows * (2 * d + dv + 2 * kKeys + 2)];
+    float *qs = scratch, *dos = qs + kRows * d, *dqs = dos + kRows * dv, *ps = dqs + kRows * d;
+    float *dps = ps + kRows * kKeys, *lse = dps + kRows * kKeys, *delta = lse + kRows;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < p.batch * p.hkv; ++task) {
+      const int64_t b = task / p.hkv, g = task % p.hkv;
+      const int64_t q0 = p.cu_seqlens_q[b];
+      const int64_t k0 = p.cu_seqlens_k[b], nk_b = p.cu_seqlens_k[b + 1] - k0;
+      const int64_t n_rows = (p.cu_seqlens_q[b + 1] - q0) * group;
+      BwdTask w(nk_b, d, dv);
+      for (int64_t j = 0; j < nk_b; ++j) {
         for (int64_t c = 0; c < d; ++c) {
-          qv[c] = to_float(q[row * d + c]);
-          dqv[c] = 0.0f;
+          w.kb[j * d + c] = w.kt[c * nk_b + j] = to_float(k[((k0 + j) * p.hkv + g) * d + c]);
+          w.dkb[j * d + c] = 0.0f;
         }
         for (int64_t c = 0; c < dv; ++c) {
-          dov[c] = to_float(dout[row * dv + c]);
-          tmp[c] = to_float(out[row * dv + c]);
+          w.vb[j * dv + c] = w.vt[c * nk_b + j] = to_float(v[((k0 + j) * p.hkv + g) * dv + c]);
+          w.dvb[j * dv + c] = 0.0f;
         }
-        const float lse = bp.lse[row];
-        if (lse != kNegInf && lo < hi) {
-          const float delta = dot(dov, tmp, dv) - (bp.dlse != nullptr ? bp.dlse[row] : 0.0f);
-          for (int64_t j = lo; j < hi; ++j) {
-            const float pr = __builtin_expf(dot(qv, kb + j * d, d) * p.scale - lse);
-            const float ds = pr * (dot(dov, vb + j * dv, dv) - delta) * p.scale;
-            axpy(pr, dov, dvb + j * dv, dv);
-            axpy(ds, kb + j * d, dqv, d);
-            axpy(ds, qv, dkb + j * d, d);
+      }
+      const int64_t* kp = p.k_pos + k0;
+      for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+        const int nr = n_rows - r0 < kRows ? static_cast<int>(n_rows - r0) : kRows;
+        int64_t lo[kRows], hi[kRows], row_of[kRows];
+        int64_t klo = nk_b, khi = 0;
+        for (int r = 0; r < kRows; ++r) {
+          lo[r] = hi[r] = 0;
+          row_of[r] = -1;
+          for (int64_t c = 0; c < d; ++c) qs[r * d + c] = dqs[r * d + c] = 0.0f;
+          for (int64_t c = 0; c < dv; ++c) dos[r * dv + c] = 0.0f;
+          lse[r] = 0.0f;
+          delta[r] = 0.0f;
+          if (r >= nr) continue;
+          const int64_t i = q0 + (r0 + r) / group, row = i * p.hq + g * group + (r0 + r) % group;
+          row_of[r] = row;
+          for (int64_t c = 0; c < d; ++c) qs[r * d + c] = to_float(q[row * d + c]);
+          float dd = 0.0f;
+          for (int64_t c = 0; c < dv; ++c) {
+            dos[r * dv + c] = to_float(dout[row * dv + c]);
+            dd += dos[r * dv + c] * to_float(out[row * dv + c]);
+          }
+          lse[r] = bp.lse[row];
+          delta[r] = dd - (bp.dlse != nullptr ? bp.dlse[row] : 0.0f);
+          if (lse[r] == kNegInf) continue;  // sees no key: zero gradients
+          const int64_t pos = p.q_pos[i];
+          lo[r] = p.window_left >= 0 ? lower_bound(kp, nk_b, pos - p.window_left) : 0;
+          hi[r] = p.window_right >= 0 ? upper_bound(kp, nk_b, pos + p.window_right) : nk_b;
+          if (lo[r] < hi[r]) {
+            klo = lo[r] < klo ? lo[r] : klo;
+            khi = hi[r] > khi ? hi[r] : khi;
           }
         }
-        for (int64_t c = 0; c < d; ++c) store_as(dq + row * d + c, dqv[c]);
+        for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
+          const int64_t n = khi - j0 < kKeys ? khi - j0 : kKeys;
+          rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps);     // S
+          rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps);  // dP = dO V^T
+          for (int r = 0; r < kRows; ++r) {
+            float* pr = ps + r * kKeys;
+            float* dsr = dps + r * kKeys;
+            const int64_t a = lo[r] - j0 < 0 ? 0 : lo[r] - j0, e = hi[r] - j0 > n ? n : hi[r] - j0;
+            for (int64_t jj = 0; jj < n; ++jj) {
+              if (jj < a || jj >= e) {
+                pr[jj] = dsr[jj] = 0.0f;
+                continue;
+              }
+              pr[jj] = __builtin_expf(pr[jj] * p.scale - lse[r]);
+              dsr[jj] = pr[jj] * (dsr[jj] - delta[r]) * p.scale;
+            }
+          }
+          transposed_weights_times_rows(ps, dos, n, dv, w.dvb + j0 * dv);  // dV += P^T dO
+          transposed_weights_times_rows(dps, qs, n, d, w.dkb + j0 * d);    // dK += dS^T Q
+          weights_times_rows(dps, w.kb + j0 * d, n, d, dqs);               // dQ += dS K
+        }
+        for (int r = 0; r < nr; ++r) {
+          T* dst = static_cast<T*>(bp.dq) + row_of[r] * d;
+          for (int64_t c = 0; c < d; ++c) store_as(dst + c, dqs[r * d + c]);
+        }
+      }
+      for (int64_t j = 0; j < nk_b; ++j) {
+        T* dkr = static_cast<T*>(bp.dk) + ((k0 + j) * p.hkv + g) * d;
+        T* dvr = static_cast<T*>(bp.dv) + ((k0 + j) * p.hkv + g) * dv;
+        for (int64_t c = 0; c < d; ++c) store_as(dkr + c, w.dkb[j * d + c]);
+        for (int64_t c = 0; c < dv; ++c) store_as(dvr + c, w.dvb[j * dv + c]);
       }
     }
-    for (int64_t j = 0; j < nk_b; ++j) {
-      for (int64_t c = 0; c < d; ++c) store_as(dk + ((k0 + j) * p.hkv + g) * d + c, dkb[j * d + c]);
-      for (int64_t c = 0; c < dv; ++c) store_as(dvv + ((k0 + j) * p.hkv + g) * dv + c, dvb[j * dv + c]);
-    }
-    delete[] buf;
+    delete[] scratch;
   }
 }
 
