@@ -15,7 +15,7 @@ from fastlayers.quant.rope_kv import quantize_kv_int4
 
 HQ, HKV, D, GROUP = 32, 8, 128, 128
 CASES = {"cpu": [(1, 1024), (1, 8192), (4, 4096)], "cuda": [(1, 4096), (16, 8192), (64, 32768)]}
-QUICK = {"cpu": [(1, 4096)], "cuda": [(8, 8192)]}
+QUICK = {"cpu": [(1, 2048)], "cuda": [(8, 8192)]}
 
 
 def _sdpa(q, k, v):
