@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastlayers
@@ -85,3 +86,23 @@ def test_cli_bench_quick_runs_and_prints_the_table(tmp_path):
         assert f"\n{op} " in out.stdout
     reports = list(tmp_path.glob("*.md"))
     assert len(reports) == 1 and "commit" in reports[0].read_text()
+
+
+def test_bench_report_writes_markdown_csv_and_plot(tmp_path):
+    """report.write: the markdown table, the CSV and (with matplotlib) a PNG of speed-ups."""
+    pytest.importorskip("matplotlib")
+    from fastlayers.benchmark import harness, report
+
+    rows = [
+        harness.Row(
+            "op a", f"{m}x64", "float32", "fastlayers/x", 10.0 * m, base, 30.0 * m, 1.0, 0.5, 0.0
+        )  # fmt: skip
+        for m in (1, 16)
+        for base in ("baseline 1", "baseline 2")
+    ]
+    meta = {"device": "test device, 1 thread", "commit": "abc", "fastlayers": "0"}
+    md = report.write(tmp_path, meta, rows, quick=True)
+    assert md.exists() and "op a" in md.read_text()
+    assert (tmp_path / f"{md.stem}.csv").exists()
+    png = tmp_path / f"{md.stem}.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -93,4 +93,46 @@ def write(out_dir: Path, meta: dict, rows, quick: bool) -> Path:
     ]
     md.write_text("\n".join(lines))
     harness.write_csv(rows, out_dir / f"{stem}.csv", meta)
+    plot(rows, meta, out_dir / f"{stem}.png")
     return md
+
+
+def plot(rows, meta: dict, path: Path) -> Path | None:
+    """A PNG of speed-up over each baseline per shape, one panel per op (needs matplotlib, the
+    ``plot`` extra; without it nothing is written and None is returned)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ops = list(dict.fromkeys(r.op for r in rows))
+    if not ops:
+        return None
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 2.6 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops, strict=True):
+        mine = [r for r in rows if r.op == op]
+        labels = list(dict.fromkeys(f"{r.shape} {r.dtype}" for r in mine))
+        baselines = list(dict.fromkeys(r.baseline for r in mine))
+        width = 0.8 / max(len(baselines), 1)
+        for i, base in enumerate(baselines):
+            xs, ys = [], []
+            for r in mine:
+                if r.baseline == base:
+                    xs.append(labels.index(f"{r.shape} {r.dtype}") + i * width)
+                    ys.append(r.speedup)
+            ax.bar(xs, ys, width=width, label=base)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("speed-up")
+        ax.set_title(op, fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+    fig.suptitle(f"fastlayers {meta.get('fastlayers')} on {meta.get('device')} "
+                 f"(commit {meta.get('commit')})", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
