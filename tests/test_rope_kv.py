@@ -187,3 +187,14 @@ def test_kv_quantize_kernel_is_bit_exact(device, dtype):
     opcheck_with_fp8_inputs(torch.ops.fastlayers.kv_quantize, (x, post, 32))
     with pytest.raises(ValueError, match="group_size"):
         kv_quantize(x, 24)
+
+
+def test_int4_kv_decode_strided_query():
+    from fastlayers.ops.kvint4 import int4_kv_decode
+
+    q = rand(2, 8, 64, dtype=torch.float32, device="cpu")
+    k, ks = quant.quantize_kv_int4(rand(2, 2, 30, 64, dtype=torch.float32, device="cpu"), 32)
+    v, vs = quant.quantize_kv_int4(rand(2, 2, 30, 64, dtype=torch.float32, device="cpu"), 32)
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qt.is_contiguous()
+    torch.testing.assert_close(int4_kv_decode(qt, k, ks, v, vs), int4_kv_decode(q, k, ks, v, vs))

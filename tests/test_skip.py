@@ -268,3 +268,16 @@ def test_routed_self_attention_trains_the_router_and_sequences(device):
     assert torch.equal(y.reshape(30, 32)[~routed], x.reshape(30, 32)[~routed])
     with pytest.raises(ValueError, match="multiple"):
         fastlayers.RoutedSelfAttention(32, 3, num_kv_heads=2)
+
+
+def test_varlen_strided_inputs(device):
+    """Non-contiguous q, k, v (a head-dim slice of wider tensors, transposed storage) give the
+    same result as contiguous copies."""
+    q, k, v, cu, pos = _routed(2, 40, 0.5, 4, 2, 32, torch.float32, device)
+    wide = rand(q.shape[0], 4, 64, dtype=torch.float32, device=device)
+    wide[..., ::2] = q
+    qs = wide[..., ::2]
+    kt = k.transpose(0, 1).contiguous().transpose(0, 1)  # same values, head-major storage
+    assert not qs.is_contiguous() and not kt.is_contiguous()
+    got = fastlayers.varlen_attention(qs, kt, v, cu, cu, pos, pos)
+    torch.testing.assert_close(got, fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos))
