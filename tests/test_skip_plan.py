@@ -96,8 +96,6 @@ def test_plan_helpers_and_errors():
     assert [p.attn for p in d.layers] == ["full"] * 4 + ["skip"] * 4
     assert all(p.ffn == "full" for p in d.layers)
     assert SkipPlan.from_json(u.to_json()) == u
-    with pytest.raises(ValueError, match="layer 0"):
-        apply_skip_plan(_model(3), SkipPlan([LayerPlan("skip"), LayerPlan(), LayerPlan()]))
     with pytest.raises(ValueError, match="layers"):
         apply_skip_plan(_model(3), SkipPlan.full(4))
     with pytest.raises(ValueError, match="attn"):
@@ -141,3 +139,33 @@ def test_self_speculative_generate_is_greedy_decoding(exit_layer, num_draft):
     assert torch.equal(got, want[:, : first + 1])
     with pytest.raises(ValueError, match="batch size 1"):
         fastlayers.self_speculative_generate(model, ids.repeat(2, 1), exit_layer, 5)
+
+
+@torch.no_grad()
+def test_layer0_attention_skipped_with_layer_skip_cache():
+    """Layer 0's attention skipped: generate() (any cache) and direct forward calls with a
+    LayerSkipCache match the uncached model; lengths per layer and crop_to."""
+    import fastlayers
+
+    plan = SkipPlan([LayerPlan("skip"), LayerPlan(), LayerPlan("skip", "full"), LayerPlan(),
+                     LayerPlan()])  # fmt: skip
+    model = apply_skip_plan(_model(), plan)
+    ids = torch.randint(1, 101, (2, 9))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    uncached = model.generate(ids, use_cache=False, **kw)
+    for cache in (None, fastlayers.LayerSkipCache()):
+        got = model.generate(ids, **kw) if cache is None else model.generate(ids, cache=cache, **kw)
+        assert torch.equal(got.sequences, uncached.sequences)
+        for a, b in zip(got.scores, uncached.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # direct calls: prefill then one token, against a full forward of all ten tokens
+    cache = fastlayers.LayerSkipCache()
+    model(ids, cache=cache, use_cache=True)
+    assert cache.layer_lengths() == [0, 9, 0, 9, 9]
+    nxt = torch.randint(1, 101, (2, 1))
+    step = model(nxt, cache=cache, use_cache=True).logits[:, -1]
+    full = model(torch.cat([ids, nxt], 1)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    cache.crop_to(7)
+    assert cache.layer_lengths() == [0, 7, 0, 7, 7]

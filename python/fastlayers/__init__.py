@@ -39,6 +39,7 @@ from fastlayers.patch import PatchReport, patch_model, unpatch_model
 from fastlayers.quantize import QuantizeConfig, QuantizeReport, quantize_
 from fastlayers.skip_plan import (
     LayerPlan,
+    LayerSkipCache,
     SkipPlan,
     apply_skip_plan,
     remove_skip_plan,
@@ -81,6 +82,7 @@ __all__ = [
     "PatchReport",
     "SkipPlan",
     "LayerPlan",
+    "LayerSkipCache",
     "apply_skip_plan",
     "remove_skip_plan",
     "self_speculative_generate",

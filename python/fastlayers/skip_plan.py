@@ -205,17 +205,14 @@ def _planned_forward(layer, plan: LayerPlan, runs_attn: bool, runs_ffn: bool):
 def apply_skip_plan(model, plan: SkipPlan):
     """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
     ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
-    no KV cache. Layer 0's attention must run (Hugging Face caches measure the sequence length on
-    layer 0). :func:`remove_skip_plan` restores the model."""
+    no KV cache. When layer 0's attention is skipped, pass a :func:`LayerSkipCache` to calls of
+    ``model(..., cache=...)`` (Hugging Face caches measure the sequence length on layer 0;
+    ``generate()`` tracks positions itself). :func:`remove_skip_plan` restores the model."""
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
     layers = _decoder_layers(model)
     if len(layers) != plan.num_layers:
         raise ValueError(f"the plan has {plan.num_layers} layers, the model {len(layers)}")
-    if not plan.runs_attention(0):
-        raise ValueError(
-            "layer 0's attention must run: Hugging Face caches take the sequence length from it"
-        )
     remove_skip_plan(model)
     for i, layer in enumerate(layers):
         layer._fastlayers_forward = layer.forward
@@ -327,3 +324,47 @@ def self_speculative_generate(
         if hits.numel():
             tokens = tokens[:, : int(hits[0]) + 1]
     return torch.cat([input_ids, tokens], 1), stats
+
+
+_layer_skip_cache_class = None
+
+
+def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: needs transformers)
+    """A Hugging Face ``DynamicCache`` for models with skipped attention layers: the sequence
+    length and mask sizes come from the first layer that holds keys (statically skipped layers
+    hold none), so any layer's attention may be skipped, layer 0's included. Also
+    ``layer_lengths()`` and ``crop_to(length)`` (early-exit / speculative rollback)."""
+    global _layer_skip_cache_class
+    if _layer_skip_cache_class is None:
+        from transformers import DynamicCache
+
+        class _LayerSkipCache(DynamicCache):
+            def _reference_layer(self):
+                for layer in self.layers:
+                    keys = getattr(layer, "keys", None)
+                    holds = keys is not None and keys.numel() > 0
+                    if getattr(layer, "is_initialized", False) and holds:
+                        return layer
+                return None
+
+            def get_seq_length(self, layer_idx: int = 0) -> int:
+                layer = self._reference_layer()
+                return 0 if layer is None else layer.get_seq_length()
+
+            def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+                layer = self._reference_layer()
+                return (query_length, 0) if layer is None else layer.get_mask_sizes(query_length)
+
+            def layer_lengths(self) -> list[int]:
+                return [layer.get_seq_length() if getattr(layer, "is_initialized", False) else 0
+                        for layer in self.layers]  # fmt: skip
+
+            def crop_to(self, length: int) -> None:
+                for layer in self.layers:
+                    if getattr(layer, "is_initialized", False):
+                        extra = layer.get_seq_length() - length
+                        if extra > 0:
+                            layer.crop(-extra)
+
+        _layer_skip_cache_class = _LayerSkipCache
+    return _layer_skip_cache_class(*args, **kwargs)
