@@ -139,7 +139,7 @@ void group_tail(const uint8_t* w, int64_t bytes, const float* lut, const float* 
 // low 4 bits of each lane as the index, so the low nibbles index directly and the high ones after a
 // shift.
 template <int R>
-void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+void tile(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
   const Tables& tab = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
   const uint8_t* wrow = p.qweight + col * (p.k / 2);
@@ -147,7 +147,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   float tail[R] = {};
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < groups; ++j) {
     const int64_t k0 = j * p.group_size;
     const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
     const int64_t full = len / kChunk * kChunk;
@@ -171,7 +171,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
   }
   for (int r = 0; r < R; ++r) {
     const float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
-    out[r * p.n] = first ? s : out[r * p.n] + s;
+    out[r * p.n] = s;
   }
 }
 
@@ -181,7 +181,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
 // (vpshufb), two unpacks per nibble set rebuild the 16-bit values and two more place them in the top
 // halves of fp32 lanes: 64 weights in 8 vectors for 28 instructions, 8 of them FMAs per row.
 template <int R>
-void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+void tile(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
   constexpr int A = R == 1 ? 4 : 2;  // accumulators per row: enough independent FMA chains
   const Tables& tab = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
@@ -193,7 +193,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
   for (int r = 0; r < R; ++r)
     for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
   float tail[R] = {};
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < groups; ++j) {
     const int64_t k0 = j * p.group_size;
     const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
     const int64_t full = len / kChunk * kChunk;
@@ -230,20 +230,20 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
     __m256 s = acc[r][0];
     for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[r][a]);
     const float sum = vsum(V{s}) + tail[r];
-    out[r * p.n] = first ? sum : out[r * p.n] + sum;
+    out[r * p.n] = sum;
   }
 }
 
 #else  // scalar
 
 template <int R>
-void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float* xs_base, float* out, bool first) {
+void tile(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
   const uint8_t* wrow = p.qweight + col * (p.k / 2);
   const fp8e4m3_t* srow = p.group_scale + col * groups;
   const Tables& tab = tables();
   float acc[R] = {};
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < groups; ++j) {
     const int64_t k0 = j * p.group_size;
     const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
     const int64_t full = len / kChunk * kChunk;
@@ -263,7 +263,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
       group_tail<R>(wrow + (k0 + full) / 2, (len - full) / 2, lut, xr, acc);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * p.n] = first ? acc[r] : out[r * p.n] + acc[r];
+  for (int r = 0; r < R; ++r) out[r * p.n] = acc[r];
 }
 
 #endif
@@ -271,7 +271,7 @@ void tile(const GemmParams& p, int64_t col, int64_t j0, int64_t j1, const float*
 // Rows [0, rows) of the staged block x channels [c0, c1), over all of K, into out[row * n + col].
 // Channel-major: a channel's weight row (k / 2 bytes) stays in L1 while every row tile reads it, and
 // the weight streams from memory once per staged block, in order.
-void block(const GemmParams& p, int64_t groups, int64_t c0, int64_t c1, int64_t rows, const float* staged,
+void block(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const float* staged,
            float* out) {
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t r = 0; r < rows; r += kRowTile) {
@@ -279,16 +279,16 @@ void block(const GemmParams& p, int64_t groups, int64_t c0, int64_t c1, int64_t 
       float* o = out + r * p.n + c;
       switch (rows - r < kRowTile ? rows - r : kRowTile) {
         case 4:
-          tile<4>(p, c, 0, groups, x, o, true);
+          tile<4>(p, c, x, o);
           break;
         case 3:
-          tile<3>(p, c, 0, groups, x, o, true);
+          tile<3>(p, c, x, o);
           break;
         case 2:
-          tile<2>(p, c, 0, groups, x, o, true);
+          tile<2>(p, c, x, o);
           break;
         default:
-          tile<1>(p, c, 0, groups, x, o, true);
+          tile<1>(p, c, x, o);
       }
     }
   }
@@ -334,7 +334,6 @@ void quantize_rows(const QuantizeParams& p) {
 
 Status gemm(const GemmParams& p) {
   const int64_t stage_rows = p.m < kRowsPerStage ? p.m : kRowsPerStage;
-  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
   float* staged = new float[stage_rows * p.k];
   float* sums = new float[stage_rows * p.n];
   const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
@@ -347,7 +346,7 @@ Status gemm(const GemmParams& p) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) stage_row(p, m0 + r, staged + r * p.k);
       // (implicit barrier: every row is staged before any channel reads it)
-      block(p, groups, c0, c1, rows, staged, sums);
+      block(p, c0, c1, rows, staged, sums);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = c0; c < c1; ++c) store_out(p, m0 + r, c, finish(p, sums[r * p.n + c], m0 + r, c));
       }
