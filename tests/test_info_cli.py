@@ -58,6 +58,12 @@ y.sum().backward()
 assert x.grad is not None and torch.isfinite(x.grad).all()
 q, s = fastlayers.rms_norm_fp8(x.detach(), w)
 assert q.dtype == torch.float8_e4m3fn
+out = torch.full((3, 77), float("nan"))
+assert fastlayers.rms_norm(x.detach(), w, out=out) is out and torch.equal(out, ref.rms_norm(x, w))
+r = torch.randn(3, 77); xi, ri = x.detach().clone(), r.clone()
+fastlayers.fused_add_rms_norm_(xi, ri, w)
+ye, re = ref.fused_add_rms_norm(x.detach(), r, w)
+assert torch.equal(xi, ye) and torch.equal(ri, re)
 print("reference-ok")
 """
 

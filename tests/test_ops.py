@@ -31,6 +31,8 @@ def _opcheck_cases(device):
     yield ops.fused_add_rms_norm_fp8.default, (x, r, w, 1e-6)
     yield ops.rms_norm_backward.default, (r, x, w, 1e-6, 0.0, None)
     yield ops.rms_norm_backward.default, (r, x, w, 1e-6, 1.0, r.clone())
+    yield ops.rms_norm_out.default, (x, w, 1e-6, 0.0, torch.empty_like(x))
+    yield ops.fused_add_rms_norm_inplace.default, (x.clone(), r.clone(), w, 1e-6, 1.0)
 
 
 def test_opcheck(device):

@@ -254,3 +254,150 @@ def test_fp8_conversion_matches_torch(cpu_isa):
     assert mismatch.numel() == 0, (
         f"{mismatch.numel()} codes differ, e.g. w={w[mismatch[:5]].tolist()}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing into the caller's buffers: rms_norm(out=...) and the in-place fused_add_rms_norm_
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hidden", [8, 769, 4096, 5125])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_offset", OFFSETS)
+def test_rms_norm_out(device, hidden, dtype, weight_offset):
+    x, w = _inputs((2, 3), hidden, dtype, device)
+    out = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    y = fastlayers.rms_norm(x, w, 1e-6, weight_offset, out=out)
+    assert y is out
+    # the same kernel as the allocating form, so the same bits
+    assert torch.equal(out, fastlayers.rms_norm(x, w, 1e-6, weight_offset))
+    assert_close_to_oracle(
+        out,
+        ref.rms_norm(x, w, 1e-6, weight_offset),
+        _oracle(ref.rms_norm, x, w, 1e-6, weight_offset),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_out_in_place_and_strided_input(device, dtype):
+    x, w = _inputs((5,), 769, dtype, device)
+    expected = fastlayers.rms_norm(x, w)
+    x_inplace = x.clone()
+    assert fastlayers.rms_norm(x_inplace, w, out=x_inplace) is x_inplace
+    assert torch.equal(x_inplace, expected)
+    wide = rand(5, 2 * 769, dtype=dtype, device=device)
+    strided = wide[:, ::2]  # a strided input still writes a contiguous out
+    out = torch.full((5, 769), float("nan"), dtype=dtype, device=device)
+    fastlayers.rms_norm(strided, w, out=out)
+    assert torch.equal(out, fastlayers.rms_norm(strided.contiguous(), w))
+
+
+@pytest.mark.parametrize("hidden", [111, 4096, 5125])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_offset", OFFSETS)
+def test_fused_add_rms_norm_in_place(device, hidden, dtype, weight_offset):
+    x, w = _inputs((7,), hidden, dtype, device)
+    r = rand(7, hidden, dtype=dtype, device=device)
+    y_alloc, res_alloc = fastlayers.fused_add_rms_norm(x, r, w, 1e-6, weight_offset)
+    xi, ri = x.clone(), r.clone()
+    out = fastlayers.fused_add_rms_norm_(xi, ri, w, 1e-6, weight_offset)
+    assert out[0] is xi and out[1] is ri
+    assert torch.equal(ri, res_alloc) and torch.equal(xi, y_alloc)
+    y_ref, res_ref = ref.fused_add_rms_norm(x, r, w, 1e-6, weight_offset)
+    assert torch.equal(ri, res_ref)  # one rounding of an exact sum: identical
+    assert_close_to_oracle(xi, y_ref, _oracle(ref.rms_norm, res_ref, w, 1e-6, weight_offset))
+
+
+def test_out_variants_reject_bad_buffers(device):
+    x, w = _inputs((4,), 64, torch.float32, device)
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        fastlayers.rms_norm(x, w, out=torch.empty(4, 63, device=device))
+    with pytest.raises(TypeError, match="out must have x's dtype"):
+        fastlayers.rms_norm(x, w, out=torch.empty(4, 64, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        fastlayers.rms_norm(x, w, out=torch.empty(64, 4, device=device).t())
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        fastlayers.rms_norm(x, w, out=[0.0])
+    buf = rand(5, 64, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        fastlayers.rms_norm(buf[:4], w, out=buf[1:])
+    with pytest.raises(ValueError, match="out shares memory with weight"):
+        fastlayers.rms_norm(x[:1], w, out=w.view(1, 64))
+    with pytest.raises(ValueError, match="x shares memory with residual"):
+        fastlayers.fused_add_rms_norm_(buf[:4], buf[1:], w)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        fastlayers.fused_add_rms_norm_(
+            x, rand(4, 128, dtype=torch.float32, device=device)[:, ::2], w
+        )
+    with pytest.raises(ValueError, match="does not support autograd"):
+        fastlayers.rms_norm(x.clone().requires_grad_(), w, out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="does not support autograd"):
+        fastlayers.fused_add_rms_norm_(x.clone(), x.clone(), w.clone().requires_grad_())
+    with torch.no_grad():  # the same call without grad is fine
+        fastlayers.rms_norm(x.clone().requires_grad_(), w, out=torch.empty_like(x))
+
+
+def test_out_variants_compile_without_graph_breaks(device):
+    x, w = _inputs((3,), 769, torch.float32, device)
+    r = rand(3, 769, dtype=torch.float32, device=device)
+
+    def step(x, r, w, out):
+        fastlayers.rms_norm(x, w, out=out)
+        fastlayers.fused_add_rms_norm_(x, r, w)
+        return out + x
+
+    xs, rs, out = x.clone(), r.clone(), torch.empty_like(x)
+    got = torch.compile(step, fullgraph=True)(xs, rs, w, out)
+    y, new_r = fastlayers.fused_add_rms_norm(x, r, w)
+    assert torch.equal(out, fastlayers.rms_norm(x, w))
+    assert torch.equal(xs, y) and torch.equal(rs, new_r)
+    assert torch.equal(got, out + y)
+
+
+def test_bf16_rounding_fast_path_matches_nan_path():
+    """The CPU kernel's NaN-free bf16 roundings are used for rows with a finite sum of squares and a
+    finite weight; a NaN in another row or in the weight switches to the checked roundings. Both
+    must give the reference's bits (round to nearest even). With a bf16 weight the product of two
+    bf16 numbers is exact in fp32 and lands half-way between two bf16 numbers about once in 256
+    elements, so the ties are exercised too."""
+    torch.manual_seed(3)
+    n = 4096
+    x = (torch.randn(6, n) * 3).to(torch.bfloat16)
+    w = torch.randn(n).to(torch.bfloat16)
+    prod = ref.rms_norm(x, torch.ones_like(w)).float() * w.float()  # the fp32 values rounded last
+    assert ((prod.view(torch.int32) & 0xFFFF) == 0x8000).sum() > 20  # ties are present
+    expected = ref.rms_norm(x, w)
+    x_nan = x.clone()
+    x_nan[4, 7] = float("nan")
+    got = fastlayers.rms_norm(x_nan, w)
+    assert torch.equal(got[:4], expected[:4]) and torch.equal(got[5:], expected[5:])
+    assert torch.isnan(got[4]).all()
+    assert torch.equal(fastlayers.rms_norm(x, w), expected)
+    w_inf = w.clone()
+    w_inf[9] = float("inf")
+    torch.testing.assert_close(
+        fastlayers.rms_norm(x, w_inf), ref.rms_norm(x, w_inf), rtol=0, atol=0, equal_nan=True
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_offset", OFFSETS)
+def test_large_outputs_streamed(dtype, weight_offset):
+    """CPU outputs of 16 MiB and more with 64-byte aligned rows are written with non-temporal
+    stores: same values as the reference, with and without out=, in place, and with a NaN row."""
+    rows = (16 << 20) // (4096 * torch.tensor([], dtype=dtype).element_size())
+    x, w = _inputs((rows,), 4096, dtype, "cpu")
+    x[5, 9] = float("nan")
+    expected = ref.rms_norm(x, w, 1e-6, weight_offset)
+    y = fastlayers.rms_norm(x, w, 1e-6, weight_offset)
+    finite = torch.ones(rows, dtype=torch.bool)
+    finite[5] = False
+    assert torch.isnan(y[5]).all()
+    assert_close_to_oracle(
+        y[finite],
+        expected[finite],
+        _oracle(ref.rms_norm, x[finite], w, 1e-6, weight_offset),
+    )
+    out = torch.full_like(x, float("nan"))
+    fastlayers.rms_norm(x, w, 1e-6, weight_offset, out=out)
+    assert torch.equal(out[finite], y[finite])
+    fastlayers.rms_norm(x, w, 1e-6, weight_offset, out=x)  # in place
+    assert torch.equal(x[finite], y[finite])

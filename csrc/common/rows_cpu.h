@@ -49,7 +49,7 @@ void prefetch_row(const T* row, int64_t n) {
 // Non-temporal (streaming) writes for outputs far larger than the cache that nothing reads soon, such
 // as a million-row gradient table: they skip the read-for-ownership of every written line, which
 // otherwise doubles the memory traffic. 16-byte-aligned interior by SSE2 stream stores, the ends
-// by ordinary stores; call stream_fence() before other threads may read the data.
+// by ordinary stores; call stream_fence() (simd_cpu.h) before other threads may read the data.
 [[maybe_unused]] void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: zeros
   int64_t i = 0;
 #if defined(__SSE2__)
@@ -63,12 +63,6 @@ void prefetch_row(const T* row, int64_t n) {
   }
 #endif
   for (; i < n; ++i) dst[i] = src ? src[i] : 0;
-}
-
-[[maybe_unused]] void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
 }
 
 // One online-softmax step for one row of a score block (flash attention): s[lo, hi) becomes

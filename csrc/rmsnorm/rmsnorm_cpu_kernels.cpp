@@ -14,6 +14,15 @@ using fastlayers::rmsnorm::FwdParams;
 
 namespace {
 
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<bf16_t> {
+  static constexpr bool value = true;
+};
+
 // Below this many elements the OpenMP fork/join (a few microseconds) costs more than it saves.
 constexpr int64_t kParallelMinElements = 1 << 15;
 
@@ -46,6 +55,68 @@ float sum_squares(const T* x, int64_t n) {
   return s;
 }
 
+#if defined(FL_HAS_BF16_PAIRS)
+// bf16: two vectors per load and unpack pair (the lane order does not matter to a sum).
+float sum_squares(const bf16_t* x, int64_t n) {
+  V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    V v0, v1, v2, v3;
+    vload_pair(x + i, v0, v1);
+    vload_pair(x + i + 2 * kW, v2, v3);
+    a0 = vfma(v0, v0, a0);
+    a1 = vfma(v1, v1, a1);
+    a2 = vfma(v2, v2, a2);
+    a3 = vfma(v3, v3, a3);
+  }
+  for (; i + kW <= n; i += kW) {
+    const V v = vload(x + i);
+    a0 = vfma(v, v, a0);
+  }
+  float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+  for (; i < n; ++i) {
+    const float f = to_float(x[i]);
+    s += f * f;
+  }
+  return s;
+}
+
+// The Llama order for a bf16 row whose roundings meet no NaN, on unpack-order pairs: wp is the
+// weight with each block of 2*kW permuted to that order (natural order in the tail).
+template <bool kStream>
+void normalize_llama_bf16_pairs(const bf16_t* s, const float* wp, float r, bf16_t* y, int64_t n) {
+  const V vr = vset1(r);
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    V a, b;
+    vload_pair(s + i, a, b);
+    a = vmul(vround_nonan(vmul(a, vr), y), vload(wp + i));
+    b = vmul(vround_nonan(vmul(b, vr), y), vload(wp + i + kW));
+    if constexpr (kStream) {
+      vstream_pair_nonan(y + i, a, b);
+    } else {
+      vstore_pair_nonan(y + i, a, b);
+    }
+  }
+  for (; i + kW <= n; i += kW) vstore(y + i, vmul(vround(vmul(vload(s + i), vr), y), vload(wp + i)));
+  for (; i < n; ++i) store_as(y + i, round_to(to_float(s[i]) * r, y) * wp[i]);
+}
+
+// The fp32 weight in the pairs' order (owned; the caller frees it).
+float* weight_in_pair_order(const float* w, int64_t n) {
+  float* wp = new float[n];
+  int64_t i = 0;
+  for (; i + 2 * kW <= n; i += 2 * kW) {
+    for (int k = 0; k < kW; ++k) {
+      wp[i + k] = w[i + pair_natural_index(k, false)];
+      wp[i + kW + k] = w[i + pair_natural_index(k, true)];
+    }
+  }
+  for (; i < n; ++i) wp[i] = w[i];
+  return wp;
+}
+#endif
+
 // out = round(x + res); returns the sum of squares of the rounded sum (what the unfused model sees).
 template <typename T>
 float add_store_sum_squares(const T* x, const T* res, T* out, int64_t n) {
@@ -69,27 +140,54 @@ float add_store_sum_squares(const T* x, const T* res, T* out, int64_t n) {
 }
 
 // Llama / HF order: normalise in fp32, round to the storage dtype, then multiply by the weight.
-template <typename T, typename W>
+// kNoNaN: the row's sum of squares and the weight are finite, so neither rounding can meet a NaN and
+// the cheaper roundings apply (bf16: a third fewer instructions; the results are identical).
+// kStream: non-temporal stores (y and the row length aligned to kStreamAlign).
+template <bool kNoNaN, bool kStream, typename T, typename W>
 void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n) {
   const V vr = vset1(r);
   int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {  // two independent chains: the roundings are long
-    const V a = vmul(vround(vmul(vload(s + i), vr), y), vload(w + i));
-    const V b = vmul(vround(vmul(vload(s + i + kW), vr), y), vload(w + i + kW));
-    vstore(y + i, a);
-    vstore(y + i + kW, b);
+  if constexpr (kNoNaN) {
+    for (; i + 2 * kW <= n; i += 2 * kW) {  // two independent chains: the roundings are long
+      const V a = vmul(vround_nonan(vmul(vload(s + i), vr), y), vload(w + i));
+      const V b = vmul(vround_nonan(vmul(vload(s + i + kW), vr), y), vload(w + i + kW));
+      if constexpr (kStream) {
+        vstream_nonan(y + i, a);
+        vstream_nonan(y + i + kW, b);
+      } else {
+        vstore_nonan(y + i, a);
+        vstore_nonan(y + i + kW, b);
+      }
+    }
+  } else {
+    for (; i + 2 * kW <= n; i += 2 * kW) {
+      const V a = vmul(vround(vmul(vload(s + i), vr), y), vload(w + i));
+      const V b = vmul(vround(vmul(vload(s + i + kW), vr), y), vload(w + i + kW));
+      if constexpr (kStream) {
+        vstream(y + i, a);
+        vstream(y + i + kW, b);
+      } else {
+        vstore(y + i, a);
+        vstore(y + i + kW, b);
+      }
+    }
   }
   for (; i + kW <= n; i += kW) vstore(y + i, vmul(vround(vmul(vload(s + i), vr), y), vload(w + i)));
   for (; i < n; ++i) store_as(y + i, round_to(to_float(s[i]) * r, y) * to_float(w[i]));
 }
 
 // Gemma order: (s * r) * (offset + w) entirely in fp32, one rounding at the end.
-template <typename T, typename W>
+template <bool kStream, typename T, typename W>
 void normalize_offset(const T* s, const W* w, float r, float offset, T* y, int64_t n) {
   const V vr = vset1(r), voff = vset1(offset);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    vstore(y + i, vmul(vmul(vload(s + i), vr), vadd(voff, vload(w + i))));
+    const V v = vmul(vmul(vload(s + i), vr), vadd(voff, vload(w + i)));
+    if constexpr (kStream) {
+      vstream(y + i, v);
+    } else {
+      vstore(y + i, v);
+    }
   }
   for (; i < n; ++i) store_as(y + i, (to_float(s[i]) * r) * (offset + to_float(w[i])));
 }
@@ -117,51 +215,114 @@ void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, in
   for (; i < n; ++i) y[i] = to_fp8e4m3(((to_float(s[i]) * r) * to_float(w[i])) / scale);
 }
 
-// The weight as fp32: converted once per call instead of once per row.
+// The weight as fp32: converted once per call instead of once per row; `finite` when no element is
+// NaN or inf (enables the NaN-free roundings).
 struct Fp32Weight {
   const float* data;
   float* owned;
+  bool finite;
   template <typename W>
-  Fp32Weight(const W* w, int64_t n) : data(nullptr), owned(new float[n]) {
+  Fp32Weight(const W* w, int64_t n) : data(nullptr), owned(new float[n]), finite(true) {
     for (int64_t i = 0; i < n; ++i) owned[i] = to_float(w[i]);
     data = owned;
+    finite = all_finite(data, n);
   }
-  explicit Fp32Weight(const float* w, int64_t) : data(w), owned(nullptr) {}
+  explicit Fp32Weight(const float* w, int64_t n) : data(w), owned(nullptr), finite(all_finite(w, n)) {}
   ~Fp32Weight() { delete[] owned; }
   Fp32Weight(const Fp32Weight&) = delete;
   Fp32Weight& operator=(const Fp32Weight&) = delete;
+
+  static bool all_finite(const float* w, int64_t n) {  // integer form: the compiler vectorises it
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u;
+      __builtin_memcpy(&u, w + i, sizeof(u));
+      bad |= (u & 0x7F800000u) == 0x7F800000u ? 1u : 0u;
+    }
+    return bad == 0;
+  }
 };
+
+// Outputs at least this large are written with non-temporal stores: they cannot stay in the last-level
+// cache for the next op anyway, and skipping the read-for-ownership of each destination line cuts
+// the memory traffic of a read-once write-once pass by a third.
+constexpr int64_t kStreamMinBytes = 16 << 20;
+
+template <bool kStream, typename T, typename W>
+void forward_row(const FwdParams& p, const Fp32Weight& weight, const float* w_pairs, int64_t row) {
+  const int64_t n = p.cols;
+  const float* w = weight.data;
+  const T* s = static_cast<const T*>(p.x) + row * p.x_row_stride;
+  float ss;
+  if (p.residual != nullptr) {
+    T* res_out = static_cast<T*>(p.residual_out) + row * n;
+    ss = add_store_sum_squares(s, static_cast<const T*>(p.residual) + row * p.residual_row_stride,
+                               res_out, n);
+    s = res_out;  // normalise the rounded sum, re-read from L1
+  } else {
+    ss = sum_squares(s, n);
+  }
+  const float r = rstd_of(ss, n, p.eps);
+  if (p.y_dtype == DType::kFloat8E4M3) {
+    const float amax = amax_normalized(s, w, r, n);
+    const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
+    p.y_scale[row] = scale;
+    quantize_fp8(s, w, r, scale, static_cast<fp8e4m3_t*>(p.y) + row * n, n);
+    return;
+  }
+  T* y = static_cast<T*>(p.y) + row * n;
+  if (p.weight_offset != 0.0f) {
+    normalize_offset<kStream>(s, w, r, p.weight_offset, y, n);
+    return;
+  }
+  const bool row_finite = ss - ss == 0.0f;
+#if defined(FL_HAS_BF16_PAIRS)
+  if constexpr (IsBf16<T>::value) {
+    if (w_pairs != nullptr && row_finite) {
+      normalize_llama_bf16_pairs<kStream>(s, w_pairs, r, y, n);
+      return;
+    }
+  }
+#endif
+  (void)w_pairs;
+  if (weight.finite && row_finite) {
+    normalize_llama<true, kStream>(s, w, r, y, n);
+  } else {
+    normalize_llama<false, kStream>(s, w, r, y, n);
+  }
+}
+
+template <bool kStream, typename T, typename W>
+void forward_all_rows(const FwdParams& p, const Fp32Weight& weight, const float* w_pairs) {
+#pragma omp parallel if (p.rows > 1 && p.rows * p.cols >= kParallelMinElements)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t row = 0; row < p.rows; ++row) forward_row<kStream, T, W>(p, weight, w_pairs, row);
+    if constexpr (kStream) stream_fence();  // this thread's streamed rows, before the join
+  }
+}
 
 template <typename T, typename W>
 void forward_rows(const FwdParams& p) {
   const int64_t n = p.cols;
   const Fp32Weight weight(static_cast<const W*>(p.weight), n);
-  const float* w = weight.data;
   const bool fp8 = p.y_dtype == DType::kFloat8E4M3;
-#pragma omp parallel for schedule(static) if (p.rows > 1 && p.rows * n >= kParallelMinElements)
-  for (int64_t row = 0; row < p.rows; ++row) {
-    const T* s = static_cast<const T*>(p.x) + row * p.x_row_stride;
-    float ss;
-    if (p.residual != nullptr) {
-      T* res_out = static_cast<T*>(p.residual_out) + row * n;
-      ss = add_store_sum_squares(s, static_cast<const T*>(p.residual) + row * p.residual_row_stride,
-                                 res_out, n);
-      s = res_out;  // normalise the rounded sum, re-read from L1
-    } else {
-      ss = sum_squares(s, n);
-    }
-    const float r = rstd_of(ss, n, p.eps);
-    if (fp8) {
-      const float amax = amax_normalized(s, w, r, n);
-      const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
-      p.y_scale[row] = scale;
-      quantize_fp8(s, w, r, scale, static_cast<fp8e4m3_t*>(p.y) + row * n, n);
-    } else if (p.weight_offset == 0.0f) {
-      normalize_llama(s, w, r, static_cast<T*>(p.y) + row * n, n);
-    } else {
-      normalize_offset(s, w, r, p.weight_offset, static_cast<T*>(p.y) + row * n, n);
-    }
+  float* w_pairs = nullptr;  // bf16 Llama form without NaN: the weight in the pairs' order
+#if defined(FL_HAS_BF16_PAIRS)
+  if constexpr (IsBf16<T>::value) {
+    if (!fp8 && p.weight_offset == 0.0f && weight.finite) w_pairs = weight_in_pair_order(weight.data, n);
   }
+#endif
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
+  const bool stream = kStreamAlign > 1 && !fp8 && p.rows * row_bytes >= kStreamMinBytes &&
+                      reinterpret_cast<uintptr_t>(p.y) % kStreamAlign == 0 &&
+                      row_bytes % kStreamAlign == 0;
+  if (stream) {
+    forward_all_rows<true, T, W>(p, weight, w_pairs);
+  } else {
+    forward_all_rows<false, T, W>(p, weight, w_pairs);
+  }
+  delete[] w_pairs;
 }
 
 template <typename T, typename W>

@@ -109,6 +109,36 @@ def _cases(shape, dtype, device, with_compile: bool):
         lambda x, dy, w, out: _max_err(out[0], ref.rms_norm_backward(dy, x, w)[0]),
     )
 
+    # Writing into the caller's buffers (last: they overwrite the input sets). The second activation
+    # of a set serves as out: no allocation, whose first-touch page faults cost a CPU caller about
+    # as much as the norm itself.
+    yield (
+        "rms_norm(out=)",
+        lambda x, r, w: fastlayers.rms_norm(x, w, out=r),
+        {"copy_ into out (roofline)": lambda x, r, w: r.copy_(x)},
+        2 * m * n * b,
+        lambda x, r, w, out: _max_err(out, ref.rms_norm(x, w)),
+    )
+
+    def eager_add_norm_(x, r, w):  # what a model without the kernel does in place
+        r.add_(x)
+        x.copy_(torch.nn.functional.rms_norm(r, (n,), w, 1e-6))
+
+    yield (
+        "fused_add_rms_norm_",
+        lambda x, r, w: fastlayers.fused_add_rms_norm_(x, r, w),
+        {"add_ + torch.nn.RMSNorm + copy_": eager_add_norm_},
+        4 * m * n * b,
+        lambda x, r, w, out: _in_place_err(x, r, w),
+    )
+
+
+def _in_place_err(x, r, w) -> float:
+    """fused_add_rms_norm_ on copies (the timed calls have already overwritten x and r)."""
+    xi, ri = x.clone(), r.clone()
+    fastlayers.fused_add_rms_norm_(xi, ri, w)
+    return _max_err(xi, ref.fused_add_rms_norm(x, r, w)[0])
+
 
 def _dequant(q_scale):
     return q_scale[0].float() * q_scale[1]

@@ -19,7 +19,13 @@ from fastlayers.ops.int4_fp8 import (
 )
 from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.ops.peer import peer_experts, peer_retrieve
-from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm, rms_norm_backward, rms_norm_fp8
+from fastlayers.ops.rmsnorm import (
+    fused_add_rms_norm,
+    fused_add_rms_norm_,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_fp8,
+)
 from fastlayers.ops.skip import (
     gather_rows,
     route_threshold,
@@ -31,6 +37,7 @@ from fastlayers.ops.skip import (
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
+    "fused_add_rms_norm_",
     "rms_norm_fp8",
     "rms_norm_backward",
     "ultrafast_ff",

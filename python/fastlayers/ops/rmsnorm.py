@@ -44,6 +44,16 @@ LIB.define(
     " Tensor? grad_residual) -> (Tensor, Tensor)"
 )
 
+# Inference variants that write into the caller's buffers (FlashInfer's ``out=`` and in-place fused
+# add): no allocation per call, which on CPU is a page-fault pass over every fresh output page.
+LIB.define(
+    "rms_norm_out(Tensor x, Tensor weight, float eps, float weight_offset, Tensor(a!) out) -> ()"
+)
+LIB.define(
+    "fused_add_rms_norm_inplace(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps,"
+    " float weight_offset) -> ()"
+)
+
 # CPU dw partials: a fixed number of row chunks, so the result does not depend on the thread count.
 _CPU_DW_CHUNKS = 64
 
@@ -66,6 +76,51 @@ def _check(x, weight, eps, residual=None) -> None:
     check_eps(eps)
     if residual is not None:
         check_like(residual, "residual", x)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + (span + 1) * t.element_size()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory spans intersect (conservative for strided ones)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_written(t, name: str, x: torch.Tensor) -> None:
+    """A caller's buffer the kernel writes: x's shape, dtype and device, and contiguous."""
+    check_like(t, name, x)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _check_no_alias(written: dict, inputs: dict, exact_ok: set) -> None:
+    """No written buffer may share memory with an input, except the (written, input) pairs in
+    ``exact_ok`` when they are exactly the same memory (same start and strides): the kernels read
+    each element before the same thread writes it, so that form of in place is safe."""
+    for wname, w in written.items():
+        for iname, t in inputs.items():
+            if (wname, iname) in exact_ok and (w.data_ptr(), w.stride()) == (
+                t.data_ptr(),
+                t.stride(),
+            ):
+                continue
+            if _overlaps(w, t):
+                how = " other than exactly (in place)" if (wname, iname) in exact_ok else ""
+                raise ValueError(f"{wname} shares memory with {iname}{how}")
+
+
+def _check_no_grad(name: str, *tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(
+            f"{name} writes into the caller's buffers and does not support autograd, but an input "
+            "requires grad; call it under torch.no_grad() or use the allocating form"
+        )
 
 
 @functools.cache
@@ -122,6 +177,32 @@ def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
     if x.numel() > 0:
         _launch_forward(x, residual, weight, eps, weight_offset, y, new_residual, None)
     return y, new_residual
+
+
+def _rms_norm_out_kernel(x, weight, eps, weight_offset, out):
+    _check(x, weight, eps)
+    _check_written(out, "out", x)
+    _check_no_alias({"out": out}, {"x": x, "weight": weight}, {("out", "x")})
+    if not has_kernel(x.device, "rms_norm"):
+        out.copy_(ref.rms_norm(x, weight, eps, weight_offset))
+    elif x.numel() > 0:
+        _launch_forward(x, None, weight, eps, weight_offset, out, None, None)
+
+
+def _fused_add_rms_norm_inplace_kernel(x, residual, weight, eps, weight_offset):
+    _check(x, weight, eps, residual)
+    _check_written(x, "x", x)
+    _check_written(residual, "residual", x)
+    _check_no_alias({"x": x}, {"residual": residual, "weight": weight}, set())
+    _check_no_alias({"residual": residual}, {"weight": weight}, set())
+    if not has_kernel(x.device, "fused_add_rms_norm"):
+        y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+        x.copy_(y)
+        residual.copy_(new_residual)
+    elif x.numel() > 0:
+        # The kernel reads x and residual at an element, then writes residual_out there; later it
+        # reads residual_out back and writes y: in place is safe element by element.
+        _launch_forward(x, residual, weight, eps, weight_offset, x, residual, None)
 
 
 def _fp8_forward(x, residual, weight, eps):
@@ -190,6 +271,22 @@ _REFERENCES = {
     ),
     "rms_norm_backward": ref.rms_norm_backward,
 }
+
+
+def _rms_norm_out_reference(x, weight, eps, weight_offset, out):
+    out.copy_(ref.rms_norm(x, weight, eps, weight_offset))
+
+
+def _fused_add_rms_norm_inplace_reference(x, residual, weight, eps, weight_offset):
+    y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+    x.copy_(y)
+    residual.copy_(new_residual)
+
+
+_KERNELS["rms_norm_out"] = _rms_norm_out_kernel
+_KERNELS["fused_add_rms_norm_inplace"] = _fused_add_rms_norm_inplace_kernel
+_REFERENCES["rms_norm_out"] = _rms_norm_out_reference
+_REFERENCES["fused_add_rms_norm_inplace"] = _fused_add_rms_norm_inplace_reference
 for _name, _fn in _KERNELS.items():
     LIB.impl(_name, _fn, "CPU")
     LIB.impl(_name, _fn, "CUDA")
@@ -230,6 +327,19 @@ def _rms_norm_fp8_fake(x, weight, eps):
 @torch.library.register_fake("fastlayers::fused_add_rms_norm_fp8", lib=LIB)
 def _fused_add_rms_norm_fp8_fake(x, residual, weight, eps):
     return _fp8_fake(x, residual, weight, eps)
+
+
+@torch.library.register_fake("fastlayers::rms_norm_out", lib=LIB)
+def _rms_norm_out_fake(x, weight, eps, weight_offset, out):
+    _check(x, weight, eps)
+    _check_written(out, "out", x)
+
+
+@torch.library.register_fake("fastlayers::fused_add_rms_norm_inplace", lib=LIB)
+def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps, weight_offset):
+    _check(x, weight, eps, residual)
+    _check_written(x, "x", x)
+    _check_written(residual, "residual", x)
 
 
 @torch.library.register_fake("fastlayers::rms_norm_backward", lib=LIB)
@@ -282,7 +392,12 @@ torch.library.register_autograd(
 # Public API
 # ----------------------------------------------------------------------------------------------
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, weight_offset: float = 0.0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Root-mean-square normalisation over the last dimension.
 
@@ -298,14 +413,28 @@ def rms_norm(
         0 for the Llama form ``w * round(x * r)``; 1.0 for the Gemma form ``x * r * (1 + w)``
         computed in fp32.
 
+    out : torch.Tensor, optional
+        Write the result here instead of allocating: x's shape and dtype, contiguous, on x's
+        device; it may be ``x`` itself (in place) but may not otherwise share memory with ``x``
+        or ``weight``. Inference only (no autograd).
+
     Returns
     -------
     torch.Tensor
-        ``[..., hidden]`` in x's dtype, contiguous. Differentiable w.r.t. ``x`` and ``weight``.
+        ``[..., hidden]`` in x's dtype, contiguous (``out`` when given). Differentiable w.r.t.
+        ``x`` and ``weight`` (without ``out``).
     """
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     check_eps(eps)
+    if out is not None:
+        check_tensor(out, "out")
+        _check_no_grad("rms_norm(out=...)", x, weight, out)
+        if direct_call_ok(x, weight, out):
+            _rms_norm_out_kernel(x, weight, float(eps), float(weight_offset), out)
+        else:
+            torch.ops.fastlayers.rms_norm_out(x, weight, float(eps), float(weight_offset), out)
+        return out
     if direct_call_ok(x, weight):
         return _rms_norm_kernel(x, weight, float(eps), float(weight_offset))
     return torch.ops.fastlayers.rms_norm(x, weight, float(eps), float(weight_offset))
@@ -333,6 +462,33 @@ def fused_add_rms_norm(
     return torch.ops.fastlayers.fused_add_rms_norm(
         x, residual, weight, float(eps), float(weight_offset)
     )
+
+
+def fused_add_rms_norm_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place :func:`fused_add_rms_norm` (the FlashInfer / vLLM calling convention):
+    ``residual`` becomes ``x + residual`` (rounded to x's dtype) and ``x`` becomes its RMSNorm.
+
+    Both must be contiguous, of the same shape, dtype and device, and may not share memory with
+    each other or with ``weight``. Inference only (no autograd). Returns ``(x, residual)``.
+    """
+    check_tensor(x, "x")
+    check_tensor(residual, "residual")
+    check_tensor(weight, "weight")
+    check_eps(eps)
+    _check_no_grad("fused_add_rms_norm_", x, residual, weight)
+    if direct_call_ok(x, residual, weight):
+        _fused_add_rms_norm_inplace_kernel(x, residual, weight, float(eps), float(weight_offset))
+    else:
+        torch.ops.fastlayers.fused_add_rms_norm_inplace(
+            x, residual, weight, float(eps), float(weight_offset)
+        )
+    return x, residual
 
 
 def rms_norm_fp8(
