@@ -143,3 +143,77 @@ def test_from_fastfeedforward_is_exact():
         fastlayers.FastFeedForward.from_fastfeedforward(
             fff_pkg.FFF(8, 2, 4, 1, activation=torch.nn.Tanh())
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The inference route of UltraFastFeedForward (grad mode off, CPU): y only, weights validated once
+# ----------------------------------------------------------------------------------------------
+def _op_y(m, x):
+    return fastlayers.ultrafast_ff(x, m.w_in, m.w_out, m.b_in, m.activation)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "shape,d_out", [((1, 96), 96), ((3, 5, 96), 40), ((96,), 96), ((7, 96), 96)]
+)
+def test_ultrafast_inference_route_equals_the_op(dtype, bias, shape, d_out):
+    torch.manual_seed(0)
+    m = fastlayers.UltraFastFeedForward(96, d_out, depth=5, bias=bias, dtype=dtype).eval()
+    x = torch.randn(shape).to(dtype)
+    with torch.no_grad():
+        y = m(x)
+        assert m._infer_plan is not None and m._infer_plan.dtype == dtype  # the route was taken
+        assert y.shape == (*shape[:-1], d_out) and y.dtype == dtype
+        assert torch.equal(y, _op_y(m, x))  # the same kernel arithmetic: the same bits
+    with torch.inference_mode():
+        assert torch.equal(m(x), y)
+    y_grad_mode = m(x)  # grad mode on: the op's route, differentiable
+    assert y_grad_mode.requires_grad and torch.equal(y_grad_mode.detach(), y)
+
+
+def test_ultrafast_inference_route_strided_input_and_poisoned_output():
+    m = fastlayers.UltraFastFeedForward(64, 64, depth=4).eval()
+    wide = torch.randn(6, 128)
+    x = wide[:, ::2]  # not contiguous
+    fastlayers.ops.set_poison_outputs(True)
+    try:
+        with torch.no_grad():
+            y, y1 = m(x), m(x[:1].contiguous())
+    finally:
+        fastlayers.ops.set_poison_outputs(False)
+    assert torch.isfinite(y).all() and torch.isfinite(y1).all()
+    assert torch.equal(y, _op_y(m, x.contiguous())) and torch.equal(y1, y[:1])
+
+
+def test_ultrafast_inference_route_follows_weight_changes():
+    torch.manual_seed(1)
+    m = fastlayers.UltraFastFeedForward(32, 32, depth=3).eval()
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        first = m(x)
+        m.w_out.mul_(2.0)  # in place: same memory, the kernel reads the new values
+        assert torch.equal(m(x), _op_y(m, x)) and not torch.equal(m(x), first)
+        plan = m._infer_plan
+        m.w_in.data = torch.randn(15, 32)  # new memory: a new plan
+        assert torch.equal(m(x), _op_y(m, x)) and m._infer_plan is not plan
+        m.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        assert torch.equal(m(xb), _op_y(m, xb)) and m._infer_plan.dtype == torch.bfloat16
+        with pytest.raises(
+            TypeError, match="dtype"
+        ):  # a float32 x no longer matches: the op's error
+            m(x)
+        m.w_in.data = torch.randn(15, 32)  # float32 w_in in a bfloat16 module: not eligible
+        with pytest.raises(TypeError, match="w_out"):  # the op's route and its error
+            m(torch.randn(2, 32))
+        assert m._infer_plan.dtype is None
+
+
+def test_ultrafast_inference_route_under_compile():
+    m = fastlayers.UltraFastFeedForward(48, 48, depth=3).eval()
+    x = torch.randn(4, 48)
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

@@ -23,9 +23,11 @@ Status validate(const UltraFwdParams& p) {
     return Status::invalid("ultrafast_ff: need tokens >= 0 and positive feature sizes");
   }
   if (p.levels < 1 || p.levels > 31) return Status::invalid("ultrafast_ff: need 1 <= depth + 1 <= 31");
-  if (p.tokens > 0 && (p.x == nullptr || p.w_in == nullptr || p.w_out == nullptr || p.y == nullptr ||
-                       p.path == nullptr || p.preact == nullptr)) {
-    return Status::invalid("ultrafast_ff: null x, w_in, w_out, y, path or preact");
+  if (p.tokens > 0 && (p.x == nullptr || p.w_in == nullptr || p.w_out == nullptr || p.y == nullptr)) {
+    return Status::invalid("ultrafast_ff: null x, w_in, w_out or y");
+  }
+  if ((p.path == nullptr) != (p.preact == nullptr)) {
+    return Status::invalid("ultrafast_ff: path and preact are both given or both null");
   }
   if (p.tokens > 1 && p.x_row_stride < p.in_features) return Status::invalid("ultrafast_ff: x rows overlap");
   return Status::ok();

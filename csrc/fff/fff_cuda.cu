@@ -211,6 +211,7 @@ constexpr int64_t kMaxCudaLeafWidth = 48 * 1024 / (kWarps * 4);
 Status ultra_forward_cuda(const UltraFwdParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
+  if (p.path == nullptr) return Status::invalid("ultrafast_ff (CUDA): path and preact are required");
   return by_dtype<UltraForward>(p, static_cast<cudaStream_t>(stream));
 }
 

@@ -150,6 +150,20 @@ _has_mode_apis = all(
 )
 
 
+def no_dispatch_modes() -> bool:
+    """Eager and nothing intercepting calls (no compile or trace, dispatch or function modes,
+    functorch transforms): the part of :func:`direct_call_ok` that does not look at tensors."""
+    return (
+        _has_mode_apis
+        and not torch.compiler.is_compiling()
+        and not (
+            _C_API._len_torch_dispatch_stack()
+            or _C_API._is_torch_function_mode_enabled()
+            or _C_API._are_functorch_transforms_active()
+        )
+    )
+
+
 def direct_call_ok(*tensors) -> bool:
     """True when the dispatcher would do nothing but call our CPU/CUDA implementation: eager (not
     compiling or tracing), no autograd needed, plain tensors, no dispatch/function modes, no

@@ -19,6 +19,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    poison_outputs_enabled,
     ptr,
     row_stride,
     rows_view,
@@ -141,6 +142,81 @@ def _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation):
                 stream_of(x.device),
             )  # fmt: skip
     return y, path, preact
+
+
+class UltraInferPlan:
+    """Validated weights of an UltraFastFeedForward for :func:`ultrafast_ff_infer`: built once per
+    weight version (the module keys it on the weights' data pointers, versions and dtypes), so a
+    batch-1 call checks only ``x``."""
+
+    __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes")
+
+    def __init__(self, key, w_in, b_in, w_out, activation: str) -> None:
+        self.key = key
+        self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
+        if not _ext.has_cpu_kernels() or activation not in ACTIVATIONS:
+            return
+        if w_in.dim() != 2 or w_out.dim() != 2:
+            return
+        nodes, d_in = w_in.shape
+        if nodes & (nodes + 1) or nodes >= 1 << 31 or w_out.shape[0] != nodes or w_out.shape[1] < 1:
+            return
+        dtype = w_in.dtype
+        if dtype not in _FLOAT_KERNEL_DTYPES:
+            return
+        for t in (w_in, w_out) if b_in is None else (w_in, w_out, b_in):
+            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+                return
+        if b_in is not None and tuple(b_in.shape) != (nodes,):
+            return
+        self.dtype, self.d_in, self.d_out, self.levels = (
+            dtype,
+            d_in,
+            w_out.shape[1],
+            nodes.bit_length(),
+        )
+        self.args = (w_in.data_ptr(), ptr(b_in), w_out.data_ptr())  # fff_ultra_fwd's, in order
+        self.codes = (_dtypes.code(dtype), ACTIVATIONS[activation])
+
+
+def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
+    """``y`` of :func:`ultrafast_ff` by the leanest route, for batch-1 inference on CPU.
+
+    The caller has checked that grad mode is off and that nothing intercepts calls
+    (:func:`~fastlayers.ops._common.no_dispatch_modes`); this checks ``x`` against an eligible
+    ``plan`` (a CPU tensor of the plan's dtype and input size). Computes neither ``path`` nor
+    ``preact`` (the kernel keeps them on the stack). Returns None when a precondition does not hold;
+    the caller then runs the op, which gives the same ``y`` (or the clear error)."""
+    if (
+        plan.dtype is None
+        or type(x) is not torch.Tensor
+        or x.dtype != plan.dtype
+        or not x.is_cpu
+        or x.dim() == 0
+        or x.shape[-1] != plan.d_in
+    ):
+        return None
+    d_in, d_out = plan.d_in, plan.d_out
+    contiguous = x.is_contiguous()
+    x2 = x if contiguous else rows_view(x)
+    rows = x2.numel() // d_in
+    if rows == 0:
+        return None
+    stride = d_in if contiguous else row_stride(x2)
+    if rows == 1 and contiguous and d_out == d_in and not poison_outputs_enabled():
+        y = torch.empty_like(x)  # the cheapest allocation (1 us); small: no huge-page advice
+    else:
+        y = empty((*x.shape[:-1], d_out), plan.dtype, x.device)
+    w_in, b_in, w_out = plan.args
+    dtype_code, activation_code = plan.codes
+    _ext.C.fff_ultra_fwd(
+        0, x2.data_ptr(), stride, w_in, b_in, w_out, y.data_ptr(), 0, 0,
+        rows, d_in, d_out, plan.levels, dtype_code, activation_code, 0,
+    )  # fmt: skip
+    return y
+
+
+_FLOAT_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
 def _node_order(path: torch.Tensor, nodes: int):
