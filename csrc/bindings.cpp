@@ -217,7 +217,8 @@ Status no_cuda_kernel(const Params&, void*) {
 
 void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, std::uintptr_t indices,
                    std::uintptr_t gates, int64_t tokens, int64_t heads, int64_t dim_key,
-                   int64_t num_keys, int64_t keys_padded, int64_t topk, bool relu_gates, int dtype) {
+                   int64_t num_keys, int64_t keys_padded, int64_t topk, bool relu_gates, int dtype,
+                   std::uintptr_t stream) {
   peer::RetrieveParams p;
   p.queries = ptr<const void>(queries);
   p.keys_t = ptr<const float>(keys_t);
@@ -231,7 +232,7 @@ void peer_retrieve(int device, std::uintptr_t queries, std::uintptr_t keys_t, st
   p.topk = topk;
   p.relu_gates = relu_gates;
   p.dtype = static_cast<DType>(dtype);
-  run(device, p, 0, peer::retrieve_cpu, no_cuda_kernel<peer::RetrieveParams>);
+  run(device, p, stream, peer::retrieve_cpu, FL_CUDA_OR_NONE(peer::retrieve_cuda));
 }
 
 void int4_fp8_gemm(int device, std::uintptr_t xq, int64_t x_row_stride, std::uintptr_t xs,
@@ -460,6 +461,16 @@ bool peer_experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs) {
 #endif
 }
 
+bool peer_retrieve_cuda_supported(int64_t tokens, int64_t heads, int64_t dim_key, int64_t num_keys,
+                                  int64_t keys_padded, int64_t topk) {
+#ifdef FASTLAYERS_WITH_CUDA
+  return peer::retrieve_cuda_supported(tokens, heads, dim_key, num_keys, keys_padded, topk);
+#else
+  (void)tokens, (void)heads, (void)dim_key, (void)num_keys, (void)keys_padded, (void)topk;
+  return false;
+#endif
+}
+
 // Asks the kernel to back [addr, addr + nbytes) with transparent huge pages before anything touches
 // it (what torch's THP_MEM_ALLOC_ENABLE does for every allocation). For fresh gradient tables of
 // hundreds of MiB, first-touch page faults on 4 KiB pages cost more than writing the data; 2 MiB
@@ -512,6 +523,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_experts_fwd", &peer_experts_fwd);
   m.def("peer_experts_bwd", &peer_experts_bwd);
   m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
+  m.def("peer_retrieve_cuda_supported", &peer_retrieve_cuda_supported);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);

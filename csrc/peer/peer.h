@@ -87,6 +87,11 @@ Status experts_backward_cpu(const ExpertsBwdParams& p);
 // CUDA (peer_cuda.cu): one CTA per token keeps the token's row and its pairs in shared memory.
 constexpr int64_t kExpertsCudaSmemBytes = 48 * 1024;
 bool experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs);
+// CUDA retrieval (peer_retrieve_cuda.cu): one CTA per (block of tokens, head), score tile in shared
+// memory; supported when one token's tile, lists and query fit in 48 KiB.
+bool retrieve_cuda_supported(int64_t tokens, int64_t heads, int64_t dim_key, int64_t num_keys,
+                             int64_t keys_padded, int64_t topk);
+Status retrieve_cuda(const RetrieveParams& p, void* stream);
 Status experts_forward_cuda(const ExpertsFwdParams& p, void* stream);
 Status experts_backward_cuda(const ExpertsBwdParams& p, void* stream);
 

@@ -47,6 +47,7 @@ CUDA_OPS = frozenset(
         "ultrafast_ff",
         "ultrafast_ff_backward",
         "fff_hard",
+        "peer_retrieve",
         "peer_experts",
         "peer_experts_backward",
         "quantize_fp8_per_token",

@@ -71,16 +71,31 @@ def _check_retrieve(queries, keys, topk, score) -> None:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
+def _retrieve_on_kernel(queries, heads, dim_key, n_keys, padded, topk) -> bool:
+    """CPU always (with _C); CUDA when this build has the kernel and one token's score tile fits
+    its shared memory (else the reference, warned once)."""
+    device = queries.device
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, "peer_retrieve"):
+        return False
+    if device.type == "cuda":
+        tokens = queries.numel() // (heads * dim_key)
+        if not _ext.C.peer_retrieve_cuda_supported(tokens, heads, dim_key, n_keys, padded, topk):
+            _ext.warn_once(
+                "peer_retrieve-cuda-size",
+                f"fastlayers.peer_retrieve: {n_keys} sub-keys, dim_key {dim_key}, topk {topk} "
+                "exceed the CUDA kernel's shared memory; running the PyTorch reference",
+            )
+            return False
+    return True
+
+
 def _peer_retrieve_kernel(queries, keys, topk, score):
     _check_retrieve(queries, keys, topk, score)
-    if queries.device.type != "cpu" or not has_kernel(queries.device, "peer_retrieve"):
-        if queries.device.type == "cuda":
-            _ext.warn_once("peer_retrieve-cuda", "fastlayers.peer_retrieve: no CUDA kernel yet; "
-                           "running the PyTorch reference")  # fmt: skip
-        return ref.peer_retrieve(queries, keys, topk, score)
     heads, _, n_keys, half = keys.shape
-    tile = _ext.C.peer_retrieve_key_tile()
+    tile = _ext.C.peer_retrieve_key_tile() if _ext.C is not None else 32
     padded = -(-n_keys // tile) * tile
+    if not _retrieve_on_kernel(queries, heads, 2 * half, n_keys, padded, topk):
+        return ref.peer_retrieve(queries, keys, topk, score)
     # Sub-keys as fp32 panels [heads, 2, padded / tile, half, tile]: the kernel's lanes run over
     # keys and each panel is one contiguous read.
     keys_t = (
@@ -94,10 +109,12 @@ def _peer_retrieve_kernel(queries, keys, topk, score):
     gates = empty((*queries.shape[:-1], topk), queries.dtype, queries.device)
     tokens = q.numel() // (heads * 2 * half)
     if tokens > 0:
-        _ext.C.peer_retrieve(
-            device_code(q.device), ptr(q), ptr(keys_t), ptr(indices), ptr(gates),
-            tokens, heads, 2 * half, n_keys, padded, topk, score == "relu", _dtypes.code(q.dtype),
-        )  # fmt: skip
+        with device_guard(q.device):
+            _ext.C.peer_retrieve(
+                device_code(q.device), ptr(q), ptr(keys_t), ptr(indices), ptr(gates), tokens,
+                heads, 2 * half, n_keys, padded, topk, score == "relu", _dtypes.code(q.dtype),
+                stream_of(q.device),
+            )  # fmt: skip
     return indices, gates
 
 
