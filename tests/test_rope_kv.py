@@ -198,3 +198,35 @@ def test_int4_kv_decode_strided_query():
     qt = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not qt.is_contiguous()
     torch.testing.assert_close(int4_kv_decode(qt, k, ks, v, vs), int4_kv_decode(q, k, ks, v, vs))
+
+
+@torch.no_grad()
+def test_int4_cache_layer_appends_in_place_with_spare_capacity():
+    """The layer's buffers grow by doubling; appends write in place; crop only moves the length, so
+    the next append overwrites the dropped tokens; the decode path reads the buffers with length."""
+    from fastlayers.quant.rope_kv_hf import _Int4Layer
+
+    torch.manual_seed(0)
+    post = rand(2, 32, dtype=torch.float32, device="cpu").abs() + 0.5
+    layer = _Int4Layer(post, 16)
+    chunks = [torch.randn(1, 2, n, 32) for n in (40, 1, 30, 1, 1)]  # crosses 64 -> 128
+    for c in chunks:
+        layer.update(c, c * 0.5)
+    allk = torch.cat(chunks, -2)
+    kq, ks = quant.quantize_kv_int4(allk.float() * post[None, :, None, :], 16)
+    vq, vs = quant.quantize_kv_int4(allk * 0.5, 16)
+    assert layer.get_seq_length() == 73 and layer.buffers[0].shape[-2] == 128
+    assert torch.equal(layer.kq, kq) and torch.equal(layer.vq, vq)
+    assert torch.equal(layer.ks.view(torch.uint8), ks.view(torch.uint8))
+    assert torch.equal(layer.vs.view(torch.uint8), vs.view(torch.uint8))
+    assert layer.nbytes() < layer.allocated_nbytes() <= 2 * layer.nbytes()
+    buffer = layer.buffers[0]
+    layer.crop(-3)
+    replacement = torch.randn(1, 2, 2, 32)
+    keys, _ = layer.update(replacement[..., :1, :], replacement[..., :1, :])
+    layer.update(replacement[..., 1:, :], replacement[..., 1:, :])
+    assert keys.numel() == 0 and keys._fl_layer is layer  # decode: no dequantized copy
+    assert layer.buffers[0] is buffer and layer.get_seq_length() == 72  # no reallocation
+    expected = torch.cat([allk[..., :70, :], replacement], -2)
+    kq2, _ = quant.quantize_kv_int4(expected.float() * post[None, :, None, :], 16)
+    assert torch.equal(layer.kq, kq2)

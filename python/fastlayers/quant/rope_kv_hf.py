@@ -39,17 +39,50 @@ def _attention_modules(model):
 
 
 class _Int4Layer(CacheLayerMixin):
+    """One layer's INT4 keys and values in buffers with spare capacity along the tokens (doubled
+    when full), so a decode step writes its token in place instead of copying the whole cache
+    (``torch.cat`` per step moves O(context) bytes per layer and token). ``kq``/``ks``/``vq``/``vs``
+    are views of the filled part; the decode kernel reads the buffers with ``length``."""
+
     is_croppable = True
+    _MIN_CAPACITY = 64
 
     def __init__(self, post_scale: torch.Tensor | None, group_size: int):
         super().__init__()
         self.post_scale, self.group_size = post_scale, group_size
-        self.kq = self.ks = self.vq = self.vs = None
+        self.buffers = None  # (kq, ks, vq, vs), each [B, H_kv, capacity, ...]
+        self.length = 0
         self.dtype = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
+
+    def _filled(self, i: int):
+        return None if self.buffers is None else self.buffers[i][..., : self.length, :]
+
+    kq = property(lambda self: self._filled(0))
+    ks = property(lambda self: self._filled(1))
+    vq = property(lambda self: self._filled(2))
+    vs = property(lambda self: self._filled(3))
+
+    def _append(self, parts) -> None:
+        new = parts[0].shape[-2]
+        need = self.length + new
+        if self.buffers is None or need > self.buffers[0].shape[-2]:
+            capacity = max(need, self._MIN_CAPACITY)
+            if self.buffers is not None:
+                capacity = max(capacity, 2 * self.buffers[0].shape[-2])
+            grown = []
+            for i, t in enumerate(parts):
+                buf = t.new_empty((*t.shape[:-2], capacity, t.shape[-1]))
+                if self.length:
+                    buf[..., : self.length, :] = self.buffers[i][..., : self.length, :]
+                grown.append(buf)
+            self.buffers = tuple(grown)
+        for buf, t in zip(self.buffers, parts, strict=True):
+            buf[..., self.length : need, :] = t
+        self.length = need
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -57,18 +90,13 @@ class _Int4Layer(CacheLayerMixin):
         post = None if self.post_scale is None else self.post_scale.to(key_states.device).float()
         kq, ks = kv_quantize(key_states, self.group_size, post)
         vq, vs = kv_quantize(value_states, self.group_size)
-        if self.kq is None:
-            self.kq, self.ks, self.vq, self.vs = kq, ks, vq, vs
-        else:
-            self.kq, self.ks = torch.cat([self.kq, kq], -2), torch.cat([self.ks, ks], -2)
-            self.vq, self.vs = torch.cat([self.vq, vq], -2), torch.cat([self.vs, vs], -2)
+        self._append((kq, ks, vq, vs))
         if key_states.shape[-2] == 1:  # decode: the attention reads the INT4 cache directly
             keys = key_states.new_empty(0)
             values = value_states.new_empty(0)
             keys._fl_layer = values._fl_layer = self
             return keys, values
-        keys = dequantize_kv_int4(self.kq, self.ks, self.dtype)
-        values = dequantize_kv_int4(self.vq, self.vs, self.dtype)
+        keys, values = self.dequantized()
         keys._fl_int4 = values._fl_int4 = True  # already scaled and quantized (see _attention)
         return keys, values
 
@@ -78,7 +106,7 @@ class _Int4Layer(CacheLayerMixin):
         )
 
     def get_seq_length(self) -> int:
-        return 0 if self.kq is None else self.kq.shape[-2]
+        return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -89,20 +117,15 @@ class _Int4Layer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove")
-        n = -tokens_to_remove
-        if n and self.kq is not None:
-            keep = self.kq.shape[-2] - n
-            self.kq, self.ks = self.kq[..., :keep, :], self.ks[..., :keep, :]
-            self.vq, self.vs = self.vq[..., :keep, :], self.vs[..., :keep, :]
+        self.length = max(0, self.length + tokens_to_remove)  # the buffers keep their capacity
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.kq is not None:
-            idx = beam_idx.to(self.kq.device)
-            self.kq, self.ks = self.kq.index_select(0, idx), self.ks.index_select(0, idx)
-            self.vq, self.vs = self.vq.index_select(0, idx), self.vs.index_select(0, idx)
+        if self.buffers is not None:
+            idx = beam_idx.to(self.buffers[0].device)
+            self.buffers = tuple(t.index_select(0, idx) for t in self.buffers)
 
     def reset(self) -> None:
-        self.kq = self.ks = self.vq = self.vs = None
+        self.buffers, self.length = None, 0
 
     def offload(self):  # the quantized tensors stay where they are
         pass
@@ -111,9 +134,16 @@ class _Int4Layer(CacheLayerMixin):
         pass
 
     def nbytes(self) -> int:
-        if self.kq is None:
+        """Bytes of the cached tokens (keys, values, scales)."""
+        if self.buffers is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.kq, self.ks, self.vq, self.vs))
+        return sum(t.element_size() * t[..., 0, :].numel() for t in self.buffers) * self.length
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of the buffers, spare capacity included."""
+        return (
+            0 if self.buffers is None else sum(t.numel() * t.element_size() for t in self.buffers)
+        )
 
 
 class Int4KVCache(Cache):
@@ -132,8 +162,12 @@ class Int4KVCache(Cache):
         return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size)
 
     def nbytes(self) -> int:
-        """Bytes the quantized keys, values and scales occupy."""
+        """Bytes the cached tokens' quantized keys, values and scales occupy."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of the layers' buffers, spare capacity included (at most twice the tokens')."""
+        return sum(layer.allocated_nbytes() for layer in self.layers)
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -147,8 +181,8 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     layer = getattr(key, "_fl_layer", None)
     if layer is not None:  # one new token against the Int4KVCache
         if attention_mask is None or not bool((attention_mask < 0).any()):
-            out, _ = int4_kv_decode(query[:, :, 0], layer.kq, layer.ks, layer.vq, layer.vs,
-                                    scale=scaling)  # fmt: skip
+            kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
+            out, _ = int4_kv_decode(query[:, :, 0], kq, ks, vq, vs, layer.length, scaling)
             return out[:, None], None  # [B, 1, Hq, d]
         key, value = layer.dequantized()  # padded batch: the general path with the mask
     elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
