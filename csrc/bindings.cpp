@@ -379,10 +379,15 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
 
 void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::uintptr_t packed,
                  std::uintptr_t scales, int64_t rows, int64_t d, int64_t group, int64_t tokens,
-                 int64_t heads, int dtype) {
+                 int64_t heads, int dtype, std::uintptr_t cos, std::uintptr_t sin,
+                 int64_t cos_batch_stride, bool interleaved) {
   kvint4::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.post_scale = ptr<const float>(post_scale);
+  p.cos = ptr<const float>(cos);
+  p.sin = ptr<const float>(sin);
+  p.cos_batch_stride = cos_batch_stride;
+  p.interleaved = interleaved;
   p.packed = ptr<uint8_t>(packed);
   p.scales = ptr<fp8e4m3_t>(scales);
   p.rows = rows;

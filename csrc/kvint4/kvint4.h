@@ -25,12 +25,20 @@ struct DecodeParams {
   float scale = 1.0f;
 };
 
-// Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]) times the post-RoPE
-// scale of their head (optional), quantized to INT4 per group of `group` channels with an FP8
-// scale fp8(max|x| / 7) (at least 2^-9), packed two per byte (even channel in the low nibble).
+// Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by
+// RoPE first, times the post-RoPE scale of their head (optional), quantized to INT4 per group of
+// `group` channels with an FP8 scale fp8(max|x| / 7) (at least 2^-9), packed two per byte (even
+// channel in the low nibble). RoPE, with cos/sin given: x_rot[c] = x[c] cos[c] + rot(x)[c] sin[c],
+// rot(x)[c] = -x[c + d/2] / x[c - d/2] (half pairing, Hugging Face rotate_half) or -x[c + 1] /
+// x[c - 1] for even / odd c (interleaved); the products are exact in double and the sum is rounded
+// once to fp32, so the result does not depend on FMA contraction.
 struct QuantizeParams {
   const void* x = nullptr;              // [rows, d] contiguous
   const float* post_scale = nullptr;    // [heads, d] or null
+  const float* cos = nullptr;           // [cos_batch, tokens, d] or null (then sin is null too)
+  const float* sin = nullptr;
+  int64_t cos_batch_stride = 0;         // tokens * d, or 0 when one table serves every batch row
+  bool interleaved = false;             // RoPE pairing: (2i, 2i + 1) instead of (c, c + d/2)
   uint8_t* packed = nullptr;            // [rows, d / 2]
   fp8e4m3_t* scales = nullptr;          // [rows, d / group]
   int64_t rows = 0, d = 0, group = 0, tokens = 1, heads = 1;

@@ -42,6 +42,8 @@ Status quantize_cpu(const QuantizeParams& p) {
   if (p.rows > 0 && (p.x == nullptr || p.packed == nullptr || p.scales == nullptr)) {
     return Status::invalid("kv_quantize: null pointer argument");
   }
+  if ((p.cos == nullptr) != (p.sin == nullptr)) return Status::invalid("kv_quantize: cos and sin go together");
+  if (p.cos_batch_stride < 0) return Status::invalid("kv_quantize: negative cos batch stride");
   if (p.rows == 0) return Status::ok();
   FL_CPU_DISPATCH(kvint4, quantize, p)
 }

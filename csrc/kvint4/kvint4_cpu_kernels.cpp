@@ -150,36 +150,66 @@ void task(const DecodeParams& p, int64_t b, int64_t h, bool chunked, Buffers& w)
   }
 }
 
+// One row as fp32: x, rotated by RoPE when the call has cos/sin (exact products in double, one
+// rounding), times the post-RoPE scale (one more fp32 rounding, as x.float() * s in the reference).
+template <typename T>
+void load_row(const QuantizeParams& p, int64_t r, float* row) {
+  const T* x = static_cast<const T*>(p.x) + r * p.d;
+  const int64_t d = p.d, half = d / 2;
+  if (p.cos != nullptr) {
+    const int64_t t = r % p.tokens, b = r / (p.tokens * p.heads);
+    const float* cs = p.cos + b * p.cos_batch_stride + t * d;
+    const float* sn = p.sin + b * p.cos_batch_stride + t * d;
+    for (int64_t c = 0; c < d; ++c) {
+      double rot;
+      if (p.interleaved) {
+        rot = (c % 2 == 0) ? -static_cast<double>(to_float(x[c + 1])) : to_float(x[c - 1]);
+      } else {
+        rot = c < half ? -static_cast<double>(to_float(x[c + half])) : to_float(x[c - half]);
+      }
+      row[c] = static_cast<float>(static_cast<double>(to_float(x[c])) * cs[c] + rot * sn[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < d; ++c) row[c] = to_float(x[c]);
+  }
+  if (p.post_scale != nullptr) {
+    const float* post = p.post_scale + ((r / p.tokens) % p.heads) * d;
+    for (int64_t c = 0; c < d; ++c) row[c] *= post[c];
+  }
+}
+
 template <typename T>
 void quantize_rows(const QuantizeParams& p) {
   const bool parallel = p.rows * p.d >= (1 << 16);
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const T* x = static_cast<const T*>(p.x) + r * p.d;
-    const float* post = p.post_scale != nullptr ? p.post_scale + ((r / p.tokens) % p.heads) * p.d : nullptr;
-    uint8_t* out = p.packed + r * (p.d / 2);
-    for (int64_t g0 = 0; g0 < p.d; g0 += p.group) {
-      // x * post_scale in fp32 (not rounded back to x's dtype)
-      float amax = 0.0f;
-      for (int64_t c = g0; c < g0 + p.group; ++c) {
-        const float a = __builtin_fabsf(to_float(x[c]) * (post != nullptr ? post[c] : 1.0f));
-        amax = a > amax ? a : amax;
-      }
-      // fp8(max / 7), at least 2^-9: the reference's to_fp8(amax / 7).clamp_min(2^-9)
-      float s8 = to_float(to_fp8e4m3(amax / 7.0f));
-      if (!(s8 >= 0.001953125f)) s8 = 0.001953125f;
-      p.scales[r * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
-      for (int64_t c = g0; c < g0 + p.group; c += 2) {
-        int q[2];
-        for (int e = 0; e < 2; ++e) {
-          const float v = to_float(x[c + e]) * (post != nullptr ? post[c + e] : 1.0f);
-          float qf = __builtin_nearbyintf(v / s8);
-          qf = qf != qf ? 0.0f : (qf < -8.0f ? -8.0f : (qf > 7.0f ? 7.0f : qf));  // (NaN -> 0)
-          q[e] = static_cast<int>(qf) & 15;
+#pragma omp parallel if (parallel)
+  {
+    float* row = new float[p.d];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < p.rows; ++r) {
+      load_row<T>(p, r, row);
+      uint8_t* out = p.packed + r * (p.d / 2);
+      for (int64_t g0 = 0; g0 < p.d; g0 += p.group) {
+        float amax = 0.0f;
+        for (int64_t c = g0; c < g0 + p.group; ++c) {
+          const float a = __builtin_fabsf(row[c]);
+          amax = a > amax ? a : amax;
         }
-        out[c / 2] = static_cast<uint8_t>(q[0] | (q[1] << 4));
+        // fp8(max / 7), at least 2^-9: the reference's to_fp8(amax / 7).clamp_min(2^-9)
+        float s8 = to_float(to_fp8e4m3(amax / 7.0f));
+        if (!(s8 >= 0.001953125f)) s8 = 0.001953125f;
+        p.scales[r * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
+        for (int64_t c = g0; c < g0 + p.group; c += 2) {
+          int q[2];
+          for (int e = 0; e < 2; ++e) {
+            float qf = __builtin_nearbyintf(row[c + e] / s8);
+            qf = qf != qf ? 0.0f : (qf < -8.0f ? -8.0f : (qf > 7.0f ? 7.0f : qf));  // (NaN -> 0)
+            q[e] = static_cast<int>(qf) & 15;
+          }
+          out[c / 2] = static_cast<uint8_t>(q[0] | (q[1] << 4));
+        }
       }
     }
+    delete[] row;
   }
 }
 

@@ -12,6 +12,7 @@ from fastlayers.nn import (
     FastFeedForward,
     Int4Fp8Linear,
     RMSNorm,
+    RopeAwareQuantAttention,
     RoutedSelfAttention,
     UltraFastFeedForward,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
     "RoutedSelfAttention",
+    "RopeAwareQuantAttention",
     "route_topk",
     "route_threshold",
     "varlen_attention",

@@ -4,6 +4,7 @@
 from fastlayers.nn.fff import FastFeedForward, UltraFastFeedForward
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
 from fastlayers.nn.peer import PEER
+from fastlayers.nn.quant_attention import RopeAwareQuantAttention
 from fastlayers.nn.rmsnorm import RMSNorm
 from fastlayers.nn.skip import RoutedSelfAttention
 
@@ -14,4 +15,5 @@ __all__ = [
     "PEER",
     "Int4Fp8Linear",
     "RoutedSelfAttention",
+    "RopeAwareQuantAttention",
 ]

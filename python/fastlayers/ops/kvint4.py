@@ -16,11 +16,14 @@ import torch
 
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
-from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_kv_int4
+from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, dequantize_kv_int4, quantize_kv_int4
 
 FP8 = torch.float8_e4m3fn
 
-LIB.define("kv_quantize(Tensor x, Tensor? post_scale, int group_size) -> (Tensor, Tensor)")
+LIB.define(
+    "kv_quantize(Tensor x, Tensor? post_scale, int group_size, Tensor? cos=None, Tensor? sin=None,"
+    " str pairing='half') -> (Tensor, Tensor)"
+)
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
     " float scale) -> (Tensor, Tensor)"
@@ -117,43 +120,73 @@ def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=N
     return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
 
 
-def _check_kv_quantize(x, post_scale, group_size) -> None:
+def _check_kv_quantize(x, post_scale, group_size, cos=None, sin=None, pairing="half") -> None:
     check_tensor(x, "x")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
         raise ValueError(
             f"x must be float32/float16/bfloat16 [batch, kv_heads, tokens, head_dim], got "
             f"{x.dtype} {tuple(x.shape)}"
         )
-    d = x.shape[-1]
+    b, h, t, d = x.shape
     if group_size <= 0 or group_size % 2 or d % group_size:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got {group_size}")
-    if post_scale is not None and (
-        post_scale.dtype != torch.float32 or tuple(post_scale.shape) != (x.shape[1], d)
-    ):
-        raise ValueError(
-            f"post_scale must be float32 [{x.shape[1]}, {d}], got {post_scale.dtype} "
-            f"{tuple(post_scale.shape)}"
-        )
+    if post_scale is not None:
+        check_tensor(post_scale, "post_scale")
+        if post_scale.dtype != torch.float32 or tuple(post_scale.shape) != (h, d):
+            raise ValueError(
+                f"post_scale must be float32 [{h}, {d}], got {post_scale.dtype} "
+                f"{tuple(post_scale.shape)}"
+            )
+        if post_scale.device != x.device:
+            raise ValueError(f"post_scale is on {post_scale.device} but x is on {x.device}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together")
+    if cos is not None:
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        for tab, name in ((cos, "cos"), (sin, "sin")):
+            check_tensor(tab, name)
+            ok = tab.dim() in (2, 3) and tuple(tab.shape[-2:]) == (t, d)
+            if not ok or (tab.dim() == 3 and tab.shape[0] not in (1, b)):
+                raise ValueError(
+                    f"{name} must be [{t}, {d}] or [{b} or 1, {t}, {d}] (tokens, head_dim), got "
+                    f"{tuple(tab.shape)}"
+                )
+            if not tab.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {tab.dtype}")
+            if tab.device != x.device:
+                raise ValueError(f"{name} is on {tab.device} but x is on {x.device}")
+        if cos.shape != sin.shape:
+            raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must match")
 
 
-def _kv_quantize_reference(x, post_scale, group_size):
-    _check_kv_quantize(x, post_scale, group_size)
+def _kv_quantize_reference(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
+    _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
+    if cos is not None:
+        x = apply_rope(x, cos, sin, pairing)  # fp32
     if post_scale is not None:
         x = x.float() * post_scale[None, :, None, :]  # in fp32, not rounded to x's dtype
     return quantize_kv_int4(x, group_size)
 
 
-def _kv_quantize_kernel(x, post_scale, group_size):
-    _check_kv_quantize(x, post_scale, group_size)
+def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
+    _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
     if x.device.type != "cpu" or not has_kernel(x.device, "kv_quantize"):
-        return _kv_quantize_reference(x, post_scale, group_size)
+        return _kv_quantize_reference(x, post_scale, group_size, cos, sin, pairing)
     b, h, t, d = x.shape
     xc = x.contiguous()
     ps = post_scale.contiguous() if post_scale is not None else None
+    cs = sn = None
+    cos_batch_stride = 0
+    if cos is not None:
+        cs, sn = cos.float().contiguous(), sin.float().contiguous()
+        if cs.dim() == 3 and cs.shape[0] == b and b > 1:
+            cos_batch_stride = t * d
     packed = empty((b, h, t, d // 2), torch.uint8, x.device)
     scales = empty((b, h, t, d // group_size), FP8, x.device)
     _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(ps), ptr(packed), ptr(scales),
-                       b * h * t, d, group_size, t, h, _dtypes.code(x.dtype))  # fmt: skip
+                       b * h * t, d, group_size, t, h, _dtypes.code(x.dtype),
+                       ptr(cs), ptr(sn), cos_batch_stride, pairing == "interleaved")  # fmt: skip
     return packed, scales
 
 
@@ -163,15 +196,18 @@ LIB.impl("kv_quantize", _kv_quantize_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastlayers::kv_quantize", lib=LIB)
-def _kv_quantize_fake(x, post_scale, group_size):
-    _check_kv_quantize(x, post_scale, group_size)
+def _kv_quantize_fake(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
+    _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
     b, h, t, d = x.shape
     return (x.new_empty((b, h, t, d // 2), dtype=torch.uint8),
             x.new_empty((b, h, t, d // group_size), dtype=FP8))  # fmt: skip
 
 
-def kv_quantize(x, group_size: int, post_scale=None):
-    """The INT4 KV cache write: ``x [B, H_kv, T, d]`` times ``post_scale [H_kv, d]`` (fp32,
-    optional) quantized per (token, head, group) -> ``(packed uint8 [B, H_kv, T, d/2], scales
-    float8_e4m3fn [B, H_kv, T, d/g])``, exactly :func:`fastlayers.quant.quantize_kv_int4`."""
-    return torch.ops.fastlayers.kv_quantize(x, post_scale, int(group_size))
+def kv_quantize(x, group_size: int, post_scale=None, cos=None, sin=None, pairing: str = "half"):
+    """The INT4 KV cache write: ``x [B, H_kv, T, d]``, rotated by RoPE when ``cos``/``sin`` are
+    given (``[T, d]`` or ``[B, T, d]``, the Hugging Face ``position_embeddings``; see
+    :func:`fastlayers.quant.apply_rope`), times ``post_scale [H_kv, d]`` (fp32, optional),
+    quantized per (token, head, group) -> ``(packed uint8 [B, H_kv, T, d/2], scales
+    float8_e4m3fn [B, H_kv, T, d/g])``, exactly :func:`fastlayers.quant.quantize_kv_int4` of the
+    rotated and scaled fp32 keys. One pass on CPU; the reference elsewhere."""
+    return torch.ops.fastlayers.kv_quantize(x, post_scale, int(group_size), cos, sin, pairing)

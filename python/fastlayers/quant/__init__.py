@@ -6,13 +6,16 @@ quantization functions are plain PyTorch. The Hugging Face pieces (``Int4KVCache
 ``apply_rope_aware_kv``, ``calibrate_rope_aware_kv``) import ``transformers`` when first used.
 """
 
+from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
+    apply_rope,
     compute_post_rope_scales,
     compute_pre_rope_scales,
     dequantize_kv_int4,
     fold_pre_rope,
     quantize_kv_int4,
     quantize_q_fp8,
+    rotate_pairs,
 )
 
 _HF = ("Int4KVCache", "apply_rope_aware_kv", "calibrate_rope_aware_kv", "remove_rope_aware_kv")
@@ -27,6 +30,9 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Int4KVStore",
+    "apply_rope",
+    "rotate_pairs",
     "compute_pre_rope_scales",
     "compute_post_rope_scales",
     "fold_pre_rope",

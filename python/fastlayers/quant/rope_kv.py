@@ -91,6 +91,32 @@ def fold_pre_rope(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Ten
                 lin.bias.copy_((lin.bias.float() * f).to(lin.bias.dtype))
 
 
+def rotate_pairs(x: torch.Tensor, pairing: str = "half") -> torch.Tensor:
+    """RoPE's partner term: ``"half"`` is Hugging Face's ``rotate_half`` (``[-x2, x1]``),
+    ``"interleaved"`` maps each pair ``(a, b)`` to ``(-b, a)``."""
+    if pairing == "half":
+        h = x.shape[-1] // 2
+        return torch.cat([-x[..., h:], x[..., :h]], -1)
+    if pairing == "interleaved":
+        return torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
+    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+
+
+def _rope_table(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """cos/sin ``[T, d]`` or ``[B, T, d]`` as float64 broadcasting against ``x [B, H, T, d]``."""
+    t = t.double()
+    return t[None, None] if t.dim() == 2 else t[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: str = "half"):
+    """RoPE of ``x [B, H, T, d]`` with ``cos``/``sin`` ``[T, d]`` or ``[B, T, d]`` (the Hugging Face
+    ``position_embeddings`` layout), returned in fp32: the products are exact in float64 and the
+    sum is rounded once, so every backend (and FMA or not) gives the same bits."""
+    xd = x.double()
+    c, s = _rope_table(cos, x), _rope_table(sin, x)
+    return (xd * c + rotate_pairs(xd, pairing) * s).float()
+
+
 def quantize_kv_int4(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., d]`` -> ``(packed uint8 [..., d/2], scales float8_e4m3fn [..., d/g])``."""
     d = x.shape[-1]

@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from fastlayers.ops.kvint4 import int4_kv_decode, kv_quantize
+from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
     compute_pre_rope_scales,
@@ -38,51 +39,21 @@ def _attention_modules(model):
     return [layer.self_attn for layer in _decoder_layers(model)]
 
 
-class _Int4Layer(CacheLayerMixin):
-    """One layer's INT4 keys and values in buffers with spare capacity along the tokens (doubled
-    when full), so a decode step writes its token in place instead of copying the whole cache
-    (``torch.cat`` per step moves O(context) bytes per layer and token). ``kq``/``ks``/``vq``/``vs``
-    are views of the filled part; the decode kernel reads the buffers with ``length``."""
+class _Int4Layer(Int4KVStore, CacheLayerMixin):
+    """One layer of :class:`Int4KVCache`: an :class:`~fastlayers.quant.kv_cache.Int4KVStore` (INT4
+    tokens in buffers with spare capacity, written in place) behind Hugging Face's layer API."""
 
     is_croppable = True
-    _MIN_CAPACITY = 64
 
     def __init__(self, post_scale: torch.Tensor | None, group_size: int):
-        super().__init__()
+        Int4KVStore.__init__(self)
+        CacheLayerMixin.__init__(self)
         self.post_scale, self.group_size = post_scale, group_size
-        self.buffers = None  # (kq, ks, vq, vs), each [B, H_kv, capacity, ...]
-        self.length = 0
         self.dtype = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
-
-    def _filled(self, i: int):
-        return None if self.buffers is None else self.buffers[i][..., : self.length, :]
-
-    kq = property(lambda self: self._filled(0))
-    ks = property(lambda self: self._filled(1))
-    vq = property(lambda self: self._filled(2))
-    vs = property(lambda self: self._filled(3))
-
-    def _append(self, parts) -> None:
-        new = parts[0].shape[-2]
-        need = self.length + new
-        if self.buffers is None or need > self.buffers[0].shape[-2]:
-            capacity = max(need, self._MIN_CAPACITY)
-            if self.buffers is not None:
-                capacity = max(capacity, 2 * self.buffers[0].shape[-2])
-            grown = []
-            for i, t in enumerate(parts):
-                buf = t.new_empty((*t.shape[:-2], capacity, t.shape[-1]))
-                if self.length:
-                    buf[..., : self.length, :] = self.buffers[i][..., : self.length, :]
-                grown.append(buf)
-            self.buffers = tuple(grown)
-        for buf, t in zip(self.buffers, parts, strict=True):
-            buf[..., self.length : need, :] = t
-        self.length = need
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -90,20 +61,15 @@ class _Int4Layer(CacheLayerMixin):
         post = None if self.post_scale is None else self.post_scale.to(key_states.device).float()
         kq, ks = kv_quantize(key_states, self.group_size, post)
         vq, vs = kv_quantize(value_states, self.group_size)
-        self._append((kq, ks, vq, vs))
+        self.append(kq, ks, vq, vs)
         if key_states.shape[-2] == 1:  # decode: the attention reads the INT4 cache directly
             keys = key_states.new_empty(0)
             values = value_states.new_empty(0)
             keys._fl_layer = values._fl_layer = self
             return keys, values
-        keys, values = self.dequantized()
+        keys, values = self.dequantized(self.dtype)
         keys._fl_int4 = values._fl_int4 = True  # already scaled and quantized (see _attention)
         return keys, values
-
-    def dequantized(self):
-        return dequantize_kv_int4(self.kq, self.ks, self.dtype), dequantize_kv_int4(
-            self.vq, self.vs, self.dtype
-        )
 
     def get_seq_length(self) -> int:
         return self.length
@@ -117,33 +83,19 @@ class _Int4Layer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove")
-        self.length = max(0, self.length + tokens_to_remove)  # the buffers keep their capacity
+        self.truncate(max(0, self.length + tokens_to_remove))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.buffers is not None:
-            idx = beam_idx.to(self.buffers[0].device)
-            self.buffers = tuple(t.index_select(0, idx) for t in self.buffers)
+        self.reorder(beam_idx)
 
     def reset(self) -> None:
-        self.buffers, self.length = None, 0
+        self.clear()
 
     def offload(self):  # the quantized tensors stay where they are
         pass
 
     def prefetch(self):
         pass
-
-    def nbytes(self) -> int:
-        """Bytes of the cached tokens (keys, values, scales)."""
-        if self.buffers is None:
-            return 0
-        return sum(t.element_size() * t[..., 0, :].numel() for t in self.buffers) * self.length
-
-    def allocated_nbytes(self) -> int:
-        """Bytes of the buffers, spare capacity included."""
-        return (
-            0 if self.buffers is None else sum(t.numel() * t.element_size() for t in self.buffers)
-        )
 
 
 class Int4KVCache(Cache):
@@ -184,7 +136,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
             out, _ = int4_kv_decode(query[:, :, 0], kq, ks, vq, vs, layer.length, scaling)
             return out[:, None], None  # [B, 1, Hq, d]
-        key, value = layer.dequantized()  # padded batch: the general path with the mask
+        key, value = layer.dequantized(layer.dtype)  # padded batch: the general path, masked
     elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
         if k_post is not None:
             key = key * k_post.to(key.device)[None, :, None, :]

@@ -1,0 +1,174 @@
+# SPDX-License-Identifier: Apache-2.0
+"""FireQ's RoPE-aware quantized attention core for Llama-style blocks (issue: RoPE-aware KV).
+
+``RopeAwareQuantAttention`` takes the projected, not yet rotated ``q``, ``k``, ``v`` of a block and
+the rotary tables, and does RoPE, the post-RoPE key scale (its inverse on the queries), FP8 queries,
+INT4 keys and values written to an :class:`~fastlayers.quant.Int4KVStore`, and attention. The
+projections, the pre-RoPE scales (folded into ``W_q``/``W_k`` by
+:func:`fastlayers.quant.fold_pre_rope`) and the output projection stay in the caller's block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlayers.ops.kvint4 import _kv_quantize_reference, int4_kv_decode, kv_quantize
+from fastlayers.ops.kvint4 import _reference as _decode_reference
+from fastlayers.quant.kv_cache import Int4KVStore
+from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, quantize_q_fp8
+
+
+def _check_positive(**kw) -> None:
+    for name, v in kw.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+class RopeAwareQuantAttention(torch.nn.Module):
+    """``forward(q, k, v, cos, sin, cache=None) -> out``.
+
+    * ``q [B, H_q, T, d]``, ``k``/``v`` ``[B, H_kv, T, d]``: projected, before RoPE (Hugging Face's
+      layout after ``view(...).transpose(1, 2)``); fp32, fp16 or bf16.
+    * ``cos``/``sin`` ``[T, d]`` or ``[B, T, d]``: the rotary tables of the new tokens' positions
+      (Hugging Face's ``position_embeddings``); ``pairing`` ``"half"`` (``rotate_half``) or
+      ``"interleaved"``.
+    * ``cache``: an :class:`~fastlayers.quant.Int4KVStore` (from :meth:`new_cache`) holding this
+      layer's earlier tokens; the new ones are appended. Without it the call attends within ``q``'s
+      own tokens. Attention is causal: new token ``i`` sees the cached tokens and new tokens up to
+      ``i``.
+
+    The computation (the reference, :meth:`forward_reference`, is the specification): RoPE in fp32
+    (exact products, one rounding: :func:`fastlayers.quant.apply_rope`); keys times ``post_scale
+    [H_kv, d]`` and queries divided by it (repeated over the GQA group); queries through FP8 per
+    (token, head) when ``q_fp8``; keys and values to INT4 per (token, kv head, ``group_size``
+    channels) with FP8 scales; softmax attention in fp32 over the dequantized cache, scaled by
+    ``scale`` (default ``d ** -0.5``). Output ``[B, H_q, T, d]`` in ``q``'s dtype.
+
+    Kernels: the key cache write is one CPU pass (RoPE, scale, quantize, pack:
+    :func:`fastlayers.ops.kv_quantize` with ``cos``/``sin``); a single new token attends with the
+    INT4 decode kernel, which reads the cache without dequantizing it to memory. Prefill (several
+    new tokens) dequantizes the cache and runs the attention in PyTorch (fp32).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        group_size: int | None = None,
+        post_scale: torch.Tensor | None = None,
+        pairing: str = "half",
+        q_fp8: bool = True,
+        scale: float | None = None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        _check_positive(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")  # fmt: skip
+        group_size = head_dim if group_size is None else group_size
+        _check_positive(group_size=group_size)
+        if head_dim % 2 or group_size % 2 or head_dim % group_size:
+            raise ValueError(
+                f"head_dim ({head_dim}) must be even and a multiple of an even group_size "
+                f"({group_size})"
+            )
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if post_scale is None:
+            post_scale = torch.ones(num_kv_heads, head_dim, device=device)
+        elif tuple(post_scale.shape) != (num_kv_heads, head_dim):
+            raise ValueError(
+                f"post_scale must be [{num_kv_heads}, {head_dim}], got {tuple(post_scale.shape)}"
+            )
+        elif not bool((post_scale > 0).all()) or not bool(torch.isfinite(post_scale).all()):
+            raise ValueError("post_scale must be positive and finite")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group_size, self.pairing, self.q_fp8 = group_size, pairing, q_fp8
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.register_buffer("post_scale", post_scale.detach().float().clone())
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, group_size={self.group_size}, pairing={self.pairing!r}, "
+            f"q_fp8={self.q_fp8}"
+        )
+
+    @staticmethod
+    def new_cache() -> Int4KVStore:
+        return Int4KVStore()
+
+    # ------------------------------------------------------------------------------------------
+    def _check(self, q, k, v, cos, sin, cache) -> None:
+        for t, name in ((q, "q"), (k, "k"), (v, "v"), (cos, "cos"), (sin, "sin")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+        d = self.head_dim
+        if q.dim() != 4 or q.shape[1] != self.num_heads or q.shape[3] != d:
+            raise ValueError(
+                f"q must be [batch, {self.num_heads}, tokens, {d}], got {tuple(q.shape)}"
+            )
+        b, _, t, _ = q.shape
+        want = (b, self.num_kv_heads, t, d)
+        for x, name in ((k, "k"), (v, "v")):
+            if tuple(x.shape) != want:
+                raise ValueError(f"{name} must be {list(want)}, got {tuple(x.shape)}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device})")
+        if cache is not None and not isinstance(cache, Int4KVStore):
+            raise TypeError(f"cache must be an Int4KVStore or None, got {type(cache).__name__}")
+
+    def _queries(self, q, cos, sin) -> torch.Tensor:
+        """RoPE, divided by the keys' post-RoPE scale, through FP8: fp32 [B, Hq, T, d]."""
+        group = self.num_heads // self.num_kv_heads
+        inv = (1.0 / self.post_scale).repeat_interleave(group, dim=0).to(q.device)
+        qs = apply_rope(q, cos, sin, self.pairing) * inv[None, :, None, :]
+        return quantize_q_fp8(qs) if self.q_fp8 else qs
+
+    def _attend(self, qs, store: Int4KVStore, new: int, out_dtype) -> torch.Tensor:
+        """Causal softmax attention of the ``new`` last cached tokens' queries, fp32."""
+        b, hq, t, d = qs.shape
+        keys, values = store.dequantized(torch.float32)
+        group = hq // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        s = torch.einsum("bhtd,bhld->bhtl", qs, keys) * self.scale
+        past = store.length - new
+        visible = torch.arange(store.length, device=qs.device)[None, :] <= (
+            past + torch.arange(t, device=qs.device)[:, None]
+        )
+        s = s.masked_fill(~visible, -math.inf)
+        return torch.einsum("bhtl,bhld->bhtd", torch.softmax(s, -1), values).to(out_dtype)
+
+    def forward(self, q, k, v, cos, sin, cache: Int4KVStore | None = None) -> torch.Tensor:
+        self._check(q, k, v, cos, sin, cache)
+        post = self.post_scale.to(k.device)
+        kq, ks = kv_quantize(k, self.group_size, post, cos, sin, self.pairing)
+        vq, vs = kv_quantize(v, self.group_size)
+        store = Int4KVStore() if cache is None else cache
+        store.append(kq, ks, vq, vs)
+        qs = self._queries(q, cos, sin)
+        if q.shape[2] == 1:  # one new token: the decode kernel reads the INT4 cache
+            kb, ksb, vb, vsb = store.buffers
+            out, _ = int4_kv_decode(qs[:, :, 0], kb, ksb, vb, vsb, store.length, self.scale)
+            return out[:, :, None].to(q.dtype)
+        return self._attend(qs, store, q.shape[2], q.dtype)
+
+    def forward_reference(self, q, k, v, cos, sin, cache: Int4KVStore | None = None):
+        """The specification in plain PyTorch (same arguments and cache semantics)."""
+        self._check(q, k, v, cos, sin, cache)
+        post = self.post_scale.to(k.device)
+        kq, ks = _kv_quantize_reference(k, post, self.group_size, cos, sin, self.pairing)
+        vq, vs = _kv_quantize_reference(v, None, self.group_size)
+        store = Int4KVStore() if cache is None else cache
+        store.append(kq, ks, vq, vs)
+        qs = self._queries(q, cos, sin)
+        if q.shape[2] == 1:
+            out, _ = _decode_reference(qs[:, :, 0], *store.buffers, store.length, self.scale)
+            return out[:, :, None].to(q.dtype)
+        return self._attend(qs, store, q.shape[2], q.dtype)
