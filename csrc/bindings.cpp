@@ -357,8 +357,9 @@ void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::u
 void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t k_scale,
                     std::uintptr_t v, std::uintptr_t v_scale, std::uintptr_t out, std::uintptr_t lse,
                     int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
-                    int64_t length, double scale) {
+                    int64_t length, double scale, std::uintptr_t workspace, std::uintptr_t stream) {
   kvint4::DecodeParams p;
+  p.workspace = ptr<float>(workspace);
   p.q = ptr<const float>(q);
   p.k = ptr<const uint8_t>(k);
   p.k_scale = ptr<const fp8e4m3_t>(k_scale);
@@ -374,13 +375,13 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
   p.t_max = t_max;
   p.length = length;
   p.scale = static_cast<float>(scale);
-  run(device, p, 0, kvint4::decode_cpu, no_cuda_kernel<kvint4::DecodeParams>);
+  run(device, p, stream, kvint4::decode_cpu, FL_CUDA_OR_NONE(kvint4::decode_cuda));
 }
 
 void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::uintptr_t packed,
                  std::uintptr_t scales, int64_t rows, int64_t d, int64_t group, int64_t tokens,
                  int64_t heads, int dtype, std::uintptr_t cos, std::uintptr_t sin,
-                 int64_t cos_batch_stride, bool interleaved) {
+                 int64_t cos_batch_stride, bool interleaved, std::uintptr_t stream) {
   kvint4::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.post_scale = ptr<const float>(post_scale);
@@ -396,7 +397,7 @@ void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::u
   p.tokens = tokens;
   p.heads = heads;
   p.dtype = static_cast<DType>(dtype);
-  run(device, p, 0, kvint4::quantize_cpu, no_cuda_kernel<kvint4::QuantizeParams>);
+  run(device, p, stream, kvint4::quantize_cpu, FL_CUDA_OR_NONE(kvint4::quantize_cuda));
 }
 
 void peer_experts_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t indices,
@@ -466,6 +467,18 @@ bool peer_experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs) {
 #endif
 }
 
+// Floats of CUDA workspace int4_kv_decode needs (0 when the CUDA kernel does not take the shape or
+// this build has no CUDA).
+int64_t int4_kv_decode_cuda_workspace(int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t length) {
+#ifdef FASTLAYERS_WITH_CUDA
+  if (!kvint4::decode_cuda_supported(hq, hkv, d, batch)) return 0;
+  return kvint4::decode_cuda_workspace_floats(batch, hq, d, length);
+#else
+  (void)batch, (void)hq, (void)hkv, (void)d, (void)length;
+  return 0;
+#endif
+}
+
 bool peer_retrieve_cuda_supported(int64_t tokens, int64_t heads, int64_t dim_key, int64_t num_keys,
                                   int64_t keys_padded, int64_t topk) {
 #ifdef FASTLAYERS_WITH_CUDA
@@ -529,6 +542,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_experts_bwd", &peer_experts_bwd);
   m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
   m.def("peer_retrieve_cuda_supported", &peer_retrieve_cuda_supported);
+  m.def("int4_kv_decode_cuda_workspace", &int4_kv_decode_cuda_workspace);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);

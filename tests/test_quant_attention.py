@@ -175,15 +175,16 @@ def test_bad_arguments():
         m(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]), cos, sin, cache)
 
 
-def test_fused_rope_cache_write_is_bit_exact():
-    """kv_quantize with cos/sin (one CPU pass) == the reference's RoPE, scale and quantization."""
+def test_fused_rope_cache_write_is_bit_exact(device):
+    """kv_quantize with cos/sin (one kernel pass) == the reference's RoPE, scale and quantization."""
     from fastlayers.ops.kvint4 import _kv_quantize_reference, kv_quantize
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for pairing in ("half", "interleaved"):
-            x = rand(2, 3, 17, 64, dtype=dtype, device="cpu", scale=4.0)
-            post = torch.rand(3, 64) + 0.5
-            for cos, sin in (_tables(17, 64), _tables(17, 64, batch=2), _tables(17, 64, batch=1)):
+            x = rand(2, 3, 17, 64, dtype=dtype, device=device, scale=4.0)
+            post = torch.rand(3, 64, device=device) + 0.5
+            for tables in (_tables(17, 64), _tables(17, 64, batch=2), _tables(17, 64, batch=1)):
+                cos, sin = (t.to(device) for t in tables)
                 got = kv_quantize(x, 16, post, cos, sin, pairing)
                 want = _kv_quantize_reference(x, post, 16, cos, sin, pairing)
                 assert torch.equal(got[0], want[0])

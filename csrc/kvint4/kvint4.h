@@ -21,6 +21,7 @@ struct DecodeParams {
   const fp8e4m3_t* v_scale = nullptr;
   float* out = nullptr;                 // [batch, hq, d]
   float* lse = nullptr;                 // [batch, hq]
+  float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0;
   float scale = 1.0f;
 };
@@ -46,7 +47,15 @@ struct QuantizeParams {
 };
 
 Status validate(const DecodeParams& p);
+Status validate(const QuantizeParams& p);
 Status decode_cpu(const DecodeParams& p);
 Status quantize_cpu(const QuantizeParams& p);
+
+// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256, at most 8 query
+// heads per kv head) and the cache write (any shape the CPU kernel takes).
+bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t batch);
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64_t length);
+Status decode_cuda(const DecodeParams& p, void* stream);
+Status quantize_cuda(const QuantizeParams& p, void* stream);
 
 }  // namespace fastlayers::kvint4

@@ -34,7 +34,7 @@ Status decode_cpu(const DecodeParams& p) {
   FL_CPU_DISPATCH(kvint4, decode, p)
 }
 
-Status quantize_cpu(const QuantizeParams& p) {
+Status validate(const QuantizeParams& p) {
   if (!is_float_activation(p.dtype)) return Status::invalid("kv_quantize: dtype must be float32, float16 or bfloat16");
   if (p.rows < 0 || p.d <= 0 || p.group <= 0 || p.group % 2 || p.d % p.group || p.tokens <= 0 || p.heads <= 0) {
     return Status::invalid("kv_quantize: bad sizes (need d a multiple of an even group)");
@@ -44,6 +44,11 @@ Status quantize_cpu(const QuantizeParams& p) {
   }
   if ((p.cos == nullptr) != (p.sin == nullptr)) return Status::invalid("kv_quantize: cos and sin go together");
   if (p.cos_batch_stride < 0) return Status::invalid("kv_quantize: negative cos batch stride");
+  return Status::ok();
+}
+
+Status quantize_cpu(const QuantizeParams& p) {
+  if (Status s = validate(p); !s.is_ok()) return s;
   if (p.rows == 0) return Status::ok();
   FL_CPU_DISPATCH(kvint4, quantize, p)
 }

@@ -48,6 +48,8 @@ CUDA_OPS = frozenset(
         "ultrafast_ff_backward",
         "fff_hard",
         "peer_retrieve",
+        "int4_kv_decode",
+        "kv_quantize",
         "peer_experts",
         "peer_experts_backward",
         "quantize_fp8_per_token",

@@ -4,8 +4,9 @@
 ``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None)`` with the cache as
 uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``: one query token per sequence
 against the first ``length`` cached tokens; GQA (``Hq % Hkv == 0``); fp32 softmax. Returns
-``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``. CPU kernel; elsewhere the reference
-(dequantize, then softmax attention).
+``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``. CPU and CUDA (split-KV; head_dim a multiple of
+64 up to 256, at most 8 query heads per kv head) kernels; elsewhere the reference (dequantize, then
+softmax attention).
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import math
 import torch
 
 from fastlayers import _dtypes, _ext
-from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
+from fastlayers.ops._common import (
+    LIB,
+    check_tensor,
+    device_code,
+    device_guard,
+    empty,
+    has_kernel,
+    ptr,
+    stream_of,
+)
 from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, dequantize_kv_int4, quantize_kv_int4
 
 FP8 = torch.float8_e4m3fn
@@ -81,21 +91,33 @@ def _reference(q, k, k_scale, v, v_scale, length, scale):
 
 def _kernel(q, k, k_scale, v, v_scale, length, scale):
     _check(q, k, k_scale, v, v_scale, length, scale)
-    if q.device.type != "cpu" or not has_kernel(q.device, "int4_kv_decode"):
-        if q.device.type == "cuda":
-            _ext.warn_once("int4_kv_decode-cuda", "fastlayers.int4_kv_decode: no CUDA kernel yet; "
-                           "running the PyTorch reference")  # fmt: skip
+    device = q.device
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _reference(q, k, k_scale, v, v_scale, length, scale)
     b, hq, d = q.shape
     hkv, t_max = k.shape[1], k.shape[2]
+    workspace = None
+    if device.type == "cuda":  # split-KV: per-split partial outputs and lse
+        floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length)
+        if floats == 0:
+            _ext.warn_once(
+                "int4_kv_decode-cuda-shape",
+                f"fastlayers.int4_kv_decode: head_dim {d} with {hq // hkv} query heads per kv head "
+                "is not a CUDA kernel shape (head_dim a multiple of 64 up to 256, at most 8 heads "
+                "per kv head); running the PyTorch reference",
+            )
+            return _reference(q, k, k_scale, v, v_scale, length, scale)
+        workspace = torch.empty(floats, dtype=torch.float32, device=device)
     q32 = q.float().contiguous()
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
-    out = empty((b, hq, d), torch.float32, q.device)
-    lse = empty((b, hq), torch.float32, q.device)
-    _ext.C.int4_kv_decode(
-        device_code(q.device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out), ptr(lse),
-        b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
-    )  # fmt: skip
+    out = empty((b, hq, d), torch.float32, device)
+    lse = empty((b, hq), torch.float32, device)
+    with device_guard(device):
+        _ext.C.int4_kv_decode(
+            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out),
+            ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale, ptr(workspace),
+            stream_of(device),
+        )  # fmt: skip
     return out.to(q.dtype), lse
 
 
@@ -171,7 +193,7 @@ def _kv_quantize_reference(x, post_scale, group_size, cos=None, sin=None, pairin
 
 def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
     _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
-    if x.device.type != "cpu" or not has_kernel(x.device, "kv_quantize"):
+    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, "kv_quantize"):
         return _kv_quantize_reference(x, post_scale, group_size, cos, sin, pairing)
     b, h, t, d = x.shape
     xc = x.contiguous()
@@ -184,9 +206,11 @@ def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="
             cos_batch_stride = t * d
     packed = empty((b, h, t, d // 2), torch.uint8, x.device)
     scales = empty((b, h, t, d // group_size), FP8, x.device)
-    _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(ps), ptr(packed), ptr(scales),
-                       b * h * t, d, group_size, t, h, _dtypes.code(x.dtype),
-                       ptr(cs), ptr(sn), cos_batch_stride, pairing == "interleaved")  # fmt: skip
+    with device_guard(x.device):
+        _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(ps), ptr(packed), ptr(scales),
+                           b * h * t, d, group_size, t, h, _dtypes.code(x.dtype), ptr(cs),
+                           ptr(sn), cos_batch_stride, pairing == "interleaved",
+                           stream_of(x.device))  # fmt: skip
     return packed, scales
 
 

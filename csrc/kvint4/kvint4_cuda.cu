@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: Apache-2.0
+// CUDA INT4 KV cache kernels (sm80+). First versions, written for correctness; not yet run on a GPU.
+// Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
+//
+// Cache write (quantize): one thread per (row, group). Pass 1 forms the group's fp32 values (RoPE
+//   with exact double products and one rounding, times the post-RoPE scale) and their max; pass 2
+//   forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
+//   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
+// Decode (split-KV flash decoding): grid (batch * kv_heads, splits); a CTA of 4 warps takes one
+//   split of the tokens for one (batch, kv head) and serves all the GQA group's query heads, so every
+//   cache byte is read once. Warps take tokens round-robin; lane l owns channels [l * c, (l + 1) * c)
+//   with c = d / 32 (even: whole bytes), dequantizes them in registers and keeps, per head, the
+//   running max, sum and output slice (online softmax). The warps merge in shared memory and write
+//   the split's (output / sum, lse); a second kernel combines the splits by their lse.
+#include <cmath>
+
+#include "common/cuda_utils.cuh"
+#include "kvint4/kvint4.h"
+
+namespace fastlayers::kvint4 {
+namespace {
+
+using cuda::to_f;
+
+constexpr float kMinScale = 0.001953125f;  // 2^-9: the smallest group scale
+constexpr int kWarps = 4;
+constexpr int kMaxGroupHeads = 8;  // query heads per kv head the decode kernel keeps in registers
+constexpr int kMaxChannelsPerLane = 8;  // head_dim <= 256
+constexpr int kTokensPerSplit = 256;
+constexpr int kMaxSplits = 64;
+
+__host__ __device__ inline float fp8e4m3_value(uint8_t code) {
+  const int sign = code >> 7, exp = (code >> 3) & 15, man = code & 7;
+  float v;
+  if (exp == 15 && man == 7) {
+    v = NAN;
+  } else if (exp == 0) {
+    v = ldexpf(static_cast<float>(man), -9);
+  } else {
+    v = ldexpf(static_cast<float>(8 + man), exp - 10);
+  }
+  return sign ? -v : v;
+}
+
+// ---- Cache write ------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float value_at(const QuantizeParams& p, const T* x, const float* cs,
+                                          const float* sn, const float* post, int64_t c) {
+  float v;
+  if (cs != nullptr) {
+    const int64_t half = p.d / 2;
+    double rot;
+    if (p.interleaved) {
+      rot = (c % 2 == 0) ? -static_cast<double>(to_f(x[c + 1])) : static_cast<double>(to_f(x[c - 1]));
+    } else {
+      rot = c < half ? -static_cast<double>(to_f(x[c + half])) : static_cast<double>(to_f(x[c - half]));
+    }
+    // Both products are exact in double, so FMA contraction cannot change the one rounding.
+    v = static_cast<float>(static_cast<double>(to_f(x[c])) * cs[c] + rot * sn[c]);
+  } else {
+    v = to_f(x[c]);
+  }
+  return post != nullptr ? v * post[c] : v;
+}
+
+template <typename T>
+__global__ void quantize_kernel(const QuantizeParams p) {
+  const int64_t groups = p.d / p.group;
+  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (id >= p.rows * groups) return;
+  const int64_t r = id / groups, g0 = (id % groups) * p.group;
+  const T* x = static_cast<const T*>(p.x) + r * p.d;
+  const float* post = p.post_scale != nullptr ? p.post_scale + ((r / p.tokens) % p.heads) * p.d : nullptr;
+  const float *cs = nullptr, *sn = nullptr;
+  if (p.cos != nullptr) {
+    const int64_t t = r % p.tokens, b = r / (p.tokens * p.heads);
+    cs = p.cos + b * p.cos_batch_stride + t * p.d;
+    sn = p.sin + b * p.cos_batch_stride + t * p.d;
+  }
+  float amax = 0.0f;
+  for (int64_t c = g0; c < g0 + p.group; ++c) {
+    const float a = fabsf(value_at(p, x, cs, sn, post, c));
+    amax = a > amax ? a : amax;  // NaN never wins, as on the CPU
+  }
+  const uint8_t code = cuda::to_fp8e4m3(amax / 7.0f);
+  float s8 = fp8e4m3_value(code);
+  if (!(s8 >= kMinScale)) s8 = kMinScale;
+  reinterpret_cast<uint8_t*>(p.scales)[r * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
+  uint8_t* out = p.packed + r * (p.d / 2);
+  for (int64_t c = g0; c < g0 + p.group; c += 2) {
+    int q[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float qf = rintf(__fdiv_rn(value_at(p, x, cs, sn, post, c + e), s8));
+      qf = qf != qf ? 0.0f : fminf(fmaxf(qf, -8.0f), 7.0f);
+      q[e] = static_cast<int>(qf) & 15;
+    }
+    out[c / 2] = static_cast<uint8_t>(q[0] | (q[1] << 4));
+  }
+}
+
+template <typename T>
+Status quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
+  const int64_t threads = p.rows * (p.d / p.group);
+  const int block = 128;
+  quantize_kernel<T><<<static_cast<unsigned>((threads + block - 1) / block), block, 0, stream>>>(p);
+  return cuda::last_launch_status();
+}
+
+// ---- Decode -----------------------------------------------------------------------------------
+
+struct SplitPlan {
+  int64_t splits, chunk;
+};
+
+SplitPlan split_plan(int64_t length) {
+  int64_t splits = (length + kTokensPerSplit - 1) / kTokensPerSplit;
+  splits = splits < 1 ? 1 : (splits > kMaxSplits ? kMaxSplits : splits);
+  return {splits, (length + splits - 1) / splits};
+}
+
+// Dequantizes this lane's channels of one cached row into v[0, C).
+template <int C>
+__device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* scales, int64_t group,
+                                             int lane, float (&v)[C]) {
+  const int64_t c0 = static_cast<int64_t>(lane) * C;
+#pragma unroll
+  for (int j = 0; j < C; j += 2) {
+    const uint8_t byte = row[(c0 + j) / 2];
+    const float s = fp8e4m3_value(scales[(c0 + j) / group]);  // (group even: one scale per byte)
+    v[j] = static_cast<float>(((byte & 15) ^ 8) - 8) * s;
+    v[j + 1] = static_cast<float>(((byte >> 4) ^ 8) - 8) * s;
+  }
+}
+
+template <int C>
+__global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeParams p, int64_t chunk,
+                                                                  int64_t splits, float* part_out,
+                                                                  float* part_lse) {
+  const int64_t bk = blockIdx.x, split = blockIdx.y;
+  const int64_t b = bk / p.hkv, kh = bk % p.hkv;
+  const int gh = static_cast<int>(p.hq / p.hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t0 = split * chunk;
+  const int64_t t1 = t0 + chunk < p.length ? t0 + chunk : p.length;
+  const int64_t dh = p.d / 2, ng = p.d / p.group;
+
+  float q[kMaxGroupHeads][C], acc[kMaxGroupHeads][C], m[kMaxGroupHeads], l[kMaxGroupHeads];
+#pragma unroll
+  for (int h = 0; h < kMaxGroupHeads; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      acc[h][j] = 0.0f;
+      q[h][j] = h < gh ? p.q[((b * p.hq) + kh * gh + h) * p.d + lane * C + j] : 0.0f;
+    }
+  }
+  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  for (int64_t t = t0 + warp; t < t1; t += kWarps) {
+    float k[C], v[C];
+    dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
+                    p.group, lane, k);
+    dequant_lane<C>(p.v + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * ng,
+                    p.group, lane, v);
+#pragma unroll
+    for (int h = 0; h < kMaxGroupHeads; ++h) {
+      if (h >= gh) continue;  // (fully unrolled: the arrays stay in registers)
+      float s = 0.0f;
+#pragma unroll
+      for (int j = 0; j < C; ++j) s += q[h][j] * k[j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      s *= p.scale;
+      const float m_new = fmaxf(m[h], s);
+      const float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
+      const float e = expf(s - m_new);
+      l[h] = l[h] * alpha + e;
+#pragma unroll
+      for (int j = 0; j < C; ++j) acc[h][j] = acc[h][j] * alpha + e * v[j];
+      m[h] = m_new;
+    }
+  }
+
+  // Merge the warps: shared [warps][heads] (m, l) and [warps][heads][d] acc.
+  extern __shared__ __align__(16) float smem[];
+  float* sm = smem;                                   // [kWarps * gh]
+  float* sl = sm + kWarps * kMaxGroupHeads;           // [kWarps * gh]
+  float* sacc = sl + kWarps * kMaxGroupHeads;         // [kWarps * gh * d]
+#pragma unroll
+  for (int h = 0; h < kMaxGroupHeads; ++h) {
+    if (h >= gh) continue;
+    if (lane == 0) {
+      sm[warp * kMaxGroupHeads + h] = m[h];
+      sl[warp * kMaxGroupHeads + h] = l[h];
+    }
+#pragma unroll
+    for (int j = 0; j < C; ++j) sacc[(warp * kMaxGroupHeads + h) * p.d + lane * C + j] = acc[h][j];
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * p.d; i += blockDim.x) {
+    const int h = static_cast<int>(i / p.d);
+    const int64_t c = i % p.d;
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * kMaxGroupHeads + h]);
+    float sum = 0.0f, o = 0.0f;
+    if (mx != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = sm[w * kMaxGroupHeads + h];
+        if (mw == -INFINITY) continue;
+        const float f = expf(mw - mx);
+        sum += sl[w * kMaxGroupHeads + h] * f;
+        o += sacc[(w * kMaxGroupHeads + h) * p.d + c] * f;
+      }
+    }
+    const int64_t qh = b * p.hq + kh * gh + h;  // [batch * hq] row
+    part_out[(qh * splits + split) * p.d + c] = sum > 0.0f ? o / sum : 0.0f;
+    if (c == 0) part_lse[qh * splits + split] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
+  }
+}
+
+// out[qh] = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse); lse = max + log sum w.
+__global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, const float* part_out,
+                                      const float* part_lse) {
+  const int64_t qh = blockIdx.x;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[qh * splits + s]);
+  float total = 0.0f;
+  if (mx != -INFINITY) {
+    for (int64_t s = 0; s < splits; ++s) total += expf(part_lse[qh * splits + s] - mx);
+  }
+  for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) {
+    float o = 0.0f;
+    if (total > 0.0f) {
+      for (int64_t s = 0; s < splits; ++s) {
+        const float w = expf(part_lse[qh * splits + s] - mx);
+        if (w > 0.0f) o += w * part_out[(qh * splits + s) * p.d + c];
+      }
+      o /= total;
+    }
+    p.out[qh * p.d + c] = o;
+  }
+  if (threadIdx.x == 0) p.lse[qh] = total > 0.0f ? mx + logf(total) : -INFINITY;
+}
+
+template <int C>
+Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
+  const SplitPlan plan = split_plan(p.length);
+  float* part_out = p.workspace;
+  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * p.d;
+  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + p.d);
+  const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(plan.splits));
+  decode_split_kernel<C><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
+                                                               part_lse);
+  if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
+  decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.hq), 128, 0, stream>>>(p, plan.splits,
+                                                                                    part_out, part_lse);
+  return cuda::last_launch_status();
+}
+
+}  // namespace
+
+bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t batch) {
+  if (hkv <= 0 || hq % hkv || hq / hkv > kMaxGroupHeads) return false;
+  if (d % 64 || d / 32 > kMaxChannelsPerLane) return false;
+  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + d);
+  return smem <= 48 * 1024 && batch * hkv < (int64_t{1} << 31);
+}
+
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64_t length) {
+  const SplitPlan plan = split_plan(length);
+  return batch * hq * plan.splits * (d + 1);
+}
+
+Status decode_cuda(const DecodeParams& p, void* stream) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.workspace == nullptr) return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
+  if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
+    return Status::unsupported(
+        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "
+        "query heads per kv head");
+  }
+  if (p.batch == 0 || p.hq == 0) return Status::ok();
+  const auto st = static_cast<cudaStream_t>(stream);
+  switch (p.d / 32) {
+    case 2:
+      return decode_typed<2>(p, st);
+    case 4:
+      return decode_typed<4>(p, st);
+    case 6:
+      return decode_typed<6>(p, st);
+    case 8:
+      return decode_typed<8>(p, st);
+    default:
+      return Status::unsupported("int4_kv_decode: head_dim not supported by the CUDA kernel");
+  }
+}
+
+Status quantize_cuda(const QuantizeParams& p, void* stream) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.rows == 0) return Status::ok();
+  const auto st = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return quantize_typed<float>(p, st);
+    case DType::kFloat16:
+      return quantize_typed<__half>(p, st);
+    case DType::kBFloat16:
+      return quantize_typed<__nv_bfloat16>(p, st);
+    default:
+      return Status::invalid("kv_quantize: dtype must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace fastlayers::kvint4
