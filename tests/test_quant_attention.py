@@ -176,7 +176,7 @@ def test_bad_arguments():
 
 
 def test_fused_rope_cache_write_is_bit_exact(device):
-    """kv_quantize with cos/sin (one kernel pass) == the reference's RoPE, scale and quantization."""
+    """kv_quantize with cos/sin (one kernel pass) == the reference's RoPE, scale, quantization."""
     from fastlayers.ops.kvint4 import _kv_quantize_reference, kv_quantize
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

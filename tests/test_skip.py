@@ -281,3 +281,28 @@ def test_varlen_strided_inputs(device):
     assert not qs.is_contiguous() and not kt.is_contiguous()
     got = fastlayers.varlen_attention(qs, kt, v, cu, cu, pos, pos)
     torch.testing.assert_close(got, fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos))
+
+
+def test_routed_self_attention_decodes_with_a_routed_cache():
+    """Threshold routing is causal: prefill, then one token at a time against a RoutedKVStore,
+    equals one call over the whole sequence; only routed tokens are stored."""
+    from fastlayers.nn.skip import RoutedKVStore
+
+    torch.manual_seed(0)
+    m = fastlayers.RoutedSelfAttention(64, 4, 2, threshold=0.0).eval()
+    x = torch.randn(3, 13, 64)
+    with torch.no_grad():
+        full = m(x)
+        cache = RoutedKVStore()
+        parts = [m(x[:, :6], torch.arange(6).expand(3, 6), cache)]
+        for t in range(6, 13):
+            parts.append(m(x[:, t : t + 1], torch.full((3, 1), t), cache))
+        routed = (m.router(x).squeeze(-1) > 0).sum(1).tolist()
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.lengths() == routed and 0 < sum(routed) < 39
+    cache.crop_to(6)
+    assert all(int(p.max()) < 6 for p in cache.positions if p.numel())
+    with pytest.raises(ValueError, match="causal routing"):
+        fastlayers.RoutedSelfAttention(64, 4, capacity=0.5)(x, cache=RoutedKVStore())
+    with pytest.raises(TypeError, match="RoutedKVStore"):
+        m(x, cache={})

@@ -99,7 +99,18 @@ def test_plan_helpers_and_errors():
     with pytest.raises(ValueError, match="layers"):
         apply_skip_plan(_model(3), SkipPlan.full(4))
     with pytest.raises(ValueError, match="attn"):
-        LayerPlan("routed")
+        LayerPlan("sometimes")
+    with pytest.raises(ValueError, match="ffn"):
+        LayerPlan("full", "routed")
+    with pytest.raises(ValueError, match="router_threshold"):
+        LayerPlan("routed", router_threshold=float("nan"))
+    routed = SkipPlan([LayerPlan("routed", router_threshold=0.5), LayerPlan()])
+    assert (
+        routed.runs_attention(0) and routed.routes_attention(0) and not routed.routes_attention(1)
+    )
+    assert SkipPlan.from_json(routed.to_json()) == routed
+    with pytest.raises(ValueError, match="does not route"):
+        apply_skip_plan(_model(2), routed, routers={1: torch.nn.Linear(64, 1)})
 
 
 def test_from_similarity_picks_sublayers_and_rescales():
@@ -169,3 +180,68 @@ def test_layer0_attention_skipped_with_layer_skip_cache():
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
     cache.crop_to(7)
     assert cache.layer_lengths() == [0, 7, 0, 7, 7]
+
+
+# ---- routed attention (Mixture-of-Depths) in a plan ---------------------------------------------
+def _set_router(model, i, weight_scale: float, bias: float):
+    router = _decoder_layers_of(model)[i].fastlayers_router
+    with torch.no_grad():
+        router.weight.normal_(0.0, weight_scale, generator=torch.Generator().manual_seed(i))
+        router.bias.fill_(bias)
+
+
+def _decoder_layers_of(model):
+    return model.model.layers
+
+
+def test_routed_attention_with_every_token_routed_is_the_full_layer():
+    """A router that passes every token, without the gate: the routed layer computes exactly the
+    full attention (varlen kernel vs the model's own attention)."""
+    model = _model()
+    ids = torch.randint(1, 101, (2, 11))
+    with torch.no_grad():
+        want = model(ids).logits
+        plan = SkipPlan([LayerPlan("routed", router_gate=False) if i in (1, 3) else LayerPlan()
+                         for i in range(5)])  # fmt: skip
+        apply_skip_plan(model, plan)
+        for i in (1, 3):
+            _set_router(model, i, 0.0, 5.0)  # logit 5 > 0 for every token
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    remove_skip_plan(model)
+    assert not hasattr(model.model.layers[1], "fastlayers_router")
+
+
+def test_routed_generate_with_cache_equals_full_recompute():
+    """Half the tokens routed (per layer, per token): greedy generate() with the cache (routed keys
+    kept apart, positions and RoPE as in the full sequence) gives the tokens and step scores of
+    running the whole sequence again at every step; crop_to rolls the routed caches back."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model()
+    plan = SkipPlan([LayerPlan("routed") if i in (0, 2) else LayerPlan() for i in range(5)])
+    apply_skip_plan(model, plan)
+    for i in (0, 2):
+        _set_router(model, i, 0.5, 0.0)
+    ids = torch.randint(1, 101, (2, 9))
+    cache = LayerSkipCache()
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+              do_sample=False, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        cached = model.generate(ids, cache=cache, **kw)
+        seq = ids
+        for step in range(6):  # the whole sequence every step, no cache
+            logits = model(seq, use_cache=False).logits[:, -1]
+            allowed = torch.isfinite(cached.scores[step])  # (min_new_tokens masks the EOS token)
+            logits = logits.masked_fill(~allowed, -float("inf"))
+            torch.testing.assert_close(cached.scores[step], logits, rtol=1e-4, atol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached.sequences, seq)
+    lengths = cache.routed_lengths()
+    assert set(lengths) == {0, 2}
+    routed_some = [0 < n < 14 for n in lengths[0] + lengths[2]]
+    assert any(routed_some), lengths  # the routers keep some tokens and drop others
+    assert cache.layer_lengths()[0] == 0 and cache.layer_lengths()[1] == 14  # routed: apart
+    cache.crop_to(10)
+    for store in cache._fl_routed.values():
+        assert all(int(p.max()) < 10 for p in store.positions if p.numel())

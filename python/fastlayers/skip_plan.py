@@ -21,19 +21,31 @@ import math
 import torch
 
 MODES = ("full", "skip")
+ATTN_MODES = ("full", "skip", "routed")
 
 
 @dataclasses.dataclass
 class LayerPlan:
+    """One decoder layer. ``attn``: ``"full"``, ``"skip"`` or ``"routed"`` (Mixture-of-Depths: a
+    router ``Linear(hidden, 1)`` picks the tokens whose logit exceeds ``router_threshold``; they
+    attend among the routed tokens, causally by original position, and their output is scaled by
+    ``sigmoid(logit)`` when ``router_gate``; the other tokens pass through). ``ffn``: ``"full"`` or
+    ``"skip"``. ``*_scale``: residual multipliers for skipped sublayers (AdaSkip)."""
+
     attn: str = "full"
     ffn: str = "full"
     attn_scale: float = 1.0  # residual multiplier when the attention is skipped
     ffn_scale: float = 1.0  # residual multiplier when the feedforward is skipped
+    router_threshold: float = 0.0  # routed attention: tokens with router logit > threshold
+    router_gate: bool = True  # routed attention: scale the output by sigmoid(router logit)
 
     def __post_init__(self):
-        for name in ("attn", "ffn"):
-            if getattr(self, name) not in MODES:
-                raise ValueError(f"{name} must be one of {MODES}, got {getattr(self, name)!r}")
+        if self.attn not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {ATTN_MODES}, got {self.attn!r}")
+        if self.ffn not in MODES:
+            raise ValueError(f"ffn must be one of {MODES}, got {self.ffn!r}")
+        if not math.isfinite(self.router_threshold):
+            raise ValueError(f"router_threshold must be finite, got {self.router_threshold}")
 
 
 @dataclasses.dataclass
@@ -51,13 +63,18 @@ class SkipPlan:
         return len(self.layers)
 
     def runs_attention(self, i: int) -> bool:
-        return (self.exit_layer is None or i < self.exit_layer) and self.layers[i].attn == "full"
+        """Whether layer ``i``'s attention runs, for all tokens or (routed) some of them."""
+        return (self.exit_layer is None or i < self.exit_layer) and self.layers[i].attn != "skip"
+
+    def routes_attention(self, i: int) -> bool:
+        return self.runs_attention(i) and self.layers[i].attn == "routed"
 
     def runs_ffn(self, i: int) -> bool:
         return (self.exit_layer is None or i < self.exit_layer) and self.layers[i].ffn == "full"
 
     def cost_fraction(self) -> float:
-        """Fraction of sublayers that run (attention and feedforward counted alike)."""
+        """Fraction of sublayers that run (attention and feedforward counted alike; a routed
+        attention counts as running)."""
         ran = sum(self.runs_attention(i) + self.runs_ffn(i) for i in range(self.num_layers))
         return ran / (2 * self.num_layers)
 
@@ -180,9 +197,66 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     )
 
 
-def _planned_forward(layer, plan: LayerPlan, runs_attn: bool, runs_ffn: bool):
+def _routed_store(cache, layer_idx: int):
+    """The RoutedKVStore of a routed layer, kept on the Hugging Face cache object (the cache's own
+    layer stays empty, as for a skipped layer, so lengths come from the layers that run fully)."""
+    from fastlayers.nn.skip import RoutedKVStore
+
+    stores = getattr(cache, "_fl_routed", None)
+    if stores is None:
+        stores = {}
+        cache._fl_routed = stores
+    return stores.setdefault(layer_idx, RoutedKVStore())
+
+
+def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw):
+    """``hidden_states`` plus the gated attention output of the routed tokens (see LayerPlan)."""
+    from fastlayers.nn.skip import routed_attention_step
+    from fastlayers.ops.skip import route_threshold, scatter_add_gated
+    from fastlayers.quant.rope_kv import rotate_pairs
+
+    attn, router = layer.self_attn, layer.fastlayers_router
+    b, t, _ = hidden_states.shape
+    h = layer.input_layernorm(hidden_states)
+    logits = router(h).squeeze(-1).float()  # [B, T]
+    idx, cu = route_threshold(logits, plan.router_threshold)
+    rows = idx.clamp_min(0)  # (-1 padding: computed on row 0, never written back)
+    n = rows.shape[0]
+    x = h.reshape(b * t, -1)[rows]
+    cfg = attn.config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    q = attn.q_proj(x).view(n, hq, d)
+    k = attn.k_proj(x).view(n, hkv, d)
+    v = attn.v_proj(x).view(n, hkv, d)
+    cos, sin = kw["position_embeddings"]  # [B, T, d] at the tokens' positions
+    cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
+    sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
+    q = q * cos + rotate_pairs(q) * sin  # Hugging Face's formula, in the model's dtype
+    k = k * cos + rotate_pairs(k) * sin
+    positions = kw.get("position_ids")
+    if positions is None:
+        positions = torch.arange(t, device=h.device)[None]
+    pos = positions.expand(b, t).reshape(-1)[rows]
+    cache = kw.get("cache", kw.get("past_key_values"))
+    store = _routed_store(cache, layer_idx) if cache is not None and kw.get("use_cache") else None
+    o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling)
+    out = attn.o_proj(o.reshape(n, hq * d))
+    gate = logits.reshape(-1)[rows]
+    gate = torch.sigmoid(gate) if plan.router_gate else torch.ones_like(gate)
+    flat = hidden_states.reshape(b * t, -1)
+    return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
+
+
+def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
+    routed = runs_attn and plan.attn == "routed"
+
     def forward(hidden_states, *args, **kwargs):
-        if runs_attn:
+        if routed:
+            kw = dict(kwargs)
+            for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
+                kw.setdefault(name, value)
+            hidden_states = _routed_attention(layer, plan, layer_idx, hidden_states, kw)
+        elif runs_attn:
             residual = hidden_states
             h = layer.input_layernorm(hidden_states)
             kw = dict(kwargs)
@@ -202,22 +276,41 @@ def _planned_forward(layer, plan: LayerPlan, runs_attn: bool, runs_ffn: bool):
     return forward
 
 
-def apply_skip_plan(model, plan: SkipPlan):
+def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
     ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
-    no KV cache. When layer 0's attention is skipped, pass a :func:`LayerSkipCache` to calls of
-    ``model(..., cache=...)`` (Hugging Face caches measure the sequence length on layer 0;
-    ``generate()`` tracks positions itself). :func:`remove_skip_plan` restores the model."""
+    no KV cache. When layer 0's attention is skipped or routed, pass a :func:`LayerSkipCache` to
+    calls of ``model(..., cache=...)`` (Hugging Face caches measure the sequence length on layer 0;
+    ``generate()`` tracks positions itself). :func:`remove_skip_plan` restores the model.
+
+    Routed attention layers get a router ``layer.fastlayers_router`` (``Linear(hidden, 1)``): from
+    ``routers[i]`` when given (trained ones), else a freshly initialised one, which needs training
+    (or distillation) before the routing means anything. Their routed tokens' keys and values are
+    cached apart from the Hugging Face cache's layers (positions and RoPE as in the full model), so
+    ``generate()`` with the cache equals running the whole sequence. Batches must be unpadded (the
+    routed attention ignores the attention mask); beam-search reordering is not supported."""
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
     layers = _decoder_layers(model)
     if len(layers) != plan.num_layers:
         raise ValueError(f"the plan has {plan.num_layers} layers, the model {len(layers)}")
+    routers = routers or {}
+    for i in routers:
+        if not plan.routes_attention(i):
+            raise ValueError(f"routers[{i}] given, but the plan does not route layer {i}")
     remove_skip_plan(model)
     for i, layer in enumerate(layers):
+        if plan.routes_attention(i):
+            ref = layer.self_attn.q_proj.weight
+            router = routers.get(i)
+            if router is None:
+                router = torch.nn.Linear(ref.shape[1], 1, device=ref.device, dtype=ref.dtype)
+            if not isinstance(router, torch.nn.Module):
+                raise TypeError(f"routers[{i}] must be a torch.nn.Module, got {type(router)}")
+            layer.fastlayers_router = router
         layer._fastlayers_forward = layer.forward
         layer.forward = _planned_forward(
-            layer, plan.layers[i], plan.runs_attention(i), plan.runs_ffn(i)
+            layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i)
         )
     model._fastlayers_skip_plan = plan
     return model
@@ -229,6 +322,8 @@ def remove_skip_plan(model):
         if hasattr(layer, "_fastlayers_forward"):
             layer.forward = layer._fastlayers_forward
             del layer._fastlayers_forward
+        if hasattr(layer, "fastlayers_router"):  # (keep a trained router before removing)
+            del layer.fastlayers_router
     if hasattr(model, "_fastlayers_skip_plan"):
         del model._fastlayers_skip_plan
     return model
@@ -365,6 +460,12 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                         extra = layer.get_seq_length() - length
                         if extra > 0:
                             layer.crop(-extra)
+                for store in getattr(self, "_fl_routed", {}).values():  # routed layers
+                    store.crop_to(length)
+
+            def routed_lengths(self) -> dict[int, list[int]]:
+                """Cached routed tokens per routed layer and row."""
+                return {i: s.lengths() for i, s in getattr(self, "_fl_routed", {}).items()}
 
         _layer_skip_cache_class = _LayerSkipCache
     return _layer_skip_cache_class(*args, **kwargs)

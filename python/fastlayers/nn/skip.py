@@ -22,6 +22,88 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+class RoutedKVStore:
+    """The keys and values of one attention layer's *routed* tokens, per sequence, with their
+    original positions (RoPE already applied at those positions): what a Mixture-of-Depths layer
+    caches for decoding. Rows hold different numbers of tokens; positions increase within a row.
+
+    ``merged(k, v, pos, counts)`` returns the packed ``(keys, values, positions, cu_seqlens)``
+    of the cached tokens followed, row by row, by new ones (``k [n, H_kv, d]`` packed by row,
+    ``counts`` per row), and the per-row tensors that ``store`` keeps. ``crop_to(length)`` drops
+    the tokens at positions ``>= length`` (speculative rollback), ``reorder`` selects rows."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] | None = None  # per row [n_b, H_kv, d]
+        self.values: list[torch.Tensor] | None = None
+        self.positions: list[torch.Tensor] | None = None  # per row [n_b] int64
+
+    def _rows(self, k, v, pos, counts: list[int]):
+        return k.split(counts), v.split(counts), pos.split(counts)
+
+    def merged(self, k, v, pos, counts: list[int]):
+        nk, nv, npos = self._rows(k, v, pos, counts)
+        if self.keys is not None and len(self.keys) != len(counts):
+            raise ValueError(f"the cache holds {len(self.keys)} rows, the call has {len(counts)}")
+        keys, values, positions, sizes = [], [], [], []
+        for b in range(len(counts)):
+            old = self.keys is not None
+            keys.append(torch.cat([self.keys[b], nk[b]]) if old else nk[b])
+            values.append(torch.cat([self.values[b], nv[b]]) if old else nv[b])
+            positions.append(torch.cat([self.positions[b], npos[b]]) if old else npos[b])
+            sizes.append(keys[-1].shape[0])
+        cu = torch.zeros(len(counts) + 1, dtype=torch.int32, device=k.device)
+        cu[1:] = torch.tensor(sizes, device=k.device).cumsum(0)
+        return (
+            torch.cat(keys),
+            torch.cat(values),
+            torch.cat(positions),
+            cu,
+            (keys, values, positions),
+        )
+
+    def store(self, rows) -> None:
+        """Keeps the per-row tensors :meth:`merged` returned last (its fifth item)."""
+        self.keys, self.values, self.positions = (list(r) for r in rows)
+
+    def lengths(self) -> list[int]:
+        return [] if self.keys is None else [int(k.shape[0]) for k in self.keys]
+
+    def crop_to(self, length: int) -> None:
+        if self.keys is None:
+            return
+        for b, pos in enumerate(self.positions):
+            keep = int((pos < length).sum())  # positions increase within a row
+            self.keys[b], self.values[b] = self.keys[b][:keep], self.values[b][:keep]
+            self.positions[b] = pos[:keep]
+
+    def reorder(self, batch_index: torch.Tensor) -> None:
+        if self.keys is not None:
+            order = [int(i) for i in batch_index.tolist()]
+            self.keys = [self.keys[i] for i in order]
+            self.values = [self.values[i] for i in order]
+            self.positions = [self.positions[i] for i in order]
+
+
+def routed_attention_step(q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None):
+    """Attention of the routed tokens of one call, packed by row (``q [n, H, d]``, ``k``/``v``
+    ``[n, H_kv, d]`` after RoPE, ``pos [n]``; ``idx``/``cu`` from the routing, ``-1`` padding
+    allowed after ``cu[-1]``), against the ``store``'s earlier routed tokens of the same rows and
+    each other, causally by position. Stores the new keys. Returns ``o [n, H, d]`` (padding rows:
+    zeros)."""
+    counts = (cu[1:] - cu[:-1]).tolist()
+    used = int(cu[-1])
+    if store is None:
+        store = RoutedKVStore()
+    keys, values, k_pos, cu_k, rows = store.merged(k[:used], v[:used], pos[:used], counts)
+    out = q.new_zeros(q.shape)
+    if used:
+        out[:used] = varlen_attention(
+            q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale
+        )
+    store.store(rows)
+    return out
+
+
 class RoutedSelfAttention(torch.nn.Module):
     """Mixture-of-Depths self-attention with its residual: ``y = x`` for tokens the router skips,
     ``y = x + g * o_proj(attn(norm(x)))`` for the tokens it keeps, where the kept tokens attend
@@ -49,9 +131,12 @@ class RoutedSelfAttention(torch.nn.Module):
     pre_norm : bool
         An RMSNorm on the routed rows before the projections (the decoder layer's input norm).
 
-    ``forward(x [B, T, hidden], positions=None)``: positions default to ``arange(T)``. Returns
-    ``y [B, T, hidden]``; ``self.last_routing`` holds the flat indices and ``cu_seqlens`` of the
-    last call (for auxiliary router losses).
+    ``forward(x [B, T, hidden], positions=None, cache=None)``: positions default to
+    ``arange(T)``. Returns ``y [B, T, hidden]``; ``self.last_routing`` holds the flat indices and
+    ``cu_seqlens`` of the last call (for auxiliary router losses). With a :class:`RoutedKVStore`
+    as ``cache`` (threshold routing only: it is causal), the routed tokens also attend to the
+    earlier calls' routed tokens and are stored for the next call: prefill, then decode token by
+    token, gives the same outputs as one call over the whole sequence.
     """
 
     def __init__(
@@ -115,11 +200,23 @@ class RoutedSelfAttention(torch.nn.Module):
         idx = torch.where(torch.arange(b * t, device=logits.device) < cu[-1], idx, -1)
         return idx, cu
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: RoutedKVStore | None = None,
+    ) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"x must be [batch, tokens, {self.hidden_size}], got shape {tuple(x.shape)}"
             )
+        if cache is not None and (self.threshold is None or self.granularity != "token"):
+            raise ValueError(
+                "a cache needs causal routing: token granularity with a threshold (capacity "
+                "routing picks the top tokens of the whole sequence, which decoding cannot know)"
+            )
+        if cache is not None and not isinstance(cache, RoutedKVStore):
+            raise TypeError(f"cache must be a RoutedKVStore, got {type(cache).__name__}")
         b, t, _ = x.shape
         if positions is None:
             positions = torch.arange(t, device=x.device).expand(b, t)
@@ -138,7 +235,10 @@ class RoutedSelfAttention(torch.nn.Module):
         v = self.v_proj(h).view(n, self.num_kv_heads, self.head_dim)
         if self.rope_theta is not None:
             q, k = _rope(q, pos, self.rope_theta), _rope(k, pos, self.rope_theta)
-        o = varlen_attention(q, k, v, cu, cu, pos, pos, causal=True)
+        if cache is None:
+            o = varlen_attention(q, k, v, cu, cu, pos, pos, causal=True)
+        else:  # earlier routed tokens from the cache; this call's routed keys go into it
+            o = routed_attention_step(q, k, v, pos, idx, cu, cache)
         out = self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
         gate = torch.sigmoid(logits.reshape(-1)[rows])
         return scatter_add_gated(flat, idx, out, gate).view(b, t, -1)
