@@ -357,8 +357,10 @@ void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::u
 void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t k_scale,
                     std::uintptr_t v, std::uintptr_t v_scale, std::uintptr_t out, std::uintptr_t lse,
                     int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
-                    int64_t length, double scale, std::uintptr_t workspace, std::uintptr_t stream) {
+                    int64_t length, double scale, std::uintptr_t workspace, std::uintptr_t stream,
+                    int64_t q_tokens) {
   kvint4::DecodeParams p;
+  p.q_tokens = q_tokens;
   p.workspace = ptr<float>(workspace);
   p.q = ptr<const float>(q);
   p.k = ptr<const uint8_t>(k);

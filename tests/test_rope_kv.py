@@ -230,3 +230,39 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     expected = torch.cat([allk[..., :70, :], replacement], -2)
     kq2, _ = quant.quantize_kv_int4(expected.float() * post[None, :, None, :], 16)
     assert torch.equal(layer.kq, kq2)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,d,group,t,tq",
+    [
+        (2, 8, 2, 128, 32, 70, 17),
+        (1, 6, 3, 40, 8, 33, 33),
+        (3, 4, 4, 64, 64, 12, 1),
+        (1, 8, 1, 64, 16, 100, 9),
+    ],
+)
+def test_int4_kv_attention_is_causal_over_the_cache(device, b, hq, hkv, d, group, t, tq):
+    """Several new tokens (the cache's last tq) against the INT4 cache, causally, vs the float64
+    reference; tq = 1 equals the decode kernel; odd shapes and the whole cache as queries."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention, int4_kv_decode
+
+    q = rand(b, hq, tq, d, dtype=torch.bfloat16, device=device)
+    k, ks = quant.quantize_kv_int4(
+        rand(b, hkv, t + 5, d, dtype=torch.float32, device=device), group
+    )
+    v, vs = quant.quantize_kv_int4(
+        rand(b, hkv, t + 5, d, dtype=torch.float32, device=device), group
+    )
+    out, lse = int4_kv_attention(q, k, ks, v, vs, t)
+    ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == (b, hq, tq)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+    last, last_lse = int4_kv_decode(q[:, :, -1], k, ks, v, vs, t)
+    torch.testing.assert_close(out[:, :, -1].float(), last.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lse[:, :, -1], last_lse, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must be cached"):
+        int4_kv_attention(q, k, ks, v, vs, tq - 1)
+    if tq == 9:
+        opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention.default,
+                                (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip

@@ -13,16 +13,18 @@
 
 namespace fastlayers::kvint4 {
 
+// Several query tokens (prefill, q_tokens > 1): query token i of the call is the cache's token
+// length - q_tokens + i and sees the cached tokens [0, length - q_tokens + i] (causal).
 struct DecodeParams {
-  const float* q = nullptr;             // [batch, hq, d] contiguous
+  const float* q = nullptr;             // [batch, hq, q_tokens, d] contiguous
   const uint8_t* k = nullptr;           // [batch, hkv, t_max, d / 2]
   const fp8e4m3_t* k_scale = nullptr;   // [batch, hkv, t_max, d / group]
   const uint8_t* v = nullptr;
   const fp8e4m3_t* v_scale = nullptr;
-  float* out = nullptr;                 // [batch, hq, d]
-  float* lse = nullptr;                 // [batch, hq]
+  float* out = nullptr;                 // [batch, hq, q_tokens, d]
+  float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
-  int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0;
+  int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   float scale = 1.0f;
 };
 

@@ -109,44 +109,69 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
   }
 }
 
+// H query rows against a block of nt keys starting at token t0; row r sees the block's keys up to
+// its last visible token limit[r] (causal): the rest of its scores are masked.
 template <int H>
-void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, float* s, float* m,
-           float* l, float* acc) {
+void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t t0,
+           const int64_t* limit, float* s, float* m, float* l, float* acc) {
   scores<H>(q, k, nt, d, s);
-  for (int h = 0; h < H; ++h) scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, nt, m[h], l[h]));
+  for (int h = 0; h < H; ++h) {
+    int64_t hi = limit[h] - t0 + 1;
+    hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
+    scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
+  }
   values<H>(s, v, nt, d, acc);
 }
 
-void task(const DecodeParams& p, int64_t b, int64_t h, bool chunked, Buffers& w) {
-  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group;
-  for (int64_t g = 0; g < G; ++g) {
-    const float* src = p.q + (b * p.hq + h * G + g) * d;
-    for (int64_t c = 0; c < d; ++c) {
-      w.q[g * d + position(c, chunked)] = src[c] * p.scale;
-      w.acc[g * d + c] = 0.0f;
+// Query rows per task: kQueryBlock query tokens of every head of the GQA group.
+constexpr int64_t kQueryBlock = 32;
+
+// One (batch, kv head, block of query tokens): rows r = i * G + g for query token qi0 + i and
+// group head g, each seeing the cached tokens up to its causal limit.
+void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked, Buffers& w,
+          int64_t* limit) {
+  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
+  const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
+  const int64_t rows = nq * G, past = p.length - Tq;
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      const float* src = p.q + ((b * p.hq + h * G + g) * Tq + qi0 + i) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        w.q[r * d + position(c, chunked)] = src[c] * p.scale;
+        w.acc[r * d + c] = 0.0f;
+      }
+      w.m[r] = kNegInf;
+      w.l[r] = 0.0f;
+      limit[r] = past + qi0 + i;
     }
-    w.m[g] = kNegInf;
-    w.l[g] = 0.0f;
   }
   const int64_t row = (b * p.hkv + h) * p.t_max;
-  for (int64_t t0 = 0; t0 < p.length; t0 += kTokens) {
-    const int64_t nt = p.length - t0 < kTokens ? p.length - t0 : kTokens;
+  const int64_t keys = past + qi0 + nq;  // the last row's limit + 1
+  for (int64_t t0 = 0; t0 < keys; t0 += kTokens) {
+    const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t r = row + t0 + i;
       dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
       dequant_row(p.v + r * (d / 2), p.v_scale + r * groups, d, p.group, chunked, w.v + i * d);
     }
-    int64_t g = 0;
-    for (; g + kHeads <= G; g += kHeads) {
-      heads<kHeads>(w.q + g * d, w.k, w.v, nt, d, w.s + g * kTokens, w.m + g, w.l + g, w.acc + g * d);
+    int64_t r = 0;
+    for (; r + kHeads <= rows; r += kHeads) {
+      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, w.s + r * kTokens, w.m + r, w.l + r,
+                    w.acc + r * d);
     }
-    for (; g < G; ++g) heads<1>(w.q + g * d, w.k, w.v, nt, d, w.s + g * kTokens, w.m + g, w.l + g, w.acc + g * d);
+    for (; r < rows; ++r) {
+      heads<1>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, w.s + r * kTokens, w.m + r, w.l + r, w.acc + r * d);
+    }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t head = b * p.hq + h * G + g;
-    const float inv = w.l[g] > 0.0f ? 1.0f / w.l[g] : 0.0f;
-    for (int64_t c = 0; c < d; ++c) p.out[head * d + c] = w.acc[g * d + position(c, chunked)] * inv;
-    p.lse[head] = w.l[g] > 0.0f ? w.m[g] + __builtin_logf(w.l[g]) : kNegInf;
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      const int64_t out_row = (b * p.hq + h * G + g) * Tq + qi0 + i;
+      const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+      for (int64_t c = 0; c < d; ++c) p.out[out_row * d + c] = w.acc[r * d + position(c, chunked)] * inv;
+      p.lse[out_row] = w.l[r] > 0.0f ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
+    }
   }
 }
 
@@ -225,12 +250,19 @@ Status decode(const DecodeParams& p) {
 #else
   const bool chunked = false;
 #endif
-  const int64_t tasks = p.batch * p.hkv;
+  const int64_t G = p.hq / p.hkv, qblocks = (p.q_tokens + kQueryBlock - 1) / kQueryBlock;
+  const int64_t tasks = p.batch * p.hkv * qblocks;
+  const int64_t rows = G * (p.q_tokens < kQueryBlock ? p.q_tokens : kQueryBlock);
 #pragma omp parallel if (tasks > 1 && tasks * p.length * p.d >= (1 << 16))
   {
-    Buffers w(p.hq / p.hkv, p.d);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) task(p, t / p.hkv, t % p.hkv, chunked, w);
+    Buffers w(rows, p.d);
+    int64_t* limit = new int64_t[rows];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / qblocks;
+      task(p, bh / p.hkv, bh % p.hkv, (t % qblocks) * kQueryBlock, chunked, w, limit);
+    }
+    delete[] limit;
   }
   return Status::ok();
 }

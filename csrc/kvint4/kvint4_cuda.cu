@@ -281,6 +281,9 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
         "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "
         "query heads per kv head");
   }
+  if (p.q_tokens != 1) {
+    return Status::unsupported("int4_kv_decode: the CUDA kernel takes one query token per sequence");
+  }
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
   switch (p.d / 32) {

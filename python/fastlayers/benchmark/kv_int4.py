@@ -58,4 +58,55 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 err,
             )
         )
+    rows += _prefill(device, quick, reps)
+    return rows
+
+
+PREFILL = {"cpu": [(512, 512), (1024, 1024)], "cuda": []}  # (new tokens, context)
+PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": []}
+
+
+def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """``int4_kv_attention``: the last ``tokens`` of the cache attend causally over it (prefill),
+    against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded)."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    rows: list[Row] = []
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for tokens, context in (PREFILL_QUICK if quick else PREFILL)[device.type]:
+        kf = torch.randn(1, HKV, context, D, generator=gen).to(device)
+        vf = torch.randn(1, HKV, context, D, generator=gen).to(device)
+        q = torch.randn(1, HQ, tokens, D, generator=gen).to(device, torch.bfloat16)
+        k, ks = quantize_kv_int4(kf, GROUP)
+        v, vs = quantize_kv_int4(vf, GROUP)
+        kb, vb = kf.bfloat16(), vf.bfloat16()
+        mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
+        flops = 4 * HQ * D * int(mask.sum())  # QK^T and PV on the visible pairs
+        with torch.no_grad():
+            t = time_fn(int4_kv_attention, [(q, k, ks, v, vs)], device, reps=max(3, reps // 4))
+            t_ref = time_fn(
+                lambda q, k, v, mask=mask: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=True
+                ),
+                [(q, kb, vb)],
+                device,
+                reps=max(3, reps // 4),
+            )
+            out, _ = int4_kv_attention(q, k, ks, v, vs)
+            want, _ = _attention_reference(q.double(), k, ks, v, vs, context, D**-0.5)
+            err = (out.double() - want).abs().max().item()
+        rows.append(
+            Row(
+                "int4_kv_attention prefill (GQA 32/8, d128)",
+                f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
+                "bfloat16",
+                backend_label(device, "int4_kv_decode"),
+                t.median_s * 1e6,
+                "bf16 causal SDPA over a bf16 cache",
+                t_ref.median_s * 1e6,
+                float("nan"),
+                float("nan"),
+                err,
+            )
+        )
     return rows

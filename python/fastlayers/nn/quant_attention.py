@@ -10,11 +10,15 @@ projections, the pre-RoPE scales (folded into ``W_q``/``W_k`` by
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastlayers.ops.kvint4 import _kv_quantize_reference, int4_kv_decode, kv_quantize
+from fastlayers.ops.kvint4 import (
+    _attention_reference,
+    _kv_quantize_reference,
+    int4_kv_attention,
+    int4_kv_decode,
+    kv_quantize,
+)
 from fastlayers.ops.kvint4 import _reference as _decode_reference
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, quantize_q_fp8
@@ -46,10 +50,10 @@ class RopeAwareQuantAttention(torch.nn.Module):
     channels) with FP8 scales; softmax attention in fp32 over the dequantized cache, scaled by
     ``scale`` (default ``d ** -0.5``). Output ``[B, H_q, T, d]`` in ``q``'s dtype.
 
-    Kernels: the key cache write is one CPU pass (RoPE, scale, quantize, pack:
-    :func:`fastlayers.ops.kv_quantize` with ``cos``/``sin``); a single new token attends with the
-    INT4 decode kernel, which reads the cache without dequantizing it to memory. Prefill (several
-    new tokens) dequantizes the cache and runs the attention in PyTorch (fp32).
+    Kernels: the key cache write is one pass (RoPE, scale, quantize, pack:
+    :func:`fastlayers.ops.kv_quantize` with ``cos``/``sin``); attention reads the INT4 cache in
+    place, dequantizing blocks of keys and values in registers: the decode kernel for one new
+    token, :func:`fastlayers.ops.int4_kv_attention` (causal, tiled) for several (prefill).
     """
 
     def __init__(
@@ -131,20 +135,6 @@ class RopeAwareQuantAttention(torch.nn.Module):
         qs = apply_rope(q, cos, sin, self.pairing) * inv[None, :, None, :]
         return quantize_q_fp8(qs) if self.q_fp8 else qs
 
-    def _attend(self, qs, store: Int4KVStore, new: int, out_dtype) -> torch.Tensor:
-        """Causal softmax attention of the ``new`` last cached tokens' queries, fp32."""
-        b, hq, t, d = qs.shape
-        keys, values = store.dequantized(torch.float32)
-        group = hq // keys.shape[1]
-        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        s = torch.einsum("bhtd,bhld->bhtl", qs, keys) * self.scale
-        past = store.length - new
-        visible = torch.arange(store.length, device=qs.device)[None, :] <= (
-            past + torch.arange(t, device=qs.device)[:, None]
-        )
-        s = s.masked_fill(~visible, -math.inf)
-        return torch.einsum("bhtl,bhld->bhtd", torch.softmax(s, -1), values).to(out_dtype)
-
     def forward(self, q, k, v, cos, sin, cache: Int4KVStore | None = None) -> torch.Tensor:
         self._check(q, k, v, cos, sin, cache)
         post = self.post_scale.to(k.device)
@@ -153,11 +143,12 @@ class RopeAwareQuantAttention(torch.nn.Module):
         store = Int4KVStore() if cache is None else cache
         store.append(kq, ks, vq, vs)
         qs = self._queries(q, cos, sin)
-        if q.shape[2] == 1:  # one new token: the decode kernel reads the INT4 cache
-            kb, ksb, vb, vsb = store.buffers
+        kb, ksb, vb, vsb = store.buffers  # the kernels read the INT4 cache in place
+        if q.shape[2] == 1:  # one new token: the decode kernel
             out, _ = int4_kv_decode(qs[:, :, 0], kb, ksb, vb, vsb, store.length, self.scale)
             return out[:, :, None].to(q.dtype)
-        return self._attend(qs, store, q.shape[2], q.dtype)
+        out, _ = int4_kv_attention(qs, kb, ksb, vb, vsb, store.length, self.scale)
+        return out.to(q.dtype)
 
     def forward_reference(self, q, k, v, cos, sin, cache: Int4KVStore | None = None):
         """The specification in plain PyTorch (same arguments and cache semantics)."""
@@ -171,4 +162,5 @@ class RopeAwareQuantAttention(torch.nn.Module):
         if q.shape[2] == 1:
             out, _ = _decode_reference(qs[:, :, 0], *store.buffers, store.length, self.scale)
             return out[:, :, None].to(q.dtype)
-        return self._attend(qs, store, q.shape[2], q.dtype)
+        out, _ = _attention_reference(qs, *store.buffers, store.length, self.scale)
+        return out.to(q.dtype)

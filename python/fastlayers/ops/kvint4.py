@@ -38,16 +38,19 @@ LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
     " float scale) -> (Tensor, Tensor)"
 )
+LIB.define(
+    "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
+    " float scale) -> (Tensor, Tensor)"
+)
 
 
-def _check(q, k, k_scale, v, v_scale, length, scale) -> None:
+def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> None:
     for t, name in ((q, "q"), (k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
         check_tensor(t, name)
-    if q.dim() != 3 or not q.is_floating_point():
-        raise ValueError(
-            f"q must be a float [batch, q_heads, head_dim], got {q.dtype} {tuple(q.shape)}"
-        )
-    b, hq, d = q.shape
+    want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
+    if q.dim() != (4 if q_tokens else 3) or not q.is_floating_point():
+        raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     for t, name in ((k, "k"), (v, "v")):
         if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != b or t.shape[3] * 2 != d:
             raise ValueError(
@@ -70,6 +73,10 @@ def _check(q, k, k_scale, v, v_scale, length, scale) -> None:
         raise ValueError("the quantization group must be even")
     if not 0 <= length <= t_max:
         raise ValueError(f"length must be in [0, {t_max}], got {length}")
+    if q_tokens and not (q.shape[2] <= length or q.shape[2] == 0):
+        raise ValueError(
+            f"q has {q.shape[2]} tokens but the cache only {length}: the new tokens must be cached"
+        )
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
@@ -89,13 +96,60 @@ def _reference(q, k, k_scale, v, v_scale, length, scale):
     return out.to(q.dtype), lse
 
 
+def _attention_reference(q, k, k_scale, v, v_scale, length, scale):
+    """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i."""
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+    b, hq, tq, d = q.shape
+    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
+    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
+    rep = hq // k.shape[1]
+    keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+    s = torch.einsum("bhqd,bhtd->bhqt", q.float(), keys) * scale
+    visible = torch.arange(length, device=q.device)[None, :] <= (
+        length - tq + torch.arange(tq, device=q.device)[:, None]
+    )
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhqt,bhtd->bhqd", p, values)
+    return out.to(q.dtype), lse
+
+
+def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+    if q.device.type != "cpu" or not has_kernel(q.device, "int4_kv_decode"):
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale)
+    return out.to(q.dtype), lse
+
+
+def _run(q4, k, k_scale, v, v_scale, length, scale, workspace=None):
+    """The kernel on ``q4 [B, Hq, Tq, d]``: ``(out [B, Hq, Tq, d] fp32, lse [B, Hq, Tq])``."""
+    b, hq, tq, d = q4.shape
+    hkv, t_max = k.shape[1], k.shape[2]
+    device = q4.device
+    q32 = q4.float().contiguous()
+    kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
+    out = empty((b, hq, tq, d), torch.float32, device)
+    lse = empty((b, hq, tq), torch.float32, device)
+    if b * hq * tq == 0:
+        return out, lse
+    with device_guard(device):
+        _ext.C.int4_kv_decode(
+            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out),
+            ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale, ptr(workspace),
+            stream_of(device), tq,
+        )  # fmt: skip
+    return out, lse
+
+
 def _kernel(q, k, k_scale, v, v_scale, length, scale):
     _check(q, k, k_scale, v, v_scale, length, scale)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _reference(q, k, k_scale, v, v_scale, length, scale)
     b, hq, d = q.shape
-    hkv, t_max = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     workspace = None
     if device.type == "cuda":  # split-KV: per-split partial outputs and lse
         floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length)
@@ -108,22 +162,35 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale):
             )
             return _reference(q, k, k_scale, v, v_scale, length, scale)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
-    q32 = q.float().contiguous()
-    kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
-    out = empty((b, hq, d), torch.float32, device)
-    lse = empty((b, hq), torch.float32, device)
-    with device_guard(device):
-        _ext.C.int4_kv_decode(
-            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out),
-            ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale, ptr(workspace),
-            stream_of(device),
-        )  # fmt: skip
-    return out.to(q.dtype), lse
+    out, lse = _run(q[:, :, None], k, k_scale, v, v_scale, length, scale, workspace)
+    return out[:, :, 0].to(q.dtype), lse[:, :, 0]
 
 
 LIB.impl("int4_kv_decode", _kernel, "CPU")
 LIB.impl("int4_kv_decode", _kernel, "CUDA")
 LIB.impl("int4_kv_decode", _reference, "CompositeExplicitAutograd")
+LIB.impl("int4_kv_attention", _attention_kernel, "CPU")
+LIB.impl("int4_kv_attention", _attention_kernel, "CUDA")
+LIB.impl("int4_kv_attention", _attention_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_kv_attention", lib=LIB)
+def _attention_fake(q, k, k_scale, v, v_scale, length, scale):
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
+    """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
+    verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
+    (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
+    ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] fp32)``. CPU kernel (keys and values
+    dequantized per block in registers, online softmax); elsewhere the reference."""
+    check_tensor(q, "q")
+    check_tensor(k, "k")
+    length = k.shape[2] if length is None else int(length)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale)
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
