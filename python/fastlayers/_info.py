@@ -24,6 +24,7 @@ OPS = (
     "int4_fp8_gemm",
     "varlen_attention",
     "int4_kv_decode",
+    "int4_kv_attention",
     "kv_quantize",
 )
 
