@@ -469,6 +469,36 @@ bool peer_experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs) {
 #endif
 }
 
+void rows_op(int op, int device, std::uintptr_t x, std::uintptr_t idx, std::uintptr_t rows,
+             std::uintptr_t gate, std::uintptr_t y, std::uintptr_t d_gate, int64_t n, int64_t m,
+             int64_t dim, int dtype, std::uintptr_t stream) {
+  skip::RowsParams p;
+  p.x = ptr<const void>(x);
+  p.idx = ptr<const int64_t>(idx);
+  p.rows = ptr<const void>(rows);
+  p.gate = ptr<const float>(gate);
+  p.y = ptr<void>(y);
+  p.d_gate = ptr<float>(d_gate);
+  p.n = n;
+  p.m = m;
+  p.dim = dim;
+  p.dtype = static_cast<DType>(dtype);
+  switch (op) {
+    case 0:
+      run(device, p, stream, skip::gather_rows_cpu, FL_CUDA_OR_NONE(skip::gather_rows_cuda));
+      break;
+    case 1:
+      run(device, p, stream, skip::scatter_add_gated_cpu, FL_CUDA_OR_NONE(skip::scatter_add_gated_cuda));
+      break;
+    case 2:
+      run(device, p, stream, skip::scatter_add_gated_backward_cpu,
+          FL_CUDA_OR_NONE(skip::scatter_add_gated_backward_cuda));
+      break;
+    default:
+      throw py::value_error("rows_op: op must be 0 (gather), 1 (scatter) or 2 (scatter backward)");
+  }
+}
+
 // Floats of CUDA workspace int4_kv_decode needs (0 when the CUDA kernel does not take the shape or
 // this build has no CUDA).
 int64_t int4_kv_decode_cuda_workspace(int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t length) {
@@ -545,6 +575,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_experts_cuda_supported", &peer_experts_cuda_supported);
   m.def("peer_retrieve_cuda_supported", &peer_retrieve_cuda_supported);
   m.def("int4_kv_decode_cuda_workspace", &int4_kv_decode_cuda_workspace);
+  m.def("rows_op", &rows_op);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);

@@ -48,6 +48,31 @@ struct VarlenBwdParams {
   void* dv = nullptr;                 // [nk, hkv, dv]
 };
 
+// Routed rows in and out of the residual stream (idx: negative entries are routing padding).
+// gather:  y[m] = x[idx[m]], or a zero row for idx[m] < 0.
+// scatter: y = residual; y[idx[m]] = T(float(double(residual[idx[m]]) + double(out[m]) * gate[m]))
+//          for idx[m] >= 0 (indices unique; the product is exact in double, so the result does not
+//          depend on FMA contraction); gate null means 1.
+// scatter backward (d_residual is dy itself): d_out[m] = T(float(double(dy[idx[m]]) * gate[m])),
+//          d_gate[m] = sum_j dy[idx[m], j] out[m, j] (double accumulation), zeros for padding.
+struct RowsParams {
+  const void* x = nullptr;          // gather: x [n, dim]; scatter: residual [n, dim]; bwd: dy [n, dim]
+  const int64_t* idx = nullptr;     // [m]
+  const void* rows = nullptr;       // scatter (and bwd): out [m, dim]
+  const float* gate = nullptr;      // [m] fp32 or null
+  void* y = nullptr;                // gather: [m, dim]; scatter: [n, dim]; bwd: d_out [m, dim]
+  float* d_gate = nullptr;          // bwd: [m] or null
+  int64_t n = 0, m = 0, dim = 0;
+  DType dtype = DType::kFloat32;
+};
+
+Status gather_rows_cpu(const RowsParams& p);
+Status scatter_add_gated_cpu(const RowsParams& p);
+Status scatter_add_gated_backward_cpu(const RowsParams& p);
+Status gather_rows_cuda(const RowsParams& p, void* stream);
+Status scatter_add_gated_cuda(const RowsParams& p, void* stream);
+Status scatter_add_gated_backward_cuda(const RowsParams& p, void* stream);
+
 Status validate(const VarlenParams& p);
 Status varlen_attention_cpu(const VarlenParams& p);
 Status varlen_attention_backward_cpu(const VarlenBwdParams& p);

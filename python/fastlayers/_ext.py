@@ -48,6 +48,8 @@ CUDA_OPS = frozenset(
         "ultrafast_ff_backward",
         "fff_hard",
         "peer_retrieve",
+        "gather_rows",
+        "scatter_add_gated",
         "int4_kv_decode",
         "kv_quantize",
         "peer_experts",

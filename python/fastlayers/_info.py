@@ -23,6 +23,8 @@ OPS = (
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
     "varlen_attention",
+    "gather_rows",
+    "scatter_add_gated",
     "int4_kv_decode",
     "int4_kv_attention",
     "kv_quantize",

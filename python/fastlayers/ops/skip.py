@@ -15,7 +15,16 @@ import math
 import torch
 
 from fastlayers import _dtypes, _ext
-from fastlayers.ops._common import LIB, check_tensor, device_code, empty, has_kernel, ptr
+from fastlayers.ops._common import (
+    LIB,
+    check_tensor,
+    device_code,
+    device_guard,
+    empty,
+    has_kernel,
+    ptr,
+    stream_of,
+)
 from fastlayers.reference import skip as ref
 
 LIB.define(
@@ -259,11 +268,170 @@ def route_threshold(scores: torch.Tensor, tau: float) -> tuple[torch.Tensor, tor
     return ref.route_threshold(scores, float(tau))
 
 
+def _check_rows(x, indices, name_x="x") -> None:
+    check_tensor(x, name_x)
+    check_tensor(indices, "indices")
+    if x.dim() != 2 or x.dtype not in _dtypes.FLOATING:
+        raise ValueError(
+            f"{name_x} must be float32/float16/bfloat16 [rows, dim], got {x.dtype} {tuple(x.shape)}"
+        )
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"indices must be int32/int64 [m], got {indices.dtype} {tuple(indices.shape)}"
+        )
+    if indices.device != x.device:
+        raise ValueError(f"indices is on {indices.device} but {name_x} is on {x.device}")
+
+
+def _check_scatter(residual, indices, out, gate) -> None:
+    _check_rows(residual, indices, "residual")
+    check_tensor(out, "out")
+    m, dim = indices.shape[0], residual.shape[1]
+    if out.dtype != residual.dtype or tuple(out.shape) != (m, dim) or out.device != residual.device:
+        raise ValueError(
+            f"out must be {residual.dtype} [{m}, {dim}] on {residual.device}, got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
+    if gate is not None:
+        check_tensor(gate, "gate")
+        if not gate.is_floating_point() or tuple(gate.shape) != (m,) or gate.device != out.device:
+            raise ValueError(
+                f"gate must be a float [{m}] on {out.device}, got {gate.dtype} {tuple(gate.shape)}"
+            )
+
+
+def _rows_kernel_ok(t: torch.Tensor) -> bool:
+    return t.device.type in ("cpu", "cuda") and has_kernel(t.device, "scatter_add_gated")
+
+
+def _rows_call(op, x, idx, rows, gate, y, d_gate, n, m, dim, dtype, device) -> None:
+    with device_guard(device):
+        _ext.C.rows_op(op, device_code(device), ptr(x), ptr(idx), ptr(rows), ptr(gate), ptr(y),
+                       ptr(d_gate), n, m, dim, _dtypes.code(dtype), stream_of(device))  # fmt: skip
+
+
+def _gather_kernel(x, indices):
+    _check_rows(x, indices)
+    if not _rows_kernel_ok(x):
+        return ref.gather_rows(x, indices)
+    xc, idx = x.contiguous(), indices.long().contiguous()
+    y = empty((idx.shape[0], x.shape[1]), x.dtype, x.device)
+    _rows_call(0, xc, idx, None, None, y, None, x.shape[0], idx.shape[0], x.shape[1], x.dtype,
+               x.device)  # fmt: skip
+    return y
+
+
+def _scatter_kernel(residual, indices, out, gate):
+    _check_scatter(residual, indices, out, gate)
+    if not _rows_kernel_ok(residual):
+        return ref.scatter_add_gated(residual, indices, out, gate)
+    rc, idx, oc = residual.contiguous(), indices.long().contiguous(), out.contiguous()
+    g = gate.float().contiguous() if gate is not None else None
+    y = empty(residual.shape, residual.dtype, residual.device)
+    n, dim = residual.shape
+    _rows_call(1, rc, idx, oc, g, y, None, n, idx.shape[0], dim, residual.dtype, residual.device)
+    return y
+
+
+def _scatter_backward_kernel(grad_y, indices, out, gate):
+    """``(d_out [m, dim], d_gate [m] fp32)``; d_residual is grad_y itself."""
+    idx = indices.long().contiguous()
+    m, dim = out.shape
+    if not _rows_kernel_ok(out):
+        valid = (idx >= 0)[:, None]
+        rows = grad_y[idx.clamp_min(0)].double() * valid
+        g = gate.float().double()[:, None] if gate is not None else 1.0
+        d_out = (rows * g).float().to(out.dtype)
+        return d_out, (rows * out.double()).sum(-1).float()
+    dy, oc = grad_y.contiguous(), out.contiguous()
+    g = gate.float().contiguous() if gate is not None else None
+    d_out = empty((m, dim), out.dtype, out.device)
+    d_gate = empty((m,), torch.float32, out.device)
+    _rows_call(2, dy, idx, oc, g, d_out, d_gate, dy.shape[0], m, dim, out.dtype, out.device)
+    return d_out, d_gate
+
+
+LIB.define("gather_rows(Tensor x, Tensor indices) -> Tensor")
+LIB.define("scatter_add_gated(Tensor residual, Tensor indices, Tensor out, Tensor? gate) -> Tensor")
+LIB.define(
+    "scatter_add_gated_backward(Tensor grad_y, Tensor indices, Tensor out, Tensor? gate)"
+    " -> (Tensor, Tensor)"
+)
+for _name, _fn in (
+    ("gather_rows", _gather_kernel),
+    ("scatter_add_gated", _scatter_kernel),
+    ("scatter_add_gated_backward", _scatter_backward_kernel),
+):
+    LIB.impl(_name, _fn, "CPU")
+    LIB.impl(_name, _fn, "CUDA")
+LIB.impl("gather_rows", lambda x, i: ref.gather_rows(x, i), "CompositeExplicitAutograd")
+LIB.impl(
+    "scatter_add_gated",
+    lambda r, i, o, g: ref.scatter_add_gated(r, i, o, g),
+    "CompositeExplicitAutograd",
+)
+LIB.impl("scatter_add_gated_backward", _scatter_backward_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::gather_rows", lib=LIB)
+def _gather_fake(x, indices):
+    _check_rows(x, indices)
+    return x.new_empty((indices.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("fastlayers::scatter_add_gated", lib=LIB)
+def _scatter_fake(residual, indices, out, gate):
+    _check_scatter(residual, indices, out, gate)
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastlayers::scatter_add_gated_backward", lib=LIB)
+def _scatter_backward_fake(grad_y, indices, out, gate):
+    return out.new_empty(out.shape), out.new_empty((out.shape[0],), dtype=torch.float32)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, indices = inputs
+    ctx.save_for_backward(indices)
+    ctx.rows = x.shape[0]
+
+
+def _gather_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    idx = indices.long()
+    valid = (idx >= 0).to(grad.dtype)[:, None]
+    dx = grad.new_zeros((ctx.rows, grad.shape[1]))
+    dx.index_add_(0, idx.clamp_min(0), grad * valid)  # (no host synchronisation)
+    return dx, None
+
+
+def _scatter_setup(ctx, inputs, output):
+    residual, indices, out, gate = inputs
+    ctx.save_for_backward(indices, out, gate)
+    ctx.gate_dtype = gate.dtype if gate is not None else None
+
+
+def _scatter_backward(ctx, grad):
+    indices, out, gate = ctx.saved_tensors
+    d_out, d_gate = torch.ops.fastlayers.scatter_add_gated_backward(grad, indices, out, gate)
+    d_gate = d_gate.to(ctx.gate_dtype) if gate is not None else None
+    return grad, None, d_out, d_gate
+
+
+torch.library.register_autograd(
+    "fastlayers::gather_rows", _gather_backward, setup_context=_gather_setup, lib=LIB
+)
+torch.library.register_autograd(
+    "fastlayers::scatter_add_gated", _scatter_backward, setup_context=_scatter_setup, lib=LIB
+)
+
+
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x [N, D]`` at ``indices [M]`` (a negative index gives a zero row)."""
+    """Rows of ``x [N, D]`` at ``indices [M]`` (a negative index gives a zero row). Kernels on CPU
+    and CUDA, no host synchronisation; differentiable w.r.t. ``x``."""
     check_tensor(x, "x")
     check_tensor(indices, "indices")
-    return ref.gather_rows(x, indices)
+    return torch.ops.fastlayers.gather_rows(x, indices)
 
 
 def scatter_add_gated(
@@ -273,8 +441,9 @@ def scatter_add_gated(
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``residual`` with ``residual[indices] += gate[:, None] * out`` (returns a new tensor;
-    indices unique, negative ones skipped; each updated row computed in fp32 and rounded once).
-    Differentiable; the gate's gradient is ``<dy[indices], out>``."""
+    indices unique, negative ones skipped; each updated element ``T(float(double(residual) +
+    double(out) * double(gate)))``, as the reference). Differentiable; the backward is one fused
+    kernel: ``d_out = gate * dy[indices]`` and ``d_gate = <dy[indices], out>``."""
     for t, name in ((residual, "residual"), (indices, "indices"), (out, "out")):
         check_tensor(t, name)
-    return ref.scatter_add_gated(residual, indices, out, gate)
+    return torch.ops.fastlayers.scatter_add_gated(residual, indices, out, gate)

@@ -152,11 +152,12 @@ def scatter_add_gated(
     residual: torch.Tensor, indices: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None
 ) -> torch.Tensor:
     """``residual`` with ``residual[indices] += gate[:, None] * out`` (a new tensor): each updated
-    row computed in fp32 and rounded once; indices are unique, negative ones are skipped."""
+    element is ``T(float(double(residual) + double(out) * double(gate)))`` (the product exact, so
+    every backend gives the same bits); indices are unique, negative ones are skipped."""
     valid = indices >= 0
     idx = indices[valid]
-    add = out[valid].float()
+    add = out[valid].double()  # exact products in float64, one rounding of the sum, then to fp32
     if gate is not None:
-        add = add * gate[valid].float()[:, None]
-    rows = (residual[idx].float() + add).to(residual.dtype)
+        add = add * gate[valid].float().double()[:, None]
+    rows = (residual[idx].double() + add).float().to(residual.dtype)
     return residual.index_put((idx,), rows)
