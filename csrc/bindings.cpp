@@ -291,7 +291,8 @@ void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintp
                       std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k, std::uintptr_t q_pos,
                       std::uintptr_t k_pos, std::uintptr_t out, std::uintptr_t lse, std::uintptr_t k_t,
                       int64_t nq, int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
-                      int64_t dv, int64_t window_left, int64_t window_right, double scale, int dtype) {
+                      int64_t dv, int64_t window_left, int64_t window_right, double scale, int dtype,
+                      std::uintptr_t stream) {
   skip::VarlenParams p;
   p.q = ptr<const void>(q);
   p.k = ptr<const void>(k);
@@ -314,7 +315,7 @@ void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintp
   p.window_right = window_right;
   p.scale = static_cast<float>(scale);
   p.dtype = static_cast<DType>(dtype);
-  run(device, p, 0, skip::varlen_attention_cpu, no_cuda_kernel<skip::VarlenParams>);
+  run(device, p, stream, skip::varlen_attention_cpu, FL_CUDA_OR_NONE(skip::varlen_attention_cuda));
 }
 
 void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
@@ -469,6 +470,15 @@ bool peer_experts_cuda_supported(int64_t tokens, int64_t dim, int64_t pairs) {
 #endif
 }
 
+bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq) {
+#ifdef FASTLAYERS_WITH_CUDA
+  return skip::varlen_attention_cuda_supported(d, dv, nq, hq);
+#else
+  (void)d, (void)dv, (void)nq, (void)hq;
+  return false;
+#endif
+}
+
 void rows_op(int op, int device, std::uintptr_t x, std::uintptr_t idx, std::uintptr_t rows,
              std::uintptr_t gate, std::uintptr_t y, std::uintptr_t d_gate, int64_t n, int64_t m,
              int64_t dim, int dtype, std::uintptr_t stream) {
@@ -576,6 +586,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("peer_retrieve_cuda_supported", &peer_retrieve_cuda_supported);
   m.def("int4_kv_decode_cuda_workspace", &int4_kv_decode_cuda_workspace);
   m.def("rows_op", &rows_op);
+  m.def("varlen_attention_cuda_supported", &varlen_attention_cuda_supported);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);

@@ -35,8 +35,10 @@ def test_info_reports_build_and_backends():
     for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
         assert d["ops"][op]["cpu"] == ("kernel" if _ext.C is not None else "reference")
         assert d["ops"][op]["cuda"] == ("kernel" if _ext.has_cuda_kernels() else "reference")
-    assert d["ops"]["peer_retrieve"]["cuda"] == "reference"  # no CUDA kernel yet
+    cuda = "kernel" if _ext.has_cuda_kernels() else "reference"
+    assert d["ops"]["peer_retrieve"]["cuda"] == cuda
     assert d["ops"]["peer_retrieve"]["cpu"] == ("kernel" if _ext.C is not None else "reference")
+    assert d["ops"]["int4_kv_attention"]["cuda"] == "reference"  # no CUDA kernel yet
 
 
 def test_cli_info_json():

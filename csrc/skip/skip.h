@@ -73,6 +73,10 @@ Status gather_rows_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_backward_cuda(const RowsParams& p, void* stream);
 
+// CUDA forward (varlen_cuda.cu): head dims up to 128; the backward runs the reference on CUDA.
+bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq);
+Status varlen_attention_cuda(const VarlenParams& p, void* stream);
+
 Status validate(const VarlenParams& p);
 Status varlen_attention_cpu(const VarlenParams& p);
 Status varlen_attention_backward_cpu(const VarlenBwdParams& p);

@@ -49,6 +49,7 @@ CUDA_OPS = frozenset(
         "fff_hard",
         "peer_retrieve",
         "gather_rows",
+        "varlen_attention",
         "scatter_add_gated",
         "int4_kv_decode",
         "kv_quantize",

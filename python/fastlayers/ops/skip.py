@@ -112,12 +112,41 @@ def _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
     )  # fmt: skip
 
 
+def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
+    """The CUDA forward: no host-side layout check (it would synchronise); the kernel masks every
+    key by position and clamps cu_seqlens to the tensors."""
+    nq, hq, d = q.shape
+    nk, hkv, dv = v.shape
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    cq, ck = cu_q.contiguous(), cu_k.contiguous()
+    qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
+    out = empty((nq, hq, dv), q.dtype, q.device)
+    lse = empty((nq, hq), torch.float32, q.device)
+    if nq > 0:
+        with device_guard(q.device):
+            _ext.C.varlen_attention(
+                device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp),
+                ptr(kp), ptr(out), ptr(lse), 0, nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left,
+                right, scale, _dtypes.code(q.dtype), stream_of(q.device),
+            )  # fmt: skip
+    return out, lse
+
+
 def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
     _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+    if (
+        q.device.type == "cuda"
+        and q.dtype != torch.float64
+        and has_kernel(q.device, "varlen_attention")
+    ):
+        if _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1]):
+            return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+        _ext.warn_once(
+            "varlen_attention-cuda-dims",
+            "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128; running the "
+            "PyTorch reference",
+        )
     if q.device.type != "cpu" or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
-        if q.device.type == "cuda":
-            _ext.warn_once("varlen_attention-cuda", "fastlayers.varlen_attention: no CUDA kernel "
-                           "yet; running the PyTorch reference")  # fmt: skip
         return _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
@@ -132,7 +161,7 @@ def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
         _ext.C.varlen_attention(
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
             ptr(out), ptr(lse), ptr(k_t), nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left, right,
-            scale, _dtypes.code(q.dtype),
+            scale, _dtypes.code(q.dtype), 0,
         )  # fmt: skip
     return out, lse
 

@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: Apache-2.0
+// CUDA varlen position-masked attention, forward (sm80+). First version, CUDA cores in fp32, written
+// for correctness; not yet run on a GPU. Semantics: skip.h (VarlenParams) and
+// python/fastlayers/reference/skip.py: query i of sequence b sees key j of b iff
+// q_pos[i] - left <= k_pos[j] <= q_pos[i] + right (-1: unbounded), fp32 softmax, zeros and
+// lse = -inf for a query that sees nothing (and for rows past the last sequence).
+//
+// One CTA (4 warps) per (tile of kRows packed query rows, query head). The tile's rows may span
+// sequences: each row finds its sequence by binary search in cu_seqlens_q, and the CTA walks the key
+// tiles covering the union of its rows' key ranges, skipping a key tile that no row can see (by the
+// tile's position range). Positions need not increase (every key is masked individually), so the
+// host does no layout check and nothing synchronises.
+//   Scores: warp w owns rows 4w..4w+3; lane j scores key j of the 32-key tile against each row
+//   (K tile in shared memory with a padded stride: conflict-free).
+//   Online softmax per row with warp reductions; the output row is spread over the lanes
+//   (dv / 32 columns each) and accumulates p_j V[j] with p_j broadcast by shuffles.
+#include <cmath>
+
+#include "common/cuda_utils.cuh"
+#include "skip/skip.h"
+
+namespace fastlayers::skip {
+namespace {
+
+using cuda::from_f;
+using cuda::to_f;
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kRows = kWarps * kRowsPerWarp;  // query rows per CTA
+constexpr int kKeys = 32;                     // keys per tile (one per lane)
+constexpr int kMaxDim = 128;                  // d and dv
+constexpr int kMaxCols = kMaxDim / 32;        // output columns per lane
+
+__device__ __forceinline__ int64_t sequence_of(const int32_t* cu, int64_t batch, int64_t row) {
+  int64_t lo = 0, hi = batch;  // the b with cu[b] <= row < cu[b + 1]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ bool visible(int64_t qp, int64_t kp, int64_t left, int64_t right) {
+  return (left < 0 || kp >= qp - left) && (right < 0 || kp <= qp + right);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const VarlenParams p) {
+  extern __shared__ __align__(16) float smem[];
+  const int64_t d = p.d, dv = p.dv, ks = d + 1;  // padded K stride
+  float* sq = smem;                 // [kRows][d]
+  float* sk = sq + kRows * d;       // [kKeys][d + 1]
+  float* sv = sk + kKeys * ks;      // [kKeys][dv]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y;
+  const int64_t kh = h / (p.hq / p.hkv);
+  // (cu_seqlens are not checked on the host, which would synchronise: clamp them to the tensors)
+  const int64_t total_q = p.cu_seqlens_q[p.batch] < p.nq ? p.cu_seqlens_q[p.batch] : p.nq;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  // This warp's rows: sequence, key range, position.
+  int64_t r_row[kRowsPerWarp], r_k0[kRowsPerWarp], r_k1[kRowsPerWarp], r_pos[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = row0 + warp * kRowsPerWarp + i;
+    r_row[i] = row;
+    r_k0[i] = r_k1[i] = 0;
+    r_pos[i] = 0;
+    if (row < p.nq && row < total_q) {
+      const int64_t b = sequence_of(p.cu_seqlens_q, p.batch, row);
+      r_k0[i] = p.cu_seqlens_k[b];
+      r_k1[i] = p.cu_seqlens_k[b + 1] < p.nk ? p.cu_seqlens_k[b + 1] : p.nk;
+      r_pos[i] = p.q_pos[row];
+    }
+  }
+  // The CTA's key range: the union over its rows (the first and last valid rows bound it, as
+  // sequences are packed in order).
+  __shared__ int64_t range[2];
+  if (threadIdx.x == 0) {
+    const int64_t first = row0, last = (row0 + kRows < total_q ? row0 + kRows : total_q) - 1;
+    if (first < total_q) {
+      const int64_t k1 = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, last) + 1];
+      range[0] = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, first)];
+      range[1] = k1 < p.nk ? k1 : p.nk;
+    } else {
+      range[0] = range[1] = 0;
+    }
+  }
+  for (int64_t i = threadIdx.x; i < kRows * d; i += blockDim.x) {
+    const int64_t row = row0 + i / d;
+    sq[i] = row < p.nq ? to_f(q[(row * p.hq + h) * d + i % d]) * p.scale : 0.0f;
+  }
+  __syncthreads();
+
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kMaxCols];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kMaxCols; ++c) acc[i][c] = 0.0f;
+  }
+
+  for (int64_t t0 = range[0]; t0 < range[1]; t0 += kKeys) {
+    const int64_t nt = range[1] - t0 < kKeys ? range[1] - t0 : kKeys;
+    __syncthreads();  // the previous tile is consumed
+    for (int64_t i = threadIdx.x; i < nt * d; i += blockDim.x) {
+      sk[(i / d) * ks + i % d] = to_f(k[((t0 + i / d) * p.hkv + kh) * d + i % d]);
+    }
+    for (int64_t i = threadIdx.x; i < nt * dv; i += blockDim.x) {
+      sv[i] = to_f(v[((t0 + i / dv) * p.hkv + kh) * dv + i % dv]);
+    }
+    __syncthreads();
+    const int64_t key = t0 + lane;
+    const int64_t kp = lane < nt ? p.k_pos[key] : 0;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const bool ok = lane < nt && key >= r_k0[i] && key < r_k1[i] &&
+                      visible(r_pos[i], kp, p.window_left, p.window_right);
+      if (!__any_sync(0xffffffffu, ok)) continue;
+      float s = -INFINITY;
+      if (ok) {
+        const float* qr = sq + (warp * kRowsPerWarp + i) * d;
+        const float* kr = sk + lane * ks;
+        float dot = 0.0f;
+        for (int64_t c = 0; c < d; ++c) dot += qr[c] * kr[c];
+        s = dot;
+      }
+      float mx = s;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(m[i], mx);
+      const float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+      const float pj = ok ? expf(s - m_new) : 0.0f;
+      float sum = pj;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      l[i] = l[i] * alpha + sum;
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < kMaxCols; ++c) acc[i][c] *= alpha;
+      for (int j = 0; j < nt; ++j) {
+        const float pb = __shfl_sync(0xffffffffu, pj, j);
+        if (pb == 0.0f) continue;
+#pragma unroll
+        for (int c = 0; c < kMaxCols; ++c) {
+          const int64_t col = lane + 32 * c;
+          if (col < dv) acc[i][c] += pb * sv[j * dv + col];
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = r_row[i];
+    if (row >= p.nq) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+    for (int c = 0; c < kMaxCols; ++c) {
+      const int64_t col = lane + 32 * c;
+      if (col < dv) out[(row * p.hq + h) * dv + col] = from_f<T>(acc[i][c] * inv);
+    }
+    if (lane == 0) p.lse[row * p.hq + h] = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+  }
+}
+
+template <typename T>
+Status launch(const VarlenParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (kRows * p.d + kKeys * (p.d + 1) + kKeys * p.dv);
+  const dim3 grid(static_cast<unsigned>((p.nq + kRows - 1) / kRows), static_cast<unsigned>(p.hq));
+  varlen_forward_kernel<T><<<grid, kWarps * 32, smem, stream>>>(p);
+  return cuda::last_launch_status();
+}
+
+}  // namespace
+
+bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq) {
+  return d <= kMaxDim && dv <= kMaxDim && (nq + kRows - 1) / kRows < (int64_t{1} << 31) && hq <= 65535;
+}
+
+Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
+  if (Status s = validate(p); !s.is_ok()) return s;
+  if (!varlen_attention_cuda_supported(p.d, p.dv, p.nq, p.hq)) {
+    return Status::unsupported("varlen_attention: the CUDA kernel takes head dims up to 128");
+  }
+  if (p.nq == 0) return Status::ok();
+  const auto st = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return launch<float>(p, st);
+    case DType::kFloat16:
+      return launch<__half>(p, st);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(p, st);
+    default:
+      return Status::invalid("varlen_attention: dtype must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace fastlayers::skip
