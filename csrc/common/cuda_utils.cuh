@@ -117,6 +117,20 @@ inline bool is_aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
+// Body of a launcher that returns fn<T>(p, stream) for the three activation dtypes (float, __half,
+// __nv_bfloat16), the CUDA twin of FL_CPU_BY_FLOAT_DTYPE.
+#define FL_CUDA_BY_FLOAT_DTYPE(fn, p, stream, message)                       \
+  switch ((p).dtype) {                                                      \
+    case DType::kFloat32:                                                   \
+      return fn<float>((p), (stream));                                      \
+    case DType::kFloat16:                                                   \
+      return fn<__half>((p), (stream));                                     \
+    case DType::kBFloat16:                                                  \
+      return fn<__nv_bfloat16>((p), (stream));                              \
+    default:                                                                \
+      return Status::invalid(message);                                      \
+  }
+
 inline Status last_launch_status() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(err)};

@@ -304,16 +304,7 @@ Status quantize_cuda(const QuantizeParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.rows == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return quantize_typed<float>(p, st);
-    case DType::kFloat16:
-      return quantize_typed<__half>(p, st);
-    case DType::kBFloat16:
-      return quantize_typed<__nv_bfloat16>(p, st);
-    default:
-      return Status::invalid("kv_quantize: dtype must be float32, float16 or bfloat16");
-  }
+  FL_CUDA_BY_FLOAT_DTYPE(quantize_typed, p, st, "kv_quantize: dtype must be float32, float16 or bfloat16")
 }
 
 }  // namespace fastlayers::kvint4

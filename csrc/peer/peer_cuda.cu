@@ -172,16 +172,7 @@ Status experts_forward_cuda(const ExpertsFwdParams& p, void* stream) {
   if (Status s = check_cuda_sizes(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return forward_typed<float>(p, st);
-    case DType::kFloat16:
-      return forward_typed<__half>(p, st);
-    case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(p, st);
-    default:
-      return Status::invalid("peer_experts: dtype must be float32, float16 or bfloat16");
-  }
+  FL_CUDA_BY_FLOAT_DTYPE(forward_typed, p, st, "peer_experts: dtype must be float32, float16 or bfloat16")
 }
 
 Status experts_backward_cuda(const ExpertsBwdParams& p, void* stream) {
@@ -189,16 +180,8 @@ Status experts_backward_cuda(const ExpertsBwdParams& p, void* stream) {
   if (Status s = check_cuda_sizes(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();  // (the Python layer returns zero tables itself)
   const auto st = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return backward_typed<float>(p, st);
-    case DType::kFloat16:
-      return backward_typed<__half>(p, st);
-    case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(p, st);
-    default:
-      return Status::invalid("peer_experts_backward: dtype must be float32, float16 or bfloat16");
-  }
+  FL_CUDA_BY_FLOAT_DTYPE(backward_typed, p, st,
+                         "peer_experts_backward: dtype must be float32, float16 or bfloat16")
 }
 
 }  // namespace fastlayers::peer

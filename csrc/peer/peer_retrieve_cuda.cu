@@ -251,16 +251,7 @@ Status retrieve_cuda(const RetrieveParams& p, void* stream) {
   }
   if (p.tokens == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return launch<float>(p, st);
-    case DType::kFloat16:
-      return launch<__half>(p, st);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(p, st);
-    default:
-      return Status::invalid("peer_retrieve: dtype must be float32, float16 or bfloat16");
-  }
+  FL_CUDA_BY_FLOAT_DTYPE(launch, p, st, "peer_retrieve: dtype must be float32, float16 or bfloat16")
 }
 
 }  // namespace fastlayers::peer

@@ -30,14 +30,23 @@ inline float rstd_of(float sum_squares, int64_t cols, float eps) {
   return 1.0f / __builtin_sqrtf(sum_squares / static_cast<float>(cols) + eps);
 }
 
-// Sum of x^2 with four independent accumulators (one FMA chain would be latency bound).
+// Sum of x^2 with four independent accumulators (one FMA chain would be latency bound). bf16 loads
+// two vectors per unpack pair where the ISA has them (the lane order does not matter to a sum).
 template <typename T>
 float sum_squares(const T* x, int64_t n) {
   V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    const V v0 = vload(x + i), v1 = vload(x + i + kW), v2 = vload(x + i + 2 * kW),
-            v3 = vload(x + i + 3 * kW);
+    V v0, v1, v2, v3;
+#if defined(FL_HAS_BF16_PAIRS)
+    if constexpr (IsBf16<T>::value) {
+      vload_pair(x + i, v0, v1);
+      vload_pair(x + i + 2 * kW, v2, v3);
+    } else
+#endif
+    {
+      v0 = vload(x + i), v1 = vload(x + i + kW), v2 = vload(x + i + 2 * kW), v3 = vload(x + i + 3 * kW);
+    }
     a0 = vfma(v0, v0, a0);
     a1 = vfma(v1, v1, a1);
     a2 = vfma(v2, v2, a2);
@@ -56,31 +65,6 @@ float sum_squares(const T* x, int64_t n) {
 }
 
 #if defined(FL_HAS_BF16_PAIRS)
-// bf16: two vectors per load and unpack pair (the lane order does not matter to a sum).
-float sum_squares(const bf16_t* x, int64_t n) {
-  V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-  int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    V v0, v1, v2, v3;
-    vload_pair(x + i, v0, v1);
-    vload_pair(x + i + 2 * kW, v2, v3);
-    a0 = vfma(v0, v0, a0);
-    a1 = vfma(v1, v1, a1);
-    a2 = vfma(v2, v2, a2);
-    a3 = vfma(v3, v3, a3);
-  }
-  for (; i + kW <= n; i += kW) {
-    const V v = vload(x + i);
-    a0 = vfma(v, v, a0);
-  }
-  float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
-  for (; i < n; ++i) {
-    const float f = to_float(x[i]);
-    s += f * f;
-  }
-  return s;
-}
-
 // The Llama order for a bf16 row whose roundings meet no NaN, on unpack-order pairs: wp is the
 // weight with each block of 2*kW permuted to that order (natural order in the tail).
 template <bool kStream>

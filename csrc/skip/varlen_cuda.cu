@@ -194,16 +194,7 @@ Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
   }
   if (p.nq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat32:
-      return launch<float>(p, st);
-    case DType::kFloat16:
-      return launch<__half>(p, st);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(p, st);
-    default:
-      return Status::invalid("varlen_attention: dtype must be float32, float16 or bfloat16");
-  }
+  FL_CUDA_BY_FLOAT_DTYPE(launch, p, st, "varlen_attention: dtype must be float32, float16 or bfloat16")
 }
 
 }  // namespace fastlayers::skip
