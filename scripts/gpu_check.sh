@@ -11,7 +11,10 @@
 #
 # usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
 #   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
-#   kernels when the device's CPU has AVX-512).
+#   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks. All of it takes more
+#   than one 10-minute device command: run it in parts, e.g. first
+#   `SANITIZE=0 BENCH=0 scripts/gpu_check.sh`, then `CPU_TESTS=0 scripts/gpu_check.sh "not cuda"`
+#   on the still-warm machine (the build is kept between calls).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -69,9 +72,11 @@ sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py test
 grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.txt"
 fi
 
+if [ "${BENCH:-1}" = 1 ]; then
 timeout 100 python3 -m pytest bench/bench_dispatch_overhead.py -q -p no:cacheprovider \
   --benchmark-columns=median,iqr,ops --benchmark-sort=name >"$OUT/overhead.txt" 2>&1
 echo "overhead rc=$?"; grep -E "test_call_overhead" "$OUT/overhead.txt" | cut -c1-110
 
 timeout 250 python3 -m fastlayers bench --device cuda --reps ${REPS:-30} --out "$OUT" >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?"; tail -40 "$OUT/bench.txt"
+fi
