@@ -14,7 +14,7 @@
 #   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks. All of it takes more
 #   than one 10-minute device command: run it in parts, e.g. first
 #   `SANITIZE=0 BENCH=0 scripts/gpu_check.sh`, then `CPU_TESTS=0 scripts/gpu_check.sh "not cuda"`
-#   on the still-warm machine (the build is kept between calls).
+#   on the still-warm machine (build/gpu-pip is kept between calls, so the second build is incremental).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -33,7 +33,7 @@ cat "$log"
 arch=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export FASTLAYERS_CUDA=ON FASTLAYERS_CUDA_ARCHS="$arch" MAX_JOBS=16
 start=$(date +%s)
-if python3 -m pip install --no-build-isolation --no-deps --no-index . >>"$log" 2>&1; then
+if python3 -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu-pip . >>"$log" 2>&1; then
   echo "built with pip for $arch in $(( $(date +%s) - start )) s" | tee -a "$log"
 else
   echo "pip build failed (see setup.txt); plain CMake build" | tee -a "$log"
