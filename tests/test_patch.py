@@ -106,12 +106,11 @@ def test_quantize_kv_and_skip_options():
         want = model(ids).logits
     patched = copy.deepcopy(model)
     report = fastlayers.patch_model(
-        patched, linear="int4_fp8", kv_cache="int4_rope_aware", mlp="fff",
+        patched, linear="int4_fp8", kv_cache="int4_rope_aware",
         skip_plan=fastlayers.SkipPlan.uniform(3, 1.5), calibration=calib,
     )  # fmt: skip
     text = str(report)
     assert "Int4Fp8Linear" in text and "INT4 KV" in text and "SkipPlan" in text
-    assert any("mlp='fff'" in what for what, _ in report.left)
     assert isinstance(patched.lm_head, torch.nn.Linear)  # kept in float
     with torch.no_grad():
         got = patched(ids).logits
@@ -135,3 +134,32 @@ def test_demo_quick_runs_every_family():
         assert row in text
     rms = next(line for line in text.splitlines() if line.startswith("RMSNorm"))
     assert float(rms.split()[2]) < 1e-3  # max |dlogit| of the exact swap
+
+
+@pytest.mark.parametrize("kind,cls", [("fff", "UltraFastFeedForward"), ("peer", "PEER")])
+def test_mlp_swaps_are_new_modules_and_unpatch_restores(kind, cls):
+    """mlp="fff" / "peer": every decoder feedforward becomes a fastlayers module of new parameters
+    sized from the config (so outputs change), the model still runs forward and generate(), the
+    module trains (gradients reach its parameters), and unpatch_model restores the original."""
+    model = _llama()
+    ids = torch.randint(1, 128, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    report = fastlayers.patch_model(model, rms_norm=False, mlp=kind)
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(type(m).__name__ == cls for m in mlps) and len(report.swapped) == 3
+    if kind == "fff":  # 2^(depth+1) - 1 <= intermediate_size (256): depth 7, 255 neurons
+        assert mlps[0].depth == 7 and mlps[0].n_nodes == 255
+    else:  # K^2 >= 256 experts with K a power of two
+        assert mlps[0].num_experts == 256
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, want)
+    logits.float().pow(2).mean().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in mlps[0].parameters())
+    with torch.no_grad():
+        out = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3,
+                             do_sample=False)  # fmt: skip
+    assert out.shape == (1, 15)
+    fastlayers.unpatch_model(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)

@@ -54,8 +54,6 @@ def run(device: torch.device, quick: bool = False) -> str:
     ids = torch.randint(1, 2000, (1, 64), generator=gen).to(device)
     calib = [torch.randint(1, 2000, (2, 64), generator=gen).to(device) for _ in range(2)]
     want = base(ids).logits
-    _step("unpatched model")
-    base_tps = _tokens_per_s(base, ids, new)
     plan = fastlayers.SkipPlan.uniform(layers, 1.5)
     cases = [
         ("RMSNorm", dict(rms_norm=True), None),
@@ -66,15 +64,20 @@ def run(device: torch.device, quick: bool = False) -> str:
             "kv",
         ),  # fmt: skip
         ("SkipPlan.uniform(1.5x)", dict(rms_norm=False, skip_plan=plan), None),
+        ("FFF MLPs (untrained)", dict(rms_norm=False, mlp="fff"), None),
+        ("PEER MLPs (untrained)", dict(rms_norm=False, mlp="peer"), None),
         (
             "all of the above",
             dict(linear="int4_fp8", kv_cache="int4_rope_aware", skip_plan=plan, calibration=calib),
             "kv",
         ),  # fmt: skip
     ]
+    steps = len(cases) + 2  # the unpatched model, the cases, MiniLM
+    _step(f"[1/{steps}] unpatched model")
+    base_tps = _tokens_per_s(base, ids, new)
     rows = []
-    for name, kw, cache in cases:
-        _step(name)
+    for i, (name, kw, cache) in enumerate(cases, 2):
+        _step(f"[{i}/{steps}] {name}")
         model = copy.deepcopy(base)
         report = fastlayers.patch_model(model, **kw)
         got = model(ids).logits
@@ -97,7 +100,7 @@ def run(device: torch.device, quick: bool = False) -> str:
     try:
         from fastlayers.benchmark import minilm
 
-        _step("all-MiniLM-L6-v2: INT4 x FP8 (GPTQ, smoothing)")
+        _step(f"[{steps}/{steps}] all-MiniLM-L6-v2: INT4 x FP8 (GPTQ, smoothing)")
         case = "GPTQ + clip search, smoothing (default with calibration)"
         r = minilm.accuracy({case: minilm.ACCURACY_CASES[case]})[0]
         lines += [

@@ -13,13 +13,17 @@ attributes).
 * ``kv_cache="int4_rope_aware"``: FireQ's RoPE-aware INT4 KV (needs ``calibration``); pass
   ``cache=fastlayers.quant.Int4KVCache.for_model(model)`` to ``generate()``.
 * ``skip_plan``: a :class:`fastlayers.SkipPlan` installed with :func:`fastlayers.apply_skip_plan`.
-* ``mlp="fff" | "peer"`` would replace the feedforwards with new, untrained parameters (they need
-  training or distillation): not done by ``patch_model`` (reported as not applied).
+* ``mlp="fff" | "peer"``: replaces each decoder layer's feedforward with a fastlayers module of
+  **new, untrained parameters** (train or distil them; the model's outputs change):
+  :class:`fastlayers.UltraFastFeedForward` with ``2^(depth+1) - 1 <= intermediate_size`` neurons, or
+  :class:`fastlayers.PEER` with ``K^2 >= intermediate_size`` experts (K a power of two), 8 heads,
+  top-16. ``unpatch_model`` puts the original feedforwards back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -72,6 +76,47 @@ def _rms_norm_like(module: torch.nn.Module):
     return float(eps), offset
 
 
+def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> torch.nn.Module:
+    kw = {"device": like.device, "dtype": like.dtype}
+    if kind == "fff":
+        from fastlayers.nn.fff import UltraFastFeedForward
+
+        depth = max(1, (intermediate + 1).bit_length() - 2)  # 2^(depth+1) - 1 <= intermediate
+        return UltraFastFeedForward(hidden, hidden, depth, **kw)
+    from fastlayers.nn.peer import PEER
+
+    keys = 1 << max(1, math.ceil(math.log2(math.sqrt(intermediate))))
+    return PEER(hidden, keys * keys, heads=8, topk=16, **kw)
+
+
+def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
+    from fastlayers.skip_plan import _decoder_layers
+
+    try:
+        layers = _decoder_layers(model)
+    except TypeError:
+        report.left.append((f"mlp={kind!r}", "no decoder layers with an .mlp to replace"))
+        return
+    index = {id(m): path for path, m in model.named_modules()}
+    for layer in layers:
+        old = getattr(layer, "mlp", None)
+        weight = next(old.parameters(), None) if old is not None else None
+        cfg = getattr(old, "config", None)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(old, "hidden_size", None)
+        inter = getattr(cfg, "intermediate_size", None) or getattr(old, "intermediate_size", None)
+        if weight is None or not hidden or not inter:
+            report.left.append((index.get(id(old), "mlp"), "feedforward sizes not found"))
+            continue
+        path = index[id(old)]
+        new = _new_mlp(kind, hidden, inter, weight).train(old.training)  # (PEER's batch norm)
+        originals[path] = old
+        _set(model, path, new)
+        report.swapped.append((path, type(old).__name__, f"fastlayers.{type(new).__name__}"))
+    report.notes.append(
+        f"mlp={kind!r}: the new feedforwards are untrained (train or distil them before use)"
+    )
+
+
 def patch_model(
     model: torch.nn.Module,
     rms_norm: bool = True,
@@ -113,6 +158,8 @@ def patch_model(
             originals[path] = module
             _set(model, path, new)
             report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))
+    if mlp is not None:  # before quantization: the replaced feedforwards need none
+        _swap_mlps(model, mlp, originals, report)
     if linear == "int4_fp8":
         from fastlayers.quantize import QuantizeConfig, quantize_
 
@@ -121,14 +168,7 @@ def patch_model(
         if q.skipped:
             report.left.append((", ".join(q.skipped), "kept in float (LM head / odd sizes)"))
         report.notes.append("quantized linears are not restored by unpatch_model")
-    if mlp is not None:
-        report.left.append(
-            (
-                f"mlp={mlp!r}",
-                "new parameters that need training or distillation; swap them with "
-                "fastlayers.FastFeedForward / fastlayers.PEER by hand",
-            )  # fmt: skip
-        )
+
     if skip_plan is not None:
         from fastlayers.skip_plan import apply_skip_plan
 
@@ -140,8 +180,8 @@ def patch_model(
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Restores the RMSNorm modules, the skip plan and the KV attention that :func:`patch_model`
-    replaced (quantized linears stay quantized)."""
+    """Restores the RMSNorm modules, the feedforwards, the skip plan and the KV attention that
+    :func:`patch_model` replaced (quantized linears stay quantized)."""
     for path, module in getattr(model, "_fastlayers_originals", {}).items():
         _set(model, path, module)
     model._fastlayers_originals = {}
