@@ -335,79 +335,101 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)  # a negative count removes that many tokens (old and new transformers)
 
 
+def _causal_mask(past: int, q: int, dtype, device):
+    """Additive [1, 1, q, past + q] mask: new token i sees the cached tokens and new tokens <= i."""
+    if q == 1:
+        return None
+    allowed = torch.arange(past + q, device=device)[None, :] <= (
+        past + torch.arange(q, device=device)[:, None]
+    )
+    mask = torch.zeros(1, 1, q, past + q, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str):
+    """Decoder layers ``[start, end)`` of a Llama-style model on hidden states ``h [1, q, d]`` at
+    positions ``past .. past + q - 1``, writing their keys and values to ``cache``."""
+    inner = model.model
+    positions = torch.arange(past, past + h.shape[1], device=h.device)[None]
+    embeddings = inner.rotary_emb(h, position_ids=positions)
+    mask = _causal_mask(past, h.shape[1], h.dtype, h.device)
+    for layer in _decoder_layers(model)[start:end]:
+        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=embeddings,
+                  use_cache=True, **{cache_kw: cache})  # fmt: skip
+        h = h[0] if isinstance(h, tuple) else h
+    return h
+
+
 @torch.no_grad()
 def self_speculative_generate(
     model, input_ids: torch.Tensor, exit_layer: int, max_new_tokens: int, num_draft: int = 4,
     eos_token_id: int | None = None,
 ):  # fmt: skip
     """Greedy self-speculative decoding with early exit (LayerSkip): the first ``exit_layer``
-    layers (plus the final norm and LM head) draft ``num_draft`` tokens, the whole model verifies
-    them in one forward pass, and the longest agreeing prefix plus the model's own next token are
-    kept. The output is exactly the model's greedy decoding; the draft only changes the speed (it
-    helps on models trained for early exit, such as LayerSkip checkpoints).
+    layers (plus the final norm and LM head) draft ``num_draft`` tokens; the remaining layers
+    verify them in one pass **on the draft's own exit hidden states**, so the first layers run once
+    per token; the longest agreeing prefix plus the model's own next token are kept. The output is
+    exactly the model's greedy decoding (up to floating-point ties); the draft only changes the
+    speed (it helps on models trained for early exit, such as LayerSkip checkpoints).
 
-    Batch size 1. Returns ``(sequence [1, T + new], stats)`` with ``stats = {"drafted",
-    "accepted", "verify_steps"}``. Each model keeps its own KV cache (draft layers and full model),
-    cropped to the accepted tokens after every verification.
+    One KV cache serves both: the draft writes the first layers' keys and values, the verification
+    the other layers', and after each verification every layer is cropped to the accepted tokens.
+    Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
+    ``norm``, ``rotary_emb``, ``model.lm_head``). Returns ``(sequence [1, T + new], stats)`` with
+    ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T] (batch size 1), got {tuple(input_ids.shape)}")
     layers = _decoder_layers(model)
-    if not 1 <= exit_layer <= len(layers):
-        raise ValueError(f"exit_layer must be in [1, {len(layers)}], got {exit_layer}")
+    n = len(layers)
+    if not 1 <= exit_layer <= n:
+        raise ValueError(f"exit_layer must be in [1, {n}], got {exit_layer}")
     if num_draft < 1 or max_new_tokens < 0:
         raise ValueError("num_draft must be >= 1 and max_new_tokens >= 0")
     if hasattr(model, "_fastlayers_skip_plan"):
         raise ValueError("remove the installed skip plan first (remove_skip_plan)")
-    draft_plan = SkipPlan.full(len(layers))
-    draft_plan.exit_layer = exit_layer
-
-    # transformers >= 5.x names the cache argument `cache` (`past_key_values` before)
-    params = inspect.signature(model.forward).parameters
+    inner = model.model
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        if not hasattr(inner, name) or not hasattr(model, "lm_head"):
+            raise TypeError(f"self_speculative_generate needs a Llama-style model (model.{name})")
+    params = inspect.signature(type(layers[0]).forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def step(ids, cache, draft: bool):
-        if draft:
-            apply_skip_plan(model, draft_plan)
-        try:
-            return model(ids, use_cache=True, **{cache_kw: cache}).logits
-        finally:
-            if draft:
-                remove_skip_plan(model)
+    def head(h):  # the model's final norm and LM head (LayerSkip's shared exit head)
+        return model.lm_head(inner.norm(h)).argmax(-1)
 
-    full_cache, draft_cache = DynamicCache(), DynamicCache()
-    prefix = input_ids.shape[1]
-    pending = step(input_ids, full_cache, False)[:, -1:].argmax(-1)  # next token, in no cache yet
-    step(input_ids, draft_cache, True)
+    cache = DynamicCache()
+    h = _run_layers(model, inner.embed_tokens(input_ids), 0, n, 0, cache, cache_kw)
+    pending = head(h[:, -1:])  # the next token: in no layer's cache yet
+    verified = input_ids.shape[1]  # tokens every layer holds
     out = [pending]
     stats = {"drafted": 0, "accepted": 0, "verify_steps": 0}
     done = 1
     while done < max_new_tokens and (eos_token_id is None or int(pending) != eos_token_id):
-        # draft: feed pending, then each draft token, through the early-exit layers
         k = min(num_draft, max_new_tokens - done)
-        drafts, x = [], pending
-        for _ in range(k):
-            x = step(x, draft_cache, True)[:, -1:].argmax(-1)
-            drafts.append(x)
+        # draft: pending, then each draft token, through the first layers; keep their exit states
+        exits, drafts, x = [], [], pending
+        for i in range(k + 1):  # (the last pass only gives d_k's exit state, for verification)
+            h = _run_layers(model, inner.embed_tokens(x), 0, exit_layer, verified + i, cache,
+                            cache_kw)  # fmt: skip
+            exits.append(h)
+            if i < k:
+                x = head(h)
+                drafts.append(x)
         draft = torch.cat(drafts, 1)  # [1, k]
-        # verify: the full model on pending + drafts, one pass
-        logits = step(torch.cat([pending, draft], 1), full_cache, False)
-        verified = logits.argmax(-1)  # verified[:, i]: the model's token after position i
-        agree = (verified[:, :k] == draft)[0].int()
+        # verify: the remaining layers on the exit states of pending, d_1 .. d_k
+        h = _run_layers(model, torch.cat(exits, 1), exit_layer, n, verified, cache, cache_kw)
+        verdict = head(h)  # verdict[:, i]: the model's token after position verified + i
+        agree = (verdict[:, :k] == draft)[0].int()
         j = int(agree.cumprod(0).sum())  # leading drafts the model agrees with
-        new = torch.cat([draft[:, :j], verified[:, j : j + 1]], 1)
+        new = torch.cat([draft[:, :j], verdict[:, j : j + 1]], 1)
         stats["drafted"] += k
         stats["accepted"] += j
         stats["verify_steps"] += 1
-        kept = prefix + 1 + j  # tokens in the caches after this round: ..., pending, d_1..d_j
-        _crop(full_cache, kept)
-        if draft_cache.get_seq_length() > kept:
-            _crop(draft_cache, kept)
-        elif draft_cache.get_seq_length() < kept:  # all k accepted: d_k is not in the draft cache
-            step(draft[:, k - 1 :], draft_cache, True)
-        prefix = kept
+        verified += 1 + j  # pending and the accepted drafts
+        _crop(cache, verified)
         out.append(new)
         done += new.shape[1]
         pending = new[:, -1:]
