@@ -325,8 +325,9 @@ void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::u
                           std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, int64_t nq,
                           int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
                           int64_t d_v, int64_t window_left, int64_t window_right, double scale,
-                          int dtype) {
+                          int dtype, std::uintptr_t delta, std::uintptr_t stream) {
   skip::VarlenBwdParams p;
+  p.delta = ptr<float>(delta);
   p.fwd.q = ptr<const void>(q);
   p.fwd.k = ptr<const void>(k);
   p.fwd.v = ptr<const void>(v);
@@ -352,7 +353,8 @@ void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::u
   p.dq = ptr<void>(dq);
   p.dk = ptr<void>(dk);
   p.dv = ptr<void>(dv);
-  run(device, p, 0, skip::varlen_attention_backward_cpu, no_cuda_kernel<skip::VarlenBwdParams>);
+  run(device, p, stream, skip::varlen_attention_backward_cpu,
+      FL_CUDA_OR_NONE(skip::varlen_attention_backward_cuda));
 }
 
 void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr_t k_scale,

@@ -46,6 +46,7 @@ struct VarlenBwdParams {
   void* dq = nullptr;                 // [nq, hq, d]  rows outside every sequence: left as they are
   void* dk = nullptr;                 // [nk, hkv, d]
   void* dv = nullptr;                 // [nk, hkv, dv]
+  float* delta = nullptr;             // CUDA workspace [nq, hq]: D = dO . O
 };
 
 // Routed rows in and out of the residual stream (idx: negative entries are routing padding).
@@ -73,9 +74,12 @@ Status gather_rows_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_backward_cuda(const RowsParams& p, void* stream);
 
-// CUDA forward (varlen_cuda.cu): head dims up to 128; the backward runs the reference on CUDA.
+// CUDA (varlen_cuda.cu): head dims up to 128. Backward: one warp per (key, kv head) sums its dK and
+// dV over the visible queries of the group's heads, one warp per (query, head) its dQ (no atomics:
+// deterministic).
 bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq);
 Status varlen_attention_cuda(const VarlenParams& p, void* stream);
+Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream);
 
 Status validate(const VarlenParams& p);
 Status varlen_attention_cpu(const VarlenParams& p);

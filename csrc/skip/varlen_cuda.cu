@@ -173,6 +173,143 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   }
 }
 
+// ---- Backward ----------------------------------------------------------------------------------
+// Lane l holds channels l, l + 32, ... (up to kMaxCols) of a row; warp_dot reduces over the warp.
+
+template <typename T>
+__device__ __forceinline__ void load_cols(const T* row, int64_t n, int lane, float (&out)[kMaxCols]) {
+#pragma unroll
+  for (int c = 0; c < kMaxCols; ++c) {
+    const int64_t col = lane + 32 * c;
+    out[c] = col < n ? to_f(row[col]) : 0.0f;
+  }
+}
+
+__device__ __forceinline__ float warp_dot(const float (&a)[kMaxCols], const float (&b)[kMaxCols]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kMaxCols; ++c) s += a[c] * b[c];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_cols(T* row, int64_t n, int lane, const float (&v)[kMaxCols]) {
+#pragma unroll
+  for (int c = 0; c < kMaxCols; ++c) {
+    const int64_t col = lane + 32 * c;
+    if (col < n) row[col] = from_f<T>(v[c]);
+  }
+}
+
+// D[i, h] = dO[i, h] . O[i, h]: one warp per (query row, head).
+template <typename T>
+__global__ void varlen_delta_kernel(const VarlenBwdParams p) {
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= p.fwd.nq * p.fwd.hq) return;
+  float o[kMaxCols], g[kMaxCols];
+  load_cols(static_cast<const T*>(p.out) + w * p.fwd.dv, p.fwd.dv, lane, o);
+  load_cols(static_cast<const T*>(p.dout) + w * p.fwd.dv, p.fwd.dv, lane, g);
+  const float d = warp_dot(o, g);
+  if (lane == 0) p.delta[w] = d;
+}
+
+// ds for one visible pair (query row i, head h) x (key j): p = exp(s - lse), dp = dO . v.
+__device__ __forceinline__ float pair_ds(const VarlenBwdParams& p, int64_t ih, float s, float dp,
+                                         float& prob) {
+  prob = expf(s - p.lse[ih]);
+  const float g = p.dlse != nullptr ? p.dlse[ih] : 0.0f;
+  return prob * (dp - p.delta[ih] + g);
+}
+
+// dK[j, kh], dV[j, kh]: one warp per (key, kv head), over the visible queries of the key's sequence
+// and the kv head's query heads.
+template <typename T>
+__global__ void varlen_dkdv_kernel(const VarlenBwdParams p) {
+  const VarlenParams& f = p.fwd;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= f.nk * f.hkv) return;
+  const int64_t j = w / f.hkv, kh = w % f.hkv, group = f.hq / f.hkv;
+  const int64_t total_k = f.cu_seqlens_k[f.batch] < f.nk ? f.cu_seqlens_k[f.batch] : f.nk;
+  if (j >= total_k) return;  // outside every sequence: left zero
+  const int64_t b = sequence_of(f.cu_seqlens_k, f.batch, j);
+  const int64_t q0 = f.cu_seqlens_q[b];
+  const int64_t q1 = f.cu_seqlens_q[b + 1] < f.nq ? f.cu_seqlens_q[b + 1] : f.nq;
+  const int64_t kp = f.k_pos[j];
+  float kr[kMaxCols], vr[kMaxCols], dk[kMaxCols] = {}, dv[kMaxCols] = {};
+  load_cols(static_cast<const T*>(f.k) + (j * f.hkv + kh) * f.d, f.d, lane, kr);
+  load_cols(static_cast<const T*>(f.v) + (j * f.hkv + kh) * f.dv, f.dv, lane, vr);
+  for (int64_t i = q0; i < q1; ++i) {
+    if (!visible(f.q_pos[i], kp, f.window_left, f.window_right)) continue;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t ih = i * f.hq + kh * group + g;
+      float qr[kMaxCols], dor[kMaxCols];
+      load_cols(static_cast<const T*>(f.q) + ih * f.d, f.d, lane, qr);
+      load_cols(static_cast<const T*>(p.dout) + ih * f.dv, f.dv, lane, dor);
+      const float s = warp_dot(qr, kr) * f.scale, dp = warp_dot(dor, vr);
+      float prob;
+      const float ds = pair_ds(p, ih, s, dp, prob);
+#pragma unroll
+      for (int c = 0; c < kMaxCols; ++c) {
+        dk[c] += f.scale * ds * qr[c];
+        dv[c] += prob * dor[c];
+      }
+    }
+  }
+  store_cols(static_cast<T*>(p.dk) + (j * f.hkv + kh) * f.d, f.d, lane, dk);
+  store_cols(static_cast<T*>(p.dv) + (j * f.hkv + kh) * f.dv, f.dv, lane, dv);
+}
+
+// dQ[i, h]: one warp per (query row, head), over the visible keys of its sequence.
+template <typename T>
+__global__ void varlen_dq_kernel(const VarlenBwdParams p) {
+  const VarlenParams& f = p.fwd;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= f.nq * f.hq) return;
+  const int64_t i = w / f.hq, h = w % f.hq, kh = h / (f.hq / f.hkv);
+  const int64_t total_q = f.cu_seqlens_q[f.batch] < f.nq ? f.cu_seqlens_q[f.batch] : f.nq;
+  if (i >= total_q) return;  // outside every sequence: left zero
+  const int64_t b = sequence_of(f.cu_seqlens_q, f.batch, i);
+  const int64_t k0 = f.cu_seqlens_k[b];
+  const int64_t k1 = f.cu_seqlens_k[b + 1] < f.nk ? f.cu_seqlens_k[b + 1] : f.nk;
+  const int64_t qp = f.q_pos[i];
+  float qr[kMaxCols], dor[kMaxCols], dq[kMaxCols] = {};
+  load_cols(static_cast<const T*>(f.q) + w * f.d, f.d, lane, qr);
+  load_cols(static_cast<const T*>(p.dout) + w * f.dv, f.dv, lane, dor);
+  for (int64_t j = k0; j < k1; ++j) {
+    if (!visible(qp, f.k_pos[j], f.window_left, f.window_right)) continue;
+    float kr[kMaxCols], vr[kMaxCols];
+    load_cols(static_cast<const T*>(f.k) + (j * f.hkv + kh) * f.d, f.d, lane, kr);
+    load_cols(static_cast<const T*>(f.v) + (j * f.hkv + kh) * f.dv, f.dv, lane, vr);
+    const float s = warp_dot(qr, kr) * f.scale, dp = warp_dot(dor, vr);
+    float prob;
+    const float ds = pair_ds(p, w, s, dp, prob);
+#pragma unroll
+    for (int c = 0; c < kMaxCols; ++c) dq[c] += f.scale * ds * kr[c];
+  }
+  store_cols(static_cast<T*>(p.dq) + w * f.d, f.d, lane, dq);
+}
+
+template <typename T>
+Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
+  constexpr int kBlock = 128;  // 4 warps
+  const auto blocks = [](int64_t warps) {
+    return static_cast<unsigned>((warps * 32 + kBlock - 1) / kBlock);
+  };
+  varlen_delta_kernel<T><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
+  if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
+  if (p.fwd.nk > 0) {
+    varlen_dkdv_kernel<T><<<blocks(p.fwd.nk * p.fwd.hkv), kBlock, 0, stream>>>(p);
+    if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
+  }
+  varlen_dq_kernel<T><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
+  return cuda::last_launch_status();
+}
+
 template <typename T>
 Status launch(const VarlenParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (kRows * p.d + kKeys * (p.d + 1) + kKeys * p.dv);
@@ -195,6 +332,30 @@ Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
   if (p.nq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
   FL_CUDA_BY_FLOAT_DTYPE(launch, p, st, "varlen_attention: dtype must be float32, float16 or bfloat16")
+}
+
+Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream) {
+  if (Status s = validate(p.fwd); !s.is_ok()) return s;
+  if (!varlen_attention_cuda_supported(p.fwd.d, p.fwd.dv, p.fwd.nq, p.fwd.hq)) {
+    return Status::unsupported("varlen_attention_backward: the CUDA kernel takes head dims up to 128");
+  }
+  if (p.fwd.nq == 0) return Status::ok();
+  if (p.out == nullptr || p.dout == nullptr || p.lse == nullptr || p.dq == nullptr || p.delta == nullptr ||
+      (p.fwd.nk > 0 && (p.dk == nullptr || p.dv == nullptr))) {
+    return Status::invalid("varlen_attention_backward: null pointer argument");
+  }
+  if (p.fwd.nq * p.fwd.hq * 32 >= (int64_t{1} << 40)) return Status::unsupported("varlen_attention_backward: too large");
+  const auto st = static_cast<cudaStream_t>(stream);
+  switch (p.fwd.dtype) {  // (the dtype lives in p.fwd)
+    case DType::kFloat32:
+      return launch_backward<float>(p, st);
+    case DType::kFloat16:
+      return launch_backward<__half>(p, st);
+    case DType::kBFloat16:
+      return launch_backward<__nv_bfloat16>(p, st);
+    default:
+      return Status::invalid("varlen_attention_backward: dtype must be float32, float16 or bfloat16");
+  }
 }
 
 }  // namespace fastlayers::skip

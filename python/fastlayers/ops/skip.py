@@ -187,10 +187,17 @@ def _varlen_setup(ctx, inputs, output):
 
 
 def _varlen_backward(ctx, grad_out, grad_lse):
-    """CPU: the backward kernel (probabilities recomputed from the saved lse). Elsewhere:
-    recomputation through the reference under autograd."""
+    """CPU and CUDA (head dims <= 128): the backward kernels (probabilities recomputed from the
+    saved lse). Elsewhere: recomputation through the reference under autograd."""
     q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse = ctx.saved_tensors
-    if q.device.type == "cpu" and q.dtype != torch.float64 and has_kernel(q.device, "varlen"):
+    on_cuda_kernel = (
+        q.device.type == "cuda"
+        and q.dtype != torch.float64
+        and has_kernel(q.device, "varlen_attention")
+        and _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1])
+    )
+    on_cpu_kernel = q.device.type == "cpu" and q.dtype != torch.float64
+    if on_cuda_kernel or (on_cpu_kernel and has_kernel(q.device, "varlen")):
         dq, dk, dv = _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse,
                                              grad_out, grad_lse, ctx.window, ctx.scale)  # fmt: skip
     else:
@@ -213,12 +220,16 @@ def _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, grad_ou
     cq, ck = cu_q.contiguous(), cu_k.contiguous()
     # rows outside every sequence (routing padding) get zero gradients
     dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
-    _ext.C.varlen_attention_bwd(
-        device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
-        ptr(oc), ptr(go), ptr(lse_c), ptr(glse), ptr(dq), ptr(dk), ptr(dvv),
-        nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, window[0], window[1], scale,
-        _dtypes.code(q.dtype),
-    )  # fmt: skip
+    delta = None  # CUDA: dO . O per (row, head)
+    if q.device.type == "cuda":
+        delta = torch.empty((nq, hq), dtype=torch.float32, device=q.device)
+    with device_guard(q.device):
+        _ext.C.varlen_attention_bwd(
+            device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
+            ptr(oc), ptr(go), ptr(lse_c), ptr(glse), ptr(dq), ptr(dk), ptr(dvv),
+            nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, window[0], window[1], scale,
+            _dtypes.code(q.dtype), ptr(delta), stream_of(q.device),
+        )  # fmt: skip
     return dq, dk, dvv
 
 
