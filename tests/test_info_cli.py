@@ -38,7 +38,7 @@ def test_info_reports_build_and_backends():
     cuda = "kernel" if _ext.has_cuda_kernels() else "reference"
     assert d["ops"]["peer_retrieve"]["cuda"] == cuda
     assert d["ops"]["peer_retrieve"]["cpu"] == ("kernel" if _ext.C is not None else "reference")
-    assert d["ops"]["int4_kv_attention"]["cuda"] == "reference"  # no CUDA kernel yet
+    assert d["ops"]["int4_kv_attention"]["cuda"] == cuda
 
 
 def test_cli_info_json():

@@ -54,7 +54,8 @@ Status decode_cpu(const DecodeParams& p);
 Status quantize_cpu(const QuantizeParams& p);
 
 // CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256, at most 8 query
-// heads per kv head) and the cache write (any shape the CPU kernel takes).
+// heads per kv head), causal prefill (q_tokens > 1: one warp per query row, same head dims, no
+// workspace) and the cache write (any shape the CPU kernel takes).
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t batch);
 int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64_t length);
 Status decode_cuda(const DecodeParams& p, void* stream);

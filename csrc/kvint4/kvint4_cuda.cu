@@ -244,6 +244,58 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
   if (threadIdx.x == 0) p.lse[qh] = total > 0.0f ? mx + logf(total) : -INFINITY;
 }
 
+// Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens up to
+// its causal limit with an online softmax, lanes dequantizing their channels of each key and value
+// row (L2 serves the rows to the GQA group's warps).
+template <int C>
+__global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams p) {
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= p.batch * p.hq * p.q_tokens) return;
+  const int64_t i = w % p.q_tokens, bh = w / p.q_tokens, b = bh / p.hq, h = bh % p.hq;
+  const int64_t kh = h / (p.hq / p.hkv), dh = p.d / 2, ng = p.d / p.group;
+  const int64_t limit = p.length - p.q_tokens + i;  // the last visible cached token
+  float q[C], acc[C], m = -INFINITY, l = 0.0f;
+#pragma unroll
+  for (int j = 0; j < C; ++j) {
+    q[j] = p.q[w * p.d + lane * C + j];
+    acc[j] = 0.0f;
+  }
+  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  for (int64_t t = 0; t <= limit; ++t) {
+    float k[C], v[C];
+    dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
+                    p.group, lane, k);
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < C; ++j) s += q[j] * k[j];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    s *= p.scale;
+    dequant_lane<C>(p.v + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * ng,
+                    p.group, lane, v);
+    const float m_new = fmaxf(m, s);
+    const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
+    const float e = expf(s - m_new);
+    l = l * alpha + e;
+#pragma unroll
+    for (int j = 0; j < C; ++j) acc[j] = acc[j] * alpha + e * v[j];
+    m = m_new;
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+  for (int j = 0; j < C; ++j) p.out[w * p.d + lane * C + j] = acc[j] * inv;
+  if (lane == 0) p.lse[w] = l > 0.0f ? m + logf(l) : -INFINITY;
+}
+
+template <int C>
+Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
+  const int64_t warps = p.batch * p.hq * p.q_tokens;
+  const int block = kWarps * 32;
+  prefill_kernel<C><<<static_cast<unsigned>((warps * 32 + block - 1) / block), block, 0, stream>>>(p);
+  return cuda::last_launch_status();
+}
+
 template <int C>
 Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
   const SplitPlan plan = split_plan(p.length);
@@ -275,26 +327,26 @@ int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64
 
 Status decode_cuda(const DecodeParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
-  if (p.workspace == nullptr) return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
+  if (p.workspace == nullptr && p.q_tokens == 1) {
+    return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
+  }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
     return Status::unsupported(
         "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "
         "query heads per kv head");
   }
-  if (p.q_tokens != 1) {
-    return Status::unsupported("int4_kv_decode: the CUDA kernel takes one query token per sequence");
-  }
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
+  const bool prefill = p.q_tokens > 1;  // (the workspace is only needed by the split decode)
   switch (p.d / 32) {
     case 2:
-      return decode_typed<2>(p, st);
+      return prefill ? prefill_typed<2>(p, st) : decode_typed<2>(p, st);
     case 4:
-      return decode_typed<4>(p, st);
+      return prefill ? prefill_typed<4>(p, st) : decode_typed<4>(p, st);
     case 6:
-      return decode_typed<6>(p, st);
+      return prefill ? prefill_typed<6>(p, st) : decode_typed<6>(p, st);
     case 8:
-      return decode_typed<8>(p, st);
+      return prefill ? prefill_typed<8>(p, st) : decode_typed<8>(p, st);
     default:
       return Status::unsupported("int4_kv_decode: head_dim not supported by the CUDA kernel");
   }

@@ -52,6 +52,7 @@ CUDA_OPS = frozenset(
         "varlen_attention",
         "scatter_add_gated",
         "int4_kv_decode",
+        "int4_kv_attention",
         "kv_quantize",
         "peer_experts",
         "peer_experts_backward",

@@ -117,7 +117,16 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale):
 
 def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
-    if q.device.type != "cpu" or not has_kernel(q.device, "int4_kv_decode"):
+    device = q.device
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale)
+    b, hq, _, d = q.shape
+    if device.type == "cuda" and not _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1):
+        _ext.warn_once(
+            "int4_kv_attention-cuda-shape",
+            f"fastlayers.int4_kv_attention: head_dim {d} with {hq // k.shape[1]} query heads per "
+            "kv head is not a CUDA kernel shape; running the PyTorch reference",
+        )
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale)
     out, lse = _run(q, k, k_scale, v, v_scale, length, scale)
     return out.to(q.dtype), lse
@@ -185,7 +194,8 @@ def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scal
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
     ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] fp32)``. CPU kernel (keys and values
-    dequantized per block in registers, online softmax); elsewhere the reference."""
+    dequantized per block in registers, online softmax) and CUDA kernel (one warp per query row;
+    head_dim a multiple of 64 up to 256); elsewhere the reference."""
     check_tensor(q, "q")
     check_tensor(k, "k")
     length = k.shape[2] if length is None else int(length)
