@@ -55,11 +55,13 @@ def _rel(a, b):
 @pytest.mark.parametrize(
     "b,hq,hkv,d,group", [(2, 8, 2, 64, 32), (1, 4, 4, 128, 128), (3, 6, 3, 32, 8)]
 )
-def test_kernels_match_the_reference_prefill_then_decode(dtype, pairing, b, hq, hkv, d, group):
+def test_kernels_match_the_reference_prefill_then_decode(
+    device, dtype, pairing, b, hq, hkv, d, group
+):
     post = torch.rand(hkv, d) * 3 + 0.25
-    m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, group, post, pairing=pairing)
-    q, k, v = _inputs(b, hq, hkv, 9, d, dtype)
-    cos, sin = _tables(9, d, batch=b)
+    m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, group, post, pairing=pairing).to(device)
+    q, k, v = (t.to(device) for t in _inputs(b, hq, hkv, 9, d, dtype))
+    cos, sin = (t.to(device) for t in _tables(9, d, batch=b))
     c_kernel, c_ref = m.new_cache(), m.new_cache()
     out = m(q[:, :, :7], k[:, :, :7], v[:, :, :7], cos[:, :7], sin[:, :7], c_kernel)
     ref = m.forward_reference(q[:, :, :7], k[:, :, :7], v[:, :, :7], cos[:, :7], sin[:, :7], c_ref)
