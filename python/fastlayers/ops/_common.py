@@ -50,6 +50,12 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device: data-dependent checks that need the
+    host (``bool(tensor)``) must be skipped then, or the capture fails."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -17,6 +17,7 @@ from fastlayers import _dtypes, _ext
 from fastlayers import reference as ref
 from fastlayers.ops._common import (
     LIB,
+    capturing,
     check_activation,
     check_tensor,
     device_code,
@@ -202,7 +203,8 @@ def _check(x, indices, gates, expert_down, expert_up, activation, check_range=Tr
         raise ValueError(f"indices is on {indices.device} but x is on {x.device}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if check_range and indices.numel() and indices.device.type != "meta":
+    # (index range: needs the host, so not checked while a CUDA graph is captured)
+    if check_range and indices.numel() and indices.device.type != "meta" and not capturing(indices):
         n = expert_down.shape[0]
         if bool(((indices < 0) | (indices >= n)).any()):
             raise ValueError(f"indices must lie in [0, {n}) (num_experts)")
