@@ -62,8 +62,8 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     return rows
 
 
-PREFILL = {"cpu": [(512, 512), (1024, 1024)], "cuda": []}  # (new tokens, context)
-PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": []}
+PREFILL = {"cpu": [(512, 512), (1024, 1024)], "cuda": [(1024, 4096)]}  # (new tokens, context)
+PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": [(512, 2048)]}
 
 
 def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
