@@ -245,3 +245,32 @@ def test_routed_generate_with_cache_equals_full_recompute():
     cache.crop_to(10)
     for store in cache._fl_routed.values():
         assert all(int(p.max()) < 10 for p in store.positions if p.numel())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_routed_plan_with_left_padding_and_beams(impl):
+    """A left-padded batch through a routed plan gives each row what it gives alone (padding is
+    never routed); beam search with a LayerSkipCache equals beam search without a cache."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model()
+    model.set_attn_implementation(impl)
+    apply_skip_plan(model, SkipPlan([LayerPlan("routed") if i in (1, 3) else LayerPlan()
+                                     for i in range(5)]))  # fmt: skip
+    _set_router(model, 1, 0.0, 5.0)  # every token would be routed, the padding included
+    _set_router(model, 3, 0.5, 0.0)
+    a, b = torch.randint(1, 101, (1, 9)), torch.randint(1, 101, (1, 6))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1)]).long()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        both = model.generate(ids, attention_mask=mask, cache=LayerSkipCache(), **kw)
+        alone_a = model.generate(a, attention_mask=torch.ones_like(a), cache=LayerSkipCache(), **kw)
+        alone_b = model.generate(b, attention_mask=torch.ones_like(b), cache=LayerSkipCache(), **kw)
+        assert torch.equal(both[0, 9:], alone_a[0, 9:]) and torch.equal(both[1, 9:], alone_b[0, 6:])
+        beams = dict(kw, num_beams=3, num_return_sequences=1)
+        cached = model.generate(
+            a, attention_mask=torch.ones_like(a), cache=LayerSkipCache(), **beams
+        )
+        uncached = model.generate(a, attention_mask=torch.ones_like(a), use_cache=False, **beams)
+    assert torch.equal(cached, uncached)

@@ -209,6 +209,18 @@ def _routed_store(cache, layer_idx: int):
     return stores.setdefault(layer_idx, RoutedKVStore())
 
 
+def _real_tokens(mask, b: int, t: int):
+    """``[B, T]`` bool, False for this call's padding tokens, read from the layer's 4-D attention
+    mask (a real token sees itself, a padding token does not); None when there is no mask."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != t:
+        return None
+    past = mask.shape[-1] - t  # (dynamic caches: the call's tokens are the mask's last t keys)
+    i = torch.arange(t, device=mask.device)
+    diag = mask[:, 0, i, past + i]
+    real = diag if mask.dtype == torch.bool else diag == 0
+    return real.expand(b, t)
+
+
 def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw):
     """``hidden_states`` plus the gated attention output of the routed tokens (see LayerPlan)."""
     from fastlayers.nn.skip import routed_attention_step
@@ -219,6 +231,9 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     b, t, _ = hidden_states.shape
     h = layer.input_layernorm(hidden_states)
     logits = router(h).squeeze(-1).float()  # [B, T]
+    real = _real_tokens(kw.get("attention_mask"), b, t)
+    if real is not None:  # padding is never routed, so it is never attended either
+        logits = logits.masked_fill(~real, -math.inf)
     idx, cu = route_threshold(logits, plan.router_threshold)
     rows = idx.clamp_min(0)  # (-1 padding: computed on row 0, never written back)
     n = rows.shape[0]
@@ -287,8 +302,9 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     ``routers[i]`` when given (trained ones), else a freshly initialised one, which needs training
     (or distillation) before the routing means anything. Their routed tokens' keys and values are
     cached apart from the Hugging Face cache's layers (positions and RoPE as in the full model), so
-    ``generate()`` with the cache equals running the whole sequence. Batches must be unpadded (the
-    routed attention ignores the attention mask); beam-search reordering is not supported."""
+    ``generate()`` with the cache equals running the whole sequence. Padding tokens (read from the
+    attention mask) are never routed; beam search reorders the routed caches of a
+    :func:`LayerSkipCache`."""
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
     layers = _decoder_layers(model)
@@ -484,6 +500,11 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                             layer.crop(-extra)
                 for store in getattr(self, "_fl_routed", {}).values():  # routed layers
                     store.crop_to(length)
+
+            def reorder_cache(self, beam_idx) -> None:  # beam search: the routed rows too
+                super().reorder_cache(beam_idx)
+                for store in getattr(self, "_fl_routed", {}).values():
+                    store.reorder(beam_idx)
 
             def routed_lengths(self) -> dict[int, list[int]]:
                 """Cached routed tokens per routed layer and row."""
