@@ -217,3 +217,39 @@ def test_ultrafast_inference_route_under_compile():
         eager = m(x)
         compiled = torch.compile(m, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("shape,width", [((1, 48), 1), ((3, 4, 48), 8), ((48,), 2)])
+def test_fff_inference_route_equals_the_op(dtype, master, shape, width):
+    torch.manual_seed(0)
+    m = fastlayers.FastFeedForward(48, 48, depth=4, leaf_width=width, master_leaf=master,
+                                   dtype=dtype).eval()  # fmt: skip
+    x = torch.randn(shape).to(dtype)
+    with torch.no_grad():
+        y = m(x)
+        assert m._infer_plan is not None and m._infer_plan.dtype == dtype  # the route was taken
+        want = m._hard(x)[0] + (m._master(x) if master else 0)
+        assert torch.equal(y, want)
+        m.leaf_w2.mul_(2.0)  # in place: the kernel reads the new values
+        assert torch.equal(m(x), m._hard(x)[0] + (m._master(x) if master else 0))
+        plan = m._infer_plan
+        m.node_weight.data = m.node_weight.data.clone()  # new memory: a new plan
+        m(x)
+        assert m._infer_plan is not plan
+    y_grad = m(x)  # grad mode: the op route (not differentiable in eval: the hard path)
+    assert y_grad.shape == y.shape
+
+
+def test_fff_inference_route_leaves_large_batches_to_the_grouped_gemms():
+    m = fastlayers.FastFeedForward(64, 64, depth=2, leaf_width=32).eval()
+    x = torch.randn(512, 64)  # 4 leaves x 128 tokens: the leaf-grouped GEMM path
+    from fastlayers.ops.fff import _use_grouped, fff_hard_infer
+
+    with torch.no_grad():
+        m(x[:1])
+        assert _use_grouped(512, 4, 32) and fff_hard_infer(x, m._infer_plan) is None
+        torch.testing.assert_close(m(x), m._hard(x)[0], rtol=0, atol=0)
+        compiled = torch.compile(m, fullgraph=True)(x[:3])
+    torch.testing.assert_close(compiled, m._hard(x[:3])[0], rtol=1e-6, atol=1e-6)

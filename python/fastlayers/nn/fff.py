@@ -19,7 +19,7 @@ import torch
 from fastlayers import _ext, ops
 from fastlayers._dtypes import FLOATING
 from fastlayers.ops._common import no_dispatch_modes
-from fastlayers.ops.fff import UltraInferPlan, ultrafast_ff_infer
+from fastlayers.ops.fff import HardInferPlan, UltraInferPlan, fff_hard_infer, ultrafast_ff_infer
 from fastlayers.reference import fff as ref
 from fastlayers.reference.fff import ACTIVATIONS
 
@@ -227,6 +227,7 @@ class FastFeedForward(torch.nn.Module):
         self.leaf_b1 = torch.nn.Parameter(torch.empty(n_leaves, leaf_width, **kw))
         self.leaf_w2 = torch.nn.Parameter(torch.empty(n_leaves, leaf_width, out_features, **kw))
         self.leaf_b2 = torch.nn.Parameter(torch.empty(n_leaves, out_features, **kw))
+        self._infer_plan: HardInferPlan | None = None  # validated weights for inference calls
         if master_leaf:
             self.master_w1 = torch.nn.Parameter(torch.empty(in_features, leaf_width, **kw))
             self.master_b1 = torch.nn.Parameter(torch.empty(leaf_width, **kw))
@@ -269,6 +270,19 @@ class FastFeedForward(torch.nn.Module):
             self.leaf_b2,
         )
 
+    _PARAM_NAMES = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2")
+
+    def _infer(self, x: torch.Tensor):
+        """Inference without autograd on CPU: the lean route (weights validated once per change);
+        None where it does not apply."""
+        found = self._parameters
+        params = tuple(found[n] for n in self._PARAM_NAMES)
+        key = (*((t.data_ptr(), t._version, t.dtype) for t in params), self.activation)
+        plan = self._infer_plan
+        if plan is None or plan.key != key:
+            plan = self._infer_plan = HardInferPlan(key, params, self.activation)
+        return fff_hard_infer(x, plan)
+
     def _hard(self, x: torch.Tensor):
         if not _kernel_dtype(x, "FastFeedForward"):
             return ref.fff_hard(x, *self._leaf_params(), self.activation)
@@ -291,7 +305,9 @@ class FastFeedForward(torch.nn.Module):
                 dropout=self.dropout,
             )
         else:
-            y = self._hard(x)[0]
+            y = self._infer(x) if not torch.is_grad_enabled() and no_dispatch_modes() else None
+            if y is None:
+                y = self._hard(x)[0]
         if self.master_leaf:
             y = y + self._master(x)
         return y

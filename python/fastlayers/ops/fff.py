@@ -216,6 +216,66 @@ def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
     return y
 
 
+class HardInferPlan:
+    """Validated weights of a FastFeedForward for :func:`fff_hard_infer` (the module keys it on
+    the weights' data pointers, versions and dtypes): a batch-1 call checks only ``x``."""
+
+    __slots__ = ("key", "dtype", "d_in", "d_out", "depth", "width", "leaves", "args", "codes")
+
+    def __init__(self, key, params, activation: str) -> None:
+        self.key = key
+        self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
+        node_w, node_b, w1, b1, w2, b2 = params
+        if not _ext.has_cpu_kernels() or activation not in ACTIVATIONS or w1.dim() != 3:
+            return
+        if w1.dtype not in _FLOAT_KERNEL_DTYPES or any(
+            t.dtype != w1.dtype or t.device.type != "cpu" or not t.is_contiguous() for t in params
+        ):
+            return
+        try:
+            depth = _check_hard(w1.new_empty((1, w1.shape[1])), *params, activation)
+        except (TypeError, ValueError):
+            return
+        self.dtype, self.d_in, self.d_out, self.depth = w1.dtype, w1.shape[1], w2.shape[2], depth
+        self.width, self.leaves = w1.shape[2], w1.shape[0]
+        self.args = tuple(t.data_ptr() for t in params)  # fff_hard_fwd's, in order
+        self.codes = (_dtypes.code(w1.dtype), ACTIVATIONS[activation])
+
+
+def fff_hard_infer(x, plan: HardInferPlan) -> torch.Tensor | None:
+    """``y`` of :func:`fff_hard` by the leanest route (small batches on CPU; the caller has checked
+    grad mode and :func:`~fastlayers.ops._common.no_dispatch_modes`). None when a precondition
+    does not hold or the batch is large enough for the leaf-grouped GEMMs: the caller then runs
+    the op, which gives the same ``y`` (or the clear error)."""
+    if (
+        plan.dtype is None
+        or type(x) is not torch.Tensor
+        or x.dtype != plan.dtype
+        or not x.is_cpu
+        or x.dim() == 0
+        or x.shape[-1] != plan.d_in
+    ):
+        return None
+    d_in, d_out = plan.d_in, plan.d_out
+    contiguous = x.is_contiguous()
+    x2 = x if contiguous else rows_view(x)
+    rows = x2.numel() // d_in
+    if rows == 0 or _use_grouped(rows, plan.leaves, plan.width):
+        return None
+    stride = d_in if contiguous else row_stride(x2)
+    if rows == 1 and contiguous and d_out == d_in and not poison_outputs_enabled():
+        y = torch.empty_like(x)  # small: no huge-page advice
+    else:
+        y = empty((*x.shape[:-1], d_out), plan.dtype, x.device)
+    leaf = torch.empty(rows, dtype=torch.int32)
+    dtype_code, activation_code = plan.codes
+    _ext.C.fff_hard_fwd(
+        0, x2.data_ptr(), stride, *plan.args, y.data_ptr(), leaf.data_ptr(), False,
+        rows, d_in, d_out, plan.width, plan.depth, dtype_code, activation_code, 0,
+    )  # fmt: skip
+    return y
+
+
 _FLOAT_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
