@@ -24,6 +24,15 @@ from fastlayers.reference import fff as ref
 from fastlayers.reference.fff import ACTIVATIONS
 
 
+def _weights_key(tensors, activation: str) -> tuple:
+    """What an inference plan was validated for: each weight's data pointer, version and dtype
+    (None for an absent one), and the activation. A change to any of them builds a new plan."""
+    return (
+        *(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors),
+        activation,
+    )
+
+
 def _kernel_dtype(x: torch.Tensor, module: str) -> bool:
     """The kernels take fp32/fp16/bf16; a float64 module runs the reference (warned once)."""
     if x.dtype in FLOATING or not x.is_floating_point():
@@ -111,12 +120,7 @@ class UltraFastFeedForward(torch.nn.Module):
         if not torch.is_grad_enabled() and no_dispatch_modes():  # inference: the lean CPU route
             params = self._parameters  # the dict itself: attribute lookups cost ~1 us each
             w_in, w_out, b_in = params["w_in"], params["w_out"], params.get("b_in")
-            key = (
-                w_in.data_ptr(), w_in._version, w_in.dtype,
-                w_out.data_ptr(), w_out._version, w_out.dtype,
-                None if b_in is None else (b_in.data_ptr(), b_in._version, b_in.dtype),
-                self.activation,
-            )  # fmt: skip
+            key = _weights_key((w_in, w_out, b_in), self.activation)
             plan = self._infer_plan
             if plan is None or plan.key != key:
                 plan = self._infer_plan = UltraInferPlan(key, w_in, b_in, w_out, self.activation)
@@ -277,7 +281,7 @@ class FastFeedForward(torch.nn.Module):
         None where it does not apply."""
         found = self._parameters
         params = tuple(found[n] for n in self._PARAM_NAMES)
-        key = (*((t.data_ptr(), t._version, t.dtype) for t in params), self.activation)
+        key = _weights_key(params, self.activation)
         plan = self._infer_plan
         if plan is None or plan.key != key:
             plan = self._infer_plan = HardInferPlan(key, params, self.activation)

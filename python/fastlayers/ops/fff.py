@@ -179,14 +179,9 @@ class UltraInferPlan:
         self.codes = (_dtypes.code(dtype), ACTIVATIONS[activation])
 
 
-def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
-    """``y`` of :func:`ultrafast_ff` by the leanest route, for batch-1 inference on CPU.
-
-    The caller has checked that grad mode is off and that nothing intercepts calls
-    (:func:`~fastlayers.ops._common.no_dispatch_modes`); this checks ``x`` against an eligible
-    ``plan`` (a CPU tensor of the plan's dtype and input size). Computes neither ``path`` nor
-    ``preact`` (the kernel keeps them on the stack). Returns None when a precondition does not hold;
-    the caller then runs the op, which gives the same ``y`` (or the clear error)."""
+def _lean_rows(x, plan):
+    """``(x2, rows, row stride)`` of an ``x`` the inference plan takes (a plain CPU tensor of its
+    dtype and input size, at least one row), else None."""
     if (
         plan.dtype is None
         or type(x) is not torch.Tensor
@@ -196,17 +191,36 @@ def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
         or x.shape[-1] != plan.d_in
     ):
         return None
-    d_in, d_out = plan.d_in, plan.d_out
     contiguous = x.is_contiguous()
     x2 = x if contiguous else rows_view(x)
-    rows = x2.numel() // d_in
+    rows = x2.numel() // plan.d_in
     if rows == 0:
         return None
-    stride = d_in if contiguous else row_stride(x2)
-    if rows == 1 and contiguous and d_out == d_in and not poison_outputs_enabled():
-        y = torch.empty_like(x)  # the cheapest allocation (1 us); small: no huge-page advice
-    else:
-        y = empty((*x.shape[:-1], d_out), plan.dtype, x.device)
+    return x2, rows, plan.d_in if contiguous else row_stride(x2)
+
+
+def _lean_output(x, x2, rows: int, d_out: int, dtype) -> torch.Tensor:
+    """The output ``[..., d_out]``: ``empty_like(x)`` for one contiguous row of x's width (the
+    cheapest allocation, ~1 us; small, so no huge-page advice), else the ops' ``empty``."""
+    if rows == 1 and x2 is x and d_out == x.shape[-1] and not poison_outputs_enabled():
+        return torch.empty_like(x)
+    return empty((*x.shape[:-1], d_out), dtype, x.device)
+
+
+def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
+    """``y`` of :func:`ultrafast_ff` by the leanest route, for batch-1 inference on CPU.
+
+    The caller has checked that grad mode is off and that nothing intercepts calls
+    (:func:`~fastlayers.ops._common.no_dispatch_modes`); this checks ``x`` against an eligible
+    ``plan`` (a CPU tensor of the plan's dtype and input size). Computes neither ``path`` nor
+    ``preact`` (the kernel keeps them on the stack). Returns None when a precondition does not hold;
+    the caller then runs the op, which gives the same ``y`` (or the clear error)."""
+    lean = _lean_rows(x, plan)
+    if lean is None:
+        return None
+    x2, rows, stride = lean
+    d_in, d_out = plan.d_in, plan.d_out
+    y = _lean_output(x, x2, rows, d_out, plan.dtype)
     w_in, b_in, w_out = plan.args
     dtype_code, activation_code = plan.codes
     _ext.C.fff_ultra_fwd(
@@ -247,26 +261,12 @@ def fff_hard_infer(x, plan: HardInferPlan) -> torch.Tensor | None:
     grad mode and :func:`~fastlayers.ops._common.no_dispatch_modes`). None when a precondition
     does not hold or the batch is large enough for the leaf-grouped GEMMs: the caller then runs
     the op, which gives the same ``y`` (or the clear error)."""
-    if (
-        plan.dtype is None
-        or type(x) is not torch.Tensor
-        or x.dtype != plan.dtype
-        or not x.is_cpu
-        or x.dim() == 0
-        or x.shape[-1] != plan.d_in
-    ):
+    lean = _lean_rows(x, plan)
+    if lean is None or _use_grouped(lean[1], plan.leaves, plan.width):
         return None
+    x2, rows, stride = lean
     d_in, d_out = plan.d_in, plan.d_out
-    contiguous = x.is_contiguous()
-    x2 = x if contiguous else rows_view(x)
-    rows = x2.numel() // d_in
-    if rows == 0 or _use_grouped(rows, plan.leaves, plan.width):
-        return None
-    stride = d_in if contiguous else row_stride(x2)
-    if rows == 1 and contiguous and d_out == d_in and not poison_outputs_enabled():
-        y = torch.empty_like(x)  # small: no huge-page advice
-    else:
-        y = empty((*x.shape[:-1], d_out), plan.dtype, x.device)
+    y = _lean_output(x, x2, rows, d_out, plan.dtype)
     leaf = torch.empty(rows, dtype=torch.int32)
     dtype_code, activation_code = plan.codes
     _ext.C.fff_hard_fwd(
