@@ -257,6 +257,113 @@ void int4_fp8_gemm(int device, std::uintptr_t xq, int64_t x_row_stride, std::uin
   run(device, p, stream, int4_fp8::gemm_cpu, FL_CUDA_OR_NONE(int4_fp8::gemm_cuda));
 }
 
+// Hopper CUTLASS GEMM (built with 90a): availability, supported shapes, prepack, workspace, GEMM.
+#ifdef FASTLAYERS_WITH_SM90
+constexpr bool kHasSm90Gemm = true;
+#else
+constexpr bool kHasSm90Gemm = false;
+#endif
+
+py::object int4_fp8_sm90_unsupported(int64_t n, int64_t k, int64_t group_size, int out_dtype) {
+#ifdef FASTLAYERS_WITH_SM90
+  const char* why = int4_fp8::sm90_unsupported_reason(n, k, group_size, static_cast<DType>(out_dtype));
+  if (why == nullptr) return py::none();
+  return py::str(why);
+#else
+  (void)n, (void)k, (void)group_size, (void)out_dtype;
+  return py::str("this build has no Hopper (90a) CUTLASS kernels");
+#endif
+}
+
+#ifdef FASTLAYERS_WITH_SM90
+int4_fp8::Sm90GemmParams sm90_params(int device_index, std::uintptr_t xq, int64_t x_row_stride,
+                                     std::uintptr_t xs, std::uintptr_t packed_weight,
+                                     std::uintptr_t lut_scale, std::uintptr_t channel_scale,
+                                     std::uintptr_t bias, std::uintptr_t y, int out_dtype, int64_t m,
+                                     int64_t n, int64_t k, int64_t group_size,
+                                     std::uintptr_t workspace, int64_t workspace_bytes) {
+  int4_fp8::Sm90GemmParams p;
+  p.device = device_index;
+  p.xq = ptr<const fp8e4m3_t>(xq);
+  p.x_row_stride = x_row_stride;
+  p.xs = ptr<const float>(xs);
+  p.packed_weight = ptr<const uint8_t>(packed_weight);
+  p.lut_scale = ptr<const uint8_t>(lut_scale);
+  p.channel_scale = ptr<const float>(channel_scale);
+  p.bias = ptr<const float>(bias);
+  p.y = ptr<void>(y);
+  p.out_dtype = static_cast<DType>(out_dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  p.workspace = ptr<void>(workspace);
+  p.workspace_bytes = workspace_bytes;
+  return p;
+}
+#endif
+
+void int4_fp8_prepack_sm90(int device, std::uintptr_t qweight, std::uintptr_t group_scale,
+                           std::uintptr_t packed_weight, std::uintptr_t lut_scale, int64_t n,
+                           int64_t k, int64_t group_size, std::uintptr_t stream) {
+#ifdef FASTLAYERS_WITH_SM90
+  int4_fp8::PrepackParams p;
+  p.qweight = ptr<const uint8_t>(qweight);
+  p.group_scale = ptr<const fp8e4m3_t>(group_scale);
+  p.packed_weight = ptr<uint8_t>(packed_weight);
+  p.lut_scale = ptr<uint8_t>(lut_scale);
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  run(device, p, stream, int4_fp8::prepack_sm90_host, int4_fp8::prepack_sm90_cuda);
+#else
+  (void)device, (void)qweight, (void)group_scale, (void)packed_weight, (void)lut_scale, (void)n;
+  (void)k, (void)group_size, (void)stream;
+  raise_if_error(Status::invalid("int4_fp8_prepack_sm90: this build has no Hopper kernels"));
+#endif
+}
+
+int64_t int4_fp8_sm90_workspace(int device_index, int64_t m, int64_t n, int64_t k,
+                                int64_t group_size, int out_dtype) {
+#ifdef FASTLAYERS_WITH_SM90
+  const auto p = sm90_params(device_index, 0, k, 0, 0, 0, 0, 0, 0, out_dtype, m, n, k, group_size, 0, 0);
+  return int4_fp8::gemm_sm90_workspace(p);
+#else
+  (void)device_index, (void)m, (void)n, (void)k, (void)group_size, (void)out_dtype;
+  return 0;
+#endif
+}
+
+std::string int4_fp8_sm90_config(int64_t m, int out_dtype) {
+#ifdef FASTLAYERS_WITH_SM90
+  return int4_fp8::gemm_sm90_config(m, static_cast<DType>(out_dtype));
+#else
+  (void)m, (void)out_dtype;
+  return "";
+#endif
+}
+
+void int4_fp8_gemm_sm90(int device_index, std::uintptr_t xq, int64_t x_row_stride,
+                        std::uintptr_t xs, std::uintptr_t packed_weight, std::uintptr_t lut_scale,
+                        std::uintptr_t channel_scale, std::uintptr_t bias, std::uintptr_t y,
+                        int out_dtype, int64_t m, int64_t n, int64_t k, int64_t group_size,
+                        std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t stream) {
+#ifdef FASTLAYERS_WITH_SM90
+  const auto p = sm90_params(device_index, xq, x_row_stride, xs, packed_weight, lut_scale,
+                             channel_scale, bias, y, out_dtype, m, n, k, group_size, workspace,
+                             workspace_bytes);
+  const auto no_cpu = [](const int4_fp8::Sm90GemmParams&) {
+    return Status::invalid("int4_fp8_gemm_sm90: CUDA only");
+  };
+  run(kCuda, p, stream, +no_cpu, int4_fp8::gemm_sm90_cuda);
+#else
+  (void)device_index, (void)xq, (void)x_row_stride, (void)xs, (void)packed_weight, (void)lut_scale;
+  (void)channel_scale, (void)bias, (void)y, (void)out_dtype, (void)m, (void)n, (void)k;
+  (void)group_size, (void)workspace, (void)workspace_bytes, (void)stream;
+  raise_if_error(Status::invalid("int4_fp8_gemm_sm90: this build has no Hopper kernels"));
+#endif
+}
+
 void quantize_fp8_per_token(int device, std::uintptr_t x, int64_t x_row_stride, std::uintptr_t xq,
                             std::uintptr_t xs, int64_t rows, int64_t cols, int dtype,
                             std::uintptr_t stream) {
@@ -592,6 +699,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);
+  m.def("has_sm90_gemm", [] { return kHasSm90Gemm; });
+  m.def("int4_fp8_sm90_unsupported", &int4_fp8_sm90_unsupported);
+  m.def("int4_fp8_prepack_sm90", &int4_fp8_prepack_sm90);
+  m.def("int4_fp8_sm90_workspace", &int4_fp8_sm90_workspace);
+  m.def("int4_fp8_sm90_config", &int4_fp8_sm90_config);
+  m.def("int4_fp8_gemm_sm90", &int4_fp8_gemm_sm90);
   m.def("varlen_attention", &varlen_attention);
   m.def("varlen_attention_bwd", &varlen_attention_bwd);
   m.def("int4_kv_decode", &int4_kv_decode);

@@ -9,6 +9,9 @@
 # scikit-build-core / pybind11 / cmake / ninja already in its image, and falls back to a plain CMake
 # build put on PYTHONPATH when pip cannot build (for example an older pybind11 there).
 #
+# The Hopper CUTLASS GEMM needs the CUTLASS headers, which that machine cannot download: run
+# `python third_party/fetch_cutlass.py` here first and carry ["COMMIT", "third_party/cutlass"] (28 MB).
+#
 # usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
 #   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
 #   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks. All of it takes more
@@ -32,6 +35,9 @@ log="$OUT/setup.txt"
 cat "$log"
 arch=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export FASTLAYERS_CUDA=ON FASTLAYERS_CUDA_ARCHS="$arch" MAX_JOBS=16
+if [ "$arch" = 90a ] && [ ! -f third_party/cutlass/include/cutlass/cutlass.h ]; then
+  echo "WARNING: no third_party/cutlass (carry it): the Hopper CUTLASS GEMM will not be built" | tee -a "$log"
+fi
 start=$(date +%s)
 if python3 -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu-pip . >>"$log" 2>&1; then
   echo "built with pip for $arch in $(( $(date +%s) - start )) s" | tee -a "$log"

@@ -39,6 +39,10 @@ def test_info_reports_build_and_backends():
     assert d["ops"]["peer_retrieve"]["cuda"] == cuda
     assert d["ops"]["peer_retrieve"]["cpu"] == ("kernel" if _ext.C is not None else "reference")
     assert d["ops"]["int4_kv_attention"]["cuda"] == cuda
+    # The Hopper GEMM: a CUDA kernel when the build has the 90a objects; on the CPU, the reference.
+    assert d["cuda_sm90_gemm"] == (_ext.C is not None and _ext.has_sm90_gemm())
+    sm90 = "kernel" if d["cuda_sm90_gemm"] else "reference"
+    assert d["ops"]["int4_fp8_gemm_sm90"] == {"cpu": "reference", "cuda": sm90}
 
 
 def test_cli_info_json():

@@ -2,10 +2,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Puts the CUTLASS headers in third_party/cutlass (gitignored) from the nvidia-cutlass wheel.
 
-CMake's FindCUTLASS looks here after $CUTLASS_DIR and an installed nvidia-cutlass wheel. The wheel is
-downloaded with --no-deps: its dependencies (cuda-python, scipy, ...) are not needed for headers.
+CMake's FindCUTLASS looks here after $CUTLASS_DIR and an installed nvidia-cutlass wheel, and runs
+this script itself when a 90a build finds neither. The wheel is downloaded with --no-deps: its
+dependencies (cuda-python, scipy, ...) are not needed for headers.
 """
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -20,12 +22,23 @@ KEEP = ("include/", "tools/util/include/")
 LICENSE = "nvidia_cutlass-{v}.dist-info/licenses/LICENSE.txt"
 
 
+def _pip() -> list[str]:
+    """This interpreter's pip, or (inside pip's isolated build environment, which hides it) the
+    pip on PATH."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    exe = shutil.which("pip3") or shutil.which("pip")
+    if exe is None:
+        raise SystemExit("fetch_cutlass: no pip to download nvidia-cutlass with")
+    return [exe]
+
+
 def main() -> int:
     if (DEST / "include" / "cutlass" / "cutlass.h").exists():
         print(f"CUTLASS headers already in {DEST}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+        subprocess.run([*_pip(), "download", "--no-deps", "--quiet", "-d", tmp,
                         f"nvidia-cutlass=={VERSION}"], check=True)
         wheel = next(Path(tmp).glob("nvidia_cutlass-*.whl"))
         with zipfile.ZipFile(wheel) as zf:

@@ -47,6 +47,45 @@ struct DequantParams {
   int64_t n = 0, k = 0, group_size = 128;
 };
 
+// Hopper (sm90a) CUTLASS look-up-table GEMM on prepacked weights (csrc/int4_fp8/sm90/). Built only
+// when 90a is among the CUDA archs (FASTLAYERS_WITH_SM90). prepack turns the stored format into the
+// kernel's: packed_weight [n * k / 2] bytes (CUTLASS's LUT nibble encoding, wgmma-fragment order, see
+// sm90/layout_sm90.cuh) and lut_scale [groups, n] x 8 FP8 codes (fp8(-8 s) .. fp8(-2 s), -s per
+// group scale s, channels fastest).
+struct PrepackParams {
+  const uint8_t* qweight = nullptr;        // [n, k / 2] contiguous
+  const fp8e4m3_t* group_scale = nullptr;  // [n, groups] contiguous
+  uint8_t* packed_weight = nullptr;        // [n * k / 2]
+  uint8_t* lut_scale = nullptr;            // [groups, n, 8]
+  int64_t n = 0, k = 0, group_size = 128;
+};
+
+struct Sm90GemmParams {
+  int device = 0;
+  const fp8e4m3_t* xq = nullptr;  // [m, k], row stride x_row_stride (16-byte aligned rows)
+  int64_t x_row_stride = 0;
+  const float* xs = nullptr;             // [m]
+  const uint8_t* packed_weight = nullptr;  // from prepack
+  const uint8_t* lut_scale = nullptr;      // from prepack
+  const float* channel_scale = nullptr;    // [n]
+  const float* bias = nullptr;             // [n] fp32, or null
+  void* y = nullptr;                       // [m, n] contiguous, bf16 or fp16
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0, group_size = 128;
+  void* workspace = nullptr;  // CUTLASS workspace (gemm_sm90_workspace bytes), may be null when 0
+  int64_t workspace_bytes = 0;
+};
+
+// Why the sm90 GEMM cannot take this shape (null when it can): n % 16, k % 32, group_size % 128 or
+// == k, out dtype bf16/fp16.
+const char* sm90_unsupported_reason(int64_t n, int64_t k, int64_t group_size, DType out_dtype);
+Status prepack_sm90_cuda(const PrepackParams& p, void* stream);
+Status prepack_sm90_host(const PrepackParams& p);  // the same index maps on the CPU (tests)
+Status gemm_sm90_cuda(const Sm90GemmParams& p, void* stream);
+int64_t gemm_sm90_workspace(const Sm90GemmParams& p);
+// Which tile configuration gemm_sm90_cuda uses for m rows (its name, e.g. "bf16_t16").
+const char* gemm_sm90_config(int64_t m, DType out_dtype);
+
 Status validate(const GemmParams& p);
 Status validate(const QuantizeParams& p);
 

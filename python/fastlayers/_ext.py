@@ -62,7 +62,17 @@ CUDA_OPS = frozenset(
 )
 
 
+# Hopper-only ops: kernels exist when the build has the 90a CUTLASS objects (run on sm90 GPUs).
+SM90_OPS = frozenset({"int4_fp8_gemm_sm90"})
+
+
+def has_sm90_gemm() -> bool:
+    return has_cuda_kernels() and bool(C.has_sm90_gemm())
+
+
 def has_cuda_kernel(op: str) -> bool:
+    if op in SM90_OPS:
+        return has_sm90_gemm()
     return has_cuda_kernels() and op in CUDA_OPS
 
 

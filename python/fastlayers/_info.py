@@ -22,6 +22,7 @@ OPS = (
     "peer_experts_backward",
     "quantize_fp8_per_token",
     "int4_fp8_gemm",
+    "int4_fp8_gemm_sm90",
     "varlen_attention",
     "gather_rows",
     "scatter_add_gated",
@@ -36,7 +37,8 @@ def info() -> dict:
 
     Keys: ``version``, ``extension_loaded`` (bool), ``extension_error`` (why not, or None),
     ``cpu_isa`` (the kernel variant in use: avx512 / avx2 / scalar, or None), ``cpu_isa_detected``,
-    ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``gpu`` (name of GPU 0, or None),
+    ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``cuda_sm90_gemm`` (the Hopper
+    CUTLASS GEMM was compiled), ``gpu`` (name of GPU 0, or None),
     ``torch`` (version), and ``ops``: for each op, the backend each device runs
     (``"kernel"`` or ``"reference"``).
     """
@@ -51,13 +53,14 @@ def info() -> dict:
         "cpu_isa": C.cpu_isa() if C is not None else None,
         "cpu_isa_detected": C.detected_cpu_isa() if C is not None else None,
         "cuda_compiled": cuda_kernels,
+        "cuda_sm90_gemm": _ext.has_sm90_gemm(),
         "cuda_archs": [a for a in C.cuda_archs().split(",") if a] if C is not None else [],
         "gpu": gpu,
         "torch": torch.__version__,
         "ops": {
             op: {
-                "cpu": "kernel" if cpu_kernels else "reference",
-                "cuda": "kernel" if cuda_kernels and op in _ext.CUDA_OPS else "reference",
+                "cpu": "kernel" if cpu_kernels and op not in _ext.SM90_OPS else "reference",
+                "cuda": "kernel" if _ext.has_cuda_kernel(op) else "reference",
             }
             for op in OPS
         },
@@ -74,6 +77,7 @@ def format_info(d: dict | None = None) -> str:
         f"  compiled kernels (_C): {loaded}",
         f"  CPU ISA in use:        {isa}",
         f"  CUDA compiled:         {cuda}",
+        f"  Hopper CUTLASS GEMM:   {'yes (90a)' if d['cuda_sm90_gemm'] else 'no'}",
         f"  GPU present:           {d['gpu'] or 'no'}",
         "  ops (backend per device):",
     ]

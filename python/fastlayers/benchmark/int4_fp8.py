@@ -20,6 +20,7 @@ import functools
 import torch
 
 import fastlayers
+from fastlayers import _dtypes, _ext
 from fastlayers.benchmark.harness import (
     Row,
     backend_label,
@@ -41,6 +42,15 @@ def _oracle_error(layer, x) -> float:
                               qw.group_size)  # fmt: skip
     y64 = (xq.double() @ lut.double().t()) * xs.double() * qw.channel_scale.double()
     return (layer(x).double() - y64).abs().max().item()
+
+
+def _label(layer, tokens: int, backend: str) -> str:
+    """The backend column: on an sm90 GPU, the CUTLASS configuration that ran."""
+    if layer.sm90_weight is None:
+        return backend
+    return "fastlayers/cutlass-sm90 " + _ext.C.int4_fp8_sm90_config(
+        tokens, _dtypes.code(layer.out_dtype)
+    )
 
 
 def _call(layer, x):
@@ -93,7 +103,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                             "Int4Fp8Linear (g128, bf16 in/out)",
                             f"{tokens}x{k}->{n}",
                             "bfloat16",
-                            backend,
+                            _label(layer, tokens, backend),
                             t_ours.median_s * 1e6,
                             name,
                             t_base.median_s * 1e6,

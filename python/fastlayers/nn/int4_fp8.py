@@ -7,13 +7,17 @@ import numbers
 
 import torch
 
+from fastlayers import _ext
+from fastlayers.ops._common import direct_call_ok
 from fastlayers.ops.int4_fp8 import (
     FP8,
     OUT_DTYPES,
     QuantizedWeight,
+    _gemm_sm90_cuda,
     int4_fp8_gemm,
     quantize_fp8_per_token,
     quantize_int4,
+    sm90_unsupported_reason,
 )
 from fastlayers.reference.int4_fp8 import FORMAT_VERSION
 
@@ -44,6 +48,12 @@ class Int4Fp8Linear(torch.nn.Module):
     ``channel_scale`` float32 ``[out]``, optional ``bias``, and ``quant_format`` int32
     ``[format version, group size]``. A fresh layer holds zeros: fill it with :meth:`from_linear`
     or ``load_state_dict``.
+
+    On an sm90 GPU (H100/H200) with a build that has the Hopper kernels, :meth:`prepack` builds the
+    CUTLASS look-up-table GEMM's layouts as non-persistent buffers (``sm90_weight``,
+    ``sm90_lut_scale``, ``sm90_bias``); ``forward`` then runs that GEMM. They are rebuilt after
+    ``load_state_dict`` and device moves; call :meth:`prepack` yourself after changing
+    ``qweight``/``group_scale``/``bias`` in place. Other devices and shapes use the generic kernels.
     """
 
     def __init__(
@@ -87,6 +97,8 @@ class Int4Fp8Linear(torch.nn.Module):
             "quant_format",
             torch.tensor([FORMAT_VERSION, group_size], dtype=torch.int32, device=device),
         )
+        for name in ("sm90_weight", "sm90_lut_scale", "sm90_bias"):
+            self.register_buffer(name, None, persistent=False)
 
     @classmethod
     def from_linear(
@@ -130,7 +142,46 @@ class Int4Fp8Linear(torch.nn.Module):
             layer.channel_scale.copy_(weight.channel_scale)
         if bias is not None:
             layer.bias = bias.detach().clone()
+        layer.prepack()
         return layer
+
+    def prepack(self) -> bool:
+        """Builds (or drops) the Hopper GEMM's layouts for the current weight and device; returns
+        whether the layer now runs the sm90 CUTLASS GEMM. Shapes that GEMM cannot take on an sm90
+        GPU fall back to the generic kernels with a warning, once."""
+        reason = sm90_unsupported_reason(
+            self.qweight.device, self.out_features, self.in_features, self.group_size,
+            self.out_dtype,
+        )  # fmt: skip
+        if reason is None:
+            with torch.no_grad():
+                self.sm90_weight, self.sm90_lut_scale = torch.ops.fastlayers.int4_fp8_prepack_sm90(
+                    self.qweight, self.group_scale, self.group_size
+                )
+                self.sm90_bias = self.bias.float() if self.bias is not None else None
+            return True
+        self.sm90_weight = self.sm90_lut_scale = self.sm90_bias = None
+        on_hopper = (
+            self.qweight.device.type == "cuda"
+            and _ext.C is not None
+            and _ext.has_cuda_kernels()
+            and _ext.C.has_sm90_gemm()
+            and torch.cuda.get_device_capability(self.qweight.device) == (9, 0)
+        )
+        if on_hopper:
+            _ext.warn_once(
+                f"int4_fp8-sm90-{self.out_features}x{self.in_features}-{self.group_size}",
+                f"Int4Fp8Linear({self.in_features}, {self.out_features}, group_size="
+                f"{self.group_size}, out_dtype={self.out_dtype}): {reason}; using the generic "
+                "CUDA kernels",
+            )
+        return False
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "sm90_weight"):  # a device move or cast: rebuild the kernel layouts
+            self.prepack()
+        return self
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -158,6 +209,7 @@ class Int4Fp8Linear(torch.nn.Module):
         if bias is not None and self.bias is not None and bias.dtype != self.bias.dtype:
             self.bias = torch.empty_like(self.bias, dtype=bias.dtype)  # keep the stored dtype
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.prepack()
 
     def forward(self, x) -> torch.Tensor:
         if isinstance(x, (tuple, list)):
@@ -176,6 +228,14 @@ class Int4Fp8Linear(torch.nn.Module):
                     f"{tuple(x.shape)}"
                 )
             xq, xs = quantize_fp8_per_token(x)
+        if self.sm90_weight is not None and xq.device == self.sm90_weight.device:
+            args = (
+                xq, xs, self.sm90_weight, self.sm90_lut_scale, self.channel_scale,
+                self.sm90_bias, self.group_size, self.out_dtype,
+            )  # fmt: skip
+            if direct_call_ok(xq, xs):
+                return _gemm_sm90_cuda(*args)
+            return torch.ops.fastlayers.int4_fp8_gemm_sm90(*args)
         return int4_fp8_gemm(xq, xs, self.quantized_weight, self.bias, self.out_dtype)
 
     def extra_repr(self) -> str:

@@ -5,7 +5,8 @@ format's public helpers (:class:`QuantizedWeight`, :func:`quantize_int4`, :func:
 Formats and semantics are those of :mod:`fastlayers.reference.int4_fp8` (the specification).
 Inference only: neither op has a backward. CPU: fused kernels. CUDA (sm80+; compiled, not yet run
 on a GPU): a GEMV kernel up to 16 rows, beyond that an FP8 dequantisation kernel and one fp32
-GEMM; the Hopper CUTLASS look-up-table GEMM is planned.
+GEMM. Hopper (sm90a; compiled, not yet run): the CUTLASS look-up-table GEMM on prepacked weights,
+``int4_fp8_prepack_sm90`` + ``int4_fp8_gemm_sm90`` (what ``Int4Fp8Linear`` uses on an H100/H200).
 """
 
 from __future__ import annotations
@@ -39,12 +40,20 @@ LIB.define(
     "int4_fp8_gemm(Tensor xq, Tensor xs, Tensor qweight, Tensor group_scale, Tensor channel_scale,"
     " Tensor? bias, int group_size, ScalarType out_dtype) -> Tensor"
 )
+LIB.define(
+    "int4_fp8_prepack_sm90(Tensor qweight, Tensor group_scale, int group_size) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "int4_fp8_gemm_sm90(Tensor xq, Tensor xs, Tensor packed_weight, Tensor lut_scale,"
+    " Tensor channel_scale, Tensor? bias, int group_size, ScalarType out_dtype) -> Tensor"
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks (shared by the kernels and the fakes)
 # ----------------------------------------------------------------------------------------------
 def _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype) -> None:
+    """Checks the GEMM's arguments; ``group_scale=None`` skips it (the prepacked sm90 op)."""
     for t, name in (
         (xq, "xq"),
         (xs, "xs"),
@@ -52,7 +61,8 @@ def _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, o
         (group_scale, "group_scale"),
         (channel_scale, "channel_scale"),
     ):
-        check_tensor(t, name)
+        if t is not None or name != "group_scale":
+            check_tensor(t, name)
     if xq.dtype != FP8:
         raise TypeError(
             f"xq must be torch.float8_e4m3fn (see quantize_fp8_per_token), got {xq.dtype}"
@@ -82,7 +92,9 @@ def _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, o
     if group_size % 2:
         raise ValueError(f"group_size must be even, got {group_size}")
     groups = -(-k // group_size)
-    if group_scale.dtype != FP8 or tuple(group_scale.shape) != (n, groups):
+    if group_scale is not None and (
+        group_scale.dtype != FP8 or tuple(group_scale.shape) != (n, groups)
+    ):
         raise ValueError(
             f"group_scale must be float8_e4m3fn of shape ({n}, {groups}) for {k} in-features in "
             f"groups of {group_size}, got {group_scale.dtype} {tuple(group_scale.shape)}"
@@ -215,6 +227,165 @@ def _quantize_fake(x):
 def _gemm_fake(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
     _check_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hopper (sm90a) CUTLASS GEMM on prepacked weights
+# ----------------------------------------------------------------------------------------------
+SM90_OUT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def sm90_unsupported_reason(
+    device: torch.device, out_features: int, in_features: int, group_size: int, out_dtype
+) -> str | None:
+    """Why the Hopper GEMM cannot run this layer on ``device`` (None when it can): it needs a
+    build with 90a kernels, an sm90 GPU, ``out_features % 16 == 0``, ``in_features % 32 == 0``,
+    ``group_size`` a multiple of 128 (or equal to ``in_features``) and a bf16/fp16 output."""
+    C = _ext.C
+    if C is None or not _ext.has_cuda_kernels() or not C.has_sm90_gemm():
+        return "this build has no Hopper (90a) CUTLASS kernels"
+    if device.type != "cuda":
+        return f"the Hopper GEMM runs on CUDA devices, not {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return f"the Hopper GEMM needs an sm90 GPU (H100/H200), this one is sm{cap[0]}{cap[1]}"
+    if out_dtype not in SM90_OUT_DTYPES:
+        return f"the Hopper GEMM writes bfloat16 or float16, not {out_dtype}"
+    return C.int4_fp8_sm90_unsupported(
+        out_features, in_features, group_size, _dtypes.code(out_dtype)
+    )
+
+
+def _check_prepack(qweight, group_scale, group_size):
+    check_tensor(qweight, "qweight")
+    check_tensor(group_scale, "group_scale")
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError(
+            f"qweight must be uint8 [out_features, in_features / 2], got {qweight.dtype}"
+        )
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even int, got {group_size!r}")
+    groups = -(-k // group_size)
+    if group_scale.dtype != FP8 or tuple(group_scale.shape) != (n, groups):
+        raise ValueError(
+            f"group_scale must be float8_e4m3fn of shape ({n}, {groups}), got "
+            f"{group_scale.dtype} {tuple(group_scale.shape)}"
+        )
+    if group_scale.device != qweight.device:
+        raise ValueError(f"group_scale is on {group_scale.device} but qweight on {qweight.device}")
+    if n % 16 or k % 32 or (group_size != k and group_size % 128):
+        raise ValueError(
+            "the sm90 layout needs out_features % 16 == 0, in_features % 32 == 0 and group_size "
+            f"a multiple of 128 or equal to in_features; got {n} x {k}, group_size {group_size}"
+        )
+    return n, k, groups
+
+
+def _prepack_kernel(qweight, group_scale, group_size):
+    n, k, groups = _check_prepack(qweight, group_scale, group_size)
+    C = _ext.C
+    if C is None or not C.has_sm90_gemm():
+        return ref.prepack_sm90(qweight, group_scale, group_size)
+    packed = empty((n, k // 2), torch.uint8, qweight.device)
+    lut = empty((groups, n, 8), torch.uint8, qweight.device)
+    qw, gs = qweight.contiguous(), group_scale.contiguous()
+    with device_guard(qweight.device):
+        C.int4_fp8_prepack_sm90(
+            device_code(qweight.device), ptr(qw), ptr(gs), ptr(packed), ptr(lut), n, k,
+            group_size, stream_of(qweight.device),
+        )  # fmt: skip
+    return packed, lut
+
+
+def _prepack_reference(qweight, group_scale, group_size):
+    _check_prepack(qweight, group_scale, group_size)
+    return ref.prepack_sm90(qweight, group_scale, group_size)
+
+
+def _check_gemm_sm90(xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype):
+    for t, name in ((packed_weight, "packed_weight"), (lut_scale, "lut_scale")):
+        check_tensor(t, name)
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name} must be uint8 (from int4_fp8_prepack_sm90), got {t.dtype}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    n, k = packed_weight.shape[0], 2 * packed_weight.shape[-1]
+    groups = -(-k // group_size)
+    if packed_weight.dim() != 2 or tuple(lut_scale.shape) != (groups, n, 8):
+        raise ValueError(
+            f"packed_weight [n, k / 2] and lut_scale [groups, n, 8] from int4_fp8_prepack_sm90 "
+            f"expected; got {tuple(packed_weight.shape)} and {tuple(lut_scale.shape)}"
+        )
+    # The rest as for the unpacked GEMM (packed_weight has qweight's shape and dtype).
+    _check_gemm(xq, xs, packed_weight, None, channel_scale, bias, group_size, out_dtype)
+    if out_dtype not in SM90_OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {SM90_OUT_DTYPES}, got {out_dtype}")
+    return n, k
+
+
+def _gemm_sm90_cuda(xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype):
+    n, k = _check_gemm_sm90(
+        xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype
+    )
+    reason = sm90_unsupported_reason(xq.device, n, k, group_size, out_dtype)
+    if reason is not None:
+        raise ValueError(f"int4_fp8_gemm_sm90: {reason}")
+    x2 = rows_view(xq)
+    m = x2.shape[0]
+    if row_stride(x2) % 16 or x2.data_ptr() % 16:  # TMA: 16-byte aligned base and rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    xs1 = xs.reshape(m).contiguous()
+    cs = channel_scale.contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
+    if m == 0:
+        return y
+    C, dev = _ext.C, xq.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    out_code = _dtypes.code(out_dtype)
+    ws_bytes = C.int4_fp8_sm90_workspace(index, m, n, k, group_size, out_code)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev) if ws_bytes > 0 else None
+    with device_guard(dev):
+        C.int4_fp8_gemm_sm90(
+            index, ptr(x2), row_stride(x2), ptr(xs1), ptr(packed_weight.contiguous()),
+            ptr(lut_scale.contiguous()), ptr(cs), ptr(b), ptr(y), out_code, m, n, k, group_size,
+            ptr(ws), ws_bytes, stream_of(dev),
+        )  # fmt: skip
+    return y
+
+
+def _gemm_sm90_reference(
+    xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype
+):
+    """Any device: undo the prepack and run the reference GEMM (the specification)."""
+    _check_gemm_sm90(xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype)
+    qweight, group_scale = ref.unprepack_sm90(packed_weight, lut_scale)
+    return _reference_gemm(xq, xs, qweight, group_scale, channel_scale, bias, group_size, out_dtype)
+
+
+LIB.impl("int4_fp8_prepack_sm90", _prepack_kernel, "CPU")
+LIB.impl("int4_fp8_prepack_sm90", _prepack_kernel, "CUDA")
+LIB.impl("int4_fp8_prepack_sm90", _prepack_reference, "CompositeExplicitAutograd")
+LIB.impl("int4_fp8_gemm_sm90", _gemm_sm90_cuda, "CUDA")
+LIB.impl("int4_fp8_gemm_sm90", _gemm_sm90_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_fp8_prepack_sm90", lib=LIB)
+def _prepack_fake(qweight, group_scale, group_size):
+    n, k, groups = _check_prepack(qweight, group_scale, group_size)
+    return (
+        qweight.new_empty((n, k // 2), dtype=torch.uint8),
+        qweight.new_empty((groups, n, 8), dtype=torch.uint8),
+    )
+
+
+@torch.library.register_fake("fastlayers::int4_fp8_gemm_sm90", lib=LIB)
+def _gemm_sm90_fake(xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype):
+    n, _ = _check_gemm_sm90(
+        xq, xs, packed_weight, lut_scale, channel_scale, bias, group_size, out_dtype
+    )
+    return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,3 +155,62 @@ def int4_fp8_gemm(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Hopper (sm90a) GEMM's prepacked layouts (csrc/int4_fp8/sm90/layout_sm90.cuh): the
+# specification the kernels' prepack (device and host) is tested against.
+# ----------------------------------------------------------------------------------------------
+def sm90_weight_offsets(n: int, k: int) -> torch.Tensor:
+    """int64 ``[n, k]``: where INT4 element ``(row, col)`` of an ``[n, k]`` weight lands (in
+    nibbles) in the sm90 layout. Blocks of 16 rows x 32 columns (one warp's FP8 wgmma A fragment)
+    hold each thread's 16 values contiguously:
+    ``64 (row % 8) + 4 ((row / 8) % 2) + (col % 4) + 16 ((col / 4) % 4) + 8 ((col / 16) % 2)``;
+    the blocks are laid out row-block fastest (``512 (row / 16) + 32 n (col / 32)``)."""
+    if n % 16 or k % 32:
+        raise ValueError(f"the sm90 layout needs n % 16 == 0 and k % 32 == 0, got {n} x {k}")
+    r = torch.arange(n, dtype=torch.int64)[:, None]
+    c = torch.arange(k, dtype=torch.int64)[None, :]
+    inner = 64 * (r % 8) + 4 * ((r // 8) % 2) + (c % 4) + 16 * ((c // 4) % 4) + 8 * ((c // 16) % 2)
+    return inner + 512 * (r // 16) + 32 * n * (c // 32)
+
+
+def _lut_encode(nib: torch.Tensor) -> torch.Tensor:
+    """CUTLASS's LUT encoding of two's-complement nibbles: 1..7 -> 8 - v, others unchanged."""
+    return torch.where((nib == 0) | (nib >= 8), nib, 8 - nib)
+
+
+def prepack_sm90(
+    qweight: torch.Tensor, group_scale: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed_weight uint8 [n, k / 2], lut_scale uint8 [groups, n, 8])`` for the sm90 GEMM.
+
+    ``packed_weight``: the nibbles LUT-encoded and placed by :func:`sm90_weight_offsets` (even
+    offsets in the low nibble). ``lut_scale[j, n]``: the FP8 codes of
+    ``fp8(-8 s), fp8(-7 s), ..., fp8(-2 s), -s`` for ``s = group_scale[n, j]`` (the mainloop derives
+    the positive half by negation)."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    q = unpack_int4(qweight.cpu()).to(torch.int64) & 0xF
+    enc = _lut_encode(q)
+    flat = torch.zeros(n * k, dtype=torch.int64)
+    flat[sm90_weight_offsets(n, k).reshape(-1)] = enc.reshape(-1)
+    packed = (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8).reshape(n, k // 2)
+    s = group_scale.cpu().float().t()  # [groups, n]
+    mult = torch.tensor([-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0])
+    lut = to_fp8(s[..., None] * mult).view(torch.uint8)
+    neg = (group_scale.cpu().t().contiguous().view(torch.uint8) ^ 0x80)[..., None]
+    lut = torch.cat([lut, neg], dim=-1)
+    return packed.to(qweight.device), lut.contiguous().to(qweight.device)
+
+
+def unprepack_sm90(
+    packed_weight: torch.Tensor, lut_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`prepack_sm90`: ``(qweight, group_scale)`` in the stored format."""
+    n, k = packed_weight.shape[0], 2 * packed_weight.shape[1]
+    p = packed_weight.cpu().reshape(-1).to(torch.int64)
+    flat = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(-1)
+    q = _lut_encode(flat[sm90_weight_offsets(n, k).reshape(-1)]).reshape(n, k)  # self-inverse
+    qweight = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    group_scale = (lut_scale.cpu()[..., 7] ^ 0x80).t().contiguous().view(FP8)
+    return qweight.to(packed_weight.device), group_scale.to(packed_weight.device)

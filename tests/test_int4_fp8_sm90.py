@@ -1,0 +1,317 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Hopper (sm90a) CUTLASS INT4 x FP8 GEMM: its prepacked layouts and the GEMM on them.
+
+Here (any machine): the Python specification of the layout against the wgmma fragment it must
+follow, the look-up-table encoding emulated as the mainloop reads it, the C++ host prepack (the
+same index maps as the device kernel) against the specification, the ops' reference paths, bad
+input, opcheck. On an sm90 GPU (marker ``sm90``): the device prepack, the GEMM against a float64
+oracle (token tiles, partial tiles, groups, bias, output dtypes, strided activations), the module
+path, torch.compile and CUDA-graph capture.
+"""
+
+import pytest
+import torch
+
+import fastlayers
+from _tolerances import assert_close_to_oracle, opcheck_with_fp8_inputs, rand
+from fastlayers import _ext
+from fastlayers.nn.int4_fp8 import Int4Fp8Linear
+from fastlayers.ops.int4_fp8 import sm90_unsupported_reason
+from fastlayers.reference import int4_fp8 as ref
+
+HAS_HOST_PREPACK = _ext.C is not None and _ext.C.has_sm90_gemm()
+needs_sm90_build = pytest.mark.skipif(
+    not HAS_HOST_PREPACK, reason="this build has no Hopper (90a) CUTLASS kernels"
+)
+# (out_features, in_features, group_size): aligned, several 32-wide k blocks with a partial last
+# group, one group per row (group_size == in_features), groups of 256.
+SHAPES = [(128, 256, 128), (48, 320, 128), (32, 96, 96), (272, 1024, 256)]
+
+
+def _weight(n, k, group_size, device="cpu"):
+    w = rand(n, k, dtype=torch.float32, device=device, scale=0.05)
+    w[0, 1] = 0.8  # an outlier
+    return fastlayers.quantize_int4(w, group_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout specification
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", [(16, 32), (48, 64), (32, 320)])
+def test_layout_is_a_byte_preserving_permutation(n, k):
+    off = ref.sm90_weight_offsets(n, k)
+    assert torch.equal(off.reshape(-1).sort().values, torch.arange(n * k))
+    # Even columns at even offsets, their odd neighbour right after: bytes map to bytes.
+    assert (off[:, 0::2] % 2 == 0).all() and torch.equal(off[:, 1::2], off[:, 0::2] + 1)
+
+
+def test_layout_follows_the_fp8_wgmma_a_fragment():
+    """PTX ISA, wgmma .m64nNk32 with 8-bit A from registers, per warp (16 rows x 32 k): lane t
+    holds rows t / 4 and t / 4 + 8, columns 4 (t % 4) + {0..3} and the same + 16. Each lane's 16
+    values must be one contiguous 64-bit run, in the order the registers take them."""
+    off = ref.sm90_weight_offsets(16, 32)
+    for lane in range(32):
+        row, quad = lane // 4, lane % 4
+        coords = [
+            (row + 8 * half_r, 4 * quad + i + 16 * half_k)
+            for half_k in (0, 1)
+            for half_r in (0, 1)
+            for i in range(4)
+        ]
+        got = sorted(off[r, c].item() for r, c in coords)
+        assert got == list(range(16 * lane, 16 * lane + 16)), lane
+    # Blocks tile rows first: block (r, c) starts at 512 (r + (n / 16) c).
+    off = ref.sm90_weight_offsets(48, 64)
+    assert off[16, 0] == 512 and off[32, 0] == 1024 and off[0, 32] == 3 * 512
+
+
+@pytest.mark.parametrize("n,k,group_size", SHAPES)
+def test_prepack_round_trip(n, k, group_size):
+    qw = _weight(n, k, group_size)
+    packed, lut = ref.prepack_sm90(qw.qweight, qw.group_scale, group_size)
+    groups = -(-k // group_size)
+    assert packed.shape == (n, k // 2) and lut.shape == (groups, n, 8)
+    q2, s2 = ref.unprepack_sm90(packed, lut)
+    assert torch.equal(q2, qw.qweight)
+    assert torch.equal(s2.view(torch.uint8), qw.group_scale.view(torch.uint8))
+
+
+def test_lut_encoding_as_the_mainloop_reads_it():
+    """Emulates the LUT mainloop on the prepacked bytes: index = code & 7 into the table of
+    fp8(-8 s) .. -s; sign bit clear: the negated entry, except index 0, which gives -0. Every INT4
+    value with every group scale must come out as the reference's fp8(q * s)."""
+    n, k = 16, 32
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~torch.isnan(codes.view(torch.float8_e4m3fn).float())]
+    for scale_code in codes.tolist():
+        s8 = torch.full((n, 1), scale_code, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        q = torch.arange(n * k).reshape(n, k) % 16 - 8  # every value -8..7
+        qweight = ref.pack_int4(q)
+        packed, lut = ref.prepack_sm90(qweight, s8, k)
+        p = packed.reshape(-1).to(torch.int64)
+        nib = torch.stack([p & 0xF, p >> 4], -1).reshape(-1)[ref.sm90_weight_offsets(n, k)]
+        neg = lut[0].view(torch.float8_e4m3fn).float()  # [n, 8]
+        idx = nib & 7
+        picked = torch.gather(neg, 1, idx)
+        # The positive table is the negated one with byte 0 replaced by -0 (the encoded zero).
+        value = torch.where(nib >= 8, picked, torch.where(idx == 0, -0.0, -picked))
+        want = ref.dequantize_int4(qweight, s8, torch.ones(n), k)
+        assert torch.equal(value, want), scale_code
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ prepack on the host and the ops' reference paths (no GPU)
+# ----------------------------------------------------------------------------------------------
+@needs_sm90_build
+@pytest.mark.parametrize("n,k,group_size", SHAPES)
+def test_host_prepack_matches_the_specification(n, k, group_size):
+    qw = _weight(n, k, group_size)
+    qw.group_scale[0, 0] = torch.tensor(448.0).to(torch.float8_e4m3fn)  # saturating -8 s
+    want = ref.prepack_sm90(qw.qweight, qw.group_scale, group_size)
+    got = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, group_size)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_gemm_op_reference_path(out_dtype):
+    """On the CPU the prepacked op undoes the prepack and runs the reference: same bits as the
+    unpacked GEMM's reference."""
+    n, k, g = 48, 320, 128
+    qw = _weight(n, k, g)
+    packed, lut = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, g)
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(2, 3, k, dtype=torch.bfloat16, device="cpu"))
+    bias = rand(n, dtype=torch.float32, device="cpu")
+    y = torch.ops.fastlayers.int4_fp8_gemm_sm90(xq, xs, packed, lut, qw.channel_scale, bias, g,
+                                                 out_dtype)  # fmt: skip
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, g, bias,
+                             out_dtype)  # fmt: skip
+    assert y.shape == (2, 3, n) and torch.equal(y, want)
+
+
+def test_opcheck():
+    n, k, g = 32, 256, 128
+    qw = _weight(n, k, g)
+    torch.library.opcheck(
+        torch.ops.fastlayers.int4_fp8_prepack_sm90, (qw.qweight, qw.group_scale, g),
+        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )  # fmt: skip
+    packed, lut = ref.prepack_sm90(qw.qweight, qw.group_scale, g)
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(3, k, dtype=torch.float32, device="cpu"))
+    args = (xq, xs, packed, lut, qw.channel_scale, None, g, torch.bfloat16)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_fp8_gemm_sm90, args)
+
+
+def _prepack_args():
+    qw = _weight(32, 256, 128)
+    return [qw.qweight, qw.group_scale, 128]
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda a: a.__setitem__(0, a[0].to(torch.int8)), TypeError, "qweight must be uint8"),
+        (lambda a: a.__setitem__(0, a[0][:24]), ValueError, "group_scale must be"),
+        (lambda a: a.__setitem__(2, 64), ValueError, "group_scale must be"),
+        (lambda a: a.__setitem__(2, 3), ValueError, "group_size must be a positive even"),
+        (lambda a: a.__setitem__(1, a[1].float()), ValueError, "group_scale must be"),
+    ],
+)
+def test_prepack_bad_input(mutate, error, match):
+    args = _prepack_args()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        torch.ops.fastlayers.int4_fp8_prepack_sm90(*args)
+
+
+@pytest.mark.parametrize(
+    "n,k,group_size,match",
+    [(24, 256, 128, "out_features % 16"), (32, 80, 80, "in_features % 32"),
+     (32, 256, 64, "group_size")],
+)  # fmt: skip
+def test_prepack_rejects_shapes_the_kernel_cannot_take(n, k, group_size, match):
+    qw = fastlayers.quantize_int4(rand(n, k, dtype=torch.float32, device="cpu"), group_size)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, group_size)
+
+
+def test_gemm_bad_input():
+    n, k, g = 32, 256, 128
+    qw = _weight(n, k, g)
+    packed, lut = ref.prepack_sm90(qw.qweight, qw.group_scale, g)
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(3, k, dtype=torch.float32, device="cpu"))
+    op = torch.ops.fastlayers.int4_fp8_gemm_sm90
+    with pytest.raises(TypeError, match="packed_weight must be uint8"):
+        op(xq, xs, packed.to(torch.int8), lut, qw.channel_scale, None, g, torch.bfloat16)
+    with pytest.raises(ValueError, match="lut_scale"):
+        op(xq, xs, packed, lut[:, :8], qw.channel_scale, None, g, torch.bfloat16)
+    with pytest.raises(TypeError, match="out_dtype must be one of"):
+        op(xq, xs, packed, lut, qw.channel_scale, None, g, torch.float32)
+    with pytest.raises(ValueError, match="xq has 128 in-features"):
+        op(xq[:, :128], xs, packed, lut, qw.channel_scale, None, g, torch.bfloat16)
+    with pytest.raises(ValueError, match="channel_scale must be float32"):
+        op(xq, xs, packed, lut, qw.channel_scale[:8], None, g, torch.bfloat16)
+
+
+def test_module_on_cpu_has_no_sm90_buffers_and_says_why():
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 64), group_size=128)
+    assert layer.prepack() is False
+    assert layer.sm90_weight is None and layer.sm90_lut_scale is None
+    assert not any(key.startswith("sm90") for key in layer.state_dict())
+    reason = sm90_unsupported_reason(torch.device("cpu"), 64, 256, 128, torch.bfloat16)
+    assert isinstance(reason, str) and reason
+
+
+# ----------------------------------------------------------------------------------------------
+# sm90 GPU
+# ----------------------------------------------------------------------------------------------
+def _oracle(xq, xs, qw, bias):
+    lut = ref.dequantize_int4(qw.qweight, qw.group_scale, torch.ones_like(qw.channel_scale),
+                              qw.group_size)  # fmt: skip
+    acc = xq.double() @ lut.double().t()
+    y = acc * xs.double().reshape(*xq.shape[:-1], 1) * qw.channel_scale.double()
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("n,k,group_size", SHAPES)
+def test_device_prepack_matches_the_specification(n, k, group_size):
+    qw = _weight(n, k, group_size, "cuda")
+    want = ref.prepack_sm90(qw.qweight, qw.group_scale, group_size)
+    got = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, group_size)
+    assert torch.equal(got[0].cpu(), want[0].cpu()) and torch.equal(got[1].cpu(), want[1].cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", SHAPES)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 33, 64, 100, 128, 300])
+def test_gemm_matches_oracle(m, n, k, group_size, out_dtype):
+    qw = _weight(n, k, group_size, "cuda")
+    packed, lut = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale,
+                                                             group_size)  # fmt: skip
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.bfloat16, device="cuda"))
+    bias = None if m % 2 else rand(n, dtype=torch.float32, device="cuda")
+    y = torch.ops.fastlayers.int4_fp8_gemm_sm90(xq, xs, packed, lut, qw.channel_scale, bias,
+                                                 group_size, out_dtype)  # fmt: skip
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, group_size,
+                             bias, out_dtype)  # fmt: skip
+    assert_close_to_oracle(y, want, _oracle(xq, xs, qw, bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_gemm_strided_and_unaligned_activations():
+    n, k, g = 128, 256, 128
+    qw = _weight(n, k, g, "cuda")
+    packed, lut = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, g)
+    xq0, xs = fastlayers.quantize_fp8_per_token(rand(7, k, dtype=torch.bfloat16, device="cuda"))
+    buf = torch.empty(7, k + 32, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    for start in (0, 16, 1):  # padded rows (TMA reads them in place); an odd base (copied first)
+        buf.view(torch.uint8).fill_(0x7F)  # NaN around the view
+        xq = buf[:, start : start + k]
+        xq.copy_(xq0)
+        y = torch.ops.fastlayers.int4_fp8_gemm_sm90(xq, xs, packed, lut, qw.channel_scale, None,
+                                                     g, torch.bfloat16)  # fmt: skip
+        want = ref.int4_fp8_gemm(xq0, xs, qw.qweight, qw.group_scale, qw.channel_scale, g, None,
+                                 torch.bfloat16)  # fmt: skip
+        assert_close_to_oracle(y, want, _oracle(xq0, xs, qw, None))
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_module_uses_the_sm90_gemm_and_rebuilds_after_moves(tmp_path):
+    lin = torch.nn.Linear(512, 256, dtype=torch.bfloat16, device="cuda")
+    layer = Int4Fp8Linear.from_linear(lin)
+    assert layer.sm90_weight is not None and layer.sm90_weight.is_cuda
+    x = rand(3, 5, 512, dtype=torch.bfloat16, device="cuda")
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    qw = layer.quantized_weight
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 128,
+                             layer.bias, torch.bfloat16)  # fmt: skip
+    assert_close_to_oracle(layer(x), want, _oracle(xq, xs, qw, layer.bias))
+    compiled = torch.compile(layer, fullgraph=True)
+    assert_close_to_oracle(compiled(x), want, _oracle(xq, xs, qw, layer.bias))
+    # device moves drop and rebuild the layouts; a load rebuilds them for the new weight
+    layer.cpu()
+    assert layer.sm90_weight is None
+    layer.cuda()
+    assert layer.sm90_weight is not None
+    other = Int4Fp8Linear.from_linear(torch.nn.Linear(512, 256, dtype=torch.bfloat16))
+    layer.load_state_dict(other.state_dict())
+    want = ref.prepack_sm90(other.qweight, other.group_scale, 128)[0]
+    assert torch.equal(layer.sm90_weight.cpu(), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_module_falls_back_with_one_warning_for_shapes_the_kernel_rejects():
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 40, device="cuda"), group_size=128)
+    assert layer.sm90_weight is None  # 40 % 16 != 0: the generic CUDA GEMM
+    x = rand(4, 256, dtype=torch.float32, device="cuda")
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    qw = layer.quantized_weight
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 128,
+                             layer.bias, layer.out_dtype)  # fmt: skip
+    assert_close_to_oracle(layer(x), want, _oracle(xq, xs, qw, layer.bias))
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_gemm_captures_in_a_cuda_graph():
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(1024, 512, device="cuda"))
+    x = rand(16, 1024, dtype=torch.float32, device="cuda")
+    eager = layer(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x.copy_(rand(16, 1024, dtype=torch.float32, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, layer(x)) and not torch.equal(out, eager)
