@@ -8,6 +8,7 @@ dependencies (cuda-python, scipy, ...) are not needed for headers.
 """
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -22,15 +23,15 @@ KEEP = ("include/", "tools/util/include/")
 LICENSE = "nvidia_cutlass-{v}.dist-info/licenses/LICENSE.txt"
 
 
-def _pip() -> list[str]:
-    """This interpreter's pip, or (inside pip's isolated build environment, which hides it) the
-    pip on PATH."""
-    if importlib.util.find_spec("pip") is not None:
-        return [sys.executable, "-m", "pip"]
-    exe = shutil.which("pip3") or shutil.which("pip")
-    if exe is None:
-        raise SystemExit("fetch_cutlass: no pip to download nvidia-cutlass with")
-    return [exe]
+def _pip() -> tuple[list[str], dict]:
+    """A pip command and its environment. Inside pip's isolated build environment (a PYTHONPATH
+    sitecustomize hides the interpreter's site-packages, pip included), pip runs with that
+    isolation removed."""
+    env = dict(os.environ)
+    if importlib.util.find_spec("pip") is None:
+        for var in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSAFEPATH"):
+            env.pop(var, None)
+    return [sys.executable, "-m", "pip"], env
 
 
 def main() -> int:
@@ -38,8 +39,9 @@ def main() -> int:
         print(f"CUTLASS headers already in {DEST}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([*_pip(), "download", "--no-deps", "--quiet", "-d", tmp,
-                        f"nvidia-cutlass=={VERSION}"], check=True)
+        pip, env = _pip()
+        subprocess.run([*pip, "download", "--no-deps", "--quiet", "--retries", "2", "--timeout",
+                        "20", "-d", tmp, f"nvidia-cutlass=={VERSION}"], check=True, env=env)
         wheel = next(Path(tmp).glob("nvidia_cutlass-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             for name in zf.namelist():

@@ -335,8 +335,10 @@ def _gemm_sm90_cuda(xq, xs, packed_weight, lut_scale, channel_scale, bias, group
     m = x2.shape[0]
     if row_stride(x2) % 16 or x2.data_ptr() % 16:  # TMA: 16-byte aligned base and rows
         x2 = x2.clone(memory_format=torch.contiguous_format)
+    # Held in variables: temporaries inside the call would be freed before the kernel runs.
     xs1 = xs.reshape(m).contiguous()
     cs = channel_scale.contiguous()
+    pw, lut = packed_weight.contiguous(), lut_scale.contiguous()
     b = bias.float().contiguous() if bias is not None else None
     y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
     if m == 0:
@@ -348,8 +350,8 @@ def _gemm_sm90_cuda(xq, xs, packed_weight, lut_scale, channel_scale, bias, group
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=dev) if ws_bytes > 0 else None
     with device_guard(dev):
         C.int4_fp8_gemm_sm90(
-            index, ptr(x2), row_stride(x2), ptr(xs1), ptr(packed_weight.contiguous()),
-            ptr(lut_scale.contiguous()), ptr(cs), ptr(b), ptr(y), out_code, m, n, k, group_size,
+            index, ptr(x2), row_stride(x2), ptr(xs1), ptr(pw), ptr(lut), ptr(cs), ptr(b), ptr(y),
+            out_code, m, n, k, group_size,
             ptr(ws), ws_bytes, stream_of(dev),
         )  # fmt: skip
     return y
