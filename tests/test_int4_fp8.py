@@ -284,6 +284,33 @@ def test_linear_takes_rms_norm_fp8_output(device):
     assert ((got.float() - via_bf16.float()).norm() / via_bf16.float().norm()).item() < 0.05
 
 
+def test_linear_dtype_casts_keep_the_quantized_format():
+    """``.to(torch.bfloat16)`` / ``.half()`` / ``.float()`` cast the bias and set ``out_dtype`` as
+    for nn.Linear, but never the FP8 group scales or fp32 channel scales (FP8 counts as floating
+    point for Module.to, so a plain cast would have turned them into bf16)."""
+    layer = fastlayers.Int4Fp8Linear.from_linear(torch.nn.Linear(256, 64))
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    x = rand(3, 256, dtype=torch.float32, device="cpu")
+    casts = [
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.float(), torch.float32),
+        (lambda m: m.to("cpu"), torch.float32),
+    ]
+    for cast, dtype in casts:
+        assert cast(layer) is layer
+        assert layer.group_scale.dtype == torch.float8_e4m3fn
+        assert layer.channel_scale.dtype == torch.float32
+        assert layer.out_dtype == dtype and layer.bias.dtype == dtype
+        state = layer.state_dict()
+        for key, value in before.items():
+            assert torch.equal(state[key].view(torch.uint8), value.view(torch.uint8)), key
+        xq, xs = fastlayers.quantize_fp8_per_token(x)
+        want = fastlayers.int4_fp8_gemm(xq, xs, layer.quantized_weight, layer.bias, dtype)
+        y = layer(x)
+        assert y.dtype == dtype and torch.equal(y, want)
+
+
 def test_linear_state_dict_safetensors_and_compile(tmp_path):
     lin = _linear(192, 48, torch.bfloat16, "cpu")
     layer = fastlayers.Int4Fp8Linear.from_linear(lin, group_size=64)

@@ -114,6 +114,22 @@ def test_post_rope_scale_reduces_the_error_of_outlier_keys():
 
 
 @torch.no_grad()
+def test_dtype_casts_keep_the_post_rope_scale_float32():
+    """model.to(torch.bfloat16) must not cast the post-RoPE scale (the INT4 cache write takes it in
+    float32): the cast module gives the same result on bf16 inputs as before the cast."""
+    hq, hkv, d, t = 4, 2, 64, 12
+    q, k, v = _inputs(1, hq, hkv, t, d, torch.bfloat16, seed=3)
+    cos, sin = _tables(t, d)
+    post = torch.rand(hkv, d) + 0.5
+    m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, 32, post)
+    before = m(q, k, v, cos, sin)
+    assert m.to(torch.bfloat16) is m and m.post_scale.dtype == torch.float32
+    assert torch.equal(m.post_scale, post) and torch.equal(m(q, k, v, cos, sin), before)
+    m.half()
+    assert m.post_scale.dtype == torch.float32
+
+
+@torch.no_grad()
 def test_drop_in_for_a_hugging_face_llama_attention_core():
     """The projections and rotary tables of a Llama attention layer, the module as the core, the
     layer's o_proj: close to the layer's own (float, eager) output."""

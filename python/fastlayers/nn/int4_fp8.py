@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from fastlayers import _ext
+from fastlayers.nn._fixed_dtypes import apply_keeping_dtypes, float_cast_of
 from fastlayers.ops._common import direct_call_ok
 from fastlayers.ops.int4_fp8 import (
     FP8,
@@ -177,10 +178,19 @@ class Int4Fp8Linear(torch.nn.Module):
             )
         return False
 
+    # The quantised format's dtypes are fixed: ``model.to(torch.bfloat16)`` / ``.half()`` move these
+    # buffers but do not cast them (FP8 counts as floating point for Module.to); they cast the bias
+    # and set ``out_dtype``.
+    _FIXED_DTYPE_BUFFERS = ("group_scale", "channel_scale", "sm90_weight", "sm90_lut_scale",
+                            "sm90_bias")  # fmt: skip
+
     def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if hasattr(self, "sm90_weight"):  # a device move or cast: rebuild the kernel layouts
-            self.prepack()
+        apply_keeping_dtypes(self, super()._apply, fn, self._FIXED_DTYPE_BUFFERS, *args, **kwargs)
+        # A floating-point cast sets the output dtype, as it does for nn.Linear.
+        cast = float_cast_of(fn, self.qweight.device)
+        if cast in OUT_DTYPES:
+            self.out_dtype = cast
+        self.prepack()  # a device move or cast: rebuild (or drop) the kernel layouts
         return self
 
     @property

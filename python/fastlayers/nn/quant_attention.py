@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlayers.nn._fixed_dtypes import apply_keeping_dtypes
 from fastlayers.ops.kvint4 import (
     _attention_reference,
     _kv_quantize_reference,
@@ -94,6 +95,11 @@ class RopeAwareQuantAttention(torch.nn.Module):
         self.group_size, self.pairing, self.q_fp8 = group_size, pairing, q_fp8
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.register_buffer("post_scale", post_scale.detach().float().clone())
+
+    def _apply(self, fn, *args, **kwargs):
+        # post_scale stays float32 through model.to(torch.bfloat16) (the cache write needs it).
+        apply_keeping_dtypes(self, super()._apply, fn, ("post_scale",), *args, **kwargs)
+        return self
 
     def extra_repr(self) -> str:
         return (
