@@ -46,15 +46,6 @@ void prefetch_row(const T* row, int64_t n) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
-// Into L2 only (prefetcht1): the L2's miss queue holds more lines in flight than L1's fill
-// buffers, so many rows fetched from L3 at once do not stall on the L1's few slots.
-template <typename T>
-void prefetch_row_l2(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-}
-
 // Non-temporal (streaming) writes for outputs far larger than the cache that nothing reads soon, such
 // as a million-row gradient table: they skip the read-for-ownership of every written line, which
 // otherwise doubles the memory traffic. 16-byte-aligned interior by SSE2 stream stores, the ends
