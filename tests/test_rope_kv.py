@@ -232,6 +232,30 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     assert torch.equal(layer.kq, kq2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_int4_kv_attention_tensor_core_prefill(dtype, d):
+    """fp16/bf16 queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three
+    64-row CTAs, the last partial) over 300 cached tokens (five key tiles, the last partial)."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    b, hq, hkv, group, t, tq = 2, 4, 2, 32, 300, 130
+    q = rand(b, hq, tq, d, dtype=dtype, device="cuda")
+    k, ks = quant.quantize_kv_int4(
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device="cuda"), group
+    )
+    v, vs = quant.quantize_kv_int4(
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device="cuda"), group
+    )
+    out, lse = int4_kv_attention(q, k, ks, v, vs, t)
+    ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # P is rounded to the query dtype
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "b,hq,hkv,d,group,t,tq",
     [

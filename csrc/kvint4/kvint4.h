@@ -24,6 +24,10 @@ struct DecodeParams {
   float* out = nullptr;                 // [batch, hq, q_tokens, d]
   float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
+  // CUDA prefill, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
+  // prefill then runs on tensor cores (INT4 x FP8-scale values are exact in fp16 and bf16).
+  const void* q16 = nullptr;
+  DType q16_dtype = DType::kBFloat16;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   float scale = 1.0f;
 };

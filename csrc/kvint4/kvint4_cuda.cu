@@ -12,9 +12,13 @@
 //   with c = d / 32 (even: whole bytes), dequantizes them in registers and keeps, per head, the
 //   running max, sum and output slice (online softmax). The warps merge in shared memory and write
 //   the split's (output / sum, lse); a second kernel combines the splits by their lse.
+// Prefill: fp16/bf16 queries with head_dim 64 or 128 run on tensor cores (common/tc_attention.cuh:
+//   64 query tokens per CTA, 64-key tiles dequantized into shared memory, only the tiles up to the
+//   CTA's last causal key); otherwise one warp per query row on CUDA cores.
 #include <cmath>
 
 #include "common/cuda_utils.cuh"
+#include "common/tc_attention.cuh"
 #include "kvint4/kvint4.h"
 
 namespace fastlayers::kvint4 {
@@ -288,6 +292,88 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   if (lane == 0) p.lse[w] = l > 0.0f ? m + logf(l) : -INFINITY;
 }
 
+// Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
+// first + i and sees cache tokens 0 .. first + i.
+template <typename T, int D>
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
+  using namespace cuda::tc;
+  using S = Smem<D>;
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kh = h / (p.hq / p.hkv), ng = D / p.group;
+  const int64_t first = p.length - p.q_tokens;
+  const int64_t rows = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
+  const T* q = static_cast<const T*>(p.q16) + ((b * p.hq + h) * p.q_tokens + i0) * D;
+  load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, static_cast<int>(rows),
+                  [&](int i) { return q + static_cast<int64_t>(i) * D; });
+  __syncthreads();
+  WarpTile<T, D> tile(tc_smem);
+  T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
+  T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
+  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
+  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
+  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
+  for (int64_t t0 = 0; t0 <= last_key; t0 += kKeys) {
+    const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
+    __syncthreads();  // the previous tile is consumed
+    // One thread per byte (channels c, c + 1: one group, as the group is even): INT4 x FP8 scale is
+    // exact in fp32 and in T.
+    for (int e = threadIdx.x; e < kKeys * D / 2; e += blockDim.x) {
+      const int j = e / (D / 2), c = 2 * (e % (D / 2));
+      float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+      if (j < nt) {
+        const int64_t t = base + t0 + j;
+        const uint8_t kb = p.k[t * (D / 2) + c / 2], vb = p.v[t * (D / 2) + c / 2];
+        const float ks = fp8e4m3_value(ks8[t * ng + c / p.group]);
+        const float vs = fp8e4m3_value(vs8[t * ng + c / p.group]);
+        k0 = static_cast<float>(((kb & 15) ^ 8) - 8) * ks;
+        k1 = static_cast<float>(((kb >> 4) ^ 8) - 8) * ks;
+        v0 = static_cast<float>(((vb & 15) ^ 8) - 8) * vs;
+        v1 = static_cast<float>(((vb >> 4) ^ 8) - 8) * vs;
+      }
+      sk[j * S::kLdK + c] = cuda::from_f<T>(k0);
+      sk[j * S::kLdK + c + 1] = cuda::from_f<T>(k1);
+      sv[j * S::kLdK + c] = cuda::from_f<T>(v0);
+      sv[j * S::kLdK + c + 1] = cuda::from_f<T>(v1);
+    }
+    __syncthreads();
+    tile.step([&](int i, int j) { return i < rows && t0 + j <= first + i0 + i; }, p.scale);
+  }
+  const int64_t row = i0 + tile.cta_row();
+  if (row < p.q_tokens) {
+    const int64_t w = (b * p.hq + h) * p.q_tokens + row;
+    const float lse = tile.finish(p.out + w * D);
+    if (tile.half == 0) p.lse[w] = lse;
+  }
+}
+
+template <typename T, int D>
+Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
+  static bool configured[64] = {};
+  const dim3 grid(static_cast<unsigned>((p.q_tokens + cuda::tc::kRows - 1) / cuda::tc::kRows),
+                  static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
+  return cuda::tc::launch(prefill_tc_kernel<T, D>, grid, cuda::tc::Smem<D>::bytes(0), p, stream,
+                          configured);
+}
+
+// fp16/bf16 queries given, head_dim 64 or 128, a 16-byte aligned q16, grid and shared memory fit.
+bool prefill_tc_ok(const DecodeParams& p) {
+  if (p.q16 == nullptr || (p.d != 64 && p.d != 128) || !cuda::is_aligned(p.q16, 16)) return false;
+  if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
+  if (p.batch > 65535 || p.hq > 65535) return false;
+  const size_t need = p.d == 64 ? cuda::tc::Smem<64>::bytes(0) : cuda::tc::Smem<128>::bytes(0);
+  return cuda::tc::optin_smem(nullptr) >= need;
+}
+
+Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q16_dtype == DType::kFloat16) {
+    return p.d == 64 ? prefill_tc<__half, 64>(p, stream) : prefill_tc<__half, 128>(p, stream);
+  }
+  return p.d == 64 ? prefill_tc<__nv_bfloat16, 64>(p, stream)
+                   : prefill_tc<__nv_bfloat16, 128>(p, stream);
+}
+
 template <int C>
 Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps = p.batch * p.hq * p.q_tokens;
@@ -338,6 +424,7 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
   const bool prefill = p.q_tokens > 1;  // (the workspace is only needed by the split decode)
+  if (prefill && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
   switch (p.d / 32) {
     case 2:
       return prefill ? prefill_typed<2>(p, st) : decode_typed<2>(p, st);

@@ -15,17 +15,13 @@
 //   Online softmax per row with warp reductions; the output row is spread over the lanes
 //   (dv / 32 columns each) and accumulates p_j V[j] with p_j broadcast by shuffles.
 //
-// Tensor-core forward (fp16/bf16, d == dv in {64, 128}, 16-byte aligned q/k/v): the same masking and
-// online softmax with both products on tensor cores (WMMA m16n16k16, fp32 accumulation), 64 query
-// rows per CTA (16 per warp, Q fragments kept in registers) and 64 keys per tile; a tile that no row
-// of the CTA can see is skipped before its K/V are loaded. S = Q K^T goes through shared memory for
-// the masked softmax (a lane pair per row), P is rounded to the input dtype (as FlashAttention
-// does) and O = P V accumulates in a per-warp fp32 tile in shared memory, rescaled per row.
-#include <mma.h>
-
+// Tensor-core forward (fp16/bf16, d == dv in {64, 128}, 16-byte aligned q/k/v): the same masking
+// with common/tc_attention.cuh's tiles (64 query rows per CTA, 64-key tiles, WMMA products, online
+// softmax); a key tile that no row of the CTA can see is skipped before its K/V are loaded.
 #include <cmath>
 
 #include "common/cuda_utils.cuh"
+#include "common/tc_attention.cuh"
 #include "skip/skip.h"
 
 namespace fastlayers::skip {
@@ -182,75 +178,49 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   }
 }
 
-// ---- Tensor-core forward -------------------------------------------------------------------------
-constexpr int kTcWarps = 4;
-constexpr int kTcRows = 16 * kTcWarps;  // query rows per CTA
-constexpr int kTcKeys = 64;             // keys per tile
-constexpr int kTcPadH = 8;              // 16-bit row padding (elements): WMMA ldm % 8, fewer conflicts
-constexpr int kTcPadF = 4;              // fp32 row padding
-
+// ---- Tensor-core forward (common/tc_attention.cuh does the arithmetic) ----------------------------
+// The kernel's own shared arrays after the common tiles: row/key positions and sequences.
 template <int D>
-struct TcSmem {
-  static constexpr int kLdK = D + kTcPadH;         // K and V rows
-  static constexpr int kLdS = kTcKeys + kTcPadF;   // scores (fp32)
-  static constexpr int kLdP = kTcKeys + kTcPadH;   // probabilities (16-bit)
-  static constexpr int kLdO = D + kTcPadF;         // output accumulator (fp32)
-  // Byte offsets; every region is a multiple of 32 bytes (WMMA pointers are 256-bit aligned).
-  static constexpr size_t kQ = 0;
-  static constexpr size_t kK = kQ + size_t(kTcRows) * D * 2;
-  static constexpr size_t kV = kK + size_t(kTcKeys) * kLdK * 2;
-  static constexpr size_t kS = kV + size_t(kTcKeys) * kLdK * 2;
-  static constexpr size_t kP = kS + size_t(kTcWarps) * 16 * kLdS * 4;
-  static constexpr size_t kO = kP + size_t(kTcWarps) * 16 * kLdP * 2;
-  static constexpr size_t kRowPos = kO + size_t(kTcWarps) * 16 * kLdO * 4;
-  static constexpr size_t kKeyPos = kRowPos + size_t(kTcRows) * 8;
-  static constexpr size_t kRowSeq = kKeyPos + size_t(kTcKeys) * 8;
-  static constexpr size_t kKeySeq = kRowSeq + size_t(kTcRows) * 4;
-  static constexpr size_t kBytes = kKeySeq + size_t(kTcKeys) * 4;
+struct VarlenTcSmem {
+  using S = cuda::tc::Smem<D>;
+  static constexpr size_t kRowPos = S::kExtra;
+  static constexpr size_t kKeyPos = kRowPos + size_t(cuda::tc::kRows) * 8;
+  static constexpr size_t kRowSeq = kKeyPos + size_t(cuda::tc::kKeys) * 8;
+  static constexpr size_t kKeySeq = kRowSeq + size_t(cuda::tc::kRows) * 4;
+  static constexpr size_t kBytes = kKeySeq + size_t(cuda::tc::kKeys) * 4;
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kTcWarps * 32) varlen_forward_tc_kernel(const VarlenParams p) {
-  namespace wmma = nvcuda::wmma;
-  using S = TcSmem<D>;
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kernel(const VarlenParams p) {
+  using namespace cuda::tc;
+  using S = Smem<D>;
+  using L = VarlenTcSmem<D>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
-  T* sq = reinterpret_cast<T*>(tc_smem + S::kQ);
-  T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
-  T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
-  int64_t* row_pos = reinterpret_cast<int64_t*>(tc_smem + S::kRowPos);
-  int64_t* key_pos = reinterpret_cast<int64_t*>(tc_smem + S::kKeyPos);
-  int32_t* row_seq = reinterpret_cast<int32_t*>(tc_smem + S::kRowSeq);
-  int32_t* key_seq = reinterpret_cast<int32_t*>(tc_smem + S::kKeySeq);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* ss = reinterpret_cast<float*>(tc_smem + S::kS) + warp * 16 * S::kLdS;
-  T* sp = reinterpret_cast<T*>(tc_smem + S::kP) + warp * 16 * S::kLdP;
-  float* so = reinterpret_cast<float*>(tc_smem + S::kO) + warp * 16 * S::kLdO;
+  int64_t* row_pos = reinterpret_cast<int64_t*>(tc_smem + L::kRowPos);
+  int64_t* key_pos = reinterpret_cast<int64_t*>(tc_smem + L::kKeyPos);
+  int32_t* row_seq = reinterpret_cast<int32_t*>(tc_smem + L::kRowSeq);
+  int32_t* key_seq = reinterpret_cast<int32_t*>(tc_smem + L::kKeySeq);
 
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTcRows, h = blockIdx.y;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y;
   const int64_t kh = h / (p.hq / p.hkv);
   const int64_t total_q = p.cu_seqlens_q[p.batch] < p.nq ? p.cu_seqlens_q[p.batch] : p.nq;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  constexpr int kVec = 8;  // 16-bit elements per 16-byte load
 
   // Rows: sequence (-1 past the last one: sees nothing), position, Q (zeros past nq).
-  for (int i = threadIdx.x; i < kTcRows; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kRows; i += blockDim.x) {
     const int64_t row = row0 + i;
     const bool in = row < total_q;
     row_seq[i] = in ? static_cast<int32_t>(sequence_of(p.cu_seqlens_q, p.batch, row)) : -1;
     row_pos[i] = in ? p.q_pos[row] : 0;
   }
-  for (int i = threadIdx.x; i < kTcRows * D / kVec; i += blockDim.x) {
-    const int64_t r = i / (D / kVec), c = (i % (D / kVec)) * kVec;
-    uint4 w = make_uint4(0, 0, 0, 0);
-    if (row0 + r < p.nq) w = *reinterpret_cast<const uint4*>(q + ((row0 + r) * p.hq + h) * D + c);
-    *reinterpret_cast<uint4*>(sq + r * D + c) = w;
-  }
-  for (int i = lane; i < 16 * S::kLdO; i += 32) so[i] = 0.0f;
+  const int valid_q = static_cast<int>(p.nq - row0 < kRows ? p.nq - row0 : kRows);
+  load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, valid_q,
+                  [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
   __shared__ int64_t range[2];
   if (threadIdx.x == 0) {
-    const int64_t first = row0, last = (row0 + kTcRows < total_q ? row0 + kTcRows : total_q) - 1;
+    const int64_t first = row0, last = (row0 + kRows < total_q ? row0 + kRows : total_q) - 1;
     if (first < total_q) {
       const int64_t k1 = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, last) + 1];
       range[0] = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, first)];
@@ -260,20 +230,15 @@ __global__ void __launch_bounds__(kTcWarps * 32) varlen_forward_tc_kernel(const 
     }
   }
   __syncthreads();
+  WarpTile<T, D> tile(tc_smem);
+  const auto visible_pair = [&](int i, int j) {
+    return row_seq[i] == key_seq[j] && visible(row_pos[i], key_pos[j], p.window_left, p.window_right);
+  };
 
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[D / 16];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wmma::load_matrix_sync(qf[kk], sq + warp * 16 * D + kk * 16, D);
-
-  // Softmax state of row r = lane / 2 of this warp, held by the lane pair (columns half * 32 ..).
-  const int r = lane >> 1, half = lane & 1;
-  const int rl = warp * 16 + r;
-  float m = -INFINITY, l = 0.0f;
-
-  for (int64_t t0 = range[0]; t0 < range[1]; t0 += kTcKeys) {
-    const int nt = static_cast<int>(range[1] - t0 < kTcKeys ? range[1] - t0 : kTcKeys);
+  for (int64_t t0 = range[0]; t0 < range[1]; t0 += kKeys) {
+    const int nt = static_cast<int>(range[1] - t0 < kKeys ? range[1] - t0 : kKeys);
     __syncthreads();  // the previous tile's K, V and key data are consumed
-    for (int j = threadIdx.x; j < kTcKeys; j += blockDim.x) {
+    for (int j = threadIdx.x; j < kKeys; j += blockDim.x) {
       const bool in = j < nt;
       key_seq[j] = in ? static_cast<int32_t>(sequence_of(p.cu_seqlens_k, p.batch, t0 + j)) : -2;
       key_pos[j] = in ? p.k_pos[t0 + j] : 0;
@@ -281,94 +246,23 @@ __global__ void __launch_bounds__(kTcWarps * 32) varlen_forward_tc_kernel(const 
     __syncthreads();
     // Skip a tile that no (row, key) pair of this CTA can see.
     bool any = false;
-    for (int e = threadIdx.x; e < kTcRows * kTcKeys && !any; e += blockDim.x) {
-      const int i = e / kTcKeys, j = e % kTcKeys;
-      any = row_seq[i] == key_seq[j] && visible(row_pos[i], key_pos[j], p.window_left, p.window_right);
+    for (int e = threadIdx.x; e < kRows * kKeys && !any; e += blockDim.x) {
+      any = visible_pair(e / kKeys, e % kKeys);
     }
     if (!__syncthreads_or(any)) continue;
-    for (int i = threadIdx.x; i < kTcKeys * D / kVec; i += blockDim.x) {
-      const int j = i / (D / kVec), c = (i % (D / kVec)) * kVec;
-      uint4 wk = make_uint4(0, 0, 0, 0), wv = make_uint4(0, 0, 0, 0);
-      if (j < nt) {
-        const int64_t off = ((t0 + j) * p.hkv + kh) * D + c;
-        wk = *reinterpret_cast<const uint4*>(k + off);
-        wv = *reinterpret_cast<const uint4*>(v + off);
-      }
-      *reinterpret_cast<uint4*>(sk + j * S::kLdK + c) = wk;
-      *reinterpret_cast<uint4*>(sv + j * S::kLdK + c) = wv;
-    }
+    const auto key_row = [&](const T* base) {
+      return [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; };
+    };
+    load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kK), S::kLdK, kKeys, nt, key_row(k));
+    load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kV), S::kLdK, kKeys, nt, key_row(v));
     __syncthreads();
-
-    // S = Q K^T for this warp's 16 rows x 64 keys.
-#pragma unroll
-    for (int nb = 0; nb < kTcKeys / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;  // K^T: K rows, ld kLdK
-        wmma::load_matrix_sync(kf, sk + nb * 16 * S::kLdK + kk * 16, S::kLdK);
-        wmma::mma_sync(acc, qf[kk], kf, acc);
-      }
-      wmma::store_matrix_sync(ss + nb * 16, acc, S::kLdS, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Masked online softmax, row r, columns half * 32 .. + 31.
-    const int32_t rs = row_seq[rl];
-    const int64_t rp = row_pos[rl];
-    float sc[32];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const int j = half * 32 + c;
-      const bool ok = rs == key_seq[j] && visible(rp, key_pos[j], p.window_left, p.window_right);
-      sc[c] = ok ? ss[r * S::kLdS + j] * p.scale : -INFINITY;
-      mx = fmaxf(mx, sc[c]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m, mx);
-    const float alpha = m_new == -INFINITY ? 1.0f : (m == -INFINITY ? 0.0f : expf(m - m_new));
-    float sum = 0.0f;
-#pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const float pj = sc[c] == -INFINITY ? 0.0f : expf(sc[c] - m_new);
-      sum += pj;
-      sp[r * S::kLdP + half * 32 + c] = from_f<T>(pj);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = m_new;
-    for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) so[r * S::kLdO + c] *= alpha;
-    __syncwarp();
-
-    // O += P V for this warp's rows.
-#pragma unroll
-    for (int nb = 0; nb < D / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, so + nb * 16, S::kLdO, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kTcKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-        wmma::load_matrix_sync(pf, sp + kk * 16, S::kLdP);
-        wmma::load_matrix_sync(vf, sv + kk * 16 * S::kLdK + nb * 16, S::kLdK);
-        wmma::mma_sync(acc, pf, vf, acc);
-      }
-      wmma::store_matrix_sync(so + nb * 16, acc, S::kLdO, wmma::mem_row_major);
-    }
-    __syncwarp();
+    tile.step(visible_pair, p.scale);
   }
 
-  // Row r: out = O / l (zeros when it saw nothing), lse = m + log l (-inf then).
-  const int64_t row = row0 + rl;
+  const int64_t row = row0 + tile.cta_row();
   if (row < p.nq) {
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    T* out = static_cast<T*>(p.out) + (row * p.hq + h) * D;
-    for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) {
-      out[c] = from_f<T>(so[r * S::kLdO + c] * inv);
-    }
-    if (half == 0) p.lse[row * p.hq + h] = l > 0.0f ? m + logf(l) : -INFINITY;
+    const float lse = tile.finish(static_cast<T*>(p.out) + (row * p.hq + h) * D);
+    if (tile.half == 0) p.lse[row * p.hq + h] = lse;
   }
 }
 
@@ -509,32 +403,13 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   return cuda::last_launch_status();
 }
 
-// Shared memory a block of the current device may opt in to (0 when it cannot be queried).
-size_t optin_smem(int* device_out) {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    return 0;
-  }
-  if (device_out != nullptr) *device_out = device;
-  return static_cast<size_t>(bytes);
-}
-
 template <typename T, int D>
 Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
-  constexpr size_t smem = TcSmem<D>::kBytes;
-  static bool configured[64] = {};  // the opt-in above 48 KiB, once per device and instantiation
-  int device = 0;
-  optin_smem(&device);
-  if (device < 0 || device >= 64 || !configured[device]) {
-    const cudaError_t e = cudaFuncSetAttribute(varlen_forward_tc_kernel<T, D>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(e)};
-    if (device >= 0 && device < 64) configured[device] = true;
-  }
-  const dim3 grid(static_cast<unsigned>((p.nq + kTcRows - 1) / kTcRows), static_cast<unsigned>(p.hq));
-  varlen_forward_tc_kernel<T, D><<<grid, kTcWarps * 32, smem, stream>>>(p);
-  return cuda::last_launch_status();
+  static bool configured[64] = {};
+  const dim3 grid(static_cast<unsigned>((p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows),
+                  static_cast<unsigned>(p.hq));
+  return cuda::tc::launch(varlen_forward_tc_kernel<T, D>, grid, VarlenTcSmem<D>::kBytes, p, stream,
+                          configured);
 }
 
 // fp16/bf16 with d == dv in {64, 128}, 16-byte aligned tensors and enough shared memory (d = 128
@@ -543,9 +418,10 @@ template <typename T>
 bool use_tensor_cores(const VarlenParams& p) {
   constexpr bool k16 = sizeof(T) == 2;
   if (!k16 || p.d != p.dv || (p.d != 64 && p.d != 128)) return false;
-  const size_t need = p.d == 64 ? TcSmem<64>::kBytes : TcSmem<128>::kBytes;
+  const size_t need = p.d == 64 ? VarlenTcSmem<64>::kBytes : VarlenTcSmem<128>::kBytes;
   return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
-         (p.nq + kTcRows - 1) / kTcRows < (int64_t{1} << 31) && optin_smem(nullptr) >= need;
+         (p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
+         cuda::tc::optin_smem(nullptr) >= need;
 }
 
 template <typename T>

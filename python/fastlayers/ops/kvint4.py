@@ -138,6 +138,10 @@ def _run(q4, k, k_scale, v, v_scale, length, scale, workspace=None):
     hkv, t_max = k.shape[1], k.shape[2]
     device = q4.device
     q32 = q4.float().contiguous()
+    # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's input).
+    q16 = None
+    if device.type == "cuda" and tq > 1 and q4.dtype in (torch.float16, torch.bfloat16):
+        q16 = q4.contiguous()
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
     out = empty((b, hq, tq, d), torch.float32, device)
     lse = empty((b, hq, tq), torch.float32, device)
@@ -147,7 +151,7 @@ def _run(q4, k, k_scale, v, v_scale, length, scale, workspace=None):
         _ext.C.int4_kv_decode(
             device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out),
             ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale, ptr(workspace),
-            stream_of(device), tq,
+            stream_of(device), tq, ptr(q16), _dtypes.code(q16.dtype) if q16 is not None else 0,
         )  # fmt: skip
     return out, lse
 
@@ -194,8 +198,9 @@ def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scal
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
     ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] fp32)``. CPU kernel (keys and values
-    dequantized per block in registers, online softmax) and CUDA kernel (one warp per query row;
-    head_dim a multiple of 64 up to 256); elsewhere the reference."""
+    dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
+    head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
+    row, head_dim a multiple of 64 up to 256); elsewhere the reference."""
     check_tensor(q, "q")
     check_tensor(k, "k")
     length = k.shape[2] if length is None else int(length)
