@@ -46,3 +46,16 @@ def opcheck_with_fp8_inputs(op, args):
         assert torch.equal(raw(b), raw(a))
         for o in outs:
             assert o.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+
+def int4_fp8_oracle(xq, xs, qw, bias):
+    """float64 of the INT4 x FP8 GEMM contract: xs * c * (xq @ fp8(q * s8).T) + bias, for a
+    :class:`fastlayers.QuantizedWeight` ``qw``."""
+    from fastlayers.reference import int4_fp8 as ref
+
+    lut = ref.dequantize_int4(
+        qw.qweight, qw.group_scale, torch.ones_like(qw.channel_scale), qw.group_size
+    )
+    acc = xq.double() @ lut.double().t()
+    y = acc * xs.double().reshape(*xq.shape[:-1], 1) * qw.channel_scale.double()
+    return y + bias.double() if bias is not None else y

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlayers
-from _tolerances import assert_close_to_oracle, opcheck_with_fp8_inputs, rand
+from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
 from fastlayers.reference import int4_fp8 as ref
 
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -22,15 +22,6 @@ def _weight(n, k, group_size, device, channel_scale="per_channel"):
     return fastlayers.quantize_int4(w, group_size, channel_scale)
 
 
-def _oracle(xq, xs, qw, bias):
-    """float64 of the contract: xs * c * (xq @ fp8(q * s8).T) + bias."""
-    lut = ref.dequantize_int4(qw.qweight, qw.group_scale, torch.ones_like(qw.channel_scale),
-                              qw.group_size)  # fmt: skip
-    acc = xq.double() @ lut.double().t()
-    y = acc * xs.double().reshape(*xq.shape[:-1], 1) * qw.channel_scale.double()
-    return y + bias.double() if bias is not None else y
-
-
 def _reference(xq, xs, qw, bias, out_dtype):
     return ref.int4_fp8_gemm(
         xq, xs.reshape(*xq.shape[:-1], 1), qw.qweight, qw.group_scale, qw.channel_scale,
@@ -41,7 +32,9 @@ def _reference(xq, xs, qw, bias, out_dtype):
 def _check_gemm(xq, xs, qw, bias, out_dtype):
     y = fastlayers.int4_fp8_gemm(xq, xs, qw, bias, out_dtype)
     assert y.dtype == out_dtype and y.shape == (*xq.shape[:-1], qw.out_features)
-    assert_close_to_oracle(y, _reference(xq, xs, qw, bias, out_dtype), _oracle(xq, xs, qw, bias))
+    assert_close_to_oracle(
+        y, _reference(xq, xs, qw, bias, out_dtype), int4_fp8_oracle(xq, xs, qw, bias)
+    )
     return y
 
 
@@ -264,7 +257,7 @@ def test_linear_from_linear(device, dtype):
     assert_close_to_oracle(
         y,
         _reference(xq, xs, layer.quantized_weight, layer.bias, dtype),
-        _oracle(xq, xs, layer.quantized_weight, layer.bias),
+        int4_fp8_oracle(xq, xs, layer.quantized_weight, layer.bias),
     )
     # and close to the float layer it replaces (INT4: a few percent)
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastlayers
-from _tolerances import assert_close_to_oracle, opcheck_with_fp8_inputs, rand
+from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
 from fastlayers import _ext
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
 from fastlayers.ops.int4_fp8 import sm90_unsupported_reason
@@ -204,14 +204,6 @@ def test_module_on_cpu_has_no_sm90_buffers_and_says_why():
 # ----------------------------------------------------------------------------------------------
 # sm90 GPU
 # ----------------------------------------------------------------------------------------------
-def _oracle(xq, xs, qw, bias):
-    lut = ref.dequantize_int4(qw.qweight, qw.group_scale, torch.ones_like(qw.channel_scale),
-                              qw.group_size)  # fmt: skip
-    acc = xq.double() @ lut.double().t()
-    y = acc * xs.double().reshape(*xq.shape[:-1], 1) * qw.channel_scale.double()
-    return y + bias.double() if bias is not None else y
-
-
 @pytest.mark.cuda
 @pytest.mark.sm90
 @pytest.mark.parametrize("n,k,group_size", SHAPES)
@@ -237,7 +229,7 @@ def test_gemm_matches_oracle(m, n, k, group_size, out_dtype):
                                                  group_size, out_dtype)  # fmt: skip
     want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, group_size,
                              bias, out_dtype)  # fmt: skip
-    assert_close_to_oracle(y, want, _oracle(xq, xs, qw, bias))
+    assert_close_to_oracle(y, want, int4_fp8_oracle(xq, xs, qw, bias))
 
 
 @pytest.mark.cuda
@@ -256,7 +248,7 @@ def test_gemm_strided_and_unaligned_activations():
                                                      g, torch.bfloat16)  # fmt: skip
         want = ref.int4_fp8_gemm(xq0, xs, qw.qweight, qw.group_scale, qw.channel_scale, g, None,
                                  torch.bfloat16)  # fmt: skip
-        assert_close_to_oracle(y, want, _oracle(xq0, xs, qw, None))
+        assert_close_to_oracle(y, want, int4_fp8_oracle(xq0, xs, qw, None))
 
 
 @pytest.mark.cuda
@@ -270,9 +262,9 @@ def test_module_uses_the_sm90_gemm_and_rebuilds_after_moves(tmp_path):
     qw = layer.quantized_weight
     want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 128,
                              layer.bias, torch.bfloat16)  # fmt: skip
-    assert_close_to_oracle(layer(x), want, _oracle(xq, xs, qw, layer.bias))
+    assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
     compiled = torch.compile(layer, fullgraph=True)
-    assert_close_to_oracle(compiled(x), want, _oracle(xq, xs, qw, layer.bias))
+    assert_close_to_oracle(compiled(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
     # device moves drop and rebuild the layouts; a load rebuilds them for the new weight
     layer.cpu()
     assert layer.sm90_weight is None
@@ -294,7 +286,7 @@ def test_module_falls_back_with_one_warning_for_shapes_the_kernel_rejects():
     qw = layer.quantized_weight
     want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 128,
                              layer.bias, layer.out_dtype)  # fmt: skip
-    assert_close_to_oracle(layer(x), want, _oracle(xq, xs, qw, layer.bias))
+    assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
 
 
 @pytest.mark.cuda

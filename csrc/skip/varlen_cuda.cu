@@ -54,6 +54,20 @@ __device__ __forceinline__ bool visible(int64_t qp, int64_t kp, int64_t left, in
   return (left < 0 || kp >= qp - left) && (right < 0 || kp <= qp + right);
 }
 
+// The keys a CTA of `rows` packed query rows from row0 may see: the union of its rows' sequences'
+// key ranges (the first and last valid rows bound it, as sequences are packed in order).
+__device__ __forceinline__ void cta_key_range(const VarlenParams& p, int64_t row0, int64_t rows,
+                                              int64_t total_q, int64_t* range) {
+  const int64_t first = row0, last = (row0 + rows < total_q ? row0 + rows : total_q) - 1;
+  if (first < total_q) {
+    const int64_t k1 = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, last) + 1];
+    range[0] = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, first)];
+    range[1] = k1 < p.nk ? k1 : p.nk;
+  } else {
+    range[0] = range[1] = 0;
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const VarlenParams p) {
   extern __shared__ __align__(16) float smem[];
@@ -85,19 +99,8 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
       r_pos[i] = p.q_pos[row];
     }
   }
-  // The CTA's key range: the union over its rows (the first and last valid rows bound it, as
-  // sequences are packed in order).
   __shared__ int64_t range[2];
-  if (threadIdx.x == 0) {
-    const int64_t first = row0, last = (row0 + kRows < total_q ? row0 + kRows : total_q) - 1;
-    if (first < total_q) {
-      const int64_t k1 = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, last) + 1];
-      range[0] = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, first)];
-      range[1] = k1 < p.nk ? k1 : p.nk;
-    } else {
-      range[0] = range[1] = 0;
-    }
-  }
+  if (threadIdx.x == 0) cta_key_range(p, row0, kRows, total_q, range);
   for (int64_t i = threadIdx.x; i < kRows * d; i += blockDim.x) {
     const int64_t row = row0 + i / d;
     sq[i] = row < p.nq ? to_f(q[(row * p.hq + h) * d + i % d]) * p.scale : 0.0f;
@@ -219,16 +222,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
   load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, valid_q,
                   [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
   __shared__ int64_t range[2];
-  if (threadIdx.x == 0) {
-    const int64_t first = row0, last = (row0 + kRows < total_q ? row0 + kRows : total_q) - 1;
-    if (first < total_q) {
-      const int64_t k1 = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, last) + 1];
-      range[0] = p.cu_seqlens_k[sequence_of(p.cu_seqlens_q, p.batch, first)];
-      range[1] = k1 < p.nk ? k1 : p.nk;
-    } else {
-      range[0] = range[1] = 0;
-    }
-  }
+  if (threadIdx.x == 0) cta_key_range(p, row0, kRows, total_q, range);
   __syncthreads();
   WarpTile<T, D> tile(tc_smem);
   const auto visible_pair = [&](int i, int j) {
