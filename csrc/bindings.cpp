@@ -334,6 +334,19 @@ int64_t int4_fp8_sm90_workspace(int device_index, int64_t m, int64_t n, int64_t 
 #endif
 }
 
+bool int4_fp8_sm90_can_implement(int64_t m, int64_t n, int64_t k, int64_t group_size, int out_dtype,
+                                 int64_t x_row_stride) {
+#ifdef FASTLAYERS_WITH_SM90
+  // Stand-in, 256-byte aligned addresses: CUTLASS checks shapes, strides and alignment on the host.
+  const std::uintptr_t a = 1 << 12;
+  const auto p = sm90_params(0, a, x_row_stride, a, a, a, a, 0, a, out_dtype, m, n, k, group_size, 0, 0);
+  return int4_fp8::gemm_sm90_can_implement(p);
+#else
+  (void)m, (void)n, (void)k, (void)group_size, (void)out_dtype, (void)x_row_stride;
+  return false;
+#endif
+}
+
 std::string int4_fp8_sm90_config(int64_t m, int out_dtype) {
 #ifdef FASTLAYERS_WITH_SM90
   return int4_fp8::gemm_sm90_config(m, static_cast<DType>(out_dtype));
@@ -706,6 +719,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_fp8_prepack_sm90", &int4_fp8_prepack_sm90);
   m.def("int4_fp8_sm90_workspace", &int4_fp8_sm90_workspace);
   m.def("int4_fp8_sm90_config", &int4_fp8_sm90_config);
+  m.def("int4_fp8_sm90_can_implement", &int4_fp8_sm90_can_implement);
   m.def("int4_fp8_gemm_sm90", &int4_fp8_gemm_sm90);
   m.def("varlen_attention", &varlen_attention);
   m.def("varlen_attention_bwd", &varlen_attention_bwd);

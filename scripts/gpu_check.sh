@@ -65,8 +65,8 @@ fi
 
 if [ "${SANITIZE:-1}" = 1 ]; then
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
-sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_fff.py tests/test_peer.py tests/test_int4_fp8.py tests/test_rope_kv.py tests/test_quant_attention.py tests/test_skip.py -m cuda -q -x -p no:cacheprovider
-     -k "4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen")
+sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_fff.py tests/test_peer.py tests/test_int4_fp8.py tests/test_int4_fp8_sm90.py tests/test_rope_kv.py tests/test_quant_attention.py tests/test_skip.py -m cuda -q -x -p no:cacheprovider
+     -k "4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core")
 {
   echo "== memcheck"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 "${san[@]}" --tool memcheck "${sub[@]}" 2>&1 | tail -15

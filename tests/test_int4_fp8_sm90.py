@@ -14,7 +14,7 @@ import torch
 
 import fastlayers
 from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
-from fastlayers import _ext
+from fastlayers import _dtypes, _ext
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
 from fastlayers.ops.int4_fp8 import sm90_unsupported_reason
 from fastlayers.reference import int4_fp8 as ref
@@ -110,6 +110,36 @@ def test_host_prepack_matches_the_specification(n, k, group_size):
     want = ref.prepack_sm90(qw.qweight, qw.group_scale, group_size)
     got = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale, group_size)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_sm90_build
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", SHAPES + [(4096, 4096, 128), (14336, 4096, 128)])
+def test_cutlass_can_implement_every_shape_we_accept(n, k, group_size, out_dtype):
+    """CUTLASS's own host-side can_implement (no GPU needed) on the arguments the launcher builds,
+    with the configuration picked for each M: every shape sm90_unsupported_reason lets through is
+    implementable, so nothing fails on the GPU for a shape we claimed."""
+    C, code = _ext.C, _dtypes.code(out_dtype)
+    assert C.int4_fp8_sm90_unsupported(n, k, group_size, code) is None
+    for m in (1, 16, 17, 64, 100, 300, 4096):
+        assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k), (
+            m,
+            C.int4_fp8_sm90_config(m, code),
+        )
+        assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k + 16)  # padded xq rows
+
+
+@needs_sm90_build
+def test_cutlass_rejects_what_we_reject():
+    """Groups of 64 or 192 (not whole 128-wide K tiles) are refused by CUTLASS too: the reason we
+    give is CUTLASS's constraint, not ours; and its checks are real (a misaligned row stride)."""
+    code = _dtypes.code(torch.bfloat16)
+    assert "group_size" in _ext.C.int4_fp8_sm90_unsupported(256, 512, 64, code)
+    assert not _ext.C.int4_fp8_sm90_can_implement(16, 256, 512, 64, code, 512)
+    assert "group_size" in _ext.C.int4_fp8_sm90_unsupported(256, 576, 192, code)
+    assert not _ext.C.int4_fp8_sm90_can_implement(16, 256, 576, 192, code, 576)
+    # TMA needs 16-byte aligned rows of xq: the launcher copies such views first
+    assert not _ext.C.int4_fp8_sm90_can_implement(16, 256, 512, 128, code, 513)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

@@ -83,6 +83,9 @@ Status prepack_sm90_cuda(const PrepackParams& p, void* stream);
 Status prepack_sm90_host(const PrepackParams& p);  // the same index maps on the CPU (tests)
 Status gemm_sm90_cuda(const Sm90GemmParams& p, void* stream);
 int64_t gemm_sm90_workspace(const Sm90GemmParams& p);
+// CUTLASS's host-side can_implement for p with the configuration gemm_sm90_cuda would pick (no CUDA
+// call: the tests check on the CPU that every shape sm90_unsupported_reason accepts is implementable).
+bool gemm_sm90_can_implement(const Sm90GemmParams& p);
 // Which tile configuration gemm_sm90_cuda uses for m rows (its name, e.g. "bf16_t16").
 const char* gemm_sm90_config(int64_t m, DType out_dtype);
 

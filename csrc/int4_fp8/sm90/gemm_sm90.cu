@@ -14,7 +14,8 @@ namespace sm90 {
 // Declarations of the generated instantiations (configs_sm90.inc: X(name, out dtype, token tile)).
 #define FL_SM90_DECLARE(name, dtype, tok)                                      \
   Status run_##name(const Sm90GemmParams& p, int sm_count, cudaStream_t stream); \
-  size_t workspace_##name(const Sm90GemmParams& p, int sm_count);
+  size_t workspace_##name(const Sm90GemmParams& p, int sm_count);                \
+  bool can_implement_##name(const Sm90GemmParams& p);
 #include "int4_fp8/sm90/configs_sm90.inc"
 #undef FL_SM90_DECLARE
 
@@ -26,10 +27,12 @@ struct ConfigEntry {
   int tok;  // token tile: the configuration for up to this many rows (the largest for any m)
   Status (*run)(const Sm90GemmParams&, int, cudaStream_t);
   size_t (*workspace)(const Sm90GemmParams&, int);
+  bool (*can_implement)(const Sm90GemmParams&);
 };
 
 constexpr ConfigEntry kConfigs[] = {
-#define FL_SM90_DECLARE(name, dtype, tok) {#name, DType::dtype, tok, run_##name, workspace_##name},
+#define FL_SM90_DECLARE(name, dtype, tok) \
+  {#name, DType::dtype, tok, run_##name, workspace_##name, can_implement_##name},
 #include "int4_fp8/sm90/configs_sm90.inc"
 #undef FL_SM90_DECLARE
 };
@@ -168,6 +171,11 @@ Status prepack_sm90_host(const PrepackParams& p) {
 const char* gemm_sm90_config(int64_t m, DType out_dtype) {
   const sm90::ConfigEntry* c = sm90::pick(m, out_dtype);
   return c != nullptr ? c->name : "";
+}
+
+bool gemm_sm90_can_implement(const Sm90GemmParams& p) {
+  const sm90::ConfigEntry* c = sm90::pick(p.m, p.out_dtype);
+  return c != nullptr && c->can_implement(p);
 }
 
 int64_t gemm_sm90_workspace(const Sm90GemmParams& p) {

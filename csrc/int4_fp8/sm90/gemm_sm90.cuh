@@ -141,6 +141,12 @@ Status run(const Sm90GemmParams& p, int sm_count, cudaStream_t stream) {
   return e == cudaSuccess ? Status::ok() : Status{StatusCode::kCudaError, cudaGetErrorString(e)};
 }
 
+// CUTLASS's own host-side check of the arguments (no CUDA call: runs without a GPU).
+template <class C>
+bool can_implement(const Sm90GemmParams& p) {
+  return C::Gemm::can_implement(make_arguments<C>(p, 1)) == cutlass::Status::kSuccess;
+}
+
 template <class C>
 size_t workspace_size(const Sm90GemmParams& p, int sm_count) {
   return C::Gemm::get_workspace_size(make_arguments<C>(p, sm_count));
