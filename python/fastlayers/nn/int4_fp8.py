@@ -18,6 +18,7 @@ from fastlayers.ops.int4_fp8 import (
     int4_fp8_gemm,
     quantize_fp8_per_token,
     quantize_int4,
+    sm90_platform_reason,
     sm90_unsupported_reason,
 )
 from fastlayers.reference.int4_fp8 import FORMAT_VERSION
@@ -162,14 +163,7 @@ class Int4Fp8Linear(torch.nn.Module):
                 self.sm90_bias = self.bias.float() if self.bias is not None else None
             return True
         self.sm90_weight = self.sm90_lut_scale = self.sm90_bias = None
-        on_hopper = (
-            self.qweight.device.type == "cuda"
-            and _ext.C is not None
-            and _ext.has_cuda_kernels()
-            and _ext.C.has_sm90_gemm()
-            and torch.cuda.get_device_capability(self.qweight.device) == (9, 0)
-        )
-        if on_hopper:
+        if sm90_platform_reason(self.qweight.device) is None:  # a Hopper GPU, this shape refused
             _ext.warn_once(
                 f"int4_fp8-sm90-{self.out_features}x{self.in_features}-{self.group_size}",
                 f"Int4Fp8Linear({self.in_features}, {self.out_features}, group_size="

@@ -235,23 +235,31 @@ def _gemm_fake(xq, xs, qweight, group_scale, channel_scale, bias, group_size, ou
 SM90_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def sm90_unsupported_reason(
-    device: torch.device, out_features: int, in_features: int, group_size: int, out_dtype
-) -> str | None:
-    """Why the Hopper GEMM cannot run this layer on ``device`` (None when it can): it needs a
-    build with 90a kernels, an sm90 GPU, ``out_features % 16 == 0``, ``in_features % 32 == 0``,
-    ``group_size`` a multiple of 128 (or equal to ``in_features``) and a bf16/fp16 output."""
-    C = _ext.C
-    if C is None or not _ext.has_cuda_kernels() or not C.has_sm90_gemm():
+def sm90_platform_reason(device: torch.device) -> str | None:
+    """Why ``device`` cannot run the Hopper GEMM at all (None when it can): this build must have the
+    90a kernels and ``device`` must be an sm90 GPU."""
+    if not _ext.has_sm90_gemm():
         return "this build has no Hopper (90a) CUTLASS kernels"
     if device.type != "cuda":
         return f"the Hopper GEMM runs on CUDA devices, not {device.type}"
     cap = torch.cuda.get_device_capability(device)
     if cap != (9, 0):
         return f"the Hopper GEMM needs an sm90 GPU (H100/H200), this one is sm{cap[0]}{cap[1]}"
+    return None
+
+
+def sm90_unsupported_reason(
+    device: torch.device, out_features: int, in_features: int, group_size: int, out_dtype
+) -> str | None:
+    """Why the Hopper GEMM cannot run this layer on ``device`` (None when it can): the platform
+    (:func:`sm90_platform_reason`), then ``out_features % 16 == 0``, ``in_features % 32 == 0``,
+    ``group_size`` a multiple of 128 (or equal to ``in_features``) and a bf16/fp16 output."""
+    reason = sm90_platform_reason(device)
+    if reason is not None:
+        return reason
     if out_dtype not in SM90_OUT_DTYPES:
         return f"the Hopper GEMM writes bfloat16 or float16, not {out_dtype}"
-    return C.int4_fp8_sm90_unsupported(
+    return _ext.C.int4_fp8_sm90_unsupported(
         out_features, in_features, group_size, _dtypes.code(out_dtype)
     )
 
