@@ -77,7 +77,7 @@ struct Sm90GemmParams {
 };
 
 // Why the sm90 GEMM cannot take this shape (null when it can): n % 16, k % 32, group_size % 128 or
-// == k, out dtype bf16/fp16.
+// == k, out dtype bf16/fp16, n * k < 2^31.
 const char* sm90_unsupported_reason(int64_t n, int64_t k, int64_t group_size, DType out_dtype);
 Status prepack_sm90_cuda(const PrepackParams& p, void* stream);
 Status prepack_sm90_host(const PrepackParams& p);  // the same index maps on the CPU (tests)

@@ -122,6 +122,9 @@ const char* sm90_unsupported_reason(int64_t n, int64_t k, int64_t group_size, DT
   if (out_dtype != DType::kBFloat16 && out_dtype != DType::kFloat16) {
     return "the sm90 GEMM writes bfloat16 or float16";
   }
+  if (n * k >= (int64_t(1) << 31)) {  // the layout's offsets (in INT4 elements) are 32-bit
+    return "the sm90 GEMM takes weights of fewer than 2^31 elements";
+  }
   return nullptr;
 }
 
