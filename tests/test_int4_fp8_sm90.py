@@ -231,6 +231,21 @@ def test_module_on_cpu_has_no_sm90_buffers_and_says_why():
     assert isinstance(reason, str) and reason
 
 
+def test_module_sm90_branch_passes_the_right_arguments():
+    """The module's sm90 branch, on the CPU: with the prepacked buffers set by hand (normally only
+    on an sm90 GPU), a traced forward goes through the int4_fp8_gemm_sm90 op (its CPU path is the
+    reference through the unprepack) and must give the reference's bits, bias included."""
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 64), out_dtype=torch.bfloat16)
+    x = rand(2, 3, 256, dtype=torch.float32, device="cpu")
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    want = ref.int4_fp8_gemm(xq, xs, layer.qweight, layer.group_scale, layer.channel_scale, 128,
+                             layer.bias, torch.bfloat16)  # fmt: skip
+    pw, lut = ref.prepack_sm90(layer.qweight, layer.group_scale, 128)
+    layer.sm90_weight, layer.sm90_lut_scale, layer.sm90_bias = pw, lut, layer.bias.float()
+    traced = torch.compile(layer, backend="eager", fullgraph=True)
+    assert torch.equal(traced(x), want)
+
+
 # ----------------------------------------------------------------------------------------------
 # sm90 GPU
 # ----------------------------------------------------------------------------------------------
