@@ -40,7 +40,7 @@ def _check_gemm(xq, xs, qw, bias, out_dtype):
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 @pytest.mark.parametrize("n,k,group_size", SHAPES)
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 33])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 70, 200])
 def test_gemm_matches_oracle(device, m, n, k, group_size, out_dtype):
     qw = _weight(n, k, group_size, device)
     xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.bfloat16, device=device))
@@ -56,7 +56,11 @@ def test_gemm_channel_scales_and_float32_bias(device, channel_scale):
 
 
 def test_gemm_every_cpu_isa(cpu_isa):
-    """Each CPU kernel variant this machine runs, with whole chunks, a partial group and tails."""
+    """Each CPU kernel variant this machine runs, with whole chunks, a partial group and tails; and
+    the decoded-panel path for many rows (a partial 6-row tile, a partial 256-k panel)."""
+    qw = _weight(64, 320, 64, "cpu")
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(71, 320, dtype=torch.float32, device="cpu"))
+    _check_gemm(xq, xs, qw, rand(64, dtype=torch.float32, device="cpu"), torch.bfloat16)
     for n, k, group_size in ((40, 384, 128), (9, 70, 6), (12, 96, 32)):
         qw = _weight(n, k, group_size, "cpu")
         for m in (1, 3, 6):
