@@ -131,6 +131,18 @@ inline bool is_aligned(const void* p, int64_t bytes) {
       return Status::invalid(message);                                      \
   }
 
+// A device attribute, queried once per device (0 when it cannot be queried, or for devices past 63).
+template <cudaDeviceAttr kAttr>
+int device_attribute(int device) {
+  static int cache[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, kAttr, device) == cudaSuccess) cache[device] = v;
+  }
+  return cache[device];
+}
+
 inline Status last_launch_status() {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(err)};

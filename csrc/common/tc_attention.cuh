@@ -46,13 +46,10 @@ struct Smem {
 // Shared memory a block of the current device may opt in to, and that device (0 bytes when it
 // cannot be queried).
 inline size_t optin_smem(int* device_out) {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    return 0;
-  }
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
   if (device_out != nullptr) *device_out = device;
-  return static_cast<size_t>(bytes);
+  return static_cast<size_t>(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device));
 }
 
 // Launches kernel<<<grid, kWarps * 32, smem>>>(params) after the opt-in above 48 KiB (once per

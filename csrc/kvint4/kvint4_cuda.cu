@@ -124,6 +124,13 @@ SplitPlan split_plan(int64_t length) {
   return {splits, (length + splits - 1) / splits};
 }
 
+// The two INT4 values of a cache byte (even channel in the low nibble, two's complement) times
+// their group scale: exact in fp32, and in fp16/bf16.
+__device__ __forceinline__ float2 dequant_byte(uint32_t byte, float scale) {
+  return make_float2(static_cast<float>(((byte & 15) ^ 8) - 8) * scale,
+                     static_cast<float>(((byte >> 4) ^ 8) - 8) * scale);
+}
+
 // Dequantizes this lane's channels of one cached row into v[0, C).
 template <int C>
 __device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* scales, int64_t group,
@@ -133,8 +140,9 @@ __device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* 
   for (int j = 0; j < C; j += 2) {
     const uint8_t byte = row[(c0 + j) / 2];
     const float s = fp8e4m3_value(scales[(c0 + j) / group]);  // (group even: one scale per byte)
-    v[j] = static_cast<float>(((byte & 15) ^ 8) - 8) * s;
-    v[j + 1] = static_cast<float>(((byte >> 4) ^ 8) - 8) * s;
+    const float2 pair = dequant_byte(byte, s);
+    v[j] = pair.x;
+    v[j + 1] = pair.y;
   }
 }
 
@@ -317,25 +325,19 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   for (int64_t t0 = 0; t0 <= last_key; t0 += kKeys) {
     const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
     __syncthreads();  // the previous tile is consumed
-    // One thread per byte (channels c, c + 1: one group, as the group is even): INT4 x FP8 scale is
-    // exact in fp32 and in T.
+    // One thread per byte (channels c, c + 1: one group, as the group is even).
     for (int e = threadIdx.x; e < kKeys * D / 2; e += blockDim.x) {
       const int j = e / (D / 2), c = 2 * (e % (D / 2));
-      float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+      float2 kv = make_float2(0.0f, 0.0f), vv = kv;
       if (j < nt) {
         const int64_t t = base + t0 + j;
-        const uint8_t kb = p.k[t * (D / 2) + c / 2], vb = p.v[t * (D / 2) + c / 2];
-        const float ks = fp8e4m3_value(ks8[t * ng + c / p.group]);
-        const float vs = fp8e4m3_value(vs8[t * ng + c / p.group]);
-        k0 = static_cast<float>(((kb & 15) ^ 8) - 8) * ks;
-        k1 = static_cast<float>(((kb >> 4) ^ 8) - 8) * ks;
-        v0 = static_cast<float>(((vb & 15) ^ 8) - 8) * vs;
-        v1 = static_cast<float>(((vb >> 4) ^ 8) - 8) * vs;
+        kv = dequant_byte(p.k[t * (D / 2) + c / 2], fp8e4m3_value(ks8[t * ng + c / p.group]));
+        vv = dequant_byte(p.v[t * (D / 2) + c / 2], fp8e4m3_value(vs8[t * ng + c / p.group]));
       }
-      sk[j * S::kLdK + c] = cuda::from_f<T>(k0);
-      sk[j * S::kLdK + c + 1] = cuda::from_f<T>(k1);
-      sv[j * S::kLdK + c] = cuda::from_f<T>(v0);
-      sv[j * S::kLdK + c + 1] = cuda::from_f<T>(v1);
+      sk[j * S::kLdK + c] = cuda::from_f<T>(kv.x);
+      sk[j * S::kLdK + c + 1] = cuda::from_f<T>(kv.y);
+      sv[j * S::kLdK + c] = cuda::from_f<T>(vv.x);
+      sv[j * S::kLdK + c + 1] = cuda::from_f<T>(vv.y);
     }
     __syncthreads();
     tile.step([&](int i, int j) { return i < rows && t0 + j <= first + i0 + i; }, p.scale);

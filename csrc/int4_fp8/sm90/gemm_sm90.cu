@@ -49,16 +49,8 @@ const ConfigEntry* pick(int64_t m, DType dtype) {
   return fit != nullptr ? fit : largest;
 }
 
-int sm_count(int device) {
-  static int counts[64] = {};
-  if (device < 0 || device >= 64) return 0;  // CUTLASS queries it
-  if (counts[device] == 0) {
-    int c = 0;
-    if (cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
-      counts[device] = c;
-    }
-  }
-  return counts[device];
+int sm_count(int device) {  // 0: CUTLASS queries it
+  return cuda::device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
 
 // One thread per source byte: the pair (k, k + 1), k even, lands in one destination byte (the atom
