@@ -12,6 +12,7 @@ rule.
 import pytest
 import torch
 
+import fastlayers
 from _tolerances import assert_close_to_oracle, rand
 from fastlayers import reference as ref
 from fastlayers.ops import fff_hard, ultrafast_ff
@@ -68,6 +69,38 @@ def test_ultrafast_forward(device, dtype, depth, d_in, d_out, tokens, bias):
     assert ok.float().mean() > 0.95
     assert_close_to_oracle(y[ok], y_ref[ok], y64[ok], name="y")
     torch.testing.assert_close(pre[ok].double(), pre64[ok], rtol=1e-4, atol=1e-4 * d_in**0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("skewed", [False, True])
+def test_ultrafast_cpu_batched_descent_equals_per_token(dtype, skewed):
+    """From 64 tokens the CPU kernel descends the bottom of the tree bucket by bucket (tokens
+    grouped by node, depth first); below that, token by token. Same arithmetic: every output, path
+    and pre-activation bit-equal, for odd batches, strided rows, and a tree that sends every token
+    into one bucket (the worst case for the bucket workspace and the recursion)."""
+    depth, d_in, d_out = 11, 72, 40
+    w_in, w_out, b_in = _ultra_params(2 ** (depth + 1) - 1, d_in, d_out, dtype, "cpu", True)
+    base = rand(1031, d_in + 5, dtype=dtype, device="cpu")
+    x = base[:, 2 : 2 + d_in]  # row stride d_in + 5
+    if skewed:  # top levels: every logit negative, every token goes left
+        b_in[:63] = -100.0
+    y, path, pre = ultrafast_ff(x, w_in, w_out, b_in)
+    chunks = [ultrafast_ff(x[i : i + 50], w_in, w_out, b_in) for i in range(0, x.shape[0], 50)]
+    assert torch.equal(y, torch.cat([c[0] for c in chunks]))
+    assert torch.equal(path, torch.cat([c[1] for c in chunks]))
+    assert torch.equal(pre, torch.cat([c[2] for c in chunks]))
+    if skewed:
+        assert (path[:, 5] == 31).all()
+    # the descent really spread below the top (skewed: over the 32 leaves under node 63)
+    assert len(torch.unique(path[:, -1])) > (20 if skewed else 300)
+    y64, path64, pre64 = ref.ultrafast_ff(x.double(), w_in.double(), w_out.double(), b_in.double())
+    ok = _agreeing_tokens(path, path64, pre64, x, w_in)
+    assert ok.float().mean() > 0.95
+    assert_close_to_oracle(y[ok], ref.ultrafast_ff(x, w_in, w_out, b_in)[0][ok], y64[ok])
+    with torch.no_grad():  # the inference route (no path/preact kept) too
+        y_inf = fastlayers.UltraFastFeedForward(d_in, d_out, depth, bias=True, dtype=dtype)
+        y_inf.w_in.copy_(w_in), y_inf.w_out.copy_(w_out), y_inf.b_in.copy_(b_in)
+        assert torch.equal(y_inf.eval()(x), y)
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))

@@ -61,7 +61,7 @@ void combine_rows(const float* coef, const T* const* rows, int64_t levels, T* ou
 }
 
 template <typename T>
-void ultra_forward_typed(const UltraFwdParams& p) {
+void ultra_forward_per_token(const UltraFwdParams& p) {
   const int64_t L = p.levels, in = p.in_features, out = p.out_features;
   const T* x = static_cast<const T*>(p.x);
   const T* w_in = static_cast<const T*>(p.w_in);
@@ -94,6 +94,162 @@ void ultra_forward_typed(const UltraFwdParams& p) {
     for (int k = 0; k < n; ++k) {
       combine_rows(coef[k], rows[k], L, static_cast<T*>(p.y) + (t0 + k) * out, out);
     }
+  }
+}
+
+// Batched descent (tokens >= kBucketMinTokens). The per-token descent above loads every row it
+// visits once per token; below the first levels of a depth-11 tree those rows come from memory (the
+// two tables are 25 MB at width 768 in fp32). Tokens that reach the same node share its rows, so:
+//   1. per token (interleaved as above), the top `top` levels, whose rows stay in L2;
+//   2. a counting sort of the tokens by their node at level `top` (a bucket per node, ~8 tokens);
+//   3. per bucket, the subtree below its node, depth first: a node's w_in row is loaded once for all
+//      of the bucket's tokens that reach it (their x rows stay in L1/L2), and the tokens are stably
+//      partitioned left/right on the way down, which leaves the bucket in path order;
+//   4. the output combine of the bucket's tokens in that order: consecutive tokens share their path
+//      prefix, so most w_out rows are still in L1; the rows where the next token's path differs
+//      are prefetched while the current token combines.
+// Same dot products, activations and combine as the per-token kernel: bit-identical outputs (tested).
+// Tried and dropped (bench/results/fff/NOTES.md): accumulating the output in fp32 rows level by
+// level inside the descent (breadth first, with every next-level row prefetched): the accumulator
+// traffic cost more than the w_out row loads it saved.
+constexpr int64_t kBucketMinTokens = 64;
+constexpr int64_t kBucketTokens = 8;         // tokens per bucket aimed at
+constexpr int64_t kTopRowBytes = 256 << 10;  // the top levels' w_in rows, kept in L2
+
+template <typename T>
+struct Subtree {
+  const T* x;
+  int64_t x_row_stride;
+  const T* w_in;
+  const T* b_in;
+  int64_t in, levels;
+  fastlayers::fff::Activation act;
+  int32_t* path;   // [tokens, levels]: the caller's (kept for the backward) or a workspace
+  float* coef;     // [tokens, levels]: act(a_l)
+  float* preact;   // null, or the caller's [tokens, levels]
+  int32_t* right;  // partition scratch, >= the bucket's size
+};
+
+// seg: the n tokens that reached `node` (at `level`), in path order on return.
+template <typename T>
+void descend_subtree(const Subtree<T>& s, int64_t node, int64_t level, int32_t* seg, int64_t n) {
+  const T* row = s.w_in + node * s.in;
+  int64_t nl = 0, nr = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = seg[i];
+    float a = dot(s.x + t * s.x_row_stride, row, s.in);
+    if (s.b_in != nullptr) a += to_float(s.b_in[node]);
+    s.path[t * s.levels + level] = static_cast<int32_t>(node);
+    s.coef[t * s.levels + level] = act_value(s.act, a);
+    if (s.preact != nullptr) s.preact[t * s.levels + level] = a;
+    if (a > 0.0f) {
+      s.right[nr++] = static_cast<int32_t>(t);
+    } else {
+      seg[nl++] = static_cast<int32_t>(t);  // stable: nl <= i
+    }
+  }
+  for (int64_t i = 0; i < nr; ++i) seg[nl + i] = s.right[i];
+  if (level + 1 == s.levels) return;
+  if (nl > 0) descend_subtree(s, 2 * node + 1, level + 1, seg, nl);
+  if (nr > 0) descend_subtree(s, 2 * node + 2, level + 1, seg + nl, nr);
+}
+
+template <typename T>
+void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
+  const int64_t L = p.levels, in = p.in_features, out = p.out_features, tokens = p.tokens;
+  const T* x = static_cast<const T*>(p.x);
+  const T* w_in = static_cast<const T*>(p.w_in);
+  const T* w_out = static_cast<const T*>(p.w_out);
+  const T* b_in = static_cast<const T*>(p.b_in);
+  T* y = static_cast<T*>(p.y);
+  const int64_t buckets = int64_t{1} << top, first = buckets - 1;
+  int32_t* path = p.path != nullptr ? p.path : new int32_t[tokens * L];
+  float* coef = new float[tokens * L];
+  int32_t* bucket = new int32_t[tokens];
+  int32_t* order = new int32_t[tokens];
+  int64_t* offsets = new int64_t[buckets + 1];
+
+  const int64_t groups = (tokens + kGroup - 1) / kGroup;
+  const bool parallel = tokens * L * (in + out) >= kParallelMinWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t t0 = g * kGroup;
+    const int n = static_cast<int>(tokens - t0 < kGroup ? tokens - t0 : kGroup);
+    int64_t node[kGroup] = {};
+    for (int64_t l = 0; l < top; ++l) {
+      for (int k = 0; k < n; ++k) {
+        const int64_t t = t0 + k;
+        float a = dot(x + t * p.x_row_stride, w_in + node[k] * in, in);
+        if (b_in != nullptr) a += to_float(b_in[node[k]]);
+        path[t * L + l] = static_cast<int32_t>(node[k]);
+        coef[t * L + l] = act_value(p.act, a);
+        if (p.preact != nullptr) p.preact[t * L + l] = a;
+        node[k] = 2 * node[k] + 1 + (a > 0.0f ? 1 : 0);
+        if (l + 1 < top) prefetch_row(w_in + node[k] * in, in);
+      }
+    }
+    for (int k = 0; k < n; ++k) bucket[t0 + k] = static_cast<int32_t>(node[k] - first);
+  }
+
+  // Counting sort by bucket, token order within a bucket.
+  for (int64_t b = 0; b <= buckets; ++b) offsets[b] = 0;
+  for (int64_t t = 0; t < tokens; ++t) ++offsets[bucket[t] + 1];
+  for (int64_t b = 0; b < buckets; ++b) offsets[b + 1] += offsets[b];
+  for (int64_t t = 0; t < tokens; ++t) order[offsets[bucket[t]]++] = static_cast<int32_t>(t);
+  for (int64_t b = buckets; b > 0; --b) offsets[b] = offsets[b - 1];
+  offsets[0] = 0;
+
+#pragma omp parallel if (parallel)
+  {
+    const Subtree<T> s{x, p.x_row_stride, w_in, b_in, in, L, p.act, path, coef, p.preact,
+                       new int32_t[tokens]};
+    const T* rows[kMaxLevels];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < buckets; ++b) {
+      int32_t* seg = order + offsets[b];
+      const int64_t n = offsets[b + 1] - offsets[b];
+      if (n == 0) continue;
+      descend_subtree(s, first + b, top, seg, n);
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t* pt = path + int64_t{seg[i]} * L;
+        if (i + 1 < n) {
+          const int32_t* pu = path + int64_t{seg[i + 1]} * L;
+          for (int64_t l = top + 1; l < L; ++l) {
+            if (pu[l] != pt[l]) prefetch_row(w_out + int64_t{pu[l]} * out, out);
+          }
+        }
+        for (int64_t l = 0; l < L; ++l) rows[l] = w_out + int64_t{pt[l]} * out;
+        combine_rows(coef + int64_t{seg[i]} * L, rows, L, y + int64_t{seg[i]} * out, out);
+      }
+    }
+    delete[] s.right;
+  }
+  delete[] offsets;
+  delete[] order;
+  delete[] bucket;
+  delete[] coef;
+  if (p.path == nullptr) delete[] path;
+}
+
+// Levels descended per token before bucketing (0: the per-token kernel): as many as keep about
+// kBucketTokens tokens per bucket and the top levels' rows within kTopRowBytes.
+int64_t bucket_top_levels(int64_t tokens, int64_t levels, int64_t in, int64_t elem_bytes) {
+  if (tokens < kBucketMinTokens || levels < 3) return 0;
+  int64_t top = 0;
+  while (top + 1 < levels && (tokens >> (top + 1)) >= kBucketTokens &&
+         ((int64_t{2} << (top + 1)) - 1) * in * elem_bytes <= kTopRowBytes) {
+    ++top;
+  }
+  return top;
+}
+
+template <typename T>
+void ultra_forward_typed(const UltraFwdParams& p) {
+  const int64_t top = bucket_top_levels(p.tokens, p.levels, p.in_features, sizeof(T));
+  if (top > 0) {
+    ultra_forward_bucketed<T>(p, top);
+  } else {
+    ultra_forward_per_token<T>(p);
   }
 }
 
