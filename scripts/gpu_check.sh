@@ -9,8 +9,12 @@
 # scikit-build-core / pybind11 / cmake / ninja already in its image, and falls back to a plain CMake
 # build put on PYTHONPATH when pip cannot build (for example an older pybind11 there).
 #
-# The Hopper CUTLASS GEMM needs the CUTLASS headers, which that machine cannot download: run
-# `python third_party/fetch_cutlass.py` here first and carry ["COMMIT", "third_party/cutlass"] (28 MB).
+# Compiling there costs device time (the Hopper CUTLASS objects alone take minutes): run
+# `scripts/prebuild_gpu.sh` here first (CPython 3.12, 90a, into prebuilt/), and the script uses that
+# module when it was built from the same sources for the same arch and imports there. For the
+# fallback build, the Hopper CUTLASS GEMM needs the CUTLASS headers, which that machine cannot
+# download: run `python third_party/fetch_cutlass.py` here too. Carry ["COMMIT", "prebuilt",
+# "third_party/cutlass"] (about 32 MB).
 #
 # usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
 #   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
@@ -36,10 +40,29 @@ cat "$log"
 arch=$(python3 -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export FASTLAYERS_CUDA=ON FASTLAYERS_CUDA_ARCHS="$arch" MAX_JOBS=16
 if [ "$arch" = 90a ] && [ ! -f third_party/cutlass/include/cutlass/cutlass.h ]; then
-  echo "WARNING: no third_party/cutlass (carry it): the Hopper CUTLASS GEMM will not be built" | tee -a "$log"
+  echo "WARNING: no third_party/cutlass (carry it): a build here would skip the Hopper CUTLASS GEMM" | tee -a "$log"
 fi
 start=$(date +%s)
-if python3 -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu-pip . >>"$log" 2>&1; then
+prebuilt=0
+pytag=$(python3 -c "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')")
+if [ -f prebuilt/SOURCE_HASH ] && [ "$(cat prebuilt/SOURCE_HASH)" = "$(scripts/source_hash.sh)" ] &&
+   [ "$(cat prebuilt/ARCHS 2>/dev/null)" = "$arch" ] && ls prebuilt/_C.cpython-"$pytag"-*.so >/dev/null 2>&1; then
+  # Built on the GPU-less machine by scripts/prebuild_gpu.sh from these very sources.
+  cp prebuilt/_C.cpython-"$pytag"-*.so python/fastlayers/
+  if PYTHONPATH=$PWD/python python3 -c "import fastlayers._C" >>"$log" 2>&1; then
+    export PYTHONPATH=$PWD/python
+    prebuilt=1
+    echo "using prebuilt/ (sources $(cat prebuilt/SOURCE_HASH), $arch)" | tee -a "$log"
+  else
+    rm -f python/fastlayers/_C.cpython-*.so
+    echo "prebuilt/ does not import here (see setup.txt): building" | tee -a "$log"
+  fi
+elif [ -d prebuilt ]; then
+  echo "prebuilt/ is for other sources or archs: building" | tee -a "$log"
+fi
+if [ "$prebuilt" = 1 ]; then
+  :
+elif python3 -m pip install --no-build-isolation --no-deps --no-index -Cbuild-dir=build/gpu-pip . >>"$log" 2>&1; then
   echo "built with pip for $arch in $(( $(date +%s) - start )) s" | tee -a "$log"
 else
   echo "pip build failed (see setup.txt); plain CMake build" | tee -a "$log"
