@@ -30,6 +30,21 @@ inline float rstd_of(float sum_squares, int64_t cols, float eps) {
   return 1.0f / __builtin_sqrtf(sum_squares / static_cast<float>(cols) + eps);
 }
 
+// The next row's inputs (x, and the residual of the fused add), touched a cache line at a time from
+// the current row's last pass: that pass is compute-bound and the next row's first pass (the sum of
+// squares) would otherwise wait on memory; prefetched, the two overlap (bf16 4096x4096 out=: 3.6-3.9
+// -> 2.9-3.1 ms on 2 cores, bench/results/rmsnorm/NOTES.md).
+struct NextRow {
+  const char* a = nullptr;
+  const char* b = nullptr;
+  // Elements [i, i + step) of the current row are being written; e: element size of the inputs.
+  void touch(int64_t i, int64_t e) const {
+    if (a == nullptr || ((i * e) & 63) != 0) return;
+    __builtin_prefetch(a + i * e);
+    if (b != nullptr) __builtin_prefetch(b + i * e);
+  }
+};
+
 // Sum of x^2 with four independent accumulators (one FMA chain would be latency bound). bf16 loads
 // two vectors per unpack pair where the ISA has them (the lane order does not matter to a sum).
 template <typename T>
@@ -68,10 +83,12 @@ float sum_squares(const T* x, int64_t n) {
 // The Llama order for a bf16 row whose roundings meet no NaN, on unpack-order pairs: wp is the
 // weight with each block of 2*kW permuted to that order (natural order in the tail).
 template <bool kStream>
-void normalize_llama_bf16_pairs(const bf16_t* s, const float* wp, float r, bf16_t* y, int64_t n) {
+void normalize_llama_bf16_pairs(const bf16_t* s, const float* wp, float r, bf16_t* y, int64_t n,
+                                const NextRow& next) {
   const V vr = vset1(r);
   int64_t i = 0;
   for (; i + 2 * kW <= n; i += 2 * kW) {
+    next.touch(i, 2);
     V a, b;
     vload_pair(s + i, a, b);
     a = vmul(vround_nonan(vmul(a, vr), y), vload(wp + i));
@@ -150,10 +167,12 @@ void put(T* p, V a) {
 // the cheaper roundings apply (bf16: a third fewer instructions; the results are identical).
 // kStream: non-temporal stores (y and the row length aligned to kStreamAlign).
 template <bool kNoNaN, bool kStream, typename T, typename W>
-void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n) {
+void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n, const NextRow& next) {
   const V vr = vset1(r);
   int64_t i = 0;
   for (; i + 2 * kW <= n; i += 2 * kW) {  // two independent chains: the roundings are long
+    next.touch(i, sizeof(T));
+    if constexpr (2 * kW * sizeof(T) > 64) next.touch(i + 64 / sizeof(T), sizeof(T));
     const V a = vmul(round_as<kNoNaN>(vmul(vload(s + i), vr), y), vload(w + i));
     const V b = vmul(round_as<kNoNaN>(vmul(vload(s + i + kW), vr), y), vload(w + i + kW));
     put<kNoNaN, kStream>(y + i, a);
@@ -165,10 +184,12 @@ void normalize_llama(const T* s, const W* w, float r, T* y, int64_t n) {
 
 // Gemma order: (s * r) * (offset + w) entirely in fp32, one rounding at the end.
 template <bool kStream, typename T, typename W>
-void normalize_offset(const T* s, const W* w, float r, float offset, T* y, int64_t n) {
+void normalize_offset(const T* s, const W* w, float r, float offset, T* y, int64_t n,
+                      const NextRow& next) {
   const V vr = vset1(r), voff = vset1(offset);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
+    next.touch(i, sizeof(T));
     const V v = vmul(vmul(vload(s + i), vr), vadd(voff, vload(w + i)));
     if constexpr (kStream) {
       vstream(y + i, v);
@@ -194,11 +215,15 @@ float amax_normalized(const T* s, const W* w, float r, int64_t n) {
 }
 
 template <typename T, typename W>
-void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, int64_t n) {
+void quantize_fp8(const T* s, const W* w, float r, float scale, fp8e4m3_t* y, int64_t n,
+                  const NextRow& next) {
   const V vr = vset1(r), vscale = vset1(scale);
   int64_t i = 0;
   // A true division, as the reference divides (a multiply by 1/scale would round differently).
-  for (; i + kW <= n; i += kW) vstore(y + i, vdiv(vmul(vmul(vload(s + i), vr), vload(w + i)), vscale));
+  for (; i + kW <= n; i += kW) {
+    next.touch(i, sizeof(T));
+    vstore(y + i, vdiv(vmul(vmul(vload(s + i), vr), vload(w + i)), vscale));
+  }
   for (; i < n; ++i) y[i] = to_fp8e4m3(((to_float(s[i]) * r) * to_float(w[i])) / scale);
 }
 
@@ -240,6 +265,14 @@ void forward_row(const FwdParams& p, const Fp32Weight& weight, const float* w_pa
   const int64_t n = p.cols;
   const float* w = weight.data;
   const T* s = static_cast<const T*>(p.x) + row * p.x_row_stride;
+  NextRow next;
+  if (row + 1 < p.rows) {
+    next.a = reinterpret_cast<const char*>(s + p.x_row_stride);
+    if (p.residual != nullptr) {
+      next.b = reinterpret_cast<const char*>(static_cast<const T*>(p.residual) +
+                                             (row + 1) * p.residual_row_stride);
+    }
+  }
   float ss;
   if (p.residual != nullptr) {
     T* res_out = static_cast<T*>(p.residual_out) + row * n;
@@ -254,28 +287,28 @@ void forward_row(const FwdParams& p, const Fp32Weight& weight, const float* w_pa
     const float amax = amax_normalized(s, w, r, n);
     const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
     p.y_scale[row] = scale;
-    quantize_fp8(s, w, r, scale, static_cast<fp8e4m3_t*>(p.y) + row * n, n);
+    quantize_fp8(s, w, r, scale, static_cast<fp8e4m3_t*>(p.y) + row * n, n, next);
     return;
   }
   T* y = static_cast<T*>(p.y) + row * n;
   if (p.weight_offset != 0.0f) {
-    normalize_offset<kStream>(s, w, r, p.weight_offset, y, n);
+    normalize_offset<kStream>(s, w, r, p.weight_offset, y, n, next);
     return;
   }
   const bool row_finite = ss - ss == 0.0f;
 #if defined(FL_HAS_BF16_PAIRS)
   if constexpr (IsBf16<T>::value) {
     if (w_pairs != nullptr && row_finite) {
-      normalize_llama_bf16_pairs<kStream>(s, w_pairs, r, y, n);
+      normalize_llama_bf16_pairs<kStream>(s, w_pairs, r, y, n, next);
       return;
     }
   }
 #endif
   (void)w_pairs;
   if (weight.finite && row_finite) {
-    normalize_llama<true, kStream>(s, w, r, y, n);
+    normalize_llama<true, kStream>(s, w, r, y, n, next);
   } else {
-    normalize_llama<false, kStream>(s, w, r, y, n);
+    normalize_llama<false, kStream>(s, w, r, y, n, next);
   }
 }
 
@@ -347,8 +380,15 @@ void backward_rows(const BwdParams& p) {
       const float coef = r * r * r * dot / static_cast<float>(n);
       const V vr = vset1(r), vneg_coef = vset1(-coef);
       const T* dres = static_cast<const T*>(p.d_residual_out);
+      NextRow next;
+      if (row + 1 < row_end) {
+        next.a = reinterpret_cast<const char*>(s + p.x_row_stride);
+        next.b = reinterpret_cast<const char*>(dy + n);
+      }
       i = 0;
       for (; i + kW <= n; i += kW) {
+        next.touch(i, sizeof(T));
+        if constexpr (kW * sizeof(T) > 64) next.touch(i + 64 / sizeof(T), sizeof(T));
         const V vs = vload(s + i), vdy = vload(dy + i);
         V d = vadd(vmul(vr, vmul(vdy, vadd(voff, vload(w + i)))), vmul(vneg_coef, vs));
         if (dres != nullptr) d = vadd(d, vload(dres + row * n + i));
