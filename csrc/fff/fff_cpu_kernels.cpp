@@ -12,6 +12,8 @@
 #include "fff/activation.h"
 #include "fff/fff.h"
 
+#include <omp.h>
+
 namespace fastlayers::cpu::FL_CPU_ISA::fff {
 
 using fastlayers::fff::act_grad;
@@ -100,11 +102,13 @@ void ultra_forward_per_token(const UltraFwdParams& p) {
 // Batched descent (tokens >= kBucketMinTokens). The per-token descent above loads every row it
 // visits once per token; below the first levels of a depth-11 tree those rows come from memory (the
 // two tables are 25 MB at width 768 in fp32). Tokens that reach the same node share its rows, so:
-//   1. per token (interleaved as above), the top `top` levels, whose rows stay in L2;
+//   1. per token (interleaved as above), the top `top` levels, whose rows stay in L2 (the next
+//      group's x rows are prefetched meanwhile);
 //   2. a counting sort of the tokens by their node at level `top` (a bucket per node, ~8 tokens);
 //   3. per bucket, the subtree below its node, depth first: a node's w_in row is loaded once for all
 //      of the bucket's tokens that reach it (their x rows stay in L1/L2), and the tokens are stably
-//      partitioned left/right on the way down, which leaves the bucket in path order;
+//      partitioned left/right on the way down, which leaves the bucket in path order (the x rows
+//      of the bucket the thread takes next are prefetched into L2 first);
 //   4. the output combine of the bucket's tokens in that order: consecutive tokens share their path
 //      prefix, so most w_out rows are still in L1; the rows where the next token's path differs
 //      are prefetched while the current token combines.
@@ -115,6 +119,13 @@ void ultra_forward_per_token(const UltraFwdParams& p) {
 constexpr int64_t kBucketMinTokens = 64;
 constexpr int64_t kBucketTokens = 8;         // tokens per bucket aimed at
 constexpr int64_t kTopRowBytes = 256 << 10;  // the top levels' w_in rows, kept in L2
+
+template <typename T>
+void prefetch_row_l2(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
 
 template <typename T>
 struct Subtree {
@@ -186,6 +197,8 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
         if (p.preact != nullptr) p.preact[t * L + l] = a;
         node[k] = 2 * node[k] + 1 + (a > 0.0f ? 1 : 0);
         if (l + 1 < top) prefetch_row(w_in + node[k] * in, in);
+        // The next group's x rows load while this group descends.
+        if (l == 0 && t + kGroup < tokens) prefetch_row(x + (t + kGroup) * p.x_row_stride, in);
       }
     }
     for (int k = 0; k < n; ++k) bucket[t0 + k] = static_cast<int32_t>(node[k] - first);
@@ -204,11 +217,18 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
     const Subtree<T> s{x, p.x_row_stride, w_in, b_in, in, L, p.act, path, coef, p.preact,
                        new int32_t[tokens]};
     const T* rows[kMaxLevels];
+    const int64_t threads = omp_get_num_threads();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < buckets; ++b) {
       int32_t* seg = order + offsets[b];
       const int64_t n = offsets[b + 1] - offsets[b];
       if (n == 0) continue;
+      // The x rows of the bucket this thread most likely takes next (dynamic schedule), into L2.
+      if (const int64_t nb = b + threads; nb < buckets) {
+        for (int64_t i = offsets[nb]; i < offsets[nb + 1]; ++i) {
+          prefetch_row_l2(x + int64_t{order[i]} * p.x_row_stride, in);
+        }
+      }
       descend_subtree(s, first + b, top, seg, n);
       for (int64_t i = 0; i < n; ++i) {
         const int32_t* pt = path + int64_t{seg[i]} * L;
