@@ -62,6 +62,14 @@ void combine_rows(const float* coef, const T* const* rows, int64_t levels, T* ou
   }
 }
 
+// A node's logit for one token: w_in[node] . x (+ b_in[node]). Every forward path computes it here,
+// which is what keeps the per-token and the bucketed descents bit-identical.
+template <typename T>
+float node_logit(const T* xt, const T* w_in, const T* b_in, int64_t node, int64_t in) {
+  const float a = dot(xt, w_in + node * in, in);
+  return b_in != nullptr ? a + to_float(b_in[node]) : a;
+}
+
 template <typename T>
 void ultra_forward_per_token(const UltraFwdParams& p) {
   const int64_t L = p.levels, in = p.in_features, out = p.out_features;
@@ -81,8 +89,7 @@ void ultra_forward_per_token(const UltraFwdParams& p) {
     for (int64_t l = 0; l < L; ++l) {
       for (int k = 0; k < n; ++k) {
         const int64_t t = t0 + k;
-        float a = dot(x + t * p.x_row_stride, w_in + node[k] * in, in);
-        if (b_in != nullptr) a += to_float(b_in[node[k]]);
+        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in);
         if (p.path != nullptr) {  // kept for the backward; inference passes null
           p.path[t * L + l] = static_cast<int32_t>(node[k]);
           p.preact[t * L + l] = a;
@@ -144,12 +151,10 @@ struct Subtree {
 // seg: the n tokens that reached `node` (at `level`), in path order on return.
 template <typename T>
 void descend_subtree(const Subtree<T>& s, int64_t node, int64_t level, int32_t* seg, int64_t n) {
-  const T* row = s.w_in + node * s.in;
   int64_t nl = 0, nr = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = seg[i];
-    float a = dot(s.x + t * s.x_row_stride, row, s.in);
-    if (s.b_in != nullptr) a += to_float(s.b_in[node]);
+    const float a = node_logit(s.x + t * s.x_row_stride, s.w_in, s.b_in, node, s.in);
     s.path[t * s.levels + level] = static_cast<int32_t>(node);
     s.coef[t * s.levels + level] = act_value(s.act, a);
     if (s.preact != nullptr) s.preact[t * s.levels + level] = a;
@@ -190,8 +195,7 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
     for (int64_t l = 0; l < top; ++l) {
       for (int k = 0; k < n; ++k) {
         const int64_t t = t0 + k;
-        float a = dot(x + t * p.x_row_stride, w_in + node[k] * in, in);
-        if (b_in != nullptr) a += to_float(b_in[node[k]]);
+        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in);
         path[t * L + l] = static_cast<int32_t>(node[k]);
         coef[t * L + l] = act_value(p.act, a);
         if (p.preact != nullptr) p.preact[t * L + l] = a;
@@ -350,8 +354,7 @@ void hard_forward_typed(const HardFwdParams& p) {
       int64_t node[kGroup] = {};
       for (int64_t d = 0; d < p.depth; ++d) {
         for (int k = 0; k < n; ++k) {
-          const float logit =
-              dot(x + (t0 + k) * p.x_row_stride, node_w + node[k] * in, in) + to_float(node_b[node[k]]);
+          const float logit = node_logit(x + (t0 + k) * p.x_row_stride, node_w, node_b, node[k], in);
           node[k] = 2 * node[k] + 1 + (logit > 0.0f ? 1 : 0);
           if (d + 1 < p.depth) prefetch_row(node_w + node[k] * in, in);
         }
