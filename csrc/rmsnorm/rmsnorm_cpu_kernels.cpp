@@ -32,8 +32,8 @@ inline float rstd_of(float sum_squares, int64_t cols, float eps) {
 
 // The next row's inputs (x, and the residual of the fused add), touched a cache line at a time from
 // the current row's last pass: that pass is compute-bound and the next row's first pass (the sum of
-// squares) would otherwise wait on memory; prefetched, the two overlap (bf16 4096x4096 out=: 3.6-3.9
-// -> 2.9-3.1 ms on 2 cores, bench/results/rmsnorm/NOTES.md).
+// squares) would otherwise wait on memory; prefetched, the two overlap (bf16 4096x4096 out=: 3.5-3.9
+// -> 2.6-2.9 ms on 2 cores, bench/results/rmsnorm/amd-epyc-out-streaming.md).
 struct NextRow {
   const char* a = nullptr;
   const char* b = nullptr;
