@@ -248,6 +248,55 @@ def test_routed_generate_with_cache_equals_full_recompute():
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_routed_generate_with_a_static_cache_equals_full_recompute(impl):
+    """Static caches: the mask spans the cache's whole length (the routed layers find the call's
+    tokens at its position in it), and a StaticCache the caller reuses (reset) for a second
+    generate() starts the routed caches afresh. Step scores equal a full recompute, each time."""
+    model = _model()
+    model.set_attn_implementation(impl)
+    apply_skip_plan(model, SkipPlan([LayerPlan("routed") if i in (1, 3) else LayerPlan()
+                                     for i in range(5)]))  # fmt: skip
+    for i in (1, 3):
+        _set_router(model, i, 0.5, 0.0)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    reused = transformers.StaticCache(config=model.config, max_cache_len=16)
+    for seed, how in ((1, "implementation"), (2, "reused"), (3, "reused")):
+        ids = torch.randint(1, 101, (2, 7), generator=torch.Generator().manual_seed(seed))
+        if how == "reused":
+            reused.reset()
+            kw_cache = dict(past_key_values=reused)
+        else:
+            kw_cache = dict(cache_implementation="static")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw, **kw_cache)
+            seq = ids
+            for step in range(5):
+                logits = model(seq, use_cache=False).logits[:, -1]
+                allowed = torch.isfinite(out.scores[step])
+                logits = logits.masked_fill(~allowed, -float("inf"))
+                torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out.sequences, seq)
+
+
+@pytest.mark.parametrize("layer0", ["routed", "skip"])
+def test_static_cache_with_layer0_skipped_or_routed_is_refused(layer0):
+    """A static cache measures the sequence on layer 0: with layer 0's attention skipped or routed
+    its layer stays empty and decoding would be silently wrong, so the plan refuses it."""
+    model = _model()
+    apply_skip_plan(model, SkipPlan([LayerPlan(layer0)] + [LayerPlan()] * 4))
+    ids = torch.randint(1, 101, (1, 6))
+    with torch.no_grad(), pytest.raises(ValueError, match="static cache .* layer 0"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                       do_sample=False, cache_implementation="static")  # fmt: skip
+    with torch.no_grad():  # a dynamic cache is fine
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                             do_sample=False)  # fmt: skip
+    assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_routed_plan_with_left_padding_and_beams(impl):
     """A left-padded batch through a routed plan gives each row what it gives alone (padding is
     never routed); beam search with a LayerSkipCache equals beam search without a cache."""

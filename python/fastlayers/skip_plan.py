@@ -209,14 +209,30 @@ def _routed_store(cache, layer_idx: int):
     return stores.setdefault(layer_idx, RoutedKVStore())
 
 
-def _real_tokens(mask, b: int, t: int):
+def _call_start(cache, mask, t: int, cache_position=None):
+    """Where this call's first token sits in the cache (its first key column in a 4-D mask), or
+    None when nothing says. A static cache's mask spans its whole preallocated length, so there
+    it is layer 0's length before this call (layer 0 runs: _check_static_cache); a dynamic cache's
+    mask ends with the call's t keys."""
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return cache_position[0]
+    if cache is not None and getattr(cache, "is_compileable", False):
+        return cache.get_seq_length(0) - t  # layer 0 has written this call's tokens
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return mask.shape[-1] - t
+    return None
+
+
+def _real_tokens(mask, b: int, t: int, start):
     """``[B, T]`` bool, False for this call's padding tokens, read from the layer's 4-D attention
-    mask (a real token sees itself, a padding token does not); None when there is no mask."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != t:
+    mask at the call's key columns ``start + i`` (a real token sees itself, a padding token does
+    not); None when there is no mask."""
+    if start is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return None
-    past = mask.shape[-1] - t  # (dynamic caches: the call's tokens are the mask's last t keys)
+    if mask.shape[-2] != t:
+        return None
     i = torch.arange(t, device=mask.device)
-    diag = mask[:, 0, i, past + i]
+    diag = mask[:, 0, i, start + i]
     real = diag if mask.dtype == torch.bool else diag == 0
     return real.expand(b, t)
 
@@ -231,7 +247,9 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     b, t, _ = hidden_states.shape
     h = layer.input_layernorm(hidden_states)
     logits = router(h).squeeze(-1).float()  # [B, T]
-    real = _real_tokens(kw.get("attention_mask"), b, t)
+    cache = kw.get("cache", kw.get("past_key_values"))
+    start = _call_start(cache, kw.get("attention_mask"), t, kw.get("cache_position"))
+    real = _real_tokens(kw.get("attention_mask"), b, t, start)
     if real is not None:  # padding is never routed, so it is never attended either
         logits = logits.masked_fill(~real, -math.inf)
     idx, cu = route_threshold(logits, plan.router_threshold)
@@ -249,11 +267,12 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     q = q * cos + rotate_pairs(q) * sin  # Hugging Face's formula, in the model's dtype
     k = k * cos + rotate_pairs(k) * sin
     positions = kw.get("position_ids")
-    if positions is None:
-        positions = torch.arange(t, device=h.device)[None]
+    if positions is None:  # Hugging Face's default: the cache positions
+        positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
     pos = positions.expand(b, t).reshape(-1)[rows]
-    cache = kw.get("cache", kw.get("past_key_values"))
     store = _routed_store(cache, layer_idx) if cache is not None and kw.get("use_cache") else None
+    if store is not None and start is not None and int(start) == 0:
+        store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling)
     out = attn.o_proj(o.reshape(n, hq * d))
     gate = logits.reshape(-1)[rows]
@@ -262,10 +281,28 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
 
 
+def _check_static_cache(kwargs) -> None:
+    """Layer 0 skipped or routed: its Hugging Face cache layer stays empty, and a static cache
+    measures the sequence on layer 0 (its length, the positions the model derives from it), so
+    decoding would be silently wrong. Dynamic caches are fine with generate(), which tracks the
+    positions itself (and LayerSkipCache measures on a layer that runs)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"the skip plan skips or routes layer 0's attention, but the model runs with a static "
+            f"cache ({type(cache).__name__}), which measures the sequence on layer 0: use a "
+            f"dynamic cache (generate()'s default, or fastlayers.LayerSkipCache()) or a plan that "
+            f"runs layer 0's attention fully"
+        )
+
+
 def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
     routed = runs_attn and plan.attn == "routed"
+    layer0_empty = layer_idx == 0 and (routed or not runs_attn)
 
     def forward(hidden_states, *args, **kwargs):
+        if layer0_empty:
+            _check_static_cache(kwargs)
         if routed:
             kw = dict(kwargs)
             for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
@@ -304,7 +341,9 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     cached apart from the Hugging Face cache's layers (positions and RoPE as in the full model), so
     ``generate()`` with the cache equals running the whole sequence. Padding tokens (read from the
     attention mask) are never routed; beam search reorders the routed caches of a
-    :func:`LayerSkipCache`."""
+    :func:`LayerSkipCache`. Static caches (``generate(cache_implementation="static")``) work when
+    layer 0's attention runs fully; with layer 0 skipped or routed they measure the sequence on an
+    empty layer and are refused with a ValueError."""
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
     layers = _decoder_layers(model)
