@@ -221,6 +221,24 @@ def test_gather_and_scatter_add_gated(device):
     torch.testing.assert_close(residual.grad, dy)
 
 
+@pytest.mark.parametrize("route", ["kernel", "reference"])
+def test_scatter_add_gated_refuses_a_repeated_row_on_cpu(route, monkeypatch):
+    """Each row is updated from the residual, so a row named twice would lose one update: the CPU
+    kernel and the reference refuse it (padding, -1, may repeat)."""
+    from fastlayers.ops import skip as skip_ops
+
+    if route == "reference":
+        monkeypatch.setattr(skip_ops, "_rows_kernel_ok", lambda t: False)
+    elif not skip_ops._rows_kernel_ok(torch.empty(0)):
+        pytest.skip("no CPU kernels in this build")
+    residual = rand(6, 4, dtype=torch.float32, device="cpu")
+    out = rand(3, 4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="indices must be unique"):
+        fastlayers.scatter_add_gated(residual, torch.tensor([2, 5, 2]), out)
+    y = fastlayers.scatter_add_gated(residual, torch.tensor([-1, 5, -1]), out)
+    torch.testing.assert_close(y[5], residual[5] + out[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # RoutedSelfAttention
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_isa.h"
 #include "skip/skip.h"
@@ -171,9 +172,24 @@ Status gather_rows_cpu(const RowsParams& p) {
   return by_dtype<Gather>(p);
 }
 
+// Each row is updated from the residual, so a row named twice would keep one update and lose the
+// other (the reference's index_put is undefined there too): refused. (CUDA does not check: that
+// would need the host; the routing ops give unique indices.)
+static Status check_unique_rows(const RowsParams& p) {
+  std::vector<unsigned char> seen(static_cast<size_t>(p.n), 0);
+  for (int64_t i = 0; i < p.m; ++i) {
+    const int64_t r = p.idx[i];
+    if (r < 0) continue;
+    if (seen[r]) return Status::invalid("scatter_add_gated: indices must be unique (a row appears twice)");
+    seen[r] = 1;
+  }
+  return Status::ok();
+}
+
 Status scatter_add_gated_cpu(const RowsParams& p) {
   if (Status s = validate_rows(p, true); !s.is_ok()) return s;
   if (p.n > 0 && p.y == nullptr) return Status::invalid("scatter_add_gated: null output");
+  if (Status s = check_unique_rows(p); !s.is_ok()) return s;
   return by_dtype<Scatter>(p);
 }
 

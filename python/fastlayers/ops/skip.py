@@ -481,7 +481,8 @@ def scatter_add_gated(
     gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``residual`` with ``residual[indices] += gate[:, None] * out`` (returns a new tensor;
-    indices unique, negative ones skipped; each updated element ``T(float(double(residual) +
+    indices unique (a repeated row raises ValueError on CPU; CUDA does not check, which would need
+    the host), negative ones skipped; each updated element ``T(float(double(residual) +
     double(out) * double(gate)))``, as the reference). Differentiable; the backward is one fused
     kernel: ``d_out = gate * dy[indices]`` and ``d_gate = <dy[indices], out>``."""
     for t, name in ((residual, "residual"), (indices, "indices"), (out, "out")):

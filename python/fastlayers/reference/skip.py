@@ -153,9 +153,12 @@ def scatter_add_gated(
 ) -> torch.Tensor:
     """``residual`` with ``residual[indices] += gate[:, None] * out`` (a new tensor): each updated
     element is ``T(float(double(residual) + double(out) * double(gate)))`` (the product exact, so
-    every backend gives the same bits); indices are unique, negative ones are skipped."""
+    every backend gives the same bits); indices are unique, negative ones are skipped (a repeated
+    row raises ValueError for CPU tensors; CUDA does not check, which would need the host)."""
     valid = indices >= 0
     idx = indices[valid]
+    if idx.device.type == "cpu" and idx.numel() > 1 and torch.unique(idx).numel() != idx.numel():
+        raise ValueError("scatter_add_gated: indices must be unique (a row appears twice)")
     add = out[valid].double()  # exact products in float64, one rounding of the sum, then to fp32
     if gate is not None:
         add = add * gate[valid].float().double()[:, None]
