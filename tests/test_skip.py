@@ -263,6 +263,20 @@ def _dense_block(m, x, tokens):
     return x[tokens] + gate[:, None] * m.o_proj(o.reshape(n, -1))
 
 
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5), (0, 0)])
+@pytest.mark.parametrize(
+    "routing", [dict(capacity=0.5), dict(threshold=0.0), dict(capacity=0.5, granularity="sequence")]
+)
+def test_routed_self_attention_empty_inputs(device, shape, routing):
+    """No tokens (or no sequences): an empty output of the input's shape, forward and backward."""
+    m = fastlayers.RoutedSelfAttention(64, 4, num_kv_heads=2, device=device, **routing)
+    x = torch.randn(*shape, 64, device=device, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("capacity", [0.25, 1.0])
 def test_routed_self_attention_matches_dense_on_routed_tokens(device, capacity):
     m = fastlayers.RoutedSelfAttention(64, 4, num_kv_heads=2, capacity=capacity, device=device)

@@ -224,7 +224,7 @@ class RoutedSelfAttention(torch.nn.Module):
         idx, cu = self._route(logits.detach())
         self.last_routing = (idx, cu)
         rows = idx.clamp_min(0)  # threshold padding (-1): computed on row 0, never written back
-        flat = x.reshape(b * t, -1)
+        flat = x.reshape(b * t, self.hidden_size)  # (explicit: b * t may be 0)
         h = flat[rows]
         if self.norm is not None:
             h = self.norm(h)
@@ -241,7 +241,7 @@ class RoutedSelfAttention(torch.nn.Module):
             o = routed_attention_step(q, k, v, pos, idx, cu, cache)
         out = self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
         gate = torch.sigmoid(logits.reshape(-1)[rows])
-        return scatter_add_gated(flat, idx, out, gate).view(b, t, -1)
+        return scatter_add_gated(flat, idx, out, gate).view(b, t, self.hidden_size)
 
     def extra_repr(self) -> str:
         route = f"capacity={self.capacity}"
