@@ -252,8 +252,9 @@ def _check_kv_quantize(x, post_scale, group_size, cos=None, sin=None, pairing="h
             check_tensor(tab, name)
             ok = tab.dim() in (2, 3) and tuple(tab.shape[-2:]) == (t, d)
             if not ok or (tab.dim() == 3 and tab.shape[0] not in (1, b)):
+                lead = "1" if b == 1 else f"{b} or 1"
                 raise ValueError(
-                    f"{name} must be [{t}, {d}] or [{b} or 1, {t}, {d}] (tokens, head_dim), got "
+                    f"{name} must be [{t}, {d}] or [{lead}, {t}, {d}] (tokens, head_dim), got "
                     f"{tuple(tab.shape)}"
                 )
             if not tab.is_floating_point():
