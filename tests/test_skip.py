@@ -312,6 +312,11 @@ def test_routed_self_attention_trains_the_router_and_sequences(device):
     assert torch.equal(y.reshape(30, 32)[~routed], x.reshape(30, 32)[~routed])
     with pytest.raises(ValueError, match="multiple"):
         fastlayers.RoutedSelfAttention(32, 3, num_kv_heads=2)
+    for capacity in (2.0, -0.1, -1, True, "half"):
+        with pytest.raises(ValueError, match="capacity must be"):
+            fastlayers.RoutedSelfAttention(32, 2, capacity=capacity)
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        fastlayers.RoutedSelfAttention(32, 2, threshold=float("nan"))
 
 
 def test_varlen_strided_inputs(device):

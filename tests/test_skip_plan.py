@@ -104,6 +104,10 @@ def test_plan_helpers_and_errors():
         LayerPlan("full", "routed")
     with pytest.raises(ValueError, match="router_threshold"):
         LayerPlan("routed", router_threshold=float("nan"))
+    with pytest.raises(ValueError, match="attn_scale"):
+        LayerPlan("skip", attn_scale=float("nan"))
+    with pytest.raises(ValueError, match="ffn_scale"):
+        LayerPlan("full", "skip", ffn_scale="1.0")
     routed = SkipPlan([LayerPlan("routed", router_threshold=0.5), LayerPlan()])
     assert (
         routed.runs_attention(0) and routed.routes_attention(0) and not routed.routes_attention(1)

@@ -46,6 +46,10 @@ class LayerPlan:
             raise ValueError(f"ffn must be one of {MODES}, got {self.ffn!r}")
         if not math.isfinite(self.router_threshold):
             raise ValueError(f"router_threshold must be finite, got {self.router_threshold}")
+        for name in ("attn_scale", "ffn_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
 
 
 @dataclasses.dataclass

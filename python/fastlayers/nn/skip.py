@@ -4,6 +4,8 @@ MindSkip-style, the sequences) that go through attention; the others pass throug
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastlayers.nn.rmsnorm import RMSNorm
@@ -165,6 +167,16 @@ class RoutedSelfAttention(torch.nn.Module):
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if threshold is None:  # (route_topk: a float is a ratio of the tokens, an int a count)
+            ratio = isinstance(capacity, float) and 0.0 <= capacity <= 1.0
+            count = isinstance(capacity, int) and not isinstance(capacity, bool) and capacity >= 0
+            if not (ratio or count):
+                raise ValueError(
+                    f"capacity must be a ratio in [0, 1] (float) or a token count >= 0 (int), "
+                    f"got {capacity!r}"
+                )
+        elif not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim, self.capacity, self.threshold = head_dim, capacity, threshold
         self.granularity, self.rope_theta = granularity, rope_theta
