@@ -212,6 +212,21 @@ def test_peer_bad_arguments(kwargs):
         fastlayers.PEER(**args)
 
 
+def test_peer_bad_and_empty_input():
+    """A wrong feature size or dtype names x (it used to surface as a matmul error); no tokens give
+    an empty output (it used to crash in a reshape)."""
+    m = fastlayers.PEER(16, 16, heads=2, topk=2).eval()
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 16\]"):
+        m(torch.randn(3, 15))
+    with pytest.raises(TypeError, match="module's dtype"):
+        m(torch.randn(3, 16, dtype=torch.float64))
+    with torch.no_grad():
+        for shape in ((0, 16), (2, 0, 16)):
+            assert m(torch.randn(*shape)).shape == shape
+            indices, gates = m.retrieve(torch.randn(*shape))
+            assert indices.shape == (*shape[:-1], 4) and gates.shape == indices.shape
+
+
 @pytest.mark.parametrize("non_competing", [True, False])
 def test_from_peer_pytorch_is_exact(non_competing):
     peer_pkg = pytest.importorskip("PEER_pytorch")

@@ -96,6 +96,13 @@ class PEER(torch.nn.Module):
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [..., heads * topk] int64, gates [..., heads * topk])`` for ``x [..., dim]``:
         rows of the expert tables (head offsets included) and their gates."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [..., {self.dim}] (dim), got shape {tuple(x.shape)}")
+        dtype = self.query.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the module's dtype {dtype}, got {x.dtype}")
         lead = x.shape[:-1]
         q = self.query(x)
         if self.query_norm is not None:
@@ -105,7 +112,8 @@ class PEER(torch.nn.Module):
         if self.separate_experts_per_head:
             offsets = torch.arange(self.heads, device=x.device) * self.num_experts
             indices = indices + offsets.unsqueeze(-1)
-        return indices.reshape(*lead, -1), gates.reshape(*lead, -1)
+        k = self.heads * self.topk  # (explicit: lead may hold a 0)
+        return indices.reshape(*lead, k), gates.reshape(*lead, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices, gates = self.retrieve(x)
