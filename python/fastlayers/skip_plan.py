@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import json
 import math
+import numbers
 
 import torch
 
@@ -48,7 +49,7 @@ class LayerPlan:
             raise ValueError(f"router_threshold must be finite, got {self.router_threshold}")
         for name in ("attn_scale", "ffn_scale"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
 
 
