@@ -15,10 +15,17 @@ import torch
 import fastlayers
 from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
 from fastlayers import _dtypes, _ext
+from fastlayers.nn import int4_fp8 as nn_int4_fp8
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
-from fastlayers.ops.int4_fp8 import sm90_unsupported_reason
+from fastlayers.ops.int4_fp8 import (
+    sm90_pad_activations,
+    sm90_pad_weight,
+    sm90_padded_shape,
+    sm90_unsupported_reason,
+)
 from fastlayers.reference import int4_fp8 as ref
 
+FP8 = torch.float8_e4m3fn
 HAS_HOST_PREPACK = _ext.C is not None and _ext.C.has_sm90_gemm()
 needs_sm90_build = pytest.mark.skipif(
     not HAS_HOST_PREPACK, reason="this build has no Hopper (90a) CUTLASS kernels"
@@ -241,9 +248,122 @@ def test_module_sm90_branch_passes_the_right_arguments():
     want = ref.int4_fp8_gemm(xq, xs, layer.qweight, layer.group_scale, layer.channel_scale, 128,
                              layer.bias, torch.bfloat16)  # fmt: skip
     pw, lut = ref.prepack_sm90(layer.qweight, layer.group_scale, 128)
-    layer.sm90_weight, layer.sm90_lut_scale, layer.sm90_bias = pw, lut, layer.bias.float()
+    layer.sm90_weight, layer.sm90_lut_scale = pw, lut
+    layer.sm90_channel_scale, layer.sm90_bias = layer.channel_scale, layer.bias.float()
     traced = torch.compile(layer, backend="eager", fullgraph=True)
     assert torch.equal(traced(x), want)
+
+
+@pytest.mark.parametrize(
+    "n,k,g,want",
+    [
+        (64, 256, 128, (64, 256, 128)),  # aligned: as is
+        (40, 200, 128, (48, 224, 128)),  # two groups of 128, the second partial either way
+        (40, 200, 200, (48, 224, 224)),  # one group spans the padded width
+        (40, 200, 512, (48, 224, 224)),
+        (4096, 4100, 128, (4096, 4128, 128)),  # 4128 = 32 * 129 < 33 groups * 128: no new group
+        (40, 200, 64, None),  # several groups of 64: padding cannot help
+        (48, 256, 96, None),
+    ],
+)
+def test_sm90_padded_shape(n, k, g, want):
+    got = sm90_padded_shape(n, k, g)
+    assert got == want
+    if got is not None:
+        n_p, k_p, g_p = got
+        assert n_p % 16 == 0 and k_p % 32 == 0 and (g_p == k_p or g_p % 128 == 0)
+        assert -(-k_p // g_p) == -(-k // g)  # the same groups
+
+
+def test_sm90_pad_weight_and_activations_keep_the_products():
+    """The padded weight and activations give the unpadded GEMM's sums (zero weights and zero
+    activation columns) and rows the caller drops; nothing padded is touched otherwise."""
+    qw = _weight(40, 200, 128)
+    bias = rand(40, dtype=torch.bfloat16, device="cpu")
+    qweight, group_scale, channel_scale, b = sm90_pad_weight(qw, bias, 48, 224)
+    assert qweight.shape == (48, 112) and group_scale.shape == (48, 2) and group_scale.dtype == FP8
+    assert channel_scale.shape == (48,) and b.shape == (48,) and b.dtype == torch.float32
+    assert torch.equal(qweight[:40, :100], qw.qweight) and not qweight[40:].any()
+    assert not qweight[:, 100:].any()
+    assert torch.equal(group_scale[:40].view(torch.uint8), qw.group_scale.view(torch.uint8))
+    assert torch.equal(group_scale[40:].float(), torch.ones(8, 2))
+    assert torch.equal(channel_scale[:40], qw.channel_scale) and not channel_scale[40:].any()
+    assert torch.equal(b[:40], bias.float()) and not b[40:].any()
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(3, 5, 200, dtype=torch.float32, device="cpu"))
+    xp = sm90_pad_activations(xq, 224)
+    assert xp.shape == (3, 5, 224) and xp.dtype == FP8
+    assert torch.equal(xp[..., :200].view(torch.uint8), xq.view(torch.uint8))
+    assert not xp[..., 200:].view(torch.uint8).any()
+    assert sm90_pad_activations(xq, 200) is xq
+    padded = fastlayers.QuantizedWeight(qweight, group_scale, channel_scale, 128)
+    y = ref.int4_fp8_gemm(xp, xs, qweight, group_scale, channel_scale, 128, b, torch.float32)
+    want = int4_fp8_oracle(xq, xs, qw, bias.float())
+    assert_close_to_oracle(y[..., :40], want.float(), want)
+    assert torch.equal(int4_fp8_oracle(xp, xs, padded, b)[..., :40], want)
+    with pytest.raises(ValueError, match="cannot pad"):
+        sm90_pad_weight(qw, None, 32, 224)
+    with pytest.raises(ValueError, match="cannot pad"):
+        sm90_pad_weight(qw, None, 48, 201)
+
+
+def _sm90_on_cpu(monkeypatch):
+    """Lets the module build its sm90 layouts on the CPU (where the op's path is the reference
+    through the unprepack), asserting that it only ever asks for shapes the kernel takes."""
+    asked = []
+
+    def reason(device, n, k, group_size, out_dtype):
+        assert n % 16 == 0 and k % 32 == 0 and (group_size == k or group_size % 128 == 0)
+        asked.append((n, k, group_size))
+        return None
+
+    monkeypatch.setattr(nn_int4_fp8, "sm90_unsupported_reason", reason)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "n,k,g",
+    [(40, 200, 128), (40, 200, 200), (33, 256, 128), (64, 208, 256), (128, 256, 128)],
+)
+def test_module_pads_odd_shapes_for_the_sm90_gemm(monkeypatch, n, k, g):
+    """Shapes off the sm90 GEMM's alignment are padded at prepack, not refused: the module's sm90
+    branch (run here through the op's reference path) matches the unpadded contract for tensor and
+    (xq, xs) inputs, strided inputs and under torch.compile; the output is contiguous."""
+    asked = _sm90_on_cpu(monkeypatch)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(rand(n, k, dtype=torch.float32, device="cpu", scale=0.05))
+        lin.bias.copy_(rand(n, dtype=torch.float32, device="cpu"))
+    layer = Int4Fp8Linear.from_linear(lin, group_size=g, out_dtype=torch.bfloat16)
+    assert asked == [sm90_padded_shape(n, k, g)]
+    n_p, k_p, _ = asked[0]
+    assert layer.sm90_weight.shape == (n_p, k_p // 2)
+    assert layer.sm90_channel_scale.shape == (n_p,) and layer.sm90_bias.shape == (n_p,)
+    qw = layer.quantized_weight
+    base = rand(2, 3, 2 * k, dtype=torch.float32, device="cpu")
+    for x in (base[..., :k], base[..., ::2]):  # rows apart by 2k, then a column stride of 2
+        xq, xs = fastlayers.quantize_fp8_per_token(x)
+        want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, g,
+                                 layer.bias, torch.bfloat16)  # fmt: skip
+        oracle = int4_fp8_oracle(xq, xs, qw, layer.bias)
+        for got in (layer(x), layer((xq, xs))):
+            assert got.shape == (2, 3, n) and got.is_contiguous()
+            assert_close_to_oracle(got, want, oracle)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    assert_close_to_oracle(compiled(x), want, oracle)
+    with pytest.raises(ValueError, match=f"{k} features"):
+        layer((xq[..., :-2], xs))
+
+
+def test_module_keeps_the_generic_path_for_group_sizes_padding_cannot_fix(monkeypatch):
+    asked = _sm90_on_cpu(monkeypatch)
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48), group_size=64)
+    assert asked == [] and layer.sm90_weight is None and layer.sm90_channel_scale is None
+    x = rand(4, 256, dtype=torch.float32, device="cpu")
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    qw = layer.quantized_weight
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 64,
+                             layer.bias, layer.out_dtype)  # fmt: skip
+    assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,13 +443,26 @@ def test_module_uses_the_sm90_gemm_and_rebuilds_after_moves(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
-def test_module_falls_back_with_one_warning_for_shapes_the_kernel_rejects():
-    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 40, device="cuda"), group_size=128)
-    assert layer.sm90_weight is None  # 40 % 16 != 0: the generic CUDA GEMM
+def test_module_pads_odd_shapes_and_falls_back_once_for_group_sizes(recwarn):
+    for n, k, g in ((40, 200, 128), (33, 256, 256), (40, 200, 200)):  # padded at prepack
+        layer = Int4Fp8Linear.from_linear(torch.nn.Linear(k, n, device="cuda"), group_size=g)
+        assert layer.sm90_weight is not None and layer.sm90_weight.shape[0] % 16 == 0
+        x = rand(5, 7, k, dtype=torch.float32, device="cuda")
+        xq, xs = fastlayers.quantize_fp8_per_token(x)
+        qw = layer.quantized_weight
+        want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, g,
+                                 layer.bias, layer.out_dtype)  # fmt: skip
+        got = layer(x)
+        assert got.is_contiguous()
+        assert_close_to_oracle(got, want, int4_fp8_oracle(xq, xs, qw, layer.bias))
+    assert not [w for w in recwarn if "generic" in str(w.message)]
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48, device="cuda"), group_size=64)
+    assert layer.sm90_weight is None  # groups of 64: the generic CUDA GEMM, warned once
+    assert len([w for w in recwarn if "generic" in str(w.message)]) == 1
     x = rand(4, 256, dtype=torch.float32, device="cuda")
     xq, xs = fastlayers.quantize_fp8_per_token(x)
     qw = layer.quantized_weight
-    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 128,
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 64,
                              layer.bias, layer.out_dtype)  # fmt: skip
     assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
 

@@ -18,6 +18,9 @@ from fastlayers.ops.int4_fp8 import (
     int4_fp8_gemm,
     quantize_fp8_per_token,
     quantize_int4,
+    sm90_pad_activations,
+    sm90_pad_weight,
+    sm90_padded_shape,
     sm90_platform_reason,
     sm90_unsupported_reason,
 )
@@ -53,9 +56,14 @@ class Int4Fp8Linear(torch.nn.Module):
 
     On an sm90 GPU (H100/H200) with a build that has the Hopper kernels, :meth:`prepack` builds the
     CUTLASS look-up-table GEMM's layouts as non-persistent buffers (``sm90_weight``,
-    ``sm90_lut_scale``, ``sm90_bias``); ``forward`` then runs that GEMM. They are rebuilt after
-    ``load_state_dict`` and device moves; call :meth:`prepack` yourself after changing
-    ``qweight``/``group_scale``/``bias`` in place. Other devices and shapes use the generic kernels.
+    ``sm90_lut_scale``, ``sm90_channel_scale``, ``sm90_bias``); ``forward`` then runs that GEMM.
+    They are rebuilt after ``load_state_dict`` and device moves; call :meth:`prepack` yourself after
+    changing ``qweight``/``group_scale``/``channel_scale``/``bias`` in place. Layers whose
+    ``out_features`` is not a multiple of 16 or ``in_features`` not a multiple of 32 are padded at
+    prepack with zero weights (see :func:`fastlayers.ops.int4_fp8.sm90_padded_shape`); each call
+    then pads the FP8 activations with zero columns and copies the output columns it keeps (one
+    extra pass over each, on those shapes only). Other devices, and several groups of a size that
+    is not a multiple of 128, use the generic kernels.
     """
 
     def __init__(
@@ -99,7 +107,7 @@ class Int4Fp8Linear(torch.nn.Module):
             "quant_format",
             torch.tensor([FORMAT_VERSION, group_size], dtype=torch.int32, device=device),
         )
-        for name in ("sm90_weight", "sm90_lut_scale", "sm90_bias"):
+        for name in self._SM90_BUFFERS:
             self.register_buffer(name, None, persistent=False)
 
     @classmethod
@@ -147,22 +155,34 @@ class Int4Fp8Linear(torch.nn.Module):
         layer.prepack()
         return layer
 
+    _SM90_BUFFERS = ("sm90_weight", "sm90_lut_scale", "sm90_channel_scale", "sm90_bias")
+
     def prepack(self) -> bool:
         """Builds (or drops) the Hopper GEMM's layouts for the current weight and device; returns
-        whether the layer now runs the sm90 CUTLASS GEMM. Shapes that GEMM cannot take on an sm90
-        GPU fall back to the generic kernels with a warning, once."""
-        reason = sm90_unsupported_reason(
-            self.qweight.device, self.out_features, self.in_features, self.group_size,
-            self.out_dtype,
-        )  # fmt: skip
+        whether the layer now runs the sm90 CUTLASS GEMM. Shapes off its alignment are padded (see
+        the class notes); group sizes it cannot take fall back to the generic kernels with a
+        warning, once."""
+        for name in self._SM90_BUFFERS:
+            setattr(self, name, None)
+        padded = sm90_padded_shape(self.out_features, self.in_features, self.group_size)
+        if padded is None:
+            reason = (
+                f"the sm90 GEMM needs group_size to be a multiple of 128 or to span in_features, "
+                f"got {self.group_size}"
+            )
+        else:
+            n_p, k_p, g_p = padded
+            reason = sm90_unsupported_reason(self.qweight.device, n_p, k_p, g_p, self.out_dtype)
         if reason is None:
             with torch.no_grad():
-                self.sm90_weight, self.sm90_lut_scale = torch.ops.fastlayers.int4_fp8_prepack_sm90(
-                    self.qweight, self.group_scale, self.group_size
+                qweight, group_scale, channel_scale, bias = sm90_pad_weight(
+                    self.quantized_weight, self.bias, n_p, k_p
                 )
-                self.sm90_bias = self.bias.float() if self.bias is not None else None
+                self.sm90_weight, self.sm90_lut_scale = torch.ops.fastlayers.int4_fp8_prepack_sm90(
+                    qweight, group_scale, g_p
+                )
+                self.sm90_channel_scale, self.sm90_bias = channel_scale, bias
             return True
-        self.sm90_weight = self.sm90_lut_scale = self.sm90_bias = None
         if sm90_platform_reason(self.qweight.device) is None:  # a Hopper GPU, this shape refused
             _ext.warn_once(
                 f"int4_fp8-sm90-{self.out_features}x{self.in_features}-{self.group_size}",
@@ -175,8 +195,7 @@ class Int4Fp8Linear(torch.nn.Module):
     # The quantised format's dtypes are fixed: ``model.to(torch.bfloat16)`` / ``.half()`` move these
     # buffers but do not cast them (FP8 counts as floating point for Module.to); they cast the bias
     # and set ``out_dtype``.
-    _FIXED_DTYPE_BUFFERS = ("group_scale", "channel_scale", "sm90_weight", "sm90_lut_scale",
-                            "sm90_bias")  # fmt: skip
+    _FIXED_DTYPE_BUFFERS = ("group_scale", "channel_scale", *_SM90_BUFFERS)
 
     def _apply(self, fn, *args, **kwargs):
         apply_keeping_dtypes(self, super()._apply, fn, self._FIXED_DTYPE_BUFFERS, *args, **kwargs)
@@ -233,14 +252,26 @@ class Int4Fp8Linear(torch.nn.Module):
                 )
             xq, xs = quantize_fp8_per_token(x)
         if self.sm90_weight is not None and xq.device == self.sm90_weight.device:
-            args = (
-                xq, xs, self.sm90_weight, self.sm90_lut_scale, self.channel_scale,
-                self.sm90_bias, self.group_size, self.out_dtype,
-            )  # fmt: skip
-            if direct_call_ok(xq, xs):
-                return _gemm_sm90_cuda(*args)
-            return torch.ops.fastlayers.int4_fp8_gemm_sm90(*args)
+            return self._forward_sm90(xq, xs)
         return int4_fp8_gemm(xq, xs, self.quantized_weight, self.bias, self.out_dtype)
+
+    def _forward_sm90(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        n_p, k_p = self.sm90_weight.shape[0], 2 * self.sm90_weight.shape[1]
+        if xq.dim() == 0 or xq.shape[-1] != self.in_features:  # before padding hides the mismatch
+            raise ValueError(
+                f"xq must have {self.in_features} features in its last dimension, got shape "
+                f"{tuple(xq.shape)}"
+            )
+        group_size = sm90_padded_shape(self.out_features, self.in_features, self.group_size)[2]
+        args = (
+            sm90_pad_activations(xq, k_p), xs, self.sm90_weight, self.sm90_lut_scale,
+            self.sm90_channel_scale, self.sm90_bias, group_size, self.out_dtype,
+        )  # fmt: skip
+        if xq.is_cuda and direct_call_ok(xq, xs):  # the op's CUDA kernel, without the dispatcher
+            y = _gemm_sm90_cuda(*args)
+        else:
+            y = torch.ops.fastlayers.int4_fp8_gemm_sm90(*args)
+        return y if n_p == self.out_features else y[..., : self.out_features].contiguous()
 
     def extra_repr(self) -> str:
         return (

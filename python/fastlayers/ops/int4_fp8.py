@@ -264,6 +264,59 @@ def sm90_unsupported_reason(
     )
 
 
+def sm90_padded_shape(
+    out_features: int, in_features: int, group_size: int
+) -> tuple[int, int, int] | None:
+    """``(out_features, in_features, group_size)`` of the layer the Hopper GEMM runs in place of
+    this one: ``out_features`` rounded up to 16 and ``in_features`` to 32 (the extra weights are
+    zero, so the padded layer computes the same sums; see :func:`sm90_pad_weight`). A single
+    group becomes the padded width; several groups keep their size, which must then be a multiple of
+    128 (rounding ``in_features`` up to 32 never adds a group). None when no padding helps: several
+    groups of another size."""
+    n_p, k_p = -(-out_features // 16) * 16, -(-in_features // 32) * 32
+    if group_size >= in_features:  # one group: it spans the padded width as well
+        return n_p, k_p, k_p
+    if group_size % 128:
+        return None
+    return n_p, k_p, group_size
+
+
+def sm90_pad_weight(
+    weight: QuantizedWeight, bias: torch.Tensor | None, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(qweight, group_scale, channel_scale, bias)`` zero-padded to ``[out_features,
+    in_features]`` (from :func:`sm90_padded_shape`): zero INT4 values in the new columns and rows,
+    group scale 1 and channel scale 0 in the new rows, bias 0 (fp32). Tensor ops only, on the
+    weight's device (no synchronisation). Unpadded tensors are returned as they are."""
+    n, k = weight.out_features, weight.in_features
+    dn, dk = out_features - n, in_features - k
+    if dn < 0 or dk < 0 or dk % 2:
+        raise ValueError(
+            f"cannot pad a {n} x {k} weight to {out_features} x {in_features} (padding only grows "
+            "it, by an even number of columns)"
+        )
+    pad = torch.nn.functional.pad
+    qweight = pad(weight.qweight, (0, dk // 2, 0, dn)) if dn or dk else weight.qweight
+    group_scale, channel_scale = weight.group_scale, weight.channel_scale
+    if dn:
+        one = int(torch.tensor(1.0).to(FP8).view(torch.uint8))
+        group_scale = pad(group_scale.view(torch.uint8), (0, 0, 0, dn), value=one).view(FP8)
+        channel_scale = pad(channel_scale, (0, dn))
+    b = bias.float() if bias is not None else None
+    if dn and b is not None:
+        b = pad(b, (0, dn))
+    return qweight, group_scale, channel_scale, b
+
+
+def sm90_pad_activations(xq: torch.Tensor, in_features: int) -> torch.Tensor:
+    """FP8 activations ``[..., k]`` with zero columns appended up to ``in_features`` (a copy; ``xq``
+    itself when nothing is missing)."""
+    dk = in_features - xq.shape[-1]
+    if dk == 0:
+        return xq
+    return torch.nn.functional.pad(xq.view(torch.uint8), (0, dk)).view(FP8)
+
+
 def _check_prepack(qweight, group_scale, group_size):
     check_tensor(qweight, "qweight")
     check_tensor(group_scale, "group_scale")
