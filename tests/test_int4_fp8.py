@@ -61,6 +61,11 @@ def test_gemm_every_cpu_isa(cpu_isa):
     qw = _weight(64, 320, 64, "cpu")
     xq, xs = fastlayers.quantize_fp8_per_token(rand(71, 320, dtype=torch.float32, device="cpu"))
     _check_gemm(xq, xs, qw, rand(64, dtype=torch.float32, device="cpu"), torch.bfloat16)
+    # panels from 28 rows; groups of 6 and 96 end inside a 256-k panel (per-group tables)
+    for n, k, group_size, m in ((32, 710, 6, 28), (48, 520, 96, 40)):
+        qw = _weight(n, k, group_size, "cpu")
+        xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.float32, device="cpu"))
+        _check_gemm(xq, xs, qw, None, torch.float32)
     for n, k, group_size in ((40, 384, 128), (9, 70, 6), (12, 96, 32)):
         qw = _weight(n, k, group_size, "cpu")
         for m in (1, 3, 6):
