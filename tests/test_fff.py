@@ -337,3 +337,12 @@ def test_fff_hard_grouped_and_per_token_paths_agree(device, dtype, monkeypatch):
     y_ref = ref.fff_hard(x, *params)[0]
     assert_close_to_oracle(y_grouped, y_ref, y64, name="grouped")
     assert_close_to_oracle(y_tok, y_ref, y64, name="per-token")
+
+
+def test_reference_backward_takes_no_tokens():
+    w_in, w_out, b_in = _ultra_params(7, 8, 5, torch.float32, "cpu", True)
+    x = rand(0, 8, dtype=torch.float32, device="cpu")
+    y, path, pre = ref.ultrafast_ff(x, w_in, w_out, b_in)
+    assert y.shape == (0, 5) and path.shape == (0, 3)
+    dx, dw_in, db_in, dw_out = ref.ultrafast_ff_backward(y, x, w_in, w_out, path, pre)
+    assert dx.shape == (0, 8) and not dw_in.any() and not db_in.any() and not dw_out.any()

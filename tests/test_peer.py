@@ -425,3 +425,16 @@ def test_every_cpu_isa(cpu_isa):
             dd, du = dd[got[2]], du[got[2]]
         for g, e in zip((got[0], got[1], got[3], got[4]), (dx, dg, dd, du), strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_experts_take_no_tokens():
+    """The reference (the specification, and the fallback path) on a batch without tokens: empty
+    outputs and zero gradients, not a reshape error."""
+    down, up = _tables(16, 8, torch.float32, "cpu")
+    x = rand(0, 8, dtype=torch.float32, device="cpu")
+    idx, gates = _pairs(0, 4, 16, torch.float32, "cpu")
+    y, pre = ref.peer_experts(x, idx, gates, down, up)
+    assert y.shape == (0, 8) and pre.shape == (0, 4)
+    dx, dg, dd, du = ref.peer_experts_backward(y, x, idx, gates, down, up, pre)
+    assert dx.shape == (0, 8) and dg.shape == (0, 4)
+    assert dd.shape == down.shape and not dd.any() and not du.any()

@@ -132,7 +132,7 @@ def ultrafast_ff_backward(
     d_in, d_out, nodes = x.shape[-1], w_out.shape[1], w_in.shape[0]
     xf = _acc(x.reshape(-1, d_in))
     dyf = _acc(grad_y.reshape(-1, d_out))
-    n = path.reshape(xf.shape[0], -1).long()
+    n = path.reshape(xf.shape[0], path.shape[-1]).long()
     a = preact.reshape(n.shape).to(xf.dtype)
     wi, wo = _acc(w_in), _acc(w_out)
     c = activation_grad(activation, a) * (dyf.unsqueeze(1) * wo[n]).sum(-1)

@@ -93,7 +93,7 @@ def peer_experts(
     act = activation_fn(activation)
     lead, dim = x.shape[:-1], x.shape[-1]
     xf = _acc(x.reshape(-1, dim))
-    idx = indices.reshape(xf.shape[0], -1)
+    idx = indices.reshape(xf.shape[0], indices.shape[-1])
     g = _acc(gates.reshape(idx.shape))
     u, v = _acc(expert_down)[idx], _acc(expert_up)[idx]  # [T, P, dim]
     s = (u * xf.unsqueeze(1)).sum(-1)
@@ -117,7 +117,7 @@ def peer_experts_backward(
     dim, n = x.shape[-1], expert_down.shape[0]
     xf = _acc(x.reshape(-1, dim))
     dyf = _acc(grad_y.reshape(-1, dim))
-    idx = indices.reshape(xf.shape[0], -1).long()
+    idx = indices.reshape(xf.shape[0], indices.shape[-1]).long()
     g = _acc(gates.reshape(idx.shape))
     s = preact.reshape(idx.shape).to(xf.dtype)
     u, v = _acc(expert_down)[idx], _acc(expert_up)[idx]
