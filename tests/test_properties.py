@@ -1,0 +1,350 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Property tests: the CPU kernels against their references on shapes, layouts and dtypes that
+hypothesis draws, beyond the hand-picked lists of the family tests.
+
+Each example draws sizes (odd and aligned, tails of every vector width, empty batches), a layout
+for the activations (contiguous, rows further apart than they are wide, a column stride of 2, a
+transposed view), a dtype and a seed for fresh random values; the checks are the family tests'
+(float64 oracle, the reference's own error as the yardstick). ``derandomize=True``: the same
+examples every run, so a failure reproduces and CI stays deterministic.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
+from test_peer import _check_selection, _expert_scores64
+from test_rmsnorm import _check_fp8
+
+import fastlayers
+from _tolerances import assert_close_to_oracle, int4_fp8_oracle, rand
+from fastlayers import quant
+from fastlayers import reference as ref
+from fastlayers.ops import fff_hard, peer_experts, ultrafast_ff
+from fastlayers.ops.kvint4 import _reference as kv_reference
+from fastlayers.ops.kvint4 import int4_kv_decode
+from fastlayers.reference import skip as skip_ref
+
+pytestmark = pytest.mark.skipif(
+    not fastlayers.info()["extension_loaded"],
+    reason="property tests exercise the compiled CPU kernels",
+)
+
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+LAYOUTS = st.sampled_from(["contiguous", "padded rows", "column stride 2", "transposed"])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def _activation(rows: int, cols: int, dtype, layout: str, scale=1.0) -> torch.Tensor:
+    """A fresh random ``[rows, cols]`` CPU tensor in ``layout`` (same values for every layout)."""
+    x = rand(rows, cols, dtype=dtype, device="cpu", scale=scale)
+    if layout == "padded rows":
+        buf = torch.full((rows, cols + 7), float("nan"), dtype=dtype)
+        buf[:, :cols] = x
+        return buf[:, :cols]
+    if layout == "column stride 2":
+        buf = torch.full((rows, 2 * cols), float("nan"), dtype=dtype)
+        buf[:, ::2] = x
+        return buf[:, ::2]
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    return x
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    rows=st.integers(0, 9),
+    hidden=st.integers(1, 1100),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    offset=st.sampled_from([0.0, 1.0]),
+    eps=st.sampled_from([1e-6, 1e-5, 0.1]),
+    seed=SEEDS,
+)
+def test_rms_norm_family(rows, hidden, dtype, layout, offset, eps, seed):
+    torch.manual_seed(seed)
+    x = _activation(rows, hidden, dtype, layout, scale=2.0)
+    w = rand(hidden, dtype=dtype, device="cpu")
+    y = fastlayers.rms_norm(x, w, eps, offset)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close_to_oracle(
+        y, ref.rms_norm(x, w, eps, offset), ref.rms_norm(x.double(), w.double(), eps, offset)
+    )
+    residual = _activation(rows, hidden, dtype, "contiguous")
+    y, s = fastlayers.fused_add_rms_norm(x, residual, w, eps, offset)
+    y_ref, s_ref = ref.fused_add_rms_norm(x, residual, w, eps, offset)
+    assert torch.equal(s, s_ref)
+    assert_close_to_oracle(y, y_ref, ref.rms_norm(s_ref.double(), w.double(), eps, offset))
+    if rows:
+        q, scale = fastlayers.rms_norm_fp8(x, w, eps)
+        q_ref, scale_ref = ref.rms_norm_fp8(x, w, eps)
+        _check_fp8(q, scale, q_ref, scale_ref, ref.rms_norm(x.double(), w.double(), eps))
+
+
+@PROPERTY
+@given(
+    rows=st.integers(1, 7),
+    hidden=st.integers(1, 700),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    offset=st.sampled_from([0.0, 1.0]),
+    seed=SEEDS,
+)
+def test_rms_norm_backward(rows, hidden, dtype, layout, offset, seed):
+    torch.manual_seed(seed)
+    x = _activation(rows, hidden, dtype, layout, scale=2.0).requires_grad_()
+    w = rand(hidden, dtype=dtype, device="cpu").requires_grad_()
+    dy = rand(rows, hidden, dtype=dtype, device="cpu")
+    fastlayers.rms_norm(x, w, 1e-6, offset).backward(dy)
+    dx_ref, dw_ref = ref.rms_norm_backward(dy, x.detach(), w.detach(), 1e-6, offset)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref.rms_norm(x64, w64, 1e-6, offset).backward(dy.double())
+    assert_close_to_oracle(x.grad, dx_ref, x64.grad, name="dx")
+    assert_close_to_oracle(w.grad, dw_ref, w64.grad, name="dw")
+
+
+# ----------------------------------------------------------------------------------------------
+# FFF (UltraFastFeedForward form)
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    tokens=st.integers(0, 150),  # the bucketed descent starts at 64 tokens
+    depth=st.integers(0, 9),
+    d_in=st.integers(1, 130),
+    d_out=st.integers(1, 70),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    bias=st.booleans(),
+    activation=st.sampled_from(["gelu", "relu", "silu"]),
+    seed=SEEDS,
+)
+def test_ultrafast_ff(tokens, depth, d_in, d_out, dtype, layout, bias, activation, seed):
+    torch.manual_seed(seed)
+    nodes = 2 ** (depth + 1) - 1
+    w_in = rand(nodes, d_in, dtype=dtype, device="cpu", scale=d_in**-0.5)
+    w_out = rand(nodes, d_out, dtype=dtype, device="cpu", scale=0.5)
+    b_in = rand(nodes, dtype=dtype, device="cpu", scale=0.1) if bias else None
+    x = _activation(tokens, d_in, dtype, layout)
+    y, path, pre = ultrafast_ff(x, w_in, w_out, b_in, activation)
+    assert y.shape == (tokens, d_out) and path.shape == (tokens, depth + 1)
+    y_ref = ref.ultrafast_ff(x, w_in, w_out, b_in, activation)[0]
+    y64, path64, pre64 = ref.ultrafast_ff(_d(x), _d(w_in), _d(w_out), _d(b_in), activation)
+    ok = _agreeing_tokens(path, path64, pre64, x, w_in)
+    assert_close_to_oracle(y[ok], y_ref[ok], y64[ok], name="y")
+
+
+@PROPERTY
+@given(
+    tokens=st.integers(0, 120),
+    depth=st.integers(0, 6),
+    d_in=st.integers(1, 90),
+    width=st.integers(1, 40),  # wide leaves with many tokens take the per-leaf GEMMs
+    d_out=st.integers(1, 50),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    seed=SEEDS,
+)
+def test_fff_hard(tokens, depth, d_in, width, d_out, dtype, layout, seed):
+    torch.manual_seed(seed)
+    params = _hard_params(depth, d_in, width, d_out, dtype, "cpu")
+    x = _activation(tokens, d_in, dtype, layout)
+    y, leaf = fff_hard(x, *params)
+    assert y.shape == (tokens, d_out) and leaf.shape == (tokens,)
+    y_ref = ref.fff_hard(x, *params)[0]
+    y64, leaf64, min_logit = _hard_oracle(x, params)
+    differs = leaf != leaf64
+    assert (min_logit[differs] < 1e-3).all(), "a leaf differs away from a near-tie"
+    assert_close_to_oracle(y[~differs], y_ref[~differs], y64[~differs], name="y")
+
+
+# ----------------------------------------------------------------------------------------------
+# PEER experts
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    tokens=st.integers(0, 40),
+    dim=st.integers(1, 100),
+    pairs=st.integers(1, 40),
+    n=st.integers(1, 300),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    seed=SEEDS,
+)
+def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout, seed):
+    torch.manual_seed(seed)
+    down = rand(n, dim, dtype=dtype, device="cpu", scale=dim**-0.5)
+    up = rand(n, dim, dtype=dtype, device="cpu", scale=0.5)
+    idx = torch.randint(0, n, (tokens, pairs))
+    gates = torch.rand(tokens, pairs).to(dtype)
+    x = _activation(tokens, dim, dtype, layout)
+    leaves = [t.detach().requires_grad_() for t in (x, gates, down, up)]
+    y, _ = peer_experts(leaves[0], idx, *leaves[1:])
+    y_ref = ref.peer_experts(x, idx, gates, down, up)[0]
+    l64 = [t.detach().double().requires_grad_() for t in (x, gates, down, up)]
+    y64 = ref.peer_experts(l64[0], idx, *l64[1:])[0]
+    assert_close_to_oracle(y, y_ref, y64, name="y")
+    if tokens == 0:
+        return
+    dy = rand(tokens, dim, dtype=dtype, device="cpu")
+    grads = torch.autograd.grad(y, leaves, dy)
+    g64 = torch.autograd.grad(y64, l64, dy.double())
+    l_ref = [t.detach().requires_grad_() for t in (x, gates, down, up)]
+    g_ref = torch.autograd.grad(ref.peer_experts(l_ref[0], idx, *l_ref[1:])[0], l_ref, dy)
+    names = ("dx", "dgates", "ddown", "dup")
+    for name, got, same, want in zip(names, grads, g_ref, g64, strict=True):
+        assert_close_to_oracle(got, same, want, name=name)
+
+
+@PROPERTY
+@given(
+    tokens=st.integers(1, 20),
+    heads=st.integers(1, 4),
+    half_key=st.integers(1, 20),
+    n_keys=st.integers(1, 70),
+    topk=st.integers(1, 40),
+    dtype=DTYPES,
+    score=st.sampled_from(["softmax", "relu"]),
+    seed=SEEDS,
+)
+def test_peer_retrieve(tokens, heads, half_key, n_keys, topk, dtype, score, seed):
+    """A valid top-k of the product-key scores (distinct experts, scores equal to the brute-force
+    best up to rounding) and gates that are the softmax/relu of those experts' exact scores."""
+    topk = min(topk, n_keys * n_keys)
+    torch.manual_seed(seed)
+    queries = rand(tokens, heads, 2 * half_key, dtype=dtype, device="cpu")
+    keys = rand(heads, 2, n_keys, half_key, dtype=dtype, device="cpu")
+    indices, gates = fastlayers.peer_retrieve(queries, keys, topk, score)
+    assert indices.shape == gates.shape == (tokens, heads, topk) and gates.dtype == dtype
+    _check_selection(queries, keys, indices, topk, atol=2 * half_key * 4.0 * 1e-6)
+    s64 = _expert_scores64(queries, keys, indices)
+    g64 = torch.softmax(s64, -1) if score == "softmax" else torch.relu(s64)
+    assert_close_to_oracle(gates, g64.to(dtype), g64, name="gates")
+
+
+# ----------------------------------------------------------------------------------------------
+# INT4 x FP8 GEMM
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    m=st.integers(0, 70),  # per-channel tiles below 28 rows, decoded panels from 28
+    n=st.sampled_from([1, 7, 16, 32, 33, 48]),
+    half_k=st.integers(1, 300),
+    half_group=st.integers(1, 160),
+    out_dtype=DTYPES,
+    x_dtype=DTYPES,
+    layout=LAYOUTS,
+    bias=st.booleans(),
+    seed=SEEDS,
+)
+def test_int4_fp8_gemm(m, n, half_k, half_group, out_dtype, x_dtype, layout, bias, seed):
+    torch.manual_seed(seed)
+    k, group_size = 2 * half_k, 2 * half_group
+    w = rand(n, k, dtype=torch.float32, device="cpu", scale=0.05)
+    qw = fastlayers.quantize_int4(w, group_size)
+    x = _activation(m, k, x_dtype, layout)
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    xq_ref, xs_ref = ref.quantize_fp8_per_token(x)
+    assert torch.equal(xq.view(torch.uint8), xq_ref.view(torch.uint8))
+    assert torch.equal(xs, xs_ref)
+    b = rand(n, dtype=out_dtype, device="cpu") if bias else None
+    y = fastlayers.int4_fp8_gemm(xq, xs, qw, b, out_dtype)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    want = ref.int4_fp8_gemm(
+        xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, group_size, b, out_dtype
+    )
+    assert_close_to_oracle(y, want, int4_fp8_oracle(xq, xs, qw, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Position-causal varlen attention
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    d=st.sampled_from([1, 8, 20, 64, 72, 128]),
+    dtype=DTYPES,
+    causal=st.booleans(),
+    window=st.sampled_from([None, 3, (2, 5), (0, 0)]),
+    backward=st.booleans(),
+    seed=SEEDS,
+)
+def test_varlen_attention(lengths, kv_heads, group, d, dtype, causal, window, backward, seed):
+    """Sequences of routed tokens (sorted random positions, some empty), GQA, windows; forward and,
+    in fp32, the backward through autograd."""
+    torch.manual_seed(seed)
+    pos = torch.cat([torch.randperm(64)[:t].sort().values for t in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+    q = rand(total, kv_heads * group, d, dtype=dtype, device="cpu")
+    k = rand(total, kv_heads, d, dtype=dtype, device="cpu")
+    v = rand(total, kv_heads, d, dtype=dtype, device="cpu")
+    kw = {"causal": causal, "window": window}
+    out, lse = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, return_lse=True, **kw)
+    same = skip_ref.varlen_attention(q, k, v, cu, cu, pos, pos, **kw)
+    o64, lse64 = skip_ref.varlen_attention(
+        q.double(), k.double(), v.double(), cu, cu, pos, pos, return_lse=True, **kw
+    )
+    assert_close_to_oracle(out, same, o64, name="out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(lse64))
+    finite = torch.isfinite(lse64)
+    torch.testing.assert_close(lse[finite].double(), lse64[finite].double(), rtol=1e-4, atol=1e-4)
+    if backward and dtype == torch.float32 and total:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        dy = rand(*out.shape, dtype=dtype, device="cpu")
+        fastlayers.varlen_attention(*leaves, cu, cu, pos, pos, **kw).backward(dy)
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        skip_ref.varlen_attention(*l64, cu, cu, pos, pos, **kw).backward(dy.double())
+        for got, want in zip(leaves, l64, strict=True):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention over the INT4 KV cache
+# ----------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 4),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    q_group=st.sampled_from([4, 8, 32]),
+    capacity=st.integers(1, 90),
+    dtype=DTYPES,
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_int4_kv_decode(batch, kv_heads, group, half_d, q_group, capacity, dtype, seed, data):
+    d = 2 * half_d
+    q_group = min(q_group, d)
+    if d % q_group:
+        q_group = d
+    length = data.draw(st.integers(0, capacity), label="length")
+    torch.manual_seed(seed)
+    q = rand(batch, kv_heads * group, d, dtype=dtype, device="cpu")
+    cache = [rand(batch, kv_heads, capacity, d, dtype=torch.float32, device="cpu") for _ in "kv"]
+    (k, ks), (v, vs) = (quant.quantize_kv_int4(t, q_group) for t in cache)
+    out, lse = int4_kv_decode(q, k, ks, v, vs, length)
+    assert out.dtype == dtype and out.shape == q.shape
+    if length == 0:
+        assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+        return
+    want, want_lse = kv_reference(q.double(), k, ks, v, vs, length, d**-0.5)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
