@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
 from test_peer import _check_selection, _expert_scores64
+from test_quant_attention import _tables as _rope_tables
 from test_rmsnorm import _check_fp8
 
 import fastlayers
@@ -22,8 +23,14 @@ from _tolerances import assert_close_to_oracle, int4_fp8_oracle, rand
 from fastlayers import quant
 from fastlayers import reference as ref
 from fastlayers.ops import fff_hard, peer_experts, ultrafast_ff
+from fastlayers.ops.kvint4 import (
+    _attention_reference,
+    _kv_quantize_reference,
+    int4_kv_attention,
+    int4_kv_decode,
+    kv_quantize,
+)
 from fastlayers.ops.kvint4 import _reference as kv_reference
-from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.reference import skip as skip_ref
 
 pytestmark = pytest.mark.skipif(
@@ -115,6 +122,29 @@ def test_rms_norm_backward(rows, hidden, dtype, layout, offset, seed):
     ref.rms_norm(x64, w64, 1e-6, offset).backward(dy.double())
     assert_close_to_oracle(x.grad, dx_ref, x64.grad, name="dx")
     assert_close_to_oracle(w.grad, dw_ref, w64.grad, name="dw")
+
+
+@PROPERTY
+@given(
+    rows=st.integers(0, 9),
+    hidden=st.integers(1, 1100),
+    dtype=DTYPES,
+    offset=st.sampled_from([0.0, 1.0]),
+    seed=SEEDS,
+)
+def test_rms_norm_out_and_in_place(rows, hidden, dtype, offset, seed):
+    """``out=`` and the in-place fused add write what the allocating calls return, bit for bit."""
+    torch.manual_seed(seed)
+    x = rand(rows, hidden, dtype=dtype, device="cpu", scale=2.0)
+    residual = rand(rows, hidden, dtype=dtype, device="cpu")
+    w = rand(hidden, dtype=dtype, device="cpu")
+    out = torch.full_like(x, float("nan"))
+    assert fastlayers.rms_norm(x, w, 1e-6, offset, out=out) is out
+    assert torch.equal(out, fastlayers.rms_norm(x, w, 1e-6, offset))
+    y, s = fastlayers.fused_add_rms_norm(x, residual, w, 1e-6, offset)
+    xi, ri = x.clone(), residual.clone()
+    fastlayers.fused_add_rms_norm_(xi, ri, w, 1e-6, offset)
+    assert torch.equal(xi, y) and torch.equal(ri, s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +344,47 @@ def test_varlen_attention(lengths, kv_heads, group, d, dtype, causal, window, ba
             torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
 
 
+@PROPERTY
+@given(
+    rows=st.integers(1, 60),
+    dim=st.integers(1, 300),
+    picked=st.integers(0, 60),
+    dtype=DTYPES,
+    gated=st.booleans(),
+    int32=st.booleans(),
+    seed=SEEDS,
+)
+def test_gather_and_gated_scatter(rows, dim, picked, dtype, gated, int32, seed):
+    """gather_rows and scatter_add_gated (unique rows, some -1 padding) against the reference,
+    bit for bit forward; the fused backward against autograd of the reference."""
+    torch.manual_seed(seed)
+    picked = min(picked, rows)
+    idx = torch.randperm(rows)[:picked]
+    idx[torch.rand(picked) < 0.2] = -1  # routing padding: skipped
+    idx = idx.to(torch.int32 if int32 else torch.int64)
+    x = rand(rows, dim, dtype=dtype, device="cpu")
+    assert torch.equal(fastlayers.gather_rows(x, idx), skip_ref.gather_rows(x, idx))
+    out = rand(picked, dim, dtype=dtype, device="cpu")
+    gate = torch.rand(picked).to(dtype) if gated else None
+    got = fastlayers.scatter_add_gated(x, idx, out, gate)
+    assert torch.equal(got, skip_ref.scatter_add_gated(x, idx, out, gate))
+    leaves = [t.clone().requires_grad_() for t in (x, out)] + (
+        [gate.clone().requires_grad_()] if gated else []
+    )
+
+    def call(fn, ls):
+        return fn(ls[0], idx, ls[1], ls[2] if gated else None)
+
+    dy = rand(rows, dim, dtype=dtype, device="cpu")
+    g = torch.autograd.grad(call(fastlayers.scatter_add_gated, leaves), leaves, dy)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    g64 = torch.autograd.grad(call(skip_ref.scatter_add_gated, l64), l64, dy.double())
+    lr = [t.detach().clone().requires_grad_() for t in leaves]
+    g_ref = torch.autograd.grad(call(skip_ref.scatter_add_gated, lr), lr, dy)
+    for got_g, same, want in zip(g, g_ref, g64, strict=True):
+        assert_close_to_oracle(got_g, same, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # Decode attention over the INT4 KV cache
 # ----------------------------------------------------------------------------------------------
@@ -348,3 +419,63 @@ def test_int4_kv_decode(batch, kv_heads, group, half_d, q_group, capacity, dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
+
+
+@PROPERTY
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    capacity=st.integers(1, 80),
+    dtype=DTYPES,
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_int4_kv_attention(batch, kv_heads, group, half_d, capacity, dtype, seed, data):
+    """Several new tokens against the cache, causally (prefill / speculative verification)."""
+    d = 2 * half_d
+    length = data.draw(st.integers(1, capacity), label="length")
+    tq = data.draw(st.integers(1, length), label="queries")
+    torch.manual_seed(seed)
+    q = rand(batch, kv_heads * group, tq, d, dtype=dtype, device="cpu")
+    cache = [rand(batch, kv_heads, capacity, d, dtype=torch.float32, device="cpu") for _ in "kv"]
+    (k, ks), (v, vs) = (quant.quantize_kv_int4(t, 8) for t in cache)
+    out, lse = int4_kv_attention(q, k, ks, v, vs, length)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
+    want, want_lse = _attention_reference(q.double(), k, ks, v, vs, length, d**-0.5)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
+
+
+@PROPERTY
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    tokens=st.integers(0, 20),
+    half_d=st.sampled_from([1, 4, 8, 16, 32, 64]),
+    group=st.sampled_from([2, 4, 8, 16, 32, 64, 128]),
+    dtype=DTYPES,
+    post=st.booleans(),
+    rope=st.sampled_from([None, "half", "interleaved"]),
+    per_batch_tables=st.booleans(),
+    seed=SEEDS,
+)
+def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, per_batch_tables,
+                     seed):  # fmt: skip
+    """The fused cache write (RoPE, post-RoPE scale, INT4 quantisation) is the reference's, bit for
+    bit."""
+    d = 2 * half_d
+    if d % group:
+        group = 2
+    torch.manual_seed(seed)
+    x = rand(batch, kv_heads, tokens, d, dtype=dtype, device="cpu", scale=4.0)
+    post_scale = torch.rand(kv_heads, d) * 4 + 0.1 if post else None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = _rope_tables(tokens, d, batch=batch if per_batch_tables else None)
+    got = kv_quantize(x, group, post_scale, cos, sin, rope or "half")
+    want = _kv_quantize_reference(x, post_scale, group, cos, sin, rope or "half")
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))

@@ -187,6 +187,9 @@ def test_kv_quantize_kernel_is_bit_exact(device, dtype):
     opcheck_with_fp8_inputs(torch.ops.fastlayers.kv_quantize, (x, post, 32))
     with pytest.raises(ValueError, match="group_size"):
         kv_quantize(x, 24)
+    for empty in (x[:, :, :0], x[:, :0], x[:0]):  # no tokens, heads or batch: empty outputs
+        packed, scales = kv_quantize(empty, 32, None if empty.shape[1] == 0 else post)
+        assert packed.shape == (*empty.shape[:3], 32) and scales.shape == (*empty.shape[:3], 2)
 
 
 def test_int4_kv_decode_strided_query():

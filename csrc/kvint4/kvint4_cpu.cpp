@@ -37,7 +37,10 @@ Status decode_cpu(const DecodeParams& p) {
 
 Status validate(const QuantizeParams& p) {
   if (!is_float_activation(p.dtype)) return Status::invalid("kv_quantize: dtype must be float32, float16 or bfloat16");
-  if (p.rows < 0 || p.d <= 0 || p.group <= 0 || p.group % 2 || p.d % p.group || p.tokens <= 0 || p.heads <= 0) {
+  // tokens and heads index the RoPE tables: positive whenever there are rows (a batch without
+  // tokens or heads has none).
+  if (p.rows < 0 || p.d <= 0 || p.group <= 0 || p.group % 2 || p.d % p.group || p.tokens < 0 || p.heads < 0 ||
+      (p.rows > 0 && (p.tokens == 0 || p.heads == 0))) {
     return Status::invalid("kv_quantize: bad sizes (need d a multiple of an even group)");
   }
   if (p.rows > 0 && (p.x == nullptr || p.packed == nullptr || p.scales == nullptr)) {
