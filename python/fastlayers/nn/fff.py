@@ -18,7 +18,7 @@ import torch
 
 from fastlayers import _ext, ops
 from fastlayers._dtypes import FLOATING
-from fastlayers.ops._common import no_dispatch_modes
+from fastlayers.ops._common import check_module_input, check_tensor, no_dispatch_modes
 from fastlayers.ops.fff import HardInferPlan, UltraInferPlan, fff_hard_infer, ultrafast_ff_infer
 from fastlayers.reference import fff as ref
 from fastlayers.reference.fff import ACTIVATIONS
@@ -33,10 +33,13 @@ def _weights_key(tensors, activation: str) -> tuple:
     )
 
 
-def _kernel_dtype(x: torch.Tensor, module: str) -> bool:
+def _kernel_dtype(x: torch.Tensor, module: str, weight: torch.Tensor) -> bool:
     """The kernels take fp32/fp16/bf16; a float64 module runs the reference (warned once)."""
+    check_tensor(x, "x")
     if x.dtype in FLOATING or not x.is_floating_point():
         return True  # non-floating input: the op raises its TypeError
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x must have the module's dtype {weight.dtype}, got {x.dtype}")
     _ext.warn_once(
         f"{module}-{x.dtype}",
         f"fastlayers.{module}: no kernel for {x.dtype}; running the PyTorch reference",
@@ -131,7 +134,7 @@ class UltraFastFeedForward(torch.nn.Module):
 
     def forward_with_path(self, x: torch.Tensor):
         """``(y, path [..., depth+1] int32, preact [..., depth+1] float32)``."""
-        if not _kernel_dtype(x, "UltraFastFeedForward"):
+        if not _kernel_dtype(x, "UltraFastFeedForward", self.w_in):
             return ref.ultrafast_ff(x, self.w_in, self.w_out, self.b_in, self.activation)
         return ops.ultrafast_ff(x, self.w_in, self.w_out, self.b_in, self.activation)
 
@@ -288,7 +291,7 @@ class FastFeedForward(torch.nn.Module):
         return fff_hard_infer(x, plan)
 
     def _hard(self, x: torch.Tensor):
-        if not _kernel_dtype(x, "FastFeedForward"):
+        if not _kernel_dtype(x, "FastFeedForward", self.node_weight):
             return ref.fff_hard(x, *self._leaf_params(), self.activation)
         return ops.fff_hard(x, *self._leaf_params(), self.activation)
 
@@ -301,6 +304,7 @@ class FastFeedForward(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            check_module_input(x, self.in_features, self.node_weight)
             y, self._node_p, self._mixture = ref.fff_soft(
                 x,
                 *self._leaf_params(),

@@ -9,7 +9,7 @@ import math
 import torch
 
 from fastlayers import ops
-from fastlayers.ops._common import advise_hugepages
+from fastlayers.ops._common import advise_hugepages, check_module_input
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
 
@@ -96,13 +96,7 @@ class PEER(torch.nn.Module):
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [..., heads * topk] int64, gates [..., heads * topk])`` for ``x [..., dim]``:
         rows of the expert tables (head offsets included) and their gates."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [..., {self.dim}] (dim), got shape {tuple(x.shape)}")
-        dtype = self.query.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x must have the module's dtype {dtype}, got {x.dtype}")
+        check_module_input(x, self.dim, self.query.weight, "[..., {}] (dim)")
         lead = x.shape[:-1]
         q = self.query(x)
         if self.query_norm is not None:

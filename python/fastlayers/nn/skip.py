@@ -9,6 +9,7 @@ import math
 import torch
 
 from fastlayers.nn.rmsnorm import RMSNorm
+from fastlayers.ops._common import check_module_input
 from fastlayers.ops.skip import route_threshold, route_topk, scatter_add_gated, varlen_attention
 
 GRANULARITIES = ("token", "sequence")
@@ -218,10 +219,7 @@ class RoutedSelfAttention(torch.nn.Module):
         positions: torch.Tensor | None = None,
         cache: RoutedKVStore | None = None,
     ) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"x must be [batch, tokens, {self.hidden_size}], got shape {tuple(x.shape)}"
-            )
+        check_module_input(x, self.hidden_size, self.router.weight, "[batch, tokens, {}]", dims=3)
         if cache is not None and (self.threshold is None or self.granularity != "token"):
             raise ValueError(
                 "a cache needs causal routing: token granularity with a threshold (capacity "

@@ -61,6 +61,40 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_tensors(optional: tuple[str, ...] = (), **tensors) -> None:
+    """:func:`check_tensor` for each keyword argument (in order), None allowed for the names in
+    ``optional``: a TypeError naming the argument, before the dispatcher's RuntimeError."""
+    for name, t in tensors.items():
+        if t is None and name in optional:
+            continue
+        check_tensor(t, name)
+
+
+def check_module_input(
+    x, features: int, weight: torch.Tensor, layout: str = "[..., {}]", dims: int | None = None
+) -> None:
+    """A module's input ``x``: a tensor with ``features`` in its last dimension (exactly ``dims``
+    dimensions when given; ``layout`` formats the expected shape), on the device of the module's
+    ``weight``, of its dtype unless autocast is on there. ValueError / TypeError naming ``x``."""
+    check_tensor(x, "x")
+    if x.dim() < 1 or x.shape[-1] != features or (dims is not None and x.dim() != dims):
+        raise ValueError(f"x must be {layout.format(features)}, got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the module on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x must have the module's dtype {weight.dtype}, got {x.dtype}")
+
+
+def check_int(value, name: str) -> int:
+    """``value`` as an int: a TypeError for anything that is not an integer (floats, NaN and
+    infinities included), instead of ``int()``'s truncation or OverflowError."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
 def check_activation(x: torch.Tensor, name: str) -> None:
     check_tensor(x, name)
     if x.dtype not in FLOATING:

@@ -14,6 +14,7 @@ from fastlayers.ops._common import (
     LIB,
     check_activation,
     check_tensor,
+    check_tensors,
     device_code,
     device_guard,
     direct_call_ok,
@@ -522,7 +523,7 @@ def ultrafast_ff(
     differentiable w.r.t. ``x``, ``w_in``, ``b_in`` and ``w_out`` along the hard path; ``path`` and
     ``preact`` are not differentiable.
     """
-    check_tensor(x, "x")
+    check_tensors(("b_in",), x=x, w_in=w_in, w_out=w_out, b_in=b_in)
     if direct_call_ok(x, w_in, b_in, w_out):
         return _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation)
     return torch.ops.fastlayers.ultrafast_ff(x, w_in, b_in, w_out, activation)
@@ -544,7 +545,7 @@ def fff_hard(
     ``b1 [2^depth, width]``, ``w2 [2^depth, width, out]``, ``b2 [2^depth, out]``, all x's dtype.
     Not differentiable (training uses :func:`fastlayers.reference.fff_soft`).
     """
-    check_tensor(x, "x")
+    check_tensors(x=x, node_w=node_w, node_b=node_b, w1=w1, b1=b1, w2=w2, b2=b2)
     if direct_call_ok(x, node_w, node_b, w1, b1, w2, b2):
         return _fff_hard_kernel(x, node_w, node_b, w1, b1, w2, b2, activation)
     return torch.ops.fastlayers.fff_hard(x, node_w, node_b, w1, b1, w2, b2, activation)

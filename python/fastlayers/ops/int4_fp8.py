@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     LIB,
     check_activation,
     check_tensor,
+    check_tensors,
     device_code,
     device_guard,
     direct_call_ok,
@@ -550,6 +551,7 @@ def int4_fp8_gemm(
     """
     if not isinstance(weight, QuantizedWeight):
         raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    check_tensors(("bias",), xq=xq, xs=xs, bias=bias)
     args = (
         xq, xs, weight.qweight, weight.group_scale, weight.channel_scale, bias,
         weight.group_size, out_dtype,

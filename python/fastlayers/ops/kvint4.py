@@ -18,7 +18,9 @@ import torch
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
+    check_int,
     check_tensor,
+    check_tensors,
     device_code,
     device_guard,
     empty,
@@ -63,7 +65,10 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> 
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
     for s, name in ((k_scale, "k_scale"), (v_scale, "v_scale")):
-        bad_shape = s.dim() != 4 or tuple(s.shape[:3]) != (b, hkv, t_max) or d % s.shape[3]
+        bad_shape = (
+            s.dim() != 4 or tuple(s.shape[:3]) != (b, hkv, t_max) or not s.shape[3]
+            or d % s.shape[3]
+        )  # fmt: skip
         if s.dtype != FP8 or bad_shape:
             raise ValueError(
                 f"{name} must be float8_e4m3fn [{b}, {hkv}, {t_max}, head_dim / group], got "
@@ -193,6 +198,19 @@ def _attention_fake(q, k, k_scale, v, v_scale, length, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _length_and_scale(q, k, k_scale, v, v_scale, length, scale) -> tuple[int, float]:
+    """The public calls' defaults: ``length`` all cached tokens, ``scale`` ``head_dim ** -0.5``
+    (after the checks those need)."""
+    check_tensors(q=q, k=k, k_scale=k_scale, v=v, v_scale=v_scale)
+    if q.dim() < 3 or q.shape[-1] == 0 or k.dim() != 4:
+        raise ValueError(
+            f"q must be [batch, q_heads, (q_tokens,) head_dim > 0] and k [batch, kv_heads, "
+            f"tokens, head_dim / 2]; got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    length = k.shape[2] if length is None else check_int(length, "length")
+    return length, q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
     """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
@@ -201,10 +219,7 @@ def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scal
     dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
     head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
     row, head_dim a multiple of 64 up to 256); elsewhere the reference."""
-    check_tensor(q, "q")
-    check_tensor(k, "k")
-    length = k.shape[2] if length is None else int(length)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale)
 
 
@@ -217,10 +232,7 @@ def _fake(q, k, k_scale, v, v_scale, length, scale):
 def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
     ``head_dim ** -0.5``."""
-    check_tensor(q, "q")
-    check_tensor(k, "k")
-    length = k.shape[2] if length is None else int(length)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
 
 
@@ -317,4 +329,6 @@ def kv_quantize(x, group_size: int, post_scale=None, cos=None, sin=None, pairing
     quantized per (token, head, group) -> ``(packed uint8 [B, H_kv, T, d/2], scales
     float8_e4m3fn [B, H_kv, T, d/g])``, exactly :func:`fastlayers.quant.quantize_kv_int4` of the
     rotated and scaled fp32 keys. One pass on CPU; the reference elsewhere."""
-    return torch.ops.fastlayers.kv_quantize(x, post_scale, int(group_size), cos, sin, pairing)
+    check_tensors(("post_scale", "cos", "sin"), x=x, post_scale=post_scale, cos=cos, sin=sin)
+    group_size = check_int(group_size, "group_size")
+    return torch.ops.fastlayers.kv_quantize(x, post_scale, group_size, cos, sin, pairing)

@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     capturing,
     check_activation,
     check_tensor,
+    check_tensors,
     device_code,
     device_guard,
     direct_call_ok,
@@ -165,7 +166,7 @@ def peer_retrieve(
     tokens, the top-k of each half, the merge of the k x k sums and the gates; nothing of size
     ``[tokens, heads, K]`` is stored. Differentiable w.r.t. queries and keys through the gates.
     Semantics: :func:`fastlayers.reference.peer_retrieve`."""
-    check_tensor(queries, "queries")
+    check_tensors(queries=queries, keys=keys)
     if direct_call_ok(queries, keys):
         return _peer_retrieve_kernel(queries, keys, topk, score)
     return torch.ops.fastlayers.peer_retrieve(queries, keys, topk, score)
@@ -402,7 +403,7 @@ def peer_experts(
     Differentiable w.r.t. x, gates and both tables; ``sparse_grad=True`` makes the table gradients
     sparse COO tensors over the selected rows.
     """
-    check_tensor(x, "x")
+    check_tensors(x=x, indices=indices, gates=gates, expert_down=expert_down, expert_up=expert_up)
     if direct_call_ok(x, gates, expert_down, expert_up):
         return _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, False)
     return torch.ops.fastlayers.peer_experts(

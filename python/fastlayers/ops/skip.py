@@ -18,6 +18,7 @@ from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
     check_tensor,
+    check_tensors,
     device_code,
     device_guard,
     empty,
@@ -282,7 +283,12 @@ def varlen_attention(
     Returns ``out [Nq, Hq, dv]`` in q's dtype, and ``lse [Nq, Hq]`` fp32 with ``return_lse``.
     Differentiable w.r.t. q, k, v.
     """
-    check_tensor(q, "q")
+    check_tensors(
+        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_pos=q_pos,
+        k_pos=k_pos,
+    )  # fmt: skip
+    if q.dim() != 3 or q.shape[-1] == 0:
+        raise ValueError(f"q must be [tokens, heads, head_dim > 0], got shape {tuple(q.shape)}")
     left, right = ref._window(window, bool(causal))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = torch.ops.fastlayers.varlen_attention(
@@ -485,6 +491,5 @@ def scatter_add_gated(
     the host), negative ones skipped; each updated element ``T(float(double(residual) +
     double(out) * double(gate)))``, as the reference). Differentiable; the backward is one fused
     kernel: ``d_out = gate * dy[indices]`` and ``d_gate = <dy[indices], out>``."""
-    for t, name in ((residual, "residual"), (indices, "indices"), (out, "out")):
-        check_tensor(t, name)
+    check_tensors(("gate",), residual=residual, indices=indices, out=out, gate=gate)
     return torch.ops.fastlayers.scatter_add_gated(residual, indices, out, gate)

@@ -67,9 +67,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def _group_max(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[N, ceil(K / g)]`` max |w| per group (a partial last group counts its own columns)."""
     n, k = w.shape
-    groups = -(-k // group_size)
-    padded = torch.nn.functional.pad(w.abs(), (0, groups * group_size - k))
-    return padded.reshape(n, groups, group_size).amax(-1).clamp_min(1e-12)
+    g = min(group_size, k)  # a group wider than the row is one group of the row
+    groups = -(-k // g)
+    padded = torch.nn.functional.pad(w.abs(), (0, groups * g - k))
+    return padded.reshape(n, groups, g).amax(-1).clamp_min(1e-12)
 
 
 def pow2_tensor_scale(group_max: torch.Tensor) -> float:
@@ -113,7 +114,7 @@ def quantize_int4(
     else:
         c = torch.ones(n, device=w.device)
     s8 = to_fp8(raw / c[:, None]).float().clamp_min(GROUP_SCALE_MIN)
-    step = (c[:, None] * s8).repeat_interleave(group_size, dim=1)[:, :k]
+    step = (c[:, None] * s8).repeat_interleave(min(group_size, k), dim=1)[:, :k]
     q = torch.round(w / step).clamp(-8, 7)
     return pack_int4(q), s8.to(FP8), c
 
@@ -121,7 +122,8 @@ def quantize_int4(
 def _lut_weight(qweight, group_scale, group_size: int, round_lut: bool) -> torch.Tensor:
     """``fp8(q * s8)`` as fp32 ``[N, K]``: the values the kernels' look-up tables hold."""
     q = unpack_int4(qweight).float()
-    lut = q * group_scale.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    k = q.shape[1]
+    lut = q * group_scale.float().repeat_interleave(min(group_size, k), dim=1)[:, :k]
     return to_fp8(lut).float() if round_lut else lut
 
 

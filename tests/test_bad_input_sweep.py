@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A sweep of bad input over every public op and module: each argument of a valid call is replaced,
+one at a time, by a wrong dtype, a wrong or empty shape, a 0-dim or transposed tensor, a meta
+tensor, non-finite values, a wrong scalar (0, -1, NaN, inf, 10**12), None, a list or a string.
+
+The call must either work or raise ValueError/TypeError (the library's promise: a clear error
+naming the argument, nothing that crashes the process or leaks an internal error). Whether a
+working call computes the right thing is the family tests' business.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import fastlayers
+from _tolerances import rand
+from fastlayers import quant
+from fastlayers.ops import fff_hard, peer_experts, rms_norm_backward, ultrafast_ff
+from fastlayers.ops.kvint4 import int4_kv_attention, int4_kv_decode, kv_quantize
+
+
+def _r(*shape, dtype=torch.float32):
+    return rand(*shape, dtype=dtype, device="cpu")
+
+
+def _cases():
+    """name -> (callable, valid positional arguments)."""
+    torch.manual_seed(0)
+    x, w = _r(5, 64), _r(64)
+    qw = fastlayers.quantize_int4(_r(48, 256), 128)
+    xq, xs = fastlayers.quantize_fp8_per_token(_r(5, 256))
+    idx, cu = fastlayers.route_topk(torch.randn(2, 20), 0.5)
+    pos, n = idx % 20, idx.shape[0]
+    k, ks = quant.quantize_kv_int4(_r(2, 2, 12, 32), 16)
+    v, vs = quant.quantize_kv_int4(_r(2, 2, 12, 32), 16)
+    nodes, leaves = 15, 4
+    return {
+        "rms_norm": (fastlayers.rms_norm, [x, w, 1e-6, 0.0]),
+        "rms_norm(out=)": (lambda a, b, o: fastlayers.rms_norm(a, b, out=o), [x, w, _r(5, 64)]),
+        "fused_add_rms_norm": (fastlayers.fused_add_rms_norm, [x, _r(5, 64), w]),
+        "fused_add_rms_norm_": (fastlayers.fused_add_rms_norm_, [_r(5, 64), _r(5, 64), w]),
+        "rms_norm_fp8": (fastlayers.rms_norm_fp8, [x, w, 1e-6, _r(5, 64)]),
+        "rms_norm_backward": (rms_norm_backward, [_r(5, 64), x, w]),
+        "ultrafast_ff": (
+            ultrafast_ff,
+            [_r(7, 32), _r(nodes, 32), _r(nodes, 16), _r(nodes), "gelu"],
+        ),  # fmt: skip
+        "fff_hard": (
+            fff_hard,
+            [
+                _r(7, 32),
+                _r(3, 32),
+                _r(3),
+                _r(leaves, 32, 8),
+                _r(leaves, 8),
+                _r(leaves, 8, 16),
+                _r(leaves, 16),
+            ],
+        ),  # fmt: skip
+        "peer_retrieve": (fastlayers.peer_retrieve, [_r(6, 2, 16), _r(2, 2, 8, 8), 4, "softmax"]),
+        "peer_experts": (
+            peer_experts,
+            [_r(6, 24), torch.randint(0, 50, (6, 8)), torch.rand(6, 8), _r(50, 24), _r(50, 24)],
+        ),
+        "quantize_int4": (fastlayers.quantize_int4, [_r(48, 256), 128]),
+        "quantize_fp8_per_token": (fastlayers.quantize_fp8_per_token, [_r(5, 256)]),
+        "int4_fp8_gemm": (fastlayers.int4_fp8_gemm, [xq, xs, qw, _r(48), torch.bfloat16]),
+        "varlen_attention": (
+            fastlayers.varlen_attention,
+            [_r(n, 4, 32), _r(n, 2, 32), _r(n, 2, 32), cu, cu, pos, pos],
+        ),
+        "route_topk": (fastlayers.route_topk, [torch.randn(2, 20), 0.5]),
+        "route_threshold": (fastlayers.route_threshold, [torch.randn(2, 20), 0.1]),
+        "gather_rows": (fastlayers.gather_rows, [_r(10, 8), torch.tensor([3, 1, -1])]),
+        "scatter_add_gated": (
+            fastlayers.scatter_add_gated,
+            [_r(10, 8), torch.tensor([3, 1, -1]), _r(3, 8), torch.rand(3)],
+        ),
+        "kv_quantize": (kv_quantize, [_r(2, 2, 12, 32), 16]),
+        "int4_kv_decode": (int4_kv_decode, [_r(2, 4, 32), k, ks, v, vs, 10]),
+        "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
+        "RMSNorm": (fastlayers.RMSNorm(64), [x]),
+        "UltraFastFeedForward": (fastlayers.UltraFastFeedForward(32, 16, depth=3), [_r(7, 32)]),
+        "FastFeedForward": (
+            fastlayers.FastFeedForward(32, 16, depth=2, leaf_width=4).eval(),
+            [_r(7, 32)],
+        ),
+        "PEER": (fastlayers.PEER(32, 64, heads=2, topk=4, dim_key=8), [_r(3, 32)]),
+        "Int4Fp8Linear": (int4_linear, [_r(5, 256)]),
+        "Int4Fp8Linear((xq, xs))": (lambda a, b: int4_linear((a, b)), [xq, xs]),
+    }
+
+
+int4_linear = fastlayers.Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48))
+
+
+def _training_cases():
+    """Modules called with autograd on (training paths): name -> (callable, valid arguments)."""
+    torch.manual_seed(0)
+    return {
+        "UltraFastFeedForward (train)": (
+            fastlayers.UltraFastFeedForward(32, 16, depth=3),
+            [_r(7, 32)],
+        ),  # fmt: skip
+        "FastFeedForward (train)": (
+            fastlayers.FastFeedForward(32, 16, depth=2, leaf_width=4).train(),
+            [_r(7, 32)],
+        ),  # fmt: skip
+        "PEER (train)": (fastlayers.PEER(32, 64, heads=2, topk=4, dim_key=8), [_r(3, 32)]),
+        "RMSNorm (train)": (fastlayers.RMSNorm(64), [_r(5, 64), _r(5, 64)]),
+        "RoutedSelfAttention (train)": (
+            fastlayers.RoutedSelfAttention(64, 4, 2, capacity=0.5),
+            [_r(2, 10, 64)],
+        ),  # fmt: skip
+    }
+
+
+def _mutations(a):
+    """(label, replacement) for one argument."""
+    if isinstance(a, torch.Tensor):
+        fp8 = a.dtype == torch.float8_e4m3fn
+        yield "float64", a.double() if not fp8 else a.float().double()
+        yield "int", a.to(torch.int64) if a.is_floating_point() else a.to(torch.int16)
+        yield "bool", (a.view(torch.uint8) if fp8 else a).bool()
+        if a.is_floating_point():
+            yield "float16", a.float().half()
+            yield "nan", torch.full_like(a.float(), float("nan")).to(a.dtype)
+            yield "inf", torch.full_like(a.float(), float("inf")).to(a.dtype)
+        if a.dim() and a.shape[-1] > 1:
+            yield "last dim - 1", a[..., :-1]
+            yield "last dim + 1", torch.cat([a, a[..., :1]], -1)
+        if a.dim() and a.shape[0] > 1:
+            yield "first dim - 1", a[:-1]
+        if a.dim():
+            yield "empty first dim", a[:0]
+            yield "empty last dim", a[..., :0]
+            yield "flattened", a.reshape(-1)
+            yield "0-dim", a.reshape(-1)[0]
+        yield "unsqueezed", a.unsqueeze(0)
+        if a.dim() >= 2:
+            yield "transposed", a.transpose(-1, -2)
+            yield "column stride 2", torch.repeat_interleave(a, 2, dim=-1)[..., ::2]
+        yield "meta", a.to("meta")
+        if not a.is_floating_point():
+            yield "negative", a - 1000
+            yield "too large", a + 1_000_000
+    elif isinstance(a, (int, float)):
+        for v in (0, -1, -1.5, float("nan"), float("inf"), 10**12, 2.5, True):
+            yield f"{v!r}", v
+    elif isinstance(a, str):
+        yield "unknown name", "nonsense"
+    elif isinstance(a, torch.dtype):
+        yield "int32", torch.int32
+        yield "float64", torch.float64
+    yield "None", None
+    yield "list", [1, 2]
+    yield "str", "x"
+
+
+CASES = _cases()
+TRAINING = _training_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(TRAINING))
+def test_bad_input_raises_value_or_type_error(name):
+    fn, args = CASES[name] if name in CASES else TRAINING[name]
+    grad = name in TRAINING
+    with torch.set_grad_enabled(grad):
+        fn(*args)  # the valid call works
+    leaks = []
+    for i, arg in enumerate(args):
+        for label, bad in _mutations(arg):
+            call = list(args)
+            call[i] = bad
+            try:
+                with warnings.catch_warnings(), torch.set_grad_enabled(grad):
+                    warnings.simplefilter("ignore")
+                    fn(*call)
+            except (ValueError, TypeError):
+                pass
+            except Exception as e:  # noqa: BLE001 - what this test looks for
+                leaks.append(f"argument {i} {label}: {type(e).__name__}: {str(e)[:160]}")
+    assert not leaks, f"{name}: " + "\n".join(leaks)
