@@ -95,6 +95,43 @@ def _cases():
 int4_linear = fastlayers.Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48))
 
 
+def _api_cases():
+    """Constructors, the quantisation helpers and the RoPE-aware attention: name -> (callable,
+    valid arguments)."""
+    torch.manual_seed(0)
+    from test_quant_attention import _tables
+
+    cos, sin = _tables(9, 32)
+    k_pre = _r(40, 2, 32)
+    packed, scales = quant.quantize_kv_int4(_r(3, 32), 16)
+    return {
+        "RMSNorm()": (fastlayers.RMSNorm, [64, 1e-6, 0.0]),
+        "UltraFastFeedForward()": (fastlayers.UltraFastFeedForward, [32, 16, 3, "gelu"]),
+        "FastFeedForward()": (fastlayers.FastFeedForward, [32, 16, 2, 4, "gelu", 0.0, 0.0]),
+        "PEER()": (fastlayers.PEER, [32, 64, 2, 4, 8]),
+        "Int4Fp8Linear()": (fastlayers.Int4Fp8Linear, [256, 48, True, 128]),
+        "RoutedSelfAttention()": (fastlayers.RoutedSelfAttention, [64, 4, 2, 16, 0.5]),
+        "RopeAwareQuantAttention()": (fastlayers.RopeAwareQuantAttention, [4, 2, 32, 16]),
+        "RopeAwareQuantAttention": (
+            fastlayers.RopeAwareQuantAttention(4, 2, 32, 16),
+            [_r(2, 4, 9, 32), _r(2, 2, 9, 32), _r(2, 2, 9, 32), cos, sin],
+        ),
+        "apply_rope": (quant.apply_rope, [_r(2, 2, 9, 32), cos, sin, "half"]),
+        "rotate_pairs": (quant.rotate_pairs, [_r(2, 9, 32), "interleaved"]),
+        "compute_pre_rope_scales": (quant.compute_pre_rope_scales, [k_pre, 8.0, "half"]),
+        "compute_post_rope_scales": (quant.compute_post_rope_scales, [k_pre, 8.0, 4, "half"]),
+        "quantize_kv_int4": (quant.quantize_kv_int4, [_r(3, 32), 16]),
+        "dequantize_kv_int4": (quant.dequantize_kv_int4, [packed, scales]),
+        "quantize_q_fp8": (quant.quantize_q_fp8, [_r(2, 4, 9, 32)]),
+        "SkipPlan.uniform": (fastlayers.SkipPlan.uniform, [12, 1.5, 1, 1]),
+        "SkipPlan.drop_attention": (fastlayers.SkipPlan.drop_attention, [12, 0.5]),
+        "dequantize_int4": (
+            fastlayers.dequantize_int4,
+            [fastlayers.quantize_int4(_r(48, 256), 128), True],
+        ),  # fmt: skip
+    }
+
+
 def _training_cases():
     """Modules called with autograd on (training paths): name -> (callable, valid arguments)."""
     torch.manual_seed(0)
@@ -116,8 +153,9 @@ def _training_cases():
     }
 
 
-def _mutations(a):
-    """(label, replacement) for one argument."""
+def _mutations(a, huge: bool = True):
+    """(label, replacement) for one argument (``huge``: include the scalar 10**12, which sizes of a
+    constructor or plan cannot take: the allocation fails, as for torch.nn.Linear)."""
     if isinstance(a, torch.Tensor):
         fp8 = a.dtype == torch.float8_e4m3fn
         yield "float64", a.double() if not fp8 else a.float().double()
@@ -147,7 +185,8 @@ def _mutations(a):
             yield "too large", a + 1_000_000
     elif isinstance(a, (int, float)):
         for v in (0, -1, -1.5, float("nan"), float("inf"), 10**12, 2.5, True):
-            yield f"{v!r}", v
+            if huge or v != 10**12:
+                yield f"{v!r}", v
     elif isinstance(a, str):
         yield "unknown name", "nonsense"
     elif isinstance(a, torch.dtype):
@@ -159,18 +198,19 @@ def _mutations(a):
 
 
 CASES = _cases()
+API = _api_cases()
 TRAINING = _training_cases()
 
 
-@pytest.mark.parametrize("name", sorted(CASES) + sorted(TRAINING))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(API) + sorted(TRAINING))
 def test_bad_input_raises_value_or_type_error(name):
-    fn, args = CASES[name] if name in CASES else TRAINING[name]
+    fn, args = {**CASES, **API, **TRAINING}[name]
     grad = name in TRAINING
     with torch.set_grad_enabled(grad):
         fn(*args)  # the valid call works
     leaks = []
     for i, arg in enumerate(args):
-        for label, bad in _mutations(arg):
+        for label, bad in _mutations(arg, huge=name not in API):
             call = list(args)
             call[i] = bad
             try:

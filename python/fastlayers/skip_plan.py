@@ -21,6 +21,8 @@ import numbers
 
 import torch
 
+from fastlayers.ops._common import check_int, check_positive_ints
+
 MODES = ("full", "skip")
 ATTN_MODES = ("full", "skip", "routed")
 
@@ -93,6 +95,12 @@ class SkipPlan:
     ) -> SkipPlan:
         """Skips whole layers, evenly spread over the middle (Unified Layer Skipping), so that
         ``num_layers / kept`` is at least ``target_speedup``; the first and last layers stay."""
+        check_positive_ints(num_layers=num_layers)
+        for value, name in ((keep_first, "keep_first"), (keep_last, "keep_last")):
+            if check_int(value, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not isinstance(target_speedup, numbers.Real) or math.isnan(target_speedup):
+            raise TypeError(f"target_speedup must be a number, got {target_speedup!r}")
         if target_speedup < 1.0:
             raise ValueError(f"target_speedup must be >= 1, got {target_speedup}")
         keep = max(keep_first + keep_last, math.floor(num_layers / target_speedup + 1e-9))
@@ -113,7 +121,8 @@ class SkipPlan:
     def drop_attention(cls, num_layers: int, fraction: float) -> SkipPlan:
         """Skips the attention of the last ``fraction`` of the layers (Tyukin et al.: later
         attention layers matter least); feedforwards all run."""
-        if not 0.0 <= fraction <= 1.0:
+        check_positive_ints(num_layers=num_layers)
+        if not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         n = round(fraction * num_layers)
         if n >= num_layers:

@@ -18,7 +18,12 @@ import torch
 
 from fastlayers import _ext, ops
 from fastlayers._dtypes import FLOATING
-from fastlayers.ops._common import check_module_input, check_tensor, no_dispatch_modes
+from fastlayers.ops._common import (
+    check_module_input,
+    check_positive_ints,
+    check_tensor,
+    no_dispatch_modes,
+)
 from fastlayers.ops.fff import HardInferPlan, UltraInferPlan, fff_hard_infer, ultrafast_ff_infer
 from fastlayers.reference import fff as ref
 from fastlayers.reference.fff import ACTIVATIONS
@@ -50,12 +55,6 @@ def _kernel_dtype(x: torch.Tensor, module: str, weight: torch.Tensor) -> bool:
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-
-
-def _check_positive(**sizes) -> None:
-    for name, v in sizes.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 def _check_depth(depth, max_depth: int) -> None:
@@ -94,7 +93,7 @@ class UltraFastFeedForward(torch.nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_positive(in_features=in_features, out_features=out_features)
+        check_positive_ints(in_features=in_features, out_features=out_features)
         _check_depth(depth, 30)
         _check_activation(activation)
         self.in_features, self.out_features, self.depth = in_features, out_features, depth
@@ -216,7 +215,9 @@ class FastFeedForward(torch.nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_positive(in_features=in_features, out_features=out_features, leaf_width=leaf_width)
+        check_positive_ints(
+            in_features=in_features, out_features=out_features, leaf_width=leaf_width
+        )
         _check_depth(depth, 20)
         _check_activation(activation)
         _check_probability("dropout", dropout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastlayers.nn._fixed_dtypes import apply_keeping_dtypes
+from fastlayers.ops._common import check_positive_ints
 from fastlayers.ops.kvint4 import (
     _attention_reference,
     _kv_quantize_reference,
@@ -23,12 +24,6 @@ from fastlayers.ops.kvint4 import (
 from fastlayers.ops.kvint4 import _reference as _decode_reference
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, quantize_q_fp8
-
-
-def _check_positive(**kw) -> None:
-    for name, v in kw.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 class RopeAwareQuantAttention(torch.nn.Module):
@@ -70,12 +65,12 @@ class RopeAwareQuantAttention(torch.nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        _check_positive(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        check_positive_ints(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")  # fmt: skip
         group_size = head_dim if group_size is None else group_size
-        _check_positive(group_size=group_size)
+        check_positive_ints(group_size=group_size)
         if head_dim % 2 or group_size % 2 or head_dim % group_size:
             raise ValueError(
                 f"head_dim ({head_dim}) must be even and a multiple of an even group_size "

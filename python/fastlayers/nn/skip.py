@@ -9,7 +9,7 @@ import math
 import torch
 
 from fastlayers.nn.rmsnorm import RMSNorm
-from fastlayers.ops._common import check_module_input
+from fastlayers.ops._common import check_module_input, check_positive_ints
 from fastlayers.ops.skip import route_threshold, route_topk, scatter_add_gated, varlen_attention
 
 GRANULARITIES = ("token", "sequence")
@@ -158,8 +158,10 @@ class RoutedSelfAttention(torch.nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        head_dim = head_dim or hidden_size // num_heads
+        check_positive_ints(hidden_size=hidden_size, num_heads=num_heads)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        check_positive_ints(num_kv_heads=num_kv_heads, head_dim=head_dim)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"

@@ -85,6 +85,13 @@ def check_module_input(
         raise TypeError(f"x must have the module's dtype {weight.dtype}, got {x.dtype}")
 
 
+def check_positive_ints(**sizes) -> None:
+    """Sizes (features, heads, layers...): ValueError naming the first that is not an int > 0."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 def check_int(value, name: str) -> int:
     """``value`` as an int: a TypeError for anything that is not an integer (floats, NaN and
     infinities included), instead of ``int()``'s truncation or OverflowError."""

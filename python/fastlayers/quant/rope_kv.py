@@ -22,10 +22,28 @@ from __future__ import annotations
 
 import torch
 
+from fastlayers.ops._common import check_int, check_tensor
 from fastlayers.reference.fp8 import FP8, to_fp8
 from fastlayers.reference.int4_fp8 import GROUP_SCALE_MIN, pack_int4, unpack_int4
 
 PAIRINGS = ("half", "interleaved")
+
+
+def _check_float(x, name: str, layout: str, dims: int | None = None, even: bool = False) -> None:
+    """A floating-point tensor ``x`` (``dims`` dimensions when given, at least one; a non-empty,
+    even last dimension with ``even``): TypeError / ValueError naming it."""
+    check_tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    bad = x.dim() == 0 or (dims is not None and x.dim() != dims)
+    if bad or (even and (x.shape[-1] == 0 or x.shape[-1] % 2)):
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+
+
+def _check_calibration_keys(k, name: str) -> None:
+    _check_float(k, name, "[tokens > 0, kv_heads, even head_dim]", dims=3, even=True)
+    if k.shape[0] == 0:
+        raise ValueError(f"{name} has no tokens to calibrate on")
 
 
 def _partner(d: int, pairing: str, device=None) -> torch.Tensor:
@@ -43,10 +61,7 @@ def compute_pre_rope_scales(
     """``n [H_kv, d]`` from pre-RoPE keys ``k_pre [T, H_kv, d]``: ``alpha / max_t`` of each
     rotation pair's L2 norm, the same for both members; channels in ``exclude`` (a bool
     ``[H_kv, d]``, e.g. those post-RoPE scaling picks) get 1."""
-    if k_pre.dim() != 3 or k_pre.shape[-1] % 2:
-        raise ValueError(
-            f"k_pre must be [tokens, kv_heads, even head_dim], got {tuple(k_pre.shape)}"
-        )
+    _check_calibration_keys(k_pre, "k_pre")
     k = k_pre.float()
     partner = _partner(k.shape[-1], pairing, k.device)
     pair_norm = torch.sqrt(k**2 + k[..., partner] ** 2).amax(0)  # [H_kv, d], same for partners
@@ -61,8 +76,9 @@ def compute_post_rope_scales(
 ) -> torch.Tensor:
     """``s [H_kv, d]`` from post-RoPE keys ``k_rot [T, H_kv, d]``: per kv head, the ``top_k``
     channels by ``max_t |k|`` and their partners get ``beta / max_t |k|``; the others 1."""
-    if k_rot.dim() != 3:
-        raise ValueError(f"k_rot must be [tokens, kv_heads, head_dim], got {tuple(k_rot.shape)}")
+    _check_calibration_keys(k_rot, "k_rot")
+    if check_int(top_k, "top_k") < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
     m = k_rot.float().abs().amax(0)  # [H_kv, d]
     d = m.shape[-1]
     chosen = torch.zeros_like(m, dtype=torch.bool)
@@ -94,6 +110,7 @@ def fold_pre_rope(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Ten
 def rotate_pairs(x: torch.Tensor, pairing: str = "half") -> torch.Tensor:
     """RoPE's partner term: ``"half"`` is Hugging Face's ``rotate_half`` (``[-x2, x1]``),
     ``"interleaved"`` maps each pair ``(a, b)`` to ``(-b, a)``."""
+    _check_float(x, "x", "[..., even head_dim]", even=True)
     if pairing == "half":
         h = x.shape[-1] // 2
         return torch.cat([-x[..., h:], x[..., :h]], -1)
@@ -112,6 +129,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
     """RoPE of ``x [B, H, T, d]`` with ``cos``/``sin`` ``[T, d]`` or ``[B, T, d]`` (the Hugging Face
     ``position_embeddings`` layout), returned in fp32: the products are exact in float64 and the
     sum is rounded once, so every backend (and FMA or not) gives the same bits."""
+    _check_float(x, "x", "[batch, heads, tokens, even head_dim]", dims=4, even=True)
+    b, _, t, d = x.shape
+    for table, name in ((cos, "cos"), (sin, "sin")):
+        _check_float(table, name, f"[{t}, {d}] or [{b} (or 1), {t}, {d}]")
+        ok = table.shape[-2:] == (t, d) and (
+            table.dim() == 2 or (table.dim() == 3 and table.shape[0] in (1, b))
+        )
+        if not ok:
+            raise ValueError(
+                f"{name} must be [{t}, {d}] or [{b}, {t}, {d}], got {tuple(table.shape)}"
+            )
+        if table.device != x.device:
+            raise ValueError(f"{name} is on {table.device} but x on {x.device}")
     xd = x.double()
     c, s = _rope_table(cos, x), _rope_table(sin, x)
     return (xd * c + rotate_pairs(xd, pairing) * s).float()
@@ -119,8 +149,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
 
 def quantize_kv_int4(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., d]`` -> ``(packed uint8 [..., d/2], scales float8_e4m3fn [..., d/g])``."""
+    _check_float(x, "x", "[..., even head_dim]", even=True)
+    group_size = check_int(group_size, "group_size")
     d = x.shape[-1]
-    if d % 2 or d % group_size or group_size % 2:
+    if group_size <= 0 or d % group_size or group_size % 2:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size {group_size}")
     g = x.float().reshape(*x.shape[:-1], d // group_size, group_size)
     s8 = to_fp8(g.abs().amax(-1) / 7).float().clamp_min(GROUP_SCALE_MIN)
@@ -130,14 +162,34 @@ def quantize_kv_int4(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tens
 
 def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32):
     """Inverse of :func:`quantize_kv_int4`: ``q * s8`` in ``dtype``."""
+    check_tensor(packed, "packed")
+    check_tensor(scales, "scales")
+    if packed.dtype != torch.uint8 or scales.dtype != FP8:
+        raise TypeError(
+            f"packed must be uint8 and scales float8_e4m3fn, got {packed.dtype} and {scales.dtype}"
+        )
+    d = 2 * packed.shape[-1] if packed.dim() else 0
+    groups = scales.shape[-1] if scales.dim() else 0
+    if (
+        packed.dim() == 0 or scales.shape[:-1] != packed.shape[:-1] or not d or not groups
+        or d % groups or (d // groups) % 2
+    ):  # fmt: skip
+        raise ValueError(
+            f"packed [..., head_dim / 2] and scales [..., head_dim / group] (an even group) "
+            f"expected, got {tuple(packed.shape)} and {tuple(scales.shape)}"
+        )
+    if packed.device != scales.device:
+        raise ValueError(f"scales is on {scales.device} but packed on {packed.device}")
     q = unpack_int4(packed).float()
-    groups = scales.shape[-1]
     q = q.reshape(*q.shape[:-1], groups, -1) * scales.float()[..., None]
     return q.reshape(*packed.shape[:-1], -1).to(dtype)
 
 
 def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
     """Queries through FP8-E4M3 and back, one scale per (token, head) vector (the last dim)."""
+    _check_float(q, "q", "[..., head_dim > 0]")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must be [..., head_dim > 0], got shape {tuple(q.shape)}")
     qf = q.float()
     amax = qf.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
