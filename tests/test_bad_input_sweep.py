@@ -222,3 +222,77 @@ def test_bad_input_raises_value_or_type_error(name):
             except Exception as e:  # noqa: BLE001 - what this test looks for
                 leaks.append(f"argument {i} {label}: {type(e).__name__}: {str(e)[:160]}")
     assert not leaks, f"{name}: " + "\n".join(leaks)
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+MODEL_CALLS = {
+    "patch_model(None)": lambda m, ids: fastlayers.patch_model(None),
+    "patch_model('llama')": lambda m, ids: fastlayers.patch_model("llama"),
+    "patch_model(rms_norm='yes')": lambda m, ids: fastlayers.patch_model(m, rms_norm="yes"),
+    "patch_model(linear='int8')": lambda m, ids: fastlayers.patch_model(m, linear="int8"),
+    "patch_model(mlp='moe')": lambda m, ids: fastlayers.patch_model(m, mlp="moe"),
+    "patch_model(kv_cache='fp8')": lambda m, ids: fastlayers.patch_model(m, kv_cache="fp8"),
+    "patch_model(kv_cache, no calibration)": (
+        lambda m, ids: fastlayers.patch_model(m, kv_cache="int4_rope_aware")
+    ),
+    "patch_model(skip_plan='half')": lambda m, ids: fastlayers.patch_model(m, skip_plan="half"),
+    "unpatch_model(None)": lambda m, ids: fastlayers.unpatch_model(None),
+    "apply_skip_plan(None, plan)": (
+        lambda m, ids: fastlayers.apply_skip_plan(None, fastlayers.SkipPlan.uniform(3, 1.5))
+    ),
+    "apply_skip_plan(model, None)": lambda m, ids: fastlayers.apply_skip_plan(m, None),
+    "apply_skip_plan(model, 5-layer plan)": (
+        lambda m, ids: fastlayers.apply_skip_plan(m, fastlayers.SkipPlan.uniform(5, 1.5))
+    ),
+    "self_speculative_generate(None)": (
+        lambda m, ids: fastlayers.self_speculative_generate(None, 1, ids)
+    ),
+    "self_speculative_generate(exit 0)": (
+        lambda m, ids: fastlayers.self_speculative_generate(m, 0, ids)
+    ),
+    "self_speculative_generate(exit 99)": (
+        lambda m, ids: fastlayers.self_speculative_generate(m, 99, ids)
+    ),
+    "self_speculative_generate(float ids)": (
+        lambda m, ids: fastlayers.self_speculative_generate(m, 1, ids.float())
+    ),
+    "quantize_(None)": lambda m, ids: fastlayers.quantize_(None),
+    "quantize_(model, 'int4')": lambda m, ids: fastlayers.quantize_(m, "int4"),
+    "QuantizeConfig(group_size=3)": lambda m, ids: fastlayers.QuantizeConfig(group_size=3),
+    "QuantizeConfig(method='awq')": lambda m, ids: fastlayers.QuantizeConfig(method="awq"),
+    "Int4KVCache('x')": lambda m, ids: quant.Int4KVCache("x"),
+    "Int4KVCache(group_size=0)": lambda m, ids: quant.Int4KVCache([None], 0),
+    "calibrate_rope_aware_kv(None)": lambda m, ids: quant.calibrate_rope_aware_kv(None, [ids]),
+    "calibrate_rope_aware_kv(model, [])": lambda m, ids: quant.calibrate_rope_aware_kv(m, []),
+    "fold_pre_rope(None, None, n)": (
+        lambda m, ids: quant.fold_pre_rope(None, None, torch.ones(2, 16))
+    ),
+    "fold_pre_rope(n='x')": (
+        lambda m, ids: quant.fold_pre_rope(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32), "x")
+    ),
+    "SkipPlan.from_similarity(model, [])": (
+        lambda m, ids: fastlayers.SkipPlan.from_similarity(m, [])
+    ),
+    "SkipPlan('xx')": lambda m, ids: fastlayers.SkipPlan("xx"),
+    "SkipPlan([1])": lambda m, ids: fastlayers.SkipPlan([1]),
+    "SkipPlan([])": lambda m, ids: fastlayers.SkipPlan([]),
+    "LayerPlan('maybe')": lambda m, ids: fastlayers.LayerPlan("maybe"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CALLS))
+def test_model_level_bad_input(name):
+    """Patching, quantisation, skip plans and the KV-cache helpers on a small Llama: bad
+    arguments give ValueError/TypeError."""
+    with pytest.raises((ValueError, TypeError)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MODEL_CALLS[name](_llama(), torch.randint(0, 100, (1, 8)))

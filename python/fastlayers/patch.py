@@ -117,6 +117,11 @@ def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
     )
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def patch_model(
     model: torch.nn.Module,
     rms_norm: bool = True,
@@ -127,6 +132,9 @@ def patch_model(
     calibration=None,
 ) -> PatchReport:
     """Swaps ``model``'s layers in place (see the module docstring) and returns what was done."""
+    _check_model(model)
+    if not isinstance(rms_norm, bool):
+        raise TypeError(f"rms_norm must be a bool, got {rms_norm!r}")
     report = PatchReport()
     originals: dict[str, torch.nn.Module] = getattr(model, "_fastlayers_originals", {})
     if linear not in (None, "int4_fp8"):
@@ -182,6 +190,7 @@ def patch_model(
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Restores the RMSNorm modules, the feedforwards, the skip plan and the KV attention that
     :func:`patch_model` replaced (quantized linears stay quantized)."""
+    _check_model(model)
     for path, module in getattr(model, "_fastlayers_originals", {}).items():
         _set(model, path, module)
     model._fastlayers_originals = {}

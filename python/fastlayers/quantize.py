@@ -78,6 +78,17 @@ class QuantizeConfig:
     out_dtype: torch.dtype | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        g = self.group_size
+        if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 2:
+            raise ValueError(f"group_size must be a positive even int, got {g!r}")
+        if self.channel_scale not in CHANNEL_SCALES:
+            raise ValueError(
+                f"channel_scale must be one of {CHANNEL_SCALES}, got {self.channel_scale!r}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
 
 @dataclasses.dataclass
 class LayerReport:
@@ -286,9 +297,11 @@ def quantize_(
     arguments for ``model``) or a callable ``f(model)`` that runs the model. The float model runs
     them once (after smoothing, which does not change its function) before any layer is replaced.
     """
-    config = config or QuantizeConfig()
+    config = QuantizeConfig() if config is None else config
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QuantizeConfig):
+        raise TypeError(f"config must be a QuantizeConfig, got {type(config).__name__}")
     if config.channel_scale not in CHANNEL_SCALES:
         raise ValueError(
             f"channel_scale must be one of {CHANNEL_SCALES}, got {config.channel_scale!r}"

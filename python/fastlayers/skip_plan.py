@@ -61,7 +61,14 @@ class SkipPlan:
     exit_layer: int | None = None  # layers >= exit_layer do not run
 
     def __post_init__(self):
+        if not isinstance(self.layers, (list, tuple)) or not all(
+            isinstance(layer, LayerPlan) for layer in self.layers
+        ):
+            raise TypeError(f"layers must be a list of LayerPlan, got {self.layers!r:.80}")
+        self.layers = list(self.layers)
         n = len(self.layers)
+        if n == 0:
+            raise ValueError("a SkipPlan needs at least one layer")
         if self.exit_layer is not None and not 1 <= self.exit_layer <= n:
             raise ValueError(f"exit_layer must be in [1, {n}], got {self.exit_layer}")
 
@@ -165,6 +172,8 @@ class SkipPlan:
         finally:
             for h in hooks:
                 h.remove()
+        if not stats[(0, "attn")]:
+            raise ValueError("calibration gave no batches: nothing to measure similarity on")
         score, ratio = {}, {}
         for key, pairs in stats.items():
             cos, r = [], []

@@ -91,6 +91,10 @@ def compute_post_rope_scales(
 def fold_pre_rope(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Tensor) -> None:
     """In place: ``W_k`` rows (and bias) times ``n``, ``W_q`` rows (and bias) divided by ``n``
     repeated over each kv head's query heads (``repeat_kv`` order). ``Q K^T`` is unchanged."""
+    for lin, name in ((q_proj, "q_proj"), (k_proj, "k_proj")):
+        if not isinstance(lin, torch.nn.Linear):
+            raise TypeError(f"{name} must be a torch.nn.Linear, got {type(lin).__name__}")
+    _check_float(n, "n", "[kv_heads, head_dim]", dims=2)
     h_kv, d = n.shape
     h_q = q_proj.out_features // d
     if k_proj.out_features != h_kv * d or h_q % h_kv:

@@ -104,6 +104,21 @@ class Int4KVCache(Cache):
     Build it with :meth:`for_model` after :func:`apply_rope_aware_kv`."""
 
     def __init__(self, post_scales, group_size: int = 128):
+        if isinstance(post_scales, (str, bytes, torch.Tensor)) or not hasattr(
+            post_scales, "__iter__"
+        ):
+            raise TypeError(
+                f"post_scales must be a list of one [kv_heads, head_dim] fp32 tensor (or None) "
+                f"per layer, got {type(post_scales).__name__}"
+            )
+        post_scales = list(post_scales)
+        for s in post_scales:
+            if s is not None and not isinstance(s, torch.Tensor):
+                raise TypeError(f"post_scales holds a {type(s).__name__}, not a tensor or None")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if group_size % 2:
+            raise ValueError(f"group_size must be even, got {group_size}")
         super().__init__(layers=[_Int4Layer(s, group_size) for s in post_scales])
 
     @classmethod
