@@ -479,3 +479,79 @@ def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, 
     want = _kv_quantize_reference(x, post_scale, group, cos, sin, rope or "half")
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite inputs
+# ----------------------------------------------------------------------------------------------
+def _same_non_finite(got, want, name):
+    got, want = got.double(), want.double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
+        f"{name}: NaN where the reference has none (or the reverse)"
+    )
+    inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), name
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=2e-2, atol=2e-2, msg=name)
+
+
+@PROPERTY
+@given(
+    value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    dtype=DTYPES,
+    where=st.lists(st.integers(0, 10**6), min_size=1, max_size=3),
+    seed=SEEDS,
+)
+def test_non_finite_inputs_propagate_as_in_the_reference(value, dtype, where, seed):
+    """NaN/inf in the activations: every kernel puts NaN and inf exactly where its reference
+    does (nothing silently finite, no poisoned neighbours) and agrees elsewhere."""
+    torch.manual_seed(seed)
+
+    def poisoned(*shape):
+        t = rand(*shape, dtype=dtype, device="cpu")
+        flat = t.view(-1)
+        for i in where:
+            flat[i % flat.numel()] = value
+        return t
+
+    x, w = poisoned(4, 64), rand(64, dtype=dtype, device="cpu")
+    _same_non_finite(fastlayers.rms_norm(x, w), ref.rms_norm(x, w), "rms_norm")
+    r = rand(4, 64, dtype=dtype, device="cpu")
+    got, want = fastlayers.fused_add_rms_norm(x, r, w), ref.fused_add_rms_norm(x, r, w)
+    _same_non_finite(got[0], want[0], "fused_add_rms_norm")
+    q, s = fastlayers.rms_norm_fp8(x, w)
+    q_ref, s_ref = ref.rms_norm_fp8(x, w)
+    _same_non_finite(q.float(), q_ref.float(), "rms_norm_fp8")
+    _same_non_finite(s, s_ref, "rms_norm_fp8 scale")
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    xq_ref, xs_ref = ref.quantize_fp8_per_token(x)
+    assert torch.equal(xq.view(torch.uint8), xq_ref.view(torch.uint8)) and torch.equal(xs, xs_ref)
+    qw = fastlayers.quantize_int4(rand(32, 64, dtype=torch.float32, device="cpu"), 32)
+    _same_non_finite(
+        fastlayers.int4_fp8_gemm(xq, xs, qw, None, torch.float32),
+        ref.int4_fp8_gemm(
+            xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 32, None, torch.float32
+        ),
+        "int4_fp8_gemm",
+    )
+    w_in, w_out = (rand(15, n, dtype=dtype, device="cpu") for n in (64, 16))
+    got, want = ultrafast_ff(x, w_in, w_out), ref.ultrafast_ff(x, w_in, w_out)
+    _same_non_finite(got[0], want[0], "ultrafast_ff")
+    assert torch.equal(got[1], want[1]), "ultrafast_ff path"
+    idx = torch.randint(0, 50, (4, 6))
+    gates = torch.rand(4, 6).to(dtype)
+    down, up = (rand(50, 64, dtype=dtype, device="cpu") for _ in "du")
+    _same_non_finite(
+        peer_experts(x, idx, gates, down, up)[0],
+        ref.peer_experts(x, idx, gates, down, up)[0],
+        "peer_experts",
+    )
+    _, cu = fastlayers.route_topk(torch.randn(1, 20), 1.0)
+    pos = torch.arange(20)
+    a, b = poisoned(20, 2, 16), rand(20, 2, 16, dtype=dtype, device="cpu")
+    for q_, k_ in ((a, b), (b, a)):
+        _same_non_finite(
+            fastlayers.varlen_attention(q_, k_, b, cu, cu, pos, pos),
+            skip_ref.varlen_attention(q_, k_, b, cu, cu, pos, pos),
+            "varlen_attention",
+        )

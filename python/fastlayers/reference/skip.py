@@ -130,7 +130,10 @@ def varlen_attention(
         ok = allowed_mask(q_pos[q0:q1], k_pos[k0:k1], causal, window)
         s = s.masked_fill(~ok, -math.inf)
         lse_b = torch.logsumexp(s, dim=-1)  # -inf where nothing is visible
-        p = torch.exp(s - lse_b.nan_to_num(neginf=0.0)[..., None]).masked_fill(~ok, 0.0)
+        # a row that sees no key gives zeros; non-finite scores propagate as NaN, as in SDPA (a
+        # nan_to_num of lse turned NaN and +inf rows into zeros)
+        shift = torch.where(ok.any(-1), lse_b, torch.zeros_like(lse_b))
+        p = torch.exp(s - shift[..., None]).masked_fill(~ok, 0.0)
         outs.append((p @ vb).transpose(0, 1))
         lses.append(lse_b.transpose(0, 1))
     tail = nq - cq[-1]  # rows past the last sequence (routing padding): zeros, lse -inf
