@@ -484,14 +484,18 @@ def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, 
 # ----------------------------------------------------------------------------------------------
 # Non-finite inputs
 # ----------------------------------------------------------------------------------------------
-def _same_non_finite(got, want, name):
+def _same_non_finite(got, want, name, lse=False):
+    """NaN and inf exactly where ``want`` has them (for a log-sum-exp, ``lse``: non-finite where
+    ``want`` is, since +inf - +inf makes the kernels' running form NaN where logsumexp says inf);
+    the finite values close."""
     got, want = got.double(), want.double()
-    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
-        f"{name}: NaN where the reference has none (or the reverse)"
-    )
-    inf = torch.isinf(want)
-    assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), name
     finite = torch.isfinite(want)
+    if lse:
+        assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite values differ"
+    else:
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN positions differ"
+        inf = torch.isinf(want)
+        assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), name
     torch.testing.assert_close(got[finite], want[finite], rtol=2e-2, atol=2e-2, msg=name)
 
 
@@ -550,8 +554,24 @@ def test_non_finite_inputs_propagate_as_in_the_reference(value, dtype, where, se
     pos = torch.arange(20)
     a, b = poisoned(20, 2, 16), rand(20, 2, 16, dtype=dtype, device="cpu")
     for q_, k_ in ((a, b), (b, a)):
-        _same_non_finite(
-            fastlayers.varlen_attention(q_, k_, b, cu, cu, pos, pos),
-            skip_ref.varlen_attention(q_, k_, b, cu, cu, pos, pos),
-            "varlen_attention",
-        )
+        got = fastlayers.varlen_attention(q_, k_, b, cu, cu, pos, pos, return_lse=True)
+        want = skip_ref.varlen_attention(q_, k_, b, cu, cu, pos, pos, return_lse=True)
+        _same_non_finite(got[0], want[0], "varlen_attention")
+        _same_non_finite(got[1], want[1], "varlen_attention lse", lse=True)
+    # the INT4 KV cache: a poisoned key group gets the NaN scale (not a finite one), and poisoned
+    # queries give NaN rows in the decode and prefill kernels
+    keys = poisoned(2, 2, 10, 32)
+    got, want = kv_quantize(keys, 16), _kv_quantize_reference(keys, None, 16)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+    k, ks = got
+    v, vs = quant.quantize_kv_int4(rand(2, 2, 10, 32, dtype=torch.float32, device="cpu"), 16)
+    q1, q3 = poisoned(2, 4, 32), poisoned(2, 4, 3, 32)
+    for name, got, want in (
+        ("int4_kv_decode", int4_kv_decode(q1, k, ks, v, vs, 10),
+         kv_reference(q1.double(), k, ks, v, vs, 10, 32**-0.5)),
+        ("int4_kv_attention", int4_kv_attention(q3, k, ks, v, vs, 10),
+         _attention_reference(q3.double(), k, ks, v, vs, 10, 32**-0.5)),
+    ):  # fmt: skip
+        _same_non_finite(got[0], want[0], name)
+        _same_non_finite(got[1], want[1], name + " lse", lse=True)

@@ -171,11 +171,11 @@ struct WarpTile {
   // returns lse = m + log l (-inf then).
   template <typename Out>
   __device__ float finish(Out* out) const {
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
     for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) {
       out[c] = from_f<Out>(so[r * S::kLdO + c] * inv);
     }
-    return l > 0.0f ? m + logf(l) : -INFINITY;
+    return l > 0.0f || l != l ? m + logf(l) : -INFINITY;
   }
 };
 

@@ -168,9 +168,12 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g;
       const int64_t out_row = (b * p.hq + h * G + g) * Tq + qi0 + i;
-      const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+      // l > 0: keys were seen; NaN: a non-finite score, which propagates (out and lse NaN, as in
+      // the reference); 0: no key (zeros, lse -inf)
+      const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
+      const float inv = seen ? 1.0f / w.l[r] : 0.0f;
       for (int64_t c = 0; c < d; ++c) p.out[out_row * d + c] = w.acc[r * d + position(c, chunked)] * inv;
-      p.lse[out_row] = w.l[r] > 0.0f ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
+      p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
     }
   }
 }
@@ -217,11 +220,13 @@ void quantize_rows(const QuantizeParams& p) {
         float amax = 0.0f;
         for (int64_t c = g0; c < g0 + p.group; ++c) {
           const float a = __builtin_fabsf(row[c]);
-          amax = a > amax ? a : amax;
+          amax = a > amax || a != a ? a : amax;  // a NaN wins and stays (as torch's amax)
         }
-        // fp8(max / 7), at least 2^-9: the reference's to_fp8(amax / 7).clamp_min(2^-9)
+        // fp8(max / 7), at least 2^-9: the reference's to_fp8(amax / 7).clamp_min(2^-9). A group
+        // holding a NaN gets the NaN scale (code 0x7F) and zero nibbles, as in the reference: its
+        // values dequantize to NaN instead of passing for zeros.
         float s8 = to_float(to_fp8e4m3(amax / 7.0f));
-        if (!(s8 >= 0.001953125f)) s8 = 0.001953125f;
+        if (s8 < 0.001953125f) s8 = 0.001953125f;
         p.scales[r * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
         for (int64_t c = g0; c < g0 + p.group; c += 2) {
           int q[2];

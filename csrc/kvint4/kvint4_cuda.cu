@@ -85,11 +85,11 @@ __global__ void quantize_kernel(const QuantizeParams p) {
   float amax = 0.0f;
   for (int64_t c = g0; c < g0 + p.group; ++c) {
     const float a = fabsf(value_at(p, x, cs, sn, post, c));
-    amax = a > amax ? a : amax;  // NaN never wins, as on the CPU
+    amax = a > amax || a != a ? a : amax;  // a NaN wins and stays, as on the CPU (torch's amax)
   }
   const uint8_t code = cuda::to_fp8e4m3(amax / 7.0f);
   float s8 = fp8e4m3_value(code);
-  if (!(s8 >= kMinScale)) s8 = kMinScale;
+  if (s8 < kMinScale) s8 = kMinScale;  // (NaN stays: the group dequantizes to NaN)
   reinterpret_cast<uint8_t*>(p.scales)[r * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
   uint8_t* out = p.packed + r * (p.d / 2);
   for (int64_t c = g0; c < g0 + p.group; c += 2) {
@@ -227,8 +227,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
       }
     }
     const int64_t qh = b * p.hq + kh * gh + h;  // [batch * hq] row
-    part_out[(qh * splits + split) * p.d + c] = sum > 0.0f ? o / sum : 0.0f;
-    if (c == 0) part_lse[qh * splits + split] = sum > 0.0f ? mx + logf(sum) : -INFINITY;
+    part_out[(qh * splits + split) * p.d + c] = sum > 0.0f || sum != sum ? o / sum : 0.0f;
+    if (c == 0) part_lse[qh * splits + split] = sum > 0.0f || sum != sum ? mx + logf(sum) : -INFINITY;
   }
 }
 
@@ -253,7 +253,7 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
     }
     p.out[qh * p.d + c] = o;
   }
-  if (threadIdx.x == 0) p.lse[qh] = total > 0.0f ? mx + logf(total) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[qh] = total > 0.0f || total != total ? mx + logf(total) : -INFINITY;
 }
 
 // Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens up to
@@ -294,10 +294,10 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
     for (int j = 0; j < C; ++j) acc[j] = acc[j] * alpha + e * v[j];
     m = m_new;
   }
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
 #pragma unroll
   for (int j = 0; j < C; ++j) p.out[w * p.d + lane * C + j] = acc[j] * inv;
-  if (lane == 0) p.lse[w] = l > 0.0f ? m + logf(l) : -INFINITY;
+  if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token

@@ -188,9 +188,10 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
   for (int r = 0; r < nrows; ++r) {
     T* dst = out + (rows[r].query * p.hq + rows[r].head) * dv;
     const float l = w.l[r];
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const bool seen = l > 0.0f || l != l;  // NaN: a non-finite score, propagated as the reference
+    const float inv = seen ? 1.0f / l : 0.0f;
     for (int64_t c = 0; c < dv; ++c) store_as(dst + c, w.o[r * dv + c] * inv);
-    p.lse[rows[r].query * p.hq + rows[r].head] = l > 0.0f ? w.m[r] + __builtin_logf(l) : kNegInf;
+    p.lse[rows[r].query * p.hq + rows[r].head] = seen ? w.m[r] + __builtin_logf(l) : kNegInf;
   }
 }
 

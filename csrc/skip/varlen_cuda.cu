@@ -171,13 +171,13 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = r_row[i];
     if (row >= p.nq) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    const float inv = l[i] > 0.0f || l[i] != l[i] ? 1.0f / l[i] : 0.0f;  // NaN: propagated
 #pragma unroll
     for (int c = 0; c < kMaxCols; ++c) {
       const int64_t col = lane + 32 * c;
       if (col < dv) out[(row * p.hq + h) * dv + col] = from_f<T>(acc[i][c] * inv);
     }
-    if (lane == 0) p.lse[row * p.hq + h] = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+    if (lane == 0) p.lse[row * p.hq + h] = l[i] > 0.0f || l[i] != l[i] ? m[i] + logf(l[i]) : -INFINITY;
   }
 }
 

@@ -115,7 +115,9 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale):
     )
     s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    # every query sees at least one key; non-finite scores propagate as NaN (as in the decode
+    # reference and SDPA; a nan_to_num here turned those rows into zeros)
+    p = torch.exp(s - lse[..., None])
     out = torch.einsum("bhqt,bhtd->bhqd", p, values)
     return out.to(q.dtype), lse
 
