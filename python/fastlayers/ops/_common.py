@@ -97,6 +97,8 @@ def check_int(value, name: str) -> int:
     infinities included), instead of ``int()``'s truncation or OverflowError."""
     import numbers
 
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)  # a 0-dim integer tensor (reads it on the host)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     return int(value)
