@@ -79,6 +79,11 @@ class QuantizeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError for a field out of range (at construction, and again by :func:`quantize_`,
+        since fields may be reassigned)."""
         g = self.group_size
         if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 2:
             raise ValueError(f"group_size must be a positive even int, got {g!r}")
@@ -302,12 +307,7 @@ def quantize_(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantizeConfig):
         raise TypeError(f"config must be a QuantizeConfig, got {type(config).__name__}")
-    if config.channel_scale not in CHANNEL_SCALES:
-        raise ValueError(
-            f"channel_scale must be one of {CHANNEL_SCALES}, got {config.channel_scale!r}"
-        )
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    config.validate()
     if config.method == "gptq" and calibration is None:
         raise ValueError("method='gptq' needs calibration inputs")
     gptq = config.method == "gptq" or (config.method == "auto" and calibration is not None)
