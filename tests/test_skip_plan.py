@@ -285,19 +285,36 @@ def test_routed_generate_with_a_static_cache_equals_full_recompute(impl):
 
 
 @pytest.mark.parametrize("layer0", ["routed", "skip"])
-def test_static_cache_with_layer0_skipped_or_routed_is_refused(layer0):
+def test_static_cache_with_layer0_skipped_or_routed(layer0):
     """A static cache measures the sequence on layer 0: with layer 0's attention skipped or routed
-    its layer stays empty and decoding would be silently wrong, so the plan refuses it."""
+    that layer still records the tokens, so generate() (which passes cache_position) and direct
+    calls (which derive positions from the cache's length) equal a full recompute."""
     model = _model()
     apply_skip_plan(model, SkipPlan([LayerPlan(layer0)] + [LayerPlan()] * 4))
-    ids = torch.randint(1, 101, (1, 6))
-    with torch.no_grad(), pytest.raises(ValueError, match="static cache .* layer 0"):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                       do_sample=False, cache_implementation="static")  # fmt: skip
-    with torch.no_grad():  # a dynamic cache is fine
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                             do_sample=False)  # fmt: skip
-    assert out.shape == (1, 9)
+    if layer0 == "routed":
+        _set_router(model, 0, 0.5, 0.0)
+    ids = torch.randint(1, 101, (2, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw,
+                             cache_implementation="static")  # fmt: skip
+        seq = ids
+        for step in range(4):
+            logits = model(seq, use_cache=False).logits[:, -1]
+            allowed = torch.isfinite(out.scores[step])
+            logits = logits.masked_fill(~allowed, -float("inf"))
+            torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out.sequences, seq)
+        # direct calls without cache_position: prefill, then one token at a time
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        logits = model(seq[:, :6], past_key_values=cache, use_cache=True).logits[:, -1]
+        assert cache.get_seq_length() == 6
+        for step in range(6, seq.shape[1]):
+            full = model(seq[:, : step + 1], use_cache=False).logits[:, -1]
+            logits = model(seq[:, step : step + 1], past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(logits[:, -1], full, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

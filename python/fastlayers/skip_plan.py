@@ -235,8 +235,8 @@ def _routed_store(cache, layer_idx: int):
 def _call_start(cache, mask, t: int, cache_position=None):
     """Where this call's first token sits in the cache (its first key column in a 4-D mask), or
     None when nothing says. A static cache's mask spans its whole preallocated length, so there
-    it is layer 0's length before this call (layer 0 runs: _check_static_cache); a dynamic cache's
-    mask ends with the call's t keys."""
+    it is layer 0's length before this call (kept when layer 0 does not run:
+    _keep_static_length); a dynamic cache's mask ends with the call's t keys."""
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return cache_position[0]
     if cache is not None and getattr(cache, "is_compileable", False):
@@ -304,19 +304,26 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
 
 
-def _check_static_cache(kwargs) -> None:
-    """Layer 0 skipped or routed: its Hugging Face cache layer stays empty, and a static cache
-    measures the sequence on layer 0 (its length, the positions the model derives from it), so
-    decoding would be silently wrong. Dynamic caches are fine with generate(), which tracks the
-    positions itself (and LayerSkipCache measures on a layer that runs)."""
+def _keep_static_length(layer, hidden_states, kwargs) -> None:
+    """Layer 0 skipped or routed with a static cache: its Hugging Face cache layer would stay
+    empty, while a static cache measures the sequence on layer 0 (``get_seq_length()``, the
+    positions the model derives from it when no ``cache_position`` is given). So the call's tokens
+    are written there as zero keys and values, which nothing reads (layer 0's attention does not
+    run over that cache); it costs one layer of the preallocated cache. Dynamic caches need no
+    such entry: generate() tracks positions itself, and LayerSkipCache measures on a layer that
+    runs."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None and getattr(cache, "is_compileable", False):
-        raise ValueError(
-            f"the skip plan skips or routes layer 0's attention, but the model runs with a static "
-            f"cache ({type(cache).__name__}), which measures the sequence on layer 0: use a "
-            f"dynamic cache (generate()'s default, or fastlayers.LayerSkipCache()) or a plan that "
-            f"runs layer 0's attention fully"
-        )
+    if (
+        cache is None
+        or not getattr(cache, "is_compileable", False)
+        or not kwargs.get("use_cache", True)
+    ):
+        return
+    cfg = layer.self_attn.config
+    b, t = hidden_states.shape[:2]
+    head_dim = layer.self_attn.head_dim
+    zeros = hidden_states.new_zeros(b, cfg.num_key_value_heads, t, head_dim)
+    cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
 def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
@@ -325,7 +332,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
 
     def forward(hidden_states, *args, **kwargs):
         if layer0_empty:
-            _check_static_cache(kwargs)
+            _keep_static_length(layer, hidden_states, kwargs)
         if routed:
             kw = dict(kwargs)
             for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
@@ -364,9 +371,9 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     cached apart from the Hugging Face cache's layers (positions and RoPE as in the full model), so
     ``generate()`` with the cache equals running the whole sequence. Padding tokens (read from the
     attention mask) are never routed; beam search reorders the routed caches of a
-    :func:`LayerSkipCache`. Static caches (``generate(cache_implementation="static")``) work when
-    layer 0's attention runs fully; with layer 0 skipped or routed they measure the sequence on an
-    empty layer and are refused with a ValueError."""
+    :func:`LayerSkipCache`. Static caches (``generate(cache_implementation="static")``) work too;
+    they measure the sequence on layer 0, so with layer 0's attention skipped or routed its cache
+    layer still records each call's tokens (as zeros nothing reads)."""
     if not isinstance(plan, SkipPlan):
         raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
     layers = _decoder_layers(model)
