@@ -187,6 +187,21 @@ def test_layer0_attention_skipped_with_layer_skip_cache():
 
 
 # ---- routed attention (Mixture-of-Depths) in a plan ---------------------------------------------
+def _assert_generate_equals_recompute(model, ids, out):
+    """Each step's scores of a greedy ``generate(..., output_scores=True,
+    return_dict_in_generate=True)`` equal the last logits of the whole sequence so far run without
+    a cache (where the scores are finite: min_new_tokens masks the EOS token), and so do the tokens.
+    Returns the sequence."""
+    seq = ids
+    for scores in out.scores:
+        logits = model(seq, use_cache=False).logits[:, -1]
+        logits = logits.masked_fill(~torch.isfinite(scores), -float("inf"))
+        torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
+    return seq
+
+
 def _set_router(model, i, weight_scale: float, bias: float):
     router = _decoder_layers_of(model)[i].fastlayers_router
     with torch.no_grad():
@@ -233,14 +248,7 @@ def test_routed_generate_with_cache_equals_full_recompute():
               do_sample=False, output_scores=True, return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
         cached = model.generate(ids, cache=cache, **kw)
-        seq = ids
-        for step in range(6):  # the whole sequence every step, no cache
-            logits = model(seq, use_cache=False).logits[:, -1]
-            allowed = torch.isfinite(cached.scores[step])  # (min_new_tokens masks the EOS token)
-            logits = logits.masked_fill(~allowed, -float("inf"))
-            torch.testing.assert_close(cached.scores[step], logits, rtol=1e-4, atol=1e-4)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(cached.sequences, seq)
+        _assert_generate_equals_recompute(model, ids, cached)
     lengths = cache.routed_lengths()
     assert set(lengths) == {0, 2}
     routed_some = [0 < n < 14 for n in lengths[0] + lengths[2]]
@@ -274,14 +282,7 @@ def test_routed_generate_with_a_static_cache_equals_full_recompute(impl):
             kw_cache = dict(cache_implementation="static")
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw, **kw_cache)
-            seq = ids
-            for step in range(5):
-                logits = model(seq, use_cache=False).logits[:, -1]
-                allowed = torch.isfinite(out.scores[step])
-                logits = logits.masked_fill(~allowed, -float("inf"))
-                torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
-                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-        assert torch.equal(out.sequences, seq)
+            _assert_generate_equals_recompute(model, ids, out)
 
 
 @pytest.mark.parametrize("layer0", ["routed", "skip"])
@@ -299,14 +300,7 @@ def test_static_cache_with_layer0_skipped_or_routed(layer0):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw,
                              cache_implementation="static")  # fmt: skip
-        seq = ids
-        for step in range(4):
-            logits = model(seq, use_cache=False).logits[:, -1]
-            allowed = torch.isfinite(out.scores[step])
-            logits = logits.masked_fill(~allowed, -float("inf"))
-            torch.testing.assert_close(out.scores[step], logits, rtol=1e-4, atol=1e-4)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-        assert torch.equal(out.sequences, seq)
+        seq = _assert_generate_equals_recompute(model, ids, out)
         # direct calls without cache_position: prefill, then one token at a time
         cache = transformers.StaticCache(config=model.config, max_cache_len=16)
         logits = model(seq[:, :6], past_key_values=cache, use_cache=True).logits[:, -1]
