@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 
 import torch
@@ -95,8 +96,6 @@ def check_positive_ints(**sizes) -> None:
 def check_int(value, name: str) -> int:
     """``value`` as an int: a TypeError for anything that is not an integer (floats, NaN and
     infinities included), instead of ``int()``'s truncation or OverflowError."""
-    import numbers
-
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
         return int(value)  # a 0-dim integer tensor (reads it on the host)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
