@@ -354,16 +354,23 @@ def test_module_pads_odd_shapes_for_the_sm90_gemm(monkeypatch, n, k, g):
         layer((xq[..., :-2], xs))
 
 
+def _assert_layer_follows_the_contract(layer, x):
+    """``layer(x)`` against the reference GEMM on the same FP8 activations and its float64 oracle;
+    returns the output."""
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    qw = layer.quantized_weight
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale,
+                             layer.group_size, layer.bias, layer.out_dtype)  # fmt: skip
+    got = layer(x)
+    assert_close_to_oracle(got, want, int4_fp8_oracle(xq, xs, qw, layer.bias))
+    return got
+
+
 def test_module_keeps_the_generic_path_for_group_sizes_padding_cannot_fix(monkeypatch):
     asked = _sm90_on_cpu(monkeypatch)
     layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48), group_size=64)
     assert asked == [] and layer.sm90_weight is None and layer.sm90_channel_scale is None
-    x = rand(4, 256, dtype=torch.float32, device="cpu")
-    xq, xs = fastlayers.quantize_fp8_per_token(x)
-    qw = layer.quantized_weight
-    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 64,
-                             layer.bias, layer.out_dtype)  # fmt: skip
-    assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
+    _assert_layer_follows_the_contract(layer, rand(4, 256, dtype=torch.float32, device="cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,23 +455,12 @@ def test_module_pads_odd_shapes_and_falls_back_once_for_group_sizes(recwarn):
         layer = Int4Fp8Linear.from_linear(torch.nn.Linear(k, n, device="cuda"), group_size=g)
         assert layer.sm90_weight is not None and layer.sm90_weight.shape[0] % 16 == 0
         x = rand(5, 7, k, dtype=torch.float32, device="cuda")
-        xq, xs = fastlayers.quantize_fp8_per_token(x)
-        qw = layer.quantized_weight
-        want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, g,
-                                 layer.bias, layer.out_dtype)  # fmt: skip
-        got = layer(x)
-        assert got.is_contiguous()
-        assert_close_to_oracle(got, want, int4_fp8_oracle(xq, xs, qw, layer.bias))
+        assert _assert_layer_follows_the_contract(layer, x).is_contiguous()
     assert not [w for w in recwarn if "generic" in str(w.message)]
     layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48, device="cuda"), group_size=64)
     assert layer.sm90_weight is None  # groups of 64: the generic CUDA GEMM, warned once
     assert len([w for w in recwarn if "generic" in str(w.message)]) == 1
-    x = rand(4, 256, dtype=torch.float32, device="cuda")
-    xq, xs = fastlayers.quantize_fp8_per_token(x)
-    qw = layer.quantized_weight
-    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, 64,
-                             layer.bias, layer.out_dtype)  # fmt: skip
-    assert_close_to_oracle(layer(x), want, int4_fp8_oracle(xq, xs, qw, layer.bias))
+    _assert_layer_follows_the_contract(layer, rand(4, 256, dtype=torch.float32, device="cuda"))
 
 
 @pytest.mark.cuda

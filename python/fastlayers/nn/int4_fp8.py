@@ -262,7 +262,8 @@ class Int4Fp8Linear(torch.nn.Module):
                 f"xq must have {self.in_features} features in its last dimension, got shape "
                 f"{tuple(xq.shape)}"
             )
-        group_size = sm90_padded_shape(self.out_features, self.in_features, self.group_size)[2]
+        # the padded layout's group size (sm90_padded_shape): one group spans the padded width
+        group_size = k_p if self.sm90_lut_scale.shape[0] == 1 else self.group_size
         args = (
             sm90_pad_activations(xq, k_p), xs, self.sm90_weight, self.sm90_lut_scale,
             self.sm90_channel_scale, self.sm90_bias, group_size, self.out_dtype,
