@@ -118,3 +118,37 @@ def test_bench_report_writes_markdown_csv_and_plot(tmp_path):
     assert (tmp_path / f"{md.stem}.csv").exists()
     png = tmp_path / f"{md.stem}.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_interleaved_spreads_each_case_over_the_run_and_rotates_inputs():
+    """time_interleaved: every case gets its reps (after its own warm-up), the calls of a case with
+    fewer reps spread over the run instead of bunching at one end, no two calls in a row read the
+    same input set, and the timings come back in case order."""
+    import time
+
+    from fastlayers.benchmark import harness
+
+    calls = []
+
+    def case(name, seconds):
+        def fn(i):
+            calls.append((name, i))
+            time.sleep(seconds)
+
+        return fn
+
+    inputs = [(i,) for i in range(3)]
+    t_fast, t_slow = harness.time_interleaved(
+        [(case("fast", 0.0), inputs, 8), (case("slow", 0.004), inputs, 2)],
+        torch.device("cpu"),
+        warmup=1,
+    )
+    warm, timed = calls[:6], calls[6:]
+    assert warm == [("fast", 0), ("fast", 1), ("fast", 2), ("slow", 0), ("slow", 1), ("slow", 2)]
+    names = [n for n, _ in timed]
+    assert names.count("fast") == 8 and names.count("slow") == 2
+    slow_at = [j for j, n in enumerate(names) if n == "slow"]
+    assert slow_at[0] in range(1, 4) and slow_at[1] in range(6, 9), names  # one per half
+    assert all(a[1] != b[1] for a, b in zip(timed, timed[1:], strict=False))
+    assert (t_fast.reps, t_slow.reps) == (8, 2)
+    assert t_slow.median_s >= 0.004 > t_fast.median_s

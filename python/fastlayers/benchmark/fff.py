@@ -17,7 +17,7 @@ import torch
 
 import fastlayers
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, time_interleaved
 
 WIDTH, DEPTH = 768, 11
 QUICK_TOKENS = [1, 1024]
@@ -63,14 +63,17 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             nbytes = tokens * ((DEPTH + 1) * 2 * WIDTH + 2 * WIDTH) * b
             copy_bw = copy_bandwidth(max(nbytes // 2, 1 << 16), device)
             with torch.no_grad():
-                t_ours = time_fn(ufb, inputs, device, reps=reps)
+                t_ours, *t_bases = time_interleaved(
+                    [(ufb, inputs, reps)]
+                    + [(fn, inputs, max(3, reps // 4)) for fn in baselines.values()],
+                    device,
+                )
                 x0 = inputs[0][0]
                 y = ufb(x0)
                 y64 = ref.ultrafast_ff(x0.double(), ufb.w_in.double(), ufb.w_out.double())[0]
                 err = (y.double() - y64).abs().max().item()
                 gbps = nbytes / t_ours.median_s / 1e9
-                for name, fn in baselines.items():
-                    t_base = time_fn(fn, inputs, device, reps=max(3, reps // 4))
+                for name, t_base in zip(baselines, t_bases, strict=True):
                     rows.append(
                         Row(
                             f"UltraFastFeedForward d{DEPTH}",
@@ -102,8 +105,7 @@ def _classic(device, quick, reps, backend) -> list[Row]:
     for tokens in [1024] if quick else [1, 1024]:
         inputs = [(torch.randn(tokens, WIDTH, device=device),) for _ in range(2)]
         with torch.no_grad():
-            t_ours = time_fn(ours, inputs, device, reps=reps)
-            t_pkg = time_fn(pkg, inputs, device, reps=3)
+            t_ours, t_pkg = time_interleaved([(ours, inputs, reps), (pkg, inputs, 3)], device)
             pkg.train()
             expected = pkg.training_forward(inputs[0][0], use_hard_decisions=True)
             pkg.eval()

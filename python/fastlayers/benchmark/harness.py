@@ -7,8 +7,10 @@
   (a write over a buffer larger than L2) before it, and a GPU-side spin queued before the start
   event so that the host has enqueued the whole call before the GPU reaches it: the time is the
   device's alone, not host overhead (``bench/bench_dispatch_overhead.py`` measures that).
-* ``copy_bandwidth`` measures the limit for memory-bound kernels on the same device in the same run:
-  ``dst.copy_(src)``, bytes read plus bytes written.
+* ``copy_bandwidth`` / ``CopyCase`` measure the limit for memory-bound kernels on the same device in
+  the same run: ``dst.copy_(src)``, bytes read plus bytes written.
+* ``time_interleaved`` times an op, its baselines (and the copy) call by call in alternation, so
+  that a machine whose speed drifts during the run moves all of them alike: their ratios hold.
 """
 
 from __future__ import annotations
@@ -74,40 +76,85 @@ def time_fn(
     min_time_s: float = 0.0,
 ) -> Timing:
     """Times ``fn(*inputs[i % len(inputs)])``: ``reps`` calls, more until ``min_time_s``."""
-    is_cuda = device.type == "cuda"
-    for i in range(max(warmup, len(inputs))):  # every input set once: lazy setup stays untimed
-        fn(*inputs[i % len(inputs)])
-    flush = None
-    spin_cycles = 0
-    if is_cuda:
-        # ~0.5 ms of spin: longer than any op's host overhead, so the events bracket device work.
-        khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 2_000_000)
-        spin_cycles = int(khz * 1e3 * 5e-4)
-        torch.cuda.synchronize(device)
-        flush = torch.empty(
-            2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device
-        )
+    _warm_up(fn, inputs, warmup)
+    timer = _CallTimer(device)
     samples: list[float] = []
     start_all = time.perf_counter()
     i = 0
     while i < reps or (time.perf_counter() - start_all < min_time_s and i < 100 * reps):
-        args = inputs[i % len(inputs)]
-        if is_cuda:
-            flush.zero_()
-            _spin(spin_cycles)
-            begin = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) * 1e-3)
-        else:
-            t0 = time.perf_counter_ns()
-            fn(*args)
-            samples.append((time.perf_counter_ns() - t0) * 1e-9)
+        samples.append(timer(fn, inputs[i % len(inputs)]))
         i += 1
     return _quantiles(samples)
+
+
+def time_interleaved(
+    cases: Sequence[tuple[Callable, Sequence[tuple], int]],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+) -> list[Timing]:
+    """Times several calls against each other: ``cases`` holds ``(fn, inputs, reps)``; the calls
+    of all cases alternate, each case's ``reps`` spread evenly over the whole measurement (a case
+    with a quarter of the reps runs every fourth round). A machine whose speed drifts during the
+    run (a shared VM: 20-50 % within minutes) then slows every case alike and the ratios between
+    them hold, where timing one case after the other counts part of the drift as a speed-up.
+    Each call is timed as in :func:`time_fn`."""
+    for fn, inputs, _ in cases:
+        _warm_up(fn, inputs, warmup)
+    # Call k of a case with r reps sits at (k + 0.5) / r of the run; calls at the same point run
+    # in case order on even k and in reverse order on odd k (no case always follows another).
+    schedule = sorted(
+        ((k + 0.5) / max(r, 1), c if k % 2 == 0 else -c, c)
+        for c, (_, _, r) in enumerate(cases)
+        for k in range(max(r, 1))
+    )
+    timer = _CallTimer(device)
+    samples: list[list[float]] = [[] for _ in cases]
+    for j, (_, _, c) in enumerate(schedule):
+        fn, inputs, _ = cases[c]
+        # The j-th call of the run takes input set j: cases that share their inputs never read
+        # the set the call before them just brought into cache.
+        samples[c].append(timer(fn, inputs[j % len(inputs)]))
+    return [_quantiles(s) for s in samples]
+
+
+def _warm_up(fn: Callable, inputs: Sequence[tuple], warmup: int) -> None:
+    for i in range(max(warmup, len(inputs))):  # every input set once: lazy setup stays untimed
+        fn(*inputs[i % len(inputs)])
+
+
+class _CallTimer:
+    """Seconds of one ``fn(*args)``. CPU: ``perf_counter_ns`` around the call. CUDA: L2 flushed,
+    a GPU-side spin queued so the host has enqueued the whole call before the GPU reaches it, and
+    events around the call (the device's time alone)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.is_cuda = device.type == "cuda"
+        self.flush = None
+        self.spin_cycles = 0
+        if self.is_cuda:
+            # ~0.5 ms of spin, longer than any op's host overhead: the events bracket device work.
+            khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 2_000_000)
+            self.spin_cycles = int(khz * 1e3 * 5e-4)
+            torch.cuda.synchronize(device)
+            self.flush = torch.empty(
+                2 * last_level_cache_bytes(device) // 4 + 1, dtype=torch.int32, device=device
+            )
+
+    def __call__(self, fn: Callable, args: tuple) -> float:
+        if not self.is_cuda:
+            t0 = time.perf_counter_ns()
+            fn(*args)
+            return (time.perf_counter_ns() - t0) * 1e-9
+        self.flush.zero_()
+        _spin(self.spin_cycles)
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) * 1e-3
 
 
 def _spin(cycles: int) -> None:
@@ -116,19 +163,36 @@ def _spin(cycles: int) -> None:
         sleep(cycles)
 
 
+class CopyCase:
+    """``dst.copy_(src)`` of a ``nbytes`` source, the limit of memory-bound kernels: ``case(reps)``
+    is a :func:`time_interleaved` case, ``bandwidth(timing)`` its bytes/s (read plus write)."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        n = max(nbytes // 4, 1)
+        self.moved = 2 * n * 4
+        self.pairs = [
+            (
+                torch.empty(n, dtype=torch.float32, device=device),
+                torch.rand(n, dtype=torch.float32, device=device),
+            )
+            for _ in range(copies_to_exceed_cache(self.moved, device))
+        ]
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def case(self, reps: int) -> tuple[Callable, Sequence[tuple], int]:
+        return (self._copy, self.pairs, reps)
+
+    def bandwidth(self, timing: Timing) -> float:
+        return self.moved / timing.median_s
+
+
 def copy_bandwidth(nbytes: int, device: torch.device, reps: int = 20) -> float:
     """Bytes/s of ``dst.copy_(src)`` for a ``nbytes`` source (counts the read and the write)."""
-    n = max(nbytes // 4, 1)
-    sets = copies_to_exceed_cache(2 * n * 4, device)
-    pairs = [
-        (
-            torch.empty(n, dtype=torch.float32, device=device),
-            torch.rand(n, dtype=torch.float32, device=device),
-        )
-        for _ in range(sets)
-    ]
-    t = time_fn(lambda dst, src: dst.copy_(src), pairs, device, reps=reps)
-    return 2 * n * 4 / t.median_s
+    copy = CopyCase(nbytes, device)
+    return copy.bandwidth(time_fn(*copy.case(reps)[:2], device, reps=reps))
 
 
 def describe_device(device: torch.device) -> str:

@@ -22,11 +22,11 @@ import torch
 import fastlayers
 from fastlayers import _dtypes, _ext
 from fastlayers.benchmark.harness import (
+    CopyCase,
     Row,
     backend_label,
     copies_to_exceed_cache,
-    copy_bandwidth,
-    time_fn,
+    time_interleaved,
 )
 from fastlayers.reference import int4_fp8 as ref
 
@@ -81,11 +81,13 @@ def _ffn_rows(device: torch.device, reps: int) -> list[Row]:
     rows = []
     for tokens in FFN_TOKENS[device.type]:
         x = (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device, torch.bfloat16)
-        with torch.no_grad():
-            t_ours = time_fn(_ffn, [(*ours, x)], device, reps=reps)
-            t_base = time_fn(_ffn, [(*lins, x)], device, reps=reps)
         nbytes = sum(n * k // 2 + n * (-(-k // 128)) + 4 * n for n, k in (
             (inter, hidden), (inter, hidden), (hidden, inter)))  # fmt: skip
+        copy_ = CopyCase(nbytes // 2, device)
+        with torch.no_grad():
+            t_ours, t_base, t_copy = time_interleaved(
+                [(_ffn, [(*ours, x)], reps), (_ffn, [(*lins, x)], reps), copy_.case(reps)], device
+            )
         gbps = nbytes / t_ours.median_s / 1e9
         rows.append(
             Row(
@@ -97,7 +99,7 @@ def _ffn_rows(device: torch.device, reps: int) -> list[Row]:
                 "F.linear bf16 x3",
                 t_base.median_s * 1e6,
                 gbps,
-                gbps * 1e9 / copy_bandwidth(nbytes // 2, device),
+                gbps * 1e9 / copy_.bandwidth(t_copy),
                 float("nan"),  # the quantised block's accuracy: tests and the MiniLM study
             )
         )
@@ -125,11 +127,8 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             x = torch.randn(tokens, k, generator=gen).to(device)
             xb = x.bfloat16()
             nbytes = int4_bytes + tokens * (2 * k + 2 * n)
-            copy_bw = copy_bandwidth(max(nbytes // 2, 1 << 16), device)
+            copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
             with torch.no_grad():
-                t_ours = time_fn(_call, [(layer, xb) for layer in ours], device, reps=reps)
-                err = _oracle_error(ours[0], xb)
-                gbps = nbytes / t_ours.median_s / 1e9
                 linear = torch.nn.functional.linear
                 baselines = {
                     "F.linear fp32": (linear, [(x, t) for t in w32]),
@@ -142,9 +141,16 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                         functools.partial(torch._scaled_mm, out_dtype=torch.bfloat16),
                         [(xq, ref.to_fp8(t).t(), xs, ones) for t in w16],
                     )
-                for name, (fn, inputs) in baselines.items():
-                    slow = tokens >= 128 and device.type == "cpu"
-                    t_base = time_fn(fn, inputs, device, reps=3 if slow else max(3, reps // 2))
+                base_reps = 3 if tokens >= 128 and device.type == "cpu" else max(3, reps // 2)
+                t_ours, *t_bases, t_copy = time_interleaved(
+                    [(_call, [(layer, xb) for layer in ours], reps)]
+                    + [(fn, inputs, base_reps) for fn, inputs in baselines.values()]
+                    + [copy_.case(reps)],
+                    device,
+                )
+                err = _oracle_error(ours[0], xb)
+                gbps = nbytes / t_ours.median_s / 1e9
+                for name, t_base in zip(baselines, t_bases, strict=True):
                     rows.append(
                         Row(
                             "Int4Fp8Linear (g128, bf16 in/out)",
@@ -155,7 +161,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                             name,
                             t_base.median_s * 1e6,
                             gbps,
-                            gbps * 1e9 / copy_bw,
+                            gbps * 1e9 / copy_.bandwidth(t_copy),
                             err,
                         )
                     )

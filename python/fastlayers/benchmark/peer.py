@@ -17,7 +17,13 @@ import torch
 
 import fastlayers
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, peak_extra_mib, time_fn
+from fastlayers.benchmark.harness import (
+    CopyCase,
+    Row,
+    backend_label,
+    peak_extra_mib,
+    time_interleaved,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +63,20 @@ def _dense(width: int, dim: int, device) -> torch.nn.Module:
     ).to(device)
 
 
-def _fwd_bwd(module: torch.nn.Module):
+def _fwd_bwd(module: torch.nn.Module, sparse_grad: bool | None = None):
+    """One training step's forward and backward; ``sparse_grad`` set on ``module`` for the step."""
+
     def step(x):
         for p in module.parameters():
             p.grad = None
-        module(x).sum().backward()
+        if sparse_grad is None:
+            module(x).sum().backward()
+            return
+        saved, module.sparse_grad = module.sparse_grad, sparse_grad
+        try:
+            module(x).sum().backward()
+        finally:
+            module.sparse_grad = saved
 
     return step
 
@@ -109,14 +124,17 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     backend = backend_label(device, "peer_retrieve")
     shape = cfg.label()
     gathered = cfg.tokens * cfg.heads * cfg.topk * 2 * cfg.dim * 4
-    copy_bw = copy_bandwidth(min(gathered, 1 << 28), device)
+    copy_ = CopyCase(min(gathered, 1 << 28), device)
     # [1, tokens, dim]: PEER_pytorch wants (batch, seq, dim)
     inputs = [(torch.randn(1, cfg.tokens, cfg.dim, device=device),) for _ in range(2)]
     x0 = inputs[0][0]
-    slow_reps = max(2, reps // 8)
+    # The quick configuration's calls take milliseconds: enough samples for a steady median; the
+    # full one's baselines take seconds.
+    slow_reps = max(5, reps // 4) if quick else max(2, reps // 8)
+    pkg_reps = slow_reps if quick else max(2, reps // 10)
     rows: list[Row] = []
 
-    def row(op, t_ours, name, t_base, err, mem_ours, mem_base, bytes_moved=gathered):
+    def row(op, t_ours, name, t_base, err, mem_ours, mem_base, copy_bw, bytes_moved=gathered):
         gbps = bytes_moved / t_ours.median_s / 1e9
         return Row(
             op, shape, "float32", backend, t_ours.median_s * 1e6, name,
@@ -125,7 +143,6 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
 
     # Forward, no grad.
     with torch.no_grad():
-        t_ours = time_fn(ours, inputs, device, reps=max(3, reps // 2))
         mem_ours = peak_extra_mib(ours, (x0,), device)
         err = _max_err(ours, x0, ours(x0))
         baselines = {"PyTorch reference path": lambda x: _reference_forward(ours, x)}
@@ -138,29 +155,44 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         baselines[f"dense FFN width {active} (PEER's active params)"] = _dense(
             active, cfg.dim, device
         )
-        for name, fn in baselines.items():
-            t_base = time_fn(fn, inputs, device, reps=slow_reps)
+        t_ours, *t_bases, t_copy = time_interleaved(
+            [(ours, inputs, max(3, reps // 2))]
+            + [(fn, inputs, slow_reps) for fn in baselines.values()]
+            + [copy_.case(max(3, reps // 2))],
+            device,
+        )
+        copy_bw = copy_.bandwidth(t_copy)
+        for (name, fn), t_base in zip(baselines.items(), t_bases, strict=True):
             mem_base = peak_extra_mib(fn, (x0,), device)
-            rows.append(row("PEER forward", t_ours, name, t_base, err, mem_ours, mem_base))
+            rows.append(row("PEER forward", t_ours, name, t_base, err, mem_ours, mem_base, copy_bw))
 
     # Forward + backward (training mode: the table gradients are dense unless sparse_grad).
     ours.train()
-    t_ours = time_fn(_fwd_bwd(ours), inputs, device, reps=slow_reps)
-    mem_ours = peak_extra_mib(_fwd_bwd(ours), (x0,), device)
-    ours.sparse_grad = True
-    t_sparse = time_fn(_fwd_bwd(ours), inputs, device, reps=slow_reps)
-    mem_sparse = peak_extra_mib(_fwd_bwd(ours), (x0,), device)
-    ours.sparse_grad = False
+    dense_step, sparse_step = _fwd_bwd(ours, sparse_grad=False), _fwd_bwd(ours, sparse_grad=True)
+    mem_ours = peak_extra_mib(dense_step, (x0,), device)
+    mem_sparse = peak_extra_mib(sparse_step, (x0,), device)
     if pkg is not None:
         pkg.train()
-        t_pkg = time_fn(_fwd_bwd(pkg), inputs, device, reps=max(2, reps // 10))
+        t_ours, t_sparse, t_pkg, t_copy = time_interleaved(
+            [
+                (dense_step, inputs, slow_reps),
+                (sparse_step, inputs, slow_reps),
+                (_fwd_bwd(pkg), inputs, pkg_reps),
+                copy_.case(slow_reps),
+            ],
+            device,
+        )
+        copy_bw = copy_.bandwidth(t_copy)
         mem_pkg = peak_extra_mib(_fwd_bwd(pkg), (x0,), device)
         name = "peer-pytorch 0.2.2 fwd+bwd (dense grads)"
         nan = float("nan")
-        rows.append(row("PEER fwd+bwd", t_ours, name, t_pkg, nan, mem_ours, mem_pkg, 2 * gathered))
+        rows.append(
+            row("PEER fwd+bwd", t_ours, name, t_pkg, nan, mem_ours, mem_pkg, copy_bw,
+                2 * gathered)
+        )  # fmt: skip
         rows.append(
             row("PEER fwd+bwd sparse_grad", t_sparse, name, t_pkg, nan, mem_sparse, mem_pkg,
-                2 * gathered)
+                copy_bw, 2 * gathered)
         )  # fmt: skip
     for p in ours.parameters():
         p.grad = None

@@ -85,8 +85,9 @@ def write(out_dir: Path, meta: dict, rows, quick: bool) -> Path:
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
     lines += [
         "",
-        "Times are medians of per-call timings on inputs rotated past the last-level cache; "
-        "'of copy BW' is the op's bytes/s over `dst.copy_(src)` measured in the same run.",
+        "Times are medians of per-call timings on inputs rotated past the last-level cache, the op "
+        "and its baselines (and the copy) timed interleaved, call by call; 'of copy BW' is the "
+        "op's bytes/s over `dst.copy_(src)` measured in the same run.",
         "",
         harness.format_table(rows, markdown=True),
         "",

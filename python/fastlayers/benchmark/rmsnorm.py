@@ -9,11 +9,11 @@ import torch
 import fastlayers
 from fastlayers import reference as ref
 from fastlayers.benchmark.harness import (
+    CopyCase,
     Row,
     backend_label,
     copies_to_exceed_cache,
-    copy_bandwidth,
-    time_fn,
+    time_interleaved,
 )
 
 QUICK_SHAPES = [(4096, 4096)]
@@ -148,10 +148,10 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     shapes = QUICK_SHAPES if quick else FULL_SHAPES[device.type]
     dtypes = QUICK_DTYPES if quick else FULL_DTYPES
     rows: list[Row] = []
-    copy_cache: dict[int, float] = {}
     backend = backend_label(device, "rms_norm")
     for shape in shapes:
         m, n = shape
+        copies: dict[int, CopyCase] = {}  # per source size; freed with the next shape
         for dtype in dtypes:
             b = torch.tensor([], dtype=dtype).element_size()
             # torch.compile's first call costs ~20 s of compilation: full runs only, so --quick
@@ -168,13 +168,18 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 for _ in range(sets)
             ]
             for op, ours, baselines, nbytes, err in _cases(shape, dtype, device, with_compile):
-                if nbytes not in copy_cache:
-                    copy_cache[nbytes] = copy_bandwidth(nbytes // 2, device)
-                t_ours = time_fn(ours, inputs, device, reps=reps)
+                if nbytes not in copies:
+                    copies[nbytes] = CopyCase(nbytes // 2, device)
+                copy = copies[nbytes]
+                t_ours, *t_bases, t_copy = time_interleaved(
+                    [(ours, inputs, reps)]
+                    + [(fn, inputs, reps) for fn in baselines.values()]
+                    + [copy.case(reps)],
+                    device,
+                )
                 max_err = err(*inputs[0], ours(*inputs[0]))
                 gbps = nbytes / t_ours.median_s / 1e9
-                for name, fn in baselines.items():
-                    t_base = time_fn(fn, inputs, device, reps=reps)
+                for name, t_base in zip(baselines, t_bases, strict=True):
                     rows.append(
                         Row(
                             op,
@@ -185,7 +190,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                             name,
                             t_base.median_s * 1e6,
                             gbps,
-                            gbps * 1e9 / copy_cache[nbytes],
+                            gbps * 1e9 / copy.bandwidth(t_copy),
                             max_err,
                         )
                     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import fastlayers
-from fastlayers.benchmark.harness import Row, backend_label, time_fn
+from fastlayers.benchmark.harness import Row, backend_label, time_interleaved
 
 CAPACITIES = [0.125, 0.25, 0.5, 1.0]
 SHAPES = {"cpu": [(2, 2048, 16, 64)], "cuda": [(8, 4096, 32, 128)]}  # (batch, tokens, heads, d)
@@ -53,14 +53,27 @@ def _llama_rows(device, quick) -> list[Row]:
     def generate():
         return model.generate(ids, **kw)
 
-    rows = []
-    with torch.no_grad():
-        t_full = time_fn(generate, [()], device, warmup=1, reps=3)
-        for target in (1.25, 1.5, 2.0):
-            plan = SkipPlan.uniform(layers, target)
+    def generate_with(plan):
+        # applying and removing a plan takes < 1 ms, next to the generate call's hundreds
+        def run():
             apply_skip_plan(model, plan)
-            t = time_fn(generate, [()], device, warmup=1, reps=3)
-            remove_skip_plan(model)
+            try:
+                return generate()
+            finally:
+                remove_skip_plan(model)
+
+        return run
+
+    rows = []
+    targets = (1.25, 1.5, 2.0)
+    plans = [SkipPlan.uniform(layers, target) for target in targets]
+    with torch.no_grad():
+        t_full, *t_plans = time_interleaved(
+            [(generate, [()], 3)] + [(generate_with(plan), [()], 3) for plan in plans],
+            device,
+            warmup=1,
+        )
+        for target, plan, t in zip(targets, plans, t_plans, strict=True):
             tok_s = ids.shape[0] * new / t.median_s
             rows.append(
                 Row(
@@ -93,27 +106,33 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
 
             dense = (rnd(batch, heads, tokens, d), rnd(batch, heads, tokens, d),
                      rnd(batch, heads, tokens, d))  # fmt: skip
-            with torch.no_grad():
-                t_dense = time_fn(_sdpa, [dense], device, reps=max(3, reps // 4))
+            routed = []
             for capacity in CAPACITIES:
                 scores = torch.randn(batch, tokens, generator=gen).to(device)
                 idx, cu = fastlayers.route_topk(scores, capacity)
                 n = idx.shape[0]
                 pos = idx % tokens
                 q, k, v = rnd(n, heads, d), rnd(n, heads, d), rnd(n, heads, d)
-                args = (q, k, v, cu, cu, pos, pos)
+                routed.append((capacity, n, (q, k, v, cu, cu, pos, pos)))
+            with torch.no_grad():
+                t_dense, *t_routed = time_interleaved(
+                    [(_sdpa, [dense], max(3, reps // 4))]
+                    + [(fastlayers.varlen_attention, [args], reps) for _, _, args in routed],
+                    device,
+                )
+            for (capacity, n, args), t in zip(routed, t_routed, strict=True):
+                q, k, v, _, _, pos, _ = args
                 with torch.no_grad():
-                    t = time_fn(fastlayers.varlen_attention, [args], device, reps=reps)
-                    per_seq = n // batch
-                    pairs = batch * heads * per_seq * (per_seq + 1) / 2
                     # error against the float64 reference on the first sequence's 64 queries
                     out = fastlayers.varlen_attention(*args)
+                    per_seq = n // batch
                     m = min(per_seq, 64)
                     sub = torch.tensor([0, m], dtype=torch.int32, device=device)
                     want = fastlayers.reference.varlen_attention(
                         q[:m].double(), k[:m].double(), v[:m].double(), sub, sub, pos[:m], pos[:m]
                     )
                     err = (out[:m].double() - want).abs().max().item() if m else 0.0
+                pairs = batch * heads * per_seq * (per_seq + 1) / 2
                 tflops = pairs * 4 * d / t.median_s / 1e12
                 rows.append(
                     Row(
