@@ -697,6 +697,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
   m.def("detected_cpu_isa", [] { return std::string(cpu::isa_name(cpu::detected_isa())); });
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
+  m.def("avx512_emulated", &cpu::avx512_emulated,
+        "True in a test build whose AVX-512 kernels run through SIMDe (never a release build)");
   m.def("rms_norm_fwd", &rms_norm_fwd);
   m.def("rms_norm_bwd", &rms_norm_bwd);
   m.def("fff_ultra_fwd", &fff_ultra_fwd);

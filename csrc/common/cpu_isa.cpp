@@ -20,7 +20,11 @@ Isa detect() {
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c")) {
+#if defined(FL_EMULATED_AVX512)
+    return Isa::kAvx512;  // test build: the AVX-512 kernels run through SIMDe on AVX2
+#else
     return Isa::kAvx2;
+#endif
   }
 #endif
   return Isa::kScalar;
@@ -54,6 +58,14 @@ const char* isa_name(Isa isa) {
     default:
       return "scalar";
   }
+}
+
+bool avx512_emulated() {
+#if defined(FL_EMULATED_AVX512)
+  return true;
+#else
+  return false;
+#endif
 }
 
 Isa detected_isa() {

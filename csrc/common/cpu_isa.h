@@ -10,6 +10,8 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* isa_name(Isa isa);
 // The best ISA this CPU and OS support.
 Isa detected_isa();
+// True in a test build whose AVX-512 kernels run through SIMDe (CMake FASTLAYERS_EMULATE_AVX512).
+bool avx512_emulated();
 // The ISA kernels use now: detected_isa(), or a lower one chosen with set_active_isa() or the
 // FASTLAYERS_CPU_ISA environment variable (scalar | avx2 | avx512).
 Isa active_isa();

@@ -14,11 +14,22 @@
 #include <emmintrin.h>
 #endif
 
+// FL_AVX512 selects the AVX-512 code paths. FL_SIMDE_AVX512 (test builds only: the CMake option
+// FASTLAYERS_EMULATE_AVX512) compiles them for a machine without AVX-512 through SIMDe's portable
+// implementations of the same intrinsics, so that CI runs their logic against the reference;
+// release builds use the native instructions.
+#if defined(FL_SIMDE_AVX512)
+#include "common/simde_avx512.h"
+#define FL_AVX512 1
+#elif defined(__AVX512F__)
+#define FL_AVX512 1
+#endif
+
 #include "common/dtype.h"
 
 namespace fastlayers::cpu::FL_CPU_ISA {
 
-#if defined(__AVX512F__)
+#if defined(FL_AVX512)
 
 constexpr int kW = 16;
 struct V {

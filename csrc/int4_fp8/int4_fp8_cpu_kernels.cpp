@@ -60,7 +60,7 @@ const Tables& tables() {
   return t;
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && !defined(FL_AVX512)
 // AVX2: 64 k (32 weight bytes) per chunk, in the order the byte look-ups produce them: staged vector
 // v (8 floats) holds the low (v < 4) or high (v >= 4) nibbles of bytes 4 (v % 4) .. +3 and 16 + the
 // same (the two 128-bit lanes).
@@ -133,7 +133,7 @@ void group_tail(const uint8_t* w, int64_t bytes, const float* lut, const float* 
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(FL_AVX512)
 
 // R rows x one channel over all of K: the 16 bytes of a chunk widen to 16 lanes; vpermps takes the
 // low 4 bits of each lane as the index, so the low nibbles index directly and the high ones after a

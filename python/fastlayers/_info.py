@@ -37,6 +37,7 @@ def info() -> dict:
 
     Keys: ``version``, ``extension_loaded`` (bool), ``extension_error`` (why not, or None),
     ``cpu_isa`` (the kernel variant in use: avx512 / avx2 / scalar, or None), ``cpu_isa_detected``,
+    ``avx512_emulated`` (a test build whose AVX-512 kernels run through SIMDe),
     ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``cuda_sm90_gemm`` (the Hopper
     CUTLASS GEMM was compiled), ``gpu`` (name of GPU 0, or None),
     ``torch`` (version), and ``ops``: for each op, the backend each device runs
@@ -52,6 +53,7 @@ def info() -> dict:
         "extension_error": _ext.LOAD_ERROR,
         "cpu_isa": C.cpu_isa() if C is not None else None,
         "cpu_isa_detected": C.detected_cpu_isa() if C is not None else None,
+        "avx512_emulated": C is not None and C.avx512_emulated(),
         "cuda_compiled": cuda_kernels,
         "cuda_sm90_gemm": _ext.has_sm90_gemm(),
         "cuda_archs": [a for a in C.cuda_archs().split(",") if a] if C is not None else [],
@@ -72,6 +74,8 @@ def format_info(d: dict | None = None) -> str:
     loaded = "loaded" if d["extension_loaded"] else f"NOT loaded: {d['extension_error']}"
     cuda = "yes, archs " + ",".join(d["cuda_archs"]) if d["cuda_compiled"] else "no"
     isa = f"{d['cpu_isa'] or '-'} (detected: {d['cpu_isa_detected'] or '-'})"
+    if d.get("avx512_emulated"):
+        isa += " [AVX-512 emulated through SIMDe: a slow test build]"
     lines = [
         f"fastlayers {d['version']} (torch {d['torch']})",
         f"  compiled kernels (_C): {loaded}",
