@@ -33,13 +33,15 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
 #if defined(__AVX2__)
   if (chunked) {
     const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-    for (int64_t c = 0; c < d; c += 16) {
-      const __m256 s = _mm256_set1_ps(to_float(scales[c / group]));
-      const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + c / 2)));
-      const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight);
-      const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight);
-      _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
-      _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), s));
+    for (int64_t g0 = 0; g0 < d; g0 += group) {  // one scale (and no division) per group
+      const __m256 s = _mm256_set1_ps(to_float(scales[g0 / group]));
+      for (int64_t c = g0; c < g0 + group; c += 16) {
+        const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+        const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight);
+        const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight);
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
+        _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), s));
+      }
     }
     return;
   }
