@@ -16,19 +16,21 @@
 
 namespace fastlayers::simde_shim {
 
-inline simde__m256i cvtepi32_epi16(simde__m512i a) {  // vpmovdw: truncate each lane to 16 bits
+// vpmovdw / vpmovdb: each 32-bit lane truncated to the width of Int.
+template <typename Int>
+void truncate_lanes(simde__m512i a, Int* out) {
   alignas(64) int32_t in[16];
-  alignas(32) int16_t out[16];
   simde_mm512_store_si512(in, a);
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<int16_t>(static_cast<uint32_t>(in[i]));
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<Int>(static_cast<uint32_t>(in[i]));
+}
+inline simde__m256i cvtepi32_epi16(simde__m512i a) {
+  alignas(32) int16_t out[16];
+  truncate_lanes(a, out);
   return simde_mm256_load_si256(reinterpret_cast<const simde__m256i*>(out));
 }
-
-inline simde__m128i cvtepi32_epi8(simde__m512i a) {  // vpmovdb: truncate each lane to 8 bits
-  alignas(64) int32_t in[16];
+inline simde__m128i cvtepi32_epi8(simde__m512i a) {
   alignas(16) int8_t out[16];
-  simde_mm512_store_si512(in, a);
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<int8_t>(static_cast<uint32_t>(in[i]));
+  truncate_lanes(a, out);
   return simde_mm_load_si128(reinterpret_cast<const simde__m128i*>(out));
 }
 
