@@ -150,6 +150,13 @@ def test_int4_kv_decode_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
         int4_kv_decode(q, k, ks, v, vs, 41)
     with pytest.raises(ValueError, match="k_scale"):
         int4_kv_decode(q, k, ks.float(), v, vs)
+    # values quantized with another group size than the keys (the kernels take one; the mismatch
+    # read past v_scale, found by AddressSanitizer)
+    v16, vs16 = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 16)
+    with pytest.raises(ValueError, match="must match"):
+        int4_kv_decode(q, k, ks, v16, vs16)
+    with pytest.raises(ValueError, match="must match"):
+        int4_kv_decode(q, k, ks, v, vs[..., :1])
     opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode, (q, k, ks, v, vs, 33, 0.125))
 
 

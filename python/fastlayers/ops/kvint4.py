@@ -74,6 +74,11 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> 
                 f"{name} must be float8_e4m3fn [{b}, {hkv}, {t_max}, head_dim / group], got "
                 f"{s.dtype} {tuple(s.shape)}"
             )
+    if v_scale.shape != k_scale.shape:  # the kernels take one group size for keys and values
+        raise ValueError(
+            f"k_scale {tuple(k_scale.shape)} and v_scale {tuple(v_scale.shape)} must match (one "
+            "quantization group for keys and values)"
+        )
     if (d // k_scale.shape[3]) % 2:
         raise ValueError("the quantization group must be even")
     if not 0 <= length <= t_max:
