@@ -125,6 +125,89 @@ void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d
   values<H>(s, v, nt, d, acc);
 }
 
+#if defined(__AVX2__) && !defined(FL_AVX512)
+// Decode with at most kHeads query rows per task (GQA groups of <= 4 heads): the block's keys and
+// values are dequantized in registers where they are used instead of through the fp32 buffers
+// (each byte serves every row once either way). Same values (an INT4 code times its FP8 scale is
+// exact in fp32), same channel order and the same accumulation order as scores() and values() on
+// the buffers: bit-identical results, without the buffers' stores and reloads. AVX2 builds only
+// (8-lane accumulators, as scores() there); the AVX-512 build keeps the buffers.
+struct Int4Rows {
+  const uint8_t* bytes;  // the block's first row, d / 2 bytes per row
+  const float* scales;   // the block's scales as fp32, d / group per row
+  int64_t d, group;
+};
+
+// The 16 channels [c, c + 16) of row i in the [8 even | 8 odd] order, times the group's scale.
+static inline void int4_chunk(const Int4Rows& r, int64_t i, int64_t c, __m256 s, __m256& lo,
+                              __m256& hi) {
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  const __m256i w = _mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.bytes + i * (r.d / 2) + c / 2)));
+  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight)), s);
+  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight)), s);
+}
+
+// scores<H> over INT4 keys: one accumulator per head, channels in steps of 8, as there.
+template <int H>
+void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
+  const int64_t d = k.d, groups = d / k.group;
+  for (int64_t i = 0; i < nt; ++i) {
+    __m256 a[H];
+    for (int h = 0; h < H; ++h) a[h] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 sc = _mm256_set1_ps(k.scales[i * groups + g]);
+      for (int64_t c = g * k.group; c < (g + 1) * k.group; c += 16) {
+        __m256 lo, hi;
+        int4_chunk(k, i, c, sc, lo, hi);
+        for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c), lo, a[h]);
+        for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c + 8), hi, a[h]);
+      }
+    }
+    for (int h = 0; h < H; ++h) s[h * kTokens + i] = vsum(V{a[h]});
+  }
+}
+
+// values<H> over INT4 values: per 16 channels, the accumulators in registers over the block's tokens.
+template <int H>
+void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
+  const int64_t d = v.d, groups = d / v.group;
+  for (int64_t c = 0; c < d; c += 16) {
+    const int64_t g = c / v.group;
+    __m256 alo[H], ahi[H];
+    for (int h = 0; h < H; ++h) {
+      alo[h] = _mm256_loadu_ps(acc + h * d + c);
+      ahi[h] = _mm256_loadu_ps(acc + h * d + c + 8);
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      __m256 lo, hi;
+      int4_chunk(v, i, c, _mm256_set1_ps(v.scales[i * groups + g]), lo, hi);
+      for (int h = 0; h < H; ++h) {
+        const __m256 ph = _mm256_set1_ps(p[h * kTokens + i]);
+        alo[h] = _mm256_fmadd_ps(ph, lo, alo[h]);
+        ahi[h] = _mm256_fmadd_ps(ph, hi, ahi[h]);
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      _mm256_storeu_ps(acc + h * d + c, alo[h]);
+      _mm256_storeu_ps(acc + h * d + c + 8, ahi[h]);
+    }
+  }
+}
+
+template <int H>
+void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt, int64_t t0,
+                const int64_t* limit, float* s, float* m, float* l, float* acc) {
+  scores_int4<H>(q, k, nt, s);
+  for (int h = 0; h < H; ++h) {
+    int64_t hi = limit[h] - t0 + 1;
+    hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
+    scale_row(acc + h * k.d, k.d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
+  }
+  values_int4<H>(s, v, nt, acc);
+}
+#endif
+
 // Query rows per task: kQueryBlock query tokens of every head of the GQA group.
 constexpr int64_t kQueryBlock = 32;
 
@@ -152,6 +235,24 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
   const int64_t keys = past + qi0 + nq;  // the last row's limit + 1
   for (int64_t t0 = 0; t0 < keys; t0 += kTokens) {
     const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
+#if defined(__AVX2__) && !defined(FL_AVX512)
+    if (chunked && rows <= kHeads) {  // decode: dequantize in registers (heads_int4)
+      const int64_t r0 = row + t0;
+      for (int64_t j = 0; j < nt * groups; ++j) {  // the FP8 scales once (the fp32 buffers are free)
+        w.k[j] = to_float(p.k_scale[r0 * groups + j]);
+        w.v[j] = to_float(p.v_scale[r0 * groups + j]);
+      }
+      const Int4Rows kr{p.k + r0 * (d / 2), w.k, d, p.group};
+      const Int4Rows vr{p.v + r0 * (d / 2), w.v, d, p.group};
+      switch (rows) {
+        case 4: heads_int4<4>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
+        case 3: heads_int4<3>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
+        case 2: heads_int4<2>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
+        default: heads_int4<1>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
+      }
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t r = row + t0 + i;
       dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
