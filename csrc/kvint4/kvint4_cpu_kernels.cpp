@@ -28,19 +28,27 @@ int64_t position(int64_t c, bool chunked) {
   return base + (i % 2 == 0 ? i / 2 : 8 + i / 2);
 }
 
+#if defined(__AVX2__)
+// 16 channels from their 8 bytes, in the [8 even | 8 odd] order, times their group's scale.
+static inline void int4_chunk(const uint8_t* bytes, __m256 s, __m256& lo, __m256& hi) {
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight)), s);
+  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight)), s);
+}
+#endif
+
 void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64_t group, bool chunked,
                  float* out) {
 #if defined(__AVX2__)
   if (chunked) {
-    const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
     for (int64_t g0 = 0; g0 < d; g0 += group) {  // one scale (and no division) per group
       const __m256 s = _mm256_set1_ps(to_float(scales[g0 / group]));
       for (int64_t c = g0; c < g0 + group; c += 16) {
-        const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + c / 2)));
-        const __m256i lo = _mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight);
-        const __m256i hi = _mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight);
-        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), s));
-        _mm256_storeu_ps(out + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), s));
+        __m256 lo, hi;
+        int4_chunk(bytes + c / 2, s, lo, hi);
+        _mm256_storeu_ps(out + c, lo);
+        _mm256_storeu_ps(out + c + 8, hi);
       }
     }
     return;
@@ -113,15 +121,23 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
 
 // H query rows against a block of nt keys starting at token t0; row r sees the block's keys up to
 // its last visible token limit[r] (causal): the rest of its scores are masked.
+// The online softmax step of H rows over the block's scores (masked past each row's limit): the
+// scores become probabilities, and each row's accumulator is rescaled to the new maximum.
 template <int H>
-void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t t0,
-           const int64_t* limit, float* s, float* m, float* l, float* acc) {
-  scores<H>(q, k, nt, d, s);
+void softmax_rows(int64_t nt, int64_t d, int64_t t0, const int64_t* limit, float* s, float* m, float* l,
+                  float* acc) {
   for (int h = 0; h < H; ++h) {
     int64_t hi = limit[h] - t0 + 1;
     hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
     scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
   }
+}
+
+template <int H>
+void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t t0,
+           const int64_t* limit, float* s, float* m, float* l, float* acc) {
+  scores<H>(q, k, nt, d, s);
+  softmax_rows<H>(nt, d, t0, limit, s, m, l, acc);
   values<H>(s, v, nt, d, acc);
 }
 
@@ -138,16 +154,6 @@ struct Int4Rows {
   int64_t d, group;
 };
 
-// The 16 channels [c, c + 16) of row i in the [8 even | 8 odd] order, times the group's scale.
-static inline void int4_chunk(const Int4Rows& r, int64_t i, int64_t c, __m256 s, __m256& lo,
-                              __m256& hi) {
-  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-  const __m256i w = _mm256_cvtepu8_epi32(
-      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.bytes + i * (r.d / 2) + c / 2)));
-  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_and_si256(w, low), eight), eight)), s);
-  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_xor_si256(_mm256_srli_epi32(w, 4), eight), eight)), s);
-}
-
 // scores<H> over INT4 keys: one accumulator per head, channels in steps of 8, as there.
 template <int H>
 void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
@@ -159,7 +165,7 @@ void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
       const __m256 sc = _mm256_set1_ps(k.scales[i * groups + g]);
       for (int64_t c = g * k.group; c < (g + 1) * k.group; c += 16) {
         __m256 lo, hi;
-        int4_chunk(k, i, c, sc, lo, hi);
+        int4_chunk(k.bytes + i * (d / 2) + c / 2, sc, lo, hi);
         for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c), lo, a[h]);
         for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c + 8), hi, a[h]);
       }
@@ -181,7 +187,7 @@ void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
     }
     for (int64_t i = 0; i < nt; ++i) {
       __m256 lo, hi;
-      int4_chunk(v, i, c, _mm256_set1_ps(v.scales[i * groups + g]), lo, hi);
+      int4_chunk(v.bytes + i * (d / 2) + c / 2, _mm256_set1_ps(v.scales[i * groups + g]), lo, hi);
       for (int h = 0; h < H; ++h) {
         const __m256 ph = _mm256_set1_ps(p[h * kTokens + i]);
         alo[h] = _mm256_fmadd_ps(ph, lo, alo[h]);
@@ -199,11 +205,7 @@ template <int H>
 void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt, int64_t t0,
                 const int64_t* limit, float* s, float* m, float* l, float* acc) {
   scores_int4<H>(q, k, nt, s);
-  for (int h = 0; h < H; ++h) {
-    int64_t hi = limit[h] - t0 + 1;
-    hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
-    scale_row(acc + h * k.d, k.d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
-  }
+  softmax_rows<H>(nt, k.d, t0, limit, s, m, l, acc);
   values_int4<H>(s, v, nt, acc);
 }
 #endif
