@@ -17,7 +17,7 @@ import torch
 
 import fastlayers
 from fastlayers import reference as ref
-from fastlayers.benchmark.harness import Row, backend_label, copy_bandwidth, time_interleaved
+from fastlayers.benchmark.harness import CopyCase, Row, backend_label, time_interleaved
 
 WIDTH, DEPTH = 768, 11
 QUICK_TOKENS = [1, 1024]
@@ -61,13 +61,15 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 for _ in range(4)
             ]
             nbytes = tokens * ((DEPTH + 1) * 2 * WIDTH + 2 * WIDTH) * b
-            copy_bw = copy_bandwidth(max(nbytes // 2, 1 << 16), device)
+            copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
             with torch.no_grad():
-                t_ours, *t_bases = time_interleaved(
+                t_ours, *t_bases, t_copy = time_interleaved(
                     [(ufb, inputs, reps)]
-                    + [(fn, inputs, max(3, reps // 4)) for fn in baselines.values()],
+                    + [(fn, inputs, max(3, reps // 4)) for fn in baselines.values()]
+                    + [copy_.case(reps)],
                     device,
                 )
+                copy_bw = copy_.bandwidth(t_copy)
                 x0 = inputs[0][0]
                 y = ufb(x0)
                 y64 = ref.ultrafast_ff(x0.double(), ufb.w_in.double(), ufb.w_out.double())[0]

@@ -7,7 +7,7 @@
   (a write over a buffer larger than L2) before it, and a GPU-side spin queued before the start
   event so that the host has enqueued the whole call before the GPU reaches it: the time is the
   device's alone, not host overhead (``bench/bench_dispatch_overhead.py`` measures that).
-* ``copy_bandwidth`` / ``CopyCase`` measure the limit for memory-bound kernels on the same device in
+* ``CopyCase`` measures the limit for memory-bound kernels on the same device in
   the same run: ``dst.copy_(src)``, bytes read plus bytes written.
 * ``time_interleaved`` times an op, its baselines (and the copy) call by call in alternation, so
   that a machine whose speed drifts during the run moves all of them alike: their ratios hold.
@@ -188,12 +188,6 @@ class CopyCase:
 
     def bandwidth(self, timing: Timing) -> float:
         return self.moved / timing.median_s
-
-
-def copy_bandwidth(nbytes: int, device: torch.device, reps: int = 20) -> float:
-    """Bytes/s of ``dst.copy_(src)`` for a ``nbytes`` source (counts the read and the write)."""
-    copy = CopyCase(nbytes, device)
-    return copy.bandwidth(time_fn(*copy.case(reps)[:2], device, reps=reps))
 
 
 def describe_device(device: torch.device) -> str:
