@@ -508,7 +508,8 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
 void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::uintptr_t packed,
                  std::uintptr_t scales, int64_t rows, int64_t d, int64_t group, int64_t tokens,
                  int64_t heads, int dtype, std::uintptr_t cos, std::uintptr_t sin,
-                 int64_t cos_batch_stride, bool interleaved, std::uintptr_t stream) {
+                 int64_t cos_batch_stride, bool interleaved, std::uintptr_t stream, int64_t out_tokens,
+                 int64_t out_start, std::uintptr_t q_out, bool q_fp8) {
   kvint4::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.post_scale = ptr<const float>(post_scale);
@@ -524,6 +525,10 @@ void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::u
   p.tokens = tokens;
   p.heads = heads;
   p.dtype = static_cast<DType>(dtype);
+  p.out_tokens = out_tokens;
+  p.out_start = out_start;
+  p.q_out = ptr<float>(q_out);
+  p.q_fp8 = q_fp8;
   run(device, p, stream, kvint4::quantize_cpu, FL_CUDA_OR_NONE(kvint4::quantize_cuda));
 }
 

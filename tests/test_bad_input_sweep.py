@@ -17,7 +17,13 @@ import fastlayers
 from _tolerances import rand
 from fastlayers import quant
 from fastlayers.ops import fff_hard, peer_experts, rms_norm_backward, ultrafast_ff
-from fastlayers.ops.kvint4 import int4_kv_attention, int4_kv_decode, kv_quantize
+from fastlayers.ops.kvint4 import (
+    int4_kv_attention,
+    int4_kv_decode,
+    kv_cache_write,
+    kv_quantize,
+    q_quantize,
+)
 
 
 def _r(*shape, dtype=torch.float32):
@@ -78,6 +84,17 @@ def _cases():
             [_r(10, 8), torch.tensor([3, 1, -1]), _r(3, 8), torch.rand(3)],
         ),
         "kv_quantize": (kv_quantize, [_r(2, 2, 12, 32), 16]),
+        "kv_cache_write": (
+            kv_cache_write,
+            [
+                _r(2, 2, 3, 32),
+                torch.zeros(2, 2, 12, 16, dtype=torch.uint8),
+                torch.zeros(2, 2, 12, 2, dtype=torch.float8_e4m3fn),
+                5,
+                _r(2, 32).abs(),
+            ],
+        ),  # fmt: skip
+        "q_quantize": (q_quantize, [_r(2, 4, 3, 32), _r(4, 32), _r(3, 32), _r(3, 32)]),
         "int4_kv_decode": (int4_kv_decode, [_r(2, 4, 32), k, ks, v, vs, 10]),
         "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
         "RMSNorm": (fastlayers.RMSNorm(64), [x]),

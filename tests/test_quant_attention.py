@@ -211,3 +211,58 @@ def test_fused_rope_cache_write_is_bit_exact(device):
         kv_quantize(x, 16, None, cos, None)
     with pytest.raises(ValueError, match="cos must be"):
         kv_quantize(x, 16, None, cos[..., :8, :], sin[..., :8, :])
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    """A function mode that changes nothing: the module then takes the ops' route."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("q_fp8", [True, False])
+def test_kernel_route_and_op_route_agree(device, q_fp8):
+    """The module's direct kernel route (eager) and its route through the public ops (taken under a
+    function mode, as when tracing) write the same cache bytes and return the same output."""
+    post = torch.rand(2, 64) * 3 + 0.25
+    m = fastlayers.RopeAwareQuantAttention(8, 2, 64, 32, post, q_fp8=q_fp8).to(device)
+    q, k, v = (t.to(device) for t in _inputs(2, 8, 2, 70, 64, torch.bfloat16, seed=4))
+    cos, sin = (t.to(device) for t in _tables(70, 64, batch=2))
+    caches = m.new_cache(), m.new_cache()
+    outs = [[], []]
+    for lo, hi in ((0, 40), (40, 41), (41, 66), (66, 67), (67, 70)):  # prefill, decode, grow
+        sl = slice(lo, hi)
+        args = (q[:, :, sl], k[:, :, sl], v[:, :, sl], cos[:, sl], sin[:, sl])
+        outs[0].append(m(*args, caches[0]))
+        with _PassThrough():
+            outs[1].append(m(*args, caches[1]))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    assert caches[0].length == caches[1].length == 70 and caches[0].capacity >= 70
+    for a, b in zip(caches[0].buffers, caches[1].buffers, strict=True):
+        assert torch.equal(a.view(torch.uint8)[:, :, :70], b.view(torch.uint8)[:, :, :70])
+
+
+def test_store_write_is_append_of_kv_quantize(device):
+    """Int4KVStore.write (quantized in place) == append(kv_quantize(k), kv_quantize(v)), across a
+    capacity doubling; a write that does not fit the cache is refused."""
+    from fastlayers.ops import kv_quantize
+
+    post = torch.rand(3, 32, device=device) + 0.5
+    written, appended = quant.Int4KVStore(), quant.Int4KVStore()
+    for t, seed in ((50, 1), (1, 2), (30, 3)):
+        _, k, v = (x.to(device) for x in _inputs(2, 3, 3, t, 32, torch.float16, seed=seed))
+        cos, sin = (x.to(device) for x in _tables(t, 32, offset=written.length))
+        written.write(k, v, 16, post, cos, sin, "interleaved")
+        kq, ks = kv_quantize(k, 16, post, cos, sin, "interleaved")
+        appended.append(kq, ks, *kv_quantize(v, 16))
+    assert written.length == appended.length == 81 and written.capacity == 128
+    for a, b in zip((written.kq, written.ks, written.vq, written.vs),
+                    (appended.kq, appended.ks, appended.vq, appended.vs), strict=True):  # fmt: skip
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with pytest.raises(ValueError, match="does not match the cache"):
+        written.write(k[:, :2], v[:, :2], 16)
+    with pytest.raises(ValueError, match="alike"):
+        written.write(k, v[:, :, :1], 16)
+    with pytest.raises(ValueError, match="group_size"):
+        written.write(k, v, 12)

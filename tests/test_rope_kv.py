@@ -199,6 +199,139 @@ def test_kv_quantize_kernel_is_bit_exact(device, dtype):
         assert packed.shape == (*empty.shape[:3], 32) and scales.shape == (*empty.shape[:3], 2)
 
 
+def _random_bytes(*shape, device):
+    """A cache buffer full of random bytes (what a write must leave alone outside its tokens)."""
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pairing", ["half", "interleaved", None])
+@pytest.mark.parametrize("b,h,t,d,group,cap,start", [
+    (2, 3, 5, 64, 16, 11, 4), (3, 5, 7, 48, 16, 13, 6), (1, 2, 1, 128, 128, 64, 0),
+    (2, 1, 4, 32, 32, 4, 0),
+])  # fmt: skip
+def test_kv_cache_write_is_kv_quantize_in_place(device, dtype, pairing, b, h, t, d, group, cap,
+                                                 start):  # fmt: skip
+    """The in-place cache write == kv_quantize's bytes at tokens start .. start + t - 1 (kernel and
+    reference, bit-exact); every other byte of the buffers stays as it was."""
+    from fastlayers.ops.kvint4 import _kv_cache_write_reference, kv_cache_write, kv_quantize
+
+    x = rand(b, t, h, d, dtype=dtype, device=device, scale=3.0).transpose(1, 2)  # HF layout
+    assert not x.is_contiguous() or t == 1 or h == 1
+    x[0, 0, 0, :group] = 0  # an all-zero group
+    post = torch.rand(h, d, device=device) * 4 + 0.1
+    cos = sin = None
+    if pairing is not None:
+        ang = torch.rand(b, t, d, device=device) * 6
+        cos, sin = ang.cos(), ang.sin()
+    want = kv_quantize(x, group, post, cos, sin, pairing or "half")
+    packed = _random_bytes(b, h, cap, d // 2, device=device)
+    scales = _random_bytes(b, h, cap, d // group, device=device).view(torch.float8_e4m3fn)
+    bufs = (packed, scales)
+    before = [u.view(torch.uint8).clone() for u in bufs]
+    refs = [u.clone() for u in bufs]
+    kv_cache_write(x, packed, scales, start, post, cos, sin, pairing or "half")
+    _kv_cache_write_reference(x, *refs, start, post, cos, sin, pairing or "half")
+    end = start + t
+    for buf, ref, old, new in zip(bufs, refs, before, want, strict=True):
+        got = buf.view(torch.uint8)
+        assert torch.equal(got[:, :, start:end], new.view(torch.uint8))
+        assert torch.equal(got, ref.view(torch.uint8))
+        assert torch.equal(got[:, :, :start], old[:, :, :start])
+        assert torch.equal(got[:, :, end:], old[:, :, end:])
+
+
+def test_kv_cache_write_bad_arguments_and_opcheck():
+    from fastlayers.ops.kvint4 import kv_cache_write
+
+    x = rand(2, 3, 5, 64, dtype=torch.bfloat16, device="cpu")
+    packed = torch.zeros(2, 3, 16, 32, dtype=torch.uint8)
+    scales = torch.zeros(2, 3, 16, 4, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    torch.library.opcheck(
+        torch.ops.fastlayers.kv_cache_write, (x, packed, scales, 3, None),
+        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )  # fmt: skip
+    cases = [
+        ((x, packed.int(), scales, 0), ValueError, "packed must be uint8"),
+        ((x, packed[:, :2], scales, 0), ValueError, "packed must be uint8"),
+        ((x, packed, scales.view(torch.uint8), 0), ValueError, "scales must be float8"),
+        ((x, packed, scales[:, :, :8], 0), ValueError, "scales must be float8"),
+        ((x, packed, torch.zeros(2, 3, 16, 3, dtype=torch.float8_e4m3fn), 0), ValueError,
+         "scales must be float8"),  # 3 groups do not divide 64
+        ((x, packed.transpose(2, 3).contiguous().transpose(2, 3), scales, 0), ValueError,
+         "packed must be contiguous"),
+        ((x, packed, scales, 12), ValueError, "start must be in \\[0, 11\\]"),
+        ((x, packed, scales, -1), ValueError, "start must be in"),
+        ((x, packed, scales, 1.5), TypeError, "start must be an int"),
+        ((x, packed, scales, 0, torch.ones(2, 64)), ValueError, "post_scale must be float32"),
+        ((x.int(), packed, scales, 0), ValueError, "x must be float32/float16/bfloat16"),
+        ((x, packed, scales, 0, None, torch.ones(5, 64)), ValueError, "together"),
+        ((x, packed, packed.view(torch.float8_e4m3fn)[..., :4], 0), ValueError, "contiguous"),
+    ]  # fmt: skip
+    for args, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            kv_cache_write(*args)
+    # the buffers must not share memory with the input (or each other)
+    raw = torch.zeros(2 * 3 * 16 * 32 * 2, dtype=torch.uint8)
+    alias = raw[: packed.numel()].view(packed.shape)
+    xa = raw.view(torch.bfloat16)[: x.numel()].view(x.shape)
+    with pytest.raises(ValueError, match="packed shares memory with x"):
+        kv_cache_write(xa, alias, scales, 0)
+    flat = torch.zeros(2 * 3 * 16 * 36, dtype=torch.uint8)
+    p2, s2 = flat[: 2 * 3 * 16 * 32].view(2, 3, 16, 32), flat[-2 * 3 * 16 * 4 :]
+    with pytest.raises(ValueError, match="packed shares memory with scales"):
+        kv_cache_write(x, p2, flat[: 2 * 3 * 16 * 4].view(torch.float8_e4m3fn).view(2, 3, 16, 4),
+                       0)  # fmt: skip
+    kv_cache_write(x, p2, s2.view(torch.float8_e4m3fn).view(2, 3, 16, 4), 0)  # disjoint: fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_q_quantize_matches_the_reference(device, dtype):
+    """The query side in one pass == RoPE, times the scale, through FP8 per (token, head),
+    bit-exact; strided queries, zero rows (scale 1) and NaN rows included."""
+    from fastlayers.ops.kvint4 import _q_quantize_reference, q_quantize
+
+    q = rand(3, 9, 6, 64, dtype=dtype, device=device, scale=5.0).transpose(1, 2)  # [B, H, T, d]
+    q[0, 1, 2] = 0
+    q[1, 0, 3, 7] = float("nan")
+    scale = torch.rand(6, 64, device=device) * 3 + 0.2
+    ang = torch.rand(9, 64, device=device) * 6
+    for cos, sin in ((None, None), (ang.cos(), ang.sin()), (ang.cos()[None], ang.sin()[None])):
+        for pairing in ("half", "interleaved"):
+            for s in (None, scale):
+                for fp8 in (True, False):
+                    got = q_quantize(q, s, cos, sin, pairing, fp8)
+                    want = _q_quantize_reference(q, s, cos, sin, pairing, fp8)
+                    assert got.dtype == torch.float32 and got.shape == q.shape
+                    assert torch.equal(got.isnan(), want.isnan())
+                    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(got[0, 1, 2], torch.zeros(64, device=device))
+    if fp8:  # FP8 values: at most 8 distinct magnitudes per binade survive
+        row = got[2, 3, 4].abs() / got[2, 3, 4].abs().max() * 448
+        assert torch.equal(row, row.to(torch.float8_e4m3fn).float())
+
+
+def test_q_quantize_bad_arguments_and_opcheck():
+    from fastlayers.ops.kvint4 import q_quantize
+
+    q = rand(2, 4, 3, 32, dtype=torch.float16, device="cpu")
+    cos, sin = torch.rand(3, 32), torch.rand(3, 32)
+    torch.library.opcheck(torch.ops.fastlayers.q_quantize, (q, torch.rand(4, 32) + 1, cos, sin))
+    cases = [
+        ((q[..., :31],), ValueError, "head_dim must be even"),
+        ((q[0],), ValueError, "q must be float32/float16/bfloat16 \\[batch, heads"),
+        ((q, torch.ones(2, 32)), ValueError, "scale must be float32 \\[4, 32\\]"),
+        ((q, None, cos[:2], sin[:2]), ValueError, "cos must be"),
+        ((q, None, cos, None), ValueError, "together"),
+        ((q, None, cos, sin, "other"), ValueError, "pairing"),
+        ((q, None, None, None, "half", 1), TypeError, "fp8 must be a bool"),
+        (("q",), TypeError, "q must be a torch.Tensor"),
+    ]  # fmt: skip
+    for args, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            q_quantize(*args)
+
+
 def test_int4_kv_decode_strided_query():
     from fastlayers.ops.kvint4 import int4_kv_decode
 

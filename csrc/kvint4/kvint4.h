@@ -46,11 +46,32 @@ struct QuantizeParams {
   const float* sin = nullptr;
   int64_t cos_batch_stride = 0;         // tokens * d, or 0 when one table serves every batch row
   bool interleaved = false;             // RoPE pairing: (2i, 2i + 1) instead of (c, c + d/2)
-  uint8_t* packed = nullptr;            // [rows, d / 2]
-  fp8e4m3_t* scales = nullptr;          // [rows, d / group]
+  uint8_t* packed = nullptr;            // [rows, d / 2], or a cache buffer (out_tokens below)
+  fp8e4m3_t* scales = nullptr;          // [rows, d / group], likewise
   int64_t rows = 0, d = 0, group = 0, tokens = 1, heads = 1;
   DType dtype = DType::kFloat32;
+  // Cache write in place: with out_tokens > 0, packed and scales are [batch, heads, out_tokens, .]
+  // cache buffers and row r (batch-head r / tokens, token r % tokens) goes to their token
+  // out_start + r % tokens (out_start + tokens <= out_tokens). 0: row r goes to row r.
+  int64_t out_tokens = 0, out_start = 0;
+  // The query side instead (q_out set; packed, scales and the out_* fields unused; group == d):
+  // the rotated, scaled rows in fp32, through FP8-E4M3 first when q_fp8, with one scale per row,
+  // max|row| / 448 (1 for an all-zero row): q_out[r] = fp8(row / s) * s (the reference's
+  // quantize_q_fp8; the attention kernels take these fp32 values).
+  float* q_out = nullptr;               // [rows, d]
+  bool q_fp8 = true;
 };
+
+#if defined(__CUDACC__)
+#define FL_KVINT4_HD __host__ __device__
+#else
+#define FL_KVINT4_HD
+#endif
+
+// The packed/scales row that row r of a cache write goes to.
+inline FL_KVINT4_HD int64_t output_row(const QuantizeParams& p, int64_t r) {
+  return p.out_tokens > 0 ? (r / p.tokens) * p.out_tokens + p.out_start + r % p.tokens : r;
+}
 
 Status validate(const DecodeParams& p);
 Status validate(const QuantizeParams& p);

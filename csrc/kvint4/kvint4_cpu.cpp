@@ -43,7 +43,11 @@ Status validate(const QuantizeParams& p) {
       (p.rows > 0 && (p.tokens == 0 || p.heads == 0))) {
     return Status::invalid("kv_quantize: bad sizes (need d a multiple of an even group)");
   }
-  if (p.rows > 0 && (p.x == nullptr || p.packed == nullptr || p.scales == nullptr)) {
+  if (p.q_out != nullptr ? p.group != p.d || p.out_tokens != 0
+                         : p.out_tokens < 0 || (p.out_tokens > 0 && (p.out_start < 0 || p.out_start > p.out_tokens - p.tokens))) {
+    return Status::invalid("kv_quantize: bad output rows (cache tokens, start) or query-side group");
+  }
+  if (p.rows > 0 && (p.x == nullptr || (p.q_out == nullptr && (p.packed == nullptr || p.scales == nullptr)))) {
     return Status::invalid("kv_quantize: null pointer argument");
   }
   if ((p.cos == nullptr) != (p.sin == nullptr)) return Status::invalid("kv_quantize: cos and sin go together");

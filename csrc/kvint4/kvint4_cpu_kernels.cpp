@@ -311,6 +311,39 @@ void load_row(const QuantizeParams& p, int64_t r, float* row) {
   }
 }
 
+// The fp32 value of each FP8-E4M3 code (to_float of dtype.h, tabulated once).
+struct Fp8Values {
+  float v[256];
+  Fp8Values() {
+    for (int i = 0; i < 256; ++i) v[i] = to_float(fp8e4m3_t{static_cast<uint8_t>(i)});
+  }
+};
+
+// The query side of quantize: the row through FP8 (one scale max|row| / 448, 1 for an all-zero
+// row; a NaN anywhere gives scale 1 and stays NaN), or as it is. The division is a true one, as
+// in the reference; the rounding to FP8 is vstore's (to_fp8e4m3's, kW lanes at a time).
+void query_row(const QuantizeParams& p, const float* row, float* out) {
+  if (!p.q_fp8) {
+    for (int64_t c = 0; c < p.d; ++c) out[c] = row[c];
+    return;
+  }
+  static const Fp8Values fp8;
+  float amax = 0.0f;
+  for (int64_t c = 0; c < p.d; ++c) {
+    const float a = __builtin_fabsf(row[c]);
+    amax = a > amax || a != a ? a : amax;
+  }
+  const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+  const V vs = vset1(s);
+  fp8e4m3_t codes[kW];
+  int64_t c = 0;
+  for (; c + kW <= p.d; c += kW) {
+    vstore(codes, vdiv(vload(row + c), vs));
+    for (int e = 0; e < kW; ++e) out[c + e] = fp8.v[codes[e].bits] * s;
+  }
+  for (; c < p.d; ++c) out[c] = fp8.v[to_fp8e4m3(row[c] / s).bits] * s;
+}
+
 template <typename T>
 void quantize_rows(const QuantizeParams& p) {
   const bool parallel = p.rows * p.d >= (1 << 16);
@@ -320,7 +353,12 @@ void quantize_rows(const QuantizeParams& p) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
       load_row<T>(p, r, row);
-      uint8_t* out = p.packed + r * (p.d / 2);
+      if (p.q_out != nullptr) {
+        query_row(p, row, p.q_out + r * p.d);
+        continue;
+      }
+      const int64_t o = output_row(p, r);
+      uint8_t* out = p.packed + o * (p.d / 2);
       for (int64_t g0 = 0; g0 < p.d; g0 += p.group) {
         float amax = 0.0f;
         for (int64_t c = g0; c < g0 + p.group; ++c) {
@@ -332,7 +370,7 @@ void quantize_rows(const QuantizeParams& p) {
         // values dequantize to NaN instead of passing for zeros.
         float s8 = to_float(to_fp8e4m3(amax / 7.0f));
         if (s8 < 0.001953125f) s8 = 0.001953125f;
-        p.scales[r * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
+        p.scales[o * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
         for (int64_t c = g0; c < g0 + p.group; c += 2) {
           int q[2];
           for (int e = 0; e < 2; ++e) {

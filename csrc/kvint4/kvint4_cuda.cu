@@ -2,7 +2,7 @@
 // CUDA INT4 KV cache kernels (sm80+). First versions, written for correctness; not yet run on a GPU.
 // Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
 //
-// Cache write (quantize): one thread per (row, group). Pass 1 forms the group's fp32 values (RoPE
+// Cache write (quantize): one thread per (row, group) (per row for the query side). Pass 1 forms the group's fp32 values (RoPE
 //   with exact double products and one rounding, times the post-RoPE scale) and their max; pass 2
 //   forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
@@ -82,6 +82,25 @@ __global__ void quantize_kernel(const QuantizeParams p) {
     cs = p.cos + b * p.cos_batch_stride + t * p.d;
     sn = p.sin + b * p.cos_batch_stride + t * p.d;
   }
+  if (p.q_out != nullptr) {  // the query side: one thread per row (group == d), as on the CPU
+    float* out = p.q_out + r * p.d;
+    if (!p.q_fp8) {
+      for (int64_t c = 0; c < p.d; ++c) out[c] = value_at(p, x, cs, sn, post, c);
+      return;
+    }
+    float amax = 0.0f;
+    for (int64_t c = 0; c < p.d; ++c) {
+      const float a = fabsf(value_at(p, x, cs, sn, post, c));
+      amax = a > amax || a != a ? a : amax;
+    }
+    const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+    for (int64_t c = 0; c < p.d; ++c) {
+      const float q = fp8e4m3_value(cuda::to_fp8e4m3(__fdiv_rn(value_at(p, x, cs, sn, post, c), s)));
+      out[c] = __fmul_rn(q, s);
+    }
+    return;
+  }
+  const int64_t o = output_row(p, r);
   float amax = 0.0f;
   for (int64_t c = g0; c < g0 + p.group; ++c) {
     const float a = fabsf(value_at(p, x, cs, sn, post, c));
@@ -90,8 +109,8 @@ __global__ void quantize_kernel(const QuantizeParams p) {
   const uint8_t code = cuda::to_fp8e4m3(amax / 7.0f);
   float s8 = fp8e4m3_value(code);
   if (s8 < kMinScale) s8 = kMinScale;  // (NaN stays: the group dequantizes to NaN)
-  reinterpret_cast<uint8_t*>(p.scales)[r * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
-  uint8_t* out = p.packed + r * (p.d / 2);
+  reinterpret_cast<uint8_t*>(p.scales)[o * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
+  uint8_t* out = p.packed + o * (p.d / 2);
   for (int64_t c = g0; c < g0 + p.group; c += 2) {
     int q[2];
 #pragma unroll

@@ -54,6 +54,8 @@ CUDA_OPS = frozenset(
         "int4_kv_decode",
         "int4_kv_attention",
         "kv_quantize",
+        "kv_cache_write",
+        "q_quantize",
         "peer_experts",
         "peer_experts_backward",
         "quantize_fp8_per_token",

@@ -29,6 +29,8 @@ OPS = (
     "int4_kv_decode",
     "int4_kv_attention",
     "kv_quantize",
+    "kv_cache_write",
+    "q_quantize",
 )
 
 

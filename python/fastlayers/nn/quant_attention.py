@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch
 
 from fastlayers.nn._fixed_dtypes import apply_keeping_dtypes
-from fastlayers.ops._common import check_positive_ints
+from fastlayers.ops._common import check_positive_ints, empty, has_kernel, no_dispatch_modes
 from fastlayers.ops.kvint4 import (
     _attention_reference,
+    _check_kv_quantize,
     _kv_quantize_reference,
+    _launch_quantize,
     int4_kv_attention,
     int4_kv_decode,
-    kv_quantize,
+    q_quantize,
 )
 from fastlayers.ops.kvint4 import _reference as _decode_reference
 from fastlayers.quant.kv_cache import Int4KVStore
@@ -46,9 +48,10 @@ class RopeAwareQuantAttention(torch.nn.Module):
     channels) with FP8 scales; softmax attention in fp32 over the dequantized cache, scaled by
     ``scale`` (default ``d ** -0.5``). Output ``[B, H_q, T, d]`` in ``q``'s dtype.
 
-    Kernels: the key cache write is one pass (RoPE, scale, quantize, pack:
-    :func:`fastlayers.ops.kv_quantize` with ``cos``/``sin``); attention reads the INT4 cache in
-    place, dequantizing blocks of keys and values in registers: the decode kernel for one new
+    Kernels: the cache write is one pass per tensor, into the cache's buffers in place (RoPE,
+    scale, quantize, pack: :func:`fastlayers.ops.kv_cache_write`); the queries are one pass
+    (RoPE, inverse scale, FP8: :func:`fastlayers.ops.q_quantize`); attention reads the INT4 cache
+    in place, dequantizing blocks of keys and values in registers: the decode kernel for one new
     token, :func:`fastlayers.ops.int4_kv_attention` (causal, tiled) for several (prefill).
     """
 
@@ -129,8 +132,22 @@ class RopeAwareQuantAttention(torch.nn.Module):
         if cache is not None and not isinstance(cache, Int4KVStore):
             raise TypeError(f"cache must be an Int4KVStore or None, got {type(cache).__name__}")
 
+    def _query_scale(self, device) -> torch.Tensor:
+        """``1 / post_scale`` repeated over the GQA group, ``[H_q, d]`` fp32 on ``device``: computed
+        once per post_scale value and device (a decode step would spend ~70 us on it)."""
+        ps, group = self.post_scale, self.num_heads // self.num_kv_heads
+        if not no_dispatch_modes():  # compiling or tracing: no data pointers, no cache
+            return (1.0 / ps).repeat_interleave(group, dim=0).to(device)
+        key = (ps.data_ptr(), ps._version, ps.device, device)
+        cached = self.__dict__.get("_inv_q")
+        if cached is None or cached[0] != key:
+            inv = (1.0 / ps).repeat_interleave(group, dim=0).to(device)
+            self.__dict__["_inv_q"] = cached = (key, inv)
+        return cached[1]
+
     def _queries(self, q, cos, sin) -> torch.Tensor:
-        """RoPE, divided by the keys' post-RoPE scale, through FP8: fp32 [B, Hq, T, d]."""
+        """RoPE, divided by the keys' post-RoPE scale, through FP8: fp32 [B, Hq, T, d] (the
+        reference's composition)."""
         group = self.num_heads // self.num_kv_heads
         inv = (1.0 / self.post_scale).repeat_interleave(group, dim=0).to(q.device)
         qs = apply_rope(q, cos, sin, self.pairing) * inv[None, :, None, :]
@@ -139,12 +156,31 @@ class RopeAwareQuantAttention(torch.nn.Module):
     def forward(self, q, k, v, cos, sin, cache: Int4KVStore | None = None) -> torch.Tensor:
         self._check(q, k, v, cos, sin, cache)
         post = self.post_scale.to(k.device)
-        kq, ks = kv_quantize(k, self.group_size, post, cos, sin, self.pairing)
-        vq, vs = kv_quantize(v, self.group_size)
         store = Int4KVStore() if cache is None else cache
-        store.append(kq, ks, vq, vs)
-        qs = self._queries(q, cos, sin)
-        kb, ksb, vb, vsb = store.buffers  # the kernels read the INT4 cache in place
+        inv = self._query_scale(q.device)
+        if no_dispatch_modes() and has_kernel(q.device, "kv_cache_write"):
+            # The kernels straight away (a decode step is latency: the ops' own checks and
+            # dispatch cost as much as the cache write). Checked here: the module's shapes above,
+            # the rotary tables against q below; the buffers are the store's own.
+            _check_kv_quantize(q, inv, self.head_dim, cos, sin, self.pairing, ("q", "scale"))
+            cos, sin = cos.float(), sin.float()  # (once for the keys and the queries)
+            start, t = store.length, k.shape[2]
+            store.reserve(k, self.group_size)
+            kb, ksb, vb, vsb = store.buffers
+            # the cache write in place: RoPE, post-RoPE scale, INT4 (one pass each for k and v)
+            _launch_quantize(k, post, self.group_size, cos, sin, self.pairing, kb, ksb,
+                             kb.shape[2], start)  # fmt: skip
+            _launch_quantize(v, None, self.group_size, None, None, "half", vb, vsb, vb.shape[2],
+                             start)  # fmt: skip
+            store.length = start + t
+            # the queries: RoPE, inverse scale, FP8 (one pass)
+            qs = empty(q.shape, torch.float32, q.device)
+            _launch_quantize(q, inv, self.head_dim, cos, sin, self.pairing, q_out=qs,
+                             fp8=self.q_fp8)  # fmt: skip
+        else:  # the ops (compiling, tracing, other devices)
+            store.write(k, v, self.group_size, post, cos, sin, self.pairing)
+            qs = q_quantize(q, inv, cos, sin, self.pairing, self.q_fp8)
+            kb, ksb, vb, vsb = store.buffers  # the kernels read the INT4 cache in place
         if q.shape[2] == 1:  # one new token: the decode kernel
             out, _ = int4_kv_decode(qs[:, :, 0], kb, ksb, vb, vsb, store.length, self.scale)
             return out[:, :, None].to(q.dtype)

@@ -17,7 +17,13 @@ from fastlayers.ops.int4_fp8 import (
     quantize_fp8_per_token,
     quantize_int4,
 )
-from fastlayers.ops.kvint4 import int4_kv_attention, int4_kv_decode, kv_quantize
+from fastlayers.ops.kvint4 import (
+    int4_kv_attention,
+    int4_kv_decode,
+    kv_cache_write,
+    kv_quantize,
+    q_quantize,
+)
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import (
     fused_add_rms_norm,
@@ -57,6 +63,8 @@ __all__ = [
     "int4_kv_decode",
     "int4_kv_attention",
     "kv_quantize",
+    "kv_cache_write",
+    "q_quantize",
     "set_poison_outputs",
     "poison_outputs_enabled",
 ]

@@ -148,6 +148,35 @@ def row_stride(t2d: torch.Tensor) -> int:
     return t2d.stride(0) if t2d.shape[0] > 1 else t2d.shape[1]
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    if t.is_contiguous():  # (the common case, without the Python loop over dimensions)
+        return start, start + t.numel() * t.element_size()
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + (span + 1) * t.element_size()
+
+
+def check_no_alias(written: dict, inputs: dict, exact_ok: set) -> None:
+    """No written buffer may share memory with an input, except the (written, input) pairs in
+    ``exact_ok`` when they are exactly the same memory (same start and strides): the kernels read
+    each element before the same thread writes it, so that form of in place is safe."""
+    spans = [(n, t, _byte_range(t)) for n, t in inputs.items() if t.numel() > 0]  # (once each)
+    for wname, w in written.items():
+        if w.numel() == 0:
+            continue
+        w0, w1 = _byte_range(w)
+        for iname, t, (t0, t1) in spans:
+            if not (w0 < t1 and t0 < w1) or w.device != t.device:
+                continue
+            if (wname, iname) in exact_ok and (w.data_ptr(), w.stride()) == (
+                t.data_ptr(),
+                t.stride(),
+            ):
+                continue
+            how = " other than exactly (in place)" if (wname, iname) in exact_ok else ""
+            raise ValueError(f"{wname} shares memory with {iname}{how}")
+
+
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

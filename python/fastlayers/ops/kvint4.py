@@ -19,22 +19,38 @@ from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
     check_int,
+    check_no_alias,
     check_tensor,
     check_tensors,
     device_code,
     device_guard,
+    direct_call_ok,
     empty,
     has_kernel,
     ptr,
     stream_of,
 )
-from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, dequantize_kv_int4, quantize_kv_int4
+from fastlayers.quant.rope_kv import (
+    PAIRINGS,
+    apply_rope,
+    dequantize_kv_int4,
+    quantize_kv_int4,
+    quantize_q_fp8,
+)
 
 FP8 = torch.float8_e4m3fn
 
 LIB.define(
     "kv_quantize(Tensor x, Tensor? post_scale, int group_size, Tensor? cos=None, Tensor? sin=None,"
     " str pairing='half') -> (Tensor, Tensor)"
+)
+LIB.define(
+    "kv_cache_write(Tensor x, Tensor(a!) packed, Tensor(b!) scales, int start, Tensor? post_scale,"
+    " Tensor? cos=None, Tensor? sin=None, str pairing='half') -> ()"
+)
+LIB.define(
+    "q_quantize(Tensor q, Tensor? scale, Tensor? cos=None, Tensor? sin=None, str pairing='half',"
+    " bool fp8=True) -> Tensor"
 )
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
@@ -61,6 +77,9 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> 
             )
     if v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match")
+    for t, name in ((k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     hkv, t_max = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
@@ -144,19 +163,21 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
     return out.to(q.dtype), lse
 
 
-def _run(q4, k, k_scale, v, v_scale, length, scale, workspace=None):
-    """The kernel on ``q4 [B, Hq, Tq, d]``: ``(out [B, Hq, Tq, d] fp32, lse [B, Hq, Tq])``."""
-    b, hq, tq, d = q4.shape
+def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None):
+    """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out fp32 in q's shape,
+    lse [B, Hq(, Tq)] fp32)``."""
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    tq = q.shape[2] if q.dim() == 4 else 1
     hkv, t_max = k.shape[1], k.shape[2]
-    device = q4.device
-    q32 = q4.float().contiguous()
+    device = q.device
+    q32 = q.float().contiguous()
     # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's input).
     q16 = None
-    if device.type == "cuda" and tq > 1 and q4.dtype in (torch.float16, torch.bfloat16):
-        q16 = q4.contiguous()
+    if device.type == "cuda" and tq > 1 and q.dtype in (torch.float16, torch.bfloat16):
+        q16 = q.contiguous()
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
-    out = empty((b, hq, tq, d), torch.float32, device)
-    lse = empty((b, hq, tq), torch.float32, device)
+    out = empty(q.shape, torch.float32, device)
+    lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
         return out, lse
     with device_guard(device):
@@ -187,8 +208,8 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale):
             )
             return _reference(q, k, k_scale, v, v_scale, length, scale)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
-    out, lse = _run(q[:, :, None], k, k_scale, v, v_scale, length, scale, workspace)
-    return out[:, :, 0].to(q.dtype), lse[:, :, 0]
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace)
+    return out.to(q.dtype), lse
 
 
 LIB.impl("int4_kv_decode", _kernel, "CPU")
@@ -227,6 +248,8 @@ def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scal
     head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
     row, head_dim a multiple of 64 up to 256); elsewhere the reference."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
+    if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
+        return _attention_kernel(q, k, k_scale, v, v_scale, length, scale)
     return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale)
 
 
@@ -240,28 +263,33 @@ def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=N
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
     ``head_dim ** -0.5``."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
+    if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
+        return _kernel(q, k, k_scale, v, v_scale, length, scale)
     return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
 
 
-def _check_kv_quantize(x, post_scale, group_size, cos=None, sin=None, pairing="half") -> None:
-    check_tensor(x, "x")
+def _check_kv_quantize(
+    x, post_scale, group_size, cos=None, sin=None, pairing="half", names=("x", "post_scale")
+) -> None:
+    xn, sn = names
+    check_tensor(x, xn)
+    heads = "heads" if xn == "q" else "kv_heads"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
         raise ValueError(
-            f"x must be float32/float16/bfloat16 [batch, kv_heads, tokens, head_dim], got "
+            f"{xn} must be float32/float16/bfloat16 [batch, {heads}, tokens, head_dim], got "
             f"{x.dtype} {tuple(x.shape)}"
         )
     b, h, t, d = x.shape
     if group_size <= 0 or group_size % 2 or d % group_size:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got {group_size}")
     if post_scale is not None:
-        check_tensor(post_scale, "post_scale")
+        check_tensor(post_scale, sn)
         if post_scale.dtype != torch.float32 or tuple(post_scale.shape) != (h, d):
             raise ValueError(
-                f"post_scale must be float32 [{h}, {d}], got {post_scale.dtype} "
-                f"{tuple(post_scale.shape)}"
+                f"{sn} must be float32 [{h}, {d}], got {post_scale.dtype} {tuple(post_scale.shape)}"
             )
         if post_scale.device != x.device:
-            raise ValueError(f"post_scale is on {post_scale.device} but x is on {x.device}")
+            raise ValueError(f"{sn} is on {post_scale.device} but {xn} is on {x.device}")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together")
     if cos is not None:
@@ -279,7 +307,7 @@ def _check_kv_quantize(x, post_scale, group_size, cos=None, sin=None, pairing="h
             if not tab.is_floating_point():
                 raise TypeError(f"{name} must be floating point, got {tab.dtype}")
             if tab.device != x.device:
-                raise ValueError(f"{name} is on {tab.device} but x is on {x.device}")
+                raise ValueError(f"{name} is on {tab.device} but {xn} is on {x.device}")
         if cos.shape != sin.shape:
             raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must match")
 
@@ -293,26 +321,50 @@ def _kv_quantize_reference(x, post_scale, group_size, cos=None, sin=None, pairin
     return quantize_kv_int4(x, group_size)
 
 
-def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
-    _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
-    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, "kv_quantize"):
-        return _kv_quantize_reference(x, post_scale, group_size, cos, sin, pairing)
+def _launch_quantize(
+    x,
+    scale,
+    group,
+    cos,
+    sin,
+    pairing,
+    packed=None,
+    scales=None,
+    out_tokens=0,
+    out_start=0,
+    q_out=None,
+    fp8=True,
+) -> None:
+    """The cache-write kernel on checked arguments: ``x`` rotated (``cos``/``sin``), times ``scale``
+    ``[heads, d]``, into INT4 ``packed``/``scales`` (rows in order, or a cache buffer's tokens
+    ``out_start ..`` of ``out_tokens``), or for the query side into fp32 ``q_out`` (through FP8
+    when ``fp8``)."""
     b, h, t, d = x.shape
+    if b * h * t == 0:
+        return
     xc = x.contiguous()
-    ps = post_scale.contiguous() if post_scale is not None else None
+    sc = scale.contiguous() if scale is not None else None
     cs = sn = None
     cos_batch_stride = 0
     if cos is not None:
         cs, sn = cos.float().contiguous(), sin.float().contiguous()
         if cs.dim() == 3 and cs.shape[0] == b and b > 1:
             cos_batch_stride = t * d
+    with device_guard(x.device):
+        _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(sc), ptr(packed), ptr(scales),
+                           b * h * t, d, group, t, h, _dtypes.code(x.dtype), ptr(cs), ptr(sn),
+                           cos_batch_stride, pairing == "interleaved", stream_of(x.device),
+                           out_tokens, out_start, ptr(q_out), fp8)  # fmt: skip
+
+
+def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
+    _check_kv_quantize(x, post_scale, group_size, cos, sin, pairing)
+    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, "kv_quantize"):
+        return _kv_quantize_reference(x, post_scale, group_size, cos, sin, pairing)
+    b, h, t, d = x.shape
     packed = empty((b, h, t, d // 2), torch.uint8, x.device)
     scales = empty((b, h, t, d // group_size), FP8, x.device)
-    with device_guard(x.device):
-        _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(ps), ptr(packed), ptr(scales),
-                           b * h * t, d, group_size, t, h, _dtypes.code(x.dtype), ptr(cs),
-                           ptr(sn), cos_batch_stride, pairing == "interleaved",
-                           stream_of(x.device))  # fmt: skip
+    _launch_quantize(x, post_scale, group_size, cos, sin, pairing, packed, scales)
     return packed, scales
 
 
@@ -338,4 +390,159 @@ def kv_quantize(x, group_size: int, post_scale=None, cos=None, sin=None, pairing
     rotated and scaled fp32 keys. One pass on CPU; the reference elsewhere."""
     check_tensors(("post_scale", "cos", "sin"), x=x, post_scale=post_scale, cos=cos, sin=sin)
     group_size = check_int(group_size, "group_size")
+    if direct_call_ok(x, post_scale, cos, sin):
+        return _kv_quantize_kernel(x, post_scale, group_size, cos, sin, pairing)
     return torch.ops.fastlayers.kv_quantize(x, post_scale, group_size, cos, sin, pairing)
+
+
+# ---- The cache write in place ----------------------------------------------------------------
+
+
+def _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing,
+                          memory: bool = True) -> int:  # fmt: skip
+    """The checks of :func:`kv_cache_write` (``memory``: also that the buffers share no memory
+    with the inputs, which needs real data pointers); returns the quantization group size."""
+    for t, name in ((x, "x"), (packed, "packed"), (scales, "scales")):
+        check_tensor(t, name)
+    _check_kv_quantize(x, None, 2, None, None)  # x's dtype and rank (the group comes from scales)
+    b, h, t, d = x.shape
+    if (
+        packed.dtype != torch.uint8
+        or packed.dim() != 4
+        or tuple(packed.shape[:2]) != (b, h)
+        or (packed.shape[3] * 2 != d)
+    ):
+        raise ValueError(
+            f"packed must be uint8 [{b}, {h}, capacity, {d // 2}] (x's batch, heads, head_dim "
+            f"/ 2), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    cap = packed.shape[2]
+    groups = scales.shape[3] if scales.dim() == 4 else 0
+    if (
+        scales.dtype != FP8 or scales.dim() != 4 or tuple(scales.shape[:3]) != (b, h, cap)
+        or not groups or d % groups
+    ):  # fmt: skip
+        raise ValueError(
+            f"scales must be float8_e4m3fn [{b}, {h}, {cap}, head_dim / group], got "
+            f"{scales.dtype} {tuple(scales.shape)}"
+        )
+    for buf, name in ((packed, "packed"), (scales, "scales")):
+        if buf.device != x.device:
+            raise ValueError(f"{name} is on {buf.device} but x is on {x.device}")
+        if not buf.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous (a cache buffer), got strides {buf.stride()}"
+            )
+    group = d // groups
+    _check_kv_quantize(x, post_scale, group, cos, sin, pairing)
+    if not 0 <= start <= cap - t:
+        raise ValueError(
+            f"start must be in [0, {cap - t}]: the {t} tokens of x must fit the cache's {cap}, got "
+            f"{start}"
+        )
+    if not memory:
+        return group
+    inputs = {"x": x, "post_scale": post_scale, "cos": cos, "sin": sin}
+    check_no_alias({"packed": packed, "scales": scales},
+                   {k: v for k, v in inputs.items() if v is not None}, set())  # fmt: skip
+    check_no_alias({"packed": packed}, {"scales": scales}, set())
+    return group
+
+
+def _kv_cache_write_reference(x, packed, scales, start, post_scale, cos=None, sin=None,
+                              pairing="half"):  # fmt: skip
+    group = _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing)
+    kq, ks = _kv_quantize_reference(x, post_scale, group, cos, sin, pairing)
+    end = start + x.shape[2]
+    packed[:, :, start:end] = kq
+    scales[:, :, start:end] = ks
+
+
+def _kv_cache_write_kernel(x, packed, scales, start, post_scale, cos=None, sin=None,
+                           pairing="half"):  # fmt: skip
+    group = _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing)
+    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, "kv_cache_write"):
+        return _kv_cache_write_reference(x, packed, scales, start, post_scale, cos, sin, pairing)
+    _launch_quantize(x, post_scale, group, cos, sin, pairing, packed, scales, packed.shape[2],
+                     start)  # fmt: skip
+
+
+LIB.impl("kv_cache_write", _kv_cache_write_kernel, "CPU")
+LIB.impl("kv_cache_write", _kv_cache_write_kernel, "CUDA")
+LIB.impl("kv_cache_write", _kv_cache_write_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::kv_cache_write", lib=LIB)
+def _kv_cache_write_fake(x, packed, scales, start, post_scale, cos=None, sin=None, pairing="half"):
+    _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing, memory=False)
+
+
+def kv_cache_write(x, packed, scales, start: int, post_scale=None, cos=None, sin=None,
+                   pairing: str = "half") -> None:  # fmt: skip
+    """:func:`kv_quantize` written into a cache in place: the ``T`` tokens of ``x [B, H_kv, T, d]``
+    (rotated by RoPE when ``cos``/``sin`` are given, times ``post_scale``), quantized, go to tokens
+    ``start .. start + T - 1`` of the cache buffers ``packed`` (uint8 ``[B, H_kv, capacity, d/2]``)
+    and ``scales`` (float8_e4m3fn ``[B, H_kv, capacity, d/g]``; the group ``g`` is read from its
+    shape), both contiguous. The same bytes as ``kv_quantize`` and a slice assignment, in one
+    pass with no temporaries (vLLM's ``reshape_and_cache`` plays this part). Returns None."""
+    check_tensors(("post_scale", "cos", "sin"), x=x, packed=packed, scales=scales,
+                  post_scale=post_scale, cos=cos, sin=sin)  # fmt: skip
+    start = check_int(start, "start")
+    if direct_call_ok(x, packed, scales, post_scale, cos, sin):
+        _kv_cache_write_kernel(x, packed, scales, start, post_scale, cos, sin, pairing)
+    else:
+        torch.ops.fastlayers.kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing)
+
+
+# ---- The query side --------------------------------------------------------------------------
+
+
+def _check_q_quantize(q, scale, cos, sin, pairing, fp8) -> None:
+    check_tensor(q, "q")
+    if q.dim() == 4 and q.shape[3] % 2:
+        raise ValueError(f"q's head_dim must be even, got {q.shape[3]}")
+    _check_kv_quantize(q, scale, q.shape[3] if q.dim() == 4 else 2, cos, sin, pairing,
+                       names=("q", "scale"))  # fmt: skip
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be a bool, got {fp8!r}")
+
+
+def _q_quantize_reference(q, scale, cos=None, sin=None, pairing="half", fp8=True):
+    _check_q_quantize(q, scale, cos, sin, pairing, fp8)
+    x = apply_rope(q, cos, sin, pairing) if cos is not None else q.float()
+    if scale is not None:
+        x = x * scale[None, :, None, :]
+    return quantize_q_fp8(x) if fp8 else x
+
+
+def _q_quantize_kernel(q, scale, cos=None, sin=None, pairing="half", fp8=True):
+    _check_q_quantize(q, scale, cos, sin, pairing, fp8)
+    if q.device.type not in ("cpu", "cuda") or not has_kernel(q.device, "q_quantize"):
+        return _q_quantize_reference(q, scale, cos, sin, pairing, fp8)
+    out = empty(q.shape, torch.float32, q.device)
+    _launch_quantize(q, scale, q.shape[3], cos, sin, pairing, q_out=out, fp8=fp8)
+    return out
+
+
+LIB.impl("q_quantize", _q_quantize_kernel, "CPU")
+LIB.impl("q_quantize", _q_quantize_kernel, "CUDA")
+LIB.impl("q_quantize", _q_quantize_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::q_quantize", lib=LIB)
+def _q_quantize_fake(q, scale, cos=None, sin=None, pairing="half", fp8=True):
+    _check_q_quantize(q, scale, cos, sin, pairing, fp8)
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def q_quantize(q, scale=None, cos=None, sin=None, pairing: str = "half", fp8: bool = True):
+    """The query side of the INT4 KV attention: ``q [B, H_q, T, d]`` rotated by RoPE when
+    ``cos``/``sin`` are given (as :func:`kv_quantize`), times ``scale [H_q, d]`` (fp32, optional:
+    the inverse of the keys' post-RoPE scale, repeated over the GQA group), then through FP8-E4M3
+    with one scale per (token, head) when ``fp8`` (:func:`fastlayers.quant.quantize_q_fp8`).
+    Returns the fp32 values ``[B, H_q, T, d]`` the attention kernels take. One pass on CPU and
+    CUDA; the reference elsewhere."""
+    check_tensors(("scale", "cos", "sin"), q=q, scale=scale, cos=cos, sin=sin)
+    if direct_call_ok(q, scale, cos, sin):
+        return _q_quantize_kernel(q, scale, cos, sin, pairing, fp8)
+    return torch.ops.fastlayers.q_quantize(q, scale, cos, sin, pairing, fp8)

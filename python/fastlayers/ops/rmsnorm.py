@@ -17,6 +17,7 @@ from fastlayers.ops._common import (
     check_activation,
     check_eps,
     check_like,
+    check_no_alias,
     check_tensor,
     device_code,
     device_guard,
@@ -78,41 +79,11 @@ def _check(x, weight, eps, residual=None) -> None:
         check_like(residual, "residual", x)
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    start = t.data_ptr()
-    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-    return start, start + (span + 1) * t.element_size()
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' memory spans intersect (conservative for strided ones)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
-    return a0 < b1 and b0 < a1
-
-
 def _check_written(t, name: str, x: torch.Tensor) -> None:
     """A caller's buffer the kernel writes: x's shape, dtype and device, and contiguous."""
     check_like(t, name, x)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-
-
-def _check_no_alias(written: dict, inputs: dict, exact_ok: set) -> None:
-    """No written buffer may share memory with an input, except the (written, input) pairs in
-    ``exact_ok`` when they are exactly the same memory (same start and strides): the kernels read
-    each element before the same thread writes it, so that form of in place is safe."""
-    for wname, w in written.items():
-        for iname, t in inputs.items():
-            if (wname, iname) in exact_ok and (w.data_ptr(), w.stride()) == (
-                t.data_ptr(),
-                t.stride(),
-            ):
-                continue
-            if _overlaps(w, t):
-                how = " other than exactly (in place)" if (wname, iname) in exact_ok else ""
-                raise ValueError(f"{wname} shares memory with {iname}{how}")
 
 
 def _check_no_grad(name: str, *tensors) -> None:
@@ -182,7 +153,7 @@ def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
 def _rms_norm_out_kernel(x, weight, eps, weight_offset, out):
     _check(x, weight, eps)
     _check_written(out, "out", x)
-    _check_no_alias({"out": out}, {"x": x, "weight": weight}, {("out", "x")})
+    check_no_alias({"out": out}, {"x": x, "weight": weight}, {("out", "x")})
     if not has_kernel(x.device, "rms_norm"):
         out.copy_(ref.rms_norm(x, weight, eps, weight_offset))
     elif x.numel() > 0:
@@ -193,8 +164,8 @@ def _fused_add_rms_norm_inplace_kernel(x, residual, weight, eps, weight_offset):
     _check(x, weight, eps, residual)
     _check_written(x, "x", x)
     _check_written(residual, "residual", x)
-    _check_no_alias({"x": x}, {"residual": residual, "weight": weight}, set())
-    _check_no_alias({"residual": residual}, {"weight": weight}, set())
+    check_no_alias({"x": x}, {"residual": residual, "weight": weight}, set())
+    check_no_alias({"residual": residual}, {"weight": weight}, set())
     if not has_kernel(x.device, "fused_add_rms_norm"):
         y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
         x.copy_(y)

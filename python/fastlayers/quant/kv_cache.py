@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers.quant.rope_kv import dequantize_kv_int4
+from fastlayers.ops._common import check_int, check_tensor
+from fastlayers.quant.rope_kv import FP8, dequantize_kv_int4
 
 
 class Int4KVStore:
@@ -38,9 +39,9 @@ class Int4KVStore:
     def capacity(self) -> int:
         return 0 if self.buffers is None else self.buffers[0].shape[-2]
 
-    def append(self, kq, ks, vq, vs) -> None:
-        """Adds ``kq [B, H, t, d/2]`` (and its scales, and the values) after the cached tokens."""
-        parts = (kq, ks, vq, vs)
+    def _make_room(self, parts, tokens: int) -> None:
+        """Checks that ``parts`` (tensors shaped like the buffers, any token count) match the
+        buffers (batch, heads, width, dtype, device) and grows them to ``length + tokens``."""
         if self.buffers is not None:
             for new, old in zip(parts, self.buffers, strict=True):
                 same = new.shape[:-2] == old.shape[:-2] and new.shape[-1] == old.shape[-1]
@@ -49,7 +50,7 @@ class Int4KVStore:
                         f"appended {new.dtype} {tuple(new.shape)} does not match the cache's "
                         f"{old.dtype} {tuple(old.shape)} (batch, heads, width)"
                     )
-        need = self.length + kq.shape[-2]
+        need = self.length + tokens
         if need > self.capacity:
             capacity = max(need, self.MIN_CAPACITY, 2 * self.capacity)
             grown = []
@@ -59,9 +60,50 @@ class Int4KVStore:
                     buf[..., : self.length, :] = self.buffers[i][..., : self.length, :]
                 grown.append(buf)
             self.buffers = tuple(grown)
+
+    def append(self, kq, ks, vq, vs) -> None:
+        """Adds ``kq [B, H, t, d/2]`` (and its scales, and the values) after the cached tokens."""
+        parts = (kq, ks, vq, vs)
+        self._make_room(parts, kq.shape[-2])
+        need = self.length + kq.shape[-2]
         for buf, t in zip(self.buffers, parts, strict=True):
             buf[..., self.length : need, :] = t
         self.length = need
+
+    def write(self, k, v, group_size: int, post_scale=None, cos=None, sin=None,
+              pairing: str = "half") -> None:  # fmt: skip
+        """Quantizes ``k`` and ``v`` ``[B, H, t, d]`` and adds them after the cached tokens, written
+        in place (:func:`fastlayers.ops.kv_cache_write`: one pass each, no temporaries): keys
+        rotated by RoPE when ``cos``/``sin`` are given and times ``post_scale``, groups of
+        ``group_size`` channels. The same cache as ``append(*kv_quantize(k, ...), *kv_quantize(v,
+        ...))``."""
+        from fastlayers.ops.kvint4 import kv_cache_write  # (ops import this module)
+
+        check_tensor(k, "k")
+        check_tensor(v, "v")
+        group_size = check_int(group_size, "group_size")
+        if k.dim() != 4 or v.shape != k.shape:
+            raise ValueError(
+                f"k and v must be [batch, heads, tokens, head_dim] alike, got {tuple(k.shape)} and "
+                f"{tuple(v.shape)}"
+            )
+        self.reserve(k, group_size)
+        kb, ksb, vb, vsb = self.buffers
+        kv_cache_write(k, kb, ksb, self.length, post_scale, cos, sin, pairing)
+        kv_cache_write(v, vb, vsb, self.length)
+        self.length += k.shape[2]
+
+    def reserve(self, k, group_size: int) -> None:
+        """Room for the tokens of ``k [B, H, t, d]`` after the cached ones (quantized with groups of
+        ``group_size`` channels): a ValueError when they do not fit the cache's batch, heads or
+        widths."""
+        b, h, t, d = k.shape
+        if group_size <= 0 or group_size % 2 or d % group_size:
+            raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got "
+                             f"{group_size}")  # fmt: skip
+        packed = k.new_empty((b, h, 0, d // 2), dtype=torch.uint8)
+        scales = k.new_empty((b, h, 0, d // group_size), dtype=FP8)
+        self._make_room((packed, scales, packed, scales), t)
 
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` tokens (the buffers keep their capacity)."""

@@ -20,7 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops.kvint4 import int4_kv_decode, kv_quantize
+from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
@@ -59,9 +59,7 @@ class _Int4Layer(Int4KVStore, CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         post = None if self.post_scale is None else self.post_scale.to(key_states.device).float()
-        kq, ks = kv_quantize(key_states, self.group_size, post)
-        vq, vs = kv_quantize(value_states, self.group_size)
-        self.append(kq, ks, vq, vs)
+        self.write(key_states, value_states, self.group_size, post)  # quantized in place
         if key_states.shape[-2] == 1:  # decode: the attention reads the INT4 cache directly
             keys = key_states.new_empty(0)
             values = value_states.new_empty(0)
