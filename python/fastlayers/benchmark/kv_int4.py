@@ -81,7 +81,101 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 err,
             )
         )
+    rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
+    return rows
+
+
+STEP = {"cpu": [(1, 2048)], "cuda": [(8, 8192)]}  # (batch, context)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
+def _bf16_step(q, k, v, cos, sin, kc, vc):
+    """Hugging Face's decode step of a Llama attention core in bf16: RoPE on the new token's query
+    and key, the key and value written into the preallocated cache in place, SDPA over it."""
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    kc[:, :, -1:] = k
+    vc[:, :, -1:] = v
+    return _sdpa(q, kc, vc)
+
+
+def _int4_step(core, q, k, v, cos, sin, cache):
+    out = core(q, k, v, cos, sin, cache)
+    cache.truncate(cache.length - 1)  # the next call writes the same position again
+    return out
+
+
+def _decode_step(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """One decode step of the whole attention core (:class:`fastlayers.RopeAwareQuantAttention`:
+    RoPE, FP8 query, the INT4 cache write in place, decode attention) against the same step in
+    bf16 (RoPE, cache write, SDPA): the latency a layer pays per generated token, Python
+    included."""
+    from fastlayers.nn.quant_attention import RopeAwareQuantAttention
+    from fastlayers.quant.kv_cache import Int4KVStore
+
+    rows: list[Row] = []
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    inv = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float32) / D)
+    for batch, context in STEP[device.type]:
+        ang = torch.arange(context, dtype=torch.float32)[:, None] * inv
+        ang = torch.cat([ang, ang], -1).to(device)
+        cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device, torch.bfloat16)
+
+        post = torch.rand(HKV, D, generator=gen) + 0.5
+        core = RopeAwareQuantAttention(HQ, HKV, D, GROUP, post).to(device)
+        q, k, v = randn(batch, HQ, 1, D), randn(batch, HKV, 1, D), randn(batch, HKV, 1, D)
+        c1, s1 = cos[-1:], sin[-1:]
+        with torch.no_grad():
+            store = core.new_cache()
+            past = context - 1
+            core(randn(batch, HQ, past, D), randn(batch, HKV, past, D), randn(batch, HKV, past, D),
+                 cos[:past], sin[:past], store)  # fmt: skip
+            _int4_step(core, q, k, v, c1, s1, store)  # (grows the buffers once, before timing)
+            nbytes = 2 * batch * HKV * context * (D // 2 + D // GROUP)
+            stores = [store]
+            for _ in range(copies_to_exceed_cache(nbytes, device) - 1):
+                clone = Int4KVStore()
+                clone.buffers, clone.length = tuple(t.clone() for t in store.buffers), past
+                stores.append(clone)
+            kc, vc = randn(batch, HKV, context, D), randn(batch, HKV, context, D)
+            bf16_caches = [(kc, vc)] + [
+                (kc.clone(), vc.clone())
+                for _ in range(copies_to_exceed_cache(2 * kc.numel() * 2, device) - 1)
+            ]
+            t, t_ref = time_interleaved(
+                [
+                    (_int4_step, [(core, q, k, v, c1, s1, st) for st in stores], reps),
+                    (_bf16_step, [(q, k, v, c1, s1, *kv) for kv in bf16_caches], reps),
+                ],
+                device,
+            )
+            out = _int4_step(core, q, k, v, c1, s1, store)
+            ref = Int4KVStore()
+            ref.buffers, ref.length = tuple(t.clone() for t in store.buffers), past
+            want = core.forward_reference(q, k, v, c1, s1, ref)
+            err = (out.double() - want.double()).abs().max().item()
+        rows.append(
+            Row(
+                "RopeAwareQuantAttention decode step (GQA 32/8, d128)",
+                f"batch {batch}, context {context}: RoPE, FP8 q, INT4 cache write, decode",
+                "bfloat16",
+                backend_label(device, "int4_kv_decode"),
+                t.median_s * 1e6,
+                "bf16 step: RoPE, cache write, SDPA",
+                t_ref.median_s * 1e6,
+                float("nan"),
+                float("nan"),
+                err,
+            )
+        )
     return rows
 
 
