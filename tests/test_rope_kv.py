@@ -199,6 +199,51 @@ def test_kv_quantize_kernel_is_bit_exact(device, dtype):
         assert packed.shape == (*empty.shape[:3], 32) and scales.shape == (*empty.shape[:3], 2)
 
 
+@pytest.mark.parametrize("d,group,hq,hkv", [(128, 32, 8, 2), (36, 4, 6, 1), (48, 16, 3, 3)])
+def test_kv_kernels_every_cpu_isa(cpu_isa, d, group, hq, hkv):
+    """Each CPU kernel variant (scalar, AVX2, AVX-512 where the machine has it) against the
+    reference: decode (register and buffer paths), causal prefill with a query count and a key
+    count that are not multiples of the tiles, the cache write and the query side."""
+    from fastlayers.ops.kvint4 import (
+        _attention_reference,
+        _kv_cache_write_reference,
+        _q_quantize_reference,
+        _reference,
+        int4_kv_attention,
+        int4_kv_decode,
+        kv_cache_write,
+        q_quantize,
+    )
+
+    torch.manual_seed(7)
+    k, ks = quant.quantize_kv_int4(rand(2, hkv, 77, d, dtype=torch.float32, device="cpu"), group)
+    v, vs = quant.quantize_kv_int4(rand(2, hkv, 77, d, dtype=torch.float32, device="cpu"), group)
+    q = rand(2, hq, d, dtype=torch.float32, device="cpu")
+    for length in (1, 33, 70):
+        got, lse = int4_kv_decode(q, k, ks, v, vs, length)
+        want, want_lse = _reference(q, k, ks, v, vs, length, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    q4 = rand(2, hq, 37, d, dtype=torch.bfloat16, device="cpu")
+    got, lse = int4_kv_attention(q4, k, ks, v, vs, 71)
+    want, want_lse = _attention_reference(q4, k, ks, v, vs, 71, d**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    x = rand(2, hkv, 5, d, dtype=torch.float16, device="cpu", scale=3.0)
+    ang = torch.rand(5, d) * 6
+    bufs = [torch.zeros(2, hkv, 9, d // 2, dtype=torch.uint8),
+            torch.zeros(2, hkv, 9, d // group, dtype=torch.float8_e4m3fn)]  # fmt: skip
+    refs = [t.clone() for t in bufs]
+    kv_cache_write(x, *bufs, 3, None, ang.cos(), ang.sin(), "interleaved")
+    _kv_cache_write_reference(x, *refs, 3, None, ang.cos(), ang.sin(), "interleaved")
+    for a, b in zip(bufs, refs, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    xq = rand(2, hq, 5, d, dtype=torch.bfloat16, device="cpu", scale=3.0)
+    scale = torch.rand(hq, d) + 0.5
+    got = q_quantize(xq, scale, ang.cos(), ang.sin())
+    assert torch.equal(got, _q_quantize_reference(xq, scale, ang.cos(), ang.sin()))
+
+
 def _random_bytes(*shape, device):
     """A cache buffer full of random bytes (what a write must leave alone outside its tokens)."""
     return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
