@@ -310,6 +310,7 @@ def test_kv_cache_write_bad_arguments_and_opcheck():
         ((x, packed, scales, 1.5), TypeError, "start must be an int"),
         ((x, packed, scales, 0, torch.ones(2, 64)), ValueError, "post_scale must be float32"),
         ((x.int(), packed, scales, 0), ValueError, "x must be float32/float16/bfloat16"),
+        ((x[..., :63], packed, scales, 0), ValueError, "head_dim must be even"),
         ((x, packed, scales, 0, None, torch.ones(5, 64)), ValueError, "together"),
         ((x, packed, packed.view(torch.float8_e4m3fn)[..., :4], 0), ValueError, "contiguous"),
     ]  # fmt: skip

@@ -404,8 +404,14 @@ def _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairin
     with the inputs, which needs real data pointers); returns the quantization group size."""
     for t, name in ((x, "x"), (packed, "packed"), (scales, "scales")):
         check_tensor(t, name)
-    _check_kv_quantize(x, None, 2, None, None)  # x's dtype and rank (the group comes from scales)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
+        raise ValueError(
+            f"x must be float32/float16/bfloat16 [batch, kv_heads, tokens, head_dim], got "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
     b, h, t, d = x.shape
+    if d % 2:
+        raise ValueError(f"x's head_dim must be even (two INT4 values per byte), got {d}")
     if (
         packed.dtype != torch.uint8
         or packed.dim() != 4
