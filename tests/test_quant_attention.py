@@ -266,3 +266,42 @@ def test_store_write_is_append_of_kv_quantize(device):
         written.write(k, v[:, :, :1], 16)
     with pytest.raises(ValueError, match="group_size"):
         written.write(k, v, 12)
+
+
+@torch.no_grad()
+def test_cached_query_scale_follows_the_post_rope_scale():
+    """The module caches 1 / post_scale per scale tensor: an in-place change, a new tensor (even at
+    a freed tensor's address) and `.data` replaced all give a fresh module's output."""
+    hq, hkv, d, t = 4, 2, 64, 5
+    q, k, v = _inputs(1, hq, hkv, t, d, torch.float32, seed=9)
+    cos, sin = _tables(t, d)
+
+    def fresh(post):
+        return fastlayers.RopeAwareQuantAttention(hq, hkv, d, 32, post)(q, k, v, cos, sin)
+
+    m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, 32, torch.rand(hkv, d) + 0.5)
+    m(q, k, v, cos, sin)
+    m.post_scale.mul_(3.0)
+    assert torch.equal(m(q, k, v, cos, sin), fresh(m.post_scale.clone()))
+    for _ in range(3):  # reassigned buffers (the allocator may hand back an earlier address)
+        m.post_scale = torch.rand(hkv, d) + 0.5
+        assert torch.equal(m(q, k, v, cos, sin), fresh(m.post_scale.clone()))
+    m.post_scale.data = torch.rand(hkv, d) + 0.5
+    assert torch.equal(m(q, k, v, cos, sin), fresh(m.post_scale.clone()))
+
+
+def test_hugging_face_query_scale_cache_follows_the_scale():
+    pytest.importorskip("transformers")
+    from fastlayers.quant.rope_kv_hf import _query_scale
+
+    mod = torch.nn.Module()
+    s = torch.rand(2, 8) + 0.5
+    want = (1.0 / s).repeat_interleave(3, dim=0)
+    assert torch.equal(_query_scale(mod, s, 6, s.device, torch.float32), want)
+    s.mul_(2.0)
+    assert torch.equal(_query_scale(mod, s, 6, s.device, torch.float32), want / 2)
+    s2 = torch.rand(2, 8) + 0.5
+    assert torch.equal(_query_scale(mod, s2, 6, s.device, torch.float32),
+                       (1.0 / s2).repeat_interleave(3, dim=0))  # fmt: skip
+    got = _query_scale(mod, s2, 6, s.device, torch.bfloat16)
+    assert got.dtype == torch.bfloat16

@@ -138,12 +138,14 @@ class RopeAwareQuantAttention(torch.nn.Module):
         ps, group = self.post_scale, self.num_heads // self.num_kv_heads
         if not no_dispatch_modes():  # compiling or tracing: no data pointers, no cache
             return (1.0 / ps).repeat_interleave(group, dim=0).to(device)
-        key = (ps.data_ptr(), ps._version, ps.device, device)
+        # (the tensor itself is part of the key and held by the cache: an address alone could be
+        # reused by a later post_scale)
+        key = (ps.data_ptr(), ps._version, device)
         cached = self.__dict__.get("_inv_q")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not ps or cached[1] != key:
             inv = (1.0 / ps).repeat_interleave(group, dim=0).to(device)
-            self.__dict__["_inv_q"] = cached = (key, inv)
-        return cached[1]
+            self.__dict__["_inv_q"] = cached = (ps, key, inv)
+        return cached[2]
 
     def _queries(self, q, cos, sin) -> torch.Tensor:
         """RoPE, divided by the keys' post-RoPE scale, through FP8: fp32 [B, Hq, T, d] (the
