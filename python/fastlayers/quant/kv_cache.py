@@ -101,6 +101,12 @@ class Int4KVStore:
         if group_size <= 0 or group_size % 2 or d % group_size:
             raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got "
                              f"{group_size}")  # fmt: skip
+        if self.buffers is not None and self.length + t <= self.capacity:  # (a decode step)
+            kb, ksb = self.buffers[0], self.buffers[1]
+            if (kb.shape[0], kb.shape[1], kb.shape[3], ksb.shape[3]) == (
+                b, h, d // 2, d // group_size
+            ) and kb.device == k.device:  # fmt: skip
+                return
         packed = k.new_empty((b, h, 0, d // 2), dtype=torch.uint8)
         scales = k.new_empty((b, h, 0, d // group_size), dtype=FP8)
         self._make_room((packed, scales, packed, scales), t)
