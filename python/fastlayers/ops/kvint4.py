@@ -268,18 +268,24 @@ def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=N
     return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
 
 
+def _check_rows(x, name: str) -> tuple[int, int, int, int]:
+    """``x`` (keys, values or queries) a float32/float16/bfloat16 ``[batch, heads, tokens,
+    head_dim]`` tensor; returns its shape."""
+    check_tensor(x, name)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
+        heads = "heads" if name == "q" else "kv_heads"
+        raise ValueError(
+            f"{name} must be float32/float16/bfloat16 [batch, {heads}, tokens, head_dim], got "
+            f"{x.dtype} {tuple(x.shape)}"
+        )
+    return x.shape
+
+
 def _check_kv_quantize(
     x, post_scale, group_size, cos=None, sin=None, pairing="half", names=("x", "post_scale")
 ) -> None:
     xn, sn = names
-    check_tensor(x, xn)
-    heads = "heads" if xn == "q" else "kv_heads"
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
-        raise ValueError(
-            f"{xn} must be float32/float16/bfloat16 [batch, {heads}, tokens, head_dim], got "
-            f"{x.dtype} {tuple(x.shape)}"
-        )
-    b, h, t, d = x.shape
+    b, h, t, d = _check_rows(x, xn)
     if group_size <= 0 or group_size % 2 or d % group_size:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got {group_size}")
     if post_scale is not None:
@@ -402,14 +408,9 @@ def _check_kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairin
                           memory: bool = True) -> int:  # fmt: skip
     """The checks of :func:`kv_cache_write` (``memory``: also that the buffers share no memory
     with the inputs, which needs real data pointers); returns the quantization group size."""
-    for t, name in ((x, "x"), (packed, "packed"), (scales, "scales")):
-        check_tensor(t, name)
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
-        raise ValueError(
-            f"x must be float32/float16/bfloat16 [batch, kv_heads, tokens, head_dim], got "
-            f"{x.dtype} {tuple(x.shape)}"
-        )
-    b, h, t, d = x.shape
+    b, h, t, d = _check_rows(x, "x")
+    check_tensor(packed, "packed")
+    check_tensor(scales, "scales")
     if d % 2:
         raise ValueError(f"x's head_dim must be even (two INT4 values per byte), got {d}")
     if (
