@@ -224,6 +224,18 @@ def test_kv_kernels_every_cpu_isa(cpu_isa, d, group, hq, hkv):
         want, want_lse = _reference(q, k, ks, v, vs, length, d**-0.5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    # 16-bit queries are read and the output written as they are: the same values as the fp32
+    # route and a cast
+    for dtype in (torch.float16, torch.bfloat16):
+        q16 = q.to(dtype)
+        got, lse = int4_kv_decode(q16, k, ks, v, vs, 70)
+        want, want_lse = int4_kv_decode(q16.float(), k, ks, v, vs, 70)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+        assert torch.equal(lse, want_lse)
+        q16t = rand(2, 5, hq, d, dtype=dtype, device="cpu").transpose(1, 2)  # strided
+        got, lse = int4_kv_attention(q16t, k, ks, v, vs, 40)
+        want, want_lse = int4_kv_attention(q16t.float(), k, ks, v, vs, 40)
+        assert torch.equal(got, want.to(dtype)) and torch.equal(lse, want_lse)
     q4 = rand(2, hq, 37, d, dtype=torch.bfloat16, device="cpu")
     got, lse = int4_kv_attention(q4, k, ks, v, vs, 71)
     want, want_lse = _attention_reference(q4, k, ks, v, vs, 71, d**-0.5)

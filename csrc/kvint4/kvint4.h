@@ -16,18 +16,22 @@ namespace fastlayers::kvint4 {
 // Several query tokens (prefill, q_tokens > 1): query token i of the call is the cache's token
 // length - q_tokens + i and sees the cached tokens [0, length - q_tokens + i] (causal).
 struct DecodeParams {
-  const float* q = nullptr;             // [batch, hq, q_tokens, d] contiguous
+  const float* q = nullptr;             // [batch, hq, q_tokens, d] contiguous (CPU: or null, q16)
   const uint8_t* k = nullptr;           // [batch, hkv, t_max, d / 2]
   const fp8e4m3_t* k_scale = nullptr;   // [batch, hkv, t_max, d / group]
   const uint8_t* v = nullptr;
   const fp8e4m3_t* v_scale = nullptr;
-  float* out = nullptr;                 // [batch, hq, q_tokens, d]
+  float* out = nullptr;                 // [batch, hq, q_tokens, d] (CPU: or null, out16)
   float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
   // CUDA prefill, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
   // prefill then runs on tensor cores (INT4 x FP8-scale values are exact in fp16 and bf16).
+  // CPU: the queries when q is null (read as they are, no fp32 copy).
   const void* q16 = nullptr;
   DType q16_dtype = DType::kBFloat16;
+  // CPU: the output in q16_dtype when out is null (rounded once from fp32: the same values as out
+  // followed by a cast). The CUDA kernels take fp32 q and out.
+  void* out16 = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   float scale = 1.0f;
 };

@@ -22,7 +22,11 @@ Status validate(const DecodeParams& p) {
       p.q_tokens > (p.length > 0 ? p.length : 1)) {
     return Status::invalid("int4_kv_decode: bad sizes (need hq % hkv == 0, d a multiple of an even group)");
   }
-  if (p.batch > 0 && (p.q == nullptr || p.out == nullptr || p.lse == nullptr ||
+  if (p.batch > 0 && (p.q == nullptr || p.out == nullptr) && p.q16_dtype != DType::kFloat16 &&
+      p.q16_dtype != DType::kBFloat16) {
+    return Status::invalid("int4_kv_decode: 16-bit queries or output must be float16 or bfloat16");
+  }
+  if (p.batch > 0 && ((p.q == nullptr && p.q16 == nullptr) || (p.out == nullptr && p.out16 == nullptr) || p.lse == nullptr ||
                       (p.length > 0 && (p.k == nullptr || p.v == nullptr || p.k_scale == nullptr || p.v_scale == nullptr)))) {
     return Status::invalid("int4_kv_decode: null pointer argument");
   }

@@ -263,6 +263,19 @@ void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt
 }
 #endif
 
+// A query row times the softmax scale, into the channel order of the dequantized rows.
+template <typename T>
+void load_query(const T* src, int64_t d, float scale, bool chunked, float* q) {
+  for (int64_t c = 0; c < d; ++c) q[position(c, chunked)] = to_float(src[c]) * scale;
+}
+
+// An output row: the accumulator (in the channel order of the dequantized rows) times 1 / l,
+// rounded once to T.
+template <typename T>
+void store_row(const float* acc, int64_t d, float inv, bool chunked, T* out) {
+  for (int64_t c = 0; c < d; ++c) store_as(out + c, acc[position(c, chunked)] * inv);
+}
+
 // Query rows per task: kQueryBlock query tokens of every head of the GQA group.
 constexpr int64_t kQueryBlock = 32;
 
@@ -275,12 +288,15 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
   const int64_t rows = nq * G, past = p.length - Tq;
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = i * G + g;
-      const float* src = p.q + ((b * p.hq + h * G + g) * Tq + qi0 + i) * d;
-      for (int64_t c = 0; c < d; ++c) {
-        w.q[r * d + position(c, chunked)] = src[c] * p.scale;
-        w.acc[r * d + c] = 0.0f;
+      const int64_t r = i * G + g, src = ((b * p.hq + h * G + g) * Tq + qi0 + i) * d;
+      if (p.q != nullptr) {
+        load_query(p.q + src, d, p.scale, chunked, w.q + r * d);
+      } else if (p.q16_dtype == DType::kFloat16) {
+        load_query(static_cast<const half_t*>(p.q16) + src, d, p.scale, chunked, w.q + r * d);
+      } else {
+        load_query(static_cast<const bf16_t*>(p.q16) + src, d, p.scale, chunked, w.q + r * d);
       }
+      for (int64_t c = 0; c < d; ++c) w.acc[r * d + c] = 0.0f;
       w.m[r] = kNegInf;
       w.l[r] = 0.0f;
       limit[r] = past + qi0 + i;
@@ -330,7 +346,13 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
       // the reference); 0: no key (zeros, lse -inf)
       const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
       const float inv = seen ? 1.0f / w.l[r] : 0.0f;
-      for (int64_t c = 0; c < d; ++c) p.out[out_row * d + c] = w.acc[r * d + position(c, chunked)] * inv;
+      if (p.out != nullptr) {
+        store_row(w.acc + r * d, d, inv, chunked, p.out + out_row * d);
+      } else if (p.q16_dtype == DType::kFloat16) {
+        store_row(w.acc + r * d, d, inv, chunked, static_cast<half_t*>(p.out16) + out_row * d);
+      } else {
+        store_row(w.acc + r * d, d, inv, chunked, static_cast<bf16_t*>(p.out16) + out_row * d);
+      }
       p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
     }
   }

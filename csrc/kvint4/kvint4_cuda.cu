@@ -434,6 +434,9 @@ int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64
 
 Status decode_cuda(const DecodeParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
+  if (p.batch > 0 && (p.q == nullptr || p.out == nullptr)) {
+    return Status::invalid("int4_kv_decode: the CUDA kernels take fp32 q and out");
+  }
   if (p.workspace == nullptr && p.q_tokens == 1) {
     return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
   }

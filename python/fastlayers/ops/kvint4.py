@@ -164,27 +164,35 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
 
 
 def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None):
-    """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out fp32 in q's shape,
-    lse [B, Hq(, Tq)] fp32)``."""
+    """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape, lse
+    [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries read and the output written as
+    they are, no fp32 copies), fp32 on CUDA."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     tq = q.shape[2] if q.dim() == 4 else 1
     hkv, t_max = k.shape[1], k.shape[2]
     device = q.device
-    q32 = q.float().contiguous()
-    # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's input).
-    q16 = None
-    if device.type == "cuda" and tq > 1 and q.dtype in (torch.float16, torch.bfloat16):
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    q32 = q16 = out16 = None
+    if device.type == "cpu" and half:
         q16 = q.contiguous()
+        out = out16 = empty(q.shape, q.dtype, device)
+    else:
+        q32 = q.float().contiguous()
+        # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's
+        # input).
+        if device.type == "cuda" and tq > 1 and half:
+            q16 = q.contiguous()
+        out = empty(q.shape, torch.float32, device)
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
-    out = empty(q.shape, torch.float32, device)
     lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
         return out, lse
     with device_guard(device):
         _ext.C.int4_kv_decode(
-            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), ptr(out),
-            ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale, ptr(workspace),
-            stream_of(device), tq, ptr(q16), _dtypes.code(q16.dtype) if q16 is not None else 0,
+            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc),
+            0 if out16 is not None else ptr(out), ptr(lse), b, hq, hkv, d, d // k_scale.shape[3],
+            t_max, length, scale, ptr(workspace), stream_of(device), tq, ptr(q16),
+            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16),
         )  # fmt: skip
     return out, lse
 
