@@ -290,18 +290,25 @@ def test_cached_query_scale_follows_the_post_rope_scale():
     assert torch.equal(m(q, k, v, cos, sin), fresh(m.post_scale.clone()))
 
 
-def test_hugging_face_query_scale_cache_follows_the_scale():
-    pytest.importorskip("transformers")
-    from fastlayers.quant.rope_kv_hf import _query_scale
+def test_inverse_query_scale_cache_follows_the_scale():
+    """The cache both the module and the Hugging Face attention use: an in-place change, a new
+    tensor, another head count or dtype each give a fresh value."""
+    from fastlayers.quant.rope_kv import inverse_query_scale
 
-    mod = torch.nn.Module()
+    owner = torch.nn.Module()
+
+    def inv(scale, heads=6, dtype=torch.float32):
+        return inverse_query_scale(owner, "_slot", scale, heads, scale.device, dtype)
+
     s = torch.rand(2, 8) + 0.5
     want = (1.0 / s).repeat_interleave(3, dim=0)
-    assert torch.equal(_query_scale(mod, s, 6, s.device, torch.float32), want)
+    assert torch.equal(inv(s), want)
+    assert inv(s) is inv(s)  # cached
     s.mul_(2.0)
-    assert torch.equal(_query_scale(mod, s, 6, s.device, torch.float32), want / 2)
+    assert torch.equal(inv(s), want / 2)
     s2 = torch.rand(2, 8) + 0.5
-    assert torch.equal(_query_scale(mod, s2, 6, s.device, torch.float32),
-                       (1.0 / s2).repeat_interleave(3, dim=0))  # fmt: skip
-    got = _query_scale(mod, s2, 6, s.device, torch.bfloat16)
+    assert torch.equal(inv(s2), (1.0 / s2).repeat_interleave(3, dim=0))
+    assert torch.equal(inv(s2, heads=4), (1.0 / s2).repeat_interleave(2, dim=0))
+    got = inv(s2, dtype=torch.bfloat16)
     assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (1.0 / s2).repeat_interleave(3, dim=0).bfloat16())

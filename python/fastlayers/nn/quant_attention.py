@@ -25,7 +25,7 @@ from fastlayers.ops.kvint4 import (
 )
 from fastlayers.ops.kvint4 import _reference as _decode_reference
 from fastlayers.quant.kv_cache import Int4KVStore
-from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, quantize_q_fp8
+from fastlayers.quant.rope_kv import PAIRINGS, apply_rope, inverse_query_scale, quantize_q_fp8
 
 
 class RopeAwareQuantAttention(torch.nn.Module):
@@ -132,21 +132,6 @@ class RopeAwareQuantAttention(torch.nn.Module):
         if cache is not None and not isinstance(cache, Int4KVStore):
             raise TypeError(f"cache must be an Int4KVStore or None, got {type(cache).__name__}")
 
-    def _query_scale(self, device) -> torch.Tensor:
-        """``1 / post_scale`` repeated over the GQA group, ``[H_q, d]`` fp32 on ``device``: computed
-        once per post_scale value and device (a decode step would spend ~70 us on it)."""
-        ps, group = self.post_scale, self.num_heads // self.num_kv_heads
-        if not no_dispatch_modes():  # compiling or tracing: no data pointers, no cache
-            return (1.0 / ps).repeat_interleave(group, dim=0).to(device)
-        # (the tensor itself is part of the key and held by the cache: an address alone could be
-        # reused by a later post_scale)
-        key = (ps.data_ptr(), ps._version, device)
-        cached = self.__dict__.get("_inv_q")
-        if cached is None or cached[0] is not ps or cached[1] != key:
-            inv = (1.0 / ps).repeat_interleave(group, dim=0).to(device)
-            self.__dict__["_inv_q"] = cached = (ps, key, inv)
-        return cached[2]
-
     def _queries(self, q, cos, sin) -> torch.Tensor:
         """RoPE, divided by the keys' post-RoPE scale, through FP8: fp32 [B, Hq, T, d] (the
         reference's composition)."""
@@ -159,7 +144,9 @@ class RopeAwareQuantAttention(torch.nn.Module):
         self._check(q, k, v, cos, sin, cache)
         post = self.post_scale.to(k.device)
         store = Int4KVStore() if cache is None else cache
-        inv = self._query_scale(q.device)
+        inv = inverse_query_scale(
+            self, "_inv_q", self.post_scale, self.num_heads, q.device, torch.float32
+        )
         if no_dispatch_modes() and has_kernel(q.device, "kv_cache_write"):
             # The kernels straight away (a decode step is latency: the ops' own checks and
             # dispatch cost as much as the cache write). Checked here: the module's shapes above,

@@ -20,7 +20,6 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops._common import no_dispatch_modes
 from fastlayers.ops.kvint4 import int4_kv_decode
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
@@ -28,6 +27,7 @@ from fastlayers.quant.rope_kv import (
     compute_pre_rope_scales,
     dequantize_kv_int4,
     fold_pre_rope,
+    inverse_query_scale,
     quantize_kv_int4,
     quantize_q_fp8,
 )
@@ -136,27 +136,12 @@ class Int4KVCache(Cache):
         return sum(layer.allocated_nbytes() for layer in self.layers)
 
 
-def _query_scale(module, k_post, heads: int, device, dtype) -> torch.Tensor:
-    """``1 / k_post`` repeated over the GQA group, ``[H_q, d]`` in the queries' dtype and device:
-    computed once per post-RoPE scale value, device and dtype (every layer of every decode step
-    would rebuild it; not cached while compiling or tracing)."""
-    group = heads // k_post.shape[0]
-    if not no_dispatch_modes():
-        return (1.0 / k_post).repeat_interleave(group, dim=0).to(device, dtype)
-    # (the tensor itself is part of the key and held by the cache: an id or an address alone could
-    # be reused by a later tensor)
-    key = (k_post.data_ptr(), k_post._version, heads, device, dtype)
-    cached = module.__dict__.get("_fl_inv_q")
-    if cached is None or cached[0] is not k_post or cached[1] != key:
-        inv = (1.0 / k_post).repeat_interleave(group, dim=0).to(device, dtype)
-        module.__dict__["_fl_inv_q"] = cached = (k_post, key, inv)
-    return cached[2]
-
-
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
     if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
-        inv = _query_scale(module, k_post, query.shape[1], query.device, query.dtype)
+        inv = inverse_query_scale(
+            module, "_fl_inv_q", k_post, query.shape[1], query.device, query.dtype
+        )
         query = query * inv[None, :, None, :]
     if getattr(module, "_fl_q_fp8", True):
         query = quantize_q_fp8(query)
