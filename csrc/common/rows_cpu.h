@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Row primitives for the per-ISA CPU kernels that gather whole rows by index (FFF, PEER): a dot
 // product with four independent accumulators, a scaled row added into an fp32 accumulator, and a
-// prefetch of a row's cache lines. Lives in namespace fastlayers::cpu::FL_CPU_ISA like simd_cpu.h.
+// prefetch of a row's cache lines; also an online-softmax step, a row scale and the FP8 value
+// table. Lives in namespace fastlayers::cpu::FL_CPU_ISA like simd_cpu.h.
 // NOTE(isa): internal linkage only (anonymous namespace), see cmake/CpuIsa.cmake.
 #pragma once
 
@@ -101,6 +102,20 @@ void prefetch_row(const T* row, int64_t n) {
   l = l * alpha + total;
   m = m_new;
   return alpha;
+}
+
+// The fp32 value of each FP8-E4M3 code (dtype.h's to_float), tabulated once: a look-up instead of
+// the bit decode where codes are read in bulk (INT4 GEMM group scales, FP8 query rows).
+struct Fp8Values {
+  float v[256];
+  Fp8Values() {
+    for (int i = 0; i < 256; ++i) v[i] = to_float(fp8e4m3_t{static_cast<uint8_t>(i)});
+  }
+};
+
+[[maybe_unused]] const float* fp8_values() {
+  static const Fp8Values t;
+  return t.v;
 }
 
 // row[0, n) *= a (skipped when a == 1).

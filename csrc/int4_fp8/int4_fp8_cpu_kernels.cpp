@@ -33,18 +33,17 @@ constexpr int kRowTile = 4;             // rows per micro-tile
 constexpr int64_t kPrefetchBytes = 1024;  // weight prefetch distance
 constexpr int64_t kParallelMinWork = 1 << 18;  // m * n * k below this runs on one thread
 
-// Everything the kernels look up, built once: the value of each FP8 code, and for each group-scale
-// code s8 its 16-entry table fp8(q * s8), saturating, index = nibble code (0..7 -> q = 0..7,
+// The tables the kernels look up besides fp8_values() (rows_cpu.h), built once: for each group-
+// scale code s8 its 16-entry table fp8(q * s8), saturating, index = nibble code (0..7 -> q = 0..7,
 // 8..15 -> q = -8..-1): as fp32 values and, since an fp8 value has 3 mantissa bits and so is exactly
 // the top 16 bits of its fp32 pattern, as the low and high bytes of those 16 bits (vpshufb tables).
 // A group's table is then one or two loads from L1 instead of 16 roundings.
 struct Tables {
-  float fp8[256];
   float lut[256][16];
   uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
   Tables() {
+    const float* fp8 = fp8_values();
     for (int c = 0; c < 256; ++c) {
-      fp8[c] = to_float(fp8e4m3_t{static_cast<uint8_t>(c)});
       for (int i = 0; i < 16; ++i) {
         lut[c][i] = to_float(to_fp8e4m3(static_cast<float>(i < 8 ? i : i - 16) * fp8[c]));
         const uint32_t top = float_bits(lut[c][i]) >> 16;
@@ -79,7 +78,7 @@ int chunk_k(int i) { return i < 16 ? 2 * i : 2 * (i - 16) + 1; }
 // Row r of the activations -> fp32 in the staged layout: in each group, whole chunks in chunk_k
 // order, the last group_size % kChunk k in natural order.
 void stage_row(const GemmParams& p, int64_t row, float* out) {
-  const float* f8 = tables().fp8;
+  const float* f8 = fp8_values();
   const uint8_t* x = &p.xq[row * p.x_row_stride].bits;
   int order[kChunk];
   for (int i = 0; i < kChunk; ++i) order[i] = chunk_k(i);
@@ -358,7 +357,7 @@ void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float
 void gemm_panels(const GemmParams& p) {
   const int64_t stage_rows = p.m < kPanelMaxRows ? p.m : kPanelMaxRows;
   float* staged = new float[stage_rows * p.k];
-  const float* f8 = tables().fp8;
+  const float* f8 = fp8_values();
   const int64_t blocks = p.n / kPanelCols;
 #pragma omp parallel
   {

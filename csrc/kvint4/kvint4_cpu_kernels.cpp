@@ -386,14 +386,6 @@ void load_row(const QuantizeParams& p, int64_t r, float* row) {
   }
 }
 
-// The fp32 value of each FP8-E4M3 code (to_float of dtype.h, tabulated once).
-struct Fp8Values {
-  float v[256];
-  Fp8Values() {
-    for (int i = 0; i < 256; ++i) v[i] = to_float(fp8e4m3_t{static_cast<uint8_t>(i)});
-  }
-};
-
 // The query side of quantize: the row through FP8 (one scale max|row| / 448, 1 for an all-zero
 // row; a NaN anywhere gives scale 1 and stays NaN), or as it is. The division is a true one, as
 // in the reference; the rounding to FP8 is vstore's (to_fp8e4m3's, kW lanes at a time).
@@ -402,7 +394,7 @@ void query_row(const QuantizeParams& p, const float* row, float* out) {
     for (int64_t c = 0; c < p.d; ++c) out[c] = row[c];
     return;
   }
-  static const Fp8Values fp8;
+  const float* fp8 = fp8_values();
   float amax = 0.0f;
   for (int64_t c = 0; c < p.d; ++c) {
     const float a = __builtin_fabsf(row[c]);
@@ -414,9 +406,9 @@ void query_row(const QuantizeParams& p, const float* row, float* out) {
   int64_t c = 0;
   for (; c + kW <= p.d; c += kW) {
     vstore(codes, vdiv(vload(row + c), vs));
-    for (int e = 0; e < kW; ++e) out[c + e] = fp8.v[codes[e].bits] * s;
+    for (int e = 0; e < kW; ++e) out[c + e] = fp8[codes[e].bits] * s;
   }
-  for (; c < p.d; ++c) out[c] = fp8.v[to_fp8e4m3(row[c] / s).bits] * s;
+  for (; c < p.d; ++c) out[c] = fp8[to_fp8e4m3(row[c] / s).bits] * s;
 }
 
 template <typename T>
