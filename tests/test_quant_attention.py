@@ -2,6 +2,7 @@
 """RopeAwareQuantAttention: kernels vs the reference, causal cache semantics, accuracy against float
 attention (and what the post-RoPE scale buys), a Hugging Face Llama attention as the float model."""
 
+import contextlib
 import math
 
 import pytest
@@ -266,6 +267,24 @@ def test_store_write_is_append_of_kv_quantize(device):
         written.write(k, v[:, :, :1], 16)
     with pytest.raises(ValueError, match="group_size"):
         written.write(k, v, 12)
+    # bad arguments are refused by the direct kernel route (eager) and the ops' route alike,
+    # before anything is written
+    before = [b.clone() for b in written.buffers]
+    cos, sin = (x.to(device) for x in _tables(30, 32))
+    bad = [
+        (ValueError, "cos must be", (k, v, 16, post, cos[:5], sin[:5])),
+        (ValueError, "must be float32/float16/bfloat16", (k, v.double(), 16)),
+        (ValueError, "must be float32 \\[3, 32\\]", (k, v, 16, post[:2])),
+        (ValueError, "must be float32 \\[3, 32\\]", (k, v, 16, post.double())),
+        (ValueError, "pairing", (k, v, 16, post, cos, sin, "other")),
+    ]
+    for route in (contextlib.nullcontext, _PassThrough):
+        for error, match, args in bad:
+            with route(), pytest.raises(error, match=match):
+                written.write(*args)
+    assert written.length == 81
+    for a, b in zip(written.buffers, before, strict=True):
+        assert torch.equal(a.view(torch.uint8)[:, :, :81], b.view(torch.uint8)[:, :, :81])
 
 
 @torch.no_grad()

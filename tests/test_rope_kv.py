@@ -491,3 +491,21 @@ def test_int4_kv_attention_is_causal_over_the_cache(device, b, hq, hkv, d, group
     if tq == 9:
         opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention.default,
                                 (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip
+
+
+def test_hugging_face_query_side_kernel_and_autograd_routes_agree():
+    """Without grad the Hugging Face attention quantizes the queries in one kernel pass
+    (q_quantize); with a query that needs grad, by the differentiable PyTorch composition: the
+    same logits (fp32 model), and the backward runs."""
+    model = _model()
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 48))])
+    quant.apply_rope_aware_kv(model, post)
+    ids = torch.randint(1, 256, (2, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+    got = model(ids).logits
+    assert got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.float().pow(2).mean().backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)

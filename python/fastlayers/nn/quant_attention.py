@@ -147,29 +147,18 @@ class RopeAwareQuantAttention(torch.nn.Module):
         inv = inverse_query_scale(
             self, "_inv_q", self.post_scale, self.num_heads, q.device, torch.float32
         )
-        if no_dispatch_modes() and has_kernel(q.device, "kv_cache_write"):
-            # The kernels straight away (a decode step is latency: the ops' own checks and
-            # dispatch cost as much as the cache write). Checked here: the module's shapes above,
-            # the rotary tables against q below; the buffers are the store's own.
+        # the cache write in place: RoPE, post-RoPE scale, INT4 (one pass each for k and v)
+        store.write(k, v, self.group_size, post, cos, sin, self.pairing)
+        if no_dispatch_modes() and has_kernel(q.device, "q_quantize"):
+            # The kernel straight away (a decode step is latency: the op's checks and dispatch
+            # cost as much as the kernel); q's shape is checked above, the tables against q here.
             _check_kv_quantize(q, inv, self.head_dim, cos, sin, self.pairing, ("q", "scale"))
-            cos, sin = cos.float(), sin.float()  # (once for the keys and the queries)
-            start, t = store.length, k.shape[2]
-            store.reserve(k, self.group_size)
-            kb, ksb, vb, vsb = store.buffers
-            # the cache write in place: RoPE, post-RoPE scale, INT4 (one pass each for k and v)
-            _launch_quantize(k, post, self.group_size, cos, sin, self.pairing, kb, ksb,
-                             kb.shape[2], start)  # fmt: skip
-            _launch_quantize(v, None, self.group_size, None, None, "half", vb, vsb, vb.shape[2],
-                             start)  # fmt: skip
-            store.length = start + t
-            # the queries: RoPE, inverse scale, FP8 (one pass)
             qs = empty(q.shape, torch.float32, q.device)
             _launch_quantize(q, inv, self.head_dim, cos, sin, self.pairing, q_out=qs,
                              fp8=self.q_fp8)  # fmt: skip
-        else:  # the ops (compiling, tracing, other devices)
-            store.write(k, v, self.group_size, post, cos, sin, self.pairing)
+        else:  # the op (compiling, tracing, other devices)
             qs = q_quantize(q, inv, cos, sin, self.pairing, self.q_fp8)
-            kb, ksb, vb, vsb = store.buffers  # the kernels read the INT4 cache in place
+        kb, ksb, vb, vsb = store.buffers  # the kernels read the INT4 cache in place
         if q.shape[2] == 1:  # one new token: the decode kernel
             out, _ = int4_kv_decode(qs[:, :, 0], kb, ksb, vb, vsb, store.length, self.scale)
             return out[:, :, None].to(q.dtype)

@@ -241,6 +241,12 @@ def no_dispatch_modes() -> bool:
     )
 
 
+def plain_tensors(*tensors) -> bool:
+    """Each of ``tensors`` None, a plain tensor or a Parameter (no subclass that intercepts
+    calls)."""
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def direct_call_ok(*tensors) -> bool:
     """True when the dispatcher would do nothing but call our CPU/CUDA implementation: eager (not
     compiling or tracing), no autograd needed, plain tensors, no dispatch/function modes, no

@@ -27,6 +27,8 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    no_dispatch_modes,
+    plain_tensors,
     ptr,
     stream_of,
 )
@@ -507,6 +509,28 @@ def kv_cache_write(x, packed, scales, start: int, post_scale=None, cos=None, sin
         _kv_cache_write_kernel(x, packed, scales, start, post_scale, cos, sin, pairing)
     else:
         torch.ops.fastlayers.kv_cache_write(x, packed, scales, start, post_scale, cos, sin, pairing)
+
+
+def write_kv_direct(k, v, buffers, start: int, group_size: int, post_scale=None, cos=None,
+                    sin=None, pairing: str = "half") -> bool:  # fmt: skip
+    """:func:`kv_cache_write` of ``k`` (rotated, times ``post_scale``) and ``v`` into an
+    :class:`~fastlayers.quant.kv_cache.Int4KVStore`'s own ``buffers`` at token ``start``, by the
+    kernel straight away: a decode step is latency, and the op's checks and dispatch cost as much
+    as the write. The store has fitted its buffers to ``k`` (batch, heads, widths, device, room
+    for the tokens); checked here: ``k``/``v``/``post_scale``/``cos``/``sin`` as the op checks
+    them (ValueError/TypeError naming them). Returns False, writing nothing, where the op must run
+    (compiling, tracing, dispatch modes, tensor subclasses, a device without the kernel)."""
+    if not (no_dispatch_modes() and plain_tensors(k, v, post_scale, cos, sin)
+            and has_kernel(k.device, "kv_cache_write")):  # fmt: skip
+        return False
+    _check_kv_quantize(k, post_scale, group_size, cos, sin, pairing, ("k", "post_scale"))
+    _check_kv_quantize(v, None, group_size, names=("v", "post_scale"))
+    if v.device != k.device:
+        raise ValueError(f"v is on {v.device} but k is on {k.device}")
+    kb, ksb, vb, vsb = buffers
+    _launch_quantize(k, post_scale, group_size, cos, sin, pairing, kb, ksb, kb.shape[2], start)
+    _launch_quantize(v, None, group_size, None, None, "half", vb, vsb, vb.shape[2], start)
+    return True
 
 
 # ---- The query side --------------------------------------------------------------------------

@@ -76,8 +76,9 @@ class Int4KVStore:
         in place (:func:`fastlayers.ops.kv_cache_write`: one pass each, no temporaries): keys
         rotated by RoPE when ``cos``/``sin`` are given and times ``post_scale``, groups of
         ``group_size`` channels. The same cache as ``append(*kv_quantize(k, ...), *kv_quantize(v,
-        ...))``."""
-        from fastlayers.ops.kvint4 import kv_cache_write  # (ops import this module)
+        ...))``. In eager mode on a device with the kernel, the kernel is called directly (no
+        dispatcher, the buffers' own checks skipped: they are the store's)."""
+        from fastlayers.ops.kvint4 import kv_cache_write, write_kv_direct  # (ops import this)
 
         check_tensor(k, "k")
         check_tensor(v, "v")
@@ -88,10 +89,13 @@ class Int4KVStore:
                 f"{tuple(v.shape)}"
             )
         self.reserve(k, group_size)
-        kb, ksb, vb, vsb = self.buffers
-        kv_cache_write(k, kb, ksb, self.length, post_scale, cos, sin, pairing)
-        kv_cache_write(v, vb, vsb, self.length)
-        self.length += k.shape[2]
+        start = self.length
+        if not write_kv_direct(k, v, self.buffers, start, group_size, post_scale, cos, sin,
+                               pairing):  # fmt: skip
+            kb, ksb, vb, vsb = self.buffers
+            kv_cache_write(k, kb, ksb, start, post_scale, cos, sin, pairing)
+            kv_cache_write(v, vb, vsb, start)
+        self.length = start + k.shape[2]
 
     def reserve(self, k, group_size: int) -> None:
         """Room for the tokens of ``k [B, H, t, d]`` after the cached ones (quantized with groups of

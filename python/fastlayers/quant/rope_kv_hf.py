@@ -20,7 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops.kvint4 import int4_kv_decode
+from fastlayers.ops.kvint4 import int4_kv_decode, q_quantize
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
@@ -138,19 +138,28 @@ class Int4KVCache(Cache):
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
-    if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
-        inv = inverse_query_scale(
-            module, "_fl_inv_q", k_post, query.shape[1], query.device, query.dtype
-        )
-        query = query * inv[None, :, None, :]
-    if getattr(module, "_fl_q_fp8", True):
-        query = quantize_q_fp8(query)
+    q_fp8 = getattr(module, "_fl_q_fp8", True)
+    qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
+    if torch.is_grad_enabled() and query.requires_grad:  # (the kernel has no backward)
+        if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
+            inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1], query.device,
+                                      query.dtype)  # fmt: skip
+            query = query * inv[None, :, None, :]
+        if q_fp8:
+            query = quantize_q_fp8(query)
+    elif k_post is not None or q_fp8:  # one kernel pass (RoPE is the layer's, already applied)
+        inv = None
+        if k_post is not None:
+            inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1], query.device,
+                                      torch.float32)  # fmt: skip
+        qs = q_quantize(query, inv, fp8=q_fp8)
     layer = getattr(key, "_fl_layer", None)
     if layer is not None:  # one new token against the Int4KVCache
         if attention_mask is None or not bool((attention_mask < 0).any()):
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
-            out, _ = int4_kv_decode(query[:, :, 0], kq, ks, vq, vs, layer.length, scaling)
-            return out[:, None], None  # [B, 1, Hq, d]
+            q = (query if qs is None else qs)[:, :, 0]
+            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling)
+            return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
         key, value = layer.dequantized(layer.dtype)  # padded batch: the general path, masked
     elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
         if k_post is not None:
@@ -160,6 +169,8 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             key = dequantize_kv_int4(*quantize_kv_int4(key, g), key.dtype)
         if getattr(module, "_fl_quantize_values", True):
             value = dequantize_kv_int4(*quantize_kv_int4(value, g), value.dtype)
+    if qs is not None:
+        query = qs.to(query.dtype)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
