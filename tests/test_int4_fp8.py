@@ -273,6 +273,57 @@ def test_linear_from_linear(device, dtype):
     assert ((y.float() - want).norm() / want.norm()).item() < 0.1
 
 
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    """A function mode that changes nothing: the module then takes the ops' route."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _same_as_the_ops_route(layer, x):
+    got = layer(x)
+    assert layer._infer_plan is not None and layer._infer_plan.ok  # (the lean route ran)
+    with _PassThrough():
+        want = layer(x)
+    assert got.dtype == want.dtype == layer.out_dtype
+    assert got.shape == (*x.shape[:-1], layer.out_features)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_lean_cpu_route_equals_the_ops(dtype, bias):
+    """Int4Fp8Linear on CPU calls its two kernels straight away (a weight plan checked once): the
+    same bytes as the ops' route (taken under a function mode) for 1-D, 2-D, 3-D, row-strided
+    and non-contiguous inputs, every output dtype, an odd width with a partial last group; a
+    weight changed in place or replaced is seen; bad input gets the ops' errors."""
+
+    def r(*shape):
+        return rand(*shape, dtype=dtype, device="cpu")
+
+    lin = _linear(70, 17, dtype, "cpu", bias=bias)
+    wide = r(3, 9, 140)
+    xs = (r(70), r(1, 70), r(2, 5, 70), wide[..., 70:], wide[..., ::2],
+          wide[:, 1:4, :70].transpose(0, 1))  # fmt: skip
+    for out_dtype in OUT_DTYPES:
+        layer = fastlayers.Int4Fp8Linear.from_linear(lin, group_size=32, out_dtype=out_dtype)
+        for x in xs:
+            _same_as_the_ops_route(layer, x)
+    x = xs[2]
+    before = layer(x).float()
+    with torch.no_grad():
+        layer.channel_scale.mul_(2.0)  # in place: the kernels read the buffer itself
+    b = layer.bias.float() if bias else 0.0
+    torch.testing.assert_close(_same_as_the_ops_route(layer, x).float(), 2 * before - b)
+    layer.channel_scale = layer.channel_scale / 4  # replaced: a new plan
+    torch.testing.assert_close(_same_as_the_ops_route(layer, x).float(), (before - b) / 2 + b)
+    with pytest.raises(ValueError, match="70 features"):
+        layer(r(2, 71))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        layer(torch.ones(2, 70, dtype=torch.int32))
+
+
 def test_linear_takes_rms_norm_fp8_output(device):
     lin = _linear(256, 40, torch.bfloat16, device, bias=False)
     layer = fastlayers.Int4Fp8Linear.from_linear(lin)

@@ -31,7 +31,7 @@ namespace {
 constexpr int64_t kRowsPerStage = 32;   // activation rows staged at a time (32 x K fp32 stays in L2/L3)
 constexpr int kRowTile = 4;             // rows per micro-tile
 constexpr int64_t kPrefetchBytes = 1024;  // weight prefetch distance
-constexpr int64_t kParallelMinWork = 1 << 18;  // m * n * k below this runs on one thread
+constexpr int64_t kParallelMinWork = 1 << 17;  // m * n * k below this runs on one thread
 
 // The tables the kernels look up besides fp8_values() (rows_cpu.h), built once: for each group-
 // scale code s8 its 16-entry table fp8(q * s8), saturating, index = nibble code (0..7 -> q = 0..7,

@@ -9,13 +9,15 @@ import torch
 
 from fastlayers import _ext
 from fastlayers.nn._fixed_dtypes import apply_keeping_dtypes, float_cast_of
-from fastlayers.ops._common import direct_call_ok
+from fastlayers.ops._common import direct_call_ok, no_dispatch_modes
 from fastlayers.ops.int4_fp8 import (
     FP8,
     OUT_DTYPES,
+    LinearInferPlan,
     QuantizedWeight,
     _gemm_sm90_cuda,
     int4_fp8_gemm,
+    linear_infer,
     quantize_fp8_per_token,
     quantize_int4,
     sm90_pad_activations,
@@ -91,6 +93,7 @@ class Int4Fp8Linear(torch.nn.Module):
             raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.group_size, self.out_dtype = group_size, out_dtype
+        self._infer_plan: LinearInferPlan | None = None  # the checked weight for CPU inference
         groups = -(-self.in_features // group_size)
         self.register_buffer(
             "qweight",
@@ -235,6 +238,10 @@ class Int4Fp8Linear(torch.nn.Module):
         self.prepack()
 
     def forward(self, x) -> torch.Tensor:
+        if type(x) is torch.Tensor and x.is_cpu and no_dispatch_modes():
+            y = self._infer(x)  # the lean CPU route (None: a precondition fails, the ops below)
+            if y is not None:
+                return y
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
                 raise ValueError(
@@ -254,6 +261,27 @@ class Int4Fp8Linear(torch.nn.Module):
         if self.sm90_weight is not None and xq.device == self.sm90_weight.device:
             return self._forward_sm90(xq, xs)
         return int4_fp8_gemm(xq, xs, self.quantized_weight, self.bias, self.out_dtype)
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer on a CPU tensor by the two kernels straight away (:func:`linear_infer`: the
+        ops' values without their dispatch and argument handling, which at small widths cost more
+        than the kernels); the weight is checked once per version (:class:`LinearInferPlan`)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        b = self._buffers  # the dict itself: attribute lookups cost ~1 us each
+        qw, gs, cs, bias = b["qweight"], b["group_scale"], b["channel_scale"], b["bias"]
+        # what the plan's checks and pointers depend on (in-place changes need no new plan: the
+        # kernels read the buffers themselves)
+        key = (
+            qw.data_ptr(), qw.dtype, qw.shape, gs.data_ptr(), gs.dtype, gs.shape, cs.data_ptr(),
+            cs.dtype, cs.shape, None if bias is None else (bias.data_ptr(), bias.dtype, bias.shape),
+            self.group_size, self.out_dtype,
+        )  # fmt: skip
+        plan = self._infer_plan
+        if plan is None or plan.key != key:
+            plan = self._infer_plan = LinearInferPlan(key, qw, gs, cs, bias, self.group_size,
+                                                      self.out_dtype)  # fmt: skip
+        return linear_infer(x, plan)
 
     def _forward_sm90(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         n_p, k_p = self.sm90_weight.shape[0], 2 * self.sm90_weight.shape[1]

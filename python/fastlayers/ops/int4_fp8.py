@@ -559,3 +559,76 @@ def int4_fp8_gemm(
     if direct_call_ok(xq, xs, bias):
         return _gemm_kernel(*args)
     return torch.ops.fastlayers.int4_fp8_gemm(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lean inference route (Int4Fp8Linear on CPU)
+# ----------------------------------------------------------------------------------------------
+class LinearInferPlan:
+    """An Int4Fp8Linear's weight, checked once for :func:`linear_infer` (the module rebuilds it
+    when a buffer's address, dtype or shape, the group size or ``out_dtype`` changes), so a
+    decode step checks only ``x``: at small widths the two ops' checks, dispatch and argument
+    handling cost more than their kernels."""
+
+    __slots__ = ("key", "ok", "n", "k", "group_size", "out_dtype", "out_code", "args")
+
+    def __init__(self, key, qweight, group_scale, channel_scale, bias, group_size, out_dtype):
+        self.key, self.ok = key, False  # not ok: the ops' route (and its errors)
+        if not _ext.has_cpu_kernels():
+            return
+        tensors = (qweight, group_scale, channel_scale) + (() if bias is None else (bias,))
+        if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+            return
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            return
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+            return
+        n, k = qweight.shape[0], 2 * qweight.shape[1]
+        try:
+            _check_gemm(torch.empty((1, k), dtype=FP8), torch.empty((1, 1)), qweight,
+                        group_scale, channel_scale, bias, group_size, out_dtype)  # fmt: skip
+        except (TypeError, ValueError):
+            return
+        self.ok, self.n, self.k, self.group_size = True, n, k, group_size
+        self.out_dtype, self.out_code = out_dtype, _dtypes.code(out_dtype)
+        # _ext.C.int4_fp8_gemm's weight arguments, in order
+        self.args = (
+            ptr(qweight), ptr(group_scale), ptr(channel_scale), ptr(bias),
+            _dtypes.code(bias.dtype) if bias is not None else 0,
+        )  # fmt: skip
+
+
+def linear_infer(x, plan: LinearInferPlan) -> torch.Tensor | None:
+    """``int4_fp8_gemm(*quantize_fp8_per_token(x), weight, bias, out_dtype)`` by the leanest route
+    (the same values): the two CPU kernels called straight away. The caller has checked that
+    nothing intercepts calls (:func:`~fastlayers.ops._common.no_dispatch_modes`) and that no
+    gradient is wanted; this checks ``x`` (a plain CPU float tensor with the plan's in-features,
+    at least one row). Returns None when a precondition does not hold: the caller then runs the
+    ops, which give the same ``y`` or the clear error."""
+    if (
+        not plan.ok
+        or type(x) is not torch.Tensor
+        or not x.is_cpu
+        or x.dtype not in _dtypes.FLOATING
+        or x.dim() == 0
+        or x.shape[-1] != plan.k
+    ):
+        return None
+    k = plan.k
+    if x.is_contiguous():  # (no view: each torch call costs microseconds here)
+        m, x_ptr, stride = x.numel() // k, x.data_ptr(), k
+    else:
+        x2 = rows_view(x)
+        m, x_ptr, stride = x2.shape[0], x2.data_ptr(), row_stride(x2)
+    if m == 0:
+        return None
+    # one scratch buffer, every byte used written: the FP8 rows, then the fp32 row scales (both
+    # 64-byte aligned, as separate tensors would be)
+    at = (m * k + 63) // 64 * 64
+    scratch = torch.empty(at + 4 * m, dtype=torch.uint8)
+    xq, xs = scratch.data_ptr(), scratch.data_ptr() + at
+    _ext.C.quantize_fp8_per_token(0, x_ptr, stride, xq, xs, m, k, _dtypes.code(x.dtype), 0)
+    y = empty((*x.shape[:-1], plan.n), plan.out_dtype, x.device)
+    _ext.C.int4_fp8_gemm(0, xq, k, xs, *plan.args, y.data_ptr(), plan.out_code, m, plan.n, k,
+                         plan.group_size, 0)  # fmt: skip
+    return y
