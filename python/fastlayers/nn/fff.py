@@ -30,10 +30,11 @@ from fastlayers.reference.fff import ACTIVATIONS
 
 
 def _weights_key(tensors, activation: str) -> tuple:
-    """What an inference plan was validated for: each weight's data pointer, version and dtype
-    (None for an absent one), and the activation. A change to any of them builds a new plan."""
+    """What an inference plan was validated for: each weight's data pointer, dtype and shape (None
+    for an absent one), and the activation. A change to any of them builds a new plan (in-place
+    changes need none: the kernels read the weights themselves)."""
     return (
-        *(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors),
+        *(None if t is None else (t.data_ptr(), t.dtype, t.shape) for t in tensors),
         activation,
     )
 
@@ -125,8 +126,8 @@ class UltraFastFeedForward(torch.nn.Module):
             # _weights_key's fields, written out: half the cost of the generic form (~1 us of a
             # ~10 us batch-1 call)
             key = (
-                w_in.data_ptr(), w_in._version, w_in.dtype, w_out.data_ptr(), w_out._version,
-                w_out.dtype, None if b_in is None else (b_in.data_ptr(), b_in._version, b_in.dtype),
+                w_in.data_ptr(), w_in.dtype, w_in.shape, w_out.data_ptr(), w_out.dtype,
+                w_out.shape, None if b_in is None else (b_in.data_ptr(), b_in.dtype, b_in.shape),
                 self.activation,
             )  # fmt: skip
             plan = self._infer_plan

@@ -241,6 +241,13 @@ def no_dispatch_modes() -> bool:
     )
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (it counts in-place changes), for caches of values derived from
+    ``t``; None for an inference tensor (made under ``torch.inference_mode``), which has none: a
+    cache must then not keep anything derived from it."""
+    return None if t.is_inference() else t._version
+
+
 def plain_tensors(*tensors) -> bool:
     """Each of ``tensors`` None, a plain tensor or a Parameter (no subclass that intercepts
     calls)."""

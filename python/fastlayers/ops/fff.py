@@ -147,7 +147,7 @@ def _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation):
 
 class UltraInferPlan:
     """Validated weights of an UltraFastFeedForward for :func:`ultrafast_ff_infer`: built once per
-    weight version (the module keys it on the weights' data pointers, versions and dtypes), so a
+    weight layout (the module keys it on the weights' data pointers, dtypes and shapes), so a
     batch-1 call checks only ``x``."""
 
     __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes")
@@ -233,7 +233,7 @@ def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
 
 class HardInferPlan:
     """Validated weights of a FastFeedForward for :func:`fff_hard_infer` (the module keys it on
-    the weights' data pointers, versions and dtypes): a batch-1 call checks only ``x``."""
+    the weights' data pointers, dtypes and shapes): a batch-1 call checks only ``x``."""
 
     __slots__ = ("key", "dtype", "d_in", "d_out", "depth", "width", "leaves", "args", "codes")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers.ops._common import check_int, check_tensor, no_dispatch_modes
+from fastlayers.ops._common import check_int, check_tensor, no_dispatch_modes, tensor_version
 from fastlayers.reference.fp8 import FP8, to_fp8
 from fastlayers.reference.int4_fp8 import GROUP_SCALE_MIN, pack_int4, unpack_int4
 
@@ -192,15 +192,17 @@ def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.f
 def inverse_query_scale(owner, slot: str, post: torch.Tensor, heads: int, device, dtype):
     """``1 / post`` repeated over the GQA group (``heads // post.shape[0]`` query heads per KV
     head), ``[heads, d]`` in ``dtype`` on ``device``: what the queries are multiplied by. Cached in
-    ``owner.__dict__[slot]`` per post-RoPE scale tensor, its version (in-place changes), heads,
-    device and dtype (a decode step would spend ~70 us rebuilding it for every layer); not cached
-    while compiling or tracing (no data pointers there)."""
+    ``owner.__dict__[slot]`` per post-RoPE scale tensor, its version (in-place changes; not those
+    made through ``.data``, which bypasses the version counter), heads, device and dtype (a
+    decode step would spend ~70 us rebuilding it for every layer); not cached while compiling or
+    tracing (no data pointers there) nor for an inference tensor (no version counter)."""
     group = heads // post.shape[0]
-    if not no_dispatch_modes():
+    version = tensor_version(post)
+    if version is None or not no_dispatch_modes():
         return (1.0 / post).repeat_interleave(group, dim=0).to(device, dtype)
     # (the tensor itself is part of the key and held by the cache: an id or an address alone could
     # be reused by a later tensor)
-    key = (post.data_ptr(), post._version, heads, device, dtype)
+    key = (post.data_ptr(), version, heads, device, dtype)
     cached = owner.__dict__.get(slot)
     if cached is None or cached[0] is not post or cached[1] != key:
         inv = (1.0 / post).repeat_interleave(group, dim=0).to(device, dtype)
