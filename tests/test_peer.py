@@ -181,6 +181,34 @@ def test_peer_module_trains_and_reports_usage():
     assert 1 <= m.expert_usage(x) <= 6 * 4 * 8
 
 
+def test_retrieval_follows_the_keys_after_training_steps():
+    """The kernel's sub-key panels are built once per keys tensor and version: after optimizer
+    steps (in place), an in-place edit and a replaced tensor, retrieval equals a fresh module's
+    with the same weights."""
+    torch.manual_seed(0)
+    m = fastlayers.PEER(32, 256, heads=4, topk=8, dim_key=16, query_norm="none")
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    x = torch.randn(6, 32)
+
+    def fresh():
+        f = fastlayers.PEER(32, 256, heads=4, topk=8, dim_key=16, query_norm="none")
+        f.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+        return f
+
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            got, want = m.retrieve(x), fresh().retrieve(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with torch.no_grad():
+        m.keys.mul_(-1.0)  # in place
+        assert torch.equal(m.retrieve(x)[0], fresh().retrieve(x)[0])
+        m.keys = torch.nn.Parameter(torch.randn_like(m.keys))  # replaced
+        assert torch.equal(m.retrieve(x)[0], fresh().retrieve(x)[0])
+
+
 def test_peer_sparse_grad_with_sparse_adam():
     torch.manual_seed(0)
     m = fastlayers.PEER(16, 1024, heads=2, topk=4, dim_key=8, sparse_grad=True, query_norm="none")

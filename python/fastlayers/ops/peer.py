@@ -12,6 +12,7 @@ as compact ``[unique, dim]`` rows that autograd wraps in a sparse COO gradient
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlayers import _dtypes, _ext
 from fastlayers import reference as ref
@@ -30,6 +31,7 @@ from fastlayers.ops._common import (
     row_stride,
     rows_view,
     stream_of,
+    tensor_version,
 )
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
@@ -91,6 +93,34 @@ def _retrieve_on_kernel(queries, heads, dim_key, n_keys, padded, topk) -> bool:
     return True
 
 
+# The sub-keys' panel layout, per keys tensor (weakly held: it goes with the tensor).
+_PANELS = WeakIdKeyDictionary()
+
+
+def _key_panels(keys: torch.Tensor, tile: int, padded: int) -> torch.Tensor:
+    """The sub-keys as fp32 panels ``[heads, 2, padded / tile, half, tile]``: the kernel's lanes run
+    over keys and each panel is one contiguous read. Built once per keys tensor, address and
+    version (a decode step would otherwise copy the whole key table: 2 MiB at 512 sub-keys, 8
+    heads, 128-d keys, more than the step's own work); rebuilt after an optimizer step or any
+    other in-place change (not one made through ``.data``, which bypasses the version counter as
+    it bypasses autograd), never kept for an inference tensor (no version counter)."""
+    heads, _, n_keys, half = keys.shape
+    version = tensor_version(keys)
+    key = (keys.data_ptr(), version, keys.dtype, keys.shape, keys.device, tile)
+    hit = _PANELS.get(keys)
+    if hit is not None and hit[0] == key and version is not None:
+        return hit[1]
+    panels = (
+        torch.nn.functional.pad(keys.detach().float(), (0, 0, 0, padded - n_keys))
+        .reshape(heads, 2, padded // tile, tile, half)
+        .transpose(-1, -2)
+        .contiguous()
+    )
+    if version is not None:  # (an inference tensor has no version: not cached)
+        _PANELS[keys] = (key, panels)
+    return panels
+
+
 def _peer_retrieve_kernel(queries, keys, topk, score):
     _check_retrieve(queries, keys, topk, score)
     heads, _, n_keys, half = keys.shape
@@ -98,14 +128,7 @@ def _peer_retrieve_kernel(queries, keys, topk, score):
     padded = -(-n_keys // tile) * tile
     if not _retrieve_on_kernel(queries, heads, 2 * half, n_keys, padded, topk):
         return ref.peer_retrieve(queries, keys, topk, score)
-    # Sub-keys as fp32 panels [heads, 2, padded / tile, half, tile]: the kernel's lanes run over
-    # keys and each panel is one contiguous read.
-    keys_t = (
-        torch.nn.functional.pad(keys.float(), (0, 0, 0, padded - n_keys))
-        .reshape(heads, 2, padded // tile, tile, half)
-        .transpose(-1, -2)
-        .contiguous()
-    )
+    keys_t = _key_panels(keys, tile, padded)
     q = queries.contiguous()
     indices = empty((*queries.shape[:-1], topk), torch.int64, queries.device)
     gates = empty((*queries.shape[:-1], topk), queries.dtype, queries.device)
