@@ -157,3 +157,35 @@ def test_time_interleaved_spreads_each_case_over_the_run_and_rotates_inputs():
     assert all(a[1] != b[1] for a, b in zip(timed, timed[1:], strict=False))
     assert (t_fast.reps, t_slow.reps) == (8, 2)
     assert t_slow.median_s >= 0.004 > t_fast.median_s
+
+
+def test_quick_budget_cuts_the_reps_of_slow_cases_only():
+    """Under quick_budget (bench --quick on CPU), a case whose calls take longer than the budget
+    allows gets fewer reps (at least QUICK_MIN_REPS) and one warm-up call per input set; fast cases
+    and runs outside the budget keep their reps."""
+    import time
+
+    from fastlayers.benchmark import harness
+
+    calls = []
+
+    def case(name, seconds):
+        def fn(i):
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    inputs = [(i,) for i in range(2)]
+    slow_s = harness.QUICK_CASE_S / 7  # fits 7 reps (of 20) in the budget
+    cases = [(case("fast", 0.0), inputs, 20), (case("slow", slow_s), inputs, 20),
+             (case("slower", harness.QUICK_CASE_S / 2), inputs, 20)]  # fmt: skip
+    with harness.quick_budget():
+        fast, slow, slower = harness.time_interleaved(cases, torch.device("cpu"))
+    assert fast.reps == 20 and slower.reps == harness.QUICK_MIN_REPS
+    assert harness.QUICK_MIN_REPS <= slow.reps <= 7  # (sleep overshoots: never more)
+    assert calls[:6] == ["fast", "fast", "slow", "slow", "slower", "slower"]  # the warm-ups
+    assert harness._case_budget_s is None  # restored
+    calls.clear()
+    fast, slow = harness.time_interleaved(cases[:2], torch.device("cpu"), warmup=1)
+    assert (fast.reps, slow.reps) == (20, 20)

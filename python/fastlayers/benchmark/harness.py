@@ -88,6 +88,47 @@ def time_fn(
     return _quantiles(samples)
 
 
+# Quick runs (``bench --quick``): each case of a measurement gets at most this many seconds of
+# timed calls (its reps cut to fit, at least QUICK_MIN_REPS) and one warm-up call per input set, so
+# that the slow baselines (a dense 4095-wide layer, an autograd backward: 0.1-0.3 s a call) do not
+# take most of the run. None: every case gets its reps (full runs).
+QUICK_CASE_S = 0.3
+QUICK_MIN_REPS = 5
+_case_budget_s: float | None = None
+
+
+class quick_budget:
+    """Context in which :func:`time_interleaved` applies the quick-run budget above."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    def __enter__(self):
+        global _case_budget_s
+        self.saved, _case_budget_s = _case_budget_s, (QUICK_CASE_S if self.on else None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _case_budget_s
+        _case_budget_s = self.saved
+
+
+def _budgeted_reps(fn: Callable, inputs: Sequence[tuple], reps: int, warmup: int) -> int:
+    """Warms ``fn`` up on every input set; returns its reps, cut to the quick budget if one is set
+    (from the slowest warm-up call but the first)."""
+    if _case_budget_s is None:
+        _warm_up(fn, inputs, warmup)
+        return reps
+    times = []
+    for i in range(max(1, len(inputs))):
+        t0 = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append(time.perf_counter() - t0)
+    per_call = max(times[1:] or times)
+    fit = int(_case_budget_s / max(per_call, 1e-9))
+    return max(min(reps, QUICK_MIN_REPS), min(reps, fit))
+
+
 def time_interleaved(
     cases: Sequence[tuple[Callable, Sequence[tuple], int]],
     device: torch.device,
@@ -99,9 +140,9 @@ def time_interleaved(
     with a quarter of the reps runs every fourth round). A machine whose speed drifts during the
     run (a shared VM: 20-50 % within minutes) then slows every case alike and the ratios between
     them hold, where timing one case after the other counts part of the drift as a speed-up.
-    Each call is timed as in :func:`time_fn`."""
-    for fn, inputs, _ in cases:
-        _warm_up(fn, inputs, warmup)
+    Each call is timed as in :func:`time_fn`. Under :class:`quick_budget`, slow cases get fewer
+    reps (still spread over the run)."""
+    cases = [(fn, inputs, _budgeted_reps(fn, inputs, reps, warmup)) for fn, inputs, reps in cases]
     # Call k of a case with r reps sits at (k + 0.5) / r of the run; calls at the same point run
     # in case order on even k and in reverse order on odd k (no case always follows another).
     schedule = sorted(

@@ -68,8 +68,9 @@ def metadata(device: torch.device) -> dict:
 
 def run(device: torch.device, quick: bool, reps: int, families=None) -> tuple[dict, list]:
     rows = []
-    for name in families or FAMILIES:
-        rows += FAMILIES[name].run(device, quick=quick, reps=reps)
+    with harness.quick_budget(quick and device.type == "cpu"):
+        for name in families or FAMILIES:
+            rows += FAMILIES[name].run(device, quick=quick, reps=reps)
     return metadata(device), rows
 
 
