@@ -96,6 +96,10 @@ def _cases():
         ),  # fmt: skip
         "q_quantize": (q_quantize, [_r(2, 4, 3, 32), _r(4, 32), _r(3, 32), _r(3, 32)]),
         "int4_kv_decode": (int4_kv_decode, [_r(2, 4, 32), k, ks, v, vs, 10]),
+        "int4_kv_decode(starts)": (
+            int4_kv_decode,
+            [_r(2, 4, 32), k, ks, v, vs, 10, None, torch.tensor([0, 4], dtype=torch.int32)],
+        ),
         "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
         "RMSNorm": (fastlayers.RMSNorm(64), [x]),
         "UltraFastFeedForward": (fastlayers.UltraFastFeedForward(32, 16, depth=3), [_r(7, 32)]),

@@ -135,6 +135,62 @@ def test_int4_kv_decode_matches_reference(device, b, hq, hkv, d, group, t):
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
+@pytest.mark.parametrize("b,hq,hkv,d,group,t", DECODE_SHAPES)
+def test_int4_kv_decode_starts_skip_left_padding(device, b, hq, hkv, d, group, t):
+    """starts[b]: row b attends to the cached tokens starts[b] .. length - 1 only: the same as
+    decoding that row over a cache that begins at starts[b] (and the reference); a row that sees
+    no token gets zeros and lse -inf; the skipped tokens are not read (NaN scales there change
+    nothing)."""
+    from fastlayers.ops.kvint4 import _reference, int4_kv_decode
+
+    q = rand(b, hq, d, dtype=torch.bfloat16, device=device)
+    k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=device), group)
+    length = t - 2
+    for first in ([0, length, 5][:b], [length - 1, 1, 7][:b], [3] * b):
+        starts = torch.tensor(first, dtype=torch.int32, device=device)
+        kp, vp, ksp, vsp = k.clone(), v.clone(), ks.clone(), vs.clone()
+        for i, s0 in enumerate(first):  # poison the skipped tokens' scales
+            ksp[i, :, :s0] = float("nan")
+            vsp[i, :, :s0] = float("nan")
+        out, lse = int4_kv_decode(q, kp, ksp, vp, vsp, length, starts=starts)
+        ref, ref_lse = _reference(q.double(), k, ks, v, vs, length, d**-0.5, starts)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+        for i, s0 in enumerate(first):
+            if s0 == length:
+                assert bool((out[i] == 0).all()) and bool(torch.isneginf(lse[i]).all())
+                continue
+            one, one_lse = int4_kv_decode(q[i : i + 1], k[i : i + 1, :, s0:], ks[i : i + 1, :, s0:],
+                                          v[i : i + 1, :, s0:], vs[i : i + 1, :, s0:],
+                                          length - s0)  # fmt: skip
+            torch.testing.assert_close(out[i : i + 1], one, rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(lse[i : i + 1], one_lse, rtol=1e-5, atol=1e-5)
+    starts = torch.zeros(b, dtype=torch.int32, device=device)  # no padding: the plain decode
+    got = int4_kv_decode(q, k, ks, v, vs, length, starts=starts)
+    want = int4_kv_decode(q, k, ks, v, vs, length)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_int4_kv_decode_bad_starts_and_opcheck():
+    from fastlayers.ops.kvint4 import int4_kv_decode
+
+    q = rand(2, 4, 64, dtype=torch.float32, device="cpu")
+    k, ks = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 32)
+    v, vs = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 32)
+    good = torch.tensor([0, 30], dtype=torch.int32)
+    for bad, match in (
+        (good.long(), "int32"), (good[:1], "int32 \\[2\\]"), ([0, 3], "torch.Tensor"),
+        (torch.tensor([0, 34], dtype=torch.int32), "lie in \\[0, 33\\]"),
+        (torch.tensor([-1, 3], dtype=torch.int32), "lie in"),
+    ):  # fmt: skip
+        error = TypeError if isinstance(bad, list) else ValueError
+        with pytest.raises(error, match=match):
+            int4_kv_decode(q, k, ks, v, vs, 33, starts=bad)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode,
+                            (q, k, ks, v, vs, 33, 0.125, good))  # fmt: skip
+
+
 def test_int4_kv_decode_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
     from fastlayers.ops.kvint4 import _reference, int4_kv_decode
 
@@ -177,6 +233,56 @@ def test_generate_decode_steps_use_the_int4_kernel(monkeypatch):
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                    cache=quant.Int4KVCache.for_model(model))  # fmt: skip
     assert len(calls) == 3 * 3  # 3 decode steps x 3 layers (the prefill takes the general path)
+
+
+@torch.no_grad()
+def test_left_padded_batch_decodes_with_the_int4_kernel(monkeypatch):
+    """A left-padded batch: each decode step runs the INT4 kernel with the rows' padding lengths
+    as starts (the padding is skipped, not dequantized), and generates what the same model does
+    without a cache (quantized in the attention, the mask applied by eager attention)."""
+    from fastlayers.quant import rope_kv_hf
+
+    starts_seen = []
+    real = rope_kv_hf.int4_kv_decode
+
+    def recording(*args, **kwargs):
+        starts_seen.append(args[7] if len(args) > 7 else kwargs.get("starts"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rope_kv_hf, "int4_kv_decode", recording)
+    model = _model()
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 48))])
+    quant.apply_rope_aware_kv(model, post)
+    ids = torch.randint(1, 256, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding of 5, 0 and 2 tokens
+    mask[2, :2] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with_cache = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+    assert len(starts_seen) == 4 * 3  # 4 decode steps x 3 layers, every one on the kernel
+    assert all(s is not None and s.tolist() == [5, 0, 2] for s in starts_seen)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.scores, without.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_left_padding_reads_only_prefix_masks():
+    from fastlayers.quant.rope_kv_hf import _left_padding
+
+    neg = torch.finfo(torch.float32).min
+    m = torch.zeros(2, 1, 1, 6)
+    assert _left_padding(None, 2, 6) is None and _left_padding(m, 2, 6) is None
+    m[0, ..., :3] = neg
+    assert _left_padding(m, 2, 6).tolist() == [3, 0]
+    assert _left_padding(m[:1], 4, 6).tolist() == [3, 3, 3, 3]  # one row broadcast over the batch
+    assert _left_padding(m > neg / 2, 2, 6).tolist() == [3, 0]  # boolean, True = attend
+    m[1, ..., 4] = neg  # a hole: not left padding
+    assert _left_padding(m, 2, 6) is False
+    assert _left_padding(torch.zeros(2, 1, 1, 5), 2, 6) is False  # another length
+    assert _left_padding(torch.zeros(2, 1, 2, 6), 2, 6) is False  # several query rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

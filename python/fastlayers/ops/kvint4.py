@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Decode attention over an INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`).
 
-``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None)`` with the cache as
-uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``: one query token per sequence
-against the first ``length`` cached tokens; GQA (``Hq % Hkv == 0``); fp32 softmax. Returns
+``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None, starts=None)`` with
+the cache as uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``: one query token per
+sequence against the first ``length`` cached tokens (from token ``starts[b]`` on for row ``b``
+when given: left padding); GQA (``Hq % Hkv == 0``); fp32 softmax. Returns
 ``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``. CPU and CUDA (split-KV; head_dim a multiple of
 64 up to 256, at most 8 query heads per kv head) kernels; elsewhere the reference (dequantize, then
 softmax attention).
@@ -18,6 +19,7 @@ import torch
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
+    capturing,
     check_int,
     check_no_alias,
     check_tensor,
@@ -56,7 +58,7 @@ LIB.define(
 )
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
-    " float scale) -> (Tensor, Tensor)"
+    " float scale, Tensor? starts=None) -> (Tensor, Tensor)"
 )
 LIB.define(
     "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
@@ -112,8 +114,27 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> 
         raise ValueError(f"scale must be finite, got {scale}")
 
 
-def _reference(q, k, k_scale, v, v_scale, length, scale):
+def _check_starts(starts, q, length: int, check_range: bool = True) -> None:
+    """``starts``: None or int32 ``[batch]`` on q's device with values in ``[0, length]`` (the range
+    needs the host: not checked while a CUDA graph is captured; the kernels clamp it)."""
+    if starts is None:
+        return
+    check_tensor(starts, "starts")
+    if starts.dtype != torch.int32 or tuple(starts.shape) != (q.shape[0],):
+        raise ValueError(
+            f"starts must be int32 [{q.shape[0]}] (one per batch row), got {starts.dtype} "
+            f"{tuple(starts.shape)}"
+        )
+    if starts.device != q.device:
+        raise ValueError(f"starts is on {starts.device} but q is on {q.device}")
+    if check_range and starts.numel() and starts.device.type != "meta" and not capturing(starts):
+        if bool(((starts < 0) | (starts > length)).any()):
+            raise ValueError(f"starts must lie in [0, {length}] (length)")
+
+
+def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None):
     _check(q, k, k_scale, v, v_scale, length, scale)
+    _check_starts(starts, q, length)
     b, hq, d = q.shape
     keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
     values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
@@ -122,8 +143,14 @@ def _reference(q, k, k_scale, v, v_scale, length, scale):
     s = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
     if length == 0:
         return q.new_zeros(q.shape), torch.full((b, hq), -math.inf, device=q.device)
+    if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
+        seen = torch.arange(length, device=q.device)[None, :] >= starts[:, None].long()
+        s = s.masked_fill(~seen[:, None, :], -math.inf)
     lse = torch.logsumexp(s, -1)
-    out = torch.einsum("bht,bhtd->bhd", torch.exp(s - lse[..., None]), values)
+    p = torch.exp(s - lse[..., None])
+    if starts is not None:  # a row that sees no token: zeros (lse -inf), as with length 0
+        p = p.masked_fill(torch.isneginf(lse)[..., None], 0.0)
+    out = torch.einsum("bht,bhtd->bhd", p, values)
     return out.to(q.dtype), lse
 
 
@@ -165,7 +192,7 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
     return out.to(q.dtype), lse
 
 
-def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None):
+def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
     """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape, lse
     [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries read and the output written as
     they are, no fp32 copies), fp32 on CUDA."""
@@ -194,16 +221,17 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None):
             device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc),
             0 if out16 is not None else ptr(out), ptr(lse), b, hq, hkv, d, d // k_scale.shape[3],
             t_max, length, scale, ptr(workspace), stream_of(device), tq, ptr(q16),
-            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16),
+            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16), ptr(starts),
         )  # fmt: skip
     return out, lse
 
 
-def _kernel(q, k, k_scale, v, v_scale, length, scale):
+def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None):
     _check(q, k, k_scale, v, v_scale, length, scale)
+    _check_starts(starts, q, length)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
-        return _reference(q, k, k_scale, v, v_scale, length, scale)
+        return _reference(q, k, k_scale, v, v_scale, length, scale, starts)
     b, hq, d = q.shape
     hkv = k.shape[1]
     workspace = None
@@ -216,9 +244,10 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale):
                 "is not a CUDA kernel shape (head_dim a multiple of 64 up to 256, at most 8 heads "
                 "per kv head); running the PyTorch reference",
             )
-            return _reference(q, k, k_scale, v, v_scale, length, scale)
+            return _reference(q, k, k_scale, v, v_scale, length, scale, starts)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace)
+    sc = starts.contiguous() if starts is not None else None
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, sc)
     return out.to(q.dtype), lse
 
 
@@ -264,18 +293,23 @@ def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scal
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
-def _fake(q, k, k_scale, v, v_scale, length, scale):
+def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None):
     _check(q, k, k_scale, v, v_scale, length, scale)
+    _check_starts(starts, q, length, check_range=False)
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
+def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None):
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
-    ``head_dim ** -0.5``."""
+    ``head_dim ** -0.5``. ``starts`` (optional, int32 ``[batch]``): batch row ``b`` attends to the
+    cached tokens ``starts[b] .. length - 1`` only (left-padded batches: the padding is skipped,
+    not read); a row that sees no token gets zeros and lse -inf."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
-    if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
-        return _kernel(q, k, k_scale, v, v_scale, length, scale)
-    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale)
+    if starts is not None:
+        check_tensor(starts, "starts")
+    if direct_call_ok(q, k, k_scale, v, v_scale, starts):  # the implementation, no dispatcher
+        return _kernel(q, k, k_scale, v, v_scale, length, scale, starts)
+    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale, starts)
 
 
 def _check_rows(x, name: str) -> tuple[int, int, int, int]:

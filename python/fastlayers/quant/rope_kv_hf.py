@@ -136,6 +136,28 @@ class Int4KVCache(Cache):
         return sum(layer.allocated_nbytes() for layer in self.layers)
 
 
+def _left_padding(mask, batch: int, length: int):
+    """What the decode kernel needs to apply a one-token mask ``[B or 1, 1, 1, length]`` (additive
+    float, or boolean with True = attend): None when it hides nothing, int32 ``starts [B]`` when
+    each row hides exactly its first ``starts[b]`` tokens (a left-padded batch), False for any
+    other mask (the caller then runs the masked general path)."""
+    if mask is None:
+        return None
+    if (
+        mask.dim() != 4
+        or mask.shape[0] not in (1, batch)
+        or mask.shape[1:3] != (1, 1)
+        or mask.shape[3] != length
+    ):
+        return False
+    hidden = ~mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] < 0
+    starts = hidden.sum(-1, dtype=torch.int32)
+    prefix = torch.arange(length, device=mask.device)[None, :] < starts[:, None]
+    if not torch.equal(hidden, prefix):
+        return False
+    return None if not bool(starts.any()) else starts.expand(batch).contiguous()
+
+
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
@@ -155,12 +177,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         qs = q_quantize(query, inv, fp8=q_fp8)
     layer = getattr(key, "_fl_layer", None)
     if layer is not None:  # one new token against the Int4KVCache
-        if attention_mask is None or not bool((attention_mask < 0).any()):
+        starts = _left_padding(attention_mask, query.shape[0], layer.length)
+        if starts is not False:  # no mask, or left padding: the decode kernel skips the padding
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
             q = (query if qs is None else qs)[:, :, 0]
-            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling)
+            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts)
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
-        key, value = layer.dequantized(layer.dtype)  # padded batch: the general path, masked
+        key, value = layer.dequantized(layer.dtype)  # another mask: the general path, masked
     elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
         if k_post is not None:
             key = key * k_post.to(key.device)[None, :, None, :]
