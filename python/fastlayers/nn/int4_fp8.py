@@ -265,7 +265,7 @@ class Int4Fp8Linear(torch.nn.Module):
     def _infer(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer on a CPU tensor by the two kernels straight away (:func:`linear_infer`: the
         ops' values without their dispatch and argument handling, which at small widths cost more
-        than the kernels); the weight is checked once per version (:class:`LinearInferPlan`)."""
+        than the kernels); the weight is checked once per layout (:class:`LinearInferPlan`)."""
         if torch.is_grad_enabled() and x.requires_grad:
             return None
         b = self._buffers  # the dict itself: attribute lookups cost ~1 us each
