@@ -81,6 +81,13 @@ inline FL_KVINT4_HD int64_t output_row(const QuantizeParams& p, int64_t r) {
   return p.out_tokens > 0 ? (r / p.tokens) * p.out_tokens + p.out_start + r % p.tokens : r;
 }
 
+// Decode: the first cached token batch row b attends to (starts[b] clamped to [0, length]; 0
+// without starts).
+inline FL_KVINT4_HD int64_t first_token(const DecodeParams& p, int64_t b) {
+  const int64_t first = p.starts != nullptr ? p.starts[b] : 0;
+  return first < 0 ? 0 : (first > p.length ? p.length : first);
+}
+
 Status validate(const DecodeParams& p);
 Status validate(const QuantizeParams& p);
 Status decode_cpu(const DecodeParams& p);

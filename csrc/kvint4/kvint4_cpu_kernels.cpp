@@ -304,9 +304,8 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
   }
   const int64_t row = (b * p.hkv + h) * p.t_max;
   const int64_t keys = past + qi0 + nq;  // the last row's limit + 1
-  int64_t first = p.starts != nullptr ? p.starts[b] : 0;  // (decode: left padding skipped)
-  first = first < 0 ? 0 : (first > keys ? keys : first);
-  for (int64_t t0 = first; t0 < keys; t0 += kTokens) {
+  // (decode with starts: the row's left padding skipped; validate keeps starts off prefill)
+  for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kTokens) {
     const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
 #if defined(__AVX2__) && !defined(FL_AVX512)
     if (chunked && rows <= kHeads) {  // decode: dequantize in registers (heads_int4)

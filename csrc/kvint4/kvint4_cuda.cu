@@ -173,8 +173,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   const int64_t b = bk / p.hkv, kh = bk % p.hkv;
   const int gh = static_cast<int>(p.hq / p.hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int64_t first = p.starts != nullptr ? p.starts[b] : 0;  // (left padding skipped)
-  first = first < 0 ? 0 : (first > p.length ? p.length : first);
+  const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
   const int64_t dh = p.d / 2, ng = p.d / p.group;

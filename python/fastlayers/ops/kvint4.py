@@ -213,6 +213,7 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
             q16 = q.contiguous()
         out = empty(q.shape, torch.float32, device)
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
+    sc = starts.contiguous() if starts is not None else None
     lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
         return out, lse
@@ -221,7 +222,7 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
             device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc),
             0 if out16 is not None else ptr(out), ptr(lse), b, hq, hkv, d, d // k_scale.shape[3],
             t_max, length, scale, ptr(workspace), stream_of(device), tq, ptr(q16),
-            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16), ptr(starts),
+            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16), ptr(sc),
         )  # fmt: skip
     return out, lse
 
@@ -246,8 +247,7 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None):
             )
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
-    sc = starts.contiguous() if starts is not None else None
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, sc)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts)
     return out.to(q.dtype), lse
 
 
