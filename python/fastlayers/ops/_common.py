@@ -57,6 +57,16 @@ def capturing(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def check_index_range(t: torch.Tensor, name: str, low: int, high: int, what: str) -> None:
+    """Raises a ValueError naming ``name`` unless every value of the integer tensor ``t`` lies in
+    ``[low, high]`` (``what`` names the bounds in the message). The check needs the host
+    (``bool(tensor)``), so it is skipped for empty and meta tensors and while a CUDA graph is
+    captured (the kernels guard their reads themselves)."""
+    if t.numel() and t.device.type != "meta" and not capturing(t):
+        if bool(((t < low) | (t > high)).any()):
+            raise ValueError(f"{name} must lie in {what}")
+
+
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

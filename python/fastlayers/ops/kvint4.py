@@ -19,7 +19,7 @@ import torch
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
-    capturing,
+    check_index_range,
     check_int,
     check_no_alias,
     check_tensor,
@@ -127,9 +127,8 @@ def _check_starts(starts, q, length: int, check_range: bool = True) -> None:
         )
     if starts.device != q.device:
         raise ValueError(f"starts is on {starts.device} but q is on {q.device}")
-    if check_range and starts.numel() and starts.device.type != "meta" and not capturing(starts):
-        if bool(((starts < 0) | (starts > length)).any()):
-            raise ValueError(f"starts must lie in [0, {length}] (length)")
+    if check_range:
+        check_index_range(starts, "starts", 0, length, f"[0, {length}] (length)")
 
 
 def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None):

@@ -18,8 +18,8 @@ from fastlayers import _dtypes, _ext
 from fastlayers import reference as ref
 from fastlayers.ops._common import (
     LIB,
-    capturing,
     check_activation,
+    check_index_range,
     check_tensor,
     check_tensors,
     device_code,
@@ -227,11 +227,9 @@ def _check(x, indices, gates, expert_down, expert_up, activation, check_range=Tr
         raise ValueError(f"indices is on {indices.device} but x is on {x.device}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    # (index range: needs the host, so not checked while a CUDA graph is captured)
-    if check_range and indices.numel() and indices.device.type != "meta" and not capturing(indices):
+    if check_range:
         n = expert_down.shape[0]
-        if bool(((indices < 0) | (indices >= n)).any()):
-            raise ValueError(f"indices must lie in [0, {n}) (num_experts)")
+        check_index_range(indices, "indices", 0, n - 1, f"[0, {n}) (num_experts)")
 
 
 def _use_kernel(x: torch.Tensor, pairs: int, op: str) -> bool:
