@@ -254,6 +254,46 @@ def test_fff_hard_equals_soft_with_hard_decisions(device):
     assert torch.equal(mix.argmax(-1).to(torch.int32), leaf)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [None, 500])  # 500 elements: one token per recomputed chunk
+def test_fff_hard_backward_matches_autograd_of_reference(device, dtype, chunk, monkeypatch):
+    """x and the leaf weights get the gradient of the chosen leaf's computation; the routing is a
+    hard decision, so the nodes get none (as in the reference's autograd)."""
+    from fastlayers.ops import fff as fff_ops
+
+    if chunk is not None:
+        monkeypatch.setattr(fff_ops, "_HARD_BACKWARD_CHUNK_ELEMENTS", chunk)
+    params = _hard_params(3, 37, 6, 29, dtype, device)
+    x = rand(150, 37, dtype=dtype, device=device)
+    dy = rand(150, 29, dtype=dtype, device=device)
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    y, leaf = fff_hard(*leaves)
+    assert y.requires_grad and not leaf.requires_grad
+    grads = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    assert grads[1] is None and grads[2] is None  # node_w, node_b
+    assert torch.equal(leaf, _hard_oracle(x, params)[1]), "random data gave a near-tie; reseed"
+
+    def reference_grads(dt):
+        ls = [t.detach().to(dt).requires_grad_() for t in (x, *params)]
+        return torch.autograd.grad(ref.fff_hard(*ls)[0], [ls[0], *ls[3:]], dy.to(dt))
+
+    grads64, grads32 = reference_grads(torch.float64), reference_grads(torch.float32)
+    names = ["dx", "dw1", "db1", "dw2", "db2"]
+    for g, g32, g64, name in zip([grads[0], *grads[3:]], grads32, grads64, names, strict=True):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, g32.to(dtype), g64, factor=3.0, name=name)
+
+
+def test_fff_hard_backward_takes_no_tokens(device):
+    params = [t.requires_grad_() for t in _hard_params(2, 12, 3, 6, torch.float32, device)]
+    x = rand(0, 12, dtype=torch.float32, device=device).requires_grad_()
+    y, _ = fff_hard(x, *params)
+    grads = torch.autograd.grad(y.sum(), [x, *params[2:]])
+    assert grads[0].shape == x.shape
+    for g, p in zip(grads[1:], params[2:], strict=True):
+        assert g.shape == p.shape and bool((g == 0).all())
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -294,6 +334,8 @@ def test_ops_opcheck(device):
     torch.library.opcheck(torch.ops.fastlayers.ultrafast_ff, (x, w_in, None, w_out, "relu"))
     params = _hard_params(2, 12, 3, 6, torch.float32, device)
     torch.library.opcheck(torch.ops.fastlayers.fff_hard, (x.detach(), *params, "gelu"))
+    leaf_params = [t.detach().requires_grad_() for t in params]
+    torch.library.opcheck(torch.ops.fastlayers.fff_hard, (x, *leaf_params, "gelu"))
     _, path, pre = ultrafast_ff(x.detach(), w_in, w_out, b_in)
     dy = rand(5, 6, dtype=torch.float32, device=device)
     torch.library.opcheck(

@@ -273,6 +273,46 @@ def test_linear_from_linear(device, dtype):
     assert ((y.float() - want).norm() / want.norm()).item() < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_input_gradient(device, dtype):
+    """Frozen quantized weights, a gradient for the input (QLoRA-style): dx = dy @ W with the
+    dequantized W (FP8 rounding of x straight through); the forward is the inference forward."""
+    lin = _linear(320, 72, dtype, device)
+    layer = fastlayers.Int4Fp8Linear.from_linear(lin, group_size=64)
+    x = rand(2, 5, 320, dtype=dtype, device=device).requires_grad_()
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(y.detach().view(torch.uint8), layer(x).view(torch.uint8))
+    dy = rand(*y.shape, dtype=y.dtype, device=device)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    w = layer.dequantize()
+    dx64 = dy.double() @ w.double()
+    assert_close_to_oracle(dx, (dy.float() @ w).to(dtype), dx64, name="dx")
+    assert all(not b.requires_grad for b in layer.buffers())
+    # a weight changed in place after the forward: autograd refuses the stale backward
+    y = layer(x)
+    layer.channel_scale.mul_(2.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+def test_ops_refuse_a_backward_they_do_not_have(device):
+    """The inference ops run on inputs that require grad, and a backward through them raises a
+    clear error (autograd's fallback would warn and return no gradient)."""
+    x = rand(5, 64, dtype=torch.float32, device=device).requires_grad_()
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    with pytest.raises(RuntimeError, match="quantize_fp8_per_token has no backward"):
+        xs.sum().backward()
+    qw = _weight(16, 64, 32, device)
+    xs_leaf = xs.detach().requires_grad_()
+    y = fastlayers.int4_fp8_gemm(xq, xs_leaf, qw, None, torch.float32)
+    with pytest.raises(RuntimeError, match="int4_fp8_gemm has no backward.*Int4Fp8Linear"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert not fastlayers.quantize_fp8_per_token(x)[1].requires_grad
+
+
 class _PassThrough(torch.overrides.TorchFunctionMode):
     """A function mode that changes nothing: the module then takes the ops' route."""
 

@@ -29,9 +29,32 @@ from fastlayers.ops.int4_fp8 import (
 from fastlayers.reference.int4_fp8 import FORMAT_VERSION
 
 
+class _InputGradient(torch.autograd.Function):
+    """The layer with a gradient for its input (frozen quantized weights, as QLoRA trains around
+    them): ``dx = dy @ W``, ``W`` the dequantized weight the GEMM computes with; the FP8 rounding
+    of ``x`` passes the gradient straight through. The weight tensors are inputs so that autograd
+    refuses a backward after they were changed in place."""
+
+    @staticmethod
+    def forward(ctx, x, layer, qweight, group_scale, channel_scale):
+        ctx.save_for_backward(qweight, group_scale, channel_scale)
+        ctx.group_size, ctx.x_dtype = layer.group_size, x.dtype
+        with torch.no_grad():
+            return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        qweight, group_scale, channel_scale = ctx.saved_tensors
+        w = QuantizedWeight(qweight, group_scale, channel_scale, ctx.group_size).dequantize()
+        grad_x = (grad_y.reshape(-1, w.shape[0]).float() @ w).to(ctx.x_dtype)
+        return grad_x.reshape(*grad_y.shape[:-1], w.shape[1]), None, None, None, None
+
+
 class Int4Fp8Linear(torch.nn.Module):
     """``y = x @ W.T + bias`` with ``W`` in the FireQ INT4 format and ``x`` quantised to FP8-E4M3
-    per token on the fly (inference only).
+    per token on the fly. The weights are frozen buffers; an input that requires grad gets
+    ``dy @ W`` (``W`` dequantized; the FP8 rounding of ``x`` passes the gradient straight
+    through), so that layers before it and adapters around it train (QLoRA-style).
 
     Parameters
     ----------
@@ -242,6 +265,11 @@ class Int4Fp8Linear(torch.nn.Module):
             y = self._infer(x)  # the lean CPU route (None: a precondition fails, the ops below)
             if y is not None:
                 return y
+        if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+            return _InputGradient.apply(x, self, self.qweight, self.group_scale, self.channel_scale)
+        return self._forward(x)
+
+    def _forward(self, x) -> torch.Tensor:
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
                 raise ValueError(

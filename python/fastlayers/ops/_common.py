@@ -251,6 +251,30 @@ def no_dispatch_modes() -> bool:
     )
 
 
+def register_no_backward(*names: str, hint: str = "") -> None:
+    """Registers, for each op of ``names``, an autograd formula that refuses to differentiate: the
+    forward runs with inputs that require grad (its outputs are marked as depending on them), and
+    a backward through it raises a RuntimeError naming the op. Without it autograd would warn and
+    hand back no gradient, so that a model's earlier layers would train silently wrong.
+    (``torch.compile`` of a graph that would need the backward fails when it traces it.)"""
+    for name in names:
+
+        def backward(ctx, *grads, _name=name):
+            raise RuntimeError(
+                f"fastlayers.{_name} has no backward: an input requires grad and a gradient was "
+                f"asked through its output; call it under torch.no_grad() or on detached "
+                f"inputs{hint}"
+            )
+
+        torch.library.register_autograd(
+            f"fastlayers::{name}", backward, setup_context=_no_context, lib=LIB
+        )
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
 def tensor_version(t: torch.Tensor) -> int | None:
     """``t``'s version counter (it counts in-place changes), for caches of values derived from
     ``t``; None for an inference tensor (made under ``torch.inference_mode``), which has none: a

@@ -22,6 +22,7 @@ from fastlayers.ops._common import (
     has_kernel,
     poison_outputs_enabled,
     ptr,
+    register_no_backward,
     row_stride,
     rows_view,
     stream_of,
@@ -36,6 +37,7 @@ LIB.define(
     "ultrafast_ff_backward(Tensor grad_y, Tensor x, Tensor w_in, Tensor w_out, Tensor path,"
     " Tensor preact, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
 )
+register_no_backward("ultrafast_ff_backward")
 LIB.define(
     "fff_hard(Tensor x, Tensor node_w, Tensor node_b, Tensor w1, Tensor b1, Tensor w2, Tensor b2,"
     " str activation) -> (Tensor, Tensor)"
@@ -498,6 +500,58 @@ torch.library.register_autograd(
 )
 
 
+# fff_hard: the routing is a hard decision (no gradient to the nodes); x and the leaf weights get
+# the gradient of the reference's per-token leaf computation (``reference.fff._leaf_ff``) for the
+# leaves the forward chose, recomputed in chunks of tokens that bound the gathered leaf weights.
+_HARD_BACKWARD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _setup_hard(ctx, inputs, output):
+    x, node_w, node_b, w1, b1, w2, b2, activation = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, output[1])
+    ctx.activation = activation
+
+
+def _backward_hard(ctx, grad_y, grad_leaf):
+    x, w1, b1, w2, b2, leaf = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if grad_y is None:
+        return (None,) * 8
+    act = activation_fn(ctx.activation)
+    x2, dy = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, w2.shape[2])
+    flat = leaf.reshape(-1).long()
+    wanted = [bool(need[i]) for i in (3, 4, 5, 6)]  # w1, b1, w2, b2
+    # fp32 (float64 stays) leaves: the weight gradients accumulate over the chunks in that precision
+    weights = [
+        ref.fff._acc(t.detach()).requires_grad_(w)
+        for t, w in zip((w1, b1, w2, b2), wanted, strict=True)
+    ]
+    per_token = w1.shape[1] * w1.shape[2] + w2.shape[1] * w2.shape[2]
+    step = max(1, _HARD_BACKWARD_CHUNK_ELEMENTS // max(per_token, 1))
+    dx_parts = []
+    with torch.enable_grad():
+        for s in range(0, x2.shape[0], step):
+            xc = x2[s : s + step].detach().requires_grad_(bool(need[0]))
+            y = ref.fff._leaf_ff(ref.fff._acc(xc), *weights, flat[s : s + step], act)
+            if y.requires_grad:
+                y.backward(dy[s : s + step].to(y.dtype))
+            dx_parts.append(xc.grad)
+    dx = None
+    if need[0]:
+        dx = torch.cat(dx_parts) if dx_parts else torch.zeros_like(x2)
+        dx = dx.reshape(x.shape)
+    dw = [
+        None if not w else (a.grad.to(t.dtype) if a.grad is not None else torch.zeros_like(t))
+        for a, t, w in zip(weights, (w1, b1, w2, b2), wanted, strict=True)
+    ]
+    return dx, None, None, *dw, None
+
+
+torch.library.register_autograd(
+    "fastlayers::fff_hard", _backward_hard, setup_context=_setup_hard, lib=LIB
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -543,7 +597,9 @@ def fff_hard(
 
     ``node_w [2^depth - 1, in]``, ``node_b [2^depth - 1]``, ``w1 [2^depth, in, width]``,
     ``b1 [2^depth, width]``, ``w2 [2^depth, width, out]``, ``b2 [2^depth, out]``, all x's dtype.
-    Not differentiable (training uses :func:`fastlayers.reference.fff_soft`).
+    Differentiable in x and the leaf weights (the chosen leaf's computation; the routing is a hard
+    decision: no gradient to the nodes). Training uses the soft form
+    (:func:`fastlayers.reference.fff_soft`).
     """
     check_tensors(x=x, node_w=node_w, node_b=node_b, w1=w1, b1=b1, w2=w2, b2=b2)
     if direct_call_ok(x, node_w, node_b, w1, b1, w2, b2):

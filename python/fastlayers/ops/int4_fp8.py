@@ -3,7 +3,8 @@
 format's public helpers (:class:`QuantizedWeight`, :func:`quantize_int4`, :func:`dequantize_int4`).
 
 Formats and semantics are those of :mod:`fastlayers.reference.int4_fp8` (the specification).
-Inference only: neither op has a backward. CPU: fused kernels. CUDA (sm80+; compiled, not yet run
+Inference ops: a backward through either raises (``Int4Fp8Linear`` gives its input a gradient,
+straight through the FP8 step). CPU: fused kernels. CUDA (sm80+; compiled, not yet run
 on a GPU): a GEMV kernel up to 16 rows, beyond that an FP8 dequantisation kernel and one fp32
 GEMM. Hopper (sm90a; compiled, not yet run): the CUTLASS look-up-table GEMM on prepacked weights,
 ``int4_fp8_prepack_sm90`` + ``int4_fp8_gemm_sm90`` (what ``Int4Fp8Linear`` uses on an H100/H200).
@@ -27,6 +28,7 @@ from fastlayers.ops._common import (
     empty,
     has_kernel,
     ptr,
+    register_no_backward,
     row_stride,
     rows_view,
     stream_of,
@@ -47,6 +49,13 @@ LIB.define(
 LIB.define(
     "int4_fp8_gemm_sm90(Tensor xq, Tensor xs, Tensor packed_weight, Tensor lut_scale,"
     " Tensor channel_scale, Tensor? bias, int group_size, ScalarType out_dtype) -> Tensor"
+)
+register_no_backward(
+    "quantize_fp8_per_token",
+    "int4_fp8_gemm",
+    "int4_fp8_gemm_sm90",
+    "int4_fp8_prepack_sm90",
+    hint=" (fastlayers.Int4Fp8Linear passes its input's gradient, straight through the FP8 step)",
 )
 
 

@@ -32,6 +32,7 @@ from fastlayers.ops._common import (
     no_dispatch_modes,
     plain_tensors,
     ptr,
+    register_no_backward,
     stream_of,
 )
 from fastlayers.quant.rope_kv import (
@@ -64,6 +65,7 @@ LIB.define(
     "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
     " float scale) -> (Tensor, Tensor)"
 )
+register_no_backward("kv_quantize", "q_quantize", "int4_kv_decode", "int4_kv_attention")
 
 
 def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> None:

@@ -28,6 +28,7 @@ from fastlayers.ops._common import (
     empty,
     has_kernel,
     ptr,
+    register_no_backward,
     row_stride,
     rows_view,
     stream_of,
@@ -48,6 +49,7 @@ LIB.define(
     " Tensor expert_down, Tensor expert_up, Tensor preact, str activation, bool dense)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+register_no_backward("peer_experts_backward")
 
 
 def _check_retrieve(queries, keys, topk, score) -> None:

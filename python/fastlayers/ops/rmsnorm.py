@@ -25,6 +25,7 @@ from fastlayers.ops._common import (
     empty,
     has_kernel,
     ptr,
+    register_no_backward,
     row_stride,
     rows_view,
     stream_of,
@@ -44,6 +45,7 @@ LIB.define(
     "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, float eps, float weight_offset,"
     " Tensor? grad_residual) -> (Tensor, Tensor)"
 )
+register_no_backward("rms_norm_fp8", "fused_add_rms_norm_fp8", "rms_norm_backward")
 
 # Inference variants that write into the caller's buffers (FlashInfer's ``out=`` and in-place fused
 # add): no allocation per call, which on CPU is a page-fault pass over every fresh output page.

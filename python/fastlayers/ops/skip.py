@@ -24,6 +24,7 @@ from fastlayers.ops._common import (
     empty,
     has_kernel,
     ptr,
+    register_no_backward,
     stream_of,
 )
 from fastlayers.reference import skip as ref
@@ -403,6 +404,7 @@ LIB.define(
     "scatter_add_gated_backward(Tensor grad_y, Tensor indices, Tensor out, Tensor? gate)"
     " -> (Tensor, Tensor)"
 )
+register_no_backward("scatter_add_gated_backward")
 for _name, _fn in (
     ("gather_rows", _gather_kernel),
     ("scatter_add_gated", _scatter_kernel),
