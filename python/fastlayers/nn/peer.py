@@ -101,7 +101,8 @@ class PEER(torch.nn.Module):
         q = self.query(x)
         if self.query_norm is not None:
             q = self.query_norm(q.reshape(-1, q.shape[-1])).reshape(q.shape)
-        q = q.reshape(*lead, self.heads, self.dim_key)
+        # (under autocast the projection returns its dtype: the retrieval runs in the keys')
+        q = q.reshape(*lead, self.heads, self.dim_key).to(self.keys.dtype)
         indices, gates = ops.peer_retrieve(q, self.keys, self.topk, self.score)
         if self.separate_experts_per_head:
             offsets = torch.arange(self.heads, device=x.device) * self.num_experts
@@ -111,6 +112,8 @@ class PEER(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices, gates = self.retrieve(x)
+        if x.dtype != self.expert_down.dtype and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.expert_down.dtype)  # the experts run in the tables' dtype
         return ops.peer_experts(
             x, indices, gates, self.expert_down, self.expert_up, self.activation, self.sparse_grad
         )[0]

@@ -253,6 +253,8 @@ class RoutedSelfAttention(torch.nn.Module):
             o = routed_attention_step(q, k, v, pos, idx, cu, cache)
         out = self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
         gate = torch.sigmoid(logits.reshape(-1)[rows])
+        # (under autocast the projections return its dtype: added to the residual in x's)
+        out, gate = out.to(flat.dtype), gate.to(flat.dtype)
         return scatter_add_gated(flat, idx, out, gate).view(b, t, self.hidden_size)
 
     def extra_repr(self) -> str:

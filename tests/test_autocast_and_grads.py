@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every module under ``torch.autocast`` (CPU bfloat16: the projections inside PEER and the routed
+attention then return bfloat16 while the tables and the residual stay float32; both raised a
+dtype error before), and every module in eval mode with an input that requires grad: the input
+gets a gradient (FastFeedForward's hard descent and Int4Fp8Linear gave none, only a warning)."""
+
+import pytest
+import torch
+from test_inference_mode import CASES
+
+import fastlayers
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_module_under_autocast(name):
+    make, make_inputs = CASES[name]
+    torch.manual_seed(0)
+    module, inputs = make().eval(), make_inputs()
+    with torch.no_grad():
+        want = _first(module(*inputs)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _first(module(*inputs))
+    assert got.shape == want.shape and bool(torch.isfinite(got).all())
+    # bfloat16 projections (8 bits of mantissa) feeding float32 math: a few percent at most
+    assert ((got.float() - want).norm() / want.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("autocast", [False, True])
+def test_module_input_gets_a_gradient_in_eval(name, autocast):
+    make, make_inputs = CASES[name]
+    torch.manual_seed(0)
+    module = make().eval()
+    x, *rest = make_inputs()
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = _first(module(x, *rest))
+    y.float().square().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert bool(torch.isfinite(x.grad).all()) and bool(x.grad.abs().sum() > 0)
+
+
+def _rand(*shape):
+    return torch.randn(*shape).requires_grad_()
+
+
+# inference ops: they run on inputs that require grad; a backward through them raises
+NO_BACKWARD = {
+    "rms_norm_fp8": lambda: fastlayers.rms_norm_fp8(_rand(3, 32), torch.rand(32))[1],
+    "fused_add_rms_norm_fp8": lambda: fastlayers.rms_norm_fp8(
+        _rand(3, 32), torch.rand(32), residual=torch.randn(3, 32)
+    )[1],
+    "q_quantize": lambda: fastlayers.ops.q_quantize(_rand(1, 2, 3, 16), None, fp8=True),
+    "kv_quantize": lambda: fastlayers.ops.kv_quantize(_rand(1, 2, 3, 16), 16)[1].float(),
+}
+
+
+@pytest.mark.parametrize("op", list(NO_BACKWARD))
+def test_inference_ops_refuse_a_backward(op):
+    y = NO_BACKWARD[op]()
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match=f"fastlayers.{op} has no backward"):
+        y.float().sum().backward()
