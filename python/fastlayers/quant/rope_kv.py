@@ -211,11 +211,16 @@ def inverse_query_scale(owner, slot: str, post: torch.Tensor, heads: int, device
 
 
 def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
-    """Queries through FP8-E4M3 and back, one scale per (token, head) vector (the last dim)."""
+    """Queries through FP8-E4M3 and back, one scale per (token, head) vector (the last dim). The
+    gradient passes straight through (autograd through the float8 cast would round it to FP8,
+    where small gradients vanish)."""
     _check_float(q, "q", "[..., head_dim > 0]")
     if q.shape[-1] == 0:
         raise ValueError(f"q must be [..., head_dim > 0], got shape {tuple(q.shape)}")
-    qf = q.float()
+    qf = q.detach().float()
     amax = qf.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-    return (to_fp8(qf / scale).float() * scale).to(q.dtype)
+    out = (to_fp8(qf / scale).float() * scale).to(q.dtype)
+    if torch.is_grad_enabled() and q.requires_grad:
+        return out + (q - q.detach())  # the same values (+ 0), q's gradient
+    return out

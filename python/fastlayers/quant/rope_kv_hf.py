@@ -158,6 +158,16 @@ def _left_padding(mask, batch: int, length: int):
     return None if not bool(starts.any()) else starts.expand(batch).contiguous()
 
 
+def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` through the INT4 cache format and back. Its gradient passes straight through (the
+    rounding taken as the identity, as quantization-aware training does): the packing to bytes
+    has none, so without it the key and value projections would get no gradient at all."""
+    deq = dequantize_kv_int4(*quantize_kv_int4(x.detach(), group_size), x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return deq + (x - x.detach())  # the same values (+ 0), x's gradient
+    return deq
+
+
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
@@ -189,9 +199,9 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             key = key * k_post.to(key.device)[None, :, None, :]
         g = getattr(module, "_fl_group_size", key.shape[-1])
         if getattr(module, "_fl_quantize_keys", True):
-            key = dequantize_kv_int4(*quantize_kv_int4(key, g), key.dtype)
+            key = _int4_round_trip(key, g)
         if getattr(module, "_fl_quantize_values", True):
-            value = dequantize_kv_int4(*quantize_kv_int4(value, g), value.dtype)
+            value = _int4_round_trip(value, g)
     if qs is not None:
         query = qs.to(query.dtype)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
