@@ -2,11 +2,13 @@
 """PEER ops: ``peer_retrieve`` (product-key top-k and gates) and ``peer_experts`` (gather, gate,
 reduce), each with its backward.
 
-Semantics: :mod:`fastlayers.reference.peer`. The backward returns the selected experts
-(``expert_ids``, ascending) and the table gradients either as full ``[num_experts, dim]`` tables
-(``dense=True``: the kernel writes every row once, zeros included, so no separate memset pass) or
-as compact ``[unique, dim]`` rows that autograd wraps in a sparse COO gradient
-(``sparse_grad=True``, for ``torch.optim.SparseAdam`` on million-row tables).
+Semantics: :mod:`fastlayers.reference.peer`. The backward returns the table gradients either as
+full ``[num_experts, dim]`` tables (``dense=True``: the kernel writes every row once, zeros
+included, so no separate memset pass; the expert list it returns is empty, so that no output shape
+depends on the data and ``torch.compile`` traces a training step whole) or as compact
+``[unique, dim]`` rows of the selected experts (``expert_ids``, ascending, returned) that autograd
+wraps in a sparse COO gradient (``sparse_grad=True``, for ``torch.optim.SparseAdam`` on
+million-row tables).
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ def _peer_experts_backward_impl(
         )
         if not dense:
             dd, du = dd.index_select(0, ids), du.index_select(0, ids)
-        return dx, dg, ids, dd, du
+        return dx, dg, ids if not dense else ids.new_empty(0), dd, du
     dim, pairs = x.shape[-1], indices.shape[-1]
     x2 = rows_view(x)
     tokens = x2.shape[0]
@@ -324,7 +326,9 @@ def _peer_experts_backward_impl(
                 tokens, dim, pairs, expert_down.shape[0],
                 _dtypes.code(x.dtype), ACTIVATIONS[act], stream_of(x.device),
             )  # fmt: skip
-    return dx, dgates, ids, ddown, dup
+    # (dense: no row list, so that the output shapes do not depend on the data: torch.compile
+    # traces the training step's backward without a graph break)
+    return dx, dgates, ids if not dense else ids.new_empty(0), ddown, dup
 
 
 def _peer_experts_reference(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
@@ -351,7 +355,7 @@ def _peer_experts_backward_fake(
     grad_y, x, indices, gates, expert_down, expert_up, preact, act, dense
 ):
     _check(x, indices, gates, expert_down, expert_up, act, check_range=False)
-    unique = torch.library.get_ctx().new_dynamic_size()
+    unique = 0 if dense else torch.library.get_ctx().new_dynamic_size()
     rows = (expert_down.shape[0] if dense else unique, x.shape[-1])
     return (
         x.new_empty(x.shape),
