@@ -2,6 +2,7 @@
 """PEER: the fused expert kernel (forward, backward, sparse gradients) against the float64
 reference, product-key retrieval against brute force, and the module against peer-pytorch."""
 
+import copy
 import math
 
 import pytest
@@ -468,3 +469,26 @@ def test_reference_experts_take_no_tokens():
     dx, dg, dd, du = ref.peer_experts_backward(y, x, idx, gates, down, up, pre)
     assert dx.shape == (0, 8) and dg.shape == (0, 4)
     assert dd.shape == down.shape and not dd.any() and not du.any()
+
+
+def test_training_step_compiles_whole():
+    """torch.compile of a PEER training step (dense table gradients): no output shape of the
+    backward depends on the data, so inductor takes the step without a graph break (it refused
+    the backward graph before) and matches eager."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    layer = fastlayers.PEER(48, 256, heads=2, topk=4)
+    twin = copy.deepcopy(layer)
+    x = rand(3, 5, 48, dtype=torch.float32, device="cpu")
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    compiled = torch.compile(layer)
+    with torch._inductor.config.patch(force_disable_caches=True):  # (a cached graph hides it)
+        for module, xi in ((compiled, xs[0]), (twin, xs[1])):
+            module(xi).square().sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
