@@ -34,6 +34,14 @@ LIB.define(
     " Tensor q_pos, Tensor k_pos, int window_left, int window_right, float scale)"
     " -> (Tensor, Tensor)"
 )
+# The backward kernels (CPU; CUDA for head dims <= 128) as an op of their own, so that
+# torch.compile traces a training step's backward through it instead of into the raw pointers.
+LIB.define(
+    "varlen_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
+    " Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor q_pos, Tensor k_pos, Tensor out,"
+    " Tensor lse, int window_left, int window_right, float scale) -> (Tensor, Tensor, Tensor)"
+)
+register_no_backward("varlen_attention_backward")
 
 
 def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale) -> None:
@@ -200,8 +208,10 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     )
     on_cpu_kernel = q.device.type == "cpu" and q.dtype != torch.float64
     if on_cuda_kernel or (on_cpu_kernel and has_kernel(q.device, "varlen")):
-        dq, dk, dv = _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse,
-                                             grad_out, grad_lse, ctx.window, ctx.scale)  # fmt: skip
+        dq, dk, dv = torch.ops.fastlayers.varlen_attention_backward(
+            grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, *ctx.window,
+            ctx.scale,
+        )  # fmt: skip
     else:
         dq, dk, dv = _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos,
                                                 grad_out, grad_lse)  # fmt: skip
@@ -210,8 +220,8 @@ def _varlen_backward(ctx, grad_out, grad_lse):
             None, None, None, None, None, None, None)  # fmt: skip
 
 
-def _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, grad_out, grad_lse,
-                            window, scale):  # fmt: skip
+def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse,
+                            left, right, scale):  # fmt: skip
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     qc, kc, vc, oc = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
@@ -229,10 +239,19 @@ def _varlen_backward_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, grad_ou
         _ext.C.varlen_attention_bwd(
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
             ptr(oc), ptr(go), ptr(lse_c), ptr(glse), ptr(dq), ptr(dk), ptr(dvv),
-            nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, window[0], window[1], scale,
+            nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left, right, scale,
             _dtypes.code(q.dtype), ptr(delta), stream_of(q.device),
         )  # fmt: skip
     return dq, dk, dvv
+
+
+LIB.impl("varlen_attention_backward", _varlen_backward_kernel, "CPU")
+LIB.impl("varlen_attention_backward", _varlen_backward_kernel, "CUDA")
+
+
+@torch.library.register_fake("fastlayers::varlen_attention_backward", lib=LIB)
+def _varlen_backward_fake(grad_out, grad_lse, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (contiguous)
 
 
 def _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos, grad_out, grad_lse):
