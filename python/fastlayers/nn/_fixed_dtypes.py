@@ -10,7 +10,8 @@ import torch
 
 def apply_keeping_dtypes(module: torch.nn.Module, super_apply, fn, names, *args, **kwargs) -> None:
     """Runs ``super_apply(fn, ...)`` (the parent class's ``_apply``) with the buffers ``names``
-    only moved: ``fn``'s target device is read off a uint8 tensor, which no cast applies to."""
+    only moved: ``fn`` is applied to their bytes (a uint8 view, which no cast applies to), so a
+    device move copies them and ``to_empty`` allocates them (from the meta device too)."""
     fixed = {}
     for name in names:
         t = module._buffers.get(name)
@@ -21,8 +22,8 @@ def apply_keeping_dtypes(module: torch.nn.Module, super_apply, fn, names, *args,
         super_apply(fn, *args, **kwargs)
     finally:
         for name, t in fixed.items():
-            device = fn(torch.empty(0, dtype=torch.uint8, device=t.device)).device
-            module._buffers[name] = t.to(device)
+            moved = fn(t.contiguous().reshape(-1).view(torch.uint8))
+            module._buffers[name] = moved.view(t.dtype).reshape(t.shape)
 
 
 def float_cast_of(fn, device) -> torch.dtype | None:

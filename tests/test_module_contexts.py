@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every module under ``torch.autocast`` (CPU bfloat16: the projections inside PEER and the routed
-attention then return bfloat16 while the tables and the residual stay float32; both raised a
-dtype error before), and every module in eval mode with an input that requires grad: the input
-gets a gradient (FastFeedForward's hard descent and Int4Fp8Linear gave none, only a warning)."""
+"""The modules in the contexts users run them in. Under ``torch.autocast`` (CPU bfloat16: the
+projections inside PEER and the routed attention then return bfloat16 while the tables and the
+residual stay float32; both raised a dtype error before). In eval mode with an input that
+requires grad: the input gets a gradient (FastFeedForward's hard descent and Int4Fp8Linear gave
+none, only a warning). Built on the meta device and materialized with ``to_empty`` (how large
+models are loaded): Int4Fp8Linear raised "Cannot copy out of meta tensor"."""
 
 import pytest
 import torch
@@ -65,3 +67,32 @@ def test_inference_ops_refuse_a_backward(op):
     assert y.requires_grad
     with pytest.raises(RuntimeError, match=f"fastlayers.{op} has no backward"):
         y.float().sum().backward()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_module_built_on_meta_then_to_empty(name):
+    make, make_inputs = CASES[name]
+    torch.manual_seed(0)
+    module, inputs = make().eval(), make_inputs()
+    with torch.no_grad():
+        want = _first(module(*inputs))
+    with torch.device("meta"):
+        lazy = make()
+    lazy = lazy.to_empty(device="cpu").eval()
+    lazy.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        got = _first(lazy(*inputs))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_quant_attention_built_on_meta_then_to_empty():
+    post = torch.rand(2, 32) + 0.5
+    module = fastlayers.RopeAwareQuantAttention(4, 2, 32, 16, post)
+    with torch.device("meta"):
+        lazy = fastlayers.RopeAwareQuantAttention(4, 2, 32, 16, post.to("meta"))
+    lazy = lazy.to_empty(device="cpu")
+    assert lazy.post_scale.dtype == torch.float32 and lazy.post_scale.device.type == "cpu"
+    lazy.load_state_dict(module.state_dict())
+    q, k, v = torch.randn(1, 4, 5, 32), torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
+    cos, sin = torch.rand(5, 32), torch.rand(5, 32)
+    torch.testing.assert_close(lazy(q, k, v, cos, sin), module(q, k, v, cos, sin), rtol=0, atol=0)
