@@ -195,11 +195,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
         key, value = layer.dequantized(layer.dtype)  # another mask: the general path, masked
     elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
-        if k_post is not None:
-            key = key * k_post.to(key.device)[None, :, None, :]
+        dtype = key.dtype
+        if k_post is not None:  # in fp32, as the cache write does; then the model's dtype again
+            key = key.float() * k_post.to(key.device)[None, :, None, :]
         g = getattr(module, "_fl_group_size", key.shape[-1])
         if getattr(module, "_fl_quantize_keys", True):
             key = _int4_round_trip(key, g)
+        key = key.to(dtype)
         if getattr(module, "_fl_quantize_values", True):
             value = _int4_round_trip(value, g)
     if qs is not None:
