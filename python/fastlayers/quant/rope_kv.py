@@ -210,6 +210,15 @@ def inverse_query_scale(owner, slot: str, post: torch.Tensor, heads: int, device
     return cached[2]
 
 
+def straight_through(rounded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``rounded`` (a quantization round trip of ``x``, same dtype) carrying ``x``'s gradient as
+    if the rounding were the identity (the straight-through estimator of quantization-aware
+    training); the values are ``rounded``'s exactly (plus a zero)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return rounded + (x - x.detach())
+    return rounded
+
+
 def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
     """Queries through FP8-E4M3 and back, one scale per (token, head) vector (the last dim). The
     gradient passes straight through (autograd through the float8 cast would round it to FP8,
@@ -220,7 +229,4 @@ def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
     qf = q.detach().float()
     amax = qf.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-    out = (to_fp8(qf / scale).float() * scale).to(q.dtype)
-    if torch.is_grad_enabled() and q.requires_grad:
-        return out + (q - q.detach())  # the same values (+ 0), q's gradient
-    return out
+    return straight_through((to_fp8(qf / scale).float() * scale).to(q.dtype), q)

@@ -30,6 +30,7 @@ from fastlayers.quant.rope_kv import (
     inverse_query_scale,
     quantize_kv_int4,
     quantize_q_fp8,
+    straight_through,
 )
 from fastlayers.skip_plan import _decoder_layers
 
@@ -162,10 +163,9 @@ def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x`` through the INT4 cache format and back. Its gradient passes straight through (the
     rounding taken as the identity, as quantization-aware training does): the packing to bytes
     has none, so without it the key and value projections would get no gradient at all."""
-    deq = dequantize_kv_int4(*quantize_kv_int4(x.detach(), group_size), x.dtype)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return deq + (x - x.detach())  # the same values (+ 0), x's gradient
-    return deq
+    return straight_through(
+        dequantize_kv_int4(*quantize_kv_int4(x.detach(), group_size), x.dtype), x
+    )
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
