@@ -197,8 +197,9 @@ def inverse_query_scale(owner, slot: str, post: torch.Tensor, heads: int, device
     decode step would spend ~70 us rebuilding it for every layer); not cached while compiling or
     tracing (no data pointers there) nor for an inference tensor (no version counter)."""
     group = heads // post.shape[0]
-    version = tensor_version(post)
-    if version is None or not no_dispatch_modes():
+    # (compiling: nothing cached, and no version looked at: Dynamo breaks the graph on it)
+    version = tensor_version(post) if no_dispatch_modes() else None
+    if version is None:
         return (1.0 / post).repeat_interleave(group, dim=0).to(device, dtype)
     # (the tensor itself is part of the key and held by the cache: an id or an address alone could
     # be reused by a later tensor)
