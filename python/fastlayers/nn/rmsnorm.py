@@ -21,7 +21,9 @@ class RMSNorm(torch.nn.Module):
         Added to ``mean(x**2)`` inside the square root (1e-6, as Llama configs use).
     weight_offset : float
         0: Llama form, ``weight * round(x * r)`` (normalise in fp32, cast to the input dtype, then
-        multiply by the weight; matches ``LlamaRMSNorm`` and ``torch.nn.RMSNorm``).
+        multiply by the weight; matches ``LlamaRMSNorm``). ``torch.nn.RMSNorm`` multiplies in fp32
+        and rounds once: in bf16/fp16 about a quarter of its outputs differ from this form by one
+        unit in the last place (fp32 outputs agree to rounding).
         1.0: Gemma form, ``x * r * (1 + weight)`` computed in fp32 and cast once at the end (matches
         ``GemmaRMSNorm``); the weight is then initialised to zeros.
 
