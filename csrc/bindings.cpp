@@ -84,7 +84,7 @@ void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
                   int64_t residual_row_stride, std::uintptr_t weight, std::uintptr_t y,
                   std::uintptr_t residual_out, std::uintptr_t y_scale, int64_t rows, int64_t cols,
                   int x_dtype, int weight_dtype, int y_dtype, float eps, float weight_offset,
-                  std::uintptr_t stream) {
+                  bool round_once, std::uintptr_t stream) {
   rmsnorm::FwdParams p;
   p.x = ptr<const void>(x);
   p.x_row_stride = x_row_stride;
@@ -101,6 +101,7 @@ void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   p.y_dtype = static_cast<DType>(y_dtype);
   p.eps = eps;
   p.weight_offset = weight_offset;
+  p.round_once = round_once;
   run(device, p, stream, rmsnorm::forward_cpu, FL_CUDA_OR_NONE(rmsnorm::forward_cuda));
 }
 
@@ -108,7 +109,7 @@ void rms_norm_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row
                   std::uintptr_t weight, std::uintptr_t d_residual_out, std::uintptr_t dx,
                   std::uintptr_t dw, std::uintptr_t dw_partial, int64_t num_partials, int64_t rows,
                   int64_t cols, int x_dtype, int weight_dtype, float eps, float weight_offset,
-                  std::uintptr_t stream) {
+                  bool round_once, std::uintptr_t stream) {
   rmsnorm::BwdParams p;
   p.dy = ptr<const void>(dy);
   p.x = ptr<const void>(x);
@@ -125,6 +126,7 @@ void rms_norm_bwd(int device, std::uintptr_t dy, std::uintptr_t x, int64_t x_row
   p.weight_dtype = static_cast<DType>(weight_dtype);
   p.eps = eps;
   p.weight_offset = weight_offset;
+  p.round_once = round_once;
   run(device, p, stream, rmsnorm::backward_cpu, FL_CUDA_OR_NONE(rmsnorm::backward_cuda));
 }
 

@@ -117,6 +117,31 @@ def test_module_api():
     assert torch.equal(m.weight, torch.ones(64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_replaces_torch_nn_rmsnorm_with_its_rounding_and_eps(device, dtype, eps):
+    """torch.nn.RMSNorm multiplies by the weight in fp32 and rounds once, and its eps=None is
+    float32's epsilon for 16-bit inputs too: from_module (patch_model uses it) takes both. Before,
+    bf16 outputs differed by one ulp on ~26 % of the elements, and eps=None became bf16's
+    epsilon (0.0078), far off for small activations like these."""
+    theirs = _randomize(torch.nn.RMSNorm(769, eps=eps), device, dtype)
+    ours = fastlayers.RMSNorm.from_module(theirs)
+    assert ours.round_once and ours.weight is theirs.weight
+    x = rand(64, 769, dtype=dtype, device=device, scale=1e-2)
+    with torch.no_grad():
+        y, want = ours(x), theirs(x)
+    if dtype == torch.float32:  # (summation order: a few ulp)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-7)
+    else:
+        assert (y != want).float().mean().item() < 0.01
+    model = torch.nn.Sequential(torch.nn.RMSNorm(769, eps=eps).to(device=device, dtype=dtype))
+    model[0].weight = theirs.weight
+    fastlayers.patch_model(model)
+    assert isinstance(model[0], fastlayers.RMSNorm) and model[0].round_once
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
 def test_from_module_shares_weight_and_reads_eps():
     hf = HFLlamaRMSNorm(128, eps=1e-5)
     m = fastlayers.RMSNorm.from_module(hf)

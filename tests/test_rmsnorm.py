@@ -401,3 +401,28 @@ def test_large_outputs_streamed(dtype, weight_offset):
     assert torch.equal(out[finite], y[finite])
     fastlayers.rms_norm(x, w, 1e-6, weight_offset, out=x)  # in place
     assert torch.equal(x[finite], y[finite])
+
+
+def test_round_once_is_torch_nn_rmsnorm_rounding(cpu_isa):
+    """round_once: the weight multiplied in fp32 and one rounding at the end (torch.nn.RMSNorm's
+    form), by each CPU kernel variant and each entry point (allocating, out=, fused add, in place,
+    the op through the dispatcher): the reference's values but for summation-order ties, not the
+    Llama form's (which differ from them on ~1/4 of the 16-bit outputs)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x, w = _inputs((33,), 769, dtype, "cpu")
+        r = rand(33, 769, dtype=dtype, device="cpu")
+        want = ref.rms_norm(x, w, 1e-6, 0.0, True)
+        want_add, s = ref.fused_add_rms_norm(x, r, w, 1e-6, 0.0, True)
+        assert (want != ref.rms_norm(x, w, 1e-6, 0.0)).float().mean().item() > 0.1
+        xi, ri = x.clone(), r.clone()
+        fastlayers.fused_add_rms_norm_(xi, ri, w, round_once=True)
+        got = {
+            "rms_norm": (fastlayers.rms_norm(x, w, round_once=True), want),
+            "out=": (fastlayers.rms_norm(x, w, round_once=True, out=torch.empty_like(x)), want),
+            "op": (torch.ops.fastlayers.rms_norm(x, w, 1e-6, 0.0, True), want),
+            "fused add": (fastlayers.fused_add_rms_norm(x, r, w, round_once=True)[0], want_add),
+            "in place": (xi, want_add),
+        }
+        assert torch.equal(ri, s)
+        for name, (y, expected) in got.items():
+            assert (y != expected).float().mean().item() < 0.01, (dtype, name)

@@ -153,3 +153,26 @@ def test_cpu_dweight_independent_of_thread_count():
         )
         outs.append(run.stdout.strip().splitlines()[-1])
     assert len(outs[0]) == 64 and outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_once_backward(device, dtype):
+    """round_once (torch.nn.RMSNorm's rounding): dweight takes the unrounded x * r, as the
+    reference; the gradients meet the float64 oracle, and equal torch.nn.RMSNorm's autograd."""
+    x = rand(6, 769, dtype=dtype, device=device, scale=2.0).requires_grad_()
+    w = rand(769, dtype=dtype, device=device).requires_grad_()
+    dy = rand(6, 769, dtype=dtype, device=device)
+    fastlayers.rms_norm(x, w, 1e-6, round_once=True).backward(dy)
+    dx_ref, dw_ref = ref.rms_norm_backward(
+        dy, x.detach(), w.detach(), 1e-6, 0.0, None, round_once=True
+    )
+    dx64, dw64 = _float64_grads(lambda a, b: ref.rms_norm(a, b, 1e-6, 0.0, True), x, w, dy)
+    assert_close_to_oracle(x.grad, dx_ref, dx64, name="dx")
+    assert_close_to_oracle(w.grad, dw_ref, dw64, name="dw")
+    theirs = torch.nn.RMSNorm(769, eps=1e-6, device=device, dtype=dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(w)
+    xt = x.detach().clone().requires_grad_()
+    theirs(xt).backward(dy)
+    assert_close_to_oracle(x.grad, xt.grad, dx64, name="dx vs torch.nn.RMSNorm")
+    assert_close_to_oracle(w.grad, theirs.weight.grad, dw64, name="dw vs torch.nn.RMSNorm")

@@ -5,6 +5,7 @@
 //   r  = 1 / sqrt(mean(s^2) + eps)                                   fp32, per row
 //   y  = round(round(s * r) * w)              weight_offset == 0     (Llama / HF rounding)
 //   y  = round(s * r * (weight_offset + w))   weight_offset != 0     (Gemma: everything in fp32)
+//                                             or round_once          (torch.nn.RMSNorm: offset 0)
 //   fp8 output: y32 = s * r * w, scale = max|y32| / 448 (1 for an all-zero row),
 //               y = fp8(clamp(y32 / scale, -448, 448))
 //
@@ -35,12 +36,13 @@ struct FwdParams {
   DType y_dtype = DType::kFloat32;
   float eps = 1e-6f;
   float weight_offset = 0.0f;
+  bool round_once = false;          // multiply by the weight in fp32, round once (torch.nn.RMSNorm)
 };
 
 // NOTE(rstd): the backward recomputes r instead of reading a saved one: it reads s in the same pass
 // anyway, so this costs no memory traffic and the forward needs no extra output.
 // dx = r * g - s * r^3 * mean(g * s) (+ d_residual_out), with g = dy * w_eff in fp32;
-// dw = sum over rows of dy * n, n = round(s * r) (Llama) or s * r (Gemma), accumulated in fp32 in
+// dw = sum over rows of dy * n, n = round(s * r) (Llama) or s * r (Gemma, round_once), in fp32 in
 // `num_partials` fixed row chunks and then reduced in a fixed order: deterministic.
 struct BwdParams {
   const void* dy = nullptr;             // [rows, cols] contiguous, x_dtype
@@ -58,6 +60,7 @@ struct BwdParams {
   DType weight_dtype = DType::kFloat32;
   float eps = 1e-6f;
   float weight_offset = 0.0f;
+  bool round_once = false;              // dw uses n = s * r (the forward rounded once)
 };
 
 // Checks shared by every backend: supported dtype pairs, pointer presence, sizes.

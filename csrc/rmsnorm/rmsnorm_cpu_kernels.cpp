@@ -291,7 +291,7 @@ void forward_row(const FwdParams& p, const Fp32Weight& weight, const float* w_pa
     return;
   }
   T* y = static_cast<T*>(p.y) + row * n;
-  if (p.weight_offset != 0.0f) {
+  if (p.weight_offset != 0.0f || p.round_once) {
     normalize_offset<kStream>(s, w, r, p.weight_offset, y, n, next);
     return;
   }
@@ -330,7 +330,9 @@ void forward_rows(const FwdParams& p) {
   float* w_pairs = nullptr;  // bf16 Llama form without NaN: the weight in the pairs' order
 #if defined(FL_HAS_BF16_PAIRS)
   if constexpr (IsBf16<T>::value) {
-    if (!fp8 && p.weight_offset == 0.0f && weight.finite) w_pairs = weight_in_pair_order(weight.data, n);
+    if (!fp8 && p.weight_offset == 0.0f && !p.round_once && weight.finite) {
+      w_pairs = weight_in_pair_order(weight.data, n);
+    }
   }
 #endif
   const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
@@ -350,7 +352,7 @@ void backward_rows(const BwdParams& p) {
   const int64_t n = p.cols, chunks = p.num_partials;
   const Fp32Weight weight(static_cast<const W*>(p.weight), n);
   const float* w = weight.data;
-  const bool llama = p.weight_offset == 0.0f;
+  const bool llama = p.weight_offset == 0.0f && !p.round_once;
   const V voff = vset1(p.weight_offset);
   const bool parallel = p.rows * n >= kParallelMinElements;
   // Fixed row chunks (not per-thread) so dw does not depend on the number of threads.

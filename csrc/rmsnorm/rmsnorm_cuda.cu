@@ -43,7 +43,7 @@ __device__ __forceinline__ void write_output(const FwdParams& p, int64_t row, in
     reinterpret_cast<cuda::Vec<uint8_t, kVec>*>(static_cast<uint8_t*>(p.y) + row * p.cols)[iv] = q;
     return;
   }
-  if (p.weight_offset == 0.0f) {
+  if (p.weight_offset == 0.0f && !p.round_once) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = round_f<T>(s[j] * r) * w[j];
   } else {
@@ -162,7 +162,7 @@ __device__ __forceinline__ void backward_vec(const BwdParams& p, int64_t row, in
 #pragma unroll
     for (int j = 0; j < kVec; ++j) dx[j] = 0.0f;
   }
-  const bool llama = p.weight_offset == 0.0f;
+  const bool llama = p.weight_offset == 0.0f && !p.round_once;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     dx[j] += r * (dy[j] * (p.weight_offset + w[j])) - coef * s[j];

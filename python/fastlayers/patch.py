@@ -56,7 +56,7 @@ def _set(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
 
 
 def _rms_norm_like(module: torch.nn.Module):
-    """``(eps, weight_offset)`` for a module fastlayers.RMSNorm can replace, else None."""
+    """The ``weight_offset`` for a module fastlayers.RMSNorm can replace, else None."""
     if isinstance(module, RMSNorm):
         return None
     name = type(module).__name__
@@ -67,13 +67,10 @@ def _rms_norm_like(module: torch.nn.Module):
     if isinstance(module, torch.nn.RMSNorm):
         if module.elementwise_affine is False or len(module.normalized_shape) != 1:
             return None
-        eps = module.eps if module.eps is not None else torch.finfo(weight.dtype).eps
-        return float(eps), 0.0
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if eps is None:
+        return 0.0
+    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
         return None
-    offset = 1.0 if name.startswith("Gemma") else 0.0  # Gemma: x * r * (1 + w), in fp32
-    return float(eps), offset
+    return 1.0 if name.startswith("Gemma") else 0.0  # Gemma: x * r * (1 + w), in fp32
 
 
 def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> torch.nn.Module:
@@ -157,12 +154,11 @@ def patch_model(
         )
     if rms_norm:
         for path, module in list(model.named_modules()):
-            spec = _rms_norm_like(module)
-            if spec is None:
+            offset = _rms_norm_like(module)
+            if offset is None:
                 continue
-            eps, offset = spec
-            new = RMSNorm(module.weight.shape[0], eps=eps, weight_offset=offset)
-            new.weight = module.weight  # the same Parameter: state dict and ties unchanged
+            # the same Parameter (state dict and ties unchanged), eps, and rounding
+            new = RMSNorm.from_module(module, weight_offset=offset)
             originals[path] = module
             _set(model, path, new)
             report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))

@@ -31,10 +31,13 @@ from fastlayers.ops._common import (
     stream_of,
 )
 
-LIB.define("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset) -> Tensor")
 LIB.define(
-    "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float weight_offset)"
-    " -> (Tensor, Tensor)"
+    "rms_norm(Tensor x, Tensor weight, float eps, float weight_offset, bool round_once=False)"
+    " -> Tensor"
+)
+LIB.define(
+    "fused_add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float weight_offset,"
+    " bool round_once=False) -> (Tensor, Tensor)"
 )
 LIB.define("rms_norm_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
 LIB.define(
@@ -43,18 +46,19 @@ LIB.define(
 )
 LIB.define(
     "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, float eps, float weight_offset,"
-    " Tensor? grad_residual) -> (Tensor, Tensor)"
+    " Tensor? grad_residual, bool round_once=False) -> (Tensor, Tensor)"
 )
 register_no_backward("rms_norm_fp8", "fused_add_rms_norm_fp8", "rms_norm_backward")
 
 # Inference variants that write into the caller's buffers (FlashInfer's ``out=`` and in-place fused
 # add): no allocation per call, which on CPU is a page-fault pass over every fresh output page.
 LIB.define(
-    "rms_norm_out(Tensor x, Tensor weight, float eps, float weight_offset, Tensor(a!) out) -> ()"
+    "rms_norm_out(Tensor x, Tensor weight, float eps, float weight_offset, Tensor(a!) out,"
+    " bool round_once=False) -> ()"
 )
 LIB.define(
     "fused_add_rms_norm_inplace(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps,"
-    " float weight_offset) -> ()"
+    " float weight_offset, bool round_once=False) -> ()"
 )
 
 # CPU dw partials: a fixed number of row chunks, so the result does not depend on the thread count.
@@ -112,7 +116,9 @@ def _num_partials(device: torch.device, rows: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-def _launch_forward(x, residual, weight, eps, weight_offset, y, residual_out, scale) -> None:
+def _launch_forward(
+    x, residual, weight, eps, weight_offset, y, residual_out, scale, round_once=False
+) -> None:
     n = x.shape[-1]
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else None
@@ -126,56 +132,54 @@ def _launch_forward(x, residual, weight, eps, weight_offset, y, residual_out, sc
             ptr(y), ptr(residual_out), ptr(scale),
             x2.shape[0], n,
             _dtypes.code(x.dtype), _dtypes.code(weight.dtype), _dtypes.code(y.dtype),
-            eps, weight_offset,
+            eps, weight_offset, round_once,
             stream_of(x.device),
         )  # fmt: skip
 
 
-def _rms_norm_kernel(x, weight, eps, weight_offset):
+def _rms_norm_kernel(x, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps)
     if not has_kernel(x.device, "rms_norm"):
-        return ref.rms_norm(x, weight, eps, weight_offset)
+        return ref.rms_norm(x, weight, eps, weight_offset, round_once)
     y = empty(x.shape, x.dtype, x.device)
     if x.numel() > 0:
-        _launch_forward(x, None, weight, eps, weight_offset, y, None, None)
+        _launch_forward(x, None, weight, eps, weight_offset, y, None, None, round_once)
     return y
 
 
-def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset):
+def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps, residual)
     if not has_kernel(x.device, "fused_add_rms_norm"):
-        return ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+        return ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset, round_once)
     y = empty(x.shape, x.dtype, x.device)
     new_residual = empty(x.shape, x.dtype, x.device)
     if x.numel() > 0:
-        _launch_forward(x, residual, weight, eps, weight_offset, y, new_residual, None)
+        _launch_forward(x, residual, weight, eps, weight_offset, y, new_residual, None, round_once)
     return y, new_residual
 
 
-def _rms_norm_out_kernel(x, weight, eps, weight_offset, out):
+def _rms_norm_out_kernel(x, weight, eps, weight_offset, out, round_once=False):
     _check(x, weight, eps)
     _check_written(out, "out", x)
     check_no_alias({"out": out}, {"x": x, "weight": weight}, {("out", "x")})
     if not has_kernel(x.device, "rms_norm"):
-        out.copy_(ref.rms_norm(x, weight, eps, weight_offset))
+        out.copy_(ref.rms_norm(x, weight, eps, weight_offset, round_once))
     elif x.numel() > 0:
-        _launch_forward(x, None, weight, eps, weight_offset, out, None, None)
+        _launch_forward(x, None, weight, eps, weight_offset, out, None, None, round_once)
 
 
-def _fused_add_rms_norm_inplace_kernel(x, residual, weight, eps, weight_offset):
+def _fused_add_rms_norm_inplace_kernel(x, residual, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps, residual)
     _check_written(x, "x", x)
     _check_written(residual, "residual", x)
     check_no_alias({"x": x}, {"residual": residual, "weight": weight}, set())
     check_no_alias({"residual": residual}, {"weight": weight}, set())
     if not has_kernel(x.device, "fused_add_rms_norm"):
-        y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
-        x.copy_(y)
-        residual.copy_(new_residual)
+        _fused_add_rms_norm_inplace_reference(x, residual, weight, eps, weight_offset, round_once)
     elif x.numel() > 0:
         # The kernel reads x and residual at an element, then writes residual_out there; later it
         # reads residual_out back and writes y: in place is safe element by element.
-        _launch_forward(x, residual, weight, eps, weight_offset, x, residual, None)
+        _launch_forward(x, residual, weight, eps, weight_offset, x, residual, None, round_once)
 
 
 def _fp8_forward(x, residual, weight, eps):
@@ -198,13 +202,17 @@ def _fused_add_rms_norm_fp8_kernel(x, residual, weight, eps):
     return _fp8_forward(x, residual, weight, eps)
 
 
-def _rms_norm_backward_kernel(grad_y, x, weight, eps, weight_offset, grad_residual):
+def _rms_norm_backward_kernel(
+    grad_y, x, weight, eps, weight_offset, grad_residual, round_once=False
+):
     _check(x, weight, eps)
     check_like(grad_y, "grad_y", x)
     if grad_residual is not None:
         check_like(grad_residual, "grad_residual", x)
     if not has_kernel(x.device, "rms_norm_backward"):
-        return ref.rms_norm_backward(grad_y, x, weight, eps, weight_offset, grad_residual)
+        return ref.rms_norm_backward(
+            grad_y, x, weight, eps, weight_offset, grad_residual, round_once
+        )
     n = x.shape[-1]
     rows = x.numel() // n
     dx = empty(x.shape, x.dtype, x.device)
@@ -222,7 +230,7 @@ def _rms_norm_backward_kernel(grad_y, x, weight, eps, weight_offset, grad_residu
             ptr(dx), ptr(dw), ptr(workspace), partials,
             rows, n,
             _dtypes.code(x.dtype), _dtypes.code(weight.dtype),
-            eps, weight_offset,
+            eps, weight_offset, round_once,
             stream_of(x.device),
         )  # fmt: skip
     return dx, dw
@@ -246,12 +254,14 @@ _REFERENCES = {
 }
 
 
-def _rms_norm_out_reference(x, weight, eps, weight_offset, out):
-    out.copy_(ref.rms_norm(x, weight, eps, weight_offset))
+def _rms_norm_out_reference(x, weight, eps, weight_offset, out, round_once=False):
+    out.copy_(ref.rms_norm(x, weight, eps, weight_offset, round_once))
 
 
-def _fused_add_rms_norm_inplace_reference(x, residual, weight, eps, weight_offset):
-    y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset)
+def _fused_add_rms_norm_inplace_reference(
+    x, residual, weight, eps, weight_offset, round_once=False
+):
+    y, new_residual = ref.fused_add_rms_norm(x, residual, weight, eps, weight_offset, round_once)
     x.copy_(y)
     residual.copy_(new_residual)
 
@@ -271,13 +281,13 @@ for _name, _fn in _KERNELS.items():
 # Fakes (shapes only) for torch.compile / meta tensors
 # ----------------------------------------------------------------------------------------------
 @torch.library.register_fake("fastlayers::rms_norm", lib=LIB)
-def _rms_norm_fake(x, weight, eps, weight_offset):
+def _rms_norm_fake(x, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("fastlayers::fused_add_rms_norm", lib=LIB)
-def _fused_add_rms_norm_fake(x, residual, weight, eps, weight_offset):
+def _fused_add_rms_norm_fake(x, residual, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps, residual)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -303,20 +313,20 @@ def _fused_add_rms_norm_fp8_fake(x, residual, weight, eps):
 
 
 @torch.library.register_fake("fastlayers::rms_norm_out", lib=LIB)
-def _rms_norm_out_fake(x, weight, eps, weight_offset, out):
+def _rms_norm_out_fake(x, weight, eps, weight_offset, out, round_once=False):
     _check(x, weight, eps)
     _check_written(out, "out", x)
 
 
 @torch.library.register_fake("fastlayers::fused_add_rms_norm_inplace", lib=LIB)
-def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps, weight_offset):
+def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps, weight_offset, round_once=False):
     _check(x, weight, eps, residual)
     _check_written(x, "x", x)
     _check_written(residual, "residual", x)
 
 
 @torch.library.register_fake("fastlayers::rms_norm_backward", lib=LIB)
-def _rms_norm_backward_fake(grad_y, x, weight, eps, weight_offset, grad_residual):
+def _rms_norm_backward_fake(grad_y, x, weight, eps, weight_offset, grad_residual, round_once=False):
     _check(x, weight, eps)
     check_like(grad_y, "grad_y", x)
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -326,31 +336,31 @@ def _rms_norm_backward_fake(grad_y, x, weight, eps, weight_offset, grad_residual
 # Autograd
 # ----------------------------------------------------------------------------------------------
 def _setup_rms_norm(ctx, inputs, output):
-    x, weight, eps, weight_offset = inputs
+    x, weight, eps, weight_offset, *rest = inputs
     ctx.save_for_backward(x, weight)
-    ctx.eps, ctx.weight_offset = eps, weight_offset
+    ctx.eps, ctx.weight_offset, ctx.round_once = eps, weight_offset, bool(rest and rest[0])
 
 
 def _backward_rms_norm(ctx, grad_y):
     x, weight = ctx.saved_tensors
     dx, dw = torch.ops.fastlayers.rms_norm_backward(
-        grad_y, x, weight, ctx.eps, ctx.weight_offset, None
+        grad_y, x, weight, ctx.eps, ctx.weight_offset, None, ctx.round_once
     )
-    return dx, dw if ctx.needs_input_grad[1] else None, None, None
+    return dx, dw if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def _setup_fused_add(ctx, inputs, output):
-    _, _, weight, eps, weight_offset = inputs
+    _, _, weight, eps, weight_offset, *rest = inputs
     ctx.save_for_backward(output[1], weight)  # the rounded sum is what was normalised
-    ctx.eps, ctx.weight_offset = eps, weight_offset
+    ctx.eps, ctx.weight_offset, ctx.round_once = eps, weight_offset, bool(rest and rest[0])
 
 
 def _backward_fused_add(ctx, grad_y, grad_residual):
     s, weight = ctx.saved_tensors
     ds, dw = torch.ops.fastlayers.rms_norm_backward(
-        grad_y, s, weight, ctx.eps, ctx.weight_offset, grad_residual
+        grad_y, s, weight, ctx.eps, ctx.weight_offset, grad_residual, ctx.round_once
     )
-    return ds, ds, dw if ctx.needs_input_grad[2] else None, None, None
+    return ds, ds, dw if ctx.needs_input_grad[2] else None, None, None, None
 
 
 torch.library.register_autograd(
@@ -371,6 +381,7 @@ def rms_norm(
     weight_offset: float = 0.0,
     *,
     out: torch.Tensor | None = None,
+    round_once: bool = False,
 ) -> torch.Tensor:
     """Root-mean-square normalisation over the last dimension.
 
@@ -385,6 +396,9 @@ def rms_norm(
     weight_offset : float
         0 for the Llama form ``w * round(x * r)``; 1.0 for the Gemma form ``x * r * (1 + w)``
         computed in fp32.
+    round_once : bool
+        ``torch.nn.RMSNorm``'s rounding: ``x * r * (weight_offset + w)`` in fp32, rounded once
+        (the Gemma form's arithmetic, with any offset, 0 included).
 
     out : torch.Tensor, optional
         Write the result here instead of allocating: x's shape and dtype, contiguous, on x's
@@ -404,13 +418,17 @@ def rms_norm(
         check_tensor(out, "out")
         _check_no_grad("rms_norm(out=...)", x, weight, out)
         if direct_call_ok(x, weight, out):
-            _rms_norm_out_kernel(x, weight, float(eps), float(weight_offset), out)
+            _rms_norm_out_kernel(x, weight, float(eps), float(weight_offset), out, bool(round_once))
         else:
-            torch.ops.fastlayers.rms_norm_out(x, weight, float(eps), float(weight_offset), out)
+            torch.ops.fastlayers.rms_norm_out(
+                x, weight, float(eps), float(weight_offset), out, bool(round_once)
+            )
         return out
     if direct_call_ok(x, weight):
-        return _rms_norm_kernel(x, weight, float(eps), float(weight_offset))
-    return torch.ops.fastlayers.rms_norm(x, weight, float(eps), float(weight_offset))
+        return _rms_norm_kernel(x, weight, float(eps), float(weight_offset), bool(round_once))
+    return torch.ops.fastlayers.rms_norm(
+        x, weight, float(eps), float(weight_offset), bool(round_once)
+    )
 
 
 def fused_add_rms_norm(
@@ -419,6 +437,8 @@ def fused_add_rms_norm(
     weight: torch.Tensor,
     eps: float = 1e-6,
     weight_offset: float = 0.0,
+    *,
+    round_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add and RMSNorm in one pass (the Hugging Face decoder-layer order).
 
@@ -430,11 +450,10 @@ def fused_add_rms_norm(
     check_tensor(residual, "residual")
     check_tensor(weight, "weight")
     check_eps(eps)
+    args = (x, residual, weight, float(eps), float(weight_offset), bool(round_once))
     if direct_call_ok(x, residual, weight):
-        return _fused_add_rms_norm_kernel(x, residual, weight, float(eps), float(weight_offset))
-    return torch.ops.fastlayers.fused_add_rms_norm(
-        x, residual, weight, float(eps), float(weight_offset)
-    )
+        return _fused_add_rms_norm_kernel(*args)
+    return torch.ops.fastlayers.fused_add_rms_norm(*args)
 
 
 def fused_add_rms_norm_(
@@ -443,6 +462,8 @@ def fused_add_rms_norm_(
     weight: torch.Tensor,
     eps: float = 1e-6,
     weight_offset: float = 0.0,
+    *,
+    round_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place :func:`fused_add_rms_norm` (the FlashInfer / vLLM calling convention):
     ``residual`` becomes ``x + residual`` (rounded to x's dtype) and ``x`` becomes its RMSNorm.
@@ -455,12 +476,11 @@ def fused_add_rms_norm_(
     check_tensor(weight, "weight")
     check_eps(eps)
     _check_no_grad("fused_add_rms_norm_", x, residual, weight)
+    args = (x, residual, weight, float(eps), float(weight_offset), bool(round_once))
     if direct_call_ok(x, residual, weight):
-        _fused_add_rms_norm_inplace_kernel(x, residual, weight, float(eps), float(weight_offset))
+        _fused_add_rms_norm_inplace_kernel(*args)
     else:
-        torch.ops.fastlayers.fused_add_rms_norm_inplace(
-            x, residual, weight, float(eps), float(weight_offset)
-        )
+        torch.ops.fastlayers.fused_add_rms_norm_inplace(*args)
     return x, residual
 
 
@@ -497,6 +517,8 @@ def rms_norm_backward(
     eps: float = 1e-6,
     weight_offset: float = 0.0,
     grad_residual: torch.Tensor | None = None,
+    *,
+    round_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` of :func:`rms_norm` (autograd calls this; exposed for fused callers).
 
@@ -507,5 +529,5 @@ def rms_norm_backward(
         check_tensor(t, name)
     check_eps(eps)
     return torch.ops.fastlayers.rms_norm_backward(
-        grad_y, x, weight, float(eps), float(weight_offset), grad_residual
+        grad_y, x, weight, float(eps), float(weight_offset), grad_residual, bool(round_once)
     )

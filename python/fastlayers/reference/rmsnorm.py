@@ -4,9 +4,10 @@
 With ``s`` the input (or ``x + residual`` rounded to the storage dtype) and
 ``r = 1 / sqrt(mean(s**2) + eps)`` in fp32:
 
-* ``weight_offset == 0`` (Llama, ``torch.nn.RMSNorm``-compatible):
-  ``y = round(round(s * r) * w)``: normalise, cast to the input dtype, multiply by the weight.
-* ``weight_offset != 0`` (Gemma ``(1 + w)``): ``y = round((s * r) * (weight_offset + w))`` in fp32.
+* ``weight_offset == 0`` (Llama): ``y = round(round(s * r) * w)``: normalise, cast to the input
+  dtype, multiply by the weight.
+* ``weight_offset != 0`` (Gemma ``(1 + w)``), or ``round_once`` (``torch.nn.RMSNorm``, which
+  multiplies in fp32 and rounds once): ``y = round((s * r) * (weight_offset + w))`` in fp32.
 * FP8 output: ``y32 = (s * r) * w``, ``scale = max|y32| / 448`` per row (1 for an all-zero row),
   ``y = fp8_e4m3(clamp(y32 / scale, -448, 448))``.
 """
@@ -28,20 +29,29 @@ def _rstd(s: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _normalize(
-    s: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, out_dtype: torch.dtype
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    out_dtype: torch.dtype,
+    round_once: bool = False,
 ) -> torch.Tensor:
     sf = _acc(s)
     n = sf * _rstd(sf, eps)
-    if weight_offset == 0.0:
+    if weight_offset == 0.0 and not round_once:
         return (_acc(n.to(out_dtype)) * _acc(weight)).to(out_dtype)
     return (n * (weight_offset + _acc(weight))).to(out_dtype)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, weight_offset: float = 0.0
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    weight_offset: float = 0.0,
+    round_once: bool = False,
 ) -> torch.Tensor:
     """``y = rms_norm(x) * (weight_offset + weight)``; see the module docstring for rounding."""
-    return _normalize(x, weight, eps, weight_offset, x.dtype)
+    return _normalize(x, weight, eps, weight_offset, x.dtype, round_once)
 
 
 def fused_add_rms_norm(
@@ -50,10 +60,11 @@ def fused_add_rms_norm(
     weight: torch.Tensor,
     eps: float = 1e-6,
     weight_offset: float = 0.0,
+    round_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``new_residual = x + residual`` (rounded to x's dtype); ``y = rms_norm(new_residual)``."""
     s = x + residual
-    return _normalize(s, weight, eps, weight_offset, x.dtype), s
+    return _normalize(s, weight, eps, weight_offset, x.dtype, round_once), s
 
 
 def rms_norm_fp8(
@@ -78,6 +89,7 @@ def rms_norm_backward(
     eps: float = 1e-6,
     weight_offset: float = 0.0,
     grad_residual: torch.Tensor | None = None,
+    round_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`rms_norm` w.r.t. ``x`` and ``weight``, in fp32, cast to their dtypes.
 
@@ -93,7 +105,7 @@ def rms_norm_backward(
     if grad_residual is not None:
         dx = dx + _acc(grad_residual)
     n = sf * r
-    if weight_offset == 0.0:
+    if weight_offset == 0.0 and not round_once:
         n = _acc(n.to(x.dtype))
     dw = (dy * n).reshape(-1, x.shape[-1]).sum(0)
     return dx.to(x.dtype), dw.to(weight.dtype)
