@@ -55,22 +55,17 @@ def _set(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _rms_norm_like(module: torch.nn.Module):
-    """The ``weight_offset`` for a module fastlayers.RMSNorm can replace, else None."""
+def _rms_norm_like(module: torch.nn.Module) -> bool:
+    """Whether fastlayers.RMSNorm can replace ``module`` (its offset: ``RMSNorm.from_module``)."""
     if isinstance(module, RMSNorm):
-        return None
-    name = type(module).__name__
+        return False
     weight = getattr(module, "weight", None)
     is_param = isinstance(weight, torch.nn.Parameter)
-    if not name.endswith("RMSNorm") or not is_param or weight.dim() != 1:
-        return None
+    if not type(module).__name__.endswith("RMSNorm") or not is_param or weight.dim() != 1:
+        return False
     if isinstance(module, torch.nn.RMSNorm):
-        if module.elementwise_affine is False or len(module.normalized_shape) != 1:
-            return None
-        return 0.0
-    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
-        return None
-    return 1.0 if name.startswith("Gemma") else 0.0  # Gemma: x * r * (1 + w), in fp32
+        return module.elementwise_affine is not False and len(module.normalized_shape) == 1
+    return getattr(module, "variance_epsilon", getattr(module, "eps", None)) is not None
 
 
 def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> torch.nn.Module:
@@ -154,11 +149,10 @@ def patch_model(
         )
     if rms_norm:
         for path, module in list(model.named_modules()):
-            offset = _rms_norm_like(module)
-            if offset is None:
+            if not _rms_norm_like(module):
                 continue
-            # the same Parameter (state dict and ties unchanged), eps, and rounding
-            new = RMSNorm.from_module(module, weight_offset=offset)
+            # the same Parameter (state dict and ties unchanged), eps, Gemma offset and rounding
+            new = RMSNorm.from_module(module)
             originals[path] = module
             _set(model, path, new)
             report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))
