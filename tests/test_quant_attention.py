@@ -331,3 +331,137 @@ def test_inverse_query_scale_cache_follows_the_scale():
     got = inv(s2, dtype=torch.bfloat16)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, (1.0 / s2).repeat_interleave(3, dim=0).bfloat16())
+
+
+def _store(b, hkv, t, d, group, seed=0):
+    """An Int4KVStore holding ``t`` random tokens (capacity to spare after the first write)."""
+    torch.manual_seed(seed)
+    store = quant.Int4KVStore()
+    store.write(rand(b, hkv, t, d, dtype=torch.float32, device="cpu"),
+                rand(b, hkv, t, d, dtype=torch.float32, device="cpu"), group)  # fmt: skip
+    store.reserve(rand(b, hkv, 1, d, dtype=torch.float32, device="cpu"), group)
+    return store
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaled,fp8,padded", [(True, True, False), (False, True, True),
+                                               (True, False, True)])  # fmt: skip
+def test_decode_step_direct_equals_the_ops(dtype, scaled, fp8, padded):
+    """The HF decode step's direct route (q_quantize's and int4_kv_decode's kernels without the
+    op layer) gives the ops' bits, for strided queries too."""
+    from fastlayers.ops import int4_kv_decode, q_quantize
+    from fastlayers.ops.kvint4 import decode_step_direct
+
+    b, hq, hkv, d, length = 3, 8, 2, 64, 37
+    store = _store(b, hkv, length, d, 32)
+    big = rand(b, 2, hq, 2 * d, dtype=dtype, device="cpu")
+    query = big[:, :1, :, ::2].transpose(1, 2)  # [b, hq, 1, d], strided
+    assert not query.is_contiguous()
+    q_scale = torch.rand(hq, d) + 0.5 if scaled else None
+    starts = torch.tensor([0, 5, length], dtype=torch.int32) if padded else None
+    got = decode_step_direct(query, q_scale, fp8, store.buffers, length, 0.125, starts)
+    qs = q_quantize(query, q_scale, fp8=fp8)
+    want, _ = int4_kv_decode(qs[:, :, 0], *store.buffers, length, 0.125, starts)
+    assert got is not None and got.dtype == dtype and got.shape == (b, hq, d)
+    assert torch.equal(got, want.to(dtype))
+    if padded:  # the row that sees no token: zeros, as the op gives
+        assert bool((got[2] == 0).all())
+
+
+@torch.no_grad()
+def test_decode_step_direct_hands_back_what_it_does_not_take():
+    """None (nothing run) wherever the ops must decide: they then run or raise their errors."""
+    from fastlayers.ops.kvint4 import decode_step_direct
+
+    b, hq, hkv, d, length = 2, 4, 2, 64, 9
+    store = _store(b, hkv, length, d, 64)
+    q = rand(b, hq, 1, d, dtype=torch.float32, device="cpu")
+    s = torch.rand(hq, d)
+    ok = decode_step_direct(q, s, True, store.buffers, length, 0.125)
+    assert ok is not None
+    i32 = torch.int32
+    refused = [
+        (q.expand(b, hq, 2, d), s, True, length, None),  # two query tokens
+        (q[..., :32], s, True, length, None),  # another head dim
+        (q[:1], s, True, length, None),  # another batch
+        (q[:, :3], None, True, length, None),  # heads not a multiple of the kv heads
+        (q.double(), s, True, length, None),
+        (q, s[:2], True, length, None),
+        (q, s.double(), True, length, None),
+        (q, None, False, length, None),  # nothing to quantize: the op reads q as it is
+        (q, s, True, store.capacity + 1, None),  # past the buffers
+        (q, s, True, length, torch.zeros(b, dtype=torch.int64)),
+        (q, s, True, length, torch.zeros(b + 1, dtype=i32)),
+    ]
+    for query, scale, fp8, n, starts in refused:
+        assert decode_step_direct(query, scale, fp8, store.buffers, n, 0.125, starts) is None
+    with torch.enable_grad():  # gradients wanted: the ops' route (which refuses a backward)
+        assert decode_step_direct(q.requires_grad_(), s, True, store.buffers, length, 0.1) is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("post", [False, True])
+def test_store_decode_writes_take_the_direct_route(monkeypatch, dtype, post):
+    """Int4KVStore.write of one token at a time (a decode step, no RoPE) runs the kernel directly
+    (write_step_direct) and leaves the bytes append(kv_quantize(...)) does, across a capacity
+    doubling and for strided keys; what does not fit goes to the checked route."""
+    from fastlayers.ops import kv_quantize, kvint4
+
+    used = []
+    real = kvint4.write_step_direct
+    monkeypatch.setattr(kvint4, "write_step_direct",
+                        lambda *a, **k: used.append(real(*a, **k)) or used[-1])  # fmt: skip
+    b, h, d, g = 2, 3, 64, 32
+    scale = torch.rand(h, d) + 0.5 if post else None
+    written, appended = quant.Int4KVStore(), quant.Int4KVStore()
+    torch.manual_seed(4)
+    direct, capacities = 0, set()
+    for t in (20, 1, 1, 1, 12) + (1,) * 40:  # the capacity grows on the way
+        k = rand(b, 2 * t, h, d, dtype=dtype, device="cpu")[:, ::2].transpose(1, 2)  # strided
+        v = rand(b, h, t, d, dtype=dtype, device="cpu")
+        direct += written.buffers is not None and written.length + t <= written.capacity
+        written.write(k, v, g, scale)
+        capacities.add(written.capacity)
+        kq, ks = kv_quantize(k, g, scale)
+        appended.append(kq, ks, *kv_quantize(v, g))
+    assert written.length == appended.length == 75 and len(capacities) == 2
+    assert used.count(True) == direct and direct >= 40  # each write with room in the buffers
+    for a, c in zip(written.buffers, appended.buffers, strict=True):
+        assert torch.equal(a.view(torch.uint8)[:, :, :75], c.view(torch.uint8)[:, :, :75])
+    with pytest.raises(ValueError, match="does not match the cache"):
+        written.write(k[:, :2], v[:, :2], g, scale[:2] if post else None)
+    with pytest.raises(ValueError, match="group_size"):
+        written.write(k, v, 12)
+    assert written.length == 75
+
+
+def test_left_padding_is_remembered_per_mask():
+    """The decode step's mask analysis runs once per mask tensor (every layer gets the same one);
+    an in-place change, another tensor or another length is looked at again."""
+    from fastlayers.quant import rope_kv_hf
+
+    seen = []
+    real = rope_kv_hf._left_padding_of
+
+    def counting(*args):
+        seen.append(1)
+        return real(*args)
+
+    rope_kv_hf._LEFT_PADDING_MEMO[0] = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rope_kv_hf, "_left_padding_of", counting)
+        m = torch.zeros(2, 1, 1, 6)
+        m[0, ..., :2] = torch.finfo(torch.float32).min
+        for _ in range(3):
+            assert rope_kv_hf._left_padding(m, 2, 6).tolist() == [2, 0]
+        assert len(seen) == 1
+        m[1, ..., 0] = torch.finfo(torch.float32).min  # in place
+        assert rope_kv_hf._left_padding(m, 2, 6).tolist() == [2, 1] and len(seen) == 2
+        assert rope_kv_hf._left_padding(m.clone(), 2, 6).tolist() == [2, 1] and len(seen) == 3
+        assert rope_kv_hf._left_padding(m[..., :5], 2, 6) is False and len(seen) == 4
+        with torch.inference_mode():  # no version counter: looked at every time
+            mi = torch.zeros(2, 1, 1, 6)
+            assert rope_kv_hf._left_padding(mi, 2, 6) is None
+            assert rope_kv_hf._left_padding(mi, 2, 6) is None and len(seen) == 6

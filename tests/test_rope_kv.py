@@ -216,18 +216,32 @@ def test_int4_kv_decode_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
     opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode, (q, k, ks, v, vs, 33, 0.125))
 
 
-@torch.no_grad()
-def test_generate_decode_steps_use_the_int4_kernel(monkeypatch):
+def _record_decode_kernel_calls(monkeypatch, record) -> None:
+    """Calls ``record(starts)`` for each decode step of the HF integration that runs the INT4
+    decode kernel: on CPU through ``decode_step_direct`` (when it does not hand back to the ops),
+    elsewhere through the ``int4_kv_decode`` op."""
     from fastlayers.quant import rope_kv_hf
 
+    real_direct, real_op = rope_kv_hf.decode_step_direct, rope_kv_hf.int4_kv_decode
+
+    def direct(*args, **kwargs):
+        out = real_direct(*args, **kwargs)
+        if out is not None:
+            record(args[6] if len(args) > 6 else kwargs.get("starts"))
+        return out
+
+    def op(*args, **kwargs):
+        record(args[7] if len(args) > 7 else kwargs.get("starts"))
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(rope_kv_hf, "decode_step_direct", direct)
+    monkeypatch.setattr(rope_kv_hf, "int4_kv_decode", op)
+
+
+@torch.no_grad()
+def test_generate_decode_steps_use_the_int4_kernel(monkeypatch):
     calls = []
-    real = rope_kv_hf.int4_kv_decode
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rope_kv_hf, "int4_kv_decode", counting)
+    _record_decode_kernel_calls(monkeypatch, lambda starts: calls.append(1))
     model = quant.apply_rope_aware_kv(_model())
     ids = torch.randint(1, 256, (1, 12))
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
@@ -240,16 +254,8 @@ def test_left_padded_batch_decodes_with_the_int4_kernel(monkeypatch):
     """A left-padded batch: each decode step runs the INT4 kernel with the rows' padding lengths
     as starts (the padding is skipped, not dequantized), and generates what the same model does
     without a cache (quantized in the attention, the mask applied by eager attention)."""
-    from fastlayers.quant import rope_kv_hf
-
     starts_seen = []
-    real = rope_kv_hf.int4_kv_decode
-
-    def recording(*args, **kwargs):
-        starts_seen.append(args[7] if len(args) > 7 else kwargs.get("starts"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rope_kv_hf, "int4_kv_decode", recording)
+    _record_decode_kernel_calls(monkeypatch, starts_seen.append)
     model = _model()
     post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 48))])
     quant.apply_rope_aware_kv(model, post)
@@ -624,3 +630,28 @@ def test_hugging_face_query_side_kernel_and_autograd_routes_agree():
         want = getattr(plain.model.layers[0].self_attn, name).weight.grad
         assert grad is not None and bool(torch.isfinite(grad).all()), name
         assert _rel(grad, want) < 0.5, (name, _rel(grad, want))
+
+
+def test_one_token_mask_is_none_when_nothing_is_hidden():
+    """The integration's mask: eager attention's additive mask, but None for one query token
+    that nothing hides (the decode step then looks at no mask tensor)."""
+    from transformers.masking_utils import causal_mask_function, eager_mask
+
+    from fastlayers.quant.rope_kv_hf import _mask
+
+    kw = dict(batch_size=2, q_length=1, kv_length=6, q_offset=5, kv_offset=0,
+              mask_function=causal_mask_function, attention_mask=torch.ones(2, 6, dtype=torch.bool),
+              allow_is_causal_skip=True, dtype=torch.float32, config=None, use_vmap=False,
+              device="cpu")  # fmt: skip
+    assert _mask(**kw) is None
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[0, :2] = False
+    for change in (
+        dict(attention_mask=pad),
+        dict(attention_mask=pad, dtype=torch.bfloat16),
+        dict(q_length=3, q_offset=3),  # prefill: causal, never None for eager attention
+        dict(allow_is_causal_skip=False),  # (HF's custom mask functions)
+    ):
+        args = {**kw, **change}
+        got, want = _mask(**args), eager_mask(**args)
+        assert got is not None and got.dtype == want.dtype and torch.equal(got, want)

@@ -620,3 +620,86 @@ def q_quantize(q, scale=None, cos=None, sin=None, pairing: str = "half", fp8: bo
     if direct_call_ok(q, scale, cos, sin):
         return _q_quantize_kernel(q, scale, cos, sin, pairing, fp8)
     return torch.ops.fastlayers.q_quantize(q, scale, cos, sin, pairing, fp8)
+
+
+# ---- One decode step on a store's buffers, without the op layer -------------------------------
+
+
+def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: float,
+                       starts=None):  # fmt: skip
+    """One decode step of the Hugging Face integration on an
+    :class:`~fastlayers.quant.kv_cache.Int4KVStore`'s ``buffers`` (which hold ``length`` tokens):
+    ``q_quantize(query, q_scale, fp8=fp8)`` then ``int4_kv_decode(..., length, scale, starts)``,
+    the two CPU kernels called directly: at a few hundred cached tokens the two ops' checks and
+    dispatch cost several times their kernels (the same bytes as the ops). ``query [B, Hq, 1, d]``
+    float32/16/bf16; ``q_scale`` None or fp32 ``[Hq, d]``; ``starts`` None or int32 ``[B]`` in
+    ``[0, length]`` (built by the caller from the attention mask). Returns ``out [B, Hq, d]`` in
+    the query's dtype, or None (nothing run) where the ops must run: not on CPU, compiling or
+    tracing, dispatch modes, tensor subclasses, gradients wanted, neither a scale nor FP8, or
+    shapes the ops would refuse (they then raise their errors)."""
+    if query.device.type != "cpu" or (q_scale is None and not fp8) or not (
+        direct_call_ok(query, q_scale, starts) and _ext.has_cpu_kernels()
+    ):  # fmt: skip
+        return None
+    kq, ks, vq, vs = buffers
+    b, hq, t, d = query.shape if query.dim() == 4 else (0, 0, 0, 0)
+    ok = (
+        t == 1 and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and kq.shape[0] == b and kq.shape[3] * 2 == d and hq % kq.shape[1] == 0
+        and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
+        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+        and (q_scale is None or (q_scale.dtype == torch.float32 and q_scale.shape == (hq, d)
+                                 and q_scale.device.type == "cpu" and q_scale.is_contiguous()))
+        and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
+                                and starts.device.type == "cpu" and starts.is_contiguous()))
+    )  # fmt: skip
+    if not ok:
+        return None
+    x = query if query.is_contiguous() else query.contiguous()
+    qs = empty((b, hq, d), torch.float32, query.device)
+    C = _ext.C
+    code = _dtypes.code(query.dtype)
+    C.kv_quantize(0, x.data_ptr(), ptr(q_scale), 0, 0, b * hq, d, d, 1, hq, code, 0, 0, 0, False,
+                  0, 0, 0, qs.data_ptr(), fp8)  # fmt: skip
+    out = empty((b, hq, d), torch.float32, query.device)
+    lse = empty((b, hq), torch.float32, query.device)
+    C.int4_kv_decode(0, qs.data_ptr(), kq.data_ptr(), ks.data_ptr(), vq.data_ptr(), vs.data_ptr(),
+                     out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
+                     kq.shape[2], length, scale, 0, 0, 1, 0, 0, 0, ptr(starts))  # fmt: skip
+    return out.to(query.dtype)
+
+
+def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=None) -> bool:
+    """:func:`write_kv_direct` without RoPE tables, for a decode step on CPU: ``k``/``v``
+    ``[B, H, t, d]`` (keys times ``post_scale``) quantized into the store's ``buffers`` at token
+    ``start``, the kernel called with only the checks memory safety needs (the same bytes).
+    Returns False, writing nothing, unless the call is eager on CPU with plain tensors that fit
+    the buffers (the caller then takes the checked path, which raises the errors)."""
+    if k.device.type != "cpu" or not (
+        direct_call_ok(k, v, post_scale) and _ext.has_cpu_kernels()
+    ):  # fmt: skip
+        return False
+    kq, ks, vq, vs = buffers
+    b, h, t, d = k.shape if k.dim() == 4 else (0, 0, 0, 0)
+    ok = (
+        t > 0 and v.shape == k.shape and v.dtype == k.dtype
+        and k.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and isinstance(group_size, int) and group_size > 0 and d % group_size == 0
+        and kq.shape == vq.shape and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
+        and ks.shape == vs.shape and ks.shape[3] * group_size == d
+        and 0 <= start <= kq.shape[2] - t and v.device.type == "cpu"
+        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+        and (post_scale is None or (post_scale.dtype == torch.float32
+                                    and post_scale.shape == (h, d)
+                                    and post_scale.device.type == "cpu"
+                                    and post_scale.is_contiguous()))
+    )  # fmt: skip
+    if not ok:
+        return False
+    code, cap, C = _dtypes.code(k.dtype), kq.shape[2], _ext.C
+    for x, scale, packed, scales in ((k, post_scale, kq, ks), (v, None, vq, vs)):
+        x = x if x.is_contiguous() else x.contiguous()
+        C.kv_quantize(0, x.data_ptr(), ptr(scale), packed.data_ptr(), scales.data_ptr(),
+                      b * h * t, d, group_size, t, h, code, 0, 0, 0, False, 0, cap, start, 0,
+                      True)  # fmt: skip
+    return True

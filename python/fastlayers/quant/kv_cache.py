@@ -78,8 +78,18 @@ class Int4KVStore:
         ``group_size`` channels. The same cache as ``append(*kv_quantize(k, ...), *kv_quantize(v,
         ...))``. In eager mode on a device with the kernel, the kernel is called directly (no
         dispatcher, the buffers' own checks skipped: they are the store's)."""
-        from fastlayers.ops.kvint4 import kv_cache_write, write_kv_direct  # (ops import this)
+        from fastlayers.ops.kvint4 import (  # (ops import this)
+            kv_cache_write,
+            write_kv_direct,
+            write_step_direct,
+        )
 
+        if (  # a decode step (room in the buffers, no RoPE here): the kernel, few checks
+            self.buffers is not None and cos is None and sin is None
+            and write_step_direct(k, v, self.buffers, self.length, group_size, post_scale)
+        ):  # fmt: skip
+            self.length += k.shape[2]
+            return
         check_tensor(k, "k")
         check_tensor(v, "v")
         group_size = check_int(group_size, "group_size")

@@ -14,13 +14,16 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops.kvint4 import int4_kv_decode, q_quantize
+from fastlayers.ops._common import no_dispatch_modes
+from fastlayers.ops.kvint4 import decode_step_direct, int4_kv_decode, q_quantize
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
@@ -137,13 +140,31 @@ class Int4KVCache(Cache):
         return sum(layer.allocated_nbytes() for layer in self.layers)
 
 
+# The last mask's answer: every layer of a decode step gets the same mask tensor.
+_LEFT_PADDING_MEMO: list = [None]  # (weakref to the mask, its version, batch, length, result)
+
+
 def _left_padding(mask, batch: int, length: int):
     """What the decode kernel needs to apply a one-token mask ``[B or 1, 1, 1, length]`` (additive
     float, or boolean with True = attend): None when it hides nothing, int32 ``starts [B]`` when
     each row hides exactly its first ``starts[b]`` tokens (a left-padded batch), False for any
-    other mask (the caller then runs the masked general path)."""
+    other mask (the caller then runs the masked general path). Remembered for the last mask (by
+    identity and version: the layers of a step share it; an inference tensor has no version and
+    is looked at every time)."""
     if mask is None:
         return None
+    eager = no_dispatch_modes() and not mask.is_inference()
+    if eager:
+        memo = _LEFT_PADDING_MEMO[0]
+        if memo is not None and memo[0]() is mask and memo[1:4] == (mask._version, batch, length):
+            return memo[4]
+    result = _left_padding_of(mask, batch, length)
+    if eager:
+        _LEFT_PADDING_MEMO[0] = (weakref.ref(mask), mask._version, batch, length, result)
+    return result
+
+
+def _left_padding_of(mask, batch: int, length: int):
     if (
         mask.dim() != 4
         or mask.shape[0] not in (1, batch)
@@ -152,11 +173,13 @@ def _left_padding(mask, batch: int, length: int):
     ):
         return False
     hidden = ~mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] < 0
+    if not bool(hidden.any()):  # (the common case: nothing hidden)
+        return None
     starts = hidden.sum(-1, dtype=torch.int32)
     prefix = torch.arange(length, device=mask.device)[None, :] < starts[:, None]
     if not torch.equal(hidden, prefix):
         return False
-    return None if not bool(starts.any()) else starts.expand(batch).contiguous()
+    return starts.expand(batch).contiguous()
 
 
 def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -171,6 +194,18 @@ def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
+    layer = getattr(key, "_fl_layer", None)
+    if layer is not None and query.device.type == "cpu":  # a decode step: the kernels directly
+        starts = _left_padding(attention_mask, query.shape[0], layer.length)
+        if starts is not False:
+            inv = None
+            if k_post is not None:
+                inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1],
+                                          query.device, torch.float32)  # fmt: skip
+            out = decode_step_direct(query, inv, q_fp8, layer.buffers, layer.length, scaling,
+                                     starts)  # fmt: skip
+            if out is not None:
+                return out[:, None], None  # [B, 1, Hq, d]
     qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
     if torch.is_grad_enabled() and query.requires_grad:  # (the kernel has no backward)
         if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
@@ -185,7 +220,6 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1], query.device,
                                       torch.float32)  # fmt: skip
         qs = q_quantize(query, inv, fp8=q_fp8)
-    layer = getattr(key, "_fl_layer", None)
     if layer is not None:  # one new token against the Int4KVCache
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
         if starts is not False:  # no mask, or left padding: the decode kernel skips the padding
@@ -209,9 +243,23 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
+def _mask(*args, **kwargs):
+    """The additive float mask eager attention expects (sdpa's is boolean, or None when causal),
+    except for one query token that nothing hides (sdpa's None: no padding, no window, no custom
+    mask function): None too, which the decode step reads without a tensor op. One query token
+    with no mask attends to every cached token, in eager attention as in the decode kernel."""
+    if not args and kwargs.get("q_length") == 1 and kwargs.get("allow_is_causal_skip", False):
+        dtype = kwargs.pop("dtype", torch.float32)
+        mask = sdpa_mask(**kwargs)
+        if mask is None:
+            return None
+        zero = torch.zeros((), device=mask.device, dtype=dtype)  # (as eager_mask converts it)
+        return torch.where(mask, zero, torch.finfo(dtype).min)
+    return eager_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTENTION, _attention)
-# The additive float mask eager attention expects (sdpa's would be boolean, or None when causal).
-AttentionMaskInterface.register(ATTENTION, eager_mask)
+AttentionMaskInterface.register(ATTENTION, _mask)
 
 
 def apply_rope_aware_kv(
