@@ -655,3 +655,49 @@ def test_one_token_mask_is_none_when_nothing_is_hidden():
         args = {**kw, **change}
         got, want = _mask(**args), eager_mask(**args)
         assert got is not None and got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_causal_mask_is_eager_masks():
+    from transformers.masking_utils import causal_mask_function, eager_mask
+
+    from fastlayers.quant.rope_kv_hf import _causal_mask
+
+    for tq, tk in ((5, 5), (3, 7), (1, 4)):
+        for dtype in (torch.float32, torch.bfloat16):
+            want = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
+                              mask_function=causal_mask_function, dtype=dtype)  # fmt: skip
+            got = _causal_mask(tq, tk, dtype, torch.device("cpu"))
+            assert got.dtype == dtype and torch.equal(got, want)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_runs_the_int4_attention_kernel(monkeypatch, padded):
+    """A prompt into an Int4KVCache: with nothing but causality to mask, each layer attends with
+    the causal INT4 kernel over the cache just written (int4_kv_attention); a left-padded batch
+    takes the general path (dequantized cache, eager attention with the mask). Both give the
+    logits of the same model without a cache (quantized in the attention, eager attention)."""
+    from fastlayers.quant import rope_kv_hf
+
+    calls = []
+    real = rope_kv_hf.int4_kv_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rope_kv_hf, "int4_kv_attention", counting)
+    model = _model()
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 48))])
+    quant.apply_rope_aware_kv(model, post)
+    ids = torch.randint(1, 256, (2, 17))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :4] = 0
+    cache = quant.Int4KVCache.for_model(model)
+    got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    assert calls == ([] if padded else [(2, 8, 17, 32)] * 3)
+    assert cache.get_seq_length() == 17
+    want = model(ids, attention_mask=mask, use_cache=False).logits
+    keep = mask.bool()  # (the padding positions' logits aside)
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)

@@ -23,7 +23,12 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from fastlayers.ops._common import no_dispatch_modes
-from fastlayers.ops.kvint4 import decode_step_direct, int4_kv_decode, q_quantize
+from fastlayers.ops.kvint4 import (
+    decode_step_direct,
+    int4_kv_attention,
+    int4_kv_decode,
+    q_quantize,
+)
 from fastlayers.quant.kv_cache import Int4KVStore
 from fastlayers.quant.rope_kv import (
     compute_post_rope_scales,
@@ -65,13 +70,11 @@ class _Int4Layer(Int4KVStore, CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         post = None if self.post_scale is None else self.post_scale.to(key_states.device).float()
         self.write(key_states, value_states, self.group_size, post)  # quantized in place
-        if key_states.shape[-2] == 1:  # decode: the attention reads the INT4 cache directly
-            keys = key_states.new_empty(0)
-            values = value_states.new_empty(0)
-            keys._fl_layer = values._fl_layer = self
-            return keys, values
-        keys, values = self.dequantized(self.dtype)
-        keys._fl_int4 = values._fl_int4 = True  # already scaled and quantized (see _attention)
+        # The attention reads the INT4 cache (or dequantizes it where a mask needs the general
+        # path): markers, not tensors of keys and values.
+        keys = key_states.new_empty(0)
+        values = value_states.new_empty(0)
+        keys._fl_layer = values._fl_layer = self
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -195,7 +198,8 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
-    if layer is not None and query.device.type == "cpu":  # a decode step: the kernels directly
+    if layer is not None and query.shape[2] == 1 and query.device.type == "cpu":  # a decode step
+        # (the kernels directly)
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
         if starts is not False:
             inv = None
@@ -207,7 +211,8 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             if out is not None:
                 return out[:, None], None  # [B, 1, Hq, d]
     qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
-    if torch.is_grad_enabled() and query.requires_grad:  # (the kernel has no backward)
+    grad = torch.is_grad_enabled() and query.requires_grad  # (the INT4 kernels have no backward)
+    if grad:
         if k_post is not None:  # queries carry the inverse of the keys' post-RoPE scale
             inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1], query.device,
                                       query.dtype)  # fmt: skip
@@ -220,15 +225,20 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1], query.device,
                                       torch.float32)  # fmt: skip
         qs = q_quantize(query, inv, fp8=q_fp8)
-    if layer is not None:  # one new token against the Int4KVCache
+    if layer is not None and query.shape[2] == 1:  # one new token against the Int4KVCache
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
         if starts is not False:  # no mask, or left padding: the decode kernel skips the padding
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
             q = (query if qs is None else qs)[:, :, 0]
             out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts)
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
-        key, value = layer.dequantized(layer.dtype)  # another mask: the general path, masked
-    elif not getattr(key, "_fl_int4", False):  # no Int4KVCache: quantize here (same values)
+    if layer is not None and attention_mask is None and not grad:  # causal: the INT4 kernel
+        q = query if qs is None else qs
+        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Tq, Hq, d]
+    if layer is not None:  # another mask: the general path, masked, over the dequantized cache
+        key, value = layer.dequantized(layer.dtype)
+    else:  # no Int4KVCache: quantize here (the values the cache would hold)
         dtype = key.dtype
         if k_post is not None:  # in fp32, as the cache write does; then the model's dtype again
             key = key.float() * k_post.to(key.device)[None, :, None, :]
@@ -240,15 +250,18 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             value = _int4_round_trip(value, g)
     if qs is not None:
         query = qs.to(query.dtype)
+    if attention_mask is None and query.shape[2] > 1:  # (_mask's None: causal, nothing else)
+        attention_mask = _causal_mask(query.shape[2], key.shape[2], query.dtype, query.device)
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
 def _mask(*args, **kwargs):
-    """The additive float mask eager attention expects (sdpa's is boolean, or None when causal),
-    except for one query token that nothing hides (sdpa's None: no padding, no window, no custom
-    mask function): None too, which the decode step reads without a tensor op. One query token
-    with no mask attends to every cached token, in eager attention as in the decode kernel."""
-    if not args and kwargs.get("q_length") == 1 and kwargs.get("allow_is_causal_skip", False):
+    """Eager attention's additive float mask (sdpa's is boolean), or None where sdpa's is None:
+    nothing but causality hides a key (no padding, no window, no custom mask function, as many
+    keys as queries or one query). The attention then reads no mask tensor: the INT4 kernels are
+    causal (prefill) or see every cached token (decode), and the general path builds the causal
+    mask itself (``_causal_mask``)."""
+    if not args and kwargs.get("allow_is_causal_skip", False):
         dtype = kwargs.pop("dtype", torch.float32)
         mask = sdpa_mask(**kwargs)
         if mask is None:
@@ -256,6 +269,17 @@ def _mask(*args, **kwargs):
         zero = torch.zeros((), device=mask.device, dtype=dtype)  # (as eager_mask converts it)
         return torch.where(mask, zero, torch.finfo(dtype).min)
     return eager_mask(*args, **kwargs)
+
+
+def _causal_mask(tq: int, tk: int, dtype, device) -> torch.Tensor:
+    """The additive mask ``[1, 1, tq, tk]`` of ``tq`` queries that are the last of ``tk`` keys
+    (query ``i`` sees keys ``0 .. tk - tq + i``), with eager_mask's values."""
+    seen = (
+        torch.arange(tk, device=device)[None, :]
+        <= tk - tq + torch.arange(tq, device=device)[:, None]
+    )
+    zero = torch.zeros((), device=device, dtype=dtype)
+    return torch.where(seen, zero, torch.finfo(dtype).min)[None, None]
 
 
 AttentionInterface.register(ATTENTION, _attention)
