@@ -175,8 +175,13 @@ def test_mlp_swaps_are_new_modules_and_unpatch_restores(kind, cls):
     assert all(type(m).__name__ == cls for m in mlps) and len(report.swapped) == 3
     if kind == "fff":  # 2^(depth+1) - 1 <= intermediate_size (256): depth 7, 255 neurons
         assert mlps[0].depth == 7 and mlps[0].n_nodes == 255
-    else:  # K^2 >= 256 experts with K a power of two
-        assert mlps[0].num_experts == 256
+    else:  # K^2 >= 256 experts with K a power of two; queries min(256, hidden) per head
+        m = mlps[0]
+        assert (m.num_experts, m.heads, m.topk, m.dim_key) == (256, 8, 16, 128)
+        from fastlayers.patch import _new_mlp
+
+        big = _new_mlp("peer", 4096, 11008, torch.empty(0, device="meta"))  # a 7B Llama's sizes
+        assert big.num_experts == 128**2 and big.query.weight.shape == (8 * 256, 4096)
     logits = model(ids).logits
     assert torch.isfinite(logits).all() and not torch.allclose(logits, want)
     logits.float().pow(2).mean().backward()

@@ -232,6 +232,35 @@ def test_peer_separate_experts_per_head():
     assert torch.equal(heads_of, torch.arange(3).view(1, 3, 1).expand(4, 3, 2))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("separate", [False, True])
+def test_module_inference_skips_the_index_range_check(monkeypatch, separate):
+    """In eager CPU inference the module's experts trust its own retrieval's indices (no range
+    check: a reduction and a host sync per call) and give the bits of the checked op, NaN inputs
+    included (the retrieval's indices stay valid); with gradients the checked op runs."""
+    from fastlayers.ops import _common, peer
+
+    checks = []
+    real = peer.check_index_range
+    monkeypatch.setattr(peer, "check_index_range", lambda *a: checks.append(1) or real(*a))
+    assert _common.check_index_range is real
+    m = fastlayers.PEER(24, 256, heads=3, topk=4, dim_key=16, separate_experts_per_head=separate)
+    m.eval()
+    x = rand(5, 7, 24, dtype=torch.float32, device="cpu")
+    x[1, 2] = float("nan")
+    got = m(x)
+    assert checks == []
+    idx, gates = m.retrieve(x)
+    want = peer_experts(x, idx, gates, m.expert_down, m.expert_up, m.activation)[0]
+    assert len(checks) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # the same bits
+    assert torch.isnan(got[1, 2]).all() and torch.isfinite(got[0]).all()
+    plain = m(x[0])  # (one batch shape: the query projection's bits depend on it)
+    with torch.enable_grad():
+        y = m(x[0].clone().requires_grad_())
+    assert len(checks) == 2 and torch.equal(y.detach(), plain)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"num_experts": 10}, {"dim_key": 7}, {"score": "sigmoid"}, {"query_norm": "layernorm"},

@@ -17,7 +17,8 @@ attributes).
   **new, untrained parameters** (train or distil them; the model's outputs change):
   :class:`fastlayers.UltraFastFeedForward` with ``2^(depth+1) - 1 <= intermediate_size`` neurons, or
   :class:`fastlayers.PEER` with ``K^2 >= intermediate_size`` experts (K a power of two), 8 heads,
-  top-16. ``unpatch_model`` puts the original feedforwards back.
+  top-16, queries of ``min(256, hidden_size)`` per head. ``unpatch_model`` puts the original
+  feedforwards back.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> t
     from fastlayers.nn.peer import PEER
 
     keys = 1 << max(1, math.ceil(math.log2(math.sqrt(intermediate))))
-    return PEER(hidden, keys * keys, heads=8, topk=16, **kw)
+    # (queries of 256 per head, as PEER-pytorch's dim_key=128 per half: dim_key=hidden would
+    # make the query projection as large as the feedforward it replaces)
+    return PEER(hidden, keys * keys, heads=8, topk=16, dim_key=min(256, hidden // 2 * 2), **kw)
 
 
 def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from fastlayers import ops
 from fastlayers.ops._common import advise_hugepages, check_module_input
+from fastlayers.ops.peer import peer_experts_retrieved
 from fastlayers.reference.fff import ACTIVATIONS
 from fastlayers.reference.peer import SCORES
 
@@ -114,7 +115,7 @@ class PEER(torch.nn.Module):
         indices, gates = self.retrieve(x)
         if x.dtype != self.expert_down.dtype and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.expert_down.dtype)  # the experts run in the tables' dtype
-        return ops.peer_experts(
+        return peer_experts_retrieved(
             x, indices, gates, self.expert_down, self.expert_up, self.activation, self.sparse_grad
         )[0]
 

@@ -253,8 +253,9 @@ def _use_kernel(x: torch.Tensor, pairs: int, op: str) -> bool:
     return True
 
 
-def _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, sparse_grad):
-    _check(x, indices, gates, expert_down, expert_up, activation)
+def _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, sparse_grad,
+                         check_range=True):  # fmt: skip
+    _check(x, indices, gates, expert_down, expert_up, activation, check_range)
     if not _use_kernel(x, indices.shape[-1], "peer_experts"):
         return ref.peer_experts(x, indices, gates, expert_down, expert_up, activation)
     dim = x.shape[-1]
@@ -436,3 +437,17 @@ def peer_experts(
     return torch.ops.fastlayers.peer_experts(
         x, indices, gates, expert_down, expert_up, activation, bool(sparse_grad)
     )
+
+
+def peer_experts_retrieved(x, indices, gates, expert_down, expert_up, activation="gelu",
+                           sparse_grad=False):  # fmt: skip
+    """:func:`peer_experts` for ``indices`` that :func:`peer_retrieve` chose (plus the head
+    offsets of separate tables): in eager CPU inference their range check, a reduction and a host
+    sync per call, is skipped; the CPU retrieval's indices are valid whatever the scores (NaN
+    included: the first top-k candidates are always taken), and so are the reference's."""
+    if x.device.type == "cpu" and direct_call_ok(x, gates, expert_down, expert_up):
+        check_tensors(x=x, indices=indices, gates=gates, expert_down=expert_down,
+                      expert_up=expert_up)  # fmt: skip
+        return _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, False,
+                                    check_range=False)  # fmt: skip
+    return peer_experts(x, indices, gates, expert_down, expert_up, activation, sparse_grad)
