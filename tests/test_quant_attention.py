@@ -372,7 +372,7 @@ def test_decode_step_direct_equals_the_ops(dtype, scaled, fp8, padded):
 @torch.no_grad()
 def test_decode_step_direct_hands_back_what_it_does_not_take():
     """None (nothing run) wherever the ops must decide: they then run or raise their errors."""
-    from fastlayers.ops.kvint4 import decode_step_direct
+    from fastlayers.ops.kvint4 import decode_step_direct, write_step_direct
 
     b, hq, hkv, d, length = 2, 4, 2, 64, 9
     store = _store(b, hkv, length, d, 64)
@@ -398,6 +398,19 @@ def test_decode_step_direct_hands_back_what_it_does_not_take():
         assert decode_step_direct(query, scale, fp8, store.buffers, n, 0.125, starts) is None
     with torch.enable_grad():  # gradients wanted: the ops' route (which refuses a backward)
         assert decode_step_direct(q.requires_grad_(), s, True, store.buffers, length, 0.1) is None
+    q = q.detach()
+    kq, ks, vq, vs = store.buffers
+    bad_buffers = [
+        (kq, ks[:, :, :length], vq, vs[:, :, :length]),  # scales shorter than the packed rows
+        (kq, ks, vq[:, :1], vs),  # values for another head count
+        (kq.transpose(2, 3).contiguous().transpose(2, 3), ks, vq, vs),  # not contiguous
+        (kq.view(torch.int8), ks, vq, vs),
+        (kq, ks.view(torch.uint8), vq, vs),
+    ]
+    for buffers in bad_buffers:
+        assert decode_step_direct(q, s, True, buffers, length, 0.125) is None
+        k1 = rand(b, hkv, 1, d, dtype=torch.float32, device="cpu")
+        assert write_step_direct(k1, k1, buffers, length, 64) is False
 
 
 @torch.no_grad()

@@ -625,6 +625,20 @@ def q_quantize(q, scale=None, cos=None, sin=None, pairing: str = "half", fp8: bo
 # ---- One decode step on a store's buffers, without the op layer -------------------------------
 
 
+def _store_buffers_ok(buffers) -> bool:
+    """An Int4KVStore's four buffers as the kernels need them (the store keeps them so; checked
+    because a wrong one would be read or written out of bounds): packed keys/values uint8
+    ``[B, H, capacity, d/2]`` alike, scales float8_e4m3fn ``[B, H, capacity, groups]`` alike,
+    contiguous, on the CPU."""
+    kq, ks, vq, vs = buffers
+    return (
+        kq.dtype == vq.dtype == torch.uint8 and ks.dtype == vs.dtype == FP8
+        and kq.dim() == 4 and ks.dim() == 4 and kq.shape == vq.shape and ks.shape == vs.shape
+        and kq.shape[:3] == ks.shape[:3]
+        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+    )  # fmt: skip
+
+
 def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: float,
                        starts=None):  # fmt: skip
     """One decode step of the Hugging Face integration on an
@@ -647,7 +661,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         t == 1 and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and kq.shape[0] == b and kq.shape[3] * 2 == d and hq % kq.shape[1] == 0
         and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
-        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+        and (d // ks.shape[3]) % 2 == 0 and _store_buffers_ok(buffers)
         and (q_scale is None or (q_scale.dtype == torch.float32 and q_scale.shape == (hq, d)
                                  and q_scale.device.type == "cpu" and q_scale.is_contiguous()))
         and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
@@ -685,10 +699,9 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
         t > 0 and v.shape == k.shape and v.dtype == k.dtype
         and k.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and isinstance(group_size, int) and group_size > 0 and d % group_size == 0
-        and kq.shape == vq.shape and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
-        and ks.shape == vs.shape and ks.shape[3] * group_size == d
-        and 0 <= start <= kq.shape[2] - t and v.device.type == "cpu"
-        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+        and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
+        and ks.shape[3] * group_size == d and 0 <= start <= kq.shape[2] - t
+        and v.device.type == "cpu" and _store_buffers_ok(buffers)
         and (post_scale is None or (post_scale.dtype == torch.float32
                                     and post_scale.shape == (h, d)
                                     and post_scale.device.type == "cpu"

@@ -198,8 +198,8 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
-    if layer is not None and query.shape[2] == 1 and query.device.type == "cpu":  # a decode step
-        # (the kernels directly)
+    # A decode step on CPU: the query and decode kernels called directly (the ops' bits)
+    if layer is not None and query.shape[2] == 1 and query.device.type == "cpu":
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
         if starts is not False:
             inv = None
