@@ -166,6 +166,34 @@ static inline void vstore(fp8e4m3_t* p, V a) {
   code = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), code, _mm512_set1_epi32(0x7F));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_or_si512(code, sign)));
 }
+// The FP8-E4M3 value vstore(fp8e4m3_t*) would store, as a float (no codes): the fp32 bits rounded to
+// nearest-even at bit 20 in the normal range, round(|v| * 2^9) / 2^9 below 2^-6; NaN stays NaN.
+static inline V vround_fp8(V a) {
+  const __m512 c = _mm512_max_ps(_mm512_set1_ps(-kFp8E4M3Max), _mm512_min_ps(_mm512_set1_ps(kFp8E4M3Max), a.v));
+  const __m512i u = _mm512_castps_si512(c);
+  const __m512i sign = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512i mag = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(mag, 20), _mm512_set1_epi32(1));
+  const __m512i normal = _mm512_and_si512(_mm512_add_epi32(mag, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFFF))),
+                                          _mm512_set1_epi32(static_cast<int>(0xFFF00000u)));
+  const __m512 absf = _mm512_castsi512_ps(mag);
+  const __m512 sub = _mm512_mul_ps(
+      _mm512_roundscale_ps(_mm512_mul_ps(absf, _mm512_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      _mm512_set1_ps(0.001953125f));
+  __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(absf, _mm512_set1_ps(0.015625f), _CMP_LT_OQ),
+                                  _mm512_castsi512_ps(normal), sub);
+  r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), r, c)};
+}
+static inline V vmin(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
+static inline V vrint(V a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+static inline bool vany_nan(V a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
+static inline V vzero_nan(V a) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v, _mm512_setzero_ps())};
+}
+static inline void vstore_i32(int32_t* p, V a) {  // a's lanes hold integers
+  _mm512_storeu_si512(p, _mm512_cvttps_epi32(a.v));
+}
 
 #elif defined(__AVX2__)
 
@@ -333,6 +361,33 @@ static inline void vstore(fp8e4m3_t* p, V a) {
   const uint64_t packed = lo | (hi << 32);
   __builtin_memcpy(p, &packed, sizeof(packed));
 }
+// The FP8-E4M3 value vstore(fp8e4m3_t*) would store, as a float (no codes): the fp32 bits rounded to
+// nearest-even at bit 20 in the normal range, round(|v| * 2^9) / 2^9 below 2^-6; NaN stays NaN.
+static inline V vround_fp8(V a) {
+  const __m256 c = _mm256_max_ps(_mm256_set1_ps(-kFp8E4M3Max), _mm256_min_ps(_mm256_set1_ps(kFp8E4M3Max), a.v));
+  const __m256i u = _mm256_castps_si256(c);
+  const __m256i sign = _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(mag, 20), _mm256_set1_epi32(1));
+  const __m256i normal = _mm256_and_si256(_mm256_add_epi32(mag, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFFF))),
+                                          _mm256_set1_epi32(static_cast<int>(0xFFF00000u)));
+  const __m256 absf = _mm256_castsi256_ps(mag);
+  const __m256 sub = _mm256_mul_ps(
+      _mm256_round_ps(_mm256_mul_ps(absf, _mm256_set1_ps(512.0f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      _mm256_set1_ps(0.001953125f));
+  __m256 r = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub, _mm256_cmp_ps(absf, _mm256_set1_ps(0.015625f), _CMP_LT_OQ));
+  r = _mm256_or_ps(r, _mm256_castsi256_ps(sign));
+  return {_mm256_blendv_ps(r, c, _mm256_cmp_ps(c, c, _CMP_UNORD_Q))};
+}
+static inline V vmin(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }
+static inline V vrint(V a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+static inline bool vany_nan(V a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
+static inline V vzero_nan(V a) {
+  return {_mm256_blendv_ps(a.v, _mm256_setzero_ps(), _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
+}
+static inline void vstore_i32(int32_t* p, V a) {  // a's lanes hold integers
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_cvttps_epi32(a.v));
+}
 
 #else  // scalar: one lane; the compiler may still vectorise the surrounding loops with SSE2
 
@@ -386,6 +441,12 @@ static inline void vstream_nonan(T* p, V a) {
 static inline V vdiv(V a, V b) { return {a.v / b.v}; }
 static inline V vexp(V a) { return {__builtin_expf(a.v)}; }
 static inline void vstore(fp8e4m3_t* p, V a) { *p = to_fp8e4m3(a.v); }
+static inline V vround_fp8(V a) { return {to_float(to_fp8e4m3(a.v))}; }
+static inline V vmin(V a, V b) { return {a.v < b.v ? a.v : b.v}; }
+static inline V vrint(V a) { return {__builtin_nearbyintf(a.v)}; }
+static inline bool vany_nan(V a) { return a.v != a.v; }
+static inline V vzero_nan(V a) { return {a.v != a.v ? 0.0f : a.v}; }
+static inline void vstore_i32(int32_t* p, V a) { *p = static_cast<int32_t>(a.v); }
 
 #endif
 

@@ -379,12 +379,34 @@ void load_row(const QuantizeParams& p, int64_t r, float* row) {
       row[c] = static_cast<float>(static_cast<double>(to_float(x[c])) * cs[c] + rot * sn[c]);
     }
   } else {
-    for (int64_t c = 0; c < d; ++c) row[c] = to_float(x[c]);
+    int64_t c = 0;
+    for (; c + kW <= d; c += kW) vstore(row + c, vload(x + c));
+    for (; c < d; ++c) row[c] = to_float(x[c]);
   }
   if (p.post_scale != nullptr) {
     const float* post = p.post_scale + ((r / p.tokens) % p.heads) * d;
-    for (int64_t c = 0; c < d; ++c) row[c] *= post[c];
+    int64_t c = 0;
+    for (; c + kW <= d; c += kW) vstore(row + c, vmul(vload(row + c), vload(post + c)));
+    for (; c < d; ++c) row[c] *= post[c];
   }
+}
+
+// max |x[c]| over c < n; NaN when any x[c] is NaN (as torch's amax).
+float abs_max(const float* x, int64_t n) {
+  V m = vzero();
+  bool nan = false;
+  int64_t c = 0;
+  for (; c + kW <= n; c += kW) {
+    const V a = vabs(vload(x + c));
+    nan = nan || vany_nan(a);
+    m = vmax(m, a);
+  }
+  float amax = c > 0 ? vmaxval(m) : 0.0f;
+  for (; c < n; ++c) {
+    const float a = __builtin_fabsf(x[c]);
+    amax = a > amax || a != a ? a : amax;
+  }
+  return nan ? __builtin_nanf("") : amax;
 }
 
 // The query side of quantize: the row through FP8 (one scale max|row| / 448, 1 for an all-zero
@@ -395,21 +417,12 @@ void query_row(const QuantizeParams& p, const float* row, float* out) {
     for (int64_t c = 0; c < p.d; ++c) out[c] = row[c];
     return;
   }
-  const float* fp8 = fp8_values();
-  float amax = 0.0f;
-  for (int64_t c = 0; c < p.d; ++c) {
-    const float a = __builtin_fabsf(row[c]);
-    amax = a > amax || a != a ? a : amax;
-  }
+  const float amax = abs_max(row, p.d);
   const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
   const V vs = vset1(s);
-  fp8e4m3_t codes[kW];
   int64_t c = 0;
-  for (; c + kW <= p.d; c += kW) {
-    vstore(codes, vdiv(vload(row + c), vs));
-    for (int e = 0; e < kW; ++e) out[c + e] = fp8[codes[e].bits] * s;
-  }
-  for (; c < p.d; ++c) out[c] = fp8[to_fp8e4m3(row[c] / s).bits] * s;
+  for (; c + kW <= p.d; c += kW) vstore(out + c, vmul(vround_fp8(vdiv(vload(row + c), vs)), vs));
+  for (; c < p.d; ++c) out[c] = to_float(to_fp8e4m3(row[c] / s)) * s;
 }
 
 template <typename T>
@@ -428,18 +441,23 @@ void quantize_rows(const QuantizeParams& p) {
       const int64_t o = output_row(p, r);
       uint8_t* out = p.packed + o * (p.d / 2);
       for (int64_t g0 = 0; g0 < p.d; g0 += p.group) {
-        float amax = 0.0f;
-        for (int64_t c = g0; c < g0 + p.group; ++c) {
-          const float a = __builtin_fabsf(row[c]);
-          amax = a > amax || a != a ? a : amax;  // a NaN wins and stays (as torch's amax)
-        }
+        const float amax = abs_max(row + g0, p.group);  // a NaN wins (as torch's amax)
         // fp8(max / 7), at least 2^-9: the reference's to_fp8(amax / 7).clamp_min(2^-9). A group
         // holding a NaN gets the NaN scale (code 0x7F) and zero nibbles, as in the reference: its
         // values dequantize to NaN instead of passing for zeros.
         float s8 = to_float(to_fp8e4m3(amax / 7.0f));
         if (s8 < 0.001953125f) s8 = 0.001953125f;
         p.scales[o * (p.d / p.group) + g0 / p.group] = to_fp8e4m3(s8);
-        for (int64_t c = g0; c < g0 + p.group; c += 2) {
+        int64_t c = g0;
+        if constexpr (kW > 1) {  // kW values at a time (kW even: whole bytes), as the loop below
+          const V vs8 = vset1(s8), lo = vset1(-8.0f), hi = vset1(7.0f);
+          int32_t q[kW];
+          for (; c + kW <= g0 + p.group; c += kW) {
+            vstore_i32(q, vmin(vmax(vzero_nan(vrint(vdiv(vload(row + c), vs8))), lo), hi));
+            for (int e = 0; e < kW; e += 2) out[(c + e) / 2] = static_cast<uint8_t>((q[e] & 15) | ((q[e + 1] & 15) << 4));
+          }
+        }
+        for (; c < g0 + p.group; c += 2) {
           int q[2];
           for (int e = 0; e < 2; ++e) {
             float qf = __builtin_nearbyintf(row[c + e] / s8);
