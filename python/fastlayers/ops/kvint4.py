@@ -639,6 +639,20 @@ def _store_buffers_ok(buffers) -> bool:
     )  # fmt: skip
 
 
+def _cpu_direct(*tensors) -> bool:
+    """The first tensor on the CPU, the call eager with plain tensors (:func:`direct_call_ok`), and
+    the CPU kernels built."""
+    return tensors[0].device.type == "cpu" and direct_call_ok(*tensors) and _ext.has_cpu_kernels()
+
+
+def _fp32_table_ok(t, shape) -> bool:
+    """None, or a contiguous fp32 CPU tensor of ``shape`` (a scale table a kernel reads whole)."""
+    return t is None or (
+        t.dtype == torch.float32 and t.shape == shape and t.device.type == "cpu"
+        and t.is_contiguous()
+    )  # fmt: skip
+
+
 def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: float,
                        starts=None):  # fmt: skip
     """One decode step of the Hugging Face integration on an
@@ -651,9 +665,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     the query's dtype, or None (nothing run) where the ops must run: not on CPU, compiling or
     tracing, dispatch modes, tensor subclasses, gradients wanted, neither a scale nor FP8, or
     shapes the ops would refuse (they then raise their errors)."""
-    if query.device.type != "cpu" or (q_scale is None and not fp8) or not (
-        direct_call_ok(query, q_scale, starts) and _ext.has_cpu_kernels()
-    ):  # fmt: skip
+    if (q_scale is None and not fp8) or not _cpu_direct(query, q_scale, starts):
         return None
     kq, ks, vq, vs = buffers
     b, hq, t, d = query.shape if query.dim() == 4 else (0, 0, 0, 0)
@@ -662,8 +674,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         and kq.shape[0] == b and kq.shape[3] * 2 == d and hq % kq.shape[1] == 0
         and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
         and (d // ks.shape[3]) % 2 == 0 and _store_buffers_ok(buffers)
-        and (q_scale is None or (q_scale.dtype == torch.float32 and q_scale.shape == (hq, d)
-                                 and q_scale.device.type == "cpu" and q_scale.is_contiguous()))
+        and _fp32_table_ok(q_scale, (hq, d))
         and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
                                 and starts.device.type == "cpu" and starts.is_contiguous()))
     )  # fmt: skip
@@ -689,9 +700,7 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
     ``start``, the kernel called with only the checks memory safety needs (the same bytes).
     Returns False, writing nothing, unless the call is eager on CPU with plain tensors that fit
     the buffers (the caller then takes the checked path, which raises the errors)."""
-    if k.device.type != "cpu" or not (
-        direct_call_ok(k, v, post_scale) and _ext.has_cpu_kernels()
-    ):  # fmt: skip
+    if not _cpu_direct(k, v, post_scale):
         return False
     kq, ks, vq, vs = buffers
     b, h, t, d = k.shape if k.dim() == 4 else (0, 0, 0, 0)
@@ -702,10 +711,7 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
         and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
         and ks.shape[3] * group_size == d and 0 <= start <= kq.shape[2] - t
         and v.device.type == "cpu" and _store_buffers_ok(buffers)
-        and (post_scale is None or (post_scale.dtype == torch.float32
-                                    and post_scale.shape == (h, d)
-                                    and post_scale.device.type == "cpu"
-                                    and post_scale.is_contiguous()))
+        and _fp32_table_ok(post_scale, (h, d))
     )  # fmt: skip
     if not ok:
         return False
