@@ -411,7 +411,7 @@ float abs_max(const float* x, int64_t n) {
 
 // The query side of quantize: the row through FP8 (one scale max|row| / 448, 1 for an all-zero
 // row; a NaN anywhere gives scale 1 and stays NaN), or as it is. The division is a true one, as
-// in the reference; the rounding to FP8 is vstore's (to_fp8e4m3's, kW lanes at a time).
+// in the reference; the rounding to FP8 is vround_fp8's (to_fp8e4m3's, kW lanes at a time).
 void query_row(const QuantizeParams& p, const float* row, float* out) {
   if (!p.q_fp8) {
     for (int64_t c = 0; c < p.d; ++c) out[c] = row[c];
