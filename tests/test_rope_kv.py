@@ -657,19 +657,6 @@ def test_one_token_mask_is_none_when_nothing_is_hidden():
         assert got is not None and got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_causal_mask_is_eager_masks():
-    from transformers.masking_utils import causal_mask_function, eager_mask
-
-    from fastlayers.quant.rope_kv_hf import _causal_mask
-
-    for tq, tk in ((5, 5), (3, 7), (1, 4)):
-        for dtype in (torch.float32, torch.bfloat16):
-            want = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
-                              mask_function=causal_mask_function, dtype=dtype)  # fmt: skip
-            got = _causal_mask(tq, tk, dtype, torch.device("cpu"))
-            assert got.dtype == dtype and torch.equal(got, want)
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_runs_the_int4_attention_kernel(monkeypatch, padded):

@@ -251,7 +251,9 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     if qs is not None:
         query = qs.to(query.dtype)
     if attention_mask is None and query.shape[2] > 1:  # (_mask's None: causal, nothing else)
-        attention_mask = _causal_mask(query.shape[2], key.shape[2], query.dtype, query.device)
+        tq, tk = query.shape[2], key.shape[2]
+        attention_mask = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
+                                    dtype=query.dtype, device=query.device)  # fmt: skip
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
@@ -260,7 +262,7 @@ def _mask(*args, **kwargs):
     nothing but causality hides a key (no padding, no window, no custom mask function, as many
     keys as queries or one query). The attention then reads no mask tensor: the INT4 kernels are
     causal (prefill) or see every cached token (decode), and the general path builds the causal
-    mask itself (``_causal_mask``)."""
+    mask itself."""
     if not args and kwargs.get("allow_is_causal_skip", False):
         dtype = kwargs.pop("dtype", torch.float32)
         mask = sdpa_mask(**kwargs)
@@ -269,17 +271,6 @@ def _mask(*args, **kwargs):
         zero = torch.zeros((), device=mask.device, dtype=dtype)  # (as eager_mask converts it)
         return torch.where(mask, zero, torch.finfo(dtype).min)
     return eager_mask(*args, **kwargs)
-
-
-def _causal_mask(tq: int, tk: int, dtype, device) -> torch.Tensor:
-    """The additive mask ``[1, 1, tq, tk]`` of ``tq`` queries that are the last of ``tk`` keys
-    (query ``i`` sees keys ``0 .. tk - tq + i``), with eager_mask's values."""
-    seen = (
-        torch.arange(tk, device=device)[None, :]
-        <= tk - tq + torch.arange(tq, device=device)[:, None]
-    )
-    zero = torch.zeros((), device=device, dtype=dtype)
-    return torch.where(seen, zero, torch.finfo(dtype).min)[None, None]
 
 
 AttentionInterface.register(ATTENTION, _attention)
