@@ -12,6 +12,8 @@ import fastlayers
 from _tolerances import rand
 from fastlayers import quant
 
+FP8 = torch.float8_e4m3fn
+
 
 def _tables(t, d, batch=None, base=10000.0, offset=0):
     """Rotary cos/sin [T, d] (or [B, T, d] with per-row position offsets), "half" layout."""
@@ -411,6 +413,16 @@ def test_decode_step_direct_hands_back_what_it_does_not_take():
         assert decode_step_direct(q, s, True, buffers, length, 0.125) is None
         k1 = rand(b, hkv, 1, d, dtype=torch.float32, device="cpu")
         assert write_step_direct(k1, k1, buffers, length, 64) is False
+    # an odd group that fits the buffers' shapes (16 groups of 3 in 48 channels): the kernels
+    # take channel pairs, so it is refused rather than read past the row
+    odd = (
+        torch.zeros(b, hkv, 4, 24, dtype=torch.uint8),
+        torch.zeros(b, hkv, 4, 16).to(FP8),
+        torch.zeros(b, hkv, 4, 24, dtype=torch.uint8),
+        torch.zeros(b, hkv, 4, 16).to(FP8),
+    )
+    k48 = rand(b, hkv, 1, 48, dtype=torch.float32, device="cpu")
+    assert write_step_direct(k48, k48, odd, 0, 3) is False
 
 
 @torch.no_grad()

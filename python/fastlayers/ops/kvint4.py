@@ -707,7 +707,8 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
     ok = (
         t > 0 and v.shape == k.shape and v.dtype == k.dtype
         and k.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and isinstance(group_size, int) and group_size > 0 and d % group_size == 0
+        and isinstance(group_size, int) and group_size > 0 and group_size % 2 == 0
+        and d % group_size == 0
         and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
         and ks.shape[3] * group_size == d and 0 <= start <= kq.shape[2] - t
         and v.device.type == "cpu" and _store_buffers_ok(buffers)
