@@ -22,7 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastlayers.ops._common import no_dispatch_modes
+from fastlayers.ops._common import no_dispatch_modes, tensor_version
 from fastlayers.ops.kvint4 import (
     decode_step_direct,
     int4_kv_attention,
@@ -156,14 +156,15 @@ def _left_padding(mask, batch: int, length: int):
     is looked at every time)."""
     if mask is None:
         return None
-    eager = no_dispatch_modes() and not mask.is_inference()
-    if eager:
+    # (compiling or an inference tensor: no version to key on, nothing remembered)
+    version = tensor_version(mask) if no_dispatch_modes() else None
+    if version is not None:
         memo = _LEFT_PADDING_MEMO[0]
-        if memo is not None and memo[0]() is mask and memo[1:4] == (mask._version, batch, length):
+        if memo is not None and memo[0]() is mask and memo[1:4] == (version, batch, length):
             return memo[4]
     result = _left_padding_of(mask, batch, length)
-    if eager:
-        _LEFT_PADDING_MEMO[0] = (weakref.ref(mask), mask._version, batch, length, result)
+    if version is not None:
+        _LEFT_PADDING_MEMO[0] = (weakref.ref(mask), version, batch, length, result)
     return result
 
 
