@@ -9,6 +9,8 @@ token must follow the oracle's path exactly, and its output is compared with the
 rule.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ import fastlayers
 from _tolerances import assert_close_to_oracle, rand
 from fastlayers import reference as ref
 from fastlayers.ops import fff_hard, ultrafast_ff
-from fastlayers.reference.fff import ACTIVATIONS
+from fastlayers.reference.fff import ACTIVATIONS, activation_fn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -141,6 +143,27 @@ def test_ultrafast_tie_goes_left_everywhere(device):
     assert (pre == 0).all()
     assert (path.cpu() == left).all()
     assert (ref.ultrafast_ff(x, w_in, w_out)[1].cpu() == left).all()
+
+
+def test_ultrafast_gelu_at_plus_inf_is_inf(device):
+    """A +inf logit: GELU(+inf) = +inf on every backend and in the reference, whatever the
+    tensor's length (torch's vectorized CPU gelu alone says NaN); w_out rows of one sign then
+    give +-inf, not NaN."""
+    assert torch.isinf(activation_fn("gelu")(torch.full((33,), math.inf))).all()
+    depth, d = 3, 16
+    w_in, _, _ = _ultra_params(2 ** (depth + 1) - 1, d, 8, torch.float32, device, False)
+    w_out = rand(2 ** (depth + 1) - 1, 8, dtype=torch.float32, device=device).abs() + 0.1
+    x = rand(20, d, dtype=torch.float32, device=device)
+    x[3, 0] = math.inf
+    w_in[:, 0] = 1.0  # every logit of token 3 is +inf
+    y, _, pre = ultrafast_ff(x, w_in, w_out)
+    want = ref.ultrafast_ff(x, w_in, w_out)[0]
+    assert (pre[3] == math.inf).all()
+    assert (y[3] == math.inf).all() and (want[3] == math.inf).all()
+    fin = torch.ones(20, dtype=torch.bool)
+    fin[3] = False
+    oracle = ref.ultrafast_ff(x.double(), w_in.double(), w_out.double())[0]
+    assert_close_to_oracle(y[fin], want[fin], oracle[fin])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -41,9 +41,17 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _gelu(a: torch.Tensor) -> torch.Tensor:
+    """torch's erf GELU, except at +inf: torch's vectorized CPU kernel gives NaN there while its
+    scalar path (tensors shorter than a vector), the formula ``0.5 a (1 + erf(a / sqrt 2))`` and
+    every fastlayers kernel give +inf; without this the reference's value would depend on the
+    tensor's length."""
+    return torch.where(a == math.inf, a, torch.nn.functional.gelu(a))
+
+
 def activation_fn(name: str):
     if name == "gelu":
-        return torch.nn.functional.gelu
+        return _gelu
     if name == "gelu_tanh":
         return lambda a: torch.nn.functional.gelu(a, approximate="tanh")
     if name == "relu":
