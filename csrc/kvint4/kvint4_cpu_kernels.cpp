@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // CPU decode attention over an INT4 KV cache, compiled once per ISA into
 // fastlayers::cpu::<isa>::kvint4. One task per (batch, kv head): each cached token's key and value
-// rows are dequantized once into fp32 (AVX2: 8 bytes -> 16 values with integer unpacking, kept in a
-// per-16-channel [even | odd] order, and the queries are permuted the same way so dot products and
-// value sums need no interleaving), then serve every query head of the GQA group. Tokens in blocks
-// of kTokens with an online softmax; fp32 accumulation.
+// rows are dequantized once into fp32 (AVX2 and AVX-512: 8 bytes -> 16 values with integer
+// unpacking, kept in a per-16-channel [even | odd] order, and the queries are permuted the same way
+// so dot products and value sums need no interleaving), then serve every query head of the GQA
+// group; in registers for decode-sized groups (heads_int4), through fp32 buffers otherwise. Tokens
+// in blocks of kTokens with an online softmax; fp32 accumulation.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include "common/rows_cpu.h"
@@ -194,36 +195,52 @@ void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d
   values<H>(s, v, nt, d, acc);
 }
 
-#if defined(__AVX2__) && !defined(FL_AVX512)
+#if defined(__AVX2__)
 // Decode with at most kHeads query rows per task (GQA groups of <= 4 heads): the block's keys and
 // values are dequantized in registers where they are used instead of through the fp32 buffers
 // (each byte serves every row once either way). Same values (an INT4 code times its FP8 scale is
-// exact in fp32), same channel order and the same accumulation order as scores() and values() on
-// the buffers: bit-identical results, without the buffers' stores and reloads. AVX2 builds only
-// (8-lane accumulators, as scores() there); the AVX-512 build keeps the buffers.
+// exact in fp32), same channel order and the same per-lane accumulation order as scores() and
+// values() on the buffers: bit-identical results, without the buffers' stores and reloads. A
+// 16-channel chunk is kChunk vectors: two of 8 lanes (AVX2), one of 16 (AVX-512).
+constexpr int kChunk = 16 / kW;
+
 struct Int4Rows {
   const uint8_t* bytes;  // the block's first row, d / 2 bytes per row
   const float* scales;   // the block's scales as fp32, d / group per row
   int64_t d, group;
 };
 
-// scores<H> over INT4 keys: one accumulator per head, channels in steps of 8, as there.
+// 16 channels from their 8 bytes in the [8 even | 8 odd] order, times their group's scale s.
+static inline void int4_chunk_v(const uint8_t* bytes, V s, V* x) {
+#if defined(FL_AVX512)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)), m = _mm_set1_epi8(15);
+  const __m128i nibbles = _mm_unpacklo_epi64(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512i codes = _mm512_sub_epi32(_mm512_xor_si512(_mm512_cvtepu8_epi32(nibbles), eight), eight);
+  x[0].v = _mm512_mul_ps(_mm512_cvtepi32_ps(codes), s.v);
+#else
+  int4_chunk(bytes, s.v, x[0].v, x[1].v);
+#endif
+}
+
+// scores<H> over INT4 keys: one accumulator per head, kW channels at a time, as there.
 template <int H>
 void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
   const int64_t d = k.d, groups = d / k.group;
   for (int64_t i = 0; i < nt; ++i) {
-    __m256 a[H];
-    for (int h = 0; h < H; ++h) a[h] = _mm256_setzero_ps();
+    V a[H];
+    for (int h = 0; h < H; ++h) a[h] = vzero();
     for (int64_t g = 0; g < groups; ++g) {
-      const __m256 sc = _mm256_set1_ps(k.scales[i * groups + g]);
+      const V sc = vset1(k.scales[i * groups + g]);
       for (int64_t c = g * k.group; c < (g + 1) * k.group; c += 16) {
-        __m256 lo, hi;
-        int4_chunk(k.bytes + i * (d / 2) + c / 2, sc, lo, hi);
-        for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c), lo, a[h]);
-        for (int h = 0; h < H; ++h) a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + c + 8), hi, a[h]);
+        V x[kChunk];
+        int4_chunk_v(k.bytes + i * (d / 2) + c / 2, sc, x);
+        for (int j = 0; j < kChunk; ++j) {
+          for (int h = 0; h < H; ++h) a[h] = vfma(vload(q + h * d + c + j * kW), x[j], a[h]);
+        }
       }
     }
-    for (int h = 0; h < H; ++h) s[h * kTokens + i] = vsum(V{a[h]});
+    for (int h = 0; h < H; ++h) s[h * kTokens + i] = vsum(a[h]);
   }
 }
 
@@ -233,23 +250,20 @@ void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
   const int64_t d = v.d, groups = d / v.group;
   for (int64_t c = 0; c < d; c += 16) {
     const int64_t g = c / v.group;
-    __m256 alo[H], ahi[H];
+    V a[H][kChunk];
     for (int h = 0; h < H; ++h) {
-      alo[h] = _mm256_loadu_ps(acc + h * d + c);
-      ahi[h] = _mm256_loadu_ps(acc + h * d + c + 8);
+      for (int j = 0; j < kChunk; ++j) a[h][j] = vload(acc + h * d + c + j * kW);
     }
     for (int64_t i = 0; i < nt; ++i) {
-      __m256 lo, hi;
-      int4_chunk(v.bytes + i * (d / 2) + c / 2, _mm256_set1_ps(v.scales[i * groups + g]), lo, hi);
+      V x[kChunk];
+      int4_chunk_v(v.bytes + i * (d / 2) + c / 2, vset1(v.scales[i * groups + g]), x);
       for (int h = 0; h < H; ++h) {
-        const __m256 ph = _mm256_set1_ps(p[h * kTokens + i]);
-        alo[h] = _mm256_fmadd_ps(ph, lo, alo[h]);
-        ahi[h] = _mm256_fmadd_ps(ph, hi, ahi[h]);
+        const V ph = vset1(p[h * kTokens + i]);
+        for (int j = 0; j < kChunk; ++j) a[h][j] = vfma(ph, x[j], a[h][j]);
       }
     }
     for (int h = 0; h < H; ++h) {
-      _mm256_storeu_ps(acc + h * d + c, alo[h]);
-      _mm256_storeu_ps(acc + h * d + c + 8, ahi[h]);
+      for (int j = 0; j < kChunk; ++j) vstore(acc + h * d + c + j * kW, a[h][j]);
     }
   }
 }
@@ -307,7 +321,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
   // (decode with starts: the row's left padding skipped; validate keeps starts off prefill)
   for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kTokens) {
     const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
-#if defined(__AVX2__) && !defined(FL_AVX512)
+#if defined(__AVX2__)
     if (chunked && rows <= kHeads) {  // decode: dequantize in registers (heads_int4)
       const int64_t r0 = row + t0;
       for (int64_t j = 0; j < nt * groups; ++j) {  // the FP8 scales once (the fp32 buffers are free)
