@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+# SPDX-License-Identifier: Apache-2.0
+"""Every CPU kernel family under each kernel variant this CPU runs (AVX-512, AVX2, scalar), timed
+call by call in alternation (``time_interleaved``) on the same inputs: which variant the
+dispatcher should prefer on this machine, and what each gains over the next.
+
+    python bench/bench_isa.py [--reps N] [--isa avx512 --isa avx2 ...] [--out FILE.md]
+
+The variants compute the same values (the test suite checks each against the reference); only
+their speed differs here. The default is every variant the CPU supports but scalar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import fastlayers
+import fastlayers.ops as ops
+from fastlayers import _ext
+from fastlayers.benchmark.harness import describe_device, time_interleaved
+
+
+def _cases():
+    """(name, shape, fn, args): one call each, the inputs fresh random."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    out = []
+
+    def case(name, shape, fn, *args):
+        out.append((name, shape, fn, args))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = randn(4096, 4096, dtype=dtype), randn(4096, dtype=dtype)
+        r, dy = randn(4096, 4096, dtype=dtype), randn(4096, 4096, dtype=dtype)
+        shape = f"4096x4096 {str(dtype).removeprefix('torch.')}"
+        case("rms_norm out=", shape, lambda x, w, y: fastlayers.rms_norm(x, w, out=y), x, w, r)
+        case("fused_add_rms_norm", shape, fastlayers.fused_add_rms_norm, x, r, w)
+        case("rms_norm_fp8", shape, fastlayers.rms_norm_fp8, x, w)
+        case("rms_norm_backward", shape, fastlayers.rms_norm_backward, dy, x, w)
+
+    # FFF: UltraFastFeedForward width 768, depth 11 (the issue's case), and the classic form.
+    x = randn(1024, 768)
+    w_in, w_out = randn(4095, 768) / 28, randn(4095, 768) / 64
+    case("ultrafast_ff", "1024x768 depth 11", fastlayers.ultrafast_ff, x, w_in, w_out)
+    case("ultrafast_ff", "1x768 depth 11", fastlayers.ultrafast_ff, x[:1], w_in, w_out)
+    leaves = (randn(2047, 768) / 28, randn(2047) / 10, randn(2048, 768, 8) / 28)
+    leaves += (randn(2048, 8) / 10, randn(2048, 8, 768) / 3, randn(2048, 768) / 10)
+    case("fff_hard", "1024x768 depth 11 leaf 8", fastlayers.fff_hard, x, *leaves)
+
+    # PEER: 1024^2 experts (product keys 2 x 1024), 8 heads, top-16, dim 512, 1024 tokens.
+    q, keys = randn(1024, 8, 256), randn(8, 2, 1024, 128)
+    retrieve = lambda q, k: fastlayers.peer_retrieve(q, k, 16)  # noqa: E731
+    case("peer_retrieve", "1024 tokens, 8 heads, 2x1024 keys", retrieve, q, keys)
+    idx, gates = (t.reshape(1024, -1) for t in retrieve(q, keys))  # each token's 8 x 16 experts
+    down, up = randn(1 << 20, 512) / 23, randn(1 << 20, 512) / 4
+    shape = "1024 tokens, 8x16 of 2^20 experts, d512"
+    case("peer_experts", shape, fastlayers.peer_experts, randn(1024, 512), idx, gates, down, up)
+
+    # INT4 x FP8 GEMM 4096x4096, group 128, and the activation quantization.
+    wq = fastlayers.quantize_int4(randn(4096, 4096) / 64, group_size=128)
+    gemm = lambda xq, xs: fastlayers.int4_fp8_gemm(xq, xs, wq, out_dtype=torch.float32)  # noqa: E731
+    for m in (1, 16, 256):
+        case(
+            "int4_fp8_gemm",
+            f"M={m} 4096x4096",
+            gemm,
+            *fastlayers.quantize_fp8_per_token(randn(m, 4096)),
+        )
+    case(
+        "quantize_fp8_per_token",
+        "4096x4096 fp32",
+        fastlayers.quantize_fp8_per_token,
+        randn(4096, 4096),
+    )
+
+    # Varlen attention: one sequence, 2048 tokens routed of 4096 (positions sorted), 16 heads, d64.
+    t = 2048
+    pos = torch.sort(torch.randperm(4096, generator=g)[:t]).values
+    cu = torch.tensor([0, t], dtype=torch.int32)
+    qkv = (randn(t, 16, 64), randn(t, 16, 64), randn(t, 16, 64))
+    case(
+        "varlen_attention",
+        f"{t} routed, h16 d64",
+        fastlayers.varlen_attention,
+        *qkv,
+        cu,
+        cu,
+        pos,
+        pos,
+    )
+
+    # INT4 KV (GQA 32/8, d128): decode over 4096 cached tokens, a 1024-token causal prefill, the
+    # cache-side and query-side quantization.
+    cache = ops.kv_quantize(randn(1, 8, 4096, 128), 128) + ops.kv_quantize(
+        randn(1, 8, 4096, 128), 128
+    )
+    qd = ops.q_quantize(randn(1, 32, 1, 128))[:, :, 0]  # one query token: [batch, heads, d]
+    case("int4_kv_decode", "4096 cached, 32/8 heads, d128", ops.int4_kv_decode, qd, *cache)
+    prefix = [t[..., :1024, :].contiguous() for t in cache]
+    case(
+        "int4_kv_attention",
+        "1024 causal, 32/8 heads, d128",
+        ops.int4_kv_attention,
+        ops.q_quantize(randn(1, 32, 1024, 128)),
+        *prefix,
+    )
+    case(
+        "kv_quantize",
+        "1x8x1024x128 fp32",
+        lambda x: ops.kv_quantize(x, 128),
+        randn(1, 8, 1024, 128),
+    )
+    case("q_quantize", "1x32x1024x128 fp32", ops.q_quantize, randn(1, 32, 1024, 128))
+    return out
+
+
+def _under(isa: str, fn):
+    def call(*args):
+        _ext.C.set_cpu_isa(isa)
+        return fn(*args)
+
+    return call
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--isa", action="append", help="a variant to time (repeatable)")
+    p.add_argument("--op", action="append", help="only this op (repeatable)")
+    p.add_argument("--out", help="write the table (markdown) to this file too")
+    a = p.parse_args(argv)
+    if not _ext.has_cpu_kernels():
+        print("the compiled CPU kernels are not loaded: nothing to compare", file=sys.stderr)
+        return 1
+    order = ["avx512", "avx2", "scalar"]
+    supported = order[order.index(_ext.C.detected_cpu_isa()) :]
+    isas = a.isa or [i for i in supported if i != "scalar"]
+    for i in isas:
+        if i not in supported:
+            print(f"this CPU does not run '{i}' (it runs {supported})", file=sys.stderr)
+            return 2
+    if _ext.C.avx512_emulated() and "avx512" in isas:
+        print("warning: this build emulates AVX-512 through SIMDe: its times mean nothing")
+    before = _ext.C.cpu_isa()
+    torch.manual_seed(0)
+    lines = [
+        f"# CPU kernel variants: {describe_device(torch.device('cpu'))}",
+        "",
+        f"fastlayers {fastlayers.__version__} (torch {torch.__version__}); median of {a.reps} "
+        "calls per variant, the variants of a row interleaved call by call on the same inputs.",
+        "",
+        "| op | shape | " + " | ".join(f"{i} (us)" for i in isas)
+        + " | " + " | ".join(f"{isas[0]} speed-up over {i}" for i in isas[1:]) + " |",
+        "|---|---|" + "---|" * (2 * len(isas) - 1),
+    ]  # fmt: skip
+    print("\n".join(lines), flush=True)
+    try:
+        for name, shape, fn, args in _cases():
+            if a.op and name not in a.op:
+                continue
+            timings = time_interleaved(
+                [(_under(i, fn), [args], a.reps) for i in isas], torch.device("cpu")
+            )
+            us = [t.median_s * 1e6 for t in timings]
+            ratios = [us[j] / us[0] for j in range(1, len(us))]
+            line = (
+                f"| {name} | {shape} | " + " | ".join(f"{u:.1f}" for u in us) + " | "
+                + " | ".join(f"{r:.2f}x" for r in ratios) + " |"
+            )  # fmt: skip
+            print(line, flush=True)
+            lines.append(line)
+    finally:
+        _ext.C.set_cpu_isa(before)
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
