@@ -18,7 +18,8 @@
 #
 # usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
 #   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
-#   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks. All of it takes more
+#   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks; ROW_THREADS_AB=0 skips
+#   the RMSNorm tests and benchmark rerun with FASTLAYERS_RMSNORM_ROW_THREADS=128 (part of BENCH). All of it takes more
 #   than one 10-minute device command: run it in parts, e.g. first
 #   `SANITIZE=0 BENCH=0 scripts/gpu_check.sh`, then `CPU_TESTS=0 scripts/gpu_check.sh "not cuda"`
 #   on the still-warm machine (build/gpu-pip is kept between calls, so the second build is incremental).
@@ -108,4 +109,18 @@ echo "overhead rc=$?"; grep -E "test_call_overhead" "$OUT/overhead.txt" | cut -c
 
 timeout 250 python3 -m fastlayers bench --device cuda --reps ${REPS:-30} --out "$OUT" >"$OUT/bench.txt" 2>&1
 echo "bench rc=$?"; tail -40 "$OUT/bench.txt"
+
+# The RMSNorm row-threads candidate (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu): the CUDA
+# RMSNorm tests and the RMSNorm benchmark again with a row over at most 128 threads, appended to
+# pytest_cuda.txt and bench.txt (compare its fractions of the copy bandwidth with the run above).
+if [ "${ROW_THREADS_AB:-1}" = 1 ]; then
+  export FASTLAYERS_RMSNORM_ROW_THREADS=128
+  { echo "== FASTLAYERS_RMSNORM_ROW_THREADS=128"
+    timeout 120 python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_nn_rmsnorm.py \
+      -m cuda -q -p no:cacheprovider 2>&1 | tail -5; } >>"$OUT/pytest_cuda.txt"
+  { echo "== FASTLAYERS_RMSNORM_ROW_THREADS=128"
+    timeout 150 python3 -m fastlayers bench --device cuda --family rmsnorm --reps ${REPS:-30} 2>&1; } >>"$OUT/bench.txt"
+  unset FASTLAYERS_RMSNORM_ROW_THREADS
+  echo "row threads 128:"; grep -A3 "ROW_THREADS=128" "$OUT/pytest_cuda.txt" | tail -3
+fi
 fi

@@ -4,6 +4,7 @@
 // rows that cannot take 16-byte vectors) the output pass re-reads the row, which then comes from L2.
 // Memory bound: 16-byte loads and stores are what matter, so vectorisation is chosen per call from
 // the pointers' alignment, the row strides and the hidden size.
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
@@ -282,17 +283,36 @@ bool can_vectorize(int64_t cols, std::initializer_list<const void*> t_ptrs,
   return cuda::is_aligned(weight, kVec * sizeof(W));
 }
 
-// Picks the registers-resident variant with the fewest items per thread that fits in kMaxThreads.
+// Threads per row for the register-resident variants: at most kMaxThreads, the policy measured on
+// the H100 (928a81e). FASTLAYERS_RMSNORM_ROW_THREADS=64, 128 or 256 spreads a row over fewer
+// threads with more items each, wherever that fits the items cap: fewer block reductions, barriers
+// and parameter loads per element. It is the candidate fix for the 16-bit and FP8 forward paths
+// (0.81-0.84 and 0.48-0.54 of the copy bandwidth there, bound by per-row instructions; see
+// bench/results/h100-run-log.md), to be measured against the default before it becomes one. Not yet
+// run on a GPU.
+int row_threads_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("FASTLAYERS_RMSNORM_ROW_THREADS");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v == 64 || v == 128 || v == 256 ? v : kMaxThreads;
+  }();
+  return cap;
+}
+
+// Picks the registers-resident variant with the fewest items per thread that fits in the row
+// threads cap, else in kMaxThreads; the looping variant (kItems 0) past that.
 template <typename Launch>
 Status launch_by_items(int64_t nvec, int max_items, Launch&& launch) {
-  for (int items = 1; items <= max_items; items *= 2) {
-    if (nvec <= static_cast<int64_t>(kMaxThreads) * items) {
-      const int threads = round_up_warp((nvec + items - 1) / items);
-      switch (items) {
-        case 1: return launch(std::integral_constant<int, 1>{}, threads);
-        case 2: return launch(std::integral_constant<int, 2>{}, threads);
-        case 4: return launch(std::integral_constant<int, 4>{}, threads);
-        default: return launch(std::integral_constant<int, 8>{}, threads);
+  for (const int threads_cap : {row_threads_cap(), kMaxThreads}) {
+    for (int items = 1; items <= max_items; items *= 2) {
+      if (nvec <= static_cast<int64_t>(threads_cap) * items) {
+        const int threads = round_up_warp((nvec + items - 1) / items);
+        switch (items) {
+          case 1: return launch(std::integral_constant<int, 1>{}, threads);
+          case 2: return launch(std::integral_constant<int, 2>{}, threads);
+          case 4: return launch(std::integral_constant<int, 4>{}, threads);
+          default: return launch(std::integral_constant<int, 8>{}, threads);
+        }
       }
     }
   }
