@@ -4,15 +4,22 @@
 call by call in alternation (``time_interleaved``) on the same inputs: which variant the
 dispatcher should prefer on this machine, and what each gains over the next.
 
-    python bench/bench_isa.py [--reps N] [--isa avx512 --isa avx2 ...] [--out FILE.md]
+    python bench/bench_isa.py [--reps N] [--isa avx512 --isa avx2 ...] [--op NAME] [--out FILE.md]
+    python bench/bench_isa.py --build old/_C.so --build new/_C.so [--op NAME]
 
 The variants compute the same values (the test suite checks each against the reference); only
 their speed differs here. The default is every variant the CPU supports but scalar.
+
+With ``--build`` (twice or more) the variants are builds of the compiled module instead, under the
+ISA in use: copy ``build/dev/_C*.so`` aside before and after a kernel change and time the two in
+one process (the ops look ``fastlayers._ext.C`` up at each call, so each call runs the build its
+variant sets). A VM whose speed drifts by 20-50 % between runs still gives a usable ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -129,10 +136,29 @@ def _under(isa: str, fn):
     return call
 
 
+def _with_build(module, fn):
+    def call(*args):
+        _ext.C = module
+        return fn(*args)
+
+    return call
+
+
+def _load_build(path: str, i: int):
+    """The compiled module at ``path`` (any file name), imported under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"_fl_build{i}._C", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--isa", action="append", help="a variant to time (repeatable)")
+    p.add_argument("--build", action="append", help="a built _C*.so to time (repeatable)")
     p.add_argument("--op", action="append", help="only this op (repeatable)")
     p.add_argument("--out", help="write the table (markdown) to this file too")
     a = p.parse_args(argv)
@@ -148,7 +174,13 @@ def main(argv=None) -> int:
             return 2
     if _ext.C.avx512_emulated() and "avx512" in isas:
         print("warning: this build emulates AVX-512 through SIMDe: its times mean nothing")
-    before = _ext.C.cpu_isa()
+    before, loaded = _ext.C.cpu_isa(), _ext.C
+    if a.build:
+        names = [Path(b).name if a.build.count(b) == 1 else b for b in a.build]
+        variants = [_load_build(b, i) for i, b in enumerate(a.build)]
+        wrap = _with_build
+    else:
+        names, variants, wrap = isas, isas, _under
     torch.manual_seed(0)
     lines = [
         f"# CPU kernel variants: {describe_device(torch.device('cpu'))}",
@@ -156,9 +188,9 @@ def main(argv=None) -> int:
         f"fastlayers {fastlayers.__version__} (torch {torch.__version__}); median of {a.reps} "
         "calls per variant, the variants of a row interleaved call by call on the same inputs.",
         "",
-        "| op | shape | " + " | ".join(f"{i} (us)" for i in isas)
-        + " | " + " | ".join(f"{isas[0]} speed-up over {i}" for i in isas[1:]) + " |",
-        "|---|---|" + "---|" * (2 * len(isas) - 1),
+        "| op | shape | " + " | ".join(f"{i} (us)" for i in names)
+        + " | " + " | ".join(f"{names[0]} speed-up over {i}" for i in names[1:]) + " |",
+        "|---|---|" + "---|" * (2 * len(names) - 1),
     ]  # fmt: skip
     print("\n".join(lines), flush=True)
     try:
@@ -166,7 +198,7 @@ def main(argv=None) -> int:
             if a.op and name not in a.op:
                 continue
             timings = time_interleaved(
-                [(_under(i, fn), [args], a.reps) for i in isas], torch.device("cpu")
+                [(wrap(v, fn), [args], a.reps) for v in variants], torch.device("cpu")
             )
             us = [t.median_s * 1e6 for t in timings]
             ratios = [us[j] / us[0] for j in range(1, len(us))]
@@ -177,6 +209,7 @@ def main(argv=None) -> int:
             print(line, flush=True)
             lines.append(line)
     finally:
+        _ext.C = loaded
         _ext.C.set_cpu_isa(before)
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n")
