@@ -19,7 +19,7 @@ from test_quant_attention import _tables as _rope_tables
 from test_rmsnorm import _check_fp8
 
 import fastlayers
-from _tolerances import assert_close_to_oracle, int4_fp8_oracle, rand
+from _tolerances import ATOL, FP8_STEP_RTOL, assert_close_to_oracle, int4_fp8_oracle, rand
 from fastlayers import quant
 from fastlayers import reference as ref
 from fastlayers.ops import fff_hard, peer_experts, ultrafast_ff
@@ -236,7 +236,10 @@ def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout,
     g_ref = torch.autograd.grad(ref.peer_experts(l_ref[0], idx, *l_ref[1:])[0], l_ref, dy)
     names = ("dx", "dgates", "ddown", "dup")
     for name, got, same, want in zip(names, grads, g_ref, g64, strict=True):
-        assert_close_to_oracle(got, same, want, name=name)
+        # gradients are sums over dim (or tokens x pairs) of O(1) products: the floor scales with
+        # their magnitude (dgates of ~37 from a 73-term sum: a few fp32 ulps is ~2e-5)
+        atol = ATOL[dtype] * max(1.0, want.abs().max().item())
+        assert_close_to_oracle(got, same, want, atol=atol, name=name)
 
 
 @PROPERTY
@@ -485,10 +488,10 @@ def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, 
 # ----------------------------------------------------------------------------------------------
 # Non-finite inputs
 # ----------------------------------------------------------------------------------------------
-def _same_non_finite(got, want, name, lse=False):
+def _same_non_finite(got, want, name, lse=False, rtol=2e-2, atol=2e-2):
     """NaN and inf exactly where ``want`` has them (for a log-sum-exp, ``lse``: non-finite where
     ``want`` is, since +inf - +inf makes the kernels' running form NaN where logsumexp says inf);
-    the finite values close."""
+    the finite values close (``rtol``/``atol``)."""
     got, want = got.double(), want.double()
     finite = torch.isfinite(want)
     if lse:
@@ -497,7 +500,7 @@ def _same_non_finite(got, want, name, lse=False):
         assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN positions differ"
         inf = torch.isinf(want)
         assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), name
-    torch.testing.assert_close(got[finite], want[finite], rtol=2e-2, atol=2e-2, msg=name)
+    torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=atol, msg=name)
 
 
 @PROPERTY
@@ -526,7 +529,10 @@ def test_non_finite_inputs_propagate_as_in_the_reference(value, dtype, where, se
     _same_non_finite(got[0], want[0], "fused_add_rms_norm")
     q, s = fastlayers.rms_norm_fp8(x, w)
     q_ref, s_ref = ref.rms_norm_fp8(x, w)
-    _same_non_finite(q.float(), q_ref.float(), "rms_norm_fp8")
+    # the values as scaled FP8, at most one FP8 step apart (FP8_STEP_RTOL)
+    _same_non_finite(
+        q.float() * s, q_ref.float() * s_ref, "rms_norm_fp8", rtol=FP8_STEP_RTOL, atol=1e-3
+    )
     _same_non_finite(s, s_ref, "rms_norm_fp8 scale")
     xq, xs = fastlayers.quantize_fp8_per_token(x)
     xq_ref, xs_ref = ref.quantize_fp8_per_token(x)
