@@ -31,18 +31,7 @@ from fastlayers import _ext
 from fastlayers.benchmark.harness import describe_device, time_interleaved
 
 
-def _cases():
-    """(name, shape, fn, args): one call each, the inputs fresh random."""
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    out = []
-
-    def case(name, shape, fn, *args):
-        out.append((name, shape, fn, args))
-
+def _rmsnorm(randn, case):
     for dtype in (torch.float32, torch.bfloat16):
         x, w = randn(4096, 4096, dtype=dtype), randn(4096, dtype=dtype)
         r, dy = randn(4096, 4096, dtype=dtype), randn(4096, 4096, dtype=dtype)
@@ -52,7 +41,9 @@ def _cases():
         case("rms_norm_fp8", shape, fastlayers.rms_norm_fp8, x, w)
         case("rms_norm_backward", shape, fastlayers.rms_norm_backward, dy, x, w)
 
-    # FFF: UltraFastFeedForward width 768, depth 11 (the issue's case), and the classic form.
+
+def _fff(randn, case):
+    # UltraFastFeedForward width 768, depth 11 (the issue's case), and the classic form.
     x = randn(1024, 768)
     w_in, w_out = randn(4095, 768) / 28, randn(4095, 768) / 64
     case("ultrafast_ff", "1024x768 depth 11", fastlayers.ultrafast_ff, x, w_in, w_out)
@@ -61,71 +52,81 @@ def _cases():
     leaves += (randn(2048, 8) / 10, randn(2048, 8, 768) / 3, randn(2048, 768) / 10)
     case("fff_hard", "1024x768 depth 11 leaf 8", fastlayers.fff_hard, x, *leaves)
 
-    # PEER: 1024^2 experts (product keys 2 x 1024), 8 heads, top-16, dim 512, 1024 tokens.
+
+def _peer(randn, case):
+    # 1024^2 experts (product keys 2 x 1024), 8 heads, top-16, dim 512, 1024 tokens.
     q, keys = randn(1024, 8, 256), randn(8, 2, 1024, 128)
     retrieve = lambda q, k: fastlayers.peer_retrieve(q, k, 16)  # noqa: E731
     case("peer_retrieve", "1024 tokens, 8 heads, 2x1024 keys", retrieve, q, keys)
     idx, gates = (t.reshape(1024, -1) for t in retrieve(q, keys))  # each token's 8 x 16 experts
-    down, up = randn(1 << 20, 512) / 23, randn(1 << 20, 512) / 4
+    down, up = randn(1 << 20, 512) / 23, randn(1 << 20, 512) / 4  # 2 GiB each
     shape = "1024 tokens, 8x16 of 2^20 experts, d512"
     case("peer_experts", shape, fastlayers.peer_experts, randn(1024, 512), idx, gates, down, up)
 
-    # INT4 x FP8 GEMM 4096x4096, group 128, and the activation quantization.
+
+def _int4_fp8(randn, case):
+    # The GEMM 4096x4096, group 128, and the activation quantization.
     wq = fastlayers.quantize_int4(randn(4096, 4096) / 64, group_size=128)
     gemm = lambda xq, xs: fastlayers.int4_fp8_gemm(xq, xs, wq, out_dtype=torch.float32)  # noqa: E731
     for m in (1, 16, 256):
-        case(
-            "int4_fp8_gemm",
-            f"M={m} 4096x4096",
-            gemm,
-            *fastlayers.quantize_fp8_per_token(randn(m, 4096)),
-        )
-    case(
-        "quantize_fp8_per_token",
-        "4096x4096 fp32",
-        fastlayers.quantize_fp8_per_token,
-        randn(4096, 4096),
-    )
+        xq, xs = fastlayers.quantize_fp8_per_token(randn(m, 4096))
+        case("int4_fp8_gemm", f"M={m} 4096x4096", gemm, xq, xs)
+    x = randn(4096, 4096)
+    case("quantize_fp8_per_token", "4096x4096 fp32", fastlayers.quantize_fp8_per_token, x)
 
-    # Varlen attention: one sequence, 2048 tokens routed of 4096 (positions sorted), 16 heads, d64.
+
+def _varlen(randn, case):
+    # One sequence, 2048 tokens routed of 4096 (positions sorted), 16 heads, d64.
     t = 2048
-    pos = torch.sort(torch.randperm(4096, generator=g)[:t]).values
+    pos = torch.sort(torch.randperm(4096)[:t]).values
     cu = torch.tensor([0, t], dtype=torch.int32)
     qkv = (randn(t, 16, 64), randn(t, 16, 64), randn(t, 16, 64))
-    case(
-        "varlen_attention",
-        f"{t} routed, h16 d64",
-        fastlayers.varlen_attention,
-        *qkv,
-        cu,
-        cu,
-        pos,
-        pos,
-    )
+    args = (*qkv, cu, cu, pos, pos)
+    case("varlen_attention", f"{t} routed, h16 d64", fastlayers.varlen_attention, *args)
 
-    # INT4 KV (GQA 32/8, d128): decode over 4096 cached tokens, a 1024-token causal prefill, the
-    # cache-side and query-side quantization.
-    cache = ops.kv_quantize(randn(1, 8, 4096, 128), 128) + ops.kv_quantize(
-        randn(1, 8, 4096, 128), 128
-    )
+
+def _kv_int4(randn, case):
+    # GQA 32/8, d128: decode over 4096 cached tokens, a 1024-token causal prefill, the cache-side
+    # and query-side quantization.
+    cache = (*ops.kv_quantize(randn(1, 8, 4096, 128), 128),)
+    cache += ops.kv_quantize(randn(1, 8, 4096, 128), 128)
     qd = ops.q_quantize(randn(1, 32, 1, 128))[:, :, 0]  # one query token: [batch, heads, d]
     case("int4_kv_decode", "4096 cached, 32/8 heads, d128", ops.int4_kv_decode, qd, *cache)
     prefix = [t[..., :1024, :].contiguous() for t in cache]
-    case(
-        "int4_kv_attention",
-        "1024 causal, 32/8 heads, d128",
-        ops.int4_kv_attention,
-        ops.q_quantize(randn(1, 32, 1024, 128)),
-        *prefix,
-    )
-    case(
-        "kv_quantize",
-        "1x8x1024x128 fp32",
-        lambda x: ops.kv_quantize(x, 128),
-        randn(1, 8, 1024, 128),
-    )
+    qp = ops.q_quantize(randn(1, 32, 1024, 128))
+    case("int4_kv_attention", "1024 causal, 32/8 heads, d128", ops.int4_kv_attention, qp, *prefix)
+    quantize = lambda x: ops.kv_quantize(x, 128)  # noqa: E731
+    case("kv_quantize", "1x8x1024x128 fp32", quantize, randn(1, 8, 1024, 128))
     case("q_quantize", "1x32x1024x128 fp32", ops.q_quantize, randn(1, 32, 1024, 128))
-    return out
+
+
+# family builder -> the ops it times (a family's inputs are built only when one of them is wanted)
+FAMILIES = {
+    _rmsnorm: ("rms_norm out=", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"),
+    _fff: ("ultrafast_ff", "fff_hard"),
+    _peer: ("peer_retrieve", "peer_experts"),
+    _int4_fp8: ("int4_fp8_gemm", "quantize_fp8_per_token"),
+    _varlen: ("varlen_attention",),
+    _kv_int4: ("int4_kv_decode", "int4_kv_attention", "kv_quantize", "q_quantize"),
+}
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def _cases(wanted=None):
+    """(name, shape, fn, args) of each op in ``wanted`` (all when None), family by family, the
+    inputs fresh random (seeded)."""
+    torch.manual_seed(0)
+    for build, names in FAMILIES.items():
+        if wanted is None or any(n in wanted for n in names):
+            cases = []
+            build(
+                _randn,
+                lambda name, shape, fn, *args, add=cases.append: add((name, shape, fn, args)),
+            )
+            yield from (c for c in cases if wanted is None or c[0] in wanted)
 
 
 def _under(isa: str, fn):
@@ -162,12 +163,16 @@ def main(argv=None) -> int:
     p.add_argument("--op", action="append", help="only this op (repeatable)")
     p.add_argument("--out", help="write the table (markdown) to this file too")
     a = p.parse_args(argv)
+    known = [n for names in FAMILIES.values() for n in names]
+    if a.op and not set(a.op) <= set(known):
+        print(f"unknown --op {sorted(set(a.op) - set(known))}; ops: {known}", file=sys.stderr)
+        return 2
     if not _ext.has_cpu_kernels():
         print("the compiled CPU kernels are not loaded: nothing to compare", file=sys.stderr)
         return 1
     order = ["avx512", "avx2", "scalar"]
     supported = order[order.index(_ext.C.detected_cpu_isa()) :]
-    isas = a.isa or [i for i in supported if i != "scalar"]
+    isas = a.isa or [i for i in supported if i != "scalar"] or ["scalar"]
     for i in isas:
         if i not in supported:
             print(f"this CPU does not run '{i}' (it runs {supported})", file=sys.stderr)
@@ -176,12 +181,11 @@ def main(argv=None) -> int:
         print("warning: this build emulates AVX-512 through SIMDe: its times mean nothing")
     before, loaded = _ext.C.cpu_isa(), _ext.C
     if a.build:
-        names = [Path(b).name if a.build.count(b) == 1 else b for b in a.build]
+        names = a.build
         variants = [_load_build(b, i) for i, b in enumerate(a.build)]
         wrap = _with_build
     else:
         names, variants, wrap = isas, isas, _under
-    torch.manual_seed(0)
     lines = [
         f"# CPU kernel variants: {describe_device(torch.device('cpu'))}",
         "",
@@ -194,9 +198,7 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     print("\n".join(lines), flush=True)
     try:
-        for name, shape, fn, args in _cases():
-            if a.op and name not in a.op:
-                continue
+        for name, shape, fn, args in _cases(a.op):
             timings = time_interleaved(
                 [(wrap(v, fn), [args], a.reps) for v in variants], torch.device("cpu")
             )

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,27 @@ def test_cli_bench_quick_runs_and_prints_the_table(tmp_path):
         assert f"\n{op} " in out.stdout
     reports = list(tmp_path.glob("*.md"))
     assert len(reports) == 1 and "commit" in reports[0].read_text()
+
+
+BENCH_ISA = str(Path(__file__).resolve().parents[1] / "bench" / "bench_isa.py")
+
+
+@pytest.mark.skipif(_ext.C is None, reason="compares compiled kernel variants")
+def test_bench_isa_times_variants_and_builds(tmp_path):
+    """bench/bench_isa.py: one op under each ISA variant, then the loaded build against itself
+    (--build twice), each a table row with a time per variant and a ratio; unknown ops refused."""
+    op = ["--op", "quantize_fp8_per_token", "--reps", "2"]
+    out = _run([BENCH_ISA, *op, "--out", str(tmp_path / "isa.md")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.startswith("| quantize_fp8_per_token")]
+    assert len(row) == 1 and row[0].count("|") >= 5 and row[0].rstrip().endswith("x |")
+    assert row[0] in (tmp_path / "isa.md").read_text()
+    so = _ext.C.__file__
+    out = _run([BENCH_ISA, *op, "--build", so, "--build", so])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{so} (us)" in out.stdout and "| quantize_fp8_per_token" in out.stdout
+    out = _run([BENCH_ISA, "--op", "no_such_op"])
+    assert out.returncode == 2 and "unknown --op" in out.stderr
 
 
 def test_bench_report_writes_markdown_csv_and_plot(tmp_path):
