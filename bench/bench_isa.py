@@ -31,73 +31,88 @@ from fastlayers import _ext
 from fastlayers.benchmark.harness import describe_device, time_interleaved
 
 
-def _rmsnorm(randn, case):
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def _case(name, shape, fn, *args):
+    return name, shape, fn, args
+
+
+# Each family's builder yields its cases (name, shape, fn, args), the inputs fresh random.
+def _rmsnorm():
     for dtype in (torch.float32, torch.bfloat16):
-        x, w = randn(4096, 4096, dtype=dtype), randn(4096, dtype=dtype)
-        r, dy = randn(4096, 4096, dtype=dtype), randn(4096, 4096, dtype=dtype)
+        x, w = _randn(4096, 4096, dtype=dtype), _randn(4096, dtype=dtype)
+        r, dy = _randn(4096, 4096, dtype=dtype), _randn(4096, 4096, dtype=dtype)
         shape = f"4096x4096 {str(dtype).removeprefix('torch.')}"
-        case("rms_norm out=", shape, lambda x, w, y: fastlayers.rms_norm(x, w, out=y), x, w, r)
-        case("fused_add_rms_norm", shape, fastlayers.fused_add_rms_norm, x, r, w)
-        case("rms_norm_fp8", shape, fastlayers.rms_norm_fp8, x, w)
-        case("rms_norm_backward", shape, fastlayers.rms_norm_backward, dy, x, w)
+        yield _case(
+            "rms_norm out=", shape, lambda x, w, y: fastlayers.rms_norm(x, w, out=y), x, w, r
+        )
+        yield _case("fused_add_rms_norm", shape, fastlayers.fused_add_rms_norm, x, r, w)
+        yield _case("rms_norm_fp8", shape, fastlayers.rms_norm_fp8, x, w)
+        yield _case("rms_norm_backward", shape, fastlayers.rms_norm_backward, dy, x, w)
 
 
-def _fff(randn, case):
+def _fff():
     # UltraFastFeedForward width 768, depth 11 (the issue's case), and the classic form.
-    x = randn(1024, 768)
-    w_in, w_out = randn(4095, 768) / 28, randn(4095, 768) / 64
-    case("ultrafast_ff", "1024x768 depth 11", fastlayers.ultrafast_ff, x, w_in, w_out)
-    case("ultrafast_ff", "1x768 depth 11", fastlayers.ultrafast_ff, x[:1], w_in, w_out)
-    leaves = (randn(2047, 768) / 28, randn(2047) / 10, randn(2048, 768, 8) / 28)
-    leaves += (randn(2048, 8) / 10, randn(2048, 8, 768) / 3, randn(2048, 768) / 10)
-    case("fff_hard", "1024x768 depth 11 leaf 8", fastlayers.fff_hard, x, *leaves)
+    x = _randn(1024, 768)
+    w_in, w_out = _randn(4095, 768) / 28, _randn(4095, 768) / 64
+    yield _case("ultrafast_ff", "1024x768 depth 11", fastlayers.ultrafast_ff, x, w_in, w_out)
+    yield _case("ultrafast_ff", "1x768 depth 11", fastlayers.ultrafast_ff, x[:1], w_in, w_out)
+    leaves = (_randn(2047, 768) / 28, _randn(2047) / 10, _randn(2048, 768, 8) / 28)
+    leaves += (_randn(2048, 8) / 10, _randn(2048, 8, 768) / 3, _randn(2048, 768) / 10)
+    yield _case("fff_hard", "1024x768 depth 11 leaf 8", fastlayers.fff_hard, x, *leaves)
 
 
-def _peer(randn, case):
+def _peer():
     # 1024^2 experts (product keys 2 x 1024), 8 heads, top-16, dim 512, 1024 tokens.
-    q, keys = randn(1024, 8, 256), randn(8, 2, 1024, 128)
+    q, keys = _randn(1024, 8, 256), _randn(8, 2, 1024, 128)
     retrieve = lambda q, k: fastlayers.peer_retrieve(q, k, 16)  # noqa: E731
-    case("peer_retrieve", "1024 tokens, 8 heads, 2x1024 keys", retrieve, q, keys)
+    yield _case("peer_retrieve", "1024 tokens, 8 heads, 2x1024 keys", retrieve, q, keys)
     idx, gates = (t.reshape(1024, -1) for t in retrieve(q, keys))  # each token's 8 x 16 experts
-    down, up = randn(1 << 20, 512) / 23, randn(1 << 20, 512) / 4  # 2 GiB each
+    down, up = _randn(1 << 20, 512) / 23, _randn(1 << 20, 512) / 4  # 2 GiB each
     shape = "1024 tokens, 8x16 of 2^20 experts, d512"
-    case("peer_experts", shape, fastlayers.peer_experts, randn(1024, 512), idx, gates, down, up)
+    yield _case(
+        "peer_experts", shape, fastlayers.peer_experts, _randn(1024, 512), idx, gates, down, up
+    )
 
 
-def _int4_fp8(randn, case):
+def _int4_fp8():
     # The GEMM 4096x4096, group 128, and the activation quantization.
-    wq = fastlayers.quantize_int4(randn(4096, 4096) / 64, group_size=128)
+    wq = fastlayers.quantize_int4(_randn(4096, 4096) / 64, group_size=128)
     gemm = lambda xq, xs: fastlayers.int4_fp8_gemm(xq, xs, wq, out_dtype=torch.float32)  # noqa: E731
     for m in (1, 16, 256):
-        xq, xs = fastlayers.quantize_fp8_per_token(randn(m, 4096))
-        case("int4_fp8_gemm", f"M={m} 4096x4096", gemm, xq, xs)
-    x = randn(4096, 4096)
-    case("quantize_fp8_per_token", "4096x4096 fp32", fastlayers.quantize_fp8_per_token, x)
+        xq, xs = fastlayers.quantize_fp8_per_token(_randn(m, 4096))
+        yield _case("int4_fp8_gemm", f"M={m} 4096x4096", gemm, xq, xs)
+    x = _randn(4096, 4096)
+    yield _case("quantize_fp8_per_token", "4096x4096 fp32", fastlayers.quantize_fp8_per_token, x)
 
 
-def _varlen(randn, case):
+def _varlen():
     # One sequence, 2048 tokens routed of 4096 (positions sorted), 16 heads, d64.
     t = 2048
     pos = torch.sort(torch.randperm(4096)[:t]).values
     cu = torch.tensor([0, t], dtype=torch.int32)
-    qkv = (randn(t, 16, 64), randn(t, 16, 64), randn(t, 16, 64))
+    qkv = (_randn(t, 16, 64), _randn(t, 16, 64), _randn(t, 16, 64))
     args = (*qkv, cu, cu, pos, pos)
-    case("varlen_attention", f"{t} routed, h16 d64", fastlayers.varlen_attention, *args)
+    yield _case("varlen_attention", f"{t} routed, h16 d64", fastlayers.varlen_attention, *args)
 
 
-def _kv_int4(randn, case):
+def _kv_int4():
     # GQA 32/8, d128: decode over 4096 cached tokens, a 1024-token causal prefill, the cache-side
     # and query-side quantization.
-    cache = (*ops.kv_quantize(randn(1, 8, 4096, 128), 128),)
-    cache += ops.kv_quantize(randn(1, 8, 4096, 128), 128)
-    qd = ops.q_quantize(randn(1, 32, 1, 128))[:, :, 0]  # one query token: [batch, heads, d]
-    case("int4_kv_decode", "4096 cached, 32/8 heads, d128", ops.int4_kv_decode, qd, *cache)
+    cache = (*ops.kv_quantize(_randn(1, 8, 4096, 128), 128),)
+    cache += ops.kv_quantize(_randn(1, 8, 4096, 128), 128)
+    qd = ops.q_quantize(_randn(1, 32, 1, 128))[:, :, 0]  # one query token: [batch, heads, d]
+    yield _case("int4_kv_decode", "4096 cached, 32/8 heads, d128", ops.int4_kv_decode, qd, *cache)
     prefix = [t[..., :1024, :].contiguous() for t in cache]
-    qp = ops.q_quantize(randn(1, 32, 1024, 128))
-    case("int4_kv_attention", "1024 causal, 32/8 heads, d128", ops.int4_kv_attention, qp, *prefix)
+    qp = ops.q_quantize(_randn(1, 32, 1024, 128))
+    yield _case(
+        "int4_kv_attention", "1024 causal, 32/8 heads, d128", ops.int4_kv_attention, qp, *prefix
+    )
     quantize = lambda x: ops.kv_quantize(x, 128)  # noqa: E731
-    case("kv_quantize", "1x8x1024x128 fp32", quantize, randn(1, 8, 1024, 128))
-    case("q_quantize", "1x32x1024x128 fp32", ops.q_quantize, randn(1, 32, 1024, 128))
+    yield _case("kv_quantize", "1x8x1024x128 fp32", quantize, _randn(1, 8, 1024, 128))
+    yield _case("q_quantize", "1x32x1024x128 fp32", ops.q_quantize, _randn(1, 32, 1024, 128))
 
 
 # family builder -> the ops it times (a family's inputs are built only when one of them is wanted)
@@ -111,22 +126,13 @@ FAMILIES = {
 }
 
 
-def _randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape).to(dtype)
-
-
 def _cases(wanted=None):
     """(name, shape, fn, args) of each op in ``wanted`` (all when None), family by family, the
     inputs fresh random (seeded)."""
     torch.manual_seed(0)
     for build, names in FAMILIES.items():
         if wanted is None or any(n in wanted for n in names):
-            cases = []
-            build(
-                _randn,
-                lambda name, shape, fn, *args, add=cases.append: add((name, shape, fn, args)),
-            )
-            yield from (c for c in cases if wanted is None or c[0] in wanted)
+            yield from (c for c in build() if wanted is None or c[0] in wanted)
 
 
 def _under(isa: str, fn):
