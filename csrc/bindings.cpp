@@ -685,7 +685,7 @@ bool advise_hugepages(std::uintptr_t addr, int64_t nbytes) {
 }
 
 void set_cpu_isa(const std::string& name) {
-  for (cpu::Isa isa : {cpu::Isa::kScalar, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+  for (cpu::Isa isa : cpu::kIsas) {
     if (name == cpu::isa_name(isa)) {
       if (!cpu::set_active_isa(isa)) {
         throw py::value_error("set_cpu_isa: this CPU does not support '" + name + "'");
@@ -693,7 +693,8 @@ void set_cpu_isa(const std::string& name) {
       return;
     }
   }
-  throw py::value_error("set_cpu_isa: isa must be 'scalar', 'avx2' or 'avx512', got '" + name + "'");
+  throw py::value_error("set_cpu_isa: isa must be 'scalar', 'avx2', 'avx512' or 'avx512_bf16', got '" + name +
+                        "'");
 }
 
 }  // namespace

@@ -55,7 +55,7 @@ def device(request):
 def _cpu_isas():
     if _ext.C is None:
         return ["reference"]
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
     return order[: order.index(_ext.C.detected_cpu_isa()) + 1]
 
 

@@ -33,11 +33,11 @@ def test_info_reports_build_and_backends():
     assert d["cuda_compiled"] == _ext.has_cuda_kernels()
     assert d["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     if _ext.C is not None:
-        assert d["cpu_isa"] in ("scalar", "avx2", "avx512")
-    # a SIMDe test build (FASTLAYERS_EMULATE_AVX512) says so, and reports AVX-512 as detected
+        assert d["cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16")
+    # a SIMDe test build (FASTLAYERS_EMULATE_AVX512) says so, and reports AVX512-BF16 as detected
     assert d["avx512_emulated"] is (_ext.C is not None and _ext.C.avx512_emulated())
     if d["avx512_emulated"]:
-        assert d["cpu_isa_detected"] == "avx512" and "SIMDe" in format_info(d)
+        assert d["cpu_isa_detected"] == "avx512_bf16" and "SIMDe" in format_info(d)
     for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
         assert d["ops"][op]["cpu"] == ("kernel" if _ext.C is not None else "reference")
         assert d["ops"][op]["cuda"] == ("kernel" if _ext.has_cuda_kernels() else "reference")

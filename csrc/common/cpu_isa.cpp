@@ -4,7 +4,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 
 namespace fastlayers::cpu {
 namespace {
@@ -12,20 +11,17 @@ namespace {
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  // NOTE(isa): __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
 #if defined(FL_EMULATED_AVX512)
-    return Isa::kAvx512;  // test build: the AVX-512 kernels run through SIMDe on AVX2
-#else
-    return Isa::kAvx2;
+  if (avx2) return Isa::kAvx512Bf16;  // test build: every AVX-512 kernel runs through SIMDe on AVX2
 #endif
+  // NOTE(isa): __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   }
+  if (avx2) return Isa::kAvx2;
 #endif
   return Isa::kScalar;
 }
@@ -34,7 +30,7 @@ Isa initial_isa() {
   const Isa best = detect();
   const char* env = std::getenv("FASTLAYERS_CPU_ISA");
   if (env == nullptr || *env == '\0') return best;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : kIsas) {
     if (std::strcmp(env, isa_name(isa)) == 0 && static_cast<int>(isa) <= static_cast<int>(best)) {
       return isa;
     }
@@ -51,6 +47,8 @@ std::atomic<int>& active() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:

@@ -5,7 +5,10 @@
 
 namespace fastlayers::cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// Levels, each a superset of the one before. kAvx512Bf16 runs the avx512 kernels of every family;
+// only the INT4 x FP8 GEMM differs there (vdpbf16ps: two products per fp32 lane and instruction).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+inline constexpr Isa kIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 
 const char* isa_name(Isa isa);
 // The best ISA this CPU and OS support.
@@ -13,7 +16,7 @@ Isa detected_isa();
 // True in a test build whose AVX-512 kernels run through SIMDe (CMake FASTLAYERS_EMULATE_AVX512).
 bool avx512_emulated();
 // The ISA kernels use now: detected_isa(), or a lower one chosen with set_active_isa() or the
-// FASTLAYERS_CPU_ISA environment variable (scalar | avx2 | avx512).
+// FASTLAYERS_CPU_ISA environment variable (scalar | avx2 | avx512 | avx512_bf16).
 Isa active_isa();
 // Returns false (and changes nothing) when the CPU does not support `isa`.
 bool set_active_isa(Isa isa);
@@ -24,6 +27,7 @@ bool set_active_isa(Isa isa);
 // launcher uses (the kernels are compiled once per ISA, see cmake/CpuIsa.cmake).
 #define FL_CPU_DISPATCH(family, fn, p)                    \
   switch (::fastlayers::cpu::active_isa()) {             \
+    case ::fastlayers::cpu::Isa::kAvx512Bf16:            \
     case ::fastlayers::cpu::Isa::kAvx512:                \
       return ::fastlayers::cpu::avx512::family::fn(p);   \
     case ::fastlayers::cpu::Isa::kAvx2:                  \

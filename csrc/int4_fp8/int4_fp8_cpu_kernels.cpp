@@ -14,9 +14,15 @@
 // weight), micro-tiles of kRowTile rows x one channel: every table look-up feeds kRowTile FMAs. For
 // decode (m = 1) the kernel reads 1/8 of the bytes of an fp32 weight.
 //
+// AVX512-BF16 (ISA level avx512_bf16, in the avx512 build): FP8 activations and the table values
+// fp8(q * s8) are exact in bf16, so vdpbf16ps (two products per fp32 lane, each rounded into the fp32
+// sum as an FMA would) does the same arithmetic with half the instructions. A weight byte holds the
+// pair (even k, odd k) the instruction wants in one lane, so activations stage in natural order.
+//
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include <omp.h>
 
+#include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "int4_fp8/int4_fp8.h"
@@ -41,9 +47,11 @@ constexpr int64_t kParallelMinWork = 1 << 17;  // m * n * k below this runs on o
 struct Tables {
   float lut[256][16];
   uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
+  uint16_t fp8_bf16[256];      // the bf16 pattern of each FP8 code (exact)
   Tables() {
     const float* fp8 = fp8_values();
     for (int c = 0; c < 256; ++c) {
+      fp8_bf16[c] = static_cast<uint16_t>(float_bits(fp8[c]) >> 16);
       for (int i = 0; i < 16; ++i) {
         lut[c][i] = to_float(to_fp8e4m3(static_cast<float>(i < 8 ? i : i - 16) * fp8[c]));
         const uint32_t top = float_bits(lut[c][i]) >> 16;
@@ -302,6 +310,7 @@ void block(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const floa
 // From about 24-28 rows the panels beat the per-channel tiles (2-core Zen 3, 4096 x 4096 and
 // 4096 x 14336: 0.84x at 20 rows, 1.05-1.13x at 28, 1.2x at 32, 1.5x at 63).
 constexpr int64_t kPanelMinRows = 28;
+constexpr int64_t kPanelMinRowsBf16 = 8;
 constexpr int64_t kPanelMaxRows = 192;  // rows staged at a time (a multiple of kPanelTile)
 constexpr int kPanelTile = 6;           // rows per micro-tile
 constexpr int kPanelCols = 2 * kW;      // channels per panel
@@ -354,19 +363,260 @@ void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float
   }
 }
 
-void gemm_panels(const GemmParams& p) {
+#if defined(FL_AVX512)
+// ---- AVX512-BF16: the same tiles and panels through vdpbf16ps ------------------------------------
+// Lane i of a dot product reads the bf16 pair (2i, 2i + 1) of both operands: a staged activation row
+// is bf16 in natural order, and a weight byte becomes one lane, its low nibble's table value in the
+// low half (even k) and its high nibble's in the high half (odd k).
+#if defined(FL_SIMDE_AVX512)
+#define FL_TARGET_BF16  // SIMDe implements the instruction; the TU targets AVX2
+#else
+#define FL_TARGET_BF16 __attribute__((target("avx512bf16")))
+#endif
+
+constexpr int kRowTileBf16 = 8;
+constexpr int kPanelTileBf16 = 8;  // rows per micro-tile: the weight decode is shared by 8 rows
+
+void stage_row_bf16(const GemmParams& p, int64_t row, uint16_t* out) {
+  const uint16_t* bf = tables().fp8_bf16;
+  const uint8_t* x = &p.xq[row * p.x_row_stride].bits;
+  for (int64_t k = 0; k < p.k; ++k) out[k] = bf[x[k]];
+}
+
+float bf16_value(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
+
+// The pair lanes of 16 weight bytes: table t_lo holds the group's values in the low 16 bits of each
+// lane, t_hi in the high 16 (vpermd reads the low 4 bits of each index).
+__m512i pair_lanes(const uint8_t* w, __m512i t_lo, __m512i t_hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm512_or_si512(_mm512_permutexvar_epi32(v, t_lo),
+                         _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), t_hi));
+}
+
+// R rows x one channel over all of K; two accumulators per row (64 k per step).
+template <int R>
+FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const uint16_t* xs_base, float* out) {
+  const Tables& tab = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const uint8_t* wrow = p.qweight + col * (p.k / 2);
+  const fp8e4m3_t* srow = p.group_scale + col * groups;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  float tail[R] = {};
+  for (int64_t j = 0; j < groups; ++j) {
+    const int64_t k0 = j * p.group_size;
+    const int64_t len = p.k - k0 < p.group_size ? p.k - k0 : p.group_size;
+    const int64_t full = len / 32 * 32;
+    const float* lut = tab.lut[srow[j].bits];
+    const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(lut));
+    const __m512i t_lo = _mm512_srli_epi32(bits, 16), t_hi = _mm512_and_si512(bits, high);
+    int64_t c = 0;
+    for (; c + 64 <= full; c += 64) {
+      __builtin_prefetch(wrow + (k0 + c) / 2 + kPrefetchBytes);
+      for (int h = 0; h < 2; ++h) {
+        const __m512bh w = (__m512bh)pair_lanes(wrow + (k0 + c) / 2 + 16 * h, t_lo, t_hi);
+        for (int r = 0; r < R; ++r) {
+          const __m512i x = _mm512_loadu_si512(xs_base + r * p.k + k0 + c + 32 * h);
+          acc[r][h] = _mm512_dpbf16_ps(acc[r][h], (__m512bh)x, w);
+        }
+      }
+    }
+    if (c < full) {
+      const __m512bh w = (__m512bh)pair_lanes(wrow + (k0 + c) / 2, t_lo, t_hi);
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_loadu_si512(xs_base + r * p.k + k0 + c);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)x, w);
+      }
+    }
+    for (int64_t kk = full; kk < len; kk += 2) {  // the group's last len % 32 k
+      const uint32_t byte = wrow[(k0 + kk) / 2];
+      const float lo = lut[byte & 15u], hi = lut[byte >> 4];
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* x = xs_base + r * p.k + k0 + kk;
+        tail[r] += bf16_value(x[0]) * lo + bf16_value(x[1]) * hi;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r * p.n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
+  }
+}
+
+void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const uint16_t* staged,
+                float* out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = 0; r < rows; r += kRowTileBf16) {
+      const uint16_t* x = staged + r * p.k;
+      float* o = out + r * p.n + c;
+      switch (rows - r < kRowTileBf16 ? rows - r : kRowTileBf16) {
+        case 8: tile_bf16<8>(p, c, x, o); break;
+        case 7: tile_bf16<7>(p, c, x, o); break;
+        case 6: tile_bf16<6>(p, c, x, o); break;
+        case 5: tile_bf16<5>(p, c, x, o); break;
+        case 4: tile_bf16<4>(p, c, x, o); break;
+        case 3: tile_bf16<3>(p, c, x, o); break;
+        case 2: tile_bf16<2>(p, c, x, o); break;
+        default: tile_bf16<1>(p, c, x, o);
+      }
+    }
+  }
+}
+
+// v[i] (i < 16: 16 rows of 16 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
+void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // v[i + q], 128-bit lane l: column 4 l + q of rows i .. i + 3
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44), s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
+    t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + q] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    t[8 + q] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// Panels of pairs: panel[kp * kPanelCols + j] = (w[2 kp][c + j], w[2 kp + 1][c + j]) as bf16, which
+// is one weight byte: the k of a panel are whole bytes (k0, len and group_size are even). When every
+// 32 k lie in one group (group_size % 32 == 0), 16 channels x 32 k decode as 16 vectors of pairs and
+// one transpose; the rest byte by byte.
+void decode_panel_bf16(const GemmParams& p, int64_t c, int64_t k0, int64_t len, uint32_t* panel) {
+  const Tables& t = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const int64_t vec = p.group_size % 32 == 0 ? len / 32 * 32 : 0;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int j0 = 0; j0 < kPanelCols; j0 += 16) {
+    for (int64_t kk = 0; kk < vec; kk += 32) {
+      const int64_t g = (k0 + kk) / p.group_size;
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t ch = c + j0 + i;
+        const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(t.lut[p.group_scale[ch * groups + g].bits]));
+        v[i] = pair_lanes(p.qweight + ch * (p.k / 2) + (k0 + kk) / 2, _mm512_srli_epi32(bits, 16),
+                          _mm512_and_si512(bits, high));
+      }
+      transpose16(v);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(panel + (kk / 2 + i) * kPanelCols + j0, v[i]);
+    }
+  }
+  for (int j = 0; j < kPanelCols; ++j) {
+    const uint8_t* w = p.qweight + (c + j) * (p.k / 2) + k0 / 2;
+    const uint8_t* s8 = &p.group_scale[(c + j) * groups].bits;
+    uint32_t* out = panel + j;
+    for (int64_t kk = vec, g = (k0 + vec) / p.group_size; kk < len; ++g) {
+      const int64_t end = (g + 1) * p.group_size - k0 < len ? (g + 1) * p.group_size - k0 : len;
+      const float* lut = t.lut[s8[g]];
+      for (; kk < end; kk += 2) {
+        const uint32_t byte = w[kk / 2];
+        out[kk / 2 * kPanelCols] = (float_bits(lut[byte & 15u]) >> 16) | (float_bits(lut[byte >> 4]) & 0xFFFF0000u);
+      }
+    }
+  }
+}
+
+// acc[r][0..kPanelCols) += x[r][0..2 pairs) . panel for R rows (row stride ldx, in bf16).
+template <int R>
+FL_TARGET_BF16 void panel_tile_bf16(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs,
+                                    float* acc) {
+  __m512 a[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    a[r][0] = _mm512_loadu_ps(acc + r * kPanelCols);
+    a[r][1] = _mm512_loadu_ps(acc + r * kPanelCols + kW);
+  }
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + kp * kPanelCols);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + kp * kPanelCols + kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, x + r * ldx + 2 * kp, sizeof(pair));
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      a[r][0] = _mm512_dpbf16_ps(a[r][0], xb, w0);
+      a[r][1] = _mm512_dpbf16_ps(a[r][1], xb, w1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(acc + r * kPanelCols, a[r][0]);
+    _mm512_storeu_ps(acc + r * kPanelCols + kW, a[r][1]);
+  }
+}
+#endif  // FL_AVX512
+
+// Rows [0, rows) of one staged block x the kPanelCols channels of one panel.
+void panel_rows(const float* staged, int64_t ldx, const float* panel, int64_t len, int64_t rows, float* acc) {
+  for (int64_t r = 0; r < rows; r += kPanelTile) {
+    const float* x = staged + r * ldx;
+    float* a = acc + r * kPanelCols;
+    switch (rows - r < kPanelTile ? rows - r : kPanelTile) {
+      case 6: panel_tile<6>(x, ldx, panel, len, a); break;
+      case 5: panel_tile<5>(x, ldx, panel, len, a); break;
+      case 4: panel_tile<4>(x, ldx, panel, len, a); break;
+      case 3: panel_tile<3>(x, ldx, panel, len, a); break;
+      case 2: panel_tile<2>(x, ldx, panel, len, a); break;
+      default: panel_tile<1>(x, ldx, panel, len, a);
+    }
+  }
+}
+
+#if defined(FL_AVX512)
+void panel_rows_bf16(const uint16_t* staged, int64_t ldx, const uint32_t* panel, int64_t len, int64_t rows,
+                     float* acc) {
+  constexpr int kTile = kPanelTileBf16;
+  for (int64_t r = 0; r < rows; r += kTile) {
+    const uint16_t* x = staged + r * ldx;
+    float* a = acc + r * kPanelCols;
+    switch (rows - r < kTile ? rows - r : kTile) {
+      case 8: panel_tile_bf16<8>(x, ldx, panel, len / 2, a); break;
+      case 7: panel_tile_bf16<7>(x, ldx, panel, len / 2, a); break;
+      case 6: panel_tile_bf16<6>(x, ldx, panel, len / 2, a); break;
+      case 5: panel_tile_bf16<5>(x, ldx, panel, len / 2, a); break;
+      case 4: panel_tile_bf16<4>(x, ldx, panel, len / 2, a); break;
+      case 3: panel_tile_bf16<3>(x, ldx, panel, len / 2, a); break;
+      case 2: panel_tile_bf16<2>(x, ldx, panel, len / 2, a); break;
+      default: panel_tile_bf16<1>(x, ldx, panel, len / 2, a);
+    }
+  }
+}
+#endif
+
+// bf16: the activations stage as bf16 and the panels as bf16 pairs (AVX512-BF16 only).
+void gemm_panels(const GemmParams& p, bool bf16) {
   const int64_t stage_rows = p.m < kPanelMaxRows ? p.m : kPanelMaxRows;
-  float* staged = new float[stage_rows * p.k];
+  float* staged = bf16 ? nullptr : new float[stage_rows * p.k];
+  uint16_t* staged16 = bf16 ? new uint16_t[stage_rows * p.k] : nullptr;
   const float* f8 = fp8_values();
   const int64_t blocks = p.n / kPanelCols;
 #pragma omp parallel
   {
     alignas(64) float panel[kPanelK * kPanelCols];
+#if defined(FL_AVX512)
+    alignas(64) uint32_t panel16[kPanelK / 2 * kPanelCols];
+#endif
     alignas(64) float acc[kPanelMaxRows * kPanelCols];
     for (int64_t m0 = 0; m0 < p.m; m0 += kPanelMaxRows) {
       const int64_t rows = p.m - m0 < kPanelMaxRows ? p.m - m0 : kPanelMaxRows;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {  // FP8 -> fp32, natural order
+      for (int64_t r = 0; r < rows; ++r) {  // FP8 -> fp32 or bf16, natural order
+#if defined(FL_AVX512)
+        if (bf16) {
+          stage_row_bf16(p, m0 + r, staged16 + r * p.k);
+          continue;
+        }
+#endif
         const uint8_t* x = &p.xq[(m0 + r) * p.x_row_stride].bits;
         for (int64_t k = 0; k < p.k; ++k) staged[r * p.k + k] = f8[x[k]];
       }
@@ -377,19 +627,15 @@ void gemm_panels(const GemmParams& p) {
         for (int64_t i = 0; i < rows * kPanelCols; ++i) acc[i] = 0.0f;
         for (int64_t k0 = 0; k0 < p.k; k0 += kPanelK) {
           const int64_t len = p.k - k0 < kPanelK ? p.k - k0 : kPanelK;
-          decode_panel(p, c, k0, len, panel);
-          for (int64_t r = 0; r < rows; r += kPanelTile) {
-            const float* x = staged + r * p.k + k0;
-            float* a = acc + r * kPanelCols;
-            switch (rows - r < kPanelTile ? rows - r : kPanelTile) {
-              case 6: panel_tile<6>(x, p.k, panel, len, a); break;
-              case 5: panel_tile<5>(x, p.k, panel, len, a); break;
-              case 4: panel_tile<4>(x, p.k, panel, len, a); break;
-              case 3: panel_tile<3>(x, p.k, panel, len, a); break;
-              case 2: panel_tile<2>(x, p.k, panel, len, a); break;
-              default: panel_tile<1>(x, p.k, panel, len, a);
-            }
+#if defined(FL_AVX512)
+          if (bf16) {
+            decode_panel_bf16(p, c, k0, len, panel16);
+            panel_rows_bf16(staged16 + k0, p.k, panel16, len, rows, acc);
+            continue;
           }
+#endif
+          decode_panel(p, c, k0, len, panel);
+          panel_rows(staged + k0, p.k, panel, len, rows, acc);
         }
         for (int64_t r = 0; r < rows; ++r) {
           for (int j = 0; j < kPanelCols; ++j) {
@@ -401,6 +647,7 @@ void gemm_panels(const GemmParams& p) {
     }
   }
   delete[] staged;
+  delete[] staged16;
 }
 
 template <typename T>
@@ -442,12 +689,18 @@ void quantize_rows(const QuantizeParams& p) {
 }  // namespace
 
 Status gemm(const GemmParams& p) {
-  if (p.m >= kPanelMinRows && p.n % kPanelCols == 0) {
-    gemm_panels(p);
+#if defined(FL_AVX512)
+  const bool bf16 = active_isa() == Isa::kAvx512Bf16;
+#else
+  const bool bf16 = false;
+#endif
+  if (p.m >= (bf16 ? kPanelMinRowsBf16 : kPanelMinRows) && p.n % kPanelCols == 0) {
+    gemm_panels(p, bf16);
     return Status::ok();
   }
   const int64_t stage_rows = p.m < kRowsPerStage ? p.m : kRowsPerStage;
-  float* staged = new float[stage_rows * p.k];
+  float* staged = bf16 ? nullptr : new float[stage_rows * p.k];
+  uint16_t* staged16 = bf16 ? new uint16_t[stage_rows * p.k] : nullptr;
   float* sums = new float[stage_rows * p.n];
   const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
 #pragma omp parallel if (parallel)
@@ -457,9 +710,20 @@ Status gemm(const GemmParams& p) {
     for (int64_t m0 = 0; m0 < p.m; m0 += kRowsPerStage) {
       const int64_t rows = p.m - m0 < kRowsPerStage ? p.m - m0 : kRowsPerStage;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) stage_row(p, m0 + r, staged + r * p.k);
+      for (int64_t r = 0; r < rows; ++r) {
+#if defined(FL_AVX512)
+        if (bf16) {
+          stage_row_bf16(p, m0 + r, staged16 + r * p.k);
+          continue;
+        }
+#endif
+        stage_row(p, m0 + r, staged + r * p.k);
+      }
       // (implicit barrier: every row is staged before any channel reads it)
-      block(p, c0, c1, rows, staged, sums);
+#if defined(FL_AVX512)
+      if (bf16) block_bf16(p, c0, c1, rows, staged16, sums);
+#endif
+      if (!bf16) block(p, c0, c1, rows, staged, sums);
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = c0; c < c1; ++c) store_out(p, m0 + r, c, finish(p, sums[r * p.n + c], m0 + r, c));
       }
@@ -469,6 +733,7 @@ Status gemm(const GemmParams& p) {
   }
   delete[] sums;
   delete[] staged;
+  delete[] staged16;
   return Status::ok();
 }
 

@@ -29,7 +29,7 @@ def backend_label(device: torch.device, op: str) -> str:
     """What ``op`` runs on ``device`` in this build: the CPU kernel variant, the CUDA kernels, or
     the PyTorch reference (the label the benchmark tables show)."""
     if device.type == "cpu" and _ext.has_cpu_kernels():
-        emulated = _ext.C.cpu_isa() == "avx512" and _ext.C.avx512_emulated()
+        emulated = _ext.C.cpu_isa().startswith("avx512") and _ext.C.avx512_emulated()
         return f"fastlayers/{_ext.C.cpu_isa()}" + ("-simde-emulated" if emulated else "")
     if device.type == "cuda" and _ext.has_cuda_kernel(op):
         return "fastlayers/cuda"
