@@ -61,8 +61,10 @@ def test_gemm_every_cpu_isa(cpu_isa):
     qw = _weight(64, 320, 64, "cpu")
     xq, xs = fastlayers.quantize_fp8_per_token(rand(71, 320, dtype=torch.float32, device="cpu"))
     _check_gemm(xq, xs, qw, rand(64, dtype=torch.float32, device="cpu"), torch.bfloat16)
-    # panels from 28 rows; groups of 6 and 96 end inside a 256-k panel (per-group tables)
-    for n, k, group_size, m in ((32, 710, 6, 28), (48, 520, 96, 40)):
+    # panels (from 8-28 rows, by ISA); groups of 6, 96 and 48 end inside a 256-k panel (per-group
+    # tables); vector decode of 16 k (AVX2) or 32 k (AVX-512) per group segment, the rest by byte
+    shapes = ((32, 710, 6, 28), (48, 520, 96, 40), (32, 420, 48, 30), (64, 420, 64, 12))
+    for n, k, group_size, m in shapes:
         qw = _weight(n, k, group_size, "cpu")
         xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.float32, device="cpu"))
         _check_gemm(xq, xs, qw, None, torch.float32)

@@ -142,6 +142,31 @@ void group_tail(const uint8_t* w, int64_t bytes, const float* lut, const float* 
 
 #if defined(FL_AVX512)
 
+// v[i] (i < 16: 16 rows of 16 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
+void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // v[i + q], 128-bit lane l: column 4 l + q of rows i .. i + 3
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44), s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
+    t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + q] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    t[8 + q] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
 // R rows x one channel over all of K: the 16 bytes of a chunk widen to 16 lanes; vpermps takes the
 // low 4 bits of each lane as the index, so the low nibbles index directly and the high ones after a
 // shift.
@@ -183,6 +208,26 @@ void tile(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
 }
 
 #elif defined(__AVX2__)
+
+// v[i] (i < 8: 8 rows of 8 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
+void transpose8(__m256* v) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // v[i + q]: columns q and 4 + q of rows i .. i + 3
+    v[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    v[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    v[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    v[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    t[q] = _mm256_permute2f128_ps(v[q], v[4 + q], 0x20);
+    t[4 + q] = _mm256_permute2f128_ps(v[q], v[4 + q], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) v[i] = t[i];
+}
 
 // R rows x one channel over all of K. Per 32 weight bytes: the nibbles index the byte tables
 // (vpshufb), two unpacks per nibble set rebuild the 16-bit values and two more place them in the top
@@ -307,9 +352,17 @@ void block(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const floa
 // (natural order) runs a 6 x 2-vector FMA kernel over it: 12 FMAs per 2 weight loads and 6
 // broadcasts, against one load per FMA in the per-channel tiles. The panel is decoded once per
 // kPanelMaxRows rows, so the decode costs about 1/50 of the FMAs at 192 rows.
-// From about 24-28 rows the panels beat the per-channel tiles (2-core Zen 3, 4096 x 4096 and
-// 4096 x 14336: 0.84x at 20 rows, 1.05-1.13x at 28, 1.2x at 32, 1.5x at 63).
+// The panels beat the per-channel tiles from 24 rows with AVX2, from 10 with AVX-512 and from 8
+// with AVX512-BF16, once their decode is vectorized (2-core Zen 4, 4096 x 4096, C++ A/B in one
+// process, panels over tiles: AVX2 1.01x at 24 rows, 0.87x at 20; AVX-512 1.24x at 12, 0.96x at 8;
+// bf16 1.32x at 16, 1.0x at 8; bench/results/int4_fp8/NOTES.md).
+#if defined(FL_AVX512)
+constexpr int64_t kPanelMinRows = 10;
+#elif defined(__AVX2__)
+constexpr int64_t kPanelMinRows = 24;
+#else
 constexpr int64_t kPanelMinRows = 28;
+#endif
 constexpr int64_t kPanelMinRowsBf16 = 8;
 constexpr int64_t kPanelMaxRows = 192;  // rows staged at a time (a multiple of kPanelTile)
 constexpr int kPanelTile = 6;           // rows per micro-tile
@@ -343,15 +396,69 @@ void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t len, fl
 
 // Channels [c, c + kPanelCols), k [k0, k0 + len) -> panel[kk * kPanelCols + j] = fp8(q * s8).
 // One look-up table per group segment (k0, len and group_size are even: whole bytes, and a byte
-// never straddles two groups); a division per byte cost as much as the FMAs at 64 rows.
+// never straddles two groups); a division per byte cost as much as the FMAs at 64 rows. AVX-512,
+// when every 32 k lie in one group (group_size % 32 == 0): 16 channels x 32 k at a time, two vectors
+// of table values per channel (even k, odd k) and two 16 x 16 transposes; the rest byte by byte.
 void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float* panel) {
   const Tables& t = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  int64_t vec = 0;
+#if defined(FL_AVX512)
+  vec = p.group_size % 32 == 0 ? len / 32 * 32 : 0;
+  for (int j0 = 0; j0 < kPanelCols; j0 += 16) {
+    for (int64_t kk = 0; kk < vec; kk += 32) {
+      const int64_t g = (k0 + kk) / p.group_size;
+      __m512i even[16], odd[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t ch = c + j0 + i;
+        const __m512 lut = _mm512_loadu_ps(t.lut[p.group_scale[ch * groups + g].bits]);
+        const uint8_t* w = p.qweight + ch * (p.k / 2) + (k0 + kk) / 2;
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        even[i] = _mm512_castps_si512(_mm512_permutexvar_ps(v, lut));
+        odd[i] = _mm512_castps_si512(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut));
+      }
+      transpose16(even);
+      transpose16(odd);
+      for (int i = 0; i < 16; ++i) {
+        _mm512_storeu_si512(panel + (kk + 2 * i) * kPanelCols + j0, even[i]);
+        _mm512_storeu_si512(panel + (kk + 2 * i + 1) * kPanelCols + j0, odd[i]);
+      }
+    }
+  }
+#elif defined(__AVX2__)
+  // 8 channels x 16 k at a time (every 16 k in one group): vpermps reads 3 index bits, so each
+  // nibble looks up both 8-entry halves of the table and its bit 3 (moved to the sign) picks one.
+  vec = p.group_size % 16 == 0 ? len / 16 * 16 : 0;
+  for (int j0 = 0; j0 < kPanelCols; j0 += 8) {
+    for (int64_t kk = 0; kk < vec; kk += 16) {
+      const int64_t g = (k0 + kk) / p.group_size;
+      __m256 even[8], odd[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t ch = c + j0 + i;
+        const float* lut = t.lut[p.group_scale[ch * groups + g].bits];
+        const __m256 lo = _mm256_loadu_ps(lut), hi = _mm256_loadu_ps(lut + 8);
+        const uint8_t* w = p.qweight + ch * (p.k / 2) + (k0 + kk) / 2;
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+        const __m256i u = _mm256_srli_epi32(v, 4);
+        even[i] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v),
+                                   _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+        odd[i] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, u), _mm256_permutevar8x32_ps(hi, u),
+                                  _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+      }
+      transpose8(even);
+      transpose8(odd);
+      for (int i = 0; i < 8; ++i) {
+        _mm256_storeu_ps(panel + (kk + 2 * i) * kPanelCols + j0, even[i]);
+        _mm256_storeu_ps(panel + (kk + 2 * i + 1) * kPanelCols + j0, odd[i]);
+      }
+    }
+  }
+#endif
   for (int j = 0; j < kPanelCols; ++j) {
     const uint8_t* w = p.qweight + (c + j) * (p.k / 2) + k0 / 2;
     const uint8_t* s8 = &p.group_scale[(c + j) * groups].bits;
     float* out = panel + j;
-    for (int64_t kk = 0, g = k0 / p.group_size; kk < len; ++g) {
+    for (int64_t kk = vec, g = (k0 + vec) / p.group_size; kk < len; ++g) {
       const int64_t end = (g + 1) * p.group_size - k0 < len ? (g + 1) * p.group_size - k0 : len;
       const float* lut = t.lut[s8[g]];
       for (; kk < end; kk += 2) {
@@ -461,31 +568,6 @@ void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const
       }
     }
   }
-}
-
-// v[i] (i < 16: 16 rows of 16 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
-void transpose16(__m512i* v) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // v[i + q], 128-bit lane l: column 4 l + q of rows i .. i + 3
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44), s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
-    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
-    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
-    t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
-    t[4 + q] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
-    t[8 + q] = _mm512_shuffle_i32x4(s1, s3, 0x88);
-    t[12 + q] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) v[i] = t[i];
 }
 
 // Panels of pairs: panel[kp * kPanelCols + j] = (w[2 kp][c + j], w[2 kp + 1][c + j]) as bf16, which
