@@ -67,6 +67,27 @@ const Tables& tables() {
   return t;
 }
 
+// Row tiles: fn(r, Rows<R>{}) for r = 0, kTile, 2 kTile, ... < rows with R = min(kTile, rows - r),
+// so that every micro-kernel sees its row count at compile time.
+template <int R>
+struct Rows {
+  static constexpr int value = R;
+};
+template <int R, typename Fn>
+void with_rows(int64_t n, int64_t r, Fn& fn) {
+  if constexpr (R > 1) {
+    if (n < R) {
+      with_rows<R - 1>(n, r, fn);
+      return;
+    }
+  }
+  fn(r, Rows<R>{});
+}
+template <int kTile, typename Fn>
+void row_tiles(int64_t rows, Fn fn) {
+  for (int64_t r = 0; r < rows; r += kTile) with_rows<kTile>(rows - r < kTile ? rows - r : kTile, r, fn);
+}
+
 #if defined(__AVX2__) && !defined(FL_AVX512)
 // AVX2: 64 k (32 weight bytes) per chunk, in the order the byte look-ups produce them: staged vector
 // v (8 floats) holds the low (v < 4) or high (v >= 4) nibbles of bytes 4 (v % 4) .. +3 and 16 + the
@@ -156,7 +177,8 @@ void transpose16(__m512i* v) {
     v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
   for (int q = 0; q < 4; ++q) {
-    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44), s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
+    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
     const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
     const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
     t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
@@ -166,6 +188,17 @@ void transpose16(__m512i* v) {
   }
   for (int i = 0; i < 16; ++i) v[i] = t[i];
 }
+
+// Panel decode (decode_panel): the table values of 16 weight bytes, even k and odd k.
+using Lanes = __m512i;
+void table_values(const float* lut, const uint8_t* w, Lanes& even, Lanes& odd) {
+  const __m512 table = _mm512_loadu_ps(lut);
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  even = _mm512_castps_si512(_mm512_permutexvar_ps(v, table));
+  odd = _mm512_castps_si512(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+}
+void transpose(Lanes* v) { transpose16(v); }
+void store_lanes(float* p, Lanes v) { _mm512_storeu_si512(p, v); }
 
 // R rows x one channel over all of K: the 16 bytes of a chunk widen to 16 lanes; vpermps takes the
 // low 4 bits of each lane as the index, so the low nibbles index directly and the high ones after a
@@ -228,6 +261,22 @@ void transpose8(__m256* v) {
   }
   for (int i = 0; i < 8; ++i) v[i] = t[i];
 }
+
+// Panel decode (decode_panel): the table values of 8 weight bytes, even k and odd k. vpermps reads 3
+// index bits, so each nibble looks up both 8-entry halves of the table and its bit 3 (moved to the
+// sign) picks one.
+using Lanes = __m256;
+void table_values(const float* lut, const uint8_t* w, Lanes& even, Lanes& odd) {
+  const __m256 lo = _mm256_loadu_ps(lut), hi = _mm256_loadu_ps(lut + 8);
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+  const __m256i u = _mm256_srli_epi32(v, 4);
+  even = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+  odd = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, u), _mm256_permutevar8x32_ps(hi, u),
+                         _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+}
+void transpose(Lanes* v) { transpose8(v); }
+void store_lanes(float* p, Lanes v) { _mm256_storeu_ps(p, v); }
 
 // R rows x one channel over all of K. Per 32 weight bytes: the nibbles index the byte tables
 // (vpshufb), two unpacks per nibble set rebuild the 16-bit values and two more place them in the top
@@ -326,23 +375,9 @@ void tile(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
 void block(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const float* staged,
            float* out) {
   for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t r = 0; r < rows; r += kRowTile) {
-      const float* x = staged + r * p.k;
-      float* o = out + r * p.n + c;
-      switch (rows - r < kRowTile ? rows - r : kRowTile) {
-        case 4:
-          tile<4>(p, c, x, o);
-          break;
-        case 3:
-          tile<3>(p, c, x, o);
-          break;
-        case 2:
-          tile<2>(p, c, x, o);
-          break;
-        default:
-          tile<1>(p, c, x, o);
-      }
-    }
+    row_tiles<kRowTile>(rows, [&](int64_t r, auto n) {
+      tile<decltype(n)::value>(p, c, staged + r * p.k, out + r * p.n + c);
+    });
   }
 }
 
@@ -394,80 +429,57 @@ void panel_tile(const float* x, int64_t ldx, const float* panel, int64_t len, fl
   }
 }
 
-// Channels [c, c + kPanelCols), k [k0, k0 + len) -> panel[kk * kPanelCols + j] = fp8(q * s8).
-// One look-up table per group segment (k0, len and group_size are even: whole bytes, and a byte
-// never straddles two groups); a division per byte cost as much as the FMAs at 64 rows. AVX-512,
-// when every 32 k lie in one group (group_size % 32 == 0): 16 channels x 32 k at a time, two vectors
-// of table values per channel (even k, odd k) and two 16 x 16 transposes; the rest byte by byte.
-void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float* panel) {
+// Bytes from k0 + from to k0 + len of channels [c, c + kPanelCols): put(j, kk, table, byte) for each,
+// one look-up table per group segment (k0, from, len and group_size are even: whole bytes, and a
+// byte never straddles two groups); a division per byte cost as much as the FMAs at 64 rows.
+template <typename Put>
+void decode_bytes(const GemmParams& p, int64_t c, int64_t k0, int64_t from, int64_t len, Put put) {
   const Tables& t = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
-  int64_t vec = 0;
-#if defined(FL_AVX512)
-  vec = p.group_size % 32 == 0 ? len / 32 * 32 : 0;
-  for (int j0 = 0; j0 < kPanelCols; j0 += 16) {
-    for (int64_t kk = 0; kk < vec; kk += 32) {
-      const int64_t g = (k0 + kk) / p.group_size;
-      __m512i even[16], odd[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t ch = c + j0 + i;
-        const __m512 lut = _mm512_loadu_ps(t.lut[p.group_scale[ch * groups + g].bits]);
-        const uint8_t* w = p.qweight + ch * (p.k / 2) + (k0 + kk) / 2;
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        even[i] = _mm512_castps_si512(_mm512_permutexvar_ps(v, lut));
-        odd[i] = _mm512_castps_si512(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut));
-      }
-      transpose16(even);
-      transpose16(odd);
-      for (int i = 0; i < 16; ++i) {
-        _mm512_storeu_si512(panel + (kk + 2 * i) * kPanelCols + j0, even[i]);
-        _mm512_storeu_si512(panel + (kk + 2 * i + 1) * kPanelCols + j0, odd[i]);
-      }
+  for (int j = 0; j < kPanelCols; ++j) {
+    const uint8_t* w = p.qweight + (c + j) * (p.k / 2) + k0 / 2;
+    const uint8_t* s8 = &p.group_scale[(c + j) * groups].bits;
+    for (int64_t kk = from, g = (k0 + from) / p.group_size; kk < len; ++g) {
+      const int64_t end = (g + 1) * p.group_size - k0 < len ? (g + 1) * p.group_size - k0 : len;
+      const float* lut = t.lut[s8[g]];
+      for (; kk < end; kk += 2) put(j, kk, lut, w[kk / 2]);
     }
   }
-#elif defined(__AVX2__)
-  // 8 channels x 16 k at a time (every 16 k in one group): vpermps reads 3 index bits, so each
-  // nibble looks up both 8-entry halves of the table and its bit 3 (moved to the sign) picks one.
-  vec = p.group_size % 16 == 0 ? len / 16 * 16 : 0;
-  for (int j0 = 0; j0 < kPanelCols; j0 += 8) {
-    for (int64_t kk = 0; kk < vec; kk += 16) {
+}
+
+// Channels [c, c + kPanelCols), k [k0, k0 + len) -> panel[kk * kPanelCols + j] = fp8(q * s8).
+// AVX-512 and AVX2, when every 2 kW k lie in one group (group_size % 32 or 16 == 0): kW channels x
+// 2 kW k at a time, two vectors of table values per channel (even k, odd k) and two kW x kW
+// transposes; the rest byte by byte.
+void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float* panel) {
+  int64_t vec = 0;  // k decoded as vectors
+#if defined(__AVX2__) || defined(FL_AVX512)
+  const Tables& t = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  // kW channels x 2 kW k (kW bytes) at a time when every such run of k lies in one group.
+  vec = p.group_size % (2 * kW) == 0 ? len / (2 * kW) * (2 * kW) : 0;
+  for (int j0 = 0; j0 < kPanelCols; j0 += kW) {
+    for (int64_t kk = 0; kk < vec; kk += 2 * kW) {
       const int64_t g = (k0 + kk) / p.group_size;
-      __m256 even[8], odd[8];
-      for (int i = 0; i < 8; ++i) {
+      Lanes even[kW], odd[kW];
+      for (int i = 0; i < kW; ++i) {
         const int64_t ch = c + j0 + i;
-        const float* lut = t.lut[p.group_scale[ch * groups + g].bits];
-        const __m256 lo = _mm256_loadu_ps(lut), hi = _mm256_loadu_ps(lut + 8);
-        const uint8_t* w = p.qweight + ch * (p.k / 2) + (k0 + kk) / 2;
-        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
-        const __m256i u = _mm256_srli_epi32(v, 4);
-        even[i] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v),
-                                   _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
-        odd[i] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, u), _mm256_permutevar8x32_ps(hi, u),
-                                  _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+        table_values(t.lut[p.group_scale[ch * groups + g].bits], p.qweight + ch * (p.k / 2) + (k0 + kk) / 2,
+                     even[i], odd[i]);
       }
-      transpose8(even);
-      transpose8(odd);
-      for (int i = 0; i < 8; ++i) {
-        _mm256_storeu_ps(panel + (kk + 2 * i) * kPanelCols + j0, even[i]);
-        _mm256_storeu_ps(panel + (kk + 2 * i + 1) * kPanelCols + j0, odd[i]);
+      transpose(even);
+      transpose(odd);
+      for (int i = 0; i < kW; ++i) {
+        store_lanes(panel + (kk + 2 * i) * kPanelCols + j0, even[i]);
+        store_lanes(panel + (kk + 2 * i + 1) * kPanelCols + j0, odd[i]);
       }
     }
   }
 #endif
-  for (int j = 0; j < kPanelCols; ++j) {
-    const uint8_t* w = p.qweight + (c + j) * (p.k / 2) + k0 / 2;
-    const uint8_t* s8 = &p.group_scale[(c + j) * groups].bits;
-    float* out = panel + j;
-    for (int64_t kk = vec, g = (k0 + vec) / p.group_size; kk < len; ++g) {
-      const int64_t end = (g + 1) * p.group_size - k0 < len ? (g + 1) * p.group_size - k0 : len;
-      const float* lut = t.lut[s8[g]];
-      for (; kk < end; kk += 2) {
-        const uint32_t byte = w[kk / 2];
-        out[kk * kPanelCols] = lut[byte & 15u];
-        out[(kk + 1) * kPanelCols] = lut[byte >> 4];
-      }
-    }
-  }
+  decode_bytes(p, c, k0, vec, len, [panel](int j, int64_t kk, const float* lut, uint32_t byte) {
+    panel[kk * kPanelCols + j] = lut[byte & 15u];
+    panel[(kk + 1) * kPanelCols + j] = lut[byte >> 4];
+  });
 }
 
 #if defined(FL_AVX512)
@@ -553,20 +565,9 @@ FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const uint16_t* 
 void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const uint16_t* staged,
                 float* out) {
   for (int64_t c = c0; c < c1; ++c) {
-    for (int64_t r = 0; r < rows; r += kRowTileBf16) {
-      const uint16_t* x = staged + r * p.k;
-      float* o = out + r * p.n + c;
-      switch (rows - r < kRowTileBf16 ? rows - r : kRowTileBf16) {
-        case 8: tile_bf16<8>(p, c, x, o); break;
-        case 7: tile_bf16<7>(p, c, x, o); break;
-        case 6: tile_bf16<6>(p, c, x, o); break;
-        case 5: tile_bf16<5>(p, c, x, o); break;
-        case 4: tile_bf16<4>(p, c, x, o); break;
-        case 3: tile_bf16<3>(p, c, x, o); break;
-        case 2: tile_bf16<2>(p, c, x, o); break;
-        default: tile_bf16<1>(p, c, x, o);
-      }
-    }
+    row_tiles<kRowTileBf16>(rows, [&](int64_t r, auto n) {
+      tile_bf16<decltype(n)::value>(p, c, staged + r * p.k, out + r * p.n + c);
+    });
   }
 }
 
@@ -593,19 +594,9 @@ void decode_panel_bf16(const GemmParams& p, int64_t c, int64_t k0, int64_t len, 
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(panel + (kk / 2 + i) * kPanelCols + j0, v[i]);
     }
   }
-  for (int j = 0; j < kPanelCols; ++j) {
-    const uint8_t* w = p.qweight + (c + j) * (p.k / 2) + k0 / 2;
-    const uint8_t* s8 = &p.group_scale[(c + j) * groups].bits;
-    uint32_t* out = panel + j;
-    for (int64_t kk = vec, g = (k0 + vec) / p.group_size; kk < len; ++g) {
-      const int64_t end = (g + 1) * p.group_size - k0 < len ? (g + 1) * p.group_size - k0 : len;
-      const float* lut = t.lut[s8[g]];
-      for (; kk < end; kk += 2) {
-        const uint32_t byte = w[kk / 2];
-        out[kk / 2 * kPanelCols] = (float_bits(lut[byte & 15u]) >> 16) | (float_bits(lut[byte >> 4]) & 0xFFFF0000u);
-      }
-    }
-  }
+  decode_bytes(p, c, k0, vec, len, [panel](int j, int64_t kk, const float* lut, uint32_t byte) {
+    panel[kk / 2 * kPanelCols + j] = (float_bits(lut[byte & 15u]) >> 16) | (float_bits(lut[byte >> 4]) & 0xFFFF0000u);
+  });
 }
 
 // acc[r][0..kPanelCols) += x[r][0..2 pairs) . panel for R rows (row stride ldx, in bf16).
@@ -640,38 +631,17 @@ FL_TARGET_BF16 void panel_tile_bf16(const uint16_t* x, int64_t ldx, const uint32
 
 // Rows [0, rows) of one staged block x the kPanelCols channels of one panel.
 void panel_rows(const float* staged, int64_t ldx, const float* panel, int64_t len, int64_t rows, float* acc) {
-  for (int64_t r = 0; r < rows; r += kPanelTile) {
-    const float* x = staged + r * ldx;
-    float* a = acc + r * kPanelCols;
-    switch (rows - r < kPanelTile ? rows - r : kPanelTile) {
-      case 6: panel_tile<6>(x, ldx, panel, len, a); break;
-      case 5: panel_tile<5>(x, ldx, panel, len, a); break;
-      case 4: panel_tile<4>(x, ldx, panel, len, a); break;
-      case 3: panel_tile<3>(x, ldx, panel, len, a); break;
-      case 2: panel_tile<2>(x, ldx, panel, len, a); break;
-      default: panel_tile<1>(x, ldx, panel, len, a);
-    }
-  }
+  row_tiles<kPanelTile>(rows, [&](int64_t r, auto n) {
+    panel_tile<decltype(n)::value>(staged + r * ldx, ldx, panel, len, acc + r * kPanelCols);
+  });
 }
 
 #if defined(FL_AVX512)
 void panel_rows_bf16(const uint16_t* staged, int64_t ldx, const uint32_t* panel, int64_t len, int64_t rows,
                      float* acc) {
-  constexpr int kTile = kPanelTileBf16;
-  for (int64_t r = 0; r < rows; r += kTile) {
-    const uint16_t* x = staged + r * ldx;
-    float* a = acc + r * kPanelCols;
-    switch (rows - r < kTile ? rows - r : kTile) {
-      case 8: panel_tile_bf16<8>(x, ldx, panel, len / 2, a); break;
-      case 7: panel_tile_bf16<7>(x, ldx, panel, len / 2, a); break;
-      case 6: panel_tile_bf16<6>(x, ldx, panel, len / 2, a); break;
-      case 5: panel_tile_bf16<5>(x, ldx, panel, len / 2, a); break;
-      case 4: panel_tile_bf16<4>(x, ldx, panel, len / 2, a); break;
-      case 3: panel_tile_bf16<3>(x, ldx, panel, len / 2, a); break;
-      case 2: panel_tile_bf16<2>(x, ldx, panel, len / 2, a); break;
-      default: panel_tile_bf16<1>(x, ldx, panel, len / 2, a);
-    }
-  }
+  row_tiles<kPanelTileBf16>(rows, [&](int64_t r, auto n) {
+    panel_tile_bf16<decltype(n)::value>(staged + r * ldx, ldx, panel, len / 2, acc + r * kPanelCols);
+  });
 }
 #endif
 
