@@ -69,6 +69,23 @@ def test_inference_ops_refuse_a_backward(op):
         y.float().sum().backward()
 
 
+def test_inference_op_compiles_with_inputs_that_require_grad():
+    """torch.compile traces the backward of a graph whose inputs require grad even when it never
+    runs: an op without a backward must not fail that trace (it did), and the compiled backward
+    raises when it is run, as eager does."""
+
+    def f(x, w):
+        y, scale = fastlayers.rms_norm_fp8(x, w)
+        return y.float() * scale
+
+    x, w = torch.randn(3, 32), torch.rand(32).requires_grad_()
+    got = torch.compile(f, fullgraph=True)(x, w)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), f(x, w).detach(), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="fastlayers.rms_norm_fp8 has no backward"):
+        got.sum().backward()
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_module_built_on_meta_then_to_empty(name):
     make, make_inputs = CASES[name]

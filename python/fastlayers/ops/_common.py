@@ -251,28 +251,56 @@ def no_dispatch_modes() -> bool:
     )
 
 
+LIB.define("no_backward_error(Tensor grad, str op, str hint) -> Tensor")
+
+
+def _no_backward_message(op: str, hint: str) -> str:
+    return (
+        f"fastlayers.{op} has no backward: an input requires grad and a gradient was asked "
+        f"through its output; call it under torch.no_grad() or on detached inputs{hint}"
+    )
+
+
+@torch.library.impl(LIB, "no_backward_error", "CompositeExplicitAutograd")
+def _no_backward_error(grad: torch.Tensor, op: str, hint: str) -> torch.Tensor:
+    raise RuntimeError(_no_backward_message(op, hint))
+
+
+@torch.library.register_fake("fastlayers::no_backward_error", lib=LIB)
+def _no_backward_error_fake(grad: torch.Tensor, op: str, hint: str) -> torch.Tensor:
+    return grad.new_empty(())
+
+
 def register_no_backward(*names: str, hint: str = "") -> None:
     """Registers, for each op of ``names``, an autograd formula that refuses to differentiate: the
     forward runs with inputs that require grad (its outputs are marked as depending on them), and
     a backward through it raises a RuntimeError naming the op. Without it autograd would warn and
     hand back no gradient, so that a model's earlier layers would train silently wrong.
-    (``torch.compile`` of a graph that would need the backward fails when it traces it.)"""
+
+    The refusal is an op of its own (``fastlayers::no_backward_error``, whose fake returns a
+    scalar): ``torch.compile`` traces the backward of a graph whose inputs require grad even when
+    no backward is ever run, and the trace must not fail for it; the compiled backward raises when
+    it runs, as eager does."""
     for name in names:
 
         def backward(ctx, *grads, _name=name):
-            raise RuntimeError(
-                f"fastlayers.{_name} has no backward: an input requires grad and a gradient was "
-                f"asked through its output; call it under torch.no_grad() or on detached "
-                f"inputs{hint}"
-            )
+            grad = next((g for g in grads if isinstance(g, torch.Tensor)), None)
+            if grad is None:
+                raise RuntimeError(_no_backward_message(_name, hint))
+            error = torch.ops.fastlayers.no_backward_error(grad, _name, hint)
+            return tuple(None if m is None else error.to(m[1]).expand(m[0]) for m in ctx.input_meta)
 
         torch.library.register_autograd(
-            f"fastlayers::{name}", backward, setup_context=_no_context, lib=LIB
+            f"fastlayers::{name}", backward, setup_context=_input_meta, lib=LIB
         )
 
 
-def _no_context(ctx, inputs, output) -> None:
-    pass
+def _input_meta(ctx, inputs, output) -> None:
+    """(shape, dtype) of each input that requires grad, None for the others."""
+    ctx.input_meta = [
+        (t.shape, t.dtype) if isinstance(t, torch.Tensor) and t.requires_grad else None
+        for t in inputs
+    ]
 
 
 def tensor_version(t: torch.Tensor) -> int | None:
