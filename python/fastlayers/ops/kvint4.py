@@ -219,11 +219,12 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
     if b * hq * tq == 0:
         return out, lse
     with device_guard(device):
-        _ext.C.int4_kv_decode(
-            device_code(device), ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc),
-            0 if out16 is not None else ptr(out), ptr(lse), b, hq, hkv, d, d // k_scale.shape[3],
-            t_max, length, scale, ptr(workspace), stream_of(device), tq, ptr(q16),
-            _dtypes.code(q16.dtype) if q16 is not None else 0, ptr(out16), ptr(sc),
+        _c_int4_kv_decode(
+            ptr(q32), ptr(kc), ptr(ksc), ptr(vc), ptr(vsc), 0 if out16 is not None else ptr(out),
+            ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
+            device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
+            q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
+            out16=ptr(out16), starts=ptr(sc),
         )  # fmt: skip
     return out, lse
 
@@ -372,6 +373,69 @@ def _kv_quantize_reference(x, post_scale, group_size, cos=None, sin=None, pairin
     return quantize_kv_int4(x, group_size)
 
 
+def _c_kv_quantize(
+    x,
+    rows,
+    d,
+    group,
+    tokens,
+    heads,
+    dtype,
+    *,
+    device=0,
+    post_scale=0,
+    packed=0,
+    scales=0,
+    cos=0,
+    sin=0,
+    cos_batch_stride=0,
+    interleaved=False,
+    stream=0,
+    out_tokens=0,
+    out_start=0,
+    q_out=0,
+    q_fp8=True,
+) -> None:
+    """``_C.kv_quantize`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order of
+    its arguments."""
+    _ext.C.kv_quantize(device, x, post_scale, packed, scales, rows, d, group, tokens, heads, dtype,
+                       cos, sin, cos_batch_stride, interleaved, stream, out_tokens, out_start,
+                       q_out, q_fp8)  # fmt: skip
+
+
+def _c_int4_kv_decode(
+    q,
+    k,
+    k_scale,
+    v,
+    v_scale,
+    out,
+    lse,
+    batch,
+    hq,
+    hkv,
+    d,
+    group,
+    t_max,
+    length,
+    scale,
+    *,
+    device=0,
+    workspace=0,
+    stream=0,
+    q_tokens=1,
+    q16=0,
+    q16_dtype=0,
+    out16=0,
+    starts=0,
+) -> None:
+    """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
+    of its arguments."""
+    _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
+                          t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
+                          starts)  # fmt: skip
+
+
 def _launch_quantize(
     x,
     scale,
@@ -402,10 +466,12 @@ def _launch_quantize(
         if cs.dim() == 3 and cs.shape[0] == b and b > 1:
             cos_batch_stride = t * d
     with device_guard(x.device):
-        _ext.C.kv_quantize(device_code(x.device), ptr(xc), ptr(sc), ptr(packed), ptr(scales),
-                           b * h * t, d, group, t, h, _dtypes.code(x.dtype), ptr(cs), ptr(sn),
-                           cos_batch_stride, pairing == "interleaved", stream_of(x.device),
-                           out_tokens, out_start, ptr(q_out), fp8)  # fmt: skip
+        _c_kv_quantize(ptr(xc), b * h * t, d, group, t, h, _dtypes.code(x.dtype),
+                       device=device_code(x.device), post_scale=ptr(sc), packed=ptr(packed),
+                       scales=ptr(scales), cos=ptr(cs), sin=ptr(sn),
+                       cos_batch_stride=cos_batch_stride, interleaved=pairing == "interleaved",
+                       stream=stream_of(x.device), out_tokens=out_tokens, out_start=out_start,
+                       q_out=ptr(q_out), q_fp8=fp8)  # fmt: skip
 
 
 def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):
@@ -682,15 +748,13 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         return None
     x = query if query.is_contiguous() else query.contiguous()
     qs = empty((b, hq, d), torch.float32, query.device)
-    C = _ext.C
-    code = _dtypes.code(query.dtype)
-    C.kv_quantize(0, x.data_ptr(), ptr(q_scale), 0, 0, b * hq, d, d, 1, hq, code, 0, 0, 0, False,
-                  0, 0, 0, qs.data_ptr(), fp8)  # fmt: skip
+    _c_kv_quantize(x.data_ptr(), b * hq, d, d, 1, hq, _dtypes.code(query.dtype),
+                   post_scale=ptr(q_scale), q_out=qs.data_ptr(), q_fp8=fp8)  # fmt: skip
     out = empty((b, hq, d), torch.float32, query.device)
     lse = empty((b, hq), torch.float32, query.device)
-    C.int4_kv_decode(0, qs.data_ptr(), kq.data_ptr(), ks.data_ptr(), vq.data_ptr(), vs.data_ptr(),
-                     out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
-                     kq.shape[2], length, scale, 0, 0, 1, 0, 0, 0, ptr(starts))  # fmt: skip
+    _c_int4_kv_decode(qs.data_ptr(), kq.data_ptr(), ks.data_ptr(), vq.data_ptr(), vs.data_ptr(),
+                      out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
+                      kq.shape[2], length, scale, starts=ptr(starts))  # fmt: skip
     return out.to(query.dtype)
 
 
@@ -716,10 +780,10 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
     )  # fmt: skip
     if not ok:
         return False
-    code, cap, C = _dtypes.code(k.dtype), kq.shape[2], _ext.C
+    code, cap = _dtypes.code(k.dtype), kq.shape[2]
     for x, scale, packed, scales in ((k, post_scale, kq, ks), (v, None, vq, vs)):
         x = x if x.is_contiguous() else x.contiguous()
-        C.kv_quantize(0, x.data_ptr(), ptr(scale), packed.data_ptr(), scales.data_ptr(),
-                      b * h * t, d, group_size, t, h, code, 0, 0, 0, False, 0, cap, start, 0,
-                      True)  # fmt: skip
+        _c_kv_quantize(x.data_ptr(), b * h * t, d, group_size, t, h, code, post_scale=ptr(scale),
+                       packed=packed.data_ptr(), scales=scales.data_ptr(), out_tokens=cap,
+                       out_start=start)  # fmt: skip
     return True
