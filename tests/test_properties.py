@@ -273,10 +273,11 @@ def test_peer_retrieve(tokens, heads, half_key, n_keys, topk, dtype, score, seed
 # ----------------------------------------------------------------------------------------------
 @PROPERTY
 @given(
-    m=st.integers(0, 70),  # per-channel tiles below 28 rows, decoded panels from 28
-    n=st.sampled_from([1, 7, 16, 32, 33, 48]),
+    m=st.integers(0, 70),  # per-channel tiles below 8-28 rows (by ISA), decoded panels from there
+    n=st.sampled_from([1, 7, 16, 32, 33, 48, 64]),  # panels need a multiple of 16 (AVX2) / 32
     half_k=st.integers(1, 300),
-    half_group=st.integers(1, 160),
+    # group sizes of 16 k multiples (AVX2) or 32 (AVX-512) take the panels' vector decode
+    half_group=st.one_of(st.integers(1, 160), st.sampled_from([8, 16, 24, 32, 64])),
     out_dtype=DTYPES,
     x_dtype=DTYPES,
     layout=LAYOUTS,
