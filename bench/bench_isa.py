@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 # SPDX-License-Identifier: Apache-2.0
 """Every CPU kernel family under each kernel variant this CPU runs (AVX512-BF16, AVX-512, AVX2,
-scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM only), timed
-call by call in alternation (``time_interleaved``) on the same inputs: which variant the
+scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM and bf16 varlen_attention only),
+timed call by call in alternation (``time_interleaved``) on the same inputs: which variant the
 dispatcher should prefer on this machine, and what each gains over the next.
 
     python bench/bench_isa.py [--reps N] [--isa avx512 --isa avx2 ...] [--op NAME] [--out FILE.md]
@@ -94,9 +94,11 @@ def _varlen():
     t = 2048
     pos = torch.sort(torch.randperm(4096)[:t]).values
     cu = torch.tensor([0, t], dtype=torch.int32)
-    qkv = (_randn(t, 16, 64), _randn(t, 16, 64), _randn(t, 16, 64))
-    args = (*qkv, cu, cu, pos, pos)
-    yield _case("varlen_attention", f"{t} routed, h16 d64", fastlayers.varlen_attention, *args)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = tuple(_randn(t, 16, 64, dtype=dtype) for _ in range(3))
+        args = (*qkv, cu, cu, pos, pos)
+        shape = f"{t} routed, h16 d64, {str(dtype).removeprefix('torch.')}"
+        yield _case("varlen_attention", shape, fastlayers.varlen_attention, *args)
 
 
 def _kv_int4():

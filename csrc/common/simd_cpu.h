@@ -27,6 +27,14 @@
 
 #include "common/dtype.h"
 
+// Functions that use AVX512-BF16 (vdpbf16ps) inside an AVX-512 TU, called only at the ISA level
+// avx512_bf16 (cpu_isa.h). Under SIMDe the instruction is emulated and the TU targets AVX2.
+#if defined(FL_SIMDE_AVX512)
+#define FL_TARGET_BF16
+#elif defined(FL_AVX512)
+#define FL_TARGET_BF16 __attribute__((target("avx512bf16")))
+#endif
+
 namespace fastlayers::cpu::FL_CPU_ISA {
 
 #if defined(FL_AVX512)

@@ -487,11 +487,6 @@ void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float
 // Lane i of a dot product reads the bf16 pair (2i, 2i + 1) of both operands: a staged activation row
 // is bf16 in natural order, and a weight byte becomes one lane, its low nibble's table value in the
 // low half (even k) and its high nibble's in the high half (odd k).
-#if defined(FL_SIMDE_AVX512)
-#define FL_TARGET_BF16  // SIMDe implements the instruction; the TU targets AVX2
-#else
-#define FL_TARGET_BF16 __attribute__((target("avx512bf16")))
-#endif
 
 constexpr int kRowTileBf16 = 8;
 constexpr int kPanelTileBf16 = 8;  // rows per micro-tile: the weight decode is shared by 8 rows

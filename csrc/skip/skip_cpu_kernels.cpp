@@ -11,8 +11,12 @@
 //     outside the union of a tile's ranges are never read; inside, the rest is masked.
 // OpenMP over (key/value head, row tile) tasks, dynamic: tiles late in a causal sequence see more
 // keys.
+// AVX512-BF16 (ISA level avx512_bf16) with bf16 inputs and an even head dim: S = Q K^T by vdpbf16ps
+// on bf16 pairs (two exact products per lane, fp32 sums; the softmax scale multiplies S instead of
+// Q), the keys transposed as pairs [hkv, d / 2, nk]; P V and the backward unchanged.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "skip/skip.h"
@@ -57,10 +61,15 @@ struct Row {
 struct Scratch {
   float* base;
   float *q, *s, *o, *m, *l;
+  uint32_t* q_pairs;  // the bf16-pair path: Q [kRows][d / 2] as bf16 pairs (unscaled)
   Scratch(int64_t d, int64_t dv)
       : base(new float[kRows * (d + kKeys + dv + 2)]),
-        q(base), s(q + kRows * d), o(s + kRows * kKeys), m(o + kRows * dv), l(m + kRows) {}
-  ~Scratch() { delete[] base; }
+        q(base), s(q + kRows * d), o(s + kRows * kKeys), m(o + kRows * dv), l(m + kRows),
+        q_pairs(new uint32_t[kRows * (d / 2) + 1]) {}
+  ~Scratch() {
+    delete[] base;
+    delete[] q_pairs;
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
@@ -82,7 +91,100 @@ void transpose_keys(const VarlenParams& p) {
 }
 
 template <typename T>
-void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w) {
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<bf16_t> {
+  static constexpr bool value = true;
+};
+
+// The bf16-pair path: bf16 inputs, an even head dim, and the avx512_bf16 level.
+template <typename T>
+bool use_pairs(const VarlenParams& p) {
+#if defined(FL_AVX512)
+  return IsBf16<T>::value && p.d % 2 == 0 && active_isa() == Isa::kAvx512Bf16;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+uint32_t bf16_pair(const bf16_t* x) {  // x[0] in the low half, x[1] in the high half
+  return static_cast<uint32_t>(x[0].bits) | static_cast<uint32_t>(x[1].bits) << 16;
+}
+
+// Keys as bf16 pairs, transposed: dst[(g * d / 2 + t) * nk + j] = (k[j][2t], k[j][2t + 1]) of kv
+// head g, in the fp32 workspace (half of it).
+void transpose_key_pairs(const VarlenParams& p) {
+  const bf16_t* k = static_cast<const bf16_t*>(p.k);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(p.k_t);
+  const int64_t half = p.d / 2;
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (p.nk + kBlock - 1) / kBlock;
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < p.hkv * blocks; ++task) {
+    const int64_t g = task / blocks, j0 = (task % blocks) * kBlock;
+    const int64_t j1 = j0 + kBlock < p.nk ? j0 + kBlock : p.nk;
+    for (int64_t t = 0; t < half; ++t) {
+      uint32_t* dst = kp + (g * half + t) * p.nk;
+      for (int64_t j = j0; j < j1; ++j) dst[j] = bf16_pair(k + (j * p.hkv + g) * p.d + 2 * t);
+    }
+  }
+}
+
+#if defined(FL_AVX512)
+float pair_dot(const uint32_t* a, const uint32_t* b, int64_t stride_b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t x = a[t], y = b[t * stride_b];
+    s += bits_float(x << 16) * bits_float(y << 16) + bits_float(x & 0xFFFF0000u) * bits_float(y & 0xFFFF0000u);
+  }
+  return s;
+}
+
+// S[r][0..nkeys) = scale * Q[r] . K[j0 + ..] from bf16 pairs, lanes over keys: per pair of head
+// dims, one or two key vectors and kRows broadcast query pairs give kRows dot products each.
+FL_TARGET_BF16 void scores_pairs(const uint32_t* q, const uint32_t* kt, int64_t nk, int64_t half,
+                                 int64_t nkeys, float scale, float* s) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t jj = 0;
+  for (; jj + 2 * kW <= nkeys; jj += 2 * kW) {
+    __m512 a0[kRows], a1[kRows];
+    for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < half; ++t) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + t * nk + jj);
+      const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt + t * nk + jj + kW);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * half + t]));
+        a0[r] = _mm512_dpbf16_ps(a0[r], qb, k0);
+        a1[r] = _mm512_dpbf16_ps(a1[r], qb, k1);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      _mm512_storeu_ps(s + r * kKeys + jj, _mm512_mul_ps(a0[r], vs));
+      _mm512_storeu_ps(s + r * kKeys + jj + kW, _mm512_mul_ps(a1[r], vs));
+    }
+  }
+  for (; jj + kW <= nkeys; jj += kW) {
+    __m512 a[kRows];
+    for (int r = 0; r < kRows; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < half; ++t) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + t * nk + jj);
+      for (int r = 0; r < kRows; ++r) {
+        a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * half + t])), kv);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(s + r * kKeys + jj, _mm512_mul_ps(a[r], vs));
+  }
+  for (; jj < nkeys; ++jj) {
+    for (int r = 0; r < kRows; ++r) s[r * kKeys + jj] = pair_dot(q + r * half, kt + jj, nk, half) * scale;
+  }
+}
+#endif
+
+template <typename T>
+void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w, bool pairs) {
   const int64_t d = p.d, dv = p.dv;
   const T* q = static_cast<const T*>(p.q);
   const T* v = static_cast<const T*>(p.v);
@@ -93,10 +195,16 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
     for (int64_t c = 0; c < dv; ++c) w.o[r * dv + c] = 0.0f;
     if (r < nrows) {
       const T* src = q + (rows[r].query * p.hq + rows[r].head) * d;
-      for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = to_float(src[t]) * p.scale;
+      if (pairs) {
+        const bf16_t* row = reinterpret_cast<const bf16_t*>(src);  // T is bf16_t here
+        for (int64_t t = 0; t < d / 2; ++t) w.q_pairs[r * (d / 2) + t] = bf16_pair(row + 2 * t);
+      } else {
+        for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = to_float(src[t]) * p.scale;
+      }
       klo = rows[r].lo < klo ? rows[r].lo : klo;
       khi = rows[r].hi > khi ? rows[r].hi : khi;
     } else {
+      for (int64_t t = 0; t < d / 2; ++t) w.q_pairs[r * (d / 2) + t] = 0;
       for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = 0.0f;
     }
   }
@@ -104,6 +212,13 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
     const int64_t nkeys = khi - j0 < kKeys ? khi - j0 : kKeys;
     // S = Q K^T, lanes over keys.
     int64_t jj = 0;
+#if defined(FL_AVX512)
+    if (pairs) {
+      const uint32_t* kt = reinterpret_cast<const uint32_t*>(p.k_t) + g * (d / 2) * p.nk + j0;
+      scores_pairs(w.q_pairs, kt, p.nk, d / 2, nkeys, p.scale, w.s);
+      jj = nkeys;
+    }
+#endif
     for (; jj + 2 * kW <= nkeys; jj += 2 * kW) {
       V a0[kRows], a1[kRows];
       for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = vzero();
@@ -200,6 +315,7 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
 template <typename T>
 void attention(const VarlenParams& p) {
   const int64_t group = p.hq / p.hkv;
+  const bool pairs = use_pairs<T>(p);
   // Row tiles per sequence: its (query, head-in-group) rows, query-major, kRows at a time.
   int64_t* first_tile = new int64_t[p.batch + 1];
   first_tile[0] = 0;
@@ -211,7 +327,8 @@ void attention(const VarlenParams& p) {
   const int64_t tail = p.cu_seqlens_q[p.batch];  // rows past the last sequence: zeros, -inf
 #pragma omp parallel
   {
-    if (p.nk > 0) transpose_keys<T>(p);  // (implicit barrier at its end)
+    if (p.nk > 0 && pairs) transpose_key_pairs(p);  // (implicit barrier at its end)
+    if (p.nk > 0 && !pairs) transpose_keys<T>(p);
     Scratch w(p.d, p.dv);
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < p.hkv * tiles; ++task) {
@@ -241,7 +358,7 @@ void attention(const VarlenParams& p) {
         row.hi = k0 + (p.window_right >= 0 ? upper_bound(kp, nk_b, pos + p.window_right) : nk_b);
         if (row.hi < row.lo) row.hi = row.lo;
       }
-      tile<T>(p, g, rows, nrows, w);
+      tile<T>(p, g, rows, nrows, w, pairs);
     }
 #pragma omp for schedule(static)
     for (int64_t i = tail * p.hq; i < p.nq * p.hq; ++i) {
