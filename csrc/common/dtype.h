@@ -34,6 +34,16 @@ struct fp8e4m3_t {
   uint8_t bits;
 };
 
+// IsBf16<T>::value: T is bf16_t (no <type_traits> in the per-ISA TUs; a trait has no code).
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<bf16_t> {
+  static constexpr bool value = true;
+};
+
 constexpr float kFp8E4M3Max = 448.0f;
 
 static inline uint32_t float_bits(float f) {

@@ -14,15 +14,6 @@ using fastlayers::rmsnorm::FwdParams;
 
 namespace {
 
-template <typename T>
-struct IsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsBf16<bf16_t> {
-  static constexpr bool value = true;
-};
-
 // Below this many elements the OpenMP fork/join (a few microseconds) costs more than it saves.
 constexpr int64_t kParallelMinElements = 1 << 15;
 

@@ -74,8 +74,10 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
-template <typename T>
-void transpose_keys(const VarlenParams& p) {
+// The keys transposed, lanes over keys: out[(g * cols + t) * nk + j] = value(key j of kv head g, t)
+// for t < cols (fp32 values, or bf16 pairs for the AVX512-BF16 scores).
+template <typename T, typename Out, typename Value>
+void transpose_keys(const VarlenParams& p, int64_t cols, Out* out, Value value) {
   const T* k = static_cast<const T*>(p.k);
   constexpr int64_t kBlock = 16;
   const int64_t blocks = (p.nk + kBlock - 1) / kBlock;
@@ -83,21 +85,12 @@ void transpose_keys(const VarlenParams& p) {
   for (int64_t task = 0; task < p.hkv * blocks; ++task) {
     const int64_t g = task / blocks, j0 = (task % blocks) * kBlock;
     const int64_t j1 = j0 + kBlock < p.nk ? j0 + kBlock : p.nk;
-    for (int64_t t = 0; t < p.d; ++t) {
-      float* dst = p.k_t + (g * p.d + t) * p.nk;
-      for (int64_t j = j0; j < j1; ++j) dst[j] = to_float(k[(j * p.hkv + g) * p.d + t]);
+    for (int64_t t = 0; t < cols; ++t) {
+      Out* dst = out + (g * cols + t) * p.nk;
+      for (int64_t j = j0; j < j1; ++j) dst[j] = value(k + (j * p.hkv + g) * p.d, t);
     }
   }
 }
-
-template <typename T>
-struct IsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsBf16<bf16_t> {
-  static constexpr bool value = true;
-};
 
 // The bf16-pair path: bf16 inputs, an even head dim, and the avx512_bf16 level.
 template <typename T>
@@ -112,25 +105,6 @@ bool use_pairs(const VarlenParams& p) {
 
 uint32_t bf16_pair(const bf16_t* x) {  // x[0] in the low half, x[1] in the high half
   return static_cast<uint32_t>(x[0].bits) | static_cast<uint32_t>(x[1].bits) << 16;
-}
-
-// Keys as bf16 pairs, transposed: dst[(g * d / 2 + t) * nk + j] = (k[j][2t], k[j][2t + 1]) of kv
-// head g, in the fp32 workspace (half of it).
-void transpose_key_pairs(const VarlenParams& p) {
-  const bf16_t* k = static_cast<const bf16_t*>(p.k);
-  uint32_t* kp = reinterpret_cast<uint32_t*>(p.k_t);
-  const int64_t half = p.d / 2;
-  constexpr int64_t kBlock = 16;
-  const int64_t blocks = (p.nk + kBlock - 1) / kBlock;
-#pragma omp for schedule(static)
-  for (int64_t task = 0; task < p.hkv * blocks; ++task) {
-    const int64_t g = task / blocks, j0 = (task % blocks) * kBlock;
-    const int64_t j1 = j0 + kBlock < p.nk ? j0 + kBlock : p.nk;
-    for (int64_t t = 0; t < half; ++t) {
-      uint32_t* dst = kp + (g * half + t) * p.nk;
-      for (int64_t j = j0; j < j1; ++j) dst[j] = bf16_pair(k + (j * p.hkv + g) * p.d + 2 * t);
-    }
-  }
 }
 
 #if defined(FL_AVX512)
@@ -327,8 +301,12 @@ void attention(const VarlenParams& p) {
   const int64_t tail = p.cu_seqlens_q[p.batch];  // rows past the last sequence: zeros, -inf
 #pragma omp parallel
   {
-    if (p.nk > 0 && pairs) transpose_key_pairs(p);  // (implicit barrier at its end)
-    if (p.nk > 0 && !pairs) transpose_keys<T>(p);
+    if (p.nk > 0 && pairs) {  // (implicit barrier at the end of either)
+      transpose_keys<bf16_t>(p, p.d / 2, reinterpret_cast<uint32_t*>(p.k_t),
+                             [](const bf16_t* key, int64_t t) { return bf16_pair(key + 2 * t); });
+    } else if (p.nk > 0) {
+      transpose_keys<T>(p, p.d, p.k_t, [](const T* key, int64_t t) { return to_float(key[t]); });
+    }
     Scratch w(p.d, p.dv);
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < p.hkv * tiles; ++task) {
