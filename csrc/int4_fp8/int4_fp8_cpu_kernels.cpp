@@ -47,11 +47,11 @@ constexpr int64_t kParallelMinWork = 1 << 17;  // m * n * k below this runs on o
 struct Tables {
   float lut[256][16];
   uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
-  uint16_t fp8_bf16[256];      // the bf16 pattern of each FP8 code (exact)
+  bf16_t fp8_bf16[256];        // each FP8 code as bf16 (exact)
   Tables() {
     const float* fp8 = fp8_values();
     for (int c = 0; c < 256; ++c) {
-      fp8_bf16[c] = static_cast<uint16_t>(float_bits(fp8[c]) >> 16);
+      fp8_bf16[c] = bf16_t{static_cast<uint16_t>(float_bits(fp8[c]) >> 16)};
       for (int i = 0; i < 16; ++i) {
         lut[c][i] = to_float(to_fp8e4m3(static_cast<float>(i < 8 ? i : i - 16) * fp8[c]));
         const uint32_t top = float_bits(lut[c][i]) >> 16;
@@ -491,13 +491,11 @@ void decode_panel(const GemmParams& p, int64_t c, int64_t k0, int64_t len, float
 constexpr int kRowTileBf16 = 8;
 constexpr int kPanelTileBf16 = 8;  // rows per micro-tile: the weight decode is shared by 8 rows
 
-void stage_row_bf16(const GemmParams& p, int64_t row, uint16_t* out) {
-  const uint16_t* bf = tables().fp8_bf16;
+void stage_row_bf16(const GemmParams& p, int64_t row, bf16_t* out) {
+  const bf16_t* bf = tables().fp8_bf16;
   const uint8_t* x = &p.xq[row * p.x_row_stride].bits;
   for (int64_t k = 0; k < p.k; ++k) out[k] = bf[x[k]];
 }
-
-float bf16_value(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
 
 // The pair lanes of 16 weight bytes: table t_lo holds the group's values in the low 16 bits of each
 // lane, t_hi in the high 16 (vpermd reads the low 4 bits of each index).
@@ -509,7 +507,7 @@ __m512i pair_lanes(const uint8_t* w, __m512i t_lo, __m512i t_hi) {
 
 // R rows x one channel over all of K; two accumulators per row (64 k per step).
 template <int R>
-FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const uint16_t* xs_base, float* out) {
+FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const bf16_t* xs_base, float* out) {
   const Tables& tab = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
   const uint8_t* wrow = p.qweight + col * (p.k / 2);
@@ -547,8 +545,8 @@ FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const uint16_t* 
       const uint32_t byte = wrow[(k0 + kk) / 2];
       const float lo = lut[byte & 15u], hi = lut[byte >> 4];
       for (int r = 0; r < R; ++r) {
-        const uint16_t* x = xs_base + r * p.k + k0 + kk;
-        tail[r] += bf16_value(x[0]) * lo + bf16_value(x[1]) * hi;
+        const bf16_t* x = xs_base + r * p.k + k0 + kk;
+        tail[r] += to_float(x[0]) * lo + to_float(x[1]) * hi;
       }
     }
   }
@@ -557,7 +555,7 @@ FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const uint16_t* 
   }
 }
 
-void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const uint16_t* staged,
+void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const bf16_t* staged,
                 float* out) {
   for (int64_t c = c0; c < c1; ++c) {
     row_tiles<kRowTileBf16>(rows, [&](int64_t r, auto n) {
@@ -596,7 +594,7 @@ void decode_panel_bf16(const GemmParams& p, int64_t c, int64_t k0, int64_t len, 
 
 // acc[r][0..kPanelCols) += x[r][0..2 pairs) . panel for R rows (row stride ldx, in bf16).
 template <int R>
-FL_TARGET_BF16 void panel_tile_bf16(const uint16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs,
+FL_TARGET_BF16 void panel_tile_bf16(const bf16_t* x, int64_t ldx, const uint32_t* panel, int64_t pairs,
                                     float* acc) {
   __m512 a[R][2];
 #pragma GCC unroll 8
@@ -632,7 +630,7 @@ void panel_rows(const float* staged, int64_t ldx, const float* panel, int64_t le
 }
 
 #if defined(FL_AVX512)
-void panel_rows_bf16(const uint16_t* staged, int64_t ldx, const uint32_t* panel, int64_t len, int64_t rows,
+void panel_rows_bf16(const bf16_t* staged, int64_t ldx, const uint32_t* panel, int64_t len, int64_t rows,
                      float* acc) {
   row_tiles<kPanelTileBf16>(rows, [&](int64_t r, auto n) {
     panel_tile_bf16<decltype(n)::value>(staged + r * ldx, ldx, panel, len / 2, acc + r * kPanelCols);
@@ -644,7 +642,7 @@ void panel_rows_bf16(const uint16_t* staged, int64_t ldx, const uint32_t* panel,
 void gemm_panels(const GemmParams& p, bool bf16) {
   const int64_t stage_rows = p.m < kPanelMaxRows ? p.m : kPanelMaxRows;
   float* staged = bf16 ? nullptr : new float[stage_rows * p.k];
-  uint16_t* staged16 = bf16 ? new uint16_t[stage_rows * p.k] : nullptr;
+  bf16_t* staged16 = bf16 ? new bf16_t[stage_rows * p.k] : nullptr;
   const float* f8 = fp8_values();
   const int64_t blocks = p.n / kPanelCols;
 #pragma omp parallel
@@ -747,7 +745,7 @@ Status gemm(const GemmParams& p) {
   }
   const int64_t stage_rows = p.m < kRowsPerStage ? p.m : kRowsPerStage;
   float* staged = bf16 ? nullptr : new float[stage_rows * p.k];
-  uint16_t* staged16 = bf16 ? new uint16_t[stage_rows * p.k] : nullptr;
+  bf16_t* staged16 = bf16 ? new bf16_t[stage_rows * p.k] : nullptr;
   float* sums = new float[stage_rows * p.n];
   const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
 #pragma omp parallel if (parallel)

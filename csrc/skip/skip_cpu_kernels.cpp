@@ -177,8 +177,9 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
       }
       klo = rows[r].lo < klo ? rows[r].lo : klo;
       khi = rows[r].hi > khi ? rows[r].hi : khi;
-    } else {
+    } else if (pairs) {
       for (int64_t t = 0; t < d / 2; ++t) w.q_pairs[r * (d / 2) + t] = 0;
+    } else {
       for (int64_t t = 0; t < d; ++t) w.q[r * d + t] = 0.0f;
     }
   }
