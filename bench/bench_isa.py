@@ -46,6 +46,7 @@ def _rmsnorm():
         x, w = _randn(4096, 4096, dtype=dtype), _randn(4096, dtype=dtype)
         r, dy = _randn(4096, 4096, dtype=dtype), _randn(4096, 4096, dtype=dtype)
         shape = f"4096x4096 {str(dtype).removeprefix('torch.')}"
+        yield _case("rms_norm", shape, fastlayers.rms_norm, x, w)
         yield _case(
             "rms_norm out=", shape, lambda x, w, y: fastlayers.rms_norm(x, w, out=y), x, w, r
         )
@@ -120,7 +121,13 @@ def _kv_int4():
 
 # family builder -> the ops it times (a family's inputs are built only when one of them is wanted)
 FAMILIES = {
-    _rmsnorm: ("rms_norm out=", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"),
+    _rmsnorm: (
+        "rms_norm",
+        "rms_norm out=",
+        "fused_add_rms_norm",
+        "rms_norm_fp8",
+        "rms_norm_backward",
+    ),
     _fff: ("ultrafast_ff", "fff_hard"),
     _peer: ("peer_retrieve", "peer_experts"),
     _int4_fp8: ("int4_fp8_gemm", "quantize_fp8_per_token"),
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
     if not _ext.has_cpu_kernels():
         print("the compiled CPU kernels are not loaded: nothing to compare", file=sys.stderr)
         return 1
-    order = ["avx512_bf16", "avx512", "avx2", "scalar"]
+    order = list(reversed(_ext.C.cpu_isa_names()))  # best first
     supported = order[order.index(_ext.C.detected_cpu_isa()) :]
     isas = a.isa or [i for i in supported if i != "scalar"] or ["scalar"]
     for i in isas:

@@ -693,8 +693,16 @@ void set_cpu_isa(const std::string& name) {
       return;
     }
   }
-  throw py::value_error("set_cpu_isa: isa must be 'scalar', 'avx2', 'avx512' or 'avx512_bf16', got '" + name +
-                        "'");
+  std::string names;
+  for (cpu::Isa isa : cpu::kIsas) names += std::string(names.empty() ? "'" : ", '") + cpu::isa_name(isa) + "'";
+  throw py::value_error("set_cpu_isa: isa must be one of " + names + ", got '" + name + "'");
+}
+
+// Every CPU kernel level this build knows, lowest first (each runs the kernels of the levels below).
+py::tuple cpu_isa_names() {
+  py::list names;
+  for (cpu::Isa isa : cpu::kIsas) names.append(py::str(cpu::isa_name(isa)));
+  return py::tuple(names);
 }
 
 }  // namespace
@@ -708,6 +716,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
   m.def("detected_cpu_isa", [] { return std::string(cpu::isa_name(cpu::detected_isa())); });
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"));
+  m.def("cpu_isa_names", &cpu_isa_names, "Every CPU kernel level of this build, lowest first");
   m.def("avx512_emulated", &cpu::avx512_emulated,
         "True in a test build whose AVX-512 kernels run through SIMDe (never a release build)");
   m.def("rms_norm_fwd", &rms_norm_fwd);

@@ -34,6 +34,7 @@ def test_info_reports_build_and_backends():
     assert d["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     if _ext.C is not None:
         assert d["cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16")
+        assert d["cpu_isa_detected"] in _ext.C.cpu_isa_names()
     # a SIMDe test build (FASTLAYERS_EMULATE_AVX512) says so, and reports AVX512-BF16 as detected
     assert d["avx512_emulated"] is (_ext.C is not None and _ext.C.avx512_emulated())
     if d["avx512_emulated"]:
@@ -211,3 +212,20 @@ def test_quick_budget_cuts_the_reps_of_slow_cases_only():
     calls.clear()
     fast, slow = harness.time_interleaved(cases[:2], torch.device("cpu"), warmup=1)
     assert (fast.reps, slow.reps) == (20, 20)
+
+
+@pytest.mark.skipif(_ext.C is None, reason="needs the compiled extension")
+def test_cpu_isa_names_and_selection_errors():
+    # the levels lowest first, as the tests' cpu_isa fixture and bench/bench_isa.py read them
+    assert _ext.C.cpu_isa_names() == ("scalar", "avx2", "avx512", "avx512_bf16")
+    before = _ext.C.cpu_isa()
+    with pytest.raises(
+        ValueError, match="one of 'scalar', 'avx2', 'avx512', 'avx512_bf16', got 'sse9'"
+    ):
+        _ext.C.set_cpu_isa("sse9")
+    names = _ext.C.cpu_isa_names()
+    above = names[names.index(_ext.C.detected_cpu_isa()) + 1 :]
+    for name in above:  # a level this CPU does not run is refused, the active one kept
+        with pytest.raises(ValueError, match=f"does not support '{name}'"):
+            _ext.C.set_cpu_isa(name)
+    assert _ext.C.cpu_isa() == before
