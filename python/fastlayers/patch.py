@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """``patch_model``: swap a model's layers for fastlayers ones in one call, with a report.
 
-Works on Hugging Face Llama / Mistral / Qwen2 / Gemma-style models and plain ``torch.nn`` models;
-never imports ``transformers`` itself (modules are recognised by their class names and
-attributes).
+Works on Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 / OLMo 2 / Granite-style models
+and plain ``torch.nn`` models; never imports ``transformers`` itself (modules are recognised by
+their class names and attributes, :mod:`fastlayers._decoder`). What a model's structure does not
+allow (logit soft-capping or a fused qkv projection for the INT4 KV, a parallel block for a skip
+plan) raises before anything is changed.
 
 * ``rms_norm=True``: every ``*RMSNorm`` module (``LlamaRMSNorm``, ``MistralRMSNorm``,
   ``Qwen2RMSNorm``, ``GemmaRMSNorm`` with its ``1 + w`` form, ``torch.nn.RMSNorm``) becomes
@@ -85,10 +87,10 @@ def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> t
 
 
 def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
-    from fastlayers.skip_plan import _decoder_layers
+    from fastlayers._decoder import decoder_layers
 
     try:
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model, "patch_model(mlp=...)")
     except TypeError:
         report.left.append((f"mlp={kind!r}", "no decoder layers with an .mlp to replace"))
         return
@@ -140,6 +142,15 @@ def patch_model(
         raise ValueError(f"mlp must be None, 'fff' or 'peer', got {mlp!r}")
     if kv_cache is not None and calibration is None:
         raise ValueError("kv_cache='int4_rope_aware' needs calibration batches (input ids)")
+    # every refusal before the model changes (unsupported attention or decoder layouts)
+    if kv_cache is not None:
+        from fastlayers.quant.rope_kv_hf import check_rope_aware_kv
+
+        check_rope_aware_kv(model, "patch_model(kv_cache='int4_rope_aware')")
+    if skip_plan is not None:
+        from fastlayers.skip_plan import check_skip_plan
+
+        check_skip_plan(model, skip_plan)
     if kv_cache is not None:  # calibrate on the float model, before anything else changes it
         from fastlayers import quant
 
@@ -147,6 +158,12 @@ def patch_model(
         quant.apply_rope_aware_kv(model, post)
         report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
                            for i in range(len(post))]  # fmt: skip
+        from fastlayers._decoder import decoder_layers, qk_norms
+
+        if any(qk_norms(layer.self_attn)[1] is not None for layer in decoder_layers(model)):
+            report.notes.append(
+                "INT4 KV: post-RoPE scales only (q_norm / k_norm would undo pre-RoPE scales)"
+            )
         report.notes.append(
             "generate() with the INT4 cache: cache=fastlayers.quant.Int4KVCache.for_model(model)"
         )

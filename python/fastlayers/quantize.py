@@ -9,7 +9,9 @@
    consumer then has the same mean magnitude, so one outlier column no longer sets the INT4 step of
    every group it falls in; the inverse factor moves into the activations, which FP8 (per-token
    scale, 3-bit mantissa) carries without loss of relative precision. Pairs recognised (Hugging
-   Face names): ``post_attention_layernorm -> mlp.{gate,up}_proj`` and ``mlp.up_proj ->
+   Face names): the norm feeding the feedforward ``-> mlp.{gate,up}_proj``
+   (``post_attention_layernorm`` in Llama-style layers, ``pre_feedforward_layernorm`` in Gemma 2/3;
+   never a Gemma ``1 + w`` norm) and ``mlp.up_proj ->
    mlp.down_proj`` (Llama, Mistral, Qwen: the MLP is linear in ``up``), ``self_attn.v_proj ->
    self_attn.o_proj`` (when ``o_proj`` reads ``v_proj``'s channels one to one, i.e. no
    grouped-query sharing) and BERT's ``attention.self.value -> attention.output.dense``.
@@ -31,7 +33,9 @@ import sys
 
 import torch
 
+from fastlayers._decoder import decoder_layout
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
+from fastlayers.nn.rmsnorm import norm_weight_offset
 from fastlayers.ops.int4_fp8 import QuantizedWeight, quantize_int4
 from fastlayers.reference import fp8 as ref_fp8
 from fastlayers.reference import int4_fp8 as ref
@@ -39,9 +43,14 @@ from fastlayers.reference.int4_fp8 import CHANNEL_SCALES
 
 METHODS = ("auto", "rtn", "gptq")
 
+# The norm whose output a decoder layer's feedforward reads, resolved per layer
+# (``post_attention_layernorm`` in Llama-style layers, ``pre_feedforward_layernorm`` in Gemma 2/3,
+# none in OLMo 2).
+FFN_NORM = "<the decoder layer's feedforward norm>"
+
 # (producer path, consumer paths, producer kind), relative to a common parent module.
 SMOOTH_PAIRS = (
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+    (FFN_NORM, ("mlp.gate_proj", "mlp.up_proj"), "norm"),
     ("mlp.up_proj", ("mlp.down_proj",), "linear"),
     ("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
     ("attention.self.value", ("attention.output.dense",), "linear"),
@@ -150,7 +159,7 @@ def _smooth_pair(producer, consumers, kind) -> bool:
         if (
             not isinstance(weight, torch.Tensor)
             or weight.shape != (width,)
-            or getattr(producer, "weight_offset", 0.0)  # Gemma (1 + w): w / lambda is not it
+            or norm_weight_offset(producer)  # Gemma (1 + w): w / lambda is not it
         ):
             return False
     with torch.no_grad():
@@ -171,10 +180,25 @@ def _smooth_pair(producer, consumers, kind) -> bool:
     return True
 
 
+def _ffn_norm(module: torch.nn.Module) -> str | None:
+    """The path of the norm feeding ``module``'s feedforward, for a decoder layer of a known
+    layout (fastlayers._decoder); None otherwise."""
+    if not (hasattr(module, "self_attn") and hasattr(module, "mlp")):
+        return None
+    try:
+        return decoder_layout(module).ffn_pre
+    except TypeError:
+        return None
+
+
 def _smooth(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
     done = []
     for name, module in model.named_modules():
         for producer_path, consumer_paths, kind in SMOOTH_PAIRS:
+            if producer_path == FFN_NORM:
+                producer_path = _ffn_norm(module)
+                if producer_path is None:
+                    continue
             producer = _get(module, producer_path)
             consumers = [_get(module, p) for p in consumer_paths]
             if producer is None or any(c is None for c in consumers):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Static layer-skip plans for Hugging Face Llama-style decoders (Unified Layer Skipping, AdaSkip,
-"you don't need all of attention", LayerSkip's early exit).
+"""Static layer-skip plans for Hugging Face decoders (Unified Layer Skipping, AdaSkip,
+"you don't need all of attention", LayerSkip's early exit). The decoder layouts read are those of
+:mod:`fastlayers._decoder` (Llama-style, Gemma 2/3 sandwich norms, OLMo 2 post-norms).
 
 A :class:`SkipPlan` says, per decoder layer, whether its attention and its feedforward run or are
 skipped; a skipped sublayer leaves the residual stream unchanged, or multiplies it by a rescale
@@ -21,6 +22,14 @@ import numbers
 
 import torch
 
+from fastlayers._decoder import (
+    apply_qk_norm,
+    attention_unsupported,
+    decoder_layers,
+    decoder_layout,
+    qk_norms,
+    rope_layout,
+)
 from fastlayers.ops._common import check_int, check_positive_ints
 
 MODES = ("full", "skip")
@@ -150,18 +159,22 @@ class SkipPlan:
         stats = {(i, s): [] for i in range(n) for s in ("attn", "ffn")}
         hooks = []
         for i, layer in enumerate(layers):
-            subs = (("attn", "input_layernorm"), ("ffn", "post_attention_layernorm"))
-            for sub, norm_name in subs:
-                norm = getattr(layer, norm_name)
-                module = layer.self_attn if sub == "attn" else layer.mlp
+            # the residual stream enters the sublayer's pre-norm (or the sublayer itself) and the
+            # change to it leaves the post-norm (or the sublayer itself)
+            layout = decoder_layout(layer, "SkipPlan.from_similarity")
+            subs = (("attn", layer.self_attn, layout.attn_pre, layout.attn_post),
+                    ("ffn", layer.mlp, layout.ffn_pre, layout.ffn_post))  # fmt: skip
+            for sub, sublayer, pre_name, post_name in subs:
+                norm = sublayer if pre_name is None else getattr(layer, pre_name)
+                module = sublayer if post_name is None else getattr(layer, post_name)
 
                 def pre(mod, args, kwargs, key=(i, sub)):
                     h = args[0] if args else kwargs["hidden_states"]
                     stats[key].append([h.detach().float()])
 
-                def post(mod, args, kwargs, out, key=(i, sub)):
+                def post(mod, args, kwargs, out, key=(i, sub), mult=layout.residual_multiplier):
                     y = out[0] if isinstance(out, tuple) else out
-                    stats[key][-1].append(y.detach().float())
+                    stats[key][-1].append(y.detach().float() * mult)
 
                 hooks.append(norm.register_forward_pre_hook(pre, with_kwargs=True))
                 hooks.append(module.register_forward_hook(post, with_kwargs=True))
@@ -206,18 +219,7 @@ class SkipPlan:
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
-    for path in ("model.layers", "layers", "model.model.layers"):
-        m = model
-        for part in path.split("."):
-            m = getattr(m, part, None)
-            if m is None:
-                break
-        if isinstance(m, torch.nn.ModuleList) and len(m) and hasattr(m[0], "self_attn"):
-            return m
-    raise TypeError(
-        "apply_skip_plan: expected a Hugging Face Llama-style decoder (model.model.layers, each "
-        "with input_layernorm, self_attn, post_attention_layernorm, mlp)"
-    )
+    return decoder_layers(model, "apply_skip_plan")
 
 
 def _routed_store(cache, layer_idx: int):
@@ -267,8 +269,9 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     from fastlayers.quant.rope_kv import rotate_pairs
 
     attn, router = layer.self_attn, layer.fastlayers_router
+    layout = decoder_layout(layer, "routed attention")
     b, t, _ = hidden_states.shape
-    h = layer.input_layernorm(hidden_states)
+    h = hidden_states if layout.attn_pre is None else getattr(layer, layout.attn_pre)(hidden_states)
     logits = router(h).squeeze(-1).float()  # [B, T]
     cache = kw.get("cache", kw.get("past_key_values"))
     start = _call_start(cache, kw.get("attention_mask"), t, kw.get("cache_position"))
@@ -281,14 +284,16 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     x = h.reshape(b * t, -1)[rows]
     cfg = attn.config
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
-    q = attn.q_proj(x).view(n, hq, d)
-    k = attn.k_proj(x).view(n, hkv, d)
+    q_norm, k_norm = qk_norms(attn)  # (Qwen3, Gemma 3, OLMo 2: before RoPE, as the model does)
+    q = apply_qk_norm(q_norm, attn.q_proj(x).view(n, hq, d))
+    k = apply_qk_norm(k_norm, attn.k_proj(x).view(n, hkv, d))
     v = attn.v_proj(x).view(n, hkv, d)
     cos, sin = kw["position_embeddings"]  # [B, T, d] at the tokens' positions
     cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
     sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
-    q = q * cos + rotate_pairs(q) * sin  # Hugging Face's formula, in the model's dtype
-    k = k * cos + rotate_pairs(k) * sin
+    pairing = rope_layout(attn, "routed attention").pairing
+    q = q * cos + rotate_pairs(q, pairing) * sin  # Hugging Face's formula, in the model's dtype
+    k = k * cos + rotate_pairs(k, pairing) * sin
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
@@ -298,8 +303,11 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
         store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling)
     out = attn.o_proj(o.reshape(n, hq * d))
+    if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
+        out = getattr(layer, layout.attn_post)(out)
     gate = logits.reshape(-1)[rows]
     gate = torch.sigmoid(gate) if plan.router_gate else torch.ones_like(gate)
+    gate = gate * layout.residual_multiplier
     flat = hidden_states.reshape(b * t, -1)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
 
@@ -326,9 +334,19 @@ def _keep_static_length(layer, hidden_states, kwargs) -> None:
     cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
+def _residual(layer, sublayer, hidden_states, pre: str | None, post: str | None, mult: float):
+    """``hidden_states + post(sublayer(pre(hidden_states))) * mult``, the norms the layout has."""
+    h = hidden_states if pre is None else getattr(layer, pre)(hidden_states)
+    h = sublayer(h)
+    h = h[0] if isinstance(h, tuple) else h
+    h = h if post is None else getattr(layer, post)(h)
+    return hidden_states + (h if mult == 1.0 else h * mult)
+
+
 def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
     routed = runs_attn and plan.attn == "routed"
     layer0_empty = layer_idx == 0 and (routed or not runs_attn)
+    layout = decoder_layout(layer, "apply_skip_plan")
 
     def forward(hidden_states, *args, **kwargs):
         if layer0_empty:
@@ -339,23 +357,61 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
                 kw.setdefault(name, value)
             hidden_states = _routed_attention(layer, plan, layer_idx, hidden_states, kw)
         elif runs_attn:
-            residual = hidden_states
-            h = layer.input_layernorm(hidden_states)
             kw = dict(kwargs)
             for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
                 kw.setdefault(name, value)
-            h, _ = layer.self_attn(hidden_states=h, **kw)
-            hidden_states = residual + h
+            attend = lambda h: layer.self_attn(hidden_states=h, **kw)  # noqa: E731
+            hidden_states = _residual(layer, attend, hidden_states, layout.attn_pre,
+                                      layout.attn_post, layout.residual_multiplier)  # fmt: skip
         elif plan.attn_scale != 1.0:
             hidden_states = hidden_states * plan.attn_scale
         if runs_ffn:
-            residual = hidden_states
-            hidden_states = residual + layer.mlp(layer.post_attention_layernorm(hidden_states))
+            hidden_states = _residual(layer, layer.mlp, hidden_states, layout.ffn_pre,
+                                      layout.ffn_post, layout.residual_multiplier)  # fmt: skip
         elif plan.ffn_scale != 1.0:
             hidden_states = hidden_states * plan.ffn_scale
         return hidden_states
 
     return forward
+
+
+def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch.nn.ModuleList:
+    """Every check of :func:`apply_skip_plan`, without changing the model; returns its layers."""
+    if not isinstance(plan, SkipPlan):
+        raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
+    layers = _decoder_layers(model)
+    if len(layers) != plan.num_layers:
+        raise ValueError(f"the plan has {plan.num_layers} layers, the model {len(layers)}")
+    for i in routers or {}:
+        if not plan.routes_attention(i):
+            raise ValueError(f"routers[{i}] given, but the plan does not route layer {i}")
+    for i, layer in enumerate(layers):
+        decoder_layout(layer, "apply_skip_plan")
+        if plan.routes_attention(i):
+            why = attention_unsupported(layer.self_attn) or _window(layer.self_attn)
+            if why is not None:
+                raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
+            rope_layout(layer.self_attn, "apply_skip_plan")
+    return layers
+
+
+def _sliding_window(attn) -> int | None:
+    """The layer's sliding window: its own (Gemma 2/3, Qwen2), or Mistral's model-wide one."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    cfg = getattr(attn, "config", None)
+    if getattr(cfg, "layer_types", None) is not None:  # (per layer: the attribute above)
+        return None
+    return getattr(cfg, "sliding_window", None)
+
+
+def _window(attn) -> str | None:
+    """Why routed attention (causal over every routed token) would not be the layer's attention:
+    a sliding window."""
+    window = _sliding_window(attn)
+    if window is not None:
+        return f"{type(attn).__name__} attends within a sliding window of {window} tokens"
+    return None
 
 
 def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
@@ -374,15 +430,8 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     :func:`LayerSkipCache`. Static caches (``generate(cache_implementation="static")``) work too;
     they measure the sequence on layer 0, so with layer 0's attention skipped or routed its cache
     layer still records each call's tokens (as zeros nothing reads)."""
-    if not isinstance(plan, SkipPlan):
-        raise TypeError(f"plan must be a SkipPlan, got {type(plan).__name__}")
-    layers = _decoder_layers(model)
-    if len(layers) != plan.num_layers:
-        raise ValueError(f"the plan has {plan.num_layers} layers, the model {len(layers)}")
+    layers = check_skip_plan(model, plan, routers)
     routers = routers or {}
-    for i in routers:
-        if not plan.routes_attention(i):
-            raise ValueError(f"routers[{i}] given, but the plan does not route layer {i}")
     remove_skip_plan(model)
     for i, layer in enumerate(layers):
         if plan.routes_attention(i):
@@ -420,27 +469,39 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)  # a negative count removes that many tokens (old and new transformers)
 
 
-def _causal_mask(past: int, q: int, dtype, device):
-    """Additive [1, 1, q, past + q] mask: new token i sees the cached tokens and new tokens <= i."""
-    if q == 1:
+def _causal_mask(past: int, q: int, dtype, device, window: int | None = None):
+    """Additive [1, 1, q, past + q] mask: new token i sees the cached tokens and new tokens <= i,
+    within the last ``window`` positions when the layer has a sliding window (HF's rule: key j is
+    seen from query i when i - window < j <= i); None when nothing is hidden."""
+    if q == 1 and (window is None or past < window):
         return None
-    allowed = torch.arange(past + q, device=device)[None, :] <= (
-        past + torch.arange(q, device=device)[:, None]
-    )
+    qpos = past + torch.arange(q, device=device)[:, None]
+    kpos = torch.arange(past + q, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
     mask = torch.zeros(1, 1, q, past + q, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str):
     """Decoder layers ``[start, end)`` of a Llama-style model on hidden states ``h [1, q, d]`` at
-    positions ``past .. past + q - 1``, writing their keys and values to ``cache``."""
-    inner = model.model
+    positions ``past .. past + q - 1``, writing their keys and values to ``cache``. Each layer gets
+    the RoPE of its type (Gemma 3: local and global) and its sliding window, if any."""
+    rotary = model.model.rotary_emb
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
     positions = torch.arange(past, past + h.shape[1], device=h.device)[None]
-    embeddings = inner.rotary_emb(h, position_ids=positions)
-    mask = _causal_mask(past, h.shape[1], h.dtype, h.device)
+    embeddings, masks = {}, {}
     for layer in _decoder_layers(model)[start:end]:
-        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=embeddings,
-                  use_cache=True, **{cache_kw: cache})  # fmt: skip
+        kind = getattr(layer.self_attn, "layer_type", None) if typed else None
+        if kind not in embeddings:
+            embeddings[kind] = rotary(h, positions, kind) if typed else rotary(h, positions)
+        window = _sliding_window(layer.self_attn)
+        if window not in masks:
+            masks[window] = _causal_mask(past, h.shape[1], h.dtype, h.device, window)
+        h = layer(h, attention_mask=masks[window], position_ids=positions,
+                  position_embeddings=embeddings[kind], use_cache=True,
+                  **{cache_kw: cache})  # fmt: skip
         h = h[0] if isinstance(h, tuple) else h
     return h
 

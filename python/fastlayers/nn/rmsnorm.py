@@ -10,6 +10,15 @@ import torch
 from fastlayers.ops.rmsnorm import fused_add_rms_norm, rms_norm
 
 
+def norm_weight_offset(module: torch.nn.Module) -> float:
+    """The offset an RMSNorm adds to its weight: a fastlayers RMSNorm's ``weight_offset``, 1.0 for
+    Hugging Face's ``Gemma*RMSNorm`` (``1 + w``), else 0."""
+    if isinstance(module, RMSNorm):
+        return module.weight_offset
+    name = type(module).__name__
+    return 1.0 if name.startswith("Gemma") and name.endswith("RMSNorm") else 0.0
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dimension, with an optional fused residual add.
 
@@ -109,8 +118,7 @@ class RMSNorm(torch.nn.Module):
         if eps is None:  # (not the 16-bit dtype's own epsilon: 0.0078 for bf16)
             eps = torch.finfo(torch.promote_types(weight.dtype, torch.float32)).eps
         if weight_offset is None:
-            name = type(module).__name__
-            weight_offset = 1.0 if name.startswith("Gemma") and name.endswith("RMSNorm") else 0.0
+            weight_offset = norm_weight_offset(module)
         once = isinstance(module, torch.nn.RMSNorm)
         new = cls(weight.shape[0], eps=eps, weight_offset=weight_offset, device="meta",
                   round_once=once)  # fmt: skip

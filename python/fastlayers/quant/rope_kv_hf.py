@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -22,6 +23,13 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from fastlayers._decoder import (
+    apply_qk_norm,
+    attention_unsupported,
+    decoder_layers,
+    qk_norms,
+    rope_layout,
+)
 from fastlayers.ops._common import no_dispatch_modes, tensor_version
 from fastlayers.ops.kvint4 import (
     decode_step_direct,
@@ -40,13 +48,26 @@ from fastlayers.quant.rope_kv import (
     quantize_q_fp8,
     straight_through,
 )
-from fastlayers.skip_plan import _decoder_layers
 
 ATTENTION = "fastlayers_int4kv"
 
 
-def _attention_modules(model):
-    return [layer.self_attn for layer in _decoder_layers(model)]
+def _attention_modules(model, what: str = "apply_rope_aware_kv"):
+    """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in."""
+    mods = [layer.self_attn for layer in decoder_layers(model, what)]
+    for i, m in enumerate(mods):
+        why = attention_unsupported(m)
+        if why is not None:
+            raise ValueError(f"{what}: layer {i}: {why}")
+    return mods
+
+
+def check_rope_aware_kv(model, what: str = "calibrate_rope_aware_kv") -> None:
+    """The checks of :func:`calibrate_rope_aware_kv` and :func:`apply_rope_aware_kv` (a decoder
+    whose attention the INT4 path can stand in for, with rotate-half or interleaved full RoPE),
+    without changing the model."""
+    for m in _attention_modules(model, what):
+        rope_layout(m, what)
 
 
 class _Int4Layer(Int4KVStore, CacheLayerMixin):
@@ -314,21 +335,31 @@ def remove_rope_aware_kv(model):
 @torch.no_grad()
 def calibrate_rope_aware_kv(
     model, calibration, alpha: float = 8.0, beta: float = 8.0, top_k: int = 8,
-    pre_rope: bool = True, post_rope: bool = True, pairing: str = "half",
+    pre_rope: bool = True, post_rope: bool = True, pairing: str | None = None,
 ):  # fmt: skip
     """Runs ``calibration`` (batches of input ids) through the float model, computes the scales of
     every layer from its keys, folds the pre-RoPE scales into ``q_proj``/``k_proj`` (in place;
     ``Q K^T`` unchanged) and returns the post-RoPE scales ``[H_kv, d]`` per layer (ones when
     ``post_rope`` is False), ready for :func:`apply_rope_aware_kv`. Post-RoPE channels keep a
-    pre-RoPE scale of 1."""
-    mods = _attention_modules(model)
+    pre-RoPE scale of 1. Models that normalise queries and keys between the projections and RoPE
+    (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2) get post-RoPE scales only: the norm would
+    undo a scale folded into the projections. Attention with logit soft-capping (Gemma 2) or a
+    fused qkv projection (Phi-3) is refused (ValueError)."""
+    mods = _attention_modules(model, "calibrate_rope_aware_kv")
     rotary = model.model.rotary_emb
+    # Gemma 3's rotary embedding takes the layer's type (local and global RoPE differ)
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+    layouts = [rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
+    if pairing is not None and any(lay.pairing != pairing for lay in layouts):
+        raise ValueError(
+            f"pairing={pairing!r}, but the model's RoPE pairs channels {layouts[0].pairing!r}"
+        )
     keys = {i: [] for i in range(len(mods))}
     hooks = []
     for i, m in enumerate(mods):
 
         def hook(mod, args, out, i=i):
-            keys[i].append(out.detach().float())
+            keys[i].append(out.detach().float())  # [B, T, H_kv * d]
 
         hooks.append(m.k_proj.register_forward_hook(hook))
     try:
@@ -337,23 +368,23 @@ def calibrate_rope_aware_kv(
     finally:
         for h in hooks:
             h.remove()
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     scales = []
     for i, m in enumerate(mods):
+        pairing, k_norm = layouts[i].pairing, qk_norms(m)[1]
         pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
         rot = []
         for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
             b, t, _ = k.shape
-            kk = k.view(b, t, -1, m.head_dim).transpose(1, 2)
+            kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
-            cos, sin = rotary(kk, pos)
-            _, kr = apply_rotary_pos_emb(kk, kk, cos, sin)
+            cos, sin = rotary(kk, pos, m.layer_type) if typed else rotary(kk, pos)
+            _, kr = layouts[i].apply(kk, kk, cos, sin)
             rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
         s = compute_post_rope_scales(rot, beta, top_k, pairing) if post_rope else None
-        if pre_rope:
+        if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
             exclude = s != 1 if s is not None else None
             n = compute_pre_rope_scales(pre, alpha, pairing, exclude)
             fold_pre_rope(m.q_proj, m.k_proj, n)

@@ -1,0 +1,234 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The decoder structures fastlayers reads (fastlayers/_decoder.py) on small Hugging Face models
+of several architectures, built from configs (no download): skip plans follow each layout's norms
+(Llama-style, Gemma 2/3 sandwich, OLMo 2 post-norms, Granite's residual multiplier), routed
+attention applies q/k norms and the model's RoPE pairing, the RoPE-aware KV calibration and
+FireQ smoothing leave the float model's function unchanged, and what cannot be supported (logit
+soft-capping, fused qkv projections, parallel blocks, sliding windows for routing) is refused with
+a clear error before the model changes."""
+
+import math
+
+import pytest
+import torch
+
+import fastlayers
+from fastlayers import quant
+from fastlayers._decoder import decoder_layout, rope_layout
+from fastlayers.quantize import _smooth
+from fastlayers.skip_plan import LayerPlan, SkipPlan
+
+transformers = pytest.importorskip("transformers")
+
+ARCHS = {
+    "Llama": {},
+    "Qwen3": dict(head_dim=32),
+    "Gemma": dict(head_dim=32),
+    "Gemma2": dict(head_dim=32),
+    "Gemma3": dict(
+        head_dim=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "Olmo2": {},
+    "Granite": dict(residual_multiplier=0.5, attention_multiplier=0.2),
+    "Cohere": {},
+    "Phi3": {},
+}
+
+
+def _model(arch):
+    torch.manual_seed(0)
+    kw = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    kw.update(ARCHS[arch])
+    cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # norms away from their initial values, so that their placement matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5) if arch.startswith("Gemma") else p.uniform_(0.5, 1.5)
+    return model
+
+
+class _ZeroAttention(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+LAYOUT_ARCHS = ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite"]
+
+
+@pytest.mark.parametrize("arch", LAYOUT_ARCHS)
+def test_skip_plans_follow_each_layout(arch):
+    """A full plan is the model; a skipped sublayer is the model with that sublayer's output
+    zeroed (every layout's post-norm maps zero to zero)."""
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(_model(arch), ids)
+    full = fastlayers.apply_skip_plan(_model(arch), SkipPlan.full(2))
+    assert torch.equal(_logits(full, ids), want)
+    for sub in ("attn", "ffn"):
+        ref = _model(arch)
+        if sub == "attn":
+            ref.model.layers[1].self_attn = _ZeroAttention()
+        else:
+            ref.model.layers[1].mlp = _ZeroMLP()
+        plan = SkipPlan([LayerPlan(), LayerPlan(**{sub: "skip"})])
+        planned = fastlayers.apply_skip_plan(_model(arch), plan)
+        assert torch.equal(_logits(planned, ids), _logits(ref, ids)), sub
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen3", "Gemma3", "Olmo2", "Granite"])
+def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
+    """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
+    per head, OLMo 2 over the projection), the post-attention norm and the residual multiplier
+    applied as the model does (Gemma 3's routed layer is its full-attention one)."""
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(_model(arch), ids)
+    routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([LayerPlan(), routed]))
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_structures_are_refused_before_the_model_changes():
+    routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
+    cases = [
+        ("Gemma2", routed, ValueError, "soft-caps its attention logits"),
+        ("Gemma3", SkipPlan([LayerPlan(attn="routed"), LayerPlan()]), ValueError,
+         "sliding window of 4 tokens"),
+        ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
+        ("Cohere", SkipPlan.full(2), TypeError, "parallel attention"),
+    ]  # fmt: skip
+    for arch, plan, error, match in cases:
+        model = _model(arch)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=match):
+            fastlayers.apply_skip_plan(model, plan)
+        with pytest.raises(error, match=match):
+            fastlayers.patch_model(model, linear="int4_fp8", skip_plan=plan)
+        after = model.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+        assert not hasattr(model, "_fastlayers_skip_plan")
+    calib = [torch.randint(3, 128, (1, 16))]
+    for arch, match in (("Gemma2", "soft-caps"), ("Phi3", "fused projection")):
+        model = _model(arch)
+        with pytest.raises(ValueError, match=match):
+            fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
+        assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
+
+
+def test_layouts_and_rope_pairings_read_from_the_models():
+    assert decoder_layout(_model("Llama").model.layers[0]).ffn_pre == "post_attention_layernorm"
+    gemma2 = decoder_layout(_model("Gemma2").model.layers[0])
+    assert (gemma2.attn_post, gemma2.ffn_pre) == ("post_attention_layernorm",
+                                                   "pre_feedforward_layernorm")  # fmt: skip
+    olmo2 = decoder_layout(_model("Olmo2").model.layers[0])
+    assert (olmo2.attn_pre, olmo2.ffn_pre) == (None, None)
+    assert olmo2.attn_post == "post_attention_layernorm"
+    assert decoder_layout(_model("Granite").model.layers[0]).residual_multiplier == 0.5
+    assert rope_layout(_model("Llama").model.layers[0].self_attn).pairing == "half"
+    assert rope_layout(_model("Cohere").model.layers[0].self_attn).pairing == "interleaved"
+    with pytest.raises(ValueError, match="pairing='half', but the model's RoPE pairs channels"):
+        quant.calibrate_rope_aware_kv(_model("Cohere"), [torch.randint(3, 128, (1, 8))],
+                                      pairing="half")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen3", "Gemma3", "Olmo2", "Cohere", "Granite"])
+def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
+    """Calibration (pre-RoPE scales folded where no q/k norm follows the projections, post-RoPE
+    scales on the keys, their inverse on the queries) with quantization off is the float model;
+    with INT4 on, generate() with the INT4 cache is generate() without a cache."""
+    ids = torch.randint(3, 128, (3, 10))
+    want = _logits(_model(arch), ids)
+    calib = [torch.randint(3, 128, (1, 24))]
+    model = _model(arch)
+    post = quant.calibrate_rope_aware_kv(model, calib)
+    quant.apply_rope_aware_kv(model, post, q_fp8=False, quantize_keys=False,
+                              quantize_values=False)  # fmt: skip
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    model = _model(arch)
+    report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                                    calibration=calib)  # fmt: skip
+    assert ("post-RoPE scales only" in str(report)) == (arch in ("Qwen3", "Gemma3", "Olmo2"))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        cached = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        plain = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    for a, b in zip(cached.scores, plain.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Gemma", "Gemma2", "Gemma3", "Olmo2"])
+def test_smoothing_keeps_the_float_model(arch):
+    """FireQ smoothing moves scales between a producer and its consumers: the float function must
+    not change. The norm feeding the feedforward is the producer only in Llama-style layers (in
+    Gemma 2/3 ``post_attention_layernorm`` normalises the attention's output, OLMo 2 has no norm
+    before its feedforward, and a Gemma ``1 + w`` norm cannot take ``w / lambda``)."""
+    ids = torch.randint(3, 128, (2, 12))
+    model = _model(arch)
+    want = _logits(model, ids)
+    done = [producer for producer, _ in _smooth(model)]
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    norms = [p for p in done if "norm" in p]
+    llama = [f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
+    assert norms == (llama if arch == "Llama" else [])
+    assert sum(p.endswith("mlp.up_proj") for p in done) == 2
+
+
+@pytest.mark.parametrize("arch", ["Gemma2", "Olmo2", "Granite"])
+def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
+    """With a layer's attention zeroed, its feedforward's residual-norm ratio is |h_out| / |h_in|
+    of the layer itself: what from_similarity must measure whatever norms surround the sublayer
+    (before, it read Gemma 2's attention output as the feedforward's input and missed Granite's
+    residual multiplier)."""
+    model = _model(arch)
+    model.model.layers[1].self_attn = _ZeroAttention()
+    batch = torch.randint(3, 128, (2, 12))
+    plan = SkipPlan.from_similarity(model, [batch], num_ffn_skip=2)
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["in"] = (args[0] if args else kwargs["hidden_states"]).float()
+        seen["out"] = (out[0] if isinstance(out, tuple) else out).float()
+
+    handle = model.model.layers[1].register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    ratio = (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
+    assert math.isclose(plan.layers[1].ffn_scale, ratio, rel_tol=1e-4)
+    assert plan.layers[1].ffn == "skip" and plan.layers[0].ffn == "skip"
+
+
+@pytest.mark.parametrize("arch", ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere"])
+def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
+    """Early-exit drafting and verification reproduce greedy decoding past the sliding window
+    (Gemma 2 with a window of 4, Gemma 3's local layers) and with Gemma 3's local/global RoPE."""
+    from fastlayers.skip_plan import self_speculative_generate
+
+    model = _model(arch)
+    if arch == "Gemma2":
+        model.config.sliding_window = 4
+        for layer in model.model.layers:
+            if layer.self_attn.sliding_window is not None:
+                layer.self_attn.sliding_window = 4
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    for exit_layer, num_draft in ((1, 3), (1, 1)):
+        got, _ = self_speculative_generate(model, ids, exit_layer, 10, num_draft=num_draft)
+        assert torch.equal(got, want), (exit_layer, num_draft)
