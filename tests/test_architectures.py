@@ -232,3 +232,47 @@ def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch)
     for exit_layer, num_draft in ((1, 3), (1, 1)):
         got, _ = self_speculative_generate(model, ids, exit_layer, 10, num_draft=num_draft)
         assert torch.equal(got, want), (exit_layer, num_draft)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Gemma3", "Olmo2", "Phi3"])
+def test_rms_norm_patch_reproduces_each_norm_in_bf16(arch):
+    """patch_model finds each norm's form by running it: OLMo 2 multiplies by its weight in fp32
+    before the cast (one rounding) where Llama casts first; the logits of the bf16 model match."""
+    from fastlayers.nn.rmsnorm import rms_norm_form
+
+    model = _model(arch).to(torch.bfloat16)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    want_form = {"Llama": (0.0, False), "Gemma3": (1.0, False), "Olmo2": (0.0, True)}
+    assert {rms_norm_form(m) for m in norms} == {want_form.get(arch, (0.0, False))}
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(model, ids)
+    report = fastlayers.patch_model(model)
+    assert len(report.swapped) == len(norms) and not report.left
+    torch.testing.assert_close(_logits(model, ids), want, rtol=2e-2, atol=2e-2)
+    for norm in (m for m in model.modules() if isinstance(m, fastlayers.RMSNorm)):
+        x = torch.randn(64, norm.weight.shape[0]).to(torch.bfloat16)
+        original = next(m for m in norms if m.weight is norm.weight)
+        with torch.no_grad():
+            got, ref = norm(x), original(x)
+        # the same bits but where the fp32 sum of squares rounds differently in the kernel's
+        # reduction order (a form that is not the module's differs in ~25 % of the elements)
+        assert (got != ref).float().mean().item() < 0.01
+
+
+class _HalfPrecisionRMSNorm(torch.nn.Module):
+    """An RMSNorm whose statistics are taken in the input's dtype: none of fastlayers' forms."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return self.weight.to(x.dtype) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_rms_norm_of_no_known_form_is_left_and_reported():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), _HalfPrecisionRMSNorm(64))
+    report = fastlayers.patch_model(model)
+    assert isinstance(model[1], _HalfPrecisionRMSNorm) and not report.swapped
+    assert report.left == [("1", "its rounding matches none of fastlayers.RMSNorm's forms")]

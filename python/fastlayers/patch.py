@@ -9,7 +9,9 @@ plan) raises before anything is changed.
 
 * ``rms_norm=True``: every ``*RMSNorm`` module (``LlamaRMSNorm``, ``MistralRMSNorm``,
   ``Qwen2RMSNorm``, ``GemmaRMSNorm`` with its ``1 + w`` form, ``torch.nn.RMSNorm``) becomes
-  :class:`fastlayers.RMSNorm` sharing the same ``weight`` parameter (state dict unchanged).
+  :class:`fastlayers.RMSNorm` sharing the same ``weight`` parameter (state dict unchanged), in
+  the form (offset, rounding) that reproduces the module bit for bit, found by running a copy
+  of it (``fastlayers.nn.rmsnorm.rms_norm_form``); a module matching no form is left, reported.
 * ``linear="int4_fp8"``: :func:`fastlayers.quantize_` (FireQ INT4 x FP8; GPTQ when
   ``calibration`` is given; the LM head stays in float).
 * ``kv_cache="int4_rope_aware"``: FireQ's RoPE-aware INT4 KV (needs ``calibration``); pass
@@ -30,7 +32,7 @@ import math
 
 import torch
 
-from fastlayers.nn.rmsnorm import RMSNorm
+from fastlayers.nn.rmsnorm import RMSNorm, rms_norm_form
 
 
 @dataclasses.dataclass
@@ -171,8 +173,15 @@ def patch_model(
         for path, module in list(model.named_modules()):
             if not _rms_norm_like(module):
                 continue
-            # the same Parameter (state dict and ties unchanged), eps, Gemma offset and rounding
-            new = RMSNorm.from_module(module)
+            # the same Parameter (state dict and ties unchanged), eps, and the module's own
+            # offset and rounding, found by running it (rms_norm_form)
+            form = rms_norm_form(module)
+            if form is None:
+                report.left.append(
+                    (path, "its rounding matches none of fastlayers.RMSNorm's forms")
+                )
+                continue
+            new = RMSNorm.from_module(module, weight_offset=form[0], round_once=form[1])
             originals[path] = module
             _set(model, path, new)
             report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 import torch
@@ -17,6 +18,44 @@ def norm_weight_offset(module: torch.nn.Module) -> float:
         return module.weight_offset
     name = type(module).__name__
     return 1.0 if name.startswith("Gemma") and name.endswith("RMSNorm") else 0.0
+
+
+def rms_norm_form(module: torch.nn.Module) -> tuple[float, bool] | None:
+    """``(weight_offset, round_once)`` under which :class:`RMSNorm` computes what the RMSNorm
+    ``module`` computes, bit for bit: a copy of it with random weights runs on a random bf16 input
+    and is compared with each form (Llama: cast, then weight; one rounding: weight in fp32, then
+    cast, as ``torch.nn.RMSNorm`` and OLMo 2 do; Gemma: ``1 + w`` in fp32). None when no form
+    matches. Where the copy cannot run on the CPU (meta or offloaded weights, a failing forward),
+    the name rule of :meth:`RMSNorm.from_module` answers instead."""
+    from fastlayers.reference import rms_norm as ref_rms_norm
+
+    guess = (norm_weight_offset(module), isinstance(module, torch.nn.RMSNorm))
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.is_meta:
+        return guess
+    n = weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, n, generator=g).to(torch.bfloat16)
+    w = (torch.rand(n, generator=g) * 2.5 - 0.75).to(torch.bfloat16)
+    try:
+        probe = copy.deepcopy(module).to(device="cpu", dtype=torch.bfloat16)
+        with torch.no_grad():
+            probe.weight.copy_(w)
+            want = probe(x)
+    except Exception:  # noqa: BLE001 (a module that cannot run here: keep the name rule)
+        return guess
+    if eps is None:
+        eps = torch.finfo(torch.float32).eps
+    best, best_bad = None, None
+    for offset, once in dict.fromkeys((guess, (0.0, False), (0.0, True), (1.0, False))):
+        got = ref_rms_norm(x, w, eps, offset, once)
+        bad = int((got != want).sum()) if got.shape == want.shape else x.numel()
+        if best_bad is None or bad < best_bad:
+            best, best_bad = (offset, once), bad
+    # a form that is not the module's differs in a quarter or more of the elements; the right one
+    # in at most the few whose fp32 sum of squares rounds differently in another reduction order
+    return best if best_bad <= x.numel() // 100 else None
 
 
 class RMSNorm(torch.nn.Module):
@@ -100,14 +139,20 @@ class RMSNorm(torch.nn.Module):
         return s
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, weight_offset: float | None = None) -> RMSNorm:
+    def from_module(
+        cls,
+        module: torch.nn.Module,
+        weight_offset: float | None = None,
+        round_once: bool | None = None,
+    ) -> RMSNorm:
         """A fastlayers RMSNorm with ``module``'s weight (shared, not copied) and eps.
 
         Reads ``eps`` (torch) or ``variance_epsilon`` (Hugging Face). ``torch.nn.RMSNorm(eps=None)``
         means the machine epsilon of the dtype it computes in: float32 for 16-bit and float32
         inputs (checked bit for bit), float64 for float64; resolved here from the weight's dtype.
-        ``weight_offset`` defaults to 1.0 for classes named ``Gemma*RMSNorm``, else 0; a
-        ``torch.nn.RMSNorm`` gets its one rounding (``round_once``).
+        ``weight_offset`` defaults to 1.0 for classes named ``Gemma*RMSNorm``, else 0;
+        ``round_once`` defaults to True for a ``torch.nn.RMSNorm`` (its one rounding), else False.
+        :func:`rms_norm_form` finds both by running the module instead (what ``patch_model`` uses).
         """
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
@@ -119,9 +164,10 @@ class RMSNorm(torch.nn.Module):
             eps = torch.finfo(torch.promote_types(weight.dtype, torch.float32)).eps
         if weight_offset is None:
             weight_offset = norm_weight_offset(module)
-        once = isinstance(module, torch.nn.RMSNorm)
+        if round_once is None:
+            round_once = isinstance(module, torch.nn.RMSNorm)
         new = cls(weight.shape[0], eps=eps, weight_offset=weight_offset, device="meta",
-                  round_once=once)  # fmt: skip
+                  round_once=round_once)  # fmt: skip
         new.weight = (
             weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight)
         )
