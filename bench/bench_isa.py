@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 # SPDX-License-Identifier: Apache-2.0
 """Every CPU kernel family under each kernel variant this CPU runs (AVX512-BF16, AVX-512, AVX2,
-scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM and bf16 varlen_attention only),
+scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM, bf16 varlen_attention and the
+bf16 FFF kernels only),
 timed call by call in alternation (``time_interleaved``) on the same inputs: which variant the
 dispatcher should prefer on this machine, and what each gains over the next.
 
@@ -61,6 +62,8 @@ def _fff():
     w_in, w_out = _randn(4095, 768) / 28, _randn(4095, 768) / 64
     yield _case("ultrafast_ff", "1024x768 depth 11", fastlayers.ultrafast_ff, x, w_in, w_out)
     yield _case("ultrafast_ff", "1x768 depth 11", fastlayers.ultrafast_ff, x[:1], w_in, w_out)
+    bf16 = [t.to(torch.bfloat16) for t in (x, w_in, w_out)]  # (dot products by vdpbf16ps there)
+    yield _case("ultrafast_ff", "1024x768 depth 11 bf16", fastlayers.ultrafast_ff, *bf16)
     leaves = (_randn(2047, 768) / 28, _randn(2047) / 10, _randn(2048, 768, 8) / 28)
     leaves += (_randn(2048, 8) / 10, _randn(2048, 8, 768) / 3, _randn(2048, 768) / 10)
     yield _case("fff_hard", "1024x768 depth 11 leaf 8", fastlayers.fff_hard, x, *leaves)

@@ -366,24 +366,37 @@ def test_ops_opcheck(device):
     )
 
 
-def test_every_cpu_isa(cpu_isa):
-    """Forward, backward and the classic descent on each CPU kernel variant this machine runs."""
-    w_in, w_out, b_in = _ultra_params(63, 45, 37, torch.float32, "cpu", True)
-    x = rand(70, 45, dtype=torch.float32, device="cpu")
-    dy = rand(70, 37, dtype=torch.float32, device="cpu")
+@pytest.mark.parametrize("dtype,d_in", [(torch.float32, 45), (torch.bfloat16, 45),
+                                        (torch.bfloat16, 300)])  # fmt: skip
+def test_every_cpu_isa(cpu_isa, dtype, d_in):
+    """Forward, backward and the classic descent on each CPU kernel variant this machine runs (bf16
+    dot products by vdpbf16ps under avx512_bf16: 128-wide steps, 32-wide steps and a masked tail
+    at width 300, the tail alone at 45)."""
+    w_in, w_out, b_in = _ultra_params(63, d_in, 37, dtype, "cpu", True)
+    x = rand(70, d_in, dtype=dtype, device="cpu")
+    dy = rand(70, 37, dtype=dtype, device="cpu")
     y, path, pre = ultrafast_ff(x, w_in, w_out, b_in)
     y64, path64, pre64 = ref.ultrafast_ff(x.double(), w_in.double(), w_out.double(), b_in.double())
     assert _agreeing_tokens(path, path64, pre64, x, w_in).all()
     assert_close_to_oracle(y, ref.ultrafast_ff(x, w_in, w_out, b_in)[0], y64)
     grads = torch.ops.fastlayers.ultrafast_ff_backward(dy, x, w_in, w_out, path, pre, "gelu")
-    expected = ref.ultrafast_ff_backward(dy, x, w_in, w_out, path, pre, "gelu")
-    for g, e in zip(grads, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
-    params = _hard_params(4, 45, 6, 37, torch.float32, "cpu")
+    expected = ref.ultrafast_ff_backward(
+        dy.double(), x.double(), w_in.double(), w_out.double(), path, pre.double(), "gelu"
+    )
+    for g, e in zip(grads, expected, strict=True):  # against float64, at the dtype's rounding
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+    params = _hard_params(4, d_in, 6, 37, dtype, "cpu")
     y, leaf = fff_hard(x, *params)
-    y_ref, leaf_ref = ref.fff_hard(x, *params)
-    assert torch.equal(leaf, leaf_ref)
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    if dtype == torch.float32:
+        y_ref, leaf_ref = ref.fff_hard(x, *params)
+        assert torch.equal(leaf, leaf_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    else:  # against float64: a logit within bf16 rounding of 0 may take the other branch
+        y_ref, leaf_ref = ref.fff_hard(x.double(), *(t.double() for t in params))
+        ok = leaf == leaf_ref
+        assert ok.float().mean() > 0.95
+        torch.testing.assert_close(y[ok].double(), y_ref[ok], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,6 +7,7 @@
 // decision is known.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "fff/activation.h"
@@ -62,11 +63,56 @@ void combine_rows(const float* coef, const T* const* rows, int64_t levels, T* ou
   }
 }
 
+#if defined(FL_AVX512)
+// a . b for bf16 rows by vdpbf16ps: two exact products per fp32 lane and step (the fp32 FMA path's
+// products, summed in another order). Only at the ISA level avx512_bf16 (bf16_dots).
+FL_TARGET_BF16 float dot_bf16(const bf16_t* a, const bf16_t* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + i + 32), (__m512bh)_mm512_loadu_si512(b + i + 32));
+    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + i + 64), (__m512bh)_mm512_loadu_si512(b + i + 64));
+    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + i + 96), (__m512bh)_mm512_loadu_si512(b + i + 96));
+  }
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  }
+  if (i < n) {  // the tail, zero-padded (a zero product adds nothing)
+    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (n - i)) - 1);
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(m, a + i), (__m512bh)_mm512_maskz_loadu_epi16(m, b + i));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+#endif
+
+// Whether bf16 dot products take vdpbf16ps (bf16 rows at the ISA level avx512_bf16).
+template <typename T>
+bool bf16_dots() {
+#if defined(FL_AVX512)
+  return IsBf16<T>::value && active_isa() == Isa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
+
+// a . b, by vdpbf16ps when `pairs` (bf16_dots()).
+template <typename T>
+float row_dot(const T* a, const T* b, int64_t n, bool pairs) {
+#if defined(FL_AVX512)
+  if constexpr (IsBf16<T>::value) {
+    if (pairs) return dot_bf16(a, b, n);
+  }
+#endif
+  (void)pairs;
+  return dot(a, b, n);
+}
+
 // A node's logit for one token: w_in[node] . x (+ b_in[node]). Every forward path computes it here,
 // which is what keeps the per-token and the bucketed descents bit-identical.
 template <typename T>
-float node_logit(const T* xt, const T* w_in, const T* b_in, int64_t node, int64_t in) {
-  const float a = dot(xt, w_in + node * in, in);
+float node_logit(const T* xt, const T* w_in, const T* b_in, int64_t node, int64_t in, bool pairs) {
+  const float a = row_dot(xt, w_in + node * in, in, pairs);
   return b_in != nullptr ? a + to_float(b_in[node]) : a;
 }
 
@@ -79,6 +125,7 @@ void ultra_forward_per_token(const UltraFwdParams& p) {
   const T* b_in = static_cast<const T*>(p.b_in);
   const int64_t groups = (p.tokens + kGroup - 1) / kGroup;
   const bool parallel = p.tokens * L * (in + out) >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 #pragma omp parallel for schedule(static) if (parallel && groups > 1)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t t0 = g * kGroup;
@@ -89,7 +136,7 @@ void ultra_forward_per_token(const UltraFwdParams& p) {
     for (int64_t l = 0; l < L; ++l) {
       for (int k = 0; k < n; ++k) {
         const int64_t t = t0 + k;
-        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in);
+        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in, pairs);
         if (p.path != nullptr) {  // kept for the backward; inference passes null
           p.path[t * L + l] = static_cast<int32_t>(node[k]);
           p.preact[t * L + l] = a;
@@ -146,6 +193,7 @@ struct Subtree {
   float* coef;     // [tokens, levels]: act(a_l)
   float* preact;   // null, or the caller's [tokens, levels]
   int32_t* right;  // partition scratch, >= the bucket's size
+  bool pairs;      // bf16_dots()
 };
 
 // seg: the n tokens that reached `node` (at `level`), in path order on return.
@@ -154,7 +202,7 @@ void descend_subtree(const Subtree<T>& s, int64_t node, int64_t level, int32_t* 
   int64_t nl = 0, nr = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t t = seg[i];
-    const float a = node_logit(s.x + t * s.x_row_stride, s.w_in, s.b_in, node, s.in);
+    const float a = node_logit(s.x + t * s.x_row_stride, s.w_in, s.b_in, node, s.in, s.pairs);
     s.path[t * s.levels + level] = static_cast<int32_t>(node);
     s.coef[t * s.levels + level] = act_value(s.act, a);
     if (s.preact != nullptr) s.preact[t * s.levels + level] = a;
@@ -187,6 +235,7 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
 
   const int64_t groups = (tokens + kGroup - 1) / kGroup;
   const bool parallel = tokens * L * (in + out) >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t t0 = g * kGroup;
@@ -195,7 +244,7 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
     for (int64_t l = 0; l < top; ++l) {
       for (int k = 0; k < n; ++k) {
         const int64_t t = t0 + k;
-        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in);
+        const float a = node_logit(x + t * p.x_row_stride, w_in, b_in, node[k], in, pairs);
         path[t * L + l] = static_cast<int32_t>(node[k]);
         coef[t * L + l] = act_value(p.act, a);
         if (p.preact != nullptr) p.preact[t * L + l] = a;
@@ -219,7 +268,7 @@ void ultra_forward_bucketed(const UltraFwdParams& p, int64_t top) {
 #pragma omp parallel if (parallel)
   {
     const Subtree<T> s{x, p.x_row_stride, w_in, b_in, in, L, p.act, path, coef, p.preact,
-                       new int32_t[tokens]};
+                       new int32_t[tokens], pairs};
     const T* rows[kMaxLevels];
     const int64_t threads = omp_get_num_threads();
 #pragma omp for schedule(dynamic, 1)
@@ -286,6 +335,7 @@ void ultra_backward_typed(const UltraBwdParams& p) {
   const T* w_in = static_cast<const T*>(p.w_in);
   const T* w_out = static_cast<const T*>(p.w_out);
   const bool parallel = p.tokens * L * (in + out) >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 
   // 1. Per token: coef_l = act'(a_l) * (dy . w_out[n_l]); dx = sum_l coef_l * w_in[n_l].
 #pragma omp parallel for schedule(static) if (parallel && p.tokens > 1)
@@ -293,7 +343,7 @@ void ultra_backward_typed(const UltraBwdParams& p) {
     const T* rows[kMaxLevels];
     for (int64_t l = 0; l < L; ++l) {
       const int64_t nd = p.path[t * L + l];
-      const float c = dot(dy + t * out, w_out + nd * out, out);
+      const float c = row_dot(dy + t * out, w_out + nd * out, out, pairs);
       p.coef[t * L + l] = act_grad(p.act, p.preact[t * L + l]) * c;
       rows[l] = w_in + nd * in;
     }
@@ -343,6 +393,7 @@ void hard_forward_typed(const HardFwdParams& p) {
   const T* b2 = static_cast<const T*>(p.b2);
   const int64_t groups = (p.tokens + kGroup - 1) / kGroup;
   const bool parallel = p.tokens * (p.depth * in + width * (in + out)) >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 #pragma omp parallel if (parallel && groups > 1)
   {
     float* h = new float[width + out];
@@ -354,7 +405,7 @@ void hard_forward_typed(const HardFwdParams& p) {
       int64_t node[kGroup] = {};
       for (int64_t d = 0; d < p.depth; ++d) {
         for (int k = 0; k < n; ++k) {
-          const float logit = node_logit(x + (t0 + k) * p.x_row_stride, node_w, node_b, node[k], in);
+          const float logit = node_logit(x + (t0 + k) * p.x_row_stride, node_w, node_b, node[k], in, pairs);
           node[k] = 2 * node[k] + 1 + (logit > 0.0f ? 1 : 0);
           if (d + 1 < p.depth) prefetch_row(node_w + node[k] * in, in);
         }
