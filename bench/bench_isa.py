@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 # SPDX-License-Identifier: Apache-2.0
 """Every CPU kernel family under each kernel variant this CPU runs (AVX512-BF16, AVX-512, AVX2,
-scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM, bf16 varlen_attention and the
-bf16 FFF kernels only),
+scalar; AVX512-BF16 differs from AVX-512 in the INT4 x FP8 GEMM and in bf16 varlen_attention,
+FFF and PEER experts only),
 timed call by call in alternation (``time_interleaved``) on the same inputs: which variant the
 dispatcher should prefer on this machine, and what each gains over the next.
 
@@ -80,6 +80,11 @@ def _peer():
     yield _case(
         "peer_experts", shape, fastlayers.peer_experts, _randn(1024, 512), idx, gates, down, up
     )
+    del down, up
+    bf16 = [t.to(torch.bfloat16) for t in (_randn(1024, 512), gates)]
+    down, up = (_randn(1 << 20, 512, dtype=torch.bfloat16) for _ in "du")  # 1 GiB each
+    yield _case("peer_experts", shape + " bf16", fastlayers.peer_experts, bf16[0], idx, bf16[1],
+                down, up)  # fmt: skip
 
 
 def _int4_fp8():

@@ -62,8 +62,8 @@ def _cpu_isas():
 @pytest.fixture(params=_cpu_isas())
 def cpu_isa(request):
     """Runs the test once per CPU kernel variant this machine can execute (avx512_bf16 differs from
-    avx512 in the INT4 x FP8 GEMM, the bf16 scores of varlen_attention and the bf16 dot products
-    of the FFF kernels only; the other kernels
+    avx512 in the INT4 x FP8 GEMM, the bf16 scores of varlen_attention and the bf16 row dot
+    products of the FFF and PEER expert kernels only; the other kernels
     run their avx512 versions under it and are checked under it too)."""
     if _ext.C is None:
         yield request.param

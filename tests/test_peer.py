@@ -485,6 +485,23 @@ def test_every_cpu_isa(cpu_isa):
             dd, du = dd[got[2]], du[got[2]]
         for g, e in zip((got[0], got[1], got[3], got[4]), (dx, dg, dd, du), strict=True):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    # bf16 rows: x . down[e] and dy . up[e] by vdpbf16ps under avx512_bf16 (a masked tail at dim
+    # 45; 128- and 32-wide steps and a tail at 300), against float64
+    for dim in (45, 300):
+        down, up = _tables(300, dim, torch.bfloat16, "cpu")
+        idx, gates = _pairs(21, 12, 300, torch.bfloat16, "cpu")
+        x = rand(21, dim, dtype=torch.bfloat16, device="cpu")
+        dy = rand(21, dim, dtype=torch.bfloat16, device="cpu")
+        y, pre = peer_experts(x, idx, gates, down, up)
+        y64, pre64 = ref.peer_experts(*_d(x), idx, *_d(gates, down, up))
+        torch.testing.assert_close(pre.double(), pre64, rtol=1e-5, atol=1e-5)  # fp32 sums
+        assert_close_to_oracle(y, ref.peer_experts(x, idx, gates, down, up)[0], y64)
+        got = torch.ops.fastlayers.peer_experts_backward(
+            dy, x, idx, gates, down, up, pre, "gelu", True
+        )
+        want = ref.peer_experts_backward(*_d(dy, x), idx, *_d(gates, down, up, pre))
+        for g, e in zip((got[0], got[1], got[3], got[4]), want, strict=True):
+            torch.testing.assert_close(g.double(), e, rtol=2e-2, atol=2e-2)
 
 
 def test_reference_experts_take_no_tokens():

@@ -6,8 +6,9 @@
 namespace fastlayers::cpu {
 
 // Levels, each a superset of the one before. kAvx512Bf16 runs the avx512 kernels of every family;
-// only the INT4 x FP8 GEMM, the bf16 scores of varlen_attention and the bf16 dot products of the
-// FFF kernels differ there (vdpbf16ps: two exact products per fp32 lane and instruction).
+// only the INT4 x FP8 GEMM, the bf16 scores of varlen_attention and the bf16 row dot products of
+// the FFF and PEER expert kernels differ there (vdpbf16ps: two exact products per fp32 lane and
+// instruction; rows_cpu.h's row_dot).
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 inline constexpr Isa kIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // Row primitives for the per-ISA CPU kernels that gather whole rows by index (FFF, PEER): a dot
-// product with four independent accumulators, a scaled row added into an fp32 accumulator, and a
+// product with four independent accumulators (bf16 rows by vdpbf16ps at the level avx512_bf16:
+// row_dot), a scaled row added into an fp32 accumulator, and a
 // prefetch of a row's cache lines; also an online-softmax step, a row scale and the FP8 value
 // table. Lives in namespace fastlayers::cpu::FL_CPU_ISA like simd_cpu.h.
 // NOTE(isa): internal linkage only (anonymous namespace), see cmake/CpuIsa.cmake.
 #pragma once
 
+#include "common/cpu_isa.h"
 #include "common/simd_cpu.h"
 
 #if defined(__SSE2__)
@@ -29,6 +31,51 @@ float dot(const A* a, const B* b, int64_t n) {
   float s = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
   for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
   return s;
+}
+
+#if defined(FL_AVX512)
+// a . b for bf16 rows by vdpbf16ps: two exact products per fp32 lane and step (dot's products,
+// summed in another order). Only at the ISA level avx512_bf16 (bf16_dots).
+FL_TARGET_BF16 float dot_bf16(const bf16_t* a, const bf16_t* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + i + 32), (__m512bh)_mm512_loadu_si512(b + i + 32));
+    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + i + 64), (__m512bh)_mm512_loadu_si512(b + i + 64));
+    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + i + 96), (__m512bh)_mm512_loadu_si512(b + i + 96));
+  }
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  }
+  if (i < n) {  // the tail, zero-padded (a zero product adds nothing)
+    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (n - i)) - 1);
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(m, a + i), (__m512bh)_mm512_maskz_loadu_epi16(m, b + i));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+#endif
+
+// Whether bf16 dot products take vdpbf16ps (bf16 rows at the ISA level avx512_bf16).
+template <typename T>
+bool bf16_dots() {
+#if defined(FL_AVX512)
+  return IsBf16<T>::value && active_isa() == Isa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
+
+// a . b, by vdpbf16ps when `pairs` (bf16_dots()).
+template <typename T>
+float row_dot(const T* a, const T* b, int64_t n, bool pairs) {
+#if defined(FL_AVX512)
+  if constexpr (IsBf16<T>::value) {
+    if (pairs) return dot_bf16(a, b, n);
+  }
+#endif
+  (void)pairs;
+  return dot(a, b, n);
 }
 
 // acc[0..n) += s * row[0..n)

@@ -7,7 +7,6 @@
 // decision is known.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
-#include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "fff/activation.h"
@@ -61,51 +60,6 @@ void combine_rows(const float* coef, const T* const* rows, int64_t levels, T* ou
     for (int64_t l = 0; l < levels; ++l) acc += coef[l] * to_float(rows[l][j]);
     store_as(out + j, acc);
   }
-}
-
-#if defined(FL_AVX512)
-// a . b for bf16 rows by vdpbf16ps: two exact products per fp32 lane and step (the fp32 FMA path's
-// products, summed in another order). Only at the ISA level avx512_bf16 (bf16_dots).
-FL_TARGET_BF16 float dot_bf16(const bf16_t* a, const bf16_t* b, int64_t n) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(a + i + 32), (__m512bh)_mm512_loadu_si512(b + i + 32));
-    s2 = _mm512_dpbf16_ps(s2, (__m512bh)_mm512_loadu_si512(a + i + 64), (__m512bh)_mm512_loadu_si512(b + i + 64));
-    s3 = _mm512_dpbf16_ps(s3, (__m512bh)_mm512_loadu_si512(a + i + 96), (__m512bh)_mm512_loadu_si512(b + i + 96));
-  }
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-  }
-  if (i < n) {  // the tail, zero-padded (a zero product adds nothing)
-    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (n - i)) - 1);
-    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(m, a + i), (__m512bh)_mm512_maskz_loadu_epi16(m, b + i));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-}
-#endif
-
-// Whether bf16 dot products take vdpbf16ps (bf16 rows at the ISA level avx512_bf16).
-template <typename T>
-bool bf16_dots() {
-#if defined(FL_AVX512)
-  return IsBf16<T>::value && active_isa() == Isa::kAvx512Bf16;
-#else
-  return false;
-#endif
-}
-
-// a . b, by vdpbf16ps when `pairs` (bf16_dots()).
-template <typename T>
-float row_dot(const T* a, const T* b, int64_t n, bool pairs) {
-#if defined(FL_AVX512)
-  if constexpr (IsBf16<T>::value) {
-    if (pairs) return dot_bf16(a, b, n);
-  }
-#endif
-  (void)pairs;
-  return dot(a, b, n);
 }
 
 // A node's logit for one token: w_in[node] . x (+ b_in[node]). Every forward path computes it here,

@@ -86,6 +86,7 @@ void forward_typed(const ExpertsFwdParams& p) {
   const T* down = static_cast<const T*>(p.down);
   const T* up = static_cast<const T*>(p.up);
   const bool parallel = p.tokens * P * dim >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 #pragma omp parallel if (parallel && p.tokens > 1)
   {
     BlockedRowSum acc(dim);
@@ -103,7 +104,7 @@ void forward_typed(const ExpertsFwdParams& p) {
           prefetch_row(down + idx[q + kPrefetchAhead] * dim, dim);
           prefetch_row(up + idx[q + kPrefetchAhead] * dim, dim);
         }
-        const float s = dot(xt, down + idx[q] * dim, dim);
+        const float s = row_dot(xt, down + idx[q] * dim, dim, pairs);
         p.preact[t * P + q] = s;
         acc.add(to_float(gates[t * P + q]) * act_value(p.act, s), up + idx[q] * dim);
       }
@@ -121,6 +122,7 @@ void backward_typed(const ExpertsBwdParams& p) {
   const T* down = static_cast<const T*>(p.down);
   const T* up = static_cast<const T*>(p.up);
   const bool parallel = p.tokens * P * dim >= kParallelMinWork;
+  const bool pairs = bf16_dots<T>();
 #pragma omp parallel if (parallel)
   {
     BlockedRowSum acc(dim);
@@ -135,7 +137,7 @@ void backward_typed(const ExpertsBwdParams& p) {
           prefetch_row(down + idx[q + kPrefetchAhead] * dim, dim);
           prefetch_row(up + idx[q + kPrefetchAhead] * dim, dim);
         }
-        const float c = dot(dyt, up + idx[q] * dim, dim);
+        const float c = row_dot(dyt, up + idx[q] * dim, dim, pairs);
         const float s = p.preact[t * P + q], g = to_float(gates[t * P + q]);
         store_as(static_cast<T*>(p.dgates) + t * P + q, act_value(p.act, s) * c);
         const float coef = act_grad(p.act, s) * g * c;
