@@ -98,6 +98,10 @@ def _int4_fp8():
     yield _case("quantize_fp8_per_token", "4096x4096 fp32", fastlayers.quantize_fp8_per_token, x)
 
 
+def _varlen_backward(dy, *args):  # args: q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse (causal)
+    return torch.ops.fastlayers.varlen_attention_backward(dy, None, *args, -1, 0, 0.125)
+
+
 def _varlen():
     # One sequence, 2048 tokens routed of 4096 (positions sorted), 16 heads, d64.
     t = 2048
@@ -108,6 +112,9 @@ def _varlen():
         args = (*qkv, cu, cu, pos, pos)
         shape = f"{t} routed, h16 d64, {str(dtype).removeprefix('torch.')}"
         yield _case("varlen_attention", shape, fastlayers.varlen_attention, *args)
+        out, lse = fastlayers.varlen_attention(*args, return_lse=True)
+        yield _case("varlen_attention_backward", shape, _varlen_backward, torch.randn_like(out),
+                    *args, out, lse)  # fmt: skip
 
 
 def _kv_int4():
@@ -139,7 +146,7 @@ FAMILIES = {
     _fff: ("ultrafast_ff", "fff_hard"),
     _peer: ("peer_retrieve", "peer_experts"),
     _int4_fp8: ("int4_fp8_gemm", "quantize_fp8_per_token"),
-    _varlen: ("varlen_attention",),
+    _varlen: ("varlen_attention", "varlen_attention_backward"),
     _kv_int4: ("int4_kv_decode", "int4_kv_attention", "kv_quantize", "q_quantize"),
 }
 

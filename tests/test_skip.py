@@ -113,14 +113,15 @@ def test_varlen_threshold_routing_padding(device):
 
 
 def test_varlen_every_cpu_isa(cpu_isa):
-    """Each CPU variant; bf16 with an even head dim takes the bf16-pair scores under avx512_bf16
-    (an odd one, 21, the fp32 path)."""
+    """Each CPU variant; bf16 with an even head dim takes the bf16-pair scores (forward S,
+    backward S and dP = dO V^T) under avx512_bf16 (an odd one, 21, the fp32 path)."""
     for dtype in (torch.float32, torch.bfloat16):
         for hq, hkv, d in ((4, 2, 64), (3, 3, 20), (2, 1, 21)):
             q, k, v, cu, pos = _routed(2, 100, 0.5, hq, hkv, d, dtype, "cpu")
             _check(q, k, v, cu, cu, pos, pos, window=(6, 0))
             _check(q, k, v, cu, cu, pos, pos, window=(-1, 0))  # 50 keys: 32, 16 and 2
             _check_backward(q, k, v, cu, pos, window=(6, 0))
+            _check_backward(q, k, v, cu, pos, window=(-1, 0))
 
 
 def _check_backward(q, k, v, cu, pos, **kw):

@@ -36,7 +36,7 @@ float dot(const A* a, const B* b, int64_t n) {
 #if defined(FL_AVX512)
 // a . b for bf16 rows by vdpbf16ps: two exact products per fp32 lane and step (dot's products,
 // summed in another order). Only at the ISA level avx512_bf16 (bf16_dots).
-FL_TARGET_BF16 float dot_bf16(const bf16_t* a, const bf16_t* b, int64_t n) {
+[[maybe_unused]] FL_TARGET_BF16 float dot_bf16(const bf16_t* a, const bf16_t* b, int64_t n) {
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 128 <= n; i += 128) {

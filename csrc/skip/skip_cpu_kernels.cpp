@@ -13,7 +13,8 @@
 // keys.
 // AVX512-BF16 (ISA level avx512_bf16) with bf16 inputs and an even head dim: S = Q K^T by vdpbf16ps
 // on bf16 pairs (two exact products per lane, fp32 sums; the softmax scale multiplies S instead of
-// Q), the keys transposed as pairs [hkv, d / 2, nk]; P V and the backward unchanged.
+// Q), the keys transposed as pairs [hkv, d / 2, nk]; P V unchanged. The backward's S and
+// dP = dO V^T likewise (even d, even dv).
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include "common/cpu_isa.h"
@@ -92,15 +93,21 @@ void transpose_keys(const VarlenParams& p, int64_t cols, Out* out, Value value) 
   }
 }
 
-// The bf16-pair path: bf16 inputs, an even head dim, and the avx512_bf16 level.
+// The bf16-pair path for products over `width` head dims: bf16 inputs, an even width, and the
+// avx512_bf16 level.
 template <typename T>
-bool use_pairs(const VarlenParams& p) {
+bool pairs_for(int64_t width) {
 #if defined(FL_AVX512)
-  return IsBf16<T>::value && p.d % 2 == 0 && active_isa() == Isa::kAvx512Bf16;
+  return IsBf16<T>::value && width % 2 == 0 && active_isa() == Isa::kAvx512Bf16;
 #else
-  (void)p;
+  (void)width;
   return false;
 #endif
+}
+
+template <typename T>
+bool use_pairs(const VarlenParams& p) {
+  return pairs_for<T>(p.d);
 }
 
 uint32_t bf16_pair(const bf16_t* x) {  // x[0] in the low half, x[1] in the high half
@@ -351,7 +358,9 @@ void attention(const VarlenParams& p) {
 
 // Backward tiles: kRows (query, head) rows x kKeys keys, like the forward. Per task (sequence, kv
 // head) the keys and values are held in fp32 twice: row-major (for dQ += dS K and the dK / dV
-// updates) and transposed (lanes over keys for S = Q K^T and dP = dO V^T).
+// updates) and transposed (lanes over keys for S = Q K^T and dP = dO V^T). With bf16 inputs at the
+// avx512_bf16 level, S (even d) and dP (even dv) are products of bf16 pairs by vdpbf16ps, as the
+// forward's S: the transposed keys (values) are then bf16 pairs [d / 2, nk] in kt's (vt's) space.
 struct BwdTask {
   float *kb, *vb, *kt, *vt, *dkb, *dvb;
   explicit BwdTask(int64_t nk, int64_t d, int64_t dv)
@@ -433,12 +442,16 @@ void backward(const VarlenBwdParams& bp) {
   const T* v = static_cast<const T*>(p.v);
   const T* out = static_cast<const T*>(bp.out);
   const T* dout = static_cast<const T*>(bp.dout);
+  const bool pairs_s = pairs_for<T>(d), pairs_dp = pairs_for<T>(dv);
 #pragma omp parallel
   {
-    // per-thread row-tile scratch: Q, dO, dQ [kRows][d or dv]; S / P / dS [kRows][kKeys] twice
+    // per-thread row-tile scratch: Q, dO, dQ [kRows][d or dv]; S / P / dS [kRows][kKeys] twice;
+    // Q and dO as bf16 pairs [kRows][d / 2 or dv / 2] for the pair path
     float* scratch = new float[kRows * (2 * d + dv + 2 * kKeys + 2)];
+    uint32_t* pair_scratch = new uint32_t[kRows * (d + dv) / 2 + 1];
     float *qs = scratch, *dos = qs + kRows * d, *dqs = dos + kRows * dv, *ps = dqs + kRows * d;
     float *dps = ps + kRows * kKeys, *lse = dps + kRows * kKeys, *delta = lse + kRows;
+    uint32_t *qp = pair_scratch, *dop = qp + kRows * (d / 2);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.batch * p.hkv; ++task) {
       const int64_t b = task / p.hkv, g = task % p.hkv;
@@ -446,14 +459,24 @@ void backward(const VarlenBwdParams& bp) {
       const int64_t k0 = p.cu_seqlens_k[b], nk_b = p.cu_seqlens_k[b + 1] - k0;
       const int64_t n_rows = (p.cu_seqlens_q[b + 1] - q0) * group;
       BwdTask w(nk_b, d, dv);
+      uint32_t* ktp = reinterpret_cast<uint32_t*>(w.kt);  // the pair layouts (pairs_s, pairs_dp)
+      uint32_t* vtp = reinterpret_cast<uint32_t*>(w.vt);
       for (int64_t j = 0; j < nk_b; ++j) {
+        const T* kr = k + ((k0 + j) * p.hkv + g) * d;
+        const T* vr = v + ((k0 + j) * p.hkv + g) * dv;
         for (int64_t c = 0; c < d; ++c) {
-          w.kb[j * d + c] = w.kt[c * nk_b + j] = to_float(k[((k0 + j) * p.hkv + g) * d + c]);
+          w.kb[j * d + c] = to_float(kr[c]);
+          if (!pairs_s) w.kt[c * nk_b + j] = w.kb[j * d + c];
           w.dkb[j * d + c] = 0.0f;
         }
         for (int64_t c = 0; c < dv; ++c) {
-          w.vb[j * dv + c] = w.vt[c * nk_b + j] = to_float(v[((k0 + j) * p.hkv + g) * dv + c]);
+          w.vb[j * dv + c] = to_float(vr[c]);
+          if (!pairs_dp) w.vt[c * nk_b + j] = w.vb[j * dv + c];
           w.dvb[j * dv + c] = 0.0f;
+        }
+        if constexpr (IsBf16<T>::value) {
+          for (int64_t t = 0; pairs_s && t < d / 2; ++t) ktp[t * nk_b + j] = bf16_pair(kr + 2 * t);
+          for (int64_t t = 0; pairs_dp && t < dv / 2; ++t) vtp[t * nk_b + j] = bf16_pair(vr + 2 * t);
         }
       }
       const int64_t* kp = p.k_pos + k0;
@@ -466,6 +489,8 @@ void backward(const VarlenBwdParams& bp) {
           row_of[r] = -1;
           for (int64_t c = 0; c < d; ++c) qs[r * d + c] = dqs[r * d + c] = 0.0f;
           for (int64_t c = 0; c < dv; ++c) dos[r * dv + c] = 0.0f;
+          for (int64_t t = 0; pairs_s && t < d / 2; ++t) qp[r * (d / 2) + t] = 0;
+          for (int64_t t = 0; pairs_dp && t < dv / 2; ++t) dop[r * (dv / 2) + t] = 0;
           lse[r] = 0.0f;
           delta[r] = 0.0f;
           if (r >= nr) continue;
@@ -476,6 +501,12 @@ void backward(const VarlenBwdParams& bp) {
           for (int64_t c = 0; c < dv; ++c) {
             dos[r * dv + c] = to_float(dout[row * dv + c]);
             dd += dos[r * dv + c] * to_float(out[row * dv + c]);
+          }
+          if constexpr (IsBf16<T>::value) {
+            for (int64_t t = 0; pairs_s && t < d / 2; ++t) qp[r * (d / 2) + t] = bf16_pair(q + row * d + 2 * t);
+            for (int64_t t = 0; pairs_dp && t < dv / 2; ++t) {
+              dop[r * (dv / 2) + t] = bf16_pair(dout + row * dv + 2 * t);
+            }
           }
           lse[r] = bp.lse[row];
           delta[r] = dd - (bp.dlse != nullptr ? bp.dlse[row] : 0.0f);
@@ -490,8 +521,21 @@ void backward(const VarlenBwdParams& bp) {
         }
         for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
           const int64_t n = khi - j0 < kKeys ? khi - j0 : kKeys;
+#if defined(FL_AVX512)
+          if (pairs_s) {
+            scores_pairs(qp, ktp + j0, nk_b, d / 2, n, 1.0f, ps);  // S
+          } else {
+            rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps);
+          }
+          if (pairs_dp) {
+            scores_pairs(dop, vtp + j0, nk_b, dv / 2, n, 1.0f, dps);  // dP = dO V^T
+          } else {
+            rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps);
+          }
+#else
           rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps);     // S
           rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps);  // dP = dO V^T
+#endif
           for (int r = 0; r < kRows; ++r) {
             float* pr = ps + r * kKeys;
             float* dsr = dps + r * kKeys;
@@ -521,6 +565,7 @@ void backward(const VarlenBwdParams& bp) {
         for (int64_t c = 0; c < dv; ++c) store_as(dvr + c, w.dvb[j * dv + c]);
       }
     }
+    delete[] pair_scratch;
     delete[] scratch;
   }
 }
