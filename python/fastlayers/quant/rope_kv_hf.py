@@ -344,7 +344,9 @@ def calibrate_rope_aware_kv(
     pre-RoPE scale of 1. Models that normalise queries and keys between the projections and RoPE
     (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2) get post-RoPE scales only: the norm would
     undo a scale folded into the projections. Attention with logit soft-capping (Gemma 2) or a
-    fused qkv projection (Phi-3) is refused (ValueError)."""
+    fused qkv projection (Phi-3) is refused (ValueError). ``pairing``: the channels RoPE rotates
+    together, read from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or
+    Cohere's interleaved pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
     rotary = model.model.rotary_emb
     # Gemma 3's rotary embedding takes the layer's type (local and global RoPE differ)
