@@ -300,19 +300,24 @@ int row_threads_cap() {
 }
 
 // Picks the registers-resident variant with the fewest items per thread that fits in the row
-// threads cap, else in kMaxThreads; the looping variant (kItems 0) past that.
-template <typename Launch>
-Status launch_by_items(int64_t nvec, int max_items, Launch&& launch) {
+// threads cap, else in kMaxThreads; the looping variant (kItems 0) past that. Only the variants up
+// to kMaxItems are instantiated (the 16-bit backward's 8-item kernel, never launched, spilled ~3.6
+// KB per thread in ptxas -v and cost compile time).
+template <int kMaxItems, typename Launch>
+Status launch_by_items(int64_t nvec, Launch&& launch) {
+  static_assert(kMaxItems == 1 || kMaxItems == 2 || kMaxItems == 4 || kMaxItems == 8, "items");
   for (const int threads_cap : {row_threads_cap(), kMaxThreads}) {
-    for (int items = 1; items <= max_items; items *= 2) {
+    for (int items = 1; items <= kMaxItems; items *= 2) {
       if (nvec <= static_cast<int64_t>(threads_cap) * items) {
         const int threads = round_up_warp((nvec + items - 1) / items);
-        switch (items) {
-          case 1: return launch(std::integral_constant<int, 1>{}, threads);
-          case 2: return launch(std::integral_constant<int, 2>{}, threads);
-          case 4: return launch(std::integral_constant<int, 4>{}, threads);
-          default: return launch(std::integral_constant<int, 8>{}, threads);
+        if (items == 1) return launch(std::integral_constant<int, 1>{}, threads);
+        if constexpr (kMaxItems >= 2) {
+          if (items == 2) return launch(std::integral_constant<int, 2>{}, threads);
         }
+        if constexpr (kMaxItems >= 4) {
+          if (items == 4) return launch(std::integral_constant<int, 4>{}, threads);
+        }
+        if constexpr (kMaxItems >= 8) return launch(std::integral_constant<int, 8>{}, threads);
       }
     }
   }
@@ -328,7 +333,7 @@ Status forward_typed(const FwdParams& p, cudaStream_t stream) {
                           p.weight)) {
     // Register budget: at most 64 cached floats per thread (512 threads x 128 registers).
     constexpr int kMaxItems = 64 / kVec < 8 ? 64 / kVec : 8;
-    return launch_by_items(p.cols / kVec, kMaxItems, [&](auto items, int threads) {
+    return launch_by_items<kMaxItems>(p.cols / kVec, [&](auto items, int threads) {
       rms_norm_fwd_kernel<T, W, kVec, decltype(items)::value><<<grid, threads, 0, stream>>>(p);
       return cuda::last_launch_status();
     });
@@ -347,7 +352,7 @@ Status backward_typed(const BwdParams& p, cudaStream_t stream) {
       cuda::is_aligned(p.dw_partial, kVec * sizeof(float))) {
     // s, dy and the dw accumulator are all cached: 32 floats each at most.
     constexpr int kMaxItems = 32 / kVec < 4 ? 32 / kVec : 4;
-    status = launch_by_items(p.cols / kVec, kMaxItems, [&](auto items, int threads) {
+    status = launch_by_items<kMaxItems>(p.cols / kVec, [&](auto items, int threads) {
       rms_norm_bwd_kernel<T, W, kVec, decltype(items)::value><<<grid, threads, 0, stream>>>(p);
       return cuda::last_launch_status();
     });
