@@ -48,9 +48,14 @@ float dot(const A* a, const B* b, int64_t n) {
   for (; i + 32 <= n; i += 32) {
     s0 = _mm512_dpbf16_ps(s0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
   }
-  if (i < n) {  // the tail, zero-padded (a zero product adds nothing)
-    const __mmask32 m = static_cast<__mmask32>((uint64_t{1} << (n - i)) - 1);
-    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_maskz_loadu_epi16(m, a + i), (__m512bh)_mm512_maskz_loadu_epi16(m, b + i));
+  if (i < n) {  // the tail, copied into zero-padded vectors (a zero product adds nothing); not a
+                // masked load, which SIMDe emulates with a full-width read past the rows
+    uint16_t ta[32] = {}, tb[32] = {};
+    for (int64_t j = 0; i + j < n; ++j) {
+      ta[j] = a[i + j].bits;
+      tb[j] = b[i + j].bits;
+    }
+    s1 = _mm512_dpbf16_ps(s1, (__m512bh)_mm512_loadu_si512(ta), (__m512bh)_mm512_loadu_si512(tb));
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
