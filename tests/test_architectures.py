@@ -32,6 +32,7 @@ ARCHS = {
     "Granite": dict(residual_multiplier=0.5, attention_multiplier=0.2),
     "Cohere": {},
     "Phi3": {},
+    "StableLm": {},  # RoPE on a quarter of each head (partial_rotary_factor in rope_parameters)
 }
 
 
@@ -65,7 +66,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-LAYOUT_ARCHS = ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite"]
+LAYOUT_ARCHS = ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm"]
 
 
 @pytest.mark.parametrize("arch", LAYOUT_ARCHS)
@@ -119,7 +120,10 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
         assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
         assert not hasattr(model, "_fastlayers_skip_plan")
     calib = [torch.randint(3, 128, (1, 16))]
-    for arch, match in (("Gemma2", "soft-caps"), ("Phi3", "fused projection")):
+    partial = ("StableLm", "rotates only 0.25 of each head")
+    with pytest.raises(ValueError, match=partial[1]):
+        fastlayers.apply_skip_plan(_model("StableLm"), routed)
+    for arch, match in (("Gemma2", "soft-caps"), ("Phi3", "fused projection"), partial):
         model = _model(arch)
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)

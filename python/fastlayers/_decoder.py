@@ -125,13 +125,27 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
     the module that defines ``attn``'s class) against both pairings; ValueError for partial RoPE
     or a pairing that is neither."""
     name = type(attn).__name__
-    factor = getattr(getattr(attn, "config", None), "partial_rotary_factor", None)
-    if factor not in (None, 1, 1.0):
-        raise ValueError(f"{what}: {name} rotates only {factor} of each head (partial RoPE)")
+    factor = _rotary_fraction(attn)
+    if factor != 1.0:
+        raise ValueError(f"{what}: {name} rotates only {factor:g} of each head (partial RoPE)")
     layout = _probe_rope(type(attn), attn.head_dim)
     if isinstance(layout, str):
         raise ValueError(f"{what}: {name}{layout}")
     return layout
+
+
+def _rotary_fraction(attn: torch.nn.Module) -> float:
+    """The fraction of each head RoPE rotates: the config's ``partial_rotary_factor`` (top level,
+    or in ``rope_parameters`` as transformers 5 keeps it), or the module's ``rotary_ndims``."""
+    cfg = getattr(attn, "config", None)
+    factor = getattr(cfg, "partial_rotary_factor", None)
+    params = getattr(cfg, "rope_parameters", None)
+    if factor is None and isinstance(params, dict):
+        factor = params.get("partial_rotary_factor")
+    ndims, d = getattr(attn, "rotary_ndims", None), getattr(attn, "head_dim", None)
+    if factor is None and isinstance(ndims, int) and isinstance(d, int) and d > 0:
+        factor = ndims / d
+    return 1.0 if factor is None else float(factor)
 
 
 @functools.lru_cache(maxsize=64)
