@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """The decoder structures fastlayers reads (fastlayers/_decoder.py) on small Hugging Face models
 of several architectures, built from configs (no download): skip plans follow each layout's norms
-(Llama-style, Gemma 2/3 sandwich, OLMo 2 post-norms, Granite's residual multiplier), routed
-attention applies q/k norms and the model's RoPE pairing, the RoPE-aware KV calibration and
-FireQ smoothing leave the float model's function unchanged, and what cannot be supported (logit
-soft-capping, fused qkv projections, parallel blocks, sliding windows for routing) is refused with
-a clear error before the model changes."""
+(Llama-style; sandwich norms of Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X; post-norms of OLMo 2 and
+EXAONE 4; residual multipliers), routed attention applies q/k norms and the model's own RoPE
+(partial RoPE of StableLM and GLM included), the RoPE-aware KV calibration and FireQ smoothing
+leave the float model's function unchanged, and what cannot be supported (logit soft-capping,
+fused qkv projections, q/k norms of unknown form, submodules no layout places, parallel blocks,
+sliding windows for routing) is refused with a clear error before the model changes."""
 
+import dataclasses
 import math
 
 import pytest
@@ -33,15 +35,30 @@ ARCHS = {
     "Cohere": {},
     "Phi3": {},
     "StableLm": {},  # RoPE on a quarter of each head (partial_rotary_factor in rope_parameters)
+    "Glm": dict(head_dim=32),  # half of each head, interleaved pairs from rotate-half tables
+    "Glm4": dict(head_dim=32),  # the same RoPE; GLM-4 sandwich norms
+    "Afmoe": dict(
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        num_shared_experts=1,
+        num_dense_layers=1,
+        layer_types=["full_attention"] * 2,
+    ),
+    "HyperCLOVAX": dict(residual_multiplier=0.5),  # post_norm1 / post_norm2 (Peri-LN)
+    "Apertus": {},  # attention_layernorm / feedforward_layernorm
+    "Exaone4": dict(layer_types=["full_attention"] * 2),  # post-norms, q/k norms
+    "Phi": {},  # parallel blocks; RoPE on half of each head
 }
 
 
-def _model(arch):
+def _model(arch, **extra):
     torch.manual_seed(0)
     kw = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    kw.update(ARCHS[arch])
+    kw.update(ARCHS[arch], **extra)
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
@@ -66,7 +83,20 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-LAYOUT_ARCHS = ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm"]
+LAYOUT_ARCHS = [
+    "Llama",
+    "Qwen3",
+    "Gemma2",
+    "Gemma3",
+    "Olmo2",
+    "Granite",
+    "StableLm",
+    "Glm4",
+    "Afmoe",
+    "HyperCLOVAX",
+    "Apertus",
+    "Exaone4",
+]
 
 
 @pytest.mark.parametrize("arch", LAYOUT_ARCHS)
@@ -88,11 +118,15 @@ def test_skip_plans_follow_each_layout(arch):
         assert torch.equal(_logits(planned, ids), _logits(ref, ids)), sub
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Qwen3", "Gemma3", "Olmo2", "Granite"])
+@pytest.mark.parametrize(
+    "arch",
+    ["Llama", "Qwen3", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4", "HyperCLOVAX"],
+)
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
-    per head, OLMo 2 over the projection), the post-attention norm and the residual multiplier
-    applied as the model does (Gemma 3's routed layer is its full-attention one)."""
+    per head, OLMo 2 over the projection), partial RoPE (StableLM, GLM), the post-attention norm
+    and the residual multiplier applied as the model does (Gemma 3's routed layer is its
+    full-attention one)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -108,6 +142,7 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
          "sliding window of 4 tokens"),
         ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
         ("Cohere", SkipPlan.full(2), TypeError, "parallel attention"),
+        ("Phi", SkipPlan.full(2), TypeError, "parallel attention"),
     ]  # fmt: skip
     for arch, plan, error, match in cases:
         model = _model(arch)
@@ -120,14 +155,26 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
         assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
         assert not hasattr(model, "_fastlayers_skip_plan")
     calib = [torch.randint(3, 128, (1, 16))]
-    partial = ("StableLm", "rotates only 0.25 of each head")
-    with pytest.raises(ValueError, match=partial[1]):
-        fastlayers.apply_skip_plan(_model("StableLm"), routed)
-    for arch, match in (("Gemma2", "soft-caps"), ("Phi3", "fused projection"), partial):
-        model = _model(arch)
+    qk_layernorm = "submodules fastlayers does not know: k_layernorm, q_layernorm"
+    with pytest.raises(ValueError, match=qk_layernorm):  # (per-head LayerNorms of another name)
+        fastlayers.apply_skip_plan(_model("StableLm", qk_layernorm=True), routed)
+    for model, match in ((_model("Gemma2"), "soft-caps"), (_model("Phi3"), "fused projection"),
+                         (_model("StableLm", qk_layernorm=True), qk_layernorm)):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
         assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
+
+
+def test_a_layer_with_a_submodule_no_layout_places_is_refused():
+    """A norm (or anything else) that no known layout places is refused, not run in a Llama-shaped
+    guess: before, GLM-4's post_self_attn_layernorm / post_mlp_layernorm were ignored."""
+    model = _model("Llama")
+    model.model.layers[1].extra_norm = torch.nn.RMSNorm(128)
+    listed = r"\(extra_norm, input_layernorm, post_attention_layernorm\)"
+    with pytest.raises(TypeError, match=listed):
+        fastlayers.apply_skip_plan(model, SkipPlan.full(2))
+    with pytest.raises(TypeError, match="extra_norm"):
+        SkipPlan.from_similarity(model, [torch.randint(3, 128, (1, 8))], num_ffn_skip=1)
 
 
 def test_layouts_and_rope_pairings_read_from_the_models():
@@ -139,14 +186,32 @@ def test_layouts_and_rope_pairings_read_from_the_models():
     assert (olmo2.attn_pre, olmo2.ffn_pre) == (None, None)
     assert olmo2.attn_post == "post_attention_layernorm"
     assert decoder_layout(_model("Granite").model.layers[0]).residual_multiplier == 0.5
-    assert rope_layout(_model("Llama").model.layers[0].self_attn).pairing == "half"
-    assert rope_layout(_model("Cohere").model.layers[0].self_attn).pairing == "interleaved"
+    glm4 = decoder_layout(_model("Glm4").model.layers[0])
+    names = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+             "post_mlp_layernorm")  # fmt: skip
+    assert dataclasses.astuple(glm4) == (*names, 1.0)
+    hcx = decoder_layout(_model("HyperCLOVAX").model.layers[0])
+    assert (hcx.attn_post, hcx.ffn_pre, hcx.ffn_post) == ("post_norm1", "post_attention_layernorm",
+                                                          "post_norm2")  # fmt: skip
+    assert hcx.residual_multiplier == 0.5
+    ropes = (
+        ("Llama", "half", 32),
+        ("Cohere", "interleaved", 32),
+        ("StableLm", "half", 8),
+        ("Glm", "interleaved", 16),
+    )  # (GLM: interleaved pairs from rotate-half tables)
+    for arch, pairing, rotary_dim in ropes:
+        rope = rope_layout(_model(arch).model.layers[0].self_attn)
+        assert (rope.pairing, rope.rotary_dim) == (pairing, rotary_dim), arch
     with pytest.raises(ValueError, match="pairing='half', but the model's RoPE pairs channels"):
         quant.calibrate_rope_aware_kv(_model("Cohere"), [torch.randint(3, 128, (1, 8))],
                                       pairing="half")  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Qwen3", "Gemma3", "Olmo2", "Cohere", "Granite"])
+@pytest.mark.parametrize(
+    "arch",
+    ["Llama", "Qwen3", "Gemma3", "Olmo2", "Cohere", "Granite", "StableLm", "Glm", "Glm4", "Phi"],
+)
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     """Calibration (pre-RoPE scales folded where no q/k norm follows the projections, post-RoPE
     scales on the keys, their inverse on the queries) with quantization off is the float model;
@@ -218,7 +283,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     assert plan.layers[1].ffn == "skip" and plan.layers[0].ffn == "skip"
 
 
-@pytest.mark.parametrize("arch", ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere"])
+@pytest.mark.parametrize("arch", ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4"])
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
     (Gemma 2 with a window of 4, Gemma 3's local layers) and with Gemma 3's local/global RoPE."""

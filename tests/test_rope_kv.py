@@ -35,6 +35,35 @@ def test_scales_commute_with_rope_and_keep_qk():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_scales_with_partial_rope():
+    """With ``rotary_dim`` < head_dim (StableLM, GLM), pairs are formed among the rotated channels
+    only; a channel past them is its own pair (``alpha / max |k_c|``, not over sqrt(2) |k_c|), and
+    only partners among the rotated channels join a post-RoPE pick. The pre-RoPE scale then
+    commutes with the partial rotation."""
+    k = rand(40, 2, 16, dtype=torch.float32, device="cpu")
+    k[:, 1, 13] *= 30  # an outlier past the rotated channels
+    partners = {"half": [4, 5, 6, 7, 0, 1, 2, 3], "interleaved": [1, 0, 3, 2, 5, 4, 7, 6]}
+    for pairing, partner in partners.items():
+        n = quant.compute_pre_rope_scales(k, 8.0, pairing, rotary_dim=8)
+        assert torch.equal(n[:, :8], n[:, partner])
+        torch.testing.assert_close(n[:, 8:], 8.0 / k[..., 8:].abs().amax(0), rtol=1e-6, atol=0)
+        s = quant.compute_post_rope_scales(k, 8.0, top_k=1, pairing=pairing, rotary_dim=8)
+        assert int((s[1] != 1).sum()) == 1 and s[1, 13] != 1  # no partner for channel 13
+        angle = torch.rand(40, 4) * 6  # RoPE of the first 8 channels, in the pairing's layout
+        half = pairing == "half"
+        angle = torch.cat([angle, angle], -1) if half else angle.repeat_interleave(2, -1)
+        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+
+        def rope(x, cos=cos, sin=sin, pairing=pairing):
+            r = x[..., :8] * cos + quant.rotate_pairs(x[..., :8], pairing) * sin
+            return torch.cat([r, x[..., 8:]], -1)
+
+        torch.testing.assert_close(rope(k * n) / n, rope(k), rtol=1e-5, atol=1e-6)
+    for bad in (0, 3, 18):
+        with pytest.raises(ValueError, match="rotary_dim must be even and in"):
+            quant.compute_pre_rope_scales(k, rotary_dim=bad)
+
+
 def test_kv_int4_round_trip():
     x = rand(2, 3, 9, 64, dtype=torch.bfloat16, device="cpu")
     packed, scales = quant.quantize_kv_int4(x, 32)

@@ -2,18 +2,28 @@
 """What fastlayers reads of a Hugging Face decoder's structure, in one place (never imports
 ``transformers``: modules are recognised by their attribute names).
 
-Three layouts of the norms around a decoder layer's two sublayers are known, each a residual
-``h = h + post(sublayer(pre(h)))`` with ``pre`` / ``post`` absent where the layout has none:
+Each known layout of the norms around a decoder layer's two sublayers is a residual
+``h = h + post(sublayer(pre(h)))`` with ``pre`` / ``post`` absent where the layout has none. The
+layout is read from the names of the layer's norm submodules (the same name means different
+places in different families: Llama's ``post_attention_layernorm`` is the feedforward's input
+norm, Gemma 2's normalises the attention's output):
 
-* Llama-style (Llama, Mistral, Qwen2/3, Gemma, Phi-3, Granite, ...): ``input_layernorm`` before the
-  attention, ``post_attention_layernorm`` before the feedforward;
-* sandwich (Gemma 2/3): ``input_layernorm`` / ``post_attention_layernorm`` around the attention,
-  ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` around the feedforward;
-* post-norm (OLMo 2): ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on the
-  sublayers' outputs only.
+* Llama-style (Llama, Mistral, Qwen2/3, Gemma, Phi-3, Granite, StableLM, GLM, ...):
+  ``input_layernorm`` before the attention, ``post_attention_layernorm`` before the feedforward;
+  Apertus names them ``attention_layernorm`` / ``feedforward_layernorm``;
+* sandwich, a norm before and after each sublayer: Gemma 2/3 (``input_layernorm`` /
+  ``post_attention_layernorm`` around the attention, ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` around the feedforward; VaultGemma has the two pre-norms only),
+  GLM-4 (``input_layernorm`` / ``post_self_attn_layernorm``, ``post_attention_layernorm`` /
+  ``post_mlp_layernorm``), AFMoE (``input_layernorm`` / ``post_attention_layernorm``,
+  ``pre_mlp_layernorm`` / ``post_mlp_layernorm``) and HyperCLOVA X (``input_layernorm`` /
+  ``post_norm1``, ``post_attention_layernorm`` / ``post_norm2``);
+* post-norm (OLMo 2/3, EXAONE 4): ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on
+  the sublayers' outputs only.
 
-Anything else (a parallel attention + feedforward block such as Cohere's, one norm for both) is
-refused with a TypeError naming what is missing, never run in a Llama-shaped guess.
+Anything else is refused with a TypeError naming what is not understood, never run in a
+Llama-shaped guess: a layer with a submodule no layout places (a norm of another name, Gemma 3n's
+AltUp, ...), or a parallel attention + feedforward block such as Cohere's (one norm for both).
 """
 
 from __future__ import annotations
@@ -57,22 +67,46 @@ def _has(layer: torch.nn.Module, name: str) -> bool:
     return isinstance(getattr(layer, name, None), torch.nn.Module)
 
 
+# (attn_pre, attn_post, ffn_pre, ffn_post) of each family, and the names of which a layer must have
+# at least one to be of it; a layer matches when all its norms are among the family's names.
+_FAMILIES = (
+    (("input_layernorm", None, "post_attention_layernorm", None),
+     ("post_attention_layernorm",)),  # Llama-style
+    (("attention_layernorm", None, "feedforward_layernorm", None),
+     ("attention_layernorm", "feedforward_layernorm")),  # Apertus
+    (("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+      "post_feedforward_layernorm"),
+     ("pre_feedforward_layernorm", "post_feedforward_layernorm")),  # Gemma 2/3, OLMo 2/3
+    (("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+      "post_mlp_layernorm"),
+     ("post_self_attn_layernorm",)),  # GLM-4
+    (("input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"),
+     ("pre_mlp_layernorm",)),  # AFMoE
+    (("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2"),
+     ("post_norm1", "post_norm2")),  # HyperCLOVA X
+)  # fmt: skip
+
+
 def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> DecoderLayout:
     """The norm layout of one decoder layer (module docstring); TypeError for an unknown one."""
     kind = type(layer).__name__
     if not (_has(layer, "self_attn") and _has(layer, "mlp")):
         raise TypeError(f"{what}: {kind} has no self_attn and mlp submodules")
+    others = {
+        name
+        for name, child in layer.named_children()
+        if name not in ("self_attn", "mlp")
+        and not name.startswith("fastlayers_")  # (a router apply_skip_plan attached)
+        and not isinstance(child, torch.nn.Dropout)
+    }
     mult = getattr(layer, "residual_multiplier", 1.0)
-    if _has(layer, "pre_feedforward_layernorm") or _has(layer, "post_feedforward_layernorm"):
-        names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm")  # fmt: skip
-        return DecoderLayout(*(n if _has(layer, n) else None for n in names), mult)
-    if _has(layer, "post_attention_layernorm"):  # (and input_layernorm: Llama-style models)
-        pre = "input_layernorm" if _has(layer, "input_layernorm") else None
-        return DecoderLayout(pre, None, "post_attention_layernorm", None, mult)
+    for names, markers in _FAMILIES:
+        if others <= set(names) and any(m in others for m in markers):
+            return DecoderLayout(*(n if n in others else None for n in names), mult)
     raise TypeError(
-        f"{what}: {kind} is not a known decoder layout (Llama-style input_layernorm + "
-        "post_attention_layernorm, Gemma 2/3 sandwich norms or OLMo 2 post-norms); a parallel "
+        f"{what}: {kind} is not a known decoder layout: its submodules besides self_attn and "
+        f"mlp ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
+        "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X) or post-norm (OLMo 2) layer; a parallel "
         "attention + feedforward block is not supported"
     )
 
@@ -88,7 +122,21 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
         return f"{type(attn).__name__} soft-caps its attention logits (softcapping {cap})"
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
+    unknown = sorted(
+        name
+        for name, child in attn.named_children()
+        if name not in _ATTENTION_PARTS and not isinstance(child, torch.nn.Dropout)
+    )
+    if unknown:  # (StableLM's and Phi's q_layernorm / k_layernorm: a norm whose place and form
+        # fastlayers does not know; q_norm / k_norm are read by qk_norms)
+        names = ", ".join(unknown)
+        return f"{type(attn).__name__} has submodules fastlayers does not know: {names}"
     return None
+
+
+# The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``).
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "q_norm", "k_norm",
+                    "rotary_emb")  # fmt: skip
 
 
 def qk_norms(attn: torch.nn.Module):
@@ -113,22 +161,37 @@ def apply_qk_norm(norm, t: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class RopeLayout:
-    """How a model's attention applies RoPE: the channel pairing fastlayers' kernels and scale
-    folding must follow, and the model's own ``apply_rotary_pos_emb(q, k, cos, sin)``."""
+    """How a model's attention applies RoPE: which channels it rotates together (what the scale
+    folding of the INT4 KV calibration must respect) and the model's own
+    ``apply_rotary_pos_emb(q, k, cos, sin)``, which fastlayers calls on the rotated channels."""
 
-    pairing: str  # "half" (rotate_half: channel j with j + d/2) or "interleaved" (2i with 2i + 1)
+    pairing: str  # "half" (rotate_half: c with c + r/2) or "interleaved" (2i with 2i + 1)
     apply: Callable
+    rotary_dim: int  # RoPE rotates channels [0, rotary_dim) of each head (partial RoPE: < head_dim)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``(q, k)`` with the model's RoPE on their first ``rotary_dim`` channels, the others
+        passed through (StableLM, GLM, Nemotron and Phi rotate the leading channels); ``cos`` /
+        ``sin`` are the model's tables (``rotary_dim`` wide), in the layout its function takes."""
+        r = self.rotary_dim
+        if r == q.shape[-1]:
+            return self.apply(q, k, cos, sin)
+        qr, kr = self.apply(q[..., :r], k[..., :r], cos, sin)
+        return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
 
 
 def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayout:
-    """The RoPE layout of ``attn``, read by probing the model's own ``apply_rotary_pos_emb`` (from
-    the module that defines ``attn``'s class) against both pairings; ValueError for partial RoPE
-    or a pairing that is neither."""
-    name = type(attn).__name__
+    """The RoPE layout of ``attn``: the fraction of each head it rotates (the config's
+    ``partial_rotary_factor`` or the module's ``rotary_ndims``), and its pairing, read by probing
+    the model's own ``apply_rotary_pos_emb`` (from the module that defines ``attn``'s class);
+    ValueError for a pairing that is neither rotate-half nor interleaved."""
+    name, d = type(attn).__name__, attn.head_dim
     factor = _rotary_fraction(attn)
-    if factor != 1.0:
-        raise ValueError(f"{what}: {name} rotates only {factor:g} of each head (partial RoPE)")
-    layout = _probe_rope(type(attn), attn.head_dim)
+    r = int(round(d * factor))
+    if not 0 < r <= d or r % 2 or abs(r - d * factor) > 1e-6:
+        raise ValueError(f"{what}: {name} rotates {factor:g} of its {d}-channel heads, not an "
+                         "even number of channels")  # fmt: skip
+    layout = _probe_rope(type(attn), r)
     if isinstance(layout, str):
         raise ValueError(f"{what}: {name}{layout}")
     return layout
@@ -149,22 +212,27 @@ def _rotary_fraction(attn: torch.nn.Module) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _probe_rope(cls: type, d: int) -> RopeLayout | str:
-    """The RoPE layout of attention class ``cls`` at head dim ``d``, or why there is none."""
+def _probe_rope(cls: type, r: int) -> RopeLayout | str:
+    """The RoPE layout of attention class ``cls`` rotating ``r`` channels, or why there is none.
+    Each channel's unit vector through the model's function at a quarter turn (cos 0, sin 1 in
+    every table entry, whatever layout the function expects its tables in: GLM's takes the
+    rotate-half layout and interleaves it) gives the partner map, checked against each pairing's
+    ``(a, b) -> (-b, a)``; no turn (cos 1, sin 0) must give the channels back."""
     from fastlayers.quant.rope_kv import PAIRINGS, rotate_pairs
 
     fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
     if not callable(fn):
         return ": found no apply_rotary_pos_emb next to its class"
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 1, 2, d, generator=g)  # [B, H, T, d]
-    theta = torch.rand(1, 2, d // 2, generator=g) * 3  # [B, T, d/2]
-    for pairing in PAIRINGS:  # cos / sin equal within each pair of the candidate pairing
-        half = pairing == "half"
-        angle = torch.cat([theta, theta], -1) if half else theta.repeat_interleave(2, -1)
-        cos, sin = angle.cos(), angle.sin()
-        got = fn(x, x, cos, sin)[1].float()
-        want = x * cos[:, None] + rotate_pairs(x, pairing) * sin[:, None]
-        if torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-            return RopeLayout(pairing, fn)
+    eye = torch.eye(r)[None, None]  # [B, H, T = r, r]: token c is channel c's unit vector
+    ones, zeros = torch.ones(1, r, r), torch.zeros(1, r, r)  # [B, T, r]
+    try:
+        turned = fn(eye, eye, zeros, ones)[1].float()
+        still = fn(eye, eye, ones, zeros)[1].float()
+    except Exception as e:  # noqa: BLE001 (a function of another signature: said, not raised)
+        return f"'s apply_rotary_pos_emb failed on a probe ({type(e).__name__}: {e})"
+    if not torch.equal(still, eye):
+        return "'s apply_rotary_pos_emb does not return the channels unrotated at angle 0"
+    for pairing in PAIRINGS:
+        if torch.equal(turned, rotate_pairs(eye, pairing)):
+            return RopeLayout(pairing, fn, r)
     return "'s RoPE pairs channels neither as rotate-half nor interleaved"

@@ -266,7 +266,6 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     """``hidden_states`` plus the gated attention output of the routed tokens (see LayerPlan)."""
     from fastlayers.nn.skip import routed_attention_step
     from fastlayers.ops.skip import route_threshold, scatter_add_gated
-    from fastlayers.quant.rope_kv import rotate_pairs
 
     attn, router = layer.self_attn, layer.fastlayers_router
     layout = decoder_layout(layer, "routed attention")
@@ -288,12 +287,10 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     q = apply_qk_norm(q_norm, attn.q_proj(x).view(n, hq, d))
     k = apply_qk_norm(k_norm, attn.k_proj(x).view(n, hkv, d))
     v = attn.v_proj(x).view(n, hkv, d)
-    cos, sin = kw["position_embeddings"]  # [B, T, d] at the tokens' positions
-    cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
-    sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows][:, None]
-    pairing = rope_layout(attn, "routed attention").pairing
-    q = q * cos + rotate_pairs(q, pairing) * sin  # Hugging Face's formula, in the model's dtype
-    k = k * cos + rotate_pairs(k, pairing) * sin
+    cos, sin = kw["position_embeddings"]  # [B, T, rotary dim] at the tokens' positions
+    cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]  # [n, r]: the model's function
+    sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]  # unsqueezes dim 1 for the heads
+    q, k = rope_layout(attn, "routed attention").rotate(q, k, cos, sin)  # (the model's own RoPE)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)

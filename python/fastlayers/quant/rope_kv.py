@@ -46,25 +46,36 @@ def _check_calibration_keys(k, name: str) -> None:
         raise ValueError(f"{name} has no tokens to calibrate on")
 
 
-def _partner(d: int, pairing: str, device=None) -> torch.Tensor:
+def _partner(d: int, pairing: str, device=None, rotary_dim: int | None = None) -> torch.Tensor:
+    """Each channel's rotation partner among the first ``rotary_dim`` (default ``d``) channels;
+    channels RoPE does not rotate (partial RoPE) are their own."""
+    r = d if rotary_dim is None else check_int(rotary_dim, "rotary_dim")
+    if not 0 < r <= d or r % 2:
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim = {d}], got {r}")
     c = torch.arange(d, device=device)
     if pairing == "half":
-        return (c + d // 2) % d
-    if pairing == "interleaved":
-        return c ^ 1
-    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        rotated = (c + r // 2) % r
+    elif pairing == "interleaved":
+        rotated = c ^ 1
+    else:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    return torch.where(c < r, rotated, c)
 
 
 def compute_pre_rope_scales(
-    k_pre: torch.Tensor, alpha: float = 8.0, pairing: str = "half", exclude=None
-) -> torch.Tensor:
+    k_pre: torch.Tensor, alpha: float = 8.0, pairing: str = "half", exclude=None,
+    rotary_dim: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``n [H_kv, d]`` from pre-RoPE keys ``k_pre [T, H_kv, d]``: ``alpha / max_t`` of each
-    rotation pair's L2 norm, the same for both members; channels in ``exclude`` (a bool
-    ``[H_kv, d]``, e.g. those post-RoPE scaling picks) get 1."""
+    rotation pair's L2 norm, the same for both members (with partial RoPE, ``rotary_dim`` < d
+    rotated channels, a channel past them is its own pair: ``alpha / max_t |k_c|``); channels in
+    ``exclude`` (a bool ``[H_kv, d]``, e.g. those post-RoPE scaling picks) get 1."""
     _check_calibration_keys(k_pre, "k_pre")
     k = k_pre.float()
-    partner = _partner(k.shape[-1], pairing, k.device)
-    pair_norm = torch.sqrt(k**2 + k[..., partner] ** 2).amax(0)  # [H_kv, d], same for partners
+    partner = _partner(k.shape[-1], pairing, k.device, rotary_dim)
+    paired = partner != torch.arange(k.shape[-1], device=k.device)
+    other = torch.where(paired, k[..., partner] ** 2, 0.0)
+    pair_norm = torch.sqrt(k**2 + other).amax(0)  # [H_kv, d], the same for partners
     n = alpha / pair_norm.clamp_min(1e-12)
     if exclude is not None:
         n = torch.where(exclude, torch.ones_like(n), n)
@@ -72,10 +83,12 @@ def compute_pre_rope_scales(
 
 
 def compute_post_rope_scales(
-    k_rot: torch.Tensor, beta: float = 8.0, top_k: int = 8, pairing: str = "half"
-) -> torch.Tensor:
+    k_rot: torch.Tensor, beta: float = 8.0, top_k: int = 8, pairing: str = "half",
+    rotary_dim: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """``s [H_kv, d]`` from post-RoPE keys ``k_rot [T, H_kv, d]``: per kv head, the ``top_k``
-    channels by ``max_t |k|`` and their partners get ``beta / max_t |k|``; the others 1."""
+    channels by ``max_t |k|`` and their partners (among the first ``rotary_dim`` channels, all by
+    default) get ``beta / max_t |k|``; the others 1."""
     _check_calibration_keys(k_rot, "k_rot")
     if check_int(top_k, "top_k") < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
@@ -84,7 +97,7 @@ def compute_post_rope_scales(
     chosen = torch.zeros_like(m, dtype=torch.bool)
     top = m.topk(min(top_k, d), dim=-1).indices
     chosen.scatter_(1, top, True)
-    chosen |= chosen[:, _partner(d, pairing, m.device)]
+    chosen |= chosen[:, _partner(d, pairing, m.device, rotary_dim)]
     return torch.where(chosen, beta / m.clamp_min(1e-12), torch.ones_like(m))
 
 

@@ -64,8 +64,8 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
 
 def check_rope_aware_kv(model, what: str = "calibrate_rope_aware_kv") -> None:
     """The checks of :func:`calibrate_rope_aware_kv` and :func:`apply_rope_aware_kv` (a decoder
-    whose attention the INT4 path can stand in for, with rotate-half or interleaved full RoPE),
-    without changing the model."""
+    whose attention the INT4 path can stand in for, with rotate-half or interleaved RoPE on all
+    of each head or its leading channels), without changing the model."""
     for m in _attention_modules(model, what):
         rope_layout(m, what)
 
@@ -373,7 +373,7 @@ def calibrate_rope_aware_kv(
 
     scales = []
     for i, m in enumerate(mods):
-        pairing, k_norm = layouts[i].pairing, qk_norms(m)[1]
+        pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
         pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
         rot = []
@@ -382,13 +382,13 @@ def calibrate_rope_aware_kv(
             kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
             cos, sin = rotary(kk, pos, m.layer_type) if typed else rotary(kk, pos)
-            _, kr = layouts[i].apply(kk, kk, cos, sin)
+            _, kr = layouts[i].rotate(kk, kk, cos, sin)
             rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
-        s = compute_post_rope_scales(rot, beta, top_k, pairing) if post_rope else None
+        s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
         if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
             exclude = s != 1 if s is not None else None
-            n = compute_pre_rope_scales(pre, alpha, pairing, exclude)
+            n = compute_pre_rope_scales(pre, alpha, pairing, exclude, r)
             fold_pre_rope(m.q_proj, m.k_proj, n)
             if s is not None:  # the keys the post-RoPE scale sees are now n * k
                 s = torch.where(s != 1, s, torch.ones_like(s))  # (n = 1 on those channels)
