@@ -2,11 +2,11 @@
 """The decoder structures fastlayers reads (fastlayers/_decoder.py) on small Hugging Face models
 of several architectures, built from configs (no download): skip plans follow each layout's norms
 (Llama-style; sandwich norms of Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X; post-norms of OLMo 2 and
-EXAONE 4; residual multipliers), routed attention applies q/k norms and the model's own RoPE
-(partial RoPE of StableLM and GLM included), the RoPE-aware KV calibration and FireQ smoothing
-leave the float model's function unchanged, and what cannot be supported (logit soft-capping,
-fused qkv projections, q/k norms of unknown form, submodules no layout places, parallel blocks,
-sliding windows for routing) is refused with a clear error before the model changes."""
+EXAONE 4; residual multipliers), routed attention applies q/k norms, the model's own RoPE (partial
+RoPE of StableLM and GLM included) and sliding windows, the RoPE-aware KV calibration and FireQ
+smoothing leave the float model's function unchanged, and what cannot be supported (logit
+soft-capping, fused qkv projections, q/k norms of unknown form, submodules no layout places,
+parallel blocks) is refused with a clear error before the model changes."""
 
 import dataclasses
 import math
@@ -50,6 +50,7 @@ ARCHS = {
     "Apertus": {},  # attention_layernorm / feedforward_layernorm
     "Exaone4": dict(layer_types=["full_attention"] * 2),  # post-norms, q/k norms
     "Phi": {},  # parallel blocks; RoPE on half of each head
+    "Mistral": dict(sliding_window=4),  # a model-wide sliding window
 }
 
 
@@ -134,12 +135,42 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["Gemma3", "Mistral", "Qwen3", "Olmo2", "StableLm", "Glm4"])
+def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
+    """Routed attention keeps a layer's sliding window (Gemma 3's local layer 0, Mistral's
+    model-wide window; 4 positions here, sequences of 12): every token routed is the model's layer,
+    and generate() with half the tokens routed and a LayerSkipCache equals recomputing the whole
+    sequence at every step (decode steps past the window; Gemma 3 passes no use_cache to its
+    layers, where the routed keys were once not kept)."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(_model(arch), ids)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([every, LayerPlan()]))
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([LayerPlan(attn="routed")] * 2))
+    for layer in model.model.layers:
+        with torch.no_grad():
+            layer.fastlayers_router.weight.normal_(0.0, 0.5)
+            layer.fastlayers_router.bias.zero_()
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(ids[:1], cache=LayerSkipCache(), **kw)
+        seq = ids[:1]
+        for scores in out.scores:
+            logits = model(seq, use_cache=False).logits[:, -1]
+            logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)  # (min_new_tokens)
+            torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
+
+
 def test_unsupported_structures_are_refused_before_the_model_changes():
     routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
     cases = [
         ("Gemma2", routed, ValueError, "soft-caps its attention logits"),
-        ("Gemma3", SkipPlan([LayerPlan(attn="routed"), LayerPlan()]), ValueError,
-         "sliding window of 4 tokens"),
         ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
         ("Cohere", SkipPlan.full(2), TypeError, "parallel attention"),
         ("Phi", SkipPlan.full(2), TypeError, "parallel attention"),

@@ -295,10 +295,13 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
     pos = positions.expand(b, t).reshape(-1)[rows]
-    store = _routed_store(cache, layer_idx) if cache is not None and kw.get("use_cache") else None
+    # (a cache given means use it: Gemma 3 and others pass no use_cache to their layers)
+    use = cache is not None and kw.get("use_cache", True)
+    store = _routed_store(cache, layer_idx) if use else None
     if store is not None and start is not None and int(start) == 0:
         store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
-    o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling)
+    o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
+                              sliding_window=_sliding_window(attn))  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
@@ -385,9 +388,15 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
     for i, layer in enumerate(layers):
         decoder_layout(layer, "apply_skip_plan")
         if plan.routes_attention(i):
-            why = attention_unsupported(layer.self_attn) or _window(layer.self_attn)
+            why = attention_unsupported(layer.self_attn)
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
+            window = _sliding_window(layer.self_attn)
+            if window is not None and (type(window) is not int or window < 1):
+                raise ValueError(
+                    f"apply_skip_plan: layer {i}'s sliding window must be a positive int or None, "
+                    f"got {window!r}"
+                )
             rope_layout(layer.self_attn, "apply_skip_plan")
     return layers
 
@@ -400,15 +409,6 @@ def _sliding_window(attn) -> int | None:
     if getattr(cfg, "layer_types", None) is not None:  # (per layer: the attribute above)
         return None
     return getattr(cfg, "sliding_window", None)
-
-
-def _window(attn) -> str | None:
-    """Why routed attention (causal over every routed token) would not be the layer's attention:
-    a sliding window."""
-    window = _sliding_window(attn)
-    if window is not None:
-        return f"{type(attn).__name__} attends within a sliding window of {window} tokens"
-    return None
 
 
 def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):

@@ -87,12 +87,15 @@ class RoutedKVStore:
             self.positions = [self.positions[i] for i in order]
 
 
-def routed_attention_step(q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None):
+def routed_attention_step(
+    q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None, sliding_window=None
+):
     """Attention of the routed tokens of one call, packed by row (``q [n, H, d]``, ``k``/``v``
     ``[n, H_kv, d]`` after RoPE, ``pos [n]``; ``idx``/``cu`` from the routing, ``-1`` padding
     allowed after ``cu[-1]``), against the ``store``'s earlier routed tokens of the same rows and
-    each other, causally by position. Stores the new keys. Returns ``o [n, H, d]`` (padding rows:
-    zeros)."""
+    each other, causally by position and, with a ``sliding_window`` (Hugging Face's rule), only
+    keys less than that many positions back. Stores the new keys. Returns ``o [n, H, d]``
+    (padding rows: zeros)."""
     counts = (cu[1:] - cu[:-1]).tolist()
     used = int(cu[-1])
     if store is None:
@@ -101,8 +104,9 @@ def routed_attention_step(q, k, v, pos, idx, cu, store: RoutedKVStore | None, sc
     out = q.new_zeros(q.shape)
     if used:
         out[:used] = varlen_attention(
-            q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale
-        )
+            q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale,
+            window=None if sliding_window is None else (sliding_window - 1, 0),
+        )  # fmt: skip
     store.store(rows)
     return out
 
