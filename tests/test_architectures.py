@@ -51,6 +51,7 @@ ARCHS = {
     "Exaone4": dict(layer_types=["full_attention"] * 2),  # post-norms, q/k norms
     "Phi": {},  # parallel blocks; RoPE on half of each head
     "Mistral": dict(sliding_window=4),  # a model-wide sliding window
+    "StableLmParallel": dict(use_parallel_residual=True),  # GPT-NeoX's parallel block
 }
 
 
@@ -60,6 +61,7 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
+    arch = arch.removesuffix("Parallel")
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
@@ -174,6 +176,7 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
         ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
         ("Cohere", SkipPlan.full(2), TypeError, "parallel attention"),
         ("Phi", SkipPlan.full(2), TypeError, "parallel attention"),
+        ("StableLmParallel", SkipPlan.full(2), TypeError, "parallel attention"),
     ]  # fmt: skip
     for arch, plan, error, match in cases:
         model = _model(arch)
@@ -289,7 +292,7 @@ def test_smoothing_keeps_the_float_model(arch):
     assert sum(p.endswith("mlp.up_proj") for p in done) == 2
 
 
-@pytest.mark.parametrize("arch", ["Gemma2", "Olmo2", "Granite"])
+@pytest.mark.parametrize("arch", ["Gemma2", "Olmo2", "Granite", "Glm4", "HyperCLOVAX"])
 def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     """With a layer's attention zeroed, its feedforward's residual-norm ratio is |h_out| / |h_in|
     of the layer itself: what from_similarity must measure whatever norms surround the sublayer
