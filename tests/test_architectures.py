@@ -4,9 +4,10 @@ of several architectures, built from configs (no download): skip plans follow ea
 (Llama-style; sandwich norms of Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X; post-norms of OLMo 2 and
 EXAONE 4; residual multipliers), routed attention applies q/k norms, the model's own RoPE (partial
 RoPE of StableLM and GLM included) and sliding windows, the RoPE-aware KV calibration and FireQ
-smoothing leave the float model's function unchanged, and what cannot be supported (logit
-soft-capping, fused qkv projections, q/k norms of unknown form, submodules no layout places,
-parallel blocks) is refused with a clear error before the model changes."""
+smoothing leave the float model's function unchanged (the INT4 KV with Gemma 2's logit
+soft-capping), and what cannot be supported (soft-capping for routing, fused qkv projections, q/k
+norms of unknown form, submodules no layout places, parallel blocks) is refused with a clear error
+before the model changes."""
 
 import dataclasses
 import math
@@ -26,7 +27,7 @@ ARCHS = {
     "Llama": {},
     "Qwen3": dict(head_dim=32),
     "Gemma": dict(head_dim=32),
-    "Gemma2": dict(head_dim=32),
+    "Gemma2": dict(head_dim=32, attn_logit_softcapping=1.0),  # (a cap that matters here)
     "Gemma3": dict(
         head_dim=32, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
     ),
@@ -192,7 +193,7 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     qk_layernorm = "submodules fastlayers does not know: k_layernorm, q_layernorm"
     with pytest.raises(ValueError, match=qk_layernorm):  # (per-head LayerNorms of another name)
         fastlayers.apply_skip_plan(_model("StableLm", qk_layernorm=True), routed)
-    for model, match in ((_model("Gemma2"), "soft-caps"), (_model("Phi3"), "fused projection"),
+    for model, match in ((_model("Phi3"), "fused projection"),
                          (_model("StableLm", qk_layernorm=True), qk_layernorm)):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
@@ -244,7 +245,19 @@ def test_layouts_and_rope_pairings_read_from_the_models():
 
 @pytest.mark.parametrize(
     "arch",
-    ["Llama", "Qwen3", "Gemma3", "Olmo2", "Cohere", "Granite", "StableLm", "Glm", "Glm4", "Phi"],
+    [
+        "Llama",
+        "Qwen3",
+        "Gemma2",
+        "Gemma3",
+        "Olmo2",
+        "Cohere",
+        "Granite",
+        "StableLm",
+        "Glm",
+        "Glm4",
+        "Phi",
+    ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     """Calibration (pre-RoPE scales folded where no q/k norm follows the projections, post-RoPE

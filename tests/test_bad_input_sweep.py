@@ -101,6 +101,14 @@ def _cases():
             [_r(2, 4, 32), k, ks, v, vs, 10, None, torch.tensor([0, 4], dtype=torch.int32)],
         ),
         "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
+        "int4_kv_decode(softcap)": (
+            int4_kv_decode,
+            [_r(2, 4, 32), k, ks, v, vs, 10, 0.2, None, 2.0],
+        ),
+        "int4_kv_attention(softcap)": (
+            int4_kv_attention,
+            [_r(2, 4, 3, 32), k, ks, v, vs, 10, 0.2, 2.0],
+        ),
         "RMSNorm": (fastlayers.RMSNorm(64), [x]),
         "UltraFastFeedForward": (fastlayers.UltraFastFeedForward(32, 16, depth=3), [_r(7, 32)]),
         "FastFeedForward": (

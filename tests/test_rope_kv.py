@@ -3,6 +3,7 @@
 integration (Int4KVCache in generate(), crop, reorder) and the key error the scalings remove."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -382,6 +383,19 @@ def test_kv_kernels_every_cpu_isa(cpu_isa, d, group, hq, hkv):
     want, want_lse = _attention_reference(q4, k, ks, v, vs, 71, d**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    # logit soft-capping (Gemma 2) in both paths, on scores well past the cap (|s| up to ~10):
+    # tanh from exp in the vector body and the scalar tail (33 and 70 keys)
+    qb = q * 8
+    for length in (33, 70):
+        got, lse = int4_kv_decode(qb, k, ks, v, vs, length, softcap=2.0)
+        want, want_lse = _reference(qb.double(), k, ks, v, vs, length, d**-0.5, None, 2.0)
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
+    q4 = q4.float() * 8
+    got, lse = int4_kv_attention(q4, k, ks, v, vs, 71, softcap=2.0)
+    want, want_lse = _attention_reference(q4.double(), k, ks, v, vs, 71, d**-0.5, 2.0)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
     x = rand(2, hkv, 5, d, dtype=torch.float16, device="cpu", scale=3.0)
     ang = torch.rand(5, d) * 6
     bufs = [torch.zeros(2, hkv, 9, d // 2, dtype=torch.uint8),
@@ -632,6 +646,50 @@ def test_int4_kv_attention_is_causal_over_the_cache(device, b, hq, hkv, d, group
     if tq == 9:
         opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention.default,
                                 (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip
+
+
+@pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])
+def test_int4_kv_softcap_matches_reference(device, hq, hkv, d, group):
+    """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores) in the
+    decode and prefill kernels vs the float64 reference, on scores several times the cap; a
+    softcap of 0 or None is none; bad values are refused."""
+    from fastlayers.ops.kvint4 import (
+        _attention_reference,
+        _reference,
+        int4_kv_attention,
+        int4_kv_decode,
+    )
+
+    t = 45
+    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    q = rand(2, hq, d, dtype=torch.float32, device=device, scale=10.0)
+    q3 = rand(2, hq, 7, d, dtype=torch.float32, device=device, scale=10.0)
+    for cap in (1.5, 30.0):
+        out, lse = int4_kv_decode(q, k, ks, v, vs, t - 2, softcap=cap)
+        ref, ref_lse = _reference(q.double(), k, ks, v, vs, t - 2, d**-0.5, None, cap)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        out, lse = int4_kv_attention(q3, k, ks, v, vs, t, softcap=cap)
+        ref, ref_lse = _attention_reference(q3.double(), k, ks, v, vs, t, d**-0.5, cap)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+    capped = int4_kv_decode(q, k, ks, v, vs, softcap=1.5)[1]
+    for none in (None, 0.0):
+        assert torch.equal(int4_kv_decode(q, k, ks, v, vs, softcap=none)[1],
+                           int4_kv_decode(q, k, ks, v, vs)[1])  # fmt: skip
+    assert not torch.allclose(capped, int4_kv_decode(q, k, ks, v, vs)[1])
+    for bad, error in ((-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                       ("2", TypeError), (True, TypeError)):  # fmt: skip
+        with pytest.raises(error, match="softcap"):
+            int4_kv_decode(q, k, ks, v, vs, softcap=bad)
+        with pytest.raises(error, match="softcap"):
+            int4_kv_attention(q3, k, ks, v, vs, softcap=bad)
+    if device == "cpu":
+        opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode.default,
+                                (q, k, ks, v, vs, t, d**-0.5, None, 1.5))  # fmt: skip
+        opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention.default,
+                                (q3, k, ks, v, vs, t, d**-0.5, 1.5))  # fmt: skip
 
 
 def test_hugging_face_query_side_kernel_and_autograd_routes_agree():

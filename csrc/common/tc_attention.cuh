@@ -107,8 +107,9 @@ struct WarpTile {
   __device__ int cta_row() const { return warp * 16 + r; }
 
   // One key tile (K and V in shared memory, complete): visible(cta_row, key_in_tile) -> bool.
+  // softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) (Gemma 2).
   template <class Visible>
-  __device__ void step(const Visible& visible, float scale) {
+  __device__ void step(const Visible& visible, float scale, float softcap = 0.0f) {
     namespace wmma = nvcuda::wmma;
 #pragma unroll
     for (int nb = 0; nb < kKeys / 16; ++nb) {
@@ -130,7 +131,8 @@ struct WarpTile {
 #pragma unroll
     for (int c = 0; c < 32; ++c) {
       const int j = half * 32 + c;
-      sc[c] = visible(row, j) ? ss[r * S::kLdS + j] * scale : -INFINITY;
+      const float x = ss[r * S::kLdS + j] * scale;
+      sc[c] = visible(row, j) ? (softcap > 0.0f ? softcap * tanhf(x / softcap) : x) : -INFINITY;
       mx = fmaxf(mx, sc[c]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));

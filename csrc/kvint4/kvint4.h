@@ -2,7 +2,8 @@
 // Decode attention over an INT4 KV cache (FireQ format). Semantics:
 // python/fastlayers/quant/rope_kv.py (quantize_kv_int4) and the reference in ops/kvint4.py:
 //   k[t, c] = q4(c) * s8[t, c / g]  (same for v), nibbles two per byte (even channel low),
-//   out[h] = softmax_t(scale * q[h] . k[t]) v[t] over t < length, fp32 throughout.
+//   out[h] = softmax_t(cap(scale * q[h] . k[t])) v[t] over t < length, fp32 throughout
+//   (cap: the optional logit soft-capping, DecodeParams::softcap).
 // One task per (batch, kv head) serves the group's query heads, so each cache byte is read once.
 #pragma once
 
@@ -38,6 +39,9 @@ struct DecodeParams {
   const int32_t* starts = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   float scale = 1.0f;
+  // Logit soft-capping (Gemma 2), when > 0: each scaled score s becomes softcap * tanh(s / softcap)
+  // before the softmax. 0: none.
+  float softcap = 0.0f;
 };
 
 // Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by

@@ -177,21 +177,23 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
 // its last visible token limit[r] (causal): the rest of its scores are masked.
 // The online softmax step of H rows over the block's scores (masked past each row's limit): the
 // scores become probabilities, and each row's accumulator is rescaled to the new maximum.
+// With softcap > 0, the visible scores are soft-capped first (Gemma 2's logit soft-capping).
 template <int H>
-void softmax_rows(int64_t nt, int64_t d, int64_t t0, const int64_t* limit, float* s, float* m, float* l,
-                  float* acc) {
+void softmax_rows(int64_t nt, int64_t d, int64_t t0, const int64_t* limit, float softcap, float* s, float* m,
+                  float* l, float* acc) {
   for (int h = 0; h < H; ++h) {
     int64_t hi = limit[h] - t0 + 1;
     hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
+    if (softcap > 0.0f) softcap_row(s + h * kTokens, hi, softcap);
     scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
   }
 }
 
 template <int H>
 void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t t0,
-           const int64_t* limit, float* s, float* m, float* l, float* acc) {
+           const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
   scores<H>(q, k, nt, d, s);
-  softmax_rows<H>(nt, d, t0, limit, s, m, l, acc);
+  softmax_rows<H>(nt, d, t0, limit, softcap, s, m, l, acc);
   values<H>(s, v, nt, d, acc);
 }
 
@@ -270,9 +272,9 @@ void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
 
 template <int H>
 void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt, int64_t t0,
-                const int64_t* limit, float* s, float* m, float* l, float* acc) {
+                const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
   scores_int4<H>(q, k, nt, s);
-  softmax_rows<H>(nt, k.d, t0, limit, s, m, l, acc);
+  softmax_rows<H>(nt, k.d, t0, limit, softcap, s, m, l, acc);
   values_int4<H>(s, v, nt, acc);
 }
 #endif
@@ -331,10 +333,10 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
       const Int4Rows kr{p.k + r0 * (d / 2), w.k, d, p.group};
       const Int4Rows vr{p.v + r0 * (d / 2), w.v, d, p.group};
       switch (rows) {
-        case 4: heads_int4<4>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
-        case 3: heads_int4<3>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
-        case 2: heads_int4<2>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
-        default: heads_int4<1>(w.q, kr, vr, nt, t0, limit, w.s, w.m, w.l, w.acc); break;
+        case 4: heads_int4<4>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 3: heads_int4<3>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 2: heads_int4<2>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        default: heads_int4<1>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
       }
       continue;
     }
@@ -346,11 +348,11 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
     }
     int64_t r = 0;
     for (; r + kHeads <= rows; r += kHeads) {
-      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, w.s + r * kTokens, w.m + r, w.l + r,
+      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r,
                     w.acc + r * d);
     }
     for (; r < rows; ++r) {
-      heads<1>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, w.s + r * kTokens, w.m + r, w.l + r, w.acc + r * d);
+      heads<1>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r, w.acc + r * d);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {

@@ -143,6 +143,11 @@ SplitPlan split_plan(int64_t length) {
   return {splits, (length + splits - 1) / splits};
 }
 
+// Logit soft-capping (Gemma 2): cap * tanh(s / cap) when cap > 0, s otherwise.
+__device__ __forceinline__ float softcapped(float s, float cap) {
+  return cap > 0.0f ? cap * tanhf(s / cap) : s;
+}
+
 // The two INT4 values of a cache byte (even channel in the low nibble, two's complement) times
 // their group scale: exact in fp32, and in fp16/bf16.
 __device__ __forceinline__ float2 dequant_byte(uint32_t byte, float scale) {
@@ -204,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
       for (int j = 0; j < C; ++j) s += q[h][j] * k[j];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-      s *= p.scale;
+      s = softcapped(s * p.scale, p.softcap);
       const float m_new = fmaxf(m[h], s);
       const float alpha = m[h] == -INFINITY ? 0.0f : expf(m[h] - m_new);
       const float e = expf(s - m_new);
@@ -303,7 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
     for (int j = 0; j < C; ++j) s += q[j] * k[j];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    s *= p.scale;
+    s = softcapped(s * p.scale, p.softcap);
     dequant_lane<C>(p.v + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * ng,
                     p.group, lane, v);
     const float m_new = fmaxf(m, s);
@@ -360,7 +365,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
       sv[j * S::kLdK + c + 1] = cuda::from_f<T>(vv.y);
     }
     __syncthreads();
-    tile.step([&](int i, int j) { return i < rows && t0 + j <= first + i0 + i; }, p.scale);
+    tile.step([&](int i, int j) { return i < rows && t0 + j <= first + i0 + i; }, p.scale, p.softcap);
   }
   const int64_t row = i0 + tile.cta_row();
   if (row < p.q_tokens) {

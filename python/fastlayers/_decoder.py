@@ -111,14 +111,22 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     )
 
 
-def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True) -> str | None:
-    """Why fastlayers' own attention paths (the INT4 KV cache, routed attention) cannot stand in
-    for ``attn`` (None: they can): they compute softmax(q k^T * scaling) v without logit
-    soft-capping, from separate q/k/v projections."""
+def logit_softcap(attn: torch.nn.Module) -> float | None:
+    """The attention's logit soft-capping (Gemma 2: ``cap * tanh(s / cap)``), or None."""
     cap = getattr(attn, "attn_logit_softcapping", None)
     if cap is None:
         cap = getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
-    if cap is not None:
+    return cap
+
+
+def attention_unsupported(
+    attn: torch.nn.Module, need_separate_qkv: bool = True, softcap_ok: bool = False
+) -> str | None:
+    """Why fastlayers' own attention paths (the INT4 KV cache, routed attention) cannot stand in
+    for ``attn`` (None: they can): they compute softmax(q k^T * scaling) v from separate q/k/v
+    projections, with logit soft-capping only where ``softcap_ok`` (the INT4 KV kernels)."""
+    cap = logit_softcap(attn)
+    if cap is not None and not softcap_ok:
         return f"{type(attn).__name__} soft-caps its attention logits (softcapping {cap})"
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"

@@ -1,13 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Decode attention over an INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`).
 
-``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None, starts=None)`` with
-the cache as uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``: one query token per
-sequence against the first ``length`` cached tokens (from token ``starts[b]`` on for row ``b``
-when given: left padding); GQA (``Hq % Hkv == 0``); fp32 softmax. Returns
-``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``. CPU and CUDA (split-KV; head_dim a multiple of
-64 up to 256, at most 8 query heads per kv head) kernels; elsewhere the reference (dequantize, then
-softmax attention).
+``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None, starts=None,
+softcap=None)`` with the cache as uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``:
+one query token per sequence against the first ``length`` cached tokens (from token ``starts[b]``
+on for row ``b`` when given: left padding); GQA (``Hq % Hkv == 0``); optional logit soft-capping
+(``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``.
+CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256, at most 8 query heads per kv head)
+kernels; elsewhere the reference (dequantize, then softmax attention).
 """
 
 from __future__ import annotations
@@ -59,16 +59,16 @@ LIB.define(
 )
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
-    " float scale, Tensor? starts=None) -> (Tensor, Tensor)"
+    " float scale, Tensor? starts=None, float softcap=0.0) -> (Tensor, Tensor)"
 )
 LIB.define(
     "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
-    " float scale) -> (Tensor, Tensor)"
+    " float scale, float softcap=0.0) -> (Tensor, Tensor)"
 )
 register_no_backward("kv_quantize", "q_quantize", "int4_kv_decode", "int4_kv_attention")
 
 
-def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> None:
+def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False, softcap=0.0) -> None:
     for t, name in ((q, "q"), (k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
         check_tensor(t, name)
     want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
@@ -114,6 +114,13 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False) -> 
         )
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+
+
+def _softcapped(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma 2's logit soft-capping of scaled scores (``softcap`` 0: none)."""
+    return softcap * torch.tanh(s / softcap) if softcap else s
 
 
 def _check_starts(starts, q, length: int, check_range: bool = True) -> None:
@@ -133,15 +140,15 @@ def _check_starts(starts, q, length: int, check_range: bool = True) -> None:
         check_index_range(starts, "starts", 0, length, f"[0, {length}] (length)")
 
 
-def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None):
-    _check(q, k, k_scale, v, v_scale, length, scale)
+def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length)
     b, hq, d = q.shape
     keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
     values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
     rep = hq // k.shape[1]
     keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-    s = torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale
+    s = _softcapped(torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale, softcap)
     if length == 0:
         return q.new_zeros(q.shape), torch.full((b, hq), -math.inf, device=q.device)
     if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
@@ -155,15 +162,15 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None):
     return out.to(q.dtype), lse
 
 
-def _attention_reference(q, k, k_scale, v, v_scale, length, scale):
+def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
     """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i."""
-    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     b, hq, tq, d = q.shape
     keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
     values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
     rep = hq // k.shape[1]
     keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-    s = torch.einsum("bhqd,bhtd->bhqt", q.float(), keys) * scale
+    s = _softcapped(torch.einsum("bhqd,bhtd->bhqt", q.float(), keys) * scale, softcap)
     visible = torch.arange(length, device=q.device)[None, :] <= (
         length - tq + torch.arange(tq, device=q.device)[:, None]
     )
@@ -176,11 +183,11 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale):
     return out.to(q.dtype), lse
 
 
-def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
-    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
-        return _attention_reference(q, k, k_scale, v, v_scale, length, scale)
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
     b, hq, _, d = q.shape
     if device.type == "cuda" and not _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1):
         _ext.warn_once(
@@ -188,12 +195,12 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale):
             f"fastlayers.int4_kv_attention: head_dim {d} with {hq // k.shape[1]} query heads per "
             "kv head is not a CUDA kernel shape; running the PyTorch reference",
         )
-        return _attention_reference(q, k, k_scale, v, v_scale, length, scale)
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale)
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     return out.to(q.dtype), lse
 
 
-def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
+def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, softcap=0.0):
     """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape, lse
     [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries read and the output written as
     they are, no fp32 copies), fp32 on CUDA."""
@@ -224,17 +231,17 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None):
             ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
             device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
             q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
-            out16=ptr(out16), starts=ptr(sc),
+            out16=ptr(out16), starts=ptr(sc), softcap=softcap,
         )  # fmt: skip
     return out, lse
 
 
-def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None):
-    _check(q, k, k_scale, v, v_scale, length, scale)
+def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
-        return _reference(q, k, k_scale, v, v_scale, length, scale, starts)
+        return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
     b, hq, d = q.shape
     hkv = k.shape[1]
     workspace = None
@@ -247,9 +254,9 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None):
                 "is not a CUDA kernel shape (head_dim a multiple of 64 up to 256, at most 8 heads "
                 "per kv head); running the PyTorch reference",
             )
-            return _reference(q, k, k_scale, v, v_scale, length, scale, starts)
+            return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap)
     return out.to(q.dtype), lse
 
 
@@ -262,8 +269,8 @@ LIB.impl("int4_kv_attention", _attention_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastlayers::int4_kv_attention", lib=LIB)
-def _attention_fake(q, k, k_scale, v, v_scale, length, scale):
-    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True)
+def _attention_fake(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -280,38 +287,59 @@ def _length_and_scale(q, k, k_scale, v, v_scale, length, scale) -> tuple[int, fl
     return length, q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def int4_kv_attention(q, k, k_scale, v, v_scale, length: int | None = None, scale=None):
+def _softcap_arg(softcap) -> float:
+    """``softcap`` as the ops take it: None is 0.0 (no capping); a real number, else TypeError."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    return float(softcap)
+
+
+def int4_kv_attention(
+    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, softcap=None
+):
     """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
     ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] fp32)``. CPU kernel (keys and values
     dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
     head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
-    row, head_dim a multiple of 64 up to 256); elsewhere the reference."""
+    row, head_dim a multiple of 64 up to 256); elsewhere the reference. ``softcap`` (Gemma 2's
+    logit soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` before the
+    softmax; None or 0 for none."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
+    softcap = _softcap_arg(softcap)
     if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
-        return _attention_kernel(q, k, k_scale, v, v_scale, length, scale)
-    return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale)
+        return _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap)
+    return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale,
+                                                  softcap)  # fmt: skip
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
-def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None):
-    _check(q, k, k_scale, v, v_scale, length, scale)
+def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length, check_range=False)
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
-def int4_kv_decode(q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None):
+def int4_kv_decode(
+    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None, softcap=None
+):
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
     ``head_dim ** -0.5``. ``starts`` (optional, int32 ``[batch]``): batch row ``b`` attends to the
     cached tokens ``starts[b] .. length - 1`` only (left-padded batches: the padding is skipped,
-    not read); a row that sees no token gets zeros and lse -inf."""
+    not read); a row that sees no token gets zeros and lse -inf. ``softcap`` (Gemma 2's logit
+    soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``; None or 0 for
+    none."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
+    softcap = _softcap_arg(softcap)
     if starts is not None:
         check_tensor(starts, "starts")
     if direct_call_ok(q, k, k_scale, v, v_scale, starts):  # the implementation, no dispatcher
-        return _kernel(q, k, k_scale, v, v_scale, length, scale, starts)
-    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale, starts)
+        return _kernel(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
+    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale, starts,
+                                               softcap)  # fmt: skip
 
 
 def _check_rows(x, name: str) -> tuple[int, int, int, int]:
@@ -428,12 +456,13 @@ def _c_int4_kv_decode(
     q16_dtype=0,
     out16=0,
     starts=0,
+    softcap=0.0,
 ) -> None:
     """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
     of its arguments."""
     _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
                           t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
-                          starts)  # fmt: skip
+                          starts, softcap)  # fmt: skip
 
 
 def _launch_quantize(
@@ -720,10 +749,11 @@ def _fp32_table_ok(t, shape) -> bool:
 
 
 def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: float,
-                       starts=None):  # fmt: skip
+                       starts=None, softcap: float = 0.0):  # fmt: skip
     """One decode step of the Hugging Face integration on an
     :class:`~fastlayers.quant.kv_cache.Int4KVStore`'s ``buffers`` (which hold ``length`` tokens):
-    ``q_quantize(query, q_scale, fp8=fp8)`` then ``int4_kv_decode(..., length, scale, starts)``,
+    ``q_quantize(query, q_scale, fp8=fp8)`` then ``int4_kv_decode(..., length, scale, starts,
+    softcap)``,
     the two CPU kernels called directly: at a few hundred cached tokens the two ops' checks and
     dispatch cost several times their kernels (the same bytes as the ops). ``query [B, Hq, 1, d]``
     float32/16/bf16; ``q_scale`` None or fp32 ``[Hq, d]``; ``starts`` None or int32 ``[B]`` in
@@ -739,6 +769,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         t == 1 and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and kq.shape[0] == b and kq.shape[3] * 2 == d and hq % kq.shape[1] == 0
         and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
+        and math.isfinite(softcap) and softcap >= 0
         and (d // ks.shape[3]) % 2 == 0 and _store_buffers_ok(buffers)
         and _fp32_table_ok(q_scale, (hq, d))
         and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
@@ -754,7 +785,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     lse = empty((b, hq), torch.float32, query.device)
     _c_int4_kv_decode(qs.data_ptr(), kq.data_ptr(), ks.data_ptr(), vq.data_ptr(), vs.data_ptr(),
                       out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
-                      kq.shape[2], length, scale, starts=ptr(starts))  # fmt: skip
+                      kq.shape[2], length, scale, starts=ptr(starts),
+                      softcap=softcap)  # fmt: skip
     return out.to(query.dtype)
 
 

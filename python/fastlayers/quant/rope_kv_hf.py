@@ -27,6 +27,7 @@ from fastlayers._decoder import (
     apply_qk_norm,
     attention_unsupported,
     decoder_layers,
+    logit_softcap,
     qk_norms,
     rope_layout,
 )
@@ -56,7 +57,7 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in."""
     mods = [layer.self_attn for layer in decoder_layers(model, what)]
     for i, m in enumerate(mods):
-        why = attention_unsupported(m)
+        why = attention_unsupported(m, softcap_ok=True)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
@@ -217,6 +218,8 @@ def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
+    cap = float(softcap or 0.0)
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
@@ -229,7 +232,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
                 inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1],
                                           query.device, torch.float32)  # fmt: skip
             out = decode_step_direct(query, inv, q_fp8, layer.buffers, layer.length, scaling,
-                                     starts)  # fmt: skip
+                                     starts, cap)  # fmt: skip
             if out is not None:
                 return out[:, None], None  # [B, 1, Hq, d]
     qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
@@ -252,11 +255,11 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         if starts is not False:  # no mask, or left padding: the decode kernel skips the padding
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
             q = (query if qs is None else qs)[:, :, 0]
-            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts)
+            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts, cap)
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
     if layer is not None and attention_mask is None and not grad:  # causal: the INT4 kernel
         q = query if qs is None else qs
-        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling)
+        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling, cap)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Tq, Hq, d]
     if layer is not None:  # another mask: the general path, masked, over the dequantized cache
         key, value = layer.dequantized(layer.dtype)
@@ -276,6 +279,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         tq, tk = query.shape[2], key.shape[2]
         attention_mask = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
                                     dtype=query.dtype, device=query.device)  # fmt: skip
+    if cap:  # Gemma 2's eager attention, which soft-caps the logits
+        from transformers.models.gemma2.modeling_gemma2 import (
+            eager_attention_forward as softcapped_eager,
+        )
+
+        return softcapped_eager(module, query, key, value, attention_mask, dropout=dropout,
+                                scaling=scaling, softcap=cap)  # fmt: skip
     return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
 
 
@@ -343,10 +353,11 @@ def calibrate_rope_aware_kv(
     ``post_rope`` is False), ready for :func:`apply_rope_aware_kv`. Post-RoPE channels keep a
     pre-RoPE scale of 1. Models that normalise queries and keys between the projections and RoPE
     (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2) get post-RoPE scales only: the norm would
-    undo a scale folded into the projections. Attention with logit soft-capping (Gemma 2) or a
-    fused qkv projection (Phi-3) is refused (ValueError). ``pairing``: the channels RoPE rotates
-    together, read from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or
-    Cohere's interleaved pairs); a value given is checked against it."""
+    undo a scale folded into the projections. Logit soft-capping (Gemma 2) is applied by the INT4
+    attention as the model does; a fused qkv projection (Phi-3) or attention submodules of unknown
+    role are refused (ValueError). ``pairing``: the channels RoPE rotates together, read from the
+    model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved pairs); a
+    value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
     rotary = model.model.rotary_emb
     # Gemma 3's rotary embedding takes the layer's type (local and global RoPE differ)
