@@ -193,8 +193,11 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     qk_layernorm = "submodules fastlayers does not know: k_layernorm, q_layernorm"
     with pytest.raises(ValueError, match=qk_layernorm):  # (per-head LayerNorms of another name)
         fastlayers.apply_skip_plan(_model("StableLm", qk_layernorm=True), routed)
+    sinks = _model("Llama")  # an attention with its own parameter (GPT-OSS's sinks)
+    sinks.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
     for model, match in ((_model("Phi3"), "fused projection"),
-                         (_model("StableLm", qk_layernorm=True), qk_layernorm)):  # fmt: skip
+                         (_model("StableLm", qk_layernorm=True), qk_layernorm),
+                         (sinks, "parameters fastlayers does not know: sinks")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
         assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())

@@ -139,6 +139,9 @@ def attention_unsupported(
         # fastlayers does not know; q_norm / k_norm are read by qk_norms)
         names = ", ".join(unknown)
         return f"{type(attn).__name__} has submodules fastlayers does not know: {names}"
+    own = sorted(name for name, _ in attn.named_parameters(recurse=False))
+    if own:  # (GPT-OSS's attention sinks: a term of the softmax fastlayers' kernels do not have)
+        return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
     return None
 
 
