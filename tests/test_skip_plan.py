@@ -312,6 +312,42 @@ def test_static_cache_with_layer0_skipped_or_routed(layer0):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_every_attention_routed_with_padding_counts_the_tokens(impl):
+    """No attention layer holds keys (every one routed or skipped), so no Hugging Face cache layer
+    measures the sequence: a LayerSkipCache counts the tokens itself, and a left-padded batch (or
+    any eager mask) decodes as each row alone and as recomputing the sequence; before, the decode
+    steps' masks started at column 0 and the routed keys were dropped at every step. A cache that
+    cannot count (a plain DynamicCache) is refused with a clear error instead. reset() starts
+    afresh."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model(3)
+    model.set_attn_implementation(impl)
+    apply_skip_plan(model, SkipPlan([LayerPlan("routed"), LayerPlan("skip"), LayerPlan("routed")]))
+    _set_router(model, 0, 0.5, 0.0)
+    _set_router(model, 2, 0.5, 0.5)
+    a, b = torch.randint(1, 101, (1, 9)), torch.randint(1, 101, (1, 6))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1)]).long()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    cache = LayerSkipCache()
+    with torch.no_grad():
+        both = model.generate(ids, attention_mask=mask, cache=cache, **kw)
+        recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+        assert torch.equal(both.sequences, recomputed.sequences)
+        for x, y in zip(both.scores, recomputed.scores, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        assert cache.get_seq_length() == 9 + 5 and not any(cache.layer_lengths())
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        alone = model.generate(b, attention_mask=torch.ones_like(b), cache=cache, **kw)
+        assert torch.equal(both.sequences[1, 9:], alone.sequences[0, 6:])
+        with pytest.raises(ValueError, match="pass cache=fastlayers.LayerSkipCache()"):
+            model.generate(ids, attention_mask=mask, **kw)  # (a DynamicCache of its own)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_routed_plan_with_left_padding_and_beams(impl):
     """A left-padded batch through a routed plan gives each row what it gives alone (padding is
     never routed); beam search with a LayerSkipCache equals beam search without a cache."""

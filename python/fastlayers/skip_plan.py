@@ -298,8 +298,22 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     # (a cache given means use it: Gemma 3 and others pass no use_cache to their layers)
     use = cache is not None and kw.get("use_cache", True)
     store = _routed_store(cache, layer_idx) if use else None
-    if store is not None and start is not None and int(start) == 0:
-        store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
+    if store is not None and start is not None:
+        if int(start) == 0 and any(store.lengths()):
+            # A cache that holds tokens, but a mask that starts this call at column 0: a new
+            # sequence in a reused cache, unless the tokens' positions say they continue one (a
+            # real token's position never exceeds its column): then no layer of the cache holds
+            # keys to measure the sequence by (every attention routed or skipped).
+            col = torch.arange(t, device=positions.device)
+            late = (positions.expand(b, t) > col) if real is None else (positions > col) & real
+            if bool(late.any()):
+                raise ValueError(
+                    "routed attention: the cache measures no tokens although the sequence "
+                    "continues (no attention layer holds keys: every one is routed or skipped); "
+                    "pass cache=fastlayers.LayerSkipCache(), which counts the tokens itself"
+                )
+            store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
+        cache._fl_length = int(start) + t  # (LayerSkipCache's length when no layer holds keys)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=_sliding_window(attn))  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
@@ -592,8 +606,10 @@ _layer_skip_cache_class = None
 def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: needs transformers)
     """A Hugging Face ``DynamicCache`` for models with skipped attention layers: the sequence
     length and mask sizes come from the first layer that holds keys (statically skipped layers
-    hold none), so any layer's attention may be skipped, layer 0's included. Also
-    ``layer_lengths()`` and ``crop_to(length)`` (early-exit / speculative rollback)."""
+    hold none), so any layer's attention may be skipped, layer 0's included; when none holds any
+    (every attention routed or skipped), from the tokens the routed layers counted. Also
+    ``layer_lengths()``, ``crop_to(length)`` (early-exit / speculative rollback) and ``reset()``
+    (the routed layers' tokens too)."""
     global _layer_skip_cache_class
     if _layer_skip_cache_class is None:
         from transformers import DynamicCache
@@ -609,11 +625,21 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
 
             def get_seq_length(self, layer_idx: int = 0) -> int:
                 layer = self._reference_layer()
-                return 0 if layer is None else layer.get_seq_length()
+                if layer is None:  # every attention routed or skipped: the tokens they counted
+                    return getattr(self, "_fl_length", 0)
+                return layer.get_seq_length()
 
             def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
                 layer = self._reference_layer()
-                return (query_length, 0) if layer is None else layer.get_mask_sizes(query_length)
+                if layer is None:
+                    return query_length + getattr(self, "_fl_length", 0), 0
+                return layer.get_mask_sizes(query_length)
+
+            def reset(self) -> None:
+                super().reset()
+                self._fl_length = 0
+                for store in getattr(self, "_fl_routed", {}).values():
+                    store.__init__()
 
             def layer_lengths(self) -> list[int]:
                 return [layer.get_seq_length() if getattr(layer, "is_initialized", False) else 0
@@ -627,6 +653,7 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                             layer.crop(-extra)
                 for store in getattr(self, "_fl_routed", {}).values():  # routed layers
                     store.crop_to(length)
+                self._fl_length = min(getattr(self, "_fl_length", 0), length)
 
             def reorder_cache(self, beam_idx) -> None:  # beam search: the routed rows too
                 super().reorder_cache(beam_idx)
