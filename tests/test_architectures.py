@@ -168,6 +168,9 @@ def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
             torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(out.sequences, seq)
+    if arch in ("Gemma3", "Mistral"):  # a static cache's window layers keep only the window
+        with torch.no_grad(), pytest.raises(ValueError, match="takes a dynamic cache"):
+            model.generate(ids[:1], cache_implementation="static", **kw)
 
 
 def test_unsupported_structures_are_refused_before_the_model_changes():

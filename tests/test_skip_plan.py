@@ -345,6 +345,17 @@ def test_every_attention_routed_with_padding_counts_the_tokens(impl):
         assert torch.equal(both.sequences[1, 9:], alone.sequences[0, 6:])
         with pytest.raises(ValueError, match="pass cache=fastlayers.LayerSkipCache()"):
             model.generate(ids, attention_mask=mask, **kw)  # (a DynamicCache of its own)
+    # the same with layer 1 run in full: generate()'s own cache measures on (routed) layer 0
+    model = _model(2)
+    model.set_attn_implementation(impl)
+    apply_skip_plan(model, SkipPlan([LayerPlan("routed"), LayerPlan()]))
+    _set_router(model, 0, 0.5, 0.0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="measure on layer 0, whose attention is routed"):
+            model.generate(ids, attention_mask=mask, **kw)
+        both = model.generate(ids, attention_mask=mask, cache=LayerSkipCache(), **kw)
+        recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(both.sequences, recomputed.sequences)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

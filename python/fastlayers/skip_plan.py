@@ -273,6 +273,13 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     h = hidden_states if layout.attn_pre is None else getattr(layer, layout.attn_pre)(hidden_states)
     logits = router(h).squeeze(-1).float()  # [B, T]
     cache = kw.get("cache", kw.get("past_key_values"))
+    window = _sliding_window(attn)
+    if window is not None and getattr(cache, "is_compileable", False):
+        raise ValueError(
+            "routed attention on a sliding-window layer takes a dynamic cache (a LayerSkipCache), "
+            f"not a static one ({type(cache).__name__}: its window layers' masks hold only the "
+            "window's columns)"
+        )
     start = _call_start(cache, kw.get("attention_mask"), t, kw.get("cache_position"))
     real = _real_tokens(kw.get("attention_mask"), b, t, start)
     if real is not None:  # padding is never routed, so it is never attended either
@@ -308,14 +315,16 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
             late = (positions.expand(b, t) > col) if real is None else (positions > col) & real
             if bool(late.any()):
                 raise ValueError(
-                    "routed attention: the cache measures no tokens although the sequence "
-                    "continues (no attention layer holds keys: every one is routed or skipped); "
-                    "pass cache=fastlayers.LayerSkipCache(), which counts the tokens itself"
+                    "routed attention: the cache measured no tokens before this call although "
+                    "the sequence continues (Hugging Face caches measure on layer 0, whose "
+                    "attention is routed or skipped here, or on nothing when every attention "
+                    "is); pass cache=fastlayers.LayerSkipCache(), which measures on a layer that "
+                    "holds keys or counts the tokens itself"
                 )
             store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
         cache._fl_length = int(start) + t  # (LayerSkipCache's length when no layer holds keys)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
-                              sliding_window=_sliding_window(attn))  # fmt: skip
+                              sliding_window=window)  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
@@ -429,8 +438,10 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
     ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
     no KV cache. When layer 0's attention is skipped or routed, pass a :func:`LayerSkipCache` to
-    calls of ``model(..., cache=...)`` (Hugging Face caches measure the sequence length on layer 0;
-    ``generate()`` tracks positions itself). :func:`remove_skip_plan` restores the model.
+    calls of ``model(..., cache=...)`` and to ``generate()`` of padded batches (Hugging Face caches
+    measure the sequence length on layer 0; routed attention raises a ValueError where the masks
+    it is given show that; unpadded ``generate()`` calls track positions themselves). Routed
+    sliding-window layers take dynamic caches only. :func:`remove_skip_plan` restores the model.
 
     Routed attention layers get a router ``layer.fastlayers_router`` (``Linear(hidden, 1)``): from
     ``routers[i]`` when given (trained ones), else a freshly initialised one, which needs training
