@@ -311,51 +311,68 @@ def test_static_cache_with_layer0_skipped_or_routed(layer0):
             torch.testing.assert_close(logits[:, -1], full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_every_attention_routed_with_padding_counts_the_tokens(impl):
-    """No attention layer holds keys (every one routed or skipped), so no Hugging Face cache layer
-    measures the sequence: a LayerSkipCache counts the tokens itself, and a left-padded batch (or
-    any eager mask) decodes as each row alone and as recomputing the sequence; before, the decode
-    steps' masks started at column 0 and the routed keys were dropped at every step. A cache that
-    cannot count (a plain DynamicCache) is refused with a clear error instead. reset() starts
-    afresh."""
-    from fastlayers.skip_plan import LayerSkipCache
-
-    model = _model(3)
-    model.set_attn_implementation(impl)
-    apply_skip_plan(model, SkipPlan([LayerPlan("routed"), LayerPlan("skip"), LayerPlan("routed")]))
-    _set_router(model, 0, 0.5, 0.0)
-    _set_router(model, 2, 0.5, 0.5)
+def _padded_batch():
     a, b = torch.randint(1, 101, (1, 9)), torch.randint(1, 101, (1, 6))
     ids = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
     mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1)]).long()
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)  # fmt: skip
-    cache = LayerSkipCache()
+    return ids, mask, b
+
+
+def _generate_equals_recompute(model, ids, mask, **cache):
+    """generate() of a padded batch (with ``cache``, or generate()'s own) equals recomputing the
+    sequence at every step (use_cache=False), tokens and step scores. Returns the output."""
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              output_scores=True, return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
-        both = model.generate(ids, attention_mask=mask, cache=cache, **kw)
-        recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
-        assert torch.equal(both.sequences, recomputed.sequences)
-        for x, y in zip(both.scores, recomputed.scores, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
-        assert cache.get_seq_length() == 9 + 5 and not any(cache.layer_lengths())
+        out = model.generate(ids, **cache, **kw)
+        recomputed = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(out.sequences, recomputed.sequences)
+    for x, y in zip(out.scores, recomputed.scores, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("layer0", ["routed", "skip"])
+def test_padded_batches_with_layer0_attention_routed_or_skipped(impl, layer0):
+    """Hugging Face caches measure the sequence on layer 0; with its attention routed or skipped
+    that layer would stay empty and a padded batch's decode masks would start at column 0 (logits
+    off by ~1 before). Layer 0 now records zero keys in generate()'s own cache, and a
+    LayerSkipCache measures on a layer that runs or, when none does (every attention routed or
+    skipped), counts the tokens itself: both equal recomputing the sequence. reset() starts
+    afresh. A cache that still measures nothing is refused by routed attention (the guard shown
+    with the zero entry turned off)."""
+    from fastlayers import skip_plan
+    from fastlayers.skip_plan import LayerSkipCache
+
+    ids, mask, b = _padded_batch()
+    for plan in ([LayerPlan(layer0), LayerPlan()],
+                 [LayerPlan(layer0), LayerPlan("skip"), LayerPlan("routed")]):  # fmt: skip
+        model = _model(len(plan))
+        model.set_attn_implementation(impl)
+        apply_skip_plan(model, SkipPlan(plan))
+        for i, p in enumerate(plan):
+            if p.attn == "routed":
+                _set_router(model, i, 0.5, 0.25 * i)
+        _generate_equals_recompute(model, ids, mask)  # (generate()'s own DynamicCache)
+        cache = LayerSkipCache()
+        both = _generate_equals_recompute(model, ids, mask, cache=cache)
+        assert cache.get_seq_length() == 9 + 5  # (layer 0: no zero entry in a LayerSkipCache)
+        assert sum(cache.layer_lengths()) == 14 * sum(p.attn == "full" for p in plan)
         cache.reset()
         assert cache.get_seq_length() == 0
-        alone = model.generate(b, attention_mask=torch.ones_like(b), cache=cache, **kw)
-        assert torch.equal(both.sequences[1, 9:], alone.sequences[0, 6:])
-        with pytest.raises(ValueError, match="pass cache=fastlayers.LayerSkipCache()"):
-            model.generate(ids, attention_mask=mask, **kw)  # (a DynamicCache of its own)
-    # the same with layer 1 run in full: generate()'s own cache measures on (routed) layer 0
-    model = _model(2)
-    model.set_attn_implementation(impl)
-    apply_skip_plan(model, SkipPlan([LayerPlan("routed"), LayerPlan()]))
-    _set_router(model, 0, 0.5, 0.0)
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="measure on layer 0, whose attention is routed"):
-            model.generate(ids, attention_mask=mask, **kw)
-        both = model.generate(ids, attention_mask=mask, cache=LayerSkipCache(), **kw)
-        recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
-    assert torch.equal(both.sequences, recomputed.sequences)
+        kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        with torch.no_grad():
+            alone = model.generate(b, attention_mask=torch.ones_like(b), cache=cache, **kw)
+        assert torch.equal(both.sequences[1, 9:], alone[0, 6:])
+    if layer0 == "routed":
+        skip_plan_keep = skip_plan._keep_layer0_length
+        skip_plan._keep_layer0_length = lambda *args: None
+        try:
+            with pytest.raises(ValueError, match="pass cache=fastlayers.LayerSkipCache()"):
+                _generate_equals_recompute(model, ids, mask)
+        finally:
+            skip_plan._keep_layer0_length = skip_plan_keep
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -238,7 +238,7 @@ def _call_start(cache, mask, t: int, cache_position=None):
     """Where this call's first token sits in the cache (its first key column in a 4-D mask), or
     None when nothing says. A static cache's mask spans its whole preallocated length, so there
     it is layer 0's length before this call (kept when layer 0 does not run:
-    _keep_static_length); a dynamic cache's mask ends with the call's t keys."""
+    _keep_layer0_length); a dynamic cache's mask ends with the call's t keys."""
     if isinstance(cache_position, torch.Tensor) and cache_position.numel():
         return cache_position[0]
     if cache is not None and getattr(cache, "is_compileable", False):
@@ -335,20 +335,17 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
 
 
-def _keep_static_length(layer, hidden_states, kwargs) -> None:
-    """Layer 0 skipped or routed with a static cache: its Hugging Face cache layer would stay
-    empty, while a static cache measures the sequence on layer 0 (``get_seq_length()``, the
-    positions the model derives from it when no ``cache_position`` is given). So the call's tokens
-    are written there as zero keys and values, which nothing reads (layer 0's attention does not
-    run over that cache); it costs one layer of the preallocated cache. Dynamic caches need no
-    such entry: generate() tracks positions itself, and LayerSkipCache measures on a layer that
-    runs."""
+def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
+    """Layer 0 skipped or routed: its Hugging Face cache layer would stay empty, while Hugging
+    Face caches (static, dynamic, the INT4 one) measure the sequence on layer 0 (``get_seq_length``
+    and the masks, the positions the model derives from it when no ``cache_position`` is given):
+    the masks of a padded batch would then start each decode step at column 0 (logits off by ~1
+    before this entry existed for dynamic caches). So the call's tokens are written there as zero
+    keys and values, which nothing reads (layer 0's attention does not run over that cache); it
+    costs one layer of cache. A LayerSkipCache needs no such entry: it measures on a layer that
+    runs, or counts the routed layers' tokens."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if (
-        cache is None
-        or not getattr(cache, "is_compileable", False)
-        or not kwargs.get("use_cache", True)
-    ):
+    if cache is None or not kwargs.get("use_cache", True) or _is_layer_skip_cache(cache):
         return
     cfg = layer.self_attn.config
     b, t = hidden_states.shape[:2]
@@ -373,7 +370,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
 
     def forward(hidden_states, *args, **kwargs):
         if layer0_empty:
-            _keep_static_length(layer, hidden_states, kwargs)
+            _keep_layer0_length(layer, hidden_states, kwargs)
         if routed:
             kw = dict(kwargs)
             for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
@@ -437,11 +434,10 @@ def _sliding_window(attn) -> int | None:
 def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
     ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
-    no KV cache. When layer 0's attention is skipped or routed, pass a :func:`LayerSkipCache` to
-    calls of ``model(..., cache=...)`` and to ``generate()`` of padded batches (Hugging Face caches
-    measure the sequence length on layer 0; routed attention raises a ValueError where the masks
-    it is given show that; unpadded ``generate()`` calls track positions themselves). Routed
-    sliding-window layers take dynamic caches only. :func:`remove_skip_plan` restores the model.
+    no KV cache, except layer 0 when its attention is skipped or routed: Hugging Face caches
+    measure the sequence on layer 0, so it records each call's tokens as zero keys (one layer of
+    cache; a :func:`LayerSkipCache` needs none). Routed sliding-window layers take dynamic caches
+    only. :func:`remove_skip_plan` restores the model.
 
     Routed attention layers get a router ``layer.fastlayers_router`` (``Linear(hidden, 1)``): from
     ``routers[i]`` when given (trained ones), else a freshly initialised one, which needs training
@@ -612,6 +608,10 @@ def self_speculative_generate(
 
 
 _layer_skip_cache_class = None
+
+
+def _is_layer_skip_cache(cache) -> bool:
+    return _layer_skip_cache_class is not None and isinstance(cache, _layer_skip_cache_class)
 
 
 def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: needs transformers)
