@@ -359,6 +359,10 @@ def test_padded_batches_with_layer0_attention_routed_or_skipped(impl, layer0):
         both = _generate_equals_recompute(model, ids, mask, cache=cache)
         assert cache.get_seq_length() == 9 + 5  # (layer 0: no zero entry in a LayerSkipCache)
         assert sum(cache.layer_lengths()) == 14 * sum(p.attn == "full" for p in plan)
+        cache.crop(0)  # (what generate() calls at every step: nothing removed)
+        assert cache.get_seq_length() == 14
+        cache.crop(-4)
+        assert cache.get_seq_length() == 10
         cache.reset()
         assert cache.get_seq_length() == 0
         kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -373,6 +377,30 @@ def test_padded_batches_with_layer0_attention_routed_or_skipped(impl, layer0):
                 _generate_equals_recompute(model, ids, mask)
         finally:
             skip_plan._keep_layer0_length = skip_plan_keep
+
+
+@pytest.mark.parametrize("plan", [("routed", "full"), ("routed", "routed"), ("skip", "routed")])
+def test_assisted_generation_rolls_the_routed_caches_back(plan):
+    """Prompt-lookup (assisted) generation crops the cache after rejected candidates; the routed
+    layers' stores, which the Hugging Face cache does not know, drop the rolled-back tokens when
+    the next call's positions show them stale (before: "k_pos must increase strictly"), and a
+    LayerSkipCache's own token count follows crop(). Equal to greedy decoding without a cache,
+    with a LayerSkipCache and with generate()'s own cache."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model(2)
+    apply_skip_plan(model, SkipPlan([LayerPlan(a) for a in plan]))
+    for i, a in enumerate(plan):
+        if a == "routed":
+            _set_router(model, i, 0.5, 0.0)
+    torch.manual_seed(5)
+    ids = torch.randint(3, 20, (1, 16))  # a repetitive prompt: the lookup proposes candidates
+    kw = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(ids, use_cache=False, **kw)
+        for cache in ({"cache": LayerSkipCache()}, {}):
+            got = model.generate(ids, prompt_lookup_num_tokens=3, **cache, **kw)
+            assert torch.equal(got, want), cache
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -322,7 +322,17 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
                     "holds keys or counts the tokens itself"
                 )
             store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
-        cache._fl_length = int(start) + t  # (LayerSkipCache's length when no layer holds keys)
+    if store is not None:
+        # LayerSkipCache's length when no layer holds keys: the call's first column from the mask,
+        # or, with no mask (nothing but causality: no padding), its first position
+        first_col = start if start is not None else kw.get("position_ids")
+        if first_col is not None:
+            cache._fl_length = int(first_col.reshape(-1)[0] if start is None else first_col) + t
+        # tokens the cache's owner rolled back (crop) are stale here too
+        first = positions.expand(b, t)
+        if real is not None:
+            first = first.masked_fill(~real, torch.iinfo(first.dtype).max)
+        store.drop_from(first.min(1).values)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=window)  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
@@ -645,6 +655,14 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                 if layer is None:
                     return query_length + getattr(self, "_fl_length", 0), 0
                 return layer.get_mask_sizes(query_length)
+
+            def crop(self, tokens_to_remove: int) -> None:
+                super().crop(tokens_to_remove)
+                n = getattr(self, "_fl_length", 0)  # (a negative count removes that many)
+                if tokens_to_remove < 0:
+                    self._fl_length = max(n + tokens_to_remove, 0)
+                elif tokens_to_remove > 0:  # (older transformers: the length to keep)
+                    self._fl_length = min(n, tokens_to_remove)
 
             def reset(self) -> None:
                 super().reset()

@@ -33,7 +33,8 @@ class RoutedKVStore:
     ``merged(k, v, pos, counts)`` returns the packed ``(keys, values, positions, cu_seqlens)``
     of the cached tokens followed, row by row, by new ones (``k [n, H_kv, d]`` packed by row,
     ``counts`` per row), and the per-row tensors that ``store`` keeps. ``crop_to(length)`` drops
-    the tokens at positions ``>= length`` (speculative rollback), ``reorder`` selects rows."""
+    the tokens at positions ``>= length`` (speculative rollback), ``drop_from(first)`` those at
+    positions ``>= first[b]`` per row, ``reorder`` selects rows."""
 
     def __init__(self) -> None:
         self.keys: list[torch.Tensor] | None = None  # per row [n_b, H_kv, d]
@@ -78,6 +79,22 @@ class RoutedKVStore:
             keep = int((pos < length).sum())  # positions increase within a row
             self.keys[b], self.values[b] = self.keys[b][:keep], self.values[b][:keep]
             self.positions[b] = pos[:keep]
+
+    def drop_from(self, first: torch.Tensor) -> None:
+        """Drops, per row ``b``, the tokens at positions ``>= first[b]``: a call whose tokens
+        start there continues a sequence that was rolled back (a Hugging Face cache cropped by
+        assisted or speculative generation, which does not know this store). One host
+        synchronisation when nothing is stale."""
+        if self.keys is None or not self.positions:
+            return
+        none = first.new_full((), -1)
+        last = torch.stack([p[-1] if p.numel() else none for p in self.positions])
+        stale = (last >= first.to(last.device)).tolist()
+        for b, is_stale in enumerate(stale):
+            if is_stale:
+                keep = int((self.positions[b] < first[b]).sum())  # positions increase in a row
+                self.keys[b], self.values[b] = self.keys[b][:keep], self.values[b][:keep]
+                self.positions[b] = self.positions[b][:keep]
 
     def reorder(self, batch_index: torch.Tensor) -> None:
         if self.keys is not None:
