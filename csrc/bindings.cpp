@@ -414,8 +414,9 @@ void varlen_attention(int device, std::uintptr_t q, std::uintptr_t k, std::uintp
                       std::uintptr_t k_pos, std::uintptr_t out, std::uintptr_t lse, std::uintptr_t k_t,
                       int64_t nq, int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
                       int64_t dv, int64_t window_left, int64_t window_right, double scale, int dtype,
-                      std::uintptr_t stream) {
+                      std::uintptr_t stream, double softcap) {
   skip::VarlenParams p;
+  p.softcap = static_cast<float>(softcap);
   p.q = ptr<const void>(q);
   p.k = ptr<const void>(k);
   p.v = ptr<const void>(v);
@@ -447,8 +448,9 @@ void varlen_attention_bwd(int device, std::uintptr_t q, std::uintptr_t k, std::u
                           std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, int64_t nq,
                           int64_t nk, int64_t batch, int64_t hq, int64_t hkv, int64_t d,
                           int64_t d_v, int64_t window_left, int64_t window_right, double scale,
-                          int dtype, std::uintptr_t delta, std::uintptr_t stream) {
+                          int dtype, std::uintptr_t delta, std::uintptr_t stream, double softcap) {
   skip::VarlenBwdParams p;
+  p.fwd.softcap = static_cast<float>(softcap);
   p.delta = ptr<float>(delta);
   p.fwd.q = ptr<const void>(q);
   p.fwd.k = ptr<const void>(k);

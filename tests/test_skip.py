@@ -122,6 +122,8 @@ def test_varlen_every_cpu_isa(cpu_isa):
             _check(q, k, v, cu, cu, pos, pos, window=(-1, 0))  # 50 keys: 32, 16 and 2
             _check_backward(q, k, v, cu, pos, window=(6, 0))
             _check_backward(q, k, v, cu, pos, window=(-1, 0))
+            _check(q, k, v, cu, cu, pos, pos, window=(-1, 0), softcap=0.5)  # (Gemma 2)
+            _check_backward(q, k, v, cu, pos, window=(-1, 0), softcap=0.5)
 
 
 def _check_backward(q, k, v, cu, pos, **kw):
@@ -147,6 +149,33 @@ def test_varlen_backward(device, dtype):
     _check_backward(q, k, v, cu, pos, window=7)
     q, k, v, cu, pos = _routed(3, 25, 1.0, 2, 2, 48, dtype, device)
     _check_backward(q, k, v, cu, pos, causal=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_softcap(device, dtype):
+    """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores), forward
+    and backward (ds times 1 - tanh^2) against float64 autograd of the reference, with scores
+    several times the cap; None or 0 is none; bad values refused; opcheck with a cap."""
+    q, k, v, cu, pos = _routed(2, 40, 0.5, 4, 2, 64, dtype, device)
+    q = (q.float() * 4).to(dtype)
+    for cap in (0.7, 5.0):
+        _check(q, k, v, cu, cu, pos, pos, softcap=cap)
+        _check_backward(q, k, v, cu, pos, softcap=cap, window=9)
+    plain = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos)
+    for none in (None, 0.0):
+        assert torch.equal(fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, softcap=none),
+                           plain)  # fmt: skip
+    capped = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, softcap=0.7)
+    assert not torch.allclose(capped.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    for bad, error in ((-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                       ("1", TypeError), (True, TypeError)):  # fmt: skip
+        with pytest.raises(error, match="softcap"):
+            fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, softcap=bad)
+    if dtype == torch.float32:
+        args = (q, k, v, cu, cu, pos, pos, -1, 0, 0.125, 0.7)
+        torch.library.opcheck(torch.ops.fastlayers.varlen_attention, args)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.library.opcheck(torch.ops.fastlayers.varlen_attention, (*leaves, *args[3:]))
 
 
 def test_varlen_bad_input():

@@ -30,6 +30,9 @@ struct VarlenParams {
   int64_t nq = 0, nk = 0, batch = 0, hq = 0, hkv = 0, d = 0, dv = 0;
   int64_t window_left = -1, window_right = -1;
   float scale = 1.0f;
+  // Logit soft-capping (Gemma 2), when > 0: each scaled score s becomes softcap * tanh(s / softcap)
+  // before the softmax (the backward multiplies ds by 1 - tanh^2). 0: none.
+  float softcap = 0.0f;
   DType dtype = DType::kFloat32;
 };
 

@@ -28,6 +28,9 @@ static Status validate_inputs(const VarlenParams& p) {
     return Status::invalid("varlen_attention: bad sizes (need hq a multiple of hkv, d and dv > 0)");
   }
   if (p.window_left < -1 || p.window_right < -1) return Status::invalid("varlen_attention: bad window");
+  if (!(p.softcap >= 0.0f) || p.softcap > 3.0e38f) {  // (NaN fails the first test)
+    return Status::invalid("varlen_attention: softcap must be finite and >= 0 (0: none)");
+  }
   if (p.nq > 0 && (p.q == nullptr || p.q_pos == nullptr || p.cu_seqlens_q == nullptr ||
                    p.cu_seqlens_k == nullptr)) {
     return Status::invalid("varlen_attention: null pointer argument");

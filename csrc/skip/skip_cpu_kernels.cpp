@@ -243,6 +243,7 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
         lo = rows[r].lo - j0 < 0 ? 0 : rows[r].lo - j0;
         hi = rows[r].hi - j0 > nkeys ? nkeys : rows[r].hi - j0;
       }
+      if (p.softcap > 0.0f && hi > lo) softcap_row(w.s + r * kKeys + lo, hi - lo, p.softcap);
       scale_row(w.o + r * dv, dv, softmax_block(w.s + r * kKeys, nkeys, lo, hi, w.m[r], w.l[r]));
     }
     // O += P V, lanes over the value dimension.
@@ -545,8 +546,14 @@ void backward(const VarlenBwdParams& bp) {
                 pr[jj] = dsr[jj] = 0.0f;
                 continue;
               }
-              pr[jj] = __builtin_expf(pr[jj] * p.scale - lse[r]);
-              dsr[jj] = pr[jj] * (dsr[jj] - delta[r]) * p.scale;
+              float s = pr[jj] * p.scale, dcap = 1.0f;
+              if (p.softcap > 0.0f) {  // s -> c tanh(s / c), ds -> ds (1 - tanh^2)
+                const float th = __builtin_tanhf(s / p.softcap);
+                s = p.softcap * th;
+                dcap = 1.0f - th * th;
+              }
+              pr[jj] = __builtin_expf(s - lse[r]);
+              dsr[jj] = pr[jj] * (dsr[jj] - delta[r]) * dcap * p.scale;
             }
           }
           transposed_weights_times_rows(ps, dos, n, dv, w.dvb + j0 * dv);  // dV += P^T dO

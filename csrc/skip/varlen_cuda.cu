@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
         const float* kr = sk + lane * ks;
         float dot = 0.0f;
         for (int64_t c = 0; c < d; ++c) dot += qr[c] * kr[c];
-        s = dot;
+        s = p.softcap > 0.0f ? p.softcap * tanhf(dot / p.softcap) : dot;
       }
       float mx = s;
 #pragma unroll
@@ -250,7 +250,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
     load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kK), S::kLdK, kKeys, nt, key_row(k));
     load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kV), S::kLdK, kKeys, nt, key_row(v));
     __syncthreads();
-    tile.step(visible_pair, p.scale);
+    tile.step(visible_pair, p.scale, p.softcap);
   }
 
   const int64_t row = row0 + tile.cta_row();
@@ -306,9 +306,15 @@ __global__ void varlen_delta_kernel(const VarlenBwdParams p) {
 // ds for one visible pair (query row i, head h) x (key j): p = exp(s - lse), dp = dO . v.
 __device__ __forceinline__ float pair_ds(const VarlenBwdParams& p, int64_t ih, float s, float dp,
                                          float& prob) {
+  float dcap = 1.0f;  // soft-capping: s -> c tanh(s / c), ds -> ds (1 - tanh^2)
+  if (p.fwd.softcap > 0.0f) {
+    const float th = tanhf(s / p.fwd.softcap);
+    s = p.fwd.softcap * th;
+    dcap = 1.0f - th * th;
+  }
   prob = expf(s - p.lse[ih]);
   const float g = p.dlse != nullptr ? p.dlse[ih] : 0.0f;
-  return prob * (dp - p.delta[ih] + g);
+  return prob * (dp - p.delta[ih] + g) * dcap;
 }
 
 // dK[j, kh], dV[j, kh]: one warp per (key, kv head), over the visible queries of the key's sequence

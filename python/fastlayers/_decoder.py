@@ -119,15 +119,11 @@ def logit_softcap(attn: torch.nn.Module) -> float | None:
     return cap
 
 
-def attention_unsupported(
-    attn: torch.nn.Module, need_separate_qkv: bool = True, softcap_ok: bool = False
-) -> str | None:
+def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True) -> str | None:
     """Why fastlayers' own attention paths (the INT4 KV cache, routed attention) cannot stand in
-    for ``attn`` (None: they can): they compute softmax(q k^T * scaling) v from separate q/k/v
-    projections, with logit soft-capping only where ``softcap_ok`` (the INT4 KV kernels)."""
-    cap = logit_softcap(attn)
-    if cap is not None and not softcap_ok:
-        return f"{type(attn).__name__} soft-caps its attention logits (softcapping {cap})"
+    for ``attn`` (None: they can): they compute softmax(cap(q k^T * scaling)) v from separate
+    q/k/v projections (``cap``: the model's logit soft-capping, :func:`logit_softcap`), with the
+    q/k norms :func:`qk_norms` reads and nothing else of their own."""
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
     unknown = sorted(

@@ -27,6 +27,7 @@ from fastlayers._decoder import (
     attention_unsupported,
     decoder_layers,
     decoder_layout,
+    logit_softcap,
     qk_norms,
     rope_layout,
 )
@@ -334,7 +335,7 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
             first = first.masked_fill(~real, torch.iinfo(first.dtype).max)
         store.drop_from(first.min(1).values)
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
-                              sliding_window=window)  # fmt: skip
+                              sliding_window=window, softcap=logit_softcap(attn))  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)

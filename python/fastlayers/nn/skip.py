@@ -105,14 +105,15 @@ class RoutedKVStore:
 
 
 def routed_attention_step(
-    q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None, sliding_window=None
-):
+    q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None, sliding_window=None,
+    softcap=None,
+):  # fmt: skip
     """Attention of the routed tokens of one call, packed by row (``q [n, H, d]``, ``k``/``v``
     ``[n, H_kv, d]`` after RoPE, ``pos [n]``; ``idx``/``cu`` from the routing, ``-1`` padding
     allowed after ``cu[-1]``), against the ``store``'s earlier routed tokens of the same rows and
     each other, causally by position and, with a ``sliding_window`` (Hugging Face's rule), only
-    keys less than that many positions back. Stores the new keys. Returns ``o [n, H, d]``
-    (padding rows: zeros)."""
+    keys less than that many positions back, and with ``softcap`` the scores soft-capped (Gemma 2).
+    Stores the new keys. Returns ``o [n, H, d]`` (padding rows: zeros)."""
     counts = (cu[1:] - cu[:-1]).tolist()
     used = int(cu[-1])
     if store is None:
@@ -122,7 +123,7 @@ def routed_attention_step(
     if used:
         out[:used] = varlen_attention(
             q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale,
-            window=None if sliding_window is None else (sliding_window - 1, 0),
+            window=None if sliding_window is None else (sliding_window - 1, 0), softcap=softcap,
         )  # fmt: skip
     store.store(rows)
     return out

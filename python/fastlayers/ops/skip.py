@@ -31,20 +31,21 @@ from fastlayers.reference import skip as ref
 
 LIB.define(
     "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
-    " Tensor q_pos, Tensor k_pos, int window_left, int window_right, float scale)"
-    " -> (Tensor, Tensor)"
+    " Tensor q_pos, Tensor k_pos, int window_left, int window_right, float scale,"
+    " float softcap=0.0) -> (Tensor, Tensor)"
 )
 # The backward kernels (CPU; CUDA for head dims <= 128) as an op of their own, so that
 # torch.compile traces a training step's backward through it instead of into the raw pointers.
 LIB.define(
     "varlen_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
     " Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor q_pos, Tensor k_pos, Tensor out,"
-    " Tensor lse, int window_left, int window_right, float scale) -> (Tensor, Tensor, Tensor)"
+    " Tensor lse, int window_left, int window_right, float scale, float softcap=0.0)"
+    " -> (Tensor, Tensor, Tensor)"
 )
 register_no_backward("varlen_attention_backward")
 
 
-def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale) -> None:
+def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0) -> None:
     for t, name in (
         (q, "q"), (k, "k"), (v, "v"), (cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k"),
         (q_pos, "q_pos"), (k_pos, "k_pos"),
@@ -89,6 +90,8 @@ def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale) -> None
         raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got ({left}, {right})")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
 
 
 def _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk) -> None:
@@ -114,15 +117,15 @@ def _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk) -> None:
                 )
 
 
-def _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
-    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+def _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     return ref.varlen_attention(
         q, k, v, cu_q, cu_k, q_pos, k_pos, causal=False, window=(left, right), scale=scale,
-        return_lse=True,
+        return_lse=True, softcap=softcap,
     )  # fmt: skip
 
 
-def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
+def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
     """The CUDA forward: no host-side layout check (it would synchronise); the kernel masks every
     key by position and clamps cu_seqlens to the tensors."""
     nq, hq, d = q.shape
@@ -137,27 +140,27 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
             _ext.C.varlen_attention(
                 device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp),
                 ptr(kp), ptr(out), ptr(lse), 0, nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left,
-                right, scale, _dtypes.code(q.dtype), stream_of(q.device),
+                right, scale, _dtypes.code(q.dtype), stream_of(q.device), softcap,
             )  # fmt: skip
     return out, lse
 
 
-def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
-    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     if (
         q.device.type == "cuda"
         and q.dtype != torch.float64
         and has_kernel(q.device, "varlen_attention")
     ):
         if _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1]):
-            return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+            return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
         _ext.warn_once(
             "varlen_attention-cuda-dims",
             "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128; running the "
             "PyTorch reference",
         )
     if q.device.type != "cpu" or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
-        return _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+        return _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk)
@@ -171,7 +174,7 @@ def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
         _ext.C.varlen_attention(
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
             ptr(out), ptr(lse), ptr(k_t), nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left, right,
-            scale, _dtypes.code(q.dtype), 0,
+            scale, _dtypes.code(q.dtype), 0, softcap,
         )  # fmt: skip
     return out, lse
 
@@ -182,8 +185,8 @@ LIB.impl("varlen_attention", _varlen_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastlayers::varlen_attention", lib=LIB)
-def _varlen_fake(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
-    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale)
+def _varlen_fake(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
+    _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     return (
         q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
         q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32),
@@ -191,9 +194,9 @@ def _varlen_fake(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale):
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale = inputs
+    q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap = inputs
     ctx.save_for_backward(q, k, v, cu_q, cu_k, q_pos, k_pos, *output)
-    ctx.window, ctx.scale = (left, right), scale
+    ctx.window, ctx.scale, ctx.softcap = (left, right), scale, softcap
 
 
 def _varlen_backward(ctx, grad_out, grad_lse):
@@ -210,18 +213,18 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     if on_cuda_kernel or (on_cpu_kernel and has_kernel(q.device, "varlen")):
         dq, dk, dv = torch.ops.fastlayers.varlen_attention_backward(
             grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, *ctx.window,
-            ctx.scale,
+            ctx.scale, ctx.softcap,
         )  # fmt: skip
     else:
         dq, dk, dv = _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos,
                                                 grad_out, grad_lse)  # fmt: skip
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None, None, None)  # fmt: skip
 
 
 def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse,
-                            left, right, scale):  # fmt: skip
+                            left, right, scale, softcap=0.0):  # fmt: skip
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     qc, kc, vc, oc = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
@@ -240,7 +243,7 @@ def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_po
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
             ptr(oc), ptr(go), ptr(lse_c), ptr(glse), ptr(dq), ptr(dk), ptr(dvv),
             nq, nk, cq.shape[0] - 1, hq, hkv, d, dv, left, right, scale,
-            _dtypes.code(q.dtype), ptr(delta), stream_of(q.device),
+            _dtypes.code(q.dtype), ptr(delta), stream_of(q.device), softcap,
         )  # fmt: skip
     return dq, dk, dvv
 
@@ -262,7 +265,7 @@ def _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos, grad_out,
         ]
         out, lse = ref.varlen_attention(
             *leaves, cu_q, cu_k, q_pos, k_pos, causal=False, window=ctx.window,
-            scale=ctx.scale, return_lse=True,
+            scale=ctx.scale, return_lse=True, softcap=ctx.softcap,
         )  # fmt: skip
         outputs, grads = [out], [grad_out]
         if grad_lse is not None:
@@ -291,6 +294,7 @@ def varlen_attention(
     window=None,
     scale: float | None = None,
     return_lse: bool = False,
+    softcap: float | None = None,
 ):
     """Packed variable-length attention masked by **original token positions**.
 
@@ -300,6 +304,8 @@ def varlen_attention(
     Query i sees key j of its sequence iff ``k_pos[j] <= q_pos[i]`` (``causal``) and, with
     ``window=(left, right)`` (or an int for both), ``q_pos - left <= k_pos <= q_pos + right``.
     A query with no visible key gets zeros (``lse = -inf``). ``scale`` defaults to ``d ** -0.5``.
+    ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes ``softcap *
+    tanh(s / softcap)`` before the softmax; None or 0 for none.
     Returns ``out [Nq, Hq, dv]`` in q's dtype, and ``lse [Nq, Hq]`` fp32 with ``return_lse``.
     Differentiable w.r.t. q, k, v.
     """
@@ -311,9 +317,12 @@ def varlen_attention(
         raise ValueError(f"q must be [tokens, heads, head_dim > 0], got shape {tuple(q.shape)}")
     left, right = ref._window(window, bool(causal))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
     out, lse = torch.ops.fastlayers.varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, left, right, scale
-    )
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, left, right, scale,
+        float(softcap or 0.0),
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 

@@ -57,7 +57,7 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in."""
     mods = [layer.self_attn for layer in decoder_layers(model, what)]
     for i, m in enumerate(mods):
-        why = attention_unsupported(m, softcap_ok=True)
+        why = attention_unsupported(m)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods

@@ -108,9 +108,11 @@ def varlen_attention(
     window=None,
     scale: float | None = None,
     return_lse: bool = False,
+    softcap: float = 0.0,
 ):
     """``out [Nq, Hq, dv]`` (and ``lse [Nq, Hq]`` fp32) of packed position-masked attention; see
-    the module docstring. Differentiable w.r.t. q, k and v."""
+    the module docstring; ``softcap`` > 0: Gemma 2's logit soft-capping of the scaled scores.
+    Differentiable w.r.t. q, k and v."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -127,6 +129,8 @@ def varlen_attention(
         kb = k[k0:k1].to(acc).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
         vb = v[k0:k1].to(acc).repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
         s = (qb @ kb.transpose(-1, -2)) * scale  # [hq, nq_b, nk_b]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         ok = allowed_mask(q_pos[q0:q1], k_pos[k0:k1], causal, window)
         s = s.masked_fill(~ok, -math.inf)
         lse_b = torch.logsumexp(s, dim=-1)  # -inf where nothing is visible
