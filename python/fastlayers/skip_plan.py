@@ -535,6 +535,45 @@ def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str)
     return h
 
 
+class _Captured(Exception):
+    """Stops a forward once a hook has what it needs."""
+
+
+def _embedder(model, layers, probe_ids: torch.Tensor):
+    """``ids -> hidden states`` as the model feeds its first decoder layer: ``embed_tokens``, times
+    ``embedding_multiplier`` where the model has one (Granite, HyperCLOVA X). Checked against the
+    model's own forward on ``probe_ids`` (stopped at layer 0); TypeError if it does more."""
+    inner = model.model
+    mult = getattr(inner, "embedding_multiplier", None)
+    if mult is None:
+        mult = getattr(getattr(inner, "config", None), "embedding_multiplier", 1.0)
+
+    def embed(ids):
+        h = inner.embed_tokens(ids)
+        return h if mult == 1.0 else h * mult
+
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        inner(probe_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in seen or not torch.equal(seen["h"], embed(probe_ids)):
+        raise TypeError(
+            "self_speculative_generate: the model transforms its token embeddings before its "
+            "first layer in a way it does not know (it knows embed_tokens and "
+            "embedding_multiplier)"
+        )
+    return embed
+
+
 @torch.no_grad()
 def self_speculative_generate(
     model, input_ids: torch.Tensor, exit_layer: int, max_new_tokens: int, num_draft: int = 4,
@@ -575,8 +614,10 @@ def self_speculative_generate(
     def head(h):  # the model's final norm and LM head (LayerSkip's shared exit head)
         return model.lm_head(inner.norm(h)).argmax(-1)
 
+    embed = _embedder(model, layers, input_ids[:, :1])
+
     cache = DynamicCache()
-    h = _run_layers(model, inner.embed_tokens(input_ids), 0, n, 0, cache, cache_kw)
+    h = _run_layers(model, embed(input_ids), 0, n, 0, cache, cache_kw)
     pending = head(h[:, -1:])  # the next token: in no layer's cache yet
     verified = input_ids.shape[1]  # tokens every layer holds
     out = [pending]
@@ -587,7 +628,7 @@ def self_speculative_generate(
         # draft: pending, then each draft token, through the first layers; keep their exit states
         exits, drafts, x = [], [], pending
         for i in range(k + 1):  # (the last pass only gives d_k's exit state, for verification)
-            h = _run_layers(model, inner.embed_tokens(x), 0, exit_layer, verified + i, cache,
+            h = _run_layers(model, embed(x), 0, exit_layer, verified + i, cache,
                             cache_kw)  # fmt: skip
             exits.append(h)
             if i < k:
