@@ -48,10 +48,12 @@ ARCHS = {
     ),
     "HyperCLOVAX": dict(residual_multiplier=0.5, embedding_multiplier=4.0),  # Peri-LN norms
     "Apertus": {},  # attention_layernorm / feedforward_layernorm
-    "Exaone4": dict(layer_types=["full_attention"] * 2),  # post-norms, q/k norms
+    # post-norms, q/k norms; sliding_window kept on its full-attention modules too
+    "Exaone4": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "Phi": {},  # parallel blocks; RoPE on half of each head
     "Mistral": dict(sliding_window=4),  # a model-wide sliding window
     "StableLmParallel": dict(use_parallel_residual=True),  # GPT-NeoX's parallel block
+    "SmolLM3": dict(no_rope_layers=[1, 0]),  # layer 1 without RoPE (NoPE)
 }
 
 
@@ -124,13 +126,14 @@ def test_skip_plans_follow_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
-     "HyperCLOVAX"],
+     "HyperCLOVAX", "Exaone4", "SmolLM3"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
-    per head, OLMo 2 over the projection), partial RoPE (StableLM, GLM), the post-attention norm
-    and the residual multiplier applied as the model does (Gemma 3's routed layer is its
-    full-attention one)."""
+    per head, OLMo 2 over the projection), partial RoPE (StableLM, GLM), no RoPE on NoPE layers
+    (EXAONE 4's global layer, SmolLM3's ``no_rope_layers``; rotated before), the post-attention
+    norm and the residual multiplier applied as the model does (the routed layer is layer 1:
+    Gemma 3's and EXAONE 4's full-attention one)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -139,11 +142,13 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Gemma2", "Gemma3", "Mistral", "Qwen3", "Olmo2", "StableLm", "Glm4"]
+    "arch", ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4"]
 )
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
-    """Routed attention keeps a layer's sliding window (Gemma 3's local layer 0, Mistral's
-    model-wide window; 4 positions here, sequences of 12): every token routed is the model's layer,
+    """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
+    Mistral's model-wide window; 4 positions here, sequences of 12) and no other (EXAONE 4's
+    global layer keeps ``sliding_window`` on its module: windowed before): every token routed is
+    the model's layer,
     and generate() with half the tokens routed and a LayerSkipCache equals recomputing the whole
     sequence at every step (decode steps past the window; Gemma 3 passes no use_cache to its
     layers, where the routed keys were once not kept)."""
@@ -170,7 +175,7 @@ def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
             torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(out.sequences, seq)
-    if arch in ("Gemma3", "Mistral"):  # a static cache's window layers keep only the window
+    if arch in ("Gemma3", "Mistral", "Exaone4"):  # a static cache's window layers: the window
         with torch.no_grad(), pytest.raises(ValueError, match="takes a dynamic cache"):
             model.generate(ids[:1], cache_implementation="static", **kw)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -202,6 +203,41 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
     if isinstance(layout, str):
         raise ValueError(f"{what}: {name}{layout}")
     return layout
+
+
+_APPLIES_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
+    """Whether ``attn`` rotates its queries and keys at all: False for NoPE layers (EXAONE 4's
+    global layers, SmolLM3's ``no_rope_layers``), read by running the module once on a few random
+    tokens with RoPE tables of a random angle and of angle 0 (the same output: no RoPE).
+    Remembered per module; True where the probe cannot run it."""
+    known = _APPLIES_ROPE.get(attn)
+    if known is not None:
+        return known
+    training = attn.training
+    try:
+        attn.eval()  # (no dropout in the probe)
+        p = next(attn.parameters())
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, attn.q_proj.in_features, generator=g).to(p)
+        angle = torch.rand(1, 4, rotary_dim, generator=g) * 3 + 0.5
+        tables = ((angle.cos(), angle.sin()), (torch.ones_like(angle), torch.zeros_like(angle)))
+        with torch.no_grad():
+            turned, still = (
+                attn(hidden_states=x, position_embeddings=(c.to(p), s.to(p)), attention_mask=None)[
+                    0
+                ]
+                for c, s in tables
+            )
+        result = not torch.equal(turned, still)
+    except Exception:  # noqa: BLE001 (a module this probe cannot call: assume it rotates)
+        result = True
+    finally:
+        attn.train(training)
+    _APPLIES_ROPE[attn] = result
+    return result
 
 
 def _rotary_fraction(attn: torch.nn.Module) -> float:

@@ -23,6 +23,7 @@ import numbers
 import torch
 
 from fastlayers._decoder import (
+    applies_rope,
     apply_qk_norm,
     attention_unsupported,
     decoder_layers,
@@ -298,7 +299,9 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     cos, sin = kw["position_embeddings"]  # [B, T, rotary dim] at the tokens' positions
     cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]  # [n, r]: the model's function
     sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]  # unsqueezes dim 1 for the heads
-    q, k = rope_layout(attn, "routed attention").rotate(q, k, cos, sin)  # (the model's own RoPE)
+    rope = rope_layout(attn, "routed attention")
+    if applies_rope(attn, rope.rotary_dim):  # (the model's own RoPE; none on NoPE layers)
+        q, k = rope.rotate(q, k, cos, sin)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
@@ -433,12 +436,16 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
 
 
 def _sliding_window(attn) -> int | None:
-    """The layer's sliding window: its own (Gemma 2/3, Qwen2), or Mistral's model-wide one."""
+    """The layer's sliding window, as Hugging Face builds its masks: by the config's
+    ``layer_types`` where it has them (``"sliding_attention"``: ``config.sliding_window``;
+    EXAONE 4 keeps ``sliding_window`` on its full-attention modules too), else the module's own
+    (Qwen2) or Mistral's model-wide one."""
+    cfg = getattr(attn, "config", None)
+    types, idx = getattr(cfg, "layer_types", None), getattr(attn, "layer_idx", None)
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
+        return getattr(cfg, "sliding_window", None) if types[idx] == "sliding_attention" else None
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
-    cfg = getattr(attn, "config", None)
-    if getattr(cfg, "layer_types", None) is not None:  # (per layer: the attribute above)
-        return None
     return getattr(cfg, "sliding_window", None)
 
 

@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from fastlayers._decoder import (
+    applies_rope,
     apply_qk_norm,
     attention_unsupported,
     decoder_layers,
@@ -393,7 +394,9 @@ def calibrate_rope_aware_kv(
             kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
             cos, sin = rotary(kk, pos, m.layer_type) if typed else rotary(kk, pos)
-            _, kr = layouts[i].rotate(kk, kk, cos, sin)
+            kr = kk  # (NoPE layers: the keys as they are)
+            if applies_rope(m, layouts[i].rotary_dim):
+                _, kr = layouts[i].rotate(kk, kk, cos, sin)
             rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
         s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
