@@ -431,7 +431,8 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                     f"apply_skip_plan: layer {i}'s sliding window must be a positive int or None, "
                     f"got {window!r}"
                 )
-            rope_layout(layer.self_attn, "apply_skip_plan")
+            rope = rope_layout(layer.self_attn, "apply_skip_plan")
+            applies_rope(layer.self_attn, rope.rotary_dim)  # (probed now, not while compiling)
     return layers
 
 
