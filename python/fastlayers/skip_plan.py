@@ -309,34 +309,9 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     # (a cache given means use it: Gemma 3 and others pass no use_cache to their layers)
     use = cache is not None and kw.get("use_cache", True)
     store = _routed_store(cache, layer_idx) if use else None
-    if store is not None and start is not None:
-        if int(start) == 0 and any(store.lengths()):
-            # A cache that holds tokens, but a mask that starts this call at column 0: a new
-            # sequence in a reused cache, unless the tokens' positions say they continue one (a
-            # real token's position never exceeds its column): then no layer of the cache holds
-            # keys to measure the sequence by (every attention routed or skipped).
-            col = torch.arange(t, device=positions.device)
-            late = (positions.expand(b, t) > col) if real is None else (positions > col) & real
-            if bool(late.any()):
-                raise ValueError(
-                    "routed attention: the cache measured no tokens before this call although "
-                    "the sequence continues (Hugging Face caches measure on layer 0, whose "
-                    "attention is routed or skipped here, or on nothing when every attention "
-                    "is); pass cache=fastlayers.LayerSkipCache(), which measures on a layer that "
-                    "holds keys or counts the tokens itself"
-                )
-            store.__init__()  # a new sequence in a reused cache (the caller reset a static cache)
     if store is not None:
-        # LayerSkipCache's length when no layer holds keys: the call's first column from the mask,
-        # or, with no mask (nothing but causality: no padding), its first position
-        first_col = start if start is not None else kw.get("position_ids")
-        if first_col is not None:
-            cache._fl_length = int(first_col.reshape(-1)[0] if start is None else first_col) + t
-        # tokens the cache's owner rolled back (crop) are stale here too
-        first = positions.expand(b, t)
-        if real is not None:
-            first = first.masked_fill(~real, torch.iinfo(first.dtype).max)
-        store.drop_from(first.min(1).values)
+        _sync_routed_store(store, cache, start, positions.expand(b, t), real,
+                           kw.get("position_ids") is not None)  # fmt: skip
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=window, softcap=logit_softcap(attn))  # fmt: skip
     out = attn.o_proj(o.reshape(n, hq * d))
@@ -347,6 +322,43 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
     gate = gate * layout.residual_multiplier
     flat = hidden_states.reshape(b * t, -1)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
+
+
+def _sync_routed_store(store, cache, start, positions, real, given_positions: bool) -> None:
+    """Brings a routed layer's store in line with the Hugging Face cache before a call whose
+    tokens start at mask column ``start`` (None: no mask) with ``positions [B, t]`` (``real``:
+    which are not padding, or None):
+
+    * a call at column 0 while the store holds tokens is a new sequence in a reused cache (the
+      store starts afresh), unless the positions say the sequence continues (a real token's
+      position never exceeds its column): then the cache measured nothing before this call, which
+      Hugging Face caches do when layer 0 holds no keys and no zero entry was written for it, or
+      when no layer holds any: ValueError naming LayerSkipCache, rather than wrong masks;
+    * LayerSkipCache's token count (its length when no layer holds keys) becomes the call's end:
+      its first column from the mask, or, with no mask (no padding), its first position;
+    * tokens the cache's owner rolled back (crop: assisted or speculative generation) are dropped
+      per row, at or past the row's first real position of this call."""
+    b, t = positions.shape
+    if start is not None and int(start) == 0 and any(store.lengths()):
+        col = torch.arange(t, device=positions.device)
+        late = (positions > col) if real is None else (positions > col) & real
+        if bool(late.any()):
+            raise ValueError(
+                "routed attention: the cache measured no tokens before this call although the "
+                "sequence continues (Hugging Face caches measure on layer 0, whose attention is "
+                "routed or skipped here, or on nothing when every attention is); pass "
+                "cache=fastlayers.LayerSkipCache(), which measures on a layer that holds keys or "
+                "counts the tokens itself"
+            )
+        store.__init__()
+    if start is not None or given_positions:
+        cache._fl_length = int(start if start is not None else positions.reshape(-1)[0]) + t
+    first = (
+        positions
+        if real is None
+        else positions.masked_fill(~real, torch.iinfo(positions.dtype).max)
+    )
+    store.drop_from(first.min(1).values)
 
 
 def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
