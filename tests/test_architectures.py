@@ -343,12 +343,15 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX"]
-)
+    "arch",
+    ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
+     "StableLmParallel"],
+)  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
-    (Gemma 2 with a window of 4, Gemma 3's local layers), with Gemma 3's local/global RoPE and with
-    the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens)."""
+    (Gemma 2 with a window of 4, Gemma 3's local layers), with Gemma 3's local/global RoPE, with
+    the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens) and on
+    parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM)."""
     from fastlayers.skip_plan import self_speculative_generate
 
     model = _model(arch)

@@ -609,8 +609,8 @@ def self_speculative_generate(
     One KV cache serves both: the draft writes the first layers' keys and values, the verification
     the other layers', and after each verification every layer is cropped to the accepted tokens.
     Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
-    ``norm``, ``rotary_emb``, ``model.lm_head``). Returns ``(sequence [1, T + new], stats)`` with
-    ``stats = {"drafted", "accepted", "verify_steps"}``.
+    ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``). Returns
+    ``(sequence [1, T + new], stats)`` with ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
 
@@ -625,14 +625,19 @@ def self_speculative_generate(
     if hasattr(model, "_fastlayers_skip_plan"):
         raise ValueError("remove the installed skip plan first (remove_skip_plan)")
     inner = model.model
-    for name in ("embed_tokens", "norm", "rotary_emb"):
-        if not hasattr(inner, name) or not hasattr(model, "lm_head"):
+    final_norm = getattr(inner, "norm", None)
+    if final_norm is None:
+        final_norm = getattr(inner, "final_layernorm", None)  # (Phi)
+    for name, part in (("embed_tokens", getattr(inner, "embed_tokens", None)),
+                       ("norm", final_norm), ("rotary_emb", getattr(inner, "rotary_emb", None)),
+                       ("lm_head", getattr(model, "lm_head", None))):  # fmt: skip
+        if not isinstance(part, torch.nn.Module):
             raise TypeError(f"self_speculative_generate needs a Llama-style model (model.{name})")
     params = inspect.signature(type(layers[0]).forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def head(h):  # the model's final norm and LM head (LayerSkip's shared exit head)
-        return model.lm_head(inner.norm(h)).argmax(-1)
+        return model.lm_head(final_norm(h)).argmax(-1)
 
     embed = _embedder(model, layers, input_ids[:, :1])
 
