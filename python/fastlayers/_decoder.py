@@ -68,6 +68,18 @@ def _has(layer: torch.nn.Module, name: str) -> bool:
     return isinstance(getattr(layer, name, None), torch.nn.Module)
 
 
+def _children_besides(module: torch.nn.Module, known) -> set[str]:
+    """The names of ``module``'s child modules other than ``known``, dropouts (identities in
+    inference) and what fastlayers attached itself (``fastlayers_router``)."""
+    return {
+        name
+        for name, child in module.named_children()
+        if name not in known
+        and not name.startswith("fastlayers_")
+        and not isinstance(child, torch.nn.Dropout)
+    }
+
+
 # (attn_pre, attn_post, ffn_pre, ffn_post) of each family, and the names of which a layer must have
 # at least one to be of it; a layer matches when all its norms are among the family's names.
 _FAMILIES = (
@@ -93,13 +105,7 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     kind = type(layer).__name__
     if not (_has(layer, "self_attn") and _has(layer, "mlp")):
         raise TypeError(f"{what}: {kind} has no self_attn and mlp submodules")
-    others = {
-        name
-        for name, child in layer.named_children()
-        if name not in ("self_attn", "mlp")
-        and not name.startswith("fastlayers_")  # (a router apply_skip_plan attached)
-        and not isinstance(child, torch.nn.Dropout)
-    }
+    others = _children_besides(layer, ("self_attn", "mlp"))
     mult = getattr(layer, "residual_multiplier", 1.0)
     for names, markers in _FAMILIES:
         if others <= set(names) and any(m in others for m in markers):
@@ -127,11 +133,7 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
     q/k norms :func:`qk_norms` reads and nothing else of their own."""
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
-    unknown = sorted(
-        name
-        for name, child in attn.named_children()
-        if name not in _ATTENTION_PARTS and not isinstance(child, torch.nn.Dropout)
-    )
+    unknown = sorted(_children_besides(attn, _ATTENTION_PARTS))
     if unknown:  # (StableLM's and Phi's q_layernorm / k_layernorm: a norm whose place and form
         # fastlayers does not know; q_norm / k_norm are read by qk_norms)
         names = ", ".join(unknown)
@@ -223,14 +225,14 @@ def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 4, attn.q_proj.in_features, generator=g).to(p)
         angle = torch.rand(1, 4, rotary_dim, generator=g) * 3 + 0.5
-        tables = ((angle.cos(), angle.sin()), (torch.ones_like(angle), torch.zeros_like(angle)))
+
+        def run(cos, sin):
+            emb = (cos.to(p), sin.to(p))
+            return attn(hidden_states=x, position_embeddings=emb, attention_mask=None)[0]
+
         with torch.no_grad():
-            turned, still = (
-                attn(hidden_states=x, position_embeddings=(c.to(p), s.to(p)), attention_mask=None)[
-                    0
-                ]
-                for c, s in tables
-            )
+            turned = run(angle.cos(), angle.sin())
+            still = run(torch.ones_like(angle), torch.zeros_like(angle))
         result = not torch.equal(turned, still)
     except Exception:  # noqa: BLE001 (a module this probe cannot call: assume it rotates)
         result = True

@@ -703,6 +703,8 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
         from transformers import DynamicCache
 
         class _LayerSkipCache(DynamicCache):
+            _fl_length = 0  # tokens the routed layers counted (their length when none holds keys)
+
             def _reference_layer(self):
                 for layer in self.layers:
                     keys = getattr(layer, "keys", None)
@@ -714,22 +716,21 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
             def get_seq_length(self, layer_idx: int = 0) -> int:
                 layer = self._reference_layer()
                 if layer is None:  # every attention routed or skipped: the tokens they counted
-                    return getattr(self, "_fl_length", 0)
+                    return self._fl_length
                 return layer.get_seq_length()
 
             def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
                 layer = self._reference_layer()
                 if layer is None:
-                    return query_length + getattr(self, "_fl_length", 0), 0
+                    return query_length + self._fl_length, 0
                 return layer.get_mask_sizes(query_length)
 
             def crop(self, tokens_to_remove: int) -> None:
                 super().crop(tokens_to_remove)
-                n = getattr(self, "_fl_length", 0)  # (a negative count removes that many)
-                if tokens_to_remove < 0:
-                    self._fl_length = max(n + tokens_to_remove, 0)
+                if tokens_to_remove < 0:  # (a negative count removes that many)
+                    self._fl_length = max(self._fl_length + tokens_to_remove, 0)
                 elif tokens_to_remove > 0:  # (older transformers: the length to keep)
-                    self._fl_length = min(n, tokens_to_remove)
+                    self._fl_length = min(self._fl_length, tokens_to_remove)
 
             def reset(self) -> None:
                 super().reset()
@@ -749,7 +750,7 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                             layer.crop(-extra)
                 for store in getattr(self, "_fl_routed", {}).values():  # routed layers
                     store.crop_to(length)
-                self._fl_length = min(getattr(self, "_fl_length", 0), length)
+                self._fl_length = min(self._fl_length, length)
 
             def reorder_cache(self, beam_idx) -> None:  # beam search: the routed rows too
                 super().reorder_cache(beam_idx)

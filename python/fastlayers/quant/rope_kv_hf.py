@@ -388,15 +388,14 @@ def calibrate_rope_aware_kv(
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
         pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
+        rotates = applies_rope(m, r)  # (NoPE layers: the keys as they are)
         rot = []
         for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
             b, t, _ = k.shape
             kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
             cos, sin = rotary(kk, pos, m.layer_type) if typed else rotary(kk, pos)
-            kr = kk  # (NoPE layers: the keys as they are)
-            if applies_rope(m, layouts[i].rotary_dim):
-                _, kr = layouts[i].rotate(kk, kk, cos, sin)
+            kr = layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk
             rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
         s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
