@@ -101,13 +101,17 @@ LAYOUT_ARCHS = [
     "HyperCLOVAX",
     "Apertus",
     "Exaone4",
+    "Cohere",
+    "Phi",
+    "StableLmParallel",
 ]
 
 
 @pytest.mark.parametrize("arch", LAYOUT_ARCHS)
 def test_skip_plans_follow_each_layout(arch):
     """A full plan is the model; a skipped sublayer is the model with that sublayer's output
-    zeroed (every layout's post-norm maps zero to zero)."""
+    zeroed (every layout's post-norm maps zero to zero; parallel blocks of Cohere, Phi and
+    StableLM: refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     full = fastlayers.apply_skip_plan(_model(arch), SkipPlan.full(2))
@@ -126,14 +130,15 @@ def test_skip_plans_follow_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
-     "HyperCLOVAX", "Exaone4", "SmolLM3"],
+     "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
     per head, OLMo 2 over the projection), partial RoPE (StableLM, GLM), no RoPE on NoPE layers
     (EXAONE 4's global layer, SmolLM3's ``no_rope_layers``; rotated before), the post-attention
-    norm and the residual multiplier applied as the model does (the routed layer is layer 1:
-    Gemma 3's and EXAONE 4's full-attention one)."""
+    norm and the residual multiplier applied as the model does, parallel blocks (Cohere, Phi with
+    its output projection ``dense``, StableLM) adding the feedforward of the layer's input (the
+    routed layer is layer 1: Gemma 3's and EXAONE 4's full-attention one)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -142,8 +147,10 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4"]
-)
+    "arch",
+    ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
+     "Phi"],
+)  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
     Mistral's model-wide window; 4 positions here, sequences of 12) and no other (EXAONE 4's
@@ -184,9 +191,6 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
     cases = [
         ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
-        ("Cohere", SkipPlan.full(2), TypeError, "parallel attention"),
-        ("Phi", SkipPlan.full(2), TypeError, "parallel attention"),
-        ("StableLmParallel", SkipPlan.full(2), TypeError, "parallel attention"),
     ]  # fmt: skip
     for arch, plan, error, match in cases:
         model = _model(arch)
@@ -224,6 +228,55 @@ def test_a_layer_with_a_submodule_no_layout_places_is_refused():
         SkipPlan.from_similarity(model, [torch.randint(3, 128, (1, 8))], num_ffn_skip=1)
 
 
+def _sequential_one_norm(self, hidden_states, *args, **kwargs):
+    """A layer with Cohere's names that is not a parallel block: h + attn(n(h)), then + mlp(h)."""
+    h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), *args, **kwargs)[0]
+    return h + self.mlp(h)
+
+
+def _parallel_two_norms(self, hidden_states, *args, **kwargs):
+    """GPT-NeoX's parallel block under Llama's names: h + attn(n1(h)) + mlp(n2(h))."""
+    a = self.self_attn(self.input_layernorm(hidden_states), *args, **kwargs)[0]
+    return hidden_states + a + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
+    """Names are checked by running the layer once with its attention answering a fixed tensor:
+    a one-norm layer that is not a parallel block, or a parallel block under Llama's names, is
+    refused instead of run in the layout its names suggest; a layer that cannot be run is taken
+    by its names, except a parallel block (its only sign is what it computes)."""
+    import types
+
+    from fastlayers._decoder import _layout_holds
+
+    for arch, forward, names in (
+        ("Cohere", _sequential_one_norm, r"h \+ attn\(n\(h\)\) \+ mlp\(n\(h\)\)"),
+        ("Llama", _parallel_two_norms, r"h = h \+ mlp\(post_attention_layernorm\(h\)\)"),
+    ):
+        model = _model(arch)
+        layer = model.model.layers[1]
+        layer.forward = types.MethodType(forward, layer)
+        with pytest.raises(TypeError, match="does not compute what the names of its norms say"):
+            fastlayers.apply_skip_plan(model, SkipPlan.full(2))
+        with pytest.raises(TypeError, match=names):
+            decoder_layout(layer)
+        assert not hasattr(model, "_fastlayers_skip_plan")
+        good = decoder_layout(model.model.layers[0])  # (the layer of the model's own forward)
+        assert _layout_holds(model.model.layers[0], good) is True
+        assert _layout_holds(layer, good) is False
+    cohere = decoder_layout(_model("Cohere").model.layers[0])
+    sequential = dataclasses.replace(cohere, parallel=False)  # (the same names, one by one)
+    assert _layout_holds(_model("Cohere").model.layers[0], sequential) is False
+    for arch in ("Llama", "Cohere"):
+        with torch.device("meta"):
+            layer = _model(arch).model.layers[0]
+        if arch == "Llama":
+            assert decoder_layout(layer).ffn_pre == "post_attention_layernorm"
+        else:
+            with pytest.raises(TypeError, match="could not be run to check"):
+                decoder_layout(layer)
+
+
 def test_layouts_and_rope_pairings_read_from_the_models():
     assert decoder_layout(_model("Llama").model.layers[0]).ffn_pre == "post_attention_layernorm"
     gemma2 = decoder_layout(_model("Gemma2").model.layers[0])
@@ -236,7 +289,10 @@ def test_layouts_and_rope_pairings_read_from_the_models():
     glm4 = decoder_layout(_model("Glm4").model.layers[0])
     names = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
              "post_mlp_layernorm")  # fmt: skip
-    assert dataclasses.astuple(glm4) == (*names, 1.0)
+    assert dataclasses.astuple(glm4) == (*names, 1.0, False)
+    for arch in ("Cohere", "Phi", "StableLmParallel"):
+        layout = decoder_layout(_model(arch).model.layers[0])
+        assert layout.parallel and layout.attn_pre == layout.ffn_pre == "input_layernorm", arch
     hcx = decoder_layout(_model("HyperCLOVAX").model.layers[0])
     assert (hcx.attn_post, hcx.ffn_pre, hcx.ffn_post) == ("post_norm1", "post_attention_layernorm",
                                                           "post_norm2")  # fmt: skip
@@ -300,12 +356,15 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["Llama", "Gemma", "Gemma2", "Gemma3", "Olmo2"])
+@pytest.mark.parametrize(
+    "arch", ["Llama", "Gemma", "Gemma2", "Gemma3", "Olmo2", "Cohere", "StableLmParallel"]
+)
 def test_smoothing_keeps_the_float_model(arch):
     """FireQ smoothing moves scales between a producer and its consumers: the float function must
     not change. The norm feeding the feedforward is the producer only in Llama-style layers (in
     Gemma 2/3 ``post_attention_layernorm`` normalises the attention's output, OLMo 2 has no norm
-    before its feedforward, and a Gemma ``1 + w`` norm cannot take ``w / lambda``)."""
+    before its feedforward, a Gemma ``1 + w`` norm cannot take ``w / lambda``, and a parallel
+    block's norm feeds the attention too)."""
     ids = torch.randint(3, 128, (2, 12))
     model = _model(arch)
     want = _logits(model, ids)
@@ -317,7 +376,9 @@ def test_smoothing_keeps_the_float_model(arch):
     assert sum(p.endswith("mlp.up_proj") for p in done) == 2
 
 
-@pytest.mark.parametrize("arch", ["Gemma2", "Olmo2", "Granite", "Glm4", "HyperCLOVAX"])
+@pytest.mark.parametrize(
+    "arch", ["Gemma2", "Olmo2", "Granite", "Glm4", "HyperCLOVAX", "Cohere", "Phi"]
+)
 def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     """With a layer's attention zeroed, its feedforward's residual-norm ratio is |h_out| / |h_in|
     of the layer itself: what from_similarity must measure whatever norms surround the sublayer
@@ -414,3 +475,30 @@ def test_rms_norm_of_no_known_form_is_left_and_reported():
     report = fastlayers.patch_model(model)
     assert isinstance(model[1], _HalfPrecisionRMSNorm) and not report.swapped
     assert report.left == [("1", "its rounding matches none of fastlayers.RMSNorm's forms")]
+
+
+def test_a_parallel_blocks_skipped_sublayer_rescales_its_residual():
+    """Skipped sublayers of a parallel block: ``h * scale + mlp(n(h))`` (AdaSkip's rescale on the
+    residual, the feedforward still reading the layer's own input)."""
+    for sub, scale in (("attn", 0.5), ("ffn", 1.25)):
+        plan = SkipPlan([LayerPlan(), LayerPlan(**{sub: "skip", f"{sub}_scale": scale})])
+        model = fastlayers.apply_skip_plan(_model("Cohere"), plan)
+        layer, seen = model.model.layers[1], {}
+
+        def hook(mod, args, kwargs, out, seen=seen):
+            seen["in"], seen["out"] = (args[0] if args else kwargs["hidden_states"]), out
+
+        handle = layer.register_forward_hook(hook, with_kwargs=True)
+        pos = torch.arange(12)[None]
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 12)), position_ids=pos)
+            h = seen["in"]
+            normed = layer.input_layernorm(h)
+            if sub == "attn":
+                want = h * scale + layer.mlp(normed)
+            else:
+                emb = model.model.rotary_emb(h, pos)
+                want = h * scale + layer.self_attn(normed, position_embeddings=emb,
+                                                   attention_mask=None)[0]  # fmt: skip
+        handle.remove()
+        torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)

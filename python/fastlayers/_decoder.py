@@ -19,11 +19,15 @@ norm, Gemma 2's normalises the attention's output):
   ``pre_mlp_layernorm`` / ``post_mlp_layernorm``) and HyperCLOVA X (``input_layernorm`` /
   ``post_norm1``, ``post_attention_layernorm`` / ``post_norm2``);
 * post-norm (OLMo 2/3, EXAONE 4): ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on
-  the sublayers' outputs only.
+  the sublayers' outputs only;
+* parallel (Cohere, Phi, StableLM's ``use_parallel_residual``, GPT-J / GPT-NeoX style): one
+  ``input_layernorm`` read by both sublayers, ``h = h + attn(n(h)) + mlp(n(h))``.
 
-Anything else is refused with a TypeError naming what is not understood, never run in a
-Llama-shaped guess: a layer with a submodule no layout places (a norm of another name, Gemma 3n's
-AltUp, ...), or a parallel attention + feedforward block such as Cohere's (one norm for both).
+Names alone are not trusted: the layout read from them is checked by running the layer once with
+its attention answering a fixed random tensor (:func:`_layout_holds`); the layer's output must be
+what the layout computes from it. Anything else is refused with a TypeError naming what is not
+understood, never run in a Llama-shaped guess: a layer with a submodule no layout places (a norm
+of another name, Gemma 3n's AltUp, ...), or one whose output is not its names' layout.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class DecoderLayout:
     ffn_pre: str | None
     ffn_post: str | None
     residual_multiplier: float = 1.0  # h = h + sublayer(...) * this (Granite), for both sublayers
+    parallel: bool = False  # both sublayers read attn_pre(h) (== ffn_pre) of the layer's input h
 
 
 def _has(layer: torch.nn.Module, name: str) -> bool:
@@ -101,20 +106,137 @@ _FAMILIES = (
 
 
 def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> DecoderLayout:
-    """The norm layout of one decoder layer (module docstring); TypeError for an unknown one."""
+    """The norm layout of one decoder layer (module docstring); TypeError for an unknown one.
+    Read once per layer and set of submodule names (the check runs the layer)."""
     kind = type(layer).__name__
     if not (_has(layer, "self_attn") and _has(layer, "mlp")):
         raise TypeError(f"{what}: {kind} has no self_attn and mlp submodules")
     others = _children_besides(layer, ("self_attn", "mlp"))
+    key = tuple(sorted(others))
+    known = _LAYOUTS.get(layer)
+    if known is not None and known[0] == key:
+        return known[1]
+    layout = _layout_by_names(layer, others)
+    if layout is None:
+        raise TypeError(
+            f"{what}: {kind} is not a known decoder layout: its submodules besides self_attn and "
+            f"mlp ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
+            "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X), post-norm (OLMo 2) or parallel "
+            "(Cohere, Phi) layer"
+        )
+    holds = _layout_holds(layer, layout)
+    if holds is False or (holds is None and layout.parallel):
+        how = "does not compute" if holds is False else "could not be run to check it computes"
+        raise TypeError(
+            f"{what}: {kind} {how} what the names of its norms say ({_describe(layout)}), "
+            "checked by running it once with its attention answering a fixed tensor"
+        )
+    _LAYOUTS[layer] = (key, layout)
+    return layout
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout_by_names(layer, others: set[str]) -> DecoderLayout | None:
     mult = getattr(layer, "residual_multiplier", 1.0)
     for names, markers in _FAMILIES:
         if others <= set(names) and any(m in others for m in markers):
             return DecoderLayout(*(n if n in others else None for n in names), mult)
-    raise TypeError(
-        f"{what}: {kind} is not a known decoder layout: its submodules besides self_attn and "
-        f"mlp ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
-        "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X) or post-norm (OLMo 2) layer; a parallel "
-        "attention + feedforward block is not supported"
+    if others == {"input_layernorm"}:  # (no norm before the feedforward: parallel, if it holds)
+        return DecoderLayout("input_layernorm", None, "input_layernorm", None, mult, True)
+    return None
+
+
+def _describe(layout: DecoderLayout) -> str:
+    m = "" if layout.residual_multiplier == 1.0 else f" * {layout.residual_multiplier:g}"
+    if layout.parallel:
+        return f"h + attn(n(h)){m} + mlp(n(h)){m}, n = {layout.attn_pre}"
+
+    def sub(name, pre, post):
+        inner = f"{name}({pre}(h))" if pre else f"{name}(h)"
+        return f"h = h + {post}({inner}){m}" if post else f"h = h + {inner}{m}"
+
+    return (sub("attn", layout.attn_pre, layout.attn_post) + "; "
+            + sub("mlp", layout.ffn_pre, layout.ffn_post))  # fmt: skip
+
+
+class _FixedAttention(torch.nn.Module):
+    """Stands in for a layer's attention in :func:`_layout_holds`: answers ``out`` and keeps what
+    it was given."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out, self.seen = out, None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.seen = hidden_states
+        return self.out, None
+
+
+def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
+    """The width of the layer's residual stream: its config's, or the width of a norm."""
+    width = getattr(getattr(layer.self_attn, "config", None), "hidden_size", None)
+    if isinstance(width, int):
+        return width
+    for name in (layout.attn_pre, layout.ffn_pre, layout.attn_post, layout.ffn_post):
+        weight = getattr(getattr(layer, name or "", None), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.shape[-1]
+    raise ValueError("no width found")
+
+
+def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
+    """Whether ``layer`` computes what ``layout`` says: the layer runs once (eval mode, no
+    gradients, a few random tokens) with its attention answering a fixed random tensor ``c``,
+    and what its attention and feedforward were given and its output are compared with the
+    layout's: ``pre(h)`` into the attention; ``mid = h + post(c) * m`` then the feedforward
+    residual (sequential), or ``mid = h + c * m`` and ``mlp(pre(h))`` (parallel). A parallel
+    block and a sequential one differ in what the feedforward reads, which a zero attention
+    would not show. None: the layer could not be run (a device without storage, a forward that
+    needs more than hidden states)."""
+    modes = [(m, m.training) for m in layer.modules()]
+    attn = layer._modules["self_attn"]
+    try:
+        p = next(layer.parameters())
+        if p.device.type == "meta":
+            return None
+        width = _hidden_size(layer, layout)
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(1, 5, width, generator=g).to(p)
+        fixed = _FixedAttention(torch.randn(1, 5, width, generator=g).mul(2).to(p))
+        layer.eval()
+        layer._modules["self_attn"] = fixed
+        seen_mlp = []
+        hook = layer.mlp.register_forward_pre_hook(lambda mod, args: seen_mlp.append(args[0]))
+        with torch.no_grad():
+            try:
+                out = layer(h)
+            finally:
+                hook.remove()
+            out = out[0] if isinstance(out, tuple) else out
+            names = (layout.attn_pre, layout.attn_post, layout.ffn_pre, layout.ffn_post)
+            norm = {n: getattr(layer, n) for n in names if n}
+
+            def apply(name, t):
+                return t if name is None else norm[name](t)
+
+            m = layout.residual_multiplier
+            mid = h + (fixed.out if layout.parallel else apply(layout.attn_post, fixed.out)) * m
+            mlp_in = apply(layout.ffn_pre, h if layout.parallel else mid)
+            want = mid + apply(layout.ffn_post, layer.mlp(mlp_in)) * m
+            seen, attn_in = fixed.seen, apply(layout.attn_pre, h)
+    except Exception:  # noqa: BLE001 (a layer this check cannot call)
+        return None
+    finally:
+        layer._modules["self_attn"] = attn
+        for module, training in modes:
+            module.training = training
+    tol = 1e-4 if p.dtype == torch.float32 or p.dtype == torch.float64 else 3e-2
+    pairs = ((seen, attn_in), (seen_mlp[0] if len(seen_mlp) == 1 else None, mlp_in), (out, want))
+    return all(
+        got is not None and torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol)
+        for got, ref in pairs
     )
 
 
@@ -142,6 +264,12 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
     if own:  # (GPT-OSS's attention sinks: a term of the softmax fastlayers' kernels do not have)
         return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
     return None
+
+
+def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
+    """The attention's output projection: ``o_proj``, or Phi's ``dense``."""
+    out = getattr(attn, "o_proj", None)
+    return out if isinstance(out, torch.nn.Module) else attn.dense
 
 
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``).

@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """``patch_model``: swap a model's layers for fastlayers ones in one call, with a report.
 
-Works on Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 / OLMo 2 / Granite-style models
-and plain ``torch.nn`` models; never imports ``transformers`` itself (modules are recognised by
-their class names and attributes, :mod:`fastlayers._decoder`). What a model's structure does not
-allow (logit soft-capping or a fused qkv projection for the INT4 KV, a parallel block for a skip
-plan) raises before anything is changed.
+Works on Hugging Face decoders of the layouts :mod:`fastlayers._decoder` reads (Llama / Mistral /
+Qwen / Gemma 1-3 / OLMo 2 / Granite / Cohere / Phi / GLM-style, the README lists those tested) and
+plain ``torch.nn`` models; never imports ``transformers`` itself (modules are recognised by their
+class names and attributes, layouts checked by running each layer once). What a model's structure
+does not allow (a fused qkv projection or attention parts of unknown role for the INT4 KV and
+routed attention, a layer of unknown layout for a skip plan) raises before anything is changed.
 
 * ``rms_norm=True``: every ``*RMSNorm`` module (``LlamaRMSNorm``, ``MistralRMSNorm``,
   ``Qwen2RMSNorm``, ``GemmaRMSNorm`` with its ``1 + w`` form, ``torch.nn.RMSNorm``) becomes

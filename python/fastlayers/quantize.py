@@ -181,14 +181,16 @@ def _smooth_pair(producer, consumers, kind) -> bool:
 
 
 def _ffn_norm(module: torch.nn.Module) -> str | None:
-    """The path of the norm feeding ``module``'s feedforward, for a decoder layer of a known
-    layout (fastlayers._decoder); None otherwise."""
+    """The path of the norm feeding ``module``'s feedforward alone, for a decoder layer of a known
+    layout (fastlayers._decoder); None otherwise (a parallel block's norm feeds the attention
+    too, which smoothing it would change)."""
     if not (hasattr(module, "self_attn") and hasattr(module, "mlp")):
         return None
     try:
-        return decoder_layout(module).ffn_pre
+        layout = decoder_layout(module)
     except TypeError:
         return None
+    return None if layout.parallel else layout.ffn_pre
 
 
 def _smooth(model: torch.nn.Module) -> list[tuple[str, list[str]]]:

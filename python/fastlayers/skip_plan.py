@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Static layer-skip plans for Hugging Face decoders (Unified Layer Skipping, AdaSkip,
 "you don't need all of attention", LayerSkip's early exit). The decoder layouts read are those of
-:mod:`fastlayers._decoder` (Llama-style, Gemma 2/3 sandwich norms, OLMo 2 post-norms).
+:mod:`fastlayers._decoder` (Llama-style, sandwich norms, post-norms, parallel blocks).
 
 A :class:`SkipPlan` says, per decoder layer, whether its attention and its feedforward run or are
 skipped; a skipped sublayer leaves the residual stream unchanged, or multiplies it by a rescale
@@ -29,6 +29,7 @@ from fastlayers._decoder import (
     decoder_layers,
     decoder_layout,
     logit_softcap,
+    output_projection,
     qk_norms,
     rope_layout,
 )
@@ -264,15 +265,21 @@ def _real_tokens(mask, b: int, t: int, start):
     return real.expand(b, t)
 
 
-def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw):
-    """``hidden_states`` plus the gated attention output of the routed tokens (see LayerPlan)."""
+def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw, h=None,
+                      residual=None):  # fmt: skip
+    """``residual`` (default ``hidden_states``) plus the gated attention output of the routed
+    tokens of ``hidden_states`` (see LayerPlan); ``h``: their attention norm, when already
+    computed (a parallel block shares it with the feedforward)."""
     from fastlayers.nn.skip import routed_attention_step
     from fastlayers.ops.skip import route_threshold, scatter_add_gated
 
     attn, router = layer.self_attn, layer.fastlayers_router
     layout = decoder_layout(layer, "routed attention")
     b, t, _ = hidden_states.shape
-    h = hidden_states if layout.attn_pre is None else getattr(layer, layout.attn_pre)(hidden_states)
+    if h is None and layout.attn_pre is not None:
+        h = getattr(layer, layout.attn_pre)(hidden_states)
+    elif h is None:
+        h = hidden_states
     logits = router(h).squeeze(-1).float()  # [B, T]
     cache = kw.get("cache", kw.get("past_key_values"))
     window = _sliding_window(attn)
@@ -314,13 +321,13 @@ def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw)
                            kw.get("position_ids") is not None)  # fmt: skip
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=window, softcap=logit_softcap(attn))  # fmt: skip
-    out = attn.o_proj(o.reshape(n, hq * d))
+    out = output_projection(attn)(o.reshape(n, hq * d))
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
     gate = logits.reshape(-1)[rows]
     gate = torch.sigmoid(gate) if plan.router_gate else torch.ones_like(gate)
     gate = gate * layout.residual_multiplier
-    flat = hidden_states.reshape(b * t, -1)
+    flat = (hidden_states if residual is None else residual).reshape(b * t, -1)
     return scatter_add_gated(flat, idx, out, gate.to(out.dtype)).view(b, t, -1)
 
 
@@ -389,23 +396,44 @@ def _residual(layer, sublayer, hidden_states, pre: str | None, post: str | None,
     return hidden_states + (h if mult == 1.0 else h * mult)
 
 
+def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn, runs_ffn,
+                    hidden_states, kw):  # fmt: skip
+    """A parallel block's ``h + attn(n(h)) + mlp(n(h))`` (residual multiplier on both) with the
+    planned sublayers; skipped ones' rescales multiply the residual ``h``."""
+    normed = getattr(layer, layout.attn_pre)(hidden_states)
+    mult = layout.residual_multiplier
+    scale = (1.0 if runs_attn else plan.attn_scale) * (1.0 if runs_ffn else plan.ffn_scale)
+    out = hidden_states if scale == 1.0 else hidden_states * scale
+    if routed:
+        out = _routed_attention(layer, plan, layer_idx, hidden_states, kw, normed, out)
+    elif runs_attn:
+        a = layer.self_attn(hidden_states=normed, **kw)[0]
+        out = out + (a if mult == 1.0 else a * mult)
+    if runs_ffn:
+        f = layer.mlp(normed)
+        out = out + (f if mult == 1.0 else f * mult)
+    return out
+
+
 def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
     routed = runs_attn and plan.attn == "routed"
     layer0_empty = layer_idx == 0 and (routed or not runs_attn)
     layout = decoder_layout(layer, "apply_skip_plan")
+    if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
+        return layer._fastlayers_forward
 
     def forward(hidden_states, *args, **kwargs):
         if layer0_empty:
             _keep_layer0_length(layer, hidden_states, kwargs)
+        kw = dict(kwargs)
+        for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
+            kw.setdefault(name, value)
+        if layout.parallel:
+            return _parallel_block(layer, layout, plan, layer_idx, routed, runs_attn, runs_ffn,
+                                   hidden_states, kw)  # fmt: skip
         if routed:
-            kw = dict(kwargs)
-            for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
-                kw.setdefault(name, value)
             hidden_states = _routed_attention(layer, plan, layer_idx, hidden_states, kw)
         elif runs_attn:
-            kw = dict(kwargs)
-            for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
-                kw.setdefault(name, value)
             attend = lambda h: layer.self_attn(hidden_states=h, **kw)  # noqa: E731
             hidden_states = _residual(layer, attend, hidden_states, layout.attn_pre,
                                       layout.attn_post, layout.residual_multiplier)  # fmt: skip
@@ -463,8 +491,11 @@ def _sliding_window(attn) -> int | None:
 
 
 def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
-    """Installs ``plan`` on a Hugging Face Llama-style model (in place; returns the model).
-    ``forward`` and ``generate()`` then skip the planned sublayers; skipped attention layers keep
+    """Installs ``plan`` on a Hugging Face decoder of a layout :mod:`fastlayers._decoder` reads
+    (in place; returns the model). ``forward`` and ``generate()`` then skip the planned sublayers
+    (a layer the plan runs whole runs the model's own forward; in a parallel block
+    ``h + attn(n(h)) + mlp(n(h))`` a skipped sublayer's term is left out and its rescale
+    multiplies ``h``); skipped attention layers keep
     no KV cache, except layer 0 when its attention is skipped or routed: Hugging Face caches
     measure the sequence on layer 0, so it records each call's tokens as zero keys (one layer of
     cache; a :func:`LayerSkipCache` needs none). Routed sliding-window layers take dynamic caches
