@@ -265,16 +265,16 @@ def _real_tokens(mask, b: int, t: int, start):
     return real.expand(b, t)
 
 
-def _routed_attention(layer, plan: LayerPlan, layer_idx: int, hidden_states, kw, h=None,
-                      residual=None):  # fmt: skip
+def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_states, kw,
+                      h=None, residual=None):  # fmt: skip
     """``residual`` (default ``hidden_states``) plus the gated attention output of the routed
-    tokens of ``hidden_states`` (see LayerPlan); ``h``: their attention norm, when already
-    computed (a parallel block shares it with the feedforward)."""
+    tokens of ``hidden_states`` (see LayerPlan); ``layout``: the layer's DecoderLayout; ``h``:
+    the tokens' attention norm, when already computed (a parallel block shares it with the
+    feedforward)."""
     from fastlayers.nn.skip import routed_attention_step
     from fastlayers.ops.skip import route_threshold, scatter_add_gated
 
     attn, router = layer.self_attn, layer.fastlayers_router
-    layout = decoder_layout(layer, "routed attention")
     b, t, _ = hidden_states.shape
     if h is None and layout.attn_pre is not None:
         h = getattr(layer, layout.attn_pre)(hidden_states)
@@ -405,7 +405,7 @@ def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn
     scale = (1.0 if runs_attn else plan.attn_scale) * (1.0 if runs_ffn else plan.ffn_scale)
     out = hidden_states if scale == 1.0 else hidden_states * scale
     if routed:
-        out = _routed_attention(layer, plan, layer_idx, hidden_states, kw, normed, out)
+        out = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw, normed, out)
     elif runs_attn:
         a = layer.self_attn(hidden_states=normed, **kw)[0]
         out = out + (a if mult == 1.0 else a * mult)
@@ -432,7 +432,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
             return _parallel_block(layer, layout, plan, layer_idx, routed, runs_attn, runs_ffn,
                                    hidden_states, kw)  # fmt: skip
         if routed:
-            hidden_states = _routed_attention(layer, plan, layer_idx, hidden_states, kw)
+            hidden_states = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw)
         elif runs_attn:
             attend = lambda h: layer.self_attn(hidden_states=h, **kw)  # noqa: E731
             hidden_states = _residual(layer, attend, hidden_states, layout.attn_pre,
