@@ -2,11 +2,13 @@
 """The decoder structures fastlayers reads (fastlayers/_decoder.py) on small Hugging Face models
 of several architectures, built from configs (no download): skip plans follow each layout's norms
 (Llama-style; sandwich norms of Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X; post-norms of OLMo 2 and
-EXAONE 4; residual multipliers), routed attention applies q/k norms, the model's own RoPE (partial
+EXAONE 4; residual multipliers; parallel blocks of Cohere, Phi, StableLM), routed attention
+applies q/k norms (StableLM's and Phi's qk_layernorm included), the model's own RoPE (partial
 RoPE of StableLM and GLM included) and sliding windows, the RoPE-aware KV calibration and FireQ
 smoothing leave the float model's function unchanged (with Gemma 2's logit soft-capping too), and
 what cannot be supported (fused qkv projections, q/k norms of unknown form, submodules no layout
-places, parallel blocks) is refused with a clear error before the model changes."""
+places, layers whose output is not their names' layout) is refused with a clear error before the
+model changes."""
 
 import dataclasses
 import math
@@ -54,6 +56,8 @@ ARCHS = {
     "Mistral": dict(sliding_window=4),  # a model-wide sliding window
     "StableLmParallel": dict(use_parallel_residual=True),  # GPT-NeoX's parallel block
     "SmolLM3": dict(no_rope_layers=[1, 0]),  # layer 1 without RoPE (NoPE)
+    "StableLmQk": dict(qk_layernorm=True),  # a LayerNorm of its own per head (q_layernorm)
+    "PhiQk": dict(qk_layernorm=True),  # one LayerNorm over each head's channels
 }
 
 
@@ -63,7 +67,7 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    arch = arch.removesuffix("Parallel")
+    arch = arch.removesuffix("Parallel").removesuffix("Qk")
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
@@ -130,7 +134,8 @@ def test_skip_plans_follow_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
-     "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel"],
+     "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
+     "PhiQk"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -149,7 +154,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi"],
+     "Phi", "StableLmQk"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -203,14 +208,20 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
         assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
         assert not hasattr(model, "_fastlayers_skip_plan")
     calib = [torch.randint(3, 128, (1, 16))]
-    qk_layernorm = "submodules fastlayers does not know: k_layernorm, q_layernorm"
-    with pytest.raises(ValueError, match=qk_layernorm):  # (per-head LayerNorms of another name)
-        fastlayers.apply_skip_plan(_model("StableLm", qk_layernorm=True), routed)
     sinks = _model("Llama")  # an attention with its own parameter (GPT-OSS's sinks)
     sinks.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    odd_norm = _model("StableLmQk")  # a k norm over 7 channels: neither a head nor the projection
+    odd_norm.model.layers[1].self_attn.k_layernorm = torch.nn.LayerNorm(7)
+    lone_norm = _model("Llama")  # a q norm without a k norm: nothing to pair it with
+    lone_norm.model.layers[1].self_attn.q_norm = torch.nn.RMSNorm(32)
+    gated = _model("Afmoe")  # AFMoE's gated attention output (gate_proj)
     for model, match in ((_model("Phi3"), "fused projection"),
-                         (_model("StableLm", qk_layernorm=True), qk_layernorm),
+                         (odd_norm, "k norm \\(LayerNorm\\) normalises neither each head"),
+                         (lone_norm, "q/k norms fastlayers cannot pair: q_norm"),
+                         (gated, "submodules fastlayers does not know: gate_proj"),
                          (sinks, "parameters fastlayers does not know: sinks")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            fastlayers.apply_skip_plan(model, routed)
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
         assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
@@ -325,6 +336,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Glm",
         "Glm4",
         "Phi",
+        "StableLmQk",
+        "PhiQk",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -342,7 +355,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     model = _model(arch)
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
-    assert ("post-RoPE scales only" in str(report)) == (arch in ("Qwen3", "Gemma3", "Olmo2"))
+    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk")
+    assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     ids[mask == 0] = 0
@@ -354,6 +368,39 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     assert torch.equal(cached.sequences, plain.sequences)
     for a, b in zip(cached.scores, plain.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch", ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk"]
+)
+def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
+    """The post-RoPE scales come from the keys the model's attention is given: after its k norm
+    (per head, over the projection, StableLM's norm per head, Phi's LayerNorm), its RoPE (pairs,
+    partial) or none (EXAONE 4's global layer). Compared with the scales of the keys a
+    registered attention function sees (a norm applied over the wrong axis moves them)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        seen.setdefault(module.layer_idx, []).append(key.transpose(1, 2).flatten(0, 1).float())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("fastlayers_test_capture", capture)
+    AttentionMaskInterface.register("fastlayers_test_capture", sdpa_mask)  # (sdpa's masks)
+    calib = [torch.randint(3, 128, (2, 24))]
+    model = _model(arch)
+    post = quant.calibrate_rope_aware_kv(model, calib, pre_rope=False, top_k=4)
+    model.set_attn_implementation("fastlayers_test_capture")
+    with torch.no_grad():
+        model(calib[0])
+    for i, layer in enumerate(model.model.layers):
+        rope = rope_layout(layer.self_attn)
+        want = quant.compute_post_rope_scales(torch.cat(seen[i]), 8.0, 4, rope.pairing,
+                                              rope.rotary_dim)  # fmt: skip
+        torch.testing.assert_close(post[i], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

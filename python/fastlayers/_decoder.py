@@ -256,10 +256,22 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
     unknown = sorted(_children_besides(attn, _ATTENTION_PARTS))
-    if unknown:  # (StableLM's and Phi's q_layernorm / k_layernorm: a norm whose place and form
-        # fastlayers does not know; q_norm / k_norm are read by qk_norms)
+    if unknown:  # (AFMoE's gate_proj: a gated output fastlayers' paths do not apply)
         names = ", ".join(unknown)
         return f"{type(attn).__name__} has submodules fastlayers does not know: {names}"
+    norms = qk_norms(attn)
+    present = sorted(n for n in _QK_NORM_NAMES if _has(attn, n))
+    if len(present) != sum(n is not None for n in norms):  # (a q or k norm with no partner)
+        return f"{type(attn).__name__} has q/k norms fastlayers cannot pair: {', '.join(present)}"
+    cfg = getattr(attn, "config", None)
+    heads = (getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None))
+    for norm, h, which in zip(norms, heads, "qk", strict=True):
+        d = getattr(attn, "head_dim", None)
+        if norm is not None and (
+            not isinstance(h, int) or not isinstance(d, int) or _qk_norm_form(norm, h, d) is None
+        ):
+            return (f"{type(attn).__name__}'s {which} norm ({type(norm).__name__}) normalises "
+                    "neither each head nor the whole projection")  # fmt: skip
     own = sorted(name for name, _ in attn.named_parameters(recurse=False))
     if own:  # (GPT-OSS's attention sinks: a term of the softmax fastlayers' kernels do not have)
         return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
@@ -274,27 +286,57 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "q_norm", "k_norm",
-                    "rotary_emb")  # fmt: skip
+                    "q_layernorm", "k_layernorm", "rotary_emb")  # fmt: skip
+
+
+_QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
 def qk_norms(attn: torch.nn.Module):
     """``(q_norm, k_norm)`` applied between the projections and RoPE (Qwen3, Gemma 3 per head;
-    OLMo 2 over the whole projection), or ``(None, None)``."""
-    q, k = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if isinstance(q, torch.nn.Module) and isinstance(k, torch.nn.Module):
-        return q, k
+    OLMo 2 over the whole projection; StableLM's and Phi's ``q_layernorm`` / ``k_layernorm``,
+    LayerNorms per head), or ``(None, None)``."""
+    for names in (_QK_NORM_NAMES[:2], _QK_NORM_NAMES[2:]):
+        q, k = (getattr(attn, n, None) for n in names)
+        if isinstance(q, torch.nn.Module) and isinstance(k, torch.nn.Module):
+            return q, k
     return None, None
 
 
+def _qk_norm_form(norm: torch.nn.Module, heads: int, head_dim: int) -> str | None:
+    """How ``norm`` applies to ``[..., heads, head_dim]``: ``"head"`` (one norm over each head's
+    channels), ``"projection"`` (over all heads' channels, OLMo 2), ``"per_head"`` (a norm of its
+    own for each head, ``norm.norms``: StableLM), or None (none of these)."""
+    own = getattr(norm, "norms", None)
+    if isinstance(own, torch.nn.ModuleList):
+        widths = {_norm_width(n) for n in own}
+        return "per_head" if len(own) == heads and widths == {head_dim} else None
+    width = _norm_width(norm)
+    return {head_dim: "head", heads * head_dim: "projection"}.get(width)
+
+
+def _norm_width(norm: torch.nn.Module) -> int | None:
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    shape = getattr(norm, "normalized_shape", None)  # (a LayerNorm without affine weight)
+    return shape[-1] if isinstance(shape, tuple) and len(shape) == 1 else None
+
+
 def apply_qk_norm(norm, t: torch.Tensor) -> torch.Tensor:
-    """``norm`` on ``t [..., heads, head_dim]``: per head when its weight has ``head_dim``
-    entries, else over the flattened heads (OLMo 2 normalises the whole projection)."""
+    """``norm`` on ``t [..., heads, head_dim]`` in its form (:func:`_qk_norm_form`); ValueError
+    for a norm of none of them (:func:`attention_unsupported` refuses those up front)."""
     if norm is None:
         return t
-    weight = getattr(norm, "weight", None)
-    if weight is not None and weight.shape[-1] == t.shape[-1]:
+    form = _qk_norm_form(norm, t.shape[-2], t.shape[-1])
+    if form == "head":
         return norm(t)
-    return norm(t.flatten(-2)).view(t.shape)
+    if form == "projection":
+        return norm(t.flatten(-2)).view(t.shape)
+    if form == "per_head":
+        return torch.stack([n(t[..., i, :]) for i, n in enumerate(norm.norms)], -2)
+    raise ValueError(f"{type(norm).__name__} normalises neither each of {t.shape[-2]} heads of "
+                     f"{t.shape[-1]} channels nor their concatenation")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

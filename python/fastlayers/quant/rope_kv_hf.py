@@ -353,7 +353,8 @@ def calibrate_rope_aware_kv(
     ``Q K^T`` unchanged) and returns the post-RoPE scales ``[H_kv, d]`` per layer (ones when
     ``post_rope`` is False), ready for :func:`apply_rope_aware_kv`. Post-RoPE channels keep a
     pre-RoPE scale of 1. Models that normalise queries and keys between the projections and RoPE
-    (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2) get post-RoPE scales only: the norm would
+    (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2; ``q_layernorm`` / ``k_layernorm``: StableLM,
+    Phi) get post-RoPE scales only: the norm would
     undo a scale folded into the projections. Logit soft-capping (Gemma 2) is applied by the INT4
     attention as the model does; a fused qkv projection (Phi-3) or attention submodules of unknown
     role are refused (ValueError). ``pairing``: the channels RoPE rotates together, read from the
