@@ -135,7 +135,7 @@ def test_skip_plans_follow_each_layout(arch):
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
-     "PhiQk"],
+     "PhiQk", "Afmoe"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -154,7 +154,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk"],
+     "Phi", "StableLmQk", "Afmoe"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -214,17 +214,71 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     odd_norm.model.layers[1].self_attn.k_layernorm = torch.nn.LayerNorm(7)
     lone_norm = _model("Llama")  # a q norm without a k norm: nothing to pair it with
     lone_norm.model.layers[1].self_attn.q_norm = torch.nn.RMSNorm(32)
-    gated = _model("Afmoe")  # AFMoE's gated attention output (gate_proj)
+    unknown = _model("Llama")  # a submodule of unknown role
+    unknown.model.layers[1].self_attn.extra = torch.nn.Linear(128, 128)
     for model, match in ((_model("Phi3"), "fused projection"),
                          (odd_norm, "k norm \\(LayerNorm\\) normalises neither each head"),
                          (lone_norm, "q/k norms fastlayers cannot pair: q_norm"),
-                         (gated, "submodules fastlayers does not know: gate_proj"),
+                         (unknown, "submodules fastlayers does not know: extra"),
                          (sinks, "parameters fastlayers does not know: sinks")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             fastlayers.apply_skip_plan(model, routed)
         with pytest.raises(ValueError, match=match):
             fastlayers.patch_model(model, kv_cache="int4_rope_aware", calibration=calib)
         assert not any(isinstance(m, fastlayers.RMSNorm) for m in model.modules())
+
+
+def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refused():
+    """Routed attention recomputes a module from its parts; the module is run once with an
+    attention function that records what it is given (attention_mismatch), so a module that does
+    more than its parts say is refused, not approximated: here one that doubles its output, one
+    that scales its keys, one that passes another scaling than its attribute."""
+    import types
+
+    routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
+
+    def doubled(self, *args, **kwargs):
+        out = type(self).forward(self, *args, **kwargs)
+        return out[0] * 2, out[1]
+
+    class Times(torch.nn.Module):
+        def __init__(self, inner, factor):
+            super().__init__()
+            self.inner, self.factor = inner, factor
+
+        def forward(self, x):
+            return self.inner(x) * self.factor
+
+    def scaled_keys(self, hidden_states, *args, **kwargs):
+        k_proj = self.k_proj
+        self._modules["k_proj"] = Times(k_proj, 1.5)  # (inside the module's own forward only)
+        try:
+            return type(self).forward(self, hidden_states, *args, **kwargs)
+        finally:
+            self._modules["k_proj"] = k_proj
+
+    def other_scaling(self, *args, **kwargs):
+        scaling = self.scaling
+        self.scaling = scaling * 2  # (inside the module's own forward only)
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            self.scaling = scaling
+
+    for forward, match in ((doubled, "'s output are not what"),
+                           (scaled_keys, "'s keys are not what"),
+                           (other_scaling, " scales its scores by 0.35")):  # fmt: skip
+        model = _model("Llama")
+        attn = model.model.layers[1].self_attn
+        attn.forward = types.MethodType(forward, attn)
+        with pytest.raises(ValueError, match="layer 1 cannot be routed: LlamaAttention" + match):
+            fastlayers.apply_skip_plan(model, routed)
+        assert not hasattr(model, "_fastlayers_skip_plan")
+    model = _model("Llama")
+    model.model.layers[1].self_attn.scaling = 1.0  # (the module passes its attribute: agrees)
+    fastlayers.apply_skip_plan(model, routed)
+    model = _model("Granite")  # its attention_multiplier, read from the module's scaling
+    fastlayers.apply_skip_plan(model, routed)
 
 
 def test_a_layer_with_a_submodule_no_layout_places_is_refused():
@@ -338,6 +392,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Phi",
         "StableLmQk",
         "PhiQk",
+        "Afmoe",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -355,7 +410,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     model = _model(arch)
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
-    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk")
+    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe")
     assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

@@ -284,9 +284,97 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
     return out if isinstance(out, torch.nn.Module) else attn.dense
 
 
-# The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``).
+# The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``;
+# AFMoE's ``gate_proj`` gates the attention's output: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "q_norm", "k_norm",
-                    "q_layernorm", "k_layernorm", "rotary_emb")  # fmt: skip
+                    "q_layernorm", "k_layernorm", "gate_proj", "rotary_emb")  # fmt: skip
+
+
+def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin):
+    """The queries, keys and values ``[n, heads, head_dim]`` that ``attn`` computes from tokens
+    ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin [n, rotary_dim]``: its projections, its
+    q/k norms (:func:`qk_norms`, before RoPE as the models do) and its own RoPE on the rotated
+    channels (none on NoPE layers). Routed attention's stand-in for the module's first half,
+    checked against the module itself by :func:`attention_mismatch`."""
+    cfg, n, d = attn.config, x.shape[0], attn.head_dim
+    q_norm, k_norm = qk_norms(attn)
+    q = apply_qk_norm(q_norm, attn.q_proj(x).view(n, cfg.num_attention_heads, d))
+    k = apply_qk_norm(k_norm, attn.k_proj(x).view(n, cfg.num_key_value_heads, d))
+    v = attn.v_proj(x).view(n, cfg.num_key_value_heads, d)
+    rope = rope_layout(attn, "routed attention")
+    if applies_rope(attn, rope.rotary_dim):
+        q, k = rope.rotate(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The module's output from the attention's ``o [n, heads * head_dim]`` of tokens
+    ``x [n, hidden]``: AFMoE's output gate ``o * sigmoid(gate_proj(x))`` where the module has
+    one, then the output projection."""
+    gate = getattr(attn, "gate_proj", None)
+    if isinstance(gate, torch.nn.Module):
+        o = o * torch.sigmoid(gate(x))
+    return output_projection(attn)(o)
+
+
+_PROBE = "fastlayers_probe"
+
+
+def _probe_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention function :func:`attention_mismatch` runs a module with: records what it is
+    given and answers the module's ``_fl_probe_answer``."""
+    module._fl_probe_seen = (query, key, value, kwargs)
+    return module._fl_probe_answer, None
+
+
+def attention_mismatch(attn: torch.nn.Module) -> str | None:
+    """Where :func:`attention_qkv`, the scaling and soft-capping fastlayers reads, and
+    :func:`attention_output` differ from what ``attn`` itself does (None: nowhere): the module runs
+    once (eval mode, no gradients, a few random tokens, RoPE tables of a random angle) with an
+    attention function that records the queries, keys, values, ``scaling`` and ``softcap`` it is
+    given and answers a fixed random tensor, whose way through the rest of the module is then
+    compared too. Names alone do not say what a module computes; this checks it."""
+    from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
+
+    AttentionInterface.register(_PROBE, _probe_attention)
+    name, cfg = type(attn).__name__, attn.config
+    p = next(attn.parameters())
+    rope = rope_layout(attn, "routed attention")
+    g = torch.Generator().manual_seed(0)
+    t, d, hq = 5, attn.head_dim, cfg.num_attention_heads
+    x = torch.randn(1, t, attn.q_proj.in_features, generator=g).to(p)
+    angle = torch.rand(1, t, rope.rotary_dim, generator=g) * 3 + 0.5
+    cos, sin = angle.cos().to(p), angle.sin().to(p)
+    attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
+    previous, training = cfg._attn_implementation_internal, attn.training
+    try:
+        cfg._attn_implementation_internal = _PROBE
+        attn.eval()
+        with torch.no_grad():
+            out = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+            q, k, v = attention_qkv(attn, x[0], cos[0], sin[0])
+            mine = attention_output(attn, attn._fl_probe_answer[0].reshape(t, hq * d), x[0])
+        query, key, value, kwargs = attn._fl_probe_seen
+    except Exception as e:  # noqa: BLE001 (said, not raised: the caller refuses the module)
+        return f"{name} could not be run to check it ({type(e).__name__}: {e})"
+    finally:
+        cfg._attn_implementation_internal = previous
+        attn.train(training)
+        for extra in ("_fl_probe_answer", "_fl_probe_seen"):
+            attn.__dict__.pop(extra, None)
+    tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
+    for what, got, want in (("queries", q, query), ("keys", k, key), ("values", v, value),
+                            ("output", mine, out)):  # fmt: skip
+        want = want[0].transpose(0, 1) if want.dim() == 4 else want[0]
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), tol, tol):
+            return f"{name}'s {what} are not what fastlayers computes from its submodules"
+    scaling = kwargs.get("scaling")
+    scaling = d**-0.5 if scaling is None else scaling
+    if abs(scaling - attn.scaling) > 1e-6 * abs(scaling):
+        return f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
+    if kwargs.get("softcap") != logit_softcap(attn):
+        return f"{name} caps its scores at {kwargs.get('softcap')}, not {logit_softcap(attn)}"
+    return None
 
 
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")

@@ -24,13 +24,13 @@ import torch
 
 from fastlayers._decoder import (
     applies_rope,
-    apply_qk_norm,
+    attention_mismatch,
+    attention_output,
+    attention_qkv,
     attention_unsupported,
     decoder_layers,
     decoder_layout,
     logit_softcap,
-    output_projection,
-    qk_norms,
     rope_layout,
 )
 from fastlayers.ops._common import check_int, check_positive_ints
@@ -297,18 +297,10 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     rows = idx.clamp_min(0)  # (-1 padding: computed on row 0, never written back)
     n = rows.shape[0]
     x = h.reshape(b * t, -1)[rows]
-    cfg = attn.config
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
-    q_norm, k_norm = qk_norms(attn)  # (Qwen3, Gemma 3, OLMo 2: before RoPE, as the model does)
-    q = apply_qk_norm(q_norm, attn.q_proj(x).view(n, hq, d))
-    k = apply_qk_norm(k_norm, attn.k_proj(x).view(n, hkv, d))
-    v = attn.v_proj(x).view(n, hkv, d)
     cos, sin = kw["position_embeddings"]  # [B, T, rotary dim] at the tokens' positions
     cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]  # [n, r]: the model's function
     sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]  # unsqueezes dim 1 for the heads
-    rope = rope_layout(attn, "routed attention")
-    if applies_rope(attn, rope.rotary_dim):  # (the model's own RoPE; none on NoPE layers)
-        q, k = rope.rotate(q, k, cos, sin)
+    q, k, v = attention_qkv(attn, x, cos, sin)  # (checked against the module: check_skip_plan)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
@@ -321,7 +313,7 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
                            kw.get("position_ids") is not None)  # fmt: skip
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=window, softcap=logit_softcap(attn))  # fmt: skip
-    out = output_projection(attn)(o.reshape(n, hq * d))
+    out = attention_output(attn, o.reshape(n, -1), x)
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
     gate = logits.reshape(-1)[rows]
@@ -473,6 +465,9 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                 )
             rope = rope_layout(layer.self_attn, "apply_skip_plan")
             applies_rope(layer.self_attn, rope.rotary_dim)  # (probed now, not while compiling)
+            why = attention_mismatch(layer.self_attn)
+            if why is not None:
+                raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
     return layers
 
 
