@@ -229,10 +229,11 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
 
 
 def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refused():
-    """Routed attention recomputes a module from its parts; the module is run once with an
-    attention function that records what it is given (attention_mismatch), so a module that does
-    more than its parts say is refused, not approximated: here one that doubles its output, one
-    that scales its keys, one that passes another scaling than its attribute."""
+    """Routed attention recomputes a module from its parts, the INT4 KV calibration its keys; the
+    module is run once with an attention function that records what it is given
+    (attention_mismatch), so a module that does more than its parts say is refused, not
+    approximated: here one that doubles its output, one that scales its keys, one that passes
+    another scaling than its attribute."""
     import types
 
     routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
@@ -274,6 +275,9 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
         with pytest.raises(ValueError, match="layer 1 cannot be routed: LlamaAttention" + match):
             fastlayers.apply_skip_plan(model, routed)
         assert not hasattr(model, "_fastlayers_skip_plan")
+        with pytest.raises(ValueError, match="layer 1: LlamaAttention" + match):  # (the INT4 KV)
+            fastlayers.patch_model(model, kv_cache="int4_rope_aware",
+                                   calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
     model = _model("Llama")
     model.model.layers[1].self_attn.scaling = 1.0  # (the module passes its attribute: agrees)
     fastlayers.apply_skip_plan(model, routed)

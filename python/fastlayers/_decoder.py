@@ -174,6 +174,17 @@ class _FixedAttention(torch.nn.Module):
         return self.out, None
 
 
+def _activation_like(module: torch.nn.Module) -> torch.Tensor:
+    """A tensor of the dtype and device ``module``'s activations have, for probes: its first
+    floating parameter or 16/32/64-bit floating buffer (quantized linears keep integer or FP8
+    buffers only), else an fp32 one on the device of its first tensor."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for t in tensors:
+        if t.is_floating_point() and t.element_size() >= 2:
+            return t
+    return torch.empty(0, device=tensors[0].device if tensors else None)
+
+
 def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
     """The width of the layer's residual stream: its config's, or the width of a norm."""
     width = getattr(getattr(layer.self_attn, "config", None), "hidden_size", None)
@@ -198,7 +209,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     modes = [(m, m.training) for m in layer.modules()]
     attn = layer._modules["self_attn"]
     try:
-        p = next(layer.parameters())
+        p = _activation_like(layer)
         if p.device.type == "meta":
             return None
         width = _hidden_size(layer, layout)
@@ -338,8 +349,9 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
 
     AttentionInterface.register(_PROBE, _probe_attention)
     name, cfg = type(attn).__name__, attn.config
-    p = next(attn.parameters())
+    p = _activation_like(attn)
     rope = rope_layout(attn, "routed attention")
+    applies_rope(attn, rope.rotary_dim)  # (its own probe runs the module's real attention: first)
     g = torch.Generator().manual_seed(0)
     t, d, hq = 5, attn.head_dim, cfg.num_attention_heads
     x = torch.randn(1, t, attn.q_proj.in_features, generator=g).to(p)
@@ -479,7 +491,7 @@ def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
     training = attn.training
     try:
         attn.eval()  # (no dropout in the probe)
-        p = next(attn.parameters())
+        p = _activation_like(attn)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 4, attn.q_proj.in_features, generator=g).to(p)
         angle = torch.rand(1, 4, rotary_dim, generator=g) * 3 + 0.5

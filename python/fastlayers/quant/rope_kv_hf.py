@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from fastlayers._decoder import (
     applies_rope,
     apply_qk_norm,
+    attention_mismatch,
     attention_unsupported,
     decoder_layers,
     logit_softcap,
@@ -55,10 +56,15 @@ ATTENTION = "fastlayers_int4kv"
 
 
 def _attention_modules(model, what: str = "apply_rope_aware_kv"):
-    """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in."""
+    """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in, or
+    where the module computes its queries and keys otherwise than the calibration recomputes
+    them (checked by running it once: attention_mismatch)."""
     mods = [layer.self_attn for layer in decoder_layers(model, what)]
     for i, m in enumerate(mods):
         why = attention_unsupported(m)
+        if why is None:
+            rope_layout(m, what)
+            why = attention_mismatch(m)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
