@@ -608,3 +608,28 @@ def test_a_parallel_blocks_skipped_sublayer_rescales_its_residual():
                                                    attention_mask=None)[0]  # fmt: skip
         handle.remove()
         torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["skip", "routed"])
+def test_assisted_generation_with_a_model_wide_window_and_generates_own_cache(attn):
+    """Mistral's model-wide window makes every cache layer a sliding one; a layer whose attention
+    never writes it stayed uninitialised, and transformers' crop of it after rejected prompt-lookup
+    candidates raised AttributeError. Now it equals greedy decoding by recomputation (and a
+    static cache still works with the layer skipped)."""
+    model = fastlayers.apply_skip_plan(_model("Mistral"), SkipPlan([LayerPlan(), LayerPlan(attn)]))
+    if attn == "routed":
+        with torch.no_grad():
+            model.model.layers[1].fastlayers_router.weight.normal_(0.0, 0.5)
+            model.model.layers[1].fastlayers_router.bias.zero_()
+    ids = torch.randint(3, 128, (1, 12))
+    ids = torch.cat([ids, ids[:, :6]], 1)  # (a repeat for the prompt lookup to find)
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    with torch.no_grad():
+        got = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
+        seq = ids
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(got, seq)
+        if attn == "skip":
+            static = model.generate(ids, cache_implementation="static", **kw)
+            assert torch.equal(static, seq)

@@ -379,6 +379,27 @@ def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
     cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
+def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
+    """A layer whose attention never writes the Hugging Face cache leaves its cache layer
+    uninitialised, and transformers' ``DynamicSlidingWindowLayer.crop`` fails on an uninitialised
+    layer (it reads the keys' length after its parent's early return), which assisted generation
+    calls on every layer after rejected candidates (an AttributeError with Mistral's model-wide
+    window before). Such a layer is initialised here with no tokens, which crops, reorders and
+    measures as empty."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if getattr(cache, "is_compileable", False) or not isinstance(layers, list):
+        return  # (static layers are allocated whole, never uninitialised when cropped)
+    if not 0 <= layer_idx < len(layers):
+        return
+    slot = layers[layer_idx]
+    if getattr(slot, "is_sliding", False) and getattr(slot, "is_initialized", True) is False:
+        attn = layer.self_attn
+        b = hidden_states.shape[0]
+        empty = hidden_states.new_zeros(b, attn.config.num_key_value_heads, 0, attn.head_dim)
+        slot.update(empty, empty)
+
+
 def _residual(layer, sublayer, hidden_states, pre: str | None, post: str | None, mult: float):
     """``hidden_states + post(sublayer(pre(hidden_states))) * mult``, the norms the layout has."""
     h = hidden_states if pre is None else getattr(layer, pre)(hidden_states)
@@ -417,6 +438,8 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     def forward(hidden_states, *args, **kwargs):
         if layer0_empty:
             _keep_layer0_length(layer, hidden_states, kwargs)
+        if routed or not runs_attn:
+            _keep_croppable(layer, hidden_states, kwargs, layer_idx)
         kw = dict(kwargs)
         for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
             kw.setdefault(name, value)
