@@ -216,7 +216,10 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     lone_norm.model.layers[1].self_attn.q_norm = torch.nn.RMSNorm(32)
     unknown = _model("Llama")  # a submodule of unknown role
     unknown.model.layers[1].self_attn.extra = torch.nn.Linear(128, 128)
+    odd_proj = _model("Llama")  # a projection that is not a linear layer (Moshi's MoshiLinear)
+    odd_proj.model.layers[1].self_attn.q_proj = torch.nn.Sequential(torch.nn.Linear(128, 128))
     for model, match in ((_model("Phi3"), "fused projection"),
+                         (odd_proj, "q_proj are not linear layers"),
                          (odd_norm, "k norm \\(LayerNorm\\) normalises neither each head"),
                          (lone_norm, "q/k norms fastlayers cannot pair: q_norm"),
                          (unknown, "submodules fastlayers does not know: extra"),
@@ -633,3 +636,76 @@ def test_assisted_generation_with_a_model_wide_window_and_generates_own_cache(at
         if attn == "skip":
             static = model.generate(ids, cache_implementation="static", **kw)
             assert torch.equal(static, seq)
+
+
+def test_self_speculative_generate_refuses_a_forward_it_does_not_reproduce():
+    """Running the layers one by one must give the LM head what the model's own forward gives it
+    on the prompt (checked once per call): a forward that does more between its layers than
+    fastlayers runs (here a shift of layer 1's input, as Gemma 3n's per-layer inputs would) is
+    refused, not decoded as another model; a layer that cannot run alone is a TypeError."""
+    from fastlayers.skip_plan import self_speculative_generate
+
+    model = _model("Llama")
+    forward = model.model.forward
+
+    def shifted(*args, **kwargs):
+        hook = model.model.layers[1].register_forward_pre_hook(
+            lambda mod, args, kwargs: (
+                ((args[0] + 0.5, *args[1:]), kwargs)
+                if args
+                else (args, {**kwargs, "hidden_states": kwargs["hidden_states"] + 0.5})
+            ),
+            with_kwargs=True,
+        )
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            hook.remove()
+
+    model.model.forward = shifted
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.raises(ValueError, match="does not reproduce its forward"):
+        self_speculative_generate(model, ids, 1, 4)
+    model = _model("Llama")
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("a layer that needs its model's own state")
+
+    import types
+
+    model.model.layers[1].forward = types.MethodType(fails, model.model.layers[1])
+    with pytest.raises(TypeError, match="cannot run this model's layers one by one"):
+        self_speculative_generate(model, ids, 1, 4)
+
+
+def test_int4_linears_leave_moe_routers_in_float():
+    """quantize_ leaves mixture-of-experts routers in float by default (HunYuan's ``gate.wg``,
+    Qwen2-MoE's ``shared_expert_gate``): INT4 noise there moves tokens to other experts. HunYuan's
+    router reads ``wg.weight.dtype``; a quantized layer's ``.weight`` (dequantized) keeps such
+    code running (an AttributeError before)."""
+    base = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+                moe_intermediate_size=64)  # fmt: skip
+    torch.manual_seed(0)
+    hunyuan = transformers.HunYuanMoEV1ForCausalLM(
+        transformers.HunYuanMoEV1Config(moe_topk=2, **base)
+    ).eval()
+    qwen = transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            num_experts_per_tok=2, shared_expert_intermediate_size=64, **base
+        )  # fmt: skip
+    ).eval()
+    ids = torch.randint(3, 128, (1, 8))
+    for model, router in ((hunyuan, "mlp.gate.wg"), (qwen, "mlp.shared_expert_gate")):
+        want = _logits(model, ids)
+        report = fastlayers.quantize_(model, fastlayers.QuantizeConfig(progress=False))
+        for i in range(2):
+            assert f"model.layers.{i}.{router}" in report.skipped
+            assert type(model.get_submodule(f"model.layers.{i}.{router}")) is torch.nn.Linear
+            assert isinstance(model.model.layers[i].self_attn.q_proj, fastlayers.Int4Fp8Linear)
+        got = _logits(model, ids)
+        assert ((got - want).norm() / want.norm()).item() < 0.5  # (INT4 of a random tiny model)
+    gate = fastlayers.Int4Fp8Linear.from_linear(hunyuan.model.layers[0].mlp.gate.wg)
+    hunyuan.model.layers[0].mlp.gate.wg = gate  # (quantized anyway: its .weight is read)
+    with torch.no_grad():
+        assert torch.isfinite(hunyuan(ids).logits).all()

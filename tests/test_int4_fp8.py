@@ -273,6 +273,12 @@ def test_linear_from_linear(device, dtype):
     # and close to the float layer it replaces (INT4: a few percent)
     want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     assert ((y.float() - want).norm() / want.norm()).item() < 0.1
+    # .weight, for model code that reads it off the nn.Linear it replaced: the weight it
+    # computes with, in its output dtype, not a parameter
+    w = layer.weight
+    assert w.dtype == dtype and w.shape == lin.weight.shape and w.device == lin.weight.device
+    assert torch.equal(w, layer.dequantize().to(dtype))
+    assert not list(layer.parameters()) and "weight" not in layer.state_dict()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 import weakref
 from collections.abc import Callable
@@ -71,6 +72,10 @@ class DecoderLayout:
 
 def _has(layer: torch.nn.Module, name: str) -> bool:
     return isinstance(getattr(layer, name, None), torch.nn.Module)
+
+
+def _in_features(module: torch.nn.Module):
+    return getattr(module, "in_features", None)
 
 
 def _children_besides(module: torch.nn.Module, known) -> set[str]:
@@ -266,6 +271,10 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
     q/k norms :func:`qk_norms` reads and nothing else of their own."""
     if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
         return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
+    projections = [n for n in ("q_proj", "k_proj", "v_proj") if _has(attn, n)]
+    odd = [n for n in projections if not isinstance(_in_features(getattr(attn, n)), int)]
+    if odd:  # (Moshi's per-codebook MoshiLinear)
+        return f"{type(attn).__name__}'s {', '.join(odd)} are not linear layers (no in_features)"
     unknown = sorted(_children_besides(attn, _ATTENTION_PARTS))
     if unknown:  # (AFMoE's gate_proj: a gated output fastlayers' paths do not apply)
         names = ", ".join(unknown)
@@ -510,6 +519,25 @@ def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
         attn.train(training)
     _APPLIES_ROPE[attn] = result
     return result
+
+
+def layer_type(attn: torch.nn.Module) -> str | None:
+    """The layer's attention type as Hugging Face models index their per-type RoPE tables and
+    masks: ``config.layer_types[layer_idx]`` (Gemma 3, OLMo 3, ...), else the module's own
+    ``layer_type``, else None."""
+    types, idx = getattr(attn.config, "layer_types", None), getattr(attn, "layer_idx", None)
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
+        return types[idx]
+    return getattr(attn, "layer_type", None)
+
+
+def rope_tables(rotary: torch.nn.Module, attn: torch.nn.Module, x, positions):
+    """The model's RoPE tables ``(cos, sin)`` for ``attn``'s layer at ``positions``: its rotary
+    embedding, given the layer's type where its forward takes one (per-type RoPE parameters:
+    Gemma 3's local and global layers, OLMo 3)."""
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(x, positions, layer_type(attn))
+    return rotary(x, positions)
 
 
 def _rotary_fraction(attn: torch.nn.Module) -> float:

@@ -57,13 +57,20 @@ SMOOTH_PAIRS = (
 )
 
 
+# Mixture-of-experts routers, left in float by default as vLLM and SGLang leave them: INT4 noise in
+# a router moves tokens to other experts (Mixtral / Qwen-MoE ``mlp.gate``, HunYuan ``gate.wg``,
+# ``router``, Qwen-MoE's ``shared_expert_gate``).
+MOE_ROUTERS = ("*.gate", "*.wg", "*.router", "*.shared_expert_gate")
+
+
 @dataclasses.dataclass
 class QuantizeConfig:
     """Options of :func:`quantize_`.
 
     group_size: INT4 group size along in_features (128). channel_scale: ``"per_channel"``,
     ``"per_tensor_pow2"`` or ``"none"``. skip: ``fnmatch`` patterns of module names left in
-    float (the LM head by default; its error reaches the logits directly). smooth: apply FireQ's
+    float (the LM head by default, its error reaching the logits directly, and mixture-of-experts
+    routers, :data:`MOE_ROUTERS`). smooth: apply FireQ's
     channel-wise smoothing to the recognised pairs. method: how the INT4 values are chosen --
     ``"rtn"`` (round to nearest), ``"gptq"`` (GPTQ's error feedback over the calibration
     activations' Hessian; needs calibration) or ``"auto"`` (gptq with calibration, else rtn).
@@ -79,7 +86,7 @@ class QuantizeConfig:
 
     group_size: int = 128
     channel_scale: str = "per_channel"
-    skip: tuple[str, ...] = ("lm_head", "*.lm_head")
+    skip: tuple[str, ...] = ("lm_head", "*.lm_head", *MOE_ROUTERS)
     smooth: bool = True
     method: str = "auto"
     clip_search: bool = True

@@ -30,8 +30,10 @@ from fastlayers._decoder import (
     attention_unsupported,
     decoder_layers,
     decoder_layout,
+    layer_type,
     logit_softcap,
     rope_layout,
+    rope_tables,
 )
 from fastlayers.ops._common import check_int, check_positive_ints
 
@@ -587,13 +589,12 @@ def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str)
     positions ``past .. past + q - 1``, writing their keys and values to ``cache``. Each layer gets
     the RoPE of its type (Gemma 3: local and global) and its sliding window, if any."""
     rotary = model.model.rotary_emb
-    typed = "layer_type" in inspect.signature(rotary.forward).parameters
     positions = torch.arange(past, past + h.shape[1], device=h.device)[None]
     embeddings, masks = {}, {}
     for layer in _decoder_layers(model)[start:end]:
-        kind = getattr(layer.self_attn, "layer_type", None) if typed else None
+        kind = layer_type(layer.self_attn)
         if kind not in embeddings:
-            embeddings[kind] = rotary(h, positions, kind) if typed else rotary(h, positions)
+            embeddings[kind] = rope_tables(rotary, layer.self_attn, h, positions)
         window = _sliding_window(layer.self_attn)
         if window not in masks:
             masks[window] = _causal_mask(past, h.shape[1], h.dtype, h.device, window)
@@ -689,9 +690,27 @@ def self_speculative_generate(
         return model.lm_head(final_norm(h)).argmax(-1)
 
     embed = _embedder(model, layers, input_ids[:, :1])
+    for i, layer in enumerate(layers):  # (hybrids: linear attention, state-space layers)
+        attn = layer.self_attn
+        if getattr(attn, "config", None) is None or not isinstance(
+            getattr(attn, "layer_idx", None), int
+        ):
+            raise TypeError(
+                f"self_speculative_generate: layer {i}'s {type(attn).__name__} is not a softmax "
+                "attention of a Hugging Face decoder (no config / layer_idx)"
+            )
 
     cache = DynamicCache()
-    h = _run_layers(model, embed(input_ids), 0, n, 0, cache, cache_kw)
+    try:
+        h = _run_layers(model, embed(input_ids), 0, n, 0, cache, cache_kw)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, AttributeError, IndexError, KeyError) as e:
+        raise TypeError(
+            "self_speculative_generate cannot run this model's layers one by one "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    _check_layer_by_layer(model, input_ids, final_norm(h[:, -1:]))
     pending = head(h[:, -1:])  # the next token: in no layer's cache yet
     verified = input_ids.shape[1]  # tokens every layer holds
     out = [pending]
@@ -731,6 +750,30 @@ def self_speculative_generate(
         if hits.numel():
             tokens = tokens[:, : int(hits[0]) + 1]
     return torch.cat([input_ids, tokens], 1), stats
+
+
+def _check_layer_by_layer(model, input_ids, normed_last: torch.Tensor) -> None:
+    """Running the layers one by one (``_run_layers``: fastlayers' masks, RoPE per layer type,
+    embedding transform) must give the LM head the input the model's own forward gives it, on
+    the prompt's last token; ValueError otherwise (a structure it does not reproduce: decoding
+    would be another model's). One extra forward over the prompt."""
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+    finally:
+        hook.remove()
+    want = seen[-1][:, -1:].float()
+    got = normed_last.float()
+    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    tol = 1e-4 if normed_last.dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise ValueError(
+            "self_speculative_generate: running this model's layers one by one does not "
+            f"reproduce its forward (relative difference {err:.3g} at the LM head's input on the "
+            "prompt's last token); its structure is not one fastlayers knows"
+        )
 
 
 _layer_skip_cache_class = None

@@ -240,6 +240,14 @@ class Int4Fp8Linear(torch.nn.Module):
         """The float32 weight ``[out_features, in_features]`` this layer computes with."""
         return self.quantized_weight.dequantize(round_lut)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight this layer computes with, dequantized to ``out_dtype`` on each access (not a
+        parameter): for model code that reads ``.weight`` of the ``nn.Linear`` this layer replaced
+        (its dtype, device or shape, as HunYuan's MoE router does); computing with it costs a
+        dequantization per access."""
+        return self.dequantize().to(self.out_dtype)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fmt = state_dict.get(prefix + "quant_format")
         if fmt is not None:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import torch
@@ -32,6 +31,7 @@ from fastlayers._decoder import (
     logit_softcap,
     qk_norms,
     rope_layout,
+    rope_tables,
 )
 from fastlayers.ops._common import no_dispatch_modes, tensor_version
 from fastlayers.ops.kvint4 import (
@@ -367,9 +367,7 @@ def calibrate_rope_aware_kv(
     model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved pairs); a
     value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
-    rotary = model.model.rotary_emb
-    # Gemma 3's rotary embedding takes the layer's type (local and global RoPE differ)
-    typed = "layer_type" in inspect.signature(rotary.forward).parameters
+    rotary = model.model.rotary_emb  # (per layer type: rope_tables)
     layouts = [rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
     if pairing is not None and any(lay.pairing != pairing for lay in layouts):
         raise ValueError(
@@ -401,7 +399,7 @@ def calibrate_rope_aware_kv(
             b, t, _ = k.shape
             kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
-            cos, sin = rotary(kk, pos, m.layer_type) if typed else rotary(kk, pos)
+            cos, sin = rope_tables(rotary, m, kk, pos)
             kr = layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk
             rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
