@@ -58,6 +58,7 @@ ARCHS = {
     "SmolLM3": dict(no_rope_layers=[1, 0]),  # layer 1 without RoPE (NoPE)
     "StableLmQk": dict(qk_layernorm=True),  # a LayerNorm of its own per head (q_layernorm)
     "PhiQk": dict(qk_layernorm=True),  # one LayerNorm over each head's channels
+    "HunYuanDenseV1": dict(head_dim=32),  # q/k norms after RoPE (query_layernorm)
 }
 
 
@@ -135,7 +136,7 @@ def test_skip_plans_follow_each_layout(arch):
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
-     "PhiQk", "Afmoe"],
+     "PhiQk", "Afmoe", "HunYuanDenseV1"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -154,7 +155,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk", "Afmoe"],
+     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -312,11 +313,20 @@ def _parallel_two_norms(self, hidden_states, *args, **kwargs):
     return hidden_states + a + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def _depth_scaled(self, hidden_states, position_embeddings, *args, **kwargs):
+    """Beam's depth-scaled residuals under Llama's names (and a required position_embeddings
+    argument, which once kept the check from running it): h * s + attn(n(h)) / sqrt(i)."""
+    kwargs["position_embeddings"] = position_embeddings
+    a = self.self_attn(self.input_layernorm(hidden_states), *args, **kwargs)[0]
+    h = hidden_states * 0.8 + a * 0.5
+    return h * 0.8 + self.mlp(self.post_attention_layernorm(h)) * 0.5
+
+
 def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
     """Names are checked by running the layer once with its attention answering a fixed tensor:
     a one-norm layer that is not a parallel block, or a parallel block under Llama's names, is
-    refused instead of run in the layout its names suggest; a layer that cannot be run is taken
-    by its names, except a parallel block (its only sign is what it computes)."""
+    refused instead of run in the layout its names suggest; so is a layer that cannot be run
+    (here: on the meta device)."""
     import types
 
     from fastlayers._decoder import _layout_holds
@@ -324,6 +334,7 @@ def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
     for arch, forward, names in (
         ("Cohere", _sequential_one_norm, r"h \+ attn\(n\(h\)\) \+ mlp\(n\(h\)\)"),
         ("Llama", _parallel_two_norms, r"h = h \+ mlp\(post_attention_layernorm\(h\)\)"),
+        ("Llama", _depth_scaled, r"h = h \+ mlp\(post_attention_layernorm\(h\)\)"),
     ):
         model = _model(arch)
         layer = model.model.layers[1]
@@ -342,11 +353,8 @@ def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
     for arch in ("Llama", "Cohere"):
         with torch.device("meta"):
             layer = _model(arch).model.layers[0]
-        if arch == "Llama":
-            assert decoder_layout(layer).ffn_pre == "post_attention_layernorm"
-        else:
-            with pytest.raises(TypeError, match="could not be run to check"):
-                decoder_layout(layer)
+        with pytest.raises(TypeError, match="could not be run to check"):
+            decoder_layout(layer)
 
 
 def test_layouts_and_rope_pairings_read_from_the_models():
@@ -400,6 +408,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "StableLmQk",
         "PhiQk",
         "Afmoe",
+        "HunYuanDenseV1",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -417,7 +426,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     model = _model(arch)
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
-    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe")
+    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1")
     assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -433,11 +442,14 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk"]
-)
+    "arch",
+    ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk",
+     "HunYuanDenseV1"],
+)  # fmt: skip
 def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     """The post-RoPE scales come from the keys the model's attention is given: after its k norm
-    (per head, over the projection, StableLM's norm per head, Phi's LayerNorm), its RoPE (pairs,
+    (per head, over the projection, StableLM's norm per head, Phi's LayerNorm; HunYuan's after
+    RoPE), its RoPE (pairs,
     partial) or none (EXAONE 4's global layer). Compared with the scales of the keys a
     registered attention function sees (a norm applied over the wrong axis moves them)."""
     from transformers import AttentionInterface

@@ -456,28 +456,45 @@ def test_linear_bad_input_and_format_checks():
 # ------------------------------------------------------------------------------------------------
 # quantize_
 # ------------------------------------------------------------------------------------------------
+class _Attention(torch.nn.Module):
+    """A stand-in attention (its value and output projections: what smoothing pairs use)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.v_proj = torch.nn.Linear(d, d, bias=False)
+        self.o_proj = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.o_proj(self.v_proj(hidden_states)), None
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, f, bias=False)
+        self.up_proj = torch.nn.Linear(d, f, bias=False)
+        self.down_proj = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, h):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
 class _LlamaBlock(torch.nn.Module):
-    """The parts of a Hugging Face Llama decoder layer that smoothing pairs use."""
+    """The parts of a Hugging Face Llama decoder layer that smoothing pairs use (a layer whose
+    layout fastlayers checks by running it with its attention answering a fixed tensor)."""
 
     def __init__(self, d=64, f=192):
         super().__init__()
-        self.self_attn = torch.nn.Module()
-        self.self_attn.v_proj = torch.nn.Linear(d, d, bias=False)
-        self.self_attn.o_proj = torch.nn.Linear(d, d, bias=False)
+        self.self_attn = _Attention(d)
         self.post_attention_layernorm = torch.nn.RMSNorm(d)
-        self.mlp = torch.nn.Module()
-        self.mlp.gate_proj = torch.nn.Linear(d, f, bias=False)
-        self.mlp.up_proj = torch.nn.Linear(d, f, bias=False)
-        self.mlp.down_proj = torch.nn.Linear(f, d, bias=False)
+        self.mlp = _MLP(d, f)
         with torch.no_grad():
             self.post_attention_layernorm.weight.uniform_(0.5, 2.0)
             self.mlp.gate_proj.weight[:, 3] *= 20  # an outlier input column
 
-    def forward(self, x):
-        x = x + self.self_attn.o_proj(self.self_attn.v_proj(x))
-        h = self.post_attention_layernorm(x)
-        m = self.mlp
-        return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
+    def forward(self, x, *args, **kwargs):
+        x = x + self.self_attn(x)[0]
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class _Model(torch.nn.Module):

@@ -25,9 +25,11 @@ norm, Gemma 2's normalises the attention's output):
 
 Names alone are not trusted: the layout read from them is checked by running the layer once with
 its attention answering a fixed random tensor (:func:`_layout_holds`); the layer's output must be
-what the layout computes from it. Anything else is refused with a TypeError naming what is not
-understood, never run in a Llama-shaped guess: a layer with a submodule no layout places (a norm
-of another name, Gemma 3n's AltUp, ...), or one whose output is not its names' layout.
+what the layout computes from it (a layer that cannot be run so is refused: Beam's depth-scaled
+residuals passed as Gemma 2's sandwich while the check could not call its forward). Anything else
+is refused with a TypeError naming what is not understood, never run in a Llama-shaped guess: a
+layer with a submodule no layout places (a norm of another name, Gemma 3n's AltUp, ...), or one
+whose output is not its names' layout.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
             "(Cohere, Phi) layer"
         )
     holds = _layout_holds(layer, layout)
-    if holds is False or (holds is None and layout.parallel):
+    if holds is not True:
         how = "does not compute" if holds is False else "could not be run to check it computes"
         raise TypeError(
             f"{what}: {kind} {how} what the names of its norms say ({_describe(layout)}), "
@@ -210,7 +212,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     residual (sequential), or ``mid = h + c * m`` and ``mlp(pre(h))`` (parallel). A parallel
     block and a sequential one differ in what the feedforward reads, which a zero attention
     would not show. None: the layer could not be run (a device without storage, a forward that
-    needs more than hidden states)."""
+    needs more than hidden states); decoder_layout refuses it as it refuses a mismatch."""
     modes = [(m, m.training) for m in layer.modules()]
     attn = layer._modules["self_attn"]
     try:
@@ -226,8 +228,8 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
         seen_mlp = []
         hook = layer.mlp.register_forward_pre_hook(lambda mod, args: seen_mlp.append(args[0]))
         with torch.no_grad():
-            try:
-                out = layer(h)
+            try:  # (some layers take position_embeddings as a required argument: Beam)
+                out = layer(h, attention_mask=None, position_embeddings=None)
             finally:
                 hook.remove()
             out = out[0] if isinstance(out, tuple) else out
@@ -307,23 +309,30 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``;
 # AFMoE's ``gate_proj`` gates the attention's output: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "q_norm", "k_norm",
-                    "q_layernorm", "k_layernorm", "gate_proj", "rotary_emb")  # fmt: skip
+                    "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
+                    "gate_proj", "rotary_emb")  # fmt: skip
 
 
-def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin):
+def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None):
     """The queries, keys and values ``[n, heads, head_dim]`` that ``attn`` computes from tokens
     ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin [n, rotary_dim]``: its projections, its
-    q/k norms (:func:`qk_norms`, before RoPE as the models do) and its own RoPE on the rotated
-    channels (none on NoPE layers). Routed attention's stand-in for the module's first half,
-    checked against the module itself by :func:`attention_mismatch`."""
+    q/k norms (:func:`qk_norms`; before RoPE, or after where :func:`qk_norms_after_rope` says so,
+    or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
+    Routed attention's stand-in for the module's first half, checked against the module itself
+    by :func:`attention_mismatch`."""
     cfg, n, d = attn.config, x.shape[0], attn.head_dim
+    after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
-    q = apply_qk_norm(q_norm, attn.q_proj(x).view(n, cfg.num_attention_heads, d))
-    k = apply_qk_norm(k_norm, attn.k_proj(x).view(n, cfg.num_key_value_heads, d))
+    q = attn.q_proj(x).view(n, cfg.num_attention_heads, d)
+    k = attn.k_proj(x).view(n, cfg.num_key_value_heads, d)
     v = attn.v_proj(x).view(n, cfg.num_key_value_heads, d)
+    if not after:
+        q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
     if applies_rope(attn, rope.rotary_dim):
         q, k = rope.rotate(q, k, cos, sin)
+    if after:
+        q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     return q, k, v
 
 
@@ -373,7 +382,8 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         attn.eval()
         with torch.no_grad():
             out = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
-            q, k, v = attention_qkv(attn, x[0], cos[0], sin[0])
+            places = (False, True) if qk_norms(attn)[0] is not None else (False,)
+            candidates = {a: attention_qkv(attn, x[0], cos[0], sin[0], a) for a in places}
             mine = attention_output(attn, attn._fl_probe_answer[0].reshape(t, hq * d), x[0])
         query, key, value, kwargs = attn._fl_probe_seen
     except Exception as e:  # noqa: BLE001 (said, not raised: the caller refuses the module)
@@ -384,11 +394,20 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         for extra in ("_fl_probe_answer", "_fl_probe_seen"):
             attn.__dict__.pop(extra, None)
     tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
+
+    def differs(got, want):
+        want = want[0].transpose(0, 1) if want.dim() == 4 else want[0]
+        return got.shape != want.shape or not torch.allclose(got.float(), want.float(), tol, tol)
+
+    # the q/k norms' place: the one whose queries and keys the module's are (HunYuan: after RoPE)
+    after = next((a for a, (q, k, _) in candidates.items()
+                  if not differs(q, query) and not differs(k, key)), False)  # fmt: skip
+    q, k, v = candidates[after]
     for what, got, want in (("queries", q, query), ("keys", k, key), ("values", v, value),
                             ("output", mine, out)):  # fmt: skip
-        want = want[0].transpose(0, 1) if want.dim() == 4 else want[0]
-        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), tol, tol):
+        if differs(got, want):
             return f"{name}'s {what} are not what fastlayers computes from its submodules"
+    _QK_AFTER_ROPE[attn] = after
     scaling = kwargs.get("scaling")
     scaling = d**-0.5 if scaling is None else scaling
     if abs(scaling - attn.scaling) > 1e-6 * abs(scaling):
@@ -398,15 +417,24 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
     return None
 
 
-_QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+_QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm",
+                  "key_layernorm")  # fmt: skip
+_QK_AFTER_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def qk_norms_after_rope(attn: torch.nn.Module) -> bool:
+    """Whether ``attn`` applies its q/k norms after RoPE (HunYuan) rather than before (Qwen3,
+    Gemma 3, OLMo 2, StableLM, ...): found by :func:`attention_mismatch`, which tries both."""
+    return _QK_AFTER_ROPE.get(attn, False)
 
 
 def qk_norms(attn: torch.nn.Module):
     """``(q_norm, k_norm)`` applied between the projections and RoPE (Qwen3, Gemma 3 per head;
     OLMo 2 over the whole projection; StableLM's and Phi's ``q_layernorm`` / ``k_layernorm``,
-    LayerNorms per head), or ``(None, None)``."""
-    for names in (_QK_NORM_NAMES[:2], _QK_NORM_NAMES[2:]):
-        q, k = (getattr(attn, n, None) for n in names)
+    LayerNorms per head; HunYuan's ``query_layernorm`` / ``key_layernorm``, after RoPE:
+    :func:`qk_norms_after_rope`), or ``(None, None)``."""
+    for i in range(0, len(_QK_NORM_NAMES), 2):
+        q, k = (getattr(attn, n, None) for n in _QK_NORM_NAMES[i : i + 2])
         if isinstance(q, torch.nn.Module) and isinstance(k, torch.nn.Module):
             return q, k
     return None, None

@@ -666,7 +666,7 @@ def self_speculative_generate(
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, T] (batch size 1), got {tuple(input_ids.shape)}")
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "self_speculative_generate")
     n = len(layers)
     if not 1 <= exit_layer <= n:
         raise ValueError(f"exit_layer must be in [1, {n}], got {exit_layer}")

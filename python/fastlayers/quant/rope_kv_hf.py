@@ -30,6 +30,7 @@ from fastlayers._decoder import (
     decoder_layers,
     logit_softcap,
     qk_norms,
+    qk_norms_after_rope,
     rope_layout,
     rope_tables,
 )
@@ -394,14 +395,17 @@ def calibrate_rope_aware_kv(
         pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
         rotates = applies_rope(m, r)  # (NoPE layers: the keys as they are)
+        after = qk_norms_after_rope(m)
         rot = []
         for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
             b, t, _ = k.shape
-            kk = apply_qk_norm(k_norm, k.view(b, t, -1, m.head_dim)).float().transpose(1, 2)
+            kk = k.view(b, t, -1, m.head_dim)
+            kk = (kk if after else apply_qk_norm(k_norm, kk)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
             cos, sin = rope_tables(rotary, m, kk, pos)
-            kr = layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk
-            rot.append(kr.transpose(1, 2).reshape(b * t, -1, m.head_dim))
+            kr = (layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk).transpose(1, 2)
+            kr = apply_qk_norm(k_norm, kr).float() if after else kr  # (HunYuan: after RoPE)
+            rot.append(kr.reshape(b * t, -1, m.head_dim))
         rot = torch.cat(rot)
         s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
         if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
