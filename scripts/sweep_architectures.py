@@ -227,6 +227,14 @@ def main() -> int:
         f"{len(results)} models built, {len(not_built)} not built; "
         f"{len(bad)} with a CRASH or WRONG: {', '.join(sorted(bad)) or 'none'}.",
         "",
+        "Per check, models that pass / are refused: "
+        + "; ".join(
+            f"{c} {sum(r[c].startswith('ok') for r in results.values())}"
+            f" / {sum(r[c].startswith('refused') for r in results.values())}"
+            for c in CHECKS
+        )
+        + ".",
+        "",
         "| model | " + " | ".join(CHECKS) + " |",
         "|---" * (len(CHECKS) + 1) + "|",
     ]
