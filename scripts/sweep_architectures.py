@@ -11,6 +11,9 @@ Checks per model (tolerances: float32 model, relative logit error):
   full    apply_skip_plan(SkipPlan.full) equals the model (1e-5)
   skip    the last layer's attention skipped equals the model with that attention answering zeros
   routed  the last layer's attention routed with every token and no gate equals the model (1e-4)
+  gen     layer 0's attention routed (a random router) and the last layer's skipped: generate()
+          with its own cache and with a LayerSkipCache scores every step as recomputing the whole
+          sequence without a cache does (1e-3), and picks the same tokens
   rms     patch_model() (RMSNorm swaps) equals the model (1e-5)
   kv      patch_model(kv_cache="int4_rope_aware"): generate() with the INT4 cache equals generate()
           without a cache (the INT4 error itself, random weights, is printed)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import traceback
@@ -36,7 +40,7 @@ SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_
              head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, moe_intermediate_size=64,
              num_experts=4, num_experts_per_tok=2, n_routed_experts=4, num_local_experts=4,
              first_k_dense_replace=0)  # fmt: skip
-CHECKS = ("full", "skip", "routed", "rms", "kv", "int4", "spec")
+CHECKS = ("full", "skip", "routed", "gen", "rms", "kv", "int4", "spec")
 
 
 class _Timeout(Exception):
@@ -99,7 +103,7 @@ def run_checks(model_type: str) -> dict[str, str]:
     import fastlayers
     from fastlayers import quant
     from fastlayers._decoder import decoder_layers
-    from fastlayers.skip_plan import LayerPlan, SkipPlan, self_speculative_generate
+    from fastlayers.skip_plan import LayerPlan, LayerSkipCache, SkipPlan, self_speculative_generate
 
     model = build(model_type)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -126,6 +130,30 @@ def run_checks(model_type: str) -> dict[str, str]:
         plan = SkipPlan([LayerPlan()] * (layers() - 1) + [every])
         planned = fastlayers.apply_skip_plan(build(model_type), plan)
         return _verdict(_rel(_logits(planned, ids), want), 1e-4)
+
+    def gen():
+        n = layers()
+        plan = SkipPlan([LayerPlan("routed")] + [LayerPlan()] * (n - 2) + [LayerPlan("skip")])
+        planned = fastlayers.apply_skip_plan(build(model_type), plan)
+        with torch.no_grad():
+            router = decoder_layers(planned)[0].fastlayers_router
+            router.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
+            router.bias.zero_()
+        kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+        for cache in (None, LayerSkipCache()):
+            with torch.no_grad():
+                out = planned.generate(ids[:1], **kw, **({} if cache is None else {"cache": cache}))
+                seq = ids[:1]
+                for scores in out.scores:
+                    logits = planned(seq, use_cache=False).logits[:, -1]
+                    logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)
+                    if not torch.allclose(scores, logits, rtol=1e-3, atol=1e-3):
+                        return f"WRONG ({'own' if cache is None else 'LayerSkipCache'} cache)"
+                    seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            if not torch.equal(out.sequences, seq):
+                return "WRONG (tokens)"
+        return "ok"
 
     def rms():
         patched = build(model_type)
@@ -168,7 +196,7 @@ def run_checks(model_type: str) -> dict[str, str]:
         return "ok" if torch.equal(got, greedy) else "WRONG (tokens)"
 
     results = {}
-    for name, check in zip(CHECKS, (full, skip, routed, rms, kv, int4, spec), strict=True):
+    for name, check in zip(CHECKS, (full, skip, routed, gen, rms, kv, int4, spec), strict=True):
         signal.alarm(120)
         try:
             results[name] = check()
