@@ -362,7 +362,10 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
     once (eval mode, no gradients, a few random tokens, RoPE tables of a random angle) with an
     attention function that records the queries, keys, values, ``scaling`` and ``softcap`` it is
     given and answers a fixed random tensor, whose way through the rest of the module is then
-    compared too. Names alone do not say what a module computes; this checks it."""
+    compared too. Names alone do not say what a module computes; this checks it. A module that
+    passed is not run again (``Int4KVCache.for_model`` asks for every new cache)."""
+    if attn in _MATCHES:
+        return None
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
     AttentionInterface.register(_PROBE, _probe_attention)
@@ -414,7 +417,11 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         return f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
     if kwargs.get("softcap") != logit_softcap(attn):
         return f"{name} caps its scores at {kwargs.get('softcap')}, not {logit_softcap(attn)}"
+    _MATCHES.add(attn)
     return None
+
+
+_MATCHES: weakref.WeakSet = weakref.WeakSet()  # the modules attention_mismatch passed
 
 
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm",

@@ -75,8 +75,7 @@ def check_rope_aware_kv(model, what: str = "calibrate_rope_aware_kv") -> None:
     """The checks of :func:`calibrate_rope_aware_kv` and :func:`apply_rope_aware_kv` (a decoder
     whose attention the INT4 path can stand in for, with rotate-half or interleaved RoPE on all
     of each head or its leading channels), without changing the model."""
-    for m in _attention_modules(model, what):
-        rope_layout(m, what)
+    _attention_modules(model, what)
 
 
 class _Int4Layer(Int4KVStore, CacheLayerMixin):
