@@ -59,6 +59,12 @@ ARCHS = {
     "StableLmQk": dict(qk_layernorm=True),  # a LayerNorm of its own per head (q_layernorm)
     "PhiQk": dict(qk_layernorm=True),  # one LayerNorm over each head's channels
     "HunYuanDenseV1": dict(head_dim=32),  # q/k norms after RoPE (query_layernorm)
+    # one query_key_value of [heads, 3, head_dim] rows, multi-head, half of each head rotated;
+    # per-head LayerNorms on q and k, or none (the pre-RoPE fold on the fused rows)
+    "Persimmon": {},
+    "PersimmonPlain": dict(qk_layernorm=False),
+    # a MoE feedforward returning (out, router scores); sliding-window layers; attention sinks
+    "GptOss": dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
 }
 
 
@@ -68,7 +74,9 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    arch = arch.removesuffix("Parallel").removesuffix("Qk")
+    arch = arch.removesuffix("Parallel").removesuffix("Qk").removesuffix("Plain")
+    if arch == "Persimmon":  # (multi-head attention: its config has no key/value head count)
+        del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
@@ -84,8 +92,12 @@ class _ZeroAttention(torch.nn.Module):
 
 
 class _ZeroMLP(torch.nn.Module):
+    def __init__(self, pair: bool = False):
+        super().__init__()
+        self.pair = pair  # answer as GPT-OSS's MoE does: (out, router scores)
+
     def forward(self, x):
-        return torch.zeros_like(x)
+        return (torch.zeros_like(x), None) if self.pair else torch.zeros_like(x)
 
 
 def _logits(model, ids):
@@ -109,6 +121,7 @@ LAYOUT_ARCHS = [
     "Cohere",
     "Phi",
     "StableLmParallel",
+    "GptOss",
 ]
 
 
@@ -116,7 +129,8 @@ LAYOUT_ARCHS = [
 def test_skip_plans_follow_each_layout(arch):
     """A full plan is the model; a skipped sublayer is the model with that sublayer's output
     zeroed (every layout's post-norm maps zero to zero; parallel blocks of Cohere, Phi and
-    StableLM: refused before)."""
+    StableLM: refused before; GPT-OSS, whose MoE answers (out, router scores): refused before, the
+    layout check could not run its layer)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     full = fastlayers.apply_skip_plan(_model(arch), SkipPlan.full(2))
@@ -126,7 +140,7 @@ def test_skip_plans_follow_each_layout(arch):
         if sub == "attn":
             ref.model.layers[1].self_attn = _ZeroAttention()
         else:
-            ref.model.layers[1].mlp = _ZeroMLP()
+            ref.model.layers[1].mlp = _ZeroMLP(pair=arch == "GptOss")
         plan = SkipPlan([LayerPlan(), LayerPlan(**{sub: "skip"})])
         planned = fastlayers.apply_skip_plan(_model(arch), plan)
         assert torch.equal(_logits(planned, ids), _logits(ref, ids)), sub
@@ -136,7 +150,7 @@ def test_skip_plans_follow_each_layout(arch):
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
-     "PhiQk", "Afmoe", "HunYuanDenseV1"],
+     "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -144,7 +158,9 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     (EXAONE 4's global layer, SmolLM3's ``no_rope_layers``; rotated before), the post-attention
     norm and the residual multiplier applied as the model does, parallel blocks (Cohere, Phi with
     its output projection ``dense``, StableLM) adding the feedforward of the layer's input (the
-    routed layer is layer 1: Gemma 3's and EXAONE 4's full-attention one)."""
+    routed layer is layer 1: Gemma 3's and EXAONE 4's full-attention one), fused qkv projections
+    split as the model splits them (Phi-3's ``[q | k | v]``, Persimmon's heads of ``[q, k, v]``;
+    refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -155,7 +171,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1"],
+     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -195,11 +211,12 @@ def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
 
 def test_unsupported_structures_are_refused_before_the_model_changes():
     routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
+    both = _model("Llama")  # separate projections and a fused one: which is which?
+    both.model.layers[1].self_attn.qkv_proj = torch.nn.Linear(128, 256)
     cases = [
-        ("Phi3", routed, ValueError, "no separate q_proj / k_proj / v_proj"),
+        (both, routed, ValueError, "neither separate q_proj / k_proj / v_proj nor one fused"),
     ]  # fmt: skip
-    for arch, plan, error, match in cases:
-        model = _model(arch)
+    for model, plan, error, match in cases:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(error, match=match):
             fastlayers.apply_skip_plan(model, plan)
@@ -219,7 +236,14 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
     unknown.model.layers[1].self_attn.extra = torch.nn.Linear(128, 128)
     odd_proj = _model("Llama")  # a projection that is not a linear layer (Moshi's MoshiLinear)
     odd_proj.model.layers[1].self_attn.q_proj = torch.nn.Sequential(torch.nn.Linear(128, 128))
-    for model, match in ((_model("Phi3"), "fused projection"),
+    narrow = _model("Phi3")  # a fused projection without room for the keys and values
+    narrow.model.layers[1].self_attn.qkv_proj = torch.nn.Linear(128, 192, bias=False)
+    grouped = _model("Llama")  # heads of [q, k, v] rows, but fewer key/value heads than query
+    for name in ("q_proj", "k_proj", "v_proj"):
+        delattr(grouped.model.layers[1].self_attn, name)
+    grouped.model.layers[1].self_attn.query_key_value = torch.nn.Linear(128, 256)
+    for model, match in ((narrow, "qkv_proj has 192 outputs, not 256"),
+                         (grouped, "interleaves heads, but it has 4 query and 2 key/value"),
                          (odd_proj, "q_proj are not linear layers"),
                          (odd_norm, "k norm \\(LayerNorm\\) normalises neither each head"),
                          (lone_norm, "q/k norms fastlayers cannot pair: q_norm"),
@@ -409,12 +433,16 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "PhiQk",
         "Afmoe",
         "HunYuanDenseV1",
+        "Phi3",
+        "Persimmon",
+        "PersimmonPlain",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     """Calibration (pre-RoPE scales folded where no q/k norm follows the projections, post-RoPE
     scales on the keys, their inverse on the queries) with quantization off is the float model;
-    with INT4 on, generate() with the INT4 cache is generate() without a cache."""
+    with INT4 on, generate() with the INT4 cache is generate() without a cache. Fused qkv
+    projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -426,7 +454,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     model = _model(arch)
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
-    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1")
+    with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
+                  "Persimmon")  # fmt: skip
     assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -444,7 +473,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk",
-     "HunYuanDenseV1"],
+     "HunYuanDenseV1", "Phi3", "Persimmon"],
 )  # fmt: skip
 def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     """The post-RoPE scales come from the keys the model's attention is given: after its k norm
@@ -527,7 +556,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
-     "StableLmParallel"],
+     "StableLmParallel", "GptOss", "Phi3", "Persimmon"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window

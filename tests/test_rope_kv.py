@@ -36,6 +36,43 @@ def test_scales_commute_with_rope_and_keep_qk():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", ["concat", "per_head"])
+def test_fold_on_the_rows_of_a_fused_qkv_projection(fused):
+    """A fused projection (Phi-3's ``[q | k | v]`` rows, Persimmon's heads of ``[q, k, v]``): the
+    fold scales the key rows by n and the query rows by 1/n (bias too), ``Q K^T`` is unchanged and
+    the value rows are left as they were."""
+    from fastlayers._decoder import QKVProjections
+
+    heads, kv_heads, d = (4, 2, 16) if fused == "concat" else (2, 2, 16)
+    lin = torch.nn.Linear(32, (heads + 2 * kv_heads) * d)
+    qkv = QKVProjections(lin, lin, lin, fused, heads, kv_heads, d)
+    x = rand(7, 32, dtype=torch.float32, device="cpu")
+    k = rand(50, kv_heads, d, dtype=torch.float32, device="cpu")
+    k[:, 0, 3] *= 20
+
+    def scores():
+        q, kk, v = qkv.project(x)
+        q, kk = q.view(7, heads, d), kk.view(7, kv_heads, d).repeat_interleave(heads // kv_heads, 1)
+        return torch.einsum("thd,shd->hts", q, kk), v
+
+    want, v_before = scores()
+    n = quant.compute_pre_rope_scales(k)
+    assert not torch.allclose(n, torch.ones_like(n))
+    weight = lin.weight.detach().clone()
+    quant.fold_pre_rope(lin, lin, n, q_rows=qkv.rows("q"), k_rows=qkv.rows("k"))
+    got, v_after = scores()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_after, v_before)
+    k_rows = qkv.rows("k")
+    torch.testing.assert_close(lin.weight[k_rows], weight[k_rows] * n.reshape(-1, 1))
+    with pytest.raises(ValueError, match="k_rows must index rows of a layer of"):
+        quant.fold_pre_rope(lin, lin, n, k_rows=k_rows + lin.out_features)
+    with pytest.raises(TypeError, match="q_rows must be a 1-D int64 tensor"):
+        quant.fold_pre_rope(lin, lin, n, q_rows=[0, 1])
+    with pytest.raises(ValueError, match="does not fit the 32 key rows"):
+        quant.fold_pre_rope(lin, lin, torch.ones(3, d), k_rows=k_rows)
+
+
 def test_scales_with_partial_rope():
     """With ``rotary_dim`` < head_dim (StableLM, GLM), pairs are formed among the rotated channels
     only; a channel past them is its own pair (``alpha / max |k_c|``, not over sqrt(2) |k_c|), and

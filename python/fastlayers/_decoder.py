@@ -181,7 +181,7 @@ class _FixedAttention(torch.nn.Module):
         return self.out, None
 
 
-def _activation_like(module: torch.nn.Module) -> torch.Tensor:
+def activation_like(module: torch.nn.Module) -> torch.Tensor:
     """A tensor of the dtype and device ``module``'s activations have, for probes: its first
     floating parameter or 16/32/64-bit floating buffer (quantized linears keep integer or FP8
     buffers only), else an fp32 one on the device of its first tensor."""
@@ -204,6 +204,13 @@ def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
     raise ValueError("no width found")
 
 
+def feedforward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's feedforward on ``x``: ``layer.mlp(x)``, its first element where the module
+    returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``)."""
+    out = layer.mlp(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     """Whether ``layer`` computes what ``layout`` says: the layer runs once (eval mode, no
     gradients, a few random tokens) with its attention answering a fixed random tensor ``c``,
@@ -216,7 +223,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     modes = [(m, m.training) for m in layer.modules()]
     attn = layer._modules["self_attn"]
     try:
-        p = _activation_like(layer)
+        p = activation_like(layer)
         if p.device.type == "meta":
             return None
         width = _hidden_size(layer, layout)
@@ -242,7 +249,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
             m = layout.residual_multiplier
             mid = h + (fixed.out if layout.parallel else apply(layout.attn_post, fixed.out)) * m
             mlp_in = apply(layout.ffn_pre, h if layout.parallel else mid)
-            want = mid + apply(layout.ffn_post, layer.mlp(mlp_in)) * m
+            want = mid + apply(layout.ffn_post, feedforward(layer, mlp_in)) * m
             seen, attn_in = fixed.seen, apply(layout.attn_pre, h)
     except Exception:  # noqa: BLE001 (a layer this check cannot call)
         return None
@@ -266,17 +273,107 @@ def logit_softcap(attn: torch.nn.Module) -> float | None:
     return cap
 
 
-def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class QKVProjections:
+    """Where an attention module's queries, keys and values come from: three linear layers
+    (``q_proj`` / ``k_proj`` / ``v_proj``; ``fused`` None) or one fused linear layer whose output
+    holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``) or head by head as
+    ``[heads, 3, head_dim]`` (``fused="per_head"``: Persimmon's and GPT-NeoX's
+    ``query_key_value``, equal query and key/value heads). ``q``, ``k`` and ``v`` are the layers
+    their rows come from (the same layer thrice when fused). :func:`attention_mismatch` checks the
+    split against what the module itself gives its attention."""
+
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    fused: str | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def in_features(self) -> int:
+        return _in_features(self.q)
+
+    def split(self, y: torch.Tensor):
+        """The fused layer's output ``y [..., out]`` as ``(q, k, v)``, each ``[..., h * d]``."""
+        hq, hk, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        if self.fused == "concat":
+            return y[..., :hq], y[..., hq : hq + hk], y[..., hq + hk :]
+        per = y.unflatten(-1, (self.heads, 3, d))
+        return tuple(per[..., j, :].flatten(-2) for j in range(3))
+
+    def project(self, x: torch.Tensor):
+        """``(q, k, v)`` of tokens ``x [..., hidden]``, each ``[..., h * d]``."""
+        if self.fused is None:
+            return self.q(x), self.k(x), self.v(x)
+        return self.split(self.q(x))
+
+    def rows(self, which: str) -> torch.Tensor | None:
+        """The output rows of ``which`` ("q" or "k") in its layer's weight; None: all of them."""
+        if self.fused is None:
+            return None
+        heads = self.heads if which == "q" else self.kv_heads
+        n = heads * self.head_dim
+        if self.fused == "concat":
+            start = 0 if which == "q" else self.heads * self.head_dim
+            return torch.arange(start, start + n)
+        j = "qkv".index(which)
+        d = self.head_dim
+        return (torch.arange(heads)[:, None] * 3 * d + j * d + torch.arange(d)).reshape(-1)
+
+
+_FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head"}
+
+
+def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
+    """``(query heads, key/value heads)`` from ``attn``'s config; the key/value heads are the query
+    heads where the config names none (multi-head attention: Persimmon, GPT-NeoX)."""
+    cfg = getattr(attn, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None)
+    return heads, heads if kv_heads is None else kv_heads
+
+
+def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
+    """The :class:`QKVProjections` of ``attn``, or why there are none fastlayers can read."""
+    name = type(attn).__name__
+    heads, kv_heads = head_counts(attn)
+    d = getattr(attn, "head_dim", None)
+    if not all(isinstance(v, int) and v > 0 for v in (heads, kv_heads, d)):
+        return f"{name} has no config.num_attention_heads / num_key_value_heads and head_dim"
+    separate = ("q_proj", "k_proj", "v_proj")
+    found = [n for n in _FUSED_QKV if _has(attn, n)]
+    if all(_has(attn, n) for n in separate) and not found:
+        names, mods, fused = separate, [getattr(attn, n) for n in separate], None
+    elif len(found) == 1 and not any(_has(attn, n) for n in separate):
+        names, mods, fused = found, [getattr(attn, found[0])], _FUSED_QKV[found[0]]
+    else:
+        return (f"{name} has neither separate q_proj / k_proj / v_proj nor one fused qkv_proj / "
+                "query_key_value")  # fmt: skip
+    odd = [n for n, m in zip(names, mods, strict=True) if not isinstance(_in_features(m), int)]
+    if odd:  # (Moshi's per-codebook MoshiLinear, Zaya's convolutional qkv_proj)
+        return f"{name}'s {', '.join(odd)} are not linear layers (no in_features)"
+    if fused == "per_head" and kv_heads != heads:
+        return f"{name}'s query_key_value interleaves heads, but it has {heads} query and " \
+               f"{kv_heads} key/value heads"  # fmt: skip
+    width = (heads + 2 * kv_heads) * d
+    got = getattr(mods[0], "out_features", None)
+    if fused is not None and got != width:
+        return f"{name}'s {names[0]} has {got} outputs, not {width} (queries, keys and values)"
+    q, k, v = mods if fused is None else mods * 3
+    return QKVProjections(q, k, v, fused, heads, kv_heads, d)
+
+
+def attention_unsupported(attn: torch.nn.Module) -> str | None:
     """Why fastlayers' own attention paths (the INT4 KV cache, routed attention) cannot stand in
-    for ``attn`` (None: they can): they compute softmax(cap(q k^T * scaling)) v from separate
-    q/k/v projections (``cap``: the model's logit soft-capping, :func:`logit_softcap`), with the
-    q/k norms :func:`qk_norms` reads and nothing else of their own."""
-    if need_separate_qkv and not all(_has(attn, n) for n in ("q_proj", "k_proj", "v_proj")):
-        return f"{type(attn).__name__} has no separate q_proj / k_proj / v_proj (fused projection)"
-    projections = [n for n in ("q_proj", "k_proj", "v_proj") if _has(attn, n)]
-    odd = [n for n in projections if not isinstance(_in_features(getattr(attn, n)), int)]
-    if odd:  # (Moshi's per-codebook MoshiLinear)
-        return f"{type(attn).__name__}'s {', '.join(odd)} are not linear layers (no in_features)"
+    for ``attn`` (None: they can): they compute softmax(cap(q k^T * scaling)) v from the q/k/v
+    projections :func:`qkv_projections` reads (separate or fused; ``cap``: the model's logit
+    soft-capping, :func:`logit_softcap`), with the q/k norms :func:`qk_norms` reads and nothing
+    else of their own."""
+    qkv = qkv_projections(attn)
+    if isinstance(qkv, str):
+        return qkv
     unknown = sorted(_children_besides(attn, _ATTENTION_PARTS))
     if unknown:  # (AFMoE's gate_proj: a gated output fastlayers' paths do not apply)
         names = ", ".join(unknown)
@@ -285,9 +382,7 @@ def attention_unsupported(attn: torch.nn.Module, need_separate_qkv: bool = True)
     present = sorted(n for n in _QK_NORM_NAMES if _has(attn, n))
     if len(present) != sum(n is not None for n in norms):  # (a q or k norm with no partner)
         return f"{type(attn).__name__} has q/k norms fastlayers cannot pair: {', '.join(present)}"
-    cfg = getattr(attn, "config", None)
-    heads = (getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None))
-    for norm, h, which in zip(norms, heads, "qk", strict=True):
+    for norm, h, which in zip(norms, head_counts(attn), "qk", strict=True):
         d = getattr(attn, "head_dim", None)
         if norm is not None and (
             not isinstance(h, int) or not isinstance(d, int) or _qk_norm_form(norm, h, d) is None
@@ -308,7 +403,8 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``;
 # AFMoE's ``gate_proj`` gates the attention's output: attention_output).
-_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "dense", "q_norm", "k_norm",
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
+                    "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
                     "gate_proj", "rotary_emb")  # fmt: skip
 
@@ -320,12 +416,11 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
     Routed attention's stand-in for the module's first half, checked against the module itself
     by :func:`attention_mismatch`."""
-    cfg, n, d = attn.config, x.shape[0], attn.head_dim
+    n, d = x.shape[0], attn.head_dim
     after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
-    q = attn.q_proj(x).view(n, cfg.num_attention_heads, d)
-    k = attn.k_proj(x).view(n, cfg.num_key_value_heads, d)
-    v = attn.v_proj(x).view(n, cfg.num_key_value_heads, d)
+    q, k, v = qkv_projections(attn).project(x)
+    q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
@@ -370,12 +465,12 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
 
     AttentionInterface.register(_PROBE, _probe_attention)
     name, cfg = type(attn).__name__, attn.config
-    p = _activation_like(attn)
+    p = activation_like(attn)
     rope = rope_layout(attn, "routed attention")
     applies_rope(attn, rope.rotary_dim)  # (its own probe runs the module's real attention: first)
     g = torch.Generator().manual_seed(0)
-    t, d, hq = 5, attn.head_dim, cfg.num_attention_heads
-    x = torch.randn(1, t, attn.q_proj.in_features, generator=g).to(p)
+    t, d, hq = 5, attn.head_dim, head_counts(attn)[0]
+    x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
     angle = torch.rand(1, t, rope.rotary_dim, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
@@ -535,9 +630,9 @@ def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
     training = attn.training
     try:
         attn.eval()  # (no dropout in the probe)
-        p = _activation_like(attn)
+        p = activation_like(attn)
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 4, attn.q_proj.in_features, generator=g).to(p)
+        x = torch.randn(1, 4, qkv_projections(attn).in_features, generator=g).to(p)
         angle = torch.rand(1, 4, rotary_dim, generator=g) * 3 + 0.5
 
         def run(cos, sin):

@@ -23,6 +23,7 @@ import numbers
 import torch
 
 from fastlayers._decoder import (
+    activation_like,
     applies_rope,
     attention_mismatch,
     attention_output,
@@ -30,8 +31,11 @@ from fastlayers._decoder import (
     attention_unsupported,
     decoder_layers,
     decoder_layout,
+    feedforward,
+    head_counts,
     layer_type,
     logit_softcap,
+    qkv_projections,
     rope_layout,
     rope_tables,
 )
@@ -374,10 +378,9 @@ def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or not kwargs.get("use_cache", True) or _is_layer_skip_cache(cache):
         return
-    cfg = layer.self_attn.config
     b, t = hidden_states.shape[:2]
-    head_dim = layer.self_attn.head_dim
-    zeros = hidden_states.new_zeros(b, cfg.num_key_value_heads, t, head_dim)
+    attn = layer.self_attn
+    zeros = hidden_states.new_zeros(b, head_counts(attn)[1], t, attn.head_dim)
     cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
@@ -398,7 +401,7 @@ def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
     if getattr(slot, "is_sliding", False) and getattr(slot, "is_initialized", True) is False:
         attn = layer.self_attn
         b = hidden_states.shape[0]
-        empty = hidden_states.new_zeros(b, attn.config.num_key_value_heads, 0, attn.head_dim)
+        empty = hidden_states.new_zeros(b, head_counts(attn)[1], 0, attn.head_dim)
         slot.update(empty, empty)
 
 
@@ -425,7 +428,7 @@ def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn
         a = layer.self_attn(hidden_states=normed, **kw)[0]
         out = out + (a if mult == 1.0 else a * mult)
     if runs_ffn:
-        f = layer.mlp(normed)
+        f = feedforward(layer, normed)
         out = out + (f if mult == 1.0 else f * mult)
     return out
 
@@ -457,7 +460,8 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
         elif plan.attn_scale != 1.0:
             hidden_states = hidden_states * plan.attn_scale
         if runs_ffn:
-            hidden_states = _residual(layer, layer.mlp, hidden_states, layout.ffn_pre,
+            ffn = lambda h: feedforward(layer, h)  # noqa: E731
+            hidden_states = _residual(layer, ffn, hidden_states, layout.ffn_pre,
                                       layout.ffn_post, layout.residual_multiplier)  # fmt: skip
         elif plan.ffn_scale != 1.0:
             hidden_states = hidden_states * plan.ffn_scale
@@ -535,10 +539,11 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     remove_skip_plan(model)
     for i, layer in enumerate(layers):
         if plan.routes_attention(i):
-            ref = layer.self_attn.q_proj.weight
             router = routers.get(i)
             if router is None:
-                router = torch.nn.Linear(ref.shape[1], 1, device=ref.device, dtype=ref.dtype)
+                ref = activation_like(layer.self_attn)
+                width = qkv_projections(layer.self_attn).in_features
+                router = torch.nn.Linear(width, 1, device=ref.device, dtype=ref.dtype)
             if not isinstance(router, torch.nn.Module):
                 raise TypeError(f"routers[{i}] must be a torch.nn.Module, got {type(router)}")
             layer.fastlayers_router = router

@@ -101,27 +101,43 @@ def compute_post_rope_scales(
     return torch.where(chosen, beta / m.clamp_min(1e-12), torch.ones_like(m))
 
 
-def fold_pre_rope(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Tensor) -> None:
+def fold_pre_rope(
+    q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, n: torch.Tensor, *,
+    q_rows: torch.Tensor | None = None, k_rows: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """In place: ``W_k`` rows (and bias) times ``n``, ``W_q`` rows (and bias) divided by ``n``
-    repeated over each kv head's query heads (``repeat_kv`` order). ``Q K^T`` is unchanged."""
+    repeated over each kv head's query heads (``repeat_kv`` order). ``Q K^T`` is unchanged.
+    ``q_rows`` / ``k_rows``: the output rows of the queries / keys in their layer, in head-major
+    order (a fused qkv projection: ``q_proj`` and ``k_proj`` the same layer); None: all rows."""
     for lin, name in ((q_proj, "q_proj"), (k_proj, "k_proj")):
         if not isinstance(lin, torch.nn.Linear):
             raise TypeError(f"{name} must be a torch.nn.Linear, got {type(lin).__name__}")
     _check_float(n, "n", "[kv_heads, head_dim]", dims=2)
+    rows = []
+    for lin, r, name in ((q_proj, q_rows, "q_rows"), (k_proj, k_rows, "k_rows")):
+        if r is None:
+            r = torch.arange(lin.out_features)
+        elif not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int64 tensor or None, got {r!r}")
+        elif r.numel() and (int(r.min()) < 0 or int(r.max()) >= lin.out_features):
+            raise ValueError(f"{name} must index rows of a layer of {lin.out_features} outputs")
+        rows.append(r.to(lin.weight.device))
     h_kv, d = n.shape
-    h_q = q_proj.out_features // d
-    if k_proj.out_features != h_kv * d or h_q % h_kv:
+    h_q = rows[0].numel() // d
+    if rows[1].numel() != h_kv * d or rows[0].numel() != h_q * d or h_q % h_kv:
         raise ValueError(
-            f"n {tuple(n.shape)} does not fit k_proj ({k_proj.out_features}) / q_proj "
-            f"({q_proj.out_features})"
+            f"n {tuple(n.shape)} does not fit the {rows[1].numel()} key rows / "
+            f"{rows[0].numel()} query rows of k_proj / q_proj"
         )
     nk = n.reshape(-1).float()
     nq = n.repeat_interleave(h_q // h_kv, dim=0).reshape(-1).float()
     with torch.no_grad():
-        for lin, f in ((k_proj, nk), (q_proj, 1.0 / nq)):
-            lin.weight.copy_((lin.weight.float() * f[:, None]).to(lin.weight.dtype))
+        for lin, r, f in ((k_proj, rows[1], nk), (q_proj, rows[0], 1.0 / nq)):
+            f = f.to(lin.weight.device)
+            w = lin.weight
+            w[r] = (w[r].float() * f[:, None]).to(w.dtype)
             if lin.bias is not None:
-                lin.bias.copy_((lin.bias.float() * f).to(lin.bias.dtype))
+                lin.bias[r] = (lin.bias[r].float() * f).to(lin.bias.dtype)
 
 
 def rotate_pairs(x: torch.Tensor, pairing: str = "half") -> torch.Tensor:

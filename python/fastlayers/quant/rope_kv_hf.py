@@ -20,7 +20,6 @@ import torch
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from fastlayers._decoder import (
     applies_rope,
@@ -28,9 +27,11 @@ from fastlayers._decoder import (
     attention_mismatch,
     attention_unsupported,
     decoder_layers,
+    head_counts,
     logit_softcap,
     qk_norms,
     qk_norms_after_rope,
+    qkv_projections,
     rope_layout,
     rope_tables,
 )
@@ -286,14 +287,23 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         tq, tk = query.shape[2], key.shape[2]
         attention_mask = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
                                     dtype=query.dtype, device=query.device)  # fmt: skip
-    if cap:  # Gemma 2's eager attention, which soft-caps the logits
-        from transformers.models.gemma2.modeling_gemma2 import (
-            eager_attention_forward as softcapped_eager,
-        )
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, cap)
 
-        return softcapped_eager(module, query, key, value, attention_mask, dropout=dropout,
-                                scaling=scaling, softcap=cap)  # fmt: skip
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+
+def _eager_attention(module, query, key, value, mask, scaling, dropout, cap):
+    """Hugging Face's eager attention (Gemma 2's with soft-capping), in its order of operations,
+    with the key/value head groups read from the shapes (Persimmon's and GPT-NeoX's modules have
+    no ``num_key_value_groups``)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if cap:
+        weights = torch.tanh(weights / cap) * cap
+    if mask is not None:
+        weights = weights + mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 def _mask(*args, **kwargs):
@@ -362,10 +372,11 @@ def calibrate_rope_aware_kv(
     (``q_norm`` / ``k_norm``: Qwen3, Gemma 3, OLMo 2; ``q_layernorm`` / ``k_layernorm``: StableLM,
     Phi) get post-RoPE scales only: the norm would
     undo a scale folded into the projections. Logit soft-capping (Gemma 2) is applied by the INT4
-    attention as the model does; a fused qkv projection (Phi-3) or attention submodules of unknown
-    role are refused (ValueError). ``pairing``: the channels RoPE rotates together, read from the
-    model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved pairs); a
-    value given is checked against it."""
+    attention as the model does; fused qkv projections (Phi-3's ``qkv_proj``, Persimmon's
+    ``query_key_value``) get the fold on their query and key rows; attention submodules of
+    unknown role are refused (ValueError). ``pairing``: the channels RoPE rotates together, read
+    from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved
+    pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
     rotary = model.model.rotary_emb  # (per layer type: rope_tables)
     layouts = [rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
@@ -375,12 +386,14 @@ def calibrate_rope_aware_kv(
         )
     keys = {i: [] for i in range(len(mods))}
     hooks = []
-    for i, m in enumerate(mods):
+    projections = [qkv_projections(m) for m in mods]
+    for i, qkv in enumerate(projections):
 
-        def hook(mod, args, out, i=i):
-            keys[i].append(out.detach().float())  # [B, T, H_kv * d]
+        def hook(mod, args, out, i=i, qkv=qkv):
+            k = out if qkv.fused is None else qkv.split(out)[1]
+            keys[i].append(k.detach().float())  # [B, T, H_kv * d]
 
-        hooks.append(m.k_proj.register_forward_hook(hook))
+        hooks.append(qkv.k.register_forward_hook(hook))
     try:
         for batch in calibration:
             model(batch)
@@ -391,7 +404,7 @@ def calibrate_rope_aware_kv(
     scales = []
     for i, m in enumerate(mods):
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
-        pre = torch.cat([k.reshape(-1, k.shape[1], m.config.num_key_value_heads, m.head_dim)
+        pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
         rotates = applies_rope(m, r)  # (NoPE layers: the keys as they are)
         after = qk_norms_after_rope(m)
@@ -410,7 +423,8 @@ def calibrate_rope_aware_kv(
         if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
             exclude = s != 1 if s is not None else None
             n = compute_pre_rope_scales(pre, alpha, pairing, exclude, r)
-            fold_pre_rope(m.q_proj, m.k_proj, n)
+            qkv = projections[i]
+            fold_pre_rope(qkv.q, qkv.k, n, q_rows=qkv.rows("q"), k_rows=qkv.rows("k"))
             if s is not None:  # the keys the post-RoPE scale sees are now n * k
                 s = torch.where(s != 1, s, torch.ones_like(s))  # (n = 1 on those channels)
         scales.append(s)
