@@ -15,7 +15,8 @@ Checks per model (tolerances: float32 model, relative logit error):
           with its own cache and with a LayerSkipCache scores every step as recomputing the whole
           sequence without a cache does (1e-3), and picks the same tokens
   rms     patch_model() (RMSNorm swaps) equals the model (1e-5)
-  kv      patch_model(kv_cache="int4_rope_aware"): generate() with the INT4 cache equals generate()
+  kv      the calibrated scalings with quantization off equal the model (1e-4), and
+          patch_model(kv_cache="int4_rope_aware"): generate() with the INT4 cache equals generate()
           without a cache (the INT4 error itself, random weights, is printed)
   int4    patch_model(linear="int4_fp8") runs (its logit error, random weights, is printed)
   spec    self_speculative_generate equals greedy generate()
@@ -162,8 +163,15 @@ def run_checks(model_type: str) -> dict[str, str]:
         return f"{verdict} ({len(report.swapped)} swapped, {len(report.left)} left)"
 
     def kv():
-        patched = build(model_type)
         calib = [torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(2))]
+        exact = build(model_type)  # the scalings and the INT4 attention, nothing quantized
+        post = quant.calibrate_rope_aware_kv(exact, calib)
+        quant.apply_rope_aware_kv(exact, post, q_fp8=False, quantize_keys=False,
+                                  quantize_values=False)  # fmt: skip
+        float_err = _rel(_logits(exact, ids), want)
+        if float_err > 1e-4:
+            return f"WRONG (not the float model with quantization off: {float_err:.2g})"
+        patched = build(model_type)
         fastlayers.patch_model(patched, rms_norm=False, kv_cache="int4_rope_aware",
                                calibration=calib)  # fmt: skip
         kw = dict(max_new_tokens=5, do_sample=False, output_scores=True,

@@ -150,7 +150,7 @@ def test_skip_plans_follow_each_layout(arch):
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
-     "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain"],
+     "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -160,7 +160,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     its output projection ``dense``, StableLM) adding the feedforward of the layer's input (the
     routed layer is layer 1: Gemma 3's and EXAONE 4's full-attention one), fused qkv projections
     split as the model splits them (Phi-3's ``[q | k | v]``, Persimmon's heads of ``[q, k, v]``;
-    refused before)."""
+    refused before), GPT-OSS's attention sinks and its RoPE tables of one entry per pair."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -171,7 +171,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon"],
+     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -226,8 +226,10 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
         assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
         assert not hasattr(model, "_fastlayers_skip_plan")
     calib = [torch.randint(3, 128, (1, 16))]
-    sinks = _model("Llama")  # an attention with its own parameter (GPT-OSS's sinks)
+    sinks = _model("Llama")  # sinks its forward does not give its attention
     sinks.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    own = _model("Llama")  # an attention with a parameter of its own
+    own.model.layers[1].self_attn.temperature = torch.nn.Parameter(torch.ones(4))
     odd_norm = _model("StableLmQk")  # a k norm over 7 channels: neither a head nor the projection
     odd_norm.model.layers[1].self_attn.k_layernorm = torch.nn.LayerNorm(7)
     lone_norm = _model("Llama")  # a q norm without a k norm: nothing to pair it with
@@ -248,7 +250,8 @@ def test_unsupported_structures_are_refused_before_the_model_changes():
                          (odd_norm, "k norm \\(LayerNorm\\) normalises neither each head"),
                          (lone_norm, "q/k norms fastlayers cannot pair: q_norm"),
                          (unknown, "submodules fastlayers does not know: extra"),
-                         (sinks, "parameters fastlayers does not know: sinks")):  # fmt: skip
+                         (sinks, "given other sinks \\(s_aux\\) than its sinks parameter"),
+                         (own, "parameters fastlayers does not know: temperature")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             fastlayers.apply_skip_plan(model, routed)
         with pytest.raises(ValueError, match=match):
@@ -311,6 +314,28 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
     fastlayers.apply_skip_plan(model, routed)
     model = _model("Granite")  # its attention_multiplier, read from the module's scaling
     fastlayers.apply_skip_plan(model, routed)
+
+    def other_sinks(self, *args, **kwargs):  # its attention given sinks other than its parameter
+        sinks = self.sinks
+        self.sinks = torch.nn.Parameter(sinks.detach() + 1.0)
+        try:
+            return type(self).forward(self, *args, **kwargs)
+        finally:
+            self.sinks = sinks
+
+    model = _model("GptOss")
+    attn = model.model.layers[1].self_attn
+    attn.forward = types.MethodType(other_sinks, attn)
+    match = "GptOssAttention's attention is given other sinks"
+    with pytest.raises(ValueError, match=match):
+        fastlayers.apply_skip_plan(model, routed)
+    with pytest.raises(ValueError, match=match):
+        fastlayers.patch_model(model, kv_cache="int4_rope_aware",
+                               calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    model = _model("GptOss")  # sinks of another shape than one per query head
+    model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="sinks are not one logit per query head"):
+        fastlayers.apply_skip_plan(model, routed)
 
 
 def test_a_layer_with_a_submodule_no_layout_places_is_refused():
@@ -436,13 +461,15 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Phi3",
         "Persimmon",
         "PersimmonPlain",
+        "GptOss",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     """Calibration (pre-RoPE scales folded where no q/k norm follows the projections, post-RoPE
     scales on the keys, their inverse on the queries) with quantization off is the float model;
     with INT4 on, generate() with the INT4 cache is generate() without a cache. Fused qkv
-    projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows."""
+    projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows;
+    GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -473,7 +500,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk",
-     "HunYuanDenseV1", "Phi3", "Persimmon"],
+     "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss"],
 )  # fmt: skip
 def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     """The post-RoPE scales come from the keys the model's attention is given: after its k norm
@@ -481,18 +508,22 @@ def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     RoPE), its RoPE (pairs,
     partial) or none (EXAONE 4's global layer). Compared with the scales of the keys a
     registered attention function sees (a norm applied over the wrong axis moves them)."""
+    import sys
+
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     seen = {}
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         seen.setdefault(module.layer_idx, []).append(key.transpose(1, 2).flatten(0, 1).float())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        # the model's own eager attention (GPT-OSS's with its sinks: sdpa has none, and the next
+        # layer's keys would differ)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("fastlayers_test_capture", capture)
-    AttentionMaskInterface.register("fastlayers_test_capture", sdpa_mask)  # (sdpa's masks)
+    AttentionMaskInterface.register("fastlayers_test_capture", eager_mask)  # (eager's masks)
     calib = [torch.randint(3, 128, (2, 24))]
     model = _model(arch)
     post = quant.calibrate_rope_aware_kv(model, calib, pre_rope=False, top_k=4)

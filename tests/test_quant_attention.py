@@ -369,6 +369,10 @@ def test_decode_step_direct_equals_the_ops(dtype, scaled, fp8, padded):
     assert torch.equal(got, want.to(dtype))
     if padded:  # the row that sees no token: zeros, as the op gives
         assert bool((got[2] == 0).all())
+    sinks = torch.randn(hq)  # (GPT-OSS's attention sinks: the op's fp32 output, then one rounding)
+    got = decode_step_direct(query, q_scale, fp8, store.buffers, length, 0.125, starts, 0.0, sinks)
+    want, _ = int4_kv_decode(qs[:, :, 0], *store.buffers, length, 0.125, starts, sinks=sinks)
+    assert torch.equal(got, want.to(dtype))
 
 
 @torch.no_grad()

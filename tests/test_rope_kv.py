@@ -685,6 +685,52 @@ def test_int4_kv_attention_is_causal_over_the_cache(device, b, hq, hkv, d, group
                                 (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8)])
+def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
+    """GPT-OSS's attention sinks (a logit per query head in the softmax's denominator) in the
+    decode and prefill ops vs the float64 references, which put the sink into the softmax (the
+    ops rescale the kernels' output by sigmoid(lse - sink)); with soft-capping and left padding;
+    a row that sees no token keeps zeros and gets lse = sink; bad sinks refused."""
+    from fastlayers.ops.kvint4 import (
+        _attention_reference,
+        _reference,
+        int4_kv_attention,
+        int4_kv_decode,
+    )
+
+    t = 45
+    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    q = rand(2, hq, d, dtype=dtype, device=device, scale=3.0)
+    q3 = rand(2, hq, 7, d, dtype=dtype, device=device, scale=3.0)
+    sinks = torch.randn(hq, device=device) * 2
+    starts = torch.tensor([4, t - 2], dtype=torch.int32, device=device)  # row 1 sees no token
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for cap in (None, 1.5):
+        out, lse = int4_kv_decode(q, k, ks, v, vs, t - 2, None, starts, cap, sinks)
+        ref, ref_lse = _reference(q.double(), k, ks, v, vs, t - 2, d**-0.5, starts, cap or 0.0,
+                                  sinks)  # fmt: skip
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        assert bool((out[1] == 0).all()) and torch.equal(lse[1], sinks)
+        out, lse = int4_kv_attention(q3, k, ks, v, vs, t, None, cap, sinks)
+        ref, ref_lse = _attention_reference(q3.double(), k, ks, v, vs, t, d**-0.5, cap or 0.0,
+                                            sinks)  # fmt: skip
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+    plain, plain_lse = int4_kv_decode(q, k, ks, v, vs)
+    half, _ = int4_kv_decode(q, k, ks, v, vs, sinks=plain_lse[0])  # a sink as heavy as the keys
+    torch.testing.assert_close(half[0].float(), plain[0].float() / 2, rtol=tol, atol=tol)
+    for bad, error in ((torch.zeros(hq + 1, device=device), ValueError),
+                       (torch.zeros(hq, dtype=torch.int64, device=device), ValueError),
+                       ("0", TypeError)):  # fmt: skip
+        with pytest.raises(error, match="sinks must be"):
+            int4_kv_decode(q, k, ks, v, vs, sinks=bad)
+        with pytest.raises(error, match="sinks must be"):
+            int4_kv_attention(q3, k, ks, v, vs, sinks=bad)
+
+
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])
 def test_int4_kv_softcap_matches_reference(device, hq, hkv, d, group):
     """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores) in the

@@ -126,6 +126,51 @@ def test_varlen_every_cpu_isa(cpu_isa):
             _check_backward(q, k, v, cu, pos, window=(-1, 0), softcap=0.5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_sinks(device, dtype):
+    """GPT-OSS's attention sinks (a logit per query head in the softmax's denominator, a key of
+    zero value every query sees): forward and backward (q, k, v and the sinks themselves) against
+    float64 autograd of the reference, which puts the sink into the softmax (the op scales the
+    kernel's output by sigmoid(lse - sink)); a row that sees no key gives zeros with lse = sink;
+    large sinks take nearly all the weight; bad sinks refused."""
+    q, k, v, cu, pos = _routed(2, 40, 0.5, 4, 2, 64, dtype, device)
+    sinks = torch.randn(4, device=device) * 2
+    out, lse = _check(q, k, v, cu, cu, pos, pos, sinks=sinks, window=(5, 0))
+    plain = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, window=(5, 0))
+    assert not torch.allclose(out.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    heavy = fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, sinks=sinks + 30)
+    assert float(heavy.float().abs().max()) < 1e-6  # (e^-30 of the weight left on the keys)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out, lse = fastlayers.varlen_attention(*leaves[:3], cu, cu, pos, pos, return_lse=True,
+                                           sinks=leaves[3])  # fmt: skip
+    dy = rand(*out.shape, dtype=out.dtype, device=out.device)
+    dl = rand(*lse.shape, dtype=lse.dtype, device=lse.device)
+    torch.autograd.backward([out, lse], [dy, dl])
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    o64, l64 = ref.varlen_attention(*leaves64[:3], cu, cu, pos, pos, return_lse=True,
+                                    sinks=leaves64[3])  # fmt: skip
+    torch.autograd.backward([o64, l64], [dy.double(), dl.double()])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for got, want in zip(leaves, leaves64, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=tol)
+    # queries that see no key (keys start at position 5): zeros, lse = the sink
+    t = 12
+    q_pos, k_pos = torch.arange(0, t, 2, device=device), torch.arange(5, t, device=device)
+    cu_q = torch.tensor([0, q_pos.shape[0]], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, k_pos.shape[0]], dtype=torch.int32, device=device)
+    qq = rand(q_pos.shape[0], 4, 64, dtype=dtype, device=device)
+    kk, vv = (rand(k_pos.shape[0], 2, 64, dtype=dtype, device=device) for _ in range(2))
+    out, lse = _check(qq, kk, vv, cu_q, cu_k, q_pos, k_pos, sinks=sinks)
+    assert bool((out[:3] == 0).all()) and torch.equal(lse[:3], sinks.float().expand(3, 4))
+    bad_sinks = ((torch.zeros(3, device=device), ValueError),
+                 (torch.zeros(4, dtype=torch.int32, device=device), ValueError),
+                 (torch.zeros(4, 1, device=device), ValueError),
+                 ([0.0] * 4, TypeError))  # fmt: skip
+    for bad, error in bad_sinks:
+        with pytest.raises(error, match="sinks must be"):
+            fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, sinks=bad)
+
+
 def _check_backward(q, k, v, cu, pos, **kw):
     """Gradients of out and lse (the backward kernel on CPU) against float64 autograd of the
     reference."""

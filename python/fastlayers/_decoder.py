@@ -389,10 +389,25 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
         ):
             return (f"{type(attn).__name__}'s {which} norm ({type(norm).__name__}) normalises "
                     "neither each head nor the whole projection")  # fmt: skip
-    own = sorted(name for name, _ in attn.named_parameters(recurse=False))
-    if own:  # (GPT-OSS's attention sinks: a term of the softmax fastlayers' kernels do not have)
+    own = sorted(name for name, _ in attn.named_parameters(recurse=False) if name != "sinks")
+    if own:
         return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
+    sinks = getattr(attn, "sinks", None)
+    if sinks is not None and (
+        not isinstance(sinks, torch.Tensor)
+        or not sinks.is_floating_point()
+        or sinks.shape != (head_counts(attn)[0],)
+    ):
+        return (f"{type(attn).__name__}'s sinks are not one logit per query head "
+                f"({head_counts(attn)[0]})")  # fmt: skip
     return None
+
+
+def attention_sinks(attn: torch.nn.Module) -> torch.Tensor | None:
+    """The attention's sinks (GPT-OSS, GraniteSWA, MiMo-V2-Flash's window layers): a logit per
+    query head in the softmax's denominator, the module's ``sinks`` parameter; None without."""
+    sinks = getattr(attn, "sinks", None)
+    return sinks if isinstance(sinks, torch.Tensor) else None
 
 
 def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
@@ -424,7 +439,7 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
-    if applies_rope(attn, rope.rotary_dim):
+    if applies_rope(attn, rope.table_width):
         q, k = rope.rotate(q, k, cos, sin)
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
@@ -467,11 +482,11 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
     name, cfg = type(attn).__name__, attn.config
     p = activation_like(attn)
     rope = rope_layout(attn, "routed attention")
-    applies_rope(attn, rope.rotary_dim)  # (its own probe runs the module's real attention: first)
+    applies_rope(attn, rope.table_width)  # (its own probe runs the module's real attention: first)
     g = torch.Generator().manual_seed(0)
     t, d, hq = 5, attn.head_dim, head_counts(attn)[0]
     x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
-    angle = torch.rand(1, t, rope.rotary_dim, generator=g) * 3 + 0.5
+    angle = torch.rand(1, t, rope.table_width, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
     previous, training = cfg._attn_implementation_internal, attn.training
@@ -512,6 +527,9 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         return f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
     if kwargs.get("softcap") != logit_softcap(attn):
         return f"{name} caps its scores at {kwargs.get('softcap')}, not {logit_softcap(attn)}"
+    given, sinks = kwargs.get("s_aux"), attention_sinks(attn)
+    if (given is None) != (sinks is None) or (given is not None and not torch.equal(given, sinks)):
+        return f"{name}'s attention is given other sinks (s_aux) than its sinks parameter"
     _MATCHES.add(attn)
     return None
 
@@ -587,11 +605,12 @@ class RopeLayout:
     pairing: str  # "half" (rotate_half: c with c + r/2) or "interleaved" (2i with 2i + 1)
     apply: Callable
     rotary_dim: int  # RoPE rotates channels [0, rotary_dim) of each head (partial RoPE: < head_dim)
+    table_width: int  # its cos / sin tables: rotary_dim wide, or half (GPT-OSS: one per pair)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``(q, k)`` with the model's RoPE on their first ``rotary_dim`` channels, the others
         passed through (StableLM, GLM, Nemotron and Phi rotate the leading channels); ``cos`` /
-        ``sin`` are the model's tables (``rotary_dim`` wide), in the layout its function takes."""
+        ``sin`` are the model's tables (``table_width`` wide), in the layout its function takes."""
         r = self.rotary_dim
         if r == q.shape[-1]:
             return self.apply(q, k, cos, sin)
@@ -619,7 +638,7 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
 _APPLIES_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
+def applies_rope(attn: torch.nn.Module, table_width: int) -> bool:
     """Whether ``attn`` rotates its queries and keys at all: False for NoPE layers (EXAONE 4's
     global layers, SmolLM3's ``no_rope_layers``), read by running the module once on a few random
     tokens with RoPE tables of a random angle and of angle 0 (the same output: no RoPE).
@@ -633,7 +652,7 @@ def applies_rope(attn: torch.nn.Module, rotary_dim: int) -> bool:
         p = activation_like(attn)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 4, qkv_projections(attn).in_features, generator=g).to(p)
-        angle = torch.rand(1, 4, rotary_dim, generator=g) * 3 + 0.5
+        angle = torch.rand(1, 4, table_width, generator=g) * 3 + 0.5
 
         def run(cos, sin):
             emb = (cos.to(p), sin.to(p))
@@ -690,22 +709,27 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
     Each channel's unit vector through the model's function at a quarter turn (cos 0, sin 1 in
     every table entry, whatever layout the function expects its tables in: GLM's takes the
     rotate-half layout and interleaves it) gives the partner map, checked against each pairing's
-    ``(a, b) -> (-b, a)``; no turn (cos 1, sin 0) must give the channels back."""
+    ``(a, b) -> (-b, a)``; no turn (cos 1, sin 0) must give the channels back. Tables ``r``
+    wide first, then ``r / 2`` (GPT-OSS: one entry per pair)."""
     from fastlayers.quant.rope_kv import PAIRINGS, rotate_pairs
 
     fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
     if not callable(fn):
         return ": found no apply_rotary_pos_emb next to its class"
     eye = torch.eye(r)[None, None]  # [B, H, T = r, r]: token c is channel c's unit vector
-    ones, zeros = torch.ones(1, r, r), torch.zeros(1, r, r)  # [B, T, r]
-    try:
-        turned = fn(eye, eye, zeros, ones)[1].float()
-        still = fn(eye, eye, ones, zeros)[1].float()
-    except Exception as e:  # noqa: BLE001 (a function of another signature: said, not raised)
-        return f"'s apply_rotary_pos_emb failed on a probe ({type(e).__name__}: {e})"
-    if not torch.equal(still, eye):
-        return "'s apply_rotary_pos_emb does not return the channels unrotated at angle 0"
-    for pairing in PAIRINGS:
-        if torch.equal(turned, rotate_pairs(eye, pairing)):
-            return RopeLayout(pairing, fn, r)
-    return "'s RoPE pairs channels neither as rotate-half nor interleaved"
+    failed = None
+    for width in (r, r // 2):
+        ones, zeros = torch.ones(1, r, width), torch.zeros(1, r, width)  # [B, T, width]
+        try:
+            turned = fn(eye, eye, zeros, ones)[1].float()
+            still = fn(eye, eye, ones, zeros)[1].float()
+        except Exception as e:  # noqa: BLE001 (tables of another width: the next one, or said)
+            failed = failed or e
+            continue
+        if not torch.equal(still, eye):
+            return "'s apply_rotary_pos_emb does not return the channels unrotated at angle 0"
+        for pairing in PAIRINGS:
+            if torch.equal(turned, rotate_pairs(eye, pairing)):
+                return RopeLayout(pairing, fn, r, width)
+        return "'s RoPE pairs channels neither as rotate-half nor interleaved"
+    return f"'s apply_rotary_pos_emb failed on a probe ({type(failed).__name__}: {failed})"

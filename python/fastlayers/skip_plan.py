@@ -28,6 +28,7 @@ from fastlayers._decoder import (
     attention_mismatch,
     attention_output,
     attention_qkv,
+    attention_sinks,
     attention_unsupported,
     decoder_layers,
     decoder_layout,
@@ -318,7 +319,8 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
         _sync_routed_store(store, cache, start, positions.expand(b, t), real,
                            kw.get("position_ids") is not None)  # fmt: skip
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
-                              sliding_window=window, softcap=logit_softcap(attn))  # fmt: skip
+                              sliding_window=window, softcap=logit_softcap(attn),
+                              sinks=attention_sinks(attn))  # fmt: skip
     out = attention_output(attn, o.reshape(n, -1), x)
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
@@ -493,7 +495,7 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                     f"got {window!r}"
                 )
             rope = rope_layout(layer.self_attn, "apply_skip_plan")
-            applies_rope(layer.self_attn, rope.rotary_dim)  # (probed now, not while compiling)
+            applies_rope(layer.self_attn, rope.table_width)  # (probed now, not while compiling)
             why = attention_mismatch(layer.self_attn)
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")

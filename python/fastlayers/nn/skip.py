@@ -106,13 +106,14 @@ class RoutedKVStore:
 
 def routed_attention_step(
     q, k, v, pos, idx, cu, store: RoutedKVStore | None, scale=None, sliding_window=None,
-    softcap=None,
+    softcap=None, sinks=None,
 ):  # fmt: skip
     """Attention of the routed tokens of one call, packed by row (``q [n, H, d]``, ``k``/``v``
     ``[n, H_kv, d]`` after RoPE, ``pos [n]``; ``idx``/``cu`` from the routing, ``-1`` padding
     allowed after ``cu[-1]``), against the ``store``'s earlier routed tokens of the same rows and
     each other, causally by position and, with a ``sliding_window`` (Hugging Face's rule), only
-    keys less than that many positions back, and with ``softcap`` the scores soft-capped (Gemma 2).
+    keys less than that many positions back, with ``softcap`` the scores soft-capped (Gemma 2),
+    with ``sinks [H]`` a logit per head in the softmax's denominator (GPT-OSS).
     Stores the new keys. Returns ``o [n, H, d]`` (padding rows: zeros)."""
     counts = (cu[1:] - cu[:-1]).tolist()
     used = int(cu[-1])
@@ -124,6 +125,7 @@ def routed_attention_step(
         out[:used] = varlen_attention(
             q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale,
             window=None if sliding_window is None else (sliding_window - 1, 0), softcap=softcap,
+            sinks=sinks,
         )  # fmt: skip
     store.store(rows)
     return out

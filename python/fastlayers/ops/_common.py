@@ -72,6 +72,32 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_sinks(sinks, heads: int, device: torch.device) -> None:
+    """``sinks`` (attention sinks: one logit per query head in the softmax's denominator, GPT-OSS)
+    must be None or a floating tensor ``[heads]`` on ``device``."""
+    if sinks is None:
+        return
+    check_tensor(sinks, "sinks")
+    if not sinks.is_floating_point() or sinks.shape != (heads,):
+        raise ValueError(f"sinks must be a floating tensor [{heads}] (one logit per query head), "
+                         f"got {sinks.dtype} {tuple(sinks.shape)}")  # fmt: skip
+    if sinks.device != device:
+        raise ValueError(f"sinks must be on {device}, got {sinks.device}")
+
+
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, dtype=None):
+    """Attention sinks after the softmax: a sink logit ``s`` in the denominator scales each row's
+    output by ``Z / (Z + e^s) = sigmoid(lse - s)`` and makes its lse ``logaddexp(lse, s)``
+    (exactly the softmax over the scores and the sink, whose value is zero). ``lse [...]`` and
+    ``sinks`` broadcast together, ``out [..., dv]``; in fp32, the output then rounded once to
+    ``dtype`` (default: out's). A row that sees no key (lse -inf) stays zeros, with lse ``s``.
+    Differentiable w.r.t. out, lse and the sinks (trained sinks get their gradient)."""
+    s = sinks.float()
+    factor = torch.sigmoid(lse - s)
+    out = (out.float() * factor[..., None]).to(out.dtype if dtype is None else dtype)
+    return out, torch.logaddexp(lse, s.expand_as(lse))
+
+
 def check_tensors(optional: tuple[str, ...] = (), **tensors) -> None:
     """:func:`check_tensor` for each keyword argument (in order), None allowed for the names in
     ``optional``: a TypeError naming the argument, before the dispatcher's RuntimeError."""

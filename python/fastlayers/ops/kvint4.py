@@ -19,9 +19,11 @@ import torch
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
+    apply_sinks,
     check_index_range,
     check_int,
     check_no_alias,
+    check_sinks,
     check_tensor,
     check_tensors,
     device_code,
@@ -140,7 +142,16 @@ def _check_starts(starts, q, length: int, check_range: bool = True) -> None:
         check_index_range(starts, "starts", 0, length, f"[0, {length}] (length)")
 
 
-def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+def _with_sink(lse: torch.Tensor, sinks) -> torch.Tensor:
+    """The log-denominator ``lse [B, Hq(, Tq)]`` with the attention sinks' logits added (keys of
+    zero value): the references' own formulation, not the ops' rescaling of the output."""
+    if sinks is None:
+        return lse
+    sink = sinks.to(lse.dtype).reshape(1, -1, *([1] * (lse.dim() - 2)))
+    return torch.logaddexp(lse, sink.expand_as(lse))
+
+
+def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, sinks=None):
     _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length)
     b, hq, d = q.shape
@@ -150,20 +161,22 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
     s = _softcapped(torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale, softcap)
     if length == 0:
-        return q.new_zeros(q.shape), torch.full((b, hq), -math.inf, device=q.device)
+        lse = torch.full((b, hq), -math.inf, device=q.device)
+        return q.new_zeros(q.shape), _with_sink(lse, sinks)
     if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
         seen = torch.arange(length, device=q.device)[None, :] >= starts[:, None].long()
         s = s.masked_fill(~seen[:, None, :], -math.inf)
-    lse = torch.logsumexp(s, -1)
+    lse = _with_sink(torch.logsumexp(s, -1), sinks)
     p = torch.exp(s - lse[..., None])
-    if starts is not None:  # a row that sees no token: zeros (lse -inf), as with length 0
-        p = p.masked_fill(torch.isneginf(lse)[..., None], 0.0)
+    if starts is not None:  # a row that sees no token: zeros (lse -inf, or the sink's)
+        p = p.masked_fill(torch.isneginf(s).all(-1)[..., None], 0.0)
     out = torch.einsum("bht,bhtd->bhd", p, values)
     return out.to(q.dtype), lse
 
 
-def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
-    """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i."""
+def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sinks=None):
+    """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i;
+    ``sinks [Hq]``: a logit per head in the softmax's denominator."""
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     b, hq, tq, d = q.shape
     keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
@@ -175,7 +188,7 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
         length - tq + torch.arange(tq, device=q.device)[:, None]
     )
     s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, -1)
+    lse = _with_sink(torch.logsumexp(s, -1), sinks)
     # every query sees at least one key; non-finite scores propagate as NaN (as in the decode
     # reference and SDPA; a nan_to_num here turned those rows into zeros)
     p = torch.exp(s - lse[..., None])
@@ -297,7 +310,7 @@ def _softcap_arg(softcap) -> float:
 
 
 def int4_kv_attention(
-    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, softcap=None
+    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, softcap=None, sinks=None
 ):
     """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
@@ -307,13 +320,18 @@ def int4_kv_attention(
     head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
     row, head_dim a multiple of 64 up to 256); elsewhere the reference. ``softcap`` (Gemma 2's
     logit soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` before the
-    softmax; None or 0 for none."""
+    softmax; None or 0 for none. ``sinks`` (GPT-OSS's attention sinks, floating ``[Hq]``): a logit
+    per query head in the softmax's denominator, applied to the kernel's output through its lse
+    (:func:`~fastlayers.ops._common.apply_sinks`)."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
     if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
-        return _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap)
-    return torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length, scale,
-                                                  softcap)  # fmt: skip
+        out, lse = _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length,
+                                                          scale, softcap)  # fmt: skip
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks[:, None])
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
@@ -324,22 +342,28 @@ def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
 
 
 def int4_kv_decode(
-    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None, softcap=None
-):
+    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None, softcap=None,
+    sinks=None,
+):  # fmt: skip
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
     ``head_dim ** -0.5``. ``starts`` (optional, int32 ``[batch]``): batch row ``b`` attends to the
     cached tokens ``starts[b] .. length - 1`` only (left-padded batches: the padding is skipped,
     not read); a row that sees no token gets zeros and lse -inf. ``softcap`` (Gemma 2's logit
     soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``; None or 0 for
-    none."""
+    none. ``sinks`` (GPT-OSS's attention sinks, floating ``[Hq]``): a logit per query head in the
+    softmax's denominator (applied through the lse: a row that sees no token keeps zeros, its
+    lse becomes the sink)."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     if starts is not None:
         check_tensor(starts, "starts")
+    check_sinks(sinks, q.shape[1], q.device)
     if direct_call_ok(q, k, k_scale, v, v_scale, starts):  # the implementation, no dispatcher
-        return _kernel(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
-    return torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale, starts,
-                                               softcap)  # fmt: skip
+        out, lse = _kernel(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale,
+                                                       starts, softcap)  # fmt: skip
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
 
 
 def _check_rows(x, name: str) -> tuple[int, int, int, int]:
@@ -749,7 +773,7 @@ def _fp32_table_ok(t, shape) -> bool:
 
 
 def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: float,
-                       starts=None, softcap: float = 0.0):  # fmt: skip
+                       starts=None, softcap: float = 0.0, sinks=None):  # fmt: skip
     """One decode step of the Hugging Face integration on an
     :class:`~fastlayers.quant.kv_cache.Int4KVStore`'s ``buffers`` (which hold ``length`` tokens):
     ``q_quantize(query, q_scale, fp8=fp8)`` then ``int4_kv_decode(..., length, scale, starts,
@@ -757,7 +781,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     the two CPU kernels called directly: at a few hundred cached tokens the two ops' checks and
     dispatch cost several times their kernels (the same bytes as the ops). ``query [B, Hq, 1, d]``
     float32/16/bf16; ``q_scale`` None or fp32 ``[Hq, d]``; ``starts`` None or int32 ``[B]`` in
-    ``[0, length]`` (built by the caller from the attention mask). Returns ``out [B, Hq, d]`` in
+    ``[0, length]`` (built by the caller from the attention mask); ``sinks`` None or floating
+    ``[Hq]`` on the query's device (applied before the one rounding). Returns ``out [B, Hq, d]`` in
     the query's dtype, or None (nothing run) where the ops must run: not on CPU, compiling or
     tracing, dispatch modes, tensor subclasses, gradients wanted, neither a scale nor FP8, or
     shapes the ops would refuse (they then raise their errors)."""
@@ -772,6 +797,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         and math.isfinite(softcap) and softcap >= 0
         and (d // ks.shape[3]) % 2 == 0 and _store_buffers_ok(buffers)
         and _fp32_table_ok(q_scale, (hq, d))
+        and (sinks is None or (sinks.is_floating_point() and sinks.shape == (hq,)
+                               and sinks.device == query.device))
         and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
                                 and starts.device.type == "cpu" and starts.is_contiguous()))
     )  # fmt: skip
@@ -787,6 +814,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
                       out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
                       kq.shape[2], length, scale, starts=ptr(starts),
                       softcap=softcap)  # fmt: skip
+    if sinks is not None:
+        return apply_sinks(out, lse, sinks, query.dtype)[0]
     return out.to(query.dtype)
 
 

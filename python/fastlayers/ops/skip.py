@@ -17,6 +17,8 @@ import torch
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
+    apply_sinks,
+    check_sinks,
     check_tensor,
     check_tensors,
     device_code,
@@ -295,6 +297,7 @@ def varlen_attention(
     scale: float | None = None,
     return_lse: bool = False,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Packed variable-length attention masked by **original token positions**.
 
@@ -305,9 +308,13 @@ def varlen_attention(
     ``window=(left, right)`` (or an int for both), ``q_pos - left <= k_pos <= q_pos + right``.
     A query with no visible key gets zeros (``lse = -inf``). ``scale`` defaults to ``d ** -0.5``.
     ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes ``softcap *
-    tanh(s / softcap)`` before the softmax; None or 0 for none.
+    tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's attention
+    sinks): a floating ``[Hq]`` tensor, one logit per query head added to the softmax's
+    denominator (a key of zero value every query sees); applied to the kernel's output through its
+    lse (:func:`~fastlayers.ops._common.apply_sinks`: one more rounding of 16-bit outputs); a row
+    with no visible key then gets zeros and ``lse = sink``.
     Returns ``out [Nq, Hq, dv]`` in q's dtype, and ``lse [Nq, Hq]`` fp32 with ``return_lse``.
-    Differentiable w.r.t. q, k, v.
+    Differentiable w.r.t. q, k, v and the sinks.
     """
     check_tensors(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_pos=q_pos,
@@ -319,10 +326,13 @@ def varlen_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
         raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    check_sinks(sinks, q.shape[1], q.device)
     out, lse = torch.ops.fastlayers.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, left, right, scale,
         float(softcap or 0.0),
     )  # fmt: skip
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
 
 

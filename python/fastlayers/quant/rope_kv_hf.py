@@ -228,6 +228,7 @@ def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
     cap = float(softcap or 0.0)
+    sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
     k_post = getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
@@ -240,7 +241,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
                 inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1],
                                           query.device, torch.float32)  # fmt: skip
             out = decode_step_direct(query, inv, q_fp8, layer.buffers, layer.length, scaling,
-                                     starts, cap)  # fmt: skip
+                                     starts, cap, sinks)  # fmt: skip
             if out is not None:
                 return out[:, None], None  # [B, 1, Hq, d]
     qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
@@ -263,11 +264,12 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         if starts is not False:  # no mask, or left padding: the decode kernel skips the padding
             kq, ks, vq, vs = layer.buffers  # capacity-sized: the kernel reads `length` tokens
             q = (query if qs is None else qs)[:, :, 0]
-            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts, cap)
+            out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts, cap,
+                                    sinks)  # fmt: skip
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
     if layer is not None and attention_mask is None and not grad:  # causal: the INT4 kernel
         q = query if qs is None else qs
-        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling, cap)
+        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling, cap, sinks)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Tq, Hq, d]
     if layer is not None:  # another mask: the general path, masked, over the dequantized cache
         key, value = layer.dequantized(layer.dtype)
@@ -287,13 +289,15 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         tq, tk = query.shape[2], key.shape[2]
         attention_mask = eager_mask(batch_size=1, q_length=tq, kv_length=tk, q_offset=tk - tq,
                                     dtype=query.dtype, device=query.device)  # fmt: skip
-    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, cap)
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, cap,
+                            sinks)  # fmt: skip
 
 
-def _eager_attention(module, query, key, value, mask, scaling, dropout, cap):
-    """Hugging Face's eager attention (Gemma 2's with soft-capping), in its order of operations,
-    with the key/value head groups read from the shapes (Persimmon's and GPT-NeoX's modules have
-    no ``num_key_value_groups``)."""
+def _eager_attention(module, query, key, value, mask, scaling, dropout, cap, sinks=None):
+    """Hugging Face's eager attention (Gemma 2's with soft-capping, GPT-OSS's with sinks: a column
+    of the sink's logit in the softmax, dropped after it), in its order of operations, with the
+    key/value head groups read from the shapes (Persimmon's and GPT-NeoX's modules have no
+    ``num_key_value_groups``)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -301,7 +305,12 @@ def _eager_attention(module, query, key, value, mask, scaling, dropout, cap):
         weights = torch.tanh(weights / cap) * cap
     if mask is not None:
         weights = weights + mask
-    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        sink = sinks.to(weights.dtype).reshape(1, -1, 1, 1).expand(*weights.shape[:-1], 1)
+        weights = torch.softmax(torch.cat([weights, sink], -1), dim=-1, dtype=torch.float32)
+        weights = weights[..., :-1].to(query.dtype)
+    else:
+        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
@@ -406,7 +415,7 @@ def calibrate_rope_aware_kv(
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
         pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], m.head_dim)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
-        rotates = applies_rope(m, r)  # (NoPE layers: the keys as they are)
+        rotates = applies_rope(m, layouts[i].table_width)  # (NoPE layers: the keys as they are)
         after = qk_norms_after_rope(m)
         rot = []
         for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1

@@ -109,10 +109,13 @@ def varlen_attention(
     scale: float | None = None,
     return_lse: bool = False,
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ):
     """``out [Nq, Hq, dv]`` (and ``lse [Nq, Hq]`` fp32) of packed position-masked attention; see
-    the module docstring; ``softcap`` > 0: Gemma 2's logit soft-capping of the scaled scores.
-    Differentiable w.r.t. q, k and v."""
+    the module docstring; ``softcap`` > 0: Gemma 2's logit soft-capping of the scaled scores;
+    ``sinks [Hq]``: a logit per query head in the softmax's denominator (GPT-OSS's attention
+    sinks: a key of zero value every query sees; a row with no visible key gives zeros and
+    ``lse = sink``). Differentiable w.r.t. q, k, v and the sinks."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -137,12 +140,19 @@ def varlen_attention(
         # a row that sees no key gives zeros; non-finite scores propagate as NaN, as in SDPA (a
         # nan_to_num of lse turned NaN and +inf rows into zeros)
         shift = torch.where(ok.any(-1), lse_b, torch.zeros_like(lse_b))
+        if sinks is not None:  # the sink's logit joins the denominator (its value is zero)
+            sink = sinks.to(acc)[:, None].expand_as(lse_b)
+            lse_b = torch.logsumexp(torch.stack([lse_b, sink]), dim=0)
+            shift = lse_b
         p = torch.exp(s - shift[..., None]).masked_fill(~ok, 0.0)
         outs.append((p @ vb).transpose(0, 1))
         lses.append(lse_b.transpose(0, 1))
     tail = nq - cq[-1]  # rows past the last sequence (routing padding): zeros, lse -inf
     outs.append(q.new_zeros((tail, hq, v.shape[-1]), dtype=acc))
-    lses.append(torch.full((tail, hq), -math.inf, dtype=acc, device=q.device))
+    tail_lse = torch.full((tail, hq), -math.inf, dtype=acc, device=q.device)
+    if sinks is not None:  # (no key: all weight on the sink)
+        tail_lse = sinks.to(acc).expand(tail, hq)
+    lses.append(tail_lse)
     out, lse = torch.cat(outs), torch.cat(lses)
     out = out.to(q.dtype)
     return (out, lse.float()) if return_lse else out
