@@ -65,7 +65,22 @@ ARCHS = {
     "PersimmonPlain": dict(qk_layernorm=False),
     # a MoE feedforward returning (out, router scores); sliding-window layers; attention sinks
     "GptOss": dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4),
+    "BitNet": {},  # attn_sub_norm on the attention's output before o_proj
+    # a softplus output gate per head (g_proj), 4 then 8 query heads, q/k norms, sliding window
+    "Laguna": dict(
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        num_attention_heads_per_layer=[4, 8],
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),  # fmt: skip
+    "NanoChat": {},  # q/k RMSNorms without weights; RoPE turning the other way
 }
+# queries scaled by position past original_max_position_embeddings (Llama 4's attention scale)
+ARCHS["Ministral3"] = dict(head_dim=32)
+ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
 
 
 def _model(arch, **extra):
@@ -74,7 +89,8 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    arch = arch.removesuffix("Parallel").removesuffix("Qk").removesuffix("Plain")
+    for suffix in ("Parallel", "Qk", "Plain", "Channels"):
+        arch = arch.removesuffix(suffix)
     if arch == "Persimmon":  # (multi-head attention: its config has no key/value head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
@@ -150,7 +166,8 @@ def test_skip_plans_follow_each_layout(arch):
     "arch",
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
-     "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss"],
+     "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
+     "BitNet", "Laguna", "LagunaChannels", "NanoChat"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -160,7 +177,9 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     its output projection ``dense``, StableLM) adding the feedforward of the layer's input (the
     routed layer is layer 1: Gemma 3's and EXAONE 4's full-attention one), fused qkv projections
     split as the model splits them (Phi-3's ``[q | k | v]``, Persimmon's heads of ``[q, k, v]``;
-    refused before), GPT-OSS's attention sinks and its RoPE tables of one entry per pair."""
+    refused before), GPT-OSS's attention sinks and its RoPE tables of one entry per pair, BitNet's
+    norm and Laguna's gate on the attention's output, Laguna's head count per layer, NanoChat's
+    weightless q/k norms and its RoPE turning the other way (each refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -332,6 +351,9 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
     with pytest.raises(ValueError, match=match):
         fastlayers.patch_model(model, kv_cache="int4_rope_aware",
                                calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    model = _model("Ministral3")  # queries scaled by position: routed attention recomputes them
+    with pytest.raises(ValueError, match="Ministral3Attention's queries are not what"):
+        fastlayers.apply_skip_plan(model, routed)
     model = _model("GptOss")  # sinks of another shape than one per query head
     model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="sinks are not one logit per query head"):
@@ -462,6 +484,10 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Persimmon",
         "PersimmonPlain",
         "GptOss",
+        "BitNet",
+        "Laguna",
+        "NanoChat",
+        "Ministral3",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -469,7 +495,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     scales on the keys, their inverse on the queries) with quantization off is the float model;
     with INT4 on, generate() with the INT4 cache is generate() without a cache. Fused qkv
     projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows;
-    GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths)."""
+    GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths);
+    Ministral 3's queries, scaled by position, are taken as the module gives them."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -482,7 +509,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
     with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
-                  "Persimmon")  # fmt: skip
+                  "Persimmon", "Laguna", "NanoChat")  # fmt: skip
     assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

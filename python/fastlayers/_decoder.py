@@ -327,11 +327,22 @@ _FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head"}
 
 
 def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
-    """``(query heads, key/value heads)`` from ``attn``'s config; the key/value heads are the query
-    heads where the config names none (multi-head attention: Persimmon, GPT-NeoX)."""
+    """``(query heads, key/value heads)`` of ``attn``: the module's own ``num_heads`` /
+    ``num_key_value_heads`` where it has them (Laguna's head count per layer), else its config's;
+    the key/value heads are the query heads where neither names them (multi-head attention:
+    Persimmon, GPT-NeoX)."""
     cfg = getattr(attn, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    kv_heads = getattr(cfg, "num_key_value_heads", None)
+
+    def count(*names):
+        for owner in (attn, cfg):
+            for name in names:
+                value = getattr(owner, name, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+        return None
+
+    heads = count("num_heads", "num_attention_heads")
+    kv_heads = count("num_key_value_heads")
     return heads, heads if kv_heads is None else kv_heads
 
 
@@ -417,11 +428,12 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 
 
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``;
-# AFMoE's ``gate_proj`` gates the attention's output: attention_output).
+# AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output, BitNet's
+# ``attn_sub_norm`` normalises it: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
                     "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
-                    "gate_proj", "rotary_emb")  # fmt: skip
+                    "gate_proj", "g_proj", "attn_sub_norm", "rotary_emb")  # fmt: skip
 
 
 def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None):
@@ -448,11 +460,20 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
 
 def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The module's output from the attention's ``o [n, heads * head_dim]`` of tokens
-    ``x [n, hidden]``: AFMoE's output gate ``o * sigmoid(gate_proj(x))`` where the module has
-    one, then the output projection."""
+    ``x [n, hidden]``: AFMoE's output gate ``o * sigmoid(gate_proj(x))``, Laguna's
+    ``o * softplus(g_proj(x))`` (per channel, or per head), BitNet's ``attn_sub_norm(o)``, where
+    the module has them, then the output projection."""
     gate = getattr(attn, "gate_proj", None)
     if isinstance(gate, torch.nn.Module):
         o = o * torch.sigmoid(gate(x))
+    gate = getattr(attn, "g_proj", None)
+    if isinstance(gate, torch.nn.Module):
+        g = torch.nn.functional.softplus(gate(x).float()).to(o.dtype)
+        o = o * g if g.shape[-1] == o.shape[-1] else (o.unflatten(-1, (g.shape[-1], -1))
+                                                      * g[..., None]).flatten(-2)  # fmt: skip
+    norm = getattr(attn, "attn_sub_norm", None)
+    if isinstance(norm, torch.nn.Module):
+        o = norm(o)
     return output_projection(attn)(o)
 
 
@@ -466,15 +487,28 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     return module._fl_probe_answer, None
 
 
-def attention_mismatch(attn: torch.nn.Module) -> str | None:
+def _probe_extras(attn: torch.nn.Module, t: int) -> dict:
+    """Arguments a probe passes besides the hidden states and RoPE tables: ``position_ids`` where
+    the module's forward requires them (Ministral 3 scales its queries by position), far past any
+    context a query scale by position leaves alone, so that such a scale shows."""
+    params = inspect.signature(attn.forward).parameters
+    needs = params.get("position_ids")
+    if needs is None or needs.default is not inspect.Parameter.empty:
+        return {}
+    return {"position_ids": torch.arange(t)[None] + (1 << 22)}
+
+
+def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | None:
     """Where :func:`attention_qkv`, the scaling and soft-capping fastlayers reads, and
     :func:`attention_output` differ from what ``attn`` itself does (None: nowhere): the module runs
     once (eval mode, no gradients, a few random tokens, RoPE tables of a random angle) with an
-    attention function that records the queries, keys, values, ``scaling`` and ``softcap`` it is
-    given and answers a fixed random tensor, whose way through the rest of the module is then
-    compared too. Names alone do not say what a module computes; this checks it. A module that
-    passed is not run again (``Int4KVCache.for_model`` asks for every new cache)."""
-    if attn in _MATCHES:
+    attention function that records the queries, keys, values, ``scaling``, ``softcap`` and sinks
+    it is given and answers a fixed random tensor, whose way through the rest of the module is then
+    compared too. Names alone do not say what a module computes; this checks it. ``queries``
+    False: the caller takes the queries the module gives its attention and recomputes only keys
+    and values (the INT4 KV path), so they are not compared. A module that passed is not run
+    again (``Int4KVCache.for_model`` asks for every new cache)."""
+    if _MATCHES.get(attn, False) or (attn in _MATCHES and not queries):
         return None
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
@@ -494,7 +528,8 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         cfg._attn_implementation_internal = _PROBE
         attn.eval()
         with torch.no_grad():
-            out = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+            out = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None,
+                       **_probe_extras(attn, t))[0]  # fmt: skip
             places = (False, True) if qk_norms(attn)[0] is not None else (False,)
             candidates = {a: attention_qkv(attn, x[0], cos[0], sin[0], a) for a in places}
             mine = attention_output(attn, attn._fl_probe_answer[0].reshape(t, hq * d), x[0])
@@ -513,11 +548,15 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
         return got.shape != want.shape or not torch.allclose(got.float(), want.float(), tol, tol)
 
     # the q/k norms' place: the one whose queries and keys the module's are (HunYuan: after RoPE)
-    after = next((a for a, (q, k, _) in candidates.items()
-                  if not differs(q, query) and not differs(k, key)), False)  # fmt: skip
+    def agrees(q, k):
+        return (not queries or not differs(q, query)) and not differs(k, key)
+
+    after = next((a for a, (q, k, _) in candidates.items() if agrees(q, k)), False)
     q, k, v = candidates[after]
     for what, got, want in (("queries", q, query), ("keys", k, key), ("values", v, value),
                             ("output", mine, out)):  # fmt: skip
+        if what == "queries" and not queries:
+            continue
         if differs(got, want):
             return f"{name}'s {what} are not what fastlayers computes from its submodules"
     _QK_AFTER_ROPE[attn] = after
@@ -530,11 +569,12 @@ def attention_mismatch(attn: torch.nn.Module) -> str | None:
     given, sinks = kwargs.get("s_aux"), attention_sinks(attn)
     if (given is None) != (sinks is None) or (given is not None and not torch.equal(given, sinks)):
         return f"{name}'s attention is given other sinks (s_aux) than its sinks parameter"
-    _MATCHES.add(attn)
+    _MATCHES[attn] = queries or _MATCHES.get(attn, False)
     return None
 
 
-_MATCHES: weakref.WeakSet = weakref.WeakSet()  # the modules attention_mismatch passed
+# the modules attention_mismatch passed: True with their queries compared, False without
+_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm",
@@ -562,13 +602,16 @@ def qk_norms(attn: torch.nn.Module):
 
 def _qk_norm_form(norm: torch.nn.Module, heads: int, head_dim: int) -> str | None:
     """How ``norm`` applies to ``[..., heads, head_dim]``: ``"head"`` (one norm over each head's
-    channels), ``"projection"`` (over all heads' channels, OLMo 2), ``"per_head"`` (a norm of its
-    own for each head, ``norm.norms``: StableLM), or None (none of these)."""
+    channels; a norm without parameters or width is taken so), ``"projection"`` (over all heads'
+    channels, OLMo 2), ``"per_head"`` (a norm of its own for each head, ``norm.norms``:
+    StableLM), or None (none of these)."""
     own = getattr(norm, "norms", None)
     if isinstance(own, torch.nn.ModuleList):
         widths = {_norm_width(n) for n in own}
         return "per_head" if len(own) == heads and widths == {head_dim} else None
     width = _norm_width(norm)
+    if width is None and not any(True for _ in norm.parameters()):
+        return "head"  # (NanoChat's RMSNorm without weights: the module check confirms it)
     return {head_dim: "head", heads * head_dim: "projection"}.get(width)
 
 
@@ -656,7 +699,8 @@ def applies_rope(attn: torch.nn.Module, table_width: int) -> bool:
 
         def run(cos, sin):
             emb = (cos.to(p), sin.to(p))
-            return attn(hidden_states=x, position_embeddings=emb, attention_mask=None)[0]
+            return attn(hidden_states=x, position_embeddings=emb, attention_mask=None,
+                        **_probe_extras(attn, 4))[0]  # fmt: skip
 
         with torch.no_grad():
             turned = run(angle.cos(), angle.sin())
@@ -709,8 +753,8 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
     Each channel's unit vector through the model's function at a quarter turn (cos 0, sin 1 in
     every table entry, whatever layout the function expects its tables in: GLM's takes the
     rotate-half layout and interleaves it) gives the partner map, checked against each pairing's
-    ``(a, b) -> (-b, a)``; no turn (cos 1, sin 0) must give the channels back. Tables ``r``
-    wide first, then ``r / 2`` (GPT-OSS: one entry per pair)."""
+    ``(a, b) -> (-b, a)`` (or its inverse); no turn (cos 1, sin 0) must give the channels back.
+    Tables ``r`` wide first, then ``r / 2`` (GPT-OSS: one entry per pair)."""
     from fastlayers.quant.rope_kv import PAIRINGS, rotate_pairs
 
     fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
@@ -728,8 +772,9 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
             continue
         if not torch.equal(still, eye):
             return "'s apply_rotary_pos_emb does not return the channels unrotated at angle 0"
-        for pairing in PAIRINGS:
-            if torch.equal(turned, rotate_pairs(eye, pairing)):
+        for pairing in PAIRINGS:  # (either direction: NanoChat rotates by -angle)
+            partner = rotate_pairs(eye, pairing)
+            if torch.equal(turned, partner) or torch.equal(turned, -partner):
                 return RopeLayout(pairing, fn, r, width)
         return "'s RoPE pairs channels neither as rotate-half nor interleaved"
     return f"'s apply_rotary_pos_emb failed on a probe ({type(failed).__name__}: {failed})"

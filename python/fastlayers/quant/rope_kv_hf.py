@@ -66,7 +66,7 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
         why = attention_unsupported(m)
         if why is None:
             rope_layout(m, what)
-            why = attention_mismatch(m)
+            why = attention_mismatch(m, queries=False)  # (the module's own queries are used)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
