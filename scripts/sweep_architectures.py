@@ -103,7 +103,7 @@ class _ZeroAttention(torch.nn.Module):
 def run_checks(model_type: str) -> dict[str, str]:
     import fastlayers
     from fastlayers import quant
-    from fastlayers._decoder import decoder_layers
+    from fastlayers._decoder import attention_name, decoder_layers
     from fastlayers.skip_plan import LayerPlan, LayerSkipCache, SkipPlan, self_speculative_generate
 
     model = build(model_type)
@@ -123,7 +123,8 @@ def run_checks(model_type: str) -> dict[str, str]:
         planned = fastlayers.apply_skip_plan(build(model_type), plan)
         got = _logits(planned, ids)
         zeroed = build(model_type)
-        decoder_layers(zeroed)[n - 1].self_attn = _ZeroAttention()
+        last = decoder_layers(zeroed)[n - 1]
+        setattr(last, attention_name(last), _ZeroAttention())
         return _verdict(_rel(got, _logits(zeroed, ids)), 1e-5)
 
     def routed():

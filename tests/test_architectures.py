@@ -18,7 +18,13 @@ import torch
 
 import fastlayers
 from fastlayers import quant
-from fastlayers._decoder import decoder_layout, rope_layout
+from fastlayers._decoder import (
+    attention_name,
+    attention_of,
+    decoder_layers,
+    decoder_layout,
+    rope_layout,
+)
 from fastlayers.quantize import _smooth
 from fastlayers.skip_plan import LayerPlan, SkipPlan
 
@@ -80,6 +86,10 @@ ARCHS = {
 }
 # queries scaled by position past original_max_position_embeddings (Llama 4's attention scale)
 ARCHS["Ministral3"] = dict(head_dim=32)
+# GPT-NeoX (Pythia): model.gpt_neox.layers[i].attention, query_key_value heads of [q, k, v], a
+# quarter of each head rotated, LayerNorms; its parallel block has a norm for each sublayer
+ARCHS["GPTNeoX"] = {}
+ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
 ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
 
 
@@ -89,9 +99,9 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    for suffix in ("Parallel", "Qk", "Plain", "Channels"):
+    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential"):
         arch = arch.removesuffix(suffix)
-    if arch == "Persimmon":  # (multi-head attention: its config has no key/value head count)
+    if arch in ("Persimmon", "GPTNeoX"):  # (multi-head attention: no key/value head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
@@ -138,6 +148,8 @@ LAYOUT_ARCHS = [
     "Phi",
     "StableLmParallel",
     "GptOss",
+    "GPTNeoX",
+    "GPTNeoXSequential",
 ]
 
 
@@ -153,10 +165,11 @@ def test_skip_plans_follow_each_layout(arch):
     assert torch.equal(_logits(full, ids), want)
     for sub in ("attn", "ffn"):
         ref = _model(arch)
+        layer = decoder_layers(ref)[1]
         if sub == "attn":
-            ref.model.layers[1].self_attn = _ZeroAttention()
+            setattr(layer, attention_name(layer), _ZeroAttention())
         else:
-            ref.model.layers[1].mlp = _ZeroMLP(pair=arch == "GptOss")
+            layer.mlp = _ZeroMLP(pair=arch == "GptOss")
         plan = SkipPlan([LayerPlan(), LayerPlan(**{sub: "skip"})])
         planned = fastlayers.apply_skip_plan(_model(arch), plan)
         assert torch.equal(_logits(planned, ids), _logits(ref, ids)), sub
@@ -167,7 +180,7 @@ def test_skip_plans_follow_each_layout(arch):
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
-     "BitNet", "Laguna", "LagunaChannels", "NanoChat"],
+     "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -190,7 +203,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss"],
+     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss", "GPTNeoX"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -208,7 +221,7 @@ def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([every, LayerPlan()]))
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
     model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([LayerPlan(attn="routed")] * 2))
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         with torch.no_grad():
             layer.fastlayers_router.weight.normal_(0.0, 0.5)
             layer.fastlayers_router.bias.zero_()
@@ -395,16 +408,16 @@ def _depth_scaled(self, hidden_states, position_embeddings, *args, **kwargs):
 
 def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
     """Names are checked by running the layer once with its attention answering a fixed tensor:
-    a one-norm layer that is not a parallel block, or a parallel block under Llama's names, is
-    refused instead of run in the layout its names suggest; so is a layer that cannot be run
-    (here: on the meta device)."""
+    a one-norm layer that is not a parallel block, or depth-scaled residuals under Llama's names,
+    are refused instead of run in the layout their names suggest; so is a layer that cannot be run
+    (here: on the meta device). Llama's names on GPT-NeoX's parallel block (a norm for each
+    sublayer) are read as that block, which the run shows (refused before GPT-NeoX's support)."""
     import types
 
     from fastlayers._decoder import _layout_holds
 
     for arch, forward, names in (
         ("Cohere", _sequential_one_norm, r"h \+ attn\(n\(h\)\) \+ mlp\(n\(h\)\)"),
-        ("Llama", _parallel_two_norms, r"h = h \+ mlp\(post_attention_layernorm\(h\)\)"),
         ("Llama", _depth_scaled, r"h = h \+ mlp\(post_attention_layernorm\(h\)\)"),
     ):
         model = _model(arch)
@@ -418,6 +431,13 @@ def test_a_layer_whose_output_is_not_its_names_layout_is_refused():
         good = decoder_layout(model.model.layers[0])  # (the layer of the model's own forward)
         assert _layout_holds(model.model.layers[0], good) is True
         assert _layout_holds(layer, good) is False
+    model = _model("Llama")
+    layer = model.model.layers[1]
+    layer.forward = types.MethodType(_parallel_two_norms, layer)
+    layout = decoder_layout(layer)
+    assert layout.parallel and (layout.attn_pre, layout.ffn_pre) == (
+        "input_layernorm", "post_attention_layernorm")  # fmt: skip
+    assert not decoder_layout(model.model.layers[0]).parallel
     cohere = decoder_layout(_model("Cohere").model.layers[0])
     sequential = dataclasses.replace(cohere, parallel=False)  # (the same names, one by one)
     assert _layout_holds(_model("Cohere").model.layers[0], sequential) is False
@@ -488,6 +508,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Laguna",
         "NanoChat",
         "Ministral3",
+        "GPTNeoX",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -527,7 +548,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Olmo2", "Cohere", "StableLm", "Glm", "Exaone4", "StableLmQk", "PhiQk",
-     "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss"],
+     "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss", "GPTNeoX"],
 )  # fmt: skip
 def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     """The post-RoPE scales come from the keys the model's attention is given: after its k norm
@@ -557,8 +578,8 @@ def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
     model.set_attn_implementation("fastlayers_test_capture")
     with torch.no_grad():
         model(calib[0])
-    for i, layer in enumerate(model.model.layers):
-        rope = rope_layout(layer.self_attn)
+    for i, layer in enumerate(decoder_layers(model)):
+        rope = rope_layout(attention_of(layer))
         want = quant.compute_post_rope_scales(torch.cat(seen[i]), 8.0, 4, rope.pairing,
                                               rope.rotary_dim)  # fmt: skip
         torch.testing.assert_close(post[i], want, rtol=1e-4, atol=1e-4)
@@ -614,7 +635,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
-     "StableLmParallel", "GptOss", "Phi3", "Persimmon"],
+     "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window

@@ -20,8 +20,13 @@ norm, Gemma 2's normalises the attention's output):
   ``post_norm1``, ``post_attention_layernorm`` / ``post_norm2``);
 * post-norm (OLMo 2/3, EXAONE 4): ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on
   the sublayers' outputs only;
-* parallel (Cohere, Phi, StableLM's ``use_parallel_residual``, GPT-J / GPT-NeoX style): one
-  ``input_layernorm`` read by both sublayers, ``h = h + attn(n(h)) + mlp(n(h))``.
+* parallel (Cohere, Phi, StableLM's ``use_parallel_residual``): one ``input_layernorm`` read by
+  both sublayers, ``h = h + attn(n(h)) + mlp(n(h))``; GPT-NeoX's ``use_parallel_residual`` has a
+  norm for each, ``h = h + attn(input_layernorm(h)) + mlp(post_attention_layernorm(h))`` (the
+  names of the Llama style: running the layer tells them apart).
+
+GPT-NeoX names the attention ``attention`` (``self_attn`` elsewhere) and keeps its layers in
+``model.gpt_neox`` (:func:`inner_model`).
 
 Names alone are not trusted: the layout read from them is checked by running the layer once with
 its attention answering a fixed random tensor (:func:`_layout_holds`); the layer's output must be
@@ -43,20 +48,54 @@ from collections.abc import Callable
 
 import torch
 
+# The name of each decoder layer's attention: Llama-style ``self_attn``, GPT-NeoX's ``attention``.
+ATTENTION_NAMES = ("self_attn", "attention")
+# Where a causal LM keeps the module holding its layers (``model`` for Llama-style, ``gpt_neox``).
+_INNER_NAMES = ("model", "gpt_neox")
+
+
+def attention_name(layer: torch.nn.Module) -> str | None:
+    """The name of ``layer``'s attention submodule (:data:`ATTENTION_NAMES`), or None."""
+    return next((n for n in ATTENTION_NAMES if _has(layer, n)), None)
+
+
+def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
+    """``layer``'s attention module (``self_attn``, or GPT-NeoX's ``attention``)."""
+    return getattr(layer, attention_name(layer) or "self_attn")
+
+
+def head_dim_of(attn: torch.nn.Module) -> int | None:
+    """The attention's head size: ``head_dim``, or GPT-NeoX's ``head_size``."""
+    d = getattr(attn, "head_dim", None)
+    d = getattr(attn, "head_size", None) if d is None else d
+    return d if isinstance(d, int) and not isinstance(d, bool) else None
+
+
+def inner_model(model) -> torch.nn.Module:
+    """The module that holds the decoder layers, the embeddings and the final norm: ``model.model``
+    (Llama-style), ``model.gpt_neox``, or ``model`` itself."""
+    for name in _INNER_NAMES:
+        inner = getattr(model, name, None)
+        if isinstance(inner, torch.nn.Module) and isinstance(getattr(inner, "layers", None),
+                                                             torch.nn.ModuleList):  # fmt: skip
+            return inner
+    return model
+
 
 def decoder_layers(model, what: str = "this function") -> torch.nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM (``model.model.layers``, or ``layers``)."""
-    for path in ("model.layers", "layers", "model.model.layers"):
+    """The decoder layers of a Hugging Face causal LM (``model.model.layers``,
+    ``model.gpt_neox.layers``, or ``layers``)."""
+    for path in ("model.layers", "gpt_neox.layers", "layers", "model.model.layers"):
         m = model
         for part in path.split("."):
             m = getattr(m, part, None)
             if m is None:
                 break
-        if isinstance(m, torch.nn.ModuleList) and len(m) and hasattr(m[0], "self_attn"):
+        if isinstance(m, torch.nn.ModuleList) and len(m) and attention_name(m[0]) is not None:
             return m
     raise TypeError(
-        f"{what}: expected a Hugging Face decoder (model.model.layers, each with self_attn, mlp "
-        "and its norms), got " + type(model).__name__
+        f"{what}: expected a Hugging Face decoder (model.model.layers or model.gpt_neox.layers, "
+        "each with self_attn or attention, mlp and its norms), got " + type(model).__name__
     )
 
 
@@ -116,23 +155,28 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     """The norm layout of one decoder layer (module docstring); TypeError for an unknown one.
     Read once per layer and set of submodule names (the check runs the layer)."""
     kind = type(layer).__name__
-    if not (_has(layer, "self_attn") and _has(layer, "mlp")):
-        raise TypeError(f"{what}: {kind} has no self_attn and mlp submodules")
-    others = _children_besides(layer, ("self_attn", "mlp"))
+    attn = attention_name(layer)
+    if attn is None or not _has(layer, "mlp"):
+        raise TypeError(f"{what}: {kind} has no self_attn (or attention) and mlp submodules")
+    others = _children_besides(layer, (attn, "mlp"))
     key = tuple(sorted(others))
     known = _LAYOUTS.get(layer)
     if known is not None and known[0] == key:
         return known[1]
-    layout = _layout_by_names(layer, others)
-    if layout is None:
+    candidates = _layouts_by_names(layer, others)
+    if not candidates:
         raise TypeError(
-            f"{what}: {kind} is not a known decoder layout: its submodules besides self_attn and "
+            f"{what}: {kind} is not a known decoder layout: its submodules besides {attn} and "
             f"mlp ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
             "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X), post-norm (OLMo 2) or parallel "
-            "(Cohere, Phi) layer"
+            "(Cohere, Phi, GPT-NeoX) layer"
         )
-    holds = _layout_holds(layer, layout)
+    for layout in candidates:  # (the names of GPT-NeoX's parallel block are Llama's)
+        holds = _layout_holds(layer, layout)
+        if holds is not False:
+            break
     if holds is not True:
+        layout = candidates[0] if holds is False else layout
         how = "does not compute" if holds is False else "could not be run to check it computes"
         raise TypeError(
             f"{what}: {kind} {how} what the names of its norms say ({_describe(layout)}), "
@@ -145,18 +189,28 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layout_by_names(layer, others: set[str]) -> DecoderLayout | None:
+def _layouts_by_names(layer, others: set[str]) -> list[DecoderLayout]:
+    """The layouts the names of ``layer``'s norms allow, the likeliest first: Llama-style names
+    also fit GPT-NeoX's parallel block ``h + attn(n1(h)) + mlp(n2(h))`` (its
+    ``use_parallel_residual``), which only running the layer tells apart."""
     mult = getattr(layer, "residual_multiplier", 1.0)
-    for names, markers in _FAMILIES:
+    for i, (names, markers) in enumerate(_FAMILIES):
         if others <= set(names) and any(m in others for m in markers):
-            return DecoderLayout(*(n if n in others else None for n in names), mult)
+            layout = DecoderLayout(*(n if n in others else None for n in names), mult)
+            if i == 0 and layout.attn_pre is not None:  # (Llama-style: or parallel, 2 norms)
+                parallel = dataclasses.replace(layout, parallel=True)
+                return [layout, parallel]
+            return [layout]
     if others == {"input_layernorm"}:  # (no norm before the feedforward: parallel, if it holds)
-        return DecoderLayout("input_layernorm", None, "input_layernorm", None, mult, True)
-    return None
+        return [DecoderLayout("input_layernorm", None, "input_layernorm", None, mult, True)]
+    return []
 
 
 def _describe(layout: DecoderLayout) -> str:
     m = "" if layout.residual_multiplier == 1.0 else f" * {layout.residual_multiplier:g}"
+    if layout.parallel and layout.ffn_pre != layout.attn_pre:
+        return (f"h + attn(n1(h)){m} + mlp(n2(h)){m}, n1 = {layout.attn_pre}, "
+                f"n2 = {layout.ffn_pre}")  # fmt: skip
     if layout.parallel:
         return f"h + attn(n(h)){m} + mlp(n(h)){m}, n = {layout.attn_pre}"
 
@@ -194,7 +248,7 @@ def activation_like(module: torch.nn.Module) -> torch.Tensor:
 
 def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
     """The width of the layer's residual stream: its config's, or the width of a norm."""
-    width = getattr(getattr(layer.self_attn, "config", None), "hidden_size", None)
+    width = getattr(getattr(attention_of(layer), "config", None), "hidden_size", None)
     if isinstance(width, int):
         return width
     for name in (layout.attn_pre, layout.ffn_pre, layout.attn_post, layout.ffn_post):
@@ -221,7 +275,8 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     would not show. None: the layer could not be run (a device without storage, a forward that
     needs more than hidden states); decoder_layout refuses it as it refuses a mismatch."""
     modes = [(m, m.training) for m in layer.modules()]
-    attn = layer._modules["self_attn"]
+    name = attention_name(layer)
+    attn = layer._modules[name]
     try:
         p = activation_like(layer)
         if p.device.type == "meta":
@@ -231,7 +286,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
         h = torch.randn(1, 5, width, generator=g).to(p)
         fixed = _FixedAttention(torch.randn(1, 5, width, generator=g).mul(2).to(p))
         layer.eval()
-        layer._modules["self_attn"] = fixed
+        layer._modules[name] = fixed
         seen_mlp = []
         hook = layer.mlp.register_forward_pre_hook(lambda mod, args: seen_mlp.append(args[0]))
         with torch.no_grad():
@@ -254,7 +309,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     except Exception:  # noqa: BLE001 (a layer this check cannot call)
         return None
     finally:
-        layer._modules["self_attn"] = attn
+        layer._modules[name] = attn
         for module, training in modes:
             module.training = training
     tol = 1e-4 if p.dtype == torch.float32 or p.dtype == torch.float64 else 3e-2
@@ -350,7 +405,7 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     """The :class:`QKVProjections` of ``attn``, or why there are none fastlayers can read."""
     name = type(attn).__name__
     heads, kv_heads = head_counts(attn)
-    d = getattr(attn, "head_dim", None)
+    d = head_dim_of(attn)
     if not all(isinstance(v, int) and v > 0 for v in (heads, kv_heads, d)):
         return f"{name} has no config.num_attention_heads / num_key_value_heads and head_dim"
     separate = ("q_proj", "k_proj", "v_proj")
@@ -394,7 +449,7 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
     if len(present) != sum(n is not None for n in norms):  # (a q or k norm with no partner)
         return f"{type(attn).__name__} has q/k norms fastlayers cannot pair: {', '.join(present)}"
     for norm, h, which in zip(norms, head_counts(attn), "qk", strict=True):
-        d = getattr(attn, "head_dim", None)
+        d = head_dim_of(attn)
         if norm is not None and (
             not isinstance(h, int) or not isinstance(d, int) or _qk_norm_form(norm, h, d) is None
         ):
@@ -443,7 +498,7 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
     Routed attention's stand-in for the module's first half, checked against the module itself
     by :func:`attention_mismatch`."""
-    n, d = x.shape[0], attn.head_dim
+    n, d = x.shape[0], head_dim_of(attn)
     after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
     q, k, v = qkv_projections(attn).project(x)
@@ -518,7 +573,7 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
     rope = rope_layout(attn, "routed attention")
     applies_rope(attn, rope.table_width)  # (its own probe runs the module's real attention: first)
     g = torch.Generator().manual_seed(0)
-    t, d, hq = 5, attn.head_dim, head_counts(attn)[0]
+    t, d, hq = 5, head_dim_of(attn), head_counts(attn)[0]
     x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
     angle = torch.rand(1, t, rope.table_width, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
@@ -666,7 +721,7 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
     ``partial_rotary_factor`` or the module's ``rotary_ndims``), and its pairing, read by probing
     the model's own ``apply_rotary_pos_emb`` (from the module that defines ``attn``'s class);
     ValueError for a pairing that is neither rotate-half nor interleaved."""
-    name, d = type(attn).__name__, attn.head_dim
+    name, d = type(attn).__name__, head_dim_of(attn)
     factor = _rotary_fraction(attn)
     r = int(round(d * factor))
     if not 0 < r <= d or r % 2 or abs(r - d * factor) > 1e-6:
@@ -741,7 +796,7 @@ def _rotary_fraction(attn: torch.nn.Module) -> float:
     params = getattr(cfg, "rope_parameters", None)
     if factor is None and isinstance(params, dict):
         factor = params.get("partial_rotary_factor")
-    ndims, d = getattr(attn, "rotary_ndims", None), getattr(attn, "head_dim", None)
+    ndims, d = getattr(attn, "rotary_ndims", None), head_dim_of(attn)
     if factor is None and isinstance(ndims, int) and isinstance(d, int) and d > 0:
         factor = ndims / d
     return 1.0 if factor is None else float(factor)

@@ -161,9 +161,9 @@ def patch_model(
         quant.apply_rope_aware_kv(model, post)
         report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
                            for i in range(len(post))]  # fmt: skip
-        from fastlayers._decoder import decoder_layers, qk_norms
+        from fastlayers._decoder import attention_of, decoder_layers, qk_norms
 
-        if any(qk_norms(layer.self_attn)[1] is not None for layer in decoder_layers(model)):
+        if any(qk_norms(attention_of(layer))[1] is not None for layer in decoder_layers(model)):
             report.notes.append(
                 "INT4 KV: post-RoPE scales only (q_norm / k_norm would undo pre-RoPE scales)"
             )

@@ -26,6 +26,7 @@ from fastlayers._decoder import (
     activation_like,
     applies_rope,
     attention_mismatch,
+    attention_of,
     attention_output,
     attention_qkv,
     attention_sinks,
@@ -34,6 +35,8 @@ from fastlayers._decoder import (
     decoder_layout,
     feedforward,
     head_counts,
+    head_dim_of,
+    inner_model,
     layer_type,
     logit_softcap,
     qkv_projections,
@@ -172,7 +175,7 @@ class SkipPlan:
             # the residual stream enters the sublayer's pre-norm (or the sublayer itself) and the
             # change to it leaves the post-norm (or the sublayer itself)
             layout = decoder_layout(layer, "SkipPlan.from_similarity")
-            subs = (("attn", layer.self_attn, layout.attn_pre, layout.attn_post),
+            subs = (("attn", attention_of(layer), layout.attn_pre, layout.attn_post),
                     ("ffn", layer.mlp, layout.ffn_pre, layout.ffn_post))  # fmt: skip
             for sub, sublayer, pre_name, post_name in subs:
                 norm = sublayer if pre_name is None else getattr(layer, pre_name)
@@ -281,14 +284,14 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     from fastlayers.nn.skip import routed_attention_step
     from fastlayers.ops.skip import route_threshold, scatter_add_gated
 
-    attn, router = layer.self_attn, layer.fastlayers_router
+    attn, router = attention_of(layer), layer.fastlayers_router
     b, t, _ = hidden_states.shape
     if h is None and layout.attn_pre is not None:
         h = getattr(layer, layout.attn_pre)(hidden_states)
     elif h is None:
         h = hidden_states
     logits = router(h).squeeze(-1).float()  # [B, T]
-    cache = kw.get("cache", kw.get("past_key_values"))
+    cache = _cache_of(kw)
     window = _sliding_window(attn)
     if window is not None and getattr(cache, "is_compileable", False):
         raise ValueError(
@@ -377,12 +380,12 @@ def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
     keys and values, which nothing reads (layer 0's attention does not run over that cache); it
     costs one layer of cache. A LayerSkipCache needs no such entry: it measures on a layer that
     runs, or counts the routed layers' tokens."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = _cache_of(kwargs)
     if cache is None or not kwargs.get("use_cache", True) or _is_layer_skip_cache(cache):
         return
     b, t = hidden_states.shape[:2]
-    attn = layer.self_attn
-    zeros = hidden_states.new_zeros(b, head_counts(attn)[1], t, attn.head_dim)
+    attn = attention_of(layer)
+    zeros = hidden_states.new_zeros(b, head_counts(attn)[1], t, head_dim_of(attn))
     cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
@@ -393,7 +396,7 @@ def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
     calls on every layer after rejected candidates (an AttributeError with Mistral's model-wide
     window before). Such a layer is initialised here with no tokens, which crops, reorders and
     measures as empty."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = _cache_of(kwargs)
     layers = getattr(cache, "layers", None)
     if getattr(cache, "is_compileable", False) or not isinstance(layers, list):
         return  # (static layers are allocated whole, never uninitialised when cropped)
@@ -401,9 +404,9 @@ def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
         return
     slot = layers[layer_idx]
     if getattr(slot, "is_sliding", False) and getattr(slot, "is_initialized", True) is False:
-        attn = layer.self_attn
+        attn = attention_of(layer)
         b = hidden_states.shape[0]
-        empty = hidden_states.new_zeros(b, head_counts(attn)[1], 0, attn.head_dim)
+        empty = hidden_states.new_zeros(b, head_counts(attn)[1], 0, head_dim_of(attn))
         slot.update(empty, empty)
 
 
@@ -418,8 +421,9 @@ def _residual(layer, sublayer, hidden_states, pre: str | None, post: str | None,
 
 def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn, runs_ffn,
                     hidden_states, kw):  # fmt: skip
-    """A parallel block's ``h + attn(n(h)) + mlp(n(h))`` (residual multiplier on both) with the
-    planned sublayers; skipped ones' rescales multiply the residual ``h``."""
+    """A parallel block's ``h + attn(n(h)) + mlp(n(h))`` (GPT-NeoX: a norm of its own for the
+    feedforward; residual multiplier on both) with the planned sublayers; skipped ones' rescales
+    multiply the residual ``h``."""
     normed = getattr(layer, layout.attn_pre)(hidden_states)
     mult = layout.residual_multiplier
     scale = (1.0 if runs_attn else plan.attn_scale) * (1.0 if runs_ffn else plan.ffn_scale)
@@ -427,10 +431,12 @@ def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn
     if routed:
         out = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw, normed, out)
     elif runs_attn:
-        a = layer.self_attn(hidden_states=normed, **kw)[0]
+        a = attention_of(layer)(hidden_states=normed, **kw)[0]
         out = out + (a if mult == 1.0 else a * mult)
     if runs_ffn:
-        f = feedforward(layer, normed)
+        ffn_in = normed if layout.ffn_pre == layout.attn_pre else \
+            getattr(layer, layout.ffn_pre)(hidden_states)  # fmt: skip
+        f = feedforward(layer, ffn_in)
         out = out + (f if mult == 1.0 else f * mult)
     return out
 
@@ -456,7 +462,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
         if routed:
             hidden_states = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw)
         elif runs_attn:
-            attend = lambda h: layer.self_attn(hidden_states=h, **kw)  # noqa: E731
+            attend = lambda h: attention_of(layer)(hidden_states=h, **kw)  # noqa: E731
             hidden_states = _residual(layer, attend, hidden_states, layout.attn_pre,
                                       layout.attn_post, layout.residual_multiplier)  # fmt: skip
         elif plan.attn_scale != 1.0:
@@ -485,18 +491,19 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
     for i, layer in enumerate(layers):
         decoder_layout(layer, "apply_skip_plan")
         if plan.routes_attention(i):
-            why = attention_unsupported(layer.self_attn)
+            attn = attention_of(layer)
+            why = attention_unsupported(attn)
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
-            window = _sliding_window(layer.self_attn)
+            window = _sliding_window(attn)
             if window is not None and (type(window) is not int or window < 1):
                 raise ValueError(
                     f"apply_skip_plan: layer {i}'s sliding window must be a positive int or None, "
                     f"got {window!r}"
                 )
-            rope = rope_layout(layer.self_attn, "apply_skip_plan")
-            applies_rope(layer.self_attn, rope.table_width)  # (probed now, not while compiling)
-            why = attention_mismatch(layer.self_attn)
+            rope = rope_layout(attn, "apply_skip_plan")
+            applies_rope(attn, rope.table_width)  # (probed now, not while compiling)
+            why = attention_mismatch(attn)
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
     return layers
@@ -543,8 +550,8 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
         if plan.routes_attention(i):
             router = routers.get(i)
             if router is None:
-                ref = activation_like(layer.self_attn)
-                width = qkv_projections(layer.self_attn).in_features
+                ref = activation_like(attention_of(layer))
+                width = qkv_projections(attention_of(layer)).in_features
                 router = torch.nn.Linear(width, 1, device=ref.device, dtype=ref.dtype)
             if not isinstance(router, torch.nn.Module):
                 raise TypeError(f"routers[{i}] must be a torch.nn.Module, got {type(router)}")
@@ -595,14 +602,15 @@ def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str)
     """Decoder layers ``[start, end)`` of a Llama-style model on hidden states ``h [1, q, d]`` at
     positions ``past .. past + q - 1``, writing their keys and values to ``cache``. Each layer gets
     the RoPE of its type (Gemma 3: local and global) and its sliding window, if any."""
-    rotary = model.model.rotary_emb
+    rotary = inner_model(model).rotary_emb
     positions = torch.arange(past, past + h.shape[1], device=h.device)[None]
     embeddings, masks = {}, {}
     for layer in _decoder_layers(model)[start:end]:
-        kind = layer_type(layer.self_attn)
+        attn = attention_of(layer)
+        kind = layer_type(attn)
         if kind not in embeddings:
-            embeddings[kind] = rope_tables(rotary, layer.self_attn, h, positions)
-        window = _sliding_window(layer.self_attn)
+            embeddings[kind] = rope_tables(rotary, attn, h, positions)
+        window = _sliding_window(attn)
         if window not in masks:
             masks[window] = _causal_mask(past, h.shape[1], h.dtype, h.device, window)
         h = layer(h, attention_mask=masks[window], position_ids=positions,
@@ -617,16 +625,18 @@ class _Captured(Exception):
 
 
 def _embedder(model, layers, probe_ids: torch.Tensor):
-    """``ids -> hidden states`` as the model feeds its first decoder layer: ``embed_tokens``, times
-    ``embedding_multiplier`` where the model has one (Granite, HyperCLOVA X). Checked against the
-    model's own forward on ``probe_ids`` (stopped at layer 0); TypeError if it does more."""
-    inner = model.model
+    """``ids -> hidden states`` as the model feeds its first decoder layer: its input embeddings
+    (``embed_tokens``, GPT-NeoX's ``embed_in``), times ``embedding_multiplier`` where the model has
+    one (Granite, HyperCLOVA X). Checked against the model's own forward on ``probe_ids`` (stopped
+    at layer 0); TypeError if it does more."""
+    inner = inner_model(model)
     mult = getattr(inner, "embedding_multiplier", None)
     if mult is None:
         mult = getattr(getattr(inner, "config", None), "embedding_multiplier", 1.0)
+    embeddings = _input_embeddings(inner)
 
     def embed(ids):
-        h = inner.embed_tokens(ids)
+        h = embeddings(ids)
         return h if mult == 1.0 else h * mult
 
     seen = {}
@@ -645,10 +655,28 @@ def _embedder(model, layers, probe_ids: torch.Tensor):
     if "h" not in seen or not torch.equal(seen["h"], embed(probe_ids)):
         raise TypeError(
             "self_speculative_generate: the model transforms its token embeddings before its "
-            "first layer in a way it does not know (it knows embed_tokens and "
+            "first layer in a way it does not know (it knows embed_tokens / embed_in and "
             "embedding_multiplier)"
         )
     return embed
+
+
+def _input_embeddings(inner):
+    """The token embedding of the module holding the layers: ``embed_tokens`` or ``embed_in``."""
+    for name in ("embed_tokens", "embed_in"):
+        part = getattr(inner, name, None)
+        if isinstance(part, torch.nn.Module):
+            return part
+    return None
+
+
+def _cache_of(kwargs):
+    """The cache a decoder layer is given: ``cache``, ``past_key_values`` or GPT-NeoX's
+    ``layer_past``."""
+    for name in ("cache", "past_key_values", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 @torch.no_grad()
@@ -666,7 +694,8 @@ def self_speculative_generate(
     One KV cache serves both: the draft writes the first layers' keys and values, the verification
     the other layers', and after each verification every layer is cropped to the accepted tokens.
     Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
-    ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``). Returns
+    ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``; GPT-NeoX's
+    ``model.gpt_neox.embed_in`` and ``final_layer_norm``). Returns
     ``(sequence [1, T + new], stats)`` with ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
@@ -681,24 +710,24 @@ def self_speculative_generate(
         raise ValueError("num_draft must be >= 1 and max_new_tokens >= 0")
     if hasattr(model, "_fastlayers_skip_plan"):
         raise ValueError("remove the installed skip plan first (remove_skip_plan)")
-    inner = model.model
-    final_norm = getattr(inner, "norm", None)
-    if final_norm is None:
-        final_norm = getattr(inner, "final_layernorm", None)  # (Phi)
-    for name, part in (("embed_tokens", getattr(inner, "embed_tokens", None)),
+    inner = inner_model(model)
+    final_norm = next((getattr(inner, n) for n in ("norm", "final_layernorm", "final_layer_norm")
+                       if isinstance(getattr(inner, n, None), torch.nn.Module)), None)  # fmt: skip
+    for name, part in (("embed_tokens", _input_embeddings(inner)),
                        ("norm", final_norm), ("rotary_emb", getattr(inner, "rotary_emb", None)),
                        ("lm_head", getattr(model, "lm_head", None))):  # fmt: skip
         if not isinstance(part, torch.nn.Module):
             raise TypeError(f"self_speculative_generate needs a Llama-style model (model.{name})")
     params = inspect.signature(type(layers[0]).forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = next((n for n in ("cache", "past_key_values", "layer_past") if n in params),
+                    "past_key_values")  # fmt: skip
 
     def head(h):  # the model's final norm and LM head (LayerSkip's shared exit head)
         return model.lm_head(final_norm(h)).argmax(-1)
 
     embed = _embedder(model, layers, input_ids[:, :1])
     for i, layer in enumerate(layers):  # (hybrids: linear attention, state-space layers)
-        attn = layer.self_attn
+        attn = attention_of(layer)
         if getattr(attn, "config", None) is None or not isinstance(
             getattr(attn, "layer_idx", None), int
         ):

@@ -25,9 +25,12 @@ from fastlayers._decoder import (
     applies_rope,
     apply_qk_norm,
     attention_mismatch,
+    attention_of,
     attention_unsupported,
     decoder_layers,
     head_counts,
+    head_dim_of,
+    inner_model,
     logit_softcap,
     qk_norms,
     qk_norms_after_rope,
@@ -61,7 +64,7 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in, or
     where the module computes its queries and keys otherwise than the calibration recomputes
     them (checked by running it once: attention_mismatch)."""
-    mods = [layer.self_attn for layer in decoder_layers(model, what)]
+    mods = [attention_of(layer) for layer in decoder_layers(model, what)]
     for i, m in enumerate(mods):
         why = attention_unsupported(m)
         if why is None:
@@ -161,7 +164,7 @@ class Int4KVCache(Cache):
     def for_model(cls, model, group_size: int | None = None) -> Int4KVCache:
         mods = _attention_modules(model)
         if group_size is None:
-            group_size = getattr(mods[0], "_fl_group_size", mods[0].head_dim)
+            group_size = getattr(mods[0], "_fl_group_size", head_dim_of(mods[0]))
         return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size)
 
     def nbytes(self) -> int:
@@ -348,7 +351,7 @@ def apply_rope_aware_kv(
         raise ValueError(f"{len(post_scales)} post-RoPE scales for {len(mods)} layers")
     for i, m in enumerate(mods):
         m._fl_k_post = None if post_scales is None else post_scales[i]
-        m._fl_group_size = group_size or m.head_dim
+        m._fl_group_size = group_size or head_dim_of(m)
         m._fl_q_fp8 = q_fp8
         m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
     model._fl_previous_attention = model.config._attn_implementation
@@ -387,7 +390,7 @@ def calibrate_rope_aware_kv(
     from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved
     pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
-    rotary = model.model.rotary_emb  # (per layer type: rope_tables)
+    rotary = inner_model(model).rotary_emb  # (per layer type: rope_tables)
     layouts = [rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
     if pairing is not None and any(lay.pairing != pairing for lay in layouts):
         raise ValueError(
@@ -413,20 +416,21 @@ def calibrate_rope_aware_kv(
     scales = []
     for i, m in enumerate(mods):
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
-        pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], m.head_dim)
+        d = head_dim_of(m)
+        pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], d)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
         rotates = applies_rope(m, layouts[i].table_width)  # (NoPE layers: the keys as they are)
         after = qk_norms_after_rope(m)
         rot = []
         for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
             b, t, _ = k.shape
-            kk = k.view(b, t, -1, m.head_dim)
+            kk = k.view(b, t, -1, d)
             kk = (kk if after else apply_qk_norm(k_norm, kk)).float().transpose(1, 2)
             pos = torch.arange(t, device=k.device)[None].expand(b, t)
             cos, sin = rope_tables(rotary, m, kk, pos)
             kr = (layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk).transpose(1, 2)
             kr = apply_qk_norm(k_norm, kr).float() if after else kr  # (HunYuan: after RoPE)
-            rot.append(kr.reshape(b * t, -1, m.head_dim))
+            rot.append(kr.reshape(b * t, -1, d))
         rot = torch.cat(rot)
         s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
         if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
