@@ -90,6 +90,8 @@ ARCHS["Ministral3"] = dict(head_dim=32)
 # quarter of each head rotated, LayerNorms; its parallel block has a norm for each sublayer
 ARCHS["GPTNeoX"] = {}
 ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
+# GPT-2: model.transformer.h[i].attn, ln_1 / ln_2, Conv1D projections, no RoPE (skip plans only)
+ARCHS["GPT2"] = {}
 ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
 
 
@@ -101,10 +103,11 @@ def _model(arch, **extra):
     kw.update(ARCHS[arch], **extra)
     for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential"):
         arch = arch.removesuffix(suffix)
-    if arch in ("Persimmon", "GPTNeoX"):  # (multi-head attention: no key/value head count)
+    if arch in ("Persimmon", "GPTNeoX", "GPT2"):  # (multi-head: no key/value head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
-    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    head = "GPT2LMHeadModel" if arch == "GPT2" else f"{arch}ForCausalLM"
+    model = getattr(transformers, head)(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -150,6 +153,7 @@ LAYOUT_ARCHS = [
     "GptOss",
     "GPTNeoX",
     "GPTNeoXSequential",
+    "GPT2",
 ]
 
 
@@ -796,6 +800,53 @@ def test_self_speculative_generate_refuses_a_forward_it_does_not_reproduce():
     model.model.layers[1].forward = types.MethodType(fails, model.model.layers[1])
     with pytest.raises(TypeError, match="cannot run this model's layers one by one"):
         self_speculative_generate(model, ids, 1, 4)
+
+
+@pytest.mark.parametrize("arch", ["GPT2", "GPTNeoX", "GPTNeoXSequential"])
+def test_skip_plans_generate_on_older_architectures(arch):
+    """A skip plan (layer 0's attention, layer 1's feedforward skipped) on GPT-2 (blocks called
+    with the cache by position) and GPT-NeoX (the cache passed as ``layer_past``): generate() on a
+    left-padded batch with the model's cache and with a LayerSkipCache equals recomputing without
+    a cache (refused before: other attribute names)."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model(arch)
+    fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(attn="skip"), LayerPlan(ffn="skip")]))
+    ids = torch.randint(3, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        plain = model.generate(ids, use_cache=False, **kw)
+        for cache in (None, LayerSkipCache()):
+            got = model.generate(ids, cache=cache, **kw)
+            assert torch.equal(got.sequences, plain.sequences)
+            for a, b in zip(got.scores, plain.scores, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_linears_on_gpt2s_conv1d_projections():
+    """GPT-2's projections are Conv1D (``x @ W + b`` with ``W [in, out]``): quantize_ takes their
+    transposed weight (left in float before), and the patched model's output stays close; routed
+    attention and the RoPE-aware KV cache are refused (no RoPE, no q/k/v projections)."""
+    model = _model("GPT2")
+    ids = torch.randint(3, 128, (2, 10))
+    want = _logits(model, ids)
+    convs = {n: m.weight.detach().t().clone() for n, m in model.named_modules()
+             if type(m).__name__ == "Conv1D"}  # fmt: skip
+    report = fastlayers.patch_model(model, rms_norm=False, linear="int4_fp8")
+    swapped = {name: kind for name, kind, _ in report.swapped}
+    assert len(convs) == 8 and all(swapped.get(n) == "Conv1D" for n in convs)
+    for name, w in convs.items():
+        q = model.get_submodule(name)
+        assert isinstance(q, fastlayers.Int4Fp8Linear) and q.dequantize().shape == w.shape
+        assert float((q.dequantize() - w).norm() / w.norm()) < 0.15  # (INT4 of random weights)
+    got = _logits(model, ids)
+    assert float((got - want).norm() / want.norm()) < 0.3
+    routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
+    with pytest.raises(ValueError, match="GPT2Attention has neither separate q_proj"):
+        fastlayers.apply_skip_plan(_model("GPT2"), routed)
 
 
 def test_int4_linears_leave_moe_routers_in_float():

@@ -48,10 +48,11 @@ from collections.abc import Callable
 
 import torch
 
-# The name of each decoder layer's attention: Llama-style ``self_attn``, GPT-NeoX's ``attention``.
-ATTENTION_NAMES = ("self_attn", "attention")
+# The name of each decoder layer's attention: Llama-style ``self_attn``, GPT-NeoX's ``attention``,
+# GPT-2's ``attn``.
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
 # Where a causal LM keeps the module holding its layers (``model`` for Llama-style, ``gpt_neox``).
-_INNER_NAMES = ("model", "gpt_neox")
+_INNER_NAMES = ("model", "gpt_neox", "transformer")
 
 
 def attention_name(layer: torch.nn.Module) -> str | None:
@@ -76,16 +77,18 @@ def inner_model(model) -> torch.nn.Module:
     (Llama-style), ``model.gpt_neox``, or ``model`` itself."""
     for name in _INNER_NAMES:
         inner = getattr(model, name, None)
-        if isinstance(inner, torch.nn.Module) and isinstance(getattr(inner, "layers", None),
-                                                             torch.nn.ModuleList):  # fmt: skip
+        if isinstance(inner, torch.nn.Module) and any(
+            isinstance(getattr(inner, n, None), torch.nn.ModuleList) for n in ("layers", "h")
+        ):
             return inner
     return model
 
 
 def decoder_layers(model, what: str = "this function") -> torch.nn.ModuleList:
     """The decoder layers of a Hugging Face causal LM (``model.model.layers``,
-    ``model.gpt_neox.layers``, or ``layers``)."""
-    for path in ("model.layers", "gpt_neox.layers", "layers", "model.model.layers"):
+    ``model.gpt_neox.layers``, GPT-2's ``model.transformer.h``, or ``layers``)."""
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "layers",
+                 "model.model.layers"):  # fmt: skip
         m = model
         for part in path.split("."):
             m = getattr(m, part, None)
@@ -136,6 +139,7 @@ def _children_besides(module: torch.nn.Module, known) -> set[str]:
 _FAMILIES = (
     (("input_layernorm", None, "post_attention_layernorm", None),
      ("post_attention_layernorm",)),  # Llama-style
+    (("ln_1", None, "ln_2", None), ("ln_2",)),  # GPT-2
     (("attention_layernorm", None, "feedforward_layernorm", None),
      ("attention_layernorm", "feedforward_layernorm")),  # Apertus
     (("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",

@@ -191,8 +191,9 @@ def patch_model(
     if linear == "int4_fp8":
         from fastlayers.quantize import QuantizeConfig, quantize_
 
+        kinds = {name: type(m).__name__ for name, m in model.named_modules()}  # (GPT-2: Conv1D)
         q = quantize_(model, QuantizeConfig(progress=False), calibration=calibration)
-        report.swapped += [(r.name, "Linear", "fastlayers.Int4Fp8Linear") for r in q.layers]
+        report.swapped += [(r.name, kinds[r.name], "fastlayers.Int4Fp8Linear") for r in q.layers]
         if q.skipped:
             report.left.append((", ".join(q.skipped), "kept in float (LM head / odd sizes)"))
         report.notes.append("quantized linears are not restored by unpatch_model")

@@ -293,6 +293,23 @@ def quantize_int4_gptq(
     return QuantizedWeight(ref.pack_int4(q_all), group_scale, c.float(), group_size)
 
 
+def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The ``[out, in]`` weight of a layer :func:`quantize_` replaces: a ``torch.nn.Linear``'s, or
+    the transpose of a Hugging Face ``Conv1D``'s ``[in, out]`` (GPT-2's projections: ``x @ W +
+    b``, a linear layer stored the other way round); None for anything else."""
+    if type(module) is torch.nn.Linear:
+        return module.weight
+    weight = getattr(module, "weight", None)
+    if (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    ):
+        return weight.t()
+    return None
+
+
 def _record_inputs(model, linears, calibration, max_rows=2048):
     """Runs ``calibration`` through the float model and keeps (up to max_rows) input rows per
     linear layer."""
@@ -328,7 +345,8 @@ def _record_inputs(model, linears, calibration, max_rows=2048):
 def quantize_(
     model: torch.nn.Module, config: QuantizeConfig | None = None, calibration=None
 ) -> QuantizeReport:
-    """Quantizes ``model``'s linear layers to INT4 x FP8 in place (FireQ) and returns a report.
+    """Quantizes ``model``'s linear layers (``torch.nn.Linear``, and GPT-2's ``Conv1D``, a linear
+    layer stored transposed) to INT4 x FP8 in place (FireQ) and returns a report.
 
     ``calibration``: optional inputs to measure each layer's output error on real activations:
     an iterable of batches (tensors, tuples of positional arguments, or dicts of keyword
@@ -348,9 +366,10 @@ def quantize_(
     smoothed_layers = {c for _, consumers in smoothed for c in consumers}
     skipped, linears = [], {}
     for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear:
+        weight = _linear_weight(module)
+        if weight is None:
             continue
-        if any(fnmatch.fnmatch(name, p) for p in config.skip) or module.in_features % 2:
+        if any(fnmatch.fnmatch(name, p) for p in config.skip) or weight.shape[1] % 2:
             skipped.append(name)
         else:
             linears[name] = module
@@ -359,7 +378,7 @@ def quantize_(
     for i, (name, linear) in enumerate(linears.items()):
         if config.progress:
             print(f"\rquantize_: {i + 1}/{len(linears)} {name:<60}", end="", file=sys.stderr)
-        w = linear.weight
+        w = _linear_weight(linear)
         if gptq or config.clip_search:
             qw = quantize_int4_gptq(
                 w, inputs.get(name) if gptq else None, config.group_size, config.channel_scale,
@@ -372,13 +391,13 @@ def quantize_(
         )
         q = Int4Fp8Linear.from_quantized(qw, linear.bias, out_dtype)
         with torch.no_grad():
-            w = linear.weight.float()
+            w = w.float()
             weight_error = ((q.dequantize() - w).norm() / w.norm().clamp_min(1e-30)).item()
             output_error = None
             if name in inputs:
                 x = inputs[name]
                 want = torch.nn.functional.linear(x.float(), w, None)
-                got = q(x.to(linear.weight.dtype)).float()
+                got = q(x.to(linear.weight.dtype)).float()  # (Conv1D: the same dtype)
                 if linear.bias is not None:
                     got = got - linear.bias.float()
                 output_error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()

@@ -447,15 +447,19 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     layout = decoder_layout(layer, "apply_skip_plan")
     if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
         return layer._fastlayers_forward
+    # the names of the layer's positional arguments after the hidden states (GPT-2's blocks are
+    # called with the cache, cache positions and mask by position)
+    names = [p.name for p in inspect.signature(layer._fastlayers_forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
 
     def forward(hidden_states, *args, **kwargs):
-        if layer0_empty:
-            _keep_layer0_length(layer, hidden_states, kwargs)
-        if routed or not runs_attn:
-            _keep_croppable(layer, hidden_states, kwargs, layer_idx)
         kw = dict(kwargs)
-        for name, value in zip(("attention_mask", "position_ids"), args, strict=False):
+        for name, value in zip(names, args, strict=False):
             kw.setdefault(name, value)
+        if layer0_empty:
+            _keep_layer0_length(layer, hidden_states, kw)
+        if routed or not runs_attn:
+            _keep_croppable(layer, hidden_states, kw, layer_idx)
         if layout.parallel:
             return _parallel_block(layer, layout, plan, layer_idx, routed, runs_attn, runs_ffn,
                                    hidden_states, kw)  # fmt: skip
