@@ -92,6 +92,8 @@ ARCHS["GPTNeoX"] = {}
 ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
 # GPT-2: model.transformer.h[i].attn, ln_1 / ln_2, Conv1D projections, no RoPE (skip plans only)
 ARCHS["GPT2"] = {}
+# GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
+ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
 ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
 
 
@@ -103,7 +105,7 @@ def _model(arch, **extra):
     kw.update(ARCHS[arch], **extra)
     for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential"):
         arch = arch.removesuffix(suffix)
-    if arch in ("Persimmon", "GPTNeoX", "GPT2"):  # (multi-head: no key/value head count)
+    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo"):  # (multi-head: no kv head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     head = "GPT2LMHeadModel" if arch == "GPT2" else f"{arch}ForCausalLM"
@@ -154,6 +156,7 @@ LAYOUT_ARCHS = [
     "GPTNeoX",
     "GPTNeoXSequential",
     "GPT2",
+    "GPTNeo",
 ]
 
 
@@ -802,12 +805,13 @@ def test_self_speculative_generate_refuses_a_forward_it_does_not_reproduce():
         self_speculative_generate(model, ids, 1, 4)
 
 
-@pytest.mark.parametrize("arch", ["GPT2", "GPTNeoX", "GPTNeoXSequential"])
+@pytest.mark.parametrize("arch", ["GPT2", "GPTNeoX", "GPTNeoXSequential", "GPTNeo"])
 def test_skip_plans_generate_on_older_architectures(arch):
     """A skip plan (layer 0's attention, layer 1's feedforward skipped) on GPT-2 (blocks called
-    with the cache by position) and GPT-NeoX (the cache passed as ``layer_past``): generate() on a
-    left-padded batch with the model's cache and with a LayerSkipCache equals recomputing without
-    a cache (refused before: other attribute names)."""
+    with the cache by position), GPT-NeoX (the cache passed as ``layer_past``) and GPT-Neo (blocks
+    returning a tuple: a planned layer answering a bare tensor gave the model the batch's first
+    sequence, 69 % off): generate() on a left-padded batch with the model's cache and with a
+    LayerSkipCache equals recomputing without a cache (refused before: other attribute names)."""
     from fastlayers.skip_plan import LayerSkipCache
 
     model = _model(arch)

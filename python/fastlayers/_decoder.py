@@ -262,6 +262,17 @@ def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
     raise ValueError("no width found")
 
 
+_TUPLE_OUTPUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def returns_tuple(layer: torch.nn.Module) -> bool:
+    """Whether ``layer``'s forward returns a tuple whose first element is the hidden states
+    (GPT-Neo's blocks: ``(hidden_states, attn_weights)``) rather than the hidden states, as seen
+    when :func:`decoder_layout` ran it; a stand-in forward must answer alike (the model reads
+    ``outputs[0]``: a bare tensor would give it the first sequence of the batch)."""
+    return _TUPLE_OUTPUT.get(layer, False)
+
+
 def feedforward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's feedforward on ``x``: ``layer.mlp(x)``, its first element where the module
     returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``)."""
@@ -298,6 +309,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
                 out = layer(h, attention_mask=None, position_embeddings=None)
             finally:
                 hook.remove()
+            _TUPLE_OUTPUT[layer] = isinstance(out, tuple)
             out = out[0] if isinstance(out, tuple) else out
             names = (layout.attn_pre, layout.attn_post, layout.ffn_pre, layout.ffn_post)
             norm = {n: getattr(layer, n) for n in names if n}

@@ -40,6 +40,7 @@ from fastlayers._decoder import (
     layer_type,
     logit_softcap,
     qkv_projections,
+    returns_tuple,
     rope_layout,
     rope_tables,
 )
@@ -384,8 +385,8 @@ def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
     if cache is None or not kwargs.get("use_cache", True) or _is_layer_skip_cache(cache):
         return
     b, t = hidden_states.shape[:2]
-    attn = attention_of(layer)
-    zeros = hidden_states.new_zeros(b, head_counts(attn)[1], t, head_dim_of(attn))
+    heads, d = _kv_heads_and_dim(layer, hidden_states)
+    zeros = hidden_states.new_zeros(b, heads, t, d)
     cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
 
 
@@ -404,10 +405,21 @@ def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
         return
     slot = layers[layer_idx]
     if getattr(slot, "is_sliding", False) and getattr(slot, "is_initialized", True) is False:
-        attn = attention_of(layer)
         b = hidden_states.shape[0]
-        empty = hidden_states.new_zeros(b, head_counts(attn)[1], 0, head_dim_of(attn))
+        heads, d = _kv_heads_and_dim(layer, hidden_states)
+        empty = hidden_states.new_zeros(b, heads, 0, d)
         slot.update(empty, empty)
+
+
+def _kv_heads_and_dim(layer, hidden_states) -> tuple[int, int]:
+    """The key/value heads and head size of the layer's cache entries; where the attention module
+    does not say (GPT-Neo's wrapper), one head of the hidden size (a dynamic cache layer takes any
+    shape its first entry gives it, and nothing reads these)."""
+    attn = attention_of(layer)
+    heads, d = head_counts(attn)[1], head_dim_of(attn)
+    if heads is None or d is None:
+        return 1, hidden_states.shape[-1]
+    return heads, d
 
 
 def _residual(layer, sublayer, hidden_states, pre: str | None, post: str | None, mult: float):
@@ -452,7 +464,13 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     names = [p.name for p in inspect.signature(layer._fastlayers_forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
 
+    tuple_out = returns_tuple(layer)  # (GPT-Neo: (hidden_states, attn_weights))
+
     def forward(hidden_states, *args, **kwargs):
+        out = _planned(hidden_states, *args, **kwargs)
+        return (out, None) if tuple_out else out
+
+    def _planned(hidden_states, *args, **kwargs):
         kw = dict(kwargs)
         for name, value in zip(names, args, strict=False):
             kw.setdefault(name, value)

@@ -22,10 +22,9 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from fastlayers._decoder import (
-    applies_rope,
-    apply_qk_norm,
     attention_mismatch,
     attention_of,
+    attention_qkv,
     attention_unsupported,
     decoder_layers,
     head_counts,
@@ -33,7 +32,6 @@ from fastlayers._decoder import (
     inner_model,
     logit_softcap,
     qk_norms,
-    qk_norms_after_rope,
     qkv_projections,
     rope_layout,
     rope_tables,
@@ -396,14 +394,27 @@ def calibrate_rope_aware_kv(
         raise ValueError(
             f"pairing={pairing!r}, but the model's RoPE pairs channels {layouts[0].pairing!r}"
         )
-    keys = {i: [] for i in range(len(mods))}
-    hooks = []
+    keys = {i: [] for i in range(len(mods))}  # pre-RoPE, as k_proj gives them
+    rotated = {i: [] for i in range(len(mods))}  # as the attention is given them
+    hooks, busy = [], set()
     projections = [qkv_projections(m) for m in mods]
-    for i, qkv in enumerate(projections):
+    for i, (m, qkv) in enumerate(zip(mods, projections, strict=True)):
 
-        def hook(mod, args, out, i=i, qkv=qkv):
+        def hook(mod, args, out, i=i, m=m, qkv=qkv):
+            if i in busy:  # (attention_qkv below calls the projection again)
+                return
             k = out if qkv.fused is None else qkv.split(out)[1]
             keys[i].append(k.detach().float())  # [B, T, H_kv * d]
+            x = args[0]  # [B, T, hidden] at positions 0..T-1: the module's own q/k/v, q/k norms
+            b, t = x.shape[:2]  # and RoPE (attention_qkv, the routed path's code, checked
+            pos = torch.arange(t, device=x.device)[None].expand(b, t)  # against the module)
+            cos, sin = rope_tables(rotary, m, x, pos)
+            busy.add(i)
+            try:
+                k_rot = attention_qkv(m, x.flatten(0, 1), cos.flatten(0, 1), sin.flatten(0, 1))[1]
+            finally:
+                busy.discard(i)
+            rotated[i].append(k_rot.float())  # [B * T, H_kv, d]
 
         hooks.append(qkv.k.register_forward_hook(hook))
     try:
@@ -419,19 +430,7 @@ def calibrate_rope_aware_kv(
         d = head_dim_of(m)
         pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], d)
                          .flatten(0, 1) for k in keys[i]])  # fmt: skip
-        rotates = applies_rope(m, layouts[i].table_width)  # (NoPE layers: the keys as they are)
-        after = qk_norms_after_rope(m)
-        rot = []
-        for k in keys[i]:  # [B, T, H_kv * d] -> rotate at positions 0..T-1
-            b, t, _ = k.shape
-            kk = k.view(b, t, -1, d)
-            kk = (kk if after else apply_qk_norm(k_norm, kk)).float().transpose(1, 2)
-            pos = torch.arange(t, device=k.device)[None].expand(b, t)
-            cos, sin = rope_tables(rotary, m, kk, pos)
-            kr = (layouts[i].rotate(kk, kk, cos, sin)[1] if rotates else kk).transpose(1, 2)
-            kr = apply_qk_norm(k_norm, kr).float() if after else kr  # (HunYuan: after RoPE)
-            rot.append(kr.reshape(b * t, -1, d))
-        rot = torch.cat(rot)
+        rot = torch.cat(rotated[i])
         s = compute_post_rope_scales(rot, beta, top_k, pairing, r) if post_rope else None
         if pre_rope and k_norm is None:  # (a norm after the projections would undo the fold)
             exclude = s != 1 if s is not None else None
