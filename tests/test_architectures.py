@@ -2,13 +2,14 @@
 """The decoder structures fastlayers reads (fastlayers/_decoder.py) on small Hugging Face models
 of several architectures, built from configs (no download): skip plans follow each layout's norms
 (Llama-style; sandwich norms of Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X; post-norms of OLMo 2 and
-EXAONE 4; residual multipliers; parallel blocks of Cohere, Phi, StableLM), routed attention
-applies q/k norms (StableLM's and Phi's qk_layernorm included), the model's own RoPE (partial
-RoPE of StableLM and GLM included) and sliding windows, the RoPE-aware KV calibration and FireQ
-smoothing leave the float model's function unchanged (with Gemma 2's logit soft-capping too), and
-what cannot be supported (fused qkv projections, q/k norms of unknown form, submodules no layout
-places, layers whose output is not their names' layout) is refused with a clear error before the
-model changes."""
+EXAONE 4; residual multipliers; parallel blocks of Cohere, Phi, StableLM and GPT-NeoX; GPT-2 and
+GPT-Neo blocks), routed attention applies q/k norms (StableLM's and Phi's qk_layernorm included),
+fused qkv projections (Phi-3, Persimmon, GPT-NeoX), the model's own RoPE (partial RoPE of StableLM
+and GLM included), attention sinks (GPT-OSS) and sliding windows, the RoPE-aware KV calibration
+and FireQ smoothing leave the float model's function unchanged (with Gemma 2's logit soft-capping
+too), and what cannot be supported (q/k norms of unknown form, submodules no layout places,
+layers whose output is not their names' layout, queries computed otherwise than from the
+module's parts) is refused with a clear error before the model changes."""
 
 import dataclasses
 import math
@@ -828,6 +829,26 @@ def test_skip_plans_generate_on_older_architectures(arch):
             assert torch.equal(got.sequences, plain.sequences)
             for a, b in zip(got.scores, plain.scores, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["GPT2", "GPTNeoX"])
+@pytest.mark.parametrize("mlp", ["fff", "peer"])
+def test_mlp_swaps_read_the_sizes_of_feedforwards_that_name_none(arch, mlp):
+    """GPT-2's and GPT-NeoX's feedforwards name no sizes: the swap reads them from the first
+    linear layer (GPT-2's Conv1D ``c_fc``; left unswapped before); unpatch_model restores them."""
+    model = _model(arch)
+    want = _logits(model, torch.randint(3, 128, (1, 5)))
+    originals = [layer.mlp for layer in decoder_layers(model)]
+    report = fastlayers.patch_model(model, rms_norm=False, mlp=mlp)
+    assert len(report.swapped) == 2 and not report.left
+    got = _logits(model, torch.randint(3, 128, (1, 5)))
+    assert got.shape == want.shape and bool(torch.isfinite(got).all())
+    new = decoder_layers(model)[0].mlp
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert new.eval()(x).shape == (3, 128)
+    fastlayers.unpatch_model(model)
+    assert all(a is b.mlp for a, b in zip(originals, decoder_layers(model), strict=True))
 
 
 def test_int4_linears_on_gpt2s_conv1d_projections():

@@ -10,6 +10,12 @@ import torch
 
 from _tolerances import opcheck_with_fp8_inputs, rand
 from fastlayers import quant
+from fastlayers.ops.kvint4 import (
+    _attention_reference,
+    _reference,
+    int4_kv_attention,
+    int4_kv_decode,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -685,6 +691,13 @@ def test_int4_kv_attention_is_causal_over_the_cache(device, b, hq, hkv, d, group
                                 (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip
 
 
+def _int4_cache(hkv, t, d, group, device):
+    """Random keys and values of 2 sequences through the INT4 cache format: (k, ks, v, vs)."""
+    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    return k, ks, v, vs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8)])
 def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
@@ -692,16 +705,8 @@ def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
     decode and prefill ops vs the float64 references, which put the sink into the softmax (the
     ops rescale the kernels' output by sigmoid(lse - sink)); with soft-capping and left padding;
     a row that sees no token keeps zeros and gets lse = sink; bad sinks refused."""
-    from fastlayers.ops.kvint4 import (
-        _attention_reference,
-        _reference,
-        int4_kv_attention,
-        int4_kv_decode,
-    )
-
     t = 45
-    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
-    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    k, ks, v, vs = _int4_cache(hkv, t, d, group, device)
     q = rand(2, hq, d, dtype=dtype, device=device, scale=3.0)
     q3 = rand(2, hq, 7, d, dtype=dtype, device=device, scale=3.0)
     sinks = torch.randn(hq, device=device) * 2
@@ -736,16 +741,8 @@ def test_int4_kv_softcap_matches_reference(device, hq, hkv, d, group):
     """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores) in the
     decode and prefill kernels vs the float64 reference, on scores several times the cap; a
     softcap of 0 or None is none; bad values are refused."""
-    from fastlayers.ops.kvint4 import (
-        _attention_reference,
-        _reference,
-        int4_kv_attention,
-        int4_kv_decode,
-    )
-
     t = 45
-    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
-    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    k, ks, v, vs = _int4_cache(hkv, t, d, group, device)
     q = rand(2, hq, d, dtype=torch.float32, device=device, scale=10.0)
     q3 = rand(2, hq, 7, d, dtype=torch.float32, device=device, scale=10.0)
     for cap in (1.5, 30.0):

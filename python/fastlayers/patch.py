@@ -89,6 +89,18 @@ def _new_mlp(kind: str, hidden: int, intermediate: int, like: torch.Tensor) -> t
     return PEER(hidden, keys * keys, heads=8, topk=16, dim_key=min(256, hidden // 2 * 2), **kw)
 
 
+def _feedforward_sizes(mlp: torch.nn.Module) -> tuple[int | None, int | None]:
+    """``(hidden, intermediate)`` of a feedforward that names neither: its first linear layer's
+    input and output widths (``dense_h_to_4h``, GPT-2's ``Conv1D`` ``c_fc``)."""
+    from fastlayers.quantize import _linear_weight
+
+    for module in mlp.modules():
+        w = _linear_weight(module)
+        if w is not None:
+            return w.shape[1], w.shape[0]
+    return None, None
+
+
 def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
     from fastlayers._decoder import decoder_layers
 
@@ -104,6 +116,8 @@ def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
         cfg = getattr(old, "config", None)
         hidden = getattr(cfg, "hidden_size", None) or getattr(old, "hidden_size", None)
         inter = getattr(cfg, "intermediate_size", None) or getattr(old, "intermediate_size", None)
+        if weight is not None and not (hidden and inter):  # (GPT-NeoX, GPT-2: no sizes named)
+            hidden, inter = _feedforward_sizes(old)
         if weight is None or not hidden or not inter:
             report.left.append((index.get(id(old), "mlp"), "feedforward sizes not found"))
             continue
