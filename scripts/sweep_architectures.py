@@ -41,6 +41,9 @@ SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_
              head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, moe_intermediate_size=64,
              num_experts=4, num_experts_per_tok=2, n_routed_experts=4, num_local_experts=4,
              first_k_dense_replace=0)  # fmt: skip
+# Multi-head latent attention (DeepSeek V2, ...): its head sizes, and RoPE on a 16-channel part.
+MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
+           q_lora_rank=64, qk_head_dim=32, head_dim=16)  # fmt: skip
 CHECKS = ("full", "skip", "routed", "gen", "rms", "kv", "int4", "spec")
 
 
@@ -58,7 +61,12 @@ def build(model_type: str):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cfg = AutoConfig.for_model(model_type)
-    for key, value in SMALL.items():
+    small = dict(SMALL)
+    if hasattr(cfg, "qk_rope_head_dim"):
+        small.update(MLA)
+    if hasattr(cfg, "rotary_dim"):  # (GPT-J, CodeGen: RoPE on a part of each 32-channel head)
+        small["rotary_dim"] = 16
+    for key, value in small.items():
         if hasattr(cfg, key) or key == "head_dim":
             try:
                 setattr(cfg, key, value)
@@ -111,7 +119,7 @@ def run_checks(model_type: str) -> dict[str, str]:
     want = _logits(model, ids)
 
     def layers():
-        return model.config.num_hidden_layers
+        return len(decoder_layers(model))
 
     def full():
         planned = fastlayers.apply_skip_plan(build(model_type), SkipPlan.full(layers()))
@@ -135,7 +143,8 @@ def run_checks(model_type: str) -> dict[str, str]:
 
     def gen():
         n = layers()
-        plan = SkipPlan([LayerPlan("routed")] + [LayerPlan()] * (n - 2) + [LayerPlan("skip")])
+        last = [LayerPlan("skip")] if n > 1 else []  # (one layer: routed only)
+        plan = SkipPlan([LayerPlan("routed")] + [LayerPlan()] * (n - 2) + last)
         planned = fastlayers.apply_skip_plan(build(model_type), plan)
         with torch.no_grad():
             router = decoder_layers(planned)[0].fastlayers_router

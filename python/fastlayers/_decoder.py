@@ -205,8 +205,9 @@ def _layouts_by_names(layer, others: set[str]) -> list[DecoderLayout]:
                 parallel = dataclasses.replace(layout, parallel=True)
                 return [layout, parallel]
             return [layout]
-    if others == {"input_layernorm"}:  # (no norm before the feedforward: parallel, if it holds)
-        return [DecoderLayout("input_layernorm", None, "input_layernorm", None, mult, True)]
+    if len(others) == 1 and others <= {"input_layernorm", "ln_1"}:  # (GPT-J, CodeGen: ln_1)
+        norm = next(iter(others))  # (no norm before the feedforward: parallel, if it holds)
+        return [DecoderLayout(norm, None, norm, None, mult, True)]
     return []
 
 
@@ -453,6 +454,8 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
     projections :func:`qkv_projections` reads (separate or fused; ``cap``: the model's logit
     soft-capping, :func:`logit_softcap`), with the q/k norms :func:`qk_norms` reads and nothing
     else of their own."""
+    if isinstance(attn, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # (LongCat-Flash)
+        return f"the layer's attention is a {type(attn).__name__} (several attentions per layer)"
     qkv = qkv_projections(attn)
     if isinstance(qkv, str):
         return qkv
