@@ -49,8 +49,8 @@ from collections.abc import Callable
 import torch
 
 # The name of each decoder layer's attention: Llama-style ``self_attn``, GPT-NeoX's ``attention``,
-# GPT-2's ``attn``.
-ATTENTION_NAMES = ("self_attn", "attention", "attn")
+# GPT-2's ``attn``, Falcon's and BLOOM's ``self_attention``.
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 # Where a causal LM keeps the module holding its layers (``model`` for Llama-style, ``gpt_neox``).
 _INNER_NAMES = ("model", "gpt_neox", "transformer")
 
