@@ -24,6 +24,7 @@ from fastlayers._decoder import (
     attention_of,
     decoder_layers,
     decoder_layout,
+    feedforward_name,
     rope_layout,
 )
 from fastlayers.quantize import _smooth
@@ -95,6 +96,11 @@ ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
 ARCHS["GPT2"] = {}
 # GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
 ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
+# a feedforward named block_sparse_moe, residual multipliers (Granite MoE); feed_forward, a MoE
+# answering its tokens flattened (Llama 4)
+ARCHS["GraniteMoe"] = dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5)
+ARCHS["Llama4Text"] = dict(head_dim=32, num_local_experts=4, intermediate_size_mlp=256,
+                           interleave_moe_layer_step=1)  # fmt: skip
 ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
 
 
@@ -109,7 +115,9 @@ def _model(arch, **extra):
     if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo"):  # (multi-head: no kv head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
-    head = "GPT2LMHeadModel" if arch == "GPT2" else f"{arch}ForCausalLM"
+    head = {"GPT2": "GPT2LMHeadModel", "Llama4Text": "Llama4ForCausalLM"}.get(
+        arch, f"{arch}ForCausalLM"
+    )
     model = getattr(transformers, head)(cfg).eval()
     with torch.no_grad():  # norms away from their initial values, so that their placement matters
         for name, p in model.named_parameters():
@@ -158,6 +166,8 @@ LAYOUT_ARCHS = [
     "GPTNeoXSequential",
     "GPT2",
     "GPTNeo",
+    "GraniteMoe",
+    "Llama4Text",
 ]
 
 
@@ -177,7 +187,7 @@ def test_skip_plans_follow_each_layout(arch):
         if sub == "attn":
             setattr(layer, attention_name(layer), _ZeroAttention())
         else:
-            layer.mlp = _ZeroMLP(pair=arch == "GptOss")
+            setattr(layer, feedforward_name(layer), _ZeroMLP(pair=arch in ("GptOss", "Llama4Text")))
         plan = SkipPlan([LayerPlan(), LayerPlan(**{sub: "skip"})])
         planned = fastlayers.apply_skip_plan(_model(arch), plan)
         assert torch.equal(_logits(planned, ids), _logits(ref, ids)), sub
@@ -188,7 +198,8 @@ def test_skip_plans_follow_each_layout(arch):
     ["Llama", "Qwen3", "Gemma2", "Gemma3", "Olmo2", "Granite", "StableLm", "Glm", "Glm4",
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
-     "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential"],
+     "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
+     "GraniteMoe"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -517,6 +528,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "NanoChat",
         "Ministral3",
         "GPTNeoX",
+        "GraniteMoe",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -651,7 +663,8 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
-     "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential"],
+     "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
+     "Llama4Text", "GraniteMoe"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window

@@ -55,6 +55,21 @@ ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _INNER_NAMES = ("model", "gpt_neox", "transformer")
 
 
+# The name of each decoder layer's feedforward: ``mlp``, Granite MoE's and Mixtral-style
+# ``block_sparse_moe``, ``feed_forward``.
+FEEDFORWARD_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+
+
+def feedforward_name(layer: torch.nn.Module) -> str | None:
+    """The name of ``layer``'s feedforward submodule (:data:`FEEDFORWARD_NAMES`), or None."""
+    return next((n for n in FEEDFORWARD_NAMES if _has(layer, n)), None)
+
+
+def feedforward_of(layer: torch.nn.Module) -> torch.nn.Module:
+    """``layer``'s feedforward module (``mlp``, ``block_sparse_moe`` or ``feed_forward``)."""
+    return getattr(layer, feedforward_name(layer) or "mlp")
+
+
 def attention_name(layer: torch.nn.Module) -> str | None:
     """The name of ``layer``'s attention submodule (:data:`ATTENTION_NAMES`), or None."""
     return next((n for n in ATTENTION_NAMES if _has(layer, n)), None)
@@ -160,9 +175,11 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     Read once per layer and set of submodule names (the check runs the layer)."""
     kind = type(layer).__name__
     attn = attention_name(layer)
-    if attn is None or not _has(layer, "mlp"):
-        raise TypeError(f"{what}: {kind} has no self_attn (or attention) and mlp submodules")
-    others = _children_besides(layer, (attn, "mlp"))
+    ffn = feedforward_name(layer)
+    if attn is None or ffn is None:
+        raise TypeError(f"{what}: {kind} has no self_attn (or attention) and mlp (or "
+                        "block_sparse_moe, feed_forward) submodules")  # fmt: skip
+    others = _children_besides(layer, (attn, ffn))
     key = tuple(sorted(others))
     known = _LAYOUTS.get(layer)
     if known is not None and known[0] == key:
@@ -275,10 +292,12 @@ def returns_tuple(layer: torch.nn.Module) -> bool:
 
 
 def feedforward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's feedforward on ``x``: ``layer.mlp(x)``, its first element where the module
-    returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``)."""
-    out = layer.mlp(x)
-    return out[0] if isinstance(out, tuple) else out
+    """The layer's feedforward on ``x`` (:func:`feedforward_of`), its first element where it
+    returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``), in ``x``'s shape."""
+    out = feedforward_of(layer)(x)
+    out = out[0] if isinstance(out, tuple) else out
+    # (Llama 4's MoE answers its tokens flattened, [B * T, hidden]: the layer views them back)
+    return out.view(x.shape) if out.shape != x.shape and out.numel() == x.numel() else out
 
 
 def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
@@ -304,7 +323,9 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
         layer.eval()
         layer._modules[name] = fixed
         seen_mlp = []
-        hook = layer.mlp.register_forward_pre_hook(lambda mod, args: seen_mlp.append(args[0]))
+        hook = feedforward_of(layer).register_forward_pre_hook(
+            lambda mod, args: seen_mlp.append(args[0])
+        )
         with torch.no_grad():
             try:  # (some layers take position_embeddings as a required argument: Beam)
                 out = layer(h, attention_mask=None, position_embeddings=None)

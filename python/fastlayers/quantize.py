@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from fastlayers._decoder import attention_name, decoder_layout
+from fastlayers._decoder import attention_name, decoder_layout, feedforward_name
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
 from fastlayers.nn.rmsnorm import norm_weight_offset
 from fastlayers.ops.int4_fp8 import QuantizedWeight, quantize_int4
@@ -191,7 +191,7 @@ def _ffn_norm(module: torch.nn.Module) -> str | None:
     """The path of the norm feeding ``module``'s feedforward alone, for a decoder layer of a known
     layout (fastlayers._decoder); None otherwise (a parallel block's norm feeds the attention
     too, which smoothing it would change)."""
-    if attention_name(module) is None or not hasattr(module, "mlp"):
+    if attention_name(module) is None or feedforward_name(module) is None:
         return None
     try:
         layout = decoder_layout(module)

@@ -34,6 +34,7 @@ from fastlayers._decoder import (
     decoder_layers,
     decoder_layout,
     feedforward,
+    feedforward_of,
     head_counts,
     head_dim_of,
     inner_model,
@@ -177,7 +178,7 @@ class SkipPlan:
             # change to it leaves the post-norm (or the sublayer itself)
             layout = decoder_layout(layer, "SkipPlan.from_similarity")
             subs = (("attn", attention_of(layer), layout.attn_pre, layout.attn_post),
-                    ("ffn", layer.mlp, layout.ffn_pre, layout.ffn_post))  # fmt: skip
+                    ("ffn", feedforward_of(layer), layout.ffn_pre, layout.ffn_post))  # fmt: skip
             for sub, sublayer, pre_name, post_name in subs:
                 norm = sublayer if pre_name is None else getattr(layer, pre_name)
                 module = sublayer if post_name is None else getattr(layer, post_name)
