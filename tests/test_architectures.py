@@ -383,6 +383,17 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
     with pytest.raises(ValueError, match=match):
         fastlayers.patch_model(model, kv_cache="int4_rope_aware",
                                calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    cfg = DeepseekV2Config(vocab_size=128, hidden_size=128, intermediate_size=256,
+                           num_hidden_layers=2, num_attention_heads=4, qk_rope_head_dim=16,
+                           qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32, q_lora_rank=64,
+                           head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=64, first_k_dense_replace=2)  # fmt: skip
+    model = DeepseekV2ForCausalLM(cfg).eval()  # (multi-head latent attention)
+    with pytest.raises(ValueError, match="DeepseekV2Attention is multi-head latent attention"):
+        fastlayers.apply_skip_plan(model, routed)
+    fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(), LayerPlan("skip")]))  # (plans: yes)
     model = _model("Ministral3")  # queries scaled by position: routed attention recomputes them
     with pytest.raises(ValueError, match="Ministral3Attention's queries are not what"):
         fastlayers.apply_skip_plan(model, routed)

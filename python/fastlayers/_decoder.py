@@ -477,6 +477,9 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
     else of their own."""
     if isinstance(attn, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # (LongCat-Flash)
         return f"the layer's attention is a {type(attn).__name__} (several attentions per layer)"
+    if _has(attn, "kv_b_proj") or _has(attn, "kv_a_proj_with_mqa"):  # (DeepSeek V2/V3, MiniCPM3)
+        return (f"{type(attn).__name__} is multi-head latent attention (keys and values from "
+                "kv_a_proj_with_mqa / kv_b_proj), which fastlayers does not support")  # fmt: skip
     qkv = qkv_projections(attn)
     if isinstance(qkv, str):
         return qkv
