@@ -26,7 +26,8 @@ norm, Gemma 2's normalises the attention's output):
   names of the Llama style: running the layer tells them apart).
 
 GPT-NeoX names the attention ``attention`` (``self_attn`` elsewhere) and keeps its layers in
-``model.gpt_neox`` (:func:`inner_model`).
+``model.gpt_neox``, GPT-2 in ``model.transformer.h`` with ``attn`` (:func:`inner_model`,
+:data:`ATTENTION_NAMES`); feedforwards are ``mlp``, ``block_sparse_moe`` or ``feed_forward``.
 
 Names alone are not trusted: the layout read from them is checked by running the layer once with
 its attention answering a fixed random tensor (:func:`_layout_holds`); the layer's output must be
@@ -51,7 +52,8 @@ import torch
 # The name of each decoder layer's attention: Llama-style ``self_attn``, GPT-NeoX's ``attention``,
 # GPT-2's ``attn``, Falcon's and BLOOM's ``self_attention``.
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
-# Where a causal LM keeps the module holding its layers (``model`` for Llama-style, ``gpt_neox``).
+# Where a causal LM keeps the module holding its layers: ``model`` (Llama-style), ``gpt_neox``,
+# GPT-2's ``transformer``.
 _INNER_NAMES = ("model", "gpt_neox", "transformer")
 
 
@@ -76,7 +78,7 @@ def attention_name(layer: torch.nn.Module) -> str | None:
 
 
 def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
-    """``layer``'s attention module (``self_attn``, or GPT-NeoX's ``attention``)."""
+    """``layer``'s attention module (:data:`ATTENTION_NAMES`)."""
     return getattr(layer, attention_name(layer) or "self_attn")
 
 
@@ -89,7 +91,7 @@ def head_dim_of(attn: torch.nn.Module) -> int | None:
 
 def inner_model(model) -> torch.nn.Module:
     """The module that holds the decoder layers, the embeddings and the final norm: ``model.model``
-    (Llama-style), ``model.gpt_neox``, or ``model`` itself."""
+    (Llama-style), ``model.gpt_neox``, ``model.transformer`` (GPT-2), or ``model`` itself."""
     for name in _INNER_NAMES:
         inner = getattr(model, name, None)
         if isinstance(inner, torch.nn.Module) and any(
@@ -112,8 +114,9 @@ def decoder_layers(model, what: str = "this function") -> torch.nn.ModuleList:
         if isinstance(m, torch.nn.ModuleList) and len(m) and attention_name(m[0]) is not None:
             return m
     raise TypeError(
-        f"{what}: expected a Hugging Face decoder (model.model.layers or model.gpt_neox.layers, "
-        "each with self_attn or attention, mlp and its norms), got " + type(model).__name__
+        f"{what}: expected a Hugging Face decoder (model.model.layers, model.gpt_neox.layers or "
+        f"model.transformer.h, each with an attention ({' / '.join(ATTENTION_NAMES)}), a "
+        f"feedforward ({' / '.join(FEEDFORWARD_NAMES)}) and its norms), got " + type(model).__name__
     )
 
 
@@ -177,8 +180,8 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     attn = attention_name(layer)
     ffn = feedforward_name(layer)
     if attn is None or ffn is None:
-        raise TypeError(f"{what}: {kind} has no self_attn (or attention) and mlp (or "
-                        "block_sparse_moe, feed_forward) submodules")  # fmt: skip
+        raise TypeError(f"{what}: {kind} has no attention ({' / '.join(ATTENTION_NAMES)}) and "
+                        f"feedforward ({' / '.join(FEEDFORWARD_NAMES)}) submodules")  # fmt: skip
     others = _children_besides(layer, (attn, ffn))
     key = tuple(sorted(others))
     known = _LAYOUTS.get(layer)
@@ -188,7 +191,7 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     if not candidates:
         raise TypeError(
             f"{what}: {kind} is not a known decoder layout: its submodules besides {attn} and "
-            f"mlp ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
+            f"{ffn} ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
             "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X), post-norm (OLMo 2) or parallel "
             "(Cohere, Phi, GPT-NeoX) layer"
         )
