@@ -625,23 +625,32 @@ def test_kv_calibration_reads_the_keys_the_model_attends_with(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["Llama", "Gemma", "Gemma2", "Gemma3", "Olmo2", "Cohere", "StableLmParallel"]
-)
+    "arch",
+    ["Llama", "Gemma", "Gemma2", "Gemma3", "Olmo2", "Cohere", "StableLmParallel", "GPTNeoX",
+     "GPTNeoXSequential"],
+)  # fmt: skip
 def test_smoothing_keeps_the_float_model(arch):
     """FireQ smoothing moves scales between a producer and its consumers: the float function must
-    not change. The norm feeding the feedforward is the producer only in Llama-style layers (in
-    Gemma 2/3 ``post_attention_layernorm`` normalises the attention's output, OLMo 2 has no norm
-    before its feedforward, a Gemma ``1 + w`` norm cannot take ``w / lambda``, and a parallel
-    block's norm feeds the attention too)."""
+    not change. The norm feeding the feedforward is the producer only in Llama-style and GPT-NeoX
+    layers (in Gemma 2/3 ``post_attention_layernorm`` normalises the attention's output, OLMo 2
+    has no norm before its feedforward, a Gemma ``1 + w`` norm cannot take ``w / lambda``, and the
+    one norm of a Cohere / StableLM parallel block feeds the attention too; GPT-NeoX's parallel
+    block has a norm of its own for the feedforward, a LayerNorm whose bias is scaled too)."""
     ids = torch.randint(3, 128, (2, 12))
     model = _model(arch)
+    if arch.startswith("GPTNeoX"):  # (LayerNorm biases away from zero)
+        with torch.no_grad():
+            for layer in decoder_layers(model):
+                layer.post_attention_layernorm.bias.uniform_(-0.5, 0.5)
     want = _logits(model, ids)
     done = [producer for producer, _ in _smooth(model)]
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
     norms = [p for p in done if "norm" in p]
-    llama = [f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
-    assert norms == (llama if arch == "Llama" else [])
-    assert sum(p.endswith("mlp.up_proj") for p in done) == 2
+    prefix = "gpt_neox" if arch.startswith("GPTNeoX") else "model"
+    expected = [f"{prefix}.layers.{i}.post_attention_layernorm" for i in range(2)]
+    assert norms == (expected if arch in ("Llama", "GPTNeoX", "GPTNeoXSequential") else [])
+    ups = sum(p.endswith("mlp.up_proj") for p in done)
+    assert ups == (0 if arch.startswith("GPTNeoX") else 2)  # (GELU MLPs: no up -> down pair)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,10 @@
    consumer then has the same mean magnitude, so one outlier column no longer sets the INT4 step of
    every group it falls in; the inverse factor moves into the activations, which FP8 (per-token
    scale, 3-bit mantissa) carries without loss of relative precision. Pairs recognised (Hugging
-   Face names): the norm feeding the feedforward ``-> mlp.{gate,up}_proj``
-   (``post_attention_layernorm`` in Llama-style layers, ``pre_feedforward_layernorm`` in Gemma 2/3;
-   never a Gemma ``1 + w`` norm) and ``mlp.up_proj ->
+   Face names): the norm feeding the feedforward ``-> mlp.{gate,up}_proj`` (GPT-NeoX:
+   ``mlp.dense_h_to_4h``; ``post_attention_layernorm`` in Llama-style and GPT-NeoX layers, also
+   GPT-NeoX's parallel block, where it feeds the feedforward alone; ``pre_feedforward_layernorm``
+   in Gemma 2/3; never a Gemma ``1 + w`` norm) and ``mlp.up_proj ->
    mlp.down_proj`` (Llama, Mistral, Qwen: the MLP is linear in ``up``), ``self_attn.v_proj ->
    self_attn.o_proj`` (when ``o_proj`` reads ``v_proj``'s channels one to one, i.e. no
    grouped-query sharing) and BERT's ``attention.self.value -> attention.output.dense``.
@@ -51,6 +52,7 @@ FFN_NORM = "<the decoder layer's feedforward norm>"
 # (producer path, consumer paths, producer kind), relative to a common parent module.
 SMOOTH_PAIRS = (
     (FFN_NORM, ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+    (FFN_NORM, ("mlp.dense_h_to_4h",), "norm"),  # GPT-NeoX
     ("mlp.up_proj", ("mlp.down_proj",), "linear"),
     ("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
     ("attention.self.value", ("attention.output.dense",), "linear"),
@@ -189,15 +191,15 @@ def _smooth_pair(producer, consumers, kind) -> bool:
 
 def _ffn_norm(module: torch.nn.Module) -> str | None:
     """The path of the norm feeding ``module``'s feedforward alone, for a decoder layer of a known
-    layout (fastlayers._decoder); None otherwise (a parallel block's norm feeds the attention
-    too, which smoothing it would change)."""
+    layout (fastlayers._decoder); None otherwise (the one norm of a Cohere / Phi parallel block
+    feeds the attention too, which smoothing it would change; GPT-NeoX's has one per sublayer)."""
     if attention_name(module) is None or feedforward_name(module) is None:
         return None
     try:
         layout = decoder_layout(module)
     except TypeError:
         return None
-    return None if layout.parallel else layout.ffn_pre
+    return None if layout.parallel and layout.ffn_pre == layout.attn_pre else layout.ffn_pre
 
 
 def _smooth(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
