@@ -40,7 +40,7 @@ SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
              head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, moe_intermediate_size=64,
              num_experts=4, num_experts_per_tok=2, n_routed_experts=4, num_local_experts=4,
-             first_k_dense_replace=0)  # fmt: skip
+             first_k_dense_replace=0, n_group=1, topk_group=1)  # fmt: skip
 # Multi-head latent attention (DeepSeek V2, ...): its head sizes, and RoPE on a 16-channel part.
 MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
            q_lora_rank=64, qk_head_dim=32, head_dim=16)  # fmt: skip
@@ -72,8 +72,11 @@ def build(model_type: str):
                 setattr(cfg, key, value)
             except Exception:  # noqa: BLE001 (a computed property: leave it)
                 pass
-    if getattr(cfg, "layer_types", None) is not None:
-        cfg.layer_types = list(cfg.layer_types)[: SMALL["num_hidden_layers"]]
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:  # enough layers to hold one of each type (hybrids: an attention layer)
+        types = list(types)
+        n = max(SMALL["num_hidden_layers"], *(types.index(t) + 1 for t in set(types)))
+        cfg.num_hidden_layers, cfg.layer_types = n, types[:n]
     if getattr(cfg, "sliding_window", None) is not None:
         cfg.sliding_window = 6
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
@@ -111,7 +114,7 @@ class _ZeroAttention(torch.nn.Module):
 def run_checks(model_type: str) -> dict[str, str]:
     import fastlayers
     from fastlayers import quant
-    from fastlayers._decoder import attention_name, decoder_layers
+    from fastlayers._decoder import decoder_layers, linear_mixer, mixer_name
     from fastlayers.skip_plan import LayerPlan, LayerSkipCache, SkipPlan, self_speculative_generate
 
     model = build(model_type)
@@ -135,27 +138,38 @@ def run_checks(model_type: str) -> dict[str, str]:
         got = _logits(planned, ids)
         zeroed = build(model_type)
         last = decoder_layers(zeroed)[n - 1]
-        setattr(last, attention_name(last), _ZeroAttention())
+        setattr(last, mixer_name(last), _ZeroAttention())
         return _verdict(_rel(got, _logits(zeroed, ids)), 1e-5)
+
+    def attention_layers():  # (a hybrid's softmax attention layers; all layers elsewhere)
+        try:
+            found = [i for i, x in enumerate(decoder_layers(model)) if linear_mixer(x) is None]
+        except TypeError:
+            found = []
+        return found or list(range(layers()))
 
     def routed():
         every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
-        plan = SkipPlan([LayerPlan()] * (layers() - 1) + [every])
+        n, last = layers(), attention_layers()[-1]
+        plan = SkipPlan([every if i == last else LayerPlan() for i in range(n)])
         planned = fastlayers.apply_skip_plan(build(model_type), plan)
         return _verdict(_rel(_logits(planned, ids), want), 1e-4)
 
     def gen():
-        n = layers()
-        last = [LayerPlan("skip")] if n > 1 else []  # (one layer: routed only)
-        plan = SkipPlan([LayerPlan("routed")] + [LayerPlan()] * (n - 2) + last)
-        planned = fastlayers.apply_skip_plan(build(model_type), plan)
+        n, first = layers(), attention_layers()[0]
+        plan = [LayerPlan("routed") if i == first else LayerPlan() for i in range(n)]
+        if n - 1 != first:  # (one layer: routed only)
+            plan[-1] = LayerPlan("skip")
+        planned = fastlayers.apply_skip_plan(build(model_type), SkipPlan(plan))
         with torch.no_grad():
-            router = decoder_layers(planned)[0].fastlayers_router
+            router = decoder_layers(planned)[first].fastlayers_router
             router.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
             router.bias.zero_()
         kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
-        for cache in (None, LayerSkipCache()):
+        hybrid = any(linear_mixer(layer) is not None for layer in decoder_layers(planned))
+        skip_cache = LayerSkipCache(config=planned.config) if hybrid else LayerSkipCache()
+        for cache in (None, skip_cache):
             with torch.no_grad():
                 out = planned.generate(ids[:1], **kw, **({} if cache is None else {"cache": cache}))
                 seq = ids[:1]

@@ -57,7 +57,8 @@ def test_fold_on_the_rows_of_a_fused_qkv_projection(fused):
     k[:, 0, 3] *= 20
 
     def scores():
-        q, kk, v = qkv.project(x)
+        q, kk, v, gate = qkv.project(x)
+        assert gate is None
         q, kk = q.view(7, heads, d), kk.view(7, kv_heads, d).repeat_interleave(heads // kv_heads, 1)
         return torch.einsum("thd,shd->hts", q, kk), v
 

@@ -82,6 +82,45 @@ def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
     return getattr(layer, attention_name(layer) or "self_attn")
 
 
+# Hybrid models mix tokens with something other than softmax attention in some layers: Qwen3-Next,
+# Qwen3.5 and OLMo-hybrid name their gated delta nets ``linear_attn``, LFM2/LFM3 their short
+# convolutions ``conv``; Kimi-Linear and Bailing-hybrid keep theirs as ``self_attn`` and say so in
+# ``config.layer_types`` (or the layer's ``layer_type``).
+LINEAR_MIXER_NAMES = ("linear_attn", "conv")
+_LINEAR_TYPES = ("linear_attention", "conv", "mamba", "mamba2")
+
+
+def mixer_name(layer: torch.nn.Module) -> str | None:
+    """The name of ``layer``'s token mixer: its attention (:data:`ATTENTION_NAMES`) or, in a
+    hybrid's other layers, its linear attention or convolution (:data:`LINEAR_MIXER_NAMES`)."""
+    return attention_name(layer) or next((n for n in LINEAR_MIXER_NAMES if _has(layer, n)), None)
+
+
+def mixer_of(layer: torch.nn.Module) -> torch.nn.Module:
+    """``layer``'s token mixer (:func:`mixer_name`)."""
+    return getattr(layer, mixer_name(layer) or "self_attn")
+
+
+def linear_mixer(layer: torch.nn.Module) -> str | None:
+    """What ``layer`` mixes tokens with where that is not softmax attention (a hybrid's linear
+    attention, convolution or state-space layer: by the mixer's name, the config's
+    ``layer_types`` at its ``layer_idx`` or the layer's own ``layer_type`` / ``block_type``), as
+    words for messages; None for a softmax attention layer."""
+    name = mixer_name(layer)
+    mixer = getattr(layer, name or "", None)
+    kinds = [getattr(layer, "layer_type", None), getattr(layer, "block_type", None)]
+    if mixer is not None:
+        cfg, idx = getattr(mixer, "config", None), getattr(mixer, "layer_idx", None)
+        types = getattr(cfg, "layer_types", None)
+        if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
+            kinds.append(types[idx])
+    kind = next((k for k in kinds if k in _LINEAR_TYPES), None)
+    if name in LINEAR_MIXER_NAMES or kind is not None:
+        what = "a convolution" if name == "conv" or kind == "conv" else "a linear attention"
+        return f"{type(mixer).__name__} ({what})"
+    return None
+
+
 def head_dim_of(attn: torch.nn.Module) -> int | None:
     """The attention's head size: ``head_dim``, or GPT-NeoX's ``head_size``."""
     d = getattr(attn, "head_dim", None)
@@ -111,11 +150,12 @@ def decoder_layers(model, what: str = "this function") -> torch.nn.ModuleList:
             m = getattr(m, part, None)
             if m is None:
                 break
-        if isinstance(m, torch.nn.ModuleList) and len(m) and attention_name(m[0]) is not None:
+        if isinstance(m, torch.nn.ModuleList) and len(m) and mixer_name(m[0]) is not None:
             return m
     raise TypeError(
         f"{what}: expected a Hugging Face decoder (model.model.layers, model.gpt_neox.layers or "
-        f"model.transformer.h, each with an attention ({' / '.join(ATTENTION_NAMES)}), a "
+        f"model.transformer.h, each with an attention ({' / '.join(ATTENTION_NAMES)}; hybrids: "
+        f"{' / '.join(LINEAR_MIXER_NAMES)}), a "
         f"feedforward ({' / '.join(FEEDFORWARD_NAMES)}) and its norms), got " + type(model).__name__
     )
 
@@ -170,6 +210,9 @@ _FAMILIES = (
      ("pre_mlp_layernorm",)),  # AFMoE
     (("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2"),
      ("post_norm1", "post_norm2")),  # HyperCLOVA X
+    (("operator_norm", None, "ffn_norm", None), ("operator_norm", "ffn_norm")),  # LFM2
+    (("operator_norm", "post_operator_norm", "ffn_norm", "post_ffn_norm"),
+     ("post_operator_norm", "post_ffn_norm")),  # LFM3
 )  # fmt: skip
 
 
@@ -177,11 +220,12 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     """The norm layout of one decoder layer (module docstring); TypeError for an unknown one.
     Read once per layer and set of submodule names (the check runs the layer)."""
     kind = type(layer).__name__
-    attn = attention_name(layer)
+    attn = mixer_name(layer)
     ffn = feedforward_name(layer)
     if attn is None or ffn is None:
-        raise TypeError(f"{what}: {kind} has no attention ({' / '.join(ATTENTION_NAMES)}) and "
-                        f"feedforward ({' / '.join(FEEDFORWARD_NAMES)}) submodules")  # fmt: skip
+        raise TypeError(f"{what}: {kind} has no attention ({' / '.join(ATTENTION_NAMES)}; "
+                        f"hybrids: {' / '.join(LINEAR_MIXER_NAMES)}) and feedforward "
+                        f"({' / '.join(FEEDFORWARD_NAMES)}) submodules")  # fmt: skip
     others = _children_besides(layer, (attn, ffn))
     key = tuple(sorted(others))
     known = _LAYOUTS.get(layer)
@@ -192,8 +236,8 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
         raise TypeError(
             f"{what}: {kind} is not a known decoder layout: its submodules besides {attn} and "
             f"{ffn} ({', '.join(sorted(others)) or 'none'}) are not the norms of a Llama-style, "
-            "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X), post-norm (OLMo 2) or parallel "
-            "(Cohere, Phi, GPT-NeoX) layer"
+            "sandwich (Gemma 2/3, GLM-4, AFMoE, HyperCLOVA X, LFM3), post-norm (OLMo 2) or "
+            "parallel (Cohere, Phi, GPT-NeoX) layer"
         )
     for layout in candidates:  # (the names of GPT-NeoX's parallel block are Llama's)
         holds = _layout_holds(layer, layout)
@@ -248,16 +292,17 @@ def _describe(layout: DecoderLayout) -> str:
 
 
 class _FixedAttention(torch.nn.Module):
-    """Stands in for a layer's attention in :func:`_layout_holds`: answers ``out`` and keeps what
-    it was given."""
+    """Stands in for a layer's attention in :func:`_layout_holds`: answers ``out`` (as
+    ``(out, None)`` like an attention, or bare like a hybrid's linear attention) and keeps what it
+    was given."""
 
-    def __init__(self, out: torch.Tensor):
+    def __init__(self, out: torch.Tensor, bare: bool = False):
         super().__init__()
-        self.out, self.seen = out, None
+        self.out, self.bare, self.seen = out, bare, None
 
     def forward(self, hidden_states, *args, **kwargs):
         self.seen = hidden_states
-        return self.out, None
+        return self.out if self.bare else (self.out, None)
 
 
 def activation_like(module: torch.nn.Module) -> torch.Tensor:
@@ -273,7 +318,7 @@ def activation_like(module: torch.nn.Module) -> torch.Tensor:
 
 def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:
     """The width of the layer's residual stream: its config's, or the width of a norm."""
-    width = getattr(getattr(attention_of(layer), "config", None), "hidden_size", None)
+    width = getattr(getattr(mixer_of(layer), "config", None), "hidden_size", None)
     if isinstance(width, int):
         return width
     for name in (layout.attn_pre, layout.ffn_pre, layout.attn_post, layout.ffn_post):
@@ -313,7 +358,7 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
     would not show. None: the layer could not be run (a device without storage, a forward that
     needs more than hidden states); decoder_layout refuses it as it refuses a mismatch."""
     modes = [(m, m.training) for m in layer.modules()]
-    name = attention_name(layer)
+    name = mixer_name(layer)
     attn = layer._modules[name]
     try:
         p = activation_like(layer)
@@ -322,16 +367,23 @@ def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
         width = _hidden_size(layer, layout)
         g = torch.Generator().manual_seed(0)
         h = torch.randn(1, 5, width, generator=g).to(p)
-        fixed = _FixedAttention(torch.randn(1, 5, width, generator=g).mul(2).to(p))
+        c = torch.randn(1, 5, width, generator=g).mul(2).to(p)
         layer.eval()
-        layer._modules[name] = fixed
         seen_mlp = []
         hook = feedforward_of(layer).register_forward_pre_hook(
             lambda mod, args: seen_mlp.append(args[0])
         )
         with torch.no_grad():
-            try:  # (some layers take position_embeddings as a required argument: Beam)
-                out = layer(h, attention_mask=None, position_embeddings=None)
+            try:  # (an attention answers a tuple, a hybrid's linear attention a tensor: Qwen3.5)
+                for bare in (False, True):
+                    fixed = layer._modules[name] = _FixedAttention(c, bare)
+                    seen_mlp.clear()
+                    try:  # (some layers take position_embeddings as a required argument: Beam)
+                        out = layer(h, attention_mask=None, position_embeddings=None)
+                        break
+                    except Exception:  # noqa: BLE001 (the other answer, or a layer not callable)
+                        if bare:
+                            raise
             finally:
                 hook.remove()
             _TUPLE_OUTPUT[layer] = isinstance(out, tuple)
@@ -376,8 +428,11 @@ class QKVProjections:
     holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``) or head by head as
     ``[heads, 3, head_dim]`` (``fused="per_head"``: Persimmon's and GPT-NeoX's
     ``query_key_value``, equal query and key/value heads). ``q``, ``k`` and ``v`` are the layers
-    their rows come from (the same layer thrice when fused). :func:`attention_mismatch` checks the
-    split against what the module itself gives its attention."""
+    their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives
+    each head's queries and then as many output gate logits, ``[heads, 2, head_dim]`` (Qwen3-Next,
+    Qwen3.5: the attention's output is multiplied by ``sigmoid(gate)``).
+    :func:`attention_mismatch` checks the split against what the module itself gives its
+    attention."""
 
     q: torch.nn.Module
     k: torch.nn.Module
@@ -386,6 +441,7 @@ class QKVProjections:
     heads: int
     kv_heads: int
     head_dim: int
+    q_gate: bool = False
 
     @property
     def in_features(self) -> int:
@@ -400,13 +456,21 @@ class QKVProjections:
         return tuple(per[..., j, :].flatten(-2) for j in range(3))
 
     def project(self, x: torch.Tensor):
-        """``(q, k, v)`` of tokens ``x [..., hidden]``, each ``[..., h * d]``."""
-        if self.fused is None:
-            return self.q(x), self.k(x), self.v(x)
-        return self.split(self.q(x))
+        """``(q, k, v, gate)`` of tokens ``x [..., hidden]``, each ``[..., h * d]`` (``gate``:
+        the output gate logits where ``q_gate``, else None)."""
+        if self.fused is not None:
+            return (*self.split(self.q(x)), None)
+        q, gate = self.q(x), None
+        if self.q_gate:
+            halves = q.unflatten(-1, (self.heads, 2, self.head_dim))
+            q, gate = halves[..., 0, :].flatten(-2), halves[..., 1, :].flatten(-2)
+        return q, self.k(x), self.v(x), gate
 
     def rows(self, which: str) -> torch.Tensor | None:
         """The output rows of ``which`` ("q" or "k") in its layer's weight; None: all of them."""
+        if self.q_gate and which == "q":
+            d = self.head_dim
+            return (torch.arange(self.heads)[:, None] * 2 * d + torch.arange(d)).reshape(-1)
         if self.fused is None:
             return None
         heads = self.heads if which == "q" else self.kv_heads
@@ -469,7 +533,10 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     if fused is not None and got != width:
         return f"{name}'s {names[0]} has {got} outputs, not {width} (queries, keys and values)"
     q, k, v = mods if fused is None else mods * 3
-    return QKVProjections(q, k, v, fused, heads, kv_heads, d)
+    gated = fused is None and got == 2 * heads * d  # (Qwen3-Next: queries and output gates)
+    if fused is None and got not in (heads * d, 2 * heads * d):
+        return f"{name}'s q_proj has {got} outputs, not {heads * d} ({heads} heads of {d})"
+    return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated)
 
 
 def attention_unsupported(attn: torch.nn.Module) -> str | None:
@@ -523,22 +590,28 @@ def attention_sinks(attn: torch.nn.Module) -> torch.Tensor | None:
 
 
 def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
-    """The attention's output projection: ``o_proj``, or Phi's ``dense``."""
-    out = getattr(attn, "o_proj", None)
-    return out if isinstance(out, torch.nn.Module) else attn.dense
+    """The attention's output projection: ``o_proj``, Phi's ``dense`` or LFM2's ``out_proj``."""
+    for name in ("o_proj", "dense", "out_proj"):
+        out = getattr(attn, name, None)
+        if isinstance(out, torch.nn.Module):
+            return out
+    raise TypeError(f"{type(attn).__name__} has no output projection (o_proj / dense / out_proj)")
 
 
-# The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``;
-# AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output, BitNet's
-# ``attn_sub_norm`` normalises it: attention_output).
+# The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``, LFM2
+# ``out_proj``; AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output,
+# BitNet's ``attn_sub_norm`` normalises it: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
+                    "out_proj",
                     "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
                     "gate_proj", "g_proj", "attn_sub_norm", "rotary_emb")  # fmt: skip
 
 
 def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None):
-    """The queries, keys and values ``[n, heads, head_dim]`` that ``attn`` computes from tokens
+    """The queries, keys and values ``[n, heads, head_dim]`` and the output gate logits
+    ``[n, heads * head_dim]`` (None where the queries carry none: :class:`QKVProjections`)
+    that ``attn`` computes from tokens
     ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin [n, rotary_dim]``: its projections, its
     q/k norms (:func:`qk_norms`; before RoPE, or after where :func:`qk_norms_after_rope` says so,
     or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
@@ -547,7 +620,7 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     n, d = x.shape[0], head_dim_of(attn)
     after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
-    q, k, v = qkv_projections(attn).project(x)
+    q, k, v, gate = qkv_projections(attn).project(x)
     q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
@@ -556,20 +629,26 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
         q, k = rope.rotate(q, k, cos, sin)
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
-    return q, k, v
+    return q, k, v, gate
 
 
-def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor,
+                     gate: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The module's output from the attention's ``o [n, heads * head_dim]`` of tokens
-    ``x [n, hidden]``: AFMoE's output gate ``o * sigmoid(gate_proj(x))``, Laguna's
-    ``o * softplus(g_proj(x))`` (per channel, or per head), BitNet's ``attn_sub_norm(o)``, where
-    the module has them, then the output projection."""
+    ``x [n, hidden]``: the queries' output gate ``o * sigmoid(gate)`` (``gate`` from
+    :func:`attention_qkv`: Qwen3-Next, Qwen3.5), AFMoE's output gate ``o * sigmoid(gate_proj(x))``,
+    a ``g_proj`` gate ``o * act(g_proj(x))`` (per channel, or per head; ``act``: Laguna's
+    softplus or LFM3's sigmoid, as :func:`attention_mismatch` found it), BitNet's
+    ``attn_sub_norm(o)``, where the module has them, then the output projection."""
+    if gate is not None:
+        o = o * torch.sigmoid(gate)
     gate = getattr(attn, "gate_proj", None)
     if isinstance(gate, torch.nn.Module):
         o = o * torch.sigmoid(gate(x))
     gate = getattr(attn, "g_proj", None)
     if isinstance(gate, torch.nn.Module):
-        g = torch.nn.functional.softplus(gate(x).float()).to(o.dtype)
+        act = torch.sigmoid if _G_PROJ_SIGMOID.get(attn, False) else torch.nn.functional.softplus
+        g = act(gate(x).float()).to(o.dtype)
         o = o * g if g.shape[-1] == o.shape[-1] else (o.unflatten(-1, (g.shape[-1], -1))
                                                       * g[..., None]).flatten(-2)  # fmt: skip
     norm = getattr(attn, "attn_sub_norm", None)
@@ -578,6 +657,8 @@ def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) ->
     return output_projection(attn)(o)
 
 
+# the modules whose g_proj gate is a sigmoid (LFM3), as attention_mismatch found; softplus else
+_G_PROJ_SIGMOID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PROBE = "fastlayers_probe"
 
 
@@ -633,7 +714,11 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
                        **_probe_extras(attn, t))[0]  # fmt: skip
             places = (False, True) if qk_norms(attn)[0] is not None else (False,)
             candidates = {a: attention_qkv(attn, x[0], cos[0], sin[0], a) for a in places}
-            mine = attention_output(attn, attn._fl_probe_answer[0].reshape(t, hq * d), x[0])
+            o, gate = attn._fl_probe_answer[0].reshape(t, hq * d), candidates[False][3]
+            mine = {}  # (a g_proj gate: softplus (Laguna) or sigmoid (LFM3), told apart here)
+            for sigmoid in (False, True) if _has(attn, "g_proj") else (False,):
+                _G_PROJ_SIGMOID[attn] = sigmoid
+                mine[sigmoid] = attention_output(attn, o, x[0], gate)
         query, key, value, kwargs = attn._fl_probe_seen
     except Exception as e:  # noqa: BLE001 (said, not raised: the caller refuses the module)
         return f"{name} could not be run to check it ({type(e).__name__}: {e})"
@@ -652,10 +737,12 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
     def agrees(q, k):
         return (not queries or not differs(q, query)) and not differs(k, key)
 
-    after = next((a for a, (q, k, _) in candidates.items() if agrees(q, k)), False)
-    q, k, v = candidates[after]
+    after = next((a for a, (q, k, _, _) in candidates.items() if agrees(q, k)), False)
+    q, k, v, _ = candidates[after]
+    sigmoid = next((act for act, got in mine.items() if not differs(got, out)), False)
+    _G_PROJ_SIGMOID[attn] = sigmoid
     for what, got, want in (("queries", q, query), ("keys", k, key), ("values", v, value),
-                            ("output", mine, out)):  # fmt: skip
+                            ("output", mine[sigmoid], out)):  # fmt: skip
         if what == "queries" and not queries:
             continue
         if differs(got, want):

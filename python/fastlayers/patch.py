@@ -173,11 +173,12 @@ def patch_model(
 
         post = quant.calibrate_rope_aware_kv(model, calibration)
         quant.apply_rope_aware_kv(model, post)
-        report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
-                           for i in range(len(post))]  # fmt: skip
-        from fastlayers._decoder import attention_of, decoder_layers, qk_norms
+        from fastlayers._decoder import attention_of, decoder_layers, linear_mixer, qk_norms
 
-        if any(qk_norms(attention_of(layer))[1] is not None for layer in decoder_layers(model)):
+        layers = [(i, x) for i, x in enumerate(decoder_layers(model)) if not linear_mixer(x)]
+        report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
+                           for i, _ in layers]  # fmt: skip
+        if any(qk_norms(attention_of(layer))[1] is not None for _, layer in layers):
             report.notes.append(
                 "INT4 KV: post-RoPE scales only (q_norm / k_norm would undo pre-RoPE scales)"
             )

@@ -39,7 +39,9 @@ from fastlayers._decoder import (
     head_dim_of,
     inner_model,
     layer_type,
+    linear_mixer,
     logit_softcap,
+    mixer_of,
     qkv_projections,
     returns_tuple,
     rope_layout,
@@ -177,7 +179,7 @@ class SkipPlan:
             # the residual stream enters the sublayer's pre-norm (or the sublayer itself) and the
             # change to it leaves the post-norm (or the sublayer itself)
             layout = decoder_layout(layer, "SkipPlan.from_similarity")
-            subs = (("attn", attention_of(layer), layout.attn_pre, layout.attn_post),
+            subs = (("attn", mixer_of(layer), layout.attn_pre, layout.attn_post),
                     ("ffn", feedforward_of(layer), layout.ffn_pre, layout.ffn_post))  # fmt: skip
             for sub, sublayer, pre_name, post_name in subs:
                 norm = sublayer if pre_name is None else getattr(layer, pre_name)
@@ -312,7 +314,7 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     cos, sin = kw["position_embeddings"]  # [B, T, rotary dim] at the tokens' positions
     cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]  # [n, r]: the model's function
     sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]  # unsqueezes dim 1 for the heads
-    q, k, v = attention_qkv(attn, x, cos, sin)  # (checked against the module: check_skip_plan)
+    q, k, v, qgate = attention_qkv(attn, x, cos, sin)  # (checked against the module)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
@@ -326,7 +328,7 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     o = routed_attention_step(q, k, v, pos, idx, cu, store, scale=attn.scaling,
                               sliding_window=window, softcap=logit_softcap(attn),
                               sinks=attention_sinks(attn))  # fmt: skip
-    out = attention_output(attn, o.reshape(n, -1), x)
+    out = attention_output(attn, o.reshape(n, -1), x, qgate)
     if layout.attn_post is not None:  # (Gemma 2/3, OLMo 2: the norm on the attention's output)
         out = getattr(layer, layout.attn_post)(out)
     gate = logits.reshape(-1)[rows]
@@ -373,8 +375,9 @@ def _sync_routed_store(store, cache, start, positions, real, given_positions: bo
     store.drop_from(first.min(1).values)
 
 
-def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
-    """Layer 0 skipped or routed: its Hugging Face cache layer would stay empty, while Hugging
+def _keep_layer0_length(layer, hidden_states, kwargs, layer_idx: int = 0) -> None:
+    """Layer 0 skipped or routed (in a hybrid: the first softmax attention layer, where its cache
+    measures): its Hugging Face cache layer would stay empty, while Hugging
     Face caches (static, dynamic, the INT4 one) measure the sequence on layer 0 (``get_seq_length``
     and the masks, the positions the model derives from it when no ``cache_position`` is given):
     the masks of a padded batch would then start each decode step at column 0 (logits off by ~1
@@ -388,7 +391,7 @@ def _keep_layer0_length(layer, hidden_states, kwargs) -> None:
     b, t = hidden_states.shape[:2]
     heads, d = _kv_heads_and_dim(layer, hidden_states)
     zeros = hidden_states.new_zeros(b, heads, t, d)
-    cache.update(zeros, zeros, 0, {"cache_position": kwargs.get("cache_position")})
+    cache.update(zeros, zeros, layer_idx, {"cache_position": kwargs.get("cache_position")})
 
 
 def _keep_croppable(layer, hidden_states, kwargs, layer_idx: int) -> None:
@@ -444,7 +447,8 @@ def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn
     if routed:
         out = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw, normed, out)
     elif runs_attn:
-        a = attention_of(layer)(hidden_states=normed, **kw)[0]
+        a = mixer_of(layer)(hidden_states=normed, **kw)
+        a = a[0] if isinstance(a, tuple) else a
         out = out + (a if mult == 1.0 else a * mult)
     if runs_ffn:
         ffn_in = normed if layout.ffn_pre == layout.attn_pre else \
@@ -454,9 +458,12 @@ def _parallel_block(layer, layout, plan: LayerPlan, layer_idx, routed, runs_attn
     return out
 
 
-def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool):
+def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool,
+                     measured: int | None = 0):  # fmt: skip
+    """The planned forward of decoder layer ``layer_idx``; ``measured``: the layer Hugging Face
+    caches measure the sequence on (the first softmax attention layer; None: none)."""
     routed = runs_attn and plan.attn == "routed"
-    layer0_empty = layer_idx == 0 and (routed or not runs_attn)
+    layer0_empty = layer_idx == measured and (routed or not runs_attn)
     layout = decoder_layout(layer, "apply_skip_plan")
     if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
         return layer._fastlayers_forward
@@ -476,7 +483,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
         for name, value in zip(names, args, strict=False):
             kw.setdefault(name, value)
         if layer0_empty:
-            _keep_layer0_length(layer, hidden_states, kw)
+            _keep_layer0_length(layer, hidden_states, kw, layer_idx)
         if routed or not runs_attn:
             _keep_croppable(layer, hidden_states, kw, layer_idx)
         if layout.parallel:
@@ -485,7 +492,7 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
         if routed:
             hidden_states = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kw)
         elif runs_attn:
-            attend = lambda h: attention_of(layer)(hidden_states=h, **kw)  # noqa: E731
+            attend = lambda h: mixer_of(layer)(hidden_states=h, **kw)  # noqa: E731
             hidden_states = _residual(layer, attend, hidden_states, layout.attn_pre,
                                       layout.attn_post, layout.residual_multiplier)  # fmt: skip
         elif plan.attn_scale != 1.0:
@@ -514,6 +521,12 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
     for i, layer in enumerate(layers):
         decoder_layout(layer, "apply_skip_plan")
         if plan.routes_attention(i):
+            mixer = linear_mixer(layer)
+            if mixer is not None:
+                raise ValueError(
+                    f"apply_skip_plan: layer {i} cannot be routed: its token mixer "
+                    f"is {mixer}; only softmax attention layers route tokens"
+                )
             attn = attention_of(layer)
             why = attention_unsupported(attn)
             if why is not None:
@@ -569,6 +582,8 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
     layers = check_skip_plan(model, plan, routers)
     routers = routers or {}
     remove_skip_plan(model)
+    # (a hybrid's cache measures on its first softmax attention layer: Hugging Face's Cache)
+    measured = next((i for i, layer in enumerate(layers) if linear_mixer(layer) is None), None)
     for i, layer in enumerate(layers):
         if plan.routes_attention(i):
             router = routers.get(i)
@@ -581,7 +596,7 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
             layer.fastlayers_router = router
         layer._fastlayers_forward = layer.forward
         layer.forward = _planned_forward(
-            layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i)
+            layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i), measured
         )
     model._fastlayers_skip_plan = plan
     return model
@@ -750,6 +765,12 @@ def self_speculative_generate(
 
     embed = _embedder(model, layers, input_ids[:, :1])
     for i, layer in enumerate(layers):  # (hybrids: linear attention, state-space layers)
+        mixer = linear_mixer(layer)
+        if mixer is not None:
+            raise TypeError(
+                f"self_speculative_generate: layer {i}'s token mixer is {mixer}, whose state "
+                "cannot be rolled back to the accepted tokens after a rejected draft"
+            )
         attn = attention_of(layer)
         if getattr(attn, "config", None) is None or not isinstance(
             getattr(attn, "layer_idx", None), int
@@ -894,6 +915,17 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
                         for layer in self.layers]  # fmt: skip
 
             def crop_to(self, length: int) -> None:
+                for i, layer in enumerate(self.layers):  # (a hybrid's linear attention states)
+                    held = [
+                        *getattr(layer, "is_conv_states_initialized", {}).values(),
+                        *getattr(layer, "is_recurrent_states_initialized", {}).values(),
+                    ]
+                    if any(held):
+                        raise ValueError(
+                            f"crop_to: layer {i} holds a linear attention's state "
+                            f"({type(layer).__name__}), which cannot be rolled back to {length} "
+                            "tokens"
+                        )
                 for layer in self.layers:
                     if getattr(layer, "is_initialized", False):
                         extra = layer.get_seq_length() - length

@@ -10,6 +10,10 @@
 * :class:`Int4KVCache` stores keys and values as INT4 (uint8 ``[B, H_kv, T, d/2]``) with FP8
   scales (``[B, H_kv, T, d/g]``); ``generate(past_key_values=Int4KVCache.for_model(model))``.
   Crop (speculative rollback) and beam reordering work as for Hugging Face caches.
+
+Hybrid models (Qwen3-Next, Qwen3.5, OLMo-hybrid, LFM2/3: linear attention or convolution layers
+between the softmax attention layers) get the INT4 path on their softmax attention layers; the
+other layers keep their own states (Hugging Face's cache layers for them, in :class:`Int4KVCache`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from fastlayers._decoder import (
     head_counts,
     head_dim_of,
     inner_model,
+    linear_mixer,
     logit_softcap,
     qk_norms,
     qkv_projections,
@@ -59,11 +64,17 @@ ATTENTION = "fastlayers_int4kv"
 
 
 def _attention_modules(model, what: str = "apply_rope_aware_kv"):
-    """Each decoder layer's attention; ValueError where the INT4 attention cannot stand in, or
+    """Each decoder layer's attention (None for a hybrid's linear attention or convolution layer);
+    ValueError where the INT4 attention cannot stand in, or
     where the module computes its queries and keys otherwise than the calibration recomputes
     them (checked by running it once: attention_mismatch)."""
-    mods = [attention_of(layer) for layer in decoder_layers(model, what)]
+    layers = decoder_layers(model, what)
+    mods = [None if linear_mixer(layer) else attention_of(layer) for layer in layers]
+    if all(m is None for m in mods):
+        raise ValueError(f"{what}: {type(model).__name__} has no softmax attention layer")
     for i, m in enumerate(mods):
+        if m is None:
+            continue
         why = attention_unsupported(m)
         if why is None:
             rope_layout(m, what)
@@ -138,9 +149,11 @@ class _Int4Layer(Int4KVStore, CacheLayerMixin):
 class Int4KVCache(Cache):
     """A Hugging Face cache holding keys and values as INT4 with FP8 scales per (token, kv head,
     group of ``group_size`` channels); keys are multiplied by each layer's post-RoPE scale first.
-    Build it with :meth:`for_model` after :func:`apply_rope_aware_kv`."""
+    Build it with :meth:`for_model` after :func:`apply_rope_aware_kv`. ``other_layers``: Hugging
+    Face cache layers by layer index for a hybrid's layers without softmax attention (their
+    linear attention or convolution states; :meth:`for_model` makes them from the config)."""
 
-    def __init__(self, post_scales, group_size: int = 128):
+    def __init__(self, post_scales, group_size: int = 128, other_layers: dict | None = None):
         if isinstance(post_scales, (str, bytes, torch.Tensor)) or not hasattr(
             post_scales, "__iter__"
         ):
@@ -156,22 +169,38 @@ class Int4KVCache(Cache):
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if group_size % 2:
             raise ValueError(f"group_size must be even, got {group_size}")
-        super().__init__(layers=[_Int4Layer(s, group_size) for s in post_scales])
+        other = dict(other_layers or {})
+        if any(not isinstance(i, int) or not 0 <= i < len(post_scales) for i in other):
+            raise ValueError(f"other_layers must be keyed by layer indices in [0, "
+                             f"{len(post_scales)}), got {sorted(other)}")  # fmt: skip
+        super().__init__(layers=[other[i] if i in other else _Int4Layer(s, group_size)
+                                 for i, s in enumerate(post_scales)])  # fmt: skip
 
     @classmethod
     def for_model(cls, model, group_size: int | None = None) -> Int4KVCache:
         mods = _attention_modules(model)
+        first = next(m for m in mods if m is not None)
         if group_size is None:
-            group_size = getattr(mods[0], "_fl_group_size", head_dim_of(mods[0]))
-        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size)
+            group_size = getattr(first, "_fl_group_size", head_dim_of(first))
+        other = {}
+        if any(m is None for m in mods):  # a hybrid: its own cache layers for the other layers
+            from transformers.cache_utils import (
+                DYNAMIC_LAYER_TYPE_MAPPING,
+                get_layer_types_and_kwargs,
+            )
+
+            types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+            other = {i: DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i])
+                     for i, m in enumerate(mods) if m is None}  # fmt: skip
+        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other)
 
     def nbytes(self) -> int:
         """Bytes the cached tokens' quantized keys, values and scales occupy."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, _Int4Layer))
 
     def allocated_nbytes(self) -> int:
         """Bytes of the layers' buffers, spare capacity included (at most twice the tokens')."""
-        return sum(layer.allocated_nbytes() for layer in self.layers)
+        return sum(x.allocated_nbytes() for x in self.layers if isinstance(x, _Int4Layer))
 
 
 # The last mask's answer: every layer of a decode step gets the same mask tensor.
@@ -348,6 +377,10 @@ def apply_rope_aware_kv(
     if post_scales is not None and len(post_scales) != len(mods):
         raise ValueError(f"{len(post_scales)} post-RoPE scales for {len(mods)} layers")
     for i, m in enumerate(mods):
+        if m is None:  # (a hybrid's linear attention layer)
+            if post_scales is not None and post_scales[i] is not None:
+                raise ValueError(f"post_scales[{i}] given for a layer without softmax attention")
+            continue
         m._fl_k_post = None if post_scales is None else post_scales[i]
         m._fl_group_size = group_size or head_dim_of(m)
         m._fl_q_fp8 = q_fp8
@@ -359,6 +392,8 @@ def apply_rope_aware_kv(
 
 def remove_rope_aware_kv(model):
     for m in _attention_modules(model):
+        if m is None:  # (a hybrid's linear attention layer)
+            continue
         for name in ("_fl_k_post", "_fl_group_size", "_fl_q_fp8", "_fl_quantize_keys",
                      "_fl_quantize_values", "_fl_inv_q"):  # fmt: skip
             if hasattr(m, name):
@@ -389,16 +424,17 @@ def calibrate_rope_aware_kv(
     pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
     rotary = inner_model(model).rotary_emb  # (per layer type: rope_tables)
-    layouts = [rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
-    if pairing is not None and any(lay.pairing != pairing for lay in layouts):
-        raise ValueError(
-            f"pairing={pairing!r}, but the model's RoPE pairs channels {layouts[0].pairing!r}"
-        )
+    layouts = [None if m is None else rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
+    found = [lay.pairing for lay in layouts if lay is not None]
+    if pairing is not None and any(p != pairing for p in found):
+        raise ValueError(f"pairing={pairing!r}, but the model's RoPE pairs channels {found[0]!r}")
     keys = {i: [] for i in range(len(mods))}  # pre-RoPE, as k_proj gives them
     rotated = {i: [] for i in range(len(mods))}  # as the attention is given them
     hooks, busy = [], set()
-    projections = [qkv_projections(m) for m in mods]
+    projections = [None if m is None else qkv_projections(m) for m in mods]
     for i, (m, qkv) in enumerate(zip(mods, projections, strict=True)):
+        if m is None:  # (a hybrid's linear attention layer: no keys)
+            continue
 
         def hook(mod, args, out, i=i, m=m, qkv=qkv):
             if i in busy:  # (attention_qkv below calls the projection again)
@@ -426,6 +462,9 @@ def calibrate_rope_aware_kv(
 
     scales = []
     for i, m in enumerate(mods):
+        if m is None:
+            scales.append(None)
+            continue
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
         d = head_dim_of(m)
         pre = torch.cat([k.reshape(-1, k.shape[1], head_counts(m)[1], d)
