@@ -72,6 +72,9 @@ def build(model_type: str):
                 setattr(cfg, key, value)
             except Exception:  # noqa: BLE001 (a computed property: leave it)
                 pass
+    if model_type == "granitemoehybrid":  # (its default: Mamba-2 layers only)
+        cfg.layer_types = ["linear_attention", "full_attention"]
+        cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state = 4, 64, 16
     types = getattr(cfg, "layer_types", None)
     if types is not None:  # enough layers to hold one of each type (hybrids: an attention layer)
         types = list(types)

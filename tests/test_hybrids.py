@@ -1,13 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Hybrid decoders on the drop-in paths: models whose layers mix tokens with softmax attention in
 some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets,
-OLMo-hybrid) or a short convolution (LFM2, LFM3) in the others. Skip plans skip either kind of
-mixer; routed attention and the INT4 KV cache work on the softmax attention layers (Qwen3-Next's
-and Qwen3.5's queries carry output gates, LFM3 gates its output with a sigmoid ``g_proj``) and
-refuse the others by name; Hugging Face's hybrid caches measure the sequence on the first softmax
-attention layer, where a skipped or routed layer keeps its length. Every model is a tiny random
-one built from its transformers config and compared with itself unpatched, or with recomputing
-the whole sequence without a cache."""
+OLMo-hybrid), a Mamba-2 layer (Granite 4) or a short convolution (LFM2, LFM3) in the others. Skip
+plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
+attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output
+with a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging
+Face's hybrid caches measure the sequence on the first softmax attention layer, where a skipped
+or routed layer keeps its length. Every model is a tiny random one built from its transformers
+config and compared with itself unpatched, or with recomputing the whole sequence without a
+cache."""
 
 import math
 
@@ -41,6 +42,11 @@ HYBRIDS = {
     "olmo_hybrid": (["linear_attention", "linear_attention", "full_attention"], {}),
     "lfm2": (["conv", "full_attention", "conv"], {}),
     "lfm3": (["conv", "full_attention", "conv"], {}),
+    # Granite 4: Mamba-2 layers, no rotary embedding (no RoPE tables given), a shared_mlp beside
+    # each MoE
+    "granitemoehybrid": (["linear_attention", "full_attention", "linear_attention"],
+                         dict(num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=4,
+                              mamba_d_head=64, mamba_d_state=16)),
 }  # fmt: skip
 
 
@@ -233,3 +239,26 @@ def test_self_speculative_generate_refuses_hybrids(model_type):
     if model_type == "qwen3_5_text":
         with pytest.raises(TypeError, match="layer 0's token mixer is Qwen3_5GatedDeltaNet"):
             self_speculative_generate(model, ids, 1, 4)
+
+
+def test_from_similarity_adds_granites_shared_feedforward():
+    """Granite 4's feedforward is its MoE plus a shared_mlp on the same input: with a layer's mixer
+    zeroed, the feedforward's residual-norm ratio from_similarity measures is the layer's own
+    |h_out| / |h_in| (both outputs, times the residual multiplier)."""
+    model = _model("granitemoehybrid")
+    layer = decoder_layers(model)[1]
+    layer.self_attn = _Zero(bare=False)
+    batch = torch.randint(3, 128, (2, 12))
+    plan = SkipPlan.from_similarity(model, [batch], num_ffn_skip=3)
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["in"] = (args[0] if args else kwargs["hidden_states"]).float()
+        seen["out"] = (out[0] if isinstance(out, tuple) else out).float()
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    ratio = (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
+    assert math.isclose(plan.layers[1].ffn_scale, ratio, rel_tol=1e-4)

@@ -58,8 +58,9 @@ _INNER_NAMES = ("model", "gpt_neox", "transformer")
 
 
 # The name of each decoder layer's feedforward: ``mlp``, Granite MoE's and Mixtral-style
-# ``block_sparse_moe``, ``feed_forward``.
-FEEDFORWARD_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+# ``block_sparse_moe``, ``feed_forward``; Granite 4's hybrid layers add a dense ``shared_mlp`` to
+# their MoE's output (:func:`shared_feedforward`), or have it alone.
+FEEDFORWARD_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "shared_mlp")
 
 
 def feedforward_name(layer: torch.nn.Module) -> str | None:
@@ -70,6 +71,15 @@ def feedforward_name(layer: torch.nn.Module) -> str | None:
 def feedforward_of(layer: torch.nn.Module) -> torch.nn.Module:
     """``layer``'s feedforward module (``mlp``, ``block_sparse_moe`` or ``feed_forward``)."""
     return getattr(layer, feedforward_name(layer) or "mlp")
+
+
+def shared_feedforward(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The dense feedforward a layer adds to its feedforward's output on the same input (Granite
+    4's ``shared_mlp`` beside its MoE), or None; :func:`feedforward` computes their sum, which
+    the layout check compares with what the layer itself computes."""
+    if feedforward_name(layer) != "shared_mlp" and _has(layer, "shared_mlp"):
+        return layer.shared_mlp
+    return None
 
 
 def attention_name(layer: torch.nn.Module) -> str | None:
@@ -84,9 +94,10 @@ def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
 
 # Hybrid models mix tokens with something other than softmax attention in some layers: Qwen3-Next,
 # Qwen3.5 and OLMo-hybrid name their gated delta nets ``linear_attn``, LFM2/LFM3 their short
-# convolutions ``conv``; Kimi-Linear and Bailing-hybrid keep theirs as ``self_attn`` and say so in
-# ``config.layer_types`` (or the layer's ``layer_type``).
-LINEAR_MIXER_NAMES = ("linear_attn", "conv")
+# convolutions ``conv``, Granite 4 its Mamba-2 layers ``mamba``; Kimi-Linear and Bailing-hybrid
+# keep theirs as ``self_attn`` and say so in ``config.layer_types`` (or the layer's
+# ``layer_type``).
+LINEAR_MIXER_NAMES = ("linear_attn", "conv", "mamba")
 _LINEAR_TYPES = ("linear_attention", "conv", "mamba", "mamba2")
 
 
@@ -226,7 +237,7 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
         raise TypeError(f"{what}: {kind} has no attention ({' / '.join(ATTENTION_NAMES)}; "
                         f"hybrids: {' / '.join(LINEAR_MIXER_NAMES)}) and feedforward "
                         f"({' / '.join(FEEDFORWARD_NAMES)}) submodules")  # fmt: skip
-    others = _children_besides(layer, (attn, ffn))
+    others = _children_besides(layer, (attn, ffn, "shared_mlp"))
     key = tuple(sorted(others))
     known = _LAYOUTS.get(layer)
     if known is not None and known[0] == key:
@@ -341,11 +352,14 @@ def returns_tuple(layer: torch.nn.Module) -> bool:
 
 def feedforward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's feedforward on ``x`` (:func:`feedforward_of`), its first element where it
-    returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``), in ``x``'s shape."""
+    returns a tuple (GPT-OSS's MoE: ``(out, router_scores)``), in ``x``'s shape, plus the shared
+    feedforward's where the layer has one (:func:`shared_feedforward`)."""
     out = feedforward_of(layer)(x)
     out = out[0] if isinstance(out, tuple) else out
     # (Llama 4's MoE answers its tokens flattened, [B * T, hidden]: the layer views them back)
-    return out.view(x.shape) if out.shape != x.shape and out.numel() == x.numel() else out
+    out = out.view(x.shape) if out.shape != x.shape and out.numel() == x.numel() else out
+    shared = shared_feedforward(layer)
+    return out if shared is None else out + shared(x)
 
 
 def _layout_holds(layer: torch.nn.Module, layout: DecoderLayout) -> bool | None:
@@ -611,8 +625,8 @@ _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value",
 def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None):
     """The queries, keys and values ``[n, heads, head_dim]`` and the output gate logits
     ``[n, heads * head_dim]`` (None where the queries carry none: :class:`QKVProjections`)
-    that ``attn`` computes from tokens
-    ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin [n, rotary_dim]``: its projections, its
+    that ``attn`` computes from tokens ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin
+    [n, rotary_dim]`` (None: the model gives none, nothing rotates): its projections, its
     q/k norms (:func:`qk_norms`; before RoPE, or after where :func:`qk_norms_after_rope` says so,
     or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
     Routed attention's stand-in for the module's first half, checked against the module itself
@@ -625,7 +639,7 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
-    if applies_rope(attn, rope.table_width):
+    if cos is not None and applies_rope(attn, rope.table_width):  # (None: the model gives none)
         q, k = rope.rotate(q, k, cos, sin)
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
@@ -680,7 +694,8 @@ def _probe_extras(attn: torch.nn.Module, t: int) -> dict:
     return {"position_ids": torch.arange(t)[None] + (1 << 22)}
 
 
-def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | None:
+def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
+                       tables: bool = True) -> str | None:  # fmt: skip
     """Where :func:`attention_qkv`, the scaling and soft-capping fastlayers reads, and
     :func:`attention_output` differ from what ``attn`` itself does (None: nowhere): the module runs
     once (eval mode, no gradients, a few random tokens, RoPE tables of a random angle) with an
@@ -688,9 +703,12 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
     it is given and answers a fixed random tensor, whose way through the rest of the module is then
     compared too. Names alone do not say what a module computes; this checks it. ``queries``
     False: the caller takes the queries the module gives its attention and recomputes only keys
-    and values (the INT4 KV path), so they are not compared. A module that passed is not run
-    again (``Int4KVCache.for_model`` asks for every new cache)."""
-    if _MATCHES.get(attn, False) or (attn in _MATCHES and not queries):
+    and values (the INT4 KV path), so they are not compared. ``tables`` False: the model gives
+    its layers no RoPE tables (Granite 4's hybrids have no rotary embedding), so the module runs
+    with ``position_embeddings=None`` and is compared with no rotation. A module that passed is
+    not run again (``Int4KVCache.for_model`` asks for every new cache)."""
+    passed = _MATCHES.get(attn, ())
+    if (True, tables) in passed or (queries, tables) in passed:
         return None
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
@@ -704,16 +722,18 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
     x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
     angle = torch.rand(1, t, rope.table_width, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
+    given = (cos, sin) if tables else None
+    cos0, sin0 = (cos[0], sin[0]) if tables else (None, None)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
     previous, training = cfg._attn_implementation_internal, attn.training
     try:
         cfg._attn_implementation_internal = _PROBE
         attn.eval()
         with torch.no_grad():
-            out = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None,
+            out = attn(hidden_states=x, position_embeddings=given, attention_mask=None,
                        **_probe_extras(attn, t))[0]  # fmt: skip
             places = (False, True) if qk_norms(attn)[0] is not None else (False,)
-            candidates = {a: attention_qkv(attn, x[0], cos[0], sin[0], a) for a in places}
+            candidates = {a: attention_qkv(attn, x[0], cos0, sin0, a) for a in places}
             o, gate = attn._fl_probe_answer[0].reshape(t, hq * d), candidates[False][3]
             mine = {}  # (a g_proj gate: softplus (Laguna) or sigmoid (LFM3), told apart here)
             for sigmoid in (False, True) if _has(attn, "g_proj") else (False,):
@@ -757,12 +777,23 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True) -> str | Non
     given, sinks = kwargs.get("s_aux"), attention_sinks(attn)
     if (given is None) != (sinks is None) or (given is not None and not torch.equal(given, sinks)):
         return f"{name}'s attention is given other sinks (s_aux) than its sinks parameter"
-    _MATCHES[attn] = queries or _MATCHES.get(attn, False)
+    _MATCHES[attn] = (*passed, (queries, tables))
     return None
 
 
-# the modules attention_mismatch passed: True with their queries compared, False without
+# the modules attention_mismatch passed, with the (queries, tables) of each check they passed
 _MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_gives_tables(model) -> bool:
+    """Whether ``model`` gives its layers RoPE tables (``position_embeddings``) from a rotary
+    embedding of its own; Granite 4's hybrids have none and give None."""
+    return isinstance(getattr(inner_model(model), "rotary_emb", None), torch.nn.Module)
+
+
+def checked_with_tables(attn: torch.nn.Module, tables: bool) -> bool:
+    """Whether :func:`attention_mismatch` passed ``attn`` given RoPE tables (``tables``) or None."""
+    return any(t == tables for _, t in _MATCHES.get(attn, ()))
 
 
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm",

@@ -34,7 +34,7 @@ import sys
 
 import torch
 
-from fastlayers._decoder import attention_name, decoder_layout, feedforward_name
+from fastlayers._decoder import decoder_layout, feedforward_name, mixer_name, shared_feedforward
 from fastlayers.nn.int4_fp8 import Int4Fp8Linear
 from fastlayers.nn.rmsnorm import norm_weight_offset
 from fastlayers.ops.int4_fp8 import QuantizedWeight, quantize_int4
@@ -193,7 +193,9 @@ def _ffn_norm(module: torch.nn.Module) -> str | None:
     """The path of the norm feeding ``module``'s feedforward alone, for a decoder layer of a known
     layout (fastlayers._decoder); None otherwise (the one norm of a Cohere / Phi parallel block
     feeds the attention too, which smoothing it would change; GPT-NeoX's has one per sublayer)."""
-    if attention_name(module) is None or feedforward_name(module) is None:
+    if mixer_name(module) is None or feedforward_name(module) is None:
+        return None
+    if shared_feedforward(module) is not None:  # (it reads the norm too: Granite 4's shared_mlp)
         return None
     try:
         layout = decoder_layout(module)

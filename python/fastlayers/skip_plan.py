@@ -31,6 +31,7 @@ from fastlayers._decoder import (
     attention_qkv,
     attention_sinks,
     attention_unsupported,
+    checked_with_tables,
     decoder_layers,
     decoder_layout,
     feedforward,
@@ -42,10 +43,12 @@ from fastlayers._decoder import (
     linear_mixer,
     logit_softcap,
     mixer_of,
+    model_gives_tables,
     qkv_projections,
     returns_tuple,
     rope_layout,
     rope_tables,
+    shared_feedforward,
 )
 from fastlayers.ops._common import check_int, check_positive_ints
 
@@ -179,11 +182,14 @@ class SkipPlan:
             # the residual stream enters the sublayer's pre-norm (or the sublayer itself) and the
             # change to it leaves the post-norm (or the sublayer itself)
             layout = decoder_layout(layer, "SkipPlan.from_similarity")
+            shared = shared_feedforward(layer)  # (Granite 4: a shared_mlp beside its MoE)
             subs = (("attn", mixer_of(layer), layout.attn_pre, layout.attn_post),
                     ("ffn", feedforward_of(layer), layout.ffn_pre, layout.ffn_post))  # fmt: skip
             for sub, sublayer, pre_name, post_name in subs:
                 norm = sublayer if pre_name is None else getattr(layer, pre_name)
                 module = sublayer if post_name is None else getattr(layer, post_name)
+                outputs = [module] if shared is None or sub == "attn" or post_name else \
+                    [module, shared]  # fmt: skip
 
                 def pre(mod, args, kwargs, key=(i, sub)):
                     h = args[0] if args else kwargs["hidden_states"]
@@ -191,10 +197,15 @@ class SkipPlan:
 
                 def post(mod, args, kwargs, out, key=(i, sub), mult=layout.residual_multiplier):
                     y = out[0] if isinstance(out, tuple) else out
-                    stats[key][-1].append(y.detach().float() * mult)
+                    y = y.detach().float() * mult
+                    entry = stats[key][-1]
+                    if len(entry) > 1:  # (a shared feedforward's output adds to the MoE's)
+                        entry[1] = entry[1] + y.view(entry[1].shape)
+                    else:
+                        entry.append(y.view(entry[0].shape))
 
                 hooks.append(norm.register_forward_pre_hook(pre, with_kwargs=True))
-                hooks.append(module.register_forward_hook(post, with_kwargs=True))
+                hooks += [m.register_forward_hook(post, with_kwargs=True) for m in outputs]
         try:
             with torch.no_grad():
                 for batch in calibration:
@@ -265,6 +276,21 @@ def _call_start(cache, mask, t: int, cache_position=None):
     return None
 
 
+def _cache_start(cache, t: int, layer_idx: int) -> int:
+    """Where this call's first token sits, from the cache's length alone (a call with no mask, no
+    cache positions and no position ids: Granite 4's hybrids), seen from routed layer
+    ``layer_idx``: Hugging Face caches measure on their first softmax attention layer, which has
+    recorded this call's tokens before any routed layer runs (its own attention, or
+    _keep_layer0_length); a LayerSkipCache on the first layer holding keys, which has them when it
+    comes before ``layer_idx``, or on the tokens the routed layers counted before this call."""
+    if not _is_layer_skip_cache(cache):
+        return cache.get_seq_length() - t
+    ref = cache._reference_index()
+    if ref is None:
+        return cache._fl_length
+    return cache.get_seq_length() - (t if ref < layer_idx else 0)
+
+
 def _real_tokens(mask, b: int, t: int, start):
     """``[B, T]`` bool, False for this call's padding tokens, read from the layer's 4-D attention
     mask at the call's key columns ``start + i`` (a real token sees itself, a padding token does
@@ -304,6 +330,8 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
             "window's columns)"
         )
     start = _call_start(cache, kw.get("attention_mask"), t, kw.get("cache_position"))
+    if start is None and cache is not None and kw.get("position_ids") is None:
+        start = _cache_start(cache, t, layer_idx)  # (nothing else says where the call starts)
     real = _real_tokens(kw.get("attention_mask"), b, t, start)
     if real is not None:  # padding is never routed, so it is never attended either
         logits = logits.masked_fill(~real, -math.inf)
@@ -311,9 +339,18 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     rows = idx.clamp_min(0)  # (-1 padding: computed on row 0, never written back)
     n = rows.shape[0]
     x = h.reshape(b * t, -1)[rows]
-    cos, sin = kw["position_embeddings"]  # [B, T, rotary dim] at the tokens' positions
-    cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]  # [n, r]: the model's function
-    sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]  # unsqueezes dim 1 for the heads
+    tables = kw.get("position_embeddings")  # [B, T, rotary dim] at the tokens' positions
+    if not checked_with_tables(attn, tables is not None):
+        raise ValueError(
+            f"routed attention: layer {layer_idx} is given "
+            f"{'no RoPE tables' if tables is None else 'RoPE tables'}, which its check at "
+            "apply_skip_plan did not see"
+        )
+    cos = sin = None  # (a model without a rotary embedding: Granite 4's hybrids)
+    if tables is not None:
+        cos, sin = tables  # [n, r]: the model's function unsqueezes dim 1 for the heads
+        cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]
+        sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]
     q, k, v, qgate = attention_qkv(attn, x, cos, sin)  # (checked against the module)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
@@ -539,7 +576,7 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                 )
             rope = rope_layout(attn, "apply_skip_plan")
             applies_rope(attn, rope.table_width)  # (probed now, not while compiling)
-            why = attention_mismatch(attn)
+            why = attention_mismatch(attn, tables=model_gives_tables(model))
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
     return layers
@@ -877,13 +914,17 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
         class _LayerSkipCache(DynamicCache):
             _fl_length = 0  # tokens the routed layers counted (their length when none holds keys)
 
-            def _reference_layer(self):
-                for layer in self.layers:
+            def _reference_index(self):
+                for i, layer in enumerate(self.layers):
                     keys = getattr(layer, "keys", None)
                     holds = keys is not None and keys.numel() > 0
                     if getattr(layer, "is_initialized", False) and holds:
-                        return layer
+                        return i
                 return None
+
+            def _reference_layer(self):
+                i = self._reference_index()
+                return None if i is None else self.layers[i]
 
             def get_seq_length(self, layer_idx: int = 0) -> int:
                 layer = self._reference_layer()

@@ -36,6 +36,7 @@ from fastlayers._decoder import (
     inner_model,
     linear_mixer,
     logit_softcap,
+    model_gives_tables,
     qk_norms,
     qkv_projections,
     rope_layout,
@@ -78,7 +79,8 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
         why = attention_unsupported(m)
         if why is None:
             rope_layout(m, what)
-            why = attention_mismatch(m, queries=False)  # (the module's own queries are used)
+            tables = model_gives_tables(model)  # (the module's own queries are used)
+            why = attention_mismatch(m, queries=False, tables=tables)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
@@ -423,7 +425,8 @@ def calibrate_rope_aware_kv(
     from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved
     pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
-    rotary = inner_model(model).rotary_emb  # (per layer type: rope_tables)
+    # (per layer type: rope_tables; None: the model gives no tables, Granite 4's hybrids)
+    rotary = inner_model(model).rotary_emb if model_gives_tables(model) else None
     layouts = [None if m is None else rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
     found = [lay.pairing for lay in layouts if lay is not None]
     if pairing is not None and any(p != pairing for p in found):
@@ -444,10 +447,12 @@ def calibrate_rope_aware_kv(
             x = args[0]  # [B, T, hidden] at positions 0..T-1: the module's own q/k/v, q/k norms
             b, t = x.shape[:2]  # and RoPE (attention_qkv, the routed path's code, checked
             pos = torch.arange(t, device=x.device)[None].expand(b, t)  # against the module)
-            cos, sin = rope_tables(rotary, m, x, pos)
+            cos = sin = None
+            if rotary is not None:
+                cos, sin = (c.flatten(0, 1) for c in rope_tables(rotary, m, x, pos))
             busy.add(i)
             try:
-                k_rot = attention_qkv(m, x.flatten(0, 1), cos.flatten(0, 1), sin.flatten(0, 1))[1]
+                k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
             finally:
                 busy.discard(i)
             rotated[i].append(k_rot.float())  # [B * T, H_kv, d]
