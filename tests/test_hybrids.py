@@ -170,6 +170,9 @@ def test_generate_with_routed_and_skipped_layers_on_hybrids(model_type, cache):
     if cache == "LayerSkipCache":  # (the linear attention states cannot be rolled back)
         with pytest.raises(ValueError, match="cannot be rolled back"):
             kw["cache"].crop_to(4)
+        kw["cache"] = LayerSkipCache()  # (no layers for the linear attention states)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"LayerSkipCache\(config="):
+            model.generate(ids, **kw)
 
 
 @pytest.mark.parametrize("model_type", list(HYBRIDS))

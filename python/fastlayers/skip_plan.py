@@ -545,6 +545,24 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     return forward
 
 
+def _state_checked(forward, layer_idx: int):
+    """``forward`` of a hybrid's linear attention layer, refusing a LayerSkipCache made without the
+    model's config (its layers would be key/value layers where this one keeps a state)."""
+
+    def checked(hidden_states, *args, **kwargs):
+        cache = _cache_of(kwargs)
+        if _is_layer_skip_cache(cache):
+            slot = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+            if not hasattr(slot, "conv_states"):
+                raise ValueError(
+                    f"layer {layer_idx} keeps a linear attention state, which this LayerSkipCache "
+                    "has no layer for: make it with LayerSkipCache(config=model.config)"
+                )
+        return forward(hidden_states, *args, **kwargs)
+
+    return checked
+
+
 def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch.nn.ModuleList:
     """Every check of :func:`apply_skip_plan`, without changing the model; returns its layers."""
     if not isinstance(plan, SkipPlan):
@@ -635,6 +653,8 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
         layer.forward = _planned_forward(
             layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i), measured
         )
+        if linear_mixer(layer) is not None:  # (a hybrid's linear attention / convolution layer)
+            layer.forward = _state_checked(layer.forward, i)
     model._fastlayers_skip_plan = plan
     return model
 
@@ -906,7 +926,9 @@ def LayerSkipCache(*args, **kwargs):  # noqa: N802 (a class made on first use: n
     hold none), so any layer's attention may be skipped, layer 0's included; when none holds any
     (every attention routed or skipped), from the tokens the routed layers counted. Also
     ``layer_lengths()``, ``crop_to(length)`` (early-exit / speculative rollback) and ``reset()``
-    (the routed layers' tokens too)."""
+    (the routed layers' tokens too). For a hybrid model (linear attention or convolution layers:
+    Qwen3.5, Granite 4, ...) make it with ``config=model.config``, so that it holds their states
+    (as ``DynamicCache(config=...)`` does); their states cannot be cropped."""
     global _layer_skip_cache_class
     if _layer_skip_cache_class is None:
         from transformers import DynamicCache
