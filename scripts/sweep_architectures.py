@@ -44,6 +44,15 @@ SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_
 # Multi-head latent attention (DeepSeek V2, ...): its head sizes, and RoPE on a 16-channel part.
 MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
            q_lora_rank=64, qk_head_dim=32, head_dim=16)  # fmt: skip
+# Hybrids whose default layer pattern has no softmax attention in the first layers, or Mamba
+# sizes that do not follow the hidden size: one Mamba layer, then an attention layer.
+_MAMBA = dict(mamba_n_heads=4, mamba_d_head=64, mamba_d_state=16)
+HYBRID = {
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], **_MAMBA),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, mamba_d_state=16),
+    "bamba": dict(attn_layer_indices=[1], **_MAMBA),
+}  # fmt: skip
 CHECKS = ("full", "skip", "routed", "gen", "rms", "kv", "int4", "spec")
 
 
@@ -72,14 +81,16 @@ def build(model_type: str):
                 setattr(cfg, key, value)
             except Exception:  # noqa: BLE001 (a computed property: leave it)
                 pass
-    if model_type == "granitemoehybrid":  # (its default: Mamba-2 layers only)
-        cfg.layer_types = ["linear_attention", "full_attention"]
-        cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state = 4, 64, 16
+    for key, value in HYBRID.get(model_type, {}).items():
+        setattr(cfg, key, value)
     types = getattr(cfg, "layer_types", None)
     if types is not None:  # enough layers to hold one of each type (hybrids: an attention layer)
         types = list(types)
         n = max(SMALL["num_hidden_layers"], *(types.index(t) + 1 for t in set(types)))
-        cfg.num_hidden_layers, cfg.layer_types = n, types[:n]
+        try:
+            cfg.num_hidden_layers, cfg.layer_types = n, types[:n]
+        except AttributeError:  # (a property computed from other settings: HYBRID)
+            pass
     if getattr(cfg, "sliding_window", None) is not None:
         cfg.sliding_window = 6
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Hybrid decoders on the drop-in paths: models whose layers mix tokens with softmax attention in
 some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets,
-OLMo-hybrid), a Mamba-2 layer (Granite 4) or a short convolution (LFM2, LFM3) in the others. Skip
-plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
+OLMo-hybrid), a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the
+others. Skip plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
 attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output
 with a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging
 Face's hybrid caches measure the sequence on the first softmax attention layer, where a skipped
@@ -47,6 +47,12 @@ HYBRIDS = {
     "granitemoehybrid": (["linear_attention", "full_attention", "linear_attention"],
                          dict(num_local_experts=4, num_experts_per_tok=2, mamba_n_heads=4,
                               mamba_d_head=64, mamba_d_state=16)),
+    # Jamba and Bamba: Mamba layers, attention without RoPE; their layer types follow from these
+    "jamba": (["linear_attention", "full_attention", "linear_attention"],
+              dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                   expert_layer_offset=1, mamba_d_state=16, num_experts=4, num_experts_per_tok=2)),
+    "bamba": (["linear_attention", "full_attention", "linear_attention"],
+              dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=64, mamba_d_state=16)),
 }  # fmt: skip
 
 
@@ -60,7 +66,8 @@ def _model(model_type: str):
     for key, value in small.items():
         if hasattr(cfg, key) or key == "head_dim":
             setattr(cfg, key, value)
-    cfg.layer_types = list(types)
+    if model_type not in ("jamba", "bamba"):  # (theirs follow from attn_layer_*)
+        cfg.layer_types = list(types)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     torch.manual_seed(0)

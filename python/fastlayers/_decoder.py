@@ -10,7 +10,8 @@ norm, Gemma 2's normalises the attention's output):
 
 * Llama-style (Llama, Mistral, Qwen2/3, Gemma, Phi-3, Granite, StableLM, GLM, ...):
   ``input_layernorm`` before the attention, ``post_attention_layernorm`` before the feedforward;
-  Apertus names them ``attention_layernorm`` / ``feedforward_layernorm``;
+  Apertus names them ``attention_layernorm`` / ``feedforward_layernorm``, LFM2 ``operator_norm`` /
+  ``ffn_norm``, Jamba and Bamba ``input_layernorm`` / ``pre_ff_layernorm``;
 * sandwich, a norm before and after each sublayer: Gemma 2/3 (``input_layernorm`` /
   ``post_attention_layernorm`` around the attention, ``pre_feedforward_layernorm`` /
   ``post_feedforward_layernorm`` around the feedforward; VaultGemma has the two pre-norms only),
@@ -222,6 +223,7 @@ _FAMILIES = (
     (("input_layernorm", "post_norm1", "post_attention_layernorm", "post_norm2"),
      ("post_norm1", "post_norm2")),  # HyperCLOVA X
     (("operator_norm", None, "ffn_norm", None), ("operator_norm", "ffn_norm")),  # LFM2
+    (("input_layernorm", None, "pre_ff_layernorm", None), ("pre_ff_layernorm",)),  # Jamba, Bamba
     (("operator_norm", "post_operator_norm", "ffn_norm", "post_ffn_norm"),
      ("post_operator_norm", "post_ffn_norm")),  # LFM3
 )  # fmt: skip
