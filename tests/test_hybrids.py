@@ -1,14 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Hybrid decoders on the drop-in paths: models whose layers mix tokens with softmax attention in
-some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets,
-OLMo-hybrid), a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the
-others. Skip plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
-attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output
-with a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging
-Face's hybrid caches measure the sequence on the first softmax attention layer, where a skipped
-or routed layer keeps its length. Every model is a tiny random one built from its transformers
-config and compared with itself unpatched, or with recomputing the whole sequence without a
-cache."""
+some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets, OLMo-hybrid),
+a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the others. Skip
+plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
+attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output with
+a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging Face's
+hybrid caches measure the sequence on the first softmax attention layer, where a skipped or routed
+layer keeps its length. Every model is a tiny random one built from its transformers config and
+compared with itself unpatched, or with recomputing the whole sequence without a cache."""
 
 import math
 
