@@ -249,8 +249,12 @@ def run_checks(model_type: str) -> dict[str, str]:
         signal.alarm(120)
         try:
             results[name] = check()
-        except (TypeError, ValueError) as e:
-            results[name] = f"refused: {type(e).__name__}: {e}"
+        except (TypeError, ValueError) as e:  # (a refusal is raised by fastlayers itself)
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            said = "refused" if "fastlayers" in where.filename else "CRASH"
+            results[name] = f"{said}: {type(e).__name__}: {e}" + (
+                "" if said == "refused" else f" ({where.name})"
+            )
         except _Timeout:
             results[name] = "CRASH: timed out (120 s)"
         except Exception as e:  # noqa: BLE001 (what the sweep is for)

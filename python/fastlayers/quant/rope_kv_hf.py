@@ -21,12 +21,15 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.nn import Module
 from transformers import AttentionInterface, Cache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from fastlayers._decoder import (
+    LINEAR_MIXER_NAMES,
     attention_mismatch,
+    attention_name,
     attention_of,
     attention_qkv,
     attention_unsupported,
@@ -70,6 +73,13 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     where the module computes its queries and keys otherwise than the calibration recomputes
     them (checked by running it once: attention_mismatch)."""
     layers = decoder_layers(model, what)
+    for i, layer in enumerate(layers):  # (Falcon-H1: a Mamba mixer beside each attention)
+        beside = [n for n in LINEAR_MIXER_NAMES if isinstance(getattr(layer, n, None), Module)]
+        if attention_name(layer) is not None and beside:
+            raise ValueError(
+                f"{what}: layer {i} runs {', '.join(beside)} beside its attention, whose state "
+                "and keys would share one cache layer, which the INT4 cache does not have"
+            )
     mods = [None if linear_mixer(layer) else attention_of(layer) for layer in layers]
     if all(m is None for m in mods):
         raise ValueError(f"{what}: {type(model).__name__} has no softmax attention layer")
