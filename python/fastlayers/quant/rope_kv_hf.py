@@ -18,6 +18,7 @@ other layers keep their own states (Hugging Face's cache layers for them, in :cl
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -83,6 +84,12 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     mods = [None if linear_mixer(layer) else attention_of(layer) for layer in layers]
     if all(m is None for m in mods):
         raise ValueError(f"{what}: {type(model).__name__} has no softmax attention layer")
+    own = _own_cache_class(model)
+    if own is not None and any(m is None for m in mods):
+        raise ValueError(
+            f"{what}: {type(model).__name__} keeps its linear attention states in a cache class of "
+            f"its own ({own}), which the INT4 cache cannot stand in for"
+        )
     for i, m in enumerate(mods):
         if m is None:
             continue
@@ -94,6 +101,17 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
+
+
+def _own_cache_class(model) -> str | None:
+    """The name of a cache class the model's own module defines (MiniMax's ``MiniMaxCache``, which
+    its forward requires of a hybrid's cache), or None."""
+    module = sys.modules.get(type(model).__module__)
+    for name, value in vars(module or object).items():
+        if isinstance(value, type) and issubclass(value, Cache) and \
+                value.__module__ == type(model).__module__:  # fmt: skip
+            return name
+    return None
 
 
 def check_rope_aware_kv(model, what: str = "calibrate_rope_aware_kv") -> None:
