@@ -102,6 +102,9 @@ ARCHS["GraniteMoe"] = dict(num_local_experts=4, num_experts_per_tok=2, residual_
 ARCHS["Llama4Text"] = dict(head_dim=32, num_local_experts=4, intermediate_size_mlp=256,
                            interleave_moe_layer_step=1)  # fmt: skip
 ARCHS["LagunaChannels"] = dict(ARCHS["Laguna"], gating="per-channel")  # a gate per channel
+# Llama 4 with its layer 1 without RoPE, scaling its queries by position (temperature tuning; a
+# floor scale of 4 positions so that the scale grows within these sequences)
+ARCHS["Llama4TextNope"] = dict(ARCHS["Llama4Text"], no_rope_layers=[1, 0], floor_scale=4)
 
 
 def _model(arch, **extra):
@@ -110,7 +113,7 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential"):
+    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope"):
         arch = arch.removesuffix(suffix)
     if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo"):  # (multi-head: no kv head count)
         del kw["num_key_value_heads"]
@@ -199,7 +202,7 @@ def test_skip_plans_follow_each_layout(arch):
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
-     "GraniteMoe"],
+     "GraniteMoe", "Llama4Text"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -211,7 +214,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     split as the model splits them (Phi-3's ``[q | k | v]``, Persimmon's heads of ``[q, k, v]``;
     refused before), GPT-OSS's attention sinks and its RoPE tables of one entry per pair, BitNet's
     norm and Laguna's gate on the attention's output, Laguna's head count per layer, NanoChat's
-    weightless q/k norms and its RoPE turning the other way (each refused before)."""
+    weightless q/k norms and its RoPE turning the other way, Llama 4's complex RoPE tables and
+    its one L2 ``qk_norm`` after RoPE (each refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -540,6 +544,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Ministral3",
         "GPTNeoX",
         "GraniteMoe",
+        "Llama4Text",
+        "Llama4TextNope",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -548,7 +554,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     with INT4 on, generate() with the INT4 cache is generate() without a cache. Fused qkv
     projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows;
     GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths);
-    Ministral 3's queries, scaled by position, are taken as the module gives them."""
+    Ministral 3's queries, scaled by position, are taken as the module gives them, as are those
+    of Llama 4's NoPE layer (its attention temperature tuning); Llama 4's complex RoPE tables."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -561,7 +568,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     report = fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
                                     calibration=calib)  # fmt: skip
     with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
-                  "Persimmon", "Laguna", "NanoChat")  # fmt: skip
+                  "Persimmon", "Laguna", "NanoChat", "Llama4Text", "Llama4TextNope")  # fmt: skip
     assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -946,3 +953,16 @@ def test_int4_linears_leave_moe_routers_in_float():
     hunyuan.model.layers[0].mlp.gate.wg = gate  # (quantized anyway: its .weight is read)
     with torch.no_grad():
         assert torch.isfinite(hunyuan(ids).logits).all()
+
+
+def test_llama4_nope_layers_with_temperature_tuning_are_not_routed():
+    """Llama 4's NoPE layers scale their queries by the position, from the cache's length (past
+    ``floor_scale`` tokens), which a probe of a few tokens cannot show: routing one is refused by
+    name (the INT4 KV path takes the module's own queries: test above); its RoPE layer routes."""
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    with pytest.raises(ValueError, match="layer 1 cannot be routed: .*attn_temperature_tuning"):
+        fastlayers.apply_skip_plan(_model("Llama4TextNope"), SkipPlan([LayerPlan(), every]))
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(_model("Llama4TextNope"), ids)
+    model = fastlayers.apply_skip_plan(_model("Llama4TextNope"), SkipPlan([every, LayerPlan()]))
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)

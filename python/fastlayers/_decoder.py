@@ -119,13 +119,14 @@ def linear_mixer(layer: torch.nn.Module) -> str | None:
     ``layer_types`` at its ``layer_idx`` or the layer's own ``layer_type`` / ``block_type``), as
     words for messages; None for a softmax attention layer."""
     name = mixer_name(layer)
-    mixer = getattr(layer, name or "", None)
+    if name is None:
+        return None
+    mixer = getattr(layer, name)
     kinds = [getattr(layer, "layer_type", None), getattr(layer, "block_type", None)]
-    if mixer is not None:
-        cfg, idx = getattr(mixer, "config", None), getattr(mixer, "layer_idx", None)
-        types = getattr(cfg, "layer_types", None)
-        if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
-            kinds.append(types[idx])
+    cfg, idx = getattr(mixer, "config", None), getattr(mixer, "layer_idx", None)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and 0 <= idx < len(types):
+        kinds.append(types[idx])
     kind = next((k for k in kinds if k in _LINEAR_TYPES), None)
     if name in LINEAR_MIXER_NAMES or kind is not None:
         what = "a convolution" if name == "conv" or kind == "conv" else "a linear attention"
@@ -574,8 +575,9 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
         names = ", ".join(unknown)
         return f"{type(attn).__name__} has submodules fastlayers does not know: {names}"
     norms = qk_norms(attn)
-    present = sorted(n for n in _QK_NORM_NAMES if _has(attn, n))
-    if len(present) != sum(n is not None for n in norms):  # (a q or k norm with no partner)
+    present = sorted(n for n in (*_QK_NORM_NAMES, _SHARED_QK_NORM) if _has(attn, n))
+    shared = norms[0] is not None and norms[0] is norms[1]  # (Llama 4's one qk_norm)
+    if len(present) != (1 if shared else sum(n is not None for n in norms)):
         return f"{type(attn).__name__} has q/k norms fastlayers cannot pair: {', '.join(present)}"
     for norm, h, which in zip(norms, head_counts(attn), "qk", strict=True):
         d = head_dim_of(attn)
@@ -618,7 +620,7 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 # ``out_proj``; AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output,
 # BitNet's ``attn_sub_norm`` normalises it: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
-                    "out_proj",
+                    "out_proj", "qk_norm",
                     "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
                     "gate_proj", "g_proj", "attn_sub_norm", "rotary_emb")  # fmt: skip
@@ -641,7 +643,8 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
-    if cos is not None and applies_rope(attn, rope.table_width):  # (None: the model gives none)
+    if cos is not None and applies_rope(attn, rope.table_width, rope.complex_tables):  # (None:
+        # the model gives none)
         q, k = rope.rotate(q, k, cos, sin)
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
@@ -712,19 +715,25 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     passed = _MATCHES.get(attn, ())
     if (True, tables) in passed or (queries, tables) in passed:
         return None
+    name = type(attn).__name__
+    if queries and getattr(attn, "attn_temperature_tuning", False) and \
+            not getattr(attn, "use_rope", True):  # fmt: skip
+        # (Llama 4's NoPE layers: a query scale growing with the position past floor_scale
+        # tokens, which a probe of a few tokens cannot show)
+        return f"{name} scales its queries by position (attn_temperature_tuning)"
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
     AttentionInterface.register(_PROBE, _probe_attention)
-    name, cfg = type(attn).__name__, attn.config
+    cfg = attn.config
     p = activation_like(attn)
     rope = rope_layout(attn, "routed attention")
-    applies_rope(attn, rope.table_width)  # (its own probe runs the module's real attention: first)
+    applies_rope(attn, rope.table_width, rope.complex_tables)  # (its probe runs the real attention)
     g = torch.Generator().manual_seed(0)
     t, d, hq = 5, head_dim_of(attn), head_counts(attn)[0]
     x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
     angle = torch.rand(1, t, rope.table_width, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
-    given = (cos, sin) if tables else None
+    given = rope.module_tables(cos, sin) if tables else None
     cos0, sin0 = (cos[0], sin[0]) if tables else (None, None)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
     previous, training = cfg._attn_implementation_internal, attn.training
@@ -800,6 +809,8 @@ def checked_with_tables(attn: torch.nn.Module, tables: bool) -> bool:
 
 _QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_layernorm",
                   "key_layernorm")  # fmt: skip
+# one norm module for both (Llama 4's weightless L2 norm ``qk_norm``, after RoPE)
+_SHARED_QK_NORM = "qk_norm"
 _QK_AFTER_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -813,7 +824,11 @@ def qk_norms(attn: torch.nn.Module):
     """``(q_norm, k_norm)`` applied between the projections and RoPE (Qwen3, Gemma 3 per head;
     OLMo 2 over the whole projection; StableLM's and Phi's ``q_layernorm`` / ``k_layernorm``,
     LayerNorms per head; HunYuan's ``query_layernorm`` / ``key_layernorm``, after RoPE:
-    :func:`qk_norms_after_rope`), or ``(None, None)``."""
+    :func:`qk_norms_after_rope`; Llama 4's one ``qk_norm`` for both, after RoPE), or
+    ``(None, None)``."""
+    shared = getattr(attn, _SHARED_QK_NORM, None)
+    if isinstance(shared, torch.nn.Module):
+        return shared, shared
     for i in range(0, len(_QK_NORM_NAMES), 2):
         q, k = (getattr(attn, n, None) for n in _QK_NORM_NAMES[i : i + 2])
         if isinstance(q, torch.nn.Module) and isinstance(k, torch.nn.Module):
@@ -870,6 +885,11 @@ class RopeLayout:
     apply: Callable
     rotary_dim: int  # RoPE rotates channels [0, rotary_dim) of each head (partial RoPE: < head_dim)
     table_width: int  # its cos / sin tables: rotary_dim wide, or half (GPT-OSS: one per pair)
+    complex_tables: bool = False  # the model gives complex tables cos + i sin (Llama 4)
+
+    def module_tables(self, cos: torch.Tensor, sin: torch.Tensor):
+        """Tables ``(cos, sin)`` as the model gives them to its attention modules."""
+        return torch.complex(cos.float(), sin.float()) if self.complex_tables else (cos, sin)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``(q, k)`` with the model's RoPE on their first ``rotary_dim`` channels, the others
@@ -902,7 +922,7 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
 _APPLIES_ROPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def applies_rope(attn: torch.nn.Module, table_width: int) -> bool:
+def applies_rope(attn: torch.nn.Module, table_width: int, complex_tables: bool = False) -> bool:
     """Whether ``attn`` rotates its queries and keys at all: False for NoPE layers (EXAONE 4's
     global layers, SmolLM3's ``no_rope_layers``), read by running the module once on a few random
     tokens with RoPE tables of a random angle and of angle 0 (the same output: no RoPE).
@@ -920,6 +940,7 @@ def applies_rope(attn: torch.nn.Module, table_width: int) -> bool:
 
         def run(cos, sin):
             emb = (cos.to(p), sin.to(p))
+            emb = torch.complex(cos, sin) if complex_tables else emb
             return attn(hidden_states=x, position_embeddings=emb, attention_mask=None,
                         **_probe_extras(attn, 4))[0]  # fmt: skip
 
@@ -933,6 +954,31 @@ def applies_rope(attn: torch.nn.Module, table_width: int) -> bool:
         attn.train(training)
     _APPLIES_ROPE[attn] = result
     return result
+
+
+def cos_sin(tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of RoPE tables as a model gives them: a pair, or Llama 4's complex
+    ``cos + i sin`` (``freqs_cis``, one entry per pair)."""
+    if isinstance(tables, torch.Tensor) and tables.is_complex():
+        return tables.real, tables.imag
+    return tables
+
+
+def _complex_rope(fn: Callable) -> Callable:
+    """Llama 4's ``apply_rotary_emb(xq [B, T, H, d], xk, freqs_cis [B, T, d/2])`` (complex
+    products of consecutive channel pairs) as ``apply_rotary_pos_emb(q, k, cos, sin)``: ``q`` /
+    ``k`` ``[B, H, T, d]`` with tables ``[B, T, d/2]``, or ``[n, H, d]`` with tables
+    ``[n, d/2]`` (routed attention's tokens)."""
+
+    def apply(q, k, cos, sin):
+        freqs = torch.complex(cos.float(), sin.float())
+        if q.dim() == 3:  # (tokens as the sequence of one batch row)
+            qo, ko = fn(q[None], k[None], freqs[None])
+            return qo[0], ko[0]
+        qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), freqs)
+        return qo.transpose(1, 2), ko.transpose(1, 2)
+
+    return apply
 
 
 def layer_type(attn: torch.nn.Module) -> str | None:
@@ -978,7 +1024,15 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
     Tables ``r`` wide first, then ``r / 2`` (GPT-OSS: one entry per pair)."""
     from fastlayers.quant.rope_kv import PAIRINGS, rotate_pairs
 
-    fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+    module = sys.modules.get(cls.__module__)
+    fn, complex_tables = getattr(module, "apply_rotary_pos_emb", None), False
+    native = getattr(module, "apply_rotary_emb", None)
+    if (
+        not callable(fn)
+        and callable(native)
+        and list(inspect.signature(native).parameters)[:3] == ["xq", "xk", "freqs_cis"]
+    ):  # (Llama 4: complex tables)
+        fn, complex_tables = _complex_rope(native), True
     if not callable(fn):
         return ": found no apply_rotary_pos_emb next to its class"
     eye = torch.eye(r)[None, None]  # [B, H, T = r, r]: token c is channel c's unit vector
@@ -996,6 +1050,6 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
         for pairing in PAIRINGS:  # (either direction: NanoChat rotates by -angle)
             partner = rotate_pairs(eye, pairing)
             if torch.equal(turned, partner) or torch.equal(turned, -partner):
-                return RopeLayout(pairing, fn, r, width)
+                return RopeLayout(pairing, fn, r, width, complex_tables)
         return "'s RoPE pairs channels neither as rotate-half nor interleaved"
     return f"'s apply_rotary_pos_emb failed on a probe ({type(failed).__name__}: {failed})"

@@ -32,6 +32,7 @@ from fastlayers._decoder import (
     attention_sinks,
     attention_unsupported,
     checked_with_tables,
+    cos_sin,
     decoder_layers,
     decoder_layout,
     feedforward,
@@ -348,7 +349,7 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
         )
     cos = sin = None  # (a model without a rotary embedding: Granite 4's hybrids)
     if tables is not None:
-        cos, sin = tables  # [n, r]: the model's function unsqueezes dim 1 for the heads
+        cos, sin = cos_sin(tables)  # [n, r]: the model's function unsqueezes dim 1 for heads
         cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]
         sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]
     q, k, v, qgate = attention_qkv(attn, x, cos, sin)  # (checked against the module)
@@ -593,7 +594,7 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                     f"got {window!r}"
                 )
             rope = rope_layout(attn, "apply_skip_plan")
-            applies_rope(attn, rope.table_width)  # (probed now, not while compiling)
+            applies_rope(attn, rope.table_width, rope.complex_tables)  # (probed now)
             why = attention_mismatch(attn, tables=model_gives_tables(model))
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")

@@ -34,6 +34,7 @@ from fastlayers._decoder import (
     attention_of,
     attention_qkv,
     attention_unsupported,
+    cos_sin,
     decoder_layers,
     head_counts,
     head_dim_of,
@@ -477,7 +478,7 @@ def calibrate_rope_aware_kv(
             pos = torch.arange(t, device=x.device)[None].expand(b, t)  # against the module)
             cos = sin = None
             if rotary is not None:
-                cos, sin = (c.flatten(0, 1) for c in rope_tables(rotary, m, x, pos))
+                cos, sin = (c.flatten(0, 1) for c in cos_sin(rope_tables(rotary, m, x, pos)))
             busy.add(i)
             try:
                 k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
