@@ -52,6 +52,9 @@ HYBRIDS = {
                    expert_layer_offset=1, mamba_d_state=16, num_experts=4, num_experts_per_tok=2)),
     "bamba": (["linear_attention", "full_attention", "linear_attention"],
               dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=64, mamba_d_state=16)),
+    # LaraMini: RoPE tables for its sliding-window layers only, its global layers get None
+    "lara_mini": (["linear_attention", "sliding_attention", "full_attention"],
+                  dict(sliding_window=4)),
 }  # fmt: skip
 
 
@@ -271,3 +274,31 @@ def test_from_similarity_adds_granites_shared_feedforward():
     handle.remove()
     ratio = (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
     assert math.isclose(plan.layers[1].ffn_scale, ratio, rel_tol=1e-4)
+
+
+def test_routed_attention_where_the_model_gives_some_layers_no_rope_tables():
+    """LaraMini gives its sliding-window layers RoPE tables and its global layers None (no RoPE):
+    each routed layer is checked in both ways and runs as it is called; routing every token of
+    both is the model, and generate() with half of them routed is recomputing the sequence."""
+    ids = torch.randint(3, 128, (2, 12))
+    want = _logits(_model("lara_mini"), ids)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    model = fastlayers.apply_skip_plan(_model("lara_mini"), SkipPlan([LayerPlan(), every, every]))
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    plan = SkipPlan([LayerPlan(), LayerPlan("routed"), LayerPlan("routed")])
+    model = fastlayers.apply_skip_plan(_model("lara_mini"), plan)
+    with torch.no_grad():
+        for i in (1, 2):
+            decoder_layers(model)[i].fastlayers_router.weight.normal_(0.0, 0.5)
+            decoder_layers(model)[i].fastlayers_router.bias.zero_()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(ids[:1], **kw)
+        seq = ids[:1]
+        for scores in out.scores:
+            logits = model(seq, use_cache=False).logits[:, -1]
+            logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)
+            torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)

@@ -796,6 +796,17 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
 _MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def attention_mismatch_either_way(attn: torch.nn.Module, tables: bool,
+                                  queries: bool = True) -> str | None:  # fmt: skip
+    """:func:`attention_mismatch` given RoPE tables and given None, ``tables`` (the model's way)
+    first: None when either passes (a model may give some layers no tables: LaraMini's global
+    layers), so the callers check which one each call is given (:func:`checked_with_tables`);
+    else the mismatch of the model's way."""
+    why = attention_mismatch(attn, queries=queries, tables=tables)
+    other = attention_mismatch(attn, queries=queries, tables=not tables)
+    return None if why is None or other is None else why
+
+
 def model_gives_tables(model) -> bool:
     """Whether ``model`` gives its layers RoPE tables (``position_embeddings``) from a rotary
     embedding of its own; Granite 4's hybrids have none and give None."""

@@ -25,7 +25,7 @@ import torch
 from fastlayers._decoder import (
     activation_like,
     applies_rope,
-    attention_mismatch,
+    attention_mismatch_either_way,
     attention_of,
     attention_output,
     attention_qkv,
@@ -595,7 +595,7 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                 )
             rope = rope_layout(attn, "apply_skip_plan")
             applies_rope(attn, rope.table_width, rope.complex_tables)  # (probed now)
-            why = attention_mismatch(attn, tables=model_gives_tables(model))
+            why = attention_mismatch_either_way(attn, model_gives_tables(model))
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
     return layers

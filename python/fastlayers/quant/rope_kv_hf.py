@@ -29,23 +29,22 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from fastlayers._decoder import (
     LINEAR_MIXER_NAMES,
-    attention_mismatch,
+    attention_mismatch_either_way,
     attention_name,
     attention_of,
     attention_qkv,
     attention_unsupported,
+    checked_with_tables,
     cos_sin,
     decoder_layers,
     head_counts,
     head_dim_of,
-    inner_model,
     linear_mixer,
     logit_softcap,
     model_gives_tables,
     qk_norms,
     qkv_projections,
     rope_layout,
-    rope_tables,
 )
 from fastlayers.ops._common import no_dispatch_modes, tensor_version
 from fastlayers.ops.kvint4 import (
@@ -97,8 +96,8 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
         why = attention_unsupported(m)
         if why is None:
             rope_layout(m, what)
-            tables = model_gives_tables(model)  # (the module's own queries are used)
-            why = attention_mismatch(m, queries=False, tables=tables)
+            # (the module's own queries are used: only its keys and values are compared)
+            why = attention_mismatch_either_way(m, model_gives_tables(model), queries=False)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
@@ -455,38 +454,40 @@ def calibrate_rope_aware_kv(
     pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
     # (per layer type: rope_tables; None: the model gives no tables, Granite 4's hybrids)
-    rotary = inner_model(model).rotary_emb if model_gives_tables(model) else None
     layouts = [None if m is None else rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
     found = [lay.pairing for lay in layouts if lay is not None]
     if pairing is not None and any(p != pairing for p in found):
         raise ValueError(f"pairing={pairing!r}, but the model's RoPE pairs channels {found[0]!r}")
     keys = {i: [] for i in range(len(mods))}  # pre-RoPE, as k_proj gives them
     rotated = {i: [] for i in range(len(mods))}  # as the attention is given them
-    hooks, busy = [], set()
+    hooks = []
     projections = [None if m is None else qkv_projections(m) for m in mods]
     for i, (m, qkv) in enumerate(zip(mods, projections, strict=True)):
         if m is None:  # (a hybrid's linear attention layer: no keys)
             continue
 
-        def hook(mod, args, out, i=i, m=m, qkv=qkv):
-            if i in busy:  # (attention_qkv below calls the projection again)
-                return
-            k = out if qkv.fused is None else qkv.split(out)[1]
-            keys[i].append(k.detach().float())  # [B, T, H_kv * d]
-            x = args[0]  # [B, T, hidden] at positions 0..T-1: the module's own q/k/v, q/k norms
-            b, t = x.shape[:2]  # and RoPE (attention_qkv, the routed path's code, checked
-            pos = torch.arange(t, device=x.device)[None].expand(b, t)  # against the module)
+        def hook(mod, args, kwargs, i=i, m=m, qkv=qkv):
+            # the module's input and the RoPE tables the model gives it (None where it gives
+            # none: Granite 4, LaraMini's global layers), through the module's own q/k/v, q/k
+            # norms and RoPE (attention_qkv, the routed path's code, checked against the module)
+            x = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
+            b, t = x.shape[:2]
+            tables = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+            if not checked_with_tables(m, tables is not None):
+                raise ValueError(
+                    f"calibrate_rope_aware_kv: layer {i} is given "
+                    f"{'no RoPE tables' if tables is None else 'RoPE tables'}, which its check "
+                    "did not see"
+                )
             cos = sin = None
-            if rotary is not None:
-                cos, sin = (c.flatten(0, 1) for c in cos_sin(rope_tables(rotary, m, x, pos)))
-            busy.add(i)
-            try:
-                k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
-            finally:
-                busy.discard(i)
+            if tables is not None:
+                cos, sin = (c.expand(b, t, -1).flatten(0, 1) for c in cos_sin(tables))
+            k = qkv.project(x)[1]
+            keys[i].append(k.detach().float())  # [B, T, H_kv * d]
+            k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
             rotated[i].append(k_rot.float())  # [B * T, H_kv, d]
 
-        hooks.append(qkv.k.register_forward_hook(hook))
+        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for batch in calibration:
             model(batch)
