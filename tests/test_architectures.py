@@ -96,6 +96,7 @@ ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
 ARCHS["GPT2"] = {}
 # GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
 ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
+ARCHS["GPTBigCode"] = dict(multi_query=True)  # (StarCoder: one key/value head, c_attn)
 # a feedforward named block_sparse_moe, residual multipliers (Granite MoE); feed_forward, a MoE
 # answering its tokens flattened (Llama 4)
 ARCHS["GraniteMoe"] = dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5)
@@ -115,7 +116,7 @@ def _model(arch, **extra):
     kw.update(ARCHS[arch], **extra)
     for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope"):
         arch = arch.removesuffix(suffix)
-    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo"):  # (multi-head: no kv head count)
+    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode"):  # (no kv head count)
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     head = {"GPT2": "GPT2LMHeadModel", "Llama4Text": "Llama4ForCausalLM"}.get(
@@ -202,7 +203,7 @@ def test_skip_plans_follow_each_layout(arch):
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
-     "GraniteMoe", "Llama4Text"],
+     "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -215,7 +216,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     refused before), GPT-OSS's attention sinks and its RoPE tables of one entry per pair, BitNet's
     norm and Laguna's gate on the attention's output, Laguna's head count per layer, NanoChat's
     weightless q/k norms and its RoPE turning the other way, Llama 4's complex RoPE tables and
-    its one L2 ``qk_norm`` after RoPE (each refused before)."""
+    its one L2 ``qk_norm`` after RoPE, GPT-2's and GPT-BigCode's (multi-query) ``Conv1D``
+    projections without RoPE (each refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -546,6 +548,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "GraniteMoe",
         "Llama4Text",
         "Llama4TextNope",
+        "GPT2",
+        "GPTBigCode",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -555,7 +559,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     projections (Phi-3, Persimmon without q/k norms) get the fold on their query and key rows;
     GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths);
     Ministral 3's queries, scaled by position, are taken as the module gives them, as are those
-    of Llama 4's NoPE layer (its attention temperature tuning); Llama 4's complex RoPE tables."""
+    of Llama 4's NoPE layer (its attention temperature tuning); Llama 4's complex RoPE tables;
+    GPT-2's and GPT-BigCode's ``Conv1D`` ``c_attn`` (the fold on its columns), no RoPE."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -902,7 +907,8 @@ def test_mlp_swaps_read_the_sizes_of_feedforwards_that_name_none(arch, mlp):
 def test_int4_linears_on_gpt2s_conv1d_projections():
     """GPT-2's projections are Conv1D (``x @ W + b`` with ``W [in, out]``): quantize_ takes their
     transposed weight (left in float before), and the patched model's output stays close; routed
-    attention and the RoPE-aware KV cache are refused (no RoPE, no q/k/v projections)."""
+    attention then reads the quantized c_attn like the Conv1D (every token routed: the quantized
+    model)."""
     model = _model("GPT2")
     ids = torch.randint(3, 128, (2, 10))
     want = _logits(model, ids)
@@ -917,9 +923,9 @@ def test_int4_linears_on_gpt2s_conv1d_projections():
         assert float((q.dequantize() - w).norm() / w.norm()) < 0.15  # (INT4 of random weights)
     got = _logits(model, ids)
     assert float((got - want).norm() / want.norm()) < 0.3
-    routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
-    with pytest.raises(ValueError, match="GPT2Attention has neither separate q_proj"):
-        fastlayers.apply_skip_plan(_model("GPT2"), routed)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(), every]))
+    torch.testing.assert_close(_logits(model, ids), got, rtol=1e-4, atol=1e-4)
 
 
 def test_int4_linears_leave_moe_routers_in_float():

@@ -80,6 +80,35 @@ def test_fold_on_the_rows_of_a_fused_qkv_projection(fused):
         quant.fold_pre_rope(lin, lin, torch.ones(3, d), k_rows=k_rows)
 
 
+def test_fold_on_a_gpt2_conv1d_projection():
+    """GPT-2's ``c_attn`` is a ``Conv1D`` (``x @ W + b``, ``W [in, out]``): the fold scales its key
+    columns by n and query columns by 1/n, ``Q K^T`` is unchanged, values untouched."""
+    transformers = pytest.importorskip("transformers")
+    from fastlayers._decoder import QKVProjections
+
+    heads, d = 2, 16
+    conv = transformers.pytorch_utils.Conv1D(3 * heads * d, 32)
+    torch.nn.init.normal_(conv.bias)
+    qkv = QKVProjections(conv, conv, conv, "concat", heads, heads, d)
+    x = rand(7, 32, dtype=torch.float32, device="cpu")
+
+    def scores():
+        q, kk, v, _ = qkv.project(x)
+        return torch.einsum("thd,shd->hts", q.view(7, heads, d), kk.view(7, heads, d)), v
+
+    want, v_before = scores()
+    n = torch.rand(heads, d) * 4 + 0.25
+    weight = conv.weight.detach().clone()
+    quant.fold_pre_rope(conv, conv, n, q_rows=qkv.rows("q"), k_rows=qkv.rows("k"))
+    got, v_after = scores()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_after, v_before)
+    k_cols = qkv.rows("k")
+    torch.testing.assert_close(conv.weight[:, k_cols], weight[:, k_cols] * n.reshape(1, -1))
+    with pytest.raises(TypeError, match="torch.nn.Linear or a transformers Conv1D"):
+        quant.fold_pre_rope(torch.nn.Conv1d(2, 2, 1), conv, n)
+
+
 def test_scales_with_partial_rope():
     """With ``rotary_dim`` < head_dim (StableLM, GLM), pairs are formed among the rotated channels
     only; a channel past them is its own pair (``alpha / max |k_c|``, not over sqrt(2) |k_c|), and

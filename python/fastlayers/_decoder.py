@@ -190,7 +190,15 @@ def _has(layer: torch.nn.Module, name: str) -> bool:
 
 
 def _in_features(module: torch.nn.Module):
-    return getattr(module, "in_features", None)
+    """A linear layer's input width: ``in_features``, or GPT-2's ``Conv1D``'s ``nx``."""
+    width = getattr(module, "in_features", None)
+    return getattr(module, "nx", None) if width is None else width
+
+
+def _out_features(module: torch.nn.Module):
+    """A linear layer's output width: ``out_features``, or GPT-2's ``Conv1D``'s ``nf``."""
+    width = getattr(module, "out_features", None)
+    return getattr(module, "nf", None) if width is None else width
 
 
 def _children_besides(module: torch.nn.Module, known) -> set[str]:
@@ -442,7 +450,8 @@ def logit_softcap(attn: torch.nn.Module) -> float | None:
 class QKVProjections:
     """Where an attention module's queries, keys and values come from: three linear layers
     (``q_proj`` / ``k_proj`` / ``v_proj``; ``fused`` None) or one fused linear layer whose output
-    holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``) or head by head as
+    holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``, GPT-2's ``Conv1D``
+    ``c_attn``) or head by head as
     ``[heads, 3, head_dim]`` (``fused="per_head"``: Persimmon's and GPT-NeoX's
     ``query_key_value``, equal query and key/value heads). ``q``, ``k`` and ``v`` are the layers
     their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives
@@ -500,7 +509,7 @@ class QKVProjections:
         return (torch.arange(heads)[:, None] * 3 * d + j * d + torch.arange(d)).reshape(-1)
 
 
-_FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head"}
+_FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head", "c_attn": "concat"}
 
 
 def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
@@ -519,7 +528,7 @@ def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
         return None
 
     heads = count("num_heads", "num_attention_heads")
-    kv_heads = count("num_key_value_heads")
+    kv_heads = count("num_key_value_heads", "kv_heads")  # (GPT-BigCode's multi-query kv_heads)
     return heads, heads if kv_heads is None else kv_heads
 
 
@@ -538,7 +547,7 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
         names, mods, fused = found, [getattr(attn, found[0])], _FUSED_QKV[found[0]]
     else:
         return (f"{name} has neither separate q_proj / k_proj / v_proj nor one fused qkv_proj / "
-                "query_key_value")  # fmt: skip
+                "query_key_value / c_attn")  # fmt: skip
     odd = [n for n, m in zip(names, mods, strict=True) if not isinstance(_in_features(m), int)]
     if odd:  # (Moshi's per-codebook MoshiLinear, Zaya's convolutional qkv_proj)
         return f"{name}'s {', '.join(odd)} are not linear layers (no in_features)"
@@ -546,7 +555,7 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
         return f"{name}'s query_key_value interleaves heads, but it has {heads} query and " \
                f"{kv_heads} key/value heads"  # fmt: skip
     width = (heads + 2 * kv_heads) * d
-    got = getattr(mods[0], "out_features", None)
+    got = _out_features(mods[0])
     if fused is not None and got != width:
         return f"{name}'s {names[0]} has {got} outputs, not {width} (queries, keys and values)"
     q, k, v = mods if fused is None else mods * 3
@@ -564,6 +573,8 @@ def attention_unsupported(attn: torch.nn.Module) -> str | None:
     else of their own."""
     if isinstance(attn, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # (LongCat-Flash)
         return f"the layer's attention is a {type(attn).__name__} (several attentions per layer)"
+    if getattr(attn, "config", None) is None:  # (XGLM: no attention interface to probe it with)
+        return f"{type(attn).__name__} has no config (a Hugging Face attention module has one)"
     if _has(attn, "kv_b_proj") or _has(attn, "kv_a_proj_with_mqa"):  # (DeepSeek V2/V3, MiniCPM3)
         return (f"{type(attn).__name__} is multi-head latent attention (keys and values from "
                 "kv_a_proj_with_mqa / kv_b_proj), which fastlayers does not support")  # fmt: skip
@@ -608,19 +619,21 @@ def attention_sinks(attn: torch.nn.Module) -> torch.Tensor | None:
 
 
 def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
-    """The attention's output projection: ``o_proj``, Phi's ``dense`` or LFM2's ``out_proj``."""
-    for name in ("o_proj", "dense", "out_proj"):
+    """The attention's output projection: ``o_proj``, Phi's ``dense``, LFM2's ``out_proj`` or
+    GPT-2's ``c_proj``."""
+    for name in ("o_proj", "dense", "out_proj", "c_proj"):
         out = getattr(attn, name, None)
         if isinstance(out, torch.nn.Module):
             return out
-    raise TypeError(f"{type(attn).__name__} has no output projection (o_proj / dense / out_proj)")
+    raise TypeError(f"{type(attn).__name__} has no output projection (o_proj / dense / out_proj / "
+                    "c_proj)")  # fmt: skip
 
 
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``, LFM2
 # ``out_proj``; AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output,
 # BitNet's ``attn_sub_norm`` normalises it: attention_output).
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
-                    "out_proj", "qk_norm",
+                    "out_proj", "qk_norm", "c_attn", "c_proj",
                     "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
                     "gate_proj", "g_proj", "attn_sub_norm", "rotary_emb")  # fmt: skip
@@ -643,8 +656,8 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
-    if cos is not None and applies_rope(attn, rope.table_width, rope.complex_tables):  # (None:
-        # the model gives none)
+    rotates = cos is not None and rope.apply is not None  # (None: the model gives no tables,
+    if rotates and applies_rope(attn, rope.table_width, rope.complex_tables):  # or has no RoPE)
         q, k = rope.rotate(q, k, cos, sin)
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
@@ -893,7 +906,7 @@ class RopeLayout:
     ``apply_rotary_pos_emb(q, k, cos, sin)``, which fastlayers calls on the rotated channels."""
 
     pairing: str  # "half" (rotate_half: c with c + r/2) or "interleaved" (2i with 2i + 1)
-    apply: Callable
+    apply: Callable | None  # None: the attention has no RoPE function (GPT-2: no RoPE at all)
     rotary_dim: int  # RoPE rotates channels [0, rotary_dim) of each head (partial RoPE: < head_dim)
     table_width: int  # its cos / sin tables: rotary_dim wide, or half (GPT-OSS: one per pair)
     complex_tables: bool = False  # the model gives complex tables cos + i sin (Llama 4)
@@ -907,6 +920,8 @@ class RopeLayout:
         passed through (StableLM, GLM, Nemotron and Phi rotate the leading channels); ``cos`` /
         ``sin`` are the model's tables (``table_width`` wide), in the layout its function takes."""
         r = self.rotary_dim
+        if self.apply is None:
+            raise ValueError("this attention has no RoPE function to rotate with")
         if r == q.shape[-1]:
             return self.apply(q, k, cos, sin)
         qr, kr = self.apply(q[..., :r], k[..., :r], cos, sin)
@@ -1032,7 +1047,9 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
     every table entry, whatever layout the function expects its tables in: GLM's takes the
     rotate-half layout and interleaves it) gives the partner map, checked against each pairing's
     ``(a, b) -> (-b, a)`` (or its inverse); no turn (cos 1, sin 0) must give the channels back.
-    Tables ``r`` wide first, then ``r / 2`` (GPT-OSS: one entry per pair)."""
+    Tables ``r`` wide first, then ``r / 2`` (GPT-OSS: one entry per pair). A module with no RoPE
+    function next to it (GPT-2) gets a layout without one (``apply`` None): it rotates nothing,
+    which :func:`attention_mismatch` checks like the rest."""
     from fastlayers.quant.rope_kv import PAIRINGS, rotate_pairs
 
     module = sys.modules.get(cls.__module__)
@@ -1044,8 +1061,8 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
         and list(inspect.signature(native).parameters)[:3] == ["xq", "xk", "freqs_cis"]
     ):  # (Llama 4: complex tables)
         fn, complex_tables = _complex_rope(native), True
-    if not callable(fn):
-        return ": found no apply_rotary_pos_emb next to its class"
+    if not callable(fn):  # (no RoPE: GPT-2; attention_mismatch sees any rotation it does)
+        return RopeLayout("half", None, r, r)
     eye = torch.eye(r)[None, None]  # [B, H, T = r, r]: token c is channel c's unit vector
     failed = None
     for width in (r, r // 2):

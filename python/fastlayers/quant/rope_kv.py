@@ -108,19 +108,25 @@ def fold_pre_rope(
     """In place: ``W_k`` rows (and bias) times ``n``, ``W_q`` rows (and bias) divided by ``n``
     repeated over each kv head's query heads (``repeat_kv`` order). ``Q K^T`` is unchanged.
     ``q_rows`` / ``k_rows``: the output rows of the queries / keys in their layer, in head-major
-    order (a fused qkv projection: ``q_proj`` and ``k_proj`` the same layer); None: all rows."""
+    order (a fused qkv projection: ``q_proj`` and ``k_proj`` the same layer); None: all rows.
+    The layers are ``torch.nn.Linear`` or GPT-2's ``Conv1D`` (weight ``[in, out]``: its columns
+    are the output rows)."""
     for lin, name in ((q_proj, "q_proj"), (k_proj, "k_proj")):
-        if not isinstance(lin, torch.nn.Linear):
-            raise TypeError(f"{name} must be a torch.nn.Linear, got {type(lin).__name__}")
+        if not isinstance(lin, torch.nn.Linear) and not _is_conv1d(lin):
+            raise TypeError(
+                f"{name} must be a torch.nn.Linear or a transformers Conv1D, got "
+                f"{type(lin).__name__}"
+            )
     _check_float(n, "n", "[kv_heads, head_dim]", dims=2)
     rows = []
     for lin, r, name in ((q_proj, q_rows, "q_rows"), (k_proj, k_rows, "k_rows")):
+        out = _by_output(lin.weight, lin).shape[0]
         if r is None:
-            r = torch.arange(lin.out_features)
+            r = torch.arange(out)
         elif not isinstance(r, torch.Tensor) or r.dtype != torch.int64 or r.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int64 tensor or None, got {r!r}")
-        elif r.numel() and (int(r.min()) < 0 or int(r.max()) >= lin.out_features):
-            raise ValueError(f"{name} must index rows of a layer of {lin.out_features} outputs")
+        elif r.numel() and (int(r.min()) < 0 or int(r.max()) >= out):
+            raise ValueError(f"{name} must index rows of a layer of {out} outputs")
         rows.append(r.to(lin.weight.device))
     h_kv, d = n.shape
     h_q = rows[0].numel() // d
@@ -134,10 +140,22 @@ def fold_pre_rope(
     with torch.no_grad():
         for lin, r, f in ((k_proj, rows[1], nk), (q_proj, rows[0], 1.0 / nq)):
             f = f.to(lin.weight.device)
-            w = lin.weight
+            w = _by_output(lin.weight, lin)  # (Conv1D: a transposed view, written through)
             w[r] = (w[r].float() * f[:, None]).to(w.dtype)
             if lin.bias is not None:
                 lin.bias[r] = (lin.bias[r].float() * f).to(lin.bias.dtype)
+
+
+def _is_conv1d(module) -> bool:
+    """GPT-2's ``Conv1D``: ``y = x @ weight + bias`` with ``weight [nx = in, nf = out]``."""
+    w = getattr(module, "weight", None)
+    return (isinstance(module, torch.nn.Module) and isinstance(w, torch.Tensor)
+            and w.shape == (getattr(module, "nx", None), getattr(module, "nf", None)))  # fmt: skip
+
+
+def _by_output(weight: torch.Tensor, module) -> torch.Tensor:
+    """``weight`` as ``[out, in]``: a Linear's own, a Conv1D's transposed (a view)."""
+    return weight.t() if _is_conv1d(module) else weight
 
 
 def rotate_pairs(x: torch.Tensor, pairing: str = "half") -> torch.Tensor:
