@@ -97,6 +97,13 @@ ARCHS["GPT2"] = {}
 # GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
 ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
 ARCHS["GPTBigCode"] = dict(multi_query=True)  # (StarCoder: one key/value head, c_attn)
+# multi-head latent attention: a 16-channel RoPE part, values of 32 channels, queries through a
+# low-rank q_a_proj / q_b_proj (V3: interleaved RoPE; V2: complex tables) or one q_proj (V2)
+_MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=1, moe_intermediate_size=64)  # fmt: skip
+ARCHS["DeepseekV3"] = dict(_MLA, q_lora_rank=64)
+ARCHS["DeepseekV2"] = dict(_MLA, q_lora_rank=None)
 # a feedforward named block_sparse_moe, residual multipliers (Granite MoE); feed_forward, a MoE
 # answering its tokens flattened (Llama 4)
 ARCHS["GraniteMoe"] = dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5)
@@ -203,7 +210,7 @@ def test_skip_plans_follow_each_layout(arch):
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
-     "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode"],
+     "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -217,7 +224,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     norm and Laguna's gate on the attention's output, Laguna's head count per layer, NanoChat's
     weightless q/k norms and its RoPE turning the other way, Llama 4's complex RoPE tables and
     its one L2 ``qk_norm`` after RoPE, GPT-2's and GPT-BigCode's (multi-query) ``Conv1D``
-    projections without RoPE (each refused before)."""
+    projections without RoPE, DeepSeek V2's and V3's multi-head latent attention (values of
+    another size than the keys; each refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -228,7 +236,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
 @pytest.mark.parametrize(
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
-     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss", "GPTNeoX"],
+     "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss", "GPTNeoX",
+     "DeepseekV3"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -396,8 +405,12 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
                            qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32, q_lora_rank=64,
                            head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=64, first_k_dense_replace=2)  # fmt: skip
-    model = DeepseekV2ForCausalLM(cfg).eval()  # (multi-head latent attention)
+    model = DeepseekV2ForCausalLM(cfg).eval()  # (multi-head latent attention: routed, no KV)
     with pytest.raises(ValueError, match="DeepseekV2Attention is multi-head latent attention"):
+        fastlayers.patch_model(model, kv_cache="int4_rope_aware",
+                               calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    model.model.layers[1].self_attn.extra = torch.nn.Linear(2, 2)  # (a part DeepSeek's has not)
+    with pytest.raises(ValueError, match="multi-head latent attention with other parts .*extra"):
         fastlayers.apply_skip_plan(model, routed)
     fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(), LayerPlan("skip")]))  # (plans: yes)
     model = _model("Ministral3")  # queries scaled by position: routed attention recomputes them
@@ -972,3 +985,16 @@ def test_llama4_nope_layers_with_temperature_tuning_are_not_routed():
     want = _logits(_model("Llama4TextNope"), ids)
     model = fastlayers.apply_skip_plan(_model("Llama4TextNope"), SkipPlan([every, LayerPlan()]))
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2"])
+def test_int4_kv_refuses_multi_head_latent_attention(arch):
+    """Routed attention runs multi-head latent attention (tests above); the INT4 KV cache does not
+    (its kernels take keys and values of one head size): refused by name before the model
+    changes."""
+    model = _model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="multi-head latent attention .* INT4 KV cache does not"):
+        fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                               calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

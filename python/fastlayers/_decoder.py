@@ -565,19 +565,118 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated)
 
 
-def attention_unsupported(attn: torch.nn.Module) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class MLAProjections:
+    """Multi-head latent attention (DeepSeek V2/V3 and its kin): queries from ``q_proj`` or
+    ``q_b_proj(q_a_layernorm(q_a_proj(x)))``, ``[heads, nope + rope]``; from ``kv_a_proj_with_mqa``
+    a latent ``[kv_rank]`` (through ``kv_a_layernorm`` and ``kv_b_proj`` into each head's
+    ``[nope]`` key channels and ``[v_dim]`` values) and one ``[rope]`` key part shared by the heads;
+    RoPE on the queries' and that key's last ``rope`` channels, by the model's ``rope_fn``
+    (interleaved where the config's ``rope_interleave`` says so; DeepSeek V2's on complex tables;
+    None: no RoPE function next to the class, Kimi-Linear's). :func:`attention_mismatch` checks it
+    against the module."""
+
+    attn: torch.nn.Module
+    heads: int
+    nope: int
+    rope: int
+    v_dim: int
+    kv_rank: int
+    rope_fn: Callable | None
+    complex_tables: bool = False  # the model gives complex tables cos + i sin (DeepSeek V2)
+
+    @property
+    def in_features(self) -> int:
+        return _in_features(self.attn.kv_a_proj_with_mqa)
+
+    def project(self, x: torch.Tensor, cos, sin):
+        """``(q [n, H, nope + rope], k [n, H, nope + rope], v [n, H, v_dim])`` of tokens
+        ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin [n, rope]`` (None: no rotation)."""
+        a, n = self.attn, x.shape[0]
+        if _has(a, "q_a_proj"):
+            q = a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
+        else:
+            q = a.q_proj(x)
+        q = q.view(n, self.heads, self.nope + self.rope)
+        q_pass, q_rot = q[..., : self.nope], q[..., self.nope :]
+        latent, k_rot = a.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], -1)
+        kv = a.kv_b_proj(a.kv_a_layernorm(latent)).view(n, self.heads, self.nope + self.v_dim)
+        k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
+        k_rot = k_rot.view(n, 1, self.rope)
+        if cos is not None and self.rope_fn is not None:  # (on [1, H, n, rope], tables [1, n, r])
+            q_rot, k_rot = self.rope_fn(q_rot.transpose(0, 1)[None], k_rot.transpose(0, 1)[None],
+                                        cos[None], sin[None])  # fmt: skip
+            q_rot, k_rot = q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1)
+        q = torch.cat([q_pass, q_rot], -1)
+        k = torch.cat([k_nope, k_rot.expand(n, self.heads, self.rope)], -1)
+        return q, k, v
+
+
+_MLA_PARTS = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+              "kv_a_layernorm", "kv_b_proj", "o_proj")  # fmt: skip
+
+
+def mla_projections(attn: torch.nn.Module) -> MLAProjections | str | None:
+    """The :class:`MLAProjections` of a multi-head latent attention, why it cannot be read (a
+    string), or None for an attention of another kind."""
+    if not (_has(attn, "kv_b_proj") or _has(attn, "kv_a_proj_with_mqa")):
+        return None
+    name, cfg = type(attn).__name__, getattr(attn, "config", None)
+    sizes = [getattr(attn, n, getattr(cfg, n, None)) for n in
+             ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank")]  # fmt: skip
+    heads = head_counts(attn)[0]
+    if not all(isinstance(v, int) and v > 0 for v in (heads, *sizes)):
+        return f"{name} is multi-head latent attention without the head sizes fastlayers reads"
+    parts = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+    queries = _has(attn, "q_proj") or all(_has(attn, n) for n in ("q_a_proj", "q_a_layernorm",
+                                                                  "q_b_proj"))  # fmt: skip
+    unknown = sorted(_children_besides(attn, _MLA_PARTS + ("rotary_emb",)))
+    if not queries or not all(_has(attn, n) for n in parts) or unknown:
+        return (f"{name} is multi-head latent attention with other parts than DeepSeek V3's "
+                f"({', '.join(unknown) or 'its projections'})")  # fmt: skip
+    module = sys.modules.get(type(attn).__module__)
+    fn_name = "apply_rotary_pos_emb_interleave" if getattr(cfg, "rope_interleave", False) else \
+        "apply_rotary_pos_emb"  # fmt: skip
+    fn = getattr(module, fn_name, None)  # (none: no RoPE, Kimi-Linear; checked by running it)
+    native = getattr(module, "apply_rotary_emb", None)
+    if not callable(fn) and callable(native):  # (DeepSeek V2: [B, H, T, d], complex tables)
+
+        def fn(q, k, cos, sin, native=native):
+            return native(q, k, torch.complex(cos.float(), sin.float()))
+
+        return MLAProjections(attn, heads, *sizes, fn, True)
+    return MLAProjections(attn, heads, *sizes, fn if callable(fn) else None)
+
+
+def attention_in_features(attn: torch.nn.Module) -> int:
+    """The width of the tokens an attention module reads."""
+    mla = mla_projections(attn)
+    return mla.in_features if isinstance(mla, MLAProjections) else qkv_projections(attn).in_features
+
+
+def attention_unsupported(attn: torch.nn.Module, mla: bool = False) -> str | None:
     """Why fastlayers' own attention paths (the INT4 KV cache, routed attention) cannot stand in
-    for ``attn`` (None: they can): they compute softmax(cap(q k^T * scaling)) v from the q/k/v
-    projections :func:`qkv_projections` reads (separate or fused; ``cap``: the model's logit
-    soft-capping, :func:`logit_softcap`), with the q/k norms :func:`qk_norms` reads and nothing
-    else of their own."""
+    for ``attn`` (None: they can; ``mla``: multi-head latent attention is accepted, which routed
+    attention runs and the INT4 KV cache does not): they compute softmax(cap(q k^T * scaling)) v
+    from the q/k/v projections :func:`qkv_projections` reads (separate or fused; ``cap``: the
+    model's logit soft-capping, :func:`logit_softcap`), with the q/k norms :func:`qk_norms` reads
+    and nothing else of their own."""
     if isinstance(attn, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # (LongCat-Flash)
         return f"the layer's attention is a {type(attn).__name__} (several attentions per layer)"
     if getattr(attn, "config", None) is None:  # (XGLM: no attention interface to probe it with)
         return f"{type(attn).__name__} has no config (a Hugging Face attention module has one)"
-    if _has(attn, "kv_b_proj") or _has(attn, "kv_a_proj_with_mqa"):  # (DeepSeek V2/V3, MiniCPM3)
-        return (f"{type(attn).__name__} is multi-head latent attention (keys and values from "
-                "kv_a_proj_with_mqa / kv_b_proj), which fastlayers does not support")  # fmt: skip
+    latent = mla_projections(attn)  # (DeepSeek V2/V3, Kimi-Linear's, MiniCPM3, ...)
+    if latent is not None and not mla:
+        return (
+            f"{type(attn).__name__} is multi-head latent attention (keys and values from "
+            "kv_a_proj_with_mqa / kv_b_proj), which the INT4 KV cache does not support"
+        )
+    if isinstance(latent, str):
+        return latent
+    if latent is not None:
+        own = sorted(name for name, _ in attn.named_parameters(recurse=False))
+        return f"{type(attn).__name__} has parameters fastlayers does not know: {own}" if own \
+            else None  # fmt: skip
     qkv = qkv_projections(attn)
     if isinstance(qkv, str):
         return qkv
@@ -648,6 +747,9 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
     Routed attention's stand-in for the module's first half, checked against the module itself
     by :func:`attention_mismatch`."""
+    mla = mla_projections(attn)
+    if isinstance(mla, MLAProjections):  # (multi-head latent attention: values of their own size)
+        return (*mla.project(x, cos, sin), None)
     n, d = x.shape[0], head_dim_of(attn)
     after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
@@ -739,14 +841,26 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     AttentionInterface.register(_PROBE, _probe_attention)
     cfg = attn.config
     p = activation_like(attn)
-    rope = rope_layout(attn, "routed attention")
-    applies_rope(attn, rope.table_width, rope.complex_tables)  # (its probe runs the real attention)
+    mla = mla_projections(attn)
+    if isinstance(mla, str):
+        return mla
+    if mla is None:
+        rope = rope_layout(attn, "routed attention")
+        applies_rope(attn, rope.table_width, rope.complex_tables)  # (its probe runs the module)
+        width, d = rope.table_width, head_dim_of(attn)
+    else:  # (multi-head latent attention: RoPE on `rope` channels, values of their own size)
+        rope, width, d = None, mla.rope // (2 if mla.complex_tables else 1), mla.v_dim
     g = torch.Generator().manual_seed(0)
-    t, d, hq = 5, head_dim_of(attn), head_counts(attn)[0]
-    x = torch.randn(1, t, qkv_projections(attn).in_features, generator=g).to(p)
-    angle = torch.rand(1, t, rope.table_width, generator=g) * 3 + 0.5
+    t, hq = 5, head_counts(attn)[0]
+    x = torch.randn(1, t, attention_in_features(attn), generator=g).to(p)
+    angle = torch.rand(1, t, width, generator=g) * 3 + 0.5
     cos, sin = angle.cos().to(p), angle.sin().to(p)
-    given = rope.module_tables(cos, sin) if tables else None
+    if not tables:
+        given = None
+    elif rope is not None:
+        given = rope.module_tables(cos, sin)
+    else:
+        given = torch.complex(cos.float(), sin.float()) if mla.complex_tables else (cos, sin)
     cos0, sin0 = (cos[0], sin[0]) if tables else (None, None)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
     previous, training = cfg._attn_implementation_internal, attn.training

@@ -25,6 +25,7 @@ import torch
 from fastlayers._decoder import (
     activation_like,
     applies_rope,
+    attention_in_features,
     attention_mismatch_either_way,
     attention_of,
     attention_output,
@@ -44,8 +45,8 @@ from fastlayers._decoder import (
     linear_mixer,
     logit_softcap,
     mixer_of,
+    mla_projections,
     model_gives_tables,
-    qkv_projections,
     returns_tuple,
     rope_layout,
     rope_tables,
@@ -584,7 +585,7 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                     f"is {mixer}; only softmax attention layers route tokens"
                 )
             attn = attention_of(layer)
-            why = attention_unsupported(attn)
+            why = attention_unsupported(attn, mla=True)
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
             window = _sliding_window(attn)
@@ -593,8 +594,9 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                     f"apply_skip_plan: layer {i}'s sliding window must be a positive int or None, "
                     f"got {window!r}"
                 )
-            rope = rope_layout(attn, "apply_skip_plan")
-            applies_rope(attn, rope.table_width, rope.complex_tables)  # (probed now)
+            if mla_projections(attn) is None:  # (multi-head latent attention: its own RoPE)
+                rope = rope_layout(attn, "apply_skip_plan")
+                applies_rope(attn, rope.table_width, rope.complex_tables)  # (probed now)
             why = attention_mismatch_either_way(attn, model_gives_tables(model))
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
@@ -645,7 +647,7 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
             router = routers.get(i)
             if router is None:
                 ref = activation_like(attention_of(layer))
-                width = qkv_projections(attention_of(layer)).in_features
+                width = attention_in_features(attention_of(layer))
                 router = torch.nn.Linear(width, 1, device=ref.device, dtype=ref.dtype)
             if not isinstance(router, torch.nn.Module):
                 raise TypeError(f"routers[{i}] must be a torch.nn.Module, got {type(router)}")

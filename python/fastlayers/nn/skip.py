@@ -114,13 +114,14 @@ def routed_attention_step(
     each other, causally by position and, with a ``sliding_window`` (Hugging Face's rule), only
     keys less than that many positions back, with ``softcap`` the scores soft-capped (Gemma 2),
     with ``sinks [H]`` a logit per head in the softmax's denominator (GPT-OSS).
-    Stores the new keys. Returns ``o [n, H, d]`` (padding rows: zeros)."""
+    Stores the new keys. Returns ``o [n, H, dv]`` (padding rows: zeros; ``dv``: the values'
+    head size, multi-head latent attention's differs from the keys')."""
     counts = (cu[1:] - cu[:-1]).tolist()
     used = int(cu[-1])
     if store is None:
         store = RoutedKVStore()
     keys, values, k_pos, cu_k, rows = store.merged(k[:used], v[:used], pos[:used], counts)
-    out = q.new_zeros(q.shape)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])  # (multi-head latent attention: dv != d)
     if used:
         out[:used] = varlen_attention(
             q[:used], keys, values, cu, cu_k, pos[:used], k_pos, causal=True, scale=scale,
