@@ -41,9 +41,10 @@ SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_
              head_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, moe_intermediate_size=64,
              num_experts=4, num_experts_per_tok=2, n_routed_experts=4, num_local_experts=4,
              first_k_dense_replace=0, n_group=1, topk_group=1)  # fmt: skip
-# Multi-head latent attention (DeepSeek V2, ...): its head sizes, and RoPE on a 16-channel part.
-MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
-           q_lora_rank=64, qk_head_dim=32, head_dim=16)  # fmt: skip
+# Multi-head latent attention (DeepSeek V2, ...): its head sizes (values of another size than the
+# keys), RoPE on a 16-channel part, as many key/value heads as query heads.
+MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
+           q_lora_rank=64, qk_head_dim=32, head_dim=16, num_key_value_heads=4)  # fmt: skip
 # Hybrids whose default layer pattern has no softmax attention in the first layers, or Mamba
 # sizes that do not follow the hidden size: one Mamba layer, then an attention layer.
 _MAMBA = dict(mamba_n_heads=4, mamba_d_head=64, mamba_d_state=16)

@@ -92,16 +92,17 @@ ARCHS["Ministral3"] = dict(head_dim=32)
 # quarter of each head rotated, LayerNorms; its parallel block has a norm for each sublayer
 ARCHS["GPTNeoX"] = {}
 ARCHS["GPTNeoXSequential"] = dict(use_parallel_residual=False)
-# GPT-2: model.transformer.h[i].attn, ln_1 / ln_2, Conv1D projections, no RoPE (skip plans only)
+# GPT-2: model.transformer.h[i].attn, ln_1 / ln_2, Conv1D projections, no RoPE
 ARCHS["GPT2"] = {}
 # GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
 ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
 ARCHS["GPTBigCode"] = dict(multi_query=True)  # (StarCoder: one key/value head, c_attn)
-# multi-head latent attention: a 16-channel RoPE part, values of 32 channels, queries through a
-# low-rank q_a_proj / q_b_proj (V3: interleaved RoPE; V2: complex tables) or one q_proj (V2)
-_MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32,
-            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-            first_k_dense_replace=1, moe_intermediate_size=64)  # fmt: skip
+# multi-head latent attention: a 16-channel RoPE part, values of 24 channels (keys: 32), as many
+# key/value heads as query heads, queries through a low-rank q_a_proj / q_b_proj (V3: interleaved
+# RoPE) or one q_proj (V2: complex tables)
+_MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
+            num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+            topk_group=1, first_k_dense_replace=1, moe_intermediate_size=64)  # fmt: skip
 ARCHS["DeepseekV3"] = dict(_MLA, q_lora_rank=64)
 ARCHS["DeepseekV2"] = dict(_MLA, q_lora_rank=None)
 # a feedforward named block_sparse_moe, residual multipliers (Granite MoE); feed_forward, a MoE

@@ -832,6 +832,11 @@ def self_speculative_generate(
                 "cannot be rolled back to the accepted tokens after a rejected draft"
             )
         attn = attention_of(layer)
+        if isinstance(getattr(attn, "indexer", None), torch.nn.Module):
+            raise TypeError(
+                f"self_speculative_generate: layer {i}'s {type(attn).__name__} selects its keys "
+                "with an indexer (DeepSeek V3.2's sparse attention), whose cache it does not keep"
+            )
         if getattr(attn, "config", None) is None or not isinstance(
             getattr(attn, "layer_idx", None), int
         ):
