@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from _decoders import assert_generate_equals_recompute, residual_norm_ratio
 
 import fastlayers
 from fastlayers import quant
@@ -264,13 +265,7 @@ def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
         out = model.generate(ids[:1], cache=LayerSkipCache(), **kw)
-        seq = ids[:1]
-        for scores in out.scores:
-            logits = model(seq, use_cache=False).logits[:, -1]
-            logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)  # (min_new_tokens)
-            torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out.sequences, seq)
+        assert_generate_equals_recompute(model, ids[:1], out)
     if arch in ("Gemma3", "Mistral", "Exaone4"):  # a static cache's window layers: the window
         with torch.no_grad(), pytest.raises(ValueError, match="takes a dynamic cache"):
             model.generate(ids[:1], cache_implementation="static", **kw)
@@ -691,17 +686,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     model.model.layers[1].self_attn = _ZeroAttention()
     batch = torch.randint(3, 128, (2, 12))
     plan = SkipPlan.from_similarity(model, [batch], num_ffn_skip=2)
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["in"] = (args[0] if args else kwargs["hidden_states"]).float()
-        seen["out"] = (out[0] if isinstance(out, tuple) else out).float()
-
-    handle = model.model.layers[1].register_forward_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        model(batch)
-    handle.remove()
-    ratio = (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
+    ratio = residual_norm_ratio(model, model.model.layers[1], batch)
     assert math.isclose(plan.layers[1].ffn_scale, ratio, rel_tol=1e-4)
     assert plan.layers[1].ffn == "skip" and plan.layers[0].ffn == "skip"
 

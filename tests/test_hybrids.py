@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _decoders import assert_generate_equals_recompute, residual_norm_ratio
 
 transformers = pytest.importorskip("transformers")
 
@@ -168,14 +169,7 @@ def test_generate_with_routed_and_skipped_layers_on_hybrids(model_type, cache):
     if cache == "LayerSkipCache":
         kw["cache"] = LayerSkipCache(config=model.config)
     with torch.no_grad():
-        out = model.generate(ids, **kw)
-        seq = ids
-        for scores in out.scores:
-            logits = model(seq, use_cache=False).logits[:, -1]
-            logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)  # (min_new_tokens)
-            torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out.sequences, seq)
+        assert_generate_equals_recompute(model, ids, model.generate(ids, **kw))
     if cache == "LayerSkipCache":  # (the linear attention states cannot be rolled back)
         with pytest.raises(ValueError, match="cannot be rolled back"):
             kw["cache"].crop_to(4)
@@ -262,17 +256,7 @@ def test_from_similarity_adds_granites_shared_feedforward():
     layer.self_attn = _Zero(bare=False)
     batch = torch.randint(3, 128, (2, 12))
     plan = SkipPlan.from_similarity(model, [batch], num_ffn_skip=3)
-    seen = {}
-
-    def hook(mod, args, kwargs, out):
-        seen["in"] = (args[0] if args else kwargs["hidden_states"]).float()
-        seen["out"] = (out[0] if isinstance(out, tuple) else out).float()
-
-    handle = layer.register_forward_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        model(batch)
-    handle.remove()
-    ratio = (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
+    ratio = residual_norm_ratio(model, layer, batch)
     assert math.isclose(plan.layers[1].ffn_scale, ratio, rel_tol=1e-4)
 
 
@@ -294,11 +278,4 @@ def test_routed_attention_where_the_model_gives_some_layers_no_rope_tables():
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True,
               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
-        out = model.generate(ids[:1], **kw)
-        seq = ids[:1]
-        for scores in out.scores:
-            logits = model(seq, use_cache=False).logits[:, -1]
-            logits = logits.masked_fill(~torch.isfinite(scores), -math.inf)
-            torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out.sequences, seq)
+        assert_generate_equals_recompute(model, ids[:1], model.generate(ids[:1], **kw))

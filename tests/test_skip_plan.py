@@ -5,6 +5,7 @@ stack with the same sublayers skipped, generate() with the KV cache equals gener
 
 import pytest
 import torch
+from _decoders import assert_generate_equals_recompute as _assert_generate_equals_recompute
 
 from fastlayers.skip_plan import LayerPlan, SkipPlan, apply_skip_plan, remove_skip_plan
 
@@ -187,19 +188,6 @@ def test_layer0_attention_skipped_with_layer_skip_cache():
 
 
 # ---- routed attention (Mixture-of-Depths) in a plan ---------------------------------------------
-def _assert_generate_equals_recompute(model, ids, out):
-    """Each step's scores of a greedy ``generate(..., output_scores=True,
-    return_dict_in_generate=True)`` equal the last logits of the whole sequence so far run without
-    a cache (where the scores are finite: min_new_tokens masks the EOS token), and so do the tokens.
-    Returns the sequence."""
-    seq = ids
-    for scores in out.scores:
-        logits = model(seq, use_cache=False).logits[:, -1]
-        logits = logits.masked_fill(~torch.isfinite(scores), -float("inf"))
-        torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out.sequences, seq)
-    return seq
 
 
 def _set_router(model, i, weight_scale: float, bias: float):

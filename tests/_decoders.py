@@ -1,0 +1,39 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checks the drop-in tests share (tests/test_skip_plan.py, test_architectures.py,
+test_hybrids.py)."""
+
+import torch
+
+
+def assert_generate_equals_recompute(model, ids, out):
+    """Each step's scores of a greedy ``generate(..., output_scores=True,
+    return_dict_in_generate=True)`` equal the last logits of the whole sequence so far run without
+    a cache (where the scores are finite: min_new_tokens masks the EOS token), and so do the tokens.
+    Returns the sequence."""
+    seq = ids
+    for scores in out.scores:
+        logits = model(seq, use_cache=False).logits[:, -1]
+        logits = logits.masked_fill(~torch.isfinite(scores), -float("inf"))
+        torch.testing.assert_close(scores, logits, rtol=1e-4, atol=1e-4)
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.sequences, seq)
+    return seq
+
+
+def residual_norm_ratio(model, layer, batch) -> float:
+    """``|h_out| / |h_in|`` of decoder ``layer`` (mean over tokens) as ``model`` runs ``batch``:
+    what ``SkipPlan.from_similarity`` must measure for a sublayer when the layer's other sublayer
+    answers zeros."""
+    seen = {}
+
+    def hook(mod, args, kwargs, out):
+        seen["in"] = (args[0] if args else kwargs["hidden_states"]).float()
+        seen["out"] = (out[0] if isinstance(out, tuple) else out).float()
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        handle.remove()
+    return (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
