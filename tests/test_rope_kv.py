@@ -42,16 +42,23 @@ def test_scales_commute_with_rope_and_keep_qk():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", ["concat", "per_head"])
+@pytest.mark.parametrize("fused", ["concat", "per_head", "conv1d"])
 def test_fold_on_the_rows_of_a_fused_qkv_projection(fused):
-    """A fused projection (Phi-3's ``[q | k | v]`` rows, Persimmon's heads of ``[q, k, v]``): the
+    """A fused projection (Phi-3's ``[q | k | v]`` rows, Persimmon's heads of ``[q, k, v]``, GPT-2's
+    ``Conv1D`` ``c_attn``: ``x @ W + b`` with ``W [in, out]``, its columns the output rows): the
     fold scales the key rows by n and the query rows by 1/n (bias too), ``Q K^T`` is unchanged and
     the value rows are left as they were."""
     from fastlayers._decoder import QKVProjections
 
     heads, kv_heads, d = (4, 2, 16) if fused == "concat" else (2, 2, 16)
-    lin = torch.nn.Linear(32, (heads + 2 * kv_heads) * d)
-    qkv = QKVProjections(lin, lin, lin, fused, heads, kv_heads, d)
+    if fused == "conv1d":
+        lin = pytest.importorskip("transformers").pytorch_utils.Conv1D(3 * heads * d, 32)
+        torch.nn.init.normal_(lin.bias)
+    else:
+        lin = torch.nn.Linear(32, (heads + 2 * kv_heads) * d)
+    by_row = (lambda w: w.t()) if fused == "conv1d" else (lambda w: w)  # noqa: E731
+    qkv = QKVProjections(lin, lin, lin, "concat" if fused == "conv1d" else fused, heads,
+                         kv_heads, d)  # fmt: skip
     x = rand(7, 32, dtype=torch.float32, device="cpu")
     k = rand(50, kv_heads, d, dtype=torch.float32, device="cpu")
     k[:, 0, 3] *= 20
@@ -65,48 +72,21 @@ def test_fold_on_the_rows_of_a_fused_qkv_projection(fused):
     want, v_before = scores()
     n = quant.compute_pre_rope_scales(k)
     assert not torch.allclose(n, torch.ones_like(n))
-    weight = lin.weight.detach().clone()
+    weight = by_row(lin.weight.detach().clone())
     quant.fold_pre_rope(lin, lin, n, q_rows=qkv.rows("q"), k_rows=qkv.rows("k"))
     got, v_after = scores()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(v_after, v_before)
-    k_rows = qkv.rows("k")
-    torch.testing.assert_close(lin.weight[k_rows], weight[k_rows] * n.reshape(-1, 1))
+    k_rows, rows = qkv.rows("k"), by_row(lin.weight).shape[0]
+    torch.testing.assert_close(by_row(lin.weight)[k_rows], weight[k_rows] * n.reshape(-1, 1))
     with pytest.raises(ValueError, match="k_rows must index rows of a layer of"):
-        quant.fold_pre_rope(lin, lin, n, k_rows=k_rows + lin.out_features)
+        quant.fold_pre_rope(lin, lin, n, k_rows=k_rows + rows)
     with pytest.raises(TypeError, match="q_rows must be a 1-D int64 tensor"):
         quant.fold_pre_rope(lin, lin, n, q_rows=[0, 1])
     with pytest.raises(ValueError, match="does not fit the 32 key rows"):
         quant.fold_pre_rope(lin, lin, torch.ones(3, d), k_rows=k_rows)
-
-
-def test_fold_on_a_gpt2_conv1d_projection():
-    """GPT-2's ``c_attn`` is a ``Conv1D`` (``x @ W + b``, ``W [in, out]``): the fold scales its key
-    columns by n and query columns by 1/n, ``Q K^T`` is unchanged, values untouched."""
-    transformers = pytest.importorskip("transformers")
-    from fastlayers._decoder import QKVProjections
-
-    heads, d = 2, 16
-    conv = transformers.pytorch_utils.Conv1D(3 * heads * d, 32)
-    torch.nn.init.normal_(conv.bias)
-    qkv = QKVProjections(conv, conv, conv, "concat", heads, heads, d)
-    x = rand(7, 32, dtype=torch.float32, device="cpu")
-
-    def scores():
-        q, kk, v, _ = qkv.project(x)
-        return torch.einsum("thd,shd->hts", q.view(7, heads, d), kk.view(7, heads, d)), v
-
-    want, v_before = scores()
-    n = torch.rand(heads, d) * 4 + 0.25
-    weight = conv.weight.detach().clone()
-    quant.fold_pre_rope(conv, conv, n, q_rows=qkv.rows("q"), k_rows=qkv.rows("k"))
-    got, v_after = scores()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(v_after, v_before)
-    k_cols = qkv.rows("k")
-    torch.testing.assert_close(conv.weight[:, k_cols], weight[:, k_cols] * n.reshape(1, -1))
     with pytest.raises(TypeError, match="torch.nn.Linear or a transformers Conv1D"):
-        quant.fold_pre_rope(torch.nn.Conv1d(2, 2, 1), conv, n)
+        quant.fold_pre_rope(torch.nn.Conv1d(2, 2, 1), lin, n)
 
 
 def test_scales_with_partial_rope():
