@@ -122,14 +122,21 @@ def _verdict(err: float, tol: float) -> str:
 
 
 class _ZeroAttention(torch.nn.Module):
+    """Zeros, answered as an attention does (a tuple) or a linear attention (a tensor)."""
+
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        self.bare = bare
+
     def forward(self, hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states), None
+        zeros = torch.zeros_like(hidden_states)
+        return zeros if self.bare else (zeros, None)
 
 
 def run_checks(model_type: str) -> dict[str, str]:
     import fastlayers
     from fastlayers import quant
-    from fastlayers._decoder import decoder_layers, linear_mixer, mixer_name
+    from fastlayers._decoder import block_kind, decoder_layers, linear_mixer, mixer_name
     from fastlayers.skip_plan import LayerPlan, LayerSkipCache, SkipPlan, self_speculative_generate
 
     model = build(model_type)
@@ -146,14 +153,21 @@ def run_checks(model_type: str) -> dict[str, str]:
         planned = fastlayers.apply_skip_plan(build(model_type), SkipPlan.full(layers()))
         return _verdict(_rel(_logits(planned, ids), want), 1e-5)
 
+    def last_mixer():  # (the last layer with an attention or linear mixer: not an MLP block)
+        try:
+            found = [i for i, x in enumerate(decoder_layers(model)) if block_kind(x) != "ffn"]
+        except TypeError:
+            found = []
+        return found[-1] if found else layers() - 1
+
     def skip():
-        n = layers()
-        plan = SkipPlan([LayerPlan()] * (n - 1) + [LayerPlan("skip")])
+        n, i = layers(), last_mixer()
+        plan = SkipPlan([LayerPlan("skip" if j == i else "full") for j in range(n)])
         planned = fastlayers.apply_skip_plan(build(model_type), plan)
         got = _logits(planned, ids)
         zeroed = build(model_type)
-        last = decoder_layers(zeroed)[n - 1]
-        setattr(last, mixer_name(last), _ZeroAttention())
+        last = decoder_layers(zeroed)[i]
+        setattr(last, mixer_name(last), _ZeroAttention(bare=linear_mixer(last) is not None))
         return _verdict(_rel(got, _logits(zeroed, ids)), 1e-5)
 
     def attention_layers():  # (a hybrid's softmax attention layers; all layers elsewhere)
@@ -173,8 +187,8 @@ def run_checks(model_type: str) -> dict[str, str]:
     def gen():
         n, first = layers(), attention_layers()[0]
         plan = [LayerPlan("routed") if i == first else LayerPlan() for i in range(n)]
-        if n - 1 != first:  # (one layer: routed only)
-            plan[-1] = LayerPlan("skip")
+        if last_mixer() != first:  # (one layer: routed only)
+            plan[last_mixer()] = LayerPlan("skip")
         planned = fastlayers.apply_skip_plan(build(model_type), SkipPlan(plan))
         with torch.no_grad():
             router = decoder_layers(planned)[first].fastlayers_router

@@ -505,7 +505,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
     glm4 = decoder_layout(_model("Glm4").model.layers[0])
     names = ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
              "post_mlp_layernorm")  # fmt: skip
-    assert dataclasses.astuple(glm4) == (*names, 1.0, False)
+    assert dataclasses.astuple(glm4) == (*names, 1.0, False, None)
     for arch in ("Cohere", "Phi", "StableLmParallel"):
         layout = decoder_layout(_model(arch).model.layers[0])
         assert layout.parallel and layout.attn_pre == layout.ffn_pre == "input_layernorm", arch

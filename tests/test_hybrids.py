@@ -53,6 +53,8 @@ HYBRIDS = {
                    expert_layer_offset=1, mamba_d_state=16, num_experts=4, num_experts_per_tok=2)),
     "bamba": (["linear_attention", "full_attention", "linear_attention"],
               dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=64, mamba_d_state=16)),
+    # Nemotron-H: one sublayer per block (h + mixer(norm(h))): Mamba-2, MLP, attention (no RoPE)
+    "nemotron_h": (["linear_attention", "mlp", "full_attention", "linear_attention"], {}),
     # LaraMini: RoPE tables for its sliding-window layers only, its global layers get None
     "lara_mini": (["linear_attention", "sliding_attention", "full_attention"],
                   dict(sliding_window=4)),
@@ -279,3 +281,32 @@ def test_routed_attention_where_the_model_gives_some_layers_no_rope_tables():
               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
         assert_generate_equals_recompute(model, ids[:1], model.generate(ids[:1], **kw))
+
+
+def test_nemotron_h_blocks_hold_one_sublayer():
+    """Nemotron-H's blocks are ``h + mixer(norm(h))`` with one mixer each: skipping an MLP block's
+    feedforward is the model with that MLP answering zeros; a plan for the sublayer a block has
+    not is refused by name; from_similarity measures each block's one sublayer and its plans
+    install."""
+    ids = torch.randint(3, 128, (2, 12))
+    ref = _model("nemotron_h")
+    decoder_layers(ref)[1].mixer = _Zero(bare=True)
+    plan = SkipPlan([LayerPlan(), LayerPlan(ffn="skip"), LayerPlan(), LayerPlan()])
+    planned = fastlayers.apply_skip_plan(_model("nemotron_h"), plan)
+    torch.testing.assert_close(_logits(planned, ids), _logits(ref, ids), rtol=0, atol=0)
+    for bad, match in ((LayerPlan(attn="skip"), "layer 1 is a feedforward block"),):
+        with pytest.raises(ValueError, match=match):
+            plan = SkipPlan([LayerPlan(), bad, LayerPlan(), LayerPlan()])
+            fastlayers.apply_skip_plan(_model("nemotron_h"), plan)
+    with pytest.raises(ValueError, match="layer 2 is an attention block without a feedforward"):
+        plan = SkipPlan([LayerPlan(), LayerPlan(), LayerPlan(ffn="skip"), LayerPlan()])
+        fastlayers.apply_skip_plan(_model("nemotron_h"), plan)
+    model = _model("nemotron_h")
+    plan = SkipPlan.from_similarity(model, [ids], num_attn_skip=1, num_ffn_skip=1)
+    kinds = ["attn", "ffn", "attn", "attn"]
+    for kind, layer_plan in zip(kinds, plan.layers, strict=True):
+        assert (layer_plan.ffn if kind == "attn" else layer_plan.attn) == "full"
+    assert [p.ffn for p in plan.layers].count("skip") == 1
+    assert [p.attn for p in plan.layers].count("skip") == 1
+    fastlayers.apply_skip_plan(model, plan)
+    assert bool(torch.isfinite(_logits(model, ids)).all())

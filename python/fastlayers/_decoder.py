@@ -65,8 +65,26 @@ FEEDFORWARD_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "shared_mlp")
 
 
 def feedforward_name(layer: torch.nn.Module) -> str | None:
-    """The name of ``layer``'s feedforward submodule (:data:`FEEDFORWARD_NAMES`), or None."""
-    return next((n for n in FEEDFORWARD_NAMES if _has(layer, n)), None)
+    """The name of ``layer``'s feedforward submodule (:data:`FEEDFORWARD_NAMES`; a feedforward
+    block's ``mixer``: :func:`block_kind`), or None."""
+    found = next((n for n in FEEDFORWARD_NAMES if _has(layer, n)), None)
+    return "mixer" if found is None and block_kind(layer) == "ffn" else found
+
+
+# Nemotron-H's blocks hold one sublayer each, ``h + mixer(norm(h))``: an attention, a Mamba layer,
+# an MLP or a MoE, as their ``block_type`` says.
+_FFN_BLOCKS = ("mlp", "moe")
+_ATTENTION_BLOCKS = ("full_attention", "attention", "sliding_attention")
+
+
+def block_kind(layer: torch.nn.Module) -> str | None:
+    """``"attn"`` (an attention or a linear attention) or ``"ffn"`` for a layer that is one
+    sublayer block (Nemotron-H: ``norm`` and ``mixer``), None for a layer of both sublayers."""
+    if not (_has(layer, "mixer") and _has(layer, "norm")) or any(
+        _has(layer, n) for n in (*ATTENTION_NAMES, *FEEDFORWARD_NAMES)
+    ):
+        return None
+    return "ffn" if getattr(layer, "block_type", None) in _FFN_BLOCKS else "attn"
 
 
 def feedforward_of(layer: torch.nn.Module) -> torch.nn.Module:
@@ -84,8 +102,12 @@ def shared_feedforward(layer: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def attention_name(layer: torch.nn.Module) -> str | None:
-    """The name of ``layer``'s attention submodule (:data:`ATTENTION_NAMES`), or None."""
-    return next((n for n in ATTENTION_NAMES if _has(layer, n)), None)
+    """The name of ``layer``'s attention submodule (:data:`ATTENTION_NAMES`; an attention block's
+    ``mixer``: :func:`block_kind`), or None."""
+    found = next((n for n in ATTENTION_NAMES if _has(layer, n)), None)
+    if found is None and block_kind(layer) == "attn":
+        return "mixer" if getattr(layer, "block_type", None) in _ATTENTION_BLOCKS else None
+    return found
 
 
 def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
@@ -104,8 +126,10 @@ _LINEAR_TYPES = ("linear_attention", "conv", "mamba", "mamba2")
 
 def mixer_name(layer: torch.nn.Module) -> str | None:
     """The name of ``layer``'s token mixer: its attention (:data:`ATTENTION_NAMES`) or, in a
-    hybrid's other layers, its linear attention or convolution (:data:`LINEAR_MIXER_NAMES`)."""
-    return attention_name(layer) or next((n for n in LINEAR_MIXER_NAMES if _has(layer, n)), None)
+    hybrid's other layers, its linear attention or convolution (:data:`LINEAR_MIXER_NAMES`; a
+    block's ``mixer``, :func:`block_kind`)."""
+    found = attention_name(layer) or next((n for n in LINEAR_MIXER_NAMES if _has(layer, n)), None)
+    return "mixer" if found is None and block_kind(layer) is not None else found
 
 
 def mixer_of(layer: torch.nn.Module) -> torch.nn.Module:
@@ -122,6 +146,8 @@ def linear_mixer(layer: torch.nn.Module) -> str | None:
     if name is None:
         return None
     mixer = getattr(layer, name)
+    if block_kind(layer) == "ffn":  # (Nemotron-H's MLP and MoE blocks: no attention either)
+        return f"{type(mixer).__name__} (a feedforward block)"
     kinds = [getattr(layer, "layer_type", None), getattr(layer, "block_type", None)]
     cfg, idx = getattr(mixer, "config", None), getattr(mixer, "layer_idx", None)
     types = getattr(cfg, "layer_types", None)
@@ -183,6 +209,7 @@ class DecoderLayout:
     ffn_post: str | None
     residual_multiplier: float = 1.0  # h = h + sublayer(...) * this (Granite), for both sublayers
     parallel: bool = False  # both sublayers read attn_pre(h) (== ffn_pre) of the layer's input h
+    single: str | None = None  # "attn" / "ffn": a block of that sublayer alone (Nemotron-H)
 
 
 def _has(layer: torch.nn.Module, name: str) -> bool:
@@ -242,6 +269,9 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
     """The norm layout of one decoder layer (module docstring); TypeError for an unknown one.
     Read once per layer and set of submodule names (the check runs the layer)."""
     kind = type(layer).__name__
+    single = block_kind(layer)
+    if single is not None:
+        return _block_layout(layer, single, what)
     attn = mixer_name(layer)
     ffn = feedforward_name(layer)
     if attn is None or ffn is None:
@@ -277,6 +307,50 @@ def decoder_layout(layer: torch.nn.Module, what: str = "this function") -> Decod
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _block_layout(layer: torch.nn.Module, single: str, what: str) -> DecoderLayout:
+    """A one-sublayer block's layout, ``h + mixer(norm(h))``, checked by running the block with
+    its mixer answering a fixed tensor (TypeError where it computes anything else)."""
+    known = _LAYOUTS.get(layer)
+    if known is not None and known[0] == ("<block>",):
+        return known[1]
+    layout = DecoderLayout("norm", None, None, None, single=single) if single == "attn" else \
+        DecoderLayout(None, None, "norm", None, single=single)  # fmt: skip
+    modes = [(m, m.training) for m in layer.modules()]
+    mixer, holds = layer.mixer, False
+    try:
+        p = activation_like(layer)
+        g = torch.Generator().manual_seed(0)
+        width = layer.norm.weight.shape[-1]
+        h = torch.randn(1, 5, width, generator=g).to(p)
+        c = torch.randn(1, 5, width, generator=g).mul(2).to(p)
+        layer.eval()
+        with torch.no_grad():
+            for bare in (False, True):  # (an attention answers a tuple, the others a tensor)
+                fixed = layer._modules["mixer"] = _FixedAttention(c, bare)
+                try:
+                    out = layer(h, attention_mask=None)
+                    break
+                except Exception:  # noqa: BLE001 (the other answer, or a block not callable)
+                    if bare:
+                        raise
+            _TUPLE_OUTPUT[layer] = isinstance(out, tuple)
+            out = out[0] if isinstance(out, tuple) else out
+            tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
+            holds = all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+                        for a, b in ((fixed.seen, layer.norm(h)), (out, h + c)))  # fmt: skip
+    except Exception:  # noqa: BLE001 (refused below)
+        holds = False
+    finally:
+        layer._modules["mixer"] = mixer
+        for module, training in modes:
+            module.training = training
+    if not holds:
+        raise TypeError(f"{what}: {type(layer).__name__} is a one-sublayer block that does not "
+                        "compute h + mixer(norm(h)), checked by running it")  # fmt: skip
+    _LAYOUTS[layer] = (("<block>",), layout)
+    return layout
 
 
 def _layouts_by_names(layer, others: set[str]) -> list[DecoderLayout]:

@@ -102,7 +102,7 @@ def _feedforward_sizes(mlp: torch.nn.Module) -> tuple[int | None, int | None]:
 
 
 def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
-    from fastlayers._decoder import decoder_layers, feedforward_name
+    from fastlayers._decoder import block_kind, decoder_layers, feedforward_name
 
     try:
         layers = decoder_layers(model, "patch_model(mlp=...)")
@@ -111,6 +111,8 @@ def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
         return
     index = {id(m): path for path, m in model.named_modules()}
     for layer in layers:
+        if block_kind(layer) == "attn":  # (Nemotron-H: a block without a feedforward)
+            continue
         old = getattr(layer, feedforward_name(layer) or "mlp", None)
         weight = next(old.parameters(), None) if old is not None else None
         cfg = getattr(old, "config", None)

@@ -32,6 +32,7 @@ from fastlayers._decoder import (
     attention_qkv,
     attention_sinks,
     attention_unsupported,
+    block_kind,
     checked_with_tables,
     cos_sin,
     decoder_layers,
@@ -185,8 +186,11 @@ class SkipPlan:
             # change to it leaves the post-norm (or the sublayer itself)
             layout = decoder_layout(layer, "SkipPlan.from_similarity")
             shared = shared_feedforward(layer)  # (Granite 4: a shared_mlp beside its MoE)
-            subs = (("attn", mixer_of(layer), layout.attn_pre, layout.attn_post),
-                    ("ffn", feedforward_of(layer), layout.ffn_pre, layout.ffn_post))  # fmt: skip
+            subs = []  # (Nemotron-H: one sublayer per block)
+            if layout.single in (None, "attn"):
+                subs.append(("attn", mixer_of(layer), layout.attn_pre, layout.attn_post))
+            if layout.single in (None, "ffn"):
+                subs.append(("ffn", feedforward_of(layer), layout.ffn_pre, layout.ffn_post))
             for sub, sublayer, pre_name, post_name in subs:
                 norm = sublayer if pre_name is None else getattr(layer, pre_name)
                 module = sublayer if post_name is None else getattr(layer, post_name)
@@ -215,17 +219,19 @@ class SkipPlan:
         finally:
             for h in hooks:
                 h.remove()
-        if not stats[(0, "attn")]:
+        if not any(stats.values()):
             raise ValueError("calibration gave no batches: nothing to measure similarity on")
         score, ratio = {}, {}
         for key, pairs in stats.items():
+            if not pairs:  # (a one-sublayer block's other sublayer: none to skip)
+                continue
             cos, r = [], []
             for h_in, delta in pairs:
                 h_out = h_in + delta
                 cos.append(torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).mean())
                 r.append((h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)).mean())
-            score[key] = torch.stack(cos).mean().item() if cos else 0.0
-            ratio[key] = torch.stack(r).mean().item() if r else 1.0
+            score[key] = torch.stack(cos).mean().item()
+            ratio[key] = torch.stack(r).mean().item()
         attn = sorted((k for k in score if k[1] == "attn" and k[0] != 0), key=lambda k: -score[k])
         ffn = sorted((k for k in score if k[1] == "ffn"), key=lambda k: -score[k])
         skip = set(attn[:num_attn_skip]) | set(ffn[:num_ffn_skip])
@@ -506,6 +512,8 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     layout = decoder_layout(layer, "apply_skip_plan")
     if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
         return layer._fastlayers_forward
+    if layout.single is not None:  # (Nemotron-H: one sublayer; check_skip_plan keeps the other
+        return _planned_block(layer, layout, plan, layer_idx, routed, layer0_empty)  # "full")
     # the names of the layer's positional arguments after the hidden states (GPT-2's blocks are
     # called with the cache, cache positions and mask by position)
     names = [p.name for p in inspect.signature(layer._fastlayers_forward).parameters.values()
@@ -565,6 +573,27 @@ def _state_checked(forward, layer_idx: int):
     return checked
 
 
+def _planned_block(layer, layout, plan: LayerPlan, layer_idx: int, routed: bool,
+                   layer0_empty: bool):  # fmt: skip
+    """The planned forward of a one-sublayer block whose sublayer is skipped or routed: ``h``
+    times the skip's rescale, or ``h`` plus its routed tokens' gated attention."""
+    scale = plan.attn_scale if layout.single == "attn" else plan.ffn_scale
+    tuple_out = returns_tuple(layer)
+
+    def forward(hidden_states, *args, **kwargs):
+        if layer0_empty:
+            _keep_layer0_length(layer, hidden_states, kwargs, layer_idx)
+        if layout.single == "attn":
+            _keep_croppable(layer, hidden_states, kwargs, layer_idx)
+        if routed:
+            out = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kwargs)
+        else:
+            out = hidden_states if scale == 1.0 else hidden_states * scale
+        return (out, None) if tuple_out else out
+
+    return forward
+
+
 def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch.nn.ModuleList:
     """Every check of :func:`apply_skip_plan`, without changing the model; returns its layers."""
     if not isinstance(plan, SkipPlan):
@@ -576,7 +605,14 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
         if not plan.routes_attention(i):
             raise ValueError(f"routers[{i}] given, but the plan does not route layer {i}")
     for i, layer in enumerate(layers):
-        decoder_layout(layer, "apply_skip_plan")
+        single = decoder_layout(layer, "apply_skip_plan").single
+        p = plan.layers[i]
+        if single == "attn" and (p.ffn != "full" or p.ffn_scale != 1.0):
+            raise ValueError(f"apply_skip_plan: layer {i} is an attention block without a "
+                             "feedforward: its plan's ffn must be 'full'")  # fmt: skip
+        if single == "ffn" and (p.attn != "full" or p.attn_scale != 1.0):
+            raise ValueError(f"apply_skip_plan: layer {i} is a feedforward block without an "
+                             "attention: its plan's attn must be 'full'")  # fmt: skip
         if plan.routes_attention(i):
             mixer = linear_mixer(layer)
             if mixer is not None:
@@ -656,8 +692,8 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
         layer.forward = _planned_forward(
             layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i), measured
         )
-        if linear_mixer(layer) is not None:  # (a hybrid's linear attention / convolution layer)
-            layer.forward = _state_checked(layer.forward, i)
+        if linear_mixer(layer) is not None and block_kind(layer) != "ffn":  # (a hybrid's linear
+            layer.forward = _state_checked(layer.forward, i)  # attention / convolution / Mamba)
     model._fastlayers_skip_plan = plan
     return model
 
@@ -825,6 +861,8 @@ def self_speculative_generate(
 
     embed = _embedder(model, layers, input_ids[:, :1])
     for i, layer in enumerate(layers):  # (hybrids: linear attention, state-space layers)
+        if block_kind(layer) == "ffn":  # (Nemotron-H's MLP / MoE blocks: nothing cached)
+            continue
         mixer = linear_mixer(layer)
         if mixer is not None:
             raise TypeError(
