@@ -512,8 +512,10 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     layout = decoder_layout(layer, "apply_skip_plan")
     if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
         return layer._fastlayers_forward
-    if layout.single is not None:  # (Nemotron-H: one sublayer; check_skip_plan keeps the other
-        return _planned_block(layer, layout, plan, layer_idx, routed, layer0_empty)  # "full")
+    # (Nemotron-H's blocks hold one sublayer: the plan's other one, kept "full" by check_skip_plan,
+    # is not there to run)
+    runs_ffn = runs_ffn and layout.single != "attn"
+    runs_attn = runs_attn and layout.single != "ffn"
     # the names of the layer's positional arguments after the hidden states (GPT-2's blocks are
     # called with the cache, cache positions and mask by position)
     names = [p.name for p in inspect.signature(layer._fastlayers_forward).parameters.values()
@@ -571,27 +573,6 @@ def _state_checked(forward, layer_idx: int):
         return forward(hidden_states, *args, **kwargs)
 
     return checked
-
-
-def _planned_block(layer, layout, plan: LayerPlan, layer_idx: int, routed: bool,
-                   layer0_empty: bool):  # fmt: skip
-    """The planned forward of a one-sublayer block whose sublayer is skipped or routed: ``h``
-    times the skip's rescale, or ``h`` plus its routed tokens' gated attention."""
-    scale = plan.attn_scale if layout.single == "attn" else plan.ffn_scale
-    tuple_out = returns_tuple(layer)
-
-    def forward(hidden_states, *args, **kwargs):
-        if layer0_empty:
-            _keep_layer0_length(layer, hidden_states, kwargs, layer_idx)
-        if layout.single == "attn":
-            _keep_croppable(layer, hidden_states, kwargs, layer_idx)
-        if routed:
-            out = _routed_attention(layer, layout, plan, layer_idx, hidden_states, kwargs)
-        else:
-            out = hidden_states if scale == 1.0 else hidden_states * scale
-        return (out, None) if tuple_out else out
-
-    return forward
 
 
 def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch.nn.ModuleList:
