@@ -453,7 +453,6 @@ def calibrate_rope_aware_kv(
     from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved
     pairs); a value given is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
-    # (per layer type: rope_tables; None: the model gives no tables, Granite 4's hybrids)
     layouts = [None if m is None else rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
     found = [lay.pairing for lay in layouts if lay is not None]
     if pairing is not None and any(p != pairing for p in found):
