@@ -401,10 +401,7 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
                            qk_nope_head_dim=16, v_head_dim=32, kv_lora_rank=32, q_lora_rank=64,
                            head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=64, first_k_dense_replace=2)  # fmt: skip
-    model = DeepseekV2ForCausalLM(cfg).eval()  # (multi-head latent attention: routed, no KV)
-    with pytest.raises(ValueError, match="DeepseekV2Attention is multi-head latent attention"):
-        fastlayers.patch_model(model, kv_cache="int4_rope_aware",
-                               calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
+    model = DeepseekV2ForCausalLM(cfg).eval()  # (multi-head latent attention)
     model.model.layers[1].self_attn.extra = torch.nn.Linear(2, 2)  # (a part DeepSeek's has not)
     with pytest.raises(ValueError, match="multi-head latent attention with other parts .*extra"):
         fastlayers.apply_skip_plan(model, routed)
@@ -559,6 +556,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Llama4TextNope",
         "GPT2",
         "GPTBigCode",
+        "DeepseekV3",
+        "DeepseekV2",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -569,7 +568,9 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     GPT-OSS's sinks join the INT4 attention's softmax (decode, prefill and masked paths);
     Ministral 3's queries, scaled by position, are taken as the module gives them, as are those
     of Llama 4's NoPE layer (its attention temperature tuning); Llama 4's complex RoPE tables;
-    GPT-2's and GPT-BigCode's ``Conv1D`` ``c_attn`` (the fold on its columns), no RoPE."""
+    GPT-2's and GPT-BigCode's ``Conv1D`` ``c_attn`` (the fold on its columns), no RoPE;
+    DeepSeek V3's and V2's multi-head latent attention (the cached latent and RoPE key part
+    quantized, values of another head size than the keys)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -583,7 +584,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
                                     calibration=calib)  # fmt: skip
     with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
                   "Persimmon", "Laguna", "NanoChat", "Llama4Text", "Llama4TextNope")  # fmt: skip
-    assert ("post-RoPE scales only" in str(report)) == (arch in with_norms)
+    assert ("post-RoPE scales only (q_norm" in str(report)) == (arch in with_norms)
+    assert ("INT4 latent" in str(report)) == arch.startswith("Deepseek")
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     ids[mask == 0] = 0
@@ -974,13 +976,53 @@ def test_llama4_nope_layers_with_temperature_tuning_are_not_routed():
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2"])
-def test_int4_kv_refuses_multi_head_latent_attention(arch):
-    """Routed attention runs multi-head latent attention (tests above); the INT4 KV cache does not
-    (its kernels take keys and values of one head size): refused by name before the model
-    changes."""
+def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
+    """Multi-head latent attention's INT4 KV path quantizes what its module caches: the latent
+    ``[B, 1, T, 32]`` and the RoPE key part ``[B, 1, T, 16]`` (post-RoPE scales ``[1, 16]``, on the
+    top channels of the rotated part and their RoPE partners: rotate-half pairs for V3, whose RoPE
+    de-interleaves, adjacent pairs for V2's complex tables), INT4 with an FP8 scale per 16
+    channels (the largest group dividing both widths). The cached forward is the uncached one;
+    crop and beam reordering work; bad groups and scales are refused by name; the gradient
+    passes the rounding straight through; remove_rope_aware_kv gives the float model back."""
+    ids = torch.randint(3, 128, (2, 10))
+    want = _logits(_model(arch), ids)
     model = _model(arch)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="multi-head latent attention .* INT4 KV cache does not"):
-        fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
-                               calibration=[torch.randint(3, 128, (1, 8))])  # fmt: skip
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(3, 128, (1, 24))], top_k=2)
+    for s in post:
+        chosen = (s[0] != 1).nonzero()[:, 0]
+        assert s.shape == (1, 16) and 2 <= len(chosen) <= 4
+        partner = (chosen + 8) % 16 if arch == "DeepseekV3" else chosen ^ 1
+        assert set(partner.tolist()) == set(chosen.tolist())
+    with pytest.raises(ValueError, match="group_size 12 must divide layer 0's cached widths"):
+        quant.apply_rope_aware_kv(model, post, group_size=12)
+    with pytest.raises(ValueError, match=r"post_scales\[0\] must be \[1, 16\]"):
+        quant.apply_rope_aware_kv(model, [torch.ones(4, 32)] * 2)
+    quant.apply_rope_aware_kv(model, post)
+    cache = quant.Int4KVCache.for_model(model)
+    with torch.no_grad():
+        cached = model(ids, cache=cache).logits
+        plain = model(ids).logits
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    assert (cached - want).norm() / want.norm() < 0.25  # (INT4, random weights: ~0.1)
+    for layer in cache.layers:  # 4-bit codes of the latent (values) and the RoPE part (keys)
+        assert layer.length == 10
+        assert [tuple(b.shape[:2]) + (b.shape[3],) for b in layer.buffers] == [
+            (2, 1, 8), (2, 1, 1), (2, 1, 16), (2, 1, 2)
+        ]  # fmt: skip
+    assert cache.nbytes() == 2 * 2 * 10 * (8 + 1 + 16 + 2)  # layers, batch, tokens, bytes
+    cache.crop(-4)  # (speculative rollback: 4 tokens removed) then the last 4 again
+    with torch.no_grad():
+        again = model(ids[:, 6:], cache=cache).logits
+    torch.testing.assert_close(again, plain[:, 6:], rtol=1e-5, atol=1e-5)
+    kq, vq = cache.layers[0].kq.clone(), cache.layers[0].vq.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))  # (beam search)
+    assert torch.equal(cache.layers[0].kq, kq[[1, 0]])
+    assert torch.equal(cache.layers[0].vq, vq[[1, 0]])
+    model.train()  # quantization-aware training: the rounding passes the gradient through
+    model(ids, labels=ids).loss.backward()
+    grad = model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model.eval()
+    quant.remove_rope_aware_kv(model)
+    assert "expand_kv" not in model.model.layers[0].self_attn.__dict__
+    torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)

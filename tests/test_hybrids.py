@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Hybrid decoders on the drop-in paths: models whose layers mix tokens with softmax attention in
 some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets, OLMo-hybrid),
-a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the others. Skip
+a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the others
+(Kimi-Linear: delta-rule layers beside multi-head latent attention). Skip
 plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
 attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output with
 a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging Face's
@@ -58,6 +59,10 @@ HYBRIDS = {
     # LaraMini: RoPE tables for its sliding-window layers only, its global layers get None
     "lara_mini": (["linear_attention", "sliding_attention", "full_attention"],
                   dict(sliding_window=4)),
+    # Kimi-Linear: delta-rule linear attention layers and multi-head latent attention (no RoPE)
+    "kimi_linear": (["linear_attention", "full_attention", "linear_attention"],
+                    dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
+                         num_key_value_heads=4, linear_head_dim=32, linear_num_heads=4)),
 }  # fmt: skip
 
 
@@ -67,7 +72,8 @@ def _model(model_type: str):
     small = dict(vocab_size=128, hidden_size=128, intermediate_size=256,
                  num_hidden_layers=len(types), num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                 eos_token_id=2, **extra)  # fmt: skip
+                 eos_token_id=2)  # fmt: skip
+    small.update(extra)
     for key, value in small.items():
         if hasattr(cfg, key) or key == "head_dim":
             setattr(cfg, key, value)
@@ -202,7 +208,8 @@ def test_int4_kv_on_a_hybrids_softmax_attention_layers(model_type):
     assert [s[0] for s in report.swapped] == [f"layer {i} attention" for i in attention]
     cache = quant.Int4KVCache.for_model(model)
     kinds = [type(x).__name__ for x in cache.layers]
-    assert [k == "_Int4Layer" for k in kinds] == [i in attention for i in range(len(kinds))]
+    own = "_Int4LatentLayer" if model_type == "kimi_linear" else "_Int4Layer"  # (MLA: the latent)
+    assert [k == own for k in kinds] == [i in attention for i in range(len(kinds))]
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     ids[mask == 0] = 0

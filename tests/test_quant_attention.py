@@ -246,6 +246,32 @@ def test_kernel_route_and_op_route_agree(device, q_fp8):
         assert torch.equal(a.view(torch.uint8)[:, :, :70], b.view(torch.uint8)[:, :, :70])
 
 
+def test_store_values_of_their_own_width(device):
+    """Values of another width than the keys (a multi-head latent attention's cached latent
+    beside its RoPE key part): written in place == kv_quantize of each, across a decode step (the
+    direct kernel route on CPU) and a capacity doubling; widths that do not fit are refused."""
+    from fastlayers.ops import kv_quantize
+
+    post = torch.rand(1, 16, device=device) + 0.5
+    written, appended = quant.Int4KVStore(), quant.Int4KVStore()
+    g = torch.Generator().manual_seed(5)
+    for t in (20, 1, 50):
+        k = torch.randn(2, 1, t, 16, generator=g).to(device)
+        v = torch.randn(2, 1, t, 48, generator=g).to(device, torch.float32)
+        written.write(k, v, 16, post)
+        appended.append(*kv_quantize(k, 16, post), *kv_quantize(v, 16))
+    assert written.length == 71 and written.capacity == 128
+    for a, b in zip((written.kq, written.ks, written.vq, written.vs),
+                    (appended.kq, appended.ks, appended.vq, appended.vs), strict=True):  # fmt: skip
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    keys, values = written.dequantized()
+    assert keys.shape == (2, 1, 71, 16) and values.shape == (2, 1, 71, 48)
+    with pytest.raises(ValueError, match="does not match the cache"):
+        written.write(k, v[..., :32], 16)
+    with pytest.raises(ValueError, match="the values' head_dim 40 must be a multiple"):
+        quant.Int4KVStore().write(k, v[..., :40], 16)
+
+
 def test_store_write_is_append_of_kv_quantize(device):
     """Int4KVStore.write (quantized in place) == append(kv_quantize(k), kv_quantize(v)), across a
     capacity doubling; a write that does not fit the cache is refused."""
@@ -265,7 +291,7 @@ def test_store_write_is_append_of_kv_quantize(device):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     with pytest.raises(ValueError, match="does not match the cache"):
         written.write(k[:, :2], v[:, :2], 16)
-    with pytest.raises(ValueError, match="alike"):
+    with pytest.raises(ValueError, match="same batch, heads and tokens"):
         written.write(k, v[:, :, :1], 16)
     with pytest.raises(ValueError, match="group_size"):
         written.write(k, v, 12)

@@ -175,14 +175,29 @@ def patch_model(
 
         post = quant.calibrate_rope_aware_kv(model, calibration)
         quant.apply_rope_aware_kv(model, post)
-        from fastlayers._decoder import attention_of, decoder_layers, linear_mixer, qk_norms
+        from fastlayers._decoder import (
+            MLAProjections,
+            attention_of,
+            decoder_layers,
+            linear_mixer,
+            mla_projections,
+            qk_norms,
+        )
 
         layers = [(i, x) for i, x in enumerate(decoder_layers(model)) if not linear_mixer(x)]
-        report.swapped += [(f"layer {i} attention", "float KV", "INT4 KV (RoPE-aware)")
+        latent = {i for i, x in layers if isinstance(mla_projections(attention_of(x)),
+                                                       MLAProjections)}  # fmt: skip
+        report.swapped += [(f"layer {i} attention", "float latent" if i in latent else "float KV",
+                            "INT4 latent (RoPE-aware)" if i in latent else "INT4 KV (RoPE-aware)")
                            for i, _ in layers]  # fmt: skip
-        if any(qk_norms(attention_of(layer))[1] is not None for _, layer in layers):
+        if any(qk_norms(attention_of(x))[1] is not None for i, x in layers if i not in latent):
             report.notes.append(
                 "INT4 KV: post-RoPE scales only (q_norm / k_norm would undo pre-RoPE scales)"
+            )
+        if latent:
+            report.notes.append(
+                "INT4 KV of multi-head latent attention: the cached latent and RoPE key part are "
+                "INT4 (post-RoPE scales only), expanded into heads by the model"
             )
         report.notes.append(
             "generate() with the INT4 cache: cache=fastlayers.quant.Int4KVCache.for_model(model)"

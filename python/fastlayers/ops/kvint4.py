@@ -746,14 +746,15 @@ def q_quantize(q, scale=None, cos=None, sin=None, pairing: str = "half", fp8: bo
 
 def _store_buffers_ok(buffers) -> bool:
     """An Int4KVStore's four buffers as the kernels need them (the store keeps them so; checked
-    because a wrong one would be read or written out of bounds): packed keys/values uint8
-    ``[B, H, capacity, d/2]`` alike, scales float8_e4m3fn ``[B, H, capacity, groups]`` alike,
-    contiguous, on the CPU."""
+    because a wrong one would be read or written out of bounds): packed keys uint8
+    ``[B, H, capacity, d/2]`` and values ``[B, H, capacity, d_v/2]``, their scales float8_e4m3fn
+    ``[B, H, capacity, d/g]`` and ``[.., d_v/g]`` (one group ``g``), contiguous, on the CPU."""
     kq, ks, vq, vs = buffers
     return (
         kq.dtype == vq.dtype == torch.uint8 and ks.dtype == vs.dtype == FP8
-        and kq.dim() == 4 and ks.dim() == 4 and kq.shape == vq.shape and ks.shape == vs.shape
-        and kq.shape[:3] == ks.shape[:3]
+        and all(x.dim() == 4 and x.shape[:3] == kq.shape[:3] for x in buffers)
+        and ks.shape[3] > 0 and vs.shape[3] > 0
+        and kq.shape[3] * vs.shape[3] == vq.shape[3] * ks.shape[3]  # (one group size)
         and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
     )  # fmt: skip
 
@@ -792,7 +793,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     b, hq, t, d = query.shape if query.dim() == 4 else (0, 0, 0, 0)
     ok = (
         t == 1 and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and kq.shape[0] == b and kq.shape[3] * 2 == d and hq % kq.shape[1] == 0
+        and vq.shape == kq.shape and kq.shape[0] == b and kq.shape[3] * 2 == d
+        and hq % kq.shape[1] == 0
         and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
         and math.isfinite(softcap) and softcap >= 0
         and (d // ks.shape[3]) % 2 == 0 and _store_buffers_ok(buffers)
@@ -820,8 +822,8 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
 
 
 def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=None) -> bool:
-    """:func:`write_kv_direct` without RoPE tables, for a decode step on CPU: ``k``/``v``
-    ``[B, H, t, d]`` (keys times ``post_scale``) quantized into the store's ``buffers`` at token
+    """:func:`write_kv_direct` without RoPE tables, for a decode step on CPU: ``k [B, H, t, d]``
+    (times ``post_scale``) and ``v [B, H, t, d_v]`` quantized into the store's ``buffers`` at token
     ``start``, the kernel called with only the checks memory safety needs (the same bytes).
     Returns False, writing nothing, unless the call is eager on CPU with plain tensors that fit
     the buffers (the caller then takes the checked path, which raises the errors)."""
@@ -829,13 +831,15 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
         return False
     kq, ks, vq, vs = buffers
     b, h, t, d = k.shape if k.dim() == 4 else (0, 0, 0, 0)
+    dv = v.shape[3] if v.dim() == 4 else 0
     ok = (
-        t > 0 and v.shape == k.shape and v.dtype == k.dtype
+        t > 0 and v.shape[:3] == k.shape[:3] and v.dtype == k.dtype
         and k.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and isinstance(group_size, int) and group_size > 0 and group_size % 2 == 0
         and d % group_size == 0
         and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
-        and ks.shape[3] * group_size == d and 0 <= start <= kq.shape[2] - t
+        and ks.shape[3] * group_size == d and vq.shape[3] * 2 == dv
+        and vs.shape[3] * group_size == dv and 0 <= start <= kq.shape[2] - t
         and v.device.type == "cpu" and _store_buffers_ok(buffers)
         and _fp32_table_ok(post_scale, (h, d))
     )  # fmt: skip
@@ -844,7 +848,7 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
     code, cap = _dtypes.code(k.dtype), kq.shape[2]
     for x, scale, packed, scales in ((k, post_scale, kq, ks), (v, None, vq, vs)):
         x = x if x.is_contiguous() else x.contiguous()
-        _c_kv_quantize(x.data_ptr(), b * h * t, d, group_size, t, h, code, post_scale=ptr(scale),
-                       packed=packed.data_ptr(), scales=scales.data_ptr(), out_tokens=cap,
-                       out_start=start)  # fmt: skip
+        _c_kv_quantize(x.data_ptr(), b * h * t, x.shape[3], group_size, t, h, code,
+                       post_scale=ptr(scale), packed=packed.data_ptr(), scales=scales.data_ptr(),
+                       out_tokens=cap, out_start=start)  # fmt: skip
     return True

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Storage of one layer's INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`): packed keys
-and values ``uint8 [B, H_kv, T, d/2]`` with FP8 scales ``[B, H_kv, T, d/g]``, in buffers with spare
+and values ``uint8 [B, H_kv, T, d/2]`` with FP8 scales ``[B, H_kv, T, d/g]`` (values may have a
+width ``d_v`` of their own: a multi-head latent attention's cached latent), in buffers with spare
 capacity along the tokens (doubled when full), so a decode step writes its token in place instead
 of copying the cache (``torch.cat`` per step moves O(context) bytes per layer and token).
 
@@ -72,7 +73,8 @@ class Int4KVStore:
 
     def write(self, k, v, group_size: int, post_scale=None, cos=None, sin=None,
               pairing: str = "half") -> None:  # fmt: skip
-        """Quantizes ``k`` and ``v`` ``[B, H, t, d]`` and adds them after the cached tokens, written
+        """Quantizes ``k [B, H, t, d]`` and ``v [B, H, t, d_v]`` (``d_v``: ``d``, or a width of its
+        own, a multiple of ``group_size`` too) and adds them after the cached tokens, written
         in place (:func:`fastlayers.ops.kv_cache_write`: one pass each, no temporaries): keys
         rotated by RoPE when ``cos``/``sin`` are given and times ``post_scale``, groups of
         ``group_size`` channels. The same cache as ``append(*kv_quantize(k, ...), *kv_quantize(v,
@@ -93,12 +95,12 @@ class Int4KVStore:
         check_tensor(k, "k")
         check_tensor(v, "v")
         group_size = check_int(group_size, "group_size")
-        if k.dim() != 4 or v.shape != k.shape:
+        if k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
             raise ValueError(
-                f"k and v must be [batch, heads, tokens, head_dim] alike, got {tuple(k.shape)} and "
-                f"{tuple(v.shape)}"
+                f"k and v must be [batch, heads, tokens, head_dim] with the same batch, heads and "
+                f"tokens, got {tuple(k.shape)} and {tuple(v.shape)}"
             )
-        self.reserve(k, group_size)
+        self.reserve(k, group_size, v.shape[3])
         start = self.length
         if not write_kv_direct(k, v, self.buffers, start, group_size, post_scale, cos, sin,
                                pairing):  # fmt: skip
@@ -107,23 +109,26 @@ class Int4KVStore:
             kv_cache_write(v, vb, vsb, start)
         self.length = start + k.shape[2]
 
-    def reserve(self, k, group_size: int) -> None:
-        """Room for the tokens of ``k [B, H, t, d]`` after the cached ones (quantized with groups of
-        ``group_size`` channels): a ValueError when they do not fit the cache's batch, heads or
-        widths."""
+    def reserve(self, k, group_size: int, value_dim: int | None = None) -> None:
+        """Room for the tokens of ``k [B, H, t, d]`` (and of values ``value_dim`` wide, ``d`` by
+        default) after the cached ones (quantized with groups of ``group_size`` channels): a
+        ValueError when they do not fit the cache's batch, heads or widths."""
         b, h, t, d = k.shape
-        if group_size <= 0 or group_size % 2 or d % group_size:
-            raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got "
-                             f"{group_size}")  # fmt: skip
+        dv = d if value_dim is None else value_dim
+        for width, what in ((d, "head_dim"), (dv, "the values' head_dim")):
+            if group_size <= 0 or group_size % 2 or width % group_size:
+                raise ValueError(f"{what} {width} must be a multiple of an even group_size, got "
+                                 f"{group_size}")  # fmt: skip
+        want = (
+            (b, h, d // 2), (b, h, d // group_size), (b, h, dv // 2), (b, h, dv // group_size)
+        )  # fmt: skip
         if self.buffers is not None and self.length + t <= self.capacity:  # (a decode step)
-            kb, ksb = self.buffers[0], self.buffers[1]
-            if (kb.shape[0], kb.shape[1], kb.shape[3], ksb.shape[3]) == (
-                b, h, d // 2, d // group_size
-            ) and kb.device == k.device:  # fmt: skip
+            have = tuple((x.shape[0], x.shape[1], x.shape[3]) for x in self.buffers)
+            if have == want and self.buffers[0].device == k.device:
                 return
-        packed = k.new_empty((b, h, 0, d // 2), dtype=torch.uint8)
-        scales = k.new_empty((b, h, 0, d // group_size), dtype=FP8)
-        self._make_room((packed, scales, packed, scales), t)
+        parts = (k.new_empty((*w[:2], 0, w[2]), dtype=torch.uint8 if i % 2 == 0 else FP8)
+                 for i, w in enumerate(want))  # fmt: skip
+        self._make_room(tuple(parts), t)
 
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` tokens (the buffers keep their capacity)."""
@@ -140,7 +145,7 @@ class Int4KVStore:
         self.buffers, self.length = None, 0
 
     def dequantized(self, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached keys and values ``[B, H, length, d]`` in ``dtype``."""
+        """The cached keys ``[B, H, length, d]`` and values ``[B, H, length, d_v]`` in ``dtype``."""
         return dequantize_kv_int4(self.kq, self.ks, dtype), dequantize_kv_int4(
             self.vq, self.vs, dtype
         )

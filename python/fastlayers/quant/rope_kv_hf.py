@@ -14,11 +14,21 @@
 Hybrid models (Qwen3-Next, Qwen3.5, OLMo-hybrid, LFM2/3: linear attention or convolution layers
 between the softmax attention layers) get the INT4 path on their softmax attention layers; the
 other layers keep their own states (Hugging Face's cache layers for them, in :class:`Int4KVCache`).
+
+Multi-head latent attention (DeepSeek V2/V3, GLM-4.7-Flash, Kimi-Linear, ...): Hugging Face's
+modules cache the compressed latent ``[B, 1, T, kv_lora_rank]`` and the RoPE key part shared by
+the heads ``[B, 1, T, qk_rope_head_dim]``, and expand every head's keys and values from them
+(``expand_kv``). The INT4 path quantizes what they cache (as vLLM's MLA caches do): the latent and
+the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as INT4
+with FP8 scales per group, read back dequantized for the module's own expansion; queries through
+FP8; softmax attention over the expanded heads in PyTorch (the INT4 kernels take cached heads).
 """
 
 from __future__ import annotations
 
+import math
 import sys
+import types
 import weakref
 
 import torch
@@ -29,6 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from fastlayers._decoder import (
     LINEAR_MIXER_NAMES,
+    MLAProjections,
     attention_mismatch_either_way,
     attention_name,
     attention_of,
@@ -41,6 +52,7 @@ from fastlayers._decoder import (
     head_dim_of,
     linear_mixer,
     logit_softcap,
+    mla_projections,
     model_gives_tables,
     qk_norms,
     qkv_projections,
@@ -93,14 +105,40 @@ def _attention_modules(model, what: str = "apply_rope_aware_kv"):
     for i, m in enumerate(mods):
         if m is None:
             continue
-        why = attention_unsupported(m)
+        why = attention_unsupported(m, mla=True)
+        latent = _latent(m)
+        if why is None and latent is not None and not callable(getattr(type(m), "expand_kv", None)):
+            why = (f"{type(m).__name__} is multi-head latent attention without expand_kv (the "
+                   "INT4 path quantizes the latent it caches before it expands it)")  # fmt: skip
         if why is None:
-            rope_layout(m, what)
+            if latent is None:
+                rope_layout(m, what)
             # (the module's own queries are used: only its keys and values are compared)
             why = attention_mismatch_either_way(m, model_gives_tables(model), queries=False)
         if why is not None:
             raise ValueError(f"{what}: layer {i}: {why}")
     return mods
+
+
+def _latent(attn) -> MLAProjections | None:
+    """The :class:`~fastlayers._decoder.MLAProjections` of a multi-head latent attention (its cache
+    holds the latent), None for any other attention."""
+    mla = mla_projections(attn)
+    return mla if isinstance(mla, MLAProjections) else None
+
+
+def _default_group(attn) -> int:
+    """The quantization group by default: the head size, or for multi-head latent attention the
+    largest that divides both cached widths (the latent's and the RoPE part's)."""
+    mla = _latent(attn)
+    return head_dim_of(attn) if mla is None else math.gcd(mla.kv_rank, mla.rope)
+
+
+def _mla_pairing(mla: MLAProjections) -> str:
+    """The channel pairs RoPE rotates in an MLA's rotated key part as its module gives it:
+    rotate-half (DeepSeek V3's interleaved weights are de-interleaved by its RoPE function), or
+    interleaved (DeepSeek V2's complex tables)."""
+    return "interleaved" if mla.complex_tables else "half"
 
 
 def _own_cache_class(model) -> str | None:
@@ -176,14 +214,47 @@ class _Int4Layer(Int4KVStore, CacheLayerMixin):
         pass
 
 
+class _Int4LatentLayer(_Int4Layer):
+    """A multi-head latent attention's layer of :class:`Int4KVCache`: its module caches the latent
+    ``[B, 1, T, kv_lora_rank]`` and the RoPE key part ``[B, 1, T, rope]``
+    (``update(latent, k_rot)``) and expands every head's keys and values from the whole cache at
+    each step. Both are stored as INT4 (the RoPE part times its post-RoPE scale ``[1, rope]``
+    first, the latent as the store's values) and answered dequantized, the RoPE part divided by
+    its scale again: the values :func:`apply_rope_aware_kv`'s ``expand_kv`` rounds to without a
+    cache, to the bit."""
+
+    def update(self, latent, k_rot, *args, **kwargs):
+        if latent.dim() != 4 or k_rot.dim() != 4 or latent.shape[1] != 1 or \
+                k_rot.shape[:3] != latent.shape[:3]:  # fmt: skip
+            raise ValueError(
+                "a multi-head latent attention's cache layer takes the latent [batch, 1, tokens, "
+                f"kv_lora_rank] and the RoPE key part [batch, 1, tokens, rope], got "
+                f"{tuple(latent.shape)} and {tuple(k_rot.shape)}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(latent, k_rot)
+        post = None if self.post_scale is None else self.post_scale.to(k_rot.device).float()
+        self.write(k_rot, latent, self.group_size, post)  # (keys: the RoPE part, scaled)
+        k_rot = dequantize_kv_int4(self.kq, self.ks)
+        if post is not None:
+            k_rot = k_rot / post[None, :, None, :]
+        k_rot, latent = k_rot.to(self.dtype), dequantize_kv_int4(self.vq, self.vs, self.dtype)
+        latent._fl_int4 = k_rot._fl_int4 = True  # (expand_kv: already rounded, by the cache)
+        return latent, k_rot
+
+
 class Int4KVCache(Cache):
     """A Hugging Face cache holding keys and values as INT4 with FP8 scales per (token, kv head,
     group of ``group_size`` channels); keys are multiplied by each layer's post-RoPE scale first.
     Build it with :meth:`for_model` after :func:`apply_rope_aware_kv`. ``other_layers``: Hugging
     Face cache layers by layer index for a hybrid's layers without softmax attention (their
-    linear attention or convolution states; :meth:`for_model` makes them from the config)."""
+    linear attention or convolution states; :meth:`for_model` makes them from the config).
+    ``latent_layers``: the indices of multi-head latent attention layers, whose cache holds the
+    latent and the RoPE key part instead of keys and values (:class:`_Int4LatentLayer`;
+    :meth:`for_model` finds them)."""
 
-    def __init__(self, post_scales, group_size: int = 128, other_layers: dict | None = None):
+    def __init__(self, post_scales, group_size: int = 128, other_layers: dict | None = None,
+                 latent_layers=()):  # fmt: skip
         if isinstance(post_scales, (str, bytes, torch.Tensor)) or not hasattr(
             post_scales, "__iter__"
         ):
@@ -203,7 +274,13 @@ class Int4KVCache(Cache):
         if any(not isinstance(i, int) or not 0 <= i < len(post_scales) for i in other):
             raise ValueError(f"other_layers must be keyed by layer indices in [0, "
                              f"{len(post_scales)}), got {sorted(other)}")  # fmt: skip
-        super().__init__(layers=[other[i] if i in other else _Int4Layer(s, group_size)
+        latent = set(latent_layers)
+        if any(not isinstance(i, int) or not 0 <= i < len(post_scales) or i in other
+               for i in latent):  # fmt: skip
+            raise ValueError(f"latent_layers must be layer indices in [0, {len(post_scales)}) "
+                             f"not in other_layers, got {sorted(latent)}")  # fmt: skip
+        kinds = [_Int4LatentLayer if i in latent else _Int4Layer for i in range(len(post_scales))]
+        super().__init__(layers=[other[i] if i in other else kinds[i](s, group_size)
                                  for i, s in enumerate(post_scales)])  # fmt: skip
 
     @classmethod
@@ -211,7 +288,7 @@ class Int4KVCache(Cache):
         mods = _attention_modules(model)
         first = next(m for m in mods if m is not None)
         if group_size is None:
-            group_size = getattr(first, "_fl_group_size", head_dim_of(first))
+            group_size = getattr(first, "_fl_group_size", None) or _default_group(first)
         other = {}
         if any(m is None for m in mods):  # a hybrid: its own cache layers for the other layers
             from transformers.cache_utils import (
@@ -222,7 +299,8 @@ class Int4KVCache(Cache):
             types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
             other = {i: DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i])
                      for i, m in enumerate(mods) if m is None}  # fmt: skip
-        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other)
+        latent = [i for i, m in enumerate(mods) if m is not None and _latent(m) is not None]
+        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other, latent)
 
     def nbytes(self) -> int:
         """Bytes the cached tokens' quantized keys, values and scales occupy."""
@@ -276,20 +354,41 @@ def _left_padding_of(mask, batch: int, length: int):
     return starts.expand(batch).contiguous()
 
 
-def _int4_round_trip(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``x`` through the INT4 cache format and back. Its gradient passes straight through (the
+def _int4_round_trip(x: torch.Tensor, group_size: int, post=None) -> torch.Tensor:
+    """``x`` through the INT4 cache format and back (``post [H, d]``: times it in fp32 before,
+    divided by it after, as an MLA's cache layer does). Its gradient passes straight through (the
     rounding taken as the identity, as quantization-aware training does): the packing to bytes
     has none, so without it the key and value projections would get no gradient at all."""
-    return straight_through(
-        dequantize_kv_int4(*quantize_kv_int4(x.detach(), group_size), x.dtype), x
-    )
+    if post is None:
+        rounded = dequantize_kv_int4(*quantize_kv_int4(x.detach(), group_size), x.dtype)
+    else:
+        post = post.to(x.device).float()[None, :, None, :]
+        rounded = dequantize_kv_int4(*quantize_kv_int4(x.detach().float() * post, group_size))
+        rounded = (rounded / post).to(x.dtype)
+    return straight_through(rounded, x)
+
+
+def _expand_latent(module, latent, k_rot):
+    """A multi-head latent attention's ``expand_kv`` under :func:`apply_rope_aware_kv`: the latent
+    and the RoPE key part rounded as :class:`Int4KVCache` stores them (unless they come from one,
+    already rounded), then the module's own expansion into every head's keys and values."""
+    if not getattr(latent, "_fl_int4", False):  # (no Int4KVCache: the same rounding here)
+        g = module._fl_group_size
+        if module._fl_quantize_values:
+            latent = _int4_round_trip(latent, g)
+        if module._fl_quantize_keys:
+            k_rot = _int4_round_trip(k_rot, g, module._fl_k_post)
+    return type(module).expand_kv(module, latent, k_rot)
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
     cap = float(softcap or 0.0)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
-    k_post = getattr(module, "_fl_k_post", None)
+    # (multi-head latent attention: keys and values come expanded from the rounded latent, the
+    # RoPE part's scale already divided out: _expand_latent)
+    latent = getattr(module, "_fl_latent", False)
+    k_post = None if latent else getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
     # A decode step on CPU: the query and decode kernels called directly (the ops' bits)
@@ -333,7 +432,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Tq, Hq, d]
     if layer is not None:  # another mask: the general path, masked, over the dequantized cache
         key, value = layer.dequantized(layer.dtype)
-    else:  # no Int4KVCache: quantize here (the values the cache would hold)
+    elif not latent:  # no Int4KVCache: quantize here (the values the cache would hold)
         dtype = key.dtype
         if k_post is not None:  # in fp32, as the cache write does; then the model's dtype again
             key = key.float() * k_post.to(key.device)[None, :, None, :]
@@ -411,8 +510,23 @@ def apply_rope_aware_kv(
             if post_scales is not None and post_scales[i] is not None:
                 raise ValueError(f"post_scales[{i}] given for a layer without softmax attention")
             continue
-        m._fl_k_post = None if post_scales is None else post_scales[i]
-        m._fl_group_size = group_size or head_dim_of(m)
+        mla, post = _latent(m), None if post_scales is None else post_scales[i]
+        if mla is not None:  # (multi-head latent attention: the cached latent is quantized)
+            widths = {"kv_lora_rank": mla.kv_rank, "qk_rope_head_dim": mla.rope}
+            g = group_size or _default_group(m)
+            bad = [f"{n} {w}" for n, w in widths.items() if w % g]
+            if bad:
+                raise ValueError(f"group_size {g} must divide layer {i}'s cached widths "
+                                 f"({', '.join(bad)})")  # fmt: skip
+            if post is not None and (not isinstance(post, torch.Tensor)
+                                     or tuple(post.shape) != (1, mla.rope)):  # fmt: skip
+                raise ValueError(f"post_scales[{i}] must be [1, {mla.rope}] (the RoPE key part "
+                                 f"layer {i}'s multi-head latent attention caches), got "
+                                 f"{tuple(getattr(post, 'shape', ()))}")  # fmt: skip
+            m._fl_latent = True
+            m.expand_kv = types.MethodType(_expand_latent, m)
+        m._fl_k_post = post
+        m._fl_group_size = group_size or _default_group(m)
         m._fl_q_fp8 = q_fp8
         m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
     model._fl_previous_attention = model.config._attn_implementation
@@ -425,9 +539,8 @@ def remove_rope_aware_kv(model):
         if m is None:  # (a hybrid's linear attention layer)
             continue
         for name in ("_fl_k_post", "_fl_group_size", "_fl_q_fp8", "_fl_quantize_keys",
-                     "_fl_quantize_values", "_fl_inv_q"):  # fmt: skip
-            if hasattr(m, name):
-                delattr(m, name)
+                     "_fl_quantize_values", "_fl_inv_q", "_fl_latent", "expand_kv"):  # fmt: skip
+            m.__dict__.pop(name, None)  # (instance attributes only: expand_kv's class method stays)
     if hasattr(model, "_fl_previous_attention"):
         model.set_attn_implementation(model._fl_previous_attention)
         del model._fl_previous_attention
@@ -449,23 +562,29 @@ def calibrate_rope_aware_kv(
     undo a scale folded into the projections. Logit soft-capping (Gemma 2) is applied by the INT4
     attention as the model does; fused qkv projections (Phi-3's ``qkv_proj``, Persimmon's
     ``query_key_value``) get the fold on their query and key rows; attention submodules of
-    unknown role are refused (ValueError). ``pairing``: the channels RoPE rotates together, read
-    from the model's own ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved
-    pairs); a value given is checked against it."""
+    unknown role are refused (ValueError). Multi-head latent attention layers get post-RoPE
+    scales ``[1, qk_rope_head_dim]`` of the RoPE key part their cache holds, and no pre-RoPE
+    fold. ``pairing``: the channels RoPE rotates together, read from the model's own
+    ``apply_rotary_pos_emb`` when None (rotate-half, or Cohere's interleaved pairs); a value given
+    is checked against it."""
     mods = _attention_modules(model, "calibrate_rope_aware_kv")
-    layouts = [None if m is None else rope_layout(m, "calibrate_rope_aware_kv") for m in mods]
+    latents = [None if m is None else _latent(m) for m in mods]
+    layouts = [None if m is None or mla is not None else rope_layout(m, "calibrate_rope_aware_kv")
+               for m, mla in zip(mods, latents, strict=True)]  # fmt: skip
     found = [lay.pairing for lay in layouts if lay is not None]
+    found += [_mla_pairing(mla) for mla in latents if mla is not None]
     if pairing is not None and any(p != pairing for p in found):
         raise ValueError(f"pairing={pairing!r}, but the model's RoPE pairs channels {found[0]!r}")
     keys = {i: [] for i in range(len(mods))}  # pre-RoPE, as k_proj gives them
     rotated = {i: [] for i in range(len(mods))}  # as the attention is given them
     hooks = []
-    projections = [None if m is None else qkv_projections(m) for m in mods]
+    projections = [None if m is None or mla is not None else qkv_projections(m)
+                   for m, mla in zip(mods, latents, strict=True)]  # fmt: skip
     for i, (m, qkv) in enumerate(zip(mods, projections, strict=True)):
         if m is None:  # (a hybrid's linear attention layer: no keys)
             continue
 
-        def hook(mod, args, kwargs, i=i, m=m, qkv=qkv):
+        def hook(mod, args, kwargs, i=i, m=m, qkv=qkv, mla=latents[i]):
             # the module's input and the RoPE tables the model gives it (None where it gives
             # none: Granite 4, LaraMini's global layers), through the module's own q/k/v, q/k
             # norms and RoPE (attention_qkv, the routed path's code, checked against the module)
@@ -481,9 +600,12 @@ def calibrate_rope_aware_kv(
             cos = sin = None
             if tables is not None:
                 cos, sin = (c.expand(b, t, -1).flatten(0, 1) for c in cos_sin(tables))
+            k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
+            if mla is not None:  # (the RoPE part the heads share, as the module caches it)
+                rotated[i].append(k_rot[:, :1, mla.nope :].float())  # [B * T, 1, rope]
+                return
             k = qkv.project(x)[1]
             keys[i].append(k.detach().float())  # [B, T, H_kv * d]
-            k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
             rotated[i].append(k_rot.float())  # [B * T, H_kv, d]
 
         hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
@@ -498,6 +620,11 @@ def calibrate_rope_aware_kv(
     for i, m in enumerate(mods):
         if m is None:
             scales.append(None)
+            continue
+        if latents[i] is not None:  # (MLA: post-RoPE scales of the cached RoPE part, no fold)
+            rot, pairing = torch.cat(rotated[i]), _mla_pairing(latents[i])
+            s = compute_post_rope_scales(rot, beta, top_k, pairing) if post_rope else None
+            scales.append(s)
             continue
         pairing, r, k_norm = layouts[i].pairing, layouts[i].rotary_dim, qk_norms(m)[1]
         d = head_dim_of(m)
