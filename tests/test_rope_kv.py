@@ -292,9 +292,9 @@ def test_int4_kv_decode_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
     # values quantized with another group size than the keys (the kernels take one; the mismatch
     # read past v_scale, found by AddressSanitizer)
     v16, vs16 = quant.quantize_kv_int4(rand(2, 2, 40, 64, dtype=torch.float32, device="cpu"), 16)
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(ValueError, match="one quantization group"):
         int4_kv_decode(q, k, ks, v16, vs16)
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(ValueError, match="one quantization group"):
         int4_kv_decode(q, k, ks, v, vs[..., :1])
     opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode, (q, k, ks, v, vs, 33, 0.125))
 
@@ -744,6 +744,84 @@ def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
             int4_kv_decode(q, k, ks, v, vs, sinks=bad)
         with pytest.raises(error, match="sinks must be"):
             int4_kv_attention(q3, k, ks, v, vs, sinks=bad)
+
+
+# (d, dv, group, hq, hkv): the register path (<= 4 query rows per kv head, 16-channel chunks), the
+# buffer path (5 heads per kv head), channels not in 16-chunks (group 8), DeepSeek's 192 / 128
+VALUE_DIM_SHAPES = [
+    (32, 48, 16, 4, 2),
+    (64, 32, 16, 10, 2),
+    (24, 40, 8, 6, 3),
+    (192, 128, 64, 4, 4),
+]
+
+
+def _cache_with_values(hkv, t, d, dv, group, device):
+    """An INT4 cache of 2 sequences whose values are dv channels wide (keys d): (k, ks, v, vs)."""
+    k, ks = quant.quantize_kv_int4(rand(2, hkv, t, d, dtype=torch.float32, device=device), group)
+    v, vs = quant.quantize_kv_int4(rand(2, hkv, t, dv, dtype=torch.float32, device=device), group)
+    return k, ks, v, vs
+
+
+@pytest.mark.parametrize("d,dv,group,hq,hkv", VALUE_DIM_SHAPES)
+def test_int4_kv_values_of_their_own_head_size(device, d, dv, group, hq, hkv):
+    """Values of another head size than the keys (multi-head latent attention's 128 against 192,
+    MiMo-V2-Flash's): decode (left padding, soft-capping, sinks) and causal prefill, 16-bit and
+    fp32 queries, vs the float64 references; outputs dv wide; one quantization group for keys and
+    values or a ValueError naming both scales. (CUDA: the kernels take dv == d; the reference runs
+    there, warned once.)"""
+    t = 45
+    k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
+    sinks = torch.randn(hq, device=device)
+    starts = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+        q = rand(2, hq, d, dtype=dtype, device=device, scale=2.0)
+        for length, st, cap, sk in (
+            (t, None, None, None),
+            (t - 4, starts, 1.5, sinks),
+            (1, None, None, sinks),
+        ):
+            out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, st, cap, sk)
+            ref, ref_lse = _reference(q.double(), k, ks, v, vs, length, d**-0.5, st, cap or 0.0,
+                                      sk)  # fmt: skip
+            assert out.shape == (2, hq, dv) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        q3 = rand(2, hq, 37, d, dtype=dtype, device=device, scale=2.0)
+        out, lse = int4_kv_attention(q3, k, ks, v, vs, 40, None, 2.0, sinks)
+        ref, ref_lse = _attention_reference(q3.double(), k, ks, v, vs, 40, d**-0.5, 2.0, sinks)
+        assert out.shape == (2, hq, 37, dv) and out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+    out, lse = int4_kv_decode(q, k, ks, v, vs, 0)
+    assert out.shape == (2, hq, dv) and bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    other = quant.quantize_kv_int4(rand(2, hkv, t, dv, dtype=torch.float32, device=device),
+                                   group // 2)  # fmt: skip
+    with pytest.raises(ValueError, match="one quantization group for keys"):
+        int4_kv_decode(q, k, ks, *other)
+    with pytest.raises(ValueError, match="v must be uint8"):
+        int4_kv_decode(q, k, ks, v[:, :, :5], vs)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode.default,
+                            (q, k, ks, v, vs, t, d**-0.5))  # fmt: skip
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention.default,
+                            (q3, k, ks, v, vs, 40, d**-0.5))  # fmt: skip
+
+
+def test_int4_kv_values_of_their_own_head_size_every_cpu_isa(cpu_isa):
+    """Each CPU kernel variant with values of another head size, register and buffer paths and
+    channels outside 16-chunks, against the reference."""
+    for d, dv, group, hq, hkv in VALUE_DIM_SHAPES[:3]:
+        k, ks, v, vs = _cache_with_values(hkv, 70, d, dv, group, "cpu")
+        q = rand(2, hq, d, dtype=torch.float32, device="cpu")
+        got, lse = int4_kv_decode(q, k, ks, v, vs, 66)
+        want, want_lse = _reference(q, k, ks, v, vs, 66, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+        q3 = rand(2, hq, 33, d, dtype=torch.float32, device="cpu")
+        got, lse = int4_kv_attention(q3, k, ks, v, vs, 70)
+        want, want_lse = _attention_reference(q3, k, ks, v, vs, 70, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])

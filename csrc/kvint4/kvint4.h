@@ -3,7 +3,8 @@
 // python/fastlayers/quant/rope_kv.py (quantize_kv_int4) and the reference in ops/kvint4.py:
 //   k[t, c] = q4(c) * s8[t, c / g]  (same for v), nibbles two per byte (even channel low),
 //   out[h] = softmax_t(cap(scale * q[h] . k[t])) v[t] over t < length, fp32 throughout
-//   (cap: the optional logit soft-capping, DecodeParams::softcap).
+//   (cap: the optional logit soft-capping, DecodeParams::softcap). Values may have a head size of
+//   their own (DecodeParams::dv; CPU only), quantized with the keys' group.
 // One task per (batch, kv head) serves the group's query heads, so each cache byte is read once.
 #pragma once
 
@@ -20,9 +21,9 @@ struct DecodeParams {
   const float* q = nullptr;             // [batch, hq, q_tokens, d] contiguous (CPU: or null, q16)
   const uint8_t* k = nullptr;           // [batch, hkv, t_max, d / 2]
   const fp8e4m3_t* k_scale = nullptr;   // [batch, hkv, t_max, d / group]
-  const uint8_t* v = nullptr;
-  const fp8e4m3_t* v_scale = nullptr;
-  float* out = nullptr;                 // [batch, hq, q_tokens, d] (CPU: or null, out16)
+  const uint8_t* v = nullptr;           // [batch, hkv, t_max, dv / 2]
+  const fp8e4m3_t* v_scale = nullptr;   // [batch, hkv, t_max, dv / group]
+  float* out = nullptr;                 // [batch, hq, q_tokens, dv] (CPU: or null, out16)
   float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
   // CUDA prefill, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
@@ -38,6 +39,8 @@ struct DecodeParams {
   // token gets zeros and lse -inf). Null: every row attends to tokens [0, length).
   const int32_t* starts = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
+  // The values' head size: 0 for d (the CUDA kernels take that only), else a multiple of group.
+  int64_t dv = 0;
   float scale = 1.0f;
   // Logit soft-capping (Gemma 2), when > 0: each scaled score s becomes softcap * tanh(s / softcap)
   // before the softmax. 0: none.
@@ -84,6 +87,9 @@ struct QuantizeParams {
 inline FL_KVINT4_HD int64_t output_row(const QuantizeParams& p, int64_t r) {
   return p.out_tokens > 0 ? (r / p.tokens) * p.out_tokens + p.out_start + r % p.tokens : r;
 }
+
+// The values' head size (DecodeParams::dv, 0 meaning d).
+inline FL_KVINT4_HD int64_t value_dim(const DecodeParams& p) { return p.dv > 0 ? p.dv : p.d; }
 
 // Decode: the first cached token batch row b attends to (starts[b] clamped to [0, length]; 0
 // without starts).

@@ -5,7 +5,8 @@
 // unpacking, kept in a per-16-channel [even | odd] order, and the queries are permuted the same way
 // so dot products and value sums need no interleaving), then serve every query head of the GQA
 // group; in registers for decode-sized groups (heads_int4), through fp32 buffers otherwise. Tokens
-// in blocks of kTokens with an online softmax; fp32 accumulation.
+// in blocks of kTokens with an online softmax; fp32 accumulation. Values may have a head size dv
+// of their own (keys d): the accumulators and outputs are dv wide.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include "common/rows_cpu.h"
@@ -65,10 +66,10 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
 
 struct Buffers {
   float *base, *q, *acc, *k, *v, *s, *m, *l;
-  Buffers(int64_t group_heads, int64_t d)
-      : base(new float[group_heads * (2 * d + kTokens + 2) + 2 * kTokens * d]),
-        q(base), acc(q + group_heads * d), k(acc + group_heads * d), v(k + kTokens * d),
-        s(v + kTokens * d), m(s + group_heads * kTokens), l(m + group_heads) {}
+  Buffers(int64_t group_heads, int64_t d, int64_t dv)
+      : base(new float[group_heads * (d + dv + kTokens + 2) + kTokens * (d + dv)]),
+        q(base), acc(q + group_heads * d), k(acc + group_heads * dv), v(k + kTokens * d),
+        s(v + kTokens * dv), m(s + group_heads * kTokens), l(m + group_heads) {}
   ~Buffers() { delete[] base; }
   Buffers(const Buffers&) = delete;
   Buffers& operator=(const Buffers&) = delete;
@@ -178,23 +179,24 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
 // The online softmax step of H rows over the block's scores (masked past each row's limit): the
 // scores become probabilities, and each row's accumulator is rescaled to the new maximum.
 // With softcap > 0, the visible scores are soft-capped first (Gemma 2's logit soft-capping).
+// (acc: H rows of dv floats, the values' head size.)
 template <int H>
-void softmax_rows(int64_t nt, int64_t d, int64_t t0, const int64_t* limit, float softcap, float* s, float* m,
+void softmax_rows(int64_t nt, int64_t dv, int64_t t0, const int64_t* limit, float softcap, float* s, float* m,
                   float* l, float* acc) {
   for (int h = 0; h < H; ++h) {
     int64_t hi = limit[h] - t0 + 1;
     hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
     if (softcap > 0.0f) softcap_row(s + h * kTokens, hi, softcap);
-    scale_row(acc + h * d, d, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
+    scale_row(acc + h * dv, dv, softmax_block(s + h * kTokens, nt, 0, hi, m[h], l[h]));
   }
 }
 
 template <int H>
-void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t t0,
+void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t dv, int64_t t0,
            const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
   scores<H>(q, k, nt, d, s);
-  softmax_rows<H>(nt, d, t0, limit, softcap, s, m, l, acc);
-  values<H>(s, v, nt, d, acc);
+  softmax_rows<H>(nt, dv, t0, limit, softcap, s, m, l, acc);
+  values<H>(s, v, nt, dv, acc);
 }
 
 #if defined(__AVX2__)
@@ -274,7 +276,7 @@ template <int H>
 void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt, int64_t t0,
                 const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
   scores_int4<H>(q, k, nt, s);
-  softmax_rows<H>(nt, k.d, t0, limit, softcap, s, m, l, acc);
+  softmax_rows<H>(nt, v.d, t0, limit, softcap, s, m, l, acc);
   values_int4<H>(s, v, nt, acc);
 }
 #endif
@@ -300,6 +302,7 @@ constexpr int64_t kQueryBlock = 32;
 void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked, Buffers& w,
           int64_t* limit) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
+  const int64_t dv = value_dim(p), vgroups = dv / p.group;
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * G, past = p.length - Tq;
   for (int64_t i = 0; i < nq; ++i) {
@@ -312,7 +315,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
       } else {
         load_query(static_cast<const bf16_t*>(p.q16) + src, d, p.scale, chunked, w.q + r * d);
       }
-      for (int64_t c = 0; c < d; ++c) w.acc[r * d + c] = 0.0f;
+      for (int64_t c = 0; c < dv; ++c) w.acc[r * dv + c] = 0.0f;
       w.m[r] = kNegInf;
       w.l[r] = 0.0f;
       limit[r] = past + qi0 + i;
@@ -326,12 +329,11 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
 #if defined(__AVX2__)
     if (chunked && rows <= kHeads) {  // decode: dequantize in registers (heads_int4)
       const int64_t r0 = row + t0;
-      for (int64_t j = 0; j < nt * groups; ++j) {  // the FP8 scales once (the fp32 buffers are free)
-        w.k[j] = to_float(p.k_scale[r0 * groups + j]);
-        w.v[j] = to_float(p.v_scale[r0 * groups + j]);
-      }
+      for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = to_float(p.k_scale[r0 * groups + j]);
+      for (int64_t j = 0; j < nt * vgroups; ++j) w.v[j] = to_float(p.v_scale[r0 * vgroups + j]);
+      // (the FP8 scales once: the fp32 buffers are free)
       const Int4Rows kr{p.k + r0 * (d / 2), w.k, d, p.group};
-      const Int4Rows vr{p.v + r0 * (d / 2), w.v, d, p.group};
+      const Int4Rows vr{p.v + r0 * (dv / 2), w.v, dv, p.group};
       switch (rows) {
         case 4: heads_int4<4>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
         case 3: heads_int4<3>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
@@ -344,15 +346,16 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t r = row + t0 + i;
       dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
-      dequant_row(p.v + r * (d / 2), p.v_scale + r * groups, d, p.group, chunked, w.v + i * d);
+      dequant_row(p.v + r * (dv / 2), p.v_scale + r * vgroups, dv, p.group, chunked, w.v + i * dv);
     }
     int64_t r = 0;
     for (; r + kHeads <= rows; r += kHeads) {
-      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r,
-                    w.acc + r * d);
+      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, dv, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r,
+                    w.l + r, w.acc + r * dv);
     }
     for (; r < rows; ++r) {
-      heads<1>(w.q + r * d, w.k, w.v, nt, d, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r, w.acc + r * d);
+      heads<1>(w.q + r * d, w.k, w.v, nt, d, dv, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r,
+               w.acc + r * dv);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
@@ -364,11 +367,11 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, bool chunked
       const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
       const float inv = seen ? 1.0f / w.l[r] : 0.0f;
       if (p.out != nullptr) {
-        store_row(w.acc + r * d, d, inv, chunked, p.out + out_row * d);
+        store_row(w.acc + r * dv, dv, inv, chunked, p.out + out_row * dv);
       } else if (p.q16_dtype == DType::kFloat16) {
-        store_row(w.acc + r * d, d, inv, chunked, static_cast<half_t*>(p.out16) + out_row * d);
+        store_row(w.acc + r * dv, dv, inv, chunked, static_cast<half_t*>(p.out16) + out_row * dv);
       } else {
-        store_row(w.acc + r * d, d, inv, chunked, static_cast<bf16_t*>(p.out16) + out_row * d);
+        store_row(w.acc + r * dv, dv, inv, chunked, static_cast<bf16_t*>(p.out16) + out_row * dv);
       }
       p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
     }
@@ -496,16 +499,16 @@ Status quantize(const QuantizeParams& p) {
 
 Status decode(const DecodeParams& p) {
 #if defined(__AVX2__)
-  const bool chunked = p.d % 16 == 0 && p.group % 16 == 0;
+  const bool chunked = p.d % 16 == 0 && value_dim(p) % 16 == 0 && p.group % 16 == 0;
 #else
   const bool chunked = false;
 #endif
   const int64_t G = p.hq / p.hkv, qblocks = (p.q_tokens + kQueryBlock - 1) / kQueryBlock;
   const int64_t tasks = p.batch * p.hkv * qblocks;
   const int64_t rows = G * (p.q_tokens < kQueryBlock ? p.q_tokens : kQueryBlock);
-#pragma omp parallel if (tasks > 1 && tasks * p.length * p.d >= (1 << 16))
+#pragma omp parallel if (tasks > 1 && tasks * p.length * (p.d + value_dim(p)) >= (1 << 17))
   {
-    Buffers w(rows, p.d);
+    Buffers w(rows, p.d, value_dim(p));
     int64_t* limit = new int64_t[rows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {

@@ -446,6 +446,10 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.workspace == nullptr && p.q_tokens == 1) {
     return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
   }
+  if (value_dim(p) != p.d) {
+    return Status::unsupported(
+        "int4_kv_decode: the CUDA kernels take values of the keys' head size (dv == d)");
+  }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
     return Status::unsupported(
         "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "

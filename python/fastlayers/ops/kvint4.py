@@ -2,12 +2,14 @@
 """Decode attention over an INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`).
 
 ``int4_kv_decode(q [B, Hq, d], k, k_scale, v, v_scale, length=None, scale=None, starts=None,
-softcap=None)`` with the cache as uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``:
+softcap=None)`` with the cache as uint8 ``[B, Hkv, T, d/2]`` and FP8 scales ``[B, Hkv, T, d/g]``
+(values: ``[B, Hkv, T, dv/2]`` and ``[.., dv/g]``, ``dv`` the keys' ``d`` or a head size of their
+own, one group ``g``):
 one query token per sequence against the first ``length`` cached tokens (from token ``starts[b]``
 on for row ``b`` when given: left padding); GQA (``Hq % Hkv == 0``); optional logit soft-capping
-(``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, d] in q's dtype, lse [B, Hq] fp32)``.
-CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256, at most 8 query heads per kv head)
-kernels; elsewhere the reference (dequantize, then softmax attention).
+(``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, dv] in q's dtype, lse [B, Hq]
+fp32)``. CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256, at most 8 query heads per kv
+head, ``dv == d``) kernels; elsewhere the reference (dequantize, then softmax attention).
 """
 
 from __future__ import annotations
@@ -77,34 +79,37 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False, sof
     if q.dim() != (4 if q_tokens else 3) or not q.is_floating_point():
         raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
-    for t, name in ((k, "k"), (v, "v")):
-        if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[0] != b or t.shape[3] * 2 != d:
-            raise ValueError(
-                f"{name} must be uint8 [{b}, kv_heads, tokens, {d // 2}], got {t.dtype} "
-                f"{tuple(t.shape)}"
-            )
-    if v.shape != k.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match")
+    if k.dtype != torch.uint8 or k.dim() != 4 or k.shape[0] != b or k.shape[3] * 2 != d:
+        raise ValueError(
+            f"k must be uint8 [{b}, kv_heads, tokens, {d // 2}], got {k.dtype} {tuple(k.shape)}"
+        )
+    if v.dtype != torch.uint8 or v.dim() != 4 or v.shape[:3] != k.shape[:3] or not v.shape[3]:
+        raise ValueError(
+            f"v must be uint8 [{b}, {k.shape[1]}, {k.shape[2]}, value_head_dim / 2] (k's batch, "
+            f"kv heads and tokens), got {v.dtype} {tuple(v.shape)}"
+        )
     for t, name in ((k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     hkv, t_max = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
-    for s, name in ((k_scale, "k_scale"), (v_scale, "v_scale")):
+    dv = v.shape[3] * 2
+    for s, name, width in ((k_scale, "k_scale", d), (v_scale, "v_scale", dv)):
         bad_shape = (
             s.dim() != 4 or tuple(s.shape[:3]) != (b, hkv, t_max) or not s.shape[3]
-            or d % s.shape[3]
+            or width % s.shape[3]
         )  # fmt: skip
         if s.dtype != FP8 or bad_shape:
+            what = "head_dim" if name == "k_scale" else "value_head_dim"
             raise ValueError(
-                f"{name} must be float8_e4m3fn [{b}, {hkv}, {t_max}, head_dim / group], got "
+                f"{name} must be float8_e4m3fn [{b}, {hkv}, {t_max}, {what} / group], got "
                 f"{s.dtype} {tuple(s.shape)}"
             )
-    if v_scale.shape != k_scale.shape:  # the kernels take one group size for keys and values
+    if d * v_scale.shape[3] != dv * k_scale.shape[3]:  # the kernels take one group size
         raise ValueError(
-            f"k_scale {tuple(k_scale.shape)} and v_scale {tuple(v_scale.shape)} must match (one "
-            "quantization group for keys and values)"
+            f"k_scale {tuple(k_scale.shape)} and v_scale {tuple(v_scale.shape)} must have one "
+            f"quantization group for keys ({d} channels) and values ({dv})"
         )
     if (d // k_scale.shape[3]) % 2:
         raise ValueError("the quantization group must be even")
@@ -162,7 +167,7 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     s = _softcapped(torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale, softcap)
     if length == 0:
         lse = torch.full((b, hq), -math.inf, device=q.device)
-        return q.new_zeros(q.shape), _with_sink(lse, sinks)
+        return q.new_zeros(b, hq, values.shape[-1]), _with_sink(lse, sinks)
     if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
         seen = torch.arange(length, device=q.device)[None, :] >= starts[:, None].long()
         s = s.masked_fill(~seen[:, None, :], -math.inf)
@@ -202,11 +207,15 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
     b, hq, _, d = q.shape
-    if device.type == "cuda" and not _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1):
+    same = v.shape[3] == k.shape[3]  # (the CUDA kernels take values of the keys' head size)
+    if device.type == "cuda" and not (
+        same and _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1)
+    ):  # fmt: skip
         _ext.warn_once(
             "int4_kv_attention-cuda-shape",
-            f"fastlayers.int4_kv_attention: head_dim {d} with {hq // k.shape[1]} query heads per "
-            "kv head is not a CUDA kernel shape; running the PyTorch reference",
+            f"fastlayers.int4_kv_attention: head_dim {d} (values {v.shape[3] * 2}) with "
+            f"{hq // k.shape[1]} query heads per kv head is not a CUDA kernel shape; running the "
+            "PyTorch reference",
         )
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
     out, lse = _run(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
@@ -214,10 +223,11 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
 
 
 def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, softcap=0.0):
-    """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape, lse
-    [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries read and the output written as
-    they are, no fp32 copies), fp32 on CUDA."""
+    """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape with the
+    values' head size last, lse [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries
+    read and the output written as they are, no fp32 copies), fp32 on CUDA."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    out_shape = (*q.shape[:-1], v.shape[3] * 2)
     tq = q.shape[2] if q.dim() == 4 else 1
     hkv, t_max = k.shape[1], k.shape[2]
     device = q.device
@@ -225,14 +235,14 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     q32 = q16 = out16 = None
     if device.type == "cpu" and half:
         q16 = q.contiguous()
-        out = out16 = empty(q.shape, q.dtype, device)
+        out = out16 = empty(out_shape, q.dtype, device)
     else:
         q32 = q.float().contiguous()
         # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's
         # input).
         if device.type == "cuda" and tq > 1 and half:
             q16 = q.contiguous()
-        out = empty(q.shape, torch.float32, device)
+        out = empty(out_shape, torch.float32, device)
     kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
     sc = starts.contiguous() if starts is not None else None
     lse = empty(q.shape[:-1], torch.float32, device)
@@ -244,7 +254,7 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
             ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
             device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
             q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
-            out16=ptr(out16), starts=ptr(sc), softcap=softcap,
+            out16=ptr(out16), starts=ptr(sc), softcap=softcap, dv=v.shape[3] * 2,
         )  # fmt: skip
     return out, lse
 
@@ -260,12 +270,13 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
     workspace = None
     if device.type == "cuda":  # split-KV: per-split partial outputs and lse
         floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length)
-        if floats == 0:
+        if floats == 0 or v.shape[3] != k.shape[3]:
             _ext.warn_once(
                 "int4_kv_decode-cuda-shape",
-                f"fastlayers.int4_kv_decode: head_dim {d} with {hq // hkv} query heads per kv head "
-                "is not a CUDA kernel shape (head_dim a multiple of 64 up to 256, at most 8 heads "
-                "per kv head); running the PyTorch reference",
+                f"fastlayers.int4_kv_decode: head_dim {d} (values {v.shape[3] * 2}) with "
+                f"{hq // hkv} query heads per kv head is not a CUDA kernel shape (head_dim a "
+                "multiple of 64 up to 256, values of the same size, at most 8 heads per kv head); "
+                "running the PyTorch reference",
             )
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
@@ -284,7 +295,8 @@ LIB.impl("int4_kv_attention", _attention_reference, "CompositeExplicitAutograd")
 @torch.library.register_fake("fastlayers::int4_kv_attention", lib=LIB)
 def _attention_fake(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    out = q.new_empty((*q.shape[:3], v.shape[3] * 2))
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _length_and_scale(q, k, k_scale, v, v_scale, length, scale) -> tuple[int, float]:
@@ -315,14 +327,15 @@ def int4_kv_attention(
     """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
-    ``(out [B, Hq, Tq, d] in q's dtype, lse [B, Hq, Tq] fp32)``. CPU kernel (keys and values
-    dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
-    head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one warp per query
-    row, head_dim a multiple of 64 up to 256); elsewhere the reference. ``softcap`` (Gemma 2's
-    logit soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)`` before the
-    softmax; None or 0 for none. ``sinks`` (GPT-OSS's attention sinks, floating ``[Hq]``): a logit
-    per query head in the softmax's denominator, applied to the kernel's output through its lse
-    (:func:`~fastlayers.ops._common.apply_sinks`)."""
+    ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq] fp32)`` (``dv``: the values' head size,
+    ``v.shape[3] * 2``; the keys' or one of their own). CPU kernel (keys and values
+    dequantized per block in registers, online softmax) and CUDA kernels (``dv == d``; fp16/bf16
+    queries with head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one
+    warp per query row, head_dim a multiple of 64 up to 256); elsewhere the reference.
+    ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes
+    ``softcap * tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's
+    attention sinks, floating ``[Hq]``): a logit per query head in the softmax's denominator,
+    applied to the kernel's output through its lse (:func:`~fastlayers.ops._common.apply_sinks`)."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1], q.device)
@@ -338,7 +351,8 @@ def int4_kv_attention(
 def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
     _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length, check_range=False)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+    out = q.new_empty((*q.shape[:2], v.shape[3] * 2))
+    return out, q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 def int4_kv_decode(
@@ -481,12 +495,13 @@ def _c_int4_kv_decode(
     out16=0,
     starts=0,
     softcap=0.0,
+    dv=0,
 ) -> None:
     """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
-    of its arguments."""
+    of its arguments (``dv``: the values' head size, 0 for ``d``)."""
     _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
                           t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
-                          starts, softcap)  # fmt: skip
+                          starts, softcap, dv)  # fmt: skip
 
 
 def _launch_quantize(
@@ -783,7 +798,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     dispatch cost several times their kernels (the same bytes as the ops). ``query [B, Hq, 1, d]``
     float32/16/bf16; ``q_scale`` None or fp32 ``[Hq, d]``; ``starts`` None or int32 ``[B]`` in
     ``[0, length]`` (built by the caller from the attention mask); ``sinks`` None or floating
-    ``[Hq]`` on the query's device (applied before the one rounding). Returns ``out [B, Hq, d]`` in
+    ``[Hq]`` on the query's device (applied before the one rounding). Returns ``out [B, Hq, dv]`` in
     the query's dtype, or None (nothing run) where the ops must run: not on CPU, compiling or
     tracing, dispatch modes, tensor subclasses, gradients wanted, neither a scale nor FP8, or
     shapes the ops would refuse (they then raise their errors)."""
@@ -793,7 +808,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     b, hq, t, d = query.shape if query.dim() == 4 else (0, 0, 0, 0)
     ok = (
         t == 1 and query.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and vq.shape == kq.shape and kq.shape[0] == b and kq.shape[3] * 2 == d
+        and kq.shape[0] == b and kq.shape[3] * 2 == d
         and hq % kq.shape[1] == 0
         and 0 <= length <= kq.shape[2] and ks.shape[3] > 0 and d % ks.shape[3] == 0
         and math.isfinite(softcap) and softcap >= 0
@@ -810,12 +825,12 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
     qs = empty((b, hq, d), torch.float32, query.device)
     _c_kv_quantize(x.data_ptr(), b * hq, d, d, 1, hq, _dtypes.code(query.dtype),
                    post_scale=ptr(q_scale), q_out=qs.data_ptr(), q_fp8=fp8)  # fmt: skip
-    out = empty((b, hq, d), torch.float32, query.device)
+    out = empty((b, hq, vq.shape[3] * 2), torch.float32, query.device)
     lse = empty((b, hq), torch.float32, query.device)
     _c_int4_kv_decode(qs.data_ptr(), kq.data_ptr(), ks.data_ptr(), vq.data_ptr(), vs.data_ptr(),
                       out.data_ptr(), lse.data_ptr(), b, hq, kq.shape[1], d, d // ks.shape[3],
                       kq.shape[2], length, scale, starts=ptr(starts),
-                      softcap=softcap)  # fmt: skip
+                      softcap=softcap, dv=vq.shape[3] * 2)  # fmt: skip
     if sinks is not None:
         return apply_sinks(out, lse, sinks, query.dtype)[0]
     return out.to(query.dtype)
