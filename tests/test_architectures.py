@@ -26,6 +26,9 @@ from fastlayers._decoder import (
     decoder_layers,
     decoder_layout,
     feedforward_name,
+    head_counts,
+    head_dim_of,
+    qkv_projections,
     rope_layout,
 )
 from fastlayers.quantize import _smooth
@@ -105,7 +108,18 @@ _MLA = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_ran
             num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
             topk_group=1, first_k_dense_replace=1, moe_intermediate_size=64)  # fmt: skip
 ARCHS["DeepseekV3"] = dict(_MLA, q_lora_rank=64)
+# MiMo-V2-Flash: values of 48 channels (keys 32) times attention_value_scale, a sliding-window
+# layer with twice the key/value heads and attention sinks, RoPE on int(32 * 0.334) = 10 channels
+# (the partial factor in each layer type's rope_parameters)
+ARCHS["MiMoV2Flash"] = dict(head_dim=32, v_head_dim=48, attention_value_scale=0.5,
+                            layer_types=["full_attention", "sliding_attention"], sliding_window=4,
+                            n_routed_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64)  # fmt: skip
 ARCHS["DeepseekV2"] = dict(_MLA, q_lora_rank=None)
+# MiniCPM3: multi-head latent attention, each residual branch times scale_depth / sqrt(layers), the
+# embeddings times scale_emb, the LM head's input divided by hidden_size / dim_model_base
+ARCHS["MiniCPM3"] = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
+                         num_key_value_heads=4, q_lora_rank=64)  # fmt: skip
 # a feedforward named block_sparse_moe, residual multipliers (Granite MoE); feed_forward, a MoE
 # answering its tokens flattened (Llama 4)
 ARCHS["GraniteMoe"] = dict(num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5)
@@ -181,6 +195,7 @@ LAYOUT_ARCHS = [
     "GPTNeo",
     "GraniteMoe",
     "Llama4Text",
+    "MiniCPM3",
 ]
 
 
@@ -189,7 +204,8 @@ def test_skip_plans_follow_each_layout(arch):
     """A full plan is the model; a skipped sublayer is the model with that sublayer's output
     zeroed (every layout's post-norm maps zero to zero; parallel blocks of Cohere, Phi and
     StableLM: refused before; GPT-OSS, whose MoE answers (out, router scores): refused before, the
-    layout check could not run its layer)."""
+    layout check could not run its layer; MiniCPM3's residual branches times scale_depth /
+    sqrt(layers), its residual_scale: refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     full = fastlayers.apply_skip_plan(_model(arch), SkipPlan.full(2))
@@ -212,7 +228,8 @@ def test_skip_plans_follow_each_layout(arch):
      "HyperCLOVAX", "Exaone4", "SmolLM3", "Cohere", "Phi", "StableLmParallel", "StableLmQk",
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
-     "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2"],
+     "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2",
+     "MiMoV2Flash", "MiniCPM3"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -227,7 +244,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     weightless q/k norms and its RoPE turning the other way, Llama 4's complex RoPE tables and
     its one L2 ``qk_norm`` after RoPE, GPT-2's and GPT-BigCode's (multi-query) ``Conv1D``
     projections without RoPE, DeepSeek V2's and V3's multi-head latent attention (values of
-    another size than the keys; each refused before)."""
+    another size than the keys; each refused before), MiMo-V2-Flash's scaled values of their own
+    head size, its window layer's doubled key/value heads and sinks."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -239,7 +257,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     "arch",
     ["Gemma2", "Gemma3", "Mistral", "Exaone4", "Qwen3", "Olmo2", "StableLm", "Glm4", "Cohere",
      "Phi", "StableLmQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "GptOss", "GPTNeoX",
-     "DeepseekV3"],
+     "DeepseekV3", "MiMoV2Flash"],
 )  # fmt: skip
 def test_routed_attention_on_each_architecture_and_sliding_windows(arch):
     """Routed attention keeps a layer's sliding window (Gemma 3's and EXAONE 4's local layer 0,
@@ -558,6 +576,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "GPTBigCode",
         "DeepseekV3",
         "DeepseekV2",
+        "MiMoV2Flash",
+        "MiniCPM3",
     ],
 )
 def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
@@ -570,7 +590,9 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     of Llama 4's NoPE layer (its attention temperature tuning); Llama 4's complex RoPE tables;
     GPT-2's and GPT-BigCode's ``Conv1D`` ``c_attn`` (the fold on its columns), no RoPE;
     DeepSeek V3's and V2's multi-head latent attention (the cached latent and RoPE key part
-    quantized, values of another head size than the keys)."""
+    quantized, values of another head size than the keys); MiMo-V2-Flash's values of their own
+    head size (the INT4 kernels with a value head size; one group dividing both, 16), its window
+    layer with sinks and doubled key/value heads, RoPE on 10 channels of 32."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -585,7 +607,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
                   "Persimmon", "Laguna", "NanoChat", "Llama4Text", "Llama4TextNope")  # fmt: skip
     assert ("post-RoPE scales only (q_norm" in str(report)) == (arch in with_norms)
-    assert ("INT4 latent" in str(report)) == arch.startswith("Deepseek")
+    assert ("INT4 latent" in str(report)) == (arch.startswith("Deepseek") or arch == "MiniCPM3")
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     ids[mask == 0] = 0
@@ -697,13 +719,14 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
      "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
-     "Llama4Text", "GraniteMoe"],
+     "Llama4Text", "GraniteMoe", "MiniCPM3"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
     (Gemma 2 with a window of 4, Gemma 3's local layers), with Gemma 3's local/global RoPE, with
     the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens) and on
-    parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM)."""
+    parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM); MiniCPM3's
+    LM head input divided by its logits_scaling (refused before)."""
     from fastlayers.skip_plan import self_speculative_generate
 
     model = _model(arch)
@@ -975,6 +998,26 @@ def test_llama4_nope_layers_with_temperature_tuning_are_not_routed():
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
 
 
+def test_per_layer_head_counts_and_rotary_dims():
+    """MiMo-V2-Flash's window layer has twice the config's key/value heads (its module's
+    num_key_value_groups says so) and RoPE on int(head_dim * 0.334) channels, the factor in its
+    layer type's rope_parameters (rounding 10.7 to 11 or reading 1.0 mis-paired the pre-RoPE fold:
+    0.9 % off the float model with quantization off, found by the sweep); LFM3's proportional
+    RoPE rotates the whole head whatever its factor (tables of the whole head)."""
+    model = _model("MiMoV2Flash")
+    attns = [attention_of(layer) for layer in decoder_layers(model)]
+    assert [head_counts(a) for a in attns] == [(4, 2), (4, 4)]
+    assert [rope_layout(a).rotary_dim for a in attns] == [10, 10]
+    assert qkv_projections(attns[1]).value_dim == 48 and qkv_projections(attns[1]).v_scale == 0.5
+    cfg = transformers.AutoConfig.for_model("lfm3", num_hidden_layers=2, hidden_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            layer_types=["full_attention", "conv"])  # fmt: skip
+    lfm3 = transformers.Lfm3ForCausalLM(cfg)
+    attn = attention_of(decoder_layers(lfm3)[0])
+    assert cfg.rope_parameters["full_attention"]["rope_type"] == "proportional"
+    assert rope_layout(attn).rotary_dim == head_dim_of(attn)
+
+
 @pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2"])
 def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     """Multi-head latent attention's INT4 KV path quantizes what its module caches: the latent
@@ -993,7 +1036,7 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
         assert s.shape == (1, 16) and 2 <= len(chosen) <= 4
         partner = (chosen + 8) % 16 if arch == "DeepseekV3" else chosen ^ 1
         assert set(partner.tolist()) == set(chosen.tolist())
-    with pytest.raises(ValueError, match="group_size 12 must divide layer 0's cached widths"):
+    with pytest.raises(ValueError, match="group_size 12 must be even and divide layer 0's cached"):
         quant.apply_rope_aware_kv(model, post, group_size=12)
     with pytest.raises(ValueError, match=r"post_scales\[0\] must be \[1, 16\]"):
         quant.apply_rope_aware_kv(model, [torch.ones(4, 32)] * 2)

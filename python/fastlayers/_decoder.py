@@ -353,11 +353,23 @@ def _block_layout(layer: torch.nn.Module, single: str, what: str) -> DecoderLayo
     return layout
 
 
+def _residual_multiplier(layer) -> float:
+    """What the layer multiplies each sublayer's output by before adding it to the residual:
+    Granite's ``residual_multiplier``, MiniCPM3's ``residual_scale`` (``scale_depth /
+    sqrt(layers)``; a number only: Zaya's is a learned vector), else 1 (checked by running the
+    layer, as the rest of its layout)."""
+    for name in ("residual_multiplier", "residual_scale"):
+        value = getattr(layer, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 1.0
+
+
 def _layouts_by_names(layer, others: set[str]) -> list[DecoderLayout]:
     """The layouts the names of ``layer``'s norms allow, the likeliest first: Llama-style names
     also fit GPT-NeoX's parallel block ``h + attn(n1(h)) + mlp(n2(h))`` (its
     ``use_parallel_residual``), which only running the layer tells apart."""
-    mult = getattr(layer, "residual_multiplier", 1.0)
+    mult = _residual_multiplier(layer)
     for i, (names, markers) in enumerate(_FAMILIES):
         if others <= set(names) and any(m in others for m in markers):
             layout = DecoderLayout(*(n if n in others else None for n in names), mult)
@@ -530,9 +542,11 @@ class QKVProjections:
     ``query_key_value``, equal query and key/value heads). ``q``, ``k`` and ``v`` are the layers
     their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives
     each head's queries and then as many output gate logits, ``[heads, 2, head_dim]`` (Qwen3-Next,
-    Qwen3.5: the attention's output is multiplied by ``sigmoid(gate)``).
-    :func:`attention_mismatch` checks the split against what the module itself gives its
-    attention."""
+    Qwen3.5: the attention's output is multiplied by ``sigmoid(gate)``). ``v_dim``: the values'
+    head size where the module names one of its own (``v_head_dim``: MiMo-V2-Flash; separate
+    projections only), else ``head_dim``; ``v_scale``: a factor the module multiplies its values
+    by (MiMo-V2-Flash's ``v_scale``). :func:`attention_mismatch` checks the split against what the
+    module itself gives its attention."""
 
     q: torch.nn.Module
     k: torch.nn.Module
@@ -542,6 +556,12 @@ class QKVProjections:
     kv_heads: int
     head_dim: int
     q_gate: bool = False
+    v_dim: int | None = None
+    v_scale: float = 1.0
+
+    @property
+    def value_dim(self) -> int:
+        return self.head_dim if self.v_dim is None else self.v_dim
 
     @property
     def in_features(self) -> int:
@@ -588,9 +608,10 @@ _FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head", "c_attn": "co
 
 def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
     """``(query heads, key/value heads)`` of ``attn``: the module's own ``num_heads`` /
-    ``num_key_value_heads`` where it has them (Laguna's head count per layer), else its config's;
-    the key/value heads are the query heads where neither names them (multi-head attention:
-    Persimmon, GPT-NeoX)."""
+    ``num_key_value_heads`` where it has them (Laguna's head count per layer), the query heads
+    over its own ``num_key_value_groups`` (MiMo-V2-Flash's window layers have twice the config's
+    key/value heads), else its config's; the key/value heads are the query heads where nothing
+    names them (multi-head attention: Persimmon, GPT-NeoX)."""
     cfg = getattr(attn, "config", None)
 
     def count(*names):
@@ -603,6 +624,11 @@ def head_counts(attn: torch.nn.Module) -> tuple[int | None, int | None]:
 
     heads = count("num_heads", "num_attention_heads")
     kv_heads = count("num_key_value_heads", "kv_heads")  # (GPT-BigCode's multi-query kv_heads)
+    groups = getattr(attn, "num_key_value_groups", None)
+    own = any(isinstance(getattr(attn, n, None), int) for n in ("num_key_value_heads", "kv_heads"))
+    if not own and isinstance(heads, int) and isinstance(groups, int) and \
+            not isinstance(groups, bool) and groups > 0 and heads % groups == 0:  # fmt: skip
+        kv_heads = heads // groups
     return heads, heads if kv_heads is None else kv_heads
 
 
@@ -636,7 +662,14 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     gated = fused is None and got == 2 * heads * d  # (Qwen3-Next: queries and output gates)
     if fused is None and got not in (heads * d, 2 * heads * d):
         return f"{name}'s q_proj has {got} outputs, not {heads * d} ({heads} heads of {d})"
-    return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated)
+    dv = getattr(attn, "v_head_dim", None)  # (MiMo-V2-Flash: values of another head size)
+    dv = dv if isinstance(dv, int) and not isinstance(dv, bool) and dv > 0 and dv != d else None
+    if dv is not None and fused is not None:
+        return f"{name} has values of {dv} channels beside a fused {names[0]}"
+    v_scale = getattr(attn, "v_scale", 1.0)  # (MiMo-V2-Flash: values times a constant)
+    if isinstance(v_scale, bool) or not isinstance(v_scale, (int, float)):
+        return f"{name}'s v_scale is not a number ({type(v_scale).__name__})"
+    return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated, dv, float(v_scale))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -827,8 +860,11 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     n, d = x.shape[0], head_dim_of(attn)
     after = qk_norms_after_rope(attn) if after_rope is None else after_rope
     q_norm, k_norm = qk_norms(attn)
-    q, k, v, gate = qkv_projections(attn).project(x)
-    q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
+    qkv = qkv_projections(attn)
+    q, k, v, gate = qkv.project(x)
+    q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, qkv.value_dim)
+    if qkv.v_scale != 1.0:  # (MiMo-V2-Flash, as its module does it: after the projection)
+        v = v * qkv.v_scale
     if not after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     rope = rope_layout(attn, "routed attention")
@@ -918,12 +954,17 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     mla = mla_projections(attn)
     if isinstance(mla, str):
         return mla
+    # (d: the values' head size, the answer's; dk: the keys', the scaling's default)
     if mla is None:
+        qkv = qkv_projections(attn)
+        if isinstance(qkv, str):
+            return qkv
         rope = rope_layout(attn, "routed attention")
         applies_rope(attn, rope.table_width, rope.complex_tables)  # (its probe runs the module)
-        width, d = rope.table_width, head_dim_of(attn)
+        width, d, dk = rope.table_width, qkv.value_dim, qkv.head_dim
     else:  # (multi-head latent attention: RoPE on `rope` channels, values of their own size)
         rope, width, d = None, mla.rope // (2 if mla.complex_tables else 1), mla.v_dim
+        dk = mla.nope + mla.rope
     g = torch.Generator().manual_seed(0)
     t, hq = 5, head_counts(attn)[0]
     x = torch.randn(1, t, attention_in_features(attn), generator=g).to(p)
@@ -981,7 +1022,7 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
             return f"{name}'s {what} are not what fastlayers computes from its submodules"
     _QK_AFTER_ROPE[attn] = after
     scaling = kwargs.get("scaling")
-    scaling = d**-0.5 if scaling is None else scaling
+    scaling = dk**-0.5 if scaling is None else scaling
     if abs(scaling - attn.scaling) > 1e-6 * abs(scaling):
         return f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
     if kwargs.get("softcap") != logit_softcap(attn):
@@ -1123,8 +1164,8 @@ def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayou
     ValueError for a pairing that is neither rotate-half nor interleaved."""
     name, d = type(attn).__name__, head_dim_of(attn)
     factor = _rotary_fraction(attn)
-    r = int(round(d * factor))
-    if not 0 < r <= d or r % 2 or abs(r - d * factor) > 1e-6:
+    r = int(d * factor)  # (Hugging Face's rotary dim: int(head_dim * partial_rotary_factor))
+    if not 0 < r <= d or r % 2:
         raise ValueError(f"{what}: {name} rotates {factor:g} of its {d}-channel heads, not an "
                          "even number of channels")  # fmt: skip
     layout = _probe_rope(type(attn), r)
@@ -1216,12 +1257,24 @@ def rope_tables(rotary: torch.nn.Module, attn: torch.nn.Module, x, positions):
 
 def _rotary_fraction(attn: torch.nn.Module) -> float:
     """The fraction of each head RoPE rotates: the config's ``partial_rotary_factor`` (top level,
-    or in ``rope_parameters`` as transformers 5 keeps it), or the module's ``rotary_ndims``."""
+    or in ``rope_parameters`` as transformers 5 keeps it, or in the layer type's entry there:
+    MiMo-V2-Flash's), or the module's ``rotary_ndims``."""
     cfg = getattr(attn, "config", None)
     factor = getattr(cfg, "partial_rotary_factor", None)
     params = getattr(cfg, "rope_parameters", None)
     if factor is None and isinstance(params, dict):
-        factor = params.get("partial_rotary_factor")
+        kind = getattr(attn, "layer_type", None)
+        types, idx = getattr(cfg, "layer_types", None), getattr(attn, "layer_idx", None)
+        if kind is None and isinstance(types, (list, tuple)) and isinstance(idx, int) and \
+                0 <= idx < len(types):  # fmt: skip
+            kind = types[idx]
+        per_type = params.get(kind) if isinstance(kind, str) else None
+        for entry in (params, per_type):
+            # (proportional RoPE, LFM3's global layers: tables of the whole head whatever the
+            # factor, the channels past it turned by zero frequencies)
+            if isinstance(entry, dict) and factor is None and \
+                    entry.get("rope_type") != "proportional":  # fmt: skip
+                factor = entry.get("partial_rotary_factor")
     ndims, d = getattr(attn, "rotary_ndims", None), head_dim_of(attn)
     if factor is None and isinstance(ndims, int) and isinstance(d, int) and d > 0:
         factor = ndims / d

@@ -837,8 +837,11 @@ def self_speculative_generate(
     cache_kw = next((n for n in ("cache", "past_key_values", "layer_past") if n in params),
                     "past_key_values")  # fmt: skip
 
+    divisor = 1.0  # (MiniCPM3 divides the LM head's input by logits_scaling: found below)
+
     def head(h):  # the model's final norm and LM head (LayerSkip's shared exit head)
-        return model.lm_head(final_norm(h)).argmax(-1)
+        x = final_norm(h)
+        return model.lm_head(x if divisor == 1.0 else x / divisor).argmax(-1)
 
     embed = _embedder(model, layers, input_ids[:, :1])
     for i, layer in enumerate(layers):  # (hybrids: linear attention, state-space layers)
@@ -874,7 +877,7 @@ def self_speculative_generate(
             "self_speculative_generate cannot run this model's layers one by one "
             f"({type(e).__name__}: {e})"
         ) from e
-    _check_layer_by_layer(model, input_ids, final_norm(h[:, -1:]))
+    divisor = _check_layer_by_layer(model, input_ids, final_norm(h[:, -1:]))
     pending = head(h[:, -1:])  # the next token: in no layer's cache yet
     verified = input_ids.shape[1]  # tokens every layer holds
     out = [pending]
@@ -916,11 +919,13 @@ def self_speculative_generate(
     return torch.cat([input_ids, tokens], 1), stats
 
 
-def _check_layer_by_layer(model, input_ids, normed_last: torch.Tensor) -> None:
+def _check_layer_by_layer(model, input_ids, normed_last: torch.Tensor) -> float:
     """Running the layers one by one (``_run_layers``: fastlayers' masks, RoPE per layer type,
     embedding transform) must give the LM head the input the model's own forward gives it, on
     the prompt's last token; ValueError otherwise (a structure it does not reproduce: decoding
-    would be another model's). One extra forward over the prompt."""
+    would be another model's). One extra forward over the prompt. Returns what the model divides
+    the final norm's output by before its LM head: 1, or the config's ``logits_scaling`` where
+    that is what the model's forward gives it (MiniCPM3; Granite divides the logits instead)."""
     seen = []
     hook = model.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     try:
@@ -929,15 +934,23 @@ def _check_layer_by_layer(model, input_ids, normed_last: torch.Tensor) -> None:
     finally:
         hook.remove()
     want = seen[-1][:, -1:].float()
-    got = normed_last.float()
-    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
     tol = 1e-4 if normed_last.dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        raise ValueError(
-            "self_speculative_generate: running this model's layers one by one does not "
-            f"reproduce its forward (relative difference {err:.3g} at the LM head's input on the "
-            "prompt's last token); its structure is not one fastlayers knows"
-        )
+    scaling = getattr(model.config, "logits_scaling", None)
+    divisors = [1.0]
+    if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and scaling > 0 \
+            and scaling != 1:  # fmt: skip
+        divisors.append(float(scaling))
+    for divisor in divisors:
+        got = (normed_last if divisor == 1.0 else normed_last / divisor).float()
+        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        if err <= tol:
+            return divisor
+    err = ((normed_last.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+    raise ValueError(
+        "self_speculative_generate: running this model's layers one by one does not "
+        f"reproduce its forward (relative difference {err:.3g} at the LM head's input on the "
+        "prompt's last token); its structure is not one fastlayers knows"
+    )
 
 
 _layer_skip_cache_class = None

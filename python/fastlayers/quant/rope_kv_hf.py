@@ -127,11 +127,21 @@ def _latent(attn) -> MLAProjections | None:
     return mla if isinstance(mla, MLAProjections) else None
 
 
-def _default_group(attn) -> int:
-    """The quantization group by default: the head size, or for multi-head latent attention the
-    largest that divides both cached widths (the latent's and the RoPE part's)."""
+def _cached_widths(attn) -> dict[str, int]:
+    """The widths a layer's cache holds, by name: keys' and values' head sizes (MiMo-V2-Flash's
+    values have one of their own), or a multi-head latent attention's latent and RoPE part."""
     mla = _latent(attn)
-    return head_dim_of(attn) if mla is None else math.gcd(mla.kv_rank, mla.rope)
+    if mla is not None:
+        return {"kv_lora_rank": mla.kv_rank, "qk_rope_head_dim": mla.rope}
+    qkv = qkv_projections(attn)
+    return {"head_dim": qkv.head_dim, "v_head_dim": qkv.value_dim}
+
+
+def _default_group(attn) -> int:
+    """The quantization group by default: the largest that divides every width the layer caches
+    (the head size; with values of another head size, or for multi-head latent attention's latent
+    and RoPE part, their greatest common divisor)."""
+    return math.gcd(*_cached_widths(attn).values())
 
 
 def _mla_pairing(mla: MLAProjections) -> str:
@@ -511,13 +521,12 @@ def apply_rope_aware_kv(
                 raise ValueError(f"post_scales[{i}] given for a layer without softmax attention")
             continue
         mla, post = _latent(m), None if post_scales is None else post_scales[i]
+        g = group_size or _default_group(m)
+        bad = [f"{n} {w}" for n, w in _cached_widths(m).items() if w % g]
+        if bad or g % 2:
+            raise ValueError(f"group_size {g} must be even and divide layer {i}'s cached widths "
+                             f"({', '.join(bad) or 'all'})")  # fmt: skip
         if mla is not None:  # (multi-head latent attention: the cached latent is quantized)
-            widths = {"kv_lora_rank": mla.kv_rank, "qk_rope_head_dim": mla.rope}
-            g = group_size or _default_group(m)
-            bad = [f"{n} {w}" for n, w in widths.items() if w % g]
-            if bad:
-                raise ValueError(f"group_size {g} must divide layer {i}'s cached widths "
-                                 f"({', '.join(bad)})")  # fmt: skip
             if post is not None and (not isinstance(post, torch.Tensor)
                                      or tuple(post.shape) != (1, mla.rope)):  # fmt: skip
                 raise ValueError(f"post_scales[{i}] must be [1, {mla.rope}] (the RoPE key part "
@@ -526,7 +535,7 @@ def apply_rope_aware_kv(
             m._fl_latent = True
             m.expand_kv = types.MethodType(_expand_latent, m)
         m._fl_k_post = post
-        m._fl_group_size = group_size or _default_group(m)
+        m._fl_group_size = g
         m._fl_q_fp8 = q_fp8
         m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
     model._fl_previous_attention = model.config._attn_implementation
@@ -600,6 +609,13 @@ def calibrate_rope_aware_kv(
             cos = sin = None
             if tables is not None:
                 cos, sin = (c.expand(b, t, -1).flatten(0, 1) for c in cos_sin(tables))
+            width = None if mla is not None else layouts[i].table_width
+            if cos is not None and width is not None and cos.shape[-1] != width:
+                raise ValueError(
+                    f"calibrate_rope_aware_kv: layer {i} is given RoPE tables {cos.shape[-1]} "
+                    f"wide, but its layout rotates {layouts[i].rotary_dim} channels (tables "
+                    f"{width} wide)"
+                )
             k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
             if mla is not None:  # (the RoPE part the heads share, as the module caches it)
                 rotated[i].append(k_rot[:, :1, mla.nope :].float())  # [B * T, 1, rope]
