@@ -116,6 +116,11 @@ ARCHS["MiMoV2Flash"] = dict(head_dim=32, v_head_dim=48, attention_value_scale=0.
                             n_routed_experts=4, num_experts_per_tok=2,
                             moe_intermediate_size=64)  # fmt: skip
 ARCHS["DeepseekV2"] = dict(_MLA, q_lora_rank=None)
+# DeepSeek V3.2: a DSA indexer picks 4 keys per query (of up to 16 here), so that its top-k matters;
+# 16 indexer heads: its scores are sums of ReLUs, exactly 0 (ties, picked in an order that depends
+# on the shapes: with or without a cache) where every head's is negative, which 2 heads made common
+ARCHS["DeepseekV32"] = dict(_MLA, q_lora_rank=64, index_topk=4, index_head_dim=16,
+                            index_n_heads=16)  # fmt: skip
 # MiniCPM3: multi-head latent attention, each residual branch times scale_depth / sqrt(layers), the
 # embeddings times scale_emb, the LM head's input divided by hidden_size / dim_model_base
 ARCHS["MiniCPM3"] = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
@@ -576,6 +581,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "GPTBigCode",
         "DeepseekV3",
         "DeepseekV2",
+        "DeepseekV32",
         "MiMoV2Flash",
         "MiniCPM3",
     ],
@@ -592,7 +598,9 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     DeepSeek V3's and V2's multi-head latent attention (the cached latent and RoPE key part
     quantized, values of another head size than the keys); MiMo-V2-Flash's values of their own
     head size (the INT4 kernels with a value head size; one group dividing both, 16), its window
-    layer with sinks and doubled key/value heads, RoPE on 10 channels of 32."""
+    layer with sinks and doubled key/value heads, RoPE on 10 channels of 32; DeepSeek V3.2's DSA
+    indexer picking 4 of the keys per query (its picks applied to the INT4 attention's mask, its
+    keys cached beside the INT4 latent)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -608,6 +616,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
                   "Persimmon", "Laguna", "NanoChat", "Llama4Text", "Llama4TextNope")  # fmt: skip
     assert ("post-RoPE scales only (q_norm" in str(report)) == (arch in with_norms)
     assert ("INT4 latent" in str(report)) == (arch.startswith("Deepseek") or arch == "MiniCPM3")
+    if arch == "DeepseekV32":  # (the indexer's keys kept beside the INT4 latent)
+        assert model.config._attn_implementation == "fastlayers_int4kv_masked"
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     ids[mask == 0] = 0
@@ -1018,7 +1028,7 @@ def test_per_layer_head_counts_and_rotary_dims():
     assert rope_layout(attn).rotary_dim == head_dim_of(attn)
 
 
-@pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2"])
+@pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2", "DeepseekV32"])
 def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     """Multi-head latent attention's INT4 KV path quantizes what its module caches: the latent
     ``[B, 1, T, 32]`` and the RoPE key part ``[B, 1, T, 16]`` (post-RoPE scales ``[1, 16]``, on the
@@ -1026,7 +1036,9 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     de-interleaves, adjacent pairs for V2's complex tables), INT4 with an FP8 scale per 16
     channels (the largest group dividing both widths). The cached forward is the uncached one;
     crop and beam reordering work; bad groups and scales are refused by name; the gradient
-    passes the rounding straight through; remove_rope_aware_kv gives the float model back."""
+    passes the rounding straight through; remove_rope_aware_kv gives the float model back.
+    DeepSeek V3.2: its DSA indexer's keys are cached beside the latent (cropped and reordered
+    with it); routing its attention is refused by name."""
     ids = torch.randint(3, 128, (2, 10))
     want = _logits(_model(arch), ids)
     model = _model(arch)
@@ -1034,7 +1046,7 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     for s in post:
         chosen = (s[0] != 1).nonzero()[:, 0]
         assert s.shape == (1, 16) and 2 <= len(chosen) <= 4
-        partner = (chosen + 8) % 16 if arch == "DeepseekV3" else chosen ^ 1
+        partner = chosen ^ 1 if arch == "DeepseekV2" else (chosen + 8) % 16
         assert set(partner.tolist()) == set(chosen.tolist())
     with pytest.raises(ValueError, match="group_size 12 must be even and divide layer 0's cached"):
         quant.apply_rope_aware_kv(model, post, group_size=12)
@@ -1053,14 +1065,26 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
             (2, 1, 8), (2, 1, 1), (2, 1, 16), (2, 1, 2)
         ]  # fmt: skip
     assert cache.nbytes() == 2 * 2 * 10 * (8 + 1 + 16 + 2)  # layers, batch, tokens, bytes
+    indexed = arch == "DeepseekV32"
+    assert (cache.layers[0].indexer_keys is not None) == indexed
     cache.crop(-4)  # (speculative rollback: 4 tokens removed) then the last 4 again
+    if indexed:
+        assert cache.layers[0].indexer_keys.shape[:2] == (2, 6)
     with torch.no_grad():
         again = model(ids[:, 6:], cache=cache).logits
     torch.testing.assert_close(again, plain[:, 6:], rtol=1e-5, atol=1e-5)
+    if indexed:
+        keys = cache.layers[0].indexer_keys.clone()
+        assert keys.shape[:2] == (2, 10)
     kq, vq = cache.layers[0].kq.clone(), cache.layers[0].vq.clone()
     cache.reorder_cache(torch.tensor([1, 0]))  # (beam search)
     assert torch.equal(cache.layers[0].kq, kq[[1, 0]])
     assert torch.equal(cache.layers[0].vq, vq[[1, 0]])
+    if indexed:
+        assert torch.equal(cache.layers[0].indexer_keys, keys[[1, 0]])
+        every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+        with pytest.raises(ValueError, match="cannot be routed: .* with an indexer"):
+            fastlayers.apply_skip_plan(_model(arch), SkipPlan([every, LayerPlan()]))
     model.train()  # quantization-aware training: the rounding passes the gradient through
     model(ids, labels=ids).loss.backward()
     grad = model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad

@@ -737,13 +737,19 @@ def mla_projections(attn: torch.nn.Module) -> MLAProjections | str | None:
     parts = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
     queries = _has(attn, "q_proj") or all(_has(attn, n) for n in ("q_a_proj", "q_a_layernorm",
                                                                   "q_b_proj"))  # fmt: skip
-    unknown = sorted(_children_besides(attn, _MLA_PARTS + ("rotary_emb",)))
+    # (a DSA indexer, DeepSeek V3.2's: it masks the keys each query sees, which routed attention
+    # refuses and the INT4 KV path applies: sparse_indexer)
+    unknown = sorted(_children_besides(attn, _MLA_PARTS + ("rotary_emb", "indexer")))
     if not queries or not all(_has(attn, n) for n in parts) or unknown:
         return (f"{name} is multi-head latent attention with other parts than DeepSeek V3's "
                 f"({', '.join(unknown) or 'its projections'})")  # fmt: skip
     module = sys.modules.get(type(attn).__module__)
-    fn_name = "apply_rotary_pos_emb_interleave" if getattr(cfg, "rope_interleave", False) else \
-        "apply_rotary_pos_emb"  # fmt: skip
+    # the config's rope_interleave; without one, the interleaving function where the module has
+    # it (DeepSeek V3.2, GLM MoE DSA: their attention's; the plain one is their indexer's)
+    interleave = getattr(cfg, "rope_interleave", None)
+    if interleave is None:
+        interleave = callable(getattr(module, "apply_rotary_pos_emb_interleave", None))
+    fn_name = "apply_rotary_pos_emb_interleave" if interleave else "apply_rotary_pos_emb"
     fn = getattr(module, fn_name, None)  # (none: no RoPE, Kimi-Linear; checked by running it)
     native = getattr(module, "apply_rotary_emb", None)
     if not callable(fn) and callable(native):  # (DeepSeek V2: [B, H, T, d], complex tables)
@@ -753,6 +759,13 @@ def mla_projections(attn: torch.nn.Module) -> MLAProjections | str | None:
 
         return MLAProjections(attn, heads, *sizes, fn, True)
     return MLAProjections(attn, heads, *sizes, fn if callable(fn) else None)
+
+
+def sparse_indexer(attn: torch.nn.Module) -> torch.nn.Module | None:
+    """The module's DSA indexer (DeepSeek V3.2, GLM MoE DSA: it picks the keys each query attends
+    to, a top-k of its own scores), or None."""
+    indexer = getattr(attn, "indexer", None)
+    return indexer if isinstance(indexer, torch.nn.Module) else None
 
 
 def attention_in_features(attn: torch.nn.Module) -> int:
@@ -983,7 +996,11 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
         cfg._attn_implementation_internal = _PROBE
         attn.eval()
         with torch.no_grad():
-            out = attn(hidden_states=x, position_embeddings=given, attention_mask=None,
+            mask = None  # (a DSA indexer reads the mask: a causal one, all its top-k visible)
+            if sparse_indexer(attn) is not None:
+                future = torch.ones(t, t, dtype=torch.bool).triu(1)
+                mask = torch.zeros(1, 1, t, t).to(p).masked_fill(future, torch.finfo(p.dtype).min)
+            out = attn(hidden_states=x, position_embeddings=given, attention_mask=mask,
                        **_probe_extras(attn, t))[0]  # fmt: skip
             places = (False, True) if qk_norms(attn)[0] is not None else (False,)
             candidates = {a: attention_qkv(attn, x[0], cos0, sin0, a) for a in places}

@@ -52,6 +52,7 @@ from fastlayers._decoder import (
     rope_layout,
     rope_tables,
     shared_feedforward,
+    sparse_indexer,
 )
 from fastlayers.ops._common import check_int, check_positive_ints
 
@@ -603,6 +604,10 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                 )
             attn = attention_of(layer)
             why = attention_unsupported(attn, mla=True)
+            if why is None and sparse_indexer(attn) is not None:
+                why = (f"{type(attn).__name__} selects the keys each query attends to with an "
+                       "indexer (DeepSeek V3.2's sparse attention), which routed attention does "
+                       "not apply")  # fmt: skip
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
             window = _sliding_window(attn)

@@ -22,6 +22,8 @@ the heads ``[B, 1, T, qk_rope_head_dim]``, and expand every head's keys and valu
 the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as INT4
 with FP8 scales per group, read back dequantized for the module's own expansion; queries through
 FP8; softmax attention over the expanded heads in PyTorch (the INT4 kernels take cached heads).
+With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
+the attention's mask, and its own keys are cached beside the INT4 latent as they come.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from fastlayers._decoder import (
     qk_norms,
     qkv_projections,
     rope_layout,
+    sparse_indexer,
 )
 from fastlayers.ops._common import no_dispatch_modes, tensor_version
 from fastlayers.ops.kvint4 import (
@@ -78,6 +81,9 @@ from fastlayers.quant.rope_kv import (
 )
 
 ATTENTION = "fastlayers_int4kv"
+# the same attention, given a mask tensor always (eager's): for models with a DSA indexer, which
+# reads the mask (DeepSeek V3.2, GLM MoE DSA)
+ATTENTION_MASKED = "fastlayers_int4kv_masked"
 
 
 def _attention_modules(model, what: str = "apply_rope_aware_kv"):
@@ -252,6 +258,33 @@ class _Int4LatentLayer(_Int4Layer):
         latent._fl_int4 = k_rot._fl_int4 = True  # (expand_kv: already rounded, by the cache)
         return latent, k_rot
 
+    # A DSA indexer's keys (DeepSeek V3.2, GLM MoE DSA: [B, T, index_head_dim], one per token, what
+    # it scores the queries against to pick the keys they attend to) are kept as they come: they
+    # are a small part of the cache and their top-k picks decide what the attention sees.
+    indexer_keys = None
+
+    def update_indexer(self, keys: torch.Tensor) -> torch.Tensor:
+        """Appends a DSA indexer's keys ``[B, t, d]`` and returns all of them ``[B, T, d]``."""
+        self.indexer_keys = keys if self.indexer_keys is None else \
+            torch.cat([self.indexer_keys, keys], 1)  # fmt: skip
+        return self.indexer_keys
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.indexer_keys is not None:
+            self.indexer_keys = self.indexer_keys[:, : self.length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.indexer_keys is not None:
+            self.indexer_keys = self.indexer_keys.index_select(
+                0, beam_idx.to(self.indexer_keys.device)
+            )
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexer_keys = None
+
 
 class Int4KVCache(Cache):
     """A Hugging Face cache holding keys and values as INT4 with FP8 scales per (token, kv head,
@@ -395,6 +428,13 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
     cap = float(softcap or 0.0)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
+    picked = kwargs.get("indices")  # (a DSA indexer's top-k keys per query, [B, Tq, k])
+    if picked is not None:  # the keys it did not pick masked, as the model's eager path does
+        hidden = torch.ones(*picked.shape[:2], key.shape[2], dtype=torch.bool, device=key.device)
+        hidden = hidden.scatter(-1, picked.long(), False)[:, None]
+        if attention_mask is None:
+            attention_mask = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device)
+        attention_mask = attention_mask.masked_fill(hidden, torch.finfo(query.dtype).min)
     # (multi-head latent attention: keys and values come expanded from the rounded latent, the
     # RoPE part's scale already divided out: _expand_latent)
     latent = getattr(module, "_fl_latent", False)
@@ -502,6 +542,8 @@ def _mask(*args, **kwargs):
 
 AttentionInterface.register(ATTENTION, _attention)
 AttentionMaskInterface.register(ATTENTION, _mask)
+AttentionInterface.register(ATTENTION_MASKED, _attention)
+AttentionMaskInterface.register(ATTENTION_MASKED, eager_mask)
 
 
 def apply_rope_aware_kv(
@@ -539,7 +581,8 @@ def apply_rope_aware_kv(
         m._fl_q_fp8 = q_fp8
         m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
     model._fl_previous_attention = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION)
+    indexed = any(m is not None and sparse_indexer(m) is not None for m in mods)
+    model.set_attn_implementation(ATTENTION_MASKED if indexed else ATTENTION)
     return model
 
 
