@@ -428,16 +428,19 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
     cap = float(softcap or 0.0)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
+    # (multi-head latent attention: keys and values come expanded from the rounded latent, the
+    # RoPE part's scale already divided out: _expand_latent)
+    latent = getattr(module, "_fl_latent", False)
     picked = kwargs.get("indices")  # (a DSA indexer's top-k keys per query, [B, Tq, k])
+    if picked is not None and not latent:  # (indexers come with multi-head latent attention)
+        raise ValueError(f"{type(module).__name__} passes top-k key indices to an attention "
+                         "fastlayers does not run as multi-head latent attention")  # fmt: skip
     if picked is not None:  # the keys it did not pick masked, as the model's eager path does
         hidden = torch.ones(*picked.shape[:2], key.shape[2], dtype=torch.bool, device=key.device)
         hidden = hidden.scatter(-1, picked.long(), False)[:, None]
         if attention_mask is None:
             attention_mask = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device)
         attention_mask = attention_mask.masked_fill(hidden, torch.finfo(query.dtype).min)
-    # (multi-head latent attention: keys and values come expanded from the rounded latent, the
-    # RoPE part's scale already divided out: _expand_latent)
-    latent = getattr(module, "_fl_latent", False)
     k_post = None if latent else getattr(module, "_fl_k_post", None)
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
