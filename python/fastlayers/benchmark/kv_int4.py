@@ -4,6 +4,8 @@ INT4 KV cache with FP8 scales, GQA 32/8, head dim 128) against bf16 ``scaled_dot
 over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, values, scales); the
 fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger. Both caches
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
+Also: values of their own head size (MiMo-V2-Flash's window layers, CPU), one decode step of the
+whole attention core, and causal prefill.
 """
 
 from __future__ import annotations
@@ -81,8 +83,73 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                 err,
             )
         )
+    rows += _value_head_size(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
+    return rows
+
+
+# Values of their own head size (MiMo-V2-Flash's window layers: 64 query heads over 8 key/value
+# heads, keys 192 channels, values 128; one group of 64 for both); (batch, context)
+VALUE_DIM = {"cpu": [(1, 4096)], "cuda": []}  # (the CUDA kernels take dv == d: reference there)
+
+
+def _value_head_size(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """``int4_kv_decode`` with values of another head size than the keys against bf16 SDPA over
+    the same shapes, the caches rotated past the last-level cache as above."""
+    rows: list[Row] = []
+    hq, hkv, d, dv, group = 64, 8, 192, 128, 64
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for batch, context in VALUE_DIM[device.type][: 1 if quick else None]:
+        kf = torch.randn(batch, hkv, context, d, generator=gen).to(device)
+        vf = torch.randn(batch, hkv, context, dv, generator=gen).to(device)
+        q = torch.randn(batch, hq, d, generator=gen).to(device, torch.bfloat16)
+        k, ks = quantize_kv_int4(kf, group)
+        v, vs = quantize_kv_int4(vf, group)
+        # (the baseline's values zero-padded to the keys' size: torch's CPU SDPA takes its math
+        # path for values of another size, ~4x slower than its fused kernel on the padded ones)
+        kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
+        del kf, vf
+        nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
+        int4_sets = [(q, k, ks, v, vs)] + [
+            (q, *(t.clone() for t in (k, ks, v, vs)))
+            for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
+        ]
+        bf16_sets = [(q[:, :, None], kb, vb)] + [
+            (q[:, :, None], kb.clone(), vb.clone())
+            for _ in range(copies_to_exceed_cache(2 * (kb.numel() + vb.numel()), device) - 1)
+        ]
+        copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
+        with torch.no_grad():
+            t, t_ref, t_copy = time_interleaved(
+                [
+                    (int4_kv_decode, int4_sets, reps),
+                    (_sdpa, bf16_sets, max(3, reps // 2)),
+                    copy_.case(reps),
+                ],
+                device,
+            )
+            del int4_sets, bf16_sets
+            out, _ = int4_kv_decode(q, k, ks, v, vs)
+            from fastlayers.ops.kvint4 import _reference
+
+            want, _ = _reference(q.double(), k, ks, v, vs, context, d**-0.5)
+            err = (out.double() - want).abs().max().item()
+        gbps = nbytes / t.median_s / 1e9
+        rows.append(
+            Row(
+                "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)",
+                f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
+                "bfloat16",
+                backend_label(device, "int4_kv_decode"),
+                t.median_s * 1e6,
+                "bf16 SDPA, values zero-padded to d",
+                t_ref.median_s * 1e6,
+                gbps,
+                gbps * 1e9 / copy_.bandwidth(t_copy),
+                err,
+            )
+        )
     return rows
 
 
