@@ -1064,9 +1064,10 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
         assert [tuple(b.shape[:2]) + (b.shape[3],) for b in layer.buffers] == [
             (2, 1, 8), (2, 1, 1), (2, 1, 16), (2, 1, 2)
         ]  # fmt: skip
-    assert cache.nbytes() == 2 * 2 * 10 * (8 + 1 + 16 + 2)  # layers, batch, tokens, bytes
     indexed = arch == "DeepseekV32"
     assert (cache.layers[0].indexer_keys is not None) == indexed
+    indexer = 16 * 4 if indexed else 0  # (its keys, 16 fp32 channels per token, kept as they come)
+    assert cache.nbytes() == 2 * 2 * 10 * (8 + 1 + 16 + 2 + indexer)  # layers, batch, tokens
     cache.crop(-4)  # (speculative rollback: 4 tokens removed) then the last 4 again
     if indexed:
         assert cache.layers[0].indexer_keys.shape[:2] == (2, 6)

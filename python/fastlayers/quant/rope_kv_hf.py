@@ -285,6 +285,17 @@ class _Int4LatentLayer(_Int4Layer):
         super().reset()
         self.indexer_keys = None
 
+    def _indexer_nbytes(self) -> int:
+        keys = self.indexer_keys
+        return 0 if keys is None else keys.numel() * keys.element_size()
+
+    def nbytes(self) -> int:
+        """The INT4 latent's bytes, and a DSA indexer's keys' (kept as they come)."""
+        return super().nbytes() + self._indexer_nbytes()
+
+    def allocated_nbytes(self) -> int:
+        return super().allocated_nbytes() + self._indexer_nbytes()
+
 
 class Int4KVCache(Cache):
     """A Hugging Face cache holding keys and values as INT4 with FP8 scales per (token, kv head,
