@@ -121,6 +121,9 @@ ARCHS["DeepseekV2"] = dict(_MLA, q_lora_rank=None)
 # on the shapes: with or without a cache) where every head's is negative, which 2 heads made common
 ARCHS["DeepseekV32"] = dict(_MLA, q_lora_rank=64, index_topk=4, index_head_dim=16,
                             index_n_heads=16)  # fmt: skip
+# HunYuan V4: multi-head latent attention with a DSA indexer, attention sinks and a gate_proj output
+# gate (its layers mix the residual through hyper-connections: no skip plans)
+ARCHS["HYV4"] = dict(_MLA, q_lora_rank=64, index_topk=4, index_head_dim=16, index_n_heads=16)
 # MiniCPM3: multi-head latent attention, each residual branch times scale_depth / sqrt(layers), the
 # embeddings times scale_emb, the LM head's input divided by hidden_size / dim_model_base
 ARCHS["MiniCPM3"] = dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
@@ -582,6 +585,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "DeepseekV3",
         "DeepseekV2",
         "DeepseekV32",
+        "HYV4",
         "MiMoV2Flash",
         "MiniCPM3",
     ],
@@ -600,7 +604,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     head size (the INT4 kernels with a value head size; one group dividing both, 16), its window
     layer with sinks and doubled key/value heads, RoPE on 10 channels of 32; DeepSeek V3.2's DSA
     indexer picking 4 of the keys per query (its picks applied to the INT4 attention's mask, its
-    keys cached beside the INT4 latent)."""
+    keys cached beside the INT4 latent); HunYuan V4's latent attention with an indexer, sinks and
+    an output gate."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -615,8 +620,9 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     with_norms = ("Qwen3", "Gemma3", "Olmo2", "StableLmQk", "PhiQk", "Afmoe", "HunYuanDenseV1",
                   "Persimmon", "Laguna", "NanoChat", "Llama4Text", "Llama4TextNope")  # fmt: skip
     assert ("post-RoPE scales only (q_norm" in str(report)) == (arch in with_norms)
-    assert ("INT4 latent" in str(report)) == (arch.startswith("Deepseek") or arch == "MiniCPM3")
-    if arch == "DeepseekV32":  # (the indexer's keys kept beside the INT4 latent)
+    latent = arch.startswith("Deepseek") or arch in ("MiniCPM3", "HYV4")
+    assert ("INT4 latent" in str(report)) == latent
+    if arch in ("DeepseekV32", "HYV4"):  # (the indexer's keys kept beside the INT4 latent)
         assert model.config._attn_implementation == "fastlayers_int4kv_masked"
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

@@ -2,7 +2,8 @@
 """Hybrid decoders on the drop-in paths: models whose layers mix tokens with softmax attention in
 some layers and with a linear attention (Qwen3-Next's and Qwen3.5's gated delta nets, OLMo-hybrid),
 a Mamba layer (Granite 4, Jamba, Bamba) or a short convolution (LFM2, LFM3) in the others
-(Kimi-Linear: delta-rule layers beside multi-head latent attention). Skip
+(Kimi-Linear, Bailing-hybrid: delta-rule or linear attention layers beside multi-head latent
+attention). Skip
 plans skip either kind of mixer; routed attention and the INT4 KV cache work on the softmax
 attention layers (Qwen3-Next's and Qwen3.5's queries carry output gates, LFM3 gates its output with
 a sigmoid ``g_proj``, Granite 4 gives no RoPE tables) and refuse the others by name; Hugging Face's
@@ -63,6 +64,11 @@ HYBRIDS = {
     "kimi_linear": (["linear_attention", "full_attention", "linear_attention"],
                     dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, kv_lora_rank=32,
                          num_key_value_heads=4, linear_head_dim=32, linear_num_heads=4)),
+    # Bailing-hybrid: linear attention layers beside multi-head latent attention with a g_proj
+    # output gate
+    "bailing_hybrid": (["linear_attention", "full_attention", "linear_attention"],
+                       dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24,
+                            kv_lora_rank=32, num_key_value_heads=4, head_dim=16)),
 }  # fmt: skip
 
 
@@ -208,7 +214,8 @@ def test_int4_kv_on_a_hybrids_softmax_attention_layers(model_type):
     assert [s[0] for s in report.swapped] == [f"layer {i} attention" for i in attention]
     cache = quant.Int4KVCache.for_model(model)
     kinds = [type(x).__name__ for x in cache.layers]
-    own = "_Int4LatentLayer" if model_type == "kimi_linear" else "_Int4Layer"  # (MLA: the latent)
+    latent = model_type in ("kimi_linear", "bailing_hybrid")  # (MLA: the cache holds the latent)
+    own = "_Int4LatentLayer" if latent else "_Int4Layer"
     assert [k == own for k in kinds] == [i in attention for i in range(len(kinds))]
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

@@ -719,8 +719,10 @@ class MLAProjections:
         return q, k, v
 
 
+# (with the output gates attention_output applies: Bailing-hybrid's g_proj, HunYuan V4's
+# gate_proj; checked by running the module, as the rest)
 _MLA_PARTS = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
-              "kv_a_layernorm", "kv_b_proj", "o_proj")  # fmt: skip
+              "kv_a_layernorm", "kv_b_proj", "o_proj", "g_proj", "gate_proj")  # fmt: skip
 
 
 def mla_projections(attn: torch.nn.Module) -> MLAProjections | str | None:
@@ -793,10 +795,11 @@ def attention_unsupported(attn: torch.nn.Module, mla: bool = False) -> str | Non
         )
     if isinstance(latent, str):
         return latent
-    if latent is not None:
-        own = sorted(name for name, _ in attn.named_parameters(recurse=False))
-        return f"{type(attn).__name__} has parameters fastlayers does not know: {own}" if own \
-            else None  # fmt: skip
+    if latent is not None:  # (HunYuan V4's MLA has attention sinks)
+        own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
+        if own:
+            return f"{type(attn).__name__} has parameters fastlayers does not know: {own}"
+        return _sinks_unsupported(attn)
     qkv = qkv_projections(attn)
     if isinstance(qkv, str):
         return qkv
@@ -819,6 +822,12 @@ def attention_unsupported(attn: torch.nn.Module, mla: bool = False) -> str | Non
     own = sorted(name for name, _ in attn.named_parameters(recurse=False) if name != "sinks")
     if own:
         return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
+    return _sinks_unsupported(attn)
+
+
+def _sinks_unsupported(attn: torch.nn.Module) -> str | None:
+    """Why the module's ``sinks`` are not what fastlayers' paths apply (one floating logit per
+    query head), or None (none, or such sinks)."""
     sinks = getattr(attn, "sinks", None)
     if sinks is not None and (
         not isinstance(sinks, torch.Tensor)
