@@ -32,58 +32,25 @@ def _sdpa(q, k, v):
 
 
 def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
-    rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for batch, context in (QUICK if quick else CASES)[device.type]:
-        kf = torch.randn(batch, HKV, context, D, generator=gen).to(device)
-        vf = torch.randn(batch, HKV, context, D, generator=gen).to(device)
-        q = torch.randn(batch, HQ, D, generator=gen).to(device, torch.bfloat16)
-        k, ks = quantize_kv_int4(kf, GROUP)
-        v, vs = quantize_kv_int4(vf, GROUP)
-        kb, vb = kf.bfloat16(), vf.bfloat16()
-        del kf, vf
-        nbytes = 2 * (k.numel() + ks.numel())
-        # Caches rotated past the last-level cache: a decode step reads its layer's cache cold
-        int4_sets = [(q, k, ks, v, vs)] + [
-            (q, *(t.clone() for t in (k, ks, v, vs)))
-            for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
-        ]
-        bf16_sets = [(q[:, :, None], kb, vb)] + [
-            (q[:, :, None], kb.clone(), vb.clone())
-            for _ in range(copies_to_exceed_cache(2 * kb.numel() * 2, device) - 1)
-        ]
-        copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
-        with torch.no_grad():
-            t, t_ref, t_copy = time_interleaved(
-                [
-                    (int4_kv_decode, int4_sets, reps),
-                    (_sdpa, bf16_sets, max(3, reps // 2)),
-                    copy_.case(reps),
-                ],
-                device,
-            )
-            del int4_sets, bf16_sets
-            out, _ = int4_kv_decode(q, k, ks, v, vs)
-            from fastlayers.ops.kvint4 import _reference
-
-            want, _ = _reference(q.double(), k, ks, v, vs, context, D**-0.5)
-            err = (out.double() - want).abs().max().item()
-        gbps = nbytes / t.median_s / 1e9
-        rows.append(
-            Row(
-                "int4_kv_decode (GQA 32/8, d128, g128)",
-                f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
-                "bfloat16",
-                backend_label(device, "int4_kv_decode"),
-                t.median_s * 1e6,
-                "bf16 SDPA over a bf16 cache",
-                t_ref.median_s * 1e6,
-                gbps,
-                gbps * 1e9 / copy_.bandwidth(t_copy),
-                err,
-            )
-        )
-    rows += _value_head_size(device, quick, reps)
+    rows = [
+        _decode_case(
+            device,
+            gen,
+            batch,
+            context,
+            (HQ, HKV, D, D, GROUP),
+            reps,
+            "int4_kv_decode (GQA 32/8, d128, g128)",
+        )  # fmt: skip
+        for batch, context in (QUICK if quick else CASES)[device.type]
+    ]
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    rows += [
+        _decode_case(device, gen, batch, context, (64, 8, 192, 128, 64), reps,
+                     "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)")
+        for batch, context in VALUE_DIM[device.type][: 1 if quick else None]
+    ]  # fmt: skip
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
     return rows
@@ -94,63 +61,60 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
 VALUE_DIM = {"cpu": [(1, 4096)], "cuda": []}  # (the CUDA kernels take dv == d: reference there)
 
 
-def _value_head_size(device: torch.device, quick: bool, reps: int) -> list[Row]:
-    """``int4_kv_decode`` with values of another head size than the keys against bf16 SDPA over
-    the same shapes, the caches rotated past the last-level cache as above."""
-    rows: list[Row] = []
-    hq, hkv, d, dv, group = 64, 8, 192, 128, 64
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    for batch, context in VALUE_DIM[device.type][: 1 if quick else None]:
-        kf = torch.randn(batch, hkv, context, d, generator=gen).to(device)
-        vf = torch.randn(batch, hkv, context, dv, generator=gen).to(device)
-        q = torch.randn(batch, hq, d, generator=gen).to(device, torch.bfloat16)
-        k, ks = quantize_kv_int4(kf, group)
-        v, vs = quantize_kv_int4(vf, group)
-        # (the baseline's values zero-padded to the keys' size: torch's CPU SDPA takes its math
-        # path for values of another size, ~4x slower than its fused kernel on the padded ones)
-        kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
-        del kf, vf
-        nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
-        int4_sets = [(q, k, ks, v, vs)] + [
-            (q, *(t.clone() for t in (k, ks, v, vs)))
-            for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
-        ]
-        bf16_sets = [(q[:, :, None], kb, vb)] + [
-            (q[:, :, None], kb.clone(), vb.clone())
-            for _ in range(copies_to_exceed_cache(2 * (kb.numel() + vb.numel()), device) - 1)
-        ]
-        copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
-        with torch.no_grad():
-            t, t_ref, t_copy = time_interleaved(
-                [
-                    (int4_kv_decode, int4_sets, reps),
-                    (_sdpa, bf16_sets, max(3, reps // 2)),
-                    copy_.case(reps),
-                ],
-                device,
-            )
-            del int4_sets, bf16_sets
-            out, _ = int4_kv_decode(q, k, ks, v, vs)
-            from fastlayers.ops.kvint4 import _reference
-
-            want, _ = _reference(q.double(), k, ks, v, vs, context, d**-0.5)
-            err = (out.double() - want).abs().max().item()
-        gbps = nbytes / t.median_s / 1e9
-        rows.append(
-            Row(
-                "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)",
-                f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
-                "bfloat16",
-                backend_label(device, "int4_kv_decode"),
-                t.median_s * 1e6,
-                "bf16 SDPA, values zero-padded to d",
-                t_ref.median_s * 1e6,
-                gbps,
-                gbps * 1e9 / copy_.bandwidth(t_copy),
-                err,
-            )
+def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, reps: int,
+                 label: str) -> Row:  # fmt: skip
+    """``int4_kv_decode`` of one new token per sequence over ``context`` cached tokens against
+    bf16 SDPA over the same cache in bf16; ``sizes``: query heads, key/value heads, the keys' and
+    the values' head sizes, the quantization group. Both caches rotated past the last-level cache:
+    a decode step reads its layer's cache cold."""
+    hq, hkv, d, dv, group = sizes
+    kf = torch.randn(batch, hkv, context, d, generator=gen).to(device)
+    vf = torch.randn(batch, hkv, context, dv, generator=gen).to(device)
+    q = torch.randn(batch, hq, d, generator=gen).to(device, torch.bfloat16)
+    k, ks = quantize_kv_int4(kf, group)
+    v, vs = quantize_kv_int4(vf, group)
+    # (values of another size: the baseline's zero-padded to the keys' size; torch's CPU SDPA
+    # takes its math path for them, ~4x slower than its fused kernel on the padded ones)
+    kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
+    del kf, vf
+    nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
+    int4_sets = [(q, k, ks, v, vs)] + [
+        (q, *(t.clone() for t in (k, ks, v, vs)))
+        for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
+    ]
+    bf16_sets = [(q[:, :, None], kb, vb)] + [
+        (q[:, :, None], kb.clone(), vb.clone())
+        for _ in range(copies_to_exceed_cache(2 * (kb.numel() + vb.numel()), device) - 1)
+    ]
+    copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
+    with torch.no_grad():
+        t, t_ref, t_copy = time_interleaved(
+            [
+                (int4_kv_decode, int4_sets, reps),
+                (_sdpa, bf16_sets, max(3, reps // 2)),
+                copy_.case(reps),
+            ],
+            device,
         )
-    return rows
+        del int4_sets, bf16_sets
+        out, _ = int4_kv_decode(q, k, ks, v, vs)
+        from fastlayers.ops.kvint4 import _reference
+
+        want, _ = _reference(q.double(), k, ks, v, vs, context, d**-0.5)
+        err = (out.double() - want).abs().max().item()
+    gbps = nbytes / t.median_s / 1e9
+    return Row(
+        label,
+        f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
+        "bfloat16",
+        backend_label(device, "int4_kv_decode"),
+        t.median_s * 1e6,
+        "bf16 SDPA over a bf16 cache" if dv == d else "bf16 SDPA, values zero-padded to d",
+        t_ref.median_s * 1e6,
+        gbps,
+        gbps * 1e9 / copy_.bandwidth(t_copy),
+        err,
+    )
 
 
 STEP = {"cpu": [(1, 2048)], "cuda": [(8, 8192)]}  # (batch, context)
