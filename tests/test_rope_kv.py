@@ -198,6 +198,20 @@ def test_int4_cache_in_generate_crop_and_reorder():
     assert model.config._attn_implementation != "fastlayers_int4kv"
 
 
+def test_a_model_sharing_its_config_with_a_patched_one_is_refused():
+    """apply_rope_aware_kv sets the attention implementation on the config object: a second model
+    built from the same config then runs the INT4 attention without its settings (no scales, no
+    group); it is refused by name instead of quantizing with defaults."""
+    cfg = _model().config
+    patched, other = (transformers.LlamaForCausalLM(cfg).eval() for _ in range(2))
+    quant.apply_rope_aware_kv(patched)
+    ids = torch.randint(3, 100, (1, 6))
+    with torch.no_grad():
+        patched(ids)
+        with pytest.raises(ValueError, match="without apply_rope_aware_kv's settings"):
+            other(ids)
+
+
 DECODE_SHAPES = [(2, 8, 2, 128, 128, 300), (1, 4, 4, 64, 32, 17), (3, 6, 3, 40, 8, 50)]
 
 

@@ -436,6 +436,13 @@ def _expand_latent(module, latent, k_rot):
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    if "_fl_group_size" not in module.__dict__:  # (the settings apply_rope_aware_kv gives it)
+        raise ValueError(
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs the INT4 KV "
+            f"attention ({module.config._attn_implementation!r}) without apply_rope_aware_kv's "
+            "settings: is its config shared with a model that was patched? "
+            "(set_attn_implementation changes the config object)"
+        )
     softcap = kwargs.get("softcap", logit_softcap(module))  # (Gemma 2's logit soft-capping)
     cap = float(softcap or 0.0)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
