@@ -796,10 +796,7 @@ def attention_unsupported(attn: torch.nn.Module, mla: bool = False) -> str | Non
     if isinstance(latent, str):
         return latent
     if latent is not None:  # (HunYuan V4's MLA has attention sinks)
-        own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
-        if own:
-            return f"{type(attn).__name__} has parameters fastlayers does not know: {own}"
-        return _sinks_unsupported(attn)
+        return _parameters_unsupported(attn)
     qkv = qkv_projections(attn)
     if isinstance(qkv, str):
         return qkv
@@ -819,15 +816,15 @@ def attention_unsupported(attn: torch.nn.Module, mla: bool = False) -> str | Non
         ):
             return (f"{type(attn).__name__}'s {which} norm ({type(norm).__name__}) normalises "
                     "neither each head nor the whole projection")  # fmt: skip
+    return _parameters_unsupported(attn)
+
+
+def _parameters_unsupported(attn: torch.nn.Module) -> str | None:
+    """Why the module's own parameters are not what fastlayers' paths apply (any but ``sinks``, or
+    sinks other than one floating logit per query head), or None."""
     own = sorted(name for name, _ in attn.named_parameters(recurse=False) if name != "sinks")
     if own:
         return f"{type(attn).__name__} has parameters fastlayers does not know: {', '.join(own)}"
-    return _sinks_unsupported(attn)
-
-
-def _sinks_unsupported(attn: torch.nn.Module) -> str | None:
-    """Why the module's ``sinks`` are not what fastlayers' paths apply (one floating logit per
-    query head), or None (none, or such sinks)."""
     sinks = getattr(attn, "sinks", None)
     if sinks is not None and (
         not isinstance(sinks, torch.Tensor)
