@@ -486,10 +486,12 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
                     int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
                     int64_t length, double scale, std::uintptr_t workspace, std::uintptr_t stream,
                     int64_t q_tokens, std::uintptr_t q16, int q16_dtype, std::uintptr_t out16,
-                    std::uintptr_t starts, double softcap, int64_t dv) {
+                    std::uintptr_t starts, double softcap, int64_t dv, int64_t v_row, int64_t v_scale_row) {
   kvint4::DecodeParams p;
   p.softcap = static_cast<float>(softcap);
   p.dv = dv;
+  p.v_row = v_row;
+  p.v_scale_row = v_scale_row;
   p.q_tokens = q_tokens;
   p.starts = ptr<const int32_t>(starts);
   p.q16 = ptr<const void>(q16);

@@ -1040,7 +1040,8 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     ``[B, 1, T, 32]`` and the RoPE key part ``[B, 1, T, 16]`` (post-RoPE scales ``[1, 16]``, on the
     top channels of the rotated part and their RoPE partners: rotate-half pairs for V3, whose RoPE
     de-interleaves, adjacent pairs for V2's complex tables), INT4 with an FP8 scale per 16
-    channels (the largest group dividing both widths). The cached forward is the uncached one;
+    channels (the largest group dividing both widths), one row ``[latent | RoPE part]`` per token.
+    The cached forward is the uncached one;
     crop and beam reordering work; bad groups and scales are refused by name; the gradient
     passes the rounding straight through; remove_rope_aware_kv gives the float model back.
     DeepSeek V3.2: its DSA indexer's keys are cached beside the latent (cropped and reordered
@@ -1065,10 +1066,10 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
         plain = model(ids).logits
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
     assert (cached - want).norm() / want.norm() < 0.25  # (INT4, random weights: ~0.1)
-    for layer in cache.layers:  # 4-bit codes of the latent (values) and the RoPE part (keys)
+    for layer in cache.layers:  # one row of 4-bit codes per token: [latent | RoPE part], no values
         assert layer.length == 10
         assert [tuple(b.shape[:2]) + (b.shape[3],) for b in layer.buffers] == [
-            (2, 1, 8), (2, 1, 1), (2, 1, 16), (2, 1, 2)
+            (2, 1, 24), (2, 1, 3), (2, 1, 0), (2, 1, 0)
         ]  # fmt: skip
     indexed = arch == "DeepseekV32"
     assert (cache.layers[0].indexer_keys is not None) == indexed
@@ -1083,10 +1084,10 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     if indexed:
         keys = cache.layers[0].indexer_keys.clone()
         assert keys.shape[:2] == (2, 10)
-    kq, vq = cache.layers[0].kq.clone(), cache.layers[0].vq.clone()
+    kq, ks = cache.layers[0].kq.clone(), cache.layers[0].ks.clone()
     cache.reorder_cache(torch.tensor([1, 0]))  # (beam search)
     assert torch.equal(cache.layers[0].kq, kq[[1, 0]])
-    assert torch.equal(cache.layers[0].vq, vq[[1, 0]])
+    assert torch.equal(cache.layers[0].ks.view(torch.uint8), ks[[1, 0]].view(torch.uint8))
     if indexed:
         assert torch.equal(cache.layers[0].indexer_keys, keys[[1, 0]])
         every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -1100,3 +1101,54 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     quant.remove_rope_aware_kv(model)
     assert "expand_kv" not in model.model.layers[0].self_attn.__dict__
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2", "MiniCPM3", "DeepseekV3-bf16"])
+def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
+    """A decode step of multi-head latent attention with an :class:`Int4KVCache` attends over the
+    cache's INT4 rows in place, as FlashMLA does (the queries absorb the key half of
+    ``kv_b_proj``, the output its value half): ``expand_kv`` runs for the prompt and never for a
+    decode step, left padding included. Its scores are those of expanding the same cache into
+    every head's keys and values (the absorption switched off) to fp32 rounding; in bf16, to the
+    model's. A ``kv_b_proj`` with a bias (or not a plain linear layer) is expanded instead."""
+    from fastlayers.quant import rope_kv_hf
+
+    arch, _, dtype = arch.partition("-")
+    bf16 = dtype == "bf16"
+    model = _model(arch).to(torch.bfloat16 if bf16 else torch.float32)
+    fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 24))])  # fmt: skip
+    attn = model.model.layers[0].self_attn
+    calls = []
+    own = type(attn).expand_kv
+
+    def counted(module, *args):
+        calls.append(args[0].shape[2])  # (the tokens it expands)
+        return own(module, *args)
+
+    monkeypatch.setattr(type(attn), "expand_kv", counted)
+    ids = torch.randint(3, 128, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # (left padding)
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    layers = len(model.model.layers)
+    with torch.no_grad():
+        absorbed = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        assert calls == [10] * layers  # the prompt only
+        calls.clear()
+        monkeypatch.setattr(rope_kv_hf, "_absorbable", lambda module, query: None)
+        expanded = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        assert calls == [t for t in range(10, 16) for _ in range(layers)]
+    tol = 3e-2 if bf16 else 1e-5
+    for a, b in zip(absorbed.scores, expanded.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    if not bf16:
+        assert torch.equal(absorbed.sequences, expanded.sequences)
+    monkeypatch.undo()
+    mla = attn._fl_mla
+    query = torch.zeros(1, mla.heads, 1, mla.nope + mla.rope)
+    assert rope_kv_hf._absorbable(attn, query) is mla
+    attn.kv_b_proj.bias = torch.nn.Parameter(torch.zeros(attn.kv_b_proj.out_features))
+    assert rope_kv_hf._absorbable(attn, query) is None

@@ -838,6 +838,76 @@ def test_int4_kv_values_of_their_own_head_size_every_cpu_isa(cpu_isa):
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+# (batch, hq, hkv, d, dv, group): multi-head latent attention's one kv head serving every query
+# head (16: in slices across threads at batch 1; 3: the register path), DeepSeek V3's 576 / 512,
+# two kv heads, channels outside 16-chunks (group 8)
+KEY_ROW_SHAPES = [
+    (1, 16, 1, 48, 32, 16),
+    (2, 3, 1, 48, 32, 16),
+    (1, 8, 1, 576, 512, 64),
+    (2, 10, 2, 40, 24, 8),
+]
+
+
+def _values_in_key_rows(b, hkv, t, d, dv, group, device):
+    """INT4 keys ``[b, hkv, t, d]`` and, as views, values that are their first dv channels (a
+    multi-head latent attention's latent, read from its cached rows): (k, ks, v, vs)."""
+    k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=device), group)
+    return k, ks, k[..., : dv // 2], ks[..., : dv // group]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,dv,group", KEY_ROW_SHAPES)
+def test_int4_kv_values_read_in_place_from_the_key_rows(device, b, hq, hkv, d, dv, group):
+    """Values that are the keys' first dv channels, given as views of the key buffers (multi-head
+    latent attention: its latent serves as keys and values): decode (left padding, soft-capping,
+    sinks, 16-bit queries) and causal prefill equal the same calls on contiguous copies (the CPU
+    kernel reads the rows in place; the same bits) and the float64 reference. Views whose tokens
+    are not evenly spaced rows are copied first, with the same result."""
+    t = 45
+    k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, device)
+    assert not v.is_contiguous() and not vs.is_contiguous()
+    vc, vsc = v.contiguous(), vs.contiguous()
+    sinks = torch.randn(hq, device=device)
+    starts = torch.tensor([3, 0][:b], dtype=torch.int32, device=device)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+        q = rand(b, hq, d, dtype=dtype, device=device, scale=2.0)
+        for length, st, cap, sk in ((t, None, None, None), (t - 4, starts, 1.5, sinks)):
+            out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, st, cap, sk)
+            same, same_lse = int4_kv_decode(q, k, ks, vc, vsc, length, None, st, cap, sk)
+            assert out.shape == (b, hq, dv) and out.dtype == dtype
+            assert torch.equal(out, same) and torch.equal(lse, same_lse)
+            ref, ref_lse = _reference(q.double(), k, ks, vc, vsc, length, d**-0.5, st, cap or 0.0,
+                                      sk)  # fmt: skip
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        q3 = rand(b, hq, 9, d, dtype=dtype, device=device, scale=2.0)
+        out, lse = int4_kv_attention(q3, k, ks, v, vs, 40, None, 2.0, sinks)
+        same, _ = int4_kv_attention(q3, k, ks, vc, vsc, 40, None, 2.0, sinks)
+        assert torch.equal(out, same)
+        ref, _ = _attention_reference(q3.double(), k, ks, vc, vsc, 40, d**-0.5, 2.0, sinks)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+    # tokens not evenly spaced (every other one of a longer cache): copied, the same answer
+    k2, ks2 = quant.quantize_kv_int4(rand(b, hkv, 2 * t, d, dtype=torch.float32, device=device),
+                                     group)  # fmt: skip
+    v2, vs2 = k2[:, :, ::2, : dv // 2], ks2[:, :, ::2, : dv // group]
+    q = rand(b, hq, d, dtype=torch.float32, device=device)
+    out, _ = int4_kv_decode(q, k, ks, v2, vs2, t)
+    want, _ = int4_kv_decode(q, k, ks, v2.contiguous(), vs2.contiguous(), t)
+    assert torch.equal(out, want)
+
+
+def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
+    """Each CPU kernel variant reading the values from the key rows in place (register path,
+    buffer path, head slices, channels outside 16-chunks), against the reference."""
+    for b, hq, hkv, d, dv, group in KEY_ROW_SHAPES:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, 70, d, dv, group, "cpu")
+        q = rand(b, hq, d, dtype=torch.float32, device="cpu")
+        got, lse = int4_kv_decode(q, k, ks, v, vs, 66)
+        want, want_lse = _reference(q, k, ks, v.contiguous(), vs.contiguous(), 66, d**-0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])
 def test_int4_kv_softcap_matches_reference(device, hq, hkv, d, group):
     """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores) in the

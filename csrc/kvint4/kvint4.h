@@ -41,6 +41,11 @@ struct DecodeParams {
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   // The values' head size: 0 for d (the CUDA kernels take that only), else a multiple of group.
   int64_t dv = 0;
+  // CPU only: elements from one value token to the next in v and in v_scale (batch rows and heads
+  // t_max tokens apart, as in the keys); 0 for dv / 2 and dv / group, values in buffers of their
+  // own. Multi-head latent attention's latent is the keys' first dv channels (its keys are the
+  // latent and the RoPE part): v = k, v_scale = k_scale, v_row = d / 2, v_scale_row = d / group.
+  int64_t v_row = 0, v_scale_row = 0;
   float scale = 1.0f;
   // Logit soft-capping (Gemma 2), when > 0: each scaled score s becomes softcap * tanh(s / softcap)
   // before the softmax. 0: none.
@@ -90,6 +95,13 @@ inline FL_KVINT4_HD int64_t output_row(const QuantizeParams& p, int64_t r) {
 
 // The values' head size (DecodeParams::dv, 0 meaning d).
 inline FL_KVINT4_HD int64_t value_dim(const DecodeParams& p) { return p.dv > 0 ? p.dv : p.d; }
+
+// The elements from one value token to the next (DecodeParams::v_row, v_scale_row, 0 meaning
+// dense rows).
+inline FL_KVINT4_HD int64_t value_row(const DecodeParams& p) { return p.v_row > 0 ? p.v_row : value_dim(p) / 2; }
+inline FL_KVINT4_HD int64_t value_scale_row(const DecodeParams& p) {
+  return p.v_scale_row > 0 ? p.v_scale_row : value_dim(p) / p.group;
+}
 
 // Decode: the first cached token batch row b attends to (starts[b] clamped to [0, length]; 0
 // without starts).

@@ -18,10 +18,12 @@ namespace fastlayers::kvint4 {
 
 Status validate(const DecodeParams& p) {
   if (p.batch < 0 || p.hq <= 0 || p.hkv <= 0 || p.hq % p.hkv || p.d <= 0 || p.d % 2 || p.group <= 0 ||
-      p.group % 2 || p.d % p.group || p.dv < 0 || value_dim(p) % p.group || p.length < 0 ||
+      p.group % 2 || p.d % p.group || p.dv < 0 || value_dim(p) % p.group || p.v_row < 0 || p.v_scale_row < 0 ||
+      value_row(p) < value_dim(p) / 2 || value_scale_row(p) < value_dim(p) / p.group || p.length < 0 ||
       p.length > p.t_max || p.q_tokens < 1 || p.q_tokens > (p.length > 0 ? p.length : 1)) {
     return Status::invalid(
-        "int4_kv_decode: bad sizes (need hq % hkv == 0, d and dv multiples of an even group)");
+        "int4_kv_decode: bad sizes (need hq % hkv == 0, d and dv multiples of an even group, value rows at "
+        "least dv wide)");
   }
   if (p.batch > 0 && (p.q == nullptr || p.out == nullptr) && p.q16_dtype != DType::kFloat16 &&
       p.q16_dtype != DType::kBFloat16) {

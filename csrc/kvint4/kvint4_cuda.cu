@@ -446,9 +446,10 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.workspace == nullptr && p.q_tokens == 1) {
     return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
   }
-  if (value_dim(p) != p.d) {
+  if (value_dim(p) != p.d || value_row(p) != p.d / 2 || value_scale_row(p) != p.d / p.group) {
     return Status::unsupported(
-        "int4_kv_decode: the CUDA kernels take values of the keys' head size (dv == d)");
+        "int4_kv_decode: the CUDA kernels take values of the keys' head size (dv == d) in buffers of "
+        "their own");
   }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
     return Status::unsupported(

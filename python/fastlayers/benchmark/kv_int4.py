@@ -4,8 +4,9 @@ INT4 KV cache with FP8 scales, GQA 32/8, head dim 128) against bf16 ``scaled_dot
 over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, values, scales); the
 fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger. Both caches
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
-Also: values of their own head size (MiMo-V2-Flash's window layers, CPU), one decode step of the
-whole attention core, and causal prefill.
+Also: values of their own head size (MiMo-V2-Flash's window layers, CPU), multi-head latent
+attention's decode over its INT4 latent rows (CPU), one decode step of the whole attention core, and
+causal prefill.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                      "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)")
         for batch, context in VALUE_DIM[device.type][: 1 if quick else None]
     ]  # fmt: skip
+    for batch, context in LATENT[device.type][: 1 if quick else None]:
+        rows += _latent_case(device, batch, context, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
     return rows
@@ -115,6 +118,96 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
         gbps * 1e9 / copy_.bandwidth(t_copy),
         err,
     )
+
+
+# Multi-head latent attention's decode (DeepSeek-V2-Lite's attention: 16 heads, latent 512, RoPE
+# part 64, nope 128, values 128; group 64); (batch, context). CPU: the CUDA kernels take values of
+# their own buffers only (reference there).
+LATENT = {"cpu": [(1, 4096), (4, 4096)], "cuda": []}
+MLA_SIZES = (16, 128, 64, 128, 512, 64)  # heads, nope, rope, v, kv_lora_rank, group
+
+
+def _latent_bf16(q, w, cache, nope: int, scaling: float):
+    """The absorbed decode in PyTorch over a latent cache ``[B, 1, T, r + rope]`` (any float
+    dtype): what :func:`latent_rows_decode` computes over INT4 rows."""
+    r = w.shape[2]
+    q_lat = torch.matmul(q[..., :nope].transpose(0, 1), w[:, :nope]).transpose(0, 1)
+    qc = torch.cat([q_lat, q[..., nope:]], -1)  # [B, H, r + rope]
+    s = torch.matmul(qc, cache[:, 0].transpose(1, 2)) * scaling  # [B, H, T]
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    o = torch.matmul(p, cache[:, 0, :, :r])  # [B, H, r]
+    return torch.matmul(o.transpose(0, 1), w[:, nope:].transpose(1, 2)).transpose(0, 1)
+
+
+def _latent_expanded(q, w2d, cache, sizes, scaling: float):
+    """Hugging Face's decode step of multi-head latent attention after its cache update: every
+    head's keys and values expanded from the whole latent cache (``kv_b_proj``), then SDPA."""
+    heads, nope, rope, vd, r, _ = sizes
+    b, _, t, _ = cache.shape
+    kv = torch.nn.functional.linear(cache[..., :r], w2d).view(b, t, heads, nope + vd)
+    k_nope, v = kv.transpose(1, 2).split([nope, vd], -1)
+    k = torch.cat([k_nope, cache[..., r:].expand(b, heads, t, rope)], -1)
+    return torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=scaling)
+
+
+def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> list[Row]:
+    """Multi-head latent attention's decode step over an INT4 latent cache
+    (:func:`fastlayers.quant.rope_kv_hf.latent_rows_decode`: FP8 query, absorption, the INT4
+    kernel reading the rows in place) against the same absorbed computation in bf16 PyTorch over a
+    bf16 latent cache, and against Hugging Face's step (expand the whole cache, SDPA). Caches
+    rotated past the last-level cache."""
+    from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_q_fp8
+    from fastlayers.quant.rope_kv_hf import latent_rows_decode
+
+    heads, nope, rope, vd, r, group = MLA_SIZES
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    cache_f = torch.randn(batch, 1, context, r + rope, generator=gen).to(device)
+    w = (torch.randn(heads, nope + vd, r, generator=gen) * r**-0.5).to(device, torch.bfloat16)
+    q = torch.randn(batch, heads, nope + rope, generator=gen).to(device, torch.bfloat16)
+    scaling = (nope + rope) ** -0.5
+    rows, scales = quantize_kv_int4(cache_f, group)
+    cache_b = cache_f.bfloat16()
+    del cache_f
+    nbytes = rows.numel() + scales.numel()
+    int4_sets = [(q, w, nope, rows, scales, context, scaling)] + [
+        (q, w, nope, rows.clone(), scales.clone(), context, scaling)
+        for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
+    ]
+    copies = copies_to_exceed_cache(2 * cache_b.numel(), device)
+    bf16_sets = [(q, w, cache_b, nope, scaling)] + [
+        (q, w, cache_b.clone(), nope, scaling) for _ in range(copies - 1)
+    ]
+    w2d = w.reshape(-1, r)
+    expand_sets = [(q, w2d, c, MLA_SIZES, scaling) for _, _, c, _, _ in bf16_sets]
+    copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
+    with torch.no_grad():
+        t, t_bf16, t_hf, t_copy = time_interleaved(
+            [
+                (latent_rows_decode, int4_sets, reps),
+                (_latent_bf16, bf16_sets, reps),
+                (_latent_expanded, expand_sets, 3),
+                copy_.case(reps),
+            ],
+            device,
+        )
+        del int4_sets, bf16_sets, expand_sets
+        out = latent_rows_decode(q, w, nope, rows, scales, context, scaling)
+        rounded = dequantize_kv_int4(rows, scales, torch.float64)
+        want = _latent_bf16(quantize_q_fp8(q.double()), w.double(), rounded, nope, scaling)
+        err = (out.double() - want).abs().max().item()
+    gbps = nbytes / t.median_s / 1e9
+    shape = f"batch {batch} x context {context} ({nbytes / 2**20:.1f} MiB INT4 latent)"
+    label = "MLA decode over the INT4 latent (16 heads, r512 + rope64, v128)"
+    backend = backend_label(device, "int4_kv_decode")
+    frac = gbps * 1e9 / copy_.bandwidth(t_copy)
+    return [
+        Row(label, shape, "bfloat16", backend, t.median_s * 1e6,
+            "bf16 absorbed in PyTorch over a bf16 latent cache", t_bf16.median_s * 1e6, gbps,
+            frac, err),
+        Row(label, shape, "bfloat16", backend, t.median_s * 1e6,
+            "Hugging Face's step: expand the bf16 cache, SDPA", t_hf.median_s * 1e6, gbps, frac,
+            err),
+    ]  # fmt: skip
 
 
 STEP = {"cpu": [(1, 2048)], "cuda": [(8, 8192)]}  # (batch, context)

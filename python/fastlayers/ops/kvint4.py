@@ -243,7 +243,10 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
         if device.type == "cuda" and tq > 1 and half:
             q16 = q.contiguous()
         out = empty(out_shape, torch.float32, device)
-    kc, ksc, vc, vsc = k.contiguous(), k_scale.contiguous(), v.contiguous(), v_scale.contiguous()
+    kc, ksc = k.contiguous(), k_scale.contiguous()
+    cpu = device.type == "cpu"  # (the CPU kernel reads values in rows of any spacing)
+    (vc, v_row), (vsc, vs_row) = (_token_rows(t) if cpu else (t.contiguous(), 0)
+                                  for t in (v, v_scale))  # fmt: skip
     sc = starts.contiguous() if starts is not None else None
     lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
@@ -254,9 +257,26 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
             ptr(lse), b, hq, hkv, d, d // k_scale.shape[3], t_max, length, scale,
             device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
             q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
-            out16=ptr(out16), starts=ptr(sc), softcap=softcap, dv=v.shape[3] * 2,
+            out16=ptr(out16), starts=ptr(sc), softcap=softcap, dv=v.shape[3] * 2, v_row=v_row,
+            v_scale_row=vs_row,
         )  # fmt: skip
     return out, lse
+
+
+def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t [B, H, T, w]`` as the CPU kernel reads it: ``(tensor, elements from one token to the
+    next)``, 0 for a contiguous tensor; a view whose tokens are evenly spaced rows of ``w``
+    contiguous elements (the keys' first channels: multi-head latent attention's latent) is
+    read in place, anything else copied."""
+    if t.is_contiguous():
+        return t, 0
+    b, h, n, w = t.shape
+    row = t.stride(2)
+    even = (
+        n > 1 and (w == 1 or t.stride(3) == 1) and row >= w
+        and (h == 1 or t.stride(1) == n * row) and (b == 1 or t.stride(0) == h * n * row)
+    )  # fmt: skip
+    return (t, row) if even else (t.contiguous(), 0)
 
 
 def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
@@ -496,12 +516,15 @@ def _c_int4_kv_decode(
     starts=0,
     softcap=0.0,
     dv=0,
+    v_row=0,
+    v_scale_row=0,
 ) -> None:
     """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
-    of its arguments (``dv``: the values' head size, 0 for ``d``)."""
+    of its arguments (``dv``: the values' head size, 0 for ``d``; ``v_row`` / ``v_scale_row``: the
+    elements from one value token to the next, 0 for rows of their own, CPU only)."""
     _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
                           t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
-                          starts, softcap, dv)  # fmt: skip
+                          starts, softcap, dv, v_row, v_scale_row)  # fmt: skip
 
 
 def _launch_quantize(

@@ -19,9 +19,11 @@ Multi-head latent attention (DeepSeek V2/V3, GLM-4.7-Flash, Kimi-Linear, ...): H
 modules cache the compressed latent ``[B, 1, T, kv_lora_rank]`` and the RoPE key part shared by
 the heads ``[B, 1, T, qk_rope_head_dim]``, and expand every head's keys and values from them
 (``expand_kv``). The INT4 path quantizes what they cache (as vLLM's MLA caches do): the latent and
-the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as INT4
-with FP8 scales per group, read back dequantized for the module's own expansion; queries through
-FP8; softmax attention over the expanded heads in PyTorch (the INT4 kernels take cached heads).
+the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as one
+INT4 row per token with FP8 scales per group; queries through FP8. A decode step attends over the
+rows in place, ``kv_b_proj`` absorbed into the queries and the output (:func:`latent_rows_decode`:
+the INT4 decode kernel with the latent as keys and values); the prompt, and steps with other masks,
+expand the dequantized rows with the module's own ``expand_kv`` and attend in PyTorch.
 With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
 the attention's mask, and its own keys are cached beside the INT4 latent as they come.
 """
@@ -66,6 +68,7 @@ from fastlayers.ops.kvint4 import (
     decode_step_direct,
     int4_kv_attention,
     int4_kv_decode,
+    kv_cache_write,
     q_quantize,
 )
 from fastlayers.quant.kv_cache import Int4KVStore
@@ -233,11 +236,14 @@ class _Int4Layer(Int4KVStore, CacheLayerMixin):
 class _Int4LatentLayer(_Int4Layer):
     """A multi-head latent attention's layer of :class:`Int4KVCache`: its module caches the latent
     ``[B, 1, T, kv_lora_rank]`` and the RoPE key part ``[B, 1, T, rope]``
-    (``update(latent, k_rot)``) and expands every head's keys and values from the whole cache at
-    each step. Both are stored as INT4 (the RoPE part times its post-RoPE scale ``[1, rope]``
-    first, the latent as the store's values) and answered dequantized, the RoPE part divided by
-    its scale again: the values :func:`apply_rope_aware_kv`'s ``expand_kv`` rounds to without a
-    cache, to the bit."""
+    (``update(latent, k_rot)``) and expands every head's keys and values from the whole cache.
+    Each token is stored as one INT4 row of keys, ``[latent | RoPE part]`` (the RoPE part times
+    its post-RoPE scale ``[1, rope]``; groups never straddle the two, the group dividing both),
+    and no values of their own: the latent is the keys' first ``kv_lora_rank`` channels. A
+    decode step attends over these rows in place (:func:`_latent_decode`: the queries absorb the
+    key half of ``kv_b_proj``, the output its value half); anything else expands them
+    (:meth:`latent_parts`: the values :func:`apply_rope_aware_kv`'s ``expand_kv`` rounds to
+    without a cache, to the bit). ``update`` answers markers, as :class:`_Int4Layer` does."""
 
     def update(self, latent, k_rot, *args, **kwargs):
         if latent.dim() != 4 or k_rot.dim() != 4 or latent.shape[1] != 1 or \
@@ -249,14 +255,29 @@ class _Int4LatentLayer(_Int4Layer):
             )
         if not self.is_initialized:
             self.lazy_initialization(latent, k_rot)
-        post = None if self.post_scale is None else self.post_scale.to(k_rot.device).float()
-        self.write(k_rot, latent, self.group_size, post)  # (keys: the RoPE part, scaled)
-        k_rot = dequantize_kv_int4(self.kq, self.ks)
-        if post is not None:
-            k_rot = k_rot / post[None, :, None, :]
-        k_rot, latent = k_rot.to(self.dtype), dequantize_kv_int4(self.vq, self.vs, self.dtype)
-        latent._fl_int4 = k_rot._fl_int4 = True  # (expand_kv: already rounded, by the cache)
+        self.rank = latent.shape[3]
+        post = None
+        if self.post_scale is not None:  # (ones on the latent: times 1 is exact)
+            rope = self.post_scale.to(k_rot.device).float()
+            post = torch.cat([rope.new_ones(1, self.rank), rope], 1)
+        rows = torch.cat([latent, k_rot.to(latent.dtype)], 3)
+        self.reserve(rows, self.group_size, 0)  # (no values of their own)
+        kv_cache_write(rows, *self.buffers[:2], self.length, post)
+        self.length += rows.shape[2]
+        latent, k_rot = latent.new_empty(0), k_rot.new_empty(0)
+        latent._fl_layer = k_rot._fl_layer = self  # (expand_kv passes them to the attention)
         return latent, k_rot
+
+    rank = 0  # kv_lora_rank, the width of the latent (the first channels of each row)
+
+    def latent_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached latent ``[B, 1, T, kv_lora_rank]`` and RoPE key part ``[B, 1, T, rope]``,
+        dequantized (the RoPE part divided by its post-RoPE scale again) in the model's dtype."""
+        rows = dequantize_kv_int4(self.kq, self.ks)
+        latent, k_rot = rows[..., : self.rank], rows[..., self.rank :]
+        if self.post_scale is not None:
+            k_rot = k_rot / self.post_scale.to(k_rot.device).float()[None, :, None, :]
+        return latent.to(self.dtype), k_rot.to(self.dtype)
 
     # A DSA indexer's keys (DeepSeek V3.2, GLM MoE DSA: [B, T, index_head_dim], one per token, what
     # it scores the queries against to pick the keys they attend to) are kept as they come: they
@@ -424,15 +445,69 @@ def _int4_round_trip(x: torch.Tensor, group_size: int, post=None) -> torch.Tenso
 
 def _expand_latent(module, latent, k_rot):
     """A multi-head latent attention's ``expand_kv`` under :func:`apply_rope_aware_kv`: the latent
-    and the RoPE key part rounded as :class:`Int4KVCache` stores them (unless they come from one,
-    already rounded), then the module's own expansion into every head's keys and values."""
-    if not getattr(latent, "_fl_int4", False):  # (no Int4KVCache: the same rounding here)
-        g = module._fl_group_size
-        if module._fl_quantize_values:
-            latent = _int4_round_trip(latent, g)
-        if module._fl_quantize_keys:
-            k_rot = _int4_round_trip(k_rot, g, module._fl_k_post)
+    and the RoPE key part rounded as :class:`Int4KVCache` stores them, then the module's own
+    expansion into every head's keys and values. From an :class:`Int4KVCache` (markers of its
+    layer), nothing yet: the attention reads the INT4 rows in place or expands them
+    (:func:`_attention`)."""
+    if getattr(latent, "_fl_layer", None) is not None:
+        return latent, k_rot
+    g = module._fl_group_size
+    if module._fl_quantize_values:
+        latent = _int4_round_trip(latent, g)
+    if module._fl_quantize_keys:
+        k_rot = _int4_round_trip(k_rot, g, module._fl_k_post)
     return type(module).expand_kv(module, latent, k_rot)
+
+
+def _absorbable(module, query) -> MLAProjections | None:
+    """The module's :class:`MLAProjections` when a decode step can attend over its INT4 latent
+    rows in place: ``kv_b_proj`` a plain linear layer without bias (its weight is absorbed), the
+    query's heads its heads."""
+    mla, kvb = module.__dict__.get("_fl_mla"), getattr(module, "kv_b_proj", None)
+    ok = (
+        mla is not None and type(kvb) is torch.nn.Linear and kvb.bias is None
+        and kvb.weight.dim() == 2 and query.shape[1] == mla.heads
+        and query.shape[3] == mla.nope + mla.rope
+    )  # fmt: skip
+    return mla if ok else None
+
+
+def _latent_decode(module, mla, layer, query, scaling, starts, cap, sinks, q_fp8):
+    """One decode step of multi-head latent attention over the INT4 rows of ``layer`` (an
+    :class:`_Int4LatentLayer`): :func:`latent_rows_decode` with the module's ``kv_b_proj``.
+    ``query [B, H, 1, nope + rope]``; returns ``[B, 1, H, v_head_dim]``."""
+    w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
+    rows, scales = layer.buffers[:2]
+    out = latent_rows_decode(query[:, :, 0], w, mla.nope, rows, scales, layer.length, scaling,
+                             layer.post_scale, starts, cap, sinks, q_fp8)  # fmt: skip
+    return out[:, None]
+
+
+def latent_rows_decode(query, w, nope: int, rows, scales, length: int, scaling: float,
+                       post=None, starts=None, softcap: float = 0.0, sinks=None,
+                       q_fp8: bool = True):  # fmt: skip
+    """Multi-head latent attention's decode over INT4 rows ``[latent | RoPE part x post]`` (as
+    :class:`Int4KVCache` stores them: ``rows`` uint8 ``[B, 1, T, (r + rope) / 2]``, ``scales``
+    ``[B, 1, T, (r + rope) / g]``, ``length`` of them filled), as FlashMLA and vLLM's MLA decode
+    do: each head's query ``[B, H, nope + rope]`` (through FP8 first with ``q_fp8``) absorbs the
+    key half of ``w`` (``kv_b_proj``'s weight viewed ``[H, nope + v, r]``) over the latent's
+    channels beside its RoPE part (divided by ``post [1, rope]``), the INT4 decode kernel attends
+    with the latent as keys and values (one kv head serving every query head; the values read in
+    place, the rows' first ``r`` channels), and the value half of ``w`` maps its output to each
+    head's values: ``[B, H, v]`` in the query's dtype. The same function as expanding the cache
+    into every head's keys and values, in another order, without the O(context) expansion."""
+    r = w.shape[2]
+    q = q_quantize(query[:, :, None], None, fp8=True)[:, :, 0] if q_fp8 else query.float()
+    q_lat = torch.matmul(q[..., :nope].transpose(0, 1).to(w.dtype), w[:, :nope])  # [H, B, r]
+    q_rot = q[..., nope:]
+    if post is not None:
+        q_rot = q_rot / post.to(q.device).float()
+    q = torch.cat([q_lat.transpose(0, 1).float(), q_rot], 2)  # [B, H, r + rope]
+    group = 2 * rows.shape[3] // scales.shape[3]
+    out, _ = int4_kv_decode(q, rows, scales, rows[..., : r // 2], scales[..., : r // group], length,
+                            scaling, starts, softcap, sinks)  # fmt: skip
+    out = torch.matmul(out.transpose(0, 1).to(w.dtype), w[:, nope:].transpose(1, 2))  # [H, B, v]
+    return out.transpose(0, 1).to(query.dtype)
 
 
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -447,9 +522,22 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     cap = float(softcap or 0.0)
     sinks = kwargs.get("s_aux")  # (GPT-OSS's attention sinks: a logit per head, no value)
     # (multi-head latent attention: keys and values come expanded from the rounded latent, the
-    # RoPE part's scale already divided out: _expand_latent)
+    # RoPE part's scale already divided out, _expand_latent; from an Int4KVCache, its rows)
     latent = getattr(module, "_fl_latent", False)
     picked = kwargs.get("indices")  # (a DSA indexer's top-k keys per query, [B, Tq, k])
+    q_fp8 = getattr(module, "_fl_q_fp8", True)
+    layer = getattr(key, "_fl_layer", None)
+    if latent and layer is not None:
+        grad = torch.is_grad_enabled() and query.requires_grad
+        mla = None if grad or picked is not None or query.shape[2] != 1 else \
+            _absorbable(module, query)  # fmt: skip
+        starts = False if mla is None else _left_padding(attention_mask, query.shape[0],
+                                                         layer.length)  # fmt: skip
+        if starts is not False:  # a decode step over the INT4 rows in place
+            out = _latent_decode(module, mla, layer, query, scaling, starts, cap, sinks, q_fp8)
+            return out, None
+        key, value = type(module).expand_kv(module, *layer.latent_parts())
+        layer = None  # (the general path below, over the expanded heads)
     if picked is not None and not latent:  # (indexers come with multi-head latent attention)
         raise ValueError(f"{type(module).__name__} passes top-k key indices to an attention "
                          "fastlayers does not run as multi-head latent attention")  # fmt: skip
@@ -460,8 +548,6 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             attention_mask = torch.zeros(hidden.shape, dtype=query.dtype, device=query.device)
         attention_mask = attention_mask.masked_fill(hidden, torch.finfo(query.dtype).min)
     k_post = None if latent else getattr(module, "_fl_k_post", None)
-    q_fp8 = getattr(module, "_fl_q_fp8", True)
-    layer = getattr(key, "_fl_layer", None)
     # A decode step on CPU: the query and decode kernels called directly (the ops' bits)
     if layer is not None and query.shape[2] == 1 and query.device.type == "cpu":
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
@@ -595,7 +681,7 @@ def apply_rope_aware_kv(
                 raise ValueError(f"post_scales[{i}] must be [1, {mla.rope}] (the RoPE key part "
                                  f"layer {i}'s multi-head latent attention caches), got "
                                  f"{tuple(getattr(post, 'shape', ()))}")  # fmt: skip
-            m._fl_latent = True
+            m._fl_latent, m._fl_mla = True, mla
             m.expand_kv = types.MethodType(_expand_latent, m)
         m._fl_k_post = post
         m._fl_group_size = g
@@ -612,7 +698,8 @@ def remove_rope_aware_kv(model):
         if m is None:  # (a hybrid's linear attention layer)
             continue
         for name in ("_fl_k_post", "_fl_group_size", "_fl_q_fp8", "_fl_quantize_keys",
-                     "_fl_quantize_values", "_fl_inv_q", "_fl_latent", "expand_kv"):  # fmt: skip
+                     "_fl_quantize_values", "_fl_inv_q", "_fl_latent", "_fl_mla",
+                     "expand_kv"):  # fmt: skip
             m.__dict__.pop(name, None)  # (instance attributes only: expand_kv's class method stays)
     if hasattr(model, "_fl_previous_attention"):
         model.set_attn_implementation(model._fl_previous_attention)
