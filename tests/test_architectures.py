@@ -1103,14 +1103,18 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2", "MiniCPM3", "DeepseekV3-bf16"])
+@pytest.mark.parametrize(
+    "arch", ["DeepseekV3", "DeepseekV2", "MiniCPM3", "DeepseekV32", "HYV4", "DeepseekV3-bf16"]
+)
 def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     """A decode step of multi-head latent attention with an :class:`Int4KVCache` attends over the
     cache's INT4 rows in place, as FlashMLA does (the queries absorb the key half of
     ``kv_b_proj``, the output its value half): ``expand_kv`` runs for the prompt and never for a
     decode step, left padding included. Its scores are those of expanding the same cache into
     every head's keys and values (the absorption switched off) to fp32 rounding; in bf16, to the
-    model's. A ``kv_b_proj`` with a bias (or not a plain linear layer) is expanded instead."""
+    model's. With a DSA indexer (DeepSeek V3.2 picking 4 keys per query; HunYuan V4 with sinks),
+    the step reads the rows it picked that the mask shows, gathered. A ``kv_b_proj`` with a bias
+    (or not a plain linear layer) is expanded instead."""
     from fastlayers.quant import rope_kv_hf
 
     arch, _, dtype = arch.partition("-")

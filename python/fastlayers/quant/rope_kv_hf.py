@@ -25,7 +25,8 @@ rows in place, ``kv_b_proj`` absorbed into the queries and the output (:func:`la
 the INT4 decode kernel with the latent as keys and values); the prompt, and steps with other masks,
 expand the dequantized rows with the module's own ``expand_kv`` and attend in PyTorch.
 With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
-the attention's mask, and its own keys are cached beside the INT4 latent as they come.
+the attention's mask (a decode step reads only the rows it picked), and its own keys are cached
+beside the INT4 latent as they come.
 """
 
 from __future__ import annotations
@@ -472,15 +473,38 @@ def _absorbable(module, query) -> MLAProjections | None:
     return mla if ok else None
 
 
-def _latent_decode(module, mla, layer, query, scaling, starts, cap, sinks, q_fp8):
-    """One decode step of multi-head latent attention over the INT4 rows of ``layer`` (an
-    :class:`_Int4LatentLayer`): :func:`latent_rows_decode` with the module's ``kv_b_proj``.
+def _latent_decode(module, mla, rows, post, query, scaling, cap, sinks, q_fp8):
+    """One decode step of multi-head latent attention over INT4 rows ``(rows, scales, length,
+    starts)`` of an :class:`_Int4LatentLayer` (its buffers, or the rows a DSA indexer picked:
+    :func:`_picked_rows`): :func:`latent_rows_decode` with the module's ``kv_b_proj``.
     ``query [B, H, 1, nope + rope]``; returns ``[B, 1, H, v_head_dim]``."""
     w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
-    rows, scales = layer.buffers[:2]
-    out = latent_rows_decode(query[:, :, 0], w, mla.nope, rows, scales, layer.length, scaling,
-                             layer.post_scale, starts, cap, sinks, q_fp8)  # fmt: skip
+    rows, scales, length, starts = rows
+    out = latent_rows_decode(query[:, :, 0], w, mla.nope, rows, scales, length, scaling, post,
+                             starts, cap, sinks, q_fp8)  # fmt: skip
     return out[:, None]
+
+
+def _picked_rows(layer, picked, mask):
+    """The INT4 rows of ``layer`` a DSA indexer picked for a decode step's query (``picked
+    [B, 1, k]`` token indices) and the mask shows (eager's, ``[B, 1, 1, T]``: padding hidden), as
+    DeepSeek's sparse decode reads them: gathered into ``[B, 1, n, .]`` (``n`` the most any batch
+    row keeps), each batch row's at the end in token order, the slots before them skipped
+    (``starts``): ``(rows, scales, n, starts)``."""
+    kq, ks = layer.kq, layer.ks
+    b, t = kq.shape[0], kq.shape[2]
+    keep = torch.zeros(b, t, dtype=torch.bool, device=kq.device)
+    keep.scatter_(1, picked[:, 0].long(), True)
+    if mask is not None:  # (bool: True shows; float: 0 shows)
+        shown = mask[:, 0, -1, :t]
+        keep &= (shown if shown.dtype == torch.bool else shown == 0).expand(b, t)
+    count = keep.sum(1)
+    n = int(count.max())
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, t - n :]  # (kept ones last)
+    rows = kq.gather(2, order[:, None, :, None].expand(b, 1, n, kq.shape[3]))
+    index = order[:, None, :, None].expand(b, 1, n, ks.shape[3])
+    scales = ks.view(torch.uint8).gather(2, index).view(ks.dtype)
+    return rows, scales, n, (n - count).to(torch.int32)
 
 
 def latent_rows_decode(query, w, nope: int, rows, scales, length: int, scaling: float,
@@ -529,13 +553,17 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     layer = getattr(key, "_fl_layer", None)
     if latent and layer is not None:
         grad = torch.is_grad_enabled() and query.requires_grad
-        mla = None if grad or picked is not None or query.shape[2] != 1 else \
-            _absorbable(module, query)  # fmt: skip
-        starts = False if mla is None else _left_padding(attention_mask, query.shape[0],
-                                                         layer.length)  # fmt: skip
-        if starts is not False:  # a decode step over the INT4 rows in place
-            out = _latent_decode(module, mla, layer, query, scaling, starts, cap, sinks, q_fp8)
-            return out, None
+        mla = None if grad or query.shape[2] != 1 else _absorbable(module, query)
+        rows = None
+        if mla is not None and picked is not None:  # (a DSA indexer's picks: those rows only)
+            rows = _picked_rows(layer, picked, attention_mask)
+        elif mla is not None:
+            starts = _left_padding(attention_mask, query.shape[0], layer.length)
+            if starts is not False:
+                rows = (*layer.buffers[:2], layer.length, starts)
+        if rows is not None:  # a decode step over the INT4 rows in place
+            return _latent_decode(module, mla, rows, layer.post_scale, query, scaling, cap, sinks,
+                                  q_fp8), None  # fmt: skip
         key, value = type(module).expand_kv(module, *layer.latent_parts())
         layer = None  # (the general path below, over the expanded heads)
     if picked is not None and not latent:  # (indexers come with multi-head latent attention)
