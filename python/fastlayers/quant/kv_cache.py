@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Storage of one layer's INT4 KV cache (FireQ format, :mod:`fastlayers.quant.rope_kv`): packed keys
 and values ``uint8 [B, H_kv, T, d/2]`` with FP8 scales ``[B, H_kv, T, d/g]`` (values may have a
-width ``d_v`` of their own: a multi-head latent attention's cached latent), in buffers with spare
+width ``d_v`` of their own: MiMo-V2-Flash's; or none, 0: a multi-head latent attention's layer
+keeps its latent in the key rows, which the decode kernel reads as values), in buffers with spare
 capacity along the tokens (doubled when full), so a decode step writes its token in place instead
 of copying the cache (``torch.cat`` per step moves O(context) bytes per layer and token).
 
