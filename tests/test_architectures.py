@@ -101,6 +101,11 @@ ARCHS["GPT2"] = {}
 # GPT-Neo: blocks that return (hidden_states, attn_weights); local and global attention layers
 ARCHS["GPTNeo"] = dict(attention_types=[[["global", "local"], 1]], window_size=4)
 ARCHS["GPTBigCode"] = dict(multi_query=True)  # (StarCoder: one key/value head, c_attn)
+# GPT-J: RoPE tables given as (sin, cos), one entry per interleaved pair, rotating one tensor at
+# a time on the first rotary_dim channels; CodeGen: the same with a fused qkv_proj whose rows are
+# in 4 model-parallel shards of [q | v | k]; both: model.transformer.wte / h / ln_f, parallel blocks
+ARCHS["GPTJ"] = dict(rotary_dim=16)
+ARCHS["CodeGen"] = dict(rotary_dim=16)
 # multi-head latent attention: a 16-channel RoPE part, values of 24 channels (keys: 32), as many
 # key/value heads as query heads, queries through a low-rank q_a_proj / q_b_proj (V3: interleaved
 # RoPE) or one q_proj (V2: complex tables)
@@ -147,7 +152,7 @@ def _model(arch, **extra):
     kw.update(ARCHS[arch], **extra)
     for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope"):
         arch = arch.removesuffix(suffix)
-    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode"):  # (no kv head count)
+    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode", "GPTJ", "CodeGen"):
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     head = {"GPT2": "GPT2LMHeadModel", "Llama4Text": "Llama4ForCausalLM"}.get(
@@ -201,6 +206,8 @@ LAYOUT_ARCHS = [
     "GPTNeoXSequential",
     "GPT2",
     "GPTNeo",
+    "GPTJ",
+    "CodeGen",
     "GraniteMoe",
     "Llama4Text",
     "MiniCPM3",
@@ -237,7 +244,7 @@ def test_skip_plans_follow_each_layout(arch):
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
      "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2",
-     "MiMoV2Flash", "MiniCPM3"],
+     "MiMoV2Flash", "MiniCPM3", "GPTJ", "CodeGen"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -253,7 +260,9 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     its one L2 ``qk_norm`` after RoPE, GPT-2's and GPT-BigCode's (multi-query) ``Conv1D``
     projections without RoPE, DeepSeek V2's and V3's multi-head latent attention (values of
     another size than the keys; each refused before), MiMo-V2-Flash's scaled values of their own
-    head size, its window layer's doubled key/value heads and sinks."""
+    head size, its window layer's doubled key/value heads and sinks; GPT-J's and CodeGen's RoPE
+    (tables as (sin, cos), one tensor rotated at a time) and CodeGen's sharded qkv_proj (refused
+    before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -582,6 +591,8 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "Llama4TextNope",
         "GPT2",
         "GPTBigCode",
+        "GPTJ",
+        "CodeGen",
         "DeepseekV3",
         "DeepseekV2",
         "DeepseekV32",
@@ -605,7 +616,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     layer with sinks and doubled key/value heads, RoPE on 10 channels of 32; DeepSeek V3.2's DSA
     indexer picking 4 of the keys per query (its picks applied to the INT4 attention's mask, its
     keys cached beside the INT4 latent); HunYuan V4's latent attention with an indexer, sinks and
-    an output gate."""
+    an output gate; GPT-J and CodeGen (the fold on their interleaved partial RoPE; CodeGen's on its
+    sharded qkv_proj rows)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -735,14 +747,15 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
      "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
-     "Llama4Text", "GraniteMoe", "MiniCPM3"],
+     "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
     (Gemma 2 with a window of 4, Gemma 3's local layers), with Gemma 3's local/global RoPE, with
     the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens) and on
     parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM); MiniCPM3's
-    LM head input divided by its logits_scaling (refused before)."""
+    LM head input divided by its logits_scaling (refused before); GPT-J's and CodeGen's wte and
+    ln_f (refused before)."""
     from fastlayers.skip_plan import self_speculative_generate
 
     model = _model(arch)
@@ -1032,6 +1045,35 @@ def test_per_layer_head_counts_and_rotary_dims():
     attn = attention_of(decoder_layers(lfm3)[0])
     assert cfg.rope_parameters["full_attention"]["rope_type"] == "proportional"
     assert rope_layout(attn).rotary_dim == head_dim_of(attn)
+
+
+def test_gptj_and_codegen_rope_and_projections():
+    """GPT-J and CodeGen rotate one tensor at a time (``apply_rotary_pos_emb(tensor, sin, cos)``)
+    on their first ``rotary_dim`` channels, interleaved pairs, tables given as ``(sin, cos)`` with
+    one entry per pair (the probe failed on the 3-argument function before); CodeGen's fused
+    ``qkv_proj`` holds 4 shards of ``[q | v | k]`` rows: the split gives the module's own
+    queries, keys and values, and the fold's rows are theirs."""
+    from fastlayers._decoder import cos_sin
+
+    for arch in ("GPTJ", "CodeGen"):
+        attn = attention_of(decoder_layers(_model(arch))[0])
+        rope = rope_layout(attn)
+        assert (rope.pairing, rope.rotary_dim, rope.table_width, rope.sin_first) == (
+            "interleaved", 16, 8, True
+        )  # fmt: skip
+        cos, sin = torch.rand(1, 3, 8), torch.rand(1, 3, 8)
+        assert rope.module_tables(cos, sin) == (sin, cos)
+        assert cos_sin((sin, cos), attn) == (cos, sin)
+    qkv = qkv_projections(attn)  # (CodeGen's)
+    assert qkv.fused == "shards" and qkv.shards == 4
+    x = torch.randn(5, 128)
+    q, k, v, _ = qkv.project(x)
+    rows = qkv.q(x).view(5, 4, 3, 32)  # (the module's own view: shards of [q | v | k])
+    assert torch.equal(q, rows[:, :, 0].reshape(5, -1))
+    assert torch.equal(v, rows[:, :, 1].reshape(5, -1))
+    assert torch.equal(k, rows[:, :, 2].reshape(5, -1))
+    assert torch.equal(qkv.q(x)[:, qkv.rows("q")], q)
+    assert torch.equal(qkv.q(x)[:, qkv.rows("k")], k)
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV3", "DeepseekV2", "DeepseekV32"])

@@ -539,7 +539,9 @@ class QKVProjections:
     holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``, GPT-2's ``Conv1D``
     ``c_attn``) or head by head as
     ``[heads, 3, head_dim]`` (``fused="per_head"``: Persimmon's and GPT-NeoX's
-    ``query_key_value``, equal query and key/value heads). ``q``, ``k`` and ``v`` are the layers
+    ``query_key_value``, equal query and key/value heads), or in ``shards`` slices of
+    ``[q | v | k]`` each (``fused="shards"``: CodeGen's ``qkv_proj``, interleaved across the 4
+    model-parallel shards it was trained with; ``mp_num``). ``q``, ``k`` and ``v`` are the layers
     their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives
     each head's queries and then as many output gate logits, ``[heads, 2, head_dim]`` (Qwen3-Next,
     Qwen3.5: the attention's output is multiplied by ``sigmoid(gate)``). ``v_dim``: the values'
@@ -558,6 +560,7 @@ class QKVProjections:
     q_gate: bool = False
     v_dim: int | None = None
     v_scale: float = 1.0
+    shards: int = 1
 
     @property
     def value_dim(self) -> int:
@@ -572,6 +575,10 @@ class QKVProjections:
         hq, hk, d = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         if self.fused == "concat":
             return y[..., :hq], y[..., hq : hq + hk], y[..., hq + hk :]
+        if self.fused == "shards":  # (each shard [q | v | k])
+            per = y.unflatten(-1, (self.shards, 3, hq // self.shards))
+            q, v, k = (per[..., j, :].flatten(-2) for j in range(3))
+            return q, k, v
         per = y.unflatten(-1, (self.heads, 3, d))
         return tuple(per[..., j, :].flatten(-2) for j in range(3))
 
@@ -598,6 +605,10 @@ class QKVProjections:
         if self.fused == "concat":
             start = 0 if which == "q" else self.heads * self.head_dim
             return torch.arange(start, start + n)
+        if self.fused == "shards":
+            local, j = n // self.shards, "qvk".index(which)
+            return (torch.arange(self.shards)[:, None] * 3 * local + j * local
+                    + torch.arange(local)).reshape(-1)  # fmt: skip
         j = "qkv".index(which)
         d = self.head_dim
         return (torch.arange(heads)[:, None] * 3 * d + j * d + torch.arange(d)).reshape(-1)
@@ -651,6 +662,12 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     odd = [n for n, m in zip(names, mods, strict=True) if not isinstance(_in_features(m), int)]
     if odd:  # (Moshi's per-codebook MoshiLinear, Zaya's convolutional qkv_proj)
         return f"{name}'s {', '.join(odd)} are not linear layers (no in_features)"
+    shards = getattr(attn, "mp_num", 1)  # (CodeGen: qkv_proj's rows in shards of [q | v | k])
+    if fused == "concat" and names[0] == "qkv_proj" and shards != 1:
+        fused = "shards"
+        if not isinstance(shards, int) or shards < 1 or (heads * d) % shards or kv_heads != heads:
+            return f"{name}'s qkv_proj is in {shards!r} shards, which do not split its " \
+                   f"{heads} heads of {d} channels"  # fmt: skip
     if fused == "per_head" and kv_heads != heads:
         return f"{name}'s query_key_value interleaves heads, but it has {heads} query and " \
                f"{kv_heads} key/value heads"  # fmt: skip
@@ -669,7 +686,8 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     v_scale = getattr(attn, "v_scale", 1.0)  # (MiMo-V2-Flash: values times a constant)
     if isinstance(v_scale, bool) or not isinstance(v_scale, (int, float)):
         return f"{name}'s v_scale is not a number ({type(v_scale).__name__})"
-    return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated, dv, float(v_scale))
+    return QKVProjections(q, k, v, fused, heads, kv_heads, d, gated, dv, float(v_scale),
+                          shards if fused == "shards" else 1)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1162,10 +1180,13 @@ class RopeLayout:
     rotary_dim: int  # RoPE rotates channels [0, rotary_dim) of each head (partial RoPE: < head_dim)
     table_width: int  # its cos / sin tables: rotary_dim wide, or half (GPT-OSS: one per pair)
     complex_tables: bool = False  # the model gives complex tables cos + i sin (Llama 4)
+    sin_first: bool = False  # the model gives its tables as (sin, cos) (GPT-J)
 
     def module_tables(self, cos: torch.Tensor, sin: torch.Tensor):
         """Tables ``(cos, sin)`` as the model gives them to its attention modules."""
-        return torch.complex(cos.float(), sin.float()) if self.complex_tables else (cos, sin)
+        if self.complex_tables:
+            return torch.complex(cos.float(), sin.float())
+        return (sin, cos) if self.sin_first else (cos, sin)
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``(q, k)`` with the model's RoPE on their first ``rotary_dim`` channels, the others
@@ -1182,8 +1203,9 @@ class RopeLayout:
 
 def rope_layout(attn: torch.nn.Module, what: str = "this function") -> RopeLayout:
     """The RoPE layout of ``attn``: the fraction of each head it rotates (the config's
-    ``partial_rotary_factor`` or the module's ``rotary_ndims``), and its pairing, read by probing
-    the model's own ``apply_rotary_pos_emb`` (from the module that defines ``attn``'s class);
+    ``partial_rotary_factor`` or the module's ``rotary_ndims`` / ``rotary_dim``), and its
+    pairing, read by probing the model's own ``apply_rotary_pos_emb`` (from the module that
+    defines ``attn``'s class);
     ValueError for a pairing that is neither rotate-half nor interleaved."""
     name, d = type(attn).__name__, head_dim_of(attn)
     factor = _rotary_fraction(attn)
@@ -1216,8 +1238,10 @@ def applies_rope(attn: torch.nn.Module, table_width: int, complex_tables: bool =
         x = torch.randn(1, 4, qkv_projections(attn).in_features, generator=g).to(p)
         angle = torch.rand(1, 4, table_width, generator=g) * 3 + 0.5
 
+        sin_first = _sin_first(type(attn))  # (GPT-J's tables: (sin, cos))
+
         def run(cos, sin):
-            emb = (cos.to(p), sin.to(p))
+            emb = (sin.to(p), cos.to(p)) if sin_first else (cos.to(p), sin.to(p))
             emb = torch.complex(cos, sin) if complex_tables else emb
             return attn(hidden_states=x, position_embeddings=emb, attention_mask=None,
                         **_probe_extras(attn, 4))[0]  # fmt: skip
@@ -1234,12 +1258,45 @@ def applies_rope(attn: torch.nn.Module, table_width: int, complex_tables: bool =
     return result
 
 
-def cos_sin(tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` of RoPE tables as a model gives them: a pair, or Llama 4's complex
-    ``cos + i sin`` (``freqs_cis``, one entry per pair)."""
+def cos_sin(tables, attn: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of RoPE tables as a model gives them (to ``attn``'s layer): a pair, GPT-J's
+    pair ``(sin, cos)``, or Llama 4's complex ``cos + i sin`` (``freqs_cis``, one entry per
+    pair)."""
     if isinstance(tables, torch.Tensor) and tables.is_complex():
         return tables.real, tables.imag
+    if attn is not None and _sin_first(type(attn)):
+        return tables[1], tables[0]
     return tables
+
+
+def _one_tensor_signature(fn) -> bool:
+    """Whether ``fn`` is GPT-J's / CodeGen's ``apply_rotary_pos_emb(tensor, sin, cos)``."""
+    try:
+        return list(inspect.signature(fn).parameters)[:3] == ["tensor", "sin", "cos"]
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _sin_first(cls: type) -> bool:
+    """Whether attention class ``cls`` takes its RoPE tables as ``(sin, cos)``: GPT-J and CodeGen,
+    whose ``apply_rotary_pos_emb(tensor, sin, cos)`` rotates one tensor."""
+    fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+    return callable(fn) and _one_tensor_signature(fn)
+
+
+def _one_tensor_rope(fn: Callable) -> Callable:
+    """GPT-J's ``apply_rotary_pos_emb(tensor [B, T, H, d], sin, cos)`` (tables ``[B, T, d/2]``, one
+    entry per interleaved pair) as ``apply_rotary_pos_emb(q, k, cos, sin)``: ``q`` / ``k``
+    ``[B, H, T, d]``, or ``[n, H, d]`` with tables ``[n, d/2]`` (routed attention's tokens)."""
+
+    def apply(q, k, cos, sin):
+        if q.dim() == 3:  # (tokens as the sequence of one batch row)
+            return fn(q[None], sin[None], cos[None])[0], fn(k[None], sin[None], cos[None])[0]
+        return (fn(q.transpose(1, 2), sin, cos).transpose(1, 2),
+                fn(k.transpose(1, 2), sin, cos).transpose(1, 2))  # fmt: skip
+
+    return apply
 
 
 def _complex_rope(fn: Callable) -> Callable:
@@ -1299,6 +1356,8 @@ def _rotary_fraction(attn: torch.nn.Module) -> float:
                     entry.get("rope_type") != "proportional":  # fmt: skip
                 factor = entry.get("partial_rotary_factor")
     ndims, d = getattr(attn, "rotary_ndims", None), head_dim_of(attn)
+    if ndims is None:  # (GPT-J, CodeGen: rotary_dim, None for the whole head)
+        ndims = getattr(attn, "rotary_dim", None)
     if factor is None and isinstance(ndims, int) and isinstance(d, int) and d > 0:
         factor = ndims / d
     return 1.0 if factor is None else float(factor)
@@ -1318,6 +1377,9 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
 
     module = sys.modules.get(cls.__module__)
     fn, complex_tables = getattr(module, "apply_rotary_pos_emb", None), False
+    sin_first = callable(fn) and _one_tensor_signature(fn)
+    if sin_first:  # (GPT-J: one tensor at a time, tables (sin, cos))
+        fn = _one_tensor_rope(fn)
     native = getattr(module, "apply_rotary_emb", None)
     if (
         not callable(fn)
@@ -1342,6 +1404,6 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
         for pairing in PAIRINGS:  # (either direction: NanoChat rotates by -angle)
             partner = rotate_pairs(eye, pairing)
             if torch.equal(turned, partner) or torch.equal(turned, -partner):
-                return RopeLayout(pairing, fn, r, width, complex_tables)
+                return RopeLayout(pairing, fn, r, width, complex_tables, sin_first)
         return "'s RoPE pairs channels neither as rotate-half nor interleaved"
     return f"'s apply_rotary_pos_emb failed on a probe ({type(failed).__name__}: {failed})"

@@ -357,7 +357,7 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
         )
     cos = sin = None  # (a model without a rotary embedding: Granite 4's hybrids)
     if tables is not None:
-        cos, sin = cos_sin(tables)  # [n, r]: the model's function unsqueezes dim 1 for heads
+        cos, sin = cos_sin(tables, attn)  # [n, r]: the model's function unsqueezes dim 1 for heads
         cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]
         sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]
     q, k, v, qgate = attention_qkv(attn, x, cos, sin)  # (checked against the module)
@@ -775,15 +775,17 @@ def _embedder(model, layers, probe_ids: torch.Tensor):
     if "h" not in seen or not torch.equal(seen["h"], embed(probe_ids)):
         raise TypeError(
             "self_speculative_generate: the model transforms its token embeddings before its "
-            "first layer in a way it does not know (it knows embed_tokens / embed_in and "
+            "first layer in a way it does not know (it knows embed_tokens / embed_in / wte and "
             "embedding_multiplier)"
         )
     return embed
 
 
 def _input_embeddings(inner):
-    """The token embedding of the module holding the layers: ``embed_tokens`` or ``embed_in``."""
-    for name in ("embed_tokens", "embed_in"):
+    """The token embedding of the module holding the layers: ``embed_tokens``, ``embed_in`` or
+    ``wte`` (GPT-J, CodeGen; GPT-2 adds position embeddings, which the embedder's check
+    refuses)."""
+    for name in ("embed_tokens", "embed_in", "wte"):
         part = getattr(inner, name, None)
         if isinstance(part, torch.nn.Module):
             return part
@@ -815,7 +817,7 @@ def self_speculative_generate(
     the other layers', and after each verification every layer is cropped to the accepted tokens.
     Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
     ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``; GPT-NeoX's
-    ``model.gpt_neox.embed_in`` and ``final_layer_norm``). Returns
+    ``model.gpt_neox.embed_in`` and ``final_layer_norm``; GPT-J's ``wte`` and ``ln_f``). Returns
     ``(sequence [1, T + new], stats)`` with ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
@@ -831,7 +833,8 @@ def self_speculative_generate(
     if hasattr(model, "_fastlayers_skip_plan"):
         raise ValueError("remove the installed skip plan first (remove_skip_plan)")
     inner = inner_model(model)
-    final_norm = next((getattr(inner, n) for n in ("norm", "final_layernorm", "final_layer_norm")
+    final_norm = next((getattr(inner, n) for n in ("norm", "final_layernorm", "final_layer_norm",
+                                                   "ln_f")
                        if isinstance(getattr(inner, n, None), torch.nn.Module)), None)  # fmt: skip
     for name, part in (("embed_tokens", _input_embeddings(inner)),
                        ("norm", final_norm), ("rotary_emb", getattr(inner, "rotary_emb", None)),

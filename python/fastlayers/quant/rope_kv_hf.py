@@ -787,7 +787,7 @@ def calibrate_rope_aware_kv(
                 )
             cos = sin = None
             if tables is not None:
-                cos, sin = (c.expand(b, t, -1).flatten(0, 1) for c in cos_sin(tables))
+                cos, sin = (c.expand(b, t, -1).flatten(0, 1) for c in cos_sin(tables, m))
             width = None if mla is not None else layouts[i].table_width
             if cos is not None and width is not None and cos.shape[-1] != width:
                 raise ValueError(
