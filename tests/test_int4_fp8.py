@@ -555,6 +555,46 @@ def test_quantize_replaces_linears_report_and_state_dict():
         fastlayers.quantize_(_Model(), fastlayers.QuantizeConfig(method="awq"))
 
 
+class _MatmulLinear(torch.nn.Linear):  # Falcon's FalconLinear: F.linear written out
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _ScaledLinear(torch.nn.Linear):  # another function with the same parameters
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _AdapterLinear(torch.nn.Linear):  # a LoRA-style adapter beside the weight
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_b = torch.nn.Parameter(torch.zeros(self.out_features, 2))
+
+    def forward(self, x):
+        return super().forward(x) + (x[..., :2] @ self.lora_b.T)
+
+
+def test_quantize_takes_linear_subclasses_that_are_plain_linear_layers():
+    """A subclass of ``torch.nn.Linear`` that computes ``F.linear`` and has nothing else (Falcon's
+    ``FalconLinear``: 0 of its layers were quantized before) is quantized; one computing another
+    function, or with parameters of its own (a LoRA adapter, zero at first), is left alone."""
+    from fastlayers.quantize import _linear_weight
+
+    plain, scaled, adapter = _MatmulLinear(64, 32), _ScaledLinear(32, 32), _AdapterLinear(32, 16)
+    assert _linear_weight(plain) is plain.weight
+    assert _linear_weight(scaled) is None and _linear_weight(adapter) is None
+    model = torch.nn.Sequential(plain, torch.nn.GELU(), scaled, torch.nn.GELU(), adapter)
+    x = rand(5, 64, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        want = model(x)
+    report = fastlayers.quantize_(model, fastlayers.QuantizeConfig(progress=False))
+    assert [r.name for r in report.layers] == ["0"]
+    assert isinstance(model[0], fastlayers.Int4Fp8Linear) and model[2] is scaled
+    with torch.no_grad():
+        got = model(x)
+    assert 0 < ((got - want).norm() / want.norm()).item() < 0.2
+
+
 def test_gptq_beats_round_to_nearest_on_the_calibration_activations():
     from fastlayers.quantize import quantize_int4_gptq
 

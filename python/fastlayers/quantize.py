@@ -298,10 +298,11 @@ def quantize_int4_gptq(
 
 
 def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
-    """The ``[out, in]`` weight of a layer :func:`quantize_` replaces: a ``torch.nn.Linear``'s, or
-    the transpose of a Hugging Face ``Conv1D``'s ``[in, out]`` (GPT-2's projections: ``x @ W +
-    b``, a linear layer stored the other way round); None for anything else."""
-    if type(module) is torch.nn.Linear:
+    """The ``[out, in]`` weight of a layer :func:`quantize_` replaces: a ``torch.nn.Linear``'s (or
+    a subclass's that is one: :func:`_plain_linear`), or the transpose of a Hugging Face
+    ``Conv1D``'s ``[in, out]`` (GPT-2's projections: ``x @ W + b``, a linear layer stored the other
+    way round); None for anything else."""
+    if type(module) is torch.nn.Linear or _plain_linear(module):
         return module.weight
     weight = getattr(module, "weight", None)
     if (
@@ -312,6 +313,38 @@ def _linear_weight(module: torch.nn.Module) -> torch.Tensor | None:
     ):
         return weight.t()
     return None
+
+
+_PLAIN_LINEAR: dict[type, bool] = {}
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a subclass of ``torch.nn.Linear`` that computes ``F.linear`` and
+    nothing else (Falcon's ``FalconLinear``, ``x @ W.T + b``): no parameters, buffers or
+    submodules besides ``weight`` and ``bias``, and its forward's answer on a random input is
+    ``F.linear``'s (to fp32 rounding). A subclass with adapters (LoRA) or another forward is
+    left alone. Probed once per class, on a small copy of the layer."""
+    cls = type(module)
+    if not isinstance(module, torch.nn.Linear) or cls is torch.nn.Linear:
+        return False
+    names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    if names - {"weight", "bias"} or any(True for _ in module.children()):
+        return False
+    if cls not in _PLAIN_LINEAR:
+        ok = False
+        try:  # (a small layer of the class: __init__(in_features, out_features, bias))
+            g = torch.Generator().manual_seed(0)
+            probe = cls(24, 8, bias=True)
+            with torch.no_grad():
+                probe.weight.copy_(torch.randn(8, 24, generator=g))
+                probe.bias.copy_(torch.randn(8, generator=g))
+                x = torch.randn(3, 5, 24, generator=g)
+                want = torch.nn.functional.linear(x, probe.weight, probe.bias)
+                ok = bool(torch.allclose(probe(x), want, rtol=1e-5, atol=1e-5))
+        except Exception:  # noqa: BLE001 (a constructor or forward of another form: not plain)
+            ok = False
+        _PLAIN_LINEAR[cls] = ok
+    return _PLAIN_LINEAR[cls]
 
 
 def _record_inputs(model, linears, calibration, max_rows=2048):
