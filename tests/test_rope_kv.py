@@ -839,11 +839,13 @@ def test_int4_kv_values_of_their_own_head_size_every_cpu_isa(cpu_isa):
 
 
 # (batch, hq, hkv, d, dv, group): multi-head latent attention's one kv head serving every query
-# head (16: in slices across threads at batch 1; 3: the register path), DeepSeek V3's 576 / 512,
-# two kv heads, channels outside 16-chunks (group 8)
+# head (16: in slices across threads at batch 1; 3: the register path; 12 at batch 3: the buffer
+# path, the values read from the dequantized key rows), DeepSeek V3's 576 / 512, two kv heads,
+# channels outside 16-chunks (group 8)
 KEY_ROW_SHAPES = [
     (1, 16, 1, 48, 32, 16),
     (2, 3, 1, 48, 32, 16),
+    (3, 12, 1, 48, 32, 16),
     (1, 8, 1, 576, 512, 64),
     (2, 10, 2, 40, 24, 8),
 ]
@@ -868,7 +870,7 @@ def test_int4_kv_values_read_in_place_from_the_key_rows(device, b, hq, hkv, d, d
     assert not v.is_contiguous() and not vs.is_contiguous()
     vc, vsc = v.contiguous(), vs.contiguous()
     sinks = torch.randn(hq, device=device)
-    starts = torch.tensor([3, 0][:b], dtype=torch.int32, device=device)
+    starts = torch.tensor([3, 0, 7][:b], dtype=torch.int32, device=device)
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
         q = rand(b, hq, d, dtype=dtype, device=device, scale=2.0)
         for length, st, cap, sk in ((t, None, None, None), (t - 4, starts, 1.5, sinks)):

@@ -136,9 +136,10 @@ void scores(const float* q, const float* k, int64_t nt, int64_t d, float* s) {
 }
 
 // acc[g] += sum_i p[g][i] v[i] for heads [g0, g0 + H): accumulators stay in registers over the
-// block's tokens, 2 kW channels at a time (two value loads and H broadcasts per 2H FMAs).
+// block's tokens, 2 kW channels at a time (two value loads and H broadcasts per 2H FMAs). d
+// channels; value rows vs floats apart (d, or the keys' row where the values are its first d).
 template <int H>
-void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
+void values(const float* p, const float* v, int64_t nt, int64_t d, int64_t vs, float* acc) {
   int64_t c = 0;
   for (; c + 2 * kW <= d; c += 2 * kW) {
     V a[H], b[H];
@@ -147,7 +148,7 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
       b[h] = vload(acc + h * d + c + kW);
     }
     for (int64_t i = 0; i < nt; ++i) {
-      const V x0 = vload(v + i * d + c), x1 = vload(v + i * d + c + kW);
+      const V x0 = vload(v + i * vs + c), x1 = vload(v + i * vs + c + kW);
       for (int h = 0; h < H; ++h) {
         const V ph = vset1(p[h * kTokens + i]);
         a[h] = vfma(ph, x0, a[h]);
@@ -163,7 +164,7 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
     V a[H];
     for (int h = 0; h < H; ++h) a[h] = vload(acc + h * d + c);
     for (int64_t i = 0; i < nt; ++i) {
-      const V vv = vload(v + i * d + c);
+      const V vv = vload(v + i * vs + c);
       for (int h = 0; h < H; ++h) a[h] = vfma(vset1(p[h * kTokens + i]), vv, a[h]);
     }
     for (int h = 0; h < H; ++h) vstore(acc + h * d + c, a[h]);
@@ -171,7 +172,7 @@ void values(const float* p, const float* v, int64_t nt, int64_t d, float* acc) {
   for (; c < d; ++c) {
     for (int h = 0; h < H; ++h) {
       float sum = acc[h * d + c];
-      for (int64_t i = 0; i < nt; ++i) sum += p[h * kTokens + i] * v[i * d + c];
+      for (int64_t i = 0; i < nt; ++i) sum += p[h * kTokens + i] * v[i * vs + c];
       acc[h * d + c] = sum;
     }
   }
@@ -195,11 +196,11 @@ void softmax_rows(int64_t nt, int64_t dv, int64_t t0, const int64_t* limit, floa
 }
 
 template <int H>
-void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t dv, int64_t t0,
-           const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
+void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d, int64_t dv, int64_t vs,
+           int64_t t0, const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
   scores<H>(q, k, nt, d, s);
   softmax_rows<H>(nt, dv, t0, limit, softcap, s, m, l, acc);
-  values<H>(s, v, nt, dv, acc);
+  values<H>(s, v, nt, dv, vs, acc);
 }
 
 #if defined(__AVX2__)
@@ -313,6 +314,8 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
           Buffers& w, int64_t* limit) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
   const int64_t dv = value_dim(p), vgroups = dv / p.group, vrow = value_row(p), vsrow = value_scale_row(p);
+  // values that are the keys' first dv channels (multi-head latent attention's latent)
+  const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
   for (int64_t i = 0; i < nq; ++i) {
@@ -364,15 +367,18 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t r = row + t0 + i;
       dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
-      dequant_row(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, chunked, w.v + i * dv);
+      if (!in_keys) dequant_row(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, chunked, w.v + i * dv);
     }
+    // (values that are the keys' first dv channels: read from the dequantized key rows)
+    const float* vb = in_keys ? w.k : w.v;
+    const int64_t vs = in_keys ? d : dv;
     int64_t r = 0;
     for (; r + kHeads <= rows; r += kHeads) {
-      heads<kHeads>(w.q + r * d, w.k, w.v, nt, d, dv, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r,
+      heads<kHeads>(w.q + r * d, w.k, vb, nt, d, dv, vs, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r,
                     w.l + r, w.acc + r * dv);
     }
     for (; r < rows; ++r) {
-      heads<1>(w.q + r * d, w.k, w.v, nt, d, dv, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r,
+      heads<1>(w.q + r * d, w.k, vb, nt, d, dv, vs, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r, w.l + r,
                w.acc + r * dv);
     }
   }
