@@ -1154,9 +1154,10 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     ``kv_b_proj``, the output its value half): ``expand_kv`` runs for the prompt and never for a
     decode step, left padding included. Its scores are those of expanding the same cache into
     every head's keys and values (the absorption switched off) to fp32 rounding; in bf16, to the
-    model's. With a DSA indexer (DeepSeek V3.2 picking 4 keys per query; HunYuan V4 with sinks),
-    the step reads the rows it picked that the mask shows, gathered. A ``kv_b_proj`` with a bias
-    (or not a plain linear layer) is expanded instead."""
+    model's. A prompt without padding runs the INT4 prefill kernel over the rows the same way
+    (nothing expanded at all). With a DSA indexer (DeepSeek V3.2 picking 4 keys per query;
+    HunYuan V4 with sinks), the step reads the rows it picked that the mask shows, gathered. A
+    ``kv_b_proj`` with a bias (or not a plain linear layer) is expanded instead."""
     from fastlayers.quant import rope_kv_hf
 
     arch, _, dtype = arch.partition("-")
@@ -1184,6 +1185,7 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
         absorbed = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
         assert calls == [10] * layers  # the prompt only
         calls.clear()
+        own_absorbable = rope_kv_hf._absorbable
         monkeypatch.setattr(rope_kv_hf, "_absorbable", lambda module, query: None)
         expanded = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
         assert calls == [t for t in range(10, 16) for _ in range(layers)]
@@ -1192,6 +1194,20 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     if not bf16:
         assert torch.equal(absorbed.sequences, expanded.sequences)
+    # a prompt without padding (no mask but causality): the INT4 prefill kernel over the rows
+    # too, nothing expanded at all (a DSA indexer's mask keeps its prompt on the expanded path)
+    plain_ids = torch.randint(3, 128, (2, 12))
+    kw.pop("attention_mask")
+    calls.clear()
+    with torch.no_grad():
+        expanded = model.generate(plain_ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        monkeypatch.setattr(rope_kv_hf, "_absorbable", own_absorbable)
+        calls.clear()
+        absorbed = model.generate(plain_ids, cache=quant.Int4KVCache.for_model(model), **kw)
+    indexed = arch in ("DeepseekV32", "HYV4")
+    assert calls == ([12] * layers if indexed else [])
+    for a, b in zip(absorbed.scores, expanded.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     monkeypatch.undo()
     mla = attn._fl_mla
     query = torch.zeros(1, mla.heads, 1, mla.nope + mla.rope)

@@ -22,8 +22,10 @@ the heads ``[B, 1, T, qk_rope_head_dim]``, and expand every head's keys and valu
 the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as one
 INT4 row per token with FP8 scales per group; queries through FP8. A decode step attends over the
 rows in place, ``kv_b_proj`` absorbed into the queries and the output (:func:`latent_rows_decode`:
-the INT4 decode kernel with the latent as keys and values); the prompt, and steps with other masks,
-expand the dequantized rows with the module's own ``expand_kv`` and attend in PyTorch.
+the INT4 decode kernel with the latent as keys and values), as does a prompt without padding
+(:func:`latent_rows_attention`, the INT4 prefill kernel); prompts with padding, and steps with
+other masks, expand the dequantized rows with the module's own ``expand_kv`` and attend in
+PyTorch.
 With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
 the attention's mask (a decode step reads only the rows it picked), and its own keys are cached
 beside the INT4 latent as they come.
@@ -534,6 +536,32 @@ def latent_rows_decode(query, w, nope: int, rows, scales, length: int, scaling: 
     return out.transpose(0, 1).to(query.dtype)
 
 
+def latent_rows_attention(query, w, nope: int, rows, scales, length: int, scaling: float,
+                          post=None, softcap: float = 0.0, sinks=None,
+                          q_fp8: bool = True):  # fmt: skip
+    """:func:`latent_rows_decode` for several new tokens (a prompt, causal over the rows):
+    ``query [B, H, Tq, nope + rope]``, the cache's last ``Tq`` of ``length`` rows being theirs;
+    the INT4 prefill kernel (:func:`fastlayers.ops.int4_kv_attention`) attends with the latent as
+    keys and values, O(length) memory instead of the expanded heads' score matrix. Returns
+    ``[B, H, Tq, v]`` in the query's dtype."""
+    b, h, t, _ = query.shape
+    r = w.shape[2]
+    q = q_quantize(query, None, fp8=True) if q_fp8 else query.float()
+    q_lat = torch.matmul(q[..., :nope].transpose(0, 1).reshape(h, b * t, nope).to(w.dtype),
+                         w[:, :nope])  # [H, B * Tq, r]  # fmt: skip
+    q_lat = q_lat.view(h, b, t, r).transpose(0, 1).float()
+    q_rot = q[..., nope:]
+    if post is not None:
+        q_rot = q_rot / post.to(q.device).float()
+    q = torch.cat([q_lat, q_rot], 3)  # [B, H, Tq, r + rope]
+    group = 2 * rows.shape[3] // scales.shape[3]
+    out, _ = int4_kv_attention(q, rows, scales, rows[..., : r // 2], scales[..., : r // group],
+                               length, scaling, softcap, sinks)  # fmt: skip
+    out = torch.matmul(out.transpose(0, 1).reshape(h, b * t, r).to(w.dtype),
+                       w[:, nope:].transpose(1, 2))  # [H, B * Tq, v]  # fmt: skip
+    return out.view(h, b, t, -1).transpose(0, 1).to(query.dtype)
+
+
 def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     if "_fl_group_size" not in module.__dict__:  # (the settings apply_rope_aware_kv gives it)
         raise ValueError(
@@ -564,6 +592,14 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         if rows is not None:  # a decode step over the INT4 rows in place
             return _latent_decode(module, mla, rows, layer.post_scale, query, scaling, cap, sinks,
                                   q_fp8), None  # fmt: skip
+        if not grad and picked is None and attention_mask is None and query.shape[2] > 1:
+            mla = _absorbable(module, query)  # causal, nothing else: the INT4 prefill kernel
+            if mla is not None:
+                w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
+                out = latent_rows_attention(query, w, mla.nope, *layer.buffers[:2],
+                                            layer.length, scaling, layer.post_scale, cap, sinks,
+                                            q_fp8)  # fmt: skip
+                return out.transpose(1, 2).contiguous(), None
         key, value = type(module).expand_kv(module, *layer.latent_parts())
         layer = None  # (the general path below, over the expanded heads)
     if picked is not None and not latent:  # (indexers come with multi-head latent attention)
