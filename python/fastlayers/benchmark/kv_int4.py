@@ -129,7 +129,8 @@ MLA_SIZES = (16, 128, 64, 128, 512, 64)  # heads, nope, rope, v, kv_lora_rank, g
 
 def _latent_bf16(q, w, cache, nope: int, scaling: float):
     """The absorbed decode in PyTorch over a latent cache ``[B, 1, T, r + rope]`` (any float
-    dtype): what :func:`latent_rows_decode` computes over INT4 rows."""
+    dtype): what :func:`~fastlayers.quant.rope_kv_hf.latent_rows_attention` computes over INT4
+    rows."""
     r = w.shape[2]
     q_lat = torch.matmul(q[..., :nope].transpose(0, 1), w[:, :nope]).transpose(0, 1)
     qc = torch.cat([q_lat, q[..., nope:]], -1)  # [B, H, r + rope]
@@ -152,12 +153,12 @@ def _latent_expanded(q, w2d, cache, sizes, scaling: float):
 
 def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> list[Row]:
     """Multi-head latent attention's decode step over an INT4 latent cache
-    (:func:`fastlayers.quant.rope_kv_hf.latent_rows_decode`: FP8 query, absorption, the INT4
+    (:func:`fastlayers.quant.rope_kv_hf.latent_rows_attention`: FP8 query, absorption, the INT4
     kernel reading the rows in place) against the same absorbed computation in bf16 PyTorch over a
     bf16 latent cache, and against Hugging Face's step (expand the whole cache, SDPA). Caches
     rotated past the last-level cache."""
     from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_q_fp8
-    from fastlayers.quant.rope_kv_hf import latent_rows_decode
+    from fastlayers.quant.rope_kv_hf import latent_rows_attention
 
     heads, nope, rope, vd, r, group = MLA_SIZES
     gen = torch.Generator(device="cpu").manual_seed(3)
@@ -169,8 +170,9 @@ def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> l
     cache_b = cache_f.bfloat16()
     del cache_f
     nbytes = rows.numel() + scales.numel()
-    int4_sets = [(q, w, nope, rows, scales, context, scaling)] + [
-        (q, w, nope, rows.clone(), scales.clone(), context, scaling)
+    q4 = q[:, :, None]  # (one query token)
+    int4_sets = [(q4, w, nope, rows, scales, context, None, scaling)] + [
+        (q4, w, nope, rows.clone(), scales.clone(), context, None, scaling)
         for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
     ]
     copies = copies_to_exceed_cache(2 * cache_b.numel(), device)
@@ -183,7 +185,7 @@ def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> l
     with torch.no_grad():
         t, t_bf16, t_hf, t_copy = time_interleaved(
             [
-                (latent_rows_decode, int4_sets, reps),
+                (latent_rows_attention, int4_sets, reps),
                 (_latent_bf16, bf16_sets, reps),
                 (_latent_expanded, expand_sets, 3),
                 copy_.case(reps),
@@ -191,7 +193,7 @@ def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> l
             device,
         )
         del int4_sets, bf16_sets, expand_sets
-        out = latent_rows_decode(q, w, nope, rows, scales, context, scaling)
+        out = latent_rows_attention(q4, w, nope, rows, scales, context, None, scaling)[:, :, 0]
         rounded = dequantize_kv_int4(rows, scales, torch.float64)
         want = _latent_bf16(quantize_q_fp8(q.double()), w.double(), rounded, nope, scaling)
         err = (out.double() - want).abs().max().item()

@@ -21,9 +21,9 @@ the heads ``[B, 1, T, qk_rope_head_dim]``, and expand every head's keys and valu
 (``expand_kv``). The INT4 path quantizes what they cache (as vLLM's MLA caches do): the latent and
 the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre-RoPE fold) as one
 INT4 row per token with FP8 scales per group; queries through FP8. A decode step attends over the
-rows in place, ``kv_b_proj`` absorbed into the queries and the output (:func:`latent_rows_decode`:
-the INT4 decode kernel with the latent as keys and values), as does a prompt without padding
-(:func:`latent_rows_attention`, the INT4 prefill kernel); prompts with padding, and steps with
+rows in place, ``kv_b_proj`` absorbed into the queries and the output
+(:func:`latent_rows_attention`: the INT4 decode kernel with the latent as keys and values), as
+does a prompt without padding (the INT4 prefill kernel); prompts with padding, and steps with
 other masks, expand the dequantized rows with the module's own ``expand_kv`` and attend in
 PyTorch.
 With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
@@ -243,8 +243,9 @@ class _Int4LatentLayer(_Int4Layer):
     Each token is stored as one INT4 row of keys, ``[latent | RoPE part]`` (the RoPE part times
     its post-RoPE scale ``[1, rope]``; groups never straddle the two, the group dividing both),
     and no values of their own: the latent is the keys' first ``kv_lora_rank`` channels. A
-    decode step attends over these rows in place (:func:`_latent_decode`: the queries absorb the
-    key half of ``kv_b_proj``, the output its value half); anything else expands them
+    decode step or a prompt without padding attends over these rows in place
+    (:func:`latent_rows_attention`: the queries absorb the key half of ``kv_b_proj``, the output
+    its value half); anything else expands them
     (:meth:`latent_parts`: the values :func:`apply_rope_aware_kv`'s ``expand_kv`` rounds to
     without a cache, to the bit). ``update`` answers markers, as :class:`_Int4Layer` does."""
 
@@ -475,18 +476,6 @@ def _absorbable(module, query) -> MLAProjections | None:
     return mla if ok else None
 
 
-def _latent_decode(module, mla, rows, post, query, scaling, cap, sinks, q_fp8):
-    """One decode step of multi-head latent attention over INT4 rows ``(rows, scales, length,
-    starts)`` of an :class:`_Int4LatentLayer` (its buffers, or the rows a DSA indexer picked:
-    :func:`_picked_rows`): :func:`latent_rows_decode` with the module's ``kv_b_proj``.
-    ``query [B, H, 1, nope + rope]``; returns ``[B, 1, H, v_head_dim]``."""
-    w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
-    rows, scales, length, starts = rows
-    out = latent_rows_decode(query[:, :, 0], w, mla.nope, rows, scales, length, scaling, post,
-                             starts, cap, sinks, q_fp8)  # fmt: skip
-    return out[:, None]
-
-
 def _picked_rows(layer, picked, mask):
     """The INT4 rows of ``layer`` a DSA indexer picked for a decode step's query (``picked
     [B, 1, k]`` token indices) and the mask shows (eager's, ``[B, 1, 1, T]``: padding hidden), as
@@ -509,54 +498,37 @@ def _picked_rows(layer, picked, mask):
     return rows, scales, n, (n - count).to(torch.int32)
 
 
-def latent_rows_decode(query, w, nope: int, rows, scales, length: int, scaling: float,
-                       post=None, starts=None, softcap: float = 0.0, sinks=None,
-                       q_fp8: bool = True):  # fmt: skip
-    """Multi-head latent attention's decode over INT4 rows ``[latent | RoPE part x post]`` (as
-    :class:`Int4KVCache` stores them: ``rows`` uint8 ``[B, 1, T, (r + rope) / 2]``, ``scales``
-    ``[B, 1, T, (r + rope) / g]``, ``length`` of them filled), as FlashMLA and vLLM's MLA decode
-    do: each head's query ``[B, H, nope + rope]`` (through FP8 first with ``q_fp8``) absorbs the
-    key half of ``w`` (``kv_b_proj``'s weight viewed ``[H, nope + v, r]``) over the latent's
-    channels beside its RoPE part (divided by ``post [1, rope]``), the INT4 decode kernel attends
-    with the latent as keys and values (one kv head serving every query head; the values read in
-    place, the rows' first ``r`` channels), and the value half of ``w`` maps its output to each
-    head's values: ``[B, H, v]`` in the query's dtype. The same function as expanding the cache
-    into every head's keys and values, in another order, without the O(context) expansion."""
-    r = w.shape[2]
-    q = q_quantize(query[:, :, None], None, fp8=True)[:, :, 0] if q_fp8 else query.float()
-    q_lat = torch.matmul(q[..., :nope].transpose(0, 1).to(w.dtype), w[:, :nope])  # [H, B, r]
-    q_rot = q[..., nope:]
-    if post is not None:
-        q_rot = q_rot / post.to(q.device).float()
-    q = torch.cat([q_lat.transpose(0, 1).float(), q_rot], 2)  # [B, H, r + rope]
-    group = 2 * rows.shape[3] // scales.shape[3]
-    out, _ = int4_kv_decode(q, rows, scales, rows[..., : r // 2], scales[..., : r // group], length,
-                            scaling, starts, softcap, sinks)  # fmt: skip
-    out = torch.matmul(out.transpose(0, 1).to(w.dtype), w[:, nope:].transpose(1, 2))  # [H, B, v]
-    return out.transpose(0, 1).to(query.dtype)
-
-
-def latent_rows_attention(query, w, nope: int, rows, scales, length: int, scaling: float,
-                          post=None, softcap: float = 0.0, sinks=None,
+def latent_rows_attention(query, w, nope: int, rows, scales, length: int, starts=None,
+                          scaling: float = 1.0, post=None, softcap: float = 0.0, sinks=None,
                           q_fp8: bool = True):  # fmt: skip
-    """:func:`latent_rows_decode` for several new tokens (a prompt, causal over the rows):
-    ``query [B, H, Tq, nope + rope]``, the cache's last ``Tq`` of ``length`` rows being theirs;
-    the INT4 prefill kernel (:func:`fastlayers.ops.int4_kv_attention`) attends with the latent as
-    keys and values, O(length) memory instead of the expanded heads' score matrix. Returns
-    ``[B, H, Tq, v]`` in the query's dtype."""
+    """Multi-head latent attention over INT4 rows ``[latent | RoPE part x post]`` (as
+    :class:`Int4KVCache` stores them: ``rows`` uint8 ``[B, 1, T, (r + rope) / 2]``, ``scales``
+    ``[B, 1, T, (r + rope) / g]``, ``length`` of them filled, the last ``Tq`` the queries'), as
+    FlashMLA and vLLM's MLA decode do: each head's query ``[B, H, Tq, nope + rope]`` (through FP8
+    first with ``q_fp8``) absorbs the key half of ``w`` (``kv_b_proj``'s weight viewed
+    ``[H, nope + v, r]``) over the latent's channels beside its RoPE part (divided by ``post
+    [1, rope]``), the INT4 kernels attend with the latent as keys and values (one kv head serving
+    every query head; the values read in place, the rows' first ``r`` channels): the decode
+    kernel for one query token (``starts [B]``: left padding skipped), the causal prefill kernel
+    for several; and the value half of ``w`` maps their output to each head's values. Returns
+    ``[B, H, Tq, v]`` in the query's dtype. The same function as expanding the cache into every
+    head's keys and values, in another order, with O(length) memory and no expansion."""
     b, h, t, _ = query.shape
     r = w.shape[2]
     q = q_quantize(query, None, fp8=True) if q_fp8 else query.float()
     q_lat = torch.matmul(q[..., :nope].transpose(0, 1).reshape(h, b * t, nope).to(w.dtype),
                          w[:, :nope])  # [H, B * Tq, r]  # fmt: skip
-    q_lat = q_lat.view(h, b, t, r).transpose(0, 1).float()
     q_rot = q[..., nope:]
     if post is not None:
         q_rot = q_rot / post.to(q.device).float()
-    q = torch.cat([q_lat, q_rot], 3)  # [B, H, Tq, r + rope]
+    q = torch.cat([q_lat.view(h, b, t, r).transpose(0, 1).float(), q_rot], 3)  # [B, H, Tq, .]
     group = 2 * rows.shape[3] // scales.shape[3]
-    out, _ = int4_kv_attention(q, rows, scales, rows[..., : r // 2], scales[..., : r // group],
-                               length, scaling, softcap, sinks)  # fmt: skip
+    values = rows[..., : r // 2], scales[..., : r // group]
+    if t == 1:
+        out = int4_kv_decode(q[:, :, 0], rows, scales, *values, length, scaling, starts, softcap,
+                             sinks)[0][:, :, None]  # fmt: skip
+    else:
+        out = int4_kv_attention(q, rows, scales, *values, length, scaling, softcap, sinks)[0]
     out = torch.matmul(out.transpose(0, 1).reshape(h, b * t, r).to(w.dtype),
                        w[:, nope:].transpose(1, 2))  # [H, B * Tq, v]  # fmt: skip
     return out.view(h, b, t, -1).transpose(0, 1).to(query.dtype)
@@ -581,25 +553,21 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     layer = getattr(key, "_fl_layer", None)
     if latent and layer is not None:
         grad = torch.is_grad_enabled() and query.requires_grad
-        mla = None if grad or query.shape[2] != 1 else _absorbable(module, query)
-        rows = None
-        if mla is not None and picked is not None:  # (a DSA indexer's picks: those rows only)
+        mla = None if grad else _absorbable(module, query)
+        rows = None  # (the INT4 rows to attend over in place: rows, scales, length, starts)
+        if mla is not None and query.shape[2] == 1 and picked is not None:  # (those rows only)
             rows = _picked_rows(layer, picked, attention_mask)
-        elif mla is not None:
+        elif mla is not None and query.shape[2] == 1:  # (no mask, or left padding)
             starts = _left_padding(attention_mask, query.shape[0], layer.length)
             if starts is not False:
                 rows = (*layer.buffers[:2], layer.length, starts)
-        if rows is not None:  # a decode step over the INT4 rows in place
-            return _latent_decode(module, mla, rows, layer.post_scale, query, scaling, cap, sinks,
-                                  q_fp8), None  # fmt: skip
-        if not grad and picked is None and attention_mask is None and query.shape[2] > 1:
-            mla = _absorbable(module, query)  # causal, nothing else: the INT4 prefill kernel
-            if mla is not None:
-                w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
-                out = latent_rows_attention(query, w, mla.nope, *layer.buffers[:2],
-                                            layer.length, scaling, layer.post_scale, cap, sinks,
-                                            q_fp8)  # fmt: skip
-                return out.transpose(1, 2).contiguous(), None
+        elif mla is not None and picked is None and attention_mask is None:  # (causal only)
+            rows = (*layer.buffers[:2], layer.length, None)
+        if rows is not None:
+            w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
+            out = latent_rows_attention(query, w, mla.nope, *rows, scaling, layer.post_scale, cap,
+                                        sinks, q_fp8)  # fmt: skip
+            return out.transpose(1, 2).contiguous(), None
         key, value = type(module).expand_kv(module, *layer.latent_parts())
         layer = None  # (the general path below, over the expanded heads)
     if picked is not None and not latent:  # (indexers come with multi-head latent attention)
