@@ -1377,7 +1377,7 @@ def _probe_rope(cls: type, r: int) -> RopeLayout | str:
 
     module = sys.modules.get(cls.__module__)
     fn, complex_tables = getattr(module, "apply_rotary_pos_emb", None), False
-    sin_first = callable(fn) and _one_tensor_signature(fn)
+    sin_first = _sin_first(cls)
     if sin_first:  # (GPT-J: one tensor at a time, tables (sin, cos))
         fn = _one_tensor_rope(fn)
     native = getattr(module, "apply_rotary_emb", None)
