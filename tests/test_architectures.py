@@ -1151,11 +1151,11 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
 def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     """A decode step of multi-head latent attention with an :class:`Int4KVCache` attends over the
     cache's INT4 rows in place, as FlashMLA does (the queries absorb the key half of
-    ``kv_b_proj``, the output its value half): ``expand_kv`` runs for the prompt and never for a
-    decode step, left padding included. Its scores are those of expanding the same cache into
-    every head's keys and values (the absorption switched off) to fp32 rounding; in bf16, to the
-    model's. A prompt without padding runs the INT4 prefill kernel over the rows the same way
-    (nothing expanded at all). With a DSA indexer (DeepSeek V3.2 picking 4 keys per query;
+    ``kv_b_proj``, the output its value half), and so does the prompt, left-padded or not
+    (the INT4 prefill kernel, the padding skipped): ``expand_kv`` never runs (with a DSA indexer,
+    whose mask is not padding alone: for the prompt only). The scores are those of expanding the
+    same cache into every head's keys and values (the absorption switched off) to fp32 rounding;
+    in bf16, to the model's. With a DSA indexer (DeepSeek V3.2 picking 4 keys per query;
     HunYuan V4 with sinks), the step reads the rows it picked that the mask shows, gathered. A
     ``kv_b_proj`` with a bias (or not a plain linear layer) is expanded instead."""
     from fastlayers.quant import rope_kv_hf
@@ -1181,9 +1181,10 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
               return_dict_in_generate=True)  # fmt: skip
     layers = len(model.model.layers)
+    indexed = arch in ("DeepseekV32", "HYV4")  # (a DSA indexer's mask: the prompt expanded)
     with torch.no_grad():
         absorbed = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
-        assert calls == [10] * layers  # the prompt only
+        assert calls == ([10] * layers if indexed else [])  # (left padding: skipped in place)
         calls.clear()
         own_absorbable = rope_kv_hf._absorbable
         monkeypatch.setattr(rope_kv_hf, "_absorbable", lambda module, query: None)
@@ -1194,8 +1195,7 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     if not bf16:
         assert torch.equal(absorbed.sequences, expanded.sequences)
-    # a prompt without padding (no mask but causality): the INT4 prefill kernel over the rows
-    # too, nothing expanded at all (a DSA indexer's mask keeps its prompt on the expanded path)
+    # a prompt without padding (no mask but causality): the same
     plain_ids = torch.randint(3, 128, (2, 12))
     kw.pop("attention_mask")
     calls.clear()
@@ -1204,7 +1204,6 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
         monkeypatch.setattr(rope_kv_hf, "_absorbable", own_absorbable)
         calls.clear()
         absorbed = model.generate(plain_ids, cache=quant.Int4KVCache.for_model(model), **kw)
-    indexed = arch in ("DeepseekV32", "HYV4")
     assert calls == ([12] * layers if indexed else [])
     for a, b in zip(absorbed.scores, expanded.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -898,6 +898,40 @@ def test_int4_kv_values_read_in_place_from_the_key_rows(device, b, hq, hkv, d, d
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("hq,hkv,d,dv,group", [(8, 2, 64, 64, 16), (16, 1, 48, 32, 16)])
+def test_int4_kv_attention_left_padding(device, hq, hkv, d, dv, group):
+    """Prefill with per-row ``starts`` (a left-padded prompt): batch row b's tokens before
+    starts[b] are hidden from its queries, causal otherwise; queries inside the padding see
+    nothing (zeros, lse -inf); against the float64 reference, with sinks, and the values read from
+    the key rows (multi-head latent attention); ``starts`` of the wrong shape or range refused.
+    CUDA: the reference, warned once."""
+    t, tq = 40, 24
+    if dv == d:
+        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
+        k, ks, v, vs = (x.repeat(2, 1, 1, 1)[:3] for x in (k, ks, v, vs))
+    else:
+        k, ks, v, vs = _values_in_key_rows(3, hkv, t, d, dv, group, device)
+    starts = torch.tensor([5, 0, 30], dtype=torch.int32, device=device)
+    sinks = torch.randn(hq, device=device)
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
+        q = rand(3, hq, tq, d, dtype=dtype, device=device, scale=2.0)
+        for sk in (None, sinks):
+            out, lse = int4_kv_attention(q, k, ks, v, vs, t, None, None, sk, starts)
+            ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5, 0.0, sk,
+                                                starts)  # fmt: skip
+            assert out.shape == (3, hq, tq, dv) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        blind = (t - tq + torch.arange(tq, device=device)) < 30  # (row 2's padded queries)
+        assert bool((out[2][:, blind] == 0).all()) and bool((out[2][:, ~blind] != 0).any())
+    none, _ = int4_kv_attention(q, k, ks, v, vs, t, starts=torch.zeros_like(starts))
+    torch.testing.assert_close(none, int4_kv_attention(q, k, ks, v, vs, t)[0])
+    with pytest.raises(ValueError, match="starts must be int32"):
+        int4_kv_attention(q, k, ks, v, vs, t, starts=starts[:2])
+    with pytest.raises(ValueError, match="starts"):
+        int4_kv_attention(q, k, ks, v, vs, t, starts=starts + 40)
+
+
 def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
     """Each CPU kernel variant reading the values from the key rows in place (register path,
     buffer path, head slices, channels outside 16-chunks), against the reference."""
@@ -1003,15 +1037,17 @@ def test_one_token_mask_is_none_when_nothing_is_hidden():
 def test_prefill_runs_the_int4_attention_kernel(monkeypatch, padded):
     """A prompt into an Int4KVCache: with nothing but causality to mask, each layer attends with
     the causal INT4 kernel over the cache just written (int4_kv_attention); a left-padded batch
-    takes the general path (dequantized cache, eager attention with the mask). Both give the
-    logits of the same model without a cache (quantized in the attention, eager attention)."""
+    too, each row's padding skipped (``starts``; it took the general path before: dequantized
+    cache, eager attention with the mask). Both give the logits of the same model without a
+    cache (quantized in the attention, eager attention)."""
     from fastlayers.quant import rope_kv_hf
 
     calls = []
     real = rope_kv_hf.int4_kv_attention
 
     def counting(*args, **kwargs):
-        calls.append(args[0].shape)
+        starts = args[9] if len(args) > 9 else kwargs.get("starts")
+        calls.append((tuple(args[0].shape), None if starts is None else starts.tolist()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rope_kv_hf, "int4_kv_attention", counting)
@@ -1024,7 +1060,7 @@ def test_prefill_runs_the_int4_attention_kernel(monkeypatch, padded):
         mask[0, :4] = 0
     cache = quant.Int4KVCache.for_model(model)
     got = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-    assert calls == ([] if padded else [(2, 8, 17, 32)] * 3)
+    assert calls == [((2, 8, 17, 32), [4, 0] if padded else None)] * 3
     assert cache.get_seq_length() == 17
     want = model(ids, attention_mask=mask, use_cache=False).logits
     keep = mask.bool()  # (the padding positions' logits aside)

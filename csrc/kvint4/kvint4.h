@@ -34,9 +34,10 @@ struct DecodeParams {
   // CPU: the output in q16_dtype when out is null (rounded once from fp32: the same values as out
   // followed by a cast). The CUDA kernels take fp32 q and out.
   void* out16 = nullptr;
-  // Decode (q_tokens == 1), optional: starts[b], the first cached token batch row b attends to
-  // (left padding: tokens [0, starts[b]) are skipped; clamped to [0, length]; a row that sees no
-  // token gets zeros and lse -inf). Null: every row attends to tokens [0, length).
+  // Optional: starts[b], the first cached token batch row b attends to (left padding: tokens
+  // [0, starts[b]) are skipped; clamped to [0, length]; a query row that sees no token, decode or
+  // a prefill query at a padding position, gets zeros and lse -inf). Null: every row attends to
+  // tokens [0, length) (causally, in prefill). CPU only with q_tokens > 1.
   const int32_t* starts = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
   // The values' head size: 0 for d (the CUDA kernels take that only), else a multiple of group.

@@ -36,9 +36,6 @@ Status validate(const DecodeParams& p) {
   if (!(p.softcap >= 0.0f) || p.softcap > 3.0e38f) {  // (NaN fails the first test)
     return Status::invalid("int4_kv_decode: softcap must be finite and >= 0 (0: none)");
   }
-  if (p.starts != nullptr && p.q_tokens != 1) {
-    return Status::invalid("int4_kv_decode: per-row starts are for decode (one query token)");
-  }
   return Status::ok();
 }
 

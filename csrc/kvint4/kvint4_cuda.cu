@@ -451,6 +451,9 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
         "int4_kv_decode: the CUDA kernels take values of the keys' head size (dv == d) in buffers of "
         "their own");
   }
+  if (p.starts != nullptr && p.q_tokens > 1) {
+    return Status::unsupported("int4_kv_decode: the CUDA prefill kernels take no per-row starts");
+  }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
     return Status::unsupported(
         "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "

@@ -67,7 +67,7 @@ LIB.define(
 )
 LIB.define(
     "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
-    " float scale, float softcap=0.0) -> (Tensor, Tensor)"
+    " float scale, float softcap=0.0, Tensor? starts=None) -> (Tensor, Tensor)"
 )
 register_no_backward("kv_quantize", "q_quantize", "int4_kv_decode", "int4_kv_attention")
 
@@ -179,10 +179,14 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     return out.to(q.dtype), lse
 
 
-def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sinks=None):
+def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sinks=None,
+                         starts=None):  # fmt: skip
     """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i;
-    ``sinks [Hq]``: a logit per head in the softmax's denominator."""
+    ``sinks [Hq]``: a logit per head in the softmax's denominator; ``starts [B]``: batch row b's
+    tokens before ``starts[b]`` hidden (left padding; a query that sees no token: zeros, lse
+    -inf)."""
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
+    _check_starts(starts, q, length)
     b, hq, tq, d = q.shape
     keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
     values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
@@ -192,33 +196,40 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, 
     visible = torch.arange(length, device=q.device)[None, :] <= (
         length - tq + torch.arange(tq, device=q.device)[:, None]
     )
+    visible = visible[None, None]
+    if starts is not None:
+        shown = torch.arange(length, device=q.device)[None, :] >= starts.long()[:, None]
+        visible = visible & shown[:, None, None, :]
     s = s.masked_fill(~visible, -math.inf)
     lse = _with_sink(torch.logsumexp(s, -1), sinks)
-    # every query sees at least one key; non-finite scores propagate as NaN (as in the decode
-    # reference and SDPA; a nan_to_num here turned those rows into zeros)
-    p = torch.exp(s - lse[..., None])
+    # non-finite scores propagate as NaN (as in the decode reference and SDPA; a nan_to_num here
+    # turned those rows into zeros); a query that sees no key (left padding) gets zeros
+    p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
     out = torch.einsum("bhqt,bhtd->bhqd", p, values)
     return out.to(q.dtype), lse
 
 
-def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
+def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, starts=None):
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
+    _check_starts(starts, q, length)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
-        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
+                                    starts=starts)  # fmt: skip
     b, hq, _, d = q.shape
     same = v.shape[3] == k.shape[3]  # (the CUDA kernels take values of the keys' head size)
     if device.type == "cuda" and not (
-        same and _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1)
+        same and starts is None and _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1)
     ):  # fmt: skip
         _ext.warn_once(
             "int4_kv_attention-cuda-shape",
             f"fastlayers.int4_kv_attention: head_dim {d} (values {v.shape[3] * 2}) with "
-            f"{hq // k.shape[1]} query heads per kv head is not a CUDA kernel shape; running the "
-            "PyTorch reference",
+            f"{hq // k.shape[1]} query heads per kv head (left padding: "
+            f"{starts is not None}) is not a CUDA kernel case; running the PyTorch reference",
         )
-        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap)
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
+                                    starts=starts)  # fmt: skip
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, starts=starts, softcap=softcap)
     return out.to(q.dtype), lse
 
 
@@ -313,8 +324,9 @@ LIB.impl("int4_kv_attention", _attention_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastlayers::int4_kv_attention", lib=LIB)
-def _attention_fake(q, k, k_scale, v, v_scale, length, scale, softcap=0.0):
+def _attention_fake(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, starts=None):
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
+    _check_starts(starts, q, length, check_range=False)
     out = q.new_empty((*q.shape[:3], v.shape[3] * 2))
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -342,8 +354,9 @@ def _softcap_arg(softcap) -> float:
 
 
 def int4_kv_attention(
-    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, softcap=None, sinks=None
-):
+    q, k, k_scale, v, v_scale, length: int | None = None, scale=None, softcap=None, sinks=None,
+    starts=None,
+):  # fmt: skip
     """Causal attention of several new tokens over the INT4 cache (prefill, or speculative
     verification): ``q [B, Hq, Tq, d]`` are the cache's tokens ``length - Tq .. length - 1``
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
@@ -355,15 +368,19 @@ def int4_kv_attention(
     ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes
     ``softcap * tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's
     attention sinks, floating ``[Hq]``): a logit per query head in the softmax's denominator,
-    applied to the kernel's output through its lse (:func:`~fastlayers.ops._common.apply_sinks`)."""
+    applied to the kernel's output through its lse (:func:`~fastlayers.ops._common.apply_sinks`).
+    ``starts`` (optional, int32 ``[batch]``): batch row ``b``'s cached tokens before
+    ``starts[b]`` are hidden from its queries (a left-padded prompt: the padding is skipped, not
+    read); a query that sees no token (a padding position) gets zeros and lse -inf. CUDA: the
+    reference with ``starts``, warned once."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1], q.device)
-    if direct_call_ok(q, k, k_scale, v, v_scale):  # the implementation, without the dispatcher
-        out, lse = _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap)
+    if direct_call_ok(q, k, k_scale, v, v_scale, starts):  # (without the dispatcher)
+        out, lse = _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap, starts)
     else:
         out, lse = torch.ops.fastlayers.int4_kv_attention(q, k, k_scale, v, v_scale, length,
-                                                          scale, softcap)  # fmt: skip
+                                                          scale, softcap, starts)  # fmt: skip
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks[:, None])
 
 

@@ -394,42 +394,48 @@ class Int4KVCache(Cache):
 _LEFT_PADDING_MEMO: list = [None]  # (weakref to the mask, its version, batch, length, result)
 
 
-def _left_padding(mask, batch: int, length: int):
-    """What the decode kernel needs to apply a one-token mask ``[B or 1, 1, 1, length]`` (additive
-    float, or boolean with True = attend): None when it hides nothing, int32 ``starts [B]`` when
-    each row hides exactly its first ``starts[b]`` tokens (a left-padded batch), False for any
-    other mask (the caller then runs the masked general path). Remembered for the last mask (by
-    identity and version: the layers of a step share it; an inference tensor has no version and
-    is looked at every time)."""
+def _left_padding(mask, batch: int, length: int, queries: int = 1):
+    """What the INT4 kernels need to apply the mask of ``queries`` new tokens (the cache's last)
+    ``[B or 1, 1, queries, length]`` (additive float, or boolean with True = attend): None when
+    it hides nothing but causality, int32 ``starts [B]`` when each batch row also hides exactly
+    its first ``starts[b]`` tokens (a left-padded batch; query rows inside the padding, which see
+    nothing, are not compared: their outputs are never read), False for any other mask (the
+    caller then runs the masked general path). Remembered for the last mask (by identity and
+    version: the layers of a step share it; an inference tensor has no version and is looked at
+    every time)."""
     if mask is None:
         return None
     # (compiling or an inference tensor: no version to key on, nothing remembered)
     version = tensor_version(mask) if no_dispatch_modes() else None
+    key = (version, batch, length, queries)
     if version is not None:
         memo = _LEFT_PADDING_MEMO[0]
-        if memo is not None and memo[0]() is mask and memo[1:4] == (version, batch, length):
-            return memo[4]
-    result = _left_padding_of(mask, batch, length)
+        if memo is not None and memo[0]() is mask and memo[1] == key:
+            return memo[2]
+    result = _left_padding_of(mask, batch, length, queries)
     if version is not None:
-        _LEFT_PADDING_MEMO[0] = (weakref.ref(mask), version, batch, length, result)
+        _LEFT_PADDING_MEMO[0] = (weakref.ref(mask), key, result)
     return result
 
 
-def _left_padding_of(mask, batch: int, length: int):
-    if (
-        mask.dim() != 4
-        or mask.shape[0] not in (1, batch)
-        or mask.shape[1:3] != (1, 1)
-        or mask.shape[3] != length
-    ):
+def _left_padding_of(mask, batch: int, length: int, queries: int):
+    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or \
+            tuple(mask.shape[1:]) != (1, queries, length):  # fmt: skip
         return False
-    hidden = ~mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] < 0
-    if not bool(hidden.any()):  # (the common case: nothing hidden)
-        return None
+    shown = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # [B', Tq, T]
+    hidden = ~shown[:, -1]  # (the last query sees every cached token but the padding)
     starts = hidden.sum(-1, dtype=torch.int32)
-    prefix = torch.arange(length, device=mask.device)[None, :] < starts[:, None]
+    positions = torch.arange(length, device=mask.device)
+    prefix = positions[None, :] < starts[:, None]
     if not torch.equal(hidden, prefix):
         return False
+    if queries > 1:  # causal besides: query i sees tokens [starts[b], length - queries + i]
+        causal = positions[None, :] <= length - queries + positions[:queries, None]
+        want = causal[None] & ~prefix[:, None, :]
+        if not bool(((shown == want) | ~want.any(-1, keepdim=True)).all()):
+            return False
+    if not bool(hidden.any()):  # (the common case: nothing hidden but causality)
+        return None
     return starts.expand(batch).contiguous()
 
 
@@ -509,8 +515,8 @@ def latent_rows_attention(query, w, nope: int, rows, scales, length: int, starts
     ``[H, nope + v, r]``) over the latent's channels beside its RoPE part (divided by ``post
     [1, rope]``), the INT4 kernels attend with the latent as keys and values (one kv head serving
     every query head; the values read in place, the rows' first ``r`` channels): the decode
-    kernel for one query token (``starts [B]``: left padding skipped), the causal prefill kernel
-    for several; and the value half of ``w`` maps their output to each head's values. Returns
+    kernel for one query token, the causal prefill kernel for several (``starts [B]``: left
+    padding skipped); and the value half of ``w`` maps their output to each head's values. Returns
     ``[B, H, Tq, v]`` in the query's dtype. The same function as expanding the cache into every
     head's keys and values, in another order, with O(length) memory and no expansion."""
     b, h, t, _ = query.shape
@@ -528,7 +534,8 @@ def latent_rows_attention(query, w, nope: int, rows, scales, length: int, starts
         out = int4_kv_decode(q[:, :, 0], rows, scales, *values, length, scaling, starts, softcap,
                              sinks)[0][:, :, None]  # fmt: skip
     else:
-        out = int4_kv_attention(q, rows, scales, *values, length, scaling, softcap, sinks)[0]
+        out = int4_kv_attention(q, rows, scales, *values, length, scaling, softcap, sinks,
+                                starts)[0]  # fmt: skip
     out = torch.matmul(out.transpose(0, 1).reshape(h, b * t, r).to(w.dtype),
                        w[:, nope:].transpose(1, 2))  # [H, B * Tq, v]  # fmt: skip
     return out.view(h, b, t, -1).transpose(0, 1).to(query.dtype)
@@ -557,12 +564,10 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         rows = None  # (the INT4 rows to attend over in place: rows, scales, length, starts)
         if mla is not None and query.shape[2] == 1 and picked is not None:  # (those rows only)
             rows = _picked_rows(layer, picked, attention_mask)
-        elif mla is not None and query.shape[2] == 1:  # (no mask, or left padding)
-            starts = _left_padding(attention_mask, query.shape[0], layer.length)
+        elif mla is not None and picked is None:  # (causal, and left padding at most)
+            starts = _left_padding(attention_mask, query.shape[0], layer.length, query.shape[2])
             if starts is not False:
                 rows = (*layer.buffers[:2], layer.length, starts)
-        elif mla is not None and picked is None and attention_mask is None:  # (causal only)
-            rows = (*layer.buffers[:2], layer.length, None)
         if rows is not None:
             w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
             out = latent_rows_attention(query, w, mla.nope, *rows, scaling, layer.post_scale, cap,
@@ -615,9 +620,12 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
             out, _ = int4_kv_decode(q, kq, ks, vq, vs, layer.length, scaling, starts, cap,
                                     sinks)  # fmt: skip
             return out.to(query.dtype)[:, None], None  # [B, 1, Hq, d]
-    if layer is not None and attention_mask is None and not grad:  # causal: the INT4 kernel
+    starts = False  # (causal, and left padding at most: the INT4 prefill kernel)
+    if layer is not None and not grad and query.shape[2] > 1:
+        starts = _left_padding(attention_mask, query.shape[0], layer.length, query.shape[2])
+    if starts is not False:
         q = query if qs is None else qs
-        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling, cap, sinks)
+        out, _ = int4_kv_attention(q, *layer.buffers, layer.length, scaling, cap, sinks, starts)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None  # [B, Tq, Hq, d]
     if layer is not None:  # another mask: the general path, masked, over the dequantized cache
         key, value = layer.dequantized(layer.dtype)
