@@ -390,8 +390,9 @@ class Int4KVCache(Cache):
         return sum(x.allocated_nbytes() for x in self.layers if isinstance(x, _Int4Layer))
 
 
-# The last mask's answer: every layer of a decode step gets the same mask tensor.
-_LEFT_PADDING_MEMO: list = [None]  # (weakref to the mask, its version, batch, length, result)
+# The last mask's answer: every layer of a step gets the same mask tensor.
+# (weakref to the mask, (version, batch, length, queries), result)
+_LEFT_PADDING_MEMO: list = [None]
 
 
 def _left_padding(mask, batch: int, length: int, queries: int = 1):
