@@ -649,14 +649,15 @@ void rows_op(int op, int device, std::uintptr_t x, std::uintptr_t idx, std::uint
   }
 }
 
-// Floats of CUDA workspace int4_kv_decode needs (0 when the CUDA kernel does not take the shape or
-// this build has no CUDA).
-int64_t int4_kv_decode_cuda_workspace(int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t length) {
+// Floats of CUDA workspace int4_kv_decode needs for values of dv channels (0: d), 0 when the CUDA
+// kernel does not take the shape or this build has no CUDA.
+int64_t int4_kv_decode_cuda_workspace(int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t length,
+                                      int64_t dv) {
 #ifdef FASTLAYERS_WITH_CUDA
-  if (!kvint4::decode_cuda_supported(hq, hkv, d, batch)) return 0;
-  return kvint4::decode_cuda_workspace_floats(batch, hq, d, length);
+  if (!kvint4::decode_cuda_supported(hq, hkv, d, dv, batch)) return 0;
+  return kvint4::decode_cuda_workspace_floats(batch, hq, dv > 0 ? dv : d, length);
 #else
-  (void)batch, (void)hq, (void)hkv, (void)d, (void)length;
+  (void)batch, (void)hq, (void)hkv, (void)d, (void)length, (void)dv;
   return 0;
 #endif
 }

@@ -761,12 +761,14 @@ def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
 
 
 # (d, dv, group, hq, hkv): the register path (<= 4 query rows per kv head, 16-channel chunks), the
-# buffer path (5 heads per kv head), channels not in 16-chunks (group 8), DeepSeek's 192 / 128
+# buffer path (5 heads per kv head), channels not in 16-chunks (group 8), DeepSeek's 192 / 128 and
+# 128 / 64 (CUDA kernel shapes: multiples of 64, values no wider than the keys)
 VALUE_DIM_SHAPES = [
     (32, 48, 16, 4, 2),
     (64, 32, 16, 10, 2),
     (24, 40, 8, 6, 3),
     (192, 128, 64, 4, 4),
+    (128, 64, 32, 8, 2),
 ]
 
 
@@ -782,8 +784,8 @@ def test_int4_kv_values_of_their_own_head_size(device, d, dv, group, hq, hkv):
     """Values of another head size than the keys (multi-head latent attention's 128 against 192,
     MiMo-V2-Flash's): decode (left padding, soft-capping, sinks) and causal prefill, 16-bit and
     fp32 queries, vs the float64 references; outputs dv wide; one quantization group for keys and
-    values or a ValueError naming both scales. (CUDA: the kernels take dv == d; the reference runs
-    there, warned once.)"""
+    values or a ValueError naming both scales. (CUDA: the kernels take dv a multiple of 64 up to d,
+    the last two shapes; the reference runs for the others, warned once.)"""
     t = 45
     k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
     sinks = torch.randn(hq, device=device)
@@ -841,13 +843,14 @@ def test_int4_kv_values_of_their_own_head_size_every_cpu_isa(cpu_isa):
 # (batch, hq, hkv, d, dv, group): multi-head latent attention's one kv head serving every query
 # head (16: in slices across threads at batch 1; 3: the register path; 12 at batch 3: the buffer
 # path, the values read from the dequantized key rows), DeepSeek V3's 576 / 512, two kv heads,
-# channels outside 16-chunks (group 8)
+# channels outside 16-chunks (group 8), 128 / 64 (a CUDA kernel shape)
 KEY_ROW_SHAPES = [
     (1, 16, 1, 48, 32, 16),
     (2, 3, 1, 48, 32, 16),
     (3, 12, 1, 48, 32, 16),
     (1, 8, 1, 576, 512, 64),
     (2, 10, 2, 40, 24, 8),
+    (2, 4, 1, 128, 64, 32),
 ]
 
 
@@ -898,13 +901,17 @@ def test_int4_kv_values_read_in_place_from_the_key_rows(device, b, hq, hkv, d, d
     assert torch.equal(out, want)
 
 
-@pytest.mark.parametrize("hq,hkv,d,dv,group", [(8, 2, 64, 64, 16), (16, 1, 48, 32, 16)])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group",
+    [(8, 2, 64, 64, 16), (16, 1, 48, 32, 16), (4, 2, 128, 128, 32), (4, 1, 128, 64, 32)],
+)
 def test_int4_kv_attention_left_padding(device, hq, hkv, d, dv, group):
     """Prefill with per-row ``starts`` (a left-padded prompt): batch row b's tokens before
     starts[b] are hidden from its queries, causal otherwise; queries inside the padding see
     nothing (zeros, lse -inf); against the float64 reference, with sinks, and the values read from
     the key rows (multi-head latent attention); ``starts`` of the wrong shape or range refused.
-    CUDA: the reference, warned once."""
+    (CUDA: the tensor-core prefill for bf16 queries at head_dim 64 / 128 with dv == d, the warp
+    per query row otherwise; 48 channels run the reference there.)"""
     t, tq = 40, 24
     if dv == d:
         k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
@@ -942,6 +949,45 @@ def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
         want, want_lse = _reference(q, k, ks, v.contiguous(), vs.contiguous(), 66, d**-0.5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(monkeypatch, dtype):
+    """On CUDA, values of another head size (192 / 128), values read from the key rows (128 / 64)
+    and left-padded prefill (tensor-core and warp-per-row kernels) run the kernels, not the
+    reference (made to fail here), and match the float64 reference computed first."""
+    from fastlayers.ops import kvint4 as ops
+
+    starts = torch.tensor([5, 0], dtype=torch.int32, device="cuda")
+    cases = []
+    for d, dv, hq, hkv, in_keys in ((192, 128, 8, 2, False), (128, 64, 4, 1, True),
+                                    (128, 128, 8, 2, False), (64, 64, 4, 4, False)):  # fmt: skip
+        if in_keys:
+            k, ks, v, vs = _values_in_key_rows(2, hkv, 70, d, dv, 32, "cuda")
+        else:
+            k, ks, v, vs = _cache_with_values(hkv, 70, d, dv, 32, "cuda")
+        q = rand(2, hq, d, dtype=dtype, device="cuda", scale=2.0)
+        q3 = rand(2, hq, 20, d, dtype=dtype, device="cuda", scale=2.0)
+        vc, vsc = v.contiguous(), vs.contiguous()
+        want = _reference(q.double(), k, ks, vc, vsc, 66, d**-0.5, starts)
+        want3 = _attention_reference(q3.double(), k, ks, vc, vsc, 66, d**-0.5, 0.0, None, starts)
+        cases.append((k, ks, v, vs, q, q3, want, want3))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
+
+    monkeypatch.setattr(ops, "_reference", refused)
+    monkeypatch.setattr(ops, "_attention_reference", refused)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for k, ks, v, vs, q, q3, want, want3 in cases:
+        for (out, lse), (ref, ref_lse) in (
+            (int4_kv_decode(q, k, ks, v, vs, 66, None, starts), want),
+            (int4_kv_attention(q3, k, ks, v, vs, 66, starts=starts), want3),
+        ):
+            assert out.dtype == dtype and out.shape[-1] == v.shape[-1] * 2
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])

@@ -4,7 +4,7 @@
 //   k[t, c] = q4(c) * s8[t, c / g]  (same for v), nibbles two per byte (even channel low),
 //   out[h] = softmax_t(cap(scale * q[h] . k[t])) v[t] over t < length, fp32 throughout
 //   (cap: the optional logit soft-capping, DecodeParams::softcap). Values may have a head size of
-//   their own (DecodeParams::dv; CPU only), quantized with the keys' group.
+//   their own (DecodeParams::dv), quantized with the keys' group.
 // One task per (batch, kv head) serves the group's query heads, so each cache byte is read once.
 #pragma once
 
@@ -37,12 +37,12 @@ struct DecodeParams {
   // Optional: starts[b], the first cached token batch row b attends to (left padding: tokens
   // [0, starts[b]) are skipped; clamped to [0, length]; a query row that sees no token, decode or
   // a prefill query at a padding position, gets zeros and lse -inf). Null: every row attends to
-  // tokens [0, length) (causally, in prefill). CPU only with q_tokens > 1.
+  // tokens [0, length) (causally, in prefill).
   const int32_t* starts = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
-  // The values' head size: 0 for d (the CUDA kernels take that only), else a multiple of group.
+  // The values' head size: 0 for d, else a multiple of group (CUDA: a multiple of 64, at most d).
   int64_t dv = 0;
-  // CPU only: elements from one value token to the next in v and in v_scale (batch rows and heads
+  // Elements from one value token to the next in v and in v_scale (batch rows and heads
   // t_max tokens apart, as in the keys); 0 for dv / 2 and dv / group, values in buffers of their
   // own. Multi-head latent attention's latent is the keys' first dv channels (its keys are the
   // latent and the RoPE part): v = k, v_scale = k_scale, v_row = d / 2, v_scale_row = d / group.
@@ -116,11 +116,12 @@ Status validate(const QuantizeParams& p);
 Status decode_cpu(const DecodeParams& p);
 Status quantize_cpu(const QuantizeParams& p);
 
-// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256, at most 8 query
-// heads per kv head), causal prefill (q_tokens > 1: one warp per query row, same head dims, no
-// workspace) and the cache write (any shape the CPU kernel takes).
-bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t batch);
-int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64_t length);
+// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256, values of a
+// multiple of 64 channels no wider than the keys (dv 0: d), at most 8 query heads per kv head),
+// causal prefill (q_tokens > 1: one warp per query row, same head dims, no workspace) and the cache
+// write (any shape the CPU kernel takes).
+bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch);
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length);
 Status decode_cuda(const DecodeParams& p, void* stream);
 Status quantize_cuda(const QuantizeParams& p, void* stream);
 

@@ -170,7 +170,7 @@ __device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* 
   }
 }
 
-template <int C>
+template <int C, int CV>
 __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeParams p, int64_t chunk,
                                                                   int64_t splits, float* part_out,
                                                                   float* part_lse) {
@@ -181,26 +181,26 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
-  const int64_t dh = p.d / 2, ng = p.d / p.group;
+  const int64_t dh = p.d / 2, ng = p.d / p.group, dv = CV * 32;
+  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
 
-  float q[kMaxGroupHeads][C], acc[kMaxGroupHeads][C], m[kMaxGroupHeads], l[kMaxGroupHeads];
+  float q[kMaxGroupHeads][C], acc[kMaxGroupHeads][CV], m[kMaxGroupHeads], l[kMaxGroupHeads];
 #pragma unroll
   for (int h = 0; h < kMaxGroupHeads; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < C; ++j) {
-      acc[h][j] = 0.0f;
-      q[h][j] = h < gh ? p.q[((b * p.hq) + kh * gh + h) * p.d + lane * C + j] : 0.0f;
-    }
+    for (int j = 0; j < C; ++j) q[h][j] = h < gh ? p.q[((b * p.hq) + kh * gh + h) * p.d + lane * C + j] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < CV; ++j) acc[h][j] = 0.0f;
   }
   const int64_t base = (b * p.hkv + kh) * p.t_max;
   for (int64_t t = t0 + warp; t < t1; t += kWarps) {
-    float k[C], v[C];
+    float k[C], v[CV];
     dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
                     p.group, lane, k);
-    dequant_lane<C>(p.v + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * ng,
-                    p.group, lane, v);
+    dequant_lane<CV>(p.v + (base + t) * v_row,
+                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, p.group, lane, v);
 #pragma unroll
     for (int h = 0; h < kMaxGroupHeads; ++h) {
       if (h >= gh) continue;  // (fully unrolled: the arrays stay in registers)
@@ -215,16 +215,16 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
       const float e = expf(s - m_new);
       l[h] = l[h] * alpha + e;
 #pragma unroll
-      for (int j = 0; j < C; ++j) acc[h][j] = acc[h][j] * alpha + e * v[j];
+      for (int j = 0; j < CV; ++j) acc[h][j] = acc[h][j] * alpha + e * v[j];
       m[h] = m_new;
     }
   }
 
-  // Merge the warps: shared [warps][heads] (m, l) and [warps][heads][d] acc.
+  // Merge the warps: shared [warps][heads] (m, l) and [warps][heads][dv] acc.
   extern __shared__ __align__(16) float smem[];
   float* sm = smem;                                   // [kWarps * gh]
   float* sl = sm + kWarps * kMaxGroupHeads;           // [kWarps * gh]
-  float* sacc = sl + kWarps * kMaxGroupHeads;         // [kWarps * gh * d]
+  float* sacc = sl + kWarps * kMaxGroupHeads;         // [kWarps * gh * dv]
 #pragma unroll
   for (int h = 0; h < kMaxGroupHeads; ++h) {
     if (h >= gh) continue;
@@ -233,12 +233,12 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
       sl[warp * kMaxGroupHeads + h] = l[h];
     }
 #pragma unroll
-    for (int j = 0; j < C; ++j) sacc[(warp * kMaxGroupHeads + h) * p.d + lane * C + j] = acc[h][j];
+    for (int j = 0; j < CV; ++j) sacc[(warp * kMaxGroupHeads + h) * dv + lane * CV + j] = acc[h][j];
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * p.d; i += blockDim.x) {
-    const int h = static_cast<int>(i / p.d);
-    const int64_t c = i % p.d;
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * dv; i += blockDim.x) {
+    const int h = static_cast<int>(i / dv);
+    const int64_t c = i % dv;
     float mx = -INFINITY;
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * kMaxGroupHeads + h]);
     float sum = 0.0f, o = 0.0f;
@@ -248,11 +248,11 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
         if (mw == -INFINITY) continue;
         const float f = expf(mw - mx);
         sum += sl[w * kMaxGroupHeads + h] * f;
-        o += sacc[(w * kMaxGroupHeads + h) * p.d + c] * f;
+        o += sacc[(w * kMaxGroupHeads + h) * dv + c] * f;
       }
     }
     const int64_t qh = b * p.hq + kh * gh + h;  // [batch * hq] row
-    part_out[(qh * splits + split) * p.d + c] = sum > 0.0f || sum != sum ? o / sum : 0.0f;
+    part_out[(qh * splits + split) * dv + c] = sum > 0.0f || sum != sum ? o / sum : 0.0f;
     if (c == 0) part_lse[qh * splits + split] = sum > 0.0f || sum != sum ? mx + logf(sum) : -INFINITY;
   }
 }
@@ -267,24 +267,26 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
   if (mx != -INFINITY) {
     for (int64_t s = 0; s < splits; ++s) total += expf(part_lse[qh * splits + s] - mx);
   }
-  for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) {
+  const int64_t dv = value_dim(p);
+  for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
     float o = 0.0f;
     if (total > 0.0f) {
       for (int64_t s = 0; s < splits; ++s) {
         const float w = expf(part_lse[qh * splits + s] - mx);
-        if (w > 0.0f) o += w * part_out[(qh * splits + s) * p.d + c];
+        if (w > 0.0f) o += w * part_out[(qh * splits + s) * dv + c];
       }
       o /= total;
     }
-    p.out[qh * p.d + c] = o;
+    p.out[qh * dv + c] = o;
   }
   if (threadIdx.x == 0) p.lse[qh] = total > 0.0f || total != total ? mx + logf(total) : -INFINITY;
 }
 
-// Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens up to
-// its causal limit with an online softmax, lanes dequantizing their channels of each key and value
-// row (L2 serves the rows to the GQA group's warps).
-template <int C>
+// Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens from
+// its row's start up to its causal limit with an online softmax, lanes dequantizing their channels of
+// each key and value row (L2 serves the rows to the GQA group's warps). A query inside its row's
+// left padding sees nothing: zeros, lse -inf.
+template <int C, int CV>
 __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -292,15 +294,15 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   const int64_t i = w % p.q_tokens, bh = w / p.q_tokens, b = bh / p.hq, h = bh % p.hq;
   const int64_t kh = h / (p.hq / p.hkv), dh = p.d / 2, ng = p.d / p.group;
   const int64_t limit = p.length - p.q_tokens + i;  // the last visible cached token
-  float q[C], acc[C], m = -INFINITY, l = 0.0f;
+  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
+  float q[C], acc[CV], m = -INFINITY, l = 0.0f;
 #pragma unroll
-  for (int j = 0; j < C; ++j) {
-    q[j] = p.q[w * p.d + lane * C + j];
-    acc[j] = 0.0f;
-  }
+  for (int j = 0; j < C; ++j) q[j] = p.q[w * p.d + lane * C + j];
+#pragma unroll
+  for (int j = 0; j < CV; ++j) acc[j] = 0.0f;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
-  for (int64_t t = 0; t <= limit; ++t) {
-    float k[C], v[C];
+  for (int64_t t = first_token(p, b); t <= limit; ++t) {
+    float k[C], v[CV];
     dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
                     p.group, lane, k);
     float s = 0.0f;
@@ -309,24 +311,25 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     s = softcapped(s * p.scale, p.softcap);
-    dequant_lane<C>(p.v + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * ng,
-                    p.group, lane, v);
+    dequant_lane<CV>(p.v + (base + t) * v_row,
+                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, p.group, lane, v);
     const float m_new = fmaxf(m, s);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
     const float e = expf(s - m_new);
     l = l * alpha + e;
 #pragma unroll
-    for (int j = 0; j < C; ++j) acc[j] = acc[j] * alpha + e * v[j];
+    for (int j = 0; j < CV; ++j) acc[j] = acc[j] * alpha + e * v[j];
     m = m_new;
   }
   const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
 #pragma unroll
-  for (int j = 0; j < C; ++j) p.out[w * p.d + lane * C + j] = acc[j] * inv;
+  for (int j = 0; j < CV; ++j) p.out[w * CV * 32 + lane * CV + j] = acc[j] * inv;
   if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
-// first + i and sees cache tokens 0 .. first + i.
+// first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
+// key tiles before it are not read).
 template <typename T, int D>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
   using namespace cuda::tc;
@@ -345,9 +348,11 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   const int64_t base = (b * p.hkv + kh) * p.t_max;
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
+  const int64_t start = first_token(p, b);
+  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
   const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
   const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
-  for (int64_t t0 = 0; t0 <= last_key; t0 += kKeys) {
+  for (int64_t t0 = start / kKeys * kKeys; t0 <= last_key; t0 += kKeys) {
     const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
     __syncthreads();  // the previous tile is consumed
     // One thread per byte (channels c, c + 1: one group, as the group is even).
@@ -357,7 +362,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
       if (j < nt) {
         const int64_t t = base + t0 + j;
         kv = dequant_byte(p.k[t * (D / 2) + c / 2], fp8e4m3_value(ks8[t * ng + c / p.group]));
-        vv = dequant_byte(p.v[t * (D / 2) + c / 2], fp8e4m3_value(vs8[t * ng + c / p.group]));
+        vv = dequant_byte(p.v[t * v_row + c / 2], fp8e4m3_value(vs8[t * vs_row + c / p.group]));
       }
       sk[j * S::kLdK + c] = cuda::from_f<T>(kv.x);
       sk[j * S::kLdK + c + 1] = cuda::from_f<T>(kv.y);
@@ -365,7 +370,8 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
       sv[j * S::kLdK + c + 1] = cuda::from_f<T>(vv.y);
     }
     __syncthreads();
-    tile.step([&](int i, int j) { return i < rows && t0 + j <= first + i0 + i; }, p.scale, p.softcap);
+    tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + i0 + i; },
+              p.scale, p.softcap);
   }
   const int64_t row = i0 + tile.cta_row();
   if (row < p.q_tokens) {
@@ -384,9 +390,11 @@ Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
                           configured);
 }
 
-// fp16/bf16 queries given, head_dim 64 or 128, a 16-byte aligned q16, grid and shared memory fit.
+// fp16/bf16 queries given, head_dim 64 or 128 (values too), a 16-byte aligned q16, grid and shared
+// memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
   if (p.q16 == nullptr || (p.d != 64 && p.d != 128) || !cuda::is_aligned(p.q16, 16)) return false;
+  if (value_dim(p) != p.d) return false;
   if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
   if (p.batch > 65535 || p.hq > 65535) return false;
   const size_t need = p.d == 64 ? cuda::tc::Smem<64>::bytes(0) : cuda::tc::Smem<128>::bytes(0);
@@ -401,22 +409,22 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
                    : prefill_tc<__nv_bfloat16, 128>(p, stream);
 }
 
-template <int C>
+template <int C, int CV>
 Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps = p.batch * p.hq * p.q_tokens;
   const int block = kWarps * 32;
-  prefill_kernel<C><<<static_cast<unsigned>((warps * 32 + block - 1) / block), block, 0, stream>>>(p);
+  prefill_kernel<C, CV><<<static_cast<unsigned>((warps * 32 + block - 1) / block), block, 0, stream>>>(p);
   return cuda::last_launch_status();
 }
 
-template <int C>
+template <int C, int CV>
 Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
   const SplitPlan plan = split_plan(p.length);
   float* part_out = p.workspace;
-  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * p.d;
-  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + p.d);
+  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * (CV * 32);
+  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + CV * 32);
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(plan.splits));
-  decode_split_kernel<C><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
+  decode_split_kernel<C, CV><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
                                                                part_lse);
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.hq), 128, 0, stream>>>(p, plan.splits,
@@ -424,18 +432,46 @@ Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
   return cuda::last_launch_status();
 }
 
+// The kernels for keys of C and values of CV channels per lane (CV <= C: values no wider than keys).
+template <int C, int CV>
+Status launch(const DecodeParams& p, cudaStream_t stream) {
+  if constexpr (CV > C) {
+    return Status::unsupported("int4_kv_decode: the CUDA kernels take values no wider than the keys");
+  } else {
+    return p.q_tokens > 1 ? prefill_typed<C, CV>(p, stream) : decode_typed<C, CV>(p, stream);
+  }
+}
+
+template <int C>
+Status launch_by_value_dim(const DecodeParams& p, cudaStream_t stream) {
+  switch (value_dim(p) / 32) {
+    case 2:
+      return launch<C, 2>(p, stream);
+    case 4:
+      return launch<C, 4>(p, stream);
+    case 6:
+      return launch<C, 6>(p, stream);
+    case 8:
+      return launch<C, 8>(p, stream);
+    default:
+      return Status::unsupported("int4_kv_decode: value head size not supported by the CUDA kernel");
+  }
+}
+
 }  // namespace
 
-bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t batch) {
+bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch) {
   if (hkv <= 0 || hq % hkv || hq / hkv > kMaxGroupHeads) return false;
   if (d % 64 || d / 32 > kMaxChannelsPerLane) return false;
-  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + d);
+  if (dv == 0) dv = d;
+  if (dv % 64 || dv > d) return false;
+  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + dv);
   return smem <= 48 * 1024 && batch * hkv < (int64_t{1} << 31);
 }
 
-int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t d, int64_t length) {
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length) {
   const SplitPlan plan = split_plan(length);
-  return batch * hq * plan.splits * (d + 1);
+  return batch * hq * plan.splits * (dv + 1);
 }
 
 Status decode_cuda(const DecodeParams& p, void* stream) {
@@ -446,32 +482,24 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.workspace == nullptr && p.q_tokens == 1) {
     return Status::invalid("int4_kv_decode: the CUDA kernel needs a workspace");
   }
-  if (value_dim(p) != p.d || value_row(p) != p.d / 2 || value_scale_row(p) != p.d / p.group) {
+  if (!decode_cuda_supported(p.hq, p.hkv, p.d, value_dim(p), p.batch)) {
     return Status::unsupported(
-        "int4_kv_decode: the CUDA kernels take values of the keys' head size (dv == d) in buffers of "
-        "their own");
-  }
-  if (p.starts != nullptr && p.q_tokens > 1) {
-    return Status::unsupported("int4_kv_decode: the CUDA prefill kernels take no per-row starts");
-  }
-  if (!decode_cuda_supported(p.hq, p.hkv, p.d, p.batch)) {
-    return Status::unsupported(
-        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and at most 8 "
-        "query heads per kv head");
+        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256, values of a "
+        "multiple of 64 channels no wider than the keys and at most 8 query heads per kv head");
   }
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
-  const bool prefill = p.q_tokens > 1;  // (the workspace is only needed by the split decode)
-  if (prefill && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
+  // (the workspace is only needed by the split decode)
+  if (p.q_tokens > 1 && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
   switch (p.d / 32) {
     case 2:
-      return prefill ? prefill_typed<2>(p, st) : decode_typed<2>(p, st);
+      return launch_by_value_dim<2>(p, st);
     case 4:
-      return prefill ? prefill_typed<4>(p, st) : decode_typed<4>(p, st);
+      return launch_by_value_dim<4>(p, st);
     case 6:
-      return prefill ? prefill_typed<6>(p, st) : decode_typed<6>(p, st);
+      return launch_by_value_dim<6>(p, st);
     case 8:
-      return prefill ? prefill_typed<8>(p, st) : decode_typed<8>(p, st);
+      return launch_by_value_dim<8>(p, st);
     default:
       return Status::unsupported("int4_kv_decode: head_dim not supported by the CUDA kernel");
   }

@@ -9,7 +9,8 @@ one query token per sequence against the first ``length`` cached tokens (from to
 on for row ``b`` when given: left padding); GQA (``Hq % Hkv == 0``); optional logit soft-capping
 (``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, dv] in q's dtype, lse [B, Hq]
 fp32)``. CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256, at most 8 query heads per kv
-head, ``dv == d``) kernels; elsewhere the reference (dequantize, then softmax attention).
+head, ``dv`` a multiple of 64 up to ``d``) kernels; elsewhere the reference (dequantize, then
+softmax attention).
 """
 
 from __future__ import annotations
@@ -217,15 +218,13 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                     starts=starts)  # fmt: skip
     b, hq, _, d = q.shape
-    same = v.shape[3] == k.shape[3]  # (the CUDA kernels take values of the keys' head size)
-    if device.type == "cuda" and not (
-        same and starts is None and _ext.C.int4_kv_decode_cuda_workspace(b, hq, k.shape[1], d, 1)
-    ):  # fmt: skip
+    hkv, dv = k.shape[1], v.shape[3] * 2
+    if device.type == "cuda" and not _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, 1, dv):
         _ext.warn_once(
             "int4_kv_attention-cuda-shape",
-            f"fastlayers.int4_kv_attention: head_dim {d} (values {v.shape[3] * 2}) with "
-            f"{hq // k.shape[1]} query heads per kv head (left padding: "
-            f"{starts is not None}) is not a CUDA kernel case; running the PyTorch reference",
+            f"fastlayers.int4_kv_attention: head_dim {d} (values {dv}) with {hq // hkv} "
+            f"query heads per kv head is not a CUDA kernel shape ({_CUDA_SHAPES}); running the "
+            "PyTorch reference",
         )
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                     starts=starts)  # fmt: skip
@@ -255,9 +254,7 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
             q16 = q.contiguous()
         out = empty(out_shape, torch.float32, device)
     kc, ksc = k.contiguous(), k_scale.contiguous()
-    cpu = device.type == "cpu"  # (the CPU kernel reads values in rows of any spacing)
-    (vc, v_row), (vsc, vs_row) = (_token_rows(t) if cpu else (t.contiguous(), 0)
-                                  for t in (v, v_scale))  # fmt: skip
+    (vc, v_row), (vsc, vs_row) = _token_rows(v), _token_rows(v_scale)  # (rows of any spacing)
     sc = starts.contiguous() if starts is not None else None
     lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
@@ -274,8 +271,15 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     return out, lse
 
 
+# The shapes the CUDA kernels take (int4_kv_decode_cuda_workspace answers 0 for the others).
+_CUDA_SHAPES = (
+    "head_dim a multiple of 64 up to 256, values of a multiple of 64 channels no wider than the "
+    "keys, at most 8 query heads per kv head"
+)
+
+
 def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``t [B, H, T, w]`` as the CPU kernel reads it: ``(tensor, elements from one token to the
+    """``t [B, H, T, w]`` as the kernels read it: ``(tensor, elements from one token to the
     next)``, 0 for a contiguous tensor; a view whose tokens are evenly spaced rows of ``w``
     contiguous elements (the keys' first channels: multi-head latent attention's latent) is
     read in place, anything else copied."""
@@ -300,14 +304,14 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
     hkv = k.shape[1]
     workspace = None
     if device.type == "cuda":  # split-KV: per-split partial outputs and lse
-        floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length)
-        if floats == 0 or v.shape[3] != k.shape[3]:
+        dv = v.shape[3] * 2
+        floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv)
+        if floats == 0:
             _ext.warn_once(
                 "int4_kv_decode-cuda-shape",
-                f"fastlayers.int4_kv_decode: head_dim {d} (values {v.shape[3] * 2}) with "
-                f"{hq // hkv} query heads per kv head is not a CUDA kernel shape (head_dim a "
-                "multiple of 64 up to 256, values of the same size, at most 8 heads per kv head); "
-                "running the PyTorch reference",
+                f"fastlayers.int4_kv_decode: head_dim {d} (values {dv}) with {hq // hkv} query "
+                f"heads per kv head is not a CUDA kernel shape ({_CUDA_SHAPES}); running the "
+                "PyTorch reference",
             )
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
@@ -362,17 +366,17 @@ def int4_kv_attention(
     (already written to it); query ``i`` sees the cached tokens ``0 .. length - Tq + i``. Returns
     ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq] fp32)`` (``dv``: the values' head size,
     ``v.shape[3] * 2``; the keys' or one of their own). CPU kernel (keys and values
-    dequantized per block in registers, online softmax) and CUDA kernels (``dv == d``; fp16/bf16
-    queries with head_dim 64 or 128: tensor cores, 64 queries x 64 keys per tile; otherwise one
-    warp per query row, head_dim a multiple of 64 up to 256); elsewhere the reference.
+    dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
+    head_dim 64 or 128 and ``dv == d``: tensor cores, 64 queries x 64 keys per tile; otherwise one
+    warp per query row, head_dim a multiple of 64 up to 256, ``dv`` a multiple of 64 up to ``d``);
+    elsewhere the reference.
     ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes
     ``softcap * tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's
     attention sinks, floating ``[Hq]``): a logit per query head in the softmax's denominator,
     applied to the kernel's output through its lse (:func:`~fastlayers.ops._common.apply_sinks`).
     ``starts`` (optional, int32 ``[batch]``): batch row ``b``'s cached tokens before
     ``starts[b]`` are hidden from its queries (a left-padded prompt: the padding is skipped, not
-    read); a query that sees no token (a padding position) gets zeros and lse -inf. CUDA: the
-    reference with ``starts``, warned once."""
+    read); a query that sees no token (a padding position) gets zeros and lse -inf."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1], q.device)
