@@ -954,15 +954,18 @@ def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(monkeypatch, dtype):
-    """On CUDA, values of another head size (192 / 128), values read from the key rows (128 / 64)
-    and left-padded prefill (tensor-core and warp-per-row kernels) run the kernels, not the
-    reference (made to fail here), and match the float64 reference computed first."""
+    """On CUDA, values of another head size (192 / 128), values read from the key rows (128 / 64,
+    and multi-head latent attention's 576 / 512 with 16 query heads per latent: slices of 4
+    heads), 12 query heads per kv head (slices of 8 and 4) and left-padded prefill (tensor-core and
+    warp-per-row kernels) run the kernels, not the reference (made to fail here), and match the
+    float64 reference computed first."""
     from fastlayers.ops import kvint4 as ops
 
     starts = torch.tensor([5, 0], dtype=torch.int32, device="cuda")
     cases = []
     for d, dv, hq, hkv, in_keys in ((192, 128, 8, 2, False), (128, 64, 4, 1, True),
-                                    (128, 128, 8, 2, False), (64, 64, 4, 4, False)):  # fmt: skip
+                                    (128, 128, 8, 2, False), (64, 64, 4, 4, False),
+                                    (576, 512, 16, 1, True), (128, 128, 12, 1, False)):  # fmt: skip
         if in_keys:
             k, ks, v, vs = _values_in_key_rows(2, hkv, 70, d, dv, 32, "cuda")
         else:

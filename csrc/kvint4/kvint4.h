@@ -40,7 +40,8 @@ struct DecodeParams {
   // tokens [0, length) (causally, in prefill).
   const int32_t* starts = nullptr;
   int64_t batch = 0, hq = 0, hkv = 0, d = 0, group = 0, t_max = 0, length = 0, q_tokens = 1;
-  // The values' head size: 0 for d, else a multiple of group (CUDA: a multiple of 64, at most d).
+  // The values' head size: 0 for d, else a multiple of group (CUDA: a multiple of 64, at most d,
+  // or 512 with d 576).
   int64_t dv = 0;
   // Elements from one value token to the next in v and in v_scale (batch rows and heads
   // t_max tokens apart, as in the keys); 0 for dv / 2 and dv / group, values in buffers of their
@@ -116,10 +117,11 @@ Status validate(const QuantizeParams& p);
 Status decode_cpu(const DecodeParams& p);
 Status quantize_cpu(const QuantizeParams& p);
 
-// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256, values of a
-// multiple of 64 channels no wider than the keys (dv 0: d), at most 8 query heads per kv head),
-// causal prefill (q_tokens > 1: one warp per query row, same head dims, no workspace) and the cache
-// write (any shape the CPU kernel takes).
+// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256 with values of a
+// multiple of 64 channels no wider than the keys (dv 0: d), or multi-head latent attention's
+// 576-channel keys and 512-channel values; any GQA group), causal prefill (q_tokens > 1: one warp
+// per query row, same head dims, no workspace) and the cache write (any shape the CPU kernel
+// takes).
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch);
 int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length);
 Status decode_cuda(const DecodeParams& p, void* stream);

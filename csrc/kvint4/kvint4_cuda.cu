@@ -6,15 +6,19 @@
 //   with exact double products and one rounding, times the post-RoPE scale) and their max; pass 2
 //   forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
-// Decode (split-KV flash decoding): grid (batch * kv_heads, splits); a CTA of 4 warps takes one
-//   split of the tokens for one (batch, kv head) and serves all the GQA group's query heads, so every
-//   cache byte is read once. Warps take tokens round-robin; lane l owns channels [l * c, (l + 1) * c)
-//   with c = d / 32 (even: whole bytes), dequantizes them in registers and keeps, per head, the
-//   running max, sum and output slice (online softmax). The warps merge in shared memory and write
-//   the split's (output / sum, lse); a second kernel combines the splits by their lse.
+// Decode (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
+//   one split of the tokens for one (batch, kv head) and serves up to 8 of the GQA group's query
+//   heads (4 for multi-head latent attention's 576-channel rows; larger groups in several slices, L2
+//   serving the rows again), so every cache byte is read once per slice. Warps take tokens
+//   round-robin; lane l owns key channels [l * c, (l + 1) * c) with c = d / 32 and value channels
+//   [l * cv, (l + 1) * cv) with cv = dv / 32 (even: whole bytes), dequantizes them in registers
+//   and keeps, per head, the running max, sum and output slice (online softmax). The values may be
+//   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
+//   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
 // Prefill: fp16/bf16 queries with head_dim 64 or 128 run on tensor cores (common/tc_attention.cuh:
 //   64 query tokens per CTA, 64-key tiles dequantized into shared memory, only the tiles up to the
-//   CTA's last causal key); otherwise one warp per query row on CUDA cores.
+//   CTA's last causal key); otherwise one warp per query row on CUDA cores. Both skip each batch
+//   row's left padding (DecodeParams::starts).
 #include <cmath>
 
 #include "common/cuda_utils.cuh"
@@ -28,8 +32,13 @@ using cuda::to_f;
 
 constexpr float kMinScale = 0.001953125f;  // 2^-9: the smallest group scale
 constexpr int kWarps = 4;
-constexpr int kMaxGroupHeads = 8;  // query heads per kv head the decode kernel keeps in registers
-constexpr int kMaxChannelsPerLane = 8;  // head_dim <= 256
+// Query heads of a GQA group one decode CTA keeps in registers (a larger group is split into slices
+// of this many heads, one CTA each, L2 serving the cache rows to the slices): 8, or 4 for
+// multi-head latent attention's 576-channel rows.
+constexpr int kSliceHeads = 8;
+constexpr int kLatentSliceHeads = 4;
+constexpr int kMaxChannelsPerLane = 8;  // head_dim <= 256 (and 576 / 512: multi-head latent attention)
+constexpr int kLatentD = 576, kLatentDv = 512;  // DeepSeek's latent + RoPE part / latent
 constexpr int kTokensPerSplit = 256;
 constexpr int kMaxSplits = 64;
 
@@ -170,13 +179,17 @@ __device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* 
   }
 }
 
-template <int C, int CV>
+// Grid (batch * kv heads * slices, splits): the CTA serves query heads [h0, h0 + gh) of its kv
+// head's group (H at most).
+template <int C, int CV, int H>
 __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeParams p, int64_t chunk,
                                                                   int64_t splits, float* part_out,
                                                                   float* part_lse) {
-  const int64_t bk = blockIdx.x, split = blockIdx.y;
-  const int64_t b = bk / p.hkv, kh = bk % p.hkv;
-  const int gh = static_cast<int>(p.hq / p.hkv);
+  const int64_t group_heads = p.hq / p.hkv, slices = (group_heads + H - 1) / H;
+  const int64_t bk = blockIdx.x / slices, split = blockIdx.y;
+  const int64_t b = bk / p.hkv, kh = bk % p.hkv, h0 = (blockIdx.x % slices) * H;
+  const int gh = static_cast<int>(group_heads - h0 < H ? group_heads - h0 : H);
+  const int64_t qh0 = b * p.hq + kh * group_heads + h0;  // the CTA's first [batch * hq] row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
@@ -184,13 +197,13 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   const int64_t dh = p.d / 2, ng = p.d / p.group, dv = CV * 32;
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
 
-  float q[kMaxGroupHeads][C], acc[kMaxGroupHeads][CV], m[kMaxGroupHeads], l[kMaxGroupHeads];
+  float q[H][C], acc[H][CV], m[H], l[H];
 #pragma unroll
-  for (int h = 0; h < kMaxGroupHeads; ++h) {
+  for (int h = 0; h < H; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < C; ++j) q[h][j] = h < gh ? p.q[((b * p.hq) + kh * gh + h) * p.d + lane * C + j] : 0.0f;
+    for (int j = 0; j < C; ++j) q[h][j] = h < gh ? p.q[(qh0 + h) * p.d + lane * C + j] : 0.0f;
 #pragma unroll
     for (int j = 0; j < CV; ++j) acc[h][j] = 0.0f;
   }
@@ -202,7 +215,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
     dequant_lane<CV>(p.v + (base + t) * v_row,
                      reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, p.group, lane, v);
 #pragma unroll
-    for (int h = 0; h < kMaxGroupHeads; ++h) {
+    for (int h = 0; h < H; ++h) {
       if (h >= gh) continue;  // (fully unrolled: the arrays stay in registers)
       float s = 0.0f;
 #pragma unroll
@@ -222,36 +235,36 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
 
   // Merge the warps: shared [warps][heads] (m, l) and [warps][heads][dv] acc.
   extern __shared__ __align__(16) float smem[];
-  float* sm = smem;                                   // [kWarps * gh]
-  float* sl = sm + kWarps * kMaxGroupHeads;           // [kWarps * gh]
-  float* sacc = sl + kWarps * kMaxGroupHeads;         // [kWarps * gh * dv]
+  float* sm = smem;            // [kWarps * H]
+  float* sl = sm + kWarps * H;  // [kWarps * H]
+  float* sacc = sl + kWarps * H;  // [kWarps * H * dv]
 #pragma unroll
-  for (int h = 0; h < kMaxGroupHeads; ++h) {
+  for (int h = 0; h < H; ++h) {
     if (h >= gh) continue;
     if (lane == 0) {
-      sm[warp * kMaxGroupHeads + h] = m[h];
-      sl[warp * kMaxGroupHeads + h] = l[h];
+      sm[warp * H + h] = m[h];
+      sl[warp * H + h] = l[h];
     }
 #pragma unroll
-    for (int j = 0; j < CV; ++j) sacc[(warp * kMaxGroupHeads + h) * dv + lane * CV + j] = acc[h][j];
+    for (int j = 0; j < CV; ++j) sacc[(warp * H + h) * dv + lane * CV + j] = acc[h][j];
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * dv; i += blockDim.x) {
     const int h = static_cast<int>(i / dv);
     const int64_t c = i % dv;
     float mx = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * kMaxGroupHeads + h]);
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * H + h]);
     float sum = 0.0f, o = 0.0f;
     if (mx != -INFINITY) {
       for (int w = 0; w < kWarps; ++w) {
-        const float mw = sm[w * kMaxGroupHeads + h];
+        const float mw = sm[w * H + h];
         if (mw == -INFINITY) continue;
         const float f = expf(mw - mx);
-        sum += sl[w * kMaxGroupHeads + h] * f;
-        o += sacc[(w * kMaxGroupHeads + h) * dv + c] * f;
+        sum += sl[w * H + h] * f;
+        o += sacc[(w * H + h) * dv + c] * f;
       }
     }
-    const int64_t qh = b * p.hq + kh * gh + h;  // [batch * hq] row
+    const int64_t qh = qh0 + h;  // [batch * hq] row
     part_out[(qh * splits + split) * dv + c] = sum > 0.0f || sum != sum ? o / sum : 0.0f;
     if (c == 0) part_lse[qh * splits + split] = sum > 0.0f || sum != sum ? mx + logf(sum) : -INFINITY;
   }
@@ -417,14 +430,23 @@ Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
   return cuda::last_launch_status();
 }
 
+// The decode CTA's query heads for keys of C channels per lane.
+constexpr int slice_heads(int c) { return c <= kMaxChannelsPerLane ? kSliceHeads : kLatentSliceHeads; }
+
+int64_t decode_smem_bytes(int64_t d, int64_t dv) {
+  return static_cast<int64_t>(sizeof(float)) * kWarps * slice_heads(static_cast<int>(d / 32)) * (2 + dv);
+}
+
 template <int C, int CV>
 Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
+  constexpr int H = slice_heads(C);
   const SplitPlan plan = split_plan(p.length);
   float* part_out = p.workspace;
   float* part_lse = p.workspace + p.batch * p.hq * plan.splits * (CV * 32);
-  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + CV * 32);
-  const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(plan.splits));
-  decode_split_kernel<C, CV><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
+  const size_t smem = static_cast<size_t>(decode_smem_bytes(C * 32, CV * 32));
+  const int64_t slices = (p.hq / p.hkv + H - 1) / H;
+  const dim3 grid(static_cast<unsigned>(p.batch * p.hkv * slices), static_cast<unsigned>(plan.splits));
+  decode_split_kernel<C, CV, H><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
                                                                part_lse);
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.hq), 128, 0, stream>>>(p, plan.splits,
@@ -461,12 +483,13 @@ Status launch_by_value_dim(const DecodeParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch) {
-  if (hkv <= 0 || hq % hkv || hq / hkv > kMaxGroupHeads) return false;
-  if (d % 64 || d / 32 > kMaxChannelsPerLane) return false;
+  if (hkv <= 0 || hq % hkv) return false;
   if (dv == 0) dv = d;
-  if (dv % 64 || dv > d) return false;
-  const size_t smem = sizeof(float) * kWarps * kMaxGroupHeads * (2 + dv);
-  return smem <= 48 * 1024 && batch * hkv < (int64_t{1} << 31);
+  const bool latent = d == kLatentD && dv == kLatentDv;
+  if (!latent && (d % 64 || d / 32 > kMaxChannelsPerLane || dv % 64 || dv > d)) return false;
+  const int64_t slices = (hq / hkv + slice_heads(static_cast<int>(d / 32)) - 1) /
+                         slice_heads(static_cast<int>(d / 32));
+  return decode_smem_bytes(d, dv) <= 48 * 1024 && batch * hkv * slices < (int64_t{1} << 31);
 }
 
 int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length) {
@@ -484,8 +507,8 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, value_dim(p), p.batch)) {
     return Status::unsupported(
-        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256, values of a "
-        "multiple of 64 channels no wider than the keys and at most 8 query heads per kv head");
+        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and values of a "
+        "multiple of 64 channels no wider than the keys, or multi-head latent attention's 576 / 512");
   }
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
@@ -500,6 +523,8 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
       return launch_by_value_dim<6>(p, st);
     case 8:
       return launch_by_value_dim<8>(p, st);
+    case kLatentD / 32:  // (decode_cuda_supported: values of kLatentDv channels)
+      return launch<kLatentD / 32, kLatentDv / 32>(p, st);
     default:
       return Status::unsupported("int4_kv_decode: head_dim not supported by the CUDA kernel");
   }

@@ -8,9 +8,9 @@ own, one group ``g``):
 one query token per sequence against the first ``length`` cached tokens (from token ``starts[b]``
 on for row ``b`` when given: left padding); GQA (``Hq % Hkv == 0``); optional logit soft-capping
 (``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, dv] in q's dtype, lse [B, Hq]
-fp32)``. CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256, at most 8 query heads per kv
-head, ``dv`` a multiple of 64 up to ``d``) kernels; elsewhere the reference (dequantize, then
-softmax attention).
+fp32)``. CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256 with ``dv`` a multiple of 64
+up to ``d``, or multi-head latent attention's 576 / 512) kernels; elsewhere the reference
+(dequantize, then softmax attention).
 """
 
 from __future__ import annotations
@@ -273,8 +273,8 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
 
 # The shapes the CUDA kernels take (int4_kv_decode_cuda_workspace answers 0 for the others).
 _CUDA_SHAPES = (
-    "head_dim a multiple of 64 up to 256, values of a multiple of 64 channels no wider than the "
-    "keys, at most 8 query heads per kv head"
+    "head_dim a multiple of 64 up to 256 and values of a multiple of 64 channels no wider than "
+    "the keys, or multi-head latent attention's 576 / 512"
 )
 
 
@@ -368,8 +368,7 @@ def int4_kv_attention(
     ``v.shape[3] * 2``; the keys' or one of their own). CPU kernel (keys and values
     dequantized per block in registers, online softmax) and CUDA kernels (fp16/bf16 queries with
     head_dim 64 or 128 and ``dv == d``: tensor cores, 64 queries x 64 keys per tile; otherwise one
-    warp per query row, head_dim a multiple of 64 up to 256, ``dv`` a multiple of 64 up to ``d``);
-    elsewhere the reference.
+    warp per query row, the decode kernel's shapes); elsewhere the reference.
     ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes
     ``softcap * tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's
     attention sinks, floating ``[Hq]``): a logit per query head in the softmax's denominator,
