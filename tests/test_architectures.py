@@ -615,7 +615,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     head size (the INT4 kernels with a value head size; one group dividing both, 16), its window
     layer with sinks and doubled key/value heads, RoPE on 10 channels of 32; DeepSeek V3.2's DSA
     indexer picking 4 of the keys per query (its picks applied to the INT4 attention's mask, its
-    keys cached beside the INT4 latent); HunYuan V4's latent attention with an indexer, sinks and
+    keys cached beside the INT4 latent, here as they come: FP8 keys would change the picks of a
+    model without a cache); HunYuan V4's latent attention with an indexer, sinks and
     an output gate; GPT-J and CodeGen (the fold on their interleaved partial RoPE; CodeGen's on its
     sharded qkv_proj rows)."""
     ids = torch.randint(3, 128, (3, 10))
@@ -642,7 +643,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
               return_dict_in_generate=True)  # fmt: skip
     with torch.no_grad():
-        cached = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        cache = quant.Int4KVCache.for_model(model, indexer_fp8=False)
+        cached = model.generate(ids, cache=cache, **kw)
         plain = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
     for a, b in zip(cached.scores, plain.scores, strict=True):
@@ -1087,7 +1089,8 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     crop and beam reordering work; bad groups and scales are refused by name; the gradient
     passes the rounding straight through; remove_rope_aware_kv gives the float model back.
     DeepSeek V3.2: its DSA indexer's keys are cached beside the latent (cropped and reordered
-    with it); routing its attention is refused by name."""
+    with it; here as they come, the FP8 keys: the next test); routing its attention is refused by
+    name."""
     ids = torch.randint(3, 128, (2, 10))
     want = _logits(_model(arch), ids)
     model = _model(arch)
@@ -1102,7 +1105,7 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     with pytest.raises(ValueError, match=r"post_scales\[0\] must be \[1, 16\]"):
         quant.apply_rope_aware_kv(model, [torch.ones(4, 32)] * 2)
     quant.apply_rope_aware_kv(model, post)
-    cache = quant.Int4KVCache.for_model(model)
+    cache = quant.Int4KVCache.for_model(model, indexer_fp8=False)
     with torch.no_grad():
         cached = model(ids, cache=cache).logits
         plain = model(ids).logits
@@ -1143,6 +1146,54 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     quant.remove_rope_aware_kv(model)
     assert "expand_kv" not in model.model.layers[0].self_attn.__dict__
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV32", "HYV4"])
+def test_dsa_indexer_keys_are_cached_in_fp8(arch):
+    """A DSA indexer's keys go into the INT4 cache as FP8-E4M3 with one fp32 scale per token
+    (``quantize_fp8_per_token``'s bits: what DeepSeek's reference and vLLM keep), and the indexer
+    gets them back dequantized: within half an FP8 step of the float keys (at most 16 / 448 of
+    each token's largest key channel); (16 + 4) bytes per token instead of 16 x 4 (fp32 model);
+    crop and beam reordering move them with the latent; ``indexer_fp8=False`` keeps them as they
+    come; a non-bool refused by name."""
+    from fastlayers.ops.int4_fp8 import quantize_fp8_per_token
+
+    model = _model(arch)
+    ids = torch.randint(3, 128, (2, 12))  # (after _model's seed: the same tokens every run)
+    fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 24))])  # fmt: skip
+    fp8 = quant.Int4KVCache.for_model(model)
+    plain = quant.Int4KVCache.for_model(model, indexer_fp8=False)
+    with torch.no_grad():
+        got = model(ids, cache=fp8).logits
+        want = model(ids, cache=plain).logits
+        step = torch.randint(3, 128, (2, 1))
+        model(step, cache=fp8)
+        model(step, cache=plain)
+    # (random weights: the indexer's scores are near ties, and a changed pick moves the logits:
+    # 0.017 for HunYuan V4, 0.20 for V3.2)
+    assert (got - want).norm() / want.norm() < 0.3
+    for q8, ref in zip(fp8.layers, plain.layers, strict=True):
+        keys, scales = q8._indexer
+        assert keys.dtype == torch.float8_e4m3fn and keys.shape == (2, 13, 16)
+        assert scales.dtype == torch.float32 and scales.shape == (2, 13, 1)
+        assert ref._indexer[1] is None and ref.indexer_keys.dtype == torch.float32
+        assert ref.nbytes() - q8.nbytes() == 2 * 13 * (16 * 4 - (16 + 4))
+    # layer 0's keys come from the same inputs in both runs (the picks change the later layers')
+    q8, ref = fp8.layers[0], plain.layers[0]
+    want_q, want_s = quantize_fp8_per_token(ref.indexer_keys)
+    assert torch.equal(q8._indexer[0].view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(q8._indexer[1], want_s)
+    err = (q8.indexer_keys - ref.indexer_keys).abs().amax(-1)
+    assert bool((err <= ref.indexer_keys.abs().amax(-1) * 16 / 448).all())
+    assert q8.indexer_keys.dtype == torch.float32 and bool((err > 0).any())
+    kept = fp8.layers[0].indexer_keys
+    fp8.crop(-3)
+    assert torch.equal(fp8.layers[0].indexer_keys, kept[:, :10])
+    fp8.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(fp8.layers[0].indexer_keys, kept[[1, 0], :10])
+    with pytest.raises(TypeError, match="indexer_fp8 must be a bool"):
+        quant.Int4KVCache.for_model(model, indexer_fp8=1)
 
 
 @pytest.mark.parametrize(

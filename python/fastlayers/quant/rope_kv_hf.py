@@ -67,6 +67,7 @@ from fastlayers._decoder import (
     sparse_indexer,
 )
 from fastlayers.ops._common import no_dispatch_modes, tensor_version
+from fastlayers.ops.int4_fp8 import quantize_fp8_per_token
 from fastlayers.ops.kvint4 import (
     decode_step_direct,
     int4_kv_attention,
@@ -283,39 +284,62 @@ class _Int4LatentLayer(_Int4Layer):
             k_rot = k_rot / self.post_scale.to(k_rot.device).float()[None, :, None, :]
         return latent.to(self.dtype), k_rot.to(self.dtype)
 
-    # A DSA indexer's keys (DeepSeek V3.2, GLM MoE DSA: [B, T, index_head_dim], one per token, what
-    # it scores the queries against to pick the keys they attend to) are kept as they come: they
-    # are a small part of the cache and their top-k picks decide what the attention sees.
-    indexer_keys = None
+    # A DSA indexer's keys (DeepSeek V3.2, GLM MoE DSA, HunYuan V4: [B, T, index_head_dim], one
+    # per token, what it scores the queries against to pick the keys they attend to): FP8-E4M3
+    # with one fp32 scale per token (max|k| / 448), as DeepSeek's reference inference and vLLM keep
+    # them (without their Hadamard rotation, which a floating-point format hardly needs: e4m3's
+    # relative error does not depend on the magnitude over 4 decades below the row's maximum), or
+    # as they come with ``indexer_fp8=False``. The indexer gets them back dequantized, in its dtype.
+    indexer_fp8 = True
+    _indexer = None  # (keys [B, T, d], scales [B, T, 1] fp32 or None)
 
     def update_indexer(self, keys: torch.Tensor) -> torch.Tensor:
-        """Appends a DSA indexer's keys ``[B, t, d]`` and returns all of them ``[B, T, d]``."""
-        self.indexer_keys = keys if self.indexer_keys is None else \
-            torch.cat([self.indexer_keys, keys], 1)  # fmt: skip
-        return self.indexer_keys
+        """Appends a DSA indexer's keys ``[B, t, d]`` and returns all of them ``[B, T, d]`` (in
+        the keys' dtype; through FP8 with ``indexer_fp8``)."""
+        if keys.dim() != 3:
+            raise ValueError(f"a DSA indexer's keys must be [batch, tokens, dim], got "
+                             f"{tuple(keys.shape)}")  # fmt: skip
+        new = quantize_fp8_per_token(keys) if self.indexer_fp8 else (keys, None)
+        if self._indexer is not None:
+            new = tuple(None if n is None else torch.cat([o, n], 1)
+                        for o, n in zip(self._indexer, new, strict=True))  # fmt: skip
+        self._indexer = new
+        return self._indexer_keys(keys.dtype)
+
+    def _indexer_keys(self, dtype=None) -> torch.Tensor | None:
+        if self._indexer is None:
+            return None
+        keys, scales = self._indexer
+        if scales is None:
+            return keys
+        return (keys.float() * scales).to(dtype or self.dtype)
+
+    @property
+    def indexer_keys(self) -> torch.Tensor | None:
+        """A DSA indexer's cached keys ``[B, T, d]`` as the indexer gets them (None: no indexer)."""
+        return self._indexer_keys()
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if self.indexer_keys is not None:
-            self.indexer_keys = self.indexer_keys[:, : self.length]
+        if self._indexer is not None:
+            self._indexer = tuple(None if x is None else x[:, : self.length] for x in self._indexer)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.indexer_keys is not None:
-            self.indexer_keys = self.indexer_keys.index_select(
-                0, beam_idx.to(self.indexer_keys.device)
-            )
+        if self._indexer is not None:
+            beams = beam_idx.to(self._indexer[0].device)
+            self._indexer = tuple(None if x is None else x.index_select(0, beams)
+                                  for x in self._indexer)  # fmt: skip
 
     def reset(self) -> None:
         super().reset()
-        self.indexer_keys = None
+        self._indexer = None
 
     def _indexer_nbytes(self) -> int:
-        keys = self.indexer_keys
-        return 0 if keys is None else keys.numel() * keys.element_size()
+        return sum(x.numel() * x.element_size() for x in self._indexer or () if x is not None)
 
     def nbytes(self) -> int:
-        """The INT4 latent's bytes, and a DSA indexer's keys' (kept as they come)."""
+        """The INT4 latent's bytes, and a DSA indexer's keys' (FP8 and their scales)."""
         return super().nbytes() + self._indexer_nbytes()
 
     def allocated_nbytes(self) -> int:
@@ -330,10 +354,12 @@ class Int4KVCache(Cache):
     linear attention or convolution states; :meth:`for_model` makes them from the config).
     ``latent_layers``: the indices of multi-head latent attention layers, whose cache holds the
     latent and the RoPE key part instead of keys and values (:class:`_Int4LatentLayer`;
-    :meth:`for_model` finds them)."""
+    :meth:`for_model` finds them). ``indexer_fp8``: a DSA indexer's keys (DeepSeek V3.2, GLM MoE
+    DSA, HunYuan V4) in FP8-E4M3 with a scale per token, as DeepSeek's reference and vLLM keep them
+    (default), or as they come (False)."""
 
     def __init__(self, post_scales, group_size: int = 128, other_layers: dict | None = None,
-                 latent_layers=()):  # fmt: skip
+                 latent_layers=(), indexer_fp8: bool = True):  # fmt: skip
         if isinstance(post_scales, (str, bytes, torch.Tensor)) or not hasattr(
             post_scales, "__iter__"
         ):
@@ -358,12 +384,18 @@ class Int4KVCache(Cache):
                for i in latent):  # fmt: skip
             raise ValueError(f"latent_layers must be layer indices in [0, {len(post_scales)}) "
                              f"not in other_layers, got {sorted(latent)}")  # fmt: skip
+        if not isinstance(indexer_fp8, bool):
+            raise TypeError(f"indexer_fp8 must be a bool, got {type(indexer_fp8).__name__}")
         kinds = [_Int4LatentLayer if i in latent else _Int4Layer for i in range(len(post_scales))]
         super().__init__(layers=[other[i] if i in other else kinds[i](s, group_size)
                                  for i, s in enumerate(post_scales)])  # fmt: skip
+        for layer in self.layers:
+            if isinstance(layer, _Int4LatentLayer):
+                layer.indexer_fp8 = indexer_fp8
 
     @classmethod
-    def for_model(cls, model, group_size: int | None = None) -> Int4KVCache:
+    def for_model(cls, model, group_size: int | None = None,
+                  indexer_fp8: bool = True) -> Int4KVCache:  # fmt: skip
         mods = _attention_modules(model)
         first = next(m for m in mods if m is not None)
         if group_size is None:
@@ -379,7 +411,8 @@ class Int4KVCache(Cache):
             other = {i: DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i])
                      for i, m in enumerate(mods) if m is None}  # fmt: skip
         latent = [i for i, m in enumerate(mods) if m is not None and _latent(m) is not None]
-        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other, latent)
+        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other, latent,
+                   indexer_fp8)  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes the cached tokens' quantized keys, values and scales occupy."""
