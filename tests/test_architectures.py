@@ -106,6 +106,15 @@ ARCHS["GPTBigCode"] = dict(multi_query=True)  # (StarCoder: one key/value head, 
 # in 4 model-parallel shards of [q | v | k]; both: model.transformer.wte / h / ln_f, parallel blocks
 ARCHS["GPTJ"] = dict(rotary_dim=16)
 ARCHS["CodeGen"] = dict(rotary_dim=16)
+# Falcon: model.transformer.word_embeddings / h / ln_f, FalconLinear projections; a fused
+# query_key_value of [q | k | v] with one key/value head and a parallel block with one norm
+# (Falcon-7B), of [kv_heads, group + 2, head_dim] with two norms ln_attn / ln_mlp (the new decoder
+# architecture: Falcon-40B / 180B), heads of [q, k, v] in a sequential block, or ALiBi instead of
+# RoPE (Falcon-RW: a bias in the attention mask)
+ARCHS["Falcon"] = dict(multi_query=True)
+ARCHS["FalconNew"] = dict(new_decoder_architecture=True, num_kv_heads=2)
+ARCHS["FalconSequential"] = dict(multi_query=False, parallel_attn=False)
+ARCHS["FalconAlibi"] = dict(multi_query=False, parallel_attn=False, alibi=True)
 # multi-head latent attention: a 16-channel RoPE part, values of 24 channels (keys: 32), as many
 # key/value heads as query heads, queries through a low-rank q_a_proj / q_b_proj (V3: interleaved
 # RoPE) or one q_proj (V2: complex tables)
@@ -150,9 +159,10 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope"):
+    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope", "New", "Alibi"):
         arch = arch.removesuffix(suffix)
-    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode", "GPTJ", "CodeGen"):
+    if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode", "GPTJ", "CodeGen",
+                "Falcon"):  # fmt: skip
         del kw["num_key_value_heads"]
     cfg = getattr(transformers, "Gemma3TextConfig" if arch == "Gemma3" else f"{arch}Config")(**kw)
     head = {"GPT2": "GPT2LMHeadModel", "Llama4Text": "Llama4ForCausalLM"}.get(
@@ -208,6 +218,9 @@ LAYOUT_ARCHS = [
     "GPTNeo",
     "GPTJ",
     "CodeGen",
+    "Falcon",
+    "FalconNew",
+    "FalconSequential",
     "GraniteMoe",
     "Llama4Text",
     "MiniCPM3",
@@ -220,7 +233,8 @@ def test_skip_plans_follow_each_layout(arch):
     zeroed (every layout's post-norm maps zero to zero; parallel blocks of Cohere, Phi and
     StableLM: refused before; GPT-OSS, whose MoE answers (out, router scores): refused before, the
     layout check could not run its layer; MiniCPM3's residual branches times scale_depth /
-    sqrt(layers), its residual_scale: refused before)."""
+    sqrt(layers), its residual_scale: refused before; Falcon's parallel blocks of one norm or of
+    ln_attn / ln_mlp and its sequential one)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     full = fastlayers.apply_skip_plan(_model(arch), SkipPlan.full(2))
@@ -244,7 +258,7 @@ def test_skip_plans_follow_each_layout(arch):
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
      "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2",
-     "MiMoV2Flash", "MiniCPM3", "GPTJ", "CodeGen"],
+     "MiMoV2Flash", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew", "FalconSequential"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -262,7 +276,7 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     another size than the keys; each refused before), MiMo-V2-Flash's scaled values of their own
     head size, its window layer's doubled key/value heads and sinks; GPT-J's and CodeGen's RoPE
     (tables as (sin, cos), one tensor rotated at a time) and CodeGen's sharded qkv_proj (refused
-    before)."""
+    before); Falcon's three query_key_value layouts (refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -593,6 +607,10 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "GPTBigCode",
         "GPTJ",
         "CodeGen",
+        "Falcon",
+        "FalconNew",
+        "FalconSequential",
+        "FalconAlibi",
         "DeepseekV3",
         "DeepseekV2",
         "DeepseekV32",
@@ -618,7 +636,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     keys cached beside the INT4 latent, here as they come: FP8 keys would change the picks of a
     model without a cache); HunYuan V4's latent attention with an indexer, sinks and
     an output gate; GPT-J and CodeGen (the fold on their interleaved partial RoPE; CodeGen's on its
-    sharded qkv_proj rows)."""
+    sharded qkv_proj rows); Falcon's three query_key_value layouts (refused before) and ALiBi (the
+    bias in the mask: the INT4 cache's masked path)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -749,7 +768,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
      "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
-     "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen"],
+     "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
@@ -757,7 +776,7 @@ def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch)
     the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens) and on
     parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM); MiniCPM3's
     LM head input divided by its logits_scaling (refused before); GPT-J's and CodeGen's wte and
-    ln_f (refused before)."""
+    ln_f, Falcon's word_embeddings (refused before)."""
     from fastlayers.skip_plan import self_speculative_generate
 
     model = _model(arch)
@@ -1146,6 +1165,36 @@ def test_int4_kv_of_multi_head_latent_attention_caches_the_latent(arch):
     quant.remove_rope_aware_kv(model)
     assert "expand_kv" not in model.model.layers[0].self_attn.__dict__
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_falcon_projections_and_alibi():
+    """Falcon's fused query_key_value in its three layouts: ``[q | k | v]`` with one key/value
+    head (multi-query, Falcon-7B: refused before as heads interleaved), ``[kv_heads, group + 2,
+    head_dim]`` (the new decoder architecture: refused before) and heads of ``[q, k, v]``; the
+    split and the fold's rows are the module's own queries, keys and values. Falcon-RW's ALiBi
+    (a bias in the attention mask, no RoPE) is refused by name for routed attention, which would
+    drop it (0.77 relative logit error before)."""
+    x = torch.randn(5, 128)
+    for arch, fused, kv in (("Falcon", "concat", 1), ("FalconNew", "per_head", 2),
+                            ("FalconSequential", "per_head", 4)):  # fmt: skip
+        attn = attention_of(decoder_layers(_model(arch))[0])
+        qkv = qkv_projections(attn)
+        assert (qkv.fused, qkv.heads, qkv.kv_heads, qkv.head_dim) == (fused, 4, kv, 32)
+        q, k, v, _ = qkv.project(x)
+        y = attn.query_key_value(x)
+        if arch == "FalconNew":  # (the module's own view: each group's queries, its key, value)
+            grouped = y.view(5, 2, 4, 32)
+            want = grouped[:, :, :2].reshape(5, -1), grouped[:, :, 2], grouped[:, :, 3]
+        elif arch == "Falcon":
+            want = y.view(5, 6, 32).split([4, 1, 1], 1)
+        else:
+            want = y.view(5, 4, 3, 32).unbind(2)
+        for got, ref in zip((q, k, v), want, strict=True):
+            assert torch.equal(got, ref.reshape(5, -1))
+        assert torch.equal(y[:, qkv.rows("q")], q) and torch.equal(y[:, qkv.rows("k")], k)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    with pytest.raises(ValueError, match="FalconAttention.s positions are an ALiBi bias"):
+        fastlayers.apply_skip_plan(_model("FalconAlibi"), SkipPlan([every, LayerPlan()]))
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV32", "HYV4"])

@@ -380,6 +380,8 @@ def _layouts_by_names(layer, others: set[str]) -> list[DecoderLayout]:
     if len(others) == 1 and others <= {"input_layernorm", "ln_1"}:  # (GPT-J, CodeGen: ln_1)
         norm = next(iter(others))  # (no norm before the feedforward: parallel, if it holds)
         return [DecoderLayout(norm, None, norm, None, mult, True)]
+    if others == {"ln_attn", "ln_mlp"}:  # (Falcon's new decoder architecture: parallel, 2 norms)
+        return [DecoderLayout("ln_attn", None, "ln_mlp", None, mult, True)]
     return []
 
 
@@ -537,17 +539,18 @@ class QKVProjections:
     """Where an attention module's queries, keys and values come from: three linear layers
     (``q_proj`` / ``k_proj`` / ``v_proj``; ``fused`` None) or one fused linear layer whose output
     holds them as ``[q | k | v]`` (``fused="concat"``: Phi-3's ``qkv_proj``, GPT-2's ``Conv1D``
-    ``c_attn``) or head by head as
-    ``[heads, 3, head_dim]`` (``fused="per_head"``: Persimmon's and GPT-NeoX's
-    ``query_key_value``, equal query and key/value heads), or in ``shards`` slices of
+    ``c_attn``, multi-query Falcon's ``query_key_value``) or group by group as ``[kv_heads, group +
+    2, head_dim]``, each key/value head's ``group`` query heads then its key and its value
+    (``fused="per_head"``: Persimmon's and GPT-NeoX's ``query_key_value``, one query head per
+    group: ``[heads, 3, head_dim]``; Falcon's new decoder architecture), or in ``shards`` slices of
     ``[q | v | k]`` each (``fused="shards"``: CodeGen's ``qkv_proj``, interleaved across the 4
     model-parallel shards it was trained with; ``mp_num``). ``q``, ``k`` and ``v`` are the layers
-    their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives
-    each head's queries and then as many output gate logits, ``[heads, 2, head_dim]`` (Qwen3-Next,
+    their rows come from (the same layer thrice when fused). ``q_gate``: the query layer gives each
+    head's queries and then as many output gate logits, ``[heads, 2, head_dim]`` (Qwen3-Next,
     Qwen3.5: the attention's output is multiplied by ``sigmoid(gate)``). ``v_dim``: the values'
     head size where the module names one of its own (``v_head_dim``: MiMo-V2-Flash; separate
-    projections only), else ``head_dim``; ``v_scale``: a factor the module multiplies its values
-    by (MiMo-V2-Flash's ``v_scale``). :func:`attention_mismatch` checks the split against what the
+    projections only), else ``head_dim``; ``v_scale``: a factor the module multiplies its values by
+    (MiMo-V2-Flash's ``v_scale``). :func:`attention_mismatch` checks the split against what the
     module itself gives its attention."""
 
     q: torch.nn.Module
@@ -579,8 +582,10 @@ class QKVProjections:
             per = y.unflatten(-1, (self.shards, 3, hq // self.shards))
             q, v, k = (per[..., j, :].flatten(-2) for j in range(3))
             return q, k, v
-        per = y.unflatten(-1, (self.heads, 3, d))
-        return tuple(per[..., j, :].flatten(-2) for j in range(3))
+        g = self.heads // self.kv_heads  # (per_head: [kv_heads, g + 2, d])
+        per = y.unflatten(-1, (self.kv_heads, g + 2, d))
+        k, v = (per[..., j, :].flatten(-2) for j in (g, g + 1))
+        return per[..., :g, :].flatten(-3), k, v
 
     def project(self, x: torch.Tensor):
         """``(q, k, v, gate)`` of tokens ``x [..., hidden]``, each ``[..., h * d]`` (``gate``:
@@ -609,9 +614,11 @@ class QKVProjections:
             local, j = n // self.shards, "qvk".index(which)
             return (torch.arange(self.shards)[:, None] * 3 * local + j * local
                     + torch.arange(local)).reshape(-1)  # fmt: skip
-        j = "qkv".index(which)
-        d = self.head_dim
-        return (torch.arange(heads)[:, None] * 3 * d + j * d + torch.arange(d)).reshape(-1)
+        d, g = self.head_dim, self.heads // self.kv_heads  # (per_head: [kv_heads, g + 2, d])
+        group = torch.arange(self.kv_heads)[:, None] * (g + 2) * d
+        if which == "q":
+            return (group[:, :, None] + torch.arange(g)[:, None] * d + torch.arange(d)).reshape(-1)
+        return (group + g * d + torch.arange(d)).reshape(-1)
 
 
 _FUSED_QKV = {"qkv_proj": "concat", "query_key_value": "per_head", "c_attn": "concat"}
@@ -668,7 +675,11 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
         if not isinstance(shards, int) or shards < 1 or (heads * d) % shards or kv_heads != heads:
             return f"{name}'s qkv_proj is in {shards!r} shards, which do not split its " \
                    f"{heads} heads of {d} channels"  # fmt: skip
-    if fused == "per_head" and kv_heads != heads:
+    if fused == "per_head" and getattr(attn, "multi_query", False) is True and \
+            getattr(attn, "new_decoder_architecture", False) is False:  # fmt: skip
+        fused = "concat"  # (Falcon's multi-query layout: [q | k | v], one key/value head)
+    if fused == "per_head" and kv_heads != heads and \
+            getattr(attn, "new_decoder_architecture", False) is not True:  # fmt: skip
         return f"{name}'s query_key_value interleaves heads, but it has {heads} query and " \
                f"{kv_heads} key/value heads"  # fmt: skip
     width = (heads + 2 * kv_heads) * d

@@ -608,6 +608,9 @@ def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch
                 why = (f"{type(attn).__name__} selects the keys each query attends to with an "
                        "indexer (DeepSeek V3.2's sparse attention), which routed attention does "
                        "not apply")  # fmt: skip
+            if why is None and getattr(attn.config, "alibi", False) is True:  # (Falcon-RW)
+                why = (f"{type(attn).__name__}'s positions are an ALiBi bias the model adds to "
+                       "the attention mask, which routed attention does not apply")  # fmt: skip
             if why is not None:
                 raise ValueError(f"apply_skip_plan: layer {i} cannot be routed: {why}")
             window = _sliding_window(attn)
@@ -775,17 +778,17 @@ def _embedder(model, layers, probe_ids: torch.Tensor):
     if "h" not in seen or not torch.equal(seen["h"], embed(probe_ids)):
         raise TypeError(
             "self_speculative_generate: the model transforms its token embeddings before its "
-            "first layer in a way it does not know (it knows embed_tokens / embed_in / wte and "
-            "embedding_multiplier)"
+            "first layer in a way it does not know (it knows embed_tokens / embed_in / wte / "
+            "word_embeddings and embedding_multiplier)"
         )
     return embed
 
 
 def _input_embeddings(inner):
-    """The token embedding of the module holding the layers: ``embed_tokens``, ``embed_in`` or
-    ``wte`` (GPT-J, CodeGen; GPT-2 adds position embeddings, which the embedder's check
-    refuses)."""
-    for name in ("embed_tokens", "embed_in", "wte"):
+    """The token embedding of the module holding the layers: ``embed_tokens``, ``embed_in``,
+    ``wte`` (GPT-J, CodeGen; GPT-2 adds position embeddings, which the embedder's check refuses)
+    or ``word_embeddings`` (Falcon; BLOOM's embedding LayerNorm is refused the same way)."""
+    for name in ("embed_tokens", "embed_in", "wte", "word_embeddings"):
         part = getattr(inner, name, None)
         if isinstance(part, torch.nn.Module):
             return part
@@ -817,7 +820,8 @@ def self_speculative_generate(
     the other layers', and after each verification every layer is cropped to the accepted tokens.
     Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
     ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``; GPT-NeoX's
-    ``model.gpt_neox.embed_in`` and ``final_layer_norm``; GPT-J's ``wte`` and ``ln_f``). Returns
+    ``model.gpt_neox.embed_in`` and ``final_layer_norm``; GPT-J's ``wte`` and ``ln_f``; Falcon's
+    ``word_embeddings``). Returns
     ``(sequence [1, T + new], stats)`` with ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
