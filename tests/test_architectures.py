@@ -1245,6 +1245,41 @@ def test_dsa_indexer_keys_are_cached_in_fp8(arch):
         quant.Int4KVCache.for_model(model, indexer_fp8=1)
 
 
+@pytest.mark.parametrize("arch", ["DeepseekV32", "HYV4"])
+def test_dsa_indexer_picking_every_key_attends_in_place(arch, monkeypatch):
+    """A DSA indexer whose top-k covers the whole context (contexts up to ``index_topk`` tokens:
+    DeepSeek V3.2's 2048) picks every key, so the mask alone says what each query sees: the
+    prompt (left-padded) and the decode steps attend over the INT4 rows in place (prefill and
+    decode kernels, absorbed) instead of expanding the prompt's rows and gathering each step's
+    picks; generate() equals generate() without a cache (float indexer keys)."""
+    from fastlayers.quant import rope_kv_hf
+
+    model = _model(arch, index_topk=64)
+    fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 24))])  # fmt: skip
+    attn = model.model.layers[0].self_attn
+
+    def refused(*args, **kwargs):
+        raise AssertionError("expanded or gathered, not attended in place")
+
+    monkeypatch.setattr(type(attn), "expand_kv", refused)
+    monkeypatch.setattr(rope_kv_hf, "_picked_rows", refused)
+    ids = torch.randint(3, 128, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # (left padding)
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        cache = quant.Int4KVCache.for_model(model, indexer_fp8=False)
+        cached = model.generate(ids, cache=cache, **kw)
+        monkeypatch.undo()
+        plain = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    for a, b in zip(cached.scores, plain.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "arch", ["DeepseekV3", "DeepseekV2", "MiniCPM3", "DeepseekV32", "HYV4", "DeepseekV3-bf16"]
 )

@@ -592,6 +592,11 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
     picked = kwargs.get("indices")  # (a DSA indexer's top-k keys per query, [B, Tq, k])
     q_fp8 = getattr(module, "_fl_q_fp8", True)
     layer = getattr(key, "_fl_layer", None)
+    keys = key.shape[-2] if layer is None else layer.length
+    if picked is not None and picked.shape[-1] >= keys:
+        # (top-k of every key: all of them picked, as in contexts up to index_topk tokens; the
+        # mask alone says what each query sees: the in-place paths below)
+        picked = None
     if latent and layer is not None:
         grad = torch.is_grad_enabled() and query.requires_grad
         mla = None if grad else _absorbable(module, query)
