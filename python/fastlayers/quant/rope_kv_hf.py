@@ -516,26 +516,35 @@ def _absorbable(module, query) -> MLAProjections | None:
     return mla if ok else None
 
 
-def _picked_rows(layer, picked, mask):
-    """The INT4 rows of ``layer`` a DSA indexer picked for a decode step's query (``picked
-    [B, 1, k]`` token indices) and the mask shows (eager's, ``[B, 1, 1, T]``: padding hidden), as
-    DeepSeek's sparse decode reads them: gathered into ``[B, 1, n, .]`` (``n`` the most any batch
-    row keeps), each batch row's at the end in token order, the slots before them skipped
+def _picked_rows(layer, picked, mask, first: int):
+    """The INT4 rows of ``layer`` a DSA indexer picked for ``c`` queries of a step (``picked
+    [B, c, k]`` token indices; the queries are the cache's tokens ``first .. first + c - 1``)
+    that the mask shows and causality allows (eager's mask ``[B or 1, 1, c, T]``, their rows of
+    it: padding hidden), as DeepSeek's sparse attention reads them: gathered into
+    ``[B * c, 1, n, .]`` (``n`` the most any query keeps; query ``i`` of batch row ``b`` at
+    ``b * c + i``), each query's at the end in token order, the slots before them skipped
     (``starts``): ``(rows, scales, n, starts)``."""
-    kq, ks = layer.kq, layer.ks
-    b, t = kq.shape[0], kq.shape[2]
-    keep = torch.zeros(b, t, dtype=torch.bool, device=kq.device)
-    keep.scatter_(1, picked[:, 0].long(), True)
+    kq, ks = layer.kq[:, 0], layer.ks.view(torch.uint8)[:, 0]  # [B, T, .]
+    b, t, c = kq.shape[0], kq.shape[1], picked.shape[1]
+    keep = torch.zeros(b, c, t, dtype=torch.bool, device=kq.device)
+    keep.scatter_(2, picked.long(), True)
+    position = torch.arange(t, device=kq.device)
+    keep &= position <= first + torch.arange(c, device=kq.device)[:, None]  # (causal)
     if mask is not None:  # (bool: True shows; float: 0 shows)
-        shown = mask[:, 0, -1, :t]
-        keep &= (shown if shown.dtype == torch.bool else shown == 0).expand(b, t)
+        shown = mask[:, 0, -c:, :t]
+        keep &= shown if shown.dtype == torch.bool else shown == 0
+    keep = keep.view(b * c, t)
     count = keep.sum(1)
     n = int(count.max())
     order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, t - n :]  # (kept ones last)
-    rows = kq.gather(2, order[:, None, :, None].expand(b, 1, n, kq.shape[3]))
-    index = order[:, None, :, None].expand(b, 1, n, ks.shape[3])
-    scales = ks.view(torch.uint8).gather(2, index).view(ks.dtype)
-    return rows, scales, n, (n - count).to(torch.int32)
+    batch = torch.arange(b, device=kq.device).repeat_interleave(c)[:, None]
+    rows, scales = kq[batch, order], ks[batch, order].view(layer.ks.dtype)  # [B * c, n, .]
+    return rows[:, None], scales[:, None], n, (n - count).to(torch.int32)
+
+
+# Queries of a prompt whose picked rows one gather takes (a DSA indexer's: [B * chunk, 1, n, .]
+# INT4 rows, n up to its top-k)
+_PICKED_QUERY_CHUNK = 64
 
 
 def latent_rows_attention(query, w, nope: int, rows, scales, length: int, starts=None,
@@ -601,17 +610,30 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         grad = torch.is_grad_enabled() and query.requires_grad
         mla = None if grad else _absorbable(module, query)
         rows = None  # (the INT4 rows to attend over in place: rows, scales, length, starts)
-        if mla is not None and query.shape[2] == 1 and picked is not None:  # (those rows only)
-            rows = _picked_rows(layer, picked, attention_mask)
-        elif mla is not None and picked is None:  # (causal, and left padding at most)
+        if mla is not None and picked is None:  # (causal, and left padding at most)
             starts = _left_padding(attention_mask, query.shape[0], layer.length, query.shape[2])
             if starts is not False:
                 rows = (*layer.buffers[:2], layer.length, starts)
-        if rows is not None:
+        if mla is not None and (rows is not None or picked is not None):
             w = module.kv_b_proj.weight.view(mla.heads, mla.nope + mla.v_dim, mla.kv_rank)
-            out = latent_rows_attention(query, w, mla.nope, *rows, scaling, layer.post_scale, cap,
-                                        sinks, q_fp8)  # fmt: skip
-            return out.transpose(1, 2).contiguous(), None
+            extra = (scaling, layer.post_scale, cap, sinks, q_fp8)
+            if rows is not None:
+                out = latent_rows_attention(query, w, mla.nope, *rows, *extra)
+                return out.transpose(1, 2).contiguous(), None
+            # a DSA indexer's picks: each query over the rows it picked, gathered (as DeepSeek's
+            # sparse attention reads them), a chunk of a prompt's queries at a time
+            b, h, tq, _ = query.shape
+            outs = []
+            for q0 in range(0, tq, _PICKED_QUERY_CHUNK):
+                c = min(_PICKED_QUERY_CHUNK, tq - q0)
+                mask = attention_mask  # (its rows of these queries, unless it has one row)
+                if mask is not None and mask.shape[-2] > 1:
+                    mask = mask[..., q0 : q0 + c, :]
+                rows = _picked_rows(layer, picked[:, q0 : q0 + c], mask, layer.length - tq + q0)
+                q = query[:, :, q0 : q0 + c].transpose(1, 2).reshape(b * c, h, 1, -1)
+                out = latent_rows_attention(q, w, mla.nope, *rows, *extra)  # [B * c, H, 1, v]
+                outs.append(out.view(b, c, h, -1))
+            return torch.cat(outs, 1), None
         key, value = type(module).expand_kv(module, *layer.latent_parts())
         layer = None  # (the general path below, over the expanded heads)
     if picked is not None and not latent:  # (indexers come with multi-head latent attention)
