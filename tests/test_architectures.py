@@ -1204,7 +1204,8 @@ def test_dsa_indexer_keys_are_cached_in_fp8(arch):
     gets them back dequantized: within half an FP8 step of the float keys (at most 16 / 448 of
     each token's largest key channel); (16 + 4) bytes per token instead of 16 x 4 (fp32 model);
     crop and beam reordering move them with the latent; ``indexer_fp8=False`` keeps them as they
-    come; a non-bool refused by name."""
+    come, as does a layer given rows of another width than its indexer's keys; a non-bool refused
+    by name."""
     from fastlayers.ops.int4_fp8 import quantize_fp8_per_token
 
     model = _model(arch)
@@ -1243,6 +1244,13 @@ def test_dsa_indexer_keys_are_cached_in_fp8(arch):
     assert torch.equal(fp8.layers[0].indexer_keys, kept[[1, 0], :10])
     with pytest.raises(TypeError, match="indexer_fp8 must be a bool"):
         quant.Int4KVCache.for_model(model, indexer_fp8=1)
+    # rows of another width than the indexer's keys (GLM-5-Next packs more states) stay as they come
+    assert [layer.indexer_dim for layer in fp8.layers] == [16, 16]
+    other = quant.Int4KVCache.for_model(model)
+    other.layers[0].indexer_dim = 17
+    with torch.no_grad():
+        model(ids, cache=other)
+    assert other.layers[0]._indexer[1] is None and other.layers[1]._indexer[1] is not None
 
 
 @pytest.mark.parametrize("arch", ["DeepseekV32", "HYV4"])

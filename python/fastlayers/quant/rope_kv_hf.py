@@ -290,7 +290,12 @@ class _Int4LatentLayer(_Int4Layer):
     # them (without their Hadamard rotation, which a floating-point format hardly needs: e4m3's
     # relative error does not depend on the magnitude over 4 decades below the row's maximum), or
     # as they come with ``indexer_fp8=False``. The indexer gets them back dequantized, in its dtype.
+    # Only rows of the indexer's key width (``indexer_dim``, its ``head_dim``, which
+    # Int4KVCache.for_model reads off the module) go through FP8: an indexer that caches other
+    # states this way (GLM-5-Next packs gate scores and a validity channel beside its keys) keeps
+    # them as they come.
     indexer_fp8 = True
+    indexer_dim = None
     _indexer = None  # (keys [B, T, d], scales [B, T, 1] fp32 or None)
 
     def update_indexer(self, keys: torch.Tensor) -> torch.Tensor:
@@ -299,7 +304,8 @@ class _Int4LatentLayer(_Int4Layer):
         if keys.dim() != 3:
             raise ValueError(f"a DSA indexer's keys must be [batch, tokens, dim], got "
                              f"{tuple(keys.shape)}")  # fmt: skip
-        new = quantize_fp8_per_token(keys) if self.indexer_fp8 else (keys, None)
+        fp8 = self.indexer_fp8 and keys.shape[-1] == self.indexer_dim
+        new = quantize_fp8_per_token(keys) if fp8 else (keys, None)
         if self._indexer is not None:
             new = tuple(None if n is None else torch.cat([o, n], 1)
                         for o, n in zip(self._indexer, new, strict=True))  # fmt: skip
@@ -356,7 +362,8 @@ class Int4KVCache(Cache):
     latent and the RoPE key part instead of keys and values (:class:`_Int4LatentLayer`;
     :meth:`for_model` finds them). ``indexer_fp8``: a DSA indexer's keys (DeepSeek V3.2, GLM MoE
     DSA, HunYuan V4) in FP8-E4M3 with a scale per token, as DeepSeek's reference and vLLM keep them
-    (default), or as they come (False)."""
+    (default; for the layers whose indexer's key width :meth:`for_model` found, each layer's
+    ``indexer_dim``), or as they come (False)."""
 
     def __init__(self, post_scales, group_size: int = 128, other_layers: dict | None = None,
                  latent_layers=(), indexer_fp8: bool = True):  # fmt: skip
@@ -411,8 +418,12 @@ class Int4KVCache(Cache):
             other = {i: DYNAMIC_LAYER_TYPE_MAPPING[types[i]](**kwargs[i])
                      for i, m in enumerate(mods) if m is None}  # fmt: skip
         latent = [i for i, m in enumerate(mods) if m is not None and _latent(m) is not None]
-        return cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other, latent,
-                   indexer_fp8)  # fmt: skip
+        cache = cls([getattr(m, "_fl_k_post", None) for m in mods], group_size, other, latent,
+                    indexer_fp8)  # fmt: skip
+        for i in latent:  # (the width of the keys a DSA indexer caches: FP8 rows)
+            width = getattr(sparse_indexer(mods[i]), "head_dim", None)
+            cache.layers[i].indexer_dim = width if isinstance(width, int) else None
+        return cache
 
     def nbytes(self) -> int:
         """Bytes the cached tokens' quantized keys, values and scales occupy."""
