@@ -768,7 +768,8 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     "arch",
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
      "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
-     "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew"],
+     "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew", "GPT2",
+     "GPTBigCode"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window
@@ -776,7 +777,8 @@ def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch)
     the embedding multipliers of Granite and HyperCLOVA X (ignored before: other tokens) and on
     parallel blocks (Cohere, Phi with its final_layernorm: refused before, StableLM); MiniCPM3's
     LM head input divided by its logits_scaling (refused before); GPT-J's and CodeGen's wte and
-    ln_f, Falcon's word_embeddings (refused before)."""
+    ln_f, Falcon's word_embeddings, GPT-2's and GPT-BigCode's learned positions (wpe, no RoPE)
+    added at each drafted token's position (refused before)."""
     from fastlayers.skip_plan import self_speculative_generate
 
     model = _model(arch)

@@ -724,15 +724,16 @@ def _causal_mask(past: int, q: int, dtype, device, window: int | None = None):
 def _run_layers(model, h, start: int, end: int, past: int, cache, cache_kw: str):
     """Decoder layers ``[start, end)`` of a Llama-style model on hidden states ``h [1, q, d]`` at
     positions ``past .. past + q - 1``, writing their keys and values to ``cache``. Each layer gets
-    the RoPE of its type (Gemma 3: local and global) and its sliding window, if any."""
-    rotary = inner_model(model).rotary_emb
+    the RoPE of its type (Gemma 3: local and global; None for a model without a rotary embedding:
+    GPT-2's learned positions are in ``h`` already) and its sliding window, if any."""
+    rotary = getattr(inner_model(model), "rotary_emb", None)
     positions = torch.arange(past, past + h.shape[1], device=h.device)[None]
     embeddings, masks = {}, {}
     for layer in _decoder_layers(model)[start:end]:
         attn = attention_of(layer)
         kind = layer_type(attn)
         if kind not in embeddings:
-            embeddings[kind] = rope_tables(rotary, attn, h, positions)
+            embeddings[kind] = None if rotary is None else rope_tables(rotary, attn, h, positions)
         window = _sliding_window(attn)
         if window not in masks:
             masks[window] = _causal_mask(past, h.shape[1], h.dtype, h.device, window)
@@ -748,18 +749,23 @@ class _Captured(Exception):
 
 
 def _embedder(model, layers, probe_ids: torch.Tensor):
-    """``ids -> hidden states`` as the model feeds its first decoder layer: its input embeddings
-    (``embed_tokens``, GPT-NeoX's ``embed_in``), times ``embedding_multiplier`` where the model has
-    one (Granite, HyperCLOVA X). Checked against the model's own forward on ``probe_ids`` (stopped
-    at layer 0); TypeError if it does more."""
+    """``(ids, first position) -> hidden states`` as the model feeds its first decoder layer: its
+    input embeddings (``embed_tokens``, GPT-NeoX's ``embed_in``), plus the learned position
+    embeddings of GPT-2 and GPT-BigCode (``wpe``) at the ids' positions, times
+    ``embedding_multiplier`` where the model has one (Granite, HyperCLOVA X). Checked against the
+    model's own forward on ``probe_ids`` (stopped at layer 0); TypeError if it does more."""
     inner = inner_model(model)
     mult = getattr(inner, "embedding_multiplier", None)
     if mult is None:
         mult = getattr(getattr(inner, "config", None), "embedding_multiplier", 1.0)
     embeddings = _input_embeddings(inner)
+    wpe = getattr(inner, "wpe", None)  # (learned absolute positions)
+    wpe = wpe if isinstance(wpe, torch.nn.Embedding) else None
 
-    def embed(ids):
+    def embed(ids, first: int = 0):
         h = embeddings(ids)
+        if wpe is not None:
+            h = h + wpe(torch.arange(first, first + ids.shape[1], device=ids.device))[None]
         return h if mult == 1.0 else h * mult
 
     seen = {}
@@ -779,15 +785,15 @@ def _embedder(model, layers, probe_ids: torch.Tensor):
         raise TypeError(
             "self_speculative_generate: the model transforms its token embeddings before its "
             "first layer in a way it does not know (it knows embed_tokens / embed_in / wte / "
-            "word_embeddings and embedding_multiplier)"
+            "word_embeddings, wpe position embeddings and embedding_multiplier)"
         )
     return embed
 
 
 def _input_embeddings(inner):
     """The token embedding of the module holding the layers: ``embed_tokens``, ``embed_in``,
-    ``wte`` (GPT-J, CodeGen; GPT-2 adds position embeddings, which the embedder's check refuses)
-    or ``word_embeddings`` (Falcon; BLOOM's embedding LayerNorm is refused the same way)."""
+    ``wte`` (GPT-J, CodeGen, GPT-2) or ``word_embeddings`` (Falcon; BLOOM's embedding LayerNorm
+    is refused by the embedder's check)."""
     for name in ("embed_tokens", "embed_in", "wte", "word_embeddings"):
         part = getattr(inner, name, None)
         if isinstance(part, torch.nn.Module):
@@ -821,7 +827,8 @@ def self_speculative_generate(
     Batch size 1; a Hugging Face Llama-style model (``model.model.embed_tokens``, ``layers``,
     ``norm`` (Phi: ``final_layernorm``), ``rotary_emb``, ``model.lm_head``; GPT-NeoX's
     ``model.gpt_neox.embed_in`` and ``final_layer_norm``; GPT-J's ``wte`` and ``ln_f``; Falcon's
-    ``word_embeddings``). Returns
+    ``word_embeddings``; GPT-2's and GPT-BigCode's learned positions ``wpe`` instead of RoPE).
+    Returns
     ``(sequence [1, T + new], stats)`` with ``stats = {"drafted", "accepted", "verify_steps"}``.
     """
     from transformers import DynamicCache
@@ -840,9 +847,11 @@ def self_speculative_generate(
     final_norm = next((getattr(inner, n) for n in ("norm", "final_layernorm", "final_layer_norm",
                                                    "ln_f")
                        if isinstance(getattr(inner, n, None), torch.nn.Module)), None)  # fmt: skip
-    for name, part in (("embed_tokens", _input_embeddings(inner)),
-                       ("norm", final_norm), ("rotary_emb", getattr(inner, "rotary_emb", None)),
-                       ("lm_head", getattr(model, "lm_head", None))):  # fmt: skip
+    parts = [("embed_tokens", _input_embeddings(inner)), ("norm", final_norm),
+             ("lm_head", getattr(model, "lm_head", None))]  # fmt: skip
+    if not isinstance(getattr(inner, "wpe", None), torch.nn.Embedding):  # (GPT-2: no RoPE)
+        parts.append(("rotary_emb", getattr(inner, "rotary_emb", None)))
+    for name, part in parts:
         if not isinstance(part, torch.nn.Module):
             raise TypeError(f"self_speculative_generate needs a Llama-style model (model.{name})")
     params = inspect.signature(type(layers[0]).forward).parameters
@@ -900,7 +909,7 @@ def self_speculative_generate(
         # draft: pending, then each draft token, through the first layers; keep their exit states
         exits, drafts, x = [], [], pending
         for i in range(k + 1):  # (the last pass only gives d_k's exit state, for verification)
-            h = _run_layers(model, embed(x), 0, exit_layer, verified + i, cache,
+            h = _run_layers(model, embed(x, verified + i), 0, exit_layer, verified + i, cache,
                             cache_kw)  # fmt: skip
             exits.append(h)
             if i < k:
