@@ -115,6 +115,10 @@ ARCHS["Falcon"] = dict(multi_query=True)
 ARCHS["FalconNew"] = dict(new_decoder_architecture=True, num_kv_heads=2)
 ARCHS["FalconSequential"] = dict(multi_query=False, parallel_attn=False)
 ARCHS["FalconAlibi"] = dict(multi_query=False, parallel_attn=False, alibi=True)
+# MiniCPM5-MoE: queries and sigmoid output gates from one q_gate_proj, [heads, 2, head_dim] (as
+# Qwen3-Next's q_proj), a dense then a MoE layer
+ARCHS["MiniCPM5Moe"] = dict(head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=64, n_group=1, topk_group=1)  # fmt: skip
 # multi-head latent attention: a 16-channel RoPE part, values of 24 channels (keys: 32), as many
 # key/value heads as query heads, queries through a low-rank q_a_proj / q_b_proj (V3: interleaved
 # RoPE) or one q_proj (V2: complex tables)
@@ -258,7 +262,8 @@ def test_skip_plans_follow_each_layout(arch):
      "PhiQk", "Afmoe", "HunYuanDenseV1", "Phi3", "Persimmon", "PersimmonPlain", "GptOss",
      "BitNet", "Laguna", "LagunaChannels", "NanoChat", "GPTNeoX", "GPTNeoXSequential",
      "GraniteMoe", "Llama4Text", "GPT2", "GPTBigCode", "DeepseekV3", "DeepseekV2",
-     "MiMoV2Flash", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew", "FalconSequential"],
+     "MiMoV2Flash", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew", "FalconSequential",
+     "MiniCPM5Moe"],
 )  # fmt: skip
 def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     """Routing every token, ungated, is the layer's own attention: the q/k norms (Qwen3, Gemma 3
@@ -276,7 +281,8 @@ def test_routed_attention_with_every_token_routed_is_each_models_layer(arch):
     another size than the keys; each refused before), MiMo-V2-Flash's scaled values of their own
     head size, its window layer's doubled key/value heads and sinks; GPT-J's and CodeGen's RoPE
     (tables as (sin, cos), one tensor rotated at a time) and CodeGen's sharded qkv_proj (refused
-    before); Falcon's three query_key_value layouts (refused before)."""
+    before); Falcon's three query_key_value layouts and MiniCPM5-MoE's q_gate_proj (queries and
+    output gates; refused before)."""
     ids = torch.randint(3, 128, (2, 12))
     want = _logits(_model(arch), ids)
     routed = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
@@ -611,6 +617,7 @@ def test_layouts_and_rope_pairings_read_from_the_models():
         "FalconNew",
         "FalconSequential",
         "FalconAlibi",
+        "MiniCPM5Moe",
         "DeepseekV3",
         "DeepseekV2",
         "DeepseekV32",
@@ -637,7 +644,8 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     model without a cache); HunYuan V4's latent attention with an indexer, sinks and
     an output gate; GPT-J and CodeGen (the fold on their interleaved partial RoPE; CodeGen's on its
     sharded qkv_proj rows); Falcon's three query_key_value layouts (refused before) and ALiBi (the
-    bias in the mask: the INT4 cache's masked path)."""
+    bias in the mask: the INT4 cache's masked path); MiniCPM5-MoE's q_gate_proj (the fold on its
+    query rows, the gates left alone; refused before)."""
     ids = torch.randint(3, 128, (3, 10))
     want = _logits(_model(arch), ids)
     calib = [torch.randint(3, 128, (1, 24))]
@@ -769,7 +777,7 @@ def test_from_similarity_measures_the_residual_stream_of_each_layout(arch):
     ["Qwen3", "Gemma2", "Gemma3", "Olmo2", "Cohere", "Glm4", "Granite", "HyperCLOVAX", "Phi",
      "StableLmParallel", "GptOss", "Phi3", "Persimmon", "GPTNeoX", "GPTNeoXSequential",
      "Llama4Text", "GraniteMoe", "MiniCPM3", "GPTJ", "CodeGen", "Falcon", "FalconNew", "GPT2",
-     "GPTBigCode"],
+     "GPTBigCode", "MiniCPM5Moe"],
 )  # fmt: skip
 def test_self_speculative_generate_is_greedy_decoding_on_each_architecture(arch):
     """Early-exit drafting and verification reproduce greedy decoding past the sliding window

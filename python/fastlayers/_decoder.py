@@ -658,6 +658,8 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
     if not all(isinstance(v, int) and v > 0 for v in (heads, kv_heads, d)):
         return f"{name} has no config.num_attention_heads / num_key_value_heads and head_dim"
     separate = ("q_proj", "k_proj", "v_proj")
+    if not _has(attn, "q_proj") and _has(attn, "q_gate_proj") and mla_projections(attn) is None:
+        separate = ("q_gate_proj", "k_proj", "v_proj")  # (MiniCPM5-MoE: queries and gates)
     found = [n for n in _FUSED_QKV if _has(attn, n)]
     if all(_has(attn, n) for n in separate) and not found:
         names, mods, fused = separate, [getattr(attn, n) for n in separate], None
@@ -688,6 +690,8 @@ def qkv_projections(attn: torch.nn.Module) -> QKVProjections | str:
         return f"{name}'s {names[0]} has {got} outputs, not {width} (queries, keys and values)"
     q, k, v = mods if fused is None else mods * 3
     gated = fused is None and got == 2 * heads * d  # (Qwen3-Next: queries and output gates)
+    if names[0] == "q_gate_proj" and not gated:
+        return f"{name}'s q_gate_proj has {got} outputs, not {2 * heads * d} (queries and gates)"
     if fused is None and got not in (heads * d, 2 * heads * d):
         return f"{name}'s q_proj has {got} outputs, not {heads * d} ({heads} heads of {d})"
     dv = getattr(attn, "v_head_dim", None)  # (MiMo-V2-Flash: values of another head size)
@@ -886,7 +890,8 @@ def output_projection(attn: torch.nn.Module) -> torch.nn.Module:
 # The attention submodules fastlayers' attention paths know (Phi names o_proj ``dense``, LFM2
 # ``out_proj``; AFMoE's ``gate_proj`` and Laguna's ``g_proj`` gate the attention's output,
 # BitNet's ``attn_sub_norm`` normalises it: attention_output).
-_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "o_proj", "dense",
+_ATTENTION_PARTS = ("q_proj", "q_gate_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value",
+                    "o_proj", "dense",
                     "out_proj", "qk_norm", "c_attn", "c_proj",
                     "q_norm", "k_norm",
                     "q_layernorm", "k_layernorm", "query_layernorm", "key_layernorm",
