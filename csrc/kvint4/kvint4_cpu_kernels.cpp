@@ -33,6 +33,26 @@ int64_t position(int64_t c, bool chunked) {
   return base + (i % 2 == 0 ? i / 2 : 8 + i / 2);
 }
 
+#if defined(FL_AVX512)
+// AVX-512 dequantizes by table lookup: `tab` holds a group's 16 INT4 code values (by nibble: 0..7,
+// then -8..-1) times its scale, and vpermps picks each channel's entry by its nibble. vpermps
+// reads only the low 4 bits of each index lane, so the bytes need no masking: lanes 0-7 take the 8
+// bytes (their low nibbles: the even channels), lanes 8-15 the bytes shifted right by 4 within
+// 16-bit words (their high nibbles; the neighbour's bits shifted in above are ignored). 5
+// instructions per 16 channels instead of 10; the same values (a code times its scale is exact).
+static inline __m512 int4_table(float scale) {
+  const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  return _mm512_mul_ps(codes, _mm512_set1_ps(scale));
+}
+
+// 16 channels from their 8 bytes, in the [8 even | 8 odd] order, from the group's table.
+static inline __m512 int4_chunk_lut(const uint8_t* bytes, __m512 tab) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i both = _mm_unpacklo_epi64(b, _mm_srli_epi16(b, 4));
+  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(both), tab);
+}
+#endif
+
 #if defined(__AVX2__)
 // 16 channels from their 8 bytes, in the [8 even | 8 odd] order, times their group's scale.
 static inline void int4_chunk(const uint8_t* bytes, __m256 s, __m256& lo, __m256& hi) {
@@ -45,7 +65,15 @@ static inline void int4_chunk(const uint8_t* bytes, __m256 s, __m256& lo, __m256
 
 void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64_t group, bool chunked,
                  float* out) {
-#if defined(__AVX2__)
+#if defined(FL_AVX512)
+  if (chunked) {
+    for (int64_t g0 = 0; g0 < d; g0 += group) {  // one table per group
+      const __m512 tab = int4_table(to_float(scales[g0 / group]));
+      for (int64_t c = g0; c < g0 + group; c += 16) _mm512_storeu_ps(out + c, int4_chunk_lut(bytes + c / 2, tab));
+    }
+    return;
+  }
+#elif defined(__AVX2__)
   if (chunked) {
     for (int64_t g0 = 0; g0 < d; g0 += group) {  // one scale (and no division) per group
       const __m256 s = _mm256_set1_ps(to_float(scales[g0 / group]));
@@ -224,16 +252,20 @@ struct Int4Rows {
   int64_t d, group, row;
 };
 
-// 16 channels from their 8 bytes in the [8 even | 8 odd] order, times their group's scale s.
-static inline void int4_chunk_v(const uint8_t* bytes, V s, V* x) {
+// A group's dequantization state: its table (AVX-512) or its scale broadcast (AVX2).
 #if defined(FL_AVX512)
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)), m = _mm_set1_epi8(15);
-  const __m128i nibbles = _mm_unpacklo_epi64(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-  const __m512i eight = _mm512_set1_epi32(8);
-  const __m512i codes = _mm512_sub_epi32(_mm512_xor_si512(_mm512_cvtepu8_epi32(nibbles), eight), eight);
-  x[0].v = _mm512_mul_ps(_mm512_cvtepi32_ps(codes), s.v);
+static inline V int4_group(float scale) { return {int4_table(scale)}; }
 #else
-  int4_chunk(bytes, s.v, x[0].v, x[1].v);
+static inline V int4_group(float scale) { return vset1(scale); }
+#endif
+
+// 16 channels from their 8 bytes in the [8 even | 8 odd] order, dequantized with their group's
+// int4_group state g.
+static inline void int4_chunk_v(const uint8_t* bytes, V g, V* x) {
+#if defined(FL_AVX512)
+  x[0].v = int4_chunk_lut(bytes, g.v);
+#else
+  int4_chunk(bytes, g.v, x[0].v, x[1].v);
 #endif
 }
 
@@ -245,7 +277,7 @@ void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
     V a[H];
     for (int h = 0; h < H; ++h) a[h] = vzero();
     for (int64_t g = 0; g < groups; ++g) {
-      const V sc = vset1(k.scales[i * groups + g]);
+      const V sc = int4_group(k.scales[i * groups + g]);
       for (int64_t c = g * k.group; c < (g + 1) * k.group; c += 16) {
         V x[kChunk];
         int4_chunk_v(k.bytes + i * k.row + c / 2, sc, x);
@@ -270,7 +302,7 @@ void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
     }
     for (int64_t i = 0; i < nt; ++i) {
       V x[kChunk];
-      int4_chunk_v(v.bytes + i * v.row + c / 2, vset1(v.scales[i * groups + g]), x);
+      int4_chunk_v(v.bytes + i * v.row + c / 2, int4_group(v.scales[i * groups + g]), x);
       for (int h = 0; h < H; ++h) {
         const V ph = vset1(p[h * kTokens + i]);
         for (int j = 0; j < kChunk; ++j) a[h][j] = vfma(ph, x[j], a[h][j]);
