@@ -199,6 +199,16 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+def _left_padded(ids):
+    """Pads ``ids``' row 0 on the left by 3 tokens (their ids set to 0, in place); returns
+    generate()'s greedy kwargs with that attention mask, 6 new tokens and their scores."""
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[mask == 0] = 0
+    return dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                return_dict_in_generate=True)  # fmt: skip
+
+
 LAYOUT_ARCHS = [
     "Llama",
     "Qwen3",
@@ -664,11 +674,7 @@ def test_rope_aware_kv_scales_keep_the_float_model_and_generate_matches(arch):
     assert ("INT4 latent" in str(report)) == latent
     if arch in ("DeepseekV32", "HYV4"):  # (the indexer's keys kept beside the INT4 latent)
         assert model.config._attn_implementation == "fastlayers_int4kv_masked"
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)  # fmt: skip
+    kw = _left_padded(ids)
     with torch.no_grad():
         cache = quant.Int4KVCache.for_model(model, indexer_fp8=False)
         cached = model.generate(ids, cache=cache, **kw)
@@ -1283,11 +1289,7 @@ def test_dsa_indexer_picking_every_key_attends_in_place(arch, monkeypatch):
     monkeypatch.setattr(type(attn), "expand_kv", refused)
     monkeypatch.setattr(rope_kv_hf, "_picked_rows", refused)
     ids = torch.randint(3, 128, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # (left padding)
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)  # fmt: skip
+    kw = _left_padded(ids)
     with torch.no_grad():
         cache = quant.Int4KVCache.for_model(model, indexer_fp8=False)
         cached = model.generate(ids, cache=cache, **kw)
@@ -1330,11 +1332,7 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     monkeypatch.setattr(type(attn), "expand_kv", counted)
     monkeypatch.setattr(rope_kv_hf, "_PICKED_QUERY_CHUNK", 4)  # (10 prompt tokens: 3 chunks)
     ids = torch.randint(3, 128, (3, 10))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # (left padding)
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)  # fmt: skip
+    kw = _left_padded(ids)
     layers = len(model.model.layers)
     with torch.no_grad():
         absorbed = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
