@@ -53,7 +53,7 @@ static inline __m512 int4_chunk_lut(const uint8_t* bytes, __m512 tab) {
 }
 #endif
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !defined(FL_AVX512)  // (AVX-512: int4_chunk_lut)
 // 16 channels from their 8 bytes, in the [8 even | 8 odd] order, times their group's scale.
 static inline void int4_chunk(const uint8_t* bytes, __m256 s, __m256& lo, __m256& hi) {
   const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
@@ -368,7 +368,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
   }
   const int64_t row = (b * p.hkv + h) * p.t_max;
   const int64_t keys = past + qi0 + nq;  // the last row's limit + 1
-  // (decode with starts: the row's left padding skipped; validate keeps starts off prefill)
+  // (with starts: the row's left padding skipped; prefill rows inside it see no token)
   for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kTokens) {
     const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
 #if defined(__AVX2__)

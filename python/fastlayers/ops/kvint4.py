@@ -214,18 +214,9 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     _check_starts(starts, q, length)
     device = q.device
-    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
-        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
-                                    starts=starts)  # fmt: skip
-    b, hq, _, d = q.shape
-    hkv, dv = k.shape[1], v.shape[3] * 2
-    if device.type == "cuda" and not _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, 1, dv):
-        _ext.warn_once(
-            "int4_kv_attention-cuda-shape",
-            f"fastlayers.int4_kv_attention: head_dim {d} (values {dv}) with {hq // hkv} "
-            f"query heads per kv head is not a CUDA kernel shape ({_CUDA_SHAPES}); running the "
-            "PyTorch reference",
-        )
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode") or (
+        device.type == "cuda" and not _cuda_workspace("int4_kv_attention", q, k, v, 1)
+    ):  # fmt: skip
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                     starts=starts)  # fmt: skip
     out, lse = _run(q, k, k_scale, v, v_scale, length, scale, starts=starts, softcap=softcap)
@@ -278,6 +269,20 @@ _CUDA_SHAPES = (
 )
 
 
+def _cuda_workspace(op: str, q, k, v, length: int) -> int:
+    """Floats of workspace the CUDA kernels need for ``op`` on this shape (``length`` cached
+    tokens), or 0 where they do not take it (warned once per op: the reference runs)."""
+    b, hq, d, hkv, dv = q.shape[0], q.shape[1], q.shape[-1], k.shape[1], v.shape[3] * 2
+    floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv)
+    if floats == 0:
+        _ext.warn_once(
+            f"{op}-cuda-shape",
+            f"fastlayers.{op}: head_dim {d} (values {dv}) with {hq // hkv} query heads per kv head "
+            f"is not a CUDA kernel shape ({_CUDA_SHAPES}); running the PyTorch reference",
+        )
+    return floats
+
+
 def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t [B, H, T, w]`` as the kernels read it: ``(tensor, elements from one token to the
     next)``, 0 for a contiguous tensor; a view whose tokens are evenly spaced rows of ``w``
@@ -300,19 +305,10 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
-    b, hq, d = q.shape
-    hkv = k.shape[1]
     workspace = None
     if device.type == "cuda":  # split-KV: per-split partial outputs and lse
-        dv = v.shape[3] * 2
-        floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv)
+        floats = _cuda_workspace("int4_kv_decode", q, k, v, length)
         if floats == 0:
-            _ext.warn_once(
-                "int4_kv_decode-cuda-shape",
-                f"fastlayers.int4_kv_decode: head_dim {d} (values {dv}) with {hq // hkv} query "
-                f"heads per kv head is not a CUDA kernel shape ({_CUDA_SHAPES}); running the "
-                "PyTorch reference",
-            )
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
         workspace = torch.empty(floats, dtype=torch.float32, device=device)
     out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap)

@@ -23,12 +23,11 @@ the RoPE part (times its post-RoPE scale, calibrated on the rotated part; no pre
 INT4 row per token with FP8 scales per group; queries through FP8. A decode step attends over the
 rows in place, ``kv_b_proj`` absorbed into the queries and the output
 (:func:`latent_rows_attention`: the INT4 decode kernel with the latent as keys and values), as
-does a prompt without padding (the INT4 prefill kernel); prompts with padding, and steps with
-other masks, expand the dequantized rows with the module's own ``expand_kv`` and attend in
-PyTorch.
-With a DSA indexer (DeepSeek V3.2, GLM MoE DSA), the keys it picks for each query are applied to
-the attention's mask (a decode step reads only the rows it picked), and its own keys are cached
-beside the INT4 latent as they come.
+does a prompt, left-padded or not (the INT4 prefill kernel); steps with other masks expand the
+dequantized rows with the module's own ``expand_kv`` and attend in PyTorch.
+With a DSA indexer (DeepSeek V3.2, GLM MoE DSA, HunYuan V4), each query of a step or a prompt
+reads only the rows it picked (gathered; all of them in place while its top-k covers the
+context), and the indexer's own keys are cached beside the INT4 latent in FP8.
 """
 
 from __future__ import annotations
@@ -244,7 +243,8 @@ class _Int4LatentLayer(_Int4Layer):
     Each token is stored as one INT4 row of keys, ``[latent | RoPE part]`` (the RoPE part times
     its post-RoPE scale ``[1, rope]``; groups never straddle the two, the group dividing both),
     and no values of their own: the latent is the keys' first ``kv_lora_rank`` channels. A
-    decode step or a prompt without padding attends over these rows in place
+    decode step or a prompt (left-padded or not; a DSA indexer's picks gathered) attends over
+    these rows in place
     (:func:`latent_rows_attention`: the queries absorb the key half of ``kv_b_proj``, the output
     its value half); anything else expands them
     (:meth:`latent_parts`: the values :func:`apply_rope_aware_kv`'s ``expand_kv`` rounds to
