@@ -33,7 +33,7 @@ def test_info_reports_build_and_backends():
     assert d["cuda_compiled"] == _ext.has_cuda_kernels()
     assert d["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     if _ext.C is not None:
-        assert d["cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16")
+        assert d["cpu_isa"] in ("scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16")
         assert d["cpu_isa_detected"] in _ext.C.cpu_isa_names()
     # a SIMDe test build (FASTLAYERS_EMULATE_AVX512) says so, and reports AVX512-BF16 as detected
     assert d["avx512_emulated"] is (_ext.C is not None and _ext.C.avx512_emulated())
@@ -217,10 +217,11 @@ def test_quick_budget_cuts_the_reps_of_slow_cases_only():
 @pytest.mark.skipif(_ext.C is None, reason="needs the compiled extension")
 def test_cpu_isa_names_and_selection_errors():
     # the levels lowest first, as the tests' cpu_isa fixture and bench/bench_isa.py read them
-    assert _ext.C.cpu_isa_names() == ("scalar", "avx2", "avx512", "avx512_bf16")
+    assert _ext.C.cpu_isa_names() == ("scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16")
     before = _ext.C.cpu_isa()
     with pytest.raises(
-        ValueError, match="one of 'scalar', 'avx2', 'avx512', 'avx512_bf16', got 'sse9'"
+        ValueError,
+        match="one of 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx_bf16', got 'sse9'",
     ):
         _ext.C.set_cpu_isa("sse9")
     names = _ext.C.cpu_isa_names()

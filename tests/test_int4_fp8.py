@@ -8,6 +8,7 @@ import torch
 
 import fastlayers
 from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
+from fastlayers import _ext
 from fastlayers.reference import int4_fp8 as ref
 
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -80,6 +81,59 @@ def test_gemm_every_cpu_isa(cpu_isa):
         want = ref.quantize_fp8_per_token(x)
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
         assert torch.equal(got[1], want[1])
+
+
+@pytest.fixture
+def amx_bf16():
+    if _ext.C is None or _ext.C.detected_cpu_isa() != "amx_bf16":
+        pytest.skip("needs a CPU with AMX-BF16 (Intel AMX) that the OS lets this process use")
+    before = _ext.C.cpu_isa()
+    _ext.C.set_cpu_isa("amx_bf16")
+    yield
+    _ext.C.set_cpu_isa(before)
+
+
+def test_gemm_amx_tiles(amx_bf16):
+    """The AMX tile kernel (ISA level amx_bf16; from 4 rows when k and the group size are multiples
+    of 32 and n of 16): up to 16 rows take one pass of one to four 16-channel blocks, 17-32 rows a
+    pass over two row blocks, more rows k chunks of 128 blocks of 32 over a decoded panel (C tiles
+    stored and reloaded between chunks), 128 rows staged at a time. Every other shape takes the
+    vdpbf16ps kernels under the same level; all are checked against the float64 oracle."""
+    # (n, k, group_size, rows): 1-4 channel blocks per pass (n 16 .. 112, a partial last group of
+    # the 96-k rows), one and two row blocks, odd row counts, many row pairs and a second
+    # 128-row stage, a k of 130 blocks (two chunks), groups of 32 and 128
+    cases = [
+        (16, 96, 64, 4), (48, 128, 32, 5), (80, 256, 128, 16), (112, 96, 64, 13),
+        (32, 160, 32, 17), (48, 320, 64, 32), (64, 384, 128, 33), (16, 256, 64, 70),
+        (96, 128, 128, 129), (48, 4160, 64, 40),
+    ]  # fmt: skip
+    for n, k, group_size, m in cases:
+        qw = _weight(n, k, group_size, "cpu")
+        x = rand(m, k + 8, dtype=torch.bfloat16, device="cpu")[:, 8:]  # rows with a stride
+        xq, xs = fastlayers.quantize_fp8_per_token(x)
+        dtypes = (
+            (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+            (torch.float32, torch.float16), (torch.bfloat16, None),
+        )  # fmt: skip
+        for out_dtype, bias_dtype in dtypes:
+            bias = None if bias_dtype is None else rand(n, dtype=bias_dtype, device="cpu")
+            _check_gemm(xq, xs, qw, bias, out_dtype)
+    # shapes the tiles do not take, at the same level: n % 16, k % 32, group_size % 32
+    for n, k, group_size in ((40, 128, 64), (32, 112, 16), (32, 144, 48)):
+        qw = _weight(n, k, group_size, "cpu")
+        xq, xs = fastlayers.quantize_fp8_per_token(rand(20, k, dtype=torch.float32, device="cpu"))
+        _check_gemm(xq, xs, qw, None, torch.float32)
+    # a NaN group scale poisons its channel; a scale of 448 saturates the table, as the reference
+    qw = _weight(32, 128, 64, "cpu", "none")
+    gs = qw.group_scale.clone()
+    gs[3, 1] = torch.tensor(float("nan")).to(gs.dtype)
+    gs[5, 0] = torch.tensor(448.0).to(gs.dtype)
+    qw = fastlayers.QuantizedWeight(qw.qweight, gs, qw.channel_scale, qw.group_size)
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(20, 128, dtype=torch.float32, device="cpu"))
+    y = fastlayers.int4_fp8_gemm(xq, xs, qw, None, torch.float32)
+    want = _reference(xq, xs, qw, None, torch.float32)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and bool(torch.isnan(y[:, 3]).all())
+    torch.testing.assert_close(y[:, 4:], want[:, 4:], rtol=2e-6, atol=1e-5)
 
 
 def test_gemm_strides_batches_and_empty(device):

@@ -5,8 +5,28 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace fastlayers::cpu {
 namespace {
+
+// AMX-BF16 in the CPU and the tile data state granted to this process. Linux keeps the 8 KiB of tile
+// registers off by default: a process asks once (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA), and a
+// tile instruction without the grant is a SIGILL. The grant holds for every thread of the process.
+bool amx_bf16_usable() {
+#if defined(__linux__) && defined(__x86_64__) && defined(SYS_arch_prctl)
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) != 0) return false;
+  unsigned long long granted = 0;
+  return syscall(SYS_arch_prctl, kGetXcompPerm, &granted) == 0 && ((granted >> kXtileData) & 1ull) != 0;
+#else
+  return false;
+#endif
+}
 
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -19,7 +39,8 @@ Isa detect() {
   // NOTE(isa): __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+    if (!__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512;
+    return amx_bf16_usable() ? Isa::kAmxBf16 : Isa::kAvx512Bf16;
   }
   if (avx2) return Isa::kAvx2;
 #endif
@@ -47,6 +68,8 @@ std::atomic<int>& active() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmxBf16:
+      return "amx_bf16";
     case Isa::kAvx512Bf16:
       return "avx512_bf16";
     case Isa::kAvx512:

@@ -65,7 +65,7 @@ float dot(const A* a, const B* b, int64_t n) {
 template <typename T>
 bool bf16_dots() {
 #if defined(FL_AVX512)
-  return IsBf16<T>::value && active_isa() == Isa::kAvx512Bf16;
+  return IsBf16<T>::value && active_isa() >= Isa::kAvx512Bf16;
 #else
   return false;
 #endif

@@ -48,6 +48,7 @@ struct Tables {
   float lut[256][16];
   uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
   bf16_t fp8_bf16[256];        // each FP8 code as bf16 (exact)
+  uint16_t lut_bf16[256][16];  // lut as bf16 bits (exact: the top 16 bits of the fp32 pattern)
   Tables() {
     const float* fp8 = fp8_values();
     for (int c = 0; c < 256; ++c) {
@@ -57,6 +58,7 @@ struct Tables {
         const uint32_t top = float_bits(lut[c][i]) >> 16;
         lut_bytes[c][i] = static_cast<uint8_t>(top & 0xFF);
         lut_bytes[c][16 + i] = static_cast<uint8_t>(top >> 8);
+        lut_bf16[c][i] = static_cast<uint16_t>(top);
       }
     }
   }
@@ -695,6 +697,282 @@ void gemm_panels(const GemmParams& p, bool bf16) {
   delete[] staged16;
 }
 
+#if defined(FL_AVX512) && !defined(FL_SIMDE_AVX512) && defined(__x86_64__)
+#define FL_INT4_FP8_AMX 1
+// ---- AMX-BF16 (ISA level amx_bf16): tile-register GEMM ---------------------------------------------
+// tdpbf16ps C[16 x 16] += A[16 x 32] . B[32 x 16] in fp32 from bf16 pairs, exact products as in
+// vdpbf16ps (FP8 activations and table values fp8(q * s8) are exact in bf16; every product is a
+// multiple of 2^-18, so the instruction's flush of denormals never changes a sum).
+//
+// The weight is the A operand: a tile row is one channel's 32 k, which is 16 weight bytes looked up
+// in the channel's group table in natural k order (widen each byte to a dword, its two nibbles into
+// the two words: one vpermw over the 16 bf16 table values), so the decode needs no transpose. The
+// activations are the B operand, staged once per call in the pair layout the instruction reads
+// ([k / 2][m][2]). The C tile comes out [channel][row] and is transposed once per 16 x 16 outputs,
+// after all of K, to finish (scales, bias, rounding) 16 channels of a row at a time.
+//
+// Tiles: tmm0-3 accumulators C[channel block a][row block b] at 2 a + b, tmm4-5 the weight blocks,
+// tmm6-7 the activation blocks: 32 channels x 32 rows per pass, the weight decoded once per pass
+// over the staged rows (into an L2 panel that later row pairs reload when there are more than 32).
+//
+// The GCC tile intrinsics are asm statements without a memory clobber: amx_fence() tells the
+// compiler that the tile loads read what the decode stored and that tile stores wrote memory.
+
+#define FL_TARGET_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512f")))
+
+constexpr int64_t kAmxStageRows = 128;  // activation rows staged at a time (multiple of 32)
+constexpr int64_t kAmxChunk = 128;        // k blocks (of 32) per decoded weight chunk with more than 32 rows
+constexpr int kTileBytes = 1024;        // 16 rows x 64 bytes
+constexpr int64_t kAmxPrefetchBytes = 512;  // weight prefetch distance per channel row
+constexpr int64_t kAmxMinRows = 4;     // rows from which the tiles beat the vdpbf16ps kernels
+
+inline void amx_fence() { __asm__ __volatile__("" ::: "memory"); }
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Rows [m0, m0 + rows) of the activations, FP8 -> bf16 pairs: staged[(b * kb_count + kb) * 256 +
+// r * 16 + i] holds k 32 kb + 2 r and + 1 of row m0 + 16 b + i; rows past the end are zeros.
+void stage_rows_amx(const GemmParams& p, int64_t m0, int64_t rows, int64_t block, uint32_t* staged) {
+  const bf16_t* bf = tables().fp8_bf16;
+  const int64_t kbs = p.k / 32;
+  uint32_t* out = staged + block * kbs * 256;
+  for (int i = 0; i < 16; ++i) {
+    const int64_t row = 16 * block + i;
+    if (row >= rows) {
+      for (int64_t kp = 0; kp < p.k / 2; ++kp) out[(kp / 16) * 256 + (kp % 16) * 16 + i] = 0;
+      continue;
+    }
+    const uint8_t* x = &p.xq[(m0 + row) * p.x_row_stride].bits;
+    for (int64_t kp = 0; kp < p.k / 2; ++kp) {
+      out[(kp / 16) * 256 + (kp % 16) * 16 + i] = static_cast<uint32_t>(bf[x[2 * kp]].bits) |
+                                                   (static_cast<uint32_t>(bf[x[2 * kp + 1]].bits) << 16);
+    }
+  }
+}
+
+// Channels [c, c + 16), k [32 kb, 32 kb + 32) -> an A tile (16 rows of 32 bf16, natural order).
+FL_TARGET_AMX void decode_tile_amx(const GemmParams& p, int64_t c, int64_t kb, uint16_t* tile) {
+  const Tables& t = tables();
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const int64_t g = kb * 32 / p.group_size;
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+  for (int i = 0; i < 16; ++i) {
+    const int64_t ch = c + i;
+    const uint8_t* w = p.qweight + ch * (p.k / 2) + kb * 16;
+    const __m512i table = _mm512_castsi256_si512(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.lut_bf16[p.group_scale[ch * groups + g].bits])));
+    if ((kb & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + kAmxPrefetchBytes, _MM_HINT_T0);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    // word 2 j = low nibble of byte j (k = 2 j), word 2 j + 1 = its high nibble: (v | v << 12) & mask
+    const __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nibbles, 0xA8);
+    _mm512_storeu_si512(tile + 32 * i, _mm512_permutexvar_epi16(idx, table));
+  }
+}
+
+// One C tile (16 channels from c x 16 staged rows from row0) finished into y.
+void finish_tile_amx(const GemmParams& p, const float* acc, int64_t c, int64_t row0, int64_t rows) {
+  __m512i v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(acc + 16 * i);
+  transpose16(v);  // v[r]: row r's 16 channels
+  const V cs = vload(p.channel_scale + c);
+  V bias = vzero();
+  if (p.bias != nullptr) {
+    switch (p.bias_dtype) {
+      case DType::kFloat16:
+        bias = vload(static_cast<const half_t*>(p.bias) + c);
+        break;
+      case DType::kBFloat16:
+        bias = vload(static_cast<const bf16_t*>(p.bias) + c);
+        break;
+      default:
+        bias = vload(static_cast<const float*>(p.bias) + c);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const V y = vadd(vmul(vmul(V{_mm512_castsi512_ps(v[r])}, vset1(p.xs[row0 + r])), cs), bias);
+    const int64_t i = (row0 + r) * p.n + c;
+    switch (p.out_dtype) {
+      case DType::kFloat16:
+        vstore(static_cast<half_t*>(p.y) + i, y);
+        break;
+      case DType::kBFloat16:
+        vstore(static_cast<bf16_t*>(p.y) + i, y);
+        break;
+      default:
+        vstore(static_cast<float*>(p.y) + i, y);
+    }
+  }
+}
+
+// NB channel blocks from c x MB row blocks (staged from x) over k blocks [kb0, kb1) into the C tiles
+// at acc (tile t at acc + 256 t, after adding what acc holds when accumulate). Two row blocks: C
+// tile 2 j + h is channel block j x row block h, the weight in tmm4-5, the rows in tmm6-7 (four tile
+// loads per four products). One row block: up to four channel blocks, C tile j, the weight in tmm4,
+// 5, 7, 4 and the rows in tmm6 (five loads per four products). decode: each k block's weight is
+// decoded into two alternating slots at a, k block kb + 1 while the tiles of kb multiply (its stores
+// then have an iteration to reach L1 before the tile loads read them); else a holds the decoded
+// tiles of [kb0, kb1).
+template <int NB, int MB>
+FL_TARGET_AMX void pass_amx(const GemmParams& p, int64_t c, const uint32_t* x, int64_t kb0, int64_t kb1,
+                            uint16_t* a, bool decode, float* acc, bool accumulate) {
+  static_assert(MB == 1 ? NB >= 1 && NB <= 4 : MB == 2 && NB >= 1 && NB <= 2, "tile budget: 8 tiles");
+  constexpr int kTiles = NB * MB;   // accumulators 0 .. kTiles - 1
+  constexpr int64_t kA = kTileBytes / 2;  // uint16 per weight tile
+  const int64_t block_stride = p.k / 32 * 256;  // between the staged row blocks
+  if (accumulate) {
+    _tile_loadd(0, acc, 64);
+    if constexpr (kTiles > 1) _tile_loadd(1, acc + 256, 64);
+    if constexpr (kTiles > 2) _tile_loadd(2, acc + 512, 64);
+    if constexpr (kTiles > 3) _tile_loadd(3, acc + 768, 64);
+  } else {
+    _tile_zero(0);
+    if constexpr (kTiles > 1) _tile_zero(1);
+    if constexpr (kTiles > 2) _tile_zero(2);
+    if constexpr (kTiles > 3) _tile_zero(3);
+  }
+  if (decode) {
+    for (int j = 0; j < NB; ++j) decode_tile_amx(p, c + 16 * j, kb0, a + ((kb0 & 1) * NB + j) * kA);
+  }
+  amx_fence();
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const uint16_t* at = a + (decode ? (kb & 1) : kb - kb0) * NB * kA;
+    const uint32_t* xb = x + kb * 256;
+    if constexpr (MB == 2) {
+      _tile_loadd(4, at, 64);
+      _tile_loadd(6, xb, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, xb + block_stride, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NB == 2) {
+        _tile_loadd(5, at + kA, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    } else {
+      _tile_loadd(6, xb, 64);
+      _tile_loadd(4, at, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB > 1) {
+        _tile_loadd(5, at + kA, 64);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+      if constexpr (NB > 2) {
+        _tile_loadd(7, at + 2 * kA, 64);
+        _tile_dpbf16ps(2, 7, 6);
+      }
+      if constexpr (NB > 3) {
+        _tile_loadd(4, at + 3 * kA, 64);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    if (decode && kb + 1 < kb1) {
+      amx_fence();
+      for (int j = 0; j < NB; ++j) decode_tile_amx(p, c + 16 * j, kb + 1, a + (((kb + 1) & 1) * NB + j) * kA);
+      amx_fence();
+    }
+  }
+  _tile_stored(0, acc, 64);
+  if constexpr (kTiles > 1) _tile_stored(1, acc + 256, 64);
+  if constexpr (kTiles > 2) _tile_stored(2, acc + 512, 64);
+  if constexpr (kTiles > 3) _tile_stored(3, acc + 768, 64);
+  amx_fence();
+}
+
+FL_TARGET_AMX void pass_amx(int nb, int mb, const GemmParams& p, int64_t c, const uint32_t* x, int64_t kb0,
+                            int64_t kb1, uint16_t* a, bool decode, float* acc, bool accumulate) {
+  if (mb == 2) {
+    if (nb == 2) pass_amx<2, 2>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+    else pass_amx<1, 2>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+    return;
+  }
+  switch (nb) {
+    case 4:
+      return pass_amx<4, 1>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+    case 3:
+      return pass_amx<3, 1>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+    case 2:
+      return pass_amx<2, 1>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+    default:
+      return pass_amx<1, 1>(p, c, x, kb0, kb1, a, decode, acc, accumulate);
+  }
+}
+
+// Needs k and group_size multiples of 32 and n a multiple of 16 (gemm() checks). Per pair of channel
+// blocks: up to 32 staged rows, one pass that decodes the weight on the way; more rows, k chunks of
+// kAmxChunk blocks: the chunk's weight decoded into L1 once, then every row pair's C tiles reloaded,
+// advanced over the chunk and stored (the staged activations are read from L2, the weight from L1).
+FL_TARGET_AMX void gemm_amx(const GemmParams& p) {
+  const int64_t kbs = p.k / 32;
+  const int64_t stage_rows = p.m < kAmxStageRows ? p.m : kAmxStageRows;
+  uint32_t* staged = new uint32_t[(stage_rows + 15) / 16 * kbs * 256];
+  const int64_t channel_blocks = p.n / 16;
+  const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
+#pragma omp parallel if (parallel)
+  {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = 16;
+      cfg.colsb[t] = 64;
+    }
+    amx_fence();
+    _tile_loadconfig(&cfg);
+    uint16_t* panel = new uint16_t[2 * kAmxChunk * (kTileBytes / 2)];
+    float* acc = new float[kAmxStageRows / 32 * 1024];
+    for (int64_t m0 = 0; m0 < p.m; m0 += kAmxStageRows) {
+      const int64_t rows = p.m - m0 < kAmxStageRows ? p.m - m0 : kAmxStageRows;
+      const int64_t blocks = (rows + 15) / 16, pairs = (blocks + 1) / 2;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < blocks; ++b) stage_rows_amx(p, m0, rows, b, staged);
+      // (implicit barrier: every block is staged before any pass reads it)
+      // channel blocks per task: four with one row block, else two
+      const int64_t group = blocks == 1 ? 4 : 2, tasks = (channel_blocks + group - 1) / group;
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t c = 16 * group * task;
+        const int nb = static_cast<int>(channel_blocks - group * task < group ? channel_blocks - group * task : group);
+        if (pairs == 1) {
+          pass_amx(nb, static_cast<int>(blocks), p, c, staged, 0, kbs, panel, true, acc, false);
+        } else {
+          for (int64_t kb0 = 0; kb0 < kbs; kb0 += kAmxChunk) {
+            const int64_t kb1 = kb0 + kAmxChunk < kbs ? kb0 + kAmxChunk : kbs;
+            for (int64_t kb = kb0; kb < kb1; ++kb) {
+              for (int j = 0; j < nb; ++j) {
+                decode_tile_amx(p, c + 16 * j, kb, panel + ((kb - kb0) * nb + j) * (kTileBytes / 2));
+              }
+            }
+            amx_fence();
+            for (int64_t q = 0; q < pairs; ++q) {
+              const int mb = 2 * q + 1 < blocks ? 2 : 1;
+              pass_amx(nb, mb, p, c, staged + 2 * q * kbs * 256, kb0, kb1, panel, false, acc + 1024 * q, kb0 > 0);
+            }
+          }
+        }
+        for (int64_t q = 0; q < pairs; ++q) {
+          const int mb = 2 * q + 1 < blocks ? 2 : 1;
+          for (int j = 0; j < nb; ++j) {
+            for (int h = 0; h < mb; ++h) {
+              const int64_t r = 32 * q + 16 * h;
+              const int tile = mb == 2 ? 2 * j + h : j;
+              finish_tile_amx(p, acc + 1024 * q + 256 * tile, c + 16 * j, m0 + r, rows - r < 16 ? rows - r : 16);
+            }
+          }
+        }
+      }
+      // (implicit barrier: nobody restages while another thread still reads)
+    }
+    delete[] acc;
+    delete[] panel;
+    _tile_release();
+  }
+  delete[] staged;
+}
+#endif  // AMX
+
 template <typename T>
 void quantize_rows(const QuantizeParams& p) {
   const int64_t n = p.cols;
@@ -734,8 +1012,15 @@ void quantize_rows(const QuantizeParams& p) {
 }  // namespace
 
 Status gemm(const GemmParams& p) {
+#if defined(FL_INT4_FP8_AMX)
+  if (active_isa() >= Isa::kAmxBf16 && p.m >= kAmxMinRows && p.k % 32 == 0 && p.group_size % 32 == 0 &&
+      p.n % 16 == 0) {
+    gemm_amx(p);
+    return Status::ok();
+  }
+#endif
 #if defined(FL_AVX512)
-  const bool bf16 = active_isa() == Isa::kAvx512Bf16;
+  const bool bf16 = active_isa() >= Isa::kAvx512Bf16;
 #else
   const bool bf16 = false;
 #endif

@@ -98,7 +98,7 @@ void transpose_keys(const VarlenParams& p, int64_t cols, Out* out, Value value) 
 template <typename T>
 bool pairs_for(int64_t width) {
 #if defined(FL_AVX512)
-  return IsBf16<T>::value && width % 2 == 0 && active_isa() == Isa::kAvx512Bf16;
+  return IsBf16<T>::value && width % 2 == 0 && active_isa() >= Isa::kAvx512Bf16;
 #else
   (void)width;
   return false;

@@ -38,7 +38,8 @@ def info() -> dict:
     """A dict describing this installation.
 
     Keys: ``version``, ``extension_loaded`` (bool), ``extension_error`` (why not, or None),
-    ``cpu_isa`` (the kernel variant in use: avx512_bf16 / avx512 / avx2 / scalar, or None),
+    ``cpu_isa`` (the kernel variant in use: amx_bf16 / avx512_bf16 / avx512 / avx2 / scalar,
+    or None),
     ``cpu_isa_detected``,
     ``avx512_emulated`` (a test build whose AVX-512 kernels run through SIMDe),
     ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``cuda_sm90_gemm`` (the Hopper
