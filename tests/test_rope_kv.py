@@ -939,6 +939,54 @@ def test_int4_kv_attention_left_padding(device, hq, hkv, d, dv, group):
         int4_kv_attention(q, k, ks, v, vs, t, starts=starts + 40)
 
 
+@pytest.fixture
+def amx_bf16():
+    from fastlayers import _ext
+
+    if _ext.C is None or _ext.C.detected_cpu_isa() != "amx_bf16":
+        pytest.skip("needs a CPU with AMX-BF16 (Intel AMX) that the OS lets this process use")
+    before = _ext.C.cpu_isa()
+    _ext.C.set_cpu_isa("amx_bf16")
+    yield
+    _ext.C.set_cpu_isa(before)
+
+
+# (b, hq, hkv, d, dv, group, t, tq, starts): the tile prefill takes tasks of >= 32 rows (query
+# tokens x the group's heads, 32 query tokens a task) with d and dv multiples of 32
+AMX_PREFILL_SHAPES = [
+    (1, 32, 8, 128, 128, 128, 300, 200, None),  # Llama-class GQA; key blocks of 128, a partial one
+    (2, 8, 2, 64, 64, 32, 100, 37, [5, 0]),  # 37 query tokens: a task of 5 (20 rows), left padding
+    (1, 12, 1, 96, 64, 32, 77, 50, None),  # values of their own size, 12 heads per kv head
+    (2, 4, 4, 32, 32, 16, 40, 40, [0, 33]),  # the whole cache as queries, 16-channel groups
+    (1, 16, 1, 576, 512, 64, 70, 9, None),  # multi-head latent attention: values in the key rows
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,dv,group,t,tq,starts", AMX_PREFILL_SHAPES)
+def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, starts):
+    """The AMX prefill (ISA level amx_bf16): keys and values dequantized exactly to bf16, queries
+    and probabilities split into three bf16 parts each, so fp32 queries keep fp32 accuracy; the
+    online softmax per block of 128 keys; against the float64 reference with the CPU kernels'
+    tolerances, with soft-capping, sinks and left padding, fp32 / bf16 / fp16 queries."""
+    if dv != d and d == 576:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, "cpu")
+    else:
+        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, "cpu")
+        k, ks, v, vs = (x[:b] for x in (k, ks, v, vs))
+    st = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    sinks = torch.randn(hq)
+    # fp32 queries at 4e-6: the three-part splits keep fp32 accuracy (two parts: about 2e-5)
+    for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
+        for softcap, sk in ((None, None), (20.0, sinks)):
+            q = rand(b, hq, tq, d, dtype=dtype, device="cpu", scale=2.0)
+            out, lse = int4_kv_attention(q, k, ks, v, vs, t, None, softcap, sk, st)
+            ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5,
+                                                softcap or 0.0, sk, st)  # fmt: skip
+            assert out.shape == (b, hq, tq, dv) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+
+
 def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
     """Each CPU kernel variant reading the values from the key rows in place (register path,
     buffer path, head slices, channels outside 16-chunks), against the reference."""

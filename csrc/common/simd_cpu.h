@@ -43,6 +43,32 @@ constexpr int kW = 16;
 struct V {
   __m512 v;
 };
+// v[i] (i < 16: 16 rows of 16 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
+static inline void transpose16(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // v[i + q], 128-bit lane l: column 4 l + q of rows i .. i + 3
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44);
+    const __m512i s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
+    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
+    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
+    t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + q] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+    t[8 + q] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
 static inline V vzero() { return {_mm512_setzero_ps()}; }
 static inline V vset1(float f) { return {_mm512_set1_ps(f)}; }
 static inline V vadd(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }

@@ -22,6 +22,7 @@
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include <omp.h>
 
+#include "common/amx_cpu.h"
 #include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
@@ -164,32 +165,6 @@ void group_tail(const uint8_t* w, int64_t bytes, const float* lut, const float* 
 }
 
 #if defined(FL_AVX512)
-
-// v[i] (i < 16: 16 rows of 16 lanes) transposed in place: lane j of v[i] becomes lane i of v[j].
-void transpose16(__m512i* v) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // v[i + q], 128-bit lane l: column 4 l + q of rows i .. i + 3
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int q = 0; q < 4; ++q) {
-    const __m512i s0 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0x44);
-    const __m512i s1 = _mm512_shuffle_i32x4(v[q], v[4 + q], 0xEE);
-    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0x44);
-    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + q], v[12 + q], 0xEE);
-    t[q] = _mm512_shuffle_i32x4(s0, s2, 0x88);
-    t[4 + q] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
-    t[8 + q] = _mm512_shuffle_i32x4(s1, s3, 0x88);
-    t[12 + q] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) v[i] = t[i];
-}
 
 // Panel decode (decode_panel): the table values of 16 weight bytes, even k and odd k.
 using Lanes = __m512i;
@@ -697,8 +672,7 @@ void gemm_panels(const GemmParams& p, bool bf16) {
   delete[] staged16;
 }
 
-#if defined(FL_AVX512) && !defined(FL_SIMDE_AVX512) && defined(__x86_64__)
-#define FL_INT4_FP8_AMX 1
+#if defined(FL_AMX)
 // ---- AMX-BF16 (ISA level amx_bf16): tile-register GEMM ---------------------------------------------
 // tdpbf16ps C[16 x 16] += A[16 x 32] . B[32 x 16] in fp32 from bf16 pairs, exact products as in
 // vdpbf16ps (FP8 activations and table values fp8(q * s8) are exact in bf16; every product is a
@@ -710,30 +684,13 @@ void gemm_panels(const GemmParams& p, bool bf16) {
 // activations are the B operand, staged once per call in the pair layout the instruction reads
 // ([k / 2][m][2]). The C tile comes out [channel][row] and is transposed once per 16 x 16 outputs,
 // after all of K, to finish (scales, bias, rounding) 16 channels of a row at a time.
-//
-// Tiles: tmm0-3 accumulators C[channel block a][row block b] at 2 a + b, tmm4-5 the weight blocks,
-// tmm6-7 the activation blocks: 32 channels x 32 rows per pass, the weight decoded once per pass
-// over the staged rows (into an L2 panel that later row pairs reload when there are more than 32).
-//
-// The GCC tile intrinsics are asm statements without a memory clobber: amx_fence() tells the
-// compiler that the tile loads read what the decode stored and that tile stores wrote memory.
-
-#define FL_TARGET_AMX __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512f")))
+// Tile assignment per pass: pass_amx. The tile configuration and compiler fences: common/amx_cpu.h.
 
 constexpr int64_t kAmxStageRows = 128;  // activation rows staged at a time (multiple of 32)
 constexpr int64_t kAmxChunk = 128;        // k blocks (of 32) per decoded weight chunk with more than 32 rows
 constexpr int kTileBytes = 1024;        // 16 rows x 64 bytes
 constexpr int64_t kAmxPrefetchBytes = 512;  // weight prefetch distance per channel row
 constexpr int64_t kAmxMinRows = 4;     // rows from which the tiles beat the vdpbf16ps kernels
-
-inline void amx_fence() { __asm__ __volatile__("" ::: "memory"); }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Rows [m0, m0 + rows) of the activations, FP8 -> bf16 pairs: staged[(b * kb_count + kb) * 256 +
 // r * 16 + i] holds k 32 kb + 2 r and + 1 of row m0 + 16 b + i; rows past the end are zeros.
@@ -914,13 +871,7 @@ FL_TARGET_AMX void gemm_amx(const GemmParams& p) {
   const bool parallel = p.m * p.n * p.k >= kParallelMinWork;
 #pragma omp parallel if (parallel)
   {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.rows[t] = 16;
-      cfg.colsb[t] = 64;
-    }
-    amx_fence();
-    _tile_loadconfig(&cfg);
+    amx_configure();
     uint16_t* panel = new uint16_t[2 * kAmxChunk * (kTileBytes / 2)];
     float* acc = new float[kAmxStageRows / 32 * 1024];
     for (int64_t m0 = 0; m0 < p.m; m0 += kAmxStageRows) {
@@ -1012,7 +963,7 @@ void quantize_rows(const QuantizeParams& p) {
 }  // namespace
 
 Status gemm(const GemmParams& p) {
-#if defined(FL_INT4_FP8_AMX)
+#if defined(FL_AMX)
   if (active_isa() >= Isa::kAmxBf16 && p.m >= kAmxMinRows && p.k % 32 == 0 && p.group_size % 32 == 0 &&
       p.n % 16 == 0) {
     gemm_amx(p);

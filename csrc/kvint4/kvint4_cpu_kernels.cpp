@@ -10,6 +10,8 @@
 // of their own (keys d): the accumulators and outputs are dv wide.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
+#include "common/amx_cpu.h"
+#include "common/cpu_isa.h"
 #include "common/rows_cpu.h"
 #include "common/simd_cpu.h"
 #include "kvint4/kvint4.h"
@@ -553,6 +555,270 @@ Status quantize(const QuantizeParams& p) {
   FL_CPU_BY_FLOAT_DTYPE(quantize_rows, p, "kv_quantize: dtype must be float32, float16 or bfloat16")
 }
 
+#if defined(FL_AMX)
+// ---- AMX-BF16 (ISA level amx_bf16): prefill on tiles --------------------------------------------
+// A task of many query rows (prefill: 32 query tokens x the group's heads) multiplies on AMX tiles
+// (common/amx_cpu.h). An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so
+// the dequantized keys and values are exact there; the fp32 queries (times the softmax scale) and
+// probabilities are split into two bf16 parts, x = hi + lo (hi the top 16 bits, lo the rest rounded:
+// |x - hi - lo| <= 2^-17 |x|), and each multiplies twice. The products are exact and the sums fp32,
+// so the result keeps fp32 accuracy where a single bf16 rounding would cost 2^-9.
+//   Scores, transposed: S^T[key][row] = K . Q^T, the keys the A operand (dequantized rows in natural
+// order, 16 keys x 32 channels a tile), the queries the B operand (staged once per task in the pair
+// layout); 2 key blocks x 2 row blocks of C per pass. Each C tile is transposed into the fp32
+// score rows, where the online softmax (softmax_rows) runs as in the other paths.
+//   Values: O[row][c] += P . V, the probabilities the A operand (bf16 parts of the score rows), the
+// values the B operand (dequantized rows interleaved in key pairs); the accumulators are the
+// running outputs themselves (16 rows x 16 channels of acc a tile), 2 row blocks x 2 channel blocks
+// per pass.
+constexpr int64_t kAmxMinRows = 32;   // rows per task from which prefill runs on tiles
+constexpr int64_t kAmxTokens = 128;  // keys per block (the online softmax's per-row cost is per block)
+
+struct AmxBuffers {
+  uint32_t* q[3];        // the queries' bf16 parts: [row block][32-channel block][16 channel pairs][16 rows]
+  uint16_t* k;            // [kAmxTokens][d] bf16, natural order
+  uint16_t* v;            // [kAmxTokens][dv] bf16, natural order
+  uint32_t* v_pairs;      // [kAmxTokens / 2][dv] (key 2 i, key 2 i + 1) per channel
+  uint16_t* p[3];         // the probabilities' bf16 parts: [rows][kAmxTokens]
+  float* s;               // [rows][kAmxTokens] scores, then probabilities
+  float* acc;             // [rows][dv]
+  float* c;               // 4 C tiles
+  AmxBuffers(int64_t rows, int64_t d, int64_t dv)
+      : q{new uint32_t[rows * d / 2], new uint32_t[rows * d / 2], new uint32_t[rows * d / 2]},
+        k(new uint16_t[kAmxTokens * d]),
+        v(new uint16_t[kAmxTokens * dv]), v_pairs(new uint32_t[kAmxTokens / 2 * dv]),
+        p{new uint16_t[rows * kAmxTokens], new uint16_t[rows * kAmxTokens], new uint16_t[rows * kAmxTokens]},
+        s(new float[rows * kAmxTokens]),
+        acc(new float[rows * dv]), c(new float[4 * 256]) {}
+  ~AmxBuffers() {
+    delete[] s;
+    for (uint32_t* part : q) delete[] part;
+    delete[] k;
+    delete[] v;
+    delete[] v_pairs;
+    for (uint16_t* part : p) delete[] part;
+    delete[] acc;
+    delete[] c;
+  }
+  AmxBuffers(const AmxBuffers&) = delete;
+  AmxBuffers& operator=(const AmxBuffers&) = delete;
+};
+
+// x = part[0] + part[1] + part[2] in bf16 bits, each the top 16 bits of what the parts before
+// leave, the last rounded to nearest even: |x - sum| <= 2^-25 |x| (fp32's own rounding).
+static inline void split_bf16(float x, uint16_t* part) {
+  const uint32_t b0 = float_bits(x) & 0xFFFF0000u;
+  const float r0 = x - bits_float(b0);  // (exact)
+  const uint32_t b1 = float_bits(r0) & 0xFFFF0000u;
+  part[0] = static_cast<uint16_t>(b0 >> 16);
+  part[1] = static_cast<uint16_t>(b1 >> 16);
+  part[2] = to_bf16(r0 - bits_float(b1)).bits;
+}
+
+// One INT4 row (n channels, a multiple of 32) -> bf16 in natural order: per 32 channels, the 16
+// bytes widen to dwords whose two words take the two nibbles, and vpermw looks them up in the
+// group's 16 code values times its scale (exact in bf16).
+FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t n, int64_t group,
+                                    uint16_t* out) {
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+  for (int64_t g0 = 0; g0 < n; g0 += group) {
+    const __m512i tab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(int4_table(to_float(scales[g0 / group]))));
+    const int64_t end = g0 + group < n ? g0 + group : n;
+    int64_t c = g0;
+    for (; c + 32 <= end; c += 32) {
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
+      const __m512i idx = _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), nibbles, 0xA8);
+      _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(idx, tab));
+    }
+    for (; c < end; c += 2) {  // (a group of 16 channels or a partial last block)
+      const float s = to_float(scales[g0 / group]);
+      const int lo = bytes[c / 2] & 15, hi = bytes[c / 2] >> 4;
+      out[c] = to_bf16(static_cast<float>((lo ^ 8) - 8) * s).bits;
+      out[c + 1] = to_bf16(static_cast<float>((hi ^ 8) - 8) * s).bits;
+    }
+  }
+}
+
+// S^T for key blocks (kb0, kb0 + 1) x row blocks (rb0, rb0 + 1) over d: C tile 2 j + h.
+FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int64_t kb0, int64_t rb0, float* c) {
+  const int64_t cbs = d / 32;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t cb = 0; cb < cbs; ++cb) {
+    _tile_loadd(4, a.k + kb0 * 16 * d + cb * 32, d * 2);
+    _tile_loadd(5, a.k + (kb0 + 1) * 16 * d + cb * 32, d * 2);
+    for (const uint32_t* part : a.q) {
+      const uint32_t* x = part + (rb0 * cbs + cb) * 256;
+      _tile_loadd(6, x, 64);
+      _tile_loadd(7, x + cbs * 256, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  amx_fence();
+}
+
+// acc rows of row blocks (rb0, rb0 + 1) x channels [c0, c0 + 32) += P . V over the block's keys
+// [0, 32 chunks).
+FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t c0, int64_t chunks) {
+  float* acc = a.acc + rb0 * 16 * dv + c0;
+  _tile_loadd(0, acc, dv * 4);
+  _tile_loadd(1, acc + 16, dv * 4);
+  _tile_loadd(2, acc + 16 * dv, dv * 4);
+  _tile_loadd(3, acc + 16 * dv + 16, dv * 4);
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    const uint32_t* vp = a.v_pairs + kc * 16 * dv + c0;
+    const int64_t p0 = rb0 * 16 * kAmxTokens + kc * 32, p1 = p0 + 16 * kAmxTokens;
+    _tile_loadd(6, vp, dv * 4);
+    _tile_loadd(7, vp + 16, dv * 4);
+    for (const uint16_t* part : a.p) {
+      _tile_loadd(4, part + p0, kAmxTokens * 2);
+      _tile_loadd(5, part + p1, kAmxTokens * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, dv * 4);
+  _tile_stored(1, acc + 16, dv * 4);
+  _tile_stored(2, acc + 16 * dv, dv * 4);
+  _tile_stored(3, acc + 16 * dv + 16, dv * 4);
+  amx_fence();
+}
+
+// task() on tiles (d and dv multiples of 32, values in a buffer of their own): the same rows, the
+// same causal limits and left padding, the same online softmax and epilogue.
+FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, int64_t gn,
+                            Buffers& w, AmxBuffers& a, int64_t* limit) {
+  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
+  const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
+  const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
+  const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
+  const int64_t rows32 = (rows + 31) / 32 * 32, cbs = d / 32;  // rows padded to row-block pairs
+  for (int64_t r = 0; r < rows32; ++r) {
+    const int64_t i = r / gn, g = r % gn;
+    float* q = w.q + (r < rows ? r : 0) * d;
+    if (r < rows) {
+      const int64_t src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
+      if (p.q != nullptr) {
+        load_query(p.q + src, d, p.scale, false, q);
+      } else if (p.q16_dtype == DType::kFloat16) {
+        load_query(static_cast<const half_t*>(p.q16) + src, d, p.scale, false, q);
+      } else {
+        load_query(static_cast<const bf16_t*>(p.q16) + src, d, p.scale, false, q);
+      }
+      for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
+      w.m[r] = kNegInf;
+      w.l[r] = 0.0f;
+      limit[r] = past + qi0 + i;
+    } else {
+      for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
+    }
+    // the row's channel pairs into the B operand layout, zeros for the padding rows
+    const int64_t rb = r / 16, ri = r % 16;
+    for (int64_t c = 0; c < d; c += 2) {
+      uint16_t x0[3] = {}, x1[3] = {};
+      if (r < rows) {
+        split_bf16(q[c], x0);
+        split_bf16(q[c + 1], x1);
+      }
+      const int64_t at = (rb * cbs + c / 32) * 256 + ((c % 32) / 2) * 16 + ri;
+      for (int j = 0; j < 3; ++j) a.q[j][at] = x0[j] | (static_cast<uint32_t>(x1[j]) << 16);
+    }
+  }
+  const int64_t row = (b * p.hkv + h) * p.t_max;
+  const int64_t keys = past + qi0 + nq;
+  const __m512i pair_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i pair_hi = _mm512_add_epi16(pair_lo, _mm512_set1_epi16(16));
+  amx_configure();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kAmxTokens) {
+    const int64_t nt = keys - t0 < kAmxTokens ? keys - t0 : kAmxTokens;
+    const int64_t nt32 = (nt + 31) / 32 * 32;  // keys in whole 32-key chunks, zeros past nt
+    for (int64_t i = 0; i < nt32; ++i) {
+      if (i < nt) {
+        const int64_t r = row + t0 + i;
+        dequant_row_bf16(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, a.k + i * d);
+        dequant_row_bf16(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, a.v + i * dv);
+      } else {
+        for (int64_t c = 0; c < d; ++c) a.k[i * d + c] = 0;
+        for (int64_t c = 0; c < dv; ++c) a.v[i * dv + c] = 0;
+      }
+    }
+    for (int64_t i = 0; i < nt32 / 2; ++i) {  // values in key pairs
+      for (int64_t c = 0; c < dv; c += 32) {
+        const __m512i x0 = _mm512_loadu_si512(a.v + 2 * i * dv + c), x1 = _mm512_loadu_si512(a.v + (2 * i + 1) * dv + c);
+        _mm512_storeu_si512(a.v_pairs + i * dv + c, _mm512_permutex2var_epi16(x0, pair_lo, x1));
+        _mm512_storeu_si512(a.v_pairs + i * dv + c + 16, _mm512_permutex2var_epi16(x0, pair_hi, x1));
+      }
+    }
+    amx_fence();
+    for (int64_t rb = 0; rb < rows32 / 16; rb += 2) {  // scores, into the rows of a.s
+      for (int64_t kb = 0; kb < nt32 / 16; kb += 2) {
+        scores_tiles(a, d, kb, rb, a.c);
+        for (int t = 0; t < 4; ++t) {
+          const int64_t k0 = (kb + t / 2) * 16, r0 = (rb + t % 2) * 16;
+          __m512i v[16];
+          for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(a.c + 256 * t + 16 * i);
+          transpose16(v);  // v[i]: row r0 + i's scores of the keys k0 .. k0 + 15
+          for (int i = 0; i < 16 && r0 + i < rows; ++i) _mm512_storeu_si512(a.s + (r0 + i) * kAmxTokens + k0, v[i]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows32; ++r) {  // the online softmax, then the probabilities' bf16 parts
+      float* sr = a.s + r * kAmxTokens;
+      if (r < rows) {
+        softmax_rows<1>(nt, dv, t0, limit + r, p.softcap, sr, w.m + r, w.l + r, a.acc + r * dv);
+        for (int64_t i = nt; i < nt32; ++i) sr[i] = 0.0f;
+      } else {
+        for (int64_t i = 0; i < nt32; ++i) sr[i] = 0.0f;
+      }
+      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16, 16 at a time)
+        const __m512 x = _mm512_loadu_ps(sr + i);
+        const __m512 x0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), high));
+        const __m512 r0 = _mm512_sub_ps(x, x0);
+        const __m512 x1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r0), high));
+        const __m256i parts[3] = {_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x0), 16)),
+                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x1), 16)),
+                                  (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(r0, x1))};
+        for (int j = 0; j < 3; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.p[j] + r * kAmxTokens + i), parts[j]);
+      }
+    }
+    amx_fence();
+    for (int64_t rb = 0; rb < rows32 / 16; rb += 2) {
+      for (int64_t c0 = 0; c0 < dv; c0 += 32) values_tiles(a, dv, rb, c0, nt32 / 32);
+    }
+  }
+  _tile_release();
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t g = 0; g < gn; ++g) {
+      const int64_t r = i * gn + g;
+      const int64_t out_row = (b * p.hq + head0 + g) * Tq + qi0 + i;
+      const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
+      const float inv = seen ? 1.0f / w.l[r] : 0.0f;
+      if (p.out != nullptr) {
+        store_row(a.acc + r * dv, dv, inv, false, p.out + out_row * dv);
+      } else if (p.q16_dtype == DType::kFloat16) {
+        store_row(a.acc + r * dv, dv, inv, false, static_cast<half_t*>(p.out16) + out_row * dv);
+      } else {
+        store_row(a.acc + r * dv, dv, inv, false, static_cast<bf16_t*>(p.out16) + out_row * dv);
+      }
+      p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
+    }
+  }
+}
+#endif  // FL_AMX
+
 Status decode(const DecodeParams& p) {
 #if defined(__AVX2__)
   const bool chunked = p.d % 16 == 0 && value_dim(p) % 16 == 0 && p.group % 16 == 0;
@@ -585,15 +851,33 @@ Status decode(const DecodeParams& p) {
   const int64_t rows = per_slice * (p.q_tokens < kQueryBlock ? p.q_tokens : kQueryBlock);
 #pragma omp parallel if (tasks > 1 && tasks * p.length * (p.d + value_dim(p)) >= (1 << 17))
   {
-    Buffers w(rows, p.d, value_dim(p));
-    int64_t* limit = new int64_t[rows];
+#if defined(FL_AMX)
+    // prefill-sized tasks on AMX tiles (the level amx_bf16; head sizes in 32-channel blocks)
+    const bool amx = active_isa() >= Isa::kAmxBf16 && rows >= kAmxMinRows && p.d % 32 == 0 &&
+                     value_dim(p) % 32 == 0;
+    const int64_t rows_alloc = amx ? (rows + 31) / 32 * 32 : rows;
+    AmxBuffers* a = amx ? new AmxBuffers(rows_alloc, p.d, value_dim(p)) : nullptr;
+#else
+    const int64_t rows_alloc = rows;
+#endif
+    Buffers w(rows_alloc, p.d, value_dim(p));
+    int64_t* limit = new int64_t[rows_alloc];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / (qblocks * slices), qb = (t / slices) % qblocks, g0 = (t % slices) * per_slice;
       const int64_t gn = G - g0 < per_slice ? G - g0 : per_slice;
+#if defined(FL_AMX)
+      if (a != nullptr) {
+        task_amx(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, w, *a, limit);
+        continue;
+      }
+#endif
       task(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, chunked, w, limit);
     }
     delete[] limit;
+#if defined(FL_AMX)
+    delete a;
+#endif
   }
   return Status::ok();
 }
