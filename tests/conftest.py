@@ -59,6 +59,18 @@ def _cpu_isas():
     return names[: names.index(_ext.C.detected_cpu_isa()) + 1]
 
 
+@pytest.fixture
+def amx_bf16():
+    """Runs the test at the CPU kernel level amx_bf16 (Intel AMX tiles); skips it on a CPU or OS
+    without them (AMX has no emulation)."""
+    if _ext.C is None or _ext.C.detected_cpu_isa() != "amx_bf16":
+        pytest.skip("needs a CPU with AMX-BF16 (Intel AMX) that the OS lets this process use")
+    before = _ext.C.cpu_isa()
+    _ext.C.set_cpu_isa("amx_bf16")
+    yield
+    _ext.C.set_cpu_isa(before)
+
+
 @pytest.fixture(params=_cpu_isas())
 def cpu_isa(request):
     """Runs the test once per CPU kernel variant this machine can execute (avx512_bf16 differs from

@@ -8,7 +8,6 @@ import torch
 
 import fastlayers
 from _tolerances import assert_close_to_oracle, int4_fp8_oracle, opcheck_with_fp8_inputs, rand
-from fastlayers import _ext
 from fastlayers.reference import int4_fp8 as ref
 
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -81,16 +80,6 @@ def test_gemm_every_cpu_isa(cpu_isa):
         want = ref.quantize_fp8_per_token(x)
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
         assert torch.equal(got[1], want[1])
-
-
-@pytest.fixture
-def amx_bf16():
-    if _ext.C is None or _ext.C.detected_cpu_isa() != "amx_bf16":
-        pytest.skip("needs a CPU with AMX-BF16 (Intel AMX) that the OS lets this process use")
-    before = _ext.C.cpu_isa()
-    _ext.C.set_cpu_isa("amx_bf16")
-    yield
-    _ext.C.set_cpu_isa(before)
 
 
 def test_gemm_amx_tiles(amx_bf16):

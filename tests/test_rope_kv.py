@@ -939,18 +939,6 @@ def test_int4_kv_attention_left_padding(device, hq, hkv, d, dv, group):
         int4_kv_attention(q, k, ks, v, vs, t, starts=starts + 40)
 
 
-@pytest.fixture
-def amx_bf16():
-    from fastlayers import _ext
-
-    if _ext.C is None or _ext.C.detected_cpu_isa() != "amx_bf16":
-        pytest.skip("needs a CPU with AMX-BF16 (Intel AMX) that the OS lets this process use")
-    before = _ext.C.cpu_isa()
-    _ext.C.set_cpu_isa("amx_bf16")
-    yield
-    _ext.C.set_cpu_isa(before)
-
-
 # (b, hq, hkv, d, dv, group, t, tq, starts): the tile prefill takes tasks of >= 32 rows (query
 # tokens x the group's heads, 32 query tokens a task) with d and dv multiples of 32
 AMX_PREFILL_SHAPES = [

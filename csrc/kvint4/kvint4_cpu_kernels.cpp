@@ -338,6 +338,31 @@ void store_row(const float* acc, int64_t d, float inv, bool chunked, T* out) {
   for (int64_t c = 0; c < d; ++c) store_as(out + c, acc[position(c, chunked)] * inv);
 }
 
+// The task's outputs: rows r = i * gn + g (query token qi0 + i, head head0 + g) of acc (dv wide,
+// in the dequantized rows' channel order) times 1 / l, and their lse.
+void store_rows(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn,
+                const float* acc, const float* m, const float* l, bool chunked) {
+  const int64_t dv = value_dim(p), Tq = p.q_tokens;
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int64_t g = 0; g < gn; ++g) {
+      const int64_t r = i * gn + g;
+      const int64_t out_row = (b * p.hq + head0 + g) * Tq + qi0 + i;
+      // l > 0: keys were seen; NaN: a non-finite score, which propagates (out and lse NaN, as in
+      // the reference); 0: no key (zeros, lse -inf)
+      const bool seen = l[r] > 0.0f || l[r] != l[r];
+      const float inv = seen ? 1.0f / l[r] : 0.0f;
+      if (p.out != nullptr) {
+        store_row(acc + r * dv, dv, inv, chunked, p.out + out_row * dv);
+      } else if (p.q16_dtype == DType::kFloat16) {
+        store_row(acc + r * dv, dv, inv, chunked, static_cast<half_t*>(p.out16) + out_row * dv);
+      } else {
+        store_row(acc + r * dv, dv, inv, chunked, static_cast<bf16_t*>(p.out16) + out_row * dv);
+      }
+      p.lse[out_row] = seen ? m[r] + __builtin_logf(l[r]) : kNegInf;
+    }
+  }
+}
+
 // Query rows per task: kQueryBlock query tokens of every head of the GQA group.
 constexpr int64_t kQueryBlock = 32;
 
@@ -416,24 +441,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
                w.acc + r * dv);
     }
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    for (int64_t g = 0; g < gn; ++g) {
-      const int64_t r = i * gn + g;
-      const int64_t out_row = (b * p.hq + head0 + g) * Tq + qi0 + i;
-      // l > 0: keys were seen; NaN: a non-finite score, which propagates (out and lse NaN, as in
-      // the reference); 0: no key (zeros, lse -inf)
-      const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
-      const float inv = seen ? 1.0f / w.l[r] : 0.0f;
-      if (p.out != nullptr) {
-        store_row(w.acc + r * dv, dv, inv, chunked, p.out + out_row * dv);
-      } else if (p.q16_dtype == DType::kFloat16) {
-        store_row(w.acc + r * dv, dv, inv, chunked, static_cast<half_t*>(p.out16) + out_row * dv);
-      } else {
-        store_row(w.acc + r * dv, dv, inv, chunked, static_cast<bf16_t*>(p.out16) + out_row * dv);
-      }
-      p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
-    }
-  }
+  store_rows(p, b, head0, qi0, nq, gn, w.acc, w.m, w.l, chunked);
 }
 
 // One row as fp32: x, rotated by RoPE when the call has cos/sin (exact products in double, one
@@ -800,22 +808,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     }
   }
   _tile_release();
-  for (int64_t i = 0; i < nq; ++i) {
-    for (int64_t g = 0; g < gn; ++g) {
-      const int64_t r = i * gn + g;
-      const int64_t out_row = (b * p.hq + head0 + g) * Tq + qi0 + i;
-      const bool seen = w.l[r] > 0.0f || w.l[r] != w.l[r];
-      const float inv = seen ? 1.0f / w.l[r] : 0.0f;
-      if (p.out != nullptr) {
-        store_row(a.acc + r * dv, dv, inv, false, p.out + out_row * dv);
-      } else if (p.q16_dtype == DType::kFloat16) {
-        store_row(a.acc + r * dv, dv, inv, false, static_cast<half_t*>(p.out16) + out_row * dv);
-      } else {
-        store_row(a.acc + r * dv, dv, inv, false, static_cast<bf16_t*>(p.out16) + out_row * dv);
-      }
-      p.lse[out_row] = seen ? w.m[r] + __builtin_logf(w.l[r]) : kNegInf;
-    }
-  }
+  store_rows(p, b, head0, qi0, nq, gn, a.acc, w.m, w.l, false);
 }
 #endif  // FL_AMX
 
