@@ -712,6 +712,11 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
   const int64_t rows32 = (rows + 31) / 32 * 32, cbs = d / 32;  // rows padded to row-block pairs
+  // values that are the keys' first dv channels (multi-head latent attention's latent): taken from
+  // the dequantized key rows
+  const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
+  const uint16_t* vb = in_keys ? a.k : a.v;
+  const int64_t vs = in_keys ? d : dv;
   for (int64_t r = 0; r < rows32; ++r) {
     const int64_t i = r / gn, g = r % gn;
     float* q = w.q + (r < rows ? r : 0) * d;
@@ -724,13 +729,11 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       } else {
         load_query(static_cast<const bf16_t*>(p.q16) + src, d, p.scale, false, q);
       }
-      for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
       w.m[r] = kNegInf;
       w.l[r] = 0.0f;
       limit[r] = past + qi0 + i;
-    } else {
-      for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
     }
+    for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
     // the row's channel pairs into the B operand layout, zeros for the padding rows
     const int64_t rb = r / 16, ri = r % 16;
     for (int64_t c = 0; c < d; c += 2) {
@@ -757,7 +760,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       if (i < nt) {
         const int64_t r = row + t0 + i;
         dequant_row_bf16(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, a.k + i * d);
-        dequant_row_bf16(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, a.v + i * dv);
+        if (!in_keys) dequant_row_bf16(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, a.v + i * dv);
       } else {
         for (int64_t c = 0; c < d; ++c) a.k[i * d + c] = 0;
         for (int64_t c = 0; c < dv; ++c) a.v[i * dv + c] = 0;
@@ -765,7 +768,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     }
     for (int64_t i = 0; i < nt32 / 2; ++i) {  // values in key pairs
       for (int64_t c = 0; c < dv; c += 32) {
-        const __m512i x0 = _mm512_loadu_si512(a.v + 2 * i * dv + c), x1 = _mm512_loadu_si512(a.v + (2 * i + 1) * dv + c);
+        const __m512i x0 = _mm512_loadu_si512(vb + 2 * i * vs + c), x1 = _mm512_loadu_si512(vb + (2 * i + 1) * vs + c);
         _mm512_storeu_si512(a.v_pairs + i * dv + c, _mm512_permutex2var_epi16(x0, pair_lo, x1));
         _mm512_storeu_si512(a.v_pairs + i * dv + c + 16, _mm512_permutex2var_epi16(x0, pair_hi, x1));
       }
