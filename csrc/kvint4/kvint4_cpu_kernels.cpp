@@ -567,10 +567,12 @@ Status quantize(const QuantizeParams& p) {
 // ---- AMX-BF16 (ISA level amx_bf16): prefill on tiles --------------------------------------------
 // A task of many query rows (prefill: 32 query tokens x the group's heads) multiplies on AMX tiles
 // (common/amx_cpu.h). An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so
-// the dequantized keys and values are exact there; the fp32 queries (times the softmax scale) and
-// probabilities are split into two bf16 parts, x = hi + lo (hi the top 16 bits, lo the rest rounded:
-// |x - hi - lo| <= 2^-17 |x|), and each multiplies twice. The products are exact and the sums fp32,
-// so the result keeps fp32 accuracy where a single bf16 rounding would cost 2^-9.
+// the dequantized keys and values are exact there; the queries (unscaled: the softmax scale
+// multiplies the scores) and the probabilities are split into bf16 parts (split_bf16: three for fp32,
+// |x - sum| <= 2^-25 |x|; a bf16 query is one exact part, an fp16 one two), each multiplied in turn.
+// The products are exact and the sums fp32, so the result keeps fp32 accuracy where a single bf16
+// rounding would cost 2^-9 (two parts, 2^-17, left errors a 3-layer model's logits amplified past
+// 1e-4).
 //   Scores, transposed: S^T[key][row] = K . Q^T, the keys the A operand (dequantized rows in natural
 // order, 16 keys x 32 channels a tile), the queries the B operand (staged once per task in the pair
 // layout); 2 key blocks x 2 row blocks of C per pass. Each C tile is transposed into the fp32
@@ -648,7 +650,7 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
 }
 
 // S^T for key blocks (kb0, kb0 + 1) x row blocks (rb0, rb0 + 1) over d: C tile 2 j + h.
-FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int64_t kb0, int64_t rb0, float* c) {
+FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int64_t kb0, int64_t rb0, float* c) {
   const int64_t cbs = d / 32;
   _tile_zero(0);
   _tile_zero(1);
@@ -657,8 +659,8 @@ FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int64_t kb0, int
   for (int64_t cb = 0; cb < cbs; ++cb) {
     _tile_loadd(4, a.k + kb0 * 16 * d + cb * 32, d * 2);
     _tile_loadd(5, a.k + (kb0 + 1) * 16 * d + cb * 32, d * 2);
-    for (const uint32_t* part : a.q) {
-      const uint32_t* x = part + (rb0 * cbs + cb) * 256;
+    for (int j = 0; j < q_parts; ++j) {
+      const uint32_t* x = a.q[j] + (rb0 * cbs + cb) * 256;
       _tile_loadd(6, x, 64);
       _tile_loadd(7, x + cbs * 256, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -712,6 +714,10 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
   const int64_t rows32 = (rows + 31) / 32 * 32, cbs = d / 32;  // rows padded to row-block pairs
+  // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
+  // part, an fp16 one two (11 significant bits), an fp32 one three (24).
+  const int q_parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
+  const __m512 scale = _mm512_set1_ps(p.scale);
   // values that are the keys' first dv channels (multi-head latent attention's latent): taken from
   // the dequantized key rows
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
@@ -723,11 +729,11 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     if (r < rows) {
       const int64_t src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
       if (p.q != nullptr) {
-        load_query(p.q + src, d, p.scale, false, q);
+        load_query(p.q + src, d, 1.0f, false, q);
       } else if (p.q16_dtype == DType::kFloat16) {
-        load_query(static_cast<const half_t*>(p.q16) + src, d, p.scale, false, q);
+        load_query(static_cast<const half_t*>(p.q16) + src, d, 1.0f, false, q);
       } else {
-        load_query(static_cast<const bf16_t*>(p.q16) + src, d, p.scale, false, q);
+        load_query(static_cast<const bf16_t*>(p.q16) + src, d, 1.0f, false, q);
       }
       w.m[r] = kNegInf;
       w.l[r] = 0.0f;
@@ -776,13 +782,15 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     amx_fence();
     for (int64_t rb = 0; rb < rows32 / 16; rb += 2) {  // scores, into the rows of a.s
       for (int64_t kb = 0; kb < nt32 / 16; kb += 2) {
-        scores_tiles(a, d, kb, rb, a.c);
+        scores_tiles(a, d, q_parts, kb, rb, a.c);
         for (int t = 0; t < 4; ++t) {
           const int64_t k0 = (kb + t / 2) * 16, r0 = (rb + t % 2) * 16;
           __m512i v[16];
           for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(a.c + 256 * t + 16 * i);
           transpose16(v);  // v[i]: row r0 + i's scores of the keys k0 .. k0 + 15
-          for (int i = 0; i < 16 && r0 + i < rows; ++i) _mm512_storeu_si512(a.s + (r0 + i) * kAmxTokens + k0, v[i]);
+          for (int i = 0; i < 16 && r0 + i < rows; ++i) {
+            _mm512_storeu_ps(a.s + (r0 + i) * kAmxTokens + k0, _mm512_mul_ps(_mm512_castsi512_ps(v[i]), scale));
+          }
         }
       }
     }
