@@ -975,6 +975,36 @@ def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, 
             torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
 
 
+# (b, hq, hkv, d, dv, group, t, starts): decode tasks of >= 8 query heads take the tiles too
+AMX_DECODE_SHAPES = [
+    (1, 16, 1, 576, 512, 64, 300, None),  # multi-head latent attention: two slices of 8 heads
+    (2, 16, 2, 128, 128, 128, 200, [0, 150]),  # GQA groups of 8, left padding
+    (2, 8, 1, 64, 64, 32, 77, None),  # a partial key block (batch 2: a task per thread)
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,dv,group,t,starts", AMX_DECODE_SHAPES)
+def test_int4_kv_decode_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, starts):
+    """Decode on AMX tiles (8 or more query heads per task, in one 16-row block: the one-row-block
+    passes), against the float64 reference: fp32 queries at 4e-6, bf16 queries; soft-capping and
+    sinks."""
+    if d == 576:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, "cpu")
+    else:
+        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, "cpu")
+        k, ks, v, vs = (x[:b] for x in (k, ks, v, vs))
+    st = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    sinks = torch.randn(hq)
+    for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2)):
+        for softcap, sk in ((None, None), (20.0, sinks)):
+            q = rand(b, hq, d, dtype=dtype, device="cpu", scale=2.0)
+            out, lse = int4_kv_decode(q, k, ks, v, vs, t, None, st, softcap, sk)
+            ref, ref_lse = _reference(q.double(), k, ks, v, vs, t, d**-0.5, st, softcap or 0.0, sk)
+            assert out.shape == (b, hq, dv) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+
+
 def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
     """Each CPU kernel variant reading the values from the key rows in place (register path,
     buffer path, head slices, channels outside 16-chunks), against the reference."""

@@ -564,9 +564,9 @@ Status quantize(const QuantizeParams& p) {
 }
 
 #if defined(FL_AMX)
-// ---- AMX-BF16 (ISA level amx_bf16): prefill on tiles --------------------------------------------
-// A task of many query rows (prefill: 32 query tokens x the group's heads) multiplies on AMX tiles
-// (common/amx_cpu.h). An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so
+// ---- AMX-BF16 (ISA level amx_bf16): attention on tiles ------------------------------------------
+// A task of 8 or more query rows (prefill: up to 32 query tokens x the group's heads; decode: 8 or
+// more heads per task) multiplies on AMX tiles (common/amx_cpu.h), rows padded to 16-row blocks. An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so
 // the dequantized keys and values are exact there; the queries (unscaled: the softmax scale
 // multiplies the scores) and the probabilities are split into bf16 parts (split_bf16: three for fp32,
 // |x - sum| <= 2^-25 |x|; a bf16 query is one exact part, an fp16 one two), each multiplied in turn.
@@ -575,13 +575,17 @@ Status quantize(const QuantizeParams& p) {
 // 1e-4).
 //   Scores, transposed: S^T[key][row] = K . Q^T, the keys the A operand (dequantized rows in natural
 // order, 16 keys x 32 channels a tile), the queries the B operand (staged once per task in the pair
-// layout); 2 key blocks x 2 row blocks of C per pass. Each C tile is transposed into the fp32
+// layout); 2 key blocks x 1 or 2 row blocks of C per pass. Each C tile is transposed into the fp32
 // score rows, where the online softmax (softmax_rows) runs as in the other paths.
 //   Values: O[row][c] += P . V, the probabilities the A operand (bf16 parts of the score rows), the
 // values the B operand (dequantized rows interleaved in key pairs); the accumulators are the
-// running outputs themselves (16 rows x 16 channels of acc a tile), 2 row blocks x 2 channel blocks
-// per pass.
-constexpr int64_t kAmxMinRows = 32;   // rows per task from which prefill runs on tiles
+// running outputs themselves (16 rows x 16 channels of acc a tile), 1 or 2 row blocks x 2 channel
+// blocks per pass.
+// Rows per task from which a call runs on tiles: prefill, and decode with 8 or more query heads per
+// task (one 16-row block: multi-head latent attention's 16 heads in two slices of 8 ran
+// 1.26-1.30x the register path at 4096 tokens, GQA groups of 8 1.02-1.04x; groups of 4 keep the
+// register path, a tile would carry 4 useful rows of 16).
+constexpr int64_t kAmxMinRows = 8;
 constexpr int64_t kAmxTokens = 128;  // keys per block (the online softmax's per-row cost is per block)
 
 struct AmxBuffers {
@@ -649,41 +653,51 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
-// S^T for key blocks (kb0, kb0 + 1) x row blocks (rb0, rb0 + 1) over d: C tile 2 j + h.
+// S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile 2 j + h at c + 256 (2 j + h).
+template <int RB>
 FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int64_t kb0, int64_t rb0, float* c) {
   const int64_t cbs = d / 32;
   _tile_zero(0);
-  _tile_zero(1);
   _tile_zero(2);
-  _tile_zero(3);
+  if constexpr (RB == 2) {
+    _tile_zero(1);
+    _tile_zero(3);
+  }
   for (int64_t cb = 0; cb < cbs; ++cb) {
     _tile_loadd(4, a.k + kb0 * 16 * d + cb * 32, d * 2);
     _tile_loadd(5, a.k + (kb0 + 1) * 16 * d + cb * 32, d * 2);
     for (int j = 0; j < q_parts; ++j) {
       const uint32_t* x = a.q[j] + (rb0 * cbs + cb) * 256;
       _tile_loadd(6, x, 64);
-      _tile_loadd(7, x + cbs * 256, 64);
       _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (RB == 2) {
+        _tile_loadd(7, x + cbs * 256, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, c, 64);
-  _tile_stored(1, c + 256, 64);
   _tile_stored(2, c + 512, 64);
-  _tile_stored(3, c + 768, 64);
+  if constexpr (RB == 2) {
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(3, c + 768, 64);
+  }
   amx_fence();
 }
 
-// acc rows of row blocks (rb0, rb0 + 1) x channels [c0, c0 + 32) += P . V over the block's keys
-// [0, 32 chunks).
+// acc rows of RB row blocks from rb0 x channels [c0, c0 + 32) += P . V over the block's keys
+// [0, 32 chunks): C tile 2 h + (channel block).
+template <int RB>
 FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t c0, int64_t chunks) {
   float* acc = a.acc + rb0 * 16 * dv + c0;
   _tile_loadd(0, acc, dv * 4);
   _tile_loadd(1, acc + 16, dv * 4);
-  _tile_loadd(2, acc + 16 * dv, dv * 4);
-  _tile_loadd(3, acc + 16 * dv + 16, dv * 4);
+  if constexpr (RB == 2) {
+    _tile_loadd(2, acc + 16 * dv, dv * 4);
+    _tile_loadd(3, acc + 16 * dv + 16, dv * 4);
+  }
   for (int64_t kc = 0; kc < chunks; ++kc) {
     const uint32_t* vp = a.v_pairs + kc * 16 * dv + c0;
     const int64_t p0 = rb0 * 16 * kAmxTokens + kc * 32, p1 = p0 + 16 * kAmxTokens;
@@ -691,17 +705,21 @@ FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t 
     _tile_loadd(7, vp + 16, dv * 4);
     for (const uint16_t* part : a.p) {
       _tile_loadd(4, part + p0, kAmxTokens * 2);
-      _tile_loadd(5, part + p1, kAmxTokens * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      if constexpr (RB == 2) {
+        _tile_loadd(5, part + p1, kAmxTokens * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, acc, dv * 4);
   _tile_stored(1, acc + 16, dv * 4);
-  _tile_stored(2, acc + 16 * dv, dv * 4);
-  _tile_stored(3, acc + 16 * dv + 16, dv * 4);
+  if constexpr (RB == 2) {
+    _tile_stored(2, acc + 16 * dv, dv * 4);
+    _tile_stored(3, acc + 16 * dv + 16, dv * 4);
+  }
   amx_fence();
 }
 
@@ -713,7 +731,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
-  const int64_t rows32 = (rows + 31) / 32 * 32, cbs = d / 32;  // rows padded to row-block pairs
+  const int64_t rows16 = (rows + 15) / 16 * 16, cbs = d / 32;  // rows padded to whole row blocks
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
   // part, an fp16 one two (11 significant bits), an fp32 one three (24).
   const int q_parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
@@ -723,7 +741,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
   const uint16_t* vb = in_keys ? a.k : a.v;
   const int64_t vs = in_keys ? d : dv;
-  for (int64_t r = 0; r < rows32; ++r) {
+  for (int64_t r = 0; r < rows16; ++r) {
     const int64_t i = r / gn, g = r % gn;
     float* q = w.q + (r < rows ? r : 0) * d;
     if (r < rows) {
@@ -780,11 +798,14 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       }
     }
     amx_fence();
-    for (int64_t rb = 0; rb < rows32 / 16; rb += 2) {  // scores, into the rows of a.s
+    for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {  // scores, into the rows of a.s
+      const int rbs = rb + 1 < rows16 / 16 ? 2 : 1;
       for (int64_t kb = 0; kb < nt32 / 16; kb += 2) {
-        scores_tiles(a, d, q_parts, kb, rb, a.c);
+        if (rbs == 2) scores_tiles<2>(a, d, q_parts, kb, rb, a.c);
+        else scores_tiles<1>(a, d, q_parts, kb, rb, a.c);
         for (int t = 0; t < 4; ++t) {
           const int64_t k0 = (kb + t / 2) * 16, r0 = (rb + t % 2) * 16;
+          if (t % 2 >= rbs) continue;
           __m512i v[16];
           for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(a.c + 256 * t + 16 * i);
           transpose16(v);  // v[i]: row r0 + i's scores of the keys k0 .. k0 + 15
@@ -794,7 +815,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
         }
       }
     }
-    for (int64_t r = 0; r < rows32; ++r) {  // the online softmax, then the probabilities' bf16 parts
+    for (int64_t r = 0; r < rows16; ++r) {  // the online softmax, then the probabilities' bf16 parts
       float* sr = a.s + r * kAmxTokens;
       if (r < rows) {
         softmax_rows<1>(nt, dv, t0, limit + r, p.softcap, sr, w.m + r, w.l + r, a.acc + r * dv);
@@ -814,8 +835,11 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       }
     }
     amx_fence();
-    for (int64_t rb = 0; rb < rows32 / 16; rb += 2) {
-      for (int64_t c0 = 0; c0 < dv; c0 += 32) values_tiles(a, dv, rb, c0, nt32 / 32);
+    for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {
+      for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+        if (rb + 1 < rows16 / 16) values_tiles<2>(a, dv, rb, c0, nt32 / 32);
+        else values_tiles<1>(a, dv, rb, c0, nt32 / 32);
+      }
     }
   }
   _tile_release();
@@ -856,7 +880,7 @@ Status decode(const DecodeParams& p) {
 #pragma omp parallel if (tasks > 1 && tasks * p.length * (p.d + value_dim(p)) >= (1 << 17))
   {
 #if defined(FL_AMX)
-    // prefill-sized tasks on AMX tiles (the level amx_bf16; head sizes in 32-channel blocks)
+    // tasks of >= kAmxMinRows rows on AMX tiles (the level amx_bf16; head sizes in 32-channel blocks)
     const bool amx = active_isa() >= Isa::kAmxBf16 && rows >= kAmxMinRows && p.d % 32 == 0 &&
                      value_dim(p) % 32 == 0;
     const int64_t rows_alloc = amx ? (rows + 31) / 32 * 32 : rows;
