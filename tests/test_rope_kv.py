@@ -939,6 +939,16 @@ def test_int4_kv_attention_left_padding(device, hq, hkv, d, dv, group):
         int4_kv_attention(q, k, ks, v, vs, t, starts=starts + 40)
 
 
+def _amx_cache(b, hkv, t, d, dv, group, starts):
+    """The AMX tests' cache (at most 2 sequences): multi-head latent attention's values read from
+    its 576-channel key rows, else values of their own; and ``starts`` as int32 (or None)."""
+    if d == 576:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, "cpu")
+    else:
+        k, ks, v, vs = (x[:b] for x in _cache_with_values(hkv, t, d, dv, group, "cpu"))
+    return k, ks, v, vs, None if starts is None else torch.tensor(starts, dtype=torch.int32)
+
+
 # (b, hq, hkv, d, dv, group, t, tq, starts): the tile prefill takes tasks of >= 32 rows (query
 # tokens x the group's heads, 32 query tokens a task) with d and dv multiples of 32
 AMX_PREFILL_SHAPES = [
@@ -956,12 +966,7 @@ def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, 
     and probabilities split into three bf16 parts each, so fp32 queries keep fp32 accuracy; the
     online softmax per block of 128 keys; against the float64 reference with the CPU kernels'
     tolerances, with soft-capping, sinks and left padding, fp32 / bf16 / fp16 queries."""
-    if dv != d and d == 576:
-        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, "cpu")
-    else:
-        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, "cpu")
-        k, ks, v, vs = (x[:b] for x in (k, ks, v, vs))
-    st = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    k, ks, v, vs, st = _amx_cache(b, hkv, t, d, dv, group, starts)
     sinks = torch.randn(hq)
     # fp32 queries at 4e-6: the three-part splits keep fp32 accuracy (two parts: about 2e-5)
     for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
@@ -988,12 +993,7 @@ def test_int4_kv_decode_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, starts)
     """Decode on AMX tiles (8 or more query heads per task, in one 16-row block: the one-row-block
     passes), against the float64 reference: fp32 queries at 4e-6, bf16 queries; soft-capping and
     sinks."""
-    if d == 576:
-        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, "cpu")
-    else:
-        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, "cpu")
-        k, ks, v, vs = (x[:b] for x in (k, ks, v, vs))
-    st = None if starts is None else torch.tensor(starts, dtype=torch.int32)
+    k, ks, v, vs, st = _amx_cache(b, hkv, t, d, dv, group, starts)
     sinks = torch.randn(hq)
     for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2)):
         for softcap, sk in ((None, None), (20.0, sinks)):

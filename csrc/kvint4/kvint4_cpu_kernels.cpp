@@ -566,8 +566,9 @@ Status quantize(const QuantizeParams& p) {
 #if defined(FL_AMX)
 // ---- AMX-BF16 (ISA level amx_bf16): attention on tiles ------------------------------------------
 // A task of 8 or more query rows (prefill: up to 32 query tokens x the group's heads; decode: 8 or
-// more heads per task) multiplies on AMX tiles (common/amx_cpu.h), rows padded to 16-row blocks. An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so
-// the dequantized keys and values are exact there; the queries (unscaled: the softmax scale
+// more heads per task) multiplies on AMX tiles (common/amx_cpu.h), rows padded to 16-row blocks.
+// An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so the dequantized keys
+// and values are exact there; the queries (unscaled: the softmax scale
 // multiplies the scores) and the probabilities are split into bf16 parts (split_bf16: three for fp32,
 // |x - sum| <= 2^-25 |x|; a bf16 query is one exact part, an fp16 one two), each multiplied in turn.
 // The products are exact and the sums fp32, so the result keeps fp32 accuracy where a single bf16
@@ -653,7 +654,8 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
-// S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile 2 j + h at c + 256 (2 j + h).
+// S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile 2 j + h, stored at
+// c + 256 (2 j + h).
 template <int RB>
 FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int64_t kb0, int64_t rb0, float* c) {
   const int64_t cbs = d / 32;
