@@ -23,6 +23,16 @@ namespace fastlayers::cpu::FL_CPU_ISA {
 
 static inline void amx_fence() { __asm__ __volatile__("" ::: "memory"); }
 
+// 32 values of 16 packed INT4 bytes (low nibble first: natural order) looked up in a 16-entry bf16
+// table (words 0-15 of `table`), the A-tile row the INT4 kernels decode: each byte widens to a
+// dword whose two words take its two nibbles ((v | v << 12) & 0x000F000F), and one vpermw picks
+// the table values.
+static inline __m512i int4_lookup_bf16(const uint8_t* bytes, __m512i table) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
+  return _mm512_permutexvar_epi16(idx, table);
+}
+
 // The eight tiles as 16 rows x 64 bytes (palette 1), for this thread.
 FL_TARGET_AMX static inline void amx_configure() {
   struct alignas(64) {

@@ -9,9 +9,9 @@ namespace fastlayers::cpu {
 // only the INT4 x FP8 GEMM, the bf16 scores of varlen_attention and the bf16 row dot products of
 // the FFF and PEER expert kernels differ there (vdpbf16ps: two exact products per fp32 lane and
 // instruction; rows_cpu.h's row_dot). kAmxBf16 (Intel AMX: tile registers and tdpbf16ps, 16 x 16 x
-// 32 products per instruction) runs the avx512_bf16 kernels, except the INT4 x FP8 GEMM; the OS
-// must grant the process the tile state (Linux 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM), which
-// detection asks for.
+// 32 products per instruction) runs the avx512_bf16 kernels, except the INT4 x FP8 GEMM and the
+// INT4 KV attention (common/amx_cpu.h); the OS must grant the process the tile state (Linux
+// 5.16+: arch_prctl ARCH_REQ_XCOMP_PERM), which detection asks for.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmxBf16 = 4 };
 inline constexpr Isa kIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmxBf16};
 

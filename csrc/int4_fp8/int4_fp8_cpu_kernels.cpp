@@ -717,17 +717,13 @@ FL_TARGET_AMX void decode_tile_amx(const GemmParams& p, int64_t c, int64_t kb, u
   const Tables& t = tables();
   const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
   const int64_t g = kb * 32 / p.group_size;
-  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
   for (int i = 0; i < 16; ++i) {
     const int64_t ch = c + i;
     const uint8_t* w = p.qweight + ch * (p.k / 2) + kb * 16;
     const __m512i table = _mm512_castsi256_si512(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.lut_bf16[p.group_scale[ch * groups + g].bits])));
     if ((kb & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + kAmxPrefetchBytes, _MM_HINT_T0);
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-    // word 2 j = low nibble of byte j (k = 2 j), word 2 j + 1 = its high nibble: (v | v << 12) & mask
-    const __m512i idx = _mm512_ternarylogic_epi32(v, _mm512_slli_epi32(v, 12), nibbles, 0xA8);
-    _mm512_storeu_si512(tile + 32 * i, _mm512_permutexvar_epi16(idx, table));
+    _mm512_storeu_si512(tile + 32 * i, int4_lookup_bf16(w, table));
   }
 }
 

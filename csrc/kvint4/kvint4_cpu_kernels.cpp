@@ -630,21 +630,15 @@ static inline void split_bf16(float x, uint16_t* part) {
   part[2] = to_bf16(r0 - bits_float(b1)).bits;
 }
 
-// One INT4 row (n channels, a multiple of 32) -> bf16 in natural order: per 32 channels, the 16
-// bytes widen to dwords whose two words take the two nibbles, and vpermw looks them up in the
-// group's 16 code values times its scale (exact in bf16).
+// One INT4 row (n channels, even) -> bf16 in natural order: per 32 channels int4_lookup_bf16 in
+// the group's 16 code values times its scale (exact in bf16), the rest channel pair by pair.
 FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t n, int64_t group,
                                     uint16_t* out) {
-  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
   for (int64_t g0 = 0; g0 < n; g0 += group) {
     const __m512i tab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(int4_table(to_float(scales[g0 / group]))));
     const int64_t end = g0 + group < n ? g0 + group : n;
     int64_t c = g0;
-    for (; c + 32 <= end; c += 32) {
-      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + c / 2)));
-      const __m512i idx = _mm512_ternarylogic_epi32(w, _mm512_slli_epi32(w, 12), nibbles, 0xA8);
-      _mm512_storeu_si512(out + c, _mm512_permutexvar_epi16(idx, tab));
-    }
+    for (; c + 32 <= end; c += 32) _mm512_storeu_si512(out + c, int4_lookup_bf16(bytes + c / 2, tab));
     for (; c < end; c += 2) {  // (a group of 16 channels or a partial last block)
       const float s = to_float(scales[g0 / group]);
       const int lo = bytes[c / 2] & 15, hi = bytes[c / 2] >> 4;
