@@ -17,7 +17,9 @@
 // AVX512-BF16 (ISA level avx512_bf16, in the avx512 build): FP8 activations and the table values
 // fp8(q * s8) are exact in bf16, so vdpbf16ps (two products per fp32 lane, each rounded into the fp32
 // sum as an FMA would) does the same arithmetic with half the instructions. A weight byte holds the
-// pair (even k, odd k) the instruction wants in one lane, so activations stage in natural order.
+// pair (even k, odd k) the instruction wants in one lane, so activations stage in natural order;
+// when k and the group size are multiples of 128, the per-channel tiles (decode) look up 64 weight
+// bytes at once by words instead (tile_words), on activations staged to match.
 //
 // NOTE(isa): no std:: templates and no non-static inline helpers here (see cmake/CpuIsa.cmake).
 #include <omp.h>
@@ -50,6 +52,7 @@ struct Tables {
   uint8_t lut_bytes[256][32];  // [0, 16): low bytes, [16, 32): high bytes
   bf16_t fp8_bf16[256];        // each FP8 code as bf16 (exact)
   uint16_t lut_bf16[256][16];  // lut as bf16 bits (exact: the top 16 bits of the fp32 pattern)
+  uint16_t lut_bf16x2[256][32];  // lut_bf16 twice: a vpermw table that ignores index bit 4
   Tables() {
     const float* fp8 = fp8_values();
     for (int c = 0; c < 256; ++c) {
@@ -59,7 +62,7 @@ struct Tables {
         const uint32_t top = float_bits(lut[c][i]) >> 16;
         lut_bytes[c][i] = static_cast<uint8_t>(top & 0xFF);
         lut_bytes[c][16 + i] = static_cast<uint8_t>(top >> 8);
-        lut_bf16[c][i] = static_cast<uint16_t>(top);
+        lut_bf16[c][i] = lut_bf16x2[c][i] = lut_bf16x2[c][16 + i] = static_cast<uint16_t>(top);
       }
     }
   }
@@ -532,11 +535,91 @@ FL_TARGET_BF16 void tile_bf16(const GemmParams& p, int64_t col, const bf16_t* xs
   }
 }
 
+// Word look-ups (k and group_size multiples of 128; the decode kernel): 128 k are 64 weight bytes,
+// loaded as 32 words of 4 nibbles each. vpermw reads the low 5 bits of an index word, so over a
+// table holding the group's 16 bf16 values twice (lut_bf16x2) the word itself looks up its first
+// nibble, and the word shifted right by 4, 8 and 12 its others: 128 weights in 4 vectors for 3
+// shifts and 4 vpermw, where pair_lanes spends 3 shuffle-port instructions on every 32. Vector s
+// holds k = 4 j + s in word j, so a block of staged activations is the 128 k deinterleaved by 4
+// (stage_row_words): dpbf16 lane i pairs k 8 i + s with 8 i + 4 + s in both operands.
+constexpr int64_t kWordBlock = 128;
+
+bool word_lookup(const GemmParams& p) { return p.k % kWordBlock == 0 && p.group_size % kWordBlock == 0; }
+
+void stage_row_words(const GemmParams& p, int64_t row, bf16_t* out) {
+  const bf16_t* bf = tables().fp8_bf16;
+  const uint8_t* x = &p.xq[row * p.x_row_stride].bits;
+  for (int64_t k0 = 0; k0 < p.k; k0 += kWordBlock) {
+    for (int s = 0; s < 4; ++s) {
+      for (int j = 0; j < 32; ++j) out[k0 + 32 * s + j] = bf[x[k0 + 4 * j + s]];
+    }
+  }
+}
+
+// One block of 128 k for R rows: acc[r][(O + s) % A] += the 32 k of vector s.
+template <int R, int A, int O>
+FL_TARGET_BF16 inline void words_block(const uint8_t* w, __m512i table, const bf16_t* x, int64_t ldx,
+                                       __m512 (&acc)[R][A]) {
+  const __m512i v = _mm512_loadu_si512(w);
+  const __m512i wv[4] = {_mm512_permutexvar_epi16(v, table),
+                         _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table),
+                         _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table),
+                         _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table)};
+#pragma GCC unroll 4
+  for (int s = 0; s < 4; ++s) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + 32 * s);
+      acc[r][(O + s) % A] = _mm512_dpbf16_ps(acc[r][(O + s) % A], xv, (__m512bh)wv[s]);
+    }
+  }
+}
+
+// R rows x one channel over all of K. One row gets 8 accumulators (two blocks per step): the
+// dpbf16 latency, not the look-ups, would bound a single chain per vector.
+template <int R>
+FL_TARGET_BF16 void tile_words(const GemmParams& p, int64_t col, const bf16_t* xs_base, float* out) {
+  constexpr int A = R == 1 ? 8 : R <= 4 ? 4 : 2;
+  const Tables& tab = tables();
+  const int64_t blocks = p.k / kWordBlock, per_group = p.group_size / kWordBlock;
+  const uint8_t* wrow = p.qweight + col * (p.k / 2);
+  const fp8e4m3_t* srow = p.group_scale + col * ((p.k + p.group_size - 1) / p.group_size);
+  __m512 acc[R][A];
+  for (int r = 0; r < R; ++r) {
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+  }
+  int64_t b = 0, g = 0, in_group = 0;
+  auto table = [&]() {  // the current block's group table, then on to the next block
+    const __m512i t = _mm512_loadu_si512(tab.lut_bf16x2[srow[g].bits]);
+    if (++in_group == per_group) in_group = 0, ++g;
+    return t;
+  };
+  for (; b + 2 <= blocks; b += 2) {
+    __builtin_prefetch(wrow + 64 * b + kPrefetchBytes);
+    __builtin_prefetch(wrow + 64 * b + 64 + kPrefetchBytes);
+    const __m512i t0 = table(), t1 = table();
+    words_block<R, A, 0>(wrow + 64 * b, t0, xs_base + kWordBlock * b, p.k, acc);
+    words_block<R, A, 4>(wrow + 64 * (b + 1), t1, xs_base + kWordBlock * (b + 1), p.k, acc);
+  }
+  if (b < blocks) words_block<R, A, 0>(wrow + 64 * b, table(), xs_base + kWordBlock * b, p.k, acc);
+  for (int r = 0; r < R; ++r) {
+    __m512 sum = acc[r][0];
+    for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
+    out[r * p.n] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// Staged rows in natural order (stage_row_bf16), or deinterleaved for the word look-ups.
 void block_bf16(const GemmParams& p, int64_t c0, int64_t c1, int64_t rows, const bf16_t* staged,
                 float* out) {
+  const bool words = word_lookup(p);
   for (int64_t c = c0; c < c1; ++c) {
     row_tiles<kRowTileBf16>(rows, [&](int64_t r, auto n) {
-      tile_bf16<decltype(n)::value>(p, c, staged + r * p.k, out + r * p.n + c);
+      if (words) {
+        tile_words<decltype(n)::value>(p, c, staged + r * p.k, out + r * p.n + c);
+      } else {
+        tile_bf16<decltype(n)::value>(p, c, staged + r * p.k, out + r * p.n + c);
+      }
     });
   }
 }
@@ -994,7 +1077,11 @@ Status gemm(const GemmParams& p) {
       for (int64_t r = 0; r < rows; ++r) {
 #if defined(FL_AVX512)
         if (bf16) {
-          stage_row_bf16(p, m0 + r, staged16 + r * p.k);
+          if (word_lookup(p)) {
+            stage_row_words(p, m0 + r, staged16 + r * p.k);
+          } else {
+            stage_row_bf16(p, m0 + r, staged16 + r * p.k);
+          }
           continue;
         }
 #endif
