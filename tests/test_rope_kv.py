@@ -1005,6 +1005,45 @@ def test_int4_kv_decode_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, starts)
             torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
 
 
+# (b, hq, hkv, d, dv, group, t, starts): decode with fewer (batch, kv head) tasks than threads
+SPLIT_KV_SHAPES = [
+    (2, 8, 2, 128, 128, 64, 1000, [0, 700]),  # GQA groups of 4; a row's ranges from its first token
+    (1, 16, 1, 576, 512, 64, 900, None),  # multi-head latent attention, values in the key rows
+    (1, 4, 1, 64, 64, 32, 600, [500]),  # 100 tokens to split: the second range is empty
+    (2, 4, 1, 64, 64, 32, 600, [600, 0]),  # a row without tokens: every range empty
+    (1, 6, 1, 40, 40, 8, 700, None),  # channels outside 16-chunks: the buffer path
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,dv,group,t,starts", SPLIT_KV_SHAPES)
+def test_int4_kv_decode_split_kv_every_cpu_isa(cpu_isa, b, hq, hkv, d, dv, group, t, starts):
+    """Split-KV decode: with more threads than (batch, kv head) tasks, each task's cached tokens
+    are split in ranges of whole 128-token blocks whose partial softmax states merge into one
+    (empty ranges add nothing; a row without tokens gets zeros and lse -inf). Against the float64
+    reference and the one-thread result (no split), fp32 and bf16 queries, soft-capping."""
+    k, ks, v, vs, st = _amx_cache(b, hkv, t, d, dv, group, starts)
+    before = torch.get_num_threads()
+    try:
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            for softcap in (None, 20.0):
+                q = rand(b, hq, d, dtype=dtype, device="cpu", scale=2.0)
+                ref, ref_lse = _reference(q.double(), k, ks, v, vs, t, d**-0.5, st, softcap or 0.0)
+                torch.set_num_threads(1)
+                one = int4_kv_decode(q, k, ks, v, vs, t, None, st, softcap)
+                for threads in (3, 8):
+                    torch.set_num_threads(threads)
+                    out, lse = int4_kv_decode(q, k, ks, v, vs, t, None, st, softcap)
+                    torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+                    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+                    torch.testing.assert_close(out, one[0], rtol=tol, atol=tol)
+                    assert torch.equal(torch.isneginf(lse), torch.isneginf(one[1]))
+                if starts is not None and t in starts:
+                    row = starts.index(t)
+                    assert bool((out[row] == 0).all()) and bool(torch.isneginf(lse[row]).all())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
     """Each CPU kernel variant reading the values from the key rows in place (register path,
     buffer path, head slices, channels outside 16-chunks), against the reference."""

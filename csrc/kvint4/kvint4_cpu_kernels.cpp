@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CPU decode attention over an INT4 KV cache, compiled once per ISA into
 // fastlayers::cpu::<isa>::kvint4. One task per (batch, kv head; in decode with fewer of those than
-// threads, per slice of the group's query heads): each cached token's key and value
+// threads, per slice of the group's query heads and per range of the cached tokens, split-KV as
+// in flash-decoding, the ranges' softmax states merged after): each cached token's key and value
 // rows are dequantized once into fp32 (AVX2 and AVX-512: 8 bytes -> 16 values with integer
 // unpacking, kept in a per-16-channel [even | odd] order, and the queries are permuted the same way
 // so dot products and value sums need no interleaving), then serve every query head of the GQA
@@ -366,13 +367,79 @@ void store_rows(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, in
 // Query rows per task: kQueryBlock query tokens of every head of the GQA group.
 constexpr int64_t kQueryBlock = 32;
 
+// Split-KV decode: with fewer (batch, kv head, head slice) tasks than threads, each task's cached
+// tokens [first, keys) in `splits` ranges of whole kSplitBlock blocks (at least kSplitMinKeys
+// tokens each), one task per range; each range leaves its unnormalized outputs, running max and
+// sum (a partial: rows x dv, then rows m, then rows l), and merge_splits combines them.
+constexpr int64_t kSplitMinKeys = 256;
+constexpr int64_t kSplitBlock = 128;  // a multiple of both paths' key blocks (kTokens, kAmxTokens)
+
+struct KeyRange {
+  int64_t split, splits;  // this task's range of how many
+  float* partial;         // where the range leaves its state (splits > 1), else nullptr
+};
+
+// The tokens [begin, end) range `kr` covers of [first, keys).
+void key_range(int64_t first, int64_t keys, const KeyRange& kr, int64_t& begin, int64_t& end) {
+  const int64_t per = (keys - first + kr.splits - 1) / kr.splits;
+  const int64_t chunk = (per + kSplitBlock - 1) / kSplitBlock * kSplitBlock;
+  begin = first + kr.split * chunk;
+  begin = begin < keys ? begin : keys;
+  end = begin + chunk < keys ? begin + chunk : keys;
+}
+
+// A task's end: its rows stored (store_rows), or its partial state left for merge_splits.
+void finish_task(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn,
+                 const float* acc, const float* m, const float* l, bool chunked, const KeyRange& kr) {
+  if (kr.partial == nullptr) {
+    store_rows(p, b, head0, qi0, nq, gn, acc, m, l, chunked);
+    return;
+  }
+  const int64_t rows = nq * gn, dv = value_dim(p);
+  for (int64_t i = 0; i < rows * dv; ++i) kr.partial[i] = acc[i];
+  for (int64_t r = 0; r < rows; ++r) {
+    kr.partial[rows * dv + r] = m[r];
+    kr.partial[rows * dv + rows + r] = l[r];
+  }
+}
+
+// The `splits` partials of one decode task (rows query heads from head0, each `stride` floats
+// apart) as one online-softmax state: max M of the ranges' maxima, sums and outputs rescaled by
+// exp(m - M) (a range without tokens has l = 0 and adds nothing; NaN propagates as in one pass),
+// then stored.
+void merge_splits(const DecodeParams& p, int64_t b, int64_t head0, int64_t rows, int64_t splits,
+                  const float* partials, int64_t stride, bool chunked, float* acc, float* m, float* l) {
+  const int64_t dv = value_dim(p);
+  for (int64_t r = 0; r < rows; ++r) {
+    float mx = kNegInf;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float ms = partials[s * stride + rows * dv + r];
+      mx = ms > mx ? ms : mx;
+    }
+    float sum = 0.0f;
+    float* out = acc + r * dv;
+    for (int64_t c = 0; c < dv; ++c) out[c] = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* part = partials + s * stride;
+      const float ls = part[rows * dv + rows + r];
+      if (ls == 0.0f) continue;  // no token in this range
+      const float f = __builtin_expf(part[rows * dv + r] - mx);
+      sum += ls * f;
+      for (int64_t c = 0; c < dv; ++c) out[c] += f * part[r * dv + c];
+    }
+    m[r] = mx;
+    l[r] = sum;
+  }
+  store_rows(p, b, head0, 0, 1, rows, acc, m, l, chunked);
+}
+
 // One (batch, kv head, block of query tokens, slice of the group's heads [g0, g0 + gn)): rows
 // r = i * gn + g for query token qi0 + i and group head g0 + g, each seeing the cached tokens up to
 // its causal limit.
 void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, int64_t gn, bool chunked,
-          Buffers& w, int64_t* limit) {
+          Buffers& w, int64_t* limit, const KeyRange& kr) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
-  const int64_t dv = value_dim(p), vgroups = dv / p.group, vrow = value_row(p), vsrow = value_scale_row(p);
+  const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   // values that are the keys' first dv channels (multi-head latent attention's latent)
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
@@ -394,13 +461,14 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
     }
   }
   const int64_t row = (b * p.hkv + h) * p.t_max;
-  const int64_t keys = past + qi0 + nq;  // the last row's limit + 1
   // (with starts: the row's left padding skipped; prefill rows inside it see no token)
-  for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kTokens) {
+  int64_t begin, keys;  // keys: the last row's limit + 1, or the end of this task's key range
+  key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
+  for (int64_t t0 = begin; t0 < keys; t0 += kTokens) {
     const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
 #if defined(__AVX2__)
     if (chunked && rows <= kRegisterHeads) {  // decode: dequantize in registers (heads_int4)
-      const int64_t r0 = row + t0;
+      const int64_t r0 = row + t0, vgroups = dv / p.group;
       for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = to_float(p.k_scale[r0 * groups + j]);
       for (int64_t i = 0; i < nt; ++i) {
         for (int64_t j = 0; j < vgroups; ++j) w.v[i * vgroups + j] = to_float(p.v_scale[(r0 + i) * vsrow + j]);
@@ -441,7 +509,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
                w.acc + r * dv);
     }
   }
-  store_rows(p, b, head0, qi0, nq, gn, w.acc, w.m, w.l, chunked);
+  finish_task(p, b, head0, qi0, nq, gn, w.acc, w.m, w.l, chunked, kr);
 }
 
 // One row as fp32: x, rotated by RoPE when the call has cos/sin (exact products in double, one
@@ -722,7 +790,7 @@ FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t 
 // task() on tiles (d and dv multiples of 32, values in a buffer of their own): the same rows, the
 // same causal limits and left padding, the same online softmax and epilogue.
 FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, int64_t gn,
-                            Buffers& w, AmxBuffers& a, int64_t* limit) {
+                            Buffers& w, AmxBuffers& a, int64_t* limit, const KeyRange& kr) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
@@ -767,13 +835,14 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     }
   }
   const int64_t row = (b * p.hkv + h) * p.t_max;
-  const int64_t keys = past + qi0 + nq;
+  int64_t begin, keys;
+  key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
   const __m512i pair_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i pair_hi = _mm512_add_epi16(pair_lo, _mm512_set1_epi16(16));
   amx_configure();
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t t0 = first_token(p, b); t0 < keys; t0 += kAmxTokens) {
+  for (int64_t t0 = begin; t0 < keys; t0 += kAmxTokens) {
     const int64_t nt = keys - t0 < kAmxTokens ? keys - t0 : kAmxTokens;
     const int64_t nt32 = (nt + 31) / 32 * 32;  // keys in whole 32-key chunks, zeros past nt
     for (int64_t i = 0; i < nt32; ++i) {
@@ -839,7 +908,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     }
   }
   _tile_release();
-  store_rows(p, b, head0, qi0, nq, gn, a.acc, w.m, w.l, false);
+  finish_task(p, b, head0, qi0, nq, gn, a.acc, w.m, w.l, false, kr);
 }
 #endif  // FL_AMX
 
@@ -849,60 +918,83 @@ Status decode(const DecodeParams& p) {
 #else
   const bool chunked = false;
 #endif
-  const int64_t G = p.hq / p.hkv, qblocks = (p.q_tokens + kQueryBlock - 1) / kQueryBlock;
-  // Decode with fewer (batch, kv head) tasks than threads and a large group (multi-head latent
-  // attention: one kv head, every query head in its group): the group's heads in slices, one
-  // task each. Slices of a register tile (kRegisterHeads) where each thread gets at most one
-  // (the register path's fixed cost per token is the lower, its cost per head the higher:
-  // measured on Zen 4, 16 heads over 2 threads 2.1 ms against 2.8 for two buffer-path
-  // slices), else as many buffer-path slices as the threads need. Each slice reads the block's
-  // cache bytes again (from cache).
-  int64_t slices = 1;
+  const int64_t G = p.hq / p.hkv, dv = value_dim(p), qblocks = (p.q_tokens + kQueryBlock - 1) / kQueryBlock;
+#if defined(FL_AMX)
+  // tasks of >= kAmxMinRows rows on AMX tiles (the level amx_bf16; head sizes in 32-channel blocks)
+  const bool amx_shape = active_isa() >= Isa::kAmxBf16 && p.d % 32 == 0 && dv % 32 == 0;
+#endif
+  // Decode with fewer (batch, kv head) tasks than threads: the group's heads in slices of what one
+  // task's kernel holds (a register tile, kRegisterHeads; one 16-row tile block on AMX: multi-head
+  // latent attention's 16 heads), then each slice's cached tokens in key ranges (split-KV) for the
+  // threads left. Without a register path (head sizes not in 16-channel chunks) and with too few
+  // tokens to split, as many buffer-path slices as the threads need (each slice reads the cache
+  // bytes again, from cache).
+  int64_t slices = 1, splits = 1;
   const int64_t bh = p.batch * p.hkv, threads = omp_get_max_threads();
   if (p.q_tokens == 1 && bh < threads) {
+    int64_t per_task = G;
 #if defined(__AVX2__)
-    const int64_t tiles = (G + kRegisterHeads - 1) / kRegisterHeads;
-    if (chunked && bh * tiles <= threads) slices = tiles;
+    if (chunked) per_task = kRegisterHeads;
 #endif
-    if (slices == 1) {
-      const int64_t want = (threads + bh - 1) / bh, most = (G + kHeads - 1) / kHeads;
-      slices = want < most ? want : most;
+#if defined(FL_AMX)
+    if (amx_shape && G >= kAmxMinRows) per_task = 16;
+#endif
+    slices = (G + per_task - 1) / per_task;
+    const int64_t want = (threads + bh * slices - 1) / (bh * slices), most = p.length / kSplitMinKeys;
+    splits = want < most ? want : (most > 1 ? most : 1);
+    if (splits == 1 && slices == 1 && !chunked) {
+      const int64_t want_slices = (threads + bh - 1) / bh, most_slices = (G + kHeads - 1) / kHeads;
+      slices = want_slices < most_slices ? want_slices : most_slices;
     }
   }
   const int64_t per_slice = (G + slices - 1) / slices;
   slices = (G + per_slice - 1) / per_slice;  // (no empty slice)
-  const int64_t tasks = p.batch * p.hkv * qblocks * slices;
+  const int64_t units = p.batch * p.hkv * qblocks * slices, tasks = units * splits;
   const int64_t rows = per_slice * (p.q_tokens < kQueryBlock ? p.q_tokens : kQueryBlock);
-#pragma omp parallel if (tasks > 1 && tasks * p.length * (p.d + value_dim(p)) >= (1 << 17))
+  const int64_t stride = rows * (dv + 2);  // floats per partial
+  float* partials = splits > 1 ? new float[tasks * stride] : nullptr;
+#pragma omp parallel if (tasks > 1 && units * p.length * (p.d + dv) >= (1 << 17))
   {
 #if defined(FL_AMX)
-    // tasks of >= kAmxMinRows rows on AMX tiles (the level amx_bf16; head sizes in 32-channel blocks)
-    const bool amx = active_isa() >= Isa::kAmxBf16 && rows >= kAmxMinRows && p.d % 32 == 0 &&
-                     value_dim(p) % 32 == 0;
+    const bool amx = amx_shape && rows >= kAmxMinRows;
     const int64_t rows_alloc = amx ? (rows + 31) / 32 * 32 : rows;
-    AmxBuffers* a = amx ? new AmxBuffers(rows_alloc, p.d, value_dim(p)) : nullptr;
+    AmxBuffers* a = amx ? new AmxBuffers(rows_alloc, p.d, dv) : nullptr;
 #else
+    const bool amx = false;
     const int64_t rows_alloc = rows;
 #endif
-    Buffers w(rows_alloc, p.d, value_dim(p));
+    Buffers w(rows_alloc, p.d, dv);
     int64_t* limit = new int64_t[rows_alloc];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / (qblocks * slices), qb = (t / slices) % qblocks, g0 = (t % slices) * per_slice;
+      const int64_t u = t / splits;  // (batch, kv head, query block, head slice), then key range
+      const int64_t bh = u / (qblocks * slices), qb = (u / slices) % qblocks, g0 = (u % slices) * per_slice;
       const int64_t gn = G - g0 < per_slice ? G - g0 : per_slice;
+      const KeyRange kr{t % splits, splits, partials != nullptr ? partials + t * stride : nullptr};
 #if defined(FL_AMX)
       if (a != nullptr) {
-        task_amx(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, w, *a, limit);
+        task_amx(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, w, *a, limit, kr);
         continue;
       }
 #endif
-      task(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, chunked, w, limit);
+      task(p, bh / p.hkv, bh % p.hkv, qb * kQueryBlock, g0, gn, chunked, w, limit, kr);
+    }
+    // (implicit barrier: every range's partial is written before any merge reads it)
+    if (partials != nullptr) {
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < units; ++u) {  // decode: one query block
+        const int64_t bh = u / slices, g0 = (u % slices) * per_slice;
+        const int64_t gn = G - g0 < per_slice ? G - g0 : per_slice;
+        merge_splits(p, bh / p.hkv, (bh % p.hkv) * G + g0, gn, splits, partials + u * splits * stride, stride,
+                     chunked && !amx, w.acc, w.m, w.l);
+      }
     }
     delete[] limit;
 #if defined(FL_AMX)
     delete a;
 #endif
   }
+  delete[] partials;
   return Status::ok();
 }
 
