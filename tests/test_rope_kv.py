@@ -434,7 +434,8 @@ def test_kv_kernels_every_cpu_isa(cpu_isa, d, group, hq, hkv):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
     # 16-bit queries are read and the output written as they are: the same values as the fp32
-    # route and a cast
+    # route and a cast (on AMX tiles, where the probabilities of 16-bit queries multiply the values
+    # in one bf16 part or two for fp16, as FlashAttention's P: within a 16-bit rounding of it)
     for dtype in (torch.float16, torch.bfloat16):
         q16 = q.to(dtype)
         got, lse = int4_kv_decode(q16, k, ks, v, vs, 70)
@@ -444,7 +445,12 @@ def test_kv_kernels_every_cpu_isa(cpu_isa, d, group, hq, hkv):
         q16t = rand(2, 5, hq, d, dtype=dtype, device="cpu").transpose(1, 2)  # strided
         got, lse = int4_kv_attention(q16t, k, ks, v, vs, 40)
         want, want_lse = int4_kv_attention(q16t.float(), k, ks, v, vs, 40)
-        assert torch.equal(got, want.to(dtype)) and torch.equal(lse, want_lse)
+        assert torch.equal(lse, want_lse)
+        if cpu_isa == "amx_bf16" and hq * 5 // hkv >= 8 and d % 32 == 0:  # (prefill on tiles)
+            tol = 2 * torch.finfo(dtype).eps
+            torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol)
+        else:
+            assert torch.equal(got, want.to(dtype))
     q4 = rand(2, hq, 37, d, dtype=torch.bfloat16, device="cpu")
     got, lse = int4_kv_attention(q4, k, ks, v, vs, 71)
     want, want_lse = _attention_reference(q4, k, ks, v, vs, 71, d**-0.5)

@@ -639,9 +639,12 @@ Status quantize(const QuantizeParams& p) {
 // and values are exact there; the queries (unscaled: the softmax scale
 // multiplies the scores) and the probabilities are split into bf16 parts (split_bf16: three for fp32,
 // |x - sum| <= 2^-25 |x|; a bf16 query is one exact part, an fp16 one two), each multiplied in turn.
-// The products are exact and the sums fp32, so the result keeps fp32 accuracy where a single bf16
+// The products are exact and the sums fp32, so fp32 queries keep fp32 accuracy where a single bf16
 // rounding would cost 2^-9 (two parts, 2^-17, left errors a 3-layer model's logits amplified past
-// 1e-4).
+// 1e-4). The probabilities take as many parts as the queries: 16-bit queries get a 16-bit output,
+// and their probabilities are rounded once to bf16 (one part) or split in two for fp16, as
+// FlashAttention multiplies P in the inputs' 16-bit type (bf16 prefill 1.21x, the error to the
+// float64 reference unchanged: the output's rounding dominates it).
 //   Scores, transposed: S^T[key][row] = K . Q^T, the keys the A operand (dequantized rows in natural
 // order, 16 keys x 32 channels a tile), the queries the B operand (staged once per task in the pair
 // layout); 2 key blocks x 1 or 2 row blocks of C per pass. Each C tile is transposed into the fp32
@@ -754,7 +757,7 @@ FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int
 // acc rows of RB row blocks from rb0 x channels [c0, c0 + 32) += P . V over the block's keys
 // [0, 32 chunks): C tile 2 h + (channel block).
 template <int RB>
-FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t c0, int64_t chunks) {
+FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int p_parts, int64_t rb0, int64_t c0, int64_t chunks) {
   float* acc = a.acc + rb0 * 16 * dv + c0;
   _tile_loadd(0, acc, dv * 4);
   _tile_loadd(1, acc + 16, dv * 4);
@@ -767,7 +770,8 @@ FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int64_t rb0, int64_t 
     const int64_t p0 = rb0 * 16 * kAmxTokens + kc * 32, p1 = p0 + 16 * kAmxTokens;
     _tile_loadd(6, vp, dv * 4);
     _tile_loadd(7, vp + 16, dv * 4);
-    for (const uint16_t* part : a.p) {
+    for (int j = 0; j < p_parts; ++j) {
+      const uint16_t* part = a.p[j];
       _tile_loadd(4, part + p0, kAmxTokens * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
@@ -799,6 +803,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
   // part, an fp16 one two (11 significant bits), an fp32 one three (24).
   const int q_parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
+  const int p_parts = q_parts;
   const __m512 scale = _mm512_set1_ps(p.scale);
   // values that are the keys' first dv channels (multi-head latent attention's latent): taken from
   // the dequantized key rows
@@ -888,22 +893,22 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       } else {
         for (int64_t i = 0; i < nt32; ++i) sr[i] = 0.0f;
       }
-      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16, 16 at a time)
-        const __m512 x = _mm512_loadu_ps(sr + i);
-        const __m512 x0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), high));
-        const __m512 r0 = _mm512_sub_ps(x, x0);
-        const __m512 x1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r0), high));
-        const __m256i parts[3] = {_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x0), 16)),
-                                  _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x1), 16)),
-                                  (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(r0, x1))};
-        for (int j = 0; j < 3; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.p[j] + r * kAmxTokens + i), parts[j]);
+      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16 into p_parts parts, 16 at a time)
+        __m512 x = _mm512_loadu_ps(sr + i);
+        for (int j = 0; j < p_parts; ++j) {  // the top 16 bits of what is left; the last part rounded
+          const __m512i bits = _mm512_castps_si512(x);
+          const __m256i part = j + 1 < p_parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
+                                               : (__m256i)_mm512_cvtneps_pbh(x);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.p[j] + r * kAmxTokens + i), part);
+          x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
+        }
       }
     }
     amx_fence();
     for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {
       for (int64_t c0 = 0; c0 < dv; c0 += 32) {
-        if (rb + 1 < rows16 / 16) values_tiles<2>(a, dv, rb, c0, nt32 / 32);
-        else values_tiles<1>(a, dv, rb, c0, nt32 / 32);
+        if (rb + 1 < rows16 / 16) values_tiles<2>(a, dv, p_parts, rb, c0, nt32 / 32);
+        else values_tiles<1>(a, dv, p_parts, rb, c0, nt32 / 32);
       }
     }
   }
