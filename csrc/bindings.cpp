@@ -84,7 +84,7 @@ void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
                   int64_t residual_row_stride, std::uintptr_t weight, std::uintptr_t y,
                   std::uintptr_t residual_out, std::uintptr_t y_scale, int64_t rows, int64_t cols,
                   int x_dtype, int weight_dtype, int y_dtype, float eps, float weight_offset,
-                  bool round_once, std::uintptr_t stream) {
+                  bool round_once, bool fresh_output, std::uintptr_t stream) {
   rmsnorm::FwdParams p;
   p.x = ptr<const void>(x);
   p.x_row_stride = x_row_stride;
@@ -102,6 +102,7 @@ void rms_norm_fwd(int device, std::uintptr_t x, int64_t x_row_stride, std::uintp
   p.eps = eps;
   p.weight_offset = weight_offset;
   p.round_once = round_once;
+  p.fresh_output = fresh_output;
   run(device, p, stream, rmsnorm::forward_cpu, FL_CUDA_OR_NONE(rmsnorm::forward_cuda));
 }
 

@@ -382,7 +382,8 @@ def test_bf16_rounding_fast_path_matches_nan_path():
 @pytest.mark.parametrize("weight_offset", OFFSETS)
 def test_large_outputs_streamed(dtype, weight_offset):
     """CPU outputs of 16 MiB and more with 64-byte aligned rows are written with non-temporal
-    stores: same values as the reference, with and without out=, in place, and with a NaN row."""
+    stores into a caller's buffer (out=, in place) and with plain stores when just allocated:
+    the same values, the reference's, and with a NaN row."""
     rows = (16 << 20) // (4096 * torch.tensor([], dtype=dtype).element_size())
     x, w = _inputs((rows,), 4096, dtype, "cpu")
     x[5, 9] = float("nan")

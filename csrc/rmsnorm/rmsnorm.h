@@ -37,6 +37,7 @@ struct FwdParams {
   float eps = 1e-6f;
   float weight_offset = 0.0f;
   bool round_once = false;          // multiply by the weight in fp32, round once (torch.nn.RMSNorm)
+  bool fresh_output = false;        // y and residual_out were just allocated (CPU: plain stores)
 };
 
 // NOTE(rstd): the backward recomputes r instead of reading a saved one: it reads s in the same pass

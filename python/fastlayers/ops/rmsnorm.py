@@ -117,8 +117,10 @@ def _num_partials(device: torch.device, rows: int) -> int:
 # Kernels
 # ----------------------------------------------------------------------------------------------
 def _launch_forward(
-    x, residual, weight, eps, weight_offset, y, residual_out, scale, round_once=False
+    x, residual, weight, eps, weight_offset, y, residual_out, scale, round_once=False, fresh=False
 ) -> None:
+    """``fresh``: y (and residual_out) were just allocated for this call, not a caller's buffers
+    (the CPU kernel then writes them with plain stores, see rmsnorm_cpu_kernels.cpp)."""
     n = x.shape[-1]
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else None
@@ -132,7 +134,7 @@ def _launch_forward(
             ptr(y), ptr(residual_out), ptr(scale),
             x2.shape[0], n,
             _dtypes.code(x.dtype), _dtypes.code(weight.dtype), _dtypes.code(y.dtype),
-            eps, weight_offset, round_once,
+            eps, weight_offset, round_once, fresh,
             stream_of(x.device),
         )  # fmt: skip
 
@@ -143,7 +145,7 @@ def _rms_norm_kernel(x, weight, eps, weight_offset, round_once=False):
         return ref.rms_norm(x, weight, eps, weight_offset, round_once)
     y = empty(x.shape, x.dtype, x.device)
     if x.numel() > 0:
-        _launch_forward(x, None, weight, eps, weight_offset, y, None, None, round_once)
+        _launch_forward(x, None, weight, eps, weight_offset, y, None, None, round_once, fresh=True)
     return y
 
 
@@ -154,7 +156,9 @@ def _fused_add_rms_norm_kernel(x, residual, weight, eps, weight_offset, round_on
     y = empty(x.shape, x.dtype, x.device)
     new_residual = empty(x.shape, x.dtype, x.device)
     if x.numel() > 0:
-        _launch_forward(x, residual, weight, eps, weight_offset, y, new_residual, None, round_once)
+        _launch_forward(
+            x, residual, weight, eps, weight_offset, y, new_residual, None, round_once, fresh=True
+        )
     return y, new_residual
 
 
