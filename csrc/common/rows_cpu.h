@@ -99,25 +99,6 @@ void prefetch_row(const T* row, int64_t n) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
-// Non-temporal (streaming) writes for outputs far larger than the cache that nothing reads soon, such
-// as a million-row gradient table: they skip the read-for-ownership of every written line, which
-// otherwise doubles the memory traffic. 16-byte-aligned interior by SSE2 stream stores, the ends
-// by ordinary stores; call stream_fence() (simd_cpu.h) before other threads may read the data.
-[[maybe_unused]] void stream_bytes(char* dst, const char* src, int64_t n) {  // src == nullptr: zeros
-  int64_t i = 0;
-#if defined(__SSE2__)
-  const int64_t head = (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
-  for (; i < head && i < n; ++i) dst[i] = src ? src[i] : 0;
-  const __m128i zero = _mm_setzero_si128();
-  for (; i + 16 <= n; i += 16) {
-    const __m128i v =
-        src ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)) : zero;
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), v);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = src ? src[i] : 0;
-}
-
 // Logit soft-capping of s[0, n): s = cap * tanh(s / cap), tanh(t) = (e - 1) / (e + 1) with
 // e = exp(2t) and t clamped to +-9 (tanh is 1 in fp32 from 9.01 on); about 1e-7 absolute error in
 // tanh. NaN stays NaN (the clamps return their second operand for NaN), +-inf become +-cap.
