@@ -402,7 +402,13 @@ def int4_kv_decode(
     soft-capping): each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``; None or 0 for
     none. ``sinks`` (GPT-OSS's attention sinks, floating ``[Hq]``): a logit per query head in the
     softmax's denominator (applied through the lse: a row that sees no token keeps zeros, its
-    lse becomes the sink)."""
+    lse becomes the sink).
+
+    Work split (flash-decoding): one task per (batch row, kv head, slice of the group's query
+    heads), each task's cached tokens in ranges whose softmax states merge after (split-KV): on
+    CPU where the tasks are fewer than the threads, so the result depends on the thread count at
+    rounding level (fp32 sums in another order; deterministic for a given count); on CUDA by the
+    context length."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     if starts is not None:
