@@ -929,17 +929,17 @@ Status decode(const DecodeParams& p) {
   const bool amx_shape = active_isa() >= Isa::kAmxBf16 && p.d % 32 == 0 && dv % 32 == 0;
 #endif
   // Decode with fewer (batch, kv head) tasks than threads: the group's heads in slices of what one
-  // task's kernel holds (a register tile, kRegisterHeads; one 16-row tile block on AMX: multi-head
-  // latent attention's 16 heads), then each slice's cached tokens in key ranges (split-KV) for the
-  // threads left. Without a register path (head sizes not in 16-channel chunks) and with too few
-  // tokens to split, as many buffer-path slices as the threads need (each slice reads the cache
-  // bytes again, from cache).
+  // task's kernel holds (a register tile, kRegisterHeads, where each thread gets at most one such
+  // slice: the register path's fixed cost per token is the lower, its cost per head the higher;
+  // one 16-row tile block on AMX: multi-head latent attention's 16 heads), then each slice's
+  // cached tokens in key ranges (split-KV) for the threads left. With too few tokens to split,
+  // as many slices as the threads need (each slice reads the cache bytes again, from cache).
   int64_t slices = 1, splits = 1;
   const int64_t bh = p.batch * p.hkv, threads = omp_get_max_threads();
   if (p.q_tokens == 1 && bh < threads) {
     int64_t per_task = G;
 #if defined(__AVX2__)
-    if (chunked) per_task = kRegisterHeads;
+    if (chunked && bh * ((G + kRegisterHeads - 1) / kRegisterHeads) <= threads) per_task = kRegisterHeads;
 #endif
 #if defined(FL_AMX)
     if (amx_shape && G >= kAmxMinRows) per_task = 16;
@@ -947,7 +947,7 @@ Status decode(const DecodeParams& p) {
     slices = (G + per_task - 1) / per_task;
     const int64_t want = (threads + bh * slices - 1) / (bh * slices), most = p.length / kSplitMinKeys;
     splits = want < most ? want : (most > 1 ? most : 1);
-    if (splits == 1 && slices == 1 && !chunked) {
+    if (splits == 1 && slices == 1) {
       const int64_t want_slices = (threads + bh - 1) / bh, most_slices = (G + kHeads - 1) / kHeads;
       slices = want_slices < most_slices ? want_slices : most_slices;
     }
