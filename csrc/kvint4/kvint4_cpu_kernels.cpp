@@ -801,9 +801,9 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
   const int64_t rows16 = (rows + 15) / 16 * 16, cbs = d / 32;  // rows padded to whole row blocks
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
-  // part, an fp16 one two (11 significant bits), an fp32 one three (24).
-  const int q_parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
-  const int p_parts = q_parts;
+  // part, an fp16 one two (11 significant bits), an fp32 one three (24); the probabilities take
+  // as many.
+  const int parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
   const __m512 scale = _mm512_set1_ps(p.scale);
   // values that are the keys' first dv channels (multi-head latent attention's latent): taken from
   // the dequantized key rows
@@ -871,8 +871,8 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {  // scores, into the rows of a.s
       const int rbs = rb + 1 < rows16 / 16 ? 2 : 1;
       for (int64_t kb = 0; kb < nt32 / 16; kb += 2) {
-        if (rbs == 2) scores_tiles<2>(a, d, q_parts, kb, rb, a.c);
-        else scores_tiles<1>(a, d, q_parts, kb, rb, a.c);
+        if (rbs == 2) scores_tiles<2>(a, d, parts, kb, rb, a.c);
+        else scores_tiles<1>(a, d, parts, kb, rb, a.c);
         for (int t = 0; t < 4; ++t) {
           const int64_t k0 = (kb + t / 2) * 16, r0 = (rb + t % 2) * 16;
           if (t % 2 >= rbs) continue;
@@ -893,11 +893,11 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       } else {
         for (int64_t i = 0; i < nt32; ++i) sr[i] = 0.0f;
       }
-      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16 into p_parts parts, 16 at a time)
+      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16, 16 at a time)
         __m512 x = _mm512_loadu_ps(sr + i);
-        for (int j = 0; j < p_parts; ++j) {  // the top 16 bits of what is left; the last part rounded
+        for (int j = 0; j < parts; ++j) {  // the top 16 bits of what is left; the last part rounded
           const __m512i bits = _mm512_castps_si512(x);
-          const __m256i part = j + 1 < p_parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
+          const __m256i part = j + 1 < parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
                                                : (__m256i)_mm512_cvtneps_pbh(x);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.p[j] + r * kAmxTokens + i), part);
           x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
@@ -907,8 +907,8 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     amx_fence();
     for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {
       for (int64_t c0 = 0; c0 < dv; c0 += 32) {
-        if (rb + 1 < rows16 / 16) values_tiles<2>(a, dv, p_parts, rb, c0, nt32 / 32);
-        else values_tiles<1>(a, dv, p_parts, rb, c0, nt32 / 32);
+        if (rb + 1 < rows16 / 16) values_tiles<2>(a, dv, parts, rb, c0, nt32 / 32);
+        else values_tiles<1>(a, dv, parts, rb, c0, nt32 / 32);
       }
     }
   }
