@@ -92,6 +92,10 @@ ARCHS = {
 }
 # queries scaled by position past original_max_position_embeddings (Llama 4's attention scale)
 ARCHS["Ministral3"] = dict(head_dim=32)
+# and past 4 positions (a scale that grows within these sequences)
+ARCHS["Ministral3Scaled"] = dict(head_dim=32, rope_parameters=dict(
+    transformers.Ministral3Config(head_dim=32).rope_parameters, llama_4_scaling_beta=0.5,
+    original_max_position_embeddings=4))  # fmt: skip
 # GPT-NeoX (Pythia): model.gpt_neox.layers[i].attention, query_key_value heads of [q, k, v], a
 # quarter of each head rotated, LayerNorms; its parallel block has a norm for each sublayer
 ARCHS["GPTNeoX"] = {}
@@ -163,7 +167,8 @@ def _model(arch, **extra):
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     kw.update(ARCHS[arch], **extra)
-    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope", "New", "Alibi"):
+    for suffix in ("Parallel", "Qk", "Plain", "Channels", "Sequential", "Nope", "New", "Alibi",
+                   "Scaled"):  # fmt: skip
         arch = arch.removesuffix(suffix)
     if arch in ("Persimmon", "GPTNeoX", "GPT2", "GPTNeo", "GPTBigCode", "GPTJ", "CodeGen",
                 "Falcon"):  # fmt: skip
@@ -471,9 +476,6 @@ def test_routing_an_attention_that_does_not_compute_what_its_parts_say_is_refuse
     with pytest.raises(ValueError, match="multi-head latent attention with other parts .*extra"):
         fastlayers.apply_skip_plan(model, routed)
     fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(), LayerPlan("skip")]))  # (plans: yes)
-    model = _model("Ministral3")  # queries scaled by position: routed attention recomputes them
-    with pytest.raises(ValueError, match="Ministral3Attention's queries are not what"):
-        fastlayers.apply_skip_plan(model, routed)
     model = _model("GptOss")  # sinks of another shape than one per query head
     model.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="sinks are not one logit per query head"):
@@ -1051,17 +1053,40 @@ def test_int4_linears_leave_moe_routers_in_float():
         assert torch.isfinite(hunyuan(ids).logits).all()
 
 
-def test_llama4_nope_layers_with_temperature_tuning_are_not_routed():
-    """Llama 4's NoPE layers scale their queries by the position, from the cache's length (past
-    ``floor_scale`` tokens), which a probe of a few tokens cannot show: routing one is refused by
-    name (the INT4 KV path takes the module's own queries: test above); its RoPE layer routes."""
-    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
-    with pytest.raises(ValueError, match="layer 1 cannot be routed: .*attn_temperature_tuning"):
-        fastlayers.apply_skip_plan(_model("Llama4TextNope"), SkipPlan([LayerPlan(), every]))
+@pytest.mark.parametrize("arch", ["Llama4TextNope", "Ministral3Scaled"])
+def test_queries_scaled_by_place_are_routed_as_the_model_scales_them(arch):
+    """Llama 4's NoPE layer (attention temperature tuning: a scale from the token's column in the
+    cache, past ``floor_scale`` = 4 here) and Ministral 3 (``llama_4_scaling_beta``: from the
+    position id, past ``original_max_position_embeddings`` = 4 here) scale their queries by
+    place; routed attention applies the same scale (both refused before): every token routed is
+    the model, and generate() with left padding (columns and position ids then differ) gives the
+    model's scores, decode steps included."""
+    from fastlayers.skip_plan import LayerSkipCache
+
     ids = torch.randint(3, 128, (2, 12))
-    want = _logits(_model("Llama4TextNope"), ids)
-    model = fastlayers.apply_skip_plan(_model("Llama4TextNope"), SkipPlan([every, LayerPlan()]))
+    want = _logits(_model(arch), ids)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    model = fastlayers.apply_skip_plan(_model(arch), SkipPlan([every, every]))
     torch.testing.assert_close(_logits(model, ids), want, rtol=1e-5, atol=1e-5)
+    kw = _left_padded(ids)
+    with torch.no_grad():
+        got = model.generate(ids, cache=LayerSkipCache(), **kw)
+        ref = _model(arch).generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_query_scale_by_place_the_module_does_not_apply_is_refused(monkeypatch):
+    """The probe compares the scaled queries with the module's at a place far out: a scale of
+    another beta than the module's is refused, not routed."""
+    from fastlayers import _decoder
+
+    wrong = _decoder.PositionQueryScale(0.3, 4.0, 0.0, False)
+    monkeypatch.setattr(_decoder, "query_position_scale", lambda attn: wrong)
+    routed = SkipPlan([LayerPlan(), LayerPlan(attn="routed")])
+    with pytest.raises(ValueError, match="Ministral3Attention's queries are not what"):
+        fastlayers.apply_skip_plan(_model("Ministral3Scaled"), routed)
 
 
 def test_per_layer_head_counts_and_rotary_dims():

@@ -898,15 +898,33 @@ _ATTENTION_PARTS = ("q_proj", "q_gate_proj", "k_proj", "v_proj", "qkv_proj", "qu
                     "gate_proj", "g_proj", "attn_sub_norm", "rotary_emb")  # fmt: skip
 
 
-def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None):
+def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=None,
+                  positions=None, columns=None):  # fmt: skip
     """The queries, keys and values ``[n, heads, head_dim]`` and the output gate logits
     ``[n, heads * head_dim]`` (None where the queries carry none: :class:`QKVProjections`)
     that ``attn`` computes from tokens ``x [n, hidden]`` with RoPE tables ``cos`` / ``sin
     [n, rotary_dim]`` (None: the model gives none, nothing rotates): its projections, its
     q/k norms (:func:`qk_norms`; before RoPE, or after where :func:`qk_norms_after_rope` says so,
-    or ``after_rope`` when given) and its own RoPE on the rotated channels (none on NoPE layers).
+    or ``after_rope`` when given), its own RoPE on the rotated channels (none on NoPE layers)
+    and its query scale by place (:func:`query_position_scale`), which reads the tokens'
+    ``positions [n]`` (position ids) or ``columns [n]`` (places in the cache) as the module does.
     Routed attention's stand-in for the module's first half, checked against the module itself
     by :func:`attention_mismatch`."""
+    q, k, v, gate = _attention_qkv(attn, x, cos, sin, after_rope)
+    scale = query_position_scale(attn)
+    if scale is not None:
+        q = scale.apply(q, columns if scale.by_column else positions)
+    return q, k, v, gate
+
+
+def attention_kv(attn: torch.nn.Module, x: torch.Tensor, cos, sin):
+    """The keys and values of :func:`attention_qkv` (``[n, kv heads, head_dim]``), which do not
+    depend on the tokens' places beyond the RoPE tables."""
+    return _attention_qkv(attn, x, cos, sin, None)[1:3]
+
+
+def _attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope):
+    """:func:`attention_qkv` before the query scale by place."""
     mla = mla_projections(attn)
     if isinstance(mla, MLAProjections):  # (multi-head latent attention: values of their own size)
         return (*mla.project(x, cos, sin), None)
@@ -927,6 +945,49 @@ def attention_qkv(attn: torch.nn.Module, x: torch.Tensor, cos, sin, after_rope=N
     if after:
         q, k = apply_qk_norm(q_norm, q), apply_qk_norm(k_norm, k)
     return q, k, v, gate
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionQueryScale:
+    """A query scale that grows with the token's place, ``1 + beta * log(1 + floor((p + shift) /
+    period))`` per token (the temperature tuning of arXiv 2501.19399): Llama 4's NoPE layers
+    (``attn_temperature_tuning``: ``p`` the token's column in the cache, shift 1, period
+    ``floor_scale``, beta ``attn_scale``; the fp32 scale times the queries, then rounded) and
+    Ministral 3 / Mistral 4 (``llama_4_scaling_beta``: ``p`` the position id, shift 0, period
+    ``original_max_position_embeddings``; the scale rounded to the queries' dtype first), each
+    in its module's arithmetic. :func:`attention_mismatch` checks it against the module."""
+
+    beta: float
+    period: float
+    shift: float
+    by_column: bool  # True: the token's place in the cache; False: its position id
+
+    def apply(self, q: torch.Tensor, places) -> torch.Tensor:
+        """``q [n, heads, head_dim]`` scaled by the scale of ``places [n]``."""
+        if not isinstance(places, torch.Tensor) or places.shape != q.shape[:1]:
+            what = "columns" if self.by_column else "positions"
+            raise ValueError(
+                f"the query scale by place needs the tokens' {what} as an [{q.shape[0]}] "
+                f"tensor, got {places if places is None else tuple(places.shape)}"
+            )
+        p = places.to(device=q.device)
+        if self.by_column:  # (Llama 4: log1p over the fp32 places, the product rounded once)
+            s = torch.log1p(torch.floor((p.float() + self.shift) / self.period)) * self.beta + 1.0
+            return (q * s[:, None, None]).to(q.dtype)
+        s = 1 + self.beta * torch.log(1 + torch.floor(p / self.period))  # (Ministral 3)
+        return q * s.to(q.dtype)[:, None, None]
+
+
+def query_position_scale(attn: torch.nn.Module) -> PositionQueryScale | None:
+    """The query scale by place that ``attn`` applies (:class:`PositionQueryScale`), or None."""
+    if getattr(attn, "attn_temperature_tuning", False) and not getattr(attn, "use_rope", True):
+        return PositionQueryScale(float(attn.attn_scale), float(attn.floor_scale), 1.0, True)
+    rope = getattr(getattr(attn, "config", None), "rope_parameters", None)
+    beta = rope.get("llama_4_scaling_beta") if isinstance(rope, dict) else None
+    if beta is None:
+        return None
+    return PositionQueryScale(float(beta), float(rope["original_max_position_embeddings"]),
+                              0.0, False)  # fmt: skip
 
 
 def attention_output(attn: torch.nn.Module, o: torch.Tensor, x: torch.Tensor,
@@ -966,15 +1027,38 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     return module._fl_probe_answer, None
 
 
+# where a probe's tokens sit: far past any context a query scale by place leaves alone
+_PROBE_PLACE = 1 << 22
+
+
+class _ProbeCache:
+    """The cache a probe gives a module whose query scale reads its place in the cache (Llama 4's
+    NoPE layers): it says :data:`_PROBE_PLACE` tokens came before and keeps nothing."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return _PROBE_PLACE
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+
 def _probe_extras(attn: torch.nn.Module, t: int) -> dict:
     """Arguments a probe passes besides the hidden states and RoPE tables: ``position_ids`` where
-    the module's forward requires them (Ministral 3 scales its queries by position), far past any
-    context a query scale by position leaves alone, so that such a scale shows."""
+    the module's forward requires them (Ministral 3 scales its queries by position), and a
+    :class:`_ProbeCache` where its query scale reads the cache's length (Llama 4), both at
+    :data:`_PROBE_PLACE`, so that a scale by place shows."""
     params = inspect.signature(attn.forward).parameters
+    extras = {}
     needs = params.get("position_ids")
-    if needs is None or needs.default is not inspect.Parameter.empty:
-        return {}
-    return {"position_ids": torch.arange(t)[None] + (1 << 22)}
+    if needs is not None and needs.default is inspect.Parameter.empty:
+        extras["position_ids"] = torch.arange(t)[None] + _PROBE_PLACE
+    scale = query_position_scale(attn)
+    if scale is not None and scale.by_column:
+        name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
+                    None)  # fmt: skip
+        if name is not None:
+            extras[name] = _ProbeCache()
+    return extras
 
 
 def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
@@ -994,11 +1078,6 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     if (True, tables) in passed or (queries, tables) in passed:
         return None
     name = type(attn).__name__
-    if queries and getattr(attn, "attn_temperature_tuning", False) and \
-            not getattr(attn, "use_rope", True):  # fmt: skip
-        # (Llama 4's NoPE layers: a query scale growing with the position past floor_scale
-        # tokens, which a probe of a few tokens cannot show)
-        return f"{name} scales its queries by position (attn_temperature_tuning)"
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
     AttentionInterface.register(_PROBE, _probe_attention)
@@ -1043,7 +1122,8 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
             out = attn(hidden_states=x, position_embeddings=given, attention_mask=mask,
                        **_probe_extras(attn, t))[0]  # fmt: skip
             places = (False, True) if qk_norms(attn)[0] is not None else (False,)
-            candidates = {a: attention_qkv(attn, x[0], cos0, sin0, a) for a in places}
+            at = torch.arange(t) + _PROBE_PLACE  # (the probe's positions and cache columns)
+            candidates = {a: attention_qkv(attn, x[0], cos0, sin0, a, at, at) for a in places}
             o, gate = attn._fl_probe_answer[0].reshape(t, hq * d), candidates[False][3]
             mine = {}  # (a g_proj gate: softplus (Laguna) or sigmoid (LFM3), told apart here)
             for sigmoid in (False, True) if _has(attn, "g_proj") else (False,):

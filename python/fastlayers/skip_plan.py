@@ -360,11 +360,15 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
         cos, sin = cos_sin(tables, attn)  # [n, r]: the model's function unsqueezes dim 1 for heads
         cos = cos.expand(b, t, -1).reshape(b * t, -1)[rows]
         sin = sin.expand(b, t, -1).reshape(b * t, -1)[rows]
-    q, k, v, qgate = attention_qkv(attn, x, cos, sin)  # (checked against the module)
     positions = kw.get("position_ids")
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
     pos = positions.expand(b, t).reshape(-1)[rows]
+    # the tokens' columns in the cache (Llama 4 scales its NoPE layers' queries by them)
+    first = start if start is not None or cache is None else _cache_start(cache, t, layer_idx)
+    columns = (torch.arange(t, device=h.device) + (0 if first is None else first)).repeat(b)
+    # (checked against the module)
+    q, k, v, qgate = attention_qkv(attn, x, cos, sin, positions=pos, columns=columns[rows])
     # (a cache given means use it: Gemma 3 and others pass no use_cache to their layers)
     use = cache is not None and kw.get("use_cache", True)
     store = _routed_store(cache, layer_idx) if use else None

@@ -46,10 +46,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from fastlayers._decoder import (
     LINEAR_MIXER_NAMES,
     MLAProjections,
+    attention_kv,
     attention_mismatch_either_way,
     attention_name,
     attention_of,
-    attention_qkv,
     attention_unsupported,
     checked_with_tables,
     cos_sin,
@@ -859,7 +859,7 @@ def calibrate_rope_aware_kv(
         def hook(mod, args, kwargs, i=i, m=m, qkv=qkv, mla=latents[i]):
             # the module's input and the RoPE tables the model gives it (None where it gives
             # none: Granite 4, LaraMini's global layers), through the module's own q/k/v, q/k
-            # norms and RoPE (attention_qkv, the routed path's code, checked against the module)
+            # norms and RoPE (attention_kv, the routed path's code, checked against the module)
             x = args[0] if args else kwargs["hidden_states"]  # [B, T, hidden]
             b, t = x.shape[:2]
             tables = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
@@ -879,7 +879,7 @@ def calibrate_rope_aware_kv(
                     f"wide, but its layout rotates {layouts[i].rotary_dim} channels (tables "
                     f"{width} wide)"
                 )
-            k_rot = attention_qkv(m, x.flatten(0, 1), cos, sin)[1]
+            k_rot = attention_kv(m, x.flatten(0, 1), cos, sin)[0]
             if mla is not None:  # (the RoPE part the heads share, as the module caches it)
                 rotated[i].append(k_rot[:, :1, mla.nope :].float())  # [B * T, 1, rope]
                 return
