@@ -637,7 +637,7 @@ Status quantize(const QuantizeParams& p) {
 // more heads per task) multiplies on AMX tiles (common/amx_cpu.h), rows padded to 16-row blocks.
 // An INT4 code times its FP8 scale is exact in bf16 (7 significant bits), so the dequantized keys
 // and values are exact there; the queries (unscaled: the softmax scale
-// multiplies the scores) and the probabilities are split into bf16 parts (split_bf16: three for fp32,
+// multiplies the scores) and the probabilities are split into bf16 parts (stage_queries: three for fp32,
 // |x - sum| <= 2^-25 |x|; a bf16 query is one exact part, an fp16 one two), each multiplied in turn.
 // The products are exact and the sums fp32, so fp32 queries keep fp32 accuracy where a single bf16
 // rounding would cost 2^-9 (two parts, 2^-17, left errors a 3-layer model's logits amplified past
@@ -690,15 +690,43 @@ struct AmxBuffers {
   AmxBuffers& operator=(const AmxBuffers&) = delete;
 };
 
-// x = part[0] + part[1] + part[2] in bf16 bits, each the top 16 bits of what the parts before
-// leave, the last rounded to nearest even: |x - sum| <= 2^-25 |x| (fp32's own rounding).
-static inline void split_bf16(float x, uint16_t* part) {
-  const uint32_t b0 = float_bits(x) & 0xFFFF0000u;
-  const float r0 = x - bits_float(b0);  // (exact)
-  const uint32_t b1 = float_bits(r0) & 0xFFFF0000u;
-  part[0] = static_cast<uint16_t>(b0 >> 16);
-  part[1] = static_cast<uint16_t>(b1 >> 16);
-  part[2] = to_bf16(r0 - bits_float(b1)).bits;
+// The task's query rows (fp32, rows of d channels; zeros for the padding rows up to rows16) as
+// their `parts` bf16 parts (split_bf16, 16 rows x 32 channels at a time) in the B operand layout:
+// per (16-row block, 32-channel block) 16 channel pairs x 16 rows of dwords, a transpose of the
+// rows' pairs. Each part is the top 16 bits of what the parts before leave, the third (fp32
+// queries) rounded to nearest even: |x - sum| <= 2^-25 |x| (fp32's own rounding). A bf16 query is
+// its one part, an fp16 one its two (what the first leaves fits bf16).
+FL_TARGET_AMX void stage_queries(const float* q, int64_t rows, int64_t rows16, int64_t d, int parts,
+                                 uint32_t* const* out) {
+  const int64_t cbs = d / 32;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t rb = 0; rb < rows16 / 16; ++rb) {
+    for (int64_t cb = 0; cb < cbs; ++cb) {
+      __m512i v[3][16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = rb * 16 + i;
+        __m512 x[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        if (r < rows) {
+          x[0] = _mm512_loadu_ps(q + r * d + cb * 32);
+          x[1] = _mm512_loadu_ps(q + r * d + cb * 32 + 16);
+        }
+        for (int j = 0; j < parts; ++j) {
+          __m256i half[2];
+          for (int u = 0; u < 2; ++u) {
+            const __m512i bits = _mm512_castps_si512(x[u]);
+            half[u] = j + 1 < parts || parts < 3 ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
+                                                 : (__m256i)_mm512_cvtneps_pbh(x[u]);
+            x[u] = _mm512_sub_ps(x[u], _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
+          }
+          v[j][i] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0]), half[1], 1);  // (channel pairs)
+        }
+      }
+      for (int j = 0; j < parts; ++j) {
+        transpose16(v[j]);  // v[j][c]: channel pair c of the block's 16 rows
+        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(out[j] + (rb * cbs + cb) * 256 + c * 16, v[j][c]);
+      }
+    }
+  }
 }
 
 // One INT4 row (n channels, even) -> bf16 in natural order: per 32 channels int4_lookup_bf16 in
@@ -799,7 +827,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   const int64_t nq = Tq - qi0 < kQueryBlock ? Tq - qi0 : kQueryBlock;
   const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
-  const int64_t rows16 = (rows + 15) / 16 * 16, cbs = d / 32;  // rows padded to whole row blocks
+  const int64_t rows16 = (rows + 15) / 16 * 16;  // rows padded to whole row blocks
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
   // part, an fp16 one two (11 significant bits), an fp32 one three (24); the probabilities take
   // as many.
@@ -827,18 +855,8 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       limit[r] = past + qi0 + i;
     }
     for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
-    // the row's channel pairs into the B operand layout, zeros for the padding rows
-    const int64_t rb = r / 16, ri = r % 16;
-    for (int64_t c = 0; c < d; c += 2) {
-      uint16_t x0[3] = {}, x1[3] = {};
-      if (r < rows) {
-        split_bf16(q[c], x0);
-        split_bf16(q[c + 1], x1);
-      }
-      const int64_t at = (rb * cbs + c / 32) * 256 + ((c % 32) / 2) * 16 + ri;
-      for (int j = 0; j < 3; ++j) a.q[j][at] = x0[j] | (static_cast<uint32_t>(x1[j]) << 16);
-    }
   }
+  stage_queries(w.q, rows, rows16, d, parts, a.q);
   const int64_t row = (b * p.hkv + h) * p.t_max;
   int64_t begin, keys;
   key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
@@ -893,7 +911,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       } else {
         for (int64_t i = 0; i < nt32; ++i) sr[i] = 0.0f;
       }
-      for (int64_t i = 0; i < nt32; i += 16) {  // (split_bf16, 16 at a time)
+      for (int64_t i = 0; i < nt32; i += 16) {  // (as stage_queries splits)
         __m512 x = _mm512_loadu_ps(sr + i);
         for (int j = 0; j < parts; ++j) {  // the top 16 bits of what is left; the last part rounded
           const __m512i bits = _mm512_castps_si512(x);
