@@ -118,8 +118,8 @@ def _varlen():
 
 
 def _kv_int4():
-    # GQA 32/8, d128: decode over 4096 cached tokens, a 1024-token causal prefill, the cache-side
-    # and query-side quantization.
+    # GQA 32/8, d128: decode over 4096 cached tokens, a 1024-token causal prefill (fp32 queries)
+    # and 256 new tokens over 512 (bf16 queries), the cache-side and query-side quantization.
     cache = (*ops.kv_quantize(_randn(1, 8, 4096, 128), 128),)
     cache += ops.kv_quantize(_randn(1, 8, 4096, 128), 128)
     qd = ops.q_quantize(_randn(1, 32, 1, 128))[:, :, 0]  # one query token: [batch, heads, d]
@@ -128,6 +128,11 @@ def _kv_int4():
     qp = ops.q_quantize(_randn(1, 32, 1024, 128))
     yield _case(
         "int4_kv_attention", "1024 causal, 32/8 heads, d128", ops.int4_kv_attention, qp, *prefix
+    )
+    qb = _randn(1, 32, 256, 128).bfloat16()  # (the quick bench's prefill: bf16 queries)
+    mid = [t[..., :512, :].contiguous() for t in cache]
+    yield _case(
+        "int4_kv_attention", "256 over 512, bf16, 32/8 heads, d128", ops.int4_kv_attention, qb, *mid
     )
     quantize = lambda x: ops.kv_quantize(x, 128)  # noqa: E731
     yield _case("kv_quantize", "1x8x1024x128 fp32", quantize, _randn(1, 8, 1024, 128))

@@ -747,6 +747,49 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
+// softmax_block's online softmax step for one row of a block's scores s (keys [0, hi) visible),
+// 16 keys at a time with the last 16 masked (no scalar tail), fused with the split of the
+// probabilities into `parts` bf16 parts (at p[j] + at: the top 16 bits of what is left, the last
+// part rounded; zeros from hi to nt32): the running max m and sum l updated, the row's accumulator
+// acc (dv floats) scaled to the new max. No visible key: zeros, and m, l and acc as they are.
+FL_TARGET_AMX void softmax_parts(const float* s, int64_t hi, int64_t nt32, int parts, int64_t at,
+                                 uint16_t* const* p, float& m, float& l, float* acc, int64_t dv) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  float m_new = m, alpha = 1.0f;
+  __m512 neg_m = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+  if (hi > 0) {
+    __m512 vmx = _mm512_set1_ps(kNegInf);
+    for (int64_t i = 0; i < hi; i += 16) {
+      const __mmask16 keep = hi - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hi - i)) - 1);
+      vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), keep, s + i));
+    }
+    const float mx = vmaxval(V{vmx});
+    m_new = mx > m ? mx : m;
+    alpha = m == kNegInf ? 0.0f : __builtin_expf(m - m_new);
+    neg_m = _mm512_set1_ps(-m_new);
+  }
+  for (int64_t i = 0; i < nt32; i += 16) {
+    __m512 x = _mm512_setzero_ps();
+    if (i < hi) {
+      const __mmask16 keep = hi - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hi - i)) - 1);
+      x = _mm512_maskz_mov_ps(keep, vexp(V{_mm512_add_ps(_mm512_loadu_ps(s + i), neg_m)}).v);
+      sum = _mm512_add_ps(sum, x);
+    }
+    for (int j = 0; j < parts; ++j) {
+      const __m512i bits = _mm512_castps_si512(x);
+      const __m256i part = j + 1 < parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
+                                           : (__m256i)_mm512_cvtneps_pbh(x);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p[j] + at + i), part);
+      x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
+    }
+  }
+  if (hi > 0) {
+    l = l * alpha + vsum(V{sum});
+    m = m_new;
+    scale_row(acc, dv, alpha);
+  }
+}
+
 // S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile 2 j + h, stored at
 // c + 256 (2 j + h).
 template <int RB>
@@ -864,7 +907,6 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
                                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i pair_hi = _mm512_add_epi16(pair_lo, _mm512_set1_epi16(16));
   amx_configure();
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t t0 = begin; t0 < keys; t0 += kAmxTokens) {
     const int64_t nt = keys - t0 < kAmxTokens ? keys - t0 : kAmxTokens;
     const int64_t nt32 = (nt + 31) / 32 * 32;  // keys in whole 32-key chunks, zeros past nt
@@ -903,24 +945,12 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
         }
       }
     }
-    for (int64_t r = 0; r < rows16; ++r) {  // the online softmax, then the probabilities' bf16 parts
+    for (int64_t r = 0; r < rows16; ++r) {  // the online softmax and the probabilities' bf16 parts
+      int64_t hi = r < rows ? limit[r] - t0 + 1 : 0;  // (the row's visible keys; none for padding)
+      hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
       float* sr = a.s + r * kAmxTokens;
-      if (r < rows) {
-        softmax_rows<1>(nt, dv, t0, limit + r, p.softcap, sr, w.m + r, w.l + r, a.acc + r * dv);
-        for (int64_t i = nt; i < nt32; ++i) sr[i] = 0.0f;
-      } else {
-        for (int64_t i = 0; i < nt32; ++i) sr[i] = 0.0f;
-      }
-      for (int64_t i = 0; i < nt32; i += 16) {  // (as stage_queries splits)
-        __m512 x = _mm512_loadu_ps(sr + i);
-        for (int j = 0; j < parts; ++j) {  // the top 16 bits of what is left; the last part rounded
-          const __m512i bits = _mm512_castps_si512(x);
-          const __m256i part = j + 1 < parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
-                                               : (__m256i)_mm512_cvtneps_pbh(x);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.p[j] + r * kAmxTokens + i), part);
-          x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
-        }
-      }
+      if (p.softcap > 0.0f) softcap_row(sr, hi, p.softcap);
+      softmax_parts(sr, hi, nt32, parts, r * kAmxTokens, a.p, w.m[r], w.l[r], a.acc + r * dv, dv);
     }
     amx_fence();
     for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {
