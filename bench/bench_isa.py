@@ -129,6 +129,14 @@ def _kv_int4():
     yield _case(
         "int4_kv_attention", "1024 causal, 32/8 heads, d128", ops.int4_kv_attention, qp, *prefix
     )
+    # multi-head latent attention's decode (16 heads over one latent of 576 channels, values its
+    # first 512): on AMX tiles at the level amx_bf16
+    latent = ops.kv_quantize(_randn(1, 1, 4096, 576), 64)
+    mla = (*latent, latent[0][..., :256], latent[1][..., :8])
+    qm = ops.q_quantize(_randn(1, 16, 1, 576))[:, :, 0]
+    yield _case(
+        "int4_kv_decode", "MLA 4096 cached, 16 heads, 576 / 512", ops.int4_kv_decode, qm, *mla
+    )
     qb = _randn(1, 32, 256, 128).bfloat16()  # (the quick bench's prefill: bf16 queries)
     mid = [t[..., :512, :].contiguous() for t in cache]
     yield _case(

@@ -647,9 +647,11 @@ Status quantize(const QuantizeParams& p) {
 // float64 reference unchanged: the output's rounding dominates it).
 //   Scores, transposed: S^T[key][row] = K . Q^T, the keys the A operand (dequantized rows in natural
 // order, 16 keys x 32 channels a tile), the queries the B operand (staged once per task in the pair
-// layout); 2 key blocks x 1 or 2 row blocks of C per pass. Each C tile is transposed into the fp32
-// score rows, where the online softmax (softmax_rows) runs as in the other paths.
-//   Values: O[row][c] += P . V, the probabilities the A operand (bf16 parts of the score rows), the
+// layout); 2 key blocks x 1 or 2 row blocks of C per pass. The C tiles stay as they are, keys x
+// rows: the online softmax (softmax_block_rows) runs on 16 rows at a time in the vector lanes (no
+// horizontal maxima or sums), and one transpose per 16 rows x 32 keys turns the probabilities'
+// bf16 parts into the rows of the values' A operand (a transpose per 16 x 16 scores before).
+//   Values: O[row][c] += P . V, the probabilities the A operand (bf16 parts, key rows), the
 // values the B operand (dequantized rows interleaved in key pairs); the accumulators are the
 // running outputs themselves (16 rows x 16 channels of acc a tile), 1 or 2 row blocks x 2 channel
 // blocks per pass.
@@ -666,16 +668,15 @@ struct AmxBuffers {
   uint16_t* v;            // [kAmxTokens][dv] bf16, natural order
   uint32_t* v_pairs;      // [kAmxTokens / 2][dv] (key 2 i, key 2 i + 1) per channel
   uint16_t* p[3];         // the probabilities' bf16 parts: [rows][kAmxTokens]
-  float* s;               // [rows][kAmxTokens] scores, then probabilities
+  float* s;               // scores S^T as the C tiles leave them: [row block][kAmxTokens keys][16 rows]
   float* acc;             // [rows][dv]
-  float* c;               // 4 C tiles
   AmxBuffers(int64_t rows, int64_t d, int64_t dv)
       : q{new uint32_t[rows * d / 2], new uint32_t[rows * d / 2], new uint32_t[rows * d / 2]},
         k(new uint16_t[kAmxTokens * d]),
         v(new uint16_t[kAmxTokens * dv]), v_pairs(new uint32_t[kAmxTokens / 2 * dv]),
         p{new uint16_t[rows * kAmxTokens], new uint16_t[rows * kAmxTokens], new uint16_t[rows * kAmxTokens]},
         s(new float[rows * kAmxTokens]),
-        acc(new float[rows * dv]), c(new float[4 * 256]) {}
+        acc(new float[rows * dv]) {}
   ~AmxBuffers() {
     delete[] s;
     for (uint32_t* part : q) delete[] part;
@@ -684,7 +685,6 @@ struct AmxBuffers {
     delete[] v_pairs;
     for (uint16_t* part : p) delete[] part;
     delete[] acc;
-    delete[] c;
   }
   AmxBuffers(const AmxBuffers&) = delete;
   AmxBuffers& operator=(const AmxBuffers&) = delete;
@@ -696,13 +696,13 @@ struct AmxBuffers {
 // rows' pairs. Each part is the top 16 bits of what the parts before leave, the third (fp32
 // queries) rounded to nearest even: |x - sum| <= 2^-25 |x| (fp32's own rounding). A bf16 query is
 // its one part, an fp16 one its two (what the first leaves fits bf16).
-FL_TARGET_AMX void stage_queries(const float* q, int64_t rows, int64_t rows16, int64_t d, int parts,
-                                 uint32_t* const* out) {
+template <int parts>
+FL_TARGET_AMX void stage_queries(const float* q, int64_t rows, int64_t rows16, int64_t d, uint32_t* const* out) {
   const int64_t cbs = d / 32;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t rb = 0; rb < rows16 / 16; ++rb) {
     for (int64_t cb = 0; cb < cbs; ++cb) {
-      __m512i v[3][16];
+      __m512i v[parts][16];
       for (int i = 0; i < 16; ++i) {
         const int64_t r = rb * 16 + i;
         __m512 x[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -747,53 +747,78 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
-// softmax_block's online softmax step for one row of a block's scores s (keys [0, hi) visible),
-// 16 keys at a time with the last 16 masked (no scalar tail), fused with the split of the
-// probabilities into `parts` bf16 parts (at p[j] + at: the top 16 bits of what is left, the last
-// part rounded; zeros from hi to nt32): the running max m and sum l updated, the row's accumulator
-// acc (dv floats) scaled to the new max. No visible key: zeros, and m, l and acc as they are.
-FL_TARGET_AMX void softmax_parts(const float* s, int64_t hi, int64_t nt32, int parts, int64_t at,
-                                 uint16_t* const* p, float& m, float& l, float* acc, int64_t dv) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  float m_new = m, alpha = 1.0f;
-  __m512 neg_m = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-  if (hi > 0) {
-    __m512 vmx = _mm512_set1_ps(kNegInf);
-    for (int64_t i = 0; i < hi; i += 16) {
-      const __mmask16 keep = hi - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hi - i)) - 1);
-      vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), keep, s + i));
-    }
-    const float mx = vmaxval(V{vmx});
-    m_new = mx > m ? mx : m;
-    alpha = m == kNegInf ? 0.0f : __builtin_expf(m - m_new);
-    neg_m = _mm512_set1_ps(-m_new);
+// The online softmax step (softmax_block's) of one 16-row block over a key block, on the scores
+// S^T as the tiles leave them (st: nt32 keys x 16 rows, unscaled): 16 rows at a time in the lanes,
+// so the maxima and sums need no horizontal reductions. Row i sees the block's keys [0, hi[i])
+// (none for padding rows); times the softmax `scale`, soft-capped when softcap > 0; the running
+// max m and sum l of the rows (16 each) updated, each row's accumulator (acc: 16 rows of dv) scaled
+// to its new max; a row without visible keys keeps m, l and acc. The probabilities leave in the
+// A-operand layout of the values' product: `parts` bf16 parts (the top 16 bits of what is left,
+// the last part rounded; zeros past hi), p[j] + at: 16 rows of kAmxTokens keys, by one transpose
+// per 32 keys.
+template <int parts>
+FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi, float scale, float softcap,
+                                      int64_t at, uint16_t* const* p, float* m, float* l, float* acc, int64_t dv) {
+  const __m512 vscale = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(kNegInf);
+  const __m512i vhi = _mm512_loadu_si512(hi), high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i pair_words = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  int64_t keys = 0;  // (the keys any row sees)
+  for (int i = 0; i < 16; ++i) keys = hi[i] > keys ? hi[i] : keys;
+  for (int64_t i = 0; i < keys; ++i) _mm512_storeu_ps(st + i * 16, _mm512_mul_ps(_mm512_loadu_ps(st + i * 16), vscale));
+  if (softcap > 0.0f) softcap_row(st, keys * 16, softcap);
+  __m512 mx = neg_inf;
+  for (int64_t i = 0; i < keys; ++i) {
+    const __mmask16 seen = _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i)));
+    mx = _mm512_mask_max_ps(mx, seen, mx, _mm512_loadu_ps(st + i * 16));
   }
-  for (int64_t i = 0; i < nt32; i += 16) {
-    __m512 x = _mm512_setzero_ps();
-    if (i < hi) {
-      const __mmask16 keep = hi - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (hi - i)) - 1);
-      x = _mm512_maskz_mov_ps(keep, vexp(V{_mm512_add_ps(_mm512_loadu_ps(s + i), neg_m)}).v);
-      sum = _mm512_add_ps(sum, x);
+  const __mmask16 any = _mm512_cmpgt_epi32_mask(vhi, _mm512_setzero_si512());
+  const __m512 vm = _mm512_loadu_ps(m);
+  // m_new = mx where a row sees keys and mx > m (else m: NaN compares false, as softmax_block), so
+  // alpha = exp(m - m_new) is 1 for rows without visible keys; 0 while nothing was seen
+  const __m512 m_new = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(any, mx, vm, _CMP_GT_OQ), vm, mx);
+  __m512 alpha = vexp(V{_mm512_sub_ps(vm, m_new)}).v;
+  alpha = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(vm, neg_inf, _CMP_EQ_OQ), alpha, _mm512_setzero_ps());
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i0 = 0; i0 < nt32; i0 += 32) {  // 32 keys: 16 key pairs x 16 rows, transposed
+    __m512i w[parts][16];
+    for (int kp = 0; kp < 16; ++kp) {
+      __m512 e[2];
+      for (int u = 0; u < 2; ++u) {
+        const int64_t i = i0 + 2 * kp + u;
+        const __mmask16 seen = i < keys ? _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i))) : 0;
+        e[u] = seen ? _mm512_maskz_mov_ps(seen, vexp(V{_mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)}).v)
+                    : _mm512_setzero_ps();
+        sum = _mm512_add_ps(sum, e[u]);
+      }
+      for (int j = 0; j < parts; ++j) {
+        const __m512i b0 = _mm512_castps_si512(e[0]), b1 = _mm512_castps_si512(e[1]);
+        if (j + 1 < parts) {  // (the top 16 bits: key 2 kp in the low word, 2 kp + 1 in the high)
+          w[j][kp] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(b0, 16), b1, high, 0xF8);
+        } else {
+          w[j][kp] = _mm512_permutexvar_epi16(pair_words, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+        }
+        e[0] = _mm512_sub_ps(e[0], _mm512_castsi512_ps(_mm512_and_si512(b0, high)));
+        e[1] = _mm512_sub_ps(e[1], _mm512_castsi512_ps(_mm512_and_si512(b1, high)));
+      }
     }
     for (int j = 0; j < parts; ++j) {
-      const __m512i bits = _mm512_castps_si512(x);
-      const __m256i part = j + 1 < parts ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16))
-                                           : (__m256i)_mm512_cvtneps_pbh(x);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p[j] + at + i), part);
-      x = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_and_si512(bits, high)));
+      transpose16(w[j]);  // w[j][r]: row r's 32 keys from i0, in pairs
+      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(p[j] + at + r * kAmxTokens + i0, w[j][r]);
     }
   }
-  if (hi > 0) {
-    l = l * alpha + vsum(V{sum});
-    m = m_new;
-    scale_row(acc, dv, alpha);
-  }
+  _mm512_storeu_ps(l, _mm512_mask_blend_ps(any, _mm512_loadu_ps(l), _mm512_fmadd_ps(_mm512_loadu_ps(l), alpha, sum)));
+  _mm512_storeu_ps(m, m_new);
+  alignas(64) float a16[16];
+  _mm512_store_ps(a16, alpha);
+  for (int r = 0; r < 16; ++r) scale_row(acc + r * dv, dv, a16[r]);
 }
 
-// S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile 2 j + h, stored at
-// c + 256 (2 j + h).
+// S^T for key blocks (kb0, kb0 + 1) x RB row blocks from rb0 over d: C tile (key block kb0 + j,
+// row block rb0 + h) stored as it is, 16 keys x 16 rows, at a.s's row block rb0 + h, keys from
+// 16 (kb0 + j).
 template <int RB>
-FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int64_t kb0, int64_t rb0, float* c) {
+FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int64_t kb0, int64_t rb0) {
   const int64_t cbs = d / 32;
   _tile_zero(0);
   _tile_zero(2);
@@ -816,11 +841,12 @@ FL_TARGET_AMX void scores_tiles(const AmxBuffers& a, int64_t d, int q_parts, int
       }
     }
   }
+  float* c = a.s + (rb0 * kAmxTokens + kb0 * 16) * 16;
   _tile_stored(0, c, 64);
-  _tile_stored(2, c + 512, 64);
+  _tile_stored(2, c + 256, 64);
   if constexpr (RB == 2) {
-    _tile_stored(1, c + 256, 64);
-    _tile_stored(3, c + 768, 64);
+    _tile_stored(1, c + kAmxTokens * 16, 64);
+    _tile_stored(3, c + kAmxTokens * 16 + 256, 64);
   }
   amx_fence();
 }
@@ -875,7 +901,6 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   // part, an fp16 one two (11 significant bits), an fp32 one three (24); the probabilities take
   // as many.
   const int parts = p.q != nullptr ? 3 : (p.q16_dtype == DType::kFloat16 ? 2 : 1);
-  const __m512 scale = _mm512_set1_ps(p.scale);
   // values that are the keys' first dv channels (multi-head latent attention's latent): taken from
   // the dequantized key rows
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
@@ -899,7 +924,9 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     }
     for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
   }
-  stage_queries(w.q, rows, rows16, d, parts, a.q);
+  if (parts == 1) stage_queries<1>(w.q, rows, rows16, d, a.q);
+  else if (parts == 2) stage_queries<2>(w.q, rows, rows16, d, a.q);
+  else stage_queries<3>(w.q, rows, rows16, d, a.q);
   const int64_t row = (b * p.hkv + h) * p.t_max;
   int64_t begin, keys;
   key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
@@ -928,29 +955,25 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       }
     }
     amx_fence();
-    for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {  // scores, into the rows of a.s
-      const int rbs = rb + 1 < rows16 / 16 ? 2 : 1;
+    for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {  // scores S^T, into the row blocks of a.s
       for (int64_t kb = 0; kb < nt32 / 16; kb += 2) {
-        if (rbs == 2) scores_tiles<2>(a, d, parts, kb, rb, a.c);
-        else scores_tiles<1>(a, d, parts, kb, rb, a.c);
-        for (int t = 0; t < 4; ++t) {
-          const int64_t k0 = (kb + t / 2) * 16, r0 = (rb + t % 2) * 16;
-          if (t % 2 >= rbs) continue;
-          __m512i v[16];
-          for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(a.c + 256 * t + 16 * i);
-          transpose16(v);  // v[i]: row r0 + i's scores of the keys k0 .. k0 + 15
-          for (int i = 0; i < 16 && r0 + i < rows; ++i) {
-            _mm512_storeu_ps(a.s + (r0 + i) * kAmxTokens + k0, _mm512_mul_ps(_mm512_castsi512_ps(v[i]), scale));
-          }
-        }
+        if (rb + 1 < rows16 / 16) scores_tiles<2>(a, d, parts, kb, rb);
+        else scores_tiles<1>(a, d, parts, kb, rb);
       }
     }
-    for (int64_t r = 0; r < rows16; ++r) {  // the online softmax and the probabilities' bf16 parts
-      int64_t hi = r < rows ? limit[r] - t0 + 1 : 0;  // (the row's visible keys; none for padding)
-      hi = hi < 0 ? 0 : (hi > nt ? nt : hi);
-      float* sr = a.s + r * kAmxTokens;
-      if (p.softcap > 0.0f) softcap_row(sr, hi, p.softcap);
-      softmax_parts(sr, hi, nt32, parts, r * kAmxTokens, a.p, w.m[r], w.l[r], a.acc + r * dv, dv);
+    for (int64_t rb = 0; rb < rows16 / 16; ++rb) {  // the online softmax and the probabilities' parts
+      alignas(64) int32_t hi[16];  // (each row's visible keys; none for padding rows)
+      for (int i = 0; i < 16; ++i) {
+        const int64_t r = rb * 16 + i;
+        const int64_t h = r < rows ? limit[r] - t0 + 1 : 0;
+        hi[i] = static_cast<int32_t>(h < 0 ? 0 : (h > nt ? nt : h));
+      }
+      float* st = a.s + rb * kAmxTokens * 16;
+      const int64_t at = rb * 16 * kAmxTokens;
+      float *m = w.m + rb * 16, *l = w.l + rb * 16, *acc = a.acc + rb * 16 * dv;
+      if (parts == 1) softmax_block_rows<1>(st, nt32, hi, p.scale, p.softcap, at, a.p, m, l, acc, dv);
+      else if (parts == 2) softmax_block_rows<2>(st, nt32, hi, p.scale, p.softcap, at, a.p, m, l, acc, dv);
+      else softmax_block_rows<3>(st, nt32, hi, p.scale, p.softcap, at, a.p, m, l, acc, dv);
     }
     amx_fence();
     for (int64_t rb = 0; rb < rows16 / 16; rb += 2) {
