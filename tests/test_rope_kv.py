@@ -986,6 +986,28 @@ def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, 
             torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kv_scores_far_apart_every_cpu_isa(cpu_isa, dtype):
+    """Queries of 1e28: scores ~1e28 apart, whose exponents underflow to 0 far below any clamp-free
+    polynomial's range (the AMX softmax's exponential clamps at -104): every CPU variant's decode
+    (register path; 16 heads per kv head: the tiles under amx_bf16) and prefill (tiles under
+    amx_bf16) attend to each row's largest score, as the float64 reference does, and stay finite."""
+    torch.manual_seed(3)
+    k, ks = quant.quantize_kv_int4(rand(1, 2, 100, 64, dtype=torch.float32, device="cpu"), 32)
+    v, vs = quant.quantize_kv_int4(rand(1, 2, 100, 64, dtype=torch.float32, device="cpu"), 32)
+    for hq in (4, 32):
+        q = (rand(1, hq, 64, dtype=torch.float32, device="cpu") * 1e28).to(dtype)
+        got, _ = int4_kv_decode(q, k, ks, v, vs, 100)
+        want, _ = _reference(q.double(), k, ks, v, vs, 100, 64**-0.5)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)
+    q = (rand(1, 8, 40, 64, dtype=torch.float32, device="cpu") * 1e28).to(dtype)
+    got, _ = int4_kv_attention(q, k, ks, v, vs, 100)
+    want, _ = _attention_reference(q.double(), k, ks, v, vs, 100, 64**-0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)
+
+
 # (b, hq, hkv, d, dv, group, t, starts): decode tasks of >= 8 query heads take the tiles too
 AMX_DECODE_SHAPES = [
     (1, 16, 1, 576, 512, 64, 300, None),  # multi-head latent attention: two slices of 8 heads

@@ -756,6 +756,26 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
 // A-operand layout of the values' product: `parts` bf16 parts (the top 16 bits of what is left,
 // the last part rounded; zeros past hi), p[j] + at: 16 rows of kAmxTokens keys, by one transpose
 // per 32 keys.
+// e^x for the softmax's exponents (x <= 0 or NaN here): vexp's reduction and polynomial, the
+// power of two applied by vscalefps instead of built in the exponent bits, so that one clamp
+// (x >= -104, where e^x is 0 in fp32) replaces vexp's two clamps and two blends; the denormal
+// results come out as expf gives them; NaN stays NaN (the clamp returns it).
+FL_TARGET_AMX static inline __m512 exp_scalef(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 template <int parts>
 FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi, float scale, float softcap,
                                       int64_t at, uint16_t* const* p, float* m, float* l, float* acc, int64_t dv) {
@@ -787,7 +807,7 @@ FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi
       for (int u = 0; u < 2; ++u) {
         const int64_t i = i0 + 2 * kp + u;
         const __mmask16 seen = i < keys ? _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i))) : 0;
-        e[u] = seen ? _mm512_maskz_mov_ps(seen, vexp(V{_mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)}).v)
+        e[u] = seen ? _mm512_maskz_mov_ps(seen, exp_scalef(_mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)))
                     : _mm512_setzero_ps();
         sum = _mm512_add_ps(sum, e[u]);
       }
