@@ -474,19 +474,19 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t g0, 
         for (int64_t j = 0; j < vgroups; ++j) w.v[i * vgroups + j] = to_float(p.v_scale[(r0 + i) * vsrow + j]);
       }
       // (the FP8 scales once: the fp32 buffers are free)
-      const Int4Rows kr{p.k + r0 * (d / 2), w.k, d, p.group, d / 2};
-      const Int4Rows vr{p.v + r0 * vrow, w.v, dv, p.group, vrow};
+      const Int4Rows kint4{p.k + r0 * (d / 2), w.k, d, p.group, d / 2};
+      const Int4Rows vint4{p.v + r0 * vrow, w.v, dv, p.group, vrow};
       switch (rows) {
 #if defined(FL_AVX512)
-        case 8: heads_int4<8>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 7: heads_int4<7>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 6: heads_int4<6>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 5: heads_int4<5>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 8: heads_int4<8>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 7: heads_int4<7>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 6: heads_int4<6>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 5: heads_int4<5>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
 #endif
-        case 4: heads_int4<4>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 3: heads_int4<3>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 2: heads_int4<2>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        default: heads_int4<1>(w.q, kr, vr, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 4: heads_int4<4>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 3: heads_int4<3>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 2: heads_int4<2>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        default: heads_int4<1>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
       }
       continue;
     }
@@ -691,7 +691,7 @@ struct AmxBuffers {
 };
 
 // The task's query rows (fp32, rows of d channels; zeros for the padding rows up to rows16) as
-// their `parts` bf16 parts (split_bf16, 16 rows x 32 channels at a time) in the B operand layout:
+// their `parts` bf16 parts (16 rows x 32 channels at a time) in the B operand layout:
 // per (16-row block, 32-channel block) 16 channel pairs x 16 rows of dwords, a transpose of the
 // rows' pairs. Each part is the top 16 bits of what the parts before leave, the third (fp32
 // queries) rounded to nearest even: |x - sum| <= 2^-25 |x| (fp32's own rounding). A bf16 query is
@@ -747,15 +747,6 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
-// The online softmax step (softmax_block's) of one 16-row block over a key block, on the scores
-// S^T as the tiles leave them (st: nt32 keys x 16 rows, unscaled): 16 rows at a time in the lanes,
-// so the maxima and sums need no horizontal reductions. Row i sees the block's keys [0, hi[i])
-// (none for padding rows); times the softmax `scale`, soft-capped when softcap > 0; the running
-// max m and sum l of the rows (16 each) updated, each row's accumulator (acc: 16 rows of dv) scaled
-// to its new max; a row without visible keys keeps m, l and acc. The probabilities leave in the
-// A-operand layout of the values' product: `parts` bf16 parts (the top 16 bits of what is left,
-// the last part rounded; zeros past hi), p[j] + at: 16 rows of kAmxTokens keys, by one transpose
-// per 32 keys.
 // e^x for the softmax's exponents (x <= 0 or NaN here): vexp's reduction and polynomial, the
 // power of two applied by vscalefps instead of built in the exponent bits, so that one clamp
 // (x >= -104, where e^x is 0 in fp32) replaces vexp's two clamps and two blends; the denormal
@@ -776,6 +767,16 @@ FL_TARGET_AMX static inline __m512 exp_scalef(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+
+// The online softmax step (softmax_block's) of one 16-row block over a key block, on the scores
+// S^T as the tiles leave them (st: nt32 keys x 16 rows, unscaled): 16 rows at a time in the lanes,
+// so the maxima and sums need no horizontal reductions. Row i sees the block's keys [0, hi[i])
+// (none for padding rows); times the softmax `scale`, soft-capped when softcap > 0; the running
+// max m and sum l of the rows (16 each) updated, each row's accumulator (acc: 16 rows of dv) scaled
+// to its new max; a row without visible keys keeps m, l and acc. The probabilities leave in the
+// A-operand layout of the values' product: `parts` bf16 parts (the top 16 bits of what is left,
+// the last part rounded; zeros past hi), p[j] + at: 16 rows of kAmxTokens keys, by one transpose
+// per 32 keys.
 template <int parts>
 FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi, float scale, float softcap,
                                       int64_t at, uint16_t* const* p, float* m, float* l, float* acc, int64_t dv) {
@@ -926,22 +927,21 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
   const uint16_t* vb = in_keys ? a.k : a.v;
   const int64_t vs = in_keys ? d : dv;
-  for (int64_t r = 0; r < rows16; ++r) {
+  for (int64_t r = 0; r < rows16; ++r) {  // (padding rows: no query, no visible key)
     const int64_t i = r / gn, g = r % gn;
-    float* q = w.q + (r < rows ? r : 0) * d;
     if (r < rows) {
       const int64_t src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
       if (p.q != nullptr) {
-        load_query(p.q + src, d, 1.0f, false, q);
+        load_query(p.q + src, d, 1.0f, false, w.q + r * d);
       } else if (p.q16_dtype == DType::kFloat16) {
-        load_query(static_cast<const half_t*>(p.q16) + src, d, 1.0f, false, q);
+        load_query(static_cast<const half_t*>(p.q16) + src, d, 1.0f, false, w.q + r * d);
       } else {
-        load_query(static_cast<const bf16_t*>(p.q16) + src, d, 1.0f, false, q);
+        load_query(static_cast<const bf16_t*>(p.q16) + src, d, 1.0f, false, w.q + r * d);
       }
-      w.m[r] = kNegInf;
-      w.l[r] = 0.0f;
       limit[r] = past + qi0 + i;
     }
+    w.m[r] = kNegInf;
+    w.l[r] = 0.0f;
     for (int64_t c = 0; c < dv; ++c) a.acc[r * dv + c] = 0.0f;
   }
   if (parts == 1) stage_queries<1>(w.q, rows, rows16, d, a.q);
@@ -985,8 +985,8 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       alignas(64) int32_t hi[16];  // (each row's visible keys; none for padding rows)
       for (int i = 0; i < 16; ++i) {
         const int64_t r = rb * 16 + i;
-        const int64_t h = r < rows ? limit[r] - t0 + 1 : 0;
-        hi[i] = static_cast<int32_t>(h < 0 ? 0 : (h > nt ? nt : h));
+        const int64_t n = r < rows ? limit[r] - t0 + 1 : 0;
+        hi[i] = static_cast<int32_t>(n < 0 ? 0 : (n > nt ? nt : n));
       }
       float* st = a.s + rb * kAmxTokens * 16;
       const int64_t at = rb * 16 * kAmxTokens;
@@ -1026,20 +1026,20 @@ Status decode(const DecodeParams& p) {
   // cached tokens in key ranges (split-KV) for the threads left. With too few tokens to split,
   // as many slices as the threads need (each slice reads the cache bytes again, from cache).
   int64_t slices = 1, splits = 1;
-  const int64_t bh = p.batch * p.hkv, threads = omp_get_max_threads();
-  if (p.q_tokens == 1 && bh < threads) {
+  const int64_t bkv = p.batch * p.hkv, threads = omp_get_max_threads();
+  if (p.q_tokens == 1 && bkv < threads) {
     int64_t per_task = G;
 #if defined(__AVX2__)
-    if (chunked && bh * ((G + kRegisterHeads - 1) / kRegisterHeads) <= threads) per_task = kRegisterHeads;
+    if (chunked && bkv * ((G + kRegisterHeads - 1) / kRegisterHeads) <= threads) per_task = kRegisterHeads;
 #endif
 #if defined(FL_AMX)
     if (amx_shape && G >= kAmxMinRows) per_task = 16;
 #endif
     slices = (G + per_task - 1) / per_task;
-    const int64_t want = (threads + bh * slices - 1) / (bh * slices), most = p.length / kSplitMinKeys;
+    const int64_t want = (threads + bkv * slices - 1) / (bkv * slices), most = p.length / kSplitMinKeys;
     splits = want < most ? want : (most > 1 ? most : 1);
     if (splits == 1 && slices == 1) {
-      const int64_t want_slices = (threads + bh - 1) / bh, most_slices = (G + kHeads - 1) / kHeads;
+      const int64_t want_slices = (threads + bkv - 1) / bkv, most_slices = (G + kHeads - 1) / kHeads;
       slices = want_slices < most_slices ? want_slices : most_slices;
     }
   }
