@@ -167,10 +167,10 @@ static inline void vstream_pair_nonan(bf16_t* p, V lo, V hi) {
   _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_packus_epi32(bf16_rne_lo_nonan(lo), bf16_rne_lo_nonan(hi)));
 }
 static inline V vdiv(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
-// e^a, about 2 ulp over the fp32 range; below -87.3 (and -inf) gives 0, NaN stays NaN.
-static inline V vexp(V a) {
-  const __m512 x = _mm512_max_ps(_mm512_min_ps(a.v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// e^x = 2^n p for x in fp32's range: n = round(x log2 e), p = e^r by a degree-6 polynomial in
+// r = x - n ln 2 (ln 2 in two parts); returns p, n in `n`.
+static inline __m512 exp_parts(__m512 x, __m512& n) {
+  n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -179,7 +179,13 @@ static inline V vexp(V a) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+}
+// e^a, about 2 ulp over the fp32 range; below -87.3 (and -inf) gives 0, NaN stays NaN.
+static inline V vexp(V a) {
+  const __m512 x = _mm512_max_ps(_mm512_min_ps(a.v, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+  __m512 n;
+  const __m512 p = exp_parts(x, n);
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
   y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-87.3365478515625f), _CMP_LT_OQ), y, _mm512_setzero_ps());

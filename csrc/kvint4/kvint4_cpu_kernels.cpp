@@ -752,21 +752,10 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
 // (x >= -104, where e^x is 0 in fp32) replaces vexp's two clamps and two blends; the denormal
 // results come out as expf gives them; NaN stays NaN (the clamp returns it).
 FL_TARGET_AMX static inline __m512 exp_scalef(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 n;
+  const __m512 p = exp_parts(_mm512_max_ps(_mm512_set1_ps(-104.0f), x), n);
   return _mm512_scalef_ps(p, n);
 }
-
 
 // The online softmax step (softmax_block's) of one 16-row block over a key block, on the scores
 // S^T as the tiles leave them (st: nt32 keys x 16 rows, unscaled): 16 rows at a time in the lanes,
