@@ -968,7 +968,7 @@ class PositionQueryScale:
             what = "columns" if self.by_column else "positions"
             raise ValueError(
                 f"the query scale by place needs the tokens' {what} as an [{q.shape[0]}] "
-                f"tensor, got {places if places is None else tuple(places.shape)}"
+                f"tensor, got {tuple(places.shape) if isinstance(places, torch.Tensor) else places}"
             )
         p = places.to(device=q.device)
         if self.by_column:  # (Llama 4: log1p over the fp32 places, the product rounded once)

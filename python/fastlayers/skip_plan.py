@@ -48,6 +48,7 @@ from fastlayers._decoder import (
     mixer_of,
     mla_projections,
     model_gives_tables,
+    query_position_scale,
     returns_tuple,
     rope_layout,
     rope_tables,
@@ -364,11 +365,14 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     if positions is None:  # Hugging Face's default: the cache positions
         positions = torch.arange(t, device=h.device)[None] + (0 if start is None else start)
     pos = positions.expand(b, t).reshape(-1)[rows]
-    # the tokens' columns in the cache (Llama 4 scales its NoPE layers' queries by them)
-    first = start if start is not None or cache is None else _cache_start(cache, t, layer_idx)
-    columns = (torch.arange(t, device=h.device) + (0 if first is None else first)).repeat(b)
+    columns = None  # the tokens' columns in the cache, where the queries' scale reads them
+    scale = query_position_scale(attn)  # (Llama 4's NoPE layers)
+    if scale is not None and scale.by_column:
+        first = start if start is not None or cache is None else _cache_start(cache, t, layer_idx)
+        first = 0 if first is None else first
+        columns = (torch.arange(t, device=h.device) + first).repeat(b)[rows]
     # (checked against the module)
-    q, k, v, qgate = attention_qkv(attn, x, cos, sin, positions=pos, columns=columns[rows])
+    q, k, v, qgate = attention_qkv(attn, x, cos, sin, positions=pos, columns=columns)
     # (a cache given means use it: Gemma 3 and others pass no use_cache to their layers)
     use = cache is not None and kw.get("use_cache", True)
     store = _routed_store(cache, layer_idx) if use else None
