@@ -747,14 +747,15 @@ FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scale
   }
 }
 
-// e^x for the softmax's exponents (x <= 0 or NaN here): vexp's reduction and polynomial, the
-// power of two applied by vscalefps instead of built in the exponent bits, so that one clamp
-// (x >= -104, where e^x is 0 in fp32) replaces vexp's two clamps and two blends; the denormal
-// results come out as expf gives them; NaN stays NaN (the clamp returns it).
-FL_TARGET_AMX static inline __m512 exp_scalef(__m512 x) {
+// e^x in the lanes of `keep` (0 in the others) for the softmax's exponents: vexp's reduction and
+// polynomial, the power of two applied by vscalefps instead of built in the exponent bits, and x
+// below -87.3 (e^x no longer a normal fp32) masked to 0 as vexp clamps it, so that no denormal
+// reaches the sums; NaN stays NaN. One compare instead of vexp's two clamps and two blends.
+FL_TARGET_AMX static inline __m512 exp_scalef(__mmask16 keep, __m512 x) {
   __m512 n;
-  const __m512 p = exp_parts(_mm512_max_ps(_mm512_set1_ps(-104.0f), x), n);
-  return _mm512_scalef_ps(p, n);
+  const __m512 p = exp_parts(x, n);
+  keep &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365478515625f), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 // The online softmax step (softmax_block's) of one 16-row block over a key block, on the scores
@@ -797,8 +798,7 @@ FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi
       for (int u = 0; u < 2; ++u) {
         const int64_t i = i0 + 2 * kp + u;
         const __mmask16 seen = i < keys ? _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i))) : 0;
-        e[u] = seen ? _mm512_maskz_mov_ps(seen, exp_scalef(_mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)))
-                    : _mm512_setzero_ps();
+        e[u] = seen ? exp_scalef(seen, _mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)) : _mm512_setzero_ps();
         sum = _mm512_add_ps(sum, e[u]);
       }
       for (int j = 0; j < parts; ++j) {
