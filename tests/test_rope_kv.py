@@ -988,8 +988,8 @@ def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kv_scores_far_apart_every_cpu_isa(cpu_isa, dtype):
-    """Queries of 1e28: scores ~1e28 apart, whose exponents underflow to 0 far below any clamp-free
-    polynomial's range (the AMX softmax's exponential clamps at -104): every CPU variant's decode
+    """Queries of 1e28: scores ~1e28 apart, whose exponents underflow to 0 far below any unguarded
+    polynomial's range (the AMX softmax masks exponents below -87.3): every CPU variant's decode
     (register path; 16 heads per kv head: the tiles under amx_bf16) and prefill (tiles under
     amx_bf16) attend to each row's largest score, as the float64 reference does, and stay finite."""
     torch.manual_seed(3)
