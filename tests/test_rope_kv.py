@@ -1008,6 +1008,29 @@ def test_int4_kv_scores_far_apart_every_cpu_isa(cpu_isa, dtype):
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)
 
 
+def test_int4_kv_attention_amx_query_blocks(amx_bf16):
+    """The AMX prefill's tasks take 64 query tokens where each thread still gets two tasks, else 32:
+    one thread (64), 64 threads (32) and 6 threads (64 for 300 new tokens, with a partial last
+    block of 44) give the float64 reference's result, and each other's within fp32 rounding; fp32
+    and bf16 queries, left padding."""
+    k, ks, v, vs, st = _amx_cache(2, 4, 400, 64, 64, 32, [0, 37])
+    before = torch.get_num_threads()
+    try:
+        for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2)):
+            q = rand(2, 16, 300, 64, dtype=dtype, device="cpu", scale=2.0)
+            ref, _ = _attention_reference(q.double(), k, ks, v, vs, 400, 64**-0.5, 0.0, None, st)
+            outs = []
+            for threads in (1, 64, 6):
+                torch.set_num_threads(threads)
+                out, _ = int4_kv_attention(q, k, ks, v, vs, 400, None, None, None, st)
+                torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+                outs.append(out)
+            for out in outs[1:]:
+                torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(before)
+
+
 # (b, hq, hkv, d, dv, group, t, starts): decode tasks of >= 8 query heads take the tiles too
 AMX_DECODE_SHAPES = [
     (1, 16, 1, 576, 512, 64, 300, None),  # multi-head latent attention: two slices of 8 heads
