@@ -1008,6 +1008,28 @@ def test_int4_kv_scores_far_apart_every_cpu_isa(cpu_isa, dtype):
     torch.testing.assert_close(got.double(), want.double(), rtol=1e-2, atol=1e-2)
 
 
+def test_int4_kv_kernels_flush_denormals_only_during_the_call(cpu_isa):
+    """Scores that lie more than 87 apart (queries x 20) make denormal probabilities and partial
+    sums, which the kernels flush to zero for the call (FTZ / DAZ: x86 computes on denormals
+    through microcode assists, 1.3x slower): decode and prefill still match the float64
+    reference (within 1e-4: scores of ~100 carry fp32 rounding of ~6e-6 into each probability),
+    and the caller's threads compute with denormals again after the call (their MXCSR restored)."""
+    torch.manual_seed(5)
+    k, ks = quant.quantize_kv_int4(rand(1, 2, 300, 64, dtype=torch.float32, device="cpu"), 32)
+    v, vs = quant.quantize_kv_int4(rand(1, 2, 300, 64, dtype=torch.float32, device="cpu"), 32)
+    q = rand(1, 8, 64, dtype=torch.float32, device="cpu") * 20
+    got, lse = int4_kv_decode(q, k, ks, v, vs, 300)
+    want, want_lse = _reference(q.double(), k, ks, v, vs, 300, 64**-0.5)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-4, atol=1e-4)
+    qp = rand(1, 8, 40, 64, dtype=torch.float32, device="cpu") * 20
+    got, _ = int4_kv_attention(qp, k, ks, v, vs, 300)
+    want, _ = _attention_reference(qp.double(), k, ks, v, vs, 300, 64**-0.5)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+    tiny = torch.full((1 << 16,), 1e-39)  # (a denormal; the product is one too)
+    assert bool(((tiny * 2) > 0).all())
+
+
 def test_int4_kv_attention_amx_query_blocks(amx_bf16):
     """The AMX prefill's tasks take 64 query tokens where each thread still gets two tasks, else 32:
     one thread (64), 64 threads (32) and 6 threads (64 for 300 new tokens, with a partial last

@@ -1048,6 +1048,7 @@ Status decode(const DecodeParams& p) {
   float* partials = splits > 1 ? new float[tasks * stride] : nullptr;
 #pragma omp parallel if (tasks > 1 && units * p.length * (p.d + dv) >= (1 << 17))
   {
+    const FlushDenormals ftz;  // (each thread, for the call)
 #if defined(FL_AMX)
     const bool amx = amx_shape && rows >= kAmxMinRows;
     const int64_t rows_alloc = amx ? (rows + 31) / 32 * 32 : rows;

@@ -310,6 +310,7 @@ void attention(const VarlenParams& p) {
   const int64_t tail = p.cu_seqlens_q[p.batch];  // rows past the last sequence: zeros, -inf
 #pragma omp parallel
   {
+    const FlushDenormals ftz;  // (each thread, for the call)
     if (p.nk > 0 && pairs) {  // (implicit barrier at the end of either)
       transpose_keys<bf16_t>(p, p.d / 2, reinterpret_cast<uint32_t*>(p.k_t),
                              [](const bf16_t* key, int64_t t) { return bf16_pair(key + 2 * t); });
@@ -446,6 +447,7 @@ void backward(const VarlenBwdParams& bp) {
   const bool pairs_s = pairs_for<T>(d), pairs_dp = pairs_for<T>(dv);
 #pragma omp parallel
   {
+    const FlushDenormals ftz;  // (each thread, for the call)
     // per-thread row-tile scratch: Q, dO, dQ [kRows][d or dv]; S / P / dS [kRows][kKeys] twice;
     // Q and dO as bf16 pairs [kRows][d / 2 or dv / 2] for the pair path
     float* scratch = new float[kRows * (2 * d + dv + 2 * kKeys + 2)];
