@@ -126,6 +126,20 @@ def test_varlen_every_cpu_isa(cpu_isa):
             _check_backward(q, k, v, cu, pos, window=(-1, 0), softcap=0.5)
 
 
+def test_varlen_scores_far_apart_every_cpu_isa(cpu_isa):
+    """Queries x 30: scores more than 87 apart, whose probabilities and partial sums are denormal;
+    the kernels flush them to zero for the call (x86 computes on denormals through microcode
+    assists). Forward and backward match the float64 oracle (fp32 queries: scores of ~100 carry
+    fp32 rounding of ~6e-6 into each probability), and the caller computes with denormals again
+    after the calls."""
+    q, k, v, cu, pos = _routed(2, 100, 0.5, 4, 2, 64, torch.float32, "cpu")
+    q = q * 30
+    _check(q, k, v, cu, cu, pos, pos)
+    _check_backward(q, k, v, cu, pos)
+    tiny = torch.full((1 << 16,), 1e-39)  # (a denormal; the product is one too)
+    assert bool(((tiny * 2) > 0).all())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_sinks(device, dtype):
     """GPT-OSS's attention sinks (a logit per query head in the softmax's denominator, a key of
