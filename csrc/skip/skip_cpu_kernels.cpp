@@ -543,11 +543,18 @@ void backward(const VarlenBwdParams& bp) {
             float* pr = ps + r * kKeys;
             float* dsr = dps + r * kKeys;
             const int64_t a = lo[r] - j0 < 0 ? 0 : lo[r] - j0, e = hi[r] - j0 > n ? n : hi[r] - j0;
-            for (int64_t jj = 0; jj < n; ++jj) {
-              if (jj < a || jj >= e) {
-                pr[jj] = dsr[jj] = 0.0f;
-                continue;
+            for (int64_t jj = 0; jj < a; ++jj) pr[jj] = dsr[jj] = 0.0f;  // (keys the row does not see)
+            for (int64_t jj = e > a ? e : a; jj < n; ++jj) pr[jj] = dsr[jj] = 0.0f;
+            int64_t jj = a;
+            if (p.softcap <= 0.0f) {  // P = exp(S scale - lse), dS = P (dP - delta) scale, kW keys at a time
+              const V vscale = vset1(p.scale), neg_lse = vset1(-lse[r]), neg_delta = vset1(-delta[r]);
+              for (; jj + kW <= e; jj += kW) {
+                const V pv = vexp(vfma(vload(pr + jj), vscale, neg_lse));
+                vstore(pr + jj, pv);
+                vstore(dsr + jj, vmul(vmul(pv, vadd(vload(dsr + jj), neg_delta)), vscale));
               }
+            }
+            for (; jj < e; ++jj) {
               float s = pr[jj] * p.scale, dcap = 1.0f;
               if (p.softcap > 0.0f) {  // s -> c tanh(s / c), ds -> ds (1 - tanh^2)
                 const float th = __builtin_tanhf(s / p.softcap);
