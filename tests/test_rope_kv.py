@@ -1117,6 +1117,32 @@ def test_int4_kv_decode_split_kv_every_cpu_isa(cpu_isa, b, hq, hkv, d, dv, group
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("hkv,group_heads,d,group", [(2, 1, 64, 32), (1, 3, 128, 128), (2, 4, 128, 64),
+                                                     (1, 5, 48, 16), (1, 8, 96, 32)])  # fmt: skip
+def test_int4_kv_decode_is_the_prefills_last_row_every_cpu_isa(cpu_isa, hkv, group_heads, d, group):
+    """A decode step (its GQA group dequantized in registers: up to 4 query heads per kv head on
+    AVX2, 8 on AVX-512) and the last query row of a causal prefill over the same cache (2 query
+    tokens: twice the rows, through the fp32 buffers) are the same sums in the same order: equal
+    bit for bit, fp32 and bf16 queries, with and without soft-capping. Under amx_bf16 the prefill
+    multiplies on tiles (bf16 operands): not the same arithmetic, skipped."""
+    if cpu_isa == "amx_bf16":
+        pytest.skip("the AMX prefill rounds its operands to bf16")
+    t, hq = 301, hkv * group_heads
+    k, ks = quant.quantize_kv_int4(rand(1, hkv, t, d, dtype=torch.float32, device="cpu"), group)
+    v, vs = quant.quantize_kv_int4(rand(1, hkv, t, d, dtype=torch.float32, device="cpu"), group)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # (no split-KV: one range per task, as in the prefill)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            q = rand(1, hq, 2, d, dtype=dtype, device="cpu", scale=2.0)
+            for softcap in (None, 5.0):
+                pre, pre_lse = int4_kv_attention(q, k, ks, v, vs, t, None, softcap)
+                out, lse = int4_kv_decode(q[:, :, 1].contiguous(), k, ks, v, vs, t, None, None, softcap)
+                assert torch.equal(out, pre[:, :, 1]) and torch.equal(lse, pre_lse[:, :, 1])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
     """Each CPU kernel variant reading the values from the key rows in place (register path,
     buffer path, head slices, channels outside 16-chunks), against the reference."""

@@ -76,9 +76,34 @@ static inline V vmul(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
 static inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 static inline V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
 static inline V vabs(V a) { return {_mm512_abs_ps(a.v)}; }
-static inline float vsum(V a) { return _mm512_reduce_add_ps(a.v); }
-static inline void vsum8(const V* a, float* out) {  // out[j] = vsum(a[j]), j < 8
-  for (int j = 0; j < 8; ++j) out[j] = vsum(a[j]);
+// The sum of a's lanes by a fixed tree: lanes i + (i + 8), then + (i + 4), + (i + 2), + (i + 1)
+// (the tree of GCC's _mm512_reduce_add_ps), written out so that vsum8 can follow it exactly.
+static inline float vsum(V a) {
+  const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(a.v),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a.v), 1)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+}
+// out[j] = vsum(a[j]), j < 8, bit for bit: the same additions, done for eight vectors at once
+// (16 shuffles and 8 adds instead of 32 and 32).
+static inline void vsum8(const V* a, float* out) {
+  __m512 t[4], u[2];
+  for (int j = 0; j < 4; ++j) {  // t[j]: [lanes i + (i + 8) of a[2j] | of a[2j + 1]], i < 8
+    t[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j].v, a[2 * j + 1].v, 0x44),
+                         _mm512_shuffle_f32x4(a[2 * j].v, a[2 * j + 1].v, 0xEE));
+  }
+  for (int j = 0; j < 2; ++j) {  // u[j], 128-bit block b: a[4j + b]'s i + (i + 4), i < 4
+    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], 0xDD));
+  }
+  // block b: [a[b]'s i + (i + 2), i < 2 | a[b + 4]'s], then lane pairs: lanes 4b and 4b + 2 hold
+  // a[b]'s and a[b + 4]'s sums.
+  const __m512 w = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[0]), _mm512_castps_pd(u[1]))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[0]), _mm512_castps_pd(u[1]))));
+  const __m512 r = _mm512_add_ps(w, _mm512_shuffle_ps(w, w, _MM_SHUFFLE(3, 3, 1, 1)));  // (+ lane 2m + 1)
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r)));
 }
 static inline float vmaxval(V a) { return _mm512_reduce_max_ps(a.v); }
 static inline int vgt_mask(V a, V b) { return static_cast<int>(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)); }
@@ -250,13 +275,14 @@ static inline V vmax(V a, V b) { return {_mm256_max_ps(a.v, b.v)}; }
 static inline V vabs(V a) {
   return {_mm256_and_ps(a.v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)))};
 }
+// The sum of a's lanes by a fixed tree: lanes i + (i + 1), then + (i + 2), + (i + 4) (the tree of
+// vsum8's hadds, so that the two agree bit for bit).
 static inline float vsum(V a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  __m256 t = _mm256_add_ps(a.v, _mm256_permute_ps(a.v, _MM_SHUFFLE(2, 3, 0, 1)));
+  t = _mm256_add_ps(t, _mm256_permute_ps(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
 }
-// out[j] = the sum of a[j]'s lanes, j < 8: one transposing reduction (six hadds, two permutes, an
+// out[j] = vsum(a[j]), j < 8, bit for bit: one transposing reduction (six hadds, two permutes, an
 // add) instead of eight horizontal sums.
 static inline void vsum8(const V* a, float* out) {
   const __m256 t0 = _mm256_hadd_ps(a[0].v, a[1].v), t1 = _mm256_hadd_ps(a[2].v, a[3].v);

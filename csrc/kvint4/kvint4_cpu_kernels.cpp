@@ -240,8 +240,10 @@ void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d
 // values are dequantized in registers where they are used instead of through the fp32 buffers
 // (each byte serves every row once either way). Same values (an INT4 code times its FP8 scale is
 // exact in fp32), same channel order and the same per-lane accumulation order as scores() and
-// values() on the buffers: bit-identical results, without the buffers' stores and reloads. A
-// 16-channel chunk is kChunk vectors: two of 8 lanes (AVX2), one of 16 (AVX-512).
+// values() on the buffers, and the same lane sums (vsum8 is vsum's tree): bit-identical results
+// (a decode step is the last row of the causal prefill over its cache), without the buffers'
+// stores and reloads. A 16-channel chunk is kChunk vectors: two of 8 lanes (AVX2), one of 16
+// (AVX-512).
 constexpr int kChunk = 16 / kW;
 #if defined(FL_AVX512)
 constexpr int64_t kRegisterHeads = 8;
@@ -272,11 +274,48 @@ static inline void int4_chunk_v(const uint8_t* bytes, V g, V* x) {
 #endif
 }
 
-// scores<H> over INT4 keys: one accumulator per head, kW channels at a time, as there.
+// The sums of scores()' accumulators a[2h + j] (head h, key i + j) into s: per four heads one vsum8
+// (bit for bit the vsums), otherwise a vsum each.
+template <int H>
+static inline void store_pair_scores(const V* a, int64_t i, float* s) {
+  int h0 = 0;
+  for (; h0 + 4 <= H; h0 += 4) {
+    float sum[8];
+    vsum8(a + 2 * h0, sum);
+    for (int e = 0; e < 8; ++e) s[(h0 + e / 2) * kTokens + i + e % 2] = sum[e];
+  }
+  for (int e = 2 * h0; e < 2 * H; ++e) s[(e / 2) * kTokens + i + e % 2] = vsum(a[e]);
+}
+
+// scores<H> over INT4 keys, keys in pairs as there (two independent FMA chains per head, the
+// query loads shared): per 16 channels, the two keys' chunks and 2H FMAs.
 template <int H>
 void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
   const int64_t d = k.d, groups = d / k.group;
-  for (int64_t i = 0; i < nt; ++i) {
+  int64_t i = 0;
+  for (; i + 2 <= nt; i += 2) {
+    const uint8_t* k0 = k.bytes + i * k.row;
+    const uint8_t* k1 = k0 + k.row;
+    V a[2 * H];  // a[2h + j]: head h, key i + j
+    for (int h = 0; h < 2 * H; ++h) a[h] = vzero();
+    for (int64_t g = 0; g < groups; ++g) {
+      const V s0 = int4_group(k.scales[i * groups + g]), s1 = int4_group(k.scales[(i + 1) * groups + g]);
+      for (int64_t c = g * k.group; c < (g + 1) * k.group; c += 16) {
+        V x0[kChunk], x1[kChunk];
+        int4_chunk_v(k0 + c / 2, s0, x0);
+        int4_chunk_v(k1 + c / 2, s1, x1);
+        for (int j = 0; j < kChunk; ++j) {
+          for (int h = 0; h < H; ++h) {
+            const V qh = vload(q + h * d + c + j * kW);
+            a[2 * h] = vfma(qh, x0[j], a[2 * h]);
+            a[2 * h + 1] = vfma(qh, x1[j], a[2 * h + 1]);
+          }
+        }
+      }
+    }
+    store_pair_scores<H>(a, i, s);
+  }
+  for (; i < nt; ++i) {
     V a[H];
     for (int h = 0; h < H; ++h) a[h] = vzero();
     for (int64_t g = 0; g < groups; ++g) {
@@ -293,28 +332,39 @@ void scores_int4(const float* q, const Int4Rows& k, int64_t nt, float* s) {
   }
 }
 
-// values<H> over INT4 values: per 16 channels, the accumulators in registers over the block's tokens.
-template <int H>
-void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
+// values<H> over INT4 values for N 16-channel chunks from channel c: the H x N accumulators in
+// registers over the block's tokens.
+template <int H, int N>
+static inline void values_int4_chunks(const float* p, const Int4Rows& v, int64_t nt, int64_t c, float* acc) {
   const int64_t d = v.d, groups = d / v.group;
-  for (int64_t c = 0; c < d; c += 16) {
-    const int64_t g = c / v.group;
-    V a[H][kChunk];
-    for (int h = 0; h < H; ++h) {
-      for (int j = 0; j < kChunk; ++j) a[h][j] = vload(acc + h * d + c + j * kW);
-    }
-    for (int64_t i = 0; i < nt; ++i) {
-      V x[kChunk];
-      int4_chunk_v(v.bytes + i * v.row + c / 2, int4_group(v.scales[i * groups + g]), x);
-      for (int h = 0; h < H; ++h) {
-        const V ph = vset1(p[h * kTokens + i]);
-        for (int j = 0; j < kChunk; ++j) a[h][j] = vfma(ph, x[j], a[h][j]);
-      }
+  V a[H][N * kChunk];
+  for (int h = 0; h < H; ++h) {
+    for (int j = 0; j < N * kChunk; ++j) a[h][j] = vload(acc + h * d + c + j * kW);
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    V x[N * kChunk];
+    for (int n = 0; n < N; ++n) {
+      const int64_t cn = c + 16 * n;
+      int4_chunk_v(v.bytes + i * v.row + cn / 2, int4_group(v.scales[i * groups + cn / v.group]), x + n * kChunk);
     }
     for (int h = 0; h < H; ++h) {
-      for (int j = 0; j < kChunk; ++j) vstore(acc + h * d + c + j * kW, a[h][j]);
+      const V ph = vset1(p[h * kTokens + i]);
+      for (int j = 0; j < N * kChunk; ++j) a[h][j] = vfma(ph, x[j], a[h][j]);
     }
   }
+  for (int h = 0; h < H; ++h) {
+    for (int j = 0; j < N * kChunk; ++j) vstore(acc + h * d + c + j * kW, a[h][j]);
+  }
+}
+
+// values<H> over INT4 values: 2 kW channels at a time as there (two chunks on AVX-512, one of two
+// vectors on AVX2: 2H independent FMA chains), a last single chunk on AVX-512 when d % 32 is 16.
+template <int H>
+void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
+  constexpr int kStep = 2 / kChunk;  // chunks per step
+  int64_t c = 0;
+  for (; c + 16 * kStep <= v.d; c += 16 * kStep) values_int4_chunks<H, kStep>(p, v, nt, c, acc);
+  if (c < v.d) values_int4_chunks<H, 1>(p, v, nt, c, acc);
 }
 
 template <int H>
