@@ -68,10 +68,11 @@ static inline void int4_chunk(const uint8_t* bytes, __m256 s, __m256& lo, __m256
 
 void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64_t group, bool chunked,
                  float* out) {
+  const float* f8 = fp8_values();  // (the scales looked up, not decoded)
 #if defined(FL_AVX512)
   if (chunked) {
     for (int64_t g0 = 0; g0 < d; g0 += group) {  // one table per group
-      const __m512 tab = int4_table(to_float(scales[g0 / group]));
+      const __m512 tab = int4_table(f8[scales[g0 / group].bits]);
       for (int64_t c = g0; c < g0 + group; c += 16) _mm512_storeu_ps(out + c, int4_chunk_lut(bytes + c / 2, tab));
     }
     return;
@@ -79,7 +80,7 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
 #elif defined(__AVX2__)
   if (chunked) {
     for (int64_t g0 = 0; g0 < d; g0 += group) {  // one scale (and no division) per group
-      const __m256 s = _mm256_set1_ps(to_float(scales[g0 / group]));
+      const __m256 s = _mm256_set1_ps(f8[scales[g0 / group].bits]);
       for (int64_t c = g0; c < g0 + group; c += 16) {
         __m256 lo, hi;
         int4_chunk(bytes + c / 2, s, lo, hi);
@@ -91,7 +92,7 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
   }
 #endif
   for (int64_t j = 0; j < d / 2; ++j) {
-    const float s = to_float(scales[(2 * j) / group]);
+    const float s = f8[scales[(2 * j) / group].bits];
     const int lo = bytes[j] & 15, hi = bytes[j] >> 4;
     out[position(2 * j, chunked)] = static_cast<float>((lo ^ 8) - 8) * s;
     out[position(2 * j + 1, chunked)] = static_cast<float>((hi ^ 8) - 8) * s;
@@ -519,11 +520,12 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
 #if defined(__AVX2__)
     if (chunked && rows <= kRegisterHeads) {  // decode: dequantize in registers (heads_int4)
       const int64_t r0 = row + t0, vgroups = dv / p.group;
-      for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = to_float(p.k_scale[r0 * groups + j]);
+      const float* f8 = fp8_values();
+      for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = f8[p.k_scale[r0 * groups + j].bits];
       for (int64_t i = 0; i < nt; ++i) {
-        for (int64_t j = 0; j < vgroups; ++j) w.v[i * vgroups + j] = to_float(p.v_scale[(r0 + i) * vsrow + j]);
+        for (int64_t j = 0; j < vgroups; ++j) w.v[i * vgroups + j] = f8[p.v_scale[(r0 + i) * vsrow + j].bits];
       }
-      // (the FP8 scales once: the fp32 buffers are free)
+      // (the FP8 scales once, looked up: the fp32 buffers are free)
       const Int4Rows kint4{p.k + r0 * (d / 2), w.k, d, p.group, d / 2};
       const Int4Rows vint4{p.v + r0 * vrow, w.v, dv, p.group, vrow};
       switch (rows) {
@@ -783,13 +785,14 @@ FL_TARGET_AMX void stage_queries(const float* q, int64_t rows, int64_t rows16, i
 // the group's 16 code values times its scale (exact in bf16), the rest channel pair by pair.
 FL_TARGET_AMX void dequant_row_bf16(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t n, int64_t group,
                                     uint16_t* out) {
+  const float* f8 = fp8_values();
   for (int64_t g0 = 0; g0 < n; g0 += group) {
-    const __m512i tab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(int4_table(to_float(scales[g0 / group]))));
+    const float s = f8[scales[g0 / group].bits];
+    const __m512i tab = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(int4_table(s)));
     const int64_t end = g0 + group < n ? g0 + group : n;
     int64_t c = g0;
     for (; c + 32 <= end; c += 32) _mm512_storeu_si512(out + c, int4_lookup_bf16(bytes + c / 2, tab));
     for (; c < end; c += 2) {  // (a group of 16 channels or a partial last block)
-      const float s = to_float(scales[g0 / group]);
       const int lo = bytes[c / 2] & 15, hi = bytes[c / 2] >> 4;
       out[c] = to_bf16(static_cast<float>((lo ^ 8) - 8) * s).bits;
       out[c + 1] = to_bf16(static_cast<float>((hi ^ 8) - 8) * s).bits;
