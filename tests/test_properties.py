@@ -11,7 +11,7 @@ examples every run, so a failure reproduces and CI stays deterministic.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
 from test_peer import _check_selection, _expert_scores64
@@ -111,6 +111,8 @@ def test_rms_norm_family(rows, hidden, dtype, layout, offset, eps, seed):
     offset=st.sampled_from([0.0, 1.0]),
     seed=SEEDS,
 )
+# (found by a longer randomized run: hidden size 1, x^2 = 200 eps, the two terms of dx 460 each)
+@example(rows=6, hidden=1, dtype=torch.float32, layout="contiguous", offset=1.0, seed=577029)
 def test_rms_norm_backward(rows, hidden, dtype, layout, offset, seed):
     torch.manual_seed(seed)
     x = _activation(rows, hidden, dtype, layout, scale=2.0).requires_grad_()
@@ -120,8 +122,21 @@ def test_rms_norm_backward(rows, hidden, dtype, layout, offset, seed):
     dx_ref, dw_ref = ref.rms_norm_backward(dy, x.detach(), w.detach(), 1e-6, offset)
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     ref.rms_norm(x64, w64, 1e-6, offset).backward(dy.double())
-    assert_close_to_oracle(x.grad, dx_ref, x64.grad, name="dx")
+    assert_close_to_oracle(x.grad, dx_ref, x64.grad, name="dx", atol=ATOL[dtype] + _cancellation(
+        x64.detach(), w64.detach(), dy.double(), 1e-6, offset))  # fmt: skip
     assert_close_to_oracle(w.grad, dw_ref, w64.grad, name="dw")
+
+
+def _cancellation(x, w, dy, eps: float, offset: float) -> float:
+    """Four fp32 ulps of the largest term of ``dx = r g - coef x`` (``g = dy (offset + w)``,
+    ``coef = r^3 mean(g x)``): where the two terms nearly cancel (``g`` along ``x``, as in every row
+    of hidden size 1: ``dx = r g eps / (x^2 + eps)``) an fp32 computation's error scales with
+    them, not with ``dx``, and the reference's own error can be below it by luck (the kernels
+    contract to FMAs where it rounds twice)."""
+    r = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    g = dy * (offset + w)
+    coef = r.pow(3) * (g * x).mean(-1, keepdim=True)
+    return 4 * 2.0**-24 * float(((r * g).abs() + (coef * x).abs()).max()) if x.numel() else 0.0
 
 
 @PROPERTY
