@@ -6,8 +6,12 @@ Each example draws sizes (odd and aligned, tails of every vector width, empty ba
 for the activations (contiguous, rows further apart than they are wide, a column stride of 2, a
 transposed view), a dtype and a seed for fresh random values; the checks are the family tests'
 (float64 oracle, the reference's own error as the yardstick). ``derandomize=True``: the same
-examples every run, so a failure reproduces and CI stays deterministic.
+examples every run, so a failure reproduces and CI stays deterministic. For a longer search, new
+random examples each run: ``FASTLAYERS_PROPERTY_EXAMPLES=6000`` (with ``FASTLAYERS_CPU_ISA`` per
+kernel variant); a failure there prints its example, which then belongs in an ``@example``.
 """
+
+import os
 
 import pytest
 import torch
@@ -38,10 +42,13 @@ pytestmark = pytest.mark.skipif(
     reason="property tests exercise the compiled CPU kernels",
 )
 
+# FASTLAYERS_PROPERTY_EXAMPLES=N: N examples per test, drawn at random (new ones each run) instead
+# of the derandomized 150 that CI runs: a longer search for inputs the kernels get wrong.
+_EXAMPLES = os.environ.get("FASTLAYERS_PROPERTY_EXAMPLES")
 PROPERTY = settings(
-    max_examples=150,
+    max_examples=int(_EXAMPLES) if _EXAMPLES else 150,
     deadline=None,
-    derandomize=True,
+    derandomize=not _EXAMPLES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
