@@ -241,6 +241,8 @@ def test_fff_hard(tokens, depth, d_in, width, d_out, dtype, layout, seed):
     layout=LAYOUTS,
     seed=SEEDS,
 )
+# (found by a longer randomized run: one expert, 40 picks per token)
+@example(tokens=5, dim=5, pairs=40, n=1, dtype=torch.float32, layout="contiguous", seed=1551)
 def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout, seed):
     torch.manual_seed(seed)
     down = rand(n, dim, dtype=dtype, device="cpu", scale=dim**-0.5)
@@ -253,7 +255,10 @@ def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout,
     y_ref = ref.peer_experts(x, idx, gates, down, up)[0]
     l64 = [t.detach().double().requires_grad_() for t in (x, gates, down, up)]
     y64 = ref.peer_experts(l64[0], idx, *l64[1:])[0]
-    assert_close_to_oracle(y, y_ref, y64, name="y")
+    # y is a sum over the picks too: its floor scales with its magnitude, as the gradients' below
+    # (one expert picked 40 times: |y| of 52, 3.6 ulps from float64 is 1.4e-5)
+    atol = ATOL[dtype] * max(1.0, y64.abs().max().item() if y64.numel() else 0.0)
+    assert_close_to_oracle(y, y_ref, y64, atol=atol, name="y")
     if tokens == 0:
         return
     dy = rand(tokens, dim, dtype=dtype, device="cpu")
