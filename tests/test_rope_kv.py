@@ -1117,8 +1117,17 @@ def test_int4_kv_decode_split_kv_every_cpu_isa(cpu_isa, b, hq, hkv, d, dv, group
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("hkv,group_heads,d,group", [(2, 1, 64, 32), (1, 3, 128, 128), (2, 4, 128, 64),
-                                                     (1, 5, 48, 16), (1, 8, 96, 32)])  # fmt: skip
+# (hkv, GQA group, d, quantization group): groups of 1 to 8 query heads, d of 3 to 8 chunks
+PREFILL_ROW_SHAPES = [
+    (2, 1, 64, 32),
+    (1, 3, 128, 128),
+    (2, 4, 128, 64),
+    (1, 5, 48, 16),
+    (1, 8, 96, 32),
+]
+
+
+@pytest.mark.parametrize("hkv,group_heads,d,group", PREFILL_ROW_SHAPES)
 def test_int4_kv_decode_is_the_prefills_last_row_every_cpu_isa(cpu_isa, hkv, group_heads, d, group):
     """A decode step (its GQA group dequantized in registers: up to 4 query heads per kv head on
     AVX2, 8 on AVX-512) and the last query row of a causal prefill over the same cache (2 query
@@ -1137,7 +1146,8 @@ def test_int4_kv_decode_is_the_prefills_last_row_every_cpu_isa(cpu_isa, hkv, gro
             q = rand(1, hq, 2, d, dtype=dtype, device="cpu", scale=2.0)
             for softcap in (None, 5.0):
                 pre, pre_lse = int4_kv_attention(q, k, ks, v, vs, t, None, softcap)
-                out, lse = int4_kv_decode(q[:, :, 1].contiguous(), k, ks, v, vs, t, None, None, softcap)
+                q1 = q[:, :, 1].contiguous()
+                out, lse = int4_kv_decode(q1, k, ks, v, vs, t, None, None, softcap)
                 assert torch.equal(out, pre[:, :, 1]) and torch.equal(lse, pre_lse[:, :, 1])
     finally:
         torch.set_num_threads(before)
