@@ -158,10 +158,11 @@ __device__ __forceinline__ float softcapped(float s, float cap) {
 }
 
 // The two INT4 values of a cache byte (even channel in the low nibble, two's complement) times
-// their group scale: exact in fp32, and in fp16/bf16.
+// their group scale: exact in fp32, and in fp16/bf16. (Signed: in uint32_t arithmetic a negative
+// nibble's "- 8" wraps to 2^32 - n.)
 __device__ __forceinline__ float2 dequant_byte(uint32_t byte, float scale) {
-  return make_float2(static_cast<float>(((byte & 15) ^ 8) - 8) * scale,
-                     static_cast<float>(((byte >> 4) ^ 8) - 8) * scale);
+  return make_float2(static_cast<float>(static_cast<int>((byte & 15u) ^ 8u) - 8) * scale,
+                     static_cast<float>(static_cast<int>((byte >> 4) ^ 8u) - 8) * scale);
 }
 
 // Dequantizes this lane's channels of one cached row into v[0, C).
