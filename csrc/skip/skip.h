@@ -86,6 +86,9 @@ Status varlen_attention_cuda(const VarlenParams& p, void* stream);
 Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream);
 
 Status validate(const VarlenParams& p);
+// The backward's arguments: the forward's inputs, out, lse and the gradients (not the forward's own
+// output pointers, which a backward call leaves unset). Shared by the CPU and CUDA launchers.
+Status validate_backward(const VarlenBwdParams& p);
 Status varlen_attention_cpu(const VarlenParams& p);
 Status varlen_attention_backward_cpu(const VarlenBwdParams& p);
 

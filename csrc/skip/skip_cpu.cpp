@@ -56,13 +56,18 @@ Status varlen_attention_cpu(const VarlenParams& p) {
   FL_CPU_DISPATCH(skip, varlen_attention, p)
 }
 
-Status varlen_attention_backward_cpu(const VarlenBwdParams& p) {
+Status validate_backward(const VarlenBwdParams& p) {
   if (Status s = validate_inputs(p.fwd); !s.is_ok()) return s;
-  if (p.fwd.nq == 0) return Status::ok();
-  if (p.out == nullptr || p.dout == nullptr || p.lse == nullptr || p.dq == nullptr ||
-      (p.fwd.nk > 0 && (p.dk == nullptr || p.dv == nullptr))) {
+  if (p.fwd.nq > 0 && (p.out == nullptr || p.dout == nullptr || p.lse == nullptr || p.dq == nullptr ||
+                       (p.fwd.nk > 0 && (p.dk == nullptr || p.dv == nullptr)))) {
     return Status::invalid("varlen_attention_backward: null pointer argument");
   }
+  return Status::ok();
+}
+
+Status varlen_attention_backward_cpu(const VarlenBwdParams& p) {
+  if (Status s = validate_backward(p); !s.is_ok()) return s;
+  if (p.fwd.nq == 0) return Status::ok();
   FL_CPU_DISPATCH(skip, varlen_attention_backward, p)
 }
 

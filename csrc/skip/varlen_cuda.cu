@@ -195,8 +195,10 @@ struct VarlenTcSmem {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kernel(const VarlenParams p) {
-  using namespace cuda::tc;
-  using S = Smem<D>;
+  // The tensor-core tile sizes, named here: this file's own kRows / kKeys (the CUDA-core kernel's,
+  // 16 and 32) would shadow the ones a `using namespace cuda::tc` brings in.
+  using S = cuda::tc::Smem<D>;
+  constexpr int kRows = cuda::tc::kRows, kKeys = cuda::tc::kKeys;
   using L = VarlenTcSmem<D>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   int64_t* row_pos = reinterpret_cast<int64_t*>(tc_smem + L::kRowPos);
@@ -219,12 +221,12 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
     row_pos[i] = in ? p.q_pos[row] : 0;
   }
   const int valid_q = static_cast<int>(p.nq - row0 < kRows ? p.nq - row0 : kRows);
-  load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, valid_q,
-                  [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
+  cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, valid_q,
+                            [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
   __shared__ int64_t range[2];
   if (threadIdx.x == 0) cta_key_range(p, row0, kRows, total_q, range);
   __syncthreads();
-  WarpTile<T, D> tile(tc_smem);
+  cuda::tc::WarpTile<T, D> tile(tc_smem);
   const auto visible_pair = [&](int i, int j) {
     return row_seq[i] == key_seq[j] && visible(row_pos[i], key_pos[j], p.window_left, p.window_right);
   };
@@ -247,8 +249,8 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
     const auto key_row = [&](const T* base) {
       return [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; };
     };
-    load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kK), S::kLdK, kKeys, nt, key_row(k));
-    load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kV), S::kLdK, kKeys, nt, key_row(v));
+    cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kK), S::kLdK, kKeys, nt, key_row(k));
+    cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kV), S::kLdK, kKeys, nt, key_row(v));
     __syncthreads();
     tile.step(visible_pair, p.scale, p.softcap);
   }
@@ -454,15 +456,13 @@ Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
 }
 
 Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream) {
-  if (Status s = validate(p.fwd); !s.is_ok()) return s;
+  // (not validate(p.fwd): a backward call leaves the forward's output pointers unset)
+  if (Status s = validate_backward(p); !s.is_ok()) return s;
   if (!varlen_attention_cuda_supported(p.fwd.d, p.fwd.dv, p.fwd.nq, p.fwd.hq)) {
     return Status::unsupported("varlen_attention_backward: the CUDA kernel takes head dims up to 128");
   }
   if (p.fwd.nq == 0) return Status::ok();
-  if (p.out == nullptr || p.dout == nullptr || p.lse == nullptr || p.dq == nullptr || p.delta == nullptr ||
-      (p.fwd.nk > 0 && (p.dk == nullptr || p.dv == nullptr))) {
-    return Status::invalid("varlen_attention_backward: null pointer argument");
-  }
+  if (p.delta == nullptr) return Status::invalid("varlen_attention_backward: null workspace (delta)");
   if (p.fwd.nq * p.fwd.hq * 32 >= (int64_t{1} << 40)) return Status::unsupported("varlen_attention_backward: too large");
   const auto st = static_cast<cudaStream_t>(stream);
   switch (p.fwd.dtype) {  // (the dtype lives in p.fwd)
