@@ -718,7 +718,15 @@ py::tuple cpu_isa_names() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlayers compiled kernels (private: use fastlayers.* instead)";
   m.def("version", [] { return std::string(FASTLAYERS_VERSION); });
-  m.def("has_cuda", [] { return kHasCuda; });
+#ifdef FASTLAYERS_CUDA_EMULATION
+  constexpr bool kCudaEmulated = true;
+#else
+  constexpr bool kCudaEmulated = false;
+#endif
+  m.def("has_cuda", [] { return kHasCuda && !kCudaEmulated; });
+  m.def("cuda_emulated", [] { return kCudaEmulated; },
+        "True in a test build whose CUDA kernels run on the CPU (tests/cuda_emu; never a release "
+        "build): device code 1 then reaches them with host pointers");
   m.def("cuda_archs", [] { return std::string(FASTLAYERS_CUDA_ARCHS); },
         "Comma-separated CUDA architectures the kernels were compiled for ('' without CUDA)");
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });

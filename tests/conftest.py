@@ -2,7 +2,9 @@
 """Central device/arch skips (tests never branch on the device themselves), seeding, and poisoned
 outputs for every op call."""
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -11,8 +13,25 @@ import fastlayers
 from fastlayers import _ext
 from fastlayers.ops import set_poison_outputs
 
+
+def _load_test_extension(path: str):
+    """FASTLAYERS_TEST_C=<path to a built _C*.so>: the suite runs against that build of the
+    compiled module instead of the installed one (e.g. a CUDA emulation build, tests/cuda_emu)."""
+    spec = importlib.util.spec_from_file_location("fastlayers_test_build._C", path)
+    if spec is None or spec.loader is None:
+        raise pytest.UsageError(f"FASTLAYERS_TEST_C={path}: not a loadable module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _ext.C, _ext.LOAD_ERROR = module, None
+
+
+if os.environ.get("FASTLAYERS_TEST_C"):
+    _load_test_extension(os.environ["FASTLAYERS_TEST_C"])
+
 HAS_CUDA = torch.cuda.is_available() and _ext.has_cuda_kernels()
 IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+# A test build whose CUDA kernels run on the CPU (tests/cuda_emu): the "cuda_emu" device runs them.
+CUDA_EMULATED = _ext.C is not None and hasattr(_ext.C, "cuda_emulated") and _ext.C.cuda_emulated()
 
 
 def pytest_configure(config):
@@ -24,9 +43,12 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU and fastlayers built with CUDA")
     skip_sm90 = pytest.mark.skip(reason="needs a compute capability 9.0 GPU")
+    skip_emu = pytest.mark.skip(reason="needs a CUDA emulation build (tests/cuda_emu)")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        if "cuda_emu" in item.keywords and not CUDA_EMULATED:
+            item.add_marker(skip_emu)
         if "sm90" in item.keywords and not IS_SM90:
             item.add_marker(skip_sm90)
 
@@ -43,12 +65,47 @@ def _seed_and_poison():
     set_poison_outputs(False)
 
 
-# Every kernel test runs on each device; the cuda case carries the marker that conftest skips.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# Every kernel test runs on each device; the cuda case carries the marker that conftest skips, and
+# so does cuda_emu: the CUDA kernels run on the CPU in a CUDA emulation build.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda_emu", marks=pytest.mark.cuda_emu),
+]
+
+
+def _emulate_cuda(monkeypatch):
+    """Routes CPU tensors to the CUDA kernels of an emulation build: the ops take their CUDA path
+    (``on_cuda``) and pass device code 1, which reaches the emulated launchers with host
+    pointers. A small SM count keeps the emulated grids small."""
+    replacements = {
+        "on_cuda": lambda device: device.type in ("cpu", "cuda"),
+        "on_cpu": lambda device: False,
+        "device_code": lambda device: 1,
+        "cuda_sm_count": lambda device: 4,
+    }
+    for name, module in list(sys.modules.items()):
+        if name == "fastlayers" or name.startswith("fastlayers."):
+            for attr, fn in replacements.items():
+                if hasattr(module, attr):
+                    monkeypatch.setattr(module, attr, fn)
 
 
 @pytest.fixture(params=DEVICES)
-def device(request):
+def device(request, monkeypatch):
+    if request.param == "cuda_emu":
+        _emulate_cuda(monkeypatch)
+        return "cpu"
+    return request.param
+
+
+@pytest.fixture(params=DEVICES[1:])
+def cuda_device(request, monkeypatch):
+    """For tests of CUDA-only paths (tensor-core kernels, CUDA shape routing): a GPU, or the CUDA
+    kernels emulated on the CPU."""
+    if request.param == "cuda_emu":
+        _emulate_cuda(monkeypatch)
+        return "cpu"
     return request.param
 
 

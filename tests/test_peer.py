@@ -48,7 +48,10 @@ def test_experts_forward(device, dtype, tokens, dim, pairs, n):
     y, pre = peer_experts(x, idx, gates, down, up)
     y_ref = ref.peer_experts(x, idx, gates, down, up)[0]
     y64, pre64 = ref.peer_experts(*_d(x), idx, *_d(gates, down, up))
-    assert_close_to_oracle(y, y_ref, y64, name="y")
+    # y sums `pairs` terms: a kernel summing them in order (the CUDA one) may be a few fp32 ulps of
+    # |y| off where torch's blocked sums are closer (512 pairs: |y| 45, 6.7 ulps)
+    atol = ATOL[dtype] + 8 * torch.finfo(torch.float32).eps * y64.abs().max().item()
+    assert_close_to_oracle(y, y_ref, y64, atol=atol, name="y")
     torch.testing.assert_close(pre.double(), pre64, rtol=1e-4, atol=1e-4)
 
 

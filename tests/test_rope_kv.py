@@ -661,21 +661,20 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     assert torch.equal(layer.kq, kq2)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_int4_kv_attention_tensor_core_prefill(dtype, d):
+def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d):
     """fp16/bf16 queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three
     64-row CTAs, the last partial) over 300 cached tokens (five key tiles, the last partial)."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     b, hq, hkv, group, t, tq = 2, 4, 2, 32, 300, 130
-    q = rand(b, hq, tq, d, dtype=dtype, device="cuda")
+    q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
     k, ks = quant.quantize_kv_int4(
-        rand(b, hkv, t + 7, d, dtype=torch.float32, device="cuda"), group
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
     )
     v, vs = quant.quantize_kv_int4(
-        rand(b, hkv, t + 7, d, dtype=torch.float32, device="cuda"), group
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
     )
     out, lse = int4_kv_attention(q, k, ks, v, vs, t)
     ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
@@ -1165,9 +1164,8 @@ def test_int4_kv_values_read_in_place_every_cpu_isa(cpu_isa):
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(monkeypatch, dtype):
+def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(cuda_device, monkeypatch, dtype):
     """On CUDA, values of another head size (192 / 128), values read from the key rows (128 / 64,
     and multi-head latent attention's 576 / 512 with 16 query heads per latent: slices of 4
     heads), 12 query heads per kv head (slices of 8 and 4) and left-padded prefill (tensor-core and
@@ -1175,17 +1173,17 @@ def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(monkeypatch, dt
     float64 reference computed first."""
     from fastlayers.ops import kvint4 as ops
 
-    starts = torch.tensor([5, 0], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([5, 0], dtype=torch.int32, device=cuda_device)
     cases = []
     for d, dv, hq, hkv, in_keys in ((192, 128, 8, 2, False), (128, 64, 4, 1, True),
                                     (128, 128, 8, 2, False), (64, 64, 4, 4, False),
                                     (576, 512, 16, 1, True), (128, 128, 12, 1, False)):  # fmt: skip
         if in_keys:
-            k, ks, v, vs = _values_in_key_rows(2, hkv, 70, d, dv, 32, "cuda")
+            k, ks, v, vs = _values_in_key_rows(2, hkv, 70, d, dv, 32, cuda_device)
         else:
-            k, ks, v, vs = _cache_with_values(hkv, 70, d, dv, 32, "cuda")
-        q = rand(2, hq, d, dtype=dtype, device="cuda", scale=2.0)
-        q3 = rand(2, hq, 20, d, dtype=dtype, device="cuda", scale=2.0)
+            k, ks, v, vs = _cache_with_values(hkv, 70, d, dv, 32, cuda_device)
+        q = rand(2, hq, d, dtype=dtype, device=cuda_device, scale=2.0)
+        q3 = rand(2, hq, 20, d, dtype=dtype, device=cuda_device, scale=2.0)
         vc, vsc = v.contiguous(), vs.contiguous()
         want = _reference(q.double(), k, ks, vc, vsc, 66, d**-0.5, starts)
         want3 = _attention_reference(q3.double(), k, ks, vc, vsc, 66, d**-0.5, 0.0, None, starts)

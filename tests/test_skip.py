@@ -55,15 +55,14 @@ def test_varlen_windows_and_non_causal(device, window, causal):
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window, scale=0.3)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, (20, 0)),
                                            (False, (3, 5))])  # fmt: skip
-def test_varlen_tensor_core_forward(dtype, d, causal, window):
+def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
     """fp16/bf16 with head dim 64 or 128 run the tensor-core kernel: sequences of ~150 routed
     tokens (several 64-key tiles, tiles that no row sees), 64-row CTAs that span sequences, GQA."""
-    q, k, v, cu, pos = _routed(5, 300, 0.5, 4, 2, d, dtype, "cuda")
+    q, k, v, cu, pos = _routed(5, 300, 0.5, 4, 2, d, dtype, cuda_device)
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window)
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 
@@ -223,6 +224,29 @@ def stream_of(device: torch.device) -> int:
 
 def device_code(device: torch.device) -> int:
     return 0 if device.type == "cpu" else 1
+
+
+def on_cuda(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the CUDA kernels' path: the one question the ops ask
+    about the device before choosing a kernel's arguments (the tests' CUDA emulation answers it
+    for CPU tensors, see tests/cuda_emu)."""
+    return device.type == "cuda"
+
+
+def on_cpu(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the CPU kernels' path (False under the tests' CUDA
+    emulation, which sends CPU tensors down the CUDA path)."""
+    return device.type == "cpu"
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cuda_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device)."""
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_guard(device: torch.device):

@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    on_cuda,
     poison_outputs_enabled,
     ptr,
     register_no_backward,
@@ -393,7 +394,7 @@ def _fff_hard_kernel(x, node_w, node_b, w1, b1, w2, b2, activation):
     x2 = rows_view(x)
     tokens, leaves, width = x2.shape[0], w1.shape[0], w1.shape[2]
     grouped = _use_grouped(tokens, leaves, width)
-    if not grouped and x.device.type == "cuda" and width > _CUDA_MAX_LEAF_WIDTH:
+    if not grouped and on_cuda(x.device) and width > _CUDA_MAX_LEAF_WIDTH:
         _ext.warn_once(
             "fff_hard-width",
             f"fastlayers.fff_hard: the CUDA kernel takes leaf_width <= {_CUDA_MAX_LEAF_WIDTH}; "

@@ -27,6 +27,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    on_cuda,
     ptr,
     register_no_backward,
     row_stride,
@@ -161,7 +162,7 @@ def _gemm_kernel(xq, xs, qweight, group_scale, channel_scale, bias, group_size, 
     xs1 = xs.reshape(m).contiguous()
     qw, gs, cs = qweight.contiguous(), group_scale.contiguous(), channel_scale.contiguous()
     b = bias.contiguous() if bias is not None else None
-    if xq.device.type == "cuda" and m > _CUDA_GEMV_MAX_ROWS:
+    if on_cuda(xq.device) and m > _CUDA_GEMV_MAX_ROWS:
         return _dequantize_matmul(x2, xs1, qw, gs, cs, b, group_size, out_dtype, xq.shape)
     y = empty((*xq.shape[:-1], n), out_dtype, xq.device)
     if m == 0:

@@ -35,6 +35,8 @@ from fastlayers.ops._common import (
     empty,
     has_kernel,
     no_dispatch_modes,
+    on_cpu,
+    on_cuda,
     plain_tensors,
     ptr,
     register_no_backward,
@@ -172,6 +174,7 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
         seen = torch.arange(length, device=q.device)[None, :] >= starts[:, None].long()
         s = s.masked_fill(~seen[:, None, :], -math.inf)
+        values = values.masked_fill(~seen[:, None, :, None], 0.0)  # (never read, as in the kernels)
     lse = _with_sink(torch.logsumexp(s, -1), sinks)
     p = torch.exp(s - lse[..., None])
     if starts is not None:  # a row that sees no token: zeros (lse -inf, or the sink's)
@@ -201,6 +204,7 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, 
     if starts is not None:
         shown = torch.arange(length, device=q.device)[None, :] >= starts.long()[:, None]
         visible = visible & shown[:, None, None, :]
+        values = values.masked_fill(~shown[:, None, :, None], 0.0)  # (unread, as in the kernels)
     s = s.masked_fill(~visible, -math.inf)
     lse = _with_sink(torch.logsumexp(s, -1), sinks)
     # non-finite scores propagate as NaN (as in the decode reference and SDPA; a nan_to_num here
@@ -214,12 +218,18 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     _check_starts(starts, q, length)
     device = q.device
-    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode") or (
-        device.type == "cuda" and not _cuda_workspace("int4_kv_attention", q, k, v, 1)
-    ):  # fmt: skip
+    workspace = None
+    if on_cuda(device) and has_kernel(device, "int4_kv_decode"):
+        floats = _cuda_workspace("int4_kv_attention", q, k, v, max(length, 1))
+        if floats == 0:
+            return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
+                                        starts=starts)  # fmt: skip
+        if q.shape[2] == 1:  # one query token: the split-KV decode kernel, which needs one
+            workspace = torch.empty(floats, dtype=torch.float32, device=device)
+    elif device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                     starts=starts)  # fmt: skip
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, starts=starts, softcap=softcap)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap)
     return out.to(q.dtype), lse
 
 
@@ -234,14 +244,14 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     device = q.device
     half = q.dtype in (torch.float16, torch.bfloat16)
     q32 = q16 = out16 = None
-    if device.type == "cpu" and half:
+    if not on_cuda(device) and half:
         q16 = q.contiguous()
         out = out16 = empty(out_shape, q.dtype, device)
     else:
         q32 = q.float().contiguous()
         # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's
         # input).
-        if device.type == "cuda" and tq > 1 and half:
+        if on_cuda(device) and tq > 1 and half:
             q16 = q.contiguous()
         out = empty(out_shape, torch.float32, device)
     kc, ksc = k.contiguous(), k_scale.contiguous()
@@ -306,7 +316,7 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
     workspace = None
-    if device.type == "cuda":  # split-KV: per-split partial outputs and lse
+    if on_cuda(device):  # split-KV: per-split partial outputs and lse
         floats = _cuda_workspace("int4_kv_decode", q, k, v, length)
         if floats == 0:
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
@@ -815,20 +825,20 @@ def _store_buffers_ok(buffers) -> bool:
         and all(x.dim() == 4 and x.shape[:3] == kq.shape[:3] for x in buffers)
         and ks.shape[3] > 0 and vs.shape[3] > 0
         and kq.shape[3] * vs.shape[3] == vq.shape[3] * ks.shape[3]  # (one group size)
-        and all(x.device.type == "cpu" and x.is_contiguous() for x in buffers)
+        and all(on_cpu(x.device) and x.is_contiguous() for x in buffers)
     )  # fmt: skip
 
 
 def _cpu_direct(*tensors) -> bool:
     """The first tensor on the CPU, the call eager with plain tensors (:func:`direct_call_ok`), and
     the CPU kernels built."""
-    return tensors[0].device.type == "cpu" and direct_call_ok(*tensors) and _ext.has_cpu_kernels()
+    return on_cpu(tensors[0].device) and direct_call_ok(*tensors) and _ext.has_cpu_kernels()
 
 
 def _fp32_table_ok(t, shape) -> bool:
     """None, or a contiguous fp32 CPU tensor of ``shape`` (a scale table a kernel reads whole)."""
     return t is None or (
-        t.dtype == torch.float32 and t.shape == shape and t.device.type == "cpu"
+        t.dtype == torch.float32 and t.shape == shape and on_cpu(t.device)
         and t.is_contiguous()
     )  # fmt: skip
 
@@ -862,7 +872,7 @@ def decode_step_direct(query, q_scale, fp8: bool, buffers, length: int, scale: f
         and (sinks is None or (sinks.is_floating_point() and sinks.shape == (hq,)
                                and sinks.device == query.device))
         and (starts is None or (starts.dtype == torch.int32 and starts.shape == (b,)
-                                and starts.device.type == "cpu" and starts.is_contiguous()))
+                                and on_cpu(starts.device) and starts.is_contiguous()))
     )  # fmt: skip
     if not ok:
         return None
@@ -900,7 +910,7 @@ def write_step_direct(k, v, buffers, start: int, group_size: int, post_scale=Non
         and tuple(kq.shape[:2]) == (b, h) and kq.shape[3] * 2 == d
         and ks.shape[3] * group_size == d and vq.shape[3] * 2 == dv
         and vs.shape[3] * group_size == dv and 0 <= start <= kq.shape[2] - t
-        and v.device.type == "cpu" and _store_buffers_ok(buffers)
+        and on_cpu(v.device) and _store_buffers_ok(buffers)
         and _fp32_table_ok(post_scale, (h, d))
     )  # fmt: skip
     if not ok:

@@ -29,6 +29,8 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    on_cpu,
+    on_cuda,
     ptr,
     register_no_backward,
     row_stride,
@@ -85,7 +87,7 @@ def _retrieve_on_kernel(queries, heads, dim_key, n_keys, padded, topk) -> bool:
     device = queries.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "peer_retrieve"):
         return False
-    if device.type == "cuda":
+    if on_cuda(device):
         tokens = queries.numel() // (heads * dim_key)
         if not _ext.C.peer_retrieve_cuda_supported(tokens, heads, dim_key, n_keys, padded, topk):
             _ext.warn_once(
@@ -241,7 +243,7 @@ def _use_kernel(x: torch.Tensor, pairs: int, op: str) -> bool:
     the kernel's shared memory (else the reference, warned once)."""
     if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, op):
         return False
-    if x.device.type == "cuda":
+    if on_cuda(x.device):
         tokens = x.numel() // x.shape[-1]
         if not _ext.C.peer_experts_cuda_supported(tokens, x.shape[-1], pairs):
             _ext.warn_once(
@@ -445,7 +447,7 @@ def peer_experts_retrieved(x, indices, gates, expert_down, expert_up, activation
     offsets of separate tables): in eager CPU inference their range check, a reduction and a host
     sync per call, is skipped; the CPU retrieval's indices are valid whatever the scores (NaN
     included: the first top-k candidates are always taken), and so are the reference's."""
-    if x.device.type == "cpu" and direct_call_ok(x, gates, expert_down, expert_up):
+    if on_cpu(x.device) and direct_call_ok(x, gates, expert_down, expert_up):
         check_tensors(x=x, indices=indices, gates=gates, expert_down=expert_down,
                       expert_up=expert_up)  # fmt: skip
         return _peer_experts_kernel(x, indices, gates, expert_down, expert_up, activation, False,

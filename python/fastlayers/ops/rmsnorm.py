@@ -6,8 +6,6 @@ Semantics and rounding are those of :mod:`fastlayers.reference.rmsnorm` (the spe
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastlayers import _dtypes, _ext
@@ -19,11 +17,13 @@ from fastlayers.ops._common import (
     check_like,
     check_no_alias,
     check_tensor,
+    cuda_sm_count,
     device_code,
     device_guard,
     direct_call_ok,
     empty,
     has_kernel,
+    on_cuda,
     ptr,
     register_no_backward,
     row_stride,
@@ -100,16 +100,11 @@ def _check_no_grad(name: str, *tensors) -> None:
         )
 
 
-@functools.cache
-def _cuda_dw_partials_cap(index: int) -> int:
-    # Two CTAs per SM keep every SM busy while the partials stay small ([2 * SMs, hidden] fp32).
-    return 2 * torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_partials(device: torch.device, rows: int) -> int:
     cap = _CPU_DW_CHUNKS
-    if device.type == "cuda":
-        cap = _cuda_dw_partials_cap(device.index if device.index is not None else 0)
+    if on_cuda(device):
+        # Two CTAs per SM keep every SM busy while the partials stay small ([2 * SMs, hidden]).
+        cap = 2 * cuda_sm_count(device)
     return max(1, min(rows, cap))
 
 

@@ -25,6 +25,8 @@ from fastlayers.ops._common import (
     device_guard,
     empty,
     has_kernel,
+    on_cpu,
+    on_cuda,
     ptr,
     register_no_backward,
     stream_of,
@@ -149,11 +151,7 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=
 
 def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
     _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
-    if (
-        q.device.type == "cuda"
-        and q.dtype != torch.float64
-        and has_kernel(q.device, "varlen_attention")
-    ):
+    if on_cuda(q.device) and q.dtype != torch.float64 and has_kernel(q.device, "varlen_attention"):
         if _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1]):
             return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
         _ext.warn_once(
@@ -161,7 +159,7 @@ def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softca
             "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128; running the "
             "PyTorch reference",
         )
-    if q.device.type != "cpu" or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
+    if not on_cpu(q.device) or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
         return _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
@@ -206,12 +204,12 @@ def _varlen_backward(ctx, grad_out, grad_lse):
     saved lse). Elsewhere: recomputation through the reference under autograd."""
     q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse = ctx.saved_tensors
     on_cuda_kernel = (
-        q.device.type == "cuda"
+        on_cuda(q.device)
         and q.dtype != torch.float64
         and has_kernel(q.device, "varlen_attention")
         and _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1])
     )
-    on_cpu_kernel = q.device.type == "cpu" and q.dtype != torch.float64
+    on_cpu_kernel = on_cpu(q.device) and q.dtype != torch.float64
     if on_cuda_kernel or (on_cpu_kernel and has_kernel(q.device, "varlen")):
         dq, dk, dv = torch.ops.fastlayers.varlen_attention_backward(
             grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse, *ctx.window,
@@ -238,7 +236,7 @@ def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_po
     # rows outside every sequence (routing padding) get zero gradients
     dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
     delta = None  # CUDA: dO . O per (row, head)
-    if q.device.type == "cuda":
+    if on_cuda(q.device):
         delta = torch.empty((nq, hq), dtype=torch.float32, device=q.device)
     with device_guard(q.device):
         _ext.C.varlen_attention_bwd(

@@ -232,8 +232,8 @@ def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.f
     if packed.device != scales.device:
         raise ValueError(f"scales is on {scales.device} but packed on {packed.device}")
     q = unpack_int4(packed).float()
-    q = q.reshape(*q.shape[:-1], groups, -1) * scales.float()[..., None]
-    return q.reshape(*packed.shape[:-1], -1).to(dtype)
+    q = q.reshape(*q.shape[:-1], groups, d // groups) * scales.float()[..., None]  # (0 rows too)
+    return q.reshape(*packed.shape[:-1], d).to(dtype)
 
 
 def inverse_query_scale(owner, slot: str, post: torch.Tensor, heads: int, device, dtype):

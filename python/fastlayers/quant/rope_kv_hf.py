@@ -65,7 +65,7 @@ from fastlayers._decoder import (
     rope_layout,
     sparse_indexer,
 )
-from fastlayers.ops._common import no_dispatch_modes, tensor_version
+from fastlayers.ops._common import no_dispatch_modes, on_cpu, tensor_version
 from fastlayers.ops.int4_fp8 import quantize_fp8_per_token
 from fastlayers.ops.kvint4 import (
     decode_step_direct,
@@ -658,7 +658,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         attention_mask = attention_mask.masked_fill(hidden, torch.finfo(query.dtype).min)
     k_post = None if latent else getattr(module, "_fl_k_post", None)
     # A decode step on CPU: the query and decode kernels called directly (the ops' bits)
-    if layer is not None and query.shape[2] == 1 and query.device.type == "cpu":
+    if layer is not None and query.shape[2] == 1 and on_cpu(query.device):
         starts = _left_padding(attention_mask, query.shape[0], layer.length)
         if starts is not False:
             inv = None

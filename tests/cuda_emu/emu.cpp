@@ -1,0 +1,417 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CPU emulation's runtime (see emu.h): the fiber scheduler, barriers, warp collectives and the
+// few CUDA runtime API functions the launchers call.
+#include "emu.h"
+
+#include <cuda_runtime_api.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+thread_local uint3 threadIdx;
+thread_local uint3 blockIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxThreads = 1024;
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kOptinSmem = 232448;  // H100: 227 KiB per block
+constexpr int kSmCount = 132;
+
+struct Fiber {
+  ucontext_t ctx;
+  void* stack = nullptr;
+  void* fake_stack = nullptr;  // ASan's bookkeeping across switches
+  bool done = false;
+};
+
+struct Warp {
+  int live = 0;  // threads not exited
+  unsigned live_mask = 0;
+  int count = 0;  // arrivals at the current barrier
+  unsigned gen = 0;
+  alignas(16) unsigned char slot[32][16];
+};
+
+struct Block {
+  std::vector<Fiber>* fibers = nullptr;
+  int threads = 0;
+  int live = 0;
+  int count = 0;
+  unsigned gen = 0;
+  int or_acc[2] = {0, 0};
+  std::vector<Warp> warps;
+  int current = 0;
+  unsigned long progress = 0;
+  const char* failure = nullptr;
+  ucontext_t sched;
+  void* sched_fake_stack = nullptr;
+  const void* sched_bottom = nullptr;  // the scheduler's stack, for ASan's switch annotations
+  size_t sched_size = 0;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  unsigned char* smem = nullptr;
+  uint3 block_idx;
+};
+
+thread_local Block* g_block = nullptr;
+thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
+thread_local unsigned long g_epoch = 0;     // blocks run so far (static shared memory's poison)
+thread_local std::map<void*, unsigned long> g_shared_epoch;
+thread_local cudaError_t g_last_error = cudaSuccess;
+thread_local char g_message[512];
+std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+void set_error(cudaError_t e, const char* message) {
+  if (g_last_error == cudaSuccess) {
+    g_last_error = e;
+    std::snprintf(g_message, sizeof(g_message), "CUDA emulation: %s", message);
+  }
+}
+
+inline void asan_start_switch(void** fake, const void* bottom, size_t size) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(fake, bottom, size);
+#else
+  (void)fake, (void)bottom, (void)size;
+#endif
+}
+
+inline void asan_finish_switch(void* fake, const void** bottom, size_t* size) {
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, bottom, size);
+#else
+  (void)fake, (void)bottom, (void)size;
+#endif
+}
+
+Fiber& me() { return (*g_block->fibers)[g_block->current]; }
+
+// Back to the scheduler; returns when the scheduler resumes this fiber.
+void yield() {
+  Block& b = *g_block;
+  Fiber& f = me();
+  asan_start_switch(&f.fake_stack, b.sched_bottom, b.sched_size);
+  swapcontext(&f.ctx, &b.sched);
+  asan_finish_switch(f.fake_stack, &b.sched_bottom, &b.sched_size);
+}
+
+int tid() { return g_block->current; }
+
+void check_mask(const Warp& w, unsigned mask, const char* what) {
+  const unsigned exists = w.live_mask;
+  if ((mask & exists) != mask || (exists & ~mask) != 0) {
+    static thread_local char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "%s with mask 0x%08x in a warp whose taking-part lanes are 0x%08x (block %u,%u,%u "
+                  "thread %d): undefined on a GPU",
+                  what, mask, exists, blockIdx.x, blockIdx.y, blockIdx.z, tid());
+    fail(buf);
+  }
+}
+
+void warp_barrier(Warp& w) {
+  Block& b = *g_block;
+  ++b.progress;
+  const unsigned gen = w.gen;
+  if (++w.count == w.live) {
+    w.count = 0;
+    ++w.gen;
+    return;
+  }
+  while (w.gen == gen && b.failure == nullptr) yield();
+}
+
+void block_barrier() {
+  Block& b = *g_block;
+  ++b.progress;
+  const unsigned gen = b.gen;
+  if (++b.count == b.live) {
+    b.count = 0;
+    ++b.gen;
+    return;
+  }
+  while (b.gen == gen && b.failure == nullptr) yield();
+}
+
+Warp& my_warp() { return g_block->warps[tid() / 32]; }
+
+void on_exit(int t) {
+  Block& b = *g_block;
+  ++b.progress;
+  Warp& w = b.warps[t / 32];
+  --w.live;
+  w.live_mask &= ~(1u << (t % 32));
+  if (w.count > 0 && w.count == w.live) {
+    w.count = 0;
+    ++w.gen;
+  }
+  --b.live;
+  if (b.count > 0 && b.count == b.live) {
+    b.count = 0;
+    ++b.gen;
+  }
+}
+
+void fiber_main() {
+  Block& b = *g_block;
+  asan_finish_switch(nullptr, &b.sched_bottom, &b.sched_size);
+  const int t = b.current;
+  b.body(b.ctx);
+  on_exit(t);
+  (*b.fibers)[t].done = true;
+  asan_start_switch(nullptr, b.sched_bottom, b.sched_size);  // this fiber ends: uc_link resumes
+}
+
+void set_coords(const Block& b, int t) {
+  threadIdx.x = static_cast<unsigned>(t) % blockDim.x;
+  threadIdx.y = (static_cast<unsigned>(t) / blockDim.x) % blockDim.y;
+  threadIdx.z = static_cast<unsigned>(t) / (blockDim.x * blockDim.y);
+  blockIdx = b.block_idx;
+}
+
+bool run_block(Block& b) {
+  ++g_epoch;
+  for (Warp& w : b.warps) w = Warp{};
+  for (int t = 0; t < b.threads; ++t) {
+    Warp& w = b.warps[t / 32];
+    ++w.live;
+    w.live_mask |= 1u << (t % 32);
+  }
+  b.live = b.threads;
+  b.count = 0;
+  b.or_acc[0] = b.or_acc[1] = 0;
+  for (int t = 0; t < b.threads; ++t) {
+    Fiber& f = (*b.fibers)[t];
+    f.done = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  while (b.live > 0) {
+    const unsigned long before = b.progress;
+    for (int t = 0; t < b.threads && b.failure == nullptr; ++t) {
+      Fiber& f = (*b.fibers)[t];
+      if (f.done) continue;
+      b.current = t;
+      set_coords(b, t);
+      asan_start_switch(&b.sched_fake_stack, f.stack, kStackBytes);
+      swapcontext(&b.sched, &f.ctx);
+      asan_finish_switch(b.sched_fake_stack, nullptr, nullptr);
+    }
+    if (b.failure != nullptr) return false;
+    if (b.live > 0 && b.progress == before) {
+      static thread_local char buf[160];
+      std::snprintf(buf, sizeof(buf),
+                    "deadlock in block (%u,%u,%u): %d threads wait at barriers that the others "
+                    "never reach",
+                    b.block_idx.x, b.block_idx.y, b.block_idx.z, b.live);
+      b.failure = buf;
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* ctx) {
+  if (g_block != nullptr) {
+    set_error(cudaErrorNotSupported, "a launch from inside a kernel");
+    return;
+  }
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    set_error(cudaErrorInvalidConfiguration, "invalid launch configuration");
+    return;
+  }
+  size_t allowed = kDefaultSmem;
+  auto it = g_max_dynamic_smem.find(kernel);
+  if (it != g_max_dynamic_smem.end()) allowed = std::max(allowed, static_cast<size_t>(it->second));
+  if (smem > allowed) {
+    set_error(cudaErrorInvalidValue,
+              "dynamic shared memory above 48 KiB without the "
+              "cudaFuncAttributeMaxDynamicSharedMemorySize opt-in (or above it)");
+    return;
+  }
+  if (g_fibers.size() < threads) {
+    const size_t old = g_fibers.size();
+    g_fibers.resize(threads);
+    for (size_t i = old; i < threads; ++i) {
+      void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (s == MAP_FAILED) std::abort();
+      g_fibers[i].stack = s;
+    }
+  }
+  Block b;
+  b.fibers = &g_fibers;
+  b.threads = static_cast<int>(threads);
+  b.warps.resize((threads + 31) / 32);
+  b.body = body;
+  b.ctx = ctx;
+  std::vector<unsigned char> smem_buf(smem > 0 ? smem : 1);  // exactly smem bytes: ASan sees overruns
+  b.smem = smem > 0 ? smem_buf.data() : nullptr;
+  blockDim = block;
+  gridDim = grid;
+  g_block = &b;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.block_idx = uint3{x, y, z};
+        if (smem > 0) std::memset(b.smem, 0xFF, smem);
+        if (!run_block(b)) {
+          g_block = nullptr;
+          set_error(cudaErrorLaunchFailure, b.failure);
+          return;
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+}
+
+void syncthreads() { block_barrier(); }
+
+int syncthreads_or(int predicate) {
+  Block& b = *g_block;
+  const int slot = static_cast<int>(b.gen & 1u);
+  b.or_acc[slot] |= predicate != 0;
+  block_barrier();
+  const int r = b.or_acc[slot];
+  block_barrier();
+  if (tid() == 0) b.or_acc[slot] = 0;  // no thread reuses this slot before thread 0 is past here
+  return r;
+}
+
+void syncwarp(unsigned mask) {
+  Warp& w = my_warp();
+  check_mask(w, mask, "__syncwarp");
+  warp_barrier(w);
+}
+
+void warp_exchange(unsigned mask, const void* value, size_t n, int src, void* out) {
+  Warp& w = my_warp();
+  check_mask(w, mask, "a warp shuffle");
+  std::memcpy(w.slot[tid() % 32], value, n);
+  warp_barrier(w);
+  if (src >= 0 && src < 32 && ((w.live_mask >> src) & 1u)) {
+    std::memcpy(out, w.slot[src], n);
+  } else {
+    std::memset(out, 0xFF, n);
+  }
+  warp_barrier(w);
+}
+
+unsigned warp_ballot(unsigned mask, int predicate) {
+  Warp& w = my_warp();
+  check_mask(w, mask, "a warp vote");
+  const int p = predicate != 0;
+  std::memcpy(w.slot[tid() % 32], &p, sizeof(p));
+  warp_barrier(w);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) {
+    int q = 0;
+    if ((w.live_mask >> l) & 1u) std::memcpy(&q, w.slot[l], sizeof(q));
+    if (q) r |= 1u << l;
+  }
+  warp_barrier(w);
+  return r;
+}
+
+int lane() { return tid() % 32; }
+
+unsigned char* dynamic_smem() { return g_block->smem; }
+
+void shared_array(void* p, size_t bytes) {
+  unsigned long& e = g_shared_epoch[p];
+  if (e != g_epoch) {
+    e = g_epoch;
+    std::memset(p, 0xFF, bytes);
+  }
+}
+
+void fail(const char* message) {
+  Block& b = *g_block;
+  b.failure = message;
+  for (;;) yield();  // the scheduler abandons this fiber's stack
+}
+
+}  // namespace emu
+
+// --- the runtime API the launchers call -----------------------------------------------------------
+
+extern "C" {
+
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return emu::g_last_error; }
+
+const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : emu::g_message;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(emu::kOptinSmem);
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = emu::kSmCount;
+      return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = emu::kMaxThreads;
+      return cudaSuccess;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) {
+    emu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more shared memory than the device has");
+    return cudaErrorInvalidValue;
+  }
+  emu::g_max_dynamic_smem[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
+  std::memset(ptr, value, count);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, enum cudaMemcpyKind, cudaStream_t) {
+  std::memmove(dst, src, count);
+  return cudaSuccess;
+}
+
+}  // extern "C"

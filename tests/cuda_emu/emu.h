@@ -1,0 +1,154 @@
+// SPDX-License-Identifier: Apache-2.0
+// A CPU emulation of the CUDA execution model, for test builds only (FASTLAYERS_CUDA_EMULATION):
+// the generic .cu files compile as host C++ and their kernels run on the CPU, so that the tests
+// can check their logic against the reference where no GPU is lent, under AddressSanitizer in CI
+// (the role compute-sanitizer's memcheck plays on a GPU). It proves nothing about speed, and the
+// numerics of the GPU (FMA contraction, fast-math intrinsics) are not reproduced: a result here
+// is "the index arithmetic, the barriers and the algorithm are right", not "it ran on a GPU".
+//
+// Model: a launch runs its blocks one after another; a block's threads are fibers (ucontext) on
+// the calling thread, switched at every barrier: __syncthreads(), __syncwarp() and each warp
+// collective (shuffles, votes, WMMA loads). A waiting fiber yields until the barrier completes;
+// a round in which no fiber makes progress is a deadlock and fails the launch. Exited threads
+// leave every barrier they would have joined. Misuse the hardware leaves undefined fails the
+// launch with a message (cudaGetLastError): a full-mask warp collective in a warp with exited or
+// missing lanes, a block over 1024 threads, dynamic shared memory above 48 KiB without the
+// cudaFuncAttributeMaxDynamicSharedMemorySize opt-in or above the 227 KiB an H100 allows.
+// Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
+// start; a shuffle from a lane that does not take part returns poison.
+#pragma once
+
+#include <vector_types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#define __launch_bounds__(...)
+
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+
+namespace emu {
+
+// Runs body(ctx) in every thread of a grid; returns after the last block (launches are
+// synchronous). Errors go to cudaGetLastError().
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* ctx);
+
+void syncthreads();
+int syncthreads_or(int predicate);
+void syncwarp(unsigned mask);
+// Warp collective: publishes n bytes of `value`, returns lane `src`'s into `out` (poison when
+// that lane does not take part).
+void warp_exchange(unsigned mask, const void* value, size_t n, int src, void* out);
+// Warp collective: every taking part lane's predicate, as a ballot.
+unsigned warp_ballot(unsigned mask, int predicate);
+int lane();
+unsigned char* dynamic_smem();
+// Poisons a static __shared__ array when the first thread of a block reaches its declaration.
+void shared_array(void* p, size_t bytes);
+[[noreturn]] void fail(const char* message);
+
+template <typename... P>
+struct Launch {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+
+  template <typename... A>
+  void operator()(A&&... a) const {
+    // The parameters are converted once, as a launch copies them; each thread gets its own copy.
+    struct Ctx {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...> args;
+    } ctx{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(a)...)};
+    run_grid(
+        reinterpret_cast<const void*>(kernel), grid, block, smem,
+        [](void* c) {
+          auto* x = static_cast<Ctx*>(c);
+          std::apply(x->kernel, x->args);
+        },
+        &ctx);
+  }
+};
+
+// kernel<<<grid, block, smem, stream>>>(args) becomes emu::launch(kernel, grid, block, smem,
+// stream)(args) (translate.py).
+template <typename... P, typename Stream = std::nullptr_t>
+Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, Stream = nullptr) {
+  return Launch<P...>{kernel, grid, block, smem};
+}
+
+}  // namespace emu
+
+// --- device intrinsics --------------------------------------------------------------------------
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline int __syncthreads_or(int predicate) { return emu::syncthreads_or(predicate); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  const int l = emu::lane();
+  T r;
+  emu::warp_exchange(mask, &v, sizeof(T), (l & ~(width - 1)) + (src & (width - 1)), &r);
+  return r;
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int l = emu::lane();
+  const int src = l ^ lane_mask;
+  T r;
+  emu::warp_exchange(mask, &v, sizeof(T), (src & ~(width - 1)) == (l & ~(width - 1)) ? src : l, &r);
+  return r;
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int l = emu::lane();
+  const int src = (l & (width - 1)) + static_cast<int>(delta) < width ? l + static_cast<int>(delta) : l;
+  T r;
+  emu::warp_exchange(mask, &v, sizeof(T), src, &r);
+  return r;
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return emu::warp_ballot(mask, predicate); }
+inline int __any_sync(unsigned mask, int predicate) { return emu::warp_ballot(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return emu::warp_ballot(mask, predicate) == emu::warp_ballot(mask, 1);
+}
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __expf(float a) { return std::exp(a); }
+inline float __logf(float a) { return std::log(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline double rsqrt(double a) { return 1.0 / std::sqrt(a); }
+inline float __saturatef(float a) { return a < 0.0f ? 0.0f : (a > 1.0f ? 1.0f : a); }
+inline int __float_as_int(float a) {
+  int r;
+  std::memcpy(&r, &a, 4);
+  return r;
+}
+inline float __int_as_float(int a) {
+  float r;
+  std::memcpy(&r, &a, 4);
+  return r;
+}
+using std::max;
+using std::min;

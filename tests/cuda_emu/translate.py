@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Test builds only: turns a .cu file into host C++ for the CPU emulation (``emu.h``).
+
+Three rewrites, nothing else changes (line numbers are kept, so compiler messages point into the
+.cu file through ``#line``):
+
+* ``kernel<<<grid, block[, smem[, stream]]>>>(args)``
+  -> ``::emu::launch(kernel, grid, block, ...)(args)``
+* ``extern __shared__ [__align__(n)] T name[];``
+  -> ``T* name = reinterpret_cast<T*>(::emu::dynamic_smem());``
+* ``__shared__ [__align__(n)] T name[dims];``
+  -> ``static T name[dims]; ::emu::shared_array(name, sizeof(name));``
+  (blocks run one after another, so a function-local static is the block's shared memory; it is
+  poisoned when the first thread of each block reaches it)
+
+Usage: ``python translate.py in.cu out.cpp``
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;"
+)
+_SHARED = re.compile(
+    r"__shared__\s+((?:__align__\(\s*\d+\s*\)\s+)?[A-Za-z_][\w:\s]*?)\s+(\w+)\s*((?:\[[^\]]*\])+)\s*;"
+)
+
+
+def _kernel_start(text: str, end: int) -> int:
+    """Start of the kernel expression that ends at ``end`` (``name``, ``ns::name<T, 4>``)."""
+    i = end
+    while True:
+        if i > 0 and text[i - 1] == ">":  # template arguments: skip to the matching '<'
+            depth = 0
+            while i > 0:
+                i -= 1
+                c = text[i]
+                if c == ">":
+                    depth += 1
+                elif c == "<":
+                    depth -= 1
+                    if depth == 0:
+                        break
+        j = i
+        while j > 0 and (text[j - 1].isalnum() or text[j - 1] == "_"):
+            j -= 1
+        if j == i:
+            raise ValueError(f"no kernel name before <<< at offset {end}")
+        i = j
+        if text[i - 2 : i] == "::":
+            i -= 2
+            continue
+        return i
+
+
+def _launches(text: str) -> str:
+    out, pos = [], 0
+    while True:
+        k = text.find("<<<", pos)
+        if k < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        e = text.find(">>>", k)
+        start = _kernel_start(text, k)
+        kernel, config = text[start:k], text[k + 3 : e]
+        out.append(text[pos:start])
+        out.append(f"::emu::launch({kernel}, {config})")
+        pos = e + 3
+
+
+def translate(text: str) -> str:
+    text = _EXTERN_SHARED.sub(
+        lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::emu::dynamic_smem());", text
+    )
+    text = _SHARED.sub(
+        lambda m: f"static {m[1]} {m[2]}{m[3]}; ::emu::shared_array({m[2]}, sizeof({m[2]}));", text
+    )
+    return _launches(text)
+
+
+def main() -> None:
+    src, dst = sys.argv[1], sys.argv[2]
+    with open(src) as f:
+        text = f.read()
+    with open(dst, "w") as f:
+        f.write(f'#line 1 "{src}"\n')
+        f.write(translate(text))
+
+
+if __name__ == "__main__":
+    main()
