@@ -39,6 +39,10 @@ def test_info_reports_build_and_backends():
     assert d["avx512_emulated"] is (_ext.C is not None and _ext.C.avx512_emulated())
     if d["avx512_emulated"]:
         assert d["cpu_isa_detected"] == "avx512_bf16" and "SIMDe" in format_info(d)
+    # a CUDA emulation test build (tests/cuda_emu) says so and reports no real CUDA kernels
+    assert d["cuda_emulated"] is (_ext.C is not None and _ext.C.cuda_emulated())
+    if d["cuda_emulated"]:
+        assert not d["cuda_compiled"] and "emulated on the CPU" in format_info(d)
     for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
         assert d["ops"][op]["cpu"] == ("kernel" if _ext.C is not None else "reference")
         assert d["ops"][op]["cuda"] == ("kernel" if _ext.has_cuda_kernels() else "reference")

@@ -42,6 +42,7 @@ def info() -> dict:
     or None),
     ``cpu_isa_detected``,
     ``avx512_emulated`` (a test build whose AVX-512 kernels run through SIMDe),
+    ``cuda_emulated`` (a test build whose CUDA kernels run on the CPU, tests/cuda_emu),
     ``cuda_compiled`` (bool), ``cuda_archs`` (list of str), ``cuda_sm90_gemm`` (the Hopper
     CUTLASS GEMM was compiled), ``gpu`` (name of GPU 0, or None),
     ``torch`` (version), and ``ops``: for each op, the backend each device runs
@@ -58,6 +59,7 @@ def info() -> dict:
         "cpu_isa": C.cpu_isa() if C is not None else None,
         "cpu_isa_detected": C.detected_cpu_isa() if C is not None else None,
         "avx512_emulated": C is not None and C.avx512_emulated(),
+        "cuda_emulated": C is not None and hasattr(C, "cuda_emulated") and C.cuda_emulated(),
         "cuda_compiled": cuda_kernels,
         "cuda_sm90_gemm": _ext.has_sm90_gemm(),
         "cuda_archs": [a for a in C.cuda_archs().split(",") if a] if C is not None else [],
@@ -77,6 +79,8 @@ def format_info(d: dict | None = None) -> str:
     d = info() if d is None else d
     loaded = "loaded" if d["extension_loaded"] else f"NOT loaded: {d['extension_error']}"
     cuda = "yes, archs " + ",".join(d["cuda_archs"]) if d["cuda_compiled"] else "no"
+    if d.get("cuda_emulated"):
+        cuda = "no [CUDA kernels emulated on the CPU: a test build for the tests' cuda_emu device]"
     isa = f"{d['cpu_isa'] or '-'} (detected: {d['cpu_isa_detected'] or '-'})"
     if d.get("avx512_emulated"):
         isa += " [AVX-512 emulated through SIMDe: a slow test build]"

@@ -5,11 +5,15 @@
 
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -24,6 +28,41 @@ thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
 thread_local dim3 gridDim;
 
+// Fiber switches: on x86-64 a few instructions (callee-saved registers and the stack pointer; no
+// signal mask: swapcontext's system call per switch took half the emulation's time), elsewhere
+// ucontext.
+#if defined(__x86_64__)
+extern "C" void fastlayers_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.globl fastlayers_emu_switch
+.hidden fastlayers_emu_switch
+.type fastlayers_emu_switch, @function
+fastlayers_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size fastlayers_emu_switch, .-fastlayers_emu_switch
+)");
+struct Context {
+  void* sp = nullptr;
+};
+#else
+using Context = ucontext_t;
+#endif
+
 namespace emu {
 namespace {
 
@@ -34,7 +73,7 @@ constexpr size_t kOptinSmem = 232448;  // H100: 227 KiB per block
 constexpr int kSmCount = 132;
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   void* stack = nullptr;
   void* fake_stack = nullptr;  // ASan's bookkeeping across switches
   bool done = false;
@@ -59,7 +98,7 @@ struct Block {
   int current = 0;
   unsigned long progress = 0;
   const char* failure = nullptr;
-  ucontext_t sched;
+  Context sched;
   void* sched_fake_stack = nullptr;
   const void* sched_bottom = nullptr;  // the scheduler's stack, for ASan's switch annotations
   size_t sched_size = 0;
@@ -76,11 +115,25 @@ thread_local std::map<void*, unsigned long> g_shared_epoch;
 thread_local cudaError_t g_last_error = cudaSuccess;
 thread_local char g_message[512];
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+thread_local const char* g_site = "";
+
+// FASTLAYERS_EMU_TRACE=1: the launch sites run, with their launch and block counts, at exit.
+struct Trace {
+  bool on = std::getenv("FASTLAYERS_EMU_TRACE") != nullptr;
+  std::map<std::string, std::pair<long, long>> sites;
+  ~Trace() {
+    if (!on) return;
+    std::fprintf(stderr, "CUDA emulation: %zu launch sites run (launches, blocks):\n", sites.size());
+    for (const auto& [site, n] : sites) std::fprintf(stderr, "  %8ld %10ld  %s\n", n.first, n.second, site.c_str());
+  }
+};
+Trace g_trace;
+std::mutex g_trace_mutex;
 
 void set_error(cudaError_t e, const char* message) {
   if (g_last_error == cudaSuccess) {
     g_last_error = e;
-    std::snprintf(g_message, sizeof(g_message), "CUDA emulation: %s", message);
+    std::snprintf(g_message, sizeof(g_message), "CUDA emulation: %s (%s)", message, g_site);
   }
 }
 
@@ -102,12 +155,20 @@ inline void asan_finish_switch(void* fake, const void** bottom, size_t* size) {
 
 Fiber& me() { return (*g_block->fibers)[g_block->current]; }
 
+inline void switch_to(Context* save, Context* load) {
+#if defined(__x86_64__)
+  fastlayers_emu_switch(&save->sp, load->sp);
+#else
+  swapcontext(save, load);
+#endif
+}
+
 // Back to the scheduler; returns when the scheduler resumes this fiber.
 void yield() {
   Block& b = *g_block;
   Fiber& f = me();
   asan_start_switch(&f.fake_stack, b.sched_bottom, b.sched_size);
-  swapcontext(&f.ctx, &b.sched);
+  switch_to(&f.ctx, &b.sched);
   asan_finish_switch(f.fake_stack, &b.sched_bottom, &b.sched_size);
 }
 
@@ -174,8 +235,29 @@ void fiber_main() {
   const int t = b.current;
   b.body(b.ctx);
   on_exit(t);
-  (*b.fibers)[t].done = true;
-  asan_start_switch(nullptr, b.sched_bottom, b.sched_size);  // this fiber ends: uc_link resumes
+  Fiber& f = (*b.fibers)[t];
+  f.done = true;
+  asan_start_switch(nullptr, b.sched_bottom, b.sched_size);  // this fiber ends
+  switch_to(&f.ctx, &b.sched);                                // and is never resumed
+  std::abort();
+}
+
+// A fresh fiber whose first switch enters fiber_main on its own stack.
+void start_fiber(Fiber& f, Block& b) {
+#if defined(__x86_64__)
+  (void)b;
+  auto* top = reinterpret_cast<void**>(static_cast<char*>(f.stack) + kStackBytes);  // 16-aligned
+  top[-1] = nullptr;                                                 // (fiber_main never returns)
+  top[-2] = reinterpret_cast<void*>(&fiber_main);                    // fastlayers_emu_switch's ret
+  for (int i = 3; i <= 8; ++i) top[-i] = nullptr;                    // rbp rbx r12 r13 r14 r15
+  f.ctx.sp = top - 8;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = &b.sched;
+  makecontext(&f.ctx, fiber_main, 0);
+#endif
 }
 
 void set_coords(const Block& b, int t) {
@@ -199,11 +281,7 @@ bool run_block(Block& b) {
   for (int t = 0; t < b.threads; ++t) {
     Fiber& f = (*b.fibers)[t];
     f.done = false;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &b.sched;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_fiber(f, b);
   }
   while (b.live > 0) {
     const unsigned long before = b.progress;
@@ -213,7 +291,7 @@ bool run_block(Block& b) {
       b.current = t;
       set_coords(b, t);
       asan_start_switch(&b.sched_fake_stack, f.stack, kStackBytes);
-      swapcontext(&b.sched, &f.ctx);
+      switch_to(&b.sched, &f.ctx);
       asan_finish_switch(b.sched_fake_stack, nullptr, nullptr);
     }
     if (b.failure != nullptr) return false;
@@ -232,7 +310,15 @@ bool run_block(Block& b) {
 
 }  // namespace
 
-void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* ctx) {
+void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_t smem,
+              void (*body)(void*), void* ctx) {
+  g_site = site;
+  if (g_trace.on) {
+    std::lock_guard<std::mutex> lock(g_trace_mutex);
+    auto& n = g_trace.sites[site];
+    n.first += 1;
+    n.second += static_cast<long>(grid.x) * grid.y * grid.z;
+  }
   if (g_block != nullptr) {
     set_error(cudaErrorNotSupported, "a launch from inside a kernel");
     return;

@@ -40,7 +40,9 @@ namespace emu {
 
 // Runs body(ctx) in every thread of a grid; returns after the last block (launches are
 // synchronous). Errors go to cudaGetLastError().
-void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* ctx);
+// `site`: "file:line kernel" of the launch (error messages, FASTLAYERS_EMU_TRACE=1).
+void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_t smem,
+              void (*body)(void*), void* ctx);
 
 void syncthreads();
 int syncthreads_or(int predicate);
@@ -59,6 +61,7 @@ void shared_array(void* p, size_t bytes);
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
+  const char* site;
   dim3 grid, block;
   size_t smem;
 
@@ -70,7 +73,7 @@ struct Launch {
       std::tuple<std::decay_t<P>...> args;
     } ctx{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(a)...)};
     run_grid(
-        reinterpret_cast<const void*>(kernel), grid, block, smem,
+        reinterpret_cast<const void*>(kernel), site, grid, block, smem,
         [](void* c) {
           auto* x = static_cast<Ctx*>(c);
           std::apply(x->kernel, x->args);
@@ -79,11 +82,12 @@ struct Launch {
   }
 };
 
-// kernel<<<grid, block, smem, stream>>>(args) becomes emu::launch(kernel, grid, block, smem,
-// stream)(args) (translate.py).
+// kernel<<<grid, block, smem, stream>>>(args) becomes emu::launch(kernel, "file:line kernel",
+// grid, block, smem, stream)(args) (translate.py).
 template <typename... P, typename Stream = std::nullptr_t>
-Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0, Stream = nullptr) {
-  return Launch<P...>{kernel, grid, block, smem};
+Launch<P...> launch(void (*kernel)(P...), const char* site, dim3 grid, dim3 block, size_t smem = 0,
+                    Stream = nullptr) {
+  return Launch<P...>{kernel, site, grid, block, smem};
 }
 
 }  // namespace emu

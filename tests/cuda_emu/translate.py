@@ -5,7 +5,8 @@ Three rewrites, nothing else changes (line numbers are kept, so compiler message
 .cu file through ``#line``):
 
 * ``kernel<<<grid, block[, smem[, stream]]>>>(args)``
-  -> ``::emu::launch(kernel, grid, block, ...)(args)``
+  -> ``::emu::launch(kernel, "file:line kernel", grid, block, ...)(args)`` (the launch site names
+  the kernel in error messages and in ``FASTLAYERS_EMU_TRACE=1``'s list at exit)
 * ``extern __shared__ [__align__(n)] T name[];``
   -> ``T* name = reinterpret_cast<T*>(::emu::dynamic_smem());``
 * ``__shared__ [__align__(n)] T name[dims];``
@@ -18,6 +19,8 @@ Usage: ``python translate.py in.cu out.cpp``
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 
@@ -56,7 +59,7 @@ def _kernel_start(text: str, end: int) -> int:
         return i
 
 
-def _launches(text: str) -> str:
+def _launches(text: str, path: str) -> str:
     out, pos = [], 0
     while True:
         k = text.find("<<<", pos)
@@ -67,18 +70,19 @@ def _launches(text: str) -> str:
         start = _kernel_start(text, k)
         kernel, config = text[start:k], text[k + 3 : e]
         out.append(text[pos:start])
-        out.append(f"::emu::launch({kernel}, {config})")
+        site = f"{path}:{text.count(chr(10), 0, k) + 1} {' '.join(kernel.split())}"
+        out.append(f"::emu::launch({kernel}, {json.dumps(site)}, {config})")
         pos = e + 3
 
 
-def translate(text: str) -> str:
+def translate(text: str, path: str = "?") -> str:
     text = _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::emu::dynamic_smem());", text
     )
     text = _SHARED.sub(
         lambda m: f"static {m[1]} {m[2]}{m[3]}; ::emu::shared_array({m[2]}, sizeof({m[2]}));", text
     )
-    return _launches(text)
+    return _launches(text, path)
 
 
 def main() -> None:
@@ -87,7 +91,8 @@ def main() -> None:
         text = f.read()
     with open(dst, "w") as f:
         f.write(f'#line 1 "{src}"\n')
-        f.write(translate(text))
+        name = src.replace(os.sep, "/")
+        f.write(translate(text, name[name.rfind("csrc/") :] if "csrc/" in name else name))
 
 
 if __name__ == "__main__":
