@@ -22,6 +22,12 @@
 #include "rmsnorm/rmsnorm.h"
 #include "skip/skip.h"
 
+#ifdef FASTLAYERS_CUDA_EMULATION
+namespace fastlayers::cuda_emu_selftest {
+const char* run(int which, float* out);  // tests/cuda_emu/selftest.cu
+}
+#endif
+
 namespace py = pybind11;
 using namespace fastlayers;
 
@@ -727,6 +733,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_emulated", [] { return kCudaEmulated; },
         "True in a test build whose CUDA kernels run on the CPU (tests/cuda_emu; never a release "
         "build): device code 1 then reaches them with host pointers");
+#ifdef FASTLAYERS_CUDA_EMULATION
+  m.def(
+      "cuda_emu_selftest",
+      [](int which, std::uintptr_t out) {
+        return std::string(cuda_emu_selftest::run(which, ptr<float>(out)));
+      },
+      "Emulation builds only: runs self-test kernel `which` into out (64 floats); the launch's "
+      "error string or 'ok'");
+#endif
   m.def("cuda_archs", [] { return std::string(FASTLAYERS_CUDA_ARCHS); },
         "Comma-separated CUDA architectures the kernels were compiled for ('' without CUDA)");
   m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::active_isa())); });

@@ -283,9 +283,13 @@ bool run_block(Block& b) {
     f.done = false;
     start_fiber(f, b);
   }
+  // Every other block runs its threads last to first between barriers: a read of shared memory
+  // that another thread writes with no barrier between sees it unwritten in one of the orders.
+  const bool reverse = (g_epoch & 1) != 0;
   while (b.live > 0) {
     const unsigned long before = b.progress;
-    for (int t = 0; t < b.threads && b.failure == nullptr; ++t) {
+    for (int n = 0; n < b.threads && b.failure == nullptr; ++n) {
+      const int t = reverse ? b.threads - 1 - n : n;
       Fiber& f = (*b.fibers)[t];
       if (f.done) continue;
       b.current = t;
@@ -431,6 +435,12 @@ void shared_array(void* p, size_t bytes) {
   if (e != g_epoch) {
     e = g_epoch;
     std::memset(p, 0xFF, bytes);
+  }
+}
+
+void launch_bounds(long max_threads) {
+  if (static_cast<long>(blockDim.x) * blockDim.y * blockDim.z > max_threads) {
+    fail("launched with more threads per block than its __launch_bounds__");
   }
 }
 

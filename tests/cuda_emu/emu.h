@@ -6,7 +6,7 @@
 // numerics of the GPU (FMA contraction, fast-math intrinsics) are not reproduced: a result here
 // is "the index arithmetic, the barriers and the algorithm are right", not "it ran on a GPU".
 //
-// Model: a launch runs its blocks one after another; a block's threads are fibers (ucontext) on
+// Model: a launch runs its blocks one after another; a block's threads are fibers (own stacks) on
 // the calling thread, switched at every barrier: __syncthreads(), __syncwarp() and each warp
 // collective (shuffles, votes, WMMA loads). A waiting fiber yields until the barrier completes;
 // a round in which no fiber makes progress is a deadlock and fails the launch. Exited threads
@@ -15,7 +15,9 @@
 // missing lanes, a block over 1024 threads, dynamic shared memory above 48 KiB without the
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in or above the 227 KiB an H100 allows.
 // Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
-// start; a shuffle from a lane that does not take part returns poison.
+// start; a shuffle from a lane that does not take part returns poison. Every other block runs its
+// threads in reverse order between barriers, so that a missing barrier shows in one of the two.
+// A launch above a kernel's __launch_bounds__ fails.
 #pragma once
 
 #include <vector_types.h>
@@ -57,6 +59,8 @@ unsigned char* dynamic_smem();
 // Poisons a static __shared__ array when the first thread of a block reaches its declaration.
 void shared_array(void* p, size_t bytes);
 [[noreturn]] void fail(const char* message);
+// A kernel's __launch_bounds__: more threads per block fail the launch, as on a GPU.
+void launch_bounds(long max_threads);
 
 template <typename... P>
 struct Launch {

@@ -13,6 +13,8 @@ Three rewrites, nothing else changes (line numbers are kept, so compiler message
   -> ``static T name[dims]; ::emu::shared_array(name, sizeof(name));``
   (blocks run one after another, so a function-local static is the block's shared memory; it is
   poisoned when the first thread of each block reaches it)
+* ``__launch_bounds__(n[, m]) kernel(...) {`` -> ``kernel(...) { ::emu::launch_bounds(n);`` (a
+  launch with more threads per block than ``n`` fails, as it does on a GPU)
 
 Usage: ``python translate.py in.cu out.cpp``
 """
@@ -59,6 +61,24 @@ def _kernel_start(text: str, end: int) -> int:
         return i
 
 
+def _launch_bounds(text: str) -> str:
+    out, pos = [], 0
+    while True:
+        k = text.find("__launch_bounds__(", pos)
+        if k < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        i, depth = k + len("__launch_bounds__("), 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        bound = text[k + len("__launch_bounds__(") : i - 1].split(",")[0]
+        body = text.index("{", i)  # the kernel's body (parameter lists hold no braces)
+        out.append(text[pos:k])
+        out.append(text[i:body + 1] + f" ::emu::launch_bounds({bound});")
+        pos = body + 1
+
+
 def _launches(text: str, path: str) -> str:
     out, pos = [], 0
     while True:
@@ -82,7 +102,7 @@ def translate(text: str, path: str = "?") -> str:
     text = _SHARED.sub(
         lambda m: f"static {m[1]} {m[2]}{m[3]}; ::emu::shared_array({m[2]}, sizeof({m[2]}));", text
     )
-    return _launches(text, path)
+    return _launches(_launch_bounds(text), path)
 
 
 def main() -> None:

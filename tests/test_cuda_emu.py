@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The CUDA emulation (tests/cuda_emu) catches what it claims to: kernels with a missing barrier,
+an undefined shuffle, a deadlock, a launch over its bounds or over the shared memory it opted
+into (tests/cuda_emu/selftest.cu), next to their correct twins. Emulation builds only."""
+
+import pytest
+import torch
+
+from fastlayers import _ext
+
+pytestmark = pytest.mark.cuda_emu
+
+
+def _run(which: int):
+    out = torch.full((64,), float("nan"))
+    return _ext.C.cuda_emu_selftest(which, out.data_ptr()), out
+
+
+def test_a_missing_barrier_shows_in_one_of_the_two_thread_orders():
+    expected = torch.full((64,), 63.0)
+    for _ in range(2):  # consecutive blocks run their threads first to last, then last to first
+        message, out = _run(0)
+        assert message == "ok" and torch.equal(out, expected)
+    results = [_run(1) for _ in range(2)]
+    assert all(message == "ok" for message, _ in results)
+    assert any(not torch.equal(out, expected) for _, out in results)
+
+
+def test_a_full_mask_shuffle_needs_every_lane():
+    message, out = _run(2)
+    assert message == "ok"
+    lanes = torch.arange(64.0)
+    assert torch.equal(out, lanes + (torch.arange(64) ^ 1).float())
+    message, _ = _run(3)  # 48 threads: the second warp has 16 lanes
+    assert "mask 0xffffffff" in message and "undefined on a GPU" in message
+
+
+def test_a_deadlock_fails_the_launch():
+    message, _ = _run(4)
+    assert "deadlock" in message
+
+
+def test_launch_bounds_and_dynamic_shared_memory_limits():
+    assert _run(5)[0] == "ok"
+    assert "__launch_bounds__" in _run(6)[0]
+    assert "opt-in" in _run(7)[0]
+    message, out = _run(8)
+    assert message == "ok" and torch.equal(out, torch.ones(64))
