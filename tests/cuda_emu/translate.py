@@ -75,7 +75,7 @@ def _launch_bounds(text: str) -> str:
         bound = text[k + len("__launch_bounds__(") : i - 1].split(",")[0]
         body = text.index("{", i)  # the kernel's body (parameter lists hold no braces)
         out.append(text[pos:k])
-        out.append(text[i:body + 1] + f" ::emu::launch_bounds({bound});")
+        out.append(text[i : body + 1] + f" ::emu::launch_bounds({bound});")
         pos = body + 1
 
 
