@@ -79,20 +79,37 @@ struct Fiber {
   bool done = false;
 };
 
-struct Warp {
-  int live = 0;  // threads not exited
-  unsigned live_mask = 0;
+// A warp's or a block's barrier: complete when every thread not exited has arrived.
+struct Barrier {
+  int live = 0;   // threads not exited
   int count = 0;  // arrivals at the current barrier
   unsigned gen = 0;
+
+  bool arrive() {  // true: this arrival completed it
+    if (++count < live) return false;
+    release();
+    return true;
+  }
+  void leave() {  // a thread exits
+    --live;
+    if (count > 0 && count == live) release();
+  }
+  void release() {
+    count = 0;
+    ++gen;
+  }
+};
+
+struct Warp {
+  Barrier bar;
+  unsigned live_mask = 0;
   alignas(16) unsigned char slot[32][16];
 };
 
 struct Block {
   std::vector<Fiber>* fibers = nullptr;
   int threads = 0;
-  int live = 0;
-  int count = 0;
-  unsigned gen = 0;
+  Barrier bar;
   int or_acc[2] = {0, 0};
   std::vector<Warp> warps;
   int current = 0;
@@ -186,28 +203,12 @@ void check_mask(const Warp& w, unsigned mask, const char* what) {
   }
 }
 
-void warp_barrier(Warp& w) {
+void wait(Barrier& bar) {
   Block& b = *g_block;
   ++b.progress;
-  const unsigned gen = w.gen;
-  if (++w.count == w.live) {
-    w.count = 0;
-    ++w.gen;
-    return;
-  }
-  while (w.gen == gen && b.failure == nullptr) yield();
-}
-
-void block_barrier() {
-  Block& b = *g_block;
-  ++b.progress;
-  const unsigned gen = b.gen;
-  if (++b.count == b.live) {
-    b.count = 0;
-    ++b.gen;
-    return;
-  }
-  while (b.gen == gen && b.failure == nullptr) yield();
+  const unsigned gen = bar.gen;
+  if (bar.arrive()) return;
+  while (bar.gen == gen && b.failure == nullptr) yield();
 }
 
 Warp& my_warp() { return g_block->warps[tid() / 32]; }
@@ -216,17 +217,9 @@ void on_exit(int t) {
   Block& b = *g_block;
   ++b.progress;
   Warp& w = b.warps[t / 32];
-  --w.live;
   w.live_mask &= ~(1u << (t % 32));
-  if (w.count > 0 && w.count == w.live) {
-    w.count = 0;
-    ++w.gen;
-  }
-  --b.live;
-  if (b.count > 0 && b.count == b.live) {
-    b.count = 0;
-    ++b.gen;
-  }
+  w.bar.leave();
+  b.bar.leave();
 }
 
 void fiber_main() {
@@ -272,11 +265,10 @@ bool run_block(Block& b) {
   for (Warp& w : b.warps) w = Warp{};
   for (int t = 0; t < b.threads; ++t) {
     Warp& w = b.warps[t / 32];
-    ++w.live;
+    ++w.bar.live;
     w.live_mask |= 1u << (t % 32);
   }
-  b.live = b.threads;
-  b.count = 0;
+  b.bar = Barrier{b.threads, 0, 0};
   b.or_acc[0] = b.or_acc[1] = 0;
   for (int t = 0; t < b.threads; ++t) {
     Fiber& f = (*b.fibers)[t];
@@ -286,7 +278,7 @@ bool run_block(Block& b) {
   // Every other block runs its threads last to first between barriers: a read of shared memory
   // that another thread writes with no barrier between sees it unwritten in one of the orders.
   const bool reverse = (g_epoch & 1) != 0;
-  while (b.live > 0) {
+  while (b.bar.live > 0) {
     const unsigned long before = b.progress;
     for (int n = 0; n < b.threads && b.failure == nullptr; ++n) {
       const int t = reverse ? b.threads - 1 - n : n;
@@ -299,12 +291,12 @@ bool run_block(Block& b) {
       asan_finish_switch(b.sched_fake_stack, nullptr, nullptr);
     }
     if (b.failure != nullptr) return false;
-    if (b.live > 0 && b.progress == before) {
+    if (b.bar.live > 0 && b.progress == before) {
       static thread_local char buf[160];
       std::snprintf(buf, sizeof(buf),
                     "deadlock in block (%u,%u,%u): %d threads wait at barriers that the others "
                     "never reach",
-                    b.block_idx.x, b.block_idx.y, b.block_idx.z, b.live);
+                    b.block_idx.x, b.block_idx.y, b.block_idx.z, b.bar.live);
       b.failure = buf;
       return false;
     }
@@ -378,15 +370,15 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
   g_block = nullptr;
 }
 
-void syncthreads() { block_barrier(); }
+void syncthreads() { wait(g_block->bar); }
 
 int syncthreads_or(int predicate) {
   Block& b = *g_block;
-  const int slot = static_cast<int>(b.gen & 1u);
+  const int slot = static_cast<int>(b.bar.gen & 1u);
   b.or_acc[slot] |= predicate != 0;
-  block_barrier();
+  wait(b.bar);
   const int r = b.or_acc[slot];
-  block_barrier();
+  wait(b.bar);
   if (tid() == 0) b.or_acc[slot] = 0;  // no thread reuses this slot before thread 0 is past here
   return r;
 }
@@ -394,20 +386,20 @@ int syncthreads_or(int predicate) {
 void syncwarp(unsigned mask) {
   Warp& w = my_warp();
   check_mask(w, mask, "__syncwarp");
-  warp_barrier(w);
+  wait(w.bar);
 }
 
 void warp_exchange(unsigned mask, const void* value, size_t n, int src, void* out) {
   Warp& w = my_warp();
   check_mask(w, mask, "a warp shuffle");
   std::memcpy(w.slot[tid() % 32], value, n);
-  warp_barrier(w);
+  wait(w.bar);
   if (src >= 0 && src < 32 && ((w.live_mask >> src) & 1u)) {
     std::memcpy(out, w.slot[src], n);
   } else {
     std::memset(out, 0xFF, n);
   }
-  warp_barrier(w);
+  wait(w.bar);
 }
 
 unsigned warp_ballot(unsigned mask, int predicate) {
@@ -415,14 +407,14 @@ unsigned warp_ballot(unsigned mask, int predicate) {
   check_mask(w, mask, "a warp vote");
   const int p = predicate != 0;
   std::memcpy(w.slot[tid() % 32], &p, sizeof(p));
-  warp_barrier(w);
+  wait(w.bar);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l) {
     int q = 0;
     if ((w.live_mask >> l) & 1u) std::memcpy(&q, w.slot[l], sizeof(q));
     if (q) r |= 1u << l;
   }
-  warp_barrier(w);
+  wait(w.bar);
   return r;
 }
 

@@ -61,38 +61,33 @@ def _kernel_start(text: str, end: int) -> int:
         return i
 
 
-def _launch_bounds(text: str) -> str:
+def _rewrite(text: str, token: str, edit) -> str:
+    """Each occurrence of ``token``, left to right: ``edit(text, at) -> (start, end, new)`` replaces
+    ``text[start:end]`` (``start <= at``) and the search goes on at ``end``."""
     out, pos = [], 0
-    while True:
-        k = text.find("__launch_bounds__(", pos)
-        if k < 0:
-            out.append(text[pos:])
-            return "".join(out)
-        i, depth = k + len("__launch_bounds__("), 1
-        while depth:
-            depth += {"(": 1, ")": -1}.get(text[i], 0)
-            i += 1
-        bound = text[k + len("__launch_bounds__(") : i - 1].split(",")[0]
-        body = text.index("{", i)  # the kernel's body (parameter lists hold no braces)
-        out.append(text[pos:k])
-        out.append(text[i : body + 1] + f" ::emu::launch_bounds({bound});")
-        pos = body + 1
+    while (k := text.find(token, pos)) >= 0:
+        start, end, new = edit(text, k)
+        out += [text[pos:start], new]
+        pos = end
+    return "".join([*out, text[pos:]])
 
 
-def _launches(text: str, path: str) -> str:
-    out, pos = [], 0
-    while True:
-        k = text.find("<<<", pos)
-        if k < 0:
-            out.append(text[pos:])
-            return "".join(out)
-        e = text.find(">>>", k)
-        start = _kernel_start(text, k)
-        kernel, config = text[start:k], text[k + 3 : e]
-        out.append(text[pos:start])
-        site = f"{path}:{text.count(chr(10), 0, k) + 1} {' '.join(kernel.split())}"
-        out.append(f"::emu::launch({kernel}, {json.dumps(site)}, {config})")
-        pos = e + 3
+def _launch_bounds(text: str, k: int):
+    i, depth = k + len("__launch_bounds__("), 1
+    while depth:
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+    bound = text[k + len("__launch_bounds__(") : i - 1].split(",")[0]
+    body = text.index("{", i)  # the kernel's body (parameter lists hold no braces)
+    return k, body + 1, text[i : body + 1] + f" ::emu::launch_bounds({bound});"
+
+
+def _launch(text: str, k: int, path: str):
+    e = text.find(">>>", k)
+    start = _kernel_start(text, k)
+    kernel, config = text[start:k], text[k + 3 : e]
+    site = f"{path}:{text.count(chr(10), 0, k) + 1} {' '.join(kernel.split())}"
+    return start, e + 3, f"::emu::launch({kernel}, {json.dumps(site)}, {config})"
 
 
 def translate(text: str, path: str = "?") -> str:
@@ -102,7 +97,8 @@ def translate(text: str, path: str = "?") -> str:
     text = _SHARED.sub(
         lambda m: f"static {m[1]} {m[2]}{m[3]}; ::emu::shared_array({m[2]}, sizeof({m[2]}));", text
     )
-    return _launches(_launch_bounds(text), path)
+    text = _rewrite(text, "__launch_bounds__(", _launch_bounds)
+    return _rewrite(text, "<<<", lambda t, k: _launch(t, k, path))
 
 
 def main() -> None:
