@@ -322,7 +322,7 @@ def _ultrafast_ff_backward_kernel(grad_y, x, w_in, w_out, path, preact, activati
     dw_in = empty(w_in.shape, w_in.dtype, x.device)
     db_in = empty((nodes,), w_in.dtype, x.device)
     dw_out = empty(w_out.shape, w_out.dtype, x.device)
-    coef = torch.empty((tokens, levels), dtype=torch.float32, device=x.device)
+    coef = empty((tokens, levels), torch.float32, x.device)
     order, offsets = _node_order(path, nodes)
     dy2 = grad_y.contiguous().view(-1, d_out) if grad_y.numel() else grad_y.reshape(-1, d_out)
     path_c, pre_c = path.contiguous(), preact.contiguous()

@@ -183,7 +183,7 @@ def _dequantize_matmul(x2, xs1, qw, gs, cs, b, group_size, out_dtype, shape):
     """CUDA, many rows: the table values fp8(q * s8) as an FP8 weight (a kernel), one fp32 GEMM
     (products of FP8 values are exact in fp32), then the scales. No host synchronisation."""
     n, k = qw.shape[0], x2.shape[1]
-    w8 = torch.empty((n, k), dtype=FP8, device=x2.device)
+    w8 = empty((n, k), FP8, x2.device)
     with device_guard(x2.device):
         _ext.C.int4_fp8_dequantize(ptr(qw), ptr(gs), ptr(w8), n, k, group_size,
                                    stream_of(x2.device))  # fmt: skip

@@ -225,7 +225,7 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
             return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                         starts=starts)  # fmt: skip
         if q.shape[2] == 1:  # one query token: the split-KV decode kernel, which needs one
-            workspace = torch.empty(floats, dtype=torch.float32, device=device)
+            workspace = empty((floats,), torch.float32, device)
     elif device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
                                     starts=starts)  # fmt: skip
@@ -320,7 +320,7 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
         floats = _cuda_workspace("int4_kv_decode", q, k, v, length)
         if floats == 0:
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
-        workspace = torch.empty(floats, dtype=torch.float32, device=device)
+        workspace = empty((floats,), torch.float32, device)
     out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap)
     return out.to(q.dtype), lse
 

@@ -313,7 +313,7 @@ def _peer_experts_backward_impl(
     else:
         ddown = empty((rows, dim), expert_down.dtype, x.device)
         dup = empty((rows, dim), expert_up.dtype, x.device)
-    coef = torch.empty((tokens, pairs), dtype=torch.float32, device=x.device)
+    coef = empty((tokens, pairs), torch.float32, x.device)
     if tokens > 0:
         dy2 = grad_y.reshape(-1, dim).contiguous()
         idx = indices.reshape(-1, pairs).contiguous()

@@ -217,7 +217,7 @@ def _rms_norm_backward_kernel(
     dx = empty(x.shape, x.dtype, x.device)
     dw = empty(weight.shape, weight.dtype, weight.device)
     partials = _num_partials(x.device, rows)
-    workspace = torch.empty((partials, n), dtype=torch.float32, device=x.device)
+    workspace = empty((partials, n), torch.float32, x.device)
     x2 = rows_view(x)
     dy2 = grad_y.contiguous().view(-1, n)
     dr2 = grad_residual.contiguous().view(-1, n) if grad_residual is not None else None

@@ -237,7 +237,7 @@ def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_po
     dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
     delta = None  # CUDA: dO . O per (row, head)
     if on_cuda(q.device):
-        delta = torch.empty((nq, hq), dtype=torch.float32, device=q.device)
+        delta = empty((nq, hq), torch.float32, q.device)
     with device_guard(q.device):
         _ext.C.varlen_attention_bwd(
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
