@@ -91,22 +91,25 @@ def _emulate_cuda(monkeypatch):
                     monkeypatch.setattr(module, attr, fn)
 
 
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cuda_emu":
+def device_for(param, monkeypatch):
+    """The torch device a test with device parameter ``param`` allocates on: "cuda_emu" routes
+    the CPU tensors to the emulated CUDA kernels."""
+    if param == "cuda_emu":
         _emulate_cuda(monkeypatch)
         return "cpu"
-    return request.param
+    return param
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    return device_for(request.param, monkeypatch)
 
 
 @pytest.fixture(params=DEVICES[1:])
 def cuda_device(request, monkeypatch):
     """For tests of CUDA-only paths (tensor-core kernels, CUDA shape routing): a GPU, or the CUDA
     kernels emulated on the CPU."""
-    if request.param == "cuda_emu":
-        _emulate_cuda(monkeypatch)
-        return "cpu"
-    return request.param
+    return device_for(request.param, monkeypatch)
 
 
 def _cpu_isas():

@@ -69,11 +69,9 @@ PROPERTY = settings(
 def kernels(request, monkeypatch):
     """Every property on the CPU kernels, and in a CUDA emulation build on the CUDA kernels too
     (tests/cuda_emu: the CPU tensors take the ops' CUDA paths)."""
-    if request.param == "cuda_emu":
-        from conftest import _emulate_cuda
+    from conftest import device_for
 
-        _emulate_cuda(monkeypatch)
-    return request.param
+    return device_for(request.param, monkeypatch)
 
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
