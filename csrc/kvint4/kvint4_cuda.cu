@@ -346,18 +346,18 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
 // key tiles before it are not read).
 template <typename T, int D>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
-  using namespace cuda::tc;
-  using S = Smem<D>;
+  namespace tc = cuda::tc;  // the tensor-core tile: its kRows / kKeys, not this file's
+  using S = tc::Smem<D>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv), ng = D / p.group;
   const int64_t first = p.length - p.q_tokens;
-  const int64_t rows = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
+  const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;
   const T* q = static_cast<const T*>(p.q16) + ((b * p.hq + h) * p.q_tokens + i0) * D;
-  load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, static_cast<int>(rows),
-                  [&](int i) { return q + static_cast<int64_t>(i) * D; });
+  tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, tc::kRows,
+                      static_cast<int>(rows), [&](int i) { return q + static_cast<int64_t>(i) * D; });
   __syncthreads();
-  WarpTile<T, D> tile(tc_smem);
+  tc::WarpTile<T, D> tile(tc_smem);
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   const int64_t base = (b * p.hkv + kh) * p.t_max;
@@ -366,11 +366,11 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
   const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
   const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
-  for (int64_t t0 = start / kKeys * kKeys; t0 <= last_key; t0 += kKeys) {
-    const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
+  for (int64_t t0 = start / tc::kKeys * tc::kKeys; t0 <= last_key; t0 += tc::kKeys) {
+    const int64_t nt = last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys;
     __syncthreads();  // the previous tile is consumed
     // One thread per byte (channels c, c + 1: one group, as the group is even).
-    for (int e = threadIdx.x; e < kKeys * D / 2; e += blockDim.x) {
+    for (int e = threadIdx.x; e < tc::kKeys * D / 2; e += blockDim.x) {
       const int j = e / (D / 2), c = 2 * (e % (D / 2));
       float2 kv = make_float2(0.0f, 0.0f), vv = kv;
       if (j < nt) {
