@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """The CUDA emulation (tests/cuda_emu) catches what it claims to: kernels with a missing barrier,
 an undefined shuffle, a deadlock, a launch over its bounds or over the shared memory it opted
-into (tests/cuda_emu/selftest.cu), next to their correct twins. Emulation builds only."""
+into (tests/cuda_emu/selftest.cu), next to their correct twins; a shuffle of a type CUDA's cannot
+move does not compile. Emulation builds only."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +52,33 @@ def test_launch_bounds_and_dynamic_shared_memory_limits():
     assert "opt-in" in _run(7)[0]
     message, out = _run(8)
     assert message == "ok" and torch.equal(out, torch.ones(64))
+
+
+def _cuda_include():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None or _cuda_include() is None, reason="needs g++ and CUDA's headers"
+)
+@pytest.mark.parametrize("value_type, compiles", [("double", True), ("Pair", False)])
+def test_a_shuffle_moves_at_most_eight_bytes(tmp_path, value_type, compiles):
+    emu = Path(__file__).parent / "cuda_emu"
+    source = tmp_path / "shuffle.cpp"
+    source.write_text(
+        '#include "cuda_runtime.h"\n'
+        "struct Pair { double a, b; };\n"
+        f"{value_type} f({value_type} v) {{ return __shfl_sync(0xffffffffu, v, 0); }}\n"
+    )
+    include = ["-I", str(emu / "include"), "-I", str(emu), "-I", str(_cuda_include())]
+    result = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", *include, str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode == 0) == compiles, result.stderr
+    if not compiles:
+        assert "at most 8 bytes" in result.stderr

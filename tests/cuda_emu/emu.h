@@ -102,8 +102,19 @@ inline void __syncthreads() { emu::syncthreads(); }
 inline int __syncthreads_or(int predicate) { return emu::syncthreads_or(predicate); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
 
+namespace emu {
+// CUDA's shuffles take scalars of at most 8 bytes (int, float, double, half2, ...); so does the
+// exchange slot, at a compile error rather than a silent overflow.
+template <typename T>
+constexpr void check_shuffle_type() {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
+                "a warp shuffle moves a scalar of at most 8 bytes, as CUDA's do");
+}
+}  // namespace emu
+
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  emu::check_shuffle_type<T>();
   const int l = emu::lane();
   T r;
   emu::warp_exchange(mask, &v, sizeof(T), (l & ~(width - 1)) + (src & (width - 1)), &r);
@@ -112,6 +123,7 @@ T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  emu::check_shuffle_type<T>();
   const int l = emu::lane();
   const int src = l ^ lane_mask;
   T r;
@@ -121,6 +133,7 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  emu::check_shuffle_type<T>();
   const int l = emu::lane();
   const int src = (l & (width - 1)) + static_cast<int>(delta) < width ? l + static_cast<int>(delta) : l;
   T r;
