@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The CUDA emulation (tests/cuda_emu) catches what it claims to: kernels with a missing barrier,
-an undefined shuffle, a deadlock, a launch over its bounds or over the shared memory it opted
-into (tests/cuda_emu/selftest.cu), next to their correct twins; a shuffle of a type CUDA's cannot
-move does not compile. Emulation builds only."""
+a block reading another block's output of the same launch, an undefined shuffle, a deadlock, a
+launch over its bounds or over the shared memory it opted into (tests/cuda_emu/selftest.cu), next
+to their correct twins; a shuffle of a type CUDA's cannot move does not compile. Emulation builds
+only."""
 
 import os
 import shutil
@@ -30,6 +31,16 @@ def test_a_missing_barrier_shows_in_one_of_the_two_thread_orders():
     results = [_run(1) for _ in range(2)]
     assert all(message == "ok" for message, _ in results)
     assert any(not torch.equal(out, expected) for _, out in results)
+
+
+def test_a_block_reading_another_blocks_output_shows_in_one_of_the_two_block_orders():
+    # consecutive launches of a kernel run their blocks first to last, then last to first
+    results = [_run(9) for _ in range(2)]
+    assert all(message == "ok" for message, _ in results)
+    assert all(torch.equal(out[:32], torch.ones(32)) for _, out in results)
+    copies = [out[32:] for _, out in results]
+    assert any(torch.equal(c, torch.ones(32)) for c in copies)
+    assert any(c.isnan().all() for c in copies)
 
 
 def test_a_full_mask_shuffle_needs_every_lane():

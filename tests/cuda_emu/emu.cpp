@@ -128,6 +128,7 @@ struct Block {
 thread_local Block* g_block = nullptr;
 thread_local std::vector<Fiber> g_fibers;  // stacks kept between launches
 thread_local unsigned long g_epoch = 0;     // blocks run so far (static shared memory's poison)
+thread_local std::map<const void*, unsigned long> g_launches;  // launches per kernel (block order)
 thread_local std::map<void*, unsigned long> g_shared_epoch;
 thread_local cudaError_t g_last_error = cudaSuccess;
 thread_local char g_message[512];
@@ -354,17 +355,21 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
   blockDim = block;
   gridDim = grid;
   g_block = &b;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        b.block_idx = uint3{x, y, z};
-        if (smem > 0) std::memset(b.smem, 0xFF, smem);
-        if (!run_block(b)) {
-          g_block = nullptr;
-          set_error(cudaErrorLaunchFailure, b.failure);
-          return;
-        }
-      }
+  // Every other launch of a kernel runs its blocks last to first: a block that reads what another
+  // block of the same launch writes (no order between blocks on a GPU) sees it unwritten in one of
+  // the two.
+  const bool reverse = (g_launches[kernel]++ & 1) != 0;
+  const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+  for (unsigned long long n = 0; n < blocks; ++n) {
+    const unsigned long long i = reverse ? blocks - 1 - n : n;
+    b.block_idx = uint3{static_cast<unsigned>(i % grid.x),
+                        static_cast<unsigned>(i / grid.x % grid.y),
+                        static_cast<unsigned>(i / grid.x / grid.y)};
+    if (smem > 0) std::memset(b.smem, 0xFF, smem);
+    if (!run_block(b)) {
+      g_block = nullptr;
+      set_error(cudaErrorLaunchFailure, b.failure);
+      return;
     }
   }
   g_block = nullptr;

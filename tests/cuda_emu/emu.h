@@ -16,7 +16,9 @@
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in or above the 227 KiB an H100 allows.
 // Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
 // start; a shuffle from a lane that does not take part returns poison. Every other block runs its
-// threads in reverse order between barriers, so that a missing barrier shows in one of the two.
+// threads in reverse order between barriers, so that a missing barrier shows in one of the two;
+// every other launch of a kernel runs its blocks in reverse order, so that a block reading another's output
+// of the same launch shows too.
 // A launch above a kernel's __launch_bounds__ fails.
 #pragma once
 

@@ -42,6 +42,15 @@ __global__ void dynamic_shared(float* out) {
   out[threadIdx.x] = big[threadIdx.x];
 }
 
+// Block 1 copies what block 0 writes in the same launch: blocks run in no order on a GPU.
+__global__ void across_blocks(float* out) {
+  if (blockIdx.x == 0) {
+    out[threadIdx.x] = 1.0f;
+  } else {
+    out[32 + threadIdx.x] = out[threadIdx.x];
+  }
+}
+
 }  // namespace
 
 // Runs case `which` into out (64 floats); returns the launch's error string, or "ok".
@@ -75,6 +84,9 @@ const char* run(int which, float* out) {
     case 8:  // with it
       cudaFuncSetAttribute(dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
       dynamic_shared<<<1, 64, 64 * 1024>>>(out);
+      break;
+    case 9:
+      across_blocks<<<2, 32>>>(out);
       break;
     default:
       return "no such case";
