@@ -970,19 +970,25 @@ def test_int4_kv_attention_amx_tiles(amx_bf16, b, hq, hkv, d, dv, group, t, tq, 
     """The AMX prefill (ISA level amx_bf16): keys and values dequantized exactly to bf16, queries
     and probabilities split into three bf16 parts each, so fp32 queries keep fp32 accuracy; the
     online softmax per block of 128 keys; against the float64 reference with the CPU kernels'
-    tolerances, with soft-capping, sinks and left padding, fp32 / bf16 / fp16 queries."""
+    tolerances, with soft-capping, sinks and left padding, a negative softmax scale (the positive
+    one is folded into the exponents, the others scale the scores first), fp32 / bf16 / fp16
+    queries."""
     k, ks, v, vs, st = _amx_cache(b, hkv, t, d, dv, group, starts)
     sinks = torch.randn(hq)
     # fp32 queries at 4e-6: the three-part splits keep fp32 accuracy (two parts: about 2e-5)
     for dtype, tol in ((torch.float32, 4e-6), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
-        for softcap, sk in ((None, None), (20.0, sinks)):
+        for scale, softcap, sk in ((None, None, None), (None, 20.0, sinks), (-1.0, None, None)):
             q = rand(b, hq, tq, d, dtype=dtype, device="cpu", scale=2.0)
-            out, lse = int4_kv_attention(q, k, ks, v, vs, t, None, softcap, sk, st)
-            ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5,
+            out, lse = int4_kv_attention(q, k, ks, v, vs, t, scale, softcap, sk, st)
+            ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, scale or d**-0.5,
                                                 softcap or 0.0, sk, st)  # fmt: skip
+            # (the scores' rounding grows with the scale: -1 has scores ~d^0.5 times as large,
+            # and without the maximum subtracted their exponents would overflow)
+            grow = abs(scale or d**-0.5) / d**-0.5
             assert out.shape == (b, hq, tq, dv) and out.dtype == dtype
-            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
-            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+            assert out.isfinite().all()
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol * grow)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5 * grow)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

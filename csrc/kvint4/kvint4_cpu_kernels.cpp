@@ -829,13 +829,21 @@ FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi
                                               22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   int64_t keys = 0;  // (the keys any row sees)
   for (int i = 0; i < 16; ++i) keys = hi[i] > keys ? hi[i] : keys;
-  for (int64_t i = 0; i < keys; ++i) _mm512_storeu_ps(st + i * 16, _mm512_mul_ps(_mm512_loadu_ps(st + i * 16), vscale));
-  if (softcap > 0.0f) softcap_row(st, keys * 16, softcap);
+  // A positive scale without soft-capping is folded into the maximum (scaling is monotonic: the
+  // scaled maximum is the maximum's rounded product) and into the exponents (e^(s scale - m), one
+  // rounding), saving a pass over the scores; otherwise they are scaled (and capped) in place.
+  const bool fold = softcap <= 0.0f && scale > 0.0f;
+  const __m512 exp_scale = fold ? vscale : _mm512_set1_ps(1.0f);
+  if (!fold) {
+    for (int64_t i = 0; i < keys; ++i) _mm512_storeu_ps(st + i * 16, _mm512_mul_ps(_mm512_loadu_ps(st + i * 16), vscale));
+    if (softcap > 0.0f) softcap_row(st, keys * 16, softcap);
+  }
   __m512 mx = neg_inf;
   for (int64_t i = 0; i < keys; ++i) {
     const __mmask16 seen = _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i)));
     mx = _mm512_mask_max_ps(mx, seen, mx, _mm512_loadu_ps(st + i * 16));
   }
+  mx = _mm512_mul_ps(mx, exp_scale);
   const __mmask16 any = _mm512_cmpgt_epi32_mask(vhi, _mm512_setzero_si512());
   const __m512 vm = _mm512_loadu_ps(m);
   // m_new = mx where a row sees keys and mx > m (else m: NaN compares false, as softmax_block), so
@@ -851,7 +859,8 @@ FL_TARGET_AMX void softmax_block_rows(float* st, int64_t nt32, const int32_t* hi
       for (int u = 0; u < 2; ++u) {
         const int64_t i = i0 + 2 * kp + u;
         const __mmask16 seen = i < keys ? _mm512_cmpgt_epi32_mask(vhi, _mm512_set1_epi32(static_cast<int>(i))) : 0;
-        e[u] = seen ? exp_scalef(seen, _mm512_sub_ps(_mm512_loadu_ps(st + i * 16), m_new)) : _mm512_setzero_ps();
+        e[u] = seen ? exp_scalef(seen, _mm512_fmsub_ps(_mm512_loadu_ps(st + i * 16), exp_scale, m_new))
+                    : _mm512_setzero_ps();
         sum = _mm512_add_ps(sum, e[u]);
       }
       for (int j = 0; j < parts; ++j) {
