@@ -2,10 +2,11 @@
 """The CUDA emulation (tests/cuda_emu) catches what it claims to: kernels with a missing barrier,
 a block reading another block's output of the same launch, an undefined shuffle, a deadlock, a
 launch over its bounds or over the shared memory it opted into (tests/cuda_emu/selftest.cu), next
-to their correct twins; a shuffle of a type CUDA's cannot move does not compile. Emulation builds
-only."""
+to their correct twins; multiply-adds are fused as nvcc fuses them; a shuffle of a type CUDA's
+cannot move does not compile. Emulation builds only."""
 
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,8 +19,8 @@ from fastlayers import _ext
 pytestmark = pytest.mark.cuda_emu
 
 
-def _run(which: int):
-    out = torch.full((64,), float("nan"))
+def _run(which: int, out: torch.Tensor | None = None):
+    out = torch.full((64,), float("nan")) if out is None else out
     return _ext.C.cuda_emu_selftest(which, out.data_ptr()), out
 
 
@@ -63,6 +64,19 @@ def test_launch_bounds_and_dynamic_shared_memory_limits():
     assert "opt-in" in _run(7)[0]
     message, out = _run(8)
     assert message == "ok" and torch.equal(out, torch.ones(64))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="FMA contraction: x86-64")
+def test_multiply_adds_are_fused_as_nvcc_fuses_them():
+    # (1 + 2^-12)^2 = 1 + 2^-11 + 2^-24 rounds to 1 + 2^-11: a separate multiply and add give 0,
+    # a fused multiply-add the 2^-24 it kept
+    a = 1.0 + 2.0**-12
+    out = torch.zeros(64)
+    out[:3] = torch.tensor([a, a, -(1.0 + 2.0**-11)])
+    message, out = _run(10, out)
+    assert message == "ok"
+    assert out[3].item() == 2.0**-24  # contracted, as nvcc's default --fmad=true does
+    assert out[4].item() == 0.0  # __fmul_rn: never contracted
 
 
 def _cuda_include():

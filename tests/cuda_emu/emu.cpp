@@ -320,6 +320,14 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
     set_error(cudaErrorNotSupported, "a launch from inside a kernel");
     return;
   }
+#if defined(__x86_64__) && defined(__FMA__)
+  // (compiled with FMA contraction, as nvcc compiles: CMakeLists.txt)
+  static const bool has_fma = __builtin_cpu_supports("fma");
+  if (!has_fma) {
+    set_error(cudaErrorNotSupported, "the CUDA emulation build needs a CPU with FMA instructions");
+    return;
+  }
+#endif
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {

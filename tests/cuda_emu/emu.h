@@ -2,9 +2,11 @@
 // A CPU emulation of the CUDA execution model, for test builds only (FASTLAYERS_CUDA_EMULATION):
 // the generic .cu files compile as host C++ and their kernels run on the CPU, so that the tests
 // can check their logic against the reference where no GPU is lent, under AddressSanitizer in CI
-// (the role compute-sanitizer's memcheck plays on a GPU). It proves nothing about speed, and the
-// numerics of the GPU (FMA contraction, fast-math intrinsics) are not reproduced: a result here
-// is "the index arithmetic, the barriers and the algorithm are right", not "it ran on a GPU".
+// (the role compute-sanitizer's memcheck plays on a GPU). It proves nothing about speed. Of the
+// GPU's numerics, a * b + c is contracted into fused multiply-adds as nvcc does by default (on
+// x86-64; GCC picks its own candidates), but the math functions are the CPU's (no 2-ulp expf or
+// rsqrtf): a result here is "the index arithmetic, the barriers and the algorithm are right", not
+// "it ran on a GPU".
 //
 // Model: a launch runs its blocks one after another; a block's threads are fibers (own stacks) on
 // the calling thread, switched at every barrier: __syncthreads(), __syncwarp() and each warp
@@ -154,9 +156,18 @@ T __ldg(const T* p) {
   return *p;
 }
 
+namespace emu {
+// What CUDA's _rn intrinsics promise: never merged into a fused multiply-add (the emulation
+// compiles with contraction on, as nvcc does): the value passes through memory the compiler
+// cannot see into.
+inline float opaque(float a) {
+  volatile float v = a;
+  return v;
+}
+}  // namespace emu
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return emu::opaque(a * b); }
+inline float __fadd_rn(float a, float b) { return emu::opaque(a) + emu::opaque(b); }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }

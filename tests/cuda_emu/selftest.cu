@@ -51,6 +51,16 @@ __global__ void across_blocks(float* out) {
   }
 }
 
+// a * b + c from memory (the compiler sees no constants): one fused multiply-add, as nvcc
+// contracts it, into out[3] (thread 0); with __fmul_rn (never contracted) into out[4] (thread 1).
+__global__ void contraction(float* out) {
+  if (threadIdx.x == 0) {
+    out[3] = out[0] * out[1] + out[2];
+  } else {
+    out[4] = __fmul_rn(out[0], out[1]) + out[2];
+  }
+}
+
 }  // namespace
 
 // Runs case `which` into out (64 floats); returns the launch's error string, or "ok".
@@ -87,6 +97,9 @@ const char* run(int which, float* out) {
       break;
     case 9:
       across_blocks<<<2, 32>>>(out);
+      break;
+    case 10:
+      contraction<<<1, 2>>>(out);
       break;
     default:
       return "no such case";
