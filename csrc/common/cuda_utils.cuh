@@ -50,12 +50,17 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// A vector of N elements to fp32.
+template <int N, typename T>
+__device__ __forceinline__ void to_f(const Vec<T, N>& t, float (&out)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) out[j] = to_f(t.v[j]);
+}
+
 // Loads/stores N consecutive elements starting at element index i * N, converting to/from fp32.
 template <int N, typename T>
 __device__ __forceinline__ void load_f(const T* p, int64_t i, float (&out)[N]) {
-  const Vec<T, N> t = reinterpret_cast<const Vec<T, N>*>(p)[i];
-#pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_f(t.v[j]);
+  to_f(reinterpret_cast<const Vec<T, N>*>(p)[i], out);
 }
 
 template <int N, typename T>

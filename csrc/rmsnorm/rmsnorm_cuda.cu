@@ -197,17 +197,27 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const BwdPara
   float* partial = p.dw_partial + chunk * p.cols;
   const T* dy_all = static_cast<const T*>(p.dy);
   if constexpr (kItems > 0) {
+    using V = cuda::Vec<T, kVec>;
+    static_assert(sizeof(V) == sizeof(uint4), "kItems > 0 runs on 16-byte vectors");
     float acc[kItems][kVec] = {};
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
-      float s[kItems][kVec], dy[kItems][kVec], sums[2] = {0.0f, 0.0f};
+      const auto* x = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + row * p.x_row_stride);
+      const auto* dy_row = reinterpret_cast<const uint4*>(dy_all + row * p.cols);
+      // The row's x and dy stay in registers as loaded, as 32-bit words (16-bit values two to a
+      // register: half of what fp32 copies take; with the dw accumulators those spilled 72
+      // bytes at 4 items, and so did arrays of 16-bit values), widened where used.
+      uint4 xv[kItems], dyv[kItems];
+      float sums[2] = {0.0f, 0.0f};
 #pragma unroll
       for (int it = 0; it < kItems; ++it) {
         const int64_t iv = threadIdx.x + static_cast<int64_t>(it) * blockDim.x;
         if (iv < nvec) {
-          load_f<kVec>(x, iv, s[it]);
-          load_f<kVec>(dy_all + row * p.cols, iv, dy[it]);
-          accumulate_sums<W, kVec>(p, iv, s[it], dy[it], sums);
+          xv[it] = x[iv];
+          dyv[it] = dy_row[iv];
+          float s[kVec], dy[kVec];
+          cuda::to_f(*reinterpret_cast<const V*>(&xv[it]), s);
+          cuda::to_f(*reinterpret_cast<const V*>(&dyv[it]), dy);
+          accumulate_sums<W, kVec>(p, iv, s, dy, sums);
         }
       }
       block_sum<2>(sums, smem);
@@ -216,7 +226,12 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_bwd_kernel(const BwdPara
 #pragma unroll
       for (int it = 0; it < kItems; ++it) {
         const int64_t iv = threadIdx.x + static_cast<int64_t>(it) * blockDim.x;
-        if (iv < nvec) backward_vec<T, W, kVec>(p, row, iv, s[it], dy[it], r, coef, acc[it]);
+        if (iv < nvec) {
+          float s[kVec], dy[kVec];
+          cuda::to_f(*reinterpret_cast<const V*>(&xv[it]), s);
+          cuda::to_f(*reinterpret_cast<const V*>(&dyv[it]), dy);
+          backward_vec<T, W, kVec>(p, row, iv, s, dy, r, coef, acc[it]);
+        }
       }
     }
 #pragma unroll
