@@ -19,8 +19,8 @@
 // Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
 // start; a shuffle from a lane that does not take part returns poison. Every other block runs its
 // threads in reverse order between barriers, so that a missing barrier shows in one of the two;
-// every other launch of a kernel runs its blocks in reverse order, so that a block reading another's output
-// of the same launch shows too.
+// every other launch of a kernel runs its blocks in reverse order, so that a block reading
+// another's output of the same launch shows too.
 // A launch above a kernel's __launch_bounds__ fails.
 #pragma once
 
@@ -107,8 +107,8 @@ inline int __syncthreads_or(int predicate) { return emu::syncthreads_or(predicat
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
 
 namespace emu {
-// CUDA's shuffles take scalars of at most 8 bytes (int, float, double, half2, ...); so does the
-// exchange slot, at a compile error rather than a silent overflow.
+// CUDA's shuffles take scalars of at most 8 bytes (int, float, double, half2, ...): a larger
+// type does not compile here either (rather than be cut to the exchange slot's 16 bytes).
 template <typename T>
 constexpr void check_shuffle_type() {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
