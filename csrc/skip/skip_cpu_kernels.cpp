@@ -58,15 +58,16 @@ struct Row {
 };
 
 // Per-thread scratch: Q [kRows][d] (scaled), S [kRows][kKeys] (scores, then probabilities),
-// O [kRows][dv], m and l [kRows].
+// O [kRows][dv], m and l [kRows], and a key tile's last keys (fewer than a vector) transposed
+// into whole vectors, zeros after them: [d][kW].
 struct Scratch {
   float* base;
-  float *q, *s, *o, *m, *l;
+  float *q, *s, *o, *m, *l, *k_tail;
   uint32_t* q_pairs;  // the bf16-pair path: Q [kRows][d / 2] as bf16 pairs (unscaled)
   Scratch(int64_t d, int64_t dv)
-      : base(new float[kRows * (d + kKeys + dv + 2)]),
+      : base(new float[kRows * (d + kKeys + dv + 2) + d * kW]),
         q(base), s(q + kRows * d), o(s + kRows * kKeys), m(o + kRows * dv), l(m + kRows),
-        q_pairs(new uint32_t[kRows * (d / 2) + 1]) {}
+        k_tail(l + kRows), q_pairs(new uint32_t[kRows * (d / 2) + 1]) {}
   ~Scratch() {
     delete[] base;
     delete[] q_pairs;
@@ -115,19 +116,11 @@ uint32_t bf16_pair(const bf16_t* x) {  // x[0] in the low half, x[1] in the high
 }
 
 #if defined(FL_AVX512)
-float pair_dot(const uint32_t* a, const uint32_t* b, int64_t stride_b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    const uint32_t x = a[t], y = b[t * stride_b];
-    s += bits_float(x << 16) * bits_float(y << 16) + bits_float(x & 0xFFFF0000u) * bits_float(y & 0xFFFF0000u);
-  }
-  return s;
-}
-
 // S[r][0..nkeys) = scale * Q[r] . K[j0 + ..] from bf16 pairs, lanes over keys: per pair of head
-// dims, one or two key vectors and kRows broadcast query pairs give kRows dot products each.
+// dims, one or two key vectors and kRows broadcast query pairs give kRows dot products each; the
+// last fewer than kW keys are copied into tail ([half][kW], zeros after them), one whole vector.
 FL_TARGET_BF16 void scores_pairs(const uint32_t* q, const uint32_t* kt, int64_t nk, int64_t half,
-                                 int64_t nkeys, float scale, float* s) {
+                                 int64_t nkeys, float scale, float* s, uint32_t* tail) {
   const __m512 vs = _mm512_set1_ps(scale);
   int64_t jj = 0;
   for (; jj + 2 * kW <= nkeys; jj += 2 * kW) {
@@ -147,22 +140,72 @@ FL_TARGET_BF16 void scores_pairs(const uint32_t* q, const uint32_t* kt, int64_t 
       _mm512_storeu_ps(s + r * kKeys + jj + kW, _mm512_mul_ps(a1[r], vs));
     }
   }
-  for (; jj + kW <= nkeys; jj += kW) {
+  for (; jj < nkeys; jj += kW) {
+    const uint32_t* kb = kt + jj;
+    int64_t stride = nk;
+    if (nkeys - jj < kW) {
+      const int64_t n = nkeys - jj;
+      for (int64_t t = 0; t < half; ++t) {
+        for (int64_t i = 0; i < kW; ++i) tail[t * kW + i] = i < n ? kb[t * nk + i] : 0u;
+      }
+      kb = tail;
+      stride = kW;
+    }
     __m512 a[kRows];
     for (int r = 0; r < kRows; ++r) a[r] = _mm512_setzero_ps();
     for (int64_t t = 0; t < half; ++t) {
-      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + t * nk + jj);
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + t * stride);
       for (int r = 0; r < kRows; ++r) {
         a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * half + t])), kv);
       }
     }
     for (int r = 0; r < kRows; ++r) _mm512_storeu_ps(s + r * kKeys + jj, _mm512_mul_ps(a[r], vs));
   }
-  for (; jj < nkeys; ++jj) {
-    for (int r = 0; r < kRows; ++r) s[r * kKeys + jj] = pair_dot(q + r * half, kt + jj, nk, half) * scale;
-  }
 }
 #endif
+
+// out[r][jj] = sum_t a[r][t] * bt[t][j0 + jj] for kRows rows and n keys (bt transposed, row stride
+// ld): lanes over keys, two vectors of keys at a time; the last fewer than kW keys are copied into
+// tail ([depth][kW], zeros after them) and multiplied as one whole vector.
+void rows_times_transposed(const float* a, int64_t depth, const float* bt, int64_t ld, int64_t j0,
+                           int64_t n, float* out, float* tail) {
+  int64_t jj = 0;
+  for (; jj + 2 * kW <= n; jj += 2 * kW) {
+    V a0[kRows], a1[kRows];
+    for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = vzero();
+    const float* b = bt + j0 + jj;
+    for (int64_t t = 0; t < depth; ++t) {
+      const V b0 = vload(b + t * ld), b1 = vload(b + t * ld + kW);
+      for (int r = 0; r < kRows; ++r) {
+        const V x = vset1(a[r * depth + t]);
+        a0[r] = vfma(x, b0, a0[r]);
+        a1[r] = vfma(x, b1, a1[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      vstore(out + r * kKeys + jj, a0[r]);
+      vstore(out + r * kKeys + jj + kW, a1[r]);
+    }
+  }
+  for (; jj < n; jj += kW) {
+    const float* b = bt + j0 + jj;
+    int64_t stride = ld;
+    if (n - jj < kW) {
+      for (int64_t t = 0; t < depth; ++t) {
+        for (int64_t i = 0; i < kW; ++i) tail[t * kW + i] = jj + i < n ? b[t * ld + i] : 0.0f;
+      }
+      b = tail;
+      stride = kW;
+    }
+    V acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = vzero();
+    for (int64_t t = 0; t < depth; ++t) {
+      const V bv = vload(b + t * stride);
+      for (int r = 0; r < kRows; ++r) acc[r] = vfma(vset1(a[r * depth + t]), bv, acc[r]);
+    }
+    for (int r = 0; r < kRows; ++r) vstore(out + r * kKeys + jj, acc[r]);
+  }
+}
 
 template <typename T>
 void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w, bool pairs) {
@@ -192,50 +235,15 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
   }
   for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
     const int64_t nkeys = khi - j0 < kKeys ? khi - j0 : kKeys;
-    // S = Q K^T, lanes over keys.
-    int64_t jj = 0;
+    bool scored = false;  // S = Q K^T, lanes over keys
 #if defined(FL_AVX512)
     if (pairs) {
       const uint32_t* kt = reinterpret_cast<const uint32_t*>(p.k_t) + g * (d / 2) * p.nk + j0;
-      scores_pairs(w.q_pairs, kt, p.nk, d / 2, nkeys, p.scale, w.s);
-      jj = nkeys;
+      scores_pairs(w.q_pairs, kt, p.nk, d / 2, nkeys, p.scale, w.s, reinterpret_cast<uint32_t*>(w.k_tail));
+      scored = true;
     }
 #endif
-    for (; jj + 2 * kW <= nkeys; jj += 2 * kW) {
-      V a0[kRows], a1[kRows];
-      for (int r = 0; r < kRows; ++r) a0[r] = a1[r] = vzero();
-      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
-      for (int64_t t = 0; t < d; ++t) {
-        const V k0 = vload(kt + t * p.nk), k1 = vload(kt + t * p.nk + kW);
-        for (int r = 0; r < kRows; ++r) {
-          const V qb = vset1(w.q[r * d + t]);
-          a0[r] = vfma(qb, k0, a0[r]);
-          a1[r] = vfma(qb, k1, a1[r]);
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        vstore(w.s + r * kKeys + jj, a0[r]);
-        vstore(w.s + r * kKeys + jj + kW, a1[r]);
-      }
-    }
-    for (; jj + kW <= nkeys; jj += kW) {
-      V acc[kRows];
-      for (int r = 0; r < kRows; ++r) acc[r] = vzero();
-      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
-      for (int64_t t = 0; t < d; ++t) {
-        const V kv = vload(kt + t * p.nk);
-        for (int r = 0; r < kRows; ++r) acc[r] = vfma(vset1(w.q[r * d + t]), kv, acc[r]);
-      }
-      for (int r = 0; r < kRows; ++r) vstore(w.s + r * kKeys + jj, acc[r]);
-    }
-    for (; jj < nkeys; ++jj) {
-      const float* kt = p.k_t + g * d * p.nk + j0 + jj;
-      for (int r = 0; r < kRows; ++r) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < d; ++t) s += w.q[r * d + t] * kt[t * p.nk];
-        w.s[r * kKeys + jj] = s;
-      }
-    }
+    if (!scored) rows_times_transposed(w.q, d, p.k_t + g * d * p.nk, p.nk, j0, nkeys, w.s, w.k_tail);
     // Mask, online softmax: S becomes P.
     for (int r = 0; r < kRows; ++r) {
       int64_t lo = 0, hi = 0;
@@ -373,29 +381,6 @@ struct BwdTask {
   BwdTask& operator=(const BwdTask&) = delete;
 };
 
-// out[r][jj] = sum_t a[r][t] * bt[t][j0 + jj] for kRows rows and n keys (bt transposed, row stride
-// ld): lanes over keys.
-void rows_times_transposed(const float* a, int64_t depth, const float* bt, int64_t ld, int64_t j0,
-                           int64_t n, float* out) {
-  int64_t jj = 0;
-  for (; jj + kW <= n; jj += kW) {
-    V acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = vzero();
-    for (int64_t t = 0; t < depth; ++t) {
-      const V b = vload(bt + t * ld + j0 + jj);
-      for (int r = 0; r < kRows; ++r) acc[r] = vfma(vset1(a[r * depth + t]), b, acc[r]);
-    }
-    for (int r = 0; r < kRows; ++r) vstore(out + r * kKeys + jj, acc[r]);
-  }
-  for (; jj < n; ++jj) {
-    for (int r = 0; r < kRows; ++r) {
-      float sum = 0.0f;
-      for (int64_t t = 0; t < depth; ++t) sum += a[r * depth + t] * bt[t * ld + j0 + jj];
-      out[r * kKeys + jj] = sum;
-    }
-  }
-}
-
 // acc[r][c] += sum_jj w[r][jj] * rows[jj][c] for kRows rows (lanes over c).
 void weights_times_rows(const float* w, const float* rows, int64_t n, int64_t width, float* acc) {
   int64_t c = 0;
@@ -450,10 +435,11 @@ void backward(const VarlenBwdParams& bp) {
     const FlushDenormals ftz;  // (each thread, for the call)
     // per-thread row-tile scratch: Q, dO, dQ [kRows][d or dv]; S / P / dS [kRows][kKeys] twice;
     // Q and dO as bf16 pairs [kRows][d / 2 or dv / 2] for the pair path
-    float* scratch = new float[kRows * (2 * d + dv + 2 * kKeys + 2)];
+    float* scratch = new float[kRows * (2 * d + dv + 2 * kKeys + 2) + (d > dv ? d : dv) * kW];
     uint32_t* pair_scratch = new uint32_t[kRows * (d + dv) / 2 + 1];
     float *qs = scratch, *dos = qs + kRows * d, *dqs = dos + kRows * dv, *ps = dqs + kRows * d;
     float *dps = ps + kRows * kKeys, *lse = dps + kRows * kKeys, *delta = lse + kRows;
+    float* tail = delta + kRows;  // a key tile's last keys (rows_times_transposed, scores_pairs)
     uint32_t *qp = pair_scratch, *dop = qp + kRows * (d / 2);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.batch * p.hkv; ++task) {
@@ -525,19 +511,20 @@ void backward(const VarlenBwdParams& bp) {
         for (int64_t j0 = klo; j0 < khi; j0 += kKeys) {
           const int64_t n = khi - j0 < kKeys ? khi - j0 : kKeys;
 #if defined(FL_AVX512)
+          uint32_t* tail_pairs = reinterpret_cast<uint32_t*>(tail);
           if (pairs_s) {
-            scores_pairs(qp, ktp + j0, nk_b, d / 2, n, 1.0f, ps);  // S
+            scores_pairs(qp, ktp + j0, nk_b, d / 2, n, 1.0f, ps, tail_pairs);  // S
           } else {
-            rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps);
+            rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps, tail);
           }
           if (pairs_dp) {
-            scores_pairs(dop, vtp + j0, nk_b, dv / 2, n, 1.0f, dps);  // dP = dO V^T
+            scores_pairs(dop, vtp + j0, nk_b, dv / 2, n, 1.0f, dps, tail_pairs);  // dP = dO V^T
           } else {
-            rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps);
+            rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps, tail);
           }
 #else
-          rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps);     // S
-          rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps);  // dP = dO V^T
+          rows_times_transposed(qs, d, w.kt, nk_b, j0, n, ps, tail);     // S
+          rows_times_transposed(dos, dv, w.vt, nk_b, j0, n, dps, tail);  // dP = dO V^T
 #endif
           for (int r = 0; r < kRows; ++r) {
             float* pr = ps + r * kKeys;
