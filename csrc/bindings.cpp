@@ -774,6 +774,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_fp8_sm90_config", &int4_fp8_sm90_config);
   m.def("int4_fp8_sm90_can_implement", &int4_fp8_sm90_can_implement);
   m.def("int4_fp8_gemm_sm90", &int4_fp8_gemm_sm90);
+  m.def("varlen_cpu_workspace_floats", &skip::varlen_cpu_workspace_floats);
   m.def("varlen_attention", &varlen_attention);
   m.def("varlen_attention_bwd", &varlen_attention_bwd);
   m.def("int4_kv_decode", &int4_kv_decode);

@@ -26,7 +26,11 @@ struct VarlenParams {
   const int64_t* k_pos = nullptr;     // [nk]
   void* out = nullptr;                // [nq, hq, dv] contiguous, dtype
   float* lse = nullptr;               // [nq, hq]
-  float* k_t = nullptr;               // CPU workspace [hkv, d, nk]: keys transposed to fp32
+  // CPU workspace of varlen_cpu_workspace_floats(): the keys transposed to fp32 [hkv, d, nk] (or
+  // bf16 pairs [hkv, d / 2, nk]), then the values per kv head in fp32 [hkv, nk, dv] (contiguous
+  // rows: in place, a value row is hkv * dv apart, 4 KiB at 16 heads of 64, and the rows a tile
+  // reads crowd the same L1 sets).
+  float* k_t = nullptr;
   int64_t nq = 0, nk = 0, batch = 0, hq = 0, hkv = 0, d = 0, dv = 0;
   int64_t window_left = -1, window_right = -1;
   float scale = 1.0f;
@@ -35,6 +39,11 @@ struct VarlenParams {
   float softcap = 0.0f;
   DType dtype = DType::kFloat32;
 };
+
+// The CPU forward's workspace, in floats.
+inline int64_t varlen_cpu_workspace_floats(int64_t nk, int64_t hkv, int64_t d, int64_t dv) {
+  return hkv * nk * (d + dv);
+}
 
 // Backward, recomputing the probabilities from the saved lse (FlashAttention-2 style): per query
 // row D = dO . O, and for each visible key p = exp(s - lse), dV += p dO, ds = p (dO . v - D + dlse),

@@ -6,7 +6,9 @@
 //     keys: per head dimension t, one key vector and kRows broadcast query elements give kRows FMAs
 //     (no horizontal sums).
 //   - O += P V with lanes over the value dimension: one value vector, kRows broadcast
-//     probabilities, kRows FMAs.
+//     probabilities, kRows FMAs. The values are copied once per call into fp32 rows per kv head
+//     [hkv, nk, dv] (in place their rows are hkv * dv apart: at 16 heads of 64, 4 KiB, and a
+//     tile's rows crowded a few L1 sets: 16-20 % slower than at 8 heads).
 //   - Each row's visible keys are one range (positions increase within a sequence): key tiles
 //     outside the union of a tile's ranges are never read; inside, the rest is masked.
 // OpenMP over (key/value head, row tile) tasks, dynamic: tiles late in a causal sequence see more
@@ -211,7 +213,7 @@ template <typename T>
 void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w, bool pairs) {
   const int64_t d = p.d, dv = p.dv;
   const T* q = static_cast<const T*>(p.q);
-  const T* v = static_cast<const T*>(p.v);
+  const float* v = p.k_t + p.hkv * d * p.nk + g * p.nk * dv;  // this kv head's values, fp32 rows
   int64_t klo = rows[0].lo, khi = rows[0].hi;
   for (int r = 0; r < kRows; ++r) {
     w.m[r] = kNegInf;
@@ -263,7 +265,7 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
         o1[r] = vload(w.o + r * dv + c + kW);
       }
       for (int64_t i = 0; i < nkeys; ++i) {
-        const T* vrow = v + ((j0 + i) * p.hkv + g) * dv + c;
+        const float* vrow = v + (j0 + i) * dv + c;
         const V v0 = vload(vrow), v1 = vload(vrow + kW);
         for (int r = 0; r < kRows; ++r) {
           const V pb = vset1(w.s[r * kKeys + i]);
@@ -280,14 +282,14 @@ void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch&
       V o[kRows];
       for (int r = 0; r < kRows; ++r) o[r] = vload(w.o + r * dv + c);
       for (int64_t i = 0; i < nkeys; ++i) {
-        const V vv = vload(v + ((j0 + i) * p.hkv + g) * dv + c);
+        const V vv = vload(v + (j0 + i) * dv + c);
         for (int r = 0; r < kRows; ++r) o[r] = vfma(vset1(w.s[r * kKeys + i]), vv, o[r]);
       }
       for (int r = 0; r < kRows; ++r) vstore(w.o + r * dv + c, o[r]);
     }
     for (; c < dv; ++c) {
       for (int64_t i = 0; i < nkeys; ++i) {
-        const float vv = to_float(v[((j0 + i) * p.hkv + g) * dv + c]);
+        const float vv = v[(j0 + i) * dv + c];
         for (int r = 0; r < kRows; ++r) w.o[r * dv + c] += w.s[r * kKeys + i] * vv;
       }
     }
@@ -324,6 +326,16 @@ void attention(const VarlenParams& p) {
                              [](const bf16_t* key, int64_t t) { return bf16_pair(key + 2 * t); });
     } else if (p.nk > 0) {
       transpose_keys<T>(p, p.d, p.k_t, [](const T* key, int64_t t) { return to_float(key[t]); });
+    }
+    // The values per kv head, fp32 rows [hkv, nk, dv] after the keys (implicit barrier).
+    float* values = p.k_t + p.hkv * p.d * p.nk;
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < p.nk; ++j) {
+      for (int64_t g = 0; g < p.hkv; ++g) {
+        const T* src = static_cast<const T*>(p.v) + (j * p.hkv + g) * p.dv;
+        float* dst = values + (g * p.nk + j) * p.dv;
+        for (int64_t c = 0; c < p.dv; ++c) dst[c] = to_float(src[c]);
+      }
     }
     Scratch w(p.d, p.dv);
 #pragma omp for schedule(dynamic, 1) nowait

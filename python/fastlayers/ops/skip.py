@@ -169,7 +169,8 @@ def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softca
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = empty((nq, hq, dv), q.dtype, q.device)
     lse = empty((nq, hq), torch.float32, q.device)
-    k_t = torch.empty((hkv, d, nk), dtype=torch.float32)  # keys transposed, fp32 (workspace)
+    # (workspace: the keys transposed and the values per kv head, fp32)
+    k_t = empty((_ext.C.varlen_cpu_workspace_floats(nk, hkv, d, dv),), torch.float32, q.device)
     if nq > 0:
         _ext.C.varlen_attention(
             device_code(q.device), ptr(qc), ptr(kc), ptr(vc), ptr(cq), ptr(ck), ptr(qp), ptr(kp),
