@@ -313,7 +313,10 @@ def varlen_attention(
     lse (:func:`~fastlayers.ops._common.apply_sinks`: one more rounding of 16-bit outputs); a row
     with no visible key then gets zeros and ``lse = sink``.
     Returns ``out [Nq, Hq, dv]`` in q's dtype, and ``lse [Nq, Hq]`` fp32 with ``return_lse``.
-    Differentiable w.r.t. q, k, v and the sinks.
+    Differentiable w.r.t. q, k, v and the sinks. On the CPU a call holds, for its duration, the
+    keys and values once more in fp32 (``Nk * Hkv * (d + dv)`` floats: transposed keys, values
+    per kv head); the backward, per thread, one sequence's keys and values of one kv head at a
+    time (``3 * nk_seq * (d + dv)`` floats: rows, transposed, gradients).
     """
     check_tensors(
         q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, q_pos=q_pos,
