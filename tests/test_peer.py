@@ -404,7 +404,8 @@ def test_retrieve_backward_matches_autograd(device, dtype, score):
         assert_close_to_oracle(g, r.to(dtype), o, factor=3.0, name=name)
 
 
-@pytest.mark.parametrize("n_keys", [64, 512])  # candidates fit the filter buffer / overflow it
+# candidates fit the filter buffer (lane-maxima bound; chunk bound) / overflow it
+@pytest.mark.parametrize("n_keys", [64, 256, 512])
 def test_retrieve_exact_ties_take_the_lower_candidate(device, n_keys):
     """All sub-keys equal: every score ties, so the top-k of each half is its first kh keys and the
     merge takes candidates in (row, column) order: expert j of row 0 for the first kh."""
@@ -416,7 +417,7 @@ def test_retrieve_exact_ties_take_the_lower_candidate(device, n_keys):
     torch.testing.assert_close(gates, torch.full_like(gates, 1 / 16))
 
 
-@pytest.mark.parametrize("n_keys", [9, 512])
+@pytest.mark.parametrize("n_keys", [9, 64, 512])  # no bound / lane-maxima bound / chunk bound
 def test_retrieve_strided_queries_and_nan(device, n_keys):
     heads, dim_key, topk = 2, 12, 5
     base = rand(11, heads, 3 * dim_key, dtype=torch.float32, device=device)
@@ -463,9 +464,9 @@ def test_retrieve_bad_input_and_opcheck(device):
 
 
 def test_every_cpu_isa(cpu_isa):
-    """Retrieval (filtered and unfiltered selection), the expert forward and backward on each CPU
-    kernel variant this machine runs, against the float64 reference."""
-    for n_keys, topk in ((23, 7), (512, 16)):
+    """Retrieval (unfiltered selection, the lane-maxima bound, the chunk bound), the expert forward
+    and backward on each CPU kernel variant this machine runs, against the float64 reference."""
+    for n_keys, topk in ((23, 7), (64, 8), (512, 16)):
         queries = rand(13, 3, 20, dtype=torch.float32, device="cpu")
         keys = rand(3, 2, n_keys, 10, dtype=torch.float32, device="cpu")
         indices, gates = fastlayers.peer_retrieve(queries, keys, topk)

@@ -249,22 +249,36 @@ int64_t candidate_capacity(int64_t kh) { return 8 * kh + 8 * kW; }
 
 // The kh best of scores[0, n) (kh <= n) into (val, idx), sorted descending. A cheap lower bound
 // first: split the scores into kh chunks; each chunk's maximum is a distinct score, so the
-// smallest of the kh maxima is <= the kh-th best. Only scores >= that bound (a few times kh of
-// them) are collected, by vector compares, and go through the sorted insertion. If the bound is
-// useless (too few whole vectors per chunk, NaN, too many candidates), every score does.
+// smallest of the kh maxima is <= the kh-th best. With less than a vector per chunk (a few
+// thousand experts: 64 sub-keys), the lane-wise maxima over the whole vectors are kW distinct
+// scores instead, and the kh-th largest of them the bound (kh <= kW). Only scores >= the bound (a
+// few times kh of them) are collected, by vector compares, and go through the sorted insertion.
+// If the bound is useless (no whole vector, kh > kW there, NaN, too many candidates), every score
+// does.
 void select_top(const float* scores, int64_t n, int64_t kh, float* val, int64_t* idx,
                 float* cand_v, int64_t* cand_i) {
   const int64_t per_chunk = (n / kW) / kh * kW;  // whole vectors per chunk, in scores
   const int64_t cap = candidate_capacity(kh);
   int64_t m = 0;
-  bool filtered = per_chunk > 0;
+  bool filtered = per_chunk > 0 || (n >= kW && kh <= kW);
   if (filtered) {
     float bound = __builtin_inff();
-    for (int64_t c = 0; c < kh; ++c) {
-      V mx = vload(scores + c * per_chunk);
-      for (int64_t j = kW; j < per_chunk; j += kW) mx = vmax(mx, vload(scores + c * per_chunk + j));
-      const float cmax = vmaxval(mx);
-      bound = cmax < bound ? cmax : bound;
+    if (per_chunk > 0) {
+      for (int64_t c = 0; c < kh; ++c) {
+        V mx = vload(scores + c * per_chunk);
+        for (int64_t j = kW; j < per_chunk; j += kW) mx = vmax(mx, vload(scores + c * per_chunk + j));
+        const float cmax = vmaxval(mx);
+        bound = cmax < bound ? cmax : bound;
+      }
+    } else {
+      V mx = vload(scores);
+      for (int64_t j = kW; j + kW <= n; j += kW) mx = vmax(mx, vload(scores + j));
+      float lanes[kW], top_v[kW];
+      int64_t top_i[kW];
+      vstore(lanes, mx);
+      TopList lane_top{top_v, top_i, kh};
+      for (int l = 0; l < kW; ++l) lane_top.offer(lanes[l], l);
+      bound = top_v[kh - 1];
     }
     const V vb = vset1(bound);
     int64_t k = 0;
