@@ -117,6 +117,16 @@ uint32_t bf16_pair(const bf16_t* x) {  // x[0] in the low half, x[1] in the high
   return static_cast<uint32_t>(x[0].bits) | static_cast<uint32_t>(x[1].bits) << 16;
 }
 
+// The last n < kW columns of a transposed block (depth rows, row stride ld) as whole vectors:
+// tail[t][i] = b[t][i] for i < n, zeros after them ([depth][kW]). Returns tail.
+template <typename E>
+const E* tail_block(const E* b, int64_t ld, int64_t depth, int64_t n, E* tail) {
+  for (int64_t t = 0; t < depth; ++t) {
+    for (int64_t i = 0; i < kW; ++i) tail[t * kW + i] = i < n ? b[t * ld + i] : E{0};
+  }
+  return tail;
+}
+
 #if defined(FL_AVX512)
 // S[r][0..nkeys) = scale * Q[r] . K[j0 + ..] from bf16 pairs, lanes over keys: per pair of head
 // dims, one or two key vectors and kRows broadcast query pairs give kRows dot products each; the
@@ -146,11 +156,7 @@ FL_TARGET_BF16 void scores_pairs(const uint32_t* q, const uint32_t* kt, int64_t 
     const uint32_t* kb = kt + jj;
     int64_t stride = nk;
     if (nkeys - jj < kW) {
-      const int64_t n = nkeys - jj;
-      for (int64_t t = 0; t < half; ++t) {
-        for (int64_t i = 0; i < kW; ++i) tail[t * kW + i] = i < n ? kb[t * nk + i] : 0u;
-      }
-      kb = tail;
+      kb = tail_block(kb, nk, half, nkeys - jj, tail);
       stride = kW;
     }
     __m512 a[kRows];
@@ -193,10 +199,7 @@ void rows_times_transposed(const float* a, int64_t depth, const float* bt, int64
     const float* b = bt + j0 + jj;
     int64_t stride = ld;
     if (n - jj < kW) {
-      for (int64_t t = 0; t < depth; ++t) {
-        for (int64_t i = 0; i < kW; ++i) tail[t * kW + i] = jj + i < n ? b[t * ld + i] : 0.0f;
-      }
-      b = tail;
+      b = tail_block(b, ld, depth, n - jj, tail);
       stride = kW;
     }
     V acc[kRows];
