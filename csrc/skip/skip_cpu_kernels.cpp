@@ -212,11 +212,14 @@ void rows_times_transposed(const float* a, int64_t depth, const float* bt, int64
   }
 }
 
+// The workspace's values: fp32 rows [hkv, nk, dv] after the transposed keys (skip.h).
+float* values_base(const VarlenParams& p) { return p.k_t + p.hkv * p.d * p.nk; }
+
 template <typename T>
 void tile(const VarlenParams& p, int64_t g, const Row* rows, int nrows, Scratch& w, bool pairs) {
   const int64_t d = p.d, dv = p.dv;
   const T* q = static_cast<const T*>(p.q);
-  const float* v = p.k_t + p.hkv * d * p.nk + g * p.nk * dv;  // this kv head's values, fp32 rows
+  const float* v = values_base(p) + g * p.nk * dv;  // this kv head's values, fp32 rows
   int64_t klo = rows[0].lo, khi = rows[0].hi;
   for (int r = 0; r < kRows; ++r) {
     w.m[r] = kNegInf;
@@ -331,7 +334,7 @@ void attention(const VarlenParams& p) {
       transpose_keys<T>(p, p.d, p.k_t, [](const T* key, int64_t t) { return to_float(key[t]); });
     }
     // The values per kv head, fp32 rows [hkv, nk, dv] after the keys (implicit barrier).
-    float* values = p.k_t + p.hkv * p.d * p.nk;
+    float* values = values_base(p);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < p.nk; ++j) {
       for (int64_t g = 0; g < p.hkv; ++g) {
