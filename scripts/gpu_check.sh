@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# On a lent GPU machine (the device tool runs this from the repository root): build fastlayers for the
-# GPU's arch, run the CUDA tests, compute-sanitizer (memcheck, racecheck) on a subset, and the
-# benchmark. Everything it writes lands in $OUT (or ./gpu-out), at most 8 files: copy the results into
-# bench/results/ with the device and commit.
+# On a lent GPU machine (the device tool runs this from the repository root): build (or take the
+# prebuilt) fastlayers for the GPU's arch, then run phases in order of priority, each under its own
+# time cap and all of them under one deadline, so that one device command of fixed length returns
+# whatever finished: the CUDA tests, the benchmark (one family at a time), compute-sanitizer memcheck
+# and racecheck on a subset, the RMSNorm row-threads candidate, the host overhead, the CPU tests.
+# A phase that would get under 20 s is skipped and says so in phases.txt; the next call can run
+# the rest (PHASES=...). Copy the results into bench/results/ with the device and commit.
+#
+# What comes back ($OUT, or ./gpu-out): setup.txt (device, versions, build, `fastlayers info`),
+# phases.txt (each phase's exit status and seconds), pytest_cuda.txt (also inside results.tgz) and
+# results.tgz (every phase's output; each bench family's table, .md and .csv).
 #
 # The device machine reaches no package index, so nothing is pip-installed: the build uses the
 # scikit-build-core / pybind11 / cmake / ninja already in its image, and falls back to a plain CMake
@@ -16,22 +23,52 @@
 # download: run `python third_party/fetch_cutlass.py` here too. Carry ["COMMIT", "prebuilt",
 # "third_party/cutlass"] (about 32 MB).
 #
-# usage: scripts/gpu_check.sh [pytest -k expression for the CUDA tests]
-#   SANITIZE=0 skips compute-sanitizer; CPU_TESTS=0 skips the CPU tests (which exercise the AVX-512
-#   kernels when the device's CPU has AVX-512); BENCH=0 skips the benchmarks; ROW_THREADS_AB=0 skips
-#   the RMSNorm tests and benchmark rerun with FASTLAYERS_RMSNORM_ROW_THREADS=128 (part of BENCH). All of it takes more
-#   than one 10-minute device command: run it in parts, e.g. first
-#   `SANITIZE=0 BENCH=0 scripts/gpu_check.sh`, then `CPU_TESTS=0 scripts/gpu_check.sh "not cuda"`
-#   on the still-warm machine (build/gpu-pip is kept between calls, so the second build is incremental).
+# usage: [PHASES="tests bench memcheck racecheck rowthreads overhead cputests"] [DEADLINE=540]
+#        [REPS=20] [FAMILIES=...] [COMPILE_FAMILIES=fff] scripts/gpu_check.sh [pytest -k expression]
+#   DEADLINE: seconds from the start by which every phase has ended (keep it under the device
+#   command's timeout_s); FAMILIES: the benchmark families, in order; COMPILE_FAMILIES: those
+#   benchmarked against torch.compile too (seconds of compilation per shape; FFF's target is
+#   against it); FAMILY_CAP: seconds per family (default 100).
 set -uo pipefail
+T0=$(date +%s)
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+R="$OUT/r"
+mkdir -p "$R"
 KEXPR=${1:-}
+DEADLINE=${DEADLINE:-540}
+PHASES=${PHASES:-tests bench memcheck racecheck rowthreads overhead}
+FAMILIES=${FAMILIES:-rmsnorm int4_fp8 skip kv_int4 peer fff}
+COMPILE_FAMILIES=${COMPILE_FAMILIES:-fff}
+REPS=${REPS:-20}
 [ -f COMMIT ] && export FASTLAYERS_COMMIT=$(head -c 12 COMMIT)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+finish() {
+  tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
+  echo "total $(( $(date +%s) - T0 )) s"
+}
+trap finish EXIT
+
+# phase NAME CAP CMD...: runs CMD under min(CAP, time left before the deadline).
+phase() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( DEADLINE - ($(date +%s) - T0) ))
+  local t=$(( cap < left ? cap : left ))
+  if [ "$left" -lt 20 ]; then
+    echo "$name: skipped (${left} s left before the deadline)" | tee -a "$OUT/phases.txt"
+    return 0
+  fi
+  local s=$(date +%s)
+  timeout "$t" "$@"
+  local rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - s )) s (cap $t s)" | tee -a "$OUT/phases.txt"
+}
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+
 log="$OUT/setup.txt"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   python3 -m pip show scikit-build-core pybind11 cmake ninja 2>/dev/null | grep -E '^(Name|Version)'
   nvcc --version | tail -2
@@ -79,48 +116,58 @@ python3 -m fastlayers info 2>&1 | tee -a "$log"
 
 kargs=()
 [ -n "$KEXPR" ] && kargs=(-k "$KEXPR")
-timeout 300 python3 -m pytest tests -m cuda -q -p no:cacheprovider "${kargs[@]}" >"$OUT/pytest_cuda.txt" 2>&1
-echo "pytest rc=$?"; tail -25 "$OUT/pytest_cuda.txt"
-
-if [ "${CPU_TESTS:-1}" = 1 ]; then
-  timeout 200 python3 -m pytest tests -m "not cuda" -q -p no:cacheprovider >"$OUT/pytest_cpu.txt" 2>&1
-  echo "cpu pytest rc=$?"; tail -3 "$OUT/pytest_cpu.txt"
+if want tests; then
+  phase tests 240 python3 -m pytest tests -m cuda -q -p no:cacheprovider -rfE --tb=short \
+    --durations=20 "${kargs[@]}" >"$R/pytest_cuda.txt" 2>&1
+  cp "$R/pytest_cuda.txt" "$OUT/"
+  grep -E "^(FAILED|ERROR)" "$R/pytest_cuda.txt" | head -40; tail -2 "$R/pytest_cuda.txt"
 fi
 
-if [ "${SANITIZE:-1}" = 1 ]; then
+if want bench; then
+  for fam in $FAMILIES; do
+    compile=(--no-compile)
+    [[ " $COMPILE_FAMILIES " == *" $fam "* ]] && compile=()
+    phase "bench $fam" "${FAMILY_CAP:-100}" python3 -m fastlayers bench --device cuda --family "$fam" \
+      --reps "$REPS" "${compile[@]}" --out "$R/bench_$fam" >"$R/bench_$fam.txt" 2>&1
+    sed -n '/^op  /,$p' "$R/bench_$fam.txt" | cut -c1-150 | head -16
+  done
+fi
+
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
-sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_fff.py tests/test_peer.py tests/test_int4_fp8.py tests/test_int4_fp8_sm90.py tests/test_rope_kv.py tests/test_quant_attention.py tests/test_skip.py -m cuda -q -x -p no:cacheprovider
+sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_fff.py tests/test_peer.py
+     tests/test_int4_fp8.py tests/test_int4_fp8_sm90.py tests/test_rope_kv.py tests/test_quant_attention.py
+     tests/test_skip.py -m cuda -q -p no:cacheprovider
      -k "4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core")
-{
-  echo "== memcheck"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 "${san[@]}" --tool memcheck "${sub[@]}" 2>&1 | tail -15
-  echo "memcheck rc=${PIPESTATUS[0]}"
-  echo "== racecheck"
-  timeout 150 "${san[@]}" --tool racecheck "${sub[@]}" 2>&1 | tail -15
-  echo "racecheck rc=${PIPESTATUS[0]}"
-} >"$OUT/sanitizer.txt" 2>&1
-grep -E "rc=|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitizer.txt"
+if want memcheck; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 phase memcheck "${SAN_CAP:-200}" "${san[@]}" --tool memcheck \
+    "${sub[@]}" >"$R/memcheck.txt" 2>&1
+  grep -E "ERROR SUMMARY|passed|failed|Invalid|out of bounds" "$R/memcheck.txt" | head -20
+fi
+if want racecheck; then
+  phase racecheck "${SAN_CAP:-200}" "${san[@]}" --tool racecheck "${sub[@]}" >"$R/racecheck.txt" 2>&1
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed|hazard" "$R/racecheck.txt" | head -20
 fi
 
-if [ "${BENCH:-1}" = 1 ]; then
-timeout 100 python3 -m pytest bench/bench_dispatch_overhead.py -q -p no:cacheprovider \
-  --benchmark-columns=median,iqr,ops --benchmark-sort=name >"$OUT/overhead.txt" 2>&1
-echo "overhead rc=$?"; grep -E "test_call_overhead" "$OUT/overhead.txt" | cut -c1-110
-
-timeout 250 python3 -m fastlayers bench --device cuda --reps ${REPS:-30} --out "$OUT" >"$OUT/bench.txt" 2>&1
-echo "bench rc=$?"; tail -40 "$OUT/bench.txt"
-
-# The RMSNorm row-threads candidate (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu): the CUDA
-# RMSNorm tests and the RMSNorm benchmark again with a row over at most 128 threads, appended to
-# pytest_cuda.txt and bench.txt (compare its fractions of the copy bandwidth with the run above).
-if [ "${ROW_THREADS_AB:-1}" = 1 ]; then
-  export FASTLAYERS_RMSNORM_ROW_THREADS=128
-  { echo "== FASTLAYERS_RMSNORM_ROW_THREADS=128"
-    timeout 120 python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_nn_rmsnorm.py \
-      -m cuda -q -p no:cacheprovider 2>&1 | tail -5; } >>"$OUT/pytest_cuda.txt"
-  { echo "== FASTLAYERS_RMSNORM_ROW_THREADS=128"
-    timeout 150 python3 -m fastlayers bench --device cuda --family rmsnorm --reps ${REPS:-30} 2>&1; } >>"$OUT/bench.txt"
-  unset FASTLAYERS_RMSNORM_ROW_THREADS
-  echo "row threads 128:"; grep -A3 "ROW_THREADS=128" "$OUT/pytest_cuda.txt" | tail -3
+# The RMSNorm row-threads candidate (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu): its CUDA tests
+# and the RMSNorm benchmark again with a row over at most 128 threads (compare the fractions of
+# the copy bandwidth with bench_rmsnorm).
+if want rowthreads; then
+  FASTLAYERS_RMSNORM_ROW_THREADS=128 phase "rowthreads tests" 90 python3 -m pytest tests/test_rmsnorm.py \
+    tests/test_rmsnorm_backward.py tests/test_nn_rmsnorm.py -m cuda -q -p no:cacheprovider \
+    >"$R/rowthreads_pytest.txt" 2>&1
+  tail -2 "$R/rowthreads_pytest.txt"
+  FASTLAYERS_RMSNORM_ROW_THREADS=128 phase "rowthreads bench" 100 python3 -m fastlayers bench \
+    --device cuda --family rmsnorm --reps "$REPS" --no-compile --out "$R/rowthreads" \
+    >"$R/rowthreads_bench.txt" 2>&1
 fi
+
+if want overhead; then
+  phase overhead 60 python3 -m pytest bench/bench_dispatch_overhead.py -q -p no:cacheprovider \
+    --benchmark-columns=median,iqr,ops --benchmark-sort=name >"$R/overhead.txt" 2>&1
+  grep -E "test_call_overhead" "$R/overhead.txt" | cut -c1-110
+fi
+
+if want cputests; then
+  phase cputests 200 python3 -m pytest tests -m "not cuda" -q -p no:cacheprovider >"$R/pytest_cpu.txt" 2>&1
+  tail -3 "$R/pytest_cpu.txt"
 fi

@@ -34,6 +34,7 @@ def _cmd_bench(args) -> int:
         f"{' (quick)' if args.quick else ''} ...",
         flush=True,
     )
+    harness.COMPILE_BASELINES = not args.no_compile
     meta, rows = report.run(device, quick=args.quick, reps=args.reps, families=args.family)
     print()
     print(harness.format_table(rows))
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
     p_bench.add_argument("--family", action="append", help="only this family (repeatable)")
     p_bench.add_argument("--out", help="also write <device>.md and .csv into this folder")
+    p_bench.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out the torch.compile baselines (seconds of compilation per shape)",
+    )
     p_bench.add_argument(
         "--no-thp",
         action="store_true",

@@ -17,6 +17,7 @@ import torch
 
 import fastlayers
 from fastlayers import reference as ref
+from fastlayers.benchmark import harness
 from fastlayers.benchmark.harness import CopyCase, Row, backend_label, time_interleaved
 
 WIDTH, DEPTH = 768, 11
@@ -50,7 +51,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             "dense 12 (active width: the floor)": _dense(DEPTH + 1, dtype, device),
             "PyTorch gather (reference)": functools.partial(_reference, ufb),
         }
-        if not quick:
+        if not quick and harness.COMPILE_BASELINES:
             baselines["torch.compile(reference)"] = torch.compile(
                 functools.partial(_reference, ufb), dynamic=False
             )

@@ -96,6 +96,10 @@ QUICK_CASE_S = 0.3
 QUICK_MIN_REPS = 5
 _case_budget_s: float | None = None
 
+# torch.compile baselines (FFF, RMSNorm): each shape costs seconds to tens of seconds to compile;
+# ``python -m fastlayers bench --no-compile`` leaves them out (a short GPU session's budget).
+COMPILE_BASELINES = True
+
 
 class quick_budget:
     """Context in which :func:`time_interleaved` applies the quick-run budget above."""

@@ -8,6 +8,7 @@ import torch
 
 import fastlayers
 from fastlayers import reference as ref
+from fastlayers.benchmark import harness
 from fastlayers.benchmark.harness import (
     CopyCase,
     Row,
@@ -156,7 +157,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
             b = torch.tensor([], dtype=dtype).element_size()
             # torch.compile's first call costs ~20 s of compilation: full runs only, so --quick
             # stays under a minute with every family
-            with_compile = not quick
+            with_compile = not quick and harness.COMPILE_BASELINES
             per_set = 3 * m * n * b
             sets = copies_to_exceed_cache(per_set, device)
             gen = torch.Generator(device=device).manual_seed(0)
