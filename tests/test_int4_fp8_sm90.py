@@ -451,16 +451,23 @@ def test_module_uses_the_sm90_gemm_and_rebuilds_after_moves(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.sm90
 def test_module_pads_odd_shapes_and_falls_back_once_for_group_sizes(recwarn):
+    bf16 = torch.bfloat16  # (the Hopper GEMM writes bf16 or fp16: a float32 layer falls back)
     for n, k, g in ((40, 200, 128), (33, 256, 256), (40, 200, 200)):  # padded at prepack
-        layer = Int4Fp8Linear.from_linear(torch.nn.Linear(k, n, device="cuda"), group_size=g)
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=bf16)
+        layer = Int4Fp8Linear.from_linear(lin, group_size=g)
         assert layer.sm90_weight is not None and layer.sm90_weight.shape[0] % 16 == 0
-        x = rand(5, 7, k, dtype=torch.float32, device="cuda")
+        x = rand(5, 7, k, dtype=bf16, device="cuda")
         assert _assert_layer_follows_the_contract(layer, x).is_contiguous()
     assert not [w for w in recwarn if "generic" in str(w.message)]
-    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 48, device="cuda"), group_size=64)
+    lin = torch.nn.Linear(256, 48, device="cuda", dtype=bf16)
+    layer = Int4Fp8Linear.from_linear(lin, group_size=64)
     assert layer.sm90_weight is None  # groups of 64: the generic CUDA GEMM, warned once
     assert len([w for w in recwarn if "generic" in str(w.message)]) == 1
-    _assert_layer_follows_the_contract(layer, rand(4, 256, dtype=torch.float32, device="cuda"))
+    _assert_layer_follows_the_contract(layer, rand(4, 256, dtype=bf16, device="cuda"))
+    layer = Int4Fp8Linear.from_linear(torch.nn.Linear(384, 56, device="cuda"))
+    assert layer.sm90_weight is None  # float32 out: the generic CUDA GEMM, warned once
+    assert len([w for w in recwarn if "float32" in str(w.message)]) == 1
+    _assert_layer_follows_the_contract(layer, rand(4, 384, dtype=torch.float32, device="cuda"))
 
 
 @pytest.mark.cuda

@@ -236,7 +236,7 @@ def _group_scales(block, c, clip_search: bool):
     ratios = CLIP_RATIOS if clip_search else (1.0,)
     best_err = best = None
     for ratio in ratios:
-        s8 = ref_fp8.to_fp8((ratio * a / 7 / c).float()).double()
+        s8 = ref_fp8.to_fp8((ref_fp8.div_rn(ratio * a, 7) / c).float()).double()
         s8 = s8.clamp(ref.GROUP_SCALE_MIN, ref.LUT_SCALE_MAX)
         q = torch.round(block / (c * s8)[:, None]).clamp(-8, 7)
         err = ((c[:, None] * _lut_values(q, s8[:, None]) - block) ** 2).sum(-1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastlayers.ops._common import check_int, check_tensor, no_dispatch_modes, tensor_version
-from fastlayers.reference.fp8 import FP8, to_fp8
+from fastlayers.reference.fp8 import FP8, div_rn, to_fp8
 from fastlayers.reference.int4_fp8 import GROUP_SCALE_MIN, pack_int4, unpack_int4
 
 PAIRINGS = ("half", "interleaved")
@@ -206,7 +206,7 @@ def quantize_kv_int4(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tens
     if group_size <= 0 or d % group_size or group_size % 2:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size {group_size}")
     g = x.float().reshape(*x.shape[:-1], d // group_size, group_size)
-    s8 = to_fp8(g.abs().amax(-1) / 7).float().clamp_min(GROUP_SCALE_MIN)
+    s8 = to_fp8(div_rn(g.abs().amax(-1), 7)).float().clamp_min(GROUP_SCALE_MIN)
     q = torch.round(g / s8[..., None]).clamp(-8, 7).reshape(x.shape)
     return pack_int4(q), s8.to(FP8)
 
@@ -276,5 +276,5 @@ def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"q must be [..., head_dim > 0], got shape {tuple(q.shape)}")
     qf = q.detach().float()
     amax = qf.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, div_rn(amax, 448.0), torch.ones_like(amax))
     return straight_through((to_fp8(qf / scale).float() * scale).to(q.dtype), q)

@@ -32,7 +32,7 @@ import math
 import torch
 
 from fastlayers._dtypes import FP8_E4M3_MAX
-from fastlayers.reference.fp8 import FP8, quantize_fp8_per_token, to_fp8
+from fastlayers.reference.fp8 import FP8, div_rn, quantize_fp8_per_token, to_fp8
 
 __all__ = [
     "quantize_int4",
@@ -106,9 +106,9 @@ def quantize_int4(
     w = weight.float()
     n, k = w.shape
     a = _group_max(w, group_size)
-    raw = a / 7
+    raw = div_rn(a, 7)
     if channel_scale == "per_channel":
-        c = raw.amax(-1) / LUT_SCALE_MAX
+        c = div_rn(raw.amax(-1), LUT_SCALE_MAX)
     elif channel_scale == "per_tensor_pow2":
         c = torch.full((n,), 1.0 / pow2_tensor_scale(a), device=w.device)
     else:
