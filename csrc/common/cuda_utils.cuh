@@ -78,11 +78,25 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // a . b over n elements by one warp: lane-strided (coalesced) loads, fp32, the sum in every lane.
+// Eight partial sums per lane, so that eight loads of each operand are in flight at once: with one
+// running sum the loop waited on memory load by load, and a single token's FFF descent (one
+// dependent dot product per level) took 80-120 us on the H200 (bench/results/h200-run-log.md).
 template <typename A, typename B>
 __device__ __forceinline__ float warp_dot(const A* a, const B* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = threadIdx.x & 31; i < n; i += 32) s += to_f(a[i]) * to_f(b[i]);
-  return warp_sum(s);
+  constexpr int kUnroll = 8;
+  float s[kUnroll] = {};
+  int64_t i = threadIdx.x & 31;
+  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) s[u] += to_f(a[i + 32 * u]) * to_f(b[i + 32 * u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {  // the last (fewer than kUnroll) elements of the lane
+    if (i + 32 * u < n) s[u] += to_f(a[i + 32 * u]) * to_f(b[i + 32 * u]);
+  }
+#pragma unroll
+  for (int u = 1; u < kUnroll; ++u) s[0] += s[u];
+  return warp_sum(s[0]);
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA FFF kernels (sm80+): one warp per token for the descent and the token's outputs, one CTA per
 // node for the weight gradients. First versions, written for correctness: coalesced lane-strided
-// loads, warp-shuffle dot products, fp32 accumulation, no atomics (deterministic). The faster
-// strategies (16-byte loads, the shared top levels as a tensor-core GEMM, leaf-grouped GEMMs for large
-// batches) come once these have run on a GPU.
+// loads, warp-shuffle dot products, fp32 accumulation, no atomics (deterministic). They passed their
+// tests on an H200 (dd55068), where a single token took 80-120 us: latency-bound, each lane waiting
+// on its loads one at a time; the dot products and row sums now keep several loads in flight (not
+// yet measured on a GPU). The faster strategies (16-byte loads, the shared top levels as a
+// tensor-core GEMM, leaf-grouped GEMMs for large batches) are still to come.
 #include "common/cuda_utils.cuh"
 #include "fff/activation.h"
 #include "fff/fff.h"
@@ -18,6 +20,33 @@ using cuda::warp_sum;
 
 constexpr int kWarps = 4;  // tokens per CTA
 constexpr int kMaxLevels = 31;
+
+// out[j] = sum_l coef[l] * base[row[l] + j] for j < n, by one warp (the rows of a token's path):
+// each lane takes kCols columns at a time and the levels are unrolled, so that a lane has up to
+// 4 kCols independent loads in flight (one column at a time waited on memory load by load). The
+// sum over levels runs in level order, as before.
+template <typename T>
+__device__ __forceinline__ void warp_combine_rows(const T* base, const int64_t* row,
+                                                  const float* coef, int64_t levels, int64_t n,
+                                                  T* out) {
+  constexpr int kCols = 4;
+  for (int64_t j0 = threadIdx.x & 31; j0 < n; j0 += 32 * kCols) {
+    float acc[kCols] = {};
+#pragma unroll 4
+    for (int64_t l = 0; l < levels; ++l) {
+      const T* r = base + row[l];
+      const float c = coef[l];
+#pragma unroll
+      for (int u = 0; u < kCols; ++u) {
+        if (j0 + 32 * u < n) acc[u] += c * to_f(r[j0 + 32 * u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kCols; ++u) {
+      if (j0 + 32 * u < n) out[j0 + 32 * u] = from_f<T>(acc[u]);
+    }
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarps) ultra_forward_kernel(const UltraFwdParams p) {
@@ -42,12 +71,8 @@ __global__ void __launch_bounds__(32 * kWarps) ultra_forward_kernel(const UltraF
     node = 2 * node + 1 + (a > 0.0f ? 1 : 0);
   }
   __syncwarp();
-  T* y = static_cast<T*>(p.y) + t * p.out_features;
-  for (int64_t j = lane; j < p.out_features; j += 32) {
-    float acc = 0.0f;
-    for (int64_t l = 0; l < p.levels; ++l) acc += s_coef[warp][l] * to_f(w_out[s_row[warp][l] + j]);
-    y[j] = from_f<T>(acc);
-  }
+  warp_combine_rows(w_out, s_row[warp], s_coef[warp], p.levels, p.out_features,
+                    static_cast<T*>(p.y) + t * p.out_features);
 }
 
 // coef = act'(a) (dy . w_out[n]) per (token, level); dx = sum_l coef_l w_in[n_l].
@@ -72,12 +97,8 @@ __global__ void __launch_bounds__(32 * kWarps) ultra_backward_token_kernel(const
     }
   }
   __syncwarp();
-  T* dx = static_cast<T*>(p.dx) + t * p.in_features;
-  for (int64_t j = lane; j < p.in_features; j += 32) {
-    float acc = 0.0f;
-    for (int64_t l = 0; l < p.levels; ++l) acc += s_coef[warp][l] * to_f(w_in[s_row[warp][l] + j]);
-    dx[j] = from_f<T>(acc);
-  }
+  warp_combine_rows(w_in, s_row[warp], s_coef[warp], p.levels, p.in_features,
+                    static_cast<T*>(p.dx) + t * p.in_features);
 }
 
 // One CTA per node: its pairs in the fixed (node-sorted, token) order; threads own columns.
@@ -135,6 +156,7 @@ __global__ void __launch_bounds__(32 * kWarps) hard_forward_kernel(const HardFwd
   const T* b1 = static_cast<const T*>(p.b1) + leaf * p.width;
   for (int64_t k = lane; k < p.width; k += 32) {
     float acc = to_f(b1[k]);
+#pragma unroll 8
     for (int64_t i = 0; i < p.in_features; ++i) acc += to_f(x[i]) * to_f(w1[i * p.width + k]);
     h[k] = act_value(p.act, acc);
   }
@@ -144,6 +166,7 @@ __global__ void __launch_bounds__(32 * kWarps) hard_forward_kernel(const HardFwd
   T* y = static_cast<T*>(p.y) + t * p.out_features;
   for (int64_t o = lane; o < p.out_features; o += 32) {
     float acc = to_f(b2[o]);
+#pragma unroll 8
     for (int64_t k = 0; k < p.width; ++k) acc += h[k] * to_f(w2[k * p.out_features + o]);
     y[o] = from_f<T>(acc);
   }

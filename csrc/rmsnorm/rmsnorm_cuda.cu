@@ -298,18 +298,19 @@ bool can_vectorize(int64_t cols, std::initializer_list<const void*> t_ptrs,
   return cuda::is_aligned(weight, kVec * sizeof(W));
 }
 
-// Threads per row for the register-resident variants: at most kMaxThreads, the policy measured on
-// the H100 (928a81e). FASTLAYERS_RMSNORM_ROW_THREADS=64, 128 or 256 spreads a row over fewer
-// threads with more items each, wherever that fits the items cap: fewer block reductions, barriers
-// and parameter loads per element. It is the candidate fix for the 16-bit and FP8 forward paths
-// (0.81-0.84 and 0.48-0.54 of the copy bandwidth there, bound by per-row instructions; see
-// bench/results/h100-run-log.md), to be measured against the default before it becomes one. Not yet
-// run on a GPU.
+// Threads per row for the register-resident variants: at most 128 by default, so that each thread
+// keeps several 16-byte vectors of its row in flight. With at most 512 (the policy of the H100 run,
+// 928a81e) a 16-bit row of 4096 got one vector per thread, and on the H200 (dd55068) the 16-bit
+// forward reached only 0.55-0.61 of the copy bandwidth and FP8 output 0.30-0.36, while fp32 (two
+// vectors per thread) reached 0.88-0.94: too few bytes in flight per SM for the faster memory
+// (bench/results/h200-run-log.md). FASTLAYERS_RMSNORM_ROW_THREADS=64, 256 or 512 picks another cap
+// (read once per process). The 128 cap passed the CUDA RMSNorm tests on that H200; its speed is
+// not yet measured on a GPU.
 int row_threads_cap() {
   static const int cap = [] {
     const char* env = std::getenv("FASTLAYERS_RMSNORM_ROW_THREADS");
     const int v = env != nullptr ? std::atoi(env) : 0;
-    return v == 64 || v == 128 || v == 256 ? v : kMaxThreads;
+    return v == 64 || v == 128 || v == 256 || v == 512 ? v : 128;
   }();
   return cap;
 }
