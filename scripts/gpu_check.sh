@@ -133,20 +133,23 @@ if want bench; then
   done
 fi
 
+# compute-sanitizer, one test file at a time under its own cap (SAN_FILE_CAP seconds, default 30),
+# so that every family's kernels get checked: under memcheck a test takes 1-2 s (the H200 run of
+# dd55068 got through 124 tests of one long list in 200 s, all of them RMSNorm and FFF).
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
-sub=(python3 -m pytest tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_fff.py tests/test_peer.py
-     tests/test_int4_fp8.py tests/test_int4_fp8_sm90.py tests/test_rope_kv.py tests/test_quant_attention.py
-     tests/test_skip.py -m cuda -q -p no:cacheprovider
-     -k "4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core")
-if want memcheck; then
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 phase memcheck "${SAN_CAP:-200}" "${san[@]}" --tool memcheck \
-    "${sub[@]}" >"$R/memcheck.txt" 2>&1
-  grep -E "ERROR SUMMARY|passed|failed|Invalid|out of bounds" "$R/memcheck.txt" | head -20
-fi
-if want racecheck; then
-  phase racecheck "${SAN_CAP:-200}" "${san[@]}" --tool racecheck "${sub[@]}" >"$R/racecheck.txt" 2>&1
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed|hazard" "$R/racecheck.txt" | head -20
-fi
+san_files=(test_rmsnorm test_rmsnorm_backward test_fff test_peer test_int4_fp8 test_int4_fp8_sm90
+           test_rope_kv test_quant_attention test_skip)
+san_k="4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core"
+for tool in memcheck racecheck; do
+  want "$tool" || continue
+  for f in "${san_files[@]}"; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=$([ "$tool" = memcheck ] && echo 1 || echo 0) \
+      phase "$tool $f" "${SAN_FILE_CAP:-30}" "${san[@]}" --tool "$tool" python3 -m pytest "tests/$f.py" \
+      -m cuda -q -p no:cacheprovider -k "$san_k" >"$R/${tool}_$f.txt" 2>&1
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Invalid|hazard" "$R/${tool}_$f.txt" | head -5
+    tail -c 300 "$R/${tool}_$f.txt" | tr -d '\n' | tail -c 120; echo
+  done
+done
 
 # The RMSNorm row-threads candidate (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu): its CUDA tests
 # and the RMSNorm benchmark again with a row over at most 128 threads (compare the fractions of
