@@ -4,7 +4,7 @@
 # prebuilt) fastlayers for the GPU's arch, then run phases in order of priority, each under its own
 # time cap and all of them under one deadline, so that one device command of fixed length returns
 # whatever finished: the CUDA tests, the benchmark (one family at a time), compute-sanitizer memcheck
-# and racecheck on a subset, the RMSNorm row-threads candidate, the host overhead, the CPU tests.
+# and racecheck per test file, the RMSNorm row-threads A/B, the host overhead, the CPU tests.
 # A phase that would get under 20 s is skipped and says so in phases.txt; the next call can run
 # the rest (PHASES=...). Copy the results into bench/results/ with the device and commit.
 #
@@ -151,15 +151,16 @@ for tool in memcheck racecheck; do
   done
 done
 
-# The RMSNorm row-threads candidate (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu): its CUDA tests
-# and the RMSNorm benchmark again with a row over at most 128 threads (compare the fractions of
-# the copy bandwidth with bench_rmsnorm).
+# The RMSNorm row-threads A/B (row_threads_cap in csrc/rmsnorm/rmsnorm_cuda.cu, default 128): its
+# CUDA tests and the RMSNorm benchmark again with rows over up to ROW_THREADS_ALT threads (default
+# 512, the launch before f1bdcd3; compare the fractions of the copy bandwidth with bench_rmsnorm).
 if want rowthreads; then
-  FASTLAYERS_RMSNORM_ROW_THREADS=128 phase "rowthreads tests" 90 python3 -m pytest tests/test_rmsnorm.py \
-    tests/test_rmsnorm_backward.py tests/test_nn_rmsnorm.py -m cuda -q -p no:cacheprovider \
-    >"$R/rowthreads_pytest.txt" 2>&1
+  alt=${ROW_THREADS_ALT:-512}
+  FASTLAYERS_RMSNORM_ROW_THREADS=$alt phase "rowthreads $alt tests" 90 python3 -m pytest \
+    tests/test_rmsnorm.py tests/test_rmsnorm_backward.py tests/test_nn_rmsnorm.py -m cuda -q \
+    -p no:cacheprovider >"$R/rowthreads_pytest.txt" 2>&1
   tail -2 "$R/rowthreads_pytest.txt"
-  FASTLAYERS_RMSNORM_ROW_THREADS=128 phase "rowthreads bench" 100 python3 -m fastlayers bench \
+  FASTLAYERS_RMSNORM_ROW_THREADS=$alt phase "rowthreads $alt bench" 100 python3 -m fastlayers bench \
     --device cuda --family rmsnorm --reps "$REPS" --no-compile --out "$R/rowthreads" \
     >"$R/rowthreads_bench.txt" 2>&1
 fi
