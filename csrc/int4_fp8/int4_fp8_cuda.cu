@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA INT4 x FP8 fallback kernels (sm80+), written for correctness first; not yet run on a GPU.
-// Semantics: int4_fp8.h and python/fastlayers/reference/int4_fp8.py. The Hopper CUTLASS path (LUT
-// mainloop) is separate and planned; these run on every architecture and any shape.
+// CUDA INT4 x FP8 fallback kernels (sm80+), written for correctness first; their tests passed on an
+// H200 (dd55068). Semantics: int4_fp8.h and python/fastlayers/reference/int4_fp8.py. The Hopper
+// CUTLASS path (LUT mainloop) is separate (sm90/); these run on every architecture and any shape.
 //   GEMM (meant for decode, m <= 8 per CTA row block): one warp per output channel, lanes stride
 //     the packed weight row (4 bytes = 8 weights per load when the row allows it), table values
 //     fp8(q * s8) from a shared-memory table per scale code (built once per CTA), up to 8 rows of

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA PEER expert kernels (sm80+). First versions, written for correctness and coalescing; not yet
-// run on a GPU. Semantics: peer.h and python/fastlayers/reference/peer.py.
+// CUDA PEER expert kernels (sm80+). First versions, written for correctness and coalescing; their
+// tests passed on an H200 (dd55068), where the forward ran at 0.27 of the copy bandwidth.
+// Semantics: peer.h and python/fastlayers/reference/peer.py.
 //   Forward, one CTA per token: x in shared memory; each warp takes pairs p = warp, warp + 8, ...
 //     and reduces down[e] . x (lane-strided, coalesced); then every thread owns output columns and
 //     sums gate * act(s) * up[e][j] over the pairs (each row read once, coalesced across threads).

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// CUDA product-key retrieval (sm80+). First version, written for correctness; not yet run on a GPU.
+// CUDA product-key retrieval (sm80+). First version, written for correctness; its tests passed on
+// an H200 (dd55068).
 // Semantics: peer.h (RetrieveParams) and python/fastlayers/reference/peer.py (peer_retrieve).
 //
 // One CTA per (block of up to kTokens tokens, head), 256 threads:

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA routed-row kernels (sm80+): gather_rows, scatter_add_gated and its fused backward. First
-// versions; not yet run on a GPU. Semantics and rounding: skip.h (RowsParams), bit-exact with the CPU
-// kernels (the scatter's product is exact in double). One CTA per routed row, threads over the
-// row. Indices outside [0, n) are skipped (the CPU launcher reports them; checking here would need a
-// host synchronisation).
+// versions; their tests passed on an H200 (dd55068). Semantics and rounding: skip.h (RowsParams),
+// bit-exact with the CPU kernels (the scatter's product is exact in double). One CTA per routed row,
+// threads over the row. Indices outside [0, n) are skipped (the CPU launcher reports them; checking
+// here would need a host synchronisation).
 #include "common/cuda_utils.cuh"
 #include "skip/skip.h"
 
