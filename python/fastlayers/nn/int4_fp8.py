@@ -87,8 +87,12 @@ class Int4Fp8Linear(torch.nn.Module):
     ``out_features`` is not a multiple of 16 or ``in_features`` not a multiple of 32 are padded at
     prepack with zero weights (see :func:`fastlayers.ops.int4_fp8.sm90_padded_shape`); each call
     then pads the FP8 activations with zero columns and copies the output columns it keeps (one
-    extra pass over each, on those shapes only). Other devices, and several groups of a size that
-    is not a multiple of 128, use the generic kernels.
+    extra pass over each, on those shapes only). Other devices, several groups of a size that is
+    not a multiple of 128, and a float32 ``out_dtype`` (the Hopper GEMM writes bf16 or fp16) use the
+    generic kernels. The Hopper GEMM accumulates in the FP8 tensor cores over all of K, at about 13
+    mantissa bits (as ``torch._scaled_mm`` with fast accumulation): its error grows with
+    ``in_features`` (on an H200, about 2^-10.6 of ``sum_k |x_k w_k|`` at K = 1024), below the FP8
+    rounding of the activations but above the rounding of an fp16 output.
     """
 
     def __init__(
