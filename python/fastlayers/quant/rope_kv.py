@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fastlayers.ops._common import check_int, check_tensor, no_dispatch_modes, tensor_version
-from fastlayers.reference.fp8 import FP8, div_rn, to_fp8
+from fastlayers.reference.fp8 import FP8, div_rn, quantize_fp8_per_token, to_fp8
 from fastlayers.reference.int4_fp8 import GROUP_SCALE_MIN, pack_int4, unpack_int4
 
 PAIRINGS = ("half", "interleaved")
@@ -274,7 +274,5 @@ def quantize_q_fp8(q: torch.Tensor) -> torch.Tensor:
     _check_float(q, "q", "[..., head_dim > 0]")
     if q.shape[-1] == 0:
         raise ValueError(f"q must be [..., head_dim > 0], got shape {tuple(q.shape)}")
-    qf = q.detach().float()
-    amax = qf.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, div_rn(amax, 448.0), torch.ones_like(amax))
-    return straight_through((to_fp8(qf / scale).float() * scale).to(q.dtype), q)
+    codes, scale = quantize_fp8_per_token(q.detach().float())
+    return straight_through((codes.float() * scale).to(q.dtype), q)
