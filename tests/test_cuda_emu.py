@@ -107,3 +107,23 @@ def test_a_shuffle_moves_at_most_eight_bytes(tmp_path, value_type, compiles):
     assert (result.returncode == 0) == compiles, result.stderr
     if not compiles:
         assert "at most 8 bytes" in result.stderr
+
+
+def test_cp_async_lands_only_when_waited_for():
+    """cp.async (common/ptx.cuh): the destination is written when cp_async_wait retires the copy;
+    read before that (in flight on a GPU) it is the shared memory's poison."""
+    src = torch.arange(32.0)
+    message, out = _run(11, torch.cat([src, torch.full((32,), float("nan"))]))
+    assert message == "ok" and torch.equal(out[32:], src)
+    message, out = _run(12, torch.cat([src, torch.full((32,), float("nan"))]))
+    assert message == "ok" and bool(out[32:].isnan().all())
+
+
+def test_ldmatrix_and_mma_follow_the_ptx_fragment_layouts():
+    """A 16x16 by 16x8 product through ldmatrix (plain, on B's transpose, and transposing, on B)
+    and mma.sync m16n8k16 equals the plain sum: the emulated instructions agree with the PTX ISA's
+    fragment layouts as the attention kernels use them."""
+    message, out = _run(13)
+    assert message == "ok"
+    assert out[0].item() == 0.0 and out[1].item() == 0.0
+    assert out[2].item() > 10.0

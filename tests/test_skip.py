@@ -66,6 +66,33 @@ def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+@pytest.mark.parametrize("window", [None, (40, 0), (0, 30)])
+def test_varlen_tensor_core_tile_classes(cuda_device, dtype, d, order, window):
+    """The tensor-core kernel sorts key tiles by the bounds of their sequences and positions: tiles
+    no row can see (skipped), tiles every row sees whole (no mask) and the rest (masked per pair).
+    Long sequences (200 and 150 tokens: 64-row CTAs inside one sequence, so whole tiles occur) with
+    sorted positions, and the same with the positions shuffled within each sequence (the bounds
+    then rule out less; every pair is still masked right)."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [200, 3, 150]
+    pos = []
+    for n in lengths:
+        p = torch.randperm(2 * n, generator=gen)[:n].sort().values
+        pos.append(p if order == "sorted" else p[torch.randperm(n, generator=gen)])
+    pos = torch.cat(pos).to(cuda_device)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu.to(cuda_device)
+    n = int(cu[-1])
+    q = rand(n, 4, d, dtype=dtype, device=cuda_device)
+    k = rand(n, 2, d, dtype=dtype, device=cuda_device)
+    v = rand(n, 2, d, dtype=dtype, device=cuda_device)
+    _check(q, k, v, cu, cu, pos, pos, window=window)
+    _check(q, k, v, cu, cu, pos, pos, causal=False, window=window, softcap=2.0)
+
+
 def test_varlen_dense_case_is_causal_sdpa(device):
     """q_pos = k_pos = arange: the usual causal attention."""
     t, h, d = 45, 4, 64

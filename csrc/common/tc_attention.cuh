@@ -1,46 +1,42 @@
 // SPDX-License-Identifier: Apache-2.0
-// The tensor-core core of the attention kernels (varlen_cuda.cu, kvint4_cuda.cu prefill): a CTA of
-// 4 warps owns 64 query rows (16 per warp) of one head and walks 64-key tiles that the kernel has put
-// in shared memory as fp16/bf16 (K and V rows, a 16-byte padded stride). Per tile and warp:
-//   S = Q K^T on tensor cores (WMMA m16n16k16, fp32 accumulation; Q fragments stay in registers),
-//   through shared memory into a masked online softmax (a lane pair per row, 32 keys each; the mask
-//   is the kernel's visible(row, key) functor), P rounded to the input dtype (as FlashAttention),
-//   O += P V on tensor cores with O kept per warp in an fp32 shared-memory tile, rescaled per row.
-// The kernel supplies the loaders, the mask and the epilogue; this header owns the arithmetic.
+// The tensor-core core of the attention kernels (varlen_cuda.cu, kvint4_cuda.cu prefill), in the
+// FlashAttention-2 arrangement: a CTA of 4 warps owns 64 query rows (16 per warp) of one head and
+// walks 64-key tiles that the kernel has put in shared memory as fp16/bf16 (Q, K and V rows with a
+// 16-byte padded stride: ldmatrix reads them without bank conflicts). Per tile and warp, everything
+// stays in registers (common/ptx.cuh's mma.sync m16n8k16 and ldmatrix):
+//   S = Q K^T (fp32 accumulation; the Q fragments are loaded once), the kernel's visible(row, key)
+//   mask, an online softmax in base 2 (each row's 64 scores sit in the 4 lanes of a quad: two
+//   shuffles per reduction), P rounded to the input dtype (as FlashAttention) and reused as the A
+//   fragments of O += P V (V through a transposing ldmatrix), O rescaled in registers.
+// The row sums are kept per lane and reduced at the end. The kernel supplies the loads (cp.async:
+// load_rows_async), the mask and the epilogue; this header owns the arithmetic.
 #pragma once
-
-#include <mma.h>
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "common/ptx.cuh"
 
 namespace fastlayers::cuda::tc {
 
 constexpr int kWarps = 4;
 constexpr int kRows = 16 * kWarps;  // query rows per CTA
 constexpr int kKeys = 64;           // keys per tile
-constexpr int kPadH = 8;            // 16-bit row padding (elements): WMMA ldm % 8, fewer bank conflicts
-constexpr int kPadF = 4;            // fp32 row padding
+constexpr int kPad = 8;             // 16-bit row padding (elements): 16 bytes, conflict-free ldmatrix
 
-// Shared-memory layout (byte offsets; every region a multiple of 32 bytes: WMMA pointers are
-// 256-bit aligned). kExtra: where the kernel's own arrays start; kBytes(extra) the total.
+// Shared-memory layout (byte offsets; each region 128-byte aligned). kExtra: where the kernel's
+// own arrays start; bytes(extra) the total.
 template <int D>
 struct Smem {
-  static constexpr int kLdQ = D;
-  static constexpr int kLdK = D + kPadH;        // K and V rows
-  static constexpr int kLdS = kKeys + kPadF;    // scores (fp32)
-  static constexpr int kLdP = kKeys + kPadH;    // probabilities (16-bit)
-  static constexpr int kLdO = D + kPadF;        // output accumulator (fp32)
+  static constexpr int kLd = D + kPad;  // Q, K and V rows
   static constexpr size_t kQ = 0;
-  static constexpr size_t kK = kQ + size_t(kRows) * kLdQ * 2;
-  static constexpr size_t kV = kK + size_t(kKeys) * kLdK * 2;
-  static constexpr size_t kS = kV + size_t(kKeys) * kLdK * 2;
-  static constexpr size_t kP = kS + size_t(kWarps) * 16 * kLdS * 4;
-  static constexpr size_t kO = kP + size_t(kWarps) * 16 * kLdP * 2;
-  static constexpr size_t kExtra = kO + size_t(kWarps) * 16 * kLdO * 4;
+  static constexpr size_t kK = kQ + size_t(kRows) * kLd * 2;
+  static constexpr size_t kV = kK + size_t(kKeys) * kLd * 2;
+  static constexpr size_t kExtra = kV + size_t(kKeys) * kLd * 2;
   static constexpr size_t bytes(size_t extra) { return kExtra + extra; }
+  static_assert(kK % 128 == 0 && kV % 128 == 0 && kExtra % 128 == 0, "regions stay 128-byte aligned");
 };
 
 // Shared memory a block of the current device may opt in to, and that device (0 bytes when it
@@ -69,131 +65,191 @@ Status launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& para
   return last_launch_status();
 }
 
+// The mask of a tile that every row sees whole.
+struct AllVisible {
+  __device__ bool operator()(int, int) const { return true; }
+};
+
 // One warp's 16 query rows. Construct after Q is in shared memory (and a __syncthreads()).
+// Lane l holds rows g = l / 4 and g + 8 of the warp's 16 (h = 0, 1), and in each 8-column block
+// the columns 2 (l % 4) and + 1.
 template <typename T, int D>
 struct WarpTile {
   using S = Smem<D>;
-  using FragQ = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
+  static constexpr int kKeyBlocks = kKeys / 8;  // 8-key blocks of the scores
+  static constexpr int kColBlocks = D / 8;      // 8-column blocks of the output
+  static constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(D % 16 == 0, "head_dim is a multiple of 16");
 
   const T* sk;
   const T* sv;
-  float* ss;
-  T* sp;
-  float* so;
-  FragQ qf[D / 16];
-  int warp, lane, r, half;  // r: this lane's row within the warp; half: its 32-key half of a tile
-  float m = -INFINITY, l = 0.0f;
+  uint32_t qf[D / 16][4];  // Q as A fragments, 16 channels each
+  float o[kColBlocks][4];  // the output accumulator
+  float m[2] = {-INFINITY, -INFINITY};  // running maxima (base-2 scaled scores) of rows g, g + 8
+  float l[2] = {0.0f, 0.0f};            // this lane's part of their sums
+  int warp, lane;
 
-  __device__ explicit WarpTile(unsigned char* smem) {
+  __device__ explicit WarpTile(const unsigned char* smem) {
     warp = threadIdx.x >> 5;
     lane = threadIdx.x & 31;
-    r = lane >> 1;
-    half = lane & 1;
     const T* sq = reinterpret_cast<const T*>(smem + S::kQ);
     sk = reinterpret_cast<const T*>(smem + S::kK);
     sv = reinterpret_cast<const T*>(smem + S::kV);
-    ss = reinterpret_cast<float*>(smem + S::kS) + warp * 16 * S::kLdS;
-    sp = reinterpret_cast<T*>(smem + S::kP) + warp * 16 * S::kLdP;
-    so = reinterpret_cast<float*>(smem + S::kO) + warp * 16 * S::kLdO;
+    // Tiles: rows 0-7 / 8-15 (lanes 0-15) then channels + 8 (lanes 16-31).
+    const T* qrow = sq + (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      nvcuda::wmma::load_matrix_sync(qf[kk], sq + warp * 16 * S::kLdQ + kk * 16, S::kLdQ);
+    for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(qf[kk], qrow + kk * 16);
+#pragma unroll
+    for (int nb = 0; nb < kColBlocks; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
     }
-    for (int i = lane; i < 16 * S::kLdO; i += 32) so[i] = 0.0f;
-    __syncwarp();
   }
 
-  // The CTA row (0..kRows) of this lane's row.
-  __device__ int cta_row() const { return warp * 16 + r; }
+  // The CTA row (0..kRows) of this lane's row h.
+  __device__ int cta_row(int h) const { return warp * 16 + (lane >> 2) + 8 * h; }
+  // The tile key of this lane's score e of key block nb.
+  __device__ int key_of(int nb, int e) const { return nb * 8 + 2 * (lane & 3) + (e & 1); }
 
-  // One key tile (K and V in shared memory, complete): visible(cta_row, key_in_tile) -> bool.
-  // softcap > 0: each scaled score s becomes softcap * tanh(s / softcap) (Gemma 2).
+  // S = Q K^T of the tile in shared memory (K complete), masked (visible(cta_row, key) -> bool),
+  // scaled (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2), the online softmax update;
+  // leaves P as the A fragments of the P V product (16 keys each).
   template <class Visible>
-  __device__ void step(const Visible& visible, float scale, float softcap = 0.0f) {
-    namespace wmma = nvcuda::wmma;
+  __device__ void softmax(const Visible& visible, float scale, float softcap, uint32_t (&p)[kKeys / 16][4]) {
+    float s[kKeyBlocks][4];
 #pragma unroll
-    for (int nb = 0; nb < kKeys / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    }
+    // Tiles of one ldmatrix: keys +0-7 channels +0 / +8 (b[0], b[1] of block nb), keys +8-15 (nb + 1).
+    const T* krow = sk + ((lane >> 4) * 8 + (lane & 7)) * S::kLd + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int nb = 0; nb < kKeyBlocks; nb += 2) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kf;  // K^T from K's rows
-        wmma::load_matrix_sync(kf, sk + nb * 16 * S::kLdK + kk * 16, S::kLdK);
-        wmma::mma_sync(acc, qf[kk], kf, acc);
+        uint32_t kf[4];
+        ptx::ldmatrix_x4(kf, krow + nb * 8 * S::kLd + kk * 16);
+        const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        ptx::mma_16816<T>(s[nb], qf[kk], b0);
+        ptx::mma_16816<T>(s[nb + 1], qf[kk], b1);
       }
-      wmma::store_matrix_sync(ss + nb * 16, acc, S::kLdS, wmma::mem_row_major);
     }
-    __syncwarp();
 
-    const int row = cta_row();
-    float sc[32];
-    float mx = -INFINITY;
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const int j = half * 32 + c;
-      const float x = ss[r * S::kLdS + j] * scale;
-      sc[c] = visible(row, j) ? (softcap > 0.0f ? softcap * tanhf(x / softcap) : x) : -INFINITY;
-      mx = fmaxf(mx, sc[c]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m, mx);
-    // Nothing visible yet: O and l stay 0 (alpha 1). First visible keys: the old O is 0 (alpha 0).
-    const float alpha = m_new == -INFINITY ? 1.0f : (m == -INFINITY ? 0.0f : expf(m - m_new));
-    float sum = 0.0f;
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
-    for (int c = 0; c < 32; ++c) {
-      const float pj = sc[c] == -INFINITY ? 0.0f : expf(sc[c] - m_new);
-      sum += pj;
-      sp[r * S::kLdP + half * 32 + c] = from_f<T>(pj);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * alpha + sum;
-    m = m_new;
-    for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) so[r * S::kLdO + c] *= alpha;
-    __syncwarp();
-
-#pragma unroll
-    for (int nb = 0; nb < D / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, so + nb * 16, S::kLdO, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pf;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vf;
-        wmma::load_matrix_sync(pf, sp + kk * 16, S::kLdP);
-        wmma::load_matrix_sync(vf, sv + kk * 16 * S::kLdK + nb * 16, S::kLdK);
-        wmma::mma_sync(acc, pf, vf, acc);
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nb][e] * scale;
+        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+        x = visible(cta_row(e >> 1), key_of(nb, e)) ? x * kLog2e : -INFINITY;
+        s[nb][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
-      wmma::store_matrix_sync(so + nb * 16, acc, S::kLdO, wmma::mem_row_major);
     }
-    __syncwarp();
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m[h], mx[h]);
+      // Nothing visible yet: O and l stay 0 (alpha 1). First visible keys: the old O is 0 (alpha 0).
+      alpha[h] = m_new == -INFINITY ? 1.0f : (m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new));
+      m[h] = m_new;
+      l[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int nb = 0; nb < kColBlocks; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+    }
+#pragma unroll
+    for (int nb = 0; nb < kKeyBlocks; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pj = s[nb][e] == -INFINITY ? 0.0f : exp2f(s[nb][e] - m[e >> 1]);
+        l[e >> 1] += pj;
+        s[nb][e] = pj;
+      }
+    }
+    // Score blocks 2kk, 2kk + 1 (keys +0-7, +8-15) are the A fragment of keys 16kk..16kk+15.
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      p[kk][0] = ptx::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      p[kk][1] = ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      p[kk][2] = ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p[kk][3] = ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
   }
 
-  // out[c] = O[c] / l for this lane's half of the row's columns (zeros when the row saw nothing);
-  // returns lse = m + log l (-inf then).
-  template <typename Out>
-  __device__ float finish(Out* out) const {
-    const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
-    for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) {
-      out[c] = from_f<Out>(so[r * S::kLdO + c] * inv);
+  // O += P V with the tile's V in shared memory (complete).
+  __device__ void accumulate(const uint32_t (&p)[kKeys / 16][4]) {
+    // Tiles of one transposing ldmatrix: keys +0-7 / +8-15 of columns +0-7 (b[0], b[1] of block
+    // nb), then of columns +8-15 (block nb + 1).
+    const T* vrow = sv + (((lane >> 3) & 1) * 8 + (lane & 7)) * S::kLd + (lane >> 4) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+      for (int nb = 0; nb < kColBlocks; nb += 2) {
+        uint32_t vf[4];
+        ptx::ldmatrix_x4_trans(vf, vrow + kk * 16 * S::kLd + nb * 8);
+        const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+        ptx::mma_16816<T>(o[nb], p[kk], b0);
+        ptx::mma_16816<T>(o[nb + 1], p[kk], b1);
+      }
     }
-    return l > 0.0f || l != l ? m + logf(l) : -INFINITY;
+  }
+
+  // Both halves of a tile whose K and V are in shared memory.
+  template <class Visible>
+  __device__ void step(const Visible& visible, float scale, float softcap = 0.0f) {
+    uint32_t p[kKeys / 16][4];
+    softmax(visible, scale, softcap, p);
+    accumulate(p);
+  }
+
+  // out_row(cta_row) -> Out* (nullptr: not written) gets O / l for each of the lane's rows (zeros
+  // when the row saw nothing); put_lse(cta_row, lse) once per row, lse = m + log l (-inf then).
+  template <typename Out, class OutRow, class PutLse>
+  __device__ void finish(const OutRow& out_row, const PutLse& put_lse) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = l[h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
+      const float inv = seen ? 1.0f / sum : 0.0f;
+      Out* out = out_row(cta_row(h));
+      if (out != nullptr) {
+#pragma unroll
+        for (int nb = 0; nb < kColBlocks; ++nb) {
+          const int c = nb * 8 + 2 * (lane & 3);
+          out[c] = from_f<Out>(o[nb][2 * h] * inv);
+          out[c + 1] = from_f<Out>(o[nb][2 * h + 1] * inv);
+        }
+      }
+      if ((lane & 3) == 0) {
+        put_lse(cta_row(h), seen ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY);
+      }
+    }
   }
 };
 
-// Copies `rows` rows of D 16-bit values (row i at src + i * src_stride elements; null: zeros) into
-// shared memory with stride ld, 16 bytes per thread and step; rows >= valid are zero-filled.
+// Issues the copies of `rows` rows of D 16-bit values into shared memory (row i from row_ptr(i),
+// stride ld), 16 bytes per thread and step, as cp.async; rows >= valid, and rows whose pointer is
+// null, are zero-filled with plain stores. The caller commits, waits and synchronises.
 template <typename T, int D, typename RowPtr>
-__device__ void load_rows(T* dst, int ld, int rows, int valid, const RowPtr& row_ptr) {
+__device__ void load_rows_async(T* dst, int ld, int rows, int valid, const RowPtr& row_ptr) {
   constexpr int kVec = 8;
   for (int i = threadIdx.x; i < rows * D / kVec; i += blockDim.x) {
     const int row = i / (D / kVec), c = (i % (D / kVec)) * kVec;
-    uint4 w = make_uint4(0, 0, 0, 0);
-    if (row < valid) {
-      const T* src = row_ptr(row);
-      if (src != nullptr) w = *reinterpret_cast<const uint4*>(src + c);
+    const T* src = row < valid ? row_ptr(row) : nullptr;
+    if (src != nullptr) {
+      ptx::cp_async_16(dst + row * ld + c, src + c, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst + row * ld + c) = make_uint4(0, 0, 0, 0);
     }
-    *reinterpret_cast<uint4*>(dst + row * ld + c) = w;
   }
 }
 

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA INT4 KV cache kernels (sm80+). First versions, written for correctness; they ran on an H200
 // (dd55068): their tests passed, and decode and prefill were 10-15x slower than bf16 SDPA there.
+// The tensor-core prefill's tile (common/tc_attention.cuh) has been rewritten since (registers,
+// mma.sync): its tests pass in the CPU emulation, it has not yet run on a GPU.
 // Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
 //
 // Cache write (quantize): one thread per (row, group) (per row for the query side). Pass 1 forms the group's fp32 values (RoPE
@@ -395,8 +397,10 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t first = p.length - p.q_tokens;
   const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;
   const T* q = static_cast<const T*>(p.q16) + ((b * p.hq + h) * p.q_tokens + i0) * D;
-  tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, tc::kRows,
-                      static_cast<int>(rows), [&](int i) { return q + static_cast<int64_t>(i) * D; });
+  tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows,
+                            static_cast<int>(rows), [&](int i) { return q + static_cast<int64_t>(i) * D; });
+  cuda::ptx::cp_async_commit();
+  cuda::ptx::cp_async_wait<0>();
   __syncthreads();
   tc::WarpTile<T, D> tile(tc_smem);
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
@@ -419,21 +423,25 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
         kv = dequant_byte(p.k[t * (D / 2) + c / 2], fp8e4m3_value(ks8[t * ng + c / p.group]));
         vv = dequant_byte(p.v[t * v_row + c / 2], fp8e4m3_value(vs8[t * vs_row + c / p.group]));
       }
-      sk[j * S::kLdK + c] = cuda::from_f<T>(kv.x);
-      sk[j * S::kLdK + c + 1] = cuda::from_f<T>(kv.y);
-      sv[j * S::kLdK + c] = cuda::from_f<T>(vv.x);
-      sv[j * S::kLdK + c + 1] = cuda::from_f<T>(vv.y);
+      sk[j * S::kLd + c] = cuda::from_f<T>(kv.x);
+      sk[j * S::kLd + c + 1] = cuda::from_f<T>(kv.y);
+      sv[j * S::kLd + c] = cuda::from_f<T>(vv.x);
+      sv[j * S::kLd + c + 1] = cuda::from_f<T>(vv.y);
     }
     __syncthreads();
-    tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + i0 + i; },
-              p.scale, p.softcap);
+    // Every row sees the whole tile: no mask.
+    if (rows == tc::kRows && nt == tc::kKeys && t0 >= start && t0 + tc::kKeys - 1 <= first + i0) {
+      tile.step(tc::AllVisible{}, p.scale, p.softcap);
+    } else {
+      tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + i0 + i; },
+                p.scale, p.softcap);
+    }
   }
-  const int64_t row = i0 + tile.cta_row();
-  if (row < p.q_tokens) {
-    const int64_t w = (b * p.hq + h) * p.q_tokens + row;
-    const float lse = tile.finish(p.out + w * D);
-    if (tile.half == 0) p.lse[w] = lse;
-  }
+  const int64_t w0 = (b * p.hq + h) * p.q_tokens + i0;
+  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i) * D : nullptr; },
+                              [&](int i, float lse) {
+                                if (i < rows) p.lse[w0 + i] = lse;
+                              });
 }
 
 template <typename T, int D>

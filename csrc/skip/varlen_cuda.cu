@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA varlen position-masked attention, forward (sm80+). First version, CUDA cores in fp32, written
-// for correctness; its tests passed on an H200 (dd55068). Semantics: skip.h (VarlenParams) and
+// for correctness; its tests passed on an H200 (dd55068). The tensor-core forward below was
+// rewritten after that run (common/tc_attention.cuh: registers, mma.sync, cp.async): its tests pass
+// in the CPU emulation, it has not yet run on a GPU. Semantics: skip.h (VarlenParams) and
 // python/fastlayers/reference/skip.py: query i of sequence b sees key j of b iff
 // q_pos[i] - left <= k_pos[j] <= q_pos[i] + right (-1: unbounded), fp32 softmax, zeros and
 // lse = -inf for a query that sees nothing (and for rows past the last sequence).
@@ -16,9 +18,12 @@
 //   (dv / 32 columns each) and accumulates p_j V[j] with p_j broadcast by shuffles.
 //
 // Tensor-core forward (fp16/bf16, d == dv in {64, 128}, 16-byte aligned q/k/v): the same masking
-// with common/tc_attention.cuh's tiles (64 query rows per CTA, 64-key tiles, WMMA products, online
-// softmax); a key tile that no row of the CTA can see is skipped before its K/V are loaded.
+// with common/tc_attention.cuh's tiles (64 query rows per CTA, 64-key tiles, mma.sync products and
+// the online softmax in registers). K and V tiles arrive by cp.async (V during the scores). From the
+// bounds of the CTA's row and the tile's key sequences and positions, a tile that no row can see is
+// skipped before its K/V are loaded, and one that every row sees whole runs without the mask.
 #include <cmath>
+#include <cstdint>
 
 #include "common/cuda_utils.cuh"
 #include "common/tc_attention.cuh"
@@ -193,18 +198,54 @@ struct VarlenTcSmem {
   static constexpr size_t kBytes = kKeySeq + size_t(cuda::tc::kKeys) * 4;
 };
 
+// The sequences and positions of a set of rows (or keys): their bounds over the entries inside a
+// sequence, and how many are outside every one.
+struct SeqPosBounds {
+  int32_t seq_lo, seq_hi, outside;
+  int64_t pos_lo, pos_hi;
+};
+
+__device__ __forceinline__ SeqPosBounds merge(const SeqPosBounds& a, const SeqPosBounds& b) {
+  return {a.seq_lo < b.seq_lo ? a.seq_lo : b.seq_lo, a.seq_hi > b.seq_hi ? a.seq_hi : b.seq_hi,
+          a.outside + b.outside, a.pos_lo < b.pos_lo ? a.pos_lo : b.pos_lo,
+          a.pos_hi > b.pos_hi ? a.pos_hi : b.pos_hi};
+}
+
+// The bounds of the warp's 32 entries (each lane's one), in every lane.
+__device__ __forceinline__ SeqPosBounds warp_bounds(bool in, int32_t seq, int64_t pos) {
+  SeqPosBounds r{in ? seq : INT32_MAX, in ? seq : INT32_MIN, in ? 0 : 1, in ? pos : INT64_MAX,
+                 in ? pos : INT64_MIN};
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const SeqPosBounds o{__shfl_xor_sync(0xffffffffu, r.seq_lo, off), __shfl_xor_sync(0xffffffffu, r.seq_hi, off),
+                         __shfl_xor_sync(0xffffffffu, r.outside, off), __shfl_xor_sync(0xffffffffu, r.pos_lo, off),
+                         __shfl_xor_sync(0xffffffffu, r.pos_hi, off)};
+    r = merge(r, o);
+  }
+  return r;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kernel(const VarlenParams p) {
   // The tensor-core tile sizes, named here: this file's own kRows / kKeys (the CUDA-core kernel's,
   // 16 and 32) would shadow the ones a `using namespace cuda::tc` brings in.
-  using S = cuda::tc::Smem<D>;
-  constexpr int kRows = cuda::tc::kRows, kKeys = cuda::tc::kKeys;
+  namespace tc = cuda::tc;
+  namespace ptx = cuda::ptx;
+  using S = tc::Smem<D>;
+  constexpr int kRows = tc::kRows, kKeys = tc::kKeys;
+  static_assert(kRows == 64 && kKeys == 64, "rows and keys: one entry per thread of warps 0 and 1");
   using L = VarlenTcSmem<D>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
+  T* sq = reinterpret_cast<T*>(tc_smem + S::kQ);
+  T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
+  T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   int64_t* row_pos = reinterpret_cast<int64_t*>(tc_smem + L::kRowPos);
   int64_t* key_pos = reinterpret_cast<int64_t*>(tc_smem + L::kKeyPos);
   int32_t* row_seq = reinterpret_cast<int32_t*>(tc_smem + L::kRowSeq);
   int32_t* key_seq = reinterpret_cast<int32_t*>(tc_smem + L::kKeySeq);
+  __shared__ SeqPosBounds part[2][2];  // [rows, keys][warp 0, 1]
+  __shared__ int64_t range[2];
+  __shared__ int32_t seq_cu[kRows];  // where the rows' sequences start in the keys (cu_seqlens_k)
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y;
   const int64_t kh = h / (p.hq / p.hkv);
@@ -213,53 +254,110 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
 
-  // Rows: sequence (-1 past the last one: sees nothing), position, Q (zeros past nq).
-  for (int i = threadIdx.x; i < kRows; i += blockDim.x) {
+  // Q (zeros past nq); each row's sequence (-1 past the last one: sees nothing) and position.
+  const int valid_q = static_cast<int>(p.nq - row0 < kRows ? p.nq - row0 : kRows);
+  tc::load_rows_async<T, D>(sq, S::kLd, kRows, valid_q, [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
+  ptx::cp_async_commit();
+  if (threadIdx.x < kRows) {
+    const int i = static_cast<int>(threadIdx.x);
     const int64_t row = row0 + i;
     const bool in = row < total_q;
     row_seq[i] = in ? static_cast<int32_t>(sequence_of(p.cu_seqlens_q, p.batch, row)) : -1;
     row_pos[i] = in ? p.q_pos[row] : 0;
+    const SeqPosBounds b = warp_bounds(in, row_seq[i], row_pos[i]);
+    if ((i & 31) == 0) part[0][i >> 5] = b;
   }
-  const int valid_q = static_cast<int>(p.nq - row0 < kRows ? p.nq - row0 : kRows);
-  cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLdQ, kRows, valid_q,
-                            [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
-  __shared__ int64_t range[2];
   if (threadIdx.x == 0) cta_key_range(p, row0, kRows, total_q, range);
+  ptx::cp_async_wait<0>();
   __syncthreads();
-  cuda::tc::WarpTile<T, D> tile(tc_smem);
+  const SeqPosBounds rows = merge(part[0][0], part[0][1]);
+  const bool rows_one_sequence = rows.outside == 0 && rows.seq_lo == rows.seq_hi;
+  // The keys of range belong to the rows' sequences seq_lo..seq_hi (packed in order): their starts
+  // in shared memory, so that a key finds its sequence there.
+  const int n_seq = rows.seq_lo <= rows.seq_hi ? rows.seq_hi - rows.seq_lo + 1 : 0;
+  if (static_cast<int>(threadIdx.x) < n_seq) seq_cu[threadIdx.x] = p.cu_seqlens_k[rows.seq_lo + threadIdx.x];
+  tc::WarpTile<T, D> tile(tc_smem);
   const auto visible_pair = [&](int i, int j) {
     return row_seq[i] == key_seq[j] && visible(row_pos[i], key_pos[j], p.window_left, p.window_right);
   };
-
-  for (int64_t t0 = range[0]; t0 < range[1]; t0 += kKeys) {
+  const auto issue = [&](T* dst, const T* base, int64_t t0) {
     const int nt = static_cast<int>(range[1] - t0 < kKeys ? range[1] - t0 : kKeys);
-    __syncthreads();  // the previous tile's K, V and key data are consumed
-    for (int j = threadIdx.x; j < kKeys; j += blockDim.x) {
-      const bool in = j < nt;
-      key_seq[j] = in ? static_cast<int32_t>(sequence_of(p.cu_seqlens_k, p.batch, t0 + j)) : -2;
-      key_pos[j] = in ? p.k_pos[t0 + j] : 0;
+    tc::load_rows_async<T, D>(dst, S::kLd, kKeys, nt, [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; });
+    ptx::cp_async_commit();
+  };
+  // The first key tile from `from` on that the bounds do not rule out (range[1]: none), with its
+  // keys' sequences (-2 past the range) and positions in shared memory; `whole`: every row sees
+  // every key of it (no mask). Called by every thread after a barrier that ends the reads of the
+  // previous tile's key data.
+  const auto next_tile = [&](int64_t from, bool& whole) -> int64_t {
+    for (int64_t t0 = from; t0 < range[1]; t0 += kKeys) {
+      const int nt = static_cast<int>(range[1] - t0 < kKeys ? range[1] - t0 : kKeys);
+      if (threadIdx.x < kKeys) {
+        const int j = static_cast<int>(threadIdx.x);
+        const bool in = j < nt;
+        int lo = 0;
+        for (int hi = n_seq - 1; lo < hi;) {  // the last sequence that starts at or before the key
+          const int mid = (lo + hi + 1) / 2;
+          if (seq_cu[mid] <= t0 + j) {
+            lo = mid;
+          } else {
+            hi = mid - 1;
+          }
+        }
+        key_seq[j] = in ? rows.seq_lo + lo : -2;
+        key_pos[j] = in ? p.k_pos[t0 + j] : 0;
+        const SeqPosBounds b = warp_bounds(in, key_seq[j], key_pos[j]);
+        if ((j & 31) == 0) part[1][j >> 5] = b;
+      }
+      __syncthreads();
+      const SeqPosBounds keys = merge(part[1][0], part[1][1]);
+      if (keys.seq_hi < rows.seq_lo || keys.seq_lo > rows.seq_hi ||
+          (p.window_right >= 0 && keys.pos_lo > rows.pos_hi + p.window_right) ||
+          (p.window_left >= 0 && keys.pos_hi < rows.pos_lo - p.window_left)) {
+        __syncthreads();  // the next candidate rewrites the key data
+        continue;
+      }
+      whole = rows_one_sequence && keys.outside == 0 && keys.seq_lo == keys.seq_hi &&
+              keys.seq_lo == rows.seq_lo &&
+              (p.window_right < 0 || keys.pos_hi <= rows.pos_lo + p.window_right) &&
+              (p.window_left < 0 || keys.pos_lo >= rows.pos_hi - p.window_left);
+      return t0;
     }
-    __syncthreads();
-    // Skip a tile that no (row, key) pair of this CTA can see.
-    bool any = false;
-    for (int e = threadIdx.x; e < kRows * kKeys && !any; e += blockDim.x) {
-      any = visible_pair(e / kKeys, e % kKeys);
+    return range[1];
+  };
+
+  // Pipeline per tile: V(t) lands during the scores of t, K(next) during P V of t.
+  __syncthreads();  // seq_cu
+  bool whole = false;
+  int64_t t0 = next_tile(range[0], whole);
+  if (t0 < range[1]) issue(sk, k, t0);
+  while (t0 < range[1]) {
+    issue(sv, v, t0);
+    ptx::cp_async_wait<1>();
+    __syncthreads();  // K(t0)
+    uint32_t pf[kKeys / 16][4];
+    if (whole) {
+      tile.softmax(tc::AllVisible{}, p.scale, p.softcap, pf);
+    } else {
+      tile.softmax(visible_pair, p.scale, p.softcap, pf);
     }
-    if (!__syncthreads_or(any)) continue;
-    const auto key_row = [&](const T* base) {
-      return [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; };
-    };
-    cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kK), S::kLdK, kKeys, nt, key_row(k));
-    cuda::tc::load_rows<T, D>(reinterpret_cast<T*>(tc_smem + S::kV), S::kLdK, kKeys, nt, key_row(v));
-    __syncthreads();
-    tile.step(visible_pair, p.scale, p.softcap);
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // V(t0); every warp is done with K(t0) and the tile's key data
+    bool next_whole = false;
+    const int64_t t1 = next_tile(t0 + kKeys, next_whole);
+    if (t1 < range[1]) issue(sk, k, t1);
+    tile.accumulate(pf);
+    __syncthreads();  // every warp is done with V(t0)
+    t0 = t1;
+    whole = next_whole;
   }
 
-  const int64_t row = row0 + tile.cta_row();
-  if (row < p.nq) {
-    const float lse = tile.finish(static_cast<T*>(p.out) + (row * p.hq + h) * D);
-    if (tile.half == 0) p.lse[row * p.hq + h] = lse;
-  }
+  T* out = static_cast<T*>(p.out);
+  tile.template finish<T>(
+      [&](int i) -> T* { return row0 + i < p.nq ? out + ((row0 + i) * p.hq + h) * D : nullptr; },
+      [&](int i, float lse) {
+        if (row0 + i < p.nq) p.lse[(row0 + i) * p.hq + h] = lse;
+      });
 }
 
 // ---- Backward ----------------------------------------------------------------------------------
@@ -415,7 +513,7 @@ Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
 }
 
 // fp16/bf16 with d == dv in {64, 128}, 16-byte aligned tensors and enough shared memory (d = 128
-// needs 111 KiB: sm80 and sm90, not sm86/sm89): the tensor-core kernel.
+// needs 52 KiB, d = 64 28 KiB): the tensor-core kernel.
 template <typename T>
 bool use_tensor_cores(const VarlenParams& p) {
   constexpr bool k16 = sizeof(T) == 2;

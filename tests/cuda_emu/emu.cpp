@@ -431,7 +431,28 @@ unsigned warp_ballot(unsigned mask, int predicate) {
   return r;
 }
 
+void warp_gather(unsigned mask, const void* value, size_t n, void* out) {
+  Warp& w = my_warp();
+  check_mask(w, mask, "a warp-wide instruction");
+  if (n > sizeof(w.slot[0])) fail("warp_gather: at most 16 bytes per lane");
+  std::memcpy(w.slot[tid() % 32], value, n);
+  wait(w.bar);
+  auto* dst = static_cast<unsigned char*>(out);
+  for (int l = 0; l < 32; ++l) {
+    if ((w.live_mask >> l) & 1u) {
+      std::memcpy(dst + l * n, w.slot[l], n);
+    } else {
+      std::memset(dst + l * n, 0xFF, n);
+    }
+  }
+  wait(w.bar);
+}
+
 int lane() { return tid() % 32; }
+
+int thread_index() { return tid(); }
+
+unsigned long block_epoch() { return g_epoch; }
 
 unsigned char* dynamic_smem() { return g_block->smem; }
 

@@ -58,7 +58,14 @@ void syncwarp(unsigned mask);
 void warp_exchange(unsigned mask, const void* value, size_t n, int src, void* out);
 // Warp collective: every taking part lane's predicate, as a ballot.
 unsigned warp_ballot(unsigned mask, int predicate);
+// Warp collective: every lane's n bytes (n <= 16) of `value`, lane l's at out + l * n (poison for a
+// lane that does not take part). The emulated warp-wide instructions (emu_ptx.h) build on it.
+void warp_gather(unsigned mask, const void* value, size_t n, void* out);
 int lane();
+// The calling thread's index in its block, and how many blocks have started so far in this OS
+// thread (tells one block's leftover state from the next one's).
+int thread_index();
+unsigned long block_epoch();
 unsigned char* dynamic_smem();
 // Poisons a static __shared__ array when the first thread of a block reaches its declaration.
 void shared_array(void* p, size_t bytes);

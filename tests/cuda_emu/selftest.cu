@@ -5,6 +5,8 @@
 
 #include <cstring>
 
+#include "common/ptx.cuh"
+
 namespace fastlayers::cuda_emu_selftest {
 namespace {
 
@@ -61,6 +63,71 @@ __global__ void contraction(float* out) {
   }
 }
 
+// out[32 + i] = out[i] (i < 32) through shared memory by cp.async, 16 bytes per thread of 8; with
+// kWait the copies are waited for before the barrier, without it they are read still in flight.
+template <bool kWait>
+__global__ void async_copy(float* out) {
+  __shared__ __align__(16) float s[32];
+  if (threadIdx.x < 8) cuda::ptx::cp_async_16(s + 4 * threadIdx.x, out + 4 * threadIdx.x, 16);
+  cuda::ptx::cp_async_commit();
+  if (kWait) cuda::ptx::cp_async_wait<0>();
+  __syncthreads();
+  out[32 + threadIdx.x] = s[threadIdx.x];
+}
+
+// One warp: D = A B (16x16 by 16x8, fp16 small integers: exact) through ldmatrix + mma.sync, B read
+// both as the rows of B^T (plain ldmatrix, as attention reads K) and as the rows of B (transposing
+// ldmatrix, as it reads V); out[0], out[1]: the largest error of each against the plain sum, out[2]
+// the largest |D| (not 0: the product was made).
+__global__ void mma_fragments(float* out) {
+  __shared__ __align__(16) __half a[16][24];   // row-major, padded as attention pads
+  __shared__ __align__(16) __half bt[8][24];   // B^T: bt[n][k]
+  __shared__ __align__(16) __half b[16][16];   // B: b[k][n], columns 8-15 unused
+  __shared__ float d[2][16][8];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 16 * 16; e += 32) {
+    const int i = e / 16, k = e % 16;
+    a[i][k] = __float2half(static_cast<float>((i * 16 + k) % 7 - 3));
+  }
+  for (int e = lane; e < 16 * 8; e += 32) {
+    const int k = e / 8, n = e % 8;
+    const __half x = __float2half(static_cast<float>((k * 8 + n) % 5 - 2));
+    bt[n][k] = x;
+    b[k][n] = x;
+  }
+  __syncthreads();
+  uint32_t af[4], bf[4], tf[4];
+  cuda::ptx::ldmatrix_x4(af, &a[lane % 16][(lane / 16) * 8]);
+  // Tiles 0, 1: B^T rows (n) with k 0-7 / 8-15; tiles 2, 3 the same again (x4 needs four).
+  cuda::ptx::ldmatrix_x4(bf, &bt[lane % 8][((lane / 8) % 2) * 8]);
+  // Tiles 0, 1: B rows k 0-7 / 8-15 (transposed); tiles 2, 3 the same again.
+  cuda::ptx::ldmatrix_x4_trans(tf, &b[((lane / 8) % 2) * 8 + lane % 8][0]);
+  float d0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {tf[0], tf[1]};
+  cuda::ptx::mma_16816<__half>(d0, af, b0);
+  cuda::ptx::mma_16816<__half>(d1, af, b1);
+  for (int e = 0; e < 4; ++e) {
+    const int i = lane / 4 + 8 * (e / 2), j = 2 * (lane % 4) + e % 2;
+    d[0][i][j] = d0[e];
+    d[1][i][j] = d1[e];
+  }
+  __syncthreads();
+  if (lane == 0) {
+    float err[2] = {0.0f, 0.0f}, big = 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      for (int j = 0; j < 8; ++j) {
+        float want = 0.0f;
+        for (int k = 0; k < 16; ++k) want += __half2float(a[i][k]) * __half2float(b[k][j]);
+        for (int w = 0; w < 2; ++w) err[w] = fmaxf(err[w], fabsf(d[w][i][j] - want));
+        big = fmaxf(big, fabsf(want));
+      }
+    }
+    out[0] = err[0];
+    out[1] = err[1];
+    out[2] = big;
+  }
+}
+
 }  // namespace
 
 // Runs case `which` into out (64 floats); returns the launch's error string, or "ok".
@@ -100,6 +167,15 @@ const char* run(int which, float* out) {
       break;
     case 10:
       contraction<<<1, 2>>>(out);
+      break;
+    case 11:
+      async_copy<true><<<1, 32>>>(out);
+      break;
+    case 12:
+      async_copy<false><<<1, 32>>>(out);
+      break;
+    case 13:
+      mma_fragments<<<1, 32>>>(out);
       break;
     default:
       return "no such case";
