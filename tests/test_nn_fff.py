@@ -146,7 +146,8 @@ def test_from_fastfeedforward_is_exact():
 
 
 # ----------------------------------------------------------------------------------------------
-# The inference route of UltraFastFeedForward (grad mode off, CPU): y only, weights validated once
+# The inference route of UltraFastFeedForward (grad mode off; CPU or CUDA weights): y only, weights
+# validated once
 # ----------------------------------------------------------------------------------------------
 def _op_y(m, x):
     return fastlayers.ultrafast_ff(x, m.w_in, m.w_out, m.b_in, m.activation)[0]
@@ -157,10 +158,11 @@ def _op_y(m, x):
 @pytest.mark.parametrize(
     "shape,d_out", [((1, 96), 96), ((3, 5, 96), 40), ((96,), 96), ((7, 96), 96)]
 )
-def test_ultrafast_inference_route_equals_the_op(dtype, bias, shape, d_out):
+def test_ultrafast_inference_route_equals_the_op(device, dtype, bias, shape, d_out):
     torch.manual_seed(0)
-    m = fastlayers.UltraFastFeedForward(96, d_out, depth=5, bias=bias, dtype=dtype).eval()
-    x = torch.randn(shape).to(dtype)
+    m = fastlayers.UltraFastFeedForward(96, d_out, depth=5, bias=bias, dtype=dtype, device=device)
+    m.eval()
+    x = torch.randn(shape).to(device=device, dtype=dtype)
     with torch.no_grad():
         y = m(x)
         assert m._infer_plan is not None and m._infer_plan.dtype == dtype  # the route was taken
@@ -172,9 +174,9 @@ def test_ultrafast_inference_route_equals_the_op(dtype, bias, shape, d_out):
     assert y_grad_mode.requires_grad and torch.equal(y_grad_mode.detach(), y)
 
 
-def test_ultrafast_inference_route_strided_input_and_poisoned_output():
-    m = fastlayers.UltraFastFeedForward(64, 64, depth=4).eval()
-    wide = torch.randn(6, 128)
+def test_ultrafast_inference_route_strided_input_and_poisoned_output(device):
+    m = fastlayers.UltraFastFeedForward(64, 64, depth=4, device=device).eval()
+    wide = torch.randn(6, 128, device=device)
     x = wide[:, ::2]  # not contiguous
     fastlayers.ops.set_poison_outputs(True)
     try:

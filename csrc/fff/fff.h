@@ -41,8 +41,8 @@ struct UltraFwdParams {
   const void* w_out = nullptr;   // [nodes, out] contiguous
   void* y = nullptr;             // [tokens, out] contiguous
   int32_t* path = nullptr;       // [tokens, levels]: node visited at each level
-  float* preact = nullptr;       // [tokens, levels]: a_l (path and preact: both null on CPU for
-                                 // inference, which needs neither; CUDA requires them)
+  float* preact = nullptr;       // [tokens, levels]: a_l (path and preact: both null for
+                                 // inference, which needs neither)
   int64_t tokens = 0, in_features = 0, out_features = 0, levels = 0;
   DType dtype = DType::kFloat32; // x, weights and y share it
   Activation act = Activation::kGelu;

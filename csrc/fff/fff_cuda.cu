@@ -63,8 +63,10 @@ __global__ void __launch_bounds__(32 * kWarps) ultra_forward_kernel(const UltraF
     float a = warp_dot(x, w_in + node * p.in_features, p.in_features);
     if (p.b_in != nullptr) a += to_f(static_cast<const T*>(p.b_in)[node]);
     if (lane == 0) {
-      p.path[t * p.levels + l] = static_cast<int32_t>(node);
-      p.preact[t * p.levels + l] = a;
+      if (p.path != nullptr) {  // kept for the backward; inference passes null
+        p.path[t * p.levels + l] = static_cast<int32_t>(node);
+        p.preact[t * p.levels + l] = a;
+      }
       s_coef[warp][l] = act_value(p.act, a);
       s_row[warp][l] = node * p.out_features;
     }
@@ -234,7 +236,6 @@ constexpr int64_t kMaxCudaLeafWidth = 48 * 1024 / (kWarps * 4);
 Status ultra_forward_cuda(const UltraFwdParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
   if (p.tokens == 0) return Status::ok();
-  if (p.path == nullptr) return Status::invalid("ultrafast_ff (CUDA): path and preact are required");
   return by_dtype<UltraForward>(p, static_cast<cudaStream_t>(stream));
 }
 

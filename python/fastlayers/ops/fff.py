@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    on_cpu,
     on_cuda,
     poison_outputs_enabled,
     ptr,
@@ -151,16 +152,18 @@ def _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation):
 class UltraInferPlan:
     """Validated weights of an UltraFastFeedForward for :func:`ultrafast_ff_infer`: built once per
     weight layout (the module keys it on the weights' data pointers, dtypes and shapes), so a
-    batch-1 call checks only ``x``."""
+    small inference call checks only ``x``. CPU weights take the CPU kernel, CUDA weights the CUDA
+    kernel on their device (on the caller's current stream)."""
 
-    __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes")
+    __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes", "device", "cuda_index")
 
     def __init__(self, key, w_in, b_in, w_out, activation: str) -> None:
         self.key = key
         self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
-        if not _ext.has_cpu_kernels() or activation not in ACTIVATIONS:
+        if activation not in ACTIVATIONS or w_in.dim() != 2 or w_out.dim() != 2:
             return
-        if w_in.dim() != 2 or w_out.dim() != 2:
+        device = w_in.device
+        if not (on_cpu(device) or on_cuda(device)) or not has_kernel(device, "ultrafast_ff"):
             return
         nodes, d_in = w_in.shape
         if nodes & (nodes + 1) or nodes >= 1 << 31 or w_out.shape[0] != nodes or w_out.shape[1] < 1:
@@ -169,7 +172,7 @@ class UltraInferPlan:
         if dtype not in _FLOAT_KERNEL_DTYPES:
             return
         for t in (w_in, w_out) if b_in is None else (w_in, w_out, b_in):
-            if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            if t.dtype != dtype or t.device != device or not t.is_contiguous():
                 return
         if b_in is not None and tuple(b_in.shape) != (nodes,):
             return
@@ -180,17 +183,38 @@ class UltraInferPlan:
             nodes.bit_length(),
         )
         self.args = (w_in.data_ptr(), ptr(b_in), w_out.data_ptr())  # fff_ultra_fwd's, in order
-        self.codes = (_dtypes.code(dtype), ACTIVATIONS[activation])
+        # (device code, dtype code, activation code); cuda_index: None for CPU tensors
+        self.codes = (device_code(device), _dtypes.code(dtype), ACTIVATIONS[activation])
+        self.device = device
+        self.cuda_index = device.index if device.type == "cuda" else None
+
+
+# The current CUDA device and stream by the cheapest calls this torch has (a few us less than
+# torch.cuda.current_device() / current_stream(), which matters at batch 1).
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _lean_stream(plan) -> int | None:
+    """The stream for a lean call of ``plan``'s kernel: 0 for CPU tensors, the current stream of
+    the plan's CUDA device when that device is the current one, else None (the op's route then
+    switches devices)."""
+    index = plan.cuda_index
+    if index is None:
+        return 0
+    if _cuda_get_device is None or _cuda_raw_stream is None or _cuda_get_device() != index:
+        return None
+    return _cuda_raw_stream(index)
 
 
 def _lean_rows(x, plan):
-    """``(x2, rows, row stride)`` of an ``x`` the inference plan takes (a plain CPU tensor of its
-    dtype and input size, at least one row), else None."""
+    """``(x2, rows, row stride)`` of an ``x`` the inference plan takes (a plain tensor of its
+    dtype, device and input size, at least one row), else None."""
     if (
         plan.dtype is None
         or type(x) is not torch.Tensor
         or x.dtype != plan.dtype
-        or not x.is_cpu
+        or (x.is_cpu if plan.cuda_index is None else x.get_device() == plan.cuda_index) is False
         or x.dim() == 0
         or x.shape[-1] != plan.d_in
     ):
@@ -212,24 +236,28 @@ def _lean_output(x, x2, rows: int, d_out: int, dtype) -> torch.Tensor:
 
 
 def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
-    """``y`` of :func:`ultrafast_ff` by the leanest route, for batch-1 inference on CPU.
+    """``y`` of :func:`ultrafast_ff` by the leanest route, for small inference calls (batch 1: the
+    op's checks, three allocations and the autograd wrapper cost several times the kernel).
 
     The caller has checked that grad mode is off and that nothing intercepts calls
     (:func:`~fastlayers.ops._common.no_dispatch_modes`); this checks ``x`` against an eligible
-    ``plan`` (a CPU tensor of the plan's dtype and input size). Computes neither ``path`` nor
-    ``preact`` (the kernel keeps them on the stack). Returns None when a precondition does not hold;
-    the caller then runs the op, which gives the same ``y`` (or the clear error)."""
+    ``plan`` (a tensor of the plan's dtype, device and input size; for CUDA, the plan's device is
+    the current one). Computes neither ``path`` nor ``preact``. Returns None when a precondition
+    does not hold; the caller then runs the op, which gives the same ``y`` (or the clear error)."""
     lean = _lean_rows(x, plan)
     if lean is None:
+        return None
+    stream = _lean_stream(plan)
+    if stream is None:
         return None
     x2, rows, stride = lean
     d_in, d_out = plan.d_in, plan.d_out
     y = _lean_output(x, x2, rows, d_out, plan.dtype)
     w_in, b_in, w_out = plan.args
-    dtype_code, activation_code = plan.codes
+    device, dtype_code, activation_code = plan.codes
     _ext.C.fff_ultra_fwd(
-        0, x2.data_ptr(), stride, w_in, b_in, w_out, y.data_ptr(), 0, 0,
-        rows, d_in, d_out, plan.levels, dtype_code, activation_code, 0,
+        device, x2.data_ptr(), stride, w_in, b_in, w_out, y.data_ptr(), 0, 0,
+        rows, d_in, d_out, plan.levels, dtype_code, activation_code, stream,
     )  # fmt: skip
     return y
 
@@ -238,11 +266,14 @@ class HardInferPlan:
     """Validated weights of a FastFeedForward for :func:`fff_hard_infer` (the module keys it on
     the weights' data pointers, dtypes and shapes): a batch-1 call checks only ``x``."""
 
-    __slots__ = ("key", "dtype", "d_in", "d_out", "depth", "width", "leaves", "args", "codes")
+    __slots__ = (
+        "key", "dtype", "d_in", "d_out", "depth", "width", "leaves", "args", "codes", "cuda_index"
+    )  # fmt: skip
 
     def __init__(self, key, params, activation: str) -> None:
         self.key = key
         self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
+        self.cuda_index = None  # CPU weights only (the CUDA kernel runs through the op)
         node_w, node_b, w1, b1, w2, b2 = params
         if not _ext.has_cpu_kernels() or activation not in ACTIVATIONS or w1.dim() != 3:
             return
