@@ -663,12 +663,15 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d):
+@pytest.mark.parametrize("group", [32, 4])
+def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
     """fp16/bf16 queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three
-    64-row CTAs, the last partial) over 300 cached tokens (five key tiles, the last partial)."""
+    64-row CTAs, the last partial) over 300 cached tokens (five key tiles, the last partial); the
+    cache is dequantized 8 channels at a time (one group scale each, or one per channel pair for
+    groups of 4)."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
-    b, hq, hkv, group, t, tq = 2, 4, 2, 32, 300, 130
+    b, hq, hkv, t, tq = 2, 4, 2, 300, 130
     q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
     k, ks = quant.quantize_kv_int4(
         rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group

@@ -19,9 +19,10 @@
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
 // Prefill: fp16/bf16 queries with head_dim 64 or 128 run on tensor cores (common/tc_attention.cuh:
-//   64 query tokens per CTA, 64-key tiles dequantized into shared memory, only the tiles up to the
-//   CTA's last causal key); otherwise one warp per query row on CUDA cores. Both skip each batch
-//   row's left padding (DecodeParams::starts).
+//   64 query tokens per CTA, 64-key tiles dequantized into shared memory, 4 cache bytes per thread
+//   and step (cache rows 4-byte aligned), only the tiles up to the CTA's last causal key);
+//   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
+//   (DecodeParams::starts).
 #include <cmath>
 
 #include "common/cuda_utils.cuh"
@@ -384,6 +385,21 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
+// Channels c .. c + 7 of a cached row from its 4 bytes `w` (channel c in the low nibble of the low
+// byte) and the row's group-scale codes, as 16-bit values (exact: a nibble times an FP8 scale).
+template <typename T>
+__device__ __forceinline__ uint4 dequant_word(uint32_t w, const uint8_t* scales, int c, int64_t group) {
+  uint32_t out[4];
+  float s = fp8e4m3_value(scales[c / group]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (i > 0 && group % 8 != 0) s = fp8e4m3_value(scales[(c + 2 * i) / group]);  // (group even)
+    const float2 pair = dequant_byte((w >> (8 * i)) & 0xFFu, s);
+    out[i] = cuda::ptx::pack2<T>(pair.x, pair.y);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
 // first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
 // key tiles before it are not read).
@@ -414,19 +430,19 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   for (int64_t t0 = start / tc::kKeys * tc::kKeys; t0 <= last_key; t0 += tc::kKeys) {
     const int64_t nt = last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys;
     __syncthreads();  // the previous tile is consumed
-    // One thread per byte (channels c, c + 1: one group, as the group is even).
-    for (int e = threadIdx.x; e < tc::kKeys * D / 2; e += blockDim.x) {
-      const int j = e / (D / 2), c = 2 * (e % (D / 2));
-      float2 kv = make_float2(0.0f, 0.0f), vv = kv;
+    // Four cache bytes (8 channels) per thread and step, dequantized into 16 bytes of a K / V row.
+    for (int e = threadIdx.x; e < tc::kKeys * D / 8; e += blockDim.x) {
+      const int j = e / (D / 8), c = 8 * (e % (D / 8));
+      uint4 kw = make_uint4(0, 0, 0, 0), vw = kw;
       if (j < nt) {
         const int64_t t = base + t0 + j;
-        kv = dequant_byte(p.k[t * (D / 2) + c / 2], fp8e4m3_value(ks8[t * ng + c / p.group]));
-        vv = dequant_byte(p.v[t * v_row + c / 2], fp8e4m3_value(vs8[t * vs_row + c / p.group]));
+        kw = dequant_word<T>(*reinterpret_cast<const uint32_t*>(p.k + t * (D / 2) + c / 2), ks8 + t * ng, c,
+                             p.group);
+        vw = dequant_word<T>(*reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2), vs8 + t * vs_row, c,
+                             p.group);
       }
-      sk[j * S::kLd + c] = cuda::from_f<T>(kv.x);
-      sk[j * S::kLd + c + 1] = cuda::from_f<T>(kv.y);
-      sv[j * S::kLd + c] = cuda::from_f<T>(vv.x);
-      sv[j * S::kLd + c + 1] = cuda::from_f<T>(vv.y);
+      *reinterpret_cast<uint4*>(sk + j * S::kLd + c) = kw;
+      *reinterpret_cast<uint4*>(sv + j * S::kLd + c) = vw;
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
@@ -457,6 +473,8 @@ Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
 // memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
   if (p.q16 == nullptr || (p.d != 64 && p.d != 128) || !cuda::is_aligned(p.q16, 16)) return false;
+  // cache rows read 4 bytes at a time
+  if (!cuda::is_aligned(p.k, 4) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
   if (value_dim(p) != p.d) return false;
   if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
   if (p.batch > 65535 || p.hq > 65535) return false;
