@@ -24,6 +24,7 @@
 //   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
+#include <cstring>
 
 #include "common/cuda_utils.cuh"
 #include "common/tc_attention.cuh"
@@ -47,16 +48,17 @@ constexpr int kTokensPerSplit = 256;
 constexpr int kMaxSplits = 64;
 
 __host__ __device__ inline float fp8e4m3_value(uint8_t code) {
-  const int sign = code >> 7, exp = (code >> 3) & 15, man = code & 7;
+  const uint32_t exp = (code >> 3) & 15u, man = code & 7u;
   float v;
-  if (exp == 15 && man == 7) {
+  if (exp == 0) {
+    v = static_cast<float>(man) * 0.001953125f;  // subnormal: man * 2^-9 (exact)
+  } else if (exp == 15 && man == 7) {
     v = NAN;
-  } else if (exp == 0) {
-    v = ldexpf(static_cast<float>(man), -9);
-  } else {
-    v = ldexpf(static_cast<float>(8 + man), exp - 10);
+  } else {  // (8 + man) * 2^(exp - 10): the fp32 bits directly (ldexpf is a slow call on a GPU)
+    const uint32_t bits = ((exp + 120u) << 23) | (man << 20);
+    memcpy(&v, &bits, sizeof(v));
   }
-  return sign ? -v : v;
+  return (code & 0x80u) ? -v : v;
 }
 
 // ---- Cache write ------------------------------------------------------------------------------
@@ -176,14 +178,25 @@ struct LaneBytes {
   uint8_t nibbles[C / 2], scales[C / 2];
 };
 
+// Where this lane's group-scale codes sit in a row of them: the same for every row, so computed
+// once (a 64-bit division per byte and token was most of the decode loop's instructions).
 template <int C>
-__device__ __forceinline__ void fetch_lane(const uint8_t* row, const uint8_t* scales, int64_t group,
+struct LaneScales {
+  int at[C / 2];
+  __device__ LaneScales(int lane, int64_t group) {
+    const int g = static_cast<int>(group);  // (head_dim <= 576)
+#pragma unroll
+    for (int j = 0; j < C; j += 2) at[j / 2] = (lane * C + j) / g;  // (group even: one per byte)
+  }
+};
+
+template <int C>
+__device__ __forceinline__ void fetch_lane(const uint8_t* row, const uint8_t* scales, const LaneScales<C>& at,
                                            int lane, LaneBytes<C>& r) {
-  const int64_t c0 = static_cast<int64_t>(lane) * C;
 #pragma unroll
   for (int j = 0; j < C; j += 2) {
-    r.nibbles[j / 2] = row[(c0 + j) / 2];
-    r.scales[j / 2] = scales[(c0 + j) / group];  // (group even: one scale per byte)
+    r.nibbles[j / 2] = row[lane * (C / 2) + j / 2];
+    r.scales[j / 2] = scales[at.at[j / 2]];
   }
 }
 
@@ -199,10 +212,10 @@ __device__ __forceinline__ void dequant_fetched(const LaneBytes<C>& r, float (&v
 
 // Dequantizes this lane's channels of one cached row into v[0, C).
 template <int C>
-__device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* scales, int64_t group,
+__device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* scales, const LaneScales<C>& at,
                                              int lane, float (&v)[C]) {
   LaneBytes<C> r;
-  fetch_lane<C>(row, scales, group, lane, r);
+  fetch_lane<C>(row, scales, at, lane, r);
   dequant_fetched<C>(r, v);
 }
 
@@ -241,6 +254,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   // time left each lane waiting on memory once per token (int4_kv_decode at 0.03-0.04 of the copy
   // bandwidth on the H200, dd55068). The tokens are still consumed in the same order.
   constexpr int kAhead = C + CV <= 8 ? 4 : (C + CV <= 16 ? 2 : 1);
+  const LaneScales<C> k_at(lane, p.group);
+  const LaneScales<CV> v_at(lane, p.group);
   for (int64_t t = t0 + warp; t < t1; t += kWarps * kAhead) {
     LaneBytes<C> kb[kAhead];
     LaneBytes<CV> vb[kAhead];
@@ -248,8 +263,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
     for (int u = 0; u < kAhead; ++u) {
       const int64_t tu = t + u * kWarps;
       if (tu < t1) {
-        fetch_lane<C>(p.k + (base + tu) * dh, k_scales + (base + tu) * ng, p.group, lane, kb[u]);
-        fetch_lane<CV>(p.v + (base + tu) * v_row, v_scales + (base + tu) * vs_row, p.group, lane, vb[u]);
+        fetch_lane<C>(p.k + (base + tu) * dh, k_scales + (base + tu) * ng, k_at, lane, kb[u]);
+        fetch_lane<CV>(p.v + (base + tu) * v_row, v_scales + (base + tu) * vs_row, v_at, lane, vb[u]);
       }
     }
 #pragma unroll
@@ -359,10 +374,12 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
 #pragma unroll
   for (int j = 0; j < CV; ++j) acc[j] = 0.0f;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const LaneScales<C> k_at(lane, p.group);
+  const LaneScales<CV> v_at(lane, p.group);
   for (int64_t t = first_token(p, b); t <= limit; ++t) {
     float k[C], v[CV];
     dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
-                    p.group, lane, k);
+                    k_at, lane, k);
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < C; ++j) s += q[j] * k[j];
@@ -370,7 +387,7 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     s = softcapped(s * p.scale, p.softcap);
     dequant_lane<CV>(p.v + (base + t) * v_row,
-                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, p.group, lane, v);
+                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, v_at, lane, v);
     const float m_new = fmaxf(m, s);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
     const float e = expf(s - m_new);
@@ -390,10 +407,11 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
 template <typename T>
 __device__ __forceinline__ uint4 dequant_word(uint32_t w, const uint8_t* scales, int c, int64_t group) {
   uint32_t out[4];
-  float s = fp8e4m3_value(scales[c / group]);
+  const int g = static_cast<int>(group);  // (32-bit division: head_dim <= 576)
+  float s = fp8e4m3_value(scales[c / g]);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if (i > 0 && group % 8 != 0) s = fp8e4m3_value(scales[(c + 2 * i) / group]);  // (group even)
+    if (i > 0 && g % 8 != 0) s = fp8e4m3_value(scales[(c + 2 * i) / g]);  // (group even)
     const float2 pair = dequant_byte((w >> (8 * i)) & 0xFFu, s);
     out[i] = cuda::ptx::pack2<T>(pair.x, pair.y);
   }
