@@ -402,20 +402,82 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
-// Channels c .. c + 7 of a cached row from its 4 bytes `w` (channel c in the low nibble of the low
-// byte) and the row's group-scale codes, as 16-bit values (exact: a nibble times an FP8 scale).
+// One thread's share of a key tile's cache bytes for the tensor-core prefill: kWords 4-byte words
+// of K and of V (8 channels each) and their group-scale codes (one per channel pair, byte i for
+// bytes i of the word; the same code in all four when a group spans the word), loaded a tile ahead
+// of their use so that the loads are in flight during the previous tile's products.
+template <int D>
+struct RawTile {
+  static constexpr int kWords = cuda::tc::kKeys * D / 8 / (cuda::tc::kWarps * 32);
+  uint32_t k[kWords], v[kWords], ks[kWords], vs[kWords];
+};
+
+// The scale codes of channels c .. c + 7 of a row of codes (groups of g channels, g even).
+__device__ __forceinline__ uint32_t word_scale_codes(const uint8_t* scales, int c, int g) {
+  if (g % 8 == 0) return static_cast<uint32_t>(scales[c / g]) * 0x01010101u;
+  uint32_t r = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>(scales[(c + 2 * i) / g]) << (8 * i);
+  return r;
+}
+
+// Thread word i's key (j) and first channel (c) of a tile.
+template <int D>
+__device__ __forceinline__ void tile_word(int i, int& j, int& c) {
+  const int e = static_cast<int>(threadIdx.x) + i * cuda::tc::kWarps * 32;
+  j = e / (D / 8);
+  c = 8 * (e % (D / 8));
+}
+
+// Loads this thread's words of the tile of keys t0 .. t0 + nt - 1, zeros (which dequantize to 0)
+// past nt and before `start` (left padding: never-written slots could hold NaN scale codes, and a
+// masked key's NaN value would still reach P V as 0 * NaN).
+template <int D>
+__device__ __forceinline__ void fetch_tile(const DecodeParams& p, int64_t base, int64_t t0, int64_t nt,
+                                           int64_t start, RawTile<D>& r) {
+  const int g = static_cast<int>(p.group);  // (32-bit divisions: head_dim <= 576)
+  const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
+  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
+  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
+#pragma unroll
+  for (int i = 0; i < RawTile<D>::kWords; ++i) {
+    int j, c;
+    tile_word<D>(i, j, c);
+    r.k[i] = r.v[i] = r.ks[i] = r.vs[i] = 0u;
+    if (j < nt && t0 + j >= start) {
+      const int64_t t = base + t0 + j;
+      r.k[i] = *reinterpret_cast<const uint32_t*>(p.k + t * (D / 2) + c / 2);
+      r.v[i] = *reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2);
+      r.ks[i] = word_scale_codes(ks8 + t * ng, c, g);
+      r.vs[i] = word_scale_codes(vs8 + t * vs_row, c, g);
+    }
+  }
+}
+
+// 8 channels from a cache word and their scale codes, as 16-bit values (exact: a nibble times an
+// FP8 scale).
 template <typename T>
-__device__ __forceinline__ uint4 dequant_word(uint32_t w, const uint8_t* scales, int c, int64_t group) {
+__device__ __forceinline__ uint4 dequant_word(uint32_t w, uint32_t codes) {
   uint32_t out[4];
-  const int g = static_cast<int>(group);  // (32-bit division: head_dim <= 576)
-  float s = fp8e4m3_value(scales[c / g]);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if (i > 0 && g % 8 != 0) s = fp8e4m3_value(scales[(c + 2 * i) / g]);  // (group even)
-    const float2 pair = dequant_byte((w >> (8 * i)) & 0xFFu, s);
+    const float2 pair = dequant_byte((w >> (8 * i)) & 0xFFu, fp8e4m3_value(static_cast<uint8_t>(codes >> (8 * i))));
     out[i] = cuda::ptx::pack2<T>(pair.x, pair.y);
   }
   return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// Dequantizes this thread's words into the K and V rows in shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void store_tile(const RawTile<D>& r, T* sk, T* sv) {
+  constexpr int kLd = cuda::tc::Smem<D>::kLd;
+#pragma unroll
+  for (int i = 0; i < RawTile<D>::kWords; ++i) {
+    int j, c;
+    tile_word<D>(i, j, c);
+    *reinterpret_cast<uint4*>(sk + j * kLd + c) = dequant_word<T>(r.k[i], r.ks[i]);
+    *reinterpret_cast<uint4*>(sv + j * kLd + c) = dequant_word<T>(r.v[i], r.vs[i]);
+  }
 }
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
@@ -427,7 +489,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   using S = tc::Smem<D>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kh = h / (p.hq / p.hkv), ng = D / p.group;
+  const int64_t kh = h / (p.hq / p.hkv);
   const int64_t first = p.length - p.q_tokens;
   const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;
   const T* q = static_cast<const T*>(p.q16) + ((b * p.hq + h) * p.q_tokens + i0) * D;
@@ -442,25 +504,16 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t base = (b * p.hkv + kh) * p.t_max;
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
-  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
-  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
-  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
-  for (int64_t t0 = start / tc::kKeys * tc::kKeys; t0 <= last_key; t0 += tc::kKeys) {
-    const int64_t nt = last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys;
+  const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
+  RawTile<D> raw;
+  int64_t t0 = start / tc::kKeys * tc::kKeys;
+  if (t0 <= last_key) fetch_tile<D>(p, base, t0, tile_keys(t0), start, raw);
+  for (; t0 <= last_key; t0 += tc::kKeys) {
+    const int64_t nt = tile_keys(t0);
     __syncthreads();  // the previous tile is consumed
-    // Four cache bytes (8 channels) per thread and step, dequantized into 16 bytes of a K / V row.
-    for (int e = threadIdx.x; e < tc::kKeys * D / 8; e += blockDim.x) {
-      const int j = e / (D / 8), c = 8 * (e % (D / 8));
-      uint4 kw = make_uint4(0, 0, 0, 0), vw = kw;
-      if (j < nt) {
-        const int64_t t = base + t0 + j;
-        kw = dequant_word<T>(*reinterpret_cast<const uint32_t*>(p.k + t * (D / 2) + c / 2), ks8 + t * ng, c,
-                             p.group);
-        vw = dequant_word<T>(*reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2), vs8 + t * vs_row, c,
-                             p.group);
-      }
-      *reinterpret_cast<uint4*>(sk + j * S::kLd + c) = kw;
-      *reinterpret_cast<uint4*>(sv + j * S::kLd + c) = vw;
+    store_tile<T, D>(raw, sk, sv);
+    if (t0 + tc::kKeys <= last_key) {  // the next tile's bytes: in flight during this tile's products
+      fetch_tile<D>(p, base, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
