@@ -295,16 +295,9 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
       if (threadIdx.x < kKeys) {
         const int j = static_cast<int>(threadIdx.x);
         const bool in = j < nt;
-        int lo = 0;
-        for (int hi = n_seq - 1; lo < hi;) {  // the last sequence that starts at or before the key
-          const int mid = (lo + hi + 1) / 2;
-          if (seq_cu[mid] <= t0 + j) {
-            lo = mid;
-          } else {
-            hi = mid - 1;
-          }
-        }
-        key_seq[j] = in ? rows.seq_lo + lo : -2;
+        // the last of the rows' sequences that starts at or before the key
+        const int64_t s = in ? sequence_of(seq_cu, n_seq - 1, t0 + j) : 0;
+        key_seq[j] = in ? rows.seq_lo + static_cast<int32_t>(s) : -2;
         key_pos[j] = in ? p.k_pos[t0 + j] : 0;
         const SeqPosBounds b = warp_bounds(in, key_seq[j], key_pos[j]);
         if ((j & 31) == 0) part[1][j >> 5] = b;
