@@ -155,7 +155,7 @@ class UltraInferPlan:
     small inference call checks only ``x``. CPU weights take the CPU kernel, CUDA weights the CUDA
     kernel on their device (on the caller's current stream)."""
 
-    __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes", "device", "cuda_index")
+    __slots__ = ("key", "dtype", "d_in", "d_out", "levels", "args", "codes", "cuda_index")
 
     def __init__(self, key, w_in, b_in, w_out, activation: str) -> None:
         self.key = key
@@ -185,7 +185,6 @@ class UltraInferPlan:
         self.args = (w_in.data_ptr(), ptr(b_in), w_out.data_ptr())  # fff_ultra_fwd's, in order
         # (device code, dtype code, activation code); cuda_index: None for CPU tensors
         self.codes = (device_code(device), _dtypes.code(dtype), ACTIVATIONS[activation])
-        self.device = device
         self.cuda_index = device.index if device.type == "cuda" else None
 
 
@@ -210,14 +209,11 @@ def _lean_stream(plan) -> int | None:
 def _lean_rows(x, plan):
     """``(x2, rows, row stride)`` of an ``x`` the inference plan takes (a plain tensor of its
     dtype, device and input size, at least one row), else None."""
-    if (
-        plan.dtype is None
-        or type(x) is not torch.Tensor
-        or x.dtype != plan.dtype
-        or (x.is_cpu if plan.cuda_index is None else x.get_device() == plan.cuda_index) is False
-        or x.dim() == 0
-        or x.shape[-1] != plan.d_in
-    ):
+    if plan.dtype is None or type(x) is not torch.Tensor or x.dtype != plan.dtype:
+        return None
+    if not (x.is_cpu if plan.cuda_index is None else x.get_device() == plan.cuda_index):
+        return None
+    if x.dim() == 0 or x.shape[-1] != plan.d_in:
         return None
     contiguous = x.is_contiguous()
     x2 = x if contiguous else rows_view(x)
@@ -236,8 +232,8 @@ def _lean_output(x, x2, rows: int, d_out: int, dtype) -> torch.Tensor:
 
 
 def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
-    """``y`` of :func:`ultrafast_ff` by the leanest route, for small inference calls (batch 1: the
-    op's checks, three allocations and the autograd wrapper cost several times the kernel).
+    """``y`` of :func:`ultrafast_ff` by the leanest route, for small inference calls (at batch 1
+    the op's checks, dispatch and three allocations cost several times the kernel).
 
     The caller has checked that grad mode is off and that nothing intercepts calls
     (:func:`~fastlayers.ops._common.no_dispatch_modes`); this checks ``x`` against an eligible
