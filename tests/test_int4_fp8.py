@@ -192,6 +192,24 @@ def test_quantize_fp8_per_token_bit_exact(device, dtype, shape):
     assert torch.equal(xs, rs)
 
 
+def test_quantize_fp8_per_token_bit_exact_at_extreme_magnitudes(device):
+    """Rows whose scale or quotients leave the range where the kernels divide through the scale's
+    reciprocal (cuda::ReciprocalDivisor: under 2^-100 or over 2^100) take the division itself:
+    tiny and subnormal rows, huge rows, and rows mixing 1 with 1e-35 (quotients near 2^-120)."""
+    x = rand(8, 96, dtype=torch.float32, device=device)
+    x[0] *= 1e-38  # subnormal values and scale
+    x[1] *= 1e-29  # scale about 2^-104
+    x[2] *= 1e30
+    x[3] *= 3e36
+    x[4, ::2] *= 1e-35  # quotients far below 2^-100 next to ordinary ones
+    x[5, 1::3] = 0.0  # zeros (the sign of -0 kept) in an ordinary row
+    x[5, 2::3] = -0.0
+    xq, xs = fastlayers.quantize_fp8_per_token(x)
+    rq, rs = ref.quantize_fp8_per_token(x)
+    assert torch.equal(xq.view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(xs, rs)
+
+
 def test_quantize_fp8_per_token_strided_input(device):
     base = rand(6, 90, dtype=torch.bfloat16, device=device)
     x = base[:, ::3]

@@ -45,6 +45,28 @@ __device__ __forceinline__ uint8_t to_fp8e4m3(float v) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
 
+// a / b rounded to nearest even, exactly as the IEEE division, through b's reciprocal: with
+// r = RN(1 / b) and q = RN(a r), RN(q + (a - q b) r) is the correctly rounded quotient (Markstein's
+// theorem: r within half an ulp of 1 / b, q within an ulp of a / b, the residual a - q b exact by
+// the fused multiply-add, which holds barring underflow). Where underflow or overflow could break
+// that (b, |a| or |q| below 2^-100, b or |q| above 2^100, a negative b; zeros, whose sign the
+// correction would lose, infinities and NaN), the division itself. One multiply and two
+// multiply-adds per element instead of a division, for many elements over one divisor (the FP8
+// quantization of a row by its scale). Checked against the division on 4e8 random pairs (any bit
+// patterns, and RMSNorm-like rows: b = amax / 448, |a| <= amax), bit for bit.
+struct ReciprocalDivisor {
+  float b, r;
+  bool ok;
+  __device__ explicit ReciprocalDivisor(float divisor)
+      : b(divisor), r(1.0f / divisor), ok(divisor >= 0x1p-100f && divisor <= 0x1p100f) {}
+  __device__ float operator()(float a) const {
+    const float q = a * r;  // (used twice below: never contracted into a multiply-add)
+    const float aa = fabsf(a), aq = fabsf(q);
+    if (ok && aa >= 0x1p-100f && aq >= 0x1p-100f && aq <= 0x1p100f) return fmaf(fmaf(-q, b, a), r, q);
+    return a / b;
+  }
+};
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];

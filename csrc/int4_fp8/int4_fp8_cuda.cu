@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const QuantizeP
   const float scale = (nan == 0.0f && amax > 0.0f) ? amax / kFp8E4M3Max : 1.0f;
   if (threadIdx.x == 0) p.xs[row] = scale;
   uint8_t* out = &p.xq[row * p.cols].bits;
-  for (int64_t i = threadIdx.x; i < p.cols; i += blockDim.x) out[i] = cuda::to_fp8e4m3(to_f(x[i]) / scale);
+  const cuda::ReciprocalDivisor by_scale(scale);  // the correctly rounded x / scale
+  for (int64_t i = threadIdx.x; i < p.cols; i += blockDim.x) out[i] = cuda::to_fp8e4m3(by_scale(to_f(x[i])));
 }
 
 }  // namespace

@@ -37,9 +37,10 @@ __device__ __forceinline__ void write_output(const FwdParams& p, int64_t row, in
   load_f<kVec>(static_cast<const W*>(p.weight), iv, w);
   if (p.y_dtype == DType::kFloat8E4M3) {
     cuda::Vec<uint8_t, kVec> q;
+    const cuda::ReciprocalDivisor by_scale(scale);  // (here: kept over the row, it cost a spill)
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      q.v[j] = cuda::to_fp8e4m3(((s[j] * r) * w[j]) / scale);
+      q.v[j] = cuda::to_fp8e4m3(by_scale((s[j] * r) * w[j]));  // the correctly rounded y / scale
     }
     reinterpret_cast<cuda::Vec<uint8_t, kVec>*>(static_cast<uint8_t*>(p.y) + row * p.cols)[iv] = q;
     return;
