@@ -11,6 +11,8 @@
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
@@ -25,6 +27,9 @@
 #ifdef FASTLAYERS_CUDA_EMULATION
 namespace fastlayers::cuda_emu_selftest {
 const char* run(int which, float* out);  // tests/cuda_emu/selftest.cu
+}
+namespace emu {
+std::vector<std::pair<std::string, long>> launch_counts();  // tests/cuda_emu/emu.cpp
 }
 #endif
 
@@ -741,6 +746,14 @@ PYBIND11_MODULE(_C, m) {
       },
       "Emulation builds only: runs self-test kernel `which` into out (64 floats); the launch's "
       "error string or 'ok'");
+  m.def(
+      "cuda_emu_launches",
+      [] {
+        py::dict d;
+        for (const auto& [site, n] : emu::launch_counts()) d[py::str(site)] = n;
+        return d;
+      },
+      "Emulation builds only: {'file:line kernel': launches} of every launch site run so far");
 #endif
   m.def("cuda_archs", [] { return std::string(FASTLAYERS_CUDA_ARCHS); },
         "Comma-separated CUDA architectures the kernels were compiled for ('' without CUDA)");

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _tolerances import opcheck_with_fp8_inputs, rand
-from fastlayers import quant
+from fastlayers import _ext, quant
 from fastlayers.ops.kvint4 import (
     _attention_reference,
     _reference,
@@ -685,6 +685,56 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+
+
+def _emulated_launches(kernel: str) -> int | None:
+    """Launches of ``kernel`` so far in a CUDA emulation build (None on a GPU: not counted)."""
+    c = _ext.C
+    if c is None or not hasattr(c, "cuda_emu_launches"):
+        return None
+    launches = c.cuda_emu_launches().items()
+    return sum(n for site, n in launches if site.split(" ")[1].startswith(kernel))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "d,group,hq,hkv", [(128, 16, 8, 2), (128, 128, 20, 1), (64, 32, 4, 4), (64, 64, 16, 2)]
+)
+def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
+    """One query token, head_dim 64/128, groups of a multiple of 16 channels: the tensor-core decode
+    (fragments built in registers from the cache bytes). GQA groups of 4, 20 (a 16-row slice and a
+    4-row one), 1 and 8; 300 of 307 cached tokens (two splits of 150: the warps' last 32-key steps
+    partial); batch row 1 left-padded by 37 tokens; groups of 16 (two key scale codes per lane);
+    values read in place from rows 16 bytes wider than theirs. fp32 queries (two fp16 products per
+    score and output term) to the fp32 tolerance, FP8-quantized fp32 queries (q_quantize's: their
+    lo parts negligible, one product per score) to the same, 16-bit queries to theirs (P rounded
+    to fp16); also soft-capped. In the emulation the launch itself is checked."""
+    b, t, length = 2, 307, 300
+    torch.manual_seed(d + group + hq)
+    dev = cuda_device
+    k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=dev), group)
+    vq, vsq = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=dev), group)
+    wide = torch.randint(0, 256, (b, hkv, t, d // 2 + 16), dtype=torch.uint8, device=dev)
+    wide[..., : d // 2] = vq
+    wide_s = torch.randint(0, 120, (b, hkv, t, d // group + 3), dtype=torch.uint8, device=dev)
+    wide_s[..., : d // group] = vsq.view(torch.uint8)
+    v, vs = wide[..., : d // 2], wide_s.view(torch.float8_e4m3fn)[..., : d // group]
+    starts = torch.tensor([0, 37], dtype=torch.int32, device=dev)
+    if dtype == "fp8":
+        q = quant.quantize_q_fp8(rand(b, hq, d, dtype=torch.float32, device=dev, scale=3.0))
+        dtype = torch.float32
+    else:
+        q = rand(b, hq, d, dtype=dtype, device=dev, scale=3.0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    before = _emulated_launches("decode_tc_kernel")
+    for cap in (0.0, 2.0):
+        out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
+        ref, ref_lse = _reference(q.double(), k, ks, vq, vsq, length, d**-0.5, starts, cap)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+    if before is not None:
+        assert _emulated_launches("decode_tc_kernel") == before + 2
 
 
 @pytest.mark.parametrize(

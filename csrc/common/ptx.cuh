@@ -5,6 +5,8 @@
 //   mma.sync m16n8k16 (fp16 or bf16 inputs, fp32 accumulation): d += a b on a 16x16 A (row-major
 //     fragments) and a 16x8 B (column-major fragments).
 //   cp.async (16 bytes, zero-filled when the source is cut off), commit / wait of its groups.
+//   prmt (byte permute), unpack2 (a register's two 16-bit values as fp32) and i4x2_f16x2 (two
+//   INT4 values to fp16 times their scales, exact), for kernels that build fragments in registers.
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"): with g = lane / 4 and t = lane % 4,
 //   A: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
 //   B: b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g)
@@ -79,6 +81,35 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// The two 16-bit values of a register as fp32 (lo: the low half).
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t r, float& lo, float& hi);
+
+template <>
+__device__ __forceinline__ void unpack2<__half>(uint32_t r, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r));
+  lo = f.x;
+  hi = f.y;
+}
+
+// Byte k of the result is byte (sel >> 4k) & 7 of the pair (a: bytes 0-3, b: bytes 4-7).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return __byte_perm(a, b, sel); }
+
+// u: two 4-bit values in offset binary (INT4 n as n + 8) in bits 0-3 and 16-19, all other bits 0;
+// s: two fp16 scales. Returns the fp16 pair ((u - 8) * s): 0x6400 | u is the fp16 1024 + u, so
+// one subtraction of 1032 and one product, both exact (a 4-bit integer times an FP8 scale fits
+// fp16's 11 bits).
+__device__ __forceinline__ uint32_t i4x2_f16x2(uint32_t u, uint32_t s) {
+  uint32_t r;
+  asm("{\n"
+      "  sub.rn.f16x2 %0, %1, %2;\n"
+      "  mul.rn.f16x2 %0, %0, %3;\n"
+      "}\n"
+      : "=r"(r)
+      : "r"(u | 0x64006400u), "r"(0x64086408u), "r"(s));
+  return r;
 }
 
 // 16 bytes global -> shared, asynchronously; bytes past `src_bytes` (0 or 16) are zero-filled (the

@@ -26,8 +26,10 @@ struct DecodeParams {
   float* out = nullptr;                 // [batch, hq, q_tokens, dv] (CPU: or null, out16)
   float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
-  // CUDA prefill, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
-  // prefill then runs on tensor cores (INT4 x FP8-scale values are exact in fp16 and bf16).
+  // CUDA, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
+  // prefill then runs on tensor cores (INT4 x FP8-scale values are exact in fp16 and bf16), and the
+  // tensor-core decode forms one fp16 product per score instead of two (q's values are exact in
+  // fp16 after a power-of-two row scaling).
   // CPU: the queries when q is null (read as they are, no fp32 copy).
   const void* q16 = nullptr;
   DType q16_dtype = DType::kBFloat16;
@@ -119,7 +121,8 @@ Status quantize_cpu(const QuantizeParams& p);
 
 // CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256 with values of a
 // multiple of 64 channels no wider than the keys (dv 0: d), or multi-head latent attention's
-// 576-channel keys and 512-channel values; any GQA group), causal prefill (q_tokens > 1: one warp
+// 576-channel keys and 512-channel values; any GQA group; on tensor cores for head_dim 64 / 128
+// with dv == d and groups of a multiple of 16 channels), causal prefill (q_tokens > 1: one warp
 // per query row, same head dims, no workspace) and the cache write (any shape the CPU kernel
 // takes).
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch);

@@ -2,14 +2,18 @@
 // CUDA INT4 KV cache kernels (sm80+). First versions, written for correctness; they ran on an H200
 // (dd55068): their tests passed, and decode and prefill were 10-15x slower than bf16 SDPA there.
 // The tensor-core prefill's tile (common/tc_attention.cuh) has been rewritten since (registers,
-// mma.sync): its tests pass in the CPU emulation, it has not yet run on a GPU.
+// mma.sync), and the common decode shapes have a tensor-core kernel: their tests pass in the CPU
+// emulation, they have not yet run on a GPU.
 // Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
 //
 // Cache write (quantize): one thread per (row, group) (per row for the query side). Pass 1 forms the group's fp32 values (RoPE
 //   with exact double products and one rounding, times the post-RoPE scale) and their max; pass 2
 //   forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
-// Decode (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
+// Decode, head_dim 64 or 128 (values too) with groups of a multiple of 16 channels: on tensor cores
+//   (decode_tc_kernel below: the GQA group's heads as the rows of mma.sync, fragments built in
+//   registers from the cache bytes; not yet run on a GPU).
+// Decode, other shapes (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
 //   one split of the tokens for one (batch, kv head) and serves up to 8 of the GQA group's query
 //   heads (4 for multi-head latent attention's 576-channel rows; larger groups in several slices, L2
 //   serving the rows again), so every cache byte is read once per slice. Warps take tokens
@@ -561,6 +565,409 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
                    : prefill_tc<__nv_bfloat16, 128>(p, stream);
 }
 
+// ---- Tensor-core decode -----------------------------------------------------------------------
+// One query token per row, keys and values of head_dim D = 64 or 128, quantization groups a multiple
+// of 16 channels. The GQA group's query heads are the 16 rows of mma.sync m16n8k16 (fp16 inputs,
+// fp32 accumulation; a larger group in slices of 16, a smaller one padded with zero rows). The cache
+// bytes go from global memory straight into registers, are dequantized there (a nibble times an FP8
+// scale is exact in fp16) and used as the B fragments; nothing of K or V passes through shared
+// memory. The mma's k index (channels in Q K^T, keys in P V) and the output's columns are permuted
+// so that each lane's bytes are contiguous in the cache rows (g = lane / 4, t = lane % 4):
+//   Q K^T: lane (g, t) holds key g of each 8-key block, channels [t D / 4, (t + 1) D / 4) (one
+//     D / 8-byte load per key); k block kk is its word kk / 2, nibbles (j, j + 4) as one fp16 pair,
+//     j = 2 (kk % 2) for k (2t, 2t + 1) and j + 1 for (2t + 8, 2t + 9). The Q fragments, built once
+//     per CTA in shared memory, follow the same order.
+//   P V: lane (g, t) holds channels [g D / 8, (g + 1) D / 8) (D / 16 bytes) of keys 2t, 2t + 1,
+//     2t + 8 and 2t + 9 of each 16-key block; output block nb, column n is channel n D / 8 + nb, so
+//     lane (g, t) ends holding channels [t D / 4, (t + 1) D / 4) of rows g and g + 8.
+// fp32 queries (kSplit): Q = Q_hi + Q_lo and P = P_hi + P_lo in fp16, two products each, so the
+// scores and the output keep about 22 bits (the fp32 kernel's tolerances); 16-bit queries: one each
+// (P rounded to fp16, as FlashAttention rounds P to the input dtype). Each query row is first scaled
+// by a power of two that puts its max in [2^14, 2^15) (inside fp16's range; the lo parts clear of
+// its subnormals), undone in the row's softmax scale.
+// Work split as decode_split_kernel (same workspace and combine kernel): grid (batch * kv heads *
+// slices, splits); the CTA's 4 warps take 32-key steps of its split round-robin, each loading its
+// next step's bytes before the current step's products, and merge in shared memory.
+namespace tcd {
+constexpr int kWarps = 4;
+constexpr int kRows = 16;  // query heads per CTA
+constexpr int kStep = 32;  // keys per warp step
+}  // namespace tcd
+
+// A lane's cache bytes for one warp step (see above), and their group-scale codes.
+template <int D>
+struct DecodeStepBytes {
+  static constexpr int kKWords = D / 32, kVWords = D / 64, kKCodes = D / 64;
+  uint32_t k[4][kKWords];     // keys 8 nb + g of the step (nb = 0..3)
+  uint32_t v[2][4][kVWords];  // 16-key block kk: keys 2t, 2t + 1, 2t + 8, 2t + 9
+  uint32_t kc[4][kKCodes];    // the code of channels t D / 4 + 16 j .. + 15 of key 8 nb + g
+  uint32_t vc[2][4];          // the code of the value channels of each of those keys
+};
+
+template <int N>
+__device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&w)[N]) {
+  if constexpr (N == 4) {
+    const uint4 x = *reinterpret_cast<const uint4*>(src);
+    w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+  } else if constexpr (N == 2) {
+    const uint2 x = *reinterpret_cast<const uint2*>(src);
+    w[0] = x.x, w[1] = x.y;
+  } else {
+    static_assert(N == 1, "1, 2 or 4 words");
+    w[0] = *reinterpret_cast<const uint32_t*>(src);
+  }
+}
+
+// Where this lane's scale codes sit in a row of them (the same for every key).
+template <int D>
+struct DecodeCodeAt {
+  int k[D / 64], v;
+  __device__ DecodeCodeAt(int g, int t, int group) {
+#pragma unroll
+    for (int j = 0; j < D / 64; ++j) k[j] = (t * (D / 4) + 16 * j) / group;
+    v = g * (D / 8) / group;
+  }
+};
+
+// The step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0).
+template <int D>
+__device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
+                                                  const DecodeCodeAt<D>& at, DecodeStepBytes<D>& r) {
+  using R = DecodeStepBytes<D>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
+  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
+  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
+#pragma unroll
+  for (int nb = 0; nb < 4; ++nb) {
+    const int64_t tok = t + 8 * nb + g;
+    if (tok < t1) {
+      load_words<R::kKWords>(p.k + (base + tok) * (D / 2) + tq * (D / 8), r.k[nb]);
+#pragma unroll
+      for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = ks8[(base + tok) * ng + at.k[j]];
+    } else {
+#pragma unroll
+      for (int w = 0; w < R::kKWords; ++w) r.k[nb][w] = 0u;
+#pragma unroll
+      for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = 0u;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t tok = t + 16 * kk + 2 * tq + (i & 1) + 8 * (i >> 1);
+      if (tok < t1) {
+        load_words<R::kVWords>(p.v + (base + tok) * v_row + g * (D / 16), r.v[kk][i]);
+        r.vc[kk][i] = vs8[(base + tok) * vs_row + at.v];
+      } else {
+#pragma unroll
+        for (int w = 0; w < R::kVWords; ++w) r.v[kk][i][w] = 0u;
+        r.vc[kk][i] = 0u;
+      }
+    }
+  }
+}
+
+// 2^e as a float, e in [-126, 127].
+__device__ __forceinline__ float pow2f(int e) {
+  const uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
+  float v;
+  memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+template <int D, bool kSplit>
+__device__ __forceinline__ float decode_query_at(const DecodeParams& p, int64_t qh, int c) {
+  if constexpr (kSplit) {
+    return p.q[qh * D + c];
+  } else if (p.q16_dtype == DType::kFloat16) {
+    return to_f(static_cast<const __half*>(p.q16)[qh * D + c]);
+  } else {
+    return to_f(static_cast<const __nv_bfloat16*>(p.q16)[qh * D + c]);
+  }
+}
+
+template <int D, bool kSplit>
+__global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const DecodeParams p, int64_t chunk,
+                                                                     int64_t splits, float* part_out,
+                                                                     float* part_lse) {
+  using tcd::kRows;
+  using tcd::kStep;
+  using tcd::kWarps;
+  constexpr int kKb = D / 16, kNb = D / 8, kParts = kSplit ? 2 : 1;
+  constexpr float kLog2e = 1.4426950408889634f;
+  // A lo part at most 2^-18 of the row's max (448 after its factor) changes a score by less than
+  // fp32 rounding of its sum roughly does (up to 2^-17 relative for 128 terms); an FP8 row's lo
+  // parts are ~2^-22 of it.
+  constexpr float kLoLimit = 448.0f / 262144.0f;
+  __shared__ __align__(16) uint32_t sq[kParts][kKb][32][4];  // Q fragments (hi, lo)
+  __shared__ float srow_f[kRows];                             // the rows' factors
+  __shared__ float srow_scale[kRows];                         // and score scales
+  __shared__ float sm[kWarps][kRows];                         // the warps' maxima
+  __shared__ float sl[kWarps][kRows];                         // and sums
+  __shared__ __align__(16) float so[kWarps][kRows][D];         // the warps' outputs
+
+  const int64_t group_heads = p.hq / p.hkv, slices = (group_heads + kRows - 1) / kRows;
+  const int64_t bk = blockIdx.x / slices, split = blockIdx.y;
+  const int64_t b = bk / p.hkv, kh = bk % p.hkv, h0 = (blockIdx.x % slices) * kRows;
+  const int gh = static_cast<int>(group_heads - h0 < kRows ? group_heads - h0 : kRows);
+  const int64_t qh0 = b * p.hq + kh * group_heads + h0;  // the CTA's first [batch * hq] row
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+
+  {  // each row's max |q| (8 threads per row), its factor f and score scale p.scale / f
+    const int row = threadIdx.x >> 3, part = threadIdx.x & 7;
+    float mx = 0.0f;
+    if (row < gh) {
+      for (int c = part * (D / 8); c < (part + 1) * (D / 8); ++c) {
+        mx = fmaxf(mx, fabsf(decode_query_at<D, kSplit>(p, qh0 + row, c)));
+      }
+    }
+#pragma unroll
+    for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float f = 1.0f;  // (a zero row, and one with an infinity: nothing to scale)
+    if (mx > 0.0f && mx <= 3.402823466e38f) {
+      if constexpr (kSplit) {
+        f = 448.0f / mx;  // an FP8 row (q_quantize's q8 * s: max 448 s) becomes its q8, exact in fp16
+        if (!(f <= 3.402823466e38f)) f = pow2f(126);  // (a subnormal max)
+      } else {
+        const int e = 14 - ilogbf(mx);  // 16-bit values stay exact: a power of two
+        f = pow2f(e < 126 ? e : 126);
+      }
+    }
+    if (part == 0) {
+      srow_f[row] = f;
+      srow_scale[row] = p.scale / f;
+    }
+  }
+  __syncthreads();
+  bool lo_needed = false;  // a lo part above kLoLimit: below it, Q_hi alone is fp32-accurate
+  for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments
+    const int kk = i / 128, l = (i / 4) % 32, r = i % 4;
+    const int row = (l >> 2) + 8 * (r & 1);
+    const int c = (l & 3) * (D / 4) + 8 * (kk / 2) + 2 * (kk % 2) + (r >> 1);
+    float x0 = 0.0f, x1 = 0.0f;
+    if (row < gh) {
+      x0 = decode_query_at<D, kSplit>(p, qh0 + row, c) * srow_f[row];
+      x1 = decode_query_at<D, kSplit>(p, qh0 + row, c + 4) * srow_f[row];
+    }
+    const uint32_t hi = cuda::ptx::pack2<__half>(x0, x1);
+    sq[0][kk][l][r] = hi;
+    if constexpr (kSplit) {
+      float h0f, h1f;
+      cuda::ptx::unpack2<__half>(hi, h0f, h1f);
+      sq[kParts - 1][kk][l][r] = cuda::ptx::pack2<__half>(x0 - h0f, x1 - h1f);
+      lo_needed = lo_needed || fabsf(x0 - h0f) > kLoLimit || fabsf(x1 - h1f) > kLoLimit;
+    }
+  }
+  // The Q K^T products of the lo parts, when some row needs them (one flag for the CTA).
+  const int q_parts = __syncthreads_or(lo_needed) ? kParts : 1;
+
+  const float row_scale[2] = {srow_scale[g], srow_scale[g + 8]};
+  const int64_t first = first_token(p, b);  // (left padding skipped)
+  const int64_t t0 = split * chunk > first ? split * chunk : first;
+  const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
+  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const DecodeCodeAt<D> at(g, tq, static_cast<int>(p.group));
+
+  float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
+  }
+  DecodeStepBytes<D> next;
+  int64_t t = t0 + warp * kStep;
+  if (t < t1) fetch_decode_step<D>(p, base, t, t1, at, next);
+  for (; t < t1; t += kWarps * kStep) {
+    DecodeStepBytes<D> cur = next;
+    if (t + kWarps * kStep < t1) fetch_decode_step<D>(p, base, t + kWarps * kStep, t1, at, next);
+
+    // S = Q K^T: 4 blocks of 8 keys.
+    float s[4][4];
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    }
+    uint32_t ks2[4][DecodeStepBytes<D>::kKCodes];
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+      for (int j = 0; j < DecodeStepBytes<D>::kKCodes; ++j) {
+        const float sc = fp8e4m3_value(static_cast<uint8_t>(cur.kc[nb][j]));
+        ks2[nb][j] = cuda::ptx::pack2<__half>(sc, sc);
+      }
+#pragma unroll
+      for (int w = 0; w < DecodeStepBytes<D>::kKWords; ++w) cur.k[nb][w] ^= 0x88888888u;  // offset binary
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKb; ++kk) {
+      uint32_t a[kParts][4];
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        const uint4 x = *reinterpret_cast<const uint4*>(sq[part][kk][lane]);
+        a[part][0] = x.x, a[part][1] = x.y, a[part][2] = x.z, a[part][3] = x.w;
+      }
+      const int j = 4 * 2 * (kk % 2);  // the bit offset of nibble 2 (kk % 2)
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        const uint32_t w = cur.k[nb][kk / 2], sc = ks2[nb][kk / 4];
+        const uint32_t bf[2] = {cuda::ptx::i4x2_f16x2((w >> j) & 0x000F000Fu, sc),
+                                cuda::ptx::i4x2_f16x2((w >> (j + 4)) & 0x000F000Fu, sc)};
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          if (part < q_parts) cuda::ptx::mma_16816<__half>(s[nb], a[part], bf);
+        }
+      }
+    }
+
+    // Online softmax in base 2 (the keys past t1 masked).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = softcapped(s[nb][e] * row_scale[e >> 1], p.softcap);
+        x = t + 8 * nb + 2 * tq + (e & 1) < t1 ? x * kLog2e : -INFINITY;
+        s[nb][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m[h], mx[h]);
+      alpha[h] = m_new == -INFINITY ? 1.0f : (m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new));
+      m[h] = m_new;
+      l[h] *= alpha[h];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {  // (rare once the max settles)
+#pragma unroll
+      for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pj = s[nb][e] == -INFINITY ? 0.0f : exp2f(s[nb][e] - m[e >> 1]);
+        l[e >> 1] += pj;
+        s[nb][e] = pj;
+      }
+    }
+
+    // O += P V: 2 blocks of 16 keys.
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t pf[kParts][4];
+      pf[0][0] = cuda::ptx::pack2<__half>(s[2 * kk][0], s[2 * kk][1]);
+      pf[0][1] = cuda::ptx::pack2<__half>(s[2 * kk][2], s[2 * kk][3]);
+      pf[0][2] = cuda::ptx::pack2<__half>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pf[0][3] = cuda::ptx::pack2<__half>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      if constexpr (kSplit) {
+        const float* src[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float h0f, h1f;
+          cuda::ptx::unpack2<__half>(pf[0][r], h0f, h1f);
+          pf[kParts - 1][r] = cuda::ptx::pack2<__half>(src[r][0] - h0f, src[r][1] - h1f);
+        }
+      }
+      const uint32_t s01 = cuda::ptx::pack2<__half>(fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][0])),
+                                                    fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][1])));
+      const uint32_t s89 = cuda::ptx::pack2<__half>(fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][2])),
+                                                    fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][3])));
+#pragma unroll
+      for (int i = 0; i < D / 16; ++i) {  // byte i of the lane's value bytes: channels 2i, 2i + 1
+        const uint32_t sel = static_cast<uint32_t>(i % 4) | static_cast<uint32_t>(4 + i % 4) << 8;
+        const uint32_t x01 = cuda::ptx::prmt(cur.v[kk][0][i / 4], cur.v[kk][1][i / 4], sel) ^ 0x00880088u;
+        const uint32_t x89 = cuda::ptx::prmt(cur.v[kk][2][i / 4], cur.v[kk][3][i / 4], sel) ^ 0x00880088u;
+        const uint32_t lo[2] = {cuda::ptx::i4x2_f16x2(x01 & 0x000F000Fu, s01),
+                                cuda::ptx::i4x2_f16x2(x89 & 0x000F000Fu, s89)};
+        const uint32_t hi[2] = {cuda::ptx::i4x2_f16x2((x01 >> 4) & 0x000F000Fu, s01),
+                                cuda::ptx::i4x2_f16x2((x89 >> 4) & 0x000F000Fu, s89)};
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          cuda::ptx::mma_16816<__half>(o[2 * i], pf[part], lo);
+          cuda::ptx::mma_16816<__half>(o[2 * i + 1], pf[part], hi);
+        }
+      }
+    }
+  }
+
+  // Merge the warps (as decode_split_kernel; maxima in base 2).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    if (tq == 0) {
+      sm[warp][g + 8 * h] = m[h];
+      sl[warp][g + 8 * h] = l[h];
+    }
+  }
+#pragma unroll
+  for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) so[warp][g + 8 * (e >> 1)][(2 * tq + (e & 1)) * (D / 8) + nb] = o[nb][e];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < gh * D; i += blockDim.x) {
+    const int h = i / D, c = i % D;
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w][h]);
+    float sum = 0.0f, out = 0.0f;
+    if (mx != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) {
+        if (sm[w][h] == -INFINITY) continue;
+        const float f = exp2f(sm[w][h] - mx);
+        sum += sl[w][h] * f;
+        out += so[w][h][c] * f;
+      }
+    }
+    const int64_t qh = qh0 + h;
+    const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
+    part_out[(qh * splits + split) * D + c] = seen ? out / sum : 0.0f;
+    if (c == 0) part_lse[qh * splits + split] = seen ? (mx + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+template <int D, bool kSplit>
+Status decode_tc(const DecodeParams& p, cudaStream_t stream) {
+  const SplitPlan plan = split_plan(p.length);
+  float* part_out = p.workspace;
+  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * D;
+  const int64_t slices = (p.hq / p.hkv + tcd::kRows - 1) / tcd::kRows;
+  const dim3 grid(static_cast<unsigned>(p.batch * p.hkv * slices), static_cast<unsigned>(plan.splits));
+  decode_tc_kernel<D, kSplit><<<grid, tcd::kWarps * 32, 0, stream>>>(p, plan.chunk, plan.splits, part_out,
+                                                                      part_lse);
+  if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
+  decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.hq), 128, 0, stream>>>(p, plan.splits,
+                                                                                    part_out, part_lse);
+  return cuda::last_launch_status();
+}
+
+// One query token, keys and values of head_dim 64 or 128, groups a multiple of 16 channels, the
+// cache rows aligned for the lanes' loads (D / 8 key bytes, D / 16 value bytes), 16-bit queries (if
+// given) fp16 or bf16.
+bool decode_tc_ok(const DecodeParams& p) {
+  if (p.q_tokens != 1 || (p.d != 64 && p.d != 128) || value_dim(p) != p.d || p.group % 16 != 0) return false;
+  if (!cuda::is_aligned(p.k, p.d / 8) || !cuda::is_aligned(p.v, p.d / 16) || value_row(p) % (p.d / 16) != 0) {
+    return false;
+  }
+  if (p.q16 != nullptr && p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
+  return p.batch * p.hkv * ((p.hq / p.hkv + tcd::kRows - 1) / tcd::kRows) < (int64_t{1} << 31);
+}
+
+Status decode_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q16 != nullptr) return p.d == 64 ? decode_tc<64, false>(p, stream) : decode_tc<128, false>(p, stream);
+  return p.d == 64 ? decode_tc<64, true>(p, stream) : decode_tc<128, true>(p, stream);
+}
+
 template <int C, int CV>
 Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
   const int64_t warps = p.batch * p.hq * p.q_tokens;
@@ -653,6 +1060,7 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   // (the workspace is only needed by the split decode)
   if (p.q_tokens > 1 && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
+  if (p.q_tokens == 1 && decode_tc_ok(p)) return decode_tc_dispatch(p, st);
   switch (p.d / 32) {
     case 2:
       return launch_by_value_dim<2>(p, st);

@@ -135,7 +135,8 @@ thread_local char g_message[512];
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 thread_local const char* g_site = "";
 
-// FASTLAYERS_EMU_TRACE=1: the launch sites run, with their launch and block counts, at exit.
+// The launch sites run, with their launch and block counts (launch_counts); printed at exit with
+// FASTLAYERS_EMU_TRACE=1.
 struct Trace {
   bool on = std::getenv("FASTLAYERS_EMU_TRACE") != nullptr;
   std::map<std::string, std::pair<long, long>> sites;
@@ -310,7 +311,7 @@ bool run_block(Block& b) {
 void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_t smem,
               void (*body)(void*), void* ctx) {
   g_site = site;
-  if (g_trace.on) {
+  {  // (counted always: launch_counts)
     std::lock_guard<std::mutex> lock(g_trace_mutex);
     auto& n = g_trace.sites[site];
     n.first += 1;
@@ -381,6 +382,13 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
     }
   }
   g_block = nullptr;
+}
+
+std::vector<std::pair<std::string, long>> launch_counts() {
+  std::lock_guard<std::mutex> lock(g_trace_mutex);
+  std::vector<std::pair<std::string, long>> out;
+  for (const auto& [site, n] : g_trace.sites) out.emplace_back(site, n.first);
+  return out;
 }
 
 void syncthreads() { wait(g_block->bar); }

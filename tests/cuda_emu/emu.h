@@ -31,9 +31,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #define __launch_bounds__(...)
 
@@ -49,6 +51,9 @@ namespace emu {
 // `site`: "file:line kernel" of the launch (error messages, FASTLAYERS_EMU_TRACE=1).
 void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_t smem,
               void (*body)(void*), void* ctx);
+
+// Every launch site run so far ("file:line kernel", as `site` above) and its launch count.
+std::vector<std::pair<std::string, long>> launch_counts();
 
 void syncthreads();
 int syncthreads_or(int predicate);

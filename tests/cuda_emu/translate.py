@@ -12,7 +12,8 @@ Three rewrites, nothing else changes (line numbers are kept, so compiler message
 * ``__shared__ [__align__(n)] T name[dims];``
   -> ``static T name[dims]; ::emu::shared_array(name, sizeof(name));``
   (blocks run one after another, so a function-local static is the block's shared memory; it is
-  poisoned when the first thread of each block reaches it)
+  poisoned when the first thread of each block reaches it); any other ``__shared__`` (e.g. two
+  arrays in one statement) is refused: it would compile as a per-thread local
 * ``__launch_bounds__(n[, m]) kernel(...) {`` -> ``kernel(...) { ::emu::launch_bounds(n);`` (a
   launch with more threads per block than ``n`` fails, as it does on a GPU)
 
@@ -97,6 +98,12 @@ def translate(text: str, path: str = "?") -> str:
     text = _SHARED.sub(
         lambda m: f"static {m[1]} {m[2]}{m[3]}; ::emu::shared_array({m[2]}, sizeof({m[2]}));", text
     )
+    # A declaration the patterns above did not take (two arrays in one statement, say) would
+    # compile as a per-thread local array here: refused instead.
+    for number, line in enumerate(text.split("\n"), 1):
+        if "__shared__" in line.split("//")[0]:
+            raise ValueError(f"{path}:{number}: a __shared__ declaration the emulation cannot take "
+                             "(one array or variable per statement)")
     text = _rewrite(text, "__launch_bounds__(", _launch_bounds)
     return _rewrite(text, "<<<", lambda t, k: _launch(t, k, path))
 

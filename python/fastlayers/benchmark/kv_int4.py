@@ -46,6 +46,11 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         )  # fmt: skip
         for batch, context in (QUICK if quick else CASES)[device.type]
     ]
+    if device.type == "cuda":  # fp32 queries (q_quantize's FP8 values: the FireQ route)
+        batch, context = (QUICK if quick else CASES)[device.type][-1]
+        rows.append(_decode_case(device, gen, batch, context, (HQ, HKV, D, D, GROUP), reps,
+                                 "int4_kv_decode, fp32 queries (GQA 32/8, d128, g128)",
+                                 torch.float32))  # fmt: skip
     gen = torch.Generator(device="cpu").manual_seed(1)
     rows += [
         _decode_case(device, gen, batch, context, (64, 8, 192, 128, 64), reps,
@@ -65,15 +70,16 @@ VALUE_DIM = {"cpu": [(1, 4096)], "cuda": []}  # (the CUDA kernels take dv == d: 
 
 
 def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, reps: int,
-                 label: str) -> Row:  # fmt: skip
+                 label: str, qdtype=torch.bfloat16) -> Row:  # fmt: skip
     """``int4_kv_decode`` of one new token per sequence over ``context`` cached tokens against
     bf16 SDPA over the same cache in bf16; ``sizes``: query heads, key/value heads, the keys' and
-    the values' head sizes, the quantization group. Both caches rotated past the last-level cache:
-    a decode step reads its layer's cache cold."""
+    the values' head sizes, the quantization group; ``qdtype``: the INT4 side's queries. Both
+    caches rotated past the last-level cache: a decode step reads its layer's cache cold."""
     hq, hkv, d, dv, group = sizes
     kf = torch.randn(batch, hkv, context, d, generator=gen).to(device)
     vf = torch.randn(batch, hkv, context, dv, generator=gen).to(device)
     q = torch.randn(batch, hq, d, generator=gen).to(device, torch.bfloat16)
+    qi = q.to(qdtype)
     k, ks = quantize_kv_int4(kf, group)
     v, vs = quantize_kv_int4(vf, group)
     # (values of another size: the baseline's zero-padded to the keys' size; torch's CPU SDPA
@@ -81,8 +87,8 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
     kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
     del kf, vf
     nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
-    int4_sets = [(q, k, ks, v, vs)] + [
-        (q, *(t.clone() for t in (k, ks, v, vs)))
+    int4_sets = [(qi, k, ks, v, vs)] + [
+        (qi, *(t.clone() for t in (k, ks, v, vs)))
         for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
     ]
     bf16_sets = [(q[:, :, None], kb, vb)] + [
@@ -100,16 +106,16 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
             device,
         )
         del int4_sets, bf16_sets
-        out, _ = int4_kv_decode(q, k, ks, v, vs)
+        out, _ = int4_kv_decode(qi, k, ks, v, vs)
         from fastlayers.ops.kvint4 import _reference
 
-        want, _ = _reference(q.double(), k, ks, v, vs, context, d**-0.5)
+        want, _ = _reference(qi.double(), k, ks, v, vs, context, d**-0.5)
         err = (out.double() - want).abs().max().item()
     gbps = nbytes / t.median_s / 1e9
     return Row(
         label,
         f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
-        "bfloat16",
+        str(qdtype).removeprefix("torch."),
         backend_label(device, "int4_kv_decode"),
         t.median_s * 1e6,
         "bf16 SDPA over a bf16 cache" if dv == d else "bf16 SDPA, values zero-padded to d",

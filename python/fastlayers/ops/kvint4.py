@@ -249,9 +249,9 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
         out = out16 = empty(out_shape, q.dtype, device)
     else:
         q32 = q.float().contiguous()
-        # CUDA prefill with 16-bit queries: also pass them as they are (the tensor-core kernel's
-        # input).
-        if on_cuda(device) and tq > 1 and half:
+        # CUDA with 16-bit queries: also pass them as they are (the tensor-core kernels' input;
+        # the decode's then forms one fp16 product per score instead of two).
+        if on_cuda(device) and half:
             q16 = q.contiguous()
         out = empty(out_shape, torch.float32, device)
     kc, ksc = k.contiguous(), k_scale.contiguous()

@@ -108,6 +108,26 @@ uint32_t pack2(float lo, float hi) {
   return static_cast<uint32_t>(lb) | static_cast<uint32_t>(hb) << 16;
 }
 
+template <typename T>
+void unpack2(uint32_t r, float& lo, float& hi) {
+  lo = emu_detail::half_of<T>(r, 0);
+  hi = emu_detail::half_of<T>(r, 1);
+}
+
+inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  const uint64_t bytes = static_cast<uint64_t>(b) << 32 | a;
+  uint32_t r = 0;
+  for (int k = 0; k < 4; ++k) r |= static_cast<uint32_t>((bytes >> (8 * ((sel >> (4 * k)) & 7))) & 0xFFu) << (8 * k);
+  return r;
+}
+
+// (each half: (u - 8) * s, computed in fp32 and rounded to fp16: exact, as on the GPU)
+inline uint32_t i4x2_f16x2(uint32_t u, uint32_t s) {
+  if (u & 0xFFF0FFF0u) emu::fail("i4x2_f16x2: bits set outside the two 4-bit values");
+  return pack2<__half>(static_cast<float>(static_cast<int>(u & 15u) - 8) * emu_detail::half_of<__half>(s, 0),
+                       static_cast<float>(static_cast<int>((u >> 16) & 15u) - 8) * emu_detail::half_of<__half>(s, 1));
+}
+
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     emu::fail("cp.async: a 16-byte copy with an address not 16-byte aligned");
