@@ -661,32 +661,6 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     assert torch.equal(layer.kq, kq2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("group", [32, 4])
-def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
-    """fp16/bf16 queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three
-    64-row CTAs, the last partial) over 300 cached tokens (five key tiles, the last partial); the
-    cache is dequantized 8 channels at a time (one group scale each, or one per channel pair for
-    groups of 4)."""
-    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
-
-    b, hq, hkv, t, tq = 2, 4, 2, 300, 130
-    q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
-    k, ks = quant.quantize_kv_int4(
-        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
-    )
-    v, vs = quant.quantize_kv_int4(
-        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
-    )
-    out, lse = int4_kv_attention(q, k, ks, v, vs, t)
-    ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
-    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # P is rounded to the query dtype
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
-
-
 def _emulated_launches(kernel: str) -> int | None:
     """Launches of ``kernel`` so far in a CUDA emulation build (None on a GPU: not counted)."""
     c = _ext.C
@@ -694,6 +668,43 @@ def _emulated_launches(kernel: str) -> int | None:
         return None
     launches = c.cuda_emu_launches().items()
     return sum(n for site, n in launches if site.split(" ")[1].startswith(kernel))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [32, 4])
+def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
+    """Queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three 64-row CTAs,
+    the last partial) over 300 cached tokens (five key tiles, the last partial); the cache is
+    dequantized 8 channels at a time (one group scale each, or one per channel pair for groups of
+    4). fp16/bf16 queries as they are (P rounded to their dtype); fp32 ones as hi + lo fp16 parts
+    (Q and P: two products each) to the fp32 tolerance, FP8-quantized fp32 ones (q_quantize's,
+    their lo parts negligible: one Q K^T product) likewise. In the emulation: no launch of the
+    warp-per-row prefill kernel."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    b, hq, hkv, t, tq = 2, 4, 2, 300, 130
+    if dtype == "fp8":
+        q = quant.quantize_q_fp8(rand(b, hq, tq, d, dtype=torch.float32, device=cuda_device))
+        dtype = torch.float32
+    else:
+        q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
+    k, ks = quant.quantize_kv_int4(
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
+    )
+    v, vs = quant.quantize_kv_int4(
+        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
+    )
+    before = _emulated_launches("prefill_kernel"), _emulated_launches("kernel")
+    out, lse = int4_kv_attention(q, k, ks, v, vs, t)
+    if before[0] is not None:  # the tile's launches are named "kernel" (cuda::tc::launch)
+        assert _emulated_launches("prefill_kernel") == before[0]
+        assert _emulated_launches("kernel") == before[1] + 1
+    ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])

@@ -9,7 +9,8 @@
 //   shuffles per reduction), P rounded to the input dtype (as FlashAttention) and reused as the A
 //   fragments of O += P V (V through a transposing ldmatrix), O rescaled in registers.
 // The row sums are kept per lane and reduced at the end. The kernel supplies the loads (cp.async:
-// load_rows_async), the mask and the epilogue; this header owns the arithmetic.
+// load_rows_async), the mask and the epilogue; this header owns the arithmetic. fp32 queries
+// (WarpTile's kSplit): Q and P as fp16 hi + lo parts, two products each.
 #pragma once
 
 #include <cmath>
@@ -73,7 +74,12 @@ struct AllVisible {
 // One warp's 16 query rows. Construct after Q is in shared memory (and a __syncthreads()).
 // Lane l holds rows g = l / 4 and g + 8 of the warp's 16 (h = 0, 1), and in each 8-column block
 // the columns 2 (l % 4) and + 1.
-template <typename T, int D>
+// kSplit (fp32 queries, fp32 results): Q = Q_hi + Q_lo and P = P_hi + P_lo in T, two products
+// each, so that scores and output keep about 22 bits; the kernel puts Q_lo in shared memory (rows
+// as Q's, read by ldmatrix per use: only Q_hi stays in registers), sets sq_lo and use_lo (false
+// when its lo parts are negligible: one Q K^T product then) and the rows' score scales rs (the
+// queries' per-row factors undone).
+template <typename T, int D, bool kSplit = false>
 struct WarpTile {
   using S = Smem<D>;
   static constexpr int kKeyBlocks = kKeys / 8;  // 8-key blocks of the scores
@@ -87,6 +93,9 @@ struct WarpTile {
   float o[kColBlocks][4];  // the output accumulator
   float m[2] = {-INFINITY, -INFINITY};  // running maxima (base-2 scaled scores) of rows g, g + 8
   float l[2] = {0.0f, 0.0f};            // this lane's part of their sums
+  float rs[2] = {1.0f, 1.0f};           // rows g, g + 8: their scores' factors (times `scale`)
+  const T* sq_lo = nullptr;             // kSplit: Q_lo (Q's layout), read when use_lo
+  bool use_lo = false;
   int warp, lane;
 
   __device__ explicit WarpTile(const unsigned char* smem) {
@@ -114,8 +123,10 @@ struct WarpTile {
   // S = Q K^T of the tile in shared memory (K complete), masked (visible(cta_row, key) -> bool),
   // scaled (softcap > 0: s -> softcap * tanh(s / softcap), Gemma 2), the online softmax update;
   // leaves P as the A fragments of the P V product (16 keys each).
+  // kSplit: p_lo gets P - P_hi (P_hi in p); unused otherwise.
   template <class Visible>
-  __device__ void softmax(const Visible& visible, float scale, float softcap, uint32_t (&p)[kKeys / 16][4]) {
+  __device__ void softmax(const Visible& visible, float scale, float softcap, uint32_t (&p)[kKeys / 16][4],
+                          uint32_t (&p_lo)[kKeys / 16][4]) {
     float s[kKeyBlocks][4];
 #pragma unroll
     for (int nb = 0; nb < kKeyBlocks; ++nb) {
@@ -133,15 +144,22 @@ struct WarpTile {
         const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
         ptx::mma_16816<T>(s[nb], qf[kk], b0);
         ptx::mma_16816<T>(s[nb + 1], qf[kk], b1);
+        if (kSplit && use_lo) {  // (warp-uniform)
+          uint32_t qlo[4];
+          ptx::ldmatrix_x4(qlo, sq_lo + (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8 + kk * 16);
+          ptx::mma_16816<T>(s[nb], qlo, b0);
+          ptx::mma_16816<T>(s[nb + 1], qlo, b1);
+        }
       }
     }
 
+    const float row_scale[2] = {scale * rs[0], scale * rs[1]};
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < kKeyBlocks; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nb][e] * scale;
+        float x = s[nb][e] * row_scale[e >> 1];
         if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
         x = visible(cta_row(e >> 1), key_of(nb, e)) ? x * kLog2e : -INFINITY;
         s[nb][e] = x;
@@ -180,11 +198,21 @@ struct WarpTile {
       p[kk][1] = ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
       p[kk][2] = ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       p[kk][3] = ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      if constexpr (kSplit) {
+        const float* src[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float hi0, hi1;
+          ptx::unpack2<T>(p[kk][r], hi0, hi1);
+          p_lo[kk][r] = ptx::pack2<T>(src[r][0] - hi0, src[r][1] - hi1);
+        }
+      }
     }
   }
 
-  // O += P V with the tile's V in shared memory (complete).
-  __device__ void accumulate(const uint32_t (&p)[kKeys / 16][4]) {
+  // O += P V with the tile's V in shared memory (complete); kSplit: O += (P + P_lo) V, each V
+  // fragment read once for both.
+  __device__ void accumulate(const uint32_t (&p)[kKeys / 16][4], const uint32_t (&p_lo)[kKeys / 16][4]) {
     // Tiles of one transposing ldmatrix: keys +0-7 / +8-15 of columns +0-7 (b[0], b[1] of block
     // nb), then of columns +8-15 (block nb + 1).
     const T* vrow = sv + (((lane >> 3) & 1) * 8 + (lane & 7)) * S::kLd + (lane >> 4) * 8;
@@ -197,16 +225,25 @@ struct WarpTile {
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         ptx::mma_16816<T>(o[nb], p[kk], b0);
         ptx::mma_16816<T>(o[nb + 1], p[kk], b1);
+        if constexpr (kSplit) {
+          ptx::mma_16816<T>(o[nb], p_lo[kk], b0);
+          ptx::mma_16816<T>(o[nb + 1], p_lo[kk], b1);
+        }
       }
     }
+  }
+
+  __device__ void accumulate(const uint32_t (&p)[kKeys / 16][4]) {
+    static_assert(!kSplit, "a split tile takes P's lo parts too");
+    accumulate(p, p);
   }
 
   // Both halves of a tile whose K and V are in shared memory.
   template <class Visible>
   __device__ void step(const Visible& visible, float scale, float softcap = 0.0f) {
-    uint32_t p[kKeys / 16][4];
-    softmax(visible, scale, softcap, p);
-    accumulate(p);
+    uint32_t p[kKeys / 16][4], p_lo[kKeys / 16][4];
+    softmax(visible, scale, softcap, p, p_lo);
+    accumulate(p, p_lo);
   }
 
   // out_row(cta_row) -> Out* (nullptr: not written) gets O / l for each of the lane's rows (zeros

@@ -27,9 +27,8 @@ struct DecodeParams {
   float* lse = nullptr;                 // [batch, hq, q_tokens]
   float* workspace = nullptr;           // CUDA only: decode_cuda_workspace_floats(...) floats
   // CUDA, optional: q in its own 16-bit dtype (same layout as q). With head_dim 64 or 128 the
-  // prefill then runs on tensor cores (INT4 x FP8-scale values are exact in fp16 and bf16), and the
-  // tensor-core decode forms one fp16 product per score instead of two (q's values are exact in
-  // fp16 after a power-of-two row scaling).
+  // tensor-core prefill and decode then take it as it is (INT4 x FP8-scale values are exact in fp16
+  // and bf16): one product per score and output term, where fp32 q takes two (hi + lo).
   // CPU: the queries when q is null (read as they are, no fp32 copy).
   const void* q16 = nullptr;
   DType q16_dtype = DType::kBFloat16;

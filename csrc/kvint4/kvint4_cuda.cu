@@ -22,10 +22,11 @@
 //   and keeps, per head, the running max, sum and output slice (online softmax). The values may be
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
-// Prefill: fp16/bf16 queries with head_dim 64 or 128 run on tensor cores (common/tc_attention.cuh:
-//   64 query tokens per CTA, 64-key tiles dequantized into shared memory, 4 cache bytes per thread
-//   and step (cache rows 4-byte aligned), only the tiles up to the CTA's last causal key);
-//   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
+// Prefill: head_dim 64 or 128 on tensor cores (common/tc_attention.cuh: 64 query tokens per CTA,
+//   64-key tiles dequantized into shared memory, 4 cache bytes per thread and step (cache rows
+//   4-byte aligned), only the tiles up to the CTA's last causal key); fp16/bf16 queries as they
+//   are, fp32 ones as fp16 hi + lo parts (fp32_query_factor; the lo products skipped per warp where
+//   negligible: FP8-quantized queries); otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
 #include <cstring>
@@ -406,6 +407,30 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
+// 2^e as a float, e in [-126, 127].
+__device__ __forceinline__ float pow2f(int e) {
+  const uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
+  float v;
+  memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// fp32 queries on tensor cores (the decode and the prefill): each row times a factor f, then split
+// into fp16 hi + lo. f = 448 / max|row|: an FP8-quantized row (q_quantize's q8 * s, its max 448 s)
+// becomes its q8 values, exact in fp16 (4 significant bits; f is 1 / s to fp32 rounding), so its
+// lo parts are ~2^-22 of the row's max and one product per score suffices; another row keeps
+// ~22 bits through both. (1 for a zero row and one with an infinity: nothing to scale.)
+__device__ __forceinline__ float fp32_query_factor(float row_max) {
+  if (!(row_max > 0.0f && row_max <= 3.402823466e38f)) return 1.0f;
+  const float f = 448.0f / row_max;
+  return f <= 3.402823466e38f ? f : pow2f(126);  // (a subnormal max)
+}
+
+// A lo part at most this (2^-18 of a row's max after its factor) changes a score by less than fp32
+// rounding of its sum roughly does (up to 2^-17 relative for 128 terms): then the lo products are
+// skipped.
+constexpr float kQueryLoLimit = 448.0f / 262144.0f;
+
 // One thread's share of a key tile's cache bytes for the tensor-core prefill: kWords 4-byte words
 // of K and of V (8 channels each) and their group-scale codes (one per channel pair, byte i for
 // bytes i of the word; the same code in all four when a group spans the word), loaded a tile ahead
@@ -484,10 +509,50 @@ __device__ __forceinline__ void store_tile(const RawTile<D>& r, T* sk, T* sv) {
   }
 }
 
+// The fp32-query prefill's shared memory past the tile's: Q_lo (Q's layout), the rows' factors.
+template <int D>
+struct PrefillSplitSmem {
+  static constexpr size_t kQLo = cuda::tc::Smem<D>::kExtra;
+  static constexpr size_t kRowScale = kQLo + size_t(cuda::tc::kRows) * cuda::tc::Smem<D>::kLd * 2;
+  static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - cuda::tc::Smem<D>::kExtra;
+};
+
+// fp32 queries (p.q) into the warp's 16 rows of Q (hi) and Q_lo (fp32_query_factor: each row times
+// f, rs[row] = 1 / f); returns whether the warp needs the lo products (warp-uniform).
+template <int D>
+__device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* smem) {
+  using S = cuda::tc::Smem<D>;
+  auto* hi = reinterpret_cast<__half*>(smem + S::kQ);
+  auto* lo = reinterpret_cast<__half*>(smem + PrefillSplitSmem<D>::kQLo);
+  auto* rs = reinterpret_cast<float*>(smem + PrefillSplitSmem<D>::kRowScale);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  bool lo_needed = false;
+  for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+    const float* src = r < rows ? q + static_cast<int64_t>(r) * D : nullptr;
+    float mx = 0.0f;
+    if (src != nullptr) {
+      for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(src[c]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float f = fp32_query_factor(mx);
+    for (int c = lane; c < D; c += 32) {
+      const float x = src != nullptr ? src[c] * f : 0.0f;
+      const __half h = __float2half_rn(x);
+      const float rest = x - __half2float(h);
+      hi[r * S::kLd + c] = h;
+      lo[r * S::kLd + c] = __float2half_rn(rest);
+      lo_needed = lo_needed || fabsf(rest) > kQueryLoLimit;
+    }
+    if (lane == 0) rs[r] = 1.0f / f;
+  }
+  return __any_sync(0xffffffffu, lo_needed);
+}
+
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
 // first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
-// key tiles before it are not read).
-template <typename T, int D>
+// key tiles before it are not read). kSplit: fp32 queries (T = __half; WarpTile's hi + lo).
+template <typename T, int D, bool kSplit>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
   namespace tc = cuda::tc;  // the tensor-core tile: its kRows / kKeys, not this file's
   using S = tc::Smem<D>;
@@ -496,13 +561,26 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t kh = h / (p.hq / p.hkv);
   const int64_t first = p.length - p.q_tokens;
   const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;
-  const T* q = static_cast<const T*>(p.q16) + ((b * p.hq + h) * p.q_tokens + i0) * D;
-  tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows,
-                            static_cast<int>(rows), [&](int i) { return q + static_cast<int64_t>(i) * D; });
-  cuda::ptx::cp_async_commit();
-  cuda::ptx::cp_async_wait<0>();
+  const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
+  bool use_lo = false;
+  if constexpr (kSplit) {
+    use_lo = load_split_queries<D>(p.q + q_row0 * D, rows, tc_smem);
+  } else {
+    const T* q = static_cast<const T*>(p.q16) + q_row0 * D;
+    tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(rows),
+                              [&](int i) { return q + static_cast<int64_t>(i) * D; });
+    cuda::ptx::cp_async_commit();
+    cuda::ptx::cp_async_wait<0>();
+  }
   __syncthreads();
-  tc::WarpTile<T, D> tile(tc_smem);
+  tc::WarpTile<T, D, kSplit> tile(tc_smem);
+  if constexpr (kSplit) {
+    const auto* rs = reinterpret_cast<const float*>(tc_smem + PrefillSplitSmem<D>::kRowScale);
+    tile.sq_lo = reinterpret_cast<const T*>(tc_smem + PrefillSplitSmem<D>::kQLo);
+    tile.use_lo = use_lo;
+    tile.rs[0] = rs[tile.cta_row(0)];
+    tile.rs[1] = rs[tile.cta_row(1)];
+  }
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   const int64_t base = (b * p.hkv + kh) * p.t_max;
@@ -535,34 +613,49 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
                               });
 }
 
-template <typename T, int D>
+template <int D, bool kSplit>
+constexpr size_t prefill_tc_smem() {
+  return cuda::tc::Smem<D>::bytes(kSplit ? PrefillSplitSmem<D>::kExtraBytes : 0);
+}
+
+template <typename T, int D, bool kSplit>
 Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const dim3 grid(static_cast<unsigned>((p.q_tokens + cuda::tc::kRows - 1) / cuda::tc::kRows),
                   static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  return cuda::tc::launch(prefill_tc_kernel<T, D>, grid, cuda::tc::Smem<D>::bytes(0), p, stream,
+  return cuda::tc::launch(prefill_tc_kernel<T, D, kSplit>, grid, prefill_tc_smem<D, kSplit>(), p, stream,
                           configured);
 }
 
-// fp16/bf16 queries given, head_dim 64 or 128 (values too), a 16-byte aligned q16, grid and shared
-// memory fit.
+// head_dim 64 or 128 (values too); fp16/bf16 queries given (q16, 16-byte aligned) or fp32 ones (the
+// hi + lo kernel); grid and shared memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
-  if (p.q16 == nullptr || (p.d != 64 && p.d != 128) || !cuda::is_aligned(p.q16, 16)) return false;
+  if (p.d != 64 && p.d != 128) return false;
+  if (p.q16 != nullptr) {
+    if (!cuda::is_aligned(p.q16, 16)) return false;
+    if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
+  } else if (p.q == nullptr) {
+    return false;
+  }
   // cache rows read 4 bytes at a time
   if (!cuda::is_aligned(p.k, 4) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
   if (value_dim(p) != p.d) return false;
-  if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
   if (p.batch > 65535 || p.hq > 65535) return false;
-  const size_t need = p.d == 64 ? cuda::tc::Smem<64>::bytes(0) : cuda::tc::Smem<128>::bytes(0);
+  const bool split = p.q16 == nullptr;
+  const size_t need = p.d == 64 ? (split ? prefill_tc_smem<64, true>() : prefill_tc_smem<64, false>())
+                                : (split ? prefill_tc_smem<128, true>() : prefill_tc_smem<128, false>());
   return cuda::tc::optin_smem(nullptr) >= need;
 }
 
 Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q16_dtype == DType::kFloat16) {
-    return p.d == 64 ? prefill_tc<__half, 64>(p, stream) : prefill_tc<__half, 128>(p, stream);
+  if (p.q16 == nullptr) {
+    return p.d == 64 ? prefill_tc<__half, 64, true>(p, stream) : prefill_tc<__half, 128, true>(p, stream);
   }
-  return p.d == 64 ? prefill_tc<__nv_bfloat16, 64>(p, stream)
-                   : prefill_tc<__nv_bfloat16, 128>(p, stream);
+  if (p.q16_dtype == DType::kFloat16) {
+    return p.d == 64 ? prefill_tc<__half, 64, false>(p, stream) : prefill_tc<__half, 128, false>(p, stream);
+  }
+  return p.d == 64 ? prefill_tc<__nv_bfloat16, 64, false>(p, stream)
+                   : prefill_tc<__nv_bfloat16, 128, false>(p, stream);
 }
 
 // ---- Tensor-core decode -----------------------------------------------------------------------
@@ -669,14 +762,6 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
   }
 }
 
-// 2^e as a float, e in [-126, 127].
-__device__ __forceinline__ float pow2f(int e) {
-  const uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
-  float v;
-  memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
 template <int D, bool kSplit>
 __device__ __forceinline__ float decode_query_at(const DecodeParams& p, int64_t qh, int c) {
   if constexpr (kSplit) {
@@ -697,10 +782,6 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   using tcd::kWarps;
   constexpr int kKb = D / 16, kNb = D / 8, kParts = kSplit ? 2 : 1;
   constexpr float kLog2e = 1.4426950408889634f;
-  // A lo part at most 2^-18 of the row's max (448 after its factor) changes a score by less than
-  // fp32 rounding of its sum roughly does (up to 2^-17 relative for 128 terms); an FP8 row's lo
-  // parts are ~2^-22 of it.
-  constexpr float kLoLimit = 448.0f / 262144.0f;
   __shared__ __align__(16) uint32_t sq[kParts][kKb][32][4];  // Q fragments (hi, lo)
   __shared__ float srow_f[kRows];                             // the rows' factors
   __shared__ float srow_scale[kRows];                         // and score scales
@@ -725,15 +806,12 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
 #pragma unroll
     for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float f = 1.0f;  // (a zero row, and one with an infinity: nothing to scale)
-    if (mx > 0.0f && mx <= 3.402823466e38f) {
-      if constexpr (kSplit) {
-        f = 448.0f / mx;  // an FP8 row (q_quantize's q8 * s: max 448 s) becomes its q8, exact in fp16
-        if (!(f <= 3.402823466e38f)) f = pow2f(126);  // (a subnormal max)
-      } else {
-        const int e = 14 - ilogbf(mx);  // 16-bit values stay exact: a power of two
-        f = pow2f(e < 126 ? e : 126);
-      }
+    float f = 1.0f;
+    if constexpr (kSplit) {
+      f = fp32_query_factor(mx);
+    } else if (mx > 0.0f && mx <= 3.402823466e38f) {  // 16-bit values stay exact: a power of two
+      const int e = 14 - ilogbf(mx);
+      f = pow2f(e < 126 ? e : 126);
     }
     if (part == 0) {
       srow_f[row] = f;
@@ -741,7 +819,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
   }
   __syncthreads();
-  bool lo_needed = false;  // a lo part above kLoLimit: below it, Q_hi alone is fp32-accurate
+  bool lo_needed = false;  // a lo part above kQueryLoLimit
   for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments
     const int kk = i / 128, l = (i / 4) % 32, r = i % 4;
     const int row = (l >> 2) + 8 * (r & 1);
@@ -757,7 +835,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       float h0f, h1f;
       cuda::ptx::unpack2<__half>(hi, h0f, h1f);
       sq[kParts - 1][kk][l][r] = cuda::ptx::pack2<__half>(x0 - h0f, x1 - h1f);
-      lo_needed = lo_needed || fabsf(x0 - h0f) > kLoLimit || fabsf(x1 - h1f) > kLoLimit;
+      lo_needed = lo_needed || fabsf(x0 - h0f) > kQueryLoLimit || fabsf(x1 - h1f) > kQueryLoLimit;
     }
   }
   // The Q K^T products of the lo parts, when some row needs them (one flag for the CTA).

@@ -328,11 +328,11 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
     issue(sv, v, t0);
     ptx::cp_async_wait<1>();
     __syncthreads();  // K(t0)
-    uint32_t pf[kKeys / 16][4];
+    uint32_t pf[kKeys / 16][4], unused[kKeys / 16][4];  // (P's lo parts: fp32 queries only)
     if (whole) {
-      tile.softmax(tc::AllVisible{}, p.scale, p.softcap, pf);
+      tile.softmax(tc::AllVisible{}, p.scale, p.softcap, pf, unused);
     } else {
-      tile.softmax(visible_pair, p.scale, p.softcap, pf);
+      tile.softmax(visible_pair, p.scale, p.softcap, pf, unused);
     }
     ptx::cp_async_wait<0>();
     __syncthreads();  // V(t0); every warp is done with K(t0) and the tile's key data

@@ -21,7 +21,7 @@ from fastlayers.benchmark.harness import (
     time_interleaved,
 )
 from fastlayers.ops.kvint4 import int4_kv_decode
-from fastlayers.quant.rope_kv import quantize_kv_int4
+from fastlayers.quant.rope_kv import quantize_kv_int4, quantize_q_fp8
 
 HQ, HKV, D, GROUP = 32, 8, 128, 128
 CASES = {"cpu": [(1, 1024), (1, 8192), (4, 4096)], "cuda": [(1, 4096), (16, 8192), (64, 32768)]}
@@ -163,7 +163,7 @@ def _latent_case(device: torch.device, batch: int, context: int, reps: int) -> l
     kernel reading the rows in place) against the same absorbed computation in bf16 PyTorch over a
     bf16 latent cache, and against Hugging Face's step (expand the whole cache, SDPA). Caches
     rotated past the last-level cache."""
-    from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_q_fp8
+    from fastlayers.quant.rope_kv import dequantize_kv_int4
     from fastlayers.quant.rope_kv_hf import latent_rows_attention
 
     heads, nope, rope, vd, r, group = MLA_SIZES
@@ -317,15 +317,20 @@ PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": [(512, 2048)]}
 
 def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     """``int4_kv_attention``: the last ``tokens`` of the cache attend causally over it (prefill),
-    against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded)."""
+    against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded). On CUDA
+    also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route) for the last shape."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1)
-    for tokens, context in (PREFILL_QUICK if quick else PREFILL)[device.type]:
+    cases = [(*c, False) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
+    if device.type == "cuda":
+        cases.append((*cases[-1][:2], True))
+    for tokens, context, fp8_queries in cases:
         kf = torch.randn(1, HKV, context, D, generator=gen).to(device)
         vf = torch.randn(1, HKV, context, D, generator=gen).to(device)
         q = torch.randn(1, HQ, tokens, D, generator=gen).to(device, torch.bfloat16)
+        qi = quantize_q_fp8(q.float()) if fp8_queries else q
         k, ks = quantize_kv_int4(kf, GROUP)
         v, vs = quantize_kv_int4(vf, GROUP)
         kb, vb = kf.bfloat16(), vf.bfloat16()
@@ -334,7 +339,7 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
         with torch.no_grad():
             t, t_ref = time_interleaved(
                 [
-                    (int4_kv_attention, [(q, k, ks, v, vs)], max(3, reps // 4)),
+                    (int4_kv_attention, [(qi, k, ks, v, vs)], max(3, reps // 4)),
                     (
                         lambda q, k, v, mask=mask: torch.nn.functional.scaled_dot_product_attention(
                             q, k, v, attn_mask=mask, enable_gqa=True
@@ -345,14 +350,16 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
                 ],
                 device,
             )
-            out, _ = int4_kv_attention(q, k, ks, v, vs)
-            want, _ = _attention_reference(q.double(), k, ks, v, vs, context, D**-0.5)
+            out, _ = int4_kv_attention(qi, k, ks, v, vs)
+            want, _ = _attention_reference(qi.double(), k, ks, v, vs, context, D**-0.5)
             err = (out.double() - want).abs().max().item()
         rows.append(
             Row(
-                "int4_kv_attention prefill (GQA 32/8, d128)",
+                "int4_kv_attention prefill, FP8-quantized fp32 queries (GQA 32/8, d128)"
+                if fp8_queries
+                else "int4_kv_attention prefill (GQA 32/8, d128)",
                 f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
-                "bfloat16",
+                "float32" if fp8_queries else "bfloat16",
                 backend_label(device, "int4_kv_decode"),
                 t.median_s * 1e6,
                 "bf16 causal SDPA over a bf16 cache",
