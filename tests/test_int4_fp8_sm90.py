@@ -460,6 +460,34 @@ def test_module_uses_the_sm90_gemm_and_rebuilds_after_moves(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.sm90
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_module_lean_route_equals_the_ops_route(out_dtype):
+    """Inference calls take the lean Hopper route (Sm90InferPlan: buffers checked once, the two
+    kernels called straight away): bit-equal to the ops' route (``_forward``) for 1-33 tokens,
+    strided rows, fp32/bf16 inputs; an in-place bias change reaches it (the plan's fp32 bias copy
+    is rebuilt: keyed on the buffer's version); a padded layer (out_features 40) keeps the ops'
+    route and its values."""
+    lin = torch.nn.Linear(512, 256, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        lin.bias.copy_(rand(256, dtype=torch.bfloat16, device="cuda"))
+    layer = Int4Fp8Linear.from_linear(lin, out_dtype=out_dtype)
+    base = rand(33, 1024, dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        for x in (base[:1, :512], base[:4, :512].bfloat16(), base[:16, ::2], base[:, 512:]):
+            got = layer(x)
+            assert layer._sm90_plan is not None and layer._sm90_plan.ok
+            assert got.dtype == out_dtype and torch.equal(got, layer._forward(x))
+        layer.sm90_bias.add_(1.0)
+        x = base[:2, :512]
+        assert torch.equal(layer(x), layer._forward(x))
+    odd = Int4Fp8Linear.from_linear(torch.nn.Linear(512, 40, device="cuda"), out_dtype=out_dtype)
+    with torch.no_grad():
+        x = base[:3, :512]
+        assert torch.equal(odd(x), odd._forward(x)) and odd._sm90_plan is not None
+        assert not odd._sm90_plan.ok
+
+
+@pytest.mark.sm90
 def test_module_pads_odd_shapes_and_falls_back_once_for_group_sizes(recwarn):
     bf16 = torch.bfloat16  # (the Hopper GEMM writes bf16 or fp16: a float32 layer falls back)
     for n, k, g in ((40, 200, 128), (33, 256, 256), (40, 200, 200)):  # padded at prepack

@@ -15,11 +15,13 @@ from fastlayers.ops.int4_fp8 import (
     OUT_DTYPES,
     LinearInferPlan,
     QuantizedWeight,
+    Sm90InferPlan,
     _gemm_sm90_cuda,
     int4_fp8_gemm,
     linear_infer,
     quantize_fp8_per_token,
     quantize_int4,
+    sm90_linear_infer,
     sm90_pad_activations,
     sm90_pad_weight,
     sm90_padded_shape,
@@ -121,6 +123,7 @@ class Int4Fp8Linear(torch.nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.group_size, self.out_dtype = group_size, out_dtype
         self._infer_plan: LinearInferPlan | None = None  # the checked weight for CPU inference
+        self._sm90_plan: Sm90InferPlan | None = None  # the checked Hopper layouts, likewise
         groups = -(-self.in_features // group_size)
         self.register_buffer(
             "qweight",
@@ -273,10 +276,15 @@ class Int4Fp8Linear(torch.nn.Module):
         self.prepack()
 
     def forward(self, x) -> torch.Tensor:
-        if type(x) is torch.Tensor and x.is_cpu and no_dispatch_modes():
-            y = self._infer(x)  # the lean CPU route (None: a precondition fails, the ops below)
-            if y is not None:
-                return y
+        if type(x) is torch.Tensor and no_dispatch_modes():
+            if x.is_cpu:
+                y = self._infer(x)  # the lean CPU route (None: a precondition fails, the ops below)
+                if y is not None:
+                    return y
+            elif self._buffers["sm90_weight"] is not None:
+                y = self._infer_sm90(x)  # the lean Hopper route, likewise
+                if y is not None:
+                    return y
         if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
             return _InputGradient.apply(x, self, self.qweight, self.group_scale, self.channel_scale)
         return self._forward(x)
@@ -322,6 +330,29 @@ class Int4Fp8Linear(torch.nn.Module):
             plan = self._infer_plan = LinearInferPlan(key, qw, gs, cs, bias, self.group_size,
                                                       self.out_dtype)  # fmt: skip
         return linear_infer(x, plan)
+
+    def _infer_sm90(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer by the Hopper GEMM's lean route (:func:`sm90_linear_infer`: the two kernels
+        straight away, the same values as :meth:`_forward_sm90`); its buffers are checked once per
+        layout (:class:`Sm90InferPlan`, keyed on their addresses and versions: the plan holds an
+        fp32 copy of the bias)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        b = self._buffers
+        pw, lut = b["sm90_weight"], b["sm90_lut_scale"]
+        cs, bias = b["sm90_channel_scale"], b["sm90_bias"]
+        key = (
+            pw.data_ptr(), pw._version, pw.shape, lut.data_ptr(), lut._version, lut.shape,
+            cs.data_ptr(), cs._version, cs.dtype,
+            None if bias is None else (bias.data_ptr(), bias._version, bias.dtype, bias.shape),
+            self.group_size, self.out_dtype,
+        )  # fmt: skip
+        plan = self._sm90_plan
+        if plan is None or plan.key != key:
+            plan = self._sm90_plan = Sm90InferPlan(key, pw, lut, cs, bias, self.group_size,
+                                                   self.in_features, self.out_features,
+                                                   self.out_dtype)  # fmt: skip
+        return sm90_linear_infer(x, plan)
 
     def _forward_sm90(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         n_p, k_p = self.sm90_weight.shape[0], 2 * self.sm90_weight.shape[1]

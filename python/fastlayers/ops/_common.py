@@ -222,6 +222,20 @@ def stream_of(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+# The current CUDA device and stream by the cheapest calls this torch has (a few us less than
+# torch.cuda.current_device() / current_stream(), which matters at batch 1).
+_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def lean_cuda_stream(index: int) -> int | None:
+    """The current stream of CUDA device ``index`` for a lean kernel call, when that device is the
+    current one; else None (the ops' route then switches devices)."""
+    if _cuda_get_device is None or _cuda_raw_stream is None or _cuda_get_device() != index:
+        return None
+    return _cuda_raw_stream(index)
+
+
 def device_code(device: torch.device) -> int:
     return 0 if device.type == "cpu" else 1
 

@@ -20,6 +20,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    lean_cuda_stream,
     on_cpu,
     on_cuda,
     poison_outputs_enabled,
@@ -188,22 +189,10 @@ class UltraInferPlan:
         self.cuda_index = device.index if device.type == "cuda" else None
 
 
-# The current CUDA device and stream by the cheapest calls this torch has (a few us less than
-# torch.cuda.current_device() / current_stream(), which matters at batch 1).
-_cuda_get_device = getattr(torch._C, "_cuda_getDevice", None)
-_cuda_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
 def _lean_stream(plan) -> int | None:
-    """The stream for a lean call of ``plan``'s kernel: 0 for CPU tensors, the current stream of
-    the plan's CUDA device when that device is the current one, else None (the op's route then
-    switches devices)."""
-    index = plan.cuda_index
-    if index is None:
-        return 0
-    if _cuda_get_device is None or _cuda_raw_stream is None or _cuda_get_device() != index:
-        return None
-    return _cuda_raw_stream(index)
+    """The stream for a lean call of ``plan``'s kernel: 0 for CPU tensors, else
+    :func:`~fastlayers.ops._common.lean_cuda_stream` of the plan's device."""
+    return 0 if plan.cuda_index is None else lean_cuda_stream(plan.cuda_index)
 
 
 def _lean_rows(x, plan):

@@ -27,6 +27,7 @@ from fastlayers.ops._common import (
     direct_call_ok,
     empty,
     has_kernel,
+    lean_cuda_stream,
     on_cuda,
     ptr,
     register_no_backward,
@@ -641,4 +642,105 @@ def linear_infer(x, plan: LinearInferPlan) -> torch.Tensor | None:
     y = empty((*x.shape[:-1], plan.n), plan.out_dtype, x.device)
     _ext.C.int4_fp8_gemm(0, xq, k, xs, *plan.args, y.data_ptr(), plan.out_code, m, plan.n, k,
                          plan.group_size, 0)  # fmt: skip
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# The lean inference route on Hopper (Int4Fp8Linear's prepacked sm90 layouts)
+# ----------------------------------------------------------------------------------------------
+class Sm90InferPlan:
+    """An Int4Fp8Linear's prepacked Hopper buffers, checked once for :func:`sm90_linear_infer`
+    (the module rebuilds it when a buffer's address, dtype, shape or version, the group size or
+    ``out_dtype`` changes), with what the GEMM's per-call route computed each time: the fp32 bias,
+    the support checks, the workspace size per token count. A decode step then checks only ``x``
+    (on the H200, dd55068, the ops' route held 1-16-token calls at ~27 us whatever the weight's
+    size: argument handling, not the kernels). Only unpadded layers (``out_features % 16 == 0``,
+    ``in_features % 32 == 0``: the rest keep the ops' route, which pads)."""
+
+    __slots__ = ("key", "ok", "n", "k", "group_size", "out_dtype", "out_code", "index", "args",
+                 "bias32", "ws_bytes")  # fmt: skip
+
+    def __init__(self, key, packed, lut, channel_scale, bias, group_size, in_features,
+                 out_features, out_dtype):  # fmt: skip
+        self.key, self.ok = key, False  # not ok: the ops' route (and its errors)
+        device = packed.device
+        if device.type != "cuda" or device.index is None:
+            return
+        n, k = packed.shape[0], 2 * packed.shape[1]
+        if n != out_features or k != in_features:
+            return
+        if lut.shape[0] == 1:  # one group: it spans the (padded) width
+            group_size = k
+        tensors = (packed, lut, channel_scale) + (() if bias is None else (bias,))
+        if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+            return
+        if any(t.device != device for t in tensors):
+            return
+        try:
+            xq = torch.empty((1, k), dtype=FP8, device=device)
+            xs = torch.empty((1, 1), dtype=torch.float32, device=device)
+            _check_gemm_sm90(xq, xs, packed, lut, channel_scale, bias, group_size, out_dtype)
+        except (TypeError, ValueError):
+            return
+        if sm90_unsupported_reason(device, n, k, group_size, out_dtype) is not None:
+            return
+        self.ok, self.n, self.k, self.group_size, self.index = True, n, k, group_size, device.index
+        self.out_dtype, self.out_code = out_dtype, _dtypes.code(out_dtype)
+        # the kernel reads these: the plan holds the contiguous / fp32 copies it made
+        pw, lt, cs = packed.contiguous(), lut.contiguous(), channel_scale.contiguous()
+        self.bias32 = bias.float().contiguous() if bias is not None else None
+        self.args = (pw, lt, cs, self.bias32)
+        self.ws_bytes = {}  # tokens -> workspace bytes
+
+
+def sm90_linear_infer(x, plan: Sm90InferPlan) -> torch.Tensor | None:
+    """``y`` of an Int4Fp8Linear with the Hopper GEMM by the leanest route (the same values as the
+    ops' route): the activation quantisation and the GEMM kernels called straight away, with one
+    scratch allocation for the FP8 rows and their scales. The caller has checked that nothing
+    intercepts calls (:func:`~fastlayers.ops._common.no_dispatch_modes`) and that no gradient is
+    wanted; this checks ``x`` (a plain float tensor on the plan's device, which is the current
+    one, with the plan's in-features, at least one row). Returns None when a precondition does not
+    hold: the caller then takes the ops' route, which gives the same ``y`` or the clear error."""
+    if (
+        not plan.ok
+        or type(x) is not torch.Tensor
+        or x.dtype not in _dtypes.FLOATING
+        or x.dim() == 0
+        or x.shape[-1] != plan.k
+        or x.get_device() != plan.index
+    ):
+        return None
+    stream = lean_cuda_stream(plan.index)
+    if stream is None:
+        return None
+    k = plan.k
+    if x.is_contiguous():
+        m, x_ptr, stride = x.numel() // k, x.data_ptr(), k
+    else:
+        x2 = rows_view(x)
+        m, x_ptr, stride = x2.shape[0], x2.data_ptr(), row_stride(x2)
+    if m == 0:
+        return None
+    C = _ext.C
+    ws_bytes = plan.ws_bytes.get(m)
+    if ws_bytes is None:
+        ws_bytes = C.int4_fp8_sm90_workspace(plan.index, m, plan.n, k, plan.group_size,
+                                             plan.out_code)  # fmt: skip
+        if len(plan.ws_bytes) < 256:
+            plan.ws_bytes[m] = ws_bytes
+    # one scratch buffer: the FP8 rows (k % 32 == 0: 16-byte aligned rows, as TMA needs), then the
+    # fp32 row scales, then the GEMM's workspace (each 256-byte aligned)
+    at_xs = (m * k + 255) // 256 * 256
+    at_ws = at_xs + (4 * m + 255) // 256 * 256
+    scratch = torch.empty(at_ws + ws_bytes, dtype=torch.uint8, device=x.device)
+    base = scratch.data_ptr()
+    C.quantize_fp8_per_token(1, x_ptr, stride, base, base + at_xs, m, k, _dtypes.code(x.dtype),
+                             stream)  # fmt: skip
+    y = empty((*x.shape[:-1], plan.n), plan.out_dtype, x.device)
+    pw, lut, cs, bias = plan.args
+    C.int4_fp8_gemm_sm90(
+        plan.index, base, k, base + at_xs, pw.data_ptr(), lut.data_ptr(), cs.data_ptr(),
+        ptr(bias), y.data_ptr(), plan.out_code, m, plan.n, k, plan.group_size,
+        base + at_ws if ws_bytes > 0 else 0, ws_bytes, stream,
+    )  # fmt: skip
     return y
