@@ -6,9 +6,9 @@
 // emulation, they have not yet run on a GPU.
 // Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
 //
-// Cache write (quantize): one thread per (row, group) (per row for the query side). Pass 1 forms the group's fp32 values (RoPE
-//   with exact double products and one rounding, times the post-RoPE scale) and their max; pass 2
-//   forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
+// Cache write (quantize): one warp per (row, group) (per row for the query side). Pass 1 forms the
+//   group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
+//   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
 // Decode, head_dim 64 or 128 (values too) with groups of a multiple of 16 channels: on tensor cores
 //   (decode_tc_kernel below: the GQA group's heads as the rows of mma.sync, fragments built in
@@ -88,12 +88,21 @@ __device__ __forceinline__ float value_at(const QuantizeParams& p, const T* x, c
   return post != nullptr ? v * post[c] : v;
 }
 
+// max(a, b) where a NaN wins and stays, as on the CPU (torch's amax): order-independent.
+__device__ __forceinline__ float nan_max(float a, float b) { return b > a || b != b ? b : a; }
+
+// One warp per (row, group) (per row for the query side): lane l forms channels g0 + l, + 32, ...
+// for the max (a warp reduction) and the query side's output, channel pairs g0 + 2 l, + 64, ...
+// for the packed bytes. (It was one thread per row or group: at decode, 8 to 32 threads for a
+// whole call, each walking its channels alone.)
 template <typename T>
 __global__ void quantize_kernel(const QuantizeParams p) {
-  const int64_t groups = p.d / p.group;
-  const int64_t id = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (id >= p.rows * groups) return;
-  const int64_t r = id / groups, g0 = (id % groups) * p.group;
+  const bool query = p.q_out != nullptr;  // the query side: one group of d channels
+  const int64_t groups = query ? 1 : p.d / p.group, len = query ? p.d : p.group;
+  const int64_t id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (id >= p.rows * groups) return;  // (the whole warp)
+  const int64_t r = id / groups, g0 = (id % groups) * len;
   const T* x = static_cast<const T*>(p.x) + r * p.d;
   const float* post = p.post_scale != nullptr ? p.post_scale + ((r / p.tokens) % p.heads) * p.d : nullptr;
   const float *cs = nullptr, *sn = nullptr;
@@ -102,36 +111,30 @@ __global__ void quantize_kernel(const QuantizeParams p) {
     cs = p.cos + b * p.cos_batch_stride + t * p.d;
     sn = p.sin + b * p.cos_batch_stride + t * p.d;
   }
-  if (p.q_out != nullptr) {  // the query side: one thread per row (group == d), as on the CPU
-    float* out = p.q_out + r * p.d;
-    if (!p.q_fp8) {
-      for (int64_t c = 0; c < p.d; ++c) out[c] = value_at(p, x, cs, sn, post, c);
-      return;
-    }
-    float amax = 0.0f;
-    for (int64_t c = 0; c < p.d; ++c) {
-      const float a = fabsf(value_at(p, x, cs, sn, post, c));
-      amax = a > amax || a != a ? a : amax;
-    }
+  if (query && !p.q_fp8) {
+    for (int64_t c = lane; c < p.d; c += 32) p.q_out[r * p.d + c] = value_at(p, x, cs, sn, post, c);
+    return;
+  }
+  float amax = 0.0f;
+  for (int64_t c = g0 + lane; c < g0 + len; c += 32) amax = nan_max(amax, fabsf(value_at(p, x, cs, sn, post, c)));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (query) {  // q_out[r] = fp8(row / s) * s, s = max|row| / 448 (1 for an all-zero row)
     const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
-    for (int64_t c = 0; c < p.d; ++c) {
-      const float q = fp8e4m3_value(cuda::to_fp8e4m3(__fdiv_rn(value_at(p, x, cs, sn, post, c), s)));
-      out[c] = __fmul_rn(q, s);
+    const cuda::ReciprocalDivisor by_s(s);  // (the correctly rounded quotient, as __fdiv_rn)
+    for (int64_t c = lane; c < p.d; c += 32) {
+      const float q = fp8e4m3_value(cuda::to_fp8e4m3(by_s(value_at(p, x, cs, sn, post, c))));
+      p.q_out[r * p.d + c] = __fmul_rn(q, s);
     }
     return;
   }
   const int64_t o = output_row(p, r);
-  float amax = 0.0f;
-  for (int64_t c = g0; c < g0 + p.group; ++c) {
-    const float a = fabsf(value_at(p, x, cs, sn, post, c));
-    amax = a > amax || a != a ? a : amax;  // a NaN wins and stays, as on the CPU (torch's amax)
-  }
   const uint8_t code = cuda::to_fp8e4m3(amax / 7.0f);
   float s8 = fp8e4m3_value(code);
   if (s8 < kMinScale) s8 = kMinScale;  // (NaN stays: the group dequantizes to NaN)
-  reinterpret_cast<uint8_t*>(p.scales)[o * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
+  if (lane == 0) reinterpret_cast<uint8_t*>(p.scales)[o * groups + g0 / p.group] = cuda::to_fp8e4m3(s8);
   uint8_t* out = p.packed + o * (p.d / 2);
-  for (int64_t c = g0; c < g0 + p.group; c += 2) {
+  for (int64_t c = g0 + 2 * lane; c < g0 + len; c += 64) {
     int q[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
@@ -145,7 +148,7 @@ __global__ void quantize_kernel(const QuantizeParams p) {
 
 template <typename T>
 Status quantize_typed(const QuantizeParams& p, cudaStream_t stream) {
-  const int64_t threads = p.rows * (p.d / p.group);
+  const int64_t threads = p.rows * (p.q_out != nullptr ? 1 : p.d / p.group) * 32;
   const int block = 128;
   quantize_kernel<T><<<static_cast<unsigned>((threads + block - 1) / block), block, 0, stream>>>(p);
   return cuda::last_launch_status();
