@@ -224,11 +224,11 @@ def test_ultrafast_inference_route_under_compile():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("master", [False, True])
 @pytest.mark.parametrize("shape,width", [((1, 48), 1), ((3, 4, 48), 8), ((48,), 2)])
-def test_fff_inference_route_equals_the_op(dtype, master, shape, width):
+def test_fff_inference_route_equals_the_op(device, dtype, master, shape, width):
     torch.manual_seed(0)
     m = fastlayers.FastFeedForward(48, 48, depth=4, leaf_width=width, master_leaf=master,
-                                   dtype=dtype).eval()  # fmt: skip
-    x = torch.randn(shape).to(dtype)
+                                   dtype=dtype, device=device).eval()  # fmt: skip
+    x = torch.randn(shape).to(device=device, dtype=dtype)
     with torch.no_grad():
         y = m(x)
         assert m._infer_plan is not None and m._infer_plan.dtype == dtype  # the route was taken

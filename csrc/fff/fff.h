@@ -79,7 +79,7 @@ struct HardFwdParams {
   const void* w2 = nullptr;      // [2^depth, width, out]
   const void* b2 = nullptr;      // [2^depth, out]
   void* y = nullptr;             // [tokens, out] contiguous; unused with descent_only
-  int32_t* leaf = nullptr;       // [tokens]
+  int32_t* leaf = nullptr;       // [tokens]; may be null (not written) unless descent_only
   bool descent_only = false;     // only route (write leaf): the caller runs per-leaf GEMMs
   int64_t tokens = 0, in_features = 0, out_features = 0, width = 0, depth = 0;
   DType dtype = DType::kFloat32;

@@ -62,7 +62,9 @@ Status validate(const HardFwdParams& p) {
     return Status::invalid("fff_hard: need tokens >= 0 and positive feature sizes and leaf width");
   }
   if (p.depth < 0 || p.depth > 30) return Status::invalid("fff_hard: need 0 <= depth <= 30");
-  if (p.tokens > 0 && (p.x == nullptr || p.leaf == nullptr)) return Status::invalid("fff_hard: null x or leaf");
+  if (p.tokens > 0 && (p.x == nullptr || (p.leaf == nullptr && p.descent_only))) {
+    return Status::invalid("fff_hard: null x, or null leaf with descent_only");
+  }
   if (p.tokens > 0 && !p.descent_only &&
       (p.w1 == nullptr || p.b1 == nullptr || p.w2 == nullptr || p.b2 == nullptr || p.y == nullptr)) {
     return Status::invalid("fff_hard: null leaf weights or y");

@@ -366,7 +366,7 @@ void hard_forward_typed(const HardFwdParams& p) {
       }
       for (int k = 0; k < n; ++k) {
         const int64_t t = t0 + k, leaf = node[k] - first_leaf;
-        p.leaf[t] = static_cast<int32_t>(leaf);
+        if (p.leaf != nullptr) p.leaf[t] = static_cast<int32_t>(leaf);
         if (p.descent_only) continue;
         const T* xt = x + t * p.x_row_stride;
         const T* w1j = w1 + leaf * in * width;

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(32 * kWarps) hard_forward_kernel(const HardFwd
     node = 2 * node + 1 + (logit > 0.0f ? 1 : 0);
   }
   const int64_t leaf = node - ((int64_t{1} << p.depth) - 1);
-  if (lane == 0) p.leaf[t] = static_cast<int32_t>(leaf);
+  if (lane == 0 && p.leaf != nullptr) p.leaf[t] = static_cast<int32_t>(leaf);
   if (p.descent_only) return;
   const T* w1 = static_cast<const T*>(p.w1) + leaf * p.in_features * p.width;
   const T* b1 = static_cast<const T*>(p.b1) + leaf * p.width;

@@ -288,8 +288,8 @@ class FastFeedForward(torch.nn.Module):
     _PARAM_NAMES = ("node_weight", "node_bias", "leaf_w1", "leaf_b1", "leaf_w2", "leaf_b2")
 
     def _infer(self, x: torch.Tensor):
-        """Inference without autograd on CPU: the lean route (weights validated once per change);
-        None where it does not apply."""
+        """Inference without autograd (CPU and CUDA): the lean route (weights validated once per
+        change); None where it does not apply."""
         found = self._parameters
         params = tuple(found[n] for n in self._PARAM_NAMES)
         key = _weights_key(params, self.activation)

@@ -249,7 +249,9 @@ def ultrafast_ff_infer(x, plan: UltraInferPlan) -> torch.Tensor | None:
 
 class HardInferPlan:
     """Validated weights of a FastFeedForward for :func:`fff_hard_infer` (the module keys it on
-    the weights' data pointers, dtypes and shapes): a batch-1 call checks only ``x``."""
+    the weights' data pointers, dtypes and shapes): a batch-1 call checks only ``x``. CPU weights
+    take the CPU kernel, CUDA weights the CUDA kernel on their device (on the caller's current
+    stream; leaf widths up to the CUDA kernel's)."""
 
     __slots__ = (
         "key", "dtype", "d_in", "d_out", "depth", "width", "leaves", "args", "codes", "cuda_index"
@@ -258,13 +260,17 @@ class HardInferPlan:
     def __init__(self, key, params, activation: str) -> None:
         self.key = key
         self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
-        self.cuda_index = None  # CPU weights only (the CUDA kernel runs through the op)
         node_w, node_b, w1, b1, w2, b2 = params
-        if not _ext.has_cpu_kernels() or activation not in ACTIVATIONS or w1.dim() != 3:
+        if activation not in ACTIVATIONS or w1.dim() != 3:
+            return
+        device = w1.device
+        if not (on_cpu(device) or on_cuda(device)) or not has_kernel(device, "fff_hard"):
             return
         if w1.dtype not in _FLOAT_KERNEL_DTYPES or any(
-            t.dtype != w1.dtype or t.device.type != "cpu" or not t.is_contiguous() for t in params
+            t.dtype != w1.dtype or t.device != device or not t.is_contiguous() for t in params
         ):
+            return
+        if on_cuda(device) and w1.shape[2] > _CUDA_MAX_LEAF_WIDTH:
             return
         try:
             depth = _check_hard(w1.new_empty((1, w1.shape[1])), *params, activation)
@@ -273,25 +279,30 @@ class HardInferPlan:
         self.dtype, self.d_in, self.d_out, self.depth = w1.dtype, w1.shape[1], w2.shape[2], depth
         self.width, self.leaves = w1.shape[2], w1.shape[0]
         self.args = tuple(t.data_ptr() for t in params)  # fff_hard_fwd's, in order
-        self.codes = (_dtypes.code(w1.dtype), ACTIVATIONS[activation])
+        # (device code, dtype code, activation code); cuda_index: None for CPU tensors
+        self.codes = (device_code(device), _dtypes.code(w1.dtype), ACTIVATIONS[activation])
+        self.cuda_index = device.index if device.type == "cuda" else None
 
 
 def fff_hard_infer(x, plan: HardInferPlan) -> torch.Tensor | None:
-    """``y`` of :func:`fff_hard` by the leanest route (small batches on CPU; the caller has checked
-    grad mode and :func:`~fastlayers.ops._common.no_dispatch_modes`). None when a precondition
-    does not hold or the batch is large enough for the leaf-grouped GEMMs: the caller then runs
-    the op, which gives the same ``y`` (or the clear error)."""
+    """``y`` of :func:`fff_hard` by the leanest route (small batches; the caller has checked grad
+    mode and :func:`~fastlayers.ops._common.no_dispatch_modes`): ``y`` only, no leaf indices. None
+    when a precondition does not hold (for CUDA: the plan's device is not the current one) or the
+    batch is large enough for the leaf-grouped GEMMs: the caller then runs the op, which gives the
+    same ``y`` (or the clear error)."""
     lean = _lean_rows(x, plan)
     if lean is None or _use_grouped(lean[1], plan.leaves, plan.width):
+        return None
+    stream = _lean_stream(plan)
+    if stream is None:
         return None
     x2, rows, stride = lean
     d_in, d_out = plan.d_in, plan.d_out
     y = _lean_output(x, x2, rows, d_out, plan.dtype)
-    leaf = torch.empty(rows, dtype=torch.int32)
-    dtype_code, activation_code = plan.codes
+    device, dtype_code, activation_code = plan.codes
     _ext.C.fff_hard_fwd(
-        0, x2.data_ptr(), stride, *plan.args, y.data_ptr(), leaf.data_ptr(), False,
-        rows, d_in, d_out, plan.width, plan.depth, dtype_code, activation_code, 0,
+        device, x2.data_ptr(), stride, *plan.args, y.data_ptr(), 0, False,
+        rows, d_in, d_out, plan.width, plan.depth, dtype_code, activation_code, stream,
     )  # fmt: skip
     return y
 
