@@ -66,6 +66,22 @@ Status launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& para
   return last_launch_status();
 }
 
+// The online softmax's step for a lane's two rows (g and g + 8 of its 16: each row's scores in the
+// 4 lanes of a quad) from this tile's per-lane maxima mx (base-2 scaled scores): mx becomes the
+// quad's, m the new running maxima, alpha the factors for O and l (l already scaled by them).
+__device__ __forceinline__ void online_max_step(float (&mx)[2], float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    const float m_new = fmaxf(m[h], mx[h]);
+    // Nothing visible yet: O and l stay 0 (alpha 1). First visible keys: the old O is 0 (alpha 0).
+    alpha[h] = m_new == -INFINITY ? 1.0f : (m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new));
+    m[h] = m_new;
+    l[h] *= alpha[h];
+  }
+}
+
 // The mask of a tile that every row sees whole.
 struct AllVisible {
   __device__ bool operator()(int, int) const { return true; }
@@ -167,16 +183,7 @@ struct WarpTile {
       }
     }
     float alpha[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      const float m_new = fmaxf(m[h], mx[h]);
-      // Nothing visible yet: O and l stay 0 (alpha 1). First visible keys: the old O is 0 (alpha 0).
-      alpha[h] = m_new == -INFINITY ? 1.0f : (m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new));
-      m[h] = m_new;
-      l[h] *= alpha[h];
-    }
+    online_max_step(mx, m, l, alpha);
 #pragma unroll
     for (int nb = 0; nb < kColBlocks; ++nb) {
 #pragma unroll

@@ -916,15 +916,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       }
     }
     float alpha[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      const float m_new = fmaxf(m[h], mx[h]);
-      alpha[h] = m_new == -INFINITY ? 1.0f : (m[h] == -INFINITY ? 0.0f : exp2f(m[h] - m_new));
-      m[h] = m_new;
-      l[h] *= alpha[h];
-    }
+    cuda::tc::online_max_step(mx, m, l, alpha);
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {  // (rare once the max settles)
 #pragma unroll
       for (int nb = 0; nb < kNb; ++nb) {

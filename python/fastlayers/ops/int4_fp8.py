@@ -609,6 +609,16 @@ class LinearInferPlan:
         )  # fmt: skip
 
 
+def _lean_rows(x, k: int) -> tuple[torch.Tensor, int, int]:
+    """``(x2, rows, row stride)`` of ``x [..., k]`` for a lean kernel call: ``x`` itself when
+    contiguous (no view: each torch call costs microseconds here), else its rows view (a copy
+    where the rows are not evenly spaced: hold ``x2`` until the kernel has read it)."""
+    if x.is_contiguous():
+        return x, x.numel() // k, k
+    x2 = rows_view(x)
+    return x2, x2.shape[0], row_stride(x2)
+
+
 def linear_infer(x, plan: LinearInferPlan) -> torch.Tensor | None:
     """``int4_fp8_gemm(*quantize_fp8_per_token(x), weight, bias, out_dtype)`` by the leanest route
     (the same values): the two CPU kernels called straight away. The caller has checked that
@@ -626,11 +636,7 @@ def linear_infer(x, plan: LinearInferPlan) -> torch.Tensor | None:
     ):
         return None
     k = plan.k
-    if x.is_contiguous():  # (no view: each torch call costs microseconds here)
-        m, x_ptr, stride = x.numel() // k, x.data_ptr(), k
-    else:
-        x2 = rows_view(x)
-        m, x_ptr, stride = x2.shape[0], x2.data_ptr(), row_stride(x2)
+    x2, m, stride = _lean_rows(x, k)
     if m == 0:
         return None
     # one scratch buffer, every byte used written: the FP8 rows, then the fp32 row scales (both
@@ -638,7 +644,7 @@ def linear_infer(x, plan: LinearInferPlan) -> torch.Tensor | None:
     at = (m * k + 63) // 64 * 64
     scratch = torch.empty(at + 4 * m, dtype=torch.uint8)
     xq, xs = scratch.data_ptr(), scratch.data_ptr() + at
-    _ext.C.quantize_fp8_per_token(0, x_ptr, stride, xq, xs, m, k, _dtypes.code(x.dtype), 0)
+    _ext.C.quantize_fp8_per_token(0, x2.data_ptr(), stride, xq, xs, m, k, _dtypes.code(x.dtype), 0)
     y = empty((*x.shape[:-1], plan.n), plan.out_dtype, x.device)
     _ext.C.int4_fp8_gemm(0, xq, k, xs, *plan.args, y.data_ptr(), plan.out_code, m, plan.n, k,
                          plan.group_size, 0)  # fmt: skip
@@ -714,11 +720,7 @@ def sm90_linear_infer(x, plan: Sm90InferPlan) -> torch.Tensor | None:
     if stream is None:
         return None
     k = plan.k
-    if x.is_contiguous():
-        m, x_ptr, stride = x.numel() // k, x.data_ptr(), k
-    else:
-        x2 = rows_view(x)
-        m, x_ptr, stride = x2.shape[0], x2.data_ptr(), row_stride(x2)
+    x2, m, stride = _lean_rows(x, k)
     if m == 0:
         return None
     C = _ext.C
@@ -734,8 +736,9 @@ def sm90_linear_infer(x, plan: Sm90InferPlan) -> torch.Tensor | None:
     at_ws = at_xs + (4 * m + 255) // 256 * 256
     scratch = torch.empty(at_ws + ws_bytes, dtype=torch.uint8, device=x.device)
     base = scratch.data_ptr()
-    C.quantize_fp8_per_token(1, x_ptr, stride, base, base + at_xs, m, k, _dtypes.code(x.dtype),
-                             stream)  # fmt: skip
+    C.quantize_fp8_per_token(
+        1, x2.data_ptr(), stride, base, base + at_xs, m, k, _dtypes.code(x.dtype), stream
+    )
     y = empty((*x.shape[:-1], plan.n), plan.out_dtype, x.device)
     pw, lut, cs, bias = plan.args
     C.int4_fp8_gemm_sm90(
