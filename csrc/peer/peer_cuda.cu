@@ -4,7 +4,8 @@
 // Semantics: peer.h and python/fastlayers/reference/peer.py.
 //   Forward, one CTA per token: x in shared memory; each warp takes pairs p = warp, warp + 8, ...
 //     and reduces down[e] . x (lane-strided, coalesced); then every thread owns output columns and
-//     sums gate * act(s) * up[e][j] over the pairs (each row read once, coalesced across threads).
+//     sums gate * act(s) * up[e][j] over the pairs (each row read once, coalesced across threads;
+//     eight rows' loads in flight per thread since the H200 run, not yet measured).
 //   Backward, one CTA per token for dx, dgates and the per-pair coefficient (the same two phases
 //     with dy and up, then down), then one CTA per selected expert summing its pairs in token order
 //     (deterministic, no atomics). Dense tables are zeroed with cudaMemsetAsync first.
@@ -44,12 +45,24 @@ __device__ void load_row(float* dst, const T* src, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = to_f(src[i]);
 }
 
-// out[j] = sum_p coef[p] * table[rows[p] * dim + j], for this thread's columns.
+// out[j] = sum_p coef[p] * table[rows[p] * dim + j], for this thread's columns, in pair order.
+// Eight rows' loads are issued before their products are summed (in the same order, so the same
+// bits as one pair at a time): each load is a different row from DRAM, and one at a time left the
+// thread waiting on each.
 template <typename T>
 __device__ void gather_sum(T* out, const T* table, const TokenSmem& s, int64_t dim, int64_t pairs) {
+  constexpr int kAhead = 8;
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t q = 0; q < pairs; ++q) acc += s.coef[q] * to_f(table[s.rows[q] + j]);
+    int64_t q = 0;
+    for (; q + kAhead <= pairs; q += kAhead) {
+      float v[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) v[u] = to_f(table[s.rows[q + u] + j]);
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) acc += s.coef[q + u] * v[u];
+    }
+    for (; q < pairs; ++q) acc += s.coef[q] * to_f(table[s.rows[q] + j]);
     out[j] = from_f<T>(acc);
   }
 }
