@@ -18,8 +18,12 @@ from fastlayers.reference import int4_fp8 as ref
 
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # (out_features, in_features, group_size): aligned, a partial last group, groups of 32 (no whole
-# 64-k chunk), odd sizes with groups of 6, and a wide one.
-SHAPES = [(128, 128, 128), (64, 320, 128), (33, 96, 32), (17, 70, 6), (130, 1024, 64)]
+# 64-k chunk), odd sizes with groups of 6, a wide one, groups of 48 (the CUDA GEMV's 32-weight
+# chunks straddling two groups) and a deep one (65 such chunks: its lanes take two or three).
+SHAPES = [
+    (128, 128, 128), (64, 320, 128), (33, 96, 32), (17, 70, 6), (130, 1024, 64), (40, 192, 48),
+    (24, 2080, 160),
+]  # fmt: skip
 
 
 def _weight(n, k, group_size, device, channel_scale="per_channel"):

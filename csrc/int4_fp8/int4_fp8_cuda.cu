@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // CUDA INT4 x FP8 fallback kernels (sm80+), written for correctness first; their tests passed on an
-// H200 (dd55068). Semantics: int4_fp8.h and python/fastlayers/reference/int4_fp8.py. The Hopper
+// H200 (dd55068); the 16-byte GEMV (gemv16_kernel) was added after, not yet run on a GPU. Semantics: int4_fp8.h and python/fastlayers/reference/int4_fp8.py. The Hopper
 // CUTLASS path (LUT mainloop) is separate (sm90/); these run on every architecture and any shape.
 //   GEMM (meant for decode, m <= 8 per CTA row block): one warp per output channel, lanes stride
-//     the packed weight row (4 bytes = 8 weights per load when the row allows it), table values
+//     the packed weight row (16 bytes = 32 weights per load, two in flight, when rows and the
+//     activations are 16-byte aligned and k is a multiple of 32; else 4 or 1), table values
 //     fp8(q * s8) from a shared-memory table per scale code (built once per CTA), up to 8 rows of
 //     activations per CTA, warp-sum, fused epilogue xs * c * acc + bias.
 //   Dequantise: fp8(q * s8) as FP8 codes [n, k], for "dequantize + matmul" at larger m.
@@ -37,16 +38,40 @@ __device__ __forceinline__ float add_bias(const GemmParams& p, float y, int64_t 
   }
 }
 
-template <typename Out, bool kWords>
-__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) {
-  __shared__ float lut[256][16];  // [scale code][nibble code]
-  __shared__ float f8[256];
+// The CTA's tables: lut[code][nibble] = fp8(q * s8) (the weight values of a scale code) and
+// f8[code] (the activations' FP8 values).
+__device__ __forceinline__ void build_tables(float (&lut)[256][16], float (&f8)[256]) {
   for (int i = threadIdx.x; i < 256 * 16; i += blockDim.x) {
     const int code = i >> 4, idx = i & 15;
     const float q = static_cast<float>(idx < 8 ? idx : idx - 16);
     lut[code][idx] = fp8_value(cuda::to_fp8e4m3(q * fp8_value(static_cast<uint8_t>(code))));
   }
   for (int i = threadIdx.x; i < 256; i += blockDim.x) f8[i] = fp8_value(static_cast<uint8_t>(i));
+}
+
+// The warp's sums to the outputs of column col, rows row0 .. row0 + rows - 1 (lane 0 writes).
+template <typename Out>
+__device__ __forceinline__ void write_column(const GemmParams& p, float (&acc)[kGemvRows], int rows, int64_t row0,
+                                             int64_t col) {
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r) acc[r] = cuda::warp_sum(acc[r]);
+  if ((threadIdx.x & 31) == 0) {
+    Out* y = static_cast<Out*>(p.y);
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {  // (unrolled: acc stays in registers)
+      if (r < rows) {
+        const float v = acc[r] * p.xs[row0 + r] * p.channel_scale[col];
+        y[(row0 + r) * p.n + col] = from_f<Out>(add_bias(p, v, col));
+      }
+    }
+  }
+}
+
+template <typename Out, bool kWords>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) {
+  __shared__ float lut[256][16];  // [scale code][nibble code]
+  __shared__ float f8[256];
+  build_tables(lut, f8);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -85,15 +110,74 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) 
   } else {
     for (int64_t b = lane; b < bytes; b += 32) byte_step(b, __ldg(w + b));
   }
+  write_column<Out>(p, acc, rows, row0, col);
+}
+
+// The aligned case (k a multiple of 32; weight rows, activation rows and their stride 16-byte
+// aligned): lane l takes the 16-byte weight chunks c = l, l + 32, ... (weights 32c .. 32c + 31),
+// two chunks' loads in flight; a chunk's 32 weight values come from the table once (one scale code
+// per chunk when the group size is a multiple of 32), then each activation row's 32 FP8 values in
+// two 16-byte loads. (The general kernel above loads 4 weight bytes and one activation byte at a
+// time, with a 64-bit division per weight byte for its scale code.)
+template <typename Out>
+__global__ void __launch_bounds__(kGemvThreads) gemv16_kernel(const GemmParams p) {
+  __shared__ float lut[256][16];  // [scale code][nibble code]
+  __shared__ float f8[256];
+  build_tables(lut, f8);
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kGemvRows;
+  if (col >= p.n) return;
+  const int rows = p.m - row0 < kGemvRows ? static_cast<int>(p.m - row0) : kGemvRows;
+  const int64_t groups = (p.k + p.group_size - 1) / p.group_size, chunks = p.k / 32;
+  const uint4* w = reinterpret_cast<const uint4*>(p.qweight + col * (p.k / 2));
+  const uint8_t* s = &p.group_scale[col * groups].bits;
+  const uint8_t* x = &p.xq[row0 * p.x_row_stride].bits;
+  const bool chunk_in_one_group = p.group_size % 32 == 0;
+
+  float acc[kGemvRows];
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r) acc[r] = cuda::warp_sum(acc[r]);
-  if (lane == 0) {
-    Out* y = static_cast<Out*>(p.y);
-    for (int r = 0; r < rows; ++r) {
-      const float v = acc[r] * p.xs[row0 + r] * p.channel_scale[col];
-      y[(row0 + r) * p.n + col] = from_f<Out>(add_bias(p, v, col));
+  for (int r = 0; r < kGemvRows; ++r) acc[r] = 0.0f;
+  constexpr int kAhead = 2;
+  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kAhead) {
+    uint4 wv[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      if (c0 + 32 * u < chunks) wv[u] = __ldg(w + c0 + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c >= chunks) break;
+      const uint32_t words[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      float wf[32];
+      const float* l = lut[s[32 * c / p.group_size]];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {  // byte i: weights 32c + 2i (low nibble) and + 1
+        if (!chunk_in_one_group) l = lut[s[(32 * c + 2 * i) / p.group_size]];
+        const uint32_t byte = (words[i >> 2] >> (8 * (i & 3))) & 0xFFu;
+        wf[2 * i] = l[byte & 15u];
+        wf[2 * i + 1] = l[byte >> 4];
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        if (r < rows) {
+          const uint4* xr = reinterpret_cast<const uint4*>(x + r * p.x_row_stride + 32 * c);
+          const uint4 xa = __ldg(xr), xb = __ldg(xr + 1);
+          const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+          for (int i = 0; i < 32; i += 2) {  // (pairs, as the general kernel sums them)
+            const uint32_t x0 = (xw[i >> 2] >> (8 * (i & 3))) & 0xFFu;
+            const uint32_t x1 = (xw[i >> 2] >> (8 * ((i & 3) + 1))) & 0xFFu;
+            acc[r] += f8[x0] * wf[i] + f8[x1] * wf[i + 1];
+          }
+        }
+      }
     }
   }
+  write_column<Out>(p, acc, rows, row0, col);
 }
 
 template <typename Out>
@@ -101,7 +185,9 @@ Status launch_gemv(const GemmParams& p, cudaStream_t st) {
   const dim3 grid(static_cast<unsigned>((p.n + kGemvWarps - 1) / kGemvWarps),
                   static_cast<unsigned>((p.m + kGemvRows - 1) / kGemvRows));
   const bool words = (p.k / 2) % 4 == 0 && cuda::is_aligned(p.qweight, 4);
-  if (words) {
+  if (p.k % 32 == 0 && cuda::is_aligned(p.qweight, 16) && cuda::is_aligned(p.xq, 16) && p.x_row_stride % 16 == 0) {
+    gemv16_kernel<Out><<<grid, kGemvThreads, 0, st>>>(p);
+  } else if (words) {
     gemv_kernel<Out, true><<<grid, kGemvThreads, 0, st>>>(p);
   } else {
     gemv_kernel<Out, false><<<grid, kGemvThreads, 0, st>>>(p);
