@@ -82,6 +82,21 @@ __device__ __forceinline__ void online_max_step(float (&mx)[2], float (&m)[2], f
   }
 }
 
+// P = exp2(s - m) of a lane's scores in place (masked ones, -inf, give 0), for its rows g (e 0, 1)
+// and g + 8 (e 2, 3); their sums added to the lane's l.
+template <int NB>
+__device__ __forceinline__ void scores_to_p(float (&s)[NB][4], const float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pj = s[nb][e] == -INFINITY ? 0.0f : exp2f(s[nb][e] - m[e >> 1]);
+      l[e >> 1] += pj;
+      s[nb][e] = pj;
+    }
+  }
+}
+
 // The mask of a tile that every row sees whole.
 struct AllVisible {
   __device__ bool operator()(int, int) const { return true; }
@@ -189,15 +204,7 @@ struct WarpTile {
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
     }
-#pragma unroll
-    for (int nb = 0; nb < kKeyBlocks; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pj = s[nb][e] == -INFINITY ? 0.0f : exp2f(s[nb][e] - m[e >> 1]);
-        l[e >> 1] += pj;
-        s[nb][e] = pj;
-      }
-    }
+    scores_to_p(s, m, l);
     // Score blocks 2kk, 2kk + 1 (keys +0-7, +8-15) are the A fragment of keys 16kk..16kk+15.
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {

@@ -67,6 +67,21 @@ __device__ __forceinline__ void write_column(const GemmParams& p, float (&acc)[k
   }
 }
 
+// A GEMV warp's task: output column col (one per warp), activation rows row0 .. row0 + rows - 1
+// (one block of kGemvRows per blockIdx.y), and where its scale codes and activations start.
+struct GemvTask {
+  int64_t col, row0;
+  int rows;
+  const uint8_t* s;  // the column's group-scale codes
+  const uint8_t* x;  // the first row's FP8 activations
+  __device__ explicit GemvTask(const GemmParams& p)
+      : col(static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5)),
+        row0(static_cast<int64_t>(blockIdx.y) * kGemvRows),
+        rows(p.m - row0 < kGemvRows ? static_cast<int>(p.m - row0) : kGemvRows),
+        s(&p.group_scale[col * ((p.k + p.group_size - 1) / p.group_size)].bits),
+        x(&p.xq[row0 * p.x_row_stride].bits) {}
+};
+
 template <typename Out, bool kWords>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) {
   __shared__ float lut[256][16];  // [scale code][nibble code]
@@ -74,15 +89,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(const GemmParams p) 
   build_tables(lut, f8);
   __syncthreads();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kGemvRows;
-  if (col >= p.n) return;
-  const int rows = p.m - row0 < kGemvRows ? static_cast<int>(p.m - row0) : kGemvRows;
-  const int64_t groups = (p.k + p.group_size - 1) / p.group_size;
+  const int lane = threadIdx.x & 31;
+  const GemvTask task(p);
+  if (task.col >= p.n) return;
+  const int64_t col = task.col, row0 = task.row0;
+  const int rows = task.rows;
   const uint8_t* w = p.qweight + col * (p.k / 2);
-  const uint8_t* s = &p.group_scale[col * groups].bits;
-  const uint8_t* x = &p.xq[row0 * p.x_row_stride].bits;
+  const uint8_t* s = task.s;
+  const uint8_t* x = task.x;
 
   float acc[kGemvRows];
 #pragma unroll
@@ -126,15 +140,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv16_kernel(const GemmParams p
   build_tables(lut, f8);
   __syncthreads();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kGemvRows;
-  if (col >= p.n) return;
-  const int rows = p.m - row0 < kGemvRows ? static_cast<int>(p.m - row0) : kGemvRows;
-  const int64_t groups = (p.k + p.group_size - 1) / p.group_size, chunks = p.k / 32;
+  const int lane = threadIdx.x & 31;
+  const GemvTask task(p);
+  if (task.col >= p.n) return;
+  const int64_t col = task.col, row0 = task.row0, chunks = p.k / 32;
+  const int rows = task.rows;
   const uint4* w = reinterpret_cast<const uint4*>(p.qweight + col * (p.k / 2));
-  const uint8_t* s = &p.group_scale[col * groups].bits;
-  const uint8_t* x = &p.xq[row0 * p.x_row_stride].bits;
+  const uint8_t* s = task.s;
+  const uint8_t* x = task.x;
   const bool chunk_in_one_group = p.group_size % 32 == 0;
 
   float acc[kGemvRows];

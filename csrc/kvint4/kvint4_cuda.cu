@@ -924,15 +924,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
         for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
       }
     }
-#pragma unroll
-    for (int nb = 0; nb < 4; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pj = s[nb][e] == -INFINITY ? 0.0f : exp2f(s[nb][e] - m[e >> 1]);
-        l[e >> 1] += pj;
-        s[nb][e] = pj;
-      }
-    }
+    cuda::tc::scores_to_p(s, m, l);
 
     // O += P V: 2 blocks of 16 keys.
 #pragma unroll
