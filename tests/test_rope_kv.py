@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from _emu import emulated_launches
 from _tolerances import opcheck_with_fp8_inputs, rand
-from fastlayers import _ext, quant
+from fastlayers import quant
 from fastlayers.ops.kvint4 import (
     _attention_reference,
     _reference,
@@ -661,15 +662,6 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     assert torch.equal(layer.kq, kq2)
 
 
-def _emulated_launches(kernel: str) -> int | None:
-    """Launches of ``kernel`` so far in a CUDA emulation build (None on a GPU: not counted)."""
-    c = _ext.C
-    if c is None or not hasattr(c, "cuda_emu_launches"):
-        return None
-    launches = c.cuda_emu_launches().items()
-    return sum(n for site, n in launches if site.split(" ")[1].startswith(kernel))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [32, 4])
@@ -695,11 +687,11 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
     v, vs = quant.quantize_kv_int4(
         rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
     )
-    before = _emulated_launches("prefill_kernel"), _emulated_launches("kernel")
+    before = emulated_launches("prefill_kernel"), emulated_launches("kernel")
     out, lse = int4_kv_attention(q, k, ks, v, vs, t)
     if before[0] is not None:  # the tile's launches are named "kernel" (cuda::tc::launch)
-        assert _emulated_launches("prefill_kernel") == before[0]
-        assert _emulated_launches("kernel") == before[1] + 1
+        assert emulated_launches("prefill_kernel") == before[0]
+        assert emulated_launches("kernel") == before[1] + 1
     ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
     assert out.dtype == dtype
@@ -737,7 +729,7 @@ def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
     else:
         q = rand(b, hq, d, dtype=dtype, device=dev, scale=3.0)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    before = _emulated_launches("decode_tc_kernel")
+    before = emulated_launches("decode_tc_kernel")
     for cap in (0.0, 2.0):
         out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
         ref, ref_lse = _reference(q.double(), k, ks, vq, vsq, length, d**-0.5, starts, cap)
@@ -745,7 +737,7 @@ def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
         torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
     if before is not None:
-        assert _emulated_launches("decode_tc_kernel") == before + 2
+        assert emulated_launches("decode_tc_kernel") == before + 2
 
 
 @pytest.mark.parametrize(

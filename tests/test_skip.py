@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastlayers
+from _emu import emulated_launches
 from _tolerances import assert_close_to_oracle, rand
 from fastlayers.reference import skip as ref
 
@@ -211,17 +212,19 @@ def test_varlen_sinks(device, dtype):
             fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, sinks=bad)
 
 
-def _check_backward(q, k, v, cu, pos, **kw):
-    """Gradients of out and lse (the backward kernel on CPU) against float64 autograd of the
-    reference."""
+def _check_backward(q, k, v, cu, pos, cu_k=None, k_pos=None, **kw):
+    """Gradients of out and lse (the backward kernels) against float64 autograd of the reference
+    (keys: the queries' cu_seqlens and positions unless given)."""
+    cu_k = cu if cu_k is None else cu_k
+    k_pos = pos if k_pos is None else k_pos
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fastlayers.varlen_attention(*leaves, cu, cu, pos, pos, return_lse=True, **kw)
+    out, lse = fastlayers.varlen_attention(*leaves, cu, cu_k, pos, k_pos, return_lse=True, **kw)
     dy = rand(*out.shape, dtype=out.dtype, device=out.device)
     dl = rand(*lse.shape, dtype=lse.dtype, device=lse.device)
     finite = torch.isfinite(lse)
     torch.autograd.backward([out, torch.where(finite, lse, 0.0)], [dy, dl])
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    o64, l64 = ref.varlen_attention(*leaves64, cu, cu, pos, pos, return_lse=True, **kw)
+    o64, l64 = ref.varlen_attention(*leaves64, cu, cu_k, pos, k_pos, return_lse=True, **kw)
     torch.autograd.backward([o64, torch.where(finite, l64, 0.0)], [dy.double(), dl.double()])
     tol = 1e-4 if q.dtype == torch.float32 else 3e-2
     for got, want in zip(leaves, leaves64, strict=True):
@@ -234,6 +237,50 @@ def test_varlen_backward(device, dtype):
     _check_backward(q, k, v, cu, pos, window=7)
     q, k, v, cu, pos = _routed(3, 25, 1.0, 2, 2, 48, dtype, device)
     _check_backward(q, k, v, cu, pos, causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize(
+    "causal,window,softcap",
+    [(True, None, 0.0), (False, None, 0.0), (True, (20, 0), 0.0), (False, (3, 5), 2.0)],
+)
+def test_varlen_tensor_core_backward(cuda_device, dtype, d, causal, window, softcap):
+    """fp16/bf16 with head dim 64 or 128 run the tensor-core backward (dK/dV per 64 keys of a kv
+    head over the query tiles of the group's heads, dQ per 64 query rows over their key tiles; no
+    CUDA-core backward kernel launched): sequences of ~150 routed tokens (several tiles each, tiles
+    that no row sees), tiles that span sequences, GQA, windows, soft-capping, gradients of out and
+    lse, against float64 autograd of the reference."""
+    q, k, v, cu, pos = _routed(5, 300, 0.5, 4, 2, d, dtype, cuda_device)
+    q = (q.float() * 2).to(dtype)  # (scores of a few units: the soft cap bends them)
+    names = ("varlen_dq_kernel", "varlen_dkdv_kernel", "kernel")
+    before = [emulated_launches(name) for name in names]
+    _check_backward(q, k, v, cu, pos, causal=causal, window=window, softcap=softcap)
+    if before[0] is not None:  # (the tensor-core kernels go through cuda::tc::launch: "kernel")
+        after = [emulated_launches(name) for name in names]
+        assert after[:2] == before[:2]
+        assert after[2] == before[2] + 3  # forward, dK/dV, dQ
+
+
+def test_varlen_tensor_core_many_empty_sequences(cuda_device):
+    """64-row CTAs and 64-key tiles whose entries span more than 64 sequences (most of them empty on
+    that side): queries in sequences 0, 69 and 138 only, keys in every third sequence; forward and
+    backward on the tensor-core kernels against the float64 reference."""
+    batch = 150
+    nq = [3 if b in (0, 69, 138) else 0 for b in range(batch)]
+    nk = [2 if b % 3 == 0 else 0 for b in range(batch)]
+    q_pos = torch.cat([torch.arange(n) + 1 for n in nq]).to(cuda_device)
+    k_pos = torch.cat([torch.arange(n) for n in nk]).to(cuda_device)
+    cu_q, cu_k = (
+        torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32).to(cuda_device)
+        for n in (nq, nk)
+    )
+    q = rand(q_pos.shape[0], 4, 64, dtype=torch.float16, device=cuda_device)
+    k = rand(k_pos.shape[0], 2, 64, dtype=torch.float16, device=cuda_device)
+    v = rand(k_pos.shape[0], 2, 64, dtype=torch.float16, device=cuda_device)
+    out, lse = _check(q, k, v, cu_q, cu_k, q_pos, k_pos)
+    assert bool(torch.isfinite(lse).all())  # every query sees its sequence's two keys
+    _check_backward(q, k, v, cu_q, q_pos, cu_k=cu_k, k_pos=k_pos)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -97,6 +97,65 @@ __device__ __forceinline__ void scores_to_p(float (&s)[NB][4], const float (&m)[
   }
 }
 
+// Score-layout accumulators (16 rows x 8 NB columns: lane l holds rows l / 4 and + 8, columns
+// 2 (l % 4) and + 1 of each 8-column block) rounded to T as the A fragments of a product over those
+// columns: blocks 2kk and 2kk + 1 are the fragment of columns 16kk..16kk+15.
+template <typename T, int NB>
+__device__ __forceinline__ void to_a_fragments(const float (&s)[NB][4], uint32_t (&a)[NB / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NB / 2; ++kk) {
+    a[kk][0] = ptx::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[kk][1] = ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[kk][2] = ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[kk][3] = ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// c[16 x 8 NB] += A B^T, both operands row-major in shared memory with row stride ld (elements):
+// A's 16 rows of K channels from `a` (ldmatrix per 16 channels), B's 8 NB rows of K channels from
+// `b` (the scores' form: Q K^T, and in the backward dO V^T, K Q^T, V dO^T).
+template <typename T, int K, int NB>
+__device__ __forceinline__ void mma_abt(float (&c)[NB][4], const T* a, const T* b, int ld) {
+  static_assert(K % 16 == 0 && NB % 2 == 0, "whole 16-channel steps, pairs of 8-row blocks");
+  const int lane = threadIdx.x & 31;
+  const T* arow = a + (lane & 15) * ld + (lane >> 4) * 8;
+  const T* brow = b + ((lane >> 4) * 8 + (lane & 7)) * ld + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t af[4];
+    ptx::ldmatrix_x4(af, arow + kk * 16);
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t bf[4];
+      ptx::ldmatrix_x4(bf, brow + nb * 8 * ld + kk * 16);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_16816<T>(c[nb], af, b0);
+      ptx::mma_16816<T>(c[nb + 1], af, b1);
+    }
+  }
+}
+
+// c[16 x 8 NB] += A B with A as fragments (16 rows x 16 KB, to_a_fragments's) and B row-major in
+// shared memory (16 KB rows of 8 NB columns, stride ld; a transposing ldmatrix): the P V form (and
+// in the backward dS K, P^T dO, dS^T Q).
+template <typename T, int KB, int NB>
+__device__ __forceinline__ void mma_ab(float (&c)[NB][4], const uint32_t (&a)[KB][4], const T* b, int ld) {
+  static_assert(NB % 2 == 0, "pairs of 8-column blocks");
+  const int lane = threadIdx.x & 31;
+  const T* brow = b + (((lane >> 3) & 1) * 8 + (lane & 7)) * ld + (lane >> 4) * 8;
+#pragma unroll
+  for (int kk = 0; kk < KB; ++kk) {
+#pragma unroll
+    for (int nb = 0; nb < NB; nb += 2) {
+      uint32_t bf[4];
+      ptx::ldmatrix_x4_trans(bf, brow + kk * 16 * ld + nb * 8);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      ptx::mma_16816<T>(c[nb], a[kk], b0);
+      ptx::mma_16816<T>(c[nb + 1], a[kk], b1);
+    }
+  }
+}
+
 // The mask of a tile that every row sees whole.
 struct AllVisible {
   __device__ bool operator()(int, int) const { return true; }
@@ -205,14 +264,10 @@ struct WarpTile {
       for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
     }
     scores_to_p(s, m, l);
-    // Score blocks 2kk, 2kk + 1 (keys +0-7, +8-15) are the A fragment of keys 16kk..16kk+15.
+    to_a_fragments<T>(s, p);
+    if constexpr (kSplit) {
 #pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      p[kk][0] = ptx::pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      p[kk][1] = ptx::pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      p[kk][2] = ptx::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p[kk][3] = ptx::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      if constexpr (kSplit) {
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
         const float* src[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
 #pragma unroll
         for (int r = 0; r < 4; ++r) {

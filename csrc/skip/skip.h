@@ -86,10 +86,10 @@ Status gather_rows_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_backward_cuda(const RowsParams& p, void* stream);
 
-// CUDA (varlen_cuda.cu): head dims up to 128; the forward runs on tensor cores for fp16/bf16 with
-// d == dv in {64, 128} (CUDA cores otherwise). Backward: one warp per (key, kv head) sums its dK and
-// dV over the visible queries of the group's heads, one warp per (query, head) its dQ (no atomics:
-// deterministic).
+// CUDA (varlen_cuda.cu): head dims up to 128; forward and backward run on tensor cores for
+// fp16/bf16 with d == dv in {64, 128} (the backward as FlashAttention-2's: a CTA per 64 keys of a kv
+// head for dK/dV, one per 64 query rows of a head for dQ), on CUDA cores otherwise (backward: a
+// warp per (key, kv head) for dK/dV, a warp per (query, head) for dQ). No atomics: deterministic.
 bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq);
 Status varlen_attention_cuda(const VarlenParams& p, void* stream);
 Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream);

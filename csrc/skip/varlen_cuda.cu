@@ -186,17 +186,14 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   }
 }
 
-// ---- Tensor-core forward (common/tc_attention.cuh does the arithmetic) ----------------------------
-// The kernel's own shared arrays after the common tiles: row/key positions and sequences.
-template <int D>
-struct VarlenTcSmem {
-  using S = cuda::tc::Smem<D>;
-  static constexpr size_t kRowPos = S::kExtra;
-  static constexpr size_t kKeyPos = kRowPos + size_t(cuda::tc::kRows) * 8;
-  static constexpr size_t kRowSeq = kKeyPos + size_t(cuda::tc::kKeys) * 8;
-  static constexpr size_t kKeySeq = kRowSeq + size_t(cuda::tc::kRows) * 4;
-  static constexpr size_t kBytes = kKeySeq + size_t(cuda::tc::kKeys) * 4;
-};
+// ---- Tensor-core kernels: a CTA's 64 entries against tiles of 64 of the other side -------------
+// The forward and the dQ kernel own 64 packed query rows and walk the key tiles of their rows'
+// sequences; the dK/dV kernel owns 64 keys and walks the query tiles of its keys' sequences.
+// PairWalk does the bookkeeping for both: each owned entry's sequence (binary search in its
+// cu_seqlens) and position in shared memory, the other side's range (the entries of the owned
+// sequences), and per candidate tile its entries' sequences and positions, the tile skipped when
+// the bounds of both sides rule out every pair and run without the mask when every pair is visible.
+// Positions need not increase (every pair is masked individually).
 
 // The sequences and positions of a set of rows (or keys): their bounds over the entries inside a
 // sequence, and how many are outside every one.
@@ -225,106 +222,156 @@ __device__ __forceinline__ SeqPosBounds warp_bounds(bool in, int32_t seq, int64_
   return r;
 }
 
+constexpr int kWalk = 64;  // entries per CTA and per tile of the other side
+
+// PairWalk's shared arrays (in the kernel's dynamic shared memory).
+struct WalkShared {
+  int64_t own_pos[kWalk];
+  int64_t oth_pos[kWalk];
+  int32_t own_seq[kWalk];   // -1 outside every sequence
+  int32_t oth_seq[kWalk];   // -2 past the range
+  int32_t seq_cu[kWalk];    // where the owned sequences start on the other side (up to kWalk of them)
+  SeqPosBounds part[2][2];  // [own, other][warp 0, 1]
+};
+
+// One side of the attention: its cu_seqlens ([batch + 1]), positions and entry count.
+struct Side {
+  const int32_t* cu;
+  const int64_t* pos;
+  int64_t n;
+};
+
+template <bool kOwnQueries>
+struct PairWalk {
+  WalkShared* sh;
+  Side oth;
+  int64_t left, right;  // the window
+  SeqPosBounds own;
+  bool own_one_sequence;
+  int n_seq;                // the owned entries' sequences seq_lo..seq_hi (empty ones included)
+  const int32_t* oth_cu;    // their starts on the other side: shared memory, or global when many
+  int64_t lo = 0, hi = 0;   // the other side's range
+
+  // Every thread (the first kWalk fill the entries); ends with a barrier.
+  __device__ PairWalk(WalkShared* s, const Side& own_side, const Side& other, int64_t batch, int64_t own0,
+                      int64_t window_left, int64_t window_right)
+      : sh(s), oth(other), left(window_left), right(window_right) {
+    const int64_t total = own_side.cu[batch] < own_side.n ? own_side.cu[batch] : own_side.n;
+    if (threadIdx.x < kWalk) {
+      const int i = static_cast<int>(threadIdx.x);
+      const int64_t e = own0 + i;
+      const bool in = e < total;
+      sh->own_seq[i] = in ? static_cast<int32_t>(sequence_of(own_side.cu, batch, e)) : -1;
+      sh->own_pos[i] = in ? own_side.pos[e] : 0;
+      const SeqPosBounds b = warp_bounds(in, sh->own_seq[i], sh->own_pos[i]);
+      if ((i & 31) == 0) sh->part[0][i >> 5] = b;
+    }
+    __syncthreads();
+    own = merge(sh->part[0][0], sh->part[0][1]);
+    own_one_sequence = own.outside == 0 && own.seq_lo == own.seq_hi;
+    n_seq = own.seq_lo <= own.seq_hi ? own.seq_hi - own.seq_lo + 1 : 0;
+    if (n_seq > 0) {
+      lo = oth.cu[own.seq_lo];
+      hi = oth.cu[own.seq_hi + 1] < oth.n ? oth.cu[own.seq_hi + 1] : oth.n;
+    }
+    // (64 entries may span more sequences when some are empty on this side: then from global memory)
+    oth_cu = n_seq <= kWalk ? sh->seq_cu : oth.cu + own.seq_lo;
+    if (n_seq <= kWalk && static_cast<int>(threadIdx.x) < n_seq) sh->seq_cu[threadIdx.x] = oth.cu[own.seq_lo + threadIdx.x];
+    __syncthreads();
+  }
+
+  // The first tile from `from` on that the bounds do not rule out (hi: none), with its entries'
+  // sequences and positions in shared memory; `whole`: every pair of it visible (no mask). Every
+  // thread, after a barrier that ends the reads of the previous tile's entries.
+  __device__ int64_t next_tile(int64_t from, bool& whole) {
+    for (int64_t t0 = from; t0 < hi; t0 += kWalk) {
+      const int nt = static_cast<int>(hi - t0 < kWalk ? hi - t0 : kWalk);
+      if (threadIdx.x < kWalk) {
+        const int j = static_cast<int>(threadIdx.x);
+        const bool in = j < nt;
+        // the last of the owned sequences that starts at or before the entry
+        const int64_t sq = in ? sequence_of(oth_cu, n_seq - 1, t0 + j) : 0;
+        sh->oth_seq[j] = in ? own.seq_lo + static_cast<int32_t>(sq) : -2;
+        sh->oth_pos[j] = in ? oth.pos[t0 + j] : 0;
+        const SeqPosBounds b = warp_bounds(in, sh->oth_seq[j], sh->oth_pos[j]);
+        if ((j & 31) == 0) sh->part[1][j >> 5] = b;
+      }
+      __syncthreads();
+      const SeqPosBounds other = merge(sh->part[1][0], sh->part[1][1]);
+      const SeqPosBounds& q = kOwnQueries ? own : other;
+      const SeqPosBounds& k = kOwnQueries ? other : own;
+      if (other.seq_hi < own.seq_lo || other.seq_lo > own.seq_hi || (right >= 0 && k.pos_lo > q.pos_hi + right) ||
+          (left >= 0 && k.pos_hi < q.pos_lo - left)) {
+        __syncthreads();  // the next candidate rewrites the entries
+        continue;
+      }
+      whole = own_one_sequence && other.outside == 0 && other.seq_lo == other.seq_hi && other.seq_lo == own.seq_lo &&
+              (right < 0 || k.pos_hi <= q.pos_lo + right) && (left < 0 || k.pos_lo >= q.pos_hi - left);
+      return t0;
+    }
+    return hi;
+  }
+
+  // Owned entry i and entry j of the current tile.
+  __device__ bool pair_visible(int i, int j) const {
+    const int64_t qp = kOwnQueries ? sh->own_pos[i] : sh->oth_pos[j];
+    const int64_t kp = kOwnQueries ? sh->oth_pos[j] : sh->own_pos[i];
+    return sh->own_seq[i] == sh->oth_seq[j] && visible(qp, kp, left, right);
+  }
+};
+
+// ---- Tensor-core forward (common/tc_attention.cuh does the arithmetic) ----------------------------
+template <int D>
+struct VarlenTcSmem {
+  using S = cuda::tc::Smem<D>;
+  static constexpr size_t kWalkAt = S::kExtra;
+  static constexpr size_t kBytes = kWalkAt + sizeof(WalkShared);
+};
+
+// (min blocks 1: with the bare thread count ptxas aimed at 128 registers for D = 64 and spilled 20
+// bytes in the key loop; now 148-149 registers, no spill, three CTAs per SM by registers.)
 template <typename T, int D>
-__global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kernel(const VarlenParams p) {
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_kernel(const VarlenParams p) {
   // The tensor-core tile sizes, named here: this file's own kRows / kKeys (the CUDA-core kernel's,
   // 16 and 32) would shadow the ones a `using namespace cuda::tc` brings in.
   namespace tc = cuda::tc;
   namespace ptx = cuda::ptx;
   using S = tc::Smem<D>;
   constexpr int kRows = tc::kRows, kKeys = tc::kKeys;
-  static_assert(kRows == 64 && kKeys == 64, "rows and keys: one entry per thread of warps 0 and 1");
-  using L = VarlenTcSmem<D>;
+  static_assert(kRows == kWalk && kKeys == kWalk, "a CTA's rows and a key tile: PairWalk's entries");
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sq = reinterpret_cast<T*>(tc_smem + S::kQ);
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
-  int64_t* row_pos = reinterpret_cast<int64_t*>(tc_smem + L::kRowPos);
-  int64_t* key_pos = reinterpret_cast<int64_t*>(tc_smem + L::kKeyPos);
-  int32_t* row_seq = reinterpret_cast<int32_t*>(tc_smem + L::kRowSeq);
-  int32_t* key_seq = reinterpret_cast<int32_t*>(tc_smem + L::kKeySeq);
-  __shared__ SeqPosBounds part[2][2];  // [rows, keys][warp 0, 1]
-  __shared__ int64_t range[2];
-  __shared__ int32_t seq_cu[kRows];  // where the rows' sequences start in the keys (cu_seqlens_k)
+  auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + VarlenTcSmem<D>::kWalkAt);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y;
   const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t total_q = p.cu_seqlens_q[p.batch] < p.nq ? p.cu_seqlens_q[p.batch] : p.nq;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
 
-  // Q (zeros past nq); each row's sequence (-1 past the last one: sees nothing) and position.
+  // Q (zeros past nq) lands while the walk finds the rows' sequences.
   const int valid_q = static_cast<int>(p.nq - row0 < kRows ? p.nq - row0 : kRows);
   tc::load_rows_async<T, D>(sq, S::kLd, kRows, valid_q, [&](int i) { return q + ((row0 + i) * p.hq + h) * D; });
   ptx::cp_async_commit();
-  if (threadIdx.x < kRows) {
-    const int i = static_cast<int>(threadIdx.x);
-    const int64_t row = row0 + i;
-    const bool in = row < total_q;
-    row_seq[i] = in ? static_cast<int32_t>(sequence_of(p.cu_seqlens_q, p.batch, row)) : -1;
-    row_pos[i] = in ? p.q_pos[row] : 0;
-    const SeqPosBounds b = warp_bounds(in, row_seq[i], row_pos[i]);
-    if ((i & 31) == 0) part[0][i >> 5] = b;
-  }
-  if (threadIdx.x == 0) cta_key_range(p, row0, kRows, total_q, range);
+  PairWalk<true> walk(walk_sh, Side{p.cu_seqlens_q, p.q_pos, p.nq}, Side{p.cu_seqlens_k, p.k_pos, p.nk}, p.batch,
+                      row0, p.window_left, p.window_right);
   ptx::cp_async_wait<0>();
   __syncthreads();
-  const SeqPosBounds rows = merge(part[0][0], part[0][1]);
-  const bool rows_one_sequence = rows.outside == 0 && rows.seq_lo == rows.seq_hi;
-  // The keys of range belong to the rows' sequences seq_lo..seq_hi (packed in order): their starts
-  // in shared memory, so that a key finds its sequence there.
-  const int n_seq = rows.seq_lo <= rows.seq_hi ? rows.seq_hi - rows.seq_lo + 1 : 0;
-  if (static_cast<int>(threadIdx.x) < n_seq) seq_cu[threadIdx.x] = p.cu_seqlens_k[rows.seq_lo + threadIdx.x];
   tc::WarpTile<T, D> tile(tc_smem);
-  const auto visible_pair = [&](int i, int j) {
-    return row_seq[i] == key_seq[j] && visible(row_pos[i], key_pos[j], p.window_left, p.window_right);
-  };
+  const auto visible_pair = [&](int i, int j) { return walk.pair_visible(i, j); };
   const auto issue = [&](T* dst, const T* base, int64_t t0) {
-    const int nt = static_cast<int>(range[1] - t0 < kKeys ? range[1] - t0 : kKeys);
+    const int nt = static_cast<int>(walk.hi - t0 < kKeys ? walk.hi - t0 : kKeys);
     tc::load_rows_async<T, D>(dst, S::kLd, kKeys, nt, [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; });
     ptx::cp_async_commit();
   };
-  // The first key tile from `from` on that the bounds do not rule out (range[1]: none), with its
-  // keys' sequences (-2 past the range) and positions in shared memory; `whole`: every row sees
-  // every key of it (no mask). Called by every thread after a barrier that ends the reads of the
-  // previous tile's key data.
-  const auto next_tile = [&](int64_t from, bool& whole) -> int64_t {
-    for (int64_t t0 = from; t0 < range[1]; t0 += kKeys) {
-      const int nt = static_cast<int>(range[1] - t0 < kKeys ? range[1] - t0 : kKeys);
-      if (threadIdx.x < kKeys) {
-        const int j = static_cast<int>(threadIdx.x);
-        const bool in = j < nt;
-        // the last of the rows' sequences that starts at or before the key
-        const int64_t s = in ? sequence_of(seq_cu, n_seq - 1, t0 + j) : 0;
-        key_seq[j] = in ? rows.seq_lo + static_cast<int32_t>(s) : -2;
-        key_pos[j] = in ? p.k_pos[t0 + j] : 0;
-        const SeqPosBounds b = warp_bounds(in, key_seq[j], key_pos[j]);
-        if ((j & 31) == 0) part[1][j >> 5] = b;
-      }
-      __syncthreads();
-      const SeqPosBounds keys = merge(part[1][0], part[1][1]);
-      if (keys.seq_hi < rows.seq_lo || keys.seq_lo > rows.seq_hi ||
-          (p.window_right >= 0 && keys.pos_lo > rows.pos_hi + p.window_right) ||
-          (p.window_left >= 0 && keys.pos_hi < rows.pos_lo - p.window_left)) {
-        __syncthreads();  // the next candidate rewrites the key data
-        continue;
-      }
-      whole = rows_one_sequence && keys.outside == 0 && keys.seq_lo == keys.seq_hi &&
-              keys.seq_lo == rows.seq_lo &&
-              (p.window_right < 0 || keys.pos_hi <= rows.pos_lo + p.window_right) &&
-              (p.window_left < 0 || keys.pos_lo >= rows.pos_hi - p.window_left);
-      return t0;
-    }
-    return range[1];
-  };
 
   // Pipeline per tile: V(t) lands during the scores of t, K(next) during P V of t.
-  __syncthreads();  // seq_cu
   bool whole = false;
-  int64_t t0 = next_tile(range[0], whole);
-  if (t0 < range[1]) issue(sk, k, t0);
-  while (t0 < range[1]) {
+  int64_t t0 = walk.next_tile(walk.lo, whole);
+  if (t0 < walk.hi) issue(sk, k, t0);
+  while (t0 < walk.hi) {
     issue(sv, v, t0);
     ptx::cp_async_wait<1>();
     __syncthreads();  // K(t0)
@@ -337,8 +384,8 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) varlen_forward_tc_kerne
     ptx::cp_async_wait<0>();
     __syncthreads();  // V(t0); every warp is done with K(t0) and the tile's key data
     bool next_whole = false;
-    const int64_t t1 = next_tile(t0 + kKeys, next_whole);
-    if (t1 < range[1]) issue(sk, k, t1);
+    const int64_t t1 = walk.next_tile(t0 + kKeys, next_whole);
+    if (t1 < walk.hi) issue(sk, k, t1);
     tile.accumulate(pf);
     __syncthreads();  // every warp is done with V(t0)
     t0 = t1;
@@ -383,7 +430,8 @@ __device__ __forceinline__ void store_cols(T* row, int64_t n, int lane, const fl
   }
 }
 
-// D[i, h] = dO[i, h] . O[i, h]: one warp per (query row, head).
+// delta[i, h] = dO[i, h] . O[i, h] - dlse[i, h] (the lse's gradient folded in: ds = p (dp - delta)):
+// one warp per (query row, head).
 template <typename T>
 __global__ void varlen_delta_kernel(const VarlenBwdParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -393,7 +441,7 @@ __global__ void varlen_delta_kernel(const VarlenBwdParams p) {
   load_cols(static_cast<const T*>(p.out) + w * p.fwd.dv, p.fwd.dv, lane, o);
   load_cols(static_cast<const T*>(p.dout) + w * p.fwd.dv, p.fwd.dv, lane, g);
   const float d = warp_dot(o, g);
-  if (lane == 0) p.delta[w] = d;
+  if (lane == 0) p.delta[w] = p.dlse != nullptr ? d - p.dlse[w] : d;
 }
 
 // ds for one visible pair (query row i, head h) x (key j): p = exp(s - lse), dp = dO . v.
@@ -406,8 +454,7 @@ __device__ __forceinline__ float pair_ds(const VarlenBwdParams& p, int64_t ih, f
     dcap = 1.0f - th * th;
   }
   prob = expf(s - p.lse[ih]);
-  const float g = p.dlse != nullptr ? p.dlse[ih] : 0.0f;
-  return prob * (dp - p.delta[ih] + g) * dcap;
+  return prob * (dp - p.delta[ih]) * dcap;
 }
 
 // dK[j, kh], dV[j, kh]: one warp per (key, kv head), over the visible queries of the key's sequence
@@ -480,6 +527,234 @@ __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
   store_cols(static_cast<T*>(p.dq) + w * f.d, f.d, lane, dq);
 }
 
+// ---- Tensor-core backward (fp16/bf16, d == dv in {64, 128}) -------------------------------------
+// FlashAttention-2's backward in two deterministic kernels (no atomics), both recomputing P from
+// the saved lse: the dK/dV kernel owns 64 keys of a kv head (warp w its keys 16w..16w+15) and walks
+// the query tiles of their sequences for every query head of the group: S^T = K Q^T, dP^T = V dO^T,
+// P^T and dS^T = P^T (dP^T - delta) in registers, dV += P^T dO, dK += dS^T Q; the dQ kernel owns 64
+// query rows of a head (as the forward) and walks their key tiles: S = Q K^T, dP = dO V^T, dS,
+// dQ += dS K. P and dS are rounded to the input dtype for their products (as FlashAttention);
+// every product accumulates in fp32. The owned tiles stay in shared memory (A fragments read per
+// product: registers hold the two accumulators); PairWalk skips tiles and masks as in the forward.
+template <int D>
+struct VarlenBwdSmem {
+  static constexpr int kLd = D + cuda::tc::kPad;
+  static constexpr size_t kTile = size_t(kWalk) * kLd * 2;  // 64 rows of 16-bit values
+  // tiles 0, 1: the owned entries' (dQ: Q, dO; dK/dV: K, V); 2, 3: the current tile's other side's
+  static constexpr size_t kWalkAt = 4 * kTile;
+  static constexpr size_t kStats = kWalkAt + (sizeof(WalkShared) + 127) / 128 * 128;
+  static constexpr size_t kBytes = kStats + 2 * kWalk * sizeof(float);  // dK/dV: the queries' lse, delta
+  static_assert(kTile % 128 == 0, "tiles stay 128-byte aligned");
+};
+
+// One score's probability and gradient, in place: s (raw) -> p = exp(x - lse) with x = scale s
+// (soft-capped: c tanh(x / c)), dp -> ds = p (dp - delta) (times 1 - tanh^2); both 0 when not
+// visible. lse2 = lse log2(e).
+__device__ __forceinline__ void p_and_ds(float& s, float& dp, bool vis, float scale, float softcap, float lse2,
+                                         float delta) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  float x = s * scale, dcap = 1.0f;
+  if (softcap > 0.0f) {
+    const float th = tanhf(x / softcap);
+    x = softcap * th;
+    dcap = 1.0f - th * th;
+  }
+  const float pr = vis ? exp2f(x * kLog2e - lse2) : 0.0f;
+  dp = vis ? pr * (dp - delta) * dcap : 0.0f;
+  s = pr;
+}
+
+// Rows row0.. of the 16-bit tensor base (row r at base + (r * heads + head) * D) into a shared tile.
+template <typename T, int D>
+__device__ __forceinline__ void issue_rows(T* dst, const T* base, int64_t row0, int64_t valid, int64_t heads,
+                                           int64_t head) {
+  const int n = static_cast<int>(valid < kWalk ? valid : kWalk);
+  cuda::tc::load_rows_async<T, D>(dst, D + cuda::tc::kPad, kWalk, n,
+                                  [=](int i) { return base + ((row0 + i) * heads + head) * D; });
+  cuda::ptx::cp_async_commit();
+}
+
+// A warp's 16 x D accumulator rows (owned entries warp * 16 + lane / 4 and + 8) times `factor`
+// into out (row r at out + (r * heads + head) * D), for the entries inside a sequence.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float factor, T* out, int64_t row0,
+                                           int64_t heads, int64_t head, const WalkShared* sh) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = warp * 16 + (lane >> 2) + 8 * hh;
+    if (sh->own_seq[i] < 0) continue;  // outside every sequence (or past the end): left as it is
+    T* row = out + ((row0 + i) * heads + head) * D;
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      const int c = nb * 8 + 2 * (lane & 3);
+      row[c] = from_f<T>(acc[nb][2 * hh] * factor);
+      row[c + 1] = from_f<T>(acc[nb][2 * hh + 1] * factor);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kernel(const VarlenBwdParams bp) {
+  namespace tc = cuda::tc;
+  namespace ptx = cuda::ptx;
+  using L = VarlenBwdSmem<D>;
+  // Queries per pass: at D = 128 the two accumulators take 128 registers a lane, so the tile's 64
+  // queries go in two passes of 32 (the scores of a pass: 32 registers for S^T and dP^T), a loop
+  // kept rolled (unrolled, ptxas interleaves the passes: 255 registers and a 32-byte spill; rolled
+  // 238, none).
+  constexpr int kPass = D == 128 ? 32 : kWalk;
+  constexpr int kLd = L::kLd, kNB = kPass / 8;
+  static_assert(tc::kWarps * 16 == kWalk && kWalk % kPass == 0, "a warp's 16 keys; whole passes");
+  const VarlenParams& p = bp.fwd;
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  T* sk = reinterpret_cast<T*>(tc_smem);
+  T* sv = reinterpret_cast<T*>(tc_smem + L::kTile);
+  T* sq = reinterpret_cast<T*>(tc_smem + 2 * L::kTile);
+  T* sdo = reinterpret_cast<T*>(tc_smem + 3 * L::kTile);
+  auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + L::kWalkAt);
+  float* s_lse2 = reinterpret_cast<float*>(tc_smem + L::kStats);
+  float* s_delta = s_lse2 + kWalk;
+
+  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kWalk, kh = blockIdx.y, group = p.hq / p.hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  issue_rows<T, D>(sk, static_cast<const T*>(p.k), key0, p.nk - key0, p.hkv, kh);
+  issue_rows<T, D>(sv, static_cast<const T*>(p.v), key0, p.nk - key0, p.hkv, kh);
+  PairWalk<false> walk(walk_sh, Side{p.cu_seqlens_k, p.k_pos, p.nk}, Side{p.cu_seqlens_q, p.q_pos, p.nq}, p.batch,
+                       key0, p.window_left, p.window_right);
+  const T* kw = sk + warp * 16 * kLd;  // the warp's keys and values
+  const T* vw = sv + warp * 16 * kLd;
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+
+  bool whole = false;
+  for (int64_t t0 = walk.next_tile(walk.lo, whole); t0 < walk.hi; t0 = walk.next_tile(t0 + kWalk, whole)) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kh * group + g;
+      issue_rows<T, D>(sq, static_cast<const T*>(p.q), t0, walk.hi - t0, p.hq, h);
+      issue_rows<T, D>(sdo, static_cast<const T*>(bp.dout), t0, walk.hi - t0, p.hq, h);
+      if (threadIdx.x < kWalk) {
+        const int j = static_cast<int>(threadIdx.x);
+        const bool in = t0 + j < walk.hi;
+        s_lse2[j] = in ? bp.lse[(t0 + j) * p.hq + h] * 1.4426950408889634f : 0.0f;
+        s_delta[j] = in ? bp.delta[(t0 + j) * p.hq + h] : 0.0f;
+      }
+      ptx::cp_async_wait<0>();
+      __syncthreads();  // dO
+#pragma unroll 1
+      for (int q0 = 0; q0 < kWalk; q0 += kPass) {
+        float st[kNB][4] = {}, dpt[kNB][4] = {};  // keys x queries q0..q0 + kPass
+        tc::mma_abt<T, D, kNB>(st, kw, sq + q0 * kLd, kLd);
+        tc::mma_abt<T, D, kNB>(dpt, vw, sdo + q0 * kLd, kLd);
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = warp * 16 + (lane >> 2) + 8 * (e >> 1), j = q0 + nb * 8 + 2 * (lane & 3) + (e & 1);
+            const bool vis = whole || walk.pair_visible(i, j);
+            p_and_ds(st[nb][e], dpt[nb][e], vis, p.scale, p.softcap, s_lse2[j], s_delta[j]);
+          }
+        }
+        uint32_t af[kPass / 16][4];
+        tc::to_a_fragments<T>(st, af);  // P^T
+        tc::mma_ab<T, kPass / 16, D / 8>(dv, af, sdo + q0 * kLd, kLd);
+        tc::to_a_fragments<T>(dpt, af);  // dS^T
+        tc::mma_ab<T, kPass / 16, D / 8>(dk, af, sq + q0 * kLd, kLd);
+      }
+      __syncthreads();  // every warp is done with Q, dO and the statistics (and, after the last
+                        // head, with the tile's entries: next_tile rewrites them)
+    }
+  }
+  ptx::cp_async_wait<0>();  // (no tile: K and V were issued, nothing waited for them)
+  store_rows<T, D>(dk, p.scale, static_cast<T*>(bp.dk), key0, p.hkv, kh, walk_sh);
+  store_rows<T, D>(dv, 1.0f, static_cast<T*>(bp.dv), key0, p.hkv, kh, walk_sh);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dq_tc_kernel(const VarlenBwdParams bp) {
+  namespace tc = cuda::tc;
+  namespace ptx = cuda::ptx;
+  using L = VarlenBwdSmem<D>;
+  constexpr int kLd = L::kLd, kNB = kWalk / 8;
+  const VarlenParams& p = bp.fwd;
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  T* sq = reinterpret_cast<T*>(tc_smem);
+  T* sdo = reinterpret_cast<T*>(tc_smem + L::kTile);
+  T* sk = reinterpret_cast<T*>(tc_smem + 2 * L::kTile);
+  T* sv = reinterpret_cast<T*>(tc_smem + 3 * L::kTile);
+  auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + L::kWalkAt);
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kWalk, h = blockIdx.y, kh = h / (p.hq / p.hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  issue_rows<T, D>(sq, static_cast<const T*>(p.q), row0, p.nq - row0, p.hq, h);
+  issue_rows<T, D>(sdo, static_cast<const T*>(bp.dout), row0, p.nq - row0, p.hq, h);
+  PairWalk<true> walk(walk_sh, Side{p.cu_seqlens_q, p.q_pos, p.nq}, Side{p.cu_seqlens_k, p.k_pos, p.nk}, p.batch,
+                      row0, p.window_left, p.window_right);
+  float lse2[2], delta[2];  // the lane's rows
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t r = row0 + warp * 16 + (lane >> 2) + 8 * hh;
+    lse2[hh] = r < p.nq ? bp.lse[r * p.hq + h] * 1.4426950408889634f : 0.0f;
+    delta[hh] = r < p.nq ? bp.delta[r * p.hq + h] : 0.0f;
+  }
+  const T* qw = sq + warp * 16 * kLd;  // the warp's rows
+  const T* dow = sdo + warp * 16 * kLd;
+  float dq[D / 8][4] = {};
+
+  bool whole = false;
+  for (int64_t t0 = walk.next_tile(walk.lo, whole); t0 < walk.hi; t0 = walk.next_tile(t0 + kWalk, whole)) {
+    issue_rows<T, D>(sk, static_cast<const T*>(p.k), t0, walk.hi - t0, p.hkv, kh);
+    issue_rows<T, D>(sv, static_cast<const T*>(p.v), t0, walk.hi - t0, p.hkv, kh);
+    ptx::cp_async_wait<1>();
+    __syncthreads();  // Q, dO (first pass), K
+    float s[kNB][4] = {}, dp[kNB][4] = {};
+    tc::mma_abt<T, D, kNB>(s, qw, sk, kLd);
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // V
+    tc::mma_abt<T, D, kNB>(dp, dow, sv, kLd);
+#pragma unroll
+    for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = warp * 16 + (lane >> 2) + 8 * (e >> 1), j = nb * 8 + 2 * (lane & 3) + (e & 1);
+        const bool vis = whole || walk.pair_visible(i, j);
+        p_and_ds(s[nb][e], dp[nb][e], vis, p.scale, p.softcap, lse2[e >> 1], delta[e >> 1]);
+      }
+    }
+    uint32_t af[kWalk / 16][4];
+    tc::to_a_fragments<T>(dp, af);  // dS
+    tc::mma_ab<T, kWalk / 16, D / 8>(dq, af, sk, kLd);
+    __syncthreads();  // every warp is done with K, V and the tile's entries
+  }
+  ptx::cp_async_wait<0>();  // (no tile: Q and dO were issued, nothing waited for them)
+  store_rows<T, D>(dq, p.scale, static_cast<T*>(bp.dq), row0, p.hq, h, walk_sh);
+}
+
+// fp16/bf16 with d == dv in {64, 128}, 16-byte aligned tensors and enough shared memory (d = 128
+// needs 70 KiB, d = 64 39 KiB).
+template <typename T>
+bool use_tensor_core_backward(const VarlenBwdParams& b) {
+  const VarlenParams& p = b.fwd;
+  if (sizeof(T) != 2 || p.d != p.dv || (p.d != 64 && p.d != 128)) return false;
+  const size_t need = p.d == 64 ? VarlenBwdSmem<64>::kBytes : VarlenBwdSmem<128>::kBytes;
+  return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
+         cuda::is_aligned(b.dout, 16) && (p.nq + kWalk - 1) / kWalk < (int64_t{1} << 31) &&
+         (p.nk + kWalk - 1) / kWalk < (int64_t{1} << 31) && cuda::tc::optin_smem(nullptr) >= need;
+}
+
+template <typename T, int D>
+Status launch_backward_tc(const VarlenBwdParams& p, cudaStream_t stream) {
+  static bool configured_dkdv[64] = {}, configured_dq[64] = {};
+  const auto tiles = [](int64_t n) { return static_cast<unsigned>((n + kWalk - 1) / kWalk); };
+  if (p.fwd.nk > 0) {
+    const dim3 grid(tiles(p.fwd.nk), static_cast<unsigned>(p.fwd.hkv));
+    Status s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D>, grid, VarlenBwdSmem<D>::kBytes, p, stream,
+                                configured_dkdv);
+    if (!s.is_ok()) return s;
+  }
+  const dim3 grid(tiles(p.fwd.nq), static_cast<unsigned>(p.fwd.hq));
+  return cuda::tc::launch(varlen_dq_tc_kernel<T, D>, grid, VarlenBwdSmem<D>::kBytes, p, stream, configured_dq);
+}
+
 template <typename T>
 Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   constexpr int kBlock = 128;  // 4 warps
@@ -488,6 +763,11 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   };
   varlen_delta_kernel<T><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
+  if constexpr (sizeof(T) == 2) {
+    if (use_tensor_core_backward<T>(p)) {
+      return p.fwd.d == 64 ? launch_backward_tc<T, 64>(p, stream) : launch_backward_tc<T, 128>(p, stream);
+    }
+  }
   if (p.fwd.nk > 0) {
     varlen_dkdv_kernel<T><<<blocks(p.fwd.nk * p.fwd.hkv), kBlock, 0, stream>>>(p);
     if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;

@@ -8,6 +8,10 @@ GFLOP/s (in the shape column) counts the allowed (query, key) pairs only: ``4 * 
 (QK^T and PV). Routing is done once outside the timed region (it is part of the router, not of
 attention).
 
+Training step, capacity 50 %: forward + backward (the gradients of q, k and v for a random
+upstream gradient) against the same for dense causal SDPA over all tokens; GFLOP/s counts
+``10 * d`` flops per allowed pair (QK^T and PV forward; QK^T again, dO V^T, dV, dK and dQ backward).
+
 Then whole-model decode of a small random-weight Hugging Face Llama (16 layers, width 512) with
 ``generate()`` under ``SkipPlan.uniform`` at 1.25x / 1.5x / 2x targets, against the same model
 without a plan (needs ``transformers``).
@@ -93,6 +97,56 @@ def _llama_rows(device, quick) -> list[Row]:
     return rows
 
 
+def _train_row(device, dtype, shape, rnd, gen, reps, backend) -> Row:
+    """Forward + backward at capacity 50 % vs dense causal SDPA's, with the error of the routed
+    dq, dk, dv against float64 autograd of the reference on the first sequence's first 256 routed
+    tokens (a problem of its own)."""
+    batch, tokens, heads, d = shape
+    dense = [rnd(batch, heads, tokens, d).requires_grad_() for _ in range(3)]
+    dy_dense = rnd(batch, heads, tokens, d)
+    idx, cu = fastlayers.route_topk(torch.randn(batch, tokens, generator=gen).to(device), 0.5)
+    n = idx.shape[0]
+    pos = idx % tokens
+    leaves = [rnd(n, heads, d).requires_grad_() for _ in range(3)]
+    dy = rnd(n, heads, d)
+
+    def dense_step(q, k, v, g):
+        return torch.autograd.grad(_sdpa(q, k, v), (q, k, v), g)
+
+    def routed_step(q, k, v, cu_, pos_, g):
+        out = fastlayers.varlen_attention(q, k, v, cu_, cu_, pos_, pos_)
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    t_dense, t_routed = time_interleaved(
+        [(dense_step, [(*dense, dy_dense)], max(3, reps // 4)),
+         (routed_step, [(*leaves, cu, pos, dy)], max(3, reps // 2))],
+        device,
+    )  # fmt: skip
+    m = min(n // batch, 256)
+    sub = torch.tensor([0, m], dtype=torch.int32, device=device)
+    part = [t[:m].detach().clone().requires_grad_() for t in leaves]
+    got = routed_step(*part, sub, pos[:m], dy[:m])
+    part64 = [t.detach().double().requires_grad_() for t in part]
+    out64 = fastlayers.reference.varlen_attention(*part64, sub, sub, pos[:m], pos[:m])
+    want = torch.autograd.grad(out64, part64, dy[:m].double())
+    err = max((a.double() - b).abs().max().item() for a, b in zip(got, want, strict=True))
+    per_seq = n // batch
+    pairs = batch * heads * per_seq * (per_seq + 1) / 2
+    gflops = pairs * 10 * d / t_routed.median_s / 1e9
+    return Row(
+        "varlen_attention forward + backward, capacity 0.5",
+        f"{batch}x{tokens} h{heads} d{d} ({n} routed, {gflops:.1f} GFLOP/s)",
+        str(dtype).replace("torch.", ""),
+        backend,
+        t_routed.median_s * 1e6,
+        "dense causal SDPA forward + backward, all tokens",
+        t_dense.median_s * 1e6,
+        float("nan"),
+        float("nan"),
+        err,
+    )
+
+
 def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows: list[Row] = []
     backend = backend_label(device, "varlen_attention")
@@ -148,4 +202,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                         err,
                     )
                 )
+            if not quick:
+                shape = (batch, tokens, heads, d)
+                rows.append(_train_row(device, dtype, shape, rnd, gen, reps, backend))
     return rows if quick else rows + _llama_rows(device, quick)

@@ -1,0 +1,15 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Helpers for tests that run the CUDA kernels in the CPU emulation build."""
+
+from fastlayers import _ext
+
+
+def emulated_launches(kernel: str) -> int | None:
+    """Launches so far, in a CUDA emulation build, from launch sites whose kernel expression starts
+    with ``kernel`` (None on a GPU: not counted). Kernels launched through
+    ``cuda::tc::launch`` are counted under that helper's expression, ``kernel``."""
+    c = _ext.C
+    if c is None or not hasattr(c, "cuda_emu_launches"):
+        return None
+    launches = c.cuda_emu_launches().items()
+    return sum(n for site, n in launches if site.split(" ")[1].startswith(kernel))
