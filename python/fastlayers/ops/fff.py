@@ -161,32 +161,46 @@ class UltraInferPlan:
     def __init__(self, key, w_in, b_in, w_out, activation: str) -> None:
         self.key = key
         self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
-        if activation not in ACTIVATIONS or w_in.dim() != 2 or w_out.dim() != 2:
+        if w_in.dim() != 2 or w_out.dim() != 2:
             return
-        device = w_in.device
-        if not (on_cpu(device) or on_cuda(device)) or not has_kernel(device, "ultrafast_ff"):
+        weights = (w_in, w_out) if b_in is None else (w_in, w_out, b_in)
+        device = _lean_device("ultrafast_ff", activation, weights)
+        if device is None:
             return
         nodes, d_in = w_in.shape
         if nodes & (nodes + 1) or nodes >= 1 << 31 or w_out.shape[0] != nodes or w_out.shape[1] < 1:
             return
-        dtype = w_in.dtype
-        if dtype not in _FLOAT_KERNEL_DTYPES:
-            return
-        for t in (w_in, w_out) if b_in is None else (w_in, w_out, b_in):
-            if t.dtype != dtype or t.device != device or not t.is_contiguous():
-                return
         if b_in is not None and tuple(b_in.shape) != (nodes,):
             return
         self.dtype, self.d_in, self.d_out, self.levels = (
-            dtype,
+            w_in.dtype,
             d_in,
             w_out.shape[1],
             nodes.bit_length(),
         )
         self.args = (w_in.data_ptr(), ptr(b_in), w_out.data_ptr())  # fff_ultra_fwd's, in order
-        # (device code, dtype code, activation code); cuda_index: None for CPU tensors
-        self.codes = (device_code(device), _dtypes.code(dtype), ACTIVATIONS[activation])
-        self.cuda_index = device.index if device.type == "cuda" else None
+        self.codes, self.cuda_index = _lean_codes(device, w_in.dtype, activation)
+
+
+def _lean_device(op: str, activation: str, weights) -> torch.device | None:
+    """The device of an inference plan's weights when the lean route of ``op`` can take them (a
+    known activation; CPU, or CUDA with ``op``'s kernel; one float dtype and one device for all,
+    each contiguous), else None."""
+    device, dtype = weights[0].device, weights[0].dtype
+    if activation not in ACTIVATIONS or not (on_cpu(device) or on_cuda(device)):
+        return None
+    if not has_kernel(device, op) or dtype not in _FLOAT_KERNEL_DTYPES:
+        return None
+    if any(t.dtype != dtype or t.device != device or not t.is_contiguous() for t in weights):
+        return None
+    return device
+
+
+def _lean_codes(device: torch.device, dtype: torch.dtype, activation: str):
+    """An inference plan's (device code, dtype code, activation code) and its CUDA device index
+    (None for CPU tensors)."""
+    codes = (device_code(device), _dtypes.code(dtype), ACTIVATIONS[activation])
+    return codes, device.index if device.type == "cuda" else None
 
 
 def _lean_stream(plan) -> int | None:
@@ -261,14 +275,10 @@ class HardInferPlan:
         self.key = key
         self.dtype = None  # None: not eligible (the op's path handles it, with its errors)
         node_w, node_b, w1, b1, w2, b2 = params
-        if activation not in ACTIVATIONS or w1.dim() != 3:
+        if w1.dim() != 3:
             return
-        device = w1.device
-        if not (on_cpu(device) or on_cuda(device)) or not has_kernel(device, "fff_hard"):
-            return
-        if w1.dtype not in _FLOAT_KERNEL_DTYPES or any(
-            t.dtype != w1.dtype or t.device != device or not t.is_contiguous() for t in params
-        ):
+        device = _lean_device("fff_hard", activation, (w1, *params))
+        if device is None:
             return
         if on_cuda(device) and w1.shape[2] > _CUDA_MAX_LEAF_WIDTH:
             return
@@ -279,9 +289,7 @@ class HardInferPlan:
         self.dtype, self.d_in, self.d_out, self.depth = w1.dtype, w1.shape[1], w2.shape[2], depth
         self.width, self.leaves = w1.shape[2], w1.shape[0]
         self.args = tuple(t.data_ptr() for t in params)  # fff_hard_fwd's, in order
-        # (device code, dtype code, activation code); cuda_index: None for CPU tensors
-        self.codes = (device_code(device), _dtypes.code(w1.dtype), ACTIVATIONS[activation])
-        self.cuda_index = device.index if device.type == "cuda" else None
+        self.codes, self.cuda_index = _lean_codes(device, w1.dtype, activation)
 
 
 def fff_hard_infer(x, plan: HardInferPlan) -> torch.Tensor | None:
