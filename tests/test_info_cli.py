@@ -152,6 +152,35 @@ def test_bench_report_writes_markdown_csv_and_plot(tmp_path):
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_git_commit_counts_only_fastlayers_checkouts(tmp_path, monkeypatch):
+    """report.git_commit labels results with the commit of a fastlayers checkout: an installed
+    package inside another repository (pyenv's root is one) got that repository's commit."""
+    from fastlayers.benchmark import report
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+    monkeypatch.delenv("FASTLAYERS_COMMIT", raising=False)
+    monkeypatch.setattr(report, "__file__", str(tmp_path / "site" / "report.py"))
+    monkeypatch.chdir(tmp_path)
+    assert report.git_commit() == "unknown"  # another repository, both as package and as cwd
+    (tmp_path / "python" / "fastlayers").mkdir(parents=True)
+    (tmp_path / "python" / "fastlayers" / "__init__.py").write_text("")
+    git("add", "python")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "b")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert report.git_commit() == head
+    (tmp_path / "a.txt").write_text("changed")
+    assert report.git_commit() == head + "+dirty"
+    monkeypatch.setenv("FASTLAYERS_COMMIT", "given")
+    assert report.git_commit() == "given"
+
+
 def test_time_interleaved_spreads_each_case_over_the_run_and_rotates_inputs():
     """time_interleaved: every case gets its reps (after its own warm-up), the calls of a case with
     fewer reps spread over the run instead of bunching at one end, no two calls in a row read the

@@ -25,33 +25,31 @@ FAMILIES = {
 }
 
 
+def _git(where: Path, *args: str) -> str | None:
+    """``git args`` run in ``where``: its output, or None when it fails."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=where, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def git_commit() -> str:
     """The commit of the code that ran: ``FASTLAYERS_COMMIT`` when set (a copied tree whose git
     metadata is stale, as on the lent GPU machine), else the package's own checkout (editable
-    install), else the checkout the command runs in."""
+    install), else the checkout the command runs in. Only a fastlayers checkout counts: an
+    installed package can sit inside another repository (pyenv's root is a git checkout)."""
     if os.environ.get("FASTLAYERS_COMMIT"):
         return os.environ["FASTLAYERS_COMMIT"]
     for where in (Path(__file__).resolve().parent, Path.cwd()):
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=where,
-                timeout=10,
-            )
-            if out.returncode != 0:
-                continue
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                cwd=where,
-                timeout=10,
-            )
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-        except (OSError, subprocess.SubprocessError):
+        top = _git(where, "rev-parse", "--show-toplevel")
+        if top is None or not (Path(top) / "python" / "fastlayers" / "__init__.py").is_file():
             continue
+        head = _git(where, "rev-parse", "--short", "HEAD")
+        if head is None:
+            continue
+        dirty = _git(where, "status", "--porcelain", "--untracked-files=no")
+        return head + ("+dirty" if dirty else "")
     return "unknown"
 
 
