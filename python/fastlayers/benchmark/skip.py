@@ -10,7 +10,8 @@ attention).
 
 Training step, capacity 50 %: forward + backward (the gradients of q, k and v for a random
 upstream gradient) against the same for dense causal SDPA over all tokens; GFLOP/s counts
-``10 * d`` flops per allowed pair (QK^T and PV forward; QK^T again, dO V^T, dV, dK and dQ backward).
+``14 * d`` flops per allowed pair (``4 d`` forward: QK^T and PV; ``10 d`` backward: QK^T again,
+dO V^T, dV, dK and dQ, FlashAttention's count).
 
 Then whole-model decode of a small random-weight Hugging Face Llama (16 layers, width 512) with
 ``generate()`` under ``SkipPlan.uniform`` at 1.25x / 1.5x / 2x targets, against the same model
@@ -132,7 +133,7 @@ def _train_row(device, dtype, shape, rnd, gen, reps, backend) -> Row:
     err = max((a.double() - b).abs().max().item() for a, b in zip(got, want, strict=True))
     per_seq = n // batch
     pairs = batch * heads * per_seq * (per_seq + 1) / 2
-    gflops = pairs * 10 * d / t_routed.median_s / 1e9
+    gflops = pairs * 14 * d / t_routed.median_s / 1e9
     return Row(
         "varlen_attention forward + backward, capacity 0.5",
         f"{batch}x{tokens} h{heads} d{d} ({n} routed, {gflops:.1f} GFLOP/s)",
