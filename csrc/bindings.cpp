@@ -349,15 +349,28 @@ int64_t int4_fp8_sm90_workspace(int device_index, int64_t m, int64_t n, int64_t 
 }
 
 bool int4_fp8_sm90_can_implement(int64_t m, int64_t n, int64_t k, int64_t group_size, int out_dtype,
-                                 int64_t x_row_stride) {
+                                 int64_t x_row_stride, int sm_count) {
 #ifdef FASTLAYERS_WITH_SM90
-  // Stand-in, 256-byte aligned addresses: CUTLASS checks shapes, strides and alignment on the host.
+  // Stand-in, 256-byte aligned addresses: CUTLASS checks shapes, strides and alignment on the host
+  // (with the split-K factor sm_count SMs would get).
   const std::uintptr_t a = 1 << 12;
   const auto p = sm90_params(0, a, x_row_stride, a, a, a, a, 0, a, out_dtype, m, n, k, group_size, 0, 0);
-  return int4_fp8::gemm_sm90_can_implement(p);
+  return int4_fp8::gemm_sm90_can_implement(p, sm_count);
 #else
-  (void)m, (void)n, (void)k, (void)group_size, (void)out_dtype, (void)x_row_stride;
+  (void)m, (void)n, (void)k, (void)group_size, (void)out_dtype, (void)x_row_stride, (void)sm_count;
   return false;
+#endif
+}
+
+// The split-K factor the Hopper GEMM uses for (m, n, k) on device_index (1 without the kernels).
+int int4_fp8_sm90_splits(int device_index, int64_t m, int64_t n, int64_t k, int64_t group_size,
+                         int out_dtype) {
+#ifdef FASTLAYERS_WITH_SM90
+  const auto p = sm90_params(device_index, 0, k, 0, 0, 0, 0, 0, 0, out_dtype, m, n, k, group_size, 0, 0);
+  return int4_fp8::gemm_sm90_splits(p);
+#else
+  (void)device_index, (void)m, (void)n, (void)k, (void)group_size, (void)out_dtype;
+  return 1;
 #endif
 }
 
@@ -785,7 +798,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_fp8_prepack_sm90", &int4_fp8_prepack_sm90);
   m.def("int4_fp8_sm90_workspace", &int4_fp8_sm90_workspace);
   m.def("int4_fp8_sm90_config", &int4_fp8_sm90_config);
-  m.def("int4_fp8_sm90_can_implement", &int4_fp8_sm90_can_implement);
+  m.def("int4_fp8_sm90_can_implement", &int4_fp8_sm90_can_implement, py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("group_size"), py::arg("out_dtype"), py::arg("x_row_stride"),
+        py::arg("sm_count") = 1);
+  m.def("int4_fp8_sm90_splits", &int4_fp8_sm90_splits);
+  m.def("int4_fp8_sm90_split_k", &int4_fp8::sm90_split_k, py::arg("tiles"), py::arg("k_tiles"),
+        py::arg("sm_count"));
   m.def("int4_fp8_gemm_sm90", &int4_fp8_gemm_sm90);
   m.def("varlen_cpu_workspace_floats", &skip::varlen_cpu_workspace_floats);
   m.def("varlen_attention", &varlen_attention);

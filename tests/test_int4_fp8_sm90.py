@@ -142,6 +142,43 @@ def test_cutlass_can_implement_every_shape_we_accept(n, k, group_size, out_dtype
         assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k + 16)  # padded xq rows
 
 
+# (out_features, in_features, group_size) that decode splits along K on 132 SMs: 2 weight tiles x
+# 32 K tiles (8 splits), one group spanning K, and 17 K tiles (the last partial) in uneven splits.
+SPLIT_SHAPES = [(256, 4096, 128), (128, 4096, 4096), (384, 2080, 128)]
+
+
+@pytest.mark.skipif(_ext.C is None, reason="needs the compiled extension")
+def test_split_k_policy():
+    """sm90_split_k: no split while the output tiles fill half the SMs; else as many splits as
+    fill the SMs, each of at least 4 K tiles (the numbers the issue's decode shapes get on an H100's
+    132 SMs: 4096 -> 4096 and 14336 -> 4096 at one token are 32 tiles)."""
+    split = _ext.C.int4_fp8_sm90_split_k
+    assert split(32, 32, 132) == 4  # 1 x 4096 -> 4096
+    assert split(32, 112, 132) == 4  # 1 x 14336 -> 4096
+    assert split(112, 32, 132) == 1  # 1 x 4096 -> 14336: 112 tiles already
+    assert split(66, 100, 132) == 2 and split(67, 100, 132) == 1
+    assert split(2, 32, 132) == 8 and split(2, 7, 132) == 1 and split(1, 8, 132) == 2
+    assert split(0, 32, 132) == 1 and split(4, 32, 0) == 1 and split(4, 0, 132) == 1
+    for tiles in range(1, 140, 3):
+        for k_tiles in range(1, 130, 7):
+            for sms in (1, 78, 114, 132):
+                s = split(tiles, k_tiles, sms)
+                assert s >= 1
+                if s > 1:
+                    assert 2 * tiles <= sms and s * tiles <= sms and 4 * s <= k_tiles
+                    assert (s + 1) * tiles > sms or 4 * (s + 1) > k_tiles  # the largest such
+
+
+@needs_sm90_build
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", SPLIT_SHAPES)
+def test_cutlass_can_implement_the_split_k_arguments(n, k, group_size, out_dtype):
+    """CUTLASS's host-side can_implement on the split-K arguments an H100 (132 SMs) would get."""
+    C, code = _ext.C, _dtypes.code(out_dtype)
+    for m in (1, 16, 17, 100):
+        assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k, sm_count=132), m
+
+
 @needs_sm90_build
 def test_cutlass_rejects_what_we_reject():
     """Groups of 64 or 192 (not whole 128-wide K tiles) are refused by CUTLASS too: the reason we
@@ -410,6 +447,32 @@ def test_gemm_matches_oracle(m, n, k, group_size, out_dtype):
                              bias, out_dtype)  # fmt: skip
     oracle, slack = int4_fp8_oracle(xq, xs, qw, bias), fp8_tensor_core_slack(xq, xs, qw)
     assert_close_to_oracle(y, want, oracle, slack=slack)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,group_size", SPLIT_SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 17, 100])
+def test_gemm_split_k_matches_oracle(m, n, k, group_size, out_dtype):
+    """Decode shapes that split K (the factor asserted): the splits' partial sums reduce to the
+    whole sum before the epilogue, bias and scales applied once. Run twice: the deterministic
+    reduction gives the same bits."""
+    qw = _weight(n, k, group_size, "cuda")
+    packed, lut = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale,
+                                                             group_size)  # fmt: skip
+    code, index = _dtypes.code(out_dtype), torch.cuda.current_device()
+    assert _ext.C.int4_fp8_sm90_splits(index, m, n, k, group_size, code) > 1
+    xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.bfloat16, device="cuda"))
+    bias = rand(n, dtype=torch.float32, device="cuda") if m != 17 else None
+    op = torch.ops.fastlayers.int4_fp8_gemm_sm90
+    y = op(xq, xs, packed, lut, qw.channel_scale, bias, group_size, out_dtype)
+    want = ref.int4_fp8_gemm(xq, xs, qw.qweight, qw.group_scale, qw.channel_scale, group_size,
+                             bias, out_dtype)  # fmt: skip
+    oracle, slack = int4_fp8_oracle(xq, xs, qw, bias), fp8_tensor_core_slack(xq, xs, qw)
+    assert_close_to_oracle(y, want, oracle, slack=slack)
+    again = op(xq, xs, packed, lut, qw.channel_scale, bias, group_size, out_dtype)
+    assert torch.equal(y, again)
 
 
 @pytest.mark.cuda

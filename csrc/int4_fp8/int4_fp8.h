@@ -76,6 +76,21 @@ struct Sm90GemmParams {
   int64_t workspace_bytes = 0;
 };
 
+// Split-K factor of the sm90 GEMM for `tiles` output tiles (128 weight rows x a token tile) and
+// `k_tiles` K tiles (128 values each) on `sm_count` SMs. A decode-sized problem fills few SMs (at one
+// token, 4096 output features are 32 tiles on an H100's 132 SMs) while each tile walks all of K (112
+// K tiles for 14336 in-features): then K is split so that about every SM streams weights, each split
+// keeping at least kSm90MinKTilesPerSplit K tiles (the pipeline's depth), and the splits' fp32 partial
+// sums are reduced in a fixed order (CUTLASS's deterministic split-K). 1 (no split) when the tiles
+// alone fill half the SMs.
+constexpr int64_t kSm90MinKTilesPerSplit = 4;
+inline int sm90_split_k(int64_t tiles, int64_t k_tiles, int sm_count) {
+  if (tiles <= 0 || k_tiles <= 0 || sm_count <= 0 || 2 * tiles > sm_count) return 1;
+  const int64_t by_sms = sm_count / tiles, by_k = k_tiles / kSm90MinKTilesPerSplit;
+  const int64_t splits = by_sms < by_k ? by_sms : by_k;
+  return splits > 1 ? static_cast<int>(splits) : 1;
+}
+
 // Why the sm90 GEMM cannot take this shape (null when it can): n % 16, k % 32, group_size % 128 or
 // == k, out dtype bf16/fp16, n * k < 2^31.
 const char* sm90_unsupported_reason(int64_t n, int64_t k, int64_t group_size, DType out_dtype);
@@ -83,11 +98,14 @@ Status prepack_sm90_cuda(const PrepackParams& p, void* stream);
 Status prepack_sm90_host(const PrepackParams& p);  // the same index maps on the CPU (tests)
 Status gemm_sm90_cuda(const Sm90GemmParams& p, void* stream);
 int64_t gemm_sm90_workspace(const Sm90GemmParams& p);
-// CUTLASS's host-side can_implement for p with the configuration gemm_sm90_cuda would pick (no CUDA
-// call: the tests check on the CPU that every shape sm90_unsupported_reason accepts is implementable).
-bool gemm_sm90_can_implement(const Sm90GemmParams& p);
+// CUTLASS's host-side can_implement for p with the configuration gemm_sm90_cuda would pick and the
+// split-K factor of sm_count SMs (no CUDA call: the tests check on the CPU that every shape
+// sm90_unsupported_reason accepts is implementable).
+bool gemm_sm90_can_implement(const Sm90GemmParams& p, int sm_count);
 // Which tile configuration gemm_sm90_cuda uses for m rows (its name, e.g. "bf16_t16").
 const char* gemm_sm90_config(int64_t m, DType out_dtype);
+// The split-K factor gemm_sm90_cuda uses for p on p.device (sm90_split_k of the picked tile).
+int gemm_sm90_splits(const Sm90GemmParams& p);
 
 Status validate(const GemmParams& p);
 Status validate(const QuantizeParams& p);

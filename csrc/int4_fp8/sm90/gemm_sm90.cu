@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Hopper INT4 x FP8 GEMM: device-side prepack (no host round trip, no synchronisation), the same
 // prepack on the host for tests, and the dispatch over the generated tile configurations by the
-// number of token rows. The kernels themselves: gemm_sm90.cuh, one instantiation per generated file.
+// number of token rows (each splits K by sm90_split_k). The kernels themselves: gemm_sm90.cuh, one
+// instantiation per generated file.
 #include <cuda_runtime.h>
 
 #include "common/cuda_utils.cuh"
@@ -15,7 +16,8 @@ namespace sm90 {
 #define FL_SM90_DECLARE(name, dtype, tok)                                      \
   Status run_##name(const Sm90GemmParams& p, int sm_count, cudaStream_t stream); \
   size_t workspace_##name(const Sm90GemmParams& p, int sm_count);                \
-  bool can_implement_##name(const Sm90GemmParams& p);
+  bool can_implement_##name(const Sm90GemmParams& p, int sm_count);             \
+  int splits_##name(const Sm90GemmParams& p, int sm_count);
 #include "int4_fp8/sm90/configs_sm90.inc"
 #undef FL_SM90_DECLARE
 
@@ -27,12 +29,13 @@ struct ConfigEntry {
   int tok;  // token tile: the configuration for up to this many rows (the largest for any m)
   Status (*run)(const Sm90GemmParams&, int, cudaStream_t);
   size_t (*workspace)(const Sm90GemmParams&, int);
-  bool (*can_implement)(const Sm90GemmParams&);
+  bool (*can_implement)(const Sm90GemmParams&, int);
+  int (*splits)(const Sm90GemmParams&, int);
 };
 
 constexpr ConfigEntry kConfigs[] = {
 #define FL_SM90_DECLARE(name, dtype, tok) \
-  {#name, DType::dtype, tok, run_##name, workspace_##name, can_implement_##name},
+  {#name, DType::dtype, tok, run_##name, workspace_##name, can_implement_##name, splits_##name},
 #include "int4_fp8/sm90/configs_sm90.inc"
 #undef FL_SM90_DECLARE
 };
@@ -168,9 +171,14 @@ const char* gemm_sm90_config(int64_t m, DType out_dtype) {
   return c != nullptr ? c->name : "";
 }
 
-bool gemm_sm90_can_implement(const Sm90GemmParams& p) {
+int gemm_sm90_splits(const Sm90GemmParams& p) {
   const sm90::ConfigEntry* c = sm90::pick(p.m, p.out_dtype);
-  return c != nullptr && c->can_implement(p);
+  return c != nullptr ? c->splits(p, sm90::sm_count(p.device)) : 1;
+}
+
+bool gemm_sm90_can_implement(const Sm90GemmParams& p, int sm_count) {
+  const sm90::ConfigEntry* c = sm90::pick(p.m, p.out_dtype);
+  return c != nullptr && c->can_implement(p, sm_count);
 }
 
 int64_t gemm_sm90_workspace(const Sm90GemmParams& p) {

@@ -83,10 +83,22 @@ struct Config {
           static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       MainloopSchedule>::CollectiveOp;
 
+  // The stream-K scheduler, used for data-parallel tiles or a plain split-K (sm90_split_k): its
+  // reduction of the splits' partial sums runs before the epilogue, so the EVT sees whole sums.
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, cutlass::gemm::StreamKScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
+
+// The split-K factor of configuration C for p on sm_count SMs.
+template <class C>
+int split_k(const Sm90GemmParams& p, int sm_count) {
+  constexpr int64_t kWeightTile = size<0>(typename C::TileShape{});
+  constexpr int64_t kTokTile = size<1>(typename C::TileShape{});
+  constexpr int64_t kKTile = size<2>(typename C::TileShape{});
+  const int64_t tiles = ((p.n + kWeightTile - 1) / kWeightTile) * ((p.m + kTokTile - 1) / kTokTile);
+  return sm90_split_k(tiles, (p.k + kKTile - 1) / kKTile, sm_count);
+}
 
 // Builds CUTLASS's arguments for p (swapped problem N x M x K). Host only, no CUDA calls.
 template <class C>
@@ -117,6 +129,13 @@ typename C::Gemm::Arguments make_arguments(const Sm90GemmParams& p, int sm_count
   args.epilogue.thread = {{p.xs}, {{p.channel_scale}, {}, {}}, {p.bias}, {}};
   args.hw_info.device_id = p.device;
   args.hw_info.sm_count = sm_count;
+  // Split K when the output tiles leave SMs idle (decode); else one CTA per tile, persistent.
+  using Scheduler = typename C::Kernel::TileScheduler;
+  const int splits = split_k<C>(p, sm_count);
+  args.scheduler.splits = splits;
+  args.scheduler.decomposition_mode = splits > 1 ? Scheduler::DecompositionMode::SplitK
+                                                 : Scheduler::DecompositionMode::DataParallel;
+  args.scheduler.reduction_mode = Scheduler::ReductionMode::Deterministic;
   return args;
 }
 
@@ -141,10 +160,10 @@ Status run(const Sm90GemmParams& p, int sm_count, cudaStream_t stream) {
   return e == cudaSuccess ? Status::ok() : Status{StatusCode::kCudaError, cudaGetErrorString(e)};
 }
 
-// CUTLASS's own host-side check of the arguments (no CUDA call: runs without a GPU).
+// CUTLASS's own host-side check of the arguments for sm_count SMs (no CUDA call: runs without a GPU).
 template <class C>
-bool can_implement(const Sm90GemmParams& p) {
-  return C::Gemm::can_implement(make_arguments<C>(p, 1)) == cutlass::Status::kSuccess;
+bool can_implement(const Sm90GemmParams& p, int sm_count) {
+  return C::Gemm::can_implement(make_arguments<C>(p, sm_count)) == cutlass::Status::kSuccess;
 }
 
 template <class C>
