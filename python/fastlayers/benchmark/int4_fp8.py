@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """INT4 x FP8 benchmark: ``Int4Fp8Linear`` (FP8 per-token quantisation of a bf16 input + the INT4 x
 FP8 GEMM, bf16 out) on Llama-class layer shapes against ``F.linear`` in float32 and bfloat16 with
-the same weights and, on CUDA, ``torch._scaled_mm`` FP8 x FP8 (per-row / per-column scales).
+the same weights and, on CUDA, ``torch._scaled_mm`` FP8 x FP8 (per-row / per-column scales); on
+Hopper at up to 16 tokens also the GEMV that sm80/89 decode runs (which decode kernel is faster).
 Inference, no grad.
 
 Every timed call reads its weights cold: the layers rotate over enough copies to exceed the last
@@ -63,6 +64,11 @@ def _label(layer, tokens: int, backend: str) -> str:
 
 def _call(layer, x):
     return layer(x)
+
+
+def _gemv(x, weight):
+    """Int4Fp8Linear's computation through the generic op (the CUDA GEMV up to 16 rows)."""
+    return fastlayers.int4_fp8_gemm(*fastlayers.quantize_fp8_per_token(x), weight)
 
 
 def _ffn(gate, up, down, x):
@@ -140,6 +146,13 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                     "F.linear fp32": (linear, [(x, t) for t in w32]),
                     "F.linear bf16": (linear, [(xb, t) for t in w16]),
                 }
+                if ours[0].sm90_weight is not None and tokens <= 16:
+                    # the GEMV the sm80/89 decode runs, on the same INT4 weights: which of the
+                    # two decode kernels Hopper should route to
+                    baselines["fastlayers GEMV (sm80/89 decode)"] = (
+                        _gemv,
+                        [(xb, layer.quantized_weight) for layer in ours],
+                    )
                 if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
                     xq, xs = fastlayers.quantize_fp8_per_token(xb)
                     ones = torch.ones(1, n, device=device)
