@@ -16,7 +16,7 @@ import torch
 
 import fastlayers
 from fastlayers.benchmark import minilm
-from fastlayers.benchmark.report import git_commit
+from fastlayers.benchmark.report import git_commit, write_markdown
 
 
 def main() -> None:
@@ -42,11 +42,7 @@ def main() -> None:
         f"| {r['layer_output_error']:.4f} |"
         for r in rows
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"accuracy-minilm-g{args.group_size}.md").write_text(text)
+    write_markdown(args.out, f"accuracy-minilm-g{args.group_size}.md", lines)
 
 
 if __name__ == "__main__":

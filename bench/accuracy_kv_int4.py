@@ -31,7 +31,7 @@ import transformers
 import fastlayers
 from fastlayers import quant
 from fastlayers.benchmark import checkpoints
-from fastlayers.benchmark.report import git_commit
+from fastlayers.benchmark.report import git_commit, write_markdown
 
 
 def model_with_outliers(layers=4, hidden=512, heads=8, kv_heads=2, factor=15.0):
@@ -135,10 +135,7 @@ def checkpoint_report(gguf_path: str | None, out: Path) -> None:
         "|---|---|",
     ]
     lines += [f"| {label} | {1 - f[0] / p[0]:.0%} |" for label, p, f in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy-smollm2.md").write_text(text)
+    write_markdown(out, "accuracy-smollm2.md", lines)
 
 
 @torch.no_grad()
@@ -184,11 +181,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {label} | {a:.4f} | {b:.4f} | {1 - b / a:.0%} |" for label, a, b in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy-llama-outliers.md").write_text(text)
+    write_markdown(args.out, "accuracy-llama-outliers.md", lines)
 
 
 if __name__ == "__main__":

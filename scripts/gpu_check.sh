@@ -139,7 +139,7 @@ fi
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
 san_files=(test_rmsnorm test_rmsnorm_backward test_fff test_peer test_int4_fp8 test_int4_fp8_sm90
            test_rope_kv test_quant_attention test_skip)
-san_k="4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core"
+san_k="4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core or split_k_matches"
 for tool in memcheck racecheck; do
   want "$tool" || continue
   # First the tensor-core attention tile (mma.sync, ldmatrix, cp.async; rewritten after the H200

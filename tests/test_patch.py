@@ -150,6 +150,36 @@ def test_quantize_kv_and_skip_options():
         fastlayers.patch_model(copy.deepcopy(model), linear="int8")
 
 
+def test_linear_takes_a_quantize_config():
+    """linear=QuantizeConfig(...): every quantized layer has that config's group size, and finer
+    groups quantize closer (groups of 32 against the default 128, on the same model, round to
+    nearest so both see the same weights); a config made invalid after construction and other
+    types are refused before the model changes."""
+    model = _llama()
+    ids = torch.randint(1, 128, (2, 16))
+    with torch.no_grad():
+        want = model(ids).logits
+    errors = {}
+    for g in (32, 128):
+        patched = copy.deepcopy(model)
+        config = fastlayers.QuantizeConfig(group_size=g, method="rtn", progress=False)
+        report = fastlayers.patch_model(patched, rms_norm=False, linear=config)
+        layers = [m for m in patched.modules() if isinstance(m, fastlayers.Int4Fp8Linear)]
+        assert len(layers) == 3 * 7 and len(report.swapped) == len(layers)
+        assert all(m.group_size == g for m in layers)
+        with torch.no_grad():
+            errors[g] = ((patched(ids).logits - want).norm() / want.norm()).item()
+    assert 0 < errors[32] < errors[128]
+    bad = fastlayers.QuantizeConfig(progress=False)
+    bad.group_size = 33
+    untouched = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="group_size"):
+        fastlayers.patch_model(untouched, linear=bad)
+    assert not any(isinstance(m, fastlayers.Int4Fp8Linear) for m in untouched.modules())
+    with pytest.raises(ValueError, match="QuantizeConfig"):
+        fastlayers.patch_model(copy.deepcopy(model), linear={"group_size": 32})
+
+
 def test_demo_quick_runs_every_family():
     from fastlayers import demo
 

@@ -14,7 +14,10 @@ routed attention, a layer of unknown layout for a skip plan) raises before anyth
   the form (offset, rounding) that reproduces the module bit for bit, found by running a copy
   of it (``fastlayers.nn.rmsnorm.rms_norm_form``); a module matching no form is left, reported.
 * ``linear="int4_fp8"``: :func:`fastlayers.quantize_` (FireQ INT4 x FP8; GPTQ when
-  ``calibration`` is given; the LM head stays in float).
+  ``calibration`` is given; the LM head stays in float) with the default
+  :class:`fastlayers.QuantizeConfig`; ``linear=QuantizeConfig(...)`` with that one (e.g.
+  ``group_size=32``: on small models the INT4 grid's error dominates, and finer groups cut it;
+  the Hopper CUTLASS GEMM takes groups of 128 and multiples, others run the CUDA fallback).
 * ``kv_cache="int4_rope_aware"``: FireQ's RoPE-aware INT4 KV (needs ``calibration``); pass
   ``cache=fastlayers.quant.Int4KVCache.for_model(model)`` to ``generate()``.
 * ``skip_plan``: a :class:`fastlayers.SkipPlan` installed with :func:`fastlayers.apply_skip_plan`.
@@ -30,10 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastlayers.nn.rmsnorm import RMSNorm, rms_norm_form
+
+if TYPE_CHECKING:
+    from fastlayers.quantize import QuantizeConfig
 
 
 @dataclasses.dataclass
@@ -141,7 +148,7 @@ def _check_model(model) -> None:
 def patch_model(
     model: torch.nn.Module,
     rms_norm: bool = True,
-    linear: str | None = None,
+    linear: str | QuantizeConfig | None = None,
     kv_cache: str | None = None,
     mlp: str | None = None,
     skip_plan=None,
@@ -153,8 +160,17 @@ def patch_model(
         raise TypeError(f"rms_norm must be a bool, got {rms_norm!r}")
     report = PatchReport()
     originals: dict[str, torch.nn.Module] = getattr(model, "_fastlayers_originals", {})
-    if linear not in (None, "int4_fp8"):
-        raise ValueError(f"linear must be None or 'int4_fp8', got {linear!r}")
+    from fastlayers.quantize import QuantizeConfig
+
+    if isinstance(linear, QuantizeConfig):
+        linear.validate()
+        quantize_config = linear
+    elif linear is None or (isinstance(linear, str) and linear == "int4_fp8"):
+        quantize_config = QuantizeConfig(progress=False) if linear is not None else None
+    else:
+        raise ValueError(
+            f"linear must be None, 'int4_fp8' or a fastlayers.QuantizeConfig, got {linear!r}"
+        )
     if kv_cache not in (None, "int4_rope_aware"):
         raise ValueError(f"kv_cache must be None or 'int4_rope_aware', got {kv_cache!r}")
     if mlp not in (None, "fff", "peer"):
@@ -220,11 +236,11 @@ def patch_model(
             report.swapped.append((path, type(module).__name__, "fastlayers.RMSNorm"))
     if mlp is not None:  # before quantization: the replaced feedforwards need none
         _swap_mlps(model, mlp, originals, report)
-    if linear == "int4_fp8":
-        from fastlayers.quantize import QuantizeConfig, quantize_
+    if quantize_config is not None:
+        from fastlayers.quantize import quantize_
 
         kinds = {name: type(m).__name__ for name, m in model.named_modules()}  # (GPT-2: Conv1D)
-        q = quantize_(model, QuantizeConfig(progress=False), calibration=calibration)
+        q = quantize_(model, quantize_config, calibration=calibration)
         report.swapped += [(r.name, kinds[r.name], "fastlayers.Int4Fp8Linear") for r in q.layers]
         if q.skipped:
             report.left.append((", ".join(q.skipped), "kept in float (LM head / odd sizes)"))

@@ -76,6 +76,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
+def write_markdown(out_dir: Path | str, name: str, lines: list[str]) -> Path:
+    """A bench script's report: ``lines`` joined, printed, and written to ``out_dir / name``
+    (the folder made if needed). Returns the file's path."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
+    return out / name
+
+
 def write(out_dir: Path, meta: dict, rows, quick: bool) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = slug(meta["device"].split(",")[0]) + ("-quick" if quick else "")
