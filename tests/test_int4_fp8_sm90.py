@@ -276,6 +276,7 @@ def test_module_on_cpu_has_no_sm90_buffers_and_says_why():
     layer = Int4Fp8Linear.from_linear(torch.nn.Linear(256, 64), group_size=128)
     assert layer.prepack() is False
     assert layer.sm90_weight is None and layer.sm90_lut_scale is None
+    assert layer.sm90_gemm_shape() is None
     assert not any(key.startswith("sm90") for key in layer.state_dict())
     reason = sm90_unsupported_reason(torch.device("cpu"), 64, 256, 128, torch.bfloat16)
     assert isinstance(reason, str) and reason
@@ -379,6 +380,7 @@ def test_module_pads_odd_shapes_for_the_sm90_gemm(monkeypatch, n, k, g):
     layer = Int4Fp8Linear.from_linear(lin, group_size=g, out_dtype=torch.bfloat16)
     assert asked == [sm90_padded_shape(n, k, g)]
     n_p, k_p, _ = asked[0]
+    assert layer.sm90_gemm_shape() == asked[0]
     assert layer.sm90_weight.shape == (n_p, k_p // 2)
     assert layer.sm90_channel_scale.shape == (n_p,) and layer.sm90_bias.shape == (n_p,)
     qw = layer.quantized_weight

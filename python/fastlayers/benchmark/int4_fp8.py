@@ -50,14 +50,11 @@ def _oracle_error(layer, x) -> float:
 def _label(layer, tokens: int, backend: str) -> str:
     """The backend column: on an sm90 GPU, the CUTLASS configuration that ran and its split-K
     factor (``bf16_t16 split4``)."""
-    if layer.sm90_weight is None:
+    shape = layer.sm90_gemm_shape()
+    if shape is None:
         return backend
     code = _dtypes.code(layer.out_dtype)
-    n, k = layer.sm90_weight.shape[0], 2 * layer.sm90_weight.shape[1]
-    group_size = k if layer.sm90_lut_scale.shape[0] == 1 else layer.group_size
-    splits = _ext.C.int4_fp8_sm90_splits(
-        layer.sm90_weight.device.index, tokens, n, k, group_size, code
-    )
+    splits = _ext.C.int4_fp8_sm90_splits(layer.sm90_weight.device.index, tokens, *shape, code)
     config = _ext.C.int4_fp8_sm90_config(tokens, code)
     return f"fastlayers/cutlass-sm90 {config}" + (f" split{splits}" if splits > 1 else "")
 

@@ -354,15 +354,22 @@ class Int4Fp8Linear(torch.nn.Module):
                                                    self.out_dtype)  # fmt: skip
         return sm90_linear_infer(x, plan)
 
-    def _forward_sm90(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    def sm90_gemm_shape(self) -> tuple[int, int, int] | None:
+        """``(out_features, in_features, group_size)`` of the GEMM the Hopper layouts hold (padded
+        by :func:`sm90_padded_shape`; one group spans the padded width when it spanned the layer's),
+        or None without them."""
+        if self.sm90_weight is None:
+            return None
         n_p, k_p = self.sm90_weight.shape[0], 2 * self.sm90_weight.shape[1]
+        return n_p, k_p, k_p if self.sm90_lut_scale.shape[0] == 1 else self.group_size
+
+    def _forward_sm90(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        n_p, k_p, group_size = self.sm90_gemm_shape()
         if xq.dim() == 0 or xq.shape[-1] != self.in_features:  # before padding hides the mismatch
             raise ValueError(
                 f"xq must have {self.in_features} features in its last dimension, got shape "
                 f"{tuple(xq.shape)}"
             )
-        # the padded layout's group size (sm90_padded_shape): one group spans the padded width
-        group_size = k_p if self.sm90_lut_scale.shape[0] == 1 else self.group_size
         args = (
             sm90_pad_activations(xq, k_p), xs, self.sm90_weight, self.sm90_lut_scale,
             self.sm90_channel_scale, self.sm90_bias, group_size, self.out_dtype,
