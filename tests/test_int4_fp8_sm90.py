@@ -130,15 +130,18 @@ def test_host_prepack_matches_the_specification(n, k, group_size):
 @pytest.mark.parametrize("n,k,group_size", SHAPES + [(4096, 4096, 128), (14336, 4096, 128)])
 def test_cutlass_can_implement_every_shape_we_accept(n, k, group_size, out_dtype):
     """CUTLASS's own host-side can_implement (no GPU needed) on the arguments the launcher builds,
-    with the configuration picked for each M: every shape sm90_unsupported_reason lets through is
-    implementable, so nothing fails on the GPU for a shape we claimed."""
+    with the configuration picked for each M and the split-K factor of several SM counts: every
+    shape sm90_unsupported_reason lets through is implementable, so nothing fails on the GPU for a
+    shape we claimed."""
     C, code = _ext.C, _dtypes.code(out_dtype)
     assert C.int4_fp8_sm90_unsupported(n, k, group_size, code) is None
     for m in (1, 16, 17, 64, 100, 300, 4096):
-        assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k), (
-            m,
-            C.int4_fp8_sm90_config(m, code),
-        )
+        for sms in (1, 78, 114, 132):  # the split-K factors of these SM counts (1: none)
+            assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k, sm_count=sms), (
+                m,
+                sms,
+                C.int4_fp8_sm90_config(m, code),
+            )
         assert C.int4_fp8_sm90_can_implement(m, n, k, group_size, code, k + 16)  # padded xq rows
 
 
