@@ -349,9 +349,9 @@ class Int4Fp8Linear(torch.nn.Module):
         )  # fmt: skip
         plan = self._sm90_plan
         if plan is None or plan.key != key:
-            plan = self._sm90_plan = Sm90InferPlan(key, pw, lut, cs, bias, self.group_size,
-                                                   self.in_features, self.out_features,
-                                                   self.out_dtype)  # fmt: skip
+            plan = self._sm90_plan = Sm90InferPlan(key, pw, lut, cs, bias,
+                                                   self.sm90_gemm_shape()[2], self.in_features,
+                                                   self.out_features, self.out_dtype)  # fmt: skip
         return sm90_linear_infer(x, plan)
 
     def sm90_gemm_shape(self) -> tuple[int, int, int] | None:

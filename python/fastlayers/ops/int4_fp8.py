@@ -661,7 +661,8 @@ class Sm90InferPlan:
     the support checks, the workspace size per token count. A decode step then checks only ``x``
     (on the H200, dd55068, the ops' route held 1-16-token calls at ~27 us whatever the weight's
     size: argument handling, not the kernels). Only unpadded layers (``out_features % 16 == 0``,
-    ``in_features % 32 == 0``: the rest keep the ops' route, which pads)."""
+    ``in_features % 32 == 0``: the rest keep the ops' route, which pads). ``group_size``: the
+    layouts' (``Int4Fp8Linear.sm90_gemm_shape()``: the width when one group spans it)."""
 
     __slots__ = ("key", "ok", "n", "k", "group_size", "out_dtype", "out_code", "index", "args",
                  "bias32", "ws_bytes")  # fmt: skip
@@ -675,8 +676,6 @@ class Sm90InferPlan:
         n, k = packed.shape[0], 2 * packed.shape[1]
         if n != out_features or k != in_features:
             return
-        if lut.shape[0] == 1:  # one group: it spans the (padded) width
-            group_size = k
         tensors = (packed, lut, channel_scale) + (() if bias is None else (bias,))
         if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
             return
