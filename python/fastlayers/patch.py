@@ -162,11 +162,13 @@ def patch_model(
     originals: dict[str, torch.nn.Module] = getattr(model, "_fastlayers_originals", {})
     from fastlayers.quantize import QuantizeConfig
 
-    if isinstance(linear, QuantizeConfig):
+    if linear is None:
+        quantize_config = None
+    elif isinstance(linear, QuantizeConfig):
         linear.validate()
         quantize_config = linear
-    elif linear is None or (isinstance(linear, str) and linear == "int4_fp8"):
-        quantize_config = QuantizeConfig(progress=False) if linear is not None else None
+    elif isinstance(linear, str) and linear == "int4_fp8":
+        quantize_config = QuantizeConfig(progress=False)
     else:
         raise ValueError(
             f"linear must be None, 'int4_fp8' or a fastlayers.QuantizeConfig, got {linear!r}"
