@@ -701,13 +701,24 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
 
 @pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
-    "d,group,hq,hkv", [(128, 16, 8, 2), (128, 128, 20, 1), (64, 32, 4, 4), (64, 64, 16, 2)]
+    "d,group,hq,hkv",
+    [
+        (128, 16, 8, 2),
+        (128, 128, 20, 1),
+        (64, 32, 4, 4),
+        (64, 64, 16, 2),
+        (256, 16, 16, 8),
+        (256, 256, 3, 1),
+        (256, 64, 40, 2),
+    ],
 )
 def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
-    """One query token, head_dim 64/128, groups of a multiple of 16 channels: the tensor-core decode
-    (fragments built in registers from the cache bytes). GQA groups of 4, 20 (a 16-row slice and a
-    4-row one), 1 and 8; 300 of 307 cached tokens (two splits of 150: the warps' last 32-key steps
-    partial); batch row 1 left-padded by 37 tokens; groups of 16 (two key scale codes per lane);
+    """One query token, head_dim 64/128/256, groups of a multiple of 16 channels: the tensor-core
+    decode (fragments built in registers from the cache bytes; at 256 the warps in pairs, each
+    warp one half of the channels). GQA groups of 4, 20 (a 16-row slice and a 4-row one), 1, 8, 2,
+    3; 300 of 307 cached tokens (two splits of 150: the warps' last 32-key steps partial, and at
+    256 a pair of warps idle in the last step); batch row 1 left-padded by 37 tokens; groups of 16
+    (two key scale codes per lane), of the whole 256-channel row (both halves' one code), of 64;
     values read in place from rows 16 bytes wider than theirs. fp32 queries (two fp16 products per
     score and output term) to the fp32 tolerance, FP8-quantized fp32 queries (q_quantize's: their
     lo parts negligible, one product per score) to the same, 16-bit queries to theirs (P rounded

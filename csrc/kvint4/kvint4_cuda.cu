@@ -10,7 +10,7 @@
 //   group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
 //   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
-// Decode, head_dim 64 or 128 (values too) with groups of a multiple of 16 channels: on tensor cores
+// Decode, head_dim 64, 128 or 256 (values too) with groups of a multiple of 16 channels: on tensor cores
 //   (decode_tc_kernel below: the GQA group's heads as the rows of mma.sync, fragments built in
 //   registers from the cache bytes; not yet run on a GPU).
 // Decode, other shapes (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
@@ -662,8 +662,8 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 }
 
 // ---- Tensor-core decode -----------------------------------------------------------------------
-// One query token per row, keys and values of head_dim D = 64 or 128, quantization groups a multiple
-// of 16 channels. The GQA group's query heads are the 16 rows of mma.sync m16n8k16 (fp16 inputs,
+// One query token per row, keys and values of head_dim D = 64, 128 or 256, quantization groups a
+// multiple of 16 channels. The GQA group's query heads are the 16 rows of mma.sync m16n8k16 (fp16 inputs,
 // fp32 accumulation; a larger group in slices of 16, a smaller one padded with zero rows). The cache
 // bytes go from global memory straight into registers, are dequantized there (a nibble times an FP8
 // scale is exact in fp16) and used as the B fragments; nothing of K or V passes through shared
@@ -684,6 +684,12 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 // Work split as decode_split_kernel (same workspace and combine kernel): grid (batch * kv heads *
 // slices, splits); the CTA's 4 warps take 32-key steps of its split round-robin, each loading its
 // next step's bytes before the current step's products, and merge in shared memory.
+// head_dim 256 (the output's 32 blocks of 8 channels would be 128 fp32 registers a lane): the warps
+// work in pairs, each pair one 32-key step at a time, each warp of it one half of the channels
+// (DH = 128, the layouts above with D = DH, its bytes from channel 128 h of the rows): a warp forms
+// the scores of its half of Q K^T, the pair adds its two halves through shared memory (a block
+// barrier per step: every warp runs the same number of steps, a pair past the split's end idling),
+// so both hold the same scores, maxima and sums, and each accumulates its half of P V.
 namespace tcd {
 constexpr int kWarps = 4;
 constexpr int kRows = 16;  // query heads per CTA
@@ -714,22 +720,24 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&w)[N])
   }
 }
 
-// Where this lane's scale codes sit in a row of them (the same for every key).
-template <int D>
+// Where this lane's scale codes sit in a row of them (the same for every key), for the DH channels
+// from c0 (the warp's half of a row, or all of it).
+template <int DH>
 struct DecodeCodeAt {
-  int k[D / 64], v;
-  __device__ DecodeCodeAt(int g, int t, int group) {
+  int k[DH / 64], v;
+  __device__ DecodeCodeAt(int g, int t, int group, int c0) {
 #pragma unroll
-    for (int j = 0; j < D / 64; ++j) k[j] = (t * (D / 4) + 16 * j) / group;
-    v = g * (D / 8) / group;
+    for (int j = 0; j < DH / 64; ++j) k[j] = (c0 + t * (DH / 4) + 16 * j) / group;
+    v = (c0 + g * (DH / 8)) / group;
   }
 };
 
-// The step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0).
-template <int D>
+// The step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0): of rows of D
+// channels, the DH channels from c0.
+template <int D, int DH>
 __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
-                                                  const DecodeCodeAt<D>& at, DecodeStepBytes<D>& r) {
-  using R = DecodeStepBytes<D>;
+                                                  int c0, const DecodeCodeAt<DH>& at, DecodeStepBytes<DH>& r) {
+  using R = DecodeStepBytes<DH>;
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
   const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
@@ -738,7 +746,7 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
   for (int nb = 0; nb < 4; ++nb) {
     const int64_t tok = t + 8 * nb + g;
     if (tok < t1) {
-      load_words<R::kKWords>(p.k + (base + tok) * (D / 2) + tq * (D / 8), r.k[nb]);
+      load_words<R::kKWords>(p.k + (base + tok) * (D / 2) + c0 / 2 + tq * (DH / 8), r.k[nb]);
 #pragma unroll
       for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = ks8[(base + tok) * ng + at.k[j]];
     } else {
@@ -754,7 +762,7 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
     for (int i = 0; i < 4; ++i) {
       const int64_t tok = t + 16 * kk + 2 * tq + (i & 1) + 8 * (i >> 1);
       if (tok < t1) {
-        load_words<R::kVWords>(p.v + (base + tok) * v_row + g * (D / 16), r.v[kk][i]);
+        load_words<R::kVWords>(p.v + (base + tok) * v_row + c0 / 2 + g * (DH / 16), r.v[kk][i]);
         r.vc[kk][i] = vs8[(base + tok) * vs_row + at.v];
       } else {
 #pragma unroll
@@ -783,14 +791,25 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   using tcd::kRows;
   using tcd::kStep;
   using tcd::kWarps;
-  constexpr int kKb = D / 16, kNb = D / 8, kParts = kSplit ? 2 : 1;
+  // head_dim 256: the warps work in pairs (see above); a warp's part of the channels is DH.
+  constexpr bool kHalves = D > 128;
+  constexpr int DH = kHalves ? D / 2 : D, kStreams = kHalves ? kWarps / 2 : kWarps;
+  constexpr int kKb = D / 16, kKbH = DH / 16, kNb = DH / 8, kParts = kSplit ? 2 : 1;
   constexpr float kLog2e = 1.4426950408889634f;
-  __shared__ __align__(16) uint32_t sq[kParts][kKb][32][4];  // Q fragments (hi, lo)
-  __shared__ float srow_f[kRows];                             // the rows' factors
-  __shared__ float srow_scale[kRows];                         // and score scales
-  __shared__ float sm[kWarps][kRows];                         // the warps' maxima
-  __shared__ float sl[kWarps][kRows];                         // and sums
-  __shared__ __align__(16) float so[kWarps][kRows][D];         // the warps' outputs
+  // Shared memory: the Q fragments (hi, lo) and, with halves, the pairs' score exchange (two
+  // buffers: one barrier per step) during the key loop; the warps' outputs for the merge after it
+  // (in the same bytes with halves, where both would not fit the 48 KiB of static shared memory).
+  constexpr int kSqBytes = kParts * kKb * 32 * 16, kSxBytes = kHalves ? 2 * kWarps * 4 * 32 * 16 : 0;
+  constexpr int kLoopBytes = kSqBytes + kSxBytes, kSoBytes = kWarps * kRows * DH * 4;
+  constexpr int kSoAt = kHalves ? 0 : kLoopBytes;
+  __shared__ __align__(16) unsigned char smem[kSoAt + kSoBytes > kLoopBytes ? kSoAt + kSoBytes : kLoopBytes];
+  auto& sq = *reinterpret_cast<uint32_t(*)[kParts][kKb][32][4]>(smem);
+  auto& sx = *reinterpret_cast<float4(*)[2][kWarps][4][32]>(smem + kSqBytes);  // (halves only)
+  auto& so = *reinterpret_cast<float(*)[kWarps][kRows][DH]>(smem + kSoAt);
+  __shared__ float srow_f[kRows];      // the rows' factors
+  __shared__ float srow_scale[kRows];  // and score scales
+  __shared__ float sm[kWarps][kRows];  // the warps' maxima
+  __shared__ float sl[kWarps][kRows];  // and sums
 
   const int64_t group_heads = p.hq / p.hkv, slices = (group_heads + kRows - 1) / kRows;
   const int64_t bk = blockIdx.x / slices, split = blockIdx.y;
@@ -798,6 +817,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int gh = static_cast<int>(group_heads - h0 < kRows ? group_heads - h0 : kRows);
   const int64_t qh0 = b * p.hq + kh * group_heads + h0;  // the CTA's first [batch * hq] row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int half = kHalves ? warp & 1 : 0, stream = kHalves ? warp >> 1 : warp;
 
   {  // each row's max |q| (8 threads per row), its factor f and score scale p.scale / f
     const int row = threadIdx.x >> 3, part = threadIdx.x & 7;
@@ -823,10 +843,10 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   }
   __syncthreads();
   bool lo_needed = false;  // a lo part above kQueryLoLimit
-  for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments
-    const int kk = i / 128, l = (i / 4) % 32, r = i % 4;
+  for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments, halves one after the other
+    const int kk = i / 128, l = (i / 4) % 32, r = i % 4, kh_ = kk / kKbH, k = kk % kKbH;
     const int row = (l >> 2) + 8 * (r & 1);
-    const int c = (l & 3) * (D / 4) + 8 * (kk / 2) + 2 * (kk % 2) + (r >> 1);
+    const int c = kh_ * DH + (l & 3) * (DH / 4) + 8 * (k / 2) + 2 * (k % 2) + (r >> 1);
     float x0 = 0.0f, x1 = 0.0f;
     if (row < gh) {
       x0 = decode_query_at<D, kSplit>(p, qh0 + row, c) * srow_f[row];
@@ -849,7 +869,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
-  const DecodeCodeAt<D> at(g, tq, static_cast<int>(p.group));
+  const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), half * DH);
 
   float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -857,51 +877,66 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
   }
-  DecodeStepBytes<D> next;
-  int64_t t = t0 + warp * kStep;
-  if (t < t1) fetch_decode_step<D>(p, base, t, t1, at, next);
-  for (; t < t1; t += kWarps * kStep) {
-    DecodeStepBytes<D> cur = next;
-    if (t + kWarps * kStep < t1) fetch_decode_step<D>(p, base, t + kWarps * kStep, t1, at, next);
-
-    // S = Q K^T: 4 blocks of 8 keys.
+  DecodeStepBytes<DH> next;
+  int64_t t = t0 + stream * kStep;
+  if (t < t1) fetch_decode_step<D, DH>(p, base, t, t1, half * DH, at, next);
+  // The same number of iterations in every warp (the halves' barriers); a stream past t1 idles.
+  const int64_t iters = t1 > t0 ? (t1 - t0 + kStreams * kStep - 1) / (kStreams * kStep) : 0;
+  for (int64_t it = 0; it < iters; ++it, t += kStreams * kStep) {
+    const bool active = t < t1;
+    // S = Q K^T over the warp's channels: 4 blocks of 8 keys.
     float s[4][4];
 #pragma unroll
     for (int nb = 0; nb < 4; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
     }
-    uint32_t ks2[4][DecodeStepBytes<D>::kKCodes];
-#pragma unroll
-    for (int nb = 0; nb < 4; ++nb) {
-#pragma unroll
-      for (int j = 0; j < DecodeStepBytes<D>::kKCodes; ++j) {
-        const float sc = fp8e4m3_value(static_cast<uint8_t>(cur.kc[nb][j]));
-        ks2[nb][j] = cuda::ptx::pack2<__half>(sc, sc);
-      }
-#pragma unroll
-      for (int w = 0; w < DecodeStepBytes<D>::kKWords; ++w) cur.k[nb][w] ^= 0x88888888u;  // offset binary
-    }
-#pragma unroll
-    for (int kk = 0; kk < kKb; ++kk) {
-      uint32_t a[kParts][4];
-#pragma unroll
-      for (int part = 0; part < kParts; ++part) {
-        const uint4 x = *reinterpret_cast<const uint4*>(sq[part][kk][lane]);
-        a[part][0] = x.x, a[part][1] = x.y, a[part][2] = x.z, a[part][3] = x.w;
-      }
-      const int j = 4 * 2 * (kk % 2);  // the bit offset of nibble 2 (kk % 2)
+    DecodeStepBytes<DH> cur = next;
+    if (active) {
+      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, half * DH, at, next);
+      uint32_t ks2[4][DecodeStepBytes<DH>::kKCodes];
 #pragma unroll
       for (int nb = 0; nb < 4; ++nb) {
-        const uint32_t w = cur.k[nb][kk / 2], sc = ks2[nb][kk / 4];
-        const uint32_t bf[2] = {cuda::ptx::i4x2_f16x2((w >> j) & 0x000F000Fu, sc),
-                                cuda::ptx::i4x2_f16x2((w >> (j + 4)) & 0x000F000Fu, sc)};
+#pragma unroll
+        for (int j = 0; j < DecodeStepBytes<DH>::kKCodes; ++j) {
+          const float sc = fp8e4m3_value(static_cast<uint8_t>(cur.kc[nb][j]));
+          ks2[nb][j] = cuda::ptx::pack2<__half>(sc, sc);
+        }
+#pragma unroll
+        for (int w = 0; w < DecodeStepBytes<DH>::kKWords; ++w) cur.k[nb][w] ^= 0x88888888u;  // offset binary
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKbH; ++kk) {
+        uint32_t a[kParts][4];
 #pragma unroll
         for (int part = 0; part < kParts; ++part) {
-          if (part < q_parts) cuda::ptx::mma_16816<__half>(s[nb], a[part], bf);
+          const uint4 x = *reinterpret_cast<const uint4*>(sq[part][half * kKbH + kk][lane]);
+          a[part][0] = x.x, a[part][1] = x.y, a[part][2] = x.z, a[part][3] = x.w;
+        }
+        const int j = 4 * 2 * (kk % 2);  // the bit offset of nibble 2 (kk % 2)
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+          const uint32_t w = cur.k[nb][kk / 2], sc = ks2[nb][kk / 4];
+          const uint32_t bf[2] = {cuda::ptx::i4x2_f16x2((w >> j) & 0x000F000Fu, sc),
+                                  cuda::ptx::i4x2_f16x2((w >> (j + 4)) & 0x000F000Fu, sc)};
+#pragma unroll
+          for (int part = 0; part < kParts; ++part) {
+            if (part < q_parts) cuda::ptx::mma_16816<__half>(s[nb], a[part], bf);
+          }
         }
       }
     }
+    if constexpr (kHalves) {  // the pair's two halves of the scores, added (the same sum in both warps)
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) sx[it & 1][warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
+      __syncthreads();
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        const float4 y = sx[it & 1][warp ^ 1][nb][lane];
+        s[nb][0] += y.x, s[nb][1] += y.y, s[nb][2] += y.z, s[nb][3] += y.w;
+      }
+    }
+    if (!active) continue;
 
     // Online softmax in base 2 (the keys past t1 masked).
     float mx[2] = {-INFINITY, -INFINITY};
@@ -926,7 +961,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
     cuda::tc::scores_to_p(s, m, l);
 
-    // O += P V: 2 blocks of 16 keys.
+    // O += P V over the warp's value channels: 2 blocks of 16 keys.
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
       uint32_t pf[kParts][4];
@@ -948,7 +983,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       const uint32_t s89 = cuda::ptx::pack2<__half>(fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][2])),
                                                     fp8e4m3_value(static_cast<uint8_t>(cur.vc[kk][3])));
 #pragma unroll
-      for (int i = 0; i < D / 16; ++i) {  // byte i of the lane's value bytes: channels 2i, 2i + 1
+      for (int i = 0; i < DH / 16; ++i) {  // byte i of the lane's value bytes: channels 2i, 2i + 1
         const uint32_t sel = static_cast<uint32_t>(i % 4) | static_cast<uint32_t>(4 + i % 4) << 8;
         const uint32_t x01 = cuda::ptx::prmt(cur.v[kk][0][i / 4], cur.v[kk][1][i / 4], sel) ^ 0x00880088u;
         const uint32_t x89 = cuda::ptx::prmt(cur.v[kk][2][i / 4], cur.v[kk][3][i / 4], sel) ^ 0x00880088u;
@@ -965,7 +1000,8 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
   }
 
-  // Merge the warps (as decode_split_kernel; maxima in base 2).
+  // Merge the streams (as decode_split_kernel; maxima in base 2); the two warps of a pair hold the
+  // same maxima and sums.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
@@ -975,23 +1011,24 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       sl[warp][g + 8 * h] = l[h];
     }
   }
+  if constexpr (kHalves) __syncthreads();  // (so overwrites sq and sx)
 #pragma unroll
   for (int nb = 0; nb < kNb; ++nb) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) so[warp][g + 8 * (e >> 1)][(2 * tq + (e & 1)) * (D / 8) + nb] = o[nb][e];
+    for (int e = 0; e < 4; ++e) so[warp][g + 8 * (e >> 1)][(2 * tq + (e & 1)) * (DH / 8) + nb] = o[nb][e];
   }
   __syncthreads();
   for (int i = threadIdx.x; i < gh * D; i += blockDim.x) {
-    const int h = i / D, c = i % D;
+    const int h = i / D, c = i % D, w0 = kHalves ? c / DH : 0, wstep = kHalves ? 2 : 1, cw = c % DH;
     float mx = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w][h]);
+    for (int w = w0; w < kWarps; w += wstep) mx = fmaxf(mx, sm[w][h]);
     float sum = 0.0f, out = 0.0f;
     if (mx != -INFINITY) {
-      for (int w = 0; w < kWarps; ++w) {
+      for (int w = w0; w < kWarps; w += wstep) {
         if (sm[w][h] == -INFINITY) continue;
         const float f = exp2f(sm[w][h] - mx);
         sum += sl[w][h] * f;
-        out += so[w][h][c] * f;
+        out += so[w][h][cw] * f;
       }
     }
     const int64_t qh = qh0 + h;
@@ -1016,21 +1053,35 @@ Status decode_tc(const DecodeParams& p, cudaStream_t stream) {
   return cuda::last_launch_status();
 }
 
-// One query token, keys and values of head_dim 64 or 128, groups a multiple of 16 channels, the
-// cache rows aligned for the lanes' loads (D / 8 key bytes, D / 16 value bytes), 16-bit queries (if
-// given) fp16 or bf16.
+// One query token, keys and values of head_dim 64, 128 or 256, groups a multiple of 16 channels, the
+// cache rows aligned for the lanes' loads (dh / 8 key bytes, dh / 16 value bytes, dh the channels of
+// a warp: 128 at head_dim 256), 16-bit queries (if given) fp16 or bf16.
 bool decode_tc_ok(const DecodeParams& p) {
-  if (p.q_tokens != 1 || (p.d != 64 && p.d != 128) || value_dim(p) != p.d || p.group % 16 != 0) return false;
-  if (!cuda::is_aligned(p.k, p.d / 8) || !cuda::is_aligned(p.v, p.d / 16) || value_row(p) % (p.d / 16) != 0) {
+  if (p.q_tokens != 1 || (p.d != 64 && p.d != 128 && p.d != 256) || value_dim(p) != p.d || p.group % 16 != 0) {
+    return false;
+  }
+  const int64_t dh = p.d > 128 ? p.d / 2 : p.d;
+  if (!cuda::is_aligned(p.k, dh / 8) || !cuda::is_aligned(p.v, dh / 16) || value_row(p) % (dh / 16) != 0) {
     return false;
   }
   if (p.q16 != nullptr && p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
   return p.batch * p.hkv * ((p.hq / p.hkv + tcd::kRows - 1) / tcd::kRows) < (int64_t{1} << 31);
 }
 
+template <bool kSplit>
+Status decode_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.d) {
+    case 64:
+      return decode_tc<64, kSplit>(p, stream);
+    case 128:
+      return decode_tc<128, kSplit>(p, stream);
+    default:  // (decode_tc_ok: 256)
+      return decode_tc<256, kSplit>(p, stream);
+  }
+}
+
 Status decode_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q16 != nullptr) return p.d == 64 ? decode_tc<64, false>(p, stream) : decode_tc<128, false>(p, stream);
-  return p.d == 64 ? decode_tc<64, true>(p, stream) : decode_tc<128, true>(p, stream);
+  return p.q16 != nullptr ? decode_tc_by_dim<false>(p, stream) : decode_tc_by_dim<true>(p, stream);
 }
 
 template <int C, int CV>

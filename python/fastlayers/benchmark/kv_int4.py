@@ -4,9 +4,9 @@ INT4 KV cache with FP8 scales, GQA 32/8, head dim 128) against bf16 ``scaled_dot
 over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, values, scales); the
 fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger. Both caches
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
-Also: values of their own head size (MiMo-V2-Flash's window layers, CPU), multi-head latent
-attention's decode over its INT4 latent rows (CPU), one decode step of the whole attention core, and
-causal prefill.
+Also: head dim 256 (Gemma 2 / 3), values of their own head size (MiMo-V2-Flash's window layers,
+CPU), multi-head latent attention's decode over its INT4 latent rows (CPU), one decode step of the
+whole attention core, and causal prefill.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         rows.append(_decode_case(device, gen, batch, context, (HQ, HKV, D, D, GROUP), reps,
                                  "int4_kv_decode, fp32 queries (GQA 32/8, d128, g128)",
                                  torch.float32))  # fmt: skip
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    rows += [
+        _decode_case(device, gen, batch, context, (16, 8, 256, 256, GROUP), reps,
+                     "int4_kv_decode (Gemma 2 9B: GQA 16/8, d256, g128)")
+        for batch, context in HEAD_256[device.type][: 1 if quick else None]
+    ]  # fmt: skip
     gen = torch.Generator(device="cpu").manual_seed(1)
     rows += [
         _decode_case(device, gen, batch, context, (64, 8, 192, 128, 64), reps,
@@ -63,6 +69,9 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows += _prefill(device, quick, reps)
     return rows
 
+
+# Head dim 256 (Gemma 2 / 3: 16 query heads over 8 key/value heads); (batch, context)
+HEAD_256 = {"cpu": [(1, 4096)], "cuda": [(16, 8192)]}
 
 # Values of their own head size (MiMo-V2-Flash's window layers: 64 query heads over 8 key/value
 # heads, keys 192 channels, values 128; one group of 64 for both); (batch, context)

@@ -418,7 +418,8 @@ def int4_kv_decode(
     heads), each task's cached tokens in ranges whose softmax states merge after (split-KV): on
     CPU where the tasks are fewer than the threads, so the result depends on the thread count at
     rounding level (fp32 sums in another order; deterministic for a given count); on CUDA by the
-    context length."""
+    context length. CUDA kernels: tensor cores for head_dim 64, 128 or 256 with ``dv == d`` and
+    groups of a multiple of 16 channels, CUDA cores for the other supported shapes."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
     if starts is not None:
