@@ -4,9 +4,9 @@ INT4 KV cache with FP8 scales, GQA 32/8, head dim 128) against bf16 ``scaled_dot
 over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, values, scales); the
 fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger. Both caches
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
-Also: head dim 256 (Gemma 2 / 3), values of their own head size (MiMo-V2-Flash's window layers,
-CPU), multi-head latent attention's decode over its INT4 latent rows (CPU), one decode step of the
-whole attention core, and causal prefill.
+Also: head dim 256 (Gemma 2 / 3), values of their own head size (MiMo-V2-Flash's window layers),
+multi-head latent attention's decode over its INT4 latent rows, one decode step of the whole
+attention core, and causal prefill.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ HEAD_256 = {"cpu": [(1, 4096)], "cuda": [(16, 8192)]}
 
 # Values of their own head size (MiMo-V2-Flash's window layers: 64 query heads over 8 key/value
 # heads, keys 192 channels, values 128; one group of 64 for both); (batch, context)
-VALUE_DIM = {"cpu": [(1, 4096)], "cuda": []}  # (the CUDA kernels take dv == d: reference there)
+VALUE_DIM = {"cpu": [(1, 4096)], "cuda": [(16, 8192)]}
 
 
 def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, reps: int,
@@ -136,9 +136,8 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
 
 
 # Multi-head latent attention's decode (DeepSeek-V2-Lite's attention: 16 heads, latent 512, RoPE
-# part 64, nope 128, values 128; group 64); (batch, context). CPU: the CUDA kernels take values of
-# their own buffers only (reference there).
-LATENT = {"cpu": [(1, 4096), (4, 4096)], "cuda": []}
+# part 64, nope 128, values 128; group 64); (batch, context).
+LATENT = {"cpu": [(1, 4096), (4, 4096)], "cuda": [(16, 8192)]}
 MLA_SIZES = (16, 128, 64, 128, 512, 64)  # heads, nope, rope, v, kv_lora_rank, group
 
 
