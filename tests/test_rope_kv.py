@@ -663,11 +663,13 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("group", [32, 4])
 def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
-    """Queries with head_dim 64/128 take the tensor-core prefill: 130 queries (three 64-row CTAs,
-    the last partial) over 300 cached tokens (five key tiles, the last partial); the cache is
+    """Queries with head_dim 64/128/256 take the tensor-core prefill (at 256 Q's fragments read
+    from shared memory per use and each key tile loaded when needed, not prefetched in
+    registers): 130 queries (three 64-row CTAs, the last partial) over 300 cached tokens (five
+    key tiles, the last partial); the cache is
     dequantized 8 channels at a time (one group scale each, or one per channel pair for groups of
     4). fp16/bf16 queries as they are (P rounded to their dtype); fp32 ones as hi + lo fp16 parts
     (Q and P: two products each) to the fp32 tolerance, FP8-quantized fp32 ones (q_quantize's,

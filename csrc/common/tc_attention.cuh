@@ -4,7 +4,8 @@
 // walks 64-key tiles that the kernel has put in shared memory as fp16/bf16 (Q, K and V rows with a
 // 16-byte padded stride: ldmatrix reads them without bank conflicts). Per tile and warp, everything
 // stays in registers (common/ptx.cuh's mma.sync m16n8k16 and ldmatrix):
-//   S = Q K^T (fp32 accumulation; the Q fragments are loaded once), the kernel's visible(row, key)
+//   S = Q K^T (fp32 accumulation; the Q fragments are loaded once, or at head_dim 256 read from
+//   shared memory per use: Q's region must then stay as it is), the kernel's visible(row, key)
 //   mask, an online softmax in base 2 (each row's 64 scores sit in the 4 lanes of a quad: two
 //   shuffles per reduction), P rounded to the input dtype (as FlashAttention) and reused as the A
 //   fragments of O += P V (V through a transposing ldmatrix), O rescaled in registers.
@@ -176,10 +177,15 @@ struct WarpTile {
   static constexpr int kColBlocks = D / 8;      // 8-column blocks of the output
   static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(D % 16 == 0, "head_dim is a multiple of 16");
+  // Q's fragments stay in registers up to head_dim 128; at 256 they would take 64 registers beside
+  // O's 128, so they are read from shared memory per use (as FlashAttention-2 does there).
+  static constexpr bool kQInRegs = D <= 128;
 
   const T* sk;
   const T* sv;
-  uint32_t qf[D / 16][4];  // Q as A fragments, 16 channels each
+  const T* sq;
+  int qoff;                               // this lane's ldmatrix row of Q (and Q_lo)
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];  // Q as A fragments, 16 channels each (kQInRegs)
   float o[kColBlocks][4];  // the output accumulator
   float m[2] = {-INFINITY, -INFINITY};  // running maxima (base-2 scaled scores) of rows g, g + 8
   float l[2] = {0.0f, 0.0f};            // this lane's part of their sums
@@ -191,13 +197,15 @@ struct WarpTile {
   __device__ explicit WarpTile(const unsigned char* smem) {
     warp = threadIdx.x >> 5;
     lane = threadIdx.x & 31;
-    const T* sq = reinterpret_cast<const T*>(smem + S::kQ);
+    sq = reinterpret_cast<const T*>(smem + S::kQ);
     sk = reinterpret_cast<const T*>(smem + S::kK);
     sv = reinterpret_cast<const T*>(smem + S::kV);
     // Tiles: rows 0-7 / 8-15 (lanes 0-15) then channels + 8 (lanes 16-31).
-    const T* qrow = sq + (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8;
+    qoff = (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8;
+    if constexpr (kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(qf[kk], qrow + kk * 16);
+      for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(qf[kk], sq + qoff + kk * 16);
+    }
 #pragma unroll
     for (int nb = 0; nb < kColBlocks; ++nb) {
 #pragma unroll
@@ -226,17 +234,24 @@ struct WarpTile {
     // Tiles of one ldmatrix: keys +0-7 channels +0 / +8 (b[0], b[1] of block nb), keys +8-15 (nb + 1).
     const T* krow = sk + ((lane >> 4) * 8 + (lane & 7)) * S::kLd + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int nb = 0; nb < kKeyBlocks; nb += 2) {
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t q[4];  // Q's fragment of channels 16 kk .. 16 kk + 15
+      if constexpr (kQInRegs) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
+        for (int r = 0; r < 4; ++r) q[r] = qf[kk][r];
+      } else {
+        ptx::ldmatrix_x4(q, sq + qoff + kk * 16);
+      }
+      uint32_t qlo[4];  // kSplit: Q_lo's (read when used: warp-uniform)
+      if (kSplit && use_lo) ptx::ldmatrix_x4(qlo, sq_lo + qoff + kk * 16);
+#pragma unroll
+      for (int nb = 0; nb < kKeyBlocks; nb += 2) {
         uint32_t kf[4];
         ptx::ldmatrix_x4(kf, krow + nb * 8 * S::kLd + kk * 16);
         const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-        ptx::mma_16816<T>(s[nb], qf[kk], b0);
-        ptx::mma_16816<T>(s[nb + 1], qf[kk], b1);
-        if (kSplit && use_lo) {  // (warp-uniform)
-          uint32_t qlo[4];
-          ptx::ldmatrix_x4(qlo, sq_lo + (warp * 16 + (lane & 15)) * S::kLd + (lane >> 4) * 8 + kk * 16);
+        ptx::mma_16816<T>(s[nb], q, b0);
+        ptx::mma_16816<T>(s[nb + 1], q, b1);
+        if (kSplit && use_lo) {
           ptx::mma_16816<T>(s[nb], qlo, b0);
           ptx::mma_16816<T>(s[nb + 1], qlo, b1);
         }

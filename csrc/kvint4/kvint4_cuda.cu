@@ -22,7 +22,7 @@
 //   and keeps, per head, the running max, sum and output slice (online softmax). The values may be
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
-// Prefill: head_dim 64 or 128 on tensor cores (common/tc_attention.cuh: 64 query tokens per CTA,
+// Prefill: head_dim 64, 128 or 256 on tensor cores (common/tc_attention.cuh: 64 query tokens per CTA,
 //   64-key tiles dequantized into shared memory, 4 cache bytes per thread and step (cache rows
 //   4-byte aligned), only the tiles up to the CTA's last causal key); fp16/bf16 queries as they
 //   are, fp32 ones as fp16 hi + lo parts (fp32_query_factor; the lo products skipped per warp where
@@ -590,14 +590,18 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
+  // The next tile's bytes are in flight during this tile's products, in registers, up to head_dim
+  // 128 (at 256 they would take 64 registers beside O's 128: loaded when needed there).
+  constexpr bool kPrefetch = D <= 128;
   RawTile<D> raw;
   int64_t t0 = start / tc::kKeys * tc::kKeys;
-  if (t0 <= last_key) fetch_tile<D>(p, base, t0, tile_keys(t0), start, raw);
+  if (kPrefetch && t0 <= last_key) fetch_tile<D>(p, base, t0, tile_keys(t0), start, raw);
   for (; t0 <= last_key; t0 += tc::kKeys) {
     const int64_t nt = tile_keys(t0);
     __syncthreads();  // the previous tile is consumed
+    if constexpr (!kPrefetch) fetch_tile<D>(p, base, t0, nt, start, raw);
     store_tile<T, D>(raw, sk, sv);
-    if (t0 + tc::kKeys <= last_key) {  // the next tile's bytes: in flight during this tile's products
+    if (kPrefetch && t0 + tc::kKeys <= last_key) {
       fetch_tile<D>(p, base, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
     }
     __syncthreads();
@@ -630,10 +634,10 @@ Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
                           configured);
 }
 
-// head_dim 64 or 128 (values too); fp16/bf16 queries given (q16, 16-byte aligned) or fp32 ones (the
-// hi + lo kernel); grid and shared memory fit.
+// head_dim 64, 128 or 256 (values too); fp16/bf16 queries given (q16, 16-byte aligned) or fp32 ones
+// (the hi + lo kernel); grid and shared memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
-  if (p.d != 64 && p.d != 128) return false;
+  if (p.d != 64 && p.d != 128 && p.d != 256) return false;
   if (p.q16 != nullptr) {
     if (!cuda::is_aligned(p.q16, 16)) return false;
     if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
@@ -645,20 +649,28 @@ bool prefill_tc_ok(const DecodeParams& p) {
   if (value_dim(p) != p.d) return false;
   if (p.batch > 65535 || p.hq > 65535) return false;
   const bool split = p.q16 == nullptr;
-  const size_t need = p.d == 64 ? (split ? prefill_tc_smem<64, true>() : prefill_tc_smem<64, false>())
-                                : (split ? prefill_tc_smem<128, true>() : prefill_tc_smem<128, false>());
+  const size_t need = p.d == 64    ? (split ? prefill_tc_smem<64, true>() : prefill_tc_smem<64, false>())
+                      : p.d == 128 ? (split ? prefill_tc_smem<128, true>() : prefill_tc_smem<128, false>())
+                                   : (split ? prefill_tc_smem<256, true>() : prefill_tc_smem<256, false>());
   return cuda::tc::optin_smem(nullptr) >= need;
 }
 
+template <typename T, bool kSplit>
+Status prefill_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
+  switch (p.d) {
+    case 64:
+      return prefill_tc<T, 64, kSplit>(p, stream);
+    case 128:
+      return prefill_tc<T, 128, kSplit>(p, stream);
+    default:  // (prefill_tc_ok: 256)
+      return prefill_tc<T, 256, kSplit>(p, stream);
+  }
+}
+
 Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
-  if (p.q16 == nullptr) {
-    return p.d == 64 ? prefill_tc<__half, 64, true>(p, stream) : prefill_tc<__half, 128, true>(p, stream);
-  }
-  if (p.q16_dtype == DType::kFloat16) {
-    return p.d == 64 ? prefill_tc<__half, 64, false>(p, stream) : prefill_tc<__half, 128, false>(p, stream);
-  }
-  return p.d == 64 ? prefill_tc<__nv_bfloat16, 64, false>(p, stream)
-                   : prefill_tc<__nv_bfloat16, 128, false>(p, stream);
+  if (p.q16 == nullptr) return prefill_tc_by_dim<__half, true>(p, stream);
+  if (p.q16_dtype == DType::kFloat16) return prefill_tc_by_dim<__half, false>(p, stream);
+  return prefill_tc_by_dim<__nv_bfloat16, false>(p, stream);
 }
 
 // ---- Tensor-core decode -----------------------------------------------------------------------

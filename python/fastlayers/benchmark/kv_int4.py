@@ -326,24 +326,27 @@ PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": [(512, 2048)]}
 def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     """``int4_kv_attention``: the last ``tokens`` of the cache attend causally over it (prefill),
     against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded). On CUDA
-    also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route) for the last shape."""
+    also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route) and at head dim 256
+    (Gemma 2 9B's GQA 16/8) for the last shape."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1)
-    cases = [(*c, False) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
+    sizes = (HQ, HKV, D)
+    cases = [(*c, False, sizes) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
     if device.type == "cuda":
-        cases.append((*cases[-1][:2], True))
-    for tokens, context, fp8_queries in cases:
-        kf = torch.randn(1, HKV, context, D, generator=gen).to(device)
-        vf = torch.randn(1, HKV, context, D, generator=gen).to(device)
-        q = torch.randn(1, HQ, tokens, D, generator=gen).to(device, torch.bfloat16)
+        cases.append((*cases[-1][:2], True, sizes))
+        cases.append((*cases[-1][:2], False, (16, 8, 256)))
+    for tokens, context, fp8_queries, (hq, hkv, d) in cases:
+        kf = torch.randn(1, hkv, context, d, generator=gen).to(device)
+        vf = torch.randn(1, hkv, context, d, generator=gen).to(device)
+        q = torch.randn(1, hq, tokens, d, generator=gen).to(device, torch.bfloat16)
         qi = quantize_q_fp8(q.float()) if fp8_queries else q
         k, ks = quantize_kv_int4(kf, GROUP)
         v, vs = quantize_kv_int4(vf, GROUP)
         kb, vb = kf.bfloat16(), vf.bfloat16()
         mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
-        flops = 4 * HQ * D * int(mask.sum())  # QK^T and PV on the visible pairs
+        flops = 4 * hq * d * int(mask.sum())  # QK^T and PV on the visible pairs
         with torch.no_grad():
             t, t_ref = time_interleaved(
                 [
@@ -359,13 +362,13 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
                 device,
             )
             out, _ = int4_kv_attention(qi, k, ks, v, vs)
-            want, _ = _attention_reference(qi.double(), k, ks, v, vs, context, D**-0.5)
+            want, _ = _attention_reference(qi.double(), k, ks, v, vs, context, d**-0.5)
             err = (out.double() - want).abs().max().item()
         rows.append(
             Row(
-                "int4_kv_attention prefill, FP8-quantized fp32 queries (GQA 32/8, d128)"
+                f"int4_kv_attention prefill, FP8-quantized fp32 queries (GQA {hq}/{hkv}, d{d})"
                 if fp8_queries
-                else "int4_kv_attention prefill (GQA 32/8, d128)",
+                else f"int4_kv_attention prefill (GQA {hq}/{hkv}, d{d})",
                 f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
                 "float32" if fp8_queries else "bfloat16",
                 backend_label(device, "int4_kv_decode"),
