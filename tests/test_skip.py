@@ -68,6 +68,42 @@ def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_head_dim_256_forward_on_tensor_cores(cuda_device, dtype, monkeypatch):
+    """Head dim 256 (Gemma 2 / 3) in fp16/bf16 runs the tensor-core forward (Q's fragments read
+    from shared memory per use), not the reference (made to fail here) where the GPU lets a block
+    have its ~100 KiB of shared memory; from views that are not 16-byte aligned too (copied
+    first); windowed and soft-capped as well. The backward (no CUDA kernel at 256) recomputes
+    through the reference: its gradients against float64 autograd."""
+    from fastlayers import _dtypes, _ext
+    from fastlayers.ops import skip as skip_ops
+
+    q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 256, dtype, cuda_device)
+    before = emulated_launches("kernel")
+    supported = _ext.C.varlen_attention_cuda_forward_supported
+    assert not supported(256, 256, q.shape[0], 4, _dtypes.code(torch.float32))  # (fp32: <= 128)
+    supported = supported(256, 256, q.shape[0], 4, _dtypes.code(dtype))
+    assert supported or before is None  # (the emulation lets a block have an H100's 227 KiB)
+    if not supported:
+        pytest.skip("this GPU lacks the shared memory of the head-dim-256 kernel")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of the CUDA kernel")
+
+    with monkeypatch.context() as m:
+        m.setattr(skip_ops, "_varlen_reference", refused)
+        _check(q, k, v, cu, cu, pos, pos)
+        _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
+        buffers = [torch.empty(t.numel() + 1, dtype=dtype, device=cuda_device) for t in (q, k, v)]
+        qs, ks, vs = (b[1:].view(t.shape).copy_(t) for b, t in zip(buffers, (q, k, v), strict=True))
+        assert qs.data_ptr() % 16 != 0
+        out = fastlayers.varlen_attention(qs, ks, vs, cu, cu, pos, pos)
+        assert torch.equal(out, fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos))
+    if before is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
+        assert emulated_launches("kernel") == before + 4
+    _check_backward(q, k, v, cu, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 @pytest.mark.parametrize("window", [None, (40, 0), (0, 30)])

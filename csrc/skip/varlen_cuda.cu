@@ -17,7 +17,7 @@
 //   Online softmax per row with warp reductions; the output row is spread over the lanes
 //   (dv / 32 columns each) and accumulates p_j V[j] with p_j broadcast by shuffles.
 //
-// Tensor-core forward (fp16/bf16, d == dv in {64, 128}, 16-byte aligned q/k/v): the same masking
+// Tensor-core forward (fp16/bf16, d == dv in {64, 128, 256}, 16-byte aligned q/k/v): the same masking
 // with common/tc_attention.cuh's tiles (64 query rows per CTA, 64-key tiles, mma.sync products and
 // the online softmax in registers). K and V tiles arrive by cp.async (V during the scores). From the
 // bounds of the CTA's row and the tile's key sequences and positions, a tile that no row can see is
@@ -785,13 +785,18 @@ Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
                           configured);
 }
 
-// fp16/bf16 with d == dv in {64, 128}, 16-byte aligned tensors and enough shared memory (d = 128
-// needs 52 KiB, d = 64 28 KiB): the tensor-core kernel.
+// Shared memory of the tensor-core forward at head dim d (64, 128 or 256).
+size_t tc_forward_smem(int64_t d) {
+  return d == 64 ? VarlenTcSmem<64>::kBytes : d == 128 ? VarlenTcSmem<128>::kBytes : VarlenTcSmem<256>::kBytes;
+}
+
+// fp16/bf16 with d == dv in {64, 128, 256}, 16-byte aligned tensors and enough shared memory (d = 64
+// needs 28 KiB, 128 52 KiB, 256 100 KiB): the tensor-core kernel.
 template <typename T>
 bool use_tensor_cores(const VarlenParams& p) {
   constexpr bool k16 = sizeof(T) == 2;
-  if (!k16 || p.d != p.dv || (p.d != 64 && p.d != 128)) return false;
-  const size_t need = p.d == 64 ? VarlenTcSmem<64>::kBytes : VarlenTcSmem<128>::kBytes;
+  if (!k16 || p.d != p.dv || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
+  const size_t need = tc_forward_smem(p.d);
   return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
          (p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
          cuda::tc::optin_smem(nullptr) >= need;
@@ -801,8 +806,18 @@ template <typename T>
 Status launch(const VarlenParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_cores<T>(p)) {
-      return p.d == 64 ? launch_tc<T, 64>(p, stream) : launch_tc<T, 128>(p, stream);
+      switch (p.d) {
+        case 64:
+          return launch_tc<T, 64>(p, stream);
+        case 128:
+          return launch_tc<T, 128>(p, stream);
+        default:  // (use_tensor_cores: 256)
+          return launch_tc<T, 256>(p, stream);
+      }
     }
+  }
+  if (p.d > kMaxDim || p.dv > kMaxDim) {  // (varlen_attention_cuda_forward_supported's callers align)
+    return Status::unsupported("varlen_attention: head dim 256 needs 16-byte aligned q, k and v");
   }
   const size_t smem = sizeof(float) * (kRows * p.d + kKeys * (p.d + 1) + kKeys * p.dv);
   const dim3 grid(static_cast<unsigned>((p.nq + kRows - 1) / kRows), static_cast<unsigned>(p.hq));
@@ -816,10 +831,19 @@ bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t 
   return d <= kMaxDim && dv <= kMaxDim && (nq + kRows - 1) / kRows < (int64_t{1} << 31) && hq <= 65535;
 }
 
+bool varlen_attention_cuda_forward_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq, DType dtype) {
+  if (varlen_attention_cuda_supported(d, dv, nq, hq)) return true;
+  return d == 256 && dv == 256 && (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && hq <= 65535 &&
+         (nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
+         cuda::tc::optin_smem(nullptr) >= tc_forward_smem(256);
+}
+
 Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
-  if (!varlen_attention_cuda_supported(p.d, p.dv, p.nq, p.hq)) {
-    return Status::unsupported("varlen_attention: the CUDA kernel takes head dims up to 128");
+  if (!varlen_attention_cuda_forward_supported(p.d, p.dv, p.nq, p.hq, p.dtype)) {
+    return Status::unsupported(
+        "varlen_attention: the CUDA kernel takes head dims up to 128, and 256 in fp16/bf16 where the GPU "
+        "has the shared memory");
   }
   if (p.nq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);

@@ -135,6 +135,8 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
+    if d > 128:  # (head dim 256: the tensor-core kernel alone, which reads 16 bytes at a time)
+        qc, kc, vc = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (qc, kc, vc))
     cq, ck = cu_q.contiguous(), cu_k.contiguous()
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = empty((nq, hq, dv), q.dtype, q.device)
@@ -152,11 +154,16 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=
 def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
     _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     if on_cuda(q.device) and q.dtype != torch.float64 and has_kernel(q.device, "varlen_attention"):
-        if _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1]):
+        with device_guard(q.device):  # (head dim 256: this device's shared memory)
+            ok = _ext.C.varlen_attention_cuda_forward_supported(
+                q.shape[2], v.shape[2], q.shape[0], q.shape[1], _dtypes.code(q.dtype)
+            )
+        if ok:
             return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
         _ext.warn_once(
             "varlen_attention-cuda-dims",
-            "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128; running the "
+            "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128, and 256 in "
+            "fp16/bf16 on GPUs with ~100 KiB of shared memory per block (sm80, sm90); running the "
             "PyTorch reference",
         )
     if not on_cpu(q.device) or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
