@@ -26,7 +26,8 @@ import fastlayers
 from fastlayers.benchmark.harness import Row, backend_label, time_interleaved
 
 CAPACITIES = [0.125, 0.25, 0.5, 1.0]
-SHAPES = {"cpu": [(2, 2048, 16, 64)], "cuda": [(8, 4096, 32, 128)]}  # (batch, tokens, heads, d)
+# (batch, tokens, heads, d); CUDA also Gemma 2 9B's 16 heads of 256
+SHAPES = {"cpu": [(2, 2048, 16, 64)], "cuda": [(8, 4096, 32, 128), (4, 4096, 16, 256)]}
 QUICK = {"cpu": [(1, 1024, 8, 64)], "cuda": [(2, 2048, 32, 128)]}
 
 
