@@ -9,6 +9,10 @@ oracle (token tiles, partial tiles, groups, bias, output dtypes, strided activat
 path, torch.compile and CUDA-graph capture.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -463,6 +467,8 @@ def test_gemm_split_k_matches_oracle(m, n, k, group_size, out_dtype):
     """Decode shapes that split K (the factor asserted): the splits' partial sums reduce to the
     whole sum before the epilogue, bias and scales applied once. Run twice: the deterministic
     reduction gives the same bits."""
+    if os.environ.get("FASTLAYERS_SM90_SPLIT_K") == "0":
+        pytest.skip("split-K turned off (FASTLAYERS_SM90_SPLIT_K=0)")
     qw = _weight(n, k, group_size, "cuda")
     packed, lut = torch.ops.fastlayers.int4_fp8_prepack_sm90(qw.qweight, qw.group_scale,
                                                              group_size)  # fmt: skip
@@ -478,6 +484,30 @@ def test_gemm_split_k_matches_oracle(m, n, k, group_size, out_dtype):
     assert_close_to_oracle(y, want, oracle, slack=slack)
     again = op(xq, xs, packed, lut, qw.channel_scale, bias, group_size, out_dtype)
     assert torch.equal(y, again)
+
+
+@pytest.mark.cuda
+@pytest.mark.sm90
+def test_split_k_can_be_turned_off():
+    """FASTLAYERS_SM90_SPLIT_K=0 (read once per process) turns the split off: a decode shape that
+    splits K (1 x 4096 -> 4096: 32 output tiles) runs data-parallel in a process started with it;
+    without it, the policy's factor for this GPU's SMs."""
+    n, k, g = 4096, 4096, 128
+    code = (
+        "import torch, fastlayers; from fastlayers import _ext; "
+        f"print(_ext.C.int4_fp8_sm90_splits(torch.cuda.current_device(), 1, {n}, {k}, {g}, "
+        f"{_dtypes.code(torch.bfloat16)}))"
+    )
+    env = {**os.environ, "FASTLAYERS_SM90_SPLIT_K": "0"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    env.pop("FASTLAYERS_SM90_SPLIT_K")
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120, check=True)  # fmt: skip
+    assert int(off.stdout.split()[-1]) == 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    assert int(on.stdout.split()[-1]) == _ext.C.int4_fp8_sm90_split_k(n // 128, k // 128, sms)
+    assert int(on.stdout.split()[-1]) > 1
 
 
 @pytest.mark.cuda

@@ -91,6 +91,12 @@ inline int sm90_split_k(int64_t tiles, int64_t k_tiles, int sm_count) {
   return splits > 1 ? static_cast<int>(splits) : 1;
 }
 
+// Whether the sm90 GEMM splits K at all: the environment variable FASTLAYERS_SM90_SPLIT_K=0, read
+// once, turns it off (every shape then runs data-parallel, one CTA per output tile). The escape
+// hatch for CUTLASS's stream-K scheduler, which has hung on mixed-input kernels in other
+// configurations (NVIDIA/cutlass#1917); scripts/gpu_check.sh sets it when its split-K probe fails.
+bool sm90_split_k_enabled();
+
 // Why the sm90 GEMM cannot take this shape (null when it can): n % 16, k % 32, group_size % 128 or
 // == k, out dtype bf16/fp16, n * k < 2^31.
 const char* sm90_unsupported_reason(int64_t n, int64_t k, int64_t group_size, DType out_dtype);

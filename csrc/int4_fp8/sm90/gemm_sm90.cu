@@ -5,6 +5,9 @@
 // instantiation per generated file.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common/cuda_utils.cuh"
 #include "int4_fp8/int4_fp8.h"
 #include "int4_fp8/sm90/layout_sm90.cuh"
@@ -55,6 +58,7 @@ const ConfigEntry* pick(int64_t m, DType dtype) {
 int sm_count(int device) {  // 0: CUTLASS queries it
   return cuda::device_attribute<cudaDevAttrMultiProcessorCount>(device);
 }
+
 
 // One thread per source byte: the pair (k, k + 1), k even, lands in one destination byte (the atom
 // keeps k % 2 in the lowest offset bit), so bytes map to bytes and no two threads share one.
@@ -169,6 +173,14 @@ Status prepack_sm90_host(const PrepackParams& p) {
 const char* gemm_sm90_config(int64_t m, DType out_dtype) {
   const sm90::ConfigEntry* c = sm90::pick(m, out_dtype);
   return c != nullptr ? c->name : "";
+}
+
+bool sm90_split_k_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FASTLAYERS_SM90_SPLIT_K");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return enabled;
 }
 
 int gemm_sm90_splits(const Sm90GemmParams& p) {

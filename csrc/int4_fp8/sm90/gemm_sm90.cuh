@@ -97,7 +97,7 @@ int split_k(const Sm90GemmParams& p, int sm_count) {
   constexpr int64_t kTokTile = size<1>(typename C::TileShape{});
   constexpr int64_t kKTile = size<2>(typename C::TileShape{});
   const int64_t tiles = ((p.n + kWeightTile - 1) / kWeightTile) * ((p.m + kTokTile - 1) / kTokTile);
-  return sm90_split_k(tiles, (p.k + kKTile - 1) / kKTile, sm_count);
+  return sm90_split_k_enabled() ? sm90_split_k(tiles, (p.k + kKTile - 1) / kKTile, sm_count) : 1;
 }
 
 // Builds CUTLASS's arguments for p (swapped problem N x M x K). Host only, no CUDA calls.
