@@ -56,7 +56,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
 @pytest.mark.parametrize(
-    "b,hq,hkv,d,group", [(2, 8, 2, 64, 32), (1, 4, 4, 128, 128), (3, 6, 3, 32, 8)]
+    "b,hq,hkv,d,group",
+    [(2, 8, 2, 64, 32), (1, 4, 4, 128, 128), (3, 6, 3, 32, 8), (2, 4, 2, 256, 128)],  # (Gemma 2)
 )
 def test_kernels_match_the_reference_prefill_then_decode(
     device, dtype, pairing, b, hq, hkv, d, group
