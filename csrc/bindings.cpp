@@ -644,16 +644,6 @@ bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t 
 #endif
 }
 
-// (the current device's: call under the tensors' device)
-bool varlen_attention_cuda_forward_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq, int dtype) {
-#ifdef FASTLAYERS_WITH_CUDA
-  return skip::varlen_attention_cuda_forward_supported(d, dv, nq, hq, static_cast<DType>(dtype));
-#else
-  (void)d, (void)dv, (void)nq, (void)hq, (void)dtype;
-  return false;
-#endif
-}
-
 void rows_op(int op, int device, std::uintptr_t x, std::uintptr_t idx, std::uintptr_t rows,
              std::uintptr_t gate, std::uintptr_t y, std::uintptr_t d_gate, int64_t n, int64_t m,
              int64_t dim, int dtype, std::uintptr_t stream) {
@@ -800,7 +790,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("int4_kv_decode_cuda_workspace", &int4_kv_decode_cuda_workspace);
   m.def("rows_op", &rows_op);
   m.def("varlen_attention_cuda_supported", &varlen_attention_cuda_supported);
-  m.def("varlen_attention_cuda_forward_supported", &varlen_attention_cuda_forward_supported);
   m.def("int4_fp8_gemm", &int4_fp8_gemm);
   m.def("quantize_fp8_per_token", &quantize_fp8_per_token);
   m.def("int4_fp8_dequantize", &int4_fp8_dequantize);

@@ -67,40 +67,46 @@ def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_varlen_head_dim_256_forward_on_tensor_cores(cuda_device, dtype, monkeypatch):
-    """Head dim 256 (Gemma 2 / 3) in fp16/bf16 runs the tensor-core forward (Q's fragments read
-    from shared memory per use), not the reference (made to fail here) where the GPU lets a block
-    have its ~100 KiB of shared memory; from views that are not 16-byte aligned too (copied
-    first); windowed and soft-capped as well. The backward (no CUDA kernel at 256) recomputes
-    through the reference: its gradients against float64 autograd."""
-    from fastlayers import _dtypes, _ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
+    """Head dim 256 (Gemma 2 / 3) and 200 / 136 (partial lanes) run CUDA kernels forward and
+    backward, not the reference (made to fail here): fp16/bf16 at 256 the tensor-core forward (Q's
+    fragments read from shared memory per use) where a block can have its ~100 KiB of shared
+    memory, the CUDA-core forward otherwise (fp32, views that are not 16-byte aligned, GPUs with
+    less; 8 channels a lane, 80 KiB opted in); the backward on CUDA cores. Windowed and
+    soft-capped too; gradients against float64 autograd. Beyond 256, the reference."""
     from fastlayers.ops import skip as skip_ops
 
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 256, dtype, cuda_device)
-    before = emulated_launches("kernel")
-    supported = _ext.C.varlen_attention_cuda_forward_supported
-    assert not supported(256, 256, q.shape[0], 4, _dtypes.code(torch.float32))  # (fp32: <= 128)
-    supported = supported(256, 256, q.shape[0], 4, _dtypes.code(dtype))
-    assert supported or before is None  # (the emulation lets a block have an H100's 227 KiB)
-    if not supported:
-        pytest.skip("this GPU lacks the shared memory of the head-dim-256 kernel")
+    q2, k2, v2, cu2, pos2 = _routed(2, 60, 0.5, 4, 2, 200, dtype, cuda_device, dv=136)
 
     def refused(*args, **kwargs):
-        raise AssertionError("the PyTorch reference ran instead of the CUDA kernel")
+        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
 
+    counts = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
+    before = [emulated_launches(name) for name in counts]
     with monkeypatch.context() as m:
         m.setattr(skip_ops, "_varlen_reference", refused)
+        m.setattr(skip_ops, "_varlen_backward_reference", refused)
         _check(q, k, v, cu, cu, pos, pos)
         _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
         buffers = [torch.empty(t.numel() + 1, dtype=dtype, device=cuda_device) for t in (q, k, v)]
         qs, ks, vs = (b[1:].view(t.shape).copy_(t) for b, t in zip(buffers, (q, k, v), strict=True))
-        assert qs.data_ptr() % 16 != 0
-        out = fastlayers.varlen_attention(qs, ks, vs, cu, cu, pos, pos)
-        assert torch.equal(out, fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos))
-    if before is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
-        assert emulated_launches("kernel") == before + 4
-    _check_backward(q, k, v, cu, pos)
+        assert dtype == torch.float32 or qs.data_ptr() % 16 != 0
+        _check(qs, ks, vs, cu, cu, pos, pos)
+        _check(q2, k2, v2, cu2, cu2, pos2, pos2, window=9)
+        _check_backward(q, k, v, cu, pos)
+        _check_backward(q2, k2, v2, cu2, pos2, causal=False, softcap=2.0)
+    if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
+        tc = 0 if dtype == torch.float32 else 3  # (the emulation lets a block have 227 KiB)
+        added = [emulated_launches(name) - n for name, n in zip(counts, before, strict=True)]
+        assert added == [tc, 6 - tc, 2, 2]
+    # beyond 256: the reference (warned once)
+    q3, k3, v3, cu3, pos3 = _routed(1, 20, 1.0, 2, 2, 288, dtype, cuda_device)
+    reference, seen = skip_ops._varlen_reference, []
+    monkeypatch.setattr(skip_ops, "_varlen_reference", lambda *a: seen.append(1) or reference(*a))
+    _check(q3, k3, v3, cu3, cu3, pos3, pos3)
+    assert seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -86,15 +86,12 @@ Status gather_rows_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_cuda(const RowsParams& p, void* stream);
 Status scatter_add_gated_backward_cuda(const RowsParams& p, void* stream);
 
-// CUDA (varlen_cuda.cu): head dims up to 128; forward and backward run on tensor cores for
+// CUDA (varlen_cuda.cu): head dims up to 256; forward and backward run on tensor cores for
 // fp16/bf16 with d == dv in {64, 128} (the backward as FlashAttention-2's: a CTA per 64 keys of a kv
-// head for dK/dV, one per 64 query rows of a head for dQ), on CUDA cores otherwise (backward: a
-// warp per (key, kv head) for dK/dV, a warp per (query, head) for dQ). No atomics: deterministic.
-// The forward also takes fp16/bf16 with d == dv == 256 on tensor cores, where the current device
-// lets a block opt in to its ~100 KiB of shared memory (sm80, sm90; not sm86/sm89): that check
-// (16-byte aligned q, k, v are the caller's part).
+// head for dK/dV, one per 64 query rows of a head for dQ), the forward also at 256 where a block can
+// have its ~100 KiB of shared memory (sm80, sm90); on CUDA cores otherwise (backward: a warp per
+// (key, kv head) for dK/dV, a warp per (query, head) for dQ). No atomics: deterministic.
 bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq);
-bool varlen_attention_cuda_forward_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq, DType dtype);
 Status varlen_attention_cuda(const VarlenParams& p, void* stream);
 Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream);
 

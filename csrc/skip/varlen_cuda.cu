@@ -17,7 +17,8 @@
 //   Online softmax per row with warp reductions; the output row is spread over the lanes
 //   (dv / 32 columns each) and accumulates p_j V[j] with p_j broadcast by shuffles.
 //
-// Tensor-core forward (fp16/bf16, d == dv in {64, 128, 256}, 16-byte aligned q/k/v): the same masking
+// Tensor-core forward (fp16/bf16, d == dv in {64, 128, 256}, 16-byte aligned q/k/v; at 256 where a
+// block can have its ~100 KiB of shared memory: sm80, sm90): the same masking
 // with common/tc_attention.cuh's tiles (64 query rows per CTA, 64-key tiles, mma.sync products and
 // the online softmax in registers). K and V tiles arrive by cp.async (V during the scores). From the
 // bounds of the CTA's row and the tile's key sequences and positions, a tile that no row can see is
@@ -39,8 +40,10 @@ constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kRows = kWarps * kRowsPerWarp;  // query rows per CTA
 constexpr int kKeys = 32;                     // keys per tile (one per lane)
-constexpr int kMaxDim = 128;                  // d and dv
-constexpr int kMaxCols = kMaxDim / 32;        // output columns per lane
+constexpr int kMaxDim = 256;                  // d and dv
+// Channels per lane of a row in the CUDA-core kernels (template parameter C): 4 up to head dim
+// 128, 8 beyond (up to kMaxDim).
+constexpr int cols_for(int64_t d, int64_t dv) { return (d > dv ? d : dv) <= 128 ? 4 : 8; }
 
 __device__ __forceinline__ int64_t sequence_of(const int32_t* cu, int64_t batch, int64_t row) {
   int64_t lo = 0, hi = batch;  // the b with cu[b] <= row < cu[b + 1]
@@ -73,7 +76,13 @@ __device__ __forceinline__ void cta_key_range(const VarlenParams& p, int64_t row
   }
 }
 
-template <typename T>
+// Shared memory of the CUDA-core forward: Q rows, K rows (padded), V rows, fp32.
+constexpr size_t forward_smem(int64_t d, int64_t dv) {
+  return sizeof(float) * static_cast<size_t>(kRows * d + kKeys * (d + 1) + kKeys * dv);
+}
+
+// C: channels of the output row per lane (cols_for).
+template <typename T, int C>
 __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const VarlenParams p) {
   extern __shared__ __align__(16) float smem[];
   const int64_t d = p.d, dv = p.dv, ks = d + 1;  // padded K stride
@@ -112,13 +121,13 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   }
   __syncthreads();
 
-  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kMaxCols];
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][C];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kMaxCols; ++c) acc[i][c] = 0.0f;
+    for (int c = 0; c < C; ++c) acc[i][c] = 0.0f;
   }
 
   for (int64_t t0 = range[0]; t0 < range[1]; t0 += kKeys) {
@@ -158,12 +167,12 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
       l[i] = l[i] * alpha + sum;
       m[i] = m_new;
 #pragma unroll
-      for (int c = 0; c < kMaxCols; ++c) acc[i][c] *= alpha;
+      for (int c = 0; c < C; ++c) acc[i][c] *= alpha;
       for (int j = 0; j < nt; ++j) {
         const float pb = __shfl_sync(0xffffffffu, pj, j);
         if (pb == 0.0f) continue;
 #pragma unroll
-        for (int c = 0; c < kMaxCols; ++c) {
+        for (int c = 0; c < C; ++c) {
           const int64_t col = lane + 32 * c;
           if (col < dv) acc[i][c] += pb * sv[j * dv + col];
         }
@@ -178,7 +187,7 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
     if (row >= p.nq) continue;
     const float inv = l[i] > 0.0f || l[i] != l[i] ? 1.0f / l[i] : 0.0f;  // NaN: propagated
 #pragma unroll
-    for (int c = 0; c < kMaxCols; ++c) {
+    for (int c = 0; c < C; ++c) {
       const int64_t col = lane + 32 * c;
       if (col < dv) out[(row * p.hq + h) * dv + col] = from_f<T>(acc[i][c] * inv);
     }
@@ -401,30 +410,31 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_ke
 }
 
 // ---- Backward ----------------------------------------------------------------------------------
-// Lane l holds channels l, l + 32, ... (up to kMaxCols) of a row; warp_dot reduces over the warp.
+// Lane l holds channels l, l + 32, ... (C of them) of a row; warp_dot reduces over the warp.
 
-template <typename T>
-__device__ __forceinline__ void load_cols(const T* row, int64_t n, int lane, float (&out)[kMaxCols]) {
+template <typename T, int C>
+__device__ __forceinline__ void load_cols(const T* row, int64_t n, int lane, float (&out)[C]) {
 #pragma unroll
-  for (int c = 0; c < kMaxCols; ++c) {
+  for (int c = 0; c < C; ++c) {
     const int64_t col = lane + 32 * c;
     out[c] = col < n ? to_f(row[col]) : 0.0f;
   }
 }
 
-__device__ __forceinline__ float warp_dot(const float (&a)[kMaxCols], const float (&b)[kMaxCols]) {
+template <int C>
+__device__ __forceinline__ float warp_dot(const float (&a)[C], const float (&b)[C]) {
   float s = 0.0f;
 #pragma unroll
-  for (int c = 0; c < kMaxCols; ++c) s += a[c] * b[c];
+  for (int c = 0; c < C; ++c) s += a[c] * b[c];
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   return s;
 }
 
-template <typename T>
-__device__ __forceinline__ void store_cols(T* row, int64_t n, int lane, const float (&v)[kMaxCols]) {
+template <typename T, int C>
+__device__ __forceinline__ void store_cols(T* row, int64_t n, int lane, const float (&v)[C]) {
 #pragma unroll
-  for (int c = 0; c < kMaxCols; ++c) {
+  for (int c = 0; c < C; ++c) {
     const int64_t col = lane + 32 * c;
     if (col < n) row[col] = from_f<T>(v[c]);
   }
@@ -432,12 +442,12 @@ __device__ __forceinline__ void store_cols(T* row, int64_t n, int lane, const fl
 
 // delta[i, h] = dO[i, h] . O[i, h] - dlse[i, h] (the lse's gradient folded in: ds = p (dp - delta)):
 // one warp per (query row, head).
-template <typename T>
+template <typename T, int C>
 __global__ void varlen_delta_kernel(const VarlenBwdParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (w >= p.fwd.nq * p.fwd.hq) return;
-  float o[kMaxCols], g[kMaxCols];
+  float o[C], g[C];
   load_cols(static_cast<const T*>(p.out) + w * p.fwd.dv, p.fwd.dv, lane, o);
   load_cols(static_cast<const T*>(p.dout) + w * p.fwd.dv, p.fwd.dv, lane, g);
   const float d = warp_dot(o, g);
@@ -459,7 +469,7 @@ __device__ __forceinline__ float pair_ds(const VarlenBwdParams& p, int64_t ih, f
 
 // dK[j, kh], dV[j, kh]: one warp per (key, kv head), over the visible queries of the key's sequence
 // and the kv head's query heads.
-template <typename T>
+template <typename T, int C>
 __global__ void varlen_dkdv_kernel(const VarlenBwdParams p) {
   const VarlenParams& f = p.fwd;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -472,21 +482,21 @@ __global__ void varlen_dkdv_kernel(const VarlenBwdParams p) {
   const int64_t q0 = f.cu_seqlens_q[b];
   const int64_t q1 = f.cu_seqlens_q[b + 1] < f.nq ? f.cu_seqlens_q[b + 1] : f.nq;
   const int64_t kp = f.k_pos[j];
-  float kr[kMaxCols], vr[kMaxCols], dk[kMaxCols] = {}, dv[kMaxCols] = {};
+  float kr[C], vr[C], dk[C] = {}, dv[C] = {};
   load_cols(static_cast<const T*>(f.k) + (j * f.hkv + kh) * f.d, f.d, lane, kr);
   load_cols(static_cast<const T*>(f.v) + (j * f.hkv + kh) * f.dv, f.dv, lane, vr);
   for (int64_t i = q0; i < q1; ++i) {
     if (!visible(f.q_pos[i], kp, f.window_left, f.window_right)) continue;
     for (int64_t g = 0; g < group; ++g) {
       const int64_t ih = i * f.hq + kh * group + g;
-      float qr[kMaxCols], dor[kMaxCols];
+      float qr[C], dor[C];
       load_cols(static_cast<const T*>(f.q) + ih * f.d, f.d, lane, qr);
       load_cols(static_cast<const T*>(p.dout) + ih * f.dv, f.dv, lane, dor);
       const float s = warp_dot(qr, kr) * f.scale, dp = warp_dot(dor, vr);
       float prob;
       const float ds = pair_ds(p, ih, s, dp, prob);
 #pragma unroll
-      for (int c = 0; c < kMaxCols; ++c) {
+      for (int c = 0; c < C; ++c) {
         dk[c] += f.scale * ds * qr[c];
         dv[c] += prob * dor[c];
       }
@@ -497,7 +507,7 @@ __global__ void varlen_dkdv_kernel(const VarlenBwdParams p) {
 }
 
 // dQ[i, h]: one warp per (query row, head), over the visible keys of its sequence.
-template <typename T>
+template <typename T, int C>
 __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
   const VarlenParams& f = p.fwd;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -510,19 +520,19 @@ __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
   const int64_t k0 = f.cu_seqlens_k[b];
   const int64_t k1 = f.cu_seqlens_k[b + 1] < f.nk ? f.cu_seqlens_k[b + 1] : f.nk;
   const int64_t qp = f.q_pos[i];
-  float qr[kMaxCols], dor[kMaxCols], dq[kMaxCols] = {};
+  float qr[C], dor[C], dq[C] = {};
   load_cols(static_cast<const T*>(f.q) + w * f.d, f.d, lane, qr);
   load_cols(static_cast<const T*>(p.dout) + w * f.dv, f.dv, lane, dor);
   for (int64_t j = k0; j < k1; ++j) {
     if (!visible(qp, f.k_pos[j], f.window_left, f.window_right)) continue;
-    float kr[kMaxCols], vr[kMaxCols];
+    float kr[C], vr[C];
     load_cols(static_cast<const T*>(f.k) + (j * f.hkv + kh) * f.d, f.d, lane, kr);
     load_cols(static_cast<const T*>(f.v) + (j * f.hkv + kh) * f.dv, f.dv, lane, vr);
     const float s = warp_dot(qr, kr) * f.scale, dp = warp_dot(dor, vr);
     float prob;
     const float ds = pair_ds(p, w, s, dp, prob);
 #pragma unroll
-    for (int c = 0; c < kMaxCols; ++c) dq[c] += f.scale * ds * kr[c];
+    for (int c = 0; c < C; ++c) dq[c] += f.scale * ds * kr[c];
   }
   store_cols(static_cast<T*>(p.dq) + w * f.d, f.d, lane, dq);
 }
@@ -755,13 +765,13 @@ Status launch_backward_tc(const VarlenBwdParams& p, cudaStream_t stream) {
   return cuda::tc::launch(varlen_dq_tc_kernel<T, D>, grid, VarlenBwdSmem<D>::kBytes, p, stream, configured_dq);
 }
 
-template <typename T>
+template <typename T, int C>
 Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   constexpr int kBlock = 128;  // 4 warps
   const auto blocks = [](int64_t warps) {
     return static_cast<unsigned>((warps * 32 + kBlock - 1) / kBlock);
   };
-  varlen_delta_kernel<T><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
+  varlen_delta_kernel<T, C><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_core_backward<T>(p)) {
@@ -769,11 +779,16 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
     }
   }
   if (p.fwd.nk > 0) {
-    varlen_dkdv_kernel<T><<<blocks(p.fwd.nk * p.fwd.hkv), kBlock, 0, stream>>>(p);
+    varlen_dkdv_kernel<T, C><<<blocks(p.fwd.nk * p.fwd.hkv), kBlock, 0, stream>>>(p);
     if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   }
-  varlen_dq_kernel<T><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
+  varlen_dq_kernel<T, C><<<blocks(p.fwd.nq * p.fwd.hq), kBlock, 0, stream>>>(p);
   return cuda::last_launch_status();
+}
+
+template <typename T>
+Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
+  return cols_for(p.fwd.d, p.fwd.dv) == 4 ? launch_backward<T, 4>(p, stream) : launch_backward<T, 8>(p, stream);
 }
 
 template <typename T, int D>
@@ -816,12 +831,23 @@ Status launch(const VarlenParams& p, cudaStream_t stream) {
       }
     }
   }
-  if (p.d > kMaxDim || p.dv > kMaxDim) {  // (varlen_attention_cuda_forward_supported's callers align)
-    return Status::unsupported("varlen_attention: head dim 256 needs 16-byte aligned q, k and v");
-  }
-  const size_t smem = sizeof(float) * (kRows * p.d + kKeys * (p.d + 1) + kKeys * p.dv);
   const dim3 grid(static_cast<unsigned>((p.nq + kRows - 1) / kRows), static_cast<unsigned>(p.hq));
-  varlen_forward_kernel<T><<<grid, kWarps * 32, smem, stream>>>(p);
+  const size_t smem = forward_smem(p.d, p.dv);
+  if (cols_for(p.d, p.dv) == 4) {  // (head dims <= 128: at most 41 KiB, no opt-in)
+    varlen_forward_kernel<T, 4><<<grid, kWarps * 32, smem, stream>>>(p);
+    return cuda::last_launch_status();
+  }
+  // Beyond 128 up to 80 KiB: opted in to the most this instantiation takes, once per device.
+  static bool configured[64] = {};
+  int device = 0;
+  cuda::tc::optin_smem(&device);
+  if (device < 0 || device >= 64 || !configured[device]) {
+    const cudaError_t e = cudaFuncSetAttribute(varlen_forward_kernel<T, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(forward_smem(kMaxDim, kMaxDim)));
+    if (e != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(e)};
+    if (device >= 0 && device < 64) configured[device] = true;
+  }
+  varlen_forward_kernel<T, 8><<<grid, kWarps * 32, smem, stream>>>(p);
   return cuda::last_launch_status();
 }
 
@@ -831,19 +857,10 @@ bool varlen_attention_cuda_supported(int64_t d, int64_t dv, int64_t nq, int64_t 
   return d <= kMaxDim && dv <= kMaxDim && (nq + kRows - 1) / kRows < (int64_t{1} << 31) && hq <= 65535;
 }
 
-bool varlen_attention_cuda_forward_supported(int64_t d, int64_t dv, int64_t nq, int64_t hq, DType dtype) {
-  if (varlen_attention_cuda_supported(d, dv, nq, hq)) return true;
-  return d == 256 && dv == 256 && (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && hq <= 65535 &&
-         (nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
-         cuda::tc::optin_smem(nullptr) >= tc_forward_smem(256);
-}
-
 Status varlen_attention_cuda(const VarlenParams& p, void* stream) {
   if (Status s = validate(p); !s.is_ok()) return s;
-  if (!varlen_attention_cuda_forward_supported(p.d, p.dv, p.nq, p.hq, p.dtype)) {
-    return Status::unsupported(
-        "varlen_attention: the CUDA kernel takes head dims up to 128, and 256 in fp16/bf16 where the GPU "
-        "has the shared memory");
+  if (!varlen_attention_cuda_supported(p.d, p.dv, p.nq, p.hq)) {
+    return Status::unsupported("varlen_attention: the CUDA kernel takes head dims up to 256");
   }
   if (p.nq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
@@ -854,7 +871,7 @@ Status varlen_attention_backward_cuda(const VarlenBwdParams& p, void* stream) {
   // (not validate(p.fwd): a backward call leaves the forward's output pointers unset)
   if (Status s = validate_backward(p); !s.is_ok()) return s;
   if (!varlen_attention_cuda_supported(p.fwd.d, p.fwd.dv, p.fwd.nq, p.fwd.hq)) {
-    return Status::unsupported("varlen_attention_backward: the CUDA kernel takes head dims up to 128");
+    return Status::unsupported("varlen_attention_backward: the CUDA kernel takes head dims up to 256");
   }
   if (p.fwd.nq == 0) return Status::ok();
   if (p.delta == nullptr) return Status::invalid("varlen_attention_backward: null workspace (delta)");

@@ -38,7 +38,7 @@ LIB.define(
     " Tensor q_pos, Tensor k_pos, int window_left, int window_right, float scale,"
     " float softcap=0.0) -> (Tensor, Tensor)"
 )
-# The backward kernels (CPU; CUDA for head dims <= 128) as an op of their own, so that
+# The backward kernels (CPU; CUDA for head dims <= 256) as an op of their own, so that
 # torch.compile traces a training step's backward through it instead of into the raw pointers.
 LIB.define(
     "varlen_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v,"
@@ -135,8 +135,6 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-    if d > 128:  # (head dim 256: the tensor-core kernel alone, which reads 16 bytes at a time)
-        qc, kc, vc = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (qc, kc, vc))
     cq, ck = cu_q.contiguous(), cu_k.contiguous()
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = empty((nq, hq, dv), q.dtype, q.device)
@@ -154,16 +152,11 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=
 def _varlen_kernel(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
     _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
     if on_cuda(q.device) and q.dtype != torch.float64 and has_kernel(q.device, "varlen_attention"):
-        with device_guard(q.device):  # (head dim 256: this device's shared memory)
-            ok = _ext.C.varlen_attention_cuda_forward_supported(
-                q.shape[2], v.shape[2], q.shape[0], q.shape[1], _dtypes.code(q.dtype)
-            )
-        if ok:
+        if _ext.C.varlen_attention_cuda_supported(q.shape[2], v.shape[2], q.shape[0], q.shape[1]):
             return _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap)
         _ext.warn_once(
             "varlen_attention-cuda-dims",
-            "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 128, and 256 in "
-            "fp16/bf16 on GPUs with ~100 KiB of shared memory per block (sm80, sm90); running the "
+            "fastlayers.varlen_attention: the CUDA kernel takes head dims up to 256; running the "
             "PyTorch reference",
         )
     if not on_cpu(q.device) or q.dtype == torch.float64 or not has_kernel(q.device, "varlen"):
@@ -208,7 +201,7 @@ def _varlen_setup(ctx, inputs, output):
 
 
 def _varlen_backward(ctx, grad_out, grad_lse):
-    """CPU and CUDA (head dims <= 128): the backward kernels (probabilities recomputed from the
+    """CPU and CUDA (head dims <= 256): the backward kernels (probabilities recomputed from the
     saved lse). Elsewhere: recomputation through the reference under autograd."""
     q, k, v, cu_q, cu_k, q_pos, k_pos, out, lse = ctx.saved_tensors
     on_cuda_kernel = (
