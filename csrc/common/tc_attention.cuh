@@ -50,19 +50,27 @@ inline size_t optin_smem(int* device_out) {
   return static_cast<size_t>(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device));
 }
 
+// Opts kernel in to `bytes` of dynamic shared memory on the current device, once per device
+// (configured: the kernel's flags; a kernel whose calls differ in size opts in to its largest).
+template <typename Params>
+Status opt_in(void (*kernel)(Params), size_t bytes, bool (&configured)[64]) {
+  int device = 0;
+  optin_smem(&device);
+  if (device < 0 || device >= 64 || !configured[device]) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(bytes));
+    if (e != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(e)};
+    if (device >= 0 && device < 64) configured[device] = true;
+  }
+  return Status::ok();
+}
+
 // Launches kernel<<<grid, kWarps * 32, smem>>>(params) after the opt-in above 48 KiB (once per
 // device for each kernel).
 template <typename Params>
 Status launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& params, cudaStream_t stream,
               bool (&configured)[64]) {
-  int device = 0;
-  optin_smem(&device);
-  if (device < 0 || device >= 64 || !configured[device]) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
-    if (e != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(e)};
-    if (device >= 0 && device < 64) configured[device] = true;
-  }
+  if (Status s = opt_in(kernel, smem, configured); !s.is_ok()) return s;
   kernel<<<grid, kWarps * 32, smem, stream>>>(params);
   return last_launch_status();
 }

@@ -856,9 +856,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   __syncthreads();
   bool lo_needed = false;  // a lo part above kQueryLoLimit
   for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments, halves one after the other
-    const int kk = i / 128, l = (i / 4) % 32, r = i % 4, kh_ = kk / kKbH, k = kk % kKbH;
+    const int kk = i / 128, l = (i / 4) % 32, r = i % 4, part_of = kk / kKbH, k = kk % kKbH;
     const int row = (l >> 2) + 8 * (r & 1);
-    const int c = kh_ * DH + (l & 3) * (DH / 4) + 8 * (k / 2) + 2 * (k % 2) + (r >> 1);
+    const int c = part_of * DH + (l & 3) * (DH / 4) + 8 * (k / 2) + 2 * (k % 2) + (r >> 1);
     float x0 = 0.0f, x1 = 0.0f;
     if (row < gh) {
       x0 = decode_query_at<D, kSplit>(p, qh0 + row, c) * srow_f[row];

@@ -837,15 +837,11 @@ Status launch(const VarlenParams& p, cudaStream_t stream) {
     varlen_forward_kernel<T, 4><<<grid, kWarps * 32, smem, stream>>>(p);
     return cuda::last_launch_status();
   }
-  // Beyond 128 up to 80 KiB: opted in to the most this instantiation takes, once per device.
+  // Beyond 128 up to 80 KiB: opted in to the most this instantiation takes.
   static bool configured[64] = {};
-  int device = 0;
-  cuda::tc::optin_smem(&device);
-  if (device < 0 || device >= 64 || !configured[device]) {
-    const cudaError_t e = cudaFuncSetAttribute(varlen_forward_kernel<T, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(forward_smem(kMaxDim, kMaxDim)));
-    if (e != cudaSuccess) return Status{StatusCode::kCudaError, cudaGetErrorString(e)};
-    if (device >= 0 && device < 64) configured[device] = true;
+  if (Status s = cuda::tc::opt_in(varlen_forward_kernel<T, 8>, forward_smem(kMaxDim, kMaxDim), configured);
+      !s.is_ok()) {
+    return s;
   }
   varlen_forward_kernel<T, 8><<<grid, kWarps * 32, smem, stream>>>(p);
   return cuda::last_launch_status();
