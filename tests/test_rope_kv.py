@@ -753,6 +753,38 @@ def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
         assert emulated_launches("decode_tc_kernel") == before + 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,group", [(16, 64), (40, 32)])
+def test_int4_kv_decode_tensor_core_latent(cuda_device, dtype, hq, group):
+    """Multi-head latent attention's decode on tensor cores: keys of 576 channels (latent + RoPE
+    part), values the key rows' first 512 read in place; the 4 warps take each key step together,
+    each a quarter of the latent channels for Q K^T and P V, the first also the RoPE part, their
+    scores summed through shared memory. 16 heads per latent (DeepSeek-V2-Lite) and 40 (slices of
+    16, 16 and 8); 300 of 307 cached tokens, batch row 1 left-padded by 37; also soft-capped;
+    against the float64 reference to each query dtype's tolerance. In the emulation the launch is
+    checked."""
+    b, t, length, d, dv = 2, 307, 300, 576, 512
+    torch.manual_seed(hq + group)
+    k, ks, v, vs = _values_in_key_rows(b, 1, t, d, dv, group, cuda_device)
+    starts = torch.tensor([0, 37], dtype=torch.int32, device=cuda_device)
+    if dtype == "fp8":
+        q = quant.quantize_q_fp8(rand(b, hq, d, dtype=torch.float32, device=cuda_device, scale=3.0))
+        dtype = torch.float32
+    else:
+        q = rand(b, hq, d, dtype=dtype, device=cuda_device, scale=3.0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    before = emulated_launches("decode_tc_kernel")
+    for cap in (0.0, 2.0):
+        out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
+        ref, ref_lse = _reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), length,
+                                  d**-0.5, starts, cap)  # fmt: skip
+        assert out.dtype == dtype and out.shape == (b, hq, dv)
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+    if before is not None:
+        assert emulated_launches("decode_tc_kernel") == before + 2
+
+
 @pytest.mark.parametrize(
     "b,hq,hkv,d,group,t,tq",
     [

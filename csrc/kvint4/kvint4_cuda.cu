@@ -10,9 +10,10 @@
 //   group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
 //   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
-// Decode, head_dim 64, 128 or 256 (values too) with groups of a multiple of 16 channels: on tensor cores
-//   (decode_tc_kernel below: the GQA group's heads as the rows of mma.sync, fragments built in
-//   registers from the cache bytes; not yet run on a GPU).
+// Decode, head_dim 64, 128 or 256 (values too), or multi-head latent attention's 576 / 512, with
+//   groups of a multiple of 16 channels: on tensor cores (decode_tc_kernel below: the GQA group's
+//   heads as the rows of mma.sync, fragments built in registers from the cache bytes; not yet run on
+//   a GPU).
 // Decode, other shapes (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
 //   one split of the tokens for one (batch, kv head) and serves up to 8 of the GQA group's query
 //   heads (4 for multi-head latent attention's 576-channel rows; larger groups in several slices, L2
@@ -696,25 +697,35 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 // Work split as decode_split_kernel (same workspace and combine kernel): grid (batch * kv heads *
 // slices, splits); the CTA's 4 warps take 32-key steps of its split round-robin, each loading its
 // next step's bytes before the current step's products, and merge in shared memory.
-// head_dim 256 (the output's 32 blocks of 8 channels would be 128 fp32 registers a lane): the warps
-// work in pairs, each pair one 32-key step at a time, each warp of it one half of the channels
-// (DH = 128, the layouts above with D = DH, its bytes from channel 128 h of the rows): a warp forms
-// the scores of its half of Q K^T, the pair adds its two halves through shared memory (a block
-// barrier per step: every warp runs the same number of steps, a pair past the split's end idling),
-// so both hold the same scores, maxima and sums, and each accumulates its half of P V.
+// Values of more than 128 channels (the output's blocks of 8 channels would take 128 fp32 registers
+// a lane at 256): the warps work in groups of G = dv / 128 (pairs at head_dim 256; all 4 for multi-
+// head latent attention's 512-channel latent), each group one 32-key step at a time, each warp of it
+// one G-th of the value channels and of the key channels below dv (DH = 128, the layouts above with
+// D = DH, its bytes from channel 128 h of the rows); key channels past dv (the latent's 64-channel
+// RoPE part) go to the group's first warp, in the 64-channel layout. Each warp forms its part of
+// Q K^T, the group sums the parts through shared memory in one order (block barriers per step:
+// every warp runs the same number of steps, a group past the split's end idling), so all of its
+// warps hold the same scores, maxima and sums, and each accumulates its part of P V.
 namespace tcd {
 constexpr int kWarps = 4;
 constexpr int kRows = 16;  // query heads per CTA
 constexpr int kStep = 32;  // keys per warp step
 }  // namespace tcd
 
-// A lane's cache bytes for one warp step (see above), and their group-scale codes.
-template <int D>
-struct DecodeStepBytes {
-  static constexpr int kKWords = D / 32, kVWords = D / 64, kKCodes = D / 64;
-  uint32_t k[4][kKWords];     // keys 8 nb + g of the step (nb = 0..3)
+// A lane's key bytes of a warp step for DH channels of the rows (see above), and their group-scale
+// codes.
+template <int DH>
+struct DecodeKeyBytes {
+  static constexpr int kKWords = DH / 32, kKCodes = DH / 64;
+  uint32_t k[4][kKWords];   // keys 8 nb + g of the step (nb = 0..3)
+  uint32_t kc[4][kKCodes];  // the code of channels t DH / 4 + 16 j .. + 15 of key 8 nb + g
+};
+
+// And the value bytes too: a warp's whole step.
+template <int DH>
+struct DecodeStepBytes : DecodeKeyBytes<DH> {
+  static constexpr int kVWords = DH / 64;
   uint32_t v[2][4][kVWords];  // 16-key block kk: keys 2t, 2t + 1, 2t + 8, 2t + 9
-  uint32_t kc[4][kKCodes];    // the code of channels t D / 4 + 16 j .. + 15 of key 8 nb + g
   uint32_t vc[2][4];          // the code of the value channels of each of those keys
 };
 
@@ -733,7 +744,7 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&w)[N])
 }
 
 // Where this lane's scale codes sit in a row of them (the same for every key), for the DH channels
-// from c0 (the warp's half of a row, or all of it).
+// from c0 (the warp's part of a row, or all of it).
 template <int DH>
 struct DecodeCodeAt {
   int k[DH / 64], v;
@@ -744,16 +755,15 @@ struct DecodeCodeAt {
   }
 };
 
-// The step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0): of rows of D
-// channels, the DH channels from c0.
+// The key bytes of the step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0):
+// of rows of D channels, the DH channels from c0.
 template <int D, int DH>
-__device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
-                                                  int c0, const DecodeCodeAt<DH>& at, DecodeStepBytes<DH>& r) {
-  using R = DecodeStepBytes<DH>;
+__device__ __forceinline__ void fetch_decode_keys(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
+                                                  int c0, const DecodeCodeAt<DH>& at, DecodeKeyBytes<DH>& r) {
+  using R = DecodeKeyBytes<DH>;
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
+  const int64_t ng = D / p.group;
   const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
-  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
 #pragma unroll
   for (int nb = 0; nb < 4; ++nb) {
     const int64_t tok = t + 8 * nb + g;
@@ -768,6 +778,17 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
       for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = 0u;
     }
   }
+}
+
+// The whole step: keys as above, and the values' DH channels from c0.
+template <int D, int DH>
+__device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
+                                                  int c0, const DecodeCodeAt<DH>& at, DecodeStepBytes<DH>& r) {
+  using R = DecodeStepBytes<DH>;
+  fetch_decode_keys<D, DH>(p, base, t, t1, c0, at, r);
+  const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
+  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk) {
 #pragma unroll
@@ -785,6 +806,46 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
   }
 }
 
+// s += Q K^T over the DH channels of `keys` (their bytes; consumed), Q's fragments of those channels
+// at k blocks kk0 .. kk0 + DH / 16 - 1 of sq.
+template <int DH, int kParts, int kKb>
+__device__ __forceinline__ void add_decode_scores(float (&s)[4][4], const uint32_t (&sq)[kParts][kKb][32][4],
+                                                  DecodeKeyBytes<DH>& keys, int kk0, int q_parts) {
+  using R = DecodeKeyBytes<DH>;
+  const int lane = threadIdx.x & 31;
+  uint32_t ks2[4][R::kKCodes];
+#pragma unroll
+  for (int nb = 0; nb < 4; ++nb) {
+#pragma unroll
+    for (int j = 0; j < R::kKCodes; ++j) {
+      const float sc = fp8e4m3_value(static_cast<uint8_t>(keys.kc[nb][j]));
+      ks2[nb][j] = cuda::ptx::pack2<__half>(sc, sc);
+    }
+#pragma unroll
+    for (int w = 0; w < R::kKWords; ++w) keys.k[nb][w] ^= 0x88888888u;  // offset binary
+  }
+#pragma unroll
+  for (int kk = 0; kk < DH / 16; ++kk) {
+    uint32_t a[kParts][4];
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      const uint4 x = *reinterpret_cast<const uint4*>(sq[part][kk0 + kk][lane]);
+      a[part][0] = x.x, a[part][1] = x.y, a[part][2] = x.z, a[part][3] = x.w;
+    }
+    const int j = 4 * 2 * (kk % 2);  // the bit offset of nibble 2 (kk % 2)
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+      const uint32_t w = keys.k[nb][kk / 2], sc = ks2[nb][kk / 4];
+      const uint32_t bf[2] = {cuda::ptx::i4x2_f16x2((w >> j) & 0x000F000Fu, sc),
+                              cuda::ptx::i4x2_f16x2((w >> (j + 4)) & 0x000F000Fu, sc)};
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        if (part < q_parts) cuda::ptx::mma_16816<__half>(s[nb], a[part], bf);
+      }
+    }
+  }
+}
+
 template <int D, bool kSplit>
 __device__ __forceinline__ float decode_query_at(const DecodeParams& p, int64_t qh, int c) {
   if constexpr (kSplit) {
@@ -796,27 +857,31 @@ __device__ __forceinline__ float decode_query_at(const DecodeParams& p, int64_t 
   }
 }
 
-template <int D, bool kSplit>
+template <int D, int DV, bool kSplit>
 __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const DecodeParams p, int64_t chunk,
                                                                      int64_t splits, float* part_out,
                                                                      float* part_lse) {
   using tcd::kRows;
   using tcd::kStep;
   using tcd::kWarps;
-  // head_dim 256: the warps work in pairs (see above); a warp's part of the channels is DH.
-  constexpr bool kHalves = D > 128;
-  constexpr int DH = kHalves ? D / 2 : D, kStreams = kHalves ? kWarps / 2 : kWarps;
+  // Values of more than 128 channels: G warps take each key step together, each G-th of the value
+  // channels (DH) and of the key channels below DV; the key channels past DV (multi-head latent
+  // attention's RoPE part, KX) go to the group's first warp (see above).
+  constexpr int G = DV > 128 ? DV / 128 : 1, DH = DV / G, KX = D - DV, kStreams = kWarps / G;
   constexpr int kKb = D / 16, kKbH = DH / 16, kNb = DH / 8, kParts = kSplit ? 2 : 1;
+  static_assert(DV % G == 0 && DH % 64 == 0 && KX % 64 == 0 && kWarps % G == 0, "decode_tc_ok's shapes");
   constexpr float kLog2e = 1.4426950408889634f;
-  // Shared memory: the Q fragments (hi, lo) and, with halves, the pairs' score exchange (two
-  // buffers: one barrier per step) during the key loop; the warps' outputs for the merge after it
-  // (in the same bytes with halves, where both would not fit the 48 KiB of static shared memory).
-  constexpr int kSqBytes = kParts * kKb * 32 * 16, kSxBytes = kHalves ? 2 * kWarps * 4 * 32 * 16 : 0;
+  // Shared memory: the Q fragments (hi, lo) and, with G > 1, the groups' score exchange (two buffers
+  // and one barrier per step for pairs; one buffer and two barriers for groups of 4, to stay within
+  // the 48 KiB of static shared memory) during the key loop; the warps' outputs for the merge after
+  // it (in the same bytes with G > 1, where both would not fit).
+  constexpr int kSxBufs = G > 2 ? 1 : 2;
+  constexpr int kSqBytes = kParts * kKb * 32 * 16, kSxBytes = G > 1 ? kSxBufs * kWarps * 4 * 32 * 16 : 0;
   constexpr int kLoopBytes = kSqBytes + kSxBytes, kSoBytes = kWarps * kRows * DH * 4;
-  constexpr int kSoAt = kHalves ? 0 : kLoopBytes;
+  constexpr int kSoAt = G > 1 ? 0 : kLoopBytes;
   __shared__ __align__(16) unsigned char smem[kSoAt + kSoBytes > kLoopBytes ? kSoAt + kSoBytes : kLoopBytes];
   auto& sq = *reinterpret_cast<uint32_t(*)[kParts][kKb][32][4]>(smem);
-  auto& sx = *reinterpret_cast<float4(*)[2][kWarps][4][32]>(smem + kSqBytes);  // (halves only)
+  auto& sx = *reinterpret_cast<float4(*)[kSxBufs][kWarps][4][32]>(smem + kSqBytes);  // (G > 1 only)
   auto& so = *reinterpret_cast<float(*)[kWarps][kRows][DH]>(smem + kSoAt);
   __shared__ float srow_f[kRows];      // the rows' factors
   __shared__ float srow_scale[kRows];  // and score scales
@@ -829,13 +894,13 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int gh = static_cast<int>(group_heads - h0 < kRows ? group_heads - h0 : kRows);
   const int64_t qh0 = b * p.hq + kh * group_heads + h0;  // the CTA's first [batch * hq] row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int half = kHalves ? warp & 1 : 0, stream = kHalves ? warp >> 1 : warp;
+  const int part = warp % G, stream = warp / G;  // the warp's channels and key steps
 
   {  // each row's max |q| (8 threads per row), its factor f and score scale p.scale / f
-    const int row = threadIdx.x >> 3, part = threadIdx.x & 7;
+    const int row = threadIdx.x >> 3, sub = threadIdx.x & 7;
     float mx = 0.0f;
     if (row < gh) {
-      for (int c = part * (D / 8); c < (part + 1) * (D / 8); ++c) {
+      for (int c = sub * (D / 8); c < (sub + 1) * (D / 8); ++c) {
         mx = fmaxf(mx, fabsf(decode_query_at<D, kSplit>(p, qh0 + row, c)));
       }
     }
@@ -848,17 +913,19 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       const int e = 14 - ilogbf(mx);
       f = pow2f(e < 126 ? e : 126);
     }
-    if (part == 0) {
+    if (sub == 0) {
       srow_f[row] = f;
       srow_scale[row] = p.scale / f;
     }
   }
   __syncthreads();
   bool lo_needed = false;  // a lo part above kQueryLoLimit
-  for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {  // the A fragments, halves one after the other
-    const int kk = i / 128, l = (i / 4) % 32, r = i % 4, part_of = kk / kKbH, k = kk % kKbH;
-    const int row = (l >> 2) + 8 * (r & 1);
-    const int c = part_of * DH + (l & 3) * (DH / 4) + 8 * (k / 2) + 2 * (k % 2) + (r >> 1);
+  // The A fragments: the G parts' k blocks one after the other, then the KX channels'.
+  for (int i = threadIdx.x; i < kKb * 32 * 4; i += blockDim.x) {
+    const int kk = i / 128, l = (i / 4) % 32, r = i % 4, row = (l >> 2) + 8 * (r & 1);
+    const bool extra = kk >= G * kKbH;  // (KX > 0 only)
+    const int dh = extra ? KX : DH, c0 = extra ? DV : kk / kKbH * DH, k = extra ? kk - G * kKbH : kk % kKbH;
+    const int c = c0 + (l & 3) * (dh / 4) + 8 * (k / 2) + 2 * (k % 2) + (r >> 1);
     float x0 = 0.0f, x1 = 0.0f;
     if (row < gh) {
       x0 = decode_query_at<D, kSplit>(p, qh0 + row, c) * srow_f[row];
@@ -881,7 +948,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
-  const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), half * DH);
+  const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), part * DH);
+  const DecodeCodeAt<(KX > 0 ? KX : 64)> atx(g, tq, static_cast<int>(p.group), DV);  // (KX > 0 only)
+  const bool has_extra = KX > 0 && part == 0;  // (warp-uniform)
 
   float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -890,9 +959,15 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
   }
   DecodeStepBytes<DH> next;
+  DecodeKeyBytes<(KX > 0 ? KX : 64)> xnext;  // (KX > 0 only)
   int64_t t = t0 + stream * kStep;
-  if (t < t1) fetch_decode_step<D, DH>(p, base, t, t1, half * DH, at, next);
-  // The same number of iterations in every warp (the halves' barriers); a stream past t1 idles.
+  if (t < t1) {
+    fetch_decode_step<D, DH>(p, base, t, t1, part * DH, at, next);
+    if constexpr (KX > 0) {
+      if (has_extra) fetch_decode_keys<D, KX>(p, base, t, t1, DV, atx, xnext);
+    }
+  }
+  // The same number of iterations in every warp (the groups' barriers); a stream past t1 idles.
   const int64_t iters = t1 > t0 ? (t1 - t0 + kStreams * kStep - 1) / (kStreams * kStep) : 0;
   for (int64_t it = 0; it < iters; ++it, t += kStreams * kStep) {
     const bool active = t < t1;
@@ -905,48 +980,32 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
     DecodeStepBytes<DH> cur = next;
     if (active) {
-      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, half * DH, at, next);
-      uint32_t ks2[4][DecodeStepBytes<DH>::kKCodes];
-#pragma unroll
-      for (int nb = 0; nb < 4; ++nb) {
-#pragma unroll
-        for (int j = 0; j < DecodeStepBytes<DH>::kKCodes; ++j) {
-          const float sc = fp8e4m3_value(static_cast<uint8_t>(cur.kc[nb][j]));
-          ks2[nb][j] = cuda::ptx::pack2<__half>(sc, sc);
-        }
-#pragma unroll
-        for (int w = 0; w < DecodeStepBytes<DH>::kKWords; ++w) cur.k[nb][w] ^= 0x88888888u;  // offset binary
-      }
-#pragma unroll
-      for (int kk = 0; kk < kKbH; ++kk) {
-        uint32_t a[kParts][4];
-#pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          const uint4 x = *reinterpret_cast<const uint4*>(sq[part][half * kKbH + kk][lane]);
-          a[part][0] = x.x, a[part][1] = x.y, a[part][2] = x.z, a[part][3] = x.w;
-        }
-        const int j = 4 * 2 * (kk % 2);  // the bit offset of nibble 2 (kk % 2)
-#pragma unroll
-        for (int nb = 0; nb < 4; ++nb) {
-          const uint32_t w = cur.k[nb][kk / 2], sc = ks2[nb][kk / 4];
-          const uint32_t bf[2] = {cuda::ptx::i4x2_f16x2((w >> j) & 0x000F000Fu, sc),
-                                  cuda::ptx::i4x2_f16x2((w >> (j + 4)) & 0x000F000Fu, sc)};
-#pragma unroll
-          for (int part = 0; part < kParts; ++part) {
-            if (part < q_parts) cuda::ptx::mma_16816<__half>(s[nb], a[part], bf);
-          }
+      if constexpr (KX > 0) {
+        if (has_extra) {
+          DecodeKeyBytes<KX> xcur = xnext;
+          if (t + kStreams * kStep < t1) fetch_decode_keys<D, KX>(p, base, t + kStreams * kStep, t1, DV, atx, xnext);
+          add_decode_scores<KX, kParts, kKb>(s, sq, xcur, G * kKbH, q_parts);
         }
       }
+      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, part * DH, at, next);
+      add_decode_scores<DH, kParts, kKb>(s, sq, cur, part * kKbH, q_parts);
     }
-    if constexpr (kHalves) {  // the pair's two halves of the scores, added (the same sum in both warps)
+    if constexpr (G > 1) {  // the group's parts of the scores, summed in one order (the same in each warp)
+      auto& buf = sx[kSxBufs > 1 ? it & 1 : 0];
 #pragma unroll
-      for (int nb = 0; nb < 4; ++nb) sx[it & 1][warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
+      for (int nb = 0; nb < 4; ++nb) buf[warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
       __syncthreads();
 #pragma unroll
       for (int nb = 0; nb < 4; ++nb) {
-        const float4 y = sx[it & 1][warp ^ 1][nb][lane];
-        s[nb][0] += y.x, s[nb][1] += y.y, s[nb][2] += y.z, s[nb][3] += y.w;
+        float4 y = buf[stream * G][nb][lane];
+#pragma unroll
+        for (int w = 1; w < G; ++w) {
+          const float4 z = buf[stream * G + w][nb][lane];
+          y.x += z.x, y.y += z.y, y.z += z.z, y.w += z.w;
+        }
+        s[nb][0] = y.x, s[nb][1] = y.y, s[nb][2] = y.z, s[nb][3] = y.w;
       }
+      if constexpr (kSxBufs == 1) __syncthreads();  // (the buffer is written again next step)
     }
     if (!active) continue;
 
@@ -1004,15 +1063,15 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
         const uint32_t hi[2] = {cuda::ptx::i4x2_f16x2((x01 >> 4) & 0x000F000Fu, s01),
                                 cuda::ptx::i4x2_f16x2((x89 >> 4) & 0x000F000Fu, s89)};
 #pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          cuda::ptx::mma_16816<__half>(o[2 * i], pf[part], lo);
-          cuda::ptx::mma_16816<__half>(o[2 * i + 1], pf[part], hi);
+        for (int part_ = 0; part_ < kParts; ++part_) {
+          cuda::ptx::mma_16816<__half>(o[2 * i], pf[part_], lo);
+          cuda::ptx::mma_16816<__half>(o[2 * i + 1], pf[part_], hi);
         }
       }
     }
   }
 
-  // Merge the streams (as decode_split_kernel; maxima in base 2); the two warps of a pair hold the
+  // Merge the streams (as decode_split_kernel; maxima in base 2); the warps of a group hold the
   // same maxima and sums.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -1023,20 +1082,20 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       sl[warp][g + 8 * h] = l[h];
     }
   }
-  if constexpr (kHalves) __syncthreads();  // (so overwrites sq and sx)
+  if constexpr (G > 1) __syncthreads();  // (so overwrites sq and sx)
 #pragma unroll
   for (int nb = 0; nb < kNb; ++nb) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) so[warp][g + 8 * (e >> 1)][(2 * tq + (e & 1)) * (DH / 8) + nb] = o[nb][e];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < gh * D; i += blockDim.x) {
-    const int h = i / D, c = i % D, w0 = kHalves ? c / DH : 0, wstep = kHalves ? 2 : 1, cw = c % DH;
+  for (int i = threadIdx.x; i < gh * DV; i += blockDim.x) {
+    const int h = i / DV, c = i % DV, w0 = c / DH, cw = c % DH;  // (warps w0, w0 + G, ...: its streams)
     float mx = -INFINITY;
-    for (int w = w0; w < kWarps; w += wstep) mx = fmaxf(mx, sm[w][h]);
+    for (int w = w0; w < kWarps; w += G) mx = fmaxf(mx, sm[w][h]);
     float sum = 0.0f, out = 0.0f;
     if (mx != -INFINITY) {
-      for (int w = w0; w < kWarps; w += wstep) {
+      for (int w = w0; w < kWarps; w += G) {
         if (sm[w][h] == -INFINITY) continue;
         const float f = exp2f(sm[w][h] - mx);
         sum += sl[w][h] * f;
@@ -1045,34 +1104,37 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
     }
     const int64_t qh = qh0 + h;
     const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
-    part_out[(qh * splits + split) * D + c] = seen ? out / sum : 0.0f;
+    part_out[(qh * splits + split) * DV + c] = seen ? out / sum : 0.0f;
     if (c == 0) part_lse[qh * splits + split] = seen ? (mx + log2f(sum)) * 0.6931471805599453f : -INFINITY;
   }
 }
 
-template <int D, bool kSplit>
+template <int D, int DV, bool kSplit>
 Status decode_tc(const DecodeParams& p, cudaStream_t stream) {
   const SplitPlan plan = split_plan(p.length);
   float* part_out = p.workspace;
-  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * D;
+  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * DV;
   const int64_t slices = (p.hq / p.hkv + tcd::kRows - 1) / tcd::kRows;
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv * slices), static_cast<unsigned>(plan.splits));
-  decode_tc_kernel<D, kSplit><<<grid, tcd::kWarps * 32, 0, stream>>>(p, plan.chunk, plan.splits, part_out,
-                                                                      part_lse);
+  decode_tc_kernel<D, DV, kSplit><<<grid, tcd::kWarps * 32, 0, stream>>>(p, plan.chunk, plan.splits, part_out,
+                                                                          part_lse);
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   decode_combine_kernel<<<static_cast<unsigned>(p.batch * p.hq), 128, 0, stream>>>(p, plan.splits,
                                                                                     part_out, part_lse);
   return cuda::last_launch_status();
 }
 
-// One query token, keys and values of head_dim 64, 128 or 256, groups a multiple of 16 channels, the
-// cache rows aligned for the lanes' loads (dh / 8 key bytes, dh / 16 value bytes, dh the channels of
-// a warp: 128 at head_dim 256), 16-bit queries (if given) fp16 or bf16.
+// One query token; keys and values of head_dim 64, 128 or 256, or multi-head latent attention's 576
+// / 512 (the values the key rows' first 512 channels, or rows of their own); groups a multiple of 16
+// channels; the cache rows aligned for the lanes' loads (dh / 8 key bytes, dh / 16 value bytes, dh
+// the channels of a warp: 128 beyond head_dim 128; 8 bytes of the latent's RoPE part), 16-bit
+// queries (if given) fp16 or bf16.
 bool decode_tc_ok(const DecodeParams& p) {
-  if (p.q_tokens != 1 || (p.d != 64 && p.d != 128 && p.d != 256) || value_dim(p) != p.d || p.group % 16 != 0) {
-    return false;
-  }
-  const int64_t dh = p.d > 128 ? p.d / 2 : p.d;
+  const int64_t dv = value_dim(p);
+  const bool latent = p.d == kLatentD && dv == kLatentDv;
+  if (p.q_tokens != 1 || p.group % 16 != 0) return false;
+  if (!latent && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
+  const int64_t dh = dv > 128 ? 128 : dv;
   if (!cuda::is_aligned(p.k, dh / 8) || !cuda::is_aligned(p.v, dh / 16) || value_row(p) % (dh / 16) != 0) {
     return false;
   }
@@ -1084,11 +1146,13 @@ template <bool kSplit>
 Status decode_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
   switch (p.d) {
     case 64:
-      return decode_tc<64, kSplit>(p, stream);
+      return decode_tc<64, 64, kSplit>(p, stream);
     case 128:
-      return decode_tc<128, kSplit>(p, stream);
-    default:  // (decode_tc_ok: 256)
-      return decode_tc<256, kSplit>(p, stream);
+      return decode_tc<128, 128, kSplit>(p, stream);
+    case 256:
+      return decode_tc<256, 256, kSplit>(p, stream);
+    default:  // (decode_tc_ok: multi-head latent attention)
+      return decode_tc<kLatentD, kLatentDv, kSplit>(p, stream);
   }
 }
 
