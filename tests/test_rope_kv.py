@@ -663,18 +663,19 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
-@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (256, 256), (192, 128)])
 @pytest.mark.parametrize("group", [32, 4])
-def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
-    """Queries with head_dim 64/128/256 take the tensor-core prefill (at 256 Q's fragments read
-    from shared memory per use and each key tile loaded when needed, not prefetched in
-    registers): 130 queries (three 64-row CTAs, the last partial) over 300 cached tokens (five
-    key tiles, the last partial); the cache is
-    dequantized 8 channels at a time (one group scale each, or one per channel pair for groups of
-    4). fp16/bf16 queries as they are (P rounded to their dtype); fp32 ones as hi + lo fp16 parts
-    (Q and P: two products each) to the fp32 tolerance, FP8-quantized fp32 ones (q_quantize's,
-    their lo parts negligible: one Q K^T product) likewise. In the emulation: no launch of the
-    warp-per-row prefill kernel."""
+def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group):
+    """Queries with head_dim 64/128/256, or of 192 with values of 128 (MiMo-V2-Flash; unabsorbed
+    multi-head latent attention), take the tensor-core prefill (beyond 128 Q's fragments read
+    from shared memory per use; at 256, and at 192 with fp32 queries, each key tile loaded when
+    needed, not prefetched in registers): 130 queries (three 64-row CTAs, the last partial) over
+    300 cached tokens (five key tiles, the last partial); the cache is dequantized 8 channels at
+    a time (one group scale each, or one per channel pair for groups of 4). fp16/bf16 queries as
+    they are (P rounded to their dtype); fp32 ones as hi + lo fp16 parts (Q and P: two products
+    each) to the fp32 tolerance, FP8-quantized fp32 ones (q_quantize's, their lo parts
+    negligible: one Q K^T product) likewise. In the emulation: no launch of the warp-per-row
+    prefill kernel."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     b, hq, hkv, t, tq = 2, 4, 2, 300, 130
@@ -687,7 +688,7 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
         rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
     )
     v, vs = quant.quantize_kv_int4(
-        rand(b, hkv, t + 7, d, dtype=torch.float32, device=cuda_device), group
+        rand(b, hkv, t + 7, dv, dtype=torch.float32, device=cuda_device), group
     )
     before = emulated_launches("prefill_kernel"), emulated_launches("kernel")
     out, lse = int4_kv_attention(q, k, ks, v, vs, t)
@@ -696,7 +697,7 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, group):
         assert emulated_launches("kernel") == before[1] + 1
     ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.shape == (b, hq, tq, dv)
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
 
@@ -735,6 +736,16 @@ def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
     wide_s = torch.randint(0, 120, (b, hkv, t, d // group + 3), dtype=torch.uint8, device=dev)
     wide_s[..., : d // group] = vsq.view(torch.uint8)
     v, vs = wide[..., : d // 2], wide_s.view(torch.float8_e4m3fn)[..., : d // group]
+    _check_tensor_core_decode(dtype, hq, (k, ks, v, vs), (vq, vsq), length)
+
+
+def _check_tensor_core_decode(dtype, hq, cache, ref_values, length):
+    """int4_kv_decode of 2 batch rows (row 1 left-padded by 37 tokens) of random queries of `dtype`
+    (or "fp8": FP8-quantized fp32 ones) against the float64 reference to the dtype's tolerance,
+    without and with soft-capping; `ref_values` the reference's (contiguous) values and scales. In
+    the emulation, both calls' launches of the tensor-core decode are checked."""
+    k, ks, v, vs = cache
+    dev, b, d, dv = k.device, k.shape[0], 2 * k.shape[-1], 2 * v.shape[-1]
     starts = torch.tensor([0, 37], dtype=torch.int32, device=dev)
     if dtype == "fp8":
         q = quant.quantize_q_fp8(rand(b, hq, d, dtype=torch.float32, device=dev, scale=3.0))
@@ -745,8 +756,8 @@ def test_int4_kv_decode_tensor_core(cuda_device, dtype, d, group, hq, hkv):
     before = emulated_launches("decode_tc_kernel")
     for cap in (0.0, 2.0):
         out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
-        ref, ref_lse = _reference(q.double(), k, ks, vq, vsq, length, d**-0.5, starts, cap)
-        assert out.dtype == dtype
+        ref, ref_lse = _reference(q.double(), k, ks, *ref_values, length, d**-0.5, starts, cap)
+        assert out.dtype == dtype and out.shape == (b, hq, dv)
         torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
     if before is not None:
@@ -766,23 +777,21 @@ def test_int4_kv_decode_tensor_core_latent(cuda_device, dtype, hq, group):
     b, t, length, d, dv = 2, 307, 300, 576, 512
     torch.manual_seed(hq + group)
     k, ks, v, vs = _values_in_key_rows(b, 1, t, d, dv, group, cuda_device)
-    starts = torch.tensor([0, 37], dtype=torch.int32, device=cuda_device)
-    if dtype == "fp8":
-        q = quant.quantize_q_fp8(rand(b, hq, d, dtype=torch.float32, device=cuda_device, scale=3.0))
-        dtype = torch.float32
-    else:
-        q = rand(b, hq, d, dtype=dtype, device=cuda_device, scale=3.0)
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    before = emulated_launches("decode_tc_kernel")
-    for cap in (0.0, 2.0):
-        out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
-        ref, ref_lse = _reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), length,
-                                  d**-0.5, starts, cap)  # fmt: skip
-        assert out.dtype == dtype and out.shape == (b, hq, dv)
-        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
-        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
-    if before is not None:
-        assert emulated_launches("decode_tc_kernel") == before + 2
+    _check_tensor_core_decode(dtype, hq, (k, ks, v, vs), (v.contiguous(), vs.contiguous()), length)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,group", [(16, 4, 64), (20, 1, 16)])
+def test_int4_kv_decode_tensor_core_wide_keys(cuda_device, dtype, hq, hkv, group):
+    """Keys of 192 channels (128 + a 64-channel RoPE part) with values of 128 of their own rows
+    (MiMo-V2-Flash; unabsorbed multi-head latent attention) on tensor cores: one warp per key step,
+    the keys' last 64 channels in the 64-channel layout, the values' 128 in the 128-channel one.
+    GQA groups of 4 and 20 (slices of 16 and 4), groups of 64 and 16 channels; 300 of 307 cached
+    tokens, batch row 1 left-padded by 37; also soft-capped; against the float64 reference to each
+    query dtype's tolerance. In the emulation the launch is checked."""
+    torch.manual_seed(hq + group)
+    k, ks, v, vs = _cache_with_values(hkv, 307, 192, 128, group, cuda_device)
+    _check_tensor_core_decode(dtype, hq, (k, ks, v, vs), (v, vs), 300)
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,16 @@ constexpr int kRows = 16 * kWarps;  // query rows per CTA
 constexpr int kKeys = 64;           // keys per tile
 constexpr int kPad = 8;             // 16-bit row padding (elements): 16 bytes, conflict-free ldmatrix
 
-// Shared-memory layout (byte offsets; each region 128-byte aligned). kExtra: where the kernel's
-// own arrays start; bytes(extra) the total.
-template <int D>
+// Shared-memory layout (byte offsets; each region 128-byte aligned) for queries and keys of D
+// channels and values of DV. kExtra: where the kernel's own arrays start; bytes(extra) the total.
+template <int D, int DV = D>
 struct Smem {
-  static constexpr int kLd = D + kPad;  // Q, K and V rows
+  static constexpr int kLd = D + kPad;    // Q and K rows
+  static constexpr int kLdV = DV + kPad;  // V rows
   static constexpr size_t kQ = 0;
   static constexpr size_t kK = kQ + size_t(kRows) * kLd * 2;
   static constexpr size_t kV = kK + size_t(kKeys) * kLd * 2;
-  static constexpr size_t kExtra = kV + size_t(kKeys) * kLd * 2;
+  static constexpr size_t kExtra = kV + size_t(kKeys) * kLdV * 2;
   static constexpr size_t bytes(size_t extra) { return kExtra + extra; }
   static_assert(kK % 128 == 0 && kV % 128 == 0 && kExtra % 128 == 0, "regions stay 128-byte aligned");
 };
@@ -170,7 +171,8 @@ struct AllVisible {
   __device__ bool operator()(int, int) const { return true; }
 };
 
-// One warp's 16 query rows. Construct after Q is in shared memory (and a __syncthreads()).
+// One warp's 16 query rows: queries and keys of D channels, values (and the output) of DV.
+// Construct after Q is in shared memory (and a __syncthreads()).
 // Lane l holds rows g = l / 4 and g + 8 of the warp's 16 (h = 0, 1), and in each 8-column block
 // the columns 2 (l % 4) and + 1.
 // kSplit (fp32 queries, fp32 results): Q = Q_hi + Q_lo and P = P_hi + P_lo in T, two products
@@ -178,15 +180,15 @@ struct AllVisible {
 // as Q's, read by ldmatrix per use: only Q_hi stays in registers), sets sq_lo and use_lo (false
 // when its lo parts are negligible: one Q K^T product then) and the rows' score scales rs (the
 // queries' per-row factors undone).
-template <typename T, int D, bool kSplit = false>
+template <typename T, int D, bool kSplit = false, int DV = D>
 struct WarpTile {
-  using S = Smem<D>;
+  using S = Smem<D, DV>;
   static constexpr int kKeyBlocks = kKeys / 8;  // 8-key blocks of the scores
-  static constexpr int kColBlocks = D / 8;      // 8-column blocks of the output
+  static constexpr int kColBlocks = DV / 8;     // 8-column blocks of the output
   static constexpr float kLog2e = 1.4426950408889634f;
-  static_assert(D % 16 == 0, "head_dim is a multiple of 16");
-  // Q's fragments stay in registers up to head_dim 128; at 256 they would take 64 registers beside
-  // O's 128, so they are read from shared memory per use (as FlashAttention-2 does there).
+  static_assert(D % 16 == 0 && DV % 16 == 0, "head sizes are multiples of 16");
+  // Q's fragments stay in registers up to head_dim 128; beyond (at 256 they would take 64
+  // registers beside O's 128) they are read from shared memory per use (as FlashAttention-2 does).
   static constexpr bool kQInRegs = D <= 128;
 
   const T* sk;
@@ -307,13 +309,13 @@ struct WarpTile {
   __device__ void accumulate(const uint32_t (&p)[kKeys / 16][4], const uint32_t (&p_lo)[kKeys / 16][4]) {
     // Tiles of one transposing ldmatrix: keys +0-7 / +8-15 of columns +0-7 (b[0], b[1] of block
     // nb), then of columns +8-15 (block nb + 1).
-    const T* vrow = sv + (((lane >> 3) & 1) * 8 + (lane & 7)) * S::kLd + (lane >> 4) * 8;
+    const T* vrow = sv + (((lane >> 3) & 1) * 8 + (lane & 7)) * S::kLdV + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
 #pragma unroll
       for (int nb = 0; nb < kColBlocks; nb += 2) {
         uint32_t vf[4];
-        ptx::ldmatrix_x4_trans(vf, vrow + kk * 16 * S::kLd + nb * 8);
+        ptx::ldmatrix_x4_trans(vf, vrow + kk * 16 * S::kLdV + nb * 8);
         const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
         ptx::mma_16816<T>(o[nb], p[kk], b0);
         ptx::mma_16816<T>(o[nb + 1], p[kk], b1);

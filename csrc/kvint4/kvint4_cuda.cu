@@ -10,8 +10,8 @@
 //   group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
 //   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
 //   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
-// Decode, head_dim 64, 128 or 256 (values too), or multi-head latent attention's 576 / 512, with
-//   groups of a multiple of 16 channels: on tensor cores (decode_tc_kernel below: the GQA group's
+// Decode, head_dim 64, 128 or 256 (values too), keys of 192 with values of 128, or multi-head
+//   latent attention's 576 / 512, with groups of a multiple of 16 channels: on tensor cores (decode_tc_kernel below: the GQA group's
 //   heads as the rows of mma.sync, fragments built in registers from the cache bytes; not yet run on
 //   a GPU).
 // Decode, other shapes (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
@@ -23,11 +23,12 @@
 //   and keeps, per head, the running max, sum and output slice (online softmax). The values may be
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
-// Prefill: head_dim 64, 128 or 256 on tensor cores (common/tc_attention.cuh: 64 query tokens per CTA,
-//   64-key tiles dequantized into shared memory, 4 cache bytes per thread and step (cache rows
-//   4-byte aligned), only the tiles up to the CTA's last causal key); fp16/bf16 queries as they
-//   are, fp32 ones as fp16 hi + lo parts (fp32_query_factor; the lo products skipped per warp where
-//   negligible: FP8-quantized queries); otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
+// Prefill: head_dim 64, 128 or 256, or keys of 192 with values of 128, on tensor cores
+//   (common/tc_attention.cuh: 64 query tokens per CTA, 64-key tiles dequantized into shared memory,
+//   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
+//   last causal key); fp16/bf16 queries as they are, fp32 ones as fp16 hi + lo parts
+//   (fp32_query_factor; the lo products skipped per warp where negligible: FP8-quantized queries);
+//   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
 #include <cstring>
@@ -50,6 +51,9 @@ constexpr int kSliceHeads = 8;
 constexpr int kLatentSliceHeads = 4;
 constexpr int kMaxChannelsPerLane = 8;  // head_dim <= 256 (and 576 / 512: multi-head latent attention)
 constexpr int kLatentD = 576, kLatentDv = 512;  // DeepSeek's latent + RoPE part / latent
+// Keys of 128 + 64 (RoPE) channels with values of 128 of their own (MiMo-V2-Flash; DeepSeek's
+// multi-head latent attention unabsorbed): a tensor-core decode shape besides d = dv.
+constexpr int kWideKeyD = 192, kWideKeyDv = 128;
 constexpr int kTokensPerSplit = 256;
 constexpr int kMaxSplits = 64;
 
@@ -435,14 +439,16 @@ __device__ __forceinline__ float fp32_query_factor(float row_max) {
 // skipped.
 constexpr float kQueryLoLimit = 448.0f / 262144.0f;
 
-// One thread's share of a key tile's cache bytes for the tensor-core prefill: kWords 4-byte words
-// of K and of V (8 channels each) and their group-scale codes (one per channel pair, byte i for
-// bytes i of the word; the same code in all four when a group spans the word), loaded a tile ahead
-// of their use so that the loads are in flight during the previous tile's products.
-template <int D>
+// One thread's share of a key tile's cache bytes for the tensor-core prefill (keys of D channels,
+// values of DV): 4-byte words of K and of V (8 channels each) and their group-scale codes (one per
+// channel pair, byte i for bytes i of the word; the same code in all four when a group spans the
+// word), loaded a tile ahead of their use where registers allow, so that the loads are in flight
+// during the previous tile's products.
+template <int D, int DV>
 struct RawTile {
-  static constexpr int kWords = cuda::tc::kKeys * D / 8 / (cuda::tc::kWarps * 32);
-  uint32_t k[kWords], v[kWords], ks[kWords], vs[kWords];
+  static constexpr int kKWords = cuda::tc::kKeys * D / 8 / (cuda::tc::kWarps * 32);
+  static constexpr int kVWords = cuda::tc::kKeys * DV / 8 / (cuda::tc::kWarps * 32);
+  uint32_t k[kKWords], ks[kKWords], v[kVWords], vs[kVWords];
 };
 
 // The scale codes of channels c .. c + 7 of a row of codes (groups of g channels, g even).
@@ -454,7 +460,7 @@ __device__ __forceinline__ uint32_t word_scale_codes(const uint8_t* scales, int 
   return r;
 }
 
-// Thread word i's key (j) and first channel (c) of a tile.
+// Thread word i's key (j) and first channel (c) of a tile of rows of D channels.
 template <int D>
 __device__ __forceinline__ void tile_word(int i, int& j, int& c) {
   const int e = static_cast<int>(threadIdx.x) + i * cuda::tc::kWarps * 32;
@@ -465,23 +471,33 @@ __device__ __forceinline__ void tile_word(int i, int& j, int& c) {
 // Loads this thread's words of the tile of keys t0 .. t0 + nt - 1, zeros (which dequantize to 0)
 // past nt and before `start` (left padding: never-written slots could hold NaN scale codes, and a
 // masked key's NaN value would still reach P V as 0 * NaN).
-template <int D>
+template <int D, int DV>
 __device__ __forceinline__ void fetch_tile(const DecodeParams& p, int64_t base, int64_t t0, int64_t nt,
-                                           int64_t start, RawTile<D>& r) {
+                                           int64_t start, RawTile<D, DV>& r) {
+  using R = RawTile<D, DV>;
   const int g = static_cast<int>(p.group);  // (32-bit divisions: head_dim <= 576)
   const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
   const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
   const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
 #pragma unroll
-  for (int i = 0; i < RawTile<D>::kWords; ++i) {
+  for (int i = 0; i < R::kKWords; ++i) {
     int j, c;
     tile_word<D>(i, j, c);
-    r.k[i] = r.v[i] = r.ks[i] = r.vs[i] = 0u;
+    r.k[i] = r.ks[i] = 0u;
     if (j < nt && t0 + j >= start) {
       const int64_t t = base + t0 + j;
       r.k[i] = *reinterpret_cast<const uint32_t*>(p.k + t * (D / 2) + c / 2);
-      r.v[i] = *reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2);
       r.ks[i] = word_scale_codes(ks8 + t * ng, c, g);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < R::kVWords; ++i) {
+    int j, c;
+    tile_word<DV>(i, j, c);
+    r.v[i] = r.vs[i] = 0u;
+    if (j < nt && t0 + j >= start) {
+      const int64_t t = base + t0 + j;
+      r.v[i] = *reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2);
       r.vs[i] = word_scale_codes(vs8 + t * vs_row, c, g);
     }
   }
@@ -501,34 +517,41 @@ __device__ __forceinline__ uint4 dequant_word(uint32_t w, uint32_t codes) {
 }
 
 // Dequantizes this thread's words into the K and V rows in shared memory.
-template <typename T, int D>
-__device__ __forceinline__ void store_tile(const RawTile<D>& r, T* sk, T* sv) {
-  constexpr int kLd = cuda::tc::Smem<D>::kLd;
+template <typename T, int D, int DV>
+__device__ __forceinline__ void store_tile(const RawTile<D, DV>& r, T* sk, T* sv) {
+  using S = cuda::tc::Smem<D, DV>;
 #pragma unroll
-  for (int i = 0; i < RawTile<D>::kWords; ++i) {
+  for (int i = 0; i < RawTile<D, DV>::kKWords; ++i) {
     int j, c;
     tile_word<D>(i, j, c);
-    *reinterpret_cast<uint4*>(sk + j * kLd + c) = dequant_word<T>(r.k[i], r.ks[i]);
-    *reinterpret_cast<uint4*>(sv + j * kLd + c) = dequant_word<T>(r.v[i], r.vs[i]);
+    *reinterpret_cast<uint4*>(sk + j * S::kLd + c) = dequant_word<T>(r.k[i], r.ks[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < RawTile<D, DV>::kVWords; ++i) {
+    int j, c;
+    tile_word<DV>(i, j, c);
+    *reinterpret_cast<uint4*>(sv + j * S::kLdV + c) = dequant_word<T>(r.v[i], r.vs[i]);
   }
 }
 
 // The fp32-query prefill's shared memory past the tile's: Q_lo (Q's layout), the rows' factors.
-template <int D>
+template <int D, int DV>
 struct PrefillSplitSmem {
-  static constexpr size_t kQLo = cuda::tc::Smem<D>::kExtra;
-  static constexpr size_t kRowScale = kQLo + size_t(cuda::tc::kRows) * cuda::tc::Smem<D>::kLd * 2;
-  static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - cuda::tc::Smem<D>::kExtra;
+  using S = cuda::tc::Smem<D, DV>;
+  static constexpr size_t kQLo = S::kExtra;
+  static constexpr size_t kRowScale = kQLo + size_t(cuda::tc::kRows) * S::kLd * 2;
+  static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - S::kExtra;
 };
 
 // fp32 queries (p.q) into the warp's 16 rows of Q (hi) and Q_lo (fp32_query_factor: each row times
 // f, rs[row] = 1 / f); returns whether the warp needs the lo products (warp-uniform).
-template <int D>
+template <int D, int DV>
 __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* smem) {
-  using S = cuda::tc::Smem<D>;
+  using L = PrefillSplitSmem<D, DV>;
+  using S = typename L::S;
   auto* hi = reinterpret_cast<__half*>(smem + S::kQ);
-  auto* lo = reinterpret_cast<__half*>(smem + PrefillSplitSmem<D>::kQLo);
-  auto* rs = reinterpret_cast<float*>(smem + PrefillSplitSmem<D>::kRowScale);
+  auto* lo = reinterpret_cast<__half*>(smem + L::kQLo);
+  auto* rs = reinterpret_cast<float*>(smem + L::kRowScale);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool lo_needed = false;
   for (int r = warp * 16; r < warp * 16 + 16; ++r) {
@@ -555,11 +578,12 @@ __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* 
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
 // first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
-// key tiles before it are not read). kSplit: fp32 queries (T = __half; WarpTile's hi + lo).
-template <typename T, int D, bool kSplit>
+// key tiles before it are not read). Keys of D channels, values of DV. kSplit: fp32 queries
+// (T = __half; WarpTile's hi + lo).
+template <typename T, int D, int DV, bool kSplit>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
   namespace tc = cuda::tc;  // the tensor-core tile: its kRows / kKeys, not this file's
-  using S = tc::Smem<D>;
+  using S = tc::Smem<D, DV>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv);
@@ -568,7 +592,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
   bool use_lo = false;
   if constexpr (kSplit) {
-    use_lo = load_split_queries<D>(p.q + q_row0 * D, rows, tc_smem);
+    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, rows, tc_smem);
   } else {
     const T* q = static_cast<const T*>(p.q16) + q_row0 * D;
     tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(rows),
@@ -577,10 +601,10 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
     cuda::ptx::cp_async_wait<0>();
   }
   __syncthreads();
-  tc::WarpTile<T, D, kSplit> tile(tc_smem);
+  tc::WarpTile<T, D, kSplit, DV> tile(tc_smem);
   if constexpr (kSplit) {
-    const auto* rs = reinterpret_cast<const float*>(tc_smem + PrefillSplitSmem<D>::kRowScale);
-    tile.sq_lo = reinterpret_cast<const T*>(tc_smem + PrefillSplitSmem<D>::kQLo);
+    const auto* rs = reinterpret_cast<const float*>(tc_smem + PrefillSplitSmem<D, DV>::kRowScale);
+    tile.sq_lo = reinterpret_cast<const T*>(tc_smem + PrefillSplitSmem<D, DV>::kQLo);
     tile.use_lo = use_lo;
     tile.rs[0] = rs[tile.cta_row(0)];
     tile.rs[1] = rs[tile.cta_row(1)];
@@ -592,18 +616,19 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t start = first_token(p, b);
   const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
   // The next tile's bytes are in flight during this tile's products, in registers, up to head_dim
-  // 128 (at 256 they would take 64 registers beside O's 128: loaded when needed there).
-  constexpr bool kPrefetch = D <= 128;
-  RawTile<D> raw;
+  // 128 and for 16-bit queries with values of 128 (at 256 they would take 64 registers beside O's
+  // 128, with fp32 queries at 192 / 128 40 beside the lo parts' products: loaded when needed there).
+  constexpr bool kPrefetch = D <= 128 || (DV <= 128 && !kSplit);
+  RawTile<D, DV> raw;
   int64_t t0 = start / tc::kKeys * tc::kKeys;
-  if (kPrefetch && t0 <= last_key) fetch_tile<D>(p, base, t0, tile_keys(t0), start, raw);
+  if (kPrefetch && t0 <= last_key) fetch_tile<D, DV>(p, base, t0, tile_keys(t0), start, raw);
   for (; t0 <= last_key; t0 += tc::kKeys) {
     const int64_t nt = tile_keys(t0);
     __syncthreads();  // the previous tile is consumed
-    if constexpr (!kPrefetch) fetch_tile<D>(p, base, t0, nt, start, raw);
-    store_tile<T, D>(raw, sk, sv);
+    if constexpr (!kPrefetch) fetch_tile<D, DV>(p, base, t0, nt, start, raw);
+    store_tile<T, D, DV>(raw, sk, sv);
     if (kPrefetch && t0 + tc::kKeys <= last_key) {
-      fetch_tile<D>(p, base, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
+      fetch_tile<D, DV>(p, base, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
@@ -615,30 +640,37 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
     }
   }
   const int64_t w0 = (b * p.hq + h) * p.q_tokens + i0;
-  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i) * D : nullptr; },
+  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i) * DV : nullptr; },
                               [&](int i, float lse) {
                                 if (i < rows) p.lse[w0 + i] = lse;
                               });
 }
 
-template <int D, bool kSplit>
+template <int D, int DV, bool kSplit>
 constexpr size_t prefill_tc_smem() {
-  return cuda::tc::Smem<D>::bytes(kSplit ? PrefillSplitSmem<D>::kExtraBytes : 0);
+  return cuda::tc::Smem<D, DV>::bytes(kSplit ? PrefillSplitSmem<D, DV>::kExtraBytes : 0);
 }
 
-template <typename T, int D, bool kSplit>
+template <typename T, int D, int DV, bool kSplit>
 Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const dim3 grid(static_cast<unsigned>((p.q_tokens + cuda::tc::kRows - 1) / cuda::tc::kRows),
                   static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  return cuda::tc::launch(prefill_tc_kernel<T, D, kSplit>, grid, prefill_tc_smem<D, kSplit>(), p, stream,
+  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit>, grid, prefill_tc_smem<D, DV, kSplit>(), p, stream,
                           configured);
 }
 
-// head_dim 64, 128 or 256 (values too); fp16/bf16 queries given (q16, 16-byte aligned) or fp32 ones
-// (the hi + lo kernel); grid and shared memory fit.
+template <int D, int DV>
+size_t prefill_tc_smem(bool split) {
+  return split ? prefill_tc_smem<D, DV, true>() : prefill_tc_smem<D, DV, false>();
+}
+
+// head_dim 64, 128 or 256 (values too), or keys of 192 with values of 128; fp16/bf16 queries given
+// (q16, 16-byte aligned) or fp32 ones (the hi + lo kernel); grid and shared memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
-  if (p.d != 64 && p.d != 128 && p.d != 256) return false;
+  const int64_t dv = value_dim(p);
+  const bool wide = p.d == kWideKeyD && dv == kWideKeyDv;
+  if (!wide && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
   if (p.q16 != nullptr) {
     if (!cuda::is_aligned(p.q16, 16)) return false;
     if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
@@ -647,12 +679,12 @@ bool prefill_tc_ok(const DecodeParams& p) {
   }
   // cache rows read 4 bytes at a time
   if (!cuda::is_aligned(p.k, 4) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
-  if (value_dim(p) != p.d) return false;
   if (p.batch > 65535 || p.hq > 65535) return false;
   const bool split = p.q16 == nullptr;
-  const size_t need = p.d == 64    ? (split ? prefill_tc_smem<64, true>() : prefill_tc_smem<64, false>())
-                      : p.d == 128 ? (split ? prefill_tc_smem<128, true>() : prefill_tc_smem<128, false>())
-                                   : (split ? prefill_tc_smem<256, true>() : prefill_tc_smem<256, false>());
+  const size_t need = wide          ? prefill_tc_smem<kWideKeyD, kWideKeyDv>(split)
+                      : p.d == 64  ? prefill_tc_smem<64, 64>(split)
+                      : p.d == 128 ? prefill_tc_smem<128, 128>(split)
+                                   : prefill_tc_smem<256, 256>(split);
   return cuda::tc::optin_smem(nullptr) >= need;
 }
 
@@ -660,11 +692,13 @@ template <typename T, bool kSplit>
 Status prefill_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
   switch (p.d) {
     case 64:
-      return prefill_tc<T, 64, kSplit>(p, stream);
+      return prefill_tc<T, 64, 64, kSplit>(p, stream);
     case 128:
-      return prefill_tc<T, 128, kSplit>(p, stream);
+      return prefill_tc<T, 128, 128, kSplit>(p, stream);
+    case kWideKeyD:  // (prefill_tc_ok: values of kWideKeyDv channels)
+      return prefill_tc<T, kWideKeyD, kWideKeyDv, kSplit>(p, stream);
     default:  // (prefill_tc_ok: 256)
-      return prefill_tc<T, 256, kSplit>(p, stream);
+      return prefill_tc<T, 256, 256, kSplit>(p, stream);
   }
 }
 
@@ -701,9 +735,9 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 // a lane at 256): the warps work in groups of G = dv / 128 (pairs at head_dim 256; all 4 for multi-
 // head latent attention's 512-channel latent), each group one 32-key step at a time, each warp of it
 // one G-th of the value channels and of the key channels below dv (DH = 128, the layouts above with
-// D = DH, its bytes from channel 128 h of the rows); key channels past dv (the latent's 64-channel
-// RoPE part) go to the group's first warp, in the 64-channel layout. Each warp forms its part of
-// Q K^T, the group sums the parts through shared memory in one order (block barriers per step:
+// D = DH, its bytes from channel 128 h of the rows); key channels past dv (the 64-channel RoPE part
+// of the latent, or of keys of 192 with values of 128: there G = 1) go to the group's first warp, in
+// the 64-channel layout. Each warp forms its part of Q K^T, the group sums the parts through shared memory in one order (block barriers per step:
 // every warp runs the same number of steps, a group past the split's end idling), so all of its
 // warps hold the same scores, maxima and sums, and each accumulates its part of P V.
 namespace tcd {
@@ -894,7 +928,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int gh = static_cast<int>(group_heads - h0 < kRows ? group_heads - h0 : kRows);
   const int64_t qh0 = b * p.hq + kh * group_heads + h0;  // the CTA's first [batch * hq] row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int part = warp % G, stream = warp / G;  // the warp's channels and key steps
+  const int piece = warp % G, stream = warp / G;  // the warp's piece of the channels, its key steps
 
   {  // each row's max |q| (8 threads per row), its factor f and score scale p.scale / f
     const int row = threadIdx.x >> 3, sub = threadIdx.x & 7;
@@ -948,9 +982,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
-  const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), part * DH);
+  const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), piece * DH);
   const DecodeCodeAt<(KX > 0 ? KX : 64)> atx(g, tq, static_cast<int>(p.group), DV);  // (KX > 0 only)
-  const bool has_extra = KX > 0 && part == 0;  // (warp-uniform)
+  const bool has_extra = KX > 0 && piece == 0;  // (warp-uniform)
 
   float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -962,7 +996,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   DecodeKeyBytes<(KX > 0 ? KX : 64)> xnext;  // (KX > 0 only)
   int64_t t = t0 + stream * kStep;
   if (t < t1) {
-    fetch_decode_step<D, DH>(p, base, t, t1, part * DH, at, next);
+    fetch_decode_step<D, DH>(p, base, t, t1, piece * DH, at, next);
     if constexpr (KX > 0) {
       if (has_extra) fetch_decode_keys<D, KX>(p, base, t, t1, DV, atx, xnext);
     }
@@ -987,8 +1021,8 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
           add_decode_scores<KX, kParts, kKb>(s, sq, xcur, G * kKbH, q_parts);
         }
       }
-      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, part * DH, at, next);
-      add_decode_scores<DH, kParts, kKb>(s, sq, cur, part * kKbH, q_parts);
+      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, piece * DH, at, next);
+      add_decode_scores<DH, kParts, kKb>(s, sq, cur, piece * kKbH, q_parts);
     }
     if constexpr (G > 1) {  // the group's parts of the scores, summed in one order (the same in each warp)
       auto& buf = sx[kSxBufs > 1 ? it & 1 : 0];
@@ -1063,9 +1097,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
         const uint32_t hi[2] = {cuda::ptx::i4x2_f16x2((x01 >> 4) & 0x000F000Fu, s01),
                                 cuda::ptx::i4x2_f16x2((x89 >> 4) & 0x000F000Fu, s89)};
 #pragma unroll
-        for (int part_ = 0; part_ < kParts; ++part_) {
-          cuda::ptx::mma_16816<__half>(o[2 * i], pf[part_], lo);
-          cuda::ptx::mma_16816<__half>(o[2 * i + 1], pf[part_], hi);
+        for (int part = 0; part < kParts; ++part) {
+          cuda::ptx::mma_16816<__half>(o[2 * i], pf[part], lo);
+          cuda::ptx::mma_16816<__half>(o[2 * i + 1], pf[part], hi);
         }
       }
     }
@@ -1124,16 +1158,16 @@ Status decode_tc(const DecodeParams& p, cudaStream_t stream) {
   return cuda::last_launch_status();
 }
 
-// One query token; keys and values of head_dim 64, 128 or 256, or multi-head latent attention's 576
-// / 512 (the values the key rows' first 512 channels, or rows of their own); groups a multiple of 16
-// channels; the cache rows aligned for the lanes' loads (dh / 8 key bytes, dh / 16 value bytes, dh
-// the channels of a warp: 128 beyond head_dim 128; 8 bytes of the latent's RoPE part), 16-bit
-// queries (if given) fp16 or bf16.
+// One query token; keys and values of head_dim 64, 128 or 256, keys of 192 with values of 128, or
+// multi-head latent attention's 576 / 512 (the values the key rows' first dv channels, or rows of
+// their own); groups a multiple of 16 channels; the cache rows aligned for the lanes' loads (dh / 8
+// key bytes, dh / 16 value bytes, dh the channels of a warp: 128 beyond head_dim 128; 8 bytes of the
+// 64 key channels past dv), 16-bit queries (if given) fp16 or bf16.
 bool decode_tc_ok(const DecodeParams& p) {
   const int64_t dv = value_dim(p);
-  const bool latent = p.d == kLatentD && dv == kLatentDv;
+  const bool latent = p.d == kLatentD && dv == kLatentDv, mimo = p.d == kWideKeyD && dv == kWideKeyDv;
   if (p.q_tokens != 1 || p.group % 16 != 0) return false;
-  if (!latent && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
+  if (!latent && !mimo && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
   const int64_t dh = dv > 128 ? 128 : dv;
   if (!cuda::is_aligned(p.k, dh / 8) || !cuda::is_aligned(p.v, dh / 16) || value_row(p) % (dh / 16) != 0) {
     return false;
@@ -1151,6 +1185,8 @@ Status decode_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
       return decode_tc<128, 128, kSplit>(p, stream);
     case 256:
       return decode_tc<256, 256, kSplit>(p, stream);
+    case kWideKeyD:  // (decode_tc_ok: values of kWideKeyDv channels)
+      return decode_tc<kWideKeyD, kWideKeyDv, kSplit>(p, stream);
     default:  // (decode_tc_ok: multi-head latent attention)
       return decode_tc<kLatentD, kLatentDv, kSplit>(p, stream);
   }

@@ -326,27 +326,31 @@ PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": [(512, 2048)]}
 def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     """``int4_kv_attention``: the last ``tokens`` of the cache attend causally over it (prefill),
     against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded). On CUDA
-    also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route) and at head dim 256
-    (Gemma 2 9B's GQA 16/8) for the last shape."""
+    also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route), at head dim 256
+    (Gemma 2 9B's GQA 16/8) and with keys of 192 and values of 128 (MiMo-V2-Flash's GQA 64/8) for
+    the last shape."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1)
-    sizes = (HQ, HKV, D)
+    sizes = (HQ, HKV, D, D, GROUP)  # heads, kv heads, keys' and values' head sizes, group
     cases = [(*c, False, sizes) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
     if device.type == "cuda":
         cases.append((*cases[-1][:2], True, sizes))
-        cases.append((*cases[-1][:2], False, (16, 8, 256)))
-    for tokens, context, fp8_queries, (hq, hkv, d) in cases:
+        cases.append((*cases[-1][:2], False, (16, 8, 256, 256, GROUP)))
+        cases.append((*cases[-1][:2], False, (64, 8, 192, 128, 64)))
+    for tokens, context, fp8_queries, (hq, hkv, d, dv, group) in cases:
         kf = torch.randn(1, hkv, context, d, generator=gen).to(device)
-        vf = torch.randn(1, hkv, context, d, generator=gen).to(device)
+        vf = torch.randn(1, hkv, context, dv, generator=gen).to(device)
         q = torch.randn(1, hq, tokens, d, generator=gen).to(device, torch.bfloat16)
         qi = quantize_q_fp8(q.float()) if fp8_queries else q
-        k, ks = quantize_kv_int4(kf, GROUP)
-        v, vs = quantize_kv_int4(vf, GROUP)
-        kb, vb = kf.bfloat16(), vf.bfloat16()
+        k, ks = quantize_kv_int4(kf, group)
+        v, vs = quantize_kv_int4(vf, group)
+        # (values of another size: the baseline's zero-padded to the keys' size, as the decode's;
+        # torch's fused SDPA kernels take equal sizes)
+        kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
         mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
-        flops = 4 * hq * d * int(mask.sum())  # QK^T and PV on the visible pairs
+        flops = 2 * hq * (d + dv) * int(mask.sum())  # QK^T and PV on the visible pairs
         with torch.no_grad():
             t, t_ref = time_interleaved(
                 [
@@ -364,16 +368,19 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
             out, _ = int4_kv_attention(qi, k, ks, v, vs)
             want, _ = _attention_reference(qi.double(), k, ks, v, vs, context, d**-0.5)
             err = (out.double() - want).abs().max().item()
+        dims = f"d{d}" if dv == d else f"d{d}, dv{dv}"
         rows.append(
             Row(
-                f"int4_kv_attention prefill, FP8-quantized fp32 queries (GQA {hq}/{hkv}, d{d})"
+                f"int4_kv_attention prefill, FP8-quantized fp32 queries (GQA {hq}/{hkv}, {dims})"
                 if fp8_queries
-                else f"int4_kv_attention prefill (GQA {hq}/{hkv}, d{d})",
+                else f"int4_kv_attention prefill (GQA {hq}/{hkv}, {dims})",
                 f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
                 "float32" if fp8_queries else "bfloat16",
                 backend_label(device, "int4_kv_decode"),
                 t.median_s * 1e6,
-                "bf16 causal SDPA over a bf16 cache",
+                "bf16 causal SDPA over a bf16 cache"
+                if dv == d
+                else "bf16 causal SDPA, values zero-padded to d",
                 t_ref.median_s * 1e6,
                 float("nan"),
                 float("nan"),
