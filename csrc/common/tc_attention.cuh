@@ -121,6 +121,23 @@ __device__ __forceinline__ void to_a_fragments(const float (&s)[NB][4], uint32_t
   }
 }
 
+// The rounding errors of to_a_fragments's fragments `hi` of s, as fragments of their own (s - hi
+// rounded to T: the lo parts of P = P_hi + P_lo for fp32 results).
+template <typename T, int NB>
+__device__ __forceinline__ void lo_fragments(const float (&s)[NB][4], const uint32_t (&hi)[NB / 2][4],
+                                             uint32_t (&lo)[NB / 2][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NB / 2; ++kk) {
+    const float* src[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float h0, h1;
+      ptx::unpack2<T>(hi[kk][r], h0, h1);
+      lo[kk][r] = ptx::pack2<T>(src[r][0] - h0, src[r][1] - h1);
+    }
+  }
+}
+
 // c[16 x 8 NB] += A B^T, both operands row-major in shared memory with row stride ld (elements):
 // A's 16 rows of K channels from `a` (ldmatrix per 16 channels), B's 8 NB rows of K channels from
 // `b` (the scores' form: Q K^T, and in the backward dO V^T, K Q^T, V dO^T).
@@ -290,18 +307,7 @@ struct WarpTile {
     }
     scores_to_p(s, m, l);
     to_a_fragments<T>(s, p);
-    if constexpr (kSplit) {
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const float* src[4] = {&s[2 * kk][0], &s[2 * kk][2], &s[2 * kk + 1][0], &s[2 * kk + 1][2]};
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          float hi0, hi1;
-          ptx::unpack2<T>(p[kk][r], hi0, hi1);
-          p_lo[kk][r] = ptx::pack2<T>(src[r][0] - hi0, src[r][1] - hi1);
-        }
-      }
-    }
+    if constexpr (kSplit) lo_fragments<T>(s, p, p_lo);
   }
 
   // O += P V with the tile's V in shared memory (complete); kSplit: O += (P + P_lo) V, each V

@@ -6,14 +6,15 @@
 // emulation, they have not yet run on a GPU.
 // Semantics: kvint4.h, python/fastlayers/quant/rope_kv.py and python/fastlayers/ops/kvint4.py.
 //
-// Cache write (quantize): one warp per (row, group) (per row for the query side). Pass 1 forms the
-//   group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
-//   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The partner channel of RoPE is read from global memory
-//   (the row is in L1/L2 by then). Bit-exact with the CPU kernel and the reference.
+// Cache write (quantize): one warp per (row, group) (per row for the query side). Pass 1 forms
+//   the group's fp32 values (RoPE with exact double products and one rounding, times the post-RoPE
+//   scale) and their max (a warp reduction); pass 2 forms them again and packs the nibbles. The
+//   partner channel of RoPE is read from global memory (the row is in L1/L2 by then). Bit-exact
+//   with the CPU kernel and the reference.
 // Decode, head_dim 64, 128 or 256 (values too), keys of 192 with values of 128, or multi-head
-//   latent attention's 576 / 512, with groups of a multiple of 16 channels: on tensor cores (decode_tc_kernel below: the GQA group's
-//   heads as the rows of mma.sync, fragments built in registers from the cache bytes; not yet run on
-//   a GPU).
+//   latent attention's 576 / 512, with groups of a multiple of 16 channels: on tensor cores
+//   (decode_tc_kernel below: the GQA group's heads as the rows of mma.sync, fragments built in
+//   registers from the cache bytes; not yet run on a GPU).
 // Decode, other shapes (split-KV flash decoding): grid (batch * kv_heads * slices, splits); a CTA of 4 warps takes
 //   one split of the tokens for one (batch, kv head) and serves up to 8 of the GQA group's query
 //   heads (4 for multi-head latent attention's 576-channel rows; larger groups in several slices, L2
@@ -28,6 +29,8 @@
 //   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
 //   last causal key); fp16/bf16 queries as they are, fp32 ones as fp16 hi + lo parts
 //   (fp32_query_factor; the lo products skipped per warp where negligible: FP8-quantized queries);
+//   multi-head latent attention's 576 / 512 with the values in the key rows on tensor cores too
+//   (prefill_latent_tc_kernel: 8 warps, each a quarter of the channels of 16 query tokens);
 //   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
@@ -543,18 +546,15 @@ struct PrefillSplitSmem {
   static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - S::kExtra;
 };
 
-// fp32 queries (p.q) into the warp's 16 rows of Q (hi) and Q_lo (fp32_query_factor: each row times
-// f, rs[row] = 1 / f); returns whether the warp needs the lo products (warp-uniform).
-template <int D, int DV>
-__device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* smem) {
-  using L = PrefillSplitSmem<D, DV>;
-  using S = typename L::S;
-  auto* hi = reinterpret_cast<__half*>(smem + S::kQ);
-  auto* lo = reinterpret_cast<__half*>(smem + L::kQLo);
-  auto* rs = reinterpret_cast<float*>(smem + L::kRowScale);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+// fp32 queries (rows of D) into rows r0 .. r0 + n - 1 of Q (hi) and Q_lo (stride ld; rows past
+// `rows` zero), one warp: each row times its f (fp32_query_factor), rs[row] = 1 / f; returns whether
+// a lo part of this lane's exceeds kQueryLoLimit (the caller reduces it over its warp or CTA).
+template <int D>
+__device__ bool load_split_rows(const float* q, int64_t rows, int r0, int n, __half* hi, __half* lo, float* rs,
+                                int ld) {
+  const int lane = threadIdx.x & 31;
   bool lo_needed = false;
-  for (int r = warp * 16; r < warp * 16 + 16; ++r) {
+  for (int r = r0; r < r0 + n; ++r) {
     const float* src = r < rows ? q + static_cast<int64_t>(r) * D : nullptr;
     float mx = 0.0f;
     if (src != nullptr) {
@@ -567,13 +567,25 @@ __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* 
       const float x = src != nullptr ? src[c] * f : 0.0f;
       const __half h = __float2half_rn(x);
       const float rest = x - __half2float(h);
-      hi[r * S::kLd + c] = h;
-      lo[r * S::kLd + c] = __float2half_rn(rest);
+      hi[r * ld + c] = h;
+      lo[r * ld + c] = __float2half_rn(rest);
       lo_needed = lo_needed || fabsf(rest) > kQueryLoLimit;
     }
     if (lane == 0) rs[r] = 1.0f / f;
   }
-  return __any_sync(0xffffffffu, lo_needed);
+  return lo_needed;
+}
+
+// fp32 queries (p.q) into the warp's 16 rows of the tile's Q (hi) and Q_lo; returns whether the
+// warp needs the lo products (warp-uniform).
+template <int D, int DV>
+__device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* smem) {
+  using L = PrefillSplitSmem<D, DV>;
+  auto* hi = reinterpret_cast<__half*>(smem + L::S::kQ);
+  auto* lo = reinterpret_cast<__half*>(smem + L::kQLo);
+  auto* rs = reinterpret_cast<float*>(smem + L::kRowScale);
+  const int warp = threadIdx.x >> 5;
+  return __any_sync(0xffffffffu, load_split_rows<D>(q, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
 }
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
@@ -660,6 +672,264 @@ Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
                           configured);
 }
 
+// The tensor-core prefills' queries (fp16/bf16 ones given in q16, 16-byte aligned, or fp32 ones),
+// key rows (read 4 bytes at a time) and grid (batch and query heads within 65535).
+bool prefill_tc_queries_ok(const DecodeParams& p) {
+  if (p.q16 != nullptr) {
+    if (!cuda::is_aligned(p.q16, 16)) return false;
+    if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
+  } else if (p.q == nullptr) {
+    return false;
+  }
+  return cuda::is_aligned(p.k, 4) && p.batch <= 65535 && p.hq <= 65535;
+}
+
+// ---- Tensor-core prefill for multi-head latent attention -------------------------------------
+// Keys of 576 channels (latent + RoPE part), values the key rows' first 512 (read in place). A
+// warp's 16 rows of the 512-channel output would take 256 fp32 registers a lane, so the work is
+// split as in the latent decode: a CTA of 8 warps owns 32 query tokens of one head (two blocks of
+// 16 rows); the 4 warps of a row block each take a quarter of the key channels for Q K^T (144: 9
+// k blocks, the Q fragments in registers) and a quarter of the value channels for P V (128), and
+// sum their quarters of the scores through shared memory in one order, so that all 4 hold the same
+// scores, maxima and sums. Each 64-key tile is dequantized once into shared memory (rows of 576 + 8
+// halves) and serves both products: the values are its first 512 channels.
+namespace tcl {
+constexpr int kWarps = 8, kThreads = kWarps * 32;
+constexpr int kRows = 32;                // query tokens per CTA
+constexpr int kPieces = 4;               // warps per 16-row block
+constexpr int kKeys = cuda::tc::kKeys;   // keys per tile
+constexpr int kD = kLatentD, kDv = kLatentDv;
+constexpr int kLd = kD + cuda::tc::kPad;  // Q and K rows (16-bit elements; 16-byte padding)
+constexpr int kQkCh = kD / kPieces;       // a warp's key channels (9 k blocks)
+constexpr int kPvCh = kDv / kPieces;      // a warp's value channels
+// Shared memory (byte offsets): Q (hi; once its fragments are in registers, the score exchange
+// [warp][8-key block][lane] as float4), the key tile, and for fp32 queries Q_lo and the rows' score
+// factors.
+constexpr size_t kQBytes = size_t(kRows) * kLd * 2;
+constexpr size_t kXBytes = size_t(kWarps) * 8 * 32 * 16;
+constexpr size_t kK = ((kQBytes > kXBytes ? kQBytes : kXBytes) + 127) / 128 * 128;
+constexpr size_t kQLo = kK + size_t(kKeys) * kLd * 2;
+constexpr size_t kRowScale = kQLo + kQBytes;
+constexpr size_t bytes(bool split) { return split ? kRowScale + kRows * sizeof(float) : kQLo; }
+static_assert(kQLo % 128 == 0 && kRowScale % 16 == 0, "aligned regions");
+}  // namespace tcl
+
+// CTA (32 query tokens, query head, batch row); query token i is cache token first + i and sees
+// cache tokens start .. first + i (as prefill_tc_kernel). kSplit: fp32 queries (T = __half; Q and P
+// as hi + lo parts, the Q K^T lo products skipped when no row of the CTA needs them).
+template <typename T, bool kSplit>
+__global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const DecodeParams p) {
+  using tcl::kD;
+  using tcl::kDv;
+  using tcl::kKeys;
+  using tcl::kLd;
+  using tcl::kRows;
+  constexpr int kKb = tcl::kQkCh / 16, kNb = tcl::kPvCh / 8;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  T* sq = reinterpret_cast<T*>(tc_smem);
+  auto& sx = *reinterpret_cast<float4(*)[tcl::kWarps][8][32]>(tc_smem);  // (aliases Q)
+  T* sk = reinterpret_cast<T*>(tc_smem + tcl::kK);
+  const T* sq_lo = reinterpret_cast<const T*>(tc_smem + tcl::kQLo);  // (kSplit)
+
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
+  const int64_t kh = h / (p.hq / p.hkv);
+  const int64_t first = p.length - p.q_tokens;
+  const int64_t rows = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
+  const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int rb = warp / tcl::kPieces, piece = warp % tcl::kPieces;  // the warp's rows and channels
+
+  bool use_lo = false;
+  float rs[2] = {1.0f, 1.0f};  // rows g, g + 8 of the block: their scores' factors
+  if constexpr (kSplit) {
+    auto* lo = reinterpret_cast<__half*>(tc_smem + tcl::kQLo);
+    auto* rsm = reinterpret_cast<float*>(tc_smem + tcl::kRowScale);
+    constexpr int kPerWarp = kRows / tcl::kWarps;
+    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, rows, warp * kPerWarp, kPerWarp,
+                                          reinterpret_cast<__half*>(sq), lo, rsm, kLd);
+    use_lo = __syncthreads_or(mine);
+    rs[0] = rsm[rb * 16 + g];
+    rs[1] = rsm[rb * 16 + g + 8];
+  } else {
+    const T* q = static_cast<const T*>(p.q16) + q_row0 * kD;
+    cuda::tc::load_rows_async<T, kD>(sq, kLd, kRows, static_cast<int>(rows),
+                                     [&](int i) { return q + static_cast<int64_t>(i) * kD; });
+    cuda::ptx::cp_async_commit();
+    cuda::ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
+  // The warp's Q fragments (rows 0-7 / 8-15 in lanes 0-15, then channels + 8), its key channels.
+  const int qoff = (rb * 16 + (lane & 15)) * kLd + (lane >> 4) * 8 + piece * tcl::kQkCh;
+  uint32_t qf[kKb][4];
+#pragma unroll
+  for (int kk = 0; kk < kKb; ++kk) cuda::ptx::ldmatrix_x4(qf[kk], sq + qoff + kk * 16);
+
+  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
+  const int64_t start = first_token(p, b);
+  const int group = static_cast<int>(p.group);
+  const int64_t ng = kD / p.group;
+  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
+  // Tiles of one ldmatrix: keys +0-7 channels +0 / +8 (b[0], b[1] of block nb), keys +8-15 (nb + 1).
+  const T* krow = sk + ((lane >> 4) * 8 + (lane & 7)) * kLd + ((lane >> 3) & 1) * 8 + piece * tcl::kQkCh;
+  float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
+  }
+  for (int64_t t0 = start / kKeys * kKeys; t0 <= last_key; t0 += kKeys) {
+    const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
+    __syncthreads();  // the previous tile and the exchange are consumed (first: Q's fragments loaded)
+    // The tile's keys dequantized into shared memory (zeros past nt and before start), kBatch words
+    // of a thread's in flight at a time (registers: the Q fragments and O stay live).
+    constexpr int kWords = kKeys * kD / 8 / tcl::kThreads, kBatch = 6;
+    static_assert(kWords % kBatch == 0, "whole batches");
+#pragma unroll 1
+    for (int i0w = 0; i0w < kWords; i0w += kBatch) {
+      uint32_t w[kBatch], codes[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int e = static_cast<int>(threadIdx.x) + (i0w + i) * tcl::kThreads;
+        const int j = e / (kD / 8), c = 8 * (e % (kD / 8));  // the word's key and first channel
+        w[i] = codes[i] = 0u;
+        if (j < nt && t0 + j >= start) {
+          const int64_t t = base + t0 + j;
+          w[i] = *reinterpret_cast<const uint32_t*>(p.k + t * (kD / 2) + c / 2);
+          codes[i] = word_scale_codes(ks8 + t * ng, c, group);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int e = static_cast<int>(threadIdx.x) + (i0w + i) * tcl::kThreads;
+        const int j = e / (kD / 8), c = 8 * (e % (kD / 8));
+        *reinterpret_cast<uint4*>(sk + j * kLd + c) = dequant_word<T>(w[i], codes[i]);
+      }
+    }
+    __syncthreads();
+
+    // The warp's quarter of S = Q K^T: 16 rows x 64 keys over its 144 key channels.
+    float s[8][4];
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKb; ++kk) {
+      uint32_t qlo[4];  // kSplit: Q_lo's fragment (read when used: CTA-uniform)
+      if (kSplit && use_lo) cuda::ptx::ldmatrix_x4(qlo, sq_lo + qoff + kk * 16);
+#pragma unroll
+      for (int nb = 0; nb < 8; nb += 2) {
+        uint32_t kf[4];
+        cuda::ptx::ldmatrix_x4(kf, krow + nb * 8 * kLd + kk * 16);
+        const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        cuda::ptx::mma_16816<T>(s[nb], qf[kk], b0);
+        cuda::ptx::mma_16816<T>(s[nb + 1], qf[kk], b1);
+        if (kSplit && use_lo) {
+          cuda::ptx::mma_16816<T>(s[nb], qlo, b0);
+          cuda::ptx::mma_16816<T>(s[nb + 1], qlo, b1);
+        }
+      }
+    }
+    // The row block's quarters summed in one order (the same in its 4 warps).
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) sx[warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
+    __syncthreads();
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      float4 y = sx[rb * tcl::kPieces][nb][lane];
+#pragma unroll
+      for (int w = 1; w < tcl::kPieces; ++w) {
+        const float4 z = sx[rb * tcl::kPieces + w][nb][lane];
+        y.x += z.x, y.y += z.y, y.z += z.z, y.w += z.w;
+      }
+      s[nb][0] = y.x, s[nb][1] = y.y, s[nb][2] = y.z, s[nb][3] = y.w;
+    }
+
+    // Online softmax in base 2 (masked: rows past `rows`, keys before start or after the row's).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = rb * 16 + g + 8 * (e >> 1);
+        const int64_t key = t0 + nb * 8 + 2 * tq + (e & 1);
+        const float x = softcapped(s[nb][e] * p.scale * rs[e >> 1], p.softcap);
+        s[nb][e] = i < rows && key >= start && key <= first + i0 + i ? x * kLog2e : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
+      }
+    }
+    float alpha[2];
+    cuda::tc::online_max_step(mx, m, l, alpha);
+#pragma unroll
+    for (int nb = 0; nb < kNb; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] *= alpha[e >> 1];
+    }
+    cuda::tc::scores_to_p(s, m, l);
+    uint32_t pf[kKeys / 16][4];
+    cuda::tc::to_a_fragments<T>(s, pf);
+    // O += P V over the warp's 128 value channels: the tile's rows, channels 128 piece ..
+    cuda::tc::mma_ab<T, kKeys / 16, kNb>(o, pf, sk + piece * tcl::kPvCh, kLd);
+    if constexpr (kSplit) {  // and the lo parts of P
+      uint32_t plo[kKeys / 16][4];
+      cuda::tc::lo_fragments<T>(s, pf, plo);
+      cuda::tc::mma_ab<T, kKeys / 16, kNb>(o, plo, sk + piece * tcl::kPvCh, kLd);
+    }
+  }
+
+  // O / l of the warp's rows and value channels; the rows' lse from the first warp of the block.
+  const int64_t w0 = (b * p.hq + h) * p.q_tokens + i0;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float sum = l[hh];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int i = rb * 16 + g + 8 * hh;
+    if (i >= rows) continue;
+    const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
+    const float inv = seen ? 1.0f / sum : 0.0f;
+    float* out = p.out + (w0 + i) * kDv + piece * tcl::kPvCh;
+#pragma unroll
+    for (int nb = 0; nb < kNb; ++nb) {
+      out[nb * 8 + 2 * tq] = o[nb][2 * hh] * inv;
+      out[nb * 8 + 2 * tq + 1] = o[nb][2 * hh + 1] * inv;
+    }
+    if (piece == 0 && tq == 0) p.lse[w0 + i] = seen ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+template <typename T, bool kSplit>
+Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
+  static bool configured[64] = {};
+  const auto kernel = prefill_latent_tc_kernel<T, kSplit>;
+  if (Status s = cuda::tc::opt_in(kernel, tcl::bytes(kSplit), configured); !s.is_ok()) return s;
+  const dim3 grid(static_cast<unsigned>((p.q_tokens + tcl::kRows - 1) / tcl::kRows), static_cast<unsigned>(p.hq),
+                  static_cast<unsigned>(p.batch));
+  prefill_latent_tc_kernel<T, kSplit><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(p);
+  return cuda::last_launch_status();
+}
+
+// Multi-head latent attention's 576 / 512 with the values in the key rows (v = k, the key rows'
+// stride and scales), prefill_tc_queries_ok, and the shared memory fits.
+bool prefill_latent_tc_ok(const DecodeParams& p) {
+  if (p.d != kLatentD || value_dim(p) != kLatentDv) return false;
+  if (static_cast<const void*>(p.v) != static_cast<const void*>(p.k) ||
+      static_cast<const void*>(p.v_scale) != static_cast<const void*>(p.k_scale) || value_row(p) != p.d / 2 ||
+      value_scale_row(p) != p.d / p.group) {
+    return false;
+  }
+  return prefill_tc_queries_ok(p) && cuda::tc::optin_smem(nullptr) >= tcl::bytes(p.q16 == nullptr);
+}
+
+Status prefill_latent_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
+  if (p.q16 == nullptr) return prefill_latent_tc<__half, true>(p, stream);
+  if (p.q16_dtype == DType::kFloat16) return prefill_latent_tc<__half, false>(p, stream);
+  return prefill_latent_tc<__nv_bfloat16, false>(p, stream);
+}
+
 template <int D, int DV>
 size_t prefill_tc_smem(bool split) {
   return split ? prefill_tc_smem<D, DV, true>() : prefill_tc_smem<D, DV, false>();
@@ -671,15 +941,8 @@ bool prefill_tc_ok(const DecodeParams& p) {
   const int64_t dv = value_dim(p);
   const bool wide = p.d == kWideKeyD && dv == kWideKeyDv;
   if (!wide && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
-  if (p.q16 != nullptr) {
-    if (!cuda::is_aligned(p.q16, 16)) return false;
-    if (p.q16_dtype != DType::kFloat16 && p.q16_dtype != DType::kBFloat16) return false;
-  } else if (p.q == nullptr) {
-    return false;
-  }
   // cache rows read 4 bytes at a time
-  if (!cuda::is_aligned(p.k, 4) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
-  if (p.batch > 65535 || p.hq > 65535) return false;
+  if (!prefill_tc_queries_ok(p) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
   const bool split = p.q16 == nullptr;
   const size_t need = wide          ? prefill_tc_smem<kWideKeyD, kWideKeyDv>(split)
                       : p.d == 64  ? prefill_tc_smem<64, 64>(split)
@@ -733,13 +996,14 @@ Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 // next step's bytes before the current step's products, and merge in shared memory.
 // Values of more than 128 channels (the output's blocks of 8 channels would take 128 fp32 registers
 // a lane at 256): the warps work in groups of G = dv / 128 (pairs at head_dim 256; all 4 for multi-
-// head latent attention's 512-channel latent), each group one 32-key step at a time, each warp of it
-// one G-th of the value channels and of the key channels below dv (DH = 128, the layouts above with
-// D = DH, its bytes from channel 128 h of the rows); key channels past dv (the 64-channel RoPE part
-// of the latent, or of keys of 192 with values of 128: there G = 1) go to the group's first warp, in
-// the 64-channel layout. Each warp forms its part of Q K^T, the group sums the parts through shared memory in one order (block barriers per step:
-// every warp runs the same number of steps, a group past the split's end idling), so all of its
-// warps hold the same scores, maxima and sums, and each accumulates its part of P V.
+// head latent attention's 512-channel latent), each group one 32-key step at a time, each warp of
+// it one G-th of the value channels and of the key channels below dv (DH = 128, the layouts above
+// with D = DH, its bytes from channel 128 h of the rows); key channels past dv (the 64-channel RoPE
+// part of the latent, or of keys of 192 with values of 128: there G = 1) go to the group's first
+// warp, in the 64-channel layout. Each warp forms its part of Q K^T, the group sums the parts
+// through shared memory in one order (block barriers per step: every warp runs the same number of
+// steps, a group past the split's end idling), so all of its warps hold the same scores, maxima and
+// sums, and each accumulates its part of P V.
 namespace tcd {
 constexpr int kWarps = 4;
 constexpr int kRows = 16;  // query heads per CTA
@@ -1288,6 +1552,7 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   // (the workspace is only needed by the split decode)
   if (p.q_tokens > 1 && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
+  if (p.q_tokens > 1 && prefill_latent_tc_ok(p)) return prefill_latent_tc_dispatch(p, st);
   if (p.q_tokens == 1 && decode_tc_ok(p)) return decode_tc_dispatch(p, st);
   switch (p.d / 32) {
     case 2:

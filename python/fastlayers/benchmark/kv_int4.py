@@ -67,6 +67,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         rows += _latent_case(device, batch, context, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
+    rows += _latent_prefill(device, quick, reps)
     return rows
 
 
@@ -388,3 +389,60 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
             )
         )
     return rows
+
+
+def _latent_prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """Multi-head latent attention's prefill core over INT4 latent rows (DeepSeek-V2-Lite's 16
+    heads; absorbed queries of 512 + 64 channels; the values the rows' first 512, read in place)
+    against the same absorbed attention in PyTorch over a bf16 latent cache (scores, causal mask,
+    softmax, P V), for the last prefill shape. CUDA only (on a CPU the latent's rows are the
+    decode's)."""
+    if device.type != "cuda":
+        return []
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    heads, rank, rope, group = 16, 512, 64, 64
+    d = rank + rope
+    tokens, context = (PREFILL_QUICK if quick else PREFILL)[device.type][-1]
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    latent = torch.randn(1, 1, context, d, generator=gen).to(device)
+    q = torch.randn(1, heads, tokens, d, generator=gen).to(device, torch.bfloat16)
+    k, ks = quantize_kv_int4(latent, group)
+    v, vs = k[..., : rank // 2], ks[..., : rank // group]  # views: the rows read in place
+    cache = latent[:, 0].bfloat16()
+    del latent
+    mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
+    scale = d**-0.5
+
+    def absorbed(q, cache):
+        s = torch.matmul(q, cache.transpose(1, 2)[:, None]).float() * scale
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(q.dtype)
+        return torch.matmul(p, cache[:, None, :, :rank])
+
+    flops = 2 * heads * (d + rank) * int(mask.sum())  # QK^T and PV on the visible pairs
+    with torch.no_grad():
+        t, t_ref = time_interleaved(
+            [
+                (int4_kv_attention, [(q, k, ks, v, vs)], max(3, reps // 4)),
+                (absorbed, [(q, cache)], max(3, reps // 4)),
+            ],
+            device,
+        )
+        out, _ = int4_kv_attention(q, k, ks, v, vs)
+        want, _ = _attention_reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), context,
+                                       scale)  # fmt: skip
+        err = (out.double() - want).abs().max().item()
+    return [
+        Row(
+            f"MLA prefill over the INT4 latent ({heads} heads, r{rank} + rope{rope})",
+            f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
+            "bfloat16",
+            backend_label(device, "int4_kv_decode"),
+            t.median_s * 1e6,
+            "bf16 absorbed in PyTorch over a bf16 latent cache",
+            t_ref.median_s * 1e6,
+            float("nan"),
+            float("nan"),
+            err,
+        )
+    ]
