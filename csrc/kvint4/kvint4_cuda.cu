@@ -463,47 +463,55 @@ __device__ __forceinline__ uint32_t word_scale_codes(const uint8_t* scales, int 
   return r;
 }
 
-// Thread word i's key (j) and first channel (c) of a tile of rows of D channels.
-template <int D>
+// Thread word i's key (j) and first channel (c) of a tile of rows of D channels, the tile's words
+// spread over kThreads threads.
+template <int D, int kThreads = cuda::tc::kWarps * 32>
 __device__ __forceinline__ void tile_word(int i, int& j, int& c) {
-  const int e = static_cast<int>(threadIdx.x) + i * cuda::tc::kWarps * 32;
+  const int e = static_cast<int>(threadIdx.x) + i * kThreads;
   j = e / (D / 8);
   c = 8 * (e % (D / 8));
 }
 
-// Loads this thread's words of the tile of keys t0 .. t0 + nt - 1, zeros (which dequantize to 0)
-// past nt and before `start` (left padding: never-written slots could hold NaN scale codes, and a
-// masked key's NaN value would still reach P V as 0 * NaN).
+// Cache rows of a tile load: their bytes (`row` apart from token to token) and scale codes
+// (`code_row` apart; groups of `group` channels).
+struct TileRows {
+  const uint8_t* bytes;
+  int64_t row;
+  const uint8_t* codes;
+  int64_t code_row;
+  int group;
+};
+
+// Words i0 .. i0 + N - 1 of this thread's share (kThreads threads) of the tile of keys t0 .. t0 +
+// nt - 1 of rows of C channels (tokens from base), and their scale codes; zeros (which dequantize
+// to 0) past nt and before `start` (left padding: never-written slots could hold NaN scale codes,
+// and a masked key's NaN value would still reach P V as 0 * NaN).
+template <int C, int kThreads, int N>
+__device__ __forceinline__ void fetch_words(const TileRows& src, int64_t base, int64_t t0, int64_t nt, int64_t start,
+                                            int i0, uint32_t (&w)[N], uint32_t (&codes)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int j, c;
+    tile_word<C, kThreads>(i0 + i, j, c);
+    w[i] = codes[i] = 0u;
+    if (j < nt && t0 + j >= start) {
+      const int64_t t = base + t0 + j;
+      w[i] = *reinterpret_cast<const uint32_t*>(src.bytes + t * src.row + c / 2);
+      codes[i] = word_scale_codes(src.codes + t * src.code_row, c, src.group);
+    }
+  }
+}
+
+// This thread's words of the tile for the tensor-core prefill (D key channels, DV value channels).
 template <int D, int DV>
 __device__ __forceinline__ void fetch_tile(const DecodeParams& p, int64_t base, int64_t t0, int64_t nt,
                                            int64_t start, RawTile<D, DV>& r) {
-  using R = RawTile<D, DV>;
+  constexpr int kThreads = cuda::tc::kWarps * 32;
   const int g = static_cast<int>(p.group);  // (32-bit divisions: head_dim <= 576)
-  const int64_t ng = D / p.group, v_row = value_row(p), vs_row = value_scale_row(p);
-  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
-  const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
-#pragma unroll
-  for (int i = 0; i < R::kKWords; ++i) {
-    int j, c;
-    tile_word<D>(i, j, c);
-    r.k[i] = r.ks[i] = 0u;
-    if (j < nt && t0 + j >= start) {
-      const int64_t t = base + t0 + j;
-      r.k[i] = *reinterpret_cast<const uint32_t*>(p.k + t * (D / 2) + c / 2);
-      r.ks[i] = word_scale_codes(ks8 + t * ng, c, g);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < R::kVWords; ++i) {
-    int j, c;
-    tile_word<DV>(i, j, c);
-    r.v[i] = r.vs[i] = 0u;
-    if (j < nt && t0 + j >= start) {
-      const int64_t t = base + t0 + j;
-      r.v[i] = *reinterpret_cast<const uint32_t*>(p.v + t * v_row + c / 2);
-      r.vs[i] = word_scale_codes(vs8 + t * vs_row, c, g);
-    }
-  }
+  const TileRows keys{p.k, D / 2, reinterpret_cast<const uint8_t*>(p.k_scale), D / p.group, g};
+  const TileRows values{p.v, value_row(p), reinterpret_cast<const uint8_t*>(p.v_scale), value_scale_row(p), g};
+  fetch_words<D, kThreads>(keys, base, t0, nt, start, 0, r.k, r.ks);
+  fetch_words<DV, kThreads>(values, base, t0, nt, start, 0, r.v, r.vs);
 }
 
 // 8 channels from a cache word and their scale codes, as 16-bit values (exact: a nibble times an
@@ -519,22 +527,25 @@ __device__ __forceinline__ uint4 dequant_word(uint32_t w, uint32_t codes) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
+// Dequantizes words i0 .. i0 + N - 1 of this thread's share (kThreads threads; fetch_words's) of
+// a tile of rows of C channels into its rows in shared memory (ld elements apart).
+template <typename T, int C, int kThreads, int N>
+__device__ __forceinline__ void store_words(T* dst, int ld, int i0, const uint32_t (&w)[N],
+                                            const uint32_t (&codes)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int j, c;
+    tile_word<C, kThreads>(i0 + i, j, c);
+    *reinterpret_cast<uint4*>(dst + j * ld + c) = dequant_word<T>(w[i], codes[i]);
+  }
+}
+
 // Dequantizes this thread's words into the K and V rows in shared memory.
 template <typename T, int D, int DV>
 __device__ __forceinline__ void store_tile(const RawTile<D, DV>& r, T* sk, T* sv) {
   using S = cuda::tc::Smem<D, DV>;
-#pragma unroll
-  for (int i = 0; i < RawTile<D, DV>::kKWords; ++i) {
-    int j, c;
-    tile_word<D>(i, j, c);
-    *reinterpret_cast<uint4*>(sk + j * S::kLd + c) = dequant_word<T>(r.k[i], r.ks[i]);
-  }
-#pragma unroll
-  for (int i = 0; i < RawTile<D, DV>::kVWords; ++i) {
-    int j, c;
-    tile_word<DV>(i, j, c);
-    *reinterpret_cast<uint4*>(sv + j * S::kLdV + c) = dequant_word<T>(r.v[i], r.vs[i]);
-  }
+  store_words<T, D, cuda::tc::kWarps * 32>(sk, S::kLd, 0, r.k, r.ks);
+  store_words<T, DV, cuda::tc::kWarps * 32>(sv, S::kLdV, 0, r.v, r.vs);
 }
 
 // The fp32-query prefill's shared memory past the tile's: Q_lo (Q's layout), the rows' factors.
@@ -768,9 +779,8 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   const int64_t base = (b * p.hkv + kh) * p.t_max;
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
-  const int group = static_cast<int>(p.group);
-  const int64_t ng = kD / p.group;
-  const auto* ks8 = reinterpret_cast<const uint8_t*>(p.k_scale);
+  const TileRows keys{p.k, kD / 2, reinterpret_cast<const uint8_t*>(p.k_scale), kD / p.group,
+                      static_cast<int>(p.group)};
   // Tiles of one ldmatrix: keys +0-7 channels +0 / +8 (b[0], b[1] of block nb), keys +8-15 (nb + 1).
   const T* krow = sk + ((lane >> 4) * 8 + (lane & 7)) * kLd + ((lane >> 3) & 1) * 8 + piece * tcl::kQkCh;
   float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -789,23 +799,8 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
 #pragma unroll 1
     for (int i0w = 0; i0w < kWords; i0w += kBatch) {
       uint32_t w[kBatch], codes[kBatch];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int e = static_cast<int>(threadIdx.x) + (i0w + i) * tcl::kThreads;
-        const int j = e / (kD / 8), c = 8 * (e % (kD / 8));  // the word's key and first channel
-        w[i] = codes[i] = 0u;
-        if (j < nt && t0 + j >= start) {
-          const int64_t t = base + t0 + j;
-          w[i] = *reinterpret_cast<const uint32_t*>(p.k + t * (kD / 2) + c / 2);
-          codes[i] = word_scale_codes(ks8 + t * ng, c, group);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int e = static_cast<int>(threadIdx.x) + (i0w + i) * tcl::kThreads;
-        const int j = e / (kD / 8), c = 8 * (e % (kD / 8));
-        *reinterpret_cast<uint4*>(sk + j * kLd + c) = dequant_word<T>(w[i], codes[i]);
-      }
+      fetch_words<kD, tcl::kThreads>(keys, base, t0, nt, start, i0w, w, codes);
+      store_words<T, kD, tcl::kThreads>(sk, kLd, i0w, w, codes);
     }
     __syncthreads();
 
