@@ -110,6 +110,32 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_tensor_core_keys_wider_than_values(cuda_device, dtype, monkeypatch):
+    """Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention
+    unabsorbed, MiMo-V2-Flash) take the tensor-core forward (value rows of their own width in
+    shared memory, 128-channel outputs), not the reference (made to fail here): causal, windowed
+    and soft-capped, GQA, against float64; the backward (CUDA cores) too. In the emulation the
+    launches are counted."""
+    from fastlayers.ops import skip as skip_ops
+
+    q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 192, dtype, cuda_device, dv=128)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
+
+    before = emulated_launches("kernel"), emulated_launches("varlen_forward_kernel")
+    with monkeypatch.context() as m:
+        m.setattr(skip_ops, "_varlen_reference", refused)
+        m.setattr(skip_ops, "_varlen_backward_reference", refused)
+        _check(q, k, v, cu, cu, pos, pos)
+        _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
+        _check_backward(q, k, v, cu, pos)
+    if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
+        assert emulated_launches("kernel") == before[0] + 3
+        assert emulated_launches("varlen_forward_kernel") == before[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("order", ["sorted", "shuffled"])
 @pytest.mark.parametrize("window", [None, (40, 0), (0, 30)])

@@ -330,29 +330,30 @@ struct PairWalk {
 };
 
 // ---- Tensor-core forward (common/tc_attention.cuh does the arithmetic) ----------------------------
-template <int D>
+template <int D, int DV>
 struct VarlenTcSmem {
-  using S = cuda::tc::Smem<D>;
+  using S = cuda::tc::Smem<D, DV>;
   static constexpr size_t kWalkAt = S::kExtra;
   static constexpr size_t kBytes = kWalkAt + sizeof(WalkShared);
 };
 
 // (min blocks 1: with the bare thread count ptxas aimed at 128 registers for D = 64 and spilled 20
 // bytes in the key loop; now 148-149 registers, no spill, three CTAs per SM by registers.)
-template <typename T, int D>
+// Queries and keys of D channels, values of DV.
+template <typename T, int D, int DV>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_kernel(const VarlenParams p) {
   // The tensor-core tile sizes, named here: this file's own kRows / kKeys (the CUDA-core kernel's,
   // 16 and 32) would shadow the ones a `using namespace cuda::tc` brings in.
   namespace tc = cuda::tc;
   namespace ptx = cuda::ptx;
-  using S = tc::Smem<D>;
+  using S = tc::Smem<D, DV>;
   constexpr int kRows = tc::kRows, kKeys = tc::kKeys;
   static_assert(kRows == kWalk && kKeys == kWalk, "a CTA's rows and a key tile: PairWalk's entries");
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sq = reinterpret_cast<T*>(tc_smem + S::kQ);
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
-  auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + VarlenTcSmem<D>::kWalkAt);
+  auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + VarlenTcSmem<D, DV>::kWalkAt);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y;
   const int64_t kh = h / (p.hq / p.hkv);
@@ -368,20 +369,25 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_ke
                       row0, p.window_left, p.window_right);
   ptx::cp_async_wait<0>();
   __syncthreads();
-  tc::WarpTile<T, D> tile(tc_smem);
+  tc::WarpTile<T, D, false, DV> tile(tc_smem);
   const auto visible_pair = [&](int i, int j) { return walk.pair_visible(i, j); };
-  const auto issue = [&](T* dst, const T* base, int64_t t0) {
-    const int nt = static_cast<int>(walk.hi - t0 < kKeys ? walk.hi - t0 : kKeys);
-    tc::load_rows_async<T, D>(dst, S::kLd, kKeys, nt, [=](int j) { return base + ((t0 + j) * p.hkv + kh) * D; });
+  const auto tile_keys = [&](int64_t t0) { return static_cast<int>(walk.hi - t0 < kKeys ? walk.hi - t0 : kKeys); };
+  const auto issue_k = [&](int64_t t0) {
+    tc::load_rows_async<T, D>(sk, S::kLd, kKeys, tile_keys(t0), [=](int j) { return k + ((t0 + j) * p.hkv + kh) * D; });
+    ptx::cp_async_commit();
+  };
+  const auto issue_v = [&](int64_t t0) {
+    tc::load_rows_async<T, DV>(sv, S::kLdV, kKeys, tile_keys(t0),
+                               [=](int j) { return v + ((t0 + j) * p.hkv + kh) * DV; });
     ptx::cp_async_commit();
   };
 
   // Pipeline per tile: V(t) lands during the scores of t, K(next) during P V of t.
   bool whole = false;
   int64_t t0 = walk.next_tile(walk.lo, whole);
-  if (t0 < walk.hi) issue(sk, k, t0);
+  if (t0 < walk.hi) issue_k(t0);
   while (t0 < walk.hi) {
-    issue(sv, v, t0);
+    issue_v(t0);
     ptx::cp_async_wait<1>();
     __syncthreads();  // K(t0)
     uint32_t pf[kKeys / 16][4], unused[kKeys / 16][4];  // (P's lo parts: fp32 queries only)
@@ -394,7 +400,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_ke
     __syncthreads();  // V(t0); every warp is done with K(t0) and the tile's key data
     bool next_whole = false;
     const int64_t t1 = walk.next_tile(t0 + kKeys, next_whole);
-    if (t1 < walk.hi) issue(sk, k, t1);
+    if (t1 < walk.hi) issue_k(t1);
     tile.accumulate(pf);
     __syncthreads();  // every warp is done with V(t0)
     t0 = t1;
@@ -403,7 +409,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_forward_tc_ke
 
   T* out = static_cast<T*>(p.out);
   tile.template finish<T>(
-      [&](int i) -> T* { return row0 + i < p.nq ? out + ((row0 + i) * p.hq + h) * D : nullptr; },
+      [&](int i) -> T* { return row0 + i < p.nq ? out + ((row0 + i) * p.hq + h) * DV : nullptr; },
       [&](int i, float lse) {
         if (row0 + i < p.nq) p.lse[(row0 + i) * p.hq + h] = lse;
       });
@@ -791,27 +797,36 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   return cols_for(p.fwd.d, p.fwd.dv) == 4 ? launch_backward<T, 4>(p, stream) : launch_backward<T, 8>(p, stream);
 }
 
-template <typename T, int D>
+template <typename T, int D, int DV>
 Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const dim3 grid(static_cast<unsigned>((p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows),
                   static_cast<unsigned>(p.hq));
-  return cuda::tc::launch(varlen_forward_tc_kernel<T, D>, grid, VarlenTcSmem<D>::kBytes, p, stream,
+  return cuda::tc::launch(varlen_forward_tc_kernel<T, D, DV>, grid, VarlenTcSmem<D, DV>::kBytes, p, stream,
                           configured);
 }
 
-// Shared memory of the tensor-core forward at head dim d (64, 128 or 256).
-size_t tc_forward_smem(int64_t d) {
-  return d == 64 ? VarlenTcSmem<64>::kBytes : d == 128 ? VarlenTcSmem<128>::kBytes : VarlenTcSmem<256>::kBytes;
+// Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention unabsorbed,
+// MiMo-V2-Flash): a tensor-core forward shape besides d == dv.
+constexpr int kWideKeyD = 192, kWideKeyDv = 128;
+
+// Shared memory of the tensor-core forward at head dims d / dv (use_tensor_cores's).
+size_t tc_forward_smem(int64_t d, int64_t dv) {
+  if (d != dv) return VarlenTcSmem<kWideKeyD, kWideKeyDv>::kBytes;
+  return d == 64    ? VarlenTcSmem<64, 64>::kBytes
+         : d == 128 ? VarlenTcSmem<128, 128>::kBytes
+                    : VarlenTcSmem<256, 256>::kBytes;
 }
 
-// fp16/bf16 with d == dv in {64, 128, 256}, 16-byte aligned tensors and enough shared memory (d = 64
-// needs 28 KiB, 128 52 KiB, 256 100 KiB): the tensor-core kernel.
+// fp16/bf16 with d == dv in {64, 128, 256} or keys of 192 with values of 128, 16-byte aligned
+// tensors and enough shared memory (d = 64 needs 28 KiB, 128 52 KiB, 192 / 128 67 KiB, 256 100
+// KiB): the tensor-core kernel.
 template <typename T>
 bool use_tensor_cores(const VarlenParams& p) {
   constexpr bool k16 = sizeof(T) == 2;
-  if (!k16 || p.d != p.dv || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
-  const size_t need = tc_forward_smem(p.d);
+  const bool wide = p.d == kWideKeyD && p.dv == kWideKeyDv;
+  if (!k16 || (!wide && (p.d != p.dv || (p.d != 64 && p.d != 128 && p.d != 256)))) return false;
+  const size_t need = tc_forward_smem(p.d, p.dv);
   return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
          (p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
          cuda::tc::optin_smem(nullptr) >= need;
@@ -823,11 +838,13 @@ Status launch(const VarlenParams& p, cudaStream_t stream) {
     if (use_tensor_cores<T>(p)) {
       switch (p.d) {
         case 64:
-          return launch_tc<T, 64>(p, stream);
+          return launch_tc<T, 64, 64>(p, stream);
         case 128:
-          return launch_tc<T, 128>(p, stream);
+          return launch_tc<T, 128, 128>(p, stream);
+        case kWideKeyD:  // (use_tensor_cores: values of kWideKeyDv channels)
+          return launch_tc<T, kWideKeyD, kWideKeyDv>(p, stream);
         default:  // (use_tensor_cores: 256)
-          return launch_tc<T, 256>(p, stream);
+          return launch_tc<T, 256, 256>(p, stream);
       }
     }
   }
