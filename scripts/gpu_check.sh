@@ -180,7 +180,7 @@ for tool in memcheck racecheck; do
   PYTORCH_NO_CUDA_MEMORY_CACHING=$([ "$tool" = memcheck ] && echo 1 || echo 0) \
     phase "$tool tensor-core attention" "${SAN_FILE_CAP:-30}" "${san[@]}" --tool "$tool" python3 -m pytest \
     tests/test_skip.py tests/test_rope_kv.py -m cuda -q -p no:cacheprovider \
-    -k "tensor_core_forward or tensor_core_backward or many_empty or tile_classes or tensor_core_prefill or decode_tensor_core or head_dim_256" \
+    -k "tensor_core_forward or tensor_core_backward or many_empty or tile_classes or tensor_core_prefill or decode_tensor_core or head_dim_256 or keys_wider" \
     >"$R/${tool}_tc_attention.txt" 2>&1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Invalid|hazard" "$R/${tool}_tc_attention.txt" | head -5
   for f in "${san_files[@]}"; do

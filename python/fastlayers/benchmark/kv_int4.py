@@ -330,8 +330,6 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route), at head dim 256
     (Gemma 2 9B's GQA 16/8) and with keys of 192 and values of 128 (MiMo-V2-Flash's GQA 64/8) for
     the last shape."""
-    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
-
     rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1)
     sizes = (HQ, HKV, D, D, GROUP)  # heads, kv heads, keys' and values' head sizes, group
@@ -352,40 +350,25 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
         kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
         mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
         flops = 2 * hq * (d + dv) * int(mask.sum())  # QK^T and PV on the visible pairs
-        with torch.no_grad():
-            t, t_ref = time_interleaved(
-                [
-                    (int4_kv_attention, [(qi, k, ks, v, vs)], max(3, reps // 4)),
-                    (
-                        lambda q, k, v, mask=mask: torch.nn.functional.scaled_dot_product_attention(
-                            q, k, v, attn_mask=mask, enable_gqa=True
-                        ),
-                        [(q, kb, vb)],
-                        max(3, reps // 4),
-                    ),
-                ],
-                device,
-            )
-            out, _ = int4_kv_attention(qi, k, ks, v, vs)
-            want, _ = _attention_reference(qi.double(), k, ks, v, vs, context, d**-0.5)
-            err = (out.double() - want).abs().max().item()
         dims = f"d{d}" if dv == d else f"d{d}, dv{dv}"
         rows.append(
-            Row(
+            _prefill_row(
+                device,
                 f"int4_kv_attention prefill, FP8-quantized fp32 queries (GQA {hq}/{hkv}, {dims})"
                 if fp8_queries
                 else f"int4_kv_attention prefill (GQA {hq}/{hkv}, {dims})",
-                f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
                 "float32" if fp8_queries else "bfloat16",
-                backend_label(device, "int4_kv_decode"),
-                t.median_s * 1e6,
+                (tokens, context, flops),
+                (qi, k, ks, v, vs),
+                lambda q, k, v, mask=mask: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=True
+                ),
+                (q, kb, vb),
                 "bf16 causal SDPA over a bf16 cache"
                 if dv == d
                 else "bf16 causal SDPA, values zero-padded to d",
-                t_ref.median_s * 1e6,
-                float("nan"),
-                float("nan"),
-                err,
+                (qi.double(), k, ks, v, vs, context, d**-0.5),
+                reps,
             )
         )
     return rows
@@ -399,8 +382,6 @@ def _latent_prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     decode's)."""
     if device.type != "cuda":
         return []
-    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
-
     heads, rank, rope, group = 16, 512, 64, 64
     d = rank + rope
     tokens, context = (PREFILL_QUICK if quick else PREFILL)[device.type][-1]
@@ -420,29 +401,49 @@ def _latent_prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
         return torch.matmul(p, cache[:, None, :, :rank])
 
     flops = 2 * heads * (d + rank) * int(mask.sum())  # QK^T and PV on the visible pairs
+    return [
+        _prefill_row(
+            device,
+            f"MLA prefill over the INT4 latent ({heads} heads, r{rank} + rope{rope})",
+            "bfloat16",
+            (tokens, context, flops),
+            (q, k, ks, v, vs),
+            absorbed,
+            (q, cache),
+            "bf16 absorbed in PyTorch over a bf16 latent cache",
+            (q.double(), k, ks, v.contiguous(), vs.contiguous(), context, scale),
+            reps,
+        )
+    ]
+
+
+def _prefill_row(device, label, dtype, work, args, baseline, baseline_args, baseline_label,
+                 reference_args, reps) -> Row:  # fmt: skip
+    """One prefill row: ``int4_kv_attention(*args)`` timed interleaved with
+    ``baseline(*baseline_args)``, its largest difference to the float64 reference over
+    ``reference_args``, GFLOP/s from ``work = (tokens, context, flops)``."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    tokens, context, flops = work
     with torch.no_grad():
         t, t_ref = time_interleaved(
             [
-                (int4_kv_attention, [(q, k, ks, v, vs)], max(3, reps // 4)),
-                (absorbed, [(q, cache)], max(3, reps // 4)),
+                (int4_kv_attention, [args], max(3, reps // 4)),
+                (baseline, [baseline_args], max(3, reps // 4)),
             ],
             device,
         )
-        out, _ = int4_kv_attention(q, k, ks, v, vs)
-        want, _ = _attention_reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), context,
-                                       scale)  # fmt: skip
-        err = (out.double() - want).abs().max().item()
-    return [
-        Row(
-            f"MLA prefill over the INT4 latent ({heads} heads, r{rank} + rope{rope})",
-            f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
-            "bfloat16",
-            backend_label(device, "int4_kv_decode"),
-            t.median_s * 1e6,
-            "bf16 absorbed in PyTorch over a bf16 latent cache",
-            t_ref.median_s * 1e6,
-            float("nan"),
-            float("nan"),
-            err,
-        )
-    ]
+        want, _ = _attention_reference(*reference_args)
+        err = (int4_kv_attention(*args)[0].double() - want).abs().max().item()
+    return Row(
+        label,
+        f"{tokens} new tokens, context {context} ({flops / t.median_s / 1e9:.0f} GFLOP/s)",
+        dtype,
+        backend_label(device, "int4_kv_decode"),
+        t.median_s * 1e6,
+        baseline_label,
+        t_ref.median_s * 1e6,
+        float("nan"),
+        float("nan"),
+        err,
+    )
