@@ -72,9 +72,10 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
     """Head dim 256 (Gemma 2 / 3) and 200 / 136 (partial lanes) run CUDA kernels forward and
     backward, not the reference (made to fail here): fp16/bf16 at 256 the tensor-core forward (Q's
     fragments read from shared memory per use) where a block can have its ~100 KiB of shared
-    memory, the CUDA-core forward otherwise (fp32, views that are not 16-byte aligned, GPUs with
-    less; 8 channels a lane, 80 KiB opted in); the backward on CUDA cores. Windowed and
-    soft-capped too; gradients against float64 autograd. Beyond 256, the reference."""
+    memory, and the tensor-core backward (dV and dK in two launches, 134 KiB), the CUDA-core
+    kernels otherwise (fp32, views that are not 16-byte aligned, GPUs with less, 200 / 136; 8
+    channels a lane, 80 KiB opted in). Windowed and soft-capped too; gradients against float64
+    autograd. Beyond 256, the reference."""
     from fastlayers.ops import skip as skip_ops
 
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 256, dtype, cuda_device)
@@ -96,11 +97,14 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
         _check(qs, ks, vs, cu, cu, pos, pos)
         _check(q2, k2, v2, cu2, cu2, pos2, pos2, window=9)
         _check_backward(q, k, v, cu, pos)
+        _check_backward(q, k, v, cu, pos, causal=False, window=(3, 5), softcap=2.0)
         _check_backward(q2, k2, v2, cu2, pos2, causal=False, softcap=2.0)
     if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
-        tc = 0 if dtype == torch.float32 else 3  # (the emulation lets a block have 227 KiB)
+        # 16-bit: 4 forwards at 256 on tensor cores, 2 backwards of 3 launches (dV, dK, dQ); the
+        # unaligned views and 200 / 136 on CUDA cores (the emulation lets a block have 227 KiB)
+        tc = [0, 7, 3, 3] if dtype == torch.float32 else [10, 3, 1, 1]
         added = [emulated_launches(name) - n for name, n in zip(counts, before, strict=True)]
-        assert added == [tc, 6 - tc, 2, 2]
+        assert added == tc
     # beyond 256: the reference (warned once)
     q3, k3, v3, cu3, pos3 = _routed(1, 20, 1.0, 2, 2, 288, dtype, cuda_device)
     reference, seen = skip_ops._varlen_reference, []
@@ -113,9 +117,10 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
 def test_varlen_tensor_core_keys_wider_than_values(cuda_device, dtype, monkeypatch):
     """Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention
     unabsorbed, MiMo-V2-Flash) take the tensor-core forward (value rows of their own width in
-    shared memory, 128-channel outputs), not the reference (made to fail here): causal, windowed
-    and soft-capped, GQA, against float64; the backward (CUDA cores) too. In the emulation the
-    launches are counted."""
+    shared memory, 128-channel outputs) and backward (dK and dV in one kernel, 16 queries a pass;
+    dQ over 32 keys a step), not the reference (made to fail here): causal, windowed and
+    soft-capped, GQA, forward and backward against float64. In the emulation the launches are
+    counted (no CUDA-core kernel)."""
     from fastlayers.ops import skip as skip_ops
 
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 192, dtype, cuda_device, dv=128)
@@ -123,16 +128,18 @@ def test_varlen_tensor_core_keys_wider_than_values(cuda_device, dtype, monkeypat
     def refused(*args, **kwargs):
         raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
 
-    before = emulated_launches("kernel"), emulated_launches("varlen_forward_kernel")
+    names = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
+    before = [emulated_launches(n) for n in names]
     with monkeypatch.context() as m:
         m.setattr(skip_ops, "_varlen_reference", refused)
         m.setattr(skip_ops, "_varlen_backward_reference", refused)
         _check(q, k, v, cu, cu, pos, pos)
         _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
         _check_backward(q, k, v, cu, pos)
+        _check_backward(q, k, v, cu, pos, causal=False, window=(3, 5), softcap=2.0)
     if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
-        assert emulated_launches("kernel") == before[0] + 3
-        assert emulated_launches("varlen_forward_kernel") == before[1]
+        assert emulated_launches("kernel") == before[0] + 8  # 4 forwards, 2 x (dK/dV, dQ)
+        assert [emulated_launches(n) for n in names[1:]] == before[1:]  # no CUDA-core kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

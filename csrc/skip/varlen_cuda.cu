@@ -543,7 +543,11 @@ __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
   store_cols(static_cast<T*>(p.dq) + w * f.d, f.d, lane, dq);
 }
 
-// ---- Tensor-core backward (fp16/bf16, d == dv in {64, 128}) -------------------------------------
+// Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention unabsorbed,
+// MiMo-V2-Flash): a tensor-core shape besides d == dv.
+constexpr int kWideKeyD = 192, kWideKeyDv = 128;
+
+// ---- Tensor-core backward (fp16/bf16, d == dv in {64, 128, 256}, keys of 192 with values of 128) --
 // FlashAttention-2's backward in two deterministic kernels (no atomics), both recomputing P from
 // the saved lse: the dK/dV kernel owns 64 keys of a kv head (warp w its keys 16w..16w+15) and walks
 // the query tiles of their sequences for every query head of the group: S^T = K Q^T, dP^T = V dO^T,
@@ -551,16 +555,21 @@ __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
 // query rows of a head (as the forward) and walks their key tiles: S = Q K^T, dP = dO V^T, dS,
 // dQ += dS K. P and dS are rounded to the input dtype for their products (as FlashAttention);
 // every product accumulates in fp32. The owned tiles stay in shared memory (A fragments read per
-// product: registers hold the two accumulators); PairWalk skips tiles and masks as in the forward.
-template <int D>
+// product: registers hold the accumulators); PairWalk skips tiles and masks as in the forward. At
+// head dim 256 dK's and dV's accumulators do not fit in a lane's registers together: the dK/dV
+// kernel runs twice, once for each (S^T recomputed: one product more of the five).
+template <int D, int DV>
 struct VarlenBwdSmem {
-  static constexpr int kLd = D + cuda::tc::kPad;
-  static constexpr size_t kTile = size_t(kWalk) * kLd * 2;  // 64 rows of 16-bit values
-  // tiles 0, 1: the owned entries' (dQ: Q, dO; dK/dV: K, V); 2, 3: the current tile's other side's
-  static constexpr size_t kWalkAt = 4 * kTile;
+  static constexpr int kLd = D + cuda::tc::kPad, kLdV = DV + cuda::tc::kPad;
+  static constexpr size_t kTile = size_t(kWalk) * kLd * 2;    // 64 rows of D 16-bit values
+  static constexpr size_t kTileV = size_t(kWalk) * kLdV * 2;  // and of DV
+  // the owned entries' (dQ: Q, dO; dK/dV: K, V) at 0 and kTile, the current tile's other side's at
+  // kSide and kSide + kTile (rows of D, then of DV)
+  static constexpr size_t kSide = kTile + kTileV;
+  static constexpr size_t kWalkAt = 2 * kSide;
   static constexpr size_t kStats = kWalkAt + (sizeof(WalkShared) + 127) / 128 * 128;
   static constexpr size_t kBytes = kStats + 2 * kWalk * sizeof(float);  // dK/dV: the queries' lse, delta
-  static_assert(kTile % 128 == 0, "tiles stay 128-byte aligned");
+  static_assert(kTile % 128 == 0 && kTileV % 128 == 0, "tiles stay 128-byte aligned");
 };
 
 // One score's probability and gradient, in place: s (raw) -> p = exp(x - lse) with x = scale s
@@ -610,24 +619,27 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float f
   }
 }
 
-template <typename T, int D>
+// kDK / kDV: the gradients the kernel computes (both but at head dim 256: one per launch).
+template <typename T, int D, int DV, bool kDK, bool kDV>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kernel(const VarlenBwdParams bp) {
   namespace tc = cuda::tc;
   namespace ptx = cuda::ptx;
-  using L = VarlenBwdSmem<D>;
-  // Queries per pass: at D = 128 the two accumulators take 128 registers a lane, so the tile's 64
-  // queries go in two passes of 32 (the scores of a pass: 32 registers for S^T and dP^T), a loop
-  // kept rolled (unrolled, ptxas interleaves the passes: 255 registers and a 32-byte spill; rolled
-  // 238, none).
-  constexpr int kPass = D == 128 ? 32 : kWalk;
-  constexpr int kLd = L::kLd, kNB = kPass / 8;
+  using L = VarlenBwdSmem<D, DV>;
+  // Queries per pass: the accumulators take kAcc registers a lane (128 at D = DV = 128), so the
+  // tile's 64 queries go in passes of 32 (the scores of a pass: 32 registers for S^T and dP^T) or,
+  // at 192 / 128 (160), of 16; a loop kept rolled (unrolled, ptxas interleaves the passes: at 128
+  // 255 registers and a 32-byte spill; rolled 238, none).
+  constexpr int kAcc = (kDK ? D / 2 : 0) + (kDV ? DV / 2 : 0);
+  constexpr int kPass = kAcc <= 64 ? kWalk : kAcc <= 128 ? 32 : 16;
+  constexpr int kLd = L::kLd, kLdV = L::kLdV, kNB = kPass / 8;
   static_assert(tc::kWarps * 16 == kWalk && kWalk % kPass == 0, "a warp's 16 keys; whole passes");
+  static_assert(kDK || kDV, "a gradient to compute");
   const VarlenParams& p = bp.fwd;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sk = reinterpret_cast<T*>(tc_smem);
   T* sv = reinterpret_cast<T*>(tc_smem + L::kTile);
-  T* sq = reinterpret_cast<T*>(tc_smem + 2 * L::kTile);
-  T* sdo = reinterpret_cast<T*>(tc_smem + 3 * L::kTile);
+  T* sq = reinterpret_cast<T*>(tc_smem + L::kSide);
+  T* sdo = reinterpret_cast<T*>(tc_smem + L::kSide + L::kTile);
   auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + L::kWalkAt);
   float* s_lse2 = reinterpret_cast<float*>(tc_smem + L::kStats);
   float* s_delta = s_lse2 + kWalk;
@@ -635,19 +647,19 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kerne
   const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kWalk, kh = blockIdx.y, group = p.hq / p.hkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   issue_rows<T, D>(sk, static_cast<const T*>(p.k), key0, p.nk - key0, p.hkv, kh);
-  issue_rows<T, D>(sv, static_cast<const T*>(p.v), key0, p.nk - key0, p.hkv, kh);
+  if constexpr (kDK) issue_rows<T, DV>(sv, static_cast<const T*>(p.v), key0, p.nk - key0, p.hkv, kh);
   PairWalk<false> walk(walk_sh, Side{p.cu_seqlens_k, p.k_pos, p.nk}, Side{p.cu_seqlens_q, p.q_pos, p.nq}, p.batch,
                        key0, p.window_left, p.window_right);
   const T* kw = sk + warp * 16 * kLd;  // the warp's keys and values
-  const T* vw = sv + warp * 16 * kLd;
-  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const T* vw = sv + warp * 16 * kLdV;
+  float dk[D / 8][4] = {}, dv[DV / 8][4] = {};  // (the one not computed: dead, not allocated)
 
   bool whole = false;
   for (int64_t t0 = walk.next_tile(walk.lo, whole); t0 < walk.hi; t0 = walk.next_tile(t0 + kWalk, whole)) {
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
       issue_rows<T, D>(sq, static_cast<const T*>(p.q), t0, walk.hi - t0, p.hq, h);
-      issue_rows<T, D>(sdo, static_cast<const T*>(bp.dout), t0, walk.hi - t0, p.hq, h);
+      issue_rows<T, DV>(sdo, static_cast<const T*>(bp.dout), t0, walk.hi - t0, p.hq, h);
       if (threadIdx.x < kWalk) {
         const int j = static_cast<int>(threadIdx.x);
         const bool in = t0 + j < walk.hi;
@@ -660,7 +672,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kerne
       for (int q0 = 0; q0 < kWalk; q0 += kPass) {
         float st[kNB][4] = {}, dpt[kNB][4] = {};  // keys x queries q0..q0 + kPass
         tc::mma_abt<T, D, kNB>(st, kw, sq + q0 * kLd, kLd);
-        tc::mma_abt<T, D, kNB>(dpt, vw, sdo + q0 * kLd, kLd);
+        if constexpr (kDK) tc::mma_abt<T, DV, kNB>(dpt, vw, sdo + q0 * kLdV, kLdV);
 #pragma unroll
         for (int nb = 0; nb < kNB; ++nb) {
 #pragma unroll
@@ -671,38 +683,45 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kerne
           }
         }
         uint32_t af[kPass / 16][4];
-        tc::to_a_fragments<T>(st, af);  // P^T
-        tc::mma_ab<T, kPass / 16, D / 8>(dv, af, sdo + q0 * kLd, kLd);
-        tc::to_a_fragments<T>(dpt, af);  // dS^T
-        tc::mma_ab<T, kPass / 16, D / 8>(dk, af, sq + q0 * kLd, kLd);
+        if constexpr (kDV) {
+          tc::to_a_fragments<T>(st, af);  // P^T
+          tc::mma_ab<T, kPass / 16, DV / 8>(dv, af, sdo + q0 * kLdV, kLdV);
+        }
+        if constexpr (kDK) {
+          tc::to_a_fragments<T>(dpt, af);  // dS^T
+          tc::mma_ab<T, kPass / 16, D / 8>(dk, af, sq + q0 * kLd, kLd);
+        }
       }
       __syncthreads();  // every warp is done with Q, dO and the statistics (and, after the last
                         // head, with the tile's entries: next_tile rewrites them)
     }
   }
   ptx::cp_async_wait<0>();  // (no tile: K and V were issued, nothing waited for them)
-  store_rows<T, D>(dk, p.scale, static_cast<T*>(bp.dk), key0, p.hkv, kh, walk_sh);
-  store_rows<T, D>(dv, 1.0f, static_cast<T*>(bp.dv), key0, p.hkv, kh, walk_sh);
+  if constexpr (kDK) store_rows<T, D>(dk, p.scale, static_cast<T*>(bp.dk), key0, p.hkv, kh, walk_sh);
+  if constexpr (kDV) store_rows<T, DV>(dv, 1.0f, static_cast<T*>(bp.dv), key0, p.hkv, kh, walk_sh);
 }
 
-template <typename T, int D>
+template <typename T, int D, int DV>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dq_tc_kernel(const VarlenBwdParams bp) {
   namespace tc = cuda::tc;
   namespace ptx = cuda::ptx;
-  using L = VarlenBwdSmem<D>;
-  constexpr int kLd = L::kLd, kNB = kWalk / 8;
+  using L = VarlenBwdSmem<D, DV>;
+  // Keys per step: the whole 64-key tile up to D = 128 (dQ 64 registers a lane, S and dP 64); past
+  // it (dQ 96 or 128) the tile in two steps of 32, a loop kept rolled.
+  constexpr int kKeys = D <= 128 ? kWalk : 32;
+  constexpr int kLd = L::kLd, kLdV = L::kLdV, kNB = kKeys / 8;
   const VarlenParams& p = bp.fwd;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sq = reinterpret_cast<T*>(tc_smem);
   T* sdo = reinterpret_cast<T*>(tc_smem + L::kTile);
-  T* sk = reinterpret_cast<T*>(tc_smem + 2 * L::kTile);
-  T* sv = reinterpret_cast<T*>(tc_smem + 3 * L::kTile);
+  T* sk = reinterpret_cast<T*>(tc_smem + L::kSide);
+  T* sv = reinterpret_cast<T*>(tc_smem + L::kSide + L::kTile);
   auto* walk_sh = reinterpret_cast<WalkShared*>(tc_smem + L::kWalkAt);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kWalk, h = blockIdx.y, kh = h / (p.hq / p.hkv);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   issue_rows<T, D>(sq, static_cast<const T*>(p.q), row0, p.nq - row0, p.hq, h);
-  issue_rows<T, D>(sdo, static_cast<const T*>(bp.dout), row0, p.nq - row0, p.hq, h);
+  issue_rows<T, DV>(sdo, static_cast<const T*>(bp.dout), row0, p.nq - row0, p.hq, h);
   PairWalk<true> walk(walk_sh, Side{p.cu_seqlens_q, p.q_pos, p.nq}, Side{p.cu_seqlens_k, p.k_pos, p.nk}, p.batch,
                       row0, p.window_left, p.window_right);
   float lse2[2], delta[2];  // the lane's rows
@@ -713,62 +732,86 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dq_tc_kernel(
     delta[hh] = r < p.nq ? bp.delta[r * p.hq + h] : 0.0f;
   }
   const T* qw = sq + warp * 16 * kLd;  // the warp's rows
-  const T* dow = sdo + warp * 16 * kLd;
+  const T* dow = sdo + warp * 16 * kLdV;
   float dq[D / 8][4] = {};
 
   bool whole = false;
   for (int64_t t0 = walk.next_tile(walk.lo, whole); t0 < walk.hi; t0 = walk.next_tile(t0 + kWalk, whole)) {
     issue_rows<T, D>(sk, static_cast<const T*>(p.k), t0, walk.hi - t0, p.hkv, kh);
-    issue_rows<T, D>(sv, static_cast<const T*>(p.v), t0, walk.hi - t0, p.hkv, kh);
+    issue_rows<T, DV>(sv, static_cast<const T*>(p.v), t0, walk.hi - t0, p.hkv, kh);
     ptx::cp_async_wait<1>();
     __syncthreads();  // Q, dO (first pass), K
-    float s[kNB][4] = {}, dp[kNB][4] = {};
-    tc::mma_abt<T, D, kNB>(s, qw, sk, kLd);
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // V
-    tc::mma_abt<T, D, kNB>(dp, dow, sv, kLd);
-#pragma unroll
-    for (int nb = 0; nb < kNB; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = warp * 16 + (lane >> 2) + 8 * (e >> 1), j = nb * 8 + 2 * (lane & 3) + (e & 1);
-        const bool vis = whole || walk.pair_visible(i, j);
-        p_and_ds(s[nb][e], dp[nb][e], vis, p.scale, p.softcap, lse2[e >> 1], delta[e >> 1]);
+#pragma unroll 1
+    for (int k0 = 0; k0 < kWalk; k0 += kKeys) {
+      float s[kNB][4] = {}, dp[kNB][4] = {};  // rows x keys k0..k0 + kKeys
+      tc::mma_abt<T, D, kNB>(s, qw, sk + k0 * kLd, kLd);
+      if (k0 == 0) {  // (uniform)
+        ptx::cp_async_wait<0>();
+        __syncthreads();  // V
       }
+      tc::mma_abt<T, DV, kNB>(dp, dow, sv + k0 * kLdV, kLdV);
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = warp * 16 + (lane >> 2) + 8 * (e >> 1), j = k0 + nb * 8 + 2 * (lane & 3) + (e & 1);
+          const bool vis = whole || walk.pair_visible(i, j);
+          p_and_ds(s[nb][e], dp[nb][e], vis, p.scale, p.softcap, lse2[e >> 1], delta[e >> 1]);
+        }
+      }
+      uint32_t af[kKeys / 16][4];
+      tc::to_a_fragments<T>(dp, af);  // dS
+      tc::mma_ab<T, kKeys / 16, D / 8>(dq, af, sk + k0 * kLd, kLd);
     }
-    uint32_t af[kWalk / 16][4];
-    tc::to_a_fragments<T>(dp, af);  // dS
-    tc::mma_ab<T, kWalk / 16, D / 8>(dq, af, sk, kLd);
     __syncthreads();  // every warp is done with K, V and the tile's entries
   }
   ptx::cp_async_wait<0>();  // (no tile: Q and dO were issued, nothing waited for them)
   store_rows<T, D>(dq, p.scale, static_cast<T*>(bp.dq), row0, p.hq, h, walk_sh);
 }
 
-// fp16/bf16 with d == dv in {64, 128}, 16-byte aligned tensors and enough shared memory (d = 128
-// needs 70 KiB, d = 64 39 KiB).
+// Shared memory of the tensor-core backward at head dims d / dv: d == dv in {64, 128, 256} or keys
+// of 192 with values of 128 (39, 70, 134, 86 KiB); 0 for the shapes it does not take.
+size_t tc_backward_smem(int64_t d, int64_t dv) {
+  if (d == kWideKeyD && dv == kWideKeyDv) return VarlenBwdSmem<kWideKeyD, kWideKeyDv>::kBytes;
+  if (d != dv) return 0;
+  return d == 64 ? VarlenBwdSmem<64, 64>::kBytes
+         : d == 128 ? VarlenBwdSmem<128, 128>::kBytes
+         : d == 256 ? VarlenBwdSmem<256, 256>::kBytes
+                    : 0;
+}
+
+// fp16/bf16 at a tensor-core shape (tc_backward_smem), 16-byte aligned tensors and enough shared
+// memory.
 template <typename T>
 bool use_tensor_core_backward(const VarlenBwdParams& b) {
   const VarlenParams& p = b.fwd;
-  if (sizeof(T) != 2 || p.d != p.dv || (p.d != 64 && p.d != 128)) return false;
-  const size_t need = p.d == 64 ? VarlenBwdSmem<64>::kBytes : VarlenBwdSmem<128>::kBytes;
+  const size_t need = tc_backward_smem(p.d, p.dv);
+  if (sizeof(T) != 2 || need == 0) return false;
   return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
          cuda::is_aligned(b.dout, 16) && (p.nq + kWalk - 1) / kWalk < (int64_t{1} << 31) &&
          (p.nk + kWalk - 1) / kWalk < (int64_t{1} << 31) && cuda::tc::optin_smem(nullptr) >= need;
 }
 
-template <typename T, int D>
+template <typename T, int D, int DV>
 Status launch_backward_tc(const VarlenBwdParams& p, cudaStream_t stream) {
-  static bool configured_dkdv[64] = {}, configured_dq[64] = {};
+  static bool configured_dkdv[64] = {}, configured_dk[64] = {}, configured_dv[64] = {}, configured_dq[64] = {};
+  constexpr size_t kSmem = VarlenBwdSmem<D, DV>::kBytes;
   const auto tiles = [](int64_t n) { return static_cast<unsigned>((n + kWalk - 1) / kWalk); };
   if (p.fwd.nk > 0) {
     const dim3 grid(tiles(p.fwd.nk), static_cast<unsigned>(p.fwd.hkv));
-    Status s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D>, grid, VarlenBwdSmem<D>::kBytes, p, stream,
-                                configured_dkdv);
+    Status s = Status::ok();
+    if constexpr (D / 2 + DV / 2 > 160) {  // (256: dV, then dK)
+      s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D, DV, false, true>, grid, kSmem, p, stream, configured_dv);
+      if (s.is_ok()) {
+        s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D, DV, true, false>, grid, kSmem, p, stream, configured_dk);
+      }
+    } else {
+      s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D, DV, true, true>, grid, kSmem, p, stream, configured_dkdv);
+    }
     if (!s.is_ok()) return s;
   }
   const dim3 grid(tiles(p.fwd.nq), static_cast<unsigned>(p.fwd.hq));
-  return cuda::tc::launch(varlen_dq_tc_kernel<T, D>, grid, VarlenBwdSmem<D>::kBytes, p, stream, configured_dq);
+  return cuda::tc::launch(varlen_dq_tc_kernel<T, D, DV>, grid, kSmem, p, stream, configured_dq);
 }
 
 template <typename T, int C>
@@ -781,7 +824,16 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_core_backward<T>(p)) {
-      return p.fwd.d == 64 ? launch_backward_tc<T, 64>(p, stream) : launch_backward_tc<T, 128>(p, stream);
+      switch (p.fwd.d) {
+        case 64:
+          return launch_backward_tc<T, 64, 64>(p, stream);
+        case 128:
+          return launch_backward_tc<T, 128, 128>(p, stream);
+        case kWideKeyD:  // (use_tensor_core_backward: values of kWideKeyDv channels)
+          return launch_backward_tc<T, kWideKeyD, kWideKeyDv>(p, stream);
+        default:  // (use_tensor_core_backward: 256)
+          return launch_backward_tc<T, 256, 256>(p, stream);
+      }
     }
   }
   if (p.fwd.nk > 0) {
@@ -806,27 +858,23 @@ Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
                           configured);
 }
 
-// Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention unabsorbed,
-// MiMo-V2-Flash): a tensor-core forward shape besides d == dv.
-constexpr int kWideKeyD = 192, kWideKeyDv = 128;
-
-// Shared memory of the tensor-core forward at head dims d / dv (use_tensor_cores's).
+// Shared memory of the tensor-core forward at head dims d / dv: d == dv in {64, 128, 256} or keys
+// of 192 with values of 128 (28, 52, 100, 67 KiB); 0 for the shapes it does not take.
 size_t tc_forward_smem(int64_t d, int64_t dv) {
-  if (d != dv) return VarlenTcSmem<kWideKeyD, kWideKeyDv>::kBytes;
-  return d == 64    ? VarlenTcSmem<64, 64>::kBytes
+  if (d == kWideKeyD && dv == kWideKeyDv) return VarlenTcSmem<kWideKeyD, kWideKeyDv>::kBytes;
+  if (d != dv) return 0;
+  return d == 64 ? VarlenTcSmem<64, 64>::kBytes
          : d == 128 ? VarlenTcSmem<128, 128>::kBytes
-                    : VarlenTcSmem<256, 256>::kBytes;
+         : d == 256 ? VarlenTcSmem<256, 256>::kBytes
+                    : 0;
 }
 
-// fp16/bf16 with d == dv in {64, 128, 256} or keys of 192 with values of 128, 16-byte aligned
-// tensors and enough shared memory (d = 64 needs 28 KiB, 128 52 KiB, 192 / 128 67 KiB, 256 100
-// KiB): the tensor-core kernel.
+// fp16/bf16 at a tensor-core shape (tc_forward_smem), 16-byte aligned tensors and enough shared
+// memory: the tensor-core kernel.
 template <typename T>
 bool use_tensor_cores(const VarlenParams& p) {
-  constexpr bool k16 = sizeof(T) == 2;
-  const bool wide = p.d == kWideKeyD && p.dv == kWideKeyDv;
-  if (!k16 || (!wide && (p.d != p.dv || (p.d != 64 && p.d != 128 && p.d != 256)))) return false;
   const size_t need = tc_forward_smem(p.d, p.dv);
+  if (sizeof(T) != 2 || need == 0) return false;
   return cuda::is_aligned(p.q, 16) && cuda::is_aligned(p.k, 16) && cuda::is_aligned(p.v, 16) &&
          (p.nq + cuda::tc::kRows - 1) / cuda::tc::kRows < (int64_t{1} << 31) &&
          cuda::tc::optin_smem(nullptr) >= need;
