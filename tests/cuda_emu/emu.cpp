@@ -70,6 +70,16 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kMaxThreads = 1024;
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kOptinSmem = 232448;  // H100: 227 KiB per block
+
+// The shared memory a block may opt in to: kOptinSmem, or FASTLAYERS_CUDA_EMU_OPTIN_SMEM bytes
+// (e.g. 101376, sm86 / sm89's 99 KiB: the kernels' fallbacks for GPUs with less).
+size_t optin_smem() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("FASTLAYERS_CUDA_EMU_OPTIN_SMEM");
+    return env != nullptr && *env != '\0' ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : kOptinSmem;
+  }();
+  return bytes;
+}
 constexpr int kSmCount = 132;
 
 struct Fiber {
@@ -511,7 +521,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
   if (device != 0) return cudaErrorInvalidDevice;
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = static_cast<int>(emu::kOptinSmem);
+      *value = static_cast<int>(emu::optin_smem());
       return cudaSuccess;
     case cudaDevAttrMultiProcessorCount:
       *value = emu::kSmCount;
@@ -526,7 +536,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
 
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
-  if (value < 0 || static_cast<size_t>(value) > emu::kOptinSmem) {
+  if (value < 0 || static_cast<size_t>(value) > emu::optin_smem()) {
     emu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: more shared memory than the device has");
     return cudaErrorInvalidValue;
   }
