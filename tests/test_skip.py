@@ -57,12 +57,13 @@ def test_varlen_windows_and_non_causal(device, window, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
 @pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, (20, 0)),
                                            (False, (3, 5))])  # fmt: skip
 def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
-    """fp16/bf16 with head dim 64 or 128 run the tensor-core kernel: sequences of ~150 routed
-    tokens (several 64-key tiles, tiles that no row sees), 64-row CTAs that span sequences, GQA."""
+    """fp16/bf16 with head dim 64, 80 (Phi-2), 96 (Phi-3) or 128 run the tensor-core kernel:
+    sequences of ~150 routed tokens (several 64-key tiles, tiles that no row sees), 64-row CTAs that
+    span sequences, GQA."""
     q, k, v, cu, pos = _routed(5, 300, 0.5, 4, 2, d, dtype, cuda_device)
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window)
 
@@ -315,17 +316,17 @@ def test_varlen_backward(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
 @pytest.mark.parametrize(
     "causal,window,softcap",
     [(True, None, 0.0), (False, None, 0.0), (True, (20, 0), 0.0), (False, (3, 5), 2.0)],
 )
 def test_varlen_tensor_core_backward(cuda_device, dtype, d, causal, window, softcap):
-    """fp16/bf16 with head dim 64 or 128 run the tensor-core backward (dK/dV per 64 keys of a kv
-    head over the query tiles of the group's heads, dQ per 64 query rows over their key tiles; no
-    CUDA-core backward kernel launched): sequences of ~150 routed tokens (several tiles each, tiles
-    that no row sees), tiles that span sequences, GQA, windows, soft-capping, gradients of out and
-    lse, against float64 autograd of the reference."""
+    """fp16/bf16 with head dim 64, 80, 96 or 128 run the tensor-core backward (dK/dV per 64 keys
+    of a kv head over the query tiles of the group's heads, dQ per 64 query rows over their key
+    tiles; no CUDA-core backward kernel launched): sequences of ~150 routed tokens (several tiles
+    each, tiles that no row sees), tiles that span sequences, GQA, windows, soft-capping, gradients
+    of out and lse, against float64 autograd of the reference."""
     q, k, v, cu, pos = _routed(5, 300, 0.5, 4, 2, d, dtype, cuda_device)
     q = (q.float() * 2).to(dtype)  # (scores of a few units: the soft cap bends them)
     names = ("varlen_dq_kernel", "varlen_dkdv_kernel", "kernel")

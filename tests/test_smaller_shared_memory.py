@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-from test_skip import _check, _check_backward, _routed
 
 from _emu import emulated_launches
 from _tolerances import rand
 from fastlayers import quant
 from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+from test_skip import _check, _check_backward, _routed
 
 SMALL = 99 * 1024  # sm86 / sm89's cudaDevAttrMaxSharedMemoryPerBlockOptin
 VARLEN = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")

@@ -28,6 +28,39 @@ constexpr int kRows = 16 * kWarps;  // query rows per CTA
 constexpr int kKeys = 64;           // keys per tile
 constexpr int kPad = 8;             // 16-bit row padding (elements): 16 bytes, conflict-free ldmatrix
 
+// Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention unabsorbed,
+// MiMo-V2-Flash): the attention kernels' tensor-core shape besides d == dv.
+constexpr int kWideKeyD = 192, kWideKeyDv = 128;
+
+template <int D, int DV>
+struct Dims {
+  static constexpr int kD = D, kDV = DV;
+};
+
+// The tile's head sizes (varlen_attention forward and backward; the INT4 KV prefill all but 80 and
+// 96): d == dv in {64, 80 (Phi-2, StableLM 3B), 96 (Phi-3), 128, 256 (Gemma 2 / 3)}, and keys of
+// 192 with values of 128. Returns f(Dims<d, dv>{}) for one of them, `otherwise` for the rest: one
+// list for the shapes' shared memory and their launches.
+template <typename R, typename F>
+R with_dims(int64_t d, int64_t dv, R otherwise, F&& f) {
+  if (d == kWideKeyD && dv == kWideKeyDv) return f(Dims<kWideKeyD, kWideKeyDv>{});
+  if (d != dv) return otherwise;
+  switch (d) {
+    case 64:
+      return f(Dims<64, 64>{});
+    case 80:
+      return f(Dims<80, 80>{});
+    case 96:
+      return f(Dims<96, 96>{});
+    case 128:
+      return f(Dims<128, 128>{});
+    case 256:
+      return f(Dims<256, 256>{});
+    default:
+      return otherwise;
+  }
+}
+
 // Shared-memory layout (byte offsets; each region 128-byte aligned) for queries and keys of D
 // channels and values of DV. kExtra: where the kernel's own arrays start; bytes(extra) the total.
 template <int D, int DV = D>

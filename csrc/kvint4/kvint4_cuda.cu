@@ -55,8 +55,9 @@ constexpr int kLatentSliceHeads = 4;
 constexpr int kMaxChannelsPerLane = 8;  // head_dim <= 256 (and 576 / 512: multi-head latent attention)
 constexpr int kLatentD = 576, kLatentDv = 512;  // DeepSeek's latent + RoPE part / latent
 // Keys of 128 + 64 (RoPE) channels with values of 128 of their own (MiMo-V2-Flash; DeepSeek's
-// multi-head latent attention unabsorbed): a tensor-core decode shape besides d = dv.
-constexpr int kWideKeyD = 192, kWideKeyDv = 128;
+// multi-head latent attention unabsorbed): a tensor-core shape besides d = dv.
+using cuda::tc::kWideKeyD;
+using cuda::tc::kWideKeyDv;
 constexpr int kTokensPerSplit = 256;
 constexpr int kMaxSplits = 64;
 
@@ -930,7 +931,8 @@ size_t prefill_tc_smem(bool split) {
   return split ? prefill_tc_smem<D, DV, true>() : prefill_tc_smem<D, DV, false>();
 }
 
-// head_dim 64, 128 or 256 (values too), or keys of 192 with values of 128; fp16/bf16 queries given
+// head_dim 64, 128 or 256 (values too), or keys of 192 with values of 128 (the tile's shapes,
+// cuda::tc::with_dims, but 80 and 96: the INT4 cache's kernels take multiples of 64); fp16/bf16 queries given
 // (q16, 16-byte aligned) or fp32 ones (the hi + lo kernel); grid and shared memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
   const int64_t dv = value_dim(p);

@@ -543,11 +543,7 @@ __global__ void varlen_dq_kernel(const VarlenBwdParams p) {
   store_cols(static_cast<T*>(p.dq) + w * f.d, f.d, lane, dq);
 }
 
-// Keys of 192 channels with values of 128 (DeepSeek's multi-head latent attention unabsorbed,
-// MiMo-V2-Flash): a tensor-core shape besides d == dv.
-constexpr int kWideKeyD = 192, kWideKeyDv = 128;
-
-// ---- Tensor-core backward (fp16/bf16, d == dv in {64, 128, 256}, keys of 192 with values of 128) --
+// ---- Tensor-core backward (fp16/bf16, the shapes of cuda::tc::with_dims) ------------------------
 // FlashAttention-2's backward in two deterministic kernels (no atomics), both recomputing P from
 // the saved lse: the dK/dV kernel owns 64 keys of a kv head (warp w its keys 16w..16w+15) and walks
 // the query tiles of their sequences for every query head of the group: S^T = K Q^T, dP^T = V dO^T,
@@ -769,15 +765,12 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dq_tc_kernel(
   store_rows<T, D>(dq, p.scale, static_cast<T*>(bp.dq), row0, p.hq, h, walk_sh);
 }
 
-// Shared memory of the tensor-core backward at head dims d / dv: d == dv in {64, 128, 256} or keys
-// of 192 with values of 128 (39, 70, 134, 86 KiB); 0 for the shapes it does not take.
+// Shared memory of the tensor-core backward at head dims d / dv (d = dv = 64: 39 KiB, 80: 46, 96:
+// 54, 128: 70, 256: 134; 192 / 128: 86); 0 for the shapes it does not take.
 size_t tc_backward_smem(int64_t d, int64_t dv) {
-  if (d == kWideKeyD && dv == kWideKeyDv) return VarlenBwdSmem<kWideKeyD, kWideKeyDv>::kBytes;
-  if (d != dv) return 0;
-  return d == 64 ? VarlenBwdSmem<64, 64>::kBytes
-         : d == 128 ? VarlenBwdSmem<128, 128>::kBytes
-         : d == 256 ? VarlenBwdSmem<256, 256>::kBytes
-                    : 0;
+  return cuda::tc::with_dims(d, dv, size_t{0}, [](auto s) {
+    return VarlenBwdSmem<decltype(s)::kD, decltype(s)::kDV>::kBytes;
+  });
 }
 
 // fp16/bf16 at a tensor-core shape (tc_backward_smem), 16-byte aligned tensors and enough shared
@@ -824,16 +817,8 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_core_backward<T>(p)) {
-      switch (p.fwd.d) {
-        case 64:
-          return launch_backward_tc<T, 64, 64>(p, stream);
-        case 128:
-          return launch_backward_tc<T, 128, 128>(p, stream);
-        case kWideKeyD:  // (use_tensor_core_backward: values of kWideKeyDv channels)
-          return launch_backward_tc<T, kWideKeyD, kWideKeyDv>(p, stream);
-        default:  // (use_tensor_core_backward: 256)
-          return launch_backward_tc<T, 256, 256>(p, stream);
-      }
+      return cuda::tc::with_dims(p.fwd.d, p.fwd.dv, Status::invalid("varlen_attention_backward: no tensor-core shape"),
+                          [&](auto s) { return launch_backward_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream); });
     }
   }
   if (p.fwd.nk > 0) {
@@ -858,15 +843,12 @@ Status launch_tc(const VarlenParams& p, cudaStream_t stream) {
                           configured);
 }
 
-// Shared memory of the tensor-core forward at head dims d / dv: d == dv in {64, 128, 256} or keys
-// of 192 with values of 128 (28, 52, 100, 67 KiB); 0 for the shapes it does not take.
+// Shared memory of the tensor-core forward at head dims d / dv (d = dv = 64: 28 KiB, 80: 34, 96: 40,
+// 128: 52, 256: 100; 192 / 128: 67); 0 for the shapes it does not take.
 size_t tc_forward_smem(int64_t d, int64_t dv) {
-  if (d == kWideKeyD && dv == kWideKeyDv) return VarlenTcSmem<kWideKeyD, kWideKeyDv>::kBytes;
-  if (d != dv) return 0;
-  return d == 64 ? VarlenTcSmem<64, 64>::kBytes
-         : d == 128 ? VarlenTcSmem<128, 128>::kBytes
-         : d == 256 ? VarlenTcSmem<256, 256>::kBytes
-                    : 0;
+  return cuda::tc::with_dims(d, dv, size_t{0}, [](auto s) {
+    return VarlenTcSmem<decltype(s)::kD, decltype(s)::kDV>::kBytes;
+  });
 }
 
 // fp16/bf16 at a tensor-core shape (tc_forward_smem), 16-byte aligned tensors and enough shared
@@ -884,16 +866,8 @@ template <typename T>
 Status launch(const VarlenParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_cores<T>(p)) {
-      switch (p.d) {
-        case 64:
-          return launch_tc<T, 64, 64>(p, stream);
-        case 128:
-          return launch_tc<T, 128, 128>(p, stream);
-        case kWideKeyD:  // (use_tensor_cores: values of kWideKeyDv channels)
-          return launch_tc<T, kWideKeyD, kWideKeyDv>(p, stream);
-        default:  // (use_tensor_cores: 256)
-          return launch_tc<T, 256, 256>(p, stream);
-      }
+      return cuda::tc::with_dims(p.d, p.dv, Status::invalid("varlen_attention: no tensor-core shape"),
+                          [&](auto s) { return launch_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream); });
     }
   }
   const dim3 grid(static_cast<unsigned>((p.nq + kRows - 1) / kRows), static_cast<unsigned>(p.hq));

@@ -102,8 +102,10 @@ def translate(text: str, path: str = "?") -> str:
     # compile as a per-thread local array here: refused instead.
     for number, line in enumerate(text.split("\n"), 1):
         if "__shared__" in line.split("//")[0]:
-            raise ValueError(f"{path}:{number}: a __shared__ declaration the emulation cannot take "
-                             "(one array or variable per statement)")
+            raise ValueError(
+                f"{path}:{number}: a __shared__ declaration the emulation cannot take "
+                "(one array or variable per statement)"
+            )
     text = _rewrite(text, "__launch_bounds__(", _launch_bounds)
     return _rewrite(text, "<<<", lambda t, k: _launch(t, k, path))
 
