@@ -13,3 +13,12 @@ def emulated_launches(kernel: str) -> int | None:
         return None
     launches = c.cuda_emu_launches().items()
     return sum(n for site, n in launches if site.split(" ")[1].startswith(kernel))
+
+
+def launches_since(kernels: tuple[str, ...], before: list[int | None] | None = None):
+    """The launches of each of ``kernels`` (emulated_launches' prefixes) so far, or, given
+    ``before`` (an earlier call's answer), since then; None on a GPU (not counted)."""
+    now = [emulated_launches(k) for k in kernels]
+    if now[0] is None:
+        return None
+    return now if before is None else [n - b for n, b in zip(now, before, strict=True)]

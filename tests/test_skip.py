@@ -2,13 +2,14 @@
 """Sparse layer-skip attention: routing, position-masked varlen attention (kernel vs a float64
 evaluation of the reference, and vs SDPA in the dense case), backward, gather / gated scatter."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 import fastlayers
-from _emu import emulated_launches
+from _emu import emulated_launches, launches_since
 from _tolerances import assert_close_to_oracle, rand
 from fastlayers.reference import skip as ref
 
@@ -68,6 +69,24 @@ def test_varlen_tensor_core_forward(cuda_device, dtype, d, causal, window):
     _check(q, k, v, cu, cu, pos, pos, causal=causal, window=window)
 
 
+# The varlen kernels' launch sites (the tensor-core ones go through cuda::tc::launch: "kernel").
+VARLEN_KERNELS = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
+
+
+@contextlib.contextmanager
+def _references_refused(monkeypatch):
+    """The PyTorch forward and backward references made to fail: a CUDA kernel must run."""
+    from fastlayers.ops import skip as skip_ops
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
+
+    with monkeypatch.context() as m:
+        m.setattr(skip_ops, "_varlen_reference", refused)
+        m.setattr(skip_ops, "_varlen_backward_reference", refused)
+        yield
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
     """Head dim 256 (Gemma 2 / 3) and 200 / 136 (partial lanes) run CUDA kernels forward and
@@ -81,15 +100,8 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
 
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 256, dtype, cuda_device)
     q2, k2, v2, cu2, pos2 = _routed(2, 60, 0.5, 4, 2, 200, dtype, cuda_device, dv=136)
-
-    def refused(*args, **kwargs):
-        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
-
-    counts = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
-    before = [emulated_launches(name) for name in counts]
-    with monkeypatch.context() as m:
-        m.setattr(skip_ops, "_varlen_reference", refused)
-        m.setattr(skip_ops, "_varlen_backward_reference", refused)
+    before = launches_since(VARLEN_KERNELS)
+    with _references_refused(monkeypatch):
         _check(q, k, v, cu, cu, pos, pos)
         _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
         buffers = [torch.empty(t.numel() + 1, dtype=dtype, device=cuda_device) for t in (q, k, v)]
@@ -100,12 +112,11 @@ def test_varlen_head_dims_up_to_256_on_cuda(cuda_device, dtype, monkeypatch):
         _check_backward(q, k, v, cu, pos)
         _check_backward(q, k, v, cu, pos, causal=False, window=(3, 5), softcap=2.0)
         _check_backward(q2, k2, v2, cu2, pos2, causal=False, softcap=2.0)
-    if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
+    if before is not None:
         # 16-bit: 4 forwards at 256 on tensor cores, 2 backwards of 3 launches (dV, dK, dQ); the
         # unaligned views and 200 / 136 on CUDA cores (the emulation lets a block have 227 KiB)
         tc = [0, 7, 3, 3] if dtype == torch.float32 else [10, 3, 1, 1]
-        added = [emulated_launches(name) - n for name, n in zip(counts, before, strict=True)]
-        assert added == tc
+        assert launches_since(VARLEN_KERNELS, before) == tc
     # beyond 256: the reference (warned once)
     q3, k3, v3, cu3, pos3 = _routed(1, 20, 1.0, 2, 2, 288, dtype, cuda_device)
     reference, seen = skip_ops._varlen_reference, []
@@ -122,25 +133,15 @@ def test_varlen_tensor_core_keys_wider_than_values(cuda_device, dtype, monkeypat
     dQ over 32 keys a step), not the reference (made to fail here): causal, windowed and
     soft-capped, GQA, forward and backward against float64. In the emulation the launches are
     counted (no CUDA-core kernel)."""
-    from fastlayers.ops import skip as skip_ops
-
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 192, dtype, cuda_device, dv=128)
-
-    def refused(*args, **kwargs):
-        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
-
-    names = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
-    before = [emulated_launches(n) for n in names]
-    with monkeypatch.context() as m:
-        m.setattr(skip_ops, "_varlen_reference", refused)
-        m.setattr(skip_ops, "_varlen_backward_reference", refused)
+    before = launches_since(VARLEN_KERNELS)
+    with _references_refused(monkeypatch):
         _check(q, k, v, cu, cu, pos, pos)
         _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
         _check_backward(q, k, v, cu, pos)
         _check_backward(q, k, v, cu, pos, causal=False, window=(3, 5), softcap=2.0)
-    if before[0] is not None:  # (tensor-core launches are named "kernel": cuda::tc::launch)
-        assert emulated_launches("kernel") == before[0] + 8  # 4 forwards, 2 x (dK/dV, dQ)
-        assert [emulated_launches(n) for n in names[1:]] == before[1:]  # no CUDA-core kernel
+    if before is not None:  # 4 forwards, 2 x (dK/dV, dQ); no CUDA-core kernel
+        assert launches_since(VARLEN_KERNELS, before) == [8, 0, 0, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -11,15 +11,14 @@ import os
 import pytest
 import torch
 
-from _emu import emulated_launches
+from _emu import launches_since
 from _tolerances import rand
 from fastlayers import quant
 from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
-from test_skip import _check, _check_backward, _routed
+from test_skip import VARLEN_KERNELS, _check, _check_backward, _routed
 
 SMALL = 99 * 1024  # sm86 / sm89's cudaDevAttrMaxSharedMemoryPerBlockOptin
-VARLEN = ("kernel", "varlen_forward_kernel", "varlen_dkdv_kernel", "varlen_dq_kernel")
-KV = ("kernel", "prefill_kernel", "prefill_latent_tc_kernel")
+KV = ("kernel", "prefill_kernel", "prefill_latent_tc_kernel")  # ("kernel": cuda::tc::launch's)
 
 
 def _optin_smem(device) -> int:
@@ -36,26 +35,15 @@ def small_smem_device(cuda_device):
     return cuda_device
 
 
-def _launches(names):
-    return [emulated_launches(n) for n in names]
-
-
-def _added(names, before):
-    """Launches of each kernel since ``before`` (None on a GPU: not counted)."""
-    if before[0] is None:
-        return None
-    return [n - b for n, b in zip(_launches(names), before, strict=True)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_varlen_head_dim_256_on_cuda_cores(small_smem_device, dtype):
     """Head dim 256: the tensor-core forward (~100 KiB) and backward (134 KiB) do not fit; the
     CUDA-core kernels (80 KiB opted in) run both, causal and windowed + soft-capped."""
     q, k, v, cu, pos = _routed(3, 150, 0.5, 4, 2, 256, dtype, small_smem_device)
-    before = _launches(VARLEN)
+    before = launches_since(VARLEN_KERNELS)
     _check(q, k, v, cu, cu, pos, pos)
     _check_backward(q, k, v, cu, pos, causal=False, window=(3, 5), softcap=2.0)
-    added = _added(VARLEN, before)
+    added = launches_since(VARLEN_KERNELS, before)
     assert added is None or added == [0, 2, 1, 1]
 
 
@@ -63,12 +51,12 @@ def test_varlen_head_dim_256_on_cuda_cores(small_smem_device, dtype):
 def test_varlen_tensor_cores_where_they_fit(small_smem_device, dtype):
     """Keys of 192 with values of 128 (forward 67 KiB, backward 86 KiB) and head dim 128 (52 and
     70 KiB) stay on tensor cores: forward, dK/dV and dQ launches, no CUDA-core kernel."""
-    before = _launches(VARLEN)
+    before = launches_since(VARLEN_KERNELS)
     for d, dv in ((192, 128), (128, 128)):
         q, k, v, cu, pos = _routed(2, 140, 0.5, 4, 2, d, dtype, small_smem_device, dv=dv)
         _check(q, k, v, cu, cu, pos, pos, causal=False, window=(7, 3), softcap=2.0)
         _check_backward(q, k, v, cu, pos)
-    added = _added(VARLEN, before)
+    added = launches_since(VARLEN_KERNELS, before)
     assert added is None or added == [8, 0, 0, 0]
 
 
@@ -82,9 +70,9 @@ def test_int4_kv_prefill_head_dim_256(small_smem_device, dtype):
     q = rand(b, hq, tq, d, dtype=dtype, device=dev)
     k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=dev), group)
     v, vs = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=dev), group)
-    before = _launches(KV)
+    before = launches_since(KV)
     out, lse = int4_kv_attention(q, k, ks, v, vs)
-    added = _added(KV, before)
+    added = launches_since(KV, before)
     assert added is None or added == ([1, 0, 0] if dtype == torch.bfloat16 else [0, 1, 0])
     ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
@@ -102,9 +90,9 @@ def test_int4_kv_prefill_latent_on_cuda_cores(small_smem_device, dtype):
     k, ks = quant.quantize_kv_int4(rand(b, 1, t, d, dtype=torch.float32, device=dev), group)
     v, vs = k[..., : dv // 2], ks[..., : dv // group]  # the key rows' first 512 channels
     q = rand(b, hq, tq, d, dtype=dtype, device=dev)
-    before = _launches(KV)
+    before = launches_since(KV)
     out, lse = int4_kv_attention(q, k, ks, v, vs)
-    added = _added(KV, before)
+    added = launches_since(KV, before)
     assert added is None or added == [0, 1, 0]
     ref, ref_lse = _attention_reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), t,
                                         d**-0.5)  # fmt: skip
