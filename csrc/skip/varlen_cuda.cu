@@ -566,6 +566,9 @@ struct VarlenBwdSmem {
   static constexpr size_t kStats = kWalkAt + (sizeof(WalkShared) + 127) / 128 * 128;
   static constexpr size_t kBytes = kStats + 2 * kWalk * sizeof(float);  // dK/dV: the queries' lse, delta
   static_assert(kTile % 128 == 0 && kTileV % 128 == 0, "tiles stay 128-byte aligned");
+  // dK's and dV's accumulators (D / 2 + DV / 2 registers a lane) too many together: the dK/dV
+  // kernel runs twice, once for each (at 256)
+  static constexpr bool kApart = D / 2 + DV / 2 > 160;
 };
 
 // One score's probability and gradient, in place: s (raw) -> p = exp(x - lse) with x = scale s
@@ -629,7 +632,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32, 1) varlen_dkdv_tc_kerne
   constexpr int kPass = kAcc <= 64 ? kWalk : kAcc <= 128 ? 32 : 16;
   constexpr int kLd = L::kLd, kLdV = L::kLdV, kNB = kPass / 8;
   static_assert(tc::kWarps * 16 == kWalk && kWalk % kPass == 0, "a warp's 16 keys; whole passes");
-  static_assert(kDK || kDV, "a gradient to compute");
+  static_assert((kDK || kDV) && !(kDK && kDV && L::kApart), "a gradient to compute; both where they fit");
   const VarlenParams& p = bp.fwd;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sk = reinterpret_cast<T*>(tc_smem);
@@ -793,7 +796,7 @@ Status launch_backward_tc(const VarlenBwdParams& p, cudaStream_t stream) {
   if (p.fwd.nk > 0) {
     const dim3 grid(tiles(p.fwd.nk), static_cast<unsigned>(p.fwd.hkv));
     Status s = Status::ok();
-    if constexpr (D / 2 + DV / 2 > 160) {  // (256: dV, then dK)
+    if constexpr (VarlenBwdSmem<D, DV>::kApart) {  // dV, then dK
       s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D, DV, false, true>, grid, kSmem, p, stream, configured_dv);
       if (s.is_ok()) {
         s = cuda::tc::launch(varlen_dkdv_tc_kernel<T, D, DV, true, false>, grid, kSmem, p, stream, configured_dk);
@@ -817,8 +820,10 @@ Status launch_backward(const VarlenBwdParams& p, cudaStream_t stream) {
   if (Status s = cuda::last_launch_status(); !s.is_ok()) return s;
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_core_backward<T>(p)) {
-      return cuda::tc::with_dims(p.fwd.d, p.fwd.dv, Status::invalid("varlen_attention_backward: no tensor-core shape"),
-                          [&](auto s) { return launch_backward_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream); });
+      const Status none = Status::invalid("varlen_attention_backward: no tensor-core shape");
+      return cuda::tc::with_dims(p.fwd.d, p.fwd.dv, none, [&](auto s) {
+        return launch_backward_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream);
+      });
     }
   }
   if (p.fwd.nk > 0) {
@@ -866,8 +871,10 @@ template <typename T>
 Status launch(const VarlenParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (use_tensor_cores<T>(p)) {
-      return cuda::tc::with_dims(p.d, p.dv, Status::invalid("varlen_attention: no tensor-core shape"),
-                          [&](auto s) { return launch_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream); });
+      const Status none = Status::invalid("varlen_attention: no tensor-core shape");
+      return cuda::tc::with_dims(p.d, p.dv, none, [&](auto s) {
+        return launch_tc<T, decltype(s)::kD, decltype(s)::kDV>(p, stream);
+      });
     }
   }
   const dim3 grid(static_cast<unsigned>((p.nq + kRows - 1) / kRows), static_cast<unsigned>(p.hq));
