@@ -914,7 +914,7 @@ def test_int4_kv_sinks_match_reference(device, dtype, hq, hkv, d, group):
 
 # (d, dv, group, hq, hkv): the register path (<= 4 query rows per kv head, 16-channel chunks), the
 # buffer path (5 heads per kv head), channels not in 16-chunks (group 8), DeepSeek's 192 / 128 and
-# 128 / 64 (CUDA kernel shapes: multiples of 64, values no wider than the keys)
+# 128 / 64 (the CUDA kernels take values no wider than the keys: the last three shapes)
 VALUE_DIM_SHAPES = [
     (32, 48, 16, 4, 2),
     (64, 32, 16, 10, 2),
@@ -936,8 +936,8 @@ def test_int4_kv_values_of_their_own_head_size(device, d, dv, group, hq, hkv):
     """Values of another head size than the keys (multi-head latent attention's 128 against 192,
     MiMo-V2-Flash's): decode (left padding, soft-capping, sinks) and causal prefill, 16-bit and
     fp32 queries, vs the float64 references; outputs dv wide; one quantization group for keys and
-    values or a ValueError naming both scales. (CUDA: the kernels take dv a multiple of 64 up to d,
-    the last two shapes; the reference runs for the others, warned once.)"""
+    values or a ValueError naming both scales. (CUDA: the kernels take dv up to d, the last three
+    shapes; the reference runs for the others, warned once.)"""
     t = 45
     k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
     sinks = torch.randn(hq, device=device)
@@ -1359,6 +1359,62 @@ def test_int4_kv_cuda_kernels_take_other_values_and_left_padding(cuda_device, mo
             (int4_kv_attention(q3, k, ks, v, vs, 66, starts=starts), want3),
         ):
             assert out.dtype == dtype and out.shape[-1] == v.shape[-1] * 2
+            torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+
+
+# (d, dv, group, hq, hkv, values in the key rows): Phi-2's 80 (MHA: one query head per kv head),
+# Phi-3's 96 with a GQA group of 3, 80 / 48 read from the key rows, 40 (2 channels on 20 lanes),
+# 70 / 38 (the last key lane holding 2 of its 4 channels) and 250 / 96 (8 channels a lane for the
+# keys, 4 for the values; 12 query heads: slices of 8 and 4)
+CUDA_CORE_SHAPES = [
+    (80, 80, 16, 4, 4, False),
+    (96, 96, 32, 6, 2, False),
+    (80, 48, 16, 4, 2, True),
+    (40, 40, 8, 4, 2, False),
+    (70, 38, 2, 4, 1, False),
+    (250, 96, 2, 12, 1, False),
+]
+
+
+@pytest.mark.parametrize("d,dv,group,hq,hkv,in_keys", CUDA_CORE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kv_cuda_cores_take_any_even_head_dim(cuda_device, monkeypatch, dtype, d, dv, group,
+                                                   hq, hkv, in_keys):  # fmt: skip
+    """Head sizes that are not a multiple of 64 (Phi-2's 80, Phi-3's 96) run the CUDA-core decode
+    and prefill, not the reference (made to fail): rows narrower than 32 lanes' worth of channels
+    leave the last lanes fewer or none. Decode with left padding and soft-capping and a causal
+    prefill over 20 query tokens, vs the float64 references computed first."""
+    from fastlayers.ops import kvint4 as ops
+
+    t, length = 70, 66
+    starts = torch.tensor([5, 0], dtype=torch.int32, device=cuda_device)
+    if in_keys:
+        k, ks, v, vs = _values_in_key_rows(2, hkv, t, d, dv, group, cuda_device)
+    else:
+        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, cuda_device)
+    q = rand(2, hq, d, dtype=dtype, device=cuda_device, scale=2.0)
+    q3 = rand(2, hq, 20, d, dtype=dtype, device=cuda_device, scale=2.0)
+    vc, vsc = v.contiguous(), vs.contiguous()
+    runs = []
+    for cap in (0.0, 1.5):
+        want = _reference(q.double(), k, ks, vc, vsc, length, d**-0.5, starts, cap)
+        want3 = _attention_reference(q3.double(), k, ks, vc, vsc, length, d**-0.5, cap, None,
+                                     starts)  # fmt: skip
+        runs.append((cap, want, want3))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of a CUDA kernel")
+
+    monkeypatch.setattr(ops, "_reference", refused)
+    monkeypatch.setattr(ops, "_attention_reference", refused)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for cap, want, want3 in runs:
+        for (out, lse), (ref, ref_lse) in (
+            (int4_kv_decode(q, k, ks, v, vs, length, None, starts, cap), want),
+            (int4_kv_attention(q3, k, ks, v, vs, length, starts=starts, softcap=cap), want3),
+        ):
+            assert out.dtype == dtype and out.shape[-1] == dv
             torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
             torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
 

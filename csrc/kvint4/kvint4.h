@@ -118,8 +118,8 @@ Status validate(const QuantizeParams& p);
 Status decode_cpu(const DecodeParams& p);
 Status quantize_cpu(const QuantizeParams& p);
 
-// CUDA (kvint4_cuda.cu): split-KV decode (head_dim a multiple of 64 up to 256 with values of a
-// multiple of 64 channels no wider than the keys (dv 0: d), or multi-head latent attention's
+// CUDA (kvint4_cuda.cu): split-KV decode (an even head_dim up to 256 with values of an even
+// number of channels no wider than the keys (dv 0: d), or multi-head latent attention's
 // 576-channel keys and 512-channel values; any GQA group; on tensor cores for head_dim 64 / 128
 // with dv == d and groups of a multiple of 16 channels), causal prefill (q_tokens > 1: one warp
 // per query row, same head dims, no workspace) and the cache write (any shape the CPU kernel

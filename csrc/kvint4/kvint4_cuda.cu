@@ -19,9 +19,11 @@
 //   one split of the tokens for one (batch, kv head) and serves up to 8 of the GQA group's query
 //   heads (4 for multi-head latent attention's 576-channel rows; larger groups in several slices, L2
 //   serving the rows again), so every cache byte is read once per slice. Warps take tokens
-//   round-robin; lane l owns key channels [l * c, (l + 1) * c) with c = d / 32 and value channels
-//   [l * cv, (l + 1) * cv) with cv = dv / 32 (even: whole bytes), dequantizes them in registers
-//   and keeps, per head, the running max, sum and output slice (online softmax). The values may be
+//   round-robin; lane l owns key channels [l * c, (l + 1) * c) and value channels
+//   [l * cv, (l + 1) * cv) (c, cv even, whole bytes: 2 for up to 64 channels, 4 up to 128, 6 up to
+//   192, 8 up to 256; where the row is narrower than 32 lanes' worth, head_dim 80 or 96, the lanes
+//   at its end reread its last channels with zero queries: LaneScales), dequantizes them in
+//   registers and keeps, per head, the running max, sum and output slice (online softmax). The values may be
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
 // Prefill: head_dim 64, 128 or 256, or keys of 192 with values of 128, on tensor cores
@@ -195,24 +197,35 @@ struct LaneBytes {
   uint8_t nibbles[C / 2], scales[C / 2];
 };
 
-// Where this lane's group-scale codes sit in a row of them: the same for every row, so computed
-// once (a 64-bit division per byte and token was most of the decode loop's instructions).
+// The C channels of a row of `width` this lane reads, [start, start + C), and where their
+// group-scale codes sit: the same for every row, so computed once (a 64-bit division per byte and
+// token was most of the decode loop's instructions). Lane l owns channels [l * C, (l + 1) * C) of
+// the row; where the row is narrower than 32 * C (head_dim 80: 20 lanes of 4) the lanes at its end
+// read its last C channels instead and own only those past `owned` of them (none past the row's
+// end), so the loop reads every lane's bytes unguarded: a lane's channels it does not own get zero
+// queries and their outputs are not stored.
 template <int C>
 struct LaneScales {
   int at[C / 2];
-  __device__ LaneScales(int lane, int64_t group) {
-    const int g = static_cast<int>(group);  // (head_dim <= 576)
+  int start;  // the first channel read (even: whole bytes)
+  int owned;  // channels [start + owned, start + C) are this lane's; C: none
+  __device__ LaneScales(int lane, int64_t group, int64_t width) {
+    const int g = static_cast<int>(group), w = static_cast<int>(width);  // (head_dim <= 576)
+    const int first = lane * C;
+    start = first < w - C ? first : w - C;  // (width >= C: lane_channels)
+    owned = first < w ? first - start : C;
 #pragma unroll
-    for (int j = 0; j < C; j += 2) at[j / 2] = (lane * C + j) / g;  // (group even: one per byte)
+    for (int j = 0; j < C; j += 2) at[j / 2] = (start + j) / g;  // (group even: one per byte)
   }
+  __device__ bool owns(int j) const { return j >= owned; }
 };
 
 template <int C>
 __device__ __forceinline__ void fetch_lane(const uint8_t* row, const uint8_t* scales, const LaneScales<C>& at,
-                                           int lane, LaneBytes<C>& r) {
+                                           LaneBytes<C>& r) {
 #pragma unroll
   for (int j = 0; j < C; j += 2) {
-    r.nibbles[j / 2] = row[lane * (C / 2) + j / 2];
+    r.nibbles[j / 2] = row[at.start / 2 + j / 2];
     r.scales[j / 2] = scales[at.at[j / 2]];
   }
 }
@@ -230,9 +243,9 @@ __device__ __forceinline__ void dequant_fetched(const LaneBytes<C>& r, float (&v
 // Dequantizes this lane's channels of one cached row into v[0, C).
 template <int C>
 __device__ __forceinline__ void dequant_lane(const uint8_t* row, const uint8_t* scales, const LaneScales<C>& at,
-                                             int lane, float (&v)[C]) {
+                                             float (&v)[C]) {
   LaneBytes<C> r;
-  fetch_lane<C>(row, scales, at, lane, r);
+  fetch_lane<C>(row, scales, at, r);
   dequant_fetched<C>(r, v);
 }
 
@@ -251,16 +264,18 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
   const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
-  const int64_t dh = p.d / 2, ng = p.d / p.group, dv = CV * 32;
+  const int64_t dh = p.d / 2, ng = p.d / p.group, dv = value_dim(p);
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
 
+  const LaneScales<C> k_at(lane, p.group, p.d);
+  const LaneScales<CV> v_at(lane, p.group, dv);
   float q[H][C], acc[H][CV], m[H], l[H];
 #pragma unroll
   for (int h = 0; h < H; ++h) {
     m[h] = -INFINITY;
     l[h] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < C; ++j) q[h][j] = h < gh ? p.q[(qh0 + h) * p.d + lane * C + j] : 0.0f;
+    for (int j = 0; j < C; ++j) q[h][j] = h < gh && k_at.owns(j) ? p.q[(qh0 + h) * p.d + k_at.start + j] : 0.0f;
 #pragma unroll
     for (int j = 0; j < CV; ++j) acc[h][j] = 0.0f;
   }
@@ -271,8 +286,6 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   // time left each lane waiting on memory once per token (int4_kv_decode at 0.03-0.04 of the copy
   // bandwidth on the H200, dd55068). The tokens are still consumed in the same order.
   constexpr int kAhead = C + CV <= 8 ? 4 : (C + CV <= 16 ? 2 : 1);
-  const LaneScales<C> k_at(lane, p.group);
-  const LaneScales<CV> v_at(lane, p.group);
   for (int64_t t = t0 + warp; t < t1; t += kWarps * kAhead) {
     LaneBytes<C> kb[kAhead];
     LaneBytes<CV> vb[kAhead];
@@ -280,8 +293,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
     for (int u = 0; u < kAhead; ++u) {
       const int64_t tu = t + u * kWarps;
       if (tu < t1) {
-        fetch_lane<C>(p.k + (base + tu) * dh, k_scales + (base + tu) * ng, k_at, lane, kb[u]);
-        fetch_lane<CV>(p.v + (base + tu) * v_row, v_scales + (base + tu) * vs_row, v_at, lane, vb[u]);
+        fetch_lane<C>(p.k + (base + tu) * dh, k_scales + (base + tu) * ng, k_at, kb[u]);
+        fetch_lane<CV>(p.v + (base + tu) * v_row, v_scales + (base + tu) * vs_row, v_at, vb[u]);
       }
     }
 #pragma unroll
@@ -323,7 +336,9 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
       sl[warp * H + h] = l[h];
     }
 #pragma unroll
-    for (int j = 0; j < CV; ++j) sacc[(warp * H + h) * dv + lane * CV + j] = acc[h][j];
+    for (int j = 0; j < CV; ++j) {
+      if (v_at.owns(j)) sacc[(warp * H + h) * dv + v_at.start + j] = acc[h][j];
+    }
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * dv; i += blockDim.x) {
@@ -384,19 +399,19 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   const int64_t i = w % p.q_tokens, bh = w / p.q_tokens, b = bh / p.hq, h = bh % p.hq;
   const int64_t kh = h / (p.hq / p.hkv), dh = p.d / 2, ng = p.d / p.group;
   const int64_t limit = p.length - p.q_tokens + i;  // the last visible cached token
-  const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
+  const int64_t v_row = value_row(p), vs_row = value_scale_row(p), dv = value_dim(p);
+  const LaneScales<C> k_at(lane, p.group, p.d);
+  const LaneScales<CV> v_at(lane, p.group, dv);
   float q[C], acc[CV], m = -INFINITY, l = 0.0f;
 #pragma unroll
-  for (int j = 0; j < C; ++j) q[j] = p.q[w * p.d + lane * C + j];
+  for (int j = 0; j < C; ++j) q[j] = k_at.owns(j) ? p.q[w * p.d + k_at.start + j] : 0.0f;
 #pragma unroll
   for (int j = 0; j < CV; ++j) acc[j] = 0.0f;
   const int64_t base = (b * p.hkv + kh) * p.t_max;
-  const LaneScales<C> k_at(lane, p.group);
-  const LaneScales<CV> v_at(lane, p.group);
   for (int64_t t = first_token(p, b); t <= limit; ++t) {
     float k[C], v[CV];
     dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
-                    k_at, lane, k);
+                    k_at, k);
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < C; ++j) s += q[j] * k[j];
@@ -404,7 +419,7 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     s = softcapped(s * p.scale, p.softcap);
     dequant_lane<CV>(p.v + (base + t) * v_row,
-                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, v_at, lane, v);
+                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, v_at, v);
     const float m_new = fmaxf(m, s);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
     const float e = expf(s - m_new);
@@ -415,7 +430,9 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   }
   const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
 #pragma unroll
-  for (int j = 0; j < CV; ++j) p.out[w * CV * 32 + lane * CV + j] = acc[j] * inv;
+  for (int j = 0; j < CV; ++j) {
+    if (v_at.owns(j)) p.out[w * dv + v_at.start + j] = acc[j] * inv;
+  }
   if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
 }
 
@@ -1468,8 +1485,15 @@ Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
 // The decode CTA's query heads for keys of C channels per lane.
 constexpr int slice_heads(int c) { return c <= kMaxChannelsPerLane ? kSliceHeads : kLatentSliceHeads; }
 
+// The channels a lane takes of rows of n channels on CUDA cores: even (whole bytes), enough for 32
+// lanes to cover the row (the lanes past its end idle); 0 for an odd n or one wider than 256.
+constexpr int lane_channels(int64_t n) {
+  return n <= 0 || n % 2 || n > 32 * kMaxChannelsPerLane ? 0 : static_cast<int>((n + 63) / 64 * 2);
+}
+
 int64_t decode_smem_bytes(int64_t d, int64_t dv) {
-  return static_cast<int64_t>(sizeof(float)) * kWarps * slice_heads(static_cast<int>(d / 32)) * (2 + dv);
+  const int c = d == kLatentD ? kLatentD / 32 : lane_channels(d);
+  return static_cast<int64_t>(sizeof(float)) * kWarps * slice_heads(c) * (2 + dv);
 }
 
 template <int C, int CV>
@@ -1477,8 +1501,8 @@ Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
   constexpr int H = slice_heads(C);
   const SplitPlan plan = split_plan(p.length);
   float* part_out = p.workspace;
-  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * (CV * 32);
-  const size_t smem = static_cast<size_t>(decode_smem_bytes(C * 32, CV * 32));
+  float* part_lse = p.workspace + p.batch * p.hq * plan.splits * value_dim(p);
+  const size_t smem = static_cast<size_t>(decode_smem_bytes(p.d, value_dim(p)));
   const int64_t slices = (p.hq / p.hkv + H - 1) / H;
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv * slices), static_cast<unsigned>(plan.splits));
   decode_split_kernel<C, CV, H><<<grid, kWarps * 32, smem, stream>>>(p, plan.chunk, plan.splits, part_out,
@@ -1501,7 +1525,7 @@ Status launch(const DecodeParams& p, cudaStream_t stream) {
 
 template <int C>
 Status launch_by_value_dim(const DecodeParams& p, cudaStream_t stream) {
-  switch (value_dim(p) / 32) {
+  switch (lane_channels(value_dim(p))) {
     case 2:
       return launch<C, 2>(p, stream);
     case 4:
@@ -1521,9 +1545,9 @@ bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64
   if (hkv <= 0 || hq % hkv) return false;
   if (dv == 0) dv = d;
   const bool latent = d == kLatentD && dv == kLatentDv;
-  if (!latent && (d % 64 || d / 32 > kMaxChannelsPerLane || dv % 64 || dv > d)) return false;
-  const int64_t slices = (hq / hkv + slice_heads(static_cast<int>(d / 32)) - 1) /
-                         slice_heads(static_cast<int>(d / 32));
+  if (!latent && (lane_channels(d) == 0 || lane_channels(dv) == 0 || dv > d)) return false;
+  const int heads = slice_heads(latent ? kLatentD / 32 : lane_channels(d));
+  const int64_t slices = (hq / hkv + heads - 1) / heads;
   return decode_smem_bytes(d, dv) <= 48 * 1024 && batch * hkv * slices < (int64_t{1} << 31);
 }
 
@@ -1542,8 +1566,8 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   }
   if (!decode_cuda_supported(p.hq, p.hkv, p.d, value_dim(p), p.batch)) {
     return Status::unsupported(
-        "int4_kv_decode: the CUDA kernel needs head_dim a multiple of 64 up to 256 and values of a "
-        "multiple of 64 channels no wider than the keys, or multi-head latent attention's 576 / 512");
+        "int4_kv_decode: the CUDA kernel needs an even head_dim up to 256 and values of an even "
+        "number of channels no wider than the keys, or multi-head latent attention's 576 / 512");
   }
   if (p.batch == 0 || p.hq == 0) return Status::ok();
   const auto st = static_cast<cudaStream_t>(stream);
@@ -1551,7 +1575,7 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.q_tokens > 1 && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
   if (p.q_tokens > 1 && prefill_latent_tc_ok(p)) return prefill_latent_tc_dispatch(p, st);
   if (p.q_tokens == 1 && decode_tc_ok(p)) return decode_tc_dispatch(p, st);
-  switch (p.d / 32) {
+  switch (p.d == kLatentD ? kLatentD / 32 : lane_channels(p.d)) {
     case 2:
       return launch_by_value_dim<2>(p, st);
     case 4:

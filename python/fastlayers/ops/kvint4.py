@@ -8,8 +8,8 @@ own, one group ``g``):
 one query token per sequence against the first ``length`` cached tokens (from token ``starts[b]``
 on for row ``b`` when given: left padding); GQA (``Hq % Hkv == 0``); optional logit soft-capping
 (``softcap``, Gemma 2); fp32 softmax. Returns ``(out [B, Hq, dv] in q's dtype, lse [B, Hq]
-fp32)``. CPU and CUDA (split-KV; head_dim a multiple of 64 up to 256 with ``dv`` a multiple of 64
-up to ``d``, or multi-head latent attention's 576 / 512) kernels; elsewhere the reference
+fp32)``. CPU and CUDA (split-KV; an even head_dim up to 256 with an even ``dv`` up to ``d``, or
+multi-head latent attention's 576 / 512) kernels; elsewhere the reference
 (dequantize, then softmax attention).
 """
 
@@ -274,8 +274,8 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
 
 # The shapes the CUDA kernels take (int4_kv_decode_cuda_workspace answers 0 for the others).
 _CUDA_SHAPES = (
-    "head_dim a multiple of 64 up to 256 and values of a multiple of 64 channels no wider than "
-    "the keys, or multi-head latent attention's 576 / 512"
+    "an even head_dim up to 256 and values of an even number of channels no wider than the "
+    "keys, or multi-head latent attention's 576 / 512"
 )
 
 
