@@ -663,11 +663,12 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
-@pytest.mark.parametrize("d,dv", [(64, 64), (128, 128), (256, 256), (192, 128)])
+@pytest.mark.parametrize("d,dv", [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128)])
 @pytest.mark.parametrize("group", [32, 4])
 def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group):
-    """Queries with head_dim 64/128/256, or of 192 with values of 128 (MiMo-V2-Flash; unabsorbed
-    multi-head latent attention), take the tensor-core prefill (beyond 128 Q's fragments read
+    """Queries with head_dim 64/80/96/128/256 (80: Phi-2, 96: Phi-3; groups of 16 at 80), or of
+    192 with values of 128 (MiMo-V2-Flash; unabsorbed multi-head latent attention), take the
+    tensor-core prefill (beyond 128 Q's fragments read
     from shared memory per use; at 256, and at 192 with fp32 queries, each key tile loaded when
     needed, not prefetched in registers): 130 queries (three 64-row CTAs, the last partial) over
     300 cached tokens (five key tiles, the last partial); the cache is dequantized 8 channels at
@@ -679,6 +680,7 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group)
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     b, hq, hkv, t, tq = 2, 4, 2, 300, 130
+    group = math.gcd(group, d)
     if dtype == "fp8":
         q = quant.quantize_q_fp8(rand(b, hq, tq, d, dtype=torch.float32, device=cuda_device))
         dtype = torch.float32
@@ -1382,8 +1384,9 @@ CUDA_CORE_SHAPES = [
 def test_int4_kv_cuda_cores_take_any_even_head_dim(cuda_device, monkeypatch, dtype, d, dv, group,
                                                    hq, hkv, in_keys):  # fmt: skip
     """Head sizes that are not a multiple of 64 (Phi-2's 80, Phi-3's 96) run the CUDA-core decode
-    and prefill, not the reference (made to fail): rows narrower than 32 lanes' worth of channels
-    leave the last lanes fewer or none. Decode with left padding and soft-capping and a causal
+    and prefill (80 and 96 with values as wide: the tensor-core prefill), not the reference (made
+    to fail): where a row is narrower than 32 lanes' worth of channels the lanes at its end reread
+    its last ones with zero queries. Decode with left padding and soft-capping and a causal
     prefill over 20 query tokens, vs the float64 references computed first."""
     from fastlayers.ops import kvint4 as ops
 

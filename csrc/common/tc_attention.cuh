@@ -37,10 +37,10 @@ struct Dims {
   static constexpr int kD = D, kDV = DV;
 };
 
-// The tile's head sizes (varlen_attention forward and backward; the INT4 KV prefill all but 80 and
-// 96): d == dv in {64, 80 (Phi-2, StableLM 3B), 96 (Phi-3), 128, 256 (Gemma 2 / 3)}, and keys of
-// 192 with values of 128. Returns f(Dims<d, dv>{}) for one of them, `otherwise` for the rest: one
-// list for the shapes' shared memory and their launches.
+// The tile's head sizes (varlen_attention forward and backward, the INT4 KV prefill): d == dv in
+// {64, 80 (Phi-2, StableLM 3B), 96 (Phi-3), 128, 256 (Gemma 2 / 3)}, and keys of 192 with values of
+// 128. Returns f(Dims<d, dv>{}) for one of them, `otherwise` for the rest: one list for the shapes'
+// shared memory and their launches.
 template <typename R, typename F>
 R with_dims(int64_t d, int64_t dv, R otherwise, F&& f) {
   if (d == kWideKeyD && dv == kWideKeyDv) return f(Dims<kWideKeyD, kWideKeyDv>{});

@@ -26,7 +26,7 @@
 //   registers and keeps, per head, the running max, sum and output slice (online softmax). The values may be
 //   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
 //   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
-// Prefill: head_dim 64, 128 or 256, or keys of 192 with values of 128, on tensor cores
+// Prefill: head_dim 64, 80, 96, 128 or 256, or keys of 192 with values of 128, on tensor cores
 //   (common/tc_attention.cuh: 64 query tokens per CTA, 64-key tiles dequantized into shared memory,
 //   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
 //   last causal key); fp16/bf16 queries as they are, fp32 ones as fp16 hi + lo parts
@@ -948,35 +948,25 @@ size_t prefill_tc_smem(bool split) {
   return split ? prefill_tc_smem<D, DV, true>() : prefill_tc_smem<D, DV, false>();
 }
 
-// head_dim 64, 128 or 256 (values too), or keys of 192 with values of 128 (the tile's shapes,
-// cuda::tc::with_dims, but 80 and 96: the INT4 cache's kernels take multiples of 64); fp16/bf16 queries given
-// (q16, 16-byte aligned) or fp32 ones (the hi + lo kernel); grid and shared memory fit.
+// The tile's shapes (cuda::tc::with_dims: head_dim 64, 80, 96, 128 or 256 with values as wide, or
+// keys of 192 with values of 128); fp16/bf16 queries given (q16, 16-byte aligned) or fp32 ones (the
+// hi + lo kernel); grid and shared memory fit.
 bool prefill_tc_ok(const DecodeParams& p) {
-  const int64_t dv = value_dim(p);
-  const bool wide = p.d == kWideKeyD && dv == kWideKeyDv;
-  if (!wide && ((p.d != 64 && p.d != 128 && p.d != 256) || dv != p.d)) return false;
   // cache rows read 4 bytes at a time
   if (!prefill_tc_queries_ok(p) || !cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;
   const bool split = p.q16 == nullptr;
-  const size_t need = wide          ? prefill_tc_smem<kWideKeyD, kWideKeyDv>(split)
-                      : p.d == 64  ? prefill_tc_smem<64, 64>(split)
-                      : p.d == 128 ? prefill_tc_smem<128, 128>(split)
-                                   : prefill_tc_smem<256, 256>(split);
-  return cuda::tc::optin_smem(nullptr) >= need;
+  const size_t need = cuda::tc::with_dims(p.d, value_dim(p), size_t{0}, [&](auto dims) {
+    return prefill_tc_smem<decltype(dims)::kD, decltype(dims)::kDV>(split);
+  });
+  return need > 0 && cuda::tc::optin_smem(nullptr) >= need;
 }
 
 template <typename T, bool kSplit>
 Status prefill_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
-  switch (p.d) {
-    case 64:
-      return prefill_tc<T, 64, 64, kSplit>(p, stream);
-    case 128:
-      return prefill_tc<T, 128, 128, kSplit>(p, stream);
-    case kWideKeyD:  // (prefill_tc_ok: values of kWideKeyDv channels)
-      return prefill_tc<T, kWideKeyD, kWideKeyDv, kSplit>(p, stream);
-    default:  // (prefill_tc_ok: 256)
-      return prefill_tc<T, 256, 256, kSplit>(p, stream);
-  }
+  return cuda::tc::with_dims(p.d, value_dim(p), Status::unsupported("int4_kv_attention: not a tile shape"),
+                             [&](auto dims) {
+                               return prefill_tc<T, decltype(dims)::kD, decltype(dims)::kDV, kSplit>(p, stream);
+                             });
 }
 
 Status prefill_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
