@@ -57,6 +57,12 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
                      "int4_kv_decode (Gemma 2 9B: GQA 16/8, d256, g128)")
         for batch, context in HEAD_256[device.type][: 1 if quick else None]
     ]  # fmt: skip
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    rows += [
+        _decode_case(device, gen, batch, context, (32, 32, 96, 96, 32), reps,
+                     "int4_kv_decode (Phi-3 mini: MHA 32/32, d96, g32)")
+        for batch, context in HEAD_96[device.type][: 1 if quick else None]
+    ]  # fmt: skip
     gen = torch.Generator(device="cpu").manual_seed(1)
     rows += [
         _decode_case(device, gen, batch, context, (64, 8, 192, 128, 64), reps,
@@ -73,6 +79,10 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
 
 # Head dim 256 (Gemma 2 / 3: 16 query heads over 8 key/value heads); (batch, context)
 HEAD_256 = {"cpu": [(1, 4096)], "cuda": [(16, 8192)]}
+
+# Head dim 96 (Phi-3 mini: 32 query heads, one key/value head each; the CUDA-core decode, 24 lanes
+# of 4 channels); (batch, context)
+HEAD_96 = {"cpu": [(1, 4096)], "cuda": [(16, 4096)]}
 
 # Values of their own head size (MiMo-V2-Flash's window layers: 64 query heads over 8 key/value
 # heads, keys 192 channels, values 128; one group of 64 for both); (batch, context)
