@@ -51,24 +51,12 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         rows.append(_decode_case(device, gen, batch, context, (HQ, HKV, D, D, GROUP), reps,
                                  "int4_kv_decode, fp32 queries (GQA 32/8, d128, g128)",
                                  torch.float32))  # fmt: skip
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    rows += [
-        _decode_case(device, gen, batch, context, (16, 8, 256, 256, GROUP), reps,
-                     "int4_kv_decode (Gemma 2 9B: GQA 16/8, d256, g128)")
-        for batch, context in HEAD_256[device.type][: 1 if quick else None]
-    ]  # fmt: skip
-    gen = torch.Generator(device="cpu").manual_seed(3)
-    rows += [
-        _decode_case(device, gen, batch, context, (32, 32, 96, 96, 32), reps,
-                     "int4_kv_decode (Phi-3 mini: MHA 32/32, d96, g32)")
-        for batch, context in HEAD_96[device.type][: 1 if quick else None]
-    ]  # fmt: skip
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    rows += [
-        _decode_case(device, gen, batch, context, (64, 8, 192, 128, 64), reps,
-                     "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)")
-        for batch, context in VALUE_DIM[device.type][: 1 if quick else None]
-    ]  # fmt: skip
+    for seed, sizes, label, cases in OTHER_SHAPES:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows += [
+            _decode_case(device, gen, batch, context, sizes, reps, label)
+            for batch, context in cases[device.type][: 1 if quick else None]
+        ]
     for batch, context in LATENT[device.type][: 1 if quick else None]:
         rows += _latent_case(device, batch, context, reps)
     rows += _decode_step(device, quick, reps)
@@ -87,6 +75,15 @@ HEAD_96 = {"cpu": [(1, 4096)], "cuda": [(16, 4096)]}
 # Values of their own head size (MiMo-V2-Flash's window layers: 64 query heads over 8 key/value
 # heads, keys 192 channels, values 128; one group of 64 for both); (batch, context)
 VALUE_DIM = {"cpu": [(1, 4096)], "cuda": [(16, 8192)]}
+
+# The decode rows besides GQA 32/8 at d128: (generator seed, sizes as _decode_case takes them,
+# label, (batch, context) per device)
+OTHER_SHAPES = [
+    (2, (16, 8, 256, 256, GROUP), "int4_kv_decode (Gemma 2 9B: GQA 16/8, d256, g128)", HEAD_256),
+    (3, (32, 32, 96, 96, 32), "int4_kv_decode (Phi-3 mini: MHA 32/32, d96, g32)", HEAD_96),
+    (1, (64, 8, 192, 128, 64),
+     "int4_kv_decode, values of their own size (GQA 64/8, d192, dv128, g64)", VALUE_DIM),
+]  # fmt: skip
 
 
 def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, reps: int,
