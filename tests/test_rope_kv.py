@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from _emu import emulated_launches
+from _emu import launches_since
 from _tolerances import opcheck_with_fp8_inputs, rand
 from fastlayers import quant
 from fastlayers.ops.kvint4 import (
@@ -692,11 +692,11 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group)
     v, vs = quant.quantize_kv_int4(
         rand(b, hkv, t + 7, dv, dtype=torch.float32, device=cuda_device), group
     )
-    before = emulated_launches("prefill_kernel"), emulated_launches("kernel")
+    kernels = ("prefill_kernel", "kernel")  # the tile's launches: "kernel" (cuda::tc::launch)
+    before = launches_since(kernels)
     out, lse = int4_kv_attention(q, k, ks, v, vs, t)
-    if before[0] is not None:  # the tile's launches are named "kernel" (cuda::tc::launch)
-        assert emulated_launches("prefill_kernel") == before[0]
-        assert emulated_launches("kernel") == before[1] + 1
+    if before is not None:
+        assert launches_since(kernels, before) == [0, 1]
     ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
     assert out.dtype == dtype and out.shape == (b, hq, tq, dv)
@@ -727,7 +727,8 @@ def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, gr
     else:
         q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
-    before = emulated_launches("prefill_kernel"), emulated_launches("prefill_latent_tc_kernel")
+    kernels = ("prefill_kernel", "prefill_latent_tc_kernel")
+    before = launches_since(kernels)
     for cap in (0.0, 2.0):
         out, lse = int4_kv_attention(q, k, ks, v, vs, length, None, cap, None, starts)
         ref, ref_lse = _attention_reference(q.double(), k, ks, v.contiguous(), vs.contiguous(),
@@ -736,9 +737,8 @@ def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, gr
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
     assert bool(torch.isneginf(lse[1, :, :12]).all()) and bool((out[1, :, :12] == 0).all())
-    if before[0] is not None:
-        assert emulated_launches("prefill_kernel") == before[0]
-        assert emulated_launches("prefill_latent_tc_kernel") == before[1] + 2
+    if before is not None:
+        assert launches_since(kernels, before) == [0, 2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
@@ -792,7 +792,7 @@ def _check_tensor_core_decode(dtype, hq, cache, ref_values, length):
     else:
         q = rand(b, hq, d, dtype=dtype, device=dev, scale=3.0)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-    before = emulated_launches("decode_tc_kernel")
+    before = launches_since(("decode_tc_kernel",))
     for cap in (0.0, 2.0):
         out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts, softcap=cap)
         ref, ref_lse = _reference(q.double(), k, ks, *ref_values, length, d**-0.5, starts, cap)
@@ -800,7 +800,7 @@ def _check_tensor_core_decode(dtype, hq, cache, ref_values, length):
         torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
     if before is not None:
-        assert emulated_launches("decode_tc_kernel") == before + 2
+        assert launches_since(("decode_tc_kernel",), before) == [2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])
