@@ -175,12 +175,13 @@ for tool in memcheck racecheck; do
   want "$tool" || continue
   # First the tensor-core attention tile (mma.sync, ldmatrix, cp.async; rewritten after the H200
   # run of dd55068 and checked only in the CPU emulation since), the tensor-core INT4 decode and
-  # the tensor-core varlen backward and the head-dim-256 paths (new since): later in their files,
-  # the per-file caps would not reach them.
+  # the tensor-core varlen backward, the head-dim-256 paths and the INT4 CUDA-core kernels' rows
+  # narrower than 32 lanes' worth (head_dim 80 / 96; new since): later in their files, the per-file
+  # caps would not reach them.
   PYTORCH_NO_CUDA_MEMORY_CACHING=$([ "$tool" = memcheck ] && echo 1 || echo 0) \
     phase "$tool tensor-core attention" "${SAN_FILE_CAP:-30}" "${san[@]}" --tool "$tool" python3 -m pytest \
     tests/test_skip.py tests/test_rope_kv.py -m cuda -q -p no:cacheprovider \
-    -k "tensor_core_forward or tensor_core_backward or many_empty or tile_classes or tensor_core_prefill or decode_tensor_core or head_dim_256 or keys_wider" \
+    -k "tensor_core_forward or tensor_core_backward or many_empty or tile_classes or tensor_core_prefill or decode_tensor_core or head_dim_256 or keys_wider or cuda_cores_take" \
     >"$R/${tool}_tc_attention.txt" 2>&1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Invalid|hazard" "$R/${tool}_tc_attention.txt" | head -5
   for f in "${san_files[@]}"; do
