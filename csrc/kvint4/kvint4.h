@@ -120,10 +120,11 @@ Status quantize_cpu(const QuantizeParams& p);
 
 // CUDA (kvint4_cuda.cu): split-KV decode (an even head_dim up to 256 with values of an even
 // number of channels no wider than the keys (dv 0: d), or multi-head latent attention's
-// 576-channel keys and 512-channel values; any GQA group; on tensor cores for head_dim 64 / 128
-// with dv == d and groups of a multiple of 16 channels), causal prefill (q_tokens > 1: one warp
-// per query row, same head dims, no workspace) and the cache write (any shape the CPU kernel
-// takes).
+// 576-channel keys and 512-channel values; any GQA group; on tensor cores for head_dim 64 / 128 /
+// 256 with dv == d, 192 / 128 and 576 / 512, with groups of a multiple of 16 channels), causal
+// prefill (q_tokens > 1, same head dims, no workspace: on tensor cores for the shapes of
+// cuda::tc::with_dims and 576 / 512 with the values in the key rows, one warp per query row
+// otherwise) and the cache write (any shape the CPU kernel takes).
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch);
 int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length);
 Status decode_cuda(const DecodeParams& p, void* stream);

@@ -23,9 +23,10 @@
 //   [l * cv, (l + 1) * cv) (c, cv even, whole bytes: 2 for up to 64 channels, 4 up to 128, 6 up to
 //   192, 8 up to 256; where the row is narrower than 32 lanes' worth, head_dim 80 or 96, the lanes
 //   at its end reread its last channels with zero queries: LaneScales), dequantizes them in
-//   registers and keeps, per head, the running max, sum and output slice (online softmax). The values may be
-//   rows of their own or the key rows' first dv channels (v_row). The warps merge in shared memory
-//   and write the split's (output / sum, lse); a second kernel combines the splits by their lse.
+//   registers and keeps, per head, the running max, sum and output slice (online softmax). The
+//   values may be rows of their own or the key rows' first dv channels (v_row). The warps merge in
+//   shared memory and write the split's (output / sum, lse); a second kernel combines the splits by
+//   their lse.
 // Prefill: head_dim 64, 80, 96, 128 or 256, or keys of 192 with values of 128, on tensor cores
 //   (common/tc_attention.cuh: 64 query tokens per CTA, 64-key tiles dequantized into shared memory,
 //   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
