@@ -346,9 +346,13 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
     const int h = static_cast<int>(i / dv);
     const int64_t c = i % dv;
     float mx = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm[w * H + h]);
-    float sum = 0.0f, o = 0.0f;
-    if (mx != -INFINITY) {
+    bool nan = false;  // a warp's sum NaN (a NaN score, or inf - inf): the row is NaN
+    for (int w = 0; w < kWarps; ++w) {
+      mx = fmaxf(mx, sm[w * H + h]);  // (fmaxf skips NaN: hence the flag)
+      nan = nan || sl[w * H + h] != sl[w * H + h];
+    }
+    float sum = nan ? NAN : 0.0f, o = nan ? NAN : 0.0f;
+    if (!nan && mx != -INFINITY) {
       for (int w = 0; w < kWarps; ++w) {
         const float mw = sm[w * H + h];
         if (mw == -INFINITY) continue;
@@ -368,14 +372,18 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
                                       const float* part_lse) {
   const int64_t qh = blockIdx.x;
   float mx = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s) mx = fmaxf(mx, part_lse[qh * splits + s]);
-  float total = 0.0f;
-  if (mx != -INFINITY) {
+  bool nan = false;  // a split's lse NaN: the row is NaN (fmaxf skips NaN: hence the flag)
+  for (int64_t s = 0; s < splits; ++s) {
+    mx = fmaxf(mx, part_lse[qh * splits + s]);
+    nan = nan || part_lse[qh * splits + s] != part_lse[qh * splits + s];
+  }
+  float total = nan ? NAN : 0.0f;
+  if (!nan && mx != -INFINITY) {
     for (int64_t s = 0; s < splits; ++s) total += expf(part_lse[qh * splits + s] - mx);
   }
   const int64_t dv = value_dim(p);
   for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
-    float o = 0.0f;
+    float o = nan ? NAN : 0.0f;
     if (total > 0.0f) {
       for (int64_t s = 0; s < splits; ++s) {
         const float w = expf(part_lse[qh * splits + s] - mx);
@@ -1395,9 +1403,13 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   for (int i = threadIdx.x; i < gh * DV; i += blockDim.x) {
     const int h = i / DV, c = i % DV, w0 = c / DH, cw = c % DH;  // (warps w0, w0 + G, ...: its streams)
     float mx = -INFINITY;
-    for (int w = w0; w < kWarps; w += G) mx = fmaxf(mx, sm[w][h]);
-    float sum = 0.0f, out = 0.0f;
-    if (mx != -INFINITY) {
+    bool nan = false;  // a warp's sum NaN (a NaN score, or inf - inf): the row is NaN
+    for (int w = w0; w < kWarps; w += G) {
+      mx = fmaxf(mx, sm[w][h]);  // (fmaxf skips NaN: hence the flag)
+      nan = nan || sl[w][h] != sl[w][h];
+    }
+    float sum = nan ? NAN : 0.0f, out = nan ? NAN : 0.0f;
+    if (!nan && mx != -INFINITY) {
       for (int w = w0; w < kWarps; w += G) {
         if (sm[w][h] == -INFINITY) continue;
         const float f = exp2f(sm[w][h] - mx);
