@@ -109,6 +109,10 @@ Status launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& para
   return last_launch_status();
 }
 
+// Whether a row's softmax sum makes an output: it saw a key (> 0) or is NaN (a NaN score, or
+// inf - inf: propagated, as in the reference). A row that saw no key gets zeros and lse -inf.
+__device__ __forceinline__ bool seen(float sum) { return sum > 0.0f || sum != sum; }
+
 // The online softmax's step for a lane's two rows (g and g + 8 of its 16: each row's scores in the
 // 4 lanes of a quad) from this tile's per-lane maxima mx (base-2 scaled scores): mx becomes the
 // quad's, m the new running maxima, alpha the factors for O and l (l already scaled by them).
@@ -388,8 +392,7 @@ struct WarpTile {
       float sum = l[h];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
-      const float inv = seen ? 1.0f / sum : 0.0f;
+      const float inv = seen(sum) ? 1.0f / sum : 0.0f;
       Out* out = out_row(cta_row(h));
       if (out != nullptr) {
 #pragma unroll
@@ -400,7 +403,7 @@ struct WarpTile {
         }
       }
       if ((lane & 3) == 0) {
-        put_lse(cta_row(h), seen ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY);
+        put_lse(cta_row(h), seen(sum) ? (m[h] + log2f(sum)) * 0.6931471805599453f : -INFINITY);
       }
     }
   }

@@ -103,6 +103,24 @@ __device__ __forceinline__ float value_at(const QuantizeParams& p, const T* x, c
 // max(a, b) where a NaN wins and stays, as on the CPU (torch's amax): order-independent.
 __device__ __forceinline__ float nan_max(float a, float b) { return b > a || b != b ? b : a; }
 
+using cuda::tc::seen;  // (a softmax sum that makes an output: > 0, or NaN)
+
+// The merge of a row's partial softmaxes (the warps of a CTA, or the splits of a row): the largest
+// partial max, and whether any partial sum is NaN (a NaN score, or inf - inf), which makes the row
+// NaN. (fmaxf alone would skip the NaN.)
+struct RowMax {
+  float mx = -INFINITY;
+  bool nan = false;
+  __device__ __forceinline__ void add(float m, float sum) {
+    mx = fmaxf(mx, m);
+    nan = nan || sum != sum;
+  }
+  // what the weighted sums start from: 0, or NaN for a NaN row
+  __device__ __forceinline__ float zero() const { return nan ? NAN : 0.0f; }
+  // whether the partials need weighting: no NaN, and some partial saw a key
+  __device__ __forceinline__ bool weigh() const { return !nan && mx != -INFINITY; }
+};
+
 // One warp per (row, group) (per row for the query side): lane l forms channels g0 + l, + 32, ...
 // for the max (a warp reduction) and the query side's output, channel pairs g0 + 2 l, + 64, ...
 // for the packed bytes. (It was one thread per row or group: at decode, 8 to 32 threads for a
@@ -345,25 +363,21 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   for (int64_t i = threadIdx.x; i < static_cast<int64_t>(gh) * dv; i += blockDim.x) {
     const int h = static_cast<int>(i / dv);
     const int64_t c = i % dv;
-    float mx = -INFINITY;
-    bool nan = false;  // a warp's sum NaN (a NaN score, or inf - inf): the row is NaN
-    for (int w = 0; w < kWarps; ++w) {
-      mx = fmaxf(mx, sm[w * H + h]);  // (fmaxf skips NaN: hence the flag)
-      nan = nan || sl[w * H + h] != sl[w * H + h];
-    }
-    float sum = nan ? NAN : 0.0f, o = nan ? NAN : 0.0f;
-    if (!nan && mx != -INFINITY) {
+    RowMax row;
+    for (int w = 0; w < kWarps; ++w) row.add(sm[w * H + h], sl[w * H + h]);
+    float sum = row.zero(), o = row.zero();
+    if (row.weigh()) {
       for (int w = 0; w < kWarps; ++w) {
         const float mw = sm[w * H + h];
         if (mw == -INFINITY) continue;
-        const float f = expf(mw - mx);
+        const float f = expf(mw - row.mx);
         sum += sl[w * H + h] * f;
         o += sacc[(w * H + h) * dv + c] * f;
       }
     }
     const int64_t qh = qh0 + h;  // [batch * hq] row
-    part_out[(qh * splits + split) * dv + c] = sum > 0.0f || sum != sum ? o / sum : 0.0f;
-    if (c == 0) part_lse[qh * splits + split] = sum > 0.0f || sum != sum ? mx + logf(sum) : -INFINITY;
+    part_out[(qh * splits + split) * dv + c] = seen(sum) ? o / sum : 0.0f;
+    if (c == 0) part_lse[qh * splits + split] = seen(sum) ? row.mx + logf(sum) : -INFINITY;
   }
 }
 
@@ -371,29 +385,25 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
 __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, const float* part_out,
                                       const float* part_lse) {
   const int64_t qh = blockIdx.x;
-  float mx = -INFINITY;
-  bool nan = false;  // a split's lse NaN: the row is NaN (fmaxf skips NaN: hence the flag)
-  for (int64_t s = 0; s < splits; ++s) {
-    mx = fmaxf(mx, part_lse[qh * splits + s]);
-    nan = nan || part_lse[qh * splits + s] != part_lse[qh * splits + s];
-  }
-  float total = nan ? NAN : 0.0f;
-  if (!nan && mx != -INFINITY) {
-    for (int64_t s = 0; s < splits; ++s) total += expf(part_lse[qh * splits + s] - mx);
+  RowMax row;  // (a split's lse is NaN where its sum was)
+  for (int64_t s = 0; s < splits; ++s) row.add(part_lse[qh * splits + s], part_lse[qh * splits + s]);
+  float total = row.zero();
+  if (row.weigh()) {
+    for (int64_t s = 0; s < splits; ++s) total += expf(part_lse[qh * splits + s] - row.mx);
   }
   const int64_t dv = value_dim(p);
   for (int64_t c = threadIdx.x; c < dv; c += blockDim.x) {
-    float o = nan ? NAN : 0.0f;
+    float o = row.zero();
     if (total > 0.0f) {
       for (int64_t s = 0; s < splits; ++s) {
-        const float w = expf(part_lse[qh * splits + s] - mx);
+        const float w = expf(part_lse[qh * splits + s] - row.mx);
         if (w > 0.0f) o += w * part_out[(qh * splits + s) * dv + c];
       }
       o /= total;
     }
     p.out[qh * dv + c] = o;
   }
-  if (threadIdx.x == 0) p.lse[qh] = total > 0.0f || total != total ? mx + logf(total) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[qh] = seen(total) ? row.mx + logf(total) : -INFINITY;
 }
 
 // Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens from
@@ -437,12 +447,12 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
     for (int j = 0; j < CV; ++j) acc[j] = acc[j] * alpha + e * v[j];
     m = m_new;
   }
-  const float inv = l > 0.0f || l != l ? 1.0f / l : 0.0f;  // NaN: propagated
+  const float inv = seen(l) ? 1.0f / l : 0.0f;
 #pragma unroll
   for (int j = 0; j < CV; ++j) {
     if (v_at.owns(j)) p.out[w * dv + v_at.start + j] = acc[j] * inv;
   }
-  if (lane == 0) p.lse[w] = l > 0.0f || l != l ? m + logf(l) : -INFINITY;
+  if (lane == 0) p.lse[w] = seen(l) ? m + logf(l) : -INFINITY;
 }
 
 // 2^e as a float, e in [-126, 127].
@@ -911,15 +921,14 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const int i = rb * 16 + g + 8 * hh;
     if (i >= rows) continue;
-    const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
-    const float inv = seen ? 1.0f / sum : 0.0f;
+    const float inv = seen(sum) ? 1.0f / sum : 0.0f;
     float* out = p.out + (w0 + i) * kDv + piece * tcl::kPvCh;
 #pragma unroll
     for (int nb = 0; nb < kNb; ++nb) {
       out[nb * 8 + 2 * tq] = o[nb][2 * hh] * inv;
       out[nb * 8 + 2 * tq + 1] = o[nb][2 * hh + 1] * inv;
     }
-    if (piece == 0 && tq == 0) p.lse[w0 + i] = seen ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    if (piece == 0 && tq == 0) p.lse[w0 + i] = seen(sum) ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
   }
 }
 
@@ -1402,25 +1411,22 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   __syncthreads();
   for (int i = threadIdx.x; i < gh * DV; i += blockDim.x) {
     const int h = i / DV, c = i % DV, w0 = c / DH, cw = c % DH;  // (warps w0, w0 + G, ...: its streams)
-    float mx = -INFINITY;
-    bool nan = false;  // a warp's sum NaN (a NaN score, or inf - inf): the row is NaN
-    for (int w = w0; w < kWarps; w += G) {
-      mx = fmaxf(mx, sm[w][h]);  // (fmaxf skips NaN: hence the flag)
-      nan = nan || sl[w][h] != sl[w][h];
-    }
-    float sum = nan ? NAN : 0.0f, out = nan ? NAN : 0.0f;
-    if (!nan && mx != -INFINITY) {
+    RowMax row;
+    for (int w = w0; w < kWarps; w += G) row.add(sm[w][h], sl[w][h]);
+    float sum = row.zero(), out = row.zero();
+    if (row.weigh()) {
       for (int w = w0; w < kWarps; w += G) {
         if (sm[w][h] == -INFINITY) continue;
-        const float f = exp2f(sm[w][h] - mx);
+        const float f = exp2f(sm[w][h] - row.mx);
         sum += sl[w][h] * f;
         out += so[w][h][cw] * f;
       }
     }
     const int64_t qh = qh0 + h;
-    const bool seen = sum > 0.0f || sum != sum;  // NaN: propagated
-    part_out[(qh * splits + split) * DV + c] = seen ? out / sum : 0.0f;
-    if (c == 0) part_lse[qh * splits + split] = seen ? (mx + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    part_out[(qh * splits + split) * DV + c] = seen(sum) ? out / sum : 0.0f;
+    if (c == 0) {
+      part_lse[qh * splits + split] = seen(sum) ? (row.mx + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    }
   }
 }
 
@@ -1494,8 +1500,12 @@ constexpr int lane_channels(int64_t n) {
   return n <= 0 || n % 2 || n > 32 * kMaxChannelsPerLane ? 0 : static_cast<int>((n + 63) / 64 * 2);
 }
 
+// The channels a lane takes of a decode's key rows: lane_channels(d), or kLatentD / 32 (18) for
+// multi-head latent attention's rows of 576.
+constexpr int decode_lane_channels(int64_t d) { return d == kLatentD ? kLatentD / 32 : lane_channels(d); }
+
 int64_t decode_smem_bytes(int64_t d, int64_t dv) {
-  const int c = d == kLatentD ? kLatentD / 32 : lane_channels(d);
+  const int c = decode_lane_channels(d);
   return static_cast<int64_t>(sizeof(float)) * kWarps * slice_heads(c) * (2 + dv);
 }
 
@@ -1549,7 +1559,7 @@ bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64
   if (dv == 0) dv = d;
   const bool latent = d == kLatentD && dv == kLatentDv;
   if (!latent && (lane_channels(d) == 0 || lane_channels(dv) == 0 || dv > d)) return false;
-  const int heads = slice_heads(latent ? kLatentD / 32 : lane_channels(d));
+  const int heads = slice_heads(decode_lane_channels(d));
   const int64_t slices = (hq / hkv + heads - 1) / heads;
   return decode_smem_bytes(d, dv) <= 48 * 1024 && batch * hkv * slices < (int64_t{1} << 31);
 }
@@ -1578,7 +1588,7 @@ Status decode_cuda(const DecodeParams& p, void* stream) {
   if (p.q_tokens > 1 && prefill_tc_ok(p)) return prefill_tc_dispatch(p, st);
   if (p.q_tokens > 1 && prefill_latent_tc_ok(p)) return prefill_latent_tc_dispatch(p, st);
   if (p.q_tokens == 1 && decode_tc_ok(p)) return decode_tc_dispatch(p, st);
-  switch (p.d == kLatentD ? kLatentD / 32 : lane_channels(p.d)) {
+  switch (decode_lane_channels(p.d)) {
     case 2:
       return launch_by_value_dim<2>(p, st);
     case 4:

@@ -35,6 +35,7 @@ namespace {
 
 using cuda::from_f;
 using cuda::to_f;
+using cuda::tc::seen;  // (a softmax sum that makes an output: > 0, or NaN)
 
 constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
@@ -185,13 +186,13 @@ __global__ void __launch_bounds__(kWarps * 32) varlen_forward_kernel(const Varle
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = r_row[i];
     if (row >= p.nq) continue;
-    const float inv = l[i] > 0.0f || l[i] != l[i] ? 1.0f / l[i] : 0.0f;  // NaN: propagated
+    const float inv = seen(l[i]) ? 1.0f / l[i] : 0.0f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int64_t col = lane + 32 * c;
       if (col < dv) out[(row * p.hq + h) * dv + col] = from_f<T>(acc[i][c] * inv);
     }
-    if (lane == 0) p.lse[row * p.hq + h] = l[i] > 0.0f || l[i] != l[i] ? m[i] + logf(l[i]) : -INFINITY;
+    if (lane == 0) p.lse[row * p.hq + h] = seen(l[i]) ? m[i] + logf(l[i]) : -INFINITY;
   }
 }
 
