@@ -631,9 +631,15 @@ def test_non_finite_inputs_propagate_as_in_the_reference(value, dtype, where, se
     k, ks = got
     v, vs = quant.quantize_kv_int4(rand(2, 2, 10, 32, dtype=torch.float32, device="cpu"), 16)
     q1, q3 = poisoned(2, 4, 32), poisoned(2, 4, 3, 32)
+    # and at head_dim 64 with 16 query heads per kv head: the tensor-core decode on CUDA
+    k64, ks64 = quant.quantize_kv_int4(rand(2, 1, 10, 64, dtype=torch.float32, device="cpu"), 16)
+    v64, vs64 = quant.quantize_kv_int4(rand(2, 1, 10, 64, dtype=torch.float32, device="cpu"), 16)
+    q64 = poisoned(2, 16, 64)
     for name, got, want in (
         ("int4_kv_decode", int4_kv_decode(q1, k, ks, v, vs, 10),
          kv_reference(q1.double(), k, ks, v, vs, 10, 32**-0.5)),
+        ("int4_kv_decode d64 gqa16", int4_kv_decode(q64, k64, ks64, v64, vs64, 10),
+         kv_reference(q64.double(), k64, ks64, v64, vs64, 10, 64**-0.5)),
         ("int4_kv_attention", int4_kv_attention(q3, k, ks, v, vs, 10),
          _attention_reference(q3.double(), k, ks, v, vs, 10, 32**-0.5)),
     ):  # fmt: skip

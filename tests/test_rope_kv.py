@@ -833,6 +833,55 @@ def test_int4_kv_decode_tensor_core_wide_keys(cuda_device, dtype, hq, hkv, group
     _check_tensor_core_decode(dtype, hq, (k, ks, v, vs), (v, vs), 300)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "d,dv,hq,hkv,group,kernel",
+    [
+        (40, 40, 4, 2, 8, "decode_split_kernel"),
+        (64, 64, 16, 1, 16, "decode_tc_kernel"),
+        (256, 256, 8, 2, 64, "decode_tc_kernel"),
+        (576, 512, 16, 1, 64, "decode_tc_kernel"),
+    ],
+)
+def test_int4_kv_decode_non_finite_rows(cuda_device, dtype, d, dv, hq, hkv, group, kernel):
+    """A NaN key scale at one token (cached token 200 of 300: one warp of the second split) makes
+    every query row of its kv head NaN, as in the reference: the warps' merge and the splits'
+    combine must not skip the NaN partial (fmaxf does). A NaN or an infinite query channel makes
+    its own row NaN. Every other row agrees with the float64 reference; lse is NaN on the same
+    rows. The CUDA-core decode (d 40), the tensor-core one (64, 256) and the latent one (576 /
+    512, values read from the key rows); in the emulation the launch is checked."""
+    b, t, length = 2, 307, 300
+    torch.manual_seed(d + hq)
+    dev = cuda_device
+    if d == 576:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, dev)
+    else:
+        k, ks = quant.quantize_kv_int4(rand(b, hkv, t, d, dtype=torch.float32, device=dev), group)
+        v, vs = quant.quantize_kv_int4(rand(b, hkv, t, dv, dtype=torch.float32, device=dev), group)
+    ks.view(torch.uint8)[0, 0, 200, 0] = 0x7F  # E4M3's NaN: batch 0, kv head 0, token 200
+    q = rand(b, hq, d, dtype=dtype, device=dev)
+    q[1, 1, 3] = float("nan")
+    q[1, hq - 1, 5] = float("inf")
+    starts = torch.tensor([0, 37], dtype=torch.int32, device=dev)
+    before = launches_since((kernel,))
+    out, lse = int4_kv_decode(q, k, ks, v, vs, length, None, starts)
+    if before is not None:
+        assert launches_since((kernel,), before) == [1]
+    ref, ref_lse = _reference(
+        q.double(), k, ks, v.contiguous(), vs.contiguous(), length, d**-0.5, starts
+    )
+    nan_rows = torch.zeros(b, hq, dtype=torch.bool)
+    nan_rows[0, : hq // hkv] = True
+    nan_rows[1, [1, hq - 1]] = True
+    assert torch.equal(ref.isnan().all(-1).cpu(), nan_rows)  # (the poison reaches the reference)
+    assert torch.equal(out.isnan().cpu(), ref.isnan().cpu())
+    assert torch.equal(lse.isnan().cpu(), nan_rows)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    keep = ~nan_rows.to(dev)
+    torch.testing.assert_close(out[keep].double(), ref[keep].double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse[keep].double(), ref_lse[keep].double(), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "b,hq,hkv,d,group,t,tq",
     [
