@@ -511,8 +511,10 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
                     int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t group, int64_t t_max,
                     int64_t length, double scale, std::uintptr_t workspace, std::uintptr_t stream,
                     int64_t q_tokens, std::uintptr_t q16, int q16_dtype, std::uintptr_t out16,
-                    std::uintptr_t starts, double softcap, int64_t dv, int64_t v_row, int64_t v_scale_row) {
+                    std::uintptr_t starts, double softcap, int64_t dv, int64_t v_row, int64_t v_scale_row,
+                    int64_t splits) {
   kvint4::DecodeParams p;
+  p.splits = splits;
   p.softcap = static_cast<float>(softcap);
   p.dv = dv;
   p.v_row = v_row;
@@ -674,15 +676,15 @@ void rows_op(int op, int device, std::uintptr_t x, std::uintptr_t idx, std::uint
   }
 }
 
-// Floats of CUDA workspace int4_kv_decode needs for values of dv channels (0: d), 0 when the CUDA
-// kernel does not take the shape or this build has no CUDA.
+// Floats of CUDA workspace int4_kv_decode needs for values of dv channels (0: d) in `splits` splits
+// (0: the length's), 0 when the CUDA kernel does not take the shape or this build has no CUDA.
 int64_t int4_kv_decode_cuda_workspace(int64_t batch, int64_t hq, int64_t hkv, int64_t d, int64_t length,
-                                      int64_t dv) {
+                                      int64_t dv, int64_t splits) {
 #ifdef FASTLAYERS_WITH_CUDA
   if (!kvint4::decode_cuda_supported(hq, hkv, d, dv, batch)) return 0;
-  return kvint4::decode_cuda_workspace_floats(batch, hq, dv > 0 ? dv : d, length);
+  return kvint4::decode_cuda_workspace_floats(batch, hq, dv > 0 ? dv : d, length, splits);
 #else
-  (void)batch, (void)hq, (void)hkv, (void)d, (void)length, (void)dv;
+  (void)batch, (void)hq, (void)hkv, (void)d, (void)length, (void)dv, (void)splits;
   return 0;
 #endif
 }

@@ -105,6 +105,10 @@ def _cases():
             int4_kv_decode,
             [_r(2, 4, 32), k, ks, v, vs, 10, 0.2, None, 2.0],
         ),
+        "int4_kv_decode(num_splits)": (
+            int4_kv_decode,
+            [_r(2, 4, 32), k, ks, v, vs, 10, None, None, None, None, 3],
+        ),
         "int4_kv_attention(softcap)": (
             int4_kv_attention,
             [_r(2, 4, 3, 32), k, ks, v, vs, 10, 0.2, 2.0],

@@ -270,6 +270,52 @@ def test_int4_kv_decode_starts_skip_left_padding(device, b, hq, hkv, d, group, t
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group",
+    [(4, 2, 40, 40, 8), (8, 2, 128, 128, 16), (16, 1, 576, 512, 64)],
+)
+def test_int4_kv_decode_num_splits(device, hq, hkv, d, dv, group):
+    """``num_splits`` (FlashAttention's knob): the CUDA decode splits the cached tokens into that
+    many CTAs' ranges, clamped to 64 and to the length (the workspace it asks for says so), with
+    the float64 reference's result for 1 (no split), 3, 7 (ranges of 43 of 300 tokens: the last
+    split short), 64 (5 tokens each: the last 4 splits empty) and 1000 (clamped), and at 5 cached
+    tokens for 64 (one token per split); left padding of 37 tokens in batch row 1 (splits inside
+    the padding empty). The CUDA-core decode (d 40), the tensor-core one (128) and the latent one
+    (576 / 512). The CPU kernel ignores it: the same bits as without."""
+    from fastlayers import _ext
+    from fastlayers.ops import kvint4 as kv_ops
+    from fastlayers.ops.kvint4 import int4_kv_decode
+
+    b, t = 2, 307
+    torch.manual_seed(d + hq)
+    if d == 576:
+        k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, device)
+    else:
+        k, ks, v, vs = _cache_with_values(hkv, t, d, dv, group, device)
+    q = rand(b, hq, d, dtype=torch.float32, device=device)
+    starts = torch.tensor([0, 37], dtype=torch.int32, device=device)
+    cuda = kv_ops.on_cuda(q.device)  # (a GPU, or the emulation: the ops' CUDA path)
+    for length, splits in ((300, 1), (300, 3), (300, 7), (300, 64), (300, 1000), (5, 64)):
+        st = starts if length == 300 else None
+        out, lse = int4_kv_decode(q, k, ks, v, vs, length, starts=st, num_splits=splits)
+        if not cuda:  # (CPU: ignored)
+            want = int4_kv_decode(q, k, ks, v, vs, length, starts=st)
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+            continue
+        ref, ref_lse = _reference(
+            q.double(), k, ks, v.contiguous(), vs.contiguous(), length, d**-0.5, st
+        )
+        torch.testing.assert_close(out.double(), ref.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=2e-5, atol=2e-5)
+        used = min(splits, 64, length)
+        floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv, splits)
+        assert floats == b * hq * used * (dv + 1), (length, splits, floats)
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        int4_kv_decode(q, k, ks, v, vs, 300, num_splits=-1)
+    with pytest.raises(TypeError, match="num_splits must be an int"):
+        int4_kv_decode(q, k, ks, v, vs, 300, num_splits=2.0)
+
+
 def test_int4_kv_decode_bad_starts_and_opcheck():
     from fastlayers.ops.kvint4 import int4_kv_decode
 

@@ -53,6 +53,11 @@ struct DecodeParams {
   // Logit soft-capping (Gemma 2), when > 0: each scaled score s becomes softcap * tanh(s / softcap)
   // before the softmax. 0: none.
   float softcap = 0.0f;
+  // CUDA decode: the cached tokens' splits (flash-decoding), each a CTA's range whose softmax
+  // states merge after; 0 for one per 256 tokens. At most kMaxDecodeSplits and one per token
+  // (larger requests are clamped). The workspace must be decode_cuda_workspace_floats(..., splits).
+  // The CPU kernel and the prefill ignore it.
+  int64_t splits = 0;
 };
 
 // Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by
@@ -126,7 +131,8 @@ Status quantize_cpu(const QuantizeParams& p);
 // cuda::tc::with_dims and 576 / 512 with the values in the key rows, one warp per query row
 // otherwise) and the cache write (any shape the CPU kernel takes).
 bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64_t batch);
-int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length);
+inline constexpr int64_t kMaxDecodeSplits = 64;
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length, int64_t splits = 0);
 Status decode_cuda(const DecodeParams& p, void* stream);
 Status quantize_cuda(const QuantizeParams& p, void* stream);
 

@@ -33,6 +33,7 @@ Status validate(const DecodeParams& p) {
                       (p.length > 0 && (p.k == nullptr || p.v == nullptr || p.k_scale == nullptr || p.v_scale == nullptr)))) {
     return Status::invalid("int4_kv_decode: null pointer argument");
   }
+  if (p.splits < 0) return Status::invalid("int4_kv_decode: splits must be >= 0 (0: by the length)");
   if (!(p.softcap >= 0.0f) || p.softcap > 3.0e38f) {  // (NaN fails the first test)
     return Status::invalid("int4_kv_decode: softcap must be finite and >= 0 (0: none)");
   }

@@ -62,7 +62,6 @@ constexpr int kLatentD = 576, kLatentDv = 512;  // DeepSeek's latent + RoPE part
 using cuda::tc::kWideKeyD;
 using cuda::tc::kWideKeyDv;
 constexpr int kTokensPerSplit = 256;
-constexpr int kMaxSplits = 64;
 
 __host__ __device__ inline float fp8e4m3_value(uint8_t code) {
   const uint32_t exp = (code >> 3) & 15u, man = code & 7u;
@@ -190,9 +189,14 @@ struct SplitPlan {
   int64_t splits, chunk;
 };
 
-SplitPlan split_plan(int64_t length) {
-  int64_t splits = (length + kTokensPerSplit - 1) / kTokensPerSplit;
-  splits = splits < 1 ? 1 : (splits > kMaxSplits ? kMaxSplits : splits);
+// `requested` splits (DecodeParams::splits), or for 0 one per kTokensPerSplit tokens; at most
+// kMaxDecodeSplits and one per token, at least one. (Splits past the last token, where
+// ceil(length / splits) tokens each leave some empty, give lse -inf: the combine skips them.)
+SplitPlan split_plan(int64_t length, int64_t requested) {
+  int64_t splits = requested > 0 ? requested : (length + kTokensPerSplit - 1) / kTokensPerSplit;
+  if (splits > kMaxDecodeSplits) splits = kMaxDecodeSplits;
+  if (splits > length) splits = length;
+  if (splits < 1) splits = 1;
   return {splits, (length + splits - 1) / splits};
 }
 
@@ -1432,7 +1436,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
 
 template <int D, int DV, bool kSplit>
 Status decode_tc(const DecodeParams& p, cudaStream_t stream) {
-  const SplitPlan plan = split_plan(p.length);
+  const SplitPlan plan = split_plan(p.length, p.splits);
   float* part_out = p.workspace;
   float* part_lse = p.workspace + p.batch * p.hq * plan.splits * DV;
   const int64_t slices = (p.hq / p.hkv + tcd::kRows - 1) / tcd::kRows;
@@ -1512,7 +1516,7 @@ int64_t decode_smem_bytes(int64_t d, int64_t dv) {
 template <int C, int CV>
 Status decode_typed(const DecodeParams& p, cudaStream_t stream) {
   constexpr int H = slice_heads(C);
-  const SplitPlan plan = split_plan(p.length);
+  const SplitPlan plan = split_plan(p.length, p.splits);
   float* part_out = p.workspace;
   float* part_lse = p.workspace + p.batch * p.hq * plan.splits * value_dim(p);
   const size_t smem = static_cast<size_t>(decode_smem_bytes(p.d, value_dim(p)));
@@ -1564,8 +1568,8 @@ bool decode_cuda_supported(int64_t hq, int64_t hkv, int64_t d, int64_t dv, int64
   return decode_smem_bytes(d, dv) <= 48 * 1024 && batch * hkv * slices < (int64_t{1} << 31);
 }
 
-int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length) {
-  const SplitPlan plan = split_plan(length);
+int64_t decode_cuda_workspace_floats(int64_t batch, int64_t hq, int64_t dv, int64_t length, int64_t splits) {
+  const SplitPlan plan = split_plan(length, splits);
   return batch * hq * plan.splits * (dv + 1);
 }
 

@@ -66,7 +66,7 @@ LIB.define(
 )
 LIB.define(
     "int4_kv_decode(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
-    " float scale, Tensor? starts=None, float softcap=0.0) -> (Tensor, Tensor)"
+    " float scale, Tensor? starts=None, float softcap=0.0, int num_splits=0) -> (Tensor, Tensor)"
 )
 LIB.define(
     "int4_kv_attention(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, int length,"
@@ -183,6 +183,19 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     return out.to(q.dtype), lse
 
 
+def _reference_op(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, num_splits=0):
+    """The op's reference implementation (``num_splits``, a CUDA work split, changes nothing)."""
+    _check_num_splits(num_splits)
+    return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
+
+
+def _check_num_splits(num_splits) -> int:
+    num_splits = check_int(num_splits, "num_splits")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0: chosen by the length), got {num_splits}")
+    return num_splits
+
+
 def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sinks=None,
                          starts=None):  # fmt: skip
     """Causal attention of ``q [B, Hq, Tq, d]``: query i is the cache's token length - Tq + i;
@@ -233,10 +246,12 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
     return out.to(q.dtype), lse
 
 
-def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, softcap=0.0):
+def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, softcap=0.0,
+         num_splits=0):  # fmt: skip
     """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape with the
     values' head size last, lse [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries
-    read and the output written as they are, no fp32 copies), fp32 on CUDA."""
+    read and the output written as they are, no fp32 copies), fp32 on CUDA. ``num_splits``: the
+    CUDA decode's (the workspace sized for them)."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     out_shape = (*q.shape[:-1], v.shape[3] * 2)
     tq = q.shape[2] if q.dim() == 4 else 1
@@ -267,7 +282,7 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
             device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
             q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
             out16=ptr(out16), starts=ptr(sc), softcap=softcap, dv=v.shape[3] * 2, v_row=v_row,
-            v_scale_row=vs_row,
+            v_scale_row=vs_row, splits=num_splits,
         )  # fmt: skip
     return out, lse
 
@@ -279,11 +294,12 @@ _CUDA_SHAPES = (
 )
 
 
-def _cuda_workspace(op: str, q, k, v, length: int) -> int:
+def _cuda_workspace(op: str, q, k, v, length: int, num_splits: int = 0) -> int:
     """Floats of workspace the CUDA kernels need for ``op`` on this shape (``length`` cached
-    tokens), or 0 where they do not take it (warned once per op: the reference runs)."""
+    tokens, the decode in ``num_splits`` splits, 0: the length's), or 0 where they do not take it
+    (warned once per op: the reference runs)."""
     b, hq, d, hkv, dv = q.shape[0], q.shape[1], q.shape[-1], k.shape[1], v.shape[3] * 2
-    floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv)
+    floats = _ext.C.int4_kv_decode_cuda_workspace(b, hq, hkv, d, length, dv, num_splits)
     if floats == 0:
         _ext.warn_once(
             f"{op}-cuda-shape",
@@ -309,25 +325,27 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (t, row) if even else (t.contiguous(), 0)
 
 
-def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, num_splits=0):
     _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length)
+    num_splits = _check_num_splits(num_splits)
     device = q.device
     if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
         return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
     workspace = None
     if on_cuda(device):  # split-KV: per-split partial outputs and lse
-        floats = _cuda_workspace("int4_kv_decode", q, k, v, length)
+        floats = _cuda_workspace("int4_kv_decode", q, k, v, length, num_splits)
         if floats == 0:
             return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
         workspace = empty((floats,), torch.float32, device)
-    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap)
+    out, lse = _run(q, k, k_scale, v, v_scale, length, scale, workspace, starts, softcap,
+                    num_splits)  # fmt: skip
     return out.to(q.dtype), lse
 
 
 LIB.impl("int4_kv_decode", _kernel, "CPU")
 LIB.impl("int4_kv_decode", _kernel, "CUDA")
-LIB.impl("int4_kv_decode", _reference, "CompositeExplicitAutograd")
+LIB.impl("int4_kv_decode", _reference_op, "CompositeExplicitAutograd")
 LIB.impl("int4_kv_attention", _attention_kernel, "CPU")
 LIB.impl("int4_kv_attention", _attention_kernel, "CUDA")
 LIB.impl("int4_kv_attention", _attention_reference, "CompositeExplicitAutograd")
@@ -397,8 +415,9 @@ def int4_kv_attention(
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode", lib=LIB)
-def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
+def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, num_splits=0):
     _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
+    _check_num_splits(num_splits)
     _check_starts(starts, q, length, check_range=False)
     out = q.new_empty((*q.shape[:2], v.shape[3] * 2))
     return out, q.new_empty(q.shape[:2], dtype=torch.float32)
@@ -406,7 +425,7 @@ def _fake(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0):
 
 def int4_kv_decode(
     q, k, k_scale, v, v_scale, length: int | None = None, scale=None, starts=None, softcap=None,
-    sinks=None,
+    sinks=None, num_splits: int = 0,
 ):  # fmt: skip
     """See the module docstring. ``length`` defaults to all cached tokens, ``scale`` to
     ``head_dim ** -0.5``. ``starts`` (optional, int32 ``[batch]``): batch row ``b`` attends to the
@@ -421,18 +440,22 @@ def int4_kv_decode(
     heads), each task's cached tokens in ranges whose softmax states merge after (split-KV): on
     CPU where the tasks are fewer than the threads, so the result depends on the thread count at
     rounding level (fp32 sums in another order; deterministic for a given count); on CUDA by the
-    context length. CUDA kernels: tensor cores for head_dim 64, 128 or 256 with ``dv == d`` and
-    groups of a multiple of 16 channels, CUDA cores for the other supported shapes."""
+    context length: one split per 256 cached tokens, at most 64, or ``num_splits`` of them when
+    it is > 0 (as FlashAttention's ``flash_attn_with_kvcache``: 1 for none; clamped to 64 and to
+    the length; a tuning knob, the result differs only in rounding; the CPU kernel ignores it).
+    CUDA kernels: tensor cores for head_dim 64, 128 or 256 with ``dv == d`` and groups of a
+    multiple of 16 channels, CUDA cores for the other supported shapes."""
     length, scale = _length_and_scale(q, k, k_scale, v, v_scale, length, scale)
     softcap = _softcap_arg(softcap)
+    num_splits = _check_num_splits(num_splits)
     if starts is not None:
         check_tensor(starts, "starts")
     check_sinks(sinks, q.shape[1], q.device)
     if direct_call_ok(q, k, k_scale, v, v_scale, starts):  # the implementation, no dispatcher
-        out, lse = _kernel(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
+        out, lse = _kernel(q, k, k_scale, v, v_scale, length, scale, starts, softcap, num_splits)
     else:
         out, lse = torch.ops.fastlayers.int4_kv_decode(q, k, k_scale, v, v_scale, length, scale,
-                                                       starts, softcap)  # fmt: skip
+                                                       starts, softcap, num_splits)  # fmt: skip
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
 
 
@@ -554,13 +577,15 @@ def _c_int4_kv_decode(
     dv=0,
     v_row=0,
     v_scale_row=0,
+    splits=0,
 ) -> None:
     """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
     of its arguments (``dv``: the values' head size, 0 for ``d``; ``v_row`` / ``v_scale_row``: the
-    elements from one value token to the next, 0 for rows of their own, CPU only)."""
+    elements from one value token to the next, 0 for rows of their own, CPU only; ``splits``: the
+    CUDA decode's, 0 for the length's)."""
     _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
                           t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
-                          starts, softcap, dv, v_row, v_scale_row)  # fmt: skip
+                          starts, softcap, dv, v_row, v_scale_row, splits)  # fmt: skip
 
 
 def _launch_quantize(
