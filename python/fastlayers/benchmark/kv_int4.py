@@ -11,6 +11,8 @@ attention core, and causal prefill.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastlayers.benchmark.harness import (
@@ -59,6 +61,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         ]
     for batch, context in LATENT[device.type][: 1 if quick else None]:
         rows += _latent_case(device, batch, context, reps)
+    rows += _split_sweep(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
     rows += _latent_prefill(device, quick, reps)
@@ -141,6 +144,64 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
         gbps * 1e9 / copy_.bandwidth(t_copy),
         err,
     )
+
+
+# CUDA only: the decode's split count (num_splits) at batch 1, where the default (one split per 256
+# cached tokens) makes few CTAs: 8 kv heads x 4 splits at 1024 tokens, x 16 at 4096, against 132
+# SMs on an H100. (batch, context) and the counts timed against the default.
+SPLIT_SWEEP = [(1, 1024), (1, 4096)]
+SPLITS = (1, 8, 16, 32, 64)
+
+
+def _split_sweep(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """GQA 32/8, d128, g128, bf16 queries: ``int4_kv_decode(..., num_splits=n)`` for each of
+    SPLITS against the default split (the baseline column), interleaved in one run."""
+    if device.type != "cuda" or quick:
+        return []
+    from fastlayers.ops.kvint4 import _reference
+
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    rows = []
+    for batch, context in SPLIT_SWEEP:
+        shape = (batch, HKV, context, D)
+        k, ks = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+        v, vs = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+        q = torch.randn(batch, HQ, D, generator=gen).to(device, torch.bfloat16)
+        nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
+        sets = [(q, k, ks, v, vs)] + [
+            (q, *(t.clone() for t in (k, ks, v, vs)))
+            for _ in range(copies_to_exceed_cache(nbytes, device) - 1)
+        ]
+        copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
+        calls = [functools.partial(int4_kv_decode, num_splits=n) for n in SPLITS]
+        with torch.no_grad():
+            times = time_interleaved(
+                [(int4_kv_decode, sets, reps)]
+                + [(call, sets, reps) for call in calls]
+                + [copy_.case(reps)],
+                device,
+            )
+            want, _ = _reference(q.double(), k, ks, v, vs, context, D**-0.5)
+            errs = [(call(q, k, ks, v, vs)[0].double() - want).abs().max().item() for call in calls]
+        del sets
+        default = min(64, -(-context // 256))
+        for n, t, err in zip(SPLITS, times[1:-1], errs, strict=True):
+            gbps = nbytes / t.median_s / 1e9
+            rows.append(
+                Row(
+                    f"int4_kv_decode, num_splits={n} (GQA 32/8, d128, g128)",
+                    f"batch {batch} x context {context} ({nbytes / 2**20:.1f} MiB INT4 cache)",
+                    "bfloat16",
+                    backend_label(device, "int4_kv_decode"),
+                    t.median_s * 1e6,
+                    f"num_splits=0 (the length's: {default})",
+                    times[0].median_s * 1e6,
+                    gbps,
+                    gbps * 1e9 / copy_.bandwidth(times[-1]),
+                    err,
+                )
+            )
+    return rows
 
 
 # Multi-head latent attention's decode (DeepSeek-V2-Lite's attention: 16 heads, latent 512, RoPE
