@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from fastlayers import _ext
 from fastlayers.benchmark.harness import (
     CopyCase,
     Row,
@@ -184,7 +185,9 @@ def _split_sweep(device: torch.device, quick: bool, reps: int) -> list[Row]:
             want, _ = _reference(q.double(), k, ks, v, vs, context, D**-0.5)
             errs = [(call(q, k, ks, v, vs)[0].double() - want).abs().max().item() for call in calls]
         del sets
-        default = min(64, -(-context // 256))
+        # the default's split count, from the workspace it asks for (floats per split: hq (D + 1))
+        floats = _ext.C.int4_kv_decode_cuda_workspace(batch, HQ, HKV, D, context, D, 0)
+        default = floats // (batch * HQ * (D + 1))
         for n, t, err in zip(SPLITS, times[1:-1], errs, strict=True):
             gbps = nbytes / t.median_s / 1e9
             rows.append(
