@@ -24,6 +24,7 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
     q_quantize,
 )
+from fastlayers.ops.kvint4_paged import int4_kv_decode_paged
 
 
 def _r(*shape, dtype=torch.float32):
@@ -40,6 +41,11 @@ def _cases():
     pos, n = idx % 20, idx.shape[0]
     k, ks = quant.quantize_kv_int4(_r(2, 2, 12, 32), 16)
     v, vs = quant.quantize_kv_int4(_r(2, 2, 12, 32), 16)
+    kp, ksp = quant.quantize_kv_int4(_r(3, 2, 8, 32), 16)  # 3 pages of 8 tokens
+    table, seq_lens = (
+        torch.tensor([[0, 1], [2, 0]], dtype=torch.int32),
+        torch.tensor([10, 5], dtype=torch.int32),
+    )
     nodes, leaves = 15, 4
     return {
         "rms_norm": (fastlayers.rms_norm, [x, w, 1e-6, 0.0]),
@@ -101,6 +107,10 @@ def _cases():
             [_r(2, 4, 32), k, ks, v, vs, 10, None, torch.tensor([0, 4], dtype=torch.int32)],
         ),
         "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
+        "int4_kv_decode_paged": (
+            int4_kv_decode_paged,
+            [_r(2, 4, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5, None, 2],
+        ),
         "int4_kv_decode(softcap)": (
             int4_kv_decode,
             [_r(2, 4, 32), k, ks, v, vs, 10, 0.2, None, 2.0],

@@ -90,3 +90,20 @@ def test_int4_kv_decode_and_write_in_a_graph():
     _check_graph(step, lambda: (rand(2, 8, 128, dtype=torch.bfloat16, device=dev),
                                 rand(2, 2, 300, 128, dtype=torch.float32, device=dev)))  # fmt: skip
     assert quant.Int4KVStore  # (the cache the decode path reads)
+
+
+def test_int4_kv_decode_paged_in_a_graph():
+    """The paged decode plans its splits over the block table's width: no host read of seq_lens
+    while capturing; replayed with other lengths and pages."""
+    dev = "cuda"
+    kp, ksp = quant.quantize_kv_int4(rand(40, 2, 16, 128, dtype=torch.float32, device=dev), 32)
+
+    def step(q, table, seq_lens):
+        return fastlayers.ops.int4_kv_decode_paged(q, kp, ksp, kp, ksp, table, seq_lens)[0]
+
+    def inputs():
+        table = torch.randperm(40, device=dev)[:24].reshape(2, 12).int()
+        return (rand(2, 8, 128, dtype=torch.bfloat16, device=dev), table,
+                torch.randint(0, 193, (2,), device=dev, dtype=torch.int32))  # fmt: skip
+
+    _check_graph(step, inputs)

@@ -58,6 +58,16 @@ struct DecodeParams {
   // (larger requests are clamped). The workspace must be decode_cuda_workspace_floats(..., splits).
   // The CPU kernel and the prefill ignore it.
   int64_t splits = 0;
+  // Decode (q_tokens 1), optional: lengths[b], the end of the cached tokens batch row b attends
+  // to (its tokens [first_token, lengths[b]), clamped to [0, length]); null: length for every row.
+  const int32_t* lengths = nullptr;
+  // Decode (q_tokens 1), optional: a paged cache (vLLM's block tables, FlashInfer's HND pages).
+  // k, k_scale, v and v_scale are then pages [pages, hkv, page_size, .] (rows as above), and token
+  // t of batch row b sits in page block_table[b * block_stride + t / page_size], slot
+  // t % page_size (page indices clamped to [0, pages)); page_size a power of two; length at most
+  // block_stride * page_size; t_max unused. Null: the contiguous cache above.
+  const int32_t* block_table = nullptr;
+  int64_t block_stride = 0, page_size = 0, pages = 0;
 };
 
 // Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by
@@ -116,6 +126,47 @@ inline FL_KVINT4_HD int64_t value_scale_row(const DecodeParams& p) {
 inline FL_KVINT4_HD int64_t first_token(const DecodeParams& p, int64_t b) {
   const int64_t first = p.starts != nullptr ? p.starts[b] : 0;
   return first < 0 ? 0 : (first > p.length ? p.length : first);
+}
+
+// Decode: the end of the cached tokens batch row b attends to (lengths[b] clamped to [0, length];
+// length without lengths).
+inline FL_KVINT4_HD int64_t end_token(const DecodeParams& p, int64_t b) {
+  const int64_t end = p.lengths != nullptr ? p.lengths[b] : p.length;
+  return end < 0 ? 0 : (end > p.length ? p.length : end);
+}
+
+// Where the cached tokens of one (batch row, kv head) are: token t's row of the cache buffers (k +
+// row * d / 2, k_scale + row * d / group, v + row * value_row, ...). Contiguous: base + t. Paged:
+// its page's rows, the kv head's slots.
+struct TokenRows {
+  const int32_t* table = nullptr;  // paged: the batch row's block table; null: contiguous
+  int64_t base = 0;                // contiguous: (b * hkv + h) * t_max; paged: h * page_size
+  int64_t page_rows = 0;           // paged: hkv * page_size, the rows of one page
+  int64_t last_page = 0;           // paged: pages - 1
+  int64_t mask = 0;                // paged: page_size - 1
+  int shift = 0;                   // paged: log2(page_size)
+  FL_KVINT4_HD int64_t operator()(int64_t t) const {
+    if (table == nullptr) return base + t;
+    const int64_t page = table[t >> shift];
+    return (page < 0 ? 0 : (page > last_page ? last_page : page)) * page_rows + base + (t & mask);
+  }
+  // The tokens from t on in consecutive rows: to the end of t's page (paged), all of them else.
+  FL_KVINT4_HD int64_t run(int64_t t) const { return table == nullptr ? INT64_MAX : mask + 1 - (t & mask); }
+};
+
+inline FL_KVINT4_HD TokenRows token_rows(const DecodeParams& p, int64_t b, int64_t h) {
+  TokenRows r;
+  if (p.block_table == nullptr) {
+    r.base = (b * p.hkv + h) * p.t_max;
+    return r;
+  }
+  r.table = p.block_table + b * p.block_stride;
+  r.base = h * p.page_size;
+  r.page_rows = p.hkv * p.page_size;
+  r.last_page = p.pages - 1;
+  r.mask = p.page_size - 1;
+  while ((int64_t{1} << r.shift) < p.page_size) ++r.shift;
+  return r;
 }
 
 Status validate(const DecodeParams& p);

@@ -20,7 +20,7 @@ Status validate(const DecodeParams& p) {
   if (p.batch < 0 || p.hq <= 0 || p.hkv <= 0 || p.hq % p.hkv || p.d <= 0 || p.d % 2 || p.group <= 0 ||
       p.group % 2 || p.d % p.group || p.dv < 0 || value_dim(p) % p.group || p.v_row < 0 || p.v_scale_row < 0 ||
       value_row(p) < value_dim(p) / 2 || value_scale_row(p) < value_dim(p) / p.group || p.length < 0 ||
-      p.length > p.t_max || p.q_tokens < 1 || p.q_tokens > (p.length > 0 ? p.length : 1)) {
+      (p.block_table == nullptr && p.length > p.t_max) || p.q_tokens < 1 || p.q_tokens > (p.length > 0 ? p.length : 1)) {
     return Status::invalid(
         "int4_kv_decode: bad sizes (need hq % hkv == 0, d and dv multiples of an even group, value rows at "
         "least dv wide)");
@@ -32,6 +32,16 @@ Status validate(const DecodeParams& p) {
   if (p.batch > 0 && ((p.q == nullptr && p.q16 == nullptr) || (p.out == nullptr && p.out16 == nullptr) || p.lse == nullptr ||
                       (p.length > 0 && (p.k == nullptr || p.v == nullptr || p.k_scale == nullptr || p.v_scale == nullptr)))) {
     return Status::invalid("int4_kv_decode: null pointer argument");
+  }
+  if ((p.lengths != nullptr || p.block_table != nullptr) && p.q_tokens != 1) {
+    return Status::invalid("int4_kv_decode: per-row lengths and a paged cache are for decode (one query token)");
+  }
+  if (p.block_table != nullptr &&
+      (p.page_size <= 0 || (p.page_size & (p.page_size - 1)) || p.block_stride <= 0 || p.pages <= 0 ||
+       p.length > p.block_stride * p.page_size)) {
+    return Status::invalid(
+        "int4_kv_decode: bad paged cache (need a power-of-two page_size, pages > 0, length <= "
+        "block_stride * page_size)");
   }
   if (p.splits < 0) return Status::invalid("int4_kv_decode: splits must be >= 0 (0: by the length)");
   if (!(p.softcap >= 0.0f) || p.softcap > 3.0e38f) {  // (NaN fails the first test)

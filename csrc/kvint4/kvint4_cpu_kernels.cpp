@@ -23,6 +23,7 @@ namespace fastlayers::cpu::FL_CPU_ISA::kvint4 {
 
 using fastlayers::kvint4::DecodeParams;
 using fastlayers::kvint4::QuantizeParams;
+using fastlayers::kvint4::TokenRows;
 
 namespace {
 
@@ -440,6 +441,14 @@ void key_range(int64_t first, int64_t keys, const KeyRange& kr, int64_t& begin, 
   end = begin + chunk < keys ? begin + chunk : keys;
 }
 
+// Asks for the n bytes from p in cache (a paged cache's next page: the hardware prefetchers
+// follow streams, not block tables).
+template <typename T>
+void prefetch_bytes(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // A task's end: its rows stored (store_rows), or its partial state left for merge_splits.
 void finish_task(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn,
                  const float* acc, const float* m, const float* l, bool chunked, const KeyRange& kr) {
@@ -494,7 +503,8 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   // values that are the keys' first dv channels (multi-head latent attention's latent)
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
-  const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
+  // (query token i is the cache's token past + i: the row's end less the call's query tokens)
+  const int64_t rows = nq * gn, past = end_token(p, b) - Tq, head0 = h * G + g0;
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < gn; ++g) {
       const int64_t r = i * gn + g, src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
@@ -511,15 +521,29 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
       limit[r] = past + qi0 + i;
     }
   }
-  const int64_t row = (b * p.hkv + h) * p.t_max;
+  const TokenRows at = token_rows(p, b, h);
   // (with starts: the row's left padding skipped; prefill rows inside it see no token)
   int64_t begin, keys;  // keys: the last row's limit + 1, or the end of this task's key range
   key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
-  for (int64_t t0 = begin; t0 < keys; t0 += kTokens) {
-    const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
+  int64_t nt;
+  for (int64_t t0 = begin; t0 < keys; t0 += nt) {
+    // a block of consecutive rows: at most kTokens, not past the end nor a page's
+    nt = keys - t0 < kTokens ? keys - t0 : kTokens;
+    nt = at.run(t0) < nt ? at.run(t0) : nt;
+    const int64_t r0 = at(t0);
+    if (at.table != nullptr && at.run(t0) == nt && t0 + nt < keys) {  // the next block on another page
+      const int64_t next = t0 + nt, rn = at(next), n = keys - next < kTokens ? keys - next : kTokens;
+      const int64_t m = at.run(next) < n ? at.run(next) : n;
+      prefetch_bytes(p.k + rn * (d / 2), m * (d / 2));
+      prefetch_bytes(p.k_scale + rn * groups, m * groups);
+      if (!in_keys) {
+        prefetch_bytes(p.v + rn * vrow, m * vrow);
+        prefetch_bytes(p.v_scale + rn * vsrow, m * vsrow);
+      }
+    }
 #if defined(__AVX2__)
     if (chunked && rows <= kRegisterHeads) {  // decode: dequantize in registers (heads_int4)
-      const int64_t r0 = row + t0, vgroups = dv / p.group;
+      const int64_t vgroups = dv / p.group;
       const float* f8 = fp8_values();
       for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = f8[p.k_scale[r0 * groups + j].bits];
       for (int64_t i = 0; i < nt; ++i) {
@@ -544,7 +568,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
     }
 #endif
     for (int64_t i = 0; i < nt; ++i) {
-      const int64_t r = row + t0 + i;
+      const int64_t r = r0 + i;
       dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
       if (!in_keys) dequant_row(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, chunked, w.v + i * dv);
     }
@@ -966,7 +990,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
                             int64_t gn, Buffers& w, AmxBuffers& a, int64_t* limit, const KeyRange& kr) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
-  const int64_t rows = nq * gn, past = p.length - Tq, head0 = h * G + g0;
+  const int64_t rows = nq * gn, past = end_token(p, b) - Tq, head0 = h * G + g0;
   const int64_t rows16 = (rows + 15) / 16 * 16;  // rows padded to whole row blocks
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
   // part, an fp16 one two (11 significant bits), an fp32 one three (24); the probabilities take
@@ -997,7 +1021,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   if (parts == 1) stage_queries<1>(w.q, rows, rows16, d, a.q);
   else if (parts == 2) stage_queries<2>(w.q, rows, rows16, d, a.q);
   else stage_queries<3>(w.q, rows, rows16, d, a.q);
-  const int64_t row = (b * p.hkv + h) * p.t_max;
+  const TokenRows at = token_rows(p, b, h);
   int64_t begin, keys;
   key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
   const __m512i pair_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
@@ -1009,7 +1033,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
     const int64_t nt32 = (nt + 31) / 32 * 32;  // keys in whole 32-key chunks, zeros past nt
     for (int64_t i = 0; i < nt32; ++i) {
       if (i < nt) {
-        const int64_t r = row + t0 + i;
+        const int64_t r = at(t0 + i);
         dequant_row_bf16(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, a.k + i * d);
         if (!in_keys) dequant_row_bf16(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, a.v + i * dv);
       } else {

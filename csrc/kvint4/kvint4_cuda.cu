@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
-  const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
+  const int64_t end = end_token(p, b);
+  const int64_t t1 = split * chunk + chunk < end ? split * chunk + chunk : end;
   const int64_t dh = p.d / 2, ng = p.d / p.group, dv = value_dim(p);
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
 
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
 #pragma unroll
     for (int j = 0; j < CV; ++j) acc[h][j] = 0.0f;
   }
-  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const TokenRows rows = token_rows(p, b, kh);
   const uint8_t* k_scales = reinterpret_cast<const uint8_t*>(p.k_scale);
   const uint8_t* v_scales = reinterpret_cast<const uint8_t*>(p.v_scale);
   // A warp fetches the bytes of its next kAhead tokens before it uses the first: one token at a
@@ -316,8 +317,9 @@ __global__ void __launch_bounds__(kWarps * 32) decode_split_kernel(const DecodeP
     for (int u = 0; u < kAhead; ++u) {
       const int64_t tu = t + u * kWarps;
       if (tu < t1) {
-        fetch_lane<C>(p.k + (base + tu) * dh, k_scales + (base + tu) * ng, k_at, kb[u]);
-        fetch_lane<CV>(p.v + (base + tu) * v_row, v_scales + (base + tu) * vs_row, v_at, vb[u]);
+        const int64_t r = rows(tu);
+        fetch_lane<C>(p.k + r * dh, k_scales + r * ng, k_at, kb[u]);
+        fetch_lane<CV>(p.v + r * v_row, v_scales + r * vs_row, v_at, vb[u]);
       }
     }
 #pragma unroll
@@ -413,7 +415,8 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
 // Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens from
 // its row's start up to its causal limit with an online softmax, lanes dequantizing their channels of
 // each key and value row (L2 serves the rows to the GQA group's warps). A query inside its row's
-// left padding sees nothing: zeros, lse -inf.
+// left padding sees nothing: zeros, lse -inf. (The prefill kernels read contiguous caches: validate
+// keeps per-row lengths and block tables to the decode.)
 template <int C, int CV>
 __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -1082,7 +1085,7 @@ struct DecodeCodeAt {
 // The key bytes of the step of keys t .. t + 31 (those at or past t1 zero: they dequantize to 0):
 // of rows of D channels, the DH channels from c0.
 template <int D, int DH>
-__device__ __forceinline__ void fetch_decode_keys(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
+__device__ __forceinline__ void fetch_decode_keys(const DecodeParams& p, const TokenRows& rows, int64_t t, int64_t t1,
                                                   int c0, const DecodeCodeAt<DH>& at, DecodeKeyBytes<DH>& r) {
   using R = DecodeKeyBytes<DH>;
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -1092,9 +1095,10 @@ __device__ __forceinline__ void fetch_decode_keys(const DecodeParams& p, int64_t
   for (int nb = 0; nb < 4; ++nb) {
     const int64_t tok = t + 8 * nb + g;
     if (tok < t1) {
-      load_words<R::kKWords>(p.k + (base + tok) * (D / 2) + c0 / 2 + tq * (DH / 8), r.k[nb]);
+      const int64_t row = rows(tok);
+      load_words<R::kKWords>(p.k + row * (D / 2) + c0 / 2 + tq * (DH / 8), r.k[nb]);
 #pragma unroll
-      for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = ks8[(base + tok) * ng + at.k[j]];
+      for (int j = 0; j < R::kKCodes; ++j) r.kc[nb][j] = ks8[row * ng + at.k[j]];
     } else {
 #pragma unroll
       for (int w = 0; w < R::kKWords; ++w) r.k[nb][w] = 0u;
@@ -1106,10 +1110,10 @@ __device__ __forceinline__ void fetch_decode_keys(const DecodeParams& p, int64_t
 
 // The whole step: keys as above, and the values' DH channels from c0.
 template <int D, int DH>
-__device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t base, int64_t t, int64_t t1,
+__device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, const TokenRows& rows, int64_t t, int64_t t1,
                                                   int c0, const DecodeCodeAt<DH>& at, DecodeStepBytes<DH>& r) {
   using R = DecodeStepBytes<DH>;
-  fetch_decode_keys<D, DH>(p, base, t, t1, c0, at, r);
+  fetch_decode_keys<D, DH>(p, rows, t, t1, c0, at, r);
   const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p);
   const auto* vs8 = reinterpret_cast<const uint8_t*>(p.v_scale);
@@ -1119,8 +1123,9 @@ __device__ __forceinline__ void fetch_decode_step(const DecodeParams& p, int64_t
     for (int i = 0; i < 4; ++i) {
       const int64_t tok = t + 16 * kk + 2 * tq + (i & 1) + 8 * (i >> 1);
       if (tok < t1) {
-        load_words<R::kVWords>(p.v + (base + tok) * v_row + c0 / 2 + g * (DH / 16), r.v[kk][i]);
-        r.vc[kk][i] = vs8[(base + tok) * vs_row + at.v];
+        const int64_t row = rows(tok);
+        load_words<R::kVWords>(p.v + row * v_row + c0 / 2 + g * (DH / 16), r.v[kk][i]);
+        r.vc[kk][i] = vs8[row * vs_row + at.v];
       } else {
 #pragma unroll
         for (int w = 0; w < R::kVWords; ++w) r.v[kk][i][w] = 0u;
@@ -1270,8 +1275,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   const float row_scale[2] = {srow_scale[g], srow_scale[g + 8]};
   const int64_t first = first_token(p, b);  // (left padding skipped)
   const int64_t t0 = split * chunk > first ? split * chunk : first;
-  const int64_t t1 = split * chunk + chunk < p.length ? split * chunk + chunk : p.length;
-  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const int64_t end = end_token(p, b);
+  const int64_t t1 = split * chunk + chunk < end ? split * chunk + chunk : end;
+  const TokenRows rows = token_rows(p, b, kh);
   const DecodeCodeAt<DH> at(g, tq, static_cast<int>(p.group), piece * DH);
   const DecodeCodeAt<(KX > 0 ? KX : 64)> atx(g, tq, static_cast<int>(p.group), DV);  // (KX > 0 only)
   const bool has_extra = KX > 0 && piece == 0;  // (warp-uniform)
@@ -1286,9 +1292,9 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   DecodeKeyBytes<(KX > 0 ? KX : 64)> xnext;  // (KX > 0 only)
   int64_t t = t0 + stream * kStep;
   if (t < t1) {
-    fetch_decode_step<D, DH>(p, base, t, t1, piece * DH, at, next);
+    fetch_decode_step<D, DH>(p, rows, t, t1, piece * DH, at, next);
     if constexpr (KX > 0) {
-      if (has_extra) fetch_decode_keys<D, KX>(p, base, t, t1, DV, atx, xnext);
+      if (has_extra) fetch_decode_keys<D, KX>(p, rows, t, t1, DV, atx, xnext);
     }
   }
   // The same number of iterations in every warp (the groups' barriers); a stream past t1 idles.
@@ -1307,11 +1313,11 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
       if constexpr (KX > 0) {
         if (has_extra) {
           DecodeKeyBytes<KX> xcur = xnext;
-          if (t + kStreams * kStep < t1) fetch_decode_keys<D, KX>(p, base, t + kStreams * kStep, t1, DV, atx, xnext);
+          if (t + kStreams * kStep < t1) fetch_decode_keys<D, KX>(p, rows, t + kStreams * kStep, t1, DV, atx, xnext);
           add_decode_scores<KX, kParts, kKb>(s, sq, xcur, G * kKbH, q_parts);
         }
       }
-      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, base, t + kStreams * kStep, t1, piece * DH, at, next);
+      if (t + kStreams * kStep < t1) fetch_decode_step<D, DH>(p, rows, t + kStreams * kStep, t1, piece * DH, at, next);
       add_decode_scores<DH, kParts, kKb>(s, sq, cur, piece * kKbH, q_parts);
     }
     if constexpr (G > 1) {  // the group's parts of the scores, summed in one order (the same in each warp)

@@ -52,6 +52,7 @@ CUDA_OPS = frozenset(
         "varlen_attention",
         "scatter_add_gated",
         "int4_kv_decode",
+        "int4_kv_decode_paged",
         "int4_kv_attention",
         "kv_quantize",
         "kv_cache_write",

@@ -27,6 +27,7 @@ OPS = (
     "gather_rows",
     "scatter_add_gated",
     "int4_kv_decode",
+    "int4_kv_decode_paged",
     "int4_kv_attention",
     "kv_quantize",
     "kv_cache_write",

@@ -5,8 +5,8 @@ over the same context in bf16. GB/s counts the INT4 cache bytes read (keys, valu
 fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x larger. Both caches
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
 Also: head dim 256 (Gemma 2 / 3), values of their own head size (MiMo-V2-Flash's window layers),
-multi-head latent attention's decode over its INT4 latent rows, one decode step of the whole
-attention core, and causal prefill.
+multi-head latent attention's decode over its INT4 latent rows, the paged decode (block tables)
+against the contiguous one, one decode step of the whole attention core, and causal prefill.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fastlayers.benchmark.harness import (
     time_interleaved,
 )
 from fastlayers.ops.kvint4 import int4_kv_decode
+from fastlayers.ops.kvint4_paged import int4_kv_decode_paged
 from fastlayers.quant.rope_kv import quantize_kv_int4, quantize_q_fp8
 
 HQ, HKV, D, GROUP = 32, 8, 128, 128
@@ -62,6 +63,8 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         ]
     for batch, context in LATENT[device.type][: 1 if quick else None]:
         rows += _latent_case(device, batch, context, reps)
+    rows += [_paged_case(device, batch, context, reps)
+             for batch, context in PAGED[device.type][: 1 if quick else None]]  # fmt: skip
     rows += _split_sweep(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
@@ -140,6 +143,70 @@ def _decode_case(device: torch.device, gen, batch: int, context: int, sizes, rep
         backend_label(device, "int4_kv_decode"),
         t.median_s * 1e6,
         "bf16 SDPA over a bf16 cache" if dv == d else "bf16 SDPA, values zero-padded to d",
+        t_ref.median_s * 1e6,
+        gbps,
+        gbps * 1e9 / copy_.bandwidth(t_copy),
+        err,
+    )
+
+
+# The paged decode: vLLM's default page of 16 tokens, the pages of all rows in one shuffled pool;
+# (batch, context).
+PAGED = {"cpu": [(4, 4096)], "cuda": [(16, 8192)]}
+PAGE_SIZE = 16
+
+
+def _paged_case(device: torch.device, batch: int, context: int, reps: int) -> Row:
+    """``int4_kv_decode_paged`` (GQA 32/8, d128, g128, bf16 queries) against ``int4_kv_decode``
+    over the same tokens in a contiguous cache (the baseline column): the cost of the block
+    table's indirection and of pages scattered in memory. Both rotated past the last-level
+    cache."""
+    from fastlayers.ops.kvint4 import _reference
+
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    shape = (batch, HKV, context, D)
+    k, ks = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+    v, vs = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+    q = torch.randn(batch, HQ, D, generator=gen).to(device, torch.bfloat16)
+    per_row, pages = context // PAGE_SIZE, batch * context // PAGE_SIZE
+    order = torch.randperm(pages, generator=gen).to(device)
+    table = order.reshape(batch, per_row).int()  # row b's page j: order[b * per_row + j]
+
+    def paged(x):  # [B, H, T, w] -> [pages, H, PAGE_SIZE, w], page order[b * per_row + j]
+        chunks = x.view(torch.uint8).reshape(batch, HKV, per_row, PAGE_SIZE, -1).transpose(1, 2)
+        out = torch.empty((pages, HKV, PAGE_SIZE, x.shape[3]), dtype=torch.uint8, device=device)
+        out[order] = chunks.reshape(pages, HKV, PAGE_SIZE, -1)
+        return out.view(x.dtype)
+
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    cache = [paged(x) for x in (k, ks, v, vs)]
+    nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
+    copies = copies_to_exceed_cache(nbytes, device)
+    paged_sets = [(q, *cache, table, seq_lens)] + [
+        (q, *(t.clone() for t in cache), table, seq_lens) for _ in range(copies - 1)
+    ]
+    flat_sets = [(q, k, ks, v, vs)] + [
+        (q, *(t.clone() for t in (k, ks, v, vs))) for _ in range(copies - 1)
+    ]
+    copy_ = CopyCase(max(nbytes // 2, 1 << 16), device)
+    with torch.no_grad():
+        t, t_ref, t_copy = time_interleaved(
+            [(int4_kv_decode_paged, paged_sets, reps), (int4_kv_decode, flat_sets, reps),
+             copy_.case(reps)],
+            device,
+        )  # fmt: skip
+        del paged_sets, flat_sets
+        out, _ = int4_kv_decode_paged(q, *cache, table, seq_lens)
+        want, _ = _reference(q.double(), k, ks, v, vs, context, D**-0.5)
+        err = (out.double() - want).abs().max().item()
+    gbps = nbytes / t.median_s / 1e9
+    return Row(
+        f"int4_kv_decode_paged ({PAGE_SIZE}-token pages, GQA 32/8, d128, g128)",
+        f"batch {batch} x context {context} ({nbytes / 2**20:.0f} MiB INT4 cache)",
+        "bfloat16",
+        backend_label(device, "int4_kv_decode_paged"),
+        t.median_s * 1e6,
+        "int4_kv_decode, the same tokens in a contiguous cache",
         t_ref.median_s * 1e6,
         gbps,
         gbps * 1e9 / copy_.bandwidth(t_copy),

@@ -24,6 +24,7 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
     q_quantize,
 )
+from fastlayers.ops.kvint4_paged import int4_kv_decode_paged, kv_cache_write_paged
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import (
     fused_add_rms_norm,
@@ -61,9 +62,11 @@ __all__ = [
     "gather_rows",
     "scatter_add_gated",
     "int4_kv_decode",
+    "int4_kv_decode_paged",
     "int4_kv_attention",
     "kv_quantize",
     "kv_cache_write",
+    "kv_cache_write_paged",
     "q_quantize",
     "set_poison_outputs",
     "poison_outputs_enabled",

@@ -1,0 +1,273 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Decode attention over a **paged** INT4 KV cache (vLLM's block tables, FlashInfer's HND pages).
+
+``int4_kv_decode_paged(q [B, Hq, d], k_pages, k_scale_pages, v_pages, v_scale_pages,
+block_table, seq_lens, scale=None, softcap=None, sinks=None, num_splits=0)``:
+
+- the cache in pages of ``page_size`` tokens (a power of two): ``k_pages`` uint8
+  ``[num_pages, Hkv, page_size, d/2]``, ``k_scale_pages`` float8_e4m3fn
+  ``[num_pages, Hkv, page_size, d/g]``, values likewise with their head size ``dv`` (the keys'
+  ``d`` or one of their own; one group ``g``); the FireQ INT4 format of
+  :mod:`fastlayers.quant.rope_kv`, rows exactly as in the contiguous cache;
+- ``block_table`` int32 ``[B, max_pages]``: batch row ``b``'s token ``t`` sits in page
+  ``block_table[b, t // page_size]`` at slot ``t % page_size``;
+- ``seq_lens`` int32 ``[B]``: row ``b`` attends to its tokens ``0 .. seq_lens[b] - 1`` (at most
+  ``max_pages * page_size``; 0: zeros, lse -inf). Entries of ``block_table`` past a row's
+  last page are not read (any value).
+
+The same attention as :func:`~fastlayers.ops.kvint4.int4_kv_decode` (GQA, fp32 softmax,
+soft-capping, sinks); returns ``(out [B, Hq, dv] in q's dtype, lse [B, Hq] fp32)``. The CPU and
+CUDA decode kernels read the pages in place (a block-table lookup per token row; on CPU, blocks
+of keys end at page ends and the next page is prefetched); the work split is planned over
+``max_pages * page_size`` tokens (no host synchronization: CUDA-graph capturable), a split
+past a row's end does nothing. The reference gathers each row's pages into a left-padded
+contiguous cache and runs the contiguous reference.
+
+``kv_cache_write_paged(x [N, Hkv, d], packed_pages, scale_pages, slots [N], post_scale=None,
+cos=None, sin=None, pairing="half")`` writes N new tokens' keys (or values) into their slots
+(``page * page_size + slot_in_page``, vLLM's slot mapping): RoPE, post-RoPE scale and INT4
+quantization as :func:`~fastlayers.ops.kvint4.kv_quantize`, then one indexed copy per buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlayers.ops._common import (
+    LIB,
+    apply_sinks,
+    capturing,
+    check_index_range,
+    check_sinks,
+    check_tensor,
+    check_tensors,
+    direct_call_ok,
+    empty,
+    has_kernel,
+    on_cuda,
+    register_no_backward,
+)
+from fastlayers.ops.kvint4 import (
+    FP8,
+    _check_num_splits,
+    _cuda_workspace,
+    _reference,
+    _run,
+    _softcap_arg,
+    kv_quantize,
+)
+
+LIB.define(
+    "int4_kv_decode_paged(Tensor q, Tensor k_pages, Tensor k_scale_pages, Tensor v_pages,"
+    " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0,"
+    " int num_splits=0) -> (Tensor, Tensor)"
+)
+register_no_backward("int4_kv_decode_paged")
+
+_NAMES = ("q", "k_pages", "k_scale_pages", "v_pages", "v_scale_pages", "block_table", "seq_lens")
+
+
+def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
+           check_range: bool = True) -> None:  # fmt: skip
+    """The paged call's arguments (shapes, dtypes, devices; with ``check_range`` and the host at
+    hand, also ``seq_lens`` and the block-table entries the rows use)."""
+    for t, name in zip((q, k, k_scale, v, v_scale, block_table, seq_lens), _NAMES, strict=True):
+        check_tensor(t, name)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dim() != 3 or not q.is_floating_point() or not q.shape[2]:
+        raise ValueError(
+            f"q must be a float [batch, q_heads, head_dim], got {q.dtype} {tuple(q.shape)}"
+        )
+    b, hq, d = q.shape
+    if k.dtype != torch.uint8 or k.dim() != 4 or k.shape[3] * 2 != d or not k.shape[0]:
+        raise ValueError(
+            f"k_pages must be uint8 [num_pages > 0, kv_heads, page_size, {d // 2}], got {k.dtype} "
+            f"{tuple(k.shape)}"
+        )
+    pages, hkv, page_size = k.shape[:3]
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size (k_pages.shape[2]) must be a power of two, got {page_size}")
+    if hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if v.dtype != torch.uint8 or v.dim() != 4 or v.shape[:3] != k.shape[:3] or not v.shape[3]:
+        raise ValueError(
+            f"v_pages must be uint8 [{pages}, {hkv}, {page_size}, value_head_dim / 2] (k_pages' "
+            f"pages, kv heads and page size), got {v.dtype} {tuple(v.shape)}"
+        )
+    dv = v.shape[3] * 2
+    for s, name, width in ((k_scale, "k_scale_pages", d), (v_scale, "v_scale_pages", dv)):
+        if (s.dtype != FP8 or s.dim() != 4 or s.shape[:3] != k.shape[:3] or not s.shape[3]
+                or width % s.shape[3]):  # fmt: skip
+            what = "head_dim" if name == "k_scale_pages" else "value_head_dim"
+            raise ValueError(
+                f"{name} must be float8_e4m3fn [{pages}, {hkv}, {page_size}, {what} / group], got "
+                f"{s.dtype} {tuple(s.shape)}"
+            )
+    if d * v_scale.shape[3] != dv * k_scale.shape[3] or (d // k_scale.shape[3]) % 2:
+        raise ValueError(
+            f"k_scale_pages {tuple(k_scale.shape)} and v_scale_pages {tuple(v_scale.shape)} must "
+            f"have one even quantization group for keys ({d} channels) and values ({dv})"
+        )
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != b:
+        raise ValueError(
+            f"block_table must be int32 [{b}, max_pages], got {block_table.dtype} "
+            f"{tuple(block_table.shape)}"
+        )
+    if seq_lens.dtype != torch.int32 or tuple(seq_lens.shape) != (b,):
+        raise ValueError(
+            f"seq_lens must be int32 [{b}] (one per batch row), got {seq_lens.dtype} "
+            f"{tuple(seq_lens.shape)}"
+        )
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
+        return  # (the kernels clamp lengths and page indices)
+    tokens = block_table.shape[1] * page_size
+    check_index_range(seq_lens, "seq_lens", 0, tokens,
+                      f"[0, {tokens}] (block_table's pages x page_size)")  # fmt: skip
+    used = (
+        torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < seq_lens[:, None]
+    )
+    if block_table.numel() and bool((used & ((block_table < 0) | (block_table >= pages))).any()):
+        raise ValueError(f"block_table's entries for the rows' pages must lie in [0, {pages - 1}]")
+
+
+def _gather(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Pages ``x [P, H, page_size, w]`` at ``(page, slot) [B, T]`` as a cache ``[B, H, T, w]``."""
+    return x[page, :, slot].permute(0, 2, 1, 3)
+
+
+def _reference_op(
+    q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0
+):
+    """The specification: each row's tokens gathered from its pages into a contiguous cache of
+    ``max_pages * page_size`` tokens, right-aligned (``starts``: the row's left padding), then the
+    contiguous decode's reference (``num_splits``, a work split, changes nothing)."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    _check_num_splits(num_splits)
+    page_size, tokens = k.shape[2], block_table.shape[1] * k.shape[2]
+    starts = tokens - seq_lens.long().clamp(0, tokens)
+    index = (torch.arange(tokens, device=q.device)[None, :] - starts[:, None]).clamp(min=0)
+    page = block_table.long().gather(1, index // page_size).clamp(0, k.shape[0] - 1)
+    slot = index % page_size
+    caches = [_gather(x, page, slot) for x in (k, k_scale, v, v_scale)]
+    return _reference(q, *caches, tokens, scale, starts.int(), softcap)
+
+
+def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0):
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    num_splits = _check_num_splits(num_splits)
+    device, tokens = q.device, block_table.shape[1] * k.shape[2]
+    if (
+        device.type not in ("cpu", "cuda")
+        or not has_kernel(device, "int4_kv_decode_paged")
+        or tokens == 0
+    ):
+        return _reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    workspace = None
+    if on_cuda(device):  # split-KV over max_pages * page_size tokens
+        floats = _cuda_workspace("int4_kv_decode_paged", q, k, v, tokens, num_splits)
+        if floats == 0:
+            return _reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+        workspace = empty((floats,), torch.float32, device)
+    out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap, num_splits,
+                    seq_lens=seq_lens, block_table=block_table)  # fmt: skip
+    return out.to(q.dtype), lse
+
+
+LIB.impl("int4_kv_decode_paged", _kernel, "CPU")
+LIB.impl("int4_kv_decode_paged", _kernel, "CUDA")
+LIB.impl("int4_kv_decode_paged", _reference_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_kv_decode_paged", lib=LIB)
+def _fake(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0):
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, check_range=False)
+    _check_num_splits(num_splits)
+    out = q.new_empty((*q.shape[:2], v.shape[3] * 2))
+    return out, q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def int4_kv_decode_paged(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens, scale=None,
+    softcap=None, sinks=None, num_splits: int = 0,
+):  # fmt: skip
+    """See the module docstring. ``scale`` defaults to ``head_dim ** -0.5``; ``softcap`` (Gemma 2's
+    logit soft-capping) None or 0 for none; ``sinks`` (GPT-OSS's attention sinks, floating
+    ``[Hq]``) a logit per query head in the softmax's denominator; ``num_splits`` the CUDA
+    decode's splits of ``max_pages * page_size`` tokens (0: one per 256, at most 64; the CPU
+    kernel ignores it). The CUDA kernels take the contiguous decode's shapes (tensor cores for
+    head_dim 64, 128, 256, 192 / 128 and 576 / 512; CUDA cores for the other even head sizes up
+    to 256); elsewhere the reference runs."""
+    args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens)
+    check_tensors(**dict(zip(_NAMES, args, strict=True)))
+    if q.dim() != 3 or not q.shape[-1]:
+        raise ValueError(f"q must be [batch, q_heads, head_dim > 0], got {tuple(q.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = _softcap_arg(softcap)
+    num_splits = _check_num_splits(num_splits)
+    check_sinks(sinks, q.shape[1], q.device)
+    if direct_call_ok(*args):  # the implementation, no dispatcher
+        out, lse = _kernel(*args, scale, softcap, num_splits)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_decode_paged(*args, scale, softcap, num_splits)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
+
+
+def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, cos=None, sin=None,
+                         pairing: str = "half") -> None:  # fmt: skip
+    """Writes the new tokens ``x [N, Hkv, d]`` (float32/float16/bfloat16; keys or values) into a
+    paged INT4 cache: token ``i`` to page ``slots[i] // page_size``, slot ``slots[i] % page_size``
+    of ``packed_pages`` uint8 ``[num_pages, Hkv, page_size, d/2]`` and ``scale_pages``
+    float8_e4m3fn ``[num_pages, Hkv, page_size, d/g]`` (the group ``g`` read off its shape).
+    Optional, as :func:`~fastlayers.ops.kvint4.kv_quantize`: RoPE with ``cos`` / ``sin`` ``[N, d]``
+    (each token's own position) and ``pairing``, then ``post_scale [Hkv, d]``. ``slots`` int32 or
+    int64 ``[N]`` in ``[0, num_pages * page_size)`` (checked on the host, not while a CUDA graph is
+    captured); two tokens to one slot leave either. The quantization runs the ``kv_quantize``
+    kernel; the copy is an indexed ``index_put_`` (no host synchronization)."""
+    check_tensors(("post_scale", "cos", "sin"), x=x, packed_pages=packed_pages,
+                  scale_pages=scale_pages, slots=slots, post_scale=post_scale, cos=cos,
+                  sin=sin)  # fmt: skip
+    if x.dim() != 3:
+        raise ValueError(f"x must be [tokens, kv_heads, head_dim], got {tuple(x.shape)}")
+    n, h, d = x.shape
+    if packed_pages.dtype != torch.uint8 or packed_pages.dim() != 4 or packed_pages.shape[1] != h \
+            or packed_pages.shape[3] * 2 != d:  # fmt: skip
+        raise ValueError(
+            f"packed_pages must be uint8 [num_pages, {h}, page_size, {d // 2}], got "
+            f"{packed_pages.dtype} {tuple(packed_pages.shape)}"
+        )
+    pages, _, page_size, _ = packed_pages.shape
+    if (scale_pages.dtype != FP8 or scale_pages.dim() != 4
+            or scale_pages.shape[:3] != packed_pages.shape[:3] or not scale_pages.shape[3]
+            or d % scale_pages.shape[3]):  # fmt: skip
+        raise ValueError(
+            f"scale_pages must be float8_e4m3fn [{pages}, {h}, {page_size}, head_dim / group], "
+            f"got {scale_pages.dtype} {tuple(scale_pages.shape)}"
+        )
+    if slots.dtype not in (torch.int32, torch.int64) or tuple(slots.shape) != (n,):
+        raise ValueError(
+            f"slots must be int32 or int64 [{n}], got {slots.dtype} {tuple(slots.shape)}"
+        )
+    for t, name in ((packed_pages, "packed_pages"), (scale_pages, "scale_pages"), (slots, "slots")):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for tab, name in ((cos, "cos"), (sin, "sin")):
+        if tab is not None and (tab.dim() != 2 or tuple(tab.shape) != (n, d)):
+            raise ValueError(
+                f"{name} must be [{n}, {d}] (each token's position), got {tuple(tab.shape)}"
+            )
+    if not capturing(slots):
+        check_index_range(slots, "slots", 0, pages * page_size - 1,
+                          f"[0, {pages * page_size - 1}] (num_pages x page_size)")  # fmt: skip
+    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
+    packed, scales = kv_quantize(x[:, :, None, :], d // scale_pages.shape[3], post_scale, *tables,
+                                 pairing)  # fmt: skip
+    page, slot = slots.long().div(page_size, rounding_mode="floor"), slots.long() % page_size
+    packed_pages[page, :, slot] = packed[:, :, 0]
+    scale_pages.view(torch.uint8)[page, :, slot] = scales.view(torch.uint8)[:, :, 0]  # (bytes)

@@ -1,0 +1,268 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The paged INT4 KV decode (``int4_kv_decode_paged``): vLLM-style block tables over pages
+``[num_pages, Hkv, page_size, .]`` of the FireQ INT4 cache, each batch row its own length. Every
+row is checked against the contiguous decode's float64 reference over that row's tokens alone,
+with the pages shuffled, the slots past a row's end and every unused page poisoned (random
+bytes, NaN scales: a read of them shows), and the block table's unused entries out of range."""
+
+import pytest
+import torch
+
+from _emu import launches_since
+from _tolerances import opcheck_with_fp8_inputs, rand
+from fastlayers import quant
+from fastlayers.ops.kvint4 import _reference
+from fastlayers.ops.kvint4_paged import _reference_op, int4_kv_decode_paged
+
+NAN_FP8 = float("nan")
+
+
+def _paged(caches, lens, page_size, spare_pages=3, generator_seed=0):
+    """Contiguous caches ``[(x [B, H, T, w]), ...]`` (keys, key scales, values, value scales) as
+    pages of ``page_size`` tokens in shuffled order: ``(pages list, block_table int32 [B,
+    max_pages], seq_lens int32 [B])``. Unused slots and pages: random bytes, NaN scales; the block
+    table's entries past each row's last page: -7 or a page index past the end."""
+    b, hkv = caches[0].shape[:2]
+    device = caches[0].device
+    max_pages = max((n + page_size - 1) // page_size for n in lens) + 1
+    used = sum((n + page_size - 1) // page_size for n in lens)
+    num_pages = used + spare_pages
+    g = torch.Generator().manual_seed(generator_seed)
+    pages = []
+    for x in caches:
+        shape = (num_pages, hkv, page_size, x.shape[3])
+        if x.dtype == torch.float8_e4m3fn:
+            pages.append(torch.full(shape, NAN_FP8, device=device).to(x.dtype))
+        else:
+            pages.append(torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device))
+    order = torch.randperm(num_pages, generator=g).tolist()
+    table = torch.empty(b, max_pages, dtype=torch.int32)
+    table[:, ::2], table[:, 1::2] = -7, num_pages + 3
+    for row, n in enumerate(lens):
+        for j in range((n + page_size - 1) // page_size):
+            page, t0 = order.pop(), j * page_size
+            table[row, j] = page
+            t1 = min(n, t0 + page_size)
+            for x, xp in zip(caches, pages, strict=True):
+                xp[page, :, : t1 - t0] = x[row, :, t0:t1]
+    return pages, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def _cache(b, hkv, t, d, dv, group, device):
+    keys = rand(b, hkv, t, d, dtype=torch.float32, device=device)
+    values = rand(b, hkv, t, dv, dtype=torch.float32, device=device)
+    return (*quant.quantize_kv_int4(keys, group), *quant.quantize_kv_int4(values, group))
+
+
+TOLERANCE = {torch.float64: 2e-5, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _check_rows(q, out, lse, cache, lens, scale, softcap=0.0):
+    """Each row of the paged call against the contiguous float64 reference over its own tokens;
+    a row of no token: zeros and lse -inf."""
+    tol = TOLERANCE[q.dtype]
+    for row, n in enumerate(lens):
+        if n == 0:
+            assert bool((out[row] == 0).all()) and bool(torch.isneginf(lse[row]).all())
+            continue
+        one = [x[row : row + 1, :, :n] for x in cache]
+        want, want_lse = _reference(q[row : row + 1].double(), *one, n, scale, softcap=softcap)
+        torch.testing.assert_close(out[row : row + 1].double(), want.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            lse[row : row + 1].double(), want_lse.double(), rtol=2e-5, atol=2e-5
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group,page_size,lens",
+    [
+        (8, 2, 128, 128, 32, 16, [300, 17, 0, 64]),  # tensor cores on CUDA; AVX-512 register tiles
+        (6, 3, 40, 40, 8, 1, [23, 1, 9]),  # pages of one token; CUDA cores
+        (4, 4, 64, 64, 64, 64, [64, 63, 129]),  # whole pages and one token over
+        (16, 2, 96, 64, 16, 8, [41, 300]),  # values of their own head size (CUDA cores)
+        (4, 1, 256, 256, 128, 32, [100, 33]),  # head_dim 256 (tensor cores: warp pairs)
+    ],
+)
+def test_int4_kv_decode_paged_matches_each_rows_reference(device, dtype, hq, hkv, d, dv, group,
+                                                          page_size, lens):  # fmt: skip
+    torch.manual_seed(d + page_size + len(lens))
+    b = len(lens)
+    cache = _cache(b, hkv, max(lens), d, dv, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    q = rand(b, hq, d, dtype=dtype, device=device)
+    before = launches_since(("decode_split_kernel", "decode_tc_kernel"))
+    out, lse = int4_kv_decode_paged(q, *pages, table, seq_lens)
+    launched = launches_since(("decode_split_kernel", "decode_tc_kernel"), before)
+    assert out.dtype == dtype and out.shape == (b, hq, dv) and lse.shape == (b, hq)
+    _check_rows(q, out, lse, cache, lens, d**-0.5)
+    if launched is not None:  # (the emulation: the paged CUDA decode ran, not the reference)
+        assert sum(launched) == 1, launched
+    # the reference (gather, then the contiguous reference) is the same specification
+    ref, ref_lse = _reference_op(q.double(), *pages, table, seq_lens, d**-0.5)
+    _check_rows(q.double(), ref, ref_lse, cache, lens, d**-0.5)
+
+
+def test_int4_kv_decode_paged_softcap_sinks_and_splits(device):
+    """Soft-capping, attention sinks (through the lse) and the CUDA decode's num_splits (1, 5, 64:
+    splits past a row's end empty) give each row's reference; CPU ignores num_splits (same bits)."""
+    from fastlayers.ops._common import apply_sinks, on_cuda
+
+    hq, hkv, d, group, page_size, lens = 8, 2, 64, 16, 16, [200, 31, 77]
+    cache = _cache(3, hkv, 200, d, d, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    q = rand(3, hq, d, dtype=torch.float32, device=device)
+    out, lse = int4_kv_decode_paged(q, *pages, table, seq_lens, scale=0.3, softcap=2.0)
+    _check_rows(q, out, lse, cache, lens, 0.3, softcap=2.0)
+    sinks = rand(hq, dtype=torch.float32, device=device)
+    got = int4_kv_decode_paged(q, *pages, table, seq_lens, sinks=sinks)
+    plain = int4_kv_decode_paged(q, *pages, table, seq_lens)
+    want = apply_sinks(*plain, sinks)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    for splits in (1, 5, 64):
+        out, lse = int4_kv_decode_paged(q, *pages, table, seq_lens, num_splits=splits)
+        if on_cuda(q.device):
+            _check_rows(q, out, lse, cache, lens, d**-0.5)
+        else:
+            assert torch.equal(out, plain[0]) and torch.equal(lse, plain[1])
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_int4_kv_decode_paged_latent_values_in_the_key_rows(device, page_size):
+    """Multi-head latent attention: the values are the key pages' first 512 channels, a view read
+    in place (CUDA: the latent tensor-core decode)."""
+    hq, hkv, d, dv, group, lens = 16, 1, 576, 512, 64, [150, 64]
+    keys = quant.quantize_kv_int4(rand(2, hkv, 150, d, dtype=torch.float32, device=device), group)
+    pages, table, seq_lens = _paged(list(keys), lens, page_size)
+    kp, ksp = pages
+    vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
+    q = rand(2, hq, d, dtype=torch.bfloat16, device=device)
+    out, lse = int4_kv_decode_paged(q, kp, ksp, vp, vsp, table, seq_lens)
+    cache = (*keys, keys[0][..., : dv // 2].contiguous(), keys[1][..., : dv // group].contiguous())
+    _check_rows(q, out, lse, cache, lens, d**-0.5)
+
+
+def test_int4_kv_decode_paged_every_cpu_isa(cpu_isa):
+    """The CPU kernel's tiles stop at page ends (the AVX2 / AVX-512 register tiles take 32
+    consecutive rows): pages of 4, 16 and 128 tokens at each ISA."""
+    hq, hkv, d, group, lens = 8, 2, 64, 16, [130, 7, 45]
+    cache = _cache(3, hkv, 130, d, d, group, "cpu")
+    q = rand(3, hq, d, dtype=torch.bfloat16, device="cpu")
+    for page_size in (4, 16, 128):
+        pages, table, seq_lens = _paged(cache, lens, page_size)
+        out, lse = int4_kv_decode_paged(q, *pages, table, seq_lens)
+        _check_rows(q, out, lse, cache, lens, d**-0.5)
+
+
+def test_int4_kv_decode_paged_bad_input_and_opcheck():
+    hq, hkv, d, group, lens = 4, 2, 32, 16, [20, 5]
+    cache = _cache(2, hkv, 20, d, d, group, "cpu")
+    (kp, ksp, vp, vsp), table, seq_lens = _paged(cache, lens, 8)
+    q = rand(2, hq, d, dtype=torch.float32, device="cpu")
+
+    def call(**change):
+        args = dict(q=q, k_pages=kp, k_scale_pages=ksp, v_pages=vp, v_scale_pages=vsp,
+                    block_table=table, seq_lens=seq_lens)  # fmt: skip
+        args.update(change)
+        return int4_kv_decode_paged(*args.values())
+
+    bad_table = table.clone()
+    bad_table[1, 0] = kp.shape[0]  # a page the row uses, out of range
+    cases = [
+        (dict(k_pages=kp[:, :, :6]), "power of two"),
+        (dict(block_table=table.long()), "block_table must be int32"),
+        (dict(block_table=table[:1]), "block_table must be int32 \\[2, max_pages\\]"),
+        (dict(seq_lens=seq_lens.long()), "seq_lens must be int32"),
+        (
+            dict(seq_lens=torch.tensor([33, 5], dtype=torch.int32)),
+            "seq_lens must lie in \\[0, 32\\]",
+        ),
+        (dict(seq_lens=torch.tensor([-1, 5], dtype=torch.int32)), "seq_lens must lie in"),
+        (dict(block_table=bad_table), "block_table's entries"),
+        (dict(v_pages=vp[1:]), "v_pages must be uint8"),
+        (dict(k_scale_pages=ksp.float()), "k_scale_pages must be float8_e4m3fn"),
+        (dict(q=q[:, :3]), "multiple of kv heads"),
+        (dict(q=q[0]), "q must be"),
+        (dict(seq_lens=seq_lens.to("meta")), "seq_lens is on meta"),
+    ]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call(**change)
+    with pytest.raises(TypeError, match="block_table must be a torch.Tensor"):
+        call(block_table=[[0, 1]])
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        int4_kv_decode_paged(q, kp, ksp, vp, vsp, table, seq_lens, num_splits=-1)
+    # an unused block-table entry is any value; the op's schema, fake and dispatch
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_decode_paged.default,
+                            (q, kp, ksp, vp, vsp, table, seq_lens, 0.2))  # fmt: skip
+
+
+def test_int4_kv_decode_paged_compiles():
+    """torch.compile(fullgraph=True) traces the op (its fake) and gives the eager result."""
+    hq, hkv, d, group, lens = 4, 2, 64, 32, [40, 9]
+    cache = _cache(2, hkv, 40, d, d, group, "cpu")
+    pages, table, seq_lens = _paged(cache, lens, 16)
+    q = rand(2, hq, d, dtype=torch.float32, device="cpu")
+
+    def step(q, table, seq_lens):
+        return int4_kv_decode_paged(q, *pages, table, seq_lens)[0] * 2
+
+    got = torch.compile(step, fullgraph=True)(q, table, seq_lens)
+    torch.testing.assert_close(got, step(q, table, seq_lens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_write_paged_then_decode(device, dtype):
+    """Three sequences filled token by token and in chunks, through a shuffled page pool (page
+    size 8): the pages hold kv_quantize's bytes of each token (RoPE at its own position, post
+    scale), and the paged decode over them is each row's reference over kv_quantize's cache."""
+    from fastlayers.ops import kv_cache_write_paged, kv_quantize
+
+    hq, hkv, d, group, page_size, lens = 4, 2, 64, 16, 8, [19, 1, 8]
+    pool = 12
+    k_pages = torch.zeros(pool, hkv, page_size, d // 2, dtype=torch.uint8, device=device)
+    k_scales = torch.zeros(pool, hkv, page_size, d // group, dtype=torch.uint8, device=device)
+    k_scales = k_scales.view(torch.float8_e4m3fn)
+    v_pages, v_scales = k_pages.clone(), k_scales.clone()
+    keys = rand(3, hkv, 19, d, dtype=dtype, device=device)
+    values = rand(3, hkv, 19, d, dtype=dtype, device=device)
+    angle = torch.arange(19, device=device)[:, None] * torch.rand(d // 2, device=device)[None]
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # [19, d]
+    post = 0.5 + rand(hkv, d, dtype=torch.float32, device=device).abs()
+    order = torch.randperm(pool).tolist()
+    table = torch.full((3, 3), -1, dtype=torch.int32)
+    for row, n in enumerate(lens):
+        for j in range((n + page_size - 1) // page_size):
+            table[row, j] = order.pop()
+    table = table.to(device)
+    for t0, t1 in ((0, 5), (5, 6), (6, 7), (7, 19)):  # chunks of new tokens of every live row
+        rows = [(row, t) for row, n in enumerate(lens) for t in range(t0, min(t1, n))]
+        x_k = torch.stack([keys[row, :, t] for row, t in rows])
+        x_v = torch.stack([values[row, :, t] for row, t in rows])
+        pos = torch.tensor([t for _, t in rows], device=device)
+        slots = torch.stack(
+            [table[row, t // page_size] * page_size + t % page_size for row, t in rows]
+        )
+        kv_cache_write_paged(x_k, k_pages, k_scales, slots, post, cos[pos], sin[pos])
+        kv_cache_write_paged(x_v, v_pages, v_scales, slots.int(), None)
+    want_k = kv_quantize(keys, group, post, cos, sin)
+    want_v = kv_quantize(values, group, None)
+    for row, n in enumerate(lens):
+        for t in range(n):
+            page, slot = int(table[row, t // page_size]), t % page_size
+            assert torch.equal(k_pages[page, :, slot], want_k[0][row, :, t])
+            assert torch.equal(
+                k_scales[page, :, slot].view(torch.uint8), want_k[1][row, :, t].view(torch.uint8)
+            )
+            assert torch.equal(v_pages[page, :, slot], want_v[0][row, :, t])
+    q = rand(3, hq, d, dtype=dtype, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out, lse = int4_kv_decode_paged(q, k_pages, k_scales, v_pages, v_scales, table, seq_lens)
+    _check_rows(q, out, lse, (*want_k, *want_v), lens, d**-0.5)
+    with pytest.raises(ValueError, match="slots must lie in"):
+        kv_cache_write_paged(x_v, v_pages, v_scales, slots + pool * page_size, None)
+    with pytest.raises(ValueError, match="scale_pages must be float8_e4m3fn"):
+        kv_cache_write_paged(x_v, v_pages, v_scales.view(torch.uint8), slots, None)
+    with pytest.raises(ValueError, match="cos must be"):
+        kv_cache_write_paged(x_k, k_pages, k_scales, slots, post, cos, sin)
