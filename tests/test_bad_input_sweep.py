@@ -155,6 +155,7 @@ def _api_cases():
         "Int4Fp8Linear()": (fastlayers.Int4Fp8Linear, [256, 48, True, 128]),
         "RoutedSelfAttention()": (fastlayers.RoutedSelfAttention, [64, 4, 2, 16, 0.5]),
         "RopeAwareQuantAttention()": (fastlayers.RopeAwareQuantAttention, [4, 2, 32, 16]),
+        "Int4PagedKVCache()": (quant.Int4PagedKVCache, [1, 8, 4, 2, 32, 16, 32]),
         "RopeAwareQuantAttention": (
             fastlayers.RopeAwareQuantAttention(4, 2, 32, 16),
             [_r(2, 4, 9, 32), _r(2, 2, 9, 32), _r(2, 2, 9, 32), cos, sin],

@@ -266,3 +266,140 @@ def test_kv_cache_write_paged_then_decode(device, dtype):
         kv_cache_write_paged(x_v, v_pages, v_scales.view(torch.uint8), slots, None)
     with pytest.raises(ValueError, match="cos must be"):
         kv_cache_write_paged(x_k, k_pages, k_scales, slots, post, cos, sin)
+
+
+class _History:
+    """Each sequence's keys and values as written (fp32, [kv_heads, tokens, d]) per layer: what
+    the contiguous reference decodes over."""
+
+    def __init__(self, layers):
+        self.k = [dict() for _ in range(layers)]
+        self.v = [dict() for _ in range(layers)]
+
+    def add(self, layer, seq, k, v):
+        for store, x in ((self.k[layer], k), (self.v[layer], v)):
+            store[seq] = torch.cat([store.get(seq, x[:, :0]), x], 1)
+
+    def fork(self, parent, child):
+        for store in (*self.k, *self.v):
+            store[child] = store[parent].clone()
+
+    def truncate(self, seq, length):
+        for store in (*self.k, *self.v):
+            store[seq] = store[seq][:, :length]
+
+
+def _check_cache_decode(cache, history, seqs, group, device, hq=4):
+    """Every layer's paged decode of ``seqs`` against the float64 reference over each sequence's
+    own history (quantized as the cache quantizes it)."""
+    table, seq_lens = cache.block_table(seqs)
+    for layer in range(len(cache.pages)):
+        q = rand(len(seqs), hq, cache.head_dim, dtype=torch.float32, device=device)
+        out, lse = cache.decode(layer, q, table, seq_lens)
+        for row, seq in enumerate(seqs):
+            k, v = history.k[layer][seq], history.v[layer][seq]
+            assert k.shape[1] == cache.length(seq) == int(seq_lens[row])
+            kq, ks = quant.quantize_kv_int4(k[None], group)
+            vq, vs = quant.quantize_kv_int4(v[None], group)
+            want, want_lse = _reference(q[row : row + 1].double(), kq, ks, vq, vs, k.shape[1],
+                                        cache.head_dim**-0.5)  # fmt: skip
+            torch.testing.assert_close(out[row : row + 1].double(), want.double(), rtol=2e-5,
+                                       atol=2e-5)  # fmt: skip
+            torch.testing.assert_close(lse[row : row + 1], want_lse, rtol=2e-5, atol=2e-5)
+
+
+def _step(cache, history, seqs, tokens, device):
+    """``tokens`` new tokens (a count, or one per sequence) of random keys and values for every
+    layer of ``seqs``, through reserve and write."""
+    counts = [tokens] * len(seqs) if isinstance(tokens, int) else tokens
+    slots = cache.reserve(seqs, tokens)
+    n = sum(counts)
+    for layer in range(len(cache.pages)):
+        k = rand(n, cache.kv_heads, cache.head_dim, dtype=torch.float32, device=device)
+        v = rand(n, cache.kv_heads, cache.value_dim, dtype=torch.float32, device=device)
+        cache.write(layer, k, v, slots)
+        at = 0
+        for seq, c in zip(seqs, counts, strict=True):
+            history.add(layer, seq, k[at : at + c].transpose(0, 1), v[at : at + c].transpose(0, 1))
+            at += c
+
+
+def test_paged_cache_continuous_batching(device):
+    """Sequences join with prompts of their own lengths, decode together, one leaves mid-way and
+    a new one reuses its pages; two layers; every step's decode against each sequence's own
+    reference. At the end the pool is whole again."""
+    group = 16
+    cache = quant.Int4PagedKVCache(2, num_pages=24, page_size=8, kv_heads=2, head_dim=32,
+                                   group_size=group, device=device)  # fmt: skip
+    history = _History(2)
+    a, b = cache.new_sequence(), cache.new_sequence()
+    _step(cache, history, [a, b], [13, 3], device)  # prompts
+    for _ in range(6):
+        _step(cache, history, [a, b], 1, device)
+    _check_cache_decode(cache, history, [a, b], group, device)
+    cache.free(a)
+    c = cache.new_sequence()
+    _step(cache, history, [c], 17, device)
+    for _ in range(9):  # (b crosses a page end)
+        _step(cache, history, [b, c], 1, device)
+    _check_cache_decode(cache, history, [c, b], group, device)
+    assert cache.length(b) == 18 and cache.length(c) == 26
+    used = -(-18 // 8) + -(-26 // 8)
+    assert cache.free_pages == cache.num_pages - used
+    cache.free(b)
+    cache.free(c)
+    assert cache.free_pages == cache.num_pages and cache.sequences() == []
+
+
+def test_paged_cache_fork_copies_on_write_and_truncate_frees(device):
+    """A fork shares its parent's pages; the first write of either into the shared last page
+    copies it (the other's tokens unchanged); truncation (speculative rollback) gives whole pages
+    back; running out of pages raises with nothing changed."""
+    group = 16
+    cache = quant.Int4PagedKVCache(1, num_pages=8, page_size=4, kv_heads=1, head_dim=32,
+                                   group_size=group, device=device)  # fmt: skip
+    history = _History(1)
+    parent = cache.new_sequence()
+    _step(cache, history, [parent], 6, device)  # pages: one full, one half
+    child = cache.fork(parent)
+    history.fork(parent, child)
+    assert cache.free_pages == 6  # (nothing copied yet)
+    _step(cache, history, [parent, child], 1, device)  # both write into the shared half page
+    assert cache.free_pages == 5  # one copy
+    _step(cache, history, [child], 3, device)
+    _check_cache_decode(cache, history, [parent, child], group, device)
+    cache.truncate(child, 2)  # into the shared full page
+    history.truncate(child, 2)
+    assert cache.free_pages == 7 - 1  # the child's own pages back; the shared one kept
+    _step(cache, history, [child], 1, device)  # copy on write of the shared first page
+    _check_cache_decode(cache, history, [parent, child], group, device)
+    free = cache.free_pages
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.reserve([parent, child], 40)
+    assert cache.free_pages == free and cache.length(parent) == 7
+    with pytest.raises(ValueError, match="unknown sequence 9"):
+        cache.reserve([9])
+    with pytest.raises(ValueError, match="must not repeat"):
+        cache.reserve([parent, parent])
+    with pytest.raises(ValueError, match="length must be in"):
+        cache.truncate(parent, 8)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        quant.Int4PagedKVCache(1, 8, 6, 1, 32, 16)
+    with pytest.raises(ValueError, match="layer must be in"):
+        cache.write(1, *([rand(1, 1, 32, dtype=torch.float32, device=device)] * 2),
+                    cache.reserve([parent]))  # fmt: skip
+
+
+def test_paged_cache_plans_copies_exactly():
+    """Two forks writing into one shared half page take one copy (the last writer keeps the
+    page): a pool with exactly that many free pages is enough."""
+    cache = quant.Int4PagedKVCache(1, num_pages=2, page_size=4, kv_heads=1, head_dim=32,
+                                   group_size=32)  # fmt: skip
+    history = _History(1)
+    a = cache.new_sequence()
+    _step(cache, history, [a], 2, "cpu")
+    b = cache.fork(a)
+    history.fork(a, b)
+    _step(cache, history, [a, b], 1, "cpu")
+    assert cache.free_pages == 0
+    _check_cache_decode(cache, history, [a, b], 32, "cpu")

@@ -1,0 +1,238 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A paged INT4 KV cache for serving loops: many sequences of their own lengths (continuous
+batching), forks that share their parent's tokens (beam search, parallel sampling), rollback
+(speculative decoding), over one pool of pages per layer.
+
+The kernels are :func:`fastlayers.ops.int4_kv_decode_paged` and
+:func:`fastlayers.ops.kv_cache_write_paged`; this class is the bookkeeping around them, as a
+serving engine's block manager (vLLM's) keeps it: a free list of pages, one block table per
+sequence (shared by the layers), and a reference count per page. A page that two sequences share
+is copied before either writes into it (copy on write), so a fork costs nothing until the forks
+diverge inside a page. The bookkeeping lives on the host (Python lists); the device holds the
+pages and, per step, the block table and lengths the decode reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastlayers.ops._common import check_int
+from fastlayers.quant.rope_kv import FP8
+
+
+class Int4PagedKVCache:
+    """``num_layers`` pools of ``num_pages`` pages of ``page_size`` tokens (a power of two): for
+    each layer, keys ``uint8 [num_pages, kv_heads, page_size, head_dim / 2]``, their FP8 scales
+    ``[.., head_dim / group_size]``, and values likewise (``value_dim`` channels, ``head_dim`` by
+    default).
+
+    A decode step of a batch of sequences::
+
+        slots = cache.reserve(seqs)                  # one new token each: pages as needed
+        table, seq_lens = cache.block_table(seqs)    # on the cache's device, for every layer
+        for layer in range(num_layers):
+            ...                                      # q [S, Hq, d], k / v [S, kv_heads, d]
+            cache.write(layer, k, v, slots, post_scale=post, cos=cos, sin=sin)
+            out, lse = cache.decode(layer, q, table, seq_lens)
+
+    ``reserve(seqs, tokens)`` takes several tokens per sequence (a prompt, a draft): ``slots``
+    then holds each sequence's new tokens in turn, the order of the rows of ``k`` and ``v``.
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int,
+                 head_dim: int, group_size: int = 128, value_dim: int | None = None,
+                 device=None):  # fmt: skip
+        num_layers, num_pages = (
+            check_int(num_layers, "num_layers"),
+            check_int(num_pages, "num_pages"),
+        )
+        page_size, kv_heads = check_int(page_size, "page_size"), check_int(kv_heads, "kv_heads")
+        head_dim, group_size = check_int(head_dim, "head_dim"), check_int(group_size, "group_size")
+        value_dim = head_dim if value_dim is None else check_int(value_dim, "value_dim")
+        for value, name in ((num_layers, "num_layers"), (num_pages, "num_pages"),
+                            (kv_heads, "kv_heads")):  # fmt: skip
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        for width, name in ((head_dim, "head_dim"), (value_dim, "value_dim")):
+            if width <= 0 or group_size <= 0 or group_size % 2 or width % group_size:
+                raise ValueError(
+                    f"{name} ({width}) must be a positive multiple of an even group_size "
+                    f"({group_size})"
+                )
+        self.page_size, self.group_size = page_size, group_size
+        self.kv_heads, self.head_dim, self.value_dim = kv_heads, head_dim, value_dim
+
+        def pool(width: int, dtype) -> torch.Tensor:
+            return torch.zeros(num_pages, kv_heads, page_size, width, dtype=torch.uint8,
+                               device=device).view(dtype)  # fmt: skip
+
+        self.pages = [
+            (pool(head_dim // 2, torch.uint8), pool(head_dim // group_size, FP8),
+             pool(value_dim // 2, torch.uint8), pool(value_dim // group_size, FP8))
+            for _ in range(num_layers)
+        ]  # fmt: skip
+        self._free = list(range(num_pages - 1, -1, -1))  # (pop() hands out page 0 first)
+        self._refs = [0] * num_pages
+        self._tables: dict[int, list[int]] = {}  # sequence -> its pages
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    # ---- sequences --------------------------------------------------------------------------
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._refs)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pages[0][0].device
+
+    def sequences(self) -> list[int]:
+        return list(self._tables)
+
+    def length(self, seq: int) -> int:
+        return self._lengths[self._known(seq)]
+
+    def _known(self, seq) -> int:
+        seq = check_int(seq, "seq")
+        if seq not in self._tables:
+            raise ValueError(f"unknown sequence {seq} (live: {sorted(self._tables)})")
+        return seq
+
+    def new_sequence(self) -> int:
+        """A new empty sequence's id (no page until it gets tokens)."""
+        seq, self._next_id = self._next_id, self._next_id + 1
+        self._tables[seq], self._lengths[seq] = [], 0
+        return seq
+
+    def fork(self, seq: int) -> int:
+        """A new sequence with ``seq``'s tokens, sharing its pages (copied on the first write into
+        a shared page)."""
+        seq = self._known(seq)
+        child = self.new_sequence()
+        self._tables[child], self._lengths[child] = list(self._tables[seq]), self._lengths[seq]
+        for page in self._tables[seq]:
+            self._refs[page] += 1
+        return child
+
+    def free(self, seq: int) -> None:
+        """Drops the sequence; pages no other sequence holds return to the pool."""
+        seq = self._known(seq)
+        self.truncate(seq, 0)
+        del self._tables[seq], self._lengths[seq]
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Keeps the sequence's first ``length`` tokens (speculative rollback); whole pages past
+        them go back to the pool."""
+        seq, length = self._known(seq), check_int(length, "length")
+        if not 0 <= length <= self._lengths[seq]:
+            raise ValueError(f"length must be in [0, {self._lengths[seq]}], got {length}")
+        table, keep = self._tables[seq], -(-length // self.page_size)
+        for page in table[keep:]:
+            self._release(page)
+        del table[keep:]
+        self._lengths[seq] = length
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
+
+    # ---- a step -----------------------------------------------------------------------------
+
+    def reserve(self, seqs: Sequence[int], tokens: int | Sequence[int] = 1) -> torch.Tensor:
+        """Room for ``tokens`` new tokens of each of ``seqs`` (one count for all, or one each):
+        pages from the pool as needed, a shared last page copied first; the lengths grow. Returns
+        the new tokens' slots (``page * page_size + slot``; int64 on the cache's device), each
+        sequence's in turn. A RuntimeError, with nothing changed, when the pool runs out."""
+        seqs = [self._known(s) for s in seqs]
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"seqs must not repeat a sequence, got {seqs}")
+        counts = [check_int(tokens, "tokens")] * len(seqs) if not isinstance(tokens, Sequence) \
+            else [check_int(n, "tokens") for n in tokens]  # fmt: skip
+        if len(counts) != len(seqs) or any(n < 0 for n in counts):
+            raise ValueError(f"tokens must be one count >= 0 or one per sequence, got {tokens}")
+        ps, need, refs = self.page_size, 0, {}  # refs: the tail pages' counts as copies drop them
+        for seq, n in zip(seqs, counts, strict=True):
+            length, table = self._lengths[seq], self._tables[seq]
+            need += -(-(length + n) // ps) - len(table)
+            if n > 0 and length % ps:
+                tail = table[-1]
+                refs.setdefault(tail, self._refs[tail])
+                if refs[tail] > 1:  # (a copy on write)
+                    need, refs[tail] = need + 1, refs[tail] - 1
+        if need > len(self._free):
+            raise RuntimeError(
+                f"Int4PagedKVCache: out of pages ({need} needed, {len(self._free)} free of "
+                f"{self.num_pages}); free or truncate sequences, or make a larger pool"
+            )
+        slots = []
+        for seq, n in zip(seqs, counts, strict=True):
+            length, table = self._lengths[seq], self._tables[seq]
+            if n > 0 and length % ps and self._refs[table[-1]] > 1:  # copy on write
+                table[-1] = self._copy(table[-1])
+            while len(table) * ps < length + n:
+                page = self._free.pop()
+                self._refs[page] = 1
+                table.append(page)
+            slots += [table[t // ps] * ps + t % ps for t in range(length, length + n)]
+            self._lengths[seq] = length + n
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def _copy(self, page: int) -> int:
+        """A fresh page with ``page``'s contents in every layer (the caller's reference moves)."""
+        new = self._free.pop()
+        self._refs[new] = 1
+        self._release(page)
+        for layer in self.pages:
+            for t in layer:
+                t.view(torch.uint8)[new] = t.view(torch.uint8)[page]
+        return new
+
+    def block_table(self, seqs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_table int32 [S, max_pages], seq_lens int32 [S])`` of ``seqs`` on the cache's
+        device (one host-to-device copy each; every layer's decode of the step takes them).
+        Entries past a sequence's last page are 0 (never read)."""
+        seqs = [self._known(s) for s in seqs]
+        width = max([len(self._tables[s]) for s in seqs] + [1])
+        rows = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seqs]
+        table = torch.tensor(rows, dtype=torch.int32).reshape(len(seqs), width)
+        lens = torch.tensor([self._lengths[s] for s in seqs], dtype=torch.int32)
+        return table.to(self.device), lens.to(self.device)
+
+    def write(self, layer: int, k, v, slots, post_scale=None, cos=None, sin=None,
+              pairing: str = "half") -> None:  # fmt: skip
+        """Quantizes ``k [N, kv_heads, head_dim]`` (RoPE with ``cos`` / ``sin [N, head_dim]``
+        when given, then ``post_scale [kv_heads, head_dim]``) and ``v [N, kv_heads, value_dim]``
+        into layer ``layer``'s pages at ``slots`` (``reserve``'s)."""
+        from fastlayers.ops.kvint4_paged import kv_cache_write_paged  # (ops import quant)
+
+        kq, ks, vq, vs = self.pages[self._layer(layer)]
+        kv_cache_write_paged(k, kq, ks, slots, post_scale, cos, sin, pairing)
+        kv_cache_write_paged(v, vq, vs, slots)
+
+    def decode(self, layer: int, q, block_table, seq_lens, **kwargs):
+        """:func:`fastlayers.ops.int4_kv_decode_paged` of ``q [S, Hq, head_dim]`` over layer
+        ``layer``'s pages (``kwargs``: its ``scale``, ``softcap``, ``sinks``, ``num_splits``)."""
+        from fastlayers.ops.kvint4_paged import int4_kv_decode_paged
+
+        return int4_kv_decode_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
+                                    **kwargs)  # fmt: skip
+
+    def _layer(self, layer) -> int:
+        layer = check_int(layer, "layer")
+        if not 0 <= layer < len(self.pages):
+            raise ValueError(f"layer must be in [0, {len(self.pages) - 1}], got {layer}")
+        return layer
+
+    def nbytes(self) -> int:
+        """Bytes of the pools (every layer's pages, used or free)."""
+        return sum(t.numel() * t.element_size() for layer in self.pages for t in layer)
