@@ -24,7 +24,7 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
     q_quantize,
 )
-from fastlayers.ops.kvint4_paged import int4_kv_decode_paged
+from fastlayers.ops.kvint4_paged import int4_kv_attention_paged, int4_kv_decode_paged
 
 
 def _r(*shape, dtype=torch.float32):
@@ -107,6 +107,10 @@ def _cases():
             [_r(2, 4, 32), k, ks, v, vs, 10, None, torch.tensor([0, 4], dtype=torch.int32)],
         ),
         "int4_kv_attention": (int4_kv_attention, [_r(2, 4, 3, 32), k, ks, v, vs, 10]),
+        "int4_kv_attention_paged": (
+            int4_kv_attention_paged,
+            [_r(2, 4, 3, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5],
+        ),
         "int4_kv_decode_paged": (
             int4_kv_decode_paged,
             [_r(2, 4, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5, None, 2],

@@ -308,6 +308,26 @@ def _check_cache_decode(cache, history, seqs, group, device, hq=4):
             torch.testing.assert_close(lse[row : row + 1], want_lse, rtol=2e-5, atol=2e-5)
 
 
+def _check_cache_attention(cache, history, seqs, tq, group, device, hq=4):
+    """Every layer's paged prefill of the last ``tq`` tokens of ``seqs`` against the causal
+    float64 reference over each sequence's own history."""
+    from fastlayers.ops.kvint4 import _attention_reference
+
+    table, seq_lens = cache.block_table(seqs)
+    for layer in range(len(cache.pages)):
+        q = rand(len(seqs), hq, tq, cache.head_dim, dtype=torch.float32, device=device)
+        out, lse = cache.attention(layer, q, table, seq_lens)
+        for row, seq in enumerate(seqs):
+            k, v = history.k[layer][seq], history.v[layer][seq]
+            kq, ks = quant.quantize_kv_int4(k[None], group)
+            vq, vs = quant.quantize_kv_int4(v[None], group)
+            want, want_lse = _attention_reference(q[row : row + 1].double(), kq, ks, vq, vs,
+                                                  k.shape[1], cache.head_dim**-0.5)  # fmt: skip
+            torch.testing.assert_close(out[row : row + 1].double(), want.double(), rtol=2e-5,
+                                       atol=2e-5)  # fmt: skip
+            torch.testing.assert_close(lse[row : row + 1], want_lse, rtol=2e-5, atol=2e-5)
+
+
 def _step(cache, history, seqs, tokens, device):
     """``tokens`` new tokens (a count, or one per sequence) of random keys and values for every
     layer of ``seqs``, through reserve and write."""
@@ -334,6 +354,7 @@ def test_paged_cache_continuous_batching(device):
     history = _History(2)
     a, b = cache.new_sequence(), cache.new_sequence()
     _step(cache, history, [a, b], [13, 3], device)  # prompts
+    _check_cache_attention(cache, history, [a, b], 3, group, device)  # their last 3 tokens
     for _ in range(6):
         _step(cache, history, [a, b], 1, device)
     _check_cache_decode(cache, history, [a, b], group, device)
@@ -403,3 +424,99 @@ def test_paged_cache_plans_copies_exactly():
     _step(cache, history, [a, b], 1, "cpu")
     assert cache.free_pages == 0
     _check_cache_decode(cache, history, [a, b], 32, "cpu")
+
+
+def _check_prefill_rows(q, out, lse, cache, lens, scale, softcap=0.0):
+    """Each row of a paged prefill (its last Tq tokens' queries) against the contiguous causal
+    float64 reference over that row's own tokens."""
+    from fastlayers.ops.kvint4 import _attention_reference
+
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[q.dtype]
+    for row, n in enumerate(lens):
+        one = [x[row : row + 1, :, :n] for x in cache]
+        want, want_lse = _attention_reference(q[row : row + 1].double(), *one, n, scale, softcap)
+        torch.testing.assert_close(out[row : row + 1].double(), want.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse[row : row + 1].double(), want_lse.double(), rtol=2e-5,
+                                   atol=2e-5)  # fmt: skip
+
+
+# (tensor-core tile counted under cuda::tc::launch's expression, "kernel")
+PREFILL_KERNELS = ("kernel", "prefill_kernel", "prefill_latent_tc_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group,page_size,tq,lens,launched",
+    [
+        (8, 2, 128, 128, 32, 16, 9, [300, 9, 64], [1, 0, 0]),  # tensor-core tile
+        (4, 2, 64, 64, 16, 32, 70, [70, 200], [1, 0, 0]),  # two query tiles
+        (6, 3, 40, 40, 8, 4, 5, [23, 5, 9], [0, 1, 0]),  # a warp per query row
+        (16, 2, 96, 64, 16, 8, 3, [41, 3], [0, 1, 0]),  # values of their own size
+    ],
+)
+def test_int4_kv_attention_paged_matches_each_rows_reference(
+    device, dtype, hq, hkv, d, dv, group, page_size, tq, lens, launched
+):
+    """Tq new tokens per row (a prompt chunk, a speculative draft) over its paged cache: query i of
+    row b is its token seq_lens[b] - Tq + i; shuffled and poisoned pages; also soft-capped. In the
+    emulation, the kernel that ran is checked."""
+    from fastlayers.ops import int4_kv_attention_paged
+    from fastlayers.ops.kvint4_paged import _attention_reference_op
+
+    torch.manual_seed(d + tq)
+    b = len(lens)
+    cache = _cache(b, hkv, max(lens), d, dv, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    q = rand(b, hq, tq, d, dtype=dtype, device=device)
+    before = launches_since(PREFILL_KERNELS)
+    for cap in (0.0, 1.5):
+        out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, softcap=cap)
+        assert out.dtype == dtype and out.shape == (b, hq, tq, dv) and lse.shape == (b, hq, tq)
+        _check_prefill_rows(q, out, lse, cache, lens, d**-0.5, cap)
+    if before is not None:
+        assert launches_since(PREFILL_KERNELS, before) == [2 * n for n in launched]
+    ref, ref_lse = _attention_reference_op(q.double(), *pages, table, seq_lens, d**-0.5)
+    _check_prefill_rows(q.double().float(), ref.float(), ref_lse, cache, lens, d**-0.5)
+
+
+def test_int4_kv_attention_paged_latent_and_one_token(device):
+    """Multi-head latent attention's rows (values the key pages' first 512 channels, in place:
+    the latent tensor-core prefill) over pages; one query token is the decode's result."""
+    from fastlayers.ops import int4_kv_attention_paged
+
+    hq, hkv, d, dv, group, lens, tq = 16, 1, 576, 512, 64, [100, 40], 33
+    keys = quant.quantize_kv_int4(rand(2, hkv, 100, d, dtype=torch.float32, device=device), group)
+    pages, table, seq_lens = _paged(list(keys), lens, 16)
+    kp, ksp = pages
+    vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
+    cache = (*keys, keys[0][..., : dv // 2].contiguous(), keys[1][..., : dv // group].contiguous())
+    q = rand(2, hq, tq, d, dtype=torch.bfloat16, device=device)
+    before = launches_since(PREFILL_KERNELS)
+    out, lse = int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens)
+    if before is not None:
+        assert launches_since(PREFILL_KERNELS, before) == [0, 0, 1]
+    _check_prefill_rows(q, out, lse, cache, lens, d**-0.5)
+    one, one_lse = int4_kv_attention_paged(q[:, :, -1:], kp, ksp, vp, vsp, table, seq_lens)
+    want, want_lse = int4_kv_decode_paged(q[:, :, -1], kp, ksp, vp, vsp, table, seq_lens)
+    torch.testing.assert_close(one[:, :, 0], want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(one_lse[:, :, 0], want_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_int4_kv_attention_paged_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
+    from fastlayers.ops import int4_kv_attention_paged
+
+    hq, hkv, d, group, lens, tq = 8, 2, 64, 16, [130, 7, 45], 7
+    cache = _cache(3, hkv, 130, d, d, group, "cpu")
+    q = rand(3, hq, tq, d, dtype=torch.bfloat16, device="cpu")
+    for page_size in (4, 64):
+        pages, table, seq_lens = _paged(cache, lens, page_size)
+        out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens)
+        _check_prefill_rows(q, out, lse, cache, lens, d**-0.5)
+    with pytest.raises(ValueError, match="seq_lens must lie in \\[7, "):
+        int4_kv_attention_paged(q, *pages, table, seq_lens - 1)
+    with pytest.raises(ValueError, match="q must be"):
+        int4_kv_attention_paged(q[:, :, 0], *pages, table, seq_lens)
+    with pytest.raises(ValueError, match="block_table holds at most"):
+        int4_kv_attention_paged(q, *pages, table[:, :0], seq_lens * 0)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention_paged.default,
+                            (q.float(), *pages, table, seq_lens, 0.2))  # fmt: skip

@@ -16,7 +16,8 @@
 namespace fastlayers::kvint4 {
 
 // Several query tokens (prefill, q_tokens > 1): query token i of the call is the cache's token
-// length - q_tokens + i and sees the cached tokens [0, length - q_tokens + i] (causal).
+// end - q_tokens + i (end: length, or the row's lengths[b]) and sees the cached tokens up to it
+// (causal).
 struct DecodeParams {
   const float* q = nullptr;             // [batch, hq, q_tokens, d] contiguous (CPU: or null, q16)
   const uint8_t* k = nullptr;           // [batch, hkv, t_max, d / 2]
@@ -58,10 +59,11 @@ struct DecodeParams {
   // (larger requests are clamped). The workspace must be decode_cuda_workspace_floats(..., splits).
   // The CPU kernel and the prefill ignore it.
   int64_t splits = 0;
-  // Decode (q_tokens 1), optional: lengths[b], the end of the cached tokens batch row b attends
-  // to (its tokens [first_token, lengths[b]), clamped to [0, length]); null: length for every row.
+  // Optional: lengths[b], the end of batch row b's cached tokens (clamped to [0, length]): its
+  // decode attends to tokens [first_token, lengths[b]); in prefill its query token i is the cache's
+  // token lengths[b] - q_tokens + i (a query before token 0 sees none). Null: length for every row.
   const int32_t* lengths = nullptr;
-  // Decode (q_tokens 1), optional: a paged cache (vLLM's block tables, FlashInfer's HND pages).
+  // Optional: a paged cache (vLLM's block tables, FlashInfer's HND pages).
   // k, k_scale, v and v_scale are then pages [pages, hkv, page_size, .] (rows as above), and token
   // t of batch row b sits in page block_table[b * block_stride + t / page_size], slot
   // t % page_size (page indices clamped to [0, pages)); page_size a power of two; length at most
@@ -128,8 +130,8 @@ inline FL_KVINT4_HD int64_t first_token(const DecodeParams& p, int64_t b) {
   return first < 0 ? 0 : (first > p.length ? p.length : first);
 }
 
-// Decode: the end of the cached tokens batch row b attends to (lengths[b] clamped to [0, length];
-// length without lengths).
+// The end of batch row b's cached tokens (lengths[b] clamped to [0, length]; length without
+// lengths).
 inline FL_KVINT4_HD int64_t end_token(const DecodeParams& p, int64_t b) {
   const int64_t end = p.lengths != nullptr ? p.lengths[b] : p.length;
   return end < 0 ? 0 : (end > p.length ? p.length : end);
@@ -154,6 +156,13 @@ struct TokenRows {
   FL_KVINT4_HD int64_t run(int64_t t) const { return table == nullptr ? INT64_MAX : mask + 1 - (t & mask); }
 };
 
+// A contiguous cache's rows alone (TokenRows without the paged branch and its registers: the
+// tensor-core prefills, at up to 255 registers, take one or the other as a template argument).
+struct ContiguousRows {
+  int64_t base = 0;  // (b * hkv + h) * t_max
+  FL_KVINT4_HD int64_t operator()(int64_t t) const { return base + t; }
+};
+
 inline FL_KVINT4_HD TokenRows token_rows(const DecodeParams& p, int64_t b, int64_t h) {
   TokenRows r;
   if (p.block_table == nullptr) {
@@ -167,6 +176,16 @@ inline FL_KVINT4_HD TokenRows token_rows(const DecodeParams& p, int64_t b, int64
   r.mask = p.page_size - 1;
   while ((int64_t{1} << r.shift) < p.page_size) ++r.shift;
   return r;
+}
+
+// token_rows (kPaged) or ContiguousRows of (batch row b, kv head h).
+template <bool kPaged>
+FL_KVINT4_HD auto cache_rows(const DecodeParams& p, int64_t b, int64_t h) {
+  if constexpr (kPaged) {
+    return token_rows(p, b, h);
+  } else {
+    return ContiguousRows{(b * p.hkv + h) * p.t_max};
+  }
 }
 
 Status validate(const DecodeParams& p);

@@ -33,9 +33,6 @@ Status validate(const DecodeParams& p) {
                       (p.length > 0 && (p.k == nullptr || p.v == nullptr || p.k_scale == nullptr || p.v_scale == nullptr)))) {
     return Status::invalid("int4_kv_decode: null pointer argument");
   }
-  if ((p.lengths != nullptr || p.block_table != nullptr) && p.q_tokens != 1) {
-    return Status::invalid("int4_kv_decode: per-row lengths and a paged cache are for decode (one query token)");
-  }
   if (p.block_table != nullptr &&
       (p.page_size <= 0 || (p.page_size & (p.page_size - 1)) || p.block_stride <= 0 || p.pages <= 0 ||
        p.length > p.block_stride * p.page_size)) {

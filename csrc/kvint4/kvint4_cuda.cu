@@ -415,8 +415,8 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
 // Prefill (q_tokens > 1): one warp per (batch, query head, query token) walks the cached tokens from
 // its row's start up to its causal limit with an online softmax, lanes dequantizing their channels of
 // each key and value row (L2 serves the rows to the GQA group's warps). A query inside its row's
-// left padding sees nothing: zeros, lse -inf. (The prefill kernels read contiguous caches: validate
-// keeps per-row lengths and block tables to the decode.)
+// left padding sees nothing: zeros, lse -inf. Query token i is the row's cache token
+// end_token - q_tokens + i (a paged cache or per-row lengths: the row's own end).
 template <int C, int CV>
 __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   if (w >= p.batch * p.hq * p.q_tokens) return;
   const int64_t i = w % p.q_tokens, bh = w / p.q_tokens, b = bh / p.hq, h = bh % p.hq;
   const int64_t kh = h / (p.hq / p.hkv), dh = p.d / 2, ng = p.d / p.group;
-  const int64_t limit = p.length - p.q_tokens + i;  // the last visible cached token
+  const int64_t limit = end_token(p, b) - p.q_tokens + i;  // the last visible cached token
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p), dv = value_dim(p);
   const LaneScales<C> k_at(lane, p.group, p.d);
   const LaneScales<CV> v_at(lane, p.group, dv);
@@ -433,19 +433,18 @@ __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams
   for (int j = 0; j < C; ++j) q[j] = k_at.owns(j) ? p.q[w * p.d + k_at.start + j] : 0.0f;
 #pragma unroll
   for (int j = 0; j < CV; ++j) acc[j] = 0.0f;
-  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const TokenRows rows = token_rows(p, b, kh);
   for (int64_t t = first_token(p, b); t <= limit; ++t) {
     float k[C], v[CV];
-    dequant_lane<C>(p.k + (base + t) * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + (base + t) * ng,
-                    k_at, k);
+    const int64_t r = rows(t);
+    dequant_lane<C>(p.k + r * dh, reinterpret_cast<const uint8_t*>(p.k_scale) + r * ng, k_at, k);
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < C; ++j) s += q[j] * k[j];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     s = softcapped(s * p.scale, p.softcap);
-    dequant_lane<CV>(p.v + (base + t) * v_row,
-                     reinterpret_cast<const uint8_t*>(p.v_scale) + (base + t) * vs_row, v_at, v);
+    dequant_lane<CV>(p.v + r * v_row, reinterpret_cast<const uint8_t*>(p.v_scale) + r * vs_row, v_at, v);
     const float m_new = fmaxf(m, s);
     const float alpha = m == -INFINITY ? 0.0f : expf(m - m_new);
     const float e = expf(s - m_new);
@@ -527,11 +526,11 @@ struct TileRows {
 };
 
 // Words i0 .. i0 + N - 1 of this thread's share (kThreads threads) of the tile of keys t0 .. t0 +
-// nt - 1 of rows of C channels (tokens from base), and their scale codes; zeros (which dequantize
+// nt - 1 of rows of C channels (their rows: `rows`), and their scale codes; zeros (which dequantize
 // to 0) past nt and before `start` (left padding: never-written slots could hold NaN scale codes,
 // and a masked key's NaN value would still reach P V as 0 * NaN).
-template <int C, int kThreads, int N>
-__device__ __forceinline__ void fetch_words(const TileRows& src, int64_t base, int64_t t0, int64_t nt, int64_t start,
+template <int C, int kThreads, int N, typename Rows>
+__device__ __forceinline__ void fetch_words(const TileRows& src, const Rows& rows, int64_t t0, int64_t nt, int64_t start,
                                             int i0, uint32_t (&w)[N], uint32_t (&codes)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -539,7 +538,7 @@ __device__ __forceinline__ void fetch_words(const TileRows& src, int64_t base, i
     tile_word<C, kThreads>(i0 + i, j, c);
     w[i] = codes[i] = 0u;
     if (j < nt && t0 + j >= start) {
-      const int64_t t = base + t0 + j;
+      const int64_t t = rows(t0 + j);
       w[i] = *reinterpret_cast<const uint32_t*>(src.bytes + t * src.row + c / 2);
       codes[i] = word_scale_codes(src.codes + t * src.code_row, c, src.group);
     }
@@ -547,15 +546,15 @@ __device__ __forceinline__ void fetch_words(const TileRows& src, int64_t base, i
 }
 
 // This thread's words of the tile for the tensor-core prefill (D key channels, DV value channels).
-template <int D, int DV>
-__device__ __forceinline__ void fetch_tile(const DecodeParams& p, int64_t base, int64_t t0, int64_t nt,
+template <int D, int DV, typename Rows>
+__device__ __forceinline__ void fetch_tile(const DecodeParams& p, const Rows& rows, int64_t t0, int64_t nt,
                                            int64_t start, RawTile<D, DV>& r) {
   constexpr int kThreads = cuda::tc::kWarps * 32;
   const int g = static_cast<int>(p.group);  // (32-bit divisions: head_dim <= 576)
   const TileRows keys{p.k, D / 2, reinterpret_cast<const uint8_t*>(p.k_scale), D / p.group, g};
   const TileRows values{p.v, value_row(p), reinterpret_cast<const uint8_t*>(p.v_scale), value_scale_row(p), g};
-  fetch_words<D, kThreads>(keys, base, t0, nt, start, 0, r.k, r.ks);
-  fetch_words<DV, kThreads>(values, base, t0, nt, start, 0, r.v, r.vs);
+  fetch_words<D, kThreads>(keys, rows, t0, nt, start, 0, r.k, r.ks);
+  fetch_words<DV, kThreads>(values, rows, t0, nt, start, 0, r.v, r.vs);
 }
 
 // 8 channels from a cache word and their scale codes, as 16-bit values (exact: a nibble times an
@@ -646,15 +645,15 @@ __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
 // first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
 // key tiles before it are not read). Keys of D channels, values of DV. kSplit: fp32 queries
-// (T = __half; WarpTile's hi + lo).
-template <typename T, int D, int DV, bool kSplit>
+// (T = __half; WarpTile's hi + lo). kPaged: a paged cache (p.block_table).
+template <typename T, int D, int DV, bool kSplit, bool kPaged>
 __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
   namespace tc = cuda::tc;  // the tensor-core tile: its kRows / kKeys, not this file's
   using S = tc::Smem<D, DV>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t first = p.length - p.q_tokens;
+  const int64_t first = end_token(p, b) - p.q_tokens;
   const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;
   const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
   bool use_lo = false;
@@ -678,7 +677,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   }
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
-  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const auto at = cache_rows<kPaged>(p, b, kh);
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
@@ -688,14 +687,14 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   constexpr bool kPrefetch = D <= 128 || (DV <= 128 && !kSplit);
   RawTile<D, DV> raw;
   int64_t t0 = start / tc::kKeys * tc::kKeys;
-  if (kPrefetch && t0 <= last_key) fetch_tile<D, DV>(p, base, t0, tile_keys(t0), start, raw);
+  if (kPrefetch && t0 <= last_key) fetch_tile<D, DV>(p, at, t0, tile_keys(t0), start, raw);
   for (; t0 <= last_key; t0 += tc::kKeys) {
     const int64_t nt = tile_keys(t0);
     __syncthreads();  // the previous tile is consumed
-    if constexpr (!kPrefetch) fetch_tile<D, DV>(p, base, t0, nt, start, raw);
+    if constexpr (!kPrefetch) fetch_tile<D, DV>(p, at, t0, nt, start, raw);
     store_tile<T, D, DV>(raw, sk, sv);
     if (kPrefetch && t0 + tc::kKeys <= last_key) {
-      fetch_tile<D, DV>(p, base, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
+      fetch_tile<D, DV>(p, at, t0 + tc::kKeys, tile_keys(t0 + tc::kKeys), start, raw);
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
@@ -718,13 +717,13 @@ constexpr size_t prefill_tc_smem() {
   return cuda::tc::Smem<D, DV>::bytes(kSplit ? PrefillSplitSmem<D, DV>::kExtraBytes : 0);
 }
 
-template <typename T, int D, int DV, bool kSplit>
+template <typename T, int D, int DV, bool kSplit, bool kPaged>
 Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const dim3 grid(static_cast<unsigned>((p.q_tokens + cuda::tc::kRows - 1) / cuda::tc::kRows),
                   static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit>, grid, prefill_tc_smem<D, DV, kSplit>(), p, stream,
-                          configured);
+  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit, kPaged>, grid, prefill_tc_smem<D, DV, kSplit>(), p,
+                          stream, configured);
 }
 
 // The tensor-core prefills' queries (fp16/bf16 ones given in q16, 16-byte aligned, or fp32 ones),
@@ -771,8 +770,9 @@ static_assert(kQLo % 128 == 0 && kRowScale % 16 == 0, "aligned regions");
 
 // CTA (32 query tokens, query head, batch row); query token i is cache token first + i and sees
 // cache tokens start .. first + i (as prefill_tc_kernel). kSplit: fp32 queries (T = __half; Q and P
-// as hi + lo parts, the Q K^T lo products skipped when no row of the CTA needs them).
-template <typename T, bool kSplit>
+// as hi + lo parts, the Q K^T lo products skipped when no row of the CTA needs them). kPaged: a paged
+// cache.
+template <typename T, bool kSplit, bool kPaged>
 __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const DecodeParams p) {
   using tcl::kD;
   using tcl::kDv;
@@ -789,7 +789,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t first = p.length - p.q_tokens;
+  const int64_t first = end_token(p, b) - p.q_tokens;
   const int64_t rows = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
   const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -820,7 +820,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
 #pragma unroll
   for (int kk = 0; kk < kKb; ++kk) cuda::ptx::ldmatrix_x4(qf[kk], sq + qoff + kk * 16);
 
-  const int64_t base = (b * p.hkv + kh) * p.t_max;
+  const auto at = cache_rows<kPaged>(p, b, kh);
   const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const TileRows keys{p.k, kD / 2, reinterpret_cast<const uint8_t*>(p.k_scale), kD / p.group,
@@ -843,7 +843,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
 #pragma unroll 1
     for (int i0w = 0; i0w < kWords; i0w += kBatch) {
       uint32_t w[kBatch], codes[kBatch];
-      fetch_words<kD, tcl::kThreads>(keys, base, t0, nt, start, i0w, w, codes);
+      fetch_words<kD, tcl::kThreads>(keys, at, t0, nt, start, i0w, w, codes);
       store_words<T, kD, tcl::kThreads>(sk, kLd, i0w, w, codes);
     }
     __syncthreads();
@@ -939,15 +939,21 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   }
 }
 
-template <typename T, bool kSplit>
+template <typename T, bool kSplit, bool kPaged>
 Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
-  const auto kernel = prefill_latent_tc_kernel<T, kSplit>;
+  const auto kernel = prefill_latent_tc_kernel<T, kSplit, kPaged>;
   if (Status s = cuda::tc::opt_in(kernel, tcl::bytes(kSplit), configured); !s.is_ok()) return s;
   const dim3 grid(static_cast<unsigned>((p.q_tokens + tcl::kRows - 1) / tcl::kRows), static_cast<unsigned>(p.hq),
                   static_cast<unsigned>(p.batch));
-  prefill_latent_tc_kernel<T, kSplit><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(p);
+  prefill_latent_tc_kernel<T, kSplit, kPaged><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(p);
   return cuda::last_launch_status();
+}
+
+template <typename T, bool kSplit>
+Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
+  return p.block_table != nullptr ? prefill_latent_tc<T, kSplit, true>(p, stream)
+                                  : prefill_latent_tc<T, kSplit, false>(p, stream);
 }
 
 // Multi-head latent attention's 576 / 512 with the values in the key rows (v = k, the key rows'
@@ -990,7 +996,9 @@ template <typename T, bool kSplit>
 Status prefill_tc_by_dim(const DecodeParams& p, cudaStream_t stream) {
   return cuda::tc::with_dims(p.d, value_dim(p), Status::unsupported("int4_kv_attention: not a tile shape"),
                              [&](auto dims) {
-                               return prefill_tc<T, decltype(dims)::kD, decltype(dims)::kDV, kSplit>(p, stream);
+                               constexpr int D = decltype(dims)::kD, DV = decltype(dims)::kDV;
+                               return p.block_table != nullptr ? prefill_tc<T, D, DV, kSplit, true>(p, stream)
+                                                               : prefill_tc<T, D, DV, kSplit, false>(p, stream);
                              });
 }
 

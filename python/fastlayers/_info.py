@@ -29,6 +29,7 @@ OPS = (
     "int4_kv_decode",
     "int4_kv_decode_paged",
     "int4_kv_attention",
+    "int4_kv_attention_paged",
     "kv_quantize",
     "kv_cache_write",
     "q_quantize",

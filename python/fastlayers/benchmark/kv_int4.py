@@ -65,6 +65,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         rows += _latent_case(device, batch, context, reps)
     rows += [_paged_case(device, batch, context, reps)
              for batch, context in PAGED[device.type][: 1 if quick else None]]  # fmt: skip
+    rows += _paged_prefill(device, quick, reps)
     rows += _split_sweep(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
@@ -156,6 +157,72 @@ PAGED = {"cpu": [(4, 4096)], "cuda": [(16, 8192)]}
 PAGE_SIZE = 16
 
 
+def _to_pages(caches, gen) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Contiguous caches ``[B, H, T, w]`` (T a multiple of PAGE_SIZE) as pages of PAGE_SIZE tokens
+    in one shuffled pool: ``(pages, block_table, seq_lens)``."""
+    batch, hkv, context = caches[0].shape[:3]
+    device = caches[0].device
+    per_row, pages = context // PAGE_SIZE, batch * context // PAGE_SIZE
+    order = torch.randperm(pages, generator=gen).to(device)
+    table = order.reshape(batch, per_row).int()  # row b's page j: order[b * per_row + j]
+
+    def paged(x):  # [B, H, T, w] -> [pages, H, PAGE_SIZE, w], page order[b * per_row + j]
+        chunks = x.view(torch.uint8).reshape(batch, hkv, per_row, PAGE_SIZE, -1).transpose(1, 2)
+        out = torch.empty((pages, hkv, PAGE_SIZE, x.shape[3]), dtype=torch.uint8, device=device)
+        out[order] = chunks.reshape(pages, hkv, PAGE_SIZE, -1)
+        return out.view(x.dtype)
+
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return [paged(x) for x in caches], table, seq_lens
+
+
+# The paged prefill: (batch, new tokens, context) per device.
+PAGED_PREFILL = {"cpu": [(2, 128, 1024)], "cuda": [(4, 512, 4096)]}
+
+
+def _paged_prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """``int4_kv_attention_paged`` (GQA 32/8, d128, g128, bf16 queries; new tokens at the end of
+    each row's context) against ``int4_kv_attention`` over the same tokens in a contiguous
+    cache."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+    if quick:
+        return []
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(6)
+    for batch, tokens, context in PAGED_PREFILL[device.type]:
+        shape = (batch, HKV, context, D)
+        k, ks = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+        v, vs = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+        q = torch.randn(batch, HQ, tokens, D, generator=gen).to(device, torch.bfloat16)
+        cache, table, seq_lens = _to_pages((k, ks, v, vs), gen)
+        with torch.no_grad():
+            t, t_ref = time_interleaved(
+                [(int4_kv_attention_paged, [(q, *cache, table, seq_lens)], max(3, reps // 4)),
+                 (int4_kv_attention, [(q, k, ks, v, vs)], max(3, reps // 4))],
+                device,
+            )  # fmt: skip
+            out, _ = int4_kv_attention_paged(q, *cache, table, seq_lens)
+            want, _ = _attention_reference(q.double(), k, ks, v, vs, context, D**-0.5)
+            err = (out.double() - want).abs().max().item()
+        rows.append(
+            Row(
+                f"int4_kv_attention_paged prefill ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
+                f"batch {batch} x {tokens} new tokens, context {context}",
+                "bfloat16",
+                backend_label(device, "int4_kv_attention_paged"),
+                t.median_s * 1e6,
+                "int4_kv_attention, the same tokens in a contiguous cache",
+                t_ref.median_s * 1e6,
+                float("nan"),
+                float("nan"),
+                err,
+            )
+        )
+    return rows
+
+
 def _paged_case(device: torch.device, batch: int, context: int, reps: int) -> Row:
     """``int4_kv_decode_paged`` (GQA 32/8, d128, g128, bf16 queries) against ``int4_kv_decode``
     over the same tokens in a contiguous cache (the baseline column): the cost of the block
@@ -168,18 +235,7 @@ def _paged_case(device: torch.device, batch: int, context: int, reps: int) -> Ro
     k, ks = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
     v, vs = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
     q = torch.randn(batch, HQ, D, generator=gen).to(device, torch.bfloat16)
-    per_row, pages = context // PAGE_SIZE, batch * context // PAGE_SIZE
-    order = torch.randperm(pages, generator=gen).to(device)
-    table = order.reshape(batch, per_row).int()  # row b's page j: order[b * per_row + j]
-
-    def paged(x):  # [B, H, T, w] -> [pages, H, PAGE_SIZE, w], page order[b * per_row + j]
-        chunks = x.view(torch.uint8).reshape(batch, HKV, per_row, PAGE_SIZE, -1).transpose(1, 2)
-        out = torch.empty((pages, HKV, PAGE_SIZE, x.shape[3]), dtype=torch.uint8, device=device)
-        out[order] = chunks.reshape(pages, HKV, PAGE_SIZE, -1)
-        return out.view(x.dtype)
-
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    cache = [paged(x) for x in (k, ks, v, vs)]
+    cache, table, seq_lens = _to_pages((k, ks, v, vs), gen)
     nbytes = k.numel() + ks.numel() + v.numel() + vs.numel()
     copies = copies_to_exceed_cache(nbytes, device)
     paged_sets = [(q, *cache, table, seq_lens)] + [

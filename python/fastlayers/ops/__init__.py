@@ -24,7 +24,11 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
     q_quantize,
 )
-from fastlayers.ops.kvint4_paged import int4_kv_decode_paged, kv_cache_write_paged
+from fastlayers.ops.kvint4_paged import (
+    int4_kv_attention_paged,
+    int4_kv_decode_paged,
+    kv_cache_write_paged,
+)
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import (
     fused_add_rms_norm,
@@ -64,6 +68,7 @@ __all__ = [
     "int4_kv_decode",
     "int4_kv_decode_paged",
     "int4_kv_attention",
+    "int4_kv_attention_paged",
     "kv_quantize",
     "kv_cache_write",
     "kv_cache_write_paged",

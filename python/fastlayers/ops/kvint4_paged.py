@@ -23,6 +23,9 @@ of keys end at page ends and the next page is prefetched); the work split is pla
 past a row's end does nothing. The reference gathers each row's pages into a left-padded
 contiguous cache and runs the contiguous reference.
 
+``int4_kv_attention_paged(q [B, Hq, Tq, d], ...)``: the causal attention of Tq new tokens per
+row (query i of row b is its token ``seq_lens[b] - Tq + i``) on the prefill kernels.
+
 ``kv_cache_write_paged(x [N, Hkv, d], packed_pages, scale_pages, slots [N], post_scale=None,
 cos=None, sin=None, pairing="half")`` writes N new tokens' keys (or values) into their slots
 (``page * page_size + slot_in_page``, vLLM's slot mapping): RoPE, post-RoPE scale and INT4
@@ -51,6 +54,7 @@ from fastlayers.ops._common import (
 )
 from fastlayers.ops.kvint4 import (
     FP8,
+    _attention_reference,
     _check_num_splits,
     _cuda_workspace,
     _reference,
@@ -64,24 +68,29 @@ LIB.define(
     " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0,"
     " int num_splits=0) -> (Tensor, Tensor)"
 )
-register_no_backward("int4_kv_decode_paged")
+LIB.define(
+    "int4_kv_attention_paged(Tensor q, Tensor k_pages, Tensor k_scale_pages, Tensor v_pages,"
+    " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0)"
+    " -> (Tensor, Tensor)"
+)
+register_no_backward("int4_kv_decode_paged", "int4_kv_attention_paged")
 
 _NAMES = ("q", "k_pages", "k_scale_pages", "v_pages", "v_scale_pages", "block_table", "seq_lens")
 
 
 def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
-           check_range: bool = True) -> None:  # fmt: skip
+           check_range: bool = True, q_tokens: bool = False) -> None:  # fmt: skip
     """The paged call's arguments (shapes, dtypes, devices; with ``check_range`` and the host at
-    hand, also ``seq_lens`` and the block-table entries the rows use)."""
+    hand, also ``seq_lens`` and the block-table entries the rows use); ``q_tokens``: the prefill's
+    ``q [B, Hq, Tq, d]``, whose Tq tokens each row must hold."""
     for t, name in zip((q, k, k_scale, v, v_scale, block_table, seq_lens), _NAMES, strict=True):
         check_tensor(t, name)
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if q.dim() != 3 or not q.is_floating_point() or not q.shape[2]:
-        raise ValueError(
-            f"q must be a float [batch, q_heads, head_dim], got {q.dtype} {tuple(q.shape)}"
-        )
-    b, hq, d = q.shape
+    want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
+    if q.dim() != (4 if q_tokens else 3) or not q.is_floating_point() or not q.shape[-1]:
+        raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     if k.dtype != torch.uint8 or k.dim() != 4 or k.shape[3] * 2 != d or not k.shape[0]:
         raise ValueError(
             f"k_pages must be uint8 [num_pages > 0, kv_heads, page_size, {d // 2}], got {k.dtype} "
@@ -125,11 +134,13 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
         raise ValueError(f"scale must be finite, got {scale}")
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    tokens, new = block_table.shape[1] * page_size, q.shape[2] if q_tokens else 0
+    if new > tokens:
+        raise ValueError(f"q has {new} tokens but block_table holds at most {tokens}")
     if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
         return  # (the kernels clamp lengths and page indices)
-    tokens = block_table.shape[1] * page_size
-    check_index_range(seq_lens, "seq_lens", 0, tokens,
-                      f"[0, {tokens}] (block_table's pages x page_size)")  # fmt: skip
+    what = f"(block_table's pages x page_size{'; the new tokens must be cached' if new else ''})"
+    check_index_range(seq_lens, "seq_lens", new, tokens, f"[{new}, {tokens}] {what}")
     used = (
         torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < seq_lens[:, None]
     )
@@ -142,21 +153,35 @@ def _gather(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Te
     return x[page, :, slot].permute(0, 2, 1, 3)
 
 
-def _reference_op(
-    q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0
-):
-    """The specification: each row's tokens gathered from its pages into a contiguous cache of
-    ``max_pages * page_size`` tokens, right-aligned (``starts``: the row's left padding), then the
-    contiguous decode's reference (``num_splits``, a work split, changes nothing)."""
-    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
-    _check_num_splits(num_splits)
+def _contiguous(q, k, k_scale, v, v_scale, block_table, seq_lens):
+    """The specification's view of the pages: each row's tokens gathered into a contiguous cache
+    of ``max_pages * page_size`` tokens, right-aligned: ``(caches, tokens, starts)``, ``starts``
+    each row's left padding (so a row's last token is the cache's last, as its queries are)."""
     page_size, tokens = k.shape[2], block_table.shape[1] * k.shape[2]
     starts = tokens - seq_lens.long().clamp(0, tokens)
     index = (torch.arange(tokens, device=q.device)[None, :] - starts[:, None]).clamp(min=0)
     page = block_table.long().gather(1, index // page_size).clamp(0, k.shape[0] - 1)
     slot = index % page_size
-    caches = [_gather(x, page, slot) for x in (k, k_scale, v, v_scale)]
-    return _reference(q, *caches, tokens, scale, starts.int(), softcap)
+    return [_gather(x, page, slot) for x in (k, k_scale, v, v_scale)], tokens, starts.int()
+
+
+def _reference_op(
+    q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0
+):
+    """The decode's specification: the contiguous decode's reference over ``_contiguous``'s cache
+    (``num_splits``, a work split, changes nothing)."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    _check_num_splits(num_splits)
+    caches, tokens, starts = _contiguous(q, k, k_scale, v, v_scale, block_table, seq_lens)
+    return _reference(q, *caches, tokens, scale, starts, softcap)
+
+
+def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
+    """The prefill's specification: the contiguous causal reference over ``_contiguous``'s
+    cache (query i of row b: the row's token ``seq_lens[b] - Tq + i``)."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True)
+    caches, tokens, starts = _contiguous(q, k, k_scale, v, v_scale, block_table, seq_lens)
+    return _attention_reference(q, *caches, tokens, scale, softcap, starts=starts)
 
 
 def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0):
@@ -180,9 +205,38 @@ def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0
     return out.to(q.dtype), lse
 
 
+def _attention_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True)
+    device, tokens = q.device, block_table.shape[1] * k.shape[2]
+    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_attention_paged"):
+        return _attention_reference_op(*args)
+    workspace = None
+    if on_cuda(device):
+        floats = _cuda_workspace("int4_kv_attention_paged", q, k, v, max(tokens, 1))
+        if floats == 0:
+            return _attention_reference_op(*args)
+        if q.shape[2] == 1:  # one query token: the split-KV decode kernel, which needs one
+            workspace = empty((floats,), torch.float32, device)
+    out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap,
+                    seq_lens=seq_lens, block_table=block_table)  # fmt: skip
+    return out.to(q.dtype), lse
+
+
 LIB.impl("int4_kv_decode_paged", _kernel, "CPU")
 LIB.impl("int4_kv_decode_paged", _kernel, "CUDA")
 LIB.impl("int4_kv_decode_paged", _reference_op, "CompositeExplicitAutograd")
+LIB.impl("int4_kv_attention_paged", _attention_kernel, "CPU")
+LIB.impl("int4_kv_attention_paged", _attention_kernel, "CUDA")
+LIB.impl("int4_kv_attention_paged", _attention_reference_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_kv_attention_paged", lib=LIB)
+def _attention_fake(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, check_range=False,
+           q_tokens=True)  # fmt: skip
+    out = q.new_empty((*q.shape[:3], v.shape[3] * 2))
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("fastlayers::int4_kv_decode_paged", lib=LIB)
@@ -271,3 +325,30 @@ def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, c
     page, slot = slots.long().div(page_size, rounding_mode="floor"), slots.long() % page_size
     packed_pages[page, :, slot] = packed[:, :, 0]
     scale_pages.view(torch.uint8)[page, :, slot] = scales.view(torch.uint8)[:, :, 0]  # (bytes)
+
+
+def int4_kv_attention_paged(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens, scale=None,
+    softcap=None, sinks=None,
+):  # fmt: skip
+    """Causal attention of ``Tq`` new tokens per row over a paged INT4 cache (prefill of a chunk,
+    speculative decoding's verification): ``q [B, Hq, Tq, d]``, row ``b``'s query ``i`` is its
+    token ``seq_lens[b] - Tq + i`` (the new tokens already written: ``seq_lens[b] >= Tq``) and
+    sees the row's tokens up to it. Returns ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq]
+    fp32)``. Pages, block table and the other arguments as :func:`int4_kv_decode_paged`; the CPU
+    and CUDA prefill kernels (:func:`~fastlayers.ops.kvint4.int4_kv_attention`'s) read the pages
+    in place; elsewhere the reference."""
+    args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens)
+    check_tensors(**dict(zip(_NAMES, args, strict=True)))
+    if q.dim() != 4 or not q.shape[-1]:
+        raise ValueError(
+            f"q must be [batch, q_heads, q_tokens, head_dim > 0], got {tuple(q.shape)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = _softcap_arg(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    if direct_call_ok(*args):  # the implementation, no dispatcher
+        out, lse = _attention_kernel(*args, scale, softcap)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_attention_paged(*args, scale, softcap)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks[:, None])

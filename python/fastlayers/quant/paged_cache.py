@@ -38,7 +38,8 @@ class Int4PagedKVCache:
             out, lse = cache.decode(layer, q, table, seq_lens)
 
     ``reserve(seqs, tokens)`` takes several tokens per sequence (a prompt, a draft): ``slots``
-    then holds each sequence's new tokens in turn, the order of the rows of ``k`` and ``v``.
+    then holds each sequence's new tokens in turn, the order of the rows of ``k`` and ``v``;
+    ``attention`` is their causal attention over the pages (Tq tokens per sequence).
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int,
@@ -226,6 +227,15 @@ class Int4PagedKVCache:
 
         return int4_kv_decode_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
                                     **kwargs)  # fmt: skip
+
+    def attention(self, layer: int, q, block_table, seq_lens, **kwargs):
+        """:func:`fastlayers.ops.int4_kv_attention_paged` of ``q [S, Hq, Tq, head_dim]`` (each
+        sequence's last Tq tokens, written) over layer ``layer``'s pages (``kwargs``: its
+        ``scale``, ``softcap``, ``sinks``)."""
+        from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+        return int4_kv_attention_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
+                                       **kwargs)  # fmt: skip
 
     def _layer(self, layer) -> int:
         layer = check_int(layer, "layer")
