@@ -164,7 +164,7 @@ fi
 # dd55068 got through 124 tests of one long list in 200 s, all of them RMSNorm and FFF).
 san=(compute-sanitizer --error-exitcode 1 --print-limit 20)
 san_files=(test_rmsnorm test_rmsnorm_backward test_fff test_peer test_int4_fp8 test_int4_fp8_sm90
-           test_rope_kv test_quant_attention test_skip)
+           test_rope_kv test_kv_paged test_quant_attention test_skip)
 if [ "$MARK" != cuda ]; then  # (the sm90 probe failed)
   keep=()
   for f in "${san_files[@]}"; do [ "$f" = test_int4_fp8_sm90 ] || keep+=("$f"); done
