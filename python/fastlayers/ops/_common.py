@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import numbers
 import os
 
@@ -66,6 +67,14 @@ def check_index_range(t: torch.Tensor, name: str, low: int, high: int, what: str
     if t.numel() and t.device.type != "meta" and not capturing(t):
         if bool(((t < low) | (t > high)).any()):
             raise ValueError(f"{name} must lie in {what}")
+
+
+def check_scale_softcap(scale: float, softcap: float) -> None:
+    """The attention ops' softmax scale (finite) and logit soft-cap (finite, >= 0; 0: none)."""
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
 
 
 def check_tensor(t, name: str) -> None:

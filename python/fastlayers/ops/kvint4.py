@@ -26,6 +26,7 @@ from fastlayers.ops._common import (
     check_index_range,
     check_int,
     check_no_alias,
+    check_scale_softcap,
     check_sinks,
     check_tensor,
     check_tensors,
@@ -122,10 +123,7 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False, sof
         raise ValueError(
             f"q has {q.shape[2]} tokens but the cache only {length}: the new tokens must be cached"
         )
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    check_scale_softcap(scale, softcap)
 
 
 def _softcapped(s: torch.Tensor, softcap: float) -> torch.Tensor:

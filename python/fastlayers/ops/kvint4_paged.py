@@ -34,8 +34,6 @@ quantization as :func:`~fastlayers.ops.kvint4.kv_quantize`, then one indexed cop
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastlayers.ops._common import (
@@ -43,6 +41,7 @@ from fastlayers.ops._common import (
     apply_sinks,
     capturing,
     check_index_range,
+    check_scale_softcap,
     check_sinks,
     check_tensor,
     check_tensors,
@@ -130,10 +129,7 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
             f"seq_lens must be int32 [{b}] (one per batch row), got {seq_lens.dtype} "
             f"{tuple(seq_lens.shape)}"
         )
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    check_scale_softcap(scale, softcap)
     tokens, new = block_table.shape[1] * page_size, q.shape[2] if q_tokens else 0
     if new > tokens:
         raise ValueError(f"q has {new} tokens but block_table holds at most {tokens}")

@@ -10,14 +10,13 @@ synchronisation).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastlayers import _dtypes, _ext
 from fastlayers.ops._common import (
     LIB,
     apply_sinks,
+    check_scale_softcap,
     check_sinks,
     check_tensor,
     check_tensors,
@@ -92,10 +91,7 @@ def _check_varlen(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if left < -1 or right < -1:
         raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got ({left}, {right})")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be finite and >= 0 (0: none), got {softcap}")
+    check_scale_softcap(scale, softcap)
 
 
 def _check_layout(cu_q, cu_k, q_pos, k_pos, nq, nk) -> None:
