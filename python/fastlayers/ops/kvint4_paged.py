@@ -180,43 +180,37 @@ def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, sc
     return _attention_reference(q, *caches, tokens, scale, softcap, starts=starts)
 
 
-def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0):
-    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
-    num_splits = _check_num_splits(num_splits)
+def _launch(op: str, reference, q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
+            num_splits=0):  # fmt: skip
+    """The kernels of ``op`` (decode: ``q [B, Hq, d]``; prefill: ``[B, Hq, Tq, d]``) on checked
+    arguments, or ``reference(...)`` of the same arguments where they do not run."""
     device, tokens = q.device, block_table.shape[1] * k.shape[2]
-    if (
-        device.type not in ("cpu", "cuda")
-        or not has_kernel(device, "int4_kv_decode_paged")
-        or tokens == 0
-    ):
-        return _reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    if device.type not in ("cpu", "cuda") or not has_kernel(device, op) or tokens == 0:
+        return reference(*args)
     workspace = None
-    if on_cuda(device):  # split-KV over max_pages * page_size tokens
-        floats = _cuda_workspace("int4_kv_decode_paged", q, k, v, tokens, num_splits)
+    if on_cuda(device):  # (split-KV over max_pages * page_size tokens)
+        floats = _cuda_workspace(op, q, k, v, tokens, num_splits)
         if floats == 0:
-            return _reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
-        workspace = empty((floats,), torch.float32, device)
+            return reference(*args)
+        if q.dim() == 3 or q.shape[2] == 1:  # one query token: the split-KV decode kernel's
+            workspace = empty((floats,), torch.float32, device)
     out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap, num_splits,
                     seq_lens=seq_lens, block_table=block_table)  # fmt: skip
     return out.to(q.dtype), lse
 
 
+def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0, num_splits=0):
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    num_splits = _check_num_splits(num_splits)
+    return _launch("int4_kv_decode_paged", _reference_op, q, k, k_scale, v, v_scale, block_table,
+                   seq_lens, scale, softcap, num_splits)  # fmt: skip
+
+
 def _attention_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
     _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True)
-    device, tokens = q.device, block_table.shape[1] * k.shape[2]
-    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
-    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_attention_paged"):
-        return _attention_reference_op(*args)
-    workspace = None
-    if on_cuda(device):
-        floats = _cuda_workspace("int4_kv_attention_paged", q, k, v, max(tokens, 1))
-        if floats == 0:
-            return _attention_reference_op(*args)
-        if q.shape[2] == 1:  # one query token: the split-KV decode kernel, which needs one
-            workspace = empty((floats,), torch.float32, device)
-    out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap,
-                    seq_lens=seq_lens, block_table=block_table)  # fmt: skip
-    return out.to(q.dtype), lse
+    return _launch("int4_kv_attention_paged", _attention_reference_op, q, k, k_scale, v, v_scale,
+                   block_table, seq_lens, scale, softcap)  # fmt: skip
 
 
 LIB.impl("int4_kv_decode_paged", _kernel, "CPU")
