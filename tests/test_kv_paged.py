@@ -520,3 +520,28 @@ def test_int4_kv_attention_paged_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
         int4_kv_attention_paged(q, *pages, table[:, :0], seq_lens * 0)
     opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention_paged.default,
                             (q.float(), *pages, table, seq_lens, 0.2))  # fmt: skip
+
+
+def test_int4_kv_paged_strided_inputs(device):
+    """Strided (non-contiguous) q, block_table and seq_lens, and pages that are views into a wider
+    pool: the same result as contiguous copies (the ops copy what the kernels cannot read in place
+    and hold those copies through the call)."""
+    from fastlayers.ops import int4_kv_attention_paged
+
+    hq, hkv, d, group, lens = 4, 2, 64, 16, [40, 9, 23]
+    cache = _cache(3, hkv, 40, d, d, group, device)
+    (kp, ksp, vp, vsp), table, seq_lens = _paged(cache, lens, 8)
+    wide_table = torch.stack([table, table + 1000], -1)[..., 0]  # stride 2 along the pages
+    wide_lens = torch.stack([seq_lens, seq_lens], -1)[:, 0]
+    wide_k = torch.cat([kp, kp], -1)[..., : d // 2]  # rows of d bytes, the first d / 2 used
+    assert not (wide_table.is_contiguous() or wide_lens.is_contiguous() or wide_k.is_contiguous())
+    qd = rand(hq, 3, d, dtype=torch.float32, device=device).transpose(0, 1)  # [3, hq, d] strided
+    out, lse = int4_kv_decode_paged(qd, wide_k, ksp, vp, vsp, wide_table, wide_lens)
+    want = int4_kv_decode_paged(qd.contiguous(), kp, ksp, vp, vsp, table, seq_lens)
+    torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, want[1], rtol=0, atol=0)
+    qp = rand(3, 5, hq, d, dtype=torch.float32, device=device).transpose(1, 2)  # [3, hq, 5, d]
+    out, lse = int4_kv_attention_paged(qp, wide_k, ksp, vp, vsp, wide_table, wide_lens)
+    want = int4_kv_attention_paged(qp.contiguous(), kp, ksp, vp, vsp, table, seq_lens)
+    torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, want[1], rtol=0, atol=0)

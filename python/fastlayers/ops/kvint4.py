@@ -273,10 +273,11 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     (vc, v_row), (vsc, vs_row) = _token_rows(v), _token_rows(v_scale)  # (rows of any spacing)
     sc = starts.contiguous() if starts is not None else None
     lens = seq_lens.contiguous() if seq_lens is not None else None
+    table = block_table.contiguous() if block_table is not None else None  # (held for the call)
     paged = {}
-    if block_table is not None:  # (the pages' rows; t_max unused)
-        paged = dict(block_table=ptr(block_table.contiguous()), block_stride=block_table.shape[1],
-                     page_size=t_max, pages=k.shape[0])  # fmt: skip
+    if table is not None:  # (the pages' rows; t_max unused)
+        paged = dict(block_table=ptr(table), block_stride=table.shape[1], page_size=t_max,
+                     pages=k.shape[0])  # fmt: skip
     lse = empty(q.shape[:-1], torch.float32, device)
     if b * hq * tq == 0:
         return out, lse
