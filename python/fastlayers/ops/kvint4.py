@@ -249,9 +249,10 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape with the
     values' head size last, lse [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries
     read and the output written as they are, no fp32 copies), fp32 on CUDA. ``num_splits``: the
-    CUDA decode's (the workspace sized for them). Decode only: ``seq_lens`` (int32 ``[B]``, each
-    row's end) and ``block_table`` (int32 ``[B, max_pages]``: the cache tensors are then pages
-    ``[num_pages, Hkv, page_size, .]``, ``length`` is ``max_pages * page_size``)."""
+    CUDA decode's (the workspace sized for them). Optional, decode and prefill: ``seq_lens``
+    (int32 ``[B]``, each row's end) and ``block_table`` (int32 ``[B, max_pages]``: the cache
+    tensors are then pages ``[num_pages, Hkv, page_size, .]``, ``length`` is
+    ``max_pages * page_size``)."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     out_shape = (*q.shape[:-1], v.shape[3] * 2)
     tq = q.shape[2] if q.dim() == 4 else 1
