@@ -553,7 +553,8 @@ void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::u
                  std::uintptr_t scales, int64_t rows, int64_t d, int64_t group, int64_t tokens,
                  int64_t heads, int dtype, std::uintptr_t cos, std::uintptr_t sin,
                  int64_t cos_batch_stride, bool interleaved, std::uintptr_t stream, int64_t out_tokens,
-                 int64_t out_start, std::uintptr_t q_out, bool q_fp8) {
+                 int64_t out_start, std::uintptr_t q_out, bool q_fp8, std::uintptr_t slots, int64_t page_size,
+                 int64_t num_slots) {
   kvint4::QuantizeParams p;
   p.x = ptr<const void>(x);
   p.post_scale = ptr<const float>(post_scale);
@@ -573,6 +574,9 @@ void kv_quantize(int device, std::uintptr_t x, std::uintptr_t post_scale, std::u
   p.out_start = out_start;
   p.q_out = ptr<float>(q_out);
   p.q_fp8 = q_fp8;
+  p.slots = ptr<const int64_t>(slots);
+  p.page_size = page_size;
+  p.num_slots = num_slots;
   run(device, p, stream, kvint4::quantize_cpu, FL_CUDA_OR_NONE(kvint4::quantize_cuda));
 }
 

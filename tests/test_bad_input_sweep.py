@@ -24,7 +24,11 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
     q_quantize,
 )
-from fastlayers.ops.kvint4_paged import int4_kv_attention_paged, int4_kv_decode_paged
+from fastlayers.ops.kvint4_paged import (
+    int4_kv_attention_paged,
+    int4_kv_decode_paged,
+    kv_cache_write_paged,
+)
 
 
 def _r(*shape, dtype=torch.float32):
@@ -111,6 +115,18 @@ def _cases():
             int4_kv_attention_paged,
             [_r(2, 4, 3, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5],
         ),
+        "kv_cache_write_paged": (
+            kv_cache_write_paged,
+            [
+                _r(3, 2, 32),
+                kp.clone(),
+                ksp.clone(),
+                torch.tensor([5, -1, 17]),
+                _r(2, 32).abs(),
+                _r(3, 32),
+                _r(3, 32),
+            ],
+        ),  # fmt: skip
         "int4_kv_decode_paged": (
             int4_kv_decode_paged,
             [_r(2, 4, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5, None, 2],

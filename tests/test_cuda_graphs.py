@@ -107,3 +107,26 @@ def test_int4_kv_decode_paged_in_a_graph():
                 torch.randint(0, 193, (2,), device=dev, dtype=torch.int32))  # fmt: skip
 
     _check_graph(step, inputs)
+
+
+def test_kv_cache_write_paged_in_a_graph():
+    """The paged cache write skips its slot checks while capturing (no host read); replayed with
+    other tokens and slots, -1 (not written) among them: the pages as the eager call leaves them."""
+    dev = "cuda"
+    pages = [
+        torch.zeros(40, 2, 16, 64, dtype=torch.uint8, device=dev),
+        torch.zeros(40, 2, 16, 4, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn),
+    ]
+
+    def step(x, slots):
+        for t in pages:
+            t.view(torch.uint8).zero_()
+        fastlayers.ops.kv_cache_write_paged(x, *pages, slots)
+        return tuple(t.view(torch.uint8).clone() for t in pages)
+
+    def inputs():
+        slots = torch.randperm(640, device=dev)[:24]
+        slots[::5] = -1
+        return rand(24, 2, 128, dtype=torch.bfloat16, device=dev), slots
+
+    _check_graph(step, inputs)

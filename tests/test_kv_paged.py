@@ -278,6 +278,98 @@ def test_kv_cache_write_paged_then_decode(device, dtype):
         kv_cache_write_paged(x_k, k_pages, k_scales, slots, post, cos, sin)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "h", "d", "group", "page_size", "pairing"), [
+    (13, 2, 64, 16, 8, "half"), (5, 3, 96, 32, 1, "interleaved"), (33, 1, 80, 80, 16, None),
+    (1, 4, 128, 32, 64, "half"),
+])  # fmt: skip
+def test_kv_cache_write_paged_matches_reference(device, dtype, n, h, d, group, page_size,
+                                                pairing):  # fmt: skip
+    """The paged write's kernel == its reference (kv_quantize's reference, an indexed copy),
+    bit for bit, with -1 slots among the tokens (not written) and shuffled slots over a pool of
+    random bytes: every row no token names keeps its bytes; each written row holds kv_quantize's
+    bytes of its token."""
+    from fastlayers.ops import kv_quantize
+    from fastlayers.ops.kvint4_paged import _write_reference, kv_cache_write_paged
+
+    pool = (2 * n + page_size - 1) // page_size + 1
+    x = rand(n, h, d, dtype=dtype, device=device, scale=3.0)
+    x[0, 0, :group] = 0  # an all-zero group
+    post = torch.rand(h, d, device=device) * 4 + 0.1
+    cos = sin = None
+    if pairing is not None:
+        ang = torch.rand(n, d, device=device) * 6
+        cos, sin = ang.cos(), ang.sin()
+    slots = torch.randperm(pool * page_size)[:n].to(device)
+    slots[1::3] = -1
+    pages = [torch.randint(0, 256, (pool, h, page_size, w), dtype=torch.uint8, device=device)
+             for w in (d // 2, d // group)]  # fmt: skip
+    pages[1] = pages[1].view(torch.float8_e4m3fn)
+    before = [t.view(torch.uint8).clone() for t in pages]
+    refs = [t.clone() for t in pages]
+    kv_cache_write_paged(x, *pages, slots, post, cos, sin, pairing or "half")
+    _write_reference(x, *refs, slots, post, cos, sin, pairing or "half")
+    tables = [None if t is None else t[:, None] for t in (cos, sin)]
+    want = kv_quantize(x[:, :, None], group, post, *tables, pairing or "half")
+    written = torch.zeros(pool * page_size, dtype=torch.bool)
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            written[slot] = True
+            for buf, w in zip(pages, want, strict=True):
+                got = buf.view(torch.uint8)[slot // page_size, :, slot % page_size]
+                assert torch.equal(got, w.view(torch.uint8)[i, :, 0])
+    keep = (~written).reshape(pool, 1, page_size, 1).to(device)
+    for buf, ref, old in zip(pages, refs, before, strict=True):
+        assert torch.equal(buf.view(torch.uint8), ref.view(torch.uint8))
+        untouched = buf.view(torch.uint8) == old
+        assert bool(untouched[keep.expand_as(untouched)].all())
+
+
+def test_kv_cache_write_paged_bad_slots_strided_pages_and_opcheck():
+    """Slots out of range, other negatives than -1 and a slot given twice are ValueErrors; pages
+    that are not contiguous take the reference (warned once) and get the same bytes; opcheck."""
+    from fastlayers import _ext
+    from fastlayers.ops.kvint4_paged import kv_cache_write_paged
+
+    x = rand(4, 2, 32, dtype=torch.bfloat16, device="cpu")
+    packed = torch.zeros(5, 2, 8, 16, dtype=torch.uint8)
+    scales = torch.zeros(5, 2, 8, 2, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for slots, match in (([0, 1, 2, 40], "slots must lie in \\[0, 39\\]"),
+                         ([0, -2, 2, 3], "slots must lie in"),
+                         ([7, -1, 7, 3], "slots must be distinct")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            kv_cache_write_paged(x, packed, scales, torch.tensor(slots))
+    kv_cache_write_paged(x, packed, scales, torch.tensor([-1, 3, -1, 39]))  # (-1 twice: fine)
+    # more than 1024 slots: checked on the device (sorted) instead of as a list
+    xl = rand(1500, 2, 32, dtype=torch.bfloat16, device="cpu")
+    pl = torch.zeros(400, 2, 8, 16, dtype=torch.uint8)
+    sl = torch.zeros(400, 2, 8, 2, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    big = torch.randperm(3200)[:1500]
+    big[::7] = -1
+    kv_cache_write_paged(xl, pl, sl, big)
+    for i, v, match in ((5, 3200, "slots must lie in"), (5, -3, "slots must lie in"),
+                        (1, int(big[2]), "slots must be distinct")):  # fmt: skip
+        bad = big.clone()
+        bad[i] = v
+        with pytest.raises(ValueError, match=match):
+            kv_cache_write_paged(xl, pl, sl, bad)
+    slots = torch.tensor([3, -1, 12, 39])
+    pool = torch.randint(0, 256, (5, 2, 2, 8, 16), dtype=torch.uint8)  # [pages, K/V, ...]
+    scale_pool = torch.randint(0, 256, (5, 2, 2, 8, 2), dtype=torch.uint8)
+    strided = (pool[:, 0], scale_pool[:, 0].view(torch.float8_e4m3fn))
+    dense = [t.clone() for t in strided]
+    _ext._warned.discard("kv_cache_write_paged-strided")
+    with pytest.warns(RuntimeWarning, match="kernel writes contiguous pages"):
+        kv_cache_write_paged(x, *strided, slots)
+    kv_cache_write_paged(x, *dense, slots)
+    for a, b in zip(strided, dense, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    torch.library.opcheck(  # (not test_schema: it compares float8 pages with arithmetic)
+        torch.ops.fastlayers.kv_cache_write_paged, (x, packed, scales, slots, None),
+        test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )  # fmt: skip
+
+
 class _History:
     """Each sequence's keys and values as written (fp32, [kv_heads, tokens, d]) per layer: what
     the contiguous reference decodes over."""

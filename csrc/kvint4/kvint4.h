@@ -94,6 +94,12 @@ struct QuantizeParams {
   // cache buffers and row r (batch-head r / tokens, token r % tokens) goes to their token
   // out_start + r % tokens (out_start + tokens <= out_tokens). 0: row r goes to row r.
   int64_t out_tokens = 0, out_start = 0;
+  // Paged cache write instead (slots set; tokens == 1, out_tokens == 0): packed and scales are
+  // pages [num_slots / page_size, heads, page_size, .] and row r (token n = r / heads, head
+  // h = r % heads) goes to slot s = slots[n]: page s / page_size, its row s % page_size. A slot
+  // outside [0, num_slots) writes nothing (vLLM's -1 for a padding token).
+  const int64_t* slots = nullptr;
+  int64_t page_size = 0, num_slots = 0;
   // The query side instead (q_out set; packed, scales and the out_* fields unused; group == d):
   // the rotated, scaled rows in fp32, through FP8-E4M3 first when q_fp8, with one scale per row,
   // max|row| / 448 (1 for an all-zero row): q_out[r] = fp8(row / s) * s (the reference's
@@ -108,8 +114,14 @@ struct QuantizeParams {
 #define FL_KVINT4_HD
 #endif
 
-// The packed/scales row that row r of a cache write goes to.
+// The packed/scales row that row r of a cache write goes to; -1: none (a paged write's slot out
+// of range).
 inline FL_KVINT4_HD int64_t output_row(const QuantizeParams& p, int64_t r) {
+  if (p.slots != nullptr) {
+    const int64_t s = p.slots[r / p.heads];
+    if (s < 0 || s >= p.num_slots) return -1;
+    return ((s / p.page_size) * p.heads + r % p.heads) * p.page_size + s % p.page_size;
+  }
   return p.out_tokens > 0 ? (r / p.tokens) * p.out_tokens + p.out_start + r % p.tokens : r;
 }
 

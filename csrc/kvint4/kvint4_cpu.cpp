@@ -65,6 +65,11 @@ Status validate(const QuantizeParams& p) {
                          : p.out_tokens < 0 || (p.out_tokens > 0 && (p.out_start < 0 || p.out_start > p.out_tokens - p.tokens))) {
     return Status::invalid("kv_quantize: bad output rows (cache tokens, start) or query-side group");
   }
+  if (p.slots != nullptr &&
+      (p.q_out != nullptr || p.out_tokens != 0 || p.tokens != 1 || p.page_size <= 0 || p.num_slots < 0 ||
+       p.num_slots % p.page_size)) {
+    return Status::invalid("kv_quantize: a paged write needs one token per row, a page size and whole pages");
+  }
   if (p.rows > 0 && (p.x == nullptr || (p.q_out == nullptr && (p.packed == nullptr || p.scales == nullptr)))) {
     return Status::invalid("kv_quantize: null pointer argument");
   }

@@ -662,12 +662,13 @@ void quantize_rows(const QuantizeParams& p) {
     float* row = new float[p.d];
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
+      const int64_t o = p.q_out != nullptr ? 0 : output_row(p, r);
+      if (o < 0) continue;  // (a paged write's padding token)
       load_row<T>(p, r, row);
       if (p.q_out != nullptr) {
         query_row(p, row, p.q_out + r * p.d);
         continue;
       }
-      const int64_t o = output_row(p, r);
       uint8_t* out = p.packed + o * (p.d / 2);
       for (int64_t g0 = 0; g0 < p.d; g0 += p.group) {
         const float amax = abs_max(row + g0, p.group);  // a NaN wins (as torch's amax)

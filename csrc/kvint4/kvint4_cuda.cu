@@ -132,6 +132,8 @@ __global__ void quantize_kernel(const QuantizeParams p) {
   const int lane = threadIdx.x & 31;
   if (id >= p.rows * groups) return;  // (the whole warp)
   const int64_t r = id / groups, g0 = (id % groups) * len;
+  const int64_t o = query ? 0 : output_row(p, r);
+  if (o < 0) return;  // (a paged write's padding token: the whole warp)
   const T* x = static_cast<const T*>(p.x) + r * p.d;
   const float* post = p.post_scale != nullptr ? p.post_scale + ((r / p.tokens) % p.heads) * p.d : nullptr;
   const float *cs = nullptr, *sn = nullptr;
@@ -157,7 +159,6 @@ __global__ void quantize_kernel(const QuantizeParams p) {
     }
     return;
   }
-  const int64_t o = output_row(p, r);
   const uint8_t code = cuda::to_fp8e4m3(amax / 7.0f);
   float s8 = fp8e4m3_value(code);
   if (s8 < kMinScale) s8 = kMinScale;  // (NaN stays: the group dequantizes to NaN)

@@ -57,6 +57,7 @@ CUDA_OPS = frozenset(
         "int4_kv_attention_paged",
         "kv_quantize",
         "kv_cache_write",
+        "kv_cache_write_paged",
         "q_quantize",
         "peer_experts",
         "peer_experts_backward",

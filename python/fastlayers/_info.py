@@ -32,6 +32,7 @@ OPS = (
     "int4_kv_attention_paged",
     "kv_quantize",
     "kv_cache_write",
+    "kv_cache_write_paged",
     "q_quantize",
 )
 

@@ -6,7 +6,8 @@ fraction is against ``dst.copy_(src)`` in the same run. The bf16 cache is 3.8x l
 rotate over copies past the last-level cache (one decode step reads each layer's cache once).
 Also: head dim 256 (Gemma 2 / 3), values of their own head size (MiMo-V2-Flash's window layers),
 multi-head latent attention's decode over its INT4 latent rows, the paged decode (block tables)
-against the contiguous one, one decode step of the whole attention core, and causal prefill.
+against the contiguous one, the paged cache write against quantize-then-copy, one decode step of
+the whole attention core, and causal prefill.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows += [_paged_case(device, batch, context, reps)
              for batch, context in PAGED[device.type][: 1 if quick else None]]  # fmt: skip
     rows += _paged_prefill(device, quick, reps)
+    rows += [
+        _paged_write(device, tokens, reps)
+        for tokens in PAGED_WRITE[device.type][: 1 if quick else None]
+    ]
     rows += _split_sweep(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
@@ -267,6 +272,69 @@ def _paged_case(device: torch.device, batch: int, context: int, reps: int) -> Ro
         gbps,
         gbps * 1e9 / copy_.bandwidth(t_copy),
         err,
+    )
+
+
+# The paged cache write's token counts (a decode step of a batch, a prefill chunk): keys of
+# GQA 32/8's 8 kv heads, d128, g128, RoPE and post-RoPE scale, bf16.
+PAGED_WRITE = {"cpu": [64, 2048], "cuda": [256, 8192]}
+
+
+def _write_then_index(x, pages, scale_pages, slots, post, cos, sin):
+    """The paged write as two ops, the baseline: ``kv_quantize``'s kernel into a temporary, then
+    an indexed copy of each buffer into the pages' rows (fastlayers' route before the fused
+    write)."""
+    from fastlayers.ops.kvint4 import kv_quantize
+
+    packed, scales = kv_quantize(x[:, :, None], GROUP, post, cos[:, None], sin[:, None])
+    page, slot = slots.div(PAGE_SIZE, rounding_mode="floor"), slots % PAGE_SIZE
+    pages[page, :, slot] = packed[:, :, 0]
+    scale_pages.view(torch.uint8)[page, :, slot] = scales.view(torch.uint8)[:, :, 0]
+
+
+def _paged_write(device: torch.device, tokens: int, reps: int) -> Row:
+    """``kv_cache_write_paged`` of ``tokens`` new keys (one pass: RoPE, scale, quantization,
+    each token straight into its page row) against ``_write_then_index``; slots shuffled over a
+    pool of twice the tokens. GB/s counts the bf16 keys read and the INT4 rows and scales
+    written; max err: the bytes where the two routes' pages differ (0: the same bytes)."""
+    from fastlayers.ops.kvint4_paged import kv_cache_write_paged
+
+    gen = torch.Generator(device="cpu").manual_seed(6)
+    x = torch.randn(tokens, HKV, D, generator=gen).to(device, torch.bfloat16)
+    ang = torch.rand(tokens, D, generator=gen).to(device) * 6
+    cos, sin = ang.cos(), ang.sin()
+    post = (torch.rand(HKV, D, generator=gen) + 0.5).to(device)
+    pool = 2 * tokens // PAGE_SIZE + 1
+    slots = torch.randperm(pool * PAGE_SIZE, generator=gen)[:tokens].to(device)
+    pages = [torch.zeros(pool, HKV, PAGE_SIZE, D // 2, dtype=torch.uint8, device=device),
+             torch.zeros(pool, HKV, PAGE_SIZE, D // GROUP, dtype=torch.uint8,
+                         device=device).view(torch.float8_e4m3fn)]  # fmt: skip
+    base = [t.clone() for t in pages]
+    args = (x, *pages, slots, post, cos, sin)
+    nbytes = x.numel() * 2 + tokens * HKV * (D // 2 + D // GROUP)
+    copy_ = CopyCase(max(nbytes, 1 << 16), device)
+    with torch.no_grad():
+        t, t_ref, t_copy = time_interleaved(
+            [(kv_cache_write_paged, [args], reps),
+             (_write_then_index, [(x, *base, slots, post, cos, sin)], reps), copy_.case(reps)],
+            device,
+        )  # fmt: skip
+    err = sum(
+        int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+        for a, b in zip(pages, base, strict=True)
+    )
+    gbps = nbytes / t.median_s / 1e9
+    return Row(
+        f"kv_cache_write_paged ({PAGE_SIZE}-token pages, 8 kv heads, d128, g128, RoPE)",
+        f"{tokens} tokens",
+        "bfloat16",
+        backend_label(device, "kv_cache_write_paged"),
+        t.median_s * 1e6,
+        "kv_quantize, then an indexed copy into the pages",
+        t_ref.median_s * 1e6,
+        gbps,
+        gbps * 1e9 / copy_.bandwidth(t_copy),
+        float(err),
     )
 
 

@@ -547,12 +547,15 @@ def _c_kv_quantize(
     out_start=0,
     q_out=0,
     q_fp8=True,
+    slots=0,
+    page_size=0,
+    num_slots=0,
 ) -> None:
     """``_C.kv_quantize`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order of
-    its arguments."""
+    its arguments (``slots`` int64, ``page_size``, ``num_slots``: a paged write, see kvint4.h)."""
     _ext.C.kv_quantize(device, x, post_scale, packed, scales, rows, d, group, tokens, heads, dtype,
                        cos, sin, cos_batch_stride, interleaved, stream, out_tokens, out_start,
-                       q_out, q_fp8)  # fmt: skip
+                       q_out, q_fp8, slots, page_size, num_slots)  # fmt: skip
 
 
 def _c_int4_kv_decode(
@@ -615,11 +618,13 @@ def _launch_quantize(
     out_start=0,
     q_out=None,
     fp8=True,
+    slots=None,
 ) -> None:
     """The cache-write kernel on checked arguments: ``x`` rotated (``cos``/``sin``), times ``scale``
     ``[heads, d]``, into INT4 ``packed``/``scales`` (rows in order, or a cache buffer's tokens
-    ``out_start ..`` of ``out_tokens``), or for the query side into fp32 ``q_out`` (through FP8
-    when ``fp8``)."""
+    ``out_start ..`` of ``out_tokens``, or with ``slots`` (int64 ``[B]``, ``x`` of one token per
+    row) contiguous pages ``[num_pages, heads, page_size, .]`` at those slots, the ones out of
+    range skipped), or for the query side into fp32 ``q_out`` (through FP8 when ``fp8``)."""
     b, h, t, d = x.shape
     if b * h * t == 0:
         return
@@ -631,13 +636,18 @@ def _launch_quantize(
         cs, sn = cos.float().contiguous(), sin.float().contiguous()
         if cs.dim() == 3 and cs.shape[0] == b and b > 1:
             cos_batch_stride = t * d
+    paged = {}
+    if slots is not None:  # (held for the call)
+        slots = slots.to(torch.int64).contiguous()
+        paged = dict(slots=ptr(slots), page_size=packed.shape[2],
+                     num_slots=packed.shape[0] * packed.shape[2])  # fmt: skip
     with device_guard(x.device):
         _c_kv_quantize(ptr(xc), b * h * t, d, group, t, h, _dtypes.code(x.dtype),
                        device=device_code(x.device), post_scale=ptr(sc), packed=ptr(packed),
                        scales=ptr(scales), cos=ptr(cs), sin=ptr(sn),
                        cos_batch_stride=cos_batch_stride, interleaved=pairing == "interleaved",
                        stream=stream_of(x.device), out_tokens=out_tokens, out_start=out_start,
-                       q_out=ptr(q_out), q_fp8=fp8)  # fmt: skip
+                       q_out=ptr(q_out), q_fp8=fp8, **paged)  # fmt: skip
 
 
 def _kv_quantize_kernel(x, post_scale, group_size, cos=None, sin=None, pairing="half"):

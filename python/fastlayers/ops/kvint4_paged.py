@@ -28,19 +28,22 @@ row (query i of row b is its token ``seq_lens[b] - Tq + i``) on the prefill kern
 
 ``kv_cache_write_paged(x [N, Hkv, d], packed_pages, scale_pages, slots [N], post_scale=None,
 cos=None, sin=None, pairing="half")`` writes N new tokens' keys (or values) into their slots
-(``page * page_size + slot_in_page``, vLLM's slot mapping): RoPE, post-RoPE scale and INT4
-quantization as :func:`~fastlayers.ops.kvint4.kv_quantize`, then one indexed copy per buffer.
+(``page * page_size + slot_in_page``, vLLM's slot mapping; -1: not written): RoPE, post-RoPE
+scale and INT4 quantization as :func:`~fastlayers.ops.kvint4.kv_quantize`, each token straight
+into its page row.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastlayers import _ext
 from fastlayers.ops._common import (
     LIB,
     apply_sinks,
     capturing,
     check_index_range,
+    check_no_alias,
     check_scale_softcap,
     check_sinks,
     check_tensor,
@@ -54,12 +57,14 @@ from fastlayers.ops._common import (
 from fastlayers.ops.kvint4 import (
     FP8,
     _attention_reference,
+    _check_kv_quantize,
     _check_num_splits,
     _cuda_workspace,
+    _kv_quantize_reference,
+    _launch_quantize,
     _reference,
     _run,
     _softcap_arg,
-    kv_quantize,
 )
 
 LIB.define(
@@ -71,6 +76,10 @@ LIB.define(
     "int4_kv_attention_paged(Tensor q, Tensor k_pages, Tensor k_scale_pages, Tensor v_pages,"
     " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0)"
     " -> (Tensor, Tensor)"
+)
+LIB.define(
+    "kv_cache_write_paged(Tensor x, Tensor(a!) packed_pages, Tensor(b!) scale_pages, Tensor slots,"
+    " Tensor? post_scale, Tensor? cos=None, Tensor? sin=None, str pairing='half') -> ()"
 )
 register_no_backward("int4_kv_decode_paged", "int4_kv_attention_paged")
 
@@ -263,20 +272,14 @@ def int4_kv_decode_paged(
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
 
 
-def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, cos=None, sin=None,
-                         pairing: str = "half") -> None:  # fmt: skip
-    """Writes the new tokens ``x [N, Hkv, d]`` (float32/float16/bfloat16; keys or values) into a
-    paged INT4 cache: token ``i`` to page ``slots[i] // page_size``, slot ``slots[i] % page_size``
-    of ``packed_pages`` uint8 ``[num_pages, Hkv, page_size, d/2]`` and ``scale_pages``
-    float8_e4m3fn ``[num_pages, Hkv, page_size, d/g]`` (the group ``g`` read off its shape).
-    Optional, as :func:`~fastlayers.ops.kvint4.kv_quantize`: RoPE with ``cos`` / ``sin`` ``[N, d]``
-    (each token's own position) and ``pairing``, then ``post_scale [Hkv, d]``. ``slots`` int32 or
-    int64 ``[N]`` in ``[0, num_pages * page_size)`` (checked on the host, not while a CUDA graph is
-    captured); two tokens to one slot leave either. The quantization runs the ``kv_quantize``
-    kernel; the copy is an indexed ``index_put_`` (no host synchronization)."""
-    check_tensors(("post_scale", "cos", "sin"), x=x, packed_pages=packed_pages,
-                  scale_pages=scale_pages, slots=slots, post_scale=post_scale, cos=cos,
-                  sin=sin)  # fmt: skip
+def _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing,
+                 memory: bool = True) -> int:  # fmt: skip
+    """The checks of :func:`kv_cache_write_paged` (``memory``: also the slots' range and
+    distinctness on the host, when not captured, and that the pages share no memory with the
+    inputs); returns the quantization group size."""
+    for t, name in ((x, "x"), (packed_pages, "packed_pages"), (scale_pages, "scale_pages"),
+                    (slots, "slots")):  # fmt: skip
+        check_tensor(t, name)
     if x.dim() != 3:
         raise ValueError(f"x must be [tokens, kv_heads, head_dim], got {tuple(x.shape)}")
     n, h, d = x.shape
@@ -306,15 +309,105 @@ def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, c
             raise ValueError(
                 f"{name} must be [{n}, {d}] (each token's position), got {tuple(tab.shape)}"
             )
-    if not capturing(slots):
-        check_index_range(slots, "slots", 0, pages * page_size - 1,
-                          f"[0, {pages * page_size - 1}] (num_pages x page_size)")  # fmt: skip
+    group = d // scale_pages.shape[3]
     tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
-    packed, scales = kv_quantize(x[:, :, None, :], d // scale_pages.shape[3], post_scale, *tables,
-                                 pairing)  # fmt: skip
-    page, slot = slots.long().div(page_size, rounding_mode="floor"), slots.long() % page_size
-    packed_pages[page, :, slot] = packed[:, :, 0]
-    scale_pages.view(torch.uint8)[page, :, slot] = scales.view(torch.uint8)[:, :, 0]  # (bytes)
+    _check_kv_quantize(x[:, :, None, :], post_scale, group, *tables, pairing)
+    if not memory:
+        return group
+    if n and not capturing(slots) and slots.device.type != "meta":
+        _check_slots(slots, pages * page_size - 1)
+    inputs = {"x": x, "slots": slots, "post_scale": post_scale, "cos": cos, "sin": sin}
+    check_no_alias({"packed_pages": packed_pages, "scale_pages": scale_pages},
+                   {k: v for k, v in inputs.items() if v is not None}, set())  # fmt: skip
+    check_no_alias({"packed_pages": packed_pages}, {"scale_pages": scale_pages}, set())
+    return group
+
+
+def _check_slots(slots: torch.Tensor, last: int) -> None:
+    """``slots`` (not empty) in ``[-1, last]``, the ones not -1 distinct: one host read (a decode
+    step's few slots as a list, a prefill chunk's sorted on the device)."""
+    if slots.numel() <= 1024:  # (a list beats torch's small ops: ~5 us against ~45 at 64 slots)
+        vals = slots.tolist()
+        low, high = min(vals), max(vals)
+        used = [v for v in vals if v >= 0]
+        repeated = len(set(used)) != len(used)
+    else:
+        s = slots.sort().values
+        twice = ((s[1:] == s[:-1]) & (s[1:] >= 0)).any()
+        low, high, repeated = torch.stack([s[0], s[-1], twice.long()]).tolist()
+    if low < -1 or high > last:
+        raise ValueError(
+            f"slots must lie in [0, {last}] (num_pages x page_size), or be -1 for none"
+        )
+    if repeated:
+        raise ValueError("slots must be distinct (-1 aside): two tokens were given one slot")
+
+
+def _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin=None,
+                     pairing="half"):  # fmt: skip
+    """The specification: ``kv_quantize``'s reference of the tokens, then an indexed copy of the
+    ones with a slot (not -1) into their pages' rows."""
+    group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
+    packed, scales = _kv_quantize_reference(x[:, :, None, :], post_scale, group, *tables, pairing)
+    keep = slots >= 0
+    slots, page_size = slots[keep].long(), packed_pages.shape[2]
+    page, slot = slots.div(page_size, rounding_mode="floor"), slots % page_size
+    packed_pages[page, :, slot] = packed[keep][:, :, 0]
+    scale_pages.view(torch.uint8)[page, :, slot] = scales.view(torch.uint8)[keep][:, :, 0]
+
+
+def _write_kernel(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin=None,
+                  pairing="half"):  # fmt: skip
+    group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+    op = "kv_cache_write_paged"
+    if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, op):
+        return _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+    if not (packed_pages.is_contiguous() and scale_pages.is_contiguous()):
+        _ext.warn_once(
+            f"{op}-strided",
+            f"fastlayers.{op}: the kernel writes contiguous pages; packed_pages strides "
+            f"{packed_pages.stride()}, scale_pages {scale_pages.stride()}: running the PyTorch "
+            "reference (an indexed copy)",
+        )
+        return _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
+    _launch_quantize(x[:, :, None, :], post_scale, group, *tables, pairing, packed_pages,
+                     scale_pages, slots=slots)  # fmt: skip
+
+
+LIB.impl("kv_cache_write_paged", _write_kernel, "CPU")
+LIB.impl("kv_cache_write_paged", _write_kernel, "CUDA")
+LIB.impl("kv_cache_write_paged", _write_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::kv_cache_write_paged", lib=LIB)
+def _write_fake(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin=None,
+                pairing="half"):  # fmt: skip
+    _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing, memory=False)
+
+
+def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, cos=None, sin=None,
+                         pairing: str = "half") -> None:  # fmt: skip
+    """Writes the new tokens ``x [N, Hkv, d]`` (float32/float16/bfloat16; keys or values) into a
+    paged INT4 cache: token ``i`` to page ``slots[i] // page_size``, slot ``slots[i] % page_size``
+    of ``packed_pages`` uint8 ``[num_pages, Hkv, page_size, d/2]`` and ``scale_pages``
+    float8_e4m3fn ``[num_pages, Hkv, page_size, d/g]`` (the group ``g`` read off its shape).
+    Optional, as :func:`~fastlayers.ops.kvint4.kv_quantize`: RoPE with ``cos`` / ``sin`` ``[N, d]``
+    (each token's own position) and ``pairing``, then ``post_scale [Hkv, d]``. ``slots`` int32 or
+    int64 ``[N]``, distinct, in ``[0, num_pages * page_size)``, or -1 for a token not to write
+    (vLLM's padding slot); checked on the host, not while a CUDA graph is captured (then the
+    kernels skip a slot out of range). One pass on CPU and CUDA (vLLM's ``reshape_and_cache``:
+    each token quantized straight into its page row); pages that are not contiguous take the
+    reference, an indexed copy (warned once). Returns None."""
+    check_tensors(("post_scale", "cos", "sin"), x=x, packed_pages=packed_pages,
+                  scale_pages=scale_pages, slots=slots, post_scale=post_scale, cos=cos,
+                  sin=sin)  # fmt: skip
+    args = (x, packed_pages, scale_pages, slots, post_scale, cos, sin)
+    if direct_call_ok(*args):
+        _write_kernel(*args, pairing)
+    else:
+        torch.ops.fastlayers.kv_cache_write_paged(*args, pairing)
 
 
 def int4_kv_attention_paged(
