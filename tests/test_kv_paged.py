@@ -581,6 +581,102 @@ def test_int4_kv_attention_paged_matches_each_rows_reference(
     _check_prefill_rows(q.double().float(), ref.float(), ref_lse, cache, lens, d**-0.5)
 
 
+def _check_counted_rows(q, out, lse, cache, lens, q_lens, scale, softcap=0.0):
+    """Each row's first q_lens[b] queries against the contiguous causal float64 reference over the
+    row's own tokens (query i: token lens[b] - q_lens[b] + i); its padding queries: zeros, lse
+    -inf."""
+    from fastlayers.ops.kvint4 import _attention_reference
+
+    tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[q.dtype]
+    for row, (n, m) in enumerate(zip(lens, q_lens, strict=True)):
+        assert bool((out[row, :, m:] == 0).all()) and bool(torch.isneginf(lse[row, :, m:]).all())
+        if m == 0:
+            continue
+        one = [x[row : row + 1, :, :n] for x in cache]
+        qm = q[row : row + 1, :, :m].double()
+        want, want_lse = _attention_reference(qm, *one, n, scale, softcap)
+        got = out[row : row + 1, :, :m].double()
+        torch.testing.assert_close(got, want.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse[row : row + 1, :, :m].double(), want_lse.double(),
+                                   rtol=2e-5, atol=2e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group,page_size,tq,lens,q_lens,launched",
+    [
+        # tensor-core tile, two query tiles: a row of one tile, a decode row, an empty row
+        (4, 2, 128, 128, 32, 16, 70, [300, 9, 64, 80], [70, 1, 0, 65], [1, 0, 0]),
+        (6, 3, 40, 40, 8, 4, 5, [23, 3, 9], [2, 3, 5], [0, 1, 0]),  # a warp per query row
+        (16, 2, 96, 64, 16, 8, 3, [41, 3], [1, 0], [0, 1, 0]),  # values of their own size
+    ],
+)
+def test_int4_kv_attention_paged_query_counts(
+    device, dtype, hq, hkv, d, dv, group, page_size, tq, lens, q_lens, launched
+):
+    """Rows of different numbers of new tokens in one call (chunked prefill beside decode rows):
+    row b's first q_lens[b] queries are its last tokens, the rest of its Tq padding (NaN queries
+    here: a padding query that leaked into a sum would show) with zeros and lse -inf; a row's
+    seq_len may be below Tq. Kernel and reference; the kernel that ran checked in the emulation."""
+    from fastlayers.ops import int4_kv_attention_paged
+    from fastlayers.ops.kvint4_paged import _attention_reference_op
+
+    torch.manual_seed(d + tq)
+    b = len(lens)
+    cache = _cache(b, hkv, max(lens), d, dv, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    q = rand(b, hq, tq, d, dtype=dtype, device=device)
+    for row, m in enumerate(q_lens):
+        q[row, :, m:] = float("nan")
+    counts = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    before = launches_since(PREFILL_KERNELS)
+    for cap in (0.0, 1.5):
+        out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, softcap=cap, q_lens=counts)
+        assert out.dtype == dtype and out.shape == (b, hq, tq, dv) and lse.shape == (b, hq, tq)
+        _check_counted_rows(q, out, lse, cache, lens, q_lens, d**-0.5, cap)
+    if before is not None and _cuda_path(q):
+        assert launches_since(PREFILL_KERNELS, before) == [2 * n for n in launched]
+    ref, ref_lse = _attention_reference_op(q.double(), *pages, table, seq_lens, d**-0.5, 0.0,
+                                           counts)  # fmt: skip
+    _check_counted_rows(q.double().float(), ref.float(), ref_lse, cache, lens, q_lens, d**-0.5)
+
+
+def test_int4_kv_attention_paged_query_counts_latent_one_token_and_bad_input(device):
+    """q_lens on the latent tensor-core prefill (values in place), with Tq = 1 (the decode
+    kernels: a row of no query gets zeros, lse -inf), and its bad values."""
+    from fastlayers.ops import int4_kv_attention_paged
+
+    hq, hkv, d, dv, group, lens, tq = 16, 1, 576, 512, 64, [100, 40, 7], 33
+    keys = quant.quantize_kv_int4(rand(3, hkv, 100, d, dtype=torch.float32, device=device), group)
+    pages, table, seq_lens = _paged(list(keys), lens, 16)
+    kp, ksp = pages
+    vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
+    cache = (*keys, keys[0][..., : dv // 2].contiguous(), keys[1][..., : dv // group].contiguous())
+    q = rand(3, hq, tq, d, dtype=torch.bfloat16, device=device)
+    q_lens = [33, 5, 0]
+    counts = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    before = launches_since(PREFILL_KERNELS)
+    out, lse = int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens, q_lens=counts)
+    if before is not None and _cuda_path(q):
+        assert launches_since(PREFILL_KERNELS, before) == [0, 0, 1]
+    _check_counted_rows(q, out, lse, cache, lens, q_lens, d**-0.5)
+    ones = torch.tensor([1, 0, 1], dtype=torch.int32, device=device)
+    one, one_lse = int4_kv_attention_paged(q[:, :, :1], kp, ksp, vp, vsp, table, seq_lens,
+                                           q_lens=ones)  # fmt: skip
+    _check_counted_rows(q[:, :, :1], one, one_lse, cache, lens, [1, 0, 1], d**-0.5)
+    for bad, match in (
+        (counts.long(), "q_lens must be int32"),
+        (counts[:2], "q_lens must be int32"),
+        (counts + 1, "q_lens must lie in \\[0, 33\\]"),
+        (torch.tensor([33, 41, 0], dtype=torch.int32, device=device), "must lie in"),
+        (torch.tensor([33, 5, 8], dtype=torch.int32, device=device), "must not exceed seq_lens"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens, q_lens=bad)
+    with pytest.raises(TypeError, match="q_lens must be a torch.Tensor"):
+        int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens, q_lens=[33, 5, 0])
+
+
 def test_int4_kv_attention_paged_latent_and_one_token(device):
     """Multi-head latent attention's rows (values the key pages' first 512 channels, in place:
     the latent tensor-core prefill) over pages; one query token is the decode's result."""
@@ -622,6 +718,11 @@ def test_int4_kv_attention_paged_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
         int4_kv_attention_paged(q, *pages, table[:, :0], seq_lens * 0)
     opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention_paged.default,
                             (q.float(), *pages, table, seq_lens, 0.2))  # fmt: skip
+    counts = torch.tensor([7, 3, 0], dtype=torch.int32)
+    out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, q_lens=counts)
+    _check_counted_rows(q, out, lse, cache, lens, [7, 3, 0], d**-0.5)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention_paged.default,
+                            (q.float(), *pages, table, seq_lens, 0.2, 0.0, counts))  # fmt: skip
 
 
 def test_int4_kv_paged_strided_inputs(device):

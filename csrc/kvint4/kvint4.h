@@ -70,6 +70,10 @@ struct DecodeParams {
   // block_stride * page_size; t_max unused. Null: the contiguous cache above.
   const int32_t* block_table = nullptr;
   int64_t block_stride = 0, page_size = 0, pages = 0;
+  // Optional, prefill (q_tokens > 1): q_lens[b], batch row b's query tokens (clamped to
+  // [0, q_tokens]): its query i < q_lens[b] is the cache's token end - q_lens[b] + i, the ones
+  // past it are padding (they see no token: zeros, lse -inf). Null: q_tokens for every row.
+  const int32_t* q_lens = nullptr;
 };
 
 // Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by
@@ -147,6 +151,28 @@ inline FL_KVINT4_HD int64_t first_token(const DecodeParams& p, int64_t b) {
 inline FL_KVINT4_HD int64_t end_token(const DecodeParams& p, int64_t b) {
   const int64_t end = p.lengths != nullptr ? p.lengths[b] : p.length;
   return end < 0 ? 0 : (end > p.length ? p.length : end);
+}
+
+// Prefill: batch row b's query tokens (q_lens[b] clamped to [0, q_tokens]; q_tokens without
+// q_lens).
+inline FL_KVINT4_HD int64_t query_count(const DecodeParams& p, int64_t b) {
+  if (p.q_lens == nullptr) return p.q_tokens;
+  const int64_t n = p.q_lens[b];
+  return n < 0 ? 0 : (n > p.q_tokens ? p.q_tokens : n);
+}
+
+// Prefill: the last cached token query i of batch row b sees (its causal limit: the row's end less
+// its query tokens, plus i); -1 for a padding query (i >= query_count: no token).
+inline FL_KVINT4_HD int64_t query_limit(const DecodeParams& p, int64_t b, int64_t i) {
+  const int64_t count = query_count(p, b);
+  return i < count ? end_token(p, b) - count + i : -1;
+}
+
+// Prefill: one past the last cached token any of query tokens [i0, i0 + n) of batch row b sees
+// (0 when they are all padding).
+inline FL_KVINT4_HD int64_t query_keys(const DecodeParams& p, int64_t b, int64_t i0, int64_t n) {
+  const int64_t count = query_count(p, b), last = i0 + n < count ? i0 + n : count;
+  return last > i0 ? end_token(p, b) - count + last : 0;
 }
 
 // Where the cached tokens of one (batch row, kv head) are: token t's row of the cache buffers (k +

@@ -416,6 +416,23 @@ void store_rows(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, in
   }
 }
 
+// Padding queries (prefill with q_lens): query tokens qi0 .. qi0 + nq - 1 of heads head0 ..
+// head0 + gn - 1 of batch row b get zeros and lse -inf (rows of no visible key), without a task.
+void store_padding(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn) {
+  const int64_t dv = value_dim(p);
+  for (int64_t g = 0; g < gn; ++g) {
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t out_row = (b * p.hq + head0 + g) * p.q_tokens + qi0 + i;
+      for (int64_t c = 0; c < dv; ++c) {
+        if (p.out != nullptr) p.out[out_row * dv + c] = 0.0f;
+        else if (p.q16_dtype == DType::kFloat16) store_as(static_cast<half_t*>(p.out16) + out_row * dv + c, 0.0f);
+        else store_as(static_cast<bf16_t*>(p.out16) + out_row * dv + c, 0.0f);
+      }
+      p.lse[out_row] = kNegInf;
+    }
+  }
+}
+
 // Query rows per task: kQueryBlock query tokens of every head of the GQA group (on AMX tiles twice
 // as many where the tasks still outnumber the threads: see decode).
 constexpr int64_t kQueryBlock = 32;
@@ -503,8 +520,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   // values that are the keys' first dv channels (multi-head latent attention's latent)
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
-  // (query token i is the cache's token past + i: the row's end less the call's query tokens)
-  const int64_t rows = nq * gn, past = end_token(p, b) - Tq, head0 = h * G + g0;
+  const int64_t rows = nq * gn, head0 = h * G + g0;
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < gn; ++g) {
       const int64_t r = i * gn + g, src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
@@ -518,13 +534,13 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
       for (int64_t c = 0; c < dv; ++c) w.acc[r * dv + c] = 0.0f;
       w.m[r] = kNegInf;
       w.l[r] = 0.0f;
-      limit[r] = past + qi0 + i;
+      limit[r] = query_limit(p, b, qi0 + i);
     }
   }
   const TokenRows at = token_rows(p, b, h);
   // (with starts: the row's left padding skipped; prefill rows inside it see no token)
   int64_t begin, keys;  // keys: the last row's limit + 1, or the end of this task's key range
-  key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
+  key_range(first_token(p, b), query_keys(p, b, qi0, nq), kr, begin, keys);
   int64_t nt;
   for (int64_t t0 = begin; t0 < keys; t0 += nt) {
     // a block of consecutive rows: at most kTokens, not past the end nor a page's
@@ -991,7 +1007,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
                             int64_t gn, Buffers& w, AmxBuffers& a, int64_t* limit, const KeyRange& kr) {
   const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
-  const int64_t rows = nq * gn, past = end_token(p, b) - Tq, head0 = h * G + g0;
+  const int64_t rows = nq * gn, head0 = h * G + g0;
   const int64_t rows16 = (rows + 15) / 16 * 16;  // rows padded to whole row blocks
   // The queries split unscaled, the softmax scale applied to the scores: a bf16 query is one exact
   // part, an fp16 one two (11 significant bits), an fp32 one three (24); the probabilities take
@@ -1013,7 +1029,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
       } else {
         load_query(static_cast<const bf16_t*>(p.q16) + src, d, 1.0f, false, w.q + r * d);
       }
-      limit[r] = past + qi0 + i;
+      limit[r] = query_limit(p, b, qi0 + i);
     }
     w.m[r] = kNegInf;
     w.l[r] = 0.0f;
@@ -1024,7 +1040,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   else stage_queries<3>(w.q, rows, rows16, d, a.q);
   const TokenRows at = token_rows(p, b, h);
   int64_t begin, keys;
-  key_range(first_token(p, b), past + qi0 + nq, kr, begin, keys);
+  key_range(first_token(p, b), query_keys(p, b, qi0, nq), kr, begin, keys);
   const __m512i pair_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i pair_hi = _mm512_add_epi16(pair_lo, _mm512_set1_epi16(16));
@@ -1151,15 +1167,23 @@ Status decode(const DecodeParams& p) {
       const int64_t u = t / splits;  // (batch, kv head, query block, head slice), then key range
       const int64_t bh = u / (qblocks * slices), qb = (u / slices) % qblocks, g0 = (u % slices) * per_slice;
       const int64_t gn = G - g0 < per_slice ? G - g0 : per_slice;
-      const int64_t nq = p.q_tokens - qb * qblock < qblock ? p.q_tokens - qb * qblock : qblock;
+      const int64_t b = bh / p.hkv, h = bh % p.hkv, qi0 = qb * qblock;
+      int64_t nq = p.q_tokens - qi0 < qblock ? p.q_tokens - qi0 : qblock;
+      // (a row's padding queries, past its query_count: zeros, no task rows; q_tokens > 1)
+      const int64_t real = query_count(p, b) - qi0 < nq ? query_count(p, b) - qi0 : nq;
+      if (real < nq) {
+        store_padding(p, b, h * G + g0, qi0 + (real > 0 ? real : 0), nq - (real > 0 ? real : 0), gn);
+        if (real <= 0) continue;
+        nq = real;
+      }
       const KeyRange kr{t % splits, splits, partials != nullptr ? partials + t * stride : nullptr};
 #if defined(FL_AMX)
       if (a != nullptr) {
-        task_amx(p, bh / p.hkv, bh % p.hkv, qb * qblock, nq, g0, gn, w, *a, limit, kr);
+        task_amx(p, b, h, qi0, nq, g0, gn, w, *a, limit, kr);
         continue;
       }
 #endif
-      task(p, bh / p.hkv, bh % p.hkv, qb * qblock, nq, g0, gn, chunked, w, limit, kr);
+      task(p, b, h, qi0, nq, g0, gn, chunked, w, limit, kr);
     }
     // (implicit barrier: every range's partial is written before any merge reads it)
     if (partials != nullptr) {

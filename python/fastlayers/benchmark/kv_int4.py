@@ -67,6 +67,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     rows += [_paged_case(device, batch, context, reps)
              for batch, context in PAGED[device.type][: 1 if quick else None]]  # fmt: skip
     rows += _paged_prefill(device, quick, reps)
+    rows += _paged_mixed(device, quick, reps)
     rows += [
         _paged_write(device, tokens, reps)
         for tokens in PAGED_WRITE[device.type][: 1 if quick else None]
@@ -226,6 +227,67 @@ def _paged_prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
             )
         )
     return rows
+
+
+# A mixed step (chunked prefill beside decodes): (rows, the chunk's new tokens, context) per
+# device; row 0 takes the chunk, the others one token each.
+PAGED_MIXED = {"cpu": (8, 128, 1024), "cuda": (16, 512, 4096)}
+
+
+def _mixed_apart(q, pages, table, seq_lens):
+    """The mixed step as two calls: the chunk row's prefill, then the other rows' decode."""
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+    int4_kv_attention_paged(q[:1], *pages, table[:1], seq_lens[:1])
+    int4_kv_decode_paged(q[1:, :, -1], *pages, table[1:], seq_lens[1:])
+
+
+def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """``int4_kv_attention_paged(..., q_lens=...)`` of one step that mixes a prefill chunk (row 0)
+    with one-token decodes (the other rows: their queries padded to the chunk's length) against
+    the same work as two calls (``_mixed_apart``). GQA 32/8, d128, g128, bf16 queries."""
+    from fastlayers.ops.kvint4 import _attention_reference
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+    if quick:
+        return []
+    batch, tokens, context = PAGED_MIXED[device.type]
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    shape = (batch, HKV, context, D)
+    k, ks = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+    v, vs = quantize_kv_int4(torch.randn(shape, generator=gen).to(device), GROUP)
+    cache, table, seq_lens = _to_pages((k, ks, v, vs), gen)
+    q = torch.randn(batch, HQ, tokens, D, generator=gen).to(device, torch.bfloat16)
+    q[1:, :, :-1] = 0  # (padding)
+    q[1:, :, 0] = q[1:, :, -1]  # a decode row's query first, its padding after
+    q_lens = torch.tensor([tokens] + [1] * (batch - 1), dtype=torch.int32, device=device)
+    fused = functools.partial(int4_kv_attention_paged, q_lens=q_lens)
+    apart_q = q.clone()
+    apart_q[1:, :, -1] = q[1:, :, 0]  # (the decode rows' queries where _mixed_apart reads them)
+    with torch.no_grad():
+        t, t_ref = time_interleaved(
+            [(fused, [(q, *cache, table, seq_lens)], max(3, reps // 4)),
+             (_mixed_apart, [(apart_q, cache, table, seq_lens)], max(3, reps // 4))],
+            device,
+        )  # fmt: skip
+        out, _ = fused(q, *cache, table, seq_lens)
+        want, _ = _attention_reference(q[:1].double(), k[:1], ks[:1], v[:1], vs[:1], context,
+                                       D**-0.5)  # fmt: skip
+        err = (out[:1].double() - want).abs().max().item()
+    return [
+        Row(
+            f"int4_kv_attention_paged, q_lens ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
+            f"1 row x {tokens} new tokens + {batch - 1} decode rows, context {context}",
+            "bfloat16",
+            backend_label(device, "int4_kv_attention_paged"),
+            t.median_s * 1e6,
+            "two calls: the chunk's prefill, the decodes",
+            t_ref.median_s * 1e6,
+            float("nan"),
+            float("nan"),
+            err,
+        )
+    ]
 
 
 def _paged_case(device: torch.device, batch: int, context: int, reps: int) -> Row:

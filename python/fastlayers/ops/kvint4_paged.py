@@ -23,8 +23,10 @@ of keys end at page ends and the next page is prefetched); the work split is pla
 past a row's end does nothing. The reference gathers each row's pages into a left-padded
 contiguous cache and runs the contiguous reference.
 
-``int4_kv_attention_paged(q [B, Hq, Tq, d], ...)``: the causal attention of Tq new tokens per
-row (query i of row b is its token ``seq_lens[b] - Tq + i``) on the prefill kernels.
+``int4_kv_attention_paged(q [B, Hq, Tq, d], ..., q_lens=None)``: the causal attention of Tq new
+tokens per row (query i of row b is its token ``seq_lens[b] - Tq + i``; with ``q_lens``, each
+row's first ``q_lens[b]`` queries are its last new tokens and the rest padding) on the prefill
+kernels.
 
 ``kv_cache_write_paged(x [N, Hkv, d], packed_pages, scale_pages, slots [N], post_scale=None,
 cos=None, sin=None, pairing="half")`` writes N new tokens' keys (or values) into their slots
@@ -34,6 +36,8 @@ into its page row.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -74,8 +78,8 @@ LIB.define(
 )
 LIB.define(
     "int4_kv_attention_paged(Tensor q, Tensor k_pages, Tensor k_scale_pages, Tensor v_pages,"
-    " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0)"
-    " -> (Tensor, Tensor)"
+    " Tensor v_scale_pages, Tensor block_table, Tensor seq_lens, float scale, float softcap=0.0,"
+    " Tensor? q_lens=None) -> (Tensor, Tensor)"
 )
 LIB.define(
     "kv_cache_write_paged(Tensor x, Tensor(a!) packed_pages, Tensor(b!) scale_pages, Tensor slots,"
@@ -87,10 +91,11 @@ _NAMES = ("q", "k_pages", "k_scale_pages", "v_pages", "v_scale_pages", "block_ta
 
 
 def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
-           check_range: bool = True, q_tokens: bool = False) -> None:  # fmt: skip
+           check_range: bool = True, q_tokens: bool = False, q_lens=None) -> None:  # fmt: skip
     """The paged call's arguments (shapes, dtypes, devices; with ``check_range`` and the host at
-    hand, also ``seq_lens`` and the block-table entries the rows use); ``q_tokens``: the prefill's
-    ``q [B, Hq, Tq, d]``, whose Tq tokens each row must hold."""
+    hand, also ``seq_lens``, ``q_lens`` and the block-table entries the rows use); ``q_tokens``:
+    the prefill's ``q [B, Hq, Tq, d]``, whose Tq tokens each row must hold, or its first
+    ``q_lens[b]`` (int32 ``[B]``, in ``[0, Tq]``) where given."""
     for t, name in zip((q, k, k_scale, v, v_scale, block_table, seq_lens), _NAMES, strict=True):
         check_tensor(t, name)
         if t.device != q.device:
@@ -140,12 +145,24 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
         )
     check_scale_softcap(scale, softcap)
     tokens, new = block_table.shape[1] * page_size, q.shape[2] if q_tokens else 0
+    if q_lens is not None:
+        check_tensor(q_lens, "q_lens")
+        if q_lens.dtype != torch.int32 or tuple(q_lens.shape) != (b,) or q_lens.device != q.device:
+            raise ValueError(
+                f"q_lens must be int32 [{b}] (each row's query tokens) on {q.device}, got "
+                f"{q_lens.dtype} {tuple(q_lens.shape)} on {q_lens.device}"
+            )
     if new > tokens:
         raise ValueError(f"q has {new} tokens but block_table holds at most {tokens}")
     if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
-        return  # (the kernels clamp lengths and page indices)
-    what = f"(block_table's pages x page_size{'; the new tokens must be cached' if new else ''})"
-    check_index_range(seq_lens, "seq_lens", new, tokens, f"[{new}, {tokens}] {what}")
+        return  # (the kernels clamp lengths, query counts and page indices)
+    least = new if q_lens is None else 0
+    what = f"(block_table's pages x page_size{'; the new tokens must be cached' if least else ''})"
+    check_index_range(seq_lens, "seq_lens", least, tokens, f"[{least}, {tokens}] {what}")
+    if q_lens is not None:
+        check_index_range(q_lens, "q_lens", 0, new, f"[0, {new}] (q's query tokens)")
+        if bool((q_lens > seq_lens).any()):
+            raise ValueError("q_lens must not exceed seq_lens: a row's new tokens must be cached")
     used = (
         torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < seq_lens[:, None]
     )
@@ -181,31 +198,54 @@ def _reference_op(
     return _reference(q, *caches, tokens, scale, starts, softcap)
 
 
-def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
+def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0,
+                            q_lens=None):  # fmt: skip
     """The prefill's specification: the contiguous causal reference over ``_contiguous``'s
-    cache (query i of row b: the row's token ``seq_lens[b] - Tq + i``)."""
-    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True)
+    cache (query i of row b: the row's token ``seq_lens[b] - Tq + i``). With ``q_lens``: each
+    row's queries moved to its last ``q_lens[b]`` positions for the reference (query i: token
+    ``seq_lens[b] - q_lens[b] + i``), moved back after; the padding queries get zeros, lse -inf."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
+           q_lens=q_lens)  # fmt: skip
     caches, tokens, starts = _contiguous(q, k, k_scale, v, v_scale, block_table, seq_lens)
-    return _attention_reference(q, *caches, tokens, scale, softcap, starts=starts)
+    if q_lens is None:
+        return _attention_reference(q, *caches, tokens, scale, softcap, starts=starts)
+    b, hq, tq, _ = q.shape
+    pad = tq - q_lens.long().clamp(0, tq)  # [B]
+    j = torch.arange(tq, device=q.device)[None, :]
+    moved = q.gather(2, (j - pad[:, None]).clamp(min=0)[:, None, :, None].expand_as(q))
+    out, lse = _attention_reference(moved, *caches, tokens, scale, softcap, starts=starts)
+    back = (j + pad[:, None]).clamp(max=tq - 1)[:, None, :]  # query i sits at i + pad
+    real = (j < (tq - pad)[:, None])[:, None, :]  # [B, 1, Tq]
+    out = out.gather(2, back[..., None].expand(b, hq, tq, out.shape[3]))
+    lse = lse.gather(2, back.expand(b, hq, tq))
+    return out.masked_fill(~real[..., None], 0.0), lse.masked_fill(~real, -math.inf)
 
 
 def _launch(op: str, reference, q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
-            num_splits=0):  # fmt: skip
-    """The kernels of ``op`` (decode: ``q [B, Hq, d]``; prefill: ``[B, Hq, Tq, d]``) on checked
-    arguments, or ``reference(...)`` of the same arguments where they do not run."""
+            num_splits=0, q_lens=None):  # fmt: skip
+    """The kernels of ``op`` (decode: ``q [B, Hq, d]``; prefill: ``[B, Hq, Tq, d]``, with
+    ``q_lens`` where given) on checked arguments, or ``reference(...)`` of the same arguments
+    where they do not run."""
     device, tokens = q.device, block_table.shape[1] * k.shape[2]
     args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    if q_lens is not None:
+        args += (q_lens,)
     if device.type not in ("cpu", "cuda") or not has_kernel(device, op) or tokens == 0:
         return reference(*args)
     workspace = None
+    one = q.dim() == 3 or q.shape[2] == 1  # one query token: the decode kernels
     if on_cuda(device):  # (split-KV over max_pages * page_size tokens)
         floats = _cuda_workspace(op, q, k, v, tokens, num_splits)
         if floats == 0:
             return reference(*args)
-        if q.dim() == 3 or q.shape[2] == 1:  # one query token: the split-KV decode kernel's
+        if one:  # the split-KV decode kernel's
             workspace = empty((floats,), torch.float32, device)
     out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap, num_splits,
-                    seq_lens=seq_lens, block_table=block_table)  # fmt: skip
+                    seq_lens=seq_lens, block_table=block_table,
+                    q_lens=None if one else q_lens)  # fmt: skip
+    if one and q_lens is not None:  # (a row of no query: padding; the decode kernels take none)
+        real = (q_lens > 0)[:, None, None]
+        out, lse = out.masked_fill(~real[..., None], 0.0), lse.masked_fill(~real, -math.inf)
     return out.to(q.dtype), lse
 
 
@@ -216,10 +256,12 @@ def _kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0
                    seq_lens, scale, softcap, num_splits)  # fmt: skip
 
 
-def _attention_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
-    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True)
+def _attention_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0,
+                      q_lens=None):  # fmt: skip
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
+           q_lens=q_lens)  # fmt: skip
     return _launch("int4_kv_attention_paged", _attention_reference_op, q, k, k_scale, v, v_scale,
-                   block_table, seq_lens, scale, softcap)  # fmt: skip
+                   block_table, seq_lens, scale, softcap, q_lens=q_lens)  # fmt: skip
 
 
 LIB.impl("int4_kv_decode_paged", _kernel, "CPU")
@@ -231,9 +273,10 @@ LIB.impl("int4_kv_attention_paged", _attention_reference_op, "CompositeExplicitA
 
 
 @torch.library.register_fake("fastlayers::int4_kv_attention_paged", lib=LIB)
-def _attention_fake(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0):
+def _attention_fake(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap=0.0,
+                    q_lens=None):  # fmt: skip
     _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, check_range=False,
-           q_tokens=True)  # fmt: skip
+           q_tokens=True, q_lens=q_lens)  # fmt: skip
     out = q.new_empty((*q.shape[:3], v.shape[3] * 2))
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -412,17 +455,23 @@ def kv_cache_write_paged(x, packed_pages, scale_pages, slots, post_scale=None, c
 
 def int4_kv_attention_paged(
     q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens, scale=None,
-    softcap=None, sinks=None,
+    softcap=None, sinks=None, q_lens=None,
 ):  # fmt: skip
     """Causal attention of ``Tq`` new tokens per row over a paged INT4 cache (prefill of a chunk,
     speculative decoding's verification): ``q [B, Hq, Tq, d]``, row ``b``'s query ``i`` is its
     token ``seq_lens[b] - Tq + i`` (the new tokens already written: ``seq_lens[b] >= Tq``) and
-    sees the row's tokens up to it. Returns ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq]
-    fp32)``. Pages, block table and the other arguments as :func:`int4_kv_decode_paged`; the CPU
-    and CUDA prefill kernels (:func:`~fastlayers.ops.kvint4.int4_kv_attention`'s) read the pages
-    in place; elsewhere the reference."""
+    sees the row's tokens up to it. ``q_lens`` (int32 ``[B]``, optional): rows of different
+    numbers of new tokens in one call (chunked prefill beside decode rows): row ``b``'s first
+    ``q_lens[b]`` queries are its tokens ``seq_lens[b] - q_lens[b] + i``, the rest of its Tq are
+    padding (zeros, lse -inf; their tiles skipped); ``0 <= q_lens[b] <= min(Tq, seq_lens[b])``.
+    Returns ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq] fp32)``. Pages, block table and
+    the other arguments as :func:`int4_kv_decode_paged`; the CPU and CUDA prefill kernels
+    (:func:`~fastlayers.ops.kvint4.int4_kv_attention`'s) read the pages in place; elsewhere the
+    reference."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
+    if q_lens is not None:
+        check_tensor(q_lens, "q_lens")
     if q.dim() != 4 or not q.shape[-1]:
         raise ValueError(
             f"q must be [batch, q_heads, q_tokens, head_dim > 0], got {tuple(q.shape)}"
@@ -430,8 +479,8 @@ def int4_kv_attention_paged(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1], q.device)
-    if direct_call_ok(*args):  # the implementation, no dispatcher
-        out, lse = _attention_kernel(*args, scale, softcap)
+    if direct_call_ok(*args, q_lens):  # the implementation, no dispatcher
+        out, lse = _attention_kernel(*args, scale, softcap, q_lens)
     else:
-        out, lse = torch.ops.fastlayers.int4_kv_attention_paged(*args, scale, softcap)
+        out, lse = torch.ops.fastlayers.int4_kv_attention_paged(*args, scale, softcap, q_lens)
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks[:, None])

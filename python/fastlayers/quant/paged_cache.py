@@ -231,7 +231,8 @@ class Int4PagedKVCache:
     def attention(self, layer: int, q, block_table, seq_lens, **kwargs):
         """:func:`fastlayers.ops.int4_kv_attention_paged` of ``q [S, Hq, Tq, head_dim]`` (each
         sequence's last Tq tokens, written) over layer ``layer``'s pages (``kwargs``: its
-        ``scale``, ``softcap``, ``sinks``)."""
+        ``scale``, ``softcap``, ``sinks``, ``q_lens``: sequences of fewer new tokens, their
+        queries first and padding after)."""
         from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
 
         return int4_kv_attention_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
