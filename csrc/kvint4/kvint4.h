@@ -201,10 +201,14 @@ struct ContiguousRows {
   FL_KVINT4_HD int64_t operator()(int64_t t) const { return base + t; }
 };
 
+inline FL_KVINT4_HD ContiguousRows contiguous_rows(const DecodeParams& p, int64_t b, int64_t h) {
+  return ContiguousRows{(b * p.hkv + h) * p.t_max};
+}
+
 inline FL_KVINT4_HD TokenRows token_rows(const DecodeParams& p, int64_t b, int64_t h) {
   TokenRows r;
   if (p.block_table == nullptr) {
-    r.base = (b * p.hkv + h) * p.t_max;
+    r.base = contiguous_rows(p, b, h).base;
     return r;
   }
   r.table = p.block_table + b * p.block_stride;
@@ -222,7 +226,7 @@ FL_KVINT4_HD auto cache_rows(const DecodeParams& p, int64_t b, int64_t h) {
   if constexpr (kPaged) {
     return token_rows(p, b, h);
   } else {
-    return ContiguousRows{(b * p.hkv + h) * p.t_max};
+    return contiguous_rows(p, b, h);
   }
 }
 
