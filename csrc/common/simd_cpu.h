@@ -259,6 +259,16 @@ static inline V vzero_nan(V a) {
 static inline void vstore_i32(int32_t* p, V a) {  // a's lanes hold integers
   _mm512_storeu_si512(p, _mm512_cvttps_epi32(a.v));
 }
+// a's lanes hold integers in [-8, 7]: kW / 2 bytes of INT4 pairs, lane 2j in the low nibble of byte
+// j (two's complement), lane 2j + 1 in its high nibble. (Each 64-bit lane makes one byte in its low
+// dword, the high one zero; vpmovdb then a 16-bit pack keep those bytes.)
+static inline void vstore_nibbles(uint8_t* p, V a) {
+  const __m512i q = _mm512_cvttps_epi32(a.v);
+  const __m512i lo = _mm512_and_si512(q, _mm512_set1_epi64(0x0F));
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi64(q, 28), _mm512_set1_epi64(0xF0));
+  const __m128i words = _mm512_cvtepi32_epi8(_mm512_or_si512(lo, hi));  // byte j in 16-bit lane j
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
+}
 
 #elif defined(__AVX2__)
 
@@ -454,6 +464,20 @@ static inline V vzero_nan(V a) {
 static inline void vstore_i32(int32_t* p, V a) {  // a's lanes hold integers
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_cvttps_epi32(a.v));
 }
+// a's lanes hold integers in [-8, 7]: kW / 2 bytes of INT4 pairs, lane 2j in the low nibble of byte
+// j (two's complement), lane 2j + 1 in its high nibble. (Each 64-bit lane makes one byte; a byte
+// shuffle gathers each 128-bit half's two.)
+static inline void vstore_nibbles(uint8_t* p, V a) {
+  const __m256i q = _mm256_cvttps_epi32(a.v);
+  const __m256i lo = _mm256_and_si256(q, _mm256_set1_epi64x(0x0F));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi64(q, 28), _mm256_set1_epi64x(0xF0));
+  const __m256i take = _mm256_setr_epi8(0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,  //
+                                        0, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_or_si256(lo, hi), take);
+  const uint32_t word = static_cast<uint32_t>(_mm256_extract_epi16(b, 0) & 0xFFFF) |
+                        (static_cast<uint32_t>(_mm256_extract_epi16(b, 8) & 0xFFFF) << 16);
+  __builtin_memcpy(p, &word, sizeof(word));
+}
 
 #else  // scalar: one lane; the compiler may still vectorise the surrounding loops with SSE2
 
@@ -513,6 +537,8 @@ static inline V vrint(V a) { return {__builtin_nearbyintf(a.v)}; }
 static inline bool vany_nan(V a) { return a.v != a.v; }
 static inline V vzero_nan(V a) { return {a.v != a.v ? 0.0f : a.v}; }
 static inline void vstore_i32(int32_t* p, V a) { *p = static_cast<int32_t>(a.v); }
+// (kW / 2 = 0 bytes: one lane makes no whole byte; the callers pair scalar values themselves)
+static inline void vstore_nibbles(uint8_t*, V) {}
 
 #endif
 

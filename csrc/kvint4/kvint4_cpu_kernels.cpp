@@ -697,10 +697,8 @@ void quantize_rows(const QuantizeParams& p) {
         int64_t c = g0;
         if constexpr (kW > 1) {  // kW values at a time (kW even: whole bytes), as the loop below
           const V vs8 = vset1(s8), lo = vset1(-8.0f), hi = vset1(7.0f);
-          int32_t q[kW];
           for (; c + kW <= g0 + p.group; c += kW) {
-            vstore_i32(q, vmin(vmax(vzero_nan(vrint(vdiv(vload(row + c), vs8))), lo), hi));
-            for (int e = 0; e < kW; e += 2) out[(c + e) / 2] = static_cast<uint8_t>((q[e] & 15) | ((q[e + 1] & 15) << 4));
+            vstore_nibbles(out + c / 2, vmin(vmax(vzero_nan(vrint(vdiv(vload(row + c), vs8))), lo), hi));
           }
         }
         for (; c < g0 + p.group; c += 2) {
