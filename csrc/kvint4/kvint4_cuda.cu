@@ -644,11 +644,21 @@ __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* 
   return __any_sync(0xffffffffu, load_split_rows<D>(q, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
 }
 
-// The query rows of a prefill tile (query tokens i0 .. i0 + rows - 1 of a batch row with `count`
-// query tokens, query_count's) that hold a query: the first ones; the rest are padding.
-__device__ __forceinline__ int64_t tile_queries(int64_t count, int64_t i0, int64_t rows) {
-  const int64_t n = count - i0;
-  return n < 0 ? 0 : (n < rows ? n : rows);
+// A prefill tile's query rows (CTA-uniform): its query tokens i0 .. i0 + all - 1 of batch row b
+// (all: up to kRows, the call's q_tokens), of which the first `rows` hold a query (query_count: with
+// q_lens the rest are padding). The padding rows get zeros and lse -inf here, before the tile's
+// work (which then takes `rows` alone, as without q_lens: no register of the loop for them).
+// Returns rows (0: nothing left to do).
+template <int kRows, int DV>
+__device__ __forceinline__ int64_t tile_query_rows(const DecodeParams& p, int64_t b, int64_t h, int64_t i0) {
+  const int64_t all = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows, n = query_count(p, b) - i0;
+  const int64_t rows = n < 0 ? 0 : (n < all ? n : all);
+  if (rows < all) {
+    const int64_t w = (b * p.hq + h) * p.q_tokens + i0 + rows;  // the first padding row
+    for (int64_t e = threadIdx.x; e < (all - rows) * DV; e += blockDim.x) p.out[w * DV + e] = 0.0f;
+    for (int64_t r = threadIdx.x; r < all - rows; r += blockDim.x) p.lse[w + r] = -INFINITY;
+  }
+  return rows;
 }
 
 // Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
@@ -662,16 +672,16 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   extern __shared__ __align__(128) unsigned char tc_smem[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t count = query_count(p, b), first = end_token(p, b) - count;
-  const int64_t rows = p.q_tokens - i0 < tc::kRows ? p.q_tokens - i0 : tc::kRows;  // (written)
-  const int64_t valid = tile_queries(count, i0, rows);  // rows with a query: the rest padding
+  const int64_t rows = tile_query_rows<tc::kRows, DV>(p, b, h, i0);  // (q_lens: padding written)
+  if (rows == 0) return;  // (the whole CTA)
+  const int64_t first = end_token(p, b) - query_count(p, b);
   const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
   bool use_lo = false;
   if constexpr (kSplit) {
-    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, valid, tc_smem);
+    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, rows, tc_smem);
   } else {
     const T* q = static_cast<const T*>(p.q16) + q_row0 * D;
-    tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(valid),
+    tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(rows),
                               [&](int i) { return q + static_cast<int64_t>(i) * D; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
@@ -688,7 +698,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   const auto at = cache_rows<kPaged>(p, b, kh);
-  const int64_t last_key = valid > 0 ? first + i0 + valid - 1 : -1;  // the CTA's last visible token
+  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
   // The next tile's bytes are in flight during this tile's products, in registers, up to head_dim
@@ -708,10 +718,10 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
-    if (valid == tc::kRows && nt == tc::kKeys && t0 >= start && t0 + tc::kKeys - 1 <= first + i0) {
+    if (rows == tc::kRows && nt == tc::kKeys && t0 >= start && t0 + tc::kKeys - 1 <= first + i0) {
       tile.step(tc::AllVisible{}, p.scale, p.softcap);
     } else {
-      tile.step([&](int i, int j) { return i < valid && t0 + j >= start && t0 + j <= first + i0 + i; },
+      tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + i0 + i; },
                 p.scale, p.softcap);
     }
   }
@@ -799,9 +809,9 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
   const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t count = query_count(p, b), first = end_token(p, b) - count;
-  const int64_t rows = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;  // (written)
-  const int64_t valid = tile_queries(count, i0, rows);  // rows with a query: the rest padding
+  const int64_t rows = tile_query_rows<kRows, kDv>(p, b, h, i0);  // (q_lens: padding written)
+  if (rows == 0) return;  // (the whole CTA)
+  const int64_t first = end_token(p, b) - query_count(p, b);
   const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int rb = warp / tcl::kPieces, piece = warp % tcl::kPieces;  // the warp's rows and channels
@@ -812,14 +822,14 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     auto* lo = reinterpret_cast<__half*>(tc_smem + tcl::kQLo);
     auto* rsm = reinterpret_cast<float*>(tc_smem + tcl::kRowScale);
     constexpr int kPerWarp = kRows / tcl::kWarps;
-    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, valid, warp * kPerWarp, kPerWarp,
+    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, rows, warp * kPerWarp, kPerWarp,
                                           reinterpret_cast<__half*>(sq), lo, rsm, kLd);
     use_lo = __syncthreads_or(mine);
     rs[0] = rsm[rb * 16 + g];
     rs[1] = rsm[rb * 16 + g + 8];
   } else {
     const T* q = static_cast<const T*>(p.q16) + q_row0 * kD;
-    cuda::tc::load_rows_async<T, kD>(sq, kLd, kRows, static_cast<int>(valid),
+    cuda::tc::load_rows_async<T, kD>(sq, kLd, kRows, static_cast<int>(rows),
                                      [&](int i) { return q + static_cast<int64_t>(i) * kD; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
@@ -832,7 +842,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   for (int kk = 0; kk < kKb; ++kk) cuda::ptx::ldmatrix_x4(qf[kk], sq + qoff + kk * 16);
 
   const auto at = cache_rows<kPaged>(p, b, kh);
-  const int64_t last_key = valid > 0 ? first + i0 + valid - 1 : -1;  // the CTA's last visible token
+  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const TileRows keys{p.k, kD / 2, reinterpret_cast<const uint8_t*>(p.k_scale), kD / p.group,
                       static_cast<int>(p.group)};
@@ -907,7 +917,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
         const int i = rb * 16 + g + 8 * (e >> 1);
         const int64_t key = t0 + nb * 8 + 2 * tq + (e & 1);
         const float x = softcapped(s[nb][e] * p.scale * rs[e >> 1], p.softcap);
-        s[nb][e] = i < valid && key >= start && key <= first + i0 + i ? x * kLog2e : -INFINITY;
+        s[nb][e] = i < rows && key >= start && key <= first + i0 + i ? x * kLog2e : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
       }
     }
