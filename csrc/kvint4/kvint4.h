@@ -168,11 +168,18 @@ inline FL_KVINT4_HD int64_t query_limit(const DecodeParams& p, int64_t b, int64_
   return i < count ? end_token(p, b) - count + i : -1;
 }
 
+// Prefill: how many of query tokens [i0, i0 + n) of batch row b hold a query (the first ones; the
+// rest are padding).
+inline FL_KVINT4_HD int64_t query_rows(const DecodeParams& p, int64_t b, int64_t i0, int64_t n) {
+  const int64_t left = query_count(p, b) - i0;
+  return left < 0 ? 0 : (left < n ? left : n);
+}
+
 // Prefill: one past the last cached token any of query tokens [i0, i0 + n) of batch row b sees
 // (0 when they are all padding).
 inline FL_KVINT4_HD int64_t query_keys(const DecodeParams& p, int64_t b, int64_t i0, int64_t n) {
-  const int64_t count = query_count(p, b), last = i0 + n < count ? i0 + n : count;
-  return last > i0 ? end_token(p, b) - count + last : 0;
+  const int64_t rows = query_rows(p, b, i0, n);
+  return rows > 0 ? end_token(p, b) - query_count(p, b) + i0 + rows : 0;
 }
 
 // Where the cached tokens of one (batch row, kv head) are: token t's row of the cache buffers (k +

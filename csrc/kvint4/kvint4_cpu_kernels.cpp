@@ -1174,10 +1174,10 @@ Status decode(const DecodeParams& p) {
       const int64_t b = bh / p.hkv, h = bh % p.hkv, qi0 = qb * qblock;
       int64_t nq = p.q_tokens - qi0 < qblock ? p.q_tokens - qi0 : qblock;
       // (a row's padding queries, past its query_count: zeros, no task rows; q_tokens > 1)
-      const int64_t real = query_count(p, b) - qi0 < nq ? query_count(p, b) - qi0 : nq;
+      const int64_t real = query_rows(p, b, qi0, nq);
       if (real < nq) {
-        store_padding(p, b, h * G + g0, qi0 + (real > 0 ? real : 0), nq - (real > 0 ? real : 0), gn);
-        if (real <= 0) continue;
+        store_padding(p, b, h * G + g0, qi0 + real, nq - real, gn);
+        if (real == 0) continue;
         nq = real;
       }
       const KeyRange kr{t % splits, splits, partials != nullptr ? partials + t * stride : nullptr};

@@ -651,8 +651,8 @@ __device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* 
 // Returns rows (0: nothing left to do).
 template <int kRows, int DV>
 __device__ __forceinline__ int64_t tile_query_rows(const DecodeParams& p, int64_t b, int64_t h, int64_t i0) {
-  const int64_t all = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows, n = query_count(p, b) - i0;
-  const int64_t rows = n < 0 ? 0 : (n < all ? n : all);
+  const int64_t all = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
+  const int64_t rows = query_rows(p, b, i0, all);
   if (rows < all) {
     const int64_t w = (b * p.hq + h) * p.q_tokens + i0 + rows;  // the first padding row
     for (int64_t e = threadIdx.x; e < (all - rows) * DV; e += blockDim.x) p.out[w * DV + e] = 0.0f;

@@ -353,8 +353,8 @@ def _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pair
                 f"{name} must be [{n}, {d}] (each token's position), got {tuple(tab.shape)}"
             )
     group = d // scale_pages.shape[3]
-    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
-    _check_kv_quantize(x[:, :, None, :], post_scale, group, *tables, pairing)
+    rows, cos_rows, sin_rows = _as_rows(x, cos, sin)
+    _check_kv_quantize(rows, post_scale, group, cos_rows, sin_rows, pairing)
     if not memory:
         return group
     if n and not capturing(slots) and slots.device.type != "meta":
@@ -364,6 +364,12 @@ def _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pair
                    {k: v for k, v in inputs.items() if v is not None}, set())  # fmt: skip
     check_no_alias({"packed_pages": packed_pages}, {"scale_pages": scale_pages}, set())
     return group
+
+
+def _as_rows(x, cos, sin):
+    """``(x, cos, sin)`` of the paged write as ``kv_quantize`` takes them: ``x [N, Hkv, 1, d]``
+    (a batch of one-token rows), ``cos`` / ``sin`` ``[N, 1, d]`` (or None)."""
+    return x[:, :, None, :], *(None if tab is None else tab[:, None, :] for tab in (cos, sin))
 
 
 def _check_slots(slots: torch.Tensor, last: int) -> None:
@@ -391,8 +397,13 @@ def _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos=None, 
     """The specification: ``kv_quantize``'s reference of the tokens, then an indexed copy of the
     ones with a slot (not -1) into their pages' rows."""
     group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
-    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
-    packed, scales = _kv_quantize_reference(x[:, :, None, :], post_scale, group, *tables, pairing)
+    _write_indexed(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing, group)
+
+
+def _write_indexed(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing, group):
+    """``_write_reference`` on checked arguments."""
+    rows, cos, sin = _as_rows(x, cos, sin)
+    packed, scales = _kv_quantize_reference(rows, post_scale, group, cos, sin, pairing)
     keep = slots >= 0
     slots, page_size = slots[keep].long(), packed_pages.shape[2]
     page, slot = slots.div(page_size, rounding_mode="floor"), slots % page_size
@@ -404,8 +415,9 @@ def _write_kernel(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin
                   pairing="half"):  # fmt: skip
     group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
     op = "kv_cache_write_paged"
+    args = (x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing, group)
     if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, op):
-        return _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+        return _write_indexed(*args)
     if not (packed_pages.is_contiguous() and scale_pages.is_contiguous()):
         _ext.warn_once(
             f"{op}-strided",
@@ -413,10 +425,10 @@ def _write_kernel(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin
             f"{packed_pages.stride()}, scale_pages {scale_pages.stride()}: running the PyTorch "
             "reference (an indexed copy)",
         )
-        return _write_reference(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
-    tables = [None if tab is None else tab[:, None, :] for tab in (cos, sin)]  # [N, 1, d]
-    _launch_quantize(x[:, :, None, :], post_scale, group, *tables, pairing, packed_pages,
-                     scale_pages, slots=slots)  # fmt: skip
+        return _write_indexed(*args)
+    rows, cos, sin = _as_rows(x, cos, sin)
+    _launch_quantize(rows, post_scale, group, cos, sin, pairing, packed_pages, scale_pages,
+                     slots=slots)  # fmt: skip
 
 
 LIB.impl("kv_cache_write_paged", _write_kernel, "CPU")
@@ -469,9 +481,7 @@ def int4_kv_attention_paged(
     (:func:`~fastlayers.ops.kvint4.int4_kv_attention`'s) read the pages in place; elsewhere the
     reference."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens)
-    check_tensors(**dict(zip(_NAMES, args, strict=True)))
-    if q_lens is not None:
-        check_tensor(q_lens, "q_lens")
+    check_tensors(("q_lens",), **dict(zip(_NAMES, args, strict=True)), q_lens=q_lens)
     if q.dim() != 4 or not q.shape[-1]:
         raise ValueError(
             f"q must be [batch, q_heads, q_tokens, head_dim > 0], got {tuple(q.shape)}"
