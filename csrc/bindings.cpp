@@ -513,9 +513,12 @@ void int4_kv_decode(int device, std::uintptr_t q, std::uintptr_t k, std::uintptr
                     int64_t q_tokens, std::uintptr_t q16, int q16_dtype, std::uintptr_t out16,
                     std::uintptr_t starts, double softcap, int64_t dv, int64_t v_row, int64_t v_scale_row,
                     int64_t splits, std::uintptr_t lengths, std::uintptr_t block_table, int64_t block_stride,
-                    int64_t page_size, int64_t pages, std::uintptr_t q_lens) {
+                    int64_t page_size, int64_t pages, std::uintptr_t q_lens, std::uintptr_t q_starts,
+                    int64_t q_total) {
   kvint4::DecodeParams p;
   p.q_lens = ptr<const int32_t>(q_lens);
+  p.q_starts = ptr<const int32_t>(q_starts);
+  p.q_total = q_total;
   p.splits = splits;
   p.lengths = ptr<const int32_t>(lengths);
   p.block_table = ptr<const int32_t>(block_table);

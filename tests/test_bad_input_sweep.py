@@ -26,6 +26,7 @@ from fastlayers.ops.kvint4 import (
 )
 from fastlayers.ops.kvint4_paged import (
     int4_kv_attention_paged,
+    int4_kv_attention_paged_varlen,
     int4_kv_decode_paged,
     kv_cache_write_paged,
 )
@@ -115,6 +116,11 @@ def _cases():
             int4_kv_attention_paged,
             [_r(2, 4, 3, 32), kp, ksp, kp, ksp, table, seq_lens, 0.2, 1.5],
         ),
+        "int4_kv_attention_paged_varlen": (
+            int4_kv_attention_paged_varlen,
+            [_r(5, 4, 32), kp, ksp, kp, ksp, table, seq_lens,
+             torch.tensor([0, 3, 5], dtype=torch.int32), 3, 0.2, 1.5, _r(4)],
+        ),  # fmt: skip
         "kv_cache_write_paged": (
             kv_cache_write_paged,
             [

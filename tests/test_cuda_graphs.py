@@ -109,6 +109,26 @@ def test_int4_kv_decode_paged_in_a_graph():
     _check_graph(step, inputs)
 
 
+def test_int4_kv_attention_paged_varlen_in_a_graph():
+    """The ragged paged prefill with max_seqlen_q given: no host read of cu_seqlens_q or seq_lens
+    while capturing; replayed with other row counts, lengths and pages."""
+    dev = "cuda"
+    kp, ksp = quant.quantize_kv_int4(rand(40, 2, 16, 128, dtype=torch.float32, device=dev), 32)
+
+    def step(q, table, seq_lens, cu):
+        return fastlayers.ops.int4_kv_attention_paged_varlen(q, kp, ksp, kp, ksp, table, seq_lens,
+                                                             cu, 70)[0]  # fmt: skip
+
+    def inputs():
+        table = torch.randperm(40, device=dev)[:36].reshape(3, 12).int()
+        first = int(torch.randint(2, 71, ()))  # (the other rows: 1 and the rest of 72 tokens)
+        cu = torch.tensor([0, first, first + 1, 72], dtype=torch.int32, device=dev)
+        seq_lens = torch.randint(71, 193, (3,), device=dev, dtype=torch.int32)
+        return rand(72, 8, 128, dtype=torch.bfloat16, device=dev), table, seq_lens, cu
+
+    _check_graph(step, inputs)
+
+
 def test_kv_cache_write_paged_in_a_graph():
     """The paged cache write skips its slot checks while capturing (no host read); replayed with
     other tokens and slots, -1 (not written) among them: the pages as the eager call leaves them."""

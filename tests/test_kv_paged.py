@@ -430,6 +430,32 @@ def _check_cache_attention(cache, history, seqs, tq, group, device, hq=4):
             torch.testing.assert_close(lse[row : row + 1], want_lse, rtol=2e-5, atol=2e-5)
 
 
+def _check_cache_varlen(cache, history, seqs, counts, group, device, hq=4):
+    """Every layer's ragged prefill of the last ``counts[i]`` tokens of each of ``seqs`` (one call)
+    against the causal float64 reference over each sequence's own history."""
+    from fastlayers.ops.kvint4 import _attention_reference
+
+    table, seq_lens = cache.block_table(seqs)
+    cu = [0]
+    for n in counts:
+        cu.append(cu[-1] + n)
+    starts = torch.tensor(cu, dtype=torch.int32, device=device)
+    for layer in range(len(cache.pages)):
+        q = rand(cu[-1], hq, cache.head_dim, dtype=torch.float32, device=device)
+        out, lse = cache.attention_varlen(layer, q, table, seq_lens, starts, max(counts))
+        for row, seq in enumerate(seqs):
+            k, v = history.k[layer][seq], history.v[layer][seq]
+            kq, ks = quant.quantize_kv_int4(k[None], group)
+            vq, vs = quant.quantize_kv_int4(v[None], group)
+            mine = q[cu[row] : cu[row + 1]].transpose(0, 1)[None].double()
+            want, want_lse = _attention_reference(mine, kq, ks, vq, vs, k.shape[1],
+                                                  cache.head_dim**-0.5)  # fmt: skip
+            got = out[cu[row] : cu[row + 1]].transpose(0, 1)[None].double()
+            torch.testing.assert_close(got, want.double(), rtol=2e-5, atol=2e-5)
+            got_lse = lse[cu[row] : cu[row + 1]].transpose(0, 1)[None]
+            torch.testing.assert_close(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+
+
 def _step(cache, history, seqs, tokens, device):
     """``tokens`` new tokens (a count, or one per sequence) of random keys and values for every
     layer of ``seqs``, through reserve and write."""
@@ -462,12 +488,13 @@ def test_paged_cache_continuous_batching(device):
     _check_cache_decode(cache, history, [a, b], group, device)
     cache.free(a)
     c = cache.new_sequence()
-    _step(cache, history, [c], 17, device)
-    for _ in range(9):  # (b crosses a page end)
+    _step(cache, history, [b, c], [1, 17], device)  # c's prompt beside b's decode: one call
+    _check_cache_varlen(cache, history, [b, c], [1, 17], group, device)
+    for _ in range(8):  # (b crosses a page end)
         _step(cache, history, [b, c], 1, device)
     _check_cache_decode(cache, history, [c, b], group, device)
-    assert cache.length(b) == 18 and cache.length(c) == 26
-    used = -(-18 // 8) + -(-26 // 8)
+    assert cache.length(b) == 18 and cache.length(c) == 25
+    used = -(-18 // 8) + -(-25 // 8)
     assert cache.free_pages == cache.num_pages - used
     cache.free(b)
     cache.free(c)
@@ -698,6 +725,165 @@ def test_int4_kv_attention_paged_latent_and_one_token(device):
     want, want_lse = int4_kv_decode_paged(q[:, :, -1], kp, ksp, vp, vsp, table, seq_lens)
     torch.testing.assert_close(one[:, :, 0], want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(one_lse[:, :, 0], want_lse, rtol=2e-5, atol=2e-5)
+
+
+def _ragged(q, q_lens):
+    """Each row's first q_lens[b] queries of ``q [B, Hq, Tq, d]``, one row after the other:
+    ``(q [T, Hq, d], cu_seqlens_q int32 [B + 1])``."""
+    rows = [q[row, :, :m].transpose(0, 1) for row, m in enumerate(q_lens)]
+    cu = [0]
+    for m in q_lens:
+        cu.append(cu[-1] + m)
+    return torch.cat(rows).contiguous(), torch.tensor(cu, dtype=torch.int32, device=q.device)
+
+
+def _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu):
+    """The ragged call's rows, token by token, bit for bit the padded call's (with q_lens) on the
+    same queries: the same kernel arithmetic in another layout."""
+    total = int(cu[-1])
+    assert out.shape == (total, q.shape[1], padded.shape[-1]) and lse.shape == (total, q.shape[1])
+    for row, m in enumerate(q_lens):
+        c = int(cu[row])
+        assert torch.equal(out[c : c + m], padded[row, :, :m].transpose(0, 1)), row
+        assert torch.equal(lse[c : c + m], padded_lse[row, :, :m].transpose(0, 1)), row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dv,group,page_size,lens,q_lens,launched",
+    [
+        # tensor-core tile: a row of two query tiles, a decode row, an empty row, a partial tile
+        (4, 2, 128, 128, 32, 16, [300, 9, 64, 80], [70, 1, 0, 65], [1, 0, 0]),
+        (6, 3, 40, 40, 8, 4, [23, 3, 9], [2, 3, 5], [0, 1, 0]),  # a warp per query row
+        (16, 2, 96, 64, 16, 8, [41, 3, 5], [1, 0, 2], [0, 1, 0]),  # values of their own size
+    ],
+)
+def test_int4_kv_attention_paged_varlen_matches_reference(
+    device, dtype, hq, hkv, d, dv, group, page_size, lens, q_lens, launched
+):
+    """Ragged queries (FlashAttention's cu_seqlens_q): every row's new tokens one after the other
+    in q [T, Hq, d], no padding. Each row's queries against the contiguous causal float64
+    reference over the row's own tokens, and bit for bit the padded call with q_lens (the outputs
+    poisoned before the kernels write them); softcap; the ragged reference op; the kernel that ran,
+    in the emulation."""
+    from fastlayers.ops import int4_kv_attention_paged, int4_kv_attention_paged_varlen
+    from fastlayers.ops.kvint4_paged import _attention_reference_op, _varlen_reference_op
+
+    torch.manual_seed(d + sum(q_lens))
+    b, tq = len(lens), max(q_lens)
+    cache = _cache(b, hkv, max(lens), d, dv, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    q = rand(b, hq, tq, d, dtype=dtype, device=device)
+    counts = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    qr, cu = _ragged(q, q_lens)
+    for cap in (0.0, 1.5):
+        before = launches_since(PREFILL_KERNELS)
+        out, lse = int4_kv_attention_paged_varlen(qr, *pages, table, seq_lens, cu, tq, softcap=cap)
+        if before is not None and _cuda_path(q):
+            assert launches_since(PREFILL_KERNELS, before) == launched
+        assert out.dtype == dtype
+        padded, padded_lse = int4_kv_attention_paged(q, *pages, table, seq_lens, softcap=cap,
+                                                     q_lens=counts)  # fmt: skip
+        _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
+        _check_counted_rows(q, padded, padded_lse, cache, lens, q_lens, d**-0.5, cap)
+    # max_seqlen_q read off cu_seqlens_q, or any larger bound: the same
+    again = int4_kv_attention_paged_varlen(qr, *pages, table, seq_lens, cu, softcap=1.5)
+    most = table.shape[1] * page_size  # (max_seqlen_q at most a row's tokens)
+    wider = int4_kv_attention_paged_varlen(qr, *pages, table, seq_lens, cu, most, softcap=1.5)
+    for x, y in ((again, (out, lse)), (wider, (out, lse))):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    ref, ref_lse = _varlen_reference_op(qr.double(), *pages, table, seq_lens, cu, tq, d**-0.5)
+    padded, padded_lse = _attention_reference_op(q.double(), *pages, table, seq_lens, d**-0.5, 0.0,
+                                                 counts)  # fmt: skip
+    _check_counted_rows(q.double().float(), padded.float(), padded_lse, cache, lens, q_lens,
+                        d**-0.5)  # fmt: skip
+    _check_ragged(q, ref, ref_lse, q_lens, padded, padded_lse, cu)
+
+
+def test_int4_kv_attention_paged_varlen_latent_decode_rows_sinks_and_strides(device):
+    """The latent tensor-core prefill (values in the key pages) on ragged queries; a call of decode
+    rows alone (at most one query a row: the decode kernels) equal to int4_kv_decode_paged's rows;
+    attention sinks; a strided q; no tokens at all."""
+    from fastlayers.ops import int4_kv_attention_paged, int4_kv_attention_paged_varlen
+
+    hq, hkv, d, dv, group, lens = 16, 1, 576, 512, 64, [100, 40, 7]
+    keys = quant.quantize_kv_int4(rand(3, hkv, 100, d, dtype=torch.float32, device=device), group)
+    pages, table, seq_lens = _paged(list(keys), lens, 16)
+    kp, ksp = pages
+    vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
+    cache = (*keys, keys[0][..., : dv // 2].contiguous(), keys[1][..., : dv // group].contiguous())
+    q = rand(3, hq, 33, d, dtype=torch.bfloat16, device=device)
+    q_lens = [33, 5, 0]
+    counts = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    qr, cu = _ragged(q, q_lens)
+    before = launches_since(PREFILL_KERNELS)
+    out, lse = int4_kv_attention_paged_varlen(qr, kp, ksp, vp, vsp, table, seq_lens, cu, 33)
+    if before is not None and _cuda_path(q):
+        assert launches_since(PREFILL_KERNELS, before) == [0, 0, 1]
+    padded, padded_lse = int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens,
+                                                 q_lens=counts)  # fmt: skip
+    _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
+    _check_counted_rows(q, padded, padded_lse, cache, lens, q_lens, d**-0.5)
+    # decode rows alone, one of them without a query
+    ones = [1, 0, 1]
+    q1, cu1 = _ragged(q[:, :, -1:], ones)
+    out, lse = int4_kv_attention_paged_varlen(q1, kp, ksp, vp, vsp, table, seq_lens, cu1)
+    want, want_lse = int4_kv_decode_paged(q[:, :, -1], kp, ksp, vp, vsp, table, seq_lens)
+    assert torch.equal(out, want[[0, 2]]) and torch.equal(lse, want_lse[[0, 2]])
+    # sinks: the padded call's
+    sinks = rand(hq, dtype=torch.float32, device=device)
+    out, lse = int4_kv_attention_paged_varlen(qr, kp, ksp, vp, vsp, table, seq_lens, cu, 33,
+                                              sinks=sinks)  # fmt: skip
+    padded, padded_lse = int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens,
+                                                 q_lens=counts, sinks=sinks)  # fmt: skip
+    _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
+    # a strided q: the same as its contiguous copy
+    wide = torch.cat([qr, qr], -1)[..., :d]
+    assert not wide.is_contiguous()
+    got = int4_kv_attention_paged_varlen(wide, kp, ksp, vp, vsp, table, seq_lens, cu, 33)
+    want = int4_kv_attention_paged_varlen(qr, kp, ksp, vp, vsp, table, seq_lens, cu, 33)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    none = torch.zeros(4, dtype=torch.int32, device=device)
+    out, lse = int4_kv_attention_paged_varlen(qr[:0], kp, ksp, vp, vsp, table, seq_lens, none)
+    assert out.shape == (0, hq, dv) and lse.shape == (0, hq)
+
+
+def test_int4_kv_attention_paged_varlen_every_cpu_isa_bad_input_and_opcheck(cpu_isa):
+    from fastlayers.ops import int4_kv_attention_paged, int4_kv_attention_paged_varlen
+
+    hq, hkv, d, group, lens = 8, 2, 64, 16, [130, 7, 45, 20]
+    cache = _cache(4, hkv, 130, d, d, group, "cpu")
+    q = rand(4, hq, 40, d, dtype=torch.bfloat16, device="cpu")
+    q_lens = [40, 7, 0, 1]
+    counts = torch.tensor(q_lens, dtype=torch.int32)
+    qr, cu = _ragged(q, q_lens)
+    pages, table, seq_lens = _paged(cache, lens, 8)
+    out, lse = int4_kv_attention_paged_varlen(qr, *pages, table, seq_lens, cu, 40)
+    padded, padded_lse = int4_kv_attention_paged(q, *pages, table, seq_lens, q_lens=counts)
+    _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
+    _check_counted_rows(q, padded, padded_lse, cache, lens, q_lens, d**-0.5)
+    args = (*pages, table, seq_lens)
+    for bad_q, bad_cu, bad_max, match in (
+        (qr, cu.long(), 40, "cu_seqlens_q must be int32"),
+        (qr, cu[None], 40, "cu_seqlens_q must be int32"),
+        (qr, cu[:-1], 40, "block_table must be int32 \\[3, max_pages\\]"),  # (its batch)
+        (qr, cu - cu * (cu == 48), 40, "must start at 0, not decrease and end at q's 48"),
+        (qr, cu + 1, 40, "must start at 0"),
+        (qr, torch.tensor([0, 40, 30, 48, 48], dtype=torch.int32), 40, "decreasing"),
+        (qr, cu, 39, "max_seqlen_q \\(39\\) is below a row's query tokens"),
+        (qr, cu, 0, "max_seqlen_q must be >= 1"),
+        (qr, cu, 10**6, "max_seqlen_q is 1000000 but block_table holds at most"),
+        (qr, torch.tensor([0, 40, 48, 48, 48], dtype=torch.int32), 40, "must not exceed seq_lens"),
+        (q, cu, 40, "q must be"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            int4_kv_attention_paged_varlen(bad_q, *args, bad_cu, bad_max)
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a torch.Tensor"):
+        int4_kv_attention_paged_varlen(qr, *args, [0, 40, 47, 47, 48], 40)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        int4_kv_attention_paged_varlen(qr, *args, cu, 40.0)
+    opcheck_with_fp8_inputs(torch.ops.fastlayers.int4_kv_attention_paged_varlen.default,
+                            (qr.float(), *args, cu, 40, 0.2))  # fmt: skip
 
 
 def test_int4_kv_attention_paged_every_cpu_isa_bad_input_and_opcheck(cpu_isa):

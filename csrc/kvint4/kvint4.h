@@ -74,6 +74,15 @@ struct DecodeParams {
   // [0, q_tokens]): its query i < q_lens[b] is the cache's token end - q_lens[b] + i, the ones
   // past it are padding (they see no token: zeros, lse -inf). Null: q_tokens for every row.
   const int32_t* q_lens = nullptr;
+  // Optional, prefill instead of q_lens: ragged queries (FlashAttention's cu_seqlens_q, FlashInfer's
+  // qo_indptr). q, out and lse are then rows [q_total, hq] (token-major: q [q_total, hq, d]) and
+  // batch row b's queries are tokens q_starts[b] .. q_starts[b + 1] - 1 (q_starts: batch + 1
+  // non-decreasing entries from 0 to at most q_total); its query i is the cache's token
+  // end - count + i. q_tokens is the longest row's count (FlashAttention's max_seqlen_q: the grid);
+  // a row's queries past it, and rows of q outside [q_starts[0], q_starts[batch]), are not written.
+  // Null: the [batch, hq, q_tokens] layout.
+  const int32_t* q_starts = nullptr;
+  int64_t q_total = 0;
 };
 
 // Cache write: rows x[r] ([rows, d], rows ordered [batch, heads, tokens]), optionally rotated by
@@ -153,13 +162,21 @@ inline FL_KVINT4_HD int64_t end_token(const DecodeParams& p, int64_t b) {
   return end < 0 ? 0 : (end > p.length ? p.length : end);
 }
 
-// Prefill: batch row b's query tokens (q_lens[b] clamped to [0, q_tokens]; q_tokens without
-// q_lens).
+// Prefill: batch row b's query tokens (q_lens[b] or q_starts[b + 1] - q_starts[b], clamped to
+// [0, q_tokens]; q_tokens without either).
 inline FL_KVINT4_HD int64_t query_count(const DecodeParams& p, int64_t b) {
-  if (p.q_lens == nullptr) return p.q_tokens;
-  const int64_t n = p.q_lens[b];
+  if (p.q_lens == nullptr && p.q_starts == nullptr) return p.q_tokens;
+  const int64_t n = p.q_lens != nullptr ? p.q_lens[b] : int64_t{p.q_starts[b + 1]} - p.q_starts[b];
   return n < 0 ? 0 : (n > p.q_tokens ? p.q_tokens : n);
 }
+
+// Prefill: the row of q (d wide), out (dv wide) and lse that query token i of batch row b, query
+// head h is: (b * hq + h) * q_tokens + i, or ragged (q_starts) (q_starts[b] + i) * hq + h.
+// Consecutive query tokens of a head are query_step rows apart.
+inline FL_KVINT4_HD int64_t query_row(const DecodeParams& p, int64_t b, int64_t h, int64_t i) {
+  return p.q_starts != nullptr ? (p.q_starts[b] + i) * p.hq + h : (b * p.hq + h) * p.q_tokens + i;
+}
+inline FL_KVINT4_HD int64_t query_step(const DecodeParams& p) { return p.q_starts != nullptr ? p.hq : 1; }
 
 // Prefill: the last cached token query i of batch row b sees (its causal limit: the row's end less
 // its query tokens, plus i); -1 for a padding query (i >= query_count: no token).

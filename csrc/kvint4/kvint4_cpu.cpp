@@ -25,9 +25,14 @@ Status validate(const DecodeParams& p) {
         "int4_kv_decode: bad sizes (need hq % hkv == 0, d and dv multiples of an even group, value rows at "
         "least dv wide)");
   }
-  if (p.q_lens != nullptr && p.q_tokens < 2) {
-    return Status::invalid("int4_kv_decode: per-row query counts (q_lens) are for prefill (q_tokens > 1)");
+  if ((p.q_lens != nullptr || p.q_starts != nullptr) && p.q_tokens < 2) {
+    return Status::invalid(
+        "int4_kv_decode: per-row query counts (q_lens, q_starts) are for prefill (q_tokens > 1)");
   }
+  if (p.q_lens != nullptr && p.q_starts != nullptr) {
+    return Status::invalid("int4_kv_decode: q_lens and q_starts are two layouts: give one");
+  }
+  if (p.q_starts != nullptr && p.q_total < 0) return Status::invalid("int4_kv_decode: q_total must be >= 0");
   if (p.batch > 0 && (p.q == nullptr || p.out == nullptr) && p.q16_dtype != DType::kFloat16 &&
       p.q16_dtype != DType::kBFloat16) {
     return Status::invalid("int4_kv_decode: 16-bit queries or output must be float16 or bfloat16");

@@ -395,11 +395,11 @@ void store_row(const float* acc, int64_t d, float inv, bool chunked, T* out) {
 // in the dequantized rows' channel order) times 1 / l, and their lse.
 void store_rows(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn,
                 const float* acc, const float* m, const float* l, bool chunked) {
-  const int64_t dv = value_dim(p), Tq = p.q_tokens;
+  const int64_t dv = value_dim(p);
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < gn; ++g) {
       const int64_t r = i * gn + g;
-      const int64_t out_row = (b * p.hq + head0 + g) * Tq + qi0 + i;
+      const int64_t out_row = query_row(p, b, head0 + g, qi0 + i);
       // l > 0: keys were seen; NaN: a non-finite score, which propagates (out and lse NaN, as in
       // the reference); 0: no key (zeros, lse -inf)
       const bool seen = l[r] > 0.0f || l[r] != l[r];
@@ -418,11 +418,13 @@ void store_rows(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, in
 
 // Padding queries (prefill with q_lens): query tokens qi0 .. qi0 + nq - 1 of heads head0 ..
 // head0 + gn - 1 of batch row b get zeros and lse -inf (rows of no visible key), without a task.
+// (Ragged queries, q_starts, have no padding rows.)
 void store_padding(const DecodeParams& p, int64_t b, int64_t head0, int64_t qi0, int64_t nq, int64_t gn) {
+  if (p.q_starts != nullptr) return;
   const int64_t dv = value_dim(p);
   for (int64_t g = 0; g < gn; ++g) {
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t out_row = (b * p.hq + head0 + g) * p.q_tokens + qi0 + i;
+      const int64_t out_row = query_row(p, b, head0 + g, qi0 + i);
       for (int64_t c = 0; c < dv; ++c) {
         if (p.out != nullptr) p.out[out_row * dv + c] = 0.0f;
         else if (p.q16_dtype == DType::kFloat16) store_as(static_cast<half_t*>(p.out16) + out_row * dv + c, 0.0f);
@@ -516,14 +518,14 @@ void merge_splits(const DecodeParams& p, int64_t b, int64_t head0, int64_t rows,
 // its causal limit.
 void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, int64_t g0, int64_t gn,
           bool chunked, Buffers& w, int64_t* limit, const KeyRange& kr) {
-  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
+  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group;
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   // values that are the keys' first dv channels (multi-head latent attention's latent)
   const bool in_keys = p.v == p.k && p.v_scale == p.k_scale && vrow == d / 2 && vsrow == groups;
   const int64_t rows = nq * gn, head0 = h * G + g0;
   for (int64_t i = 0; i < nq; ++i) {
     for (int64_t g = 0; g < gn; ++g) {
-      const int64_t r = i * gn + g, src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
+      const int64_t r = i * gn + g, src = query_row(p, b, head0 + g, qi0 + i) * d;
       if (p.q != nullptr) {
         load_query(p.q + src, d, p.scale, chunked, w.q + r * d);
       } else if (p.q16_dtype == DType::kFloat16) {
@@ -1009,7 +1011,7 @@ FL_TARGET_AMX void values_tiles(AmxBuffers& a, int64_t dv, int p_parts, int64_t 
 // same causal limits and left padding, the same online softmax and epilogue.
 FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, int64_t g0,
                             int64_t gn, Buffers& w, AmxBuffers& a, int64_t* limit, const KeyRange& kr) {
-  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group, Tq = p.q_tokens;
+  const int64_t G = p.hq / p.hkv, d = p.d, groups = d / p.group;
   const int64_t dv = value_dim(p), vrow = value_row(p), vsrow = value_scale_row(p);
   const int64_t rows = nq * gn, head0 = h * G + g0;
   const int64_t rows16 = (rows + 15) / 16 * 16;  // rows padded to whole row blocks
@@ -1025,7 +1027,7 @@ FL_TARGET_AMX void task_amx(const DecodeParams& p, int64_t b, int64_t h, int64_t
   for (int64_t r = 0; r < rows16; ++r) {  // (padding rows: no query, no visible key)
     const int64_t i = r / gn, g = r % gn;
     if (r < rows) {
-      const int64_t src = ((b * p.hq + head0 + g) * Tq + qi0 + i) * d;
+      const int64_t src = query_row(p, b, head0 + g, qi0 + i) * d;
       if (p.q != nullptr) {
         load_query(p.q + src, d, 1.0f, false, w.q + r * d);
       } else if (p.q16_dtype == DType::kFloat16) {

@@ -418,13 +418,32 @@ __global__ void decode_combine_kernel(const DecodeParams p, int64_t splits, cons
 // each key and value row (L2 serves the rows to the GQA group's warps). A query inside its row's
 // left padding sees nothing: zeros, lse -inf. Query token i is the row's cache token
 // end_token - query_count + i (a paged cache or per-row lengths: the row's own end; a padding query
-// past the row's query_count sees nothing).
+// past the row's query_count sees nothing). Ragged queries (q_starts): one warp per row of q
+// (token, query head), its batch row found by bisection; a token outside the rows' queries is
+// not written.
 template <int C, int CV>
 __global__ void __launch_bounds__(kWarps * 32) prefill_kernel(const DecodeParams p) {
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
-  if (w >= p.batch * p.hq * p.q_tokens) return;
-  const int64_t i = w % p.q_tokens, bh = w / p.q_tokens, b = bh / p.hq, h = bh % p.hq;
+  int64_t i, b, h;
+  if (p.q_starts == nullptr) {
+    if (w >= p.batch * p.hq * p.q_tokens) return;
+    const int64_t bh = w / p.q_tokens;
+    i = w % p.q_tokens, b = bh / p.hq, h = bh % p.hq;
+  } else {
+    if (w >= p.q_total * p.hq) return;
+    const int64_t t = w / p.hq;
+    h = w % p.hq;
+    int64_t lo = 0, hi = p.batch;  // the last row b with q_starts[b] <= t
+    if (t < p.q_starts[0] || t >= p.q_starts[p.batch]) return;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (p.q_starts[mid] <= t) lo = mid;
+      else hi = mid;
+    }
+    b = lo, i = t - p.q_starts[b];
+    if (i >= query_count(p, b)) return;
+  }
   const int64_t kh = h / (p.hq / p.hkv), dh = p.d / 2, ng = p.d / p.group;
   const int64_t limit = query_limit(p, b, i);  // the last visible cached token
   const int64_t v_row = value_row(p), vs_row = value_scale_row(p), dv = value_dim(p);
@@ -602,16 +621,16 @@ struct PrefillSplitSmem {
   static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - S::kExtra;
 };
 
-// fp32 queries (rows of D) into rows r0 .. r0 + n - 1 of Q (hi) and Q_lo (stride ld; rows past
+// fp32 queries (rows of D, q_ld apart) into rows r0 .. r0 + n - 1 of Q (hi) and Q_lo (stride ld; rows past
 // `rows` zero), one warp: each row times its f (fp32_query_factor), rs[row] = 1 / f; returns whether
 // a lo part of this lane's exceeds kQueryLoLimit (the caller reduces it over its warp or CTA).
 template <int D>
-__device__ bool load_split_rows(const float* q, int64_t rows, int r0, int n, __half* hi, __half* lo, float* rs,
-                                int ld) {
+__device__ bool load_split_rows(const float* q, int64_t q_ld, int64_t rows, int r0, int n, __half* hi, __half* lo,
+                                float* rs, int ld) {
   const int lane = threadIdx.x & 31;
   bool lo_needed = false;
   for (int r = r0; r < r0 + n; ++r) {
-    const float* src = r < rows ? q + static_cast<int64_t>(r) * D : nullptr;
+    const float* src = r < rows ? q + static_cast<int64_t>(r) * q_ld : nullptr;
     float mx = 0.0f;
     if (src != nullptr) {
       for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(src[c]));
@@ -635,26 +654,26 @@ __device__ bool load_split_rows(const float* q, int64_t rows, int r0, int n, __h
 // fp32 queries (p.q) into the warp's 16 rows of the tile's Q (hi) and Q_lo; returns whether the
 // warp needs the lo products (warp-uniform).
 template <int D, int DV>
-__device__ bool load_split_queries(const float* q, int64_t rows, unsigned char* smem) {
+__device__ bool load_split_queries(const float* q, int64_t q_ld, int64_t rows, unsigned char* smem) {
   using L = PrefillSplitSmem<D, DV>;
   auto* hi = reinterpret_cast<__half*>(smem + L::S::kQ);
   auto* lo = reinterpret_cast<__half*>(smem + L::kQLo);
   auto* rs = reinterpret_cast<float*>(smem + L::kRowScale);
   const int warp = threadIdx.x >> 5;
-  return __any_sync(0xffffffffu, load_split_rows<D>(q, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
+  return __any_sync(0xffffffffu, load_split_rows<D>(q, q_ld, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
 }
 
 // A prefill tile's query rows (CTA-uniform): its query tokens i0 .. i0 + all - 1 of batch row b
 // (all: up to kRows, the call's q_tokens), of which the first `rows` hold a query (query_count: with
 // q_lens the rest are padding). The padding rows get zeros and lse -inf here, before the tile's
 // work (which then takes `rows` alone, as without q_lens: no register of the loop for them).
-// Returns rows (0: nothing left to do).
+// Ragged queries (q_starts) have no padding rows. Returns rows (0: nothing left to do).
 template <int kRows, int DV>
 __device__ __forceinline__ int64_t tile_query_rows(const DecodeParams& p, int64_t b, int64_t h, int64_t i0) {
   const int64_t all = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
   const int64_t rows = query_rows(p, b, i0, all);
-  if (rows < all) {
-    const int64_t w = (b * p.hq + h) * p.q_tokens + i0 + rows;  // the first padding row
+  if (rows < all && p.q_starts == nullptr) {
+    const int64_t w = query_row(p, b, h, i0 + rows);  // the first padding row (step 1)
     for (int64_t e = threadIdx.x; e < (all - rows) * DV; e += blockDim.x) p.out[w * DV + e] = 0.0f;
     for (int64_t r = threadIdx.x; r < all - rows; r += blockDim.x) p.lse[w + r] = -INFINITY;
   }
@@ -675,14 +694,14 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   const int64_t rows = tile_query_rows<tc::kRows, DV>(p, b, h, i0);  // (q_lens: padding written)
   if (rows == 0) return;  // (the whole CTA)
   const int64_t first = end_token(p, b) - query_count(p, b);
-  const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
+  const int64_t q_row0 = query_row(p, b, h, i0);  // (the tile's rows query_step apart)
   bool use_lo = false;
   if constexpr (kSplit) {
-    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, rows, tc_smem);
+    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, query_step(p) * D, rows, tc_smem);
   } else {
     const T* q = static_cast<const T*>(p.q16) + q_row0 * D;
     tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(rows),
-                              [&](int i) { return q + static_cast<int64_t>(i) * D; });
+                              [&](int i) { return q + i * query_step(p) * D; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
   }
@@ -725,10 +744,10 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
                 p.scale, p.softcap);
     }
   }
-  const int64_t w0 = (b * p.hq + h) * p.q_tokens + i0;
-  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i) * DV : nullptr; },
+  const int64_t w0 = query_row(p, b, h, i0);
+  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i * query_step(p)) * DV : nullptr; },
                               [&](int i, float lse) {
-                                if (i < rows) p.lse[w0 + i] = lse;
+                                if (i < rows) p.lse[w0 + i * query_step(p)] = lse;
                               });
 }
 
@@ -812,7 +831,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   const int64_t rows = tile_query_rows<kRows, kDv>(p, b, h, i0);  // (q_lens: padding written)
   if (rows == 0) return;  // (the whole CTA)
   const int64_t first = end_token(p, b) - query_count(p, b);
-  const int64_t q_row0 = (b * p.hq + h) * p.q_tokens + i0;
+  const int64_t q_row0 = query_row(p, b, h, i0);  // (the tile's rows query_step apart)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int rb = warp / tcl::kPieces, piece = warp % tcl::kPieces;  // the warp's rows and channels
 
@@ -822,7 +841,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     auto* lo = reinterpret_cast<__half*>(tc_smem + tcl::kQLo);
     auto* rsm = reinterpret_cast<float*>(tc_smem + tcl::kRowScale);
     constexpr int kPerWarp = kRows / tcl::kWarps;
-    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, rows, warp * kPerWarp, kPerWarp,
+    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, query_step(p) * kD, rows, warp * kPerWarp, kPerWarp,
                                           reinterpret_cast<__half*>(sq), lo, rsm, kLd);
     use_lo = __syncthreads_or(mine);
     rs[0] = rsm[rb * 16 + g];
@@ -830,7 +849,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   } else {
     const T* q = static_cast<const T*>(p.q16) + q_row0 * kD;
     cuda::tc::load_rows_async<T, kD>(sq, kLd, kRows, static_cast<int>(rows),
-                                     [&](int i) { return q + static_cast<int64_t>(i) * kD; });
+                                     [&](int i) { return q + i * query_step(p) * kD; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
     __syncthreads();
@@ -941,7 +960,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   }
 
   // O / l of the warp's rows and value channels; the rows' lse from the first warp of the block.
-  const int64_t w0 = (b * p.hq + h) * p.q_tokens + i0;
+  const int64_t w0 = query_row(p, b, h, i0), step = query_step(p);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     float sum = l[hh];
@@ -950,13 +969,13 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     const int i = rb * 16 + g + 8 * hh;
     if (i >= rows) continue;
     const float inv = seen(sum) ? 1.0f / sum : 0.0f;
-    float* out = p.out + (w0 + i) * kDv + piece * tcl::kPvCh;
+    float* out = p.out + (w0 + i * step) * kDv + piece * tcl::kPvCh;
 #pragma unroll
     for (int nb = 0; nb < kNb; ++nb) {
       out[nb * 8 + 2 * tq] = o[nb][2 * hh] * inv;
       out[nb * 8 + 2 * tq + 1] = o[nb][2 * hh + 1] * inv;
     }
-    if (piece == 0 && tq == 0) p.lse[w0 + i] = seen(sum) ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    if (piece == 0 && tq == 0) p.lse[w0 + i * step] = seen(sum) ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
   }
 }
 
@@ -1524,7 +1543,8 @@ Status decode_tc_dispatch(const DecodeParams& p, cudaStream_t stream) {
 
 template <int C, int CV>
 Status prefill_typed(const DecodeParams& p, cudaStream_t stream) {
-  const int64_t warps = p.batch * p.hq * p.q_tokens;
+  const int64_t warps = p.hq * (p.q_starts != nullptr ? p.q_total : p.batch * p.q_tokens);  // (rows of q)
+  if (warps == 0) return Status::ok();
   const int block = kWarps * 32;
   prefill_kernel<C, CV><<<static_cast<unsigned>((warps * 32 + block - 1) / block), block, 0, stream>>>(p);
   return cuda::last_launch_status();

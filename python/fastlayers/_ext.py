@@ -55,6 +55,7 @@ CUDA_OPS = frozenset(
         "int4_kv_decode_paged",
         "int4_kv_attention",
         "int4_kv_attention_paged",
+        "int4_kv_attention_paged_varlen",
         "kv_quantize",
         "kv_cache_write",
         "kv_cache_write_paged",

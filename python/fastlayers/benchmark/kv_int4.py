@@ -22,6 +22,7 @@ from fastlayers.benchmark.harness import (
     Row,
     backend_label,
     copies_to_exceed_cache,
+    peak_extra_mib,
     time_interleaved,
 )
 from fastlayers.ops.kvint4 import int4_kv_decode
@@ -245,9 +246,11 @@ def _mixed_apart(q, pages, table, seq_lens):
 def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
     """``int4_kv_attention_paged(..., q_lens=...)`` of one step that mixes a prefill chunk (row 0)
     with one-token decodes (the other rows: their queries padded to the chunk's length) against
-    the same work as two calls (``_mixed_apart``). GQA 32/8, d128, g128, bf16 queries."""
+    the same work as two calls (``_mixed_apart``); and the same step on ragged queries
+    (``int4_kv_attention_paged_varlen``: no padding) against the padded call. GQA 32/8, d128,
+    g128, bf16 queries."""
     from fastlayers.ops.kvint4 import _attention_reference
-    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged, int4_kv_attention_paged_varlen
 
     if quick:
         return []
@@ -264,17 +267,39 @@ def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
     fused = functools.partial(int4_kv_attention_paged, q_lens=q_lens)
     apart_q = q.clone()
     apart_q[1:, :, -1] = q[1:, :, 0]  # (the decode rows' queries where _mixed_apart reads them)
+    ragged_q = torch.cat([q[0].transpose(0, 1), q[1:, :, 0]]).contiguous()  # [T, Hq, D]
+    cu = torch.tensor([0, *range(tokens, tokens + batch)], dtype=torch.int32, device=device)
+    ragged = functools.partial(int4_kv_attention_paged_varlen, cu_seqlens_q=cu, max_seqlen_q=tokens)
     with torch.no_grad():
-        t, t_ref = time_interleaved(
+        t, t_ref, t_ragged = time_interleaved(
             [(fused, [(q, *cache, table, seq_lens)], max(3, reps // 4)),
-             (_mixed_apart, [(apart_q, cache, table, seq_lens)], max(3, reps // 4))],
+             (_mixed_apart, [(apart_q, cache, table, seq_lens)], max(3, reps // 4)),
+             (ragged, [(ragged_q, *cache, table, seq_lens)], max(3, reps // 4))],
             device,
         )  # fmt: skip
         out, _ = fused(q, *cache, table, seq_lens)
         want, _ = _attention_reference(q[:1].double(), k[:1], ks[:1], v[:1], vs[:1], context,
                                        D**-0.5)  # fmt: skip
         err = (out[:1].double() - want).abs().max().item()
+        got, _ = ragged(ragged_q, *cache, table, seq_lens)
+        err_ragged = (got[:tokens].transpose(0, 1)[None].double() - want).abs().max().item()
+        mem_ragged = peak_extra_mib(ragged, (ragged_q, *cache, table, seq_lens), device)
+        mem_padded = peak_extra_mib(fused, (q, *cache, table, seq_lens), device)
     return [
+        Row(
+            f"int4_kv_attention_paged_varlen ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
+            f"1 row x {tokens} new tokens + {batch - 1} decode rows, context {context}",
+            "bfloat16",
+            backend_label(device, "int4_kv_attention_paged_varlen"),
+            t_ragged.median_s * 1e6,
+            "the same step padded (q_lens)",
+            t.median_s * 1e6,
+            float("nan"),
+            float("nan"),
+            err_ragged,
+            mem_ragged,
+            mem_padded,
+        ),
         Row(
             f"int4_kv_attention_paged, q_lens ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
             f"1 row x {tokens} new tokens + {batch - 1} decode rows, context {context}",
@@ -286,7 +311,7 @@ def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
             float("nan"),
             float("nan"),
             err,
-        )
+        ),
     ]
 
 

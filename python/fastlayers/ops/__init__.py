@@ -26,6 +26,7 @@ from fastlayers.ops.kvint4 import (
 )
 from fastlayers.ops.kvint4_paged import (
     int4_kv_attention_paged,
+    int4_kv_attention_paged_varlen,
     int4_kv_decode_paged,
     kv_cache_write_paged,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "int4_kv_decode_paged",
     "int4_kv_attention",
     "int4_kv_attention_paged",
+    "int4_kv_attention_paged_varlen",
     "kv_quantize",
     "kv_cache_write",
     "kv_cache_write_paged",

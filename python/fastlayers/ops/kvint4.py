@@ -245,7 +245,8 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
 
 
 def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, softcap=0.0,
-         num_splits=0, seq_lens=None, block_table=None, q_lens=None):  # fmt: skip
+         num_splits=0, seq_lens=None, block_table=None, q_lens=None, q_starts=None,
+         max_q=0):  # fmt: skip
     """The kernel on ``q [B, Hq, d]`` (decode) or ``[B, Hq, Tq, d]``: ``(out in q's shape with the
     values' head size last, lse [B, Hq(, Tq)] fp32)``; out in q's dtype on CPU (16-bit queries
     read and the output written as they are, no fp32 copies), fp32 on CUDA. ``num_splits``: the
@@ -253,10 +254,14 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     (int32 ``[B]``, each row's end) and ``block_table`` (int32 ``[B, max_pages]``: the cache
     tensors are then pages ``[num_pages, Hkv, page_size, .]``, ``length`` is
     ``max_pages * page_size``); prefill: ``q_lens`` (int32 ``[B]``, each row's query tokens, the
-    rest padding)."""
-    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    rest padding), or ``q_starts`` (int32 ``[B + 1]``, ragged queries: ``q [T, Hq, d]``, row
+    ``b``'s tokens ``q_starts[b] .. q_starts[b + 1] - 1``, at most ``max_q`` of them)."""
+    hq, d = q.shape[1], q.shape[-1]
+    if q_starts is not None:
+        b, tq = q_starts.shape[0] - 1, max_q
+    else:
+        b, tq = q.shape[0], q.shape[2] if q.dim() == 4 else 1
     out_shape = (*q.shape[:-1], v.shape[3] * 2)
-    tq = q.shape[2] if q.dim() == 4 else 1
     hkv, t_max = k.shape[1], k.shape[2]
     device = q.device
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -277,12 +282,13 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
     lens = seq_lens.contiguous() if seq_lens is not None else None
     table = block_table.contiguous() if block_table is not None else None  # (held for the call)
     counts = q_lens.contiguous() if q_lens is not None else None
+    cu = q_starts.contiguous() if q_starts is not None else None
     paged = {}
     if table is not None:  # (the pages' rows; t_max unused)
         paged = dict(block_table=ptr(table), block_stride=table.shape[1], page_size=t_max,
                      pages=k.shape[0])  # fmt: skip
     lse = empty(q.shape[:-1], torch.float32, device)
-    if b * hq * tq == 0:
+    if b * hq * tq * q.shape[0] == 0:
         return out, lse
     with device_guard(device):
         _c_int4_kv_decode(
@@ -291,7 +297,8 @@ def _run(q, k, k_scale, v, v_scale, length, scale, workspace=None, starts=None, 
             device=device_code(device), workspace=ptr(workspace), stream=stream_of(device),
             q_tokens=tq, q16=ptr(q16), q16_dtype=_dtypes.code(q16.dtype) if q16 is not None else 0,
             out16=ptr(out16), starts=ptr(sc), softcap=softcap, dv=v.shape[3] * 2, v_row=v_row,
-            v_scale_row=vs_row, splits=num_splits, lengths=ptr(lens), q_lens=ptr(counts), **paged,
+            v_scale_row=vs_row, splits=num_splits, lengths=ptr(lens), q_lens=ptr(counts),
+            q_starts=ptr(cu), q_total=q.shape[0], **paged,
         )  # fmt: skip
     return out, lse
 
@@ -596,16 +603,19 @@ def _c_int4_kv_decode(
     page_size=0,
     pages=0,
     q_lens=0,
+    q_starts=0,
+    q_total=0,
 ) -> None:
     """``_C.int4_kv_decode`` (csrc/bindings.cpp) on raw pointers: the one place that knows the order
     of its arguments (``dv``: the values' head size, 0 for ``d``; ``v_row`` / ``v_scale_row``: the
     elements from one value token to the next, 0 for rows of their own; ``splits``: the CUDA
     decode's, 0 for the length's; ``lengths``: int32 per-row ends; ``block_table`` ... ``pages``:
-    a paged cache; ``q_lens``: int32 per-row query counts, prefill; see kvint4.h)."""
+    a paged cache; ``q_lens``: int32 per-row query counts, prefill; ``q_starts`` / ``q_total``:
+    ragged queries, ``[q_total, hq]`` rows, int32 row starts; see kvint4.h)."""
     _ext.C.int4_kv_decode(device, q, k, k_scale, v, v_scale, out, lse, batch, hq, hkv, d, group,
                           t_max, length, scale, workspace, stream, q_tokens, q16, q16_dtype, out16,
                           starts, softcap, dv, v_row, v_scale_row, splits, lengths, block_table,
-                          block_stride, page_size, pages, q_lens)  # fmt: skip
+                          block_stride, page_size, pages, q_lens, q_starts, q_total)  # fmt: skip
 
 
 def _launch_quantize(

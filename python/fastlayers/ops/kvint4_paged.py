@@ -82,28 +82,54 @@ LIB.define(
     " Tensor? q_lens=None) -> (Tensor, Tensor)"
 )
 LIB.define(
+    "int4_kv_attention_paged_varlen(Tensor q, Tensor k_pages, Tensor k_scale_pages,"
+    " Tensor v_pages, Tensor v_scale_pages, Tensor block_table, Tensor seq_lens,"
+    " Tensor cu_seqlens_q, int max_seqlen_q, float scale, float softcap=0.0) -> (Tensor, Tensor)"
+)
+LIB.define(
     "kv_cache_write_paged(Tensor x, Tensor(a!) packed_pages, Tensor(b!) scale_pages, Tensor slots,"
     " Tensor? post_scale, Tensor? cos=None, Tensor? sin=None, str pairing='half') -> ()"
 )
-register_no_backward("int4_kv_decode_paged", "int4_kv_attention_paged")
+register_no_backward(
+    "int4_kv_decode_paged", "int4_kv_attention_paged", "int4_kv_attention_paged_varlen"
+)
 
 _NAMES = ("q", "k_pages", "k_scale_pages", "v_pages", "v_scale_pages", "block_table", "seq_lens")
 
 
 def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
-           check_range: bool = True, q_tokens: bool = False, q_lens=None) -> None:  # fmt: skip
+           check_range: bool = True, q_tokens: bool = False, q_lens=None, cu_q=None,
+           max_q: int = 0) -> None:  # fmt: skip
     """The paged call's arguments (shapes, dtypes, devices; with ``check_range`` and the host at
-    hand, also ``seq_lens``, ``q_lens`` and the block-table entries the rows use); ``q_tokens``:
-    the prefill's ``q [B, Hq, Tq, d]``, whose Tq tokens each row must hold, or its first
-    ``q_lens[b]`` (int32 ``[B]``, in ``[0, Tq]``) where given."""
+    hand, also ``seq_lens``, ``q_lens``, ``cu_q`` and the block-table entries the rows use);
+    ``q_tokens``: the prefill's ``q [B, Hq, Tq, d]``, whose Tq tokens each row must hold, or its
+    first ``q_lens[b]`` (int32 ``[B]``, in ``[0, Tq]``) where given; ``cu_q``: the ragged
+    prefill's ``q [T, Hq, d]``, row ``b``'s tokens ``cu_q[b] .. cu_q[b + 1] - 1`` (int32
+    ``[B + 1]`` from 0 to T, not decreasing), at most ``max_q`` per row."""
     for t, name in zip((q, k, k_scale, v, v_scale, block_table, seq_lens), _NAMES, strict=True):
         check_tensor(t, name)
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
-    if q.dim() != (4 if q_tokens else 3) or not q.is_floating_point() or not q.shape[-1]:
+    ragged = cu_q is not None
+    if ragged:
+        want = "[total_q_tokens, q_heads, head_dim]"
+    else:
+        want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
+    if q.dim() != (4 if q_tokens and not ragged else 3) or not q.is_floating_point() \
+            or not q.shape[-1]:  # fmt: skip
         raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    if ragged:
+        check_tensor(cu_q, "cu_seqlens_q")
+        if cu_q.dtype != torch.int32 or cu_q.dim() != 1 or not cu_q.shape[0] \
+                or cu_q.device != q.device:  # fmt: skip
+            raise ValueError(
+                f"cu_seqlens_q must be int32 [batch + 1] (each row's first query token, then the "
+                f"total) on {q.device}, got {cu_q.dtype} {tuple(cu_q.shape)} on {cu_q.device}"
+            )
+        b = cu_q.shape[0] - 1
+        if max_q < 1:
+            raise ValueError(f"max_seqlen_q must be >= 1, got {max_q}")
     if k.dtype != torch.uint8 or k.dim() != 4 or k.shape[3] * 2 != d or not k.shape[0]:
         raise ValueError(
             f"k_pages must be uint8 [num_pages > 0, kv_heads, page_size, {d // 2}], got {k.dtype} "
@@ -145,6 +171,8 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
         )
     check_scale_softcap(scale, softcap)
     tokens, new = block_table.shape[1] * page_size, q.shape[2] if q_tokens else 0
+    if ragged:
+        new = max_q
     if q_lens is not None:
         check_tensor(q_lens, "q_lens")
         if q_lens.dtype != torch.int32 or tuple(q_lens.shape) != (b,) or q_lens.device != q.device:
@@ -153,21 +181,44 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
                 f"{q_lens.dtype} {tuple(q_lens.shape)} on {q_lens.device}"
             )
     if new > tokens:
-        raise ValueError(f"q has {new} tokens but block_table holds at most {tokens}")
+        what = f"max_seqlen_q is {new}" if ragged else f"q has {new} tokens"
+        raise ValueError(f"{what} but block_table holds at most {tokens} tokens a row")
     if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
         return  # (the kernels clamp lengths, query counts and page indices)
-    least = new if q_lens is None else 0
+    least = new if q_lens is None and not ragged else 0
     what = f"(block_table's pages x page_size{'; the new tokens must be cached' if least else ''})"
     check_index_range(seq_lens, "seq_lens", least, tokens, f"[{least}, {tokens}] {what}")
     if q_lens is not None:
         check_index_range(q_lens, "q_lens", 0, new, f"[0, {new}] (q's query tokens)")
         if bool((q_lens > seq_lens).any()):
             raise ValueError("q_lens must not exceed seq_lens: a row's new tokens must be cached")
+    if ragged:
+        _check_cu_seqlens(cu_q, q.shape[0], max_q, seq_lens)
     used = (
         torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < seq_lens[:, None]
     )
     if block_table.numel() and bool((used & ((block_table < 0) | (block_table >= pages))).any()):
         raise ValueError(f"block_table's entries for the rows' pages must lie in [0, {pages - 1}]")
+
+
+def _check_cu_seqlens(cu_q, total: int, max_q: int, seq_lens) -> None:
+    """``cu_q`` from 0 to ``total``, not decreasing, each row's count at most ``max_q`` and its
+    ``seq_lens`` (its new tokens cached): one host read."""
+    n = cu_q[1:] - cu_q[:-1]
+    start, end, down, over, uncached = torch.stack(
+        [cu_q[0], cu_q[-1], (n < 0).any(), (n > max_q).any(), (n > seq_lens).any()]
+    ).tolist()
+    if start != 0 or end != total or down:
+        raise ValueError(
+            f"cu_seqlens_q must start at 0, not decrease and end at q's {total} tokens, got "
+            f"{start} .. {end}{' decreasing' if down else ''}"
+        )
+    if over:
+        raise ValueError(f"max_seqlen_q ({max_q}) is below a row's query tokens (cu_seqlens_q)")
+    if uncached:
+        raise ValueError(
+            "cu_seqlens_q's rows must not exceed seq_lens: a row's new tokens must be cached"
+        )
 
 
 def _gather(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -221,19 +272,72 @@ def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, sc
     return out.masked_fill(~real[..., None], 0.0), lse.masked_fill(~real, -math.inf)
 
 
+def _padded(q, cu_q, max_q):
+    """Ragged queries ``q [T, Hq, d]`` (row ``b``'s: tokens ``cu_q[b] ..``) as the padded layout
+    ``[B, Hq, max_q, d]`` with ``q_lens``: ``(padded, q_lens, row, pos)``, ``row`` / ``pos``
+    ``[T]`` each token's batch row and place in it (to take the outputs back)."""
+    total = q.shape[0]
+    q_lens = cu_q[1:] - cu_q[:-1]
+    index = cu_q[:-1, None].long() + torch.arange(max_q, device=q.device)[None, :]  # [B, max_q]
+    padded = q[index.clamp(0, max(total - 1, 0))].permute(0, 2, 1, 3)
+    tokens = torch.arange(total, device=q.device, dtype=torch.int32)
+    row = torch.searchsorted(cu_q[1:], tokens, right=True).clamp(max=cu_q.shape[0] - 2)
+    return padded, q_lens, row, (tokens - cu_q[row]).long()
+
+
+def _no_tokens(q, v):
+    """The ragged prefill's outputs for ``q`` without tokens: ``[0, Hq, dv]``, ``[0, Hq]``."""
+    hq = q.shape[1]
+    return q.new_empty((0, hq, v.shape[3] * 2)), q.new_empty((0, hq), dtype=torch.float32)
+
+
+def _varlen_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_seqlens_q,
+                         max_seqlen_q, scale, softcap=0.0):  # fmt: skip
+    """The ragged prefill's specification: the padded prefill's with ``q_lens`` (each row's
+    queries at the start of its ``max_seqlen_q``), its rows taken back to the tokens."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
+           cu_q=cu_seqlens_q, max_q=max_seqlen_q)  # fmt: skip
+    if q.shape[0] == 0:
+        return _no_tokens(q, v)
+    padded, q_lens, row, pos = _padded(q, cu_seqlens_q, max_seqlen_q)
+    out, lse = _attention_reference_op(padded, k, k_scale, v, v_scale, block_table, seq_lens,
+                                       scale, softcap, q_lens)  # fmt: skip
+    return out[row, :, pos], lse[row, :, pos]
+
+
+def _varlen_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                   scale, softcap=0.0):  # fmt: skip
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
+           cu_q=cu_seqlens_q, max_q=max_seqlen_q)  # fmt: skip
+    if q.shape[0] == 0:
+        return _no_tokens(q, v)
+    if max_seqlen_q == 1:  # (decode rows alone: the decode kernels, on the padded layout)
+        padded, q_lens, row, pos = _padded(q, cu_seqlens_q, 1)
+        out, lse = _launch("int4_kv_attention_paged", _attention_reference_op, padded, k, k_scale,
+                           v, v_scale, block_table, seq_lens, scale, softcap,
+                           q_lens=q_lens)  # fmt: skip
+        return out[row, :, pos], lse[row, :, pos]
+    return _launch("int4_kv_attention_paged_varlen", _varlen_reference_op, q, k, k_scale, v,
+                   v_scale, block_table, seq_lens, scale, softcap, cu_q=cu_seqlens_q,
+                   max_q=max_seqlen_q)  # fmt: skip
+
+
 def _launch(op: str, reference, q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
-            num_splits=0, q_lens=None):  # fmt: skip
+            num_splits=0, q_lens=None, cu_q=None, max_q=0):  # fmt: skip
     """The kernels of ``op`` (decode: ``q [B, Hq, d]``; prefill: ``[B, Hq, Tq, d]``, with
-    ``q_lens`` where given) on checked arguments, or ``reference(...)`` of the same arguments
-    where they do not run."""
+    ``q_lens`` where given, or ragged ``[T, Hq, d]`` with ``cu_q`` and ``max_q`` > 1) on checked
+    arguments, or ``reference(...)`` of the same arguments where they do not run."""
     device, tokens = q.device, block_table.shape[1] * k.shape[2]
-    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap)
+    args = (q, k, k_scale, v, v_scale, block_table, seq_lens)
+    if cu_q is not None:
+        args += (cu_q, max_q)
+    args += (scale, softcap)
     if q_lens is not None:
         args += (q_lens,)
     if device.type not in ("cpu", "cuda") or not has_kernel(device, op) or tokens == 0:
         return reference(*args)
     workspace = None
-    one = q.dim() == 3 or q.shape[2] == 1  # one query token: the decode kernels
+    one = cu_q is None and (q.dim() == 3 or q.shape[2] == 1)  # one query token: the decode kernels
     if on_cuda(device):  # (split-KV over max_pages * page_size tokens)
         floats = _cuda_workspace(op, q, k, v, tokens, num_splits)
         if floats == 0:
@@ -241,8 +345,8 @@ def _launch(op: str, reference, q, k, k_scale, v, v_scale, block_table, seq_lens
         if one:  # the split-KV decode kernel's
             workspace = empty((floats,), torch.float32, device)
     out, lse = _run(q, k, k_scale, v, v_scale, tokens, scale, workspace, None, softcap, num_splits,
-                    seq_lens=seq_lens, block_table=block_table,
-                    q_lens=None if one else q_lens)  # fmt: skip
+                    seq_lens=seq_lens, block_table=block_table, q_lens=None if one else q_lens,
+                    q_starts=cu_q, max_q=max_q)  # fmt: skip
     if one and q_lens is not None:  # (a row of no query: padding; the decode kernels take none)
         real = (q_lens > 0)[:, None, None]
         out, lse = out.masked_fill(~real[..., None], 0.0), lse.masked_fill(~real, -math.inf)
@@ -270,6 +374,18 @@ LIB.impl("int4_kv_decode_paged", _reference_op, "CompositeExplicitAutograd")
 LIB.impl("int4_kv_attention_paged", _attention_kernel, "CPU")
 LIB.impl("int4_kv_attention_paged", _attention_kernel, "CUDA")
 LIB.impl("int4_kv_attention_paged", _attention_reference_op, "CompositeExplicitAutograd")
+LIB.impl("int4_kv_attention_paged_varlen", _varlen_kernel, "CPU")
+LIB.impl("int4_kv_attention_paged_varlen", _varlen_kernel, "CUDA")
+LIB.impl("int4_kv_attention_paged_varlen", _varlen_reference_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastlayers::int4_kv_attention_paged_varlen", lib=LIB)
+def _varlen_fake(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
+                 scale, softcap=0.0):  # fmt: skip
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, check_range=False,
+           q_tokens=True, cu_q=cu_seqlens_q, max_q=max_seqlen_q)  # fmt: skip
+    out = q.new_empty((*q.shape[:2], v.shape[3] * 2))
+    return out, q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("fastlayers::int4_kv_attention_paged", lib=LIB)
@@ -494,3 +610,46 @@ def int4_kv_attention_paged(
     else:
         out, lse = torch.ops.fastlayers.int4_kv_attention_paged(*args, scale, softcap, q_lens)
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks[:, None])
+
+
+def int4_kv_attention_paged_varlen(
+    q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens, cu_seqlens_q,
+    max_seqlen_q=None, scale=None, softcap=None, sinks=None,
+):  # fmt: skip
+    """:func:`int4_kv_attention_paged` on **ragged** queries (FlashAttention's ``cu_seqlens_q`` /
+    ``max_seqlen_q``, FlashInfer's ``qo_indptr``): a serving step's prefill chunks and decode rows
+    in one call without padding. ``q [T, Hq, d]`` holds every row's new tokens one after the
+    other; row ``b``'s are tokens ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1`` (int32
+    ``[B + 1]``, from 0 to T, not decreasing), its query ``i`` the row's token
+    ``seq_lens[b] - n_b + i`` (``n_b`` its count, at most ``seq_lens[b]``: the new tokens already
+    written), seeing the row's tokens up to it. ``max_seqlen_q`` (int): the largest ``n_b``, the
+    kernels' grid; None reads it from ``cu_seqlens_q`` on the host (while a CUDA graph is captured:
+    T, every tile past a row's count exiting at once). Returns ``(out [T, Hq, dv] in q's dtype,
+    lse [T, Hq] fp32)``. Pages, block table, ``scale``, ``softcap`` and ``sinks`` as
+    :func:`int4_kv_attention_paged`; the CPU and CUDA prefill kernels read q, out and lse in this
+    layout (no copies); a call whose rows hold at most one query each takes the decode kernels.
+    ``cu_seqlens_q`` and ``max_seqlen_q`` are checked on the host, not while a CUDA graph is
+    captured (then a row past ``max_seqlen_q`` tokens, or tokens outside ``cu_seqlens_q``, are
+    left unwritten)."""
+    args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, block_table, seq_lens)
+    check_tensors(**dict(zip(_NAMES, args, strict=True)), cu_seqlens_q=cu_seqlens_q)
+    if q.dim() != 3 or not q.shape[-1]:
+        raise ValueError(f"q must be [total_q_tokens, q_heads, head_dim > 0], got {tuple(q.shape)}")
+    if max_seqlen_q is None:
+        check_tensor(cu_seqlens_q, "cu_seqlens_q")
+        if capturing(q) or cu_seqlens_q.device.type == "meta" or cu_seqlens_q.numel() < 2:
+            max_seqlen_q = max(q.shape[0], 1)
+        else:
+            max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()), 1)
+    elif isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int):
+        raise TypeError(f"max_seqlen_q must be an int or None, got {type(max_seqlen_q).__name__}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = _softcap_arg(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    if direct_call_ok(*args, cu_seqlens_q):  # the implementation, no dispatcher
+        out, lse = _varlen_kernel(*args, cu_seqlens_q, max_seqlen_q, scale, softcap)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(
+            *args, cu_seqlens_q, max_seqlen_q, scale, softcap
+        )
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)

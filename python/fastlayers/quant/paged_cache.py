@@ -39,7 +39,12 @@ class Int4PagedKVCache:
 
     ``reserve(seqs, tokens)`` takes several tokens per sequence (a prompt, a draft): ``slots``
     then holds each sequence's new tokens in turn, the order of the rows of ``k`` and ``v``;
-    ``attention`` is their causal attention over the pages (Tq tokens per sequence).
+    ``attention`` is their causal attention over the pages (Tq tokens per sequence). A step of
+    prompt chunks beside decode tokens (chunked prefill) keeps that order for q too::
+
+        slots = cache.reserve(seqs, counts)          # e.g. [512, 1, 1, ...]
+        cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=dev)
+        out, lse = cache.attention_varlen(layer, q, table, seq_lens, cu, max(counts))
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int,
@@ -237,6 +242,18 @@ class Int4PagedKVCache:
 
         return int4_kv_attention_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
                                        **kwargs)  # fmt: skip
+
+    def attention_varlen(self, layer: int, q, block_table, seq_lens, cu_seqlens_q,
+                         max_seqlen_q=None, **kwargs):  # fmt: skip
+        """:func:`fastlayers.ops.int4_kv_attention_paged_varlen` of ragged ``q [N, Hq, head_dim]``
+        (each sequence's new tokens in turn: the order of ``reserve``'s slots; ``cu_seqlens_q``
+        int32 ``[S + 1]`` their starts, then N) over layer ``layer``'s pages: a step of prompt
+        chunks and decode tokens in one call (``kwargs``: ``scale``, ``softcap``, ``sinks``)."""
+        from fastlayers.ops.kvint4_paged import int4_kv_attention_paged_varlen
+
+        return int4_kv_attention_paged_varlen(q, *self.pages[self._layer(layer)], block_table,
+                                              seq_lens, cu_seqlens_q, max_seqlen_q,
+                                              **kwargs)  # fmt: skip
 
     def _layer(self, layer) -> int:
         layer = check_int(layer, "layer")
