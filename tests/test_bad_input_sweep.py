@@ -118,8 +118,20 @@ def _cases():
         ),
         "int4_kv_attention_paged_varlen": (
             int4_kv_attention_paged_varlen,
-            [_r(5, 4, 32), kp, ksp, kp, ksp, table, seq_lens,
-             torch.tensor([0, 3, 5], dtype=torch.int32), 3, 0.2, 1.5, _r(4)],
+            [
+                _r(5, 4, 32),
+                kp,
+                ksp,
+                kp,
+                ksp,
+                table,
+                seq_lens,
+                torch.tensor([0, 3, 5], dtype=torch.int32),
+                3,
+                0.2,
+                1.5,
+                _r(4),
+            ],
         ),  # fmt: skip
         "kv_cache_write_paged": (
             kv_cache_write_paged,

@@ -624,10 +624,11 @@ def int4_kv_attention_paged_varlen(
     ``seq_lens[b] - n_b + i`` (``n_b`` its count, at most ``seq_lens[b]``: the new tokens already
     written), seeing the row's tokens up to it. ``max_seqlen_q`` (int): the largest ``n_b``, the
     kernels' grid; None reads it from ``cu_seqlens_q`` on the host (while a CUDA graph is captured:
-    T, every tile past a row's count exiting at once). Returns ``(out [T, Hq, dv] in q's dtype,
-    lse [T, Hq] fp32)``. Pages, block table, ``scale``, ``softcap`` and ``sinks`` as
-    :func:`int4_kv_attention_paged`; the CPU and CUDA prefill kernels read q, out and lse in this
-    layout (no copies); a call whose rows hold at most one query each takes the decode kernels.
+    T, or a row's most tokens if fewer, every tile past a row's count exiting at once). Returns
+    ``(out [T, Hq, dv] in q's dtype, lse [T, Hq] fp32)``. Pages, block table, ``scale``,
+    ``softcap`` and ``sinks`` as :func:`int4_kv_attention_paged`; the CPU and CUDA prefill kernels
+    read q, out and lse in this layout (no copies); a call whose rows hold at most one query each
+    takes the decode kernels.
     ``cu_seqlens_q`` and ``max_seqlen_q`` are checked on the host, not while a CUDA graph is
     captured (then a row past ``max_seqlen_q`` tokens, or tokens outside ``cu_seqlens_q``, are
     left unwritten)."""
@@ -636,9 +637,12 @@ def int4_kv_attention_paged_varlen(
     if q.dim() != 3 or not q.shape[-1]:
         raise ValueError(f"q must be [total_q_tokens, q_heads, head_dim > 0], got {tuple(q.shape)}")
     if max_seqlen_q is None:
-        check_tensor(cu_seqlens_q, "cu_seqlens_q")
         if capturing(q) or cu_seqlens_q.device.type == "meta" or cu_seqlens_q.numel() < 2:
-            max_seqlen_q = max(q.shape[0], 1)
+            # (no host read: q's tokens, at most a row's, bound every row's count)
+            most = q.shape[0]
+            if block_table.dim() == 2 and k_pages.dim() == 4:
+                most = min(most, block_table.shape[1] * k_pages.shape[2])
+            max_seqlen_q = max(most, 1)
         else:
             max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()), 1)
     elif isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int):
