@@ -878,6 +878,9 @@ def test_int4_kv_attention_paged_varlen_every_cpu_isa_bad_input_and_opcheck(cpu_
     ):
         with pytest.raises(ValueError, match=match):
             int4_kv_attention_paged_varlen(bad_q, *args, bad_cu, bad_max)
+    for bad_cu in (cu.bool(), cu.float(), cu[:, None]):  # (max_seqlen_q read off it: not read)
+        with pytest.raises(ValueError, match="cu_seqlens_q must be int32"):
+            int4_kv_attention_paged_varlen(qr, *args, bad_cu)
     with pytest.raises(TypeError, match="cu_seqlens_q must be a torch.Tensor"):
         int4_kv_attention_paged_varlen(qr, *args, [0, 40, 47, 47, 48], 40)
     with pytest.raises(TypeError, match="max_seqlen_q must be an int"):

@@ -637,7 +637,9 @@ def int4_kv_attention_paged_varlen(
     if q.dim() != 3 or not q.shape[-1]:
         raise ValueError(f"q must be [total_q_tokens, q_heads, head_dim > 0], got {tuple(q.shape)}")
     if max_seqlen_q is None:
-        if capturing(q) or cu_seqlens_q.device.type == "meta" or cu_seqlens_q.numel() < 2:
+        if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.dim() != 1:
+            max_seqlen_q = 1  # (any: the checks reject cu_seqlens_q)
+        elif capturing(q) or cu_seqlens_q.device.type == "meta" or cu_seqlens_q.numel() < 2:
             # (no host read: q's tokens, at most a row's, bound every row's count)
             most = q.shape[0]
             if block_table.dim() == 2 and k_pages.dim() == 4:
