@@ -184,6 +184,10 @@ def _api_cases():
 
     cos, sin = _tables(9, 32)
     k_pre = _r(40, 2, 32)
+    paged = quant.Int4PagedKVCache(1, 8, 4, 2, 32, 16)
+    seq = paged.new_sequence()
+    slots = paged.reserve([seq], 3)
+    table, seq_lens = paged.block_table([seq])
     packed, scales = quant.quantize_kv_int4(_r(3, 32), 16)
     return {
         "RMSNorm()": (fastlayers.RMSNorm, [64, 1e-6, 0.0]),
@@ -198,6 +202,11 @@ def _api_cases():
             fastlayers.RopeAwareQuantAttention(4, 2, 32, 16),
             [_r(2, 4, 9, 32), _r(2, 2, 9, 32), _r(2, 2, 9, 32), cos, sin],
         ),
+        "RopeAwareQuantAttention.forward_paged": (
+            fastlayers.RopeAwareQuantAttention(4, 2, 32, 16).forward_paged,
+            [_r(3, 4, 32), _r(3, 2, 32), _r(3, 2, 32), cos[:3], sin[:3], paged, 0, slots, table,
+             seq_lens, torch.tensor([0, 3], dtype=torch.int32), 3],
+        ),  # fmt: skip
         "apply_rope": (quant.apply_rope, [_r(2, 2, 9, 32), cos, sin, "half"]),
         "rotate_pairs": (quant.rotate_pairs, [_r(2, 9, 32), "interleaved"]),
         "compute_pre_rope_scales": (quant.compute_pre_rope_scales, [k_pre, 8.0, "half"]),

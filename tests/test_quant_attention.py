@@ -82,6 +82,67 @@ def test_kernels_match_the_reference_prefill_then_decode(
     assert c_kernel.length == 9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_forward_paged_serving_steps_equal_each_sequence_alone(device, dtype, pairing):
+    """A serving loop over an Int4PagedKVCache (continuous batching): two prompts prefilled in one
+    ragged step, decode steps of both, a step mixing one's decode token with a chunk of the
+    other's, then a sequence joining mid-way; every step's outputs against forward() of each
+    sequence alone on its own contiguous cache (same quantized bytes, same attention), two layers
+    (each its own pages)."""
+    hq, hkv, d, group = 8, 2, 64, 32
+    post = torch.rand(hkv, d) * 3 + 0.25
+    m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, group, post, pairing=pairing).to(device)
+    cache = quant.Int4PagedKVCache(2, num_pages=24, page_size=8, kv_heads=hkv, head_dim=d,
+                                   group_size=group, device=device)  # fmt: skip
+    tables = [t.to(device) for t in _tables(64, d)]
+    if pairing == "interleaved":  # (the interleaved layout's tables: each angle twice in turn)
+        tables = [t[:, : d // 2].repeat_interleave(2, -1) for t in tables]
+    alone = {}  # sequence -> one contiguous cache per layer
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.manual_seed(5)
+
+    def step(seqs, counts):
+        slots = cache.reserve(seqs, counts)
+        table, seq_lens = cache.block_table(seqs)
+        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32,
+                          device=device)  # fmt: skip
+        pos = torch.cat([torch.arange(cache.length(s) - n, cache.length(s))
+                         for s, n in zip(seqs, counts, strict=True)]).to(device)  # fmt: skip
+        cos, sin = tables[0][pos], tables[1][pos]
+        n = sum(counts)
+        for layer in range(2):
+            q, k, v = (rand(n, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv))
+            out = m.forward_paged(q, k, v, cos, sin, cache, layer, slots, table, seq_lens, cu,
+                                  max(counts))  # fmt: skip
+            assert out.shape == (n, hq, d) and out.dtype == dtype
+            for row, seq in enumerate(seqs):
+                rows = slice(int(cu[row]), int(cu[row + 1]))
+                store = alone.setdefault((seq, layer), m.new_cache())
+                want = m(*(x[rows].transpose(0, 1)[None] for x in (q, k, v)), cos[rows],
+                         sin[rows], store)  # fmt: skip
+                torch.testing.assert_close(out[rows], want[0].transpose(0, 1), rtol=tol, atol=tol)
+
+    a, b = cache.new_sequence(), cache.new_sequence()
+    step([a, b], [13, 5])  # two prompts, one call
+    for _ in range(3):
+        step([a, b], [1, 1])  # decode steps (the decode kernels)
+    step([a, b], [1, 6])  # a's decode token beside a chunk of b's
+    c = cache.new_sequence()
+    step([b, c, a], [1, 9, 1])  # c joins
+    assert [cache.length(s) for s in (a, b, c)] == [18, 15, 9]
+    qkv = [rand(2, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv)]
+    cos2, sin2 = tables[0][:2], tables[1][:2]
+    with pytest.raises(TypeError, match="cache must be an Int4PagedKVCache"):
+        m.forward_paged(*qkv, cos2, sin2, m.new_cache(), 0, None, None, None, None)
+    with pytest.raises(ValueError, match="cos must be \\[2, 64\\]"):
+        m.forward_paged(*qkv, tables[0][:3], sin2, cache, 0, None, None, None, None)
+    wrong = quant.Int4PagedKVCache(1, num_pages=4, page_size=8, kv_heads=hkv, head_dim=d,
+                                   group_size=d, device=device)  # fmt: skip
+    with pytest.raises(ValueError, match="cache holds"):
+        m.forward_paged(*qkv, cos2, sin2, wrong, 0, None, None, None, None)
+
+
 def test_decode_continues_the_prefill_causally():
     """Prefill 11 tokens then decode the 12th == the last row of a 12-token prefill."""
     m = fastlayers.RopeAwareQuantAttention(4, 2, 64, 64)
