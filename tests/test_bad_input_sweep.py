@@ -204,8 +204,20 @@ def _api_cases():
         ),
         "RopeAwareQuantAttention.forward_paged": (
             fastlayers.RopeAwareQuantAttention(4, 2, 32, 16).forward_paged,
-            [_r(3, 4, 32), _r(3, 2, 32), _r(3, 2, 32), cos[:3], sin[:3], paged, 0, slots, table,
-             seq_lens, torch.tensor([0, 3], dtype=torch.int32), 3],
+            [
+                _r(3, 4, 32),
+                _r(3, 2, 32),
+                _r(3, 2, 32),
+                cos[:3],
+                sin[:3],
+                paged,
+                0,
+                slots,
+                table,
+                seq_lens,
+                torch.tensor([0, 3], dtype=torch.int32),
+                3,
+            ],
         ),  # fmt: skip
         "apply_rope": (quant.apply_rope, [_r(2, 2, 9, 32), cos, sin, "half"]),
         "rotate_pairs": (quant.rotate_pairs, [_r(2, 9, 32), "interleaved"]),

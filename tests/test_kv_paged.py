@@ -222,6 +222,24 @@ def test_int4_kv_decode_paged_compiles():
     torch.testing.assert_close(got, step(q, table, seq_lens), rtol=0, atol=0)
 
 
+def test_int4_kv_attention_paged_varlen_compiles():
+    """torch.compile(fullgraph=True) of the ragged prefill with max_seqlen_q given (no host read):
+    the eager result."""
+    from fastlayers.ops import int4_kv_attention_paged_varlen
+
+    hq, hkv, d, group, lens = 4, 2, 64, 32, [40, 9]
+    cache = _cache(2, hkv, 40, d, d, group, "cpu")
+    pages, table, seq_lens = _paged(cache, lens, 16)
+    q = rand(12, hq, d, dtype=torch.float32, device="cpu")
+    cu = torch.tensor([0, 9, 12], dtype=torch.int32)
+
+    def step(q, table, seq_lens, cu):
+        return int4_kv_attention_paged_varlen(q, *pages, table, seq_lens, cu, 9)[0] * 2
+
+    got = torch.compile(step, fullgraph=True)(q, table, seq_lens, cu)
+    torch.testing.assert_close(got, step(q, table, seq_lens, cu), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_write_paged_then_decode(device, dtype):
     """Three sequences filled token by token and in chunks, through a shuffled page pool (page
@@ -824,6 +842,11 @@ def test_int4_kv_attention_paged_varlen_latent_decode_rows_sinks_and_strides(dev
                                                  q_lens=counts)  # fmt: skip
     _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
     _check_counted_rows(q, padded, padded_lse, cache, lens, q_lens, d**-0.5)
+    # fp32 queries (the tile's hi + lo parts, loaded a row stride apart)
+    out, lse = int4_kv_attention_paged_varlen(qr.float(), kp, ksp, vp, vsp, table, seq_lens, cu)
+    padded, padded_lse = int4_kv_attention_paged(q.float(), kp, ksp, vp, vsp, table, seq_lens,
+                                                 q_lens=counts)  # fmt: skip
+    _check_ragged(q, out, lse, q_lens, padded, padded_lse, cu)
     # decode rows alone, one of them without a query
     ones = [1, 0, 1]
     q1, cu1 = _ragged(q[:, :, -1:], ones)
