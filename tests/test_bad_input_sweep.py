@@ -185,9 +185,7 @@ def _api_cases():
     cos, sin = _tables(9, 32)
     k_pre = _r(40, 2, 32)
     paged = quant.Int4PagedKVCache(1, 8, 4, 2, 32, 16)
-    seq = paged.new_sequence()
-    slots = paged.reserve([seq], 3)
-    table, seq_lens = paged.block_table([seq])
+    plan = paged.plan([paged.new_sequence()], 3)
     packed, scales = quant.quantize_kv_int4(_r(3, 32), 16)
     return {
         "RMSNorm()": (fastlayers.RMSNorm, [64, 1e-6, 0.0]),
@@ -204,21 +202,8 @@ def _api_cases():
         ),
         "RopeAwareQuantAttention.forward_paged": (
             fastlayers.RopeAwareQuantAttention(4, 2, 32, 16).forward_paged,
-            [
-                _r(3, 4, 32),
-                _r(3, 2, 32),
-                _r(3, 2, 32),
-                cos[:3],
-                sin[:3],
-                paged,
-                0,
-                slots,
-                table,
-                seq_lens,
-                torch.tensor([0, 3], dtype=torch.int32),
-                3,
-            ],
-        ),  # fmt: skip
+            [_r(3, 4, 32), _r(3, 2, 32), _r(3, 2, 32), cos[:3], sin[:3], paged, 0, plan],
+        ),
         "apply_rope": (quant.apply_rope, [_r(2, 2, 9, 32), cos, sin, "half"]),
         "rotate_pairs": (quant.rotate_pairs, [_r(2, 9, 32), "interleaved"]),
         "compute_pre_rope_scales": (quant.compute_pre_rope_scales, [k_pre, 8.0, "half"]),

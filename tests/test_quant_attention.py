@@ -84,12 +84,19 @@ def test_kernels_match_the_reference_prefill_then_decode(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pairing", ["half", "interleaved"])
-def test_forward_paged_serving_steps_equal_each_sequence_alone(device, dtype, pairing):
+def test_forward_paged_serving_steps_equal_each_sequence_alone(monkeypatch, device, dtype,
+                                                               pairing):  # fmt: skip
     """A serving loop over an Int4PagedKVCache (continuous batching): two prompts prefilled in one
     ragged step, decode steps of both, a step mixing one's decode token with a chunk of the
     other's, then a sequence joining mid-way; every step's outputs against forward() of each
     sequence alone on its own contiguous cache (same quantized bytes, same attention), two layers
-    (each its own pages)."""
+    (each its own pages). The layers' calls on the step's plan run none of the host-side range
+    checks (they would raise here)."""
+    from fastlayers.ops import kvint4_paged
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host-side range check ran on a planned step")
+
     hq, hkv, d, group = 8, 2, 64, 32
     post = torch.rand(hkv, d) * 3 + 0.25
     m = fastlayers.RopeAwareQuantAttention(hq, hkv, d, group, post, pairing=pairing).to(device)
@@ -103,21 +110,27 @@ def test_forward_paged_serving_steps_equal_each_sequence_alone(device, dtype, pa
     torch.manual_seed(5)
 
     def step(seqs, counts):
-        slots = cache.reserve(seqs, counts)
-        table, seq_lens = cache.block_table(seqs)
-        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32,
-                          device=device)  # fmt: skip
+        plan = cache.plan(seqs, counts)
+        assert plan.seqs == tuple(seqs) and plan.counts == tuple(counts)
+        assert plan.max_seqlen_q == max(counts) and plan.num_tokens == sum(counts)
+        assert plan.seq_lens.tolist() == [cache.length(s) for s in seqs]
+        cu = [0]
+        for n in counts:
+            cu.append(cu[-1] + n)
+        assert plan.cu_seqlens_q.tolist() == cu
         pos = torch.cat([torch.arange(cache.length(s) - n, cache.length(s))
                          for s, n in zip(seqs, counts, strict=True)]).to(device)  # fmt: skip
         cos, sin = tables[0][pos], tables[1][pos]
         n = sum(counts)
         for layer in range(2):
             q, k, v = (rand(n, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv))
-            out = m.forward_paged(q, k, v, cos, sin, cache, layer, slots, table, seq_lens, cu,
-                                  max(counts))  # fmt: skip
+            with monkeypatch.context() as mp:
+                for name in ("_check_slots", "_check_cu_seqlens", "check_index_range"):
+                    mp.setattr(kvint4_paged, name, host_read)
+                out = m.forward_paged(q, k, v, cos, sin, cache, layer, plan)
             assert out.shape == (n, hq, d) and out.dtype == dtype
             for row, seq in enumerate(seqs):
-                rows = slice(int(cu[row]), int(cu[row + 1]))
+                rows = slice(cu[row], cu[row + 1])
                 store = alone.setdefault((seq, layer), m.new_cache())
                 want = m(*(x[rows].transpose(0, 1)[None] for x in (q, k, v)), cos[rows],
                          sin[rows], store)  # fmt: skip
@@ -133,14 +146,19 @@ def test_forward_paged_serving_steps_equal_each_sequence_alone(device, dtype, pa
     assert [cache.length(s) for s in (a, b, c)] == [18, 15, 9]
     qkv = [rand(2, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv)]
     cos2, sin2 = tables[0][:2], tables[1][:2]
+    plan = cache.plan([a, c], 1)
     with pytest.raises(TypeError, match="cache must be an Int4PagedKVCache"):
-        m.forward_paged(*qkv, cos2, sin2, m.new_cache(), 0, None, None, None, None)
+        m.forward_paged(*qkv, cos2, sin2, m.new_cache(), 0, plan)
+    with pytest.raises(TypeError, match="step must be a PagedStep"):
+        m.forward_paged(*qkv, cos2, sin2, cache, 0, plan.slots)
     with pytest.raises(ValueError, match="cos must be \\[2, 64\\]"):
-        m.forward_paged(*qkv, tables[0][:3], sin2, cache, 0, None, None, None, None)
+        m.forward_paged(*qkv, tables[0][:3], sin2, cache, 0, plan)
+    with pytest.raises(ValueError, match="q has 1 tokens, the step 2"):
+        m.forward_paged(*(x[:1] for x in qkv), cos2[:1], sin2[:1], cache, 0, plan)
     wrong = quant.Int4PagedKVCache(1, num_pages=4, page_size=8, kv_heads=hkv, head_dim=d,
                                    group_size=d, device=device)  # fmt: skip
     with pytest.raises(ValueError, match="cache holds"):
-        m.forward_paged(*qkv, cos2, sin2, wrong, 0, None, None, None, None)
+        m.forward_paged(*qkv, cos2, sin2, wrong, 0, plan)
 
 
 def test_decode_continues_the_prefill_causally():

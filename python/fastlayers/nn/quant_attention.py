@@ -167,30 +167,32 @@ class RopeAwareQuantAttention(torch.nn.Module):
         out, _ = int4_kv_attention(qs, kb, ksb, vb, vsb, store.length, self.scale)
         return out.to(q.dtype)
 
-    def forward_paged(self, q, k, v, cos, sin, cache, layer: int, slots, block_table, seq_lens,
-                      cu_seqlens_q, max_seqlen_q=None) -> torch.Tensor:  # fmt: skip
+    def forward_paged(self, q, k, v, cos, sin, cache, layer: int, step) -> torch.Tensor:
         """One serving step over an :class:`~fastlayers.quant.Int4PagedKVCache` (vLLM's token
         layout: the step's new tokens of every sequence one after the other, prompt chunks and
         decode tokens mixed): ``q [N, H_q, d]``, ``k`` / ``v`` ``[N, H_kv, d]`` projected, before
-        RoPE; ``cos`` / ``sin`` ``[N, d]`` each token's own position; ``slots`` the new tokens'
-        slots (``cache.reserve(seqs, counts)``), ``block_table`` / ``seq_lens`` of the step's
-        sequences (``cache.block_table(seqs)``), ``cu_seqlens_q`` int32 ``[S + 1]`` each sequence's
-        first token in q, then N (``max_seqlen_q``: the most new tokens of one sequence, or None
-        to read it off). Writes the keys and values into layer ``layer``'s pages (RoPE, post-RoPE
-        scale, INT4: :func:`fastlayers.ops.kv_cache_write_paged`), rotates, scales and FP8-rounds
-        the queries as :meth:`forward`, and returns each token's causal attention over its
-        sequence (:func:`fastlayers.ops.int4_kv_attention_paged_varlen`): ``[N, H_q, d]`` in q's
-        dtype. The same computation as :meth:`forward` run on each sequence alone."""
-        from fastlayers.quant.paged_cache import Int4PagedKVCache  # (quant imports nn lazily)
+        RoPE; ``cos`` / ``sin`` ``[N, d]`` each token's own position; ``step`` the step's
+        :class:`~fastlayers.quant.PagedStep` (``cache.plan(seqs, counts)``, once for all layers).
+        Writes the keys and values into layer ``layer``'s pages (RoPE, post-RoPE scale, INT4:
+        :func:`fastlayers.ops.kv_cache_write_paged`), rotates, scales and FP8-rounds the queries
+        as :meth:`forward`, and returns each token's causal attention over its sequence
+        (:func:`fastlayers.ops.int4_kv_attention_paged_varlen`): ``[N, H_q, d]`` in q's dtype.
+        The same computation as :meth:`forward` run on each sequence alone; nothing is read back
+        to the host."""
+        from fastlayers.quant.paged_cache import Int4PagedKVCache, PagedStep  # (quant imports nn)
 
         if not isinstance(cache, Int4PagedKVCache):
             raise TypeError(f"cache must be an Int4PagedKVCache, got {type(cache).__name__}")
+        if not isinstance(step, PagedStep):
+            raise TypeError(f"step must be a PagedStep (cache.plan), got {type(step).__name__}")
         for t, name in ((q, "q"), (k, "k"), (v, "v"), (cos, "cos"), (sin, "sin")):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         d = self.head_dim
         if q.dim() != 3 or q.shape[1:] != (self.num_heads, d):
             raise ValueError(f"q must be [tokens, {self.num_heads}, {d}], got {tuple(q.shape)}")
+        if q.shape[0] != step.num_tokens:
+            raise ValueError(f"q has {q.shape[0]} tokens, the step {step.num_tokens}")
         want = (q.shape[0], self.num_kv_heads, d)
         for x, name in ((k, "k"), (v, "v")):
             if tuple(x.shape) != want:
@@ -208,14 +210,13 @@ class RopeAwareQuantAttention(torch.nn.Module):
                 f"cache holds (kv_heads, head_dim, value_dim, group_size) {theirs}, this module "
                 f"{mine}"
             )
-        cache.write(layer, k, v, slots, self.post_scale.to(k.device), cos, sin, self.pairing)
+        cache.write(layer, k, v, step, self.post_scale.to(k.device), cos, sin, self.pairing)
         inv = inverse_query_scale(
             self, "_inv_q", self.post_scale, self.num_heads, q.device, torch.float32
         )
         # (each token a batch row of one token: its own position's table row)
         qs = q_quantize(q[:, :, None], inv, cos[:, None], sin[:, None], self.pairing, self.q_fp8)
-        out, _ = cache.attention_varlen(layer, qs[:, :, 0], block_table, seq_lens, cu_seqlens_q,
-                                        max_seqlen_q, scale=self.scale)  # fmt: skip
+        out, _ = cache.attention_step(layer, qs[:, :, 0], step, scale=self.scale)
         return out.to(q.dtype)
 
     def forward_reference(self, q, k, v, cos, sin, cache: Int4KVStore | None = None):

@@ -306,9 +306,12 @@ def _varlen_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_se
 
 
 def _varlen_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_seqlens_q, max_seqlen_q,
-                   scale, softcap=0.0):  # fmt: skip
-    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
-           cu_q=cu_seqlens_q, max_q=max_seqlen_q)  # fmt: skip
+                   scale, softcap=0.0, check_range: bool = True):  # fmt: skip
+    """The ragged prefill's kernels (``check_range``: False for metadata valid by construction,
+    :class:`~fastlayers.quant.PagedStep`'s: no host read)."""
+    _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
+           check_range=check_range, q_tokens=True, cu_q=cu_seqlens_q,
+           max_q=max_seqlen_q)  # fmt: skip
     if q.shape[0] == 0:
         return _no_tokens(q, v)
     if max_seqlen_q == 1:  # (decode rows alone: the decode kernels, on the padded layout)
@@ -432,10 +435,10 @@ def int4_kv_decode_paged(
 
 
 def _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing,
-                 memory: bool = True) -> int:  # fmt: skip
+                 memory: bool = True, check_slots: bool = True) -> int:  # fmt: skip
     """The checks of :func:`kv_cache_write_paged` (``memory``: also the slots' range and
-    distinctness on the host, when not captured, and that the pages share no memory with the
-    inputs); returns the quantization group size."""
+    distinctness on the host, when not captured and ``check_slots``, and that the pages share no
+    memory with the inputs); returns the quantization group size."""
     for t, name in ((x, "x"), (packed_pages, "packed_pages"), (scale_pages, "scale_pages"),
                     (slots, "slots")):  # fmt: skip
         check_tensor(t, name)
@@ -473,7 +476,7 @@ def _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pair
     _check_kv_quantize(rows, post_scale, group, cos_rows, sin_rows, pairing)
     if not memory:
         return group
-    if n and not capturing(slots) and slots.device.type != "meta":
+    if check_slots and n and not capturing(slots) and slots.device.type != "meta":
         _check_slots(slots, pages * page_size - 1)
     inputs = {"x": x, "slots": slots, "post_scale": post_scale, "cos": cos, "sin": sin}
     check_no_alias({"packed_pages": packed_pages, "scale_pages": scale_pages},
@@ -528,8 +531,12 @@ def _write_indexed(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pa
 
 
 def _write_kernel(x, packed_pages, scale_pages, slots, post_scale, cos=None, sin=None,
-                  pairing="half"):  # fmt: skip
-    group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing)
+                  pairing="half", check_slots: bool = True):  # fmt: skip
+    """The one-pass write (``check_slots``: False for slots valid by construction,
+    :class:`~fastlayers.quant.PagedStep`'s: no host read; the inputs' aliasing is checked then
+    too)."""
+    group = _check_write(x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing,
+                         check_slots=check_slots)  # fmt: skip
     op = "kv_cache_write_paged"
     args = (x, packed_pages, scale_pages, slots, post_scale, cos, sin, pairing, group)
     if x.device.type not in ("cpu", "cuda") or not has_kernel(x.device, op):
@@ -658,4 +665,41 @@ def int4_kv_attention_paged_varlen(
         out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(
             *args, cu_seqlens_q, max_seqlen_q, scale, softcap
         )
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
+
+
+# ---- A serving step's metadata valid by construction (Int4PagedKVCache.plan) ---------------------
+
+
+def write_planned(x, packed_pages, scale_pages, slots, post_scale=None, cos=None, sin=None,
+                  pairing: str = "half") -> None:  # fmt: skip
+    """:func:`kv_cache_write_paged` with ``slots`` the cache's own (``PagedStep.slots``: in range
+    and distinct by construction): no host read of them (shapes, dtypes and aliasing still
+    checked). Under torch.compile or a dispatch mode: the op, with its checks."""
+    args = (x, packed_pages, scale_pages, slots, post_scale, cos, sin)
+    check_tensors(("post_scale", "cos", "sin"), x=x, packed_pages=packed_pages,
+                  scale_pages=scale_pages, slots=slots, post_scale=post_scale, cos=cos,
+                  sin=sin)  # fmt: skip
+    if direct_call_ok(*args):
+        _write_kernel(*args, pairing, check_slots=False)
+    else:
+        torch.ops.fastlayers.kv_cache_write_paged(*args, pairing)
+
+
+def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, scale=None,
+                      softcap=None, sinks=None):  # fmt: skip
+    """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` with a
+    :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts (valid by
+    construction): no host read of them (shapes and dtypes still checked)."""
+    args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
+    check_tensors(**dict(zip(_NAMES, args, strict=True)))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = _softcap_arg(softcap)
+    check_sinks(sinks, q.shape[1] if q.dim() == 3 else 0, q.device)
+    cu, most = step.cu_seqlens_q, step.max_seqlen_q
+    if direct_call_ok(*args, cu):
+        out, lse = _varlen_kernel(*args, cu, most, scale, softcap, check_range=False)
+    else:
+        out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(*args, cu, most, scale,
+                                                                       softcap)  # fmt: skip
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)

@@ -14,12 +14,37 @@ pages and, per step, the block table and lengths the decode reads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
 from fastlayers.ops._common import check_int
 from fastlayers.quant.rope_kv import FP8
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedStep:
+    """One serving step's metadata (FlashInfer's plan), from :meth:`Int4PagedKVCache.plan`: the
+    step's sequences and their new tokens, and on the cache's device (one host-to-device copy)
+    the new tokens' ``slots`` (int32 ``[N]``, each sequence's in turn), the sequences'
+    ``block_table`` (int32 ``[S, max_pages]``) and ``seq_lens`` (int32 ``[S]``, the new tokens
+    included), ``cu_seqlens_q`` (int32 ``[S + 1]``: where each sequence's tokens start among the
+    step's N, then N) and ``max_seqlen_q`` (the most new tokens of one sequence). Built from the
+    cache's own bookkeeping, so valid by construction: the layers' writes and attention calls
+    that take it skip the host-side range checks (no device-to-host read per layer)."""
+
+    seqs: tuple[int, ...]
+    counts: tuple[int, ...]
+    slots: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slots.shape[0])
 
 
 class Int4PagedKVCache:
@@ -40,11 +65,16 @@ class Int4PagedKVCache:
     ``reserve(seqs, tokens)`` takes several tokens per sequence (a prompt, a draft): ``slots``
     then holds each sequence's new tokens in turn, the order of the rows of ``k`` and ``v``;
     ``attention`` is their causal attention over the pages (Tq tokens per sequence). A step of
-    prompt chunks beside decode tokens (chunked prefill) keeps that order for q too::
+    prompt chunks beside decode tokens (chunked prefill) keeps that order for q too; ``plan``
+    does the step's bookkeeping once (FlashInfer's plan / run), and the layers' calls then read
+    nothing back to the host::
 
-        slots = cache.reserve(seqs, counts)          # e.g. [512, 1, 1, ...]
-        cu = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=dev)
-        out, lse = cache.attention_varlen(layer, q, table, seq_lens, cu, max(counts))
+        step = cache.plan(seqs, counts)              # e.g. [512, 1, 1, ...]: reserve + metadata
+        for layer in range(num_layers):
+            cache.write(layer, k, v, step, post_scale=post, cos=cos, sin=sin)  # k, v [N, ...]
+            out, lse = cache.attention_step(layer, q, step)                    # q [N, Hq, d]
+
+    (``attention_varlen`` takes the same metadata as tensors of the caller's, checked.)
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int,
@@ -159,6 +189,34 @@ class Int4PagedKVCache:
         pages from the pool as needed, a shared last page copied first; the lengths grow. Returns
         the new tokens' slots (``page * page_size + slot``; int64 on the cache's device), each
         sequence's in turn. A RuntimeError, with nothing changed, when the pool runs out."""
+        slots, _, _ = self._reserve(seqs, tokens)
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def plan(self, seqs: Sequence[int], tokens: int | Sequence[int] = 1) -> PagedStep:
+        """A serving step: :meth:`reserve` of ``tokens`` new tokens for each of ``seqs`` (one
+        count, or one each: prompt chunks and decode tokens mixed), and the step's metadata, a
+        :class:`PagedStep`, for every layer's :meth:`write` and :meth:`attention_step` (and
+        :meth:`fastlayers.RopeAwareQuantAttention.forward_paged`). One host-to-device copy; the
+        per-layer calls then read nothing back to the host."""
+        slots, seqs, counts = self._reserve(seqs, tokens)
+        width = max([len(self._tables[s]) for s in seqs] + [1])
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        flat = list(slots)
+        for s in seqs:
+            flat += self._tables[s] + [0] * (width - len(self._tables[s]))
+        flat += [self._lengths[s] for s in seqs] + starts
+        host = torch.tensor(flat, dtype=torch.int32)
+        dev = host.to(self.device)
+        n, rows = len(slots), len(seqs)
+        table = dev[n : n + rows * width].view(rows, width)
+        lens = dev[n + rows * width : n + rows * width + rows]
+        return PagedStep(tuple(seqs), tuple(counts), dev[:n], table, lens,
+                         dev[n + rows * width + rows :], max(counts + [1]))  # fmt: skip
+
+    def _reserve(self, seqs, tokens) -> tuple[list[int], list[int], list[int]]:
+        """:meth:`reserve` on the host: ``(slots, seqs, counts)`` as lists."""
         seqs = [self._known(s) for s in seqs]
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"seqs must not repeat a sequence, got {seqs}")
@@ -191,7 +249,7 @@ class Int4PagedKVCache:
                 table.append(page)
             slots += [table[t // ps] * ps + t % ps for t in range(length, length + n)]
             self._lengths[seq] = length + n
-        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+        return slots, seqs, counts
 
     def _copy(self, page: int) -> int:
         """A fresh page with ``page``'s contents in every layer (the caller's reference moves)."""
@@ -218,12 +276,17 @@ class Int4PagedKVCache:
               pairing: str = "half") -> None:  # fmt: skip
         """Quantizes ``k [N, kv_heads, head_dim]`` (RoPE with ``cos`` / ``sin [N, head_dim]``
         when given, then ``post_scale [kv_heads, head_dim]``) and ``v [N, kv_heads, value_dim]``
-        into layer ``layer``'s pages at ``slots`` (``reserve``'s)."""
-        from fastlayers.ops.kvint4_paged import kv_cache_write_paged  # (ops import quant)
+        into layer ``layer``'s pages at ``slots``: ``reserve``'s (checked on the host), or a
+        :class:`PagedStep` from :meth:`plan` (its slots, not read back)."""
+        from fastlayers.ops import kvint4_paged  # (ops import quant)
 
         kq, ks, vq, vs = self.pages[self._layer(layer)]
-        kv_cache_write_paged(k, kq, ks, slots, post_scale, cos, sin, pairing)
-        kv_cache_write_paged(v, vq, vs, slots)
+        if isinstance(slots, PagedStep):
+            kvint4_paged.write_planned(k, kq, ks, slots.slots, post_scale, cos, sin, pairing)
+            kvint4_paged.write_planned(v, vq, vs, slots.slots)
+            return
+        kvint4_paged.kv_cache_write_paged(k, kq, ks, slots, post_scale, cos, sin, pairing)
+        kvint4_paged.kv_cache_write_paged(v, vq, vs, slots)
 
     def decode(self, layer: int, q, block_table, seq_lens, **kwargs):
         """:func:`fastlayers.ops.int4_kv_decode_paged` of ``q [S, Hq, head_dim]`` over layer
@@ -242,6 +305,18 @@ class Int4PagedKVCache:
 
         return int4_kv_attention_paged(q, *self.pages[self._layer(layer)], block_table, seq_lens,
                                        **kwargs)  # fmt: skip
+
+    def attention_step(self, layer: int, q, step: PagedStep, **kwargs):
+        """The causal attention of a :class:`PagedStep`'s new tokens, ``q [N, Hq, head_dim]`` in
+        the step's order, over layer ``layer``'s pages:
+        :func:`fastlayers.ops.int4_kv_attention_paged_varlen` on the step's metadata, not read
+        back (``kwargs``: ``scale``, ``softcap``, ``sinks``). Returns ``(out [N, Hq, value_dim],
+        lse [N, Hq])``."""
+        from fastlayers.ops.kvint4_paged import attention_planned
+
+        if not isinstance(step, PagedStep):
+            raise TypeError(f"step must be a PagedStep (cache.plan), got {type(step).__name__}")
+        return attention_planned(q, *self.pages[self._layer(layer)], step, **kwargs)
 
     def attention_varlen(self, layer: int, q, block_table, seq_lens, cu_seqlens_q,
                          max_seqlen_q=None, **kwargs):  # fmt: skip
