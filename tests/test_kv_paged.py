@@ -519,6 +519,47 @@ def test_paged_cache_continuous_batching(device):
     assert cache.free_pages == cache.num_pages and cache.sequences() == []
 
 
+def test_paged_cache_plan_reads_nothing_back(monkeypatch, device):
+    """A planned step (cache.plan: reserve + metadata in one copy) writes and attends with no
+    device-to-host read in the layers' calls (Tensor.tolist / item / bool / int patched to count;
+    the unplanned calls make five), and the same bytes and outputs as the calls on tensors of the
+    caller's: a prompt chunk beside decode tokens, then a decode-only step (the decode kernels)."""
+    group, d = 16, 32
+    planned, checked = (quant.Int4PagedKVCache(1, num_pages=16, page_size=8, kv_heads=2,
+                                               head_dim=d, group_size=group, device=device)
+                        for _ in range(2))  # fmt: skip
+    seqs = [[c.new_sequence() for _ in range(3)] for c in (planned, checked)]
+    reads = []
+    for counts in ([11, 1, 4], [1, 1, 1]):
+        n = sum(counts)
+        q = rand(n, 4, d, dtype=torch.float32, device=device)
+        k, v = (rand(n, 2, d, dtype=torch.float32, device=device) for _ in range(2))
+        step = planned.plan(seqs[0], counts)
+        slots = checked.reserve(seqs[1], counts)
+        table, seq_lens = checked.block_table(seqs[1])
+        count = [0]
+        for name in ("tolist", "item", "__bool__", "__int__"):
+            method = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _method=method, _count=count, **kwargs):
+                _count[0] += 1
+                return _method(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        planned.write(0, k, v, step)
+        out, lse = planned.attention_step(0, q, step)
+        reads.append(count[0])
+        checked.write(0, k, v, slots)
+        want = checked.attention_varlen(0, q, table, seq_lens, step.cu_seqlens_q,
+                                        step.max_seqlen_q)  # fmt: skip
+        reads.append(count[0] - reads[-1])
+        monkeypatch.undo()
+        for x, y in zip(planned.pages[0], checked.pages[0], strict=True):
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert reads == [0, 5, 0, 5]
+
+
 def test_paged_cache_fork_copies_on_write_and_truncate_frees(device):
     """A fork shares its parent's pages; the first write of either into the shared last page
     copies it (the other's tokens unchanged); truncation (speculative rollback) gives whole pages
