@@ -690,14 +690,21 @@ def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, s
                       softcap=None, sinks=None):  # fmt: skip
     """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` with a
     :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts (valid by
-    construction): no host read of them (shapes and dtypes still checked)."""
+    construction): no host read of them (shapes and dtypes still checked). A step of one new
+    token per sequence is :func:`int4_kv_decode_paged` of q as it is (no padding, no gathers)."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1] if q.dim() == 3 else 0, q.device)
     cu, most = step.cu_seqlens_q, step.max_seqlen_q
-    if direct_call_ok(*args, cu):
+    if step.counts and min(step.counts) == 1 == most:  # a decode step: q is the decode's layout
+        if direct_call_ok(*args):
+            _check(*args, scale, softcap, check_range=False)
+            out, lse = _launch("int4_kv_decode_paged", _reference_op, *args, scale, softcap)
+        else:
+            out, lse = torch.ops.fastlayers.int4_kv_decode_paged(*args, scale, softcap)
+    elif direct_call_ok(*args, cu):
         out, lse = _varlen_kernel(*args, cu, most, scale, softcap, check_range=False)
     else:
         out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(*args, cu, most, scale,
