@@ -73,6 +73,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         _paged_write(device, tokens, reps)
         for tokens in PAGED_WRITE[device.type][: 1 if quick else None]
     ]
+    rows += _paged_step(device, quick, reps)
     rows += _split_sweep(device, quick, reps)
     rows += _decode_step(device, quick, reps)
     rows += _prefill(device, quick, reps)
@@ -181,6 +182,59 @@ def _to_pages(caches, gen) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tens
 
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     return [paged(x) for x in caches], table, seq_lens
+
+
+# A planned decode step over an Int4PagedKVCache: (sequences, context) per device.
+PAGED_STEP = {"cpu": (4, 1024), "cuda": (16, 4096)}
+
+
+def _paged_step(device: torch.device, quick: bool, reps: int) -> list[Row]:
+    """One layer's decode step over an ``Int4PagedKVCache`` (write k, v; attention of one new
+    token per sequence; GQA 32/8, d128, g128, bf16) on a plan (``cache.plan``: the metadata valid
+    by construction, no device-to-host read per layer) against the same step on checked tensors
+    (``cache.write`` with the slots, ``cache.decode``: five host reads of the metadata)."""
+    from fastlayers.quant.paged_cache import Int4PagedKVCache
+
+    if quick:
+        return []
+    batch, context = PAGED_STEP[device.type]
+    gen = torch.Generator(device="cpu").manual_seed(11)
+    cache = Int4PagedKVCache(1, batch * context // PAGE_SIZE + batch, PAGE_SIZE, HKV, D, GROUP,
+                             device=device)  # fmt: skip
+    seqs = [cache.new_sequence() for _ in range(batch)]
+    slots = cache.reserve(seqs, context - 1)
+    kv = torch.randn(2, slots.shape[0], HKV, D, generator=gen).to(device, torch.bfloat16)
+    cache.write(0, kv[0], kv[1], slots)
+    step = cache.plan(seqs, 1)
+    table, seq_lens, new = step.block_table.clone(), step.seq_lens.clone(), step.slots.long()
+    q, k, v = (torch.randn(batch, h, D, generator=gen).to(device, torch.bfloat16)
+               for h in (HQ, HKV, HKV))  # fmt: skip
+
+    def planned():
+        cache.write(0, k, v, step)
+        return cache.attention_step(0, q, step)[0]
+
+    def checked():
+        cache.write(0, k, v, new)
+        return cache.decode(0, q, table, seq_lens)[0]
+
+    with torch.no_grad():
+        t, t_ref = time_interleaved([(planned, [()], reps), (checked, [()], reps)], device)
+        err = (planned().float() - checked().float()).abs().max().item()
+    return [
+        Row(
+            f"Int4PagedKVCache decode step on a plan ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
+            f"{batch} sequences x 1 new token, context {context}: write k, v + attention",
+            "bfloat16",
+            backend_label(device, "int4_kv_decode_paged"),
+            t.median_s * 1e6,
+            "the same step on checked tensors (write, decode)",
+            t_ref.median_s * 1e6,
+            float("nan"),
+            float("nan"),
+            err,
+        )
+    ]
 
 
 # The paged prefill: (batch, new tokens, context) per device.
