@@ -894,6 +894,9 @@ def test_int4_kv_attention_paged_varlen_latent_decode_rows_sinks_and_strides(dev
     out, lse = int4_kv_attention_paged_varlen(q1, kp, ksp, vp, vsp, table, seq_lens, cu1)
     want, want_lse = int4_kv_decode_paged(q[:, :, -1], kp, ksp, vp, vsp, table, seq_lens)
     assert torch.equal(out, want[[0, 2]]) and torch.equal(lse, want_lse[[0, 2]])
+    every = torch.arange(4, dtype=torch.int32, device=device)  # one token each: q as it is
+    out, lse = int4_kv_attention_paged_varlen(q[:, :, -1], kp, ksp, vp, vsp, table, seq_lens, every)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
     # sinks: the padded call's
     sinks = rand(hq, dtype=torch.float32, device=device)
     out, lse = int4_kv_attention_paged_varlen(qr, kp, ksp, vp, vsp, table, seq_lens, cu, 33,

@@ -314,7 +314,11 @@ def _varlen_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, cu_seqlens_
            max_q=max_seqlen_q)  # fmt: skip
     if q.shape[0] == 0:
         return _no_tokens(q, v)
-    if max_seqlen_q == 1:  # (decode rows alone: the decode kernels, on the padded layout)
+    if max_seqlen_q == 1 and q.shape[0] == cu_seqlens_q.shape[0] - 1:
+        # one token a row (a decode step): q is the decode's own layout, no padding or gathers
+        return _launch("int4_kv_decode_paged", _reference_op, q, k, k_scale, v, v_scale,
+                       block_table, seq_lens, scale, softcap)  # fmt: skip
+    if max_seqlen_q == 1:  # (decode rows, some empty: the decode kernels, on the padded layout)
         padded, q_lens, row, pos = _padded(q, cu_seqlens_q, 1)
         out, lse = _launch("int4_kv_attention_paged", _attention_reference_op, padded, k, k_scale,
                            v, v_scale, block_table, seq_lens, scale, softcap,
@@ -690,21 +694,14 @@ def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, s
                       softcap=None, sinks=None):  # fmt: skip
     """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` with a
     :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts (valid by
-    construction): no host read of them (shapes and dtypes still checked). A step of one new
-    token per sequence is :func:`int4_kv_decode_paged` of q as it is (no padding, no gathers)."""
+    construction): no host read of them (shapes and dtypes still checked)."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1] if q.dim() == 3 else 0, q.device)
     cu, most = step.cu_seqlens_q, step.max_seqlen_q
-    if step.counts and min(step.counts) == 1 == most:  # a decode step: q is the decode's layout
-        if direct_call_ok(*args):
-            _check(*args, scale, softcap, check_range=False)
-            out, lse = _launch("int4_kv_decode_paged", _reference_op, *args, scale, softcap)
-        else:
-            out, lse = torch.ops.fastlayers.int4_kv_decode_paged(*args, scale, softcap)
-    elif direct_call_ok(*args, cu):
+    if direct_call_ok(*args, cu):
         out, lse = _varlen_kernel(*args, cu, most, scale, softcap, check_range=False)
     else:
         out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(*args, cu, most, scale,
