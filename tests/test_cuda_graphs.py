@@ -133,6 +133,26 @@ def test_int4_kv_attention_paged_varlen_in_a_graph():
     _check_graph(step, inputs)
 
 
+def test_paged_cache_planned_step_in_a_graph():
+    """A decode step on cache.plan's metadata (write k, v, then attention_step) reads nothing back
+    to the host: captured whole, replayed with other tokens, the eager step's outputs."""
+    dev = "cuda"
+    cache = quant.Int4PagedKVCache(1, num_pages=40, page_size=16, kv_heads=2, head_dim=128,
+                                   group_size=32, device=dev)  # fmt: skip
+    seqs = [cache.new_sequence() for _ in range(3)]
+    slots = cache.reserve(seqs, [100, 37, 5])
+    k, v = (rand(142, 2, 128, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    cache.write(0, k, v, slots)
+    step = cache.plan(seqs, 1)
+
+    def fn(q, k, v):
+        cache.write(0, k, v, step)
+        return cache.attention_step(0, q, step)
+
+    _check_graph(fn, lambda: tuple(rand(3, h, 128, dtype=torch.bfloat16, device=dev)
+                                   for h in (8, 2, 2)))  # fmt: skip
+
+
 def test_kv_cache_write_paged_in_a_graph():
     """The paged cache write skips its slot checks while capturing (no host read); replayed with
     other tokens and slots, -1 (not written) among them: the pages as the eager call leaves them."""

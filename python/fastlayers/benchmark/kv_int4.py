@@ -206,7 +206,7 @@ def _paged_step(device: torch.device, quick: bool, reps: int) -> list[Row]:
     kv = torch.randn(2, slots.shape[0], HKV, D, generator=gen).to(device, torch.bfloat16)
     cache.write(0, kv[0], kv[1], slots)
     step = cache.plan(seqs, 1)
-    table, seq_lens, new = step.block_table.clone(), step.seq_lens.clone(), step.slots.long()
+    table, seq_lens, new = step.block_table.clone(), step.seq_lens.clone(), step.slots.clone()
     q, k, v = (torch.randn(batch, h, D, generator=gen).to(device, torch.bfloat16)
                for h in (HQ, HKV, HKV))  # fmt: skip
 

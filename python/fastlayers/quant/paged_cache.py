@@ -27,7 +27,7 @@ from fastlayers.quant.rope_kv import FP8
 class PagedStep:
     """One serving step's metadata (FlashInfer's plan), from :meth:`Int4PagedKVCache.plan`: the
     step's sequences and their new tokens, and on the cache's device (one host-to-device copy)
-    the new tokens' ``slots`` (int32 ``[N]``, each sequence's in turn), the sequences'
+    the new tokens' ``slots`` (int64 ``[N]``, each sequence's in turn), the sequences'
     ``block_table`` (int32 ``[S, max_pages]``) and ``seq_lens`` (int32 ``[S]``, the new tokens
     included), ``cu_seqlens_q`` (int32 ``[S + 1]``: where each sequence's tokens start among the
     step's N, then N) and ``max_seqlen_q`` (the most new tokens of one sequence). Built from the
@@ -212,7 +212,8 @@ class Int4PagedKVCache:
         n, rows = len(slots), len(seqs)
         table = dev[n : n + rows * width].view(rows, width)
         lens = dev[n + rows * width : n + rows * width + rows]
-        return PagedStep(tuple(seqs), tuple(counts), dev[:n], table, lens,
+        # (slots as int64 once, the writes' index type, rather than at every layer's write)
+        return PagedStep(tuple(seqs), tuple(counts), dev[:n].long(), table, lens,
                          dev[n + rows * width + rows :], max(counts + [1]))  # fmt: skip
 
     def _reserve(self, seqs, tokens) -> tuple[list[int], list[int], list[int]]:
