@@ -558,6 +558,10 @@ def test_paged_cache_plan_reads_nothing_back(monkeypatch, device):
             assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
         assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
     assert reads == [0, 5, 0, 5]
+    with pytest.raises(ValueError, match="q must be \\[3 \\(the step's new tokens\\)"):
+        planned.attention_step(0, q[:2], step)  # (its kernels would read past q)
+    with pytest.raises(ValueError, match="must be"):
+        planned.write(0, k[:2], v[:2], step)
 
 
 def test_paged_cache_fork_copies_on_write_and_truncate_frees(device):

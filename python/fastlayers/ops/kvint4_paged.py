@@ -697,6 +697,11 @@ def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, s
     construction): no host read of them (shapes and dtypes still checked)."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
+    if q.dim() != 3 or q.shape[0] != step.num_tokens:  # (the kernels read the step's N rows)
+        raise ValueError(
+            f"q must be [{step.num_tokens} (the step's new tokens), q_heads, head_dim], got "
+            f"{tuple(q.shape)}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1] if q.dim() == 3 else 0, q.device)
