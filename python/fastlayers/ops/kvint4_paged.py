@@ -660,15 +660,23 @@ def int4_kv_attention_paged_varlen(
             max_seqlen_q = max(int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()), 1)
     elif isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int):
         raise TypeError(f"max_seqlen_q must be an int or None, got {type(max_seqlen_q).__name__}")
+    return _varlen_call(args, cu_seqlens_q, max_seqlen_q, scale, softcap, sinks)
+
+
+def _varlen_call(args, cu, most, scale, softcap, sinks, check_range: bool = True):
+    """The ragged prefill of ``args`` (q, pages, block table, lengths; q ``[T, Hq, d]``) with
+    query starts ``cu`` and ``most`` queries a row: the implementation straight away where the
+    dispatcher would add nothing, else the op; then the sinks. ``check_range``: False for a
+    :class:`~fastlayers.quant.PagedStep`'s metadata (the direct route reads none of it back)."""
+    q = args[0]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     softcap = _softcap_arg(softcap)
     check_sinks(sinks, q.shape[1], q.device)
-    if direct_call_ok(*args, cu_seqlens_q):  # the implementation, no dispatcher
-        out, lse = _varlen_kernel(*args, cu_seqlens_q, max_seqlen_q, scale, softcap)
+    if direct_call_ok(*args, cu):  # the implementation, no dispatcher
+        out, lse = _varlen_kernel(*args, cu, most, scale, softcap, check_range=check_range)
     else:
-        out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(
-            *args, cu_seqlens_q, max_seqlen_q, scale, softcap
-        )
+        out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(*args, cu, most, scale,
+                                                                       softcap)  # fmt: skip
     return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
 
 
@@ -702,13 +710,5 @@ def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, s
             f"q must be [{step.num_tokens} (the step's new tokens), q_heads, head_dim], got "
             f"{tuple(q.shape)}"
         )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    softcap = _softcap_arg(softcap)
-    check_sinks(sinks, q.shape[1] if q.dim() == 3 else 0, q.device)
-    cu, most = step.cu_seqlens_q, step.max_seqlen_q
-    if direct_call_ok(*args, cu):
-        out, lse = _varlen_kernel(*args, cu, most, scale, softcap, check_range=False)
-    else:
-        out, lse = torch.ops.fastlayers.int4_kv_attention_paged_varlen(*args, cu, most, scale,
-                                                                       softcap)  # fmt: skip
-    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)
+    return _varlen_call(args, step.cu_seqlens_q, step.max_seqlen_q, scale, softcap, sinks,
+                        check_range=False)  # fmt: skip
