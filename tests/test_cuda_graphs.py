@@ -133,9 +133,12 @@ def test_int4_kv_attention_paged_varlen_in_a_graph():
     _check_graph(step, inputs)
 
 
-def test_paged_cache_planned_step_in_a_graph():
-    """A decode step on cache.plan's metadata (write k, v, then attention_step) reads nothing back
-    to the host: captured whole, replayed with other tokens, the eager step's outputs."""
+@pytest.mark.parametrize("counts", [1, [1, 4, 1]])
+def test_paged_cache_planned_step_in_a_graph(counts):
+    """A step on cache.plan's metadata (write k, v, then attention_step) reads nothing back to the
+    host: captured whole, replayed with other tokens, the eager step's outputs. A decode step
+    (the decode kernels), and decode rows beside a draft of 4 (the plan's split: decode rows
+    gathered into the decode kernel, the draft's prefill, the outputs scattered back)."""
     dev = "cuda"
     cache = quant.Int4PagedKVCache(1, num_pages=40, page_size=16, kv_heads=2, head_dim=128,
                                    group_size=32, device=dev)  # fmt: skip
@@ -143,13 +146,15 @@ def test_paged_cache_planned_step_in_a_graph():
     slots = cache.reserve(seqs, [100, 37, 5])
     k, v = (rand(142, 2, 128, dtype=torch.bfloat16, device=dev) for _ in range(2))
     cache.write(0, k, v, slots)
-    step = cache.plan(seqs, 1)
+    step = cache.plan(seqs, counts)
+    assert (step.split is None) == (counts == 1)
+    n = step.num_tokens
 
     def fn(q, k, v):
         cache.write(0, k, v, step)
         return cache.attention_step(0, q, step)
 
-    _check_graph(fn, lambda: tuple(rand(3, h, 128, dtype=torch.bfloat16, device=dev)
+    _check_graph(fn, lambda: tuple(rand(n, h, 128, dtype=torch.bfloat16, device=dev)
                                    for h in (8, 2, 2)))  # fmt: skip
 
 

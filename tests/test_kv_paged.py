@@ -451,8 +451,6 @@ def _check_cache_attention(cache, history, seqs, tq, group, device, hq=4):
 def _check_cache_varlen(cache, history, seqs, counts, group, device, hq=4):
     """Every layer's ragged prefill of the last ``counts[i]`` tokens of each of ``seqs`` (one call)
     against the causal float64 reference over each sequence's own history."""
-    from fastlayers.ops.kvint4 import _attention_reference
-
     table, seq_lens = cache.block_table(seqs)
     cu = [0]
     for n in counts:
@@ -461,17 +459,29 @@ def _check_cache_varlen(cache, history, seqs, counts, group, device, hq=4):
     for layer in range(len(cache.pages)):
         q = rand(cu[-1], hq, cache.head_dim, dtype=torch.float32, device=device)
         out, lse = cache.attention_varlen(layer, q, table, seq_lens, starts, max(counts))
-        for row, seq in enumerate(seqs):
-            k, v = history.k[layer][seq], history.v[layer][seq]
-            kq, ks = quant.quantize_kv_int4(k[None], group)
-            vq, vs = quant.quantize_kv_int4(v[None], group)
-            mine = q[cu[row] : cu[row + 1]].transpose(0, 1)[None].double()
-            want, want_lse = _attention_reference(mine, kq, ks, vq, vs, k.shape[1],
-                                                  cache.head_dim**-0.5)  # fmt: skip
-            got = out[cu[row] : cu[row + 1]].transpose(0, 1)[None].double()
-            torch.testing.assert_close(got, want.double(), rtol=2e-5, atol=2e-5)
-            got_lse = lse[cu[row] : cu[row + 1]].transpose(0, 1)[None]
-            torch.testing.assert_close(got_lse, want_lse, rtol=2e-5, atol=2e-5)
+        _check_ragged_rows(q, out, lse, cache, history, layer, seqs, counts, group)
+
+
+def _check_ragged_rows(q, out, lse, cache, history, layer, seqs, counts, group, tol=2e-5):
+    """Ragged outputs ``out [N, Hq, dv]`` / ``lse [N, Hq]`` of queries ``q`` (each of ``seqs``'
+    last ``counts[i]`` tokens in turn) against the causal float64 reference over each sequence's
+    own history of layer ``layer``."""
+    from fastlayers.ops.kvint4 import _attention_reference
+
+    at = 0
+    for seq, n in zip(seqs, counts, strict=True):
+        k, v = history.k[layer][seq], history.v[layer][seq]
+        kq, ks = quant.quantize_kv_int4(k[None], group)
+        vq, vs = quant.quantize_kv_int4(v[None], group)
+        mine = q[at : at + n].transpose(0, 1)[None].double()
+        want, want_lse = _attention_reference(mine, kq, ks, vq, vs, k.shape[1],
+                                              cache.head_dim**-0.5)  # fmt: skip
+        got = out[at : at + n].transpose(0, 1)[None].double()
+        torch.testing.assert_close(got, want.double(), rtol=tol, atol=tol)
+        got_lse = lse[at : at + n].transpose(0, 1)[None]
+        torch.testing.assert_close(got_lse, want_lse, rtol=tol, atol=tol)
+        at += n
+    assert at == q.shape[0]
 
 
 def _step(cache, history, seqs, tokens, device):
@@ -556,12 +566,67 @@ def test_paged_cache_plan_reads_nothing_back(monkeypatch, device):
         monkeypatch.undo()
         for x, y in zip(planned.pages[0], checked.pages[0], strict=True):
             assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
-        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+        if step.split is None:
+            assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+        else:  # (CUDA: the decode row through the decode kernel, its own summation order)
+            torch.testing.assert_close(out, want[0], rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(lse, want[1], rtol=2e-5, atol=2e-5)
     assert reads == [0, 5, 0, 5]
     with pytest.raises(ValueError, match="q must be \\[3 \\(the step's new tokens\\)"):
         planned.attention_step(0, q[:2], step)  # (its kernels would read past q)
     with pytest.raises(ValueError, match="must be"):
         planned.write(0, k[:2], v[:2], step)
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 11, 4], [11, 4, 1, 1], [1, 11, 0, 1, 4]])
+def test_paged_cache_plan_splits_decode_rows(monkeypatch, device, counts):
+    """A planned step of one-token rows beside longer ones runs its decode rows through the
+    split-KV decode kernel and the rest through the ragged prefill (on CUDA; forced here on CPU):
+    decode rows first or last as views, else gathered, the outputs back in the step's order. Each
+    row against the causal float64 reference, with sinks, and on CPU bit for bit the one call's
+    outputs (its kernels run a one-token row alike). On CPU a plan carries no split."""
+    from fastlayers.ops import kvint4_paged
+    from fastlayers.ops._common import apply_sinks
+
+    group, d, hq = 16, 32, 4
+    cache = quant.Int4PagedKVCache(1, num_pages=32, page_size=8, kv_heads=2, head_dim=d,
+                                   group_size=group, device=device)  # fmt: skip
+    history = _History(1)
+    seqs = [cache.new_sequence() for _ in counts]
+    _step(cache, history, seqs, [5 + 4 * i for i in range(len(counts))], device)  # prompts
+    on_cpu = not kvint4_paged.split_decode_rows(torch.device(device))  # (cuda_emu: CUDA's route)
+    if on_cpu:
+        assert cache.plan(seqs, counts).split is None
+        for seq, n in zip(seqs, counts, strict=True):
+            cache.truncate(seq, cache.length(seq) - n)
+        monkeypatch.setattr(kvint4_paged, "split_decode_rows", lambda device: True)
+    step = cache.plan(seqs, counts)
+    assert step.split is not None
+    views = counts[:2] == [1, 1] or counts[-2:] == [1, 1]
+    assert isinstance(step.split.decode_tokens, slice) == views
+    n = sum(counts)
+    k, v = (rand(n, 2, d, dtype=torch.float32, device=device) for _ in range(2))
+    cache.write(0, k, v, step)
+    at = 0
+    for seq, c in zip(seqs, counts, strict=True):
+        history.add(0, seq, k[at : at + c].transpose(0, 1), v[at : at + c].transpose(0, 1))
+        at += c
+    q = rand(n, hq, d, dtype=torch.float32, device=device)
+    decodes = ("decode_split_kernel", "decode_tc_kernel")
+    before = launches_since(decodes)
+    out, lse = cache.attention_step(0, q, step)
+    launched = launches_since(decodes, before)
+    if launched is not None and not on_cpu:  # (emulated: the decode rows' one decode launch)
+        assert sum(launched) == 1, launched
+    _check_ragged_rows(q, out, lse, cache, history, 0, seqs, counts, group)
+    sinks = rand(hq, dtype=torch.float32, device=device)
+    got = cache.attention_step(0, q, step, sinks=sinks)
+    for x, y in zip(got, apply_sinks(out, lse, sinks), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    if on_cpu:
+        one = cache.attention_varlen(0, q, step.block_table, step.seq_lens, step.cu_seqlens_q,
+                                     step.max_seqlen_q)  # fmt: skip
+        assert torch.equal(out, one[0]) and torch.equal(lse, one[1])
 
 
 def test_paged_cache_fork_copies_on_write_and_truncate_frees(device):

@@ -300,11 +300,18 @@ def _mixed_apart(q, pages, table, seq_lens):
 def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
     """``int4_kv_attention_paged(..., q_lens=...)`` of one step that mixes a prefill chunk (row 0)
     with one-token decodes (the other rows: their queries padded to the chunk's length) against
-    the same work as two calls (``_mixed_apart``); and the same step on ragged queries
-    (``int4_kv_attention_paged_varlen``: no padding) against the padded call. GQA 32/8, d128,
+    the same work as two calls (``_mixed_apart``); the same step on ragged queries
+    (``int4_kv_attention_paged_varlen``: no padding) against the padded call; and a planned
+    step's split (the decode rows through the decode kernel, the chunk through the ragged
+    prefill: ``attention_step``'s route on CUDA) against the one ragged call. GQA 32/8, d128,
     g128, bf16 queries."""
-    from fastlayers.ops.kvint4 import _attention_reference
-    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged, int4_kv_attention_paged_varlen
+    from fastlayers.ops.kvint4 import _attention_reference, _reference
+    from fastlayers.ops.kvint4_paged import (
+        _split_call,
+        int4_kv_attention_paged,
+        int4_kv_attention_paged_varlen,
+    )
+    from fastlayers.quant.paged_cache import _make_step
 
     if quick:
         return []
@@ -324,11 +331,18 @@ def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
     ragged_q = torch.cat([q[0].transpose(0, 1), q[1:, :, 0]]).contiguous()  # [T, Hq, D]
     cu = torch.tensor([0, *range(tokens, tokens + batch)], dtype=torch.int32, device=device)
     ragged = functools.partial(int4_kv_attention_paged_varlen, cu_seqlens_q=cu, max_seqlen_q=tokens)
+    # the planned step's split (on CUDA attention_step's route; timed here on every device): the
+    # chunk through the ragged prefill, the decode rows through the split-KV decode
+    counts = [tokens] + [1] * (batch - 1)
+    step = _make_step(range(batch), counts, [0] * sum(counts), table.tolist(),
+                      seq_lens.tolist(), device, split=True)  # fmt: skip
+    split = functools.partial(_split_call, split=step.split, scale=None, softcap=None, sinks=None)
     with torch.no_grad():
-        t, t_ref, t_ragged = time_interleaved(
+        t, t_ref, t_ragged, t_split = time_interleaved(
             [(fused, [(q, *cache, table, seq_lens)], max(3, reps // 4)),
              (_mixed_apart, [(apart_q, cache, table, seq_lens)], max(3, reps // 4)),
-             (ragged, [(ragged_q, *cache, table, seq_lens)], max(3, reps // 4))],
+             (ragged, [(ragged_q, *cache, table, seq_lens)], max(3, reps // 4)),
+             (split, [((ragged_q, *cache),)], max(3, reps // 4))],
             device,
         )  # fmt: skip
         out, _ = fused(q, *cache, table, seq_lens)
@@ -339,7 +353,25 @@ def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
         err_ragged = (got[:tokens].transpose(0, 1)[None].double() - want).abs().max().item()
         mem_ragged = peak_extra_mib(ragged, (ragged_q, *cache, table, seq_lens), device)
         mem_padded = peak_extra_mib(fused, (q, *cache, table, seq_lens), device)
+        got_split, _ = split((ragged_q, *cache))
+        err_split = (got_split[:tokens].transpose(0, 1)[None].double() - want).abs().max().item()
+        want_dec, _ = _reference(q[1:, :, 0].double(), k[1:], ks[1:], v[1:], vs[1:], context,
+                                 D**-0.5)  # fmt: skip
+        err_split = max(err_split, (got_split[tokens:].double() - want_dec).abs().max().item())
     return [
+        Row(
+            f"int4_kv_attention_paged_varlen, planned step split ({PAGE_SIZE}-token pages, "
+            "GQA 32/8, d128)",
+            f"1 row x {tokens} new tokens + {batch - 1} decode rows, context {context}",
+            "bfloat16",
+            backend_label(device, "int4_kv_attention_paged_varlen"),
+            t_split.median_s * 1e6,
+            "the same step in one ragged call",
+            t_ragged.median_s * 1e6,
+            float("nan"),
+            float("nan"),
+            err_split,
+        ),
         Row(
             f"int4_kv_attention_paged_varlen ({PAGE_SIZE}-token pages, GQA 32/8, d128)",
             f"1 row x {tokens} new tokens + {batch - 1} decode rows, context {context}",

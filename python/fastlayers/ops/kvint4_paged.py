@@ -698,11 +698,22 @@ def write_planned(x, packed_pages, scale_pages, slots, post_scale=None, cos=None
         torch.ops.fastlayers.kv_cache_write_paged(*args, pairing)
 
 
+def split_decode_rows(device: torch.device) -> bool:
+    """Whether a planned step on ``device`` runs its one-token rows apart from its longer ones
+    (:class:`~fastlayers.quant.paged_cache.DecodeSplit`): on CUDA, where the ragged prefill's
+    tiles hold 64 queries of one head and a decode row would fill one row of them, for each query
+    head, without splitting its keys. Not on CPU: there a decode row is a task of its GQA group's
+    rows in either kernel, and one call measured as fast as two (``_paged_mixed``)."""
+    return on_cuda(device)
+
+
 def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, scale=None,
                       softcap=None, sinks=None):  # fmt: skip
     """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` with a
     :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts (valid by
-    construction): no host read of them (shapes and dtypes still checked)."""
+    construction): no host read of them (shapes and dtypes still checked). A step with a
+    ``split`` (on CUDA) runs its one-token rows through the split-KV decode kernel and the rest
+    through the ragged prefill: two calls, their outputs joined in the step's order."""
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
     if q.dim() != 3 or q.shape[0] != step.num_tokens:  # (the kernels read the step's N rows)
@@ -710,5 +721,45 @@ def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, s
             f"q must be [{step.num_tokens} (the step's new tokens), q_heads, head_dim], got "
             f"{tuple(q.shape)}"
         )
-    return _varlen_call(args, step.cu_seqlens_q, step.max_seqlen_q, scale, softcap, sinks,
-                        check_range=False)  # fmt: skip
+    if step.split is None or not split_decode_rows(q.device):
+        return _varlen_call(args, step.cu_seqlens_q, step.max_seqlen_q, scale, softcap, sinks,
+                            check_range=False)  # fmt: skip
+    return _split_call(args[:5], step.split, scale, softcap, sinks)
+
+
+def _split_call(args, split, scale, softcap, sinks):
+    """A mixed step as two calls (``split`` a :class:`~fastlayers.quant.paged_cache.DecodeSplit`
+    of ``args``' q ``[N, Hq, d]``): the decode rows' split-KV decode, the other rows' ragged
+    prefill; outputs joined into ``[N, Hq, dv]`` / ``[N, Hq]``, then the sinks."""
+    q, pages = args[0], args[1:]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = _softcap_arg(softcap)
+    check_sinks(sinks, q.shape[1], q.device)
+    views = isinstance(split.decode_tokens, slice)
+    if views:
+        q_dec, q_pre = q[split.decode_tokens], q[split.prefill_tokens]
+    else:
+        q_dec, q_pre = (q.index_select(0, split.decode_tokens),
+                        q.index_select(0, split.prefill_tokens))  # fmt: skip
+    dec = (q_dec, *pages, split.decode_table, split.decode_lens)
+    pre = (q_pre, *pages, split.prefill_table, split.prefill_lens)
+    if direct_call_ok(*dec, *pre[:1], split.prefill_cu):  # the implementations, unchecked ranges
+        _check(*dec, scale, softcap, check_range=False)
+        out_d, lse_d = _launch("int4_kv_decode_paged", _reference_op, *dec, scale, softcap)
+        out_p, lse_p = _varlen_kernel(*pre, split.prefill_cu, split.prefill_max, scale, softcap,
+                                      check_range=False)  # fmt: skip
+    else:
+        out_d, lse_d = torch.ops.fastlayers.int4_kv_decode_paged(*dec, scale, softcap, 0)
+        out_p, lse_p = torch.ops.fastlayers.int4_kv_attention_paged_varlen(
+            *pre, split.prefill_cu, split.prefill_max, scale, softcap
+        )
+    if views:  # (the decode rows first or last)
+        first = split.decode_tokens.start == 0
+        out = torch.cat([out_d, out_p] if first else [out_p, out_d])
+        lse = torch.cat([lse_d, lse_p] if first else [lse_p, lse_d])
+    else:
+        out = empty((q.shape[0], *out_d.shape[1:]), out_d.dtype, q.device)
+        lse = empty(q.shape[:2], torch.float32, q.device)
+        out.index_copy_(0, split.decode_tokens, out_d).index_copy_(0, split.prefill_tokens, out_p)
+        lse.index_copy_(0, split.decode_tokens, lse_d).index_copy_(0, split.prefill_tokens, lse_p)
+    return (out, lse) if sinks is None else apply_sinks(out, lse, sinks)

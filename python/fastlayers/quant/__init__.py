@@ -7,7 +7,7 @@ quantization functions are plain PyTorch. The Hugging Face pieces (``Int4KVCache
 """
 
 from fastlayers.quant.kv_cache import Int4KVStore
-from fastlayers.quant.paged_cache import Int4PagedKVCache, PagedStep
+from fastlayers.quant.paged_cache import DecodeSplit, Int4PagedKVCache, PagedStep
 from fastlayers.quant.rope_kv import (
     apply_rope,
     compute_post_rope_scales,
@@ -32,6 +32,7 @@ def __getattr__(name):
 
 __all__ = [
     "Int4KVStore",
+    "DecodeSplit",
     "Int4PagedKVCache",
     "PagedStep",
     "apply_rope",

@@ -24,6 +24,29 @@ from fastlayers.quant.rope_kv import FP8
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeSplit:
+    """A mixed step's one-token rows apart from its rows of several tokens (``PagedStep.split``),
+    for two kernel calls on CUDA (vLLM's FlashInfer backend splits its batches likewise): the
+    decode rows through the split-KV decode kernel, which reads each kv head's tokens once for
+    the whole GQA group, the others through the ragged prefill, whose 64-query tiles a decode
+    row would fill one row of (for every query head, without splitting its keys).
+    ``decode_tokens`` / ``prefill_tokens``: the step's tokens (rows of q) of each part, a
+    ``slice`` where the decode rows come first or last (views; the outputs joined by one
+    ``torch.cat``), else int64 indices; then each part's block table and lengths (tables as
+    wide as the part's longest row: the decode plans its key splits over that width) and the
+    prefill part's query starts and most tokens."""
+
+    decode_tokens: slice | torch.Tensor
+    prefill_tokens: slice | torch.Tensor
+    decode_table: torch.Tensor
+    decode_lens: torch.Tensor
+    prefill_table: torch.Tensor
+    prefill_lens: torch.Tensor
+    prefill_cu: torch.Tensor
+    prefill_max: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PagedStep:
     """One serving step's metadata (FlashInfer's plan), from :meth:`Int4PagedKVCache.plan`: the
     step's sequences and their new tokens, and on the cache's device (one host-to-device copy)
@@ -32,7 +55,9 @@ class PagedStep:
     included), ``cu_seqlens_q`` (int32 ``[S + 1]``: where each sequence's tokens start among the
     step's N, then N) and ``max_seqlen_q`` (the most new tokens of one sequence). Built from the
     cache's own bookkeeping, so valid by construction: the layers' writes and attention calls
-    that take it skip the host-side range checks (no device-to-host read per layer)."""
+    that take it skip the host-side range checks (no device-to-host read per layer). ``split``:
+    on CUDA, a step of one-token rows beside longer ones also carries a :class:`DecodeSplit`
+    (:meth:`Int4PagedKVCache.attention_step` then makes two kernel calls), else None."""
 
     seqs: tuple[int, ...]
     counts: tuple[int, ...]
@@ -41,10 +66,69 @@ class PagedStep:
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_seqlen_q: int
+    split: DecodeSplit | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.slots.shape[0])
+
+
+def _make_step(seqs, counts, slots, tables, lengths, device, split: bool) -> PagedStep:
+    """A :class:`PagedStep` from host lists (``tables[i]`` / ``lengths[i]``: sequence ``i``'s
+    pages and length, its new tokens included), in one host-to-device copy; with ``split`` and
+    rows of one token beside rows of more, its :class:`DecodeSplit` too."""
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    pieces = [list(slots)]
+
+    def rows(which):  # block table [len(which), width] and lengths of the sequences `which`
+        width = max([len(tables[i]) for i in which] + [1])
+        flat = []
+        for i in which:
+            flat += tables[i] + [0] * (width - len(tables[i]))
+        pieces.extend([flat, [lengths[i] for i in which]])
+        return width
+
+    widths = [rows(range(len(counts)))]
+    pieces.append(starts)
+    dec = [i for i, n in enumerate(counts) if n == 1]
+    pre = [i for i, n in enumerate(counts) if n > 1]
+    split = split and bool(dec) and bool(pre)
+    if split:
+        widths += [rows(dec), rows(pre)]
+        pre_cu = [0]
+        for i in pre:
+            pre_cu.append(pre_cu[-1] + counts[i])
+        pieces.append(pre_cu)
+        dec_tokens = [starts[i] for i in dec]
+        total, n_dec = starts[-1], len(dec)
+        if dec_tokens == list(range(n_dec)):  # decode rows first (vLLM's order) or last: views
+            selection = (slice(0, n_dec), slice(n_dec, total))
+        elif dec_tokens == list(range(total - n_dec, total)):
+            selection = (slice(total - n_dec, total), slice(0, total - n_dec))
+        else:
+            selection = None
+            pieces += [dec_tokens, [t for i in pre for t in range(starts[i], starts[i + 1])]]
+    host = torch.tensor([x for piece in pieces for x in piece], dtype=torch.int32)
+    dev, views, at = host.to(device), [], 0
+    for piece in pieces:
+        views.append(dev[at : at + len(piece)])
+        at += len(piece)
+    n_seqs = len(counts)
+    step_split = None
+    if split:
+        d_table, d_lens, p_table, p_lens, p_cu = views[4:9]
+        if selection is None:
+            selection = (views[9].long(), views[10].long())
+        step_split = DecodeSplit(
+            *selection, d_table.view(len(dec), widths[1]), d_lens,
+            p_table.view(len(pre), widths[2]), p_lens, p_cu, max(counts[i] for i in pre),
+        )  # fmt: skip
+    # (slots as int64 once, the writes' index type, rather than at every layer's write)
+    return PagedStep(tuple(seqs), tuple(counts), views[0].long(),
+                     views[1].view(n_seqs, widths[0]), views[2], views[3], max(list(counts) + [1]),
+                     step_split)  # fmt: skip
 
 
 class Int4PagedKVCache:
@@ -198,23 +282,12 @@ class Int4PagedKVCache:
         :class:`PagedStep`, for every layer's :meth:`write` and :meth:`attention_step` (and
         :meth:`fastlayers.RopeAwareQuantAttention.forward_paged`). One host-to-device copy; the
         per-layer calls then read nothing back to the host."""
+        from fastlayers.ops import kvint4_paged  # (ops import quant)
+
         slots, seqs, counts = self._reserve(seqs, tokens)
-        width = max([len(self._tables[s]) for s in seqs] + [1])
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
-        flat = list(slots)
-        for s in seqs:
-            flat += self._tables[s] + [0] * (width - len(self._tables[s]))
-        flat += [self._lengths[s] for s in seqs] + starts
-        host = torch.tensor(flat, dtype=torch.int32)
-        dev = host.to(self.device)
-        n, rows = len(slots), len(seqs)
-        table = dev[n : n + rows * width].view(rows, width)
-        lens = dev[n + rows * width : n + rows * width + rows]
-        # (slots as int64 once, the writes' index type, rather than at every layer's write)
-        return PagedStep(tuple(seqs), tuple(counts), dev[:n].long(), table, lens,
-                         dev[n + rows * width + rows :], max(counts + [1]))  # fmt: skip
+        return _make_step(seqs, counts, slots, [self._tables[s] for s in seqs],
+                          [self._lengths[s] for s in seqs], self.device,
+                          kvint4_paged.split_decode_rows(self.device))  # fmt: skip
 
     def _reserve(self, seqs, tokens) -> tuple[list[int], list[int], list[int]]:
         """:meth:`reserve` on the host: ``(slots, seqs, counts)`` as lists."""
