@@ -26,9 +26,11 @@ from fastlayers.ops.kvint4 import (
 )
 from fastlayers.ops.kvint4_paged import (
     int4_kv_attention_paged,
+    int4_kv_attention_paged_planned,
     int4_kv_attention_paged_varlen,
     int4_kv_decode_paged,
     kv_cache_write_paged,
+    kv_cache_write_paged_planned,
 )
 
 
@@ -51,6 +53,8 @@ def _cases():
         torch.tensor([[0, 1], [2, 0]], dtype=torch.int32),
         torch.tensor([10, 5], dtype=torch.int32),
     )
+    cu_q = torch.tensor([0, 3, 5], dtype=torch.int32)
+    step = quant.plan_paged_step(table, seq_lens, cu_q, 8, 3)  # (3 + 2 new tokens)
     nodes, leaves = 15, 4
     return {
         "rms_norm": (fastlayers.rms_norm, [x, w, 1e-6, 0.0]),
@@ -133,6 +137,14 @@ def _cases():
                 _r(4),
             ],
         ),  # fmt: skip
+        "int4_kv_attention_paged_planned": (
+            int4_kv_attention_paged_planned,
+            [_r(5, 4, 32), kp, ksp, kp, ksp, step, 0.2, 1.5, _r(4)],
+        ),
+        "kv_cache_write_paged_planned": (
+            kv_cache_write_paged_planned,
+            [_r(5, 2, 32), kp.clone(), ksp.clone(), step, _r(2, 32).abs(), _r(5, 32), _r(5, 32)],
+        ),
         "kv_cache_write_paged": (
             kv_cache_write_paged,
             [
@@ -196,6 +208,16 @@ def _api_cases():
         "RoutedSelfAttention()": (fastlayers.RoutedSelfAttention, [64, 4, 2, 16, 0.5]),
         "RopeAwareQuantAttention()": (fastlayers.RopeAwareQuantAttention, [4, 2, 32, 16]),
         "Int4PagedKVCache()": (quant.Int4PagedKVCache, [1, 8, 4, 2, 32, 16, 32]),
+        "plan_paged_step": (
+            quant.plan_paged_step,
+            [
+                torch.tensor([[0, 1], [2, 0]], dtype=torch.int32),
+                torch.tensor([10, 5], dtype=torch.int32),
+                torch.tensor([0, 3, 5]),
+                8,
+                3,
+            ],
+        ),  # fmt: skip
         "RopeAwareQuantAttention": (
             fastlayers.RopeAwareQuantAttention(4, 2, 32, 16),
             [_r(2, 4, 9, 32), _r(2, 2, 9, 32), _r(2, 2, 9, 32), cos, sin],

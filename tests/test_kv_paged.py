@@ -240,6 +240,27 @@ def test_int4_kv_attention_paged_varlen_compiles():
     torch.testing.assert_close(got, step(q, table, seq_lens, cu), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_int4_kv_attention_paged_planned_compiles(monkeypatch, split):
+    """torch.compile(fullgraph=True) of the planned attention (a step of a decode row beside a
+    9-token row; with the CUDA route's split forced on CPU): the eager result."""
+    from fastlayers.ops import int4_kv_attention_paged_planned, kvint4_paged
+
+    monkeypatch.setattr(kvint4_paged, "split_decode_rows", lambda device: split)
+    hq, hkv, d, group, lens = 4, 2, 64, 32, [40, 9]
+    cache = _cache(2, hkv, 40, d, d, group, "cpu")
+    pages, table, seq_lens = _paged(cache, lens, 16)
+    step = quant.plan_paged_step(table, seq_lens, [0, 1, 10], 16, pages[0].shape[0])
+    assert (step.split is not None) == split
+    q = rand(10, hq, d, dtype=torch.float32, device="cpu")
+
+    def run(q):
+        return int4_kv_attention_paged_planned(q, *pages, step)[0] * 2
+
+    got = torch.compile(run, fullgraph=True)(q)
+    torch.testing.assert_close(got, run(q), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_cache_write_paged_then_decode(device, dtype):
     """Three sequences filled token by token and in chunks, through a shuffled page pool (page
@@ -627,6 +648,74 @@ def test_paged_cache_plan_splits_decode_rows(monkeypatch, device, counts):
         one = cache.attention_varlen(0, q, step.block_table, step.seq_lens, step.cu_seqlens_q,
                                      step.max_seqlen_q)  # fmt: skip
         assert torch.equal(out, one[0]) and torch.equal(lse, one[1])
+
+
+def test_plan_paged_step_over_a_callers_block_table(device):
+    """quant.plan_paged_step: FlashInfer's plan over a block manager of the caller's (here the
+    cache's reserve and block_table, as tensors): the cache's slots, and the planned write and
+    attention ops over the raw pages equal the checked ops (bit for bit without a split, to
+    fp32 tolerance with one). Bad metadata raises at the plan, once; a step on a pool other than
+    its own raises at the run."""
+    from fastlayers import ops
+
+    group, d = 16, 32
+    cache = quant.Int4PagedKVCache(1, num_pages=24, page_size=8, kv_heads=2, head_dim=d,
+                                   group_size=group, device=device)  # fmt: skip
+    history = _History(1)
+    seqs = [cache.new_sequence() for _ in range(3)]
+    _step(cache, history, seqs, [9, 3, 17], device)
+    counts = [5, 1, 1]
+    slots = cache.reserve(seqs, counts)
+    table, lens = cache.block_table(seqs)
+    cu = torch.tensor([0, 5, 6, 7], dtype=torch.int32)
+    step = quant.plan_paged_step(table.cpu(), lens.cpu(), cu, 8, 24, device=device)
+    assert step.counts == tuple(counts) and torch.equal(step.slots, slots)
+    assert step.block_table.device.type == torch.device(device).type
+    pages = cache.pages[0]
+    k, v = (rand(7, 2, d, dtype=torch.float32, device=device) for _ in range(2))
+    q = rand(7, 4, d, dtype=torch.float32, device=device)
+    ops.kv_cache_write_paged_planned(k, pages[0], pages[1], step)
+    ops.kv_cache_write_paged_planned(v, pages[2], pages[3], step)
+    got = ops.int4_kv_attention_paged_planned(q, *pages, step)
+    before = [t.clone() for t in pages]
+    cache.write(0, k, v, slots)  # (the checked write: the same bytes)
+    for x, y in zip(before, pages, strict=True):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    want = ops.int4_kv_attention_paged_varlen(q, *pages, table, lens, cu.to(device), 5)
+    for x, y in zip(got, want, strict=True):
+        if step.split is None:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-5)
+    # (lists work as well; the plan is the one place that checks)
+    again = quant.plan_paged_step(table.tolist(), lens.tolist(), [0, 5, 6, 7], 8, 24, device)
+    assert torch.equal(again.slots, step.slots)
+    rows, n_lens = table.tolist(), lens.tolist()
+    bad = [
+        (dict(block_table=[[99] + rows[0][1:]] + rows[1:]), "pages must lie in \\[0, 23\\]"),
+        (dict(seq_lens=[n_lens[0] + 8 * len(rows[0])] + n_lens[1:]), "seq_lens .* must lie in"),
+        (dict(cu_seqlens_q=[0, 5, 4, 7]), "must start at 0 and not decrease"),
+        (dict(cu_seqlens_q=[0, 5, 6]), "cu_seqlens_q 4 starts"),
+        (dict(block_table=[rows[0], rows[0], rows[2]],
+              seq_lens=[n_lens[0]] * 2 + n_lens[2:]), "share a slot"),
+        (dict(page_size=6), "power of two"),
+        (dict(seq_lens=torch.tensor(n_lens, device="meta")), "meta tensor"),
+    ]  # fmt: skip
+    for change, match in bad:
+        args = dict(block_table=rows, seq_lens=n_lens, cu_seqlens_q=[0, 5, 6, 7], page_size=8,
+                    num_pages=24)  # fmt: skip
+        args.update(change)
+        with pytest.raises(ValueError, match=match):
+            quant.plan_paged_step(**args)
+    with pytest.raises(TypeError, match="block_table must be a 2-d integer"):
+        quant.plan_paged_step(table.float(), lens, cu, 8, 24)
+    small = [t[:20] for t in pages]  # (a pool of fewer pages than the plan's)
+    with pytest.raises(ValueError, match="at least 24 pages of 8 tokens"):
+        ops.int4_kv_attention_paged_planned(q, *small, step)
+    with pytest.raises(ValueError, match="at least 24 pages of 8 tokens"):
+        ops.kv_cache_write_paged_planned(k, small[0], small[1], step)
+    with pytest.raises(TypeError, match="step must be a PagedStep"):
+        ops.int4_kv_attention_paged_planned(q, *pages, (table, lens))
 
 
 def test_paged_cache_fork_copies_on_write_and_truncate_frees(device):

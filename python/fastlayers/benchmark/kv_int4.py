@@ -335,7 +335,7 @@ def _paged_mixed(device: torch.device, quick: bool, reps: int) -> list[Row]:
     # chunk through the ragged prefill, the decode rows through the split-KV decode
     counts = [tokens] + [1] * (batch - 1)
     step = _make_step(range(batch), counts, [0] * sum(counts), table.tolist(),
-                      seq_lens.tolist(), device, split=True)  # fmt: skip
+                      seq_lens.tolist(), device, True, PAGE_SIZE, cache[0].shape[0])  # fmt: skip
     split = functools.partial(_split_call, split=step.split, scale=None, softcap=None, sinks=None)
     with torch.no_grad():
         t, t_ref, t_ragged, t_split = time_interleaved(

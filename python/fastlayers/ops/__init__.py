@@ -26,9 +26,11 @@ from fastlayers.ops.kvint4 import (
 )
 from fastlayers.ops.kvint4_paged import (
     int4_kv_attention_paged,
+    int4_kv_attention_paged_planned,
     int4_kv_attention_paged_varlen,
     int4_kv_decode_paged,
     kv_cache_write_paged,
+    kv_cache_write_paged_planned,
 )
 from fastlayers.ops.peer import peer_experts, peer_retrieve
 from fastlayers.ops.rmsnorm import (
@@ -71,9 +73,11 @@ __all__ = [
     "int4_kv_attention",
     "int4_kv_attention_paged",
     "int4_kv_attention_paged_varlen",
+    "int4_kv_attention_paged_planned",
     "kv_quantize",
     "kv_cache_write",
     "kv_cache_write_paged",
+    "kv_cache_write_paged_planned",
     "q_quantize",
     "set_poison_outputs",
     "poison_outputs_enabled",

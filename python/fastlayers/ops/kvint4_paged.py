@@ -33,6 +33,11 @@ cos=None, sin=None, pairing="half")`` writes N new tokens' keys (or values) into
 (``page * page_size + slot_in_page``, vLLM's slot mapping; -1: not written): RoPE, post-RoPE
 scale and INT4 quantization as :func:`~fastlayers.ops.kvint4.kv_quantize`, each token straight
 into its page row.
+
+``int4_kv_attention_paged_planned(q, ..., step)`` / ``kv_cache_write_paged_planned(x, ..., step)``:
+the ragged prefill and the write on a :class:`~fastlayers.quant.PagedStep`'s metadata
+(``Int4PagedKVCache.plan`` or ``quant.plan_paged_step``: checked once, at the plan), with no
+device-to-host read per layer.
 """
 
 from __future__ import annotations
@@ -707,13 +712,43 @@ def split_decode_rows(device: torch.device) -> bool:
     return on_cuda(device)
 
 
-def attention_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step, scale=None,
-                      softcap=None, sinks=None):  # fmt: skip
-    """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` with a
-    :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts (valid by
-    construction): no host read of them (shapes and dtypes still checked). A step with a
-    ``split`` (on CUDA) runs its one-token rows through the split-KV decode kernel and the rest
-    through the ragged prefill: two calls, their outputs joined in the step's order."""
+def _check_step(step, pages: torch.Tensor, name: str) -> None:
+    """``step`` a :class:`~fastlayers.quant.PagedStep` planned for a pool like ``pages`` (its
+    page size, at least its pages: the entries it holds were checked against those)."""
+    from fastlayers.quant.paged_cache import PagedStep  # (quant imports ops)
+
+    if not isinstance(step, PagedStep):
+        raise TypeError(
+            f"step must be a PagedStep (Int4PagedKVCache.plan or quant.plan_paged_step), got "
+            f"{type(step).__name__}"
+        )
+    check_tensor(pages, name)
+    if pages.dim() != 4 or pages.shape[2] != step.page_size or pages.shape[0] < step.num_pages:
+        raise ValueError(
+            f"{name} must be a pool of at least {step.num_pages} pages of {step.page_size} tokens "
+            f"(the one the step was planned for), got {tuple(pages.shape)}"
+        )
+
+
+def kv_cache_write_paged_planned(x, packed_pages, scale_pages, step, post_scale=None, cos=None,
+                                 sin=None, pairing: str = "half") -> None:  # fmt: skip
+    """:func:`kv_cache_write_paged` of a :class:`~fastlayers.quant.PagedStep`'s new tokens,
+    ``x [N, Hkv, d]`` in the step's order, into their slots (valid and distinct by construction:
+    not read back)."""
+    _check_step(step, packed_pages, "packed_pages")
+    write_planned(x, packed_pages, scale_pages, step.slots, post_scale, cos, sin, pairing)
+
+
+def int4_kv_attention_paged_planned(q, k_pages, k_scale_pages, v_pages, v_scale_pages, step,
+                                    scale=None, softcap=None, sinks=None):  # fmt: skip
+    """:func:`int4_kv_attention_paged_varlen` of ``q [N, Hq, d]`` (the step's new tokens in its
+    order) with a :class:`~fastlayers.quant.PagedStep`'s block table, lengths and query starts
+    (FlashInfer's run after its plan; valid by construction): no host read of them (shapes and
+    dtypes still checked), CUDA-graph capturable. Returns ``(out [N, Hq, dv], lse [N, Hq])``. A
+    step with a ``split`` (on CUDA) runs its one-token rows through the split-KV decode kernel
+    and the rest through the ragged prefill: two calls, their outputs joined in the step's
+    order."""
+    _check_step(step, k_pages, "k_pages")
     args = (q, k_pages, k_scale_pages, v_pages, v_scale_pages, step.block_table, step.seq_lens)
     check_tensors(**dict(zip(_NAMES, args, strict=True)))
     if q.dim() != 3 or q.shape[0] != step.num_tokens:  # (the kernels read the step's N rows)

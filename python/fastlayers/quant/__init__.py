@@ -7,7 +7,7 @@ quantization functions are plain PyTorch. The Hugging Face pieces (``Int4KVCache
 """
 
 from fastlayers.quant.kv_cache import Int4KVStore
-from fastlayers.quant.paged_cache import DecodeSplit, Int4PagedKVCache, PagedStep
+from fastlayers.quant.paged_cache import DecodeSplit, Int4PagedKVCache, PagedStep, plan_paged_step
 from fastlayers.quant.rope_kv import (
     apply_rope,
     compute_post_rope_scales,
@@ -35,6 +35,7 @@ __all__ = [
     "DecodeSplit",
     "Int4PagedKVCache",
     "PagedStep",
+    "plan_paged_step",
     "apply_rope",
     "rotate_pairs",
     "compute_pre_rope_scales",

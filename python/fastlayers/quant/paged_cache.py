@@ -48,16 +48,19 @@ class DecodeSplit:
 
 @dataclasses.dataclass(frozen=True)
 class PagedStep:
-    """One serving step's metadata (FlashInfer's plan), from :meth:`Int4PagedKVCache.plan`: the
-    step's sequences and their new tokens, and on the cache's device (one host-to-device copy)
-    the new tokens' ``slots`` (int64 ``[N]``, each sequence's in turn), the sequences'
-    ``block_table`` (int32 ``[S, max_pages]``) and ``seq_lens`` (int32 ``[S]``, the new tokens
-    included), ``cu_seqlens_q`` (int32 ``[S + 1]``: where each sequence's tokens start among the
-    step's N, then N) and ``max_seqlen_q`` (the most new tokens of one sequence). Built from the
-    cache's own bookkeeping, so valid by construction: the layers' writes and attention calls
-    that take it skip the host-side range checks (no device-to-host read per layer). ``split``:
-    on CUDA, a step of one-token rows beside longer ones also carries a :class:`DecodeSplit`
-    (:meth:`Int4PagedKVCache.attention_step` then makes two kernel calls), else None."""
+    """One serving step's metadata (FlashInfer's plan), from :meth:`Int4PagedKVCache.plan` (or
+    :func:`plan_paged_step` for a block manager of the caller's): the step's sequences (rows)
+    and their new tokens, and on the device (one host-to-device copy) the new tokens' ``slots``
+    (int64 ``[N]``, each sequence's in turn), the sequences' ``block_table`` (int32
+    ``[S, max_pages]``) and ``seq_lens`` (int32 ``[S]``, the new tokens included),
+    ``cu_seqlens_q`` (int32 ``[S + 1]``: where each sequence's tokens start among the step's N,
+    then N) and ``max_seqlen_q`` (the most new tokens of one sequence). Valid by construction
+    (built from the cache's own bookkeeping, or checked once by the plan): the layers' writes and
+    attention calls that take it skip the host-side range checks (no device-to-host read per
+    layer); they check only that the pages they get are a pool of ``page_size`` and at least
+    ``num_pages`` pages, the one it was planned for. ``split``: on CUDA, a step of one-token
+    rows beside longer ones also carries a :class:`DecodeSplit` (the attention then makes two
+    kernel calls), else None."""
 
     seqs: tuple[int, ...]
     counts: tuple[int, ...]
@@ -67,16 +70,20 @@ class PagedStep:
     cu_seqlens_q: torch.Tensor
     max_seqlen_q: int
     split: DecodeSplit | None = None
+    page_size: int = 0  # (the pool the step was planned for: its page size, its pages)
+    num_pages: int = 0
 
     @property
     def num_tokens(self) -> int:
         return int(self.slots.shape[0])
 
 
-def _make_step(seqs, counts, slots, tables, lengths, device, split: bool) -> PagedStep:
+def _make_step(seqs, counts, slots, tables, lengths, device, split: bool, page_size: int,
+               num_pages: int) -> PagedStep:  # fmt: skip
     """A :class:`PagedStep` from host lists (``tables[i]`` / ``lengths[i]``: sequence ``i``'s
-    pages and length, its new tokens included), in one host-to-device copy; with ``split`` and
-    rows of one token beside rows of more, its :class:`DecodeSplit` too."""
+    pages and length, its new tokens included) for a pool of ``num_pages`` pages of ``page_size``
+    tokens, in one host-to-device copy; with ``split`` and rows of one token beside rows of
+    more, its :class:`DecodeSplit` too."""
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
@@ -128,7 +135,85 @@ def _make_step(seqs, counts, slots, tables, lengths, device, split: bool) -> Pag
     # (slots as int64 once, the writes' index type, rather than at every layer's write)
     return PagedStep(tuple(seqs), tuple(counts), views[0].long(),
                      views[1].view(n_seqs, widths[0]), views[2], views[3], max(list(counts) + [1]),
-                     step_split)  # fmt: skip
+                     step_split, page_size, num_pages)  # fmt: skip
+
+
+def _host_ints(x, name: str, dims: int) -> list:
+    """``x`` (an integer tensor, read to the host once, or nested lists of ints) as lists."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool or x.dim() != dims:
+            raise TypeError(f"{name} must be a {dims}-d integer tensor or list, got {x.dtype} "
+                            f"{tuple(x.shape)}")  # fmt: skip
+        if x.device.type == "meta":
+            raise ValueError(f"{name} must hold values (the plan reads them), got a meta tensor")
+        return x.tolist()
+    if not isinstance(x, Sequence):
+        raise TypeError(f"{name} must be an integer tensor or a list, got {type(x).__name__}")
+    if dims == 1:
+        return [check_int(v, name) for v in x]
+    return [_host_ints(row, name, 1) for row in x]
+
+
+def plan_paged_step(block_table, seq_lens, cu_seqlens_q, page_size: int, num_pages: int,
+                    device=None) -> PagedStep:  # fmt: skip
+    """FlashInfer's plan for the metadata of a block manager of the caller's own (vLLM's block
+    tables): a :class:`PagedStep` that :func:`fastlayers.ops.int4_kv_attention_paged_planned`
+    and :func:`fastlayers.ops.kv_cache_write_paged_planned` take for every layer of the step
+    without reading anything back to the host, as :meth:`Int4PagedKVCache.plan`'s.
+
+    ``block_table`` (``[S, max_pages]``), ``seq_lens`` (``[S]``: each row's tokens, its new ones
+    included) and ``cu_seqlens_q`` (``[S + 1]``: where each row's new tokens start among the
+    step's N, then N; a row's new tokens are its last ones): integer tensors (read to the host
+    once, here: pass CPU tensors to avoid a device synchronization) or lists. Checked here, once:
+    the pages each row uses in ``[0, num_pages)``, ``seq_lens`` within the table, the counts
+    within ``seq_lens``, and the new tokens' slots (computed from the table:
+    ``page * page_size + slot``) distinct (a page two rows share must be copied before either
+    writes into it). ``device``: where the metadata goes (default: ``block_table``'s device, or
+    the CPU for lists)."""
+    from fastlayers.ops import kvint4_paged  # (ops import quant)
+
+    page_size, num_pages = check_int(page_size, "page_size"), check_int(num_pages, "num_pages")
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if num_pages <= 0:
+        raise ValueError(f"num_pages must be > 0, got {num_pages}")
+    if device is None:
+        device = block_table.device if isinstance(block_table, torch.Tensor) else "cpu"
+    device = torch.device(device)
+    table = _host_ints(block_table, "block_table", 2)
+    lens = _host_ints(seq_lens, "seq_lens", 1)
+    cu = _host_ints(cu_seqlens_q, "cu_seqlens_q", 1)
+    rows = len(table)
+    if len(lens) != rows or len(cu) != rows + 1:
+        raise ValueError(
+            f"seq_lens must hold {rows} lengths and cu_seqlens_q {rows + 1} starts (block_table's "
+            f"rows), got {len(lens)} and {len(cu)}"
+        )
+    counts = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    if cu[0] != 0 or any(n < 0 for n in counts):
+        raise ValueError(f"cu_seqlens_q must start at 0 and not decrease, got {cu}")
+    tables, slots = [], []
+    for row, (pages, length, n) in enumerate(zip(table, lens, counts, strict=True)):
+        used = -(-length // page_size)
+        if not n <= length <= len(pages) * page_size:
+            raise ValueError(
+                f"row {row}: seq_lens ({length}) must lie in [its new tokens ({n}), block_table's "
+                f"{len(pages)} pages x page_size {page_size}]"
+            )
+        bad = [p for p in pages[:used] if not 0 <= p < num_pages]
+        if bad:
+            raise ValueError(f"row {row}: block_table's pages must lie in [0, {num_pages - 1}], "
+                             f"got {bad[0]}")  # fmt: skip
+        tables.append(pages[:used])
+        slots += [pages[t // page_size] * page_size + t % page_size
+                  for t in range(length - n, length)]  # fmt: skip
+    if len(set(slots)) != len(slots):
+        raise ValueError(
+            "two new tokens share a slot (a page that rows share must be copied before either "
+            "writes into it)"
+        )
+    return _make_step(range(rows), counts, slots, tables, lens, device,
+                      kvint4_paged.split_decode_rows(device), page_size, num_pages)  # fmt: skip
 
 
 class Int4PagedKVCache:
@@ -287,7 +372,8 @@ class Int4PagedKVCache:
         slots, seqs, counts = self._reserve(seqs, tokens)
         return _make_step(seqs, counts, slots, [self._tables[s] for s in seqs],
                           [self._lengths[s] for s in seqs], self.device,
-                          kvint4_paged.split_decode_rows(self.device))  # fmt: skip
+                          kvint4_paged.split_decode_rows(self.device), self.page_size,
+                          self.num_pages)  # fmt: skip
 
     def _reserve(self, seqs, tokens) -> tuple[list[int], list[int], list[int]]:
         """:meth:`reserve` on the host: ``(slots, seqs, counts)`` as lists."""
@@ -356,8 +442,9 @@ class Int4PagedKVCache:
 
         kq, ks, vq, vs = self.pages[self._layer(layer)]
         if isinstance(slots, PagedStep):
-            kvint4_paged.write_planned(k, kq, ks, slots.slots, post_scale, cos, sin, pairing)
-            kvint4_paged.write_planned(v, vq, vs, slots.slots)
+            kvint4_paged.kv_cache_write_paged_planned(k, kq, ks, slots, post_scale, cos, sin,
+                                                      pairing)  # fmt: skip
+            kvint4_paged.kv_cache_write_paged_planned(v, vq, vs, slots)
             return
         kvint4_paged.kv_cache_write_paged(k, kq, ks, slots, post_scale, cos, sin, pairing)
         kvint4_paged.kv_cache_write_paged(v, vq, vs, slots)
@@ -386,11 +473,9 @@ class Int4PagedKVCache:
         :func:`fastlayers.ops.int4_kv_attention_paged_varlen` on the step's metadata, not read
         back (``kwargs``: ``scale``, ``softcap``, ``sinks``). Returns ``(out [N, Hq, value_dim],
         lse [N, Hq])``."""
-        from fastlayers.ops.kvint4_paged import attention_planned
+        from fastlayers.ops.kvint4_paged import int4_kv_attention_paged_planned
 
-        if not isinstance(step, PagedStep):
-            raise TypeError(f"step must be a PagedStep (cache.plan), got {type(step).__name__}")
-        return attention_planned(q, *self.pages[self._layer(layer)], step, **kwargs)
+        return int4_kv_attention_paged_planned(q, *self.pages[self._layer(layer)], step, **kwargs)
 
     def attention_varlen(self, layer: int, q, block_table, seq_lens, cu_seqlens_q,
                          max_seqlen_q=None, **kwargs):  # fmt: skip
