@@ -208,6 +208,28 @@ def test_int4_kv_decode_paged_bad_input_and_opcheck():
                             (q, kp, ksp, vp, vsp, table, seq_lens, 0.2))  # fmt: skip
 
 
+@pytest.mark.parametrize("page_size", [1, 8, 16, 64])
+@pytest.mark.parametrize("hq", [8, 32])
+def test_cpu_paged_equals_contiguous_bit_for_bit(cpu_isa, page_size, hq):
+    """The CPU kernels walk a paged cache in the contiguous cache's blocks of keys (a block runs
+    over page ends: its rows in segments), so the paged decode and prefill give the contiguous
+    ones' bits, at every page size (pages of 1 to 64 tokens against blocks of 32) and ISA, with
+    GQA groups in registers (8 heads per kv head) and in slices (32)."""
+    from fastlayers.ops import int4_kv_attention, int4_kv_attention_paged, int4_kv_decode
+
+    b, hkv, d, group, n = 3, 1, 64, 32, 203
+    cache = _cache(b, hkv, n, d, d, group, "cpu")
+    pages, table, seq_lens = _paged(cache, [n] * b, page_size)
+    q = rand(b, hq, d, dtype=torch.bfloat16, device="cpu")
+    got = int4_kv_decode_paged(q, *pages, table, seq_lens)
+    want = int4_kv_decode(q, *cache, n)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q = rand(b, hq, 37, d, dtype=torch.float32, device="cpu")
+    got = int4_kv_attention_paged(q, *pages, table, seq_lens)
+    want = int4_kv_attention(q, *cache, n)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_int4_kv_decode_paged_compiles():
     """torch.compile(fullgraph=True) traces the op (its fake) and gives the eager result."""
     hq, hkv, d, group, lens = 4, 2, 64, 32, [40, 9]

@@ -259,6 +259,15 @@ struct Int4Rows {
   int64_t d, group, row;
 };
 
+// A block's keys and values in segments of consecutive rows (a paged cache's page parts): block
+// tokens [start[s], start[s + 1]) are the rows of k[s] and v[s]; nt tokens in all.
+struct Int4Blocks {
+  const Int4Rows* k;
+  const Int4Rows* v;
+  const int64_t* start;
+  int64_t segs, nt;
+};
+
 // A group's dequantization state: its table (AVX-512) or its scale broadcast (AVX2).
 #if defined(FL_AVX512)
 static inline V int4_group(float scale) { return {int4_table(scale)}; }
@@ -370,11 +379,15 @@ void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
 }
 
 template <int H>
-void heads_int4(const float* q, const Int4Rows& k, const Int4Rows& v, int64_t nt, int64_t t0,
-                const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
-  scores_int4<H>(q, k, nt, s);
-  softmax_rows<H>(nt, v.d, t0, limit, softcap, s, m, l, acc);
-  values_int4<H>(s, v, nt, acc);
+void heads_int4(const float* q, const Int4Blocks& blk, int64_t t0, const int64_t* limit, float softcap, float* s,
+                float* m, float* l, float* acc) {
+  for (int64_t sg = 0; sg < blk.segs; ++sg) {
+    scores_int4<H>(q, blk.k[sg], blk.start[sg + 1] - blk.start[sg], s + blk.start[sg]);
+  }
+  softmax_rows<H>(blk.nt, blk.v[0].d, t0, limit, softcap, s, m, l, acc);
+  for (int64_t sg = 0; sg < blk.segs; ++sg) {
+    values_int4<H>(s + blk.start[sg], blk.v[sg], blk.start[sg + 1] - blk.start[sg], acc);
+  }
 }
 #endif
 
@@ -543,52 +556,72 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
   // (with starts: the row's left padding skipped; prefill rows inside it see no token)
   int64_t begin, keys;  // keys: the last row's limit + 1, or the end of this task's key range
   key_range(first_token(p, b), query_keys(p, b, qi0, nq), kr, begin, keys);
-  int64_t nt;
-  for (int64_t t0 = begin; t0 < keys; t0 += nt) {
-    // a block of consecutive rows: at most kTokens, not past the end nor a page's
-    nt = keys - t0 < kTokens ? keys - t0 : kTokens;
-    nt = at.run(t0) < nt ? at.run(t0) : nt;
-    const int64_t r0 = at(t0);
-    if (at.table != nullptr && at.run(t0) == nt && t0 + nt < keys) {  // the next block on another page
-      const int64_t next = t0 + nt, rn = at(next), n = keys - next < kTokens ? keys - next : kTokens;
-      const int64_t m = at.run(next) < n ? at.run(next) : n;
-      prefetch_bytes(p.k + rn * (d / 2), m * (d / 2));
-      prefetch_bytes(p.k_scale + rn * groups, m * groups);
-      if (!in_keys) {
-        prefetch_bytes(p.v + rn * vrow, m * vrow);
-        prefetch_bytes(p.v_scale + rn * vsrow, m * vsrow);
+  // Blocks of kTokens keys wherever the pages end: the contiguous cache's blocks, so the same
+  // online-softmax steps and the same bits. A block's runs of consecutive rows (a paged cache's
+  // page parts; one run for a contiguous cache) are its segments: block tokens
+  // [seg_start[s], seg_start[s + 1]) in the rows from seg_row[s].
+  int64_t seg_start[kTokens + 1], seg_row[kTokens];
+  for (int64_t t0 = begin; t0 < keys; t0 += kTokens) {
+    const int64_t nt = keys - t0 < kTokens ? keys - t0 : kTokens;
+    int64_t segs = 0;
+    for (int64_t i = 0; i < nt; ++segs) {
+      seg_start[segs] = i;
+      seg_row[segs] = at(t0 + i);
+      i += at.run(t0 + i) < nt - i ? at.run(t0 + i) : nt - i;
+    }
+    seg_start[segs] = nt;
+    if (at.table != nullptr) {  // the next block's pages that start in it, asked for ahead
+      const int64_t end = keys - (t0 + nt) < kTokens ? keys : t0 + nt + kTokens;
+      for (int64_t t = t0 + nt; t < end; t += at.run(t)) {
+        if (t & at.mask) continue;  // (the rest of a page this block reads: in cache already)
+        const int64_t rn = at(t), m = at.run(t) < end - t ? at.run(t) : end - t;
+        prefetch_bytes(p.k + rn * (d / 2), m * (d / 2));
+        prefetch_bytes(p.k_scale + rn * groups, m * groups);
+        if (!in_keys) {
+          prefetch_bytes(p.v + rn * vrow, m * vrow);
+          prefetch_bytes(p.v_scale + rn * vsrow, m * vsrow);
+        }
       }
     }
 #if defined(__AVX2__)
     if (chunked && rows <= kRegisterHeads) {  // decode: dequantize in registers (heads_int4)
       const int64_t vgroups = dv / p.group;
       const float* f8 = fp8_values();
-      for (int64_t j = 0; j < nt * groups; ++j) w.k[j] = f8[p.k_scale[r0 * groups + j].bits];
-      for (int64_t i = 0; i < nt; ++i) {
-        for (int64_t j = 0; j < vgroups; ++j) w.v[i * vgroups + j] = f8[p.v_scale[(r0 + i) * vsrow + j].bits];
+      Int4Rows kint4[kTokens], vint4[kTokens];
+      for (int64_t sg = 0; sg < segs; ++sg) {
+        // (the FP8 scales once, looked up: the fp32 buffers are free)
+        const int64_t i0 = seg_start[sg], n = seg_start[sg + 1] - i0, r0 = seg_row[sg];
+        for (int64_t j = 0; j < n * groups; ++j) w.k[i0 * groups + j] = f8[p.k_scale[r0 * groups + j].bits];
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t j = 0; j < vgroups; ++j) {
+            w.v[(i0 + i) * vgroups + j] = f8[p.v_scale[(r0 + i) * vsrow + j].bits];
+          }
+        }
+        kint4[sg] = Int4Rows{p.k + r0 * (d / 2), w.k + i0 * groups, d, p.group, d / 2};
+        vint4[sg] = Int4Rows{p.v + r0 * vrow, w.v + i0 * vgroups, dv, p.group, vrow};
       }
-      // (the FP8 scales once, looked up: the fp32 buffers are free)
-      const Int4Rows kint4{p.k + r0 * (d / 2), w.k, d, p.group, d / 2};
-      const Int4Rows vint4{p.v + r0 * vrow, w.v, dv, p.group, vrow};
+      const Int4Blocks blk{kint4, vint4, seg_start, segs, nt};
       switch (rows) {
 #if defined(FL_AVX512)
-        case 8: heads_int4<8>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 7: heads_int4<7>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 6: heads_int4<6>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 5: heads_int4<5>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 8: heads_int4<8>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 7: heads_int4<7>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 6: heads_int4<6>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 5: heads_int4<5>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
 #endif
-        case 4: heads_int4<4>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 3: heads_int4<3>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        case 2: heads_int4<2>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
-        default: heads_int4<1>(w.q, kint4, vint4, nt, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 4: heads_int4<4>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 3: heads_int4<3>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        case 2: heads_int4<2>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
+        default: heads_int4<1>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
       }
       continue;
     }
 #endif
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t r = r0 + i;
-      dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
-      if (!in_keys) dequant_row(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, chunked, w.v + i * dv);
+    for (int64_t sg = 0; sg < segs; ++sg) {
+      for (int64_t i = seg_start[sg]; i < seg_start[sg + 1]; ++i) {
+        const int64_t r = seg_row[sg] + (i - seg_start[sg]);
+        dequant_row(p.k + r * (d / 2), p.k_scale + r * groups, d, p.group, chunked, w.k + i * d);
+        if (!in_keys) dequant_row(p.v + r * vrow, p.v_scale + r * vsrow, dv, p.group, chunked, w.v + i * dv);
+      }
     }
     // (values that are the keys' first dv channels: read from the dequantized key rows)
     const float* vb = in_keys ? w.k : w.v;
