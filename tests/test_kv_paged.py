@@ -575,8 +575,9 @@ def test_paged_cache_continuous_batching(device):
 def test_paged_cache_plan_reads_nothing_back(monkeypatch, device):
     """A planned step (cache.plan: reserve + metadata in one copy) writes and attends with no
     device-to-host read in the layers' calls (Tensor.tolist / item / bool / int patched to count;
-    the unplanned calls make five), and the same bytes and outputs as the calls on tensors of the
-    caller's: a prompt chunk beside decode tokens, then a decode-only step (the decode kernels)."""
+    the unplanned calls make three, one each), and the same bytes and outputs as the calls on
+    tensors of the caller's: a prompt chunk beside decode tokens, then a decode-only step (the
+    decode kernels)."""
     group, d = 16, 32
     planned, checked = (quant.Int4PagedKVCache(1, num_pages=16, page_size=8, kv_heads=2,
                                                head_dim=d, group_size=group, device=device)
@@ -614,7 +615,7 @@ def test_paged_cache_plan_reads_nothing_back(monkeypatch, device):
         else:  # (CUDA: the decode row through the decode kernel, its own summation order)
             torch.testing.assert_close(out, want[0], rtol=2e-5, atol=2e-5)
             torch.testing.assert_close(lse, want[1], rtol=2e-5, atol=2e-5)
-    assert reads == [0, 5, 0, 5]
+    assert reads == [0, 3, 0, 3]  # (unplanned: one read per call, the two writes and the attention)
     with pytest.raises(ValueError, match="q must be \\[3 \\(the step's new tokens\\)"):
         planned.attention_step(0, q[:2], step)  # (its kernels would read past q)
     with pytest.raises(ValueError, match="must be"):

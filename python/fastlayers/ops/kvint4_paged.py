@@ -51,7 +51,6 @@ from fastlayers.ops._common import (
     LIB,
     apply_sinks,
     capturing,
-    check_index_range,
     check_no_alias,
     check_scale_softcap,
     check_sinks,
@@ -190,40 +189,60 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
         raise ValueError(f"{what} but block_table holds at most {tokens} tokens a row")
     if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
         return  # (the kernels clamp lengths, query counts and page indices)
-    least = new if q_lens is None and not ragged else 0
-    what = f"(block_table's pages x page_size{'; the new tokens must be cached' if least else ''})"
-    check_index_range(seq_lens, "seq_lens", least, tokens, f"[{least}, {tokens}] {what}")
-    if q_lens is not None:
-        check_index_range(q_lens, "q_lens", 0, new, f"[0, {new}] (q's query tokens)")
-        if bool((q_lens > seq_lens).any()):
-            raise ValueError("q_lens must not exceed seq_lens: a row's new tokens must be cached")
-    if ragged:
-        _check_cu_seqlens(cu_q, q.shape[0], max_q, seq_lens)
-    used = (
-        torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < seq_lens[:, None]
-    )
-    if block_table.numel() and bool((used & ((block_table < 0) | (block_table >= pages))).any()):
-        raise ValueError(f"block_table's entries for the rows' pages must lie in [0, {pages - 1}]")
+    _check_values(seq_lens, block_table, pages, page_size, new, q_lens, cu_q, q.shape[0], max_q)
 
 
-def _check_cu_seqlens(cu_q, total: int, max_q: int, seq_lens) -> None:
-    """``cu_q`` from 0 to ``total``, not decreasing, each row's count at most ``max_q`` and its
-    ``seq_lens`` (its new tokens cached): one host read."""
-    n = cu_q[1:] - cu_q[:-1]
-    start, end, down, over, uncached = torch.stack(
-        [cu_q[0], cu_q[-1], (n < 0).any(), (n > max_q).any(), (n > seq_lens).any()]
-    ).tolist()
-    if start != 0 or end != total or down:
+def _check_values(seq_lens, block_table, pages: int, page_size: int, new: int, q_lens=None,
+                  cu_q=None, total: int = 0, max_q: int = 0) -> None:  # fmt: skip
+    """The paged call's values (``_check``'s ranges) in one host read: the extremes of
+    ``seq_lens``, of ``q_lens`` and of the ragged counts (``cu_q``'s steps), of each row's count
+    less its length, and of the block-table entries the rows use, stacked (on a GPU one
+    synchronization instead of one per check; on CPU fewer of torch's small ops)."""
+    tokens = block_table.shape[1] * page_size
+    parts: dict[str, torch.Tensor] = {}
+    if cu_q is not None:
+        parts["start"], parts["end"] = cu_q[0], cu_q[-1]
+    if seq_lens.numel():
+        parts["lo"], parts["hi"] = seq_lens.aminmax()
+        if q_lens is not None:
+            parts["q_lo"], parts["q_hi"] = q_lens.aminmax()
+            parts["q_over"] = (q_lens - seq_lens).max()
+        if cu_q is not None:
+            n = cu_q.diff()
+            parts["n_lo"], parts["n_hi"] = n.aminmax()
+            parts["n_over"] = (n - seq_lens).max()
+        if block_table.numel():  # (entries past a row's last page are never read)
+            first = torch.arange(0, tokens, page_size, device=seq_lens.device,
+                                 dtype=seq_lens.dtype)  # fmt: skip
+            used = torch.where(first[None, :] < seq_lens[:, None], block_table, 0)
+            parts["t_lo"], parts["t_hi"] = used.aminmax()
+    if not parts:
+        return
+    v = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
+    least = new if q_lens is None and cu_q is None else 0
+    if "lo" in v and (v["lo"] < least or v["hi"] > tokens):
+        cached = "; the new tokens must be cached" if least else ""
+        raise ValueError(
+            f"seq_lens must lie in [{least}, {tokens}] (block_table's pages x page_size{cached})"
+        )
+    if "q_lo" in v and (v["q_lo"] < 0 or v["q_hi"] > new):
+        raise ValueError(f"q_lens must lie in [0, {new}] (q's query tokens)")
+    if v.get("q_over", 0) > 0:
+        raise ValueError("q_lens must not exceed seq_lens: a row's new tokens must be cached")
+    if "start" in v and (v["start"] != 0 or v["end"] != total or v.get("n_lo", 0) < 0):
+        down = " decreasing" if v.get("n_lo", 0) < 0 else ""
         raise ValueError(
             f"cu_seqlens_q must start at 0, not decrease and end at q's {total} tokens, got "
-            f"{start} .. {end}{' decreasing' if down else ''}"
+            f"{v['start']} .. {v['end']}{down}"
         )
-    if over:
+    if v.get("n_hi", 0) > max_q:
         raise ValueError(f"max_seqlen_q ({max_q}) is below a row's query tokens (cu_seqlens_q)")
-    if uncached:
+    if v.get("n_over", 0) > 0:
         raise ValueError(
             "cu_seqlens_q's rows must not exceed seq_lens: a row's new tokens must be cached"
         )
+    if "t_lo" in v and (v["t_lo"] < 0 or v["t_hi"] >= pages):
+        raise ValueError(f"block_table's entries for the rows' pages must lie in [0, {pages - 1}]")
 
 
 def _gather(x: torch.Tensor, page: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
