@@ -170,7 +170,7 @@ if [ "$MARK" != cuda ]; then  # (the sm90 probe failed)
   for f in "${san_files[@]}"; do [ "$f" = test_int4_fp8_sm90 ] || keep+=("$f"); done
   san_files=("${keep[@]}")
 fi
-san_k="4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core or split_k_matches"
+san_k="4096 or 769 or 5125 or fff or ultrafast or experts or retrieve or (gemm_matches and 33) or quantize_fp8 or int4_kv or kv_quantize or fused_rope or row_kernels or varlen or device_prepack or strided_and_unaligned or tensor_core or split_k_matches or splits_decode or plan_paged_step"
 for tool in memcheck racecheck; do
   want "$tool" || continue
   # First the tensor-core attention tile (mma.sync, ldmatrix, cp.async; rewritten after the H200
