@@ -138,6 +138,12 @@ def _make_step(seqs, counts, slots, tables, lengths, device, split: bool, page_s
                      step_split, page_size, num_pages)  # fmt: skip
 
 
+def _token_slots(pages: list[int], page_size: int, begin: int, end: int) -> list[int]:
+    """The slots (``page * page_size + slot``, vLLM's slot mapping) of a sequence's tokens
+    ``begin .. end - 1`` in its pages."""
+    return [pages[t // page_size] * page_size + t % page_size for t in range(begin, end)]
+
+
 def _host_ints(x, name: str, dims: int) -> list:
     """``x`` (an integer tensor, read to the host once, or nested lists of ints) as lists."""
     if isinstance(x, torch.Tensor):
@@ -205,8 +211,7 @@ def plan_paged_step(block_table, seq_lens, cu_seqlens_q, page_size: int, num_pag
             raise ValueError(f"row {row}: block_table's pages must lie in [0, {num_pages - 1}], "
                              f"got {bad[0]}")  # fmt: skip
         tables.append(pages[:used])
-        slots += [pages[t // page_size] * page_size + t % page_size
-                  for t in range(length - n, length)]  # fmt: skip
+        slots += _token_slots(pages, page_size, length - n, length)
     if len(set(slots)) != len(slots):
         raise ValueError(
             "two new tokens share a slot (a page that rows share must be copied before either "
@@ -407,7 +412,7 @@ class Int4PagedKVCache:
                 page = self._free.pop()
                 self._refs[page] = 1
                 table.append(page)
-            slots += [table[t // ps] * ps + t % ps for t in range(length, length + n)]
+            slots += _token_slots(table, ps, length, length + n)
             self._lengths[seq] = length + n
         return slots, seqs, counts
 
