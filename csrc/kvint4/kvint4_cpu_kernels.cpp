@@ -260,12 +260,12 @@ struct Int4Rows {
 };
 
 // A block's keys and values in segments of consecutive rows (a paged cache's page parts): block
-// tokens [start[s], start[s + 1]) are the rows of k[s] and v[s]; nt tokens in all.
+// tokens [start[s], start[s + 1]) are the rows of k[s] and v[s]; start[segs] tokens in all.
 struct Int4Blocks {
   const Int4Rows* k;
   const Int4Rows* v;
   const int64_t* start;
-  int64_t segs, nt;
+  int64_t segs;
 };
 
 // A group's dequantization state: its table (AVX-512) or its scale broadcast (AVX2).
@@ -384,7 +384,7 @@ void heads_int4(const float* q, const Int4Blocks& blk, int64_t t0, const int64_t
   for (int64_t sg = 0; sg < blk.segs; ++sg) {
     scores_int4<H>(q, blk.k[sg], blk.start[sg + 1] - blk.start[sg], s + blk.start[sg]);
   }
-  softmax_rows<H>(blk.nt, blk.v[0].d, t0, limit, softcap, s, m, l, acc);
+  softmax_rows<H>(blk.start[blk.segs], blk.v[0].d, t0, limit, softcap, s, m, l, acc);
   for (int64_t sg = 0; sg < blk.segs; ++sg) {
     values_int4<H>(s + blk.start[sg], blk.v[sg], blk.start[sg + 1] - blk.start[sg], acc);
   }
@@ -600,7 +600,7 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
         kint4[sg] = Int4Rows{p.k + r0 * (d / 2), w.k + i0 * groups, d, p.group, d / 2};
         vint4[sg] = Int4Rows{p.v + r0 * vrow, w.v + i0 * vgroups, dv, p.group, vrow};
       }
-      const Int4Blocks blk{kint4, vint4, seg_start, segs, nt};
+      const Int4Blocks blk{kint4, vint4, seg_start, segs};
       switch (rows) {
 #if defined(FL_AVX512)
         case 8: heads_int4<8>(w.q, blk, t0, limit, p.softcap, w.s, w.m, w.l, w.acc); break;
