@@ -944,17 +944,26 @@ def test_int4_kv_attention_paged_query_counts_latent_one_token_and_bad_input(dev
         int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens, q_lens=[33, 5, 0])
 
 
-def test_int4_kv_attention_paged_latent_and_one_token(device):
-    """Multi-head latent attention's rows (values the key pages' first 512 channels, in place:
-    the latent tensor-core prefill) over pages; one query token is the decode's result."""
+@pytest.mark.parametrize("values", ["key rows", "own pages"])
+def test_int4_kv_attention_paged_latent_and_one_token(device, values):
+    """Multi-head latent attention's rows over pages (the latent tensor-core prefill), the values
+    the key pages' first 512 channels (in place) or pages of their own; one query token is the
+    decode's result."""
     from fastlayers.ops import int4_kv_attention_paged
 
     hq, hkv, d, dv, group, lens, tq = 16, 1, 576, 512, 64, [100, 40], 33
     keys = quant.quantize_kv_int4(rand(2, hkv, 100, d, dtype=torch.float32, device=device), group)
-    pages, table, seq_lens = _paged(list(keys), lens, 16)
-    kp, ksp = pages
-    vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
-    cache = (*keys, keys[0][..., : dv // 2].contiguous(), keys[1][..., : dv // group].contiguous())
+    if values == "key rows":
+        pages, table, seq_lens = _paged(list(keys), lens, 16)
+        kp, ksp = pages
+        vp, vsp = kp[..., : dv // 2], ksp[..., : dv // group]
+        cache = (*keys, keys[0][..., : dv // 2].contiguous(),
+                 keys[1][..., : dv // group].contiguous())  # fmt: skip
+    else:
+        vals = quant.quantize_kv_int4(rand(2, hkv, 100, dv, dtype=torch.float32, device=device),
+                                      group)  # fmt: skip
+        (kp, ksp, vp, vsp), table, seq_lens = _paged([*keys, *vals], lens, 16)
+        cache = (*keys, *vals)
     q = rand(2, hq, tq, d, dtype=torch.bfloat16, device=device)
     before = launches_since(PREFILL_KERNELS)
     out, lse = int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens)

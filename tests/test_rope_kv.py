@@ -751,21 +751,25 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
-@pytest.mark.parametrize("hq,group", [(2, 64), (3, 32)])
-def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, group):
+@pytest.mark.parametrize("hq,group,values", [(2, 64, "key rows"), (3, 32, "own rows")])
+def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, group, values):
     """Multi-head latent attention's prefill on tensor cores: keys of 576 channels (latent + RoPE
-    part), values the key rows' first 512 read in place; 8 warps per 32 query tokens, each a
-    quarter of the key channels (Q K^T) and of the value channels (P V) of 16 tokens, the quarters
-    of the scores summed through shared memory. 75 queries (three CTAs, the last partial) over 300
-    of 307 cached tokens, batch row 1 left-padded by 37 (its first queries see nothing: zeros, lse
-    -inf); with and without soft-capping; 16-bit queries to their tolerance, fp32 ones (hi + lo
-    parts) and FP8-quantized fp32 ones to fp32's, against the float64 reference. In the emulation:
-    the launch is checked, and the warp-per-row kernel is not launched."""
+    part), values the key rows' first 512 read in place, or rows of their own (here the first 512
+    channels of another cache's 576-channel rows: a row stride of their own, other scales); 8
+    warps per 32 query tokens, each a quarter of the key channels (Q K^T) and of the value
+    channels (P V) of 16 tokens, the quarters of the scores summed through shared memory. 75
+    queries (three CTAs, the last partial) over 300 of 307 cached tokens, batch row 1 left-padded
+    by 37 (its first queries see nothing: zeros, lse -inf); with and without soft-capping; 16-bit
+    queries to their tolerance, fp32 ones (hi + lo parts) and FP8-quantized fp32 ones to fp32's,
+    against the float64 reference. In the emulation: the launch is checked, and the warp-per-row
+    kernel is not launched."""
     from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
 
     b, t, length, tq, d, dv = 2, 307, 300, 75, 576, 512
     torch.manual_seed(hq + group)
     k, ks, v, vs = _values_in_key_rows(b, 1, t, d, dv, group, cuda_device)
+    if values == "own rows":
+        _, _, v, vs = _values_in_key_rows(b, 1, t, d, dv, group, cuda_device)
     starts = torch.tensor([0, 237], dtype=torch.int32, device=cuda_device)
     if dtype == "fp8":
         q = quant.quantize_q_fp8(rand(b, hq, tq, d, dtype=torch.float32, device=cuda_device))
@@ -1111,14 +1115,13 @@ def _values_in_key_rows(b, hkv, t, d, dv, group, device):
 
 
 @pytest.mark.parametrize("b,hq,hkv,d,dv,group", KEY_ROW_SHAPES)
-def test_int4_kv_values_read_in_place_from_the_key_rows(request, device, b, hq, hkv, d, dv, group):
+def test_int4_kv_values_read_in_place_from_the_key_rows(device, b, hq, hkv, d, dv, group):
     """Values that are the keys' first dv channels, given as views of the key buffers (multi-head
     latent attention: its latent serves as keys and values): decode (left padding, soft-capping,
     sinks, 16-bit queries) and causal prefill equal the same calls on contiguous copies (the CPU
     kernel reads the rows in place; the same bits) and the float64 reference. Views whose tokens
     are not evenly spaced rows are copied first, with the same result. (On CUDA the 576 / 512
-    prefill of the views takes the tensor-core kernel, of the copies the warp-per-row one: equal
-    to the tolerance there.)"""
+    prefill takes the latent tensor-core kernel either way: the same bits too.)"""
     t = 45
     k, ks, v, vs = _values_in_key_rows(b, hkv, t, d, dv, group, device)
     assert not v.is_contiguous() and not vs.is_contiguous()
@@ -1139,10 +1142,7 @@ def test_int4_kv_values_read_in_place_from_the_key_rows(request, device, b, hq, 
         q3 = rand(b, hq, 9, d, dtype=dtype, device=device, scale=2.0)
         out, lse = int4_kv_attention(q3, k, ks, v, vs, 40, None, 2.0, sinks)
         same, _ = int4_kv_attention(q3, k, ks, vc, vsc, 40, None, 2.0, sinks)
-        if request.node.callspec.params["device"] != "cpu" and d == 576:
-            torch.testing.assert_close(out, same, rtol=tol, atol=tol)
-        else:
-            assert torch.equal(out, same)
+        assert torch.equal(out, same)
         ref, _ = _attention_reference(q3.double(), k, ks, vc, vsc, 40, d**-0.5, 2.0, sinks)
         torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
     # tokens not evenly spaced (every other one of a longer cache): copied, the same answer

@@ -32,8 +32,9 @@
 //   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
 //   last causal key); fp16/bf16 queries as they are, fp32 ones as fp16 hi + lo parts
 //   (fp32_query_factor; the lo products skipped per warp where negligible: FP8-quantized queries);
-//   multi-head latent attention's 576 / 512 with the values in the key rows on tensor cores too
-//   (prefill_latent_tc_kernel: 8 warps, each a quarter of the channels of 16 query tokens);
+//   multi-head latent attention's 576 / 512 (values in the key rows or in rows of their own) on
+//   tensor cores too (prefill_latent_tc_kernel: 8 warps, each a quarter of the channels of 16 query
+//   tokens);
 //   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
@@ -778,14 +779,16 @@ bool prefill_tc_queries_ok(const DecodeParams& p) {
 }
 
 // ---- Tensor-core prefill for multi-head latent attention -------------------------------------
-// Keys of 576 channels (latent + RoPE part), values the key rows' first 512 (read in place). A
-// warp's 16 rows of the 512-channel output would take 256 fp32 registers a lane, so the work is
+// Keys of 576 channels (latent + RoPE part), values the key rows' first 512 (read in place) or rows
+// of 512 of their own. A warp's 16 rows of the 512-channel output would take 256 fp32 registers a lane, so the work is
 // split as in the latent decode: a CTA of 8 warps owns 32 query tokens of one head (two blocks of
 // 16 rows); the 4 warps of a row block each take a quarter of the key channels for Q K^T (144: 9
 // k blocks, the Q fragments in registers) and a quarter of the value channels for P V (128), and
 // sum their quarters of the scores through shared memory in one order, so that all 4 hold the same
 // scores, maxima and sums. Each 64-key tile is dequantized once into shared memory (rows of 576 + 8
-// halves) and serves both products: the values are its first 512 channels.
+// halves) and serves both products: the values are its first 512 channels. Values in rows of their
+// own are dequantized over the tile's first 512 channels once Q K^T has read it (the same shared
+// memory; one more barrier a tile).
 namespace tcl {
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kRows = 32;                // query tokens per CTA
@@ -806,6 +809,14 @@ constexpr size_t kRowScale = kQLo + kQBytes;
 constexpr size_t bytes(bool split) { return split ? kRowScale + kRows * sizeof(float) : kQLo; }
 static_assert(kQLo % 128 == 0 && kRowScale % 16 == 0, "aligned regions");
 }  // namespace tcl
+
+// Values that are the key rows' first channels: v = k with the key rows' stride and scales (multi-head
+// latent attention's latent read in place).
+__host__ __device__ __forceinline__ bool values_in_key_rows(const DecodeParams& p) {
+  return static_cast<const void*>(p.v) == static_cast<const void*>(p.k) &&
+         static_cast<const void*>(p.v_scale) == static_cast<const void*>(p.k_scale) && value_row(p) == p.d / 2 &&
+         value_scale_row(p) == p.d / p.group;
+}
 
 // CTA (32 query tokens, query head, batch row); query token i is cache token first + i and sees
 // cache tokens start .. first + i (as prefill_tc_kernel). kSplit: fp32 queries (T = __half; Q and P
@@ -865,6 +876,9 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   const int64_t start = first_token(p, b);
   const TileRows keys{p.k, kD / 2, reinterpret_cast<const uint8_t*>(p.k_scale), kD / p.group,
                       static_cast<int>(p.group)};
+  const TileRows values{p.v, value_row(p), reinterpret_cast<const uint8_t*>(p.v_scale), value_scale_row(p),
+                        static_cast<int>(p.group)};
+  const bool own_values = !values_in_key_rows(p);  // (CTA-uniform)
   // Tiles of one ldmatrix: keys +0-7 channels +0 / +8 (b[0], b[1] of block nb), keys +8-15 (nb + 1).
   const T* krow = sk + ((lane >> 4) * 8 + (lane & 7)) * kLd + ((lane >> 3) & 1) * 8 + piece * tcl::kQkCh;
   float o[kNb][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -915,7 +929,17 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     // The row block's quarters summed in one order (the same in its 4 warps).
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) sx[warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
-    __syncthreads();
+    __syncthreads();  // (and every warp's Q K^T has read the key tile)
+    if (own_values) {  // the tile's values over its first kDv channels (zeros where the keys have them)
+      constexpr int kVWords = kKeys * kDv / 8 / tcl::kThreads, kVBatch = 4;
+      static_assert(kVWords % kVBatch == 0, "whole batches");
+#pragma unroll 1
+      for (int i0w = 0; i0w < kVWords; i0w += kVBatch) {
+        uint32_t w[kVBatch], codes[kVBatch];
+        fetch_words<kDv, tcl::kThreads>(values, at, t0, nt, start, i0w, w, codes);
+        store_words<T, kDv, tcl::kThreads>(sk, kLd, i0w, w, codes);
+      }
+    }
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
       float4 y = sx[rb * tcl::kPieces][nb][lane];
@@ -950,6 +974,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     cuda::tc::scores_to_p(s, m, l);
     uint32_t pf[kKeys / 16][4];
     cuda::tc::to_a_fragments<T>(s, pf);
+    if (own_values) __syncthreads();  // (the values stored)
     // O += P V over the warp's 128 value channels: the tile's rows, channels 128 piece ..
     cuda::tc::mma_ab<T, kKeys / 16, kNb>(o, pf, sk + piece * tcl::kPvCh, kLd);
     if constexpr (kSplit) {  // and the lo parts of P
@@ -996,15 +1021,11 @@ Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
                                   : prefill_latent_tc<T, kSplit, false>(p, stream);
 }
 
-// Multi-head latent attention's 576 / 512 with the values in the key rows (v = k, the key rows'
-// stride and scales), prefill_tc_queries_ok, and the shared memory fits.
+// Multi-head latent attention's 576 / 512 (the values in the key rows or in rows of their own),
+// prefill_tc_queries_ok, and the shared memory fits.
 bool prefill_latent_tc_ok(const DecodeParams& p) {
   if (p.d != kLatentD || value_dim(p) != kLatentDv) return false;
-  if (static_cast<const void*>(p.v) != static_cast<const void*>(p.k) ||
-      static_cast<const void*>(p.v_scale) != static_cast<const void*>(p.k_scale) || value_row(p) != p.d / 2 ||
-      value_scale_row(p) != p.d / p.group) {
-    return false;
-  }
+  if (!cuda::is_aligned(p.v, 4) || value_row(p) % 4 != 0) return false;  // (rows read 4 bytes at a time)
   return prefill_tc_queries_ok(p) && cuda::tc::optin_smem(nullptr) >= tcl::bytes(p.q16 == nullptr);
 }
 

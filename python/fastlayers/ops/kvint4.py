@@ -409,8 +409,9 @@ def int4_kv_attention(
     dequantized per block in registers, online softmax) and CUDA kernels (head_dim 64, 80, 96,
     128 or 256 with ``dv == d``, and keys of 192 with values of 128: tensor cores, 64 queries x 64
     keys per tile, fp32 queries as fp16 hi + lo parts; multi-head latent attention's 576 / 512
-    with the values read from the key rows: tensor cores, 32 queries per tile, each warp a
-    quarter of the channels; otherwise one warp per query row, the decode kernel's shapes);
+    with the values read from the key rows or from rows of their own: tensor cores, 32 queries
+    per tile, each warp a quarter of the channels; otherwise one warp per query row, the decode
+    kernel's shapes);
     elsewhere the reference.
     ``softcap`` (Gemma 2's logit soft-capping): each scaled score ``s`` becomes
     ``softcap * tanh(s / softcap)`` before the softmax; None or 0 for none. ``sinks`` (GPT-OSS's
