@@ -34,6 +34,19 @@ def test_a_missing_barrier_shows_in_one_of_the_two_thread_orders():
     assert any(not torch.equal(out, expected) for _, out in results)
 
 
+def test_a_missing_barrier_shows_with_a_warp_collective_between_write_and_read():
+    # the warps run one at a time between block barriers, so a shuffle (a warp's own barrier)
+    # does not hide the race with the other warp
+    i = torch.arange(64)
+    expected = ((i ^ 1) + (63 - i)).float()
+    for _ in range(2):
+        message, out = _run(14)
+        assert message == "ok" and torch.equal(out, expected)
+    results = [_run(15) for _ in range(2)]
+    assert all(message == "ok" for message, _ in results)
+    assert all(not torch.equal(out, expected) for _, out in results)  # (each order: one warp first)
+
+
 def test_a_block_reading_another_blocks_output_shows_in_one_of_the_two_block_orders():
     # consecutive launches of a kernel run their blocks first to last, then last to first
     results = [_run(9) for _ in range(2)]

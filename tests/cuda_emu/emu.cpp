@@ -287,20 +287,33 @@ bool run_block(Block& b) {
     f.done = false;
     start_fiber(f, b);
   }
-  // Every other block runs its threads last to first between barriers: a read of shared memory
-  // that another thread writes with no barrier between sees it unwritten in one of the orders.
+  // Between block barriers the warps run one after another, each until all of its lanes wait at a
+  // block barrier (or have exited): its warp collectives complete among its own lanes, so that a
+  // warp never sees another warp's shared-memory writes of the same barrier interval. Every other
+  // block runs its warps, and each warp its lanes, last to first: a read of shared memory that
+  // another thread writes with no barrier between sees it unwritten in one of the two orders, even
+  // with warp collectives between the write and the read.
   const bool reverse = (g_epoch & 1) != 0;
+  const int warps = static_cast<int>(b.warps.size());
   while (b.bar.live > 0) {
     const unsigned long before = b.progress;
-    for (int n = 0; n < b.threads && b.failure == nullptr; ++n) {
-      const int t = reverse ? b.threads - 1 - n : n;
-      Fiber& f = (*b.fibers)[t];
-      if (f.done) continue;
-      b.current = t;
-      set_coords(b, t);
-      asan_start_switch(&b.sched_fake_stack, f.stack, kStackBytes);
-      switch_to(&b.sched, &f.ctx);
-      asan_finish_switch(b.sched_fake_stack, nullptr, nullptr);
+    for (int nw = 0; nw < warps && b.failure == nullptr; ++nw) {
+      const int w = reverse ? warps - 1 - nw : nw;
+      const int t0 = 32 * w, lanes = std::min(32, b.threads - t0);
+      unsigned long pass;
+      do {  // passes over the warp's lanes while any of them gets on
+        pass = b.progress;
+        for (int n = 0; n < lanes && b.failure == nullptr; ++n) {
+          const int t = t0 + (reverse ? lanes - 1 - n : n);
+          Fiber& f = (*b.fibers)[t];
+          if (f.done) continue;
+          b.current = t;
+          set_coords(b, t);
+          asan_start_switch(&b.sched_fake_stack, f.stack, kStackBytes);
+          switch_to(&b.sched, &f.ctx);
+          asan_finish_switch(b.sched_fake_stack, nullptr, nullptr);
+        }
+      } while (b.progress != pass && b.failure == nullptr);
     }
     if (b.failure != nullptr) return false;
     if (b.bar.live > 0 && b.progress == before) {

@@ -17,8 +17,10 @@
 // missing lanes, a block over 1024 threads, dynamic shared memory above 48 KiB without the
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in or above the 227 KiB an H100 allows.
 // Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
-// start; a shuffle from a lane that does not take part returns poison. Every other block runs its
-// threads in reverse order between barriers, so that a missing barrier shows in one of the two;
+// start; a shuffle from a lane that does not take part returns poison. Between block barriers the
+// warps run one at a time (a warp's collectives complete among its own lanes), and every other
+// block runs its warps and lanes in reverse order, so that a missing barrier shows in one of the
+// two, warp collectives between the write and the read or not;
 // every other launch of a kernel runs its blocks in reverse order, so that a block reading
 // another's output of the same launch shows too.
 // A launch above a kernel's __launch_bounds__ fails.

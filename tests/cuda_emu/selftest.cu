@@ -19,6 +19,18 @@ __global__ void reverse_through_shared(float* out) {
   out[threadIdx.x] = static_cast<float>(threadIdx.x) + s[63 - threadIdx.x];
 }
 
+// reverse_through_shared with a warp shuffle between the write and the read (out[i] = (i ^ 1) +
+// (63 - i)): the shuffle is no barrier between warps, so without kBarrier the read of the other
+// warp's slot is still a race.
+template <bool kBarrier>
+__global__ void reverse_past_a_shuffle(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (kBarrier) __syncthreads();
+  const float partner = __shfl_xor_sync(0xffffffffu, static_cast<float>(threadIdx.x), 1);
+  out[threadIdx.x] = partner + s[63 - threadIdx.x];
+}
+
 // A full-mask shuffle: undefined in a block of 48 threads (the second warp has 16 lanes).
 __global__ void shuffle(float* out) {
   const float v = static_cast<float>(threadIdx.x);
@@ -176,6 +188,12 @@ const char* run(int which, float* out) {
       break;
     case 13:
       mma_fragments<<<1, 32>>>(out);
+      break;
+    case 14:
+      reverse_past_a_shuffle<true><<<1, 64>>>(out);
+      break;
+    case 15:
+      reverse_past_a_shuffle<false><<<1, 64>>>(out);
       break;
     default:
       return "no such case";
