@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The CUDA emulation (tests/cuda_emu) catches what it claims to: kernels with a missing barrier,
-a block reading another block's output of the same launch, an undefined shuffle, a deadlock, a
-launch over its bounds or over the shared memory it opted into (tests/cuda_emu/selftest.cu), next
-to their correct twins; multiply-adds are fused as nvcc fuses them; a shuffle of a type CUDA's
-cannot move does not compile. Emulation builds only."""
+a block reading another block's output of the same launch, an undefined shuffle, a deadlock,
+barriers at divergent call sites, a launch over its bounds or over the shared memory it opted into
+(tests/cuda_emu/selftest.cu), next to their correct twins; multiply-adds are fused as nvcc fuses
+them; a shuffle of a type CUDA's cannot move does not compile. Emulation builds only."""
 
 import os
 import platform
@@ -69,6 +69,15 @@ def test_a_full_mask_shuffle_needs_every_lane():
 def test_a_deadlock_fails_the_launch():
     message, _ = _run(4)
     assert "deadlock" in message
+
+
+def test_divergent_block_barriers_fail_the_launch():
+    # warp 0 and warp 1 at two different __syncthreads() call sites (one barrier on a GPU, or a
+    # hang: undefined either way); the kernels' own barriers pass this check in every test
+    message, _ = _run(16)
+    assert "different __syncthreads() call sites" in message
+    message, out = _run(0)  # one call site, reached by every thread
+    assert message == "ok" and torch.equal(out, torch.full((64,), 63.0))
 
 
 def test_launch_bounds_and_dynamic_shared_memory_limits():

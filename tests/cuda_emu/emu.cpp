@@ -94,6 +94,8 @@ struct Barrier {
   int live = 0;   // threads not exited
   int count = 0;  // arrivals at the current barrier
   unsigned gen = 0;
+  const char* file = nullptr;  // the block barrier's call site this generation (the first arrival's)
+  int line = 0;
 
   bool arrive() {  // true: this arrival completed it
     if (++count < live) return false;
@@ -107,6 +109,7 @@ struct Barrier {
   void release() {
     count = 0;
     ++gen;
+    file = nullptr;
   }
 };
 
@@ -414,15 +417,36 @@ std::vector<std::pair<std::string, long>> launch_counts() {
   return out;
 }
 
-void syncthreads() { wait(g_block->bar); }
+// A block barrier reached from source line `file`:`line`. The threads of one barrier generation
+// must all come from one line: __syncthreads in code that the block's threads do not all run alike
+// is undefined on a GPU (it may hang, or pair unrelated barriers), so it fails the launch here.
+// (Source lines, not code addresses: a call the compiler duplicates is still one site; a barrier in
+// a helper function is the helper's line for every caller.)
+void block_wait(const char* file, int line) {
+  Block& b = *g_block;
+  if (b.bar.file == nullptr) {
+    b.bar.file = file;
+    b.bar.line = line;
+  } else if (b.bar.line != line || std::strcmp(b.bar.file, file) != 0) {
+    static thread_local char buf[400];
+    std::snprintf(buf, sizeof(buf),
+                  "threads of block (%u,%u,%u) wait at different __syncthreads() call sites, %s:%d "
+                  "and %s:%d (thread %d): divergent barriers are undefined on a GPU",
+                  blockIdx.x, blockIdx.y, blockIdx.z, b.bar.file, b.bar.line, file, line, tid());
+    fail(buf);
+  }
+  wait(b.bar);
+}
 
-int syncthreads_or(int predicate) {
+void syncthreads(const char* file, int line) { block_wait(file, line); }
+
+int syncthreads_or(int predicate, const char* file, int line) {
   Block& b = *g_block;
   const int slot = static_cast<int>(b.bar.gen & 1u);
   b.or_acc[slot] |= predicate != 0;
-  wait(b.bar);
+  block_wait(file, line);
   const int r = b.or_acc[slot];
-  wait(b.bar);
+  block_wait(file, line);
   if (tid() == 0) b.or_acc[slot] = 0;  // no thread reuses this slot before thread 0 is past here
   return r;
 }

@@ -14,7 +14,8 @@
 // a round in which no fiber makes progress is a deadlock and fails the launch. Exited threads
 // leave every barrier they would have joined. Misuse the hardware leaves undefined fails the
 // launch with a message (cudaGetLastError): a full-mask warp collective in a warp with exited or
-// missing lanes, a block over 1024 threads, dynamic shared memory above 48 KiB without the
+// missing lanes, threads of a block at __syncthreads() calls on different source lines (divergent
+// barriers), a block over 1024 threads, dynamic shared memory above 48 KiB without the
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in or above the 227 KiB an H100 allows.
 // Shared memory (static and dynamic) is poisoned with 0xFF bytes (NaN as floats) at each block's
 // start; a shuffle from a lane that does not take part returns poison. Between block barriers the
@@ -57,8 +58,8 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
 // Every launch site run so far ("file:line kernel", as `site` above) and its launch count.
 std::vector<std::pair<std::string, long>> launch_counts();
 
-void syncthreads();
-int syncthreads_or(int predicate);
+void syncthreads(const char* file, int line);
+int syncthreads_or(int predicate, const char* file, int line);
 void syncwarp(unsigned mask);
 // Warp collective: publishes n bytes of `value`, returns lane `src`'s into `out` (poison when
 // that lane does not take part).
@@ -116,8 +117,9 @@ Launch<P...> launch(void (*kernel)(P...), const char* site, dim3 grid, dim3 bloc
 
 // --- device intrinsics --------------------------------------------------------------------------
 
-inline void __syncthreads() { emu::syncthreads(); }
-inline int __syncthreads_or(int predicate) { return emu::syncthreads_or(predicate); }
+// (macros: a block barrier knows its source line, and the threads of one barrier must share it)
+#define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads_or(predicate) ::emu::syncthreads_or((predicate), __FILE__, __LINE__)
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
 
 namespace emu {

@@ -47,6 +47,17 @@ __global__ void deadlock(float* out) {
   out[threadIdx.x] = 1.0f;
 }
 
+// The two warps wait at different __syncthreads() call sites: undefined on a GPU.
+__global__ void divergent_barrier(float* out) {
+  if (threadIdx.x < 32) {
+    out[threadIdx.x] = 1.0f;
+    __syncthreads();
+  } else {
+    __syncthreads();
+    out[threadIdx.x] = 2.0f;
+  }
+}
+
 __global__ void __launch_bounds__(64) bounded(float* out) { out[threadIdx.x] = 1.0f; }
 
 __global__ void dynamic_shared(float* out) {
@@ -194,6 +205,9 @@ const char* run(int which, float* out) {
       break;
     case 15:
       reverse_past_a_shuffle<false><<<1, 64>>>(out);
+      break;
+    case 16:
+      divergent_barrier<<<1, 64>>>(out);
       break;
     default:
       return "no such case";
