@@ -605,6 +605,22 @@ __device__ __forceinline__ void store_words(T* dst, int ld, int i0, const uint32
   }
 }
 
+// This thread's share (kThreads threads) of the tile of keys t0 .. t0 + nt - 1, rows of C channels,
+// dequantized into their rows in shared memory (ld elements apart), kBatch words in flight at a time
+// (#pragma unroll 1: a kernel whose fragments and accumulators hold most registers).
+template <typename T, int C, int kThreads, int kBatch, typename Rows>
+__device__ __forceinline__ void dequantize_tile(const TileRows& src, const Rows& rows, int64_t t0, int64_t nt,
+                                                int64_t start, T* dst, int ld) {
+  constexpr int kWords = cuda::tc::kKeys * C / 8 / kThreads;
+  static_assert(kWords % kBatch == 0, "whole batches");
+#pragma unroll 1
+  for (int i0 = 0; i0 < kWords; i0 += kBatch) {
+    uint32_t w[kBatch], codes[kBatch];
+    fetch_words<C, kThreads>(src, rows, t0, nt, start, i0, w, codes);
+    store_words<T, C, kThreads>(dst, ld, i0, w, codes);
+  }
+}
+
 // Dequantizes this thread's words into the K and V rows in shared memory.
 template <typename T, int D, int DV>
 __device__ __forceinline__ void store_tile(const RawTile<D, DV>& r, T* sk, T* sv) {
@@ -890,16 +906,9 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   for (int64_t t0 = start / kKeys * kKeys; t0 <= last_key; t0 += kKeys) {
     const int64_t nt = last_key + 1 - t0 < kKeys ? last_key + 1 - t0 : kKeys;
     __syncthreads();  // the previous tile and the exchange are consumed (first: Q's fragments loaded)
-    // The tile's keys dequantized into shared memory (zeros past nt and before start), kBatch words
-    // of a thread's in flight at a time (registers: the Q fragments and O stay live).
-    constexpr int kWords = kKeys * kD / 8 / tcl::kThreads, kBatch = 6;
-    static_assert(kWords % kBatch == 0, "whole batches");
-#pragma unroll 1
-    for (int i0w = 0; i0w < kWords; i0w += kBatch) {
-      uint32_t w[kBatch], codes[kBatch];
-      fetch_words<kD, tcl::kThreads>(keys, at, t0, nt, start, i0w, w, codes);
-      store_words<T, kD, tcl::kThreads>(sk, kLd, i0w, w, codes);
-    }
+    // The tile's keys dequantized into shared memory (zeros past nt and before start), 6 words of a
+    // thread's in flight at a time (registers: the Q fragments and O stay live).
+    dequantize_tile<T, kD, tcl::kThreads, 6>(keys, at, t0, nt, start, sk, kLd);
     __syncthreads();
 
     // The warp's quarter of S = Q K^T: 16 rows x 64 keys over its 144 key channels.
@@ -931,14 +940,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     for (int nb = 0; nb < 8; ++nb) sx[warp][nb][lane] = make_float4(s[nb][0], s[nb][1], s[nb][2], s[nb][3]);
     __syncthreads();  // (and every warp's Q K^T has read the key tile)
     if (own_values) {  // the tile's values over its first kDv channels (zeros where the keys have them)
-      constexpr int kVWords = kKeys * kDv / 8 / tcl::kThreads, kVBatch = 4;
-      static_assert(kVWords % kVBatch == 0, "whole batches");
-#pragma unroll 1
-      for (int i0w = 0; i0w < kVWords; i0w += kVBatch) {
-        uint32_t w[kVBatch], codes[kVBatch];
-        fetch_words<kDv, tcl::kThreads>(values, at, t0, nt, start, i0w, w, codes);
-        store_words<T, kDv, tcl::kThreads>(sk, kLd, i0w, w, codes);
-      }
+      dequantize_tile<T, kDv, tcl::kThreads, 4>(values, at, t0, nt, start, sk, kLd);
     }
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
