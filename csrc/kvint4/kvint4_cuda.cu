@@ -796,15 +796,15 @@ bool prefill_tc_queries_ok(const DecodeParams& p) {
 
 // ---- Tensor-core prefill for multi-head latent attention -------------------------------------
 // Keys of 576 channels (latent + RoPE part), values the key rows' first 512 (read in place) or rows
-// of 512 of their own. A warp's 16 rows of the 512-channel output would take 256 fp32 registers a lane, so the work is
-// split as in the latent decode: a CTA of 8 warps owns 32 query tokens of one head (two blocks of
-// 16 rows); the 4 warps of a row block each take a quarter of the key channels for Q K^T (144: 9
-// k blocks, the Q fragments in registers) and a quarter of the value channels for P V (128), and
-// sum their quarters of the scores through shared memory in one order, so that all 4 hold the same
-// scores, maxima and sums. Each 64-key tile is dequantized once into shared memory (rows of 576 + 8
-// halves) and serves both products: the values are its first 512 channels. Values in rows of their
-// own are dequantized over the tile's first 512 channels once Q K^T has read it (the same shared
-// memory; one more barrier a tile).
+// of 512 of their own. A warp's 16 rows of the 512-channel output would take 256 fp32 registers a
+// lane, so the work is split as in the latent decode: a CTA of 8 warps owns 32 query tokens of one
+// head (two blocks of 16 rows); the 4 warps of a row block each take a quarter of the key channels
+// for Q K^T (144: 9 k blocks, the Q fragments in registers) and a quarter of the value channels for
+// P V (128), and sum their quarters of the scores through shared memory in one order, so that all 4
+// hold the same scores, maxima and sums. Each 64-key tile is dequantized once into shared memory
+// (rows of 576 + 8 halves) and serves both products: the values are its first 512 channels. Values
+// in rows of their own are dequantized over the tile's first 512 channels once Q K^T has read it
+// (the same shared memory; one more barrier a tile).
 namespace tcl {
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kRows = 32;                // query tokens per CTA
@@ -828,7 +828,7 @@ static_assert(kQLo % 128 == 0 && kRowScale % 16 == 0, "aligned regions");
 
 // Values that are the key rows' first channels: v = k with the key rows' stride and scales (multi-head
 // latent attention's latent read in place).
-__host__ __device__ __forceinline__ bool values_in_key_rows(const DecodeParams& p) {
+__device__ __forceinline__ bool values_in_key_rows(const DecodeParams& p) {
   return static_cast<const void*>(p.v) == static_cast<const void*>(p.k) &&
          static_cast<const void*>(p.v_scale) == static_cast<const void*>(p.k_scale) && value_row(p) == p.d / 2 &&
          value_scale_row(p) == p.d / p.group;

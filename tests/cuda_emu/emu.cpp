@@ -422,7 +422,7 @@ std::vector<std::pair<std::string, long>> launch_counts() {
 // is undefined on a GPU (it may hang, or pair unrelated barriers), so it fails the launch here.
 // (Source lines, not code addresses: a call the compiler duplicates is still one site; a barrier in
 // a helper function is the helper's line for every caller.)
-void block_wait(const char* file, int line) {
+void syncthreads(const char* file, int line) {
   Block& b = *g_block;
   if (b.bar.file == nullptr) {
     b.bar.file = file;
@@ -438,15 +438,13 @@ void block_wait(const char* file, int line) {
   wait(b.bar);
 }
 
-void syncthreads(const char* file, int line) { block_wait(file, line); }
-
 int syncthreads_or(int predicate, const char* file, int line) {
   Block& b = *g_block;
   const int slot = static_cast<int>(b.bar.gen & 1u);
   b.or_acc[slot] |= predicate != 0;
-  block_wait(file, line);
+  syncthreads(file, line);
   const int r = b.or_acc[slot];
-  block_wait(file, line);
+  syncthreads(file, line);
   if (tid() == 0) b.or_acc[slot] = 0;  // no thread reuses this slot before thread 0 is past here
   return r;
 }
