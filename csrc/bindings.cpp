@@ -29,7 +29,7 @@ namespace fastlayers::cuda_emu_selftest {
 const char* run(int which, float* out);  // tests/cuda_emu/selftest.cu
 }
 namespace emu {
-std::vector<std::pair<std::string, long>> launch_counts();  // tests/cuda_emu/emu.cpp
+std::vector<std::pair<std::string, long>> launch_counts(bool blocks);  // tests/cuda_emu/emu.cpp
 }
 #endif
 
@@ -777,12 +777,14 @@ PYBIND11_MODULE(_C, m) {
       "error string or 'ok'");
   m.def(
       "cuda_emu_launches",
-      [] {
+      [](bool blocks) {
         py::dict d;
-        for (const auto& [site, n] : emu::launch_counts()) d[py::str(site)] = n;
+        for (const auto& [site, n] : emu::launch_counts(blocks)) d[py::str(site)] = n;
         return d;
       },
-      "Emulation builds only: {'file:line kernel': launches} of every launch site run so far");
+      py::arg("blocks") = false,
+      "Emulation builds only: {'file:line kernel': launches} of every launch site run so far (with "
+      "blocks=True: their blocks, every launch's grid together)");
 #endif
   m.def("cuda_archs", [] { return std::string(FASTLAYERS_CUDA_ARCHS); },
         "Comma-separated CUDA architectures the kernels were compiled for ('' without CUDA)");

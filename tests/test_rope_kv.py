@@ -750,6 +750,49 @@ def test_int4_kv_attention_tensor_core_prefill(cuda_device, dtype, d, dv, group)
     torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "hq,hkv,tq,dtype,packed",
+    [
+        (6, 2, 5, torch.bfloat16, True),  # 3 heads x 5 tokens: one tile per kv head
+        (3, 1, 30, torch.float32, True),  # 90 rows: the first tile ends mid-token (64 = 21 x 3 + 1)
+        (80, 1, 2, torch.float16, True),  # a group wider than a tile: a token's heads in two
+        (4, 2, 64, torch.bfloat16, False),  # as many tiles either way: one head per CTA
+    ],
+)
+def test_int4_kv_attention_tensor_core_prefill_packs_gqa_heads(cuda_device, hq, hkv, tq, dtype,
+                                                               packed):  # fmt: skip
+    """The tensor-core prefill packs a GQA group's query heads into one CTA's 64 rows (token-major,
+    FlashAttention 3's pack_gqa) where that takes fewer CTAs: a few query tokens then fill the
+    group's rows of one tile, whose key tiles are dequantized once for them all, instead of a
+    tile per head. Each packed row keeps its own causal limit (its token's); groups that do not
+    divide 64 (tiles ending inside a token's heads) and wider than a tile; fp32 queries (hi + lo
+    parts, the lo products per warp of mixed heads). Against the float64 reference; in the
+    emulation, the CTAs launched: ceil(tq x group / 64) per kv head packed, ceil(tq / 64) per
+    query head otherwise."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    torch.manual_seed(hq + tq)
+    b, d, t, group = 2, 64, 100, 32
+    q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
+    k, ks = quant.quantize_kv_int4(
+        rand(b, hkv, t, d, dtype=torch.float32, device=cuda_device), group
+    )
+    v, vs = quant.quantize_kv_int4(
+        rand(b, hkv, t, d, dtype=torch.float32, device=cuda_device), group
+    )
+    before = launches_since(("kernel",), None, blocks=True)
+    out, lse = int4_kv_attention(q, k, ks, v, vs, t)
+    if before is not None:
+        g = hq // hkv
+        ctas = b * (hkv * -(-tq * g // 64) if packed else hq * -(-tq // 64))
+        assert launches_since(("kernel",), before, blocks=True) == [ctas]
+    ref, ref_lse = _attention_reference(q.double(), k, ks, v, vs, t, d**-0.5)
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    assert out.dtype == dtype and out.shape == (b, hq, tq, d)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
 @pytest.mark.parametrize("hq,group,values", [(2, 64, "key rows"), (3, 32, "own rows")])
 def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, group, values):
@@ -789,6 +832,32 @@ def test_int4_kv_attention_tensor_core_prefill_latent(cuda_device, dtype, hq, gr
     assert bool(torch.isneginf(lse[1, :, :12]).all()) and bool((out[1, :, :12] == 0).all())
     if before is not None:
         assert launches_since(kernels, before) == [0, 2]
+
+
+@pytest.mark.parametrize("hq,tq,dtype", [(16, 3, torch.bfloat16), (5, 13, torch.float32)])
+def test_int4_kv_attention_tensor_core_prefill_latent_packs_heads(cuda_device, hq, tq, dtype):
+    """The latent tensor-core prefill packs the query heads of its one latent kv head into a CTA's
+    32 rows (token-major, as the other tile does): 16 heads x 3 tokens in 2 CTAs a batch row
+    instead of 16, 5 x 13 (a tile ending inside a token's heads; fp32 queries) in 3 instead of 5;
+    each row with its own causal limit, batch row 1 left-padded. Against the float64
+    reference."""
+    from fastlayers.ops.kvint4 import _attention_reference, int4_kv_attention
+
+    b, t, length, d, dv, group = 2, 90, 80, 576, 512, 64
+    torch.manual_seed(hq)
+    k, ks, v, vs = _values_in_key_rows(b, 1, t, d, dv, group, cuda_device)
+    starts = torch.tensor([0, 30], dtype=torch.int32, device=cuda_device)
+    q = rand(b, hq, tq, d, dtype=dtype, device=cuda_device)
+    before = launches_since(("prefill_latent_tc_kernel",), None, blocks=True)
+    out, lse = int4_kv_attention(q, k, ks, v, vs, length, None, 0.0, None, starts)
+    if before is not None:
+        ctas = b * -(-hq * tq // 32)
+        assert launches_since(("prefill_latent_tc_kernel",), before, blocks=True) == [ctas]
+    ref, ref_lse = _attention_reference(q.double(), k, ks, v.contiguous(), vs.contiguous(), length,
+                                        d**-0.5, 0.0, None, starts)  # fmt: skip
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, "fp8", torch.float16, torch.bfloat16])

@@ -28,13 +28,15 @@
 //   shared memory and write the split's (output / sum, lse); a second kernel combines the splits by
 //   their lse.
 // Prefill: head_dim 64, 80, 96, 128 or 256, or keys of 192 with values of 128, on tensor cores
-//   (common/tc_attention.cuh: 64 query tokens per CTA, 64-key tiles dequantized into shared memory,
-//   4 cache bytes per thread and step (cache rows 4-byte aligned), only the tiles up to the CTA's
+//   (common/tc_attention.cuh: 64 query rows per CTA, of one head or, for short or ragged
+//   queries, of a GQA group's heads packed token-major (PackedRows, prefill_pack: FlashAttention
+//   3's pack_gqa), 64-key tiles dequantized into shared memory, 4 cache bytes per thread and step
+//   (cache rows 4-byte aligned), only the tiles up to the CTA's
 //   last causal key); fp16/bf16 queries as they are, fp32 ones as fp16 hi + lo parts
 //   (fp32_query_factor; the lo products skipped per warp where negligible: FP8-quantized queries);
 //   multi-head latent attention's 576 / 512 (values in the key rows or in rows of their own) on
 //   tensor cores too (prefill_latent_tc_kernel: 8 warps, each a quarter of the channels of 16 query
-//   tokens);
+//   rows, packed likewise);
 //   otherwise one warp per query row on CUDA cores. Both skip each batch row's left padding
 //   (DecodeParams::starts).
 #include <cmath>
@@ -638,16 +640,17 @@ struct PrefillSplitSmem {
   static constexpr size_t kExtraBytes = kRowScale + cuda::tc::kRows * sizeof(float) - S::kExtra;
 };
 
-// fp32 queries (rows of D, q_ld apart) into rows r0 .. r0 + n - 1 of Q (hi) and Q_lo (stride ld; rows past
-// `rows` zero), one warp: each row times its f (fp32_query_factor), rs[row] = 1 / f; returns whether
-// a lo part of this lane's exceeds kQueryLoLimit (the caller reduces it over its warp or CTA).
-template <int D>
-__device__ bool load_split_rows(const float* q, int64_t q_ld, int64_t rows, int r0, int n, __half* hi, __half* lo,
-                                float* rs, int ld) {
+// fp32 queries (row r from row_ptr(r), D channels) into rows r0 .. r0 + n - 1 of Q (hi) and Q_lo
+// (stride ld; rows past `rows` zero), one warp: each row times its f (fp32_query_factor), rs[row] =
+// 1 / f; returns whether a lo part of this lane's exceeds kQueryLoLimit (the caller reduces it over
+// its warp or CTA).
+template <int D, typename RowPtr>
+__device__ bool load_split_rows(const RowPtr& row_ptr, int64_t rows, int r0, int n, __half* hi, __half* lo, float* rs,
+                                int ld) {
   const int lane = threadIdx.x & 31;
   bool lo_needed = false;
   for (int r = r0; r < r0 + n; ++r) {
-    const float* src = r < rows ? q + static_cast<int64_t>(r) * q_ld : nullptr;
+    const float* src = r < rows ? row_ptr(r) : nullptr;
     float mx = 0.0f;
     if (src != nullptr) {
       for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(src[c]));
@@ -668,60 +671,102 @@ __device__ bool load_split_rows(const float* q, int64_t q_ld, int64_t rows, int 
   return lo_needed;
 }
 
-// fp32 queries (p.q) into the warp's 16 rows of the tile's Q (hi) and Q_lo; returns whether the
-// warp needs the lo products (warp-uniform).
-template <int D, int DV>
-__device__ bool load_split_queries(const float* q, int64_t q_ld, int64_t rows, unsigned char* smem) {
+// fp32 queries (row i of the tile from row_ptr(i)) into the warp's 16 rows of the tile's Q (hi) and
+// Q_lo; returns whether the warp needs the lo products (warp-uniform).
+template <int D, int DV, typename RowPtr>
+__device__ bool load_split_queries(const RowPtr& row_ptr, int64_t rows, unsigned char* smem) {
   using L = PrefillSplitSmem<D, DV>;
   auto* hi = reinterpret_cast<__half*>(smem + L::S::kQ);
   auto* lo = reinterpret_cast<__half*>(smem + L::kQLo);
   auto* rs = reinterpret_cast<float*>(smem + L::kRowScale);
   const int warp = threadIdx.x >> 5;
-  return __any_sync(0xffffffffu, load_split_rows<D>(q, q_ld, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
+  return __any_sync(0xffffffffu, load_split_rows<D>(row_ptr, rows, warp * 16, 16, hi, lo, rs, L::S::kLd));
 }
 
-// A prefill tile's query rows (CTA-uniform): its query tokens i0 .. i0 + all - 1 of batch row b
-// (all: up to kRows, the call's q_tokens), of which the first `rows` hold a query (query_count: with
-// q_lens the rest are padding). The padding rows get zeros and lse -inf here, before the tile's
-// work (which then takes `rows` alone, as without q_lens: no register of the loop for them).
-// Ragged queries (q_starts) have no padding rows. Returns rows (0: nothing left to do).
+// A prefill CTA's query rows, FlashAttention 3's pack_gqa: `pack` query heads from h0 share the
+// tile (1: one head, the rows its consecutive query tokens), their rows token-major: the CTA's
+// row i is the call's packed row r0 + i, query token (r0 + i) / pack of head h0 + (r0 + i) %
+// pack. Packing a GQA group's heads, a decode row or a few speculative tokens fill `pack` rows of
+// one tile (its key tiles dequantized once for them all) instead of one row of a tile per head.
+// (Packed rows number q_tokens x pack < 2^31: prefill_pack; heads below 65536:
+// prefill_tc_queries_ok.) 16 bytes: the kernels keep the CTA's in a row's padding (in_pad).
+struct PackedRows {
+  int h0, tok0, rem0, pack;  // first head, the tile's first query token (r0 / pack), r0 % pack, heads
+  __device__ PackedRows(int h0_, int r0, int pack_) : h0(h0_), tok0(r0 / pack_), rem0(r0 % pack_), pack(pack_) {}
+  __device__ int64_t token(int i) const { return tok0 + (rem0 + i) / pack; }
+  __device__ int64_t head(int i) const { return h0 + (rem0 + i) % pack; }
+  // Row i's row of q, out and lse (query_row) in batch row b.
+  __device__ int64_t row(const DecodeParams& p, int64_t b, int i) const { return query_row(p, b, head(i), token(i)); }
+};
+static_assert(sizeof(PackedRows) == 16, "one row's padding");
+
+// A CTA's PackedRows in shared memory at `at`: a row's 16 bytes of padding (cuda::tc::kPad) that
+// nothing else reads or writes. Written by thread 0 before a block barrier; the key loop and the
+// epilogue read the fields there rather than hold them in registers beside the tile's fragments
+// (which spilled at head_dim 256), and the tile's shared memory does not grow (at head_dim 256 it
+// is exactly the 99 KiB of sm86 / sm89).
+__device__ __forceinline__ const PackedRows& in_pad(unsigned char* at, const PackedRows& mine) {
+  auto& rows = *reinterpret_cast<PackedRows*>(at);
+  if (threadIdx.x == 0) rows = mine;
+  return rows;
+}
+
+// A prefill tile's query rows (CTA-uniform): packed rows r0 .. r0 + all - 1 (`at`'s rows 0 ..
+// all - 1; all: up to kRows, the call's q_tokens x pack), of which the first `rows` hold a query
+// (query_count: with q_lens the rest are padding; token-major packing keeps them last). The
+// padding rows get zeros and lse -inf here, before the tile's work (which then takes `rows` alone,
+// as without q_lens: no register of the loop for them). Ragged queries (q_starts) have no padding
+// rows. Returns rows (0: nothing left to do).
 template <int kRows, int DV>
-__device__ __forceinline__ int64_t tile_query_rows(const DecodeParams& p, int64_t b, int64_t h, int64_t i0) {
-  const int64_t all = p.q_tokens - i0 < kRows ? p.q_tokens - i0 : kRows;
-  const int64_t rows = query_rows(p, b, i0, all);
+__device__ __forceinline__ int64_t tile_query_rows(const DecodeParams& p, int64_t b, const PackedRows& at, int r0) {
+  const int64_t total = p.q_tokens * at.pack;
+  const int64_t all = total - r0 < kRows ? total - r0 : kRows;
+  const int64_t held = query_count(p, b) * at.pack - r0;
+  const int64_t rows = held < 0 ? 0 : (held < all ? held : all);
   if (rows < all && p.q_starts == nullptr) {
-    const int64_t w = query_row(p, b, h, i0 + rows);  // the first padding row (step 1)
-    for (int64_t e = threadIdx.x; e < (all - rows) * DV; e += blockDim.x) p.out[w * DV + e] = 0.0f;
-    for (int64_t r = threadIdx.x; r < all - rows; r += blockDim.x) p.lse[w + r] = -INFINITY;
+    const int n = static_cast<int>(all - rows);
+    for (int e = threadIdx.x; e < n * DV; e += blockDim.x) {
+      p.out[at.row(p, b, static_cast<int>(rows) + e / DV) * DV + e % DV] = 0.0f;
+    }
+    for (int r = threadIdx.x; r < n; r += blockDim.x) p.lse[at.row(p, b, static_cast<int>(rows) + r)] = -INFINITY;
   }
   return rows;
 }
 
-// Tensor-core prefill: CTA (64 query tokens, query head, batch row). Query token i is cache token
-// first + i and sees cache tokens start .. first + i (start: the row's left padding skipped; the
-// key tiles before it are not read). Keys of D channels, values of DV. kSplit: fp32 queries
-// (T = __half; WarpTile's hi + lo). kPaged: a paged cache (p.block_table).
+// The tensor-core prefills' launch: the cache and queries, and the query heads per CTA.
+struct PrefillTcArgs {
+  DecodeParams p;
+  int pack;
+};
+
+// Tensor-core prefill: CTA (64 query rows of `pack` query heads (PackedRows), batch row). Query
+// token i is cache token first + i and sees cache tokens start .. first + i (start: the row's left
+// padding skipped; the key tiles before it are not read). Keys of D channels, values of DV.
+// kSplit: fp32 queries (T = __half; WarpTile's hi + lo). kPaged: a paged cache (p.block_table).
 template <typename T, int D, int DV, bool kSplit, bool kPaged>
-__global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const PrefillTcArgs args) {
   namespace tc = cuda::tc;  // the tensor-core tile: its kRows / kKeys, not this file's
   using S = tc::Smem<D, DV>;
   extern __shared__ __align__(128) unsigned char tc_smem[];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * tc::kRows, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t rows = tile_query_rows<tc::kRows, DV>(p, b, h, i0);  // (q_lens: padding written)
+  const DecodeParams& p = args.p;
+  const int r0 = static_cast<int>(blockIdx.x) * tc::kRows;
+  const int64_t b = blockIdx.z;
+  const PackedRows mine(static_cast<int>(blockIdx.y) * args.pack, r0, args.pack);
+  const int64_t kh = mine.h0 / (p.hq / p.hkv);
+  const int64_t rows = tile_query_rows<tc::kRows, DV>(p, b, mine, r0);  // (q_lens: padding written)
   if (rows == 0) return;  // (the whole CTA)
   const int64_t first = end_token(p, b) - query_count(p, b);
-  const int64_t q_row0 = query_row(p, b, h, i0);  // (the tile's rows query_step apart)
   bool use_lo = false;
   if constexpr (kSplit) {
-    use_lo = load_split_queries<D, DV>(p.q + q_row0 * D, query_step(p) * D, rows, tc_smem);
+    use_lo = load_split_queries<D, DV>([&](int i) { return p.q + mine.row(p, b, i) * D; }, rows, tc_smem);
   } else {
-    const T* q = static_cast<const T*>(p.q16) + q_row0 * D;
+    const T* q = static_cast<const T*>(p.q16);
     tc::load_rows_async<T, D>(reinterpret_cast<T*>(tc_smem + S::kQ), S::kLd, tc::kRows, static_cast<int>(rows),
-                              [&](int i) { return q + i * query_step(p) * D; });
+                              [&](int i) { return q + mine.row(p, b, i) * D; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
   }
+  const PackedRows& q_at = in_pad(tc_smem + S::kQ + D * 2, mine);  // (Q's first row's padding)
   __syncthreads();
   tc::WarpTile<T, D, kSplit, DV> tile(tc_smem);
   if constexpr (kSplit) {
@@ -734,7 +779,7 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
   T* sk = reinterpret_cast<T*>(tc_smem + S::kK);
   T* sv = reinterpret_cast<T*>(tc_smem + S::kV);
   const auto at = cache_rows<kPaged>(p, b, kh);
-  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
+  const int64_t last_key = first + mine.token(static_cast<int>(rows) - 1);  // the CTA's last visible key
   const int64_t start = first_token(p, b);
   const auto tile_keys = [&](int64_t t0) { return last_key + 1 - t0 < tc::kKeys ? last_key + 1 - t0 : tc::kKeys; };
   // The next tile's bytes are in flight during this tile's products, in registers, up to head_dim
@@ -754,17 +799,18 @@ __global__ void __launch_bounds__(cuda::tc::kWarps * 32) prefill_tc_kernel(const
     }
     __syncthreads();
     // Every row sees the whole tile: no mask.
-    if (rows == tc::kRows && nt == tc::kKeys && t0 >= start && t0 + tc::kKeys - 1 <= first + i0) {
+    // (Row i sees keys up to first + q_at.token(i); q_at's fields read from shared memory.)
+    if (rows == tc::kRows && nt == tc::kKeys && t0 >= start && t0 + tc::kKeys - 1 <= first + q_at.tok0) {
       tile.step(tc::AllVisible{}, p.scale, p.softcap);
     } else {
-      tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + i0 + i; },
+      tile.step([&](int i, int j) { return i < rows && t0 + j >= start && t0 + j <= first + q_at.token(i); },
                 p.scale, p.softcap);
     }
   }
-  const int64_t w0 = query_row(p, b, h, i0);
-  tile.template finish<float>([&](int i) { return i < rows ? p.out + (w0 + i * query_step(p)) * DV : nullptr; },
+  const int64_t bz = blockIdx.z;  // (read again: not held through the loop)
+  tile.template finish<float>([&](int i) { return i < rows ? p.out + q_at.row(p, bz, i) * DV : nullptr; },
                               [&](int i, float lse) {
-                                if (i < rows) p.lse[w0 + i * query_step(p)] = lse;
+                                if (i < rows) p.lse[q_at.row(p, bz, i)] = lse;
                               });
 }
 
@@ -773,17 +819,33 @@ constexpr size_t prefill_tc_smem() {
   return cuda::tc::Smem<D, DV>::bytes(kSplit ? PrefillSplitSmem<D, DV>::kExtraBytes : 0);
 }
 
+// Query heads per CTA of a tensor-core prefill of `rows` query rows a CTA (PackedRows): a GQA
+// group's where the call's rows may hold fewer query tokens than its grid (ragged rows of at most
+// max_seqlen_q, or q_lens) or packing takes fewer CTAs (q_tokens x group not a multiple of
+// rows), as FlashAttention 3's pack_gqa; else 1. Never more CTAs than one head per CTA:
+// ceil(n g / rows) <= g ceil(n / rows).
+int prefill_pack(const DecodeParams& p, int64_t rows) {
+  const int64_t group = p.hq / p.hkv;
+  if (group == 1) return 1;
+  if (p.q_tokens * group >= (int64_t{1} << 31)) return 1;  // (PackedRows: 32-bit row numbers)
+  const bool ragged = p.q_starts != nullptr || p.q_lens != nullptr;
+  const bool fewer = (p.q_tokens * group + rows - 1) / rows < group * ((p.q_tokens + rows - 1) / rows);
+  return ragged || fewer ? static_cast<int>(group) : 1;
+}
+
 template <typename T, int D, int DV, bool kSplit, bool kPaged>
 Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
-  const dim3 grid(static_cast<unsigned>((p.q_tokens + cuda::tc::kRows - 1) / cuda::tc::kRows),
-                  static_cast<unsigned>(p.hq), static_cast<unsigned>(p.batch));
-  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit, kPaged>, grid, prefill_tc_smem<D, DV, kSplit>(), p,
+  const PrefillTcArgs args{p, prefill_pack(p, cuda::tc::kRows)};
+  const dim3 grid(static_cast<unsigned>((p.q_tokens * args.pack + cuda::tc::kRows - 1) / cuda::tc::kRows),
+                  static_cast<unsigned>(p.hq / args.pack), static_cast<unsigned>(p.batch));
+  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit, kPaged>, grid, prefill_tc_smem<D, DV, kSplit>(), args,
                           stream, configured);
 }
 
 // The tensor-core prefills' queries (fp16/bf16 ones given in q16, 16-byte aligned, or fp32 ones),
-// key rows (read 4 bytes at a time) and grid (batch and query heads within 65535).
+// key rows (read 4 bytes at a time) and grid (batch and query heads within 65535, query tokens
+// below 2^30).
 bool prefill_tc_queries_ok(const DecodeParams& p) {
   if (p.q16 != nullptr) {
     if (!cuda::is_aligned(p.q16, 16)) return false;
@@ -791,20 +853,21 @@ bool prefill_tc_queries_ok(const DecodeParams& p) {
   } else if (p.q == nullptr) {
     return false;
   }
-  return cuda::is_aligned(p.k, 4) && p.batch <= 65535 && p.hq <= 65535;
+  // (PackedRows numbers a row's query tokens in 32 bits)
+  return cuda::is_aligned(p.k, 4) && p.batch <= 65535 && p.hq <= 65535 && p.q_tokens < (int64_t{1} << 30);
 }
 
 // ---- Tensor-core prefill for multi-head latent attention -------------------------------------
 // Keys of 576 channels (latent + RoPE part), values the key rows' first 512 (read in place) or rows
 // of 512 of their own. A warp's 16 rows of the 512-channel output would take 256 fp32 registers a
-// lane, so the work is split as in the latent decode: a CTA of 8 warps owns 32 query tokens of one
-// head (two blocks of 16 rows); the 4 warps of a row block each take a quarter of the key channels
-// for Q K^T (144: 9 k blocks, the Q fragments in registers) and a quarter of the value channels for
-// P V (128), and sum their quarters of the scores through shared memory in one order, so that all 4
-// hold the same scores, maxima and sums. Each 64-key tile is dequantized once into shared memory
-// (rows of 576 + 8 halves) and serves both products: the values are its first 512 channels. Values
-// in rows of their own are dequantized over the tile's first 512 channels once Q K^T has read it
-// (the same shared memory; one more barrier a tile).
+// lane, so the work is split as in the latent decode: a CTA of 8 warps owns 32 query rows of one
+// head, or of a GQA group's heads packed (two blocks of 16 rows); the 4 warps of a row block each
+// take a quarter of the key channels for Q K^T (144: 9 k blocks, the Q fragments in registers) and
+// a quarter of the value channels for P V (128), and sum their quarters of the scores through
+// shared memory in one order, so that all 4 hold the same scores, maxima and sums. Each 64-key tile
+// is dequantized once into shared memory (rows of 576 + 8 halves) and serves both products: the
+// values are its first 512 channels. Values in rows of their own are dequantized over the tile's
+// first 512 channels once Q K^T has read it (the same shared memory; one more barrier a tile).
 namespace tcl {
 constexpr int kWarps = 8, kThreads = kWarps * 32;
 constexpr int kRows = 32;                // query tokens per CTA
@@ -815,7 +878,7 @@ constexpr int kLd = kD + cuda::tc::kPad;  // Q and K rows (16-bit elements; 16-b
 constexpr int kQkCh = kD / kPieces;       // a warp's key channels (9 k blocks)
 constexpr int kPvCh = kDv / kPieces;      // a warp's value channels
 // Shared memory (byte offsets): Q (hi; once its fragments are in registers, the score exchange
-// [warp][8-key block][lane] as float4), the key tile, and for fp32 queries Q_lo and the rows' score
+// [warp][8-key block][lane] as float4), the key tile, for fp32 queries Q_lo and the rows' score
 // factors.
 constexpr size_t kQBytes = size_t(kRows) * kLd * 2;
 constexpr size_t kXBytes = size_t(kWarps) * 8 * 32 * 16;
@@ -834,12 +897,12 @@ __device__ __forceinline__ bool values_in_key_rows(const DecodeParams& p) {
          value_scale_row(p) == p.d / p.group;
 }
 
-// CTA (32 query tokens, query head, batch row); query token i is cache token first + i and sees
-// cache tokens start .. first + i (as prefill_tc_kernel). kSplit: fp32 queries (T = __half; Q and P
-// as hi + lo parts, the Q K^T lo products skipped when no row of the CTA needs them). kPaged: a paged
-// cache.
+// CTA (32 query rows of `pack` heads (PackedRows), batch row); query token i is cache token
+// first + i and sees cache tokens start .. first + i (as prefill_tc_kernel). kSplit: fp32 queries
+// (T = __half; Q and P as hi + lo parts, the Q K^T lo products skipped when no row of the CTA needs
+// them). kPaged: a paged cache.
 template <typename T, bool kSplit, bool kPaged>
-__global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const PrefillTcArgs args) {
   using tcl::kD;
   using tcl::kDv;
   using tcl::kKeys;
@@ -853,14 +916,18 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   T* sk = reinterpret_cast<T*>(tc_smem + tcl::kK);
   const T* sq_lo = reinterpret_cast<const T*>(tc_smem + tcl::kQLo);  // (kSplit)
 
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, h = blockIdx.y, b = blockIdx.z;
-  const int64_t kh = h / (p.hq / p.hkv);
-  const int64_t rows = tile_query_rows<kRows, kDv>(p, b, h, i0);  // (q_lens: padding written)
+  const DecodeParams& p = args.p;
+  const int r0 = static_cast<int>(blockIdx.x) * kRows;
+  const int64_t b = blockIdx.z;
+  const PackedRows mine(static_cast<int>(blockIdx.y) * args.pack, r0, args.pack);
+  const int64_t kh = mine.h0 / (p.hq / p.hkv);
+  const int64_t rows = tile_query_rows<kRows, kDv>(p, b, mine, r0);  // (q_lens: padding written)
   if (rows == 0) return;  // (the whole CTA)
   const int64_t first = end_token(p, b) - query_count(p, b);
-  const int64_t q_row0 = query_row(p, b, h, i0);  // (the tile's rows query_step apart)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int rb = warp / tcl::kPieces, piece = warp % tcl::kPieces;  // the warp's rows and channels
+  // (the key tile's first row's padding: Q's is the score exchange's)
+  const PackedRows& q_at = in_pad(tc_smem + tcl::kK + tcl::kD * 2, mine);
 
   bool use_lo = false;
   float rs[2] = {1.0f, 1.0f};  // rows g, g + 8 of the block: their scores' factors
@@ -868,15 +935,16 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     auto* lo = reinterpret_cast<__half*>(tc_smem + tcl::kQLo);
     auto* rsm = reinterpret_cast<float*>(tc_smem + tcl::kRowScale);
     constexpr int kPerWarp = kRows / tcl::kWarps;
-    const bool mine = load_split_rows<kD>(p.q + q_row0 * kD, query_step(p) * kD, rows, warp * kPerWarp, kPerWarp,
-                                          reinterpret_cast<__half*>(sq), lo, rsm, kLd);
-    use_lo = __syncthreads_or(mine);
+    const auto row_ptr = [&](int r) { return p.q + mine.row(p, b, r) * kD; };
+    const bool lo_needed = load_split_rows<kD>(row_ptr, rows, warp * kPerWarp, kPerWarp, reinterpret_cast<__half*>(sq),
+                                               lo, rsm, kLd);
+    use_lo = __syncthreads_or(lo_needed);
     rs[0] = rsm[rb * 16 + g];
     rs[1] = rsm[rb * 16 + g + 8];
   } else {
-    const T* q = static_cast<const T*>(p.q16) + q_row0 * kD;
+    const T* q = static_cast<const T*>(p.q16);
     cuda::tc::load_rows_async<T, kD>(sq, kLd, kRows, static_cast<int>(rows),
-                                     [&](int i) { return q + i * query_step(p) * kD; });
+                                     [&](int i) { return q + mine.row(p, b, i) * kD; });
     cuda::ptx::cp_async_commit();
     cuda::ptx::cp_async_wait<0>();
     __syncthreads();
@@ -888,7 +956,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   for (int kk = 0; kk < kKb; ++kk) cuda::ptx::ldmatrix_x4(qf[kk], sq + qoff + kk * 16);
 
   const auto at = cache_rows<kPaged>(p, b, kh);
-  const int64_t last_key = first + i0 + rows - 1;  // the CTA's last visible cache token
+  const int64_t last_key = first + mine.token(static_cast<int>(rows) - 1);  // the CTA's last visible cache token
   const int64_t start = first_token(p, b);
   const TileRows keys{p.k, kD / 2, reinterpret_cast<const uint8_t*>(p.k_scale), kD / p.group,
                       static_cast<int>(p.group)};
@@ -953,7 +1021,8 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
       s[nb][0] = y.x, s[nb][1] = y.y, s[nb][2] = y.z, s[nb][3] = y.w;
     }
 
-    // Online softmax in base 2 (masked: rows past `rows`, keys before start or after the row's).
+    // Online softmax in base 2 (masked: rows past `rows`, keys before start or after the row's,
+    // first + q_at.token(i); q_at's fields read from shared memory).
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb) {
@@ -962,7 +1031,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
         const int i = rb * 16 + g + 8 * (e >> 1);
         const int64_t key = t0 + nb * 8 + 2 * tq + (e & 1);
         const float x = softcapped(s[nb][e] * p.scale * rs[e >> 1], p.softcap);
-        s[nb][e] = i < rows && key >= start && key <= first + i0 + i ? x * kLog2e : -INFINITY;
+        s[nb][e] = i < rows && key >= start && key <= first + q_at.token(i) ? x * kLog2e : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
       }
     }
@@ -987,7 +1056,6 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   }
 
   // O / l of the warp's rows and value channels; the rows' lse from the first warp of the block.
-  const int64_t w0 = query_row(p, b, h, i0), step = query_step(p);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     float sum = l[hh];
@@ -996,13 +1064,14 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
     const int i = rb * 16 + g + 8 * hh;
     if (i >= rows) continue;
     const float inv = seen(sum) ? 1.0f / sum : 0.0f;
-    float* out = p.out + (w0 + i * step) * kDv + piece * tcl::kPvCh;
+    const int64_t w = q_at.row(p, blockIdx.z, i);
+    float* out = p.out + w * kDv + piece * tcl::kPvCh;
 #pragma unroll
     for (int nb = 0; nb < kNb; ++nb) {
       out[nb * 8 + 2 * tq] = o[nb][2 * hh] * inv;
       out[nb * 8 + 2 * tq + 1] = o[nb][2 * hh + 1] * inv;
     }
-    if (piece == 0 && tq == 0) p.lse[w0 + i * step] = seen(sum) ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    if (piece == 0 && tq == 0) p.lse[w] = seen(sum) ? (m[hh] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
   }
 }
 
@@ -1011,9 +1080,10 @@ Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const auto kernel = prefill_latent_tc_kernel<T, kSplit, kPaged>;
   if (Status s = cuda::tc::opt_in(kernel, tcl::bytes(kSplit), configured); !s.is_ok()) return s;
-  const dim3 grid(static_cast<unsigned>((p.q_tokens + tcl::kRows - 1) / tcl::kRows), static_cast<unsigned>(p.hq),
-                  static_cast<unsigned>(p.batch));
-  prefill_latent_tc_kernel<T, kSplit, kPaged><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(p);
+  const PrefillTcArgs args{p, prefill_pack(p, tcl::kRows)};
+  const dim3 grid(static_cast<unsigned>((p.q_tokens * args.pack + tcl::kRows - 1) / tcl::kRows),
+                  static_cast<unsigned>(p.hq / args.pack), static_cast<unsigned>(p.batch));
+  prefill_latent_tc_kernel<T, kSplit, kPaged><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(args);
   return cuda::last_launch_status();
 }
 

@@ -410,10 +410,10 @@ void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_
   g_block = nullptr;
 }
 
-std::vector<std::pair<std::string, long>> launch_counts() {
+std::vector<std::pair<std::string, long>> launch_counts(bool blocks) {
   std::lock_guard<std::mutex> lock(g_trace_mutex);
   std::vector<std::pair<std::string, long>> out;
-  for (const auto& [site, n] : g_trace.sites) out.emplace_back(site, n.first);
+  for (const auto& [site, n] : g_trace.sites) out.emplace_back(site, blocks ? n.second : n.first);
   return out;
 }
 

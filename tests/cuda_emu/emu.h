@@ -55,8 +55,9 @@ namespace emu {
 void run_grid(const void* kernel, const char* site, dim3 grid, dim3 block, size_t smem,
               void (*body)(void*), void* ctx);
 
-// Every launch site run so far ("file:line kernel", as `site` above) and its launch count.
-std::vector<std::pair<std::string, long>> launch_counts();
+// Every launch site run so far ("file:line kernel", as `site` above) and its launch count, or
+// with blocks its blocks (all launches' grids together).
+std::vector<std::pair<std::string, long>> launch_counts(bool blocks = false);
 
 void syncthreads(const char* file, int line);
 int syncthreads_or(int predicate, const char* file, int line);

@@ -724,10 +724,10 @@ def write_planned(x, packed_pages, scale_pages, slots, post_scale=None, cos=None
 
 def split_decode_rows(device: torch.device) -> bool:
     """Whether a planned step on ``device`` runs its one-token rows apart from its longer ones
-    (:class:`~fastlayers.quant.paged_cache.DecodeSplit`): on CUDA, where the ragged prefill's
-    tiles hold 64 queries of one head and a decode row would fill one row of them, for each query
-    head, without splitting its keys. Not on CPU: there a decode row is a task of its GQA group's
-    rows in either kernel, and one call measured as fast as two (``_paged_mixed``)."""
+    (:class:`~fastlayers.quant.paged_cache.DecodeSplit`): on CUDA, where a decode row fills only
+    its GQA group's rows of a ragged prefill tile of 64 (the group's heads packed) and its keys
+    are not split across CTAs. Not on CPU: there a decode row is a task of its GQA group's rows in
+    either kernel, and one call measured as fast as two (``_paged_mixed``)."""
     return on_cuda(device)
 
 

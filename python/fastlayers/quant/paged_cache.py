@@ -28,8 +28,9 @@ class DecodeSplit:
     """A mixed step's one-token rows apart from its rows of several tokens (``PagedStep.split``),
     for two kernel calls on CUDA (vLLM's FlashInfer backend splits its batches likewise): the
     decode rows through the split-KV decode kernel, which reads each kv head's tokens once for
-    the whole GQA group, the others through the ragged prefill, whose 64-query tiles a decode
-    row would fill one row of (for every query head, without splitting its keys).
+    the whole GQA group, the others through the ragged prefill, whose 64-row tiles a decode
+    row fills only its GQA group's rows of (the group's heads packed), without splitting its
+    keys.
     ``decode_tokens`` / ``prefill_tokens``: the step's tokens (rows of q) of each part, a
     ``slice`` where the decode rows come first or last (views; the outputs joined by one
     ``torch.cat``), else int64 indices; then each part's block table and lengths (tables as
