@@ -757,6 +757,9 @@ def _decode_step(device: torch.device, quick: bool, reps: int) -> list[Row]:
 
 PREFILL = {"cpu": [(512, 512), (1024, 1024)], "cuda": [(1024, 4096)]}  # (new tokens, context)
 PREFILL_QUICK = {"cpu": [(256, 512)], "cuda": [(512, 2048)]}
+# Speculative decoding's verification: a draft of a few tokens per row (batch, tokens, context):
+# on CUDA the tile packs each GQA group's heads into its rows (4 x 4 = 16 of 64 here).
+VERIFY = {"cpu": (4, 4, 1024), "cuda": (16, 4, 4096)}
 
 
 def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
@@ -764,19 +767,21 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
     against bf16 causal SDPA over the same context held in bf16 (the GQA heads expanded). On CUDA
     also with FP8-quantized fp32 queries (``q_quantize``'s: the FireQ route), at head dim 256
     (Gemma 2 9B's GQA 16/8) and with keys of 192 and values of 128 (MiMo-V2-Flash's GQA 64/8) for
-    the last shape."""
+    the last shape; and a batch verifying a speculative draft of 4 tokens a row (``VERIFY``)."""
     rows: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1)
     sizes = (HQ, HKV, D, D, GROUP)  # heads, kv heads, keys' and values' head sizes, group
-    cases = [(*c, False, sizes) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
+    cases = [(1, *c, False, sizes) for c in (PREFILL_QUICK if quick else PREFILL)[device.type]]
     if device.type == "cuda":
-        cases.append((*cases[-1][:2], True, sizes))
-        cases.append((*cases[-1][:2], False, (16, 8, 256, 256, GROUP)))
-        cases.append((*cases[-1][:2], False, (64, 8, 192, 128, 64)))
-    for tokens, context, fp8_queries, (hq, hkv, d, dv, group) in cases:
-        kf = torch.randn(1, hkv, context, d, generator=gen).to(device)
-        vf = torch.randn(1, hkv, context, dv, generator=gen).to(device)
-        q = torch.randn(1, hq, tokens, d, generator=gen).to(device, torch.bfloat16)
+        cases.append((*cases[-1][:3], True, sizes))
+        cases.append((*cases[-1][:3], False, (16, 8, 256, 256, GROUP)))
+        cases.append((*cases[-1][:3], False, (64, 8, 192, 128, 64)))
+    if not quick:
+        cases.append((*VERIFY[device.type], False, sizes))
+    for batch, tokens, context, fp8_queries, (hq, hkv, d, dv, group) in cases:
+        kf = torch.randn(batch, hkv, context, d, generator=gen).to(device)
+        vf = torch.randn(batch, hkv, context, dv, generator=gen).to(device)
+        q = torch.randn(batch, hq, tokens, d, generator=gen).to(device, torch.bfloat16)
         qi = quantize_q_fp8(q.float()) if fp8_queries else q
         k, ks = quantize_kv_int4(kf, group)
         v, vs = quantize_kv_int4(vf, group)
@@ -784,14 +789,15 @@ def _prefill(device: torch.device, quick: bool, reps: int) -> list[Row]:
         # torch's fused SDPA kernels take equal sizes)
         kb, vb = kf.bfloat16(), torch.nn.functional.pad(vf.bfloat16(), (0, d - dv))
         mask = torch.ones(tokens, context, dtype=torch.bool, device=device).tril(context - tokens)
-        flops = 2 * hq * (d + dv) * int(mask.sum())  # QK^T and PV on the visible pairs
+        flops = 2 * batch * hq * (d + dv) * int(mask.sum())  # QK^T and PV on the visible pairs
         dims = f"d{d}" if dv == d else f"d{d}, dv{dv}"
+        kind = "prefill" if batch == 1 else f"draft verification, batch {batch}"
         rows.append(
             _prefill_row(
                 device,
-                f"int4_kv_attention prefill, FP8-quantized fp32 queries (GQA {hq}/{hkv}, {dims})"
+                f"int4_kv_attention {kind}, FP8-quantized fp32 queries (GQA {hq}/{hkv}, {dims})"
                 if fp8_queries
-                else f"int4_kv_attention prefill (GQA {hq}/{hkv}, {dims})",
+                else f"int4_kv_attention {kind} (GQA {hq}/{hkv}, {dims})",
                 "float32" if fp8_queries else "bfloat16",
                 (tokens, context, flops),
                 (qi, k, ks, v, vs),
