@@ -833,14 +833,18 @@ int prefill_pack(const DecodeParams& p, int64_t rows) {
   return ragged || fewer ? static_cast<int>(group) : 1;
 }
 
+// A tensor-core prefill's grid for CTAs of `rows` packed query rows: (tiles, hq / pack, batch).
+dim3 prefill_grid(const PrefillTcArgs& a, int64_t rows) {
+  return dim3(static_cast<unsigned>((a.p.q_tokens * a.pack + rows - 1) / rows), static_cast<unsigned>(a.p.hq / a.pack),
+              static_cast<unsigned>(a.p.batch));
+}
+
 template <typename T, int D, int DV, bool kSplit, bool kPaged>
 Status prefill_tc(const DecodeParams& p, cudaStream_t stream) {
   static bool configured[64] = {};
   const PrefillTcArgs args{p, prefill_pack(p, cuda::tc::kRows)};
-  const dim3 grid(static_cast<unsigned>((p.q_tokens * args.pack + cuda::tc::kRows - 1) / cuda::tc::kRows),
-                  static_cast<unsigned>(p.hq / args.pack), static_cast<unsigned>(p.batch));
-  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit, kPaged>, grid, prefill_tc_smem<D, DV, kSplit>(), args,
-                          stream, configured);
+  return cuda::tc::launch(prefill_tc_kernel<T, D, DV, kSplit, kPaged>, prefill_grid(args, cuda::tc::kRows),
+                          prefill_tc_smem<D, DV, kSplit>(), args, stream, configured);
 }
 
 // The tensor-core prefills' queries (fp16/bf16 ones given in q16, 16-byte aligned, or fp32 ones),
@@ -1081,8 +1085,7 @@ Status prefill_latent_tc(const DecodeParams& p, cudaStream_t stream) {
   const auto kernel = prefill_latent_tc_kernel<T, kSplit, kPaged>;
   if (Status s = cuda::tc::opt_in(kernel, tcl::bytes(kSplit), configured); !s.is_ok()) return s;
   const PrefillTcArgs args{p, prefill_pack(p, tcl::kRows)};
-  const dim3 grid(static_cast<unsigned>((p.q_tokens * args.pack + tcl::kRows - 1) / tcl::kRows),
-                  static_cast<unsigned>(p.hq / args.pack), static_cast<unsigned>(p.batch));
+  const dim3 grid = prefill_grid(args, tcl::kRows);
   prefill_latent_tc_kernel<T, kSplit, kPaged><<<grid, tcl::kThreads, tcl::bytes(kSplit), stream>>>(args);
   return cuda::last_launch_status();
 }
