@@ -199,6 +199,37 @@ def test_int4_cache_in_generate_crop_and_reorder():
     assert model.config._attn_implementation != "fastlayers_int4kv"
 
 
+def test_a_new_cache_does_not_run_the_modules_again():
+    """apply_rope_aware_kv and Int4KVCache.for_model check each attention module by running it
+    (attention_mismatch), with RoPE tables and without (a model may give some layers none).
+    Llama's module cannot run without, and that failed check ran again for every new cache (2 ms
+    a layer of the demo's model, each generate). Both outcomes are remembered: each module runs
+    twice in all, a new cache runs none, and it decodes as the first."""
+    model = _model()
+    runs = []  # (the probe's runs: it gives the module the answer its attention returns)
+    hooks = [layer.self_attn.register_forward_pre_hook(
+                 lambda m, a, k: runs.append(m) if "_fl_probe_answer" in m.__dict__ else None,
+                 with_kwargs=True)
+             for layer in model.model.layers]  # fmt: skip
+    post = quant.calibrate_rope_aware_kv(model, [torch.randint(1, 256, (1, 32))])
+    try:
+        quant.apply_rope_aware_kv(model, post)
+        first = quant.Int4KVCache.for_model(model)
+        for layer in model.model.layers:
+            assert sum(m is layer.self_attn for m in runs) == 2
+        del runs[:]
+        second = quant.Int4KVCache.for_model(model)
+        assert runs == []
+    finally:
+        for h in hooks:
+            h.remove()
+    ids = torch.randint(1, 256, (1, 12))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, cache=first, **kw),
+                           model.generate(ids, cache=second, **kw))  # fmt: skip
+
+
 def test_a_model_sharing_its_config_with_a_patched_one_is_refused():
     """apply_rope_aware_kv sets the attention implementation on the config object: a second model
     built from the same config then runs the INT4 attention without its settings (no scales, no

@@ -1072,11 +1072,16 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     False: the caller takes the queries the module gives its attention and recomputes only keys
     and values (the INT4 KV path), so they are not compared. ``tables`` False: the model gives
     its layers no RoPE tables (Granite 4's hybrids have no rotary embedding), so the module runs
-    with ``position_embeddings=None`` and is compared with no rotation. A module that passed is
-    not run again (``Int4KVCache.for_model`` asks for every new cache)."""
+    with ``position_embeddings=None`` and is compared with no rotation. A module is not run again
+    for a check it passed or failed (``Int4KVCache.for_model`` asks for every new cache, and
+    :func:`attention_mismatch_either_way` both ways, one of which fails on most models: Llama's
+    forward cannot run without tables). The probe's inputs are fixed, so its outcome is too."""
     passed = _MATCHES.get(attn, ())
     if (True, tables) in passed or (queries, tables) in passed:
         return None
+    failed = _MISMATCHES.get(attn, {}).get((queries, tables))
+    if failed is not None:
+        return failed
     name = type(attn).__name__
     from transformers import AttentionInterface  # (only ever asked of Hugging Face modules)
 
@@ -1097,6 +1102,11 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     else:  # (multi-head latent attention: RoPE on `rope` channels, values of their own size)
         rope, width, d = None, mla.rope // (2 if mla.complex_tables else 1), mla.v_dim
         dk = mla.nope + mla.rope
+
+    def refused(why: str) -> str:  # (what the probe showed, remembered)
+        _MISMATCHES.setdefault(attn, {})[(queries, tables)] = why
+        return why
+
     g = torch.Generator().manual_seed(0)
     t, hq = 5, head_counts(attn)[0]
     x = torch.randn(1, t, attention_in_features(attn), generator=g).to(p)
@@ -1131,7 +1141,7 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
                 mine[sigmoid] = attention_output(attn, o, x[0], gate)
         query, key, value, kwargs = attn._fl_probe_seen
     except Exception as e:  # noqa: BLE001 (said, not raised: the caller refuses the module)
-        return f"{name} could not be run to check it ({type(e).__name__}: {e})"
+        return refused(f"{name} could not be run to check it ({type(e).__name__}: {e})")
     finally:
         cfg._attn_implementation_internal = previous
         attn.train(training)
@@ -1156,23 +1166,29 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
         if what == "queries" and not queries:
             continue
         if differs(got, want):
-            return f"{name}'s {what} are not what fastlayers computes from its submodules"
+            return refused(f"{name}'s {what} are not what fastlayers computes from its submodules")
     _QK_AFTER_ROPE[attn] = after
     scaling = kwargs.get("scaling")
     scaling = dk**-0.5 if scaling is None else scaling
     if abs(scaling - attn.scaling) > 1e-6 * abs(scaling):
-        return f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
+        return refused(
+            f"{name} scales its scores by {scaling}, not its scaling attribute {attn.scaling}"
+        )
     if kwargs.get("softcap") != logit_softcap(attn):
-        return f"{name} caps its scores at {kwargs.get('softcap')}, not {logit_softcap(attn)}"
+        return refused(
+            f"{name} caps its scores at {kwargs.get('softcap')}, not {logit_softcap(attn)}"
+        )
     given, sinks = kwargs.get("s_aux"), attention_sinks(attn)
     if (given is None) != (sinks is None) or (given is not None and not torch.equal(given, sinks)):
-        return f"{name}'s attention is given other sinks (s_aux) than its sinks parameter"
+        return refused(f"{name}'s attention is given other sinks (s_aux) than its sinks parameter")
     _MATCHES[attn] = (*passed, (queries, tables))
     return None
 
 
 # the modules attention_mismatch passed, with the (queries, tables) of each check they passed
 _MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the modules attention_mismatch's probe refused: {(queries, tables): the mismatch}
+_MISMATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def attention_mismatch_either_way(attn: torch.nn.Module, tables: bool,
