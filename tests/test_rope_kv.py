@@ -1481,6 +1481,33 @@ PREFILL_ROW_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("d,group", [(64, 32), (40, 8)])
+def test_int4_kv_attention_small_prefill_same_bits_on_any_threads_every_cpu_isa(cpu_isa, d, group):
+    """A short prefill (64 tokens of 8 heads over their own 64: a small model's prompt) runs its
+    tasks on threads too; each task's rows are its own sums, so one thread and several give the
+    same bits, and they are the reference's (fp32, bf16 and fp16 queries; head dims in and out of
+    the 16-channel order the AVX2 / AVX-512 paths permute queries and outputs through)."""
+    t, hq, hkv = 64, 8, 2
+    k, ks = quant.quantize_kv_int4(rand(1, hkv, t, d, dtype=torch.float32, device="cpu"), group)
+    v, vs = quant.quantize_kv_int4(rand(1, hkv, t, d, dtype=torch.float32, device="cpu"), group)
+    before = torch.get_num_threads()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = rand(1, hq, t, d, dtype=dtype, device="cpu")
+        outs = []
+        try:
+            for threads in (1, max(before, 2)):
+                torch.set_num_threads(threads)
+                outs.append(int4_kv_attention(q, k, ks, v, vs, t))
+        finally:
+            torch.set_num_threads(before)
+        (one, one_lse), (many, many_lse) = outs
+        assert torch.equal(one, many) and torch.equal(one_lse, many_lse)
+        ref, ref_lse = _attention_reference(q, k, ks, v, vs, t, d**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(one.float(), ref.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(one_lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hkv,group_heads,d,group", PREFILL_ROW_SHAPES)
 def test_int4_kv_decode_is_the_prefills_last_row_every_cpu_isa(cpu_isa, hkv, group_heads, d, group):
     """A decode step (its GQA group dequantized in registers: up to 4 query heads per kv head on

@@ -391,9 +391,53 @@ void heads_int4(const float* q, const Int4Blocks& blk, int64_t t0, const int64_t
 }
 #endif
 
+#if defined(__AVX2__)
+// 16 channels between the natural order and the chunked one ([8 even | 8 odd]), in vector
+// registers: the same values as position()'s scalar loops (a permutation; products rounded once).
+#if defined(FL_AVX512)
+// to_chunked16: chunked lane i holds natural channel idx[i]; from_chunked16 the inverse.
+static inline void to_chunked16(V x, float* out) {
+  const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, x.v));
+}
+static inline void from_chunked16(const float* x, V scale, float* out) {
+  const __m512i idx = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(x)), scale.v));
+}
+template <typename T>
+static inline void load_chunked16(const T* src, V scale, float* out) {
+  to_chunked16(vmul(vload(src), scale), out);
+}
+#else
+// (two 8-lane halves: shufps picks the pairs' even / odd members per 128-bit lane, permpd puts
+// the lanes in order; unpcklps / unpckhps and two lane permutes undo it)
+static inline void to_chunked16(V lo, V hi, float* out) {
+  const __m256 e = _mm256_shuffle_ps(lo.v, hi.v, 0x88), o = _mm256_shuffle_ps(lo.v, hi.v, 0xDD);
+  _mm256_storeu_ps(out, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
+  _mm256_storeu_ps(out + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
+}
+static inline void from_chunked16(const float* x, V scale, float* out) {
+  const __m256 e = _mm256_loadu_ps(x), o = _mm256_loadu_ps(x + 8);
+  const __m256 a = _mm256_unpacklo_ps(e, o), b = _mm256_unpackhi_ps(e, o);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x20), scale.v));
+  _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x31), scale.v));
+}
+template <typename T>
+static inline void load_chunked16(const T* src, V scale, float* out) {
+  to_chunked16(vmul(vload(src), scale), vmul(vload(src + 8), scale), out);
+}
+#endif
+#endif
+
 // A query row times the softmax scale, into the channel order of the dequantized rows.
 template <typename T>
 void load_query(const T* src, int64_t d, float scale, bool chunked, float* q) {
+#if defined(__AVX2__)
+  if (chunked) {  // (d a multiple of 16)
+    for (int64_t c = 0; c < d; c += 16) load_chunked16(src + c, vset1(scale), q + c);
+    return;
+  }
+#endif
   for (int64_t c = 0; c < d; ++c) q[position(c, chunked)] = to_float(src[c]) * scale;
 }
 
@@ -401,6 +445,16 @@ void load_query(const T* src, int64_t d, float scale, bool chunked, float* q) {
 // rounded once to T.
 template <typename T>
 void store_row(const float* acc, int64_t d, float inv, bool chunked, T* out) {
+#if defined(__AVX2__)
+  if (chunked) {  // (d a multiple of 16) 16 channels at a time in natural order, then stored
+    alignas(64) float x[16];
+    for (int64_t c = 0; c < d; c += 16) {
+      from_chunked16(acc + c, vset1(inv), x);
+      for (int64_t i = 0; i < 16; ++i) store_as(out + c + i, x[i]);
+    }
+    return;
+  }
+#endif
   for (int64_t c = 0; c < d; ++c) store_as(out + c, acc[position(c, chunked)] * inv);
 }
 
@@ -1188,7 +1242,11 @@ Status decode(const DecodeParams& p) {
   const int64_t rows = per_slice * (p.q_tokens < qblock ? p.q_tokens : qblock);
   const int64_t stride = rows * (dv + 2);  // floats per partial
   float* partials = splits > 1 ? new float[tasks * stride] : nullptr;
-#pragma omp parallel if (tasks > 1 && units * p.length * (p.d + dv) >= (1 << 17))
+  // (in threads where the call's work pays for waking them: a decode's bytes, a prefill's
+  // query rows times keys; a 64-token prefill of 8 heads over its own 64 tokens took 1.7x as long
+  // on one thread)
+  const int64_t work = units * (p.q_tokens > 1 ? rows : 1) * p.length * (p.d + dv);
+#pragma omp parallel if (tasks > 1 && work >= (1 << 17))
   {
     const FlushDenormals ftz;  // (each thread, for the call)
 #if defined(FL_AMX)
