@@ -739,6 +739,46 @@ def test_int4_cache_layer_appends_in_place_with_spare_capacity():
     assert torch.equal(layer.kq, kq2)
 
 
+def test_int4_store_buffers_are_checked_once_per_tuple(monkeypatch):
+    """A decode step's direct kernel calls (write, then decode) check the store's four buffers
+    once per tuple the store makes (each allocation; kernel_checked keeps it), not twice a step;
+    buffers assigned from outside are a new tuple, checked again, and a wrong one is refused
+    (ValueError) by the checked path too, whose in-place write trusted them before and wrote
+    past the end of scales shorter than the keys."""
+    from fastlayers.ops import kvint4 as ops_kvint4
+    from fastlayers.quant.kv_cache import Int4KVStore
+
+    checks = []
+    real = ops_kvint4._store_buffers_ok
+
+    def counted(buffers, store=None):
+        checks.append(store.kernel_checked is buffers)  # (True: the check is skipped)
+        return real(buffers, store)
+
+    monkeypatch.setattr(ops_kvint4, "_store_buffers_ok", counted)
+    torch.manual_seed(0)
+    store = Int4KVStore()
+    k, v = torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
+    store.write(k, v, 16)  # (the first write allocates: the checked path)
+    q = torch.randn(1, 4, 1, 32)
+    for _ in range(3):
+        x = torch.randn(1, 2, 1, 32)
+        store.write(x, x, 16)
+        out = ops_kvint4.decode_step_direct(q, None, True, store.buffers, store.length, 0.2,
+                                            store=store)  # fmt: skip
+        ref, _ = int4_kv_decode(ops_kvint4.q_quantize(q, None, fp8=True)[:, :, 0], *store.buffers,
+                                store.length, 0.2)  # fmt: skip
+        assert torch.equal(out, ref)
+    assert checks == [False] + [True] * 5  # (one full check: the store's first direct call)
+    short = store.buffers[1][:, :, :4].contiguous()  # (key scales for 4 tokens)
+    store.buffers = (store.buffers[0], short, *store.buffers[2:])
+    with pytest.raises(ValueError, match="buffers are not as it makes them"):
+        store.write(x, x, 16)
+    assert checks[-1] is False
+    with pytest.raises(ValueError, match="buffers are not as it makes them"):
+        store.append(*(b[:, :, :1] for b in store.buffers))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "fp8"])
 @pytest.mark.parametrize("d,dv", [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128)])
 @pytest.mark.parametrize("group", [32, 4])

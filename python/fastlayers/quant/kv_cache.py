@@ -28,6 +28,9 @@ class Int4KVStore:
     def __init__(self) -> None:
         self.buffers: tuple[torch.Tensor, ...] | None = None  # kq, ks, vq, vs: [B, H, capacity, .]
         self.length = 0
+        # the buffers tuple layout_ok passed: a new one (each allocation, reorder or assignment)
+        # is checked again
+        self.kernel_checked: tuple[torch.Tensor, ...] | None = None
 
     def _filled(self, i: int):
         return None if self.buffers is None else self.buffers[i][..., : self.length, :]
@@ -37,6 +40,34 @@ class Int4KVStore:
     vq = property(lambda self: self._filled(2))
     vs = property(lambda self: self._filled(3))
 
+    def layout_ok(self) -> bool:
+        """Whether the buffers are as the store makes them (what the kernels' direct calls and
+        the in-place writes rely on, or they would write out of bounds): four contiguous tensors
+        on one device, uint8 / float8_e4m3fn / uint8 / float8_e4m3fn ``[B, H, capacity, .]`` of
+        one batch, heads and capacity. Checked once per tuple of buffers (``kernel_checked``):
+        changed in place (``resize_``, ``set_``) they are not checked again."""
+        b = self.buffers
+        if b is None or self.kernel_checked is b:
+            return b is not None
+        ok = (
+            isinstance(b, tuple) and len(b) == 4
+            and all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in b)
+            and b[0].dtype == b[2].dtype == torch.uint8 and b[1].dtype == b[3].dtype == FP8
+            and all(x.shape[:3] == b[0].shape[:3] and x.device == b[0].device
+                    and x.is_contiguous() for x in b)
+        )  # fmt: skip
+        if ok:
+            self.kernel_checked = b
+        return ok
+
+    def _check_layout(self) -> None:
+        if self.buffers is not None and not self.layout_ok():
+            raise ValueError(
+                "the store's buffers are not as it makes them (four contiguous tensors on one "
+                "device, uint8 / float8_e4m3fn / uint8 / float8_e4m3fn [batch, heads, capacity, .] "
+                "of one capacity): were they assigned or changed from outside?"
+            )
+
     @property
     def capacity(self) -> int:
         return 0 if self.buffers is None else self.buffers[0].shape[-2]
@@ -44,6 +75,7 @@ class Int4KVStore:
     def _make_room(self, parts, tokens: int) -> None:
         """Checks that ``parts`` (tensors shaped like the buffers, any token count) match the
         buffers (batch, heads, width, dtype, device) and grows them to ``length + tokens``."""
+        self._check_layout()
         if self.buffers is not None:
             for new, old in zip(parts, self.buffers, strict=True):
                 same = new.shape[:-2] == old.shape[:-2] and new.shape[-1] == old.shape[-1]
@@ -89,7 +121,7 @@ class Int4KVStore:
 
         if (  # a decode step (room in the buffers, no RoPE here): the kernel, few checks
             self.buffers is not None and cos is None and sin is None
-            and write_step_direct(k, v, self.buffers, self.length, group_size, post_scale)
+            and write_step_direct(k, v, self.buffers, self.length, group_size, post_scale, self)
         ):  # fmt: skip
             self.length += k.shape[2]
             return
@@ -114,6 +146,7 @@ class Int4KVStore:
         """Room for the tokens of ``k [B, H, t, d]`` (and of values ``value_dim`` wide, ``d`` by
         default) after the cached ones (quantized with groups of ``group_size`` channels): a
         ValueError when they do not fit the cache's batch, heads or widths."""
+        self._check_layout()
         b, h, t, d = k.shape
         dv = d if value_dim is None else value_dim
         for width, what in ((d, "head_dim"), (dv, "the values' head_dim")):

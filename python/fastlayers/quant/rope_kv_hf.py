@@ -666,7 +666,7 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
                 inv = inverse_query_scale(module, "_fl_inv_q", k_post, query.shape[1],
                                           query.device, torch.float32)  # fmt: skip
             out = decode_step_direct(query, inv, q_fp8, layer.buffers, layer.length, scaling,
-                                     starts, cap, sinks)  # fmt: skip
+                                     starts, cap, sinks, layer)  # fmt: skip
             if out is not None:
                 return out[:, None], None  # [B, 1, Hq, d]
     qs = None  # the queries the decode kernel takes: fp32, divided by k_post, through FP8
