@@ -6,7 +6,8 @@
 // rows are dequantized once into fp32 (AVX2 and AVX-512: 8 bytes -> 16 values with integer
 // unpacking, kept in a per-16-channel [even | odd] order, and the queries are permuted the same way
 // so dot products and value sums need no interleaving), then serve every query head of the GQA
-// group; in registers for decode-sized groups (heads_int4), through fp32 buffers otherwise. Tokens
+// group; in registers for decode-sized groups (heads_int4), through fp32 buffers otherwise (a
+// prefill's rows in tiles of kPrefillRows against the block's keys transposed: heads_rows). Tokens
 // in blocks of kTokens with an online softmax; fp32 accumulation. Values may have a head size dv
 // of their own (keys d): the accumulators and outputs are dv wide.
 //
@@ -101,11 +102,11 @@ void dequant_row(const uint8_t* bytes, const fp8e4m3_t* scales, int64_t d, int64
 }
 
 struct Buffers {
-  float *base, *q, *acc, *k, *v, *s, *m, *l;
+  float *base, *q, *acc, *k, *v, *s, *m, *l, *kt;
   Buffers(int64_t group_heads, int64_t d, int64_t dv)
-      : base(new float[group_heads * (d + dv + kTokens + 2) + kTokens * (d + dv)]),
+      : base(new float[group_heads * (d + dv + kTokens + 2) + kTokens * (2 * d + dv)]),
         q(base), acc(q + group_heads * d), k(acc + group_heads * dv), v(k + kTokens * d),
-        s(v + kTokens * dv), m(s + group_heads * kTokens), l(m + group_heads) {}
+        s(v + kTokens * dv), m(s + group_heads * kTokens), l(m + group_heads), kt(l + group_heads) {}
   ~Buffers() { delete[] base; }
   Buffers(const Buffers&) = delete;
   Buffers& operator=(const Buffers&) = delete;
@@ -237,15 +238,82 @@ void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d
 }
 
 #if defined(__AVX2__)
+// Prefill (tasks of many query rows): S[r][i] for R rows and the 2 kW keys from i0 off the block's
+// keys transposed (kt: d rows of kTokens floats, zeros past the block's keys), as GEMM
+// micro-kernels multiply: per channel two key loads and R broadcasts serve 2R FMAs, each score
+// one FMA chain over the channels, no horizontal sums (scores() sums lanes: a shuffle tree per
+// eight scores, as many shuffles as FMAs at head dim 64). Prefill 1.5-2x faster than on
+// scores() (bench/results/kv_int4/cpu-kernel-inline-intel-xeon.md); the sums in another order,
+// so a decode step matches its prefill row to fp32 rounding instead of bit for bit.
+template <int R>
+void scores_rows(const float* q, int64_t d, const float* kt, int64_t i0, float* s) {
+  V a[2 * R];
+  for (int j = 0; j < 2 * R; ++j) a[j] = vzero();
+  for (int64_t c = 0; c < d; ++c) {
+    const V k0 = vload(kt + c * kTokens + i0), k1 = vload(kt + c * kTokens + i0 + kW);
+    for (int r = 0; r < R; ++r) {
+      const V qr = vset1(q[r * d + c]);
+      a[2 * r] = vfma(qr, k0, a[2 * r]);
+      a[2 * r + 1] = vfma(qr, k1, a[2 * r + 1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    vstore(s + r * kTokens + i0, a[2 * r]);
+    vstore(s + r * kTokens + i0 + kW, a[2 * r + 1]);
+  }
+}
+
+// The block's nt dequantized key rows k (d floats each) as kt: d rows of kTokens floats, zeros
+// from key nt to the next multiple of 2 kW (what scores_rows reads). AVX-512: 16 x 16 blocks
+// through transpose16 where d is a multiple of 16.
+void transpose_keys(const float* k, int64_t nt, int64_t d, float* kt) {
+  const int64_t nt_pad = (nt + 2 * kW - 1) / (2 * kW) * (2 * kW);
+#if defined(FL_AVX512)
+  if (d % 16 == 0) {
+    for (int64_t i0 = 0; i0 < nt_pad; i0 += 16) {
+      for (int64_t c0 = 0; c0 < d; c0 += 16) {
+        __m512i x[16];
+        for (int i = 0; i < 16; ++i) {
+          x[i] = i0 + i < nt ? _mm512_loadu_si512(k + (i0 + i) * d + c0) : _mm512_setzero_si512();
+        }
+        transpose16(x);  // x[c]: channel c0 + c of the 16 keys
+        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(kt + (c0 + c) * kTokens + i0, x[c]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t i = 0; i < nt; ++i) kt[c * kTokens + i] = k[i * d + c];
+    for (int64_t i = nt; i < nt_pad; ++i) kt[c * kTokens + i] = 0.0f;
+  }
+}
+
+template <int R>
+void heads_rows(const float* q, const float* kt, const float* v, int64_t nt, int64_t d, int64_t dv, int64_t vs,
+                int64_t t0, const int64_t* limit, float softcap, float* s, float* m, float* l, float* acc) {
+  for (int64_t i0 = 0; i0 < nt; i0 += 2 * kW) scores_rows<R>(q, d, kt, i0, s);
+  softmax_rows<R>(nt, dv, t0, limit, softcap, s, m, l, acc);
+  values<R>(s, v, nt, dv, vs, acc);
+}
+
+// Query rows per prefill tile: 8 on AVX-512 (16 accumulators of 32), 4 on AVX2 (8 of 16).
+#if defined(FL_AVX512)
+constexpr int kPrefillRows = 8;
+#else
+constexpr int kPrefillRows = 4;
+#endif
+
 // Decode with at most kRegisterHeads query rows per task (GQA groups of <= 4 heads, 8 with AVX-512's
 // 32 registers; larger groups in slices of that many, see decode): the block's keys and
 // values are dequantized in registers where they are used instead of through the fp32 buffers
 // (each byte serves every row once either way). Same values (an INT4 code times its FP8 scale is
 // exact in fp32), same channel order and the same per-lane accumulation order as scores() and
 // values() on the buffers, and the same lane sums (vsum8 is vsum's tree): bit-identical results
-// (a decode step is the last row of the causal prefill over its cache), without the buffers'
-// stores and reloads. A 16-channel chunk is kChunk vectors: two of 8 lanes (AVX2), one of 16
-// (AVX-512).
+// to those (a decode step is the last row of a causal prefill over its cache wherever that
+// prefill's task scores on scores(): fewer rows than a kPrefillRows tile, or the scalar
+// variant), without the buffers' stores and reloads. A 16-channel chunk is kChunk vectors: two
+// of 8 lanes (AVX2), one of 16 (AVX-512).
 constexpr int kChunk = 16 / kW;
 #if defined(FL_AVX512)
 constexpr int64_t kRegisterHeads = 8;
@@ -681,6 +749,15 @@ void task(const DecodeParams& p, int64_t b, int64_t h, int64_t qi0, int64_t nq, 
     const float* vb = in_keys ? w.k : w.v;
     const int64_t vs = in_keys ? d : dv;
     int64_t r = 0;
+#if defined(__AVX2__)
+    if (rows >= kPrefillRows) {  // prefill: the block's keys transposed once for all its rows
+      transpose_keys(w.k, nt, d, w.kt);
+      for (; r + kPrefillRows <= rows; r += kPrefillRows) {
+        heads_rows<kPrefillRows>(w.q + r * d, w.kt, vb, nt, d, dv, vs, t0, limit + r, p.softcap, w.s + r * kTokens,
+                                 w.m + r, w.l + r, w.acc + r * dv);
+      }
+    }
+#endif
     for (; r + kHeads <= rows; r += kHeads) {
       heads<kHeads>(w.q + r * d, w.k, vb, nt, d, dv, vs, t0, limit + r, p.softcap, w.s + r * kTokens, w.m + r,
                     w.l + r, w.acc + r * dv);

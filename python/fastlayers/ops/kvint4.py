@@ -161,11 +161,12 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     _check(q, k, k_scale, v, v_scale, length, scale, softcap=softcap)
     _check_starts(starts, q, length)
     b, hq, d = q.shape
-    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
-    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
+    dt = _reference_dtype(q)
+    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length], dt)
+    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length], dt)
     rep = hq // k.shape[1]
     keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-    s = _softcapped(torch.einsum("bhd,bhtd->bht", q.float(), keys) * scale, softcap)
+    s = _softcapped(torch.einsum("bhd,bhtd->bht", q.to(dt), keys) * scale, softcap)
     if length == 0:
         lse = torch.full((b, hq), -math.inf, device=q.device)
         return q.new_zeros(b, hq, values.shape[-1]), _with_sink(lse, sinks)
@@ -178,7 +179,14 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     if starts is not None:  # a row that sees no token: zeros (lse -inf, or the sink's)
         p = p.masked_fill(torch.isneginf(s).all(-1)[..., None], 0.0)
     out = torch.einsum("bht,bhtd->bhd", p, values)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse.float()
+
+
+def _reference_dtype(q: torch.Tensor) -> torch.dtype:
+    """What the references compute in: float64 for a float64 query (a float64 reference; it was
+    fp32 scores whatever the query, whose matmul's last bits vary from call to call with the
+    library's blocking: 4e-5 apart in one call of ten), else fp32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _reference_op(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, num_splits=0):
@@ -203,11 +211,12 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, 
     _check(q, k, k_scale, v, v_scale, length, scale, q_tokens=True, softcap=softcap)
     _check_starts(starts, q, length)
     b, hq, tq, d = q.shape
-    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length])
-    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length])
+    dt = _reference_dtype(q)
+    keys = dequantize_kv_int4(k[:, :, :length], k_scale[:, :, :length], dt)
+    values = dequantize_kv_int4(v[:, :, :length], v_scale[:, :, :length], dt)
     rep = hq // k.shape[1]
     keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-    s = _softcapped(torch.einsum("bhqd,bhtd->bhqt", q.float(), keys) * scale, softcap)
+    s = _softcapped(torch.einsum("bhqd,bhtd->bhqt", q.to(dt), keys) * scale, softcap)
     visible = torch.arange(length, device=q.device)[None, :] <= (
         length - tq + torch.arange(tq, device=q.device)[:, None]
     )
@@ -222,7 +231,7 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, 
     # turned those rows into zeros); a query that sees no key (left padding) gets zeros
     p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
     out = torch.einsum("bhqt,bhtd->bhqd", p, values)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse.float()
 
 
 def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, starts=None):
