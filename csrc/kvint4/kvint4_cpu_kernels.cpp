@@ -238,13 +238,14 @@ void heads(const float* q, const float* k, const float* v, int64_t nt, int64_t d
 }
 
 #if defined(__AVX2__)
-// Prefill (tasks of many query rows): S[r][i] for R rows and the 2 kW keys from i0 off the block's
-// keys transposed (kt: d rows of kTokens floats, zeros past the block's keys), as GEMM
-// micro-kernels multiply: per channel two key loads and R broadcasts serve 2R FMAs, each score
-// one FMA chain over the channels, no horizontal sums (scores() sums lanes: a shuffle tree per
-// eight scores, as many shuffles as FMAs at head dim 64). Prefill 1.5-2x faster than on
-// scores() (bench/results/kv_int4/cpu-kernel-inline-intel-xeon.md); the sums in another order,
-// so a decode step matches its prefill row to fp32 rounding instead of bit for bit.
+// Tasks of many query rows (prefill; a decode's group off the register path): S[r][i] for R rows
+// and the 2 kW keys from i0 off the block's keys transposed (kt: d rows of kTokens floats, zeros
+// past the block's keys), as GEMM micro-kernels multiply: per channel two key loads and R
+// broadcasts serve 2R FMAs, each score one FMA chain over the channels, no horizontal sums
+// (scores() sums lanes: a shuffle tree per eight scores, as many shuffles as FMAs at head dim
+// 64). The bf16 prefill 1.5-2x faster than on scores()
+// (bench/results/kv_int4/cpu-kernel-inline-intel-xeon.md); the sums in another order, so a
+// decode step matches its prefill row to fp32 rounding instead of bit for bit.
 template <int R>
 void scores_rows(const float* q, int64_t d, const float* kt, int64_t i0, float* s) {
   V a[2 * R];
