@@ -43,6 +43,7 @@ from fastlayers.ops._common import (
     register_no_backward,
     stream_of,
 )
+from fastlayers.quant.kv_cache import buffers_layout_ok
 from fastlayers.quant.rope_kv import (
     PAIRINGS,
     apply_rope,
@@ -902,11 +903,7 @@ def _store_buffers_ok(buffers, store=None) -> bool:
     if store is not None and store.buffers is buffers:
         layout = store.layout_ok()
     else:
-        layout = (
-            kq.dtype == vq.dtype == torch.uint8 and ks.dtype == vs.dtype == FP8
-            and all(x.dim() == 4 and x.shape[:3] == kq.shape[:3] and x.is_contiguous()
-                    and x.device == kq.device for x in buffers)
-        )  # fmt: skip
+        layout = buffers_layout_ok(buffers)
     return (
         layout and on_cpu(kq.device) and ks.shape[3] > 0 and vs.shape[3] > 0
         and kq.shape[3] * vs.shape[3] == vq.shape[3] * ks.shape[3]  # (one group size)

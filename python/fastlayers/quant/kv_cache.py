@@ -18,6 +18,19 @@ from fastlayers.ops._common import check_int, check_tensor
 from fastlayers.quant.rope_kv import FP8, dequantize_kv_int4
 
 
+def buffers_layout_ok(buffers) -> bool:
+    """Whether ``buffers`` are four contiguous tensors on one device, uint8 / float8_e4m3fn /
+    uint8 / float8_e4m3fn ``[B, H, capacity, .]`` of one batch, heads and capacity (an
+    :class:`Int4KVStore`'s keys, their scales, values, their scales)."""
+    b = buffers
+    return (
+        len(b) == 4 and all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in b)
+        and b[0].dtype == b[2].dtype == torch.uint8 and b[1].dtype == b[3].dtype == FP8
+        and all(x.shape[:3] == b[0].shape[:3] and x.device == b[0].device
+                and x.is_contiguous() for x in b)
+    )  # fmt: skip
+
+
 class Int4KVStore:
     """``append`` quantized tokens, read the filled part as ``kq``/``ks``/``vq``/``vs`` views, or
     the capacity-sized ``buffers`` with ``length`` (what the decode kernel takes). ``truncate``
@@ -49,13 +62,7 @@ class Int4KVStore:
         b = self.buffers
         if b is None or self.kernel_checked is b:
             return b is not None
-        ok = (
-            isinstance(b, tuple) and len(b) == 4
-            and all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in b)
-            and b[0].dtype == b[2].dtype == torch.uint8 and b[1].dtype == b[3].dtype == FP8
-            and all(x.shape[:3] == b[0].shape[:3] and x.device == b[0].device
-                    and x.is_contiguous() for x in b)
-        )  # fmt: skip
+        ok = isinstance(b, tuple) and buffers_layout_ok(b)
         if ok:
             self.kernel_checked = b
         return ok
