@@ -139,7 +139,8 @@ void prefetch_row(const T* row, int64_t n) {
   }
   for (; i < hi; ++i) mx = s[i] > mx ? s[i] : mx;
   const float m_new = mx > m ? mx : m;
-  const float alpha = m == -__builtin_inff() ? 0.0f : __builtin_expf(m - m_new);
+  // (exp(0) = 1 exactly: no libm call while the running max holds, as in most blocks of a decode)
+  const float alpha = m == -__builtin_inff() ? 0.0f : m_new == m ? 1.0f : __builtin_expf(m - m_new);
   for (i = 0; i < lo; ++i) s[i] = 0.0f;
   for (i = hi; i < n; ++i) s[i] = 0.0f;
   const V neg_m = vset1(-m_new);
