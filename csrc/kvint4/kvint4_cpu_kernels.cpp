@@ -441,11 +441,12 @@ static inline void values_int4_chunks(const float* p, const Int4Rows& v, int64_t
 // values<H> over INT4 values: as many 16-channel chunks per pass over the block's tokens as keep
 // the H x N accumulators to half the vector registers (AVX-512, 32 registers: 8 chunks for one or
 // two heads, 4 for up to four, else 2; AVX2, 16 registers and two per chunk: 2 for up to two
-// heads, else 1), then passes of 2 and 1 chunks for the rest. Each pass re-reads the block's probabilities and the values' scales, so
-// fewer, wider passes save their broadcasts and group tables: one thread's decode of GQA 16/8 at
-// d128 over 8192 tokens 1.07-1.08x faster (one pass of 8 chunks instead of four of 2; AVX2
-// 1.02-1.04x); groups of 4 and 8 heads unchanged within noise (bench/results/kv_int4/cpu-kernel-inline-intel-xeon.md). The
-// same sums in the same order whatever the width: the same bits.
+// heads, else 1), then passes of 2 and 1 chunks for the rest. Each pass re-reads the block's
+// probabilities and the values' scales, so fewer, wider passes save their broadcasts and group
+// tables: one thread's decode of GQA 16/8 at d128 over 8192 tokens 1.07-1.08x faster (one pass of
+// 8 chunks instead of four of 2; AVX2 1.02-1.04x); groups of 4 and 8 heads unchanged within noise
+// (bench/results/kv_int4/cpu-kernel-inline-intel-xeon.md). The same sums in the same order
+// whatever the width: the same bits.
 template <int H>
 void values_int4(const float* p, const Int4Rows& v, int64_t nt, float* acc) {
 #if defined(FL_AVX512)
