@@ -107,6 +107,9 @@ def test_cli_bench_quick_runs_and_prints_the_table(tmp_path):
         assert col in out.stdout
     for op in ("rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "rms_norm_backward"):
         assert f"\n{op} " in out.stdout
+    # PEER's forward and its two kernels timed apart (where a GPU run's time goes)
+    for op in ("PEER forward", "peer_retrieve (queries given)", "peer_experts (indices given)"):
+        assert f"\n{op} " in out.stdout
     reports = list(tmp_path.glob("*.md"))
     assert len(reports) == 1 and "commit" in reports[0].read_text()
 

@@ -92,6 +92,47 @@ def _max_err(m: fastlayers.PEER, x: torch.Tensor, y: torch.Tensor, rows: int = 6
     return (y[:rows].double() - y64).abs().max().item()
 
 
+def _component_rows(m, x0, inputs, reps, slow_reps, row, copy_bw, device) -> list[Row]:
+    """The forward's two kernels timed apart, each against the reference of that op on the same
+    input: ``peer_retrieve`` on the projected queries (no GB/s: it reads the sub-keys, not the
+    tables) and ``peer_experts`` on the retrieved indices and gates, whose GB/s on the gathered
+    bytes is the issue's bandwidth figure for the expert lookup itself. What the forward takes
+    beyond the two is the query projection (a dense GEMM) and the glue between them."""
+    nan = float("nan")
+    queries = [(m.query(x).reshape(*x.shape[:-1], m.heads, m.dim_key),) for (x,) in inputs]
+    picked = [m.retrieve(x) for (x,) in inputs]
+    experts_in = [
+        (x, idx, g, m.expert_down, m.expert_up, m.activation)
+        for (x,), (idx, g) in zip(inputs, picked, strict=True)
+    ]
+
+    def retrieve(q):
+        return fastlayers.peer_retrieve(q, m.keys, m.topk, m.score)
+
+    def retrieve_ref(q):
+        return ref.peer_retrieve(q, m.keys, m.topk, m.score)
+
+    t_ret, t_exp, t_ret_ref, t_exp_ref = time_interleaved(
+        [
+            (retrieve, queries, max(3, reps // 2)),
+            (fastlayers.peer_experts, experts_in, max(3, reps // 2)),
+            (retrieve_ref, queries, slow_reps),
+            (ref.peer_experts, experts_in, slow_reps),
+        ],
+        device,
+    )
+    ref_ret = "PyTorch reference peer_retrieve"
+    ref_exp = "PyTorch reference peer_experts"
+    y = fastlayers.peer_experts(*experts_in[0])[0]
+    err = _max_err(m, x0, y)
+    return [
+        row(
+            "peer_retrieve (queries given)", t_ret, ref_ret, t_ret_ref, nan, nan, nan, copy_bw, nan
+        ),
+        row("peer_experts (indices given)", t_exp, ref_exp, t_exp_ref, err, nan, nan, copy_bw),
+    ]
+
+
 def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
     try:
         import PEER_pytorch
@@ -165,6 +206,7 @@ def run(device: torch.device, quick: bool = False, reps: int = 20) -> list[Row]:
         for (name, fn), t_base in zip(baselines.items(), t_bases, strict=True):
             mem_base = peak_extra_mib(fn, (x0,), device)
             rows.append(row("PEER forward", t_ours, name, t_base, err, mem_ours, mem_base, copy_bw))
+        rows += _component_rows(ours, x0, inputs, reps, slow_reps, row, copy_bw, device)
 
     # Forward + backward (training mode: the table gradients are dense unless sparse_grad).
     ours.train()
