@@ -79,10 +79,17 @@ def test_gemm_every_cpu_isa(cpu_isa):
         xq, xs = fastlayers.quantize_fp8_per_token(rand(m, k, dtype=torch.float32, device="cpu"))
         _check_gemm(xq, xs, qw, None, torch.float32)
     # fewer rows than the panels take: per-channel tiles; k and groups multiples of 128 take the
-    # word look-ups (an odd block count, groups of two blocks with a partial last one)
-    for n, k, group_size in ((40, 384, 128), (24, 640, 256), (9, 70, 6), (12, 96, 32)):
+    # word / dword look-ups (an odd block count, groups of two blocks with a partial last one; rows
+    # over 32 KiB of fp32 at 1-2 rows: AVX-512 channel pairs, an odd channel count)
+    for n, k, group_size in (
+        (40, 384, 128),
+        (24, 640, 256),
+        (9, 70, 6),
+        (12, 96, 32),
+        (9, 8320, 128),
+    ):
         qw = _weight(n, k, group_size, "cpu")
-        for m in (1, 3, 6):
+        for m in (1, 2, 3, 6):
             x = rand(m, k + 16, dtype=torch.float32, device="cpu")
             xq, xs = fastlayers.quantize_fp8_per_token(x)
             xq = xq[:, 16:] if m == 3 else xq[:, :k].contiguous()  # FP8 rows with a stride
