@@ -273,7 +273,7 @@ inline void dwords_block(const uint8_t* w, int64_t ldw, const __m512 (&table)[C]
 // R rows x C adjacent channels from col over all of K, four accumulators per row and channel whatever
 // R and C (a row's sums do not depend on how many rows or channels share its tile). Two channels
 // share each activation load: at k = 14336 the staged row (56 KiB) no longer fits L1, and one
-// channel's 8 loads of it per 64 weight bytes ran the decode at 2/3 of the speed of k = 4096.
+// channel's 8 loads of it per 64 weight bytes ran the decode at about 3/4 of its speed at k = 4096.
 template <int R, int C>
 void tile_dwords(const GemmParams& p, int64_t col, const float* xs_base, float* out) {
   const Tables& tab = tables();
