@@ -35,14 +35,19 @@ def _d(t):
 
 
 def _agreeing_tokens(path, oracle_path, oracle_pre, x, w_in, rel=1e-4):
-    """Tokens whose path equals the oracle's; a divergence is allowed only at a near-tie."""
+    """Tokens whose path equals the oracle's; a divergence is allowed only at a near-tie.
+
+    ``path[:, l]`` is the node visited at level l, so where the paths first differ (level
+    ``first`` >= 1: both start at the root) the branch was taken at level ``first - 1``, by the
+    sign of that node's logit: that is the logit that must be near zero."""
     path, oracle_path = path.reshape(-1, path.shape[-1]), oracle_path.reshape(-1, path.shape[-1])
     differs = path != oracle_path
+    assert not differs[:, 0].any(), "a path does not start at the root"
     bad = differs.any(-1)
     if bad.any():
-        first = differs.int().argmax(-1)[bad]
-        a = oracle_pre.reshape(-1, path.shape[-1])[bad, first].abs()
-        rows = oracle_path[bad, first].long()
+        decided = differs.int().argmax(-1)[bad] - 1  # the level whose logit chose the branch
+        a = oracle_pre.reshape(-1, path.shape[-1])[bad, decided].abs()
+        rows = oracle_path[bad, decided].long()
         bound = (
             rel
             * x.reshape(-1, x.shape[-1])[bad].double().norm(dim=-1)
