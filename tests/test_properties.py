@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
+from test_kv_paged import _paged
 from test_peer import _check_selection, _expert_scores64
 from test_quant_attention import _tables as _rope_tables
 from test_rmsnorm import _check_fp8
@@ -43,6 +44,7 @@ from fastlayers.ops.kvint4 import (
     kv_quantize,
 )
 from fastlayers.ops.kvint4 import _reference as kv_reference
+from fastlayers.ops.kvint4_paged import int4_kv_attention_paged_varlen, int4_kv_decode_paged
 from fastlayers.reference import skip as skip_ref
 
 pytestmark = pytest.mark.skipif(
@@ -545,6 +547,87 @@ def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, 
     want = _kv_quantize_reference(x, post_scale, group, cos, sin, rope or "half")
     assert torch.equal(got[0], want[0])
     assert torch.equal(fp8_codes(got[1]), fp8_codes(want[1]))
+
+
+# Paged cache: block tables over shuffled, poisoned pages (test_kv_paged._paged)
+@PROPERTY
+@given(
+    lens=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 4),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    q_group=st.sampled_from([4, 8, 32]),
+    page_size=st.sampled_from([1, 4, 16, 32]),  # (powers of two)
+    softcap=st.sampled_from([0.0, 1.5]),
+    num_splits=st.sampled_from([0, 1, 3]),
+    dtype=DTYPES,
+    seed=SEEDS,
+)
+def test_int4_kv_decode_paged(lens, kv_heads, group, half_d, q_group, page_size, softcap,
+                              num_splits, dtype, seed):  # fmt: skip
+    """Each row of the paged decode against the contiguous float64 reference over its own tokens
+    (a row of no token: zeros, lse -inf)."""
+    d = 2 * half_d
+    q_group = q_group if d % q_group == 0 else d
+    torch.manual_seed(seed)
+    cache = _quantized_cache(len(lens), kv_heads, max(lens), d, q_group)
+    pages, table, seq_lens = _paged(cache, lens, page_size, generator_seed=seed)
+    q = rand(len(lens), kv_heads * group, d, dtype=dtype, device="cpu")
+    out, lse = int4_kv_decode_paged(q, *pages, table, seq_lens, softcap=softcap,
+                                    num_splits=num_splits)  # fmt: skip
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+    for row, n in enumerate(lens):
+        if n == 0:
+            assert bool((out[row] == 0).all()) and bool(torch.isneginf(lse[row]).all())
+            continue
+        one = [x[row : row + 1, :, :n] for x in cache]
+        want = kv_reference(q[row : row + 1].double(), *one, n, d**-0.5, softcap=softcap)
+        _check_kv_attention(out[row : row + 1], lse[row : row + 1], want)
+
+
+@PROPERTY
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    page_size=st.sampled_from([1, 8, 16]),
+    softcap=st.sampled_from([0.0, 1.5]),
+    dtype=DTYPES,
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_int4_kv_attention_paged_varlen(lens, kv_heads, group, half_d, page_size, softcap, dtype,
+                                        seed, data):  # fmt: skip
+    """Ragged queries over a paged cache (prefill chunks beside decode rows and empty rows): row
+    b's n_b queries are its last n_b tokens, each against the contiguous causal float64 reference
+    over the row's own tokens."""
+    d = 2 * half_d
+    counts = [data.draw(st.integers(0, n), label=f"queries of row {i}") for i, n in enumerate(lens)]
+    torch.manual_seed(seed)
+    cache = _quantized_cache(len(lens), kv_heads, max(lens), d, 8)
+    pages, table, seq_lens = _paged(cache, lens, page_size, generator_seed=seed)
+    hq = kv_heads * group
+    q = rand(sum(counts), hq, d, dtype=dtype, device="cpu")
+    cu = torch.tensor([sum(counts[:i]) for i in range(len(counts) + 1)], dtype=torch.int32)
+    out, lse = int4_kv_attention_paged_varlen(q, *pages, table, seq_lens, cu, softcap=softcap)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+    for row, (n, m) in enumerate(zip(lens, counts, strict=True)):
+        if m == 0:
+            continue
+        c = int(cu[row])
+        qb = q[c : c + m].transpose(0, 1).unsqueeze(0).double()  # [1, Hq, m, d]
+        one = [x[row : row + 1, :, :n] for x in cache]
+        want = _attention_reference(qb, *one, n, d**-0.5, softcap)
+        got = out[c : c + m].transpose(0, 1).unsqueeze(0), lse[c : c + m].transpose(0, 1)[None]
+        _check_kv_attention(*got, want)
+
+
+def _quantized_cache(batch, kv_heads, tokens, d, group):
+    """INT4 keys, key scales, values, value scales ``[batch, kv_heads, max(tokens, 1), .]``."""
+    kv = [rand(batch, kv_heads, max(tokens, 1), d, dtype=torch.float32, device="cpu") for _ in "kv"]
+    (k, ks), (v, vs) = (quant.quantize_kv_int4(t, group) for t in kv)
+    return k, ks, v, vs
 
 
 # ----------------------------------------------------------------------------------------------
