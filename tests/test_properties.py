@@ -623,6 +623,61 @@ def test_int4_kv_attention_paged_varlen(lens, kv_heads, group, half_d, page_size
         _check_kv_attention(*got, want)
 
 
+@PROPERTY
+@given(
+    tokens=st.integers(0, 40),
+    kv_heads=st.integers(1, 3),
+    half_d=st.sampled_from([1, 4, 8, 20, 32, 64]),
+    group=st.sampled_from([2, 4, 8, 16, 32, 64, 128]),
+    page_size=st.sampled_from([1, 2, 8, 16]),
+    spare=st.integers(0, 40),
+    dtype=DTYPES,
+    post=st.booleans(),
+    rope=st.sampled_from([None, "half", "interleaved"]),
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_kv_cache_write_paged(tokens, kv_heads, half_d, group, page_size, spare, dtype, post, rope,
+                              seed, data):  # fmt: skip
+    """The paged cache write is its reference (an indexed copy of kv_quantize's reference) bit for
+    bit over a pool of random bytes, with slots drawn anywhere in the pool and -1 (not written)
+    among them: the rows no token names keep their bytes."""
+    from fastlayers.ops.kvint4_paged import _write_reference, kv_cache_write_paged
+
+    d = 2 * half_d
+    if d % group:
+        group = 2
+    pool = (tokens + spare) // page_size + 1
+    slots = data.draw(
+        st.lists(st.integers(0, pool * page_size - 1), min_size=tokens, max_size=tokens,
+                 unique=True),
+        label="slots",
+    )  # fmt: skip
+    skipped = data.draw(st.sets(st.integers(0, max(tokens - 1, 0))), label="-1 slots")
+    slots = torch.tensor([-1 if i in skipped else v for i, v in enumerate(slots)], dtype=torch.long)
+    torch.manual_seed(seed)
+    x = rand(tokens, kv_heads, d, dtype=dtype, device="cpu", scale=4.0)
+    post_scale = torch.rand(kv_heads, d) * 4 + 0.1 if post else None
+    cos = sin = None
+    if rope is not None:
+        angles = torch.rand(tokens, d) * 6
+        cos, sin = angles.cos(), angles.sin()
+    pages = [torch.randint(0, 256, (pool, kv_heads, page_size, w), dtype=torch.uint8)
+             for w in (half_d, d // group)]  # fmt: skip
+    pages[1] = pages[1].view(torch.float8_e4m3fn)
+    before = [t.view(torch.uint8).clone() for t in pages]
+    want = [t.clone() for t in pages]
+    kv_cache_write_paged(x, *pages, slots, post_scale, cos, sin, rope or "half")
+    _write_reference(x, *want, slots, post_scale, cos, sin, rope or "half")
+    kept = torch.ones(pool * page_size, dtype=torch.bool)
+    kept[slots[slots >= 0]] = False
+    kept = kept.reshape(pool, 1, page_size, 1)
+    for got, expected, old in zip(pages, want, before, strict=True):
+        got = got.view(torch.uint8)
+        assert torch.equal(got, expected.view(torch.uint8))
+        assert torch.equal(got[kept.expand_as(got)], old[kept.expand_as(old)])
+
+
 def _quantized_cache(batch, kv_heads, tokens, d, group):
     """INT4 keys, key scales, values, value scales ``[batch, kv_heads, max(tokens, 1), .]``."""
     kv = [rand(batch, kv_heads, max(tokens, 1), d, dtype=torch.float32, device="cpu") for _ in "kv"]
