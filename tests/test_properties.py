@@ -39,9 +39,11 @@ from fastlayers.ops import fff_hard, peer_experts, ultrafast_ff
 from fastlayers.ops.kvint4 import (
     _attention_reference,
     _kv_quantize_reference,
+    _q_quantize_reference,
     int4_kv_attention,
     int4_kv_decode,
     kv_quantize,
+    q_quantize,
 )
 from fastlayers.ops.kvint4 import _reference as kv_reference
 from fastlayers.ops.kvint4_paged import int4_kv_attention_paged_varlen, int4_kv_decode_paged
@@ -547,6 +549,62 @@ def test_kv_quantize(batch, kv_heads, tokens, half_d, group, dtype, post, rope, 
     want = _kv_quantize_reference(x, post_scale, group, cos, sin, rope or "half")
     assert torch.equal(got[0], want[0])
     assert torch.equal(fp8_codes(got[1]), fp8_codes(want[1]))
+
+
+@PROPERTY
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 4),
+    tokens=st.integers(0, 12),
+    half_d=st.sampled_from([1, 4, 8, 20, 32, 64]),
+    dtype=DTYPES,
+    transposed=st.booleans(),
+    scaled=st.booleans(),
+    rope=st.sampled_from([None, "half", "interleaved"]),
+    fp8=st.booleans(),
+    seed=SEEDS,
+)
+def test_q_quantize(batch, heads, tokens, half_d, dtype, transposed, scaled, rope, fp8, seed):
+    """The query side (RoPE, times the scale, FP8 per token and head) is the reference's, bit for
+    bit, on contiguous and [B, T, H, d]-strided queries."""
+    d = 2 * half_d
+    torch.manual_seed(seed)
+    if transposed:  # the layout a [B, T, H, d] projection leaves
+        q = rand(batch, tokens, heads, d, dtype=dtype, device="cpu", scale=5.0).transpose(1, 2)
+    else:
+        q = rand(batch, heads, tokens, d, dtype=dtype, device="cpu", scale=5.0)
+    scale = torch.rand(heads, d) * 3 + 0.2 if scaled else None
+    cos = sin = None
+    if rope is not None:
+        angles = torch.rand(tokens, d) * 6
+        cos, sin = angles.cos(), angles.sin()
+    got = q_quantize(q, scale, cos, sin, rope or "half", fp8)
+    want = _q_quantize_reference(q, scale, cos, sin, rope or "half", fp8)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert torch.equal(got, want)
+
+
+@PROPERTY
+@given(
+    rows=st.integers(0, 40),
+    cols=st.integers(1, 300),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    zero_row=st.booleans(),
+    seed=SEEDS,
+)
+def test_quantize_fp8_per_token(rows, cols, dtype, layout, zero_row, seed):
+    """Dynamic per-token FP8 quantisation is the reference's, bit for bit (an all-zero row: scale
+    1)."""
+    torch.manual_seed(seed)
+    x = _activation(rows, cols, dtype, layout, scale=3.0)
+    if zero_row and rows:
+        x[rows // 2] = 0
+    got, want = fastlayers.quantize_fp8_per_token(x), ref.quantize_fp8_per_token(x)
+    assert got[0].dtype == torch.float8_e4m3fn and got[0].shape == x.shape
+    assert got[1].dtype == torch.float32 and got[1].shape == (rows, 1)
+    assert torch.equal(fp8_codes(got[0]), fp8_codes(want[0]))
+    assert torch.equal(got[1], want[1])
 
 
 # Paged cache: block tables over shuffled, poisoned pages (test_kv_paged._paged)
