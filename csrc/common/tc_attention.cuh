@@ -113,6 +113,13 @@ Status launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& para
 // inf - inf: propagated, as in the reference). A row that saw no key gets zeros and lse -inf.
 __device__ __forceinline__ bool seen(float sum) { return sum > 0.0f || sum != sum; }
 
+// A visible key's score in base 2 (x: the scaled, soft-capped score). -inf is what the tiles give
+// masked keys, and scores_to_p weighs it 0; a visible key's -inf (a query with an infinite
+// channel, which makes every score of its row +-inf or NaN) becomes NaN instead, so that a row whose
+// visible scores are all -inf comes out NaN, as the reference's softmax does, not as a row that saw
+// no key (zeros).
+__device__ __forceinline__ float visible_score(float x) { return x == -INFINITY ? NAN : x * 1.4426950408889634f; }
+
 // The online softmax's step for a lane's two rows (g and g + 8 of its 16: each row's scores in the
 // 4 lanes of a quad) from this tile's per-lane maxima mx (base-2 scaled scores): mx becomes the
 // quad's, m the new running maxima, alpha the factors for O and l (l already scaled by them).
@@ -239,7 +246,6 @@ struct WarpTile {
   using S = Smem<D, DV>;
   static constexpr int kKeyBlocks = kKeys / 8;  // 8-key blocks of the scores
   static constexpr int kColBlocks = DV / 8;     // 8-column blocks of the output
-  static constexpr float kLog2e = 1.4426950408889634f;
   static_assert(D % 16 == 0 && DV % 16 == 0, "head sizes are multiples of 16");
   // Q's fragments stay in registers up to head_dim 128; beyond (at 256 they would take 64
   // registers beside O's 128) they are read from shared memory per use (as FlashAttention-2 does).
@@ -330,7 +336,7 @@ struct WarpTile {
       for (int e = 0; e < 4; ++e) {
         float x = s[nb][e] * row_scale[e >> 1];
         if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-        x = visible(cta_row(e >> 1), key_of(nb, e)) ? x * kLog2e : -INFINITY;
+        x = visible(cta_row(e >> 1), key_of(nb, e)) ? visible_score(x) : -INFINITY;
         s[nb][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }

@@ -913,7 +913,6 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
   using tcl::kLd;
   using tcl::kRows;
   constexpr int kKb = tcl::kQkCh / 16, kNb = tcl::kPvCh / 8;
-  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char tc_smem[];
   T* sq = reinterpret_cast<T*>(tc_smem);
   auto& sx = *reinterpret_cast<float4(*)[tcl::kWarps][8][32]>(tc_smem);  // (aliases Q)
@@ -1035,7 +1034,7 @@ __global__ void __launch_bounds__(tcl::kThreads) prefill_latent_tc_kernel(const 
         const int i = rb * 16 + g + 8 * (e >> 1);
         const int64_t key = t0 + nb * 8 + 2 * tq + (e & 1);
         const float x = softcapped(s[nb][e] * p.scale * rs[e >> 1], p.softcap);
-        s[nb][e] = i < rows && key >= start && key <= first + q_at.token(i) ? x * kLog2e : -INFINITY;
+        s[nb][e] = i < rows && key >= start && key <= first + q_at.token(i) ? cuda::tc::visible_score(x) : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], s[nb][e]);
       }
     }
@@ -1343,7 +1342,6 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
   constexpr int G = DV > 128 ? DV / 128 : 1, DH = DV / G, KX = D - DV, kStreams = kWarps / G;
   constexpr int kKb = D / 16, kKbH = DH / 16, kNb = DH / 8, kParts = kSplit ? 2 : 1;
   static_assert(DV % G == 0 && DH % 64 == 0 && KX % 64 == 0 && kWarps % G == 0, "decode_tc_ok's shapes");
-  constexpr float kLog2e = 1.4426950408889634f;
   // Shared memory: the Q fragments (hi, lo) and, with G > 1, the groups' score exchange (two buffers
   // and one barrier per step for pairs; one buffer and two barriers for groups of 4, to stay within
   // the 48 KiB of static shared memory) during the key loop; the warps' outputs for the merge after
@@ -1490,7 +1488,7 @@ __global__ void __launch_bounds__(tcd::kWarps * 32) decode_tc_kernel(const Decod
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = softcapped(s[nb][e] * row_scale[e >> 1], p.softcap);
-        x = t + 8 * nb + 2 * tq + (e & 1) < t1 ? x * kLog2e : -INFINITY;
+        x = t + 8 * nb + 2 * tq + (e & 1) < t1 ? cuda::tc::visible_score(x) : -INFINITY;
         s[nb][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
