@@ -477,8 +477,7 @@ def test_int4_kv_decode(batch, kv_heads, group, half_d, q_group, capacity, dtype
     length = data.draw(st.integers(0, capacity), label="length")
     torch.manual_seed(seed)
     q = rand(batch, kv_heads * group, d, dtype=dtype, device="cpu")
-    cache = [rand(batch, kv_heads, capacity, d, dtype=torch.float32, device="cpu") for _ in "kv"]
-    (k, ks), (v, vs) = (quant.quantize_kv_int4(t, q_group) for t in cache)
+    k, ks, v, vs = _quantized_cache(batch, kv_heads, capacity, d, q_group)
     out, lse = int4_kv_decode(q, k, ks, v, vs, length)
     assert out.dtype == dtype and out.shape == q.shape
     if length == 0:
@@ -512,8 +511,7 @@ def test_int4_kv_attention(batch, kv_heads, group, half_d, capacity, dtype, seed
     tq = data.draw(st.integers(1, length), label="queries")
     torch.manual_seed(seed)
     q = rand(batch, kv_heads * group, tq, d, dtype=dtype, device="cpu")
-    cache = [rand(batch, kv_heads, capacity, d, dtype=torch.float32, device="cpu") for _ in "kv"]
-    (k, ks), (v, vs) = (quant.quantize_kv_int4(t, 8) for t in cache)
+    k, ks, v, vs = _quantized_cache(batch, kv_heads, capacity, d, 8)
     out, lse = int4_kv_attention(q, k, ks, v, vs, length)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
     _check_kv_attention(out, lse, _attention_reference(q.double(), k, ks, v, vs, length, d**-0.5))
