@@ -944,6 +944,40 @@ def test_int4_kv_attention_paged_query_counts_latent_one_token_and_bad_input(dev
         int4_kv_attention_paged(q, kp, ksp, vp, vsp, table, seq_lens, q_lens=[33, 5, 0])
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_int4_kv_attention_paged_padding_past_the_block_table(device, page_size):
+    """Queries padded to a bucket (Tq = 16) past what the block table holds (two pages): with
+    q_lens they are padding in every row (a row's count is at most its length), so the call runs
+    (kernels and reference alike): each row's counted queries against its reference, the rest
+    zeros with lse -inf. A table of no page: every row empty, all padding. Without q_lens the
+    error names the table."""
+    from fastlayers.ops import int4_kv_attention_paged
+    from fastlayers.ops.kvint4_paged import _attention_reference_op
+
+    hq, hkv, d, group, tq = 4, 2, 32, 16, 16
+    lens = [2 * page_size, 1, 0]
+    cache = _cache(3, hkv, 2 * page_size, d, d, group, device)
+    pages, table, seq_lens = _paged(cache, lens, page_size)
+    table = table[:, :2]  # (at most two pages a row)
+    q = rand(3, hq, tq, d, dtype=torch.float32, device=device)
+    q_lens = [2 * page_size - 1, 1, 0]
+    counts = torch.tensor(q_lens, dtype=torch.int32, device=device)
+    out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, q_lens=counts)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    _check_counted_rows(q, out, lse, cache, lens, q_lens, d**-0.5)
+    ref, ref_lse = _attention_reference_op(q.double(), *pages, table, seq_lens, d**-0.5, 0.0,
+                                           counts)  # fmt: skip
+    _check_counted_rows(q, ref.float(), ref_lse, cache, lens, q_lens, d**-0.5)
+    compiled = torch.compile(int4_kv_attention_paged, fullgraph=True)
+    got = compiled(q, *pages, table, seq_lens, q_lens=counts)
+    torch.testing.assert_close(got, (out, lse), rtol=1e-6, atol=1e-6)
+    none, zero = table[:, :0], torch.zeros(3, dtype=torch.int32, device=device)
+    out, lse = int4_kv_attention_paged(q, *pages, none, zero, q_lens=zero)
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    with pytest.raises(ValueError, match="q has 16 tokens but block_table holds at most"):
+        int4_kv_attention_paged(q, *pages, table, seq_lens)
+
+
 @pytest.mark.parametrize("values", ["key rows", "own pages"])
 def test_int4_kv_attention_paged_latent_and_one_token(device, values):
     """Multi-head latent attention's rows over pages (the latent tensor-core prefill), the values

@@ -184,7 +184,7 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
                 f"q_lens must be int32 [{b}] (each row's query tokens) on {q.device}, got "
                 f"{q_lens.dtype} {tuple(q_lens.shape)} on {q_lens.device}"
             )
-    if new > tokens:
+    if new > tokens and q_lens is None:  # (with q_lens, queries past a row's count are padding)
         what = f"max_seqlen_q is {new}" if ragged else f"q has {new} tokens"
         raise ValueError(f"{what} but block_table holds at most {tokens} tokens a row")
     if not check_range or seq_lens.device.type == "meta" or capturing(seq_lens):
@@ -281,6 +281,9 @@ def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, sc
     ``seq_lens[b] - q_lens[b] + i``), moved back after; the padding queries get zeros, lse -inf."""
     _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
            q_lens=q_lens)  # fmt: skip
+    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_lens)
+    if (padded := _past_the_table(_attention_reference_op, *args)) is not None:
+        return padded
     caches, tokens, starts = _contiguous(q, k, k_scale, v, v_scale, block_table, seq_lens)
     if q_lens is None:
         return _attention_reference(q, *caches, tokens, scale, softcap, starts=starts)
@@ -294,6 +297,25 @@ def _attention_reference_op(q, k, k_scale, v, v_scale, block_table, seq_lens, sc
     out = out.gather(2, back[..., None].expand(b, hq, tq, out.shape[3]))
     lse = lse.gather(2, back.expand(b, hq, tq))
     return out.masked_fill(~real[..., None], 0.0), lse.masked_fill(~real, -math.inf)
+
+
+def _past_the_table(fn, q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_lens):
+    """Padded queries past what the block table holds (``q_lens`` given, ``Tq`` more than its
+    ``max_pages * page_size`` tokens): padding in every row, since a row's count is at most its
+    length. ``fn`` (the kernel's or the reference's prefill) on the queries the table can hold,
+    the rest zeros with lse -inf; None where no query is past the table."""
+    tokens = block_table.shape[1] * k.shape[2]
+    b, hq, tq = q.shape[:3]
+    if q_lens is None or tq <= tokens:
+        return None
+    if tokens:
+        out, lse = fn(q[:, :, :tokens], k, k_scale, v, v_scale, block_table, seq_lens, scale,
+                      softcap, q_lens.clamp(max=tokens))  # fmt: skip
+    else:  # (no row holds a token: all padding)
+        out = q.new_zeros((b, hq, 0, 2 * v.shape[3]))
+        lse = q.new_zeros((b, hq, 0), dtype=torch.float32)
+    return (torch.cat([out, out.new_zeros(b, hq, tq - tokens, out.shape[3])], 2),
+            torch.cat([lse, lse.new_full((b, hq, tq - tokens), -math.inf)], 2))  # fmt: skip
 
 
 def _padded(q, cu_q, max_q):
@@ -395,6 +417,9 @@ def _attention_kernel(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, s
                       q_lens=None):  # fmt: skip
     _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_tokens=True,
            q_lens=q_lens)  # fmt: skip
+    args = (q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap, q_lens)
+    if (padded := _past_the_table(_attention_kernel, *args)) is not None:
+        return padded
     return _launch("int4_kv_attention_paged", _attention_reference_op, q, k, k_scale, v, v_scale,
                    block_table, seq_lens, scale, softcap, q_lens=q_lens)  # fmt: skip
 
@@ -626,7 +651,8 @@ def int4_kv_attention_paged(
     sees the row's tokens up to it. ``q_lens`` (int32 ``[B]``, optional): rows of different
     numbers of new tokens in one call (chunked prefill beside decode rows): row ``b``'s first
     ``q_lens[b]`` queries are its tokens ``seq_lens[b] - q_lens[b] + i``, the rest of its Tq are
-    padding (zeros, lse -inf; their tiles skipped); ``0 <= q_lens[b] <= min(Tq, seq_lens[b])``.
+    padding (zeros, lse -inf; their tiles skipped); ``0 <= q_lens[b] <= min(Tq, seq_lens[b])``
+    (Tq, a padding bucket, may then exceed what the block table holds).
     Returns ``(out [B, Hq, Tq, dv] in q's dtype, lse [B, Hq, Tq] fp32)``. Pages, block table and
     the other arguments as :func:`int4_kv_decode_paged`; the CPU and CUDA prefill kernels
     (:func:`~fastlayers.ops.kvint4.int4_kv_attention`'s) read the pages in place; elsewhere the
