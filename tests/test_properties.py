@@ -134,6 +134,11 @@ def test_rms_norm_family(rows, hidden, dtype, layout, offset, eps, seed):
         q, scale = fastlayers.rms_norm_fp8(x, w, eps)
         q_ref, scale_ref = ref.rms_norm_fp8(x, w, eps)
         _check_fp8(q, scale, q_ref, scale_ref, ref.rms_norm(x.double(), w.double(), eps))
+        # with the residual add: the sum rounded to the storage dtype, then its FP8 norm
+        q, scale, s = fastlayers.rms_norm_fp8(x, w, eps, residual=residual)
+        q_ref, scale_ref, s_ref = ref.rms_norm_fp8(x, w, eps, residual=residual)
+        assert s.dtype == dtype and torch.equal(s, s_ref)
+        _check_fp8(q, scale, q_ref, scale_ref, ref.rms_norm(s_ref.double(), w.double(), eps))
 
 
 @PROPERTY
@@ -318,6 +323,16 @@ def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout,
     score=st.sampled_from(["softmax", "relu"]),
     seed=SEEDS,
 )
+@example(
+    tokens=6,
+    heads=2,
+    half_key=1,
+    n_keys=59,
+    topk=2,
+    dtype=torch.float16,
+    score="softmax",
+    seed=1254,
+)  # (fp16 gates: the backward's yardstick must read them as stored)
 def test_peer_retrieve(tokens, heads, half_key, n_keys, topk, dtype, score, seed):
     """A valid top-k of the product-key scores (distinct experts, scores equal to the brute-force
     best up to rounding) and gates that are the softmax/relu of those experts' exact scores."""
@@ -331,6 +346,23 @@ def test_peer_retrieve(tokens, heads, half_key, n_keys, topk, dtype, score, seed
     s64 = _expert_scores64(queries, keys, indices)
     g64 = torch.softmax(s64, -1) if score == "softmax" else torch.relu(s64)
     assert_close_to_oracle(gates, g64.to(dtype), g64, name="gates")
+    # the backward through the gates (the selection held fixed): d/d(queries, keys) of
+    # sum(gates * dy), against float64 autograd of the chosen experts' exact scores; the
+    # yardstick is the reference backward's error (it reads the gates stored in the dtype)
+    leaves = [t.detach().requires_grad_() for t in (queries, keys)]
+    indices, gates = fastlayers.peer_retrieve(*leaves, topk, score)
+    dy = rand(*gates.shape, dtype=dtype, device="cpu")
+    grads = torch.autograd.grad(gates, leaves, dy)
+    same = ref.peer_retrieve_backward(dy, queries, keys, indices, gates.detach(), score)
+    l64 = [t.detach().double().requires_grad_() for t in (queries, keys)]
+    s64 = _expert_scores64(*l64, indices)
+    g64 = torch.softmax(s64, -1) if score == "softmax" else torch.relu(s64)
+    want = torch.autograd.grad(g64, l64, dy.double())
+    for name, got, r, w64 in zip(("dqueries", "dkeys"), grads, same, want, strict=True):
+        assert got.dtype == dtype and got.shape == w64.shape
+        # sums over tokens x topk (dkeys) or topk (dqueries) of O(1) products: the floor scales
+        atol = ATOL[dtype] * max(1.0, w64.abs().max().item())
+        assert_close_to_oracle(got, r, w64, atol=atol, name=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,16 +693,111 @@ def test_int4_kv_attention_paged_varlen(lens, kv_heads, group, half_d, page_size
     q = rand(sum(counts), hq, d, dtype=dtype, device="cpu")
     cu = torch.tensor([sum(counts[:i]) for i in range(len(counts) + 1)], dtype=torch.int32)
     out, lse = int4_kv_attention_paged_varlen(q, *pages, table, seq_lens, cu, softcap=softcap)
-    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+    _check_ragged(q, out, lse, cache, lens, counts, softcap)
+
+
+def _check_ragged(q, out, lse, cache, lens, counts, softcap=0.0):
+    """Ragged outputs ``out [T, Hq, d]`` / ``lse [T, Hq]`` of queries ``q`` (row b's ``counts[b]``
+    queries one after the other, its last tokens of ``lens[b]``): each row against the contiguous
+    causal float64 reference over its own tokens of ``cache``."""
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:2]
+    c = 0
     for row, (n, m) in enumerate(zip(lens, counts, strict=True)):
         if m == 0:
             continue
-        c = int(cu[row])
         qb = q[c : c + m].transpose(0, 1).unsqueeze(0).double()  # [1, Hq, m, d]
         one = [x[row : row + 1, :, :n] for x in cache]
-        want = _attention_reference(qb, *one, n, d**-0.5, softcap)
+        want = _attention_reference(qb, *one, n, q.shape[-1] ** -0.5, softcap)
         got = out[c : c + m].transpose(0, 1).unsqueeze(0), lse[c : c + m].transpose(0, 1)[None]
         _check_kv_attention(*got, want)
+        c += m
+
+
+@PROPERTY
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    page_size=st.sampled_from([1, 8, 16]),
+    split=st.booleans(),
+    dtype=DTYPES,
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_int4_kv_attention_paged_planned(lens, kv_heads, group, half_d, page_size, split, dtype,
+                                         seed, data):  # fmt: skip
+    """A serving step planned once (quant.plan_paged_step over a block manager's table), run
+    without host reads: the ragged prefill in one call, or (``split``, CUDA's route, forced here
+    on CPU too) its one-token rows through the split-KV decode and the rest through the ragged
+    prefill, joined in the step's order. Each row against the causal float64 reference."""
+    from unittest import mock
+
+    from fastlayers.ops import int4_kv_attention_paged_planned, kvint4_paged
+
+    d = 2 * half_d
+    counts = [data.draw(st.integers(0, min(n, 3) if data.draw(st.booleans(), label=f"decode {i}")
+                                    else n), label=f"queries of row {i}")
+              for i, n in enumerate(lens)]  # fmt: skip
+    torch.manual_seed(seed)
+    cache = _quantized_cache(len(lens), kv_heads, max(lens), d, 8)
+    pages, table, seq_lens = _paged(cache, lens, page_size, generator_seed=seed)
+    cu = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    with mock.patch.object(kvint4_paged, "split_decode_rows", lambda device: split):
+        step = quant.plan_paged_step(table, seq_lens, cu, page_size, pages[0].shape[0])
+        q = rand(cu[-1], kv_heads * group, d, dtype=dtype, device="cpu")
+        out, lse = int4_kv_attention_paged_planned(q, *pages, step)
+    # (a split needs one-token rows beside longer ones; rows of no new token are in neither)
+    assert (step.split is not None) == (split and 1 in counts and max(counts) > 1)
+    _check_ragged(q, out, lse, cache, lens, counts)
+
+
+@PROPERTY
+@given(
+    lens=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    tq=st.integers(1, 12),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    half_d=st.sampled_from([4, 16, 20, 32, 64]),
+    page_size=st.sampled_from([1, 8, 16]),
+    softcap=st.sampled_from([0.0, 1.5]),
+    q_layout=st.sampled_from(["contiguous", "[B, Tq, Hq, d] transposed"]),
+    dtype=DTYPES,
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_int4_kv_attention_paged_padded(lens, tq, kv_heads, group, half_d, page_size, softcap,
+                                        q_layout, dtype, seed, data):  # fmt: skip
+    """Padded queries ``[B, Hq, Tq, d]`` over a paged cache with ``q_lens`` (rows of different
+    numbers of new tokens): row b's first q_lens[b] queries against the causal float64 reference
+    over its own tokens, its padding zeros with lse -inf. Without q_lens every row has Tq new
+    tokens."""
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+    d = 2 * half_d
+    padded = data.draw(st.booleans(), label="q_lens")
+    if not padded:
+        lens = [max(n, tq) for n in lens]
+    q_lens = [data.draw(st.integers(0, min(tq, n)), label=f"q_lens[{i}]") if padded else tq
+              for i, n in enumerate(lens)]  # fmt: skip
+    torch.manual_seed(seed)
+    cache = _quantized_cache(len(lens), kv_heads, max(lens), d, 8)
+    pages, table, seq_lens = _paged(cache, lens, page_size, generator_seed=seed)
+    hq = kv_heads * group
+    q = rand(len(lens), tq, hq, d, dtype=dtype, device="cpu").transpose(1, 2)
+    if q_layout == "contiguous":
+        q = q.contiguous()
+    arg = torch.tensor(q_lens, dtype=torch.int32) if padded else None
+    out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, softcap=softcap, q_lens=arg)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
+    for row, (n, m) in enumerate(zip(lens, q_lens, strict=True)):
+        pad_out, pad_lse = out[row, :, m:], lse[row, :, m:]
+        assert bool((pad_out == 0).all()) and bool(torch.isneginf(pad_lse).all()), f"row {row}"
+        if m == 0:
+            continue
+        one = [x[row : row + 1, :, :n] for x in cache]
+        want = _attention_reference(q[row : row + 1, :, :m].double(), *one, n, d**-0.5, softcap)
+        _check_kv_attention(out[row : row + 1, :, :m], lse[row : row + 1, :, :m], want)
 
 
 @PROPERTY
