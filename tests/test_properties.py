@@ -244,6 +244,52 @@ def test_ultrafast_ff(tokens, depth, d_in, d_out, dtype, layout, bias, activatio
 
 @PROPERTY
 @given(
+    tokens=st.integers(0, 150),
+    depth=st.integers(0, 9),
+    d_in=st.integers(1, 130),
+    d_out=st.integers(1, 70),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    bias=st.booleans(),
+    activation=st.sampled_from(["gelu", "gelu_tanh", "relu", "silu"]),
+    seed=SEEDS,
+)
+def test_ultrafast_ff_backward(tokens, depth, d_in, d_out, dtype, layout, bias, activation, seed):
+    """The backward along the kernel's hard path: dx, dw_in, dw_out, db_in against float64
+    autograd of the reference. A token whose path differs from the oracle's (a near-tie, which
+    _agreeing_tokens allows) gets dy = 0, so it adds nothing to any gradient."""
+    torch.manual_seed(seed)
+    nodes = 2 ** (depth + 1) - 1
+    params = [
+        _activation(tokens, d_in, dtype, layout),
+        rand(nodes, d_in, dtype=dtype, device="cpu", scale=d_in**-0.5),
+        rand(nodes, d_out, dtype=dtype, device="cpu", scale=0.5),
+    ]
+    if bias:
+        params.append(rand(nodes, dtype=dtype, device="cpu", scale=0.1))
+    leaves = [t.detach().requires_grad_() for t in params]
+    y, path, _ = ultrafast_ff(*leaves[:3], leaves[3] if bias else None, activation)
+    l64 = [t.detach().double().requires_grad_() for t in params]
+    y64, path64, pre64 = ref.ultrafast_ff(*l64[:3], l64[3] if bias else None, activation)
+    l32 = [t.detach().float().requires_grad_() for t in params]
+    y32, path32, _ = ref.ultrafast_ff(*l32[:3], l32[3] if bias else None, activation)
+    ok = _agreeing_tokens(path, path64, pre64.detach(), params[0], params[1])
+    ok &= (path32 == path64).all(-1)  # (the fp32 yardstick on the same path too)
+    dy = rand(tokens, d_out, dtype=dtype, device="cpu") * ok[:, None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    g64 = torch.autograd.grad(y64, l64, dy.double())
+    g32 = torch.autograd.grad(y32, l32, dy.float())
+    for name, got, same, want in zip(("dx", "dw_in", "dw_out", "db_in"), grads, g32, g64,
+                                     strict=False):  # fmt: skip
+        assert got.dtype == dtype and got.shape == want.shape, name
+        # weight gradients sum over tokens: the floor scales with their magnitude
+        biggest = want.abs().max().item() if want.numel() else 0.0
+        atol = ATOL[dtype] * max(1.0, biggest)
+        assert_close_to_oracle(got, same.to(dtype), want, factor=3.0, atol=atol, name=name)
+
+
+@PROPERTY
+@given(
     tokens=st.integers(0, 120),
     depth=st.integers(0, 6),
     d_in=st.integers(1, 90),
