@@ -312,6 +312,53 @@ def test_fff_hard(tokens, depth, d_in, width, d_out, dtype, layout, seed):
     assert_close_to_oracle(y[~differs], y_ref[~differs], y64[~differs], name="y")
 
 
+@PROPERTY
+@given(
+    tokens=st.integers(0, 120),
+    depth=st.integers(0, 6),
+    d_in=st.integers(1, 90),
+    width=st.integers(1, 40),
+    d_out=st.integers(1, 50),
+    dtype=DTYPES,
+    layout=LAYOUTS,
+    chunk=st.sampled_from([None, 1, 700]),  # elements a recomputed chunk holds (1: a token each)
+    seed=SEEDS,
+)
+def test_fff_hard_backward(tokens, depth, d_in, width, d_out, dtype, layout, chunk, seed):
+    """dx and the leaf weights' gradients along the kernel's leaves (the routing nodes get none)
+    against float64 autograd of the reference; a token routed to another leaf at a near-tie gets
+    dy = 0. With the backward's recomputation in chunks of every size."""
+    from unittest import mock
+
+    from fastlayers.ops import fff as fff_ops
+
+    torch.manual_seed(seed)
+    params = _hard_params(depth, d_in, width, d_out, dtype, "cpu")
+    x = _activation(tokens, d_in, dtype, layout)
+    leaves = [t.detach().requires_grad_() for t in (x, *params)]
+    size = fff_ops._HARD_BACKWARD_CHUNK_ELEMENTS if chunk is None else chunk
+    with mock.patch.object(fff_ops, "_HARD_BACKWARD_CHUNK_ELEMENTS", size):
+        y, leaf = fff_hard(*leaves)
+        _, leaf64, min_logit = _hard_oracle(x, params)
+        differs = leaf != leaf64
+        assert (min_logit[differs] < 1e-3).all(), "a leaf differs away from a near-tie"
+        dy = rand(tokens, d_out, dtype=dtype, device="cpu") * (~differs)[:, None]
+        grads = torch.autograd.grad(y, leaves, dy, allow_unused=True)
+    assert grads[1] is None and grads[2] is None  # (node_w, node_b: a hard decision)
+
+    def reference_grads(dt):
+        ls = [t.detach().to(dt).requires_grad_() for t in (x, *params)]
+        return torch.autograd.grad(ref.fff_hard(*ls)[0], [ls[0], *ls[3:]], dy.to(dt))
+
+    g64, g32 = reference_grads(torch.float64), reference_grads(torch.float32)
+    names = ("dx", "dw1", "db1", "dw2", "db2")
+    for name, got, same, want in zip(names, [grads[0], *grads[3:]], g32, g64, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        biggest = want.abs().max().item() if want.numel() else 0.0
+        atol = ATOL[dtype] * max(1.0, biggest)
+        assert_close_to_oracle(got, same.to(dtype), want, factor=3.0, atol=atol, name=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # PEER experts
 # ----------------------------------------------------------------------------------------------
