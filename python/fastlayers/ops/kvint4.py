@@ -97,8 +97,8 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False, sof
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     hkv, t_max = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if not hkv or hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv}, k.shape[1] > 0)")
     dv = v.shape[3] * 2
     for s, name, width in ((k_scale, "k_scale", d), (v_scale, "v_scale", dv)):
         bad_shape = (

@@ -142,8 +142,10 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
     pages, hkv, page_size = k.shape[:3]
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size (k_pages.shape[2]) must be a power of two, got {page_size}")
-    if hq % hkv:
-        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if not hkv or hq % hkv:
+        raise ValueError(
+            f"q heads ({hq}) must be a multiple of kv heads ({hkv}, k_pages.shape[1] > 0)"
+        )
     if v.dtype != torch.uint8 or v.dim() != 4 or v.shape[:3] != k.shape[:3] or not v.shape[3]:
         raise ValueError(
             f"v_pages must be uint8 [{pages}, {hkv}, {page_size}, value_head_dim / 2] (k_pages' "

@@ -129,8 +129,9 @@ def fold_pre_rope(
             raise ValueError(f"{name} must index rows of a layer of {out} outputs")
         rows.append(r.to(lin.weight.device))
     h_kv, d = n.shape
-    h_q = rows[0].numel() // d
-    if rows[1].numel() != h_kv * d or rows[0].numel() != h_q * d or h_q % h_kv:
+    h_q = rows[0].numel() // max(d, 1)
+    if not h_kv or not d or rows[1].numel() != h_kv * d or rows[0].numel() != h_q * d \
+            or h_q % h_kv:  # fmt: skip
         raise ValueError(
             f"n {tuple(n.shape)} does not fit the {rows[1].numel()} key rows / "
             f"{rows[0].numel()} query rows of k_proj / q_proj"

@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Random bad input, several arguments at once: the sweep of test_bad_input_sweep.py replaces one
+argument at a time by a canned wrong value; here hypothesis changes one to three arguments of a
+valid call together (new sizes of the same rank, a rank more or less, other dtypes, other strides,
+integer tensors of out-of-range or negative values, non-finite floats, odd scalars), so that
+arguments which agree with each other but not with the rest (a q and a cache both resized, a
+block table and its lengths both changed) reach the checks too.
+
+The call must work or raise ValueError/TypeError; nothing else may escape, and nothing may read or
+write out of bounds (CI runs this file under AddressSanitizer, the CUDA kernels emulated too).
+Whether a working call computes the right thing is the family and property tests' business.
+``FASTLAYERS_PROPERTY_EXAMPLES=N``: N random examples per op instead of the derandomized ones.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_bad_input_sweep import CASES
+
+_EXAMPLES = os.environ.get("FASTLAYERS_PROPERTY_EXAMPLES")
+FUZZ = settings(
+    max_examples=int(_EXAMPLES) if _EXAMPLES else 40,
+    deadline=None,
+    derandomize=not _EXAMPLES,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+
+
+@pytest.fixture(autouse=True, params=["cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)])
+def kernels(request, monkeypatch):
+    """The CPU kernels, and in a CUDA emulation build the CUDA kernels too (tests/cuda_emu)."""
+    from conftest import device_for
+
+    return device_for(request.param, monkeypatch)
+
+
+_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
+_SCALARS = [0, 1, -1, 2, 3, 7, 64, 4097, 10**6, 0.5, -0.5, 1e-30, 1e30, float("nan"), float("inf")]
+
+
+def _fresh(a: torch.Tensor, shape, dtype, data) -> torch.Tensor:
+    """A new tensor of ``shape`` and ``dtype`` with values like ``a``'s: random floats, random
+    bytes, integers around ``a``'s range (negatives and values past it included)."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="values"))
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    if dtype in (torch.int32, torch.int64):
+        top = int(a.max()) if a.numel() and not a.is_floating_point() else 16
+        lo, hi = data.draw(st.sampled_from([(0, top + 1), (-3, top + 4), (top, 2 * top + 9)]))
+        return torch.randint(lo, max(hi, lo + 1), shape, generator=g, dtype=dtype)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _mutate_tensor(a: torch.Tensor, data) -> torch.Tensor:
+    how = data.draw(
+        st.sampled_from(["sizes", "rank", "dtype", "values", "strides", "non-finite"]), label="how"
+    )
+    if how == "sizes":
+        shape = [
+            data.draw(st.sampled_from(sorted({n, 0, 1, max(n - 1, 0), n + 1, 2 * n, 7})))
+            for n in a.shape
+        ]
+        return _fresh(a, shape, a.dtype, data)
+    if how == "rank":
+        shape = list(a.shape)
+        if shape and data.draw(st.booleans(), label="drop a dim"):
+            shape.pop(data.draw(st.integers(0, len(shape) - 1)))
+        else:
+            shape.insert(data.draw(st.integers(0, len(shape))), data.draw(st.sampled_from([1, 2])))
+        return _fresh(a, shape, a.dtype, data)
+    if how == "dtype":
+        return _fresh(a, a.shape, data.draw(st.sampled_from(_DTYPES), label="dtype"), data)
+    if how == "values":
+        return _fresh(a, a.shape, a.dtype, data)
+    if how == "strides":  # the same values in a non-contiguous view
+        if a.dim() == 0:
+            return a
+        buf = torch.zeros(*a.shape[:-1], 2 * a.shape[-1] + 1, dtype=a.dtype)
+        view = buf[..., 1::2]
+        view.copy_(a)
+        return view
+    if not a.is_floating_point():  # non-finite: floats only
+        return a
+    out = a.clone()
+    if out.numel():
+        flat = out.view(-1)
+        flat[data.draw(st.integers(0, flat.numel() - 1))] = data.draw(
+            st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e30])
+        )
+    return out
+
+
+def _mutate(arg, data):
+    if isinstance(arg, torch.Tensor):
+        return _mutate_tensor(arg, data)
+    if isinstance(arg, bool):
+        return data.draw(st.sampled_from([None, 0, 2]))
+    if isinstance(arg, (int, float)):
+        return data.draw(st.sampled_from(_SCALARS), label="scalar")
+    if arg is None:
+        return data.draw(st.sampled_from([0.5, 3, "x"]))
+    return data.draw(st.sampled_from([None, 3, "x"]))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@FUZZ
+@given(data=st.data())
+def test_random_bad_input_raises_value_or_type_error(name, data):
+    fn, args = CASES[name]
+    which = data.draw(
+        st.lists(st.integers(0, len(args) - 1), min_size=1, max_size=min(3, len(args)),
+                 unique=True),
+        label="arguments changed",
+    )  # fmt: skip
+    call = list(args)
+    for i in which:
+        call[i] = _mutate(args[i], data)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            fn(*call)
+    except (ValueError, TypeError):
+        pass
+
+
+def test_found_by_the_fuzz():
+    """What the random search found, kept as plain cases: a cache of no kv heads (the check's
+    ``hq % hkv`` divided by zero) and a RoPE fold with head_dim 0."""
+    from fastlayers import quant
+    from fastlayers.ops.kvint4 import int4_kv_decode
+    from fastlayers.ops.kvint4_paged import int4_kv_attention_paged
+
+    fn, args = CASES["int4_kv_attention_paged"]
+    no_heads = torch.zeros(args[1].shape[0], 0, *args[1].shape[2:], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="multiple of kv heads \\(0"):
+        int4_kv_attention_paged(args[0], no_heads, *args[2:])
+    _, args = CASES["int4_kv_decode"]
+    with pytest.raises(ValueError, match="multiple of kv heads \\(0"):
+        int4_kv_decode(args[0], *(t[:, :0] for t in args[1:5]), *args[5:])
+    q, k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        quant.fold_pre_rope(q, k, torch.ones(1, 0))
