@@ -119,6 +119,24 @@ def test_scales_with_partial_rope():
             quant.compute_pre_rope_scales(k, rotary_dim=bad)
 
 
+@pytest.mark.parametrize("pairing", ["half", "interleaved"])
+def test_rotate_pairs_every_float_dtype(pairing):
+    """rotate_pairs is exact in every float dtype, FP8 included (torch negates no FP8 tensor:
+    it goes through fp32, which loses nothing)."""
+    x = torch.randn(3, 5, 16) * 4
+    want = quant.rotate_pairs(x.double(), pairing)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
+        got = quant.rotate_pairs(x.to(dtype), pairing)
+        assert got.dtype == dtype
+        assert torch.equal(got.double(), quant.rotate_pairs(x.to(dtype).double(), pairing))
+    x = x.double()
+    if pairing == "half":  # [-x2, x1]
+        assert torch.equal(want, torch.cat([-x[..., 8:], x[..., :8]], -1))
+    else:  # each pair (a, b) -> (-b, a)
+        assert torch.equal(want[..., 0::2], -x[..., 1::2])
+        assert torch.equal(want[..., 1::2], x[..., 0::2])
+
+
 def test_kv_int4_round_trip():
     x = rand(2, 3, 9, 64, dtype=torch.bfloat16, device="cpu")
     packed, scales = quant.quantize_kv_int4(x, 32)

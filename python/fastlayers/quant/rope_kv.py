@@ -163,6 +163,8 @@ def rotate_pairs(x: torch.Tensor, pairing: str = "half") -> torch.Tensor:
     """RoPE's partner term: ``"half"`` is Hugging Face's ``rotate_half`` (``[-x2, x1]``),
     ``"interleaved"`` maps each pair ``(a, b)`` to ``(-b, a)``."""
     _check_float(x, "x", "[..., even head_dim]", even=True)
+    if x.dtype.itemsize == 1:  # (FP8: torch has no negation for it; through fp32, exactly)
+        return rotate_pairs(x.float(), pairing).to(x.dtype)
     if pairing == "half":
         h = x.shape[-1] // 2
         return torch.cat([-x[..., h:], x[..., :h]], -1)
