@@ -137,12 +137,32 @@ def test_random_bad_input_raises_value_or_type_error(name, data):
     call = list(args)
     for i in which:
         call[i] = _mutate(args[i], data, small=name in API)
+    # the backward too, where an op has one: float arguments that require grad (not for the ops
+    # that write into an argument, which autograd refuses for a leaf that requires grad)
+    in_place = name.endswith("_") or "out=" in name or name.startswith("kv_cache_write")
+    grad = name in TRAINING or (
+        name in CASES and not in_place and data.draw(st.booleans(), label="backward")
+    )
+    if grad and name in CASES:
+        call = [
+            a.detach().requires_grad_()
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype.itemsize > 1
+            else a
+            for a in call
+        ]
     try:
-        with warnings.catch_warnings(), torch.set_grad_enabled(name in TRAINING):
+        with warnings.catch_warnings(), torch.set_grad_enabled(grad):
             warnings.simplefilter("ignore")
-            fn(*call)
+            out = fn(*call)
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            loss = [o.float().sum() for o in outs if torch.is_tensor(o) and o.requires_grad]
+            if loss:
+                torch.autograd.backward(loss)
     except (ValueError, TypeError):
         pass
+    except RuntimeError as e:  # (the inference ops' one documented error: autograd's type)
+        if "has no backward" not in str(e):
+            raise
 
 
 def test_found_by_the_fuzz():
@@ -162,3 +182,24 @@ def test_found_by_the_fuzz():
     q, k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
     with pytest.raises(ValueError, match="does not fit"):
         quant.fold_pre_rope(q, k, torch.ones(1, 0))
+
+
+@pytest.mark.parametrize(
+    "name,index,bad,error",
+    [
+        ("peer_retrieve", 2, 0.5, ValueError),  # topk
+        ("peer_retrieve", 3, None, ValueError),  # score
+        ("ultrafast_ff", 4, None, ValueError),  # activation
+        ("int4_fp8_gemm", 4, None, TypeError),  # out_dtype
+    ],
+)
+def test_bad_scalars_with_inputs_that_require_grad(name, index, bad, error):
+    """Inputs that require grad take the op through the dispatcher, whose schema raised
+    RuntimeError for a scalar of the wrong type before the library's own check (found by the
+    fuzz): the checks now come first on that path too."""
+    fn, args = CASES[name]
+    call = [a.detach().requires_grad_() if torch.is_tensor(a) and a.dtype == torch.float32 else a
+            for a in args]  # fmt: skip
+    call[index] = bad
+    with pytest.raises(error):
+        fn(*call)

@@ -616,6 +616,7 @@ def ultrafast_ff(
     check_tensors(("b_in",), x=x, w_in=w_in, w_out=w_out, b_in=b_in)
     if direct_call_ok(x, w_in, b_in, w_out):
         return _ultrafast_ff_kernel(x, w_in, b_in, w_out, activation)
+    _check_activation_name(activation)  # (before the op's schema, which would raise RuntimeError)
     return torch.ops.fastlayers.ultrafast_ff(x, w_in, b_in, w_out, activation)
 
 

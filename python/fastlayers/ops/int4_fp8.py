@@ -569,6 +569,8 @@ def int4_fp8_gemm(
     )  # fmt: skip
     if direct_call_ok(xq, xs, bias):
         return _gemm_kernel(*args)
+    if out_dtype not in OUT_DTYPES:  # (before the op's schema, which would raise RuntimeError)
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     return torch.ops.fastlayers.int4_fp8_gemm(*args)
 
 

@@ -198,6 +198,7 @@ def peer_retrieve(
     check_tensors(queries=queries, keys=keys)
     if direct_call_ok(queries, keys):
         return _peer_retrieve_kernel(queries, keys, topk, score)
+    _check_retrieve(queries, keys, topk, score)  # (before the op's schema: RuntimeError there)
     return torch.ops.fastlayers.peer_retrieve(queries, keys, topk, score)
 
 
