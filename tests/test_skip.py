@@ -498,6 +498,33 @@ def test_gather_and_scatter_add_gated(device):
     torch.testing.assert_close(residual.grad, dy)
 
 
+def test_gather_rows_backward_gives_the_zeroed_rows_no_gradient(device):
+    """A negative index (and on CUDA, which reads no index back to the host, one past the end)
+    gives a zero row: its dy reaches no row of dx, a NaN in it neither. Before, the backward
+    added a padding row's dy times 0 into row 0 (NaN there) and indexed past the end with an
+    index the CUDA forward had zeroed (a device-side assert on a GPU; found by the fuzz)."""
+    from fastlayers.ops import _common
+
+    x = rand(20, 12, dtype=torch.float32, device=device).requires_grad_()
+    cuda_route = _common.on_cuda(x.device)
+    idx = torch.tensor([3, -1, 25 if cuda_route else 7, 3], device=device)
+    if not cuda_route:
+        with pytest.raises(ValueError, match="index"):
+            fastlayers.gather_rows(x, torch.tensor([3, 25], device=device))
+    rows = fastlayers.gather_rows(x, idx)
+    dy = rand(4, 12, dtype=torch.float32, device=device)
+    dy[1] = float("nan")
+    (dx,) = torch.autograd.grad(rows, x, dy)
+    want = torch.zeros_like(dx)
+    want[3] = dy[0] + dy[3]
+    if not cuda_route:
+        want[7] = dy[2]
+    else:
+        assert bool((rows[2] == 0).all())
+    assert bool((rows[1] == 0).all())
+    torch.testing.assert_close(dx, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("route", ["kernel", "reference"])
 def test_scatter_add_gated_refuses_a_repeated_row_on_cpu(route, monkeypatch):
     """Each row is updated from the residual, so a row named twice would lose one update: the CPU

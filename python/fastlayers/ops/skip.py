@@ -483,10 +483,12 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, grad):
     (indices,) = ctx.saved_tensors
     idx = indices.long()
-    valid = (idx >= 0).to(grad.dtype)[:, None]
+    # the rows the forward gave zeros: negative indices, and on CUDA (no host check there) indices
+    # past the end; they get no gradient (where, not a product: a NaN in their dy stays out)
+    valid = (idx >= 0) & (idx < ctx.rows)
     dx = grad.new_zeros((ctx.rows, grad.shape[1]))
-    dx.index_add_(0, idx.clamp_min(0), grad * valid)  # (no host synchronisation)
-    return dx, None
+    dx.index_add_(0, torch.where(valid, idx, 0), torch.where(valid[:, None], grad, 0))
+    return dx, None  # (no host synchronisation)
 
 
 def _scatter_setup(ctx, inputs, output):
