@@ -103,6 +103,18 @@ def _d(t):
     return None if t is None else t.double()
 
 
+def _assert_grads_close(names, grads, same, oracle, dtype, factor=2.0):
+    """Each gradient in ``dtype`` against its float64 ``oracle``, the reference's error (``same``,
+    cast to ``dtype``) the yardstick. Gradients are sums over tokens, pairs or channels of O(1)
+    products: the floor scales with their magnitude (a dgates of ~37 from a 73-term sum: a few
+    fp32 ulps is ~2e-5)."""
+    for name, got, r, want in zip(names, grads, same, oracle, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        biggest = want.abs().max().item() if want.numel() else 0.0
+        atol = ATOL[dtype] * max(1.0, biggest)
+        assert_close_to_oracle(got, r.to(dtype), want, factor=factor, atol=atol, name=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------
@@ -279,13 +291,8 @@ def test_ultrafast_ff_backward(tokens, depth, d_in, d_out, dtype, layout, bias, 
     grads = torch.autograd.grad(y, leaves, dy)
     g64 = torch.autograd.grad(y64, l64, dy.double())
     g32 = torch.autograd.grad(y32, l32, dy.float())
-    for name, got, same, want in zip(("dx", "dw_in", "dw_out", "db_in"), grads, g32, g64,
-                                     strict=False):  # fmt: skip
-        assert got.dtype == dtype and got.shape == want.shape, name
-        # weight gradients sum over tokens: the floor scales with their magnitude
-        biggest = want.abs().max().item() if want.numel() else 0.0
-        atol = ATOL[dtype] * max(1.0, biggest)
-        assert_close_to_oracle(got, same.to(dtype), want, factor=3.0, atol=atol, name=name)
+    names = ("dx", "dw_in", "dw_out", "db_in")[: len(grads)]
+    _assert_grads_close(names, grads, g32, g64, dtype, factor=3.0)
 
 
 @PROPERTY
@@ -352,11 +359,7 @@ def test_fff_hard_backward(tokens, depth, d_in, width, d_out, dtype, layout, chu
 
     g64, g32 = reference_grads(torch.float64), reference_grads(torch.float32)
     names = ("dx", "dw1", "db1", "dw2", "db2")
-    for name, got, same, want in zip(names, [grads[0], *grads[3:]], g32, g64, strict=True):
-        assert got.dtype == dtype and got.shape == want.shape, name
-        biggest = want.abs().max().item() if want.numel() else 0.0
-        atol = ATOL[dtype] * max(1.0, biggest)
-        assert_close_to_oracle(got, same.to(dtype), want, factor=3.0, atol=atol, name=name)
+    _assert_grads_close(names, [grads[0], *grads[3:]], g32, g64, dtype, factor=3.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,12 +400,7 @@ def test_peer_experts_forward_and_backward(tokens, dim, pairs, n, dtype, layout,
     g64 = torch.autograd.grad(y64, l64, dy.double())
     l_ref = [t.detach().requires_grad_() for t in (x, gates, down, up)]
     g_ref = torch.autograd.grad(ref.peer_experts(l_ref[0], idx, *l_ref[1:])[0], l_ref, dy)
-    names = ("dx", "dgates", "ddown", "dup")
-    for name, got, same, want in zip(names, grads, g_ref, g64, strict=True):
-        # gradients are sums over dim (or tokens x pairs) of O(1) products: the floor scales with
-        # their magnitude (dgates of ~37 from a 73-term sum: a few fp32 ulps is ~2e-5)
-        atol = ATOL[dtype] * max(1.0, want.abs().max().item())
-        assert_close_to_oracle(got, same, want, atol=atol, name=name)
+    _assert_grads_close(("dx", "dgates", "ddown", "dup"), grads, g_ref, g64, dtype)
 
 
 @PROPERTY
@@ -451,11 +449,7 @@ def test_peer_retrieve(tokens, heads, half_key, n_keys, topk, dtype, score, seed
     s64 = _expert_scores64(*l64, indices)
     g64 = torch.softmax(s64, -1) if score == "softmax" else torch.relu(s64)
     want = torch.autograd.grad(g64, l64, dy.double())
-    for name, got, r, w64 in zip(("dqueries", "dkeys"), grads, same, want, strict=True):
-        assert got.dtype == dtype and got.shape == w64.shape
-        # sums over tokens x topk (dkeys) or topk (dqueries) of O(1) products: the floor scales
-        atol = ATOL[dtype] * max(1.0, w64.abs().max().item())
-        assert_close_to_oracle(got, r, w64, atol=atol, name=name)
+    _assert_grads_close(("dqueries", "dkeys"), grads, same, want, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
