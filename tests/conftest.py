@@ -105,6 +105,32 @@ def device(request, monkeypatch):
     return device_for(request.param, monkeypatch)
 
 
+@pytest.fixture(params=["cpu", DEVICES[2]])
+def kernels(request, monkeypatch):
+    """For the property-style suites (their tensors are built on the CPU): the CPU kernels, and
+    in a CUDA emulation build the CUDA kernels too (the CPU tensors take the ops' CUDA paths)."""
+    return device_for(request.param, monkeypatch)
+
+
+def property_settings(default_examples: int):
+    """hypothesis settings of the property-style suites: ``default_examples`` derandomized
+    examples per test (CI: the same ones every run, so a failure reproduces), or with
+    ``FASTLAYERS_PROPERTY_EXAMPLES=N`` N new random ones, a longer search for bad inputs."""
+    from hypothesis import HealthCheck, settings
+
+    examples = os.environ.get("FASTLAYERS_PROPERTY_EXAMPLES")
+    return settings(
+        max_examples=int(examples) if examples else default_examples,
+        deadline=None,
+        derandomize=not examples,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,  # (kernels: it patches once per test)
+        ],
+    )
+
+
 @pytest.fixture(params=DEVICES[1:])
 def cuda_device(request, monkeypatch):
     """For tests of CUDA-only paths (tensor-core kernels, CUDA shape routing): a GPU, or the CUDA

@@ -12,34 +12,17 @@ Whether a working call computes the right thing is the family and property tests
 ``FASTLAYERS_PROPERTY_EXAMPLES=N``: N random examples per op instead of the derandomized ones.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from conftest import property_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from test_bad_input_sweep import API, CASES, TRAINING
 
-_EXAMPLES = os.environ.get("FASTLAYERS_PROPERTY_EXAMPLES")
-FUZZ = settings(
-    max_examples=int(_EXAMPLES) if _EXAMPLES else 40,
-    deadline=None,
-    derandomize=not _EXAMPLES,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,
-    ],
-)
-
-
-@pytest.fixture(autouse=True, params=["cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)])
-def kernels(request, monkeypatch):
-    """The CPU kernels, and in a CUDA emulation build the CUDA kernels too (tests/cuda_emu)."""
-    from conftest import device_for
-
-    return device_for(request.param, monkeypatch)
+pytestmark = pytest.mark.usefixtures("kernels")  # (conftest: CPU, and emulated CUDA kernels)
+FUZZ = property_settings(40)
 
 
 _DTYPES = [

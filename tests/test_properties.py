@@ -12,11 +12,10 @@ random examples each run: ``FASTLAYERS_PROPERTY_EXAMPLES=6000`` (with ``FASTLAYE
 kernel variant); a failure there prints its example, which then belongs in an ``@example``.
 """
 
-import os
-
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from conftest import property_settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
 from test_kv_paged import _check_rows, _paged
@@ -49,33 +48,16 @@ from fastlayers.ops.kvint4 import _reference as kv_reference
 from fastlayers.ops.kvint4_paged import int4_kv_attention_paged_varlen, int4_kv_decode_paged
 from fastlayers.reference import skip as skip_ref
 
-pytestmark = pytest.mark.skipif(
-    not fastlayers.info()["extension_loaded"],
-    reason="property tests exercise the compiled CPU kernels",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not fastlayers.info()["extension_loaded"],
+        reason="property tests exercise the compiled CPU kernels",
+    ),
+    pytest.mark.usefixtures("kernels"),  # (conftest: the CPU kernels, and emulated CUDA ones)
+]
 
-# FASTLAYERS_PROPERTY_EXAMPLES=N: N examples per test, drawn at random (new ones each run) instead
-# of the derandomized 150 that CI runs: a longer search for inputs the kernels get wrong.
-_EXAMPLES = os.environ.get("FASTLAYERS_PROPERTY_EXAMPLES")
-PROPERTY = settings(
-    max_examples=int(_EXAMPLES) if _EXAMPLES else 150,
-    deadline=None,
-    derandomize=not _EXAMPLES,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,  # (kernels: it patches once per test, not per example)
-    ],
-)
-
-
-@pytest.fixture(autouse=True, params=["cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)])
-def kernels(request, monkeypatch):
-    """Every property on the CPU kernels, and in a CUDA emulation build on the CUDA kernels too
-    (tests/cuda_emu: the CPU tensors take the ops' CUDA paths)."""
-    from conftest import device_for
-
-    return device_for(request.param, monkeypatch)
+# 150 derandomized examples per test in CI; FASTLAYERS_PROPERTY_EXAMPLES=N: N new random ones
+PROPERTY = property_settings(150)
 
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
