@@ -523,6 +523,14 @@ def test_gather_rows_backward_gives_the_zeroed_rows_no_gradient(device):
         assert bool((rows[2] == 0).all())
     assert bool((rows[1] == 0).all())
     torch.testing.assert_close(dx, want, rtol=0, atol=0)
+    # the reference's padding row is zeros too when the row it reads in place (row 0) is not
+    # finite (it multiplied by the mask: NaN there)
+    x = x.detach().clone()
+    x[0] = float("inf")
+    pad = torch.tensor([-1, 3], device=device)
+    want = torch.stack([torch.zeros_like(x[0]), x[3]])
+    assert torch.equal(ref.gather_rows(x, pad), want)
+    assert torch.equal(fastlayers.gather_rows(x, pad), want)
 
 
 @pytest.mark.parametrize("route", ["kernel", "reference"])

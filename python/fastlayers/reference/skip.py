@@ -162,7 +162,7 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``x [N, D]`` rows at ``indices [M]``; a negative index (routing padding) gives a zero row."""
     valid = indices >= 0
     rows = x[indices.clamp_min(0)]
-    return rows * valid[:, None].to(rows.dtype)
+    return torch.where(valid[:, None], rows, 0)  # (not a product: an inf in row 0 stays out)
 
 
 def scatter_add_gated(
