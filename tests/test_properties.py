@@ -18,7 +18,7 @@ from conftest import property_settings
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_fff import _agreeing_tokens, _hard_oracle, _hard_params
-from test_kv_paged import _check_rows, _paged
+from test_kv_paged import _check_counted_rows, _check_rows, _paged
 from test_peer import _check_selection, _expert_scores64
 from test_quant_attention import _tables as _rope_tables
 from test_rmsnorm import _check_fp8
@@ -859,14 +859,7 @@ def test_int4_kv_attention_paged_padded(lens, tq, kv_heads, group, half_d, page_
     arg = torch.tensor(q_lens, dtype=torch.int32) if padded else None
     out, lse = int4_kv_attention_paged(q, *pages, table, seq_lens, softcap=softcap, q_lens=arg)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
-    for row, (n, m) in enumerate(zip(lens, q_lens, strict=True)):
-        pad_out, pad_lse = out[row, :, m:], lse[row, :, m:]
-        assert bool((pad_out == 0).all()) and bool(torch.isneginf(pad_lse).all()), f"row {row}"
-        if m == 0:
-            continue
-        one = [x[row : row + 1, :, :n] for x in cache]
-        want = _attention_reference(q[row : row + 1, :, :m].double(), *one, n, d**-0.5, softcap)
-        _check_kv_attention(out[row : row + 1, :, :m], lse[row : row + 1, :, :m], want)
+    _check_counted_rows(q, out, lse, cache, lens, q_lens, d**-0.5, softcap)
 
 
 @PROPERTY
