@@ -1715,13 +1715,15 @@ def test_int4_kv_cuda_cores_take_any_even_head_dim(cuda_device, monkeypatch, dty
 @pytest.mark.parametrize("hq,hkv,d,group", [(8, 2, 128, 32), (6, 3, 40, 8), (4, 4, 64, 64)])
 def test_int4_kv_softcap_matches_reference(device, hq, hkv, d, group):
     """Gemma 2's logit soft-capping (``softcap * tanh(s / softcap)`` on the scaled scores) in the
-    decode and prefill kernels vs the float64 reference, on scores several times the cap; a
-    softcap of 0 or None is none; bad values are refused."""
+    decode and prefill kernels vs the float64 reference, on scores several times the cap and
+    scores far below it (a cap of 1e4 or 1e6: the CPU kernels' tanh, (e - 1) / (e + 1), lost the
+    digits of a small argument to cancellation, an error of 1e-7 x cap in a score); a softcap of
+    0 or None is none; bad values are refused."""
     t = 45
     k, ks, v, vs = _int4_cache(hkv, t, d, group, device)
     q = rand(2, hq, d, dtype=torch.float32, device=device, scale=10.0)
     q3 = rand(2, hq, 7, d, dtype=torch.float32, device=device, scale=10.0)
-    for cap in (1.5, 30.0):
+    for cap in (1.5, 30.0, 1e4, 1e6):
         out, lse = int4_kv_decode(q, k, ks, v, vs, t - 2, softcap=cap)
         ref, ref_lse = _reference(q.double(), k, ks, v, vs, t - 2, d**-0.5, None, cap)
         torch.testing.assert_close(out.double(), ref.double(), rtol=2e-5, atol=2e-5)

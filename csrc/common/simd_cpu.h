@@ -252,6 +252,10 @@ static inline V vround_fp8(V a) {
   return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q), r, c)};
 }
 static inline V vmin(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
+// a < b ? x : y per lane (false for a NaN in a or b: y)
+static inline V vselect_lt(V a, V b, V x, V y) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), y.v, x.v)};
+}
 static inline V vrint(V a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 static inline bool vany_nan(V a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
 static inline V vzero_nan(V a) {
@@ -457,6 +461,10 @@ static inline V vround_fp8(V a) {
   return {_mm256_blendv_ps(r, c, _mm256_cmp_ps(c, c, _CMP_UNORD_Q))};
 }
 static inline V vmin(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }
+// a < b ? x : y per lane (false for a NaN in a or b: y)
+static inline V vselect_lt(V a, V b, V x, V y) {
+  return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
+}
 static inline V vrint(V a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
 static inline bool vany_nan(V a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
 static inline V vzero_nan(V a) {
@@ -534,6 +542,7 @@ static inline V vexp(V a) { return {__builtin_expf(a.v)}; }
 static inline void vstore(fp8e4m3_t* p, V a) { *p = to_fp8e4m3(a.v); }
 static inline V vround_fp8(V a) { return {to_float(to_fp8e4m3(a.v))}; }
 static inline V vmin(V a, V b) { return {a.v < b.v ? a.v : b.v}; }
+static inline V vselect_lt(V a, V b, V x, V y) { return {a.v < b.v ? x.v : y.v}; }
 static inline V vrint(V a) { return {__builtin_nearbyintf(a.v)}; }
 static inline bool vany_nan(V a) { return a.v != a.v; }
 static inline V vzero_nan(V a) { return {a.v != a.v ? 0.0f : a.v}; }
