@@ -175,6 +175,31 @@ def test_fp8_nan_and_inf_rows(device, dtype):
                                rtol=FP8_STEP_RTOL, atol=1e-3)  # fmt: skip
 
 
+@pytest.mark.parametrize("hidden", [64, 8199])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp8_nan_from_the_weight_gives_unit_scale(device, hidden, residual):
+    """A NaN that only the weight brings (a NaN weight, or an infinite weight times a zero input)
+    makes the row's max|y| NaN, as torch's amax in the reference: scale 1 and the reference's
+    codes. The kernels' max dropped the NaN (a finite scale; found by the differential fuzz)."""
+    x = rand(4, hidden, dtype=torch.float32, device=device)
+    r = rand(4, hidden, dtype=torch.float32, device=device) if residual else None
+    w = rand(hidden, dtype=torch.float32, device=device)
+    w[hidden // 2] = float("nan")  # every row
+    want = ref.rms_norm_fp8(x, w, 1e-6, r)
+    got = fastlayers.rms_norm_fp8(x, w, 1e-6, r)
+    assert bool((want[1] == 1.0).all())  # (the premise)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(fp8_codes(got[0]), fp8_codes(want[0]))
+    w = rand(hidden, dtype=torch.float32, device=device)
+    w[3] = float("inf")
+    x[1, 3] = 0.0 if r is None else -r[1, 3]  # row 1: 0 x inf; the others: inf, scale inf
+    want = ref.rms_norm_fp8(x, w, 1e-6, r)
+    got = fastlayers.rms_norm_fp8(x, w, 1e-6, r)
+    assert want[1][1].item() == 1.0 and bool(want[1][[0, 2, 3]].isinf().all())  # (the premise)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(fp8_codes(got[0]), fp8_codes(want[0]))
+
+
 def test_fp8_outliers_saturate_to_448(device):
     x, w = _inputs((2,), 4096, torch.float32, device)
     x[0, 17] = 1e4  # one outlier takes the whole row's scale

@@ -191,18 +191,26 @@ void normalize_offset(const T* s, const W* w, float r, float offset, T* y, int64
   for (; i < n; ++i) store_as(y + i, (to_float(s[i]) * r) * (offset + to_float(w[i])));
 }
 
+// max |s r w| over the row, NaN when any product is NaN (a NaN weight, or 0 x inf), as torch's
+// amax: the row then gets scale 1, as in the reference (vmax alone would drop the NaN).
 template <typename T, typename W>
 float amax_normalized(const T* s, const W* w, float r, int64_t n) {
   const V vr = vset1(r);
   V m = vzero();
+  bool nan = false;
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) m = vmax(m, vabs(vmul(vmul(vload(s + i), vr), vload(w + i))));
+  for (; i + kW <= n; i += kW) {
+    const V y = vmul(vmul(vload(s + i), vr), vload(w + i));
+    nan = nan || vany_nan(y);
+    m = vmax(m, vabs(y));
+  }
   float amax = vmaxval(m);
   for (; i < n; ++i) {
     const float a = __builtin_fabsf((to_float(s[i]) * r) * to_float(w[i]));
+    nan = nan || a != a;
     amax = a > amax ? a : amax;
   }
-  return amax;
+  return nan ? __builtin_nanf("") : amax;
 }
 
 template <typename T, typename W>

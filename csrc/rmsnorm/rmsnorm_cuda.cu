@@ -55,14 +55,26 @@ __device__ __forceinline__ void write_output(const FwdParams& p, int64_t row, in
   store_f<kVec>(static_cast<T*>(p.y) + row * p.cols, iv, y);
 }
 
+// max(m, a) of non-negative values, NaN when either is NaN.
+__device__ __forceinline__ float nan_max(float m, float a) { return (a > m || a != a) ? a : m; }
+
 template <typename W, int kVec>
 __device__ __forceinline__ float abs_max(const FwdParams& p, int64_t iv, const float (&s)[kVec],
                                          float r) {
   float w[kVec], m = 0.0f;
   load_f<kVec>(static_cast<const W*>(p.weight), iv, w);
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) m = fmaxf(m, fabsf((s[j] * r) * w[j]));
+  for (int j = 0; j < kVec; ++j) m = nan_max(m, fabsf((s[j] * r) * w[j]));
   return m;
+}
+
+// The row's FP8 scale, max|y| / 448, from each thread's max of |y| (NaN when one of its values was
+// NaN): 1 for an all-zero row, and for a row with a NaN (torch's amax is NaN there, as in the
+// reference; fmaxf alone would drop the NaN).
+__device__ __forceinline__ float fp8_row_scale(float m, float* smem) {
+  const float amax = block_max_nonneg(m != m ? 0.0f : m, smem);
+  const float nan = block_max_nonneg(m != m ? 1.0f : 0.0f, smem);
+  return (nan == 0.0f && amax > 0.0f) ? amax / kFp8Max : 1.0f;
 }
 
 // Loads vector iv of the row's input s = x (+ residual, rounded to T and stored to residual_out).
@@ -107,10 +119,9 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const FwdPara
 #pragma unroll
         for (int it = 0; it < kItems; ++it) {
           const int64_t iv = threadIdx.x + static_cast<int64_t>(it) * blockDim.x;
-          if (iv < nvec) m = fmaxf(m, abs_max<W, kVec>(p, iv, s[it], r));
+          if (iv < nvec) m = nan_max(m, abs_max<W, kVec>(p, iv, s[it], r));
         }
-        const float amax = block_max_nonneg(m, smem);
-        scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
+        scale = fp8_row_scale(m, smem);
         if (threadIdx.x == 0) p.y_scale[row] = scale;
       }
 #pragma unroll
@@ -136,10 +147,9 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const FwdPara
         for (int64_t iv = threadIdx.x; iv < nvec; iv += blockDim.x) {
           float s[kVec];
           load_f<kVec>(src, iv, s);
-          m = fmaxf(m, abs_max<W, kVec>(p, iv, s, r));
+          m = nan_max(m, abs_max<W, kVec>(p, iv, s, r));
         }
-        const float amax = block_max_nonneg(m, smem);
-        scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
+        scale = fp8_row_scale(m, smem);
         if (threadIdx.x == 0) p.y_scale[row] = scale;
       }
       for (int64_t iv = threadIdx.x; iv < nvec; iv += blockDim.x) {
