@@ -554,6 +554,30 @@ def test_scatter_add_gated_refuses_a_repeated_row_on_cpu(route, monkeypatch):
     torch.testing.assert_close(y[5], residual[5] + out[1])
 
 
+def test_rows_past_the_end_in_the_references(device, monkeypatch):
+    """The references of gather_rows and scatter_add_gated (the ops' route without kernels) treat
+    an index >= N as the kernels do: ValueError for CPU tensors (it was torch's IndexError), and on
+    CUDA a zero row / no update (it was a device-side assert). Found by the differential fuzz."""
+    x = rand(10, 8, dtype=torch.float32, device=device)
+    out = rand(3, 8, dtype=torch.float32, device=device)
+    idx = torch.tensor([3, 10, -1], device=device)
+    if x.device.type == "cpu":
+        with pytest.raises(ValueError, match=">= the number of rows"):
+            ref.gather_rows(x, idx)
+        with pytest.raises(ValueError, match=">= the number of rows"):
+            ref.scatter_add_gated(x, idx, out, None)
+        monkeypatch.setattr(fastlayers._ext, "C", None)  # (the ops' route without kernels)
+        with pytest.raises(ValueError, match=">= the number of rows"):
+            fastlayers.gather_rows(x, idx)
+    else:
+        rows = ref.gather_rows(x, idx)
+        assert torch.equal(rows[0], x[3]) and bool((rows[1:] == 0).all())
+        y = ref.scatter_add_gated(x, idx, out, None)
+        torch.testing.assert_close(y[3], x[3] + out[0])
+        assert torch.equal(y[:3], x[:3]) and torch.equal(y[4:], x[4:])
+    assert torch.equal(ref.gather_rows(x[:0], idx[2:]), x.new_zeros(1, 8))  # (no row: padding)
+
+
 # ------------------------------------------------------------------------------------------------
 # RoutedSelfAttention
 # ------------------------------------------------------------------------------------------------

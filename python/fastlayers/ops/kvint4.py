@@ -81,8 +81,10 @@ def _check(q, k, k_scale, v, v_scale, length, scale, q_tokens: bool = False, sof
     for t, name in ((q, "q"), (k, "k"), (k_scale, "k_scale"), (v, "v"), (v_scale, "v_scale")):
         check_tensor(t, name)
     want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
-    if q.dim() != (4 if q_tokens else 3) or not q.is_floating_point():
-        raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
+    if q.dim() != (4 if q_tokens else 3) or q.dtype not in _dtypes.QUERIES:
+        raise ValueError(
+            f"q must be a float32/float16/bfloat16/float64 {want}, got {q.dtype} {tuple(q.shape)}"
+        )
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     if k.dtype != torch.uint8 or k.dim() != 4 or k.shape[0] != b or k.shape[3] * 2 != d:
         raise ValueError(
@@ -504,6 +506,8 @@ def _check_kv_quantize(
 ) -> None:
     xn, sn = names
     b, h, t, d = _check_rows(x, xn)
+    if d == 0:  # (as the reference, quant.quantize_kv_int4)
+        raise ValueError(f"{xn} must have head_dim > 0, got shape {tuple(x.shape)}")
     if group_size <= 0 or group_size % 2 or d % group_size:
         raise ValueError(f"head_dim {d} must be a multiple of an even group_size, got {group_size}")
     if post_scale is not None:

@@ -47,6 +47,7 @@ import math
 import torch
 
 from fastlayers import _ext
+from fastlayers._dtypes import QUERIES
 from fastlayers.ops._common import (
     LIB,
     apply_sinks,
@@ -119,9 +120,11 @@ def _check(q, k, k_scale, v, v_scale, block_table, seq_lens, scale, softcap,
         want = "[total_q_tokens, q_heads, head_dim]"
     else:
         want = "[batch, q_heads, q_tokens, head_dim]" if q_tokens else "[batch, q_heads, head_dim]"
-    if q.dim() != (4 if q_tokens and not ragged else 3) or not q.is_floating_point() \
+    if q.dim() != (4 if q_tokens and not ragged else 3) or q.dtype not in QUERIES \
             or not q.shape[-1]:  # fmt: skip
-        raise ValueError(f"q must be a float {want}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"q must be a float32/float16/bfloat16/float64 {want}, got {q.dtype} {tuple(q.shape)}"
+        )
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     if ragged:
         check_tensor(cu_q, "cu_seqlens_q")

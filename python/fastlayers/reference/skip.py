@@ -158,10 +158,22 @@ def varlen_attention(
     return (out, lse.float()) if return_lse else out
 
 
+def _rows_in_range(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """Which ``indices`` pick a row of ``n`` (negative ones: routing padding). An index >= ``n``
+    raises ValueError for CPU tensors (as the CPU kernels); on CUDA it is skipped, as the CUDA
+    kernels do (a check would need the host)."""
+    if indices.device.type == "cpu" and indices.numel() and bool((indices >= n).any()):
+        raise ValueError("gather_rows / scatter_add_gated: an index is >= the number of rows")
+    return (indices >= 0) & (indices < n)
+
+
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``x [N, D]`` rows at ``indices [M]``; a negative index (routing padding) gives a zero row."""
-    valid = indices >= 0
-    rows = x[indices.clamp_min(0)]
+    """``x [N, D]`` rows at ``indices [M]``; a negative index (routing padding) gives a zero row
+    (and on CUDA an index >= N; ValueError on CPU)."""
+    valid = _rows_in_range(indices, x.shape[0])
+    if x.shape[0] == 0:  # (nothing to read: every row is padding)
+        return x.new_zeros((indices.shape[0], x.shape[1]))
+    rows = x[torch.where(valid, indices, 0)]
     return torch.where(valid[:, None], rows, 0)  # (not a product: an inf in row 0 stays out)
 
 
@@ -171,8 +183,9 @@ def scatter_add_gated(
     """``residual`` with ``residual[indices] += gate[:, None] * out`` (a new tensor): each updated
     element is ``T(float(double(residual) + double(out) * double(gate)))`` (the product exact, so
     every backend gives the same bits); indices are unique, negative ones are skipped (a repeated
-    row raises ValueError for CPU tensors; CUDA does not check, which would need the host)."""
-    valid = indices >= 0
+    row or one >= N raises ValueError for CPU tensors; CUDA does not check, which would need the
+    host, and skips an index >= N)."""
+    valid = _rows_in_range(indices, residual.shape[0])
     idx = indices[valid]
     if idx.device.type == "cpu" and idx.numel() > 1 and torch.unique(idx).numel() != idx.numel():
         raise ValueError("scatter_add_gated: indices must be unique (a row appears twice)")
