@@ -12,6 +12,8 @@ Whether a working call computes the right thing is the family and property tests
 ``FASTLAYERS_PROPERTY_EXAMPLES=N``: N random examples per op instead of the derandomized ones.
 """
 
+import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -20,6 +22,10 @@ from conftest import property_settings
 from hypothesis import given
 from hypothesis import strategies as st
 from test_bad_input_sweep import API, CASES, TRAINING
+
+import fastlayers
+from _tolerances import ATOL
+from fastlayers.ops import _common
 
 pytestmark = pytest.mark.usefixtures("kernels")  # (conftest: CPU, and emulated CUDA kernels)
 FUZZ = property_settings(40)
@@ -167,6 +173,26 @@ def test_found_by_the_fuzz():
         quant.fold_pre_rope(q, k, torch.ones(1, 0))
 
 
+@pytest.mark.parametrize("route", ["kernels", "reference"])
+def test_found_by_the_differential_fuzz(route, monkeypatch):
+    """Calls the kernels took but the reference refused (the differential test below): a KV
+    write of head_dim 0 (the reference's quantize_kv_int4 wants an even head_dim > 0), and an FP8
+    query (whose output would be FP8; the reference's gathers have no FP8 kernel): ValueError on
+    both routes now."""
+    from fastlayers.ops.kvint4 import kv_quantize
+
+    if route == "reference":
+        monkeypatch.setattr(fastlayers._ext, "C", None)
+    with pytest.raises(ValueError, match="head_dim > 0"):
+        kv_quantize(torch.randn(1, 2, 3, 0), 16)
+    for name in ("int4_kv_decode", "int4_kv_attention", "int4_kv_decode_paged",
+                 "int4_kv_attention_paged", "int4_kv_attention_paged_varlen",
+                 "int4_kv_attention_paged_planned"):  # fmt: skip
+        fn, args = CASES[name]
+        with pytest.raises(ValueError, match="q must be a float32/float16/bfloat16/float64"):
+            fn(args[0].to(torch.float8_e4m3fn), *args[1:])
+
+
 @pytest.mark.parametrize(
     "name,index,bad,error",
     [
@@ -186,3 +212,186 @@ def test_bad_scalars_with_inputs_that_require_grad(name, index, bad, error):
     call[index] = bad
     with pytest.raises(error):
         fn(*call)
+
+
+# ----------------------------------------------------------------------------------------------
+# A working call's result: the kernels against the op's own reference route
+# ----------------------------------------------------------------------------------------------
+def _copy(a):
+    """``a`` again, same values and strides, its own memory (requires_grad kept)."""
+    if not isinstance(a, torch.Tensor):
+        return a
+    c = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a.detach())
+    return c.requires_grad_(a.requires_grad)
+
+
+def _run(fn, call, grad):
+    """``(outputs, the tensor arguments after the call, their gradients)`` of ``fn`` on a copy of
+    ``call``, or the error it raised."""
+    call = [_copy(a) for a in call]
+    try:
+        with warnings.catch_warnings(), torch.set_grad_enabled(grad):
+            warnings.simplefilter("ignore")
+            out = fn(*call)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            loss = [o.float().sum() for o in outs if torch.is_tensor(o) and o.requires_grad]
+            if loss:
+                torch.autograd.backward(loss)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+        return e
+    tensors = [a for a in call if torch.is_tensor(a)]
+    return (
+        [o.detach() if torch.is_tensor(o) else o for o in outs],
+        [a.detach() for a in tensors],
+        [a.grad for a in tensors if a.requires_grad],
+    )
+
+
+# the largest difference allowed, relative to the largest finite value of the reference's result:
+# a few roundings of the result's dtype (the kernels sum in another order), one FP8 step
+_RTOL = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-3,
+    torch.float16: 1e-2,
+    torch.bfloat16: 2e-2,
+    torch.float8_e4m3fn: 0.13,
+}
+
+
+def _fields(obj):
+    """A result that is neither a tensor nor a sequence (a dataclass of tensors) as a list."""
+    if dataclasses.is_dataclass(obj):
+        return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return None
+
+
+def _agree(got, want, where: str, loose: bool | str = False, exact=None) -> None:
+    """``got`` is ``want`` up to rounding: the same type, shape and dtype; integers and bytes
+    equal; floats non-finite where ``want`` is (infinities of the same sign; ``loose``: at most
+    there, ``"gradient"``: not checked), the finite values within ``_RTOL`` of the largest (plus
+    the dtype's ``ATOL``), or within 4 x the reference's own error where ``exact`` (the reference
+    in float64) says how large that is."""
+    if not torch.is_tensor(want):
+        if isinstance(want, (list, tuple)) or _fields(want) is not None:
+            g = got if isinstance(got, (list, tuple)) else _fields(got)
+            w = want if isinstance(want, (list, tuple)) else _fields(want)
+            e = exact if isinstance(exact, (list, tuple)) else _fields(exact)
+            assert g is not None and len(g) == len(w), where
+            for i in range(len(w)):
+                sub = e[i] if e is not None and len(e) == len(w) else None
+                _agree(g[i], w[i], f"{where}[{i}]", loose, sub)
+        else:
+            assert not torch.is_tensor(got) and got == want, f"{where}: {got!r} != {want!r}"
+        return
+    assert torch.is_tensor(got), where
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), (
+        f"{where}: {got.dtype} {tuple(got.shape)} != {want.dtype} {tuple(want.shape)}"
+    )
+    if not want.is_floating_point():
+        bad = int((got != want).sum())
+        assert bad == 0, f"{where}: {bad} of {want.numel()} values differ"
+        return
+    g, w = got.double(), want.double()
+    fin = torch.isfinite(w)
+    if loose == "gradient":  # where either is NaN or infinite: anything
+        fin &= torch.isfinite(g)
+    elif loose:  # non-finite at most where the reference is
+        assert not bool((~torch.isfinite(g) & fin).any()), f"{where}: non-finite values"
+        fin &= torch.isfinite(g)
+    else:  # (NaN for inf allowed: inf - inf in a running softmax is NaN where logsumexp is inf)
+        assert torch.equal(torch.isfinite(g), fin), f"{where}: non-finite values differ"
+        inf = w.isinf() & g.isinf()
+        assert torch.equal(g[inf], w[inf]), f"{where}: infinities of the other sign"
+    if bool(fin.any()):
+        scale = w[fin].abs().max().item()
+        err = (g[fin] - w[fin]).abs().max().item()
+        allowed = _RTOL[want.dtype] * scale + ATOL.get(want.dtype, 1e-6)
+        if torch.is_tensor(exact) and exact.shape == want.shape and exact.is_floating_point():
+            own = (w - exact.double()).abs()[fin]
+            own = own[torch.isfinite(own)]  # (float64 may stay finite where the dtype overflowed)
+            allowed = max(allowed, 4 * own.max().item() if own.numel() else 0.0)
+        assert err <= allowed, (
+            f"{where}: max difference {err:.3e} (allowed {allowed:.3e}), the reference's values "
+            f"up to {scale:.3e}"
+        )
+
+
+def _float64(a):
+    """``a`` in float64 if it is a 16- or 32-bit float tensor (or a module of them)."""
+    if isinstance(a, torch.nn.Module):
+        return copy.deepcopy(a).double()
+    if torch.is_tensor(a) and a.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return a.detach().double().requires_grad_(a.requires_grad)
+    return a
+
+
+def _extreme(call) -> bool:
+    """Whether a float argument holds a NaN, an infinity or a value of 1e29 or more."""
+    return any(
+        torch.is_tensor(a) and a.is_floating_point() and a.numel() > 0
+        and not bool((a.detach().double().abs() < 1e29).all())
+        for a in call
+    )  # fmt: skip
+
+
+# Ops that select by score (the top-k experts): with a NaN, an infinity or a huge value in the
+# input the scores may be NaN or tie (a query normalized to zeros), and which experts win is not
+# specified: their results are not compared then.
+_SELECTING = {"peer_retrieve", "PEER"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@FUZZ
+@given(data=st.data())
+def test_random_valid_variants_match_the_reference(name, data, monkeypatch):
+    """The random calls of the test above that work: the kernels' results (outputs, arguments
+    written in place, gradients) are the reference route's for the same call (the op with the
+    compiled kernels switched off), up to rounding; where the kernels run, the reference must run
+    too. Non-finite values where the reference has them, except for a call with non-finite input,
+    where how far a NaN spreads is the formulation's: the dense reference multiplies the masked
+    entries too (0 x NaN), so a NaN value row reaches every query of its sequence there, only the
+    queries that see it in the kernels (outputs: non-finite at most where the reference is); a
+    NaN query row reaches the masked keys' gradients, in the kernels only within the key tiles it
+    visits; a row of scores [inf, -inf] has lse NaN in the kernels, inf in the reference, so its
+    -inf key gets a NaN gradient or a zero one (gradients: where both are finite)."""
+    fn, args = CASES[name]
+    which = data.draw(
+        st.lists(st.integers(0, len(args) - 1), min_size=1, max_size=min(3, len(args)),
+                 unique=True),
+        label="arguments changed",
+    )  # fmt: skip
+    call = list(args)
+    for i in which:
+        call[i] = _mutate(args[i], data, small=False)
+    in_place = name.endswith("_") or "out=" in name or name.startswith("kv_cache_write")
+    grad = not in_place and data.draw(st.booleans(), label="backward")
+    if grad:
+        call = [
+            a.detach().requires_grad_()
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype.itemsize > 1
+            else a
+            for a in call
+        ]
+    got = _run(fn, call, grad)
+    if isinstance(got, Exception):
+        return
+    # (a module's copy: a module keeps plans for its kernels, which the reference must not find)
+    fn = copy.deepcopy(fn) if isinstance(fn, torch.nn.Module) else fn
+    with monkeypatch.context() as m:
+        m.setattr(fastlayers._ext, "C", None)
+        want = _run(fn, call, grad)
+        # the reference in float64, where it takes that: its own rounding error is the yardstick
+        # of an ill-conditioned call (scores of 1e6, whose fp32 ulp changes the softmax)
+        exact = _run(_float64(fn), [_float64(a) for a in call], grad)
+    if isinstance(want, ValueError) and _common.on_cuda(torch.device("cpu")):
+        return  # (the CUDA route checks no values on the host, which would synchronize)
+    assert not isinstance(want, Exception), f"the kernels ran, the reference raised {want!r}"
+    if name in _SELECTING and _extreme(call):
+        return
+    exact = (None, None, None) if isinstance(exact, Exception) else exact
+    extreme = _extreme(call)
+    for part, g, w, e in zip(("output", "argument", "gradient"), got, want, exact, strict=True):
+        assert len(g) == len(w), part
+        for i in range(len(w)):
+            sub = e[i] if e is not None and len(e) == len(w) else None
+            _agree(g[i], w[i], f"{part} {i}", loose=extreme and part, exact=sub)
