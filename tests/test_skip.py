@@ -410,6 +410,16 @@ def test_varlen_bad_input():
         fastlayers.varlen_attention(q, k, v, cu, cu, pos.flip(0), pos)
     with pytest.raises(ValueError, match="window"):
         fastlayers.varlen_attention(q, k, v, cu, cu, pos, pos, window=(-3, 0))
+    # the reference (the route without kernels, and the spec) checks cu_seqlens as the CPU kernel
+    # does: a decreasing one or one past the tokens gave an output of the wrong number of rows
+    n = q.shape[0]
+    for bad in ([0, int(cu[2]), int(cu[1])], [0, int(cu[1]), n + 4]):
+        bad = torch.tensor(bad, dtype=torch.int32)
+        for args in ((bad, cu), (cu, bad)):
+            with pytest.raises(ValueError, match="not decrease"):
+                ref.varlen_attention(q, k, v, *args, pos, pos)
+            with pytest.raises(ValueError, match="not decrease"):
+                fastlayers.varlen_attention(q, k, v, *args, pos, pos)
 
 
 def test_varlen_opcheck(device):

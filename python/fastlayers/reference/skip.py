@@ -124,6 +124,10 @@ def varlen_attention(
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     if cq[0] != 0 or ck[0] != 0:
         raise ValueError("cu_seqlens_q and cu_seqlens_k must start at 0")
+    for c, n, name in ((cq, nq, "q"), (ck, k.shape[0], "k")):  # (as the CPU kernel's check)
+        if any(b < a for a, b in zip(c, c[1:], strict=False)) or c[-1] > n:
+            raise ValueError(f"cu_seqlens_{name} must start at 0, not decrease and end at <= {n}, "
+                             f"got {c}")  # fmt: skip
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
         if q1 == q0:
