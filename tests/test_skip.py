@@ -316,6 +316,28 @@ def test_varlen_backward(device, dtype):
     _check_backward(q, k, v, cu, pos, causal=False)
 
 
+@pytest.mark.parametrize("route", ["kernels", "reference"])
+def test_varlen_backward_with_no_query_in_a_sequence(device, route, monkeypatch):
+    """No routed query (an empty batch, or every row past the last sequence): the output is
+    zeros and the gradients zero. The reference backward (the route without kernels) asked
+    autograd for the gradients of outputs that were constants and raised RuntimeError; found by
+    the differential fuzz (RoutedSelfAttention of an empty batch, training)."""
+    if route == "reference":
+        monkeypatch.setattr(fastlayers._ext, "C", None)
+    k, v = (rand(6, 2, 16, dtype=torch.float32, device=device) for _ in "kv")
+    cu_k, k_pos = torch.tensor([0, 6], dtype=torch.int32, device=device), torch.arange(6)
+    for nq, cu_q in ((0, [0, 0]), (3, [0, 0])):  # (3 rows of routing padding)
+        q = rand(nq, 4, 16, dtype=torch.float32, device=device)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        cu = torch.tensor(cu_q, dtype=torch.int32, device=device)
+        out = fastlayers.varlen_attention(*leaves, cu, cu_k, torch.arange(nq, device=device),
+                                          k_pos.to(device))  # fmt: skip
+        assert out.shape == (nq, 4, 16) and bool((out == 0).all())
+        out.sum().backward()
+        for t in leaves:
+            assert t.grad is None or bool((t.grad == 0).all())
+
+
 _TC_DTYPES = [torch.float16, torch.bfloat16]
 _TC_DIMS = [64, 80, 96, 128]
 _TC_MASKS = [(True, None, 0.0), (False, None, 0.0), (True, (20, 0), 0.0), (False, (3, 5), 2.0)]

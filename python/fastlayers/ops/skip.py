@@ -269,8 +269,13 @@ def _varlen_backward_reference(ctx, q, k, v, cu_q, cu_k, q_pos, k_pos, grad_out,
             finite = torch.isfinite(lse)
             outputs.append(torch.where(finite, lse, 0.0))
             grads.append(torch.where(finite, grad_lse, 0.0))
+        # (no query row in a sequence, e.g. no token routed: the outputs are constants, zeros)
+        linked = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
         wanted = [t for t in leaves if t.requires_grad]
-        got = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+        if not linked:
+            return tuple(torch.zeros_like(t) if t.requires_grad else None for t in leaves)
+        got = iter(torch.autograd.grad([o for o, _ in linked], wanted, [g for _, g in linked],
+                                       allow_unused=True))  # fmt: skip
     return tuple(next(got) if t.requires_grad else None for t in leaves)
 
 
