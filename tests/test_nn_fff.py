@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """FastFeedForward / UltraFastFeedForward modules: semantics, conversions, losses, training."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -97,6 +100,24 @@ def test_fff_leaf_usage_and_state_dict():
     assert m.leaf_usage(torch.randn(40, 10)).sum() == 40
     keys = set(m.state_dict())
     assert {"node_weight", "node_bias", "leaf_w1", "leaf_b2", "master_w1", "master_b2"} <= keys
+
+
+def test_fff_copies_after_a_training_step():
+    """copy.deepcopy and torch.save of a FastFeedForward after a training forward (an EMA copy, a
+    checkpoint): the module kept that forward's node probabilities, part of its autograd graph,
+    which deepcopy refused (found by the differential fuzz). A copy has the same weights and
+    output and no last forward of its own; the original keeps its auxiliary losses."""
+    m = fastlayers.FastFeedForward(10, 6, depth=2, leaf_width=3).train()
+    x = torch.randn(7, 10)
+    m(x).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(m), torch.load(buffer, weights_only=False)):
+        with pytest.raises(RuntimeError, match="forward pass in train"):
+            twin.hardening_loss()
+        torch.testing.assert_close(twin(x), m(x), rtol=0, atol=0)
+    assert m.hardening_loss().requires_grad and m.load_balancing_loss().requires_grad
 
 
 def test_fff_depth_zero_is_one_leaf():

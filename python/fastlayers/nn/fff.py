@@ -328,6 +328,15 @@ class FastFeedForward(torch.nn.Module):
             y = y + self._master(x)
         return y
 
+    def __getstate__(self):
+        """Copies and pickles leave out the last training forward's node probabilities and leaf
+        mixture (part of that forward's autograd graph: ``copy.deepcopy`` refused the module,
+        as for EMA weights or a model copy, after any training step); a copy's
+        :meth:`hardening_loss` asks for a forward of its own."""
+        state = self.__dict__.copy()
+        state["_node_p"] = state["_mixture"] = None
+        return state
+
     def _last(self, what: str) -> torch.Tensor:
         t = self._node_p if what == "node_p" else self._mixture
         if t is None:
