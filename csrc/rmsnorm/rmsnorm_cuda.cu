@@ -14,7 +14,6 @@
 namespace fastlayers::rmsnorm {
 namespace {
 
-using cuda::block_max_nonneg;
 using cuda::block_sum;
 using cuda::load_f;
 using cuda::round_f;
@@ -70,11 +69,18 @@ __device__ __forceinline__ float abs_max(const FwdParams& p, int64_t iv, const f
 
 // The row's FP8 scale, max|y| / 448, from each thread's max of |y| (NaN when one of its values was
 // NaN): 1 for an all-zero row, and for a row with a NaN (torch's amax is NaN there, as in the
-// reference; fmaxf alone would drop the NaN).
+// reference; block_max_nonneg's fmaxf would drop the NaN). One block reduction, as that one.
 __device__ __forceinline__ float fp8_row_scale(float m, float* smem) {
-  const float amax = block_max_nonneg(m != m ? 0.0f : m, smem);
-  const float nan = block_max_nonneg(m != m ? 1.0f : 0.0f, smem);
-  return (nan == 0.0f && amax > 0.0f) ? amax / kFp8Max : 1.0f;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  __syncthreads();
+  if (lane == 0) smem[warp] = m;
+  __syncthreads();
+  m = lane < warps ? smem[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  return m > 0.0f ? m / kFp8Max : 1.0f;  // (false for NaN)
 }
 
 // Loads vector iv of the row's input s = x (+ residual, rounded to T and stored to residual_out).
