@@ -201,6 +201,27 @@ def test_found_by_the_differential_fuzz(route, monkeypatch):
             fn(args[0].to(torch.float8_e4m3fn), *args[1:])
 
 
+def test_a_float64_query_runs_the_float64_reference(monkeypatch):
+    """A float64 query to the INT4-KV attention ops: the kernels' route ran the fp32 kernels (a
+    float64 output of fp32 precision), the route without kernels the float64 reference (found by
+    the differential fuzz, 3e-6 apart); both run the reference now, bit for bit the same."""
+    names = ("int4_kv_decode", "int4_kv_decode(softcap)", "int4_kv_attention",
+             "int4_kv_decode_paged", "int4_kv_attention_paged", "int4_kv_attention_paged_varlen",
+             "int4_kv_attention_paged_planned")  # fmt: skip
+    got = {}
+    for route in ("kernels", "reference"):
+        with monkeypatch.context() as m:
+            if route == "reference":
+                m.setattr(fastlayers._ext, "C", None)
+            for name in names:
+                fn, args = CASES[name]
+                got[route, name] = fn(args[0].double(), *args[1:])
+    for name in names:
+        for a, b in zip(got["kernels", name], got["reference", name], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert got["kernels", name][0].dtype == torch.float64
+
+
 @pytest.mark.parametrize(
     "name,index,bad,error",
     [

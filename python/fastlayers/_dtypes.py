@@ -18,8 +18,9 @@ CODES: dict[torch.dtype, int] = {
 
 # Activations the kernels take.
 FLOATING = (torch.float32, torch.float16, torch.bfloat16)
-# Attention queries: the kernels' dtypes, and float64 (the reference runs it: an exact oracle). No
-# FP8 query: the ops quantize queries themselves, and their output has the query's dtype.
+# Attention queries: the kernels' dtypes, and float64 (the reference runs it, on every route: a
+# float64 oracle). No FP8 query: the ops quantize queries themselves, and their output has the
+# query's dtype.
 QUERIES = (*FLOATING, torch.float64)
 
 FP8_E4M3_MAX = 448.0

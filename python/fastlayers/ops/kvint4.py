@@ -242,6 +242,9 @@ def _attention_kernel(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, sta
     _check_starts(starts, q, length)
     device = q.device
     workspace = None
+    if q.dtype == torch.float64:  # (the reference: float64 throughout, as without kernels)
+        return _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap,
+                                    starts=starts)  # fmt: skip
     if on_cuda(device) and has_kernel(device, "int4_kv_decode"):
         floats = _cuda_workspace("int4_kv_attention", q, k, v, max(length, 1))
         if floats == 0:
@@ -358,7 +361,9 @@ def _kernel(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.0, 
     _check_starts(starts, q, length)
     num_splits = _check_num_splits(num_splits)
     device = q.device
-    if device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode"):
+    # (a float64 query: the reference, float64 throughout, as without kernels)
+    if (device.type not in ("cpu", "cuda") or not has_kernel(device, "int4_kv_decode")
+            or q.dtype == torch.float64):  # fmt: skip
         return _reference(q, k, k_scale, v, v_scale, length, scale, starts, softcap)
     workspace = None
     if on_cuda(device):  # split-KV: per-split partial outputs and lse

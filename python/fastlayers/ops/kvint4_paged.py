@@ -392,7 +392,9 @@ def _launch(op: str, reference, q, k, k_scale, v, v_scale, block_table, seq_lens
     args += (scale, softcap)
     if q_lens is not None:
         args += (q_lens,)
-    if device.type not in ("cpu", "cuda") or not has_kernel(device, op) or tokens == 0:
+    # (a float64 query: the reference, float64 throughout, as without kernels)
+    if (device.type not in ("cpu", "cuda") or not has_kernel(device, op) or tokens == 0
+            or q.dtype == torch.float64):  # fmt: skip
         return reference(*args)
     workspace = None
     one = cu_q is None and (q.dim() == 3 or q.shape[2] == 1)  # one query token: the decode kernels
