@@ -415,3 +415,49 @@ def test_random_valid_variants_match_the_reference(name, data, monkeypatch):
         for i in range(len(w)):
             sub = e[i] if e is not None and len(e) == len(w) else None
             _agree(g[i], w[i], f"{part} {i}", loose=extreme and part, exact=sub)
+
+
+@pytest.mark.parametrize("route", ["kernels", "reference"])
+def test_tied_large_scores_share_the_weight(route, monkeypatch):
+    """Keys whose scores tie at 39375 (exact in fp32, whatever the summation order): each query's
+    output is the mean of the values it sees. The references' ``exp(s - lse)`` was off by the
+    lse's rounding (ulp 4e-3 here: outputs 2e-3 relative off; two tied keys beyond 1e7 each got
+    weight 1); the kernels' online softmax was right. Found reviewing the differential fuzz."""
+    from fastlayers.ops import kvint4
+    from fastlayers.quant.rope_kv import dequantize_kv_int4, quantize_kv_int4
+
+    if route == "reference":
+        monkeypatch.setattr(fastlayers._ext, "C", None)
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, t, d, tq = 2, 4, 2, 7, 32, 3
+    # int4 7 x fp8 scale 9/64 = 63/64; q . k = 32 x 1250 x 63/64: every partial sum exact
+    k, ks = quantize_kv_int4(torch.ones(b, hkv, t, d), 32)
+    v, vs = quantize_kv_int4(torch.randn(b, hkv, t, d, generator=g), 32)
+    values = dequantize_kv_int4(v, vs, torch.float64).repeat_interleave(hq // hkv, 1)
+    assert torch.equal(dequantize_kv_int4(k, ks), torch.full((b, hkv, t, d), 63 / 64))
+    seen = torch.arange(1, t + 1, dtype=torch.float64)  # key 0 .. i: the mean of a prefix
+    prefix_mean = values.cumsum(2) / seen[:, None]
+
+    def close(got, want):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+    q = torch.full((b, hq, d), 1250.0)
+    sinks = torch.zeros(hq)  # (exp(0 - 39375) = 0: the same outputs)
+    close(kvint4.int4_kv_decode(q, k, ks, v, vs, t, 1.0)[0], prefix_mean[:, :, -1])
+    close(kvint4.int4_kv_decode(q, k, ks, v, vs, t, 1.0, sinks=sinks)[0], prefix_mean[:, :, -1])
+    close(kvint4._reference(q, k, ks, v, vs, t, 1.0, sinks=sinks)[0], prefix_mean[:, :, -1])
+    qt = torch.full((b, hq, tq, d), 1250.0)
+    close(kvint4.int4_kv_attention(qt, k, ks, v, vs, t, 1.0)[0], prefix_mean[:, :, -tq:])
+    close(kvint4._attention_reference(qt, k, ks, v, vs, t, 1.0, sinks=sinks)[0],
+          prefix_mean[:, :, -tq:])  # fmt: skip
+
+    # varlen: two sequences of t tokens, causal by position
+    qv = torch.full((2 * t, hq, d), 1250.0)
+    kv = torch.full((2 * t, hkv, d), 63 / 64)
+    vv = values[:, ::2].permute(0, 2, 1, 3).reshape(2 * t, hkv, d).float()
+    cu = torch.tensor([0, t, 2 * t], dtype=torch.int32)
+    pos = torch.arange(t, dtype=torch.int32).repeat(2)
+    want = prefix_mean.permute(0, 2, 1, 3).reshape(2 * t, hq, d)
+    close(fastlayers.varlen_attention(qv, kv, vv, cu, cu, pos, pos, scale=1.0), want)
+    close(fastlayers.varlen_attention(qv, kv, vv, cu, cu, pos, pos, scale=1.0, sinks=sinks), want)
+    close(fastlayers.reference.varlen_attention(qv, kv, vv, cu, cu, pos, pos, scale=1.0), want)

@@ -51,6 +51,7 @@ from fastlayers.quant.rope_kv import (
     quantize_kv_int4,
     quantize_q_fp8,
 )
+from fastlayers.reference.skip import attention_weights
 
 FP8 = torch.float8_e4m3fn
 
@@ -173,14 +174,14 @@ def _reference(q, k, k_scale, v, v_scale, length, scale, starts=None, softcap=0.
     if length == 0:
         lse = torch.full((b, hq), -math.inf, device=q.device)
         return q.new_zeros(b, hq, values.shape[-1]), _with_sink(lse, sinks)
+    seen = torch.ones(1, 1, length, dtype=torch.bool, device=q.device)
     if starts is not None:  # left padding: row b sees tokens starts[b] .. length - 1
-        seen = torch.arange(length, device=q.device)[None, :] >= starts[:, None].long()
-        s = s.masked_fill(~seen[:, None, :], -math.inf)
-        values = values.masked_fill(~seen[:, None, :, None], 0.0)  # (never read, as in the kernels)
+        seen = (torch.arange(length, device=q.device)[None, :] >= starts[:, None].long())[:, None]
+        s = s.masked_fill(~seen, -math.inf)
+        values = values.masked_fill(~seen[..., None], 0.0)  # (never read, as in the kernels)
     lse = _with_sink(torch.logsumexp(s, -1), sinks)
-    p = torch.exp(s - lse[..., None])
-    if starts is not None:  # a row that sees no token: zeros (lse -inf, or the sink's)
-        p = p.masked_fill(torch.isneginf(s).all(-1)[..., None], 0.0)
+    # a row that sees no token: zeros (lse -inf, or the sink's)
+    p = attention_weights(s, seen, None if sinks is None else sinks.to(dt).reshape(1, -1, 1))
     out = torch.einsum("bht,bhtd->bhd", p, values)
     return out.to(q.dtype), lse.float()
 
@@ -232,7 +233,7 @@ def _attention_reference(q, k, k_scale, v, v_scale, length, scale, softcap=0.0, 
     lse = _with_sink(torch.logsumexp(s, -1), sinks)
     # non-finite scores propagate as NaN (as in the decode reference and SDPA; a nan_to_num here
     # turned those rows into zeros); a query that sees no key (left padding) gets zeros
-    p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
+    p = attention_weights(s, visible, None if sinks is None else sinks.to(dt).reshape(1, -1, 1, 1))
     out = torch.einsum("bhqt,bhtd->bhqd", p, values)
     return out.to(q.dtype), lse.float()
 

@@ -96,6 +96,26 @@ def allowed_mask(q_pos, k_pos, causal: bool, window) -> torch.Tensor:
     return ok
 
 
+def attention_weights(s: torch.Tensor, visible: torch.Tensor, sinks=None) -> torch.Tensor:
+    """The softmax weights of the scores ``s [..., T]`` over the ``visible`` keys (bool,
+    broadcastable to ``s``), with ``sinks`` (None, or a logit per row broadcastable to
+    ``s[..., :1]``) in the denominator: ``exp(s - m) / (sum + exp(sink - m))``, ``m`` the row's
+    largest visible score. Normalized by the sum of the weights as computed, not through the lse:
+    ``exp(s - lse)`` is off by the lse's rounding, ``ulp(|s|)`` relative (2e-3 at scores of 4e4 in
+    fp32; two tied keys beyond 1e7 each got weight 1). A row with no visible key: zeros; a NaN or
+    +inf score, or visible scores all -inf (from the data): NaN; an infinite sink: zeros."""
+    s = s.masked_fill(~visible, -math.inf)
+    if s.shape[-1] == 0:
+        return s
+    m = s.detach().amax(-1, keepdim=True)
+    m = m.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # (no visible key: weights exp(-inf))
+    e = torch.exp(s - m)
+    z = e.sum(-1, keepdim=True)
+    if sinks is not None:
+        z = z + torch.exp(sinks - m)
+    return e / z.masked_fill(z == 0, 1.0)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,14 +161,12 @@ def varlen_attention(
         ok = allowed_mask(q_pos[q0:q1], k_pos[k0:k1], causal, window)
         s = s.masked_fill(~ok, -math.inf)
         lse_b = torch.logsumexp(s, dim=-1)  # -inf where nothing is visible
+        sink = None if sinks is None else sinks.to(acc)[:, None, None]
+        if sink is not None:  # the sink's logit joins the denominator (its value is zero)
+            lse_b = torch.logaddexp(lse_b, sink[..., 0].expand_as(lse_b))
         # a row that sees no key gives zeros; non-finite scores propagate as NaN, as in SDPA (a
         # nan_to_num of lse turned NaN and +inf rows into zeros)
-        shift = torch.where(ok.any(-1), lse_b, torch.zeros_like(lse_b))
-        if sinks is not None:  # the sink's logit joins the denominator (its value is zero)
-            sink = sinks.to(acc)[:, None].expand_as(lse_b)
-            lse_b = torch.logsumexp(torch.stack([lse_b, sink]), dim=0)
-            shift = lse_b
-        p = torch.exp(s - shift[..., None]).masked_fill(~ok, 0.0)
+        p = attention_weights(s, ok, sink)
         outs.append((p @ vb).transpose(0, 1))
         lses.append(lse_b.transpose(0, 1))
     tail = nq - cq[-1]  # rows past the last sequence (routing padding): zeros, lse -inf
