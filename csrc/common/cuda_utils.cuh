@@ -121,9 +121,13 @@ __device__ __forceinline__ float warp_dot(const A* a, const B* b, int64_t n) {
   return warp_sum(s[0]);
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// max(a, b) where a NaN in either wins and stays, as torch's amax and the CPU kernels: the result
+// of a reduction does not depend on its order.
+__device__ __forceinline__ float nan_max(float a, float b) { return b > a || b != b ? b : a; }
+
+__device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -144,14 +148,15 @@ __device__ __forceinline__ void block_sum(float (&v)[K], float* smem) {
   for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < warps ? smem[k * 32 + lane] : 0.0f);
 }
 
-// Block-wide max of non-negative values, returned to every thread.
-__device__ __forceinline__ float block_max_nonneg(float v, float* smem) {
+// Block-wide max of non-negative values (an amax), NaN when any is NaN, returned to every thread.
+// blockDim.x must be a multiple of 32; `smem` holds 32 floats.
+__device__ __forceinline__ float block_nan_max(float v, float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = warp_max(v);
+  v = warp_nan_max(v);
   __syncthreads();
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  return warp_max(lane < warps ? smem[lane] : 0.0f);
+  return warp_nan_max(lane < warps ? smem[lane] : 0.0f);
 }
 
 inline bool is_aligned(const void* p, int64_t bytes) {

@@ -226,21 +226,13 @@ constexpr int kQuantThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const QuantizeParams p) {
-  __shared__ float red[64];
+  __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * p.x_row_stride;
-  float amax = 0.0f, nan = 0.0f;
-  for (int64_t i = threadIdx.x; i < p.cols; i += blockDim.x) {
-    const float v = to_f(x[i]);
-    if (v != v) {
-      nan = 1.0f;
-    } else {
-      amax = fmaxf(amax, fabsf(v));
-    }
-  }
-  amax = cuda::block_max_nonneg(amax, red);
-  nan = cuda::block_max_nonneg(nan, red + 32);
-  const float scale = (nan == 0.0f && amax > 0.0f) ? amax / kFp8E4M3Max : 1.0f;
+  float amax = 0.0f;
+  for (int64_t i = threadIdx.x; i < p.cols; i += blockDim.x) amax = cuda::nan_max(amax, fabsf(to_f(x[i])));
+  amax = cuda::block_nan_max(amax, red);
+  const float scale = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;  // (1 for a zero row, or a NaN)
   if (threadIdx.x == 0) p.xs[row] = scale;
   uint8_t* out = &p.xq[row * p.cols].bits;
   const cuda::ReciprocalDivisor by_scale(scale);  // the correctly rounded x / scale

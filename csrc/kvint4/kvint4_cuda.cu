@@ -102,8 +102,7 @@ __device__ __forceinline__ float value_at(const QuantizeParams& p, const T* x, c
   return post != nullptr ? v * post[c] : v;
 }
 
-// max(a, b) where a NaN wins and stays, as on the CPU (torch's amax): order-independent.
-__device__ __forceinline__ float nan_max(float a, float b) { return b > a || b != b ? b : a; }
+using cuda::nan_max;
 
 using cuda::tc::seen;  // (a softmax sum that makes an output: > 0, or NaN)
 
@@ -151,8 +150,7 @@ __global__ void quantize_kernel(const QuantizeParams p) {
   }
   float amax = 0.0f;
   for (int64_t c = g0 + lane; c < g0 + len; c += 32) amax = nan_max(amax, fabsf(value_at(p, x, cs, sn, post, c)));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  amax = cuda::warp_nan_max(amax);
   if (query) {  // q_out[r] = fp8(row / s) * s, s = max|row| / 448 (1 for an all-zero row)
     const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
     const cuda::ReciprocalDivisor by_s(s);  // (the correctly rounded quotient, as __fdiv_rn)

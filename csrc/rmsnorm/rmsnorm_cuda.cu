@@ -54,8 +54,7 @@ __device__ __forceinline__ void write_output(const FwdParams& p, int64_t row, in
   store_f<kVec>(static_cast<T*>(p.y) + row * p.cols, iv, y);
 }
 
-// max(m, a) of non-negative values, NaN when either is NaN.
-__device__ __forceinline__ float nan_max(float m, float a) { return (a > m || a != a) ? a : m; }
+using cuda::nan_max;
 
 template <typename W, int kVec>
 __device__ __forceinline__ float abs_max(const FwdParams& p, int64_t iv, const float (&s)[kVec],
@@ -69,17 +68,9 @@ __device__ __forceinline__ float abs_max(const FwdParams& p, int64_t iv, const f
 
 // The row's FP8 scale, max|y| / 448, from each thread's max of |y| (NaN when one of its values was
 // NaN): 1 for an all-zero row, and for a row with a NaN (torch's amax is NaN there, as in the
-// reference; block_max_nonneg's fmaxf would drop the NaN). One block reduction, as that one.
+// reference).
 __device__ __forceinline__ float fp8_row_scale(float m, float* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
-  __syncthreads();
-  if (lane == 0) smem[warp] = m;
-  __syncthreads();
-  m = lane < warps ? smem[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  m = cuda::block_nan_max(m, smem);
   return m > 0.0f ? m / kFp8Max : 1.0f;  // (false for NaN)
 }
 
