@@ -247,9 +247,10 @@ def test_bad_scalars_with_inputs_that_require_grad(name, index, bad, error):
 # A working call's result: the kernels against the op's own reference route
 # ----------------------------------------------------------------------------------------------
 def _copy(a):
-    """``a`` again, same values and strides, its own memory (requires_grad kept)."""
+    """``a`` again, same values and strides, its own memory (requires_grad kept); an object that
+    holds state (a paged cache, a plan) deep-copied."""
     if not isinstance(a, torch.Tensor):
-        return a
+        return a if isinstance(a, (int, float, str, torch.dtype, type(None))) else copy.deepcopy(a)
     c = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a.detach())
     return c.requires_grad_(a.requires_grad)
 
@@ -277,6 +278,16 @@ def _run(fn, call, grad):
     )
 
 
+# An ill-conditioned call (scores of 1e6, whose fp32 ulp moves the softmax) may differ by this many
+# times the reference's own error (the fp32 reference against the float64 one): one sample of
+# that error can fall a few times below its usual size (the reference normalized by its computed
+# sum, c46ac0d, is the more accurate one), and the kernels' scores may carry a few more roundings
+# than torch's (at softcap saturation, 2.4 against 1.0 units of the dot's condition). 4 failed
+# once in 57,000 calls, at 7.2 (int4_kv_decode at scale and softcap 1e6: 4.4e-2 against 6.1e-3).
+# It still catches a defect of the kind found here: the CPU soft-cap's cancellation (3f75bb3) was
+# 2.6e-4 off where the reference's own error was about 1e-7.
+_OWN = 16
+
 # the largest difference allowed, relative to the largest finite value of the reference's result:
 # a few roundings of the result's dtype (the kernels sum in another order), one FP8 step
 _RTOL = {
@@ -298,10 +309,10 @@ def _fields(obj):
 def _agree(got, want, where: str, loose: bool | str = False, exact=None) -> None:
     """``got`` is ``want`` up to rounding: the same type, shape and dtype; integers and bytes
     equal; floats non-finite where ``want`` is (infinities of the same sign), the finite values
-    within ``_RTOL`` of the largest (plus the dtype's ``ATOL``), or within 4 x the reference's own
-    error where ``exact`` (the reference in float64) says how large that is. ``loose`` (a call with
-    non-finite or huge input): non-finite at most where ``want`` is, values not compared
-    (``"gradient"``: nothing compared)."""
+    within ``_RTOL`` of the largest (plus the dtype's ``ATOL``), or within ``_OWN`` x the
+    reference's own error where ``exact`` (the reference in float64) says how large that is.
+    ``loose`` (a call with non-finite or huge input): non-finite at most where ``want`` is, values
+    not compared (``"gradient"``: nothing compared)."""
     if not torch.is_tensor(want):
         if isinstance(want, (list, tuple)) or _fields(want) is not None:
             g = got if isinstance(got, (list, tuple)) else _fields(got)
@@ -338,7 +349,7 @@ def _agree(got, want, where: str, loose: bool | str = False, exact=None) -> None
         if torch.is_tensor(exact) and exact.shape == want.shape and exact.is_floating_point():
             own = (w - exact.double()).abs()[fin]
             own = own[torch.isfinite(own)]  # (float64 may stay finite where the dtype overflowed)
-            allowed = max(allowed, 4 * own.max().item() if own.numel() else 0.0)
+            allowed = max(allowed, _OWN * own.max().item() if own.numel() else 0.0)
         assert err <= allowed, (
             f"{where}: max difference {err:.3e} (allowed {allowed:.3e}), the reference's values "
             f"up to {scale:.3e}"
@@ -346,9 +357,14 @@ def _agree(got, want, where: str, loose: bool | str = False, exact=None) -> None
 
 
 def _own(fn):
-    """A module's copy (each run gets its own parameter gradients, and a module keeps plans for
-    its kernels, which the reference route must not find); ``fn`` itself otherwise."""
-    return copy.deepcopy(fn) if isinstance(fn, torch.nn.Module) else fn
+    """A module's copy, or a copy of the module whose method ``fn`` is (each run gets its own
+    parameter gradients, and a module keeps plans for its kernels, which the reference route must
+    not find); ``fn`` itself otherwise."""
+    if isinstance(fn, torch.nn.Module):
+        return copy.deepcopy(fn)
+    if isinstance(getattr(fn, "__self__", None), torch.nn.Module):
+        return getattr(copy.deepcopy(fn.__self__), fn.__name__)
+    return fn
 
 
 def _float64(a):
@@ -375,7 +391,13 @@ def _extreme(call) -> bool:
 _SELECTING = {"peer_retrieve", "PEER", "PEER (train)"}
 
 
-@pytest.mark.parametrize("name", sorted(CASES) + sorted(TRAINING))
+# the API entries that reach the kernels: the attention module's forwards, contiguous and paged
+# (a cache and a plan deep-copied for each run); the quantization helpers, plans and constructors
+# are pure PyTorch, the same code on both routes
+_KERNEL_API = ["RopeAwareQuantAttention", "RopeAwareQuantAttention.forward_paged"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + _KERNEL_API + sorted(TRAINING))
 @FUZZ
 @given(data=st.data())
 def test_random_valid_variants_match_the_reference(name, data, monkeypatch):
@@ -392,7 +414,7 @@ def test_random_valid_variants_match_the_reference(name, data, monkeypatch):
     see it in the kernels; a row of scores [inf, -inf] has lse NaN in the kernels, inf in the
     reference), and scores of 1e29 turn one ulp into a different softmax (two keys that tie in the
     reference's sums differ by an ulp in the kernels' group-scaled ones)."""
-    fn = {**CASES, **TRAINING}[name][0]
+    fn = {**CASES, **API, **TRAINING}[name][0]
     call, grad = _random_call(name, data)
     got = _run(_own(fn), call, grad)
     if isinstance(got, Exception):
