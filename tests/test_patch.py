@@ -251,3 +251,74 @@ def test_every_patch_runs_and_trains_in_bfloat16(kind):
     # roundings flip quantization levels); fff / peer route by hard decisions, which bf16 flips
     if not kind.startswith("mlp"):
         assert ((logits[torch.bfloat16] - want).norm() / want.norm()).item() < 0.1
+
+
+class _Recording:
+    """The compiled module, recording which of its functions are looked up."""
+
+    def __init__(self, c):
+        self._c, self.used = c, set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return getattr(self._c, name)
+
+
+_NORM = {"rms_norm_fwd", "rms_norm_bwd"}
+_KERNELS = {  # what each patch's forward, generate and training step must reach on the CPU
+    "rms_norm": _NORM,
+    "linear": _NORM | {"int4_fp8_gemm", "quantize_fp8_per_token"},
+    "kv_cache": _NORM | {"int4_kv_decode", "kv_quantize"},
+    "mlp_fff": _NORM | {"fff_ultra_fwd", "fff_ultra_bwd"},
+    "mlp_peer": _NORM | {"peer_retrieve", "peer_experts_fwd", "peer_experts_bwd"},
+    "skip_plan": _NORM,
+}
+_KERNELS["all"] = _KERNELS["linear"] | _KERNELS["kv_cache"] | _KERNELS["mlp_fff"]
+
+
+@pytest.mark.parametrize("kind", list(_KERNELS))
+def test_patched_model_kernels_match_the_reference_route(kind, monkeypatch):
+    """One patched model run twice, with its kernels and with the compiled part switched off (every
+    op on its reference): the logits, a training step's loss and parameter gradients, and greedy
+    generate() with an INT4 KV cache agree (fp32: the two routes sum in different orders). The
+    ops' own tests compare each kernel with its reference; this one the routes through a whole
+    model (module caches and plans, skip plans, the cache)."""
+    if fastlayers._ext.C is None:
+        pytest.skip("needs the compiled extension")
+    calib = [torch.randint(1, 128, (2, 16))]
+    kw = {
+        "rms_norm": {},
+        "skip_plan": {"skip_plan": fastlayers.SkipPlan.uniform(3, 1.5)},
+        "all": {"linear": "int4_fp8", "kv_cache": "int4_rope_aware", "mlp": "fff",
+                "skip_plan": fastlayers.SkipPlan.uniform(3, 1.5)},
+    }.get(kind, PATCHES.get(kind))  # fmt: skip
+    if "kv_cache" in kw:
+        kw = dict(kw, calibration=calib)
+    model = _llama()
+    torch.manual_seed(1)
+    fastlayers.patch_model(model, **kw)
+    ids = torch.randint(1, 128, (2, 12))
+    got, recording = {}, _Recording(fastlayers._ext.C)
+    for route in ("kernels", "reference"):
+        m = copy.deepcopy(model)
+        with monkeypatch.context() as mp:
+            mp.setattr(fastlayers._ext, "C", recording if route == "kernels" else None)
+            with torch.no_grad():
+                logits = m(ids).logits
+                cache = fastlayers.quant.Int4KVCache.for_model(m) if "kv_cache" in kw else None
+                tokens = m.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]),
+                                    max_new_tokens=5, do_sample=False,
+                                    **({"cache": cache} if cache is not None else {}))  # fmt: skip
+            m.train()
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        got[route] = logits, tokens, loss.detach(), grads
+    assert _KERNELS[kind] <= recording.used, sorted(recording.used)
+    (lk, tk, sk, gk), (lr, tr, sr, gr) = got["kernels"], got["reference"]
+    assert ((lk - lr).norm() / lr.norm()).item() < 1e-5
+    assert torch.equal(tk, tr)
+    torch.testing.assert_close(sk, sr, rtol=1e-5, atol=1e-6)
+    assert gk.keys() == gr.keys() and gk
+    for n in gr:
+        assert ((gk[n] - gr[n]).norm() / gr[n].norm().clamp_min(1e-30)).item() < 1e-4, n
