@@ -279,10 +279,11 @@ _KERNELS["all"] = _KERNELS["linear"] | _KERNELS["kv_cache"] | _KERNELS["mlp_fff"
 @pytest.mark.parametrize("kind", list(_KERNELS))
 def test_patched_model_kernels_match_the_reference_route(kind, monkeypatch):
     """One patched model run twice, with its kernels and with the compiled part switched off (every
-    op on its reference): the logits, a training step's loss and parameter gradients, and greedy
-    generate() with an INT4 KV cache agree (fp32: the two routes sum in different orders). The
-    ops' own tests compare each kernel with its reference; this one the routes through a whole
-    model (module caches and plans, skip plans, the cache)."""
+    op on its reference): the logits, a training step's loss and parameter gradients, greedy
+    generate() (with the INT4 KV cache where the patch has one) and self-speculative decoding (no
+    skip plan installed) agree (fp32: the two routes sum in different orders). The ops' own tests
+    compare each kernel with its reference; this one the routes through a whole model (module
+    caches and plans, skip plans, the cache)."""
     if fastlayers._ext.C is None:
         pytest.skip("needs the compiled extension")
     calib = [torch.randint(1, 128, (2, 16))]
@@ -309,15 +310,19 @@ def test_patched_model_kernels_match_the_reference_route(kind, monkeypatch):
                 tokens = m.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]),
                                     max_new_tokens=5, do_sample=False,
                                     **({"cache": cache} if cache is not None else {}))  # fmt: skip
+                draft = (None, None)  # (self-speculative decoding refuses a skip plan)
+                if "skip_plan" not in kw:
+                    draft = fastlayers.self_speculative_generate(m, ids[:1], 1, 6, num_draft=3)
             m.train()
             loss = m(ids, labels=ids).loss
             loss.backward()
             grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-        got[route] = logits, tokens, loss.detach(), grads
+        got[route] = logits, tokens, loss.detach(), grads, draft
     assert _KERNELS[kind] <= recording.used, sorted(recording.used)
-    (lk, tk, sk, gk), (lr, tr, sr, gr) = got["kernels"], got["reference"]
+    (lk, tk, sk, gk, dk), (lr, tr, sr, gr, dr) = got["kernels"], got["reference"]
     assert ((lk - lr).norm() / lr.norm()).item() < 1e-5
     assert torch.equal(tk, tr)
+    assert dk[1] == dr[1] and (dk[0] is None or torch.equal(dk[0], dr[0]))  # (drafts accepted)
     torch.testing.assert_close(sk, sr, rtol=1e-5, atol=1e-6)
     assert gk.keys() == gr.keys() and gk
     for n in gr:
