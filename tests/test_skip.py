@@ -775,3 +775,33 @@ def test_row_ops_bad_input():
         fastlayers.scatter_add_gated(x, torch.tensor([0, 1]), torch.randn(2, 8), torch.ones(3))
     with pytest.raises(ValueError, match="indices must be"):
         fastlayers.gather_rows(x, torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_reads_cu_seqlens_clamped(cuda_device, dtype):
+    """The CUDA route checks no cu_seqlens values on the host (that would synchronise): a negative,
+    decreasing or too large one made its kernels read rows outside q / k / v (found by the
+    differential fuzz under AddressSanitizer, emulated: cu_seqlens_k [-3, 22, 3] for 20 keys).
+    Now they read cu_seqlens clamped to the tensors and made non-decreasing, forward and backward:
+    the same results as for those clamped values given outright."""
+    from fastlayers.ops.skip import _in_range
+
+    q = rand(20, 4, 32, dtype=dtype, device=cuda_device).requires_grad_()
+    k = rand(20, 2, 32, dtype=dtype, device=cuda_device).requires_grad_()
+    v = rand(20, 2, 32, dtype=dtype, device=cuda_device).requires_grad_()
+    pos = torch.arange(20, device=q.device)  # (increasing within any clamped sequence)
+    cu = lambda *c: torch.tensor(c, dtype=torch.int32, device=q.device)  # noqa: E731
+    assert torch.equal(_in_range(cu(0, 10, 20), 20), cu(0, 10, 20))
+    for bad_q, bad_k, fixed_q, fixed_k in [
+        (cu(0, 10, 20), cu(-3, 22, 3), cu(0, 10, 20), cu(0, 20, 20)),
+        (cu(-5, 30, 7), cu(4, 2, 25), cu(0, 20, 20), cu(0, 2, 20)),
+    ]:
+        assert torch.equal(_in_range(bad_q, 20), fixed_q) and torch.equal(
+            _in_range(bad_k, 20), fixed_k
+        )
+        got, want = [], []
+        for c_q, c_k, into in ((bad_q, bad_k, got), (fixed_q, fixed_k, want)):
+            out = fastlayers.varlen_attention(q, k, v, c_q, c_k, pos, pos)
+            into.extend([out.detach(), *torch.autograd.grad(out.float().sum(), (q, k, v))])
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)

@@ -125,13 +125,24 @@ def _varlen_reference(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, sof
     )  # fmt: skip
 
 
+def _in_range(cu: torch.Tensor, n: int) -> torch.Tensor:
+    """``cu_seqlens`` as the CUDA kernels may read it, on the device (no host check, which would
+    synchronise): the first value 0, each other clamped to ``[0, n]``, then made non-decreasing
+    (a running max). The kernels read rows ``cu[b] .. cu[b + 1] - 1``: a negative, decreasing or
+    too large ``cu`` read rows outside the tensors (found by the differential fuzz under
+    AddressSanitizer: cu_seqlens_k ``[-3, 22, 3]`` for 20 keys), and rows before a first value
+    above 0 were taken for the first sequence's. Valid ``cu_seqlens`` come back unchanged."""
+    cu = torch.cat([cu.new_zeros(1), cu[1:].clamp(0, n)])
+    return torch.cummax(cu, 0).values.to(torch.int32).contiguous()
+
+
 def _varlen_cuda(q, k, v, cu_q, cu_k, q_pos, k_pos, left, right, scale, softcap=0.0):
     """The CUDA forward: no host-side layout check (it would synchronise); the kernel masks every
-    key by position and clamps cu_seqlens to the tensors."""
+    key by position, and reads cu_seqlens clamped into the tensors (``_in_range``)."""
     nq, hq, d = q.shape
     nk, hkv, dv = v.shape
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
-    cq, ck = cu_q.contiguous(), cu_k.contiguous()
+    cq, ck = _in_range(cu_q, nq), _in_range(cu_k, nk)
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
     out = empty((nq, hq, dv), q.dtype, q.device)
     lse = empty((nq, hq), torch.float32, q.device)
@@ -229,7 +240,9 @@ def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_po
     lse_c = lse.contiguous()
     glse = grad_lse.float().contiguous() if grad_lse is not None else None
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
-    cq, ck = cu_q.contiguous(), cu_k.contiguous()
+    cq, ck = cu_q.contiguous(), cu_k.contiguous()  # (CPU: checked on the host by the forward)
+    if on_cuda(q.device):
+        cq, ck = _in_range(cu_q, nq), _in_range(cu_k, nk)
     # rows outside every sequence (routing padding) get zero gradients
     dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
     delta = None  # CUDA: dO . O per (row, head)
