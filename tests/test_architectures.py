@@ -11,6 +11,7 @@ too), and what cannot be supported (q/k norms of unknown form, submodules no lay
 layers whose output is not their names' layout, queries computed otherwise than from the
 module's parts) is refused with a clear error before the model changes."""
 
+import copy
 import dataclasses
 import math
 
@@ -1390,3 +1391,48 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     assert rope_kv_hf._absorbable(attn, query) is mla
     attn.kv_b_proj.bias = torch.nn.Parameter(torch.zeros(attn.kv_b_proj.out_features))
     assert rope_kv_hf._absorbable(attn, query) is None
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Phi", "GPT2", "GptOss", "HunYuanDenseV1", "DeepseekV3"])
+def test_patched_models_copy_and_pickle(arch):
+    """A model with a skip plan (layer 0's attention routed, layer 1's feedforward skipped) copied
+    with copy.deepcopy runs the copy's own layers: its weights changed after the copy, it answers
+    as a model planned with those weights (the planned forwards were closures over the original's
+    layers); pickled with torch.save it loads and answers as the original. So does a model with
+    INT4 linears and the INT4 KV cache (DeepSeek V3: its latent's rounding, an override on the
+    module, was a bound method that did not pickle, and the copy's attention was refused as
+    computing other keys than its submodules, the check seeing the override)."""
+    import io
+
+    from fastlayers.skip_plan import LayerSkipCache
+
+    ids = torch.randint(3, 128, (2, 8))
+    plan = SkipPlan([LayerPlan(attn="routed"), LayerPlan(ffn="skip")])
+    planned = fastlayers.apply_skip_plan(_model(arch), plan)
+    twin = copy.deepcopy(planned)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.25)
+    fresh = fastlayers.apply_skip_plan(_model(arch), plan)
+    fresh.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(_logits(twin, ids), _logits(fresh, ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(twin, ids), _logits(planned, ids), rtol=1e-2, atol=1e-2)
+
+    def reloaded(model):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        want = planned.generate(ids, cache=LayerSkipCache(), **kw)
+        assert torch.equal(reloaded(planned).generate(ids, cache=LayerSkipCache(), **kw), want)
+    quantized = _model(arch)
+    fastlayers.patch_model(quantized, linear="int4_fp8", kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 16))])  # fmt: skip
+    with torch.no_grad():
+        want = quantized.generate(ids, cache=quant.Int4KVCache.for_model(quantized), **kw)
+        for other in (copy.deepcopy(quantized), reloaded(quantized)):
+            got = other.generate(ids, cache=quant.Int4KVCache.for_model(other), **kw)
+            assert torch.equal(got, want)

@@ -1121,6 +1121,10 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     cos0, sin0 = (cos[0], sin[0]) if tables else (None, None)
     attn._fl_probe_answer = torch.randn(1, t, hq, d, generator=g).to(p)
     previous, training = cfg._attn_implementation_internal, attn.training
+    # (the module's own computation is checked: an override fastlayers installed, the INT4
+    # rounding of apply_rope_aware_kv's expand_kv, set aside while it runs; a module copied
+    # after the checks, or unpickled, is checked afresh, its override already in place)
+    own = {n: attn.__dict__.pop(n) for n in _OWN_OVERRIDES if n in attn.__dict__}
     try:
         cfg._attn_implementation_internal = _PROBE
         attn.eval()
@@ -1147,6 +1151,7 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
         attn.train(training)
         for extra in ("_fl_probe_answer", "_fl_probe_seen"):
             attn.__dict__.pop(extra, None)
+        attn.__dict__.update(own)
     tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
 
     def differs(got, want):
@@ -1185,6 +1190,9 @@ def attention_mismatch(attn: torch.nn.Module, queries: bool = True,
     return None
 
 
+# instance attributes fastlayers installs on an attention module, which attention_mismatch's probe
+# sets aside (quant.apply_rope_aware_kv's expand_kv of multi-head latent attention)
+_OWN_OVERRIDES = ("expand_kv",)
 # the modules attention_mismatch passed, with the (queries, tables) of each check they passed
 _MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # the modules attention_mismatch's probe refused: {(queries, tables): the mismatch}

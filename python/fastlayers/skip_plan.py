@@ -26,6 +26,7 @@ from fastlayers._decoder import (
     activation_like,
     applies_rope,
     attention_in_features,
+    attention_mismatch,
     attention_mismatch_either_way,
     attention_of,
     attention_output,
@@ -33,7 +34,6 @@ from fastlayers._decoder import (
     attention_sinks,
     attention_unsupported,
     block_kind,
-    checked_with_tables,
     cos_sin,
     decoder_layers,
     decoder_layout,
@@ -350,11 +350,13 @@ def _routed_attention(layer, layout, plan: LayerPlan, layer_idx: int, hidden_sta
     n = rows.shape[0]
     x = h.reshape(b * t, -1)[rows]
     tables = kw.get("position_embeddings")  # [B, T, rotary dim] at the tokens' positions
-    if not checked_with_tables(attn, tables is not None):
+    # (the check apply_skip_plan ran, remembered; a module copied or unpickled since is checked
+    # now, once: the probe's outcome is kept per module)
+    why = attention_mismatch(attn, tables=tables is not None)
+    if why is not None:
         raise ValueError(
             f"routed attention: layer {layer_idx} is given "
-            f"{'no RoPE tables' if tables is None else 'RoPE tables'}, which its check at "
-            "apply_skip_plan did not see"
+            f"{'no RoPE tables' if tables is None else 'RoPE tables'}, with which {why}"
         )
     cos = sin = None  # (a model without a rotary embedding: Granite 4's hybrids)
     if tables is not None:
@@ -517,30 +519,44 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
     """The planned forward of decoder layer ``layer_idx``; ``measured``: the layer Hugging Face
     caches measure the sequence on (the first softmax attention layer; None: none)."""
     routed = runs_attn and plan.attn == "routed"
-    layer0_empty = layer_idx == measured and (routed or not runs_attn)
-    layout = decoder_layout(layer, "apply_skip_plan")
     if runs_attn and runs_ffn and not routed:  # the whole layer: the model's own forward
         return layer._fastlayers_forward
-    # (Nemotron-H's blocks hold one sublayer: the plan's other one, kept "full" by check_skip_plan,
-    # is not there to run)
-    runs_ffn = runs_ffn and layout.single != "attn"
-    runs_attn = runs_attn and layout.single != "ffn"
-    # the names of the layer's positional arguments after the hidden states (GPT-2's blocks are
-    # called with the cache, cache positions and mask by position)
-    names = [p.name for p in inspect.signature(layer._fastlayers_forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
+    return _PlannedForward(layer, plan, layer_idx, runs_attn, runs_ffn, measured)
 
-    tuple_out = returns_tuple(layer)  # (GPT-Neo: (hidden_states, attn_weights))
 
-    def forward(hidden_states, *args, **kwargs):
-        out = _planned(hidden_states, *args, **kwargs)
-        return (out, None) if tuple_out else out
+class _PlannedForward:
+    """A decoder layer's planned forward, installed as its ``forward``: an object holding its layer
+    (not a closure), so that a copy of the model (``copy.deepcopy``) runs the copy's layer and a
+    pickled model (``torch.save``) loads."""
 
-    def _planned(hidden_states, *args, **kwargs):
+    def __init__(self, layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, runs_ffn: bool,
+                 measured: int | None):  # fmt: skip
+        self.layer, self.plan, self.layer_idx = layer, plan, layer_idx
+        self.routed = runs_attn and plan.attn == "routed"
+        self.layer0_empty = layer_idx == measured and (self.routed or not runs_attn)
+        self.layout = layout = decoder_layout(layer, "apply_skip_plan")
+        # (Nemotron-H's blocks hold one sublayer: the plan's other one, kept "full" by
+        # check_skip_plan, is not there to run)
+        self.runs_ffn = runs_ffn and layout.single != "attn"
+        self.runs_attn = runs_attn and layout.single != "ffn"
+        # the names of the layer's positional arguments after the hidden states (GPT-2's blocks
+        # are called with the cache, cache positions and mask by position)
+        params = inspect.signature(layer._fastlayers_forward).parameters.values()
+        self.names = [p.name for p in params
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
+        self.tuple_out = returns_tuple(layer)  # (GPT-Neo: (hidden_states, attn_weights))
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        out = self._planned(hidden_states, *args, **kwargs)
+        return (out, None) if self.tuple_out else out
+
+    def _planned(self, hidden_states, *args, **kwargs):
+        layer, layout, plan, layer_idx = self.layer, self.layout, self.plan, self.layer_idx
+        routed, runs_attn, runs_ffn = self.routed, self.runs_attn, self.runs_ffn
         kw = dict(kwargs)
-        for name, value in zip(names, args, strict=False):
+        for name, value in zip(self.names, args, strict=False):
             kw.setdefault(name, value)
-        if layer0_empty:
+        if self.layer0_empty:
             _keep_layer0_length(layer, hidden_states, kw, layer_idx)
         if routed or not runs_attn:
             _keep_croppable(layer, hidden_states, kw, layer_idx)
@@ -563,25 +579,26 @@ def _planned_forward(layer, plan: LayerPlan, layer_idx: int, runs_attn: bool, ru
             hidden_states = hidden_states * plan.ffn_scale
         return hidden_states
 
-    return forward
 
-
-def _state_checked(forward, layer_idx: int):
+class _StateChecked:
     """``forward`` of a hybrid's linear attention layer, refusing a LayerSkipCache made without the
-    model's config (its layers would be key/value layers where this one keeps a state)."""
+    model's config (its layers would be key/value layers where this one keeps a state); an object
+    (not a closure), copied and pickled with its model as :class:`_PlannedForward` is."""
 
-    def checked(hidden_states, *args, **kwargs):
+    def __init__(self, forward, layer_idx: int):
+        self.forward, self.layer_idx = forward, layer_idx
+
+    def __call__(self, hidden_states, *args, **kwargs):
         cache = _cache_of(kwargs)
         if _is_layer_skip_cache(cache):
-            slot = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+            i = self.layer_idx
+            slot = cache.layers[i] if i < len(cache.layers) else None
             if not hasattr(slot, "conv_states"):
                 raise ValueError(
-                    f"layer {layer_idx} keeps a linear attention state, which this LayerSkipCache "
+                    f"layer {i} keeps a linear attention state, which this LayerSkipCache "
                     "has no layer for: make it with LayerSkipCache(config=model.config)"
                 )
-        return forward(hidden_states, *args, **kwargs)
-
-    return checked
+        return self.forward(hidden_states, *args, **kwargs)
 
 
 def check_skip_plan(model, plan: SkipPlan, routers: dict | None = None) -> torch.nn.ModuleList:
@@ -690,7 +707,7 @@ def apply_skip_plan(model, plan: SkipPlan, routers: dict | None = None):
             layer, plan.layers[i], i, plan.runs_attention(i), plan.runs_ffn(i), measured
         )
         if linear_mixer(layer) is not None and block_kind(layer) != "ffn":  # (a hybrid's linear
-            layer.forward = _state_checked(layer.forward, i)  # attention / convolution / Mamba)
+            layer.forward = _StateChecked(layer.forward, i)  # attention / convolution / Mamba)
     model._fastlayers_skip_plan = plan
     return model
 

@@ -32,9 +32,9 @@ context), and the indexer's own keys are cached beside the INT4 latent in FP8.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-import types
 import weakref
 
 import torch
@@ -794,7 +794,7 @@ def apply_rope_aware_kv(
                                  f"layer {i}'s multi-head latent attention caches), got "
                                  f"{tuple(getattr(post, 'shape', ()))}")  # fmt: skip
             m._fl_latent, m._fl_mla = True, mla
-            m.expand_kv = types.MethodType(_expand_latent, m)
+            m.expand_kv = functools.partial(_expand_latent, m)  # (picklable, unlike a method)
         m._fl_k_post = post
         m._fl_group_size = g
         m._fl_q_fp8 = q_fp8
