@@ -1,8 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Checks the drop-in tests share (tests/test_skip_plan.py, test_architectures.py,
-test_hybrids.py)."""
+test_hybrids.py, test_patch.py)."""
+
+import copy
 
 import torch
+
+import fastlayers
 
 
 def assert_generate_equals_recompute(model, ids, out):
@@ -37,3 +41,38 @@ def residual_norm_ratio(model, layer, batch) -> float:
     finally:
         handle.remove()
     return (seen["out"].norm(dim=-1) / seen["in"].norm(dim=-1)).mean().item()
+
+
+class Recording:
+    """The compiled module, recording which of its functions are looked up."""
+
+    def __init__(self, c):
+        self._c, self.used = c, set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return getattr(self._c, name)
+
+
+def on_both_routes(model, step, monkeypatch):
+    """``step`` run on a copy of ``model`` with the compiled kernels and on another with the
+    compiled part switched off (every op on its reference): ``(kernels' result, reference's
+    result, the compiled functions the kernels' run looked up)``."""
+    recording, results = Recording(fastlayers._ext.C), []
+    for c in (recording, None):
+        m = copy.deepcopy(model)
+        with monkeypatch.context() as mp:
+            mp.setattr(fastlayers._ext, "C", c)
+            results.append(step(m))
+    return results[0], results[1], recording.used
+
+
+def relative(got, want) -> float:
+    """``|got - want| / |want|`` (norms over all values; ``want`` may be zero)."""
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_relative(got, want, rtol: float, what: str) -> None:
+    """``relative(got, want) < rtol``."""
+    err = relative(got, want)
+    assert err < rtol, f"{what}: relative difference {err:.3e} (allowed {rtol:.1e})"

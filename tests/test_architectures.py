@@ -17,7 +17,12 @@ import math
 
 import pytest
 import torch
-from _decoders import assert_generate_equals_recompute, residual_norm_ratio
+from _decoders import (
+    assert_generate_equals_recompute,
+    on_both_routes,
+    relative,
+    residual_norm_ratio,
+)
 
 import fastlayers
 from fastlayers import quant
@@ -1391,6 +1396,123 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
     assert rope_kv_hf._absorbable(attn, query) is mla
     attn.kv_b_proj.bias = torch.nn.Parameter(torch.zeros(attn.kv_b_proj.out_features))
     assert rope_kv_hf._absorbable(attn, query) is None
+
+
+# the structures whose INT4 path differs: soft-capping (Gemma 2), windows and sandwich norms (Gemma
+# 3), sinks and windows (GPT-OSS), q/k norms (Qwen 3), a fused qkv (Phi-3), multi-query with a
+# parallel block and ALiBi's masked path (Falcon), multi-head latent attention with and without an
+# indexer, values of their own head size (DeepSeek, MiMo-V2-Flash), LayerNorms (GPT-NeoX)
+_DIFFERENTIAL = ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Falcon", "FalconAlibi",
+                 "DeepseekV3", "DeepseekV32", "MiMoV2Flash", "GPTNeoX"]  # fmt: skip
+
+
+def _generate_and_train(ids, cache):
+    """A model's logits (on ``ids``' unpadded positions, row 0 left-padded), greedy generate()
+    with ``cache()`` (its tokens and scores), a training step's loss and parameter gradients."""
+    kw = _left_padded(ids)
+
+    def step(m):
+        with torch.no_grad():
+            real = kw["attention_mask"].bool()
+            logits = m(ids, attention_mask=kw["attention_mask"]).logits[real]
+            out = m.generate(ids, cache=cache(m), **kw)
+        m.train()
+        loss = m(ids, attention_mask=kw["attention_mask"], labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        return logits, out.sequences, out.scores, loss.detach(), grads
+
+    return step
+
+
+# (tight, loose) relative differences of the two routes: fp32 sums in other orders, bf16 rounds
+# at other points too; loose: where a hard decision flipped (a value on a rounding boundary of the
+# FP8 activations or the INT4 cache, a token near its router's threshold)
+_TIGHT = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# weights of 5x the configs' default spread: scores of order one, where soft-capping, sinks and
+# masks move the softmax (at the default, Gemma 2's cap of 1.0 moved the logits by 6e-6)
+_SHARP = 0.1
+_TIGHT_GRAD = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+_LOOSE = 0.1
+
+
+def _mostly_close(pairs, tight: float, what: str) -> None:
+    """Each pair's relative difference below ``_LOOSE``, at least two thirds of them below
+    ``tight``: a quantized or routed model takes hard decisions, and a value that falls on a
+    decision's boundary (one in a few thousand) may go either way on the two routes, which then
+    differ by a rounding step (a percent or two) from there on; a defect (a mask, a cap or a sink
+    applied otherwise) moves most of them, and by more."""
+    errs = [relative(g, w) for g, w in pairs]
+    assert errs and max(errs) < _LOOSE, f"{what}: relative differences up to {max(errs):.2e}"
+    close = sum(e < tight for e in errs)
+    assert 3 * close >= 2 * len(errs), f"{what}: {close} of {len(errs)} within {tight:.0e}: {errs}"
+
+
+def _assert_routes_agree(got, want, dtype) -> None:
+    """The two routes' ``_generate_and_train`` results agree (``_mostly_close``): the logits of
+    each position, the scores of each row's steps up to the first token the routes chose apart
+    (two rows of three at least choose the same tokens throughout), the loss, each gradient."""
+    (lk, tk, ck, sk, gk), (lr, tr, cr, sr, gr) = got, want
+    tight = _TIGHT[dtype]
+    _mostly_close(list(zip(lk, lr, strict=True)), tight, "logits")
+    steps = len(cr)
+    same = (tk[:, -steps:] == tr[:, -steps:]).long().cumprod(1)  # [B, steps]: same tokens so far
+    assert 3 * int(same[:, -1].sum()) >= 2 * same.shape[0], (tk, tr)
+    scores = [(ck[i][r], cr[i][r]) for r in range(same.shape[0]) for i in range(steps)
+              if i == 0 or same[r, i - 1]]  # fmt: skip
+    _mostly_close(scores, tight, "scores")
+    loss = 10 * tight if dtype == torch.float32 else tight  # (a mean: a flip moves it less)
+    assert relative(sk, sr) < loss, (sk, sr)
+    assert gk.keys() == gr.keys() and gk
+    _mostly_close([(gk[n], gr[n]) for n in gr], _TIGHT_GRAD[dtype], "gradients")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", _DIFFERENTIAL)
+def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtype, monkeypatch):
+    """Each structure patched with every INT4 path (INT4 x FP8 linears, the RoPE-aware INT4 KV
+    cache, the RMSNorms) run with its kernels and with the compiled part switched off: the logits
+    of a left-padded batch, greedy generate() with the INT4 cache (its scores step by step), a
+    training step's loss and gradients agree, in fp32 and bf16 (test_patch.py's test of the
+    Llama, here the structures the INT4 attention handles otherwise)."""
+    if fastlayers._ext.C is None:
+        pytest.skip("needs the compiled extension")
+    model = _model(arch, initializer_range=_SHARP)
+    calib = [torch.randint(3, 128, (1, 24))]
+    fastlayers.patch_model(model, linear="int4_fp8", kv_cache="int4_rope_aware",
+                           calibration=calib)  # fmt: skip
+    model.to(dtype)
+    ids = torch.randint(3, 128, (3, 10))
+    step = _generate_and_train(ids, lambda m: quant.Int4KVCache.for_model(m))
+    got, want, used = on_both_routes(model, step, monkeypatch)
+    assert {"int4_fp8_gemm", "kv_quantize"} <= used, sorted(used)
+    _assert_routes_agree(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Mistral",
+                                  "DeepseekV3", "MiMoV2Flash", "GPTNeoX"])  # fmt: skip
+def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, monkeypatch):
+    """Routed attention on every layer (about half the tokens each, random routers) run with its
+    kernels and with the compiled part switched off: logits of a left-padded batch, generate()
+    with a LayerSkipCache, a training step's loss and gradients (the routers' too) agree: the
+    varlen attention kernels with each structure's soft-capping, windows, sinks and head sizes."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    if fastlayers._ext.C is None:
+        pytest.skip("needs the compiled extension")
+    model = _model(arch, initializer_range=_SHARP)
+    model = fastlayers.apply_skip_plan(model, SkipPlan([LayerPlan(attn="routed")] * 2))
+    for layer in decoder_layers(model):
+        with torch.no_grad():
+            layer.fastlayers_router.weight.normal_(0.0, 0.5)
+            layer.fastlayers_router.bias.zero_()
+    model.to(dtype)
+    ids = torch.randint(3, 128, (3, 10))
+    step = _generate_and_train(ids, lambda m: LayerSkipCache())
+    got, want, used = on_both_routes(model, step, monkeypatch)
+    assert {"varlen_attention", "varlen_attention_bwd"} <= used, sorted(used)
+    _assert_routes_agree(got, want, dtype)
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Phi", "GPT2", "GptOss", "HunYuanDenseV1", "DeepseekV3"])

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _decoders import assert_relative, on_both_routes
 
 import fastlayers
 
@@ -253,17 +254,6 @@ def test_every_patch_runs_and_trains_in_bfloat16(kind):
         assert ((logits[torch.bfloat16] - want).norm() / want.norm()).item() < 0.1
 
 
-class _Recording:
-    """The compiled module, recording which of its functions are looked up."""
-
-    def __init__(self, c):
-        self._c, self.used = c, set()
-
-    def __getattr__(self, name):
-        self.used.add(name)
-        return getattr(self._c, name)
-
-
 _NORM = {"rms_norm_fwd", "rms_norm_bwd"}
 _KERNELS = {  # what each patch's forward, generate and training step must reach on the CPU
     "rms_norm": _NORM,
@@ -299,31 +289,30 @@ def test_patched_model_kernels_match_the_reference_route(kind, monkeypatch):
     torch.manual_seed(1)
     fastlayers.patch_model(model, **kw)
     ids = torch.randint(1, 128, (2, 12))
-    got, recording = {}, _Recording(fastlayers._ext.C)
-    for route in ("kernels", "reference"):
-        m = copy.deepcopy(model)
-        with monkeypatch.context() as mp:
-            mp.setattr(fastlayers._ext, "C", recording if route == "kernels" else None)
-            with torch.no_grad():
-                logits = m(ids).logits
-                cache = fastlayers.quant.Int4KVCache.for_model(m) if "kv_cache" in kw else None
-                tokens = m.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]),
-                                    max_new_tokens=5, do_sample=False,
-                                    **({"cache": cache} if cache is not None else {}))  # fmt: skip
-                draft = (None, None)  # (self-speculative decoding refuses a skip plan)
-                if "skip_plan" not in kw:
-                    draft = fastlayers.self_speculative_generate(m, ids[:1], 1, 6, num_draft=3)
-            m.train()
-            loss = m(ids, labels=ids).loss
-            loss.backward()
-            grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-        got[route] = logits, tokens, loss.detach(), grads, draft
-    assert _KERNELS[kind] <= recording.used, sorted(recording.used)
-    (lk, tk, sk, gk, dk), (lr, tr, sr, gr, dr) = got["kernels"], got["reference"]
-    assert ((lk - lr).norm() / lr.norm()).item() < 1e-5
+
+    def step(m):
+        with torch.no_grad():
+            logits = m(ids).logits
+            cache = fastlayers.quant.Int4KVCache.for_model(m) if "kv_cache" in kw else None
+            tokens = m.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]),
+                                max_new_tokens=5, do_sample=False,
+                                **({"cache": cache} if cache is not None else {}))  # fmt: skip
+            draft = (None, None)  # (self-speculative decoding refuses a skip plan)
+            if "skip_plan" not in kw:
+                draft = fastlayers.self_speculative_generate(m, ids[:1], 1, 6, num_draft=3)
+        m.train()
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        return logits, tokens, loss.detach(), grads, draft
+
+    got, want, used = on_both_routes(model, step, monkeypatch)
+    assert _KERNELS[kind] <= used, sorted(used)
+    (lk, tk, sk, gk, dk), (lr, tr, sr, gr, dr) = got, want
+    assert_relative(lk, lr, 1e-5, "logits")
     assert torch.equal(tk, tr)
     assert dk[1] == dr[1] and (dk[0] is None or torch.equal(dk[0], dr[0]))  # (drafts accepted)
     torch.testing.assert_close(sk, sr, rtol=1e-5, atol=1e-6)
     assert gk.keys() == gr.keys() and gk
     for n in gr:
-        assert ((gk[n] - gr[n]).norm() / gr[n].norm().clamp_min(1e-30)).item() < 1e-4, n
+        assert_relative(gk[n], gr[n], 1e-4, n)
