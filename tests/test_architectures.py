@@ -1558,3 +1558,31 @@ def test_patched_models_copy_and_pickle(arch):
         for other in (copy.deepcopy(quantized), reloaded(quantized)):
             got = other.generate(ids, cache=quant.Int4KVCache.for_model(other), **kw)
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "DeepseekV32"])
+def test_a_pickled_int4_kv_model_generates_in_a_fresh_process(arch, tmp_path):
+    """A model with the INT4 KV cache, saved whole with torch.save, loads in a new process that
+    imported only torch and generates what it did (its config names the INT4 attention, which
+    unpickling registers: the model holds an object of the module that registers it; it once
+    named an attention the new process did not know)."""
+    import subprocess
+    import sys
+
+    model = _model(arch)
+    fastlayers.patch_model(model, rms_norm=False, kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 16))])  # fmt: skip
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.save({"model": model, "ids": ids, "want": want}, tmp_path / "model.pt")
+    script = (
+        "import sys, torch\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad():\n"
+        "    got = saved['model'].generate(saved['ids'], max_new_tokens=4, do_sample=False)\n"
+        "assert torch.equal(got, saved['want']), (got, saved['want'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -799,10 +799,21 @@ def apply_rope_aware_kv(
         m._fl_group_size = g
         m._fl_q_fp8 = q_fp8
         m._fl_quantize_keys, m._fl_quantize_values = quantize_keys, quantize_values
-    model._fl_previous_attention = model.config._attn_implementation
+    model._fl_previous_attention = _Previous(model.config._attn_implementation)
     indexed = any(m is not None and sparse_indexer(m) is not None for m in mods)
     model.set_attn_implementation(ATTENTION_MASKED if indexed else ATTENTION)
     return model
+
+
+class _Previous:
+    """The attention implementation a model had before :func:`apply_rope_aware_kv` (what
+    :func:`remove_rope_aware_kv` restores), kept as an object of this module: unpickling a patched
+    model (``torch.load`` of a ``torch.save``, a model sent to another process) then imports it,
+    which registers the INT4 attention its config names (with the name alone, a fresh process
+    that had imported fastlayers but not this module found no such attention)."""
+
+    def __init__(self, name):
+        self.name = name
 
 
 def remove_rope_aware_kv(model):
@@ -814,7 +825,7 @@ def remove_rope_aware_kv(model):
                      "expand_kv"):  # fmt: skip
             m.__dict__.pop(name, None)  # (instance attributes only: expand_kv's class method stays)
     if hasattr(model, "_fl_previous_attention"):
-        model.set_attn_implementation(model._fl_previous_attention)
+        model.set_attn_implementation(model._fl_previous_attention.name)
         del model._fl_previous_attention
     return model
 
