@@ -42,7 +42,6 @@ whose output is not its names' layout.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import sys
 import weakref
@@ -1397,12 +1396,20 @@ def _one_tensor_signature(fn) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=64)
 def _sin_first(cls: type) -> bool:
     """Whether attention class ``cls`` takes its RoPE tables as ``(sin, cos)``: GPT-J and CodeGen,
     whose ``apply_rotary_pos_emb(tensor, sin, cos)`` rotates one tensor."""
-    fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
-    return callable(fn) and _one_tensor_signature(fn)
+    known = _SIN_FIRST.get(cls)
+    if known is None:
+        fn = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+        known = _SIN_FIRST[cls] = callable(fn) and _one_tensor_signature(fn)
+    return known
+
+
+# (per class, the probes' outcomes: plain dicts, which torch.compile reads as they are, where it
+# traced through an lru_cache's function, probe and all: graph breaks on a data-dependent
+# aten.equal in each routed layer)
+_SIN_FIRST: dict[type, bool] = {}
 
 
 def _one_tensor_rope(fn: Callable) -> Callable:
@@ -1483,8 +1490,18 @@ def _rotary_fraction(attn: torch.nn.Module) -> float:
     return 1.0 if factor is None else float(factor)
 
 
-@functools.lru_cache(maxsize=64)
 def _probe_rope(cls: type, r: int) -> RopeLayout | str:
+    """:func:`_probe_rope_uncached`, once per class and rotated width."""
+    known = _ROPE_PROBES.get((cls, r))
+    if known is None:
+        known = _ROPE_PROBES[(cls, r)] = _probe_rope_uncached(cls, r)
+    return known
+
+
+_ROPE_PROBES: dict[tuple[type, int], RopeLayout | str] = {}
+
+
+def _probe_rope_uncached(cls: type, r: int) -> RopeLayout | str:
     """The RoPE layout of attention class ``cls`` rotating ``r`` channels, or why there is none.
     Each channel's unit vector through the model's function at a quarter turn (cos 0, sin 1 in
     every table entry, whatever layout the function expects its tables in: GLM's takes the
