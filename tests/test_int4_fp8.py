@@ -362,13 +362,17 @@ def test_linear_from_linear(device, dtype):
     assert not list(layer.parameters()) and "weight" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("rows", [(2, 5), (3, 7)], ids=["10rows", "21rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_linear_input_gradient(device, dtype):
+def test_linear_input_gradient(device, dtype, rows):
     """Frozen quantized weights, a gradient for the input (QLoRA-style): dx = dy @ W with the
-    dequantized W (FP8 rounding of x straight through); the forward is the inference forward."""
+    dequantized W (FP8 rounding of x straight through); the forward is the inference forward;
+    its output may be added into in place (Falcon's ``mlp_output += attention_output``: the CUDA
+    route for more than 16 rows gave an fp32 output as a view, which autograd refused to let
+    change inside the layer's Function)."""
     lin = _linear(320, 72, dtype, device)
     layer = fastlayers.Int4Fp8Linear.from_linear(lin, group_size=64)
-    x = rand(2, 5, 320, dtype=dtype, device=device).requires_grad_()
+    x = rand(*rows, 320, dtype=dtype, device=device).requires_grad_()
     y = layer(x)
     with torch.no_grad():
         assert torch.equal(y.detach().view(torch.uint8), layer(x).view(torch.uint8))
@@ -379,6 +383,10 @@ def test_linear_input_gradient(device, dtype):
     dx64 = dy.double() @ w.double()
     assert_close_to_oracle(dx, (dy.float() @ w).to(dtype), dx64, name="dx")
     assert all(not b.requires_grad for b in layer.buffers())
+    y = layer(x)
+    y += 1.0
+    (again,) = torch.autograd.grad(y, x, dy)
+    assert torch.equal(again, dx)
     # a weight changed in place after the forward: autograd refuses the stale backward
     y = layer(x)
     layer.channel_scale.mul_(2.0)

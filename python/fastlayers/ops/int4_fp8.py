@@ -188,10 +188,14 @@ def _dequantize_matmul(x2, xs1, qw, gs, cs, b, group_size, out_dtype, shape):
     with device_guard(x2.device):
         _ext.C.int4_fp8_dequantize(ptr(qw), ptr(gs), ptr(w8), n, k, group_size,
                                    stream_of(x2.device))  # fmt: skip
-    y = (x2.float() @ w8.float().t()) * xs1[:, None] * cs
+    # (the shape taken before the scales: the result is a tensor of its own, not a view, which
+    # an autograd Function around the layer (Int4Fp8Linear's input gradient) may not return when
+    # the caller adds into it in place: Falcon's ``mlp_output += attention_output``)
+    acc = (x2.float() @ w8.float().t()).reshape(*shape[:-1], n)
+    y = acc * xs1.reshape(*shape[:-1], 1) * cs
     if b is not None:
         y = y + b.float()
-    return y.to(out_dtype).reshape(*shape[:-1], n)
+    return y.to(out_dtype)
 
 
 def _quantize_kernel(x):
