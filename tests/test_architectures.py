@@ -1475,27 +1475,28 @@ def _assert_routes_agree(got, want, dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", _DIFFERENTIAL)
-def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtype, kernels,
+def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtype, device,
                                                                       monkeypatch):  # fmt: skip
     """Each structure patched with every INT4 path (INT4 x FP8 linears, the RoPE-aware INT4 KV
     cache, the RMSNorms) run with its kernels and with the compiled part switched off: the logits
     of a left-padded batch, greedy generate() with the INT4 cache (its scores step by step), a
     training step's loss and gradients agree, in fp32 and bf16 (test_patch.py's test of the
-    Llama, here the structures the INT4 attention handles otherwise); the CPU kernels, and in a
-    CUDA emulation build the CUDA kernels' route too (it found Int4Fp8Linear's CUDA route for
-    more than 16 rows giving a view, which Falcon's ``mlp_output += attention_output`` may not
-    change in place when a training step's autograd Function returned it)."""
+    Llama, here the structures the INT4 attention handles otherwise); the CPU kernels, the CUDA
+    ones on a GPU, and in a CUDA emulation build the CUDA kernels' route on the CPU (it found
+    Int4Fp8Linear's CUDA route for more than 16 rows giving a view, which Falcon's
+    ``mlp_output += attention_output`` may not change in place when a training step's autograd
+    Function returned it)."""
     if fastlayers._ext.C is None:
         pytest.skip("needs the compiled extension")
     model = _model(arch, initializer_range=_SHARP)
     calib = [torch.randint(3, 128, (1, 24))]
     fastlayers.patch_model(model, linear="int4_fp8", kv_cache="int4_rope_aware",
                            calibration=calib)  # fmt: skip
-    model.to(dtype)
-    ids = torch.randint(3, 128, (3, 10))
+    model.to(device=device, dtype=dtype)  # (a GPU: the model on it; emulated: on the CPU)
+    ids = torch.randint(3, 128, (3, 10)).to(device)
     step = _generate_and_train(ids, lambda m: quant.Int4KVCache.for_model(m))
     got, want, used = on_both_routes(model, step, monkeypatch)
-    cuda = _common.on_cuda(torch.device("cpu"))  # (the CUDA kernels emulated: their route)
+    cuda = _common.on_cuda(torch.device(device))  # (a GPU, or the CUDA kernels emulated)
     want_used = {"int4_fp8_gemm", "kv_quantize"}
     if arch not in _INT4_IN_PYTORCH:
         want_used.add("int4_kv_decode_cuda_workspace" if cuda else "int4_kv_decode")
@@ -1506,7 +1507,7 @@ def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Mistral",
                                   "DeepseekV3", "MiMoV2Flash", "GPTNeoX"])  # fmt: skip
-def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, kernels,
+def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, device,
                                                                 monkeypatch):  # fmt: skip
     """Routed attention on every layer (about half the tokens each, random routers) run with its
     kernels and with the compiled part switched off: logits of a left-padded batch, generate()
@@ -1522,11 +1523,11 @@ def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, ker
         with torch.no_grad():
             layer.fastlayers_router.weight.normal_(0.0, 0.5)
             layer.fastlayers_router.bias.zero_()
-    model.to(dtype)
-    ids = torch.randint(3, 128, (3, 10))
+    model.to(device=device, dtype=dtype)  # (a GPU: the model on it; emulated: on the CPU)
+    ids = torch.randint(3, 128, (3, 10)).to(device)
     step = _generate_and_train(ids, lambda m: LayerSkipCache())
     got, want, used = on_both_routes(model, step, monkeypatch)
-    cuda = _common.on_cuda(torch.device("cpu"))  # (the CUDA kernels emulated: their route)
+    cuda = _common.on_cuda(torch.device(device))  # (a GPU, or the CUDA kernels emulated)
     route = "varlen_attention_cuda_supported" if cuda else "varlen_cpu_workspace_floats"
     assert {"varlen_attention", "varlen_attention_bwd", route} <= used, sorted(used)
     _assert_routes_agree(got, want, dtype)
