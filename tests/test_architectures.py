@@ -1027,6 +1027,43 @@ def test_int4_linears_on_gpt2s_conv1d_projections():
     torch.testing.assert_close(_logits(model, ids), got, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["CodeGen", "Llama"])
+def test_checks_of_a_bf16_model_with_int4_projections_run_in_bf16(arch):
+    """An attention whose every projection is an INT4 linear holds no bf16 tensor (the linears keep
+    float32 channel scales through ``model.to(torch.bfloat16)``): the checks that run it (the INT4
+    cache's, on a copy of the model) and the routers apply_skip_plan adds take the linears'
+    output dtype. They took the scales': CodeGen's copy was refused by ``Int4KVCache.for_model``
+    (probed in float32, its bf16 keys failed the float32 tolerance), and the routers were float32,
+    a RuntimeError (mat1 and mat2 dtypes) at the routed model's first forward."""
+    from fastlayers.skip_plan import LayerSkipCache
+
+    model = _model(arch)
+    fastlayers.patch_model(model, linear="int4_fp8", kv_cache="int4_rope_aware",
+                           calibration=[torch.randint(3, 128, (1, 16))])  # fmt: skip
+    model.to(torch.bfloat16)
+    attn = attention_of(decoder_layers(model)[0])
+    assert not [p for p in attn.parameters() if p.dtype == torch.bfloat16]  # (all INT4)
+    ids = torch.randint(3, 128, (2, 8))
+    kw = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(ids, cache=quant.Int4KVCache.for_model(model), **kw)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin.generate(ids, cache=quant.Int4KVCache.for_model(twin), **kw), want)
+    routed = _model(arch)
+    fastlayers.patch_model(routed, linear="int4_fp8")
+    routed.to(torch.bfloat16)
+    every = LayerPlan(attn="routed", router_threshold=-1e30, router_gate=False)
+    want = _logits(routed, ids)
+    fastlayers.apply_skip_plan(routed, SkipPlan([every] * 2))
+    assert {layer.fastlayers_router.weight.dtype for layer in decoder_layers(routed)} == {
+        torch.bfloat16
+    }
+    # (every token routed: the same model, up to bf16 rounding and the FP8 flips that follow)
+    assert relative(_logits(routed, ids), want) < 5e-2
+    with torch.no_grad():
+        assert routed.generate(ids, cache=LayerSkipCache(), **kw).shape == (2, 12)
+
+
 def test_int4_linears_leave_moe_routers_in_float():
     """quantize_ leaves mixture-of-experts routers in float by default (HunYuan's ``gate.wg``,
     Qwen2-MoE's ``shared_expert_gate``): INT4 noise there moves tokens to other experts. HunYuan's

@@ -416,13 +416,24 @@ class _FixedAttention(torch.nn.Module):
 
 def activation_like(module: torch.nn.Module) -> torch.Tensor:
     """A tensor of the dtype and device ``module``'s activations have, for probes: its first
-    floating parameter or 16/32/64-bit floating buffer (quantized linears keep integer or FP8
-    buffers only), else an fp32 one on the device of its first tensor."""
+    floating parameter or 16/32/64-bit floating buffer other than those a fastlayers module keeps
+    in a dtype of its own (``_FIXED_DTYPE_BUFFERS``: an INT4 linear's float32 channel scales,
+    which ``model.to(torch.bfloat16)`` leaves), else an empty one of the ``out_dtype`` of an INT4
+    linear in it (an attention whose every projection is one: CodeGen's was probed in float32 in a
+    bfloat16 model, to the float32 tolerance, and refused for its bfloat16 rounding), else fp32 on
+    the device of its first tensor."""
+    for sub in module.modules():
+        fixed = getattr(sub, "_FIXED_DTYPE_BUFFERS", ())
+        own = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        for name, t in own:
+            if name not in fixed and t.is_floating_point() and t.element_size() >= 2:
+                return t
     tensors = [*module.parameters(), *module.buffers()]
-    for t in tensors:
-        if t.is_floating_point() and t.element_size() >= 2:
-            return t
-    return torch.empty(0, device=tensors[0].device if tensors else None)
+    device = tensors[0].device if tensors else None
+    for sub in module.modules():
+        if isinstance(getattr(sub, "out_dtype", None), torch.dtype):
+            return torch.empty(0, dtype=sub.out_dtype, device=device)
+    return torch.empty(0, device=device)
 
 
 def _hidden_size(layer: torch.nn.Module, layout: DecoderLayout) -> int:

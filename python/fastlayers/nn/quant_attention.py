@@ -96,9 +96,11 @@ class RopeAwareQuantAttention(torch.nn.Module):
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.register_buffer("post_scale", post_scale.detach().float().clone())
 
+    # post_scale stays float32 through model.to(torch.bfloat16) (the cache write needs it).
+    _FIXED_DTYPE_BUFFERS = ("post_scale",)
+
     def _apply(self, fn, *args, **kwargs):
-        # post_scale stays float32 through model.to(torch.bfloat16) (the cache write needs it).
-        apply_keeping_dtypes(self, super()._apply, fn, ("post_scale",), *args, **kwargs)
+        apply_keeping_dtypes(self, super()._apply, fn, self._FIXED_DTYPE_BUFFERS, *args, **kwargs)
         return self
 
     def extra_repr(self) -> str:
