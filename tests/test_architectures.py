@@ -1442,16 +1442,44 @@ def test_int4_latent_decode_attends_over_the_cached_rows(arch, monkeypatch):
 # indexer, values of their own head size (DeepSeek, MiMo-V2-Flash), LayerNorms (GPT-NeoX)
 _DIFFERENTIAL = ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Falcon", "FalconAlibi",
                  "DeepseekV3", "DeepseekV32", "MiMoV2Flash", "GPTNeoX"]  # fmt: skip
+# routed attention: the varlen kernels' soft-capping, windows (a model-wide one: Mistral), sinks,
+# q/k norms, head sizes
+_ROUTED = ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Mistral", "DeepseekV3", "MiMoV2Flash",
+           "GPTNeoX"]  # fmt: skip
+# and the structures of both that differ in other ways: Llama 4's NoPE layer scaling its queries,
+# HunYuan's q/k norms after RoPE, Laguna's output gates, MiniCPM3's latent attention and residual
+# scales, HunYuan V4's latent attention with an indexer and sinks, GPT-J's interleaved RoPE tables
+# (CodeGen's in a sharded qkv), GPT-2's Conv1D projections, GPT-BigCode's multi-query c_attn,
+# Persimmon's and OLMo 2's q/k norms, StableLM's quarter of each head rotated, GLM-4's interleaved
+# half, Cohere's parallel block, NanoChat's weightless q/k norms, EXAONE 4's windowed layers,
+# Ministral 3's position-scaled queries, Falcon-40B's grouped qkv, MiniCPM5's query gates,
+# BitNet's sub-norm, SmolLM3's NoPE layer, Granite's multipliers, Phi's partial RoPE
+_MORE = ["Llama4TextNope", "HunYuanDenseV1", "Laguna", "MiniCPM3", "GPTJ", "CodeGen", "GPT2",
+         "GPTBigCode", "Persimmon", "StableLm", "Glm4", "Cohere", "Olmo2", "NanoChat", "Exaone4",
+         "Ministral3Scaled", "FalconNew", "Granite", "SmolLM3"]  # fmt: skip
+_DIFFERENTIAL_MORE = [*_MORE, "HYV4", "MiniCPM5Moe", "BitNet"]
+_ROUTED_MORE = [*_MORE, "Falcon", "Phi"]
+
+
+# weights of 5x the configs' default spread: scores of order one, where soft-capping, sinks and
+# masks move the softmax (at the default, Gemma 2's cap of 1.0 moved the logits by 6e-6)
+_SHARP = 0.1
 
 
 # (ALiBi's bias, a mask, and multi-head latent attention attend in PyTorch over the dequantized or
 # absorbed INT4 rows: no INT4 attention kernel)
-_INT4_IN_PYTORCH = ("FalconAlibi", "DeepseekV3", "DeepseekV32")
+_INT4_IN_PYTORCH = ("FalconAlibi", "DeepseekV3", "DeepseekV32", "HYV4", "MiniCPM3")
 
 
 def _generate_and_train(ids, cache):
     """A model's logits (on ``ids``' unpadded positions, row 0 left-padded), greedy generate()
-    with ``cache()`` (its tokens and scores), a training step's loss and parameter gradients."""
+    with ``cache()`` (its tokens and scores), a training step's loss of each row (next-token
+    cross-entropy, as ``labels=ids`` gives it: the step's loss is their mean) and the gradient of
+    each row's loss for each module's parameters (``[rows, their size]``, the parameters
+    flattened together: a bias's gradient, a sum over tokens that may cancel, counts with its
+    weight's). By row, because a hard decision that went the other way (an FP8 rounding, a
+    router's threshold) moves its row's values only, and the gradients of the batch's mean loss
+    all of them."""
     kw = _left_padded(ids)
 
     def step(m):
@@ -1460,10 +1488,21 @@ def _generate_and_train(ids, cache):
             logits = m(ids, attention_mask=kw["attention_mask"]).logits[real]
             out = m.generate(ids, cache=cache(m), **kw)
         m.train()
-        loss = m(ids, attention_mask=kw["attention_mask"], labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
-        return logits, out.sequences, out.scores, loss.detach(), grads
+        torch.manual_seed(0)  # (the same dropout masks on both routes: GPT-2's)
+        scores = m(ids, attention_mask=kw["attention_mask"]).logits[:, :-1].float()
+        losses = torch.nn.functional.cross_entropy(
+            scores.transpose(1, 2), ids[:, 1:], reduction="none"
+        ).mean(1)
+        names, params = zip(*[(n, p) for n, p in m.named_parameters() if p.requires_grad],
+                            strict=True)  # fmt: skip
+        rows = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                for loss in losses]  # fmt: skip
+        grads = {}  # (a parameter a row does not reach, an expert none of its tokens chose: 0)
+        for i, (n, p) in enumerate(zip(names, params, strict=True)):
+            g = [p.new_zeros(p.numel()) if r[i] is None else r[i].flatten() for r in rows]
+            grads.setdefault(n.rpartition(".")[0], []).append(torch.stack(g))
+        grads = {n: torch.cat(g, 1) for n, g in grads.items()}
+        return logits, out.sequences, out.scores, losses.detach(), grads
 
     return step
 
@@ -1472,10 +1511,11 @@ def _generate_and_train(ids, cache):
 # at other points too; loose: where a hard decision flipped (a value on a rounding boundary of the
 # FP8 activations or the INT4 cache, a token near its router's threshold)
 _TIGHT = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-# weights of 5x the configs' default spread: scores of order one, where soft-capping, sinks and
-# masks move the softmax (at the default, Gemma 2's cap of 1.0 moved the logits by 6e-6)
-_SHARP = 0.1
-_TIGHT_GRAD = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+# gradients in bf16: both routes are some percent off an fp32 run's where a small gradient (a
+# q/k norm's weight, a sum over tokens and heads) cancels, the kernels about twice as far (their
+# P and dS rounded to bf16 for the tensor cores, as FlashAttention's): Persimmon's q_layernorm
+# 3.5 / 7 % (reference / kernels) off fp32, 5.7 % apart
+_TIGHT_GRAD = {torch.float32: 1e-4, torch.bfloat16: 1e-1}
 _LOOSE = 0.1
 
 
@@ -1494,7 +1534,10 @@ def _mostly_close(pairs, tight: float, what: str) -> None:
 def _assert_routes_agree(got, want, dtype) -> None:
     """The two routes' ``_generate_and_train`` results agree (``_mostly_close``): the logits of
     each position, the scores of each row's steps up to the first token the routes chose apart
-    (two rows of three at least choose the same tokens throughout), the loss, each gradient."""
+    (two thirds of the rows at least choose the same tokens throughout), each row's loss; each
+    module's gradients of two thirds of the rows at least within ``tight`` (a flip moves the
+    gradients of its row, an expert's from zero when a token chose it on one route only; a defect
+    in a module's gradients moves them in every row)."""
     (lk, tk, ck, sk, gk), (lr, tr, cr, sr, gr) = got, want
     tight = _TIGHT[dtype]
     _mostly_close(list(zip(lk, lr, strict=True)), tight, "logits")
@@ -1504,14 +1547,23 @@ def _assert_routes_agree(got, want, dtype) -> None:
     scores = [(ck[i][r], cr[i][r]) for r in range(same.shape[0]) for i in range(steps)
               if i == 0 or same[r, i - 1]]  # fmt: skip
     _mostly_close(scores, tight, "scores")
-    loss = 10 * tight if dtype == torch.float32 else tight  # (a mean: a flip moves it less)
-    assert relative(sk, sr) < loss, (sk, sr)
+    _mostly_close(list(zip(sk, sr, strict=True)), tight, "losses")
     assert gk.keys() == gr.keys() and gk
-    _mostly_close([(gk[n], gr[n]) for n in gr], _TIGHT_GRAD[dtype], "gradients")
+    # (a row's error measured against at least a hundredth of the module's largest row gradient,
+    # or of the model's if the module has none: a row with one routed token has no gradient for
+    # its query and key, a softmax over one score, which the reference gives as exactly 0 and the
+    # kernels as 1e-7 of the other rows'; a layer may route one token of each row)
+    largest = max(float(g.double().norm(dim=1).max()) for g in gr.values())
+    for n in gr:
+        floor = 1e-2 * (float(gr[n].double().norm(dim=1).max()) or largest) or 1e-30
+        errs = [float((g.double() - w.double()).norm()) / max(float(w.double().norm()), floor)
+                for g, w in zip(gk[n], gr[n], strict=True)]  # fmt: skip
+        close = sum(e < _TIGHT_GRAD[dtype] for e in errs)
+        assert 3 * close >= 2 * len(errs), f"{n}'s gradients of each row: {errs}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("arch", _DIFFERENTIAL)
+@pytest.mark.parametrize("arch", _DIFFERENTIAL + _DIFFERENTIAL_MORE)
 def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtype, device,
                                                                       monkeypatch):  # fmt: skip
     """Each structure patched with every INT4 path (INT4 x FP8 linears, the RoPE-aware INT4 KV
@@ -1530,7 +1582,7 @@ def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtyp
     fastlayers.patch_model(model, linear="int4_fp8", kv_cache="int4_rope_aware",
                            calibration=calib)  # fmt: skip
     model.to(device=device, dtype=dtype)  # (a GPU: the model on it; emulated: on the CPU)
-    ids = torch.randint(3, 128, (3, 10)).to(device)
+    ids = torch.randint(3, 128, (6, 10)).to(device)
     step = _generate_and_train(ids, lambda m: quant.Int4KVCache.for_model(m))
     got, want, used = on_both_routes(model, step, monkeypatch)
     cuda = _common.on_cuda(torch.device(device))  # (a GPU, or the CUDA kernels emulated)
@@ -1542,8 +1594,7 @@ def test_int4_patched_architectures_kernels_match_the_reference_route(arch, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("arch", ["Gemma2", "Gemma3", "GptOss", "Qwen3", "Phi3", "Mistral",
-                                  "DeepseekV3", "MiMoV2Flash", "GPTNeoX"])  # fmt: skip
+@pytest.mark.parametrize("arch", _ROUTED + _ROUTED_MORE)
 def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, device,
                                                                 monkeypatch):  # fmt: skip
     """Routed attention on every layer (about half the tokens each, random routers) run with its
@@ -1561,7 +1612,7 @@ def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, dev
             layer.fastlayers_router.weight.normal_(0.0, 0.5)
             layer.fastlayers_router.bias.zero_()
     model.to(device=device, dtype=dtype)  # (a GPU: the model on it; emulated: on the CPU)
-    ids = torch.randint(3, 128, (3, 10)).to(device)
+    ids = torch.randint(3, 128, (6, 10)).to(device)
     step = _generate_and_train(ids, lambda m: LayerSkipCache())
     got, want, used = on_both_routes(model, step, monkeypatch)
     cuda = _common.on_cuda(torch.device(device))  # (a GPU, or the CUDA kernels emulated)
@@ -1578,7 +1629,8 @@ def test_patched_models_copy_and_pickle(arch):
     layers); pickled with torch.save it loads and answers as the original. So does a model with
     INT4 linears and the INT4 KV cache (DeepSeek V3: its latent's rounding, an override on the
     module, was a bound method that did not pickle, and the copy's attention was refused as
-    computing other keys than its submodules, the check seeing the override)."""
+    computing other keys than its submodules, the check seeing the override; HunYuan: the copy's
+    check finds again where its q/k norms sit, after RoPE)."""
     import io
 
     from fastlayers.skip_plan import LayerSkipCache

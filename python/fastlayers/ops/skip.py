@@ -240,9 +240,10 @@ def _varlen_backward_kernel(grad_out, grad_lse, q, k, v, cu_q, cu_k, q_pos, k_po
     lse_c = lse.contiguous()
     glse = grad_lse.float().contiguous() if grad_lse is not None else None
     qp, kp = q_pos.long().contiguous(), k_pos.long().contiguous()
-    cq, ck = cu_q.contiguous(), cu_k.contiguous()  # (CPU: checked on the host by the forward)
     if on_cuda(q.device):
         cq, ck = _in_range(cu_q, nq), _in_range(cu_k, nk)
+    else:  # (checked on the host by the forward)
+        cq, ck = cu_q.contiguous(), cu_k.contiguous()
     # rows outside every sequence (routing padding) get zero gradients
     dq, dk, dvv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
     delta = None  # CUDA: dO . O per (row, head)
