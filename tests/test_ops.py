@@ -225,3 +225,35 @@ def test_direct_call_only_where_the_dispatcher_would_do_nothing():
     with torch.no_grad():
         direct = fastlayers.rms_norm(x, w)
     torch.testing.assert_close(direct, torch.ops.fastlayers.rms_norm(x, w, 1e-6, 0.0).detach())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("op", ["ultrafast_ff", "fff_hard", "peer_experts"])
+def test_outputs_of_differentiable_ops_take_in_place_changes(op, compiled, monkeypatch):
+    """The outputs of an op with several outputs, its inputs requiring grad, may be changed in
+    place (Falcon's ``mlp_output += attention_output``): on the reference route they were views
+    (a reshape last), which autograd refuses to change for a function with several outputs."""
+    from fastlayers import ops
+
+    if not compiled:
+        monkeypatch.setattr(fastlayers._ext, "C", None)
+
+    def mk(*shape):
+        return torch.randn(*shape, requires_grad=True)
+
+    x = mk(2, 3, 16)
+    out = {
+        "ultrafast_ff": lambda: ops.fff.ultrafast_ff(x, mk(7, 16), mk(7, 16), mk(7)),
+        "fff_hard": lambda: ops.fff.fff_hard(
+            x, mk(3, 16), mk(3), mk(4, 16, 8), mk(4, 8), mk(4, 8, 16), mk(4, 16)
+        ),
+        "peer_experts": lambda: ops.peer.peer_experts(
+            x, torch.randint(0, 10, (2, 3, 4)), mk(2, 3, 4), mk(10, 16), mk(10, 16)
+        ),
+    }[op]()
+    y = out[0]
+    want = y.detach() + 1
+    y.add_(1.0)
+    torch.testing.assert_close(y.detach(), want)
+    y.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())

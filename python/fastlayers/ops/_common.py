@@ -53,6 +53,23 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t
 
 
+def own_outputs(fn):
+    """``fn`` (an op's implementation with several outputs) returning each output as a tensor of
+    its own: one that is a view (a reference reshapes its result last) is copied. Autograd refuses
+    an in-place change of a view that a function with several outputs returned, and models make
+    such changes: Falcon's ``mlp_output += attention_output`` raised RuntimeError in training with
+    FFF or PEER feedforwards on the reference route (no compiled part, or a fallback). The kernels'
+    outputs are fresh buffers: for them this is a check per output."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return tuple(t.clone() if isinstance(t, torch.Tensor) and t._base is not None else t
+                     for t in out)  # fmt: skip
+
+    return wrapper
+
+
 def capturing(t: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on ``t``'s device: data-dependent checks that need the
     host (``bool(tensor)``) must be skipped then, or the capture fails."""

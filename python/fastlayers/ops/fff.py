@@ -23,6 +23,7 @@ from fastlayers.ops._common import (
     lean_cuda_stream,
     on_cpu,
     on_cuda,
+    own_outputs,
     poison_outputs_enabled,
     ptr,
     register_no_backward,
@@ -466,9 +467,9 @@ for _name, _kernel, _reference in (
     ("ultrafast_ff_backward", _ultrafast_ff_backward_kernel, _ultrafast_ff_backward_reference),
     ("fff_hard", _fff_hard_kernel, _fff_hard_reference),
 ):
-    LIB.impl(_name, _kernel, "CPU")
-    LIB.impl(_name, _kernel, "CUDA")
-    LIB.impl(_name, _reference, "CompositeExplicitAutograd")
+    LIB.impl(_name, own_outputs(_kernel), "CPU")
+    LIB.impl(_name, own_outputs(_kernel), "CUDA")
+    LIB.impl(_name, own_outputs(_reference), "CompositeExplicitAutograd")
 
 
 # ----------------------------------------------------------------------------------------------

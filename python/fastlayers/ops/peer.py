@@ -31,6 +31,7 @@ from fastlayers.ops._common import (
     has_kernel,
     on_cpu,
     on_cuda,
+    own_outputs,
     ptr,
     register_no_backward,
     row_stride,
@@ -340,9 +341,9 @@ def _peer_experts_reference(x, indices, gates, expert_down, expert_up, activatio
     return ref.peer_experts(x, indices, gates, expert_down, expert_up, activation)
 
 
-LIB.impl("peer_experts", _peer_experts_kernel, "CPU")
-LIB.impl("peer_experts", _peer_experts_kernel, "CUDA")
-LIB.impl("peer_experts", _peer_experts_reference, "CompositeExplicitAutograd")
+LIB.impl("peer_experts", own_outputs(_peer_experts_kernel), "CPU")
+LIB.impl("peer_experts", own_outputs(_peer_experts_kernel), "CUDA")
+LIB.impl("peer_experts", own_outputs(_peer_experts_reference), "CompositeExplicitAutograd")
 LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CPU")
 LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CUDA")
 LIB.impl("peer_experts_backward", _peer_experts_backward_impl, "CompositeExplicitAutograd")
