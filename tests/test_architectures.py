@@ -1621,6 +1621,33 @@ def test_routed_architectures_kernels_match_the_reference_route(arch, dtype, dev
     _assert_routes_agree(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mlp", ["fff", "peer"])
+@pytest.mark.parametrize("arch", ["Gemma3", "Falcon", "GPTNeoX", "GPT2", "Cohere", "DeepseekV3",
+                                  "Llama4Text", "Qwen3"])  # fmt: skip
+def test_mlp_swapped_architectures_kernels_match_the_reference_route(arch, mlp, dtype, device,
+                                                                     monkeypatch):  # fmt: skip
+    """Each structure's feedforwards swapped for FFF or PEER run with the kernels and with the
+    compiled part switched off agree (logits, generate(), each row's loss and gradients): sandwich
+    norms (Gemma 3), parallel blocks (Falcon adds into the feedforward's output in place, which
+    autograd refused on the reference route: the op's output was a view; GPT-NeoX, Cohere),
+    GPT-2's Conv1D feedforward, MoE layers (DeepSeek V3; Llama 4's returns a tuple, which its
+    layer unpacks: the swapped module returned a tensor, whose batch the layer split)."""
+    if fastlayers._ext.C is None:
+        pytest.skip("needs the compiled extension")
+    model = _model(arch, initializer_range=_SHARP)
+    report = fastlayers.patch_model(model, mlp=mlp)
+    assert len([s for s in report.swapped if s[2] != "fastlayers.RMSNorm"]) == 2
+    model.to(device=device, dtype=dtype)
+    ids = torch.randint(3, 128, (6, 10)).to(device)
+    step = _generate_and_train(ids, lambda m: transformers.DynamicCache(config=m.config))
+    got, want, used = on_both_routes(model, step, monkeypatch)
+    kernels = {"fff": {"fff_ultra_fwd", "fff_ultra_bwd"},
+               "peer": {"peer_retrieve", "peer_experts_fwd", "peer_experts_bwd"}}[mlp]  # fmt: skip
+    assert kernels <= used, sorted(used)
+    _assert_routes_agree(got, want, dtype)
+
+
 @pytest.mark.parametrize("arch", ["Llama", "Phi", "GPT2", "GptOss", "HunYuanDenseV1", "DeepseekV3"])
 def test_patched_models_copy_and_pickle(arch):
     """A model with a skip plan (layer 0's attention routed, layer 1's feedforward skipped) copied

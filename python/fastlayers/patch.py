@@ -108,6 +108,35 @@ def _feedforward_sizes(mlp: torch.nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
+class _TupleFeedForward(torch.nn.Module):
+    """A new feedforward standing in for one that returned a tuple (Llama 4's MoE: ``(output,
+    router_logits)``, which its layer unpacks): ``(module(x), None, ...)`` of the same length."""
+
+    def __init__(self, module: torch.nn.Module, length: int):
+        super().__init__()
+        self.module, self.length = module, length
+
+    def forward(self, x):
+        return (self.module(x), *([None] * (self.length - 1)))
+
+
+def _output_length(mlp: torch.nn.Module, hidden: int, like: torch.Tensor) -> int | None:
+    """The length of the tuple ``mlp`` returns (run once on zeros), None for a tensor or where it
+    cannot run here (a model on the meta device)."""
+    if like.device.type == "meta":
+        return None
+    x = torch.zeros(1, 2, hidden, dtype=like.dtype, device=like.device)
+    training = mlp.training
+    try:
+        with torch.no_grad():
+            out = mlp.eval()(x)
+    except Exception:  # noqa: BLE001 (a feedforward that cannot run alone: taken as a tensor's)
+        return None
+    finally:
+        mlp.train(training)
+    return len(out) if isinstance(out, tuple) else None
+
+
 def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
     from fastlayers._decoder import block_kind, decoder_layers, feedforward_name
 
@@ -132,9 +161,15 @@ def _swap_mlps(model, kind: str, originals: dict, report: PatchReport) -> None:
             continue
         path = index[id(old)]
         new = _new_mlp(kind, hidden, inter, weight).train(old.training)  # (PEER's batch norm)
+        name = f"fastlayers.{type(new).__name__}"
+        length = _output_length(old, hidden, weight)
+        if length is not None:  # (the layer unpacks a tuple: a tensor there split its batch)
+            new = _TupleFeedForward(new, length)
+            report.notes.append(f"{path} returned a tuple of {length}: its new feedforward "
+                                "returns (output, None, ...), no router logits")  # fmt: skip
         originals[path] = old
         _set(model, path, new)
-        report.swapped.append((path, type(old).__name__, f"fastlayers.{type(new).__name__}"))
+        report.swapped.append((path, type(old).__name__, name))
     report.notes.append(
         f"mlp={kind!r}: the new feedforwards are untrained (train or distil them before use)"
     )
